@@ -1,0 +1,158 @@
+"""Typed adapter configs: the fields every method shares, validation, and (de)serialisation.
+
+A method's config is a dataclass subclassing :class:`AdapterConfig`. Validation is driven by the type
+annotations, so a method only writes checks of *values* (``r > 0``) in its own ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Union
+
+from .errors import ConfigError, did_you_mean
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is a fine float (alpha=16)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if origin in (dict, typing.Mapping):
+        k, v = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, Mapping) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+@dataclass
+class AdapterConfig:
+    """Where to inject an adapter (PEFT conventions) and what else to train.
+
+    - ``target_modules``: list = exact module name or dotted suffix; str = regex full match;
+      ``"all-linear"`` = every Linear / GPT-2 Conv1D except the output head; None = per-architecture default.
+    - ``exclude_modules``: same rules, removes matches.
+    - ``layers_to_transform`` (+ ``layers_pattern``): only modules inside these layer indices.
+    - ``modules_to_save``: modules trained and saved in full (e.g. a classifier head).
+    """
+
+    method: ClassVar[str] = ""
+    # PEFT fields lorakit reads and ignores, with the values that mean "feature not used". A file with
+    # another value asks for a feature this method does not have, so loading it is refused.
+    foreign_fields: ClassVar[Mapping[str, Any]] = {}
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints[f.name]):
+                raise ConfigError(
+                    f"{type(self).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
+                    f"({type(value).__name__})."
+                )
+            if isinstance(value, tuple):
+                setattr(self, f.name, list(value))
+        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
+            self._check_regex("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            self._check_regex("exclude_modules", self.exclude_modules)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
+
+    def _check_regex(self, name: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{type(self).__name__}.{name}={pattern!r} is not a valid regular expression: {e}") from None
+
+    def for_module(self, module_name: str) -> "AdapterConfig":
+        """The config as it applies to one module (methods with per-module patterns override this)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "AdapterConfig":
+        """Build from a (PEFT or lorakit) JSON dict; unknown or unusable fields are a ConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.foreign_fields or key in _BOOKKEEPING_FIELDS:
+                neutral = cls.foreign_fields.get(key, _ANY)
+                if neutral is not _ANY and not _is_neutral(value, neutral):
+                    raise ConfigError(
+                        f"{source}: field {key!r}={value!r} asks for a feature lorakit's {cls.method!r} method does "
+                        f"not support (expected {neutral!r} or absent)."
+                    )
+            else:
+                raise ConfigError(
+                    f"{source}: unknown field {key!r} for method {cls.method!r}.{did_you_mean(key, known)} "
+                    f"Known fields: {', '.join(sorted(known))}."
+                )
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+ANY_VALUE = _ANY = object()
+# Fields any PEFT/lorakit config file may carry that describe the file rather than the adapter.
+_BOOKKEEPING_FIELDS = {"peft_type", "lorakit_method", "peft_version", "lorakit_version", "task_type", "revision",
+                       "auto_mapping"}
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    if isinstance(neutral, tuple):  # several neutral spellings
+        return any(_is_neutral(value, n) for n in neutral)
+    return value == neutral
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def field_list(default: list | None = None):
+    return field(default_factory=lambda: list(default or []))
+
+
+def field_dict():
+    return field(default_factory=dict)

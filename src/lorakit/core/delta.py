@@ -1,0 +1,114 @@
+"""The delta protocol: one adapter's contribution ``Δ(x)`` at one layer, ``y = base(x) + Δ(x)``.
+
+The core never looks inside a delta. It asks it for its output, its weight (for merging and export) and,
+where the method has them, its rank-one units ``Δ = s·Σ_i b_i a_iᵀ`` (so rank-wise methods — SMoRA,
+DyLoRA, SoRA, LoRA-LEGO — work on units and per-unit gates instead of re-implementing LoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style layers store the weight transposed (in_features, out_features)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a hard dependency, this only guards odd installs
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a delta needs to know about the base layer it adapts.
+
+    ``kind`` is ``"linear"`` (nn.Linear, Conv1D) or ``"embedding"``. ``fan_in_fan_out`` means the base
+    weight is stored as (in, out) — Conv1D and nn.Embedding — so the core transposes when merging.
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+
+
+SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Embedding"
+
+
+def describe_layer(module: nn.Module) -> LayerInfo | None:
+    """LayerInfo for a supported base layer, else None."""
+    if isinstance(module, nn.Linear):
+        return LayerInfo("linear", module.in_features, module.out_features, False)
+    if Conv1D and isinstance(module, Conv1D):
+        in_f, out_f = module.weight.shape  # Conv1D weight: (nx, nf) = (in, out)
+        return LayerInfo("linear", in_f, out_f, True)
+    if isinstance(module, nn.Embedding):
+        return LayerInfo("embedding", module.num_embeddings, module.embedding_dim, True)
+    return None
+
+
+def oriented_weight(base_layer: nn.Module, info: LayerInfo) -> torch.Tensor:
+    """The base weight as (out, in), whatever the layer's storage layout."""
+    w = base_layer.weight
+    return w.T if info.fan_in_fan_out else w
+
+
+@dataclass
+class MergeTerms:
+    """How merging a delta changes the base: ``W' = row_scale ⊙ W + weight``, ``b' = b + bias``.
+
+    Plain LoRA has ``row_scale=None`` (1). DoRA rescales rows. With several adapters merged the core
+    combines terms additively, as the unmerged forward does, and inverts the combination to unmerge.
+    All tensors are float32, weight as (out, in).
+    """
+
+    weight: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None  # (out,) ; multiplies rows of the *unmerged* base weight
+    bias: torch.Tensor | None = None  # (out,)
+
+
+@dataclass
+class RankUnits:
+    """A delta as rank-one units: ``Δ = scaling · B @ A`` with ``A`` (r, in), ``B`` (out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+class Delta(nn.Module):
+    """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``."""
+
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+
+    def __init__(self, info: LayerInfo):
+        super().__init__()
+        self.info = info
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The additive term for this adapter, same shape and dtype as ``base_out``."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW as (out, in), in float32."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+    def merge_terms(self, base_weight: torch.Tensor) -> MergeTerms:
+        """Terms for merging into the (unmerged, float32, (out, in)) base weight; may cache what unmerge needs."""
+        return MergeTerms(weight=self.delta_weight().float(), bias=self.delta_bias())
+
+    def unmerge_terms(self) -> MergeTerms:
+        """The terms used at merge time, rebuilt from what ``merge_terms`` cached."""
+        return MergeTerms(weight=self.delta_weight().float(), bias=self.delta_bias())
+
+    def units(self) -> RankUnits:
+        raise NotImplementedError(f"{type(self).__name__} does not expose rank-one units")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32

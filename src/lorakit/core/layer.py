@@ -1,0 +1,170 @@
+"""The wrapper that holds a base layer and its named adapter deltas, and the modules_to_save wrapper."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .delta import Delta, LayerInfo, MergeTerms, oriented_weight
+from .errors import AdapterError
+from .routing import current_routing
+
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class AdapterLayer(nn.Module):
+    """``y = base_layer(x) + Σ_{active a} Δ_a(x)``.
+
+    The base layer keeps its own parameters; deltas live in ``self.adapters`` keyed by adapter name.
+    Merged adapters are folded into the base weight and skipped in forward.
+    """
+
+    def __init__(self, base_layer: nn.Module, info: LayerInfo):
+        super().__init__()
+        self.base_layer = base_layer
+        self.info = info
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
+        ctx = current_routing()
+        if ctx is not None and (ctx.adapter_names is not None or ctx.adapter_weights is not None):
+            return self._per_row_forward(x, base_out, ctx)
+        out = base_out
+        for name in self.active:
+            if name in self.adapters and name not in self.merged:
+                out = out + self.adapters[name](x, base_out, self.base_layer)
+        return out
+
+    def _per_row_forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        """Each row uses its own adapter (``adapter_names``) or weighted adapters (``adapter_weights``).
+
+        Reference path: gathers the rows of each adapter (like PEFT's ``adapter_names``). The banked
+        serving kernel replaces this where many adapters are loaded.
+        """
+        if self.merged:
+            raise AdapterError("per-row adapters cannot be used while adapters are merged; call unmerge_adapter first")
+        out = base_out
+        if ctx.adapter_names is not None:
+            names = list(ctx.adapter_names)
+            if len(names) != x.shape[0]:
+                raise AdapterError(f"routing adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
+            rows: dict[str, list[int]] = {}
+            for i, n in enumerate(names):
+                if n is not None and n != BASE_NAME:
+                    rows.setdefault(n, []).append(i)
+            for name, idx in rows.items():
+                if name not in self.adapters:
+                    continue  # this layer is not adapted by that adapter
+                index = torch.tensor(idx, device=x.device)
+                delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
+                out = out.index_add(0, index, delta)
+        if ctx.adapter_weights is not None:
+            for name, w in ctx.adapter_weights.items():
+                if name not in self.adapters:
+                    continue
+                w = w.to(device=base_out.device, dtype=base_out.dtype).reshape(-1, *([1] * (base_out.dim() - 1)))
+                out = out + w * self.adapters[name](x, base_out, self.base_layer)
+        return out
+
+    # -- merging -------------------------------------------------------------------------------------
+    def _terms(self, names: Iterable[str], base_weight: torch.Tensor | None) -> list[MergeTerms]:
+        if base_weight is None:
+            return [self.adapters[n].unmerge_terms() for n in names]
+        return [self.adapters[n].merge_terms(base_weight) for n in names]
+
+    @staticmethod
+    def _combine(terms: list[MergeTerms], out_features: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale = torch.ones(out_features, device=device)
+        add = torch.zeros((), device=device)
+        bias = torch.zeros(out_features, device=device)
+        for t in terms:
+            if t.row_scale is not None:
+                scale = scale + (t.row_scale.to(device) - 1)
+            if t.weight is not None:
+                add = add + t.weight.to(device)
+            if t.bias is not None:
+                bias = bias + t.bias.to(device).float()
+        return scale, add, bias
+
+    def _write(self, weight_oi: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        w = weight_oi.T if self.info.fan_in_fan_out else weight_oi
+        with torch.no_grad():
+            base.weight.copy_(w.to(base.weight.dtype))
+            if bias is not None:
+                base.bias.copy_(bias.to(base.bias.dtype))
+
+    def _unmerged_base(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight (float32, (out, in)) and bias with every merged adapter taken back out."""
+        w = oriented_weight(self.base_layer, self.info).detach().float()
+        b = getattr(self.base_layer, "bias", None)
+        b = b.detach().float() if b is not None else None
+        if not self.merged:
+            return w.clone(), (b.clone() if b is not None else None)
+        scale, add, bias = self._combine(self._terms(self.merged, None), self.info.out_features, w.device)
+        w = (w - add) / scale[:, None]
+        if b is not None:
+            b = b - bias
+        return w, b
+
+    def merge(self, names: list[str]) -> None:
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        if not todo:
+            return
+        base_w, base_b = self._unmerged_base()
+        for n in todo:
+            if self.adapters[n].delta_bias() is not None and base_b is None:
+                raise AdapterError(f"adapter {n!r} has a bias but the base layer has none; it cannot be merged")
+        # Cached terms of the already merged adapters, fresh terms (computed on the unmerged base) for new ones.
+        terms = self._terms(self.merged, None) + self._terms(todo, base_w)
+        scale, add, bias = self._combine(terms, self.info.out_features, base_w.device)
+        self._write(base_w * scale[:, None] + add, base_b + bias if base_b is not None else None)
+        self.merged.extend(todo)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        base_w, base_b = self._unmerged_base()
+        self._write(base_w, base_b)
+        self.merged.clear()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.info.kind}, active={self.active}, merged={self.merged}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained and saved in full per adapter (e.g. a classifier head), as PEFT's modules_to_save."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+
+    @staticmethod
+    def copy_of(module: nn.Module) -> nn.Module:
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        return copy.deepcopy(module)
+
+    def forward(self, *args, **kwargs):
+        if not self.disabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name](*args, **kwargs)
+        return self.original_module(*args, **kwargs)
+
+
+def delta_of(layer: AdapterLayer, name: str) -> Delta:
+    return layer.adapters[name]  # type: ignore[return-value]

@@ -1,0 +1,103 @@
+"""The method registry: a method is a config dataclass + a delta module (+ optional hooks), registered once.
+
+The CLI's ``--method`` choices, ``lorakit methods``, the docs tables, the contract-test matrix and the
+benchmark's method list all read :func:`list_methods`; nothing in the core branches on a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .errors import UnknownMethodError, did_you_mean
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import AdapterConfig
+    from .delta import Delta, LayerInfo
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the core needs to know about one method.
+
+    ``build(base_layer, info, config)`` returns the :class:`~lorakit.core.delta.Delta` for one adapted
+    layer. Optional hooks (each takes the model and adapter name first):
+
+    - ``init(model, name, batches)``: data-driven initialisation before step 0;
+    - ``on_step(model, name, step, total_steps)``: per-step procedure (schedules, freezing, projections);
+    - ``param_groups(model, name, lr)``: optimizer parameter groups (e.g. per-matrix learning rates);
+    - ``extra_loss(model, name)``: an auxiliary loss added to the task loss (balance, regularisers);
+    - ``to_lora(model, name)``: (LoraConfig, PEFT state dict) for methods expressible as plain LoRA.
+    """
+
+    name: str
+    config_cls: type["AdapterConfig"]
+    build: Callable[["nn.Module", "LayerInfo", "AdapterConfig"], "Delta"]
+    description: str
+    paper: str = ""
+    peft_type: str | None = None
+    layer_kinds: tuple[str, ...] = ("linear",)
+    init: Callable[..., Any] | None = None
+    on_step: Callable[..., Any] | None = None
+    param_groups: Callable[..., Any] | None = None
+    extra_loss: Callable[..., Any] | None = None
+    to_lora: Callable[..., Any] | None = None
+    # (config, layer infos) -> extra fields for adapter_config.json (e.g. PEFT's fan_in_fan_out).
+    file_fields: Callable[..., dict[str, Any]] | None = None
+    # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
+    zero_init: bool = True
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, config: type["AdapterConfig"], build: Callable[..., "Delta"], description: str,
+                    **options: Any) -> Method:
+    """Register a method under ``name``. Call once, at import of the method's module."""
+    if name in _METHODS and _METHODS[name].config_cls is not config:
+        raise ValueError(f"method {name!r} is already registered by {_METHODS[name].config_cls.__qualname__}")
+    config.method = name
+    method = Method(name=name, config_cls=config, build=build, description=description, **options)
+    _METHODS[name] = method
+    return method
+
+
+def _ensure_builtin_methods() -> None:
+    import lorakit.methods  # noqa: F401  (registers the built-in methods)
+
+
+def get_method(name_or_config: "str | AdapterConfig") -> Method:
+    _ensure_builtin_methods()
+    name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}.{did_you_mean(name, _METHODS)} Registered methods: {', '.join(sorted(_METHODS))}."
+        ) from None
+
+
+def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -> Method:
+    """The method a saved adapter_config.json belongs to (lorakit's name first, then PEFT's peft_type)."""
+    _ensure_builtin_methods()
+    name = config_dict.get("lorakit_method")
+    if name is not None:
+        return get_method(name)
+    peft_type = config_dict.get("peft_type")
+    if peft_type is None:
+        raise UnknownMethodError(f"{source}: neither 'lorakit_method' nor 'peft_type' is set; cannot tell the method.")
+    for m in _METHODS.values():
+        if m.peft_type is not None and m.peft_type == str(peft_type).upper():
+            return m
+    names = [m.peft_type for m in _METHODS.values() if m.peft_type]
+    raise UnknownMethodError(
+        f"{source}: peft_type {peft_type!r} is not supported by lorakit.{did_you_mean(str(peft_type), names)} "
+        f"Supported PEFT types: {', '.join(sorted(names))}; lorakit methods: {', '.join(sorted(_METHODS))}."
+    )
+
+
+def list_methods() -> list[Method]:
+    _ensure_builtin_methods()
+    return [_METHODS[k] for k in sorted(_METHODS)]

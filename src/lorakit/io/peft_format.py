@@ -1,0 +1,178 @@
+"""Save and load adapters in Hugging Face PEFT's layout.
+
+A folder with ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
+``base_model.model.<module path>.<param>`` with the adapter name stripped (``...q_proj.lora_A.weight``,
+DoRA ``...lora_magnitude_vector``, embeddings ``...lora_embedding_A``, modules_to_save ``...score.weight``).
+Methods PEFT lacks use the same two files, with ``lorakit_method`` naming the method in the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.errors import AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, near_matches
+from ..core.layer import AdapterLayer, ModulesToSaveWrapper
+from ..core.model import adapter_layers, adapter_state, attach_plan, plan_adapter
+from ..core.registry import get_method, method_for_file
+from .files import atomic_write_json, load_tensors, read_json, save_tensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors with PEFT's on-disk keys."""
+    state = adapter_state(model)
+    if name not in state.configs:
+        raise AdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and name in module.adapters:
+            for k, v in module.adapters[name].state_dict().items():
+                out[f"{PREFIX}{path}.{k}"] = v
+        elif isinstance(module, ModulesToSaveWrapper) and name in module.copies:
+            for k, v in module.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{k}"] = v
+    return out
+
+
+def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
+    config = adapter_state(model).configs[name]
+    method = get_method(config)
+    d = config.to_dict()
+    if method.file_fields is not None:
+        infos = [layer.info for _, layer in adapter_layers(model) if name in layer.adapters]
+        d.update(method.file_fields(config, infos))
+    if method.peft_type is not None:
+        d["peft_type"] = method.peft_type
+    else:
+        d["peft_type"] = method.name.upper()
+        d["lorakit_method"] = method.name
+    d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
+    return d
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (each atomically) into ``directory``."""
+    directory = Path(directory)
+    tensors = adapter_state_dict(model, name)
+    config = config_file_dict(model, name)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lorakit_version": __version__})
+    atomic_write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike):
+    """Parse and validate a saved adapter's config (lorakit or PEFT)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterLoadError(f"adapter folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    raw = read_json(path)
+    try:
+        method = method_for_file(raw, source=str(path))
+        return method.config_cls.from_dict(raw, source=str(path))
+    except (ConfigError, UnknownMethodError) as e:
+        raise AdapterLoadError(str(e)) from None
+
+
+def _weights_path(directory: Path) -> Path:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file() and (directory / PICKLE_NAME).is_file():
+        raise AdapterLoadError(
+            f"{directory} holds only {PICKLE_NAME}, a pickle file; lorakit never unpickles (it can run arbitrary "
+            f"code). If you trust the file, convert it once: python -c \"import torch; from safetensors.torch "
+            f"import save_file; save_file(torch.load('{directory / PICKLE_NAME}', weights_only=True), "
+            f"'{path}')\""
+        )
+    return path
+
+
+def _normalise_key(key: str) -> str:
+    if not key.startswith(PREFIX):
+        raise AdapterLoadError(f"tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout adapter file")
+    key = key[len(PREFIX):]
+    # Older PEFT versions saved DoRA's magnitude with a ".weight" suffix.
+    if key.endswith("lora_magnitude_vector.weight"):
+        key = key[: -len(".weight")]
+    return key
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
+                 is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Load a lorakit or PEFT adapter from ``directory`` as adapter ``name``.
+
+    Every check (config, file integrity, finiteness, key coverage, shapes) runs before the model is
+    touched: a failed load leaves the model exactly as it was.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    config.inference_mode = not is_trainable
+    tensors = load_tensors(_weights_path(directory))
+    plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype)
+    expected = plan.state_dict()
+    host_params = dict(model.named_parameters())
+
+    given: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in tensors.items():
+        k = _normalise_key(key)
+        if k in expected:
+            given[k] = value
+        elif ".base_layer." in k or k.replace(".base_layer.", ".") in host_params:
+            # PEFT stores the base embedding when embeddings are targeted (for resized vocabularies); accept it
+            # only when it equals the model's own, since lorakit does not overwrite base weights on load.
+            base_key = k.replace(".base_layer.", ".")
+            current = host_params.get(base_key)
+            if current is None:
+                current = dict(model.named_parameters()).get(k)
+            if current is None or current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype)):
+                raise AdapterLoadError(
+                    f"{directory}: tensor {key!r} is a base-model weight that differs from this model's (a resized "
+                    f"vocabulary?). Resize/load the base model to match before loading this adapter."
+                )
+        else:
+            unexpected.append(key)
+    if unexpected:
+        sample = unexpected[:5]
+        paths = {k.rsplit(".", 2)[0] for k in expected} | {p for p, _ in model.named_modules()}
+        hints = "; ".join(f"{k!r} (closest modules: {', '.join(near_matches(_normalise_key(k).rsplit('.', 2)[0], paths, 3)) or 'none'})" for k in sample)
+        raise AdapterLoadError(
+            f"{directory}: {len(unexpected)} tensor(s) match no adapted module of this model: {hints}. "
+            f"Is this adapter for a different base model, or are target_modules different?"
+        )
+    missing = [k for k in expected if k not in given]
+    if missing:
+        raise AdapterLoadError(
+            f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
+            f"{', '.join(PREFIX + k for k in missing[:5])}"
+        )
+    for k, value in given.items():
+        want = expected[k]
+        if tuple(value.shape) != tuple(want.shape):
+            raise AdapterLoadError(
+                f"{directory}: tensor {PREFIX + k!r} has shape {tuple(value.shape)} but this model and config "
+                f"(r / rank_pattern, module size) expect {tuple(want.shape)}."
+            )
+    # All checks passed: copy into the (still detached) deltas, then attach.
+    with torch.no_grad():
+        for path, (_, _, delta) in plan.deltas.items():
+            _copy_into(delta, path, given)
+        for path, module in plan.saved.items():
+            _copy_into(module, path, given)
+    attach_plan(model, plan)
+    return model
+
+
+def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:
+    for k, t in module.state_dict(keep_vars=True).items():
+        t.copy_(given[f"{path}.{k}"].to(dtype=t.dtype, device=t.device))

@@ -1,0 +1,261 @@
+"""LoRA, rsLoRA and DoRA — the plain low-rank delta and its two PEFT-standard variants.
+
+- LoRA: "LoRA: Low-Rank Adaptation of Large Language Models", Hu et al., arXiv:2106.09685.
+  ``y = W x + s · B A x``, ``A ∈ R^{r×in}`` (Kaiming-uniform, a=√5), ``B ∈ R^{out×r}`` (zeros), ``s = α / r``.
+- rsLoRA: "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", Kalajdzievski, arXiv:2312.03732.
+  ``s = α / √r``.
+- DoRA: "DoRA: Weight-Decomposed Low-Rank Adaptation", Liu et al., arXiv:2402.09353.
+  ``W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row``, ``m`` initialised to ``‖W‖_row``; the norm is detached in the
+  backward pass (paper §4.3). Written additively: ``Δ(x) = (m/n − 1) ⊙ W x + (m/n) ⊙ s·B A x``.
+
+Parity: follows HF PEFT exactly (same parameter names, init, scaling, dropout placement; for DoRA with
+dropout in training the base term uses the dropped-out input, as PEFT does), so files and outputs match PEFT.
+Embeddings use PEFT's layout: ``lora_embedding_A`` (r, num_embeddings) zero-initialised,
+``lora_embedding_B`` (embedding_dim, r) normal-initialised.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import ANY_VALUE, AdapterConfig
+from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
+from ..core.errors import ConfigError
+from ..core.registry import register_method
+
+INIT_CHOICES = (True, False, "gaussian")
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern rule: a key matches a dotted suffix of the module name as a regex."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Plain LoRA (+ ``use_rslora``, ``use_dora``). Field names and defaults are PEFT's."""
+
+    foreign_fields = {
+        "fan_in_fan_out": ANY_VALUE,  # lorakit detects Conv1D layers itself
+        "bias": "none", "megatron_config": None, "megatron_core": ANY_VALUE, "loftq_config": ({}, None),
+        "layer_replication": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+        "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
+        "use_bdlora": (None, False), "alora_invocation_tokens": None, "use_qalora": False,
+        "qalora_group_size": ANY_VALUE, "trainable_token_indices": None, "target_parameters": None,
+        "ensure_weight_tying": ANY_VALUE, "runtime_config": ANY_VALUE,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    lora_bias: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ConfigError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported; choose one of "
+                f"{INIT_CHOICES} (data-driven inits such as PiSSA/EVA/LoRA-GA are separate lorakit methods)."
+            )
+        for k, v in self.rank_pattern.items():
+            if v <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be positive, got {v}.")
+
+    def for_module(self, module_name: str) -> "LoraConfig":
+        r = pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        if r == self.r and alpha == self.lora_alpha:
+            return self
+        return replace(self, r=r, lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLinear(Delta):
+    """``Δ(x) = s · B A dropout(x)`` for nn.Linear and Conv1D bases."""
+
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module | None = None):
+        super().__init__(info)
+        self.r = config.r
+        self.scaling = config.scaling
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(info.in_features, config.r, bias=False)
+        self.lora_B = nn.Linear(config.r, info.out_features, bias=config.lora_bias)
+        self.reset_parameters(config.init_lora_weights)
+
+    def reset_parameters(self, init: bool | str) -> None:
+        if init is False:  # nn.Linear's own random init for both: a non-zero delta, used for testing
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
+
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.lora_out(x.to(self.lora_A.weight.dtype)).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, r) @ (r, in)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.lora_B.bias is None else self.lora_B.bias.float() * self.scaling
+
+    def units(self) -> RankUnits:
+        return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling)
+
+
+class DoraLinear(LoraLinear):
+    """DoRA on nn.Linear / Conv1D: a learned per-output-row magnitude over the LoRA-updated direction."""
+
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
+        super().__init__(info, config)
+        with torch.no_grad():
+            norm = self._weight_norm(oriented_weight(base_layer, info).float(), self.delta_weight())
+        self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
+        self._merge_scale: torch.Tensor | None = None
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight + delta, dim=1)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        dtype = self.lora_A.weight.dtype
+        x = x.to(dtype)
+        weight = oriented_weight(base_layer, self.info).to(dtype)
+        lora_weight = (self.lora_B.weight @ self.lora_A.weight).detach()
+        norm = self._weight_norm(weight, self.scaling * lora_weight).detach()  # detached: DoRA paper §4.3
+        scale = self.lora_magnitude_vector / norm  # (out,)
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            x = self.lora_dropout(x)
+            base_term = F.linear(x, weight)
+        else:
+            bias = getattr(base_layer, "bias", None)
+            base_term = (base_out - bias if bias is not None else base_out).to(dtype)
+        lora = self.lora_B(self.lora_A(x)) * self.scaling
+        return ((scale - 1) * base_term + scale * lora).to(base_out.dtype)
+
+    def merge_terms(self, base_weight: torch.Tensor) -> MergeTerms:
+        dw = self.delta_weight()
+        scale = (self.lora_magnitude_vector.detach().float() / self._weight_norm(base_weight, dw)).detach()
+        self._merge_scale = scale
+        return self._terms(scale, dw)
+
+    def unmerge_terms(self) -> MergeTerms:
+        if self._merge_scale is None:
+            raise RuntimeError("DoRA unmerge without a preceding merge")
+        return self._terms(self._merge_scale, self.delta_weight())
+
+    def _terms(self, scale: torch.Tensor, dw: torch.Tensor) -> MergeTerms:
+        bias = self.delta_bias()
+        return MergeTerms(weight=scale[:, None] * dw, row_scale=scale, bias=None if bias is None else scale * bias)
+
+
+class LoraEmbedding(Delta):
+    """``Δ(ids) = s · embed(ids; Aᵀ) Bᵀ`` for nn.Embedding bases (PEFT's lora_embedding_A/B layout)."""
+
+    layer_kinds = ("embedding",)
+
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module | None = None):
+        super().__init__(info)
+        if config.lora_bias:
+            raise ConfigError("lora_bias=True is not supported for embedding layers (as in PEFT); exclude them or set it False.")
+        self.r = config.r
+        self.scaling = config.scaling
+        # Dropout on token ids is meaningless; PEFT keeps the module but never applies it to embeddings.
+        self.lora_embedding_A = nn.Parameter(torch.randn(config.r, info.in_features))  # (r, num_embeddings)
+        self.lora_embedding_B = nn.Parameter(torch.randn(info.out_features, config.r))  # (dim, r)
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def lora_out(self, ids: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=base_layer.padding_idx,
+                              max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
+                              scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse)
+        out = (after_a @ self.lora_embedding_B.T) * self.scaling
+        embed_scale = getattr(base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        return out * embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else out
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.lora_out(x, base_layer).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:  # (dim, num_embeddings), i.e. (out, in)
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()) * self.scaling
+
+    def units(self) -> RankUnits:
+        return RankUnits(A=self.lora_embedding_A, B=self.lora_embedding_B, scaling=self.scaling)
+
+
+class DoraEmbedding(LoraEmbedding):
+    """DoRA on nn.Embedding: magnitude per embedding dimension, as PEFT."""
+
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
+        super().__init__(info, config)
+        with torch.no_grad():
+            norm = torch.linalg.norm(oriented_weight(base_layer, info).float() + self.delta_weight(), dim=1)
+        self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
+        self._merge_scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        dtype = self.lora_embedding_A.dtype
+        weight = oriented_weight(base_layer, self.info).to(dtype)
+        lora_weight = (self.lora_embedding_B @ self.lora_embedding_A).detach() * self.scaling
+        scale = self.lora_magnitude_vector / torch.linalg.norm(weight + lora_weight, dim=1).detach()
+        return ((scale - 1) * base_out.to(dtype) + scale * self.lora_out(x, base_layer)).to(base_out.dtype)
+
+    merge_terms = DoraLinear.merge_terms
+    unmerge_terms = DoraLinear.unmerge_terms
+    _terms = DoraLinear._terms
+    _weight_norm = staticmethod(DoraLinear._weight_norm)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+
+_DELTAS = {("linear", False): LoraLinear, ("linear", True): DoraLinear,
+           ("embedding", False): LoraEmbedding, ("embedding", True): DoraEmbedding}
+
+
+def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig) -> Delta:
+    return _DELTAS[(info.kind, config.use_dora)](info, config, base_layer)
+
+
+def lora_file_fields(config: LoraConfig, layers: list[LayerInfo]) -> dict[str, Any]:
+    """PEFT fields derived from the adapted layers rather than set by the user."""
+    return {"fan_in_fan_out": any(i.fan_in_fan_out and i.kind == "linear" for i in layers), "bias": "none",
+            "task_type": None}
+
+
+register_method(
+    "lora", config=LoraConfig, build=build_lora, peft_type="LORA", layer_kinds=("linear", "embedding"),
+    description="Low-rank update s·BA on frozen layers (+ use_rslora, use_dora); PEFT-identical.",
+    paper="Hu et al. 2021, arXiv:2106.09685 (rsLoRA 2312.03732, DoRA 2402.09353)",
+    file_fields=lora_file_fields,
+)
