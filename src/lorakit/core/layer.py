@@ -30,6 +30,7 @@ class AdapterLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # exact pre-merge weights, if kept
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -106,6 +107,10 @@ class AdapterLayer(nn.Module):
 
     def _unmerged_base(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight (float32, (out, in)) and bias with every merged adapter taken back out."""
+        if self._original is not None:
+            w, b = self._original
+            w = (w.T if self.info.fan_in_fan_out else w).float()
+            return w.clone(), (b.float().clone() if b is not None else None)
         w = oriented_weight(self.base_layer, self.info).detach().float()
         b = getattr(self.base_layer, "bias", None)
         b = b.detach().float() if b is not None else None
@@ -117,10 +122,18 @@ class AdapterLayer(nn.Module):
             b = b - bias
         return w, b
 
-    def merge(self, names: list[str]) -> None:
+    def merge(self, names: list[str], keep_original: bool | None = None) -> None:
+        """Fold ``names`` into the base weight. ``keep_original`` keeps a copy of the base weights so that
+        ``unmerge`` restores them bit for bit (otherwise unmerging is arithmetic, exact up to rounding);
+        None = keep only for half-precision weights, where arithmetic unmerging visibly damages the base."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
+        if keep_original is None:
+            keep_original = self.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+        if keep_original and not self.merged:
+            bias = getattr(self.base_layer, "bias", None)
+            self._original = (self.base_layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
         base_w, base_b = self._unmerged_base()
         for n in todo:
             if self.adapters[n].delta_bias() is not None and base_b is None:
@@ -134,8 +147,16 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        base_w, base_b = self._unmerged_base()
-        self._write(base_w, base_b)
+        if self._original is not None:
+            w, b = self._original
+            with torch.no_grad():
+                self.base_layer.weight.copy_(w)
+                if b is not None:
+                    self.base_layer.bias.copy_(b)
+            self._original = None
+        else:
+            base_w, base_b = self._unmerged_base()
+            self._write(base_w, base_b)
         self.merged.clear()
 
     def extra_repr(self) -> str:

@@ -231,10 +231,10 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model inside the block (merged adapters are unmerged, then merged back)."""
     layers = [layer for _, layer in adapter_layers(model)]
     wrappers = [w for _, w in _save_wrappers(model)]
-    merged = {id(layer): list(layer.merged) for layer in layers}
+    merged = {id(layer): (list(layer.merged), layer._original is not None) for layer in layers}
     try:
         for layer in layers:
-            layer.unmerge()
+            layer.unmerge()  # exact when merged with keep_original, else up to rounding
             layer.disabled = True
         for w in wrappers:
             w.disabled = True
@@ -242,21 +242,28 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.disabled = False
-            if merged[id(layer)]:
-                layer.merge(merged[id(layer)])
+            names, kept = merged[id(layer)]
+            if names:
+                layer.merge(names, keep_original=kept)
         for w in wrappers:
             w.disabled = False
 
 
-def merge_adapter(model: nn.Module, names: list[str] | None = None) -> None:
-    """Fold the given (default: active) adapters into the base weights; forward skips them while merged."""
+def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_original: bool | None = None) -> None:
+    """Fold the given (default: active) adapters into the base weights; forward skips them while merged.
+
+    Unmerging subtracts the same terms again (exact up to float rounding, ~1e-7 relative in fp32, like PEFT).
+    ``keep_original=True`` keeps a copy of each merged layer's base weights so that ``unmerge_adapter``
+    restores them bit for bit, at the cost of that memory while merged. The default (None) does so for
+    float16/bfloat16 bases only, where arithmetic unmerging would visibly damage the base weights.
+    """
     state = adapter_state(model)
     names = list(state.active) if names is None else names
     for n in names:
         if n not in state.configs:
             raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
     for _, layer in adapter_layers(model):
-        layer.merge(names)
+        layer.merge(names, keep_original=keep_original)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

@@ -6,7 +6,7 @@ benchmark's method list all read :func:`list_methods`; nothing in the core branc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import UnknownMethodError, did_you_mean
@@ -48,6 +48,8 @@ class Method:
     file_fields: Callable[..., dict[str, Any]] | None = None
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
     zero_init: bool = True
+    # Named config variants (kwargs) every test matrix and benchmark runs, e.g. {"dora": {"use_dora": True}}.
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
 
 
 _METHODS: dict[str, Method] = {}

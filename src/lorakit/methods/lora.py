@@ -258,4 +258,6 @@ register_method(
     description="Low-rank update s·BA on frozen layers (+ use_rslora, use_dora); PEFT-identical.",
     paper="Hu et al. 2021, arXiv:2106.09685 (rsLoRA 2312.03732, DoRA 2402.09353)",
     file_fields=lora_file_fields,
+    variants={"lora": {}, "rslora": {"use_rslora": True, "lora_alpha": 16}, "dora": {"use_dora": True},
+              "lora_bias": {"lora_bias": True}, "lora_gaussian": {"init_lora_weights": "gaussian"}},
 )

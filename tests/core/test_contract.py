@@ -1,0 +1,161 @@
+"""The contract every registered method passes, on every layer kind it supports, in fp32 and bf16.
+
+Parametrised from the registry: a new method is tested by registering it. ``pytest -k <method>`` selects it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.core.model import adapter_layers
+
+from lk_models import tiny_gpt2, tiny_llama
+
+# layer kind -> (model factory, target_modules) covering nn.Linear, Conv1D and nn.Embedding
+LAYER_CASES = {
+    "linear": (tiny_llama, ["q_proj", "v_proj", "down_proj"], "linear"),
+    "conv1d": (tiny_gpt2, ["c_attn", "c_proj"], "linear"),
+    "embedding": (tiny_llama, ["embed_tokens"], "embedding"),
+}
+
+
+def _cases():
+    for method in lk.list_methods():
+        for variant, kwargs in method.variants.items():
+            for case, (_, _, kind) in LAYER_CASES.items():
+                if kind not in method.layer_kinds:
+                    continue
+                if kwargs.get("lora_bias") and case != "conv1d":
+                    continue  # a delta bias needs a base bias to merge into (GPT-2's layers have one)
+                for dtype in ("fp32", "bf16"):
+                    yield pytest.param(method.name, variant, case, dtype, id=f"{method.name}-{variant}-{case}-{dtype}")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOL = {"fp32": 1e-5, "bf16": 3e-2}
+
+
+def _config(method_name, variant, case, **extra):
+    method = lk.get_method(method_name)
+    kwargs = dict(method.variants[variant])
+    kwargs.update(extra)
+    return method.config_cls(target_modules=LAYER_CASES[case][1], **kwargs)
+
+
+def _perturb(model, name, seed):
+    """Make the adapter's delta non-zero without knowing the method: nudge every adapter parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.adapters[name].parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.2)
+
+
+def _out(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture
+def setup(request):
+    method_name, variant, case, dtype = request.param
+    factory = LAYER_CASES[case][0]
+    base = factory(dtype=DTYPES[dtype])
+    return method_name, variant, case, dtype, factory, base
+
+
+@pytest.mark.parametrize("method_name,variant,case,dtype", list(_cases()))
+def test_contract(method_name, variant, case, dtype, ids, tmp_path):
+    factory = LAYER_CASES[case][0]
+    torch_dtype = DTYPES[dtype]
+    tol = TOL[dtype]
+    model = factory(dtype=torch_dtype)
+    base_params = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _out(model, ids)
+
+    lk.add_adapter(model, _config(method_name, variant, case))
+    assert list(adapter_layers(model)), "no layer adapted"
+    out = _out(model, ids)
+    assert out.shape == ref.shape
+    if lk.get_method(method_name).zero_init:
+        torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+
+    _perturb(model, "default", 0)
+    out = _out(model, ids)
+    assert (out - ref).abs().max() > 10 * tol, "perturbed adapter has no effect"
+    with lk.disable_adapters(model):
+        torch.testing.assert_close(_out(model, ids), ref, atol=tol, rtol=0)
+
+    # merged == unmerged, merge -> unmerge restores the base weights
+    lk.merge_adapter(model)
+    torch.testing.assert_close(_out(model, ids), out, atol=10 * tol if dtype == "bf16" else 1e-4, rtol=0)
+    with lk.disable_adapters(model):  # disabling a merged model gives the base back
+        torch.testing.assert_close(_out(model, ids), ref, atol=10 * tol if dtype == "bf16" else 1e-5, rtol=0)
+    lk.unmerge_adapter(model)
+    if dtype == "fp32":
+        restored = lk.unload(copy.deepcopy(model)).state_dict()
+        for k, v in base_params.items():
+            torch.testing.assert_close(restored[k], v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)
+
+    # save -> load round trip into a fresh base
+    lk.save_adapter(model, tmp_path / "a")
+    fresh = factory(dtype=torch_dtype)
+    lk.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(_out(fresh, ids), out, atol=1e-6, rtol=0)
+
+    # two adapters are isolated: adding/training b changes nothing of a
+    lk.add_adapter(model, _config(method_name, variant, case), name="b")
+    _perturb(model, "b", 1)
+    a_params = {k: v.clone() for k, v in lk.adapter_state_dict(model, "default").items()}
+    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)  # b added inactive
+    lk.set_adapter(model, "b")
+    out_b = _out(model, ids)
+    assert (out_b - out).abs().max() > 10 * tol
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss if hasattr(model, "lm_head") else _out(model, ids).sum()
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads, "no parameter received a gradient"
+    assert all(".adapters.b." in n for n in grads), f"gradients outside adapter b: {sorted(grads)[:5]}"
+    for n, p in model.named_parameters():
+        if ".adapters.b." in n:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad, n
+    model.eval()
+    for k, v in lk.adapter_state_dict(model, "default").items():
+        assert torch.equal(v, a_params[k])
+    lk.set_adapter(model, "default")
+    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)
+
+    # deleting both adapters gives the plain base model back
+    lk.delete_adapter(model, "b")
+    lk.delete_adapter(model, "default")
+    assert not list(adapter_layers(model))
+    torch.testing.assert_close(_out(model, ids), ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merge_keep_original_is_bit_exact(factory, variant, ids):
+    model = factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lk.add_adapter(model, lk.LoraConfig(target_modules="all-linear", init_lora_weights=False, use_dora=variant == "dora"))
+    lk.add_adapter(model, lk.LoraConfig(target_modules="all-linear", init_lora_weights=False), name="b")
+    lk.set_adapter(model, ["default", "b"])
+    unmerged = _out(model, ids)
+    lk.merge_adapter(model, keep_original=True)
+    torch.testing.assert_close(_out(model, ids), unmerged, atol=1e-4, rtol=0)
+    lk.unmerge_adapter(model)
+    after = lk.unload(model).state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_every_method_has_a_contract_case():
+    names = {c.values[0] for c in _cases()}
+    assert names == {m.name for m in lk.list_methods()}

@@ -1,0 +1,102 @@
+"""Adapters move between lorakit and the real ``peft`` package with identical outputs (fp32, <= 1e-5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+import lorakit as lk
+from lk_models import tiny_bert, tiny_gpt2, tiny_llama
+
+MODELS = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj", "embed_tokens"])),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"])),
+    "bert": (tiny_bert, dict(target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"],
+                             exclude_modules=["classifier"])),
+}
+VARIANTS = {
+    "lora": dict(r=4, lora_alpha=8),
+    "rslora": dict(r=4, lora_alpha=16, use_rslora=True),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True),
+    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, "value": 2, "c_proj": 2},
+                     alpha_pattern={"q_proj": 3, "query": 3, "c_attn": 3}),
+}
+CASES = [pytest.param(m, v, id=f"lora-{m}-{v}") for m in MODELS for v in VARIANTS]
+
+
+def _out(model, ids):
+    return model(input_ids=ids).logits
+
+
+def _randomise_peft(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("model_name,variant", CASES)
+def test_peft_to_lorakit(model_name, variant, ids, tmp_path):
+    factory, targets = MODELS[model_name]
+    peft_model = get_peft_model(factory(), PeftLoraConfig(**targets, **VARIANTS[variant], init_lora_weights=False))
+    _randomise_peft(peft_model, 0)
+    peft_model.eval()
+    expected = _out(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+
+    model = factory()
+    base = _out(model, ids)
+    lk.load_adapter(model, tmp_path)
+    got = _out(model, ids)
+    assert (expected - base).abs().max() > 1e-3  # the adapter matters
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_name,variant", CASES)
+def test_lorakit_to_peft(model_name, variant, ids, tmp_path):
+    factory, targets = MODELS[model_name]
+    model = factory()
+    lk.add_adapter(model, lk.LoraConfig(**targets, **VARIANTS[variant], init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    expected = _out(model, ids)
+    lk.save_adapter(model, tmp_path)
+
+    peft_model = PeftModel.from_pretrained(factory(), tmp_path).eval()
+    got = _out(peft_model, ids)
+    assert (got - expected).abs().max() <= 1e-5
+    # the same tensors and the same config PEFT itself writes
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] == (model_name == "gpt2")
+
+
+def test_peft_merge_and_unload_matches_lorakit(ids, tmp_path):
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(target_modules="all-linear", use_dora=True,
+                                                             init_lora_weights=False))
+    _randomise_peft(peft_model, 3)
+    peft_model.save_pretrained(tmp_path)
+    merged_peft = peft_model.merge_and_unload()
+    model = lk.load_adapter(tiny_llama(), tmp_path)
+    merged = lk.merge_and_unload(model)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    ref = merged_peft.state_dict()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=0)
+
+
+def test_all_linear_selects_the_same_modules_as_peft():
+    for factory in (tiny_llama, tiny_gpt2, tiny_bert):
+        pm = get_peft_model(factory(), PeftLoraConfig(target_modules="all-linear"))
+        peft_targets = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+        model = lk.add_adapter(factory(), lk.LoraConfig(target_modules="all-linear"))
+        ours = {n for n, _ in lk.core.model.adapter_layers(model)}
+        assert ours == peft_targets, factory.__name__

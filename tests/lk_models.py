@@ -1,0 +1,34 @@
+"""Small real transformers models built from random configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=96, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def model_output(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
