@@ -31,6 +31,9 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # exact pre-merge weights, if kept
+        # Optional batched multi-adapter executor (e.g. serving banks): called as bank(x, base_out, ctx) when a
+        # routing context carries ``adapter_ids``; returns the summed delta for every row in one batched pass.
+        self.bank: nn.Module | None = None
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -38,8 +41,13 @@ class AdapterLayer(nn.Module):
         if self.disabled:
             return base_out
         ctx = current_routing()
-        if ctx is not None and (ctx.adapter_names is not None or ctx.adapter_weights is not None):
-            return self._per_row_forward(x, base_out, ctx)
+        if ctx is not None:
+            if ctx.adapter_ids is not None:
+                if self.bank is None:
+                    raise AdapterError("routing(adapter_ids=...) needs adapters loaded into a bank on this layer")
+                return base_out + self.bank(x, base_out, ctx)
+            if ctx.adapter_names is not None or ctx.adapter_weights is not None:
+                return self._per_row_forward(x, base_out, ctx)
         out = base_out
         for name in self.active:
             if name in self.adapters and name not in self.merged:
