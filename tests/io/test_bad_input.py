@@ -1,0 +1,229 @@
+"""Bad input gets a clear error and loses nothing: the model is exactly as before a failed call."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorakit as lk
+from lk_models import tiny_gpt2, tiny_llama
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        lk.adapter_names(model) if hasattr(model, "lorakit") else [],
+    )
+
+
+def _assert_same(model, snap):
+    sd, grads, mods, names = snap
+    now = _snapshot(model)
+    assert now[2] == mods
+    assert now[1] == grads
+    assert now[3] == names
+    assert now[0].keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(now[0][k], sd[k]), k
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lk.save_adapter(model, tmp_path / "ok")
+    return tmp_path / "ok"
+
+
+@pytest.fixture
+def model_with_adapter():
+    # A model that already holds an adapter: a failed load must leave it untouched too.
+    return lk.add_adapter(tiny_llama(seed=5), lk.LoraConfig(target_modules=["k_proj"]), name="existing")
+
+
+def _load_fails(model, path, match):
+    snap = _snapshot(model)
+    with pytest.raises(lk.LorakitError, match=match):
+        lk.load_adapter(model, path, name="new")
+    _assert_same(model, snap)
+
+
+def test_target_typo_lists_near_matches():
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(lk.TargetError, match=r"'q_prj'.*q_proj"):
+        lk.add_adapter(model, lk.LoraConfig(target_modules=["q_prj", "v_proj"]))
+    _assert_same(model, snap)
+
+
+def test_regex_matching_nothing_lists_module_names():
+    with pytest.raises(lk.TargetError, match=r"matched no module.*q_proj"):
+        lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=r".*\.attention\.query"))
+
+
+def test_unsupported_layer_type_is_named():
+    with pytest.raises(lk.TargetError, match=r"LlamaRMSNorm.*cannot take"):
+        lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["input_layernorm"]))
+
+
+def test_layers_to_transform_and_exclude():
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules="all-linear", layers_to_transform=[1],
+                                                       exclude_modules=["o_proj"]))
+    names = [n for n, _ in lk.core.model.adapter_layers(model)]
+    assert names and all(".layers.1." in n and not n.endswith("o_proj") for n in names)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(r=0), "r must be a positive"),
+    (dict(r="8"), "r must be int"),
+    (dict(lora_dropout=1.5), "lora_dropout"),
+    (dict(init_lora_weights="pisa"), "init_lora_weights"),
+    (dict(target_modules="(unclosed"), "not a valid regular expression"),
+    (dict(target_modules=[1, 2]), "target_modules must be"),
+])
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(lk.ConfigError, match=match):
+        lk.LoraConfig(**kwargs)
+
+
+def test_unknown_method_name():
+    with pytest.raises(lk.UnknownMethodError, match=r"lorra.*Did you mean: lora"):
+        lk.get_method("lorra")
+
+
+def test_duplicate_and_unknown_adapter_names():
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(lk.AdapterError, match="already exists"):
+        lk.add_adapter(model, lk.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(lk.AdapterError, match="unknown adapter 'defualt'.*default"):
+        lk.set_adapter(model, "defualt")
+
+
+def test_lora_bias_merge_without_base_bias_is_refused():
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(lk.AdapterError, match="has a bias but the base layer has none"):
+        lk.merge_adapter(model)
+
+
+def test_rank_mismatch_names_the_tensor(saved, model_with_adapter):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["r"] = 4
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    _load_fails(model_with_adapter, saved, r"q_proj\.lora_A\.weight' has shape \(8, 32\) but .* expect \(4, 32\)")
+
+
+def test_adapter_for_another_model(saved):
+    model = tiny_gpt2()
+    snap = _snapshot(model)
+    with pytest.raises(lk.TargetError, match="matched no module"):
+        lk.load_adapter(model, saved)
+    _assert_same(model, snap)
+
+
+def test_tensors_matching_no_module(saved, model_with_adapter):
+    t = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 32),
+         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 8),
+         "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": torch.zeros(8, 32),
+         "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.zeros(32, 8),
+         "base_model.model.model.layers.9.self_attn.q_prj.lora_A.weight": torch.zeros(8, 32)}
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["layers_to_transform"] = [0]
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(t, str(saved / "adapter_model.safetensors"))
+    _load_fails(model_with_adapter, saved, r"match no adapted module.*layers\.9\.self_attn\.q_prj")
+
+
+def test_missing_tensor(saved, model_with_adapter):
+    from safetensors.torch import load_file
+    t = load_file(str(saved / "adapter_model.safetensors"))
+    t.pop(next(k for k in t if "layers.1" in k and "lora_B" in k))
+    save_file(t, str(saved / "adapter_model.safetensors"))
+    _load_fails(model_with_adapter, saved, "missing from adapter_model.safetensors")
+
+
+def test_non_finite_values(saved, model_with_adapter):
+    from safetensors.torch import load_file
+    t = load_file(str(saved / "adapter_model.safetensors"))
+    k = next(iter(t))
+    t[k][0, 0] = float("nan")
+    save_file(t, str(saved / "adapter_model.safetensors"))
+    _load_fails(model_with_adapter, saved, r"non-finite")
+
+
+def test_missing_files(saved, model_with_adapter, tmp_path):
+    _load_fails(model_with_adapter, tmp_path / "nowhere", "does not exist")
+    os.remove(saved / "adapter_model.safetensors")
+    _load_fails(model_with_adapter, saved, "missing weights file")
+    os.remove(saved / "adapter_config.json")
+    _load_fails(model_with_adapter, saved, "missing config file")
+
+
+def test_truncated_and_corrupted_safetensors(saved, model_with_adapter):
+    path = saved / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _load_fails(model_with_adapter, saved, "truncated|not a valid safetensors")
+    path.write_bytes(data[:4])
+    _load_fails(model_with_adapter, saved, "truncated")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + data[24:])
+    _load_fails(model_with_adapter, saved, "not a valid safetensors")
+
+
+def test_invalid_json_and_bad_fields(saved, model_with_adapter):
+    cfg_path = saved / "adapter_config.json"
+    good = json.loads(cfg_path.read_text())
+    cfg_path.write_text("{'r': 8")
+    _load_fails(model_with_adapter, saved, "not valid JSON")
+    cfg_path.write_text("[1, 2]")
+    _load_fails(model_with_adapter, saved, "JSON object")
+    cfg_path.write_text(json.dumps({**good, "lora_alpah": 16}))
+    _load_fails(model_with_adapter, saved, r"unknown field 'lora_alpah'.*lora_alpha")
+    cfg_path.write_text(json.dumps({**good, "r": "eight"}))
+    _load_fails(model_with_adapter, saved, r"r must be int")
+    cfg_path.write_text(json.dumps({**good, "layer_replication": [[0, 1]]}))
+    _load_fails(model_with_adapter, saved, r"layer_replication.*not support")
+    cfg_path.write_text(json.dumps({**good, "peft_type": "LOHA"}))
+    _load_fails(model_with_adapter, saved, r"peft_type 'LOHA' is not supported")
+    cfg_path.write_text(json.dumps({**good, "lorakit_method": "nola_typo"}))
+    _load_fails(model_with_adapter, saved, r"unknown method 'nola_typo'")
+
+
+class _Boom:
+    """Unpickling this would create a marker file: proof that lorakit never unpickles."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_bin_is_refused_and_never_unpickled(saved, model_with_adapter, tmp_path):
+    marker = tmp_path / "unpickled"
+    os.remove(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.bin").write_bytes(pickle.dumps(_Boom(str(marker))))
+    _load_fails(model_with_adapter, saved, r"pickle.*never unpickles.*save_file")
+    assert not marker.exists()
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    import lorakit.io.files as files
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    with pytest.raises(OSError):
+        lk.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before  # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
