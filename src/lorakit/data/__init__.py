@@ -1,0 +1,84 @@
+"""Data: built-in tasks, user JSONL, tokenization/collation and generation-based evaluation."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from lorakit.data.collate import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    TokenizedDataset,
+    build_task_index,
+    encode_prompt,
+    tokenize_example,
+)
+from lorakit.data.errors import DataError
+from lorakit.data.evaluate import evaluate_examples, generate_completions, score_predictions
+from lorakit.data.example import Example
+from lorakit.data.jsonl import load_jsonl, parse_record
+from lorakit.data.tasks import (
+    SPLITS,
+    TASKS,
+    Task,
+    exact_match,
+    get_task,
+    list_tasks,
+    pretraining_texts,
+    stable_seed,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SPLITS",
+    "TASKS",
+    "CausalLMCollator",
+    "DataError",
+    "Example",
+    "Task",
+    "TokenizedDataset",
+    "build_task_index",
+    "encode_prompt",
+    "evaluate_examples",
+    "exact_match",
+    "generate_completions",
+    "get_task",
+    "list_tasks",
+    "load_examples",
+    "load_jsonl",
+    "parse_record",
+    "pretraining_texts",
+    "score_predictions",
+    "stable_seed",
+    "tokenize_example",
+]
+
+
+def load_examples(
+    spec: str | os.PathLike[str],
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    tokenizer: Any = None,
+) -> list[Example]:
+    """Examples from a built-in task name, a comma-separated list of task names, or a .jsonl path.
+
+    For tasks, `n` is the number of examples per task (required); several tasks are concatenated
+    and shuffled with a seed derived from (spec, split, seed). For a file, `split` is ignored (keep
+    train and test in separate files), `n` caps how many lines are read in file order (None: all),
+    and `tokenizer` supplies the chat template for `messages` records.
+    """
+    path = os.fspath(spec)
+    if path.endswith(".jsonl") or os.path.isfile(path):
+        return load_jsonl(path, tokenizer=tokenizer, limit=n)
+    names = [name.strip() for name in path.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"empty data spec {spec!r}: give a task name, comma-separated task names or a .jsonl path")
+    tasks = [get_task(name) for name in names]
+    if n is None:
+        raise ValueError(f"n (examples per task) is required for built-in tasks, got spec {spec!r}")
+    examples = [ex for task in tasks for ex in task.generate(split, n, seed)]
+    if len(tasks) > 1:
+        random.Random(stable_seed(",".join(names), split, seed)).shuffle(examples)
+    return examples

@@ -1,0 +1,149 @@
+"""Examples -> causal-LM training items and right-padded batches.
+
+Prompt and completion are tokenized separately and concatenated, so the prompt tokens seen in
+training are exactly the ones `evaluate_examples` feeds to `generate` (`encode_prompt` is shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from lorakit.data.example import Example
+
+IGNORE_INDEX = -100
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt token ids, starting with BOS when the tokenizer has one.
+
+    Special tokens are added by hand rather than by `add_special_tokens=True` because tokenizers
+    disagree on what that adds (some append EOS too), and a chat template may already have written
+    the BOS text into the prompt.
+    """
+    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """Completion token ids ending with EOS, unless the text already holds EOS (chat templates
+    close the assistant turn themselves)."""
+    ids = list(tokenizer.encode(completion, add_special_tokens=False))
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return ids
+
+
+def tokenize_example(example: Example, tokenizer: Any, max_length: int | None = None) -> dict[str, list[int]]:
+    """`input_ids`, `attention_mask` and `labels` (-100 on the prompt) for one example.
+
+    When too long, prompt tokens after BOS are dropped from the left first, so the supervised
+    tokens survive; only a completion that alone exceeds `max_length` is cut on the right.
+    """
+    prompt_ids = encode_prompt(tokenizer, example.prompt)
+    completion_ids = encode_completion(tokenizer, example.completion)
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        excess = len(prompt_ids) + len(completion_ids) - max_length
+        if excess > 0:
+            keep_bos = int(bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id)
+            droppable = len(prompt_ids) - keep_bos
+            drop = min(excess, droppable)
+            prompt_ids = prompt_ids[:keep_bos] + prompt_ids[keep_bos + drop:]
+            completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    input_ids = prompt_ids + completion_ids
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+    }
+
+
+def build_task_index(examples: Sequence[Example]) -> dict[str, int]:
+    """Task name -> integer id, sorted by name so the mapping does not depend on example order."""
+    return {name: i for i, name in enumerate(sorted({ex.task for ex in examples if ex.task is not None}))}
+
+
+class TokenizedDataset(Dataset):
+    """Examples tokenized once up front (the data here is small); items are dicts of int lists.
+
+    Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given);
+    then every example needs a key that the mapping knows.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        max_length: int | None = None,
+        task_to_id: dict[str, int] | None = None,
+    ) -> None:
+        self.examples = list(examples)
+        if task_to_id is None and any(ex.task is not None for ex in self.examples):
+            task_to_id = build_task_index(self.examples)
+        self.task_to_id = task_to_id
+        self.items: list[dict[str, Any]] = []
+        for i, ex in enumerate(self.examples):
+            item: dict[str, Any] = tokenize_example(ex, tokenizer, max_length)
+            if task_to_id is not None:
+                if ex.task not in task_to_id:
+                    raise ValueError(
+                        f"example {i} has task {ex.task!r}, which is not in the task mapping "
+                        f"{sorted(task_to_id)}; give every example a task key, or none of them"
+                    )
+                item["task_id"] = task_to_id[ex.task]
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+@dataclass(frozen=True)
+class CausalLMCollator:
+    """Right-pads a list of `tokenize_example` items into tensors; labels are -100 on padding."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> CausalLMCollator:
+        # Padding is masked out everywhere, so any id works; EOS is the usual stand-in.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        return cls(pad_token_id=pad, pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        length = max(len(item["input_ids"]) for item in items)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(items), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(items), length), dtype=torch.long),
+            "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
+            batch["attention_mask"][row, :n] = torch.tensor(item["attention_mask"], dtype=torch.long)
+            batch["labels"][row, :n] = torch.tensor(item["labels"], dtype=torch.long)
+        has_task = ["task_id" in item for item in items]
+        if any(has_task):
+            if not all(has_task):
+                raise ValueError("some items in the batch have a task_id and some do not")
+            batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
+        return batch
