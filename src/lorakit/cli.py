@@ -132,12 +132,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print_metrics("after ", after)
     adapter_dir = Path(args.output) / "adapter"
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
-               "after": after, "adapter_dir": str(adapter_dir), "wall_time_s": result.wall_time,
+               "after": after, "adapter_dir": str(adapter_dir), "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps}
     from .io.files import atomic_write_json
     atomic_write_json(Path(args.output) / "summary.json", summary)
     print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
-          f"{result.wall_time:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
+          f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
     print(f"adapter saved to {adapter_dir} (PEFT format)")
     return 0
 
@@ -355,6 +355,8 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
 
+    sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",
+                   add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
                         add_help=False)
     pb.set_defaults(func=None)
@@ -374,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench.cli import main as bench_main
+        return bench_main(argv[1:])
     try:
         from . import get_method
         method_name = _method_from_argv(argv)

@@ -90,6 +90,10 @@ class Delta(nn.Module):
         """The additive term for this adapter, same shape and dtype as ``base_out``."""
         raise NotImplementedError
 
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """``acc + Δ(x)``. Methods override this to fuse the add into their last matmul."""
+        return acc + self(x, base_out, base_layer)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW as (out, in), in float32."""
         raise NotImplementedError

@@ -51,7 +51,7 @@ class AdapterLayer(nn.Module):
         out = base_out
         for name in self.active:
             if name in self.adapters and name not in self.merged:
-                out = out + self.adapters[name](x, base_out, self.base_layer)
+                out = self.adapters[name].accumulate(out, x, base_out, self.base_layer)
         return out
 
     def _per_row_forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:

@@ -121,6 +121,15 @@ class LoraLinear(Delta):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.lora_out(x.to(self.lora_A.weight.dtype)).to(base_out.dtype)
 
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        weight_b = self.lora_B.weight
+        if (torch.is_grad_enabled() or acc.dtype != weight_b.dtype or self.lora_B.bias is not None
+                or type(self).forward is not LoraLinear.forward):
+            return super().accumulate(acc, x, base_out, base_layer)
+        # One BLAS call does expand, scaling and residual add: acc + s·(h Bᵀ), h = A·dropout(x)  (N, r)
+        h = self.lora_A(self.lora_dropout(x)).reshape(-1, self.r)
+        return torch.addmm(acc.reshape(-1, acc.shape[-1]), h, weight_b.t(), alpha=self.scaling).view(acc.shape)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, r) @ (r, in)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the method leaderboard (``bench methods``) and lorakit-vs-PEFT performance (``bench perf``)."""

@@ -1,0 +1,68 @@
+"""``lorakit bench methods|perf [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..io.files import atomic_write_bytes, atomic_write_json
+
+
+def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result["command"] = command
+    atomic_write_json(out / f"{name}.json", result)
+    header = f"# lorakit bench {name}\n\nCommand: `{command}`\n\nMachine: {json.dumps(result.get('machine', {}))}\n\n"
+    atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
+    parser.add_argument("what", choices=["methods", "perf"])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
+    parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--only", nargs="+", default=None, help="perf rows to run (forward, mixed, ...)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    command = "lorakit bench " + " ".join(argv)
+    t0 = time.perf_counter()
+    if args.what == "perf":
+        from . import perf
+        from .. import serving  # noqa: F401  (registers the mixed-adapter rows)
+        profile = perf.QUICK if args.quick else perf.FULL
+        result = perf.run_perf(profile, device=args.device, only=args.only)
+        markdown = perf.perf_markdown(result)
+    else:
+        from dataclasses import replace
+
+        from . import methods
+        from .perf import machine_description
+        profile = methods.QUICK if args.quick else methods.FULL
+        if args.methods:
+            profile = replace(profile, methods=tuple(args.methods))
+        if args.seeds:
+            profile = replace(profile, seeds=tuple(args.seeds))
+        if args.steps:
+            profile = replace(profile, steps=args.steps)
+        result = methods.run_methods(profile)
+        result["machine"] = machine_description(args.device or "cpu")
+        markdown = methods.methods_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in methods.plot_methods(result, out)]
+    result["wall_time_s"] = time.perf_counter() - t0
+    _write(out, args.what, result, markdown, command)
+    print(markdown)
+    print(f"wrote {out / (args.what + '.json')}, {out / (args.what + '.md')} ({result['wall_time_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,148 @@
+"""``lorakit bench methods``: every registered method (and variant) trained on the bundled base model with the
+same tasks, data, steps and seeds, reported in one table.
+
+The method list comes from the registry, so a new method appears here by registering it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class MethodsProfile:
+    tasks: str = "reverse,upper,add,lookup"
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    r: int = 8
+    train_examples: int = 1000  # per task
+    eval_examples: int = 50  # per task
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every registered method
+
+
+QUICK = MethodsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=4, seeds=(0,), tasks="reverse,add")
+FULL = MethodsProfile()
+
+
+def _config_for(method, variant: str, r: int):
+    kwargs = dict(method.variants[variant])
+    fields = method.config_cls.__dataclass_fields__
+    if "r" in fields:
+        kwargs.setdefault("r", r)
+    if "lora_alpha" in fields:
+        kwargs.setdefault("lora_alpha", 2 * r)
+    return method.config_cls(target_modules="all-linear", **kwargs)
+
+
+def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
+    import lorakit as lk
+    from ..data import evaluate_examples, load_examples
+    from ..hub import load_model_and_tokenizer
+    from ..training import TrainConfig, train
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    train_ex = {s: load_examples(profile.tasks, "train", n=profile.train_examples, seed=s) for s in profile.seeds}
+    eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
+    before = evaluate_examples(base, tokenizer, eval_ex)
+
+    runs = []
+    for method in lk.list_methods():
+        if profile.methods and method.name not in profile.methods:
+            continue
+        for variant in method.variants:
+            for seed in profile.seeds:
+                model = copy.deepcopy(base)
+                torch.manual_seed(seed)
+                lk.add_adapter(model, _config_for(method, variant, profile.r))
+                trainable, _ = lk.trainable_parameters(model)
+                config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr,
+                                     warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine",
+                                     seed=seed, max_length=128)
+                t0 = time.perf_counter()
+                result = train(model, tokenizer, train_ex[seed], config, progress=progress)
+                wall = time.perf_counter() - t0
+                after = evaluate_examples(model, tokenizer, eval_ex)
+                runs.append({"method": method.name, "variant": variant, "seed": seed, "trainable_params": trainable,
+                             "after": after["exact_match"], "per_task": {k: v["exact_match"] for k, v in after["per_task"].items()},
+                             "final_loss": result.losses[-1], "s_per_step": wall / profile.steps,
+                             "peak_memory_mb": result.peak_memory_mb})
+    return {"profile": asdict(profile), "before": before["exact_match"],
+            "before_per_task": {k: v["exact_match"] for k, v in before["per_task"].items()},
+            "runs": runs, "table": summarise(runs)}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["variant"]), []).append(r)
+    ref = groups.get(("lora", "lora"))
+    ref_mean = statistics.mean(r["after"] for r in ref) if ref else None
+    ref_params = ref[0]["trainable_params"] if ref else None
+    rows = []
+    for (method, variant), rs in groups.items():
+        scores = [r["after"] for r in rs]
+        row = {"method": method, "variant": variant, "seeds": len(rs), "after_mean": statistics.mean(scores),
+               "after_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+               "trainable_params": rs[0]["trainable_params"],
+               "s_per_step": statistics.median(r["s_per_step"] for r in rs),
+               "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
+               "final_loss": statistics.mean(r["final_loss"] for r in rs)}
+        if ref_mean is not None:
+            row["vs_lora"] = row["after_mean"] - ref_mean
+            row["params_vs_lora"] = row["trainable_params"] / ref_params
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["after_mean"])
+
+
+def methods_markdown(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"Tasks `{p['tasks']}`, {p['steps']} steps × batch {p['batch_size']}, lr {p['lr']}, r={p['r']} "
+             f"all-linear, seeds {list(p['seeds'])}. Exact match before training: {result['before']:.3f}.", "",
+             "| method | variant | exact match (mean ± sd) | Δ vs LoRA | trainable params (× LoRA) | s/step | peak MB | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["table"]:
+        vs = f"{r['vs_lora']:+.3f}" if "vs_lora" in r else ""
+        pv = f"{r['trainable_params']:,} ({r['params_vs_lora']:.2f}×)" if "params_vs_lora" in r else f"{r['trainable_params']:,}"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['after_mean']:.3f} ± {r['after_std']:.3f} | {vs} | {pv} | "
+                     f"{r['s_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["table"]
+    labels = [f"{r['method']}\n{r['variant']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.5))
+    ax.bar(labels, [r["after_mean"] for r in rows], yerr=[r["after_std"] for r in rows], capsize=3, color="#4c72b0")
+    ax.axhline(result["before"], color="grey", linestyle="--", label="base model (before)")
+    ax.set_ylabel("exact match")
+    ax.set_title("Methods on the bundled model")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    bar = out_dir / "methods_exact_match.png"
+    fig.savefig(bar, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        ax.errorbar(r["trainable_params"], r["after_mean"], yerr=r["after_std"], fmt="o", capsize=3)
+        ax.annotate(f"{r['method']}/{r['variant']}", (r["trainable_params"], r["after_mean"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("exact match")
+    fig.tight_layout()
+    scatter = out_dir / "methods_params.png"
+    fig.savefig(scatter, dpi=110)
+    plt.close(fig)
+    return [bar, scatter]
