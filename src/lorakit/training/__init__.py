@@ -1,0 +1,17 @@
+"""Training: one plain loop (``train``), its config and result, and HF Trainer compatibility."""
+
+from typing import Any
+
+from .config import SCHEDULES, TrainConfig
+from .loop import DataStream, TrainResult, lr_multiplier, make_optimizer, train
+
+__all__ = ["SCHEDULES", "DataStream", "LorakitCallback", "TrainConfig", "TrainResult", "lr_multiplier",
+           "make_optimizer", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # transformers' Trainer modules take seconds to import; only Trainer users should pay for them.
+    if name == "LorakitCallback":
+        from .trainer_compat import LorakitCallback
+        return LorakitCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""Training checkpoints: an adapter in PEFT format plus the loop's state, safetensors and JSON only.
+
+``checkpoint-<step>/`` holds
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the adapter, loadable by ``lorakit.load_adapter``
+  and by PEFT as it is;
+- ``trainer_state.safetensors``: AdamW's moments keyed ``optimizer.<param name>.<key>``, the torch RNG
+  states (``rng.cpu``, ``rng.cuda`` as uint8 tensors, so dropout continues with the same masks), and
+  ``param.<name>`` for any trainable parameter the adapter file does not hold;
+- ``trainer_state.json``: step, data position, seed, losses and evaluations so far, and the config.
+
+Nothing is pickled, so a checkpoint from an untrusted source cannot run code when loaded. The folder is
+written under a temporary name and renamed, so a crash never leaves a half-written ``checkpoint-<step>``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.peft_format import WEIGHTS_NAME, adapter_state_dict, save_adapter
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+FORMAT = "lorakit-trainer-state/1"
+
+
+def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh folder beside ``target``, then rename it into place (replacing an old one)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
+        if target.exists():
+            # A rename cannot replace a non-empty folder: move the old one aside first, drop it after.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _outside_adapter(model: nn.Module, adapter_name: str, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Trainable parameters the adapter file does not cover (matched by storage, since the two use different keys)."""
+    in_adapter = {t.data_ptr() for t in adapter_state_dict(model, adapter_name).values()}
+    return {name: p for name, p in params.items() if p.data_ptr() not in in_adapter}
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name: str,
+                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, Any]) -> Path:
+    """Write one checkpoint folder. ``params`` are the optimizer's parameters by name, in optimizer order."""
+    names = list(params)
+    tensors: dict[str, torch.Tensor] = {}
+    for index, slots in optimizer.state_dict()["state"].items():
+        for key, value in slots.items():
+            tensors[f"optimizer.{names[index]}.{key}"] = torch.as_tensor(value)
+    for name, p in _outside_adapter(model, adapter_name, params).items():
+        tensors[f"param.{name}"] = p
+    tensors["rng.cpu"] = torch.get_rng_state()
+    device = next(iter(params.values())).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    record = {"format": FORMAT, "param_names": names, **state}
+
+    def write(tmp: Path) -> None:
+        save_adapter(model, tmp, adapter_name)
+        save_tensors(tmp / STATE_TENSORS, tensors)
+        atomic_write_json(tmp / STATE_JSON, record)
+
+    return write_dir_atomically(directory, write)
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name: str,
+                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """Restore adapter weights, optimizer moments and RNG state in place; returns the JSON state."""
+    directory = Path(directory)
+    record = read_json(directory / STATE_JSON)
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{directory / STATE_JSON} has format {record.get('format')!r}, expected {FORMAT!r}.")
+    names = list(params)
+    if record["param_names"] != names:
+        missing = sorted(set(record["param_names"]) - set(names))
+        extra = sorted(set(names) - set(record["param_names"]))
+        raise ValueError(
+            f"checkpoint {directory} was trained with other parameters than this model's trainable ones "
+            f"(only in the checkpoint: {missing[:3]}, only in the model: {extra[:3]}); resume with the same "
+            "model, adapter config and method."
+        )
+    saved_adapter = load_tensors(directory / WEIGHTS_NAME)
+    current = adapter_state_dict(model, adapter_name)
+    if set(saved_adapter) != set(current):
+        raise ValueError(f"checkpoint {directory} holds a different adapter than {adapter_name!r} on this model "
+                         f"(e.g. {sorted(set(saved_adapter) ^ set(current))[:3]}); add the same adapter config first.")
+    tensors = load_tensors(directory / STATE_TENSORS)
+    with torch.no_grad():
+        for key, value in saved_adapter.items():
+            current[key].copy_(value)
+        for name, p in _outside_adapter(model, adapter_name, params).items():
+            p.copy_(tensors[f"param.{name}"])
+
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    index_of = {name: i for i, name in enumerate(names)}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, slot = key[len("optimizer."):].rsplit(".", 1)
+            optimizer_state.setdefault(index_of[name], {})[slot] = value
+    # Hyperparameters come from this run's config (the schedule sets lr every step); only the moments resume.
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+    torch.set_rng_state(tensors["rng.cpu"])
+    device = next(iter(params.values())).device
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return record

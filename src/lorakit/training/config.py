@@ -1,0 +1,125 @@
+"""TrainConfig: every knob of lorakit's training loop, typed and validated up front.
+
+A bad value fails here, when the config is built, with a message that says what to change, rather than
+minutes into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import ConfigError, did_you_mean
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """How to train one adapter.
+
+    Counts are in optimizer steps; one step sees ``batch_size * grad_accum`` examples.
+
+    - ``warmup_steps`` or ``warmup_ratio`` (a fraction of ``steps``): linear warmup, then ``lr_schedule``.
+    - ``max_grad_norm``: clip the global gradient norm to this (None: no clipping; the norm is still logged).
+    - ``eval_every``: evaluate every N steps (0: only at the end); needs ``eval_examples`` passed to ``train``.
+      ``eval_examples`` caps how many of those are used (the first N).
+    - ``save_every``: write ``output_dir/checkpoint-<step>/`` every N steps (0: none). ``output_dir`` None
+      writes nothing at all (no checkpoints, no final adapter).
+    - ``resume_from``: a ``checkpoint-<step>`` folder to continue from, exactly where it stopped.
+    - ``init_batches``: how many batches a method's data-driven ``init`` hook gets.
+    - ``device``: None picks CUDA when available, else CPU.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0
+    eval_examples: int = 200
+    save_every: int = 0
+    seed: int = 0
+    max_length: int = 256
+    log_every: int = 10
+    init_batches: int = 4
+    output_dir: str | None = None
+    resume_from: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        # Paths arrive as pathlib.Path as often as str; keep str so the config is JSON as-is.
+        for name in ("output_dir", "resume_from"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints[f.name]):
+                raise ConfigError(f"TrainConfig.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
+                                  f"({type(value).__name__}).")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("warmup_steps", "eval_every", "save_every", "init_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"TrainConfig.lr_schedule={self.lr_schedule!r} is not one of {SCHEDULES}."
+                              f"{did_you_mean(self.lr_schedule, SCHEDULES)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("Set warmup_steps or warmup_ratio, not both "
+                              f"(got warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}).")
+        if self.num_warmup_steps >= self.steps:
+            raise ConfigError(f"Warmup ({self.num_warmup_steps} steps) must be shorter than training "
+                              f"(steps={self.steps}); lower warmup_steps/warmup_ratio or raise steps.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"TrainConfig.max_grad_norm must be > 0, or None for no clipping; "
+                              f"got {self.max_grad_norm}.")
+        if self.save_every and self.output_dir is None:
+            raise ConfigError(f"TrainConfig.save_every={self.save_every} needs an output_dir to write "
+                              "checkpoints into.")
+        if self.resume_from is not None and not os.path.isfile(os.path.join(self.resume_from, "trainer_state.json")):
+            raise ConfigError(f"TrainConfig.resume_from={self.resume_from!r} is not a lorakit checkpoint (no "
+                              "trainer_state.json in it); point it at an output_dir/checkpoint-<step> folder.")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            raise ConfigError(f"TrainConfig.device={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
+                              "or None to pick CUDA when available.")
+
+    @property
+    def num_warmup_steps(self) -> int:
+        return self.warmup_steps or int(self.warmup_ratio * self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:  # an int is a fine float (lr=1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None").replace("<class '", "").replace("'>", "")

@@ -1,0 +1,309 @@
+"""The training loop: one plain loop over optimizer steps, readable top to bottom.
+
+Per step: take ``grad_accum`` micro-batches from a seeded data stream, forward with the batch's task keys
+in the routing context, add the method's ``extra_loss``, backward, clip, set the scheduled learning rate,
+step AdamW, call the method's ``on_step``; then log, evaluate and checkpoint as configured.
+
+Loss normalisation: the task loss of a step is the mean over *all supervised tokens of the whole step*
+(summed per micro-batch, divided by the step's token count), so ``batch_size=4, grad_accum=1`` and
+``batch_size=2, grad_accum=2`` compute the same gradient even when micro-batches hold different numbers
+of tokens. (Averaging per micro-batch and then over micro-batches, the naive way, weights a token in a
+short micro-batch more than one in a long micro-batch.) A method's ``extra_loss`` is a per-forward term,
+so it is averaged over the step's micro-batches.
+
+Exact resume: the data order is a function of (seed, epoch) and the position in the stream, and the
+checkpoint stores that position, the optimizer moments and the torch RNG state, so N steps + resume + N
+steps gives bit-identical weights to 2N steps straight. Hooks keep this property as long as their state is
+a function of the step they are given and any randomness they draw comes from torch's RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import AdapterError
+from ..core.model import active_adapters, adapter_names, adapter_state, trainable_parameters
+from ..core.registry import Method, get_method
+from ..core.routing import routing
+from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, stable_seed
+from ..io.files import atomic_write_json
+from ..io.peft_format import save_adapter
+from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
+from .config import TrainConfig
+
+LogCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``losses`` has one task loss per optimizer step from step 1, including the steps a
+    resumed run inherited from its checkpoint; ``eval_history`` holds ``{"step", "exact_match", "n",
+    "per_task"}`` records; ``final_metrics`` is the last evaluation (None without eval examples)."""
+
+    losses: list[float]
+    eval_history: list[dict[str, Any]]
+    final_metrics: dict[str, Any] | None
+    steps: int
+    start_step: int
+    wall_time_s: float
+    train_tokens: int
+    tokens_per_s: float
+    peak_memory_mb: float
+    trainable_params: int
+    total_params: int
+    device: str
+    adapter_dir: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Factor on the peak learning rate for the update that follows ``step`` completed steps (0-based).
+
+    Warmup rises linearly to 1 over ``warmup_steps`` updates, starting at ``1 / warmup_steps`` rather than
+    0, and ``linear``/``cosine`` decay toward 0 without reaching it: no update is wasted at lr 0.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+class DataStream:
+    """An endless, seeded stream of example indices: epoch ``e`` is a permutation drawn from (seed, e).
+
+    Micro-batches are consecutive slices of the stream, so a position (examples consumed) is all that
+    resuming needs, and different ``batch_size * grad_accum`` splits of a step see the same examples.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, position: int, count: int) -> list[int]:
+        out = []
+        for p in range(position, position + count):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(stable_seed("lorakit-train", self.seed, epoch))
+                self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator)
+            out.append(int(self._order[p % self.n]))
+        return out
+
+
+def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig,
+                   method: Method | None = None) -> tuple[torch.optim.AdamW, dict[str, nn.Parameter]]:
+    """AdamW over the trainable parameters, or over the method's ``param_groups`` when it has them.
+
+    Returns the optimizer and its parameters by name in optimizer order (the checkpoint's keys). Each
+    group remembers its peak lr as ``initial_lr``, which the schedule scales.
+    """
+    method = method or get_method(adapter_state(model).configs[adapter_name])
+    if method.param_groups is not None:
+        groups = [dict(g) for g in method.param_groups(model, adapter_name, config.lr)]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    params: dict[str, nn.Parameter] = {}
+    for g in groups:
+        g["params"] = list(g["params"])
+        g.setdefault("lr", config.lr)
+        g.setdefault("weight_decay", config.weight_decay)
+        g["initial_lr"] = g["lr"]
+        for p in g["params"]:
+            if id(p) not in name_of:
+                raise ValueError(f"method {method.name!r}: param_groups returned a parameter that is not in the model")
+            params[name_of[id(p)]] = p
+    if not params:
+        raise AdapterError(f"adapter {adapter_name!r} has no trainable parameters (was it loaded for inference? "
+                           "load_adapter(..., is_trainable=True) makes it trainable).")
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay), params
+
+
+def _pick_device(config: TrainConfig) -> torch.device:
+    if config.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TrainConfig.device={config.device!r} but CUDA is not available; use None or 'cpu'.")
+    return device
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is the whole process's peak resident set: KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _task_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised positions (labels are shifted here, as HF does)."""
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], config: TrainConfig,
+          adapter_name: str = "default", eval_examples: Sequence[Example] | None = None, progress: bool = True,
+          on_log: Sequence[LogCallback] = ()) -> TrainResult:
+    """Train adapter ``adapter_name`` of ``model`` (a causal LM with a lorakit adapter) on ``train_examples``.
+
+    ``on_log`` callbacks get ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` every ``log_every``
+    steps and ``{"step", "eval": metrics}`` after each evaluation.
+    """
+    start_time = time.perf_counter()
+    if adapter_name not in adapter_names(model):
+        raise AdapterError(f"model has no adapter {adapter_name!r} (it has {adapter_names(model)}); "
+                           "add one with lorakit.add_adapter first.")
+    if adapter_name not in active_adapters(model):
+        raise AdapterError(f"adapter {adapter_name!r} is not active (active: {active_adapters(model)}); call "
+                           f"lorakit.set_adapter(model, {adapter_name!r}) so that it trains.")
+    if not train_examples:
+        raise ValueError("no training examples")
+    if config.eval_every and not eval_examples:
+        raise ValueError(f"TrainConfig.eval_every={config.eval_every} but no eval_examples were given to train().")
+    method = get_method(adapter_state(model).configs[adapter_name])
+    device = _pick_device(config)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(config.seed)  # also seeds every CUDA device
+
+    dataset = TokenizedDataset(train_examples, tokenizer, max_length=config.max_length)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    stream = DataStream(len(dataset), config.seed)
+    eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
+
+    def micro_batch(position: int) -> dict[str, torch.Tensor]:
+        """The micro-batch at ``position`` in the stream, on the CPU (token counts are read there, not synced)."""
+        return collate([dataset[i] for i in stream.indices(position, config.batch_size)])
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    was_training = model.training
+    model.train()
+    if method.init is not None:
+        # Run on resume too: an init may also rewrite base weights (PiSSA-style), which the checkpoint does
+        # not hold. The adapter weights and RNG it leaves are then replaced from the checkpoint.
+        batches = [to_device(micro_batch(i * config.batch_size)) for i in range(config.init_batches)]
+        method.init(model, adapter_name, batches)
+    optimizer, params = make_optimizer(model, adapter_name, config, method)
+
+    step, position, tokens_seen = 0, 0, 0
+    losses: list[float] = []
+    eval_history: list[dict[str, Any]] = []
+    checkpoints: list[str] = []
+    if config.resume_from is not None:
+        record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
+        if record["num_train_examples"] != len(dataset):
+            raise ValueError(f"checkpoint {config.resume_from} was trained on {record['num_train_examples']} "
+                             f"examples, this run has {len(dataset)}; resume with the same training data.")
+        step, position, tokens_seen = record["step"], record["data_position"], record["tokens_seen"]
+        losses, eval_history = record["losses"], record["eval_history"]
+    start_step = step
+    output_dir = Path(config.output_dir) if config.output_dir is not None else None
+    warmup = config.num_warmup_steps
+
+    def emit(record: dict[str, Any]) -> None:
+        for callback in on_log:
+            callback(record)
+
+    def evaluate() -> None:
+        # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size)
+        eval_history.append({"step": step, **metrics})
+        emit({"step": step, "eval": metrics})
+
+    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    train_time, run_tokens, window = 0.0, 0, []
+    while step < config.steps:
+        step_start = time.perf_counter()
+        batches = [micro_batch(position + i * config.batch_size) for i in range(config.grad_accum)]
+        position += config.batch_size * config.grad_accum
+        n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
+        run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        step_loss_sum = torch.zeros((), device=device)
+        for batch in map(to_device, batches):
+            keys = batch.get("task_ids")
+            with routing(keys=keys) if keys is not None else contextlib.nullcontext():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
+            step_loss_sum += loss.detach()
+            if method.extra_loss is not None:
+                loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
+        lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if method.on_step is not None:
+            method.on_step(model, adapter_name, step, config.steps)
+        step_loss = step_loss_sum.item()  # the one host sync per step
+        train_time += time.perf_counter() - step_start
+        losses.append(step_loss)
+        window.append(step_loss)
+        tokens_per_s = run_tokens / max(train_time, 1e-9)
+        lr_now = config.lr * lr_factor
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % config.log_every == 0 or step == config.steps:
+            emit({"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_s})
+            window = []
+        if config.eval_every and step % config.eval_every == 0:
+            evaluate()
+        if config.save_every and step % config.save_every == 0:
+            state = {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
+                     "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
+                     "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
+                     "config": config.to_dict()}
+            path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state)
+            checkpoints.append(str(path))
+    bar.close()
+
+    if eval_set and (not eval_history or eval_history[-1]["step"] != step):
+        evaluate()
+    final_metrics = eval_history[-1] if eval_history else None
+    model.train(was_training)
+
+    trainable, total = trainable_parameters(model)
+    result = TrainResult(
+        losses=losses, eval_history=eval_history, final_metrics=final_metrics, steps=step, start_step=start_step,
+        wall_time_s=time.perf_counter() - start_time, train_tokens=run_tokens,
+        tokens_per_s=run_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=_peak_memory_mb(device),
+        trainable_params=trainable, total_params=total, device=str(device), checkpoints=checkpoints,
+    )
+    if output_dir is not None:
+        adapter_dir = write_dir_atomically(output_dir / "adapter", lambda d: save_adapter(model, d, adapter_name))
+        result.adapter_dir = str(adapter_dir)
+        atomic_write_json(output_dir / "train_result.json", result.to_dict())
+    return result

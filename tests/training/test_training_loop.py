@@ -1,0 +1,198 @@
+"""The training loop: learning, gradient accumulation, schedules, exact resume, files, method hooks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.training import TrainConfig, lr_multiplier, train
+
+
+def adapter_weights(model, name: str = "default") -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lorakit.adapter_state_dict(model, name).items()}
+
+
+def test_loss_decreases_and_result_is_complete(make_model, tokenizer, reverse_train, reverse_test, tmp_path) -> None:
+    model = make_model()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    logs = []
+    config = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3, lr_schedule="cosine", eval_every=15,
+                         log_every=10, seed=0, output_dir=str(tmp_path))
+    result = train(model, tokenizer, reverse_train, config, eval_examples=reverse_test, progress=False,
+                   on_log=[logs.append])
+
+    assert len(result.losses) == 30 and result.steps == 30 and result.start_step == 0
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.75 * first, result.losses
+    assert [e["step"] for e in result.eval_history] == [15, 30]
+    assert result.final_metrics is result.eval_history[-1] and result.final_metrics["n"] == len(reverse_test)
+    assert [r["step"] for r in logs if "loss" in r] == [10, 20, 30]
+    assert [r["step"] for r in logs if "eval" in r] == [15, 30]
+    assert result.train_tokens > 0 and result.tokens_per_s > 0 and result.peak_memory_mb > 0
+    assert 0 < result.trainable_params < result.total_params
+    assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    # Only the adapter moved; the base model is bit for bit what it was.
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p.detach().cpu(), base_before[n]), n
+    # The final adapter is a PEFT-format folder that loads back into a fresh base with the same outputs.
+    assert result.adapter_dir == str(tmp_path / "adapter")
+    fresh = lorakit.unload(make_model())
+    lorakit.load_adapter(fresh, result.adapter_dir)
+    ids = torch.tensor([tokenizer.encode("reverse: a b c =>")])
+    model.eval().cpu()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert (tmp_path / "train_result.json").is_file()
+
+
+def test_grad_accum_matches_one_big_batch(make_model, tokenizer, reverse_train) -> None:
+    """batch 4 x accum 1 == batch 2 x accum 2: the loss is normalised by the step's supervised tokens."""
+    runs = []
+    for batch_size, grad_accum in [(4, 1), (2, 2)]:
+        model = make_model()
+        config = TrainConfig(steps=4, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, seed=3, device="cpu")
+        result = train(model, tokenizer, reverse_train, config, progress=False)
+        runs.append((result.losses, adapter_weights(model)))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    # Examples have different lengths, so a per-micro-batch mean would not match here.
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # total 10 steps, warmup 2: factors for the updates after 0, 1, 2, 6 and 9 completed steps
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.5, 1 / 8]),
+    ("cosine", [0.5, 1.0, 1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 7 / 8))]),
+])
+def test_schedule_values(schedule: str, expected: list[float]) -> None:
+    got = [lr_multiplier(step, 10, 2, schedule) for step in (0, 1, 2, 6, 9)]
+    assert got == pytest.approx(expected)
+    assert all(lr_multiplier(step, 10, 2, schedule) > 0 for step in range(10))
+
+
+def test_loop_applies_schedule_and_warmup_ratio(make_model, tokenizer, reverse_train) -> None:
+    logs = []
+    config = TrainConfig(steps=5, batch_size=2, lr=0.1, warmup_ratio=0.4, lr_schedule="linear", log_every=1)
+    train(make_model(), tokenizer, reverse_train, config, progress=False, on_log=[logs.append])
+    assert [r["lr"] for r in logs] == pytest.approx([0.1 * lr_multiplier(s, 5, 2, "linear") for s in range(5)])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(make_model, tokenizer, reverse_train, reverse_test, tmp_path) -> None:
+    """6 steps straight == 3 steps, a crash, and a resume from checkpoint-3 — with dropout, accumulation and
+    weight decay, so RNG, data position and optimizer moments must all come back exactly."""
+
+    def config(out: Path, **kw) -> TrainConfig:
+        return TrainConfig(steps=6, batch_size=3, grad_accum=2, lr=1e-2, weight_decay=0.01, warmup_steps=2,
+                           lr_schedule="cosine", save_every=3, seed=7, output_dir=str(out), **kw)
+
+    # Evaluating in the straight run only also checks that evaluation leaves the training RNG alone.
+    straight_model = make_model(lora_dropout=0.1)
+    straight = train(straight_model, tokenizer, reverse_train, config(tmp_path / "a", eval_every=2),
+                     eval_examples=reverse_test, progress=False)
+
+    def crash_after_step_4(record: dict) -> None:
+        if record.get("step") == 4:
+            raise Stop
+    with pytest.raises(Stop):
+        train(make_model(lora_dropout=0.1), tokenizer, reverse_train, config(tmp_path / "b", log_every=1),
+              progress=False, on_log=[crash_after_step_4])
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    resumed_model = make_model(lora_dropout=0.1)
+    with torch.no_grad():  # scramble the adapter: every adapter weight must come from the checkpoint
+        for p in resumed_model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    resumed = train(resumed_model, tokenizer, reverse_train, config(tmp_path / "b", resume_from=str(checkpoint)),
+                    progress=False)
+
+    assert resumed.start_step == 3 and resumed.steps == 6
+    assert resumed.losses == straight.losses
+    a, b = adapter_weights(straight_model), adapter_weights(resumed_model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert straight.checkpoints == [str(tmp_path / "a" / f"checkpoint-{s}") for s in (3, 6)]
+
+
+def test_checkpoints_are_safetensors_and_json_only(make_model, tokenizer, reverse_train, tmp_path) -> None:
+    config = TrainConfig(steps=4, batch_size=2, lr=1e-2, save_every=2, output_dir=str(tmp_path))
+    for _ in range(2):  # the second run replaces every folder of the first
+        train(make_model(), tokenizer, reverse_train, config, progress=False)
+    names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert names == [
+        "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "checkpoint-2", "checkpoint-2/adapter_config.json", "checkpoint-2/adapter_model.safetensors",
+        "checkpoint-2/trainer_state.json", "checkpoint-2/trainer_state.safetensors",
+        "checkpoint-4", "checkpoint-4/adapter_config.json", "checkpoint-4/adapter_model.safetensors",
+        "checkpoint-4/trainer_state.json", "checkpoint-4/trainer_state.safetensors",
+        "train_result.json",
+    ]  # no .bin/.pt pickles, no temporary folders left behind
+    state = lorakit.io.files.load_tensors(tmp_path / "checkpoint-4" / "trainer_state.safetensors")
+    assert state["rng.cpu"].dtype == torch.uint8
+    assert any(k.startswith("optimizer.") and k.endswith(".exp_avg_sq") for k in state)
+    # A checkpoint's adapter is an ordinary PEFT-format adapter.
+    lorakit.load_adapter(lorakit.unload(make_model()), tmp_path / "checkpoint-2")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"batch_size": -1}, "batch_size must be a positive integer"),
+    ({"steps": "100"}, "steps must be int"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr_schedule": "cosin"}, "Did you mean: cosine"),
+    ({"warmup_steps": 10, "steps": 10}, "must be shorter than training"),
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "not both"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio must be in"),
+    ({"max_grad_norm": 0.0}, "or None for no clipping"),
+    ({"save_every": 5}, "needs an output_dir"),
+    ({"eval_every": -1}, "must be >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"resume_from": "/nonexistent/checkpoint-3"}, "not a lorakit checkpoint"),
+    ({"device": "gpu"}, "is not a device"),
+])
+def test_bad_config_values_raise_clear_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(lorakit.ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_rejects_misuse(make_model, tokenizer, reverse_train, tmp_path) -> None:
+    model = make_model()
+    with pytest.raises(lorakit.AdapterError, match="no adapter 'other'"):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1), adapter_name="other", progress=False)
+    with pytest.raises(ValueError, match="no eval_examples"):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1, eval_every=1), progress=False)
+    train(model, tokenizer, reverse_train, TrainConfig(steps=1, batch_size=2, save_every=1, output_dir=str(tmp_path)),
+          progress=False)
+    config = TrainConfig(steps=2, batch_size=2, resume_from=str(tmp_path / "checkpoint-1"))
+    with pytest.raises(ValueError, match="same training data"):
+        train(make_model(), tokenizer, reverse_train[:10], config, progress=False)
+
+
+
+def test_method_hooks_are_called_and_take_effect(hooked_method, make_model, tokenizer, reverse_train) -> None:
+    model = make_model(hooked_method.config(r=4, target_modules=["q_proj", "v_proj"]))
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    config = TrainConfig(steps=3, batch_size=2, grad_accum=2, lr=1e-2, init_batches=3, device="cpu")
+    train(model, tokenizer, reverse_train, config, progress=False)
+
+    calls = hooked_method.calls
+    [batches] = calls["init"]
+    assert len(batches) == 3 and all(b["input_ids"].shape[0] == 2 and "labels" in b for b in batches)
+    assert calls["param_groups"] == [1e-2]
+    assert calls["on_step"] == [(1, 3), (2, 3), (3, 3)]
+    assert len(calls["extra_loss"]) == 3 * 2  # once per micro-batch
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # set by init, frozen by its param group's lr of 0
+            assert torch.all(p == 0.01), n
+        if "lora_A" in n:  # pulled toward 0 by the extra loss
+            assert p.norm() < a_before[n].norm(), n
