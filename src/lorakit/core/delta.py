@@ -35,9 +35,28 @@ class LayerInfo:
 
 SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Embedding"
 
+# Extra layer kinds (e.g. whole feed-forward blocks for FFN-level mixtures) register a describer here.
+_KIND_DESCRIBERS: list = []
+
+
+def register_layer_kind(describe) -> None:
+    """Add ``describe(module) -> LayerInfo | None`` for a new kind of adaptable module (checked after the built-ins)."""
+    if describe not in _KIND_DESCRIBERS:
+        _KIND_DESCRIBERS.append(describe)
+
 
 def describe_layer(module: nn.Module) -> LayerInfo | None:
     """LayerInfo for a supported base layer, else None."""
+    info = _describe_builtin(module)
+    if info is None:
+        for describe in _KIND_DESCRIBERS:
+            info = describe(module)
+            if info is not None:
+                break
+    return info
+
+
+def _describe_builtin(module: nn.Module) -> LayerInfo | None:
     if isinstance(module, nn.Linear):
         return LayerInfo("linear", module.in_features, module.out_features, False)
     if Conv1D and isinstance(module, Conv1D):
@@ -81,6 +100,11 @@ class Delta(nn.Module):
     """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``."""
 
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    # Input-dependent deltas (mixtures) have no fixed ΔW: merging them into the base is refused.
+    mergeable: ClassVar[bool] = True
+    # A delta that computes the whole layer output itself (e.g. MixLoRA reusing the FFN's base projections
+    # across experts) sets this and implements ``full_forward``; the wrapper then skips the base call.
+    replaces_base: ClassVar[bool] = False
 
     def __init__(self, info: LayerInfo):
         super().__init__()
@@ -88,6 +112,10 @@ class Delta(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """The additive term for this adapter, same shape and dtype as ``base_out``."""
+        raise NotImplementedError
+
+    def full_forward(self, x: torch.Tensor, base_layer: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """The layer's whole output with this adapter (only for ``replaces_base`` deltas)."""
         raise NotImplementedError
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:

@@ -37,6 +37,14 @@ class AdapterLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.disabled:
+            for name in self.active:
+                delta = self.adapters[name] if name in self.adapters else None
+                if delta is not None and delta.replaces_base and name not in self.merged:
+                    if len([n for n in self.active if n in self.adapters]) > 1:
+                        raise AdapterError(f"adapter {name!r} replaces this layer's forward and cannot be active "
+                                           f"together with {[n for n in self.active if n != name]}")
+                    return delta.full_forward(x, self.base_layer, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
@@ -137,6 +145,10 @@ class AdapterLayer(nn.Module):
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
+        for n in todo:
+            if not self.adapters[n].mergeable:
+                raise AdapterError(f"adapter {n!r} is input-dependent ({type(self.adapters[n]).__name__}) and cannot "
+                                   f"be merged into the base weights; export or serve it unmerged")
         if keep_original is None:
             keep_original = self.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
         if keep_original and not self.merged:

@@ -116,7 +116,7 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
                 f"module {path!r} ({type(base).__name__}) cannot take a {method.name!r} adapter; supported layers: "
                 f"{SUPPORTED_LAYERS} (kinds {', '.join(method.layer_kinds)}). Narrow target_modules or use exclude_modules."
             )
-        delta = method.build(base, info, config.for_module(path))
+        delta = method.build(base, info, config.for_module(path), path=path)
         delta.to(device=base.weight.device, dtype=_adapter_dtype(base.weight, autocast_adapter_dtype))
         built[path] = (base, info, delta)
     saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in select_modules_to_save(model, config)}

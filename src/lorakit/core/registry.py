@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class Method:
     """Everything the core needs to know about one method.
 
-    ``build(base_layer, info, config)`` returns the :class:`~lorakit.core.delta.Delta` for one adapted
+    ``build(base_layer, info, config, path=module_path)`` returns the :class:`~lorakit.core.delta.Delta` for one adapted
     layer. Optional hooks (each takes the model and adapter name first):
 
     - ``init(model, name, batches)``: data-driven initialisation before step 0;
@@ -48,6 +48,8 @@ class Method:
     file_fields: Callable[..., dict[str, Any]] | None = None
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
     zero_init: bool = True
+    # Whether the adapter has a fixed ΔW that can be merged into the base (mixtures do not).
+    mergeable: bool = True
     # Named config variants (kwargs) every test matrix and benchmark runs, e.g. {"dora": {"use_dora": True}}.
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
 

@@ -252,7 +252,7 @@ _DELTAS = {("linear", False): LoraLinear, ("linear", True): DoraLinear,
            ("embedding", False): LoraEmbedding, ("embedding", True): DoraEmbedding}
 
 
-def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig) -> Delta:
+def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig, path: str = "") -> Delta:
     return _DELTAS[(info.kind, config.use_dora)](info, config, base_layer)
 
 

@@ -19,7 +19,6 @@ a function of the step they are given and any randomness they draw comes from to
 
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import sys
@@ -250,8 +249,9 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
         step_loss_sum = torch.zeros((), device=device)
         for batch in map(to_device, batches):
-            keys = batch.get("task_ids")
-            with routing(keys=keys) if keys is not None else contextlib.nullcontext():
+            # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
+            # balance losses); task ids, when the data has them, as the routing keys.
+            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"]):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
             step_loss_sum += loss.detach()
