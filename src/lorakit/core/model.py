@@ -44,21 +44,37 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_state(model).configs)
 
 
+def host_path(real_path: str) -> str:
+    """A module's name as the user sees it: wrappers' ``base_layer`` hops removed."""
+    return ".".join(c for c in real_path.split(".") if c != "base_layer")
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(host path, wrapper) of every adapted layer."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
-            yield name, module
+            yield host_path(name), module
 
 
 def _save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
-            yield name, module
+            yield host_path(name), module
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split(".") if path else []:
+        if isinstance(module, AdapterLayer):
+            module = module.base_layer
+        module = getattr(module, part)
+    return module
 
 
 def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), attr
+    parent = _resolve(model, parent_path)
+    return (parent.base_layer if isinstance(parent, AdapterLayer) else parent), attr
 
 
 def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:

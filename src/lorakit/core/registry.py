@@ -50,6 +50,9 @@ class Method:
     zero_init: bool = True
     # Whether the adapter has a fixed ΔW that can be merged into the base (mixtures do not).
     mergeable: bool = True
+    # For methods that route on per-call information (keys, masks): ``example_routing(input_ids)`` returns
+    # the ``routing(...)`` kwargs a test or benchmark forward needs.
+    example_routing: Callable[..., dict[str, Any]] | None = None
     # Named config variants (kwargs) every test matrix and benchmark runs, e.g. {"dora": {"use_dora": True}}.
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
 

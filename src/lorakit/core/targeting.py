@@ -28,6 +28,7 @@ def iter_host_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
         full = f"{prefix}.{name}" if prefix else name
         if isinstance(child, AdapterLayer):
             yield full, child.base_layer
+            yield from iter_host_modules(child.base_layer, full)  # an adapted block's inner layers stay targetable
         elif isinstance(child, ModulesToSaveWrapper):
             yield full, child.original_module
         else:

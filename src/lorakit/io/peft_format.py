@@ -18,7 +18,7 @@ from torch import nn
 from .. import __version__
 from ..core.errors import AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, near_matches
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
-from ..core.model import adapter_layers, adapter_state, attach_plan, plan_adapter
+from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter
 from ..core.registry import get_method, method_for_file
 from .files import atomic_write_json, load_tensors, read_json, save_tensors
 
@@ -34,7 +34,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     if name not in state.configs:
         raise AdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
     out: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
+    for real_path, module in model.named_modules():
+        path = host_path(real_path)
         if isinstance(module, AdapterLayer) and name in module.adapters:
             for k, v in module.adapters[name].state_dict().items():
                 out[f"{PREFIX}{path}.{k}"] = v

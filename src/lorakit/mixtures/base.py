@@ -1,0 +1,127 @@
+"""What every mixture delta shares: routing records for balance losses, router statistics, and routing traces."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..core.delta import Delta
+from ..core.layer import AdapterLayer
+from ..core.routing import current_routing
+from .router import RouterOutput
+
+
+@dataclass
+class AuxRecord:
+    """One forward's routing at one layer, kept for the method's balance / supervision loss."""
+
+    out: RouterOutput
+    token_mask: torch.Tensor | None  # (N,) bool, real tokens
+    keys: torch.Tensor | None  # (N,) per-token routing key (e.g. task id), when the data has one
+
+
+def token_mask_for(n_tokens: int) -> torch.Tensor | None:
+    ctx = current_routing()
+    if ctx is None or ctx.token_mask is None or ctx.token_mask.numel() != n_tokens:
+        return None
+    return ctx.token_mask.reshape(-1).bool()
+
+
+def token_keys_for(x_shape: torch.Size) -> torch.Tensor | None:
+    """Per-token keys: the routing context's per-row keys broadcast over the sequence."""
+    ctx = current_routing()
+    if ctx is None or ctx.keys is None or not isinstance(ctx.keys, torch.Tensor):
+        return None
+    keys = ctx.keys
+    if keys.dim() == 1 and len(x_shape) == 3 and keys.shape[0] == x_shape[0]:
+        keys = keys[:, None].expand(x_shape[0], x_shape[1])
+    n = 1
+    for s in x_shape[:-1]:
+        n *= s
+    return keys.reshape(-1) if keys.numel() == n else None
+
+
+class MixtureDelta(Delta):
+    """Base of routed deltas: call ``self.observe(router_out, x.shape)`` once per forward."""
+
+    mergeable = False
+
+    def __init__(self, info, n_experts: int):
+        super().__init__(info)
+        self.n_experts = n_experts
+        self.register_buffer("stat_load", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._aux: list[AuxRecord] = []
+        self._trace: list[dict] | None = None
+
+    def observe(self, out: RouterOutput, x_shape: torch.Size) -> None:
+        n = out.logits.shape[0]
+        mask = token_mask_for(n)
+        if self.training and torch.is_grad_enabled():
+            self._aux.append(AuxRecord(out=out, token_mask=mask, keys=token_keys_for(x_shape)))
+        with torch.no_grad():
+            sel = out.selected if mask is None else out.selected & mask[:, None]
+            p = out.probs if mask is None else out.probs[mask]
+            self.stat_load += sel.sum(0).double()
+            self.stat_tokens += sel.any(-1).sum().double() if mask is None else mask.sum().double()
+            self.stat_entropy += -(p * p.clamp_min(1e-12).log()).sum().double()
+        if self._trace is not None:
+            lead = tuple(x_shape[:-1])
+            self._trace.append({"selected": out.selected.reshape(*lead, -1).cpu(),
+                                "weights": out.weights.detach().reshape(*lead, -1).cpu()})
+
+    def pop_aux(self) -> list[AuxRecord]:
+        records, self._aux = self._aux, []
+        return records
+
+
+def mixture_deltas(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, str, MixtureDelta]]:
+    """(layer path, adapter name, delta) for every mixture delta (of adapter ``name`` if given)."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            for adapter, delta in module.adapters.items():
+                if isinstance(delta, MixtureDelta) and (name is None or adapter == name):
+                    yield path, adapter, delta
+
+
+def pop_aux_records(model: nn.Module, name: str) -> list[tuple[str, AuxRecord]]:
+    return [(path, r) for path, _, d in mixture_deltas(model, name) for r in d.pop_aux()]
+
+
+def router_stats(model: nn.Module, name: str | None = None) -> dict[str, dict]:
+    """Per layer: tokens routed, per-expert load (count and fraction) and mean router entropy since the last reset."""
+    stats = {}
+    for path, adapter, d in mixture_deltas(model, name):
+        tokens = float(d.stat_tokens)
+        load = d.stat_load.tolist()
+        total = sum(load) or 1.0
+        stats[f"{path}[{adapter}]"] = {"tokens": tokens, "load": load, "load_fraction": [v / total for v in load],
+                                       "entropy": float(d.stat_entropy) / max(tokens, 1.0)}
+    return stats
+
+
+def reset_router_stats(model: nn.Module) -> None:
+    for _, _, d in mixture_deltas(model):
+        d.stat_load.zero_()
+        d.stat_entropy.zero_()
+        d.stat_tokens.zero_()
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module, name: str | None = None) -> Iterator[dict[str, list[dict]]]:
+    """Inside the block, record which experts each token used: ``{layer[adapter]: [{"selected", "weights"}, ...]}``
+    (one entry per forward, shaped like the input's leading dims × experts)."""
+    traces: dict[str, list[dict]] = {}
+    deltas = list(mixture_deltas(model, name))
+    for path, adapter, d in deltas:
+        d._trace = traces.setdefault(f"{path}[{adapter}]", [])
+    try:
+        yield traces
+    finally:
+        for _, _, d in deltas:
+            d._trace = None

@@ -1,0 +1,147 @@
+"""Routers: a small gate module plus routing strategies (top-k, top-p, switch, dense) and balance losses.
+
+A router maps token features ``x`` (N, d) to dense combination weights (N, E) and a selection mask (N, E).
+Dense weights (zeros for unselected experts) let every expert kernel run as a batched matmul; the mask tells
+which experts a token used (for dispatch, load statistics and the balance losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # (N, E) float32, before any selection
+    probs: torch.Tensor  # (N, E) softmax(logits / temperature)
+    weights: torch.Tensor  # (N, E) combination weights, 0 where not selected
+    selected: torch.Tensor  # (N, E) bool
+
+
+def _scatter(indices: torch.Tensor, values: torch.Tensor, n_experts: int):
+    weights = torch.zeros(indices.shape[0], n_experts, dtype=values.dtype, device=values.device)
+    weights = weights.scatter(1, indices, values)
+    selected = torch.zeros_like(weights, dtype=torch.bool).scatter(1, indices, True)
+    return weights, selected
+
+
+def route_topk(logits, probs, *, top_k: int, renormalize: bool = True, **_):
+    """Mixtral / MixLoRA / MoLA: softmax → top-k → renormalise over the k (MoLE: top-1 without renormalising)."""
+    values, indices = probs.topk(top_k, dim=-1)
+    if renormalize:
+        values = values / values.sum(-1, keepdim=True)
+    return _scatter(indices, values, probs.shape[-1])
+
+
+def route_topk_logits(logits, probs, *, top_k: int, temperature: float = 1.0, **_):
+    """MeteoRA's fast path: top-k on the logits, then softmax over the k (k=1 gives weight 1)."""
+    values, indices = logits.topk(top_k, dim=-1)
+    return _scatter(indices, torch.softmax(values / temperature, dim=-1), probs.shape[-1])
+
+
+def route_top_p(logits, probs, *, top_p: float, **_):
+    """MixLoRA-dynamic: keep the most probable experts until their mass exceeds ``top_p``; no renormalisation."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the expert that crosses top_p is kept; always >= 1
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return probs * keep, keep
+
+
+def route_switch(logits, probs, *, expert_capacity: int, **_):
+    """Switch: top-1 with a per-expert capacity (tokens in order); over-capacity tokens get no expert."""
+    top = probs.argmax(-1)  # (N,)
+    onehot = F.one_hot(top, probs.shape[-1])
+    position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based position of each token within its expert
+    kept = position <= expert_capacity
+    selected = onehot.bool() & kept[:, None]
+    return probs * selected, selected
+
+
+def route_dense(logits, probs, **_):
+    """Soft mixture: every expert, weighted by its probability (LLaVA-MoLE's dense_moe, LoRAMoE)."""
+    return probs, torch.ones_like(probs, dtype=torch.bool)
+
+
+STRATEGIES: dict[str, Callable] = {"topk": route_topk, "topk_logits": route_topk_logits, "top_p": route_top_p,
+                                   "switch": route_switch, "dense": route_dense}
+
+
+class Router(nn.Module):
+    """``logits = W x (+ b)`` in float32, then a routing strategy.
+
+    ``jitter``: multiplicative uniform noise ``x · U(1-ε, 1+ε)`` during training (MixLoRA / Switch).
+    ``selection_bias`` (non-trainable buffer): added to the logits for *selection only* (SMoRA's
+    auxiliary-loss-free balancing); the combination weights come from the unbiased probabilities.
+    """
+
+    def __init__(self, in_features: int, n_experts: int, *, strategy: str = "topk", bias: bool = False,
+                 init_std: float = 0.02, jitter: float = 0.0, temperature: float = 1.0, selection_bias: bool = False,
+                 **strategy_kwargs):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+        self.gate = nn.Linear(in_features, n_experts, bias=bias)
+        nn.init.normal_(self.gate.weight, std=init_std)
+        if bias:
+            nn.init.zeros_(self.gate.bias)
+        self.n_experts = n_experts
+        self.strategy = strategy
+        self.jitter = jitter
+        self.temperature = temperature
+        self.strategy_kwargs = strategy_kwargs
+        self.register_buffer("selection_bias", torch.zeros(n_experts) if selection_bias else None, persistent=True)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        x = x.reshape(-1, x.shape[-1]).float()  # (N, d)
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x, self.gate.weight.float(), None if self.gate.bias is None else self.gate.bias.float())
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        fn = STRATEGIES[self.strategy]
+        if self.selection_bias is not None:
+            # Select with biased scores, weigh with the unbiased probabilities of the chosen experts.
+            _, selected = fn(logits + self.selection_bias, torch.softmax(logits + self.selection_bias, -1),
+                             temperature=self.temperature, **self.strategy_kwargs)
+            weights = probs * selected
+            if self.strategy_kwargs.get("renormalize", True):
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        else:
+            weights, selected = fn(logits, probs, temperature=self.temperature, **self.strategy_kwargs)
+        return RouterOutput(logits=logits, probs=probs, weights=weights, selected=selected)
+
+
+# -- balance losses (mask: (N,) bool of real tokens, or None) ----------------------------------------------
+def _masked_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return t.float().mean(0)
+    m = mask.float()[:, None]
+    return (t.float() * m).sum(0) / m.sum().clamp_min(1.0)
+
+
+def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mixtral / Switch: ``E · Σ_e f_e · P̄_e`` with f_e the fraction of tokens routed to e (counting each of a
+    token's k choices) and P̄_e the mean router probability; padding excluded. Equals k for uniform routing."""
+    f = _masked_mean(selected, mask)
+    p = _masked_mean(probs, mask)
+    return probs.shape[-1] * (f * p).sum()
+
+
+def mole_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LLaVA-MoLE: ``Σ_e mean(p_e) · mean(onehot_e)`` (no ×E factor)."""
+    return (_masked_mean(selected, mask) * _masked_mean(probs, mask)).sum()
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean of logsumexp(logits)² — keeps router logits small."""
+    lse = torch.logsumexp(logits, dim=-1) ** 2
+    if mask is None:
+        return lse.mean()
+    return (lse * mask.float()).sum() / mask.float().sum().clamp_min(1.0)
+
+
+BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss}
