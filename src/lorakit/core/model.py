@@ -121,6 +121,8 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
     if name in adapter_state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
     method = get_method(config)
+    if method.prepare is not None:
+        config = method.prepare(model, config)
     targets = select_targets(model, config)
     host = dict(iter_host_modules(model))
     built = {}
@@ -148,16 +150,16 @@ def attach_plan(model: nn.Module, plan: AdapterPlan) -> None:
         parent, attr = _get_parent(model, path)
         layer = getattr(parent, attr)
         if not isinstance(layer, AdapterLayer):
-            layer = AdapterLayer(base, info)
+            layer = AdapterLayer(base, info).train(base.training)
             setattr(parent, attr, layer)
-        layer.adapters[plan.name] = delta
+        layer.adapters[plan.name] = delta.train(layer.training)  # follow the host's train/eval mode
     for path, module in plan.saved.items():
         parent, attr = _get_parent(model, path)
         wrapper = getattr(parent, attr)
         if not isinstance(wrapper, ModulesToSaveWrapper):
-            wrapper = ModulesToSaveWrapper(wrapper)
+            wrapper = ModulesToSaveWrapper(wrapper).train(wrapper.training)
             setattr(parent, attr, wrapper)
-        wrapper.copies[plan.name] = module
+        wrapper.copies[plan.name] = module.train(wrapper.training)
     state.configs[plan.name] = plan.config
     set_adapter(model, state.active or [plan.name])
 

@@ -39,6 +39,9 @@ class Method:
     paper: str = ""
     peft_type: str | None = None
     layer_kinds: tuple[str, ...] = ("linear",)
+    # ``prepare(model, config) -> config``: resolve model-dependent settings (e.g. the number of layers)
+    # before any delta is built; the returned config is the one stored and saved.
+    prepare: Callable[..., Any] | None = None
     init: Callable[..., Any] | None = None
     on_step: Callable[..., Any] | None = None
     param_groups: Callable[..., Any] | None = None

@@ -50,7 +50,7 @@ def _matches(pattern: list[str] | str, key: str) -> bool:
     return any(key == t or key.endswith("." + t) for t in pattern)
 
 
-def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
     # The first numbered segment, not the last (MoE keys like "layers.1.experts.0..." would pick the expert).
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
     if not patterns:
@@ -100,7 +100,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         if isinstance(targets, list):
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
         if config.layers_to_transform is not None:
-            idx = _layer_index(key, config.layers_pattern)
+            idx = layer_index(key, config.layers_pattern)
             wanted = config.layers_to_transform
             if idx is None or (idx != wanted if isinstance(wanted, int) else idx not in wanted):
                 continue

@@ -1,3 +1,8 @@
-"""Built-in methods. Importing this package registers them; each file is one method family."""
+"""Built-in methods: every module in this package is one method family and registers itself on import."""
 
-from . import lora  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -59,6 +59,11 @@ class MixtureDelta(Delta):
         self._aux: list[AuxRecord] = []
         self._trace: list[dict] | None = None
 
+    def __getstate__(self):  # copies and pickles never carry a forward's graph or an open trace
+        state = self.__dict__.copy()
+        state["_aux"], state["_trace"] = [], None
+        return state
+
     def observe(self, out: RouterOutput, x_shape: torch.Size) -> None:
         n = out.logits.shape[0]
         mask = token_mask_for(n)
@@ -125,3 +130,33 @@ def record_routing(model: nn.Module, name: str | None = None) -> Iterator[dict[s
     finally:
         for _, _, d in deltas:
             d._trace = None
+
+
+def balance_extra_loss(model: nn.Module, name: str, coef: float, loss_fn, *, pooled: bool = False) -> torch.Tensor:
+    """Sum of ``coef · loss_fn(probs, selected, mask)`` over this forward's routing records.
+
+    ``pooled=True`` concatenates every layer's tokens into one loss (MixLoRA, after Mixtral's reference),
+    otherwise one loss per layer is summed (MoLA).
+    """
+    records = pop_aux_records(model, name)
+    if not records or coef == 0:
+        return torch.zeros((), device=next(model.parameters()).device)
+    if pooled:
+        probs = torch.cat([r.out.probs for _, r in records])
+        selected = torch.cat([r.out.selected for _, r in records])
+        masks = [r.token_mask for _, r in records]
+        mask = torch.cat(masks) if all(m is not None for m in masks) else None
+        return coef * loss_fn(probs, selected, mask)
+    return coef * sum(loss_fn(r.out.probs, r.out.selected, r.token_mask) for _, r in records)
+
+
+def count_layers(model: nn.Module, layers_pattern=None) -> int:
+    """Number of transformer blocks: config.num_hidden_layers, else 1 + the largest layer index in module names."""
+    from ..core.targeting import layer_index
+
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    indices = [layer_index(name + ".", layers_pattern) for name, _ in model.named_modules()]
+    indices = [i for i in indices if i is not None]
+    return max(indices) + 1 if indices else 1

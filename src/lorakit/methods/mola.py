@@ -1,0 +1,114 @@
+"""MoLA — "Higher Layers Need More LoRA Experts", Gao et al., arXiv:2402.08562.
+
+Every target linear gets its own router and E_l LoRA experts, where the expert count E_l depends on the
+layer (groups of consecutive layers): ``y = W x + Σ_{e ∈ topk_l(x)} g_e(x) · (α/r) · B_e A_e dropout(x)``,
+``g = renormalised top-k of softmax(W_g x)``. Allocations: ``"2-4-6-8"`` (MoLA-▽, more experts higher
+up, the paper's best), ``"8-6-4-2"`` (△), ``"5-5-5-5"`` (□, uniform), or any list; the layers are split
+evenly into as many groups as numbers given.
+
+Follows the official code (GCYZSL/MoLA ``Linear_MoE``): router on the layer input without bias, float32
+softmax, per-layer top-k (default 2), optional Mixtral-style balance loss per layer, summed, × 0.001
+(``--obalance``, off by default). Experts are rank blocks of one wide LoRA, so the forward is two GEMMs
+whatever the number of experts (see ``mixtures.experts.rank_block_delta``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.delta import LayerInfo
+from ..core.errors import ConfigError
+from ..core.registry import register_method
+from ..core.targeting import layer_index
+from ..mixtures.base import MixtureDelta, balance_extra_loss, count_layers
+from ..mixtures.experts import expand_to_ranks, rank_block_delta
+from ..mixtures.router import Router, load_balance_loss
+
+
+def parse_allocation(spec: str | list[int]) -> list[int]:
+    counts = [int(c) for c in spec.replace(",", "-").split("-")] if isinstance(spec, str) else list(spec)
+    if not counts or any(c <= 0 for c in counts):
+        raise ConfigError(f"MolaConfig.experts_per_layer={spec!r}: give positive expert counts like '2-4-6-8'.")
+    return counts
+
+
+@dataclass
+class MolaConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    experts_per_layer: str | list[int] = "2-4-6-8"
+    top_k: int = 2
+    use_balance_loss: bool = False
+    router_aux_loss_coef: float = 0.001
+    num_layers: int | None = None  # filled from the model when the adapter is added
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        counts = parse_allocation(self.experts_per_layer)
+        if self.r <= 0 or self.top_k <= 0:
+            raise ConfigError(f"MolaConfig: r and top_k must be positive (got r={self.r}, top_k={self.top_k}).")
+        if self.top_k > min(counts):
+            raise ConfigError(f"MolaConfig.top_k={self.top_k} exceeds the smallest expert count {min(counts)} in "
+                              f"experts_per_layer={self.experts_per_layer!r}.")
+
+    def experts_at(self, layer: int | None) -> int:
+        counts = parse_allocation(self.experts_per_layer)
+        if layer is None or not self.num_layers:
+            return counts[0]
+        group = min(layer * len(counts) // self.num_layers, len(counts) - 1)
+        return counts[group]
+
+
+class MolaLinear(MixtureDelta):
+    """E LoRA experts of rank r on one linear layer, with a top-k router on the layer input."""
+
+    def __init__(self, info: LayerInfo, config: MolaConfig, n_experts: int):
+        super().__init__(info, n_experts)
+        self.r = config.r
+        self.scaling = config.lora_alpha / config.r
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(n_experts * config.r, info.in_features))  # (E·r, in)
+        self.lora_B = nn.Parameter(torch.zeros(info.out_features, n_experts * config.r))  # (out, E·r)
+        for e in range(n_experts):  # each expert's A as its own nn.Linear would be initialised
+            nn.init.kaiming_uniform_(self.lora_A.data[e * config.r:(e + 1) * config.r], a=math.sqrt(5))
+        self.router = Router(info.in_features, n_experts, strategy="topk", top_k=config.top_k)
+        self.register_buffer("owner", torch.arange(n_experts).repeat_interleave(config.r), persistent=False)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        routed = self.router(x)
+        self.observe(routed, x.shape)
+        gate = expand_to_ranks(routed.weights.to(x.dtype), self.owner) * self.scaling  # (N, E·r)
+        flat = self.lora_dropout(x).reshape(-1, x.shape[-1])
+        return rank_block_delta(flat, self.lora_A, self.lora_B, gate).reshape(base_out.shape).to(base_out.dtype)
+
+
+def build_mola(base_layer: nn.Module, info: LayerInfo, config: MolaConfig, path: str = "") -> MolaLinear:
+    return MolaLinear(info, config, config.experts_at(layer_index(path + ".", config.layers_pattern)))
+
+
+def prepare_mola(model: nn.Module, config: MolaConfig) -> MolaConfig:
+    return config if config.num_layers else replace(config, num_layers=count_layers(model, config.layers_pattern))
+
+
+def mola_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
+    from ..core.model import adapter_state
+
+    config = adapter_state(model).configs[name]
+    coef = config.router_aux_loss_coef if config.use_balance_loss else 0.0
+    return balance_extra_loss(model, name, coef, load_balance_loss)
+
+
+register_method(
+    "mola", config=MolaConfig, build=build_mola, prepare=prepare_mola, extra_loss=mola_extra_loss, mergeable=False,
+    description="Per-layer mixtures of LoRA experts, more experts in higher layers (2-4-6-8), top-k routers.",
+    paper="Gao et al. 2024, arXiv:2402.08562",
+    variants={"mola": {"experts_per_layer": "2-4", "top_k": 2, "r": 4},
+              "mola_inverted": {"experts_per_layer": "4-2", "top_k": 1, "r": 4, "use_balance_loss": True}},
+)
