@@ -102,6 +102,9 @@ class Delta(nn.Module):
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     # Input-dependent deltas (mixtures) have no fixed ΔW: merging them into the base is refused.
     mergeable: ClassVar[bool] = True
+    # True when forward(x) is exactly ``units().scaling · B A dropout(x)`` (plain LoRA): per-row mixed batches
+    # can then stack units across adapters and run one gathered bmm instead of a loop over adapters.
+    plain_units: ClassVar[bool] = False
     # A delta that computes the whole layer output itself (e.g. MixLoRA reusing the FFN's base projections
     # across experts) sets this and implements ``full_forward``; the wrapper then skips the base call.
     replaces_base: ClassVar[bool] = False

@@ -6,6 +6,7 @@ import copy
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .delta import Delta, LayerInfo, MergeTerms, oriented_weight
@@ -63,11 +64,7 @@ class AdapterLayer(nn.Module):
         return out
 
     def _per_row_forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
-        """Each row uses its own adapter (``adapter_names``) or weighted adapters (``adapter_weights``).
-
-        Reference path: gathers the rows of each adapter (like PEFT's ``adapter_names``). The banked
-        serving kernel replaces this where many adapters are loaded.
-        """
+        """Each row uses its own adapter (``adapter_names``) and/or weighted adapters (``adapter_weights``)."""
         if self.merged:
             raise AdapterError("per-row adapters cannot be used while adapters are merged; call unmerge_adapter first")
         out = base_out
@@ -75,22 +72,51 @@ class AdapterLayer(nn.Module):
             names = list(ctx.adapter_names)
             if len(names) != x.shape[0]:
                 raise AdapterError(f"routing adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
-            rows: dict[str, list[int]] = {}
-            for i, n in enumerate(names):
-                if n is not None and n != BASE_NAME:
-                    rows.setdefault(n, []).append(i)
-            for name, idx in rows.items():
-                if name not in self.adapters:
-                    continue  # this layer is not adapted by that adapter
-                index = torch.tensor(idx, device=x.device)
-                delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
-                out = out.index_add(0, index, delta)
+            used = sorted({n for n in names if n is not None and n != BASE_NAME and n in self.adapters})
+            if used and self._stackable(used):
+                out = self._stacked_rows(x, out, names, used)
+            elif used:
+                out = self._looped_rows(x, base_out, out, names, used)
         if ctx.adapter_weights is not None:
             for name, w in ctx.adapter_weights.items():
                 if name not in self.adapters:
                     continue
                 w = w.to(device=base_out.device, dtype=base_out.dtype).reshape(-1, *([1] * (base_out.dim() - 1)))
                 out = out + w * self.adapters[name](x, base_out, self.base_layer)
+        return out
+
+    def _stackable(self, used: list[str]) -> bool:
+        deltas = [self.adapters[n] for n in used]
+        if not all(d.plain_units for d in deltas):
+            return False
+        dropouts = {getattr(getattr(d, "lora_dropout", None), "p", 0.0) for d in deltas}
+        dtypes = {d.dtype for d in deltas}
+        return len(dropouts) == 1 and len(dtypes) == 1
+
+    def _stacked_rows(self, x, out, names, used):
+        """One gathered bmm for all rows: units of the used adapters, zero-padded to the largest rank, stacked
+        (differentiable, so concurrent training of several adapters on one base works through this path)."""
+        deltas = [self.adapters[n] for n in used]
+        units = [d.units() for d in deltas]
+        r_max = max(u.A.shape[0] for u in units)
+        A = torch.stack([F.pad(u.A, (0, 0, 0, r_max - u.A.shape[0])) for u in units])  # (U, r, in)
+        B = torch.stack([F.pad(u.B, (0, r_max - u.B.shape[1])) for u in units])  # (U, out, r)
+        slot = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
+        scale = torch.tensor([u.scaling for u in units], device=x.device, dtype=A.dtype)
+        row_scale = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.zeros((), dtype=A.dtype, device=x.device))
+        rows = ids.clamp_min(0)
+        xa = deltas[0].lora_dropout(x.to(A.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        h = torch.bmm(xa, A[rows].transpose(1, 2)) * row_scale[:, None, None]  # (batch, tokens, r)
+        delta = torch.bmm(h, B[rows].transpose(1, 2))  # (batch, tokens, out)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+    def _looped_rows(self, x, base_out, out, names, used):
+        """Reference path (any delta kind): gather each adapter's rows, like PEFT's ``adapter_names``."""
+        for name in used:
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
+            out = out.index_add(0, index, delta)
         return out
 
     # -- merging -------------------------------------------------------------------------------------

@@ -308,6 +308,13 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Parameters of adapter ``name`` (deltas and modules_to_save copies), by their name in the model."""
+    if name not in adapter_state(model).configs:
+        raise AdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
+    return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n or f".copies.{name}." in n}
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; the base copies under modules_to_save count once."""
     seen, trainable, total = set(), 0, 0

@@ -95,6 +95,8 @@ class LoraConfig(AdapterConfig):
 class LoraLinear(Delta):
     """``Δ(x) = s · B A dropout(x)`` for nn.Linear and Conv1D bases."""
 
+    plain_units = True
+
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module | None = None):
         super().__init__(info)
         self.r = config.r
@@ -142,6 +144,8 @@ class LoraLinear(Delta):
 
 class DoraLinear(LoraLinear):
     """DoRA on nn.Linear / Conv1D: a learned per-output-row magnitude over the LoRA-updated direction."""
+
+    plain_units = False
 
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)

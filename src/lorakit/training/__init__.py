@@ -2,11 +2,12 @@
 
 from typing import Any
 
+from .concurrent import Job, JobResult, train_concurrent
 from .config import SCHEDULES, TrainConfig
 from .loop import DataStream, TrainResult, lr_multiplier, make_optimizer, train
 
-__all__ = ["SCHEDULES", "DataStream", "LorakitCallback", "TrainConfig", "TrainResult", "lr_multiplier",
-           "make_optimizer", "train"]
+__all__ = ["SCHEDULES", "DataStream", "Job", "JobResult", "LorakitCallback", "TrainConfig", "TrainResult",
+           "lr_multiplier", "make_optimizer", "train", "train_concurrent"]
 
 
 def __getattr__(name: str) -> Any:

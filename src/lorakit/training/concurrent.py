@@ -1,0 +1,140 @@
+"""Concurrent training of several adapters on one base model (m-LoRA / ASPEN style).
+
+Each step concatenates one micro-batch per job on the batch dimension and runs ONE forward: the frozen base
+computes once for all rows, and every row goes through its own job's adapter (``routing(adapter_names=...)``,
+a stacked gathered bmm for plain LoRA deltas). Each job keeps its own optimizer, learning rate, schedule,
+clipping and data order; its loss is normalised by its own supervised tokens, so jobs do not dilute each
+other. A job that has finished its steps leaves the batch.
+
+Supported: every method whose deltas work per row (plain LoRA fastest). Methods whose delta replaces the
+layer's forward (MixLoRA-style FFN experts) need the whole batch and are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import AdapterError
+from ..core.layer import AdapterLayer
+from ..core.model import adapter_names, adapter_parameters, set_adapter
+from ..core.routing import routing
+from ..data import CausalLMCollator, Example, TokenizedDataset, evaluate_examples
+from ..data.collate import IGNORE_INDEX
+from ..io.peft_format import save_adapter
+from .config import TrainConfig
+from .loop import DataStream, _task_loss_sum, lr_multiplier
+
+
+@dataclass
+class Job:
+    """One adapter to train: its name (already added to the model), data and training settings."""
+
+    adapter_name: str
+    examples: Sequence[Example]
+    config: TrainConfig
+    eval_examples: Sequence[Example] | None = None
+
+
+@dataclass
+class JobResult:
+    adapter_name: str
+    losses: list[float] = field(default_factory=list)
+    final_metrics: dict[str, Any] | None = None
+    adapter_dir: str | None = None
+
+
+def _pad_cat(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    return {"input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
+            "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+            "labels": torch.cat([pad(b["labels"], IGNORE_INDEX) for b in batches])}
+
+
+def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job], *, output_dir: str | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Train every job's adapter at once on one base model; returns per-job results and throughput."""
+    names = [j.adapter_name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each job needs its own adapter; got {names}")
+    for n in names:
+        if n not in adapter_names(model):
+            raise AdapterError(f"no adapter {n!r} on the model; add_adapter it before train_concurrent")
+    for _, layer in model.named_modules():
+        if isinstance(layer, AdapterLayer) and any(layer.adapters[n].replaces_base for n in names if n in layer.adapters):
+            raise AdapterError("concurrent training needs per-row adapters; a job's method replaces a whole layer's "
+                               "forward (FFN-level mixture) — train that job alone with lorakit.training.train")
+    set_adapter(model, names)  # all trainable; each row still uses only its own adapter
+    device = next(model.parameters()).device
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    state = []
+    for job in jobs:
+        c = job.config
+        params = adapter_parameters(model, job.adapter_name)
+        opt = torch.optim.AdamW(list(params.values()), lr=c.lr, weight_decay=c.weight_decay)
+        state.append({"job": job, "data": TokenizedDataset(job.examples, tokenizer, max_length=c.max_length),
+                      "stream": DataStream(len(job.examples), c.seed), "opt": opt, "params": params,
+                      "position": 0, "step": 0, "result": JobResult(job.adapter_name)})
+    torch.manual_seed(jobs[0].config.seed)
+    total = max(j.config.steps for j in jobs)
+    model.train()
+    start, tokens = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="train x%d" % len(jobs), disable=not progress, dynamic_ncols=True)
+    for _ in range(total):
+        live = [s for s in state if s["step"] < s["job"].config.steps]
+        parts, rows = [], []
+        for s in live:
+            c = s["job"].config
+            idx = s["stream"].indices(s["position"], c.batch_size)
+            s["position"] += c.batch_size
+            parts.append(collate([s["data"][i] for i in idx]))
+            rows += [s["job"].adapter_name] * c.batch_size
+        batch = {k: v.to(device) for k, v in _pad_cat(parts, pad_id).items()}
+        tokens += int(batch["attention_mask"].sum())
+        with routing(adapter_names=rows, token_mask=batch["attention_mask"]):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, offset = 0.0, 0
+        for s, part in zip(live, parts):
+            n = part["input_ids"].shape[0]
+            labels = batch["labels"][offset:offset + n]
+            supervised = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
+            job_loss = _task_loss_sum(logits[offset:offset + n], labels) / supervised
+            s["result"].losses.append(float(job_loss.detach()))
+            loss = loss + job_loss
+            offset += n
+        loss.backward()
+        for s in live:
+            c = s["job"].config
+            torch.nn.utils.clip_grad_norm_(list(s["params"].values()), c.max_grad_norm or math.inf)
+            factor = lr_multiplier(s["step"], c.steps, c.num_warmup_steps, c.lr_schedule)
+            for g in s["opt"].param_groups:
+                g["lr"] = c.lr * factor
+            s["opt"].step()
+            s["opt"].zero_grad(set_to_none=True)
+            s["step"] += 1
+        bar.update(1)
+        bar.set_postfix({s["job"].adapter_name: f"{s['result'].losses[-1]:.3f}" for s in live})
+    bar.close()
+    wall = time.perf_counter() - start
+    model.eval()
+    for s in state:
+        job, result = s["job"], s["result"]
+        if job.eval_examples:
+            set_adapter(model, job.adapter_name)
+            result.final_metrics = evaluate_examples(model, tokenizer, job.eval_examples)
+        if output_dir is not None:
+            result.adapter_dir = str(save_adapter(model, Path(output_dir) / job.adapter_name, job.adapter_name))
+    set_adapter(model, names)
+    return {"jobs": {s["job"].adapter_name: s["result"] for s in state}, "wall_time_s": wall,
+            "tokens_per_s": tokens / max(wall, 1e-9), "steps": total}
