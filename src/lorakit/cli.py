@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print_trainable_parameters(model)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
+        warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, output_dir=args.output, resume_from=args.resume_from,
     )
@@ -299,7 +300,8 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=20)
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: --warmup-ratio)")
+    t.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of --steps")
     t.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"])
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")

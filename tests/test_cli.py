@@ -1,0 +1,108 @@
+"""The ``lorakit`` command line: every command on the bundled model, and the errors users hit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["train", "--data", "reverse", "--steps", "4", "--batch-size", "4", "--train-examples", "16",
+               "--eval-examples", "4", "--output", str(out), "--quiet", "--r", "4", "--save-every", "2"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_adapter_and_summary(trained, capsys):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["method"] == "lora" and 0.0 <= summary["after"]["exact_match"] <= 1.0
+    assert (trained / "adapter" / "adapter_config.json").is_file()
+    assert (trained / "adapter" / "adapter_model.safetensors").is_file()
+    assert (trained / "checkpoint-2").is_dir()
+
+
+def test_eval_generate_inspect(trained, capsys):
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--data", "reverse", "--eval-examples", "3"]) == 0
+    assert "exact match" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--prompt", "reverse: a b c =>",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("reverse: a b c =>")
+    assert main(["inspect", str(trained / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "method:    lora" in text and "r: 4" in text
+
+
+def test_merge_and_export(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", "--adapter", str(trained / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert main(["export", str(trained / "adapter"), "--output", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_train_on_jsonl_formats(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"copy: {w} =>", "completion": f" {w}", "task": "copy"} for w in ["a b", "c d", "e f", "g h"]]
+    rows += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "task": "chat"},
+             {"text": "plain text line", "task": "text"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc = main(["train", "--data", str(data), "--steps", "2", "--batch-size", "2", "--output", str(tmp_path / "o"),
+               "--quiet", "--r", "2"])
+    assert rc == 0
+
+
+def test_methods_and_tasks_list_the_registry(capsys):
+    import lorakit
+    from lorakit.data import TASKS
+
+    main(["methods"])
+    out = capsys.readouterr().out
+    assert all(m.name in out for m in lorakit.list_methods())
+    main(["tasks"])
+    out = capsys.readouterr().out
+    assert all(t in out for t in TASKS)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--method", "lorra"], "unknown method 'lorra'. Did you mean: lora"),
+    (["train", "--data", "revers", "--steps", "1"], "revers"),
+    (["train", "--data", "missing.jsonl", "--steps", "1"], "missing.jsonl"),
+    (["inspect", "/nonexistent/adapter"], "does not exist"),
+    (["eval", "--data", "reverse", "--model", "/nonexistent/model"], "cannot load model"),
+])
+def test_errors_are_clear(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a", "completion": 3}\n')
+    assert main(["train", "--data", str(bad), "--steps", "1", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).parent / "lorakit"
+    result = subprocess.run([str(exe), "methods"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "lora" in result.stdout
