@@ -1,0 +1,17 @@
+"""Build the small pretrained base model that lorakit bundles (``lorakit pretrain-base``)."""
+
+from lorakit.pretrain.corpus import CorpusConfig, build_corpus
+from lorakit.pretrain.tokenizer import train_tokenizer
+from lorakit.pretrain.train import (
+    BASE_MODEL_DIR,
+    OBJECTIVES,
+    PretrainConfig,
+    main,
+    pretrain_base,
+    register_objective,
+)
+
+__all__ = [
+    "BASE_MODEL_DIR", "OBJECTIVES", "CorpusConfig", "PretrainConfig", "build_corpus", "main",
+    "pretrain_base", "register_objective", "train_tokenizer",
+]

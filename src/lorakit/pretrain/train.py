@@ -1,0 +1,343 @@
+"""Pretrain the small Llama-architecture base model that lorakit bundles.
+
+One plain loop: build the corpus, train a tokenizer on it, pack the tokens into fixed-length blocks, train
+``LlamaForCausalLM`` with AdamW and a warmup + cosine schedule, then save a Hugging Face model folder
+atomically (written beside the target, then renamed into place) with a ``pretrain_info.json`` recording how
+it was made. Everything is seeded, so the same config on the same library versions gives the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, get_type_hints
+
+import torch
+import transformers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lorakit.assets import BASE_MODEL_PATH
+from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
+from lorakit.pretrain.tokenizer import save_tokenizer, train_tokenizer
+
+BASE_MODEL_DIR = BASE_MODEL_PATH
+
+# An objective turns a batch of packed token blocks (B, T) into the model's forward kwargs. Denoising or
+# other objectives register here; ``generator`` is the run's seeded source for any corruption they draw.
+Objective = Callable[[torch.Tensor, torch.Generator], dict]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str) -> Callable[[Objective], Objective]:
+    def register(fn: Objective) -> Objective:
+        OBJECTIVES[name] = fn
+        return fn
+    return register
+
+
+@register_objective("causal")
+def causal_objective(blocks: torch.Tensor, generator: torch.Generator) -> dict:
+    """Next-token prediction on every position; the model shifts labels itself."""
+    return {"input_ids": blocks, "labels": blocks}
+
+
+@dataclass
+class PretrainConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    objective: str = "causal"
+    # tokenizer and model shape
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 688
+    max_position_embeddings: int = 256
+    # optimisation
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 500
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True  # CPU autocast for matmuls, ~1.5x faster on CPU; weights and optimizer stay fp32
+    eval_fraction: float = 0.02
+    seed: int = 0
+    num_threads: int = 0  # 0: all cores
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, dict):
+            self.corpus = CorpusConfig(**self.corpus)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"Unknown pretraining objective {self.objective!r}; choose one of "
+                              f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).")
+        if self.seq_len > self.max_position_embeddings:
+            raise ConfigError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings "
+                              f"({self.max_position_embeddings}); lower seq_len or raise the other.")
+        if self.vocab_size < 300:
+            raise ConfigError(f"vocab_size must be >= 300 (256 bytes + special tokens), got {self.vocab_size}.")
+        for name in ("steps", "batch_size", "seq_len", "num_layers", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.eval_fraction < 0.5:
+            raise ConfigError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+
+
+def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int) -> torch.Tensor:
+    """Documents as ``<s> text </s>`` in a seeded order, concatenated and cut into (N, seq_len) blocks."""
+    docs = list(corpus.documents)
+    random.Random(seed).shuffle(docs)
+    encodings = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = []
+    for enc in encodings:
+        stream.append(bos)
+        stream.extend(enc.ids)
+        stream.append(eos)
+    n_blocks = len(stream) // seq_len
+    if n_blocks < 2:
+        raise ConfigError(f"The corpus gives {len(stream)} tokens, fewer than two blocks of seq_len={seq_len}; "
+                          "raise CorpusConfig.stdlib_chars.")
+    return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)  # (N, T)
+
+
+def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(model_config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    return model
+
+
+def lr_lambda(config: PretrainConfig) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at the last step."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    # Norm gains are not decayed: pulling them to zero shrinks activations rather than regularising.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate_loss(model: LlamaForCausalLM, blocks: torch.Tensor, config: PretrainConfig) -> float | None:
+    if len(blocks) == 0:
+        return None
+    model.eval()
+    losses = []
+    for i in range(0, len(blocks), config.batch_size):
+        batch = blocks[i: i + config.batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            losses.append(model(input_ids=batch, labels=batch).loss.float().item() * len(batch))
+    model.train()
+    return sum(losses) / len(blocks)
+
+
+def save_atomic(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on a fresh folder beside ``out_dir``, then rename it to ``out_dir``.
+
+    A crash leaves the previous ``out_dir`` (if any) in place and no half-written model under its name.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary, shareable folder
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    try:
+        write(tmp)
+        for path in tmp.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)  # some writers create files private too
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: TaskTextsFn | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Pretrain a base model per ``config`` and save it to ``out_dir``; returns what ``pretrain_info.json`` holds.
+
+    ``task_source(n_per_task, seed)`` replaces ``lorakit.data.tasks.pretraining_texts`` as the task half of
+    the corpus when given.
+    """
+    start = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    try:
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        corpus = build_corpus(config.corpus, task_source)
+        tokenizer = train_tokenizer(corpus.documents, config.vocab_size, model_max_length=config.max_position_embeddings)
+        blocks = pack_corpus(corpus, tokenizer, config.seq_len, config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(len(blocks), generator=generator)
+        n_eval = int(len(blocks) * config.eval_fraction)
+        eval_blocks, train_blocks = blocks[order[:n_eval]], blocks[order[n_eval:]]
+        corpus_stats = {**corpus.stats(), "tokens": blocks.numel(), "train_blocks": len(train_blocks),
+                        "eval_blocks": n_eval}
+        log(f"corpus: {json.dumps(corpus_stats)}")
+
+        model = build_model(config, tokenizer)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+        optimizer = make_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        objective = OBJECTIVES[config.objective]
+
+        model.train()
+        train_start = time.perf_counter()
+        losses, curve, window_start = [], [], time.perf_counter()
+        permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+        for step in range(config.steps):
+            if cursor + config.batch_size > len(permutation):  # new epoch, new order
+                permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+            batch = train_blocks[permutation[cursor: cursor + config.batch_size]]  # (B, T)
+            cursor += config.batch_size
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = model(**objective(batch, generator)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                window = losses[-config.log_every:]
+                elapsed = time.perf_counter() - window_start
+                mean = sum(window) / len(window)
+                curve.append([step + 1, round(mean, 4)])
+                log(f"step {step + 1}/{config.steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                    f"{len(window) * batch.numel() / elapsed:.0f} tok/s")
+                window_start = time.perf_counter()
+        train_time = time.perf_counter() - train_start
+        final = losses[-config.log_every:]
+        eval_loss = evaluate_loss(model, eval_blocks, config)
+        info = {
+            "config": dataclasses.asdict(config),
+            "seed": config.seed,
+            "steps": config.steps,
+            "first_loss": round(losses[0], 4),
+            "final_loss": round(sum(final) / len(final), 4),
+            "eval_loss": None if eval_loss is None else round(eval_loss, 4),
+            "n_params": n_params,
+            "tokens_seen": config.steps * config.batch_size * config.seq_len,
+            "train_time_s": round(train_time, 1),
+            "tokens_per_s": round(config.steps * config.batch_size * config.seq_len / train_time),
+            "num_threads": torch.get_num_threads(),
+            "corpus": corpus_stats,
+            "loss_curve": curve,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "tokenizers": __import__("tokenizers").__version__},
+        }
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            save_tokenizer(tokenizer, folder)
+            info["wall_time_s"] = round(time.perf_counter() - start, 1)
+            (folder / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+        saved = save_atomic(out_dir, write)
+        log(f"saved to {saved}: final loss {info['final_loss']}, eval loss {info['eval_loss']}, "
+            f"{info['wall_time_s']} s")
+        return info
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, taken: set[str], prefix: str = "") -> None:
+    """One ``--flag`` per scalar field of ``cls``, so new config fields reach the CLI without edits here."""
+    hints = get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if kind not in (int, float, str, bool):
+            continue
+        dest = f.name if f.name not in taken else prefix + f.name
+        taken.add(dest)
+        flag = "--" + dest.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "objective":
+            parser.add_argument(flag, dest=dest, choices=sorted(OBJECTIVES), default=default)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"default: {default}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit pretrain-base",
+                                     description="Pretrain the small base model lorakit bundles.")
+    parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR,
+                        help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR})")
+    taken: set[str] = set()
+    _add_dataclass_arguments(parser, PretrainConfig, taken)
+    _add_dataclass_arguments(parser, CorpusConfig, taken, prefix="corpus_")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    values = vars(args)
+    corpus_fields = {f.name for f in dataclasses.fields(CorpusConfig)}
+    train_fields = {f.name for f in dataclasses.fields(PretrainConfig)} - {"corpus"}
+    corpus = CorpusConfig(**{name: values[name if name not in train_fields else "corpus_" + name]
+                             for name in corpus_fields})
+    return PretrainConfig(corpus=corpus, **{name: values[name] for name in train_fields})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return 2
+    info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
+    print(json.dumps({k: info[k] for k in ("steps", "final_loss", "eval_loss", "n_params", "wall_time_s")}))
+    return 0

@@ -1,0 +1,211 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorakit.core.errors import ConfigError
+from lorakit.pretrain import BASE_MODEL_DIR, OBJECTIVES, CorpusConfig, PretrainConfig, build_corpus, pretrain_base
+from lorakit.pretrain.corpus import split_chunks, stdlib_files
+from lorakit.pretrain.train import build_parser, config_from_args, pack_corpus, save_atomic
+from lorakit.pretrain.tokenizer import train_tokenizer
+
+MAX_BYTES = 30 * 1024 * 1024
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    values = dict(
+        corpus=CorpusConfig(stdlib_chars=40_000, task_fraction=0.5, seed=0),
+        vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+        max_position_embeddings=64, seq_len=32, batch_size=8, steps=6, lr=1e-2, warmup_steps=1,
+        bf16=False, num_threads=1, log_every=3,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    info = pretrain_base(tiny_config(), root / "model", log=lambda line: None)
+    return root, info
+
+
+# ---------------------------------------------------------------- the bundled model
+
+
+def test_bundled_model_loads_and_runs(bundled):
+    model, tokenizer = bundled
+    assert model.config.model_type == "llama"
+    assert model.config.tie_word_embeddings
+    assert model.config.vocab_size == len(tokenizer)
+    batch = tokenizer(["add: 2 + 3 =>", "def f(x):"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(logits).all()
+
+
+def test_bundled_files_and_size():
+    names = {p.name for p in BASE_MODEL_DIR.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "pretrain_info.json"} <= names
+    assert not any(name.endswith(".bin") for name in names)
+    assert sum(p.stat().st_size for p in BASE_MODEL_DIR.iterdir()) <= MAX_BYTES
+    info = json.loads((BASE_MODEL_DIR / "pretrain_info.json").read_text())
+    assert info["steps"] == info["config"]["steps"]
+    assert math.isfinite(info["final_loss"]) and info["final_loss"] < info["first_loss"]
+    assert {"torch", "transformers"} <= set(info["versions"])
+
+
+def test_bundled_tokenizer_special_tokens(bundled):
+    _, tokenizer = bundled
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("text", [
+    "def f(x):\n    return x ** 2  # square\n",
+    "reverse: a b c =>  c b a",
+    "ünïcödé, tabs\tand emoji \U0001F600",
+])
+def test_bundled_tokenizer_round_trips(bundled, text):
+    _, tokenizer = bundled
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_bundled_tokenizer_splits_digits(bundled):
+    _, tokenizer = bundled
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("mul: 123 * 45 => 5535", add_special_tokens=False).input_ids)
+    digit_pieces = [t for t in tokens if any(c.isdigit() for c in t)]
+    assert digit_pieces == list("123455535")
+
+
+def test_bundled_chat_template(bundled):
+    _, tokenizer = bundled
+    messages = [{"role": "user", "content": "reverse: a b =>"}, {"role": "assistant", "content": "b a"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text.startswith(tokenizer.bos_token)
+    assert "reverse: a b =>" in text and text.rstrip().endswith("b a" + tokenizer.eos_token)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(prompt)
+    assert tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=False) != prompt
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.eos_token_id in ids
+
+
+# ---------------------------------------------------------------- corpus and tokenizer
+
+
+def test_stdlib_files_skip_tests_and_third_party():
+    files = stdlib_files()
+    assert files == sorted(files) and len(files) > 100
+    for path in files:
+        assert not {"test", "tests", "site-packages", "idlelib"} & set(path.parts)
+
+
+def test_split_chunks_keeps_text():
+    text = "".join(f"line {i}\n" for i in range(200))
+    chunks = split_chunks(text, 100)
+    assert all(len(c) <= 100 for c in chunks)
+    assert "\n".join(chunks) + "\n" == text
+
+
+def test_corpus_mixture_and_determinism():
+    config = CorpusConfig(stdlib_chars=30_000, task_fraction=0.25, seed=3)
+    corpus = build_corpus(config)
+    stats = corpus.stats()
+    assert corpus.n_stdlib > 0 and corpus.n_task > 0
+    assert 0.15 < stats["task_char_fraction"] < 0.35
+    assert build_corpus(config).documents == corpus.documents
+    assert build_corpus(CorpusConfig(stdlib_chars=30_000, task_fraction=0.0)).n_task == 0
+
+
+def test_train_tokenizer_and_pack():
+    corpus = build_corpus(CorpusConfig(stdlib_chars=20_000))
+    tokenizer = train_tokenizer(corpus.documents, vocab_size=400)
+    blocks = pack_corpus(corpus, tokenizer, seq_len=16, seed=0)
+    assert blocks.shape[1] == 16 and blocks[0, 0] == tokenizer.bos_token_id
+    assert (blocks == tokenizer.eos_token_id).any()
+
+
+# ---------------------------------------------------------------- config and CLI
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"objective": "casual"}, "causal"),
+    ({"seq_len": 512}, "max_position_embeddings"),
+    ({"num_heads": 3}, "divisible"),
+    ({"steps": 0}, "steps"),
+])
+def test_config_errors_say_what_to_change(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(**overrides)
+
+
+def test_corpus_config_errors():
+    with pytest.raises(ConfigError, match="task_fraction"):
+        CorpusConfig(task_fraction=1.0)
+
+
+def test_objective_registry():
+    assert "causal" in OBJECTIVES
+    blocks = torch.arange(6).view(2, 3)
+    kwargs = OBJECTIVES["causal"](blocks, torch.Generator())
+    assert torch.equal(kwargs["input_ids"], blocks) and torch.equal(kwargs["labels"], blocks)
+
+
+def test_cli_arguments_reach_config(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path), "--steps", "7", "--seed", "5", "--corpus-seed", "2",
+                                      "--task-fraction", "0.3", "--no-bf16"])
+    config = config_from_args(args)
+    assert (config.steps, config.seed, config.bf16) == (7, 5, False)
+    assert (config.corpus.seed, config.corpus.task_fraction) == (2, 0.3)
+    assert args.out == tmp_path
+    assert build_parser().parse_args([]).out == BASE_MODEL_DIR
+
+
+# ---------------------------------------------------------------- training and saving
+
+
+def test_tiny_pretrain_saves_loadable_model(tiny_run):
+    root, info = tiny_run
+    assert [p.name for p in root.iterdir()] == ["model"]  # no temp or backup folder left beside it
+    assert math.isfinite(info["final_loss"]) and info["final_loss"] < info["first_loss"]
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    assert model.config.num_hidden_layers == 1 and len(tokenizer) == model.config.vocab_size
+    saved = json.loads((root / "model" / "pretrain_info.json").read_text())
+    assert saved["config"]["steps"] == 6 and saved["wall_time_s"] > 0
+
+
+def test_tiny_pretrain_is_seeded(tiny_run, tmp_path):
+    _, first = tiny_run
+    again = pretrain_base(tiny_config(), tmp_path / "again", log=lambda line: None)
+    assert again["loss_curve"] == first["loss_curve"]
+
+
+def test_save_atomic_replaces_and_survives_failure(tmp_path):
+    target = tmp_path / "model"
+    save_atomic(target, lambda d: (d / "a.txt").write_text("one"))
+    save_atomic(target, lambda d: (d / "b.txt").write_text("two"))
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+
+    def broken(folder):
+        (folder / "half.txt").write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_atomic(target, broken)
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
