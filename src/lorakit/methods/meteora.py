@@ -1,0 +1,344 @@
+"""MeteoRA — "MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models", Xu et al., arXiv:2405.13053
+(ICLR 2025).
+
+N existing LoRA adapters are embedded in every target linear, and a trainable gate per module picks k of
+them for each token:
+
+    y = W x + Σ_{i ∈ TopK_k(l)} w_i · s_i · B_i A_i dropout(x),    l = W_g x,  W_g ∈ R^{N×in} (no bias, N(0, 1))
+
+- ``gate_path="fast"`` (the official default, its accelerated forward): ``w = softmax(top-k(l) / T)``.
+- ``gate_path="reference"`` (the official non-accelerated path): softmax(l / T) → top-k → renormalise.
+  The two are the same function (softmax is monotonic and renormalising the kept probabilities is a softmax
+  over the kept logits); they differ in floating point only: when softmax underflows, far-behind adapters
+  tie at probability 0 and the reference path may keep any of them as runner-up (with weight 0), while the
+  fast path keeps the true runner-up. The official reference path ignores ``T``; here ``T`` applies to both,
+  so they agree. The README raises ``T`` (15 / 20 / 30) for composite tasks of 3 / 5 / 10 sub-tasks.
+  ``k = 1`` gives weight 1.
+
+Supervised gate loss (the official ``lora_gate_loss_func``): cross-entropy of every module's gate logits ``l``
+against each token's ground-truth adapter, pooled over all modules and all non-padding tokens (prompt and
+completion alike, as the official data code labels them), × ``moe_aux_loss_coef`` (50, hard-coded in the
+official ``LlamaMeteorForCausalLM``). The official code also drops the last position (a one-token shift
+against its labels); with one label per sequence that only drops one token, so we keep every token.
+
+Ground truth comes from the routing keys (``lorakit.training.train`` passes each example's task id).
+Those ids are positions in the sorted list of the training data's task names (``lorakit.data.
+build_task_index``). ``task_to_adapter`` maps task *names* to adapter indices and is resolved the same way
+(id j ↔ the j-th name in sorted order), so it must name every task of the training data (-1: no adapter,
+left out of the gate loss). Without it, task id j is adapter j ("by order").
+
+Choices and deviations:
+- Adapters may have different ranks, alphas and rsLoRA settings: all A's are stacked (R_total, in), all B's
+  (out, R_total), with an ``owner`` map and per-rank scaling, and the forward is two GEMMs whatever N is
+  (``mixtures.experts.rank_block_delta``). The official batched kernel requires identical ranks.
+- ``train_adapters=False`` (default) trains the gate only, as the paper; the banks are then buffers, not
+  parameters, so nothing can make them trainable and they still save. ``True`` trains gate and adapters,
+  as the released script does (``meteora_train.py``).
+- ``lora_dropout`` applies one dropout to the whole bank; the official code hard-codes 0.1.
+- A module that some adapter does not adapt gets a zero block for it (a fresh LoRA: A Kaiming, B zero).
+- Source adapters: plain LoRA / rsLoRA from lorakit or PEFT on linear layers. DoRA, ``rank_pattern`` /
+  ``alpha_pattern``, LoRA biases, embeddings and ``modules_to_save`` are refused with an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from ..core.config import AdapterConfig, field_list
+from ..core.delta import LayerInfo
+from ..core.errors import AdapterLoadError, ConfigError
+from ..core.registry import register_method
+from ..io.peft_format import CONFIG_NAME, PREFIX, _weights_path, read_adapter_config
+from ..mixtures.base import MixtureDelta, pop_aux_records
+from ..mixtures.experts import expand_to_ranks, rank_block_delta
+from ..mixtures.router import Router
+from .lora import LoraConfig
+
+IGNORE = -100
+
+
+@dataclass
+class MeteoraConfig(AdapterConfig):
+    """Either ``adapter_paths`` (existing LoRA folders; ranks, alphas and default targets are read from
+    them) or ``n_adapters`` (randomly initialised experts, B = 0; e.g. for a bank loaded later).
+
+    ``adapter_names`` label the bank slots (default: the source folders' names), so a saved MeteoRA adapter,
+    which no longer points at its sources, still says what each slot holds. ``task_to_adapter``: task name →
+    adapter index, resolved through the sorted task names (see the module docstring); None = by order.
+    """
+
+    adapter_paths: list[str] | None = None
+    adapter_names: list[str] | None = None
+    n_adapters: int | None = None
+    expert_r: list[int] = field_list()
+    expert_alpha: list[float] = field_list()
+    expert_use_rslora: list[bool] = field_list()
+    top_k: int = 2
+    temperature: float = 1.0
+    gate_path: Literal["fast", "reference"] = "fast"
+    lora_dropout: float = 0.1
+    train_adapters: bool = False
+    moe_aux_loss_coef: float = 50.0
+    task_to_adapter: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapter_paths is not None:
+            if not self.adapter_paths:
+                raise ConfigError("MeteoraConfig.adapter_paths is empty; give LoRA adapter folders or None.")
+            if self.n_adapters is not None and self.n_adapters != len(self.adapter_paths):
+                raise ConfigError(f"MeteoraConfig.n_adapters={self.n_adapters} but {len(self.adapter_paths)} "
+                                  "adapter_paths were given; leave n_adapters unset.")
+            self.n_adapters = len(self.adapter_paths)
+        elif self.n_adapters is None:
+            if not self.expert_r:
+                raise ConfigError("MeteoraConfig needs adapter_paths (existing LoRA adapters) or n_adapters.")
+            self.n_adapters = len(self.expert_r)
+        n = self.n_adapters
+        if n <= 0:
+            raise ConfigError(f"MeteoraConfig.n_adapters must be positive, got {n}.")
+        if self.adapter_paths is None:  # random experts: explicit defaults, so the saved config is complete
+            self.expert_r = self.expert_r or [8] * n
+            self.expert_alpha = self.expert_alpha or [16.0] * n
+            self.expert_use_rslora = self.expert_use_rslora or [False] * n
+        for name in ("expert_r", "expert_alpha", "expert_use_rslora", "adapter_names"):
+            value = getattr(self, name)
+            if value and len(value) != n:
+                raise ConfigError(f"MeteoraConfig.{name} has {len(value)} entries for {n} adapters.")
+        if any(r <= 0 for r in self.expert_r):
+            raise ConfigError(f"MeteoraConfig.expert_r must be positive ranks, got {self.expert_r}.")
+        if self.adapter_names is not None and len(set(self.adapter_names)) != n:
+            raise ConfigError(f"MeteoraConfig.adapter_names must be {n} distinct names, got {self.adapter_names}.")
+        if not 0 < self.top_k <= n:
+            raise ConfigError(f"MeteoraConfig.top_k must be in 1..n_adapters={n}, got {self.top_k}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"MeteoraConfig.temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"MeteoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.moe_aux_loss_coef < 0:
+            raise ConfigError(f"MeteoraConfig.moe_aux_loss_coef must be >= 0, got {self.moe_aux_loss_coef}.")
+        for task, index in (self.task_to_adapter or {}).items():
+            if not -1 <= index < n:
+                raise ConfigError(f"MeteoraConfig.task_to_adapter[{task!r}]={index}: use an adapter index in "
+                                  f"0..{n - 1}, or -1 for a task without an adapter.")
+
+    def adapter_of_task_id(self) -> list[int] | None:
+        """Routing key id → adapter index (-1: none); None = by order (id j is adapter j)."""
+        if self.task_to_adapter is None:
+            return None
+        return [self.task_to_adapter[task] for task in sorted(self.task_to_adapter)]
+
+
+# -- source adapters: read once per (folder, file stamps), tensors memory-mapped and read per module -------
+@dataclass(frozen=True)
+class LoraSource:
+    directory: str
+    config: LoraConfig
+    modules: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
+    handle: Any  # safetensors.safe_open over the weights file
+
+    def factors(self, module_path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (r, in), B (out, r)) for one module, or None when this adapter does not adapt it."""
+        keys = self.modules.get(module_path)
+        if keys is None:
+            return None
+        A, B = (self.handle.get_tensor(k) for k in keys)
+        for key, t in zip(keys, (A, B)):
+            if not torch.isfinite(t).all():
+                raise AdapterLoadError(f"{self.directory}: tensor {key!r} has non-finite values (NaN/Inf)")
+        return A, B
+
+
+def read_lora_source(directory: str | Path) -> LoraSource:
+    path = Path(directory).expanduser().resolve()
+    stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+                   for p in (path / CONFIG_NAME, _weights_path(path)))
+    return _read_lora_source(str(path), stamps)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
+    config = read_adapter_config(directory)
+    where = f"MeteoRA source adapter {directory}"
+    if type(config).method != "lora":  # subclasses (data-driven inits) may have touched the base: refuse them too
+        raise ConfigError(f"{where} is a {type(config).method!r} adapter; MeteoRA embeds plain LoRA adapters "
+                          "(lorakit 'lora' or PEFT LoRA).")
+    unsupported = {"use_dora": config.use_dora, "rank_pattern": config.rank_pattern,
+                   "alpha_pattern": config.alpha_pattern, "lora_bias": config.lora_bias,
+                   "modules_to_save": config.modules_to_save}
+    for field_name, value in unsupported.items():
+        if value:
+            raise ConfigError(f"{where} sets {field_name}={value!r}, which MeteoRA does not support: it stacks "
+                              "plain LoRA adapters with one rank per adapter. Export or retrain it as plain LoRA.")
+    weights = _weights_path(Path(directory))
+    try:
+        handle = safe_open(str(weights), framework="pt")
+        keys = list(handle.keys())
+    except Exception as e:  # safetensors raises SafetensorError / OSError variants
+        raise AdapterLoadError(f"{weights} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    found: dict[str, list[str | None]] = {}
+    for key in keys:
+        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for slot, suffix in enumerate((".lora_A.weight", ".lora_B.weight")):
+            if short.endswith(suffix):
+                found.setdefault(short[: -len(suffix)], [None, None])[slot] = key
+                break
+        else:
+            raise ConfigError(f"{where}: tensor {key!r} is not a linear-layer LoRA factor (lora_A / lora_B "
+                              "weight); MeteoRA embeds plain LoRA on linear layers only (no embeddings, DoRA, biases).")
+    incomplete = [m for m, ab in found.items() if None in ab]
+    if incomplete:
+        raise AdapterLoadError(f"{weights}: modules with lora_A but no lora_B or the reverse: {incomplete[:3]}")
+    return LoraSource(directory, config, {m: (a, b) for m, (a, b) in found.items()}, handle)
+
+
+# -- the delta --------------------------------------------------------------------------------------------
+class MeteoraLinear(MixtureDelta):
+    """N LoRA adapters stacked as rank blocks of one bank, gated per token by a top-k router on the input."""
+
+    def __init__(self, info: LayerInfo, config: MeteoraConfig):
+        super().__init__(info, config.n_adapters)
+        ranks = config.expert_r
+        A = torch.empty(sum(ranks), info.in_features)  # (R_total, in)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # per block as each adapter's nn.Linear would (fan_in = in)
+        B = torch.zeros(info.out_features, sum(ranks))  # (out, R_total)
+        if config.train_adapters:
+            self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
+        else:  # gate-only: frozen banks as (saved) buffers, out of reach of requires_grad_
+            self.register_buffer("lora_A", A)
+            self.register_buffer("lora_B", B)
+        owner = torch.arange(config.n_adapters).repeat_interleave(torch.tensor(ranks))  # (R_total,)
+        scaling = torch.tensor([a / (math.sqrt(r) if rs else r) for r, a, rs in
+                                zip(ranks, config.expert_alpha, config.expert_use_rslora)])
+        self.register_buffer("owner", owner, persistent=False)
+        self.register_buffer("rank_scaling", scaling[owner], persistent=False)  # (R_total,)
+        self.ranks = list(ranks)
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        strategy = "topk_logits" if config.gate_path == "fast" else "topk"
+        self.router = Router(info.in_features, config.n_adapters, strategy=strategy, top_k=config.top_k,
+                             temperature=config.temperature, init_std=1.0)
+
+    @torch.no_grad()
+    def set_adapter_block(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy adapter ``index``'s factors, A (r, in) and B (out, r), into the bank."""
+        start, r = sum(self.ranks[:index]), self.ranks[index]
+        want_a, want_b = (r, self.info.in_features), (self.info.out_features, r)
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            raise AdapterLoadError(f"adapter {index}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
+                                   f"not fit this layer and rank (expected {want_a}, {want_b}); is it for another "
+                                   "base model, or does it use a per-module rank?")
+        self.lora_A[start:start + r] = A.to(self.lora_A.dtype)
+        self.lora_B[:, start:start + r] = B.to(self.lora_B.dtype)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        routed = self.router(x)  # weights (N, n_adapters), 0 off the top-k
+        self.observe(routed, x.shape)
+        gate = expand_to_ranks(routed.weights.to(x.dtype), self.owner, self.rank_scaling.to(x.dtype))  # (N, R)
+        flat = self.lora_dropout(x).reshape(-1, x.shape[-1])  # (N, in)
+        return rank_block_delta(flat, self.lora_A, self.lora_B, gate).reshape(base_out.shape).to(base_out.dtype)
+
+
+# -- hooks ------------------------------------------------------------------------------------------------
+def prepare_meteora(model: nn.Module, config: MeteoraConfig) -> MeteoraConfig:
+    """Read the source adapters' configs: ranks, alphas, rsLoRA, and (when unset) the targets they adapt."""
+    if config.adapter_paths is None:
+        return config
+    sources = [read_lora_source(p) for p in config.adapter_paths]
+    found = {"expert_r": [s.config.r for s in sources],
+             "expert_alpha": [float(s.config.lora_alpha) for s in sources],
+             "expert_use_rslora": [s.config.use_rslora for s in sources]}
+    for name, values in found.items():
+        given = getattr(config, name)
+        if given and list(given) != values:
+            raise ConfigError(f"MeteoraConfig.{name}={given} disagrees with the adapters' own configs ({values}); "
+                              "leave it unset when adapter_paths are given.")
+    targets = config.target_modules
+    if targets is None:  # every module some adapter adapts
+        targets = sorted({m for s in sources for m in s.modules})
+    names = config.adapter_names or [Path(s.directory).name for s in sources]
+    if len(set(names)) < len(names):  # folders with the same name in different places
+        names = [s.directory for s in sources]
+    return replace(config, target_modules=targets, adapter_names=names, **found)
+
+
+def build_meteora(base_layer: nn.Module, info: LayerInfo, config: MeteoraConfig, path: str = "") -> MeteoraLinear:
+    delta = MeteoraLinear(info, config)
+    for i, directory in enumerate(config.adapter_paths or []):
+        factors = read_lora_source(directory).factors(path)
+        if factors is not None:  # else the block stays a fresh LoRA (A Kaiming, B zero): no effect
+            delta.set_adapter_block(i, *factors)
+    return delta
+
+
+def gate_labels(config: MeteoraConfig, keys: torch.Tensor) -> torch.Tensor:
+    """Per-token ground-truth adapter (IGNORE where the task has none) from per-token task ids."""
+    table = config.adapter_of_task_id()
+    n_ids = config.n_adapters if table is None else len(table)
+    bad = keys[(keys < 0) | (keys >= n_ids)]
+    if bad.numel():
+        raise ConfigError(
+            f"routing key (task id) {int(bad[0])} has no adapter: MeteoraConfig.task_to_adapter covers ids "
+            f"0..{n_ids - 1} (ids are positions in the sorted task names of the training data). Name every task "
+            "in task_to_adapter (-1 for a task without an adapter).")
+    if table is None:
+        return keys.long()
+    labels = torch.tensor(table, device=keys.device)[keys.long()]
+    return labels.masked_fill(labels < 0, IGNORE)
+
+
+def gate_loss(model: nn.Module, name: str) -> torch.Tensor | None:
+    """Mean cross-entropy of every module's gate logits vs each keyed, non-padding token's adapter, pooled
+    over this forward's modules and tokens (consumes the routing records); None without keyed tokens."""
+    from ..core.model import adapter_state
+
+    records = [r for _, r in pop_aux_records(model, name) if r.keys is not None]
+    if not records:
+        return None
+    logits = torch.cat([r.out.logits for r in records])  # (modules · tokens, n_adapters), float32
+    labels = gate_labels(adapter_state(model).configs[name], torch.cat([r.keys.to(logits.device) for r in records]))
+    real = torch.cat([torch.ones_like(r.keys, dtype=torch.bool, device=logits.device) if r.token_mask is None
+                      else r.token_mask.to(logits.device) for r in records])
+    labels = labels.masked_fill(~real, IGNORE)
+    if not bool((labels != IGNORE).any()):
+        return None
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+
+
+def meteora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
+    from ..core.model import adapter_state
+
+    loss = gate_loss(model, name)
+    if loss is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return adapter_state(model).configs[name].moe_aux_loss_coef * loss
+
+
+def meteora_file_fields(config: MeteoraConfig, layers: list[LayerInfo]) -> dict[str, Any]:
+    # The banks are in the saved file: loading it must not need (or re-read) the source adapters.
+    return {"adapter_paths": None}
+
+
+def meteora_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
+    return {"keys": torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)}
+
+
+register_method(
+    "meteora", config=MeteoraConfig, build=build_meteora, prepare=prepare_meteora, extra_loss=meteora_extra_loss,
+    file_fields=meteora_file_fields, example_routing=meteora_example_routing, mergeable=False,
+    description="A trained per-module top-k gate over N existing LoRA adapters, supervised by task keys.",
+    paper="Xu et al. 2024 (ICLR 2025), arXiv:2405.13053",
+    variants={"meteora": {"n_adapters": 3, "expert_r": [4, 2, 4], "expert_alpha": [8, 4, 16],
+                          "expert_use_rslora": [False, False, True], "train_adapters": True},
+              "meteora_reference": {"n_adapters": 2, "expert_r": [2, 2], "top_k": 1, "gate_path": "reference",
+                                    "lora_dropout": 0.0, "train_adapters": True}},
+)
