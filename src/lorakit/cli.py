@@ -203,11 +203,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .io.files import load_tensors
-    from .io.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, _weights_path
+    from .io.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, weights_path
 
     directory = Path(args.adapter)
     config = read_adapter_config(directory)
-    tensors = load_tensors(_weights_path(directory))
+    tensors = load_tensors(weights_path(directory))
     modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})

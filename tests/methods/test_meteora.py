@@ -138,6 +138,8 @@ def test_task_ids_map_through_sorted_task_names():
     assert torch.equal(gate_labels(by_order, ids), ids)
     without = MeteoraConfig(n_adapters=2, top_k=1, task_to_adapter={"a": 1, "b": -1})
     assert gate_labels(without, torch.tensor([0, 1])).tolist() == [1, -100]
+    # With the ids named (the training loop passes the data's task names), a subset of tasks maps by name.
+    assert gate_labels(config, torch.tensor([0, 1]), key_names=["rotate", "sort"]).tolist() == [1, 0]
     with pytest.raises(lk.ConfigError, match="task_to_adapter"):
         gate_labels(without, torch.tensor([2]))
 

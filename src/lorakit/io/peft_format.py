@@ -86,7 +86,7 @@ def read_adapter_config(directory: str | os.PathLike):
         raise AdapterLoadError(str(e)) from None
 
 
-def _weights_path(directory: Path) -> Path:
+def weights_path(directory: Path) -> Path:
     path = directory / WEIGHTS_NAME
     if not path.is_file() and (directory / PICKLE_NAME).is_file():
         raise AdapterLoadError(
@@ -118,7 +118,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     config = read_adapter_config(directory)
     config.inference_mode = not is_trainable
-    tensors = load_tensors(_weights_path(directory))
+    tensors = load_tensors(weights_path(directory))
     plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype)
     expected = plan.state_dict()
     host_params = dict(model.named_parameters())

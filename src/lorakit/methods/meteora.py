@@ -57,7 +57,7 @@ from ..core.config import AdapterConfig, field_list
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterLoadError, ConfigError
 from ..core.registry import register_method
-from ..io.peft_format import CONFIG_NAME, PREFIX, _weights_path, read_adapter_config
+from ..io.peft_format import CONFIG_NAME, PREFIX, weights_path, read_adapter_config
 from ..mixtures.base import MixtureDelta, pop_aux_records
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import Router
@@ -161,7 +161,7 @@ class LoraSource:
 def read_lora_source(directory: str | Path) -> LoraSource:
     path = Path(directory).expanduser().resolve()
     stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
-                   for p in (path / CONFIG_NAME, _weights_path(path)))
+                   for p in (path / CONFIG_NAME, weights_path(path)))
     return _read_lora_source(str(path), stamps)
 
 
@@ -179,7 +179,7 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
         if value:
             raise ConfigError(f"{where} sets {field_name}={value!r}, which MeteoRA does not support: it stacks "
                               "plain LoRA adapters with one rank per adapter. Export or retrain it as plain LoRA.")
-    weights = _weights_path(Path(directory))
+    weights = weights_path(Path(directory))
     try:
         handle = safe_open(str(weights), framework="pt")
         keys = list(handle.keys())
@@ -280,9 +280,19 @@ def build_meteora(base_layer: nn.Module, info: LayerInfo, config: MeteoraConfig,
     return delta
 
 
-def gate_labels(config: MeteoraConfig, keys: torch.Tensor) -> torch.Tensor:
-    """Per-token ground-truth adapter (IGNORE where the task has none) from per-token task ids."""
+def gate_labels(config: MeteoraConfig, keys: torch.Tensor, key_names: list[str] | None = None) -> torch.Tensor:
+    """Per-token ground-truth adapter (IGNORE where the task has none) from per-token task ids.
+
+    When the caller names the ids (the training loop passes the data's task names), tasks are mapped by
+    name, so data holding a subset of the mapped tasks is still supervised correctly.
+    """
     table = config.adapter_of_task_id()
+    if key_names is not None and config.task_to_adapter is not None:
+        unknown = [n for n in key_names if n not in config.task_to_adapter]
+        if unknown:
+            raise ConfigError(f"task(s) {unknown} of the training data are not in MeteoraConfig.task_to_adapter "
+                              f"{sorted(config.task_to_adapter)}; map them (-1 for no adapter).")
+        table = [config.task_to_adapter[n] for n in key_names]
     n_ids = config.n_adapters if table is None else len(table)
     bad = keys[(keys < 0) | (keys >= n_ids)]
     if bad.numel():
@@ -305,7 +315,8 @@ def gate_loss(model: nn.Module, name: str) -> torch.Tensor | None:
     if not records:
         return None
     logits = torch.cat([r.out.logits for r in records])  # (modules · tokens, n_adapters), float32
-    labels = gate_labels(adapter_state(model).configs[name], torch.cat([r.keys.to(logits.device) for r in records]))
+    config = adapter_state(model).configs[name]
+    labels = torch.cat([gate_labels(config, r.keys.to(logits.device), r.key_names) for r in records])
     real = torch.cat([torch.ones_like(r.keys, dtype=torch.bool, device=logits.device) if r.token_mask is None
                       else r.token_mask.to(logits.device) for r in records])
     labels = labels.masked_fill(~real, IGNORE)

@@ -68,6 +68,8 @@ class SmoraConfig(AdapterConfig):
 class SmoraLinear(MixtureDelta):
     """A rank-R LoRA whose R rank-one units are routed per token, k at a time."""
 
+    keeps_aux_records = False
+
     def __init__(self, info: LayerInfo, config: SmoraConfig):
         super().__init__(info, config.r)
         self.r = config.r
@@ -85,9 +87,7 @@ class SmoraLinear(MixtureDelta):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
         routed = self.router(x)  # weights (N, R): softmax over the k chosen ranks, exact 0 elsewhere
-        self.observe(routed, x.shape)
-        # SMoRA has no auxiliary loss: drop the records observe() keeps for one, so no step holds a graph.
-        self.pop_aux()
+        self.observe(routed, x.shape)  # statistics and traces only: keeps_aux_records is False (no aux loss)
         if self.training:
             with torch.no_grad():
                 mask = token_mask_for(routed.selected.shape[0])

@@ -22,6 +22,7 @@ class AuxRecord:
     out: RouterOutput
     token_mask: torch.Tensor | None  # (N,) bool, real tokens
     keys: torch.Tensor | None  # (N,) per-token routing key (e.g. task id), when the data has one
+    key_names: list[str] | None = None  # name of each key id (the training loop passes the task names)
 
 
 def token_mask_for(n_tokens: int) -> torch.Tensor | None:
@@ -49,6 +50,8 @@ class MixtureDelta(Delta):
     """Base of routed deltas: call ``self.observe(router_out, x.shape)`` once per forward."""
 
     mergeable = False
+    # Methods without a routing loss (e.g. SMoRA) set False so no forward's graph is kept waiting for one.
+    keeps_aux_records = True
 
     def __init__(self, info, n_experts: int):
         super().__init__(info)
@@ -67,8 +70,10 @@ class MixtureDelta(Delta):
     def observe(self, out: RouterOutput, x_shape: torch.Size) -> None:
         n = out.logits.shape[0]
         mask = token_mask_for(n)
-        if self.training and torch.is_grad_enabled():
-            self._aux.append(AuxRecord(out=out, token_mask=mask, keys=token_keys_for(x_shape)))
+        if self.keeps_aux_records and self.training and torch.is_grad_enabled():
+            ctx = current_routing()
+            names = ctx.extras.get("task_names") if ctx is not None else None
+            self._aux.append(AuxRecord(out=out, token_mask=mask, keys=token_keys_for(x_shape), key_names=names))
         with torch.no_grad():
             sel = out.selected if mask is None else out.selected & mask[:, None]
             p = out.probs if mask is None else out.probs[mask]

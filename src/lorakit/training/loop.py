@@ -193,6 +193,9 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     torch.manual_seed(config.seed)  # also seeds every CUDA device
 
     dataset = TokenizedDataset(train_examples, tokenizer, max_length=config.max_length)
+    # Task ids are positions among the data's task names; methods that map tasks by name get the names too.
+    key_names = {} if dataset.task_to_id is None else {
+        "task_names": [n for n, _ in sorted(dataset.task_to_id.items(), key=lambda kv: kv[1])]}
     collate = CausalLMCollator.from_tokenizer(tokenizer)
     stream = DataStream(len(dataset), config.seed)
     eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
@@ -251,7 +254,7 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         for batch in map(to_device, batches):
             # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
             # balance losses); task ids, when the data has them, as the routing keys.
-            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"]):
+            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"], extras=key_names):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
             step_loss_sum += loss.detach()

@@ -56,6 +56,9 @@ class LorakitCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         method = self._method(model)
+        # Trainer never calls extra_loss: drop the routing records mixtures kept for it, so no graph piles up.
+        from ..mixtures.base import pop_aux_records
+        pop_aux_records(model, self.adapter_name)
         if method.on_step is not None:
             method.on_step(model, self.adapter_name, state.global_step, state.max_steps)
 
