@@ -135,7 +135,9 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
                 f"{SUPPORTED_LAYERS} (kinds {', '.join(method.layer_kinds)}). Narrow target_modules or use exclude_modules."
             )
         delta = method.build(base, info, config.for_module(path), path=path)
-        delta.to(device=base.weight.device, dtype=_adapter_dtype(base.weight, autocast_adapter_dtype))
+        # Whole blocks (an FFN for FFN-level mixtures) have no .weight: follow their first parameter.
+        ref = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else next(base.parameters())
+        delta.to(device=ref.device, dtype=_adapter_dtype(ref, autocast_adapter_dtype))
         built[path] = (base, info, delta)
     saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in select_modules_to_save(model, config)}
     return AdapterPlan(name=name, config=config, deltas=built, saved=saved)
