@@ -258,3 +258,13 @@ def test_training_loop_trains_the_head_through_the_hook(sources):
     after = lk.adapter_state_dict(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".classifier." in k for k in changed)  # the head trains, the adapters stay frozen
+
+
+@pytest.mark.parametrize("remove", ["delete", "unload"])
+def test_delete_and_unload_remove_the_model_hooks_at_once(sources, remove):
+    from lorakit.methods import xlora
+
+    model = xlora_model(sources)
+    assert any(h is xlora._xlora_pre_hook for h in model._forward_pre_hooks.values())
+    lk.delete_adapter(model, "default") if remove == "delete" else lk.unload(model)
+    assert not any(h is xlora._xlora_pre_hook for h in model._forward_pre_hooks.values())

@@ -232,7 +232,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if len(wrapper.copies) == 0:
             parent, attr = _get_parent(model, path)
             setattr(parent, attr, wrapper.original_module)
-    del state.configs[name]
+    config = state.configs.pop(name)
+    _teardown(model, config, name)
     remaining = [n for n in state.active if n != name]
     set_adapter(model, remaining) if remaining else _set_no_active(model)
 
@@ -291,12 +292,20 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _teardown(model: nn.Module, config: AdapterConfig, name: str) -> None:
+    method = get_method(config)
+    if method.teardown is not None:
+        method.teardown(model, name)
+
+
 def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Merge the (active) adapters and return the plain host model, with no lorakit layer left."""
     state = adapter_state(model)
     names = list(state.active) if names is None else names
     merge_adapter(model, names)
     _unwrap(model, keep_copy_of=names[0] if names else None)
+    for n, config in list(state.configs.items()):
+        _teardown(model, config, n)
     object.__delattr__(model, STATE_ATTR)
     return model
 
@@ -306,6 +315,8 @@ def unload(model: nn.Module) -> nn.Module:
     unmerge_adapter(model)
     _unwrap(model)
     if hasattr(model, STATE_ATTR):
+        for n, config in list(adapter_state(model).configs.items()):
+            _teardown(model, config, n)
         object.__delattr__(model, STATE_ATTR)
     return model
 

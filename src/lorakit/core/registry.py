@@ -42,6 +42,9 @@ class Method:
     # ``prepare(model, config) -> config``: resolve model-dependent settings (e.g. the number of layers)
     # before any delta is built; the returned config is the one stored and saved.
     prepare: Callable[..., Any] | None = None
+    # ``teardown(model, name)``: undo model-level state the method installed (hooks), called after the adapter
+    # is removed by delete_adapter / unload / merge_and_unload.
+    teardown: Callable[..., Any] | None = None
     init: Callable[..., Any] | None = None
     on_step: Callable[..., Any] | None = None
     param_groups: Callable[..., Any] | None = None

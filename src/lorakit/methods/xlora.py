@@ -28,7 +28,7 @@ Choices:
   ``hidden_states[-1]``, and enters ``routing(extras={"xlora": {delta: scalings}})`` for the real pass; the
   forward hook leaves it (also when the forward raises). ContextVars keep this thread-safe. The hook is a
   no-op while no X-LoRA adapter is active or the adapters are disabled, and removes itself once the model has
-  no X-LoRA adapter left (the core has no teardown hook for methods yet; ``remove_xlora_hooks`` does it now).
+  no X-LoRA adapter left; the method's ``teardown`` (``remove_xlora_hooks``) removes them on delete / unload.
 - The head is the ``classifier`` submodule of the first adapted module's delta, so it saves and loads with the
   adapter (keys ``<first module>.classifier.layers.*``). Files are lorakit's (``lorakit_method: xlora``, banks
   and head in one safetensors file); PEFT's X-LoRA folder layout (classifier + one sub-folder per LoRA) is not
@@ -235,8 +235,12 @@ def _ensure_hooks(model: nn.Module) -> None:
         model.register_forward_hook(_xlora_post_hook, always_call=True)
 
 
-def remove_xlora_hooks(model: nn.Module) -> None:
-    """Remove the X-LoRA forward hooks from ``model`` (what a core teardown hook would call on delete/unload)."""
+def remove_xlora_hooks(model: nn.Module, name: str | None = None) -> None:
+    """Remove the X-LoRA forward hooks from ``model`` once no X-LoRA adapter is left (the method's teardown)."""
+    state = getattr(model, "lorakit", None)
+    if name is not None and state is not None and any(
+            isinstance(c, XLoraConfig) for n, c in state.configs.items() if n != name):
+        return
     for hook_id, hook in list(model._forward_pre_hooks.items()):
         if hook is _xlora_pre_hook:
             del model._forward_pre_hooks[hook_id]
@@ -274,7 +278,7 @@ def build_xlora(base_layer: nn.Module, info: LayerInfo, config: XLoraConfig, pat
 
 register_method(
     "xlora", config=XLoraConfig, build=build_xlora, prepare=prepare_xlora, file_fields=bank_file_fields,
-    mergeable=False,
+    mergeable=False, teardown=remove_xlora_hooks,
     description="X-LoRA: a head on a first (adapter-free) pass's last hidden state scales N LoRAs per token.",
     paper="Buehler & Buehler 2024, arXiv:2402.07148",
     variants={"xlora": {"expert_r": [4, 2], "expert_alpha": [8, 8], "use_trainable_adapters": True},
