@@ -16,7 +16,8 @@ def _model(factory, variants):
     return model
 
 
-VARIANTS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=4, use_rslora=True), "c": dict(r=2, lora_alpha=16)}
+VARIANTS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=4, use_rslora=True),
+            "c": dict(r=2, lora_alpha=16, lora_bias=True)}
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])

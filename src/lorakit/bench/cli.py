@@ -30,6 +30,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
+    parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     args = parser.parse_args(argv)
     out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
@@ -52,6 +54,10 @@ def main(argv: Sequence[str]) -> int:
             profile = replace(profile, seeds=tuple(args.seeds))
         if args.steps:
             profile = replace(profile, steps=args.steps)
+        if args.tasks:
+            profile = replace(profile, tasks=args.tasks)
+        if args.first_variant_only:
+            profile = replace(profile, all_variants=False)
         result = methods.run_methods(profile)
         result["machine"] = machine_description(args.device or "cpu")
         markdown = methods.methods_markdown(result)

@@ -26,6 +26,7 @@ class MethodsProfile:
     eval_examples: int = 50  # per task
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every registered method
+    all_variants: bool = True  # False: each method's first (default) variant only
 
 
 QUICK = MethodsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=4, seeds=(0,), tasks="reverse,add")
@@ -57,11 +58,20 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
     for method in lk.list_methods():
         if profile.methods and method.name not in profile.methods:
             continue
-        for variant in method.variants:
+        variants = list(method.variants) if profile.all_variants else list(method.variants)[:1]
+        for variant in variants:
             for seed in profile.seeds:
                 model = copy.deepcopy(base)
                 torch.manual_seed(seed)
-                lk.add_adapter(model, _config_for(method, variant, profile.r))
+                try:
+                    lk.add_adapter(model, _config_for(method, variant, profile.r))
+                    if method.example_routing is not None and "extras" in method.example_routing(
+                            torch.zeros(1, 4, dtype=torch.long)):
+                        raise lk.LorakitError("needs per-call routing extras (e.g. a user vector) that built-in "
+                                              "task data does not carry")
+                except lk.LorakitError as e:
+                    runs.append({"method": method.name, "variant": variant, "seed": seed, "skipped": str(e)})
+                    continue
                 trainable, _ = lk.trainable_parameters(model)
                 config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr,
                                      warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine",
@@ -75,6 +85,7 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
                              "final_loss": result.losses[-1], "s_per_step": wall / profile.steps,
                              "peak_memory_mb": result.peak_memory_mb})
     return {"profile": asdict(profile), "before": before["exact_match"],
+            "skipped": sorted({(r["method"], r["variant"], r["skipped"]) for r in runs if "skipped" in r}),
             "before_per_task": {k: v["exact_match"] for k, v in before["per_task"].items()},
             "runs": runs, "table": summarise(runs)}
 
@@ -82,6 +93,8 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
 def summarise(runs: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
+        if "skipped" in r:
+            continue
         groups.setdefault((r["method"], r["variant"]), []).append(r)
     ref = groups.get(("lora", "lora"))
     ref_mean = statistics.mean(r["after"] for r in ref) if ref else None
@@ -113,6 +126,8 @@ def methods_markdown(result: dict) -> str:
         pv = f"{r['trainable_params']:,} ({r['params_vs_lora']:.2f}×)" if "params_vs_lora" in r else f"{r['trainable_params']:,}"
         lines.append(f"| {r['method']} | {r['variant']} | {r['after_mean']:.3f} ± {r['after_std']:.3f} | {vs} | {pv} | "
                      f"{r['s_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} |")
+    for method, variant, why in result.get("skipped", []):
+        lines.append(f"| {method} | {variant} | skipped: {why} | | | | | |")
     return "\n".join(lines) + "\n"
 
 

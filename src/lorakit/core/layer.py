@@ -54,6 +54,8 @@ class AdapterLayer(nn.Module):
             if ctx.adapter_ids is not None:
                 if self.bank is None:
                     raise AdapterError("routing(adapter_ids=...) needs adapters loaded into a bank on this layer")
+                if not torch.is_grad_enabled() and hasattr(self.bank, "add_into"):
+                    return self.bank.add_into(x, base_out, ctx)  # inference: add into the base output in place
                 return base_out + self.bank(x, base_out, ctx)
             if ctx.adapter_names is not None or ctx.adapter_weights is not None:
                 return self._per_row_forward(x, base_out, ctx)

@@ -45,6 +45,8 @@ class Method:
     # ``teardown(model, name)``: undo model-level state the method installed (hooks), called after the adapter
     # is removed by delete_adapter / unload / merge_and_unload.
     teardown: Callable[..., Any] | None = None
+    # Extra ``model.generate`` arguments the method needs while active (X-LoRA: {"use_cache": False}).
+    generate_kwargs: Mapping[str, Any] = field(default_factory=dict)
     init: Callable[..., Any] | None = None
     on_step: Callable[..., Any] | None = None
     param_groups: Callable[..., Any] | None = None
@@ -114,3 +116,12 @@ def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -
 def list_methods() -> list[Method]:
     _ensure_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def generate_kwargs_for(model: "nn.Module") -> dict[str, Any]:
+    """``generate`` arguments the model's active adapters need (empty for a model without lorakit adapters)."""
+    state = getattr(model, "lorakit", None)
+    out: dict[str, Any] = {}
+    for name in getattr(state, "active", []):
+        out.update(get_method(state.configs[name]).generate_kwargs)
+    return out

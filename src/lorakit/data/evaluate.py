@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lorakit.core.registry import generate_kwargs_for
+
 from lorakit.data.collate import encode_prompt
 from lorakit.data.example import Example
 from lorakit.data.tasks import TASKS, exact_match
@@ -83,6 +85,7 @@ def generate_completions(
                 num_beams=1,
                 pad_token_id=pad,
                 eos_token_id=eos,
+                **generate_kwargs_for(model),
             )
             for r, i in enumerate(rows):
                 new = generated[r, width:].tolist()

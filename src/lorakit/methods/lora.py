@@ -105,6 +105,8 @@ class LoraLinear(Delta):
         self.lora_A = nn.Linear(info.in_features, config.r, bias=False)
         self.lora_B = nn.Linear(config.r, info.out_features, bias=config.lora_bias)
         self.reset_parameters(config.init_lora_weights)
+        if config.lora_bias:
+            self.plain_units = False  # units carry no bias: per-row stacking would drop it
 
     def reset_parameters(self, init: bool | str) -> None:
         if init is False:  # nn.Linear's own random init for both: a non-zero delta, used for testing

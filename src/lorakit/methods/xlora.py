@@ -278,7 +278,7 @@ def build_xlora(base_layer: nn.Module, info: LayerInfo, config: XLoraConfig, pat
 
 register_method(
     "xlora", config=XLoraConfig, build=build_xlora, prepare=prepare_xlora, file_fields=bank_file_fields,
-    mergeable=False, teardown=remove_xlora_hooks,
+    mergeable=False, teardown=remove_xlora_hooks, generate_kwargs={"use_cache": False},
     description="X-LoRA: a head on a first (adapter-free) pass's last hidden state scales N LoRAs per token.",
     paper="Buehler & Buehler 2024, arXiv:2402.07148",
     variants={"xlora": {"expert_r": [4, 2], "expert_alpha": [8, 8], "use_trainable_adapters": True},

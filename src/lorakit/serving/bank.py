@@ -1,0 +1,420 @@
+"""Adapter banks: many LoRA adapters of one layer stacked in a few tensors, applied to a mixed batch in one pass.
+
+S-LoRA (Sheng et al., arXiv:2311.03285) and Punica (Chen et al., arXiv:2310.18547): the base GEMM runs once over
+the whole batch, then every row adds its own adapter's ``s · B A x``:
+
+    y[b] = base(x[b]) + Σ_j w[b, j] · s_{id[b,j]} · B_{id[b,j]} A_{id[b,j]} x[b]
+
+Storage (one bank per adapted layer, slot 0 is an all-zero "no adapter" slot):
+
+- ``A``: (slots, r_max, in) — each adapter's ``lora_A`` as saved by PEFT.
+- ``B``: (slots, r_max, out) — ``lora_B`` transposed with the adapter's scaling folded in (α/r or α/√r).
+- ``bias``: (slots, out) — only when some adapter has ``lora_bias``, scaled the same way.
+
+Mixed ranks are zero-padded to ``r_max``; zero rows of A and B add exactly zero. Each forward only uses
+the ranks it needs (``r_used`` = largest rank among the slots in the batch), so one r=64 adapter in the bank
+does not slow batches of r=8 adapters. (Bucketing by rank would need one pass per bucket; padding costs at
+most r_max/r and keeps a single pass — see ``serving/bench.py`` for the numbers.)
+
+Execution (no Python loop over adapters; chosen per batch by a small cost model, cached per ids tensor):
+
+- ``rows`` (BGMV): gather each row's A and B, two ``bmm`` (shrink to r, expand to out).
+- ``grouped`` (SGMV with padding): sort rows by adapter; each adapter's rows form one block, adapters are
+  gathered once per block, and a block is one matrix product — better when rows share adapters (fewer weight
+  copies and larger, more efficient products), worse when block sizes are very uneven (padding).
+- ``single``: the whole batch uses one adapter: two plain matmuls, no gather at all.
+
+Weighted combinations (``ids`` and weights of shape (batch, k)) concatenate the k gathered adapters along the
+rank axis, so a row's mix is still one shrink and one expand.
+
+GPU kernels: :func:`register_kernel` installs a fused kernel (e.g. Triton BGMV/SGMV) for a device type; the bank
+calls it instead of the torch path for tensors on that device. None is registered by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.delta import LayerInfo
+from ..core.errors import AdapterError
+
+WEIGHTS_KEY = "adapter_weights"  # routing(adapter_ids=(batch, k), extras={WEIGHTS_KEY: (batch, k)})
+
+# Relative cost of copying one adapter's weights vs pushing one token through them (measured on CPU,
+# serving/bench.py: gathering A and B costs about as much as 4 tokens of shrink+expand at r=16).
+GATHER_TOKENS = 4.0
+
+
+# -- kernel hook -------------------------------------------------------------------------------------------
+class BankKernel(Protocol):
+    """A fused multi-adapter LoRA kernel for one device type (e.g. a Triton BGMV/SGMV on "cuda").
+
+    Called as ``kernel(x, A, B, slots, weights, r_used)`` with ``x`` (batch, tokens, in), ``A`` (slots, r_max, in),
+    ``B`` (slots, r_max, out) (scaling folded in, slot 0 all zeros), ``slots`` (batch, k) local slot indices,
+    ``weights`` (batch, k) or None (= all ones); returns the delta (batch, tokens, out) in ``x``'s dtype, or
+    None to fall back to the torch path (e.g. for shapes it does not handle). Bias is added by the bank.
+    """
+
+    def __call__(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                 weights: torch.Tensor | None, r_used: int) -> torch.Tensor | None: ...
+
+
+_KERNELS: dict[str, BankKernel] = {}
+
+
+def register_kernel(device_type: str, kernel: BankKernel | None) -> None:
+    """Use ``kernel`` for linear banks whose tensors live on ``device_type`` ("cuda", ...); None removes it."""
+    if kernel is None:
+        _KERNELS.pop(device_type, None)
+    else:
+        _KERNELS[device_type] = kernel
+
+
+# -- execution plan ----------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """How one bank runs one batch; computed once per (ids tensor, bank layout) and cached."""
+
+    mode: str  # "none" | "single" | "rows" | "grouped"
+    slots: torch.Tensor  # (batch, k) local slots
+    r_used: int
+    slot: int = 0  # mode "single"
+    group_slots: torch.Tensor | None = None  # (G,) mode "grouped"
+    group_view: tuple[int, int] | None = None  # (first slot, G) when the group slots are a contiguous range
+    order: torch.Tensor | None = None  # (G*M,) row of each block position (padding repeats a real row)
+    inverse: torch.Tensor | None = None  # (batch,) block position of each row
+    block: int = 0  # M, rows per block
+
+
+def make_plan(slots: torch.Tensor, ranks: torch.Tensor, tokens: int, weighted: bool) -> Plan:
+    """Choose single / rows / grouped for ``slots`` (batch, k); ``ranks`` (slots,) is each slot's rank."""
+    batch = slots.shape[0]
+    r_used = int(ranks[slots].max()) if slots.numel() else 0
+    if r_used == 0:
+        return Plan("none", slots, 0)
+    if weighted or slots.shape[1] != 1:
+        return Plan("rows", slots, r_used)
+    flat = slots[:, 0]
+    sorted_slots, order = torch.sort(flat, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+    groups, block = uniq.numel(), int(counts.max())
+    if groups == 1:
+        return Plan("single", slots, r_used, slot=int(uniq[0]))
+    arange = torch.arange(batch, device=slots.device)
+    sorted_rows = bool((order == arange).all())
+    contiguous = bool((uniq[-1] - uniq[0]) == groups - 1)
+    if groups == batch and not (sorted_rows and contiguous):
+        return Plan("rows", slots, r_used)  # every row its own adapter: gather per row, no permutation
+    # Cost in "token units": padded tokens pushed through + weight copies (see GATHER_TOKENS). Sorted rows of
+    # a contiguous slot range need neither copies nor permutations (SGMV on views), so they always group.
+    cost_grouped = groups * block * tokens + (0 if contiguous else groups * GATHER_TOKENS)
+    cost_rows = batch * tokens + batch * GATHER_TOKENS
+    if cost_grouped >= cost_rows:
+        return Plan("rows", slots, r_used)
+    # Block g holds the rows of adapter uniq[g] at positions g*M .. g*M+count-1; padding repeats the block's
+    # first row (a real row, so the padded products stay finite) and its outputs are never read.
+    starts = torch.cumsum(counts, 0) - counts  # (G,) first index of each group in `order`
+    pos = torch.arange(block, device=slots.device)
+    take = starts[:, None] + torch.minimum(pos[None, :], counts[:, None] - 1)  # (G, M)
+    block_order = order[take.reshape(-1)]
+    rank_in_group = arange - torch.repeat_interleave(starts, counts)
+    inverse = torch.empty(batch, dtype=torch.long, device=slots.device)
+    inverse[order] = torch.repeat_interleave(torch.arange(groups, device=slots.device), counts) * block + rank_in_group
+    identity = sorted_rows and bool((counts == block).all())
+    return Plan("grouped", slots, r_used, group_slots=uniq,
+                group_view=(int(uniq[0]), groups) if contiguous else None,
+                order=None if identity else block_order, inverse=None if identity else inverse, block=block)
+
+
+# -- banks -------------------------------------------------------------------------------------------------
+class LoraBank(nn.Module):
+    """Every banked LoRA adapter of one linear layer (nn.Linear / Conv1D); set as ``AdapterLayer.bank``.
+
+    Global adapter ids (shared by all layers of a model) map to local slots through ``table``; an adapter that
+    does not adapt this layer maps to slot 0 and gets a zero delta here. Buffers are non-persistent: banks are
+    rebuilt from adapter files, never saved with the model's state dict.
+    """
+
+    a_rank_dim = 1  # A is (slots, r_max, in)
+
+    def __init__(self, info: LayerInfo, *, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.info = info
+        a_shape = [1, 0, 0]
+        a_shape[3 - self.a_rank_dim] = info.in_features
+        self.register_buffer("A", torch.zeros(a_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("B", torch.zeros(1, 0, info.out_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        self.register_buffer("ranks", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("table", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.used = 1  # slots in use (slot 0, the zero adapter, included); slots >= used are spare capacity
+        self.free: list[int] = []
+        # Plain dict, not module attributes: bumped on every write, and nn.Module.__setattr__ is slow.
+        self._state: dict = {"version": 0, "cache": None}
+
+    # -- storage -----------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def r_max(self) -> int:
+        return self.A.shape[self.a_rank_dim]
+
+    @property
+    def n_adapters(self) -> int:
+        return self.used - 1 - len(self.free)
+
+    def reserve(self, slots: int, r: int) -> None:
+        """Make room for ``slots`` more adapters of rank up to ``r``; grows to exactly what is asked."""
+        cap = max(self.capacity, self.used + max(0, slots - len(self.free)))
+        r_max = max(self.r_max, r)
+        if cap == self.capacity and r_max == self.r_max:
+            return
+        self.A = _grown(self.A, cap, self.a_rank_dim, r_max)
+        self.B = _grown(self.B, cap, 1, r_max)
+        if self.bias is not None:
+            self.bias = _grown(self.bias, cap)
+        self.ranks = _grown(self.ranks, cap)
+        self._touch()
+
+    def resize_table(self, n_ids: int) -> None:
+        """Room in the id -> slot table for global ids 0 .. n_ids-1 (entry 0 is id -1, "no adapter")."""
+        if self.table.numel() < n_ids + 1:
+            table = self.table.new_zeros(n_ids + 1)
+            table[: self.table.numel()] = self.table
+            self.table = table
+            self._touch()
+
+    def allocate(self, adapter_id: int) -> int:
+        """A slot for global id ``adapter_id`` (its old slot if it has one); call ``reserve`` first."""
+        slot = int(self.table[adapter_id + 1])
+        if slot == 0:
+            if self.free:
+                slot = self.free.pop()
+            else:
+                if self.used >= self.capacity:
+                    raise RuntimeError("LoraBank.allocate without reserve")
+                slot = self.used
+                self.used += 1
+            self.table[adapter_id + 1] = slot
+            self._touch()
+        return slot
+
+    def write(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              lora_bias: torch.Tensor | None = None) -> None:
+        """Store one adapter in ``slot``: ``lora_A`` and ``lora_B`` as PEFT saves them (A (r, in), B (out, r))."""
+        r = lora_A.shape[0]
+        with torch.no_grad():
+            self._write_A(slot, lora_A)
+            self.B[slot, :r].copy_(lora_B.T).mul_(scaling)
+            if r < self.r_max:  # rank padding (fresh slots are uninitialised, reused ones hold old values)
+                self.A[slot].narrow(self.a_rank_dim - 1, r, self.r_max - r).zero_()
+                self.B[slot, r:].zero_()
+            if lora_bias is not None:
+                if self.bias is None:
+                    self.bias = self.B.new_zeros(self.capacity, self.info.out_features)
+                self.bias[slot].copy_(lora_bias.float() * scaling)
+            elif self.bias is not None:
+                self.bias[slot].zero_()
+        self.ranks[slot] = r
+        self._touch()
+
+    def _write_A(self, slot: int, lora_A: torch.Tensor) -> None:
+        self.A[slot, : lora_A.shape[0]].copy_(lora_A)
+
+    def release(self, adapter_id: int) -> None:
+        """Forget global id ``adapter_id`` here; its slot is zeroed and reused by the next adapter."""
+        if adapter_id + 1 >= self.table.numel():
+            return
+        slot = int(self.table[adapter_id + 1])
+        if slot == 0:
+            return
+        with torch.no_grad():
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            if self.bias is not None:
+                self.bias[slot].zero_()
+        self.ranks[slot] = 0
+        self.table[adapter_id + 1] = 0
+        self.free.append(slot)
+        self._touch()
+
+    def slot_of(self, adapter_id: int) -> int:
+        return int(self.table[adapter_id + 1]) if adapter_id + 1 < self.table.numel() else 0
+
+    def _touch(self) -> None:
+        self._state["version"] += 1
+        self._state["cache"] = None
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _plan(self, ctx, batch: int, tokens: int) -> tuple[Plan, torch.Tensor | None]:
+        ids = ctx.adapter_ids
+        weights = ctx.extras.get(WEIGHTS_KEY) if ctx.extras else None
+        cache, version = self._state["cache"], self._state["version"]
+        if (cache is not None and cache[0] is ids and cache[1] == _version_of(ids) and cache[2] is weights
+                and cache[3] == (batch, tokens) and cache[4] == version):
+            return cache[5], cache[6]
+        ids_t = torch.as_tensor(ids).to(self.table.device)
+        if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise AdapterError(f"routing adapter_ids must be an integer tensor, got dtype {ids_t.dtype}")
+        ids_t = ids_t.long()
+        if ids_t.dim() == 1:
+            ids_t = ids_t[:, None]
+        if ids_t.dim() != 2:
+            raise AdapterError(f"routing adapter_ids must have shape (batch,) or (batch, k), got {tuple(ids_t.shape)}")
+        if ids_t.shape[0] != batch:
+            # generate(num_return_sequences / num_beams) repeats each prompt row; its adapter goes with it.
+            if ids_t.shape[0] == 0 or batch % ids_t.shape[0]:
+                raise AdapterError(f"routing adapter_ids has {ids_t.shape[0]} rows for a batch of {batch} rows")
+            ids_t = ids_t.repeat_interleave(batch // ids_t.shape[0], dim=0)
+        if ids_t.numel() and (int(ids_t.min()) < -1 or int(ids_t.max()) >= self.table.numel() - 1):
+            raise AdapterError(
+                f"routing adapter_ids out of range [{int(ids_t.min())}, {int(ids_t.max())}]: this bank knows ids -1 "
+                f"(no adapter) .. {self.table.numel() - 2}. Use the AdapterRegistry's ids (registry.ids(names)).")
+        w = None
+        if weights is not None:
+            w = torch.as_tensor(weights).to(device=self.A.device, dtype=self.A.dtype)
+            if w.dim() == 1:
+                w = w[:, None]
+            if w.shape[1] != ids_t.shape[1] or batch % max(w.shape[0], 1):
+                raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
+                                   f"{tuple(ids_t.shape)} (one weight per id)")
+            w = w.repeat_interleave(batch // w.shape[0], dim=0)
+        slots = self.table[ids_t + 1]  # (batch, k)
+        plan = make_plan(slots, self.ranks, tokens, weighted=w is not None)
+        self._state["cache"] = (ids, _version_of(ids), weights, (batch, tokens), version, plan, w)
+        return plan, w
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (batch, tokens, in): prefill (b, t, in), decode (b, 1, in)
+        plan, w = self._plan(ctx, batch, x3.shape[1])
+        if plan.mode == "none":
+            return base_out.new_zeros(())
+        x3 = x3.to(self.A.dtype)
+        kernel = _KERNELS.get(x3.device.type)
+        y = kernel(x3, self.A, self.B, plan.slots, w, plan.r_used) if kernel is not None else None
+        if y is None:
+            y = self._delta(x3, plan, w)
+        if self.bias is not None:
+            b = self.bias[plan.slots]  # (batch, k, out)
+            b = (b * w[..., None]).sum(1) if w is not None else b.sum(1)
+            y = y + b[:, None, :]
+        return y.reshape(base_out.shape).to(base_out.dtype)
+
+    def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        """Inference only: add the banked delta into the freshly computed base output in place (saves one
+        full output-sized tensor per layer, which on CPU is a visible share of an r=16 update)."""
+        y = self.forward(x, base_out, ctx)
+        return base_out if y.dim() == 0 else base_out.add_(y)
+
+    def _shrink(self, x3: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, in) x (batch, r, in) -> (batch, tokens, r)."""
+        return torch.bmm(x3, A.transpose(1, 2))
+
+    def _delta(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> torch.Tensor:
+        ru = plan.r_used
+        A, B = self.A[:, :ru], self.B[:, :ru]
+        batch, tokens = x3.shape[0], x3.shape[1]
+        if plan.mode == "single":
+            h = self._shrink(x3.reshape(1, batch * tokens, -1), A[plan.slot: plan.slot + 1])  # (1, b*t, r)
+            return (h[0] @ B[plan.slot]).view(batch, tokens, -1)
+        if plan.mode == "grouped":
+            groups, block = plan.group_slots.numel(), plan.block
+            if plan.group_view is not None:
+                first, n = plan.group_view
+                Ag, Bg = A[first: first + n], B[first: first + n]
+            else:
+                Ag, Bg = A.index_select(0, plan.group_slots), B.index_select(0, plan.group_slots)
+            xs = x3 if plan.order is None else x3.index_select(0, plan.order)
+            h = self._shrink(xs.reshape(groups, block * tokens, -1), Ag)  # (G, M*t, r)
+            y = torch.bmm(h, Bg).view(groups * block, tokens, -1)  # (G*M, t, out)
+            return y if plan.inverse is None else y.index_select(0, plan.inverse)
+        # rows (BGMV): k adapters per row, concatenated along the rank axis.
+        k = plan.slots.shape[1]
+        flat = plan.slots.reshape(-1)
+        Ag = A.index_select(0, flat).view(batch, k * ru, -1)  # (b, k*r, in)
+        Bg = B.index_select(0, flat).view(batch, k * ru, -1)  # (b, k*r, out)
+        h = self._shrink(x3, Ag)  # (b, t, k*r)
+        if w is not None:
+            h = (h.view(batch, tokens, k, ru) * w.view(batch, 1, k, 1)).view(batch, tokens, k * ru)
+        return torch.bmm(h, Bg)
+
+
+class LoraEmbeddingBank(LoraBank):
+    """Banked LoRA on nn.Embedding: ``A`` stored as (slots, num_embeddings, r_max) so the shrink is a lookup
+    of row (slot, token id); the expand is the same as for linear layers. Always runs per row (gathers)."""
+
+    a_rank_dim = 2  # A is (slots, num_embeddings, r_max)
+
+    def __init__(self, info: LayerInfo, base_layer: nn.Embedding, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        if base_layer.max_norm is not None:
+            raise AdapterError("banked embedding LoRA does not support nn.Embedding(max_norm=...) bases "
+                               "(the lookup would renormalise the base table); exclude the embedding from target_modules")
+        super().__init__(info, dtype=dtype, device=device)
+        self.embed_scale = getattr(base_layer, "embed_scale", None)
+
+    def _write_A(self, slot: int, lora_A: torch.Tensor) -> None:  # lora_embedding_A: (r, num_embeddings)
+        self.A[slot, :, : lora_A.shape[0]].copy_(lora_A.T)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        batch = x.shape[0]
+        ids = x.reshape(batch, -1)  # (batch, tokens) token ids
+        plan, w = self._plan(ctx, batch, ids.shape[1])
+        if plan.mode == "none":
+            return base_out.new_zeros(())
+        ru, k, vocab = plan.r_used, plan.slots.shape[1], self.info.in_features
+        rows = plan.slots[:, None, :] * vocab + ids[:, :, None]  # (batch, tokens, k) rows of (slot, token)
+        h = F.embedding(rows, self.A.view(-1, self.r_max))[..., :ru]  # (batch, tokens, k, r)
+        if w is not None:
+            h = h * w.view(batch, 1, k, 1)
+        Bg = self.B[:, :ru].index_select(0, plan.slots.reshape(-1)).view(batch, k * ru, -1)
+        y = torch.bmm(h.reshape(batch, ids.shape[1], k * ru), Bg)
+        if isinstance(self.embed_scale, torch.Tensor):
+            y = y * self.embed_scale.to(y.dtype)
+        return y.reshape(base_out.shape).to(base_out.dtype)
+
+
+def bank_for(layer: nn.Module, *, dtype: torch.dtype | None = None) -> LoraBank:
+    """A new, empty bank matching ``layer`` (an AdapterLayer); dtype defaults to the base weight's."""
+    base = layer.base_layer
+    weight = base.weight
+    dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    if layer.info.kind == "embedding":
+        return LoraEmbeddingBank(layer.info, base, dtype=dtype, device=weight.device)
+    if layer.info.kind == "linear":
+        return LoraBank(layer.info, dtype=dtype, device=weight.device)
+    raise AdapterError(f"no bank for layer kind {layer.info.kind!r}")
+
+
+
+def _grown(t: torch.Tensor, cap: int, rank_dim: int | None = None, r_max: int = 0) -> torch.Tensor:
+    """``t`` grown to ``cap`` slots (dim 0) and, if given, ``r_max`` along ``rank_dim``; the old slots' new rank
+    columns are zeroed. New slots are left uninitialised (each is fully written, padding included, when
+    allocated) — zero-filling gigabytes of banks up front would double the loading time."""
+    shape = list(t.shape)
+    shape[0] = cap
+    if rank_dim is not None:
+        shape[rank_dim] = r_max
+    new = t.new_empty(shape)
+    old = new[tuple(slice(0, n) for n in t.shape)]
+    old.copy_(t)
+    if rank_dim is not None and r_max > t.shape[rank_dim]:
+        new[: t.shape[0]].narrow(rank_dim, t.shape[rank_dim], r_max - t.shape[rank_dim]).zero_()
+    if rank_dim is None:
+        new[t.shape[0]:].zero_()  # small per-slot vectors (ranks, bias): keep them zero
+    return new
+
+
+def _version_of(t) -> int | None:
+    try:
+        return t._version
+    except (AttributeError, RuntimeError):  # inference tensors have no version counter
+        return None

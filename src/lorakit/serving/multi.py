@@ -1,0 +1,452 @@
+"""Many adapters on one base model: load PEFT-format LoRA folders straight into per-layer banks, then run
+batches where each row names its own adapter (or a weighted mix, or none), in ``forward`` and ``generate``.
+
+    registry = load_adapters(model, {"math": "adapters/math", "sql": "adapters/sql"})
+    with bank_routing(model, ["math", None, {"math": 0.7, "sql": 0.3}]):
+        logits = model(input_ids=ids).logits
+    out = generate(model, ids, adapter_names=["sql", "math", None], max_new_tokens=20)
+
+Loading reads ``adapter_model.safetensors`` tensors and copies them into preallocated bank slots; no
+per-adapter ``nn.Module`` is built. Banks are sized by what is loaded (exactly, when growing) and grow on
+later loads. Adapters added with ``lorakit.add_adapter`` / ``load_adapter`` join the banks with
+:meth:`AdapterRegistry.add_attached`. Outside a ``bank_routing`` block banked adapters do nothing.
+
+Only plain LoRA / rsLoRA (linear and embedding layers, optional ``lora_bias``) can be banked. DoRA rescales
+each output row by a norm that depends on the adapter and the base weight, which does not batch as a
+low-rank product; it is rejected, as PEFT rejects DoRA in mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.delta import describe_layer
+from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.layer import BASE_NAME, AdapterLayer
+from ..core.model import adapter_state
+from ..core.routing import current_routing, routing
+from ..core.targeting import iter_host_modules, select_targets
+from ..io.peft_format import PREFIX, read_adapter_config, weights_path
+from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
+from .bank import WEIGHTS_KEY, LoraBank, bank_for
+
+REGISTRY_ATTR = "lorakit_bank"
+# A row of a mixed batch: an adapter name, None / "__base__" (no adapter), or {name: weight, ...}.
+RowSpec = Union[str, None, Mapping[str, float]]
+
+
+class AdapterRegistry:
+    """The banked adapters of one model: name <-> global id, and one bank per adapted layer."""
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None):
+        self.model = model
+        self.dtype = dtype
+        self.ids: dict[str, int] = {}
+        self.configs: dict[str, LoraConfig] = {}
+        self.banks: dict[str, LoraBank] = {}  # module path -> bank
+        self._names: list[str | None] = []  # id -> name (None = freed id)
+        self._free_ids: list[int] = []
+        self._targets_cache: dict[str, list[str]] = {}
+
+    # -- names and ids -----------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.ids
+
+    def id_of(self, name: str) -> int:
+        if name in self.ids:
+            return self.ids[name]
+        loaded = list(self.ids)
+        shown = ", ".join(loaded[:10]) + (f", ... ({len(loaded)} in all)" if len(loaded) > 10 else "")
+        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, loaded)} Banked adapters: {shown or 'none'}"
+                           f" (load them with load_adapters / registry.add_attached).")
+
+    def route(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row specs -> (ids (batch,) or (batch, k), weights (batch, k) or None). -1 = no adapter."""
+        rows = list(rows)
+        if not any(isinstance(r, Mapping) for r in rows):
+            return torch.tensor([-1 if r is None or r == BASE_NAME else self.id_of(r) for r in rows],
+                                dtype=torch.long), None
+        k = max(len(r) if isinstance(r, Mapping) else 1 for r in rows)
+        ids = torch.full((len(rows), k), -1, dtype=torch.long)
+        weights = torch.zeros(len(rows), k)
+        for i, r in enumerate(rows):
+            items = r.items() if isinstance(r, Mapping) else [(r, 1.0)]
+            for j, (name, w) in enumerate(items):
+                if name is not None and name != BASE_NAME:
+                    ids[i, j], weights[i, j] = self.id_of(name), float(w)
+        return ids, weights
+
+    def _new_id(self, name: str) -> int:
+        if self._free_ids:
+            i = self._free_ids.pop()
+            self._names[i] = name
+        else:
+            i = len(self._names)
+            self._names.append(name)
+        self.ids[name] = i
+        return i
+
+    # -- banks ---------------------------------------------------------------------------------------------
+    def _layer(self, path: str) -> AdapterLayer | None:
+        module = self.model.get_submodule(path)
+        return module if isinstance(module, AdapterLayer) else None
+
+    def _bank(self, path: str, new_banks: dict[str, LoraBank]) -> LoraBank:
+        bank = self.banks.get(path) or new_banks.get(path)
+        if bank is None:
+            layer = self._layer(path)
+            if layer is None:
+                base = self.model.get_submodule(path)
+                layer = AdapterLayer(base, describe_layer(base))
+            elif layer.bank is not None and not isinstance(layer.bank, LoraBank):
+                raise AdapterError(f"layer {path!r} already has a bank of type {type(layer.bank).__name__}")
+            bank = layer.bank if isinstance(layer.bank, LoraBank) else bank_for(layer, dtype=self.dtype)
+            new_banks[path] = bank
+        return bank
+
+    def install(self) -> None:
+        """Put every bank on its layer (wrapping plain layers in AdapterLayer); idempotent and cheap."""
+        for path, bank in self.banks.items():
+            module = self.model.get_submodule(path)
+            if not isinstance(module, AdapterLayer):  # e.g. delete_adapter unwrapped the layer
+                module = AdapterLayer(module, describe_layer(module))
+                parent_path, _, attr = path.rpartition(".")
+                setattr(self.model.get_submodule(parent_path) if parent_path else self.model, attr, module)
+            if module.bank is not bank:
+                module.bank = bank
+            bank.resize_table(len(self._names))
+
+    def _commit(self, new_banks: dict[str, LoraBank]) -> None:
+        self.banks.update(new_banks)
+        self.install()
+
+    def _rollback(self, added: list[str], new_banks: dict[str, LoraBank]) -> None:
+        for name in added:
+            i = self.ids.pop(name)
+            self.configs.pop(name, None)
+            for bank in list(self.banks.values()) + list(new_banks.values()):
+                bank.release(i)
+            self._names[i] = None
+            self._free_ids.append(i)
+
+    def remove(self, name: str) -> None:
+        """Drop a banked adapter; its slots are zeroed and reused by later loads."""
+        i = self.id_of(name)
+        for bank in self.banks.values():
+            bank.release(i)
+        del self.ids[name]
+        self.configs.pop(name, None)
+        self._names[i] = None
+        self._free_ids.append(i)
+
+    # -- loading from disk -----------------------------------------------------------------------------------
+    def load(self, adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike], *,
+             overwrite: bool = False) -> list[str]:
+        """Read PEFT-format LoRA folders into the banks. A list of folders is named by folder name.
+
+        All or nothing: on any error (bad config, DoRA, missing / unexpected / misshaped tensor, NaN) no
+        adapter of this call stays loaded. Returns the names loaded.
+        """
+        if not isinstance(adapters, Mapping):
+            adapters = {Path(d).name: d for d in adapters}
+        plans = []  # (name, directory, config, [(path, kind, r, scaling)])
+        need: dict[str, list[int]] = {}  # path -> [count, r_max]
+        host: dict[str, nn.Module] | None = None
+        for name, directory in adapters.items():
+            if not isinstance(name, str) or not name or name == BASE_NAME:
+                raise AdapterError(f"invalid adapter name {name!r}")
+            if name in self.ids and not overwrite:
+                raise AdapterError(f"adapter {name!r} is already banked; pass overwrite=True or remove it first")
+            directory = Path(directory)
+            config = read_adapter_config(directory)
+            _check_bankable_config(config, directory)
+            key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
+                              config.layers_pattern], sort_keys=True, default=str)
+            if key not in self._targets_cache:
+                self._targets_cache[key] = select_targets(self.model, config)
+            layers = []
+            for path in self._targets_cache[key]:
+                if host is None:
+                    host = dict(iter_host_modules(self.model))
+                info = describe_layer(host[path])
+                if info is None or info.kind not in ("linear", "embedding"):
+                    raise AdapterLoadError(f"{directory}: module {path!r} ({type(host[path]).__name__}) cannot "
+                                           f"take a banked LoRA (linear and embedding layers only)")
+                c = config.for_module(path)
+                layers.append((path, info, c.r, c.scaling))
+                n = need.setdefault(path, [0, 0])
+                n[0], n[1] = n[0] + 1, max(n[1], c.r)
+            plans.append((name, directory, config, layers))
+
+        new_banks: dict[str, LoraBank] = {}
+        for path, (count, r) in need.items():
+            self._bank(path, new_banks).reserve(count, r)
+        added: list[str] = []
+        try:
+            for name, _, config, _ in plans:
+                if name in self.ids:  # overwrite: same id, fresh slots
+                    self.remove(name)
+                self._new_id(name)
+                added.append(name)
+                self.configs[name] = config
+            for bank in list(self.banks.values()) + list(new_banks.values()):
+                bank.resize_table(len(self._names))
+            for name, directory, config, layers in plans:
+                self._read_into(self.ids[name], directory, config, layers, new_banks)
+        except BaseException:
+            self._rollback(added, new_banks)
+            raise
+        self._commit(new_banks)
+        return added
+
+    def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, layers, new_banks) -> None:
+        path_w = weights_path(directory)
+        tensors, finite = _read_safetensors(path_w)
+        for key in tensors:
+            if not key.startswith(PREFIX):
+                raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
+        used = set()
+        for path, info, r, scaling in layers:
+            names = (("lora_embedding_A", "lora_embedding_B") if info.kind == "embedding"
+                     else ("lora_A.weight", "lora_B.weight"))
+            shapes = ((r, info.in_features), (info.out_features, r))
+            got = []
+            for suffix, shape in zip(names, shapes):
+                key = f"{PREFIX}{path}.{suffix}"
+                t = tensors.get(key)
+                if t is None:
+                    raise AdapterLoadError(f"{path_w}: tensor {key!r} the config requires is missing")
+                if tuple(t.shape) != shape:
+                    raise AdapterLoadError(f"{path_w}: tensor {key!r} has shape {tuple(t.shape)} but this model and "
+                                           f"config (r / rank_pattern, module size) expect {shape}")
+                if not finite and t.is_floating_point() and not torch.isfinite(t).all():
+                    raise AdapterLoadError(f"{path_w}: tensor {key!r} has non-finite values (NaN/Inf)")
+                used.add(key)
+                got.append(t)
+            bias = None
+            if config.lora_bias and info.kind == "linear":
+                key = f"{PREFIX}{path}.lora_B.bias"
+                bias = tensors.get(key)
+                if bias is None or tuple(bias.shape) != (info.out_features,):
+                    raise AdapterLoadError(f"{path_w}: tensor {key!r} is missing or misshaped (lora_bias=True)")
+                used.add(key)
+            bank = self._bank(path, new_banks)
+            bank.write(bank.allocate(adapter_id), got[0], got[1], scaling, bias)
+        extra = [k for k in tensors if k not in used and not self._same_base_weight(k, tensors[k])]
+        if extra:
+            raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
+                                   f"e.g. {extra[:3]}; is it for a different base model?")
+
+    def _same_base_weight(self, key: str, value: torch.Tensor) -> bool:
+        """PEFT saves the base embedding when embeddings are targeted; fine when it equals this model's own."""
+        if ".base_layer." not in key:
+            return False
+        module_path, _, param = key[len(PREFIX):].replace(".base_layer.", ".").rpartition(".")
+        try:
+            module = self.model.get_submodule(module_path)
+        except AttributeError:
+            return False
+        current = getattr(module.base_layer if isinstance(module, AdapterLayer) else module, param, None)
+        if not isinstance(current, torch.Tensor) or current.shape != value.shape:
+            return False
+        if not torch.equal(current.detach().cpu(), value.to(current.dtype)):
+            raise AdapterLoadError(f"tensor {key!r} is a base-model weight that differs from this model's (a resized "
+                                   f"vocabulary?); load the matching base model first")
+        return True
+
+    # -- adapters already attached to the model ----------------------------------------------------------------
+    def add_attached(self, names: Sequence[str] | None = None, *, overwrite: bool = True) -> list[str]:
+        """Copy adapters added with ``lorakit.add_adapter`` / ``load_adapter`` into the banks (default: all).
+
+        The banks hold a copy: after training the attached adapter further, call this again to refresh it.
+        """
+        state = adapter_state(self.model)
+        names = list(state.configs) if names is None else list(names)
+        for n in names:
+            if n not in state.configs:
+                raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} Attached: {list(state.configs)}")
+            if n in self.ids and not overwrite:
+                raise AdapterError(f"adapter {n!r} is already banked; pass overwrite=True or remove it first")
+            _check_bankable_config(state.configs[n], n)
+        layers = [(p, m) for p, m in self.model.named_modules() if isinstance(m, AdapterLayer)]
+        need: dict[str, list[int]] = {}
+        for n in names:
+            for path, layer in layers:
+                if n in layer.adapters:
+                    delta = layer.adapters[n]
+                    if type(delta) not in (LoraLinear, LoraEmbedding):
+                        kind = "DoRA" if isinstance(delta, (DoraLinear, DoraEmbedding)) else type(delta).__name__
+                        raise AdapterError(f"adapter {n!r} at {path!r} is {kind}; only plain LoRA can be banked")
+                    c = need.setdefault(path, [0, 0])
+                    c[0], c[1] = c[0] + 1, max(c[1], delta.r)
+        new_banks: dict[str, LoraBank] = {}
+        for path, (count, r) in need.items():
+            self._bank(path, new_banks).reserve(count, r)
+        added: list[str] = []
+        try:
+            for n in names:
+                if n in self.ids:
+                    self.remove(n)
+                i = self._new_id(n)
+                added.append(n)
+                self.configs[n] = state.configs[n]
+                for bank in list(self.banks.values()) + list(new_banks.values()):
+                    bank.resize_table(len(self._names))
+                for path, layer in layers:
+                    if n in layer.adapters:
+                        u = layer.adapters[n].units()
+                        bias = getattr(getattr(layer.adapters[n], "lora_B", None), "bias", None)
+                        bank = self._bank(path, new_banks)
+                        bank.write(bank.allocate(i), u.A.detach(), u.B.detach(), u.scaling,
+                                   None if bias is None else bias.detach())
+        except BaseException:
+            self._rollback(added, new_banks)
+            raise
+        self._commit(new_banks)
+        return added
+
+    # -- running --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def routing(self, rows: Sequence[RowSpec]) -> Iterator[None]:
+        """Run the block with one adapter (or weighted mix, or none) per batch row."""
+        ids, weights = self.route(rows)
+        self.install()
+        outer = current_routing()
+        extras = {k: v for k, v in (outer.extras if outer is not None else {}).items() if k != WEIGHTS_KEY}
+        if weights is not None:
+            extras[WEIGHTS_KEY] = weights
+        with routing(adapter_ids=ids, extras=extras):
+            yield
+
+    def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[RowSpec], **kwargs) -> torch.Tensor:
+        with self.routing(adapter_names):
+            return self.model.generate(input_ids=input_ids, **kwargs)
+
+    def memory_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bank in self.banks.values() for b in bank.buffers())
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NP_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The file's tensors as zero-copy views of one read, and whether all are known to be finite.
+
+    The safetensors layout (8-byte header length, JSON header of dtype / shape / data_offsets, data) is parsed
+    here so each tensor is a view into the bytes read (no per-tensor copy before the copy into a bank). The
+    finiteness check is one reduction over the whole data section; False means "check each tensor".
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterLoadError(f"missing weights file {path}") from None
+    bad = f"{path} is not a valid safetensors file"
+    if len(data) < 8:
+        raise AdapterLoadError(f"{bad} (truncated: {len(data)} bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise AdapterLoadError(f"{bad} (truncated or corrupted: header claims {n} bytes, file has {len(data)})")
+    try:
+        header = json.loads(data[8: 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"{bad} (header is not JSON: {e})") from None
+    start, size = 8 + n, len(data) - 8 - n
+    tensors: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the bytes are read-only; we only read them
+        for key, spec in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = _DTYPES[spec["dtype"]]
+                begin, end = spec["data_offsets"]
+                shape = [int(d) for d in spec["shape"]]
+                count = math.prod(shape)
+                if not 0 <= begin <= end <= size or (end - begin) != count * dtype.itemsize:
+                    raise ValueError(f"offsets {begin}..{end} do not fit shape {shape}")
+                tensors[key] = (torch.frombuffer(data, dtype=dtype, offset=start + begin, count=count).view(shape)
+                                if count else torch.empty(shape, dtype=dtype))
+            except (KeyError, TypeError, ValueError) as e:
+                raise AdapterLoadError(f"{bad} (tensor {key!r}: {type(e).__name__}: {e})") from None
+    # A NaN/Inf anywhere makes the sum non-finite, so a finite sum proves every value finite (an overflowing
+    # sum of huge values only sends us to the exact per-tensor check). numpy, not torch: a single-threaded pass
+    # over a few MB; torch's OpenMP fan-out costs far more than the sum on a busy machine.
+    kinds = {spec["dtype"] for k, spec in header.items() if k != "__metadata__"}
+    finite = False
+    if len(kinds) == 1 and next(iter(kinds)) in _NP_FLOATS:
+        arr = np.frombuffer(data, dtype=_NP_FLOATS[kinds.pop()], offset=start)
+        with np.errstate(all="ignore"):
+            finite = bool(np.isfinite(arr.sum(dtype=np.float64)))
+    return tensors, finite
+
+
+def _check_bankable_config(config, where) -> None:
+    if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
+        raise AdapterLoadError(f"{where}: method {type(config).__name__} cannot be banked; only plain LoRA/rsLoRA")
+    if config.use_dora:
+        raise AdapterLoadError(
+            f"{where}: DoRA adapters cannot run in a mixed-adapter batch (their per-row magnitude rescales the base "
+            f"output; PEFT rejects this too). Load it with lorakit.load_adapter and serve it in its own batch.")
+    if config.modules_to_save:
+        raise AdapterLoadError(
+            f"{where}: modules_to_save={config.modules_to_save} (whole trained modules) cannot be banked per row; "
+            f"load it with lorakit.load_adapter and serve it in its own batch.")
+
+
+# -- free functions -----------------------------------------------------------------------------------------------
+def registry_of(model: nn.Module, *, create: bool = False, dtype: torch.dtype | None = None) -> AdapterRegistry:
+    reg = getattr(model, REGISTRY_ATTR, None)
+    if reg is None:
+        if not create:
+            raise AdapterError("this model has no banked adapters; call lorakit.serving.load_adapters first")
+        reg = AdapterRegistry(model, dtype=dtype)
+        object.__setattr__(model, REGISTRY_ATTR, reg)  # a plain attribute, not a submodule
+    return reg
+
+
+def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike], *,
+                  dtype: torch.dtype | None = None, overwrite: bool = False) -> AdapterRegistry:
+    """Load many PEFT-format LoRA folders into ``model``'s banks ({name: folder} or a list of folders)."""
+    reg = registry_of(model, create=True, dtype=dtype)
+    reg.load(adapters, overwrite=overwrite)
+    return reg
+
+
+def bank_adapters(model: nn.Module, names: Sequence[str] | None = None, *,
+                  dtype: torch.dtype | None = None) -> AdapterRegistry:
+    """Copy adapters attached with ``lorakit.add_adapter`` / ``load_adapter`` into banks (default: all)."""
+    reg = registry_of(model, create=True, dtype=dtype)
+    reg.add_attached(names)
+    return reg
+
+
+@contextlib.contextmanager
+def bank_routing(model: nn.Module, adapter_names: Sequence[RowSpec]) -> Iterator[None]:
+    """``with bank_routing(model, ["a", None, {"a": .7, "b": .3}]): model(...)`` — one spec per batch row."""
+    with registry_of(model).routing(adapter_names):
+        yield
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, adapter_names: Sequence[RowSpec], **kwargs) -> torch.Tensor:
+    """``model.generate`` with one adapter per row; rows keep their adapter through every decode step."""
+    return registry_of(model).generate(input_ids, adapter_names, **kwargs)

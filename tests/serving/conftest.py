@@ -1,0 +1,55 @@
+"""Shared builders for the serving tests: random PEFT-format LoRA folders for tiny models, reference outputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit as lk
+from lk_models import tiny_llama
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(directory: Path, seed: int, factory=tiny_llama, **config) -> Path:
+    """Save a LoRA with random non-zero A and B (so every adapter changes the output) into ``directory``."""
+    model = factory()
+    config.setdefault("target_modules", ALL)
+    lk.add_adapter(model, lk.LoraConfig(init_lora_weights=False, **config), "a")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lk.save_adapter(model, directory, "a")
+    return directory
+
+
+def reference_model(dirs: dict[str, Path], factory=tiny_llama):
+    """The base model with every adapter attached the ordinary way (per-adapter modules)."""
+    model = factory()
+    for name, d in dirs.items():
+        lk.load_adapter(model, d, name)
+    return model
+
+
+def per_row(model, ids: torch.Tensor, rows, **kw) -> torch.Tensor:
+    """Each row run alone with its adapter active (None = adapters disabled)."""
+    outs = []
+    for i, name in enumerate(rows):
+        if name is None:
+            with lk.disable_adapters(model):
+                outs.append(model(input_ids=ids[i:i + 1], **kw).logits)
+        else:
+            lk.set_adapter(model, name)
+            outs.append(model(input_ids=ids[i:i + 1], **kw).logits)
+    return torch.cat(outs)
+
+
+@pytest.fixture(scope="session")
+def sh():
+    """These helpers, as a fixture (tests import nothing from conftest under --import-mode=importlib)."""
+    return sys.modules[__name__]
