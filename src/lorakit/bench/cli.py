@@ -38,7 +38,9 @@ def main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     if args.what == "perf":
         from . import perf
-        from .. import serving  # noqa: F401  (registers the mixed-adapter rows)
+        from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
+        from ..serving.bench import serving_perf_rows
+        perf.EXTRA_ROWS.setdefault("mixed", serving_perf_rows)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

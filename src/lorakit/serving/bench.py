@@ -225,3 +225,29 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def serving_perf_rows(profile, device) -> list[dict]:
+    """``lorakit bench perf`` rows: mixed-adapter batches (one adapter per row) and bulk loading."""
+    quick = profile.models == ("llama-tiny",)
+    ns = (1, 2) if quick else (1, 8, 64, 256, 1024)
+    result = run_serving_bench(ns, batch=8 if quick else 256, tokens=4 if quick else 16, repeats=1 if quick else 5,
+                               load_n=4 if quick else 1000, peft_max_n=2 if quick else 256, threads=torch.get_num_threads())
+    rows = []
+    for n, t in result["forward"].items():
+
+        def ratio(a, b):
+            return {"min": t[a]["min_s"] / t[b]["min_s"], "median": t[a]["median_s"] / t[b]["median_s"]}
+        row = {"row": f"mixed batch, N={n} distinct adapters", "model": "llama-8x512",
+               "lorakit/base": ratio("bank", "base")}
+        if "peft" in t:
+            row["peft/base"] = ratio("peft", "base")
+            row["lorakit/peft"] = ratio("bank", "peft")
+        if "bank_shuffled" in t:
+            row["note"] = f"rows shuffled: lorakit/base {t['bank_shuffled']['min_s'] / t['base']['min_s']:.3f}"
+        rows.append(row)
+    load = result["load"]
+    if "seconds" in load:
+        rows.append({"row": f"load {load['n']} PEFT adapters into banks", "model": "llama-8x512",
+                     "note": f"{load['seconds']:.1f} s total ({load['bank_bytes'] / 2**30:.2f} GiB of banks)"})
+    return rows
