@@ -181,6 +181,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from . import list_methods
 
     methods = list_methods()
+    if args.markdown:  # the README's table is generated from the registry with this
+        print("| method | what it does | paper | PEFT-compatible file | mergeable | variants |")
+        print("|---|---|---|---|---|---|")
+        for m in methods:
+            print(f"| `{m.name}` | {m.description} | {m.paper} | {'yes (' + m.peft_type + ')' if m.peft_type else 'lorakit'} "
+                  f"| {'yes' if m.mergeable else 'no'} | {', '.join(m.variants)} |")
+        return 0
     width = max(len(m.name) for m in methods)
     for m in methods:
         peft = f" [PEFT: {m.peft_type}]" if m.peft_type else ""
@@ -335,6 +342,7 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list registered methods")
     m.add_argument("-v", "--verbose", action="store_true")
+    m.add_argument("--markdown", action="store_true", help="a markdown table (used for the README)")
     m.set_defaults(func=cmd_methods)
 
     ts = sub.add_parser("tasks", help="list built-in tasks")
