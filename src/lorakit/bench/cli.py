@@ -22,7 +22,7 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -36,7 +36,21 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
     t0 = time.perf_counter()
-    if args.what == "perf":
+    if args.what == "tasks":
+        from dataclasses import replace
+
+        from . import methods
+        from .perf import machine_description
+        profile = methods.TasksProfile(steps=3, train_examples=16, eval_examples=4, tasks=("reverse",)) if args.quick \
+            else methods.TasksProfile()
+        if args.tasks:
+            profile = replace(profile, tasks=tuple(args.tasks.split(",")))
+        if args.steps:
+            profile = replace(profile, steps=args.steps)
+        result = methods.run_tasks(profile)
+        result["machine"] = machine_description(args.device or "cpu")
+        markdown = methods.tasks_markdown(result)
+    elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
         from ..serving.bench import serving_perf_rows

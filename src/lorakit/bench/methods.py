@@ -161,3 +161,53 @@ def plot_methods(result: dict, out_dir: Path) -> list[Path]:
     fig.savefig(scatter, dpi=110)
     plt.close(fig)
     return [bar, scatter]
+
+
+@dataclass
+class TasksProfile:
+    """Plain LoRA on each built-in task alone: the bundled model's before/after table in the README."""
+
+    tasks: tuple[str, ...] = ()  # empty: every built-in task
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    r: int = 16
+    train_examples: int = 2000
+    eval_examples: int = 100
+    seed: int = 0
+
+
+def run_tasks(profile: TasksProfile, progress: bool = False) -> dict:
+    import lorakit as lk
+    from ..data import TASKS, evaluate_examples, load_examples
+    from ..hub import load_model_and_tokenizer
+    from ..training import TrainConfig, train
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    rows = []
+    for task in profile.tasks or tuple(TASKS):
+        model = copy.deepcopy(base)
+        torch.manual_seed(profile.seed)
+        test = load_examples(task, "test", n=profile.eval_examples, seed=profile.seed)
+        before = evaluate_examples(model, tokenizer, test)["exact_match"]
+        lk.add_adapter(model, lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules="all-linear"))
+        config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr, warmup_ratio=0.05,
+                             lr_schedule="cosine", seed=profile.seed, max_length=128)
+        t0 = time.perf_counter()
+        result = train(model, tokenizer, load_examples(task, "train", n=profile.train_examples, seed=profile.seed),
+                       config, progress=progress)
+        rows.append({"task": task, "before": before, "after": evaluate_examples(model, tokenizer, test)["exact_match"],
+                     "first_loss": result.losses[0], "final_loss": result.losses[-1],
+                     "seconds": time.perf_counter() - t0})
+    return {"profile": asdict(profile), "rows": rows}
+
+
+def tasks_markdown(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"LoRA r={p['r']} (α={2 * p['r']}) on all linear layers, {p['steps']} steps × batch {p['batch_size']}, "
+             f"lr {p['lr']}, cosine, seed {p['seed']}; {p['eval_examples']} held-out test examples per task.", "",
+             "| task | exact match before | after | loss first → last step | train time (s) |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['task']} | {r['before']:.2f} | {r['after']:.2f} | {r['first_loss']:.2f} → "
+                     f"{r['final_loss']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
