@@ -65,11 +65,11 @@ class PretrainConfig:
     max_position_embeddings: int = 256
     # optimisation
     seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 500
+    batch_size: int = 16
+    steps: int = 1500
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bf16: bool = True  # CPU autocast for matmuls, ~1.5x faster on CPU; weights and optimizer stay fp32
