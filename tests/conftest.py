@@ -1,5 +1,18 @@
+from typing import Iterator
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny test models run fastest on one thread; intra-op threads on a busy 2-core machine slow them down a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -8,17 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorakit.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -210,7 +209,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .io.files import load_tensors
-    from .io.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
 
     directory = Path(args.adapter)
     config = read_adapter_config(directory)
@@ -262,14 +261,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if method.peft_type is not None:
         save_adapter(model, args.output)
     elif method.to_lora is not None:
-        from . import LoraConfig, add_adapter
+        from . import LoraConfig
         from .io.files import atomic_write_json, save_tensors
         lora_config, state = method.to_lora(model, "default")
         assert isinstance(lora_config, LoraConfig)
         Path(args.output).mkdir(parents=True, exist_ok=True)
         save_tensors(Path(args.output) / "adapter_model.safetensors", state)
         atomic_write_json(Path(args.output) / "adapter_config.json", {**lora_config.to_dict(), "peft_type": "LORA"})
-        del add_adapter
     else:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form; nothing to export")
     print(f"exported PEFT LoRA adapter to {args.output}")

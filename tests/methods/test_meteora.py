@@ -26,14 +26,6 @@ from lk_models import tiny_llama
 TASKS = ["reverse", "rotate", "sort"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def constant_feature_llama() -> LlamaForCausalLM:
     """tiny_llama whose residual stream keeps feature 0 at 5 (embeddings set it, no block writes it), so the
     inputs of q/k/v/gate/up projections have a positive feature 0 for every token: a gate row on it wins always."""

@@ -18,14 +18,6 @@ from lk_models import tiny_llama
 INFO = LayerInfo("linear", 16, 6, False)  # a down_proj: intermediate 16 -> hidden 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomised(delta: MixdaAdapter, seed: int = 0) -> MixdaAdapter:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -24,14 +24,6 @@ from lorakit.training import TrainConfig, train
 from lk_models import tiny_gpt2, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb(model, name="default", seed=0, scale=0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

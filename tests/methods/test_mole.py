@@ -16,14 +16,6 @@ from lk_models import tiny_gpt2, tiny_llama
 from methods.test_mixlora import ffn_layers, perturb, reference_ffn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_defaults_follow_the_release():
     config = MoleConfig()
     assert (config.num_experts, config.r, config.lora_alpha, config.dense) == (3, 16, 32, False)

@@ -20,14 +20,6 @@ from lk_models import tiny_llama
 INFO = LayerInfo("linear", 12, 10, False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[str]:
     """lorakit LoRA r=4 (q, v), lorakit rsLoRA r=2 (q, o), PEFT LoRA r=4 (v, o); all non-zero."""

@@ -15,14 +15,6 @@ from lorakit.mixtures import record_routing, reset_router_stats, router_stats
 from lk_models import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Host(nn.Module):
     def __init__(self, d: int = 16):
         super().__init__()

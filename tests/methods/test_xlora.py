@@ -21,14 +21,6 @@ from lk_models import tiny_llama
 SOURCES = [(4, 8, ["q_proj", "v_proj"]), (2, 8, ["q_proj", "o_proj"]), (4, 4, ["v_proj", "o_proj"])]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[str]:
     """Three PEFT LoRA folders with different ranks, alphas and targets (random, non-zero B)."""

@@ -20,17 +20,6 @@ from lorakit.methods.lora import build_lora
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; with intra-op threads on a busy machine, steps take 50x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
