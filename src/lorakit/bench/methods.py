@@ -40,7 +40,10 @@ def _config_for(method, variant: str, r: int):
         kwargs.setdefault("r", r)
     if "lora_alpha" in fields:
         kwargs.setdefault("lora_alpha", 2 * r)
-    return method.config_cls(target_modules="all-linear", **kwargs)
+    # Methods with their own default targets (MixLoRA/MoLE: attention + the FFN blocks) keep them.
+    if method.config_cls.__dataclass_fields__["target_modules"].default is None:
+        kwargs.setdefault("target_modules", "all-linear")
+    return method.config_cls(**kwargs)
 
 
 def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
@@ -77,7 +80,11 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
                                      warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine",
                                      seed=seed, max_length=128)
                 t0 = time.perf_counter()
-                result = train(model, tokenizer, train_ex[seed], config, progress=progress)
+                try:
+                    result = train(model, tokenizer, train_ex[seed], config, progress=progress)
+                except lk.LorakitError as e:  # e.g. a keyed method whose experts do not cover the tasks
+                    runs.append({"method": method.name, "variant": variant, "seed": seed, "skipped": str(e)})
+                    continue
                 wall = time.perf_counter() - t0
                 after = evaluate_examples(model, tokenizer, eval_ex)
                 runs.append({"method": method.name, "variant": variant, "seed": seed, "trainable_params": trainable,

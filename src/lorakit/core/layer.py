@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import Delta, LayerInfo, MergeTerms, oriented_weight
+from .delta import LayerInfo, MergeTerms, oriented_weight
 from .errors import AdapterError
 from .routing import current_routing
 
@@ -234,6 +234,3 @@ class ModulesToSaveWrapper(nn.Module):
                     return self.copies[name](*args, **kwargs)
         return self.original_module(*args, **kwargs)
 
-
-def delta_of(layer: AdapterLayer, name: str) -> Delta:
-    return layer.adapters[name]  # type: ignore[return-value]
