@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.data import pretraining_texts
 
-SPECIALS = ["<pad>", "<s>", "</s>"]
+from lk_models import tiny_bpe_tokenizer
+
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
     corpus = pretraining_texts(n_per_task=40) + ["user: hello\nassistant: hi there", "plain text line"]
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return tiny_bpe_tokenizer(corpus, vocab_size=400)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from typing import Callable, Iterator
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
@@ -17,19 +16,13 @@ from lorakit.core import registry
 from lorakit.data import Example, load_examples, pretraining_texts
 from lorakit.methods.lora import build_lora
 
-SPECIALS = ["<pad>", "<s>", "</s>"]
+from lk_models import tiny_bpe_tokenizer
+
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(pretraining_texts(n_per_task=20), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return tiny_bpe_tokenizer(pretraining_texts(n_per_task=20), vocab_size=300)
 
 
 @pytest.fixture(scope="session")

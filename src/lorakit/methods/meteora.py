@@ -249,8 +249,10 @@ class MeteoraLinear(MixtureDelta):
 
 
 # -- hooks ------------------------------------------------------------------------------------------------
-def prepare_meteora(model: nn.Module, config: MeteoraConfig) -> MeteoraConfig:
-    """Read the source adapters' configs: ranks, alphas, rsLoRA, and (when unset) the targets they adapt."""
+def prepare_from_sources(model: nn.Module, config):
+    """Read the source adapters' configs: ranks, alphas, rsLoRA, and (when unset) the targets they adapt.
+
+    Shared by every method built on a bank of existing LoRAs (MeteoRA, X-LoRA, routed / modality LoRAs)."""
     if config.adapter_paths is None:
         return config
     sources = [read_lora_source(p) for p in config.adapter_paths]
@@ -260,8 +262,8 @@ def prepare_meteora(model: nn.Module, config: MeteoraConfig) -> MeteoraConfig:
     for name, values in found.items():
         given = getattr(config, name)
         if given and list(given) != values:
-            raise ConfigError(f"MeteoraConfig.{name}={given} disagrees with the adapters' own configs ({values}); "
-                              "leave it unset when adapter_paths are given.")
+            raise ConfigError(f"{type(config).__name__}.{name}={given} disagrees with the adapters' own configs "
+                              f"({values}); leave it unset when adapter_paths are given.")
     targets = config.target_modules
     if targets is None:  # every module some adapter adapts
         targets = sorted({m for s in sources for m in s.modules})
@@ -344,7 +346,7 @@ def meteora_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 
 register_method(
-    "meteora", config=MeteoraConfig, build=build_meteora, prepare=prepare_meteora, extra_loss=meteora_extra_loss,
+    "meteora", config=MeteoraConfig, build=build_meteora, prepare=prepare_from_sources, extra_loss=meteora_extra_loss,
     file_fields=meteora_file_fields, example_routing=meteora_example_routing, mergeable=False,
     description="A trained per-module top-k gate over N existing LoRA adapters, supervised by task keys.",
     paper="Xu et al. 2024 (ICLR 2025), arXiv:2405.13053",

@@ -39,8 +39,7 @@ means "no key" (``default_expert``, the base model by default). Without ``key_to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -54,7 +53,7 @@ from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import RouterOutput
-from .meteora import read_lora_source
+from .meteora import prepare_from_sources, read_lora_source
 
 
 # -- a bank of LoRA experts as rank blocks (shared with X-LoRA) ---------------------------------------------
@@ -103,28 +102,6 @@ class LoraBankConfig(AdapterConfig):
             raise ConfigError(f"{cls}.adapter_names must be {n} distinct names, got {self.adapter_names}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{cls}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-
-
-def prepare_bank(model: nn.Module, config: LoraBankConfig) -> LoraBankConfig:
-    """Read the source adapters' ranks, alphas, rsLoRA and (when unset) the modules they adapt."""
-    if config.adapter_paths is None:
-        return config
-    sources = [read_lora_source(p) for p in config.adapter_paths]
-    found = {"expert_r": [s.config.r for s in sources],
-             "expert_alpha": [float(s.config.lora_alpha) for s in sources],
-             "expert_use_rslora": [s.config.use_rslora for s in sources]}
-    for name, values in found.items():
-        given = getattr(config, name)
-        if given and list(given) != values:
-            raise ConfigError(f"{type(config).__name__}.{name}={given} disagrees with the adapters' own configs "
-                              f"({values}); leave it unset when adapter_paths are given.")
-    targets = config.target_modules
-    if targets is None:  # every module some adapter adapts
-        targets = sorted({m for s in sources for m in s.modules})
-    names = config.adapter_names or [Path(s.directory).name for s in sources]
-    if len(set(names)) < len(names):  # folders with the same name in different places
-        names = [s.directory for s in sources]
-    return replace(config, target_modules=targets, adapter_names=names, **found)
 
 
 def bank_file_fields(config: LoraBankConfig, layers: list[LayerInfo]) -> dict[str, Any]:
@@ -289,7 +266,7 @@ def routed_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 
 register_method(
-    "routed_lora", config=RoutedLoraConfig, build=build_routed, prepare=prepare_bank, file_fields=bank_file_fields,
+    "routed_lora", config=RoutedLoraConfig, build=build_routed, prepare=prepare_from_sources, file_fields=bank_file_fields,
     example_routing=routed_example_routing, mergeable=False,
     description="LoRA experts selected per row by a key carried with the data (task id / input mode); no router.",
     paper="Phi-4-Mini mixture of LoRAs, Microsoft 2025, arXiv:2503.01743",
@@ -365,7 +342,7 @@ def mm_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 
 register_method(
-    "mm_lora", config=MMLoraConfig, build=build_mm, prepare=prepare_bank, file_fields=bank_file_fields,
+    "mm_lora", config=MMLoraConfig, build=build_mm, prepare=prepare_from_sources, file_fields=bank_file_fields,
     example_routing=mm_example_routing, mergeable=False,
     description="Modality-parallel LoRAs (Arcana MM-LoRA / Phi-4-MM): each token uses its modality's LoRA.",
     paper="Arcana MM-LoRA (project page); Phi-4-Multimodal, arXiv:2503.01743",

@@ -57,7 +57,8 @@ from ..core.model import STATE_ATTR
 from ..core.registry import register_method
 from ..core.routing import current_routing, routing
 from ..core.targeting import select_targets
-from .routed import LoraBank, LoraBankConfig, bank_file_fields, prepare_bank
+from .meteora import prepare_from_sources
+from .routed import LoraBank, LoraBankConfig, bank_file_fields
 
 XLORA_KEY = "xlora"  # routing extras: {delta: scalings (real pass) or the scaling pass value (float)}
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -262,7 +263,7 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 def prepare_xlora(model: nn.Module, config: XLoraConfig) -> XLoraConfig:
-    config = prepare_bank(model, config)
+    config = prepare_from_sources(model, config)
     modules = select_targets(model, config)
     if config.layer_modules is not None and list(config.layer_modules) != modules:
         raise ConfigError(f"XLoraConfig.layer_modules ({len(config.layer_modules)} modules, saved with the adapter) "
