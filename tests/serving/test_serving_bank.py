@@ -43,7 +43,8 @@ def _ids(batch, seq, seed=0):
     ["r2", "r8", "rs", "qv", "emb", "bias", None],  # every row its own adapter (BGMV rows path)
     ["r2", "r8", "rs", "qv", "emb", "bias"],  # in load order: gather-free SGMV on bank views
     ["r8", "r8", "r8", "r8"],  # one adapter for the whole batch (single path)
-    ["qv", None, "r2", "qv", "r2", None, "r2", "qv"],  # shared adapters, unsorted (grouped path)
+    ["qv", None, "r2", "qv", "r2", None, "r2", "qv"],  # shared adapters, unsorted (rows path)
+    [None, None, "r2", "r2", "r8", "r8"],  # sorted equal blocks (grouped path on views)
     [None, None],  # no adapter at all
 ])
 def test_mixed_batch_equals_each_row_alone(models, rows, sh):
@@ -71,11 +72,15 @@ def test_all_three_plans_are_exercised(models):
     bank = served.model.layers[0].self_attn.q_proj.bank
     ranks = bank.ranks
     s = lambda *v: torch.tensor(v)[:, None]  # noqa: E731
-    assert make_plan(s(1, 1, 1), ranks, 4, False).mode == "single"
-    assert make_plan(s(3, 1, 2), ranks, 4, False).mode == "rows"
-    assert make_plan(s(1, 2, 3), ranks, 4, False).mode == "grouped"  # sorted, contiguous: views, no gather
-    assert make_plan(s(2, 1, 2, 1, 2, 1), ranks, 4, False).mode == "grouped"
-    assert make_plan(s(0, 0), ranks, 4, False).mode == "none"
+    assert make_plan(s(1, 1, 1), ranks).mode == "single"
+    assert make_plan(s(3, 1, 2), ranks).mode == "rows"
+    assert make_plan(s(1, 2, 3), ranks).mode == "grouped"  # sorted, contiguous: views, no gather
+    assert make_plan(s(0, 0, 1, 1, 2, 2), ranks).mode == "grouped"  # equal blocks, "no adapter" included
+    assert make_plan(s(1, 1, 2, 3, 3, 3), ranks).mode == "rows"  # unequal blocks would need padding
+    assert make_plan(s(1, 3), ranks).mode == "rows"  # not contiguous: would need a weight copy
+    assert make_plan(s(2, 1, 2, 1, 2, 1), ranks).mode == "rows"
+    assert make_plan(s(1, 2), ranks, weighted=True).mode == "rows"
+    assert make_plan(s(0, 0), ranks).mode == "none"
 
 
 def test_weighted_combination_equals_weighted_sum(models):
@@ -93,6 +98,30 @@ def test_weighted_combination_equals_weighted_sum(models):
         with lk.routing(adapter_weights=weights):
             expected = ref(input_ids=ids).logits
     assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("rows", [
+    ["r2", "r8", "rs", "qv", "emb", "bias", None],
+    [{"r2": 0.7, "r8": 0.3}, "qv", {"rs": -0.5, "emb": 1.5, "bias": 0.25}, None],
+])
+def test_row_blocks_equal_one_block(models, rows, monkeypatch):
+    """The inference per-row path works through cache-sized blocks of rows; one row per block gives the
+    same result as the whole batch at once (and as the autograd path, which never blocks)."""
+    import lorakit.serving.bank as bank_mod
+
+    served, _ = models
+    ids = _ids(len(rows), 5, 2)
+    with torch.enable_grad():
+        with bank_routing(served, rows):
+            graded = served(input_ids=ids).logits.detach()
+    with torch.no_grad():
+        with bank_routing(served, rows):
+            whole = served(input_ids=ids).logits
+        monkeypatch.setattr(bank_mod, "ROW_BLOCK_BYTES", 1)
+        with bank_routing(served, rows):
+            blocked = served(input_ids=ids).logits
+    assert (blocked - whole).abs().max() <= TOL
+    assert (blocked - graded).abs().max() <= TOL
 
 
 def test_generate_with_cache_and_left_padding_equals_per_row(models):

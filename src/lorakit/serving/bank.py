@@ -16,13 +16,15 @@ the ranks it needs (``r_used`` = largest rank among the slots in the batch), so 
 does not slow batches of r=8 adapters. (Bucketing by rank would need one pass per bucket; padding costs at
 most r_max/r and keeps a single pass — see ``serving/bench.py`` for the numbers.)
 
-Execution (no Python loop over adapters; chosen per batch by a small cost model, cached per ids tensor):
+Execution (no Python loop over adapters; chosen per batch, cached per ids tensor):
 
-- ``rows`` (BGMV): gather each row's A and B, two ``bmm`` (shrink to r, expand to out).
-- ``grouped`` (SGMV with padding): sort rows by adapter; each adapter's rows form one block, adapters are
-  gathered once per block, and a block is one matrix product — better when rows share adapters (fewer weight
-  copies and larger, more efficient products), worse when block sizes are very uneven (padding).
 - ``single``: the whole batch uses one adapter: two plain matmuls, no gather at all.
+- ``grouped`` (SGMV on views): rows sorted by adapter in equal blocks whose adapters are consecutive bank slots
+  (e.g. a batch built in load order): one ``bmm`` per step on views of the bank, no copies.
+- ``rows`` (BGMV), every other batch: gather each row's A and B, shrink then expand with ``bmm``. At inference
+  the gathers run over blocks of rows sized to stay in cache (``ROW_BLOCK_BYTES``), and the expand accumulates
+  straight into the base output (``baddbmm_``) — no delta-sized temporary. Sorting rows into padded groups
+  and back was measured slower on CPU than this, even with 32 rows per adapter.
 
 Weighted combinations (``ids`` and weights of shape (batch, k)) concatenate the k gathered adapters along the
 rank axis, so a row's mix is still one shrink and one expand.
@@ -45,9 +47,9 @@ from ..core.errors import AdapterError
 
 WEIGHTS_KEY = "adapter_weights"  # routing(adapter_ids=(batch, k), extras={WEIGHTS_KEY: (batch, k)})
 
-# Relative cost of copying one adapter's weights vs pushing one token through them (measured on CPU,
-# serving/bench.py: gathering A and B costs about as much as 4 tokens of shrink+expand at r=16).
-GATHER_TOKENS = 4.0
+# Per-row path at inference: rows are processed in blocks whose gathered A and B take about this many bytes,
+# so they are still in cache when the products read them (a loop over row blocks, never over adapters).
+ROW_BLOCK_BYTES = 4 << 20
 
 
 # -- kernel hook -------------------------------------------------------------------------------------------
@@ -83,16 +85,19 @@ class Plan:
     mode: str  # "none" | "single" | "rows" | "grouped"
     slots: torch.Tensor  # (batch, k) local slots
     r_used: int
-    slot: int = 0  # mode "single"
-    group_slots: torch.Tensor | None = None  # (G,) mode "grouped"
-    group_view: tuple[int, int] | None = None  # (first slot, G) when the group slots are a contiguous range
-    order: torch.Tensor | None = None  # (G*M,) row of each block position (padding repeats a real row)
-    inverse: torch.Tensor | None = None  # (batch,) block position of each row
-    block: int = 0  # M, rows per block
+    slot: int = 0  # mode "single": the one slot
+    group_view: tuple[int, int] = (0, 0)  # mode "grouped": (first slot, number of groups G)
 
 
-def make_plan(slots: torch.Tensor, ranks: torch.Tensor, tokens: int, weighted: bool) -> Plan:
-    """Choose single / rows / grouped for ``slots`` (batch, k); ``ranks`` (slots,) is each slot's rank."""
+def make_plan(slots: torch.Tensor, ranks: torch.Tensor, weighted: bool = False) -> Plan:
+    """Choose none / single / grouped / rows for ``slots`` (batch, k); ``ranks`` (slots,) is each slot's rank.
+
+    ``grouped`` (SGMV on views) is taken only when it needs no copy at all: rows sorted by slot, the slots a
+    contiguous range, every slot the same number of rows — then block g of the batch meets bank slots
+    ``first + g`` as plain views. Every other mixed batch runs per row (BGMV): measured on CPU, gathering each
+    row's A and B block by block (in cache) beats permuting activations into padded groups and back, even at
+    32 rows per adapter (serving/bench.py).
+    """
     batch = slots.shape[0]
     r_used = int(ranks[slots].max()) if slots.numel() else 0
     if r_used == 0:
@@ -100,35 +105,13 @@ def make_plan(slots: torch.Tensor, ranks: torch.Tensor, tokens: int, weighted: b
     if weighted or slots.shape[1] != 1:
         return Plan("rows", slots, r_used)
     flat = slots[:, 0]
-    sorted_slots, order = torch.sort(flat, stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-    groups, block = uniq.numel(), int(counts.max())
+    uniq, counts = torch.unique_consecutive(flat, return_counts=True)
+    groups = uniq.numel()
     if groups == 1:
         return Plan("single", slots, r_used, slot=int(uniq[0]))
-    arange = torch.arange(batch, device=slots.device)
-    sorted_rows = bool((order == arange).all())
-    contiguous = bool((uniq[-1] - uniq[0]) == groups - 1)
-    if groups == batch and not (sorted_rows and contiguous):
-        return Plan("rows", slots, r_used)  # every row its own adapter: gather per row, no permutation
-    # Cost in "token units": padded tokens pushed through + weight copies (see GATHER_TOKENS). Sorted rows of
-    # a contiguous slot range need neither copies nor permutations (SGMV on views), so they always group.
-    cost_grouped = groups * block * tokens + (0 if contiguous else groups * GATHER_TOKENS)
-    cost_rows = batch * tokens + batch * GATHER_TOKENS
-    if cost_grouped >= cost_rows:
-        return Plan("rows", slots, r_used)
-    # Block g holds the rows of adapter uniq[g] at positions g*M .. g*M+count-1; padding repeats the block's
-    # first row (a real row, so the padded products stay finite) and its outputs are never read.
-    starts = torch.cumsum(counts, 0) - counts  # (G,) first index of each group in `order`
-    pos = torch.arange(block, device=slots.device)
-    take = starts[:, None] + torch.minimum(pos[None, :], counts[:, None] - 1)  # (G, M)
-    block_order = order[take.reshape(-1)]
-    rank_in_group = arange - torch.repeat_interleave(starts, counts)
-    inverse = torch.empty(batch, dtype=torch.long, device=slots.device)
-    inverse[order] = torch.repeat_interleave(torch.arange(groups, device=slots.device), counts) * block + rank_in_group
-    identity = sorted_rows and bool((counts == block).all())
-    return Plan("grouped", slots, r_used, group_slots=uniq,
-                group_view=(int(uniq[0]), groups) if contiguous else None,
-                order=None if identity else block_order, inverse=None if identity else inverse, block=block)
+    if bool((uniq[1:] - uniq[:-1] == 1).all()) and bool((counts == counts[0]).all()):
+        return Plan("grouped", slots, r_used, group_view=(int(uniq[0]), groups))
+    return Plan("rows", slots, r_used)
 
 
 # -- banks -------------------------------------------------------------------------------------------------
@@ -287,7 +270,7 @@ class LoraBank(nn.Module):
                                    f"{tuple(ids_t.shape)} (one weight per id)")
             w = w.repeat_interleave(batch // w.shape[0], dim=0)
         slots = self.table[ids_t + 1]  # (batch, k)
-        plan = make_plan(slots, self.ranks, tokens, weighted=w is not None)
+        plan = make_plan(slots, self.ranks, weighted=w is not None)
         self._state["cache"] = (ids, _version_of(ids), weights, (batch, tokens), version, plan, w)
         return plan, w
 
@@ -298,53 +281,93 @@ class LoraBank(nn.Module):
         if plan.mode == "none":
             return base_out.new_zeros(())
         x3 = x3.to(self.A.dtype)
-        kernel = _KERNELS.get(x3.device.type)
-        y = kernel(x3, self.A, self.B, plan.slots, w, plan.r_used) if kernel is not None else None
+        y = self._kernel(x3, plan, w)
         if y is None:
             y = self._delta(x3, plan, w)
-        if self.bias is not None:
-            b = self.bias[plan.slots]  # (batch, k, out)
-            b = (b * w[..., None]).sum(1) if w is not None else b.sum(1)
-            y = y + b[:, None, :]
+        self._add_bias(y, plan, w)
         return y.reshape(base_out.shape).to(base_out.dtype)
 
     def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
-        """Inference only: add the banked delta into the freshly computed base output in place (saves one
-        full output-sized tensor per layer, which on CPU is a visible share of an r=16 update)."""
-        y = self.forward(x, base_out, ctx)
-        return base_out if y.dim() == 0 else base_out.add_(y)
+        """Inference only: add the banked delta into the freshly computed base output in place.
+
+        The expand runs as ``baddbmm_`` / ``addmm_`` straight into ``base_out``: no delta-sized tensor is
+        allocated, written and re-read (on CPU that round trip cost as much as the LoRA products themselves)."""
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        plan, w = self._plan(ctx, batch, x3.shape[1])
+        if plan.mode == "none":
+            return base_out
+        x3 = x3.to(self.A.dtype)
+        y = self._kernel(x3, plan, w)
+        if y is None and base_out.dtype == self.A.dtype and base_out.is_contiguous():
+            y = self._delta(x3, plan, w, out=base_out.view(batch, x3.shape[1], -1))
+            self._add_bias(y, plan, w)
+            return base_out
+        if y is None:
+            y = self._delta(x3, plan, w)
+        self._add_bias(y, plan, w)
+        return base_out.add_(y.reshape(base_out.shape))
+
+    def _kernel(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> torch.Tensor | None:
+        kernel = _KERNELS.get(x3.device.type)
+        return kernel(x3, self.A, self.B, plan.slots, w, plan.r_used) if kernel is not None else None
+
+    def _add_bias(self, y: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> None:
+        """Add the rows' (weighted) adapter biases into ``y`` (batch, tokens, out) in place."""
+        if self.bias is not None:
+            b = self.bias[plan.slots]  # (batch, k, out)
+            b = (b * w[..., None]).sum(1) if w is not None else b.sum(1)
+            y.add_(b[:, None, :].to(y.dtype))
 
     def _shrink(self, x3: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, in) x (batch, r, in) -> (batch, tokens, r)."""
         return torch.bmm(x3, A.transpose(1, 2))
 
-    def _delta(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> torch.Tensor:
+    def _delta(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The delta (batch, tokens, out) — or, with ``out`` given, the delta added into ``out`` in place."""
         ru = plan.r_used
         A, B = self.A[:, :ru], self.B[:, :ru]
         batch, tokens = x3.shape[0], x3.shape[1]
         if plan.mode == "single":
-            h = self._shrink(x3.reshape(1, batch * tokens, -1), A[plan.slot: plan.slot + 1])  # (1, b*t, r)
-            return (h[0] @ B[plan.slot]).view(batch, tokens, -1)
-        if plan.mode == "grouped":
-            groups, block = plan.group_slots.numel(), plan.block
-            if plan.group_view is not None:
-                first, n = plan.group_view
-                Ag, Bg = A[first: first + n], B[first: first + n]
-            else:
-                Ag, Bg = A.index_select(0, plan.group_slots), B.index_select(0, plan.group_slots)
-            xs = x3 if plan.order is None else x3.index_select(0, plan.order)
-            h = self._shrink(xs.reshape(groups, block * tokens, -1), Ag)  # (G, M*t, r)
-            y = torch.bmm(h, Bg).view(groups * block, tokens, -1)  # (G*M, t, out)
-            return y if plan.inverse is None else y.index_select(0, plan.inverse)
-        # rows (BGMV): k adapters per row, concatenated along the rank axis.
+            h = self._shrink(x3.reshape(1, batch * tokens, -1), A[plan.slot: plan.slot + 1])[0]  # (b*t, r)
+            if out is None:
+                return (h @ B[plan.slot]).view(batch, tokens, -1)
+            out.view(batch * tokens, -1).addmm_(h, B[plan.slot])
+            return out
+        if plan.mode == "grouped":  # block g of the batch uses bank slot first + g: views, no copies
+            first, groups = plan.group_view
+            h = self._shrink(x3.reshape(groups, -1, x3.shape[-1]), A[first: first + groups])  # (G, M*t, r)
+            if out is None:
+                return torch.bmm(h, B[first: first + groups]).view(batch, tokens, -1)
+            out.view(groups, h.shape[1], -1).baddbmm_(h, B[first: first + groups])
+            return out
+        if out is None:
+            return self._rows(x3, plan.slots, w, A, B)
+        # Cache blocking: gather and apply the adapters of a block of rows at a time, so the gathered weights
+        # are still in cache when the products read them (a loop over row blocks, not over adapters).
         k = plan.slots.shape[1]
-        flat = plan.slots.reshape(-1)
-        Ag = A.index_select(0, flat).view(batch, k * ru, -1)  # (b, k*r, in)
-        Bg = B.index_select(0, flat).view(batch, k * ru, -1)  # (b, k*r, out)
-        h = self._shrink(x3, Ag)  # (b, t, k*r)
+        per_row = k * ru * (A.shape[-1] + B.shape[-1]) * A.element_size()
+        step = max(1, ROW_BLOCK_BYTES // max(per_row, 1))
+        for s in range(0, batch, step):
+            e = min(batch, s + step)
+            out[s:e].baddbmm_(self._rows_h(x3[s:e], plan.slots[s:e], None if w is None else w[s:e], A),
+                              B.index_select(0, plan.slots[s:e].reshape(-1)).view(e - s, k * ru, -1))
+        return out
+
+    def _rows_h(self, x3: torch.Tensor, slots: torch.Tensor, w: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+        """Per-row shrink (BGMV): each row's k adapters concatenated along the rank axis -> (b, t, k*r)."""
+        batch, k, ru = x3.shape[0], slots.shape[1], A.shape[self.a_rank_dim]
+        Ag = A.index_select(0, slots.reshape(-1)).view(batch, k * ru, -1)  # (b, k*r, in)
+        h = self._shrink(x3, Ag)
         if w is not None:
-            h = (h.view(batch, tokens, k, ru) * w.view(batch, 1, k, 1)).view(batch, tokens, k * ru)
-        return torch.bmm(h, Bg)
+            h = (h.view(batch, -1, k, ru) * w.view(batch, 1, k, 1)).view(batch, -1, k * ru)
+        return h
+
+    def _rows(self, x3, slots, w, A, B) -> torch.Tensor:
+        batch, k = slots.shape
+        Bg = B.index_select(0, slots.reshape(-1)).view(batch, k * B.shape[1], -1)  # (b, k*r, out)
+        return torch.bmm(self._rows_h(x3, slots, w, A), Bg)
 
 
 class LoraEmbeddingBank(LoraBank):
@@ -360,6 +383,10 @@ class LoraEmbeddingBank(LoraBank):
                                "(the lookup would renormalise the base table); exclude the embedding from target_modules")
         super().__init__(info, dtype=dtype, device=device)
         self.embed_scale = getattr(base_layer, "embed_scale", None)
+
+    def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        y = self.forward(x, base_out, ctx)
+        return base_out if y.dim() == 0 else base_out.add_(y)
 
     def _write_A(self, slot: int, lora_A: torch.Tensor) -> None:  # lora_embedding_A: (r, num_embeddings)
         self.A[slot, :, : lora_A.shape[0]].copy_(lora_A.T)
