@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from . import add_adapter, get_method, print_trainable_parameters
-    from .data import evaluate_examples, load_examples
+    from .data import build_task_index, evaluate_examples, load_examples
     from .hub import load_model_and_tokenizer
     from .training import TrainConfig, train
 
@@ -128,7 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
                    eval_examples=eval_examples, progress=not args.quiet)
-    after = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size)
+    # Keyed methods see the task ids of the training data's task index, as in training.
+    after = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                              task_to_id=build_task_index(train_examples) or None)
     _print_metrics("after ", after)
     adapter_dir = Path(args.output) / "adapter"
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
@@ -153,11 +155,14 @@ def _load_with_adapter(args):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import evaluate_examples, load_examples
+    from .data import build_task_index, evaluate_examples, load_examples
 
     model, tokenizer = _load_with_adapter(args)
     examples = load_examples(args.data, "test", n=args.eval_examples, seed=args.seed, tokenizer=tokenizer)
-    metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size)
+    # Task ids for keyed methods: positions among the sorted task names, as training numbered them (the same
+    # when the evaluation data has the training data's tasks).
+    metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
+                                task_to_id=build_task_index(examples) or None)
     _print_metrics("eval", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -89,3 +89,15 @@ def test_untasked_examples_have_no_task_ids(tokenizer) -> None:
 def test_mixed_task_keys_rejected(tokenizer) -> None:
     with pytest.raises(ValueError, match="task key"):
         TokenizedDataset([Example("a", " b", "x"), Example("c", " d")], tokenizer)
+
+
+def test_routing_vectors_stack_per_batch(tokenizer) -> None:
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    rows = [Example("a", " b", routing={"u": [1, 2]}), Example("aa", " bb", routing={"u": [3, 4]})]
+    batch = collate(list(TokenizedDataset(rows, tokenizer)))
+    assert torch.equal(batch["routing"]["u"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert "routing" not in collate(list(TokenizedDataset([Example("a", " b")], tokenizer)))
+    with pytest.raises(ValueError, match="'u' is missing from 1 of 2"):
+        collate(list(TokenizedDataset([rows[0], Example("a", " b")], tokenizer)))
+    with pytest.raises(ValueError, match=r"'u' has different sizes \[1, 2\]"):
+        collate(list(TokenizedDataset([rows[0], Example("a", " b", routing={"u": 1})], tokenizer)))

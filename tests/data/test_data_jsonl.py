@@ -86,6 +86,9 @@ BAD_LINES = [
     ('{"messages": [1]}', r"messages\[0\] must be an object"),
     ('{"text": "a", "task": 5}', "'task' must be a string"),
     ('{"text": "a", "task": "x", "key": "y"}', "disagree"),
+    ('{"text": "a", "routing": [1, 2]}', "'routing' must be an object"),
+    ('{"text": "a", "routing": {"user_state": []}}', r"routing\['user_state'\] must be a number or a non-empty"),
+    ('{"text": "a", "routing": {"user_state": [1, "x"]}}', "finite numbers"),
 ]
 
 
@@ -112,3 +115,13 @@ def test_empty_file(tmp_path: Path, content: str) -> None:
     path.write_text(content)
     with pytest.raises(DataError, match="no examples"):
         load_jsonl(path)
+
+
+def test_routing_vectors_are_read_and_frozen(tmp_path: Path) -> None:
+    path = write(tmp_path, [json.dumps({"prompt": "p", "completion": " c", "routing": {"user_state": [0.5, -1],
+                                                                                       "age": 3}})])
+    (ex,) = load_jsonl(path)
+    assert ex.routing == (("age", (3.0,)), ("user_state", (0.5, -1.0)))
+    assert hash(ex) == hash(Example("p", " c", routing={"user_state": [0.5, -1], "age": 3}))
+    with pytest.raises(ValueError, match="finite numbers"):
+        Example("p", " c", routing={"u": [float("nan")]})

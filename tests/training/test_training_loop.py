@@ -196,3 +196,40 @@ def test_method_hooks_are_called_and_take_effect(hooked_method, make_model, toke
             assert torch.all(p == 0.01), n
         if "lora_A" in n:  # pulled toward 0 by the extra loss
             assert p.norm() < a_before[n].norm(), n
+
+
+def test_routing_vectors_and_task_keys_reach_training_and_evaluation(make_model, tokenizer, reverse_train) -> None:
+    """Per-example routing vectors (RecLoRA's user vector) are stacked into the extras in training and in
+    evaluation; with the training task index, evaluation gives keyed methods each row's task id."""
+    from dataclasses import replace
+
+    from lorakit.data import evaluate_examples, generate_completions, load_examples
+    from lorakit.methods.routed import RecLoraConfig, RoutedLoraConfig
+
+    users = {0: [1.0, 0.0, -1.0], 1: [-2.0, 0.5, 0.0]}
+    train_ex = [replace(ex, routing={"user_state": users[i % 2]}) for i, ex in enumerate(reverse_train)]
+    model = make_model(RecLoraConfig(n_meta=2, r=2, user_dim=3, lora_dropout=0.0, gate_dropout=0.0))
+    config = TrainConfig(steps=3, batch_size=8, lr=1e-2, seed=0)
+    with pytest.raises(lorakit.LorakitError, match="user_state"):
+        train(model, tokenizer, reverse_train, config, progress=False)  # no user vectors in the data
+    train(model, tokenizer, train_ex, config, progress=False)
+    test = [replace(ex, routing={"user_state": users[1]}) for ex in load_examples("reverse", "test", n=3, seed=0)]
+    got = evaluate_examples(model, tokenizer, test, max_new_tokens=8, return_predictions=True)["predictions"]
+    with lorakit.routing(extras={"user_state": torch.tensor([users[1]] * 3)}):
+        expected = generate_completions(model, tokenizer, [ex.prompt for ex in test], max_new_tokens=8)
+    assert got == expected
+
+    model = make_model(RoutedLoraConfig(expert_r=[2, 2], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    test = load_examples("reverse,upper", "test", n=2, seed=0)
+    index = {"reverse": 0, "upper": 1}
+    got = evaluate_examples(model, tokenizer, test, max_new_tokens=8, task_to_id=index,
+                            return_predictions=True)["predictions"]
+    for ex, prediction in zip(test, got):
+        with lorakit.routing(keys=torch.tensor([index[ex.task]])):
+            assert [prediction] == generate_completions(model, tokenizer, [ex.prompt], max_new_tokens=8)
+    unkeyed = evaluate_examples(model, tokenizer, test, max_new_tokens=8, return_predictions=True)["predictions"]
+    assert unkeyed != got  # without keys every row gets the base model

@@ -46,9 +46,42 @@ def _config_for(method, variant: str, r: int):
     return method.config_cls(**kwargs)
 
 
+def _row_vectors(method) -> dict[str, int]:
+    """Per-row routing vectors the method reads (name -> size), from its ``example_routing``; built-in tasks give
+    each task a fixed random vector of that size ("tasks as users"). Per-token maps cannot be made up for text
+    tasks: such methods are skipped."""
+    if method.example_routing is None:
+        return {}
+    probe = torch.zeros(2, 5, dtype=torch.long)
+    out = {}
+    for name, value in method.example_routing(probe).get("extras", {}).items():
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 2
+                and value.shape[0] == 2 and tuple(value.shape) != tuple(probe.shape)):
+            import lorakit as lk
+            raise lk.LorakitError(f"needs routing extras {name!r} per token (e.g. a modality map) that text tasks "
+                                  "do not carry")
+        out[name] = value.shape[1]
+    return out
+
+
+def _with_vectors(examples, vectors: dict[str, int]):
+    """``examples`` with each task's fixed vector per name in ``vectors`` (see ``_row_vectors``)."""
+    if not vectors:
+        return examples
+    from dataclasses import replace
+
+    from ..data.tasks import stable_seed
+
+    def vec(task, name, size):
+        g = torch.Generator().manual_seed(stable_seed("bench-user", task, name))
+        return torch.randn(size, generator=g).tolist()
+    table = {(ex.task, n): vec(ex.task, n, d) for ex in examples for n, d in vectors.items()}
+    return [replace(ex, routing={n: table[ex.task, n] for n in vectors}) for ex in examples]
+
+
 def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
     import lorakit as lk
-    from ..data import evaluate_examples, load_examples
+    from ..data import build_task_index, evaluate_examples, load_examples
     from ..hub import load_model_and_tokenizer
     from ..training import TrainConfig, train
 
@@ -68,10 +101,7 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
                 torch.manual_seed(seed)
                 try:
                     lk.add_adapter(model, _config_for(method, variant, profile.r))
-                    if method.example_routing is not None and "extras" in method.example_routing(
-                            torch.zeros(1, 4, dtype=torch.long)):
-                        raise lk.LorakitError("needs per-call routing extras (e.g. a user vector) that built-in "
-                                              "task data does not carry")
+                    vectors = _row_vectors(method)
                 except lk.LorakitError as e:
                     runs.append({"method": method.name, "variant": variant, "seed": seed, "skipped": str(e)})
                     continue
@@ -81,12 +111,13 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
                                      seed=seed, max_length=128)
                 t0 = time.perf_counter()
                 try:
-                    result = train(model, tokenizer, train_ex[seed], config, progress=progress)
+                    result = train(model, tokenizer, _with_vectors(train_ex[seed], vectors), config, progress=progress)
                 except lk.LorakitError as e:  # e.g. a keyed method whose experts do not cover the tasks
                     runs.append({"method": method.name, "variant": variant, "seed": seed, "skipped": str(e)})
                     continue
                 wall = time.perf_counter() - t0
-                after = evaluate_examples(model, tokenizer, eval_ex)
+                after = evaluate_examples(model, tokenizer, _with_vectors(eval_ex, vectors),
+                                          task_to_id=build_task_index(train_ex[seed]))
                 runs.append({"method": method.name, "variant": variant, "seed": seed, "trainable_params": trainable,
                              "after": after["exact_match"], "per_task": {k: v["exact_match"] for k, v in after["per_task"].items()},
                              "final_loss": result.losses[-1], "s_per_step": wall / profile.steps,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -101,6 +101,8 @@ class TokenizedDataset(Dataset):
                         f"{sorted(task_to_id)}; give every example a task key, or none of them"
                     )
                 item["task_id"] = task_to_id[ex.task]
+            if ex.routing:
+                item["routing"] = dict(ex.routing)
             self.items.append(item)
 
     def __len__(self) -> int:
@@ -146,4 +148,23 @@ class CausalLMCollator:
             if not all(has_task):
                 raise ValueError("some items in the batch have a task_id and some do not")
             batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
+        vectors = stack_routing([item.get("routing") or {} for item in items])
+        if vectors:
+            batch["routing"] = vectors
         return batch
+
+
+def stack_routing(rows: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, torch.Tensor]:
+    """Per-example routing vectors -> {name: (batch, d) float32}; every row needs every name, at one size."""
+    names = sorted({name for row in rows for name in row})
+    out = {}
+    for name in names:
+        missing = [i for i, row in enumerate(rows) if name not in row]
+        if missing:
+            raise ValueError(f"routing vector {name!r} is missing from {len(missing)} of {len(rows)} examples in the "
+                             f"batch (e.g. row {missing[0]}); give it to every example or to none")
+        sizes = sorted({len(row[name]) for row in rows})
+        if len(sizes) > 1:
+            raise ValueError(f"routing vector {name!r} has different sizes {sizes} within one batch")
+        out[name] = torch.tensor([list(row[name]) for row in rows], dtype=torch.float32)
+    return out

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from lorakit.core.registry import generate_kwargs_for
+from lorakit.core.routing import routing
 
-from lorakit.data.collate import encode_prompt
+from lorakit.data.collate import encode_prompt, stack_routing
 from lorakit.data.example import Example
 from lorakit.data.tasks import TASKS, exact_match
 
@@ -49,9 +51,13 @@ def score_predictions(
 
 @torch.no_grad()
 def generate_completions(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32,
+    row_routing: Callable[[list[int]], dict[str, Any]] | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts`, cut at EOS, in input order.
+
+    `row_routing(rows)` (optional) gives the `lorakit.routing(...)` arguments for a batch of prompt indices
+    (per-row keys, per-row extras); generation of that batch runs inside that routing context.
 
     Batches are left-padded by hand (pad ids, attention mask 0) rather than through
     `tokenizer.padding_side`, so the tokenizer is never mutated and the prompt ids are exactly the
@@ -77,16 +83,18 @@ def generate_completions(
                 ids = encoded[i]
                 input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[r, width - len(ids):] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                **generate_kwargs_for(model),
-            )
+            context = routing(**_on(device, row_routing(rows))) if row_routing else contextlib.nullcontext()
+            with context:
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    **generate_kwargs_for(model),
+                )
             for r, i in enumerate(rows):
                 new = generated[r, width:].tolist()
                 if eos is not None and eos in new:
@@ -97,6 +105,34 @@ def generate_completions(
     return outputs
 
 
+def _on(device: torch.device, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Routing arguments with their tensors (top level and in extras) moved to ``device``."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = {k: move(v) for k, v in kwargs.items()}
+    if isinstance(out.get("extras"), dict):
+        out["extras"] = {k: move(v) for k, v in out["extras"].items()}
+    return out
+
+
+def example_routing(examples: Sequence[Example], task_to_id: Mapping[str, int] | None = None
+                    ) -> Callable[[list[int]], dict[str, Any]] | None:
+    """The routing arguments for rows of `examples` (see `evaluate_examples`); None when there is nothing to route."""
+    has_vectors = any(ex.routing for ex in examples)
+    if task_to_id is None and not has_vectors:
+        return None
+    names = {"task_names": [n for n, _ in sorted(task_to_id.items(), key=lambda kv: kv[1])]} if task_to_id else {}
+
+    def for_rows(rows: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"extras": dict(names)}
+        if task_to_id is not None:
+            out["keys"] = torch.tensor([task_to_id.get(examples[i].task, -1) for i in rows], dtype=torch.long)
+        if has_vectors:
+            out["extras"].update(stack_routing([dict(examples[i].routing) for i in rows]))
+        return out
+
+    return for_rows
+
+
 def evaluate_examples(
     model: Any,
     tokenizer: Any,
@@ -104,8 +140,13 @@ def evaluate_examples(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     return_predictions: bool = False,
+    task_to_id: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Greedy-decode every prompt and score it: {"exact_match", "n", "per_task"[, "predictions"]}.
+
+    Generation sees the same routing as training: with `task_to_id` (the training data's task index,
+    `build_task_index`) each row's task id is its routing key (tasks it does not know: -1, no key) and the task
+    names go in the extras; examples' `routing` vectors go in the extras as (batch, d) tensors.
 
     `max_new_tokens` defaults to the longest reference completion in tokens + 2 (room for EOS and
     a little slack), so a model that rambles is cut off instead of slowing the evaluation down.
@@ -117,7 +158,8 @@ def evaluate_examples(
         longest = max(len(tokenizer.encode(ex.completion, add_special_tokens=False)) for ex in examples)
         max_new_tokens = longest + 2
     predictions = generate_completions(
-        model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size, max_new_tokens=max_new_tokens
+        model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size, max_new_tokens=max_new_tokens,
+        row_routing=example_routing(examples, task_to_id),
     )
     result = score_predictions(examples, predictions, tokenizer)
     if return_predictions:

@@ -13,6 +13,7 @@ methods. Other fields are ignored, so datasets with ids or metadata load as they
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -61,15 +62,34 @@ def parse_record(record: Any, tokenizer: Any = None, where: str = "<record>") ->
     if len(present) > 1:
         raise DataError(f"{where}: ambiguous record with fields {present}; use exactly one format per line")
     task = _task_key(record, where)
+    extra = {"task": task, "routing": _routing_field(record, where)}
     if "text" in record:
         text = _string_field(record, "text", where, allow_empty=False)
-        return Example(prompt="", completion=text, task=task)
+        return Example(prompt="", completion=text, **extra)
     if "messages" in record:
         prompt, completion = _render_messages(record["messages"], tokenizer, where)
-        return Example(prompt=prompt, completion=completion, task=task)
+        return Example(prompt=prompt, completion=completion, **extra)
     prompt = _string_field(record, "prompt", where, allow_empty=True)
     completion = _string_field(record, "completion", where, allow_empty=False)
-    return Example(prompt=prompt, completion=completion, task=task)
+    return Example(prompt=prompt, completion=completion, **extra)
+
+
+def _routing_field(record: dict[str, Any], where: str) -> dict[str, list[float]]:
+    """``"routing": {"user_state": [0.1, ...], ...}``: per-example vectors for routed methods."""
+    value = record.get("routing")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: field 'routing' must be an object of name -> list of numbers, got {_json_type(value)}")
+    out = {}
+    for name, vector in value.items():
+        vector = [vector] if isinstance(vector, (int, float)) and not isinstance(vector, bool) else vector
+        if (not isinstance(vector, list) or not vector or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vector)):
+            raise DataError(f"{where}: routing[{name!r}] must be a number or a non-empty list of finite numbers, "
+                            f"got {json.dumps(vector)[:80]}")
+        out[name] = vector
+    return out
 
 
 def _json_type(value: Any) -> str:

@@ -204,8 +204,9 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         """The micro-batch at ``position`` in the stream, on the CPU (token counts are read there, not synced)."""
         return collate([dataset[i] for i in stream.indices(position, config.batch_size)])
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
+    def to_device(batch: dict) -> dict:
+        return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+                for k, v in batch.items()}
 
     was_training = model.training
     model.train()
@@ -238,7 +239,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     def evaluate() -> None:
         # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size)
+            metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size,
+                                        task_to_id=dataset.task_to_id)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
@@ -253,8 +255,10 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         step_loss_sum = torch.zeros((), device=device)
         for batch in map(to_device, batches):
             # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
-            # balance losses); task ids, when the data has them, as the routing keys.
-            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"], extras=key_names):
+            # balance losses); task ids, when the data has them, as the routing keys; per-example routing
+            # vectors (e.g. a user vector) as extras.
+            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
+                         extras={**key_names, **batch.get("routing", {})}):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
             step_loss_sum += loss.detach()
