@@ -29,3 +29,26 @@ def test_bench_perf_quick_reports_ratios(tmp_path):
     assert any(r.startswith("mixed batch") for r in rows)
     forward = next(r for r in result["rows"] if r["row"] == "forward, one adapter")
     assert forward["max_abs_diff_vs_peft"] <= 1e-5 and forward["lorakit/peft"]["min"] > 0
+
+
+def test_bench_mixtures_quick_matches_budgets_and_composes(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["mixtures", "--quick", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "mixtures.json").read_text())
+    budget = {r["row"]: r for r in result["budget"]["table"]}
+    assert len(budget) == 6 and {r["method"] for r in result["budget"]["runs"]} == {
+        "lora", "mixlora", "mole", "mola", "smora"}
+    lora8, lora16 = budget["lora r=8 (= active)"], budget["lora r=16 (= trainable)"]
+    assert lora16["trainable_params"] == 2 * lora8["trainable_params"]
+    for label, row in budget.items():  # every mixture sits at about LoRA r=16's trainable size (routers on top)
+        if not label.startswith("lora"):
+            assert 0.9 <= row["trainable_params"] / lora16["trainable_params"] <= 1.5, label
+    compose = {r["row"]: r for r in result["compose"]["table"]}
+    tasks = result["profile"]["tasks"].split(",")
+    assert {f"adapter '{t}' alone" for t in tasks} | {"oracle (own adapter per task)", "linear merge (mean)",
+                                                       "task arithmetic (sum)"} <= set(compose)
+    assert any(k.startswith("meteora") for k in compose) and any(k.startswith("x-lora") for k in compose)
+    oracle = compose["oracle (own adapter per task)"]
+    for t in tasks:  # the oracle serves each task with its own adapter
+        assert oracle["per_task"][t] == compose[f"adapter '{t}' alone"]["per_task"][t]
+    assert "## Equal budgets" in (tmp_path / "mixtures.md").read_text()

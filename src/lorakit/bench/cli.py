@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -20,9 +20,17 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
     atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
 
 
+def _override(profile, **values):
+    """``profile`` with every given (non-None) command-line value; lists become tuples."""
+    from dataclasses import replace
+
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+    return replace(profile, **given)
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -31,25 +39,26 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
+    parser.add_argument("--experiments", nargs="+", choices=["budget", "compose"], default=None,
+                        help="mixtures: which experiments (default: both)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     args = parser.parse_args(argv)
     out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
     t0 = time.perf_counter()
     if args.what == "tasks":
-        from dataclasses import replace
-
         from . import methods
-        from .perf import machine_description
         profile = methods.TasksProfile(steps=3, train_examples=16, eval_examples=4, tasks=("reverse",)) if args.quick \
             else methods.TasksProfile()
-        if args.tasks:
-            profile = replace(profile, tasks=tuple(args.tasks.split(",")))
-        if args.steps:
-            profile = replace(profile, steps=args.steps)
+        profile = _override(profile, tasks=tuple(args.tasks.split(",")) if args.tasks else None, steps=args.steps)
         result = methods.run_tasks(profile)
-        result["machine"] = machine_description(args.device or "cpu")
         markdown = methods.tasks_markdown(result)
+    elif args.what == "mixtures":
+        from . import mixtures
+        profile = _override(mixtures.QUICK if args.quick else mixtures.FULL, seeds=args.seeds, steps=args.steps,
+                            tasks=args.tasks, experiments=args.experiments)
+        result = mixtures.run_mixtures(profile)
+        markdown = mixtures.mixtures_markdown(result)
     elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
@@ -59,26 +68,16 @@ def main(argv: Sequence[str]) -> int:
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)
     else:
-        from dataclasses import replace
-
         from . import methods
-        from .perf import machine_description
-        profile = methods.QUICK if args.quick else methods.FULL
-        if args.methods:
-            profile = replace(profile, methods=tuple(args.methods))
-        if args.seeds:
-            profile = replace(profile, seeds=tuple(args.seeds))
-        if args.steps:
-            profile = replace(profile, steps=args.steps)
-        if args.tasks:
-            profile = replace(profile, tasks=args.tasks)
-        if args.first_variant_only:
-            profile = replace(profile, all_variants=False)
+        profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
+                            steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None)
         result = methods.run_methods(profile)
-        result["machine"] = machine_description(args.device or "cpu")
         markdown = methods.methods_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in methods.plot_methods(result, out)]
+    if "machine" not in result:
+        from .perf import machine_description
+        result["machine"] = machine_description(args.device or "cpu")
     result["wall_time_s"] = time.perf_counter() - t0
     _write(out, args.what, result, markdown, command)
     print(markdown)

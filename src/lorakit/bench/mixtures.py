@@ -1,0 +1,239 @@
+"""``lorakit bench mixtures``: the mixture-of-LoRA-experts evidence, two experiments on the bundled model.
+
+**budget** — multi-task training at matched parameter budgets. Every mixture gives each token an *active*
+rank of 8 per adapted layer (top-k experts × expert rank, or k active rank units for SMoRA), and holds about
+as many *trainable* parameters as LoRA r=16. So each mixture has two plain-LoRA references: LoRA r=8 (equal
+active parameters) and LoRA r=16 (equal trainable parameters). Configurations (α = 2r throughout):
+
+- MixLoRA: shared LoRA r=8 on attention, 5 FFN experts of rank 4, top-2 (paper layout).
+- MoLE: LoRA r=8 on attention, 3 FFN experts of rank 8, top-1 (LLaVA-MoLE's sparse mixture).
+- MoLA: experts of rank 4 on every linear, top-2, expert counts 2-2-4-4-6-6 over the 6 layers (mean 4;
+  "higher layers need more experts").
+- SMoRA: one LoRA of rank 16 on every linear, 8 of its 16 rank units active per token.
+
+The exact trainable counts (routers included) are in the table; the routers are what makes some of them
+larger than LoRA r=16 (SMoRA's router has one row per rank unit, as large as A).
+
+**compose** — adapters trained one per task, then combined without retraining them: each adapter alone,
+the oracle (each task served by its own adapter: needs the task label at test time), the linear merge
+(ΔW = Σ_i ΔW_i / N, also the plain sum: task arithmetic with λ = 1), and the learned combinations that see
+no task label at test time: MeteoRA (gate only, supervised by the task labels in training, top-2) and
+X-LoRA (scaling head on a first pass, adapters frozen). The merges are exact: the N adapters are active
+together with ``lora_B`` scaled by the merge weight, which equals folding Σ w_i B_i A_i into the base weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class MixturesProfile:
+    tasks: str = "reverse,rotate,sort,upper"
+    steps: int = 200  # multi-task training steps (budget) and gate/head training steps (compose)
+    task_steps: int = 150  # per-task adapter training steps (compose)
+    batch_size: int = 16
+    lr: float = 2e-3
+    train_examples: int = 1000  # per task
+    eval_examples: int = 50  # per task
+    seeds: tuple[int, ...] = (0, 1, 2)
+    experiments: tuple[str, ...] = ("budget", "compose")
+
+
+QUICK = MixturesProfile(steps=2, task_steps=2, batch_size=4, train_examples=8, eval_examples=2, seeds=(0,),
+                        tasks="reverse,upper")
+FULL = MixturesProfile()
+
+
+def budget_configs() -> dict[str, object]:
+    """Row label -> adapter config; see the module docstring for the matching."""
+    import lorakit as lk
+    from ..methods.mixlora import MixLoraConfig
+    from ..methods.mola import MolaConfig
+    from ..methods.mole import MoleConfig
+    from ..methods.smora import SmoraConfig
+
+    return {
+        "lora r=8 (= active)": lk.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+        "lora r=16 (= trainable)": lk.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+        "mixlora 5×r4 top-2": MixLoraConfig(r=8, lora_alpha=16, expert_r=4, expert_lora_alpha=8, num_experts=5, top_k=2),
+        "mole 3×r8 top-1": MoleConfig(r=8, lora_alpha=16, num_experts=3),
+        "mola 2-2-4-4-6-6×r4 top-2": MolaConfig(r=4, lora_alpha=8, experts_per_layer=[2, 2, 4, 4, 6, 6], top_k=2,
+                                               target_modules="all-linear"),
+        "smora r16 top-8": SmoraConfig(r=16, top_k=8, lora_alpha=32, target_modules="all-linear"),
+    }
+
+
+def _train_config(profile: MixturesProfile, steps: int, seed: int):
+    from ..training import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=profile.batch_size, lr=profile.lr,
+                       warmup_ratio=0.1 if steps >= 10 else 0.0, lr_schedule="cosine", seed=seed, max_length=128)
+
+
+def _score(model, tokenizer, examples) -> dict:
+    from ..data import evaluate_examples
+
+    r = evaluate_examples(model, tokenizer, examples)
+    return {"exact_match": r["exact_match"], "per_task": {k: v["exact_match"] for k, v in r["per_task"].items()}}
+
+
+def run_budget(profile: MixturesProfile, base, tokenizer, progress: bool = False) -> list[dict]:
+    import lorakit as lk
+    from ..data import load_examples
+    from ..training import train
+
+    eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
+    runs = []
+    for seed in profile.seeds:
+        train_ex = load_examples(profile.tasks, "train", n=profile.train_examples, seed=seed)
+        for label, config in budget_configs().items():
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            lk.add_adapter(model, copy.deepcopy(config))
+            trainable, _ = lk.trainable_parameters(model)
+            t0 = time.perf_counter()
+            result = train(model, tokenizer, train_ex, _train_config(profile, profile.steps, seed), progress=progress)
+            wall = time.perf_counter() - t0
+            runs.append({"row": label, "method": lk.get_method(config).name, "seed": seed,
+                         "trainable_params": trainable, "s_per_step": wall / profile.steps,
+                         "final_loss": result.losses[-1], **_score(model, tokenizer, eval_ex)})
+    return runs
+
+
+def _scale_lora_B(model, name: str, weight: float) -> None:
+    from ..core.model import adapter_parameters
+
+    with torch.no_grad():
+        for key, p in adapter_parameters(model, name).items():
+            if "lora_B" in key:
+                p.mul_(weight)
+
+
+def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progress: bool = False) -> list[dict]:
+    import lorakit as lk
+    from ..data import load_examples
+    from ..methods.meteora import MeteoraConfig
+    from ..methods.xlora import XLoraConfig
+    from ..training import train
+
+    tasks = profile.tasks.split(",")
+    eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
+    runs = []
+    for seed in profile.seeds:
+        train_mix = load_examples(profile.tasks, "train", n=profile.train_examples, seed=seed)
+        paths = []
+        for task in tasks:  # one plain LoRA per task, trained on that task alone
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            lk.add_adapter(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+            train(model, tokenizer, load_examples(task, "train", n=profile.train_examples, seed=seed),
+                  _train_config(profile, profile.task_steps, seed), progress=progress)
+            path = workdir / f"seed{seed}" / task
+            lk.save_adapter(model, path)
+            paths.append(path)
+            runs.append({"row": f"adapter '{task}' alone", "seed": seed, **_score(model, tokenizer, eval_ex)})
+
+        # Oracle: every test example served by the adapter of its own task.
+        per_task = {t: r["per_task"][t] for t, r in zip(tasks, runs[-len(tasks):])}
+        runs.append({"row": "oracle (own adapter per task)", "seed": seed, "per_task": per_task,
+                     "exact_match": statistics.mean(per_task.values())})
+
+        for label, weight in (("linear merge (mean)", 1.0 / len(tasks)), ("task arithmetic (sum)", 1.0)):
+            model = copy.deepcopy(base)
+            for task, path in zip(tasks, paths):
+                lk.load_adapter(model, path, task)
+                _scale_lora_B(model, task, weight)
+            lk.set_adapter(model, tasks)
+            runs.append({"row": label, "seed": seed, **_score(model, tokenizer, eval_ex)})
+
+        strs = [str(p) for p in paths]
+        learned = {
+            "meteora gate top-2 (task-supervised)": MeteoraConfig(adapter_paths=strs, top_k=2,
+                                                                   task_to_adapter={t: i for i, t in enumerate(tasks)}),
+            "x-lora scalings (frozen adapters)": XLoraConfig(adapter_paths=strs),
+        }
+        for label, config in learned.items():
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            lk.add_adapter(model, config)
+            trainable, _ = lk.trainable_parameters(model)
+            train(model, tokenizer, train_mix, _train_config(profile, profile.steps, seed), progress=progress)
+            runs.append({"row": label, "seed": seed, "trainable_params": trainable, **_score(model, tokenizer, eval_ex)})
+    return runs
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["row"], []).append(r)
+    rows = []
+    for label, rs in groups.items():
+        scores = [r["exact_match"] for r in rs]
+        tasks = sorted(rs[0]["per_task"])
+        row = {"row": label, "seeds": len(rs), "mean": statistics.mean(scores),
+               "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+               "per_task": {t: statistics.mean(r["per_task"][t] for r in rs) for t in tasks}}
+        for key in ("trainable_params", "s_per_step"):
+            if key in rs[0]:
+                row[key] = statistics.median(r[key] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def run_mixtures(profile: MixturesProfile, progress: bool = False, workdir: str | None = None) -> dict:
+    from ..data import load_examples
+    from ..hub import load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    before = _score(base, tokenizer, load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234))
+    result: dict = {"profile": asdict(profile), "before": before}
+    if "budget" in profile.experiments:
+        runs = run_budget(profile, base, tokenizer, progress)
+        result["budget"] = {"runs": runs, "table": summarise(runs)}
+    if "compose" in profile.experiments:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            runs = run_compose(profile, base, tokenizer, Path(tmp), progress)
+        result["compose"] = {"runs": runs, "table": summarise(runs)}
+    return result
+
+
+def mixtures_markdown(result: dict) -> str:
+    p = result["profile"]
+    tasks = p["tasks"].split(",")
+    lines = [f"Tasks `{p['tasks']}` ({p['train_examples']} training and {p['eval_examples']} test examples each), "
+             f"batch {p['batch_size']}, lr {p['lr']}, cosine; seeds {list(p['seeds'])}; exact match on the held-out "
+             f"test set (mean ± sd over seeds). Base model before training: {result['before']['exact_match']:.3f}.", ""]
+
+    def table(rows, extra=()):
+        cols = ["configuration", "exact match", *tasks, *(h for h, _ in extra)]
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [f"{r['mean']:.3f} ± {r['sd']:.3f}"] + [f"{r['per_task'].get(t, float('nan')):.2f}" for t in tasks]
+            cells += [fn(r) for _, fn in extra]
+            out.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+        return out
+
+    if "budget" in result:
+        rows = result["budget"]["table"]
+        ref = next((r for r in rows if r["row"].startswith("lora r=16")), None)
+        lines += [f"## Equal budgets: {p['steps']} multi-task steps", "",
+                  "Active rank per adapted layer is 8 for every mixture (= LoRA r=8); trainable parameters are "
+                  "close to LoRA r=16 (ratio in the last column).", ""]
+        lines += table(rows, extra=(("trainable (× LoRA r=16)", lambda r: f"{r['trainable_params']:,} "
+                                     f"({r['trainable_params'] / ref['trainable_params']:.2f}×)" if ref else ""),
+                                    ("s/step", lambda r: f"{r['s_per_step']:.3f}")))
+        lines.append("")
+    if "compose" in result:
+        lines += [f"## Composing per-task adapters ({p['task_steps']} steps each, LoRA r=8 all-linear); "
+                  f"MeteoRA / X-LoRA trained {p['steps']} multi-task steps", ""]
+        lines += table(result["compose"]["table"])
+        lines.append("")
+    return "\n".join(lines)
