@@ -48,6 +48,7 @@ def test_bench_mixtures_quick_matches_budgets_and_composes(tmp_path):
     assert {f"adapter '{t}' alone" for t in tasks} | {"oracle (own adapter per task)", "linear merge (mean)",
                                                        "task arithmetic (sum)"} <= set(compose)
     assert any(k.startswith("meteora") for k in compose) and any(k.startswith("x-lora") for k in compose)
+    assert any(k.startswith("mixda two stages") for k in compose)
     oracle = compose["oracle (own adapter per task)"]
     for t in tasks:  # the oracle serves each task with its own adapter
         assert oracle["per_task"][t] == compose[f"adapter '{t}' alone"]["per_task"][t]

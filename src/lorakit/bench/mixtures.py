@@ -18,7 +18,8 @@ larger than LoRA r=16 (SMoRA's router has one row per rank unit, as large as A).
 the oracle (each task served by its own adapter: needs the task label at test time), the linear merge
 (ΔW = Σ_i ΔW_i / N, also the plain sum: task arithmetic with λ = 1), and the learned combinations that see
 no task label at test time: MeteoRA (gate only, supervised by the task labels in training, top-2) and
-X-LoRA (scaling head on a first pass, adapters frozen). The merges are exact: the N adapters are active
+X-LoRA (scaling head on a first pass, adapters frozen); and MixDA's two stages (one domain adapter per task
+trained with its rows, then the gate over [domains..., FFN] trained with no keys). The merges are exact: the N adapters are active
 together with ``lora_B`` scaled by the merge weight, which equals folding Σ w_i B_i A_i into the base weight.
 """
 
@@ -121,6 +122,7 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
     import lorakit as lk
     from ..data import load_examples
     from ..methods.meteora import MeteoraConfig
+    from ..methods.mixda import MixdaConfig, set_mixda_stage
     from ..methods.xlora import XLoraConfig
     from ..training import train
 
@@ -167,6 +169,19 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
             trainable, _ = lk.trainable_parameters(model)
             train(model, tokenizer, train_mix, _train_config(profile, profile.steps, seed), progress=progress)
             runs.append({"row": label, "seed": seed, "trainable_params": trainable, **_score(model, tokenizer, eval_ex)})
+
+        # MixDA's two stages on the same budget of steps: one domain adapter per task (knowledge stage, rows
+        # routed to their task's adapter by the key), then the gate over [domains..., FFN] (task stage, no keys).
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)
+        lk.add_adapter(model, MixdaConfig(n_domains=len(tasks), key_to_domain={t: i for i, t in enumerate(tasks)},
+                                          reduction=4))
+        train(model, tokenizer, train_mix, _train_config(profile, profile.task_steps, seed), progress=progress)
+        set_mixda_stage(model, "default", "task")
+        trainable, _ = lk.trainable_parameters(model)
+        train(model, tokenizer, train_mix, _train_config(profile, profile.steps, seed), progress=progress)
+        runs.append({"row": "mixda two stages (gate over domain adapters)", "seed": seed,
+                     "trainable_params": trainable, **_score(model, tokenizer, eval_ex)})
     return runs
 
 
