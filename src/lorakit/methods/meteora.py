@@ -42,26 +42,22 @@ Choices and deviations:
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ..core.config import AdapterConfig, field_list
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterLoadError, ConfigError
 from ..core.registry import register_method
-from ..io.peft_format import CONFIG_NAME, PREFIX, weights_path, read_adapter_config
 from ..mixtures.base import MixtureDelta, pop_aux_records
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import Router
-from .lora import LoraConfig
+from ..mixtures.sources import prepare_from_sources, read_lora_source
 
 IGNORE = -100
 
@@ -138,69 +134,6 @@ class MeteoraConfig(AdapterConfig):
         return [self.task_to_adapter[task] for task in sorted(self.task_to_adapter)]
 
 
-# -- source adapters: read once per (folder, file stamps), tensors memory-mapped and read per module -------
-@dataclass(frozen=True)
-class LoraSource:
-    directory: str
-    config: LoraConfig
-    modules: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
-    handle: Any  # safetensors.safe_open over the weights file
-
-    def factors(self, module_path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A (r, in), B (out, r)) for one module, or None when this adapter does not adapt it."""
-        keys = self.modules.get(module_path)
-        if keys is None:
-            return None
-        A, B = (self.handle.get_tensor(k) for k in keys)
-        for key, t in zip(keys, (A, B)):
-            if not torch.isfinite(t).all():
-                raise AdapterLoadError(f"{self.directory}: tensor {key!r} has non-finite values (NaN/Inf)")
-        return A, B
-
-
-def read_lora_source(directory: str | Path) -> LoraSource:
-    path = Path(directory).expanduser().resolve()
-    stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
-                   for p in (path / CONFIG_NAME, weights_path(path)))
-    return _read_lora_source(str(path), stamps)
-
-
-@functools.lru_cache(maxsize=64)
-def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
-    config = read_adapter_config(directory)
-    where = f"MeteoRA source adapter {directory}"
-    if type(config).method != "lora":  # subclasses (data-driven inits) may have touched the base: refuse them too
-        raise ConfigError(f"{where} is a {type(config).method!r} adapter; MeteoRA embeds plain LoRA adapters "
-                          "(lorakit 'lora' or PEFT LoRA).")
-    unsupported = {"use_dora": config.use_dora, "rank_pattern": config.rank_pattern,
-                   "alpha_pattern": config.alpha_pattern, "lora_bias": config.lora_bias,
-                   "modules_to_save": config.modules_to_save}
-    for field_name, value in unsupported.items():
-        if value:
-            raise ConfigError(f"{where} sets {field_name}={value!r}, which MeteoRA does not support: it stacks "
-                              "plain LoRA adapters with one rank per adapter. Export or retrain it as plain LoRA.")
-    weights = weights_path(Path(directory))
-    try:
-        handle = safe_open(str(weights), framework="pt")
-        keys = list(handle.keys())
-    except Exception as e:  # safetensors raises SafetensorError / OSError variants
-        raise AdapterLoadError(f"{weights} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    found: dict[str, list[str | None]] = {}
-    for key in keys:
-        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for slot, suffix in enumerate((".lora_A.weight", ".lora_B.weight")):
-            if short.endswith(suffix):
-                found.setdefault(short[: -len(suffix)], [None, None])[slot] = key
-                break
-        else:
-            raise ConfigError(f"{where}: tensor {key!r} is not a linear-layer LoRA factor (lora_A / lora_B "
-                              "weight); MeteoRA embeds plain LoRA on linear layers only (no embeddings, DoRA, biases).")
-    incomplete = [m for m, ab in found.items() if None in ab]
-    if incomplete:
-        raise AdapterLoadError(f"{weights}: modules with lora_A but no lora_B or the reverse: {incomplete[:3]}")
-    return LoraSource(directory, config, {m: (a, b) for m, (a, b) in found.items()}, handle)
-
-
 # -- the delta --------------------------------------------------------------------------------------------
 class MeteoraLinear(MixtureDelta):
     """N LoRA adapters stacked as rank blocks of one bank, gated per token by a top-k router on the input."""
@@ -249,30 +182,6 @@ class MeteoraLinear(MixtureDelta):
 
 
 # -- hooks ------------------------------------------------------------------------------------------------
-def prepare_from_sources(model: nn.Module, config):
-    """Read the source adapters' configs: ranks, alphas, rsLoRA, and (when unset) the targets they adapt.
-
-    Shared by every method built on a bank of existing LoRAs (MeteoRA, X-LoRA, routed / modality LoRAs)."""
-    if config.adapter_paths is None:
-        return config
-    sources = [read_lora_source(p) for p in config.adapter_paths]
-    found = {"expert_r": [s.config.r for s in sources],
-             "expert_alpha": [float(s.config.lora_alpha) for s in sources],
-             "expert_use_rslora": [s.config.use_rslora for s in sources]}
-    for name, values in found.items():
-        given = getattr(config, name)
-        if given and list(given) != values:
-            raise ConfigError(f"{type(config).__name__}.{name}={given} disagrees with the adapters' own configs "
-                              f"({values}); leave it unset when adapter_paths are given.")
-    targets = config.target_modules
-    if targets is None:  # every module some adapter adapts
-        targets = sorted({m for s in sources for m in s.modules})
-    names = config.adapter_names or [Path(s.directory).name for s in sources]
-    if len(set(names)) < len(names):  # folders with the same name in different places
-        names = [s.directory for s in sources]
-    return replace(config, target_modules=targets, adapter_names=names, **found)
-
-
 def build_meteora(base_layer: nn.Module, info: LayerInfo, config: MeteoraConfig, path: str = "") -> MeteoraLinear:
     delta = MeteoraLinear(info, config)
     for i, directory in enumerate(config.adapter_paths or []):

@@ -53,7 +53,7 @@ from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import RouterOutput
-from .meteora import prepare_from_sources, read_lora_source
+from ..mixtures.sources import prepare_from_sources, read_lora_source
 
 
 # -- a bank of LoRA experts as rank blocks (shared with X-LoRA) ---------------------------------------------

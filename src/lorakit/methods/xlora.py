@@ -57,7 +57,7 @@ from ..core.model import STATE_ATTR
 from ..core.registry import register_method
 from ..core.routing import current_routing, routing
 from ..core.targeting import select_targets
-from .meteora import prepare_from_sources
+from ..mixtures.sources import prepare_from_sources
 from .routed import LoraBank, LoraBankConfig, bank_file_fields
 
 XLORA_KEY = "xlora"  # routing extras: {delta: scalings (real pass) or the scaling pass value (float)}

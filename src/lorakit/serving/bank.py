@@ -98,7 +98,6 @@ def make_plan(slots: torch.Tensor, ranks: torch.Tensor, weighted: bool = False) 
     row's A and B block by block (in cache) beats permuting activations into padded groups and back, even at
     32 rows per adapter (serving/bench.py).
     """
-    batch = slots.shape[0]
     r_used = int(ranks[slots].max()) if slots.numel() else 0
     if r_used == 0:
         return Plan("none", slots, 0)
