@@ -97,3 +97,17 @@ def test_console_script_runs():
     exe = Path(sys.executable).parent / "lorakit"
     result = subprocess.run([str(exe), "methods"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "lora" in result.stdout
+
+
+def test_train_keeps_a_methods_own_default_targets(tmp_path, capsys):
+    """``--method mixlora`` trains MixLoRA's experts on the FFN blocks (its default targets), not a plain LoRA on
+    all linear layers, and reports how its router spread the tokens."""
+    from lorakit.cli import main as cli_main
+
+    out = tmp_path / "mix"
+    assert cli_main(["train", "--method", "mixlora", "--steps", "2", "--batch-size", "4", "--train-examples", "8",
+                     "--eval-examples", "2", "--output", str(out), "--quiet"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert "mlp" in config["target_modules"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["router"]["layers"] == 6 and "router over 6 layers" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> No
             continue
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if f.name == "target_modules":
+        if f.name == "target_modules" and not config_cls.has_own_targets():
             default = "all-linear (the library default None = per-architecture defaults)"
         args = typing.get_args(hint)
         if hint is bool:
@@ -105,7 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     method = get_method(args.method)
-    adapter_config = config_from_args(method.config_cls, args, target_modules="all-linear")
+    # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
+    targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
+    adapter_config = config_from_args(method.config_cls, args, **targets)
     model, tokenizer = load_model_and_tokenizer(args.model)
     train_examples = load_examples(args.data, "train", n=args.train_examples, seed=args.seed, tokenizer=tokenizer)
     eval_examples = _eval_examples(args, tokenizer)
@@ -136,6 +138,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
                "after": after, "adapter_dir": str(adapter_dir), "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps}
+    from .mixtures import router_summary
+    routed = router_summary(result.router_stats)  # the training forwards only
+    if routed is not None:
+        summary["router"] = routed
+        print(f"router over {routed['layers']} layers: expert load {routed['min_load_fraction']:.2f}–"
+              f"{routed['max_load_fraction']:.2f} (uniform {routed['uniform_fraction']:.2f}), mean entropy "
+              f"{routed['entropy']:.2f} nats")
     from .io.files import atomic_write_json
     atomic_write_json(Path(args.output) / "summary.json", summary)
     print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "

@@ -233,3 +233,22 @@ def test_routing_vectors_and_task_keys_reach_training_and_evaluation(make_model,
             assert [prediction] == generate_completions(model, tokenizer, [ex.prompt], max_new_tokens=8)
     unkeyed = evaluate_examples(model, tokenizer, test, max_new_tokens=8, return_predictions=True)["predictions"]
     assert unkeyed != got  # without keys every row gets the base model
+
+
+def test_router_statistics_are_logged_and_kept_for_mixtures(make_model, tokenizer, reverse_train, reverse_test):
+    from lorakit.methods.mixlora import MixLoraConfig
+
+    model = make_model(MixLoraConfig(r=2, expert_r=2, num_experts=4, top_k=2, lora_dropout=0.0))
+    logs = []
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-2, log_every=2, eval_every=2, seed=0)
+    result = train(model, tokenizer, reverse_train, config, eval_examples=reverse_test, progress=False,
+                   on_log=[logs.append])
+    routed = [r["router"] for r in logs if "loss" in r]
+    assert len(routed) == 2 and routed[-1]["layers"] == 2 and routed[-1]["uniform_fraction"] == 0.25
+    assert routed[-1]["min_load_fraction"] <= 0.25 <= routed[-1]["max_load_fraction"] and routed[-1]["entropy"] > 0
+    assert result.router_stats is not None and len(result.router_stats) == 2
+    for stats in result.router_stats.values():  # every real training token, and nothing from the evaluations
+        assert stats["tokens"] == result.train_tokens
+        assert sum(stats["load"]) == 2 * result.train_tokens  # top-2
+    plain = train(make_model(), tokenizer, reverse_train, TrainConfig(steps=1, batch_size=8), progress=False)
+    assert plain.router_stats is None

@@ -41,7 +41,7 @@ def _config_for(method, variant: str, r: int):
     if "lora_alpha" in fields:
         kwargs.setdefault("lora_alpha", 2 * r)
     # Methods with their own default targets (MixLoRA/MoLE: attention + the FFN blocks) keep them.
-    if method.config_cls.__dataclass_fields__["target_modules"].default is None:
+    if not method.config_cls.has_own_targets():
         kwargs.setdefault("target_modules", "all-linear")
     return method.config_cls(**kwargs)
 

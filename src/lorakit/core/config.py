@@ -103,6 +103,13 @@ class AdapterConfig:
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self
 
+    @classmethod
+    def has_own_targets(cls) -> bool:
+        """True when the method defines its default ``target_modules`` (e.g. MixLoRA: attention + FFN blocks);
+        front ends that default to "all-linear" must then leave the method's own choice alone."""
+        field = cls.__dataclass_fields__["target_modules"]
+        return field.default is not None
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

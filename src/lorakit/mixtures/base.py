@@ -115,11 +115,38 @@ def router_stats(model: nn.Module, name: str | None = None) -> dict[str, dict]:
     return stats
 
 
+def router_summary(stats: dict[str, dict] | None) -> dict | None:
+    """``router_stats(...)`` over all layers in a few numbers (None without mixture layers or routed tokens):
+    mean router entropy, and the mean over layers of the busiest and idlest expert's load fraction next to
+    the uniform share 1/E (a balanced router has max ≈ min ≈ uniform)."""
+    stats = [s for s in (stats or {}).values() if s["tokens"] > 0]
+    if not stats:
+        return None
+    n = len(stats)
+    return {"layers": n, "entropy": sum(s["entropy"] for s in stats) / n,
+            "max_load_fraction": sum(max(s["load_fraction"]) for s in stats) / n,
+            "min_load_fraction": sum(min(s["load_fraction"]) for s in stats) / n,
+            "uniform_fraction": sum(1.0 / len(s["load"]) for s in stats) / n}
+
+
 def reset_router_stats(model: nn.Module) -> None:
     for _, _, d in mixture_deltas(model):
         d.stat_load.zero_()
         d.stat_entropy.zero_()
         d.stat_tokens.zero_()
+
+
+@contextlib.contextmanager
+def router_stats_paused(model: nn.Module) -> Iterator[None]:
+    """Forwards inside the block (e.g. an evaluation during training) leave ``router_stats`` as they were."""
+    saved = [(d, d.stat_load.clone(), d.stat_entropy.clone(), d.stat_tokens.clone()) for _, _, d in mixture_deltas(model)]
+    try:
+        yield
+    finally:
+        for d, load, entropy, tokens in saved:
+            d.stat_load.copy_(load)
+            d.stat_entropy.copy_(entropy)
+            d.stat_tokens.copy_(tokens)
 
 
 @contextlib.contextmanager

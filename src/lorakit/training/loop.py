@@ -39,6 +39,7 @@ from ..core.routing import routing
 from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, stable_seed
 from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
+from ..mixtures.base import reset_router_stats, router_stats, router_stats_paused, router_summary
 from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
 from .config import TrainConfig
 
@@ -65,6 +66,7 @@ class TrainResult:
     device: str
     adapter_dir: str | None = None
     checkpoints: list[str] = field(default_factory=list)
+    router_stats: dict[str, dict] | None = None  # mixtures: per-layer expert load and entropy of this run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,7 +174,9 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     """Train adapter ``adapter_name`` of ``model`` (a causal LM with a lorakit adapter) on ``train_examples``.
 
     ``on_log`` callbacks get ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` every ``log_every``
-    steps and ``{"step", "eval": metrics}`` after each evaluation.
+    steps (plus ``"router"``, ``mixtures.router_summary`` of this run so far, for mixture methods) and
+    ``{"step", "eval": metrics}`` after each evaluation. ``TrainResult.router_stats`` holds the per-layer expert
+    load and entropy of the run's training forwards (evaluations excluded).
     """
     start_time = time.perf_counter()
     if adapter_name not in adapter_names(model):
@@ -238,12 +242,13 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
 
     def evaluate() -> None:
         # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
             metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size,
                                         task_to_id=dataset.task_to_id)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
+    reset_router_stats(model)  # router statistics (mixtures) describe this run's training forwards only
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     train_time, run_tokens, window = 0.0, 0, []
     while step < config.steps:
@@ -283,8 +288,12 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if step % config.log_every == 0 or step == config.steps:
-            emit({"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
-                  "tokens_per_s": tokens_per_s})
+            record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens_per_s}
+            routed = router_summary(router_stats(model, adapter_name))
+            if routed is not None:  # mixtures: expert load and router entropy since the start of this run
+                record["router"] = routed
+            emit(record)
             window = []
         if config.eval_every and step % config.eval_every == 0:
             evaluate()
@@ -308,6 +317,7 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         wall_time_s=time.perf_counter() - start_time, train_tokens=run_tokens,
         tokens_per_s=run_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=_peak_memory_mb(device),
         trainable_params=trainable, total_params=total, device=str(device), checkpoints=checkpoints,
+        router_stats=router_stats(model, adapter_name) or None,
     )
     if output_dir is not None:
         adapter_dir = write_dir_atomically(output_dir / "adapter", lambda d: save_adapter(model, d, adapter_name))
