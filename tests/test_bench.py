@@ -49,6 +49,8 @@ def test_bench_mixtures_quick_matches_budgets_and_composes(tmp_path):
                                                        "task arithmetic (sum)"} <= set(compose)
     assert any(k.startswith("meteora") for k in compose) and any(k.startswith("x-lora") for k in compose)
     assert any(k.startswith("mixda two stages") for k in compose)
+    meteora = compose["meteora gate top-2 (task-supervised)"]
+    assert 0.0 <= meteora["routed_to_own_task"] <= 1.0  # its gate has one expert per task adapter
     oracle = compose["oracle (own adapter per task)"]
     for t in tasks:  # the oracle serves each task with its own adapter
         assert oracle["per_task"][t] == compose[f"adapter '{t}' alone"]["per_task"][t]

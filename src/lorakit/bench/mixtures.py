@@ -172,7 +172,8 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
             trainable, _ = lk.trainable_parameters(model)
             config = replace(_train_config(profile, profile.steps, seed), lr=profile.lr * lr_scale)
             train(model, tokenizer, train_mix, config, progress=progress)
-            runs.append({"row": label, "seed": seed, "trainable_params": trainable, **_score(model, tokenizer, eval_ex)})
+            runs.append({"row": label, "seed": seed, "trainable_params": trainable, **_score(model, tokenizer, eval_ex),
+                         "routed_to_own_task": routing_accuracy(model, tokenizer, eval_ex, tasks)})
 
         # MixDA's two stages on the same budget of steps: one domain adapter per task (knowledge stage, rows
         # routed to their task's adapter by the key), then the gate over [domains..., FFN] (task stage, no keys).
@@ -189,6 +190,32 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
     return runs
 
 
+def routing_accuracy(model, tokenizer, examples, tasks: list[str], per_task: int = 10) -> float | None:
+    """Fraction of (token, layer) routing decisions whose top-weighted expert is the adapter of the example's own
+    task (expert i = ``tasks[i]``), over prompt + completion of ``per_task`` examples per task; None when the
+    model's mixture layers do not have one expert per task."""
+    from ..mixtures import record_routing
+
+    hits = total = 0
+    counts = dict.fromkeys(tasks, 0)
+    with torch.no_grad():
+        for ex in examples:
+            if counts.get(ex.task, per_task) >= per_task:
+                continue
+            counts[ex.task] += 1
+            ids = torch.tensor([tokenizer.encode(ex.prompt + ex.completion)])
+            with record_routing(model) as traces:
+                model(input_ids=ids)
+            for records in traces.values():
+                for rec in records:
+                    if rec["weights"].shape[-1] != len(tasks):
+                        return None
+                    top = rec["weights"].argmax(-1)
+                    hits += int((top == tasks.index(ex.task)).sum())
+                    total += top.numel()
+    return hits / total if total else None
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -200,9 +227,10 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"row": label, "seeds": len(rs), "mean": statistics.mean(scores),
                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "per_task": {t: statistics.mean(r["per_task"][t] for r in rs) for t in tasks}}
-        for key in ("trainable_params", "s_per_step"):
-            if key in rs[0]:
-                row[key] = statistics.median(r[key] for r in rs)
+        for key, stat in (("trainable_params", statistics.median), ("s_per_step", statistics.median),
+                          ("routed_to_own_task", statistics.mean)):
+            if rs[0].get(key) is not None:
+                row[key] = stat(r[key] for r in rs)
         rows.append(row)
     return rows
 
@@ -253,6 +281,7 @@ def mixtures_markdown(result: dict) -> str:
     if "compose" in result:
         lines += [f"## Composing per-task adapters ({p['task_steps']} steps each, LoRA r=8 all-linear); "
                   f"MeteoRA / X-LoRA trained {p['steps']} multi-task steps", ""]
-        lines += table(result["compose"]["table"])
+        lines += table(result["compose"]["table"], extra=(("tokens routed to own task's adapter", lambda r: (
+            f"{r['routed_to_own_task']:.2f}" if "routed_to_own_task" in r else "")),))
         lines.append("")
     return "\n".join(lines)
