@@ -166,6 +166,9 @@ def methods_markdown(result: dict) -> str:
                      f"{r['s_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} |")
     for method, variant, why in result.get("skipped", []):
         lines.append(f"| {method} | {variant} | skipped: {why} | | | | | |")
+    lines += ["", "Every method trains from its registered default variant here (fresh experts for the mixtures of "
+              "existing adapters). Equal-budget comparisons of the mixtures, and MeteoRA / X-LoRA / MixDA composing "
+              "real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]
     return "\n".join(lines) + "\n"
 
 
