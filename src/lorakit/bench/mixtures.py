@@ -160,8 +160,8 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
         meteora = MeteoraConfig(adapter_paths=strs, top_k=2, task_to_adapter={t: i for i, t in enumerate(tasks)})
         learned = {  # label -> (config, learning-rate multiplier)
             "meteora gate top-2 (task-supervised)": (meteora, 1.0),
-            # The paper's N(0, 1) gate barely moves at the shared lr in 200 steps (top-1 gate accuracy ~0.4 on
-            # 4 tasks, chance 0.25); at 10x it routes ~0.8 of the tokens to their task's adapter.
+            # The paper's N(0, 1) gate barely moves at the shared lr in 200 steps; the table's routing column
+            # (decisions that pick the example's own task adapter) shows how much a 10x gate lr changes that.
             "meteora gate top-2, lr ×10": (meteora, 10.0),
             "x-lora scalings (frozen adapters)": (XLoraConfig(adapter_paths=strs), 1.0),
         }
