@@ -42,7 +42,6 @@ Choices and deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,76 +49,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, field_list
 from ..core.delta import LayerInfo
-from ..core.errors import AdapterLoadError, ConfigError
+from ..core.errors import ConfigError
 from ..core.registry import register_method
-from ..mixtures.base import MixtureDelta, pop_aux_records
+from ..mixtures.base import pop_aux_records
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import Router
-from ..mixtures.sources import prepare_from_sources, read_lora_source
+from ..mixtures.sources import prepare_from_sources
+from .routed import LoraBank, LoraBankConfig
 
 IGNORE = -100
 
 
 @dataclass
-class MeteoraConfig(AdapterConfig):
+class MeteoraConfig(LoraBankConfig):
     """Either ``adapter_paths`` (existing LoRA folders; ranks, alphas and default targets are read from
-    them) or ``n_adapters`` (randomly initialised experts, B = 0; e.g. for a bank loaded later).
+    them) or ``n_adapters`` / ``expert_r`` (randomly initialised experts, B = 0, default r = 8, α = 2r; e.g. for
+    a bank loaded later). The bank fields and their checks are ``routed.LoraBankConfig``'s.
 
     ``adapter_names`` label the bank slots (default: the source folders' names), so a saved MeteoRA adapter,
     which no longer points at its sources, still says what each slot holds. ``task_to_adapter``: task name →
     adapter index, resolved through the sorted task names (see the module docstring); None = by order.
     """
 
-    adapter_paths: list[str] | None = None
-    adapter_names: list[str] | None = None
-    n_adapters: int | None = None
-    expert_r: list[int] = field_list()
-    expert_alpha: list[float] = field_list()
-    expert_use_rslora: list[bool] = field_list()
     top_k: int = 2
     temperature: float = 1.0
     gate_path: Literal["fast", "reference"] = "fast"
-    lora_dropout: float = 0.1
+    lora_dropout: float = 0.1  # the official code's hard-coded value
     train_adapters: bool = False
     moe_aux_loss_coef: float = 50.0
     task_to_adapter: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.adapter_paths is not None:
-            if not self.adapter_paths:
-                raise ConfigError("MeteoraConfig.adapter_paths is empty; give LoRA adapter folders or None.")
-            if self.n_adapters is not None and self.n_adapters != len(self.adapter_paths):
-                raise ConfigError(f"MeteoraConfig.n_adapters={self.n_adapters} but {len(self.adapter_paths)} "
-                                  "adapter_paths were given; leave n_adapters unset.")
-            self.n_adapters = len(self.adapter_paths)
-        elif self.n_adapters is None:
-            if not self.expert_r:
-                raise ConfigError("MeteoraConfig needs adapter_paths (existing LoRA adapters) or n_adapters.")
-            self.n_adapters = len(self.expert_r)
         n = self.n_adapters
-        if n <= 0:
-            raise ConfigError(f"MeteoraConfig.n_adapters must be positive, got {n}.")
-        if self.adapter_paths is None:  # random experts: explicit defaults, so the saved config is complete
-            self.expert_r = self.expert_r or [8] * n
-            self.expert_alpha = self.expert_alpha or [16.0] * n
-            self.expert_use_rslora = self.expert_use_rslora or [False] * n
-        for name in ("expert_r", "expert_alpha", "expert_use_rslora", "adapter_names"):
-            value = getattr(self, name)
-            if value and len(value) != n:
-                raise ConfigError(f"MeteoraConfig.{name} has {len(value)} entries for {n} adapters.")
-        if any(r <= 0 for r in self.expert_r):
-            raise ConfigError(f"MeteoraConfig.expert_r must be positive ranks, got {self.expert_r}.")
-        if self.adapter_names is not None and len(set(self.adapter_names)) != n:
-            raise ConfigError(f"MeteoraConfig.adapter_names must be {n} distinct names, got {self.adapter_names}.")
         if not 0 < self.top_k <= n:
             raise ConfigError(f"MeteoraConfig.top_k must be in 1..n_adapters={n}, got {self.top_k}.")
         if not self.temperature > 0:
             raise ConfigError(f"MeteoraConfig.temperature must be > 0, got {self.temperature}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"MeteoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.moe_aux_loss_coef < 0:
             raise ConfigError(f"MeteoraConfig.moe_aux_loss_coef must be >= 0, got {self.moe_aux_loss_coef}.")
         for task, index in (self.task_to_adapter or {}).items():
@@ -135,42 +102,15 @@ class MeteoraConfig(AdapterConfig):
 
 
 # -- the delta --------------------------------------------------------------------------------------------
-class MeteoraLinear(MixtureDelta):
-    """N LoRA adapters stacked as rank blocks of one bank, gated per token by a top-k router on the input."""
+class MeteoraLinear(LoraBank):
+    """N LoRA adapters stacked as rank blocks of one bank (``routed.LoraBank``: A Kaiming, B zero per block,
+    an owner map, per-rank scaling), gated per token by a top-k router on the input."""
 
     def __init__(self, info: LayerInfo, config: MeteoraConfig):
-        super().__init__(info, config.n_adapters)
-        ranks = config.expert_r
-        A = torch.empty(sum(ranks), info.in_features)  # (R_total, in)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # per block as each adapter's nn.Linear would (fan_in = in)
-        B = torch.zeros(info.out_features, sum(ranks))  # (out, R_total)
-        if config.train_adapters:
-            self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
-        else:  # gate-only: frozen banks as (saved) buffers, out of reach of requires_grad_
-            self.register_buffer("lora_A", A)
-            self.register_buffer("lora_B", B)
-        owner = torch.arange(config.n_adapters).repeat_interleave(torch.tensor(ranks))  # (R_total,)
-        scaling = torch.tensor([a / (math.sqrt(r) if rs else r) for r, a, rs in
-                                zip(ranks, config.expert_alpha, config.expert_use_rslora)])
-        self.register_buffer("owner", owner, persistent=False)
-        self.register_buffer("rank_scaling", scaling[owner], persistent=False)  # (R_total,)
-        self.ranks = list(ranks)
-        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        super().__init__(info, config, trainable=config.train_adapters)  # gate-only: frozen banks are buffers
         strategy = "topk_logits" if config.gate_path == "fast" else "topk"
         self.router = Router(info.in_features, config.n_adapters, strategy=strategy, top_k=config.top_k,
                              temperature=config.temperature, init_std=1.0)
-
-    @torch.no_grad()
-    def set_adapter_block(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy adapter ``index``'s factors, A (r, in) and B (out, r), into the bank."""
-        start, r = sum(self.ranks[:index]), self.ranks[index]
-        want_a, want_b = (r, self.info.in_features), (self.info.out_features, r)
-        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-            raise AdapterLoadError(f"adapter {index}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
-                                   f"not fit this layer and rank (expected {want_a}, {want_b}); is it for another "
-                                   "base model, or does it use a per-module rank?")
-        self.lora_A[start:start + r] = A.to(self.lora_A.dtype)
-        self.lora_B[:, start:start + r] = B.to(self.lora_B.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
@@ -183,12 +123,7 @@ class MeteoraLinear(MixtureDelta):
 
 # -- hooks ------------------------------------------------------------------------------------------------
 def build_meteora(base_layer: nn.Module, info: LayerInfo, config: MeteoraConfig, path: str = "") -> MeteoraLinear:
-    delta = MeteoraLinear(info, config)
-    for i, directory in enumerate(config.adapter_paths or []):
-        factors = read_lora_source(directory).factors(path)
-        if factors is not None:  # else the block stays a fresh LoRA (A Kaiming, B zero): no effect
-            delta.set_adapter_block(i, *factors)
-    return delta
+    return MeteoraLinear(info, config).load_sources(config, path)
 
 
 def gate_labels(config: MeteoraConfig, keys: torch.Tensor, key_names: list[str] | None = None) -> torch.Tensor:
