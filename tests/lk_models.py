@@ -34,6 +34,28 @@ def model_output(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
+def word_level_tokenizer(examples):
+    """A whitespace word-level tokenizer over the words of ``examples`` (prompt + completion), with
+    <pad>=0, <s>=1, </s>=2, <unk>=3: tiny vocabularies for training-loop tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama_for(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer, hidden-32 Llama sized to ``tokenizer``'s vocabulary (pad id 0); ``overrides`` go to LlamaConfig."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides}))
+
+
 def tiny_bpe_tokenizer(corpus, vocab_size: int):
     """A byte-level BPE trained here on ``corpus`` (nothing is downloaded), with <pad>, <s>, </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -10,8 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 import lorakit as lk
 from lorakit.core.delta import LayerInfo
@@ -21,7 +20,7 @@ from lorakit.methods.meteora import MeteoraConfig, MeteoraLinear, gate_labels, g
 from lorakit.mixtures import record_routing
 from lorakit.training import TrainConfig, train
 
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
 
 TASKS = ["reverse", "rotate", "sort"]
 
@@ -136,25 +135,12 @@ def test_task_ids_map_through_sorted_task_names():
         gate_labels(without, torch.tensor([2]))
 
 
-def _tokenizer(examples) -> PreTrainedTokenizerFast:
-    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 def test_supervised_gate_loss_decreases_training_gate_only(tmp_path):
     examples = load_examples(",".join(TASKS), "train", n=16)
-    tokenizer = _tokenizer(examples)
+    tokenizer = word_level_tokenizer(examples)
 
     def factory():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                                            eos_token_id=2))
+        return tiny_llama_for(tokenizer, bos_token_id=1, eos_token_id=2)
 
     paths = make_sources(tmp_path, factory)
     config = MeteoraConfig(adapter_paths=paths, lora_dropout=0.0, task_to_adapter=dict(zip(TASKS, range(3))))

@@ -13,7 +13,7 @@ from lorakit.core.model import adapter_layers, adapter_state
 from lorakit.methods.mixda import MixdaAdapter, MixdaConfig, mixda_extra_loss, set_mixda_stage
 from lorakit.mixtures import record_routing
 
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
 
 INFO = LayerInfo("linear", 16, 6, False)  # a down_proj: intermediate 16 -> hidden 6
 
@@ -182,23 +182,12 @@ def test_config_validation():
 
 
 def test_two_stages_in_the_training_loop():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from lorakit.data import load_examples
     from lorakit.training import TrainConfig, train
 
     examples = load_examples("reverse,rotate,sort", "train", n=6)
-    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])},
-                                     unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=0))
+    tokenizer = word_level_tokenizer(examples)
+    model = tiny_llama_for(tokenizer)
     lk.add_adapter(model, MixdaConfig(n_domains=2, key_to_domain={"reverse": 0, "rotate": 1, "sort": -1},
                                       task_adapter=True))
     config = TrainConfig(steps=3, batch_size=6, lr=0.01, max_length=64, log_every=100, device="cpu")

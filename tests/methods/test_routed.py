@@ -15,7 +15,7 @@ from lorakit.methods.routed import (MMLoraConfig, MMLoraLinear, RecLoraConfig, R
                                     RoutedLoraLinear)
 from lorakit.mixtures import record_routing
 
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
 
 INFO = LayerInfo("linear", 12, 10, False)
 
@@ -268,23 +268,12 @@ def test_reclora_model_per_user_rows_and_errors(ids):
 
 # -- the training loop routes each example to its task's expert ------------------------------------------------
 def test_training_loop_trains_each_tasks_expert_only():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from lorakit.data import load_examples
     from lorakit.training import TrainConfig, train
 
     examples = load_examples("reverse,rotate,sort", "train", n=8)
-    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=0))
+    tokenizer = word_level_tokenizer(examples)
+    model = tiny_llama_for(tokenizer)
     lk.add_adapter(model, RoutedLoraConfig(target_modules=["q_proj", "v_proj"], expert_r=[2, 2, 2],
                                            key_to_expert={"reverse": 2, "rotate": 0, "sort": -1}))
     result = train(model, tokenizer, examples, TrainConfig(steps=6, batch_size=6, lr=0.01, max_length=64,

@@ -12,7 +12,7 @@ from lorakit.core.model import adapter_layers
 from lorakit.methods.smora import SmoraConfig, SmoraLinear
 from lorakit.mixtures import record_routing, reset_router_stats, router_stats
 
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
 
 
 class Host(nn.Module):
@@ -144,23 +144,12 @@ def test_bias_round_trips_through_save_and_load(tmp_path):
 
 
 def test_training_loop_updates_the_bias_after_each_step():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from lorakit.data import load_examples
     from lorakit.training import TrainConfig, train
 
     examples = load_examples("reverse,sort", "train", n=8)
-    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])},
-                                     unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    tokenizer = word_level_tokenizer(examples)
+    model = tiny_llama_for(tokenizer, bos_token_id=1, eos_token_id=2)
     lk.add_adapter(model, SmoraConfig(r=8, top_k=2, target_modules=["q_proj", "v_proj"], bias_update_rate=0.01))
     train(model, tokenizer, examples, TrainConfig(steps=3, batch_size=4, lr=1e-2, max_length=64, device="cpu"),
           progress=False)

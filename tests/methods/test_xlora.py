@@ -16,7 +16,7 @@ from lorakit.core.model import adapter_layers
 from lorakit.methods.xlora import XLoraClassifier, XLoraConfig, remove_xlora_hooks
 from lorakit.mixtures import record_routing
 
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
 
 SOURCES = [(4, 8, ["q_proj", "v_proj"]), (2, 8, ["q_proj", "o_proj"]), (4, 4, ["v_proj", "o_proj"])]
 
@@ -225,23 +225,12 @@ def test_head_layout_follows_peft():
 
 
 def test_training_loop_trains_the_head_through_the_hook(sources):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from lorakit.data import load_examples
     from lorakit.training import TrainConfig, train
 
     examples = load_examples("reverse,sort", "train", n=6)
-    words = sorted({w for ex in examples for w in (ex.prompt + ex.completion).split()})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])},
-                                     unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=0))
+    tokenizer = word_level_tokenizer(examples)
+    model = tiny_llama_for(tokenizer, num_attention_heads=4)
     lk.add_adapter(model, XLoraConfig(adapter_paths=sources))
     before = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
     result = train(model, tokenizer, examples, TrainConfig(steps=3, batch_size=4, lr=0.01, max_length=64,
