@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import LorakitError
+
 
 @dataclass
 class MethodsProfile:
@@ -57,9 +59,8 @@ def _row_vectors(method) -> dict[str, int]:
     for name, value in method.example_routing(probe).get("extras", {}).items():
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 2
                 and value.shape[0] == 2 and tuple(value.shape) != tuple(probe.shape)):
-            import lorakit as lk
-            raise lk.LorakitError(f"needs routing extras {name!r} per token (e.g. a modality map) that text tasks "
-                                  "do not carry")
+            raise LorakitError(f"needs routing extras {name!r} per token (e.g. a modality map) that text tasks "
+                               "do not carry")
         out[name] = value.shape[1]
     return out
 
