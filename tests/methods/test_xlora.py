@@ -173,18 +173,20 @@ def test_disabled_and_inactive_adapters_give_the_base(sources, ids):
 def test_hooks_are_registered_once_and_removed(sources, ids):
     model = xlora_model(sources)
     lk.add_adapter(model, XLoraConfig(adapter_paths=sources[:2]), name="second")
-    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    # X-LoRA's pre-hook, and lorakit's check of routing names before any compute (issue 10)
+    assert len(model._forward_pre_hooks) == 2 and len(model._forward_hooks) == 1
     clone = copy.deepcopy(model)  # the copy's hooks act on the copy
     with torch.no_grad():
         torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
     lk.delete_adapter(model, "default")
-    assert len(model._forward_pre_hooks) == 1  # "second" still needs it
+    assert len(model._forward_pre_hooks) == 2  # "second" still needs it
     lk.delete_adapter(model, "second")
     with torch.no_grad():
         model(input_ids=ids)  # the first forward without an X-LoRA adapter removes the hooks
     assert not model._forward_pre_hooks and not model._forward_hooks
     remove_xlora_hooks(clone)
-    assert not clone._forward_pre_hooks and not clone._forward_hooks
+    assert [h.__name__ for h in clone._forward_pre_hooks.values()] == ["_check_routing_names"]  # lorakit's own
+    assert not clone._forward_hooks
 
 
 def test_error_inside_forward_leaves_no_routing_context(sources):

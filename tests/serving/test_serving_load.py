@@ -133,9 +133,9 @@ def test_errors_name_the_problem(tmp_path, sh, many):
     _load_fails(model, {"bad": bad}, "not a valid safetensors file")
 
     cfg = json.loads((many["m1"] / "adapter_config.json").read_text())
-    cfg["modules_to_save"] = ["lm_head"]
+    cfg["modules_to_save"] = ["norm"]  # whole Linear / Embedding copies bank exactly (issue 10); an RMSNorm cannot
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    _load_fails(model, {"bad": bad}, "modules_to_save")
+    _load_fails(model, {"bad": bad}, "modules_to_save module 'model.norm'")
 
     # Raw ids outside the registry, and ids that do not fit the batch.
     with torch.no_grad():

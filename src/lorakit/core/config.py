@@ -103,6 +103,13 @@ class AdapterConfig:
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self
 
+    def check_patterns(self, targets: list[str]) -> None:
+        """Raise when a per-module pattern the user typed matches none of ``targets`` (the adapted modules).
+
+        Called when an adapter is added, not when one is loaded (a file's patterns may name modules this model
+        lacks; its tensors say what was trained). Methods with per-module patterns override this.
+        """
+
     @classmethod
     def has_own_targets(cls) -> bool:
         """True when the method defines its default ``target_modules`` (e.g. MixLoRA: attention + FFN blocks);

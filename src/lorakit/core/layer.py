@@ -11,9 +11,7 @@ from torch import nn
 
 from .delta import LayerInfo, MergeTerms, oriented_weight
 from .errors import AdapterError
-from .routing import current_routing
-
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+from .routing import BASE_NAME, check_adapter_names, current_routing, rows_for_batch
 
 
 class AdapterLayer(nn.Module):
@@ -32,6 +30,11 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # exact pre-merge weights, if kept
+        # The shared (tied) weight Parameter set aside while merged: merging writes into a private copy so that
+        # the twin module (e.g. lm_head tied to embed_tokens) keeps the base weight; unmerging puts it back.
+        self._tied: nn.Parameter | None = None
+        # The model's adapter configs (a shared dict, set when attached): names a routing context may use.
+        self.known: dict | None = None
         # Optional batched multi-adapter executor (e.g. serving banks): called as bank(x, base_out, ctx) when a
         # routing context carries ``adapter_ids``; returns the summed delta for every row in one batched pass.
         self.bank: nn.Module | None = None
@@ -52,8 +55,11 @@ class AdapterLayer(nn.Module):
         ctx = current_routing()
         if ctx is not None:
             if ctx.adapter_ids is not None:
-                if self.bank is None:
-                    raise AdapterError("routing(adapter_ids=...) needs adapters loaded into a bank on this layer")
+                if self.merged:
+                    raise AdapterError(f"adapters {self.merged} are merged into this layer's base weights, so every "
+                                       f"banked row would get them too; call unmerge_adapter before bank_routing")
+                if self.bank is None:  # no banked adapter adapts this layer; attached ones do not run in bank batches
+                    return base_out
                 if not torch.is_grad_enabled() and hasattr(self.bank, "add_into"):
                     return self.bank.add_into(x, base_out, ctx)  # inference: add into the base output in place
                 return base_out + self.bank(x, base_out, ctx)
@@ -69,11 +75,10 @@ class AdapterLayer(nn.Module):
         """Each row uses its own adapter (``adapter_names``) and/or weighted adapters (``adapter_weights``)."""
         if self.merged:
             raise AdapterError("per-row adapters cannot be used while adapters are merged; call unmerge_adapter first")
-        out = base_out
+        check_adapter_names(ctx, self.known if self.known is not None else self.adapters)
+        batch, out = x.shape[0], base_out
         if ctx.adapter_names is not None:
-            names = list(ctx.adapter_names)
-            if len(names) != x.shape[0]:
-                raise AdapterError(f"routing adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
+            names = rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
             used = sorted({n for n in names if n is not None and n != BASE_NAME and n in self.adapters})
             if used and self._stackable(used):
                 out = self._stacked_rows(x, out, names, used)
@@ -83,6 +88,7 @@ class AdapterLayer(nn.Module):
             for name, w in ctx.adapter_weights.items():
                 if name not in self.adapters:
                     continue
+                w = rows_for_batch(torch.as_tensor(w).reshape(-1), batch, f"adapter_weights[{name!r}]")
                 w = w.to(device=base_out.device, dtype=base_out.dtype).reshape(-1, *([1] * (base_out.dim() - 1)))
                 out = out + w * self.adapters[name](x, base_out, self.base_layer)
         return out
@@ -166,10 +172,16 @@ class AdapterLayer(nn.Module):
             b = b - bias
         return w, b
 
-    def merge(self, names: list[str], keep_original: bool | None = None) -> None:
+    @property
+    def untied(self) -> bool:
+        """True while merged into a private copy of a weight that is shared with another module."""
+        return self._tied is not None
+
+    def merge(self, names: list[str], keep_original: bool | None = None, *, untie: bool = False) -> None:
         """Fold ``names`` into the base weight. ``keep_original`` keeps a copy of the base weights so that
         ``unmerge`` restores them bit for bit (otherwise unmerging is arithmetic, exact up to rounding);
-        None = keep only for half-precision weights, where arithmetic unmerging visibly damages the base."""
+        None = keep only for half-precision weights, where arithmetic unmerging visibly damages the base.
+        ``untie=True`` (the weight is shared with another module) merges into a private copy of the weight."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
@@ -177,9 +189,13 @@ class AdapterLayer(nn.Module):
             if not self.adapters[n].mergeable:
                 raise AdapterError(f"adapter {n!r} is input-dependent ({type(self.adapters[n]).__name__}) and cannot "
                                    f"be merged into the base weights; export or serve it unmerged")
+        if untie and not self.merged:
+            shared = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            self._tied = shared
         if keep_original is None:
             keep_original = self.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
-        if keep_original and not self.merged:
+        if keep_original and not self.merged and self._tied is None:
             bias = getattr(self.base_layer, "bias", None)
             self._original = (self.base_layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
         base_w, base_b = self._unmerged_base()
@@ -195,7 +211,14 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self._original is not None:
+        if self._tied is not None:  # the shared weight was never written: put it back, bit for bit
+            _, base_b = self._unmerged_base()
+            self.base_layer.weight = self._tied
+            self._tied = None
+            if base_b is not None:
+                with torch.no_grad():
+                    self.base_layer.bias.copy_(base_b.to(self.base_layer.bias.dtype))
+        elif self._original is not None:
             w, b = self._original
             with torch.no_grad():
                 self.base_layer.weight.copy_(w)
@@ -228,9 +251,56 @@ class ModulesToSaveWrapper(nn.Module):
         return copy.deepcopy(module)
 
     def forward(self, *args, **kwargs):
-        if not self.disabled:
-            for name in self.active:
-                if name in self.copies:
-                    return self.copies[name](*args, **kwargs)
-        return self.original_module(*args, **kwargs)
+        if self.disabled:
+            return self.original_module(*args, **kwargs)
+        ctx = current_routing()
+        if ctx is not None and ctx.adapter_ids is not None:
+            return self.original_module(*args, **kwargs)  # serving banks hold no whole-module copies
+        if ctx is not None and (ctx.adapter_names is not None or ctx.adapter_weights is not None):
+            return self._per_row_forward(ctx, args, kwargs)
+        active = [n for n in self.active if n in self.copies]
+        if len(active) > 1:
+            raise AdapterError(f"adapters {active} each have their own copy of this module (modules_to_save) and a "
+                               f"forward can use only one: activate one of them, or give each row its adapter with "
+                               f"lorakit.routing(adapter_names=...)")
+        return (self.copies[active[0]] if active else self.original_module)(*args, **kwargs)
 
+    def _per_row_forward(self, ctx, args, kwargs):
+        """Each row runs its own adapter's copy (rows without one run the original module).
+
+        A loop over the adapters present in the batch, each on its own rows, as PEFT's ``_mixed_batch_forward``:
+        the copies are whole modules of any type, so there is no shared low-rank form to batch them in.
+        """
+        check_adapter_names(ctx, self.known if self.known is not None else self.copies)
+        if ctx.adapter_weights is not None:
+            mixed = [n for n in ctx.adapter_weights if n in self.copies]
+            if mixed:
+                raise AdapterError(f"routing adapter_weights mixes {mixed}, which have their own copy of this module "
+                                   f"(modules_to_save): a weighted mix of whole modules is not any adapter's "
+                                   f"function. Route such adapters per row with adapter_names.")
+        if ctx.adapter_names is None:
+            return self.original_module(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        batch = x.shape[0]
+        names = rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n if n in self.copies else None, []).append(i)
+        if list(groups) == [None]:
+            return self.original_module(*args, **kwargs)
+        out = None
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+
+            def pick(v, index=index):
+                return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+
+            module = self.original_module if name is None else self.copies[name]
+            y = module(*[pick(a) for a in args], **{k: pick(v) for k, v in kwargs.items()})
+            if not isinstance(y, torch.Tensor):
+                raise AdapterError(f"per-row modules_to_save needs a module returning a tensor; "
+                                   f"{type(module).__name__} returned {type(y).__name__}")
+            if out is None:
+                out = y.new_empty((batch, *y.shape[1:]))
+            out = out.index_copy(0, index, y)  # the groups cover every row exactly once
+        return out

@@ -8,6 +8,7 @@ model object in ``model.lorakit`` (a plain attribute, not a submodule).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from .delta import describe_layer, SUPPORTED_LAYERS
 from .errors import AdapterError, TargetError, did_you_mean
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
+from .routing import check_adapter_names, current_routing
 from .targeting import iter_host_modules, select_modules_to_save, select_targets
 
 STATE_ATTR = "lorakit"
@@ -30,6 +32,8 @@ class AdapterState:
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    disabled: int = 0  # depth of nested disable_adapters blocks
+    hook_id: int | None = None  # id of the forward pre-hook that checks routing names before any compute
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -113,18 +117,30 @@ class AdapterPlan:
 
 
 def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *,
-                 autocast_adapter_dtype: bool = True) -> AdapterPlan:
-    """Build every delta ``config`` asks for without touching the model (raises on any bad target)."""
+                 autocast_adapter_dtype: bool = True, trained: set[str] | None = None) -> AdapterPlan:
+    """Build every delta ``config`` asks for without touching the model (raises on any bad target).
+
+    ``trained`` (loading a file): the module paths the file has tensors for. Its name lists are then read
+    leniently — entries matching nothing in this model are skipped, and modules_to_save are those the file
+    holds — while names a user types (``trained=None``) must each match.
+    """
     _check_name(name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig (e.g. lorakit.LoraConfig), got {type(config).__name__}")
     if name in adapter_state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
+    with temporarily_unmerged(model):  # inits that read base weights must see the base, not a merged adapter
+        return _plan(model, config, name, autocast_adapter_dtype, trained)
+
+
+def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_dtype: bool,
+          trained: set[str] | None) -> AdapterPlan:
     method = get_method(config)
     if method.prepare is not None:
         config = method.prepare(model, config)
-    targets = select_targets(model, config)
+    targets = select_targets(model, config, strict=trained is None)
     host = dict(iter_host_modules(model))
+    twins = tied_parameters(model)
     built = {}
     for path in targets:
         base = host[path]
@@ -134,12 +150,21 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
                 f"module {path!r} ({type(base).__name__}) cannot take a {method.name!r} adapter; supported layers: "
                 f"{SUPPORTED_LAYERS} (kinds {', '.join(method.layer_kinds)}). Narrow target_modules or use exclude_modules."
             )
+        shared = twins.get(id(getattr(base, "weight", None)), [])
+        others = [n for n in shared if n.rpartition(".")[0] != path]
+        if others:
+            warnings.warn(f"target {path!r} shares its weight with {others} (tied weights): training changes only "
+                          f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
+                          stacklevel=4)
         delta = method.build(base, info, config.for_module(path), path=path)
         # Whole blocks (an FFN for FFN-level mixtures) have no .weight: follow their first parameter.
         ref = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else next(base.parameters())
         delta.to(device=ref.device, dtype=_adapter_dtype(ref, autocast_adapter_dtype))
         built[path] = (base, info, delta)
-    saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in select_modules_to_save(model, config)}
+    to_save = select_modules_to_save(model, config, strict=trained is None)
+    if trained is not None:
+        to_save = [p for p in to_save if p in trained]
+    saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in to_save}
     return AdapterPlan(name=name, config=config, deltas=built, saved=saved)
 
 
@@ -153,17 +178,42 @@ def attach_plan(model: nn.Module, plan: AdapterPlan) -> None:
         layer = getattr(parent, attr)
         if not isinstance(layer, AdapterLayer):
             layer = AdapterLayer(base, info).train(base.training)
+            layer.disabled = state.disabled > 0  # added inside a disable_adapters block
             setattr(parent, attr, layer)
         layer.adapters[plan.name] = delta.train(layer.training)  # follow the host's train/eval mode
+        layer.known = state.configs
     for path, module in plan.saved.items():
         parent, attr = _get_parent(model, path)
         wrapper = getattr(parent, attr)
         if not isinstance(wrapper, ModulesToSaveWrapper):
             wrapper = ModulesToSaveWrapper(wrapper).train(wrapper.training)
+            wrapper.disabled = state.disabled > 0
             setattr(parent, attr, wrapper)
         wrapper.copies[plan.name] = module.train(wrapper.training)
+        wrapper.known = state.configs
     state.configs[plan.name] = plan.config
+    if state.hook_id is None:
+        state.hook_id = model.register_forward_pre_hook(_check_routing_names).id
     set_adapter(model, state.active or [plan.name])
+
+
+def _check_routing_names(model: nn.Module, args) -> None:
+    """Unknown adapter names in a routing block fail at the model's forward, before any layer runs."""
+    state = getattr(model, STATE_ATTR, None)
+    ctx = current_routing()
+    if state is not None and ctx is not None:
+        check_adapter_names(ctx, state.configs)
+        if ctx.adapter_ids is not None and getattr(model, "lorakit_bank", None) is None:
+            raise AdapterError("routing(adapter_ids=...) needs adapters loaded into banks (lorakit.serving."
+                               "load_adapters / bank_adapters); for attached adapters use routing(adapter_names=...)")
+
+
+def _forget(model: nn.Module) -> None:
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        if state.hook_id is not None:  # by id, not by handle: a deep copy's handle would point at the original
+            model._forward_pre_hooks.pop(state.hook_id, None)
+        object.__delattr__(model, STATE_ATTR)
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *,
@@ -184,6 +234,13 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     for n in names:
         if n not in state.configs:
             raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} Loaded: {list(state.configs)}")
+    merged = merged_adapters(model)
+    leaving = [n for n in merged if n not in names]
+    if leaving:
+        warnings.warn(f"adapters {merged} are merged into the base weights; unmerging them before activating "
+                      f"{names} (as PEFT does), so that the model computes base + {' + '.join(names) or 'nothing'}",
+                      stacklevel=2)
+        unmerge_adapter(model)
     state.active = names
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
@@ -202,13 +259,31 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(adapter_state(model).active)
 
 
-def _unwrap(model: nn.Module, keep_copy_of: str | None = None) -> None:
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into at least one layer's base weights, in merge order."""
+    out: list[str] = []
+    for _, layer in adapter_layers(model):
+        out += [n for n in layer.merged if n not in out]
+    return out
+
+
+def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> [names]`` for every parameter registered under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(host_path(n))
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _unwrap(model: nn.Module, keep: dict[int, str] | None = None) -> None:
+    """Put plain modules back; ``keep[id(wrapper)]`` names the adapter whose modules_to_save copy replaces it."""
+    keep = keep or {}
     for path, layer in list(adapter_layers(model)):
         parent, attr = _get_parent(model, path)
         setattr(parent, attr, layer.base_layer)
     for path, wrapper in list(_save_wrappers(model)):
         parent, attr = _get_parent(model, path)
-        module = wrapper.copies[keep_copy_of] if keep_copy_of in wrapper.copies else wrapper.original_module
+        module = wrapper.copies[keep[id(wrapper)]] if id(wrapper) in keep else wrapper.original_module
         setattr(parent, attr, module)
 
 
@@ -234,6 +309,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             setattr(parent, attr, wrapper.original_module)
     config = state.configs.pop(name)
     _teardown(model, config, name)
+    if not state.configs and state.hook_id is not None:
+        model._forward_pre_hooks.pop(state.hook_id, None)
+        state.hook_id = None
     remaining = [n for n in state.active if n != name]
     set_adapter(model, remaining) if remaining else _set_no_active(model)
 
@@ -247,27 +325,63 @@ def _set_no_active(model: nn.Module) -> None:
         w.active = []
 
 
+@dataclass
+class _MergeRecord:
+    layer: AdapterLayer
+    names: list[str]
+    kept: bool
+
+
+def _merge_records(model: nn.Module) -> list[_MergeRecord]:
+    return [_MergeRecord(layer, list(layer.merged), layer._original is not None)
+            for _, layer in adapter_layers(model) if layer.merged]
+
+
+def _restore_merges(model: nn.Module, records: list[_MergeRecord]) -> None:
+    """Bring every layer back to the merged adapters ``records`` holds (others end unmerged)."""
+    wanted = {id(r.layer): r for r in records}
+    for _, layer in adapter_layers(model):
+        r = wanted.get(id(layer))
+        if r is None or layer.merged != r.names:
+            layer.unmerge()
+    twins = tied_parameters(model)
+    for r in records:
+        if r.layer.merged != r.names:
+            r.layer.merge(r.names, keep_original=r.kept, untie=id(getattr(r.layer.base_layer, "weight", None)) in twins)
+
+
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model inside the block (merged adapters are unmerged, then merged back)."""
-    layers = [layer for _, layer in adapter_layers(model)]
-    wrappers = [w for _, w in _save_wrappers(model)]
-    merged = {id(layer): (list(layer.merged), layer._original is not None) for layer in layers}
+def temporarily_unmerged(model: nn.Module) -> Iterator[None]:
+    """Unmerge every merged adapter inside the block and merge exactly the same ones back after it."""
+    records = _merge_records(model)
     try:
-        for layer in layers:
-            layer.unmerge()  # exact when merged with keep_original, else up to rounding
-            layer.disabled = True
-        for w in wrappers:
-            w.disabled = True
+        for r in records:
+            r.layer.unmerge()  # exact when merged with keep_original, else up to rounding
         yield
     finally:
-        for layer in layers:
-            layer.disabled = False
-            names, kept = merged[id(layer)]
-            if names:
-                layer.merge(names, keep_original=kept)
-        for w in wrappers:
-            w.disabled = False
+        _restore_merges(model, records)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model inside the block (merged adapters are unmerged, then merged back).
+
+    Leaving the block restores exactly the state found on entry, also when the block raises and when blocks
+    are nested (an inner block's exit leaves the outer one disabled). Layers added inside the block start
+    disabled too.
+    """
+    state = adapter_state(model)
+    flags = {id(m): m.disabled for _, m in list(adapter_layers(model)) + list(_save_wrappers(model))}
+    state.disabled += 1
+    try:
+        with temporarily_unmerged(model):
+            for _, m in list(adapter_layers(model)) + list(_save_wrappers(model)):
+                m.disabled = True
+            yield
+    finally:
+        state.disabled -= 1
+        for _, m in list(adapter_layers(model)) + list(_save_wrappers(model)):
+            m.disabled = flags.get(id(m), state.disabled > 0)
 
 
 def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_original: bool | None = None) -> None:
@@ -283,8 +397,15 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     for n in names:
         if n not in state.configs:
             raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
-    for _, layer in adapter_layers(model):
-        layer.merge(names, keep_original=keep_original)
+    twins = tied_parameters(model)
+    for path, layer in adapter_layers(model):
+        shared = twins.get(id(getattr(layer.base_layer, "weight", None)))
+        untie = bool(shared) and not layer.merged and any(n in layer.adapters for n in names)
+        if untie:
+            warnings.warn(f"{path!r} shares its weight with {[n for n in shared if not n.startswith(path + '.')]} "
+                          f"(tied weights); merging unties them: {path!r} gets its own merged copy and the others "
+                          f"keep the base weight (unmerging ties them again)", stacklevel=2)
+        layer.merge(names, keep_original=keep_original, untie=untie)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -299,15 +420,44 @@ def _teardown(model: nn.Module, config: AdapterConfig, name: str) -> None:
 
 
 def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """Merge the (active) adapters and return the plain host model, with no lorakit layer left."""
+    """Merge the (active) adapters and return the plain host model, with no lorakit layer left.
+
+    A modules_to_save module keeps the copy of the one merged adapter that has one. Raises AdapterError (before
+    changing anything) when several of ``names`` have their own copy of the same module: no single module is
+    then right for all of them.
+    """
     state = adapter_state(model)
-    names = list(state.active) if names is None else names
+    names = list(state.active) if names is None else list(names)
+    keep: dict[int, str] = {}
+    for path, wrapper in _save_wrappers(model):
+        owners = [n for n in names if n in wrapper.copies]
+        if len(owners) > 1:
+            raise AdapterError(f"adapters {owners} each have their own copy of {path!r} (modules_to_save); merging "
+                               f"them together cannot keep both. Merge and unload one of them.")
+        if owners:
+            keep[id(wrapper)] = owners[0]
     merge_adapter(model, names)
-    _unwrap(model, keep_copy_of=names[0] if names else None)
+    if any(layer.untied for _, layer in adapter_layers(model)):
+        _untie_config(model)
+    _unwrap(model, keep)
     for n, config in list(state.configs.items()):
         _teardown(model, config, n)
-    object.__delattr__(model, STATE_ATTR)
+    _forget(model)
     return model
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Merged weights were untied: say so in the model config, or save/load (tie_weights) would tie them again."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text) and get_text() is not config:
+        configs.append(get_text())
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -317,7 +467,7 @@ def unload(model: nn.Module) -> nn.Module:
     if hasattr(model, STATE_ATTR):
         for n, config in list(adapter_state(model).configs.items()):
             _teardown(model, config, n)
-        object.__delattr__(model, STATE_ATTR)
+        _forget(model)
     return model
 
 

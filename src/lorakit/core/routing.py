@@ -22,6 +22,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from .errors import AdapterError, did_you_mean
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -57,3 +59,46 @@ def routing(**info: Any) -> Iterator[Routing]:
         yield ctx
     finally:
         _CURRENT.reset(token)
+
+
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def rows_for_batch(values, batch: int, what: str, unit: str = "entry"):
+    """Per-row routing values (a sequence or a tensor with rows first) for a batch of ``batch`` rows.
+
+    ``generate`` with ``num_beams`` / ``num_return_sequences`` repeats each prompt row k times in place
+    (``repeat_interleave``), so a batch k times as long as the rows given takes each row's value k times: each
+    beam / returned sequence keeps its prompt row's adapter. Serving banks and per-row adapters share this rule.
+    Raises AdapterError for any other mismatch.
+    """
+    n = values.shape[0] if isinstance(values, torch.Tensor) else len(values)
+    if n == batch:
+        return values
+    if n == 0 or batch % n:
+        raise AdapterError(f"routing {what} has {n} rows for a batch of {batch} rows (give one {unit} per row; "
+                           f"generate's beams / return sequences of a row take that row's {unit})")
+    k = batch // n
+    if isinstance(values, torch.Tensor):
+        return values.repeat_interleave(k, dim=0)
+    return [v for v in values for _ in range(k)]
+
+
+def check_adapter_names(ctx: Routing | None, known: Mapping[str, Any] | Sequence[str]) -> None:
+    """Raise AdapterError when ``ctx`` names an adapter (``adapter_names`` rows, ``adapter_weights`` keys) that is
+    not in ``known``. ``None`` and ``"__base__"`` are the explicit "no adapter" row."""
+    if ctx is None:
+        return
+    named = set()
+    if ctx.adapter_names is not None:
+        named.update(n for n in ctx.adapter_names if n is not None and n != BASE_NAME)
+    if ctx.adapter_weights is not None:
+        named.update(ctx.adapter_weights)
+    unknown = sorted((n for n in named if not isinstance(n, str) or n not in known), key=str)
+    if unknown:
+        bad = unknown[0]
+        where = "adapter_weights key" if ctx.adapter_weights is not None and bad in ctx.adapter_weights else "adapter_names entry"
+        hint = did_you_mean(bad, list(known)) if isinstance(bad, str) else ""
+        raise AdapterError(f"routing {where} {bad!r} is not an adapter of this model.{hint} Adapters: {list(known)} "
+                           f"(use None or '__base__' for a row without adapter)"
+                           + (f"; other unknown names: {unknown[1:]}" if len(unknown) > 1 else ""))

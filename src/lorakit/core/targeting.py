@@ -73,8 +73,13 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the modules ``config`` adapts, in model order. Raises TargetError when a pattern matches nothing."""
+def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = True) -> list[str]:
+    """Names of the modules ``config`` adapts, in model order.
+
+    ``strict`` (names a user typed, at add time): every target_modules / exclude_modules entry, layer index,
+    layers_pattern and method pattern (``config.check_patterns``) must match something, else TargetError naming
+    it with near matches. Not strict (names a file carries, at load time): only "nothing matched" is an error.
+    """
     modules = list(iter_host_modules(model))
     names = [n for n, _ in modules]
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
@@ -89,7 +94,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     head = _output_head_names(model) if all_linear else set()
     linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
-    chosen, hit_before_layer_filter = [], set()
+    chosen, hit_before_layer_filter, candidates = [], set(), []
     for key, module in modules:
         if all_linear:
             ok = isinstance(module, linear_types) and key not in head
@@ -99,6 +104,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             continue
         if isinstance(targets, list):
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
+        candidates.append(key)
         if config.layers_to_transform is not None:
             idx = layer_index(key, config.layers_pattern)
             wanted = config.layers_to_transform
@@ -106,7 +112,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 continue
         chosen.append(key)
 
-    if isinstance(targets, list):
+    if isinstance(targets, list) and strict:
         missing = [t for t in targets if t not in hit_before_layer_filter]
         if missing:
             suffixes = {n.rsplit(".", 1)[-1] for n in names}
@@ -114,6 +120,9 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"{t!r} (closest: {', '.join(near_matches(t, suffixes | set(names))) or 'none'})" for t in missing
             )
             raise TargetError(f"target_modules entries matched no module: {hints}.")
+    if strict:
+        _check_exclude(config, names)
+        _check_layers(config, candidates)
     if not chosen:
         shown = ", ".join(sorted({n.rsplit('.', 1)[-1] for n, m in modules if not list(m.children())})[:20])
         raise TargetError(
@@ -121,17 +130,52 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             f"layers_to_transform={config.layers_to_transform!r}) matched no module. Leaf module names in this "
             f"model include: {shown}."
         )
+    if strict:
+        config.check_patterns(chosen)
     return chosen
 
 
-def select_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+def _check_exclude(config: AdapterConfig, names: list[str]) -> None:
+    """An exclude_modules entry that matches no module of the model is a typo (it excludes nothing)."""
+    exclude = config.exclude_modules
+    entries = [exclude] if isinstance(exclude, str) else (exclude or [])
+    for entry in entries:
+        if not any(_matches(entry if isinstance(exclude, str) else [entry], n) for n in names):
+            suffixes = {n.rsplit(".", 1)[-1] for n in names}
+            found = near_matches(entry, suffixes | set(names))
+            raise TargetError(f"exclude_modules entry {entry!r} matches no module of this model, so it excludes "
+                              f"nothing.{' Did you mean: ' + ', '.join(found) + '?' if found else ''}")
+
+
+def _check_layers(config: AdapterConfig, candidates: list[str]) -> None:
+    """Every layers_to_transform index and layers_pattern name must select some of the targeted modules."""
+    if config.layers_to_transform is None:
+        return
+    patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else (config.layers_pattern or [])
+    for p in patterns:
+        if not any(layer_index(k, [p]) is not None for k in candidates):
+            segments = {seg for k in candidates for seg in k.split(".") if not seg.isdigit()}
+            found = near_matches(p, segments)
+            raise TargetError(f"layers_pattern {p!r} matches no numbered layer among the targeted modules (e.g. "
+                              f"{candidates[:1]}).{' Did you mean: ' + ', '.join(found) + '?' if found else ''}")
+    present = sorted({i for i in (layer_index(k, config.layers_pattern) for k in candidates) if i is not None})
+    wanted = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
+    absent = [i for i in wanted if i not in present]
+    if absent:
+        raise TargetError(f"layers_to_transform {absent} select no targeted module: the targeted modules are in "
+                          f"layers {present}.")
+
+
+def select_modules_to_save(model: nn.Module, config: AdapterConfig, *, strict: bool = True) -> list[str]:
+    """Modules trained in full. Not strict (a file's list, e.g. PEFT's SEQ_CLS ["classifier", "score"] of which a
+    model has one): entries matching nothing are skipped."""
     wanted = config.modules_to_save or []
     found, names = [], []
     for key, _ in iter_host_modules(model):
         names.append(key)
         if any(key == m or key.endswith("." + m) for m in wanted):
             found.append(key)
-    for m in wanted:
+    for m in wanted if strict else []:
         if not any(k == m or k.endswith("." + m) for k in found):
             raise TargetError(f"modules_to_save entry {m!r} matched no module.{' Did you mean: ' + ', '.join(near_matches(m, names)) + '?' if near_matches(m, names) else ''}")
     return found

@@ -18,7 +18,7 @@ from torch import nn
 from .. import __version__
 from ..core.errors import AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, near_matches
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
-from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter
+from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
 from ..core.registry import get_method, method_for_file
 from .files import atomic_write_json, load_tensors, read_json, save_tensors
 
@@ -119,7 +119,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     config = read_adapter_config(directory)
     config.inference_mode = not is_trainable
     tensors = load_tensors(weights_path(directory))
-    plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype)
+    with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
+        plan = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
+    attach_plan(model, plan)
+    return model
+
+
+def trained_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Every module path (and parent path) a PEFT-layout file holds tensors under: what was trained."""
+    out: set[str] = set()
+    for key in tensors:
+        parts = _normalise_key(key).split(".")[:-1]
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype):
+    plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
+                        trained=trained_modules(tensors))
     expected = plan.state_dict()
     host_params = dict(model.named_parameters())
 
@@ -170,8 +187,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             _copy_into(delta, path, given)
         for path, module in plan.saved.items():
             _copy_into(module, path, given)
-    attach_plan(model, plan)
-    return model
+    return plan
 
 
 def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TargetError, did_you_mean
 from ..core.registry import register_method
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -79,6 +79,18 @@ class LoraConfig(AdapterConfig):
         for k, v in self.rank_pattern.items():
             if v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be positive, got {v}.")
+        for k in [*self.rank_pattern, *self.alpha_pattern]:
+            self._check_regex(f"rank_pattern / alpha_pattern key", k)
+
+    def check_patterns(self, targets: list[str]) -> None:
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets):
+                    raise TargetError(
+                        f"LoraConfig.{field_name} key {key!r} matches none of the {len(targets)} adapted modules "
+                        f"(a key matches a module name or a dotted suffix of it, as a regex: PEFT's rule)."
+                        f"{did_you_mean(key, {t.rsplit('.', 1)[-1] for t in targets} | set(targets))} "
+                        f"Adapted modules include: {', '.join(targets[:4])}{', ...' if len(targets) > 4 else ''}.")
 
     def for_module(self, module_name: str) -> "LoraConfig":
         r = pattern_value(self.rank_pattern, module_name, self.r)

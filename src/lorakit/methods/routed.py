@@ -49,7 +49,7 @@ from ..core.config import AdapterConfig, field_list
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterError, AdapterLoadError, ConfigError
 from ..core.registry import register_method
-from ..core.routing import current_routing
+from ..core.routing import current_routing, rows_for_batch
 from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import RouterOutput
@@ -202,8 +202,7 @@ class KeyTable(nn.Module):
             ids = keys.reshape(-1).to(device=device, dtype=torch.long)
         else:
             ids = torch.tensor([-1 if k is None else self._index(k) for k in keys], dtype=torch.long, device=device)
-        if ids.numel() != batch:
-            raise AdapterError(f"routing keys: {ids.numel()} keys for a batch of {batch} rows (give one key per row).")
+        ids = rows_for_batch(ids, batch, "keys", "key")  # generate's beams / return sequences keep their row's key
         if self.strict and bool((ids >= n_keys).any()):
             raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {n_keys} sorted key "
                                f"names {self.names} (the training data's sorted task names); name every task.")

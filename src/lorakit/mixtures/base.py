@@ -11,7 +11,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.layer import AdapterLayer
-from ..core.routing import current_routing
+from ..core.routing import current_routing, rows_for_batch
 from .router import RouterOutput
 
 
@@ -38,7 +38,8 @@ def token_keys_for(x_shape: torch.Size) -> torch.Tensor | None:
     if ctx is None or ctx.keys is None or not isinstance(ctx.keys, torch.Tensor):
         return None
     keys = ctx.keys
-    if keys.dim() == 1 and len(x_shape) == 3 and keys.shape[0] == x_shape[0]:
+    if keys.dim() == 1 and len(x_shape) == 3 and keys.shape[0] and x_shape[0] % keys.shape[0] == 0:
+        keys = rows_for_batch(keys, x_shape[0], "keys", "key")  # generate's beams keep their row's key
         keys = keys[:, None].expand(x_shape[0], x_shape[1])
     n = 1
     for s in x_shape[:-1]:
@@ -155,13 +156,14 @@ def record_routing(model: nn.Module, name: str | None = None) -> Iterator[dict[s
     (one entry per forward, shaped like the input's leading dims × experts)."""
     traces: dict[str, list[dict]] = {}
     deltas = list(mixture_deltas(model, name))
+    found = [(d, d._trace) for _, _, d in deltas]  # an outer block's traces, restored on exit
     for path, adapter, d in deltas:
         d._trace = traces.setdefault(f"{path}[{adapter}]", [])
     try:
         yield traces
     finally:
-        for _, _, d in deltas:
-            d._trace = None
+        for d, trace in found:
+            d._trace = trace
 
 
 def balance_extra_loss(model: nn.Module, name: str, coef: float, loss_fn, *, pooled: bool = False) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterError
+from ..core.routing import rows_for_batch
 
 WEIGHTS_KEY = "adapter_weights"  # routing(adapter_ids=(batch, k), extras={WEIGHTS_KEY: (batch, k)})
 
@@ -250,11 +251,7 @@ class LoraBank(nn.Module):
             ids_t = ids_t[:, None]
         if ids_t.dim() != 2:
             raise AdapterError(f"routing adapter_ids must have shape (batch,) or (batch, k), got {tuple(ids_t.shape)}")
-        if ids_t.shape[0] != batch:
-            # generate(num_return_sequences / num_beams) repeats each prompt row; its adapter goes with it.
-            if ids_t.shape[0] == 0 or batch % ids_t.shape[0]:
-                raise AdapterError(f"routing adapter_ids has {ids_t.shape[0]} rows for a batch of {batch} rows")
-            ids_t = ids_t.repeat_interleave(batch // ids_t.shape[0], dim=0)
+        ids_t = rows_for_batch(ids_t, batch, "adapter_ids")  # generate's beams / return sequences keep their row's
         if ids_t.numel() and (int(ids_t.min()) < -1 or int(ids_t.max()) >= self.table.numel() - 1):
             raise AdapterError(
                 f"routing adapter_ids out of range [{int(ids_t.min())}, {int(ids_t.max())}]: this bank knows ids -1 "
@@ -264,10 +261,10 @@ class LoraBank(nn.Module):
             w = torch.as_tensor(weights).to(device=self.A.device, dtype=self.A.dtype)
             if w.dim() == 1:
                 w = w[:, None]
-            if w.shape[1] != ids_t.shape[1] or batch % max(w.shape[0], 1):
+            if w.shape[1] != ids_t.shape[1]:
                 raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
                                    f"{tuple(ids_t.shape)} (one weight per id)")
-            w = w.repeat_interleave(batch // w.shape[0], dim=0)
+            w = rows_for_batch(w, batch, f"extras[{WEIGHTS_KEY!r}]")
         slots = self.table[ids_t + 1]  # (batch, k)
         plan = make_plan(slots, self.ranks, weighted=w is not None)
         self._state["cache"] = (ids, _version_of(ids), weights, (batch, tokens), version, plan, w)

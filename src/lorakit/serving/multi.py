@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.delta import describe_layer
+from ..core.delta import LayerInfo, describe_layer
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
 from ..core.layer import BASE_NAME, AdapterLayer
 from ..core.model import adapter_state
 from ..core.routing import current_routing, routing
-from ..core.targeting import iter_host_modules, select_targets
+from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.peft_format import PREFIX, read_adapter_config, weights_path
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for
@@ -176,11 +176,11 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {name!r} is already banked; pass overwrite=True or remove it first")
             directory = Path(directory)
             config = read_adapter_config(directory)
-            _check_bankable_config(config, directory)
+            _check_bankable_config(config, directory, files=True)
             key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
                               config.layers_pattern], sort_keys=True, default=str)
             if key not in self._targets_cache:
-                self._targets_cache[key] = select_targets(self.model, config)
+                self._targets_cache[key] = select_targets(self.model, config, strict=False)  # a file's names
             layers = []
             for path in self._targets_cache[key]:
                 if host is None:
@@ -193,7 +193,13 @@ class AdapterRegistry:
                 layers.append((path, info, c.r, c.scaling))
                 n = need.setdefault(path, [0, 0])
                 n[0], n[1] = n[0] + 1, max(n[1], c.r)
-            plans.append((name, directory, config, layers))
+            saves = []
+            for path in select_modules_to_save(self.model, config, strict=False) if config.modules_to_save else []:
+                info = _saved_module_info(self.model, path, directory)
+                saves.append((path, info))
+                n = need.setdefault(path, [0, 0])
+                n[0], n[1] = n[0] + 1, max(n[1], min(info.in_features, info.out_features))
+            plans.append((name, directory, config, (layers, saves)))
 
         new_banks: dict[str, LoraBank] = {}
         for path, (count, r) in need.items():
@@ -216,7 +222,8 @@ class AdapterRegistry:
         self._commit(new_banks)
         return added
 
-    def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, layers, new_banks) -> None:
+    def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, plan, new_banks) -> None:
+        layers, saves = plan
         path_w = weights_path(directory)
         tensors, finite = _read_safetensors(path_w)
         for key in tensors:
@@ -249,6 +256,14 @@ class AdapterRegistry:
                 used.add(key)
             bank = self._bank(path, new_banks)
             bank.write(bank.allocate(adapter_id), got[0], got[1], scaling, bias)
+        for path, info in saves:
+            if f"{PREFIX}{path}.weight" not in tensors:
+                continue  # a name the file lists but did not train (PEFT's SEQ_CLS lists "classifier" and "score")
+            bank = self._bank(path, new_banks)
+            A, B, bias, keys = _whole_module_as_lora(_base_module(self.model, path), info, tensors, f"{PREFIX}{path}",
+                                                     path_w)
+            used.update(keys)
+            bank.write(bank.allocate(adapter_id), A, B, 1.0, bias)
         extra = [k for k in tensors if k not in used and not self._same_base_weight(k, tensors[k])]
         if extra:
             raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
@@ -400,14 +415,57 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return tensors, finite
 
 
-def _check_bankable_config(config, where) -> None:
+def _base_module(model: nn.Module, path: str) -> nn.Module:
+    module = model.get_submodule(path)
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+def _saved_module_info(model: nn.Module, path: str, where) -> LayerInfo:
+    module = _base_module(model, path)
+    info = describe_layer(module)
+    if info is None or info.kind not in ("linear", "embedding"):
+        raise AdapterLoadError(f"{where}: modules_to_save module {path!r} ({type(module).__name__}) cannot be banked "
+                               f"(nn.Linear, Conv1D and nn.Embedding can); load it with lorakit.load_adapter and serve "
+                               f"it in its own batch.")
+    return info
+
+
+def _whole_module_as_lora(module: nn.Module, info: LayerInfo, tensors: Mapping[str, torch.Tensor], key: str,
+                          where) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]:
+    """A trained copy of a whole module (modules_to_save) as an exact bank entry: ``Δ = (W' − W) x + (b' − b)``,
+    factored as ``B A`` with the identity on the smaller side (rank min(in, out), scaling 1). Returns (A (r, in),
+    B (out, r), bias delta or None, the tensor keys used)."""
+    new_w = tensors[f"{key}.weight"]
+    if tuple(new_w.shape) != tuple(module.weight.shape):
+        raise AdapterLoadError(f"{where}: tensor {key + '.weight'!r} has shape {tuple(new_w.shape)}; this model's "
+                               f"module has {tuple(module.weight.shape)}")
+    if new_w.is_floating_point() and not torch.isfinite(new_w).all():
+        raise AdapterLoadError(f"{where}: tensor {key + '.weight'!r} has non-finite values (NaN/Inf)")
+    diff = (new_w.float() - module.weight.detach().float().cpu())
+    diff = diff.T if info.fan_in_fan_out else diff  # (out, in)
+    out_f, in_f = diff.shape
+    if out_f <= in_f:
+        A, B = diff, torch.eye(out_f)
+    else:
+        A, B = torch.eye(in_f), diff
+    keys, bias = [f"{key}.weight"], None
+    if getattr(module, "bias", None) is not None:
+        new_b = tensors.get(f"{key}.bias")
+        if new_b is None or tuple(new_b.shape) != tuple(module.bias.shape):
+            raise AdapterLoadError(f"{where}: tensor {key + '.bias'!r} is missing or misshaped")
+        bias = new_b.float() - module.bias.detach().float().cpu()
+        keys.append(f"{key}.bias")
+    return A, B, bias, keys
+
+
+def _check_bankable_config(config, where, *, files: bool = False) -> None:
     if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
         raise AdapterLoadError(f"{where}: method {type(config).__name__} cannot be banked; only plain LoRA/rsLoRA")
     if config.use_dora:
         raise AdapterLoadError(
             f"{where}: DoRA adapters cannot run in a mixed-adapter batch (their per-row magnitude rescales the base "
             f"output; PEFT rejects this too). Load it with lorakit.load_adapter and serve it in its own batch.")
-    if config.modules_to_save:
+    if config.modules_to_save and not files:
         raise AdapterLoadError(
             f"{where}: modules_to_save={config.modules_to_save} (whole trained modules) cannot be banked per row; "
             f"load it with lorakit.load_adapter and serve it in its own batch.")

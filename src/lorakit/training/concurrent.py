@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import AdapterError
 from ..core.layer import AdapterLayer
-from ..core.model import adapter_names, adapter_parameters, set_adapter
+from ..core.model import active_adapters, adapter_names, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..data import CausalLMCollator, Example, TokenizedDataset, evaluate_examples
 from ..data.collate import IGNORE_INDEX
@@ -74,6 +74,15 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
         if isinstance(layer, AdapterLayer) and any(layer.adapters[n].replaces_base for n in names if n in layer.adapters):
             raise AdapterError("concurrent training needs per-row adapters; a job's method replaces a whole layer's "
                                "forward (FFN-level mixture) — train that job alone with lorakit.training.train")
+    found_active, found_training = active_adapters(model), model.training
+    try:
+        return _train_concurrent(model, tokenizer, jobs, names, output_dir, progress)
+    finally:  # leave the model as found: same active adapters, same train/eval mode
+        set_adapter(model, found_active)
+        model.train(found_training)
+
+
+def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> dict[str, Any]:
     set_adapter(model, names)  # all trainable; each row still uses only its own adapter
     device = next(model.parameters()).device
     collate = CausalLMCollator.from_tokenizer(tokenizer)
@@ -135,6 +144,5 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
             result.final_metrics = evaluate_examples(model, tokenizer, job.eval_examples)
         if output_dir is not None:
             result.adapter_dir = str(save_adapter(model, Path(output_dir) / job.adapter_name, job.adapter_name))
-    set_adapter(model, names)
     return {"jobs": {s["job"].adapter_name: s["result"] for s in state}, "wall_time_s": wall,
             "tokens_per_s": tokens / max(wall, 1e-9), "steps": total}
