@@ -176,3 +176,14 @@ def test_bank_routing_ignores_attached_modules_to_save(ids, tmp_path):
         y = _logits(model, ids[:2])
     assert torch.allclose(y[:1], _logits(ref, ids[:1]), atol=1e-5)
     assert torch.allclose(y[1:], _logits(_alone(model, None), ids[1:2]), atol=1e-5)
+
+
+def test_bank_only_layers_accept_attached_names(ids, tmp_path):
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(target_modules=["q_proj"], init_lora_weights=False), "a")
+    other = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["k_proj"], init_lora_weights=False), "k")
+    serving.load_adapters(model, {"k": lk.save_adapter(other, tmp_path / "k", "k")})  # k_proj: a bank-only layer
+    with lk.routing(adapter_names=["a", None, "a"]):
+        y = _logits(model, ids)
+    assert torch.allclose(y, torch.cat([_logits(_alone(model, "a"), ids[:1]), _logits(tiny_llama(), ids[1:2]),
+                                        _logits(_alone(model, "a"), ids[2:])]), atol=1e-5)

@@ -170,3 +170,37 @@ def test_merge_then_merge_and_unload_other(base_and_model, ids):
         lk.set_adapter(model, "b")
     plain = lk.merge_and_unload(model)
     assert close(_out(plain, ids), _alone(base, "b", ids))
+
+
+def test_refused_merge_changes_nothing(ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                         attention_bias=True)).eval()  # q_proj has a bias, down_proj has none
+    lk.add_adapter(model, lk.LoraConfig(target_modules=["q_proj", "down_proj"], lora_bias=True,
+                                        init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = _out(model, ids)
+    with pytest.raises(lk.AdapterError, match="has a bias but the base layer has none"):
+        lk.merge_adapter(model)
+    assert lk.core.model.merged_adapters(model) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert close(_out(model, ids), y)
+
+
+def test_mixed_batches_refused_while_merged(base_and_model, ids):
+    from lorakit import serving
+
+    base, model = base_and_model
+    serving.bank_adapters(model)
+    lk.merge_adapter(model)
+    with serving.bank_routing(model, ["b", None, "a"]), pytest.raises(lk.AdapterError, match="merged"):
+        _out(model, ids)
+    with lk.routing(adapter_names=["b", None, "a"]), pytest.raises(lk.AdapterError, match="merged"):
+        _out(model, ids)
+    lk.unmerge_adapter(model)
+    with serving.bank_routing(model, ["b", None, "a"]):
+        y = _out(model, ids)
+    assert close(y[:1], ALONE["b"][:1]) and close(y[1:2], _out(base, ids)[1:2]) and close(y[2:], ALONE["a"][2:])

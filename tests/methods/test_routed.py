@@ -95,6 +95,18 @@ def test_routed_rows_equal_their_single_adapter(sources, ids):
                                        atol=1e-5, rtol=0)
 
 
+def test_routed_keys_follow_generate_beams(sources, ids):
+    """Issue 10: each beam / returned sequence keeps its prompt row's key (the rule serving banks use)."""
+    model = tiny_llama()
+    lk.add_adapter(model, RoutedLoraConfig(adapter_paths=sources))
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), lk.routing(keys=["code", "chat"]):
+        got = model.generate(input_ids=ids[:2, :5], **kw)
+    for i, src in enumerate([sources[1], sources[2]]):
+        alone = lk.load_adapter(tiny_llama(), src).generate(input_ids=ids[i:i + 1, :5], **kw)
+        assert torch.equal(got[2 * i:2 * i + 2], alone)
+
+
 def test_routed_key_names_follow_sorted_task_ids():
     config = RoutedLoraConfig(n_adapters=2, key_to_expert={"text": -1, "vision": 0, "speech": 1})
     delta = RoutedLoraLinear(INFO, config)

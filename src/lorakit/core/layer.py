@@ -75,7 +75,8 @@ class AdapterLayer(nn.Module):
         """Each row uses its own adapter (``adapter_names``) and/or weighted adapters (``adapter_weights``)."""
         if self.merged:
             raise AdapterError("per-row adapters cannot be used while adapters are merged; call unmerge_adapter first")
-        check_adapter_names(ctx, self.known if self.known is not None else self.adapters)
+        if self.known is not None:  # (the model's pre-hook checked already; this guards a submodule called alone)
+            check_adapter_names(ctx, self.known)
         batch, out = x.shape[0], base_out
         if ctx.adapter_names is not None:
             names = rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
@@ -177,6 +178,18 @@ class AdapterLayer(nn.Module):
         """True while merged into a private copy of a weight that is shared with another module."""
         return self._tied is not None
 
+    def check_merge(self, names: list[str]) -> None:
+        """Raise AdapterError if any of ``names`` cannot be merged here (called before anything changes)."""
+        base_bias = getattr(self.base_layer, "bias", None)
+        for n in names:
+            if n not in self.adapters or n in self.merged:
+                continue
+            if not self.adapters[n].mergeable:
+                raise AdapterError(f"adapter {n!r} is input-dependent ({type(self.adapters[n]).__name__}) and cannot "
+                                   f"be merged into the base weights; export or serve it unmerged")
+            if self.adapters[n].delta_bias() is not None and base_bias is None:
+                raise AdapterError(f"adapter {n!r} has a bias but the base layer has none; it cannot be merged")
+
     def merge(self, names: list[str], keep_original: bool | None = None, *, untie: bool = False) -> None:
         """Fold ``names`` into the base weight. ``keep_original`` keeps a copy of the base weights so that
         ``unmerge`` restores them bit for bit (otherwise unmerging is arithmetic, exact up to rounding);
@@ -185,10 +198,7 @@ class AdapterLayer(nn.Module):
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
             return
-        for n in todo:
-            if not self.adapters[n].mergeable:
-                raise AdapterError(f"adapter {n!r} is input-dependent ({type(self.adapters[n]).__name__}) and cannot "
-                                   f"be merged into the base weights; export or serve it unmerged")
+        self.check_merge(todo)
         if untie and not self.merged:
             shared = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
@@ -199,9 +209,6 @@ class AdapterLayer(nn.Module):
             bias = getattr(self.base_layer, "bias", None)
             self._original = (self.base_layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
         base_w, base_b = self._unmerged_base()
-        for n in todo:
-            if self.adapters[n].delta_bias() is not None and base_b is None:
-                raise AdapterError(f"adapter {n!r} has a bias but the base layer has none; it cannot be merged")
         # Cached terms of the already merged adapters, fresh terms (computed on the unmerged base) for new ones.
         terms = self._terms(self.merged, None) + self._terms(todo, base_w)
         scale, add, bias = self._combine(terms, self.info.out_features, base_w.device)
@@ -271,7 +278,8 @@ class ModulesToSaveWrapper(nn.Module):
         A loop over the adapters present in the batch, each on its own rows, as PEFT's ``_mixed_batch_forward``:
         the copies are whole modules of any type, so there is no shared low-rank form to batch them in.
         """
-        check_adapter_names(ctx, self.known if self.known is not None else self.copies)
+        if self.known is not None:
+            check_adapter_names(ctx, self.known)
         if ctx.adapter_weights is not None:
             mixed = [n for n in ctx.adapter_weights if n in self.copies]
             if mixed:

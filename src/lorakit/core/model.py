@@ -397,15 +397,22 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     for n in names:
         if n not in state.configs:
             raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
+    for _, layer in adapter_layers(model):  # all or nothing: refuse before any layer changes
+        layer.check_merge(names)
     twins = tied_parameters(model)
-    for path, layer in adapter_layers(model):
-        shared = twins.get(id(getattr(layer.base_layer, "weight", None)))
-        untie = bool(shared) and not layer.merged and any(n in layer.adapters for n in names)
-        if untie:
-            warnings.warn(f"{path!r} shares its weight with {[n for n in shared if not n.startswith(path + '.')]} "
-                          f"(tied weights); merging unties them: {path!r} gets its own merged copy and the others "
-                          f"keep the base weight (unmerging ties them again)", stacklevel=2)
-        layer.merge(names, keep_original=keep_original, untie=untie)
+    before = _merge_records(model)
+    try:
+        for path, layer in adapter_layers(model):
+            shared = twins.get(id(getattr(layer.base_layer, "weight", None)))
+            untie = bool(shared) and not layer.merged and any(n in layer.adapters for n in names)
+            if untie:
+                warnings.warn(f"{path!r} shares its weight with {[n for n in shared if not n.startswith(path + '.')]} "
+                              f"(tied weights); merging unties them: {path!r} gets its own merged copy and the others "
+                              f"keep the base weight (unmerging ties them again)", stacklevel=2)
+            layer.merge(names, keep_original=keep_original, untie=untie)
+    except BaseException:
+        _restore_merges(model, before)
+        raise
 
 
 def unmerge_adapter(model: nn.Module) -> None:
