@@ -25,6 +25,7 @@ VARIANTS = {
     "lora_bias": dict(r=3, lora_alpha=6, lora_bias=True),
     "dora": dict(r=3, lora_alpha=3, use_dora=True),
     "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "down_proj"]),
+    "dora_embedding": dict(r=3, lora_alpha=6, use_dora=True, target_modules=["embed_tokens", "v_proj"]),
 }
 LINEAR_FAMILY = {n for n, m in METHODS.items() if m.coefficients is not None}
 
@@ -48,7 +49,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("method", list_merge_methods())
 def test_one_adapter_weight_one_reproduces_it(method, variant, sources, ids, tmp_path):
-    if variant == "dora" and METHODS[method.removesuffix("_svd")].coefficients is None:
+    if variant.startswith("dora") and METHODS[method.removesuffix("_svd")].coefficients is None:
         with pytest.raises(ConfigError, match="DoRA"):
             merge_adapters([sources[variant]], [1.0], method, model=tiny_llama())
         return

@@ -68,11 +68,12 @@ class MergeProfile:
     experiments: tuple[str, ...] = ("quality", "collapse", "speed")
     speed_adapters: int = 100
     speed_repeats: int = 3
+    speed_model: str = "llama-8x512"
 
 
 QUICK = MergeProfile(task_steps=2, multitask_steps=2, batch_size=4, train_examples=8, eval_examples=2, seeds=(0,),
                      tasks="reverse,upper", merges=("linear (mean)", "ties d=0.5", "lego k=8 dual"),
-                     speed_adapters=3, speed_repeats=1)
+                     speed_adapters=3, speed_repeats=1, speed_model="llama-tiny")
 FULL = MergeProfile()
 
 
@@ -159,7 +160,7 @@ def run_speed(profile: MergeProfile) -> list[dict]:
     from .timing import ratio, time_interleaved
 
     n, r = profile.speed_adapters, 16
-    base = build_model("llama-8x512", "cpu")
+    base = build_model(profile.speed_model, "cpu")
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
     theirs = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
     names = [f"a{i}" for i in range(n)]
@@ -186,7 +187,7 @@ def run_speed(profile: MergeProfile) -> list[dict]:
 
         times = time_interleaved({"peft": peft_merge, "lorakit": lorakit_merge}, repeats=profile.speed_repeats,
                                  warmup=1)
-        rows.append({"combination": combination, "adapters": n, "r": r, "model": "llama-8x512", **times,
+        rows.append({"combination": combination, "adapters": n, "r": r, "model": profile.speed_model, **times,
                      "peft_over_lorakit": ratio(times["peft"], times["lorakit"])})
     return rows
 
@@ -258,7 +259,7 @@ def merge_markdown(result: dict) -> str:
     if "collapse" in result:
         lines += ["## Collapsing a trained MixLoRA into one LoRA", ""] + table(result["collapse"]["table"]) + [""]
     if "speed" in result:
-        lines += [f"## Merge time: {p['speed_adapters']} adapters r=16 all-linear, llama-8x512, CPU", "",
+        lines += [f"## Merge time: {p['speed_adapters']} adapters r=16 all-linear, {p['speed_model']}, CPU", "",
                   "| combination | PEFT add_weighted_adapter (s, min) | lorakit merge_adapters (s, min) | PEFT / lorakit (min) | (median) |",
                   "|---|---|---|---|---|"]
         for r in result["speed"]:
