@@ -62,12 +62,12 @@ class MergeProfile:
     batch_size: int = 16
     lr: float = 2e-3
     train_examples: int = 1000
-    eval_examples: int = 40
+    eval_examples: int = 30
     seeds: tuple[int, ...] = (0, 1, 2)
     merges: tuple[str, ...] = tuple(MERGES)
     experiments: tuple[str, ...] = ("quality", "collapse", "speed")
     speed_adapters: int = 100
-    speed_repeats: int = 3
+    speed_repeats: int = 2
     speed_model: str = "llama-8x512"
 
 
@@ -186,7 +186,7 @@ def run_speed(profile: MergeProfile) -> list[dict]:
             merge_adapters(names, weights, c, model=ours, **kw)
 
         times = time_interleaved({"peft": peft_merge, "lorakit": lorakit_merge}, repeats=profile.speed_repeats,
-                                 warmup=1)
+                                 warmup=0)
         rows.append({"combination": combination, "adapters": n, "r": r, "model": profile.speed_model, **times,
                      "peft_over_lorakit": ratio(times["peft"], times["lorakit"])})
     return rows
@@ -210,34 +210,53 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def run_merge(profile: MergeProfile, partial: Path | None = None, workdir: str | None = None) -> dict:
-    """Every experiment of the profile; with ``partial``, the result so far is written there after each seed."""
+    """Every experiment of the profile: the first seed's quality and collapse runs, then the speed rows, then the
+    other seeds; with ``partial``, the result so far is written there after each stage (a loaded machine may not
+    finish every seed: ``seeds_done`` says which are in)."""
     from ..data import load_examples
     from ..hub import load_model_and_tokenizer
 
-    result: dict = {"profile": asdict(profile)}
-    if "speed" in profile.experiments:
-        result["speed"] = run_speed(profile)
+    result: dict = {"profile": asdict(profile), "seeds_done": []}
+
+    def save():
+        if partial is not None:
+            partial.write_text(json.dumps(result, indent=1, default=str))
+
     base, tokenizer = load_model_and_tokenizer(None)
     result["before"] = _score(base, tokenizer, load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234))
     quality, collapse = [], []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for seed in profile.seeds:
+        for i, seed in enumerate(profile.seeds):
             if "quality" in profile.experiments:
                 quality += run_quality(profile, base, tokenizer, Path(tmp), seed)
                 result["quality"] = {"runs": quality, "table": summarise(quality)}
             if "collapse" in profile.experiments:
                 collapse += run_collapse(profile, base, tokenizer, seed)
                 result["collapse"] = {"runs": collapse, "table": summarise(collapse)}
-            result["seeds_done"] = profile.seeds[:profile.seeds.index(seed) + 1]
-            if partial is not None:
-                partial.write_text(json.dumps(result, indent=1, default=str))
+            result["seeds_done"].append(seed)
+            save()
+            if i == 0 and "speed" in profile.experiments:
+                result["speed"] = run_speed(profile)
+                save()
+    if "speed" in profile.experiments and "speed" not in result:
+        result["speed"] = run_speed(profile)
     return result
+
+
+def report(result: dict, out: Path, command: str) -> None:
+    """Write merge.json / merge.md / merge.png from a (possibly partial) result."""
+    from .cli import _write
+    from .perf import machine_description
+
+    result.setdefault("machine", machine_description("cpu"))
+    result["plots"] = [str(p) for p in plot_merge(result, out)]
+    _write(out, "merge", result, merge_markdown(result), command)
 
 
 def merge_markdown(result: dict) -> str:
     p = result["profile"]
     tasks = p["tasks"].split(",")
-    seeds = list(result.get("seeds_done", p["seeds"]))
+    seeds = list(result.get("seeds_done") or p["seeds"])
     lines = []
     if "quality" in result or "collapse" in result:
         lines += [f"Tasks `{p['tasks']}` ({p['train_examples']} training and {p['eval_examples']} test examples each), "
