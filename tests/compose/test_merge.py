@@ -196,3 +196,23 @@ def test_modules_to_save_rule(tmp_path):
                                base_w + 0.5 * (ref["base_model.model.classifier.weight"] - base_w) + 0.5 * (ref_b - base_w))
     # copies that agree (both untouched) need no rule
     merge_adapters([c, c], None, "linear", model=tiny_bert())
+
+
+def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
+    """GPT-2 stores Conv1D weights as (in, out) (fan_in_fan_out): the merged file must say so and act the same."""
+    from lk_models import tiny_gpt2
+
+    paths = [make_adapter(tiny_gpt2, tmp_path / f"g{i}", i, r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"])
+             for i in range(2)]
+    out = merge_adapters(paths, [1.0, 1.0], "linear", model=tiny_gpt2()).save(tmp_path / "m")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+    def run(path_list):
+        model = PeftModel.from_pretrained(tiny_gpt2(), str(path_list[0]), adapter_name="a0")
+        for i, p in enumerate(path_list[1:], 1):
+            model.load_adapter(str(p), adapter_name=f"a{i}")
+        model.base_model.set_adapter([f"a{i}" for i in range(len(path_list))])
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    torch.testing.assert_close(run([out]), run(paths), atol=2e-5, rtol=1e-4)

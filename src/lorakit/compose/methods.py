@@ -363,9 +363,18 @@ def list_merge_methods() -> list[str]:
     return names + [f"{n}_svd" for n, m in METHODS.items() if not m.low_rank]
 
 
+def methods_table() -> str:
+    """Markdown table of the registered merge methods (for the docs): name, paper, whose code it follows."""
+    rows = ["| method | paper | follows | output |", "|---|---|---|---|"]
+    for name, m in METHODS.items():
+        output = "low-rank factors (exact)" if m.low_rank else "dense ΔW re-factored exactly (`_svd`: truncated)"
+        rows.append(f"| `{name}` | {m.paper} | {m.follows} | {output} |")
+    return "\n".join(rows)
+
+
 def default_rank(terms: ModuleTerms) -> int:
     return max(a.shape[0] for a in terms.A)
 
 
 __all__ = ["MergeMethod", "MergeOptions", "ModuleTerms", "LowRank", "Dense", "METHODS", "get_merge_method",
-           "list_merge_methods", "register_merge_method", "lowrank_svd", "dense_svd"]
+           "list_merge_methods", "register_merge_method", "lowrank_svd", "dense_svd", "methods_table"]
