@@ -166,6 +166,8 @@ def test_bad_inputs_have_clear_errors(sources):
         merge_adapters([sources["plain"]], [1.0, 2.0], "linear", model=tiny_llama())
     with pytest.raises(ConfigError, match="density"):
         merge_adapters([sources["plain"]], None, "ties", model=tiny_llama(), density=1.5)
+    with pytest.raises(ConfigError, match="unknown option 'desnity'.*Did you mean: density"):
+        merge_adapters([sources["plain"]], None, "ties", model=tiny_llama(), desnity=0.5)
 
 
 def test_modules_to_save_rule(tmp_path):

@@ -59,7 +59,7 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
     if name not in adapter_state(model).configs:
         raise ConfigError(f"no adapter {name!r} on this model; loaded: {list(adapter_state(model).configs)}")
     merge_method, truncate = get_merge_method(method)
-    opts = _options(dict(options))
+    opts = _options(dict(options), merge_method)
     routing = _routing_weights(model, name, calibration) if expert_weights == "routing" else {}
     gen = torch.Generator().manual_seed(opts.seed)
     results, kinds = {}, {}

@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.delta import oriented_weight
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError, ConfigError, did_you_mean
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import (adapter_layers, adapter_names, adapter_state, attach_plan, delete_adapter, host_path,
                           plan_adapter)
@@ -96,7 +96,7 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
-    opts = _options(options)
+    opts = _options(options, merge_method)
     if model is None:
         model = _base_for(sources)
     names, loaded = _attach_sources(model, sources)
@@ -115,13 +115,18 @@ def merge_adapters_to(output: str | os.PathLike, sources: Sequence[str | os.Path
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def _options(options: dict[str, Any]) -> MergeOptions:
+def _options(options: dict[str, Any], method) -> MergeOptions:
+    """MergeOptions from keyword options; a name neither MergeOptions nor ``method`` knows is a ConfigError."""
     known = {f.name for f in fields(MergeOptions)} - {"extra"}
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
+    for key in options:
+        if key not in known and key not in method.extra_options:
+            valid = sorted(known | set(method.extra_options))
+            raise ConfigError(f"unknown option {key!r} for merge method {method.name!r}.{did_you_mean(key, valid)} "
+                              f"Options: {', '.join(valid)}.")
     given = {k: v for k, v in options.items() if k in known}
-    extra = {k: v for k, v in options.items() if k not in known}
-    return MergeOptions(**given, extra=extra)
+    return MergeOptions(**given, extra={k: v for k, v in options.items() if k not in known})
 
 
 def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:

@@ -185,6 +185,7 @@ class MergeMethod:
     low_rank: bool = False
     # Linear-family methods: the coefficient c_i of each source's ΔW_i in the result (DoRA merging needs them).
     coefficients: Callable[[ModuleTerms, MergeOptions], torch.Tensor] | None = None
+    extra_options: tuple[str, ...] = ()  # method-specific option names, passed in MergeOptions.extra
     linear_in_weights: bool = False  # result scales linearly with the weights (property-tested)
     exact_single: bool = True  # one source with weight 1 (density 1) reproduces it
 
