@@ -57,17 +57,17 @@ MERGES: dict[str, tuple[str, dict]] = {  # row -> (method, options); weights 1/N
 @dataclass
 class MergeProfile:
     tasks: str = "reverse,rotate,sort,upper"
-    task_steps: int = 150
-    multitask_steps: int = 200
+    task_steps: int = 60
+    multitask_steps: int = 100
     batch_size: int = 16
     lr: float = 2e-3
     train_examples: int = 1000
-    eval_examples: int = 30
+    eval_examples: int = 20
     seeds: tuple[int, ...] = (0, 1, 2)
     merges: tuple[str, ...] = tuple(MERGES)
     experiments: tuple[str, ...] = ("quality", "collapse", "speed")
     speed_adapters: int = 100
-    speed_repeats: int = 2
+    speed_repeats: int = 1
     speed_model: str = "llama-8x512"
 
 
