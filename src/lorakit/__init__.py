@@ -12,6 +12,7 @@ from .core.registry import get_method, list_methods, register_method  # noqa: E4
 from .core.routing import current_routing, routing  # noqa: E402
 from .io.peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .methods.lora import LoraConfig  # noqa: E402
+from .compose import merge_adapters, merge_adapters_to  # noqa: E402
 
 __all__ = [
     "__version__", "AdapterConfig", "LoraConfig", "AdapterError", "AdapterLoadError", "ConfigError", "LorakitError",
@@ -19,4 +20,5 @@ __all__ = [
     "disable_adapters", "merge_adapter", "merge_and_unload", "print_trainable_parameters", "set_adapter",
     "trainable_parameters", "unload", "unmerge_adapter", "get_method", "list_methods", "register_method",
     "current_routing", "routing", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter",
+    "merge_adapters", "merge_adapters_to",
 ]

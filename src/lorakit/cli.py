@@ -262,6 +262,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_adapters(argv: Sequence[str]) -> int:
+    """``lorakit merge-adapters A B ... --weights ... --method NAME --output DIR``: one adapter from several
+    (lorakit.compose.merge_adapters). Its own parser: ``--method`` here names a merge method, not an adapter one."""
+    from .compose import list_merge_methods, merge_adapters_to
+
+    p = argparse.ArgumentParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__)
+    p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
+    p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
+    p.add_argument("--output", required=True, help="folder for the merged adapter")
+    _common_model(p)
+    for flag, kind, text in (("density", float, "fraction kept (ties, dare, della, breadcrumbs, magnitude_prune)"),
+                             ("svd-rank", int, "rank of svd / *_svd results; k for lego"),
+                             ("majority-sign-method", str, "total | frequency"), ("rescale", str, "density | l1 | none"),
+                             ("lambda", float, "scale of the merged delta"), ("epsilon", float, "DELLA"),
+                             ("gamma", float, "breadcrumbs"), ("select-topk", float, "SCE"), ("seed", int, "DARE/DELLA/lego"),
+                             ("reweighting", str, "lego: dual | parameter | output | none"),
+                             ("saved-modules", str, "modules_to_save copies that differ: error | first | merge")):
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="divide by Σ weights")
+    args = p.parse_args(argv)
+    opts = {k: v for k, v in vars(args).items() if v is not None and k not in ("sources", "weights", "method", "output",
+                                                                                 "model")}
+    model = None
+    if args.model is not None:
+        from .hub import load_model_and_tokenizer
+        model = load_model_and_tokenizer(args.model)[0]
+    try:
+        out = merge_adapters_to(args.output, args.sources, args.weights, args.method, model=model, **opts)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a plain PEFT LoRA for an adapter: identity for lora, the method's to_lora hook otherwise."""
     from . import get_method, load_adapter, save_adapter
@@ -377,6 +413,8 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
 
+    sub.add_parser("merge-adapters", help="merge several LoRA adapters into one (see lorakit merge-adapters --help)",
+                   add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
@@ -398,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["merge-adapters"]:
+        return cmd_merge_adapters(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])

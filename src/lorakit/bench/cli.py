@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -39,8 +39,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
-    parser.add_argument("--experiments", nargs="+", choices=["budget", "compose"], default=None,
-                        help="mixtures: which experiments (default: both)")
+    parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
+                        default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     args = parser.parse_args(argv)
     out = Path(args.output)
@@ -59,6 +59,14 @@ def main(argv: Sequence[str]) -> int:
                             tasks=args.tasks, experiments=args.experiments)
         result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+    elif args.what == "merge":
+        from . import merge
+        profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
+                            tasks=args.tasks, experiments=args.experiments)
+        out.mkdir(parents=True, exist_ok=True)
+        result = merge.run_merge(profile, partial=out / "merge.partial.json")
+        markdown = merge.merge_markdown(result)
+        result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)

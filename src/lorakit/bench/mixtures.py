@@ -16,11 +16,12 @@ larger than LoRA r=16 (SMoRA's router has one row per rank unit, as large as A).
 
 **compose** — adapters trained one per task, then combined without retraining them: each adapter alone,
 the oracle (each task served by its own adapter: needs the task label at test time), the linear merge
-(ΔW = Σ_i ΔW_i / N, also the plain sum: task arithmetic with λ = 1), and the learned combinations that see
+(ΔW = Σ_i ΔW_i / N, also the plain sum: task arithmetic with λ = 1; ``lorakit.compose.merge_adapters``, all other
+merge methods in ``lorakit bench merge``), and the learned combinations that see
 no task label at test time: MeteoRA (gate only, supervised by the task labels in training, top-2) and
 X-LoRA (scaling head on a first pass, adapters frozen); and MixDA's two stages (one domain adapter per task
-trained with its rows, then the gate over [domains..., FFN] trained with no keys). The merges are exact: the N adapters are active
-together with ``lora_B`` scaled by the merge weight, which equals folding Σ w_i B_i A_i into the base weight.
+trained with its rows, then the gate over [domains..., FFN] trained with no keys). The merges are exact (one
+adapter holding Σ w_i ΔW_i).
 """
 
 from __future__ import annotations
@@ -109,17 +110,9 @@ def run_budget(profile: MixturesProfile, base, tokenizer, progress: bool = False
     return runs
 
 
-def _scale_lora_B(model, name: str, weight: float) -> None:
-    from ..core.model import adapter_parameters
-
-    with torch.no_grad():
-        for key, p in adapter_parameters(model, name).items():
-            if "lora_B" in key:
-                p.mul_(weight)
-
-
 def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progress: bool = False) -> list[dict]:
     import lorakit as lk
+    from ..compose import merge_adapters
     from ..data import load_examples
     from ..methods.meteora import MeteoraConfig
     from ..methods.mixda import MixdaConfig, set_mixda_stage
@@ -149,11 +142,9 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
                      "exact_match": statistics.mean(per_task.values())})
 
         for label, weight in (("linear merge (mean)", 1.0 / len(tasks)), ("task arithmetic (sum)", 1.0)):
+            merged = merge_adapters(paths, [weight] * len(tasks), "linear", model=copy.deepcopy(base))
             model = copy.deepcopy(base)
-            for task, path in zip(tasks, paths):
-                lk.load_adapter(model, path, task)
-                _scale_lora_B(model, task, weight)
-            lk.set_adapter(model, tasks)
+            lk.load_adapter(model, merged.save(workdir / f"seed{seed}" / label.split()[0]))
             runs.append({"row": label, "seed": seed, **_score(model, tokenizer, eval_ex)})
 
         strs = [str(p) for p in paths]

@@ -149,7 +149,7 @@ class AdapterConfig:
 ANY_VALUE = _ANY = object()
 # Fields any PEFT/lorakit config file may carry that describe the file rather than the adapter.
 _BOOKKEEPING_FIELDS = {"peft_type", "lorakit_method", "peft_version", "lorakit_version", "task_type", "revision",
-                       "auto_mapping"}
+                       "auto_mapping", "lorakit_merge"}
 
 
 def _is_neutral(value: Any, neutral: Any) -> bool:

@@ -1,0 +1,326 @@
+"""``merge_adapters``: several saved LoRA adapters -> one adapter folder (PEFT LoRA layout).
+
+The sources are read through the core: each is loaded onto the base model and every adapted module is asked
+for its rank-one units (``Delta.units()``: A (r, in), B (out, r), scaling s) and bias (``delta_bias()``), so
+rsLoRA's ``α/√r``, ``rank_pattern`` / ``alpha_pattern`` (per-module r and α), ``lora_bias`` and embeddings
+(PEFT's ``lora_embedding_A/B``) enter every method as the exact ΔW_i = s_i B_i A_i the forward uses.
+
+The result always has scaling 1 per module (``lora_alpha`` = r, ``alpha_pattern`` = ``rank_pattern`` where ranks
+differ; never rsLoRA), so ΔW is B @ A as stored, and any PEFT-compatible engine loads it. PEFT's
+``add_weighted_adapter`` instead copies the first adapter's config with ``lora_alpha = r``: an rsLoRA source makes
+its result √r too large, a ``lora_bias`` source loses its bias (the new B bias stays zero), and DoRA sources get a
+fresh magnitude — so merging one adapter with weight 1 does not give it back (peft issue #3761).
+
+**DoRA** (forward ``W' = diag(σ_i) (W + ΔW_i)`` with ``σ_i = m_i / ‖W + ΔW_i‖_row``) is merged in weight space:
+the linear-family methods (linear, task_arithmetic, cat, svd) combine the effective deltas
+``D_i = diag(σ_i − 1) W + diag(σ_i) ΔW_i`` with their coefficients c_i, giving
+``W + Σ c_i D_i = diag(1 + γ) (W + L)``, ``γ = Σ c_i (σ_i − 1)``, ``L = diag(1 + γ)⁻¹ Σ c_i diag(σ_i) ΔW_i``,
+which is exactly a DoRA adapter with low-rank part L and magnitude ``m = (1 + γ) ‖W + L‖_row``. Methods that
+sparsify or cluster (TIES, DARE, DELLA, breadcrumbs, SCE, LoRA-LEGO) have no such form and refuse DoRA sources.
+
+**modules_to_save** (full copies, e.g. a classifier head): identical copies are kept; different copies are an
+error unless ``saved_modules="first"`` (the first source that saves the module wins) or ``"merge"``
+(``θ = θ_base + Σ w_i (θ_i − θ_base)``, task arithmetic on the whole module).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.delta import oriented_weight
+from ..core.errors import AdapterError, ConfigError, did_you_mean
+from ..core.layer import ModulesToSaveWrapper
+from ..core.model import (adapter_layers, adapter_names, adapter_state, attach_plan, delete_adapter, host_path,
+                          plan_adapter)
+from ..io.files import atomic_write_json, save_tensors
+from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, config_file_dict, load_adapter
+from ..methods.lora import LoraConfig
+from .methods import Dense, LowRank, MergeOptions, ModuleTerms, default_rank, dense_svd, get_merge_method
+
+SAVED_MODULE_RULES = ("error", "first", "merge")
+RECIPE_FIELD = "lorakit_merge"
+
+
+@dataclass
+class MergedAdapter:
+    """A merge result: ``config`` (LoraConfig), ``state_dict`` with PEFT's file keys, ``recipe`` (how it was made).
+    ``config_dict`` is the exact ``adapter_config.json`` content (recipe included under ``lorakit_merge``)."""
+
+    config: LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    recipe: dict[str, Any]
+    config_dict: dict[str, Any]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(directory / WEIGHTS_NAME, self.state_dict,
+                     metadata={"format": "pt", "lorakit_version": __version__})
+        atomic_write_json(directory / CONFIG_NAME, self.config_dict)
+        return directory
+
+
+def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
+                   method: str = "linear", *, model: nn.Module | None = None, saved_modules: str = "error",
+                   **options: Any) -> MergedAdapter:
+    """Merge LoRA adapters into one.
+
+    - ``sources``: adapter folders (lorakit or PEFT), or names of adapters already on ``model``.
+    - ``weights``: one float per source (default 1.0 each; negative allowed).
+    - ``method``: see :func:`lorakit.compose.list_merge_methods` (linear, cat, svd, task_arithmetic, ties,
+      dare_linear, dare_ties, magnitude_prune, della, della_linear, breadcrumbs, breadcrumbs_ties, sce, lego and
+      the ``<method>_svd`` forms of the dense ones).
+    - ``model``: the base model; default: the first folder's ``base_model_name_or_path`` (the bundled model when
+      unset). Folder sources are loaded onto it temporarily and removed afterwards.
+    - ``options``: :class:`MergeOptions` fields (density, svd_rank, majority_sign_method, normalize, rescale,
+      lambda_, epsilon, gamma, select_topk, seed) and LoRA-LEGO's (k via svd_rank, reweighting, kmeans_iters).
+
+    Raises ConfigError (unknown method/option, bad weights, DoRA with a sparsifying method, conflicting
+    modules_to_save) and AdapterError / AdapterLoadError for unusable sources.
+    """
+    if not sources:
+        raise ConfigError("merge_adapters needs at least one source adapter.")
+    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sources):
+        raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
+    if saved_modules not in SAVED_MODULE_RULES:
+        raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
+    merge_method, truncate = get_merge_method(method)
+    opts = _options(options, merge_method)
+    if model is None:
+        model = _base_for(sources)
+    names, loaded = _attach_sources(model, sources)
+    try:
+        return _merge_loaded(model, names, [str(s) for s in sources], torch.tensor(weights), method, merge_method,
+                             truncate, opts, saved_modules)
+    finally:
+        for name in loaded:
+            delete_adapter(model, name)
+
+
+def merge_adapters_to(output: str | os.PathLike, sources: Sequence[str | os.PathLike],
+                      weights: Sequence[float] | None = None, method: str = "linear", **kwargs: Any) -> Path:
+    """:func:`merge_adapters`, then save the result into ``output``; returns the folder."""
+    return merge_adapters(sources, weights, method, **kwargs).save(output)
+
+
+# ---- sources ---------------------------------------------------------------------------------------------
+def _options(options: dict[str, Any], method) -> MergeOptions:
+    """MergeOptions from keyword options; a name neither MergeOptions nor ``method`` knows is a ConfigError."""
+    known = {f.name for f in fields(MergeOptions)} - {"extra"}
+    if "lambda" in options:
+        options["lambda_"] = options.pop("lambda")
+    for key in options:
+        if key not in known and key not in method.extra_options:
+            valid = sorted(known | set(method.extra_options))
+            raise ConfigError(f"unknown option {key!r} for merge method {method.name!r}.{did_you_mean(key, valid)} "
+                              f"Options: {', '.join(valid)}.")
+    given = {k: v for k, v in options.items() if k in known}
+    return MergeOptions(**given, extra={k: v for k, v in options.items() if k not in known})
+
+
+def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
+    from ..hub import load_model_and_tokenizer
+    from ..io.peft_format import read_adapter_config
+
+    first = Path(sources[0])
+    if not first.is_dir():
+        raise AdapterError(f"source {str(sources[0])!r} is not an adapter folder; pass model=... to merge adapters "
+                           f"already loaded on a model by name.")
+    base = read_adapter_config(first).base_model_name_or_path
+    return load_model_and_tokenizer(base)[0]
+
+
+def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
+    names, loaded = [], []
+    try:
+        for i, src in enumerate(sources):
+            if isinstance(src, str) and src in adapter_names(model) and not Path(src).is_dir():
+                names.append(src)
+                continue
+            name = f"merge_source_{i}"
+            while name in adapter_names(model):
+                name += "_"
+            load_adapter(model, src, name)
+            names.append(name)
+            loaded.append(name)
+    except BaseException:
+        for name in loaded:
+            delete_adapter(model, name)
+        raise
+    for name, src in zip(names, sources):
+        config = adapter_state(model).configs[name]
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(
+                f"source {str(src)!r} is a {type(config).method or type(config).__name__!r} adapter; merge_adapters "
+                f"merges LoRA adapters (lora, rsLoRA, DoRA, any rank_pattern). Mixture adapters: see "
+                f"lorakit.compose.collapse_experts.")
+    return names, loaded
+
+
+def _module_terms(layer, names: list[str], weights: torch.Tensor):
+    """(ModuleTerms, row scales or None, indices of the sources present) for one adapted layer."""
+    present = [i for i, n in enumerate(names) if n in layer.adapters]
+    A, B, s, bias, rows = [], [], [], [], []
+    base_w = None
+    for i in present:
+        delta = layer.adapters[names[i]]
+        units = delta.units()
+        A.append(units.A.detach().float())
+        B.append(units.B.detach().float())
+        s.append(units.scaling)
+        b = delta.delta_bias()
+        bias.append(None if b is None else b.detach().float())
+        if hasattr(delta, "lora_magnitude_vector"):  # DoRA: σ_i = m_i / ‖W + ΔW_i‖_row, from the core's merge terms
+            if base_w is None:
+                base_w = oriented_weight(layer.base_layer, layer.info).detach().float()
+            rows.append(delta.merge_terms(base_w).row_scale.detach().float())
+        else:
+            rows.append(None)
+    out_f = B[0].shape[0]
+    has_bias = any(b is not None for b in bias)
+    terms = ModuleTerms(
+        A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=weights[present].float(),
+        bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None)
+    row_scale = None
+    if any(r is not None for r in rows):
+        row_scale = torch.stack([r if r is not None else torch.ones(out_f) for r in rows])  # (N, out)
+    return terms, row_scale, present, base_w
+
+
+# ---- merging ---------------------------------------------------------------------------------------------
+def _merge_loaded(model, names, labels, weights, method_name, method, truncate, opts, saved_modules) -> MergedAdapter:
+    for path, layer in adapter_layers(model):
+        if layer.merged:
+            raise AdapterError(f"module {path!r} has merged adapters {layer.merged}; unmerge_adapter before merging "
+                               f"adapters (their base weight is needed unmodified).")
+    gen = torch.Generator().manual_seed(opts.seed)
+    results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+    kinds: dict[str, str] = {}
+    for path, layer in adapter_layers(model):
+        if not any(n in layer.adapters for n in names):
+            continue
+        terms, row_scale, present, base_w = _module_terms(layer, names, weights)
+        magnitude = None
+        if row_scale is not None:
+            if method.coefficients is None:
+                raise ConfigError(
+                    f"module {path!r}: DoRA sources can be merged exactly only by linear, task_arithmetic, cat or svd "
+                    f"(their magnitudes rescale the base weight row by row; {method_name!r} has no DoRA form). "
+                    f"Use one of those, or export the DoRA adapters to plain LoRA first.")
+            coef = method.coefficients(terms, opts)  # (N,) c_i
+            gamma = (coef[:, None] * (row_scale - 1)).sum(0)  # (out,)
+            if (1 + gamma).abs().min() < 1e-6:
+                raise ConfigError(f"module {path!r}: the merged DoRA row scale 1 + Σ c_i(σ_i − 1) is 0 for some row; "
+                                  f"these weights have no DoRA form.")
+            terms.B = [b * r[:, None] for b, r in zip(terms.B, row_scale)]
+            if terms.bias is not None:
+                terms.bias = terms.bias * row_scale
+        result = method.merge(terms, opts, gen)
+        if isinstance(result, Dense):
+            rank = (opts.svd_rank or default_rank(terms)) if truncate else None
+            A, B = dense_svd(result.delta, rank, opts.rank_tolerance)
+            result = LowRank(A=A, B=B, bias=result.bias)
+        A, B, bias = result.A, result.B, result.bias
+        if row_scale is not None:
+            scale = 1 + gamma
+            B = B / scale[:, None]
+            bias = None if bias is None else bias / scale
+            magnitude = scale * torch.linalg.norm(base_w + B @ A, dim=1)
+        results[path] = (A, B, bias, magnitude)
+        kinds[path] = layer.info.kind
+    if not results:
+        raise AdapterError("the sources adapt no module of this model")
+    configs = [adapter_state(model).configs[n] for n in names]
+    config = output_config(configs, results, kinds)
+    recipe = {"method": method_name, "weights": weights.tolist(), "sources": labels,
+              "options": recipe_options(opts), "lorakit_version": __version__}
+    return build_output(model, config, results, recipe,
+                        lambda path: _saved_module_state(model, names, weights, path, saved_modules))
+
+
+def recipe_options(opts: MergeOptions) -> dict[str, Any]:
+    default = MergeOptions()
+    out = {f.name: getattr(opts, f.name) for f in fields(MergeOptions)
+           if f.name != "extra" and getattr(opts, f.name) != getattr(default, f.name)}
+    out.update(opts.extra)
+    return out
+
+
+def output_config(configs, results, kinds) -> LoraConfig:
+    """The merged adapter's LoraConfig: scaling 1 everywhere, per-module ranks via rank_pattern/alpha_pattern."""
+    ranks = {path: int(r[0].shape[0]) for path, r in results.items()}
+    r = max(ranks.values())
+    pattern = {re.escape(path): k for path, k in ranks.items() if k != r}
+    has_bias = any(res[2] is not None for res in results.values())
+    if has_bias and "embedding" in kinds.values():
+        raise ConfigError("the sources mix lora_bias=True with adapted embedding layers; one LoRA adapter cannot hold "
+                          "both (embeddings take no lora_bias, as in PEFT). Merge them in two groups.")
+    use_dora = any(res[3] is not None for res in results.values())
+    if has_bias and use_dora:
+        raise ConfigError("the sources mix lora_bias=True with DoRA; PEFT has no adapter with both (it refuses "
+                          "lora_bias with use_dora), so the merge would not load elsewhere. Merge them in two groups.")
+    saved = sorted({m for c in configs for m in (c.modules_to_save or [])})
+    return LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(results),
+        use_dora=use_dora, lora_bias=has_bias,
+        modules_to_save=saved or None, base_model_name_or_path=configs[0].base_model_name_or_path,
+        init_lora_weights=True)
+
+
+def build_output(model, config, results, recipe, saved_state=None) -> MergedAdapter:
+    """Materialise ``results[path] = (A, B, bias, magnitude)`` as adapter tensors through the core (a temporary
+    adapter on ``model``, removed again), so files are exactly what lorakit/PEFT save and load."""
+    name = "merge_output"
+    while name in adapter_names(model):
+        name += "_"
+    plan = plan_adapter(model, config, name)
+    with torch.no_grad():
+        for path, (_, _, delta) in plan.deltas.items():
+            A, B, bias, magnitude = results[path]
+            if hasattr(delta, "lora_embedding_A"):
+                delta.lora_embedding_A.copy_(A)
+                delta.lora_embedding_B.copy_(B)
+            else:
+                delta.lora_A.weight.copy_(A)
+                delta.lora_B.weight.copy_(B)
+                if delta.lora_B.bias is not None:
+                    delta.lora_B.bias.copy_(bias if bias is not None else torch.zeros_like(delta.lora_B.bias))
+            if magnitude is not None:
+                delta.lora_magnitude_vector.copy_(magnitude)
+        for path, module in plan.saved.items():
+            module.load_state_dict(saved_state(path))
+    attach_plan(model, plan)
+    try:
+        state = adapter_state_dict(model, name)
+        config_dict = config_file_dict(model, name)
+    finally:
+        delete_adapter(model, name)
+    config_dict[RECIPE_FIELD] = recipe
+    return MergedAdapter(config=config, state_dict={k: v.detach().clone() for k, v in state.items()}, recipe=recipe,
+                         config_dict=config_dict)
+
+
+def _saved_module_state(model, names, weights, path, rule) -> dict[str, torch.Tensor]:
+    wrapper = next(m for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and host_path(p) == path)
+    having = [(i, wrapper.copies[n].state_dict()) for i, n in enumerate(names) if n in wrapper.copies]
+    first = having[0][1]
+    identical = all(all(torch.equal(first[k], sd[k]) for k in first) for _, sd in having[1:])
+    if identical or rule == "first":
+        return copy.deepcopy(first)
+    if rule == "merge":
+        base = wrapper.original_module.state_dict()
+        return {k: base[k] + sum(float(weights[i]) * (sd[k] - base[k]) for i, sd in having) for k in base}
+    raise ConfigError(
+        f"modules_to_save {path!r}: the sources hold different full copies of this module. Choose a rule: "
+        f"saved_modules='first' (the first source's copy wins) or 'merge' (θ_base + Σ w_i (θ_i − θ_base)).")

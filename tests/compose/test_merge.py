@@ -1,0 +1,220 @@
+"""merge_adapters: exact for every LoRA variant, checked against the real ``peft`` package.
+
+References: a source adapter's own output in PEFT (``PeftModel.from_pretrained``), and several adapters active
+together in PEFT (``base_model.set_adapter([...])``: y = W x + Σ_a Δ_a(x), peft/tuners/lora/layer.py
+``Linear.forward`` loops over active adapters and adds each result) — the layer-wise sum that ``cat`` must equal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from compose.helpers import make_adapter
+from lk_models import tiny_bert, tiny_llama
+from peft import PeftModel
+
+import lorakit as lk
+from lorakit.compose import METHODS, list_merge_methods, merge_adapters
+from lorakit.core.errors import ConfigError
+
+VARIANTS = {
+    "plain": dict(r=4, lora_alpha=8),
+    "rslora_patterns": dict(r=6, lora_alpha=3, use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 5}),
+    "lora_bias": dict(r=3, lora_alpha=6, lora_bias=True),
+    "dora": dict(r=3, lora_alpha=3, use_dora=True),
+    "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "down_proj"]),
+    "dora_embedding": dict(r=3, lora_alpha=6, use_dora=True, target_modules=["embed_tokens", "v_proj"]),
+}
+LINEAR_FAMILY = {n for n, m in METHODS.items() if m.coefficients is not None}
+
+
+def peft_output(paths, ids, weights=None):
+    """Output of the tiny Llama with every adapter in ``paths`` loaded and active in real PEFT."""
+    model = PeftModel.from_pretrained(tiny_llama(), str(paths[0]), adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(str(p), adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(paths))])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sources")
+    return {name: make_adapter(tiny_llama, d / name, seed, **cfg) for seed, (name, cfg) in enumerate(VARIANTS.items())}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", list_merge_methods())
+def test_one_adapter_weight_one_reproduces_it(method, variant, sources, ids, tmp_path):
+    if variant.startswith("dora") and METHODS[method.removesuffix("_svd")].coefficients is None:
+        with pytest.raises(ConfigError, match="DoRA"):
+            merge_adapters([sources[variant]], [1.0], method, model=tiny_llama())
+        return
+    out = merge_adapters([sources[variant]], [1.0], method, model=tiny_llama()).save(tmp_path / "merged")
+    expected = peft_output([sources[variant]], ids)
+    torch.testing.assert_close(peft_output([out], ids), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_cat_equals_sum_of_adapters_outputs(sources, ids, tmp_path):
+    # DoRA first: PEFT's DoRA forward rescales the running result it is given (base + earlier adapters' deltas,
+    # peft/tuners/lora/variants.py DoraLinearVariant.forward: base_result = result), so only as the first active
+    # adapter does it add its own Δ(x) to a plain base output.
+    names = ["dora", "plain", "rslora_patterns"]
+    paths = [sources[n] for n in names]
+    merged = merge_adapters(paths, None, "cat", model=tiny_llama())
+    assert merged.config.r == 4 + 6 + 3 and merged.config.use_dora
+    out = merged.save(tmp_path / "cat")
+    torch.testing.assert_close(peft_output([out], ids), peft_output(paths, ids), atol=2e-5, rtol=1e-4)
+    # lorakit loads it too, with the same outputs
+    model = tiny_llama()
+    lk.load_adapter(model, out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_output(paths, ids), atol=2e-5, rtol=1e-4)
+
+
+def _scaled_copy(src, dst, w):
+    """A copy of a plain/bias LoRA folder whose ΔW (and bias) is multiplied by w (B and its bias scaled)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    t = load_file(src / "adapter_model.safetensors")
+    save_file({k: v * w if ".lora_B." in k else v for k, v in t.items()}, dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "cat", "svd"])
+def test_weighted_linear_merge_equals_weighted_sum(method, sources, ids, tmp_path):
+    names, weights = ["plain", "rslora_patterns", "lora_bias"], [0.7, -1.3, 0.4]  # negative: task arithmetic
+    paths = [sources[n] for n in names]
+    merged = merge_adapters(paths, weights, method, model=tiny_llama(), svd_rank=4 + 6 + 3).save(tmp_path / "m")
+    scaled = [_scaled_copy(p, tmp_path / f"s{i}", w) for i, (p, w) in enumerate(zip(paths, weights))]
+    torch.testing.assert_close(peft_output([merged], ids), peft_output(scaled, ids), atol=2e-5, rtol=1e-4)
+
+
+def _delta(merged, key_part):
+    sd = merged.state_dict
+    a = next(v for k, v in sd.items() if key_part in k and "lora_A" in k)
+    b = next(v for k, v in sd.items() if key_part in k and "lora_B.weight" in k)
+    return b @ a
+
+
+@pytest.mark.parametrize("method", [n for n, m in METHODS.items() if m.linear_in_weights] + ["dare_linear"])
+def test_weights_scale_linearly(method, sources):
+    paths = [sources["plain"], sources["lora_bias"]]
+    kw = dict(model=tiny_llama(), density=0.5, seed=3)
+    one = _delta(merge_adapters(paths, [0.5, 1.5], method, **kw), "layers.0.self_attn.q_proj")
+    three = _delta(merge_adapters(paths, [1.5, 4.5], method, **kw), "layers.0.self_attn.q_proj")
+    torch.testing.assert_close(three, 3 * one, atol=1e-5, rtol=1e-4)
+    if METHODS[method].coefficients is not None:  # additive too: f(w + v) = f(w) + f(v)
+        other = _delta(merge_adapters(paths, [1.0, 3.0], method, **kw), "layers.0.self_attn.q_proj")
+        torch.testing.assert_close(three, one + other, atol=1e-5, rtol=1e-4)
+
+
+def test_dora_with_a_sparsifying_method_or_lora_bias_is_refused(sources):
+    with pytest.raises(ConfigError, match="DoRA sources can be merged exactly only by linear"):
+        merge_adapters([sources["dora"], sources["plain"]], None, "ties", model=tiny_llama(), density=0.5)
+    with pytest.raises(ConfigError, match="lora_bias=True with DoRA"):
+        merge_adapters([sources["dora"], sources["lora_bias"]], None, "cat", model=tiny_llama())
+
+
+@pytest.mark.parametrize("method", ["linear", "svd"])
+def test_weighted_dora_merge_equals_weighted_sum_of_forwards(method, sources, ids, tmp_path):
+    """DoRA merged in weight space: y = W x + Σ w_i Δ_i(x), Δ_i the PEFT DoRA forward's additive part, computed
+    from PEFT's own per-adapter outputs (y_i − y_base at the logits is not additive, so compare one layer)."""
+    from peft import PeftModel as PM
+
+    paths, weights = [sources["dora"], sources["plain"]], [0.6, -0.8]
+    merged = merge_adapters(paths, weights, method, model=tiny_llama(), svd_rank=7).save(tmp_path / "m")
+    x = torch.randn(3, 32)
+
+    def layer_out(path_list, ws):
+        total = 0
+        for p, w in zip(path_list, ws):
+            pm = PM.from_pretrained(tiny_llama(), str(p))
+            layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+            with torch.no_grad():
+                total = total + w * (layer(x) - layer.base_layer(x))
+        return layer.base_layer(x) + total
+
+    torch.testing.assert_close(layer_out([merged], [1.0]), layer_out(paths, weights), atol=2e-5, rtol=1e-4)
+
+
+def test_recipe_recorded_and_file_loads_in_lorakit(sources, tmp_path):
+    out = lk.merge_adapters_to(tmp_path / "m", [sources["plain"], sources["lora_bias"]], [0.5, 0.5], "ties",
+                               model=tiny_llama(), density=0.3, svd_rank=5)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["lorakit_merge"]["method"] == "ties" and cfg["lorakit_merge"]["weights"] == [0.5, 0.5]
+    assert cfg["lorakit_merge"]["options"]["density"] == 0.3 and cfg["peft_type"] == "LORA"
+    assert lk.read_adapter_config(out).r >= 1
+    lk.load_adapter(tiny_llama(), out)
+
+
+def test_ties_svd_truncates_to_svd_rank(sources):
+    merged = merge_adapters([sources["plain"], sources["lora_bias"]], None, "ties_svd", model=tiny_llama(),
+                            density=0.5, svd_rank=2)
+    assert merged.config.r == 2 and not merged.config.rank_pattern
+
+
+def test_bad_inputs_have_clear_errors(sources):
+    with pytest.raises(ConfigError, match="Did you mean: ties"):
+        merge_adapters([sources["plain"]], None, "tie", model=tiny_llama())
+    with pytest.raises(ConfigError, match="one weight per source"):
+        merge_adapters([sources["plain"]], [1.0, 2.0], "linear", model=tiny_llama())
+    with pytest.raises(ConfigError, match="density"):
+        merge_adapters([sources["plain"]], None, "ties", model=tiny_llama(), density=1.5)
+    with pytest.raises(ConfigError, match="unknown option 'desnity'.*Did you mean: density"):
+        merge_adapters([sources["plain"]], None, "ties", model=tiny_llama(), desnity=0.5)
+
+
+def test_modules_to_save_rule(tmp_path):
+    ids = torch.randint(0, 96, (2, 5))
+
+    def bert_adapter(path, seed, perturb):
+        model = tiny_bert()
+        torch.manual_seed(seed)
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"],
+                                            init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".copies." in n and perturb:
+                    p.add_(torch.randn_like(p))
+        lk.save_adapter(model, path)
+        return path
+
+    a, b, c = bert_adapter(tmp_path / "a", 0, True), bert_adapter(tmp_path / "b", 1, True), bert_adapter(tmp_path / "c", 2, False)
+    with pytest.raises(ConfigError, match="saved_modules='first'"):
+        merge_adapters([a, b], None, "linear", model=tiny_bert())
+    first = merge_adapters([a, b], None, "linear", model=tiny_bert(), saved_modules="first").state_dict
+    ref = lk.adapter_state_dict(lk.load_adapter(tiny_bert(), a))
+    assert torch.equal(first["base_model.model.classifier.weight"], ref["base_model.model.classifier.weight"])
+    merged = merge_adapters([a, b], [0.5, 0.5], "linear", model=tiny_bert(), saved_modules="merge").state_dict
+    base_w = tiny_bert().classifier.weight
+    ref_b = lk.adapter_state_dict(lk.load_adapter(tiny_bert(), b))["base_model.model.classifier.weight"]
+    torch.testing.assert_close(merged["base_model.model.classifier.weight"],
+                               base_w + 0.5 * (ref["base_model.model.classifier.weight"] - base_w) + 0.5 * (ref_b - base_w))
+    # copies that agree (both untouched) need no rule
+    merge_adapters([c, c], None, "linear", model=tiny_bert())
+
+
+def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
+    """GPT-2 stores Conv1D weights as (in, out) (fan_in_fan_out): the merged file must say so and act the same."""
+    from lk_models import tiny_gpt2
+
+    paths = [make_adapter(tiny_gpt2, tmp_path / f"g{i}", i, r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"])
+             for i in range(2)]
+    out = merge_adapters(paths, [1.0, 1.0], "linear", model=tiny_gpt2()).save(tmp_path / "m")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+    def run(path_list):
+        model = PeftModel.from_pretrained(tiny_gpt2(), str(path_list[0]), adapter_name="a0")
+        for i, p in enumerate(path_list[1:], 1):
+            model.load_adapter(str(p), adapter_name=f"a{i}")
+        model.base_model.set_adapter([f"a{i}" for i in range(len(path_list))])
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    torch.testing.assert_close(run([out]), run(paths), atol=2e-5, rtol=1e-4)

@@ -1,0 +1,35 @@
+"""``lorakit merge-adapters``: the CLI front end of merge_adapters (bundled base model, real subprocess-free main)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import lorakit as lk
+from lorakit.cli import main
+from lorakit.hub import load_model_and_tokenizer
+
+
+def _bundled_adapter(path, seed):
+    model = load_model_and_tokenizer(None)[0]
+    torch.manual_seed(seed)
+    lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return lk.save_adapter(model, path)
+
+
+def test_merge_adapters_cli_writes_a_loadable_adapter_with_its_recipe(tmp_path, capsys):
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    rc = main(["merge-adapters", str(a), str(b), "--weights", "0.5", "-0.25", "--method", "ties_svd", "--density",
+               "0.5", "--svd-rank", "3", "--output", str(tmp_path / "out")])
+    assert rc == 0 and "merged 2 adapters (ties_svd)" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["r"] == 3 and cfg["lorakit_merge"]["method"] == "ties_svd"
+    assert cfg["lorakit_merge"]["weights"] == [0.5, -0.25] and cfg["lorakit_merge"]["options"]["density"] == 0.5
+    lk.load_adapter(load_model_and_tokenizer(None)[0], tmp_path / "out")
+
+
+def test_merge_adapters_cli_unknown_method_is_a_clear_error(tmp_path, capsys):
+    a = _bundled_adapter(tmp_path / "a", 0)
+    assert main(["merge-adapters", str(a), "--method", "dare_lineer", "--output", str(tmp_path / "o")]) == 2
+    assert "Did you mean: dare_linear" in capsys.readouterr().err
