@@ -32,9 +32,10 @@ from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo
 from ..core.errors import ConfigError
 from ..core.registry import register_method
+from ..mixtures.base import router_loss
 from ..mixtures.router import Router, mole_balance_loss
 from .lora import LoraConfig
-from .mixlora import DEFAULT_TARGETS, MixLoraFFN, SharedLora, pooled_router_loss, straight_through, unchanged
+from .mixlora import DEFAULT_TARGETS, MixLoraFFN, SharedLora, straight_through, unchanged
 
 
 @dataclass
@@ -70,7 +71,7 @@ def mole_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     from ..core.model import adapter_state
 
     config = adapter_state(model).configs[name]
-    return pooled_router_loss(model, name, mole_balance_loss, config.router_aux_loss_coef)
+    return router_loss(model, name, mole_balance_loss, config.router_aux_loss_coef)
 
 
 register_method(

@@ -120,6 +120,15 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.T
     return probs.shape[-1] * (f * p).sum()
 
 
+def assignment_balance_loss(probs: torch.Tensor, selected: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MoLA's ``E · Σ_e f_e · P̄_e`` with f_e = (assignments to e) / (all assignments): Mixtral's loss divided by
+    k (GCYZSL/MoLA ``load_balancing_loss_func``); padding excluded. Equals 1 for uniform routing."""
+    counts = (selected if mask is None else selected & mask[:, None]).float().sum(0)  # (E,)
+    f = counts / counts.sum().clamp_min(1.0)
+    return probs.shape[-1] * (f * _masked_mean(probs, mask)).sum()
+
+
 def mole_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """LLaVA-MoLE: ``Σ_e mean(p_e) · mean(onehot_e)`` (no ×E factor)."""
     return (_masked_mean(selected, mask) * _masked_mean(probs, mask)).sum()
@@ -133,4 +142,4 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return (lse * mask.float()).sum() / mask.float().sum().clamp_min(1.0)
 
 
-BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss}
+BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss, "mola": assignment_balance_loss}
