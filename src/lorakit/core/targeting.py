@@ -89,7 +89,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     head = _output_head_names(model) if all_linear else set()
     linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
-    chosen, hit_before_layer_filter = [], set()
+    chosen, hit_before_layer_filter, layer_ids = [], set(), set()
     for key, module in modules:
         if all_linear:
             ok = isinstance(module, linear_types) and key not in head
@@ -101,6 +101,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
         if config.layers_to_transform is not None:
             idx = layer_index(key, config.layers_pattern)
+            layer_ids.add(idx)
             wanted = config.layers_to_transform
             if idx is None or (idx != wanted if isinstance(wanted, int) else idx not in wanted):
                 continue
@@ -114,6 +115,12 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"{t!r} (closest: {', '.join(near_matches(t, suffixes | set(names))) or 'none'})" for t in missing
             )
             raise TargetError(f"target_modules entries matched no module: {hints}.")
+    if not chosen and layer_ids - {None}:
+        found = sorted(layer_ids - {None})
+        raise TargetError(
+            f"layers_to_transform={config.layers_to_transform!r} selects no layer: the modules target_modules="
+            f"{targets!r} matches are in layers {found[0]}..{found[-1]} ({len(found)} layers, 0-based)."
+        )
     if not chosen:
         shown = ", ".join(sorted({n.rsplit('.', 1)[-1] for n, m in modules if not list(m.children())})[:20])
         raise TargetError(
