@@ -710,7 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])
     try:
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
     except BrokenPipeError:
         # The reader went away (`lorakit inspect ... | head`): stop quietly, as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
