@@ -1,7 +1,12 @@
-"""``lorakit`` command line: train, eval, generate, methods, tasks, inspect, merge, export, pretrain-base.
+"""``lorakit`` command line: train, eval, generate, methods, tasks, inspect, merge, export, bench, pretrain-base.
 
-Method options are generated from the chosen method's config dataclass, so every registered method gets
-its flags (``lorakit train --method NAME --help`` lists them).
+One ``cmd_<name>`` function and one ``_add_<name>`` parser function per subcommand; a new subcommand adds
+both and one line in ``build_parser``. Method options are generated from the chosen method's config dataclass
+(``cli_options``), so every registered method gets its flags (``lorakit train --method NAME --help``).
+
+What a user can rely on: every check that needs no model (flags, data files, output folders, checkpoints) runs
+before the model is loaded; outputs are checked for writability before any work; an existing output is only
+replaced with ``--overwrite``; Ctrl-C during training saves a checkpoint and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -9,148 +14,108 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shlex
+import shutil
 import sys
-import typing
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_options import add_config_options, config_from_args
 from .core.errors import LorakitError
 
 DEFAULT_METHOD = "lora"
-_NOT_ON_CLI = {"inference_mode", "base_model_name_or_path"}
+HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
+TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
 
 
-# -- method options from config dataclasses --------------------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+# -- helpers shared by the commands ------------------------------------------------------------------------
+def default_num_threads() -> int:
+    """OMP_NUM_THREADS when set; else half the CPUs this process may use (1 to 8).
+
+    torch's default (every core) collapses when another job shares the machine (its threads spin waiting for
+    each other: 20-50x slower); half the cores loses little on an idle machine and degrades gracefully.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores // 2, 8))
 
 
-def _add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    group = parser.add_argument_group(f"{config_cls.method} options (from {config_cls.__name__})")
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if f.name in _NOT_ON_CLI:
-            continue
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if f.name == "target_modules" and not config_cls.has_own_targets():
-            default = "all-linear (the library default None = per-architecture defaults)"
-        args = typing.get_args(hint)
-        if hint is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
-        elif hint in (int, float, str):
-            group.add_argument(_flag(f.name), type=hint, default=None, help=f"(default: {default})")
-        elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
-            group.add_argument(_flag(f.name), type=json.loads, default=None, metavar="JSON",
-                               help=f"a JSON object (default: {default!r})")
-        elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
-            regex = str in args
-            group.add_argument(_flag(f.name), nargs="+", default=None, metavar="X",
-                               help=("module names, or one regex / 'all-linear'" if regex else "one or more values")
-                               + f" (default: {default})")
-        else:  # unions like bool | str, int | None
-            group.add_argument(_flag(f.name), type=_scalar, default=None, help=f"(default: {default!r})")
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "num_threads", None) is not None:
+        import torch
+
+        if args.num_threads < 1:
+            raise LorakitError(f"--num-threads must be >= 1, got {args.num_threads}")
+        torch.set_num_threads(args.num_threads)
 
 
-def _scalar(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
+def _clean_leftovers(folder: Path) -> None:
+    """Remove temporary files/folders a killed save left (``.<name>.tmp-*``, ``.<name>.old-*``, ``.<name>.*.tmp``)."""
+    for entry in folder.glob(".*"):
+        if ".tmp-" in entry.name or ".old-" in entry.name or entry.name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False) -> Path:
+    """Fail now, before any work, if ``path`` cannot become this command's output folder.
+
+    A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
+    non-empty folder without ``overwrite`` (unless ``allow_existing``, e.g. resuming into it) is a LorakitError.
+    Leftover temporary files of a killed save are removed.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LorakitError(f"{flag} {out}: {probe} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
             pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+    except OSError as e:
+        raise LorakitError(f"{flag} {out}: cannot write in {probe} ({e.strerror or e}); choose a writable folder") from None
+    if out.is_dir():
+        _clean_leftovers(out)
+        if any(out.iterdir()) and not (overwrite or allow_existing):
+            raise LorakitError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace what "
+                               "this command writes there, or choose a new folder")
+    return out
 
 
-def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: Any):
-    kwargs: dict[str, Any] = {}
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        if isinstance(value, list) and len(value) == 1 and str in typing.get_args(hints[f.name]):
-            value = value[0]  # a single regex / "all-linear"
-        elif isinstance(value, list) and int in [typing.get_args(a)[0] for a in typing.get_args(hints[f.name]) if typing.get_args(a)]:
-            value = [int(v) for v in value]
-        kwargs[f.name] = value
-    for k, v in overrides.items():
-        kwargs.setdefault(k, v)
-    return config_cls(**kwargs)
-
-
-# -- commands ---------------------------------------------------------------------------------------------
 def _print_metrics(label: str, metrics: dict) -> None:
     per = ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in sorted(metrics.get("per_task", {}).items()))
     print(f"{label}: exact match {metrics['exact_match']:.3f} on {metrics['n']} examples" + (f" ({per})" if per else ""))
 
 
-def _eval_examples(args, tokenizer):
+def _is_file_spec(spec: str) -> bool:
+    from .data import looks_like_path
+
+    return Path(spec).is_file() or looks_like_path(spec)
+
+
+def _load_examples(spec: str, split: str, n: int | None, default_per_task: int, seed: int, tokenizer: Any):
+    """Built-in tasks: ``n`` (default ``default_per_task``) per task; a user file: all of it unless ``n``."""
     from .data import load_examples
 
-    if getattr(args, "eval_data", None):
-        return load_examples(args.eval_data, "test", n=args.eval_examples, seed=args.seed, tokenizer=tokenizer)
-    if str(args.data).endswith(".jsonl") or Path(str(args.data)).is_file():
-        return None  # the caller holds out part of the file
-    return load_examples(args.data, "test", n=args.eval_examples, seed=args.seed, tokenizer=tokenizer)
+    if _is_file_spec(spec):
+        return load_examples(spec, split, n=n, seed=seed, tokenizer=tokenizer)
+    return load_examples(spec, split, n=n or default_per_task, seed=seed, tokenizer=tokenizer)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+def _task_index(adapter: str | None, examples: Sequence[Any] | None = None, source: str = "") -> dict | None:
+    """The adapter's saved task -> key id mapping, checked against ``examples`` (unknown task: DataError)."""
+    from .data import check_tasks, read_task_index
 
-    from . import add_adapter, get_method, print_trainable_parameters
-    from .data import build_task_index, evaluate_examples, load_examples
-    from .hub import load_model_and_tokenizer
-    from .training import TrainConfig, train
-
-    torch.manual_seed(args.seed)
-    method = get_method(args.method)
-    # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
-    targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
-    adapter_config = config_from_args(method.config_cls, args, **targets)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    train_examples = load_examples(args.data, "train", n=args.train_examples, seed=args.seed, tokenizer=tokenizer)
-    eval_examples = _eval_examples(args, tokenizer)
-    if eval_examples is None:  # a single JSONL file: hold out a deterministic tail for evaluation
-        cut = max(1, len(train_examples) // 10)
-        train_examples, eval_examples = train_examples[:-cut], train_examples[-cut:]
-    print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
-          f"({len(train_examples)} train / {len(eval_examples)} eval examples)")
-    before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size)
-    _print_metrics("before", before)
-
-    add_adapter(model, adapter_config, name=args.adapter_name)
-    print_trainable_parameters(model)
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
-        warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
-        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-        max_length=args.max_length, output_dir=args.output, resume_from=args.resume_from,
-    )
-    result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
-                   eval_examples=eval_examples, progress=not args.quiet)
-    # Keyed methods see the task ids of the training data's task index, as in training.
-    after = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
-                              task_to_id=build_task_index(train_examples) or None)
-    _print_metrics("after ", after)
-    adapter_dir = Path(args.output) / "adapter"
-    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
-               "after": after, "adapter_dir": str(adapter_dir), "wall_time_s": result.wall_time_s,
-               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps}
-    from .mixtures import router_summary
-    routed = router_summary(result.router_stats)  # the training forwards only
-    if routed is not None:
-        summary["router"] = routed
-        print(f"router over {routed['layers']} layers: expert load {routed['min_load_fraction']:.2f}–"
-              f"{routed['max_load_fraction']:.2f} (uniform {routed['uniform_fraction']:.2f}), mean entropy "
-              f"{routed['entropy']:.2f} nats")
-    from .io.files import atomic_write_json
-    atomic_write_json(Path(args.output) / "summary.json", summary)
-    print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
-          f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
-    print(f"adapter saved to {adapter_dir} (PEFT format)")
-    return 0
+    index = read_task_index(adapter) if adapter else None
+    if index is not None and examples is not None:
+        check_tasks(index, (ex.task for ex in examples), source)
+    return index
 
 
 def _load_with_adapter(args):
@@ -163,33 +128,228 @@ def _load_with_adapter(args):
     return model, tokenizer
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import build_task_index, evaluate_examples, load_examples
+# -- train --------------------------------------------------------------------------------------------------
+def _train_configs(args: argparse.Namespace):
+    """Method, adapter config, TrainConfig and output folder, all validated without a model."""
+    from . import get_method
+    from .training import TrainConfig
 
+    method = get_method(args.method)
+    # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
+    targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
+    adapter_config = config_from_args(method.config_cls, args, **targets)
+    resume = Path(args.resume_from).resolve() if args.resume_from else None
+    out = Path(args.output)
+    resuming_inside = resume is not None and out.resolve() in resume.parents
+    check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)
+    train_config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
+        warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
+        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        max_length=args.max_length, log_every=args.log_every, output_dir=args.output, resume_from=args.resume_from,
+    )
+    if args.resume_from:
+        given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
+        _check_resume(Path(args.resume_from), adapter_config, train_config, given)
+    return method, adapter_config, train_config
+
+
+def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str]) -> None:
+    """Step, method and the adapter options given on this command line against the checkpoint's, before any
+    model is loaded (options left at their defaults are checked by the loop, tensor by tensor)."""
+    from .io.files import read_json
+    from .io.peft_format import read_adapter_config
+
+    state = read_json(checkpoint / "trainer_state.json")
+    if state.get("step", 0) >= train_config.steps:
+        raise LorakitError(f"--resume-from {checkpoint} is at step {state['step']}, and --steps is "
+                           f"{train_config.steps}: nothing would be trained. --steps is the total; set it above "
+                           f"{state['step']}.")
+    saved_config = read_adapter_config(checkpoint)
+    if type(saved_config) is not type(adapter_config):
+        raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "
+                           f"run uses {type(adapter_config).method!r}; resume with the same --method.")
+    saved, now = saved_config.to_dict(), adapter_config.to_dict()
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
+            for k in sorted(given) if k in now and saved.get(k) != now.get(k)]
+    if diff:
+        raise LorakitError(f"--resume-from {checkpoint} was trained with other adapter settings ({'; '.join(diff)}); "
+                           "resume with the same method options.")
+
+
+def _metrics_logger(path: Path, append: bool):
+    """An on_log callback appending one JSON line per record (loss, lr, grad norm / evaluations) as they happen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a" if append else "w", buffering=1)
+
+    def log(record: dict) -> None:
+        handle.write(json.dumps(record) + "\n")
+
+    return log, handle
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import add_adapter, disable_adapters, print_trainable_parameters
+    from .data import evaluate_examples
+    from .hub import load_model_and_tokenizer, load_tokenizer
+    from .training import train
+    from .training.plot import plot_metrics
+
+    method, adapter_config, config = _train_configs(args)
+    tokenizer = load_tokenizer(args.model)
+    train_examples = _load_examples(args.data, "train", args.train_examples, TASK_TRAIN_EXAMPLES, args.seed, tokenizer)
+    if args.eval_data:
+        eval_examples = _load_examples(args.eval_data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed,
+                                       tokenizer)
+    elif _is_file_spec(args.data):  # a single user file: hold out its last tenth, in file order
+        if len(train_examples) < 2:
+            raise LorakitError(f"{args.data} has {len(train_examples)} example; give at least 2 (one is held out for "
+                               "evaluation) or pass --eval-data")
+        cut = max(1, len(train_examples) // HOLDOUT_FRACTION)
+        print(f"hold-out: the last {cut} of {len(train_examples)} examples of {args.data} are kept for evaluation "
+              f"and not trained on (pass --eval-data FILE to evaluate on another file)")
+        train_examples, eval_examples = train_examples[:-cut], train_examples[-cut:]
+    else:
+        eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
+    print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
+          f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
+    with disable_adapters(model):
+        before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                                   progress=not args.quiet)
+    _print_metrics("before", before)
+    print_trainable_parameters(model)
+
+    config = dataclasses.replace(config, eval_examples=len(eval_examples))  # the loop evaluates all of them
+    out = Path(args.output)
+    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from))
+    if not args.resume_from:
+        log({"step": 0, "eval": before})
+    try:
+        result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
+                       eval_examples=eval_examples, progress=not args.quiet, on_log=[log])
+    finally:
+        handle.close()
+    after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
+    _print_metrics("after ", after)
+    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
+               "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
+               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl")}
+    from .mixtures import router_summary
+    routed = router_summary(result.router_stats)  # the training forwards only
+    if routed is not None:
+        summary["router"] = routed
+        print(f"router over {routed['layers']} layers: expert load {routed['min_load_fraction']:.2f}–"
+              f"{routed['max_load_fraction']:.2f} (uniform {routed['uniform_fraction']:.2f}), mean entropy "
+              f"{routed['entropy']:.2f} nats")
+    plot = plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    if plot is not None:
+        summary["plot"] = str(plot)
+    from .io.files import atomic_write_json
+    atomic_write_json(out / "summary.json", summary)
+    print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
+          f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
+    print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
+    print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
+    return 0
+
+
+def _format_note(method) -> str:
+    if method.peft_type is not None:
+        return f"PEFT format, peft_type {method.peft_type}"
+    export = ("`lorakit export` writes it as a plain PEFT LoRA" if method.to_lora is not None
+              else "it has no plain-LoRA form")
+    return f"lorakit format for method {method.name}; PEFT cannot load it, lorakit can; {export}"
+
+
+def _resume_command(argv: Sequence[str], checkpoint: str) -> str:
+    """The user's own command with ``--resume-from CHECKPOINT`` (replacing any earlier one)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume-from":
+            skip = True
+        elif not a.startswith("--resume-from="):
+            kept.append(a)
+    return shlex.join(["lorakit", *kept, "--resume-from", checkpoint])
+
+
+# -- eval / generate ------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import build_task_index, evaluate_examples
+    from .hub import load_tokenizer
+
+    if args.adapter:
+        from .io.peft_format import read_adapter_config
+        read_adapter_config(args.adapter)  # a bad adapter folder fails before the model loads
+    tokenizer = load_tokenizer(args.model)
+    examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
+    # Keyed methods: the task ids the adapter was trained with (saved beside it), never a renumbering of the
+    # tasks present in this data; a task the adapter does not know is an error.
+    task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
     model, tokenizer = _load_with_adapter(args)
-    examples = load_examples(args.data, "test", n=args.eval_examples, seed=args.seed, tokenizer=tokenizer)
-    # Task ids for keyed methods: positions among the sorted task names, as training numbered them (the same
-    # when the evaluation data has the training data's tasks).
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
-                                task_to_id=build_task_index(examples) or None)
+                                task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
     _print_metrics("eval", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .data import generate_completions
+def _read_prompts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    """Prompts from --prompt or stdin (plain lines, or JSONL objects with "prompt" and optional "task"/"key")."""
+    if args.prompt:
+        return list(args.prompt), [args.task] * len(args.prompt)
+    prompts, tasks = [], []
+    for n, line in enumerate(sys.stdin, start=1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LorakitError(f"stdin line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(record.get("prompt"), str):
+                raise LorakitError(f"stdin line {n}: a JSON line needs a string 'prompt'")
+            prompts.append(record["prompt"])
+            tasks.append(record.get("task", record.get("key", args.task)))
+        else:
+            prompts.append(line)
+            tasks.append(args.task)
+    return prompts, tasks
 
-    model, tokenizer = _load_with_adapter(args)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .data import Example, generate_completions
+    from .data.evaluate import example_routing
+
+    prompts, tasks = _read_prompts(args)
     if not prompts:
         raise LorakitError("no prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line")
-    for p, c in zip(prompts, generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)):
+    if any(t is not None for t in tasks) and not (args.adapter and _task_index(args.adapter)):
+        raise LorakitError("--task needs an adapter trained with task keys (its folder has task_index.json)")
+    rows = [Example(prompt=p, completion="", task=t) for p, t in zip(prompts, tasks)]
+    task_to_id = _task_index(args.adapter, rows, "--task / the JSONL key")
+    if task_to_id and len(task_to_id) > 1 and all(t is None for t in tasks):
+        print(f"note: this adapter was trained on tasks {', '.join(sorted(task_to_id))}; methods that route by "
+              "task (routed_lora) use no expert without --task", file=sys.stderr)
+    model, tokenizer = _load_with_adapter(args)
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                       row_routing=example_routing(rows, task_to_id))
+    for p, c in zip(prompts, completions):
         print(f"{p}{c}")
     return 0
 
 
+# -- listing and inspection -----------------------------------------------------------------------------------
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import list_methods
 
@@ -212,8 +372,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .data import TASKS
+    from .data import TASKS, get_task
 
+    if args.jsonl:  # write a task's examples as a JSONL file a user could have brought
+        for ex in get_task(args.jsonl).generate(args.split, args.n, args.seed):
+            print(json.dumps({"prompt": ex.prompt, "completion": ex.completion}))
+        return 0
     width = max(map(len, TASKS))
     for name, task in TASKS.items():
         ex = task.generate("train", 1, 0)[0]
@@ -221,21 +385,56 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+_DELTA_PARTS = ("lora_", "router", "classifier", "gate")  # first key component that belongs to the delta
+
+
+def _adapted_modules(keys: Sequence[str], config) -> list[str]:
+    """The host modules a saved adapter adapts: the longest key prefix that is a module of its base model (built
+    on the meta device from the base's config); without the base's config, the key up to its first delta part."""
+    from .io.peft_format import PREFIX
+
+    host: set[str] | None = None
+    base = getattr(config, "base_model_name_or_path", None)
+    if base:
+        try:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                host = {n for n, _ in AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(base, local_files_only=True)).named_modules() if n}
+        except Exception:  # any failure to rebuild the base: fall back to reading the keys alone
+            host = None
+    modules = set()
+    for key in keys:
+        parts = key.removeprefix(PREFIX).split(".")
+        if host is not None:
+            cut = max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in host), default=len(parts) - 1)
+        else:
+            cut = next((i for i, p in enumerate(parts) if i and p.startswith(_DELTA_PARTS)), len(parts) - 1)
+        modules.add(".".join(parts[:cut]))
+    return sorted(modules)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .data import read_task_index
     from .io.files import load_tensors
     from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
 
     directory = Path(args.adapter)
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    modules = _adapted_modules(list(tensors), config)
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     print(f"adapter:   {directory}")
     print(f"method:    {type(config).method}")
     print(f"tensors:   {len(tensors)} ({n_params:,} parameters, {', '.join(dtypes)}), "
           f"{(directory / WEIGHTS_NAME).stat().st_size / 1e6:.2f} MB")
-    print(f"modules:   {len(modules)}" + (f" e.g. {modules[0]}" if modules else ""))
+    print(f"modules:   {len(modules)} adapted" + (f", e.g. {modules[0]}" if modules else ""))
+    tasks = read_task_index(directory)
+    if tasks:
+        print(f"tasks:     {', '.join(sorted(tasks, key=tasks.get))} (routing key ids 0..{len(tasks) - 1})")
     print("config:")
     for k, v in config.to_dict().items():
         if v not in (None, [], {}, False) or k in ("r", "lora_alpha"):
@@ -246,18 +445,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from . import merge_and_unload
+# -- merge / export ---------------------------------------------------------------------------------------------
+def _mergeable_or_raise(method) -> None:
+    if method.mergeable:
+        return
+    if method.to_lora is not None:
+        hint = "`lorakit export ADAPTER --output DIR` writes it as a plain LoRA, which merge accepts"
+    else:
+        hint = ("it has no plain-LoRA form either, so use it unmerged: `lorakit generate --adapter`, "
+                "`lorakit eval --adapter`, or lorakit.load_adapter / lorakit.serving in Python")
+    raise LorakitError(f"method {method.name!r} is input-dependent (its experts are chosen per token or per row), "
+                       f"so it cannot be merged into the base weights; {hint}")
 
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import get_method, merge_and_unload
+    from .io.peft_format import read_adapter_config
+    from .training.checkpoint import write_dir_atomically
+
+    _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args)
     merged = merge_and_unload(model)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".tmp-merge")
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        raise LorakitError(f"{out} already exists; choose a new --output (the merged model is in {tmp})")
-    tmp.rename(out)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    write_dir_atomically(out, write)
     print(f"merged model written to {out}")
     return 0
 
@@ -299,28 +514,36 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a plain PEFT LoRA for an adapter: identity for lora, the method's to_lora hook otherwise."""
+    """Write a plain PEFT LoRA for an adapter: identity for PEFT methods, the method's to_lora hook otherwise."""
     from . import get_method, load_adapter, save_adapter
     from .hub import load_model_and_tokenizer
     from .io.peft_format import read_adapter_config
+    from .training.checkpoint import write_dir_atomically
 
-    config = read_adapter_config(args.adapter)
-    method = get_method(config)
+    method = get_method(read_adapter_config(args.adapter))
+    if method.peft_type is None and method.to_lora is None:
+        raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
+                           "use the adapter as it is with lorakit (generate / eval / serving)")
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, _ = load_model_and_tokenizer(args.model)
     load_adapter(model, args.adapter)
-    if method.peft_type is not None:
-        save_adapter(model, args.output)
-    elif method.to_lora is not None:
+
+    def write(folder: Path) -> None:
+        if method.peft_type is not None:
+            save_adapter(model, folder)
+            return
         from . import LoraConfig
         from .io.files import atomic_write_json, save_tensors
+        from .io.peft_format import config_file_dict
+
         lora_config, state = method.to_lora(model, "default")
         assert isinstance(lora_config, LoraConfig)
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        save_tensors(Path(args.output) / "adapter_model.safetensors", state)
-        atomic_write_json(Path(args.output) / "adapter_config.json", {**lora_config.to_dict(), "peft_type": "LORA"})
-    else:
-        raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form; nothing to export")
-    print(f"exported PEFT LoRA adapter to {args.output}")
+        save_tensors(folder / "adapter_model.safetensors", state)
+        meta = {k: config_file_dict(model)[k] for k in ("base_model_name_or_path", "task_type")}
+        atomic_write_json(folder / "adapter_config.json", {**lora_config.to_dict(), **meta, "peft_type": "LORA"})
+
+    write_dir_atomically(out, write)
+    print(f"exported PEFT LoRA adapter to {out}")
     return 0
 
 
@@ -330,89 +553,150 @@ def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return pretrain_main(list(rest))
 
 
-# -- parser -----------------------------------------------------------------------------------------------
+# -- parser: one function per subcommand -----------------------------------------------------------------
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for flags whose help does not already state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model)")
+    p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model); "
+                   "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
+    p.add_argument("--num-threads", type=int, default=default_num_threads(),
+                   help="CPU threads for torch; lower it when other jobs share the machine (default: OMP_NUM_THREADS "
+                        "if set, else half the CPUs, here %(default)s)")
 
 
-def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+def _add_train(sub, method_name: str) -> None:
     from . import get_method, list_methods
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train an adapter on built-in task(s) or a JSONL file",
-                       description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options.")
+    t = sub.add_parser("train", help="train an adapter on built-in task(s) or a JSONL file", formatter_class=_Formatter,
+                       description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
+                                   "Ctrl-C saves a checkpoint and prints the command that resumes it.")
     _common_model(t)
     t.add_argument("--data", default="reverse",
-                   help="built-in task name(s), comma-separated (see `lorakit tasks`), or a .jsonl file")
-    t.add_argument("--eval-data", default=None, help="evaluation task(s)/JSONL (default: the tasks' test split)")
+                   help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
+                        f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
+    t.add_argument("--eval-data", default=None,
+                   help="evaluation task(s) or JSONL file (default: the tasks' test split, or the hold-out of --data)")
     t.add_argument("--method", default=method_name, choices=[m.name for m in list_methods()])
-    t.add_argument("--output", default="runs/lorakit", help="output folder (adapter/, checkpoints, summary.json)")
+    t.add_argument("--output", default="runs/lorakit",
+                   help="output folder: adapter/, checkpoint-N/, metrics.jsonl, metrics.png, summary.json")
+    t.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in --output")
     t.add_argument("--adapter-name", default="default")
-    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--steps", type=int, default=200, help="optimizer steps (the total, when resuming)")
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: --warmup-ratio)")
     t.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of --steps")
     t.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"])
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    t.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl record every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    t.add_argument("--resume-from", default=None, help="checkpoint folder to resume from")
-    t.add_argument("--max-length", type=int, default=128)
-    t.add_argument("--train-examples", type=int, default=2000, help="examples per built-in task (JSONL: line cap)")
-    t.add_argument("--eval-examples", type=int, default=100, help="test examples per built-in task")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on Ctrl-C)")
+    t.add_argument("--resume-from", default=None, help="checkpoint folder (output/checkpoint-N) to resume from")
+    t.add_argument("--max-length", type=int, default=128,
+                   help="tokens per training example; longer ones lose prompt tokens from the left")
+    t.add_argument("--train-examples", type=int, default=None,
+                   help=f"examples per built-in task (default {TASK_TRAIN_EXAMPLES}); for a file, use only its first N "
+                        "lines (default: all)")
+    t.add_argument("--eval-examples", type=int, default=None,
+                   help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for --eval-data FILE, only "
+                        "its first N lines (default: all)")
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_options(t, get_method(method_name).config_cls)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(t, get_method(method_name).config_cls)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file")
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
     _common_model(e)
-    e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
-    e.add_argument("--data", required=True)
-    e.add_argument("--eval-examples", type=int, default=100)
+    e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
+    e.add_argument("--data", required=True,
+                   help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
+    e.add_argument("--eval-examples", type=int, default=None,
+                   help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for a file, only its first "
+                        "N lines (default: all)")
     e.add_argument("--eval-batch-size", type=int, default=64)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="greedy generation for prompts")
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
     _common_model(g)
-    g.add_argument("--adapter", default=None)
-    g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin lines")
+    g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
+    g.add_argument("--prompt", action="append",
+                   help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
+    g.add_argument("--task", default=None,
+                   help="task key for adapters that route by task (routed_lora): one the adapter was trained on")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_methods(sub) -> None:
     m = sub.add_parser("methods", help="list registered methods")
     m.add_argument("-v", "--verbose", action="store_true")
     m.add_argument("--markdown", action="store_true", help="a markdown table (used for the README)")
     m.set_defaults(func=cmd_methods)
 
-    ts = sub.add_parser("tasks", help="list built-in tasks")
+
+def _add_tasks(sub) -> None:
+    ts = sub.add_parser("tasks", help="list built-in tasks, or write one as JSONL", formatter_class=_Formatter)
+    ts.add_argument("--jsonl", metavar="TASK", default=None, help="print TASK's examples as JSONL prompt/completion lines")
+    ts.add_argument("--split", default="train", choices=["train", "test"], help="with --jsonl: which split")
+    ts.add_argument("-n", type=int, default=1000, help="with --jsonl: how many examples")
+    ts.add_argument("--seed", type=int, default=0, help="with --jsonl: seed")
     ts.set_defaults(func=cmd_tasks)
 
+
+def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="describe and validate an adapter folder")
     i.add_argument("adapter")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_inspect)
 
-    mg = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model")
+
+def _add_merge(sub) -> None:
+    mg = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model", formatter_class=_Formatter)
     _common_model(mg)
     mg.add_argument("--adapter", required=True)
-    mg.add_argument("--output", required=True)
+    mg.add_argument("--output", required=True, help="folder for the merged model")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     mg.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("export", help="write an adapter as a plain PEFT LoRA")
+
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="write an adapter as a plain PEFT LoRA", formatter_class=_Formatter)
     _common_model(x)
     x.add_argument("adapter")
-    x.add_argument("--output", required=True)
+    x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     x.set_defaults(func=cmd_export)
 
+
+def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub, method_name)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_methods(sub)
+    _add_tasks(sub)
+    _add_inspect(sub)
+    _add_merge(sub)
+    _add_export(sub)
     sub.add_parser("merge-adapters", help="merge several LoRA adapters into one (see lorakit merge-adapters --help)",
                    add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",
@@ -432,6 +716,30 @@ def _method_from_argv(argv: Sequence[str]) -> str:
     return DEFAULT_METHOD
 
 
+def _run(argv: list[str]) -> int:
+    from .training import AdapterSaveError, TrainingInterrupted
+
+    try:
+        from . import get_method
+        method_name = _method_from_argv(argv)
+        get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
+        args = build_parser(method_name).parse_args(argv)
+        _set_threads(args)
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"\nlorakit: {e}\nresume with:\n  {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
+        return 130
+    except AdapterSaveError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlorakit: interrupted", file=sys.stderr)
+        return 130
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pretrain-base"]:
@@ -442,17 +750,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])
     try:
-        from . import get_method
-        method_name = _method_from_argv(argv)
-        get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
-        args = build_parser(method_name).parse_args(argv)
-        return args.func(args)
-    except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (`lorakit inspect ... | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

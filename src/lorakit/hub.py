@@ -14,27 +14,61 @@ BUNDLED = "bundled"
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> str:
+    """The folder or hub id to load; raises LorakitError for an adapter folder given as a model."""
     if model in (None, "", BUNDLED):
         if not (BASE_MODEL_PATH / "config.json").is_file():
             raise LorakitError(
                 f"the bundled base model is missing at {BASE_MODEL_PATH}; rebuild it with `lorakit pretrain-base`."
             )
         return str(BASE_MODEL_PATH)
+    path = Path(model)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise LorakitError(f"{path} is an adapter folder, not a model: pass it as --adapter (and its base model as "
+                           "--model, or leave --model out for the bundled one).")
     return str(model)
+
+
+def _offline() -> bool:
+    """lorakit never downloads unless HF_HUB_OFFLINE is explicitly set to a false value (0/false/no/off)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _load_error(path: str, error: Exception) -> LorakitError:
+    if Path(path).exists():
+        return LorakitError(f"cannot load model {path!r}: {error}")
+    return LorakitError(
+        f"cannot load model {path!r}: it is not a local folder, and not in the Hugging Face cache (lorakit runs "
+        "offline: download it once with `huggingface-cli download ID`, or pass a local folder)."
+    )
+
+
+def load_tokenizer(model: str | os.PathLike | None = None):
+    """The tokenizer of ``model`` (see ``load_model_and_tokenizer``), with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
                              device: str | torch.device = "cpu"):
-    """(model, tokenizer) for a causal LM: ``None``/``"bundled"``, a local folder, or a hub id already cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for a causal LM: ``None``/``"bundled"``, a local folder, or a hub id already cached.
 
+    Offline by default (``local_files_only``): an uncached hub id fails at once with a LorakitError instead of
+    retrying the network; ``HF_HUB_OFFLINE=0`` allows downloads.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model)
     path = resolve_model_path(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        hint = "" if Path(path).exists() else " (not a local folder; hub ids must already be in the local cache)"
-        raise LorakitError(f"cannot load model {path!r}{hint}: {e}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
     return lm.to(device).eval(), tokenizer

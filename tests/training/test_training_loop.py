@@ -130,11 +130,11 @@ def test_checkpoints_are_safetensors_and_json_only(make_model, tokenizer, revers
         train(make_model(), tokenizer, reverse_train, config, progress=False)
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert names == [
-        "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/task_index.json",
         "checkpoint-2", "checkpoint-2/adapter_config.json", "checkpoint-2/adapter_model.safetensors",
-        "checkpoint-2/trainer_state.json", "checkpoint-2/trainer_state.safetensors",
+        "checkpoint-2/task_index.json", "checkpoint-2/trainer_state.json", "checkpoint-2/trainer_state.safetensors",
         "checkpoint-4", "checkpoint-4/adapter_config.json", "checkpoint-4/adapter_model.safetensors",
-        "checkpoint-4/trainer_state.json", "checkpoint-4/trainer_state.safetensors",
+        "checkpoint-4/task_index.json", "checkpoint-4/trainer_state.json", "checkpoint-4/trainer_state.safetensors",
         "train_result.json",
     ]  # no .bin/.pt pickles, no temporary folders left behind
     state = lorakit.io.files.load_tensors(tmp_path / "checkpoint-4" / "trainer_state.safetensors")

@@ -94,7 +94,7 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
     head = _output_head_names(model) if all_linear else set()
     linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
-    chosen, hit_before_layer_filter, candidates = [], set(), []
+    chosen, hit_before_layer_filter, candidates, layer_ids = [], set(), [], set()
     for key, module in modules:
         if all_linear:
             ok = isinstance(module, linear_types) and key not in head
@@ -107,6 +107,7 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
         candidates.append(key)
         if config.layers_to_transform is not None:
             idx = layer_index(key, config.layers_pattern)
+            layer_ids.add(idx)
             wanted = config.layers_to_transform
             if idx is None or (idx != wanted if isinstance(wanted, int) else idx not in wanted):
                 continue
@@ -123,6 +124,12 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
     if strict:
         _check_exclude(config, names)
         _check_layers(config, candidates)
+    if not chosen and layer_ids - {None}:
+        found = sorted(layer_ids - {None})
+        raise TargetError(
+            f"layers_to_transform={config.layers_to_transform!r} selects no layer: the modules target_modules="
+            f"{targets!r} matches are in layers {found[0]}..{found[-1]} ({len(found)} layers, 0-based)."
+        )
     if not chosen:
         shown = ", ".join(sorted({n.rsplit('.', 1)[-1] for n, m in modules if not list(m.children())})[:20])
         raise TargetError(
@@ -162,8 +169,9 @@ def _check_layers(config: AdapterConfig, candidates: list[str]) -> None:
     wanted = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
     absent = [i for i in wanted if i not in present]
     if absent:
+        span = f"{present[0]}..{present[-1]} ({len(present)} layers, 0-based)" if present else "no numbered layer"
         raise TargetError(f"layers_to_transform {absent} select no targeted module: the targeted modules are in "
-                          f"layers {present}.")
+                          f"layers {span}.")
 
 
 def select_modules_to_save(model: nn.Module, config: AdapterConfig, *, strict: bool = True) -> list[str]:

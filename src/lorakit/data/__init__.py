@@ -18,6 +18,7 @@ from lorakit.data.errors import DataError
 from lorakit.data.evaluate import evaluate_examples, generate_completions, score_predictions
 from lorakit.data.example import Example
 from lorakit.data.jsonl import load_jsonl, parse_record
+from lorakit.data.keys import TASK_INDEX_NAME, check_tasks, read_task_index, save_task_index
 from lorakit.data.tasks import (
     SPLITS,
     TASKS,
@@ -33,12 +34,14 @@ __all__ = [
     "IGNORE_INDEX",
     "SPLITS",
     "TASKS",
+    "TASK_INDEX_NAME",
     "CausalLMCollator",
     "DataError",
     "Example",
     "Task",
     "TokenizedDataset",
     "build_task_index",
+    "check_tasks",
     "encode_prompt",
     "evaluate_examples",
     "exact_match",
@@ -49,6 +52,9 @@ __all__ = [
     "load_jsonl",
     "parse_record",
     "pretraining_texts",
+    "read_task_index",
+    "save_task_index",
+    "looks_like_path",
     "score_predictions",
     "stable_seed",
     "tokenize_example",
@@ -66,12 +72,16 @@ def load_examples(
 
     For tasks, `n` is the number of examples per task (required); several tasks are concatenated
     and shuffled with a seed derived from (spec, split, seed). For a file, `split` is ignored (keep
-    train and test in separate files), `n` caps how many lines are read in file order (None: all),
-    and `tokenizer` supplies the chat template for `messages` records.
+    train and test in separate files), `n` caps how many lines are read in file order (None: all, the
+    default a user file should get), and `tokenizer` supplies the chat template for `messages` records.
+    A spec that looks like a path (a '/' or an extension) but is no file raises `DataError` saying so.
     """
     path = os.fspath(spec)
-    if path.endswith(".jsonl") or os.path.isfile(path):
+    if os.path.isfile(path):
         return load_jsonl(path, tokenizer=tokenizer, limit=n)
+    if looks_like_path(path):
+        raise DataError(f"data file {path!r} not found (a path was given; built-in task names have no '/' or '.'; "
+                        f"see `lorakit tasks`)")
     names = [name.strip() for name in path.split(",") if name.strip()]
     if not names:
         raise ValueError(f"empty data spec {spec!r}: give a task name, comma-separated task names or a .jsonl path")
@@ -82,3 +92,8 @@ def load_examples(
     if len(tasks) > 1:
         random.Random(stable_seed(",".join(names), split, seed)).shuffle(examples)
     return examples
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a data spec that names a file rather than built-in tasks (it has a folder or an extension)."""
+    return "/" in spec or os.sep in spec or os.path.splitext(spec)[1] != ""

@@ -7,11 +7,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lorakit.core.registry import generate_kwargs_for
 from lorakit.core.routing import routing
 
 from lorakit.data.collate import encode_prompt, stack_routing
+from lorakit.data.errors import DataError
 from lorakit.data.example import Example
 from lorakit.data.tasks import TASKS, exact_match
 
@@ -52,7 +54,7 @@ def score_predictions(
 @torch.no_grad()
 def generate_completions(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32,
-    row_routing: Callable[[list[int]], dict[str, Any]] | None = None,
+    row_routing: Callable[[list[int]], dict[str, Any]] | None = None, progress: bool = False,
 ) -> list[str]:
     """Greedy completions of `prompts`, cut at EOS, in input order.
 
@@ -69,10 +71,12 @@ def generate_completions(
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    check_prompt_lengths(model, encoded, max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(order), desc="eval", unit="ex", disable=not progress, dynamic_ncols=True, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
@@ -100,9 +104,23 @@ def generate_completions(
                 if eos is not None and eos in new:
                     new = new[: new.index(eos)]
                 outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return outputs
+
+
+def check_prompt_lengths(model: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """DataError naming the first prompt whose tokens + `max_new_tokens` exceed the model's position limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for i, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens > limit:
+            raise DataError(f"prompt {i + 1} is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                            f"model's {limit} positions (max_position_embeddings). Shorten the prompt to at most "
+                            f"{max(limit - max_new_tokens, 0)} tokens or generate fewer new tokens.")
 
 
 def _on(device: torch.device, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +159,7 @@ def evaluate_examples(
     max_new_tokens: int | None = None,
     return_predictions: bool = False,
     task_to_id: Mapping[str, int] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Greedy-decode every prompt and score it: {"exact_match", "n", "per_task"[, "predictions"]}.
 
@@ -159,7 +178,7 @@ def evaluate_examples(
         max_new_tokens = longest + 2
     predictions = generate_completions(
         model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size, max_new_tokens=max_new_tokens,
-        row_routing=example_routing(examples, task_to_id),
+        row_routing=example_routing(examples, task_to_id), progress=progress,
     )
     result = score_predictions(examples, predictions, tokenizer)
     if return_predictions:

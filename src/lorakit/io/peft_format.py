@@ -58,7 +58,26 @@ def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
         d["peft_type"] = method.name.upper()
         d["lorakit_method"] = method.name
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
+    # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
+    d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
+    d["task_type"] = _task_type(model)
     return d
+
+
+# transformers head class suffix -> PEFT TaskType (peft.utils.peft_types.TaskType values).
+_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+               "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:

@@ -69,6 +69,10 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         if self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}.")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"LoraConfig.lora_alpha must be > 0 (the update is scaled by lora_alpha / r, so "
+                              f"{self.lora_alpha} trains an adapter that does nothing or the opposite), got "
+                              f"{self.lora_alpha}; PEFT's usual choice is 2 * r.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.init_lora_weights not in INIT_CHOICES:

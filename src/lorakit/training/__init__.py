@@ -4,9 +4,9 @@ from typing import Any
 
 from .concurrent import Job, JobResult, train_concurrent
 from .config import SCHEDULES, TrainConfig
-from .loop import DataStream, TrainResult, lr_multiplier, make_optimizer, train
+from .loop import AdapterSaveError, DataStream, TrainingInterrupted, TrainResult, lr_multiplier, make_optimizer, train
 
-__all__ = ["SCHEDULES", "DataStream", "Job", "JobResult", "LorakitCallback", "TrainConfig", "TrainResult",
+__all__ = ["SCHEDULES", "AdapterSaveError", "DataStream", "Job", "JobResult", "LorakitCallback", "TrainConfig", "TrainResult", "TrainingInterrupted",
            "lr_multiplier", "make_optimizer", "train", "train_concurrent"]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.files import atomic_write_json, current_umask, load_tensors, read_json, save_tensors
 from ..io.peft_format import WEIGHTS_NAME, adapter_state_dict, save_adapter
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -39,7 +39,7 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
         if target.exists():
             # A rename cannot replace a non-empty folder: move the old one aside first, drop it after.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -61,8 +61,10 @@ def _outside_adapter(model: nn.Module, adapter_name: str, params: dict[str, nn.P
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name: str,
-                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, Any]) -> Path:
-    """Write one checkpoint folder. ``params`` are the optimizer's parameters by name, in optimizer order."""
+                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, Any],
+                    write_adapter: Callable[[Path], Any] | None = None) -> Path:
+    """Write one checkpoint folder. ``params`` are the optimizer's parameters by name, in optimizer order;
+    ``write_adapter(folder)`` writes the adapter files (default: ``save_adapter``)."""
     names = list(params)
     tensors: dict[str, torch.Tensor] = {}
     for index, slots in optimizer.state_dict()["state"].items():
@@ -77,7 +79,10 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
     record = {"format": FORMAT, "param_names": names, **state}
 
     def write(tmp: Path) -> None:
-        save_adapter(model, tmp, adapter_name)
+        if write_adapter is None:
+            save_adapter(model, tmp, adapter_name)
+        else:
+            write_adapter(tmp)
         save_tensors(tmp / STATE_TENSORS, tensors)
         atomic_write_json(tmp / STATE_JSON, record)
 
@@ -106,10 +111,14 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
         raise ValueError(f"checkpoint {directory} holds a different adapter than {adapter_name!r} on this model "
                          f"(e.g. {sorted(set(saved_adapter) ^ set(current))[:3]}); add the same adapter config first.")
     tensors = load_tensors(directory / STATE_TENSORS)
+    _check_shapes(directory, WEIGHTS_NAME, {k: (v, current[k]) for k, v in saved_adapter.items()})
+    outside = _outside_adapter(model, adapter_name, params)
+    _check_shapes(directory, STATE_TENSORS, {f"param.{n}": (tensors[f"param.{n}"], p) for n, p in outside.items()
+                                             if f"param.{n}" in tensors})
     with torch.no_grad():
         for key, value in saved_adapter.items():
             current[key].copy_(value)
-        for name, p in _outside_adapter(model, adapter_name, params).items():
+        for name, p in outside.items():
             p.copy_(tensors[f"param.{name}"])
 
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -118,6 +127,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
         if key.startswith("optimizer."):
             name, slot = key[len("optimizer."):].rsplit(".", 1)
             optimizer_state.setdefault(index_of[name], {})[slot] = value
+    _check_shapes(directory, STATE_TENSORS, {
+        f"optimizer.{names[i]}.{slot}": (v, params[names[i]]) for i, slots in optimizer_state.items()
+        for slot, v in slots.items() if v.dim() > 0})
     # Hyperparameters come from this run's config (the schedule sets lr every step); only the moments resume.
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
 
@@ -126,3 +138,14 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
     if device.type == "cuda" and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return record
+
+
+def _check_shapes(directory: Path, file: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """ValueError naming the first tensor whose saved shape differs from this run's (another r, another model)."""
+    for key, (saved, current) in pairs.items():
+        if tuple(saved.shape) != tuple(current.shape):
+            raise ValueError(
+                f"checkpoint {directory}: tensor {key!r} in {file} has shape {tuple(saved.shape)} but this run's is "
+                f"{tuple(current.shape)}; resume with the adapter settings the checkpoint was trained with (r, "
+                "target modules, method options) and the same model."
+            )

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import AdapterError
+from ..core.errors import AdapterError, ConfigError, LorakitError
 from ..core.model import active_adapters, adapter_names, adapter_state, trainable_parameters
 from ..core.registry import Method, get_method
 from ..core.routing import routing
-from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, stable_seed
+from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, save_task_index,
+                    stable_seed)
 from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import reset_router_stats, router_stats, router_stats_paused, router_summary
@@ -44,6 +48,49 @@ from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
 from .config import TrainConfig
 
 LogCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingInterrupted(LorakitError):
+    """Ctrl-C (SIGINT) stopped a run with an ``output_dir``: the step in progress finished and a resumable
+    checkpoint was written to ``checkpoint`` (pass it as ``resume_from``)."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: str):
+        super().__init__(f"interrupted at step {step} of {total_steps}; checkpoint saved to {checkpoint}")
+        self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
+
+
+class AdapterSaveError(LorakitError):
+    """The trained adapter could not be written where asked; ``rescue_dir`` holds it instead (None: nowhere)."""
+
+    def __init__(self, message: str, rescue_dir: str | None):
+        super().__init__(message)
+        self.rescue_dir = rescue_dir
+
+
+class _StopOnInterrupt:
+    """While active (main thread only), the first SIGINT sets ``requested`` so the loop stops at the end of the
+    step in progress, at a state it can checkpoint exactly; a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without one)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -177,6 +224,12 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     steps (plus ``"router"``, ``mixtures.router_summary`` of this run so far, for mixture methods) and
     ``{"step", "eval": metrics}`` after each evaluation. ``TrainResult.router_stats`` holds the per-layer expert
     load and entropy of the run's training forwards (evaluations excluded).
+
+    With an ``output_dir``: Ctrl-C finishes the step in progress, writes ``checkpoint-<step>`` and raises
+    ``TrainingInterrupted``; the adapter folder also gets ``task_index.json`` (the data's task -> key id mapping,
+    ``lorakit.data.read_task_index``) when the data has task keys; if the adapter cannot be written there, it is
+    written to a fresh temporary folder and ``AdapterSaveError`` says where.
+    Raises ``ConfigError`` when ``resume_from`` is at or past ``steps`` (nothing would be trained).
     """
     start_time = time.perf_counter()
     if adapter_name not in adapter_names(model):
@@ -232,6 +285,10 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
                              f"examples, this run has {len(dataset)}; resume with the same training data.")
         step, position, tokens_seen = record["step"], record["data_position"], record["tokens_seen"]
         losses, eval_history = record["losses"], record["eval_history"]
+        if step >= config.steps:
+            raise ConfigError(f"checkpoint {config.resume_from} is at step {step}, and this run has steps="
+                              f"{config.steps}: nothing would be trained. Set steps above {step} (the total, "
+                              "counting the checkpoint's steps).")
     start_step = step
     output_dir = Path(config.output_dir) if config.output_dir is not None else None
     warmup = config.num_warmup_steps
@@ -244,67 +301,86 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
             metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size,
-                                        task_to_id=dataset.task_to_id)
+                                        task_to_id=dataset.task_to_id, progress=progress)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
+
+    def write_adapter(directory: Path) -> None:
+        save_adapter(model, directory, adapter_name)
+        if dataset.task_to_id is not None:
+            save_task_index(directory, dataset.task_to_id)
+
+    def checkpoint() -> str:
+        state = {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
+                 "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
+                 "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
+                 "config": config.to_dict()}
+        assert output_dir is not None
+        path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state,
+                               write_adapter=write_adapter)
+        checkpoints.append(str(path))
+        return str(path)
 
     reset_router_stats(model)  # router statistics (mixtures) describe this run's training forwards only
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     train_time, run_tokens, window = 0.0, 0, []
-    while step < config.steps:
-        step_start = time.perf_counter()
-        batches = [micro_batch(position + i * config.batch_size) for i in range(config.grad_accum)]
-        position += config.batch_size * config.grad_accum
-        n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
-        run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-        step_loss_sum = torch.zeros((), device=device)
-        for batch in map(to_device, batches):
-            # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
-            # balance losses); task ids, when the data has them, as the routing keys; per-example routing
-            # vectors (e.g. a user vector) as extras.
-            with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
-                         extras={**key_names, **batch.get("routing", {})}):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
-            step_loss_sum += loss.detach()
-            if method.extra_loss is not None:
-                loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
-        lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if method.on_step is not None:
-            method.on_step(model, adapter_name, step, config.steps)
-        step_loss = step_loss_sum.item()  # the one host sync per step
-        train_time += time.perf_counter() - step_start
-        losses.append(step_loss)
-        window.append(step_loss)
-        tokens_per_s = run_tokens / max(train_time, 1e-9)
-        lr_now = config.lr * lr_factor
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        if step % config.log_every == 0 or step == config.steps:
-            record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_s}
-            routed = router_summary(router_stats(model, adapter_name))
-            if routed is not None:  # mixtures: expert load and router entropy since the start of this run
-                record["router"] = routed
-            emit(record)
-            window = []
-        if config.eval_every and step % config.eval_every == 0:
-            evaluate()
-        if config.save_every and step % config.save_every == 0:
-            state = {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
-                     "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
-                     "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
-                     "config": config.to_dict()}
-            path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state)
-            checkpoints.append(str(path))
+    stop = _StopOnInterrupt(enabled=output_dir is not None)
+    with stop:
+        while step < config.steps:
+            step_start = time.perf_counter()
+            batches = [micro_batch(position + i * config.batch_size) for i in range(config.grad_accum)]
+            position += config.batch_size * config.grad_accum
+            n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
+            run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            step_loss_sum = torch.zeros((), device=device)
+            for batch in map(to_device, batches):
+                # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
+                # balance losses); task ids, when the data has them, as the routing keys; per-example routing
+                # vectors (e.g. a user vector) as extras.
+                with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
+                             extras={**key_names, **batch.get("routing", {})}):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
+                step_loss_sum += loss.detach()
+                if method.extra_loss is not None:
+                    loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
+            lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if method.on_step is not None:
+                method.on_step(model, adapter_name, step, config.steps)
+            step_loss = step_loss_sum.item()  # the one host sync per step
+            train_time += time.perf_counter() - step_start
+            losses.append(step_loss)
+            window.append(step_loss)
+            tokens_per_s = run_tokens / max(train_time, 1e-9)
+            lr_now = config.lr * lr_factor
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if step % config.log_every == 0 or step == config.steps:
+                record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
+                          "tokens_per_s": tokens_per_s}
+                routed = router_summary(router_stats(model, adapter_name))
+                if routed is not None:  # mixtures: expert load and router entropy since the start of this run
+                    record["router"] = routed
+                emit(record)
+                window = []
+            if config.eval_every and step % config.eval_every == 0:
+                evaluate()
+            if config.save_every and step % config.save_every == 0:
+                checkpoint()
+            if stop.requested and step < config.steps:
+                break
     bar.close()
+    if stop.requested and step < config.steps:
+        model.train(was_training)
+        saved = checkpoints[-1] if checkpoints and checkpoints[-1].endswith(f"checkpoint-{step}") else checkpoint()
+        raise TrainingInterrupted(step, config.steps, saved)
 
     if eval_set and (not eval_history or eval_history[-1]["step"] != step):
         evaluate()
@@ -320,7 +396,22 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         router_stats=router_stats(model, adapter_name) or None,
     )
     if output_dir is not None:
-        adapter_dir = write_dir_atomically(output_dir / "adapter", lambda d: save_adapter(model, d, adapter_name))
-        result.adapter_dir = str(adapter_dir)
+        result.adapter_dir = str(_save_or_rescue(output_dir / "adapter", write_adapter))
         atomic_write_json(output_dir / "train_result.json", result.to_dict())
     return result
+
+
+def _save_or_rescue(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write the adapter folder; if that fails (disk full, permissions), keep the trained adapter in a fresh
+    temporary folder and raise AdapterSaveError naming both, rather than losing the run."""
+    try:
+        return write_dir_atomically(target, write)
+    except OSError as error:
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix="lorakit-adapter-"))
+            write(rescue)
+        except OSError as second:
+            raise AdapterSaveError(f"could not save the trained adapter to {target} ({error}) nor to a temporary "
+                                   f"folder ({second}).", None) from error
+        raise AdapterSaveError(f"could not save the trained adapter to {target} ({error}); it was saved to "
+                               f"{rescue} instead.", str(rescue)) from error

@@ -1,0 +1,144 @@
+"""Command-line flags generated from a method's config dataclass, with help text and choices.
+
+Every field of a method's config becomes ``--field-name``. Help text comes, in this order, from the field's
+``metadata["help"]``, from this module's notes on the fields all LoRA-family configs share (PEFT's meanings),
+or from the sentence of the config's docstring (or a parent's) that names the field in ``double backticks``.
+Choices come from ``metadata["choices"]``, a ``Literal[...]`` type, or the method module's ``<FIELD>S``
+tuple (e.g. ``ROUTINGS`` for ``routing``), the constant its ``__post_init__`` validates against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import typing
+from typing import Any, Literal
+
+NOT_ON_CLI = {"inference_mode", "base_model_name_or_path"}
+
+# PEFT's meanings of the fields every LoRA-family config shares (peft/tuners/lora/config.py docstrings).
+SHARED_HELP = {
+    "r": "rank of the update B·A",
+    "lora_alpha": "scaling numerator: the update is scaled by lora_alpha / r (by lora_alpha / sqrt(r) with "
+                  "--use-rslora); must be > 0",
+    "lora_dropout": "dropout on the adapter's input during training, in [0, 1)",
+    "target_modules": "modules to adapt: names or dotted suffixes (q_proj v_proj), one regex, or 'all-linear'",
+    "exclude_modules": "modules to leave alone (names / suffixes, or one regex)",
+    "layers_to_transform": "only adapt modules in these layer indices (0-based)",
+    "layers_pattern": "name of the layer list when it is not 'layers'/'h' (with --layers-to-transform)",
+    "modules_to_save": "modules trained and saved in full (e.g. a classification head)",
+    "use_rslora": "rank-stabilised scaling lora_alpha / sqrt(r) (arXiv:2312.03732)",
+    "use_dora": "DoRA: weight-decomposed LoRA with a trained magnitude vector (arXiv:2402.09353)",
+    "init_lora_weights": "initialisation of A and B (True: Kaiming A, zero B; 'gaussian'; False: both random)",
+    "lora_bias": "also train a bias on lora_B",
+    "rank_pattern": "per-module ranks, {module regex: r}",
+    "alpha_pattern": "per-module alphas, {module regex: alpha}",
+    "num_experts": "number of LoRA experts",
+    "top_k": "experts each token uses",
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _docstrings(config_cls: type) -> str:
+    return " ".join(inspect.getdoc(c) or "" for c in config_cls.__mro__ if c is not object)
+
+
+def field_help(config_cls: type, f: dataclasses.Field) -> str:
+    if f.metadata.get("help"):
+        return str(f.metadata["help"])
+    if f.name in SHARED_HELP:
+        return SHARED_HELP[f.name]
+    text = " ".join(_docstrings(config_cls).split())
+    for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z`(-])|\s+-\s+", text):
+        if f"``{f.name}``" in sentence:
+            sentence = sentence.replace("``", "").strip(" -;.")
+            return sentence if len(sentence) <= 200 else sentence[:197] + "..."
+    return ""
+
+
+def field_choices(config_cls: type, f: dataclasses.Field, hint: Any) -> list[Any] | None:
+    if f.metadata.get("choices"):
+        return list(f.metadata["choices"])
+    for h in (hint, *typing.get_args(hint)):
+        if typing.get_origin(h) is Literal:
+            return list(typing.get_args(h))
+    if hint is str:
+        module = sys.modules.get(config_cls.__module__)
+        constant = getattr(module, f.name.upper() + "S", None)
+        if isinstance(constant, (tuple, list, frozenset, set)) and all(isinstance(c, str) for c in constant):
+            return sorted(constant) if isinstance(constant, (set, frozenset)) else list(constant)
+    return None
+
+
+def _scalar(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field of ``config_cls`` (default None: the config's own default applies)."""
+    group = parser.add_argument_group(f"{config_cls.method} options (from {config_cls.__name__})")
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in NOT_ON_CLI:
+            continue
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name == "target_modules" and not config_cls.has_own_targets():
+            default = "all-linear"
+        text = field_help(config_cls, f)
+        choices = field_choices(config_cls, f, hint)
+        tail = f"(default: {default!r})" if not isinstance(default, str) else f"(default: {default})"
+        help_text = f"{text} {tail}".strip()
+        args = typing.get_args(hint)
+        if hint is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif choices is not None:
+            group.add_argument(flag(f.name), type=type(choices[0]) if hint in (int, str) else _scalar, default=None,
+                               choices=choices, help=help_text)
+        elif hint in (int, float, str):
+            group.add_argument(flag(f.name), type=hint, default=None, help=help_text)
+        elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
+            group.add_argument(flag(f.name), type=json.loads, default=None, metavar="JSON",
+                               help=f"{text}; a JSON object {tail}".strip("; "))
+        elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
+            group.add_argument(flag(f.name), nargs="+", default=None, metavar="X", help=help_text)
+        else:  # unions like bool | str, int | None
+            group.add_argument(flag(f.name), type=_scalar, default=None, help=help_text)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: Any):
+    """The config from the parsed flags; ``overrides`` fill fields the user left unset."""
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        hint_args = typing.get_args(hints[f.name])
+        if isinstance(value, list) and len(value) == 1 and str in hint_args:
+            # One value: "all-linear" or a regex stays a string; a plain name stays a list, so it matches as a
+            # module name / suffix (PEFT) and a typo gets the near-match hint of list entries.
+            only = value[0]
+            if only.lower() == "all-linear" or not _PLAIN_NAME.fullmatch(only):
+                value = only
+        elif isinstance(value, list) and int in [typing.get_args(a)[0] for a in hint_args if typing.get_args(a)]:
+            value = [int(v) for v in value]
+        kwargs[f.name] = value
+    for k, v in overrides.items():
+        kwargs.setdefault(k, v)
+    return config_cls(**kwargs)
