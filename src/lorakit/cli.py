@@ -487,6 +487,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
     p.add_argument("--output", required=True, help="folder for the merged adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _common_model(p)
     for flag, kind, text in (("density", float, "fraction kept (ties, dare, della, breadcrumbs, magnitude_prune)"),
                              ("svd-rank", int, "rank of svd / *_svd results; k for lego"),
@@ -498,8 +499,14 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="divide by Σ weights")
     args = p.parse_args(argv)
-    opts = {k: v for k, v in vars(args).items() if v is not None and k not in ("sources", "weights", "method", "output",
-                                                                                 "model")}
+    opts = {k: v for k, v in vars(args).items()
+            if v is not None and k not in ("sources", "weights", "method", "output", "model", "num_threads", "overwrite")}
+    try:
+        _set_threads(args)
+        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
     model = None
     if args.model is not None:
         from .hub import load_model_and_tokenizer
