@@ -204,3 +204,10 @@ def test_mixed_batches_refused_while_merged(base_and_model, ids):
     with serving.bank_routing(model, ["b", None, "a"]):
         y = _out(model, ids)
     assert close(y[:1], ALONE["b"][:1]) and close(y[1:2], _out(base, ids)[1:2]) and close(y[2:], ALONE["a"][2:])
+
+
+def test_merge_and_unload_of_another_adapter_while_merged(base_and_model, ids):
+    base, model = _merged_a(base_and_model)
+    with pytest.warns(UserWarning, match="unmerging them first"):
+        plain = lk.merge_and_unload(model, ["b"])
+    assert close(_out(plain, ids), ALONE["b"])

@@ -55,3 +55,9 @@ def test_file_lists_broader_than_the_model_load(tmp_path, ids):
     loaded = lk.load_adapter(tiny_llama(), tmp_path)
     assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-6)
     assert not any("copies" in n for n, _ in loaded.named_modules())  # no tensors for classifier / score
+    from lorakit import serving
+
+    banked = tiny_llama()
+    serving.load_adapters(banked, {"f": tmp_path})
+    with serving.bank_routing(banked, ["f"] * ids.shape[0]):
+        assert torch.allclose(banked(input_ids=ids).logits, expected, atol=1e-5)

@@ -29,6 +29,24 @@ def _out(model, ids):
         return model(input_ids=ids).logits
 
 
+def test_both_tied_twins_targeted(ids):
+    model = tied_llama()
+    shared = model.lm_head.weight
+    with pytest.warns(UserWarning, match="shares its weight"):
+        lk.add_adapter(model, lk.LoraConfig(target_modules=["embed_tokens", "lm_head"], init_lora_weights=False))
+    y = _out(model, ids)
+    with pytest.warns(UserWarning, match="tied weights"):
+        lk.merge_adapter(model)
+    assert (_out(model, ids) - y).abs().max() < 1e-5
+    lk.unmerge_adapter(model)
+    assert model.lm_head.base_layer.weight is shared and model.model.embed_tokens.base_layer.weight is shared
+    with lk.disable_adapters(model):
+        base = _out(model, ids)
+    with pytest.warns(UserWarning, match="tied weights"):
+        plain = lk.merge_and_unload(model)
+    assert (_out(plain, ids) - y).abs().max() < 1e-5 and (base - y).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
 def test_merge_unties_and_keeps_the_function(target, ids, tmp_path):
     model = tied_llama()

@@ -12,6 +12,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from lk_models import tiny_bert
+
 import lorakit as lk
 from lorakit import serving
 
@@ -23,12 +25,17 @@ def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:
     return LlamaForSequenceClassification(cfg).eval()
 
 
-@pytest.fixture
-def peft_seq_cls(tmp_path):
-    """(folder, PEFT's logits, input ids): a SEQ_CLS adapter with trained-looking (random) LoRA and score head."""
-    peft_model = get_peft_model(tiny_llama_cls(), PeftLoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                                 target_modules=["q_proj", "v_proj"],
-                                                                 init_lora_weights=False))
+# Llama names its head "score" (no bias), BERT "classifier" (with a bias): PEFT lists both names either way.
+MODELS = {"llama": (tiny_llama_cls, ["q_proj", "v_proj"], "score"), "bert": (tiny_bert, ["query", "value"], "classifier")}
+
+
+@pytest.fixture(params=list(MODELS))
+def peft_seq_cls(request, tmp_path):
+    """(factory, head name, folder, PEFT's logits, input ids): a SEQ_CLS adapter with trained-looking (random)
+    LoRA and classification head."""
+    factory, targets, head = MODELS[request.param]
+    peft_model = get_peft_model(factory(), PeftLoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                          target_modules=targets, init_lora_weights=False))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -40,21 +47,21 @@ def peft_seq_cls(tmp_path):
     ids = torch.randint(1, 96, (3, 7), generator=g)
     with torch.no_grad():
         expected = peft_model.eval()(input_ids=ids).logits
-    return tmp_path / "cls", expected, ids
+    return factory, head, tmp_path / "cls", expected, ids
 
 
 def test_load_adapter_gives_peft_logits(peft_seq_cls):
-    folder, expected, ids = peft_seq_cls
-    model = lk.load_adapter(tiny_llama_cls(), folder)
+    factory, head, folder, expected, ids = peft_seq_cls
+    model = lk.load_adapter(factory(), folder)
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert (got - expected).abs().max() <= 1e-5
-    assert list(model.score.copies) == ["default"]
+    assert list(model.get_submodule(head).copies) == ["default"]
 
 
 def test_serving_load_adapters_gives_peft_logits(peft_seq_cls):
-    folder, expected, ids = peft_seq_cls
-    model = tiny_llama_cls()
+    factory, head, folder, expected, ids = peft_seq_cls
+    model = factory()
     with torch.no_grad():
         base = model(input_ids=ids).logits
     serving.load_adapters(model, {"cls": folder})

@@ -95,6 +95,17 @@ def test_routed_rows_equal_their_single_adapter(sources, ids):
                                        atol=1e-5, rtol=0)
 
 
+def test_routed_nested_record_routing_keeps_the_outer_trace(sources, ids):
+    """Issue 10: leaving an inner record_routing block leaves the outer one recording."""
+    model = tiny_llama()
+    lk.add_adapter(model, RoutedLoraConfig(adapter_paths=sources))
+    with torch.no_grad(), lk.routing(keys=["code", None, "chat"]), record_routing(model) as outer:
+        with record_routing(model) as inner:
+            model(input_ids=ids)
+        model(input_ids=ids)
+    assert all(len(v) == 1 for v in inner.values()) and all(len(v) == 2 for v in outer.values()) and outer
+
+
 def test_routed_keys_follow_generate_beams(sources, ids):
     """Issue 10: each beam / returned sequence keeps its prompt row's key (the rule serving banks use)."""
     model = tiny_llama()

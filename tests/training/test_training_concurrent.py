@@ -51,3 +51,14 @@ def test_concurrent_rejects_unknown_and_duplicate_jobs(make_model, tokenizer):
         train_concurrent(model, tokenizer, [Job("nope", data, _config())], progress=False)
     with pytest.raises(ValueError, match="its own adapter"):
         train_concurrent(model, tokenizer, [Job("default", data, _config()), Job("default", data, _config())])
+
+
+def test_concurrent_restores_active_adapters_and_mode(make_model, tokenizer):
+    """Issue 10: train_concurrent leaves the active adapters and train/eval mode as it found them."""
+    data = load_examples("reverse", "train", n=8, seed=0)
+    model = make_model().eval()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS), name="other")
+    assert lorakit.active_adapters(model) == ["default"]
+    train_concurrent(model, tokenizer, [Job("default", data, _config(steps=1)), Job("other", data, _config(steps=1))],
+                     progress=False)
+    assert lorakit.active_adapters(model) == ["default"] and not model.training

@@ -252,3 +252,16 @@ def test_router_statistics_are_logged_and_kept_for_mixtures(make_model, tokenize
         assert sum(stats["load"]) == 2 * result.train_tokens  # top-2
     plain = train(make_model(), tokenizer, reverse_train, TrainConfig(steps=1, batch_size=8), progress=False)
     assert plain.router_stats is None
+
+
+def test_train_restores_mode_when_it_raises(make_model, tokenizer, reverse_train) -> None:
+    """Issue 10: a state change restores what it found, also when the block raises."""
+    model = make_model().eval()
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=3, batch_size=2, log_every=1), progress=False,
+              on_log=[stop])
+    assert not model.training

@@ -193,7 +193,7 @@ def attach_plan(model: nn.Module, plan: AdapterPlan) -> None:
         wrapper.known = state.configs
     state.configs[plan.name] = plan.config
     if state.hook_id is None:
-        state.hook_id = model.register_forward_pre_hook(_check_routing_names).id
+        state.hook_id = model.register_forward_pre_hook(_check_routing_names, prepend=True).id  # before any other
     set_adapter(model, state.active or [plan.name])
 
 
@@ -443,6 +443,11 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
                                f"them together cannot keep both. Merge and unload one of them.")
         if owners:
             keep[id(wrapper)] = owners[0]
+    others = [n for n in merged_adapters(model) if n not in names]
+    if others:
+        warnings.warn(f"adapters {others} are merged but not among {names}; unmerging them first so that the "
+                      f"returned model is base + {' + '.join(names) or 'nothing'}", stacklevel=2)
+        unmerge_adapter(model)
     merge_adapter(model, names)
     if any(layer.untied for _, layer in adapter_layers(model)):
         _untie_config(model)

@@ -61,7 +61,7 @@ class MixtureDelta(Delta):
         self.register_buffer("stat_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self._aux: list[AuxRecord] = []
-        self._trace: list[dict] | None = None
+        self._trace: tuple[list[dict], ...] | None = None  # the lists of the open record_routing blocks
 
     def __getstate__(self):  # copies and pickles never carry a forward's graph or an open trace
         state = self.__dict__.copy()
@@ -81,10 +81,12 @@ class MixtureDelta(Delta):
             self.stat_load += sel.sum(0).double()
             self.stat_tokens += sel.any(-1).sum().double() if mask is None else mask.sum().double()
             self.stat_entropy += -(p * p.clamp_min(1e-12).log()).sum().double()
-        if self._trace is not None:
+        if self._trace is not None:  # every open record_routing block (nested ones included) gets the entry
             lead = tuple(x_shape[:-1])
-            self._trace.append({"selected": out.selected.reshape(*lead, -1).cpu(),
-                                "weights": out.weights.detach().reshape(*lead, -1).cpu()})
+            entry = {"selected": out.selected.reshape(*lead, -1).cpu(),
+                     "weights": out.weights.detach().reshape(*lead, -1).cpu()}
+            for sink in self._trace:
+                sink.append(entry)
 
     def pop_aux(self) -> list[AuxRecord]:
         records, self._aux = self._aux, []
@@ -156,9 +158,9 @@ def record_routing(model: nn.Module, name: str | None = None) -> Iterator[dict[s
     (one entry per forward, shaped like the input's leading dims × experts)."""
     traces: dict[str, list[dict]] = {}
     deltas = list(mixture_deltas(model, name))
-    found = [(d, d._trace) for _, _, d in deltas]  # an outer block's traces, restored on exit
+    found = [(d, d._trace) for _, _, d in deltas]  # an outer block's traces: kept recording, restored on exit
     for path, adapter, d in deltas:
-        d._trace = traces.setdefault(f"{path}[{adapter}]", [])
+        d._trace = (*(d._trace or ()), traces.setdefault(f"{path}[{adapter}]", []))
     try:
         yield traces
     finally:

@@ -11,7 +11,10 @@ per-adapter ``nn.Module`` is built. Banks are sized by what is loaded (exactly, 
 later loads. Adapters added with ``lorakit.add_adapter`` / ``load_adapter`` join the banks with
 :meth:`AdapterRegistry.add_attached`. Outside a ``bank_routing`` block banked adapters do nothing.
 
-Only plain LoRA / rsLoRA (linear and embedding layers, optional ``lora_bias``) can be banked. DoRA rescales
+Only plain LoRA / rsLoRA (linear and embedding layers, optional ``lora_bias``) can be banked, with a file's
+``modules_to_save`` copies of Linear / Embedding modules banked exactly as the delta ``W' − W`` (rank min(in, out)):
+each row then runs its own adapter's copy. A file's name lists are read as PEFT reads them — entries naming
+modules this model lacks are skipped (PEFT's SEQ_CLS files list both "classifier" and "score"). DoRA rescales
 each output row by a norm that depends on the adapter and the base weight, which does not batch as a
 low-rank product; it is rejected, as PEFT rejects DoRA in mixed-adapter batches.
 """

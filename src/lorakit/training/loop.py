@@ -231,6 +231,16 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     written to a fresh temporary folder and ``AdapterSaveError`` says where.
     Raises ``ConfigError`` when ``resume_from`` is at or past ``steps`` (nothing would be trained).
     """
+    was_training = model.training
+    try:
+        return _train(model, tokenizer, train_examples, config, adapter_name, eval_examples, progress, on_log)
+    finally:  # train/eval mode as found, also when training raises
+        model.train(was_training)
+
+
+def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], config: TrainConfig,
+           adapter_name: str = "default", eval_examples: Sequence[Example] | None = None, progress: bool = True,
+           on_log: Sequence[LogCallback] = ()) -> TrainResult:
     start_time = time.perf_counter()
     if adapter_name not in adapter_names(model):
         raise AdapterError(f"model has no adapter {adapter_name!r} (it has {adapter_names(model)}); "
