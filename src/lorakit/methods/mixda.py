@@ -260,7 +260,7 @@ def mixda_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 register_method(
     "mixda", config=MixdaConfig, build=build_mixda, extra_loss=mixda_extra_loss,
     example_routing=mixda_example_routing, mergeable=False, zero_init=False,
-    description="MixDA: domain adapters beside the FFN output, a sequence gate weighing [domains…, FFN]; two stages.",
+    description="MixDA: domain adapters beside the FFN output, a sequence gate over [domains…, FFN]; two stages.",
     paper="Diao et al. 2023 (ACL), arXiv:2306.05406",
     variants={"mixda": {"n_domains": 2, "reduction": 4},
               "mixda_task": {"n_domains": 2, "reduction": 4, "stage": "task", "task_adapter": True,
