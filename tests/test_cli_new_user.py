@@ -231,6 +231,14 @@ def test_prompt_longer_than_the_model_is_an_error(lora_run, capsys):
     assert "exceeds the model's 256 positions" in err
 
 
+def test_training_truncation_is_stated_and_max_length_is_bounded(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out), "--max-length", "12", *TINY]) == 0
+    assert "training examples are longer than --max-length 12 tokens" in capsys.readouterr().out
+    assert main(["train", "--output", str(tmp_path / "p"), "--max-length", "4096", *TINY]) == 2
+    assert "exceeds the model's 256 positions" in capsys.readouterr().err
+
+
 # -- 7. messages that say what happened --------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,message", [
     (["train", "--data", "my_data.json"], "data file 'my_data.json' not found"),
