@@ -146,7 +146,8 @@ def test_failed_save_keeps_the_adapter_and_says_where(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--steps", "100000", "--batch-size", "2", "--train-examples", "8", "--eval-examples", "2",
-            "--output", str(out), "--r", "2", "--log-every", "1", "--quiet"]
+            "--output", str(out), "--r", "2", "--log-every", "1", "--quiet",
+            "--lr-schedule", "constant", "--warmup-ratio", "0"]  # the same lr at every step, whatever --steps
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([LORAKIT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = out / "metrics.jsonl"
@@ -168,6 +169,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     words[words.index("--steps") + 1] = str(step + 1)
     assert main(words[1:]) == 0
     assert json.loads((out / "train_result.json").read_text())["start_step"] == step
+    # ... and the interrupted + resumed run equals a straight run of the same length, bit for bit.
+    straight = words[1:words.index("--resume-from")]
+    straight[straight.index("--output") + 1] = str(tmp_path / "straight")
+    assert main(straight) == 0
+    from lorakit.io.files import load_tensors
+    a = load_tensors(out / "adapter" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_existing_output_needs_overwrite_and_leftover_tmp_is_cleaned(lora_run, capsys):
@@ -229,6 +238,14 @@ def test_prompt_longer_than_the_model_is_an_error(lora_run, capsys):
     assert main(["generate", "--adapter", str(lora_run / "adapter"), "--prompt", long_prompt]) == 2
     err = capsys.readouterr().err
     assert "exceeds the model's 256 positions" in err
+
+
+def test_training_truncation_is_stated_and_max_length_is_bounded(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out), "--max-length", "12", *TINY]) == 0
+    assert "training examples are longer than --max-length 12 tokens" in capsys.readouterr().out
+    assert main(["train", "--output", str(tmp_path / "p"), "--max-length", "4096", *TINY]) == 2
+    assert "exceeds the model's 256 positions" in capsys.readouterr().err
 
 
 # -- 7. messages that say what happened --------------------------------------------------------------------------------

@@ -217,6 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
+    _check_lengths(model, tokenizer, train_examples, args.max_length)
     add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
@@ -258,6 +259,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
     return 0
+
+
+def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
+    """--max-length beyond the model's positions is an error; examples it cuts are counted and said."""
+    from .data import encode_prompt
+    from .data.collate import encode_completion
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise LorakitError(f"--max-length {max_length} exceeds the model's {limit} positions "
+                           "(max_position_embeddings); set it to at most that")
+    long = sum(len(encode_prompt(tokenizer, ex.prompt)) + len(encode_completion(tokenizer, ex.completion)) > max_length
+               for ex in examples)
+    if long:
+        print(f"truncation: {long} of {len(examples)} training examples are longer than --max-length {max_length} "
+              "tokens; their prompts are cut from the left (completions are kept whole when they fit)")
 
 
 def _format_note(method) -> str:

@@ -38,6 +38,9 @@ SHARED_HELP = {
     "rank_pattern": "per-module ranks, {module regex: r}",
     "alpha_pattern": "per-module alphas, {module regex: alpha}",
     "num_experts": "number of LoRA experts",
+    "expert_r": "rank of each expert, one value per expert",
+    "expert_alpha": "lora_alpha of each expert, one value per expert (default 2 * its rank)",
+    "expert_use_rslora": "rank-stabilised scaling per expert, one true/false per expert",
     "top_k": "experts each token uses",
 }
 
@@ -57,7 +60,7 @@ def field_help(config_cls: type, f: dataclasses.Field) -> str:
         return SHARED_HELP[f.name]
     text = " ".join(_docstrings(config_cls).split())
     for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z`(-])|\s+-\s+", text):
-        if f"``{f.name}``" in sentence:
+        if re.search(rf"``{re.escape(f.name)}(?![A-Za-z0-9_])", sentence):
             sentence = sentence.replace("``", "").strip(" -;.")
             return sentence if len(sentence) <= 200 else sentence[:197] + "..."
     return ""
@@ -136,8 +139,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
             only = value[0]
             if only.lower() == "all-linear" or not _PLAIN_NAME.fullmatch(only):
                 value = only
-        elif isinstance(value, list) and int in [typing.get_args(a)[0] for a in hint_args if typing.get_args(a)]:
-            value = [int(v) for v in value]
+        elif isinstance(value, list):
+            lists = [h for h in (hints[f.name], *hint_args) if typing.get_origin(h) is list]
+            if lists and str not in typing.get_args(lists[0]):  # numbers / booleans: "16", "true"
+                value = [_scalar(v) for v in value]
         kwargs[f.name] = value
     for k, v in overrides.items():
         kwargs.setdefault(k, v)
