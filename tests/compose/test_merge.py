@@ -218,3 +218,15 @@ def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
             return model(input_ids=ids).logits
 
     torch.testing.assert_close(run([out]), run(paths), atol=2e-5, rtol=1e-4)
+
+
+def test_a_mixture_source_is_refused_and_nothing_stays_loaded(sources, tmp_path):
+    from lorakit.methods.mixlora import MixLoraConfig
+
+    mix = tiny_llama()
+    lk.add_adapter(mix, MixLoraConfig(r=2, lora_alpha=4, num_experts=2, top_k=1))
+    lk.save_adapter(mix, tmp_path / "mix")
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="collapse_experts"):
+        merge_adapters([sources["plain"], tmp_path / "mix"], None, "linear", model=model)
+    assert lk.adapter_names(model) == []

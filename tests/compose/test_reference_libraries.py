@@ -10,7 +10,8 @@ draws the stacked masks in one call from a generator seeded with ``seed`` — th
 PEFT (installed; 0.21): ``add_weighted_adapter`` with ``cat`` / ``svd`` on plain LoRA adapters (where PEFT is
 right), and rsLoRA / lora_bias sources, where PEFT's result does not reproduce the source
 (peft/tuners/lora/model.py ``add_weighted_adapter``: the new config is the first adapter's with
-``lora_alpha = r``, so an rsLoRA result is scaled by √r; the new lora_B bias stays zero).
+``lora_alpha = r``, so an rsLoRA result is scaled by √r; the new lora_B bias stays zero; a DoRA result keeps the
+magnitude initialised for the new adapter's random init — peft issue #3761).
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def test_cat_and_svd_equal_peft_for_plain_lora(tmp_path):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", [dict(r=4, lora_alpha=8, use_rslora=True), dict(r=4, lora_alpha=8, lora_bias=True)],
-                         ids=["rslora", "lora_bias"])
+@pytest.mark.parametrize("variant", [dict(r=4, lora_alpha=8, use_rslora=True), dict(r=4, lora_alpha=8, lora_bias=True),
+                                     dict(r=4, lora_alpha=8, use_dora=True)], ids=["rslora", "lora_bias", "dora"])
 def test_peft_add_weighted_adapter_is_wrong_where_lorakit_is_right(variant, ids, tmp_path):
     src = make_adapter(tiny_llama, tmp_path / "src", 0, **variant)
     with torch.no_grad():

@@ -142,34 +142,35 @@ def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
 
 
 def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
+    """Adapter names for the sources (folders loaded under temporary names); nothing stays loaded on failure."""
     names, loaded = [], []
     try:
         for i, src in enumerate(sources):
             if isinstance(src, str) and src in adapter_names(model) and not Path(src).is_dir():
                 names.append(src)
-                continue
-            name = f"merge_source_{i}"
-            while name in adapter_names(model):
-                name += "_"
-            load_adapter(model, src, name)
-            names.append(name)
-            loaded.append(name)
+            else:
+                name = f"merge_source_{i}"
+                while name in adapter_names(model):
+                    name += "_"
+                load_adapter(model, src, name)
+                names.append(name)
+                loaded.append(name)
+            config = adapter_state(model).configs[names[-1]]
+            if not isinstance(config, LoraConfig):
+                raise ConfigError(
+                    f"source {str(src)!r} is a {type(config).method or type(config).__name__!r} adapter; merge_adapters "
+                    f"merges LoRA adapters (lora, rsLoRA, DoRA, any rank_pattern). Mixture adapters: see "
+                    f"lorakit.compose.collapse_experts.")
     except BaseException:
         for name in loaded:
             delete_adapter(model, name)
         raise
-    for name, src in zip(names, sources):
-        config = adapter_state(model).configs[name]
-        if not isinstance(config, LoraConfig):
-            raise ConfigError(
-                f"source {str(src)!r} is a {type(config).method or type(config).__name__!r} adapter; merge_adapters "
-                f"merges LoRA adapters (lora, rsLoRA, DoRA, any rank_pattern). Mixture adapters: see "
-                f"lorakit.compose.collapse_experts.")
     return names, loaded
 
 
 def _module_terms(layer, names: list[str], weights: torch.Tensor):
-    """(ModuleTerms, row scales or None, indices of the sources present) for one adapted layer."""
+    """(ModuleTerms, DoRA row scales σ (N, out) or None, indices of the sources present, base weight (out, in) or
+    None) for one adapted layer; plain sources get σ = 1 next to DoRA ones."""
     present = [i for i, n in enumerate(names) if n in layer.adapters]
     A, B, s, bias, rows = [], [], [], [], []
     base_w = None

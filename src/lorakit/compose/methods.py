@@ -51,8 +51,8 @@ from ..core.errors import ConfigError, did_you_mean
 
 @dataclass
 class ModuleTerms:
-    """One module's sources. ``A[i]`` (r_i, in), ``B[i]`` (out, r_i), ``coef`` (N,) = w_i · s_i folded in by the
-    caller for the low-rank path; ``bias`` (N, out) or None (already times s_i)."""
+    """One module's N sources: ``A[i]`` (r_i, in), ``B[i]`` (out, r_i), ``scaling`` (N,) s_i, ``weights`` (N,) w_i,
+    ``bias`` (N, out) — each source's ``lora_bias`` already times s_i, zeros where a source has none — or None."""
 
     A: list[torch.Tensor]
     B: list[torch.Tensor]
@@ -187,7 +187,6 @@ class MergeMethod:
     coefficients: Callable[[ModuleTerms, MergeOptions], torch.Tensor] | None = None
     extra_options: tuple[str, ...] = ()  # method-specific option names, passed in MergeOptions.extra
     linear_in_weights: bool = False  # result scales linearly with the weights (property-tested)
-    exact_single: bool = True  # one source with weight 1 (density 1) reproduces it
 
 
 def _coefficients(terms: ModuleTerms, opts: MergeOptions, normalize_default: bool) -> torch.Tensor:
@@ -333,7 +332,7 @@ for _m in (
     MergeMethod("ties", "Yadav et al. 2023, arXiv:2306.01708", MK,
                 _task_family("magnitude", True, True, "none")),
     MergeMethod("dare_linear", "Yu et al. 2024, arXiv:2311.03099", MK + " (rescale 1/density as the paper by default)",
-                _task_family("random", False, False, "density"), exact_single=True),
+                _task_family("random", False, False, "density")),
     MergeMethod("dare_ties", "Yu et al. 2024, arXiv:2311.03099", MK + " (rescale 1/density as the paper by default)",
                 _task_family("random", True, False, "density")),
     MergeMethod("magnitude_prune", "magnitude pruning then sum (PEFT merge_utils.magnitude_prune)", "PEFT",
