@@ -139,8 +139,10 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads, "no parameter received a gradient"
     assert all(".adapters.b." in n for n in grads), f"gradients outside adapter b: {sorted(grads)[:5]}"
+    frozen = {id(p) for _, layer in adapter_layers(model) if "b" in layer.adapters
+              for f, p in layer.adapters["b"].named_parameters() if f in set(layer.adapters["b"].frozen_names())}
     for n, p in model.named_parameters():
-        if ".adapters.b." in n:
+        if ".adapters.b." in n and id(p) not in frozen:  # a delta's frozen_names stay frozen
             assert p.requires_grad
         else:
             assert not p.requires_grad, n
