@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core.errors import AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, near_matches
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
