@@ -8,7 +8,7 @@ DyLoRA, SoRA, LoRA-LEGO — work on units and per-unit gates instead of re-imple
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -89,20 +89,28 @@ class MergeTerms:
 
 @dataclass
 class RankUnits:
-    """A delta as rank-one units: ``Δ = scaling · B @ A`` with ``A`` (r, in), ``B`` (out, r)."""
+    """A delta as rank-one units: ``Δ = scaling · B @ A`` with ``A`` (r, in), ``B`` (out, r); ``dropout`` is what
+    a ``plain_units`` delta applies to its input before A (None: nothing)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    dropout: nn.Module | None = None
 
 
 class Delta(nn.Module):
-    """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``."""
+    """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``.
+
+    What trains: every parameter of an active adapter trains except those named by :meth:`frozen_names`
+    (a delta's frozen parts stay ``nn.Parameter`` s, so they are saved, moved and cast like the rest, and can
+    be unfrozen later). Tensors that are regenerated rather than learned or saved (e.g. NOLA's random bases,
+    rebuilt from a seed in the config) are non-persistent buffers: ``register_buffer(name, t, persistent=False)``.
+    """
 
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     # Input-dependent deltas (mixtures) have no fixed ΔW: merging them into the base is refused.
     mergeable: ClassVar[bool] = True
-    # True when forward(x) is exactly ``units().scaling · B A dropout(x)`` (plain LoRA): per-row mixed batches
+    # True when forward(x) is exactly ``units().scaling · B A units().dropout(x)`` (plain LoRA): per-row mixed batches
     # can then stack units across adapters and run one gathered bmm instead of a loop over adapters.
     plain_units: ClassVar[bool] = False
     # A delta that computes the whole layer output itself (e.g. MixLoRA reusing the FFN's base projections
@@ -139,6 +147,15 @@ class Delta(nn.Module):
     def unmerge_terms(self) -> MergeTerms:
         """The terms used at merge time, rebuilt from what ``merge_terms`` cached."""
         return MergeTerms(weight=self.delta_weight().float(), bias=self.delta_bias())
+
+    def frozen_names(self) -> Iterable[str]:
+        """Names of this delta's parameters (as in ``self.named_parameters()``) that must not train.
+
+        Default: none. The answer may change over time (staged training, gradual freezing); the core reads it
+        whenever it turns training on (``set_adapter``, ``lorakit.refresh_trainable``), so a method that
+        changes it calls ``lorakit.refresh_trainable(model)`` afterwards. Unknown names raise AdapterError there.
+        """
+        return ()
 
     def units(self) -> RankUnits:
         raise NotImplementedError(f"{type(self).__name__} does not expose rank-one units")

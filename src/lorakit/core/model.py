@@ -18,6 +18,7 @@ from torch import nn
 from .config import AdapterConfig
 from .delta import describe_layer, SUPPORTED_LAYERS
 from .errors import AdapterError, TargetError, did_you_mean
+from .inits import InitRecord, init_adapter, init_pending, requested_init, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
 from .routing import check_adapter_names, current_routing
@@ -34,6 +35,7 @@ class AdapterState:
     active: list[str] = field(default_factory=list)
     disabled: int = 0  # depth of nested disable_adapters blocks
     hook_id: int | None = None  # id of the forward pre-hook that checks routing names before any compute
+    inits: dict[str, InitRecord] = field(default_factory=dict)  # inits run on each adapter and their base edits
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -46,6 +48,13 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_state(model).configs)
+
+
+def check_adapter(model: nn.Module, name: str) -> None:
+    """Raise AdapterError (with near matches) unless ``model`` has an adapter ``name``."""
+    configs = adapter_state(model).configs
+    if name not in configs:
+        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
 
 
 def host_path(real_path: str) -> str:
@@ -217,18 +226,31 @@ def _forget(model: nn.Module) -> None:
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *,
-                autocast_adapter_dtype: bool = True) -> nn.Module:
+                autocast_adapter_dtype: bool = True, init: str | None = None,
+                init_batches: list | None = None) -> nn.Module:
     """Inject adapter ``name`` into every module ``config`` selects. Returns the same model.
 
     All base parameters are frozen. The first adapter added becomes active; later ones are added
     inactive (``set_adapter`` switches). Nothing is attached if any target fails.
+
+    ``init`` names a registered init (``lorakit.list_inits()``; for LoRA the same as setting PEFT's
+    ``init_lora_weights``, e.g. ``"pissa"``), run right after attaching (see ``lorakit.init_adapter``). A
+    data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
+    ``lorakit.training.train`` runs it on its first batches.
     """
+    if init is not None:
+        config = config.with_init(init)
     attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
+    wanted = requested_init(model, name)
+    if wanted is not None and (not wanted.needs_data or init_batches):
+        init_adapter(model, name, init_batches)
     return model
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Activate one adapter or several (their deltas add up). Active adapters are trainable."""
+    """Activate one adapter or several (their deltas add up). Active adapters are trainable, except the
+    parameters their deltas freeze (``Delta.frozen_names``) and adapters loaded for inference.
+    Raises AdapterError for an unknown name (with near matches)."""
     names = [names] if isinstance(names, str) else list(names)
     state = adapter_state(model)
     for n in names:
@@ -244,15 +266,36 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     state.active = names
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
-        for n, delta in layer.adapters.items():
-            trainable = n in names and not state.configs[n].inference_mode
-            for p in delta.parameters():
-                p.requires_grad_(trainable)
     for _, wrapper in _save_wrappers(model):
         wrapper.active = [n for n in names if n in wrapper.copies]
+    refresh_trainable(model)
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Re-apply ``requires_grad`` to every adapter parameter from the current state.
+
+    A parameter trains iff its adapter is active, was not loaded for inference (``inference_mode``), and its
+    delta does not name it in :meth:`Delta.frozen_names <lorakit.core.delta.Delta.frozen_names>`.
+    ``set_adapter`` calls this; call it yourself after changing what a delta freezes (stages, gradual
+    freezing). Base parameters are not touched. Raises AdapterError when a delta names a frozen parameter it
+    does not have.
+    """
+    state = adapter_state(model)
+    for path, layer in adapter_layers(model):
+        for n, delta in layer.adapters.items():
+            on = n in state.active and not state.configs[n].inference_mode
+            frozen = set(delta.frozen_names())
+            params = dict(delta.named_parameters())
+            unknown = frozen - params.keys()
+            if unknown:
+                raise AdapterError(f"{type(delta).__name__} at {path!r} (adapter {n!r}) freezes unknown parameter(s) "
+                                   f"{sorted(unknown)}; its parameters are {sorted(params)}")
+            for pname, p in params.items():
+                p.requires_grad_(on and pname not in frozen)
+    for _, wrapper in _save_wrappers(model):
         for n, c in wrapper.copies.items():
             for p in c.parameters():
-                p.requires_grad_(n in names and not state.configs[n].inference_mode)
+                p.requires_grad_(n in state.active and not state.configs[n].inference_mode)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -295,6 +338,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, layer in list(adapter_layers(model)):
         if name in layer.merged:
             raise AdapterError(f"adapter {name!r} is merged into {path!r}; unmerge_adapter before deleting it")
+    restore_base(model, name)  # an init that moved part of the base into the adapter gives it back
     for path, layer in list(adapter_layers(model)):
         if name in layer.adapters:
             del layer.adapters[name]
@@ -448,6 +492,11 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
         warnings.warn(f"adapters {others} are merged but not among {names}; unmerging them first so that the "
                       f"returned model is base + {' + '.join(names) or 'nothing'}", stacklevel=2)
         unmerge_adapter(model)
+    dropped = [n for n in state.inits if n not in names]
+    if dropped:  # adapters dropped unmerged give back what their init took from the base
+        unmerge_adapter(model)
+        for n in dropped:
+            restore_base(model, n)
     merge_adapter(model, names)
     if any(layer.untied for _, layer in adapter_layers(model)):
         _untie_config(model)
@@ -473,8 +522,11 @@ def _untie_config(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging; returns the plain host model."""
+    """Remove every adapter without merging; returns the plain host model (base weights an init changed restored)."""
     unmerge_adapter(model)
+    if hasattr(model, STATE_ATTR):
+        for n in list(adapter_state(model).inits):
+            restore_base(model, n)
     _unwrap(model)
     if hasattr(model, STATE_ATTR):
         for n, config in list(adapter_state(model).configs.items()):
@@ -483,11 +535,23 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Parameters of adapter ``name`` (deltas and modules_to_save copies), by their name in the model."""
+def adapter_parameters(model: nn.Module, name: str, *, trainable_only: bool = False) -> dict[str, nn.Parameter]:
+    """Parameters of adapter ``name`` (deltas and modules_to_save copies), by their name in the model.
+
+    ``trainable_only=True`` leaves out what the adapter's deltas freeze (``Delta.frozen_names``), whether or
+    not the adapter is active now: the parameters an optimizer for this adapter should hold.
+    """
     if name not in adapter_state(model).configs:
         raise AdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
-    return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n or f".copies.{name}." in n}
+    frozen: set[int] = set()
+    if trainable_only:
+        for _, layer in adapter_layers(model):
+            if name in layer.adapters:
+                delta = layer.adapters[name]
+                params = dict(delta.named_parameters())
+                frozen.update(id(params[f]) for f in delta.frozen_names() if f in params)
+    return {n: p for n, p in model.named_parameters()
+            if (f".adapters.{name}." in n or f".copies.{name}." in n) and id(p) not in frozen}
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

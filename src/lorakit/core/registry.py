@@ -52,6 +52,10 @@ class Method:
     param_groups: Callable[..., Any] | None = None
     extra_loss: Callable[..., Any] | None = None
     to_lora: Callable[..., Any] | None = None
+    # ``to_original_base(config, file_config, tensors, edits) -> (file_config, tensors)``: rewrite the saved file
+    # (tensors keyed ``<module path>.<param>``) so it works on the original base, given the init's base edits
+    # (``core.inits.BaseEdit`` by module path); used by ``save_adapter(..., original_base=True)``.
+    to_original_base: Callable[..., Any] | None = None
     # (config, layer infos) -> extra fields for adapter_config.json (e.g. PEFT's fan_in_fan_out).
     file_fields: Callable[..., dict[str, Any]] | None = None
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
@@ -79,12 +83,7 @@ def register_method(name: str, *, config: type["AdapterConfig"], build: Callable
     return method
 
 
-def _ensure_builtin_methods() -> None:
-    import lorakit.methods  # noqa: F401  (registers the built-in methods)
-
-
 def get_method(name_or_config: "str | AdapterConfig") -> Method:
-    _ensure_builtin_methods()
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
     try:
         return _METHODS[name]
@@ -96,7 +95,6 @@ def get_method(name_or_config: "str | AdapterConfig") -> Method:
 
 def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -> Method:
     """The method a saved adapter_config.json belongs to (lorakit's name first, then PEFT's peft_type)."""
-    _ensure_builtin_methods()
     name = config_dict.get("lorakit_method")
     if name is not None:
         return get_method(name)
@@ -114,7 +112,6 @@ def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -
 
 
 def list_methods() -> list[Method]:
-    _ensure_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
 
 

@@ -90,7 +90,7 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
     state = []
     for job in jobs:
         c = job.config
-        params = adapter_parameters(model, job.adapter_name)
+        params = adapter_parameters(model, job.adapter_name, trainable_only=True)
         opt = torch.optim.AdamW(list(params.values()), lr=c.lr, weight_decay=c.weight_decay)
         state.append({"job": job, "data": TokenizedDataset(job.examples, tokenizer, max_length=c.max_length),
                       "stream": DataStream(len(job.examples), c.seed), "opt": opt, "params": params,
