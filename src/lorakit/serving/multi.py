@@ -218,7 +218,7 @@ class AdapterRegistry:
 
     def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, layers, new_banks) -> None:
         path_w = weights_path(directory)
-        tensors, finite = _read_safetensors(path_w)
+        tensors, finite = self._read_weights(path_w)
         for key in tensors:
             if not key.startswith(PREFIX):
                 raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
@@ -253,6 +253,10 @@ class AdapterRegistry:
         if extra:
             raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
                                    f"e.g. {extra[:3]}; is it for a different base model?")
+
+    def _read_weights(self, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+        """The weights file's tensors (and whether all are known finite); a host-memory cache overrides this."""
+        return _read_safetensors(path)
 
     def _same_base_weight(self, key: str, value: torch.Tensor) -> bool:
         """PEFT saves the base embedding when embeddings are targeted; fine when it equals this model's own."""
