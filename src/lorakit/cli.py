@@ -288,6 +288,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serving.server import ServerLimits, serve
+
+    serve(args.model, args.adapters, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
+          max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+          limits=ServerLimits(max_tokens=args.max_tokens_limit))
+    return 0
+
+
 def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .pretrain.train import main as pretrain_main
 
@@ -376,6 +388,21 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     x.add_argument("adapter")
     x.add_argument("--output", required=True)
     x.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server: the base model and many adapters in one batch")
+    _common_model(sv)
+    sv.add_argument("--adapters", action="append", default=[],
+                    help="folder holding adapter folders (repeatable); served by folder name, and the only roots "
+                         "/v1/load_lora_adapter may load from")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env LORAKIT_API_KEY)")
+    sv.add_argument("--max-loras", type=int, default=64, help="adapters resident in the banks at most")
+    sv.add_argument("--max-cpu-loras", type=int, default=256, help="adapters in the host-memory cache at most")
+    sv.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget, preallocated")
+    sv.add_argument("--max-batch", type=int, default=32, help="running requests at most")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.set_defaults(func=cmd_serve)
 
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",
                    add_help=False)
