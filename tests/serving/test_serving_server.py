@@ -9,7 +9,6 @@ import concurrent.futures as cf
 import json
 import shutil
 import socket
-import threading
 import time
 
 import httpx
@@ -34,28 +33,6 @@ def bundled():
     return load_model_and_tokenizer()[0]
 
 
-class LiveServer:
-    """uvicorn serving ``app`` on a free port of 127.0.0.1 in a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sh):
     root = tmp_path_factory.mktemp("served")
@@ -69,7 +46,7 @@ def setup(tmp_path_factory, sh):
     engine = Engine(model, tok, store=store, kv_cache_bytes=4 << 20, max_batch=6)
     app = create_app(engine, model_name="bundled", api_key=KEY, limits=ServerLimits(max_tokens=64,
                                                                                     max_body_bytes=20_000))
-    server = LiveServer(app)
+    server = sh.LiveServer(app)
     reference, _ = load_model_and_tokenizer()
     load_adapters(reference, dirs)
     yield dict(root=root, dirs=dirs, spare=spare, engine=engine, store=store, tok=tok, server=server,
