@@ -85,6 +85,8 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     generator: torch.Generator | None = None
+    attached: str | None = None  # an attached (not banked) adapter: runs in its group's own forward
+    recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -232,11 +234,14 @@ class Engine:
         if not self.running:
             return had_inbox
         self._reserve_decode_blocks()
-        prefill = [r for r in self.running if len(r.context) - r.num_cached > 1]
-        decode = [r for r in self.running if len(r.context) - r.num_cached == 1]
-        for group in (prefill, decode):
-            if group:
-                self._forward(group)
+        # One forward per phase (prefill / decode) and per kind of row: every banked adapter, mix and the base
+        # share one forward; an attached adapter (DoRA, a router-driven mixture) is a different computation and
+        # gets its own, with that adapter active.
+        groups: dict[tuple[bool, str | None], list[Request]] = {}
+        for r in self.running:
+            groups.setdefault((len(r.context) - r.num_cached > 1, r.attached), []).append(r)
+        for (_, attached), group in groups.items():
+            self._forward(group, attached)
         self.stats["steps"] += 1
         return True
 
@@ -280,6 +285,8 @@ class Engine:
                 if not ready:  # every resident slot is held by running requests: wait for one to finish
                     return
                 self.store.pin(req.adapter)
+                req.attached = self.store.attached_name(req.adapter)
+                req.recompute = req.attached is not None and self.store.recomputes(req.attached)
             self.waiting.popleft()
             req.blocks = self.cache.allocate(need)
             req.num_cached = 0
@@ -318,7 +325,17 @@ class Engine:
             return contextlib.nullcontext()
         return registry.routing(specs)
 
-    def _forward(self, group: list[Request]) -> None:
+    @contextlib.contextmanager
+    def _active(self, name: str):
+        from ..core.model import set_adapter
+
+        set_adapter(self.model, name)
+        try:
+            yield
+        finally:
+            set_adapter(self.model, [])
+
+    def _forward(self, group: list[Request], attached: str | None = None) -> None:
         starts = [r.num_cached for r in group]
         lengths = [len(r.context) - r.num_cached for r in group]
         q = max(lengths)
@@ -327,14 +344,15 @@ class Engine:
             ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
         positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
         batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
-        with torch.inference_mode(), paged_batch(batch), self._routing([r.adapter for r in group]):
+        route = self._active(attached) if attached is not None else self._routing([r.adapter for r in group])
+        with torch.inference_mode(), paged_batch(batch), route:
             logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                                 use_cache=False).logits
         last = logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
         self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
         now = time.perf_counter()
         for i, r in enumerate(group):
-            r.num_cached += lengths[i]
+            r.num_cached = 0 if r.recompute else r.num_cached + lengths[i]
             token = sample_token(last[i], r.params, r.generator)
             r.output_ids.append(token)
             if r.first_token_at is None:

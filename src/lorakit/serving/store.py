@@ -9,6 +9,11 @@ host-memory cache of their parsed weights, and the resident banks a batch runs o
   (``max_loras``, vLLM's name) and bytes; least recently used adapters that no running request holds
   (``pin``) are evicted to make room. Ranks may differ (the banks pad to the largest).
 
+Adapters the banks cannot hold (DoRA, whose per-row magnitude rescales the base output, and router-driven
+lorakit mixtures: MixLoRA, MoLE, MeteoRA, X-LoRA, ...) are served **attached**: loaded with
+``lorakit.load_adapter`` (inactive), counted against the same resident cap, and run by the engine in their own
+forward with the adapter active. They cannot take part in a per-request weighted mix.
+
 Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
 the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
 
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
-from ..core.layer import BASE_NAME
+from ..core.layer import BASE_NAME, AdapterLayer
 from ..io.peft_format import read_adapter_config, weights_path
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config, _read_safetensors
 
@@ -63,6 +68,16 @@ def confine(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
     raise AdapterError(f"adapter path {str(path)!r} resolves outside the allowed roots {[str(r) for r in roots]}")
 
 
+class _NoDelta(nn.Module):
+    """The bank of a layer that only attached adapters adapt: banked rows add nothing there."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        return base_out.new_zeros(())
+
+    def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        return base_out
+
+
 class _TieredRegistry(AdapterRegistry):
     """The banks, reading weights through the store's host cache instead of the disk."""
 
@@ -72,6 +87,12 @@ class _TieredRegistry(AdapterRegistry):
 
     def _read_weights(self, path: Path):
         return self._store.host_weights(path)
+
+    def _bank(self, path, new_banks):
+        layer = self._layer(path)
+        if layer is not None and isinstance(layer.bank, _NoDelta):
+            layer.bank = None  # a real bank takes the placeholder's place
+        return super()._bank(path, new_banks)
 
 
 class AdapterStore:
@@ -103,6 +124,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
+        self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
 
     # -- registration (any thread) -------------------------------------------------------------------------
@@ -114,7 +136,11 @@ class AdapterStore:
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
         config = read_adapter_config(folder)
-        _check_bankable_config(config, folder)
+        try:
+            _check_bankable_config(config, folder)
+            attached = None
+        except AdapterLoadError:
+            attached = config  # served attached, in its own forward
         wpath = weights_path(folder)
         if not wpath.is_file():
             raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
@@ -127,6 +153,8 @@ class AdapterStore:
                 raise AdapterError(f"adapter {name!r} is being unloaded (running requests still use it); retry shortly")
             self.paths[name] = folder
             self._weights_of[wpath.resolve()] = name
+            if attached is not None:
+                self.attached[name] = attached
         return folder
 
     def register_dir(self, root: str | os.PathLike) -> list[str]:
@@ -148,6 +176,18 @@ class AdapterStore:
             if n not in self.paths:
                 raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, self.paths)} "
                                    f"{len(self.paths)} adapter(s) are loaded; see /v1/models")
+            if n in self.attached and isinstance(spec, Mapping):
+                raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward and "
+                                   f"cannot be part of a weighted mix; request it alone")
+
+    def attached_name(self, spec: RowSpec) -> str | None:
+        """The adapter's name when ``spec`` is a single attached (not banked) adapter."""
+        return spec if isinstance(spec, str) and spec in self.attached else None
+
+    def recomputes(self, name: str) -> bool:
+        """Whether this attached adapter must see the whole sequence at every step (no KV reuse): X-LoRA's
+        scaling pass re-reads every token's hidden state (its paper's dual forward; PEFT needs use_cache=False)."""
+        return getattr(self.attached.get(name), "scaling_pass_value", None) is not None
 
     # -- host tier (any thread) ---------------------------------------------------------------------------
     def _read_host(self, name: str) -> tuple[dict, bool, int]:
@@ -233,12 +273,17 @@ class AdapterStore:
                 raise
         if not self._make_room(len(need), sum(sizes.values()), keep=set(names_in(spec))):
             return False
+        banked = [n for n in need if n not in self.attached]
         try:
-            self.registry.load({n: self.paths[n] for n in need})
+            if banked:
+                self.registry.load({n: self.paths[n] for n in banked})
         except AdapterLoadError:
-            for n in need:
+            for n in banked:
                 self.unregister(n)
             raise
+        for n in need:
+            if n in self.attached:
+                self._attach(n)
         for n in need:
             self._resident[n] = sizes[n]
         self.stats["resident_loads"] += len(need)
@@ -253,11 +298,31 @@ class AdapterStore:
             self.evict(victims.pop(0))
         return fits()
 
+    def _attach(self, name: str) -> None:
+        from ..core.model import adapter_state, set_adapter
+        from ..io.peft_format import load_adapter
+
+        model = self.registry.model
+        active = list(adapter_state(model).active)
+        try:
+            load_adapter(model, self.paths[name], name)
+        except AdapterLoadError:
+            self.unregister(name)
+            raise
+        set_adapter(model, active)  # loaded inactive: the engine activates it for its own rows only
+        for module in model.modules():
+            if isinstance(module, AdapterLayer) and module.bank is None:
+                module.bank = _NoDelta()
+
     def evict(self, name: str) -> None:
         """Drop ``name`` from the banks (it stays registered and may stay in the host cache)."""
         if name in self._resident:
             del self._resident[name]
-            self.registry.remove(name)
+            from ..core.model import adapter_state, delete_adapter
+            if name in adapter_state(self.registry.model).configs:  # an attached adapter
+                delete_adapter(self.registry.model, name)
+            else:
+                self.registry.remove(name)
             self.stats["evictions"] += 1
 
     def pin(self, spec: RowSpec) -> None:
@@ -279,6 +344,7 @@ class AdapterStore:
             if name not in self.paths and name not in self._resident:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
             folder = self.paths.pop(name, None)
+            self.attached.pop(name, None)
             if folder is not None:
                 self._weights_of = {k: v for k, v in self._weights_of.items() if v != name}
             self._host.pop(name, None)
