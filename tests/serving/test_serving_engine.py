@@ -159,3 +159,27 @@ def test_store_unload_while_running_and_bad_files(adapters, tmp_path, sh):
         confine(tmp_path / "link", [tmp_path])
     with pytest.raises(AdapterLoadError):
         store.register("nope", tmp_path)  # a folder without an adapter config
+
+
+def test_self_moa_proposals_and_sequential_rounds():
+    """Self-MoA (arXiv:2502.00674): n seeded samples of the same adapter, then a synthesis pass over them; the
+    sequential variant carries the synthesized answer through windows of w-1 new samples."""
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.self_moa import SelfMoAConfig, aggregation_prompt, self_moa, windows
+
+    assert windows(4, None) == [(0, 4)] and windows(6, 3) == [(0, 3), (3, 5), (5, 6)]
+    model, tok = load_model_and_tokenizer()
+    engine = Engine(model, tok, kv_cache_bytes=8 << 20)
+    params = SamplingParams(max_tokens=6, seed=11)
+    answer, proposals = self_moa(engine, "The cat", None, params, SelfMoAConfig(n=3, temperature=1.0))
+    again = [engine.generate(["The cat"], [None], SamplingParams(max_tokens=6, temperature=1.0, seed=11 + i))[0].text
+             for i in range(3)]
+    assert proposals == again and len(set(proposals)) > 1
+    assert answer == engine.generate([aggregation_prompt("The cat", proposals)], [None], params)[0].text
+    seq, props = self_moa(engine, "The cat", None, params, SelfMoAConfig(n=4, window=2, temperature=1.0))
+    s1 = engine.generate([aggregation_prompt("The cat", props[:2])], [None], params)[0].text
+    s2 = engine.generate([aggregation_prompt("The cat", [s1, props[2]])], [None], params)[0].text
+    s3 = engine.generate([aggregation_prompt("The cat", [s2, props[3]])], [None], params)[0].text
+    assert seq == s3
+    with pytest.raises(Exception, match="window"):
+        SelfMoAConfig(n=3, window=1)

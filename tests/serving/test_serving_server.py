@@ -116,6 +116,11 @@ def test_server_mixture_request_and_models(setup):
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == offline(s, s["tok"](PROMPTS[1])["input_ids"],
                                                      {"ad0": 0.6, "ad2": 0.4}, 8)
+    r = _post(s, "/v1/completions", {"model": "ad1", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+                                      "self_moa": {"n": 3, "window": 2, "temperature": 1.0}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["self_moa"]["proposals"]) == 3 and r.json()["self_moa"]["rounds"] == 2
+    assert _post(s, "/v1/completions", {"model": "ad1", "prompt": "x", "self_moa": {"n": 99}}).status_code == 400
     models = {m.id: m for m in s["client"].models.list()}
     assert {"bundled", "ad0", "ad1", "ad2"} <= set(models)
 

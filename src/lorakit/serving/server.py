@@ -5,7 +5,8 @@ Endpoints (bodies as OpenAI's / vLLM's):
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template from the tokenizer): ``model`` names an
   adapter or the base model; ``stream: true`` answers with server-sent events ending ``data: [DONE]``.
   Sampling: ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop``, ``ignore_eos``.
-  lorakit extras: ``adapters: {"math": 0.7, "sql": 0.3}`` (a weighted mix instead of ``model``).
+  lorakit extras: ``adapters: {"math": 0.7, "sql": 0.3}`` (a weighted mix instead of ``model``);
+  ``self_moa: {"n": 4, "window": null}`` on /v1/completions (Self-MoA: n samples + a synthesis pass).
 - ``GET /v1/models``: the base and every loaded adapter (``parent`` = the base), as vLLM lists them.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
@@ -332,7 +333,30 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt per request)")
         elif max(prompt) >= engine.model.config.vocab_size or min(prompt) < 0:
             raise HTTPError(400, "'prompt' has token ids outside the vocabulary")
+        if body.get("self_moa") is not None:
+            return await run_self_moa(body, prompt)
         return await run(request, body, prompt, "completion")
+
+    async def run_self_moa(body: dict, prompt):
+        from .self_moa import SelfMoAConfig, self_moa, windows
+
+        opts = body["self_moa"]
+        if not isinstance(opts, dict) or not isinstance(prompt, str) or body.get("stream"):
+            raise HTTPError(400, "self_moa takes an object {n, window, temperature}, a text prompt and no streaming")
+        spec, params = adapter_of(body), params_of(body)
+        try:
+            config = SelfMoAConfig(**opts)
+            answer, proposals = await asyncio.to_thread(self_moa, engine, prompt, spec, params, config)
+        except TypeError as e:
+            raise HTTPError(400, f"self_moa: {e}") from None
+        except AdapterError as e:
+            raise HTTPError(404, str(e), "not_found_error") from None
+        except LorakitError as e:
+            raise HTTPError(400, str(e)) from None
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model") or model_name,
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
+                "self_moa": {"proposals": proposals, "rounds": len(windows(config.n, config.window))}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
