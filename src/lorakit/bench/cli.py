@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|serve [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "serve"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -59,6 +59,13 @@ def main(argv: Sequence[str]) -> int:
                             tasks=args.tasks, experiments=args.experiments)
         result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+    elif args.what == "serve":
+        from ..serving import bench_serve
+        profile = bench_serve.QUICK if args.quick else bench_serve.FULL
+        result = bench_serve.run_serve_bench(profile)
+        markdown = bench_serve.serve_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in bench_serve.plot_serve(result, out)]
     elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
