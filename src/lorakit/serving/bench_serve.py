@@ -62,9 +62,9 @@ class ServeProfile:
     models: tuple[str, ...] = ("bundled", "random8x512")
     num_adapters: tuple[int, ...] = (5, 100, 1000)
     alpha: float = 1.0
-    req_rate: float = 8.0
+    req_rate: float = 6.0
     cv: float = 1.0
-    duration_s: float = 8.0
+    duration_s: float = 6.0
     input_range: tuple[int, int] = (8, 64)
     output_range: tuple[int, int] = (8, 32)
     r: int = 16

@@ -345,7 +345,8 @@ class Engine:
         positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
         batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
         route = self._active(attached) if attached is not None else self._routing([r.adapter for r in group])
-        with torch.inference_mode(), paged_batch(batch), route:
+        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads
+        with route, torch.inference_mode(), paged_batch(batch):
             logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                                 use_cache=False).logits
         last = logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
