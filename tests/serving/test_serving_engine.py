@@ -183,3 +183,24 @@ def test_self_moa_proposals_and_sequential_rounds():
     assert seq == s3
     with pytest.raises(Exception, match="window"):
         SelfMoAConfig(n=3, window=1)
+
+
+def test_store_prefetches_adapters_of_queued_requests(adapters):
+    """Requests waiting for a slot get their adapters read into the host cache in the background (disk -> host),
+    so admitting them later only copies host tensors into the banks."""
+    import concurrent.futures as cf
+
+    root, _ = adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=1, max_cpu_loras=8)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=1)
+    reqs = [engine.submit([5, 6, 7], f"a{i}", SamplingParams(max_tokens=4, ignore_eos=True)) for i in range(3)]
+    engine.step()  # a0 admitted; a1, a2 queued -> prefetched
+    cf.wait(list(store._pending.values()))
+    assert {"a1", "a2"} <= set(store._host) and store.resident == ["a0"]
+    loads = store.stats["disk_loads"]
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    assert store.stats["disk_loads"] == loads and store.stats["host_hits"] >= 2  # served from the host cache
+    assert engine.cache.used_blocks == 0
