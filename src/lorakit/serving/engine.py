@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AdapterLoadError, LorakitError
+from ..core.errors import LorakitError
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
 from .sampling import SamplingParams, find_stop, sample_token
@@ -278,9 +278,9 @@ class Engine:
             if self.store is not None:
                 try:
                     ready = self.store.ensure_resident(req.adapter)
-                except LorakitError as e:
+                except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
                     self.waiting.popleft()
-                    self._finish(req, "error", error=str(e))
+                    self._finish(req, "error", error=str(e) if isinstance(e, LorakitError) else f"{type(e).__name__}: {e}")
                     continue
                 if not ready:  # every resident slot is held by running requests: wait for one to finish
                     return

@@ -136,6 +136,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         engine.start()
         yield
         engine.shutdown()
+        if engine.store is not None:
+            engine.store.close()
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
@@ -187,6 +189,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             elif spec is not None:
                 raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
         except AdapterError as e:
+            if "unknown adapter" not in str(e):
+                raise HTTPError(400, str(e)) from None
             raise HTTPError(404, f"The model `{body.get('model')}` does not exist: {e}", "not_found_error") from None
         return spec
 
