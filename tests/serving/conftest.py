@@ -53,13 +53,16 @@ def per_row(model, ids: torch.Tensor, rows, **kw) -> torch.Tensor:
 
 
 class LiveServer:
-    """uvicorn serving ``app`` on a free port of 127.0.0.1 in a thread."""
+    """uvicorn serving ``app`` on a free port of 127.0.0.1 in a thread. Idle keep-alive connections stay open
+    (uvicorn closes them after 5 s by default; a client reusing one at that instant gets "server disconnected",
+    which the load tests, run with retries off, would count as an error)."""
 
     def __init__(self, app):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = _uvicorn().Server(_uvicorn().Config(app, log_level="warning", lifespan="on"))
+        self.server = _uvicorn().Server(_uvicorn().Config(app, log_level="warning", lifespan="on",
+                                                            timeout_keep_alive=600))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
