@@ -62,7 +62,8 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "serve":
         from ..serving import bench_serve
         profile = bench_serve.QUICK if args.quick else bench_serve.FULL
-        result = bench_serve.run_serve_bench(profile)
+        out.mkdir(parents=True, exist_ok=True)
+        result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")
         markdown = bench_serve.serve_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in bench_serve.plot_serve(result, out)]

@@ -69,7 +69,7 @@ class ServeProfile:
     alpha: float = 1.0
     req_rate: float = 6.0
     cv: float = 1.0
-    duration_s: float = 6.0
+    duration_s: float = 4.0
     input_range: tuple[int, int] = (8, 64)
     output_range: tuple[int, int] = (8, 32)
     r: int = 16
@@ -256,7 +256,8 @@ def _summary(run: _Run, trace: list[TraceRequest], makespan: float, slo_s: float
             "slo_attainment": float((ttft < slo_s).mean())}
 
 
-def run_serve_bench(profile: ServeProfile = FULL, log=print) -> dict:
+def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | None = None) -> dict:
+    """Every (model, N) row of ``profile``; with ``checkpoint``, the result so far is written there after each row."""
     torch.set_num_threads(1)
     result = {"profile": {k: getattr(profile, k) for k in profile.__dataclass_fields__}, "rows": []}
     for model_name in profile.models:
@@ -293,6 +294,9 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print) -> dict:
                                  (("lorakit/merged", "merged"), ("lorakit/peft_mixed", "peft_mixed"),
                                   ("lorakit/peft_swap", "peft_swap")) if tput("lorakit") and tput(other)}
                 result["rows"].append(row)
+                if checkpoint is not None:
+                    from ..io.files import atomic_write_json
+                    atomic_write_json(checkpoint, result)
     return result
 
 
