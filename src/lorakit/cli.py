@@ -572,6 +572,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serving.server import ServerLimits, serve
+
+    serve(args.model, args.adapters, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
+          max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+          limits=ServerLimits(max_tokens=args.max_tokens_limit))
+    return 0
+
+
 def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .pretrain.train import main as pretrain_main
 
@@ -733,6 +745,24 @@ def _add_export(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible server: the base model and many adapters in one batch",
+                        formatter_class=_Formatter)
+    _common_model(sv)
+    sv.add_argument("--adapters", action="append", default=[],
+                    help="folder holding adapter folders (repeatable); served by folder name, and the only roots "
+                         "/v1/load_lora_adapter may load from")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env LORAKIT_API_KEY)")
+    sv.add_argument("--max-loras", type=int, default=64, help="adapters resident in the banks at most")
+    sv.add_argument("--max-cpu-loras", type=int, default=256, help="adapters in the host-memory cache at most")
+    sv.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget, preallocated")
+    sv.add_argument("--max-batch", type=int, default=32, help="running requests at most")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.set_defaults(func=cmd_serve)
+
+
 def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -746,7 +776,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_export(sub)
     sub.add_parser("merge-adapters", help="merge several LoRA adapters into one (see lorakit merge-adapters --help)",
                    add_help=False)
-    sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",
+    _add_serve(sub)
+    sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
                         add_help=False)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,36 @@ def per_row(model, ids: torch.Tensor, rows, **kw) -> torch.Tensor:
             lk.set_adapter(model, name)
             outs.append(model(input_ids=ids[i:i + 1], **kw).logits)
     return torch.cat(outs)
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free port of 127.0.0.1 in a thread. Idle keep-alive connections stay open
+    (uvicorn closes them after 5 s by default; a client reusing one at that instant gets "server disconnected",
+    which the load tests, run with retries off, would count as an error)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = _uvicorn().Server(_uvicorn().Config(app, log_level="warning", lifespan="on",
+                                                            timeout_keep_alive=600))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def _uvicorn():
+    import uvicorn
+    return uvicorn
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -67,6 +67,14 @@ def main(argv: Sequence[str]) -> int:
         result = merge.run_merge(profile, partial=out / "merge.partial.json")
         markdown = merge.merge_markdown(result)
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
+    elif args.what == "serve":
+        from ..serving import bench_serve
+        profile = bench_serve.QUICK if args.quick else bench_serve.FULL
+        out.mkdir(parents=True, exist_ok=True)
+        result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")
+        markdown = bench_serve.serve_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in bench_serve.plot_serve(result, out)]
     elif args.what == "perf":
         from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL

@@ -2,11 +2,19 @@
 
 - :func:`load_adapters` / :func:`bank_adapters` fill the banks (from PEFT folders / from attached adapters).
 - :func:`bank_routing` and :func:`generate` run a batch with one adapter (or weighted mix) per row.
-- :mod:`lorakit.bench.serving` measures it against the base model and PEFT.
+- :class:`Engine` (continuous batching over a paged KV cache), :class:`AdapterStore` (disk / host / resident
+  tiers) and :class:`SamplingParams` serve requests; :mod:`lorakit.serving.server` is the OpenAI-compatible
+  HTTP server (``lorakit serve``, extra ``lorakit[serve]``).
+- :mod:`lorakit.bench.serving` measures the banks against the base model and PEFT; ``lorakit bench serve``
+  (:mod:`lorakit.serving.bench_serve`) replays S-LoRA's workload against the engine.
 """
 
 from .bank import WEIGHTS_KEY, LoraBank, LoraEmbeddingBank, register_kernel
+from .engine import Engine, Event, Request, RequestError
 from .multi import AdapterRegistry, bank_adapters, bank_routing, generate, load_adapters, registry_of
+from .sampling import SamplingParams
+from .store import AdapterStore
 
 __all__ = ["WEIGHTS_KEY", "LoraBank", "LoraEmbeddingBank", "register_kernel", "AdapterRegistry", "bank_adapters",
-           "bank_routing", "generate", "load_adapters", "registry_of"]
+           "bank_routing", "generate", "load_adapters", "registry_of", "Engine", "Event", "Request", "RequestError",
+           "SamplingParams", "AdapterStore"]

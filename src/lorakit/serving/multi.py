@@ -226,7 +226,7 @@ class AdapterRegistry:
     def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, plan, new_banks) -> None:
         layers, saves = plan
         path_w = weights_path(directory)
-        tensors = load_tensors(path_w)
+        tensors = self._read_weights(path_w)
         for key in tensors:
             if not key.startswith(PREFIX):
                 raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
@@ -267,6 +267,10 @@ class AdapterRegistry:
         if extra:
             raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
                                    f"e.g. {extra[:3]}; is it for a different base model?")
+
+    def _read_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """The weights file's tensors (checked finite); a host-memory cache overrides this."""
+        return load_tensors(path)
 
     def _same_base_weight(self, key: str, value: torch.Tensor) -> bool:
         """PEFT saves the base embedding when embeddings are targeted; fine when it equals this model's own."""

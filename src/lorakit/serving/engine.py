@@ -1,0 +1,413 @@
+"""A continuous-batching engine for one base model and thousands of LoRA adapters.
+
+Orca (Yu et al., OSDI'22) iteration-level scheduling + S-LoRA (Sheng et al., arXiv:2311.03285) heterogeneous
+batches: every engine step admits waiting requests (first come, first served) while the KV cache has blocks for
+them, runs one forward over the newly admitted prompts (prefill) and one over every running request's last
+token (decode), samples a token per row and retires finished rows, so requests for different adapters — and
+the base — join and leave one running batch at token granularity. Each row's adapter (a name, ``None`` for the
+base, or a weighted mix ``{"a": 0.7, "b": 0.3}``) is applied by the adapter banks (``serving/bank.py``).
+
+Memory: keys and values live in a :class:`~lorakit.serving.kv_cache.PagedKVCache` preallocated from a byte
+budget. A request is admitted only when blocks for its whole context are free; when a decode step finds no free
+block, the most recently admitted request is preempted (its blocks freed; it is recomputed later, vLLM's
+"recompute" preemption), so the engine never allocates beyond the budget. A request that cannot fit even alone
+is refused at submission.
+
+Why not transformers' own continuous batching (``transformers.generation.continuous_batching``, checked in
+transformers 5.x): it packs all requests into one flattened row (batch size 1, ``cu_seq_lens``) inside its own
+manager thread, while the banks route by batch row and read the routing from a ContextVar set around the
+forward; carrying per-row adapters through it would need per-token routing in every bank and hooks into its
+private model runner. The paged cache here is small and plugs into the model through transformers'
+``AttentionInterface`` (``kv_cache.py``) instead.
+
+    engine = Engine(model, tokenizer, store=AdapterStore(model, ["adapters/"]))
+    outs = engine.generate(["Hello", "Hi"], adapters=["math", None], params=SamplingParams(max_tokens=8))
+
+Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`abort` and
+:meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import LorakitError
+from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
+from .multi import REGISTRY_ATTR, RowSpec
+from .sampling import SamplingParams, find_stop, sample_token
+from .store import AdapterStore, names_in
+
+
+class RequestError(LorakitError, ValueError):
+    """A request the engine cannot take (too long for the model or the cache, empty prompt, bad adapter)."""
+
+
+@dataclass
+class Event:
+    """What a request produced in one step: new text and token ids; ``finished`` with a reason at the end
+    ("stop", "length", "abort" or "error" with ``error`` set)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    adapter: RowSpec
+    params: SamplingParams
+    on_event: Callable[[Event], None] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # context tokens whose keys/values are in the cache
+    status: str = "waiting"
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already sent as events
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generator: torch.Generator | None = None
+    attached: str | None = None  # an attached (not banked) adapter: runs in its group's own forward
+    recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    """Continuous batching over a paged KV cache, with per-row adapters.
+
+    Args:
+        model: a transformers decoder (Llama-family attention: ``module.layer_idx``, rotary in the layer).
+        tokenizer: for text prompts, stop strings and streamed text (token ids work without one).
+        store: the adapter tiers (:class:`AdapterStore`); None = the model's banks as loaded, no tiering.
+        kv_cache_bytes: the KV cache budget, preallocated now. block_size: tokens per cache block.
+        max_batch: running requests at most. max_prefill_tokens: prompt tokens per prefill forward.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, store: AdapterStore | None = None,
+                 kv_cache_bytes: int = 64 << 20, block_size: int = 16, max_batch: int = 32,
+                 max_prefill_tokens: int = 2048):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.store = store
+        param = next(model.parameters())
+        self.cache = PagedKVCache.from_budget(model.config, kv_cache_bytes, block_size=block_size,
+                                              dtype=param.dtype, device=param.device)
+        use_paged_attention(model)
+        self.device = param.device
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("submit", req) | ("abort", id) | ("call", fn, fut)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+
+    # -- public API (any thread) ---------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
+               on_event: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request; raises RequestError / AdapterError at once for what can never run."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if self.store is not None:
+            self.store.check(adapter)
+        elif names_in(adapter):
+            getattr(self.model, REGISTRY_ATTR).route([adapter])  # raises for an unknown name
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                               f"exceeds the model's context length {self.max_model_len}; shorten the prompt or "
+                               f"lower max_tokens")
+        if self.cache.blocks_for(total) > self.cache.num_blocks:
+            raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
+                               f"({self.cache.capacity_tokens} tokens); raise the cache budget or lower max_tokens")
+        rid = request_id or f"req-{next(self._ids)}"
+        req = Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator())
+        self._inbox.put(("submit", req))
+        self._wake.set()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (e.g. its client disconnected) and free its KV blocks at the next step."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def call(self, fn: Callable, timeout: float | None = 120.0):
+        """Run ``fn()`` on the engine thread between steps (adapter loads mutate the banks) and return its result."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        self._wake.set()
+        return fut.result(timeout)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
+        """Submit every prompt and wait for all (steps here unless the background thread runs)."""
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = [self.submit(p, a, sp) for p, a, sp in zip(prompts, adapters, plist)]
+        while not all(r.done.is_set() for r in reqs):
+            if self._thread is None:
+                self.step()
+            else:
+                reqs[0].done.wait(0.05)
+        return reqs
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                busy = self.step()
+            except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
+                for r in list(self.running):
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                busy = False
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done."""
+        had_inbox = self._drain_inbox()
+        self._admit()
+        if self.store is not None and self.waiting:
+            self.store.prefetch(n for r in itertools.islice(self.waiting, 0, 2 * self.max_batch)
+                                for n in names_in(r.adapter))
+        if not self.running:
+            return had_inbox
+        self._reserve_decode_blocks()
+        # One forward per phase (prefill / decode) and per kind of row: every banked adapter, mix and the base
+        # share one forward; an attached adapter (DoRA, a router-driven mixture) is a different computation and
+        # gets its own, with that adapter active.
+        groups: dict[tuple[bool, str | None], list[Request]] = {}
+        for r in self.running:
+            groups.setdefault((len(r.context) - r.num_cached > 1, r.attached), []).append(r)
+        for (_, attached), group in groups.items():
+            self._forward(group, attached)
+        self.stats["steps"] += 1
+        return True
+
+    def _drain_inbox(self) -> bool:
+        got = False
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return got
+            got = True
+            if item[0] == "submit":
+                self.requests[item[1].request_id] = item[1]
+                self.waiting.append(item[1])
+            elif item[0] == "abort":
+                req = self.requests.get(item[1])
+                if req is not None and req.status != "finished":
+                    self._finish(req, "abort")
+            else:
+                _, fn, fut = item
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                    fut.set_exception(e)
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            n = len(req.context)
+            need = self.cache.blocks_for(n)
+            if need > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
+                return
+            if self.store is not None:
+                try:
+                    ready = self.store.ensure_resident(req.adapter)
+                except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
+                    self.waiting.popleft()
+                    self._finish(req, "error", error=str(e) if isinstance(e, LorakitError) else f"{type(e).__name__}: {e}")
+                    continue
+                if not ready:  # every resident slot is held by running requests: wait for one to finish
+                    return
+                self.store.pin(req.adapter)
+                req.attached = self.store.attached_name(req.adapter)
+                req.recompute = req.attached is not None and self.store.recomputes(req.attached)
+            self.waiting.popleft()
+            req.blocks = self.cache.allocate(need)
+            req.num_cached = 0
+            req.status = "running"
+            self.running.append(req)
+            budget -= n
+
+    def _reserve_decode_blocks(self) -> None:
+        """Give every running row room for its next token, preempting the newest rows when blocks run out."""
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            extra = self.cache.blocks_for(len(req.context)) - len(req.blocks)
+            while extra > self.cache.free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                if extra > 0:
+                    req.blocks += self.cache.allocate(extra)
+                i += 1
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.cache.release(req.blocks)
+        req.blocks, req.num_cached, req.status = [], 0, "waiting"
+        if self.store is not None:
+            self.store.unpin(req.adapter)
+        self.waiting.appendleft(req)
+        self.stats["preemptions"] += 1
+
+    def _routing(self, specs: list[RowSpec]):
+        registry = getattr(self.model, REGISTRY_ATTR, None)
+        if registry is None or not any(names_in(s) for s in specs):
+            return contextlib.nullcontext()
+        return registry.routing(specs)
+
+    @contextlib.contextmanager
+    def _active(self, name: str):
+        from ..core.model import set_adapter
+
+        set_adapter(self.model, name)
+        try:
+            yield
+        finally:
+            set_adapter(self.model, [])
+
+    def _forward(self, group: list[Request], attached: str | None = None) -> None:
+        starts = [r.num_cached for r in group]
+        lengths = [len(r.context) - r.num_cached for r in group]
+        q = max(lengths)
+        ids = torch.zeros(len(group), q, dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
+        positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
+        batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
+        route = self._active(attached) if attached is not None else self._routing([r.adapter for r in group])
+        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads
+        with route, torch.inference_mode(), paged_batch(batch):
+            logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                                use_cache=False).logits
+        last = logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
+        self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
+        now = time.perf_counter()
+        for i, r in enumerate(group):
+            r.num_cached = 0 if r.recompute else r.num_cached + lengths[i]
+            token = sample_token(last[i], r.params, r.generator)
+            r.output_ids.append(token)
+            if r.first_token_at is None:
+                r.first_token_at = now
+            self._after_token(r, token)
+
+    def _after_token(self, req: Request, token: int) -> None:
+        p = req.params
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or len(req.context) >= self.max_model_len:
+            reason = "length"
+        text = req.text
+        if self.tokenizer is not None:
+            ids = req.output_ids[:-1] if reason == "stop" else req.output_ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = find_stop(text, p.stop) if p.stop else -1
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        req.text = text
+        if reason is not None:
+            self._finish(req, reason, new_tokens=[token])
+            return
+        hold = max((len(s) for s in p.stop), default=1) - 1  # text that may still become a stop string
+        end = len(text) - hold
+        while end > req.sent and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
+            end -= 1
+        delta = text[req.sent: max(end, req.sent)]
+        req.sent += len(delta)
+        self._emit(req, Event(req.request_id, delta, [token]))
+
+    def _finish(self, req: Request, reason: str, *, error: str | None = None, new_tokens: list[int] | None = None):
+        if req.status == "running":
+            self.running.remove(req)
+            self.cache.release(req.blocks)
+            req.blocks = []
+            if self.store is not None:
+                self.store.unpin(req.adapter)
+        elif req.status == "waiting" and req in self.waiting:
+            self.waiting.remove(req)
+        req.status, req.finish_reason, req.error = "finished", reason, error
+        req.finished_at = time.perf_counter()
+        self.requests.pop(req.request_id, None)
+        self.stats["finished"] += 1
+        delta = req.text[req.sent:]
+        req.sent = len(req.text)
+        self._emit(req, Event(req.request_id, delta, new_tokens or [], True, reason, error))
+        req.done.set()
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        if req.on_event is not None:
+            try:
+                req.on_event(event)
+            except Exception:  # noqa: BLE001  (a broken listener must not stop the engine)
+                req.on_event = None

@@ -1,0 +1,195 @@
+"""A paged KV cache with a fixed memory budget, and the attention function that reads and writes it.
+
+PagedAttention (Kwon et al., "Efficient Memory Management for Large Language Model Serving with
+PagedAttention", arXiv:2309.06180): keys and values live in fixed-size blocks of ``block_size`` token slots,
+preallocated once from a byte budget. A sequence owns a list of blocks (its block table); token ``p`` of a
+sequence lives in slot ``table[p // block_size] * block_size + p % block_size``. Sequences grow block by
+block from the free list and give their blocks back when they finish, so the memory in use never exceeds
+the budget and fragmentation is at most one partly filled block per sequence.
+
+Storage per cache: ``k`` and ``v`` of shape (layers, blocks * block_size, kv_heads, head_dim).
+
+The attention itself is a function registered with transformers' ``AttentionInterface`` under
+``"lorakit_paged"`` (the host model's source is untouched). While a :class:`PagedBatch` is active
+(``with paged_batch(...)``), each attention layer writes the step's new keys/values into their slots and
+attends over the gathered context of every row with a per-row causal mask; outside one it is plain SDPA, so
+``model.generate`` and ordinary forwards keep working on the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import LorakitError
+
+ATTN_IMPLEMENTATION = "lorakit_paged"
+
+
+class CacheFullError(LorakitError):
+    """Raised by :meth:`PagedKVCache.allocate` when the free list has fewer blocks than asked for."""
+
+
+class PagedKVCache:
+    """Preallocated key/value blocks for every attention layer of one model.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's attention geometry.
+        num_blocks: blocks to preallocate (each holds ``block_size`` tokens of every layer).
+        block_size: tokens per block.
+    Memory: ``2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * itemsize`` bytes, all
+    allocated here, none later.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise LorakitError(f"a paged KV cache needs num_blocks >= 1 and block_size >= 1 "
+                               f"(got {num_blocks}, {block_size}); raise the memory budget")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @staticmethod
+    def geometry(config) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of a transformers decoder config."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+    @classmethod
+    def from_budget(cls, config, memory_bytes: int, *, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> "PagedKVCache":
+        """As many blocks as ``memory_bytes`` holds for a model with this transformers ``config``."""
+        layers, kv_heads, head_dim = cls.geometry(config)
+        per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        num_blocks = int(memory_bytes) // per_block
+        if num_blocks < 1:
+            raise LorakitError(f"KV cache budget {memory_bytes} bytes is below one block ({per_block} bytes for "
+                               f"block_size={block_size}); raise it")
+        return cls(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                   device=device)
+
+    # -- blocks ----------------------------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFullError(f"KV cache has {len(self._free)} free blocks, {n} needed")
+        return [self._free.popleft() for _ in range(n)]
+
+    def release(self, blocks: Sequence[int]) -> None:
+        self._free.extend(blocks)
+
+
+@dataclass
+class PagedBatch:
+    """Where one forward's tokens go in the cache and what each of them may attend to.
+
+    ``write_slots`` (batch, q): cache slot of each new token, -1 for right padding.
+    ``read_slots`` (batch, ctx): cache slot of each context position (0 where past the row's length).
+    ``mask`` (batch, 1, q, ctx): True where query token may attend context position (causal, own row only).
+    """
+
+    cache: PagedKVCache
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, cache: PagedKVCache, tables: Sequence[Sequence[int]], starts: Sequence[int],
+              lengths: Sequence[int]) -> "PagedBatch":
+        """Row i holds its tokens ``starts[i] .. starts[i] + lengths[i] - 1`` (positions), blocks ``tables[i]``."""
+        bs = cache.block_size
+        batch, q = len(tables), max(lengths)
+        ctx = max(s + n for s, n in zip(starts, lengths))
+        width = max(len(t) for t in tables)
+        table = torch.zeros(batch, width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        start = torch.as_tensor(starts, dtype=torch.long)[:, None]
+        length = torch.as_tensor(lengths, dtype=torch.long)[:, None]
+        pos = torch.arange(ctx)  # (ctx,)
+        slots = table[:, pos // bs] * bs + pos % bs  # (batch, ctx)
+        read = torch.where(pos[None] < start + length, slots, torch.zeros_like(slots))
+        j = torch.arange(q)[None]  # (1, q)
+        valid_q = j < length  # (batch, q)
+        write = torch.where(valid_q, slots.gather(1, (start + j).clamp(max=ctx - 1)), torch.full_like(j, -1))
+        mask = pos[None, None, :] <= (start + j)[..., None]  # (batch, q, ctx) causal within the row
+        mask = mask | ~valid_q[..., None]  # padded queries attend anywhere (output unused, avoids NaN rows)
+        return cls(cache, write, read, mask[:, None])
+
+
+_BATCH: ContextVar[PagedBatch | None] = ContextVar("lorakit_paged_batch", default=None)
+
+
+@contextlib.contextmanager
+def paged_batch(batch: PagedBatch) -> Iterator[PagedBatch]:
+    token = _BATCH.set(batch)
+    try:
+        yield batch
+    finally:
+        _BATCH.reset(token)
+
+
+def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query (b, heads, q, d), key/value (b, kv_heads, q, d) (rotary applied)
+    -> (b, q, heads, d). Paged when a batch is active, SDPA otherwise."""
+    batch = _BATCH.get()
+    if batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    cache, layer = batch.cache, module.layer_idx
+    k_layer, v_layer = cache.k[layer], cache.v[layer]
+    valid = batch.write_slots >= 0  # (b, q)
+    slots = batch.write_slots[valid]
+    k_layer[slots] = key.transpose(1, 2)[valid].to(k_layer.dtype)  # (n, kv_heads, d)
+    v_layer[slots] = value.transpose(1, 2)[valid].to(v_layer.dtype)
+    k = k_layer[batch.read_slots].transpose(1, 2).to(query.dtype)  # (b, kv_heads, ctx, d)
+    v = v_layer[batch.read_slots].transpose(1, 2).to(query.dtype)
+    groups = query.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=batch.mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_paged_attention(model: nn.Module) -> None:
+    """Register the paged attention (and SDPA's mask builder for it) and switch ``model`` to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)

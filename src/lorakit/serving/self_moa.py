@@ -1,0 +1,80 @@
+"""Self-MoA: aggregate several samples of one model (here: one adapter) with a synthesis pass of the same model.
+
+"Rethinking Mixture-of-Agents: Is Mixing Different Large Language Models Beneficial?" (Li, Lin, Xia, Jin;
+arXiv:2502.00674). Mixture-of-Agents (Wang et al., arXiv:2406.04692) lets several *different* models propose
+answers and one aggregator synthesise them; Self-MoA takes all proposals from the single best model, sampled
+repeatedly, and aggregates them with that model:
+
+    proposals  y_1 .. y_n ~ p(y | x)                      (temperature sampling, seeds seed .. seed + n - 1)
+    answer     y* = Aggregate(x, y_1 .. y_n)              (one synthesis pass, the request's own decoding)
+
+Self-MoA-Seq (same paper, §6) aggregates many samples over rounds with a sliding window of size ``w`` so the
+aggregation prompt stays short: ``s_1 = Aggregate(x, y_1..y_w)``, then ``s_k = Aggregate(x, s_{k-1}, next w-1
+samples)`` until the samples are used up; the synthesized answer is carried into every later round.
+
+The official repository (wenzhe-li/Self-MoA) holds only a README; the aggregation instruction follows MoA's
+"aggregate-and-synthesize" prompt in spirit (reworded here), placed before the query. Proposals run as
+ordinary requests of the engine, so they are batched with everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from ..core.errors import ConfigError
+from .engine import Engine
+from .multi import RowSpec
+from .sampling import SamplingParams
+
+INSTRUCTION = ("Below are several candidate responses to the request that follows. Some may be wrong or "
+               "incomplete. Weigh them critically and write one response that is accurate and complete; do not "
+               "just copy one of them.")
+
+
+@dataclass
+class SelfMoAConfig:
+    """n: proposals sampled; window: None = aggregate all at once, else Self-MoA-Seq with this window (>= 2);
+    temperature: proposal sampling temperature (> 0, proposals must differ)."""
+
+    n: int = 4
+    window: int | None = None
+    temperature: float = 0.7
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or not 1 <= self.n <= 16:
+            raise ConfigError(f"self_moa n must be an integer in [1, 16], got {self.n!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
+            raise ConfigError(f"self_moa window must be None (all at once) or an integer >= 2, got {self.window!r}")
+        if not 0.0 < float(self.temperature) <= 2.0:
+            raise ConfigError(f"self_moa temperature must be in (0, 2], got {self.temperature!r}")
+
+
+def aggregation_prompt(prompt: str, responses: Sequence[str]) -> str:
+    """The synthesis pass's prompt: instruction, numbered candidate responses, then the original prompt."""
+    listed = "\n\n".join(f"Response {i + 1}:\n{r.strip()}" for i, r in enumerate(responses))
+    return f"{INSTRUCTION}\n\n{listed}\n\n{prompt}"
+
+
+def windows(n: int, window: int | None) -> list[tuple[int, int]]:
+    """The (start, end) slices of the proposals each aggregation round reads (Self-MoA: one round)."""
+    if window is None or window >= n:
+        return [(0, n)]
+    rounds, start = [(0, window)], window
+    while start < n:
+        rounds.append((start, min(n, start + window - 1)))
+        start += window - 1
+    return rounds
+
+
+def self_moa(engine: Engine, prompt: str, adapter: RowSpec, params: SamplingParams,
+             config: SelfMoAConfig) -> tuple[str, list[str]]:
+    """(synthesized answer, proposals) for a text ``prompt``; blocking (call it off the event loop)."""
+    base_seed = params.seed if params.seed is not None else 0
+    sample = [replace(params, temperature=config.temperature, seed=base_seed + i) for i in range(config.n)]
+    proposals = [r.text for r in engine.generate([prompt] * config.n, [adapter] * config.n, sample)]
+    answer = None
+    for start, end in windows(config.n, config.window):
+        shown = ([answer] if answer is not None else []) + proposals[start:end]
+        answer = engine.generate([aggregation_prompt(prompt, shown)], [adapter], params)[0].text
+    return answer, proposals

@@ -1,0 +1,463 @@
+"""OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn), with vLLM's adapter endpoints.
+
+Endpoints (bodies as OpenAI's / vLLM's):
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template from the tokenizer): ``model`` names an
+  adapter or the base model; ``stream: true`` answers with server-sent events ending ``data: [DONE]``.
+  Sampling: ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop``, ``ignore_eos``.
+  lorakit extras: ``adapters: {"math": 0.7, "sql": 0.3}`` (a weighted mix instead of ``model``);
+  ``self_moa: {"n": 4, "window": null}`` on /v1/completions (Self-MoA: n samples + a synthesis pass).
+- ``GET /v1/models``: the base and every loaded adapter (``parent`` = the base), as vLLM lists them.
+- ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
+- ``GET /health``; ``GET /metrics`` (Prometheus text format).
+
+Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
+configured roots (``store.confine``); safetensors only; body size and ``max_tokens`` limits. Every bad request
+gets a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a client that disconnects has its request
+aborted, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import AdapterError, LorakitError
+
+try:
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+except ImportError as e:  # pragma: no cover
+    raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
+from ..core.layer import BASE_NAME
+from .engine import Engine, Event, Request
+from .sampling import SamplingParams
+
+
+@dataclass
+class ServerLimits:
+    """Per-request limits: body bytes, ``max_tokens`` at most, default ``max_tokens``."""
+
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 1024
+    default_max_tokens: int = 16
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1 or self.max_tokens < 1 or self.default_max_tokens < 1:
+            raise LorakitError(f"server limits must be positive, got {self}")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class _Metrics:
+    """Prometheus metrics of one server (own registry, so several servers can live in one process)."""
+
+    def __init__(self, engine: Engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        store = engine.store
+        Gauge("lorakit_num_requests_running", "Requests in the running batch", registry=r).set_function(
+            lambda: engine.num_running)
+        Gauge("lorakit_num_requests_waiting", "Requests queued", registry=r).set_function(lambda: engine.num_waiting)
+        Gauge("lorakit_kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=r).set_function(
+            lambda: engine.cache.used_blocks / engine.cache.num_blocks)
+        Gauge("lorakit_kv_cache_bytes", "Bytes preallocated for the KV cache", registry=r).set(engine.cache.nbytes)
+        Gauge("lorakit_resident_adapters", "Adapters resident in the banks", registry=r).set_function(
+            lambda: len(store.resident) if store is not None else 0)
+        Gauge("lorakit_adapter_resident_bytes", "Bytes of adapter weights resident in the banks",
+              registry=r).set_function(lambda: store.resident_bytes if store is not None else 0)
+        Gauge("lorakit_adapter_host_cache_bytes", "Bytes of adapter weights in the host-memory cache",
+              registry=r).set_function(lambda: store.host_bytes if store is not None else 0)
+        Gauge("lorakit_generation_tokens_per_second", "Generated tokens per second over the last 10 s",
+              registry=r).set_function(self.tokens_per_second)
+        self.lora_info = Gauge("lorakit_lora_requests_info", "Running/waiting adapters (vLLM's lora_requests_info)",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        self.requests = Counter("lorakit_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("lorakit_generation_tokens", "Tokens generated", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("lorakit_time_to_first_token_seconds", "Time to first token", buckets=buckets,
+                              registry=r)
+        self.itl = Histogram("lorakit_inter_token_latency_seconds", "Time between tokens", buckets=buckets,
+                             registry=r)
+        self.e2e = Histogram("lorakit_e2e_request_latency_seconds", "Request latency", buckets=buckets, registry=r)
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def tokens_per_second(self) -> float:
+        now = time.perf_counter()
+        while self._recent and self._recent[0][0] < now - 10:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / 10.0
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        running = sorted({n for r in list(self.engine.running) for n in _names(r.adapter)})
+        waiting = sorted({n for r in list(self.engine.waiting) for n in _names(r.adapter)})
+        self.lora_info.clear()
+        store = self.engine.store
+        self.lora_info.labels(str(store.max_loras if store is not None else 0), ",".join(running),
+                              ",".join(waiting)).set(time.time())
+        return generate_latest(self.registry)
+
+
+def _names(spec) -> list[str]:
+    from .store import names_in
+    return names_in(spec)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
+               limits: ServerLimits | None = None):
+    """The FastAPI app serving ``engine`` (its background thread is started with the app)."""
+    import contextlib
+
+    limits = limits or ServerLimits()
+    metrics = _Metrics(engine)
+    tokenizer = engine.tokenizer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+        if engine.store is not None:
+            engine.store.close()
+
+    app = FastAPI(title="lorakit", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return _error(exc.status, exc.message, exc.kind)
+
+    @app.middleware("http")
+    async def _guard(request: HTTPRequest, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+            return _error(413, f"request body of {size} bytes exceeds the limit of {limits.max_body_bytes} bytes")
+        return await call_next(request)
+
+    async def body_of(request: HTTPRequest) -> dict:
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise HTTPError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return body
+
+    def adapter_of(body: dict):
+        mix = body.get("adapters")
+        if mix is not None:
+            if not isinstance(mix, dict) or not mix or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for k, v in mix.items()):
+                raise HTTPError(400, "'adapters' must be an object {adapter name: weight}")
+            spec = {k: float(v) for k, v in mix.items()}
+        else:
+            name = body.get("model")
+            if name is None:
+                raise HTTPError(400, "'model' is required: the base model's name or an adapter name (see /v1/models)")
+            if not isinstance(name, str):
+                raise HTTPError(400, "'model' must be a string")
+            spec = None if name in (model_name, BASE_NAME) else name
+        try:
+            if engine.store is not None:
+                engine.store.check(spec)
+            elif spec is not None:
+                raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
+        except AdapterError as e:
+            if "unknown adapter" not in str(e):
+                raise HTTPError(400, str(e)) from None
+            raise HTTPError(404, f"The model `{body.get('model')}` does not exist: {e}", "not_found_error") from None
+        return spec
+
+    def params_of(body: dict) -> SamplingParams:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", limits.default_max_tokens))
+        if max_tokens is None:
+            max_tokens = limits.default_max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise HTTPError(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if max_tokens > limits.max_tokens:
+            raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}")
+        n = body.get("n", 1)
+        if n != 1:
+            raise HTTPError(400, "only n=1 is supported")
+        stop = body.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+            raise HTTPError(400, "'stop' must be a string or a list of at most 16 strings")
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=float(body.get("temperature", 1.0) or 0.0),
+                                  top_p=float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0),
+                                  top_k=int(body.get("top_k", 0) or 0) if body.get("top_k", 0) != -1 else 0,
+                                  seed=body.get("seed"), stop=tuple(stop), ignore_eos=bool(body.get("ignore_eos")))
+        except (LorakitError, TypeError, ValueError) as e:
+            raise HTTPError(400, str(e)) from None
+
+    def submit(prompt, spec, params, loop, q) -> Request:
+        def on_event(ev: Event):
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+        try:
+            return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}")
+        except AdapterError as e:
+            raise HTTPError(404, str(e), "not_found_error") from None
+        except LorakitError as e:
+            raise HTTPError(400, str(e)) from None
+
+    async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, poll: bool):
+        """The request's events as they come; aborts it when the client goes away (``poll``: watch for that
+        here; a streaming response is cancelled by Starlette instead)."""
+        last = None
+        finished = False
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if poll and await request.is_disconnected():
+                        return
+                    continue
+                now = time.perf_counter()
+                if ev.token_ids:
+                    if last is None:
+                        metrics.ttft.observe(now - req.arrival)
+                    else:
+                        metrics.itl.observe(now - last)
+                    last = now
+                    metrics.generation_tokens.inc(len(ev.token_ids))
+                    metrics._recent.append((now, len(ev.token_ids)))
+                if ev.finished:
+                    finished = True
+                    metrics.requests.labels(label, ev.finish_reason).inc()
+                    metrics.e2e.observe(now - req.arrival)
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not finished:
+                engine.abort(req.request_id)
+                metrics.requests.labels(label, "abort").inc()
+
+    async def run(request: HTTPRequest, body: dict, prompt, kind: str):
+        spec = adapter_of(body)
+        params = params_of(body)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = submit(prompt, spec, params, loop, q)
+        metrics.prompt_tokens.inc(len(req.prompt_ids))
+        label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
+            "mixture" if isinstance(spec, dict) else model_name)
+        created, rid, model = int(time.time()), req.request_id, body.get("model") or model_name
+        usage = lambda: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),  # noqa: E731
+                         "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+        chat = kind == "chat"
+        obj = "chat.completion" if chat else "text_completion"
+
+        if body.get("stream"):
+            async def sse():
+                if chat:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+                stream = events(request, req, q, label, poll=False)
+                try:
+                    async for ev in stream:
+                        if ev.error:
+                            yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                            break
+                        if not ev.text and not ev.finished:
+                            continue
+                        choice = {"index": 0, "finish_reason": ev.finish_reason if ev.finished else None}
+                        if chat:
+                            choice["delta"] = {"content": ev.text} if ev.text else {}
+                        else:
+                            choice["text"], choice["logprobs"] = ev.text, None
+                        chunk = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
+                                 "model": model, "choices": [choice]}
+                        if ev.finished and (body.get("stream_options") or {}).get("include_usage"):
+                            chunk["usage"] = usage()
+                        yield _sse(chunk)
+                    yield "data: [DONE]\n\n"
+                finally:
+                    await stream.aclose()
+                    if not req.done.is_set():
+                        engine.abort(rid)
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        final = None
+        async for ev in events(request, req, q, label, poll=True):
+            final = ev if ev.finished else None
+            if ev.error:
+                raise HTTPError(400 if "adapter" in ev.error.lower() or "safetensors" in ev.error else 500,
+                                ev.error, "invalid_request_error" if "adapter" in ev.error.lower() else "server_error")
+        if final is None:  # client went away
+            return Response(status_code=499)
+        choice = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": req.text}
+        else:
+            choice["text"] = req.text
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage()}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise HTTPError(400, "this server has no tokenizer; send the prompt as token ids")
+        elif not (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in prompt)):
+            raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt per request)")
+        elif max(prompt) >= engine.model.config.vocab_size or min(prompt) < 0:
+            raise HTTPError(400, "'prompt' has token ids outside the vocabulary")
+        if body.get("self_moa") is not None:
+            return await run_self_moa(body, prompt)
+        return await run(request, body, prompt, "completion")
+
+    async def run_self_moa(body: dict, prompt):
+        from .self_moa import SelfMoAConfig, self_moa, windows
+
+        opts = body["self_moa"]
+        if not isinstance(opts, dict) or not isinstance(prompt, str) or body.get("stream"):
+            raise HTTPError(400, "self_moa takes an object {n, window, temperature}, a text prompt and no streaming")
+        spec, params = adapter_of(body), params_of(body)
+        try:
+            config = SelfMoAConfig(**opts)
+            answer, proposals = await asyncio.to_thread(self_moa, engine, prompt, spec, params, config)
+        except TypeError as e:
+            raise HTTPError(400, f"self_moa: {e}") from None
+        except AdapterError as e:
+            raise HTTPError(404, str(e), "not_found_error") from None
+        except LorakitError as e:
+            raise HTTPError(400, str(e)) from None
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model") or model_name,
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
+                "self_moa": {"proposals": proposals, "rounds": len(windows(config.n, config.window))}}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        body = await body_of(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects with string content")
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise HTTPError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # noqa: BLE001  (the template raises for unknown roles)
+            raise HTTPError(400, f"chat template failed: {e}") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return await run(request, body, list(ids), "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        data = [{"id": model_name, "object": "model", "created": now, "owned_by": "lorakit", "root": model_name,
+                 "parent": None}]
+        if engine.store is not None:
+            data += [{"id": n, "object": "model", "created": now, "owned_by": "lorakit",
+                      "root": str(engine.store.paths.get(n, "")), "parent": model_name} for n in engine.store.names()]
+        return {"object": "list", "data": data}
+
+    def need_store():
+        if engine.store is None:
+            raise HTTPError(400, "this server was started without adapter roots (--adapters); it cannot load adapters")
+        return engine.store
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HTTPRequest):
+        body = await body_of(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise HTTPError(400, "body must be {\"lora_name\": NAME, \"lora_path\": PATH}")
+        if name == model_name:
+            raise HTTPError(400, f"adapter name {name!r} is the base model's name")
+        store = need_store()
+
+        def load():
+            store.register(name, path)
+            store.ensure_resident(name)  # reads and checks every tensor now (unregisters it on failure)
+        try:
+            await asyncio.to_thread(engine.call, load)
+        except LorakitError as e:
+            raise HTTPError(400, str(e)) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HTTPRequest):
+        body = await body_of(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, "body must be {\"lora_name\": NAME}")
+        store = need_store()
+        try:
+            await asyncio.to_thread(engine.call, lambda: store.unregister(name))
+        except AdapterError as e:
+            raise HTTPError(404, str(e), "not_found_error") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
+          kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
+          log_level: str = "info") -> None:
+    """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn."""
+    import uvicorn
+
+    from ..hub import load_model_and_tokenizer
+    from .store import AdapterStore
+
+    model, tokenizer = load_model_and_tokenizer(model_path)
+    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras)
+    for root in adapters or []:
+        store.register_dir(root)
+    engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)
+    name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
+    app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

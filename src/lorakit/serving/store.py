@@ -1,0 +1,357 @@
+"""Adapter memory tiers for serving, as in S-LoRA (Sheng et al., arXiv:2311.03285, §4): adapters on disk, a
+host-memory cache of their parsed weights, and the resident banks a batch runs on.
+
+- **disk**: every registered adapter is a PEFT-format folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``) under one of the configured roots.
+- **host**: an LRU of parsed safetensors files, capped by count (``max_cpu_loras``) and bytes.
+  :meth:`AdapterStore.prefetch` fills it in a background thread for adapters of queued requests.
+- **resident**: the model's :class:`~lorakit.serving.multi.AdapterRegistry` banks, capped by count
+  (``max_loras``, vLLM's name) and bytes; least recently used adapters that no running request holds
+  (``pin``) are evicted to make room. Ranks may differ (the banks pad to the largest).
+
+Adapters the banks cannot hold (DoRA, whose per-row magnitude rescales the base output, and router-driven
+lorakit mixtures: MixLoRA, MoLE, MeteoRA, X-LoRA, ...) are served **attached**: loaded with
+``lorakit.load_adapter`` (inactive), counted against the same resident cap, and run by the engine in their own
+forward with the adapter active. They cannot take part in a per-request weighted mix.
+
+Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
+the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
+
+Paths are confined to the roots: a path with ``..``, or one whose resolved location (symlinks followed) lies
+outside every root, is refused, and so is a weights file that is a symlink leaving the root.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.layer import BASE_NAME, AdapterLayer
+from ..io.peft_format import read_adapter_config, weights_path
+from ..io.files import load_tensors
+from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
+
+
+def names_in(spec: RowSpec) -> list[str]:
+    """Adapter names a row spec uses (none for the base)."""
+    if spec is None or spec == BASE_NAME:
+        return []
+    if isinstance(spec, Mapping):
+        return [n for n in spec if n is not None and n != BASE_NAME]
+    return [spec]
+
+
+def confine(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
+    """``path`` resolved, if it lies inside one of ``roots`` (relative paths are taken from the first root)."""
+    if not roots:
+        raise AdapterError("no adapter roots are configured; the server loads adapters only from --adapters folders")
+    p = Path(path)
+    if ".." in p.parts:
+        raise AdapterError(f"adapter path {str(path)!r} contains '..'; give a path inside {[str(r) for r in roots]}")
+    if not p.is_absolute():
+        p = roots[0] / p
+    try:
+        real = p.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):
+        raise AdapterError(f"adapter path {str(path)!r} does not exist") from None
+    for root in roots:
+        root_real = Path(root).resolve()
+        if real == root_real or root_real in real.parents:
+            return real
+    raise AdapterError(f"adapter path {str(path)!r} resolves outside the allowed roots {[str(r) for r in roots]}")
+
+
+class _NoDelta(nn.Module):
+    """The bank of a layer that only attached adapters adapt: banked rows add nothing there."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        return base_out.new_zeros(())
+
+    def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
+        return base_out
+
+
+class _TieredRegistry(AdapterRegistry):
+    """The banks, reading weights through the store's host cache instead of the disk."""
+
+    def __init__(self, model: nn.Module, store: "AdapterStore", dtype: torch.dtype | None):
+        super().__init__(model, dtype=dtype)
+        self._store = store
+
+    def _read_weights(self, path: Path):
+        return self._store.host_weights(path)
+
+    def _bank(self, path, new_banks):
+        layer = self._layer(path)
+        if layer is not None and isinstance(layer.bank, _NoDelta):
+            layer.bank = None  # a real bank takes the placeholder's place
+        return super()._bank(path, new_banks)
+
+
+class AdapterStore:
+    """Registered adapters of one model across the disk / host / resident tiers.
+
+    Args:
+        model: the base model (its banks are created here; an existing registry is replaced).
+        roots: folders adapters may be loaded from.
+        max_loras, max_resident_bytes: resident cap (count; bytes of adapter weights, None = no byte cap).
+        max_cpu_loras, max_cpu_bytes: host cache cap.
+    """
+
+    def __init__(self, model: nn.Module, roots: Iterable[str | os.PathLike] = (), *, max_loras: int = 64,
+                 max_resident_bytes: int | None = None, max_cpu_loras: int = 256, max_cpu_bytes: int | None = None,
+                 dtype: torch.dtype | None = None):
+        if max_loras < 1 or max_cpu_loras < 1:
+            raise AdapterError(f"max_loras and max_cpu_loras must be >= 1 (got {max_loras}, {max_cpu_loras})")
+        self.roots = [Path(r) for r in roots]
+        self.max_loras, self.max_resident_bytes = max_loras, max_resident_bytes
+        self.max_cpu_loras, self.max_cpu_bytes = max_cpu_loras, max_cpu_bytes
+        self.registry = _TieredRegistry(model, self, dtype)
+        object.__setattr__(model, REGISTRY_ATTR, self.registry)
+        self.paths: dict[str, Path] = {}  # registered name -> folder
+        self._weights_of: dict[Path, str] = {}  # weights file -> name
+        self._host: OrderedDict[str, tuple[dict, int]] = OrderedDict()  # LRU: name -> (tensors, bytes)
+        self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
+        self._pins: Counter[str] = Counter()
+        self._doomed: set[str] = set()  # unregistered while pinned: evict when released
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
+        self._pending: dict[str, Future] = {}
+        self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
+        self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
+
+    # -- registration (any thread) -------------------------------------------------------------------------
+    def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
+        """Make ``name`` servable from folder ``path``; the config is read and checked now, weights on first use."""
+        if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 256:
+            raise AdapterError(f"invalid adapter name {name!r}")
+        folder = confine(path, self.roots) if confined else Path(path)
+        if not folder.is_dir():
+            raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
+        config = read_adapter_config(folder)
+        try:
+            _check_bankable_config(config, folder)
+            attached = None
+        except AdapterLoadError:
+            attached = config  # served attached, in its own forward
+        wpath = weights_path(folder)
+        if not wpath.is_file():
+            raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
+        if confined:
+            confine(wpath, self.roots)  # a symlinked weights file must not leave the roots either
+        with self._lock:
+            if name in self.paths:
+                raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+            if name in self._doomed:
+                raise AdapterError(f"adapter {name!r} is being unloaded (running requests still use it); retry shortly")
+            self.paths[name] = folder
+            self._weights_of[wpath.resolve()] = name
+            if attached is not None:
+                self.attached[name] = attached
+        return folder
+
+    def register_dir(self, root: str | os.PathLike) -> list[str]:
+        """Register every adapter folder directly under ``root`` (named by folder); returns the names."""
+        found = []
+        for d in sorted(Path(root).iterdir()):
+            if (d / "adapter_config.json").is_file() and d.name not in self.paths:
+                self.register(d.name, d)
+                found.append(d.name)
+        return found
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.paths)
+
+    def check(self, spec: RowSpec) -> None:
+        """Raise AdapterError naming an unregistered adapter of ``spec`` (with near matches)."""
+        for n in names_in(spec):
+            if n not in self.paths:
+                raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, self.paths)} "
+                                   f"{len(self.paths)} adapter(s) are loaded; see /v1/models")
+            if n in self.attached and isinstance(spec, Mapping):
+                raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward and "
+                                   f"cannot be part of a weighted mix; request it alone")
+
+    def attached_name(self, spec: RowSpec) -> str | None:
+        """The adapter's name when ``spec`` is a single attached (not banked) adapter."""
+        return spec if isinstance(spec, str) and spec in self.attached else None
+
+    def recomputes(self, name: str) -> bool:
+        """Whether this attached adapter must see the whole sequence at every step (no KV reuse): X-LoRA's
+        scaling pass re-reads every token's hidden state (its paper's dual forward; PEFT needs use_cache=False)."""
+        return getattr(self.attached.get(name), "scaling_pass_value", None) is not None
+
+    # -- host tier (any thread) ---------------------------------------------------------------------------
+    def _read_host(self, name: str) -> tuple[dict, int]:
+        with self._lock:
+            hit = self._host.get(name)
+            if hit is not None:
+                self._host.move_to_end(name)
+                self.stats["host_hits"] += 1
+                return hit
+            folder = self.paths.get(name)
+        if folder is None:
+            raise AdapterError(f"adapter {name!r} is not registered")
+        tensors = load_tensors(weights_path(folder))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self._lock:
+            self.stats["disk_loads"] += 1
+            if name in self.paths:
+                self._host[name] = (tensors, nbytes)
+                self._host.move_to_end(name)
+                self._trim_host()
+        return tensors, nbytes
+
+    def _trim_host(self) -> None:
+        def over():
+            total = sum(e[1] for e in self._host.values())
+            return len(self._host) > self.max_cpu_loras or (self.max_cpu_bytes is not None and total > self.max_cpu_bytes)
+        while len(self._host) > 1 and over():
+            self._host.popitem(last=False)
+
+    def host_weights(self, path: Path):
+        name = self._weights_of.get(Path(path).resolve())
+        if name is None:
+            return load_tensors(Path(path))
+        return self._read_host(name)[0]
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Read these adapters' weights into the host cache in the background (disk -> host)."""
+        with self._lock:
+            for n in names:
+                if n in self.paths and n not in self._host and n not in self._resident and n not in self._pending:
+                    fut = self._pool.submit(self._prefetch_one, n)
+                    self._pending[n] = fut
+
+    def _prefetch_one(self, name: str) -> None:
+        try:
+            self._read_host(name)
+        except Exception:  # noqa: BLE001  (a bad file is reported when the request needs it)
+            pass
+        finally:
+            with self._lock:
+                self._pending.pop(name, None)
+
+    # -- resident tier (engine thread) ---------------------------------------------------------------------------
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._resident.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(e[1] for e in self._host.values())
+
+    def ensure_resident(self, spec: RowSpec) -> bool:
+        """Load ``spec``'s adapters into the banks, evicting unpinned LRU ones; False when the caps, held by
+        running requests, leave no room (the request waits). Raises AdapterLoadError for a bad file (the
+        adapter is then unregistered)."""
+        need = [n for n in names_in(spec) if n not in self._resident]
+        for n in names_in(spec):
+            if n in self._resident:
+                self._resident.move_to_end(n)
+        if not need:
+            return True
+        sizes = {}
+        for n in need:
+            try:
+                sizes[n] = self._read_host(n)[1]
+            except AdapterLoadError:
+                self.unregister(n)
+                raise
+        if not self._make_room(len(need), sum(sizes.values()), keep=set(names_in(spec))):
+            return False
+        banked = [n for n in need if n not in self.attached]
+        try:
+            if banked:
+                self.registry.load({n: self.paths[n] for n in banked})
+        except AdapterLoadError:
+            for n in banked:
+                self.unregister(n)
+            raise
+        for n in need:
+            if n in self.attached:
+                self._attach(n)
+        for n in need:
+            self._resident[n] = sizes[n]
+        self.stats["resident_loads"] += len(need)
+        return True
+
+    def _make_room(self, count: int, nbytes: int, keep: set[str]) -> bool:
+        def fits():
+            return (len(self._resident) + count <= self.max_loras
+                    and (self.max_resident_bytes is None or self.resident_bytes + nbytes <= self.max_resident_bytes))
+        victims = [n for n in self._resident if self._pins[n] == 0 and n not in keep]  # LRU first
+        while not fits() and victims:
+            self.evict(victims.pop(0))
+        return fits()
+
+    def _attach(self, name: str) -> None:
+        from ..core.model import adapter_state, set_adapter
+        from ..io.peft_format import load_adapter
+
+        model = self.registry.model
+        active = list(adapter_state(model).active)
+        try:
+            load_adapter(model, self.paths[name], name)
+        except AdapterLoadError:
+            self.unregister(name)
+            raise
+        set_adapter(model, active)  # loaded inactive: the engine activates it for its own rows only
+        for module in model.modules():
+            if isinstance(module, AdapterLayer) and module.bank is None:
+                module.bank = _NoDelta()
+
+    def evict(self, name: str) -> None:
+        """Drop ``name`` from the banks (it stays registered and may stay in the host cache)."""
+        if name in self._resident:
+            del self._resident[name]
+            from ..core.model import adapter_state, delete_adapter
+            if name in adapter_state(self.registry.model).configs:  # an attached adapter
+                delete_adapter(self.registry.model, name)
+            else:
+                self.registry.remove(name)
+            self.stats["evictions"] += 1
+
+    def pin(self, spec: RowSpec) -> None:
+        for n in names_in(spec):
+            self._pins[n] += 1
+
+    def unpin(self, spec: RowSpec) -> None:
+        for n in names_in(spec):
+            self._pins[n] -= 1
+            if self._pins[n] <= 0:
+                del self._pins[n]
+                if n in self._doomed:
+                    self._doomed.discard(n)
+                    self.evict(n)
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name``: new requests for it fail; running ones finish first (then it is evicted)."""
+        with self._lock:
+            if name not in self.paths and name not in self._resident:
+                raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
+            folder = self.paths.pop(name, None)
+            self.attached.pop(name, None)
+            if folder is not None:
+                self._weights_of = {k: v for k, v in self._weights_of.items() if v != name}
+            self._host.pop(name, None)
+        if self._pins[name] > 0:
+            self._doomed.add(name)
+        else:
+            self.evict(name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,38 @@
+"""``lorakit bench serve``: S-LoRA's synthetic trace and a tiny side-by-side run of every system.
+
+Trace reference: S-LoRA ``benchmarks/trace.py`` ``generate_requests`` — adapter index floor(N·X), X ~ numpy
+``power(alpha)``; Gamma inter-arrival times with shape 1/cv² and scale cv²/rate; uniform lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lorakit.serving.bench_serve import ServeProfile, generate_requests, run_serve_bench, serve_markdown
+
+
+def test_bench_serve_trace_follows_s_lora():
+    trace = generate_requests(100, 1.0, 50.0, 1.0, 200.0, (8, 512), (8, 512), seed=3)
+    assert len(trace) == 10_000 and trace == generate_requests(100, 1.0, 50.0, 1.0, 200.0, (8, 512), (8, 512), seed=3)
+    gaps = np.diff([0.0] + [t.arrival_s for t in trace])
+    assert abs(gaps.mean() - 1 / 50.0) < 0.002  # Gamma mean = shape * scale = 1/rate
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.05  # cv = 1
+    bursty = np.diff([t.arrival_s for t in generate_requests(10, 1.0, 50.0, 4.0, 200.0, (8, 9), (8, 9), seed=3)])
+    assert abs(bursty.std() / bursty.mean() - 4.0) < 0.6
+    idx = np.array([t.adapter for t in trace])
+    assert idx.min() >= 0 and idx.max() <= 99 and abs(idx.mean() - 49.5) < 2  # alpha = 1: uniform
+    skewed = np.array([t.adapter for t in generate_requests(100, 0.1, 50.0, 1.0, 200.0, (8, 9), (8, 9), seed=3)])
+    assert np.median(skewed) < 1  # alpha = 0.1: P(X < 0.01) = 0.01^0.1 ≈ 0.63
+    assert all(8 <= t.input_len < 512 and 8 <= t.output_len < 512 for t in trace)
+
+
+def test_bench_serve_tiny_run_all_systems():
+    profile = ServeProfile(models=("bundled",), num_adapters=(2,), req_rate=3.0, duration_s=1.0, input_range=(4, 8),
+                           output_range=(2, 4), max_loras=2, peft_max_n=2, timeout_s=120.0)
+    result = run_serve_bench(profile, log=lambda s: None)
+    row = result["rows"][0]
+    assert set(row["systems"]) == {"lorakit", "merged", "peft_mixed", "peft_swap"}
+    for stats in row["systems"].values():
+        assert stats["requests"] == 3 and stats["throughput_rps"] > 0 and 0 <= stats["slo_attainment"] <= 1
+    assert set(row["ratios"]) == {"lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap"}
+    assert "lorakit/peft_swap" in serve_markdown(result)

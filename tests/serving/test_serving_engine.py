@@ -1,0 +1,206 @@
+"""The continuous-batching engine: greedy outputs equal ``model.generate`` under lorakit routing (per adapter,
+base rows, mixed ranks, weighted mixes), a paged KV cache that queues and preempts within its budget and leaks
+no block, sampling options, aborts, and the adapter tiers (LRU eviction, host cache, unload while running)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lk_models import tiny_llama
+from lorakit.core.errors import AdapterError, AdapterLoadError
+from lorakit.serving import generate as bank_generate
+from lorakit.serving import load_adapters
+from lorakit.serving.engine import Engine, RequestError
+from lorakit.serving.kv_cache import PagedKVCache
+from lorakit.serving.sampling import SamplingParams
+from lorakit.serving.store import AdapterStore, confine
+
+EOS = 2  # LlamaConfig's default eos_token_id (tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, sh):
+    root = tmp_path_factory.mktemp("engine_adapters")
+    return root, {f"a{i}": sh.make_adapter(root / f"a{i}", seed=10 + i, r=2 + 3 * i) for i in range(4)}
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _reference(model, prompt, spec, max_tokens):
+    """HF ``generate`` (greedy, its own KV cache) with the row's adapter routed by lorakit; cut after EOS."""
+    out = bank_generate(model, torch.tensor([prompt]), [spec], max_new_tokens=max_tokens, do_sample=False)
+    ref = out[0, len(prompt):].tolist()
+    return ref[: ref.index(EOS) + 1] if EOS in ref else ref
+
+
+@pytest.mark.parametrize("budget_blocks,max_batch", [(64, 8), (7, 4)])
+def test_engine_greedy_equals_generate(adapters, budget_blocks, max_batch):
+    """(64 blocks) everything fits; (7 blocks of 4 tokens) requests queue for blocks and running ones are preempted
+    and recomputed — the greedy tokens are the same either way."""
+    _, dirs = adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    layers, kvh, hd = PagedKVCache.geometry(model.config)
+    engine = Engine(model, kv_cache_bytes=budget_blocks * 2 * layers * 4 * kvh * hd * 4, block_size=4,
+                    max_batch=max_batch)
+    assert engine.cache.num_blocks == budget_blocks
+    prompts = _prompts(10)
+    specs = ["a0", None, "a1", "a2", "a3", "a0", None, "a3", {"a0": 0.7, "a2": 0.3}, "a1"]
+    reqs = engine.generate(prompts, specs, SamplingParams(max_tokens=12))
+    for p, s, r in zip(prompts, specs, reqs):
+        assert r.finish_reason in ("stop", "length") and r.error is None
+        assert r.output_ids == _reference(model, p, s, 12), s
+    assert engine.cache.used_blocks == 0 and not engine.running and not engine.waiting
+    if budget_blocks == 7:
+        assert engine.stats["preemptions"] > 0
+
+
+def test_engine_refuses_what_can_never_run(adapters):
+    _, dirs = adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=10 * 512, block_size=4)  # 10 blocks: 40 tokens
+    with pytest.raises(RequestError, match="context length"):
+        engine.submit(list(range(3, 60)), None, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="whole KV cache"):
+        engine.submit(list(range(3, 40)), None, SamplingParams(max_tokens=20))
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], None)
+    with pytest.raises(AdapterError, match="a1"):
+        engine.submit([5, 6], "a1x")
+
+
+def test_engine_sampling_seed_topk_and_abort(adapters):
+    _, dirs = adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4)
+    p = [5, 9, 14]
+    run = lambda **kw: engine.generate([p], ["a1"], SamplingParams(max_tokens=8, ignore_eos=True, **kw))[0].output_ids
+    greedy = run()
+    assert run(temperature=1.5, top_k=1, seed=3) == greedy  # top-k 1 keeps only the argmax
+    assert run(temperature=1.5, seed=7) == run(temperature=1.5, seed=7)
+    assert len({tuple(run(temperature=2.0, seed=s)) for s in range(4)}) > 1
+    assert run(temperature=1.0, top_p=1e-6, seed=1) == greedy  # the nucleus holds only the top token
+    req = engine.submit(p, "a0", SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.step()
+    assert engine.cache.used_blocks > 0
+    engine.abort(req.request_id)
+    engine.step()
+    assert req.finish_reason == "abort" and engine.cache.used_blocks == 0
+
+
+def test_engine_stop_strings_with_tokenizer():
+    from lorakit.hub import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer()
+    engine = Engine(model, tok, kv_cache_bytes=8 << 20)
+    full = engine.generate(["The cat"], [None], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert full.text and full.finish_reason == "length"
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    cut = engine.generate(["The cat"], [None], SamplingParams(max_tokens=12, ignore_eos=True, stop=stop))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    streamed = []
+    req = engine.submit("The cat", None, SamplingParams(max_tokens=12, ignore_eos=True),
+                        on_event=lambda e: streamed.append(e))
+    while not req.done.is_set():
+        engine.step()
+    assert "".join(e.text for e in streamed) == full.text and streamed[-1].finished
+
+
+def test_store_tiers_lru_eviction_and_outputs(adapters):
+    root, dirs = adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2, max_cpu_loras=3)
+    assert sorted(store.register_dir(root)) == sorted(dirs)
+    reference = tiny_llama()
+    load_adapters(reference, dirs)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+    prompts = _prompts(12, seed=1)
+    specs = [f"a{i % 4}" for i in range(12)]
+    reqs = engine.generate(prompts, specs, SamplingParams(max_tokens=6))
+    for p, s, r in zip(prompts, specs, reqs):
+        assert r.output_ids == _reference(reference, p, s, 6)
+    assert len(store.resident) <= 2 and store.stats["evictions"] > 0
+    assert len(store._host) <= 3
+    assert engine.cache.used_blocks == 0 and not store._pins
+
+
+def test_store_unload_while_running_and_bad_files(adapters, tmp_path, sh):
+    root, dirs = adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root, tmp_path], max_loras=4)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    req = engine.submit([4, 5, 6], "a2", SamplingParams(max_tokens=10, ignore_eos=True))
+    engine.step()
+    store.unregister("a2")  # running request keeps its adapter until it finishes
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        engine.submit([4], "a2")
+    while not req.done.is_set():
+        engine.step()
+    assert req.finish_reason == "length" and "a2" not in store.resident
+    # corrupt weights: refused when first used; the other adapters keep serving
+    bad = sh.make_adapter(tmp_path / "bad", seed=1, r=2)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    store.register("bad", bad)
+    r_bad, r_ok = engine.generate([[4, 5], [4, 5]], ["bad", "a1"], SamplingParams(max_tokens=3))
+    assert r_bad.finish_reason == "error" and "not a valid safetensors" in r_bad.error
+    assert r_ok.finish_reason in ("stop", "length") and "bad" not in store.names()
+    with pytest.raises(AdapterError, match="outside the allowed roots|'..'"):
+        store.register("x", root / ".." / "elsewhere")
+    (tmp_path / "link").symlink_to("/etc")
+    with pytest.raises(AdapterError, match="outside the allowed roots"):
+        confine(tmp_path / "link", [tmp_path])
+    with pytest.raises(AdapterLoadError):
+        store.register("nope", tmp_path)  # a folder without an adapter config
+
+
+def test_self_moa_proposals_and_sequential_rounds():
+    """Self-MoA (arXiv:2502.00674): n seeded samples of the same adapter, then a synthesis pass over them; the
+    sequential variant carries the synthesized answer through windows of w-1 new samples."""
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.self_moa import SelfMoAConfig, aggregation_prompt, self_moa, windows
+
+    assert windows(4, None) == [(0, 4)] and windows(6, 3) == [(0, 3), (3, 5), (5, 6)]
+    model, tok = load_model_and_tokenizer()
+    engine = Engine(model, tok, kv_cache_bytes=8 << 20)
+    params = SamplingParams(max_tokens=6, seed=11)
+    answer, proposals = self_moa(engine, "The cat", None, params, SelfMoAConfig(n=3, temperature=1.0))
+    again = [engine.generate(["The cat"], [None], SamplingParams(max_tokens=6, temperature=1.0, seed=11 + i))[0].text
+             for i in range(3)]
+    assert proposals == again and len(set(proposals)) > 1
+    assert answer == engine.generate([aggregation_prompt("The cat", proposals)], [None], params)[0].text
+    seq, props = self_moa(engine, "The cat", None, params, SelfMoAConfig(n=4, window=2, temperature=1.0))
+    s1 = engine.generate([aggregation_prompt("The cat", props[:2])], [None], params)[0].text
+    s2 = engine.generate([aggregation_prompt("The cat", [s1, props[2]])], [None], params)[0].text
+    s3 = engine.generate([aggregation_prompt("The cat", [s2, props[3]])], [None], params)[0].text
+    assert seq == s3
+    with pytest.raises(Exception, match="window"):
+        SelfMoAConfig(n=3, window=1)
+
+
+def test_store_prefetches_adapters_of_queued_requests(adapters):
+    """Requests waiting for a slot get their adapters read into the host cache in the background (disk -> host),
+    so admitting them later only copies host tensors into the banks."""
+    import concurrent.futures as cf
+
+    root, _ = adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=1, max_cpu_loras=8)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=1)
+    reqs = [engine.submit([5, 6, 7], f"a{i}", SamplingParams(max_tokens=4, ignore_eos=True)) for i in range(3)]
+    engine.step()  # a0 admitted; a1, a2 queued -> prefetched
+    cf.wait(list(store._pending.values()))
+    assert {"a1", "a2"} <= set(store._host) and store.resident == ["a0"]
+    loads = store.stats["disk_loads"]
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    assert store.stats["disk_loads"] == loads and store.stats["host_hits"] >= 2  # served from the host cache
+    assert engine.cache.used_blocks == 0

@@ -1,0 +1,85 @@
+"""Adapters the banks cannot hold, served by the same engine in their own forward: router-driven lorakit
+mixtures (MixLoRA, MoLE, MeteoRA, X-LoRA) and DoRA (unmerged). Greedy outputs equal ``model.generate`` with the
+adapter active (X-LoRA with ``use_cache=False``, as its scaling pass needs), in batches that also carry banked
+LoRA rows and base rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.core.model import adapter_parameters
+from lk_models import tiny_llama
+from lorakit.core.errors import AdapterError
+from lorakit.methods.meteora import MeteoraConfig
+from lorakit.methods.mixlora import MixLoraConfig
+from lorakit.methods.mole import MoleConfig
+from lorakit.methods.xlora import XLoraConfig
+from lorakit.serving import generate as bank_generate
+from lorakit.serving import load_adapters
+from lorakit.serving.engine import Engine
+from lorakit.serving.sampling import SamplingParams
+from lorakit.serving.store import AdapterStore
+
+EOS = 2
+CONFIGS = {
+    "mixlora": lambda: MixLoraConfig(r=4, num_experts=4, top_k=2),
+    "mole": lambda: MoleConfig(r=4),
+    "meteora": lambda: MeteoraConfig(n_adapters=3, expert_r=[4, 4, 4]),
+    "xlora": lambda: XLoraConfig(n_adapters=3, expert_r=[4, 4, 4]),
+    "dora": lambda: lk.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+
+
+def _save(directory, config, seed):
+    model = tiny_llama()
+    lk.add_adapter(model, config, "m")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "m").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    lk.save_adapter(model, directory, "m")
+    return directory
+
+
+def _cut(ids):
+    return ids[: ids.index(EOS) + 1] if EOS in ids else ids
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_engine_serves_unbanked_adapter_with_banked_rows(method, tmp_path, sh):
+    root = tmp_path / "adapters"
+    _save(root / method, CONFIGS[method](), seed=5)
+    # attention only: an FFN-level mixture (MixLoRA, MoLE) wraps the whole MLP, so its inner projections
+    # cannot also take banked rows in the same model
+    sh.make_adapter(root / "plain", seed=3, r=4, target_modules=["q_proj", "v_proj", "o_proj"])
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=4)
+    store.register_dir(root)
+    assert method in store.attached and "plain" not in store.attached
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (6, 4, 9, 3, 7)]
+    specs = [method, "plain", None, method, "plain"]
+    reqs = engine.generate(prompts, specs, SamplingParams(max_tokens=8))
+
+    reference = tiny_llama()
+    lk.load_adapter(reference, root / method, method)
+    banked = tiny_llama()
+    load_adapters(banked, {"plain": root / "plain"})
+    for p, s, r in zip(prompts, specs, reqs):
+        assert r.error is None, r.error
+        if s == method:
+            lk.set_adapter(reference, method)
+            out = reference.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                                     use_cache=method != "xlora")
+            lk.set_adapter(reference, [])
+        else:
+            out = bank_generate(banked, torch.tensor([p]), [s], max_new_tokens=8, do_sample=False)
+        assert r.output_ids == _cut(out[0, len(p):].tolist()), s
+    assert engine.cache.used_blocks == 0
+    with pytest.raises(AdapterError, match="weighted mix"):
+        engine.submit([4, 5], {method: 0.5, "plain": 0.5})
+    store.unregister(method)  # evicts the attached adapter from the model
+    assert method not in lk.adapter_names(model)

@@ -1,0 +1,237 @@
+"""The OpenAI-compatible server, run for real: uvicorn on 127.0.0.1 started by the test, the real ``openai``
+client (and httpx for vLLM's adapter endpoints and error bodies). Greedy outputs equal offline
+``generate`` with lorakit routing; concurrency; adapters loaded and unloaded while requests run; bad input
+answered with 4xx; client disconnects free their KV blocks; no block leaks at the end."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import shutil
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from lorakit.hub import load_model_and_tokenizer
+from lorakit.serving import generate as bank_generate
+from lorakit.serving import load_adapters
+from lorakit.serving.engine import Engine
+from lorakit.serving.server import ServerLimits, create_app
+from lorakit.serving.store import AdapterStore
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sk-test"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def bundled():
+    return load_model_and_tokenizer()[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sh):
+    root = tmp_path_factory.mktemp("served")
+    dirs = {f"ad{i}": sh.make_adapter(root / f"ad{i}", seed=40 + i, factory=bundled, r=4 + 4 * i,
+                                      target_modules=TARGETS) for i in range(3)}
+    spare = tmp_path_factory.mktemp("spare")
+    sh.make_adapter(spare / "late", seed=77, factory=bundled, r=8, target_modules=TARGETS)
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root], max_loras=2, max_cpu_loras=8)
+    store.register_dir(root)
+    engine = Engine(model, tok, store=store, kv_cache_bytes=4 << 20, max_batch=6)
+    app = create_app(engine, model_name="bundled", api_key=KEY, limits=ServerLimits(max_tokens=64,
+                                                                                    max_body_bytes=20_000))
+    server = sh.LiveServer(app)
+    reference, _ = load_model_and_tokenizer()
+    load_adapters(reference, dirs)
+    yield dict(root=root, dirs=dirs, spare=spare, engine=engine, store=store, tok=tok, server=server,
+               reference=reference, client=openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0))
+    server.stop()
+    assert engine.cache.used_blocks == 0  # no KV block leaked by anything the tests did
+
+
+def offline(s, prompt_ids, spec, max_tokens):
+    out = bank_generate(s["reference"], torch.tensor([prompt_ids]), [spec], max_new_tokens=max_tokens,
+                        do_sample=False)
+    new = out[0, len(prompt_ids):].tolist()
+    eos = s["tok"].eos_token_id
+    new = new[: new.index(eos)] if eos in new else new
+    return s["tok"].decode(new, skip_special_tokens=True)
+
+
+def _post(s, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(s["server"].url + path, headers=headers, timeout=60,
+                      **({"content": raw} if raw is not None else {"json": body}))
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "1 2 3 4", "Hello world, said the"]
+
+
+def test_server_greedy_completions_equal_offline_concurrently(setup):
+    s, client = setup, setup["client"]
+    jobs = [(p, m) for p in PROMPTS for m in ["bundled", "ad0", "ad1", "ad2"]]
+
+    def ask(job):
+        prompt, model = job
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, jobs))
+    for (prompt, model), (text, n) in zip(jobs, got):
+        ids = s["tok"](prompt)["input_ids"]
+        assert text == offline(s, ids, None if model == "bundled" else model, 10), (prompt, model)
+        assert 1 <= n <= 10
+    assert len(s["store"].resident) <= 2  # three adapters served through two resident slots
+
+
+def test_server_chat_and_streaming(setup):
+    s, client = setup, setup["client"]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model="ad1", messages=messages, max_tokens=12, temperature=0)
+    ids = s["tok"].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert r.choices[0].message.content == offline(s, list(ids), "ad1", 12)
+    assert r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="ad1", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="ad2", prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True))
+    assert text == offline(s, s["tok"](PROMPTS[0])["input_ids"], "ad2", 10)
+
+
+def test_server_mixture_request_and_models(setup):
+    s = setup
+    r = _post(s, "/v1/completions", {"model": "bundled", "adapters": {"ad0": 0.6, "ad2": 0.4},
+                                      "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == offline(s, s["tok"](PROMPTS[1])["input_ids"],
+                                                     {"ad0": 0.6, "ad2": 0.4}, 8)
+    r = _post(s, "/v1/completions", {"model": "ad1", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+                                      "self_moa": {"n": 3, "window": 2, "temperature": 1.0}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["self_moa"]["proposals"]) == 3 and r.json()["self_moa"]["rounds"] == 2
+    assert _post(s, "/v1/completions", {"model": "ad1", "prompt": "x", "self_moa": {"n": 99}}).status_code == 400
+    models = {m.id: m for m in s["client"].models.list()}
+    assert {"bundled", "ad0", "ad1", "ad2"} <= set(models)
+
+
+def test_server_rejects_bad_requests_with_4xx(setup):
+    s = setup
+    bad = [
+        (dict(raw=b"{not json"), 400, "not valid JSON"),
+        (dict(body={"model": "ad9", "prompt": "x"}), 404, "does not exist"),
+        (dict(body={"model": "ad1", "prompt": "x", "max_tokens": 500}), 400, "limit of 64"),
+        (dict(body={"model": "ad1", "prompt": "word " * 300, "max_tokens": 4}), 400, "context length"),
+        (dict(body={"model": "ad1", "prompt": "x" * 30_000}), 413, "exceeds the limit"),
+        (dict(body={"model": "ad1", "prompt": 5}), 400, "'prompt' must be"),
+        (dict(body={"model": "ad1", "prompt": "x"}, key="wrong"), 401, "API key"),
+        (dict(body={"model": "ad1", "prompt": "x", "temperature": -1}), 400, "temperature"),
+    ]
+    for kw, status, message in bad:
+        r = _post(s, "/v1/completions", kw.get("body"), key=kw.get("key", KEY), raw=kw.get("raw"))
+        assert r.status_code == status, (kw, r.text)
+        assert message in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.NotFoundError, match="ad1"):
+        s["client"].completions.create(model="ad1x", prompt="x", max_tokens=2)
+    r = _post(s, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": str(s["root"] / ".." / "x")})
+    assert r.status_code == 400 and "'..'" in r.json()["error"]["message"]
+    r = _post(s, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": str(s["spare"] / "late")})
+    assert r.status_code == 400 and "outside the allowed roots" in r.json()["error"]["message"]
+    assert httpx.get(s["server"].url + "/health").json() == {"status": "ok"}
+
+
+def test_server_load_unload_while_running_and_corrupt_file(setup):
+    s, client = setup, setup["client"]
+    root = s["root"]
+    shutil.copytree(s["spare"] / "late", root / "late")
+    with cf.ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(client.completions.create, model="ad0", prompt=p, max_tokens=24, temperature=0,
+                               extra_body={"ignore_eos": True}) for p in PROMPTS]
+        time.sleep(0.2)
+        r = _post(s, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(root / "late")})
+        assert r.status_code == 200, r.text
+        late = client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        r = _post(s, "/v1/unload_lora_adapter", {"lora_name": "ad0"})  # its requests are still running
+        assert r.status_code == 200
+        for f in running:
+            assert f.result().choices[0].finish_reason == "length"
+    ref_model = s["reference"]
+    load_adapters(ref_model, {"late": root / "late"})
+    assert late.choices[0].text == offline(s, s["tok"](PROMPTS[0])["input_ids"], "late", 6)
+    assert _post(s, "/v1/completions", {"model": "ad0", "prompt": "x"}).status_code == 404
+    assert _post(s, "/v1/unload_lora_adapter", {"lora_name": "ad0"}).status_code == 404
+    # a corrupt weights file: 400, and the server keeps serving the others
+    shutil.copytree(root / "ad1", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    r = _post(s, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(root / "broken")})
+    assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
+    assert "broken" not in {m.id for m in client.models.list()}
+    ok = client.completions.create(model="ad1", prompt=PROMPTS[2], max_tokens=5, temperature=0)
+    assert ok.choices[0].text == offline(s, s["tok"](PROMPTS[2])["input_ids"], "ad1", 5)
+    _post(s, "/v1/load_lora_adapter", {"lora_name": "ad0", "lora_path": str(root / "ad0")})
+
+
+def test_server_disconnect_frees_slot_and_metrics(setup):
+    s = setup
+    engine = s["engine"]
+    body = {"model": "ad2", "prompt": PROMPTS[3], "max_tokens": 64, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", s["server"].url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 30
+    while (engine.num_running or engine.num_waiting or engine.cache.used_blocks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.cache.used_blocks == 0 and engine.num_running == 0
+    text = httpx.get(s["server"].url + "/metrics").text
+    for name in ["lorakit_num_requests_running", "lorakit_num_requests_waiting", "lorakit_time_to_first_token_seconds",
+                 "lorakit_inter_token_latency_seconds", "lorakit_generation_tokens_per_second",
+                 "lorakit_resident_adapters", "lorakit_kv_cache_bytes", "lorakit_adapter_host_cache_bytes",
+                 "lorakit_lora_requests_info"]:
+        assert name in text, name
+    assert 'lorakit_requests_total{adapter="ad2",finish_reason="abort"}' in text
+    assert json.loads(json.dumps(engine.stats))["finished"] > 0
+
+
+def test_cli_serve_starts_and_answers(setup, tmp_path):
+    """``lorakit serve`` as a user runs it: the bundled model, an adapters folder, a completion over HTTP."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "LORAKIT_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--adapters", str(setup["root"]),
+                             "--port", str(port), "--max-loras", "2", "--kv-cache-mb", "8"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "lorakit serve did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        r = client.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert r.choices[0].text == offline(setup, setup["tok"](PROMPTS[0])["input_ids"], "ad1", 6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
