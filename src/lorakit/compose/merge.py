@@ -308,7 +308,7 @@ def build_output(model, config, results, recipe, saved_state=None) -> MergedAdap
     finally:
         delete_adapter(model, name)
     config_dict[RECIPE_FIELD] = recipe
-    return MergedAdapter(config=config, state_dict={k: v.detach().clone() for k, v in state.items()}, recipe=recipe,
+    return MergedAdapter(config=config, state_dict={k: v.detach() for k, v in state.items()}, recipe=recipe,
                          config_dict=config_dict)
 
 
