@@ -47,10 +47,10 @@ from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo, describe_layer
 from ..core.errors import ConfigError
 from ..core.registry import register_method
-from ..mixtures.base import MixtureDelta, pop_aux_records, token_mask_for
+from ..mixtures.base import MixtureDelta, router_loss, token_mask_for
 from ..mixtures.experts import Dispatch
 from ..mixtures.ffn import ffn_spec
-from ..mixtures.router import Router, RouterOutput, load_balance_loss, z_loss
+from ..mixtures.router import Router, RouterOutput, load_balance_loss
 from .lora import LoraConfig, LoraLinear
 
 ROUTINGS = ("topk", "top_p", "switch")
@@ -312,28 +312,11 @@ def build_mixlora(base_layer: nn.Module, info: LayerInfo, config: MixLoraConfig,
                       router=router, policy=routing_policy(config))
 
 
-def pooled_router_loss(model: nn.Module, name: str, balance: Callable, coef: float,
-                       z_coef: float = 0.0) -> torch.Tensor:
-    """``coef · balance(probs, selected, mask) + z_coef · z_loss(logits, mask)`` over every layer's tokens
-    of this forward concatenated (padding excluded when the routing context gave a token mask)."""
-    records = [r for _, r in pop_aux_records(model, name)]
-    if not records or (coef == 0 and z_coef == 0):
-        return torch.zeros((), device=next(model.parameters()).device)
-    probs = torch.cat([r.out.probs for r in records])
-    selected = torch.cat([r.out.selected for r in records])
-    masks = [r.token_mask for r in records]
-    mask = torch.cat(masks) if all(m is not None for m in masks) else None
-    loss = coef * balance(probs, selected, mask)
-    if z_coef:
-        loss = loss + z_coef * z_loss(torch.cat([r.out.logits for r in records]), mask)
-    return loss
-
-
 def mixlora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     from ..core.model import adapter_state
 
     config = adapter_state(model).configs[name]
-    return pooled_router_loss(model, name, load_balance_loss, config.router_aux_loss_coef, config.router_z_loss_coef)
+    return router_loss(model, name, load_balance_loss, config.router_aux_loss_coef, z_coef=config.router_z_loss_coef)
 
 
 register_method(
