@@ -36,11 +36,11 @@ Choices:
   min(768, in/4) so small models get a proportionate gate. The gate input is x at the last REAL token (the
   routing context's ``token_mask``; without one, the last position as in the official code, which is padding
   for right-padded rows). With a KV cache each step's gate sees only the new token.
-- Stages (``stage``): what a stage freezes is named by the delta's ``frozen_names`` (saved, never trained):
-  knowledge = task adapter frozen; task = domain adapters frozen; the gate trains in both (as the official
-  stage 1). ``set_mixda_stage(model, name, "task")`` switches in place (same state-dict keys), e.g. after loading
-  a knowledge-stage adapter; build the optimizer after switching.
-- Task adapter (``task_adapter=True``; the official uses adapter-transformers' Houlsby/Pfeiffer adapters on the
+- stages (``stage``): what a stage freezes is named by the delta's ``frozen_names`` (saved, never trained):
+  knowledge = task adapter frozen; task = domain adapters frozen; the gate trains in both.
+  ``set_mixda_stage(model, name, "task")`` switches in place (same state-dict keys), e.g. after loading a
+  knowledge-stage adapter; build the optimizer after switching.
+- task adapter (``task_adapter=True``; the official uses adapter-transformers' Houlsby/Pfeiffer adapters on the
   layer output): a Pfeiffer-style bottleneck on the mixed output, y + U_t GELU(D_t y) (hidden/16, U_t = 0).
 - the official adapts RoBERTa-large layers 7 and 11 only: use ``layers_to_transform`` for that.
 """
@@ -70,7 +70,15 @@ DOMAIN_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias")
 @dataclass
 class MixdaConfig(AdapterConfig):
     """``n_domains`` domain adapters (or ``domains``: their names, which string keys use). ``key_to_domain``:
-    task name -> domain index (-1: general data), resolved through the sorted names as the training loop's ids."""
+    task name -> domain index (-1: general data), resolved through the sorted names as the training loop's ids.
+
+    - ``stage``: ``knowledge`` (domain adapters and gate train) or ``task`` (gate and task adapter train).
+    - ``reduction``: bottleneck of each domain adapter = input width / reduction.
+    - ``gate_hidden``: hidden width of the gate (None: min(768, input / 4)). ``gate_depth``: its Linear layers
+      before the output. ``gate_dropout``: its dropout.
+    - ``task_adapter``: add a task adapter on the mixed output; ``task_reduction``: its bottleneck divisor.
+    - ``general_mse_coef``: weight of the stage-1 MSE to the FFN output on general rows.
+    """
 
     target_modules: list[str] | str | None = field(default_factory=lambda: ["down_proj"])
     n_domains: int | None = None
@@ -135,7 +143,7 @@ class MixdaAdapter(MixtureDelta):
         self.stage = stage  # what trains follows through frozen_names (the core re-reads it)
 
     def frozen_names(self) -> list[str]:
-        """Knowledge stage: the task adapter is frozen; task stage: the domain adapters. The gate always trains."""
+        """Knowledge stage: the task adapter is frozen; task stage: the domain adapters (the gate trains in both)."""
         if self.stage == "knowledge":
             return [n for n, _ in self.named_parameters() if n.startswith(("task_down.", "task_up."))]
         return list(DOMAIN_TENSORS)
