@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.core.layer import AdapterLayer
 from lorakit.core.model import adapter_layers
 
 from lk_models import tiny_gpt2, tiny_llama
@@ -139,9 +140,12 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads, "no parameter received a gradient"
     assert all(".adapters.b." in n for n in grads), f"gradients outside adapter b: {sorted(grads)[:5]}"
+    # a delta's frozen_names() (FFA-LoRA's A, LoRA-XS's A and B) stay frozen; everything else of b trains
+    frozen = {f"{real}.adapters.b.{p}" for real, m in model.named_modules() if isinstance(m, AdapterLayer)
+              and "b" in m.adapters for p in m.adapters["b"].frozen_names()}
     for n, p in model.named_parameters():
         if ".adapters.b." in n:
-            assert p.requires_grad
+            assert p.requires_grad != (n in frozen), n
         else:
             assert not p.requires_grad, n
     model.eval()

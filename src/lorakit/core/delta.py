@@ -8,7 +8,7 @@ DyLoRA, SoRA, LoRA-LEGO — work on units and per-unit gates instead of re-imple
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -142,6 +142,12 @@ class Delta(nn.Module):
 
     def units(self) -> RankUnits:
         raise NotImplementedError(f"{type(self).__name__} does not expose rank-one units")
+
+    def frozen_names(self) -> Iterable[str]:
+        """Names (as in ``named_parameters()``) of this delta's parameters that must not train, e.g. FFA-LoRA's
+        ``lora_A.weight``. Re-read whenever the core turns training on (``set_adapter``,
+        :func:`~lorakit.core.model.refresh_trainable`), so a method may change it during training."""
+        return ()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -187,15 +187,24 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     state.active = names
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
-        for n, delta in layer.adapters.items():
-            trainable = n in names and not state.configs[n].inference_mode
-            for p in delta.parameters():
-                p.requires_grad_(trainable)
+    refresh_trainable(model)
     for _, wrapper in _save_wrappers(model):
         wrapper.active = [n for n in names if n in wrapper.copies]
         for n, c in wrapper.copies.items():
             for p in c.parameters():
                 p.requires_grad_(n in names and not state.configs[n].inference_mode)
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Re-apply which adapter parameters train: those of active, trainable adapters, minus each delta's
+    ``frozen_names()``. Call it after a method changes what is frozen during training."""
+    state = adapter_state(model)
+    for _, layer in adapter_layers(model):
+        for n, delta in layer.adapters.items():
+            trainable = n in state.active and not state.configs[n].inference_mode
+            frozen = set(delta.frozen_names()) if trainable else set()
+            for pname, p in delta.named_parameters():
+                p.requires_grad_(trainable and pname not in frozen)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
