@@ -6,8 +6,8 @@ from .core.config import AdapterConfig  # noqa: E402
 from .core.errors import (AdapterError, AdapterLoadError, ConfigError, LorakitError, TargetError,  # noqa: E402
                           UnknownMethodError)
 from .core.model import (active_adapters, adapter_names, add_adapter, delete_adapter, disable_adapters,  # noqa: E402
-                         merge_adapter, merge_and_unload, print_trainable_parameters, set_adapter,
-                         trainable_parameters, unload, unmerge_adapter)
+                         merge_adapter, merge_and_unload, print_trainable_parameters, refresh_trainable,
+                         set_adapter, trainable_parameters, unload, unmerge_adapter)
 from .core.registry import get_method, list_methods, register_method  # noqa: E402
 from .core.routing import current_routing, routing  # noqa: E402
 from .io.peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter  # noqa: E402
@@ -16,7 +16,7 @@ from .methods.lora import LoraConfig  # noqa: E402
 __all__ = [
     "__version__", "AdapterConfig", "LoraConfig", "AdapterError", "AdapterLoadError", "ConfigError", "LorakitError",
     "TargetError", "UnknownMethodError", "active_adapters", "adapter_names", "add_adapter", "delete_adapter",
-    "disable_adapters", "merge_adapter", "merge_and_unload", "print_trainable_parameters", "set_adapter",
+    "disable_adapters", "merge_adapter", "merge_and_unload", "print_trainable_parameters", "refresh_trainable", "set_adapter",
     "trainable_parameters", "unload", "unmerge_adapter", "get_method", "list_methods", "register_method",
     "current_routing", "routing", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter",
 ]

@@ -89,7 +89,7 @@ def test_one_hot_gate_equals_that_adapter_alone(tmp_path, ids):
         torch.testing.assert_close(got, alone(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-def test_gate_only_trains_only_the_gate_and_banks_are_buffers(tmp_path):
+def test_gate_only_trains_only_the_gate_and_banks_are_frozen(tmp_path):
     paths = make_sources(tmp_path, tiny_llama)
     model = lk.add_adapter(tiny_llama(), MeteoraConfig(adapter_paths=paths))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

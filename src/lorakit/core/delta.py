@@ -97,7 +97,13 @@ class RankUnits:
 
 
 class Delta(nn.Module):
-    """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``."""
+    """Base class of adapter deltas. Subclasses implement ``forward`` and ``delta_weight``.
+
+    What trains: every parameter of an active adapter trains except those named by :meth:`frozen_names`
+    (a delta's frozen parts stay ``nn.Parameter`` s, so they are saved, moved and cast like the rest, and can
+    be unfrozen later). Tensors that are regenerated rather than learned or saved (e.g. NOLA's random bases,
+    rebuilt from a seed in the config) are non-persistent buffers: ``register_buffer(name, t, persistent=False)``.
+    """
 
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     # Input-dependent deltas (mixtures) have no fixed ΔW: merging them into the base is refused.
@@ -140,14 +146,17 @@ class Delta(nn.Module):
         """The terms used at merge time, rebuilt from what ``merge_terms`` cached."""
         return MergeTerms(weight=self.delta_weight().float(), bias=self.delta_bias())
 
+    def frozen_names(self) -> Iterable[str]:
+        """Names of this delta's parameters (as in ``self.named_parameters()``) that must not train.
+
+        Default: none. The answer may change over time (staged training, gradual freezing); the core reads it
+        whenever it turns training on (``set_adapter``, ``lorakit.refresh_trainable``), so a method that
+        changes it calls ``lorakit.refresh_trainable(model)`` afterwards. Unknown names raise AdapterError there.
+        """
+        return ()
+
     def units(self) -> RankUnits:
         raise NotImplementedError(f"{type(self).__name__} does not expose rank-one units")
-
-    def frozen_names(self) -> Iterable[str]:
-        """Names (as in ``named_parameters()``) of this delta's parameters that must not train, e.g. FFA-LoRA's
-        ``lora_A.weight``. Re-read whenever the core turns training on (``set_adapter``,
-        :func:`~lorakit.core.model.refresh_trainable`), so a method may change it during training."""
-        return ()
 
     @property
     def dtype(self) -> torch.dtype:

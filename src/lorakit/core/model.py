@@ -178,7 +178,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Activate one adapter or several (their deltas add up). Active adapters are trainable."""
+    """Activate one adapter or several (their deltas add up). Active adapters are trainable, except the
+    parameters their deltas freeze (``Delta.frozen_names``) and adapters loaded for inference.
+    Raises AdapterError for an unknown name (with near matches)."""
     names = [names] if isinstance(names, str) else list(names)
     state = adapter_state(model)
     for n in names:
@@ -187,24 +189,36 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     state.active = names
     for _, layer in adapter_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
-    refresh_trainable(model)
     for _, wrapper in _save_wrappers(model):
         wrapper.active = [n for n in names if n in wrapper.copies]
-        for n, c in wrapper.copies.items():
-            for p in c.parameters():
-                p.requires_grad_(n in names and not state.configs[n].inference_mode)
+    refresh_trainable(model)
 
 
 def refresh_trainable(model: nn.Module) -> None:
-    """Re-apply which adapter parameters train: those of active, trainable adapters, minus each delta's
-    ``frozen_names()``. Call it after a method changes what is frozen during training."""
+    """Re-apply ``requires_grad`` to every adapter parameter from the current state.
+
+    A parameter trains iff its adapter is active, was not loaded for inference (``inference_mode``), and its
+    delta does not name it in :meth:`Delta.frozen_names <lorakit.core.delta.Delta.frozen_names>`.
+    ``set_adapter`` calls this; call it yourself after changing what a delta freezes (stages, gradual
+    freezing). Base parameters are not touched. Raises AdapterError when a delta names a frozen parameter it
+    does not have.
+    """
     state = adapter_state(model)
-    for _, layer in adapter_layers(model):
+    for path, layer in adapter_layers(model):
         for n, delta in layer.adapters.items():
-            trainable = n in state.active and not state.configs[n].inference_mode
-            frozen = set(delta.frozen_names()) if trainable else set()
-            for pname, p in delta.named_parameters():
-                p.requires_grad_(trainable and pname not in frozen)
+            on = n in state.active and not state.configs[n].inference_mode
+            frozen = set(delta.frozen_names())
+            params = dict(delta.named_parameters())
+            unknown = frozen - params.keys()
+            if unknown:
+                raise AdapterError(f"{type(delta).__name__} at {path!r} (adapter {n!r}) freezes unknown parameter(s) "
+                                   f"{sorted(unknown)}; its parameters are {sorted(params)}")
+            for pname, p in params.items():
+                p.requires_grad_(on and pname not in frozen)
+    for _, wrapper in _save_wrappers(model):
+        for n, c in wrapper.copies.items():
+            for p in c.parameters():
+                p.requires_grad_(n in state.active and not state.configs[n].inference_mode)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -330,11 +344,23 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Parameters of adapter ``name`` (deltas and modules_to_save copies), by their name in the model."""
+def adapter_parameters(model: nn.Module, name: str, *, trainable_only: bool = False) -> dict[str, nn.Parameter]:
+    """Parameters of adapter ``name`` (deltas and modules_to_save copies), by their name in the model.
+
+    ``trainable_only=True`` leaves out what the adapter's deltas freeze (``Delta.frozen_names``), whether or
+    not the adapter is active now: the parameters an optimizer for this adapter should hold.
+    """
     if name not in adapter_state(model).configs:
         raise AdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
-    return {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n or f".copies.{name}." in n}
+    frozen: set[int] = set()
+    if trainable_only:
+        for _, layer in adapter_layers(model):
+            if name in layer.adapters:
+                delta = layer.adapters[name]
+                params = dict(delta.named_parameters())
+                frozen.update(id(params[f]) for f in delta.frozen_names() if f in params)
+    return {n: p for n, p in model.named_parameters()
+            if (f".adapters.{name}." in n or f".copies.{name}." in n) and id(p) not in frozen}
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

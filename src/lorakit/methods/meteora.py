@@ -31,8 +31,8 @@ Choices and deviations:
 - Adapters may have different ranks, alphas and rsLoRA settings: all A's are stacked (R_total, in), all B's
   (out, R_total), with an ``owner`` map and per-rank scaling, and the forward is two GEMMs whatever N is
   (``mixtures.experts.rank_block_delta``). The official batched kernel requires identical ranks.
-- ``train_adapters=False`` (default) trains the gate only, as the paper; the banks are then buffers, not
-  parameters, so nothing can make them trainable and they still save. ``True`` trains gate and adapters,
+- ``train_adapters=False`` (default) trains the gate only, as the paper; the banks are then frozen
+  parameters (the bank's ``frozen_names``): ``set_adapter`` never makes them trainable and they still save. ``True`` trains gate and adapters,
   as the released script does (``meteora_train.py``).
 - ``lora_dropout`` applies one dropout to the whole bank; the official code hard-codes 0.1.
 - A module that some adapter does not adapt gets a zero block for it (a fresh LoRA: A Kaiming, B zero).
@@ -107,7 +107,7 @@ class MeteoraLinear(LoraBank):
     an owner map, per-rank scaling), gated per token by a top-k router on the input."""
 
     def __init__(self, info: LayerInfo, config: MeteoraConfig):
-        super().__init__(info, config, trainable=config.train_adapters)  # gate-only: frozen banks are buffers
+        super().__init__(info, config, trainable=config.train_adapters)  # gate-only: the bank is frozen
         strategy = "topk_logits" if config.gate_path == "fast" else "topk"
         self.router = Router(info.in_features, config.n_adapters, strategy=strategy, top_k=config.top_k,
                              temperature=config.temperature, init_std=1.0)

@@ -29,10 +29,10 @@ Choices and deviations:
   min(768, in/4) so small models get a proportionate gate. The gate input is x at the last REAL token (the
   routing context's ``token_mask``; without one, the last position as in the official code, which is padding
   for right-padded rows). With a KV cache each step's gate sees only the new token.
-- Stages (``stage``): the core's ``set_adapter`` makes every parameter of an active adapter trainable, so what a
-  stage freezes is held as saved buffers: knowledge = domain adapters trainable, gate and task adapter buffers;
-  task = the reverse. ``set_mixda_stage(model, name, "task")`` converts in place (same state-dict keys), e.g.
-  after loading a knowledge-stage adapter; build the optimizer after switching.
+- Stages (``stage``): what a stage freezes is named by the delta's ``frozen_names`` (saved, never trained):
+  knowledge = domain adapters trainable, gate and task adapter frozen; task = the reverse.
+  ``set_mixda_stage(model, name, "task")`` switches in place (same state-dict keys), e.g. after loading a
+  knowledge-stage adapter; build the optimizer after switching.
 - Task adapter (``task_adapter=True``; the official uses adapter-transformers' Houlsby/Pfeiffer adapters on the
   layer output): a Pfeiffer-style bottleneck on the mixed output, y + U_t GELU(D_t y) (hidden/16, U_t = 0).
 - The official adapts RoBERTa-large layers 7 and 11 only: use ``layers_to_transform`` for that.
@@ -93,20 +93,6 @@ class MixdaConfig(AdapterConfig):
         _check_mapping("MixdaConfig", "key_to_domain", self.key_to_domain, self.n_domains)
 
 
-def _hold(module: nn.Module, names: tuple[str, ...], trainable: bool) -> None:
-    """Hold ``module``'s tensors ``names`` as parameters (trainable) or as saved buffers (frozen)."""
-    for name in names:
-        t = module._parameters.get(name, module._buffers.get(name))
-        if t is None:
-            continue
-        module._parameters.pop(name, None)
-        module._buffers.pop(name, None)
-        if trainable:
-            module.register_parameter(name, nn.Parameter(t.detach()))
-        else:
-            module.register_buffer(name, t.detach())
-
-
 class MixdaAdapter(MixtureDelta):
     """K bottleneck domain adapters beside one linear layer, a sequence-level gate and an optional task adapter."""
 
@@ -139,11 +125,13 @@ class MixdaAdapter(MixtureDelta):
         self.set_stage(config.stage)
 
     def set_stage(self, stage: str) -> None:
-        self.stage = stage
-        _hold(self, DOMAIN_TENSORS, stage == "knowledge")
-        for part in (self.gate, self.task_down, self.task_up):
-            for module in part.modules() if part is not None else ():
-                _hold(module, ("weight", "bias"), stage == "task")
+        self.stage = stage  # what trains follows through frozen_names (the core re-reads it)
+
+    def frozen_names(self) -> list[str]:
+        """Knowledge stage: the gate and task adapter are frozen; task stage: the domain adapters."""
+        if self.stage == "knowledge":
+            return [n for n, _ in self.named_parameters() if n not in DOMAIN_TENSORS]
+        return list(DOMAIN_TENSORS)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -110,8 +110,8 @@ def bank_file_fields(config: LoraBankConfig, layers: list[LayerInfo]) -> dict[st
 
 
 class LoraBank(MixtureDelta):
-    """N LoRA experts stacked as rank blocks: ``A`` (R_total, in), ``B`` (out, R_total). Frozen banks
-    (``trainable=False``) are saved buffers, out of reach of ``requires_grad_``."""
+    """N LoRA experts stacked as rank blocks: ``A`` (R_total, in), ``B`` (out, R_total). A frozen bank
+    (``trainable=False``) names both in ``frozen_names``: saved with the adapter, never trained."""
 
     def __init__(self, info: LayerInfo, config: LoraBankConfig, trainable: bool):
         super().__init__(info, config.n_adapters)
@@ -120,11 +120,8 @@ class LoraBank(MixtureDelta):
         for start, r in zip(torch.tensor([0] + ranks).cumsum(0).tolist(), ranks):
             nn.init.kaiming_uniform_(A[start:start + r], a=math.sqrt(5))  # each block as its own nn.Linear would
         B = torch.zeros(info.out_features, sum(ranks))  # (out, R_total)
-        if trainable:
-            self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
-        else:
-            self.register_buffer("lora_A", A)
-            self.register_buffer("lora_B", B)
+        self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
+        self.bank_frozen = not trainable
         owner = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks))  # (R_total,)
         scaling = torch.tensor([a / (math.sqrt(r) if rs else r) for r, a, rs in
                                 zip(ranks, config.expert_alpha, config.expert_use_rslora)])
@@ -132,6 +129,9 @@ class LoraBank(MixtureDelta):
         self.register_buffer("rank_scaling", scaling[owner], persistent=False)  # (R_total,)
         self.ranks = ranks
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def frozen_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") if self.bank_frozen else ()
 
     @torch.no_grad()
     def set_adapter_block(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:

@@ -14,8 +14,8 @@ Follows PEFT's ``XLoraModel`` (peft ``tuners/xlora``), with its option names and
 Dropout(p), ``Linear(size, N[·L])`` (PEFT always has the ReLU/Dropout; the xlora repo can turn them off); softmax
 over the adapters with temperature; ``top_k_lora`` zeroes all but the k largest scalings (no renormalisation),
 ``enable_softmax_topk`` then takes a softmax over the kept k of the current scalings. "Modules" are the adapted
-modules in model order (PEFT's ``layer_number``), not transformer blocks. Adapters are frozen (saved buffers)
-unless ``use_trainable_adapters``; only the head trains.
+modules in model order (PEFT's ``layer_number``), not transformer blocks. Adapters are frozen (the bank's
+``frozen_names``: saved, never trained) unless ``use_trainable_adapters``; only the head trains.
 
 Choices:
 - Adapters are rank blocks of one bank per module (``routed.LoraBank``: stacked A's and B's, owner map,

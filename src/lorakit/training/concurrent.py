@@ -81,7 +81,7 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
     state = []
     for job in jobs:
         c = job.config
-        params = adapter_parameters(model, job.adapter_name)
+        params = adapter_parameters(model, job.adapter_name, trainable_only=True)
         opt = torch.optim.AdamW(list(params.values()), lr=c.lr, weight_decay=c.weight_decay)
         state.append({"job": job, "data": TokenizedDataset(job.examples, tokenizer, max_length=c.max_length),
                       "stream": DataStream(len(job.examples), c.seed), "opt": opt, "params": params,
