@@ -99,6 +99,16 @@ class AdapterConfig:
         except re.error as e:
             raise ConfigError(f"{type(self).__name__}.{name}={pattern!r} is not a valid regular expression: {e}") from None
 
+    def requested_init(self) -> str | None:
+        """The registered init (``lorakit.list_inits()``) this config asks for, or None for the method's own
+        initialisation. LoRA reads PEFT's ``init_lora_weights``; other methods may name a field of their own."""
+        return None
+
+    def with_init(self, init: str) -> "AdapterConfig":
+        """A copy of this config that asks for init ``init`` (raises ConfigError where the method has no init field)."""
+        raise ConfigError(f"method {self.method!r} has no field that selects an init, so {init!r} cannot be applied "
+                          "to it; inits work on methods whose config overrides with_init (e.g. lora).")
+
     def for_module(self, module_name: str) -> "AdapterConfig":
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self

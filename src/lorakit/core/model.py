@@ -17,6 +17,7 @@ from torch import nn
 from .config import AdapterConfig
 from .delta import describe_layer, SUPPORTED_LAYERS
 from .errors import AdapterError, TargetError, did_you_mean
+from .inits import InitRecord, init_adapter, init_pending, requested_init, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
 from .targeting import iter_host_modules, select_modules_to_save, select_targets
@@ -30,6 +31,7 @@ class AdapterState:
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    inits: dict[str, InitRecord] = field(default_factory=dict)  # inits run on each adapter and their base edits
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -42,6 +44,13 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_state(model).configs)
+
+
+def check_adapter(model: nn.Module, name: str) -> None:
+    """Raise AdapterError (with near matches) unless ``model`` has an adapter ``name``."""
+    configs = adapter_state(model).configs
+    if name not in configs:
+        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
 
 
 def host_path(real_path: str) -> str:
@@ -167,13 +176,24 @@ def attach_plan(model: nn.Module, plan: AdapterPlan) -> None:
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *,
-                autocast_adapter_dtype: bool = True) -> nn.Module:
+                autocast_adapter_dtype: bool = True, init: str | None = None,
+                init_batches: list | None = None) -> nn.Module:
     """Inject adapter ``name`` into every module ``config`` selects. Returns the same model.
 
     All base parameters are frozen. The first adapter added becomes active; later ones are added
     inactive (``set_adapter`` switches). Nothing is attached if any target fails.
+
+    ``init`` names a registered init (``lorakit.list_inits()``; for LoRA the same as setting PEFT's
+    ``init_lora_weights``, e.g. ``"pissa"``), run right after attaching (see ``lorakit.init_adapter``). A
+    data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
+    ``lorakit.training.train`` runs it on its first batches.
     """
+    if init is not None:
+        config = config.with_init(init)
     attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
+    wanted = requested_init(model, name)
+    if wanted is not None and (not wanted.needs_data or init_batches):
+        init_adapter(model, name, init_batches)
     return model
 
 
@@ -243,6 +263,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, layer in list(adapter_layers(model)):
         if name in layer.merged:
             raise AdapterError(f"adapter {name!r} is merged into {path!r}; unmerge_adapter before deleting it")
+    restore_base(model, name)  # an init that moved part of the base into the adapter gives it back
     for path, layer in list(adapter_layers(model)):
         if name in layer.adapters:
             del layer.adapters[name]
@@ -325,6 +346,11 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
     """Merge the (active) adapters and return the plain host model, with no lorakit layer left."""
     state = adapter_state(model)
     names = list(state.active) if names is None else names
+    dropped = [n for n in state.inits if n not in names]
+    if dropped:  # adapters dropped unmerged give back what their init took from the base
+        unmerge_adapter(model)
+        for n in dropped:
+            restore_base(model, n)
     merge_adapter(model, names)
     _unwrap(model, keep_copy_of=names[0] if names else None)
     for n, config in list(state.configs.items()):
@@ -334,8 +360,11 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging; returns the plain host model."""
+    """Remove every adapter without merging; returns the plain host model (base weights an init changed restored)."""
     unmerge_adapter(model)
+    if hasattr(model, STATE_ATTR):
+        for n in list(adapter_state(model).inits):
+            restore_base(model, n)
     _unwrap(model)
     if hasattr(model, STATE_ATTR):
         for n, config in list(adapter_state(model).configs.items()):

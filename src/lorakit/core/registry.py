@@ -52,6 +52,10 @@ class Method:
     param_groups: Callable[..., Any] | None = None
     extra_loss: Callable[..., Any] | None = None
     to_lora: Callable[..., Any] | None = None
+    # ``to_original_base(config, file_config, tensors, edits) -> (file_config, tensors)``: rewrite the saved file
+    # (tensors keyed ``<module path>.<param>``) so it works on the original base, given the init's base edits
+    # (``core.inits.BaseEdit`` by module path); used by ``save_adapter(..., original_base=True)``.
+    to_original_base: Callable[..., Any] | None = None
     # (config, layer infos) -> extra fields for adapter_config.json (e.g. PEFT's fan_in_fan_out).
     file_fields: Callable[..., dict[str, Any]] | None = None
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).

@@ -19,6 +19,7 @@ from .. import __version__
 from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, did_you_mean,
                            near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
+from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter
 from ..core.registry import get_method, method_for_file
 from .files import atomic_write_json, load_tensors, read_json, save_tensors
@@ -62,11 +63,29 @@ def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     return d
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (each atomically) into ``directory``."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
+                 original_base: bool = False) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (each atomically) into ``directory``.
+
+    By default the file is the adapter as it is; when its init changed the base (PiSSA, OLoRA), its config still
+    names that init, and loading it into the original base re-runs the init there first (as PEFT does).
+    ``original_base=True`` instead writes an adapter that works on the *original, untouched* base, folding in
+    what the init took from it (PEFT's ``path_initial_model_for_weight_conversion``: for LoRA a rank-2r LoRA,
+    ``ΔW' = ΔW + (W_res − W_orig)``). Raises AdapterError when the method cannot express that
+    (``Method.to_original_base`` missing).
+    """
     directory = Path(directory)
     tensors = adapter_state_dict(model, name)
     config = config_file_dict(model, name)
+    edits = base_edits(model, name)
+    if original_base and edits:
+        method = get_method(adapter_state(model).configs[name])
+        if method.to_original_base is None:
+            raise AdapterError(f"method {method.name!r} cannot write adapter {name!r} for the original base (its init "
+                               "changed the base weights); save it as is, or restore_base and retrain.")
+        plain = {k[len(PREFIX):]: v for k, v in tensors.items()}
+        config, plain = method.to_original_base(adapter_state(model).configs[name], config, plain, edits)
+        tensors = {PREFIX + k: v for k, v in plain.items()}
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lorakit_version": __version__})
     atomic_write_json(directory / CONFIG_NAME, config)
@@ -130,12 +149,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     ``rank``); an unknown field raises ConfigError naming the config's fields. Every check (config, file
     integrity, finiteness, key coverage, shapes) runs before the model is touched: a failed load leaves the
     model exactly as it was.
+
+    A config naming an init that changes the base (PEFT's ``init_lora_weights="pissa"``, ``"olora"``) is relative
+    to the changed base: that init runs again on this model's base (``Init.rerun_on_load``) before the saved
+    tensors are copied in. A data-driven init is not re-run (the file holds its result).
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
     if config_overrides:
         config = override_config(config, config_overrides, source=str(directory))
     config.inference_mode = not is_trainable
+    init = find_init(config.requested_init()) if config.requested_init() is not None else None
+    if init is not None and init.changes_base and not init.rerun_on_load:
+        raise AdapterLoadError(f"{directory}: the adapter is relative to a base that the data-driven init "
+                               f"{init.name!r} changed, which cannot be recomputed here; save it with "
+                               "save_adapter(..., original_base=True) to get a file for the original base.")
     tensors = load_tensors(weights_path(directory))
     plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype)
     expected = plan.state_dict()
@@ -189,6 +217,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         for path, module in plan.saved.items():
             _copy_into(module, path, given)
     attach_plan(model, plan)
+    if init is not None and init.rerun_on_load:
+        init_adapter(model, name)  # rebuild the changed base, then put the trained tensors back
+        with torch.no_grad():
+            for path, (_, _, delta) in plan.deltas.items():
+                _copy_into(delta, path, given)
+    elif init is not None:  # its result is in the file: never run it again (e.g. by the training loop)
+        adapter_state(model).inits[name] = InitRecord(init=init.name, spec=str(config.requested_init()))
     return model
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
-from ..core.errors import ConfigError
+from ..core.errors import AdapterError, ConfigError, did_you_mean
+from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -71,14 +72,22 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.init_lora_weights not in INIT_CHOICES:
+        if self.init_lora_weights not in INIT_CHOICES and find_init(self.init_lora_weights) is None:
+            names = [i.name for i in list_inits()]
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported; choose one of "
-                f"{INIT_CHOICES} (data-driven inits such as PiSSA/EVA/LoRA-GA are separate lorakit methods)."
+                f"{INIT_CHOICES} or a registered init ({', '.join(names)}).{did_you_mean(str(self.init_lora_weights), names)}"
             )
         for k, v in self.rank_pattern.items():
             if v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be positive, got {v}.")
+
+    def requested_init(self) -> str | None:
+        init = self.init_lora_weights
+        return init if isinstance(init, str) and init not in INIT_CHOICES else None
+
+    def with_init(self, init: str) -> "LoraConfig":
+        return replace(self, init_lora_weights=init)
 
     def for_module(self, module_name: str) -> "LoraConfig":
         r = pattern_value(self.rank_pattern, module_name, self.r)
@@ -268,11 +277,46 @@ def lora_file_fields(config: LoraConfig, layers: list[LayerInfo]) -> dict[str, A
             "task_type": None}
 
 
+def lora_to_original_base(config: LoraConfig, file_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                          edits: Mapping[str, BaseEdit]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter as a rank-2r LoRA on the original base, as PEFT's ``path_initial_model_for_weight_conversion``:
+    with ``W_res = W_orig + s_e B_e A_e``, ``ΔW' = s B A + s_e B_e A_e = s [B, (s_e/s) B_e] [A; A_e]``. ``r``,
+    ``lora_alpha`` (×√2 under rsLoRA), ``rank_pattern`` and ``alpha_pattern`` double so every scaling stays;
+    layers the init did not change get zero blocks. ``init_lora_weights`` becomes True (a plain LoRA)."""
+    if config.use_dora:
+        raise AdapterError("a DoRA adapter cannot be rewritten for the original base: its magnitude is relative to "
+                           "the changed base weight (PEFT does not convert DoRA either).")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise AdapterError("rank_pattern/alpha_pattern with use_rslora cannot keep their scalings when the rank "
+                           "doubles (as in PEFT); save the adapter as is.")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        path, _, param = key.rpartition(".lora_")
+        param = "lora_" + param
+        edit = edits.get(path)
+        if param in ("lora_A.weight", "lora_embedding_A"):
+            extra = edit.A if edit is not None else torch.zeros_like(value)
+            out[key] = torch.cat([value, extra.to(value)], dim=0)  # (2r, in)
+        elif param in ("lora_B.weight", "lora_embedding_B"):
+            if edit is not None:
+                extra = edit.B * (edit.scaling / config.for_module(path).scaling)
+            else:
+                extra = torch.zeros_like(value)
+            out[key] = torch.cat([value, extra.to(value)], dim=1)  # (out, 2r)
+        else:
+            out[key] = value
+    file_config = dict(file_config, init_lora_weights=True, r=2 * config.r,
+                       lora_alpha=config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2),
+                       rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                       alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
+    return file_config, out
+
+
 register_method(
     "lora", config=LoraConfig, build=build_lora, peft_type="LORA", layer_kinds=("linear", "embedding"),
     description="Low-rank update s·BA on frozen layers (+ use_rslora, use_dora); PEFT-identical.",
     paper="Hu et al. 2021, arXiv:2106.09685 (rsLoRA 2312.03732, DoRA 2402.09353)",
-    file_fields=lora_file_fields,
+    file_fields=lora_file_fields, to_original_base=lora_to_original_base,
     variants={"lora": {}, "rslora": {"use_rslora": True, "lora_alpha": 16}, "dora": {"use_dora": True},
               "lora_bias": {"lora_bias": True}, "lora_gaussian": {"init_lora_weights": "gaussian"}},
 )

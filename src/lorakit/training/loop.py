@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import AdapterError
+from ..core.inits import init_adapter, init_pending
 from ..core.model import active_adapters, adapter_names, adapter_state, trainable_parameters
 from ..core.registry import Method, get_method
 from ..core.routing import routing
@@ -214,11 +215,14 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
 
     was_training = model.training
     model.train()
-    if method.init is not None:
+    if method.init is not None or init_pending(model, adapter_name):
         # Run on resume too: an init may also rewrite base weights (PiSSA-style), which the checkpoint does
         # not hold. The adapter weights and RNG it leaves are then replaced from the checkpoint.
         batches = [to_device(micro_batch(i * config.batch_size)) for i in range(config.init_batches)]
-        method.init(model, adapter_name, batches)
+        if method.init is not None:
+            method.init(model, adapter_name, batches)
+        if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
+            init_adapter(model, adapter_name, batches)
     optimizer, params = make_optimizer(model, adapter_name, config, method)
 
     step, position, tokens_seen = 0, 0, 0

@@ -1,0 +1,216 @@
+"""The init registry: initialisations that run on a model after an adapter is attached, outside the training loop.
+
+An init sets an adapter's tensors from the base weights (PiSSA, OLoRA), from activations (EVA) or from gradients
+(LoRA-GA), and may move part of the base weight into the adapter. Whatever it changes in the base it records as
+a low-rank :class:`BaseEdit` (``W_now = W_orig + scaling · B A``), so that
+
+- ``restore_base`` (and ``delete_adapter`` / ``unload``) put the original base weights back, and
+- ``save_adapter(..., original_base=True)`` writes a file that works on the *original* base (PEFT's
+  ``path_initial_model_for_weight_conversion``), through the method's ``to_original_base`` hook.
+
+An init is chosen by name: by the config (for LoRA, PEFT's ``init_lora_weights`` value: ``"pissa"``,
+``"olora"`` …, so the saved file stays a PEFT LoRA), by ``add_adapter(..., init=NAME)`` or by
+:func:`init_adapter`. Implementations live in ``lorakit/init/`` (one file per init family) and call
+:func:`register_init` once at import, like methods. This module only holds the registry and the records.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import torch
+
+from .errors import AdapterError, ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .layer import AdapterLayer
+
+
+@dataclass(frozen=True)
+class Init:
+    """One registered initialisation.
+
+    ``run(model, adapter_name, batches, spec, **options) -> dict[path, BaseEdit]`` sets the adapter's tensors
+    in place and returns what it changed in the base (``{}`` when the base is untouched); ``spec`` is the value
+    that named it (e.g. ``"pissa_niter_4"``). ``pattern`` is a regular expression every accepted spelling
+    matches in full (default: the name). ``needs_data``: ``run`` needs ``batches`` (a list of model-input
+    dicts); such an init left pending by ``add_adapter`` runs in ``lorakit.training.train`` on its first
+    batches. ``rerun_on_load``: loading a saved adapter whose config names this init recomputes it on the
+    fresh base before copying the trained tensors (PiSSA / OLoRA, as PEFT does), since the file is relative
+    to the changed base.
+    """
+
+    name: str
+    run: Callable[..., dict[str, "BaseEdit"]]
+    description: str
+    paper: str = ""
+    pattern: str = ""
+    needs_data: bool = False
+    changes_base: bool = False
+    rerun_on_load: bool = False
+
+    def accepts(self, spec: Any) -> bool:
+        return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None
+
+
+@dataclass
+class BaseEdit:
+    """A low-rank change an init made to one base layer: ``W_now = W_orig + scaling · B @ A`` for the weight
+    as (out, in); ``A`` (r, in), ``B`` (out, r), float32 on the layer's device."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    def weight(self) -> torch.Tensor:
+        return self.scaling * (self.B @ self.A)  # (out, in)
+
+
+@dataclass
+class InitRecord:
+    """What ``init_adapter`` did for one adapter: the init's name, the spelling that chose it, base edits."""
+
+    init: str
+    spec: str
+    edits: dict[str, BaseEdit] = field(default_factory=dict)
+
+
+_INITS: dict[str, Init] = {}
+
+
+def register_init(name: str, *, run: Callable[..., dict[str, BaseEdit]], description: str, **options: Any) -> Init:
+    """Register an init under ``name``. Call once, at import of the init's module (in ``lorakit/init/``)."""
+    if name in _INITS and _INITS[name].run is not run:
+        raise ValueError(f"init {name!r} is already registered by {_INITS[name].run.__qualname__}")
+    init = Init(name=name, run=run, description=description, **options)
+    _INITS[name] = init
+    return init
+
+
+def find_init(spec: Any) -> Init | None:
+    """The registered init a spelling names (``"pissa_niter_4"`` -> PiSSA), else None."""
+    for init in _INITS.values():
+        if init.accepts(spec):
+            return init
+    return None
+
+
+def get_init(spec: str) -> Init:
+    """The registered init ``spec`` names; ConfigError with near matches otherwise."""
+    init = find_init(spec)
+    if init is None:
+        raise ConfigError(f"unknown init {spec!r}.{did_you_mean(str(spec), _INITS)} Registered inits: "
+                          f"{', '.join(sorted(_INITS)) or 'none'}.")
+    return init
+
+
+def list_inits() -> list[Init]:
+    return [_INITS[k] for k in sorted(_INITS)]
+
+
+# -- running inits and undoing their base edits ------------------------------------------------------------
+def requested_init(model: "nn.Module", adapter_name: str) -> Init | None:
+    """The init adapter ``adapter_name``'s config asks for (None: the method's own default init)."""
+    from .model import adapter_state
+
+    spec = adapter_state(model).configs[adapter_name].requested_init()
+    return None if spec is None else get_init(spec)
+
+
+def init_pending(model: "nn.Module", adapter_name: str) -> bool:
+    """True when the adapter's config names an init that has not run yet (a data-driven one left by add_adapter)."""
+    from .model import adapter_state
+
+    return requested_init(model, adapter_name) is not None and adapter_name not in adapter_state(model).inits
+
+
+def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Iterable[Mapping[str, Any]] | None = None,
+                 *, init: str | None = None, **options: Any) -> InitRecord:
+    """Run an init on adapter ``adapter_name`` of ``model`` now, outside any training loop.
+
+    ``init``: a registered init's name (a PEFT ``init_lora_weights`` value for LoRA); None = the one the
+    adapter's config names. Naming one also writes it into the config (``config.with_init``), so the saved file
+    says how it was initialised. ``batches``: model-input dicts (``input_ids``, ``attention_mask`` …) for
+    data-driven inits, e.g. a few batches of the training data. ``options`` go to the init.
+
+    Running an init again first restores the base it changed before. Returns the :class:`InitRecord` (also kept
+    on the model). Raises AdapterError (unknown adapter, merged adapter, missing batches) and ConfigError
+    (unknown init, or a method without an init field).
+    """
+    from .model import adapter_state, check_adapter
+
+    check_adapter(model, adapter_name)
+    state = adapter_state(model)
+    config = state.configs[adapter_name]
+    if init is not None:
+        found = get_init(init)
+        config = state.configs[adapter_name] = config.with_init(init)
+        spec = init
+    else:
+        spec = config.requested_init()
+        if spec is None:
+            raise AdapterError(f"adapter {adapter_name!r}'s config names no init; pass init=NAME "
+                               f"(registered: {', '.join(sorted(_INITS))}).")
+        found = get_init(spec)
+    batches = None if batches is None else list(batches)
+    if found.needs_data and not batches:
+        raise AdapterError(f"init {found.name!r} is data-driven: pass batches (a few model-input dicts, e.g. from the "
+                           "training data), or let lorakit.training.train run it on its first batches.")
+    _check_unmerged(model, adapter_name, f"initialise adapter {adapter_name!r}")
+    if adapter_name in state.inits:
+        restore_base(model, adapter_name)
+    with torch.no_grad():
+        edits = found.run(model, adapter_name, batches, spec, **options)
+    record = InitRecord(init=found.name, spec=str(spec), edits=dict(edits))
+    state.inits[adapter_name] = record
+    return record
+
+
+def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit]:
+    """The base edits adapter ``adapter_name``'s init made, by host module path (empty when none)."""
+    from .model import adapter_state
+
+    record = adapter_state(model).inits.get(adapter_name)
+    return {} if record is None else dict(record.edits)
+
+
+def add_to_base_weight(layer: "AdapterLayer", delta: torch.Tensor) -> None:
+    """``W += delta`` for an adapted layer's base weight; ``delta`` (out, in) whatever the storage layout.
+
+    Computed in float32 and cast back to the weight's dtype (a half-precision base rounds, as in PEFT)."""
+    weight = layer.base_layer.weight
+    delta = delta.T if layer.info.fan_in_fan_out else delta
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+
+def restore_base(model: "nn.Module", adapter_name: str) -> None:
+    """Undo what adapter ``adapter_name``'s init did to the base weights (exact up to float rounding).
+
+    The adapter keeps its tensors; the init is no longer recorded (so it counts as pending again).
+    ``delete_adapter`` and ``unload`` call this. Raises AdapterError while any adapter is merged into a layer
+    the init changed."""
+    from .model import adapter_layers, adapter_state
+
+    state = adapter_state(model)
+    record = state.inits.get(adapter_name)
+    if record is None:
+        return
+    if record.edits:
+        _check_unmerged(model, adapter_name, f"restore the base weights {adapter_name!r}'s init changed")
+        layers = dict(adapter_layers(model))
+        for path, edit in record.edits.items():
+            add_to_base_weight(layers[path], -edit.weight())
+    del state.inits[adapter_name]
+
+
+def _check_unmerged(model: "nn.Module", adapter_name: str, doing: str) -> None:
+    from .model import adapter_layers
+
+    merged = [path for path, layer in adapter_layers(model) if layer.merged and adapter_name in layer.adapters]
+    if merged:
+        raise AdapterError(f"cannot {doing} while adapters are merged into {merged[:3]}; call unmerge_adapter first.")

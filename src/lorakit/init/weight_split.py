@@ -1,0 +1,100 @@
+"""Inits that move a rank-r part of the base weight into the adapter: ``W = W_res + s · B A``.
+
+- PiSSA: "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+  Meng, Wang & Zhang, arXiv:2404.02948. ``W = U S Vᵀ`` (W as (out, in)); with the top r triplets,
+  ``B = U_r √(S_r / s)``, ``A = √(S_r / s) V_rᵀ`` and ``W_res = W − s·B A``, so the adapter starts as the
+  principal part and the frozen base holds the rest. ``"pissa_niter_K"`` uses the randomised
+  ``torch.svd_lowrank(W, r, niter=K)`` instead of the full SVD (faster, not deterministic across seeds).
+- OLoRA: "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", Büyükakyüz, arXiv:2406.01775.
+  ``W = Q R`` (reduced QR of W as (out, in)); ``B = Q[:, :r]``, ``A = R[:r]``, ``W_res = W − s·B A``.
+
+Both follow PEFT's ``LoraLayer.pissa_init`` / ``olora_init`` (peft/tuners/lora/layer.py): same factors, the
+scaling ``s`` divided out of the singular values (PiSSA) or left on the residual (OLoRA), float32 arithmetic
+with the residual cast back to the base dtype. Choice: OLoRA factors the weight as (out, in) on every layer
+kind; PEFT factors ``weight`` as stored, which for GPT-2's Conv1D (stored (in, out)) gives mis-shaped factors.
+Only linear deltas exposing rank-one units (LoRA, rsLoRA, DoRA) are initialised; embedding layers keep LoRA's
+default init, as in PEFT. A DoRA magnitude needs no update: ``‖W_res + s·B A‖ = ‖W‖``, its value at build time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.delta import oriented_weight
+from ..core.errors import AdapterError
+from ..core.inits import BaseEdit, add_to_base_weight, register_init
+from ..core.model import adapter_layers
+
+# (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
+Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise) -> dict[str, BaseEdit]:
+    """Set every linear delta of ``adapter_name`` to ``factorise(W)`` and subtract ``s·B A`` from its base.
+
+    Returns the base edits by module path (``W_now = W_orig − s·B A``). Raises AdapterError for a delta
+    without rank-one units (another method) or a base weight that is not floating point (quantised)."""
+    edits: dict[str, BaseEdit] = {}
+    for path, layer in adapter_layers(model):
+        delta = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
+        if delta is None or layer.info.kind != "linear":
+            continue
+        try:
+            units = delta.units()
+        except NotImplementedError:
+            raise AdapterError(f"{type(delta).__name__} at {path!r} has no rank-one units (B A); this init works on "
+                               "LoRA-style adapters only") from None
+        weight = oriented_weight(layer.base_layer, layer.info)
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise AdapterError(f"{path!r}: base weight of dtype {weight.dtype} cannot be split; initialise on a "
+                               "float32/float16/bfloat16 base, then quantise the residual.")
+        r = units.A.shape[0]
+        A, B = factorise(weight.float(), r, units.scaling)
+        units.A.copy_(A.to(units.A.dtype))
+        units.B.copy_(B.to(units.B.dtype))
+        edit = BaseEdit(A=A.clone(), B=-B.clone(), scaling=units.scaling)  # W_res = W + s·(−B) A
+        add_to_base_weight(layer, edit.weight())
+        edits[path] = edit
+    return edits
+
+
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's principal factors of ``weight`` (out, in): ``B = U_r √(S_r/s)`` (out, r), ``A = √(S_r/s) V_rᵀ`` (r, in)."""
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)  # V (in, r)
+        Vh = V.T
+    root = torch.sqrt(S / scaling)  # (r,)
+    return root[:, None] * Vh, U * root[None, :]
+
+
+def run_pissa(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> dict[str, BaseEdit]:
+    niter = int(spec.split("_niter_")[1]) if "_niter_" in spec else None
+    return split_base_weight(model, adapter_name, lambda w, r, s: pissa_factors(w, r, s, niter))
+
+
+def olora_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLoRA's factors of ``weight`` (out, in): ``B = Q[:, :r]`` (out, r), ``A = R[:r]`` (r, in) from ``W = Q R``."""
+    Q, R = torch.linalg.qr(weight)  # reduced: Q (out, k), R (k, in)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+def run_olora(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> dict[str, BaseEdit]:
+    return split_base_weight(model, adapter_name, olora_factors)
+
+
+register_init(
+    "pissa", run=run_pissa, pattern=r"pissa(_niter_[0-9]+)?", changes_base=True, rerun_on_load=True,
+    description="Adapter = the top-r singular part of W, base = the residual (pissa_niter_K: randomised SVD).",
+    paper="Meng et al. 2024, arXiv:2404.02948",
+)
+register_init(
+    "olora", run=run_olora, changes_base=True, rerun_on_load=True,
+    description="Adapter = the first r columns of W's QR factorisation (B = Q_r, A = R_r), base = the residual.",
+    paper="Büyükakyüz 2024, arXiv:2406.01775",
+)

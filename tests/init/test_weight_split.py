@@ -1,0 +1,161 @@
+"""PiSSA and OLoRA inits (``lorakit/init/weight_split.py``) against real PEFT: same factors, same residual base,
+same files, and PEFT's conversion for the original base (``path_initial_model_for_weight_conversion``).
+
+Reference: peft/tuners/lora/layer.py ``LoraLayer.pissa_init`` / ``olora_init`` and peft/peft_model.py
+``PeftModel.save_pretrained(path_initial_model_for_weight_conversion=...)``, run here as the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit as lk
+from lorakit.core.model import adapter_layers
+
+from lk_models import tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _lk(init, **kw):
+    return lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                      init_lora_weights=init, **kw))
+
+
+def _peft(init, **kw):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, **kw)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def _train_like(model_params, seed=0):
+    """Stand-in for training: move every LoRA factor by the same seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model_params):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _lora_params(model):
+    return [(n.replace(".default", "").replace(".adapters", ""), p) for n, p in model.named_parameters()
+            if "lora_" in n]
+
+
+def _base_weights(model):
+    return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_factors_and_residual_base_match_peft(init, rslora, ids):
+    ours, ref = _lk(init, use_rslora=rslora), _peft(init, use_rslora=rslora)
+    ours_sd = {k.replace("base_model.model.", ""): v for k, v in lk.adapter_state_dict(ours).items()}
+    ref_sd = {k.replace("base_model.model.", ""): v for k, v in peft.get_peft_model_state_dict(ref).items()}
+    assert ours_sd.keys() == ref_sd.keys()
+    for k in ref_sd:
+        torch.testing.assert_close(ours_sd[k], ref_sd[k], atol=1e-5, rtol=1e-5)
+    ours_base, ref_base = _base_weights(ours), _base_weights(ref)
+    for k in ref_base:
+        torch.testing.assert_close(ours_base[k], ref_base[k], atol=1e-6, rtol=0)
+    assert any(not torch.equal(ours_base[k], _base_weights(tiny_llama())[k]) for k in ref_base)  # base did change
+    with torch.no_grad():  # W_res + s·B A = W: the fresh adapter equals the base model
+        torch.testing.assert_close(ours(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_trained_file_loads_across_lorakit_and_peft(tmp_path, ids):
+    ours, ref = _lk("pissa"), _peft("pissa")
+    _train_like(_lora_params(ours))
+    _train_like(_lora_params(ref))
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        torch.testing.assert_close(ref(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    lk.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    ref.save_pretrained(tmp_path / "peft")
+    # Either file on an untouched base: the loader redoes PiSSA's split, then loads the trained factors.
+    in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    in_lk = lk.load_adapter(tiny_llama(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(in_peft(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(in_lk(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_original_base_file_matches_peft_conversion(init, tmp_path, ids):
+    ours, ref = _lk(init), _peft(init)
+    ref.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial adapter first
+    ref.save_pretrained(tmp_path / "peft_init")
+    ref.peft_config["default"].init_lora_weights = init
+    _train_like(_lora_params(ours))
+    _train_like(_lora_params(ref))
+    lk.save_adapter(ours, tmp_path / "ours", original_base=True)
+    ref.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
+
+    ours_t = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    ref_t = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert ours_t.keys() == ref_t.keys()
+    for k in ref_t:
+        torch.testing.assert_close(ours_t[k], ref_t[k], atol=1e-5, rtol=1e-5)
+    ours_c = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ref_c = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "init_lora_weights", "rank_pattern", "alpha_pattern"):
+        assert ours_c[key] == ref_c[key], key
+
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        untouched = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")  # original base, in PEFT
+        torch.testing.assert_close(untouched(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lk.load_adapter(tiny_llama(), tmp_path / "ours")(input_ids=ids).logits, want,
+                                   atol=1e-5, rtol=0)
+
+
+def test_restore_base_delete_and_unload_give_the_original_weights_back():
+    original = _base_weights(tiny_llama())
+    for undo in (lambda m: lk.restore_base(m, "default"), lambda m: lk.delete_adapter(m, "default"), lk.unload):
+        model = _lk("pissa")
+        undo(model)
+        now = _base_weights(model)
+        for k, v in original.items():
+            torch.testing.assert_close(now[k], v, atol=1e-6, rtol=0)
+
+
+def test_init_adapter_call_and_add_adapter_argument(ids):
+    called = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    record = lk.init_adapter(called, "default", init="olora")
+    assert record.init == "olora" and set(record.edits) == {p for p, _ in adapter_layers(called)}
+    by_arg = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), init="olora")
+    by_field = _lk("olora")
+    for model in (called, by_arg):
+        assert lk.adapter_state_dict(model).keys() == lk.adapter_state_dict(by_field).keys()
+        for k, v in lk.adapter_state_dict(by_field).items():
+            torch.testing.assert_close(lk.adapter_state_dict(model)[k], v)
+        assert model.lorakit.configs["default"].init_lora_weights == "olora"  # the file will say so
+    lk.init_adapter(called, "default")  # again: restores the base first, so the same split comes out
+    for k, v in lk.adapter_state_dict(by_field).items():
+        torch.testing.assert_close(lk.adapter_state_dict(called)[k], v, atol=1e-6, rtol=0)
+
+
+def test_merge_and_unload_keeps_the_trained_weights(ids):
+    model = _lk("pissa")
+    _train_like(_lora_params(model))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(lk.merge_and_unload(model)(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_bad_init_names_are_clear_errors():
+    with pytest.raises(lk.ConfigError, match="Did you mean: pissa"):
+        lk.LoraConfig(init_lora_weights="pisa")
+    assert lk.LoraConfig(init_lora_weights="pissa_niter_4").requested_init() == "pissa_niter_4"
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=TARGETS))
+    with pytest.raises(lk.ConfigError, match="unknown init 'olra'"):
+        lk.init_adapter(model, "default", init="olra")
+    with pytest.raises(lk.AdapterError, match="names no init"):
+        lk.init_adapter(model, "default")
+    with pytest.raises(lk.AdapterError, match="unknown adapter 'defualt'"):
+        lk.init_adapter(model, "defualt", init="pissa")
