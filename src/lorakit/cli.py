@@ -127,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, output_dir=args.output, resume_from=args.resume_from,
+        **_procedure_settings(args),
     )
     result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
                    eval_examples=eval_examples, progress=not args.quiet)
@@ -301,7 +302,28 @@ def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model)")
 
 
-def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
+# -- training procedures: --procedure NAME and that procedure's options -----------------------------------
+def _add_procedure_options(parser: argparse.ArgumentParser, procedure_name: str | None) -> None:
+    from .training.procedures import get_procedure, list_procedures
+
+    parser.add_argument("--procedure", default=None, choices=[p.name for p in list_procedures()],
+                        help="training procedure (optimizer, parameter groups, per-step hooks); "
+                             "`lorakit train --procedure NAME --help` lists its options (default: plain AdamW)")
+    if procedure_name is not None:
+        _add_config_options(parser, get_procedure(procedure_name).config_cls)
+
+
+def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.procedure is None:
+        return {}
+    from .training.procedures import get_procedure
+
+    fields = dataclasses.fields(get_procedure(args.procedure).config_cls)
+    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, f.name) for f in fields
+                                                            if getattr(args, f.name, None) is not None}}
+
+
+def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None = None) -> argparse.ArgumentParser:
     from . import get_method, list_methods
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
@@ -335,6 +357,7 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_options(t, get_method(method_name).config_cls)
+    _add_procedure_options(t, procedure_name)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file")
@@ -390,13 +413,13 @@ def build_parser(method_name: str = DEFAULT_METHOD) -> argparse.ArgumentParser:
     return parser
 
 
-def _method_from_argv(argv: Sequence[str]) -> str:
+def _method_from_argv(argv: Sequence[str], option: str = "--method", default: str | None = DEFAULT_METHOD) -> str | None:
     for i, a in enumerate(argv):
-        if a == "--method" and i + 1 < len(argv):
+        if a == option and i + 1 < len(argv):
             return argv[i + 1]
-        if a.startswith("--method="):
+        if a.startswith(option + "="):
             return a.split("=", 1)[1]
-    return DEFAULT_METHOD
+    return default
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,7 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import get_method
         method_name = _method_from_argv(argv)
         get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
-        args = build_parser(method_name).parse_args(argv)
+        procedure_name = _method_from_argv(argv, "--procedure", None)
+        if procedure_name is not None:
+            from .training.procedures import get_procedure
+            get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure
+        args = build_parser(method_name, procedure_name).parse_args(argv)
         return args.func(args)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)

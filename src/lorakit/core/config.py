@@ -51,6 +51,22 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
+def check_field_types(config: Any) -> None:
+    """Check every field of dataclass ``config`` against its type annotation (the one validator of lorakit's
+    configs: adapter, training, procedure). Tuples become lists, so configs stay JSON as they are.
+
+    Raises ConfigError naming the class, the field, the expected type and the value given.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(f"{type(config).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
+                              f"({type(value).__name__}).")
+        if isinstance(value, tuple):
+            setattr(config, f.name, list(value))
+
+
 @dataclass
 class AdapterConfig:
     """Where to inject an adapter (PEFT conventions) and what else to train.
@@ -76,16 +92,7 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _type_ok(value, hints[f.name]):
-                raise ConfigError(
-                    f"{type(self).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
-                    f"({type(value).__name__})."
-                )
-            if isinstance(value, tuple):
-                setattr(self, f.name, list(value))
+        check_field_types(self)
         if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
             self._check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):

@@ -6,7 +6,8 @@
   and by PEFT as it is;
 - ``trainer_state.safetensors``: AdamW's moments keyed ``optimizer.<param name>.<key>``, the torch RNG
   states (``rng.cpu``, ``rng.cuda`` as uint8 tensors, so dropout continues with the same masks), and
-  ``param.<name>`` for any trainable parameter the adapter file does not hold;
+  ``param.<name>`` for any trainable parameter the adapter file does not hold; ``extra.<key>`` for a training
+  procedure's state;
 - ``trainer_state.json``: step, data position, seed, losses and evaluations so far, and the config.
 
 Nothing is pickled, so a checkpoint from an untrusted source cannot run code when loaded. The folder is
@@ -61,8 +62,10 @@ def _outside_adapter(model: nn.Module, adapter_name: str, params: dict[str, nn.P
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name: str,
-                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, Any]) -> Path:
-    """Write one checkpoint folder. ``params`` are the optimizer's parameters by name, in optimizer order."""
+                    optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, Any],
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one checkpoint folder. ``params`` are the optimizer's parameters by name, in optimizer order;
+    ``extra_tensors`` (a training procedure's state) are stored as ``extra.<key>``."""
     names = list(params)
     tensors: dict[str, torch.Tensor] = {}
     for index, slots in optimizer.state_dict()["state"].items():
@@ -70,6 +73,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
             tensors[f"optimizer.{names[index]}.{key}"] = torch.as_tensor(value)
     for name, p in _outside_adapter(model, adapter_name, params).items():
         tensors[f"param.{name}"] = p
+    for key, value in (extra_tensors or {}).items():
+        tensors[f"extra.{key}"] = value
     tensors["rng.cpu"] = torch.get_rng_state()
     device = next(iter(params.values())).device
     if device.type == "cuda":
@@ -86,7 +91,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name: str,
                     optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Any]:
-    """Restore adapter weights, optimizer moments and RNG state in place; returns the JSON state."""
+    """Restore adapter weights, optimizer moments and RNG state in place; returns the JSON state, plus
+    ``extra_tensors`` (what ``save_checkpoint`` got as ``extra_tensors``)."""
     directory = Path(directory)
     record = read_json(directory / STATE_JSON)
     if record.get("format") != FORMAT:
@@ -125,4 +131,5 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
     device = next(iter(params.values())).device
     if device.type == "cuda" and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    record["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return record

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.config import check_field_types
 from ..core.errors import ConfigError, did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -33,6 +32,9 @@ class TrainConfig:
     - ``resume_from``: a ``checkpoint-<step>`` folder to continue from, exactly where it stopped.
     - ``init_batches``: how many batches a method's data-driven ``init`` hook gets.
     - ``device``: None picks CUDA when available, else CPU.
+    - ``procedure``: a registered training procedure (``lorakit.training.list_procedures()``, e.g. ``"loraplus"``)
+      that chooses the optimizer, its parameter groups, per-step hooks and extra losses; None = AdamW over the
+      trainable parameters (or the method's ``param_groups``). ``procedure_args``: its config fields.
     """
 
     steps: int = 1000
@@ -54,6 +56,8 @@ class TrainConfig:
     output_dir: str | None = None
     resume_from: str | None = None
     device: str | None = None
+    procedure: str | None = None
+    procedure_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Paths arrive as pathlib.Path as often as str; keep str so the config is JSON as-is.
@@ -61,12 +65,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _type_ok(value, hints[f.name]):
-                raise ConfigError(f"TrainConfig.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
-                                  f"({type(value).__name__}).")
+        check_field_types(self)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}.")
@@ -97,6 +96,12 @@ class TrainConfig:
         if self.resume_from is not None and not os.path.isfile(os.path.join(self.resume_from, "trainer_state.json")):
             raise ConfigError(f"TrainConfig.resume_from={self.resume_from!r} is not a lorakit checkpoint (no "
                               "trainer_state.json in it); point it at an output_dir/checkpoint-<step> folder.")
+        if self.procedure is not None:
+            from .procedures import get_procedure
+            get_procedure(self.procedure).config_from(self.procedure_args)  # a bad name or field fails here
+        elif self.procedure_args:
+            raise ConfigError(f"TrainConfig.procedure_args={self.procedure_args!r} given without a procedure; set "
+                              "procedure (see lorakit.training.list_procedures()).")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
             raise ConfigError(f"TrainConfig.device={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
                               "or None to pick CUDA when available.")
@@ -108,18 +113,3 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:  # an int is a fine float (lr=1)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("NoneType", "None").replace("<class '", "").replace("'>", "")

@@ -1,8 +1,9 @@
 """The training loop: one plain loop over optimizer steps, readable top to bottom.
 
 Per step: take ``grad_accum`` micro-batches from a seeded data stream, forward with the batch's task keys
-in the routing context, add the method's ``extra_loss``, backward, clip, set the scheduled learning rate,
-step AdamW, call the method's ``on_step``; then log, evaluate and checkpoint as configured.
+in the routing context, add the method's (and the procedure's) ``extra_loss``, backward, clip, set the scheduled
+learning rate, step the optimizer (AdamW unless a training procedure chooses another), call the method's and
+the procedure's ``on_step``; then log, evaluate and checkpoint as configured.
 
 Loss normalisation: the task loss of a step is the mean over *all supervised tokens of the whole step*
 (summed per micro-batch, divided by the step's token count), so ``batch_size=4, grad_accum=1`` and
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import AdapterError
 from ..core.inits import init_adapter, init_pending
-from ..core.model import active_adapters, adapter_names, adapter_state, trainable_parameters
+from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
 from ..core.registry import Method, get_method
 from ..core.routing import routing
 from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, stable_seed
@@ -43,6 +44,7 @@ from ..io.peft_format import save_adapter
 from ..mixtures.base import reset_router_stats, router_stats, router_stats_paused, router_summary
 from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
 from .config import TrainConfig
+from .procedures import Procedure, get_procedure
 
 LogCallback = Callable[[dict[str, Any]], None]
 
@@ -113,24 +115,30 @@ class DataStream:
         return out
 
 
-def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig,
-                   method: Method | None = None) -> tuple[torch.optim.AdamW, dict[str, nn.Parameter]]:
-    """AdamW over the trainable parameters, or over the method's ``param_groups`` when it has them.
+def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig, method: Method | None = None,
+                   procedure: Procedure | None = None) -> tuple[torch.optim.Optimizer, dict[str, nn.Parameter]]:
+    """AdamW over the trainable parameters, or over the method's ``param_groups`` when it has them; with a
+    training procedure (``config.procedure``), the procedure refines the groups and builds the optimizer.
 
     Returns the optimizer and its parameters by name in optimizer order (the checkpoint's keys). Each
     group remembers its peak lr as ``initial_lr``, which the schedule scales.
     """
     method = method or get_method(adapter_state(model).configs[adapter_name])
+    if procedure is None and config.procedure is not None:
+        procedure = get_procedure(config.procedure).build(config)
     if method.param_groups is not None:
         groups = [dict(g) for g in method.param_groups(model, adapter_name, config.lr)]
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    params: dict[str, nn.Parameter] = {}
     for g in groups:
         g["params"] = list(g["params"])
         g.setdefault("lr", config.lr)
         g.setdefault("weight_decay", config.weight_decay)
+    if procedure is not None:
+        groups = procedure.param_groups(model, adapter_name, groups)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    params: dict[str, nn.Parameter] = {}
+    for g in groups:
         g["initial_lr"] = g["lr"]
         for p in g["params"]:
             if id(p) not in name_of:
@@ -139,6 +147,8 @@ def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig,
     if not params:
         raise AdapterError(f"adapter {adapter_name!r} has no trainable parameters (was it loaded for inference? "
                            "load_adapter(..., is_trainable=True) makes it trainable).")
+    if procedure is not None:
+        return procedure.make_optimizer(groups, config), params
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay), params
 
 
@@ -223,7 +233,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
             method.init(model, adapter_name, batches)
         if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
             init_adapter(model, adapter_name, batches)
-    optimizer, params = make_optimizer(model, adapter_name, config, method)
+    procedure = get_procedure(config.procedure).build(config) if config.procedure is not None else None
+    optimizer, params = make_optimizer(model, adapter_name, config, method, procedure)
 
     step, position, tokens_seen = 0, 0, 0
     losses: list[float] = []
@@ -231,6 +242,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     checkpoints: list[str] = []
     if config.resume_from is not None:
         record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
+        if procedure is not None:
+            procedure.load_state_dict(record["extra_tensors"])
         if record["num_train_examples"] != len(dataset):
             raise ValueError(f"checkpoint {config.resume_from} was trained on {record['num_train_examples']} "
                              f"examples, this run has {len(dataset)}; resume with the same training data.")
@@ -273,7 +286,12 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
             step_loss_sum += loss.detach()
             if method.extra_loss is not None:
                 loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
+            extra = procedure.extra_loss(model, adapter_name) if procedure is not None else None
+            if extra is not None:
+                loss = loss + extra / config.grad_accum
             loss.backward()
+        if procedure is not None:
+            procedure.on_gradients(model, adapter_name, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
         lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
         for group in optimizer.param_groups:
@@ -283,6 +301,10 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         step += 1
         if method.on_step is not None:
             method.on_step(model, adapter_name, step, config.steps)
+        if procedure is not None:
+            procedure.on_step(model, adapter_name, step, config.steps)
+        if method.on_step is not None or procedure is not None:
+            refresh_trainable(model)  # a hook may have changed what the adapter freezes (Delta.frozen_names)
         step_loss = step_loss_sum.item()  # the one host sync per step
         train_time += time.perf_counter() - step_start
         losses.append(step_loss)
@@ -306,7 +328,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
                      "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
                      "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
                      "config": config.to_dict()}
-            path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state)
+            path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state,
+                                   extra_tensors=procedure.state_dict() if procedure is not None else None)
             checkpoints.append(str(path))
     bar.close()
 

@@ -1,0 +1,127 @@
+"""The procedure registry: what a training run does around the plain loop, chosen by name.
+
+A procedure is a config dataclass (its fields become ``lorakit train --procedure NAME`` flags and
+``TrainConfig.procedure_args``) and a :class:`Procedure` subclass, registered once with
+:func:`register_procedure`. Per run the loop builds one instance and asks it, in this order:
+
+1. ``param_groups(model, adapter_name, groups)``: refine the optimizer's parameter groups (each a dict with
+   ``params``, ``lr``, ``weight_decay``; they start as the method's ``param_groups`` or all trainable
+   parameters), e.g. LoRA+'s separate learning rate for B;
+2. ``make_optimizer(groups, train_config)``: the optimizer (default AdamW; GaLore's projected Adam, SoRA's
+   proximal step would override it). The loop's schedule scales every group's ``initial_lr``;
+3. every step: ``extra_loss(model, adapter_name)`` (added to the task loss, per micro-batch),
+   ``on_gradients(model, adapter_name, step)`` after backward and before clipping (gradient scaling,
+   projection, perturbation), ``on_step(model, adapter_name, step, total_steps)`` after the optimizer step
+   (schedules, freezing: the loop re-reads ``Delta.frozen_names`` after it);
+4. ``state_dict()`` / ``load_state_dict(tensors)``: tensors saved in checkpoints (``procedure.<key>``), so resume
+   stays exact. The optimizer's own state is saved by the loop whatever the optimizer.
+
+A procedure composes with any method: the method's hooks run first, then the procedure's. Procedures that
+train base weights (LISA, LongLoRA's embeddings and norms) make them trainable in ``param_groups`` (set
+``requires_grad`` and add the parameters); the checkpoint then stores them beside the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ...core.config import check_field_types
+from ...core.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+@dataclass
+class ProcedureConfig:
+    """Base of procedure configs: typed fields, checked on construction (ConfigError names field and value)."""
+
+    # The label of this config's option group in ``lorakit train --help`` (set at registration).
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+
+class Procedure:
+    """A training procedure for one run. The base class is the plain loop: AdamW, no hooks, no state."""
+
+    def __init__(self, config: ProcedureConfig, train_config: "TrainConfig") -> None:
+        self.config = config
+        self.train_config = train_config
+
+    def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return groups
+
+    def make_optimizer(self, groups: list[dict[str, Any]], train_config: "TrainConfig") -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=train_config.lr, weight_decay=train_config.weight_decay)
+
+    def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        return None
+
+    def on_gradients(self, model: nn.Module, adapter_name: str, step: int) -> None:
+        return None
+
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcedureInfo:
+    """A registered procedure: its name, config class, implementation and one-line description."""
+
+    name: str
+    config_cls: type[ProcedureConfig]
+    cls: type[Procedure]
+    description: str
+    paper: str = ""
+
+    def config_from(self, args: Mapping[str, Any]) -> ProcedureConfig:
+        """The procedure's config from ``TrainConfig.procedure_args`` (ConfigError for unknown fields, with near matches)."""
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        for key in args:
+            if key not in known:
+                raise ConfigError(f"procedure {self.name!r} has no option {key!r}.{did_you_mean(key, known)} "
+                                  f"Its options: {', '.join(sorted(known)) or 'none'}.")
+        return self.config_cls(**args)
+
+    def build(self, train_config: "TrainConfig") -> Procedure:
+        return self.cls(self.config_from(train_config.procedure_args), train_config)
+
+
+_PROCEDURES: dict[str, ProcedureInfo] = {}
+
+
+def register_procedure(name: str, cls: type[Procedure], *, config: type[ProcedureConfig], description: str,
+                       paper: str = "") -> ProcedureInfo:
+    """Register procedure ``name``. Call once, at import of its module in ``lorakit/training/procedures/``."""
+    if name in _PROCEDURES and _PROCEDURES[name].cls is not cls:
+        raise ValueError(f"procedure {name!r} is already registered by {_PROCEDURES[name].cls.__qualname__}")
+    config.method = f"procedure {name}"
+    info = ProcedureInfo(name=name, config_cls=config, cls=cls, description=description, paper=paper)
+    _PROCEDURES[name] = info
+    return info
+
+
+def get_procedure(name: str) -> ProcedureInfo:
+    """The registered procedure ``name``; ConfigError with near matches otherwise."""
+    try:
+        return _PROCEDURES[name]
+    except KeyError:
+        raise ConfigError(f"unknown training procedure {name!r}.{did_you_mean(name, _PROCEDURES)} Registered: "
+                          f"{', '.join(sorted(_PROCEDURES)) or 'none'}.") from None
+
+
+def list_procedures() -> list[ProcedureInfo]:
+    return [_PROCEDURES[k] for k in sorted(_PROCEDURES)]

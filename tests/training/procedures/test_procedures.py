@@ -1,0 +1,143 @@
+"""The procedure registry and the loop's use of it: hooks in order, any optimizer, state in checkpoints
+(exact resume), gradual freezing through ``Delta.frozen_names``, and ``lorakit train --procedure``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.methods.lora import LoraLinear
+from lorakit.training import Procedure, ProcedureConfig, TrainConfig, list_procedures, register_procedure, train
+from lorakit.training.procedures import base
+
+
+class Stop(Exception):
+    pass
+
+
+@dataclass
+class RecordingConfig(ProcedureConfig):
+    """``freeze_a_after``: from this step on, every lora_A is frozen (gradual freezing)."""
+
+    momentum: float = 0.9
+    freeze_a_after: int = 0
+
+
+class Recording(Procedure):
+    """SGD with momentum, gradients halved, a penalty on lora_A, a step counter kept as state."""
+
+    frozen_a = False
+
+    def __init__(self, config, train_config):
+        super().__init__(config, train_config)
+        self.count = torch.zeros((), dtype=torch.long)
+        self.calls: list[str] = []
+        Recording.frozen_a = False
+
+    def make_optimizer(self, groups, train_config):
+        return torch.optim.SGD(groups, lr=train_config.lr, momentum=self.config.momentum)
+
+    def extra_loss(self, model, adapter_name):
+        self.calls.append("extra_loss")
+        return 0.1 * sum((p ** 2).sum() for n, p in model.named_parameters() if "lora_A" in n)
+
+    def on_gradients(self, model, adapter_name, step):
+        self.calls.append("on_gradients")
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+    def on_step(self, model, adapter_name, step, total_steps):
+        self.calls.append("on_step")
+        self.count += 1
+        Recording.frozen_a = bool(self.config.freeze_a_after) and step >= self.config.freeze_a_after
+
+    def state_dict(self):
+        return {"count": self.count.clone()}
+
+    def load_state_dict(self, tensors):
+        self.count = tensors["count"].clone()
+
+
+@pytest.fixture
+def recording(monkeypatch) -> Iterator[list[Recording]]:
+    """Registers "test_recording" for one test; yields the instances the loop built."""
+    built: list[Recording] = []
+    monkeypatch.setattr(Recording, "__init__", _remember(Recording.__init__, built))
+    monkeypatch.setattr(LoraLinear, "frozen_names", lambda self: ("lora_A.weight",) if Recording.frozen_a else ())
+    register_procedure("test_recording", Recording, config=RecordingConfig, description="test only")
+    try:
+        yield built
+    finally:
+        base._PROCEDURES.pop("test_recording", None)
+
+
+def _remember(init, built):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self)
+    return wrapped
+
+
+def _adapter(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_hooks_run_in_order_and_state_resumes_exactly(recording, make_model, tokenizer, reverse_train, tmp_path):
+    def config(out, **kw):
+        return TrainConfig(steps=4, batch_size=3, lr=5e-2, save_every=2, seed=3, output_dir=str(out),
+                           procedure="test_recording", procedure_args={"momentum": 0.8}, **kw)
+
+    straight = make_model(lora_dropout=0.1)
+    result = train(straight, tokenizer, reverse_train, config(tmp_path / "a"), progress=False)
+    assert recording[0].calls[:3] == ["extra_loss", "on_gradients", "on_step"]
+    assert int(recording[0].count) == 4
+
+    def crash(record):
+        if record.get("step") == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        train(make_model(lora_dropout=0.1), tokenizer, reverse_train, config(tmp_path / "b", log_every=1),
+              progress=False, on_log=[crash])
+    resumed = make_model(lora_dropout=0.1)
+    again = train(resumed, tokenizer, reverse_train, config(tmp_path / "b", resume_from=str(tmp_path / "b" /
+                                                                                             "checkpoint-2")),
+                  progress=False)
+    assert again.losses == result.losses
+    assert int(recording[-1].count) == 4  # 2 from the checkpoint + 2 run here
+    a, b = _adapter(straight), _adapter(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # momentum buffers came back too
+
+
+def test_on_step_can_freeze_parameters_gradually(recording, make_model, tokenizer, reverse_train):
+    model = make_model(init_lora_weights="gaussian")
+    snapshots = []
+    config = TrainConfig(steps=4, batch_size=3, lr=5e-2, log_every=1, procedure="test_recording",
+                         procedure_args={"freeze_a_after": 2})
+    train(model, tokenizer, reverse_train, config, progress=False, on_log=[lambda r: snapshots.append(_adapter(model))])
+    a_keys = [k for k in snapshots[0] if "lora_A" in k]
+    b_keys = [k for k in snapshots[0] if "lora_B" in k]
+    assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in a_keys)  # A trained in step 2
+    # From step 3 on A is frozen: no gradient, no change (SGD momentum skips parameters without a gradient).
+    assert all(torch.equal(snapshots[1][k], snapshots[3][k]) for k in a_keys)
+    assert any(not torch.equal(snapshots[1][k], snapshots[3][k]) for k in b_keys)
+
+
+def test_every_procedure_is_registered_with_docs():
+    procedures = list_procedures()
+    assert "loraplus" in {p.name for p in procedures}
+    for p in procedures:
+        assert p.description and p.config_cls.__doc__ and p.cls.__module__.startswith("lorakit.training.procedures")
+
+
+def test_cli_lists_and_uses_procedure_options(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--procedure", "loraplus", "--help"])
+    out = capsys.readouterr().out
+    assert "--procedure" in out and "--loraplus-lr-ratio" in out and "--loraplus-lr-embedding" in out
+    assert main(["train", "--procedure", "loraplsu"]) == 2
+    assert "did you mean" in capsys.readouterr().err.lower()
