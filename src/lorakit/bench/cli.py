@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|variants [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "variants"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -59,6 +59,14 @@ def main(argv: Sequence[str]) -> int:
                             tasks=args.tasks, experiments=args.experiments)
         result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+    elif args.what == "variants":
+        from . import variants
+        profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,
+                            steps=args.steps, tasks=args.tasks)
+        result = variants.run_variants(profile)
+        markdown = variants.variants_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
     elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
