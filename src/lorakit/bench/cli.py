@@ -38,6 +38,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose"], default=None,
                         help="mixtures: which experiments (default: both)")
@@ -62,7 +63,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "variants":
         from . import variants
         profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,
-                            steps=args.steps, tasks=args.tasks)
+                            steps=args.steps, tasks=args.tasks, r=args.r)
         result = variants.run_variants(profile)
         markdown = variants.variants_markdown(result)
         out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ import torch
 
 # SoRA runs its sparsifying-schedule variant: at the default ξ = 1e-3, 100 steps shrink N(0, 1) gates by only
 # ~0.1, so almost no rank would be pruned in a run this short.
-BENCH_VARIANT = {"sora": "sora_schedule"}
-METHODS = ("lora", "ffa_lora", "lora_xs", "slora", "nlora", "inttune", "dylora", "sora")
+BENCH_VARIANT = {"sora": "sora_schedule", "increlora": "increlora_short"}
+METHODS = ("lora", "ffa_lora", "lora_xs", "slora", "nlora", "inttune", "dylora", "sora", "increlora")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class VariantsProfile:
     r: int = 8
     train_examples: int = 1000
     eval_examples: int = 50
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
 
 
@@ -49,6 +49,7 @@ def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
     from ..data import evaluate_examples, load_examples
     from ..hub import load_model_and_tokenizer
     from ..methods.dylora import set_rank
+    from ..methods.increlora import rank_pattern as increlora_ranks
     from ..methods.sora import rank_distribution
     from ..training import TrainConfig, train
     from .methods import _config_for
@@ -58,28 +59,38 @@ def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
     eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
     before = evaluate_examples(base, tokenizer, eval_ex)["exact_match"]
 
-    def run(config, seed):
+    def run(config, seed, on_log=()):
         model = copy.deepcopy(base)
         torch.manual_seed(seed)
         lk.add_adapter(model, config)
         trainable, _ = lk.trainable_parameters(model)
         tc = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr,
                          warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine", seed=seed,
-                         max_length=128)
+                         max_length=128, log_every=1)
         t0 = time.perf_counter()
-        result = train(model, tokenizer, train_ex[seed], tc, progress=progress)
+        result = train(model, tokenizer, train_ex[seed], tc, progress=progress,
+                       on_log=[lambda rec: cb(model, rec) for cb in on_log])
         return model, {"seed": seed, "trainable_params": trainable, "final_loss": result.losses[-1],
                        "s_per_step": (time.perf_counter() - t0) / profile.steps}
 
     def score(model):
         return evaluate_examples(model, tokenizer, eval_ex)["exact_match"]
 
-    runs, dylora_ranks, lora_ranks, sora_ranks = [], [], [], []
+    runs, dylora_ranks, lora_ranks, sora_ranks, incre_history = [], [], [], [], []
+
+    def record_increlora_ranks(model, rec):
+        if "loss" in rec:
+            incre_history.append({"seed": rec_seed[0], "step": rec["step"], "ranks": increlora_ranks(model, "default"),
+                                  "live_params": live_params(model)})
+
+    rec_seed = [0]
     for name in profile.methods:
         method = lk.get_method(name)
         variant = BENCH_VARIANT.get(name, next(iter(method.variants)))
         for seed in profile.seeds:
-            model, rec = run(_config_for(method, variant, profile.r), seed)
+            rec_seed[0] = seed
+            hooks = [record_increlora_ranks] if name == "increlora" else []
+            model, rec = run(_config_for(method, variant, profile.r), seed, on_log=hooks)
             rec.update(method=name, variant=variant, after=score(model))
             runs.append(rec)
             if name == "dylora":  # the same trained adapter at every rank
@@ -88,7 +99,7 @@ def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
                     dylora_ranks.append({"seed": seed, "rank": b, "after": score(model)})
             if name == "sora":
                 ranks = rank_distribution(model, "default")
-                sora_ranks.append({"seed": seed, "ranks": ranks, "live_params": sora_live_params(model)})
+                sora_ranks.append({"seed": seed, "ranks": ranks, "live_params": live_params(model)})
     for b in range(1, profile.r + 1):  # separately trained LoRAs (r = r_max is the LoRA row above)
         for seed in profile.seeds:
             if b == profile.r and "lora" in profile.methods:
@@ -99,11 +110,12 @@ def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
                 after, params = score(model), rec["trainable_params"]
             lora_ranks.append({"seed": seed, "rank": b, "after": after, "trainable_params": params})
     return {"profile": asdict(profile), "before": before, "runs": runs, "table": summarise(runs),
-            "dylora_ranks": dylora_ranks, "lora_ranks": lora_ranks, "sora_ranks": sora_ranks}
+            "dylora_ranks": dylora_ranks, "lora_ranks": lora_ranks, "sora_ranks": sora_ranks,
+            "increlora_history": incre_history}
 
 
-def sora_live_params(model) -> int:
-    """Parameters of SoRA's pruned plain LoRA: Σ over modules of live_rank · (in + out)."""
+def live_params(model) -> int:
+    """Parameters of the plain LoRA a SoRA / IncreLoRA adapter exports to: Σ over modules of live ranks · (in + out)."""
     from ..core.model import adapter_layers
 
     total = 0
@@ -167,6 +179,13 @@ def variants_markdown(result: dict) -> str:
         lines += ["", f"SoRA seed {rec['seed']}: live ranks per module (of {p['r']}): total "
                   f"{sum(ranks.values())} / {p['r'] * len(ranks)}, pruned plain-LoRA parameters {rec['live_params']:,}; "
                   f"histogram {dict(sorted(_hist(ranks.values()).items()))}"]
+    if result.get("increlora_history"):
+        last = result["increlora_history"][-1]
+        ranks = last["ranks"]
+        lines += ["", f"IncreLoRA seed {last['seed']}: final ranks per module at step {last['step']}: total "
+                  f"{sum(ranks.values())} (budget: target_rank × {len(ranks)} modules), exported plain-LoRA parameters "
+                  f"{last['live_params']:,}, "
+                  f"histogram {dict(sorted(_hist(ranks.values()).items()))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -211,6 +230,21 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / "variants_sora_ranks.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    history = result.get("increlora_history") or []
+    if history:
+        seed = history[0]["seed"]
+        steps = [h["step"] for h in history if h["seed"] == seed]
+        modules = list(history[0]["ranks"])
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for m in modules:
+            ax.plot(steps, [h["ranks"][m] for h in history if h["seed"] == seed], linewidth=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("rank")
+        ax.set_title(f"IncreLoRA: rank per module over training ({len(modules)} modules, seed {seed})")
+        fig.tight_layout()
+        paths.append(out_dir / "variants_increlora_ranks.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths

@@ -148,7 +148,7 @@ class IncreLoraLinear(Delta):
             self.score.fill_(float((dw * grad).abs().sum()) / math.sqrt(dw.numel()))
         return hook
 
-    def live_units(self) -> torch.Tensor:
+    def live_ranks(self) -> torch.Tensor:
         return torch.nonzero(self.effective_e().detach()[:, 0] != 0).flatten()
 
     def delta_weight(self) -> torch.Tensor:
@@ -226,7 +226,7 @@ def increlora_to_lora(model: nn.Module, name: str):
     config = adapter_state(model).configs[name]
 
     def factors(d: IncreLoraLinear):
-        live = d.live_units()
+        live = d.live_ranks()
         if live.numel() == 0:
             return None
         A = (d.lora_A * d.effective_e())[live]
@@ -241,5 +241,8 @@ register_method(
     description="Rank grows during training: importance-scored modules get ranks under a total budget "
                 "(reserve units pre-trained); exports a PEFT LoRA with per-module rank_pattern.",
     paper="Zhang et al. 2023, arXiv:2308.12043",
-    variants={"increlora": {"r": 2, "target_rank": 4, "init_warmup": 2, "incre_interval": 2, "top_h": 2}},
+    variants={"increlora": {"r": 2, "target_rank": 4, "init_warmup": 2, "incre_interval": 2, "top_h": 2},
+              # a schedule that spends the budget within a ~60-step run (the official one waits 1000 steps)
+              "increlora_short": {"r": 1, "target_rank": 4, "init_warmup": 8, "incre_interval": 4, "top_h": 18,
+                                  "incre_rank_num": 2}},
 )
