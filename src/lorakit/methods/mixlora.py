@@ -63,7 +63,21 @@ OTHER_DEFAULTS = {"router_init_range": 0.02, "jitter_noise": 0.0, "router_z_loss
 class MixLoraConfig(AdapterConfig):
     """MixLoRA (MoE-PEFT template defaults). Fields left None take the routing's default (``SWITCH_DEFAULTS``
     for ``routing="switch"``, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give the experts
-    their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``."""
+    their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``.
+
+    - ``lora_dropout``: dropout on the input of the attention LoRA and of every expert, in [0, 1).
+    - ``num_experts``: LoRA experts per FFN block.
+    - ``top_k``: experts each token uses (``routing="topk"``).
+    - ``routing``: the router: ``topk`` (MixLoRA), ``top_p`` (dynamic: smallest set with probability ≥ top_p),
+      ``switch`` (top-1 with capacity, Switch Transformer).
+    - ``top_p``: probability mass a token's experts must reach (``routing="top_p"``), in (0, 1].
+    - ``expert_capacity``: tokens one expert takes per batch (``switch``; None: from ``capacity_factor``).
+    - ``capacity_factor``: expert capacity as a multiple of tokens / experts (``switch``).
+    - ``router_init_range``: std of the router's normal init (None: the routing's default).
+    - ``jitter_noise``: multiplicative input noise on the router during training (None: the routing's default).
+    - ``router_aux_loss_coef``: weight of the load-balancing loss added to the task loss.
+    - ``router_z_loss_coef``: weight of the router z-loss (None: the routing's default; 0: off).
+    """
 
     target_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
     r: int = 16
