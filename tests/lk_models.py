@@ -68,3 +68,54 @@ def tiny_bpe_tokenizer(corpus, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def assert_exports_to_peft(model, name, factory, ids, directory, atol=1e-5):
+    """The adapter's ``to_lora`` export, written as a PEFT folder, loads in the real ``peft`` package and gives
+    the lorakit model's logits (fp32). Returns the exported adapter_config as a dict."""
+    import json
+
+    from peft import PeftModel
+
+    from lorakit.methods._plain import save_plain_lora
+
+    model.eval()
+    expected = model(input_ids=ids).logits
+    save_plain_lora(model, name, directory)
+    peft_model = PeftModel.from_pretrained(factory(), directory).eval()
+    got = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+def assert_trains_only(model, ids, suffixes):
+    """Only adapter parameters ending in one of ``suffixes`` require and receive gradients (frozen_names)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(tuple(suffixes)) for n in trainable), sorted(trainable)[:4]
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got == trainable
+    return trainable
+
+
+def train_with_hooks(model, ids, steps, lr=1e-2, name="default"):
+    """``steps`` AdamW steps on ``ids`` as the training loop runs them: the method's param_groups, extra_loss
+    (added to the task loss) and on_step after each optimizer step."""
+    import lorakit as lk
+    from lorakit.core.model import adapter_state
+    from lorakit.training.config import TrainConfig
+    from lorakit.training.loop import make_optimizer
+
+    method = lk.get_method(adapter_state(model).configs[name])
+    optimizer, _ = make_optimizer(model, name, TrainConfig(lr=lr))
+    model.train()
+    for step in range(1, steps + 1):
+        loss = model(input_ids=ids, labels=ids).loss
+        if method.extra_loss is not None:
+            loss = loss + method.extra_loss(model, name)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if method.on_step is not None:
+            method.on_step(model, name, step, steps)

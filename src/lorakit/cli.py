@@ -124,8 +124,15 @@ def _load_with_adapter(args):
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     if getattr(args, "adapter", None):
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, config_overrides=_overrides(args))
+    elif getattr(args, "rank", None) is not None:
+        raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     return model, tokenizer
+
+
+def _overrides(args) -> dict | None:
+    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b."""
+    return {"rank": args.rank} if getattr(args, "rank", None) is not None else None
 
 
 # -- train --------------------------------------------------------------------------------------------------
@@ -551,21 +558,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                            "use the adapter as it is with lorakit (generate / eval / serving)")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, _ = load_model_and_tokenizer(args.model)
-    load_adapter(model, args.adapter)
+    load_adapter(model, args.adapter, config_overrides=_overrides(args))
 
     def write(folder: Path) -> None:
         if method.peft_type is not None:
             save_adapter(model, folder)
             return
-        from . import LoraConfig
-        from .io.files import atomic_write_json, save_tensors
-        from .io.peft_format import config_file_dict
-
-        lora_config, state = method.to_lora(model, "default")
-        assert isinstance(lora_config, LoraConfig)
-        save_tensors(folder / "adapter_model.safetensors", state)
-        meta = {k: config_file_dict(model)[k] for k in ("base_model_name_or_path", "task_type")}
-        atomic_write_json(folder / "adapter_config.json", {**lora_config.to_dict(), **meta, "peft_type": "LORA"})
+        from .methods._plain import save_plain_lora
+        save_plain_lora(model, "default", folder)
 
     write_dir_atomically(out, write)
     print(f"exported PEFT LoRA adapter to {out}")
@@ -689,6 +689,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to evaluate at")
     e.set_defaults(func=cmd_eval)
 
 
@@ -701,6 +702,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--task", default=None,
                    help="task key for adapters that route by task (routed_lora): one the adapter was trained on")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to generate with")
     g.set_defaults(func=cmd_generate)
 
 
@@ -742,6 +744,7 @@ def _add_export(sub) -> None:
     x.add_argument("adapter")
     x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    x.add_argument("--rank", type=int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
     x.set_defaults(func=cmd_export)
 
 

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -38,6 +38,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
+    parser.add_argument("--step-time", action="store_true",
+                        help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
@@ -75,6 +78,19 @@ def main(argv: Sequence[str]) -> int:
         markdown = bench_serve.serve_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in bench_serve.plot_serve(result, out)]
+    elif args.what == "variants":
+        from . import variants
+        profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,
+                            steps=args.steps, tasks=args.tasks, r=args.r)
+        if args.step_time:
+            args.what = "variants_step_time"
+            result = variants.run_step_times(profile)
+            markdown = variants.step_times_markdown(result)
+        else:
+            result = variants.run_variants(profile)
+            markdown = variants.variants_markdown(result)
+            out.mkdir(parents=True, exist_ok=True)
+            result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
     elif args.what == "perf":
         from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
