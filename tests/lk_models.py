@@ -68,3 +68,32 @@ def tiny_bpe_tokenizer(corpus, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def assert_exports_to_peft(model, name, factory, ids, directory, atol=1e-5):
+    """The adapter's ``to_lora`` export, written as a PEFT folder, loads in the real ``peft`` package and gives
+    the lorakit model's logits (fp32). Returns the exported adapter_config as a dict."""
+    import json
+
+    from peft import PeftModel
+
+    from lorakit.methods._plain import save_plain_lora
+
+    model.eval()
+    expected = model(input_ids=ids).logits
+    save_plain_lora(model, name, directory)
+    peft_model = PeftModel.from_pretrained(factory(), directory).eval()
+    got = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+def assert_trains_only(model, ids, suffixes):
+    """Only adapter parameters ending in one of ``suffixes`` require and receive gradients (frozen_names)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(tuple(suffixes)) for n in trainable), sorted(trainable)[:4]
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got == trainable
+    return trainable

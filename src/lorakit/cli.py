@@ -160,8 +160,15 @@ def _load_with_adapter(args):
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     if getattr(args, "adapter", None):
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, config_overrides=_overrides(args))
+    elif getattr(args, "rank", None) is not None:
+        raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     return model, tokenizer
+
+
+def _overrides(args) -> dict | None:
+    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b."""
+    return {"rank": args.rank} if getattr(args, "rank", None) is not None else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -272,17 +279,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = read_adapter_config(args.adapter)
     method = get_method(config)
     model, _ = load_model_and_tokenizer(args.model)
-    load_adapter(model, args.adapter)
+    load_adapter(model, args.adapter, config_overrides=_overrides(args))
     if method.peft_type is not None:
         save_adapter(model, args.output)
     elif method.to_lora is not None:
-        from . import LoraConfig
-        from .io.files import atomic_write_json, save_tensors
-        lora_config, state = method.to_lora(model, "default")
-        assert isinstance(lora_config, LoraConfig)
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        save_tensors(Path(args.output) / "adapter_model.safetensors", state)
-        atomic_write_json(Path(args.output) / "adapter_config.json", {**lora_config.to_dict(), "peft_type": "LORA"})
+        from .methods._plain import save_plain_lora
+        save_plain_lora(model, "default", args.output)
     else:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form; nothing to export")
     print(f"exported PEFT LoRA adapter to {args.output}")
@@ -366,6 +368,7 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     e.add_argument("--eval-batch-size", type=int, default=64)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    e.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to evaluate at")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy generation for prompts")
@@ -373,6 +376,7 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     g.add_argument("--adapter", default=None)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin lines")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to generate with")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("methods", help="list registered methods")
@@ -398,6 +402,7 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _common_model(x)
     x.add_argument("adapter")
     x.add_argument("--output", required=True)
+    x.add_argument("--rank", type=int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
     x.set_defaults(func=cmd_export)
 
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf [--quick]` (see lorakit bench --help)",

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.errors import AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, near_matches
+from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, did_you_mean,
+                           near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter
@@ -105,6 +106,18 @@ def read_adapter_config(directory: str | os.PathLike):
         raise AdapterLoadError(str(e)) from None
 
 
+def override_config(config, overrides: dict[str, Any], source: str = "config"):
+    """``config`` with ``overrides`` applied (re-validated); raises ConfigError for a field it does not have."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"{source}: {type(config).method!r} adapters have no setting {key!r}."
+                              f"{did_you_mean(key, fields)} Settings: {', '.join(sorted(fields))}.")
+    return dataclasses.replace(config, **overrides)
+
+
 def weights_path(directory: Path) -> Path:
     path = directory / WEIGHTS_NAME
     if not path.is_file() and (directory / PICKLE_NAME).is_file():
@@ -128,11 +141,14 @@ def _normalise_key(key: str) -> str:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
-                 is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> nn.Module:
+                 is_trainable: bool = False, autocast_adapter_dtype: bool = True,
+                 config_overrides: dict[str, Any] | None = None) -> nn.Module:
     """Load a lorakit or PEFT adapter from ``directory`` as adapter ``name``.
 
-    Every check (config, file integrity, finiteness, key coverage, shapes) runs before the model is
-    touched: a failed load leaves the model exactly as it was.
+    ``config_overrides`` replaces config fields that do not change the saved tensors (e.g. DyLoRA's serving
+    ``rank``); an unknown field raises ConfigError naming the config's fields. Every check (config, file
+    integrity, finiteness, key coverage, shapes) runs before the model is touched: a failed load leaves the
+    model exactly as it was.
 
     A config naming an init that changes the base (PEFT's ``init_lora_weights="pissa"``, ``"olora"``) is relative
     to the changed base: that init runs again on this model's base (``Init.rerun_on_load``) before the saved
@@ -140,6 +156,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
+    if config_overrides:
+        config = override_config(config, config_overrides, source=str(directory))
     config.inference_mode = not is_trainable
     init = find_init(config.requested_init()) if config.requested_init() is not None else None
     if init is not None and init.changes_base and not init.rerun_on_load:
