@@ -98,13 +98,16 @@ def _eval_examples(args, tokenizer):
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from . import add_adapter, get_method, print_trainable_parameters
+    from . import get_method, print_trainable_parameters
     from .data import build_task_index, evaluate_examples, load_examples
     from .hub import load_model_and_tokenizer
     from .training import TrainConfig, train
 
     torch.manual_seed(args.seed)
     method = get_method(args.method)
+    if args.init is not None:
+        from .core.inits import get_init
+        get_init(args.init)  # an unknown name fails now (with near matches), not after loading the model
     # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
     targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
     adapter_config = config_from_args(method.config_cls, args, **targets)
@@ -119,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size)
     _print_metrics("before", before)
 
-    add_adapter(model, adapter_config, name=args.adapter_name)
+    _add_with_init(model, adapter_config, args)
     print_trainable_parameters(model)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -127,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, output_dir=args.output, resume_from=args.resume_from,
-        **_procedure_settings(args),
+        init_batches=args.init_batches, **_procedure_settings(args),
     )
     result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
                    eval_examples=eval_examples, progress=not args.quiet)
@@ -136,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                               task_to_id=build_task_index(train_examples) or None)
     _print_metrics("after ", after)
     adapter_dir = Path(args.output) / "adapter"
+    _resave_for_original_base(model, args.adapter_name, adapter_dir)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
                "after": after, "adapter_dir": str(adapter_dir), "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps}
@@ -152,6 +156,40 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
     print(f"adapter saved to {adapter_dir} (PEFT format)")
     return 0
+
+
+def _add_init_options(parser: argparse.ArgumentParser) -> None:
+    from .core.inits import list_inits
+
+    g = parser.add_argument_group("initialisation (lorakit.list_inits())")
+    g.add_argument("--init", default=None, metavar="NAME",
+                   help="a registered init run on the adapter before training: " + ", ".join(
+                       i.name + ("*" if i.needs_data else "") for i in list_inits())
+                   + " (* = data-driven: runs on the first --init-batches training batches)")
+    g.add_argument("--init-options", type=json.loads, default={}, metavar="JSON",
+                   help='the init\'s options as a JSON object, e.g. \'{"rho": 1.0}\' for eva')
+    g.add_argument("--init-batches", type=int, default=4, help="batches a data-driven init gets (default: 4)")
+
+
+def _add_with_init(model, adapter_config, args) -> None:
+    from . import add_adapter
+    from .core.inits import set_init_options
+
+    if args.init is not None:
+        set_init_options(model, args.adapter_name, **args.init_options)
+    add_adapter(model, adapter_config, name=args.adapter_name, init=args.init)
+
+
+def _resave_for_original_base(model, name: str, adapter_dir: Path) -> None:
+    """An init that changed the base and cannot be redone on load (LoRA-GA, CorDA): write the adapter as the
+    rank-2r LoRA for the original base (PEFT's conversion), so eval/generate/PEFT load it on the plain model."""
+    from . import save_adapter
+    from .core.inits import base_edits, requested_init
+
+    init = requested_init(model, name)
+    if init is not None and base_edits(model, name) and not init.rerun_on_load:
+        save_adapter(model, adapter_dir, name, original_base=True)
+        print(f"init {init.name!r} changed the base: the saved adapter is the rank-2r LoRA for the original base")
 
 
 def _load_with_adapter(args):
@@ -356,6 +394,7 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_init_options(t)
     _add_config_options(t, get_method(method_name).config_cls)
     _add_procedure_options(t, procedure_name)
     t.set_defaults(func=cmd_train)

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "init"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None, help="perf rows to run (forward, mixed, ...)")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to run (default: all registered); for init: the contenders")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
@@ -59,6 +60,14 @@ def main(argv: Sequence[str]) -> int:
                             tasks=args.tasks, experiments=args.experiments)
         result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+    elif args.what == "init":
+        from . import inits
+        profile = _override(inits.QUICK if args.quick else inits.FULL, seeds=args.seeds, steps=args.steps,
+                            tasks=args.tasks, contenders=args.methods)
+        result = inits.run_inits(profile, device=args.device, progress=not args.quick)
+        markdown = inits.inits_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(inits.plot_inits(result, out))]
     elif args.what == "perf":
         from . import perf
         from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
