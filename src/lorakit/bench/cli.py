@@ -69,10 +69,7 @@ def main(argv: Sequence[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(inits.plot_inits(result, out))]
     elif args.what == "perf":
-        from . import perf
-        from .. import methods  # noqa: F401  (methods register their own rows, e.g. MixLoRA's step)
-        from ..serving.bench import serving_perf_rows
-        perf.EXTRA_ROWS.setdefault("mixed", serving_perf_rows)
+        from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

@@ -89,11 +89,13 @@ class MergeTerms:
 
 @dataclass
 class RankUnits:
-    """A delta as rank-one units: ``Δ = scaling · B @ A`` with ``A`` (r, in), ``B`` (out, r)."""
+    """A delta as rank-one units: ``Δ = scaling · B @ A`` with ``A`` (r, in), ``B`` (out, r); ``dropout`` is what
+    a ``plain_units`` delta applies to its input before A (None: nothing)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    dropout: nn.Module | None = None
 
 
 class Delta(nn.Module):
@@ -108,7 +110,7 @@ class Delta(nn.Module):
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     # Input-dependent deltas (mixtures) have no fixed ΔW: merging them into the base is refused.
     mergeable: ClassVar[bool] = True
-    # True when forward(x) is exactly ``units().scaling · B A dropout(x)`` (plain LoRA): per-row mixed batches
+    # True when forward(x) is exactly ``units().scaling · B A units().dropout(x)`` (plain LoRA): per-row mixed batches
     # can then stack units across adapters and run one gathered bmm instead of a loop over adapters.
     plain_units: ClassVar[bool] = False
     # A delta that computes the whole layer output itself (e.g. MixLoRA reusing the FFN's base projections

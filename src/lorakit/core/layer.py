@@ -91,7 +91,7 @@ class AdapterLayer(nn.Module):
         deltas = [self.adapters[n] for n in used]
         if not all(d.plain_units for d in deltas):
             return False
-        dropouts = {getattr(getattr(d, "lora_dropout", None), "p", 0.0) for d in deltas}
+        dropouts = {getattr(d.units().dropout, "p", 0.0) for d in deltas}  # nn.Dropout's p; None/Identity: 0
         dtypes = {d.dtype for d in deltas}
         return len(dropouts) == 1 and len(dtypes) == 1
 
@@ -108,7 +108,8 @@ class AdapterLayer(nn.Module):
         scale = torch.tensor([u.scaling for u in units], device=x.device, dtype=A.dtype)
         row_scale = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.zeros((), dtype=A.dtype, device=x.device))
         rows = ids.clamp_min(0)
-        xa = deltas[0].lora_dropout(x.to(A.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        dropout = units[0].dropout or nn.Identity()  # the same for every used adapter (see _stackable)
+        xa = dropout(x.to(A.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
         h = torch.bmm(xa, A[rows].transpose(1, 2)) * row_scale[:, None, None]  # (batch, tokens, r)
         delta = torch.bmm(h, B[rows].transpose(1, 2))  # (batch, tokens, out)
         return out + delta.reshape(out.shape).to(out.dtype)

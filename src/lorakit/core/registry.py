@@ -83,12 +83,7 @@ def register_method(name: str, *, config: type["AdapterConfig"], build: Callable
     return method
 
 
-def _ensure_builtin_methods() -> None:
-    import lorakit.methods  # noqa: F401  (registers the built-in methods)
-
-
 def get_method(name_or_config: "str | AdapterConfig") -> Method:
-    _ensure_builtin_methods()
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
     try:
         return _METHODS[name]
@@ -100,7 +95,6 @@ def get_method(name_or_config: "str | AdapterConfig") -> Method:
 
 def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -> Method:
     """The method a saved adapter_config.json belongs to (lorakit's name first, then PEFT's peft_type)."""
-    _ensure_builtin_methods()
     name = config_dict.get("lorakit_method")
     if name is not None:
         return get_method(name)
@@ -118,7 +112,6 @@ def method_for_file(config_dict: Mapping[str, Any], *, source: str = "config") -
 
 
 def list_methods() -> list[Method]:
-    _ensure_builtin_methods()
     return [_METHODS[k] for k in sorted(_METHODS)]
 
 

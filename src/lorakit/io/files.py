@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from ..core.errors import AdapterLoadError
@@ -55,28 +56,67 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+class TensorFile:
+    """A safetensors file opened for reading: lorakit's one safetensors reader (never pickle).
+
+    Opening checks that the file exists and that its header fits; tensors are read lazily (memory-mapped,
+    per key) by :meth:`get`, or all at once by :meth:`read_all`. Every failure is an AdapterLoadError naming
+    the file: missing, truncated, not safetensors, a non-finite value in a tensor read with ``check_finite``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AdapterLoadError(f"missing weights file {self.path}")
+        size = self.path.stat().st_size
+        bad = f"{self.path} is not a valid safetensors file"
+        if size < 8:
+            raise AdapterLoadError(f"{bad} (truncated: {size} bytes; a safetensors file starts with an 8-byte header "
+                                   "size)")
+        with open(self.path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise AdapterLoadError(f"{bad} (truncated or corrupted: header claims {header_len} bytes, file has {size})")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self._keys = list(self._handle.keys())
+        except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError variants
+            raise AdapterLoadError(f"{bad} ({type(e).__name__}: {e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
+        try:
+            t = self._handle.get_tensor(key)
+        except Exception as e:
+            raise AdapterLoadError(f"{self.path} is not a valid safetensors file (tensor {key!r}: "
+                                   f"{type(e).__name__}: {e})") from None
+        if check_finite:
+            self._check_finite({key: t})
+        return t
+
+    def read_all(self, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
+        try:
+            tensors = load_file(self.path)
+        except Exception as e:
+            raise AdapterLoadError(f"{self.path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+        if check_finite:
+            self._check_finite(tensors)
+        return tensors
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        # A NaN/Inf anywhere makes a tensor's sum non-finite, so one stacked reduction proves the common case;
+        # the exact per-tensor count runs only on suspicion (a sum can also overflow on huge finite values).
+        floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+        if not floats or bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in floats.values()])).all()):
+            return
+        for key, t in floats.items():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise AdapterLoadError(f"{self.path}: tensor {key!r} has {bad} non-finite values (NaN/Inf)")
+
+
 def load_tensors(path: str | os.PathLike, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (never pickle), turning every failure into a clear AdapterLoadError."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterLoadError(f"missing weights file {path}")
-    size = path.stat().st_size
-    if size < 8:
-        raise AdapterLoadError(f"{path} is truncated ({size} bytes); a safetensors file starts with an 8-byte header size")
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    if header_len > size - 8:
-        raise AdapterLoadError(f"{path} is truncated or corrupted: header claims {header_len} bytes, file has {size}")
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError variants
-        raise AdapterLoadError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    if check_finite:
-        for key, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                bad = int((~torch.isfinite(t)).sum())
-                raise AdapterLoadError(f"{path}: tensor {key!r} has {bad} non-finite values (NaN/Inf)")
-    return tensors
+    """Every tensor of a safetensors file (see :class:`TensorFile` for the checks and errors)."""
+    return TensorFile(path).read_all(check_finite=check_finite)

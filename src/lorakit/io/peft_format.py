@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, did_you_mean,
                            near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper

@@ -150,7 +150,7 @@ class LoraLinear(Delta):
         return None if self.lora_B.bias is None else self.lora_B.bias.float() * self.scaling
 
     def units(self) -> RankUnits:
-        return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling)
+        return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling, dropout=self.lora_dropout)
 
 
 class DoraLinear(LoraLinear):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..core.errors import AdapterLoadError, ConfigError
+from ..io.files import TensorFile
 from ..io.peft_format import CONFIG_NAME, PREFIX, read_adapter_config, weights_path
 
 if TYPE_CHECKING:
@@ -28,17 +28,14 @@ class LoraSource:
     directory: str
     config: LoraConfig
     modules: dict[str, tuple[str, str]]  # module path -> (lora_A key, lora_B key)
-    handle: Any  # safetensors.safe_open over the weights file
+    handle: TensorFile  # the weights file, read per module
 
     def factors(self, module_path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A (r, in), B (out, r)) for one module, or None when this adapter does not adapt it."""
         keys = self.modules.get(module_path)
         if keys is None:
             return None
-        A, B = (self.handle.get_tensor(k) for k in keys)
-        for key, t in zip(keys, (A, B)):
-            if not torch.isfinite(t).all():
-                raise AdapterLoadError(f"{self.directory}: tensor {key!r} has non-finite values (NaN/Inf)")
+        A, B = (self.handle.get(k) for k in keys)  # raises AdapterLoadError on NaN/Inf
         return A, B
 
 
@@ -64,11 +61,8 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
             raise ConfigError(f"{where} sets {field_name}={value!r}, which mixtures of existing adapters "
                               "do not support: they stack plain LoRA adapters with one rank per adapter. Export or retrain it as plain LoRA.")
     weights = weights_path(Path(directory))
-    try:
-        handle = safe_open(str(weights), framework="pt")
-        keys = list(handle.keys())
-    except Exception as e:  # safetensors raises SafetensorError / OSError variants
-        raise AdapterLoadError(f"{weights} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    handle = TensorFile(weights)
+    keys = handle.keys()
     found: dict[str, list[str | None]] = {}
     for key in keys:
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key

@@ -2,7 +2,7 @@
 
 - :func:`load_adapters` / :func:`bank_adapters` fill the banks (from PEFT folders / from attached adapters).
 - :func:`bank_routing` and :func:`generate` run a batch with one adapter (or weighted mix) per row.
-- :mod:`lorakit.serving.bench` measures it against the base model and PEFT.
+- :mod:`lorakit.bench.serving` measures it against the base model and PEFT.
 """
 
 from .bank import WEIGHTS_KEY, LoraBank, LoraEmbeddingBank, register_kernel

@@ -14,7 +14,7 @@ Storage (one bank per adapted layer, slot 0 is an all-zero "no adapter" slot):
 Mixed ranks are zero-padded to ``r_max``; zero rows of A and B add exactly zero. Each forward only uses
 the ranks it needs (``r_used`` = largest rank among the slots in the batch), so one r=64 adapter in the bank
 does not slow batches of r=8 adapters. (Bucketing by rank would need one pass per bucket; padding costs at
-most r_max/r and keeps a single pass — see ``serving/bench.py`` for the numbers.)
+most r_max/r and keeps a single pass — see ``bench/serving.py`` for the numbers.)
 
 Execution (no Python loop over adapters; chosen per batch, cached per ids tensor):
 
@@ -96,7 +96,7 @@ def make_plan(slots: torch.Tensor, ranks: torch.Tensor, weighted: bool = False) 
     contiguous range, every slot the same number of rows — then block g of the batch meets bank slots
     ``first + g`` as plain views. Every other mixed batch runs per row (BGMV): measured on CPU, gathering each
     row's A and B block by block (in cache) beats permuting activations into padded groups and back, even at
-    32 rows per adapter (serving/bench.py).
+    32 rows per adapter (bench/serving.py).
     """
     r_used = int(ranks[slots].max()) if slots.numel() else 0
     if r_used == 0:

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import warnings
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +33,7 @@ from ..core.layer import BASE_NAME, AdapterLayer
 from ..core.model import adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_targets
+from ..io.files import load_tensors
 from ..io.peft_format import PREFIX, read_adapter_config, weights_path
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for
@@ -218,7 +216,7 @@ class AdapterRegistry:
 
     def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, layers, new_banks) -> None:
         path_w = weights_path(directory)
-        tensors, finite = _read_safetensors(path_w)
+        tensors = load_tensors(path_w)
         for key in tensors:
             if not key.startswith(PREFIX):
                 raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
@@ -236,8 +234,6 @@ class AdapterRegistry:
                 if tuple(t.shape) != shape:
                     raise AdapterLoadError(f"{path_w}: tensor {key!r} has shape {tuple(t.shape)} but this model and "
                                            f"config (r / rank_pattern, module size) expect {shape}")
-                if not finite and t.is_floating_point() and not torch.isfinite(t).all():
-                    raise AdapterLoadError(f"{path_w}: tensor {key!r} has non-finite values (NaN/Inf)")
                 used.add(key)
                 got.append(t)
             bias = None
@@ -341,63 +337,6 @@ class AdapterRegistry:
 
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for bank in self.banks.values() for b in bank.buffers())
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_NP_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """The file's tensors as zero-copy views of one read, and whether all are known to be finite.
-
-    The safetensors layout (8-byte header length, JSON header of dtype / shape / data_offsets, data) is parsed
-    here so each tensor is a view into the bytes read (no per-tensor copy before the copy into a bank). The
-    finiteness check is one reduction over the whole data section; False means "check each tensor".
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AdapterLoadError(f"missing weights file {path}") from None
-    bad = f"{path} is not a valid safetensors file"
-    if len(data) < 8:
-        raise AdapterLoadError(f"{bad} (truncated: {len(data)} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise AdapterLoadError(f"{bad} (truncated or corrupted: header claims {n} bytes, file has {len(data)})")
-    try:
-        header = json.loads(data[8: 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{bad} (header is not JSON: {e})") from None
-    start, size = 8 + n, len(data) - 8 - n
-    tensors: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that the bytes are read-only; we only read them
-        for key, spec in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype = _DTYPES[spec["dtype"]]
-                begin, end = spec["data_offsets"]
-                shape = [int(d) for d in spec["shape"]]
-                count = math.prod(shape)
-                if not 0 <= begin <= end <= size or (end - begin) != count * dtype.itemsize:
-                    raise ValueError(f"offsets {begin}..{end} do not fit shape {shape}")
-                tensors[key] = (torch.frombuffer(data, dtype=dtype, offset=start + begin, count=count).view(shape)
-                                if count else torch.empty(shape, dtype=dtype))
-            except (KeyError, TypeError, ValueError) as e:
-                raise AdapterLoadError(f"{bad} (tensor {key!r}: {type(e).__name__}: {e})") from None
-    # A NaN/Inf anywhere makes the sum non-finite, so a finite sum proves every value finite (an overflowing
-    # sum of huge values only sends us to the exact per-tensor check). numpy, not torch: a single-threaded pass
-    # over a few MB; torch's OpenMP fan-out costs far more than the sum on a busy machine.
-    kinds = {spec["dtype"] for k, spec in header.items() if k != "__metadata__"}
-    finite = False
-    if len(kinds) == 1 and next(iter(kinds)) in _NP_FLOATS:
-        arr = np.frombuffer(data, dtype=_NP_FLOATS[kinds.pop()], offset=start)
-        with np.errstate(all="ignore"):
-            finite = bool(np.isfinite(arr.sum(dtype=np.float64)))
-    return tensors, finite
 
 
 def _check_bankable_config(config, where) -> None:

@@ -1,6 +1,6 @@
 """Serving benchmark: mixed-adapter batches through the banks vs the base model and vs PEFT's ``adapter_names``.
 
-``run_serving_bench(...)`` returns a plain dict (for ``lorakit bench perf``); ``python -m lorakit.serving.bench``
+``run_serving_bench(...)`` returns a plain dict (for ``lorakit bench perf``); ``python -m lorakit.bench.serving``
 prints it as JSON. Everything runs side by side in one process with ``torch.inference_mode()``, a fixed
 thread count and interleaved repeats (round robin over the variants, so machine noise hits all of them alike);
 reported are min and median seconds and the ratios of the minima.
@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
+
+from .perf import EXTRA_ROWS
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -105,7 +107,7 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
     Returns ``{"config": ..., "forward": {N: {...}}, "load": {...}}`` with ratios
     ``bank_over_base`` (goal <= 1.10) and ``peft_over_bank`` (goal >= 1.5).
     """
-    from .multi import load_adapters
+    from ..serving.multi import load_adapters
 
     log = log or (lambda s: None)
     torch.set_num_threads(threads)
@@ -192,7 +194,7 @@ def _peft_model(seed: int, dirs: list[Path], names: list[str]):
 
 def _check_against_peft(directory: Path, seed: int) -> float:
     """One generated adapter gives the same logits through PEFT and through lorakit's banks (sanity of the files)."""
-    from .multi import load_adapters
+    from ..serving.multi import load_adapters
 
     ids = torch.randint(0, 4096, (2, 8), generator=torch.Generator().manual_seed(seed + 1))
     with torch.inference_mode():
@@ -223,10 +225,6 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(text)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def serving_perf_rows(profile, device) -> list[dict]:
     """``lorakit bench perf`` rows: mixed-adapter batches (one adapter per row) and bulk loading."""
     quick = profile.models == ("llama-tiny",)
@@ -251,3 +249,9 @@ def serving_perf_rows(profile, device) -> list[dict]:
         rows.append({"row": f"load {load['n']} PEFT adapters into banks", "model": "llama-8x512",
                      "note": f"{load['seconds']:.1f} s total ({load['bank_bytes'] / 2**30:.2f} GiB of banks)"})
     return rows
+
+
+EXTRA_ROWS.setdefault("mixed", serving_perf_rows)
+
+if __name__ == "__main__":
+    main()
