@@ -97,3 +97,25 @@ def assert_trains_only(model, ids, suffixes):
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == trainable
     return trainable
+
+
+def train_with_hooks(model, ids, steps, lr=1e-2, name="default"):
+    """``steps`` AdamW steps on ``ids`` as the training loop runs them: the method's param_groups, extra_loss
+    (added to the task loss) and on_step after each optimizer step."""
+    import lorakit as lk
+    from lorakit.core.model import adapter_state
+    from lorakit.training.config import TrainConfig
+    from lorakit.training.loop import make_optimizer
+
+    method = lk.get_method(adapter_state(model).configs[name])
+    optimizer, _ = make_optimizer(model, name, TrainConfig(lr=lr))
+    model.train()
+    for step in range(1, steps + 1):
+        loss = model(input_ids=ids, labels=ids).loss
+        if method.extra_loss is not None:
+            loss = loss + method.extra_loss(model, name)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if method.on_step is not None:
+            method.on_step(model, name, step, steps)

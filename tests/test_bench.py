@@ -55,3 +55,13 @@ def test_bench_mixtures_quick_matches_budgets_and_composes(tmp_path):
     for t in tasks:  # the oracle serves each task with its own adapter
         assert oracle["per_task"][t] == compose[f"adapter '{t}' alone"]["per_task"][t]
     assert "## Equal budgets" in (tmp_path / "mixtures.md").read_text()
+
+
+def test_bench_variants_quick_dylora_ranks(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["variants", "--quick", "--methods", "lora", "dylora", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "variants.json").read_text())
+    assert {r["method"] for r in result["runs"]} == {"lora", "dylora"}
+    assert sorted({r["rank"] for r in result["dylora_ranks"]}) == [1, 2] == sorted({r["rank"] for r in result["lora_ranks"]})
+    assert "step time × LoRA" in (tmp_path / "variants.md").read_text()
+    assert (tmp_path / "variants_dylora_ranks.png").stat().st_size > 1000

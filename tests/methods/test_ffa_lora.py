@@ -48,3 +48,13 @@ def test_ffa_lora_refuses_dora():
 
     with pytest.raises(lk.ConfigError, match="use_dora"):
         FfaLoraConfig(use_dora=True)
+
+
+def test_ffa_lora_export_keeps_modules_to_save(ids, tmp_path):
+    model = lk.add_adapter(tiny_llama(), FfaLoraConfig(r=4, target_modules=TARGETS, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    cfg = assert_exports_to_peft(model, "default", tiny_llama, ids, tmp_path)
+    assert cfg["modules_to_save"] == ["lm_head"]

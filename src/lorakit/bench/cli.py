@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|variants|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "init"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "variants", "init"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -39,6 +39,7 @@ def main(argv: Sequence[str]) -> int:
                         help="methods to run (default: all registered); for init: the contenders")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose"], default=None,
                         help="mixtures: which experiments (default: both)")
@@ -68,6 +69,14 @@ def main(argv: Sequence[str]) -> int:
         markdown = inits.inits_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(inits.plot_inits(result, out))]
+    elif args.what == "variants":
+        from . import variants
+        profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,
+                            steps=args.steps, tasks=args.tasks, r=args.r)
+        result = variants.run_variants(profile)
+        markdown = variants.variants_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
     elif args.what == "perf":
         from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL

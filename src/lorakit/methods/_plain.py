@@ -42,6 +42,11 @@ def export_plain_lora(model: nn.Module, name: str, factors: Factors, lora_alpha:
         ranks[path] = int(A.shape[0])
         state[f"{PREFIX}{path}.lora_A.weight"] = A.detach().contiguous()  # (r_m, in)
         state[f"{PREFIX}{path}.lora_B.weight"] = B.detach().contiguous()  # (out, r_m)
+    if config.modules_to_save:  # their full copies travel as they are (PEFT keys them the same way)
+        from ..io.peft_format import adapter_state_dict
+
+        adapted = tuple(f"{PREFIX}{path}." for path, layer in adapter_layers(model) if name in layer.adapters)
+        state.update({k: v for k, v in adapter_state_dict(model, name).items() if not k.startswith(adapted)})
     if not ranks:
         raise AdapterError(f"adapter {name!r}: every module has rank 0 after pruning; there is no LoRA to export.")
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern

@@ -137,5 +137,5 @@ register_method(
     "dylora", config=DyLoraConfig, build=build_dylora, on_step=dylora_on_step, to_lora=dylora_to_lora,
     description="Nested-rank LoRA: a rank b ~ U{1..r} trained per step; evaluate/serve/export at any b <= r.",
     paper="Valipour et al. 2023 (EACL), arXiv:2210.07558",
-    variants={"dylora": {"r": 4, "lora_alpha": 8}, "dylora_rank2": {"r": 4, "lora_alpha": 8, "rank": 2}},
+    variants={"dylora": {}, "dylora_rank2": {"rank": 2}},
 )

@@ -62,5 +62,5 @@ register_method(
     "ffa_lora", config=FfaLoraConfig, build=build_ffa_lora, to_lora=ffa_to_lora,
     description="LoRA with A frozen at its random init; only B (zero-init) trains — half the federated traffic.",
     paper="Sun et al. 2024 (ICLR), arXiv:2403.12313",
-    variants={"ffa_lora": {"r": 4}},
+    variants={"ffa_lora": {}},
 )

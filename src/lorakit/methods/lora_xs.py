@@ -63,5 +63,5 @@ register_method(
     "lora_xs", config=LoraXSConfig, build=build_lora_xs, to_lora=middle_to_lora, zero_init=False,
     description="s·B R A with B, A frozen from the truncated SVD of W; only the r×r R trains (r² params/layer).",
     paper="Bałazy et al. 2024, arXiv:2405.17604",
-    variants={"lora_xs": {"r": 4}, "lora_xs_zero": {"r": 4, "init_R_std": 0.0}},
+    variants={"lora_xs": {}, "lora_xs_zero": {"init_R_std": 0.0}},
 )

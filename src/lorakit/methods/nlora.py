@@ -172,15 +172,15 @@ PAPER = "Guo et al. 2025, arXiv:2502.14482"
 register_method(
     "slora", config=SloraConfig, build=build_slora, to_lora=middle_to_lora, paper=PAPER,
     description="Structured LoRA: s·B N A with a trained r×r middle N (A, N Kaiming, B = 0).",
-    variants={"slora": {"r": 4}},
+    variants={"slora": {}},
 )
 register_method(
     "nlora", config=NloraConfig, build=build_nlora, to_lora=middle_to_lora, paper=PAPER, zero_init=False,
     description="Nyström-initialised SLoRA: A = W[:r,:], N = W[:r,:r], B = W[:,:r] (official: no base correction).",
-    variants={"nlora": {"r": 4, "lora_alpha": 4}},
+    variants={"nlora": {"lora_alpha": 8}},
 )
 register_method(
     "inttune", config=InttuneConfig, build=build_inttune, to_lora=middle_to_lora, paper=PAPER, zero_init=False,
     description="IntTune: NLoRA's init with A and B frozen; only the r×r middle N trains.",
-    variants={"inttune": {"r": 4, "lora_alpha": 8}},
+    variants={"inttune": {"lora_alpha": 8}},
 )

@@ -196,5 +196,6 @@ register_method(
     on_step=sora_on_step, to_lora=sora_to_lora,
     description="LoRA with a gate per rank, sparsified by a proximal L1 step; zeroed ranks pruned on export.",
     paper="Ding et al. 2023 (EMNLP), arXiv:2311.11696",
-    variants={"sora": {"r": 4, "lora_alpha": 8}},
+    variants={"sora": {}, "sora_schedule": {"sparse_lambda_2": 1e-3, "max_lambda": 1e-2, "lambda_num": 4,
+                                            "lambda_schedule": "linear"}},
 )

@@ -1,0 +1,250 @@
+"""``lorakit bench variants``: the rank-adapting LoRA re-parameterisations (issue 17) on the bundled model.
+
+One run gives, on the same tasks, data, steps and seeds:
+
+- a row per method (FFA-LoRA, LoRA-XS, SLoRA, NLoRA, IntTune, DyLoRA, SoRA) next to LoRA at the same r, with
+  trainable parameters and training step time as a ratio to LoRA's (medians, measured in this run);
+- DyLoRA trained once at r_max and evaluated at every rank 1..r_max, next to LoRAs trained separately at
+  each of those ranks (also the "LoRA r=1" reference for LoRA-XS and IntTune);
+- SoRA's final live ranks per module (the rank_pattern of its pruned export) and LoRA at the nearest
+  equal parameter count.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# SoRA runs its sparsifying-schedule variant: at the default ξ = 1e-3, 100 steps shrink N(0, 1) gates by only
+# ~0.1, so almost no rank would be pruned in a run this short.
+BENCH_VARIANT = {"sora": "sora_schedule", "increlora": "increlora_short"}
+METHODS = ("lora", "ffa_lora", "lora_xs", "slora", "nlora", "inttune", "dylora", "sora", "increlora")
+
+
+@dataclass
+class VariantsProfile:
+    tasks: str = "reverse,rotate,sort,upper"
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 2e-3
+    r: int = 8
+    train_examples: int = 1000
+    eval_examples: int = 50
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+
+
+QUICK = VariantsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=4, seeds=(0,), tasks="reverse,add",
+                        r=2)
+FULL = VariantsProfile()
+
+
+def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
+    import lorakit as lk
+    from ..data import evaluate_examples, load_examples
+    from ..hub import load_model_and_tokenizer
+    from ..methods.dylora import set_rank
+    from ..methods.increlora import rank_pattern as increlora_ranks
+    from ..methods.sora import rank_distribution
+    from ..training import TrainConfig, train
+    from .methods import _config_for
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    train_ex = {s: load_examples(profile.tasks, "train", n=profile.train_examples, seed=s) for s in profile.seeds}
+    eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
+    before = evaluate_examples(base, tokenizer, eval_ex)["exact_match"]
+
+    def run(config, seed, on_log=()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)
+        lk.add_adapter(model, config)
+        trainable, _ = lk.trainable_parameters(model)
+        tc = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr,
+                         warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine", seed=seed,
+                         max_length=128, log_every=1)
+        t0 = time.perf_counter()
+        result = train(model, tokenizer, train_ex[seed], tc, progress=progress,
+                       on_log=[lambda rec: cb(model, rec) for cb in on_log])
+        return model, {"seed": seed, "trainable_params": trainable, "final_loss": result.losses[-1],
+                       "s_per_step": (time.perf_counter() - t0) / profile.steps}
+
+    def score(model):
+        return evaluate_examples(model, tokenizer, eval_ex)["exact_match"]
+
+    runs, dylora_ranks, lora_ranks, sora_ranks, incre_history = [], [], [], [], []
+
+    def record_increlora_ranks(model, rec):
+        if "loss" in rec:
+            incre_history.append({"seed": rec_seed[0], "step": rec["step"], "ranks": increlora_ranks(model, "default"),
+                                  "live_params": live_params(model)})
+
+    rec_seed = [0]
+    for name in profile.methods:
+        method = lk.get_method(name)
+        variant = BENCH_VARIANT.get(name, next(iter(method.variants)))
+        for seed in profile.seeds:
+            rec_seed[0] = seed
+            hooks = [record_increlora_ranks] if name == "increlora" else []
+            model, rec = run(_config_for(method, variant, profile.r), seed, on_log=hooks)
+            rec.update(method=name, variant=variant, after=score(model))
+            runs.append(rec)
+            if name == "dylora":  # the same trained adapter at every rank
+                for b in range(1, profile.r + 1):
+                    set_rank(model, "default", b)
+                    dylora_ranks.append({"seed": seed, "rank": b, "after": score(model)})
+            if name == "sora":
+                ranks = rank_distribution(model, "default")
+                sora_ranks.append({"seed": seed, "ranks": ranks, "live_params": live_params(model)})
+    for b in range(1, profile.r + 1):  # separately trained LoRAs (r = r_max is the LoRA row above)
+        for seed in profile.seeds:
+            if b == profile.r and "lora" in profile.methods:
+                after = next(r["after"] for r in runs if r["method"] == "lora" and r["seed"] == seed)
+                params = next(r["trainable_params"] for r in runs if r["method"] == "lora" and r["seed"] == seed)
+            else:
+                model, rec = run(lk.LoraConfig(r=b, lora_alpha=2 * b, target_modules="all-linear"), seed)
+                after, params = score(model), rec["trainable_params"]
+            lora_ranks.append({"seed": seed, "rank": b, "after": after, "trainable_params": params})
+    return {"profile": asdict(profile), "before": before, "runs": runs, "table": summarise(runs),
+            "dylora_ranks": dylora_ranks, "lora_ranks": lora_ranks, "sora_ranks": sora_ranks,
+            "increlora_history": incre_history}
+
+
+def live_params(model) -> int:
+    """Parameters of the plain LoRA a SoRA / IncreLoRA adapter exports to: Σ over modules of live ranks · (in + out)."""
+    from ..core.model import adapter_layers
+
+    total = 0
+    for _, layer in adapter_layers(model):
+        d = layer.adapters["default"]
+        total += int(d.live_ranks().numel()) * (d.info.in_features + d.info.out_features)
+    return total
+
+
+def _mean_sd(values):
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    ref = by.get("lora")
+    ref_step = statistics.median(r["s_per_step"] for r in ref) if ref else None
+    ref_mean = statistics.mean(r["after"] for r in ref) if ref else None
+    rows = []
+    for name, rs in by.items():
+        mean, sd = _mean_sd(r["after"] for r in rs)
+        step = statistics.median(r["s_per_step"] for r in rs)
+        row = {"method": name, "variant": rs[0]["variant"], "seeds": len(rs), "after_mean": mean, "after_std": sd,
+               "trainable_params": rs[0]["trainable_params"], "s_per_step": step,
+               "final_loss": statistics.mean(r["final_loss"] for r in rs)}
+        if ref:
+            row.update(vs_lora=mean - ref_mean, step_vs_lora=step / ref_step,
+                       params_vs_lora=row["trainable_params"] / ref[0]["trainable_params"])
+        rows.append(row)
+    return rows
+
+
+def _per_rank(records, key="after"):
+    ranks = sorted({r["rank"] for r in records})
+    return ranks, [_mean_sd(r[key] for r in records if r["rank"] == b) for b in ranks]
+
+
+def variants_markdown(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"Tasks `{p['tasks']}`, {p['steps']} steps × batch {p['batch_size']}, lr {p['lr']}, r={p['r']} "
+             f"(α = 2r unless the method's default variant sets it) all-linear, seeds {list(p['seeds'])}. "
+             f"Exact match before training: {result['before']:.3f}.", "",
+             "| method | exact match (mean ± sd) | Δ vs LoRA | trainable params (× LoRA) | s/step | step time × LoRA | final loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["table"]:
+        lines.append(f"| {r['method']} | {r['after_mean']:.3f} ± {r['after_std']:.3f} | {r.get('vs_lora', 0):+.3f} | "
+                     f"{r['trainable_params']:,} ({r.get('params_vs_lora', 1):.3f}×) | {r['s_per_step']:.3f} | "
+                     f"{r.get('step_vs_lora', 1):.2f}× | {r['final_loss']:.3f} |")
+    if result["dylora_ranks"]:
+        ranks, dy = _per_rank(result["dylora_ranks"])
+        _, lo = _per_rank(result["lora_ranks"])
+        lines += ["", "DyLoRA (one run at r_max, evaluated at rank b) vs LoRA trained separately at rank b:", "",
+                  "| rank b | DyLoRA @ b | LoRA r=b |", "|---|---|---|"]
+        for b, (dm, ds), (lm, ls) in zip(ranks, dy, lo):
+            lines.append(f"| {b} | {dm:.3f} ± {ds:.3f} | {lm:.3f} ± {ls:.3f} |")
+    for rec in result["sora_ranks"]:
+        ranks = rec["ranks"]
+        lines += ["", f"SoRA seed {rec['seed']}: live ranks per module (of {p['r']}): total "
+                  f"{sum(ranks.values())} / {p['r'] * len(ranks)}, pruned plain-LoRA parameters {rec['live_params']:,}; "
+                  f"histogram {dict(sorted(_hist(ranks.values()).items()))}"]
+    if result.get("increlora_history"):
+        last = result["increlora_history"][-1]
+        ranks = last["ranks"]
+        lines += ["", f"IncreLoRA seed {last['seed']}: final ranks per module at step {last['step']}: total "
+                  f"{sum(ranks.values())} (budget: target_rank × {len(ranks)} modules), exported plain-LoRA parameters "
+                  f"{last['live_params']:,}, "
+                  f"histogram {dict(sorted(_hist(ranks.values()).items()))}"]
+    return "\n".join(lines) + "\n"
+
+
+def _hist(values) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def plot_variants(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if result["dylora_ranks"]:
+        ranks, dy = _per_rank(result["dylora_ranks"])
+        _, lo = _per_rank(result["lora_ranks"])
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.errorbar(ranks, [m for m, _ in dy], yerr=[s for _, s in dy], marker="o", capsize=3,
+                    label="DyLoRA (one run, r_max) at rank b")
+        ax.errorbar(ranks, [m for m, _ in lo], yerr=[s for _, s in lo], marker="s", capsize=3,
+                    label="LoRA trained at r = b")
+        ax.axhline(result["before"], color="grey", linestyle="--", label="base model")
+        ax.set_xlabel("rank b")
+        ax.set_ylabel("exact match")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "variants_dylora_ranks.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if result["sora_ranks"]:
+        fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(result["sora_ranks"][0]["ranks"])), 3.5))
+        for rec in result["sora_ranks"]:
+            names = list(rec["ranks"])
+            ax.plot(range(len(names)), list(rec["ranks"].values()), marker="o", label=f"seed {rec['seed']}")
+        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                                          for n in names], rotation=90, fontsize=6)
+        ax.set_ylabel("live ranks after training")
+        ax.set_title("SoRA: ranks kept per module")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "variants_sora_ranks.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    history = result.get("increlora_history") or []
+    if history:
+        seed = history[0]["seed"]
+        steps = [h["step"] for h in history if h["seed"] == seed]
+        modules = list(history[0]["ranks"])
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for m in modules:
+            ax.plot(steps, [h["ranks"][m] for h in history if h["seed"] == seed], linewidth=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("rank")
+        ax.set_title(f"IncreLoRA: rank per module over training ({len(modules)} modules, seed {seed})")
+        fig.tight_layout()
+        paths.append(out_dir / "variants_increlora_ranks.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,248 @@
+"""IncreLoRA — "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
+Zhang et al., arXiv:2308.12043.
+
+An SVD-shaped LoRA whose rank grows during training, module by module, under a total budget:
+
+    Δ(x) = α / k · B diag(e) A dropout(x),   A ∈ R^{C×in}, e ∈ R^{C}, B ∈ R^{out×C}, only the first k units active
+
+Each step (until the budget is spent) every module gets an importance score ``s = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel(ΔW)``,
+smoothed as AdaLoRA does: ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2)|s − Ī|``, importance ``Ī·Ū``. After
+``init_warmup`` steps, every ``incre_interval`` steps the ``top_h`` most important modules get
+``incre_rank_num`` more ranks, until the total equals ``target_rank × #modules``. "Advance learning": each module
+always holds ``incre_rank_num`` reserve units whose a, b already train while their e is pinned at 1e-5; a
+module that grows activates its reserves (e now trains, from 1e-5) and the next units become reserves. When
+the budget is reached the reserves are switched off (e = 0). Loss: task + ``reg_orth`` × the orthogonality
+penalty. Saved per-module ranks make the export a plain PEFT LoRA with ``rank_pattern``.
+
+Follows the official code, ``FeiyuZhang98/IncreLoRA`` ``loralib/loralib/increlora.py``: ``loraW.forward``
+(``B @ (A * E) * scaling / (ranknum + 1e-5)``, scaling = lora_alpha), ``SVDLinear.backward_hook`` (the score
+from the gradient of the materialised ΔW), ``reset_parameters`` (A, B ~ N(0, 0.02), E = 0),
+``add_reserve_param`` (reserve a, b ~ N(0, 0.02), e = 1e-5 frozen), ``RankAllocator.update_ipt`` /
+``calculate_score`` / ``increase_to_target_rank`` / ``update_and_increase`` and ``compute_orth_regu``
+(one Frobenius penalty ``‖P Pᵀ − I‖`` per stored piece — the initial r-rank block and every later rank-1
+piece separately — averaged over pieces). Defaults from ``NLU/scripts/rank=8/run_mnli.sh``.
+
+Where lorakit differs, and why:
+- Fixed capacity instead of growing ``ParameterList``s (the loop's optimizer is built once): every module
+  holds ``C = max_rank`` units from the start (default: enough for any allocation the budget allows); units
+  past the active ones and the reserves are masked out (e = 0 in the forward), so they get exactly zero
+  gradient and AdamW leaves them alone except for weight decay (0 in the official scripts). A module at
+  capacity is not selected.
+- The official allocator adds ranks to every module whose score reaches the k-th largest and can overshoot the
+  budget, after which it never switches reserves off; here growth stops once the total reaches the budget.
+- While growing, ΔW is materialised in the forward (as the official code always does) to read ∂L/∂ΔW; once
+  the budget is spent the forward is the factored two-GEMM one.
+All allocator state (active ranks, the EMAs, whether growth is over) lives in per-module buffers saved with
+the adapter, so a checkpoint resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.delta import Delta, LayerInfo, RankUnits
+from ..core.errors import ConfigError
+from ..core.model import adapter_layers, adapter_state
+from ..core.registry import register_method
+from ._plain import export_plain_lora
+
+RESERVE_E = 1e-5  # add_reserve_param: e of a reserve unit under advance learning
+
+
+@dataclass
+class IncreLoraConfig(AdapterConfig):
+    """``r``: initial rank per module (official ``lora_r``); ``target_rank``: average final rank (budget =
+    target_rank × #modules); ``max_rank``: units stored per module (0 = derived from the budget)."""
+
+    r: int = 1
+    target_rank: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    init_warmup: int = 1000
+    incre_interval: int = 1000
+    top_h: int = 18
+    incre_rank_num: int = 1
+    advance_learn: bool = True
+    beta1: float = 0.85
+    beta2: float = 0.85
+    reg_orth: float = 0.1
+    max_rank: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r <= 0 or self.target_rank < self.r:
+            raise ConfigError(f"IncreLoraConfig: need 0 < r <= target_rank (got r={self.r}, "
+                              f"target_rank={self.target_rank}).")
+        if min(self.incre_interval, self.top_h, self.incre_rank_num) <= 0 or self.init_warmup < 0:
+            raise ConfigError("IncreLoraConfig: incre_interval, top_h and incre_rank_num must be positive and "
+                              f"init_warmup >= 0 (got {self.incre_interval}, {self.top_h}, {self.incre_rank_num}, "
+                              f"{self.init_warmup}).")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ConfigError(f"IncreLoraConfig: beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}.")
+        if self.max_rank and self.max_rank < self.r + self.incre_rank_num:
+            raise ConfigError(f"IncreLoraConfig.max_rank={self.max_rank} must hold r + incre_rank_num = "
+                              f"{self.r + self.incre_rank_num} units (or 0 for automatic).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"IncreLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    def capacity(self) -> int:
+        """Units stored per module: ``max_rank`` if set, else r + twice the average growth (target_rank − r) +
+        the reserves, i.e. a module may end at up to about twice the average final rank."""
+        if self.max_rank:
+            return self.max_rank
+        return self.r + 2 * (self.target_rank - self.r) + self.incre_rank_num
+
+
+class IncreLoraLinear(Delta):
+    """``α/k · B diag(e_eff) A`` with k active units, ``incre_rank_num`` reserve units and a growth score."""
+
+    def __init__(self, info: LayerInfo, config: IncreLoraConfig):
+        super().__init__(info)
+        C = config.capacity()
+        self.capacity, self.reserve, self.r0 = C, config.incre_rank_num, config.r
+        self.lora_alpha, self.advance_learn = config.lora_alpha, config.advance_learn
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(C, info.in_features))  # (C, in)
+        self.lora_E = nn.Parameter(torch.zeros(C, 1))  # (C, 1)
+        self.lora_B = nn.Parameter(torch.empty(info.out_features, C))  # (out, C)
+        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        self.register_buffer("ranknum", torch.tensor(config.r, dtype=torch.long))  # k
+        self.register_buffer("finished", torch.tensor(False))
+        self.register_buffer("exp_avg_ipt", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("exp_avg_unc", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("score", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def reserve_on(self) -> bool:
+        return self.advance_learn and not bool(self.finished)
+
+    def effective_e(self) -> torch.Tensor:
+        """(C, 1): trained e for the k active units, 1e-5 (constant) for reserves, 0 beyond."""
+        k = int(self.ranknum)
+        idx = torch.arange(self.capacity, device=self.lora_E.device)[:, None]
+        pinned = RESERVE_E if self.reserve_on() else 0.0
+        reserve = torch.where(idx < k + self.reserve, torch.full_like(self.lora_E, pinned), torch.zeros_like(self.lora_E))
+        return torch.where(idx < k, self.lora_E, reserve)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (int(self.ranknum) + 1e-5)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        A = self.lora_A * self.effective_e()  # (C, in)
+        if self.training and torch.is_grad_enabled() and not bool(self.finished):
+            dw = (self.lora_B @ A) * self.scaling  # (out, in): its gradient is the importance signal
+            dw.register_hook(self._score_hook(dw.detach()))
+            return F.linear(x, dw).to(base_out.dtype)
+        return (F.linear(F.linear(x, A), self.lora_B) * self.scaling).to(base_out.dtype)
+
+    def _score_hook(self, dw: torch.Tensor):
+        def hook(grad: torch.Tensor) -> None:  # SVDLinear.backward_hook: Σ|ΔW ⊙ G| / √numel
+            self.score.fill_(float((dw * grad).abs().sum()) / math.sqrt(dw.numel()))
+        return hook
+
+    def live_ranks(self) -> torch.Tensor:
+        return torch.nonzero(self.effective_e().detach()[:, 0] != 0).flatten()
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ (self.lora_A.float() * self.effective_e().float())) * self.scaling
+
+    def units(self) -> RankUnits:
+        return RankUnits(A=self.lora_A * self.effective_e(), B=self.lora_B, scaling=self.scaling)
+
+    def orth_pieces(self) -> tuple[torch.Tensor, int]:
+        """compute_orth_regu over this module's stored pieces: the initial (r0, in) block of A and (out, r0) of B,
+        then every later unit (active or reserve) as its own rank-1 piece. Returns (sum of penalties, #pieces)."""
+        n = min(int(self.ranknum) + self.reserve, self.capacity)
+        A, B = self.lora_A[:n], self.lora_B[:, :n]
+        eye = torch.eye(self.r0, device=A.device, dtype=A.dtype)
+        total = torch.linalg.norm(A[: self.r0] @ A[: self.r0].T - eye) + torch.linalg.norm(B[:, : self.r0].T @ B[:, : self.r0] - eye)
+        rest = n - self.r0
+        if rest > 0:  # a 1×1 "covariance" per piece: | ‖a_i‖² − 1 |
+            total = total + ((A[self.r0:] ** 2).sum(1) - 1).abs().sum() + ((B[:, self.r0:] ** 2).sum(0) - 1).abs().sum()
+        return total, 2 * (1 + rest)
+
+
+def build_increlora(base_layer: nn.Module, info: LayerInfo, config: IncreLoraConfig, path: str = "") -> IncreLoraLinear:
+    return IncreLoraLinear(info, config)
+
+
+def _deltas(model: nn.Module, name: str) -> list[tuple[str, IncreLoraLinear]]:
+    return [(path, layer.adapters[name]) for path, layer in adapter_layers(model)
+            if name in layer.adapters and isinstance(layer.adapters[name], IncreLoraLinear)]
+
+
+def increlora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
+    pieces = [d.orth_pieces() for _, d in _deltas(model, name)]
+    reg = adapter_state(model).configs[name].reg_orth
+    return reg * sum(p for p, _ in pieces) / sum(n for _, n in pieces)
+
+
+def rank_pattern(model: nn.Module, name: str) -> dict[str, int]:
+    """Active rank per module (what the export's rank_pattern holds once growth is over)."""
+    return {path: int(d.ranknum) for path, d in _deltas(model, name)}
+
+
+@torch.no_grad()
+def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+    """RankAllocator.update_and_increase, after optimizer step ``step``."""
+    config: IncreLoraConfig = adapter_state(model).configs[name]
+    deltas = [d for _, d in _deltas(model, name)]
+    budget = config.target_rank * len(deltas)
+    total = sum(int(d.ranknum) for d in deltas)
+    if not deltas or bool(deltas[0].finished):
+        return
+    for d in deltas:  # update_ipt: EMA of sensitivity, then of uncertainty around it
+        d.exp_avg_ipt.mul_(config.beta1).add_((1 - config.beta1) * d.score)
+        d.exp_avg_unc.mul_(config.beta2).add_((1 - config.beta2) * (d.score - d.exp_avg_ipt).abs())
+    if step > config.init_warmup and step % config.incre_interval == 0 and total < budget:
+        eligible = [d for d in deltas if int(d.ranknum) + 2 * d.reserve <= d.capacity]
+        if eligible:
+            scores = torch.stack([d.exp_avg_ipt * d.exp_avg_unc for d in eligible])
+            k = min(config.top_h, budget - total, len(eligible))
+            threshold = torch.topk(scores, k).values[-1]
+            for d, s in zip(eligible, scores):
+                if s >= threshold and total < budget:
+                    k_old = int(d.ranknum)
+                    grow = min(config.incre_rank_num, budget - total)
+                    d.lora_E[k_old:k_old + grow] = RESERVE_E if config.advance_learn else 0.0
+                    d.ranknum.add_(grow)
+                    total += grow
+    if total >= budget:  # budget spent: reserves off, scores no longer needed
+        for d in deltas:
+            d.finished.fill_(True)
+
+
+def increlora_to_lora(model: nn.Module, name: str):
+    """Active (and, before growth ends, reserve) units with e folded into A: ``A' = diag(e) A``,
+    ``B' = B · k'/(k + 1e-5)`` so that PEFT's α/k' reproduces α/(k + 1e-5); k' = #units kept."""
+    config = adapter_state(model).configs[name]
+
+    def factors(d: IncreLoraLinear):
+        live = d.live_ranks()
+        if live.numel() == 0:
+            return None
+        A = (d.lora_A * d.effective_e())[live]
+        return A, d.lora_B[:, live] * (d.scaling / (config.lora_alpha / live.numel()))
+
+    return export_plain_lora(model, name, factors, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+
+
+register_method(
+    "increlora", config=IncreLoraConfig, build=build_increlora, on_step=increlora_on_step,
+    extra_loss=increlora_extra_loss, to_lora=increlora_to_lora,
+    description="Rank grows during training: importance-scored modules get ranks under a total budget "
+                "(reserve units pre-trained); exports a PEFT LoRA with per-module rank_pattern.",
+    paper="Zhang et al. 2023, arXiv:2308.12043",
+    variants={"increlora": {"r": 2, "target_rank": 4, "init_warmup": 2, "incre_interval": 2, "top_h": 2},
+              # a schedule that spends the budget within a ~60-step run (the official one waits 1000 steps)
+              "increlora_short": {"r": 1, "target_rank": 4, "init_warmup": 8, "incre_interval": 4, "top_h": 18,
+                                  "incre_rank_num": 2}},
+)

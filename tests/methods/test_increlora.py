@@ -1,0 +1,130 @@
+"""IncreLoRA: the official ΔW, importance score, allocator, orthogonality penalty; export with rank_pattern."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import lorakit as lk
+from lorakit.core.model import adapter_layers
+from lorakit.methods.increlora import (IncreLoraConfig, increlora_extra_loss, increlora_on_step, rank_pattern)
+
+from lk_models import assert_exports_to_peft, tiny_llama, train_with_hooks
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _model(**kw):
+    cfg = dict(r=2, target_rank=4, lora_alpha=16, init_warmup=0, incre_interval=1, top_h=2, incre_rank_num=1)
+    cfg.update(kw)
+    return lk.add_adapter(tiny_llama(), IncreLoraConfig(target_modules=TARGETS, **cfg))
+
+
+def _deltas(model):
+    return [layer.adapters["default"] for _, layer in adapter_layers(model)]
+
+
+def _official_pieces(d):
+    """The ParameterLists the official SVDLinear would hold: the initial r block, then rank-1 pieces up to the
+    reserves (reset_parameters + add_reserve_param)."""
+    n = int(d.ranknum) + d.reserve
+    A = [d.lora_A[: d.r0]] + [d.lora_A[i:i + 1] for i in range(d.r0, n)]
+    B = [d.lora_B[:, : d.r0]] + [d.lora_B[:, i:i + 1] for i in range(d.r0, n)]
+    E = [d.lora_E[: int(d.ranknum)]] + [torch.full((1, 1), 1e-5)] * d.reserve
+    return A, E, B
+
+
+def test_increlora_delta_matches_official_loraW():
+    d = _deltas(_model())[0]
+    with torch.no_grad():
+        d.lora_E.normal_()
+    A, E, B = _official_pieces(d)
+    # increlora.py loraW.forward: cat(B, 1) @ (cat(A, 0) * cat(E, 0)) * scaling / (ranknum + 1e-5), scaling = lora_alpha
+    official = torch.cat(B, 1) @ (torch.cat(A, 0) * torch.cat(E, 0)) * 16 / (2 + 1e-5)
+    torch.testing.assert_close(d.delta_weight(), official.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_increlora_score_is_official_sensitivity():
+    model = _model()
+    path, layer = next(iter(adapter_layers(model)))
+    d = layer.adapters["default"]
+    with torch.no_grad():
+        d.lora_E.normal_()
+    d.train()
+    x = torch.randn(4, d.info.in_features)
+    out = d(x, torch.zeros(4, d.info.out_features), layer.base_layer)
+    out.pow(2).sum().backward()
+    dw = d.delta_weight().detach()
+    grad = 2 * out.detach().T @ x  # ∂Σ(x ΔWᵀ)² / ∂ΔW
+    # SVDLinear.backward_hook: sum(|W * grad_Matrix|) / sqrt(W.numel())
+    expected = float((dw * grad).abs().sum()) / math.sqrt(dw.numel())
+    assert abs(float(d.score) - expected) < 1e-6 * max(1.0, expected)
+
+
+def test_increlora_orth_penalty_matches_compute_orth_regu():
+    model = _model()
+    increlora_on_step_grow(model, {0: 1.0})  # one module now has a rank-1 active piece beyond the initial block
+    total, count = 0.0, 0
+    for d in _deltas(model):
+        A, _, B = _official_pieces(d)
+        # compute_orth_regu: p @ p.T for lora_A pieces, p.T @ p for lora_B pieces, Frobenius to I, mean over pieces
+        for p in A:
+            total += torch.linalg.norm(p @ p.T - torch.eye(p.shape[0]))
+            count += 1
+        for p in B:
+            total += torch.linalg.norm(p.T @ p - torch.eye(p.shape[1]))
+            count += 1
+    torch.testing.assert_close(increlora_extra_loss(model, "default"), 0.1 * total / count)
+
+
+def increlora_on_step_grow(model, scores: dict[int, float], step: int = 1):
+    """Give module i the smoothed score ``scores[i]`` (others 0) and run one allocator step."""
+    for i, d in enumerate(_deltas(model)):
+        d.exp_avg_ipt.fill_(scores.get(i, 0.0))
+        d.exp_avg_unc.fill_(1.0 if i in scores else 0.0)
+        d.score.fill_(scores.get(i, 0.0))
+    increlora_on_step(model, "default", step, 100)
+
+
+def test_increlora_allocator_grows_top_modules_to_the_budget_then_stops():
+    model = _model()
+    deltas = _deltas(model)
+    n = len(deltas)
+    assert sum(rank_pattern(model, "default").values()) == 2 * n
+    d0 = deltas[0]
+    with torch.no_grad():
+        d0.lora_A[2].copy_(torch.full_like(d0.lora_A[2], 0.5))  # the reserve pre-trains with e pinned at 1e-5
+    assert float(d0.effective_e().detach()[2]) == torch.tensor(1e-5).item()
+    increlora_on_step_grow(model, {0: 5.0, 3: 4.0, 1: 1.0})  # top_h = 2: modules 0 and 3 grow by one
+    ranks = list(rank_pattern(model, "default").values())
+    assert ranks[0] == 3 and ranks[3] == 3 and sum(ranks) == 2 * n + 2
+    assert float(d0.lora_E.detach()[2]) == torch.tensor(1e-5).item() and torch.all(d0.lora_A[2] == 0.5)  # activated from its reserve state
+    for step in range(2, 100):
+        increlora_on_step_grow(model, {i: float(i + 1) for i in range(n)}, step)
+        if bool(d0.finished):
+            break
+    assert sum(rank_pattern(model, "default").values()) == 4 * n  # budget = target_rank × modules, never over
+    assert all(bool(d.finished) for d in deltas)
+    assert all(float(d.effective_e().detach()[int(d.ranknum)]) == 0 for d in deltas if int(d.ranknum) < d.capacity)
+
+
+def test_increlora_exports_rank_pattern_to_peft(ids, tmp_path):
+    model = _model()
+    increlora_on_step_grow(model, {0: 5.0, 1: 4.0})
+    for step in range(2, 40):
+        increlora_on_step_grow(model, {0: 5.0, 1: 4.0}, step)
+    with torch.no_grad():
+        for d in _deltas(model):
+            d.lora_E.normal_()
+    ranks = rank_pattern(model, "default")
+    assert len(set(ranks.values())) > 1 and sum(ranks.values()) == 4 * len(ranks)
+    cfg = assert_exports_to_peft(model, "default", tiny_llama, ids, tmp_path)
+    exported = {p: cfg["rank_pattern"].get(p.replace(".", "\\."), cfg["r"]) for p in cfg["target_modules"]}
+    assert exported == ranks
+
+
+def test_increlora_trains_and_grows_in_the_loop(ids):
+    model = _model(init_warmup=1, incre_interval=2)
+    train_with_hooks(model, ids, 4)
+    assert sum(rank_pattern(model, "default").values()) > 2 * len(_deltas(model))
