@@ -66,18 +66,6 @@ def test_lora_ga_gradients_match_peft():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
-@pytest.fixture
-def seeded_svd(monkeypatch):
-    """svd_lowrank draws a random projection; reseed it before every call so PEFT and lorakit draw the same."""
-    original = torch.svd_lowrank
-
-    def seeded(*args, **kwargs):
-        torch.manual_seed(0)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "svd_lowrank", seeded)
-
-
 @pytest.mark.parametrize("scale", ["stable", "weight_svd", "gd_scale", "unit"])
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
 def test_lora_ga_factors_and_offset_base_match_peft(scale, direction, seeded_svd):

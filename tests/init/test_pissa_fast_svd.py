@@ -17,18 +17,6 @@ from lk_models import tiny_llama
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture
-def seeded_svd(monkeypatch):
-    original = torch.svd_lowrank
-
-    def seeded(*args, **kwargs):
-        torch.manual_seed(0)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "svd_lowrank", seeded)
-    monkeypatch.setattr(peft.tuners.lora.layer, "svd_lowrank", seeded)  # PEFT binds its own name at import
-
-
 @pytest.mark.parametrize("niter", [2, 4])
 def test_pissa_niter_matches_peft_and_converts_for_the_original_base(niter, seeded_svd, ids, tmp_path):
     init = f"pissa_niter_{niter}"

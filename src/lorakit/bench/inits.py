@@ -51,11 +51,13 @@ class InitProfile:
     contenders: tuple[str, ...] = ("lora", "lora_ga", "eva", "pissa", "corda", "lora_xs", "lora_sb")
     cost_repeats: int = 2
     cost_inits: tuple[str, ...] = ("lora_ga", "eva", "pissa")
+    cost_layers: int = 8
+    cost_hidden: int = 512
 
 
 QUICK = InitProfile(steps=4, eval_every=2, batch_size=4, init_batches=2, train_examples=16, eval_examples=2,
-                    seeds=(0,), tasks="reverse", contenders=("lora", "lora_ga", "eva"), cost_repeats=1,
-                    cost_inits=("pissa",))
+                    seeds=(0,), tasks="reverse", contenders=("lora", "lora_ga"), cost_repeats=1,
+                    cost_inits=("pissa",), cost_layers=1, cost_hidden=64)
 FULL = InitProfile()
 
 
@@ -154,9 +156,9 @@ import json, sys, threading, time, os
 import torch
 torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
-lib, init, device = sys.argv[1], sys.argv[2], sys.argv[3]
+lib, init, device, layers, hidden = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 43 // 16, num_hidden_layers=layers,
     num_attention_heads=8, num_key_value_heads=8, vocab_size=2048, max_position_embeddings=256)).to(device)
 g = torch.Generator().manual_seed(1)
 batches = []
@@ -231,7 +233,8 @@ def run_cost(profile: InitProfile, device: str = "cpu", timeout_s: float = 900) 
         for init in profile.cost_inits:
             for lib in ("lorakit", "peft"):
                 try:
-                    out = subprocess.run([sys.executable, "-c", COST_SCRIPT, lib, init, device], capture_output=True,
+                    argv = [lib, init, device, str(profile.cost_layers), str(profile.cost_hidden)]
+                    out = subprocess.run([sys.executable, "-c", COST_SCRIPT, *argv], capture_output=True,
                                          text=True, check=True, timeout=timeout_s)
                 except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:  # e.g. EVA never converging
                     samples.setdefault((init, lib), []).append({"error": f"{type(e).__name__}: {str(e)[-200:]}"})
@@ -279,8 +282,9 @@ def inits_markdown(result: dict) -> str:
     for r in skipped:
         lines.append(f"| {r['contender']} | | seed {r['seed']} skipped: {r['skipped'][:80]} | | | | | | | |")
     c = result["cost"]
-    lines += ["", f"Init cost against PEFT ({c['device']}; random Llama 8 layers × hidden 512, r=8 on all 7 "
-              "projections, 8 batches of 4×64 tokens; medians over interleaved child processes):", "",
+    lines += ["", f"Init cost against PEFT ({c['device']}; random Llama {p['cost_layers']} layers × hidden "
+              f"{p['cost_hidden']}, r=8 on all 7 projections, 8 batches of 4×64 tokens; medians over "
+              f"{p['cost_repeats']} interleaved child processes each):", "",
               "| init | lorakit s | PEFT s | time lorakit/PEFT | lorakit peak extra MB | PEFT peak extra MB | "
               "memory lorakit/PEFT |", "|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
