@@ -39,16 +39,16 @@ CONTENDERS: dict[str, tuple[str, dict, str | None, str]] = {
 @dataclass
 class InitProfile:
     tasks: str = "reverse,upper,add,lookup"
-    steps: int = 40
-    eval_every: int = 20
+    steps: int = 30
+    eval_every: int = 15
     batch_size: int = 8
     lr: float = 2e-3
     r: int = 8
     init_batches: int = 16  # × batch_size = 128 samples, LoRA-GA's example
     train_examples: int = 1000
-    eval_examples: int = 10  # per task
+    eval_examples: int = 8  # per task
     seeds: tuple[int, ...] = (0, 1)  # reduced to fit a shared 2-core machine; 3 seeds: --seeds 0 1 2
-    contenders: tuple[str, ...] = ("lora", "lora_ga", "eva", "pissa", "corda", "lora_xs", "lora_sb")
+    contenders: tuple[str, ...] = ("lora", "lora_ga", "eva", "lora_xs", "lora_sb", "pissa", "corda")
     cost_repeats: int = 2
     cost_inits: tuple[str, ...] = ("lora_ga", "eva", "pissa")
     cost_layers: int = 8
@@ -74,7 +74,9 @@ def _config(method_name: str, kwargs: dict, r: int):
     return method.config_cls(**kw)
 
 
-def run_convergence(profile: InitProfile, progress: bool = False) -> dict:
+def run_convergence(profile: InitProfile, progress: bool = False, after_each=None) -> dict:
+    """Every contender on every seed (seed-major, so an interrupted run has whole seeds); ``after_each(result)``
+    gets the results so far after each run (the CLI writes them, so a long run can be stopped and kept)."""
     import lorakit as lk
     from ..core.inits import set_init_options
     from ..data import load_examples
@@ -111,6 +113,8 @@ def run_convergence(profile: InitProfile, progress: bool = False) -> dict:
                          "trainable_params": trainable, "wall_time_s": result.wall_time_s})
             if progress:
                 print(name, seed, f"loss {result.losses[-1]:.3f}", result.eval_history[-1]["exact_match"], flush=True)
+            if after_each is not None:
+                after_each({"runs": runs, "table": summarise(runs, profile)})
     return {"runs": runs, "table": summarise(runs, profile)}
 
 
@@ -258,10 +262,22 @@ def run_cost(profile: InitProfile, device: str = "cpu", timeout_s: float = 900) 
     return {"device": device, "rows": rows}
 
 
-def run_inits(profile: InitProfile, device: str | None = None, progress: bool = False) -> dict:
+def run_inits(profile: InitProfile, device: str | None = None, progress: bool = False,
+              parts: tuple[str, ...] = ("convergence", "cost"), after_each=None) -> dict:
+    """``parts``: which halves to run; ``after_each(result)`` gets the partial result after each training run."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return {"profile": asdict(profile), "convergence": run_convergence(profile, progress=progress),
-            "cost": run_cost(profile, device)}
+    result: dict = {"profile": asdict(profile), "convergence": {"runs": [], "table": []}, "cost": {"device": device, "rows": []}}
+
+    def partial(conv: dict) -> None:
+        result["convergence"] = conv
+        if after_each is not None:
+            after_each(result)
+
+    if "convergence" in parts:
+        result["convergence"] = run_convergence(profile, progress=progress, after_each=partial)
+    if "cost" in parts:
+        result["cost"] = run_cost(profile, device)
+    return result
 
 
 def inits_markdown(result: dict) -> str:
@@ -304,13 +320,15 @@ def plot_inits(result: dict, out: Path) -> Path:
 
     runs = [r for r in result["convergence"]["runs"] if "skipped" not in r]
     names = list(dict.fromkeys(r["contender"] for r in runs))
+    by_seed_count = {n: len([r for r in runs if r["contender"] == n]) for n in names}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     cmap = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         rs = [r for r in runs if r["contender"] == name]
         curve = [statistics.mean(v) for v in zip(*[r["losses"] for r in rs])]
         style = "--" if name == rs[0]["baseline"] else "-"
-        ax1.plot(range(1, len(curve) + 1), curve, style, color=cmap(i), label=name, linewidth=1.2)
+        ax1.plot(range(1, len(curve) + 1), curve, style, color=cmap(i), label=f"{name} ({by_seed_count[name]} seeds)",
+                 linewidth=1.2)
         evals = [statistics.mean(v) for v in zip(*[[e[1] for e in r["eval"]] for r in rs])]
         ax2.plot([e[0] for e in rs[0]["eval"]], evals, style + "o", color=cmap(i), label=name, markersize=3)
     ax1.set_xlabel("step")
