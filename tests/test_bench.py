@@ -65,3 +65,15 @@ def test_bench_variants_quick_dylora_ranks(tmp_path):
     assert sorted({r["rank"] for r in result["dylora_ranks"]}) == [1, 2] == sorted({r["rank"] for r in result["lora_ranks"]})
     assert "step time × LoRA" in (tmp_path / "variants.md").read_text()
     assert (tmp_path / "variants_dylora_ranks.png").stat().st_size > 1000
+
+
+def test_bench_init_quick_compares_inits_and_peft_cost(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["init", "--quick", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "init.json").read_text())
+    table = {r["contender"]: r for r in result["convergence"]["table"]}
+    assert set(table) == {"lora", "lora_ga"} and table["lora_ga"]["baseline"] == "lora"
+    assert table["lora"]["trainable_params"] == table["lora_ga"]["trainable_params"]  # equal rank
+    cost = result["cost"]["rows"][0]
+    assert cost["init"] == "pissa" and cost["time_ratio"] > 0 and cost["lorakit_s"] > 0
+    assert (tmp_path / "init.png").stat().st_size > 1000 and "| lora_ga | lora |" in (tmp_path / "init.md").read_text()

@@ -118,6 +118,40 @@ def _task_index(adapter: str | None, examples: Sequence[Any] | None = None, sour
     return index
 
 
+def _add_init_options(parser: argparse.ArgumentParser) -> None:
+    from .core.inits import list_inits
+
+    g = parser.add_argument_group("initialisation (lorakit.list_inits())")
+    g.add_argument("--init", default=None, metavar="NAME",
+                   help="a registered init run on the adapter before training: " + ", ".join(
+                       i.name + ("*" if i.needs_data else "") for i in list_inits())
+                   + " (* = data-driven: runs on the first --init-batches training batches)")
+    g.add_argument("--init-options", type=json.loads, default={}, metavar="JSON",
+                   help='the init\'s options as a JSON object, e.g. \'{"rho": 1.0}\' for eva')
+    g.add_argument("--init-batches", type=int, default=4, help="batches a data-driven init gets (default: 4)")
+
+
+def _add_with_init(model, adapter_config, args) -> None:
+    from . import add_adapter
+    from .core.inits import set_init_options
+
+    if args.init is not None:
+        set_init_options(model, args.adapter_name, **args.init_options)
+    add_adapter(model, adapter_config, name=args.adapter_name, init=args.init)
+
+
+def _resave_for_original_base(model, name: str, adapter_dir: Path) -> None:
+    """An init that changed the base and cannot be redone on load (LoRA-GA, CorDA): write the adapter as the
+    rank-2r LoRA for the original base (PEFT's conversion), so eval/generate/PEFT load it on the plain model."""
+    from . import save_adapter
+    from .core.inits import base_edits, requested_init
+
+    init = requested_init(model, name)
+    if init is not None and base_edits(model, name) and not init.rerun_on_load:
+        save_adapter(model, adapter_dir, name, original_base=True)
+        print(f"init {init.name!r} changed the base: the saved adapter is the rank-2r LoRA for the original base")
+
+
 def _load_with_adapter(args):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
@@ -142,6 +176,9 @@ def _train_configs(args: argparse.Namespace):
     from .training import TrainConfig
 
     method = get_method(args.method)
+    if args.init is not None:
+        from .core.inits import get_init
+        get_init(args.init)  # an unknown name fails now (with near matches), not after loading the model
     # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
     targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
     adapter_config = config_from_args(method.config_cls, args, **targets)
@@ -155,7 +192,7 @@ def _train_configs(args: argparse.Namespace):
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, log_every=args.log_every, output_dir=args.output, resume_from=args.resume_from,
-        **_procedure_settings(args),
+        init_batches=args.init_batches, **_procedure_settings(args),
     )
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
@@ -226,12 +263,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     _check_lengths(model, tokenizer, train_examples, args.max_length)
-    add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
+    if args.init is None:
+        add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
     with disable_adapters(model):
         before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
                                    progress=not args.quiet)
+    if args.init is not None:  # an init may change the base weights: the "before" score is taken on the untouched base
+        _add_with_init(model, adapter_config, args)
     _print_metrics("before", before)
     print_trainable_parameters(model)
 
@@ -246,6 +286,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         handle.close()
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
+    if result.adapter_dir is not None:
+        _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
@@ -671,6 +713,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
     _add_procedure_options(t, procedure_name)
     t.set_defaults(func=cmd_train)

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--only", nargs="+", default=None, help="perf rows to run (forward, mixed, ...)")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="perf rows to run (forward, mixed, ...); init: convergence and/or cost")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to run (default: all registered); for init: the contenders")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
@@ -78,6 +80,20 @@ def main(argv: Sequence[str]) -> int:
         markdown = bench_serve.serve_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in bench_serve.plot_serve(result, out)]
+    elif args.what == "init":
+        from . import inits
+        profile = _override(inits.QUICK if args.quick else inits.FULL, seeds=args.seeds, steps=args.steps,
+                            tasks=args.tasks, contenders=args.methods)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def keep(partial: dict) -> None:  # a long run can be stopped and keeps its finished runs
+            partial["plots"] = [str(inits.plot_inits(partial, out))]
+            _write(out, "init", dict(partial), inits.inits_markdown(partial), command + " (partial)")
+
+        parts = tuple(args.only) if args.only else ("convergence", "cost")
+        result = inits.run_inits(profile, device=args.device, progress=not args.quick, parts=parts, after_each=keep)
+        markdown = inits.inits_markdown(result)
+        result["plots"] = [str(inits.plot_inits(result, out))] if result["convergence"]["runs"] else []
     elif args.what == "variants":
         from . import variants
         profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,

@@ -17,6 +17,7 @@ An init is chosen by name: by the config (for LoRA, PEFT's ``init_lora_weights``
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -80,6 +81,7 @@ class InitRecord:
 
 
 _INITS: dict[str, Init] = {}
+_OPTIONS: "weakref.WeakKeyDictionary[nn.Module, dict[str, dict[str, Any]]]" = weakref.WeakKeyDictionary()
 
 
 def register_init(name: str, *, run: Callable[..., dict[str, BaseEdit]], description: str, **options: Any) -> Init:
@@ -128,6 +130,12 @@ def init_pending(model: "nn.Module", adapter_name: str) -> bool:
     return requested_init(model, adapter_name) is not None and adapter_name not in adapter_state(model).inits
 
 
+def set_init_options(model: "nn.Module", adapter_name: str, **options: Any) -> None:
+    """Options for adapter ``adapter_name``'s init whenever it runs later (e.g. a data-driven init the training
+    loop runs on its first batches): ``init_adapter`` uses them under the options it is given itself."""
+    _OPTIONS.setdefault(model, {})[adapter_name] = dict(options)
+
+
 def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Iterable[Mapping[str, Any]] | None = None,
                  *, init: str | None = None, **options: Any) -> InitRecord:
     """Run an init on adapter ``adapter_name`` of ``model`` now, outside any training loop.
@@ -145,7 +153,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
 
     check_adapter(model, adapter_name)
     state = adapter_state(model)
-    config = state.configs[adapter_name]
+    config = before = state.configs[adapter_name]
     if init is not None:
         found = get_init(init)
         config = state.configs[adapter_name] = config.with_init(init)
@@ -158,13 +166,19 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
         found = get_init(spec)
     batches = None if batches is None else list(batches)
     if found.needs_data and not batches:
+        state.configs[adapter_name] = before
         raise AdapterError(f"init {found.name!r} is data-driven: pass batches (a few model-input dicts, e.g. from the "
                            "training data), or let lorakit.training.train run it on its first batches.")
     _check_unmerged(model, adapter_name, f"initialise adapter {adapter_name!r}")
     if adapter_name in state.inits:
         restore_base(model, adapter_name)
-    with torch.no_grad():
-        edits = found.run(model, adapter_name, batches, spec, **options)
+    options = {**_OPTIONS.get(model, {}).get(adapter_name, {}), **options}
+    try:
+        with torch.no_grad():
+            edits = found.run(model, adapter_name, batches, spec, **options)
+    except Exception:
+        state.configs[adapter_name] = before  # inits check everything before they write, so only this changed
+        raise
     record = InitRecord(init=found.name, spec=str(spec), edits=dict(edits))
     state.inits[adapter_name] = record
     return record

@@ -25,7 +25,7 @@ Export: ``ΔW = s·B (N A)`` is a rank-r LoRA with ``lora_A = N A``; ``to_lora``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -33,7 +33,8 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import Delta, LayerInfo, RankUnits, oriented_weight
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, did_you_mean
+from ..core.inits import find_init, list_inits
 from ..core.model import adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -50,6 +51,7 @@ class MiddleConfig(AdapterConfig):
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
+    init_weights: str | None = None  # a registered init run after attaching (e.g. "lora_sb", "nlora")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +59,16 @@ class MiddleConfig(AdapterConfig):
             raise ConfigError(f"{type(self).__name__}.r must be a positive integer, got {self.r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{type(self).__name__}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.init_weights is not None and find_init(self.init_weights) is None:
+            names = [i.name for i in list_inits()]
+            raise ConfigError(f"{type(self).__name__}.init_weights={self.init_weights!r} is not a registered init "
+                              f"({', '.join(names)}).{did_you_mean(str(self.init_weights), names)}")
+
+    def requested_init(self) -> str | None:
+        return self.init_weights
+
+    def with_init(self, init: str) -> "MiddleConfig":
+        return replace(self, init_weights=init)
 
     @property
     def scaling(self) -> float:

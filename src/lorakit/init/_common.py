@@ -1,0 +1,158 @@
+"""What the data-driven inits share: the adapted linear layers of an adapter, checked batches, one pass of the
+data with per-module hooks (weight gradients for LoRA-GA / LoRA-SB, layer inputs for EVA / CorDA), and the
+checks that name the module whose factorisation failed.
+
+Every init here computes all factors first and writes the adapter and the base only after every module passed,
+so a failure (missing data, a NaN, a rank-deficient matrix) leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.delta import Delta, oriented_weight
+from ..core.errors import AdapterError
+from ..core.layer import AdapterLayer
+from ..core.model import adapter_layers, disable_adapters
+
+
+@dataclass
+class Target:
+    """One adapted linear layer: host path, wrapper, the adapter's delta."""
+
+    path: str
+    layer: AdapterLayer
+    delta: Delta
+
+    def weight(self) -> torch.Tensor:
+        """The base weight as (out, in), float32 (a view cast, not the stored tensor)."""
+        return oriented_weight(self.layer.base_layer, self.layer.info).float()
+
+
+def linear_targets(model: nn.Module, adapter_name: str, init: str, need_units: bool = True) -> list[Target]:
+    """The adapter's linear deltas in module order. ``need_units``: each must expose writable rank-one units
+    (``B A``: LoRA, rsLoRA, DoRA); AdapterError names the first that does not."""
+    out = []
+    for path, layer in adapter_layers(model):
+        if adapter_name not in layer.adapters or layer.info.kind != "linear":
+            continue
+        delta = layer.adapters[adapter_name]
+        if need_units:
+            try:
+                units = delta.units()
+            except NotImplementedError:
+                units = None
+            if units is None or not (isinstance(units.A, nn.Parameter) and isinstance(units.B, nn.Parameter)):
+                raise AdapterError(f"init {init!r}: {type(delta).__name__} at {path!r} has no trainable B A factors; "
+                                   "this init works on LoRA-style adapters (lora, rslora, dora).")
+        out.append(Target(path, layer, delta))
+    if not out:
+        raise AdapterError(f"init {init!r}: adapter {adapter_name!r} has no linear layers to initialise.")
+    return out
+
+
+def check_batches(batches: Sequence[Mapping[str, Any]] | None, init: str, need: int | None = None,
+                  labels: bool = False) -> list[Mapping[str, Any]]:
+    """The batches as a list; AdapterError when there are none, fewer than ``need``, or (``labels``) one has no
+    ``labels`` (a loss is needed for gradients)."""
+    batches = list(batches or [])
+    if not batches:
+        raise AdapterError(f"init {init!r} is data-driven and got no batches; pass a few model-input dicts.")
+    if need is not None and len(batches) < need:
+        raise AdapterError(f"init {init!r} needs {need} batches (num_batches={need}) but the batch iterator ended "
+                           f"after {len(batches)}; pass more batches or lower num_batches.")
+    for i, b in enumerate(batches):
+        if not isinstance(b, Mapping) or "input_ids" not in b and "inputs_embeds" not in b:
+            raise AdapterError(f"init {init!r}: batch {i} is not a model-input dict with input_ids (got "
+                               f"{type(b).__name__}{' keys ' + str(sorted(b)) if isinstance(b, Mapping) else ''}).")
+        if labels and "labels" not in b:
+            raise AdapterError(f"init {init!r} needs a loss: batch {i} has no 'labels' (keys {sorted(b)}).")
+    return batches
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapping[str, Any]], init: str,
+                     *, per_sample: bool = False) -> dict[str, torch.Tensor]:
+    """``∂L/∂W`` of every target's base weight, averaged over the batches, as (out, in) float32.
+
+    The base model runs (adapters disabled) in train mode, with ``requires_grad`` on the target weights only.
+    A post-accumulate hook on each weight moves its fresh ``.grad`` into that module's float32 accumulator and
+    drops it, so no other parameter ever holds a gradient and each module holds one running sum. Everything
+    (``requires_grad``, ``.grad``, train/eval mode) is restored afterwards, also on error.
+    ``per_sample``: scale each batch's loss by 1/batch size first (LoRA-SB's ``outputs.loss / samples``).
+    """
+    weights = {t.path: t.layer.base_layer.weight for t in targets}
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook_for(path: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.float()
+            if path in acc:
+                acc[path] += g
+            else:
+                acc[path] = g  # the first gradient becomes the accumulator: no copy
+            p.grad = None
+        return hook
+
+    requires = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = []
+    device = _device(model)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for path, w in weights.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(hook_for(path)))
+        model.train()
+        with torch.enable_grad(), disable_adapters(model):
+            for i, batch in enumerate(batches):
+                out = model(**_to(batch, device))
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise AdapterError(f"init {init!r}: the model returned no loss for batch {i}; give batches with labels.")
+                if per_sample:
+                    loss = loss / len(batch["input_ids"])
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(requires[id(p)])
+        for w in weights.values():
+            w.grad = None
+        model.train(was_training)
+    grads = {}
+    for t in targets:
+        if t.path not in acc:
+            raise AdapterError(f"init {init!r}: module {t.path!r} got no gradient (is it on the loss's path?).")
+        g = acc[t.path] / len(batches)
+        grads[t.path] = g.T if t.layer.info.fan_in_fan_out else g  # (out, in)
+    return grads
+
+
+def check_factorisable(path: str, matrix: torch.Tensor, init: str, what: str) -> None:
+    """AdapterError naming the module when ``matrix`` has a NaN/inf (SVD of it would fail or be garbage)."""
+    if not torch.isfinite(matrix).all():
+        raise AdapterError(f"init {init!r}: the {what} of module {path!r} has NaN/inf entries, so it cannot be "
+                           "factorised; check the batches and the base weights (left unchanged).")
+
+
+def check_rank(path: str, S: torch.Tensor, k: int, init: str, what: str, rtol: float = 1e-6) -> None:
+    """AdapterError naming the module when the {what} has fewer than ``k`` non-negligible singular values."""
+    top = float(S[0]) if S.numel() else 0.0
+    if S.numel() < k or top == 0.0 or float(S[k - 1]) <= rtol * top:
+        rank = int((S > rtol * top).sum()) if top > 0 else 0
+        raise AdapterError(f"init {init!r}: the {what} of module {path!r} has rank {rank} < {k} needed for this "
+                           "adapter's rank; give more (or more varied) batches, or lower r (model left unchanged).")

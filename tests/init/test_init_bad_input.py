@@ -1,0 +1,108 @@
+"""Bad input to the data-driven inits (LoRA-GA, EVA, CorDA, LoRA-SB): no batches, a batch iterator that ends
+early, batches without labels, a module whose factorisation fails (NaN, rank-deficient). Each is a clear
+AdapterError naming the init or the module, and the model (adapter tensors, base weights, config) is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+
+from lk_models import tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+DATA_INITS = ["lora_ga", "lora_ga_official", "eva", "corda", "lora_sb"]
+
+
+def _batches(n=3, length=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (x := torch.randint(0, 96, (2, length), generator=g)), "labels": x.clone()} for _ in range(n)]
+
+
+def _model(init):
+    config = (lk.get_method("lora_xs").config_cls(r=4, target_modules=TARGETS) if init == "lora_sb"
+              else lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    return lk.add_adapter(tiny_llama(), config)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in lk.adapter_state_dict(model).items()},
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+            model.lorakit.configs["default"])
+
+
+def _assert_unchanged(model, snapshot):
+    adapter, params, config = snapshot
+    now = lk.adapter_state_dict(model)
+    assert now.keys() == adapter.keys()
+    for k, v in adapter.items():
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[n], rtol=0, atol=0, equal_nan=True)
+        assert p.grad is None
+    assert model.lorakit.configs["default"] == config and "default" not in model.lorakit.inits
+
+
+@pytest.mark.parametrize("init", DATA_INITS)
+def test_data_driven_init_without_batches(init):
+    model = _model(init)
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match=rf"init '{init.split('_official')[0]}' is data-driven"):
+        lk.init_adapter(model, "default", None, init=init)
+    with pytest.raises(lk.AdapterError, match="data-driven"):
+        lk.init_adapter(model, "default", iter([]), init=init)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "corda", "lora_sb"])
+def test_batch_iterator_ending_early(init):
+    model = _model(init)
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match=r"needs 5 batches \(num_batches=5\) but the batch iterator ended after 3"):
+        lk.init_adapter(model, "default", iter(_batches(3)), init=init, num_batches=5)
+    _assert_unchanged(model, before)
+
+
+def test_gradient_init_without_labels_names_the_batch():
+    model = _model("lora_ga")
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match="needs a loss: batch 0 has no 'labels'"):
+        lk.init_adapter(model, "default", [{"input_ids": b["input_ids"]} for b in _batches()], init="lora_ga")
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init,module,what", [
+    ("lora_ga", "model.layers.0.self_attn.q_proj", "gradient"),  # a NaN loss: every gradient is NaN, the first named
+    ("lora_sb", "model.layers.0.self_attn.q_proj", "gradient"),
+    ("corda", "model.layers.1.mlp.down_proj", "inputs"),  # the first adapted layer whose inputs hold the NaN
+    ("eva", "model.layers.1.mlp.down_proj", "inputs"),
+])
+def test_nan_names_the_module_and_leaves_the_model(init, module, what):
+    model = _model(init)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match=rf"{what} of (module|layer) '{module}' ha(s|ve) NaN"):
+        lk.init_adapter(model, "default", _batches(), init=init)
+    _assert_unchanged(model, before)
+
+
+def test_rank_deficient_gradient_names_the_module():
+    """One sequence of 3 tokens: every weight gradient has rank <= 3 < 2r = 8 (LoRA-GA takes 2r directions)."""
+    model = _model("lora_ga")
+    before = _snapshot(model)
+    x = torch.tensor([[5, 9, 11]])
+    with pytest.raises(lk.AdapterError, match=r"gradient of module 'model.layers.0.self_attn.q_proj' has rank \d < 8"):
+        lk.init_adapter(model, "default", [{"input_ids": x, "labels": x}], init="lora_ga")
+    _assert_unchanged(model, before)
+
+
+def test_unknown_option_values_are_config_errors():
+    model = _model("lora_ga")
+    with pytest.raises(lk.ConfigError, match="direction='ArBB' is not one of"):
+        lk.init_adapter(model, "default", _batches(), init="lora_ga", direction="ArBB")
+    with pytest.raises(lk.ConfigError, match="scale='gd' is not one of .*PEFT's names"):
+        lk.init_adapter(model, "default", _batches(), init="lora_ga", scale="gd")
+    with pytest.raises(lk.ConfigError, match="corda_method must be 'ipm' or 'kpm'"):
+        lk.init_adapter(model, "default", _batches(), init="corda", corda_method="pim")

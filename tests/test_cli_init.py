@@ -1,0 +1,32 @@
+"""``lorakit train --init NAME``: a registered init chosen on the command line, its options, and its file."""
+
+from __future__ import annotations
+
+import json
+
+from lorakit.cli import main
+
+COMMON = ["--data", "reverse", "--steps", "2", "--batch-size", "4", "--train-examples", "16", "--eval-examples", "2",
+          "--quiet", "--r", "4", "--target-modules", "q_proj", "v_proj", "--init-batches", "2"]
+
+
+def test_train_with_a_base_changing_data_driven_init_saves_for_the_original_base(tmp_path, capsys):
+    out = tmp_path / "ga"
+    assert main(["train", "--init", "lora_ga", "--init-options", '{"scale": "unit"}', "--output", str(out), *COMMON]) == 0
+    assert "changed the base" in capsys.readouterr().out
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # PEFT's rank-2r conversion
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", "reverse", "--eval-examples", "2"]) == 0
+
+
+def test_train_with_eva_and_its_options(tmp_path):
+    out = tmp_path / "eva"
+    assert main(["train", "--init", "eva", "--init-options", '{"rho": 1.0, "tau": 0.5}', "--output", str(out),
+                 *COMMON]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva" and config["rank_pattern"] == {}  # rho = 1: ranks stay uniform
+
+
+def test_unknown_init_is_a_clear_error_before_loading(capsys):
+    assert main(["train", "--init", "lora_gaa", "--steps", "1"]) == 2
+    assert "unknown init 'lora_gaa'. Did you mean: lora_ga" in capsys.readouterr().err
