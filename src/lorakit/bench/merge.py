@@ -3,7 +3,8 @@
 **quality** — one LoRA (r=8, α=16, all-linear) trained per built-in task; each adapter alone, the oracle (each
 task served by its own adapter, needs the task label), one multi-task LoRA trained on the mixed data, and every
 merge method of :mod:`lorakit.compose` applied to the N adapters with the same weights 1/N (task arithmetic
-also with weights 1, the plain sum). Sparsifying methods use density 0.5 (DELLA ε = 0.15, breadcrumbs γ = 0.01,
+also with weights 1, the plain sum; SCE and LoRA-LEGO with weights 1: they average by themselves — SCE divides by
+its own weights, LEGO's centroids are means — so 1/N would shrink them N times more). Sparsifying methods use density 0.5 (DELLA ε = 0.15, breadcrumbs γ = 0.01,
 SCE top 50 % by variance). Equal merged rank: ``svd``, ``ties_svd``, ``dare_linear_svd`` at rank 8 against
 LoRA-LEGO with k = 8 centroids (dual, parameter-level and output-level reweighting); LoRA-LEGO with k = 32
 (all units kept) shows the reweighting alone.
@@ -42,15 +43,15 @@ MERGES: dict[str, tuple[str, dict]] = {  # row -> (method, options); weights 1/N
     "della_linear d=0.5": ("della_linear", {"density": 0.5}),
     "breadcrumbs d=0.5": ("breadcrumbs", {"density": 0.5}),
     "breadcrumbs_ties d=0.5": ("breadcrumbs_ties", {"density": 0.5}),
-    "sce top 0.5": ("sce", {"select_topk": 0.5}),
+    "sce top 0.5": ("sce", {"select_topk": 0.5, "weights": 1.0}),
     "svd rank 8": ("svd", {"svd_rank": 8}),
     "ties_svd d=0.5 rank 8": ("ties_svd", {"density": 0.5, "svd_rank": 8}),
     "dare_linear_svd d=0.5 rank 8": ("dare_linear_svd", {"density": 0.5, "svd_rank": 8}),
-    "lego k=8 dual": ("lego", {"svd_rank": 8, "reweighting": "dual"}),
-    "lego k=8 parameter-level": ("lego", {"svd_rank": 8, "reweighting": "parameter"}),
-    "lego k=8 output-level": ("lego", {"svd_rank": 8, "reweighting": "output"}),
-    "lego k=8 no reweighting": ("lego", {"svd_rank": 8, "reweighting": "none"}),
-    "lego k=32 dual (no clustering)": ("lego", {"svd_rank": 32, "reweighting": "dual"}),
+    "lego k=8 dual": ("lego", {"svd_rank": 8, "reweighting": "dual", "weights": 1.0}),
+    "lego k=8 parameter-level": ("lego", {"svd_rank": 8, "reweighting": "parameter", "weights": 1.0}),
+    "lego k=8 output-level": ("lego", {"svd_rank": 8, "reweighting": "output", "weights": 1.0}),
+    "lego k=8 no reweighting": ("lego", {"svd_rank": 8, "reweighting": "none", "weights": 1.0}),
+    "lego k=32 dual (no clustering)": ("lego", {"svd_rank": 32, "reweighting": "dual", "weights": 1.0}),
 }
 
 
