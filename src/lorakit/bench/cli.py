@@ -73,7 +73,7 @@ def main(argv: Sequence[str]) -> int:
         markdown = merge.merge_markdown(result)
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "serve":
-        from ..serving import bench_serve
+        from . import serve as bench_serve
         profile = bench_serve.QUICK if args.quick else bench_serve.FULL
         out.mkdir(parents=True, exist_ok=True)
         result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")

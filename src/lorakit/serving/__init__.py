@@ -6,7 +6,7 @@
   tiers) and :class:`SamplingParams` serve requests; :mod:`lorakit.serving.server` is the OpenAI-compatible
   HTTP server (``lorakit serve``, extra ``lorakit[serve]``).
 - :mod:`lorakit.bench.serving` measures the banks against the base model and PEFT; ``lorakit bench serve``
-  (:mod:`lorakit.serving.bench_serve`) replays S-LoRA's workload against the engine.
+  (:mod:`lorakit.bench.serve`) replays S-LoRA's workload against the engine.
 """
 
 from .bank import WEIGHTS_KEY, LoraBank, LoraEmbeddingBank, register_kernel

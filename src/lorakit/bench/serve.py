@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import bench_model, write_random_adapters
+from .serving import bench_model, write_random_adapters
 
 
 @dataclass
@@ -122,8 +122,8 @@ def _base(model_name: str, seed: int):
 # -- systems: submit(req) / step() -> bool (did work) / holds() -> bytes -----------------------------------------
 class _EngineSystem:
     def __init__(self, model, dirs: dict[str, Path] | None, profile: ServeProfile, run: _Run):
-        from .engine import Engine
-        from .store import AdapterStore
+        from ..serving.engine import Engine
+        from ..serving.store import AdapterStore
 
         t = time.process_time()
         self.store = None
@@ -137,7 +137,7 @@ class _EngineSystem:
         self.vocab, self.run = model.config.vocab_size, run
 
     def submit(self, req: TraceRequest) -> None:
-        from .sampling import SamplingParams
+        from ..serving.sampling import SamplingParams
 
         run, first = self.run, []
 

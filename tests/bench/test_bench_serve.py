@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorakit.serving.bench_serve import ServeProfile, generate_requests, run_serve_bench, serve_markdown
+from lorakit.bench.serve import ServeProfile, generate_requests, run_serve_bench, serve_markdown
 
 
 def test_bench_serve_trace_follows_s_lora():
