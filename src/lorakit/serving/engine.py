@@ -86,6 +86,8 @@ class Request:
     finished_at: float | None = None
     generator: torch.Generator | None = None
     attached: str | None = None  # an attached (not banked) adapter: runs in its group's own forward
+    task: str | None = None  # the request's task name (routed adapters); ``key`` its routing key id
+    key: int | None = None
     recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -133,8 +135,13 @@ class Engine:
 
     # -- public API (any thread) ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
-        """Queue a request; raises RequestError / AdapterError at once for what can never run."""
+               on_event: Callable[[Event], None] | None = None, request_id: str | None = None,
+               task: str | None = None) -> Request:
+        """Queue a request; raises RequestError / AdapterError at once for what can never run.
+
+        ``task``: the task key of a request on an adapter trained with task keys (``routed_lora``: which expert
+        runs), looked up in the adapter's saved task index (``AdapterTaskError`` for an unknown task, listing the
+        known ones; also for a routed adapter requested without one)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -144,8 +151,12 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        key = None
         if self.store is not None:
             self.store.check(adapter)
+            key = self.store.task_key(adapter, task)
+        elif task is not None:
+            raise RequestError("a task key needs an engine with an AdapterStore (it reads the adapter's task index)")
         elif names_in(adapter):
             getattr(self.model, REGISTRY_ATTR).route([adapter])  # raises for an unknown name
         total = len(prompt_ids) + params.max_tokens
@@ -157,7 +168,7 @@ class Engine:
             raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
                                f"({self.cache.capacity_tokens} tokens); raise the cache budget or lower max_tokens")
         rid = request_id or f"req-{next(self._ids)}"
-        req = Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator())
+        req = Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator(), task=task, key=key)
         self._inbox.put(("submit", req))
         self._wake.set()
         return req
@@ -177,11 +188,14 @@ class Engine:
         return fut.result(timeout)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
-        """Submit every prompt and wait for all (steps here unless the background thread runs)."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 tasks: Sequence[str | None] | None = None) -> list[Request]:
+        """Submit every prompt (with its adapter and task key) and wait for all (steps here unless the background
+        thread runs)."""
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        reqs = [self.submit(p, a, sp) for p, a, sp in zip(prompts, adapters, plist)]
+        tasks = list(tasks) if tasks is not None else [None] * len(prompts)
+        reqs = [self.submit(p, a, sp, task=t) for p, a, sp, t in zip(prompts, adapters, plist, tasks)]
         while not all(r.done.is_set() for r in reqs):
             if self._thread is None:
                 self.step()
@@ -326,12 +340,17 @@ class Engine:
         return registry.routing(specs)
 
     @contextlib.contextmanager
-    def _active(self, name: str):
+    def _active(self, name: str, group: list[Request]):
         from ..core.model import set_adapter
+        from ..core.routing import routing
 
+        keys = None
+        if any(r.key is not None for r in group):  # a routed adapter: each row's task key (-1: none)
+            keys = torch.tensor([-1 if r.key is None else r.key for r in group], dtype=torch.long, device=self.device)
         set_adapter(self.model, name)
         try:
-            yield
+            with routing(keys=keys) if keys is not None else contextlib.nullcontext():
+                yield
         finally:
             set_adapter(self.model, [])
 
@@ -344,7 +363,7 @@ class Engine:
             ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
         positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
         batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
-        route = self._active(attached) if attached is not None else self._routing([r.adapter for r in group])
+        route = self._active(attached, group) if attached is not None else self._routing([r.adapter for r in group])
         # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads
         with route, torch.inference_mode(), paged_batch(batch):
             logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),

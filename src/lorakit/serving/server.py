@@ -6,6 +6,8 @@ Endpoints (bodies as OpenAI's / vLLM's):
   adapter or the base model; ``stream: true`` answers with server-sent events ending ``data: [DONE]``.
   Sampling: ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop``, ``ignore_eos``.
   lorakit extras: ``adapters: {"math": 0.7, "sql": 0.3}`` (a weighted mix instead of ``model``);
+  ``task: "rotate"`` for an adapter trained with task keys (``routed_lora``: selects the expert through the
+  adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions (Self-MoA: n samples + a synthesis pass).
 - ``GET /v1/models``: the base and every loaded adapter (``parent`` = the base), as vLLM lists them.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
@@ -218,11 +220,12 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         except (LorakitError, TypeError, ValueError) as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(prompt, spec, params, loop, q) -> Request:
+    def submit(prompt, spec, params, loop, q, task=None) -> Request:
         def on_event(ev: Event):
             loop.call_soon_threadsafe(q.put_nowait, ev)
         try:
-            return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}")
+            return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}",
+                                 task=task)
         except AdapterError as e:
             raise HTTPError(404, str(e), "not_found_error") from None
         except LorakitError as e:
@@ -267,7 +270,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         params = params_of(body)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = submit(prompt, spec, params, loop, q)
+        req = submit(prompt, spec, params, loop, q, body.get("task"))
         metrics.prompt_tokens.inc(len(req.prompt_ids))
         label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
             "mixture" if isinstance(spec, dict) else model_name)

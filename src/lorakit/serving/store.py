@@ -12,7 +12,10 @@ host-memory cache of their parsed weights, and the resident banks a batch runs o
 Adapters the banks cannot hold (DoRA, whose per-row magnitude rescales the base output, and router-driven
 lorakit mixtures: MixLoRA, MoLE, MeteoRA, X-LoRA, ...) are served **attached**: loaded with
 ``lorakit.load_adapter`` (inactive), counted against the same resident cap, and run by the engine in their own
-forward with the adapter active. They cannot take part in a per-request weighted mix.
+forward with the adapter active. They cannot take part in a per-request weighted mix. An attached adapter
+trained with task keys (``routed_lora``, MeteoRA, ...) routes each request by its ``task``: the name is looked up in
+the folder's ``task_index.json`` (``lorakit.data.read_task_index``; for a routed_lora without one, its
+``key_to_expert`` / ``adapter_names``) and the id reaches the layers as ``lorakit.routing(keys=...)``.
 
 Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
 the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
@@ -33,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, LorakitError, did_you_mean
 from ..core.layer import BASE_NAME, AdapterLayer
 from ..io.peft_format import read_adapter_config, weights_path
 from ..io.files import load_tensors
@@ -67,6 +70,22 @@ def confine(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
         if real == root_real or root_real in real.parents:
             return real
     raise AdapterError(f"adapter path {str(path)!r} resolves outside the allowed roots {[str(r) for r in roots]}")
+
+
+class AdapterTaskError(LorakitError, ValueError):
+    """A request's ``task`` does not fit its adapter (unknown task, task on an adapter without keys, missing task)."""
+
+
+def _task_index(folder: Path, config) -> dict[str, int] | None:
+    """Task -> key id of an attached adapter: its saved ``task_index.json``, else the key names a routed adapter's
+    config declares (``key_to_expert``: id j = j-th sorted name; otherwise ``adapter_names``: id j = expert j)."""
+    from ..data.keys import read_task_index
+
+    tasks = read_task_index(folder)
+    if tasks is not None or not hasattr(config, "default_expert"):
+        return tasks
+    names = sorted(config.key_to_expert) if getattr(config, "key_to_expert", None) else getattr(config, "adapter_names", None)
+    return {n: i for i, n in enumerate(names)} if names else None
 
 
 class _NoDelta(nn.Module):
@@ -126,6 +145,7 @@ class AdapterStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
         self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
+        self.tasks: dict[str, dict[str, int]] = {}  # attached name -> task -> routing key id
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
 
     # -- registration (any thread) -------------------------------------------------------------------------
@@ -156,6 +176,9 @@ class AdapterStore:
             self._weights_of[wpath.resolve()] = name
             if attached is not None:
                 self.attached[name] = attached
+                tasks = _task_index(folder, attached)
+                if tasks is not None:
+                    self.tasks[name] = tasks
         return folder
 
     def register_dir(self, root: str | os.PathLike) -> list[str]:
@@ -184,6 +207,31 @@ class AdapterStore:
     def attached_name(self, spec: RowSpec) -> str | None:
         """The adapter's name when ``spec`` is a single attached (not banked) adapter."""
         return spec if isinstance(spec, str) and spec in self.attached else None
+
+    def task_key(self, spec: RowSpec, task: str | None) -> int | None:
+        """The routing key id of ``task`` for a request on ``spec`` (None: the request carries no key).
+
+        Raises ``AdapterTaskError`` (a LorakitError and ValueError: HTTP 400) for a task the adapter does not know (listing
+        its tasks, with near matches), a task on an adapter that takes none, and a routed adapter whose rows without
+        a key would silently get the base model (``default_expert = -1``) requested without a task."""
+        name = self.attached_name(spec)
+        tasks = self.tasks.get(name) if name is not None else None
+        if task is None:
+            if name is not None and getattr(self.attached[name], "default_expert", None) == -1:
+                known = f"; its tasks: {', '.join(sorted(tasks))}" if tasks else ""
+                raise AdapterTaskError(f"adapter {name!r} routes each request by its task key; add \"task\" to the "
+                                       f"request{known}")
+            return None
+        if not isinstance(task, str) or not task:
+            raise AdapterTaskError(f"'task' must be a non-empty string, got {task!r}")
+        if tasks is None:
+            what = f"adapter {spec!r}" if isinstance(spec, str) and spec != BASE_NAME else "the base model"
+            raise AdapterTaskError(f"{what} takes no task key (only an adapter trained with task keys, whose folder "
+                                   f"has task_index.json, does); drop \"task\" from the request")
+        if task not in tasks:
+            raise AdapterTaskError(f"unknown task {task!r} for adapter {name!r}; its tasks: "
+                                   f"{', '.join(sorted(tasks))}.{did_you_mean(task, tasks)}")
+        return tasks[task]
 
     def recomputes(self, name: str) -> bool:
         """Whether this attached adapter must see the whole sequence at every step (no KV reuse): X-LoRA's
@@ -345,6 +393,7 @@ class AdapterStore:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
             folder = self.paths.pop(name, None)
             self.attached.pop(name, None)
+            self.tasks.pop(name, None)
             if folder is not None:
                 self._weights_of = {k: v for k, v in self._weights_of.items() if v != name}
             self._host.pop(name, None)

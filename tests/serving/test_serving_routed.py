@@ -1,0 +1,119 @@
+"""A routed adapter (routed_lora) served by task key: each request's ``task`` is looked up in the adapter's saved
+task index (``task_index.json``) and reaches the experts as ``lorakit.routing(keys=...)``. Greedy outputs equal
+offline ``with lk.routing(keys=[id]): model.generate(...)``, in the engine (rows of both tasks and the base in one
+batch) and through the real server with the real ``openai`` client; an unknown task, a missing task and a task
+on an adapter without keys are 4xx errors naming the adapter's tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.data import save_task_index
+from lorakit.hub import load_model_and_tokenizer
+from lorakit.methods.routed import RoutedLoraConfig
+from lorakit.serving.engine import Engine
+from lorakit.serving.sampling import SamplingParams
+from lorakit.serving.store import AdapterStore, AdapterTaskError
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+TASKS = {"reverse": 0, "rotate": 1}
+PROMPT = "The quick brown fox"
+
+
+def bundled():
+    return load_model_and_tokenizer()[0]
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, sh):
+    """roots/: ``routed`` (routed_lora over two random LoRAs, saved with a task index) and ``plain`` (a LoRA)."""
+    src, root = tmp_path_factory.mktemp("experts"), tmp_path_factory.mktemp("routed_root")
+    experts = [str(sh.make_adapter(src / n, seed=60 + i, factory=bundled, r=4, target_modules=["q_proj", "v_proj"]))
+               for i, n in enumerate(TASKS)]
+    model = bundled()
+    lk.add_adapter(model, RoutedLoraConfig(adapter_paths=experts, adapter_names=list(TASKS)), "m")
+    lk.save_adapter(model, root / "routed", "m")
+    save_task_index(root / "routed", TASKS)
+    sh.make_adapter(root / "plain", seed=70, factory=bundled, r=4, target_modules=["q_proj", "v_proj"])
+    reference = bundled()
+    lk.load_adapter(reference, root / "routed", "routed")
+    return root, reference
+
+
+def offline(reference, tok, ids, key, max_tokens=8):
+    """Greedy new tokens of the routed adapter with routing key ``key`` (None: adapters disabled)."""
+    x = torch.tensor([ids])
+    if key is None:
+        with lk.disable_adapters(reference):
+            out = reference.generate(x, max_new_tokens=max_tokens, do_sample=False)
+    else:
+        lk.set_adapter(reference, "routed")
+        with lk.routing(keys=[key]):
+            out = reference.generate(x, max_new_tokens=max_tokens, do_sample=False)
+        lk.set_adapter(reference, [])
+    new = out[0, len(ids):].tolist()
+    return new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+
+
+def test_engine_routes_rows_by_task_key(routed):
+    root, reference = routed
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root])
+    store.register_dir(root)
+    assert store.tasks == {"routed": TASKS} and "plain" not in store.tasks
+    engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=8)
+    prompts = [PROMPT, "Once upon a time", PROMPT, "1 2 3 4"]
+    tasks = ["rotate", "reverse", "reverse", None]
+    reqs = engine.generate(prompts, ["routed", "routed", "routed", None], SamplingParams(max_tokens=8), tasks=tasks)
+    outs = []
+    for p, t, r in zip(prompts, tasks, reqs):
+        assert r.error is None, r.error
+        want = offline(reference, tok, tok(p)["input_ids"], None if t is None else TASKS[t])
+        assert r.output_ids == want, t
+        outs.append(r.output_ids)
+    assert outs[0] != outs[2]  # the two tasks' experts differ on the same prompt
+    with pytest.raises(AdapterTaskError, match=r"unknown task 'rotat'.*reverse, rotate.*Did you mean: rotate"):
+        engine.submit(PROMPT, "routed", task="rotat")
+    with pytest.raises(AdapterTaskError, match=r"routes each request by its task key.*reverse, rotate"):
+        engine.submit(PROMPT, "routed")
+    with pytest.raises(AdapterTaskError, match="'plain' takes no task key"):
+        engine.submit(PROMPT, "plain", task="rotate")
+    assert engine.cache.used_blocks == 0
+
+
+def test_server_routes_requests_by_task(routed, sh):
+    from lorakit.serving.server import create_app
+
+    root, reference = routed
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root])
+    store.register_dir(root)
+    server = sh.LiveServer(create_app(Engine(model, tok, store=store, kv_cache_bytes=1 << 20), model_name="bundled"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        for task, key in TASKS.items():
+            r = client.completions.create(model="routed", prompt=PROMPT, max_tokens=8, temperature=0,
+                                          extra_body={"task": task})
+            want = offline(reference, tok, tok(PROMPT)["input_ids"], key)
+            assert r.choices[0].text == tok.decode(want, skip_special_tokens=True), task
+        messages = [{"role": "user", "content": "Name a colour."}]
+        r = client.chat.completions.create(model="routed", messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"task": "rotate"})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert r.choices[0].message.content == tok.decode(offline(reference, tok, list(ids), 1),
+                                                          skip_special_tokens=True)
+        with pytest.raises(openai.BadRequestError, match=r"unknown task 'rotat'.*reverse, rotate.*Did you mean: rotate"):
+            client.completions.create(model="routed", prompt=PROMPT, max_tokens=4, extra_body={"task": "rotat"})
+        with pytest.raises(openai.BadRequestError, match=r"add .task. to the request; its tasks: reverse, rotate"):
+            client.chat.completions.create(model="routed", messages=messages, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="'plain' takes no task key"):
+            client.completions.create(model="plain", prompt=PROMPT, max_tokens=4, extra_body={"task": "rotate"})
+        with pytest.raises(openai.BadRequestError, match="must be a non-empty string"):
+            client.completions.create(model="routed", prompt=PROMPT, max_tokens=4, extra_body={"task": 3})
+    finally:
+        server.stop()
