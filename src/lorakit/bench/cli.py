@@ -41,6 +41,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
+    parser.add_argument("--step-time", action="store_true",
+                        help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose"], default=None,
                         help="mixtures: which experiments (default: both)")
@@ -80,10 +82,15 @@ def main(argv: Sequence[str]) -> int:
         from . import variants
         profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,
                             steps=args.steps, tasks=args.tasks, r=args.r)
-        result = variants.run_variants(profile)
-        markdown = variants.variants_markdown(result)
-        out.mkdir(parents=True, exist_ok=True)
-        result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
+        if args.step_time:
+            args.what = "variants_step_time"
+            result = variants.run_step_times(profile)
+            markdown = variants.step_times_markdown(result)
+        else:
+            result = variants.run_variants(profile)
+            markdown = variants.variants_markdown(result)
+            out.mkdir(parents=True, exist_ok=True)
+            result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
     elif args.what == "perf":
         from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL

@@ -248,3 +248,71 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: int = 3) -> dict:
+    """Training step time of each method as a ratio to LoRA's, measured interleaved: every round times
+    ``steps_per_round`` optimizer steps (forward, backward, AdamW, the method's hooks) of every method in turn on
+    the same batch, so machine load drifting during the run hits all methods alike. Ratio = median over rounds
+    of (method's time / LoRA's time in that round)."""
+    import lorakit as lk
+    from ..core.model import adapter_state
+    from ..data import CausalLMCollator, TokenizedDataset, load_examples
+    from ..hub import load_model_and_tokenizer
+    from ..training.config import TrainConfig
+    from ..training.loop import make_optimizer
+    from .methods import _config_for
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    examples = load_examples(profile.tasks, "train", n=profile.batch_size, seed=0)
+    dataset = TokenizedDataset(examples, tokenizer, max_length=128)
+    batch = CausalLMCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))][: profile.batch_size])
+    setups = {}
+    for name in profile.methods:
+        method = lk.get_method(name)
+        model = copy.deepcopy(base)
+        torch.manual_seed(0)
+        lk.add_adapter(model, _config_for(method, BENCH_VARIANT.get(name, next(iter(method.variants))), profile.r))
+        model.train()
+        optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=profile.lr))
+        setups[name] = (model, optimizer, lk.get_method(adapter_state(model).configs["default"]))
+
+    def steps(name: str, first: int) -> float:
+        model, optimizer, method = setups[name]
+        t0 = time.perf_counter()
+        for step in range(first, first + steps_per_round):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            if method.extra_loss is not None:
+                loss = loss + method.extra_loss(model, "default")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if method.on_step is not None:
+                method.on_step(model, "default", step, profile.steps)
+        return (time.perf_counter() - t0) / steps_per_round
+
+    for name in setups:  # warm-up round, not timed
+        steps(name, 1)
+    times = {name: [] for name in setups}
+    for k in range(rounds):
+        for name in setups:
+            times[name].append(steps(name, 1 + (k + 1) * steps_per_round))
+    ref = times.get("lora")
+    rows = []
+    for name, ts in times.items():
+        row = {"method": name, "s_per_step_median": statistics.median(ts)}
+        if ref:
+            row["ratio_vs_lora"] = statistics.median(t / r for t, r in zip(ts, ref))
+        rows.append(row)
+    return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows}
+
+
+def step_times_markdown(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"Training step time vs LoRA, interleaved ({result['rounds']} rounds × {result['steps_per_round']} steps per "
+             f"method, batch {p['batch_size']}, r={p['r']} all-linear, tasks `{p['tasks']}`; ratio = median over rounds "
+             "of method time / LoRA time in the same round).", "",
+             "| method | s/step (median) | step time × LoRA |", "|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['s_per_step_median']:.3f} | {r.get('ratio_vs_lora', 1):.2f}× |")
+    return "\n".join(lines) + "\n"

@@ -39,7 +39,13 @@ from ._plain import export_plain_lora
 
 @dataclass
 class DyLoraConfig(AdapterConfig):
-    """``r``: r_max; ``rank``: the rank used outside training (eval, merge, serve, export), None = r."""
+    """DyLoRA fields.
+
+    - ``r``: the maximum rank r_max (ranks b ~ U{1..r} are trained). ``lora_alpha``: scaling numerator (alpha / b).
+    - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    - ``frozen_lower_ranks``: only the b-th unit gets gradients each step (the paper's frozen mode).
+    - ``rank``: the rank used outside training (eval, merge, serve, export; ``--rank``), None = r.
+    """
 
     r: int = 8
     lora_alpha: float = 16

@@ -57,8 +57,15 @@ RESERVE_E = 1e-5  # add_reserve_param: e of a reserve unit under advance learnin
 
 @dataclass
 class IncreLoraConfig(AdapterConfig):
-    """``r``: initial rank per module (official ``lora_r``); ``target_rank``: average final rank (budget =
-    target_rank × #modules); ``max_rank``: units stored per module (0 = derived from the budget)."""
+    """IncreLoRA fields.
+
+    - ``r``: initial rank per module (official ``lora_r``). ``target_rank``: average final rank (budget = target_rank × #modules).
+    - ``lora_alpha``: scaling numerator (alpha / active rank). ``lora_dropout``: input dropout, in [0, 1).
+    - ``init_warmup`` / ``incre_interval``: steps before the first growth / between growths.
+    - ``top_h``: modules grown per round. ``incre_rank_num``: ranks added per grown module (= reserve units).
+    - ``advance_learn``: pre-train reserve units (e pinned at 1e-5). ``beta1`` / ``beta2``: EMAs of the score.
+    - ``reg_orth``: weight of the orthogonality penalty. ``max_rank``: units stored per module (0 = automatic).
+    """
 
     r: int = 1
     target_rank: int = 8

@@ -33,7 +33,12 @@ from .nlora import MiddleConfig, MiddleLinear, middle_to_lora
 
 @dataclass
 class LoraXSConfig(MiddleConfig):
-    """``r``: the R size (r² trained parameters per layer); ``init_R_std``: σ of R's normal init (official 1e-5)."""
+    """LoRA-XS fields.
+
+    - ``r``: size of R (r² trained parameters per layer). ``lora_alpha``: scaling numerator (alpha / r).
+    - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    - ``init_R_std``: σ of R's normal init (official 1e-5; 0 = exact zero start).
+    """
 
     init_R_std: float = 1e-5
 

@@ -42,7 +42,11 @@ from ._plain import export_plain_lora
 
 @dataclass
 class MiddleConfig(AdapterConfig):
-    """Shared fields of the ``B M A`` methods (M = a trained r×r middle matrix)."""
+    """Shared fields of the ``B M A`` methods (M = a trained r×r middle matrix).
+
+    - ``r``: size of the middle matrix (rank of ΔW). ``lora_alpha``: scaling numerator (scaling alpha / r).
+    - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    """
 
     r: int = 8
     lora_alpha: float = 8

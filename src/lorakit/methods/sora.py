@@ -52,9 +52,15 @@ SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 @dataclass
 class SoraConfig(AdapterConfig):
-    """``r``: maximum rank; ``sparse_lambda`` (η): weight of the L1 loss on the gates; ``sparse_lambda_2`` (ξ):
-    the proximal threshold; ``lambda_schedule``/``max_lambda``/``lambda_num``: the sparsifying schedule of ξ;
-    ``sparse_lr``: the gates' learning rate (None = the run's lr)."""
+    """SoRA fields.
+
+    - ``r``: maximum rank (one gate per rank). ``lora_alpha``: scaling numerator (alpha / r).
+    - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    - ``sparse_lambda`` (η): weight of the L1 loss η·Σ|g|/#gates.
+    - ``sparse_lambda_2`` (ξ): the proximal threshold applied to the gates after every step.
+    - ``lambda_schedule`` / ``max_lambda`` / ``lambda_num``: ξ from sparse_lambda_2 to max_lambda in lambda_num stages.
+    - ``sparse_lr``: the gates' learning rate (None = the run's lr).
+    """
 
     r: int = 8
     lora_alpha: float = 16
