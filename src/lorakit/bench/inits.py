@@ -118,15 +118,6 @@ def run_convergence(profile: InitProfile, progress: bool = False, after_each=Non
     return {"runs": runs, "table": summarise(runs, profile)}
 
 
-def _steps_to(losses: list[float], target: float) -> int | None:
-    """First step (1-based) whose 5-step running mean loss is <= target."""
-    for i in range(len(losses)):
-        window = losses[max(0, i - 4): i + 1]
-        if sum(window) / len(window) <= target:
-            return i + 1
-    return None
-
-
 def summarise(runs: list[dict], profile: InitProfile) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -134,13 +125,8 @@ def summarise(runs: list[dict], profile: InitProfile) -> list[dict]:
             groups.setdefault(r["contender"], []).append(r)
     rows = []
     for name, rs in groups.items():
-        baseline = groups.get(rs[0]["baseline"], [])
         finals = [r["eval"][-1][1] for r in rs]
         mean_curve = [statistics.mean(v) for v in zip(*[r["losses"] for r in rs])]
-        base_curve = [statistics.mean(v) for v in zip(*[r["losses"] for r in baseline])] if baseline else []
-        # speed-up: steps the baseline needs to reach its own loss at half the run, over the steps this init needs
-        target = base_curve[len(base_curve) // 2 - 1] if base_curve else None
-        mine, theirs = (_steps_to(mean_curve, target), _steps_to(base_curve, target)) if target is not None else (None, None)
         rows.append({"contender": name, "baseline": rs[0]["baseline"], "seeds": len(rs),
                      "trainable_params": rs[0]["trainable_params"],
                      "loss_step1": mean_curve[0], "loss_at_quarter": mean_curve[len(mean_curve) // 4 - 1],
@@ -148,9 +134,7 @@ def summarise(runs: list[dict], profile: InitProfile) -> list[dict]:
                      "exact_match_mean": statistics.mean(finals),
                      "exact_match_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                      "eval_curve": [(s, statistics.mean(v)) for s, *v in
-                                    [(e[0][0], *[x[1] for x in e]) for e in zip(*[r["eval"] for r in rs])]],
-                     "steps_to_baseline_mid_loss": mine, "baseline_steps": theirs,
-                     "speedup_vs_baseline": (theirs / mine) if mine and theirs else None})
+                                    [(e[0][0], *[x[1] for x in e]) for e in zip(*[r["eval"] for r in rs])]]})
     return rows
 
 
@@ -286,17 +270,14 @@ def inits_markdown(result: dict) -> str:
              f"(cosine, 10% warmup), r={p['r']} all-linear, data-driven inits on {p['init_batches']} batches, "
              f"seeds {list(p['seeds'])}; exact match on {p['eval_examples']} test examples per task.", "",
              "| init | vs | seeds | trainable params | loss step 1 | loss at K/4 | final loss (last 5) | "
-             "exact match at K (mean ± sd) | steps to baseline's mid-run loss (baseline's) | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "exact match at K (mean ± sd) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["convergence"]["table"]:
-        sp = f"{r['speedup_vs_baseline']:.2f}×" if r["speedup_vs_baseline"] else "n/a"
         lines.append(f"| {r['contender']} | {r['baseline']} | {r['seeds']} | {r['trainable_params']:,} | "
                      f"{r['loss_step1']:.3f} | {r['loss_at_quarter']:.3f} | {r['final_loss']:.3f} | "
-                     f"{r['exact_match_mean']:.3f} ± {r['exact_match_sd']:.3f} | "
-                     f"{r['steps_to_baseline_mid_loss']} ({r['baseline_steps']}) | {sp} |")
+                     f"{r['exact_match_mean']:.3f} ± {r['exact_match_sd']:.3f} |")
     skipped = [r for r in result["convergence"]["runs"] if "skipped" in r]
     for r in skipped:
-        lines.append(f"| {r['contender']} | | seed {r['seed']} skipped: {r['skipped'][:80]} | | | | | | | |")
+        lines.append(f"| {r['contender']} | | seed {r['seed']} skipped: {r['skipped'][:80]} | | | | | |")
     c = result["cost"]
     lines += ["", f"Init cost against PEFT ({c['device']}; random Llama {p['cost_layers']} layers × hidden "
               f"{p['cost_hidden']}, r=8 on all 7 projections, 8 batches of 4×64 tokens; medians over "

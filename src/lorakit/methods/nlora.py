@@ -46,12 +46,14 @@ class MiddleConfig(AdapterConfig):
 
     - ``r``: size of the middle matrix (rank of ΔW). ``lora_alpha``: scaling numerator (scaling alpha / r).
     - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    - ``init_weights``: a registered init run after attaching (``lora_sb`` on LoRA-XS, ``nlora``); None: the
+      method's own init.
     """
 
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    init_weights: str | None = None  # a registered init run after attaching (e.g. "lora_sb", "nlora")
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
