@@ -275,6 +275,10 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
         run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
         step_loss_sum = torch.zeros((), device=device)
+        # Set before backward: a procedure may update parameters inside gradient hooks (GaLore per layer).
+        lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor
         for batch in map(to_device, batches):
             # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
             # balance losses); task ids, when the data has them, as the routing keys; per-example routing
@@ -293,9 +297,6 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
         if procedure is not None:
             procedure.on_gradients(model, adapter_name, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
-        lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -332,6 +333,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
                                    extra_tensors=procedure.state_dict() if procedure is not None else None)
             checkpoints.append(str(path))
     bar.close()
+    if procedure is not None:
+        procedure.finish(model, adapter_name)
 
     if eval_set and (not eval_history or eval_history[-1]["step"] != step):
         evaluate()
