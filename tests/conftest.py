@@ -1,3 +1,4 @@
+import re
 from typing import Iterator
 
 import pytest
@@ -19,3 +20,35 @@ def one_thread() -> Iterator[None]:
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 96, (3, 9), generator=g)
+
+
+def methods_named_in(text: str, names: list[str]) -> set[str]:
+    """The method names ``text`` mentions as whole words (``xlora`` is not in ``mixlora``, ``lora`` not in
+    ``routed_lora``): letters and digits may not touch a name, and a longer name claims its span first."""
+    text, taken, found = text.lower(), [], set()
+    for name in sorted(names, key=len, reverse=True):
+        for m in re.finditer(rf"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])", text):
+            if not any(a <= m.start() and m.end() <= b for a, b in taken):
+                taken.append(m.span())
+                found.add(name)
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``pytest -k NAME`` with a registered method's name selects exactly that method's tests (contract cases
+    ``method=NAME-…``, tests/methods/test_NAME.py, tests naming it): -k alone matches substrings, so ``-k xlora``
+    would also pick MixLoRA and ``-k lora`` every LoRA-family method."""
+    keyword = (config.getoption("keyword") or "").strip().lower()
+    if not keyword:
+        return
+    import lorakit
+
+    names = [m.name for m in lorakit.list_methods()]
+    if keyword not in names:
+        return
+    kept = [item for item in items if keyword in methods_named_in(item.nodeid, names)]
+    dropped = [item for item in items if item not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -1,6 +1,7 @@
 """The contract every registered method passes, on every layer kind it supports, in fp32 and bf16.
 
-Parametrised from the registry: a new method is tested by registering it. ``pytest -k <method>`` selects it.
+Parametrised from the registry: a new method is tested by registering it. Ids read ``method=NAME-variant-layer-dtype``;
+``pytest -k NAME`` selects exactly that method's tests (tests/conftest.py makes the match exact for method names).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _cases():
                 if kwargs.get("lora_bias") and case != "conv1d":
                     continue  # a delta bias needs a base bias to merge into (GPT-2's layers have one)
                 for dtype in ("fp32", "bf16"):
-                    yield pytest.param(method.name, variant, case, dtype, id=f"{method.name}-{variant}-{case}-{dtype}")
+                    yield pytest.param(method.name, variant, case, dtype,
+                                       id=f"method={method.name}-{variant}-{case}-{dtype}")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

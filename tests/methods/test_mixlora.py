@@ -15,7 +15,7 @@ from lorakit.core.delta import Conv1D
 from lorakit.core.layer import AdapterLayer
 from lorakit.core.model import adapter_state
 from lorakit.data import load_examples
-from lorakit.methods.mixlora import CapacityTop1, MixLoraConfig, MixLoraFFN, mixlora_extra_loss, mixlora_perf_row
+from lorakit.methods.mixlora import CapacityTop1, MixLoraConfig, MixLoraFFN, mixlora_extra_loss
 from lorakit.mixtures import record_routing, reset_router_stats, router_stats
 from lorakit.mixtures.base import pop_aux_records
 from lorakit.mixtures.router import RouterOutput
@@ -317,6 +317,7 @@ def test_config_validation_names_the_fix():
 
 
 def test_perf_row_runs_on_a_tiny_model():
+    from lorakit.bench.mixlora_perf import mixlora_perf_row
     from lorakit.bench.perf import EXTRA_ROWS, QUICK
 
     assert EXTRA_ROWS["mixlora"] is mixlora_perf_row

@@ -64,7 +64,7 @@ def single_adapter_output(path, ids):
 
 # -- routed_lora ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mapping", [None, {"a": 2, "b": [0.2, 0.5, 0.3], "c": -1}])
-def test_routed_delta_matches_a_loop_reference(mapping):
+def test_routed_lora_delta_matches_a_loop_reference(mapping):
     config = RoutedLoraConfig(expert_r=[3, 2, 4], expert_alpha=[6, 2, 8], expert_use_rslora=[False, True, False],
                               key_to_expert=mapping, default_expert=1)
     delta = _randomise(RoutedLoraLinear(INFO, config)).eval()
@@ -81,7 +81,7 @@ def test_routed_delta_matches_a_loop_reference(mapping):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_routed_rows_equal_their_single_adapter(sources, ids):
+def test_routed_lora_rows_equal_their_single_adapter(sources, ids):
     model = tiny_llama()
     lk.add_adapter(model, RoutedLoraConfig(adapter_paths=sources))
     with torch.no_grad(), lk.routing(keys=["code", None, "chat"]):  # string keys = the source folders' names
@@ -95,7 +95,7 @@ def test_routed_rows_equal_their_single_adapter(sources, ids):
                                        atol=1e-5, rtol=0)
 
 
-def test_routed_key_names_follow_sorted_task_ids():
+def test_routed_lora_key_names_follow_sorted_task_ids():
     config = RoutedLoraConfig(n_adapters=2, key_to_expert={"text": -1, "vision": 0, "speech": 1})
     delta = RoutedLoraLinear(INFO, config)
     assert delta.keys.names == ["speech", "text", "vision"]  # task id j = the j-th sorted name
@@ -120,7 +120,7 @@ def test_routed_key_names_follow_sorted_task_ids():
     assert torch.equal(out[:2], torch.zeros(2, 2, 10)) and out[2].abs().max() > 0
 
 
-def test_routed_gradients_reach_only_the_rows_experts(ids):
+def test_routed_lora_gradients_reach_only_the_rows_experts(ids):
     model = tiny_llama()
     lk.add_adapter(model, RoutedLoraConfig(target_modules=["q_proj"], expert_r=[2, 3, 2]))
     model.train()
@@ -133,7 +133,7 @@ def test_routed_gradients_reach_only_the_rows_experts(ids):
         assert delta.lora_B.grad[:, owner == 1].abs().max() > 0  # B = 0 at init: only B gets a gradient
 
 
-def test_routed_save_load_and_frozen_bank(sources, ids, tmp_path):
+def test_routed_lora_save_load_and_frozen_bank(sources, ids, tmp_path):
     model = tiny_llama()
     lk.add_adapter(model, RoutedLoraConfig(adapter_paths=sources, train_adapters=False))
     assert not any(p.requires_grad for p in model.parameters())
@@ -148,7 +148,7 @@ def test_routed_save_load_and_frozen_bank(sources, ids, tmp_path):
 
 
 # -- mm_lora --------------------------------------------------------------------------------------------------
-def test_mm_delta_matches_a_per_token_loop():
+def test_mm_lora_delta_matches_a_per_token_loop():
     config = MMLoraConfig(expert_r=[2, 4, 3], expert_alpha=[4, 4, 9], modality_to_expert=[1, -1, 0, 2])
     delta = _randomise(MMLoraLinear(INFO, config))
     x = torch.randn(2, 6, 12)
@@ -167,7 +167,7 @@ def test_mm_delta_matches_a_per_token_loop():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_mm_tokens_equal_their_modality_adapter(sources, ids):
+def test_mm_lora_tokens_equal_their_modality_adapter(sources, ids):
     model = tiny_llama()
     lk.add_adapter(model, MMLoraConfig(adapter_paths=sources[:2]))
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_mm_tokens_equal_their_modality_adapter(sources, ids):
     assert torch.equal(selected[..., 1], (torch.arange(9).repeat(3, 1) % 2).bool())
 
 
-def test_mm_modality_sources_and_errors(ids):
+def test_mm_lora_modality_sources_and_errors(ids):
     model = tiny_llama()
     lk.add_adapter(model, MMLoraConfig(target_modules=["q_proj"], expert_r=[2, 2], default_modality=None))
     with pytest.raises(lk.AdapterError, match="modality map"):
@@ -225,7 +225,7 @@ def test_reclora_matches_a_loop_reference(sqrt):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_reclora_one_hot_gate_is_one_meta_lora_and_mixing_is_in_weight_space():
+def test_reclora_one_hot_gate_is_one_meta_adapter_and_mixing_is_in_weight_space():
     delta = reclora_delta()
     x, u = torch.randn(2, 3, 12), torch.randn(2, 5)
     with torch.no_grad():
@@ -267,7 +267,7 @@ def test_reclora_model_per_user_rows_and_errors(ids):
 
 
 # -- the training loop routes each example to its task's expert ------------------------------------------------
-def test_training_loop_trains_each_tasks_expert_only():
+def test_routed_lora_training_loop_trains_each_tasks_expert_only():
     from lorakit.data import load_examples
     from lorakit.training import TrainConfig, train
 
