@@ -1,5 +1,6 @@
-"""MixDA: knowledge stage (domain adapters routed by key, general-data MSE regulariser), task stage (gate over
-[domains…, FFN] on the last real token, frozen domain adapters, optional task adapter), stage switching."""
+"""MixDA against the official code (tianyang-x/Mixture-of-Domain-Adapters): the output Σ_k g_k a_k(x) +
+g_{K+1} FFN(x), the gate trained in both stages, the stage-1 MSE between the mixed layer output and the FFN
+output on general data, stage switching, the two stages in the training loop."""
 
 from __future__ import annotations
 
@@ -27,40 +28,57 @@ def randomised(delta: MixdaAdapter, seed: int = 0) -> MixdaAdapter:
     return delta
 
 
-def adapter_outputs(delta: MixdaAdapter, x: torch.Tensor) -> list[torch.Tensor]:
-    """Loop reference: a_k(x) = U_k GELU(D_k x + d_k) + u_k for each domain adapter k."""
+def official_adapters(delta: MixdaAdapter, x: torch.Tensor) -> list[torch.Tensor]:
+    """``MixtureOfDomainAdapter.forward`` (src/models/mixda_adapter.py:38-42): adapter_up(GELU(adapter_down(x)))
+    for each of the K adapters (their weights are the rank blocks of lorakit's stacked tensors)."""
     b = delta.bottleneck
     outs = []
     for k in range(delta.n_domains):
-        h = F.gelu(x @ delta.down_weight[k * b:(k + 1) * b].T + delta.down_bias[k * b:(k + 1) * b])
-        outs.append(h @ delta.up_weight[:, k * b:(k + 1) * b].T + delta.up_bias[k])
+        down = F.gelu(x @ delta.down_weight[k * b:(k + 1) * b].T + delta.down_bias[k * b:(k + 1) * b])
+        outs.append(down @ delta.up_weight[:, k * b:(k + 1) * b].T + delta.up_bias[k])
     return outs
 
 
-def test_knowledge_stage_routes_rows_to_their_domain_adapter():
-    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=3, reduction=4))).eval()
-    x = torch.randn(4, 5, 16)
-    with lk.routing(keys=torch.tensor([2, 0, -1, 1])):
-        got = delta(x, torch.zeros(4, 5, 6), None)
-    outs = adapter_outputs(delta, x)
-    for row, k in enumerate([2, 0, None, 1]):
-        expected = torch.zeros(5, 6) if k is None else outs[k][row]
-        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
+def official_output(delta: MixdaAdapter, x: torch.Tensor, ffn: torch.Tensor, keep=None) -> torch.Tensor:
+    """``RobertaOutput.forward`` (src/models/transformers/modeling_roberta.py:407-432): all_results = [ka(x)…],
+    gating_weights = MoeGating(x) (:1733-1742: x[:, -1], the layer stack, softmax), then
+    ``stack(all_results + [dense(x)], dim=3) @ gating_weights.unsqueeze(3)``. ``keep``: the gate entries a
+    one-domain stage-1 run has (the official trains one domain adapter per run: entries [a_k, FFN])."""
+    all_results = official_adapters(delta, x)
+    logits = delta.gate(x[:, -1].unsqueeze(1))  # (batch, 1, K+1)
+    if keep is not None:
+        logits = logits.masked_fill(~keep[:, None, :], float("-inf"))
+    gating_weights = torch.softmax(logits, dim=-1)
+    all_results.append(ffn)
+    return (torch.stack(all_results, dim=3) @ gating_weights.unsqueeze(3)).squeeze(-1)
 
 
-def test_task_stage_gate_sums_to_one_with_the_ffn_share_and_mixes_adapters():
+def test_task_stage_output_equals_official():
     delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=3, reduction=4, stage="task", gate_hidden=8))).eval()
-    x = torch.randn(2, 5, 16)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    with lk.routing(token_mask=mask):
-        g = delta.gate_weights(x)
-        got = delta(x, torch.zeros(2, 5, 6), None)
-    assert g.shape == (2, 4)  # K domain adapters + the FFN
-    torch.testing.assert_close(g.sum(-1), torch.ones(2), atol=1e-6, rtol=0)
-    assert (g > 0).all() and (g[:, -1] < 1).all()
-    outs = adapter_outputs(delta, x)
-    expected = sum(g[:, k, None, None] * outs[k] for k in range(3))  # Σ_k g_k (Wx + a_k) + g_FFN Wx − Wx
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    x, ffn = torch.randn(2, 5, 16), torch.randn(2, 5, 6)
+    got = ffn + delta(x, ffn, None)
+    torch.testing.assert_close(got, official_output(delta, x, ffn), atol=1e-5, rtol=1e-5)
+    g = delta.gate_weights(x)
+    assert g.shape == (2, 4) and (g[:, -1] < 0.99).all()  # the gate down-weights the FFN
+
+
+def test_one_domain_knowledge_stage_equals_official_stage_one():
+    """Stage 1 (mixda_stage_one.py: num_of_kas=1, gating on unless --disable_moe): every row, whatever its key."""
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=1, reduction=4, gate_hidden=8))).eval()
+    x, ffn = torch.randn(3, 5, 16), torch.randn(3, 5, 6)
+    for keys in (torch.tensor([0, -1, 0]), None):
+        with lk.routing(keys=keys):
+            got = ffn + delta(x, ffn, None)
+        torch.testing.assert_close(got, official_output(delta, x, ffn), atol=1e-5, rtol=1e-5)
+
+
+def test_knowledge_stage_gates_each_domain_row_over_its_adapter_and_the_ffn():
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=3, reduction=4, gate_hidden=8))).eval()
+    x, ffn = torch.randn(4, 5, 16), torch.randn(4, 5, 6)
+    with lk.routing(keys=torch.tensor([2, 0, -1, 1])):
+        got = ffn + delta(x, ffn, None)
+    keep = torch.tensor([[0, 0, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1], [0, 1, 0, 1]], dtype=torch.bool)
+    torch.testing.assert_close(got, official_output(delta, x, ffn, keep), atol=1e-5, rtol=1e-5)
 
 
 def test_gate_reads_the_last_real_token():
@@ -89,15 +107,30 @@ def test_gate_layout_follows_moe_gating():
     assert small.gate[1].out_features == 4  # min(768, in / 4)
 
 
+def test_gate_layout_follows_moe_gating():
+    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(n_domains=2))
+    kinds = [type(m).__name__ for m in delta.gate]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU",
+                     "Dropout", "Linear"]  # modeling_roberta.py:1717-1731, MoeGating(interm, 768, K+1, 3, 0.2)
+    assert delta.gate[1].out_features == 768 and delta.gate[-1].out_features == 3  # K + 1
+    assert delta.gate[0].p == 0.2 and delta.bottleneck == 256  # intermediate / 16
+    small = MixdaAdapter(INFO, MixdaConfig(n_domains=2))
+    assert small.gate[1].out_features == 4  # min(768, in / 4)
+
+
+def _trainable(model):
+    return {n.split(".adapters.default.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_stages_decide_what_trains(ids):
+    """Stage 1 enables grad on the adapters and the gating (mixda_stage_one.py:107-114); stage 2 on the gate and
+    the task adapter, the domain adapters frozen."""
     model = tiny_llama()
     lk.add_adapter(model, MixdaConfig(n_domains=2, task_adapter=True))
-    trainable = {n.split(".adapters.default.")[1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"down_weight", "down_bias", "up_weight", "up_bias"}
+    assert _trainable(model) == {"down_weight", "down_bias", "up_weight", "up_bias", "gate"}
     keys_before = set(lk.adapter_state_dict(model))
     set_mixda_stage(model, "default", "task")
-    trainable = {n.split(".adapters.default.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"gate", "task_down", "task_up"}
+    assert _trainable(model) == {"gate", "task_down", "task_up"}
     assert set(lk.adapter_state_dict(model)) == keys_before  # same file layout in both stages
     assert adapter_state(model).configs["default"].stage == "task"
     model.train()
@@ -107,47 +140,70 @@ def test_stages_decide_what_trains(ids):
     assert grads and all(".gate." in n or ".task_" in n for n in grads)
 
 
-def test_fresh_adapters_equal_the_base_in_both_stages(ids):
-    base = tiny_llama()(input_ids=ids).logits
-    for stage in ("knowledge", "task"):
-        model = tiny_llama()
-        lk.add_adapter(model, MixdaConfig(n_domains=2, stage=stage, task_adapter=True))
-        with torch.no_grad(), lk.routing(keys=torch.tensor([0, 1, -1])):
-            torch.testing.assert_close(model(input_ids=ids).logits, base, atol=1e-6, rtol=0)
+def test_fresh_adapter_scales_the_ffn_by_its_gate_share(ids):
+    """a_k = 0 at init, so the layer outputs g_{K+1} · FFN(x): not the base model (as in the official code)."""
+    assert not lk.get_method("mixda").zero_init
+    model = tiny_llama()
+    lk.add_adapter(model, MixdaConfig(n_domains=2, stage="task"))
+    (_, layer), *_ = adapter_layers(model)
+    x = torch.randn(3, 9, layer.base_layer.in_features)
+    with torch.no_grad():
+        g = layer.adapters["default"].gate_weights(x)
+        torch.testing.assert_close(layer(x), g[:, -1, None, None] * layer.base_layer(x), atol=1e-6, rtol=1e-6)
+    assert (g[:, -1] < 0.9).all()
 
 
-def test_general_data_mse_regulariser(ids):
+def test_general_data_mse_equals_official_sample_loss(ids):
+    """mixda_stage_one.py:218-237: MSE between the FFN output and the mixed layer output at every adapted layer,
+    mean over features, tokens, layers (and rows), on general data only; × general_mse_coef."""
     model = tiny_llama()
     lk.add_adapter(model, MixdaConfig(n_domains=2, general_mse_coef=3.0))
     deltas = [layer.adapters["default"] for _, layer in adapter_layers(model)]
     for i, d in enumerate(deltas):
         randomised(d, seed=i)
     model.train()
-    captured = {}
-
-    def keep_input(module, args):
-        captured.setdefault(module, []).append(args[0])
-
-    hooks = [layer.base_layer.register_forward_pre_hook(keep_input) for _, layer in adapter_layers(model)]
-    mask = torch.ones_like(ids)
-    mask[2, -3:] = 0
-    with lk.routing(keys=torch.tensor([0, 1, -1]), token_mask=mask):  # row 2 is general data
+    for d in deltas:
+        d.gate.eval()  # no gate dropout: the outputs the hooks see are the ones the loss was taken on
+    ffn_out, mixed_out = {}, {}
+    hooks = [layer.base_layer.register_forward_hook(lambda m, a, o, p=path: ffn_out.__setitem__(p, o.detach()))
+             for path, layer in adapter_layers(model)]
+    hooks += [layer.register_forward_hook(lambda m, a, o, p=path: mixed_out.__setitem__(p, o.detach()))
+              for path, layer in adapter_layers(model)]
+    with lk.routing(keys=torch.tensor([-1, 1, -1])):  # rows 0 and 2 are general data
         model(input_ids=ids)
     for h in hooks:
         h.remove()
     loss = mixda_extra_loss(model, "default")
-    per_layer = []
-    for (_, layer), d in zip(adapter_layers(model), deltas):
-        x = captured[layer.base_layer][0][2, :6]  # the general row's real tokens
-        outs = torch.stack(adapter_outputs(d, x))  # (K, tokens, out)
-        per_layer.append(outs.pow(2).mean())
-    torch.testing.assert_close(loss, 3.0 * torch.stack(per_layer).mean(), atol=1e-5, rtol=1e-5)
+    paths = [path for path, _ in adapter_layers(model)]
+    mlp_logits = torch.stack([ffn_out[p][[0, 2]] for p in paths], dim=1)  # (rows, layers, seq, hidden)
+    adapter_logits = torch.stack([mixed_out[p][[0, 2]] for p in paths], dim=1)
+    want = F.mse_loss(mlp_logits, adapter_logits, reduction="none").mean(-1).mean(-1).mean(0).mean()
+    torch.testing.assert_close(loss.detach(), 3.0 * want, atol=1e-6, rtol=1e-5)
     loss.backward()
     assert all(d.up_weight.grad is not None and d.up_weight.grad.abs().max() > 0 for d in deltas)
+    assert all(d.gate[-1].weight.grad.abs().max() > 0 for d in deltas)  # the MSE trains the gate too
     assert mixda_extra_loss(model, "default") == 0  # records are consumed
     with lk.routing(keys=torch.tensor([0, 1, 0])):  # no general rows: nothing to regularise
         model(input_ids=ids)
     assert mixda_extra_loss(model, "default") == 0
+
+
+def test_padding_is_left_out_of_the_mse(ids):
+    model = tiny_llama()
+    lk.add_adapter(model, MixdaConfig(n_domains=1))
+    for i, (_, layer) in enumerate(adapter_layers(model)):
+        randomised(layer.adapters["default"], seed=i)
+    model.train()
+    for _, layer in adapter_layers(model):
+        layer.adapters["default"].gate.eval()
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    with lk.routing(keys=torch.tensor([-1, -1, -1]), token_mask=mask):
+        model(input_ids=ids, attention_mask=mask)
+    padded = mixda_extra_loss(model, "default")
+    with lk.routing(keys=torch.tensor([-1, -1, -1])):
+        model(input_ids=ids[:, :-3])
+    torch.testing.assert_close(padded, mixda_extra_loss(model, "default"), atol=1e-6, rtol=1e-5)
 
 
 def test_knowledge_then_task_through_save_and_load(ids, tmp_path):
@@ -164,10 +220,10 @@ def test_knowledge_then_task_through_save_and_load(ids, tmp_path):
         torch.testing.assert_close(fresh(input_ids=ids).logits, knowledge, atol=1e-6, rtol=0)
     set_mixda_stage(fresh, "default", "task")
     with torch.no_grad(), record_routing(fresh) as traces:
-        out = fresh(input_ids=ids).logits
+        fresh(input_ids=ids)
     weights = next(iter(traces.values()))[0]["weights"]  # (batch, seq, K + 1)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 9), atol=1e-6, rtol=0)
-    assert (out - tiny_llama()(input_ids=ids).logits).abs().max() > 1e-3  # the gate mixes the trained adapters
+    assert (weights > 0).all()  # the task stage gates every row over all adapters and the FFN
 
 
 def test_config_validation():
@@ -192,17 +248,14 @@ def test_two_stages_in_the_training_loop():
                                       task_adapter=True))
     config = TrainConfig(steps=3, batch_size=6, lr=0.01, max_length=64, log_every=100, device="cpu")
 
-    def snapshot():
-        return {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
+    def changed(before):
+        return {k.split(".down_proj.")[-1].split(".")[0] for k, v in lk.adapter_state_dict(model).items()
+                if not torch.equal(v, before[k])}
 
-    start = snapshot()
+    start = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
     train(model, tokenizer, examples, config, progress=False)  # knowledge stage: sort rows are general data
-    names = {k.split(".down_proj.")[-1].split(".")[0] for k, v in lk.adapter_state_dict(model).items()
-             if not torch.equal(v, start[k])}
-    assert names == {"down_weight", "down_bias", "up_weight", "up_bias"}
+    assert changed(start) == {"down_weight", "down_bias", "up_weight", "up_bias", "gate"}
     set_mixda_stage(model, "default", "task")
-    middle = snapshot()
+    middle = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
     train(model, tokenizer, examples, config, progress=False)
-    names = {k.split(".down_proj.")[-1].split(".")[0] for k, v in lk.adapter_state_dict(model).items()
-             if not torch.equal(v, middle[k])}
-    assert names and names <= {"gate", "task_down", "task_up"}
+    assert changed(middle) and changed(middle) <= {"gate", "task_down", "task_up"}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import Trainer, TrainingArguments
 
 import lorakit
-from lorakit.data import CausalLMCollator, TokenizedDataset
-from lorakit.training import LorakitCallback, TrainConfig, make_optimizer
+from lorakit.data import CausalLMCollator, TokenizedDataset, load_examples
+from lorakit.training import LorakitCallback, TrainConfig, make_optimizer, train
 
 
 def run_trainer(model, tokenizer, examples, output_dir, optimizer=None) -> Trainer:
@@ -41,11 +44,78 @@ def test_trains_under_hf_trainer(make_model, tokenizer, reverse_train, tmp_path)
 def test_callback_runs_method_hooks(hooked_method, make_model, tokenizer, reverse_train, tmp_path) -> None:
     model = make_model(hooked_method.config(r=4, target_modules=["q_proj", "v_proj"]))
     optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=1e-2))  # the method's param_groups
-    with pytest.warns(UserWarning, match="extra_loss"):
-        run_trainer(model, tokenizer, reverse_train, tmp_path, optimizer)
+    run_trainer(model, tokenizer, reverse_train, tmp_path, optimizer)
     calls = hooked_method.calls
     assert len(calls["init"]) == 1 and len(calls["init"][0]) == 4
     assert calls["on_step"] == [(1, 3), (2, 3), (3, 3)]
+    assert calls["extra_loss"] == ["default"] * 3  # once per training forward
+    assert "forward" not in model.__dict__  # the callback's forward wrapper is gone after train()
     for n, p in model.named_parameters():
         if "lora_B" in n:  # set by init, kept there by its param group's lr of 0 under Trainer's schedule
             assert torch.all(p == 0.01), n
+
+
+def _grads_of_one_step(run) -> dict[str, torch.Tensor]:
+    """The gradients the optimizer's first step sees (global optimizer pre-step hook)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def capture(optimizer, args, kwargs):
+        if not seen:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        seen[id(p)] = p.grad.detach().clone()
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        model = run()
+    finally:
+        handle.remove()
+    return {n: seen[id(p)] for n, p in model.named_parameters() if id(p) in seen}
+
+
+def _method_configs():
+    from lorakit.methods.meteora import MeteoraConfig
+    from lorakit.methods.mixlora import MixLoraConfig
+    from lorakit.methods.mole import MoleConfig
+
+    mlp = ["q_proj", "v_proj", "mlp"]
+    return {
+        "mixlora": MixLoraConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0, target_modules=mlp,
+                                 router_aux_loss_coef=1.0),
+        "mole": MoleConfig(r=4, lora_dropout=0.0, target_modules=mlp, router_aux_loss_coef=1.0),
+        "meteora": MeteoraConfig(n_adapters=2, expert_r=[4, 4], lora_dropout=0.0, train_adapters=True, top_k=1,
+                                 task_to_adapter={"reverse": 0, "sort": 1}, target_modules=["q_proj", "v_proj"]),
+    }
+
+
+@pytest.mark.parametrize("method", ["mixlora", "mole", "meteora"])
+def test_trainer_applies_the_method_loss_with_the_loops_gradients(method, make_model, tokenizer, tmp_path):
+    """One step of transformers.Trainer + LorakitCallback and one of lorakit.training.train, same model, same
+    (whole-dataset) batch: the same gradients, balance / gate loss included."""
+    config = _method_configs()[method]
+    examples = load_examples("reverse,sort", "train", n=4, seed=0)  # 8 examples: one batch of 8
+
+    def lorakit_loop():
+        model = make_model(copy.deepcopy(config))
+        train(model, tokenizer, examples, TrainConfig(steps=1, batch_size=8, lr=1e-3, max_length=64,
+                                                      max_grad_norm=None, device="cpu"), progress=False)
+        return model
+
+    def hf_trainer(callbacks):
+        model = make_model(copy.deepcopy(config))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                                 disable_tqdm=True, max_grad_norm=0.0)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(examples, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer), callbacks=callbacks).train()
+        return model
+
+    want = _grads_of_one_step(lorakit_loop)
+    got = _grads_of_one_step(lambda: hf_trainer([LorakitCallback("default")]))
+    assert want.keys() == got.keys() and any("router" in n for n in want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)
+    # Plain Trainer (no callback) misses the method loss: its router gradients differ.
+    plain = _grads_of_one_step(lambda: hf_trainer([]))
+    assert any(not torch.allclose(plain[n], want[n], atol=1e-6, rtol=1e-4) for n in want if "router" in n)

@@ -9,7 +9,8 @@ active parameters) and LoRA r=16 (equal trainable parameters). Configurations (�
 - MoLE: LoRA r=8 on attention, 3 FFN experts of rank 8, top-1 (LLaVA-MoLE's sparse mixture).
 - MoLA: experts of rank 4 on every linear, top-2, expert counts 2-2-4-4-6-6 over the 6 layers (mean 4;
   "higher layers need more experts").
-- SMoRA: one LoRA of rank 16 on every linear, 8 of its 16 rank units active per token.
+- SMoRA: one LoRA of rank 16 on every linear, 8 of its 16 rank units active per token; α = 2k = 16 (SMoRA scales
+  by α / k, the active rank, as LoRA by α / r).
 
 The exact trainable counts (routers included) are in the table; the routers are what makes some of them
 larger than LoRA r=16 (SMoRA's router has one row per rank unit, as large as A).
@@ -68,7 +69,7 @@ def budget_configs() -> dict[str, object]:
         "mole 3×r8 top-1": MoleConfig(r=8, lora_alpha=16, num_experts=3),
         "mola 2-2-4-4-6-6×r4 top-2": MolaConfig(r=4, lora_alpha=8, experts_per_layer=[2, 2, 4, 4, 6, 6], top_k=2,
                                                target_modules="all-linear"),
-        "smora r16 top-8": SmoraConfig(r=16, top_k=8, lora_alpha=32, target_modules="all-linear"),
+        "smora r16 top-8": SmoraConfig(r=16, top_k=8, lora_alpha=16, target_modules="all-linear"),
     }
 
 

@@ -44,7 +44,16 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """Plain LoRA (+ ``use_rslora``, ``use_dora``). Field names and defaults are PEFT's."""
+    """Plain LoRA (+ ``use_rslora``, ``use_dora``). Field names and defaults are PEFT's.
+
+    - ``r``: rank of the update B·A. ``lora_alpha``: scaling numerator (scaling alpha / r; alpha / √r with rsLoRA).
+    - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
+    - ``use_rslora``: rank-stabilised scaling alpha / √r. ``use_dora``: DoRA's trained magnitude vector.
+    - ``init_lora_weights``: True (A Kaiming, B zero), "gaussian" (A ~ N(0, 1/r)), False (both random, tests), or
+      a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K", "olora").
+    - ``lora_bias``: also train a bias on lora_B.
+    - ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, {module regex: value}, as PEFT.
+    """
 
     foreign_fields = {
         "fan_in_fan_out": ANY_VALUE,  # lorakit detects Conv1D layers itself

@@ -70,6 +70,13 @@ class MeteoraConfig(LoraBankConfig):
     ``adapter_names`` label the bank slots (default: the source folders' names), so a saved MeteoRA adapter,
     which no longer points at its sources, still says what each slot holds. ``task_to_adapter``: task name →
     adapter index, resolved through the sorted task names (see the module docstring); None = by order.
+
+    - ``top_k``: adapters each token's gate keeps.
+    - ``temperature``: softmax temperature of the gate (> 1 flattens the chosen adapters' weights).
+    - ``gate_path``: ``fast`` (top-k on logits, softmax over the kept) or ``reference`` (the official two-softmax path).
+    - ``lora_dropout``: dropout on the bank's input (the official code hard-codes 0.1).
+    - ``train_adapters``: also train the LoRA adapters (False: only the gate, as the paper).
+    - ``moe_aux_loss_coef``: weight of the supervised gate loss (cross-entropy against each task's adapter).
     """
 
     top_k: int = 2

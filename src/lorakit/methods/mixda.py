@@ -2,40 +2,47 @@
 Memories", Diao et al., ACL 2023, arXiv:2306.05406.
 
 K domain adapters run parallel to the FFN output projection (Llama: ``down_proj``, whose input x is the FFN's
-intermediate activation); a sequence-level gate on x at the last real token weighs them against the FFN output:
+intermediate activation); a sequence-level gate on x at the last real token weighs them and the FFN output:
 
     a_k(x) = U_k GELU(D_k x + d_k) + u_k       D_k: inter → inter/16 (Kaiming, d_k = 0), U_k, u_k = 0
-    g = softmax(MoeGating(x_last)) ∈ Δ^{K+1}   (entry K+1 weighs the plain FFN output: the "+1")
-    knowledge stage:  y = W x + a_{k(row)}(x)                       (each domain adapter on its domain's rows)
-    task stage:       y = Σ_k g_k (W x + a_k(x)) + g_{K+1} W x = W x + Σ_k g_k a_k(x)   [+ task adapter]
+    g = softmax(MoeGating(x_last)) ∈ Δ^{K+1}   (entry K+1 weighs the FFN output: the "+1")
+    y = Σ_k g_k · a_k(x) + g_{K+1} · FFN(x)    (FFN(x) = W x + b, the frozen projection)
 
-Follows the official code (tianyang-x/Mixture-of-Domain-Adapters: ``MixtureOfDomainAdapter``, ``MoeGating``,
-``RobertaOutput``) for the adapter (Linear → GELU → Linear, zero-initialised up-projection, inter/16), the gate
-(Dropout(0.2) → Linear(inter, H) → [ReLU, Dropout, Linear(H, H)] × 2 → ReLU, Dropout, Linear(H, K+1) → softmax)
-and its input (the intermediate activation at the last position, one gate per sequence).
+Follows the official code, tianyang-x/Mixture-of-Domain-Adapters:
 
-Choices and deviations:
-- Experts are parametrised as the FFN output plus a zero-initialised bottleneck, E_k = W x + a_k(x); the
-  official mixes bare bottlenecks, Σ_k g_k a_k(x) + g_{K+1} W x (and its stage 1 without gating replaces the FFN
-  output by the adapter's). Ours keeps a fresh adapter exactly equal to the base model while the gate still
-  splits a unit mass between the K experts and the FFN. The official stage-1 regulariser MSE(adapter output,
-  FFN output) on old-domain data then reads ‖a_k(x)‖²: we take it at every adapted layer on the rows whose key
-  maps to no domain ("general" rows), averaged over real tokens, features, the K adapters and the layers, and
-  add ``general_mse_coef`` × it through ``extra_loss`` (official: 0.5·knowledge + 1·MSE, i.e. 2.0 relative to
-  the knowledge loss). The paper states it on "logits"; the official code compares layer outputs, as we do.
-- Several domains train in one knowledge-stage run: a row's routing key picks its domain adapter
-  (``key_to_domain``, resolved like ``routed_lora``'s keys; the official trains one adapter per stage-1 run).
-- The gate's hidden size H is 768 in the official code (RoBERTa-large, intermediate 4096); the default here is
+- ``src/models/mixda_adapter.py`` ``MixtureOfDomainAdapter``: Linear → GELU → Linear, Kaiming-uniform down
+  projection, zero up projection and biases, inter/16;
+- ``src/models/transformers/modeling_roberta.py`` ``MoeGating``: Dropout(0.2) → Linear(inter, H) → [ReLU,
+  Dropout, Linear(H, H)] × 2 → ReLU, Dropout, Linear(H, K+1) → softmax, on the last position; ``RobertaOutput``:
+  the output ``stack([a_1(x)…, a_K(x), FFN(x)]) @ g`` — the gate can down-weight the FFN, so a fresh adapter
+  (a_k = 0) scales the FFN output by g_{K+1} and does not equal the base model;
+- ``src/models/mixda_stage_one.py``: stage 1 (knowledge) trains the domain adapters AND the gate, with loss
+  ``0.5 · knowledge loss + MSE(mixed layer output, original FFN output)`` on general (old-domain) data, the MSE
+  averaged over tokens, features and adapted layers. Stage 2 (task) trains the gate and a task adapter with
+  the domain adapters frozen.
+
+Choices:
+- the MSE term: ``general_mse_coef`` × mean over the real tokens of general rows (routing key mapped to no
+  domain) and features of (y − FFN(x))², averaged over adapted layers, added through ``extra_loss`` to the
+  loop's loss, which is the knowledge loss: 2.0 = 1 / 0.5 keeps the official ratio. The official compares the
+  layer outputs after RoBERTa's post-LayerNorm of the residual sum; in a pre-norm host (Llama) the residual
+  stream differs by y − FFN(x) itself, which is what we compare. Padding is left out (the official averages
+  every position).
+- several domains train in one knowledge-stage run (the official trains one adapter per stage-1 run, where
+  the gate is over [a_1, FFN]): a row whose key names domain k (``key_to_domain``, resolved like
+  ``routed_lora``'s keys) is gated over [a_k, FFN] only; general rows and rows without a key over all K + 1.
+  With one domain this is exactly the official stage 1.
+- the gate's hidden size H is 768 in the official code (RoBERTa-large, intermediate 4096); the default here is
   min(768, in/4) so small models get a proportionate gate. The gate input is x at the last REAL token (the
   routing context's ``token_mask``; without one, the last position as in the official code, which is padding
   for right-padded rows). With a KV cache each step's gate sees only the new token.
-- Stages (``stage``): what a stage freezes is named by the delta's ``frozen_names`` (saved, never trained):
-  knowledge = domain adapters trainable, gate and task adapter frozen; task = the reverse.
+- stages (``stage``): what a stage freezes is named by the delta's ``frozen_names`` (saved, never trained):
+  knowledge = task adapter frozen; task = domain adapters frozen; the gate trains in both.
   ``set_mixda_stage(model, name, "task")`` switches in place (same state-dict keys), e.g. after loading a
   knowledge-stage adapter; build the optimizer after switching.
-- Task adapter (``task_adapter=True``; the official uses adapter-transformers' Houlsby/Pfeiffer adapters on the
+- task adapter (``task_adapter=True``; the official uses adapter-transformers' Houlsby/Pfeiffer adapters on the
   layer output): a Pfeiffer-style bottleneck on the mixed output, y + U_t GELU(D_t y) (hidden/16, U_t = 0).
-- The official adapts RoBERTa-large layers 7 and 11 only: use ``layers_to_transform`` for that.
+- the official adapts RoBERTa-large layers 7 and 11 only: use ``layers_to_transform`` for that.
 """
 
 from __future__ import annotations
@@ -128,9 +135,9 @@ class MixdaAdapter(MixtureDelta):
         self.stage = stage  # what trains follows through frozen_names (the core re-reads it)
 
     def frozen_names(self) -> list[str]:
-        """Knowledge stage: the gate and task adapter are frozen; task stage: the domain adapters."""
+        """Knowledge stage: the task adapter is frozen; task stage: the domain adapters (the gate trains in both)."""
         if self.stage == "knowledge":
-            return [n for n, _ in self.named_parameters() if n not in DOMAIN_TENSORS]
+            return [n for n, _ in self.named_parameters() if n.startswith(("task_down.", "task_up."))]
         return list(DOMAIN_TENSORS)
 
     def __getstate__(self):
@@ -138,50 +145,59 @@ class MixdaAdapter(MixtureDelta):
         state["_reg"] = []
         return state
 
-    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, K+1) gate on x at each row's last real token."""
+    def gate_entries(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, K+1) bool: the entries each row's gate ranges over, and (batch,) bool: the general rows.
+        Knowledge stage: a row of domain k → [a_k, FFN]; general rows → all. Task stage: all."""
+        general = torch.ones(batch, dtype=torch.bool, device=device)
+        own = torch.ones(batch, self.n_domains, dtype=torch.bool, device=device)
+        if self.stage == "knowledge":
+            domain = self.domain_of_key(batch, device) > 0  # (batch, K): one-hot, zeros for general rows
+            general = ~domain.any(-1)
+            own = domain | general[:, None]
+        return torch.cat([own, own.new_ones(batch, 1)], dim=-1), general
+
+    def gate_weights(self, x: torch.Tensor, entries: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, K+1) gate on x at each row's last real token, over ``entries`` (all by default)."""
         batch, seq = x.shape[:2]
         mask = token_mask_for(batch * seq)
         if mask is not None:  # last position whose mask is set (rows without one: the last position)
             last = (seq - 1) - mask.view(batch, seq).flip(1).int().argmax(1)
         else:
             last = torch.full((batch,), seq - 1, device=x.device)
-        return torch.softmax(self.gate(x[torch.arange(batch, device=x.device), last.to(x.device)]).float(), dim=-1)
+        logits = self.gate(x[torch.arange(batch, device=x.device), last.to(x.device)]).float()
+        if entries is not None:
+            logits = logits.masked_fill(~entries, float("-inf"))
+        return torch.softmax(logits, dim=-1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if x.dim() != 3:
             raise AdapterError(f"mixda gates whole sequences: expected input (batch, seq, features), got "
                                f"{tuple(x.shape)}")
         x = x.to(self.down_weight.dtype)
+        entries, general = self.gate_entries(x.shape[0], x.device)
+        g = self.gate_weights(x, entries)  # (batch, K+1)
+        with torch.no_grad():
+            probs = g[:, None, :].expand(*x.shape[:2], -1).reshape(-1, g.shape[-1])
+            self.observe(RouterOutput(logits=probs.log(), probs=probs, weights=probs, selected=probs > 0), x.shape)
+        g = g.to(x.dtype)
+        w = g[:, :self.n_domains]  # (batch, K)
         h = F.gelu(F.linear(x, self.down_weight, self.down_bias))  # (batch, seq, K·b): every adapter's bottleneck
-        if self.stage == "knowledge":
-            w = self.domain_of_key(x.shape[0], x.device)  # (batch, K): one-hot, zeros for general rows
-            self.record_general(h, w, x.shape)
-        else:
-            g = self.gate_weights(x)
-            with torch.no_grad():
-                probs = g[:, None, :].expand(*x.shape[:2], -1).reshape(-1, g.shape[-1])
-                self.observe(RouterOutput(logits=probs.log(), probs=probs, weights=probs, selected=probs > 0), x.shape)
-            w = g[:, :self.n_domains].to(x.dtype)
         rank_gate = expand_to_ranks(w, self.owner)[:, None, :]  # (batch, 1, K·b)
-        delta = F.linear(h * rank_gate, self.up_weight) + (w @ self.up_bias)[:, None, :]  # Σ_k w_k a_k(x)
+        adapters = F.linear(h * rank_gate, self.up_weight) + (w @ self.up_bias)[:, None, :]  # Σ_k g_k a_k(x)
+        ffn = base_out.to(x.dtype)
+        delta = adapters + (g[:, -1, None, None] - 1.0) * ffn  # y − FFN(x), y = Σ_k g_k a_k + g_{K+1} FFN
+        if self.stage == "knowledge":
+            self.record_general(delta, general, x.shape)
         if self.task_down is not None:
-            y = base_out.to(delta.dtype) + delta
-            delta = delta + self.task_up(F.gelu(self.task_down(y)))
+            delta = delta + self.task_up(F.gelu(self.task_down(ffn + delta)))
         return delta.to(base_out.dtype)
 
-    def record_general(self, h: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> None:
-        """Keep mean ‖a_k(x)‖² over the real tokens of general rows, for every adapter k (for ``extra_loss``)."""
-        if not (self.training and torch.is_grad_enabled() and self.mse_coef > 0):
-            return
-        general = w.sum(-1) == 0  # (batch,)
-        if not bool(general.any()):
+    def record_general(self, delta: torch.Tensor, general: torch.Tensor, x_shape: torch.Size) -> None:
+        """Keep the mean of (y − FFN(x))² over the real tokens and features of general rows (for ``extra_loss``)."""
+        if not (self.training and torch.is_grad_enabled() and self.mse_coef > 0) or not bool(general.any()):
             return
         batch, seq = x_shape[:2]
-        hg = h[general].view(-1, seq, self.n_domains, self.bottleneck)  # (G, seq, K, b)
-        up = self.up_weight.view(-1, self.n_domains, self.bottleneck)  # (out, K, b)
-        outs = torch.einsum("gtkb,okb->gtko", hg, up) + self.up_bias  # (G, seq, K, out): every a_k(x)
-        sq = outs.pow(2).mean(dim=(-1, -2))  # (G, seq)
+        sq = delta[general].pow(2).mean(-1)  # (G, seq)
         mask = token_mask_for(batch * seq)
         real = mask.view(batch, seq)[general].to(sq.dtype) if mask is not None else torch.ones_like(sq)
         self._reg.append((sq * real).sum() / real.sum().clamp_min(1.0))
@@ -196,7 +212,7 @@ def build_mixda(base_layer: nn.Module, info: LayerInfo, config: MixdaConfig, pat
 
 
 def mixda_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
-    """Knowledge stage: ``general_mse_coef`` × mean ‖a_k(x)‖² on general rows (0 when there are none)."""
+    """Knowledge stage: ``general_mse_coef`` × mean (y − FFN(x))² on general rows (0 when there are none)."""
     from ..core.model import adapter_state
 
     terms = [t for _, _, d in mixture_deltas(model, name) if isinstance(d, MixdaAdapter) for t in d.pop_reg()]
@@ -231,7 +247,7 @@ def mixda_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 register_method(
     "mixda", config=MixdaConfig, build=build_mixda, extra_loss=mixda_extra_loss,
-    example_routing=mixda_example_routing, mergeable=False,
+    example_routing=mixda_example_routing, mergeable=False, zero_init=False,
     description="MixDA: domain adapters beside the FFN output, a sequence gate over [domains…, FFN]; two stages.",
     paper="Diao et al. 2023 (ACL), arXiv:2306.05406",
     variants={"mixda": {"n_domains": 2, "reduction": 4},

@@ -47,10 +47,10 @@ from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo, describe_layer
 from ..core.errors import ConfigError
 from ..core.registry import register_method
-from ..mixtures.base import MixtureDelta, pop_aux_records, token_mask_for
+from ..mixtures.base import MixtureDelta, router_loss, token_mask_for
 from ..mixtures.experts import Dispatch
 from ..mixtures.ffn import ffn_spec
-from ..mixtures.router import Router, RouterOutput, load_balance_loss, z_loss
+from ..mixtures.router import Router, RouterOutput, load_balance_loss
 from .lora import LoraConfig, LoraLinear
 
 ROUTINGS = ("topk", "top_p", "switch")
@@ -63,7 +63,21 @@ OTHER_DEFAULTS = {"router_init_range": 0.02, "jitter_noise": 0.0, "router_z_loss
 class MixLoraConfig(AdapterConfig):
     """MixLoRA (MoE-PEFT template defaults). Fields left None take the routing's default (``SWITCH_DEFAULTS``
     for ``routing="switch"``, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give the experts
-    their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``."""
+    their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``.
+
+    - ``lora_dropout``: dropout on the input of the attention LoRA and of every expert, in [0, 1).
+    - ``num_experts``: LoRA experts per FFN block.
+    - ``top_k``: experts each token uses (``routing="topk"``).
+    - ``routing``: the router: ``topk`` (MixLoRA), ``top_p`` (dynamic: smallest set with probability ≥ top_p),
+      ``switch`` (top-1 with capacity, Switch Transformer).
+    - ``top_p``: probability mass a token's experts must reach (``routing="top_p"``), in (0, 1].
+    - ``expert_capacity``: tokens one expert takes per batch (``switch``; None: from ``capacity_factor``).
+    - ``capacity_factor``: expert capacity as a multiple of tokens / experts (``switch``).
+    - ``router_init_range``: std of the router's normal init (None: the routing's default).
+    - ``jitter_noise``: multiplicative input noise on the router during training (None: the routing's default).
+    - ``router_aux_loss_coef``: weight of the load-balancing loss added to the task loss.
+    - ``router_z_loss_coef``: weight of the router z-loss (None: the routing's default; 0: off).
+    """
 
     target_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
     r: int = 16
@@ -298,28 +312,11 @@ def build_mixlora(base_layer: nn.Module, info: LayerInfo, config: MixLoraConfig,
                       router=router, policy=routing_policy(config))
 
 
-def pooled_router_loss(model: nn.Module, name: str, balance: Callable, coef: float,
-                       z_coef: float = 0.0) -> torch.Tensor:
-    """``coef · balance(probs, selected, mask) + z_coef · z_loss(logits, mask)`` over every layer's tokens
-    of this forward concatenated (padding excluded when the routing context gave a token mask)."""
-    records = [r for _, r in pop_aux_records(model, name)]
-    if not records or (coef == 0 and z_coef == 0):
-        return torch.zeros((), device=next(model.parameters()).device)
-    probs = torch.cat([r.out.probs for r in records])
-    selected = torch.cat([r.out.selected for r in records])
-    masks = [r.token_mask for r in records]
-    mask = torch.cat(masks) if all(m is not None for m in masks) else None
-    loss = coef * balance(probs, selected, mask)
-    if z_coef:
-        loss = loss + z_coef * z_loss(torch.cat([r.out.logits for r in records]), mask)
-    return loss
-
-
 def mixlora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     from ..core.model import adapter_state
 
     config = adapter_state(model).configs[name]
-    return pooled_router_loss(model, name, load_balance_loss, config.router_aux_loss_coef, config.router_z_loss_coef)
+    return router_loss(model, name, load_balance_loss, config.router_aux_loss_coef, z_coef=config.router_z_loss_coef)
 
 
 register_method(

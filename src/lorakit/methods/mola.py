@@ -6,9 +6,19 @@ layer (groups of consecutive layers): ``y = W x + Σ_{e ∈ topk_l(x)} g_e(x) ·
 up, the paper's best), ``"8-6-4-2"`` (△), ``"5-5-5-5"`` (□, uniform), or any list; the layers are split
 evenly into as many groups as numbers given.
 
-Follows the official code (GCYZSL/MoLA ``Linear_MoE``): router on the layer input without bias, float32
-softmax, per-layer top-k (default 2), optional Mixtral-style balance loss per layer, summed, × 0.001
-(``--obalance``, off by default). Experts are rank blocks of one wide LoRA, so the forward is two GEMMs
+Follows the official code, GCYZSL/MoLA:
+
+- ``src/mola_lora_hacked.py`` ``Linear_MoE``: router ``nn.Linear(in, E, bias=False)`` on the layer input,
+  Kaiming-uniform initialised (a = √5, ``reset_lora_parameters_MoE``), float32 softmax, top-k renormalised
+  (default 2), experts' A Kaiming-uniform and B zero, scaling α / r;
+- ``src/mola_modeling_llama_hacked.py`` ``load_balancing_loss_func``: only when enabled (``--obalance``, here
+  ``use_balance_loss``, off by default), one loss per decoder layer over the router logits of all that layer's
+  adapted modules concatenated: ``E · Σ_e f_e · P̄_e`` with f_e the share of all top-k assignments that went to
+  e (normalised by the total number of assignments, so uniform routing gives 1) and P̄_e the mean probability;
+  summed over decoder layers and multiplied by ``router_aux_loss_coef`` = 0.001.
+
+Our one choice: padding tokens are left out of the loss where the routing context gives a token mask (the
+official counts every position). Experts are rank blocks of one wide LoRA, so the forward is two GEMMs
 whatever the number of experts (see ``mixtures.experts.rank_block_delta``).
 """
 
@@ -25,9 +35,9 @@ from ..core.delta import LayerInfo
 from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..core.targeting import layer_index
-from ..mixtures.base import MixtureDelta, balance_extra_loss, count_layers
+from ..mixtures.base import MixtureDelta, count_layers, router_loss
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
-from ..mixtures.router import Router, load_balance_loss
+from ..mixtures.router import Router, assignment_balance_loss
 
 
 def parse_allocation(spec: str | list[int]) -> list[int]:
@@ -78,6 +88,7 @@ class MolaLinear(MixtureDelta):
         for e in range(n_experts):  # each expert's A as its own nn.Linear would be initialised
             nn.init.kaiming_uniform_(self.lora_A.data[e * config.r:(e + 1) * config.r], a=math.sqrt(5))
         self.router = Router(info.in_features, n_experts, strategy="topk", top_k=config.top_k)
+        nn.init.kaiming_uniform_(self.router.gate.weight, a=math.sqrt(5))
         self.register_buffer("owner", torch.arange(n_experts).repeat_interleave(config.r), persistent=False)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -102,7 +113,8 @@ def mola_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
 
     config = adapter_state(model).configs[name]
     coef = config.router_aux_loss_coef if config.use_balance_loss else 0.0
-    return balance_extra_loss(model, name, coef, load_balance_loss)
+    return router_loss(model, name, assignment_balance_loss, coef,
+                       group=lambda path: layer_index(path + ".", config.layers_pattern))
 
 
 register_method(

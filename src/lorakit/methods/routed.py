@@ -61,7 +61,12 @@ from ..mixtures.sources import prepare_from_sources, read_lora_source
 class LoraBankConfig(AdapterConfig):
     """N LoRA experts: ``adapter_paths`` (existing LoRA folders; ranks, alphas, targets read from them) or
     ``n_adapters`` / ``expert_r`` (fresh experts, B = 0; default r = 8, α = 2r). ``adapter_names`` label the slots
-    (default: the folders' names)."""
+    (default: the folders' names).
+
+    - ``expert_alpha``: each expert's LoRA alpha (read from the folders with ``adapter_paths``; default 2r).
+    - ``expert_use_rslora``: per expert, scale by alpha/√r instead of alpha/r (read from the folders).
+    - ``lora_dropout``: dropout on the bank's input, one mask for all experts, in [0, 1).
+    """
 
     adapter_paths: list[str] | None = None
     adapter_names: list[str] | None = None
@@ -229,7 +234,8 @@ def _check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None,
 @dataclass
 class RoutedLoraConfig(LoraBankConfig):
     """``key_to_expert``: key name -> expert index (-1: base model) or a list of per-expert weights.
-    ``default_expert``: the expert of rows without a key (-1: base). ``train_adapters=False`` freezes the bank."""
+    ``default_expert``: the expert of rows without a key (-1: base). ``train_adapters``: train the experts (False
+    freezes the bank)."""
 
     key_to_expert: dict[str, int | list[float]] | None = None
     default_expert: int = -1
@@ -279,9 +285,12 @@ register_method(
 # -- mm_lora: per-token modality selection -------------------------------------------------------------------
 @dataclass
 class MMLoraConfig(LoraBankConfig):
-    """One LoRA per modality (``expert_r`` = per-modality ranks). ``modality_to_expert[m]`` = the expert of
+    """One LoRA per modality (``expert_r`` = per-modality ranks). ``modality_to_expert``: entry m is the expert of
     modality id m (-1: none; default: modality m uses expert m). Tokens with a negative modality use no LoRA.
-    Without a modality map every token has ``default_modality`` (text-only data; None: a map is required)."""
+    Without a modality map every token has ``default_modality`` (text-only data; None: a map is required).
+    ``modality_source``: where the map comes from, ``extras`` (``routing(extras={modality_key: ...})``) or
+    ``token_mask``. ``modality_key``: its name in the routing extras. ``train_adapters``: train the LoRAs (False
+    freezes them)."""
 
     modality_to_expert: list[int] | None = None
     default_modality: int | None = 0
@@ -353,7 +362,15 @@ register_method(
 # -- reclora: per-user weight-space mixture of meta-LoRAs ----------------------------------------------------
 @dataclass
 class RecLoraConfig(AdapterConfig):
-    """``user_dim``: size of the per-row user vector (the CRM's user representation); required."""
+    """``user_dim``: size of the per-row user vector (the CRM's user representation); required.
+
+    - ``n_meta``: meta-LoRAs in the bank (N_m).
+    - ``r`` / ``lora_alpha``: each meta-LoRA's rank and alpha (scaling alpha / r).
+    - ``lora_dropout``: dropout on the LoRA input, in [0, 1).
+    - ``gate_hidden``: hidden width of the user gate MLP. ``gate_dropout``: its dropout.
+    - ``temperature``: softmax temperature T of the gate. ``sqrt_after_softmax``: use √α instead of α.
+    - ``user_key``: name of the user vector in ``routing(extras=...)``.
+    """
 
     target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "v_proj"])
     n_meta: int = 8

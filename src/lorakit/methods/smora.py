@@ -3,24 +3,27 @@ Zhao et al., arXiv:2501.15103.
 
 One LoRA of rank R whose ranks are the experts; each token activates k of them:
 
-    y = W x + s · B · diag(g(x)) · A · dropout(x),    g(x) = Softmax(TopK_k(x W_gᵀ + b))
+    s(x) = sigmoid(W_g dropout(x)) + b                      (R scores; b: non-trainable balancing bias)
+    K(x) = TopK_k(s(x)),   ĝ_i = k · s_i / Σ_{j∈K} s_j for i ∈ K, 0 elsewhere
+    y = W x + (α / k) · B · diag(ĝ(x)) · A · dropout(x)
 
-``A ∈ R^{R×in}``, ``B ∈ R^{out×R}``, ``W_g ∈ R^{R×in}`` (router, no learned bias). ``b`` is a non-trainable
-balancing bias in the style of DeepSeek-V3's auxiliary-loss-free balancing: it is added to the router
-scores only to *choose* the k ranks; the gate values are the softmax of the *unbiased* scores of the chosen
-ranks. After every optimizer step (``on_step``) each layer updates ``b_i ← b_i + u · sign(ē − e_i)``, where
-``e_i`` is how many (non-padding) tokens chose rank i during that step and ``ē`` the mean over ranks.
+``A ∈ R^{R×in}``, ``B ∈ R^{out×R}``, ``W_g ∈ R^{R×in}`` (router, no bias). Balancing (DeepSeek-V3-style,
+auxiliary-loss-free): in every training forward each layer counts how many tokens chose rank i (``c_i``) and
+updates ``b_i ← b_i + u · sign(c̄ − c_i)`` with ``u = bias_update_rate`` (1e-5).
 
-No official code was released; this follows the paper's formulas as summarised above, and every detail
-below is our choice, unverified against the authors' implementation:
+Follows the official code, StyxXuan/smora ``packages/peft/src/peft/tuners/srmole/layer.py``
+(``SRMoLELinear.forward``, ``SRMoLELayer.update_layer``), whose behaviour the paper's formulas leave open:
 
-- the bias enters selection only (as in DeepSeek-V3), not the gate values;
-- the load counts every micro-batch of the step and excludes padding (the routing context's token mask);
-- the router is an ``nn.Linear(in, R, bias=False)`` initialised N(0, 0.02²) with float32 logits;
-- scaling ``s = α / k``: per token the update is a rank-k LoRA, so LoRA's ``α / r`` is taken with r = k, the
-  rank actually used. With ``α / R`` the update would shrink R/k-fold (8× for 8-of-64) just by adding
-  inactive ranks, while the paper compares methods at equal *activated* parameters.
-- ``A`` as nn.Linear would initialise it (Kaiming-uniform, a=√5), ``B`` zero: the adapter starts as the base.
+- the bias is added to the sigmoid scores and the kept *biased* scores are the gate values, normalised to sum
+  to 1 and multiplied by k; the output is scaled by α / k (``scaling = lora_alpha / activate_r``). Per token the
+  update is therefore ``α · Σ_{i∈K} (s_i / Σ_K s) b_i a_iᵀ x``: a rank-k LoRA at LoRA's usual α / r with r = k;
+- the bias moves in every training forward (not once per optimizer step), from the counts of that forward's
+  tokens at that layer, padding included (the official counts every position); rate 1e-5, the code's default;
+- the router sees the dropped-out input, like A; it is an ``nn.Linear`` initialised as PyTorch does
+  (Kaiming-uniform, a = √5), as are the rows of ``A``; ``B`` is zero, so the adapter starts as the base.
+
+Our only choices: scores in float32 (the official computes them in the layer's dtype), and the official
+``rank_partition`` (ranks sharing one score) is not offered (its default, 1, is what the paper and scripts use).
 
 Kernel: the gate is a dense (tokens, R) matrix with exact zeros off the top-k, so the forward is the two
 GEMMs of a rank-R LoRA (``mixtures.experts.rank_block_delta``), exact and loop-free.
@@ -32,24 +35,25 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo
 from ..core.errors import ConfigError
 from ..core.registry import register_method
-from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
+from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import rank_block_delta
-from ..mixtures.router import Router
+from ..mixtures.router import RouterOutput
 
 
 @dataclass
 class SmoraConfig(AdapterConfig):
     r: int = 64  # R: total ranks = experts
-    top_k: int = 8  # k: ranks active per token
+    top_k: int = 8  # k: ranks active per token (the official ``activate_r``)
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    bias_update_rate: float = 1e-3  # u in b_i ← b_i + u·sign(ē − e_i); 0 turns balancing off
+    bias_update_rate: float = 1e-5  # u in b_i ← b_i + u·sign(c̄ − c_i), every training forward; 0: no balancing
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,63 +69,66 @@ class SmoraConfig(AdapterConfig):
         return self.lora_alpha / self.top_k
 
 
+class SmoraRouter(nn.Module):
+    """Sigmoid scores of the R ranks plus the balancing bias, top-k on the biased scores."""
+
+    def __init__(self, in_features: int, r: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(in_features, r, bias=False)  # PyTorch's default init, as the official router
+        self.register_buffer("selection_bias", torch.zeros(r))  # saved with the adapter
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x (N, in) → weights (N, R): the kept biased scores normalised to sum to 1 (0 off the top-k)."""
+        scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # (N, R)
+        biased = scores + self.selection_bias.float()
+        kept, indices = biased.topk(self.top_k, dim=-1)  # (N, k)
+        weights = torch.zeros_like(biased).scatter(-1, indices, kept / kept.sum(-1, keepdim=True))
+        selected = torch.zeros_like(biased, dtype=torch.bool).scatter(-1, indices, True)
+        return RouterOutput(logits=biased, probs=scores / scores.sum(-1, keepdim=True), weights=weights,
+                            selected=selected)
+
+    @torch.no_grad()
+    def update_bias(self, selected: torch.Tensor, rate: float) -> None:
+        """``b_i ← b_i + u·sign(c̄ − c_i)`` from this forward's per-rank token counts ``c``."""
+        counts = selected.sum(0, dtype=torch.float32)  # (R,)
+        self.selection_bias += (rate * torch.sign(counts.mean() - counts)).to(self.selection_bias.dtype)
+
+
 class SmoraLinear(MixtureDelta):
     """A rank-R LoRA whose R rank-one units are routed per token, k at a time."""
 
-    keeps_aux_records = False
+    keeps_aux_records = False  # no auxiliary loss
 
     def __init__(self, info: LayerInfo, config: SmoraConfig):
         super().__init__(info, config.r)
         self.r = config.r
         self.top_k = config.top_k
         self.scaling = config.scaling
+        self.bias_update_rate = config.bias_update_rate
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(config.r, info.in_features))  # (R, in)
         self.lora_B = nn.Parameter(torch.zeros(info.out_features, config.r))  # (out, R)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.router = Router(info.in_features, config.r, strategy="topk", top_k=config.top_k, selection_bias=True)
-        # Tokens per rank since the last bias update; an integer buffer so that casting the adapter to
-        # half precision never rounds the counts.
-        self.register_buffer("pending_load", torch.zeros(config.r, dtype=torch.long), persistent=False)
+        self.router = SmoraRouter(info.in_features, config.r, config.top_k)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
-        routed = self.router(x)  # weights (N, R): softmax over the k chosen ranks, exact 0 elsewhere
-        self.observe(routed, x.shape)  # statistics and traces only: keeps_aux_records is False (no aux loss)
-        if self.training:
-            with torch.no_grad():
-                mask = token_mask_for(routed.selected.shape[0])
-                chosen = routed.selected if mask is None else routed.selected & mask[:, None]
-                self.pending_load += chosen.sum(0)
-        gate = routed.weights.to(x.dtype) * self.scaling  # (N, R)
-        flat = self.lora_dropout(x).reshape(-1, x.shape[-1])  # (N, in)
+        flat = self.lora_dropout(x).reshape(-1, x.shape[-1])  # (N, in): the router sees the dropped input too
+        routed = self.router(flat)
+        self.observe(routed, x.shape)  # statistics and traces only
+        if self.training and self.bias_update_rate > 0:
+            self.router.update_bias(routed.selected, self.bias_update_rate)
+        gate = routed.weights.to(x.dtype) * (self.top_k * self.scaling)  # (N, R): ĝ · α/k
         return rank_block_delta(flat, self.lora_A, self.lora_B, gate).reshape(base_out.shape).to(base_out.dtype)
-
-    @torch.no_grad()
-    def update_selection_bias(self, rate: float) -> None:
-        """``b_i ← b_i + u·sign(ē − e_i)`` from the loads seen since the last call, then reset the count."""
-        load = self.pending_load.double()
-        if load.sum() > 0:
-            step = torch.sign(load.mean() - load) * rate
-            self.router.selection_bias += step.to(self.router.selection_bias.dtype)
-        self.pending_load.zero_()
 
 
 def build_smora(base_layer: nn.Module, info: LayerInfo, config: SmoraConfig, path: str = "") -> SmoraLinear:
     return SmoraLinear(info, config)
 
 
-def smora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    from ..core.model import adapter_state
-
-    rate = adapter_state(model).configs[name].bias_update_rate
-    for _, _, delta in mixture_deltas(model, name):
-        if isinstance(delta, SmoraLinear):
-            delta.update_selection_bias(rate)
-
-
 register_method(
-    "smora", config=SmoraConfig, build=build_smora, on_step=smora_on_step, mergeable=False,
+    "smora", config=SmoraConfig, build=build_smora, mergeable=False,
     description="Every rank of one LoRA is an expert: top-k of R ranks per token, bias-balanced (no aux loss).",
     paper="Zhao et al. 2025, arXiv:2501.15103",
     variants={"smora": {"r": 8, "top_k": 2, "lora_alpha": 4}},

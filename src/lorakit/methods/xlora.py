@@ -70,7 +70,18 @@ _FRAMES: ContextVar[tuple] = ContextVar("lorakit_xlora_frames", default=())
 class XLoraConfig(LoraBankConfig):
     """PEFT's XLoraConfig fields (``adapters`` → ``adapter_paths``). ``hidden_size`` (default: the model's) and
     ``layer_modules`` (the adapted modules in order, which fix the layerwise scalings) are filled when the
-    adapter is added."""
+    adapter is added.
+
+    - ``xlora_depth``: layers of the scaling head (1: one Linear). ``xlora_size``: its hidden width.
+    - ``xlora_dropout_p``: dropout between the head's hidden layers.
+    - ``layerwise_scalings``: one scaling per adapter and adapted module (False: the same for every module).
+    - ``enable_softmax``: softmax over the adapters' scalings. ``softmax_temperature``: its temperature.
+    - ``top_k_lora``: keep only the k largest scalings per token (None: all).
+    - ``enable_softmax_topk``: softmax over the kept k (needs ``top_k_lora``).
+    - ``use_trainable_adapters``: also train the LoRA adapters (False: only the head).
+    - ``scaling_pass_value``: the scaling every adapter gets in the first (scaling) pass; 0 = adapters off.
+    - ``global_scaling_weight``: factor g on the whole mixed delta.
+    """
 
     hidden_size: int | None = None
     layer_modules: list[str] | None = None

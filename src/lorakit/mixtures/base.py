@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Hashable, Iterator
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.layer import AdapterLayer
 from ..core.routing import current_routing
-from .router import RouterOutput
+from .router import RouterOutput, z_loss
 
 
 @dataclass
@@ -164,22 +164,29 @@ def record_routing(model: nn.Module, name: str | None = None) -> Iterator[dict[s
             d._trace = None
 
 
-def balance_extra_loss(model: nn.Module, name: str, coef: float, loss_fn, *, pooled: bool = False) -> torch.Tensor:
-    """Sum of ``coef · loss_fn(probs, selected, mask)`` over this forward's routing records.
-
-    ``pooled=True`` concatenates every layer's tokens into one loss (MixLoRA, after Mixtral's reference),
-    otherwise one loss per layer is summed (MoLA).
-    """
+def router_loss(model: nn.Module, name: str, balance, coef: float, *, z_coef: float = 0.0,
+                group: Callable[[str], Hashable] | None = None) -> torch.Tensor:
+    """The routing losses of this forward (the records kept since the last call, which this pops):
+    ``Σ_groups coef · balance(probs, selected, mask) + z_coef · z_loss(logits, mask)``, each group's tokens
+    concatenated. ``group(layer path)`` names a record's group: ``None`` pools every layer into one group
+    (MixLoRA, after Mixtral's reference; MoLE), a decoder-layer index gives one loss per decoder layer (MoLA).
+    Padding is excluded where the routing context gave a token mask for every record of a group."""
     records = pop_aux_records(model, name)
-    if not records or coef == 0:
+    if not records or (coef == 0 and z_coef == 0):
         return torch.zeros((), device=next(model.parameters()).device)
-    if pooled:
-        probs = torch.cat([r.out.probs for _, r in records])
-        selected = torch.cat([r.out.selected for _, r in records])
-        masks = [r.token_mask for _, r in records]
+    groups: dict[Hashable, list[AuxRecord]] = {}
+    for path, record in records:
+        groups.setdefault(None if group is None else group(path), []).append(record)
+    total = torch.zeros((), device=records[0][1].out.probs.device)
+    for members in groups.values():
+        masks = [r.token_mask for r in members]
         mask = torch.cat(masks) if all(m is not None for m in masks) else None
-        return coef * loss_fn(probs, selected, mask)
-    return coef * sum(loss_fn(r.out.probs, r.out.selected, r.token_mask) for _, r in records)
+        if coef:
+            total = total + coef * balance(torch.cat([r.out.probs for r in members]),
+                                           torch.cat([r.out.selected for r in members]), mask)
+        if z_coef:
+            total = total + z_coef * z_loss(torch.cat([r.out.logits for r in members]), mask)
+    return total
 
 
 def count_layers(model: nn.Module, layers_pattern=None) -> int:

@@ -75,12 +75,10 @@ class Router(nn.Module):
     """``logits = W x (+ b)`` in float32, then a routing strategy.
 
     ``jitter``: multiplicative uniform noise ``x · U(1-ε, 1+ε)`` during training (MixLoRA / Switch).
-    ``selection_bias`` (non-trainable buffer): added to the logits for *selection only* (SMoRA's
-    auxiliary-loss-free balancing); the combination weights come from the unbiased probabilities.
     """
 
     def __init__(self, in_features: int, n_experts: int, *, strategy: str = "topk", bias: bool = False,
-                 init_std: float = 0.02, jitter: float = 0.0, temperature: float = 1.0, selection_bias: bool = False,
+                 init_std: float = 0.02, jitter: float = 0.0, temperature: float = 1.0,
                  **strategy_kwargs):
         super().__init__()
         if strategy not in STRATEGIES:
@@ -94,7 +92,6 @@ class Router(nn.Module):
         self.jitter = jitter
         self.temperature = temperature
         self.strategy_kwargs = strategy_kwargs
-        self.register_buffer("selection_bias", torch.zeros(n_experts) if selection_bias else None, persistent=True)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         x = x.reshape(-1, x.shape[-1]).float()  # (N, d)
@@ -102,16 +99,8 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = F.linear(x, self.gate.weight.float(), None if self.gate.bias is None else self.gate.bias.float())
         probs = torch.softmax(logits / self.temperature, dim=-1)
-        fn = STRATEGIES[self.strategy]
-        if self.selection_bias is not None:
-            # Select with biased scores, weigh with the unbiased probabilities of the chosen experts.
-            _, selected = fn(logits + self.selection_bias, torch.softmax(logits + self.selection_bias, -1),
-                             temperature=self.temperature, **self.strategy_kwargs)
-            weights = probs * selected
-            if self.strategy_kwargs.get("renormalize", True):
-                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        else:
-            weights, selected = fn(logits, probs, temperature=self.temperature, **self.strategy_kwargs)
+        weights, selected = STRATEGIES[self.strategy](logits, probs, temperature=self.temperature,
+                                                      **self.strategy_kwargs)
         return RouterOutput(logits=logits, probs=probs, weights=weights, selected=selected)
 
 
@@ -131,6 +120,15 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.T
     return probs.shape[-1] * (f * p).sum()
 
 
+def assignment_balance_loss(probs: torch.Tensor, selected: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MoLA's ``E · Σ_e f_e · P̄_e`` with f_e = (assignments to e) / (all assignments): Mixtral's loss divided by
+    k (GCYZSL/MoLA ``load_balancing_loss_func``); padding excluded. Equals 1 for uniform routing."""
+    counts = (selected if mask is None else selected & mask[:, None]).float().sum(0)  # (E,)
+    f = counts / counts.sum().clamp_min(1.0)
+    return probs.shape[-1] * (f * _masked_mean(probs, mask)).sum()
+
+
 def mole_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """LLaVA-MoLE: ``Σ_e mean(p_e) · mean(onehot_e)`` (no ×E factor)."""
     return (_masked_mean(selected, mask) * _masked_mean(probs, mask)).sum()
@@ -144,4 +142,4 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return (lse * mask.float()).sum() / mask.float().sum().clamp_min(1.0)
 
 
-BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss}
+BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss, "mola": assignment_balance_loss}

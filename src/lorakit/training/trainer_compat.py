@@ -4,6 +4,13 @@ A lorakit model is the host model itself, with its base weights frozen and the a
 Trainer trains it unchanged. What Trainer does not know is lorakit's method hooks and adapter files;
 :class:`LorakitCallback` adds them:
 
+- each forward of the model runs inside a routing context built from its batch, as in lorakit's own loop:
+  ``attention_mask`` as the token mask, ``task_ids`` (popped from the batch) as the routing keys, the data's
+  task names and per-example ``routing`` vectors as extras;
+- a method's ``extra_loss`` (MixLoRA / MoLE / MoLA balance losses, MeteoRA's gate loss, MixDA's general-data
+  MSE) is added to the loss the model returns, scaled as lorakit's loop scales it (averaged over the step's
+  micro-batches): divided by the gradient-accumulation steps when Trainer gave the model
+  ``num_items_in_batch`` (it then leaves the loss undivided), as is otherwise (Trainer divides it);
 - ``init`` runs on a few of Trainer's own batches before the first step (not when resuming);
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
@@ -11,20 +18,22 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   ``from_pretrained`` cannot read).
 
 A method's ``param_groups`` reach Trainer through its ``optimizers`` argument:
-``Trainer(..., optimizers=(make_optimizer(model, name, train_config)[0], None))``. A method's
-``extra_loss`` cannot be added from a callback; such methods warn here, and train with
-:func:`lorakit.training.train`.
+``Trainer(..., optimizers=(make_optimizer(model, name, train_config)[0], None))``. The routing context and the
+extra loss come from wrapping the model's ``forward`` for the duration of ``train()`` (restored at its end).
+Where Trainer computes the loss itself (``label_smoother`` / ``compute_loss_func``: the model returns no
+loss), the extra loss cannot be added; the callback then warns once.
 
 A training procedure (``lorakit.training.procedures``) is one instance shared by the optimizer and the
 callback: ``proc = get_procedure(name).build(train_config)``, ``optimizers=(make_optimizer(model, name,
 train_config, procedure=proc)[0], None)``, ``callbacks=[LorakitCallback(name, procedure=proc)]``. The callback
-calls its ``on_gradients`` before each optimizer step (after Trainer's clipping), ``on_step`` after it and
-``finish`` at the end; ``train_config.grad_accum`` must equal ``gradient_accumulation_steps``. Its
-``extra_loss`` is not added (warning), nor its ``state_dict`` saved in Trainer checkpoints.
+adds its ``extra_loss`` as the method's, calls its ``on_gradients`` before each optimizer step (after
+Trainer's clipping), ``on_step`` after it and ``finish`` at the end; ``train_config.grad_accum`` must equal
+``gradient_accumulation_steps``. Its ``state_dict`` is not saved in Trainer checkpoints.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any
@@ -34,8 +43,14 @@ from transformers import TrainerCallback
 
 from ..core.model import adapter_state
 from ..core.registry import get_method
+from ..core.routing import routing as routing_context
 from ..io.peft_format import save_adapter
+from ..mixtures.base import pop_aux_records
 from .procedures import Procedure
+
+
+# Item columns (lorakit.data.TokenizedDataset) the collator turns into the batch's ``task_ids`` / ``routing``.
+ROUTING_COLUMNS = ("task_id", "routing")
 
 
 class LorakitCallback(TrainerCallback):
@@ -49,14 +64,19 @@ class LorakitCallback(TrainerCallback):
     def _method(self, model: torch.nn.Module):
         return get_method(adapter_state(model).configs[self.adapter_name])
 
+    def on_init_end(self, args, state, control, model=None, **kwargs: Any):
+        # Wrapped before Trainer builds its data loader: the wrapper's signature names the routing columns of
+        # lorakit's dataset items (``task_id``, ``routing``), so Trainer's column removal
+        # (``remove_unused_columns``, applied to the items before collation) keeps them.
+        if model is not None:
+            self._wrap_forward(model)
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any):
         method = self._method(model)
-        if method.extra_loss is not None:
-            warnings.warn(f"method {method.name!r} has an extra_loss that transformers.Trainer does not add; "
-                          "train with lorakit.training.train to include it.", stacklevel=2)
-        if self.procedure is not None and type(self.procedure).extra_loss is not Procedure.extra_loss:
-            warnings.warn(f"procedure {type(self.procedure).__name__} has an extra_loss that transformers.Trainer "
-                          "does not add; train with lorakit.training.train to include it.", stacklevel=2)
+        task_to_id = getattr(getattr(train_dataloader, "dataset", None), "task_to_id", None)
+        self._task_names = None if task_to_id is None else [n for n, _ in sorted(task_to_id.items(), key=lambda kv: kv[1])]
+        self._grad_accum = args.gradient_accumulation_steps
+        self._wrap_forward(model)
         if method.init is not None and state.global_step == 0 and train_dataloader is not None:
             device = next(model.parameters()).device
             batches = []
@@ -66,24 +86,78 @@ class LorakitCallback(TrainerCallback):
                     break
             method.init(model, self.adapter_name, batches)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
-        if self.procedure is not None:
-            self.procedure.on_gradients(model, self.adapter_name, state.global_step)
+    def _wrap_forward(self, model: torch.nn.Module) -> None:
+        """Run each forward in the batch's routing context and add the method's extra loss to its loss."""
+        if getattr(self, "_saved_forward", None) is not None:
+            return
+        forward = model.forward
+        self._saved_forward = (model, model.__dict__.get("forward"))
+        warned: list[bool] = []
+
+        def routed_forward(*fargs, task_ids=None, routing=None, **fkwargs):
+            fkwargs.pop("task_id", None)  # only named in the signature, for Trainer's column filter
+            task_names = getattr(self, "_task_names", None)
+            extras = {**({"task_names": task_names} if task_names else {}), **(routing or {})}
+            with routing_context(keys=task_ids, token_mask=fkwargs.get("attention_mask"), extras=extras):
+                out = forward(*fargs, **fkwargs)
+            method = self._method(model)
+            procedure_loss = self.procedure is not None and type(self.procedure).extra_loss is not Procedure.extra_loss
+            if (method.extra_loss is None and not procedure_loss) or not (model.training and torch.is_grad_enabled()):
+                return out
+            loss = out.get("loss") if isinstance(out, dict) else None
+            if loss is None:
+                pop_aux_records(model, self.adapter_name)
+                if not warned:
+                    warned.append(True)
+                    warnings.warn(f"method {method.name!r} or the procedure has an extra_loss, but the model returned no loss to add "
+                                  "it to (Trainer computes the loss itself: label_smoother / compute_loss_func); it "
+                                  "is not applied.", stacklevel=2)
+                return out
+            terms = [method.extra_loss(model, self.adapter_name) if method.extra_loss is not None else None,
+                     self.procedure.extra_loss(model, self.adapter_name) if procedure_loss else None]
+            extra = sum(t for t in terms if t is not None)
+            if fkwargs.get("num_items_in_batch") is not None:  # Trainer will not divide this loss by grad_accum
+                extra = extra / getattr(self, "_grad_accum", 1)
+            out["loss"] = loss + extra
+            return out
+
+        signature = inspect.signature(forward)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for n in ("task_ids", *ROUTING_COLUMNS)
+                   if n not in signature.parameters]
+        params += [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+        routed_forward.__signature__ = signature.replace(parameters=params)
+        model.forward = routed_forward
+
+    def _restore_forward(self) -> None:
+        saved = getattr(self, "_saved_forward", None)
+        if saved is None:
+            return
+        model, previous = saved
+        if previous is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = previous
+        self._saved_forward = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         method = self._method(model)
-        # Trainer never calls extra_loss: drop the routing records mixtures kept for it, so no graph piles up.
-        from ..mixtures.base import pop_aux_records
-        pop_aux_records(model, self.adapter_name)
+        pop_aux_records(model, self.adapter_name)  # nothing of a finished step's routing is kept
         if method.on_step is not None:
             method.on_step(model, self.adapter_name, state.global_step, state.max_steps)
         if self.procedure is not None:
             self.procedure.on_step(model, self.adapter_name, state.global_step, state.max_steps)
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+        if self.procedure is not None:
+            self.procedure.on_gradients(model, self.adapter_name, state.global_step)
+
     def on_save(self, args, state, control, model=None, **kwargs: Any):
         save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.adapter_name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
+        self._restore_forward()
         if self.procedure is not None:
             self.procedure.finish(model, self.adapter_name)
         save_adapter(model, os.path.join(args.output_dir, "adapter"), self.adapter_name)
