@@ -60,7 +60,7 @@ class GaLoreConfig(ProcedureConfig):
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
-    optim_target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    optim_target_modules: list[str] | str = field(default_factory=lambda: ["attn", "mlp"])
     train_other_params: bool = True
     train_adapter: bool = True
     per_layer: bool = True
@@ -76,6 +76,8 @@ class GaLoreConfig(ProcedureConfig):
         if self.proj_type not in PROJ_TYPES:
             raise ConfigError(f"GaLoreConfig.proj_type={self.proj_type!r} is not one of {PROJ_TYPES}."
                               f"{did_you_mean(self.proj_type, PROJ_TYPES)}")
+        if isinstance(self.optim_target_modules, str):  # one name (the CLI passes a single value as str)
+            self.optim_target_modules = [self.optim_target_modules]
         if not self.optim_target_modules:
             raise ConfigError("GaLoreConfig.optim_target_modules is empty; name module substrings such as "
                               "['attn', 'mlp'].")
