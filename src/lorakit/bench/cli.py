@@ -60,7 +60,7 @@ def main(argv: Sequence[str]) -> int:
         result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
     elif args.what == "perf":
-        from . import mixlora_perf, perf, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
+        from . import mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)
