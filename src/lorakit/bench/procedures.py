@@ -5,14 +5,11 @@
 (per-layer hooks, and one optimizer step), galore-torch's ``GaLoreAdamW`` and LISA, interleaved in one run.
 Memory is accounted, not sampled (CPU has no allocator peak): parameters + gradients held when backward ends
 + optimizer state (bytes of the tensors after a step) + activations saved for backward.
-
-``procedure_methods_rows``: a procedure vs plain LoRA on built-in tasks (the bench-methods recipe, bundled base).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
@@ -98,39 +95,6 @@ def procedures_perf_rows(profile, device) -> list[dict]:
 
 
 EXTRA_ROWS["procedures"] = procedures_perf_rows
-
-
-def procedure_methods_rows(runs: dict[str, dict], tasks: tuple[str, ...], seeds: tuple[int, ...] = (0,),
-                           steps: int = 60, r: int = 8, train_examples: int = 256, eval_examples: int = 64) -> list[dict]:
-    """Exact match on each task after ``steps`` steps of each run in ``runs`` (label -> ``{"lr", "procedure",
-    "procedure_args", "lora"}``; ``lora``: LoraConfig overrides of r, lora_alpha = 2r, all-linear) on the
-    bundled base, per seed; the bench-methods recipe (cosine schedule, 10% warmup, batch 8)."""
-    import lorakit as lk
-    from ..data import evaluate_examples, load_examples
-    from ..hub import load_model_and_tokenizer
-    from ..training import TrainConfig, train
-
-    base, tokenizer = load_model_and_tokenizer(None)
-    rows = []
-    for task in tasks:
-        eval_ex = load_examples(task, "test", n=eval_examples, seed=1234)
-        before = evaluate_examples(base, tokenizer, eval_ex)["exact_match"]
-        for seed in seeds:
-            train_ex = load_examples(task, "train", n=train_examples, seed=seed)
-            for label, run in runs.items():
-                lora = {"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear", **run.get("lora", {})}
-                model = lk.add_adapter(copy.deepcopy(base), lk.LoraConfig(**lora))
-                config = TrainConfig(steps=steps, batch_size=8, lr=run["lr"], warmup_ratio=0.1, lr_schedule="cosine",
-                                     seed=seed, max_length=128, procedure=run.get("procedure"),
-                                     procedure_args=run.get("procedure_args", {}))
-                t0 = time.perf_counter()
-                result = train(model, tokenizer, train_ex, config, progress=False)
-                wall = time.perf_counter() - t0
-                after = evaluate_examples(model, tokenizer, eval_ex)
-                rows.append({"task": task, "seed": seed, "run": label, **run, "lora": lora, "before": before,
-                             "exact_match": after["exact_match"], "final_loss": result.losses[-1],
-                             "s_per_step": wall / steps})
-    return rows
 
 
 def procedures_markdown(result: dict) -> str:
