@@ -70,7 +70,15 @@ DOMAIN_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias")
 @dataclass
 class MixdaConfig(AdapterConfig):
     """``n_domains`` domain adapters (or ``domains``: their names, which string keys use). ``key_to_domain``:
-    task name -> domain index (-1: general data), resolved through the sorted names as the training loop's ids."""
+    task name -> domain index (-1: general data), resolved through the sorted names as the training loop's ids.
+
+    - ``stage``: ``knowledge`` (domain adapters and gate train) or ``task`` (gate and task adapter train).
+    - ``reduction``: bottleneck of each domain adapter = input width / reduction.
+    - ``gate_hidden``: hidden width of the gate (None: min(768, input / 4)). ``gate_depth``: its Linear layers
+      before the output. ``gate_dropout``: its dropout.
+    - ``task_adapter``: add a task adapter on the mixed output; ``task_reduction``: its bottleneck divisor.
+    - ``general_mse_coef``: weight of the stage-1 MSE to the FFN output on general rows.
+    """
 
     target_modules: list[str] | str | None = field(default_factory=lambda: ["down_proj"])
     n_domains: int | None = None

@@ -49,6 +49,15 @@ def parse_allocation(spec: str | list[int]) -> list[int]:
 
 @dataclass
 class MolaConfig(AdapterConfig):
+    """MoLA's options (official defaults).
+
+    - ``r`` / ``lora_alpha``: each expert's rank and alpha (scaling alpha / r). ``lora_dropout``: on the input.
+    - ``experts_per_layer``: experts per decoder layer, e.g. "2-4-6-8" (four equal groups of layers) or a list.
+    - ``top_k``: experts each token uses.
+    - ``use_balance_loss``: add the per-layer load-balancing loss, weighted by ``router_aux_loss_coef``.
+    - ``num_layers``: decoder layers of the model (filled when the adapter is added).
+    """
+
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05

@@ -49,6 +49,13 @@ from .mixlora import DEFAULT_TARGETS, MixLoraFFN, SharedLora, straight_through, 
 
 @dataclass
 class MoleConfig(AdapterConfig):
+    """MoLE's options (official defaults).
+
+    - ``r`` / ``lora_alpha``: each expert's rank and alpha (scaling alpha / r). ``lora_dropout``: on the input.
+    - ``num_experts``: LoRA experts per MLP. ``dense``: mix all experts by the router's weights (False: top-1).
+    - ``router_aux_loss_coef``: weight of the load-balancing loss added to the task loss.
+    """
+
     target_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
     r: int = 16
     lora_alpha: float = 32

@@ -49,6 +49,10 @@ from ..mixtures.router import RouterOutput
 
 @dataclass
 class SmoraConfig(AdapterConfig):
+    """SMoRA's options: ``r`` ranks, each an expert, of which ``top_k`` are active per token; ``lora_alpha`` (output
+    scaled by alpha / k); ``lora_dropout`` on the input; ``bias_update_rate``: step u of the load-balancing bias
+    (0: no balancing)."""
+
     r: int = 64  # R: total ranks = experts
     top_k: int = 8  # k: ranks active per token (the official ``activate_r``)
     lora_alpha: float = 16
