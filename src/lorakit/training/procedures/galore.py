@@ -53,7 +53,8 @@ class GaLoreConfig(ProcedureConfig):
     ``transformers.TrainingArguments`` gives GaLore's targets) substrings of the
     module names whose ``nn.Linear`` weights get GaLore; ``train_other_params``: train every other base parameter
     (embeddings, norms, head) with plain Adam, as the official pre-training script; ``train_adapter``: keep
-    training the run's adapter; ``per_layer``: update in post-accumulate-grad hooks. Defaults: the official
+    training the run's adapter; ``per_layer``: update in post-accumulate-grad hooks; ``beta1``, ``beta2``,
+    ``eps``: Adam's (galore-torch's defaults 0.9, 0.999, 1e-6). Defaults: the official
     C4 60M/130M scripts' scale 0.25 and gap 200 (rank 128 there; set ``rank`` to your width)."""
 
     rank: int = 128
