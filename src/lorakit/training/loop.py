@@ -361,6 +361,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
             run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
             step_loss_sum = torch.zeros((), device=device)
+            # Set before backward: a procedure may update parameters inside gradient hooks (GaLore per layer).
+            lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor
             for batch in map(to_device, batches):
                 # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
                 # balance losses); task ids, when the data has them, as the routing keys; per-example routing
@@ -379,9 +383,6 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             if procedure is not None:
                 procedure.on_gradients(model, adapter_name, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
-            lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -414,6 +415,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             if stop.requested and step < config.steps:
                 break
     bar.close()
+    if procedure is not None:
+        procedure.finish(model, adapter_name)
     if stop.requested and step < config.steps:
         model.train(was_training)
         saved = checkpoints[-1] if checkpoints and checkpoints[-1].endswith(f"checkpoint-{step}") else checkpoint()

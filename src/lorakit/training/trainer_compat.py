@@ -22,6 +22,13 @@ A method's ``param_groups`` reach Trainer through its ``optimizers`` argument:
 extra loss come from wrapping the model's ``forward`` for the duration of ``train()`` (restored at its end).
 Where Trainer computes the loss itself (``label_smoother`` / ``compute_loss_func``: the model returns no
 loss), the extra loss cannot be added; the callback then warns once.
+
+A training procedure (``lorakit.training.procedures``) is one instance shared by the optimizer and the
+callback: ``proc = get_procedure(name).build(train_config)``, ``optimizers=(make_optimizer(model, name,
+train_config, procedure=proc)[0], None)``, ``callbacks=[LorakitCallback(name, procedure=proc)]``. The callback
+adds its ``extra_loss`` as the method's, calls its ``on_gradients`` before each optimizer step (after
+Trainer's clipping), ``on_step`` after it and ``finish`` at the end; ``train_config.grad_accum`` must equal
+``gradient_accumulation_steps``. Its ``state_dict`` is not saved in Trainer checkpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ..core.registry import get_method
 from ..core.routing import routing as routing_context
 from ..io.peft_format import save_adapter
 from ..mixtures.base import pop_aux_records
+from .procedures import Procedure
 
 
 # Item columns (lorakit.data.TokenizedDataset) the collator turns into the batch's ``task_ids`` / ``routing``.
@@ -48,9 +56,10 @@ ROUTING_COLUMNS = ("task_id", "routing")
 class LorakitCallback(TrainerCallback):
     """Method hooks and PEFT-format adapter saving for ``transformers.Trainer``."""
 
-    def __init__(self, adapter_name: str = "default", init_batches: int = 4) -> None:
+    def __init__(self, adapter_name: str = "default", init_batches: int = 4, procedure: Procedure | None = None) -> None:
         self.adapter_name = adapter_name
         self.init_batches = init_batches
+        self.procedure = procedure
 
     def _method(self, model: torch.nn.Module):
         return get_method(adapter_state(model).configs[self.adapter_name])
@@ -92,18 +101,21 @@ class LorakitCallback(TrainerCallback):
             with routing_context(keys=task_ids, token_mask=fkwargs.get("attention_mask"), extras=extras):
                 out = forward(*fargs, **fkwargs)
             method = self._method(model)
-            if method.extra_loss is None or not (model.training and torch.is_grad_enabled()):
+            procedure_loss = self.procedure is not None and type(self.procedure).extra_loss is not Procedure.extra_loss
+            if (method.extra_loss is None and not procedure_loss) or not (model.training and torch.is_grad_enabled()):
                 return out
             loss = out.get("loss") if isinstance(out, dict) else None
             if loss is None:
                 pop_aux_records(model, self.adapter_name)
                 if not warned:
                     warned.append(True)
-                    warnings.warn(f"method {method.name!r} has an extra_loss, but the model returned no loss to add "
+                    warnings.warn(f"method {method.name!r} or the procedure has an extra_loss, but the model returned no loss to add "
                                   "it to (Trainer computes the loss itself: label_smoother / compute_loss_func); it "
                                   "is not applied.", stacklevel=2)
                 return out
-            extra = method.extra_loss(model, self.adapter_name)
+            terms = [method.extra_loss(model, self.adapter_name) if method.extra_loss is not None else None,
+                     self.procedure.extra_loss(model, self.adapter_name) if procedure_loss else None]
+            extra = sum(t for t in terms if t is not None)
             if fkwargs.get("num_items_in_batch") is not None:  # Trainer will not divide this loss by grad_accum
                 extra = extra / getattr(self, "_grad_accum", 1)
             out["loss"] = loss + extra
@@ -134,10 +146,18 @@ class LorakitCallback(TrainerCallback):
         pop_aux_records(model, self.adapter_name)  # nothing of a finished step's routing is kept
         if method.on_step is not None:
             method.on_step(model, self.adapter_name, state.global_step, state.max_steps)
+        if self.procedure is not None:
+            self.procedure.on_step(model, self.adapter_name, state.global_step, state.max_steps)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+        if self.procedure is not None:
+            self.procedure.on_gradients(model, self.adapter_name, state.global_step)
 
     def on_save(self, args, state, control, model=None, **kwargs: Any):
         save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.adapter_name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
         self._restore_forward()
+        if self.procedure is not None:
+            self.procedure.finish(model, self.adapter_name)
         save_adapter(model, os.path.join(args.output_dir, "adapter"), self.adapter_name)

@@ -12,8 +12,11 @@ A procedure is a config dataclass (its fields become ``lorakit train --procedure
 3. every step: ``extra_loss(model, adapter_name)`` (added to the task loss, per micro-batch),
    ``on_gradients(model, adapter_name, step)`` after backward and before clipping (gradient scaling,
    projection, perturbation), ``on_step(model, adapter_name, step, total_steps)`` after the optimizer step
-   (schedules, freezing: the loop re-reads ``Delta.frozen_names`` after it);
-4. ``state_dict()`` / ``load_state_dict(tensors)``: tensors saved in checkpoints (``procedure.<key>``), so resume
+   (schedules, freezing: the loop re-reads ``Delta.frozen_names`` after it). The step's scheduled lr is in
+   every optimizer group before the step's first forward, so updates made inside gradient hooks (GaLore's
+   per-layer mode) use it;
+4. ``finish(model, adapter_name)`` once when the run's last step is done: remove hooks it registered;
+5. ``state_dict()`` / ``load_state_dict(tensors)``: tensors saved in checkpoints (``procedure.<key>``), so resume
    stays exact. The optimizer's own state is saved by the loop whatever the optimizer.
 
 A procedure composes with any method: the method's hooks run first, then the procedure's. Procedures that
@@ -68,6 +71,9 @@ class Procedure:
         return None
 
     def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+        return None
+
+    def finish(self, model: nn.Module, adapter_name: str) -> None:
         return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:

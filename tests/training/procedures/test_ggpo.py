@@ -1,0 +1,78 @@
+"""LoRA-GGPO (``training/procedures/ggpo.py``) against the formulas of kohya-ss/sd-scripts ``networks/lora_flux.py``
+(``LoRAModule.forward``: ε ~ N(0,1) of the weight's shape scaled per row by (σ·‖W+ΔW‖_i + β·‖∇ΔW‖_i²)/√out, output
++= x εᵀ; ``update_norms``: ‖W+ΔW‖_i = √(w̄² + ‖ΔW_i‖²); ``update_grad_norms``: ∇ΔW ≈ s(B ∇A + ∇B A))."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.training import TrainConfig, get_procedure, make_optimizer, train
+
+
+def test_ggpo_perturbation_follows_the_formula():
+    torch.manual_seed(0)
+    model = lk.add_adapter(nn.Sequential(nn.Linear(6, 5)), lk.LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                                                         init_lora_weights=False)).train()
+    sigma, beta = 0.5, 0.3
+    config = TrainConfig(lr=1e-2, procedure="ggpo", procedure_args={"ggpo_sigma": sigma, "ggpo_beta": beta})
+    procedure = get_procedure("ggpo").build(config)
+    optimizer, _ = make_optimizer(model, "default", config, procedure=procedure)
+    x = torch.randn(4, 6)
+    layer = model.get_submodule("0")
+    delta = layer.adapters["default"]
+    plain = layer.base_layer(x) + delta.lora_out(x)
+    torch.testing.assert_close(model(x), plain)  # no norms yet: no perturbation on the first step
+
+    model(x).pow(2).sum().backward()
+    a, b, s = delta.lora_A.weight, delta.lora_B.weight, delta.scaling
+    grad_norm = (s * (b @ a.grad + b.grad @ a)).norm(dim=1, keepdim=True).detach()
+    procedure.on_gradients(model, "default", 0)
+    optimizer.step()
+    optimizer.zero_grad()
+    procedure.on_step(model, "default", 1, 10)
+
+    with torch.no_grad():
+        w_bar = layer.base_layer.weight.norm(dim=1).mean()
+        weight_norm = torch.sqrt(w_bar ** 2 + ((s * b @ a) ** 2).sum(dim=1, keepdim=True))
+        size = (sigma * weight_norm + beta * grad_norm ** 2) / math.sqrt(5)
+        plain = layer.base_layer(x) + delta.lora_out(x)
+        torch.manual_seed(7)
+        eps = torch.randn(5, 6) * size
+    torch.manual_seed(7)
+    got = model(x)  # a training forward (grad enabled)
+    torch.testing.assert_close(got, plain + x @ eps.T, atol=1e-5, rtol=1e-5)
+    model.eval()
+    torch.testing.assert_close(model(x), plain)  # evaluation is unperturbed
+    procedure.finish(model, "default")
+
+
+def test_ggpo_one_forward_per_micro_batch_and_exact_resume(make_model, tokenizer, reverse_train, tmp_path):
+    forwards = []
+
+    def run(**kw):
+        model = make_model()
+        model.register_forward_pre_hook(lambda m, a, k: forwards.append(1), with_kwargs=True)
+        config = TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-2, procedure="ggpo", log_every=1,
+                             procedure_args={"ggpo_sigma": 0.1, "ggpo_beta": 0.1}, **kw)
+        train(model, tokenizer, reverse_train, config, progress=False)
+        return model
+
+    straight = run(output_dir=str(tmp_path / "a"), save_every=2)
+    assert len(forwards) == 4 * 2  # no second forward-backward (SAM would need 2 per micro-batch)
+    resumed = run(output_dir=str(tmp_path / "b"), resume_from=str(tmp_path / "a" / "checkpoint-2"))
+    bad = [n for (n, p), q in zip(straight.named_parameters(), resumed.parameters()) if not torch.equal(p, q)]
+    assert not bad
+    plain = make_model()
+    train(plain, tokenizer, reverse_train, TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-2), progress=False)
+    ours, theirs = lk.adapter_state_dict(straight), lk.adapter_state_dict(plain)
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)  # the perturbation changed training
+
+
+def test_ggpo_config_errors():
+    with pytest.raises(lk.ConfigError, match="ggpo_sigma"):
+        TrainConfig(procedure="ggpo", procedure_args={"ggpo_sigma": -1.0})
