@@ -133,9 +133,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, adapter_name
         if key.startswith("optimizer."):
             name, slot = key[len("optimizer."):].rsplit(".", 1)
             optimizer_state.setdefault(index_of[name], {})[slot] = value
-    _check_shapes(directory, STATE_TENSORS, {
-        f"optimizer.{names[i]}.{slot}": (v, params[names[i]]) for i, slots in optimizer_state.items()
-        for slot, v in slots.items() if v.dim() > 0})
+    # Optimizer moments are not checked against the parameters' shapes: a procedure's optimizer may keep them in
+    # another space (GaLore's projected moments); the adapter and parameter checks above catch another r / model.
     # Hyperparameters come from this run's config (the schedule sets lr every step); only the moments resume.
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
 
