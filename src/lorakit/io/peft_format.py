@@ -171,7 +171,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
     given: dict[str, torch.Tensor] = {}
     unexpected = []
+    regenerated = get_method(config).regenerated_keys
     for key, value in tensors.items():
+        if key.rsplit(".", 1)[-1] in regenerated:
+            continue
         k = _normalise_key(key)
         if k in expected:
             given[k] = value
