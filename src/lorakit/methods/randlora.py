@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig
 from ..core.delta import Delta, LayerInfo, describe_layer
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import AdapterError, ConfigError, TargetError
 from ..core.registry import register_method
 from ..core.targeting import iter_host_modules, select_targets
 
@@ -154,7 +154,11 @@ def prepare_randlora(model: nn.Module, config: RandLoraConfig) -> RandLoraConfig
 
 
 def build_randlora(base_layer: nn.Module, info: LayerInfo, config: RandLoraConfig, path: str = "") -> RandLoraLinear:
-    out_dim, in_dim = getattr(config, "_basis_shape", (info.out_features, info.in_features))
+    shape = getattr(config, "_basis_shape", None)
+    if shape is None:  # the shared bases' size comes from the whole model: only prepare_randlora knows it
+        raise AdapterError("RandLoRA deltas are built through add_adapter/load_adapter (which size the shared bases "
+                           "over all targeted layers), not by calling build directly.")
+    out_dim, in_dim = shape
     kind = "very_sparse" if config.very_sparse else "sparse" if config.sparse else "dense"
     bases = shared_bases(config.projection_prng_key, config.r, max(out_dim, in_dim), min(out_dim, in_dim), kind)
     return RandLoraLinear(info, config, bases)
