@@ -58,6 +58,9 @@ class Method:
     to_original_base: Callable[..., Any] | None = None
     # (config, layer infos) -> extra fields for adapter_config.json (e.g. PEFT's fan_in_fan_out).
     file_fields: Callable[..., dict[str, Any]] | None = None
+    # Tensor names (the last part of a file key) that PEFT's files carry but the method rebuilds from its config
+    # (RandLoRA's seeded bases): the loader skips them instead of calling them unexpected.
+    regenerated_keys: tuple[str, ...] = ()
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
     zero_init: bool = True
     # Whether the adapter has a fixed ΔW that can be merged into the base (mixtures do not).

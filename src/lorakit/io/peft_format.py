@@ -214,7 +214,10 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
 
     given: dict[str, torch.Tensor] = {}
     unexpected = []
+    regenerated = get_method(config).regenerated_keys
     for key, value in tensors.items():
+        if key.rsplit(".", 1)[-1] in regenerated:
+            continue
         k = _normalise_key(key)
         if k in expected:
             given[k] = value
