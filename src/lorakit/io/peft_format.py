@@ -207,6 +207,8 @@ def trained_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
 
 
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype):
+    regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
+    tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
     plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
                         trained=trained_modules(tensors))
     expected = plan.state_dict()
@@ -214,10 +216,7 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
 
     given: dict[str, torch.Tensor] = {}
     unexpected = []
-    regenerated = get_method(config).regenerated_keys
     for key, value in tensors.items():
-        if key.rsplit(".", 1)[-1] in regenerated:
-            continue
         k = _normalise_key(key)
         if k in expected:
             given[k] = value

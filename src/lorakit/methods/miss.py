@@ -41,7 +41,8 @@ INIT_CHOICES = (True, False, "bat", "mini")
 @dataclass
 class MissConfig(AdapterConfig):
     """PEFT's ``MissConfig``: ``r`` shard width along in; ``mini_r`` (for ``"mini"``) width along out;
-    ``init_weights`` selects the variant (True: MiSS, "bat", "mini", False: random D)."""
+    ``init_weights`` selects the variant (True: MiSS, "bat", "mini", False: random D); ``miss_dropout``: dropout on
+    the layer input before the update."""
 
     foreign_fields = {"bias": "none"}
 

@@ -42,7 +42,8 @@ from ._plain import export_plain_lora
 @dataclass
 class NolaConfig(AdapterConfig):
     """``r``/``lora_alpha``: the materialised LoRA's rank and α (s = α/r); ``num_basis_A``/``num_basis_B``: k and l,
-    the trained coefficients per layer; ``projection_seed``: seeds every layer's bases (with its module path)."""
+    the trained coefficients per layer; ``projection_seed``: seeds every layer's bases (with its module path);
+    ``lora_dropout``: dropout on the layer input before the update."""
 
     r: int = 8
     lora_alpha: float = 8

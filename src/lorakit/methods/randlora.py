@@ -49,7 +49,12 @@ from ..core.targeting import iter_host_modules, select_targets
 @dataclass
 class RandLoraConfig(AdapterConfig):
     """PEFT's ``RandLoraConfig`` fields. ``r``: rank of each random basis (smaller r ⇒ more bases ⇒ more trained
-    parameters); ``randlora_alpha``: s = α / r; ``projection_prng_key``: seed of the shared bases."""
+    parameters); ``randlora_alpha``: s = α / r; ``projection_prng_key``: seed of the shared bases.
+
+    - ``randlora_dropout``: dropout on the layer input before the update.
+    - ``sparse`` / ``very_sparse``: ternary {-1, 0, 1} bases (each sign with probability 1/(2·s), s = 3 or √d_min)
+      instead of Kaiming-uniform ones, as PEFT draws them.
+    - ``init_weights``: True: λ = 0, so the update starts at zero; False: λ ~ N(0, 1), a non-zero start."""
 
     foreign_fields = {"fan_in_fan_out": ANY_VALUE, "bias": "none", "save_projection": ANY_VALUE}
 
