@@ -89,6 +89,24 @@ def test_generate_task_routes_to_that_tasks_expert(routed, capsys):
     assert "task 'rotat'" in err and "reverse, rotate" in err
 
 
+def test_routed_adapter_without_a_task_is_an_error_not_the_base_model(routed, tmp_path, capsys):
+    """A keyless row on routed_lora (default_expert = -1) would silently get the base model's answer: generate and
+    eval refuse it and list the adapter's tasks, as the server does."""
+    assert main(["generate", "--adapter", str(routed), "--prompt", "rotate: a b c d =>"]) == 2
+    assert "reverse, rotate" in capsys.readouterr().err
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "rotate: a b =>", "completion": " b a"}) + "\n")
+    assert main(["eval", "--adapter", str(routed), "--data", str(data), "--quiet"]) == 2
+    assert "routes by task" in capsys.readouterr().err
+
+
+def test_merge_adapters_with_a_missing_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["merge-adapters", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "out"),
+                 "--model", str(tmp_path / "nonexistent")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error:") and "Traceback" not in err
+
+
 # -- 2. failures found before the work --------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,message", [
     (["--lr", "-1"], "lr must be > 0"),

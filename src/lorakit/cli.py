@@ -152,6 +152,18 @@ def _resave_for_original_base(model, name: str, adapter_dir: Path) -> None:
         print(f"init {init.name!r} changed the base: the saved adapter is the rank-2r LoRA for the original base")
 
 
+def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what: str) -> None:
+    """An adapter that routes by task key and sends keyless rows to the base model (``default_expert = -1``) must
+    get a key for every row: otherwise it would silently answer as the base model (the server refuses the same)."""
+    if not adapter or not task_to_id or all(t is not None for t in tasks):
+        return
+    from .io.peft_format import read_adapter_config
+
+    if getattr(read_adapter_config(adapter), "default_expert", None) == -1:
+        raise LorakitError(f"adapter {adapter} routes by task and has no default expert, so {what} without a task "
+                           f"would get the base model's answer; give one of: {', '.join(sorted(task_to_id))}")
+
+
 def _load_with_adapter(args):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
@@ -361,6 +373,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Keyed methods: the task ids the adapter was trained with (saved beside it), never a renumbering of the
     # tasks present in this data; a task the adapter does not know is an error.
     task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
+    _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
+                       f"rows of {args.data} (add a \"task\" field to each JSONL line)")
     model, tokenizer = _load_with_adapter(args)
     metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
                                 task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
@@ -405,9 +419,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LorakitError("--task needs an adapter trained with task keys (its folder has task_index.json)")
     rows = [Example(prompt=p, completion="", task=t) for p, t in zip(prompts, tasks)]
     task_to_id = _task_index(args.adapter, rows, "--task / the JSONL key")
-    if task_to_id and len(task_to_id) > 1 and all(t is None for t in tasks):
-        print(f"note: this adapter was trained on tasks {', '.join(sorted(task_to_id))}; methods that route by "
-              "task (routed_lora) use no expert without --task", file=sys.stderr)
+    _require_task_keys(args.adapter, task_to_id, tasks, "prompts (pass --task, or a \"task\" in each JSONL line)")
     model, tokenizer = _load_with_adapter(args)
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        row_routing=example_routing(rows, task_to_id))
@@ -575,10 +587,10 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     model = None
-    if args.model is not None:
-        from .hub import load_model_and_tokenizer
-        model = load_model_and_tokenizer(args.model)[0]
     try:
+        if args.model is not None:
+            from .hub import load_model_and_tokenizer
+            model = load_model_and_tokenizer(args.model)[0]
         out = merge_adapters_to(args.output, args.sources, args.weights, args.method, model=model, **opts)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)

@@ -118,9 +118,12 @@ def check_prompt_lengths(model: Any, encoded: Sequence[Sequence[int]], max_new_t
         return
     for i, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > limit:
+            fixes = [f"shorten the prompt to at most {limit - max_new_tokens} tokens"] if limit > max_new_tokens else []
+            if len(ids) < limit:
+                fixes.append(f"generate at most {limit - len(ids)} new tokens")
             raise DataError(f"prompt {i + 1} is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the "
-                            f"model's {limit} positions (max_position_embeddings). Shorten the prompt to at most "
-                            f"{max(limit - max_new_tokens, 0)} tokens or generate fewer new tokens.")
+                            f"model's {limit} positions (max_position_embeddings). "
+                            + (" or ".join(fixes).capitalize() + "." if fixes else "The prompt alone is too long."))
 
 
 def _on(device: torch.device, kwargs: dict[str, Any]) -> dict[str, Any]:
