@@ -7,6 +7,8 @@ before any model was loaded: otherwise the error would be about the model.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import shlex
@@ -359,6 +361,22 @@ def test_help_describes_method_options_with_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--data DATA built-in task name(s)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_basic_flag_has_help_and_shows_its_default():
+    """train / eval / generate: each flag says what it does, and a set default (0 included) is shown."""
+    from lorakit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "eval", "generate"):
+        parser = sub.choices[command]
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+            shown = parser.formatter_class(command)._get_help_string(action)
+            if action.default is not None and action.default is not False:
+                assert "default" in shown, f"{command} {action.option_strings[0]} hides its default"
 
 
 def test_metrics_log_and_plot_with_one_final_evaluation(lora_run):

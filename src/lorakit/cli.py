@@ -650,7 +650,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default:" in text or hidden or not action.option_strings:  # by identity: a default of 0 is shown
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -696,19 +697,21 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
     t.add_argument("--eval-data", default=None,
                    help="evaluation task(s) or JSONL file (default: the tasks' test split, or the hold-out of --data)")
-    t.add_argument("--method", default=method_name, choices=[m.name for m in list_methods()])
+    t.add_argument("--method", default=method_name, choices=[m.name for m in list_methods()],
+                   help="adapter method (`lorakit methods` describes each)")
     t.add_argument("--output", default="runs/lorakit",
                    help="output folder: adapter/, checkpoint-N/, metrics.jsonl, metrics.png, summary.json")
     t.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in --output")
-    t.add_argument("--adapter-name", default="default")
+    t.add_argument("--adapter-name", default="default", help="name of the trained adapter inside the model")
     t.add_argument("--steps", type=int, default=200, help="optimizer steps (the total, when resuming)")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: --warmup-ratio)")
     t.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of --steps")
-    t.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"])
+    t.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"],
+                   help="learning-rate decay after warmup")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
     t.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl record every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -722,8 +725,8 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--eval-examples", type=int, default=None,
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for --eval-data FILE, only "
                         "its first N lines (default: all)")
-    t.add_argument("--eval-batch-size", type=int, default=64)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
+    t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
@@ -740,7 +743,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--eval-examples", type=int, default=None,
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for a file, only its first "
                         "N lines (default: all)")
-    e.add_argument("--eval-batch-size", type=int, default=64)
+    e.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
     e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -756,7 +759,7 @@ def _add_generate(sub) -> None:
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
     g.add_argument("--task", default=None,
                    help="task key for adapters that route by task (routed_lora): one the adapter was trained on")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (greedy)")
     g.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to generate with")
     g.set_defaults(func=cmd_generate)
 
