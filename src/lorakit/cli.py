@@ -157,9 +157,10 @@ def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what
     get a key for every row: otherwise it would silently answer as the base model (the server refuses the same)."""
     if not adapter or not task_to_id or all(t is not None for t in tasks):
         return
+    from .data.keys import keyless_rows_get_base
     from .io.peft_format import read_adapter_config
 
-    if getattr(read_adapter_config(adapter), "default_expert", None) == -1:
+    if keyless_rows_get_base(read_adapter_config(adapter)):
         raise LorakitError(f"adapter {adapter} routes by task and has no default expert, so {what} without a task "
                            f"would get the base model's answer; give one of: {', '.join(sorted(task_to_id))}")
 

@@ -41,6 +41,12 @@ def read_task_index(directory: str | os.PathLike) -> dict[str, int] | None:
     return mapping
 
 
+def keyless_rows_get_base(config: object) -> bool:
+    """Whether rows without a task key would silently get the base model's answer under this adapter config (a
+    keyed method, e.g. routed_lora, whose ``default_expert`` is -1). CLI and server refuse such rows; one rule."""
+    return getattr(config, "default_expert", None) == -1
+
+
 def check_tasks(task_to_id: Mapping[str, int], tasks: Iterable[str | None], source: str) -> None:
     """Raise DataError naming the first task the adapter does not know (None: a row without a key is fine)."""
     for task in tasks:

@@ -214,10 +214,12 @@ class AdapterStore:
         Raises ``AdapterTaskError`` (a LorakitError and ValueError: HTTP 400) for a task the adapter does not know (listing
         its tasks, with near matches), a task on an adapter that takes none, and a routed adapter whose rows without
         a key would silently get the base model (``default_expert = -1``) requested without a task."""
+        from ..data.keys import keyless_rows_get_base
+
         name = self.attached_name(spec)
         tasks = self.tasks.get(name) if name is not None else None
         if task is None:
-            if name is not None and getattr(self.attached[name], "default_expert", None) == -1:
+            if name is not None and keyless_rows_get_base(self.attached[name]):
                 known = f"; its tasks: {', '.join(sorted(tasks))}" if tasks else ""
                 raise AdapterTaskError(f"adapter {name!r} routes each request by its task key; add \"task\" to the "
                                        f"request{known}")
