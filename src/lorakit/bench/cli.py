@@ -47,6 +47,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
+    serve = parser.add_argument_group("serve (S-LoRA workload; defaults: the full profile)")
+    serve.add_argument("--models", nargs="+", default=None, help="serve: bundled and/or random8x512")
+    serve.add_argument("--num-adapters", nargs="+", type=int, default=None, help="serve: adapter counts N")
+    serve.add_argument("--req-rate", type=float, default=None, help="serve: mean arrivals per second")
+    serve.add_argument("--duration", type=float, default=None, help="serve: trace length in seconds")
+    serve.add_argument("--max-batch", type=int, default=None, help="serve: running-batch cap (all systems)")
+    serve.add_argument("--peft-max-n", type=int, default=None, help="serve: largest N the PEFT systems run")
+    serve.add_argument("--systems", nargs="+", default=None,
+                       choices=["lorakit", "merged", "peft_mixed", "peft_swap"], help="serve: systems to run")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
     out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
@@ -74,7 +84,10 @@ def main(argv: Sequence[str]) -> int:
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "serve":
         from . import serve as bench_serve
-        profile = bench_serve.QUICK if args.quick else bench_serve.FULL
+        profile = _override(bench_serve.QUICK if args.quick else bench_serve.FULL, device=args.device,
+                            models=args.models, num_adapters=args.num_adapters, req_rate=args.req_rate,
+                            duration_s=args.duration, max_batch=args.max_batch, peft_max_n=args.peft_max_n,
+                            systems=args.systems, dtype=args.dtype, seed=args.seeds[0] if args.seeds else None)
         out.mkdir(parents=True, exist_ok=True)
         result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")
         markdown = bench_serve.serve_markdown(result)
