@@ -156,7 +156,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
         if value is None:
             continue
         hint_args = typing.get_args(hints[f.name])
-        if isinstance(value, list) and len(value) == 1 and str in hint_args:
+        number_lists = [h for h in hint_args if typing.get_origin(h) is list and str not in typing.get_args(h)]
+        if isinstance(value, list) and len(value) == 1 and str in hint_args and number_lists:
+            value = _scalar(value[0])  # one value of e.g. int | str | list[int] (MoLA's 8, "2-4-6-8" or 2 4 6 8)
+        elif isinstance(value, list) and len(value) == 1 and str in hint_args:
             # One value: "all-linear" or a regex stays a string; a plain name stays a list, so it matches as a
             # module name / suffix (PEFT) and a typo gets the near-match hint of list entries.
             only = value[0]
