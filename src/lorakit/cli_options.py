@@ -39,7 +39,6 @@ SHARED_HELP = {
     "lora_bias": "also train a bias on lora_B",
     "rank_pattern": "per-module ranks, {module regex: r}",
     "alpha_pattern": "per-module alphas, {module regex: alpha}",
-    "num_experts": "number of LoRA experts",
     "expert_r": "rank of each expert, one value per expert",
     "expert_alpha": "lora_alpha of each expert, one value per expert (default 2 * its rank)",
     "expert_use_rslora": "rank-stabilised scaling per expert, one true/false per expert",

@@ -76,8 +76,8 @@ class MeteoraConfig(LoraExpertsConfig):
     - ``gate_path``: ``fast`` (top-k on logits, softmax over the kept) or ``reference`` (the official two-softmax path).
     - ``lora_dropout``: dropout on the bank's input (the official code hard-codes 0.1).
     - ``train_adapters``: also train the LoRA adapters (False: only the gate, as the paper).
-    - ``router_aux_loss_coef``: weight of the supervised gate loss (cross-entropy against each task's adapter;
-      ``moe_aux_loss_coef`` in files written before the rename).
+    - ``router_aux_loss_coef``: weight of the supervised gate loss, a cross-entropy against each task's adapter
+      (``moe_aux_loss_coef`` in files written before the rename).
     """
 
     renamed_fields = {**LoraExpertsConfig.renamed_fields, "moe_aux_loss_coef": "router_aux_loss_coef"}

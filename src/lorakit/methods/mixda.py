@@ -69,8 +69,8 @@ DOMAIN_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias")
 
 @dataclass
 class MixdaConfig(AdapterConfig):
-    """``num_experts`` domain adapters, the experts the gate mixes with the FFN output (or ``domains``: their names,
-    which string keys use; ``n_domains`` in files written before the rename). ``key_to_domain``: task name ->
+    """``num_experts`` domain adapters, the experts the gate mixes with the FFN output (``n_domains`` in files
+    written before the rename), or ``domains``: their names, which string keys use. ``key_to_domain``: task name ->
     domain index (-1: general data), resolved through the sorted names as the training loop's ids.
 
     - ``stage``: ``knowledge`` (domain adapters and gate train) or ``task`` (gate and task adapter train).

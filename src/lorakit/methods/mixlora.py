@@ -59,18 +59,18 @@ OTHER_DEFAULTS = {"router_init_range": 0.02, "jitter_noise": 0.0, "router_z_loss
 @dataclass
 class MixLoraConfig(AdapterConfig):
     """MixLoRA (MoE-PEFT template defaults). Fields left None take the routing strategy's default
-    (``SWITCH_DEFAULTS`` for ``routing_strategy="switch"``, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give the experts
+    (``SWITCH_DEFAULTS`` for the switch strategy, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give the experts
     their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``.
 
     - ``lora_dropout``: dropout on the input of the attention LoRA and of every expert, in [0, 1).
     - ``num_experts``: LoRA experts per FFN block.
-    - ``top_k``: experts each token uses (``routing_strategy="topk"``).
-    - ``routing_strategy``: how the router picks experts: ``topk`` (MixLoRA), ``top_p`` (dynamic: smallest set with
-      probability ≥ top_p), ``switch`` (top-1 with capacity, Switch Transformer). MoE-PEFT's name; ``routing`` in
+    - ``top_k``: experts each token uses (strategy 'topk').
+    - ``routing_strategy``: how the router picks experts: 'topk' (MixLoRA), 'top_p' (dynamic: smallest set with
+      probability ≥ top_p), 'switch' (top-1 with capacity, Switch Transformer); MoE-PEFT's name, ``routing`` in
       files written before the rename.
-    - ``top_p``: probability mass a token's experts must reach (``routing_strategy="top_p"``), in (0, 1].
-    - ``expert_capacity``: tokens one expert takes per batch (``switch``; None: from ``capacity_factor``).
-    - ``capacity_factor``: expert capacity as a multiple of tokens / experts (``switch``).
+    - ``top_p``: probability mass a token's experts must reach (strategy 'top_p'), in (0, 1].
+    - ``expert_capacity``: tokens one expert takes per sequence (strategy 'switch'), None: from the capacity factor.
+    - ``capacity_factor``: expert capacity as a multiple of tokens / experts (strategy 'switch').
     - ``router_init_range``: std of the router's normal init (None: the routing strategy's default).
     - ``jitter_noise``: multiplicative input noise on the router during training (None: the strategy's default).
     - ``router_aux_loss_coef``: weight of the load-balancing loss added to the task loss.

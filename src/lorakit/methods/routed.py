@@ -191,7 +191,7 @@ register_method(
 class RecLoraConfig(AdapterConfig):
     """``user_dim``: size of the per-row user vector (the CRM's user representation); required.
 
-    - ``num_experts``: meta-LoRAs in the bank (N_m; ``n_meta`` in files written before it was renamed).
+    - ``num_experts``: meta-LoRAs in the bank, N_m (``n_meta`` in files written before the rename).
     - ``r`` / ``lora_alpha``: each meta-LoRA's rank and alpha (scaling alpha / r).
     - ``lora_dropout``: dropout on the LoRA input, in [0, 1).
     - ``gate_hidden``: hidden width of the user gate MLP. ``gate_dropout``: its dropout.

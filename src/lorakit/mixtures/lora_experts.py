@@ -33,8 +33,8 @@ from .sources import read_lora_source
 @dataclass
 class LoraExpertsConfig(AdapterConfig):
     """N LoRA experts: ``adapter_paths`` (existing LoRA folders; ranks, alphas, targets read from them) or
-    ``num_experts`` / ``expert_r`` (fresh experts, B = 0; default r = 8, α = 2r; ``num_experts`` was ``n_adapters``
-    in older files). ``adapter_names`` label the slots (default: the folders' names).
+    ``num_experts`` / ``expert_r`` (fresh experts, B = 0; default r = 8, α = 2r), ``num_experts`` being
+    ``n_adapters`` in older files. ``adapter_names`` label the slots (default: the folders' names).
 
     - ``expert_alpha``: each expert's LoRA alpha (read from the folders with ``adapter_paths``; default 2r).
     - ``expert_use_rslora``: per expert, scale by alpha/√r instead of alpha/r (read from the folders).
