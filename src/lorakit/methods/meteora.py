@@ -54,7 +54,7 @@ from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import pop_aux_records
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
-from ..mixtures.lora_experts import LoraExperts, LoraExpertsConfig, drop_adapter_paths
+from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import Router
 from ..mixtures.sources import prepare_from_sources
 
@@ -65,7 +65,7 @@ IGNORE = -100
 class MeteoraConfig(LoraExpertsConfig):
     """Either ``adapter_paths`` (existing LoRA folders; ranks, alphas and default targets are read from
     them) or ``num_experts`` / ``expert_r`` (randomly initialised experts, B = 0, default r = 8, α = 2r; e.g. for
-    a bank loaded later). The bank fields and their checks are ``mixtures.lora_experts.LoraExpertsConfig``'s.
+    a bank loaded later). The bank fields and their checks are ``mixtures.rank_blocks.LoraExpertsConfig``'s.
 
     ``adapter_names`` label the bank slots (default: the source folders' names), so a saved MeteoRA adapter,
     which no longer points at its sources, still says what each slot holds. ``task_to_adapter``: task name →
@@ -113,7 +113,7 @@ class MeteoraConfig(LoraExpertsConfig):
 
 # -- the delta --------------------------------------------------------------------------------------------
 class MeteoraLinear(LoraExperts):
-    """N LoRA adapters stacked as rank blocks of one bank (``mixtures.lora_experts.LoraExperts``: A Kaiming, B zero
+    """N LoRA adapters stacked as rank blocks of one bank (``mixtures.rank_blocks.LoraExperts``: A Kaiming, B zero
     per block, an owner map, per-rank scaling), gated per token by a top-k router on the input."""
 
     def __init__(self, info: LayerInfo, config: MeteoraConfig):

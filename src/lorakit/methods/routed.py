@@ -16,7 +16,7 @@ modality, or mixed per user by a gate on a user vector.
   ``y = W x + (α_lora/r) · B_u A_u dropout(x)``, so ``ΔW_u ≠ Σ_k α_k ΔW_k`` (bilinear in α), as the official
   code (Gebro13/RecLoRA ``Loreclayer``). The user vector is ``routing(extras={"user_state": (batch, d_user)})``.
 
-The first two stack their experts as rank blocks of one LoRA (``mixtures.lora_experts.LoraExperts``: ``A`` (R, in),
+The first two stack their experts as rank blocks of one LoRA (``mixtures.rank_blocks.LoraExperts``: ``A`` (R, in),
 ``B`` (out, R), an ``owner`` map, per-rank scaling; heterogeneous ranks, alphas, rsLoRA), so a forward is two GEMMs
 with a per-row or per-token rank gate (``mixtures.experts.rank_block_delta``); RecLoRA forms each row's A_u, B_u with one einsum and runs
 two ``bmm``. No Python loop over experts anywhere. Experts may be existing LoRA folders (lorakit or PEFT,
@@ -52,7 +52,7 @@ from ..core.registry import register_method
 from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
 from ..mixtures.keys import KeyTable, check_mapping
-from ..mixtures.lora_experts import LoraExperts, LoraExpertsConfig, drop_adapter_paths
+from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import RouterOutput
 from ..mixtures.sources import prepare_from_sources
 

@@ -18,7 +18,7 @@ modules in model order (PEFT's ``layer_number``), not transformer blocks. Adapte
 ``frozen_names``: saved, never trained) unless ``use_trainable_adapters``; only the head trains.
 
 Choices:
-- Adapters are rank blocks of one bank per module (``mixtures.lora_experts.LoraExperts``: stacked A's and B's,
+- Adapters are rank blocks of one bank per module (``mixtures.rank_blocks.LoraExperts``: stacked A's and B's,
   owner map, per-rank scaling), so the forward is two GEMMs whatever N is and ranks, alphas and rsLoRA may differ. One
   dropout mask serves all adapters (PEFT draws one per adapter; identical in eval). Sources: lorakit or PEFT
   LoRA folders (``adapter_paths``); a module an adapter does not adapt gets a zero block for it.
@@ -57,7 +57,7 @@ from ..core.model import STATE_ATTR
 from ..core.registry import register_method
 from ..core.routing import current_routing, routing
 from ..core.targeting import select_targets
-from ..mixtures.lora_experts import LoraExperts, LoraExpertsConfig, drop_adapter_paths
+from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.sources import prepare_from_sources
 
 XLORA_KEY = "xlora"  # routing extras: {delta: scalings (real pass) or the scaling pass value (float)}
