@@ -117,7 +117,8 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
         elif hint in (int, float, str):
             kwargs = dict(type=hint, default=None, help=help_text)
         elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
-            kwargs = dict(type=json.loads, default=None, metavar="JSON", help=f"{text}; a JSON object {tail}".strip("; "))
+            kwargs = dict(type=json.loads, default=None, metavar="JSON",
+                          help=f"{text}; a JSON object {tail}".strip("; "))
         elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
             kwargs = dict(nargs="+", default=None, metavar="X", help=help_text)
         else:  # unions like bool | str, int | None

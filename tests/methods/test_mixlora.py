@@ -151,7 +151,8 @@ def test_fresh_adapter_equals_base_and_is_trainable_end_to_end():
 
 def test_top_p_keeps_experts_until_mass_exceeds_p():
     model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="top_p", top_p=0.8))
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="top_p",
+                                        top_p=0.8))
     delta = ffn_layers(model)[0].adapters["default"]
     probs = torch.tensor([0.15, 0.5, 0.10, 0.25])  # sorted: 0.5, 0.25 (0.75 < 0.8), 0.15 (0.9 > 0.8) -> 3 kept
     with torch.no_grad():
@@ -237,8 +238,8 @@ def test_balance_loss_is_pooled_over_layers_and_ignores_padding():
 
 def test_switch_adds_the_z_loss():
     model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch", jitter_noise=0.0,
-                                        router_aux_loss_coef=0.0))
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch",
+                                        jitter_noise=0.0, router_aux_loss_coef=0.0))
     model.train()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4))
     model(input_ids=ids)

@@ -14,8 +14,9 @@ Follows the official code (TUDB-Labs/MoE-PEFT ``mixlora``): its three routers �
 ``"top_p"`` (MixLoRA-dynamic, p=0.8) and ``"switch"`` (top-1 with expert capacity, z-loss 0.001, jitter 0.01,
 router init std 1.0) — and its fused operator: ``W_gate x`` and ``W_up x`` are computed once for all tokens and
 only the experts' LoRA terms are computed per (token, expert) assignment, with assignments grouped by expert and
-one segment matmul per LoRA factor (``mixtures.ffn_experts``: ``MixLoraFFN``, ``ExpertRows``; no loop over experts). Because the down projection is linear
-and a token's weights sum to 1, the frozen ``W_down`` is applied once to ``Σ_e w_e h_e``, not once per expert.
+one segment matmul per LoRA factor (``mixtures.ffn_experts``: ``MixLoraFFN``, ``ExpertRows``; no loop over
+experts). Because the down projection is linear and a token's weights sum to 1, the frozen ``W_down`` is applied
+once to ``Σ_e w_e h_e``, not once per expert.
 
 Choices where code, paper and README differ (all keep a fresh adapter exactly equal to the base model):
 
@@ -27,8 +28,8 @@ Choices where code, paper and README differ (all keep a fresh adapter exactly eq
   while a fresh adapter equals the base and dropped tokens are on the same scale as routed ones. Capacity is per
   sequence, as in the code (cumsum over positions; here padding tokens take no slot): ``expert_capacity`` if set, else
   ``ceil(capacity_factor · seq_len / E)`` (MoE-PEFT's template fixes 32). Tokens over capacity get the plain
-  base FFN. ``routing_strategy="topk"`` with ``top_k=1`` uses the same straight-through weight (renormalised it would be a
-  constant 1 with no gradient).
+  base FFN. ``routing_strategy="topk"`` with ``top_k=1`` uses the same straight-through weight (renormalised it
+  would be a constant 1 with no gradient).
 - GPT-2's residual dropout after ``c_proj`` is applied once to the mixed output (as the host applies it).
 - the z-loss (switch only) is pooled over all layers like the balance loss.
 """
@@ -59,8 +60,8 @@ OTHER_DEFAULTS = {"router_init_range": 0.02, "jitter_noise": 0.0, "router_z_loss
 @dataclass
 class MixLoraConfig(AdapterConfig):
     """MixLoRA (MoE-PEFT template defaults). Fields left None take the routing strategy's default
-    (``SWITCH_DEFAULTS`` for the switch strategy, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give the experts
-    their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``.
+    (``SWITCH_DEFAULTS`` for the switch strategy, else ``OTHER_DEFAULTS``). ``expert_r``/``expert_lora_alpha`` give
+    the experts their own rank (the code's ``expert_lora`` block); by default they use ``r``/``lora_alpha``.
 
     - ``lora_dropout``: dropout on the input of the attention LoRA and of every expert, in [0, 1).
     - ``num_experts``: LoRA experts per FFN block.

@@ -18,9 +18,9 @@ modality, or mixed per user by a gate on a user vector.
 
 The first two stack their experts as rank blocks of one LoRA (``mixtures.rank_blocks.LoraExperts``: ``A`` (R, in),
 ``B`` (out, R), an ``owner`` map, per-rank scaling; heterogeneous ranks, alphas, rsLoRA), so a forward is two GEMMs
-with a per-row or per-token rank gate (``mixtures.experts.rank_block_delta``); RecLoRA forms each row's A_u, B_u with one einsum and runs
-two ``bmm``. No Python loop over experts anywhere. Experts may be existing LoRA folders (lorakit or PEFT,
-``adapter_paths``) or fresh (A Kaiming, B zero: a fresh adapter equals the base model).
+with a per-row or per-token rank gate (``mixtures.experts.rank_block_delta``); RecLoRA forms each row's A_u, B_u
+with one einsum and runs two ``bmm``. No Python loop over experts anywhere. Experts may be existing LoRA folders
+(lorakit or PEFT, ``adapter_paths``) or fresh (A Kaiming, B zero: a fresh adapter equals the base model).
 
 RecLoRA choices: the gate is per adapted layer (as ``Loreclayer``), Kaiming weights and zero biases. The
 official code means to Kaiming-initialise each meta-LoRA's A_k with fan-in = in, but it initialises a reshaped
@@ -99,7 +99,8 @@ def routed_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 
 register_method(
-    "routed_lora", config=RoutedLoraConfig, build=build_routed, prepare=prepare_from_sources, file_fields=drop_adapter_paths,
+    "routed_lora", config=RoutedLoraConfig, build=build_routed, prepare=prepare_from_sources,
+    file_fields=drop_adapter_paths,
     example_routing=routed_example_routing, mergeable=False,
     description="LoRA experts selected per row by a key carried with the data (task id / input mode); no router.",
     paper="Phi-4-Mini mixture of LoRAs, Microsoft 2025, arXiv:2503.01743",

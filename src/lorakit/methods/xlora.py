@@ -107,7 +107,8 @@ class XLoraConfig(LoraExpertsConfig):
         if not self.softmax_temperature > 0:
             raise ConfigError(f"XLoraConfig.softmax_temperature must be > 0, got {self.softmax_temperature}.")
         if self.top_k_lora is not None and not 1 <= self.top_k_lora <= self.num_experts:
-            raise ConfigError(f"XLoraConfig.top_k_lora must be in 1..{self.num_experts} or None, got {self.top_k_lora}.")
+            raise ConfigError(f"XLoraConfig.top_k_lora must be in 1..{self.num_experts} or None, "
+                              f"got {self.top_k_lora}.")
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise ConfigError("XLoraConfig.enable_softmax_topk needs top_k_lora (the softmax is over the kept k).")
 
