@@ -54,10 +54,10 @@ class MixtureDelta(Delta):
     # Methods without a routing loss (e.g. SMoRA) set False so no forward's graph is kept waiting for one.
     keeps_aux_records = True
 
-    def __init__(self, info, n_experts: int):
+    def __init__(self, info, num_experts: int):
         super().__init__(info)
-        self.n_experts = n_experts
-        self.register_buffer("stat_load", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        self.num_experts = num_experts
+        self.register_buffer("stat_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self._aux: list[AuxRecord] = []
