@@ -85,11 +85,11 @@ def test_cbq_lowers_the_error_and_beats_rtn_on_a_real_model():
     model, tok = load_model_and_tokenizer(None)
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
-    calib = task_token_rows(tok, "train", 8, 64)
+    calib = task_token_rows(tok, "train", 8, 48)
     test = task_token_rows(tok, "test", 8, 64)
     rtn_model = copy.deepcopy(model)
     quantize_model(rtn_model, "rtn", bits=2)
-    summary = quantize_model(model, "cbq", calib, bits=2, steps=30)
+    summary = quantize_model(model, "cbq", calib, bits=2, steps=20)
     (window,) = summary["windows"]
     assert window["blocks"] == [0, 1]
     assert window["error_end"] < 0.9 * window["error_start"]

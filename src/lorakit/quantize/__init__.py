@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, did_you_mean
 from .cbq import CBQConfig, LoraRounding, cfp_threshold, quantize_cbq, reconstruction_error, rectified_sigmoid
-from .model import decoder_blocks, perplexity, quantize_rtn, task_token_rows
+from .model import decoder_blocks, next_token_kl, perplexity, quantize_rtn, task_token_rows
 from .uniform import QuantSpec, dequantize, minmax_params, rtn, rtn_codes
 
 QUANTIZERS = ("rtn", "cbq")
@@ -44,5 +44,5 @@ def quantize_model(model: nn.Module, method: str, calib_ids: torch.Tensor | None
 
 
 __all__ = ["QUANTIZERS", "quantize_model", "CBQConfig", "LoraRounding", "cfp_threshold", "quantize_cbq",
-           "reconstruction_error", "rectified_sigmoid", "decoder_blocks", "perplexity", "quantize_rtn",
+           "reconstruction_error", "rectified_sigmoid", "decoder_blocks", "next_token_kl", "perplexity", "quantize_rtn",
            "task_token_rows", "QuantSpec", "dequantize", "minmax_params", "rtn", "rtn_codes"]

@@ -300,6 +300,6 @@ def quantize_cbq(model: nn.Module, calib_ids: torch.Tensor, config: CBQConfig | 
                 x_q = _run(blocks, [i], x_q, kwargs)
                 x_fp = _run(fp_copies, [i], x_fp, kwargs)
                 del fp_copies[i], rounders[i]
-    return {"method": "cbq", "bits": config.bits, "group_size": config.group_size, "window": config.window,
+    return {"method": "cbq", "layers": sum(len(v) for v in linears.values()), "bits": config.bits, "group_size": config.group_size, "window": config.window,
             "overlap": config.overlap, "r": config.r, "steps": config.steps, "cfp": config.cfp,
             "truncated_weights": truncated, "windows": windows}

@@ -135,6 +135,22 @@ def perplexity(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> flo
     return math.exp(total / max(count, 1))
 
 
+@torch.no_grad()
+def next_token_kl(reference: nn.Module, model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean over positions of D_KL(p_reference ‖ p_model) of the next-token distributions on ``rows`` (N, T), in
+    nats: how far a quantized model's predictions moved from the original's (0 = unchanged). Unlike perplexity it
+    is not dominated by tokens neither model can predict."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in _chunks(rows, batch_size):
+        chunk = chunk.to(device)
+        log_p = torch.log_softmax(reference(input_ids=chunk, use_cache=False).logits.float(), -1)
+        log_q = torch.log_softmax(model(input_ids=chunk, use_cache=False).logits.float(), -1)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += chunk.numel()
+    return total / max(count, 1)
+
+
 def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     for i in range(0, rows.shape[0], size):
         yield rows[i:i + size]
