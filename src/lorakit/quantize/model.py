@@ -57,7 +57,7 @@ def block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tenso
 
     def hook(module, args, kwargs):
         seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "layer_past")}
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
