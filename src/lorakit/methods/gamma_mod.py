@@ -182,7 +182,10 @@ class GammaModBlock(MixtureDelta):
             if name in ("cache", "past_key_values", "past_key_value", "layer_past"):
                 # A cache made for a plain forward is left alone (the kept tokens are not written to it); one that
                 # already holds tokens means incremental decoding, which per-sequence routing cannot follow.
-                if value is not None and getattr(value, "get_seq_length", lambda i: 0)(self.index) > 0:
+                positions = bound.get("position_ids")
+                decoding = getattr(value, "get_seq_length", lambda i: 0)(self.index) > 0 or (
+                    isinstance(positions, torch.Tensor) and positions.numel() and int(positions.min()) > 0)
+                if value is not None and decoding:
                     raise AdapterError("γ-MoD routes every sequence anew and cannot decode from a KV cache: call "
                                        "model.generate(..., use_cache=False) (lorakit's generate does).")
                 out[name] = None
