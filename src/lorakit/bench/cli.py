@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init", "quantize"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init", "quantize", "gamma_mod"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -113,6 +113,12 @@ def main(argv: Sequence[str]) -> int:
                             seed=args.seeds[0] if args.seeds else None)
         result = bench_quantize.run_quantize(profile, progress=not args.quick)
         markdown = bench_quantize.quantize_markdown(result)
+    elif args.what == "gamma_mod":
+        from . import gamma_mod as bench_gamma_mod
+        profile = _override(bench_gamma_mod.QUICK if args.quick else bench_gamma_mod.FULL, steps=args.steps,
+                            tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None)
+        result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
+        markdown = bench_gamma_mod.gamma_mod_markdown(result)
     elif args.what == "perf":
         from . import mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
