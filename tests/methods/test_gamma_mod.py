@@ -163,9 +163,15 @@ def test_gpt2_blocks_and_generation_without_cache(ids):
     assert lk.get_method("gamma_mod").generate_kwargs == {"use_cache": False}
 
 
+def test_target_forms_resolve_to_paths_plus_blocks():
+    model = tiny_llama()
+    lk.add_adapter(model, GammaModConfig(target_modules="all-linear", mod_layers=[0]))
+    targets = model.lorakit.configs["default"].target_modules
+    assert targets[-2:] == ["model.layers.0", "model.layers.1"]
+    assert "model.layers.1.mlp.down_proj" in targets and "lm_head" not in targets
+
+
 def test_config_errors():
-    with pytest.raises(ConfigError, match="list of module names"):
-        GammaModConfig(target_modules="all-linear")
     with pytest.raises(ConfigError, match="capacity_factor"):
         GammaModConfig(capacity_factor=0.0)
     with pytest.raises(ConfigError, match="blocks this model lacks"):

@@ -87,8 +87,8 @@ register_layer_kind(describe_block)
 class GammaModConfig(AdapterConfig):
     """γ-MoD over LoRA.
 
-    - ``target_modules``: the LoRA targets (a list; None: the architecture's PEFT default). The decoder blocks
-      are added to it by the method.
+    - ``target_modules``: the LoRA targets (PEFT's forms; None: the architecture's default). They are resolved
+      to module paths and the decoder blocks are added when the adapter is added.
     - ``r``, ``lora_alpha``, ``lora_dropout``: the LoRA on those modules.
     - ``mod_layers``: indices of the blocks that become MoD blocks (None: chosen by ARank at init).
     - ``num_mod_layers``: how many blocks ARank converts (None: half of them, at least one).
@@ -107,9 +107,6 @@ class GammaModConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, str):
-            raise ConfigError("GammaModConfig.target_modules must be a list of module names (or None): the method adds "
-                              "the decoder blocks to it, which a regex or 'all-linear' cannot take.")
         if self.r <= 0:
             raise ConfigError(f"GammaModConfig.r must be a positive integer, got {self.r}.")
         if not 0.0 < self.capacity_factor <= 1.0:
@@ -232,15 +229,17 @@ def decoder_block_paths(model: nn.Module) -> list[str]:
 
 
 def prepare_gamma_mod(model: nn.Module, config: GammaModConfig) -> GammaModConfig:
-    from ..core.targeting import default_targets
+    """The config with ``target_modules`` resolved to the LoRA targets' paths plus every decoder block."""
+    from ..core.targeting import select_targets
 
     blocks = decoder_block_paths(model)
     if config.mod_layers is not None and any(i >= len(blocks) for i in config.mod_layers):
         raise ConfigError(f"GammaModConfig.mod_layers={config.mod_layers} names blocks this model lacks "
                           f"(it has {len(blocks)}, indices 0..{len(blocks) - 1}).")
-    targets = list(config.target_modules) if config.target_modules is not None else list(default_targets(model))
-    targets += [p for p in blocks if p not in targets]
-    return dataclasses.replace(config, target_modules=targets)  # a fresh copy per adapter: its own router
+    lora_only = dataclasses.replace(config, target_modules=config.target_modules if not isinstance(
+        config.target_modules, list) else [t for t in config.target_modules if t not in blocks])
+    targets = [p for p in select_targets(model, lora_only) if p not in blocks] if lora_only.target_modules != [] else []
+    return dataclasses.replace(config, target_modules=targets + blocks)  # a fresh copy per adapter: its own router
 
 
 def build_gamma_mod(base_layer: nn.Module, info: LayerInfo, config: GammaModConfig, path: str = ""):
