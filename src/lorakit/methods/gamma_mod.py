@@ -265,7 +265,7 @@ def gamma_mod_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     from ..core.model import adapter_state
 
     def cross_entropy(probs, selected, mask):
-        nll = -torch.log(probs[:, 1].clamp_min(1e-9)) * selected[:, 1] - torch.log(probs[:, 0].clamp_min(1e-9)) * selected[:, 0]
+        nll = -(torch.log(probs.clamp_min(1e-9)) * selected).sum(-1)  # -log p[target], target = kept
         return nll.mean() if mask is None else (nll * mask).sum() / mask.sum().clamp_min(1)
 
     coef = adapter_state(model).configs[name].router_aux_loss_coef

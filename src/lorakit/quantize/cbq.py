@@ -146,7 +146,8 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 class LoraRounding(nn.Module):
     """Learned quantization of one (out, in) weight: step sizes ``s = s₀·exp(t)`` and rounding offsets
-    ``h(V₀ + A₁A₂)`` (CBQ §3.3). ``soft()`` is the differentiable weight, ``hard()`` the final one."""
+    ``h(V₀ + A₁A₂)`` (CBQ §3.3). ``straight_through()`` is the weight trained (hard value, soft gradient),
+    ``hard()`` the final one."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, r: int, where: str = "weight"):
         super().__init__()
@@ -174,7 +175,7 @@ class LoraRounding(nn.Module):
         q = torch.clamp(x + (torch.floor(x) - x).detach() + h + self.zero, 0, self.spec.qmax)
         return (s * (q - self.zero)).reshape(self.w.shape[0], -1)
 
-    def soft(self) -> torch.Tensor:
+    def straight_through(self) -> torch.Tensor:
         """The weight with hard rounding in value and the gradient of the soft rounding h(V) (see module doc)."""
         v = self.v()
         h = rectified_sigmoid(v)
@@ -261,8 +262,13 @@ def quantize_cbq(model: nn.Module, calib_ids: torch.Tensor, config: CBQConfig | 
             target = _run(fp_copies, ids, x_fp, kwargs)
 
         def weights(hard: bool) -> dict[int, dict[str, torch.Tensor]]:
-            return {i: {f"{name}.weight": oriented(rd.hard() if hard else rd.soft(), fifo).to(lay.weight.dtype)
-                        for (name, lay, fifo), rd in zip(linears[i], rounders[i].values())} for i in ids}
+            out = {}
+            for i in ids:
+                out[i] = {}
+                for (name, layer, fifo), rd in zip(linears[i], rounders[i].values()):
+                    w = rd.hard() if hard else rd.straight_through()
+                    out[i][f"{name}.weight"] = oriented(w, fifo).to(layer.weight.dtype)
+            return out
 
         def error(hard_weights) -> float:
             with torch.no_grad():
@@ -282,7 +288,8 @@ def quantize_cbq(model: nn.Module, calib_ids: torch.Tensor, config: CBQConfig | 
             if step >= warm and config.round_weight:
                 frac = (step - warm) / max(config.steps - warm - 1, 1)
                 beta = config.beta_end + (config.beta_start - config.beta_end) * (1 - frac)
-                loss = loss + config.round_weight * sum(rd.rounding_loss(beta) for i in ids for rd in rounders[i].values())
+                reg = sum(rd.rounding_loss(beta) for i in ids for rd in rounders[i].values())
+                loss = loss + config.round_weight * reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -300,6 +307,7 @@ def quantize_cbq(model: nn.Module, calib_ids: torch.Tensor, config: CBQConfig | 
                 x_q = _run(blocks, [i], x_q, kwargs)
                 x_fp = _run(fp_copies, [i], x_fp, kwargs)
                 del fp_copies[i], rounders[i]
-    return {"method": "cbq", "layers": sum(len(v) for v in linears.values()), "bits": config.bits, "group_size": config.group_size, "window": config.window,
+    return {"method": "cbq", "layers": sum(len(v) for v in linears.values()), "bits": config.bits,
+            "group_size": config.group_size, "window": config.window,
             "overlap": config.overlap, "r": config.r, "steps": config.steps, "cfp": config.cfp,
             "truncated_weights": truncated, "windows": windows}
