@@ -24,7 +24,7 @@ SRC = Path(lorakit.__file__).parent
 LAYERS = [
     {"_version", "core", "assets"},
     {"io", "data", "hub"},
-    {"mixtures"},
+    {"mixtures", "quantize"},
     {"methods"},
     {"init"},
     {"training", "serving", "compose", "federated", "pretrain"},

@@ -600,6 +600,64 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_quantize(argv: Sequence[str]) -> int:
+    """``lorakit quantize --method rtn|cbq --bits B``: post-training weight quantization (W{B}A16) of a model's
+    transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
+    before and after, and with ``--output`` writes the quantized model (weights on the b-bit grid, stored in the
+    model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
+    from .quantize import QUANTIZERS, perplexity, quantize_model, task_token_rows
+
+    p = argparse.ArgumentParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
+    p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
+    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
+    p.add_argument("--calib-rows", type=int, default=32, help="calibration rows of --seq-len tokens (cbq)")
+    p.add_argument("--eval-rows", type=int, default=32, help="test rows of --seq-len tokens for the perplexity")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration / test row")
+    p.add_argument("--steps", type=int, default=None, help="cbq: optimisation steps per window (default 100)")
+    p.add_argument("--window", type=int, default=None, help="cbq: blocks per window (default 2)")
+    p.add_argument("--overlap", type=int, default=None, help="cbq: blocks shared by consecutive windows (default 1)")
+    p.add_argument("--r", type=int, default=None, help="cbq: rank of the LoRA-Rounding matrices (default 8)")
+    p.add_argument("--no-cfp", action="store_true", help="cbq: skip the coarse-to-fine weight-outlier truncation")
+    p.add_argument("--output", default=None, help="folder for the quantized model (default: not written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _common_model(p)
+    args = p.parse_args(argv)
+    options = {k: v for k, v in (("steps", args.steps), ("window", args.window), ("overlap", args.overlap),
+                                 ("r", args.r)) if v is not None}
+    if args.no_cfp:
+        options["cfp"] = False
+    try:
+        _set_threads(args)
+        if args.method == "rtn" and options:
+            raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
+        out = check_output_dir(args.output, "--output", overwrite=args.overwrite) if args.output else None
+        from .hub import load_model_and_tokenizer
+        from .training.checkpoint import write_dir_atomically
+
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        test = task_token_rows(tokenizer, "test", args.eval_rows, args.seq_len)
+        before = perplexity(model, test)
+        calib = task_token_rows(tokenizer, "train", args.calib_rows, args.seq_len) if args.method == "cbq" else None
+        summary = quantize_model(model, args.method, calib, bits=args.bits, group_size=args.group_size,
+                                 progress=print, **options)
+        after = perplexity(model, test)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.method} W{args.bits}A16 ({summary['layers']} linear layers): perplexity {before:.3f} -> {after:.3f}")
+    if out is not None:
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            (folder / "quantization.json").write_text(json.dumps({**summary, "perplexity_before": before,
+                                                                  "perplexity_after": after}, indent=2))
+
+        write_dir_atomically(out, write)
+        print(f"quantized model written to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a plain PEFT LoRA for an adapter: identity for PEFT methods, the method's to_lora hook otherwise."""
     from . import get_method, load_adapter, save_adapter
@@ -839,6 +897,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     sub.add_parser("merge-adapters", help="merge several LoRA adapters into one (see lorakit merge-adapters --help)",
                    add_help=False)
     _add_serve(sub)
+    sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
+                   add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
@@ -890,6 +950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:
         return cmd_merge_adapters(argv[1:])
+    if argv[:1] == ["quantize"]:
+        return cmd_quantize(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])

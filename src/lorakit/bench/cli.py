@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init", "quantize", "gamma_mod"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -120,6 +120,18 @@ def main(argv: Sequence[str]) -> int:
             markdown = variants.variants_markdown(result)
             out.mkdir(parents=True, exist_ok=True)
             result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
+    elif args.what == "quantize":
+        from . import quantize as bench_quantize
+        profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
+                            seed=args.seeds[0] if args.seeds else None)
+        result = bench_quantize.run_quantize(profile, progress=not args.quick)
+        markdown = bench_quantize.quantize_markdown(result)
+    elif args.what == "gamma_mod":
+        from . import gamma_mod as bench_gamma_mod
+        profile = _override(bench_gamma_mod.QUICK if args.quick else bench_gamma_mod.FULL, steps=args.steps,
+                            tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None)
+        result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
+        markdown = bench_gamma_mod.gamma_mod_markdown(result)
     elif args.what == "perf":
         from . import mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
