@@ -906,6 +906,8 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m lorakit -- train --r 16`: the launcher's "--" ends its own options
+        argv = argv[1:]
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:

@@ -157,3 +157,60 @@ def test_lisa_unfreezes_the_same_blocks_on_every_process(launched, single):
     for name, value in records[0]["lisa"]["blocks"].items():  # the trained base blocks match too
         torch.testing.assert_close(torch.tensor(value), model.model.layers.get_parameter(name).detach(), atol=ATOL,
                                    rtol=1e-4)
+
+
+CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
+            "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
+            "--log-every", "1", "--r", "4", "--quiet"]
+
+
+def _cli_outputs_agree(two: Path, one: Path) -> None:
+    """The 2-process run wrote what the 1-process run wrote (rank 0 alone), with matching adapter weights."""
+    a, b = load_tensors(two / "adapter" / "adapter_model.safetensors"), load_tensors(one / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    # Adam's first steps move each weight by about ±lr whatever the gradient's size, so a weight whose gradient is
+    # ~1e-8 (near Adam's eps) turns float-summation noise into a visible difference: tolerance 3% of lr (3e-3).
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]  # rank 0 alone wrote the log
+    for ours, reference in zip(*records):
+        if "loss" in reference:  # the logged loss is the global step's
+            assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+            assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert json.loads((two / "summary.json").read_text())["after"]["n"] == 3  # every rank's predictions gathered
+
+
+def test_torchrun_runs_lorakit_train_unchanged(tmp_path):
+    """``torchrun --nproc-per-node 2 -m lorakit train`` (gloo) on the bundled model equals ``lorakit train`` in one
+    process at twice the batch; only rank 0 prints and writes."""
+    from lorakit.cli import main
+
+    # "--": torchrun's parser would take lorakit's --r for an abbreviation of its own --rdzv-*/--role options
+    stdout = torchrun("-m", "lorakit", "--", *CLI_ARGS, "--batch-size", "2", "--output", str(tmp_path / "two"))
+    assert stdout.count("adapter saved to") == 1
+    assert main([*CLI_ARGS, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    _cli_outputs_agree(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_lorakit_train(tmp_path):
+    pytest.importorskip("accelerate")
+    from lorakit.cli import main
+
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(_free_port()), "-m")
+    stdout = torchrun("lorakit", "--", *CLI_ARGS, "--batch-size", "2", "--output", str(tmp_path / "two"), launcher=launcher)
+    assert stdout.count("adapter saved to") == 1
+    assert main([*CLI_ARGS, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    _cli_outputs_agree(tmp_path / "two", tmp_path / "one")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -121,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
             out.mkdir(parents=True, exist_ok=True)
             result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
     elif args.what == "perf":
-        from . import mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
+        from . import distributed_perf, mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)
