@@ -182,7 +182,8 @@ def _cli_outputs_agree(two: Path, one: Path) -> None:
     assert json.loads((two / "summary.json").read_text())["after"]["n"] == 3  # every rank's predictions gathered
 
 
-def test_torchrun_runs_lorakit_train_unchanged(tmp_path):
+@pytest.mark.slow  # ~90 s on a loaded 2-core machine (two processes load the bundled model); the loop's own
+def test_torchrun_runs_lorakit_train_unchanged(tmp_path):  # torchrun tests above run in CI
     """``torchrun --nproc-per-node 2 -m lorakit train`` (gloo) on the bundled model equals ``lorakit train`` in one
     process at twice the batch; only rank 0 prints and writes."""
     from lorakit.cli import main
@@ -199,7 +200,9 @@ def test_accelerate_launch_runs_lorakit_train(tmp_path):
     pytest.importorskip("accelerate")
     from lorakit.cli import main
 
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # --multi_gpu: accelerate's launcher through torch's elastic agent (on a machine without CUDA the processes use
+    # gloo); with --cpu accelerate would start a single process (its multi-CPU path needs mpirun).
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(_free_port()), "-m")
     stdout = torchrun("lorakit", "--", *CLI_ARGS, "--batch-size", "2", "--output", str(tmp_path / "two"), launcher=launcher)
