@@ -4,7 +4,8 @@ the same global batch, both through ``lorakit.training.train`` (so the loop's ow
 The 1-process runs (batch ``2·b``) happen in this process, half before and half after one launch of 2 processes
 (batch ``b`` each) that repeat their run as often: machine noise hits both sides alike. Each process uses one
 torch thread on CPU, so the ratio shows what a second process (core) buys. Step time = the loop's training time
-(setup, evaluation and saving excluded) / steps. Registered in ``perf.EXTRA_ROWS`` on import.
+(setup, evaluation and saving excluded) / steps. Registered in ``perf.EXTRA_ROWS`` on import; ``--quick`` runs it
+only as ``lorakit bench perf --quick --only ddp``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .perf import EXTRA_ROWS
+from .perf import EXTRA_ROWS, QUICK_ONLY_WHEN_NAMED
 from .timing import ratio
 
 ROW = "DDP 2 processes / 1 process (same global batch)"
@@ -89,3 +90,4 @@ def ddp_perf_row(profile, device) -> list[dict]:
 
 
 EXTRA_ROWS["ddp"] = ddp_perf_row
+QUICK_ONLY_WHEN_NAMED.add("ddp")  # lorakit bench perf --quick --only ddp
