@@ -217,3 +217,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_single_process_needs_no_launcher(monkeypatch):
+    from lorakit.core.errors import ConfigError
+    from lorakit.training.distributed import env_world, setup
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = setup(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.enabled) == (0, 1, False)
+    assert ctx.sum_counts([3, 4]) == [3, 4] and ctx.shard([1, 2, 3]) == [1, 2, 3]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK=2"):
+        env_world()
+    with pytest.raises(ConfigError, match="Did you mean: fsdp"):
+        worker.train_config(2, distributed="fsdq")

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, LorakitError
 from .config import DISTRIBUTED_MODES as MODES
 
 
@@ -192,19 +192,22 @@ class Distributed:
             dist.barrier()
 
     def on_main(self, write: Callable[[], Any]) -> Any:
-        """Run ``write`` (a save) on rank 0 only; the others wait for it. Its return value, or its error, reaches
-        every rank (an error is raised on all of them, as the same exception type when it can be rebuilt)."""
+        """Run ``write`` (a save) on rank 0 only; the others wait for it. Its return value reaches every rank; if it
+        raises, rank 0 raises that error and the others a LorakitError quoting it (none waits forever)."""
         if not self.enabled:
             return write()
         outcome: list[Any] = [None, None]
+        error: Exception | None = None
         if self.is_main:
             try:
                 outcome[0] = write()
-            except Exception as error:  # every rank must learn of it, or they would wait forever
-                outcome[1] = error
+            except Exception as caught:  # every rank must learn of it, or they would wait forever
+                error, outcome[1] = caught, f"{type(caught).__name__}: {caught}"
         dist.broadcast_object_list(outcome, src=0, device=self.device if self.device.type == "cuda" else None)
+        if error is not None:
+            raise error
         if outcome[1] is not None:
-            raise outcome[1]
+            raise LorakitError(f"rank 0 failed to write: {outcome[1]}")
         return outcome[0]
 
     # -- the model ----------------------------------------------------------------------------------------------

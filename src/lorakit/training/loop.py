@@ -12,6 +12,10 @@ of tokens. (Averaging per micro-batch and then over micro-batches, the naive way
 short micro-batch more than one in a long micro-batch.) A method's ``extra_loss`` is a per-forward term,
 so it is averaged over the step's micro-batches.
 
+Data parallel: under ``torchrun`` / ``accelerate launch`` every process runs this loop on its rows of each global
+micro-batch; ``training/distributed.py`` holds every collective step (token counts, DDP / FSDP2, rank-0 saves,
+sharded evaluation), so N processes at ``batch_size=b`` train as one process at ``batch_size=N·b``.
+
 Exact resume: the data order is a function of (seed, epoch) and the position in the stream, and the
 checkpoint stores that position, the optimizer moments and the torch RNG state, so N steps + resume + N
 steps gives bit-identical weights to 2N steps straight. Hooks keep this property as long as their state is
