@@ -28,7 +28,7 @@ LAYERS = [
     {"methods"},
     {"init"},
     {"training", "serving", "compose", "federated", "pretrain"},
-    {"bench", "cli", "cli_options"},
+    {"bench", "cli", "cli_options", "__main__"},
 ]
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 FACADE_LAYER = LAYER_OF["init"]  # lorakit/__init__.py re-exports up to here: only layers above may use it

@@ -12,6 +12,7 @@ replaced with ``--overwrite``; Ctrl-C during training saves a checkpoint and pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -183,8 +184,10 @@ def _overrides(args) -> dict | None:
 
 
 # -- train --------------------------------------------------------------------------------------------------
-def _train_configs(args: argparse.Namespace):
-    """Method, adapter config, TrainConfig and output folder, all validated without a model."""
+def _train_configs(args: argparse.Namespace, ctx=None):
+    """Method, adapter config, TrainConfig and output folder, all validated without a model. Under torchrun
+    (``ctx``, a ``training.distributed.Distributed``) rank 0 checks (and with --overwrite clears) the output folder
+    while the others wait."""
     from . import get_method
     from .training import TrainConfig
 
@@ -198,14 +201,15 @@ def _train_configs(args: argparse.Namespace):
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents
-    check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)
+    check = lambda: check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)  # noqa: E731
+    check() if ctx is None else ctx.on_main(check)
     train_config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, log_every=args.log_every, output_dir=args.output, resume_from=args.resume_from,
-        init_batches=args.init_batches, **_procedure_settings(args),
+        init_batches=args.init_batches, distributed=args.distributed, **_procedure_settings(args),
     )
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
@@ -248,15 +252,26 @@ def _metrics_logger(path: Path, append: bool):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train; under ``torchrun`` / ``accelerate launch`` every process runs this, rank 0 alone prints and writes."""
+    from .training.distributed import device_for, setup
+
+    ctx = setup(device_for(None), args.distributed)
+    if ctx.is_main:
+        return _train_command(args, ctx)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _train_command(args, ctx)
+
+
+def _train_command(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from . import add_adapter, disable_adapters, print_trainable_parameters
-    from .data import evaluate_examples
     from .hub import load_model_and_tokenizer, load_tokenizer
     from .training import train
+    from .training.distributed import evaluate_sharded
     from .training.plot import plot_metrics
 
-    method, adapter_config, config = _train_configs(args)
+    method, adapter_config, config = _train_configs(args, ctx)
     tokenizer = load_tokenizer(args.model)
     train_examples = _load_examples(args.data, "train", args.train_examples, TASK_TRAIN_EXAMPLES, args.seed, tokenizer)
     if args.eval_data:
@@ -281,8 +296,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
     with disable_adapters(model):
-        before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
-                                   progress=not args.quiet)
+        before = evaluate_sharded(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                                  progress=not args.quiet and ctx.is_main)
     if args.init is not None:  # an init may change the base weights: the "before" score is taken on the untouched base
         _add_with_init(model, adapter_config, args)
     _print_metrics("before", before)
@@ -290,14 +305,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = dataclasses.replace(config, eval_examples=len(eval_examples))  # the loop evaluates all of them
     out = Path(args.output)
-    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from))
+    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from)) if ctx.is_main else (
+        lambda record: None, contextlib.nullcontext())
     if not args.resume_from:
         log({"step": 0, "eval": before})
-    try:
+    with handle:
         result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
-                       eval_examples=eval_examples, progress=not args.quiet, on_log=[log])
-    finally:
-        handle.close()
+                       eval_examples=eval_examples, progress=not args.quiet and ctx.is_main, on_log=[log])
+    if not ctx.is_main:
+        return 0  # rank 0 writes the summary and plot
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
@@ -787,6 +803,10 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
     t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .training.config import DISTRIBUTED_MODES
+    t.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
+                   help="under torchrun / accelerate launch: DDP over the adapter, or FSDP2 sharding the frozen base "
+                        "(--batch-size is per process; see docs/distributed.md)")
     _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
     _add_procedure_options(t, procedure_name)
@@ -946,6 +966,8 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m lorakit -- train --r 16`: the launcher's "--" ends its own options
+        argv = argv[1:]
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:

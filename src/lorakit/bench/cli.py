@@ -133,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
         result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
         markdown = bench_gamma_mod.gamma_mod_markdown(result)
     elif args.what == "perf":
-        from . import mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
+        from . import distributed_perf, mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)
