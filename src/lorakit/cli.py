@@ -165,11 +165,20 @@ def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what
                            f"would get the base model's answer; give one of: {', '.join(sorted(task_to_id))}")
 
 
+def _quantize_config(args):
+    """``--quantize nf4 [--compute-dtype D] [--no-double-quant]``: the 4-bit base (QLoRA), else None."""
+    if getattr(args, "quantize", None) is None:
+        return None
+    from .quantize import QuantizeConfig
+
+    return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
+
+
 def _load_with_adapter(args):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
     elif getattr(args, "rank", None) is not None:
@@ -274,11 +283,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
-    print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
+    print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
+          f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
     with disable_adapters(model):
         before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
@@ -302,7 +312,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
     _print_metrics("after ", after)
-    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
+    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl")}
     from .mixtures import router_summary
@@ -546,6 +557,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args)
+    if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
+        from .quantize import dequantize_model
+        dequantize_model(model)
     merged = merge_and_unload(model)
 
     def write(folder: Path) -> None:
@@ -657,6 +671,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
+    from .quantize import COMPUTE_DTYPES, QUANT_TYPES
+
+    g = p.add_argument_group("4-bit base (QLoRA, bitsandbytes; pip install 'lorakit[quantize]')")
+    g.add_argument("--quantize", default=None, choices=QUANT_TYPES,
+                   help=f"load the base's linear layers in 4 bit (nf4: QLoRA's NormalFloat) and {what} "
+                        "(default: full precision)")
+    g.add_argument("--compute-dtype", default="float32", choices=list(COMPUTE_DTYPES),
+                   help="dtype of the 4-bit layers' matmuls (the QLoRA paper uses bfloat16)")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the 4-bit blocks' constants too (QLoRA's double quantization)")
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
@@ -693,6 +720,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                        description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
                                    "Ctrl-C saves a checkpoint and prints the command that resumes it.")
     _common_model(t)
+    _add_quantize(t, "train the adapter on that frozen 4-bit base")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
@@ -738,6 +766,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
     _common_model(e)
+    _add_quantize(e, "evaluate on it (use the settings the adapter was trained with)")
     e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
     e.add_argument("--data", required=True,
                    help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
@@ -755,6 +784,7 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
     _common_model(g)
+    _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
     g.add_argument("--prompt", action="append",
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
@@ -794,6 +824,8 @@ def _add_merge(sub) -> None:
     mg.add_argument("--adapter", required=True)
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _add_quantize(mg, "merge into the dequantized 4-bit weights (for an adapter trained with train --quantize); "
+                      "the merged model is saved in full precision")
     mg.set_defaults(func=cmd_merge)
 
 
