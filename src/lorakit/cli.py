@@ -311,6 +311,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+    if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
+        tokenizer.save_pretrained(out / "pruned_model")
+        print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
                "before": before,

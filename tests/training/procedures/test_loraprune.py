@@ -151,3 +151,18 @@ def test_loraprune_errors(tokenizer):
     model = lk.add_adapter(tiny_llama_for(tokenizer), lk.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(lk.ConfigError, match="plain LoRA adapter 'default' on model.layers.0.self_attn.k_proj"):
         _procedure(model)
+
+
+def test_cli_writes_a_pruned_model_usable_as_model(tmp_path, capsys):
+    import json
+
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--procedure", "loraprune", "--ratio", "0.5", "--prune-freq", "2", "--data", "reverse",
+                 "--steps", "3", "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2",
+                 "--output", str(out), "--quiet", "--r", "2"]) == 0
+    config = json.loads((out / "pruned_model" / "config.json").read_text())
+    assert config["intermediate_size"] == 688 - int(688 * 0.5) and config["num_key_value_heads"] == 1
+    assert main(["eval", "--model", str(out / "pruned_model"), "--data", "reverse", "--eval-examples", "2"]) == 0
+    assert "exact match" in capsys.readouterr().out

@@ -24,7 +24,8 @@ current mask), ``schedule_sparsity_ratio`` (171–188); ``loraprune/trainer.py``
 prune when ``step % prune_freq == 0``). Where this differs, and why:
 
 - The official trainer prunes only while ``r_0 < r_t < r_f``, so the final ratio is never reached (the cool-down
-  has ``r_t = r_f``); here ``r_t ≤ r_f`` prunes, so the run ends at the target ratio, as the paper describes.
+  has ``r_t = r_f``); here ``r_t ≤ r_f`` prunes, and the last step prunes to ``r_f`` whatever ``prune_freq``, so
+  the run ends at the target ratio, as the paper describes.
 - The official ``freeze`` keeps the first 10% of blocks and the last block unpruned. A transformers config holds
   one ``intermediate_size`` and head count for all blocks, so the exported model would not load; here every block
   is pruned to the same widths (``protected_blocks`` keeps blocks whole, for in-memory use; export then refuses).
@@ -169,8 +170,9 @@ class LoraPrune(Procedure):
             self.importance[key] = beta * self.importance[key] + (1 - beta) * s
         c = self.config
         ratio = sparsity_schedule(step, self.train_config.steps, c.warmup, c.cooldown, c.init_ratio, c.ratio)
-        if step % c.prune_freq == 0 and c.init_ratio < ratio <= c.ratio:
-            self.prune_to(ratio)
+        last = step == self.train_config.steps - 1
+        if (step % c.prune_freq == 0 or last) and c.init_ratio < ratio <= c.ratio:
+            self.prune_to(c.ratio if last else ratio)
 
     def prune_to(self, ratio: float) -> None:
         """Mask the lowest-importance units of every unprotected block until ``ratio`` of them are masked."""
