@@ -283,7 +283,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
+    if args.loram_ratio is not None:
+        model, tokenizer, plan = _loram_base(args)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
@@ -311,6 +314,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+    extra = {}
+    if args.loram_ratio is not None and result.adapter_dir is not None:
+        extra = {"after_pruned_model": after}
+        _print_metrics("after, pruned base", after)
+        after = _loram_recover(args, plan, Path(result.adapter_dir), eval_examples)
+        print(f"recovered adapter (for the full model) in {result.adapter_dir}; the pruned model's in "
+              f"{Path(result.adapter_dir).with_name('adapter_pruned')}")
     if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
         tokenizer.save_pretrained(out / "pruned_model")
         print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
@@ -318,7 +328,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
                "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
-               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl")}
+               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl"),
+               **extra}
     from .mixtures import router_summary
     routed = router_summary(result.router_stats)  # the training forwards only
     if routed is not None:
@@ -336,6 +347,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
     return 0
+
+
+def _loram_base(args):
+    """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan)."""
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import LoramConfig, loram_prune, plan_summary
+
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    model, plan = loram_prune(full, LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed))
+    summary = plan_summary(plan, full, model)
+    del full  # training holds only the pruned base
+    if args.quantize:
+        from .quantize import quantize_model
+        quantize_model(model, _quantize_config(args))
+    print(f"LoRAM: training on the pruned base ({summary['params_pruned']:,} of {summary['params_full']:,} "
+          f"parameters, {summary['removed_fraction']:.1%} removed); the adapter is recovered for the full model")
+    return model, tokenizer, plan
+
+
+def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
+    """Keep the pruned model's adapter as adapter_pruned/, write the recovered one as adapter/ (for the original
+    model) with the plan, and evaluate the original model with it; returns those metrics."""
+    import shutil
+
+    from . import load_adapter
+    from .data import evaluate_examples
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import recover_adapter
+
+    pruned_dir = adapter_dir.with_name("adapter_pruned")
+    if pruned_dir.exists():
+        shutil.rmtree(pruned_dir)
+    adapter_dir.rename(pruned_dir)
+    recover_adapter(pruned_dir, plan, adapter_dir)
+    plan.save(adapter_dir.with_name("loram_plan"))
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    load_adapter(full, adapter_dir)
+    metrics = evaluate_examples(full, tokenizer, eval_examples, batch_size=args.eval_batch_size, progress=not args.quiet)
+    return metrics
 
 
 def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
@@ -724,6 +774,12 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                                    "Ctrl-C saves a checkpoint and prints the command that resumes it.")
     _common_model(t)
     _add_quantize(t, "train the adapter on that frozen 4-bit base")
+    g = t.add_argument_group("LoRAM: train on a pruned base, use the adapter on the full one (arXiv:2502.13533)")
+    g.add_argument("--loram-ratio", type=float, default=None,
+                   help="prune this fraction of attention groups and FFN channels before training; the adapter is "
+                        "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
+    g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
+                   help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")

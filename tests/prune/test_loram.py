@@ -156,3 +156,26 @@ def test_loram_errors():
     model = lk.add_adapter(_full(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(lk.LorakitError, match="without adapters"):
         loram_prune(model)
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "nf4"]], ids=["loram", "qloram"])
+def test_cli_trains_small_and_writes_the_recovered_adapter(tmp_path, capsys, quantize):
+    import json
+
+    from safetensors.torch import load_file
+
+    from lorakit.cli import main
+
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    assert main(["train", "--loram-ratio", "0.5", *quantize, "--data", "reverse", "--steps", "2", "--batch-size", "2",
+                 "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet", "--r", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "after_pruned_model" in summary and "exact_match" in summary["after"]
+    small = load_file(out / "adapter_pruned" / "adapter_model.safetensors")
+    large = load_file(out / "adapter" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    assert small[key].shape == (344, 2) and large[key].shape == (688, 2)
+    assert PrunePlan.load(out / "loram_plan").channels[0].numel() == 344
+    assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0

@@ -36,6 +36,7 @@ def _qlora_variants(base, r: int, device):
     from ..quantize import quantize_model
 
     def ours(model):
+        torch.manual_seed(0)  # the same adapter init on both bases
         return lk.add_adapter(model, lk.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
                                                    init_lora_weights=False))
 
@@ -68,6 +69,8 @@ def qlora_perf_rows(profile, device) -> list[dict]:
         base = build_model(name, "cpu")
         ids = torch.randint(0, base.config.vocab_size, (profile.batch, profile.seq), device=device)
         variants = _qlora_variants(base, profile.r, device)
+        with torch.no_grad():  # before any update: the same adapter on the same NF4 weights
+            diff = (variants["qlora"][0](input_ids=ids).logits - variants["peft_qlora"][0](input_ids=ids).logits)
         memory, peaks = {}, {}
         for key, (model, opt) in variants.items():
             for _ in range(2):  # optimizer state exists after the first step
@@ -89,8 +92,6 @@ def qlora_perf_rows(profile, device) -> list[dict]:
                 _step(model, opt, ids)
                 torch.cuda.synchronize()
                 peaks[key] = torch.cuda.max_memory_allocated() / 2**20
-        with torch.no_grad():
-            diff = (variants["qlora"][0](input_ids=ids).logits - variants["peft_qlora"][0](input_ids=ids).logits)
         t = time_interleaved({k: (lambda m=m, o=o: _step(m, o, ids)) for k, (m, o) in variants.items()},
                              repeats=profile.repeats)
         total = {k: v["total_mb"] for k, v in memory.items()}
