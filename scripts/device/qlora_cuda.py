@@ -27,8 +27,9 @@ sys.path.insert(0, "tests")
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/device-qlora")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of parts 1-3 (no perf row)")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs CUDA"
+    assert args.device == "cpu" or torch.cuda.is_available(), "needs CUDA"
     import peft
     from transformers import LlamaForCausalLM
 
@@ -36,7 +37,7 @@ def main() -> int:
     from lk_models import tiny_llama
     from lorakit.quantize import QuantizeConfig, dequantize_model, quantize_model
 
-    dev, report, t0 = "cuda", {}, time.time()
+    dev, report, t0 = args.device, {}, time.time()
     targets = "all-linear"
     with tempfile.TemporaryDirectory() as folder:
         tiny_llama(seed=3).save_pretrained(folder)
@@ -44,7 +45,7 @@ def main() -> int:
             config = QuantizeConfig(compute_dtype=dtype)
             ours = quantize_model(LlamaForCausalLM.from_pretrained(folder).to(dev), config)
             ref = LlamaForCausalLM.from_pretrained(folder, quantization_config=config.to_transformers(),
-                                                   device_map={"": 0})
+                                                   device_map={"": dev})
             same = all(torch.equal(a.data, b.data) for a, b in zip(ours.parameters(), ref.parameters()))
             torch.manual_seed(0)
             lk.add_adapter(ours, lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
@@ -62,7 +63,7 @@ def main() -> int:
                 lk.save_adapter(ours, ad)
                 back = peft.PeftModel.from_pretrained(
                     LlamaForCausalLM.from_pretrained(folder, quantization_config=config.to_transformers(),
-                                                     device_map={"": 0}), ad).eval()
+                                                     device_map={"": dev}), ad).eval()
                 ours.eval()
                 with torch.no_grad():
                     file_diff = (ours(input_ids=ids).logits - back(input_ids=ids).logits).abs().max().item()
@@ -93,6 +94,9 @@ def main() -> int:
         assert result.losses[-1] == result.losses[-1], name  # not NaN
 
     from lorakit.bench.cli import main as bench
+    if dev == "cpu":
+        print(json.dumps(report, indent=1, default=str))
+        return 0
     assert bench(["perf", "--only", "qlora", "--device", "cuda", "--output", args.out]) == 0
     report["perf"] = [{k: r.get(k) for k in ("model", "lorakit/peft", "qlora/lora", "memory qlora/peft_qlora",
                                              "cuda_peak_mb", "max_abs_diff_vs_peft")}
