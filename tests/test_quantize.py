@@ -165,6 +165,8 @@ def test_training_on_the_4bit_base_moves_only_the_adapter(saved_base):
 
 
 def test_quantize_config_errors():
+    with pytest.raises(lk.LorakitError, match="before add_adapter"):
+        quantize_model(lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"])))
     with pytest.raises(lk.ConfigError, match="quant_type"):
         QuantizeConfig(quant_type="nf3")
     with pytest.raises(lk.ConfigError, match="compute_dtype"):

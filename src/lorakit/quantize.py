@@ -104,8 +104,13 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
     layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
     device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
-    constants). Call before ``add_adapter``. Raises LorakitError without bitsandbytes."""
+    constants). Call before ``add_adapter`` (LorakitError after it, and without bitsandbytes)."""
+    from .core.layer import AdapterLayer
+
     config = QuantizeConfig.of(config)
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise LorakitError("quantize_model before add_adapter: this model has adapters, whose own layers would be "
+                           "quantized too")
     bnb = _bnb()
     skip = _skipped(model, config)
     for parent in list(model.modules()):
