@@ -166,3 +166,17 @@ def test_cli_writes_a_pruned_model_usable_as_model(tmp_path, capsys):
     assert config["intermediate_size"] == 688 - int(688 * 0.5) and config["num_key_value_heads"] == 1
     assert main(["eval", "--model", str(out / "pruned_model"), "--data", "reverse", "--eval-examples", "2"]) == 0
     assert "exact match" in capsys.readouterr().out
+
+
+def test_loraprune_on_a_4bit_base(tokenizer, reverse_train, tmp_path):
+    """QLoRA + LoRAPrune: importance reads the dequantized weight; the export is a full-precision smaller model."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quantize import quantize_model
+
+    base = quantize_model(tiny_llama_for(tokenizer, num_attention_heads=4, num_key_value_heads=2))
+    model = lk.add_adapter(base, lk.LoraConfig(r=2, target_modules=ALL)).train()
+    config = TrainConfig(steps=4, batch_size=4, lr=1e-2, procedure="loraprune", output_dir=str(tmp_path),
+                         procedure_args={"ratio": 0.5, "prune_freq": 2})
+    train(model, tokenizer, reverse_train[:8], config, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned_model")
+    assert loaded.config.intermediate_size == 32 and getattr(loaded.config, "quantization_config", None) is None

@@ -47,6 +47,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...core.delta import oriented_weight
 from ...core.errors import ConfigError
 from ...core.layer import AdapterLayer
 from ...prune.structure import ATTENTION, MLP, Block, base_of, decoder_blocks, prune_blocks
@@ -111,7 +112,7 @@ def lora_importance(layer: AdapterLayer, adapter_name: str) -> torch.Tensor:
         return torch.zeros(b.shape[0], a.shape[1], device=a.device)
     grad_a, grad_b = units.A.grad.float(), units.B.grad.float()
     g = grad_b @ a + b @ grad_a - grad_b @ grad_a  # (out, r)(r, in): the estimated base gradient (eq. 8)
-    weight = base_of(layer).weight.detach().float()
+    weight = oriented_weight(layer.base_layer, layer.info).detach().float()  # dequantized on a 4-bit base
     return (g * (b @ a * units.scaling + weight)).abs()
 
 
@@ -224,7 +225,8 @@ def attach_masks(blocks: list[Block], masks: dict[str, torch.Tensor]) -> list:
 
 
 def export_pruned(model: nn.Module, masks: dict[str, torch.Tensor], protected: set[int] = frozenset()) -> nn.Module:
-    """A physically pruned copy of ``model``: adapters merged, masked units removed, config updated.
+    """A physically pruned copy of ``model``: adapters merged (a 4-bit base dequantized first), masked units
+    removed, config updated.
     Raises LorakitError when blocks would end with different widths (``protected`` blocks), which a transformers
     config cannot describe."""
     from ... import merge_and_unload
@@ -234,7 +236,11 @@ def export_pruned(model: nn.Module, masks: dict[str, torch.Tensor], protected: s
         raise LorakitError(f"protected blocks {sorted(protected)} keep their full width while the others shrink; "
                            "a transformers config has one width for all blocks, so this model cannot be saved. "
                            "Train without protected_blocks to export it.")
-    merged = merge_and_unload(copy.deepcopy(model))  # the mask hooks live on the adapter wrappers and go with them
+    from ...quantize import dequantize_model
+
+    # A 4-bit base is dequantized first (QLoRA + LoRAPrune); the mask hooks live on the adapter wrappers and go
+    # with them.
+    merged = merge_and_unload(dequantize_model(copy.deepcopy(model)))
     keep = {}
     for block in decoder_blocks(merged):
         attn, mlp = masks[f"attn.{block.index}"], masks[f"mlp.{block.index}"]
