@@ -23,8 +23,8 @@ SRC = Path(lorakit.__file__).parent
 # Lowest first. A package may import its own layer and the layers below, never above.
 LAYERS = [
     {"_version", "core", "assets"},
-    {"io", "data", "hub"},
-    {"mixtures", "quantize"},
+    {"io", "data", "hub", "quantize", "prune"},
+    {"mixtures"},
     {"methods"},
     {"init"},
     {"training", "serving", "compose", "federated", "pretrain"},

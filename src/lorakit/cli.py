@@ -166,11 +166,20 @@ def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what
                            f"would get the base model's answer; give one of: {', '.join(sorted(task_to_id))}")
 
 
+def _quantize_config(args):
+    """``--quantize nf4 [--compute-dtype D] [--no-double-quant]``: the 4-bit base (QLoRA), else None."""
+    if getattr(args, "quantize", None) is None:
+        return None
+    from .quantize import QuantizeConfig
+
+    return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
+
+
 def _load_with_adapter(args):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
     elif getattr(args, "rank", None) is not None:
@@ -289,11 +298,15 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.loram_ratio is not None:
+        model, tokenizer, plan = _loram_base(args)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
-    print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
+    print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
+          f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
     with disable_adapters(model):
         before = evaluate_sharded(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
@@ -317,10 +330,22 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+    extra = {}
+    if args.loram_ratio is not None and result.adapter_dir is not None:
+        extra = {"after_pruned_model": after}
+        _print_metrics("after, pruned base", after)
+        after = _loram_recover(args, plan, Path(result.adapter_dir), eval_examples)
+        print(f"recovered adapter (for the full model) in {result.adapter_dir}; the pruned model's in "
+              f"{Path(result.adapter_dir).with_name('adapter_pruned')}")
+    if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
+        tokenizer.save_pretrained(out / "pruned_model")
+        print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
     _print_metrics("after ", after)
-    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
+    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
-               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl")}
+               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl"),
+               **extra}
     from .mixtures import router_summary
     routed = router_summary(result.router_stats)  # the training forwards only
     if routed is not None:
@@ -338,6 +363,45 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
     return 0
+
+
+def _loram_base(args):
+    """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan)."""
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import LoramConfig, loram_prune, plan_summary
+
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    model, plan = loram_prune(full, LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed))
+    summary = plan_summary(plan, full, model)
+    del full  # training holds only the pruned base
+    if args.quantize:
+        from .quantize import quantize_model
+        quantize_model(model, _quantize_config(args))
+    print(f"LoRAM: training on the pruned base ({summary['params_pruned']:,} of {summary['params_full']:,} "
+          f"parameters, {summary['removed_fraction']:.1%} removed); the adapter is recovered for the full model")
+    return model, tokenizer, plan
+
+
+def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
+    """Keep the pruned model's adapter as adapter_pruned/, write the recovered one as adapter/ (for the original
+    model) with the plan, and evaluate the original model with it; returns those metrics."""
+    import shutil
+
+    from . import load_adapter
+    from .data import evaluate_examples
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import recover_adapter
+
+    pruned_dir = adapter_dir.with_name("adapter_pruned")
+    if pruned_dir.exists():
+        shutil.rmtree(pruned_dir)
+    adapter_dir.rename(pruned_dir)
+    recover_adapter(pruned_dir, plan, adapter_dir)
+    plan.save(adapter_dir.with_name("loram_plan"))
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    load_adapter(full, adapter_dir)
+    metrics = evaluate_examples(full, tokenizer, eval_examples, batch_size=args.eval_batch_size, progress=not args.quiet)
+    return metrics
 
 
 def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
@@ -562,6 +626,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args)
+    if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
+        from .quantize import dequantize_model
+        dequantize_model(model)
     merged = merge_and_unload(model)
 
     def write(folder: Path) -> None:
@@ -621,7 +688,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
     before and after, and with ``--output`` writes the quantized model (weights on the b-bit grid, stored in the
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
-    from .quantize import QUANTIZERS, perplexity, quantize_model, task_token_rows
+    from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
 
     p = argparse.ArgumentParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
@@ -655,8 +722,8 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         test = task_token_rows(tokenizer, "test", args.eval_rows, args.seq_len)
         before = perplexity(model, test)
         calib = task_token_rows(tokenizer, "train", args.calib_rows, args.seq_len) if args.method == "cbq" else None
-        summary = quantize_model(model, args.method, calib, bits=args.bits, group_size=args.group_size,
-                                 progress=print, **options)
+        summary = quantize_weights(model, args.method, calib, bits=args.bits, group_size=args.group_size,
+                                   progress=print, **options)
         after = perplexity(model, test)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
@@ -731,6 +798,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
+    from .quantize import COMPUTE_DTYPES, QUANT_TYPES
+
+    g = p.add_argument_group("4-bit base (QLoRA, bitsandbytes; pip install 'lorakit[quantize]')")
+    g.add_argument("--quantize", default=None, choices=QUANT_TYPES,
+                   help=f"load the base's linear layers in 4 bit (nf4: QLoRA's NormalFloat) and {what} "
+                        "(default: full precision)")
+    g.add_argument("--compute-dtype", default="float32", choices=list(COMPUTE_DTYPES),
+                   help="dtype of the 4-bit layers' matmuls (the QLoRA paper uses bfloat16)")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the 4-bit blocks' constants too (QLoRA's double quantization)")
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
@@ -767,6 +847,13 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                        description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
                                    "Ctrl-C saves a checkpoint and prints the command that resumes it.")
     _common_model(t)
+    _add_quantize(t, "train the adapter on that frozen 4-bit base")
+    g = t.add_argument_group("LoRAM: train on a pruned base, use the adapter on the full one (arXiv:2502.13533)")
+    g.add_argument("--loram-ratio", type=float, default=None,
+                   help="prune this fraction of attention groups and FFN channels before training; the adapter is "
+                        "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
+    g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
+                   help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
@@ -816,6 +903,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
     _common_model(e)
+    _add_quantize(e, "evaluate on it (use the settings the adapter was trained with)")
     e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
     e.add_argument("--data", required=True,
                    help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
@@ -833,6 +921,7 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
     _common_model(g)
+    _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
     g.add_argument("--prompt", action="append",
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
@@ -872,6 +961,8 @@ def _add_merge(sub) -> None:
     mg.add_argument("--adapter", required=True)
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _add_quantize(mg, "merge into the dequantized 4-bit weights (for an adapter trained with train --quantize); "
+                      "the merged model is saved in full precision")
     mg.set_defaults(func=cmd_merge)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorakit.hub import load_model_and_tokenizer
-from lorakit.quantize import (CBQConfig, LoraRounding, QuantSpec, cfp_threshold, perplexity, quantize_model,
+from lorakit.quantize import (CBQConfig, LoraRounding, QuantSpec, cfp_threshold, perplexity, quantize_weights,
                               rectified_sigmoid, rtn, task_token_rows)
 from lorakit.quantize.cbq import window_starts
 from lorakit.core.errors import ConfigError
@@ -88,8 +88,8 @@ def test_cbq_lowers_the_error_and_beats_rtn_on_a_real_model():
     calib = task_token_rows(tok, "train", 8, 48)
     test = task_token_rows(tok, "test", 8, 64)
     rtn_model = copy.deepcopy(model)
-    quantize_model(rtn_model, "rtn", bits=2)
-    summary = quantize_model(model, "cbq", calib, bits=2, steps=20)
+    quantize_weights(rtn_model, "rtn", bits=2)
+    summary = quantize_weights(model, "cbq", calib, bits=2, steps=20)
     (window,) = summary["windows"]
     assert window["blocks"] == [0, 1]
     assert window["error_end"] < 0.9 * window["error_start"]

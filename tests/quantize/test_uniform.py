@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorakit.core.errors import ConfigError
-from lorakit.quantize import QuantSpec, quantize_model, rtn, rtn_codes
+from lorakit.quantize import QuantSpec, quantize_weights, rtn, rtn_codes
 
 from lk_models import tiny_llama
 
@@ -51,11 +51,11 @@ def test_quant_spec_errors_name_the_fix():
         rtn(torch.zeros(2, 40), QuantSpec(bits=4, group_size=16), "layer x")
 
 
-def test_quantize_model_rtn_rewrites_every_block_linear():
+def test_quantize_weights_rtn_rewrites_every_block_linear():
     model = tiny_llama()
     before = model.model.layers[0].self_attn.q_proj.weight.clone()
     embed = model.model.embed_tokens.weight.clone()
-    summary = quantize_model(model, "rtn", bits=4)
+    summary = quantize_weights(model, "rtn", bits=4)
     assert summary["layers"] == 2 * 7
     after = model.model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(after, rtn(before, QuantSpec(4)))
@@ -63,8 +63,8 @@ def test_quantize_model_rtn_rewrites_every_block_linear():
     assert torch.equal(model.model.embed_tokens.weight, embed)  # embeddings and head stay full precision
 
 
-def test_quantize_model_unknown_names():
+def test_quantize_weights_unknown_names():
     with pytest.raises(ConfigError, match="Did you mean: cbq"):
-        quantize_model(tiny_llama(), "cbqq")
+        quantize_weights(tiny_llama(), "cbqq")
     with pytest.raises(ConfigError, match="Did you mean: window"):
-        quantize_model(tiny_llama(), "cbq", torch.zeros(1, 4, dtype=torch.long), windw=3)
+        quantize_weights(tiny_llama(), "cbq", torch.zeros(1, 4, dtype=torch.long), windw=3)

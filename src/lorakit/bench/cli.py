@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod|smaller [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init", "quantize", "gamma_mod"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init",
+                                         "quantize", "gamma_mod", "smaller"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -132,8 +133,14 @@ def main(argv: Sequence[str]) -> int:
                             tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None)
         result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
         markdown = bench_gamma_mod.gamma_mod_markdown(result)
+    elif args.what == "smaller":
+        from . import smaller
+        profile = _override(smaller.QUICK if args.quick else smaller.FULL, seeds=args.seeds, steps=args.steps,
+                            tasks=args.tasks)
+        result = smaller.run_smaller(profile)
+        markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import distributed_perf, mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+        from . import distributed_perf, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

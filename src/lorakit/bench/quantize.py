@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from ..hub import load_model_and_tokenizer
-from ..quantize import next_token_kl, perplexity, quantize_model, task_token_rows
+from ..quantize import next_token_kl, perplexity, quantize_weights, task_token_rows
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def run_quantize(profile: QuantizeProfile, progress: bool = False) -> dict:
             quantized = copy.deepcopy(model)
             t0 = time.perf_counter()
             if label == "rtn":
-                summary = quantize_model(quantized, "rtn", bits=bits)
+                summary = quantize_weights(quantized, "rtn", bits=bits)
             else:
-                summary = quantize_model(quantized, "cbq", calib, bits=bits, steps=profile.steps, r=profile.r,
+                summary = quantize_weights(quantized, "cbq", calib, bits=bits, steps=profile.steps, r=profile.r,
                                          seed=profile.seed, progress=print if progress else None, **options)
             rows.append({"bits": bits, "method": label, "perplexity": perplexity(quantized, test),
                          "kl": next_token_kl(model, quantized, test),
