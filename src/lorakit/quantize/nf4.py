@@ -105,7 +105,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
     device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
     constants). Call before ``add_adapter`` (LorakitError after it, and without bitsandbytes)."""
-    from .core.layer import AdapterLayer
+    from ..core.layer import AdapterLayer
 
     config = QuantizeConfig.of(config)
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
