@@ -95,7 +95,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
     group = parser.add_argument_group(f"{config_cls.method} options (from {config_cls.__name__})")
     hints = typing.get_type_hints(config_cls)
     old_names: dict[str, list[str]] = {}
-    for old, new in config_cls.renamed_fields.items():
+    for old, new in getattr(config_cls, "renamed_fields", {}).items():  # procedure configs have none
         old_names.setdefault(new, []).append(old)
     for f in dataclasses.fields(config_cls):
         if f.name in NOT_ON_CLI:
