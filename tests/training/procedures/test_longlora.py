@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import lorakit as lk
 from lorakit.core.errors import ConfigError
 from lorakit.training import TrainConfig, get_procedure, make_optimizer, train
-from lorakit.training.procedures.longlora import (LongLoraConfig, apply_rope_linear_scaling, s2_attention_core,
-                                                  s2_group_size)
+from lorakit.training.procedures.longlora import (LongLoraConfig, apply_rope_linear_scaling, load_trainable_params,
+                                                  s2_attention_core, s2_group_size)
 
 from lk_models import tiny_llama_for
 
@@ -182,6 +182,23 @@ def test_embeddings_and_norms_train_with_the_adapter(tokenizer, reverse_train):
     assert any("lora_B" in n for n in changed)
     assert not any(n.endswith("q_proj.base_layer.weight") or "mlp" in n for n in changed)
     assert model.config._attn_implementation == "sdpa"  # restored at the end of the run
+
+
+def test_trained_embeddings_norms_and_rope_reload_into_a_fresh_base(tokenizer, reverse_train, tmp_path):
+    model = _model(tokenizer, max_position_embeddings=16)
+    fresh = copy.deepcopy(model)
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-2, max_length=40, output_dir=str(tmp_path), procedure="longlora")
+    with pytest.warns(UserWarning, match="factor 3"):  # ceil(40 / 16)
+        train(model, tokenizer, reverse_train, config, progress=False)
+    lk.delete_adapter(fresh, "default")
+    loaded = load_trainable_params(fresh, tmp_path)
+    assert "model.embed_tokens.weight" in loaded and "model.norm.weight" in loaded
+    lk.load_adapter(fresh, tmp_path / "adapter", "default")
+    ids = torch.randint(3, len(tokenizer), (1, 40), generator=torch.Generator().manual_seed(0))
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ConfigError, match="no parameter"):
+        load_trainable_params(tiny_llama_for(tokenizer, num_hidden_layers=1), tmp_path)
 
 
 def test_rope_position_interpolation_as_fine_tune_py(tokenizer):

@@ -31,8 +31,11 @@ SDPA. Padding: the key-padding part of the model's mask is applied in every grou
 multiple of G is padded at the end internally (causal masking keeps the pad invisible to real tokens); G is
 rounded down to even; sequences too short for G ≥ 2 use full attention.
 
-RoPE scaling is applied in place to the loaded model's rotary buffers and ``config.rope_parameters``; load the
-base with ``rope_parameters={"rope_type": "linear", "factor": F}`` (F is logged) to use the adapter at that context.
+RoPE scaling is applied in place to the loaded model's rotary buffers and ``config.rope_parameters``. As the
+official ``get_trainable_weights.py`` keeps the trained embeddings and norms beside the LoRA weights
+(``trainable_params.bin``), a run with an ``output_dir`` writes them to ``trainable_params.safetensors`` there
+(host parameter names; the RoPE factor in its metadata); :func:`load_trainable_params` puts them, and the RoPE
+scaling, into a freshly loaded base before the adapter is used.
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import ConfigError
-from ...core.model import adapter_layers
+from ...core.errors import ConfigError, did_you_mean
+from ...core.model import adapter_layers, host_path
+from ...io.files import load_tensors, save_tensors
 from .base import Procedure, ProcedureConfig, register_procedure
 
 ATTN_IMPLEMENTATION = "lorakit_s2"
@@ -162,6 +167,36 @@ def apply_rope_linear_scaling(model: nn.Module, max_length: int) -> float:
     return factor
 
 
+TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
+
+
+def load_trainable_params(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy a LongLoRA run's ``trainable_params.safetensors`` (embeddings, norms) into ``model`` and apply its
+    RoPE scaling. Returns the names loaded. ConfigError names a tensor the model lacks or whose shape differs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRAINABLE_PARAMS_FILE
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        factor = float((f.metadata() or {}).get("rope_scaling_factor", "1.0"))
+    params = {host_path(n): p for n, p in model.named_parameters()}
+    for name, tensor in tensors.items():
+        if name not in params:
+            raise ConfigError(f"{path} holds {name!r}, which {type(model).__name__} has no parameter of."
+                              f"{did_you_mean(name, params)}")
+        if params[name].shape != tensor.shape:
+            raise ConfigError(f"{path}: {name!r} has shape {tuple(tensor.shape)}, the model's is "
+                              f"{tuple(params[name].shape)}; load the base model the run trained.")
+    if factor > 1.0:
+        apply_rope_linear_scaling(model, int(factor * model.config.max_position_embeddings))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return sorted(tensors)
+
+
 @dataclass
 class LongLoraConfig(ProcedureConfig):
     """``group_size_ratio``: S²-Attn group size as a fraction of the training sequence length (official 1/4);
@@ -184,6 +219,7 @@ class LongLora(Procedure):
         super().__init__(config, train_config)
         self.previous_attn: str | None = None
         self.rope_factor = 1.0
+        self.full_params: dict[str, nn.Parameter] = {}
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from transformers import AttentionInterface
@@ -222,6 +258,7 @@ class LongLora(Procedure):
         for n, p in model.named_parameters():  # named_parameters yields a tied weight once
             if any(part in n for part in parts) and id(p) not in taken:
                 out.append(p)
+                self.full_params[host_path(n)] = p
         if not out:
             names = sorted({n.rsplit(".", 2)[-2] for n, _ in model.named_parameters() if "." in n})
             raise ConfigError(f"LongLoraConfig.trainable_params={self.config.trainable_params!r} matches no base "
@@ -229,6 +266,10 @@ class LongLora(Procedure):
         return out
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
+        if self.full_params and self.train_config.output_dir is not None:
+            Path(self.train_config.output_dir).mkdir(parents=True, exist_ok=True)
+            save_tensors(Path(self.train_config.output_dir) / TRAINABLE_PARAMS_FILE, self.full_params,
+                         metadata={"rope_scaling_factor": repr(self.rope_factor)})
         for m in model.modules():
             if hasattr(m, "config"):
                 _RATIOS.pop(id(m.config), None)
