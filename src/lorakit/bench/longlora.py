@@ -68,7 +68,6 @@ def _perplexity(model, blocks: torch.Tensor) -> float:
 
 
 def longlora_perf_rows(profile, device) -> list[dict]:
-    from .. import training  # noqa: F401  (registers the procedures)
     from ..training.procedures.longlora import apply_rope_linear_scaling
 
     rows = []
