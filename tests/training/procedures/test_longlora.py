@@ -171,6 +171,23 @@ def test_llama_trains_with_s2_attn_and_infers_with_full_attention(tokenizer):
     torch.testing.assert_close(model(input_ids=ids).logits, plain.train()(input_ids=ids).logits)
 
 
+def test_llama_padded_batch_in_training_mode(tokenizer):
+    """A right-padded row (transformers passes SDPA's 4-D mask): its real tokens get the logits of the unpadded
+    batch (pads sit after every real token, so they are invisible under causal groups), and nothing is NaN."""
+    model = _model(tokenizer)
+    config = TrainConfig(max_length=32, procedure="longlora")
+    make_optimizer(model, "default", config, procedure=get_procedure("longlora").build(config))
+    model.train()
+    ids = torch.randint(3, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    padded = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(padded).all()
+    full = model(input_ids=ids).logits
+    torch.testing.assert_close(padded[0], full[0])
+    torch.testing.assert_close(padded[1, :20], full[1, :20])
+
+
 def test_embeddings_and_norms_train_with_the_adapter(tokenizer, reverse_train):
     model = _model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
