@@ -116,6 +116,13 @@ def test_s2_attention_right_padding_matches_each_row_alone():
         torch.testing.assert_close(ours[row:row + 1, :n], ref)
 
 
+@pytest.mark.parametrize("n,group", [(16, 4), (30, 6), (8, 8)])
+def test_unmasked_and_masked_layouts_agree(n, group):
+    q, k, v = _qkv(n=n)
+    everything = torch.ones(q.shape[0], n, dtype=torch.bool)
+    torch.testing.assert_close(s2_attention_core(q, k, v, group), s2_attention_core(q, k, v, group, key_valid=everything))
+
+
 def test_group_size_rule():
     assert s2_group_size(8192, 0.25) == 2048  # the paper's 8k setting
     assert s2_group_size(30, 0.25) == 6  # int(7.5) = 7, rounded down to even

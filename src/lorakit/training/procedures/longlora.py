@@ -67,6 +67,20 @@ def s2_group_size(q_len: int, ratio: float) -> int:
     return g if g >= 2 else 0
 
 
+def _causal_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, scaling: float | None,
+                   dropout: float) -> torch.Tensor:
+    """Causal attention within consecutive groups of ``size`` tokens: (b, h', n·size, d) each -> (b, n·size, h', d)."""
+    b, heads, tokens, d = q.shape
+    n = tokens // size
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # (b, h', n·size, d) -> (b·n, h', size, d)
+        return t.unflatten(2, (n, size)).transpose(1, 2).flatten(0, 1)
+
+    out = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), is_causal=True, dropout_p=dropout,
+                                         scale=scaling)  # (b·n, h', size, d)
+    return out.unflatten(0, (b, n)).permute(0, 1, 3, 2, 4).reshape(b, tokens, heads, d)
+
+
 def s2_attention_core(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int,
                       key_valid: torch.Tensor | None = None, scaling: float | None = None,
                       dropout: float = 0.0) -> torch.Tensor:
@@ -74,17 +88,28 @@ def s2_attention_core(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     and even); ``group_size`` G even; ``key_valid`` (b, L) bool or None -> output (b, L, h, d).
 
     Heads ``[0, h/2)`` attend causally within ``[kG, (k+1)G)``, heads ``[h/2, h)`` within ``[0, G/2)``,
-    ``[G/2 + kG, G/2 + (k+1)G)``, ``[L − G/2, L)`` (official flash path, ``llama_attn_replace.py`` 100-119)."""
+    ``[G/2 + kG, G/2 + (k+1)G)``, ``[L − G/2, L)`` (official flash path, ``llama_attn_replace.py`` 100-119).
+    Without ``key_valid`` each group is one causal SDPA call (no mask: fused kernels, activations O(L·d));
+    with it, the groups are laid out rolled and masked (key padding, O(L·G) mask)."""
     b, h, length, d = query.shape
     if h % 2:
         raise ValueError(f"S²-Attn shifts half of the heads; this layer has an odd number of heads ({h}).")
     g, half = group_size, h // 2
     padded = math.ceil(length / g) * g
-    valid = torch.ones(b, length, dtype=torch.bool, device=query.device) if key_valid is None else key_valid.bool()
     if padded != length:  # pad at the end: causal masking keeps it invisible to real tokens
         extra = (0, 0, 0, padded - length)
         query, key, value = F.pad(query, extra), F.pad(key, extra), F.pad(value, extra)
-        valid = F.pad(valid, (0, padded - length), value=False)
+    if key_valid is None:  # no padding: every group is plain causal attention (SDPA's fused kernels, no mask)
+        q, k, v = (t[:, half:] for t in (query, key, value))
+        edges = [torch.cat([t[:, :, : g // 2], t[:, :, padded - g // 2:]], dim=2) for t in (q, k, v)]
+        edge_out = _causal_groups(*edges, g // 2, scaling, dropout)  # [0, G/2) and [L − G/2, L): (b, G, h/2, d)
+        parts = [edge_out[:, : g // 2]]
+        if padded > g:
+            parts.append(_causal_groups(*(t[:, :, g // 2: padded - g // 2] for t in (q, k, v)), g, scaling, dropout))
+        shifted = torch.cat(parts + [edge_out[:, g // 2:]], dim=1)
+        unshifted = _causal_groups(query[:, :half], key[:, :half], value[:, :half], g, scaling, dropout)
+        return torch.cat([unshifted, shifted], dim=2)[:, :length]  # (b, L, h, d)
+    valid = F.pad(key_valid.bool(), (0, padded - length), value=False)
     groups = padded // g
 
     def grouped(t: torch.Tensor) -> torch.Tensor:  # (b, h', padded, d) -> (b * groups, h', g, d)
