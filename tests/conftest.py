@@ -1,8 +1,14 @@
+import os
 import re
 from typing import Iterator
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels (lorakit.serving.triton_bgmv) run under Triton's interpreter on CPU tensors. Triton
+# reads this when its modules are first imported, so it is set here, before any test imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

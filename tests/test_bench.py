@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import lorakit as lk
@@ -77,3 +78,12 @@ def test_bench_init_quick_compares_inits_and_peft_cost(tmp_path):
     cost = result["cost"]["rows"][0]
     assert cost["init"] == "pissa" and cost["time_ratio"] > 0 and cost["lorakit_s"] > 0
     assert (tmp_path / "init.png").stat().st_size > 1000 and "| lora_ga | lora |" in (tmp_path / "init.md").read_text()
+
+
+@pytest.mark.slow  # launches 2 processes that load the bundled model twice each: minutes on a small machine
+def test_bench_perf_ddp_row_times_two_processes_against_one(tmp_path):
+    assert main(["perf", "--quick", "--only", "ddp", "--device", "cpu", "--output", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "perf.json").read_text())["rows"]
+    assert row["row"].startswith("DDP 2 processes") and "error" not in row
+    assert row["times"]["ddp_2"]["repeats"] == row["times"]["single"]["repeats"] == 2
+    assert row["ddp2/single"]["min"] > 0

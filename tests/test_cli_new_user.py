@@ -37,7 +37,7 @@ def run_cli(*argv: str, timeout: int = 300, **kwargs) -> subprocess.CompletedPro
 def routed(tmp_path_factory):
     """routed_lora with two experts trained on reverse + rotate (key ids 0 and 1 in sorted task order)."""
     out = tmp_path_factory.mktemp("routed") / "run"
-    assert main(["train", "--method", "routed_lora", "--n-adapters", "2", "--data", "reverse,rotate", "--lr", "3e-2",
+    assert main(["train", "--method", "routed_lora", "--num-experts", "2", "--data", "reverse,rotate", "--lr", "3e-2",
                  "--output", str(out), *TINY]) == 0
     return out / "adapter"
 
@@ -355,7 +355,7 @@ def test_help_describes_method_options_with_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--method", "mixlora", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--routing {topk,top_p,switch}" in text
+    assert "--routing-strategy {topk,top_p,switch}" in text
     assert "--steps STEPS optimizer steps (the total, when resuming) (default: 200)" in text
     assert "--lora-alpha LORA_ALPHA scaling numerator" in text
     with pytest.raises(SystemExit):

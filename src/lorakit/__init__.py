@@ -17,6 +17,7 @@ from .core.routing import current_routing, routing
 from .io.peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from . import methods as _builtin_methods  # noqa: F401,I001  (registers the built-in methods, once)
 from . import init as _builtin_inits  # noqa: F401  (registers the built-in inits, once)
+from . import quantize as _quantize  # noqa: F401  (registers the 4-bit dequantizer; bitsandbytes stays unimported)
 from .methods.lora import LoraConfig
 from .compose import merge_adapters, merge_adapters_to
 

@@ -12,6 +12,7 @@ replaced with ``--overwrite``; Ctrl-C during training saves a checkpoint and pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -165,11 +166,20 @@ def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what
                            f"would get the base model's answer; give one of: {', '.join(sorted(task_to_id))}")
 
 
+def _quantize_config(args):
+    """``--quantize nf4 [--compute-dtype D] [--no-double-quant]``: the 4-bit base (QLoRA), else None."""
+    if getattr(args, "quantize", None) is None:
+        return None
+    from .quantize import QuantizeConfig
+
+    return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
+
+
 def _load_with_adapter(args):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
     elif getattr(args, "rank", None) is not None:
@@ -183,8 +193,10 @@ def _overrides(args) -> dict | None:
 
 
 # -- train --------------------------------------------------------------------------------------------------
-def _train_configs(args: argparse.Namespace):
-    """Method, adapter config, TrainConfig and output folder, all validated without a model."""
+def _train_configs(args: argparse.Namespace, ctx=None):
+    """Method, adapter config, TrainConfig and output folder, all validated without a model. Under torchrun
+    (``ctx``, a ``training.distributed.Distributed``) rank 0 checks (and with --overwrite clears) the output folder
+    while the others wait."""
     from . import get_method
     from .training import TrainConfig
 
@@ -198,14 +210,15 @@ def _train_configs(args: argparse.Namespace):
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents
-    check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)
+    check = lambda: check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)  # noqa: E731
+    check() if ctx is None else ctx.on_main(check)
     train_config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, log_every=args.log_every, output_dir=args.output, resume_from=args.resume_from,
-        init_batches=args.init_batches, **_procedure_settings(args),
+        init_batches=args.init_batches, distributed=args.distributed, **_procedure_settings(args),
     )
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
@@ -248,15 +261,26 @@ def _metrics_logger(path: Path, append: bool):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train; under ``torchrun`` / ``accelerate launch`` every process runs this, rank 0 alone prints and writes."""
+    from .training.distributed import device_for, setup
+
+    ctx = setup(device_for(None), args.distributed)
+    if ctx.is_main:
+        return _train_command(args, ctx)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _train_command(args, ctx)
+
+
+def _train_command(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from . import add_adapter, disable_adapters, print_trainable_parameters
-    from .data import evaluate_examples
     from .hub import load_model_and_tokenizer, load_tokenizer
     from .training import train
+    from .training.distributed import evaluate_sharded
     from .training.plot import plot_metrics
 
-    method, adapter_config, config = _train_configs(args)
+    method, adapter_config, config = _train_configs(args, ctx)
     tokenizer = load_tokenizer(args.model)
     train_examples = _load_examples(args.data, "train", args.train_examples, TASK_TRAIN_EXAMPLES, args.seed, tokenizer)
     if args.eval_data:
@@ -274,15 +298,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.loram_ratio is not None:
+        model, tokenizer, plan = _loram_base(args)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
-    print(f"model: {args.model or 'bundled'} | method: {method.name} | data: {args.data} "
+    print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
+          f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
     with disable_adapters(model):
-        before = evaluate_examples(model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
-                                   progress=not args.quiet)
+        before = evaluate_sharded(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                                  progress=not args.quiet and ctx.is_main)
     if args.init is not None:  # an init may change the base weights: the "before" score is taken on the untouched base
         _add_with_init(model, adapter_config, args)
     _print_metrics("before", before)
@@ -290,21 +318,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = dataclasses.replace(config, eval_examples=len(eval_examples))  # the loop evaluates all of them
     out = Path(args.output)
-    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from))
+    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from)) if ctx.is_main else (
+        lambda record: None, contextlib.nullcontext())
     if not args.resume_from:
         log({"step": 0, "eval": before})
-    try:
+    with handle:
         result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
-                       eval_examples=eval_examples, progress=not args.quiet, on_log=[log])
-    finally:
-        handle.close()
+                       eval_examples=eval_examples, progress=not args.quiet and ctx.is_main, on_log=[log])
+    if not ctx.is_main:
+        return 0  # rank 0 writes the summary and plot
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+    extra = {}
+    if args.loram_ratio is not None and result.adapter_dir is not None:
+        extra = {"after_pruned_model": after}
+        _print_metrics("after, pruned base", after)
+        after = _loram_recover(args, plan, Path(result.adapter_dir), eval_examples)
+        print(f"recovered adapter (for the full model) in {result.adapter_dir}; the pruned model's in "
+              f"{Path(result.adapter_dir).with_name('adapter_pruned')}")
+    if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
+        tokenizer.save_pretrained(out / "pruned_model")
+        print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
     _print_metrics("after ", after)
-    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "before": before,
+    summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
-               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl")}
+               "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl"),
+               **extra}
     from .mixtures import router_summary
     routed = router_summary(result.router_stats)  # the training forwards only
     if routed is not None:
@@ -322,6 +363,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
     return 0
+
+
+def _loram_base(args):
+    """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan)."""
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import LoramConfig, loram_prune, plan_summary
+
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    model, plan = loram_prune(full, LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed))
+    summary = plan_summary(plan, full, model)
+    del full  # training holds only the pruned base
+    if args.quantize:
+        from .quantize import quantize_model
+        quantize_model(model, _quantize_config(args))
+    print(f"LoRAM: training on the pruned base ({summary['params_pruned']:,} of {summary['params_full']:,} "
+          f"parameters, {summary['removed_fraction']:.1%} removed); the adapter is recovered for the full model")
+    return model, tokenizer, plan
+
+
+def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
+    """Keep the pruned model's adapter as adapter_pruned/, write the recovered one as adapter/ (for the original
+    model) with the plan, and evaluate the original model with it; returns those metrics."""
+    import shutil
+
+    from . import load_adapter
+    from .data import evaluate_examples
+    from .hub import load_model_and_tokenizer
+    from .prune.loram import recover_adapter
+
+    pruned_dir = adapter_dir.with_name("adapter_pruned")
+    if pruned_dir.exists():
+        shutil.rmtree(pruned_dir)
+    adapter_dir.rename(pruned_dir)
+    recover_adapter(pruned_dir, plan, adapter_dir)
+    plan.save(adapter_dir.with_name("loram_plan"))
+    full, tokenizer = load_model_and_tokenizer(args.model)
+    load_adapter(full, adapter_dir)
+    metrics = evaluate_examples(full, tokenizer, eval_examples, batch_size=args.eval_batch_size, progress=not args.quiet)
+    return metrics
 
 
 def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
@@ -546,6 +626,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args)
+    if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
+        from .quantize import dequantize_model
+        dequantize_model(model)
     merged = merge_and_unload(model)
 
     def write(folder: Path) -> None:
@@ -597,6 +680,64 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
+    return 0
+
+
+def cmd_quantize(argv: Sequence[str]) -> int:
+    """``lorakit quantize --method rtn|cbq --bits B``: post-training weight quantization (W{B}A16) of a model's
+    transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
+    before and after, and with ``--output`` writes the quantized model (weights on the b-bit grid, stored in the
+    model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
+    from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
+
+    p = argparse.ArgumentParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
+    p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
+    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
+    p.add_argument("--calib-rows", type=int, default=32, help="calibration rows of --seq-len tokens (cbq)")
+    p.add_argument("--eval-rows", type=int, default=32, help="test rows of --seq-len tokens for the perplexity")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration / test row")
+    p.add_argument("--steps", type=int, default=None, help="cbq: optimisation steps per window (default 100)")
+    p.add_argument("--window", type=int, default=None, help="cbq: blocks per window (default 2)")
+    p.add_argument("--overlap", type=int, default=None, help="cbq: blocks shared by consecutive windows (default 1)")
+    p.add_argument("--r", type=int, default=None, help="cbq: rank of the LoRA-Rounding matrices (default 8)")
+    p.add_argument("--no-cfp", action="store_true", help="cbq: skip the coarse-to-fine weight-outlier truncation")
+    p.add_argument("--output", default=None, help="folder for the quantized model (default: not written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _common_model(p)
+    args = p.parse_args(argv)
+    options = {k: v for k, v in (("steps", args.steps), ("window", args.window), ("overlap", args.overlap),
+                                 ("r", args.r)) if v is not None}
+    if args.no_cfp:
+        options["cfp"] = False
+    try:
+        _set_threads(args)
+        if args.method == "rtn" and options:
+            raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
+        out = check_output_dir(args.output, "--output", overwrite=args.overwrite) if args.output else None
+        from .hub import load_model_and_tokenizer
+        from .training.checkpoint import write_dir_atomically
+
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        test = task_token_rows(tokenizer, "test", args.eval_rows, args.seq_len)
+        before = perplexity(model, test)
+        calib = task_token_rows(tokenizer, "train", args.calib_rows, args.seq_len) if args.method == "cbq" else None
+        summary = quantize_weights(model, args.method, calib, bits=args.bits, group_size=args.group_size,
+                                   progress=print, **options)
+        after = perplexity(model, test)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.method} W{args.bits}A16 ({summary['layers']} linear layers): perplexity {before:.3f} -> {after:.3f}")
+    if out is not None:
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            (folder / "quantization.json").write_text(json.dumps({**summary, "perplexity_before": before,
+                                                                  "perplexity_after": after}, indent=2))
+
+        write_dir_atomically(out, write)
+        print(f"quantized model written to {out}")
     return 0
 
 
@@ -657,6 +798,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
+def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
+    from .quantize import COMPUTE_DTYPES, QUANT_TYPES
+
+    g = p.add_argument_group("4-bit base (QLoRA, bitsandbytes; pip install 'lorakit[quantize]')")
+    g.add_argument("--quantize", default=None, choices=QUANT_TYPES,
+                   help=f"load the base's linear layers in 4 bit (nf4: QLoRA's NormalFloat) and {what} "
+                        "(default: full precision)")
+    g.add_argument("--compute-dtype", default="float32", choices=list(COMPUTE_DTYPES),
+                   help="dtype of the 4-bit layers' matmuls (the QLoRA paper uses bfloat16)")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the 4-bit blocks' constants too (QLoRA's double quantization)")
+
+
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
@@ -693,6 +847,13 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                        description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
                                    "Ctrl-C saves a checkpoint and prints the command that resumes it.")
     _common_model(t)
+    _add_quantize(t, "train the adapter on that frozen 4-bit base")
+    g = t.add_argument_group("LoRAM: train on a pruned base, use the adapter on the full one (arXiv:2502.13533)")
+    g.add_argument("--loram-ratio", type=float, default=None,
+                   help="prune this fraction of attention groups and FFN channels before training; the adapter is "
+                        "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
+    g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
+                   help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
@@ -729,6 +890,10 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
     t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .training.config import DISTRIBUTED_MODES
+    t.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
+                   help="under torchrun / accelerate launch: DDP over the adapter, or FSDP2 sharding the frozen base "
+                        "(--batch-size is per process; see docs/distributed.md)")
     _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
     _add_procedure_options(t, procedure_name)
@@ -738,6 +903,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
     _common_model(e)
+    _add_quantize(e, "evaluate on it (use the settings the adapter was trained with)")
     e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
     e.add_argument("--data", required=True,
                    help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
@@ -755,6 +921,7 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
     _common_model(g)
+    _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
     g.add_argument("--prompt", action="append",
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
@@ -794,6 +961,8 @@ def _add_merge(sub) -> None:
     mg.add_argument("--adapter", required=True)
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _add_quantize(mg, "merge into the dequantized 4-bit weights (for an adapter trained with train --quantize); "
+                      "the merged model is saved in full precision")
     mg.set_defaults(func=cmd_merge)
 
 
@@ -839,6 +1008,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     sub.add_parser("merge-adapters", help="merge several LoRA adapters into one (see lorakit merge-adapters --help)",
                    add_help=False)
     _add_serve(sub)
+    sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
+                   add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
@@ -886,10 +1057,14 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m lorakit -- train --r 16`: the launcher's "--" ends its own options
+        argv = argv[1:]
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:
         return cmd_merge_adapters(argv[1:])
+    if argv[:1] == ["quantize"]:
+        return cmd_quantize(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])

@@ -4,7 +4,8 @@ Every field of a method's config becomes ``--field-name``. Help text comes, in t
 ``metadata["help"]``, from this module's notes on the fields all LoRA-family configs share (PEFT's meanings),
 or from the sentence of the config's docstring (or a parent's) that names the field in ``double backticks``.
 Choices come from ``metadata["choices"]``, a ``Literal[...]`` type, or the method module's ``<FIELD>S``
-tuple (e.g. ``ROUTINGS`` for ``routing``), the constant its ``__post_init__`` validates against.
+tuple (e.g. ``MODES`` for a field ``mode``), the constant its ``__post_init__`` validates against. A field's old
+names (the config's ``renamed_fields``) stay accepted as hidden flags that warn and name the new flag.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import re
 import sys
 import typing
+import warnings
 from typing import Any, Literal
 
 NOT_ON_CLI = {"inference_mode", "base_model_name_or_path"}
@@ -37,7 +39,6 @@ SHARED_HELP = {
     "lora_bias": "also train a bias on lora_B",
     "rank_pattern": "per-module ranks, {module regex: r}",
     "alpha_pattern": "per-module alphas, {module regex: alpha}",
-    "num_experts": "number of LoRA experts",
     "expert_r": "rank of each expert, one value per expert",
     "expert_alpha": "lora_alpha of each expert, one value per expert (default 2 * its rank)",
     "expert_use_rslora": "rank-stabilised scaling per expert, one true/false per expert",
@@ -93,6 +94,9 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
     """One flag per field of ``config_cls`` (default None: the config's own default applies)."""
     group = parser.add_argument_group(f"{config_cls.method} options (from {config_cls.__name__})")
     hints = typing.get_type_hints(config_cls)
+    old_names: dict[str, list[str]] = {}
+    for old, new in config_cls.renamed_fields.items():
+        old_names.setdefault(new, []).append(old)
     for f in dataclasses.fields(config_cls):
         if f.name in NOT_ON_CLI:
             continue
@@ -106,19 +110,38 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
         help_text = f"{text} {tail}".strip()
         args = typing.get_args(hint)
         if hint is bool:
-            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            kwargs = dict(action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif choices is not None:
-            group.add_argument(flag(f.name), type=type(choices[0]) if hint in (int, str) else _scalar, default=None,
-                               choices=choices, help=help_text)
+            kwargs = dict(type=type(choices[0]) if hint in (int, str) else _scalar, default=None, choices=choices,
+                          help=help_text)
         elif hint in (int, float, str):
-            group.add_argument(flag(f.name), type=hint, default=None, help=help_text)
+            kwargs = dict(type=hint, default=None, help=help_text)
         elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
-            group.add_argument(flag(f.name), type=json.loads, default=None, metavar="JSON",
-                               help=f"{text}; a JSON object {tail}".strip("; "))
+            kwargs = dict(type=json.loads, default=None, metavar="JSON",
+                          help=f"{text}; a JSON object {tail}".strip("; "))
         elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
-            group.add_argument(flag(f.name), nargs="+", default=None, metavar="X", help=help_text)
+            kwargs = dict(nargs="+", default=None, metavar="X", help=help_text)
         else:  # unions like bool | str, int | None
-            group.add_argument(flag(f.name), type=_scalar, default=None, help=help_text)
+            kwargs = dict(type=_scalar, default=None, help=help_text)
+        group.add_argument(flag(f.name), **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k not in ("action", "help")}
+        for old in old_names.get(f.name, ()):
+            group.add_argument(flag(old), dest=f.name, action=_renamed_flag(kwargs.get("action"), flag(f.name)),
+                               help=argparse.SUPPRESS, **rest)
+
+
+def _renamed_flag(base: type[argparse.Action] | None, new_flag: str) -> type[argparse.Action]:
+    """An action for an old flag spelling: does what the new flag does, after one FutureWarning naming it."""
+
+    class RenamedFlag(base or argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            warnings.warn(f"{option_string} is deprecated, renamed to {new_flag}.", FutureWarning, stacklevel=2)
+            if base is None:
+                setattr(namespace, self.dest, values)
+            else:
+                super().__call__(parser, namespace, values, option_string)
+
+    return RenamedFlag
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -133,7 +156,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
         if value is None:
             continue
         hint_args = typing.get_args(hints[f.name])
-        if isinstance(value, list) and len(value) == 1 and str in hint_args:
+        number_lists = [h for h in hint_args if typing.get_origin(h) is list and str not in typing.get_args(h)]
+        if isinstance(value, list) and len(value) == 1 and str in hint_args and number_lists:
+            value = _scalar(value[0])  # one value of e.g. int | str | list[int] (MoLA's 8, "2-4-6-8" or 2 4 6 8)
+        elif isinstance(value, list) and len(value) == 1 and str in hint_args:
             # One value: "all-linear" or a regex stays a string; a plain name stays a list, so it matches as a
             # module name / suffix (PEFT) and a typo gets the near-match hint of list entries.
             only = value[0]

@@ -57,18 +57,29 @@ def load_tokenizer(model: str | os.PathLike | None = None):
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu"):
+                             device: str | torch.device = "cpu", quantize=None):
     """(model, tokenizer) for a causal LM: ``None``/``"bundled"``, a local folder, or a hub id already cached.
 
     Offline by default (``local_files_only``): an uncached hub id fails at once with a LorakitError instead of
-    retrying the network; ``HF_HUB_OFFLINE=0`` allows downloads.
+    retrying the network; ``HF_HUB_OFFLINE=0`` allows downloads. ``quantize`` (``"nf4"`` or a
+    ``lorakit.quantize.QuantizeConfig``) loads the linear layers straight into bitsandbytes 4 bit on ``device``
+    (QLoRA's base; the output head stays in ``dtype``).
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model)
     path = resolve_model_path(model)
+    extra = {}
+    if quantize is not None:
+        from .quantize import QuantizeConfig
+
+        config = QuantizeConfig.of(quantize)
+        extra = {"quantization_config": config.to_transformers(), "device_map": {"": str(torch.device(device))}}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_offline())
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_offline(), **extra)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
+    if quantize is not None:
+        lm.lorakit_quantize = config
+        return lm.eval(), tokenizer
     return lm.to(device).eval(), tokenizer

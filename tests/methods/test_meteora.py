@@ -111,7 +111,7 @@ def test_save_load_round_trip_without_the_source_adapters(tmp_path, ids):
     lk.save_adapter(model, tmp_path / "meteora")
     shutil.rmtree(tmp_path / "src")
     saved = json.loads((tmp_path / "meteora" / "adapter_config.json").read_text())
-    assert saved["adapter_paths"] is None and saved["n_adapters"] == 3 and saved["expert_r"] == [4, 2, 4]
+    assert saved["adapter_paths"] is None and saved["num_experts"] == 3 and saved["expert_r"] == [4, 2, 4]
     fresh = lk.load_adapter(tiny_llama(), tmp_path / "meteora", is_trainable=True)
     torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-6, rtol=0)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
@@ -120,14 +120,14 @@ def test_save_load_round_trip_without_the_source_adapters(tmp_path, ids):
 
 def test_task_ids_map_through_sorted_task_names():
     examples = load_examples(",".join(TASKS), "train", n=2)
-    config = MeteoraConfig(n_adapters=3, task_to_adapter={"sort": 0, "reverse": 2, "rotate": 1})
+    config = MeteoraConfig(num_experts=3, task_to_adapter={"sort": 0, "reverse": 2, "rotate": 1})
     index = build_task_index(examples)  # what the training loop uses: sorted task names
     ids = torch.tensor([index[ex.task] for ex in examples])
     want = torch.tensor([config.task_to_adapter[ex.task] for ex in examples])
     assert torch.equal(gate_labels(config, ids), want)
-    by_order = MeteoraConfig(n_adapters=3)
+    by_order = MeteoraConfig(num_experts=3)
     assert torch.equal(gate_labels(by_order, ids), ids)
-    without = MeteoraConfig(n_adapters=2, top_k=1, task_to_adapter={"a": 1, "b": -1})
+    without = MeteoraConfig(num_experts=2, top_k=1, task_to_adapter={"a": 1, "b": -1})
     assert gate_labels(without, torch.tensor([0, 1])).tolist() == [1, -100]
     # With the ids named (the training loop passes the data's task names), a subset of tasks maps by name.
     assert gate_labels(config, torch.tensor([0, 1]), key_names=["rotate", "sort"]).tolist() == [1, 0]
@@ -169,7 +169,7 @@ def test_supervised_gate_loss_decreases_training_gate_only(tmp_path):
 def _pair(**kwargs) -> tuple[MeteoraLinear, MeteoraLinear]:
     torch.manual_seed(0)
     info = LayerInfo("linear", 8, 6, False)
-    common = dict(n_adapters=4, expert_r=[2, 3, 2, 1], lora_dropout=0.0, train_adapters=True, **kwargs)
+    common = dict(num_experts=4, expert_r=[2, 3, 2, 1], lora_dropout=0.0, train_adapters=True, **kwargs)
     fast = MeteoraLinear(info, MeteoraConfig(gate_path="fast", **common)).eval()
     ref = MeteoraLinear(info, MeteoraConfig(gate_path="reference", **common)).eval()
     with torch.no_grad():
@@ -234,4 +234,4 @@ def test_config_needs_adapters_or_a_count():
     with pytest.raises(lk.ConfigError, match="adapter_paths"):
         MeteoraConfig()
     with pytest.raises(lk.ConfigError, match="top_k"):
-        MeteoraConfig(n_adapters=2, top_k=3)
+        MeteoraConfig(num_experts=2, top_k=3)

@@ -33,7 +33,7 @@ def official_adapters(delta: MixdaAdapter, x: torch.Tensor) -> list[torch.Tensor
     for each of the K adapters (their weights are the rank blocks of lorakit's stacked tensors)."""
     b = delta.bottleneck
     outs = []
-    for k in range(delta.n_domains):
+    for k in range(delta.num_domain_adapters):
         down = F.gelu(x @ delta.down_weight[k * b:(k + 1) * b].T + delta.down_bias[k * b:(k + 1) * b])
         outs.append(down @ delta.up_weight[:, k * b:(k + 1) * b].T + delta.up_bias[k])
     return outs
@@ -54,7 +54,7 @@ def official_output(delta: MixdaAdapter, x: torch.Tensor, ffn: torch.Tensor, kee
 
 
 def test_task_stage_output_equals_official():
-    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=3, reduction=4, stage="task", gate_hidden=8))).eval()
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(num_experts=3, reduction=4, stage="task", gate_hidden=8))).eval()
     x, ffn = torch.randn(2, 5, 16), torch.randn(2, 5, 6)
     got = ffn + delta(x, ffn, None)
     torch.testing.assert_close(got, official_output(delta, x, ffn), atol=1e-5, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_task_stage_output_equals_official():
 
 def test_one_domain_knowledge_stage_equals_official_stage_one():
     """Stage 1 (mixda_stage_one.py: num_of_kas=1, gating on unless --disable_moe): every row, whatever its key."""
-    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=1, reduction=4, gate_hidden=8))).eval()
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(num_experts=1, reduction=4, gate_hidden=8))).eval()
     x, ffn = torch.randn(3, 5, 16), torch.randn(3, 5, 6)
     for keys in (torch.tensor([0, -1, 0]), None):
         with lk.routing(keys=keys):
@@ -73,7 +73,7 @@ def test_one_domain_knowledge_stage_equals_official_stage_one():
 
 
 def test_knowledge_stage_gates_each_domain_row_over_its_adapter_and_the_ffn():
-    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=3, reduction=4, gate_hidden=8))).eval()
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(num_experts=3, reduction=4, gate_hidden=8))).eval()
     x, ffn = torch.randn(4, 5, 16), torch.randn(4, 5, 6)
     with lk.routing(keys=torch.tensor([2, 0, -1, 1])):
         got = ffn + delta(x, ffn, None)
@@ -82,7 +82,7 @@ def test_knowledge_stage_gates_each_domain_row_over_its_adapter_and_the_ffn():
 
 
 def test_gate_reads_the_last_real_token():
-    delta = randomised(MixdaAdapter(INFO, MixdaConfig(n_domains=2, stage="task"))).eval()
+    delta = randomised(MixdaAdapter(INFO, MixdaConfig(num_experts=2, stage="task"))).eval()
     x = torch.randn(2, 6, 16)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])  # right- and left-padded rows
     noisy = x.clone()
@@ -97,24 +97,24 @@ def test_gate_reads_the_last_real_token():
 
 
 def test_gate_layout_follows_moe_gating():
-    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(n_domains=2))
+    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(num_experts=2))
     kinds = [type(m).__name__ for m in delta.gate]
     assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU",
                      "Dropout", "Linear"]
     assert delta.gate[1].out_features == 768 and delta.gate[-1].out_features == 3  # K + 1
     assert delta.bottleneck == 256  # intermediate / 16
-    small = MixdaAdapter(INFO, MixdaConfig(n_domains=2))
+    small = MixdaAdapter(INFO, MixdaConfig(num_experts=2))
     assert small.gate[1].out_features == 4  # min(768, in / 4)
 
 
 def test_gate_layout_follows_moe_gating():
-    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(n_domains=2))
+    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(num_experts=2))
     kinds = [type(m).__name__ for m in delta.gate]
     assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU",
                      "Dropout", "Linear"]  # modeling_roberta.py:1717-1731, MoeGating(interm, 768, K+1, 3, 0.2)
     assert delta.gate[1].out_features == 768 and delta.gate[-1].out_features == 3  # K + 1
     assert delta.gate[0].p == 0.2 and delta.bottleneck == 256  # intermediate / 16
-    small = MixdaAdapter(INFO, MixdaConfig(n_domains=2))
+    small = MixdaAdapter(INFO, MixdaConfig(num_experts=2))
     assert small.gate[1].out_features == 4  # min(768, in / 4)
 
 
@@ -126,7 +126,7 @@ def test_stages_decide_what_trains(ids):
     """Stage 1 enables grad on the adapters and the gating (mixda_stage_one.py:107-114); stage 2 on the gate and
     the task adapter, the domain adapters frozen."""
     model = tiny_llama()
-    lk.add_adapter(model, MixdaConfig(n_domains=2, task_adapter=True))
+    lk.add_adapter(model, MixdaConfig(num_experts=2, task_adapter=True))
     assert _trainable(model) == {"down_weight", "down_bias", "up_weight", "up_bias", "gate"}
     keys_before = set(lk.adapter_state_dict(model))
     set_mixda_stage(model, "default", "task")
@@ -144,7 +144,7 @@ def test_fresh_adapter_scales_the_ffn_by_its_gate_share(ids):
     """a_k = 0 at init, so the layer outputs g_{K+1} · FFN(x): not the base model (as in the official code)."""
     assert not lk.get_method("mixda").zero_init
     model = tiny_llama()
-    lk.add_adapter(model, MixdaConfig(n_domains=2, stage="task"))
+    lk.add_adapter(model, MixdaConfig(num_experts=2, stage="task"))
     (_, layer), *_ = adapter_layers(model)
     x = torch.randn(3, 9, layer.base_layer.in_features)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_general_data_mse_equals_official_sample_loss(ids):
     """mixda_stage_one.py:218-237: MSE between the FFN output and the mixed layer output at every adapted layer,
     mean over features, tokens, layers (and rows), on general data only; × general_mse_coef."""
     model = tiny_llama()
-    lk.add_adapter(model, MixdaConfig(n_domains=2, general_mse_coef=3.0))
+    lk.add_adapter(model, MixdaConfig(num_experts=2, general_mse_coef=3.0))
     deltas = [layer.adapters["default"] for _, layer in adapter_layers(model)]
     for i, d in enumerate(deltas):
         randomised(d, seed=i)
@@ -190,7 +190,7 @@ def test_general_data_mse_equals_official_sample_loss(ids):
 
 def test_padding_is_left_out_of_the_mse(ids):
     model = tiny_llama()
-    lk.add_adapter(model, MixdaConfig(n_domains=1))
+    lk.add_adapter(model, MixdaConfig(num_experts=1))
     for i, (_, layer) in enumerate(adapter_layers(model)):
         randomised(layer.adapters["default"], seed=i)
     model.train()
@@ -208,7 +208,7 @@ def test_padding_is_left_out_of_the_mse(ids):
 
 def test_knowledge_then_task_through_save_and_load(ids, tmp_path):
     model = tiny_llama()
-    lk.add_adapter(model, MixdaConfig(n_domains=2, domains=["bio", "law"]))
+    lk.add_adapter(model, MixdaConfig(num_experts=2, domains=["bio", "law"]))
     for i, (_, layer) in enumerate(adapter_layers(model)):
         randomised(layer.adapters["default"], seed=i)
     with torch.no_grad(), lk.routing(keys=["law", "bio", None]):  # string keys: the domain names
@@ -227,12 +227,12 @@ def test_knowledge_then_task_through_save_and_load(ids, tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(lk.ConfigError, match="n_domains"):
+    with pytest.raises(lk.ConfigError, match="num_experts"):
         MixdaConfig()
     with pytest.raises(lk.ConfigError, match="key_to_domain"):
-        MixdaConfig(n_domains=2, key_to_domain={"a": 2})
+        MixdaConfig(num_experts=2, key_to_domain={"a": 2})
     with pytest.raises(lk.ConfigError):
-        MixdaConfig(n_domains=2, stage="finetune")
+        MixdaConfig(num_experts=2, stage="finetune")
     with pytest.raises(lk.AdapterError, match="not a MixDA"):
         set_mixda_stage(lk.add_adapter(tiny_llama(), lk.LoraConfig()), "default", "task")
 
@@ -244,7 +244,7 @@ def test_two_stages_in_the_training_loop():
     examples = load_examples("reverse,rotate,sort", "train", n=6)
     tokenizer = word_level_tokenizer(examples)
     model = tiny_llama_for(tokenizer)
-    lk.add_adapter(model, MixdaConfig(n_domains=2, key_to_domain={"reverse": 0, "rotate": 1, "sort": -1},
+    lk.add_adapter(model, MixdaConfig(num_experts=2, key_to_domain={"reverse": 0, "rotate": 1, "sort": -1},
                                       task_adapter=True))
     config = TrainConfig(steps=3, batch_size=6, lr=0.01, max_length=64, log_every=100, device="cpu")
 

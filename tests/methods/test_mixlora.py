@@ -15,10 +15,11 @@ from lorakit.core.delta import Conv1D
 from lorakit.core.layer import AdapterLayer
 from lorakit.core.model import adapter_state
 from lorakit.data import load_examples
-from lorakit.methods.mixlora import CapacityTop1, MixLoraConfig, MixLoraFFN, mixlora_extra_loss
+from lorakit.methods.mixlora import MixLoraConfig, mixlora_extra_loss
 from lorakit.mixtures import record_routing, reset_router_stats, router_stats
 from lorakit.mixtures.base import pop_aux_records
-from lorakit.mixtures.router import RouterOutput
+from lorakit.mixtures.ffn_experts import MixLoraFFN
+from lorakit.mixtures.router import CapacityTop1, RouterOutput
 from lorakit.training import TrainConfig, train
 
 from lk_models import tiny_gpt2, tiny_llama
@@ -73,8 +74,8 @@ def reference_routing(delta, x, routing, top_k=2, top_p=0.8, capacity=None):
     """Routing written as loops, independent of the library's router code."""
     flat = x.reshape(-1, x.shape[-1]).float()
     probs = torch.softmax(flat @ delta.router.gate.weight.float().T, -1)
-    n, n_experts = probs.shape
-    weights, selected = torch.zeros(n, n_experts), torch.zeros(n, n_experts, dtype=torch.bool)
+    n, num_experts = probs.shape
+    weights, selected = torch.zeros(n, num_experts), torch.zeros(n, num_experts, dtype=torch.bool)
     seq_len = x.shape[-2]
     used = {}
     for t in range(n):
@@ -105,12 +106,12 @@ def expert_grads(delta):
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("routing", ["topk", "top_p", "switch"])
+@pytest.mark.parametrize("strategy", ["topk", "top_p", "switch"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-def test_batched_path_equals_loop_reference(factory, routing, packed):
+def test_batched_path_equals_loop_reference(factory, strategy, packed):
     model = factory()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, lora_dropout=0.0, routing=routing,
-                                        expert_capacity=2 if routing == "switch" else None))
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, lora_dropout=0.0,
+                                        routing_strategy=strategy, expert_capacity=2 if strategy == "switch" else None))
     perturb(model, scale=0.05)  # the expert terms dominate the base FFN's output, values stay O(1)
     layer = ffn_layers(model)[0]
     delta = layer.adapters["default"]
@@ -121,14 +122,14 @@ def test_batched_path_equals_loop_reference(factory, routing, packed):
     (fast * probe).sum().backward()
     fast_grads = expert_grads(delta)
     with torch.no_grad():
-        weights, selected = reference_routing(delta, x, routing, capacity=2)
+        weights, selected = reference_routing(delta, x, strategy, capacity=2)
         assert torch.equal(delta.route(x).selected, selected)
     ref = reference_ffn(layer.base_layer, delta, x, weights, selected)
     (ref * probe).sum().backward()
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     for name, grad in expert_grads(delta).items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    if routing == "switch":
+    if strategy == "switch":
         assert not selected.any(-1).all(), "capacity 2 of 4 experts over 7 tokens must drop some"
 
 
@@ -150,7 +151,8 @@ def test_fresh_adapter_equals_base_and_is_trainable_end_to_end():
 
 def test_top_p_keeps_experts_until_mass_exceeds_p():
     model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing="top_p", top_p=0.8))
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="top_p",
+                                        top_p=0.8))
     delta = ffn_layers(model)[0].adapters["default"]
     probs = torch.tensor([0.15, 0.5, 0.10, 0.25])  # sorted: 0.5, 0.25 (0.75 < 0.8), 0.15 (0.9 > 0.8) -> 3 kept
     with torch.no_grad():
@@ -165,7 +167,7 @@ def test_top_p_keeps_experts_until_mass_exceeds_p():
 
 def test_switch_capacity_drops_tokens_to_the_base_ffn():
     model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing="switch",
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch",
                                         expert_capacity=1))
     config = adapter_state(model).configs["default"]
     assert (config.router_init_range, config.jitter_noise, config.router_z_loss_coef) == (1.0, 0.01, 0.001)
@@ -236,8 +238,8 @@ def test_balance_loss_is_pooled_over_layers_and_ignores_padding():
 
 def test_switch_adds_the_z_loss():
     model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing="switch", jitter_noise=0.0,
-                                        router_aux_loss_coef=0.0))
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch",
+                                        jitter_noise=0.0, router_aux_loss_coef=0.0))
     model.train()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4))
     model(input_ids=ids)
@@ -307,13 +309,13 @@ def test_training_reduces_loss(tokenizer):
 
 
 def test_config_validation_names_the_fix():
-    with pytest.raises(lk.ConfigError, match="routing"):
-        MixLoraConfig(routing="dynamic")
+    with pytest.raises(lk.ConfigError, match="routing_strategy"):
+        MixLoraConfig(routing_strategy="dynamic")
     with pytest.raises(lk.ConfigError, match="top_k"):
         MixLoraConfig(num_experts=2, top_k=3)
     assert MixLoraConfig().router_init_range == 0.02 and MixLoraConfig().router_z_loss_coef == 0.0
-    roundtrip = MixLoraConfig.from_dict(MixLoraConfig(routing="switch").to_dict())
-    assert roundtrip == MixLoraConfig(routing="switch")
+    roundtrip = MixLoraConfig.from_dict(MixLoraConfig(routing_strategy="switch").to_dict())
+    assert roundtrip == MixLoraConfig(routing_strategy="switch")
 
 
 def test_perf_row_runs_on_a_tiny_model():

@@ -68,7 +68,7 @@ def _randomised(config):
 
 
 def test_forward_equals_official_linear_moe():
-    model = _randomised(MolaConfig(r=4, lora_alpha=8, lora_dropout=0.0, experts_per_layer="3-5", top_k=2,
+    model = _randomised(MolaConfig(r=4, lora_alpha=8, lora_dropout=0.0, num_experts="3-5", top_k=2,
                                    target_modules=["q_proj", "down_proj"]))
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda m, a, p=path: inputs.__setitem__(p, a[0].detach()))
@@ -83,7 +83,7 @@ def test_forward_equals_official_linear_moe():
         h.remove()
     for path, layer in adapter_layers(model):
         d = layer.adapters["default"]
-        E, r = d.n_experts, d.r
+        E, r = d.num_experts, d.r
         assert E == (3 if layer_index(path + ".", None) == 0 else 5)  # "3-5" over the 2 layers
         experts = [(d.lora_A[e * r:(e + 1) * r].detach(), d.lora_B[:, e * r:(e + 1) * r].detach()) for e in range(E)]
         want, _ = official_linear_moe(inputs[path], d.router.gate.weight.detach(), experts, 2, 8 / 4)
@@ -92,7 +92,7 @@ def test_forward_equals_official_linear_moe():
 
 
 def test_balance_loss_equals_official_per_decoder_layer():
-    config = MolaConfig(r=4, lora_alpha=8, lora_dropout=0.0, experts_per_layer="2-4", top_k=2,
+    config = MolaConfig(r=4, lora_alpha=8, lora_dropout=0.0, num_experts="2-4", top_k=2,
                         target_modules="all-linear", use_balance_loss=True)
     model = _randomised(config).train()
     inputs = {}
@@ -118,7 +118,7 @@ def test_balance_loss_equals_official_per_decoder_layer():
 
 
 def test_balance_loss_only_when_enabled():
-    model = _randomised(MolaConfig(r=4, experts_per_layer="2-4", target_modules=["q_proj"])).train()
+    model = _randomised(MolaConfig(r=4, num_experts="2-4", target_modules=["q_proj"])).train()
     assert MolaConfig().use_balance_loss is False and MolaConfig().router_aux_loss_coef == 0.001
     model(input_ids=torch.randint(0, 96, (2, 5)))
     assert float(lk.get_method("mola").extra_loss(model, "default")) == 0.0
@@ -135,7 +135,7 @@ def test_uniform_routing_gives_loss_one_per_layer():
 
 def test_router_and_experts_initialised_as_official():
     model = tiny_llama()
-    lk.add_adapter(model, MolaConfig(r=4, experts_per_layer="8-8", target_modules=["up_proj"]))
+    lk.add_adapter(model, MolaConfig(r=4, num_experts="8-8", target_modules=["up_proj"]))
     for d in _deltas(model).values():
         w = d.router.gate.weight
         bound = 1 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5): U(-1/√in, 1/√in)  (mola_lora_hacked.py:741)

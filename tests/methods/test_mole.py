@@ -22,7 +22,7 @@ def test_defaults_follow_the_release():
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "mlp"]
     model = lk.add_adapter(tiny_llama(), MoleConfig(r=4))
     delta = ffn_layers(model)[0].adapters["default"]
-    assert delta.router.gate.bias is not None and delta.n_experts == 3
+    assert delta.router.gate.bias is not None and delta.num_experts == 3
 
 
 def official_lora_moe_lm(mlp, delta, x, dense):
@@ -39,12 +39,12 @@ def official_lora_moe_lm(mlp, delta, x, dense):
         return X @ delta.lora_A[name][i].T @ delta.lora_B[name][i].T * delta.scaling
 
     def forward_lora_moe(X, name):  # :88-99
-        out = [lora(name, i, X) for i in range(delta.n_experts)]
+        out = [lora(name, i, X) for i in range(delta.num_experts)]
         return getattr(mlp, name)(X) + (torch.stack(out, 2) * routing[:, :, :, None]).sum(2)
 
     def forward_lora_moe_sparse(X, name):  # :101-110
         lora_out = torch.zeros_like(getattr(mlp, name)(X))
-        for i in range(delta.n_experts):
+        for i in range(delta.num_experts):
             id1, id2, _ = torch.where(index == i)
             lora_out[id1, id2] = lora(name, i, X[id1, id2])
         return getattr(mlp, name)(X) + lora_out

@@ -119,7 +119,7 @@ def test_routed_lora_keys_follow_generate_beams(sources, ids):
 
 
 def test_routed_lora_key_names_follow_sorted_task_ids():
-    config = RoutedLoraConfig(n_adapters=2, key_to_expert={"text": -1, "vision": 0, "speech": 1})
+    config = RoutedLoraConfig(num_experts=2, key_to_expert={"text": -1, "vision": 0, "speech": 1})
     delta = RoutedLoraLinear(INFO, config)
     assert delta.keys.names == ["speech", "text", "vision"]  # task id j = the j-th sorted name
     _randomise(delta)
@@ -137,7 +137,7 @@ def test_routed_lora_key_names_follow_sorted_task_ids():
     with pytest.raises(lk.AdapterError, match="one key per row"), lk.routing(keys=torch.tensor([0, 1])):
         delta(x, torch.zeros(3, 2, 10), None)
     assert torch.equal(delta(x, torch.zeros(3, 2, 10), None), torch.zeros(3, 2, 10))  # no keys: base
-    by_index = _randomise(RoutedLoraLinear(INFO, RoutedLoraConfig(n_adapters=2)))
+    by_index = _randomise(RoutedLoraLinear(INFO, RoutedLoraConfig(num_experts=2)))
     with lk.routing(keys=torch.tensor([5, -1, 1])):  # without a mapping, ids past the experts have none
         out = by_index(x, torch.zeros(3, 2, 10), None)
     assert torch.equal(out[:2], torch.zeros(2, 2, 10)) and out[2].abs().max() > 0
@@ -226,7 +226,7 @@ def test_mm_lora_modality_sources_and_errors(ids):
 
 # -- reclora --------------------------------------------------------------------------------------------------
 def reclora_delta(**kwargs) -> RecLoraLinear:
-    config = RecLoraConfig(n_meta=3, r=2, lora_alpha=4, lora_dropout=0.0, user_dim=5, **kwargs)
+    config = RecLoraConfig(num_experts=3, r=2, lora_alpha=4, lora_dropout=0.0, user_dim=5, **kwargs)
     return _randomise(RecLoraLinear(INFO, config), seed=1).eval()
 
 
@@ -269,7 +269,7 @@ def test_reclora_one_hot_gate_is_one_meta_adapter_and_mixing_is_in_weight_space(
 
 def test_reclora_model_per_user_rows_and_errors(ids):
     model = tiny_llama()
-    lk.add_adapter(model, RecLoraConfig(n_meta=4, r=2, user_dim=6, lora_dropout=0.0))
+    lk.add_adapter(model, RecLoraConfig(num_experts=4, r=2, user_dim=6, lora_dropout=0.0))
     kinds = [type(m).__name__ for m in next(layer for _, layer in adapter_layers(model)).adapters["default"].gate]
     assert kinds == ["LayerNorm", "Linear", "ReLU", "Dropout", "Linear"]
     with torch.no_grad():

@@ -202,23 +202,23 @@ def test_error_inside_forward_leaves_no_routing_context(sources):
 
 def test_layer_outside_the_hooked_forward_refuses():
     model = tiny_llama()
-    lk.add_adapter(model, XLoraConfig(target_modules=["q_proj"], n_adapters=2))
+    lk.add_adapter(model, XLoraConfig(target_modules=["q_proj"], num_experts=2))
     with pytest.raises(lk.AdapterError, match="without scalings"):
         model.model(input_ids=torch.zeros(1, 3, dtype=torch.long))  # the inner model has no hook
 
 
 def test_config_validation():
     with pytest.raises(lk.ConfigError, match="top_k_lora"):
-        XLoraConfig(n_adapters=2, top_k_lora=3)
+        XLoraConfig(num_experts=2, top_k_lora=3)
     with pytest.raises(lk.ConfigError, match="enable_softmax_topk"):
-        XLoraConfig(n_adapters=2, enable_softmax_topk=True)
+        XLoraConfig(num_experts=2, enable_softmax_topk=True)
     with pytest.raises(lk.ConfigError, match="adapter_paths"):
         XLoraConfig()
-    assert XLoraConfig(n_adapters=2).expert_r == [8, 8]
+    assert XLoraConfig(num_experts=2).expert_r == [8, 8]
 
 
 def test_head_layout_follows_peft():
-    config = XLoraConfig(n_adapters=3, hidden_size=16, xlora_depth=3, xlora_size=8, layerwise_scalings=True,
+    config = XLoraConfig(num_experts=3, hidden_size=16, xlora_depth=3, xlora_size=8, layerwise_scalings=True,
                          layer_modules=["a", "b"])
     head = XLoraClassifier(config, 2)
     kinds = [type(m).__name__ for m in head.layers]

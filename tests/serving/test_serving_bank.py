@@ -200,7 +200,7 @@ def test_kernel_hook_is_called_and_can_fall_back(models):
     served, _ = models
     calls = []
 
-    def fallback(x, A, B, slots, weights, r_used):
+    def fallback(x, A, B, slots, weights, r_used, **kw):
         calls.append(tuple(x.shape))
         return None  # "shape not handled": the torch path runs
 

@@ -26,8 +26,8 @@ EOS = 2
 CONFIGS = {
     "mixlora": lambda: MixLoraConfig(r=4, num_experts=4, top_k=2),
     "mole": lambda: MoleConfig(r=4),
-    "meteora": lambda: MeteoraConfig(n_adapters=3, expert_r=[4, 4, 4]),
-    "xlora": lambda: XLoraConfig(n_adapters=3, expert_r=[4, 4, 4]),
+    "meteora": lambda: MeteoraConfig(num_experts=3, expert_r=[4, 4, 4]),
+    "xlora": lambda: XLoraConfig(num_experts=3, expert_r=[4, 4, 4]),
     "dora": lambda: lk.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 

@@ -109,6 +109,35 @@ def test_server_chat_and_streaming(setup):
     assert text == offline(s, s["tok"](PROMPTS[0])["input_ids"], "ad2", 10)
 
 
+def test_server_self_moa_on_chat_and_streaming(setup):
+    """Self-MoA (arXiv:2502.00674) on /v1/chat/completions: the answer is the greedy synthesis pass over the
+    proposals, prompted as the module's aggregation_prompt around the user's last turn, and it streams."""
+    from lorakit.serving.self_moa import aggregation_prompt
+
+    s, client = setup, setup["client"]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    body = dict(model="ad1", messages=messages, max_tokens=6, temperature=0, seed=3,
+                extra_body={"self_moa": {"n": 2, "temperature": 1.0}})
+    r = client.chat.completions.create(**body)
+    proposals = r.model_extra["self_moa"]["proposals"]
+    assert len(proposals) == 2 and r.model_extra["self_moa"]["rounds"] == 1
+    ids = s["tok"].apply_chat_template([{"role": "user", "content": aggregation_prompt(messages[0]["content"], proposals)}],
+                                       add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert r.choices[0].message.content == offline(s, list(ids), "ad1", 6)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **body))
+    assert streamed == r.choices[0].message.content  # same seed: same proposals, same synthesis
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="ad1", prompt=PROMPTS[0], max_tokens=4, temperature=0, seed=3, stream=True,
+        extra_body={"self_moa": {"n": 2, "temperature": 1.0}}))
+    plain = client.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=4, temperature=0, seed=3,
+                                      extra_body={"self_moa": {"n": 2, "temperature": 1.0}})
+    assert text == plain.choices[0].text
+    bad = _post(s, "/v1/chat/completions", {"model": "ad1", "messages": [{"role": "assistant", "content": "x"}],
+                                             "self_moa": {"n": 2}})
+    assert bad.status_code == 400 and "last message" in bad.text
+
+
 def test_server_mixture_request_and_models(setup):
     s = setup
     r = _post(s, "/v1/completions", {"model": "bundled", "adapters": {"ad0": 0.6, "ad2": 0.4},

@@ -208,7 +208,7 @@ def test_routing_vectors_and_task_keys_reach_training_and_evaluation(make_model,
 
     users = {0: [1.0, 0.0, -1.0], 1: [-2.0, 0.5, 0.0]}
     train_ex = [replace(ex, routing={"user_state": users[i % 2]}) for i, ex in enumerate(reverse_train)]
-    model = make_model(RecLoraConfig(n_meta=2, r=2, user_dim=3, lora_dropout=0.0, gate_dropout=0.0))
+    model = make_model(RecLoraConfig(num_experts=2, r=2, user_dim=3, lora_dropout=0.0, gate_dropout=0.0))
     config = TrainConfig(steps=3, batch_size=8, lr=1e-2, seed=0)
     with pytest.raises(lorakit.LorakitError, match="user_state"):
         train(model, tokenizer, reverse_train, config, progress=False)  # no user vectors in the data

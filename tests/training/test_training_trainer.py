@@ -84,7 +84,7 @@ def _method_configs():
         "mixlora": MixLoraConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0, target_modules=mlp,
                                  router_aux_loss_coef=1.0),
         "mole": MoleConfig(r=4, lora_dropout=0.0, target_modules=mlp, router_aux_loss_coef=1.0),
-        "meteora": MeteoraConfig(n_adapters=2, expert_r=[4, 4], lora_dropout=0.0, train_adapters=True, top_k=1,
+        "meteora": MeteoraConfig(num_experts=2, expert_r=[4, 4], lora_dropout=0.0, train_adapters=True, top_k=1,
                                  task_to_adapter={"reverse": 0, "sort": 1}, target_modules=["q_proj", "v_proj"]),
     }
 

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod|smaller [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init",
+                                         "quantize", "gamma_mod", "smaller"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -51,6 +52,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--full-finetune", action="store_true", default=None,
                         help="methods: also a full fine-tuning row (every base weight, AdamW)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
+    serve = parser.add_argument_group("serve (S-LoRA workload; defaults: the full profile)")
+    serve.add_argument("--models", nargs="+", default=None, help="serve: bundled and/or random8x512")
+    serve.add_argument("--num-adapters", nargs="+", type=int, default=None, help="serve: adapter counts N")
+    serve.add_argument("--req-rate", type=float, default=None, help="serve: mean arrivals per second")
+    serve.add_argument("--duration", type=float, default=None, help="serve: trace length in seconds")
+    serve.add_argument("--max-batch", type=int, default=None, help="serve: running-batch cap (all systems)")
+    serve.add_argument("--peft-max-n", type=int, default=None, help="serve: largest N the PEFT systems run")
+    serve.add_argument("--systems", nargs="+", default=None,
+                       choices=["lorakit", "merged", "peft_mixed", "peft_swap"], help="serve: systems to run")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
     out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
@@ -78,7 +89,10 @@ def main(argv: Sequence[str]) -> int:
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "serve":
         from . import serve as bench_serve
-        profile = bench_serve.QUICK if args.quick else bench_serve.FULL
+        profile = _override(bench_serve.QUICK if args.quick else bench_serve.FULL, device=args.device,
+                            models=args.models, num_adapters=args.num_adapters, req_rate=args.req_rate,
+                            duration_s=args.duration, max_batch=args.max_batch, peft_max_n=args.peft_max_n,
+                            systems=args.systems, dtype=args.dtype, seed=args.seeds[0] if args.seeds else None)
         out.mkdir(parents=True, exist_ok=True)
         result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")
         markdown = bench_serve.serve_markdown(result)
@@ -111,8 +125,26 @@ def main(argv: Sequence[str]) -> int:
             markdown = variants.variants_markdown(result)
             out.mkdir(parents=True, exist_ok=True)
             result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
+    elif args.what == "quantize":
+        from . import quantize as bench_quantize
+        profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
+                            seed=args.seeds[0] if args.seeds else None)
+        result = bench_quantize.run_quantize(profile, progress=not args.quick)
+        markdown = bench_quantize.quantize_markdown(result)
+    elif args.what == "gamma_mod":
+        from . import gamma_mod as bench_gamma_mod
+        profile = _override(bench_gamma_mod.QUICK if args.quick else bench_gamma_mod.FULL, steps=args.steps,
+                            tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None)
+        result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
+        markdown = bench_gamma_mod.gamma_mod_markdown(result)
+    elif args.what == "smaller":
+        from . import smaller
+        profile = _override(smaller.QUICK if args.quick else smaller.FULL, seeds=args.seeds, steps=args.steps,
+                            tasks=args.tasks)
+        result = smaller.run_smaller(profile)
+        markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import longlora, mixlora_perf, perf, procedures, serving  # noqa: F401  (rows register themselves in perf.EXTRA_ROWS)
+        from . import distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

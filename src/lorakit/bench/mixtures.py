@@ -68,7 +68,7 @@ def budget_configs() -> dict[str, object]:
         "lora r=16 (= trainable)": lk.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
         "mixlora 5×r4 top-2": MixLoraConfig(r=8, lora_alpha=16, expert_r=4, expert_lora_alpha=8, num_experts=5, top_k=2),
         "mole 3×r8 top-1": MoleConfig(r=8, lora_alpha=16, num_experts=3),
-        "mola 2-2-4-4-6-6×r4 top-2": MolaConfig(r=4, lora_alpha=8, experts_per_layer=[2, 2, 4, 4, 6, 6], top_k=2,
+        "mola 2-2-4-4-6-6×r4 top-2": MolaConfig(r=4, lora_alpha=8, num_experts=[2, 2, 4, 4, 6, 6], top_k=2,
                                                target_modules="all-linear"),
         "smora r16 top-8": SmoraConfig(r=16, top_k=8, lora_alpha=16, target_modules="all-linear"),
     }
@@ -171,7 +171,7 @@ def run_compose(profile: MixturesProfile, base, tokenizer, workdir: Path, progre
         # routed to their task's adapter by the key), then the gate over [domains..., FFN] (task stage, no keys).
         model = copy.deepcopy(base)
         torch.manual_seed(seed)
-        lk.add_adapter(model, MixdaConfig(n_domains=len(tasks), key_to_domain={t: i for i, t in enumerate(tasks)},
+        lk.add_adapter(model, MixdaConfig(num_experts=len(tasks), key_to_domain={t: i for i, t in enumerate(tasks)},
                                           reduction=4))
         train(model, tokenizer, train_mix, _train_config(profile, profile.task_steps, seed), progress=progress)
         set_mixda_stage(model, "default", "task")

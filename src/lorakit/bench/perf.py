@@ -18,6 +18,8 @@ from .timing import SavedActivations, ratio, time_interleaved
 
 # name -> fn(profile: PerfProfile, device) -> list[dict]; other modules add rows here.
 EXTRA_ROWS: dict[str, Callable[..., list[dict]]] = {}
+# Rows that start other processes (minutes on a small machine): ``--quick`` runs them only when ``--only`` names them.
+QUICK_ONLY_WHEN_NAMED: set[str] = set()
 
 
 @dataclass
@@ -117,7 +119,7 @@ def run_perf(profile: PerfProfile, device: str | None = None, only: list[str] | 
     if not only or "forward" in only:
         rows += forward_and_train_rows(profile, device)
     for key, fn in EXTRA_ROWS.items():
-        if not only or key in only:
+        if (key in only) if only else not (profile is QUICK and key in QUICK_ONLY_WHEN_NAMED):
             rows += fn(profile, device)
     return {"machine": machine_description(device), "versions": {"torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}, "profile": profile.__dict__,

@@ -80,6 +80,9 @@ class ServeProfile:
     seed: int = 42
     systems: tuple[str, ...] = ("lorakit", "merged", "peft_mixed", "peft_swap")
     timeout_s: float = 300.0
+    device: str = "cpu"  # "cuda": models, banks and KV cache on the GPU, wall-clock timing (see _Clock)
+    dtype: str = "float32"
+    kv_cache_mb: int = 64
 
 
 QUICK = ServeProfile(models=("bundled",), num_adapters=(4,), req_rate=4.0, duration_s=2.0, output_range=(4, 8),
@@ -88,13 +91,16 @@ FULL = ServeProfile()
 
 
 class _Clock:
-    """Process CPU seconds plus skipped idle seconds (see the module docstring)."""
+    """Process CPU seconds plus skipped idle seconds (see the module docstring). With ``wall`` (CUDA runs, where
+    the work happens on the device, not in this process's CPU time): wall seconds plus skipped idle seconds —
+    every system reads its sampled tokens back to the host each step, so the clock includes the device's work."""
 
-    def __init__(self):
-        self.skipped, self.start = 0.0, time.process_time()
+    def __init__(self, wall: bool = False):
+        self.timer = time.perf_counter if wall else time.process_time
+        self.skipped, self.start = 0.0, self.timer()
 
     def now(self) -> float:
-        return time.process_time() - self.start + self.skipped
+        return self.timer() - self.start + self.skipped
 
     def skip_to(self, t: float) -> None:
         self.skipped += max(0.0, t - self.now())
@@ -112,11 +118,13 @@ def _prompt(req: TraceRequest, vocab: int) -> list[int]:
     return g.randint(3, vocab, req.input_len).tolist()
 
 
-def _base(model_name: str, seed: int):
+def _base(model_name: str, seed: int, device: str = "cpu", dtype: str = "float32"):
     if model_name == "bundled":
         from ..hub import load_model_and_tokenizer
-        return load_model_and_tokenizer()[0]
-    return bench_model(seed)
+        model = load_model_and_tokenizer()[0]
+    else:
+        model = bench_model(seed)
+    return model.to(device=device, dtype=getattr(torch, dtype))
 
 
 # -- systems: submit(req) / step() -> bool (did work) / holds() -> bytes -----------------------------------------
@@ -133,7 +141,8 @@ class _EngineSystem:
             self.store.register_dir(root)
             self.names = {i: d.name for i, d in enumerate(dirs.values())}
         self.load_s = time.process_time() - t
-        self.engine = Engine(model, store=self.store, kv_cache_bytes=64 << 20, max_batch=profile.max_batch)
+        self.engine = Engine(model, store=self.store, kv_cache_bytes=profile.kv_cache_mb << 20,
+                             max_batch=profile.max_batch)
         self.vocab, self.run = model.config.vocab_size, run
 
     def submit(self, req: TraceRequest) -> None:
@@ -215,8 +224,9 @@ class _PeftSystem:
                 return scores
         steps = max(q[0].output_len for q in batch)
         kw = {} if self.swap else {"adapter_names": [self.names[q[0].adapter] for q in batch]}
+        dev = next(self.model.parameters()).device
         with torch.inference_mode():
-            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+            self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=steps, min_new_tokens=steps,
                                 do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([_FirstToken()]),
                                 **kw)
         end = clock.now()
@@ -229,10 +239,10 @@ class _PeftSystem:
         return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" in n)
 
 
-def _replay(system, trace: list[TraceRequest], run: _Run, timeout_s: float) -> float:
+def _replay(system, trace: list[TraceRequest], run: _Run, timeout_s: float, wall: bool = False) -> float:
     """Feed requests at their arrival times; step the system until every request is done. Returns the makespan
     (virtual seconds)."""
-    run.clock = clock = _Clock()
+    run.clock = clock = _Clock(wall)
     wall = time.perf_counter()
     pending = list(trace)
     while len(run.done) < len(trace):
@@ -258,8 +268,13 @@ def _summary(run: _Run, trace: list[TraceRequest], makespan: float, slo_s: float
 
 def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | None = None) -> dict:
     """Every (model, N) row of ``profile``; with ``checkpoint``, the result so far is written there after each row."""
-    torch.set_num_threads(1)
-    result = {"profile": {k: getattr(profile, k) for k in profile.__dataclass_fields__}, "rows": []}
+    wall = profile.device != "cpu"
+    if not wall:
+        torch.set_num_threads(1)
+    base = lambda name: _base(name, profile.seed, profile.device, profile.dtype)  # noqa: E731
+    result = {"profile": {k: getattr(profile, k) for k in profile.__dataclass_fields__}, "rows": [],
+              "clock": "wall seconds (device work synchronised by each step's token read-back)" if wall
+              else "process CPU seconds + skipped idle time"}
     for model_name in profile.models:
         for n in profile.num_adapters:
             trace = generate_requests(n, profile.alpha, profile.req_rate, profile.cv, profile.duration_s,
@@ -273,14 +288,14 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | 
                         row["systems"][system] = {"skipped": f"n={n} > peft_max_n={profile.peft_max_n}"}
                         continue
                     run = _Run()
-                    model = _base(model_name, profile.seed)
+                    model = base(model_name)
                     if system == "lorakit":
                         sut = _EngineSystem(model, dirs, profile, run)
                     elif system == "merged":
                         sut = _merged(model, dirs, profile, run)
                     else:
                         sut = _PeftSystem(model, dirs, profile, run, swap=system == "peft_swap")
-                    makespan = _replay(sut, trace, run, profile.timeout_s)
+                    makespan = _replay(sut, trace, run, profile.timeout_s, wall)
                     stats = _summary(run, trace, makespan, profile.slo_s)
                     stats.update(adapter_load_s=sut.load_s, memory_bytes=sut.holds())
                     row["systems"][system] = stats

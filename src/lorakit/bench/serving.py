@@ -83,17 +83,25 @@ def write_random_adapters(model, root: Path, n: int, *, r: int = 16, alpha: floa
     return dirs
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int, caps: dict[str, int] | None = None) -> dict:
+    """Wall seconds per call (CUDA work is synchronised before the clock is read)."""
     caps = caps or {}
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():  # warm-up
+    for f in fns.values():  # warm-up (and Triton compilation)
         f()
     for i in range(repeats):
         for k, f in fns.items():
             if i >= caps.get(k, repeats):
                 continue
+            _sync()
             t = time.perf_counter()
             f()
+            _sync()
             times[k].append(time.perf_counter() - t)
     return {k: {"min_s": min(v), "median_s": statistics.median(v), "repeats": len(v)} for k, v in times.items()}
 
@@ -101,23 +109,32 @@ def _time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int, caps: dic
 def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256, tokens: int = 16, r: int = 16,
                       threads: int = 1, repeats: int = 5, peft: bool = True, peft_max_n: int = 256,
                       load_n: int = 1000, seed: int = 0, workdir: str | None = None,
-                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      log: Callable[[str], None] | None = None, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Mixed-batch forward time vs base and vs PEFT for each N in ``ns``, and the time to load ``load_n`` adapters.
 
     Returns ``{"config": ..., "forward": {N: {...}}, "load": {...}}`` with ratios
-    ``bank_over_base`` (goal <= 1.10) and ``peft_over_bank`` (goal >= 1.5).
+    ``bank_over_base`` (goal <= 1.10) and ``peft_over_bank`` (goal >= 1.5). On a device with a registered bank
+    kernel (CUDA + Triton) the banked forward is also timed with the kernel removed (``bank_torch``), side by side.
     """
+    from ..serving import bank as bank_mod
     from ..serving.multi import load_adapters
+
+    def bench_model_on(s):
+        return bench_model(s).to(device=device, dtype=dtype)
 
     log = log or (lambda s: None)
     torch.set_num_threads(threads)
+    kernel = bank_mod._KERNELS.get(torch.device(device).type)
     result: dict[str, Any] = {"config": dict(ns=list(ns), batch=batch, tokens=tokens, r=r, threads=threads,
-                                             repeats=repeats, load_n=load_n, torch=torch.__version__),
+                                             repeats=repeats, load_n=load_n, torch=torch.__version__,
+                                             device=device, dtype=str(dtype).replace("torch.", ""),
+                                             kernel=getattr(kernel, "__module__", None)),
                               "forward": {}, "load": {}}
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     root = Path(tmp.name)
     try:
-        base = bench_model(seed)
+        base = bench_model_on(seed)
         n_files = max(max(ns), load_n)
         t = time.perf_counter()
         dirs = write_random_adapters(base, root, n_files, r=r, seed=seed)
@@ -125,7 +142,7 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
         log(f"wrote {n_files} adapters in {result['load']['write_s']:.1f}s")
 
         if load_n:
-            served = bench_model(seed)
+            served = bench_model_on(seed)
             t = time.perf_counter()
             reg = load_adapters(served, dict(list(dirs.items())[:load_n]))
             result["load"].update(n=load_n, seconds=time.perf_counter() - t, bank_bytes=reg.memory_bytes())
@@ -135,13 +152,14 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
         if peft:
             result["load"]["peft_check_max_abs_diff"] = _check_against_peft(dirs["a0"], seed)
 
-        ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(0, base.config.vocab_size, (batch, tokens),
+                            generator=torch.Generator().manual_seed(seed)).to(device)
         for n in ns:
             names = [f"a{i}" for i in range(n)]
             # Row i uses adapter i mod N (every adapter used when N <= batch; spread over the bank when N > batch).
             rows = [names[i % n] if n <= batch else names[i * n // batch] for i in range(batch)]
             shuffled = [rows[j] for j in torch.randperm(batch, generator=torch.Generator().manual_seed(seed))]
-            served = bench_model(seed)
+            served = bench_model_on(seed)
             reg = load_adapters(served, {k: dirs[k] for k in names})
             fns: dict[str, Callable[[], Any]] = {"base": lambda: base(input_ids=ids)}
 
@@ -150,12 +168,22 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
                     return served(input_ids=ids)
 
             fns["bank"] = banked
+            if kernel is not None:  # the same banks through the torch path, the kernel removed for the call
+
+                def banked_torch(served=served, reg=reg, rows=rows):
+                    bank_mod.register_kernel(torch.device(device).type, None)
+                    try:
+                        return banked(served, reg, rows)
+                    finally:
+                        bank_mod.register_kernel(torch.device(device).type, kernel)
+
+                fns["bank_torch"] = banked_torch
             if n >= batch:  # rows in adapter order hit the gather-free SGMV path; shuffled rows show plain BGMV
                 fns["bank_shuffled"] = lambda served=served, reg=reg, rows=shuffled: banked(served, reg, rows)
             pm = None
             if peft and n <= peft_max_n:
                 t = time.perf_counter()
-                pm = _peft_model(seed, [dirs[k] for k in names], names)
+                pm = _peft_model(seed, [dirs[k] for k in names], names).to(device=device, dtype=dtype)
                 log(f"N={n}: PEFT loaded in {time.perf_counter() - t:.1f}s")
                 fns["peft"] = lambda pm=pm, rows=rows: pm(input_ids=ids, adapter_names=rows)
             with torch.inference_mode():
@@ -167,6 +195,11 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
             row["bank_over_base"] = times["bank"]["min_s"] / times["base"]["min_s"]
             if "bank_shuffled" in times:
                 row["bank_shuffled_over_base"] = times["bank_shuffled"]["min_s"] / times["base"]["min_s"]
+            if "bank_torch" in times:
+                row["bank_torch_over_bank"] = times["bank_torch"]["min_s"] / times["bank"]["min_s"]
+                with torch.inference_mode():
+                    row["max_abs_diff_kernel_vs_torch"] = (out_bank.logits.float()
+                                                           - banked_torch().logits.float()).abs().max().item()
             if pm is not None:
                 row["peft_over_bank"] = times["peft"]["min_s"] / times["bank"]["min_s"]
                 if "bank_shuffled" in times:
@@ -216,9 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peft-max-n", type=int, default=256)
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=16)
     args = p.parse_args(argv)
     res = run_serving_bench(tuple(args.ns), threads=args.threads, repeats=args.repeats, load_n=args.load_n,
-                            peft=not args.no_peft, peft_max_n=args.peft_max_n, log=lambda s: print(s, flush=True))
+                            peft=not args.no_peft, peft_max_n=args.peft_max_n, log=lambda s: print(s, flush=True),
+                            device=args.device, dtype=getattr(torch, args.dtype), batch=args.batch,
+                            tokens=args.tokens)
     text = json.dumps(res, indent=2, default=str)
     print(text)
     if args.out:

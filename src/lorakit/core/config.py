@@ -10,6 +10,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Union
 
@@ -82,6 +83,10 @@ class AdapterConfig:
     # PEFT fields lorakit reads and ignores, with the values that mean "feature not used". A file with
     # another value asks for a feature this method does not have, so loading it is refused.
     foreign_fields: ClassVar[Mapping[str, Any]] = {}
+    # Fields renamed after files were written, {old name: new name}: saved files (``from_dict``) and CLI flags
+    # (``--old-name``) with an old name still work, with one FutureWarning naming the new one. A subclass extends
+    # its parent's table ({**Parent.renamed_fields, ...}).
+    renamed_fields: ClassVar[Mapping[str, str]] = {}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -139,10 +144,11 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "AdapterConfig":
-        """Build from a (PEFT or lorakit) JSON dict; unknown or unusable fields are a ConfigError."""
+        """Build from a (PEFT or lorakit) JSON dict; unknown or unusable fields are a ConfigError. Old field
+        names (``renamed_fields``) load as their new names with a FutureWarning."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
-        for key, value in data.items():
+        for key, value in renamed_to_current(cls, data, source).items():
             if key in known:
                 kwargs[key] = value
             elif key in cls.foreign_fields or key in _BOOKKEEPING_FIELDS:
@@ -161,6 +167,21 @@ class AdapterConfig:
             return cls(**kwargs)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def renamed_to_current(cls: type[AdapterConfig], data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with every old field name of ``cls.renamed_fields`` replaced by its new name, warning once per
+    name (FutureWarning: old name -> new name). Raises ConfigError when both spellings are given."""
+    out = dict(data)
+    for old, new in cls.renamed_fields.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: both {old!r} (the old name) and {new!r} are set; keep only {new!r}.")
+        warnings.warn(f"{source}: {cls.method} field {old!r} is deprecated, renamed to {new!r} (it loads; saving "
+                      f"writes {new!r}).", FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
 
 
 ANY_VALUE = _ANY = object()

@@ -67,8 +67,33 @@ def _describe_builtin(module: nn.Module) -> LayerInfo | None:
     return None
 
 
+# Quantized bases (e.g. bitsandbytes 4-bit, lorakit.quantize) register ``dequantize(layer) -> (out, in) float
+# tensor | None`` here, so deltas that read the base weight (DoRA, inits) see real values, not packed codes.
+_DEQUANTIZERS: list = []
+
+
+def register_dequantizer(dequantize) -> None:
+    """Add ``dequantize(base_layer) -> Tensor (out, in) | None`` for a quantized layer kind."""
+    if dequantize not in _DEQUANTIZERS:
+        _DEQUANTIZERS.append(dequantize)
+
+
+def is_quantized(base_layer: nn.Module) -> bool:
+    """True when the base layer stores its weight as integer codes (a quantized base: read-only for merges)."""
+    w = getattr(base_layer, "weight", None)
+    return isinstance(w, torch.Tensor) and not w.is_floating_point()
+
+
 def oriented_weight(base_layer: nn.Module, info: LayerInfo) -> torch.Tensor:
-    """The base weight as (out, in), whatever the layer's storage layout."""
+    """The base weight as (out, in), whatever the layer's storage layout; a quantized weight is dequantized
+    (float32, a copy). Raises TypeError for a quantized layer kind no dequantizer knows."""
+    if is_quantized(base_layer):
+        for dequantize in _DEQUANTIZERS:
+            w = dequantize(base_layer)
+            if w is not None:
+                return w
+        raise TypeError(f"{type(base_layer).__name__} stores a {base_layer.weight.dtype} weight that no registered "
+                        f"dequantizer reads (lorakit.core.delta.register_dequantizer)")
     w = base_layer.weight
     return w.T if info.fan_in_fan_out else w
 

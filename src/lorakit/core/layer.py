@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import LayerInfo, MergeTerms, oriented_weight
+from .delta import LayerInfo, MergeTerms, is_quantized, oriented_weight
 from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, rows_for_batch
 
@@ -182,6 +182,11 @@ class AdapterLayer(nn.Module):
     def check_merge(self, names: list[str]) -> None:
         """Raise AdapterError if any of ``names`` cannot be merged here (called before anything changes)."""
         base_bias = getattr(self.base_layer, "bias", None)
+        if is_quantized(self.base_layer) and any(n in self.adapters and n not in self.merged for n in names):
+            raise AdapterError(f"the base layer ({type(self.base_layer).__name__}) is quantized: merging would "
+                               f"re-quantize W + ΔW and lose the update's precision. Dequantize first "
+                               f"(lorakit.quantize.dequantize_model(model), as `lorakit merge --quantize` does), then "
+                               f"merge into the full-precision weights.")
         for n in names:
             if n not in self.adapters or n in self.merged:
                 continue

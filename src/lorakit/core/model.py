@@ -555,13 +555,15 @@ def adapter_parameters(model: nn.Module, name: str, *, trainable_only: bool = Fa
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; the base copies under modules_to_save count once."""
+    """(trainable, total) parameter counts; the base copies under modules_to_save count once, and a quantized
+    weight counts its logical elements (``quant_state.shape``), not its packed bytes."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None else p.numel()
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total

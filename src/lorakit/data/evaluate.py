@@ -55,11 +55,13 @@ def score_predictions(
 def generate_completions(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32,
     row_routing: Callable[[list[int]], dict[str, Any]] | None = None, progress: bool = False,
+    generate_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts`, cut at EOS, in input order.
 
     `row_routing(rows)` (optional) gives the `lorakit.routing(...)` arguments for a batch of prompt indices
     (per-row keys, per-row extras); generation of that batch runs inside that routing context.
+    `generate_kwargs` go to `model.generate` as well (e.g. `synced_gpus=True` for a sharded model).
 
     Batches are left-padded by hand (pad ids, attention mask 0) rather than through
     `tokenizer.padding_side`, so the tokenizer is never mutated and the prompt ids are exactly the
@@ -98,6 +100,7 @@ def generate_completions(
                     pad_token_id=pad,
                     eos_token_id=eos,
                     **generate_kwargs_for(model),
+                    **(generate_kwargs or {}),
                 )
             for r, i in enumerate(rows):
                 new = generated[r, width:].tolist()
@@ -154,6 +157,11 @@ def example_routing(examples: Sequence[Example], task_to_id: Mapping[str, int] |
     return for_rows
 
 
+def default_max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
+    """The longest reference completion in tokens + 2 (room for EOS and a little slack)."""
+    return max(len(tokenizer.encode(ex.completion, add_special_tokens=False)) for ex in examples) + 2
+
+
 def evaluate_examples(
     model: Any,
     tokenizer: Any,
@@ -177,8 +185,7 @@ def evaluate_examples(
     if not examples:
         raise ValueError("no examples to evaluate")
     if max_new_tokens is None:
-        longest = max(len(tokenizer.encode(ex.completion, add_special_tokens=False)) for ex in examples)
-        max_new_tokens = longest + 2
+        max_new_tokens = default_max_new_tokens(tokenizer, examples)
     predictions = generate_completions(
         model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size, max_new_tokens=max_new_tokens,
         row_routing=example_routing(examples, task_to_id), progress=progress,

@@ -17,7 +17,7 @@ them for each token:
 
 Supervised gate loss (the official ``lora_gate_loss_func``): cross-entropy of every module's gate logits ``l``
 against each token's ground-truth adapter, pooled over all modules and all non-padding tokens (prompt and
-completion alike, as the official data code labels them), × ``moe_aux_loss_coef`` (50, hard-coded in the
+completion alike, as the official data code labels them), × ``router_aux_loss_coef`` (50, hard-coded in the
 official ``LlamaMeteorForCausalLM``). The official code also drops the last position (a one-token shift
 against its labels); with one label per sequence that only drops one token, so we keep every token.
 
@@ -54,18 +54,18 @@ from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import pop_aux_records
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
+from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import Router
 from ..mixtures.sources import prepare_from_sources
-from .routed import LoraBank, LoraBankConfig
 
 IGNORE = -100
 
 
 @dataclass
-class MeteoraConfig(LoraBankConfig):
+class MeteoraConfig(LoraExpertsConfig):
     """Either ``adapter_paths`` (existing LoRA folders; ranks, alphas and default targets are read from
-    them) or ``n_adapters`` / ``expert_r`` (randomly initialised experts, B = 0, default r = 8, α = 2r; e.g. for
-    a bank loaded later). The bank fields and their checks are ``routed.LoraBankConfig``'s.
+    them) or ``num_experts`` / ``expert_r`` (randomly initialised experts, B = 0, default r = 8, α = 2r; e.g. for
+    a bank loaded later). The bank fields and their checks are ``mixtures.rank_blocks.LoraExpertsConfig``'s.
 
     ``adapter_names`` label the bank slots (default: the source folders' names), so a saved MeteoRA adapter,
     which no longer points at its sources, still says what each slot holds. ``task_to_adapter``: task name →
@@ -76,26 +76,29 @@ class MeteoraConfig(LoraBankConfig):
     - ``gate_path``: ``fast`` (top-k on logits, softmax over the kept) or ``reference`` (the official two-softmax path).
     - ``lora_dropout``: dropout on the bank's input (the official code hard-codes 0.1).
     - ``train_adapters``: also train the LoRA adapters (False: only the gate, as the paper).
-    - ``moe_aux_loss_coef``: weight of the supervised gate loss (cross-entropy against each task's adapter).
+    - ``router_aux_loss_coef``: weight of the supervised gate loss, a cross-entropy against each task's adapter
+      (``moe_aux_loss_coef`` in files written before the rename).
     """
+
+    renamed_fields = {**LoraExpertsConfig.renamed_fields, "moe_aux_loss_coef": "router_aux_loss_coef"}
 
     top_k: int = 2
     temperature: float = 1.0
     gate_path: Literal["fast", "reference"] = "fast"
     lora_dropout: float = 0.1  # the official code's hard-coded value
     train_adapters: bool = False
-    moe_aux_loss_coef: float = 50.0
+    router_aux_loss_coef: float = 50.0
     task_to_adapter: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n = self.n_adapters
+        n = self.num_experts
         if not 0 < self.top_k <= n:
-            raise ConfigError(f"MeteoraConfig.top_k must be in 1..n_adapters={n}, got {self.top_k}.")
+            raise ConfigError(f"MeteoraConfig.top_k must be in 1..num_experts={n}, got {self.top_k}.")
         if not self.temperature > 0:
             raise ConfigError(f"MeteoraConfig.temperature must be > 0, got {self.temperature}.")
-        if self.moe_aux_loss_coef < 0:
-            raise ConfigError(f"MeteoraConfig.moe_aux_loss_coef must be >= 0, got {self.moe_aux_loss_coef}.")
+        if self.router_aux_loss_coef < 0:
+            raise ConfigError(f"MeteoraConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}.")
         for task, index in (self.task_to_adapter or {}).items():
             if not -1 <= index < n:
                 raise ConfigError(f"MeteoraConfig.task_to_adapter[{task!r}]={index}: use an adapter index in "
@@ -109,19 +112,19 @@ class MeteoraConfig(LoraBankConfig):
 
 
 # -- the delta --------------------------------------------------------------------------------------------
-class MeteoraLinear(LoraBank):
-    """N LoRA adapters stacked as rank blocks of one bank (``routed.LoraBank``: A Kaiming, B zero per block,
-    an owner map, per-rank scaling), gated per token by a top-k router on the input."""
+class MeteoraLinear(LoraExperts):
+    """N LoRA adapters stacked as rank blocks of one bank (``mixtures.rank_blocks.LoraExperts``: A Kaiming, B zero
+    per block, an owner map, per-rank scaling), gated per token by a top-k router on the input."""
 
     def __init__(self, info: LayerInfo, config: MeteoraConfig):
         super().__init__(info, config, trainable=config.train_adapters)  # gate-only: the bank is frozen
         strategy = "topk_logits" if config.gate_path == "fast" else "topk"
-        self.router = Router(info.in_features, config.n_adapters, strategy=strategy, top_k=config.top_k,
+        self.router = Router(info.in_features, config.num_experts, strategy=strategy, top_k=config.top_k,
                              temperature=config.temperature, init_std=1.0)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
-        routed = self.router(x)  # weights (N, n_adapters), 0 off the top-k
+        routed = self.router(x)  # weights (N, num_experts), 0 off the top-k
         self.observe(routed, x.shape)
         gate = expand_to_ranks(routed.weights.to(x.dtype), self.owner, self.rank_scaling.to(x.dtype))  # (N, R)
         flat = self.lora_dropout(x).reshape(-1, x.shape[-1])  # (N, in)
@@ -146,7 +149,7 @@ def gate_labels(config: MeteoraConfig, keys: torch.Tensor, key_names: list[str] 
             raise ConfigError(f"task(s) {unknown} of the training data are not in MeteoraConfig.task_to_adapter "
                               f"{sorted(config.task_to_adapter)}; map them (-1 for no adapter).")
         table = [config.task_to_adapter[n] for n in key_names]
-    n_ids = config.n_adapters if table is None else len(table)
+    n_ids = config.num_experts if table is None else len(table)
     bad = keys[(keys < 0) | (keys >= n_ids)]
     if bad.numel():
         raise ConfigError(
@@ -167,7 +170,7 @@ def gate_loss(model: nn.Module, name: str) -> torch.Tensor | None:
     records = [r for _, r in pop_aux_records(model, name) if r.keys is not None]
     if not records:
         return None
-    logits = torch.cat([r.out.logits for r in records])  # (modules · tokens, n_adapters), float32
+    logits = torch.cat([r.out.logits for r in records])  # (modules · tokens, num_experts), float32
     config = adapter_state(model).configs[name]
     labels = torch.cat([gate_labels(config, r.keys.to(logits.device), r.key_names) for r in records])
     real = torch.cat([torch.ones_like(r.keys, dtype=torch.bool, device=logits.device) if r.token_mask is None
@@ -184,12 +187,7 @@ def meteora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     loss = gate_loss(model, name)
     if loss is None:
         return torch.zeros((), device=next(model.parameters()).device)
-    return adapter_state(model).configs[name].moe_aux_loss_coef * loss
-
-
-def meteora_file_fields(config: MeteoraConfig, layers: list[LayerInfo]) -> dict[str, Any]:
-    # The banks are in the saved file: loading it must not need (or re-read) the source adapters.
-    return {"adapter_paths": None}
+    return adapter_state(model).configs[name].router_aux_loss_coef * loss
 
 
 def meteora_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
@@ -198,11 +196,11 @@ def meteora_example_routing(input_ids: torch.Tensor) -> dict[str, Any]:
 
 register_method(
     "meteora", config=MeteoraConfig, build=build_meteora, prepare=prepare_from_sources, extra_loss=meteora_extra_loss,
-    file_fields=meteora_file_fields, example_routing=meteora_example_routing, mergeable=False,
+    file_fields=drop_adapter_paths, example_routing=meteora_example_routing, mergeable=False,
     description="A trained per-module top-k gate over N existing LoRA adapters, supervised by task keys.",
     paper="Xu et al. 2024 (ICLR 2025), arXiv:2405.13053",
-    variants={"meteora": {"n_adapters": 3, "expert_r": [4, 2, 4], "expert_alpha": [8, 4, 16],
+    variants={"meteora": {"num_experts": 3, "expert_r": [4, 2, 4], "expert_alpha": [8, 4, 16],
                           "expert_use_rslora": [False, False, True], "train_adapters": True},
-              "meteora_reference": {"n_adapters": 2, "expert_r": [2, 2], "top_k": 1, "gate_path": "reference",
+              "meteora_reference": {"num_experts": 2, "expert_r": [2, 2], "top_k": 1, "gate_path": "reference",
                                     "lora_dropout": 0.0, "train_adapters": True}},
 )

@@ -61,16 +61,17 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
 from ..mixtures.experts import expand_to_ranks
+from ..mixtures.keys import KeyTable, check_mapping
 from ..mixtures.router import RouterOutput
-from .routed import KeyTable, _check_mapping
 
 DOMAIN_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias")
 
 
 @dataclass
 class MixdaConfig(AdapterConfig):
-    """``n_domains`` domain adapters (or ``domains``: their names, which string keys use). ``key_to_domain``:
-    task name -> domain index (-1: general data), resolved through the sorted names as the training loop's ids.
+    """``num_experts`` domain adapters, the experts the gate mixes with the FFN output (``n_domains`` in files
+    written before the rename), or ``domains``: their names, which string keys use. ``key_to_domain``: task name ->
+    domain index (-1: general data), resolved through the sorted names as the training loop's ids.
 
     - ``stage``: ``knowledge`` (domain adapters and gate train) or ``task`` (gate and task adapter train).
     - ``reduction``: bottleneck of each domain adapter = input width / reduction.
@@ -80,8 +81,10 @@ class MixdaConfig(AdapterConfig):
     - ``general_mse_coef``: weight of the stage-1 MSE to the FFN output on general rows.
     """
 
+    renamed_fields = {"n_domains": "num_experts"}
+
     target_modules: list[str] | str | None = field(default_factory=lambda: ["down_proj"])
-    n_domains: int | None = None
+    num_experts: int | None = None
     domains: list[str] | None = None
     key_to_domain: dict[str, int] | None = None
     stage: Literal["knowledge", "task"] = "knowledge"
@@ -95,27 +98,27 @@ class MixdaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_domains is None:
+        if self.num_experts is None:
             if self.domains is None:
-                raise ConfigError("MixdaConfig needs n_domains (the number of domain adapters) or domains (names).")
-            self.n_domains = len(self.domains)
-        if self.n_domains <= 0 or (self.domains is not None and len(set(self.domains)) != self.n_domains):
-            raise ConfigError(f"MixdaConfig: n_domains={self.n_domains} must be positive and match {self.domains}.")
+                raise ConfigError("MixdaConfig needs num_experts (the number of domain adapters) or domains (names).")
+            self.num_experts = len(self.domains)
+        if self.num_experts <= 0 or (self.domains is not None and len(set(self.domains)) != self.num_experts):
+            raise ConfigError(f"MixdaConfig: num_experts={self.num_experts} must be positive and match {self.domains}.")
         if min(self.reduction, self.gate_depth, self.task_reduction) <= 0 or (self.gate_hidden or 1) <= 0:
             raise ConfigError("MixdaConfig: reduction, task_reduction, gate_depth and gate_hidden must be positive.")
         if not 0.0 <= self.gate_dropout < 1.0 or self.general_mse_coef < 0:
             raise ConfigError("MixdaConfig: gate_dropout must be in [0, 1) and general_mse_coef >= 0.")
-        _check_mapping("MixdaConfig", "key_to_domain", self.key_to_domain, self.n_domains)
+        check_mapping("MixdaConfig", "key_to_domain", self.key_to_domain, self.num_experts)
 
 
 class MixdaAdapter(MixtureDelta):
     """K bottleneck domain adapters beside one linear layer, a sequence-level gate and an optional task adapter."""
 
     def __init__(self, info: LayerInfo, config: MixdaConfig):
-        k = config.n_domains
-        super().__init__(info, k + 1)  # routing statistics over [domains…, FFN]
+        k = config.num_experts
+        super().__init__(info, k + 1)  # routing statistics over [domains…, FFN]: self.num_experts = K + 1
         b = max(1, info.in_features // config.reduction)
-        self.n_domains, self.bottleneck = k, b
+        self.num_domain_adapters, self.bottleneck = k, b
         self.down_weight = nn.Parameter(torch.empty(k * b, info.in_features))  # (K·b, in)
         for i in range(k):  # each adapter's down-projection as its own nn.Linear + kaiming_uniform_(a=√5)
             nn.init.kaiming_uniform_(self.down_weight.data[i * b:(i + 1) * b], a=math.sqrt(5))
@@ -157,7 +160,7 @@ class MixdaAdapter(MixtureDelta):
         """(batch, K+1) bool: the entries each row's gate ranges over, and (batch,) bool: the general rows.
         Knowledge stage: a row of domain k → [a_k, FFN]; general rows → all. Task stage: all."""
         general = torch.ones(batch, dtype=torch.bool, device=device)
-        own = torch.ones(batch, self.n_domains, dtype=torch.bool, device=device)
+        own = torch.ones(batch, self.num_domain_adapters, dtype=torch.bool, device=device)
         if self.stage == "knowledge":
             domain = self.domain_of_key(batch, device) > 0  # (batch, K): one-hot, zeros for general rows
             general = ~domain.any(-1)
@@ -188,7 +191,7 @@ class MixdaAdapter(MixtureDelta):
             probs = g[:, None, :].expand(*x.shape[:2], -1).reshape(-1, g.shape[-1])
             self.observe(RouterOutput(logits=probs.log(), probs=probs, weights=probs, selected=probs > 0), x.shape)
         g = g.to(x.dtype)
-        w = g[:, :self.n_domains]  # (batch, K)
+        w = g[:, :self.num_domain_adapters]  # (batch, K)
         h = F.gelu(F.linear(x, self.down_weight, self.down_bias))  # (batch, seq, K·b): every adapter's bottleneck
         rank_gate = expand_to_ranks(w, self.owner)[:, None, :]  # (batch, 1, K·b)
         adapters = F.linear(h * rank_gate, self.up_weight) + (w @ self.up_bias)[:, None, :]  # Σ_k g_k a_k(x)
@@ -258,7 +261,7 @@ register_method(
     example_routing=mixda_example_routing, mergeable=False, zero_init=False,
     description="MixDA: domain adapters beside the FFN output, a sequence gate over [domains…, FFN]; two stages.",
     paper="Diao et al. 2023 (ACL), arXiv:2306.05406",
-    variants={"mixda": {"n_domains": 2, "reduction": 4},
-              "mixda_task": {"n_domains": 2, "reduction": 4, "stage": "task", "task_adapter": True,
+    variants={"mixda": {"num_experts": 2, "reduction": 4},
+              "mixda_task": {"num_experts": 2, "reduction": 4, "stage": "task", "task_adapter": True,
                              "task_reduction": 4, "gate_hidden": 8}},
 )

@@ -40,10 +40,14 @@ from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import Router, assignment_balance_loss
 
 
-def parse_allocation(spec: str | list[int]) -> list[int]:
+def parse_allocation(spec: int | str | list[int]) -> list[int]:
+    """Expert counts per group of layers from ``"2-4-6-8"``, ``[2, 4, 6, 8]`` or one int (every layer).
+    Raises ConfigError for an empty or non-positive count."""
+    if isinstance(spec, int):
+        spec = [spec]
     counts = [int(c) for c in spec.replace(",", "-").split("-")] if isinstance(spec, str) else list(spec)
     if not counts or any(c <= 0 for c in counts):
-        raise ConfigError(f"MolaConfig.experts_per_layer={spec!r}: give positive expert counts like '2-4-6-8'.")
+        raise ConfigError(f"MolaConfig.num_experts={spec!r}: give positive expert counts like '2-4-6-8'.")
     return counts
 
 
@@ -52,16 +56,19 @@ class MolaConfig(AdapterConfig):
     """MoLA's options (official defaults).
 
     - ``r`` / ``lora_alpha``: each expert's rank and alpha (scaling alpha / r). ``lora_dropout``: on the input.
-    - ``experts_per_layer``: experts per decoder layer, e.g. "2-4-6-8" (four equal groups of layers) or a list.
+    - ``num_experts``: experts per decoder layer: one number for every layer, or an allocation over equal groups of
+      layers, e.g. "2-4-6-8" (four groups) or a list (``experts_per_layer`` in files written before the rename).
     - ``top_k``: experts each token uses.
     - ``use_balance_loss``: add the per-layer load-balancing loss, weighted by ``router_aux_loss_coef``.
     - ``num_layers``: decoder layers of the model (filled when the adapter is added).
     """
 
+    renamed_fields = {"experts_per_layer": "num_experts"}
+
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    experts_per_layer: str | list[int] = "2-4-6-8"
+    num_experts: int | str | list[int] = "2-4-6-8"
     top_k: int = 2
     use_balance_loss: bool = False
     router_aux_loss_coef: float = 0.001
@@ -69,15 +76,15 @@ class MolaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        counts = parse_allocation(self.experts_per_layer)
+        counts = parse_allocation(self.num_experts)
         if self.r <= 0 or self.top_k <= 0:
             raise ConfigError(f"MolaConfig: r and top_k must be positive (got r={self.r}, top_k={self.top_k}).")
         if self.top_k > min(counts):
             raise ConfigError(f"MolaConfig.top_k={self.top_k} exceeds the smallest expert count {min(counts)} in "
-                              f"experts_per_layer={self.experts_per_layer!r}.")
+                              f"num_experts={self.num_experts!r}.")
 
     def experts_at(self, layer: int | None) -> int:
-        counts = parse_allocation(self.experts_per_layer)
+        counts = parse_allocation(self.num_experts)
         if layer is None or not self.num_layers:
             return counts[0]
         group = min(layer * len(counts) // self.num_layers, len(counts) - 1)
@@ -87,18 +94,18 @@ class MolaConfig(AdapterConfig):
 class MolaLinear(MixtureDelta):
     """E LoRA experts of rank r on one linear layer, with a top-k router on the layer input."""
 
-    def __init__(self, info: LayerInfo, config: MolaConfig, n_experts: int):
-        super().__init__(info, n_experts)
+    def __init__(self, info: LayerInfo, config: MolaConfig, num_experts: int):
+        super().__init__(info, num_experts)
         self.r = config.r
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n_experts * config.r, info.in_features))  # (E·r, in)
-        self.lora_B = nn.Parameter(torch.zeros(info.out_features, n_experts * config.r))  # (out, E·r)
-        for e in range(n_experts):  # each expert's A as its own nn.Linear would be initialised
+        self.lora_A = nn.Parameter(torch.empty(num_experts * config.r, info.in_features))  # (E·r, in)
+        self.lora_B = nn.Parameter(torch.zeros(info.out_features, num_experts * config.r))  # (out, E·r)
+        for e in range(num_experts):  # each expert's A as its own nn.Linear would be initialised
             nn.init.kaiming_uniform_(self.lora_A.data[e * config.r:(e + 1) * config.r], a=math.sqrt(5))
-        self.router = Router(info.in_features, n_experts, strategy="topk", top_k=config.top_k)
+        self.router = Router(info.in_features, num_experts, strategy="topk", top_k=config.top_k)
         nn.init.kaiming_uniform_(self.router.gate.weight, a=math.sqrt(5))
-        self.register_buffer("owner", torch.arange(n_experts).repeat_interleave(config.r), persistent=False)
+        self.register_buffer("owner", torch.arange(num_experts).repeat_interleave(config.r), persistent=False)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
@@ -130,6 +137,6 @@ register_method(
     "mola", config=MolaConfig, build=build_mola, prepare=prepare_mola, extra_loss=mola_extra_loss, mergeable=False,
     description="Per-layer mixtures of LoRA experts, more experts in higher layers (2-4-6-8), top-k routers.",
     paper="Gao et al. 2024, arXiv:2402.08562",
-    variants={"mola": {"experts_per_layer": "2-4", "top_k": 2, "r": 4},
-              "mola_inverted": {"experts_per_layer": "4-2", "top_k": 1, "r": 4, "use_balance_loss": True}},
+    variants={"mola": {"num_experts": "2-4", "top_k": 2, "r": 4},
+              "mola_inverted": {"num_experts": "4-2", "top_k": 1, "r": 4, "use_balance_loss": True}},
 )

@@ -14,8 +14,8 @@ over the real tokens of all layers, for both variants.
 Follows the official code, forwchen/LLaVA-MoLE ``moe.py`` ``LoRA_MOE_LM`` (``forward``, ``forward_lora_moe``
 for dense, ``forward_lora_moe_sparse`` for top-1; router ``nn.Linear(d_model, E)`` with PyTorch's default
 init, as here) and ``model.py`` (the balance loss, per sample over the attention mask). The expert machinery
-is MixLoRA's (``mixlora.MixLoraFFN``: shared frozen projections, segment matmuls); the dense path is a rank
-block gate over the stacked experts (``mixtures.experts.rank_block_delta``), no loop over experts.
+is MixLoRA's (``mixtures.ffn_experts.MixLoraFFN``: shared frozen projections, segment matmuls); the dense path is
+a rank block gate over the stacked experts (``mixtures.experts.rank_block_delta``), no loop over experts.
 
 Choices (the released code is inference only):
 
@@ -42,9 +42,10 @@ from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
-from ..mixtures.router import Router, RouterOutput, mole_balance_loss
+from ..mixtures.ffn_experts import MixLoraFFN
+from ..mixtures.router import Router, RouterOutput, mole_balance_loss, straight_through, unchanged
 from .lora import LoraConfig
-from .mixlora import DEFAULT_TARGETS, MixLoraFFN, SharedLora, straight_through, unchanged
+from .mixlora import DEFAULT_TARGETS, SharedLora
 
 
 @dataclass
@@ -78,7 +79,7 @@ class MoleDenseFFN(MixLoraFFN):
 
     def __init__(self, base_layer: nn.Module, info: LayerInfo, **kwargs):
         super().__init__(base_layer, info, **kwargs)
-        self.register_buffer("owner", torch.arange(self.n_experts).repeat_interleave(self.r), persistent=False)
+        self.register_buffer("owner", torch.arange(self.num_experts).repeat_interleave(self.r), persistent=False)
 
     def _mixed(self, base_layer: nn.Module, name: str, z: torch.Tensor, rank_gate: torch.Tensor) -> torch.Tensor:
         """``W z + Σ_e p_e s B_e A_e dropout(z)`` for z (N, in)."""
@@ -105,7 +106,7 @@ def build_mole(base_layer: nn.Module, info: LayerInfo, config: MoleConfig, path:
         return SharedLora(info, LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout))
     router = Router(info.in_features, config.num_experts, strategy="topk", bias=True, top_k=1)
     router.gate.reset_parameters()  # the release's plain nn.Linear(d_model, E)
-    expert_kwargs = dict(n_experts=config.num_experts, r=config.r, lora_alpha=config.lora_alpha,
+    expert_kwargs = dict(num_experts=config.num_experts, r=config.r, lora_alpha=config.lora_alpha,
                          lora_dropout=config.lora_dropout, router=router)
     if config.dense:
         return MoleDenseFFN(base_layer, info, policy=unchanged, **expert_kwargs)

@@ -18,8 +18,8 @@ modules in model order (PEFT's ``layer_number``), not transformer blocks. Adapte
 ``frozen_names``: saved, never trained) unless ``use_trainable_adapters``; only the head trains.
 
 Choices:
-- Adapters are rank blocks of one bank per module (``routed.LoraBank``: stacked A's and B's, owner map,
-  per-rank scaling), so the forward is two GEMMs whatever N is and ranks, alphas and rsLoRA may differ. One
+- Adapters are rank blocks of one bank per module (``mixtures.rank_blocks.LoraExperts``: stacked A's and B's,
+  owner map, per-rank scaling), so the forward is two GEMMs whatever N is and ranks, alphas and rsLoRA may differ. One
   dropout mask serves all adapters (PEFT draws one per adapter; identical in eval). Sources: lorakit or PEFT
   LoRA folders (``adapter_paths``); a module an adapter does not adapt gets a zero block for it.
 - The two passes without touching the host model: ``add_adapter`` registers a forward pre-hook (with kwargs) and
@@ -57,8 +57,8 @@ from ..core.model import STATE_ATTR
 from ..core.registry import register_method
 from ..core.routing import current_routing, routing
 from ..core.targeting import select_targets
+from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.sources import prepare_from_sources
-from .routed import LoraBank, LoraBankConfig, bank_file_fields
 
 XLORA_KEY = "xlora"  # routing extras: {delta: scalings (real pass) or the scaling pass value (float)}
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -67,7 +67,7 @@ _FRAMES: ContextVar[tuple] = ContextVar("lorakit_xlora_frames", default=())
 
 
 @dataclass
-class XLoraConfig(LoraBankConfig):
+class XLoraConfig(LoraExpertsConfig):
     """PEFT's XLoraConfig fields (``adapters`` → ``adapter_paths``). ``hidden_size`` (default: the model's) and
     ``layer_modules`` (the adapted modules in order, which fix the layerwise scalings) are filled when the
     adapter is added.
@@ -106,8 +106,9 @@ class XLoraConfig(LoraBankConfig):
             raise ConfigError(f"XLoraConfig.xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}.")
         if not self.softmax_temperature > 0:
             raise ConfigError(f"XLoraConfig.softmax_temperature must be > 0, got {self.softmax_temperature}.")
-        if self.top_k_lora is not None and not 1 <= self.top_k_lora <= self.n_adapters:
-            raise ConfigError(f"XLoraConfig.top_k_lora must be in 1..{self.n_adapters} or None, got {self.top_k_lora}.")
+        if self.top_k_lora is not None and not 1 <= self.top_k_lora <= self.num_experts:
+            raise ConfigError(f"XLoraConfig.top_k_lora must be in 1..{self.num_experts} or None, "
+                              f"got {self.top_k_lora}.")
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise ConfigError("XLoraConfig.enable_softmax_topk needs top_k_lora (the softmax is over the kept k).")
 
@@ -130,16 +131,16 @@ class XLoraClassifier(nn.Module):
             if config.xlora_dropout_p > 0:
                 layers.append(nn.Dropout(config.xlora_dropout_p))
             width = config.xlora_size
-        n_out = config.n_adapters * (n_modules if config.layerwise_scalings else 1)
+        n_out = config.num_experts * (n_modules if config.layerwise_scalings else 1)
         self.layers = nn.Sequential(*layers, nn.Linear(width, n_out))
-        self.n_adapters = config.n_adapters
+        self.num_experts = config.num_experts
         self.softmax, self.temperature = config.enable_softmax, config.softmax_temperature
         self.top_k, self.softmax_topk = config.top_k_lora, config.enable_softmax_topk
 
     def forward(self, hidden: torch.Tensor) -> XLoraScalings:
         dtype = self.layers[-1].weight.dtype
         logits = self.layers(hidden.to(dtype)).float()
-        logits = logits.view(*hidden.shape[:2], -1, self.n_adapters)  # (batch, seq, modules or 1, N)
+        logits = logits.view(*hidden.shape[:2], -1, self.num_experts)  # (batch, seq, modules or 1, N)
         s = torch.softmax(logits / self.temperature, dim=-1) if self.softmax else logits
         if self.top_k is not None:
             keep = torch.zeros_like(s, dtype=torch.bool).scatter(-1, s.topk(self.top_k, dim=-1).indices, True)
@@ -149,7 +150,7 @@ class XLoraClassifier(nn.Module):
         return XLoraScalings(logits=logits, weights=s)
 
 
-class XLoraLinear(LoraBank):
+class XLoraLinear(LoraExperts):
     """N adapters on one linear layer, scaled per token by the scalings of the routing context."""
 
     def __init__(self, info: LayerInfo, config: XLoraConfig, module_index: int):
@@ -176,7 +177,7 @@ class XLoraLinear(LoraBank):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         route = self.route()
         if isinstance(route, float):  # scaling pass: λ ≡ v for every adapter
-            weights = torch.full((self.n_experts,), route, device=x.device)
+            weights = torch.full((self.num_experts,), route, device=x.device)
         else:
             weights = route.weights[:, :, self.slot]  # (batch, seq, N)
             if tuple(weights.shape[:-1]) != tuple(x.shape[:-1]):
@@ -289,7 +290,7 @@ def build_xlora(base_layer: nn.Module, info: LayerInfo, config: XLoraConfig, pat
 
 
 register_method(
-    "xlora", config=XLoraConfig, build=build_xlora, prepare=prepare_xlora, file_fields=bank_file_fields,
+    "xlora", config=XLoraConfig, build=build_xlora, prepare=prepare_xlora, file_fields=drop_adapter_paths,
     mergeable=False, teardown=remove_xlora_hooks, generate_kwargs={"use_cache": False},
     description="X-LoRA: a head on a first (adapter-free) pass's last hidden state scales N LoRAs per token.",
     paper="Buehler & Buehler 2024, arXiv:2402.07148",

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.layer import AdapterLayer
+from ..core.parallel import gather_rows
 from ..core.routing import current_routing, rows_for_batch
 from .router import RouterOutput, z_loss
 
@@ -54,10 +55,10 @@ class MixtureDelta(Delta):
     # Methods without a routing loss (e.g. SMoRA) set False so no forward's graph is kept waiting for one.
     keeps_aux_records = True
 
-    def __init__(self, info, n_experts: int):
+    def __init__(self, info, num_experts: int):
         super().__init__(info)
-        self.n_experts = n_experts
-        self.register_buffer("stat_load", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        self.num_experts = num_experts
+        self.register_buffer("stat_load", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self._aux: list[AuxRecord] = []
@@ -132,6 +133,11 @@ def router_summary(stats: dict[str, dict] | None) -> dict | None:
             "uniform_fraction": sum(1.0 / len(s["load"]) for s in stats) / n}
 
 
+def router_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The count buffers behind ``router_stats`` (summed over processes before a distributed run reads them)."""
+    return [t for _, _, d in mixture_deltas(model) for t in (d.stat_load, d.stat_entropy, d.stat_tokens)]
+
+
 def reset_router_stats(model: nn.Module) -> None:
     for _, _, d in mixture_deltas(model):
         d.stat_load.zero_()
@@ -174,7 +180,9 @@ def router_loss(model: nn.Module, name: str, balance, coef: float, *, z_coef: fl
     ``Σ_groups coef · balance(probs, selected, mask) + z_coef · z_loss(logits, mask)``, each group's tokens
     concatenated. ``group(layer path)`` names a record's group: ``None`` pools every layer into one group
     (MixLoRA, after Mixtral's reference; MoLE), a decoder-layer index gives one loss per decoder layer (MoLA).
-    Padding is excluded where the routing context gave a token mask for every record of a group."""
+    Padding is excluded where the routing context gave a token mask for every record of a group. Inside a
+    distributed training run the records of every rank are joined first (``core.parallel.gather_rows``),
+    so the loss is the global micro-batch's and data parallelism matches one process on the whole batch."""
     records = pop_aux_records(model, name)
     if not records or (coef == 0 and z_coef == 0):
         return torch.zeros((), device=next(model.parameters()).device)
@@ -184,12 +192,12 @@ def router_loss(model: nn.Module, name: str, balance, coef: float, *, z_coef: fl
     total = torch.zeros((), device=records[0][1].out.probs.device)
     for members in groups.values():
         masks = [r.token_mask for r in members]
-        mask = torch.cat(masks) if all(m is not None for m in masks) else None
+        mask = gather_rows(torch.cat(masks)) if all(m is not None for m in masks) else None
         if coef:
-            total = total + coef * balance(torch.cat([r.out.probs for r in members]),
-                                           torch.cat([r.out.selected for r in members]), mask)
+            total = total + coef * balance(gather_rows(torch.cat([r.out.probs for r in members])),
+                                           gather_rows(torch.cat([r.out.selected for r in members])), mask)
         if z_coef:
-            total = total + z_coef * z_loss(torch.cat([r.out.logits for r in members]), mask)
+            total = total + z_coef * z_loss(gather_rows(torch.cat([r.out.logits for r in members])), mask)
     return total
 
 

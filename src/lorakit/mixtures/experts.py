@@ -38,30 +38,30 @@ class Dispatch:
     token: torch.Tensor  # (M,) token index of each assignment, sorted by expert
     expert: torch.Tensor  # (M,)
     slot: torch.Tensor  # (M,) flat slot in the (E * C) buffer
-    n_experts: int
+    num_experts: int
     capacity: int
 
     @classmethod
     def from_selection(cls, selected: torch.Tensor) -> "Dispatch":
-        n_tokens, n_experts = selected.shape
+        n_tokens, num_experts = selected.shape
         expert_major = selected.T  # (E, N): nonzero() then lists assignments expert by expert, tokens in order
         expert, token = expert_major.nonzero(as_tuple=True)
-        counts = torch.bincount(expert, minlength=n_experts)
+        counts = torch.bincount(expert, minlength=num_experts)
         capacity = int(counts.max()) if expert.numel() else 0
         starts = torch.cumsum(counts, 0) - counts  # first assignment of each expert
         position = torch.arange(expert.numel(), device=selected.device) - starts[expert]
-        return cls(token=token, expert=expert, slot=expert * capacity + position, n_experts=n_experts,
+        return cls(token=token, expert=expert, slot=expert * capacity + position, num_experts=num_experts,
                    capacity=capacity)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) → (E, C, d), zero-padded."""
-        buf = x.new_zeros(self.n_experts * self.capacity, x.shape[-1])
+        buf = x.new_zeros(self.num_experts * self.capacity, x.shape[-1])
         buf = buf.index_copy(0, self.slot, x.index_select(0, self.token))
-        return buf.view(self.n_experts, self.capacity, x.shape[-1])
+        return buf.view(self.num_experts, self.capacity, x.shape[-1])
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """(E, C, d) expert outputs → (N, d): Σ over each token's experts of weight × output."""
-        flat = y.reshape(self.n_experts * self.capacity, y.shape[-1]).index_select(0, self.slot)
+        flat = y.reshape(self.num_experts * self.capacity, y.shape[-1]).index_select(0, self.slot)
         w = weights[self.token, self.expert].to(flat.dtype)[:, None]
         out = flat.new_zeros(n_tokens, y.shape[-1])
         return out.index_add(0, self.token, flat * w)

@@ -7,6 +7,7 @@ which experts a token used (for dispatch, load statistics and the balance losses
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,8 +24,8 @@ class RouterOutput:
     selected: torch.Tensor  # (N, E) bool
 
 
-def _scatter(indices: torch.Tensor, values: torch.Tensor, n_experts: int):
-    weights = torch.zeros(indices.shape[0], n_experts, dtype=values.dtype, device=values.device)
+def _scatter(indices: torch.Tensor, values: torch.Tensor, num_experts: int):
+    weights = torch.zeros(indices.shape[0], num_experts, dtype=values.dtype, device=values.device)
     weights = weights.scatter(1, indices, values)
     selected = torch.zeros_like(weights, dtype=torch.bool).scatter(1, indices, True)
     return weights, selected
@@ -77,17 +78,17 @@ class Router(nn.Module):
     ``jitter``: multiplicative uniform noise ``x · U(1-ε, 1+ε)`` during training (MixLoRA / Switch).
     """
 
-    def __init__(self, in_features: int, n_experts: int, *, strategy: str = "topk", bias: bool = False,
+    def __init__(self, in_features: int, num_experts: int, *, strategy: str = "topk", bias: bool = False,
                  init_std: float = 0.02, jitter: float = 0.0, temperature: float = 1.0,
                  **strategy_kwargs):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-        self.gate = nn.Linear(in_features, n_experts, bias=bias)
+        self.gate = nn.Linear(in_features, num_experts, bias=bias)
         nn.init.normal_(self.gate.weight, std=init_std)
         if bias:
             nn.init.zeros_(self.gate.bias)
-        self.n_experts = n_experts
+        self.num_experts = num_experts
         self.strategy = strategy
         self.jitter = jitter
         self.temperature = temperature
@@ -143,3 +144,43 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
 
 
 BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss, "mola": assignment_balance_loss}
+
+
+# -- routing policies: RouterOutput → the weights the experts are combined with ----------------------------
+# A policy is ``policy(out, lead_shape, mask) -> RouterOutput``: lead_shape the input's leading dims (batch, seq),
+# mask (N,) bool of real tokens or None. MixLoRA picks one per routing strategy; MoLE uses straight_through /
+# unchanged.
+def renormalized(out: RouterOutput, lead_shape, mask) -> RouterOutput:
+    """Weights of the selected experts rescaled to sum to 1 (top-p; top-k already is)."""
+    weights = out.weights / out.weights.sum(-1, keepdim=True).clamp_min(1e-9)
+    return RouterOutput(out.logits, out.probs, weights, out.selected)
+
+
+def straight_through(out: RouterOutput, lead_shape, mask) -> RouterOutput:
+    """Top-1 weight of value exactly 1 whose gradient is the gate probability's: ``(p − sg(p)) + 1``."""
+    weights = torch.where(out.selected, (out.probs - out.probs.detach()) + 1.0, torch.zeros_like(out.probs))
+    return RouterOutput(out.logits, out.probs, weights, out.selected)
+
+
+def unchanged(out: RouterOutput, lead_shape, mask) -> RouterOutput:
+    """The router's own weights."""
+    return out
+
+
+@dataclass
+class CapacityTop1:
+    """Switch routing: each token's argmax expert, at most C tokens per expert and sequence (earlier positions
+    first; padding takes no slot), C = ``capacity`` or ``ceil(factor · seq_len / E)``; straight-through weight."""
+
+    capacity: int | None
+    factor: float
+
+    def __call__(self, out: RouterOutput, lead_shape, mask) -> RouterOutput:
+        num_experts = out.probs.shape[-1]
+        seq_len = lead_shape[-1] if len(lead_shape) else 1
+        cap = self.capacity or math.ceil(self.factor * seq_len / num_experts)
+        onehot = F.one_hot(out.probs.argmax(-1), num_experts)  # (N, E)
+        counted = onehot if mask is None else onehot * mask[:, None]
+        position = counted.view(-1, seq_len, num_experts).cumsum(1).view_as(onehot)  # 1-based within the sequence
+        selected = onehot.bool() & (position <= cap)
+        return straight_through(RouterOutput(out.logits, out.probs, out.probs * selected, selected), lead_shape, mask)

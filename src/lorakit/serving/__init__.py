@@ -18,3 +18,21 @@ from .store import AdapterStore
 __all__ = ["WEIGHTS_KEY", "LoraBank", "LoraEmbeddingBank", "register_kernel", "AdapterRegistry", "bank_adapters",
            "bank_routing", "generate", "load_adapters", "registry_of", "Engine", "Event", "Request", "RequestError",
            "SamplingParams", "AdapterStore"]
+
+
+def _register_default_kernels() -> None:
+    """The Triton BGMV kernel for CUDA banks, when Triton and a CUDA device are present (``LORAKIT_TRITON=0``: off)."""
+    import os
+
+    import torch
+
+    if os.environ.get("LORAKIT_TRITON", "1") == "0" or not torch.cuda.is_available():
+        return
+    try:
+        from . import triton_bgmv
+    except ImportError:  # no Triton (e.g. a CPU-only install): the torch path serves CUDA banks too
+        return
+    triton_bgmv.register("cuda")
+
+
+_register_default_kernels()

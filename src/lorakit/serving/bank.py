@@ -29,8 +29,9 @@ Execution (no Python loop over adapters; chosen per batch, cached per ids tensor
 Weighted combinations (``ids`` and weights of shape (batch, k)) concatenate the k gathered adapters along the
 rank axis, so a row's mix is still one shrink and one expand.
 
-GPU kernels: :func:`register_kernel` installs a fused kernel (e.g. Triton BGMV/SGMV) for a device type; the bank
-calls it instead of the torch path for tensors on that device. None is registered by default.
+GPU kernels: :func:`register_kernel` installs a fused kernel for a device type; the bank calls it instead of the
+torch path for tensors on that device. :mod:`lorakit.serving.triton_bgmv` (Triton, Punica BGMV / S-LoRA MBGMV)
+is registered for "cuda" when Triton and a CUDA device are present; nothing is registered for the CPU.
 """
 
 from __future__ import annotations
@@ -57,14 +58,21 @@ ROW_BLOCK_BYTES = 4 << 20
 class BankKernel(Protocol):
     """A fused multi-adapter LoRA kernel for one device type (e.g. a Triton BGMV/SGMV on "cuda").
 
-    Called as ``kernel(x, A, B, slots, weights, r_used)`` with ``x`` (batch, tokens, in), ``A`` (slots, r_max, in),
-    ``B`` (slots, r_max, out) (scaling folded in, slot 0 all zeros), ``slots`` (batch, k) local slot indices,
-    ``weights`` (batch, k) or None (= all ones); returns the delta (batch, tokens, out) in ``x``'s dtype, or
-    None to fall back to the torch path (e.g. for shapes it does not handle). Bias is added by the bank.
+    Called as ``kernel(x, A, B, slots, weights, r_used, ranks=ranks, out=out)`` with ``x`` (batch, tokens, in),
+    ``A`` (slots, r_max, in), ``B`` (slots, r_max, out) (scaling folded in, slot 0 all zeros), ``slots`` (batch, k)
+    local slot indices on the bank's device, ``weights`` (batch, k) or None (= all ones), ``ranks`` (slots,) each
+    slot's own rank, and ``out`` None or a (batch, tokens, out) tensor to add the delta into in place. Returns the
+    delta (batch, tokens, out) in ``x``'s dtype (``out`` itself when given), or None to fall back to the torch
+    path (e.g. for shapes it does not handle). Bias is added by the bank.
+
+    With a kernel registered for its device a bank skips the torch path's batch planning (which reads the slots
+    back to the host): the kernel gets every mixed batch, with ``r_used`` = the bank's ``r_max``.
+    :mod:`lorakit.serving.triton_bgmv` is the CUDA kernel, registered on import when Triton and CUDA are present.
     """
 
     def __call__(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
-                 weights: torch.Tensor | None, r_used: int) -> torch.Tensor | None: ...
+                 weights: torch.Tensor | None, r_used: int, *, ranks: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor | None: ...
 
 
 _KERNELS: dict[str, BankKernel] = {}
@@ -243,30 +251,12 @@ class LoraBank(nn.Module):
         if (cache is not None and cache[0] is ids and cache[1] == _version_of(ids) and cache[2] is weights
                 and cache[3] == (batch, tokens) and cache[4] == version):
             return cache[5], cache[6]
-        ids_t = torch.as_tensor(ids).to(self.table.device)
-        if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise AdapterError(f"routing adapter_ids must be an integer tensor, got dtype {ids_t.dtype}")
-        ids_t = ids_t.long()
-        if ids_t.dim() == 1:
-            ids_t = ids_t[:, None]
-        if ids_t.dim() != 2:
-            raise AdapterError(f"routing adapter_ids must have shape (batch,) or (batch, k), got {tuple(ids_t.shape)}")
-        ids_t = rows_for_batch(ids_t, batch, "adapter_ids")  # generate's beams / return sequences keep their row's
-        if ids_t.numel() and (int(ids_t.min()) < -1 or int(ids_t.max()) >= self.table.numel() - 1):
-            raise AdapterError(
-                f"routing adapter_ids out of range [{int(ids_t.min())}, {int(ids_t.max())}]: this bank knows ids -1 "
-                f"(no adapter) .. {self.table.numel() - 2}. Use the AdapterRegistry's ids (registry.ids(names)).")
-        w = None
-        if weights is not None:
-            w = torch.as_tensor(weights).to(device=self.A.device, dtype=self.A.dtype)
-            if w.dim() == 1:
-                w = w[:, None]
-            if w.shape[1] != ids_t.shape[1]:
-                raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
-                                   f"{tuple(ids_t.shape)} (one weight per id)")
-            w = rows_for_batch(w, batch, f"extras[{WEIGHTS_KEY!r}]")
+        ids_t, w = _routing_rows(ids, weights, batch, self.table.numel() - 1, self.table.device, self.A.dtype)
         slots = self.table[ids_t + 1]  # (batch, k)
-        plan = make_plan(slots, self.ranks, weighted=w is not None)
+        if self.A.device.type in _KERNELS:  # the fused kernel takes every batch; no host read of the slots
+            plan = Plan("rows", slots, self.r_max) if self.r_max else Plan("none", slots, 0)
+        else:
+            plan = make_plan(slots, self.ranks, weighted=w is not None)
         self._state["cache"] = (ids, _version_of(ids), weights, (batch, tokens), version, plan, w)
         return plan, w
 
@@ -294,19 +284,25 @@ class LoraBank(nn.Module):
         if plan.mode == "none":
             return base_out
         x3 = x3.to(self.A.dtype)
-        y = self._kernel(x3, plan, w)
-        if y is None and base_out.dtype == self.A.dtype and base_out.is_contiguous():
-            y = self._delta(x3, plan, w, out=base_out.view(batch, x3.shape[1], -1))
+        if base_out.dtype == self.A.dtype and base_out.is_contiguous():
+            out = base_out.view(batch, x3.shape[1], -1)
+            y = self._kernel(x3, plan, w, out=out)
+            if y is None:
+                y = self._delta(x3, plan, w, out=out)
             self._add_bias(y, plan, w)
             return base_out
+        y = self._kernel(x3, plan, w)
         if y is None:
             y = self._delta(x3, plan, w)
         self._add_bias(y, plan, w)
         return base_out.add_(y.reshape(base_out.shape))
 
-    def _kernel(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> torch.Tensor | None:
+    def _kernel(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
         kernel = _KERNELS.get(x3.device.type)
-        return kernel(x3, self.A, self.B, plan.slots, w, plan.r_used) if kernel is not None else None
+        if kernel is None:
+            return None
+        return kernel(x3, self.A, self.B, plan.slots, w, plan.r_used, ranks=self.ranks, out=out)
 
     def _add_bias(self, y: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> None:
         """Add the rows' (weighted) adapter biases into ``y`` (batch, tokens, out) in place."""
@@ -437,7 +433,52 @@ def _grown(t: torch.Tensor, cap: int, rank_dim: int | None = None, r_max: int = 
 
 
 def _version_of(t) -> int | None:
-    try:
-        return t._version
-    except (AttributeError, RuntimeError):  # inference tensors have no version counter
+    # inference tensors have no version counter (and asking raises: an exception per bank per forward was slow)
+    if not isinstance(t, torch.Tensor) or t.is_inference():
         return None
+    return t._version
+
+
+# The checked (batch, k) ids and weights of the routing in force, on one device: every bank of a forward sees
+# the same ``ids`` object, so the first bank checks and moves it and the others reuse it (one entry; it holds
+# ``ids`` and ``weights`` so their identities cannot be reused while cached).
+_ROWS_CACHE: dict = {"key": None}
+
+
+def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routing ids as a checked (batch, k) long tensor on ``device`` and weights (batch, k) or None.
+
+    Raises:
+        AdapterError: ids not integers, of the wrong shape, or outside -1 .. n_ids-1; weights of the wrong shape.
+    """
+    key = (id(ids), _version_of(ids), id(weights), _version_of(weights), batch, n_ids, device, dtype)
+    c = _ROWS_CACHE
+    if c["key"] == key and c["ids"] is ids and c["weights"] is weights:
+        return c["value"]
+    ids_t = torch.as_tensor(ids)
+    if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise AdapterError(f"routing adapter_ids must be an integer tensor, got dtype {ids_t.dtype}")
+    ids_t = ids_t.long()
+    if ids_t.dim() == 1:
+        ids_t = ids_t[:, None]
+    if ids_t.dim() != 2:
+        raise AdapterError(f"routing adapter_ids must have shape (batch,) or (batch, k), got {tuple(ids_t.shape)}")
+    ids_t = rows_for_batch(ids_t, batch, "adapter_ids")  # generate's beams / return sequences keep their row's
+    # checked where the ids are (host ids: no device synchronisation), then moved to the bank's device
+    if ids_t.numel() and (int(ids_t.min()) < -1 or int(ids_t.max()) >= n_ids):
+        raise AdapterError(
+            f"routing adapter_ids out of range [{int(ids_t.min())}, {int(ids_t.max())}]: this bank knows ids -1 "
+            f"(no adapter) .. {n_ids - 1}. Use the AdapterRegistry's ids (registry.ids(names)).")
+    ids_t = ids_t.to(device, non_blocking=True)
+    w = None
+    if weights is not None:
+        w = torch.as_tensor(weights).to(device=device, dtype=dtype)
+        if w.dim() == 1:
+            w = w[:, None]
+        if w.shape[1] != ids_t.shape[1]:
+            raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
+                               f"{tuple(ids_t.shape)} (one weight per id)")
+        w = rows_for_batch(w, batch, f"extras[{WEIGHTS_KEY!r}]")
+    c.update(key=key, ids=ids, weights=weights, value=(ids_t, w))
+    return ids_t, w

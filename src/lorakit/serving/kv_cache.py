@@ -145,7 +145,9 @@ class PagedBatch:
         write = torch.where(valid_q, slots.gather(1, (start + j).clamp(max=ctx - 1)), torch.full_like(j, -1))
         mask = pos[None, None, :] <= (start + j)[..., None]  # (batch, q, ctx) causal within the row
         mask = mask | ~valid_q[..., None]  # padded queries attend anywhere (output unused, avoids NaN rows)
-        return cls(cache, write, read, mask[:, None])
+        dev = cache.k.device  # built on the host (small integer work), used where the cache lives
+        return cls(cache, write.to(dev, non_blocking=True), read.to(dev, non_blocking=True),
+                   mask[:, None].to(dev, non_blocking=True))
 
 
 _BATCH: ContextVar[PagedBatch | None] = ContextVar("lorakit_paged_batch", default=None)

@@ -20,7 +20,7 @@ ordinary requests of the engine, so they are batched with everything else.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..core.errors import ConfigError
 from .engine import Engine
@@ -67,14 +67,39 @@ def windows(n: int, window: int | None) -> list[tuple[int, int]]:
     return rounds
 
 
-def self_moa(engine: Engine, prompt: str, adapter: RowSpec, params: SamplingParams,
-             config: SelfMoAConfig) -> tuple[str, list[str]]:
-    """(synthesized answer, proposals) for a text ``prompt``; blocking (call it off the event loop)."""
+def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, params: SamplingParams,
+                     config: SelfMoAConfig,
+                     aggregate: Callable[[list[str]], str | list[int]] | None = None) -> tuple[str | list[int], list[str]]:
+    """Sample the proposals and run every aggregation round but the last; returns (the last round's prompt,
+    proposals). Blocking (call it off the event loop).
+
+    ``prompt`` is what the proposals answer (text, or token ids such as a chat-templated conversation);
+    ``aggregate(responses)`` builds an aggregation round's prompt from the responses it shows (default:
+    :func:`aggregation_prompt` around a text ``prompt``). The caller runs the returned prompt with the request's
+    own decoding — as one more request, so a server can stream it.
+
+    Raises:
+        ConfigError: token-id ``prompt`` without ``aggregate``.
+    """
+    if aggregate is None:
+        if not isinstance(prompt, str):
+            raise ConfigError("self_moa on token ids needs an aggregate(responses) prompt builder")
+        aggregate = lambda shown: aggregation_prompt(prompt, shown)  # noqa: E731
     base_seed = params.seed if params.seed is not None else 0
     sample = [replace(params, temperature=config.temperature, seed=base_seed + i) for i in range(config.n)]
     proposals = [r.text for r in engine.generate([prompt] * config.n, [adapter] * config.n, sample)]
+    rounds = windows(config.n, config.window)
     answer = None
-    for start, end in windows(config.n, config.window):
+    for start, end in rounds[:-1]:  # Self-MoA-Seq: the synthesized answer is carried into the next round
         shown = ([answer] if answer is not None else []) + proposals[start:end]
-        answer = engine.generate([aggregation_prompt(prompt, shown)], [adapter], params)[0].text
-    return answer, proposals
+        answer = engine.generate([aggregate(shown)], [adapter], params)[0].text
+    start, end = rounds[-1]
+    return aggregate(([answer] if answer is not None else []) + proposals[start:end]), proposals
+
+
+def self_moa(engine: Engine, prompt: str | list[int], adapter: RowSpec, params: SamplingParams,
+             config: SelfMoAConfig,
+             aggregate: Callable[[list[str]], str | list[int]] | None = None) -> tuple[str, list[str]]:
+    """(synthesized answer, proposals) for ``prompt`` (see :func:`synthesis_prompt`); blocking."""
+    final, proposals = synthesis_prompt(engine, prompt, adapter, params, config, aggregate)
+    return engine.generate([final], [adapter], params)[0].text, proposals

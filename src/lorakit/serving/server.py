@@ -8,7 +8,8 @@ Endpoints (bodies as OpenAI's / vLLM's):
   lorakit extras: ``adapters: {"math": 0.7, "sql": 0.3}`` (a weighted mix instead of ``model``);
   ``task: "rotate"`` for an adapter trained with task keys (``routed_lora``: selects the expert through the
   adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
-  ``self_moa: {"n": 4, "window": null}`` on /v1/completions (Self-MoA: n samples + a synthesis pass).
+  ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
+  synthesis pass; the synthesis pass streams with ``stream: true``).
 - ``GET /v1/models``: the base and every loaded adapter (``parent`` = the base), as vLLM lists them.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
@@ -341,29 +342,34 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         elif max(prompt) >= engine.model.config.vocab_size or min(prompt) < 0:
             raise HTTPError(400, "'prompt' has token ids outside the vocabulary")
         if body.get("self_moa") is not None:
-            return await run_self_moa(body, prompt)
+            if not isinstance(prompt, str):
+                raise HTTPError(400, "self_moa needs a text prompt (its aggregation prompt is text)")
+            return await run_self_moa(request, body, prompt, None, "completion")
         return await run(request, body, prompt, "completion")
 
-    async def run_self_moa(body: dict, prompt):
-        from .self_moa import SelfMoAConfig, self_moa, windows
+    async def run_self_moa(request: HTTPRequest, body: dict, prompt, aggregate, kind: str):
+        """Self-MoA: proposals and the earlier rounds here, then the last synthesis pass as an ordinary request
+        (so it streams, counts usage and is aborted on disconnect like any other)."""
+        from .self_moa import SelfMoAConfig, synthesis_prompt, windows
 
         opts = body["self_moa"]
-        if not isinstance(opts, dict) or not isinstance(prompt, str) or body.get("stream"):
-            raise HTTPError(400, "self_moa takes an object {n, window, temperature}, a text prompt and no streaming")
+        if not isinstance(opts, dict):
+            raise HTTPError(400, "self_moa takes an object {n, window, temperature}")
         spec, params = adapter_of(body), params_of(body)
         try:
             config = SelfMoAConfig(**opts)
-            answer, proposals = await asyncio.to_thread(self_moa, engine, prompt, spec, params, config)
+            final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
+                                                       aggregate)
         except TypeError as e:
             raise HTTPError(400, f"self_moa: {e}") from None
         except AdapterError as e:
             raise HTTPError(404, str(e), "not_found_error") from None
         except LorakitError as e:
             raise HTTPError(400, str(e)) from None
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.get("model") or model_name,
-                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
-                "self_moa": {"proposals": proposals, "rounds": len(windows(config.n, config.window))}}
+        out = await run(request, body, final, kind)
+        if isinstance(out, dict):  # streamed answers carry the synthesis only
+            out["self_moa"] = {"proposals": proposals, "rounds": len(windows(config.n, config.window))}
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -375,13 +381,27 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects with string content")
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise HTTPError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # noqa: BLE001  (the template raises for unknown roles)
-            raise HTTPError(400, f"chat template failed: {e}") from None
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return await run(request, body, list(ids), "chat")
+        def template(conversation) -> list[int]:
+            try:
+                ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # noqa: BLE001  (the template raises for unknown roles)
+                raise HTTPError(400, f"chat template failed: {e}") from None
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+
+        ids = template(messages)
+        if body.get("self_moa") is not None:
+            from .self_moa import aggregation_prompt
+
+            if messages[-1]["role"] != "user":
+                raise HTTPError(400, "self_moa on chat needs the last message to be the user's request")
+
+            def aggregate(shown: list[str]) -> list[int]:  # the last user turn, wrapped with the candidates
+                return template(messages[:-1] + [{"role": "user",
+                                                  "content": aggregation_prompt(messages[-1]["content"], shown)}])
+            return await run_self_moa(request, body, ids, aggregate, "chat")
+        return await run(request, body, ids, "chat")
 
     @app.get("/v1/models")
     async def models():

@@ -15,6 +15,7 @@ from ..core.config import check_field_types
 from ..core.errors import ConfigError, did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
+DISTRIBUTED_MODES = ("ddp", "fsdp")  # training.distributed.MODES
 
 
 @dataclass
@@ -35,6 +36,10 @@ class TrainConfig:
     - ``procedure``: a registered training procedure (``lorakit.training.list_procedures()``, e.g. ``"loraplus"``)
       that chooses the optimizer, its parameter groups, per-step hooks and extra losses; None = AdamW over the
       trainable parameters (or the method's ``param_groups``). ``procedure_args``: its config fields.
+    - ``distributed``: under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), how gradients are shared:
+      ``"ddp"`` (DistributedDataParallel over the trainable parameters) or ``"fsdp"`` (FSDP2 shards the frozen
+      base; the trainable parameters stay whole and are averaged). ``batch_size`` is per process. Ignored in a
+      single process. See ``lorakit.training.distributed`` and docs/distributed.md.
     """
 
     steps: int = 1000
@@ -58,6 +63,7 @@ class TrainConfig:
     device: str | None = None
     procedure: str | None = None
     procedure_args: dict[str, Any] = field(default_factory=dict)
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         # Paths arrive as pathlib.Path as often as str; keep str so the config is JSON as-is.
@@ -102,6 +108,9 @@ class TrainConfig:
         elif self.procedure_args:
             raise ConfigError(f"TrainConfig.procedure_args={self.procedure_args!r} given without a procedure; set "
                               "procedure (see lorakit.training.list_procedures()).")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"TrainConfig.distributed={self.distributed!r} is not one of {DISTRIBUTED_MODES}."
+                              f"{did_you_mean(self.distributed, DISTRIBUTED_MODES)}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
             raise ConfigError(f"TrainConfig.device={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
                               "or None to pick CUDA when available.")

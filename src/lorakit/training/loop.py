@@ -12,6 +12,10 @@ of tokens. (Averaging per micro-batch and then over micro-batches, the naive way
 short micro-batch more than one in a long micro-batch.) A method's ``extra_loss`` is a per-forward term,
 so it is averaged over the step's micro-batches.
 
+Data parallel: under ``torchrun`` / ``accelerate launch`` every process runs this loop on its rows of each global
+micro-batch; ``training/distributed.py`` holds every collective step (token counts, DDP / FSDP2, rank-0 saves,
+sharded evaluation), so N processes at ``batch_size=b`` train as one process at ``batch_size=N·b``.
+
 Exact resume: the data order is a function of (seed, epoch) and the position in the stream, and the
 checkpoint stores that position, the optimizer moments and the torch RNG state, so N steps + resume + N
 steps gives bit-identical weights to 2N steps straight. Hooks keep this property as long as their state is
@@ -39,15 +43,17 @@ from tqdm.auto import tqdm
 from ..core.errors import AdapterError, ConfigError, LorakitError
 from ..core.inits import init_adapter, init_pending
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
+from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
 from ..core.routing import routing
-from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples, save_task_index,
-                    stable_seed)
+from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, save_task_index, stable_seed
 from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
-from ..mixtures.base import reset_router_stats, router_stats, router_stats_paused, router_summary
+from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
+                             router_summary)
 from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
 from .config import TrainConfig
+from .distributed import device_for, evaluate_sharded, setup
 from .procedures import Procedure, get_procedure
 
 LogCallback = Callable[[dict[str, Any]], None]
@@ -199,15 +205,6 @@ def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig, met
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay), params
 
 
-def _pick_device(config: TrainConfig) -> torch.device:
-    if config.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"TrainConfig.device={config.device!r} but CUDA is not available; use None or 'cpu'.")
-    return device
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -264,7 +261,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     if config.eval_every and not eval_examples:
         raise ValueError(f"TrainConfig.eval_every={config.eval_every} but no eval_examples were given to train().")
     method = get_method(adapter_state(model).configs[adapter_name])
-    device = _pick_device(config)
+    device = device_for(config.device)
+    ctx = setup(device, config.distributed)  # world size 1 (every call a no-op) unless started by torchrun / accelerate
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -288,6 +286,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     def micro_batch(position: int) -> dict[str, torch.Tensor]:
         """The micro-batch at ``position`` in the stream, on the CPU (token counts are read there, not synced)."""
         return collate([dataset[i] for i in stream.indices(position, config.batch_size)])
+
+    def step_batches(position: int) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches of the step starting at ``position`` (its rows of each global micro-batch)."""
+        return [micro_batch(ctx.micro_batch_position(position, i, config.batch_size)) for i in range(config.grad_accum)]
 
     def to_device(batch: dict) -> dict:
         return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
@@ -337,8 +339,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     def evaluate() -> None:
         # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
-            metrics = evaluate_examples(model, tokenizer, eval_set, batch_size=config.batch_size,
-                                        task_to_id=dataset.task_to_id, progress=progress)
+            metrics = evaluate_sharded(ctx, model, tokenizer, eval_set, batch_size=config.batch_size,
+                                       task_to_id=dataset.task_to_id, progress=progress and ctx.is_main)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
@@ -351,58 +353,79 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         state = {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
                  "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
                  "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
-                 "config": config.to_dict()}
+                 "world_size": ctx.world_size, "config": config.to_dict()}
         assert output_dir is not None
-        path = save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer, params, state,
-                               write_adapter=write_adapter,
-                               extra_tensors=procedure.state_dict() if procedure is not None else None)
+        extra_tensors = procedure.state_dict() if procedure is not None else None
+        path = ctx.on_main(lambda: save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer,
+                                                   params, state, write_adapter=write_adapter,
+                                                   extra_tensors=extra_tensors))
         checkpoints.append(str(path))
         return str(path)
 
+    def summed_router_stats() -> dict[str, dict]:
+        with ctx.summed(router_stat_buffers(model)):  # every process's routed tokens
+            return router_stats(model, adapter_name)
+
+    # Data parallel: DDP over the trainable parameters, or FSDP2 sharding the frozen base (training.distributed).
+    train_model = ctx.wrap(model, list(params.values()))
     reset_router_stats(model)  # router statistics (mixtures) describe this run's training forwards only
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress or not ctx.is_main,
+               dynamic_ncols=True)
     train_time, run_tokens, window = 0.0, 0, []
     stop = _StopOnInterrupt(enabled=output_dir is not None)
-    with stop:
+    with stop, rows_gathered(ctx.enabled):
         while step < config.steps:
             step_start = time.perf_counter()
-            batches = [micro_batch(position + i * config.batch_size) for i in range(config.grad_accum)]
-            position += config.batch_size * config.grad_accum
-            n_supervised = max(sum(_supervised_tokens(b) for b in batches), 1)
-            run_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            batches = step_batches(position)
+            position += config.batch_size * config.grad_accum * ctx.world_size
+            # The step's token counts over all processes: the task loss is the mean over the global step.
+            supervised, seen = ctx.sum_counts([sum(_supervised_tokens(b) for b in batches),
+                                               sum(int(b["attention_mask"].sum()) for b in batches)])
+            n_supervised = max(supervised, 1)
+            run_tokens += seen
             step_loss_sum = torch.zeros((), device=device)
             # Set before backward: a procedure may update parameters inside gradient hooks (GaLore per layer).
             lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor
-            for batch in map(to_device, batches):
+            for index, batch in enumerate(map(to_device, batches)):
                 # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
                 # balance losses); task ids, when the data has them, as the routing keys; per-example routing
                 # vectors (e.g. a user vector) as extras.
-                with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
-                             extras={**key_names, **batch.get("routing", {})}):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
-                step_loss_sum += loss.detach()
-                if method.extra_loss is not None:
-                    loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
-                extra = procedure.extra_loss(model, adapter_name) if procedure is not None else None
-                if extra is not None:
-                    loss = loss + extra / config.grad_accum
-                loss.backward()
+                with ctx.no_sync(train_model, last=index == len(batches) - 1):
+                    with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
+                                 extras={**key_names, **batch.get("routing", {})}):
+                        logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
+                    step_loss_sum += loss.detach()
+                    # Data parallelism averages gradients over processes; this process's share of the global
+                    # token mean is world_size times its sum. Extra losses are computed on joined rows or on the
+                    # (replicated) parameters, the same on every process, so the average leaves them as they are.
+                    loss = loss * ctx.world_size
+                    if method.extra_loss is not None:
+                        loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
+                    extra = procedure.extra_loss(model, adapter_name) if procedure is not None else None
+                    if extra is not None:
+                        loss = loss + extra / config.grad_accum
+                    loss.backward()
+            ctx.sync_gradients(list(params.values()))
             if procedure is not None:
                 procedure.on_gradients(model, adapter_name, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if method.on_step is not None:
-                method.on_step(model, adapter_name, step, config.steps)
-            if procedure is not None:
-                procedure.on_step(model, adapter_name, step, config.steps)
+            with ctx.agreed_rng():  # a hook's random draw (DyLoRA's rank) is rank 0's on every process
+                if method.on_step is not None:
+                    method.on_step(model, adapter_name, step, config.steps)
+                if procedure is not None:
+                    procedure.on_step(model, adapter_name, step, config.steps)
             if method.on_step is not None or procedure is not None:
                 refresh_trainable(model)  # a hook may have changed what the adapter freezes (Delta.frozen_names)
-            step_loss = step_loss_sum.item()  # the one host sync per step
+                train_model = ctx.rewrap(model, train_model)  # DDP's buckets follow the trainable set
+            # The one host sync per step: the global loss, and whether any process was asked to stop.
+            reduced = ctx.sum(torch.stack([step_loss_sum, torch.tensor(float(stop.requested), device=device)]))
+            step_loss, stop.requested = float(reduced[0]), bool(reduced[1] > 0)
             train_time += time.perf_counter() - step_start
             losses.append(step_loss)
             window.append(step_loss)
@@ -413,7 +436,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             if step % config.log_every == 0 or step == config.steps:
                 record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
                           "tokens_per_s": tokens_per_s}
-                routed = router_summary(router_stats(model, adapter_name))
+                routed = router_summary(summed_router_stats())
                 if routed is not None:  # mixtures: expert load and router entropy since the start of this run
                     record["router"] = routed
                 emit(record)
@@ -443,11 +466,15 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         wall_time_s=time.perf_counter() - start_time, train_tokens=run_tokens,
         tokens_per_s=run_tokens / train_time if train_time > 0 else 0.0, peak_memory_mb=_peak_memory_mb(device),
         trainable_params=trainable, total_params=total, device=str(device), checkpoints=checkpoints,
-        router_stats=router_stats(model, adapter_name) or None,
+        router_stats=summed_router_stats() or None,
     )
     if output_dir is not None:
-        result.adapter_dir = str(_save_or_rescue(output_dir / "adapter", write_adapter))
-        atomic_write_json(output_dir / "train_result.json", result.to_dict())
+        def save_final() -> str:
+            adapter_dir = str(_save_or_rescue(output_dir / "adapter", write_adapter))
+            atomic_write_json(output_dir / "train_result.json", {**result.to_dict(), "adapter_dir": adapter_dir})
+            return adapter_dir
+
+        result.adapter_dir = ctx.on_main(save_final)  # rank 0 writes, the others wait for it
     return result
 
 

@@ -1,0 +1,108 @@
+"""``lorakit bench gamma_mod``: compute saved vs metric lost by γ-MoD (arXiv:2410.13859) on the bundled base.
+
+LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks chosen by ARank on the first
+training batches, ``capacity_factor`` of the tokens kept) are trained with the same data, steps and seed. Reported:
+exact match on the tasks' test split, the test-text loss (next-token NLL of prompt + completion), and forward
+FLOPs per token of the decoder blocks + head (``methods.gamma_mod.flops_per_token``) with the share of tokens
+each MoD block actually kept on the test texts, as a ratio to the dense model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class GammaModProfile:
+    tasks: str = "reverse,add"
+    steps: int = 80
+    batch_size: int = 8
+    lr: float = 2e-3
+    r: int = 8
+    capacity_factor: float = 0.5
+    num_mod_layers: int = 3
+    train_examples: int = 640
+    eval_examples: int = 40
+    seed: int = 0
+
+
+FULL = GammaModProfile()
+QUICK = GammaModProfile(tasks="reverse", steps=2, batch_size=2, train_examples=8, eval_examples=2)
+
+
+def _test_loss(model, tokenizer, examples) -> tuple[float, int]:
+    """Mean next-token NLL over the test texts (prompt + completion), and their mean length in tokens."""
+    total, count, lengths = 0.0, 0, []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([tokenizer(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"]])
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+            lengths.append(ids.shape[1])
+    return total / max(count, 1), round(sum(lengths) / len(lengths))
+
+
+def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
+    import lorakit as lk
+    from ..data import evaluate_examples, load_examples
+    from ..hub import load_model_and_tokenizer
+    from ..methods.gamma_mod import GammaModConfig, flops_per_token, keep_fractions
+    from ..mixtures import reset_router_stats
+    from ..training import TrainConfig, train
+
+    base, tokenizer = load_model_and_tokenizer(None)
+    train_ex = load_examples(profile.tasks, "train", n=profile.train_examples, seed=profile.seed)
+    eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
+    configs = {"lora": lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS),
+               "gamma_mod": GammaModConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS,
+                                           capacity_factor=profile.capacity_factor,
+                                           num_mod_layers=profile.num_mod_layers)}
+    rows = []
+    for name, config in configs.items():
+        model = copy.deepcopy(base)
+        torch.manual_seed(profile.seed)
+        lk.add_adapter(model, config)
+        tc = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr,
+                         warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine", seed=profile.seed,
+                         max_length=128)
+        t0 = time.perf_counter()
+        result = train(model, tokenizer, train_ex, tc, progress=progress)
+        seconds = time.perf_counter() - t0
+        model.eval()
+        reset_router_stats(model)
+        loss, seq_len = _test_loss(model, tokenizer, eval_ex)
+        keep = keep_fractions(model, "default") if name == "gamma_mod" else {}
+        stored = model.lorakit.configs["default"]
+        rows.append({"method": name, "exact_match": evaluate_examples(model, tokenizer, eval_ex)["exact_match"],
+                     "test_loss": loss, "final_train_loss": result.losses[-1], "train_seconds": seconds,
+                     "seq_len": seq_len, "flops_per_token": flops_per_token(model, seq_len, keep),
+                     "dense_flops_per_token": flops_per_token(model, seq_len), "keep": keep,
+                     "mod_layers": getattr(stored, "mod_layers", None), "aranks": stored.__dict__.get("aranks")})
+    for row in rows:
+        row["flops_ratio"] = row["flops_per_token"] / row["dense_flops_per_token"]
+    return {"profile": asdict(profile), "rows": rows}
+
+
+def gamma_mod_markdown(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"Bundled base, tasks {p['tasks']}, {p['steps']} steps × batch {p['batch_size']}, LoRA r={p['r']} on "
+             f"{', '.join(TARGETS)}; γ-MoD: {p['num_mod_layers']} MoD blocks by ARank, capacity "
+             f"{p['capacity_factor']} (one run, seed {p['seed']}).", "",
+             "| method | exact match | test loss (nats/token) | FLOPs/token (M) | ÷ dense | MoD blocks (kept share) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        mod = ", ".join(f"{i} ({f:.2f})" for i, f in sorted(row["keep"].items())) or "—"
+        lines.append(f"| {row['method']} | {row['exact_match']:.3f} | {row['test_loss']:.3f} | "
+                     f"{row['flops_per_token'] / 1e6:.2f} | {row['flops_ratio']:.3f} | {mod} | {row['train_seconds']:.0f} |")
+    aranks = next((r["aranks"] for r in result["rows"] if r.get("aranks")), None)
+    if aranks:
+        lines += ["", "ARank per block (mean attention-map rank over heads and init batches): "
+                  + ", ".join(f"{i}: {a:.1f}" for i, a in enumerate(aranks))]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""Routing keys -> expert weights, for mixtures routed by information carried with the data (``routed_lora``,
+MixDA): a per-row key (task id or name) from ``lorakit.routing(keys=...)`` selects a row of a fixed table.
+
+Keys: integer key ``j`` is the j-th name of ``sorted(mapping)`` (the training loop's task ids are positions in the
+sorted task names, ``lorakit.data.build_task_index``), so a mapping must name every task of the training data (an
+id past its names is an error); a string key is looked up by name; a negative key or None means "no key". Without
+a mapping, key j is expert j (ids past the experts have none) and string keys are the experts' ``names``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import AdapterError, ConfigError
+from ..core.routing import current_routing, rows_for_batch
+
+
+class KeyTable(nn.Module):
+    """The routing context's per-row keys -> expert weights (batch, E). ``table`` (K+1, E): row j = key j's
+    weights, the last row those of rows without a key (``default``: an expert index, -1 for none). With a
+    ``mapping`` (name -> expert index or E weights) the keys are its sorted names and an integer id past them is
+    an error (the data has a task the mapping lacks); without one key j is expert j and ids past the experts have
+    none. Raises AdapterError for an out-of-range id or an unknown key name."""
+
+    def __init__(self, num_experts: int, mapping: Mapping[str, int | list[float]] | None, default: int,
+                 names: Sequence[str] | None):
+        super().__init__()
+        rows = torch.eye(num_experts)
+        self.names = list(names) if names is not None else None
+        if mapping is not None:
+            self.names = sorted(mapping)
+            rows = torch.zeros(len(self.names), num_experts)
+            for j, name in enumerate(self.names):
+                value = mapping[name]
+                if isinstance(value, int):
+                    rows[j, value] = float(value >= 0)
+                else:
+                    rows[j] = torch.tensor(value, dtype=torch.float32)
+        none = torch.zeros(1, num_experts)
+        none[0, max(default, 0)] = float(default >= 0)
+        self.register_buffer("table", torch.cat([rows, none]), persistent=False)
+        self.strict = mapping is not None
+
+    def forward(self, batch: int, device) -> torch.Tensor:
+        ctx = current_routing()
+        keys, n_keys = (None if ctx is None else ctx.keys), self.table.shape[0] - 1
+        if keys is None:
+            return self.table[n_keys].expand(batch, -1)
+        if isinstance(keys, torch.Tensor):
+            ids = keys.reshape(-1).to(device=device, dtype=torch.long)
+        else:
+            ids = torch.tensor([-1 if k is None else self._index(k) for k in keys], dtype=torch.long, device=device)
+        ids = rows_for_batch(ids, batch, "keys", "key")  # generate's beams / return sequences keep their row's key
+        if self.strict and bool((ids >= n_keys).any()):
+            raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {n_keys} sorted key "
+                               f"names {self.names} (the training data's sorted task names); name every task.")
+        return self.table[torch.where((ids < 0) | (ids >= n_keys), torch.full_like(ids, n_keys), ids)]
+
+    def _index(self, key: Any) -> int:
+        if not isinstance(key, str):
+            return int(key)
+        if self.names is None or key not in self.names:
+            raise AdapterError(f"routing key {key!r} names no expert; known keys: {self.names or 'none (use ints)'}")
+        return self.names.index(key)
+
+
+def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, n: int) -> None:
+    """Raise ConfigError naming ``cls.field_name[key]`` when a mapping value is neither an expert index in
+    -1..n-1 (-1: no expert) nor a list of ``n`` weights."""
+    for key, value in (mapping or {}).items():
+        ok = (-1 <= value < n) if isinstance(value, int) else len(value) == n
+        if not ok:
+            raise ConfigError(f"{cls}.{field_name}[{key!r}]={value!r}: use an expert index in 0..{n - 1}, -1 for "
+                              f"no expert, or a list of {n} weights.")

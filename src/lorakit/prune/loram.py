@@ -1,0 +1,190 @@
+"""LoRAM — "Train Small, Infer Large: Memory-Efficient LoRA Training for Large Language Models", Zhang et al.,
+ICLR 2025, arXiv:2502.13533.
+
+Train LoRA on a structurally pruned copy of the base (less memory: the frozen base dominates it), then recover
+the low-rank matrices to the original shapes and use them with the original, unpruned base:
+
+    pruned:    W_p = W[kept rows] (q, k, v, gate, up) or W[:, kept columns] (o, down)
+    train:     ΔW_p = s·B_p·A_p on the pruned model
+    recover:   B[kept rows] = B_p, B[pruned rows] = 0          (q, k, v, gate, up: B is (out, r))
+               A[:, kept cols] = A_p, A[:, pruned cols] = 0    (o, down: A is (r, in))  — "zeroA"
+               or A[:, pruned cols] ~ N(0, (1/r)²)             — "normA" (``recover="normal"``)
+    infer:     W + s·B·A on the original model (merge_and_unload)
+
+With zeroA the recovered ΔW equals ΔW_p on the kept rows/columns and is zero on the pruned ones: the full model's
+pruned units get no update, the kept ones get exactly what training on the small model learned.
+
+Follows the official code, junzhang-zj/LoRAM ``loram/3_recovered_low_rank_matrix_generation.py``: lines 30–52
+(MLP: ``down_proj.lora_A`` columns, ``gate_proj``/``up_proj.lora_B`` rows, zeros, ``normA`` = ``normal_(std=1/r)``
+before the kept columns are written back), lines 64–103 (attention: pruned key/value heads, the q/o ranges of
+their ``n_rep`` query heads, ``o_proj.lora_A`` columns, ``q/k/v_proj.lora_B`` rows). The pruning itself comes
+from outside the official pipeline (LLM-Pruner indices for LoRAM-Stru, random for LoRAM-Rand); here
+``criterion="random"`` is LoRAM-Rand and ``criterion="magnitude"`` ranks units by the L2 norm of their weights
+(a cheap structured criterion, not LLM-Pruner's gradient one). The pruned blocks are ``block_range`` (official
+70B example: layers 4–78 of 80). Not done here: the publisher's one-off continual pre-training of the pruned model
+("alignment", pipeline step 1) — pass an aligned pruned model's plan if you have one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, LorakitError
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.peft_format import PREFIX, WEIGHTS_NAME
+from .structure import ATTENTION, MLP, OUTPUT_SIDE, Block, base_of, decoder_blocks, group_rows, prune_blocks
+
+CRITERIA = ("random", "magnitude")
+RECOVER = ("zero", "normal")
+PLAN_NAME = "loram_plan.safetensors"
+PLAN_INFO = "loram_plan.json"
+
+
+@dataclass(frozen=True)
+class LoramConfig:
+    """``ratio``: fraction of attention groups and FFN channels removed in each pruned block (official 70B: 0.85);
+    ``criterion``: ``"random"`` (LoRAM-Rand) or ``"magnitude"``; ``block_range``: (start, end) of the pruned blocks,
+    None = all; ``seed``: of the random criterion. ConfigError on bad values."""
+
+    ratio: float = 0.5
+    criterion: str = "random"
+    block_range: tuple[int, int] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"LoramConfig.ratio={self.ratio}: give the fraction removed, in (0, 1)")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"LoramConfig.criterion={self.criterion!r}: choose one of {CRITERIA}")
+        if self.block_range is not None and not (0 <= self.block_range[0] < self.block_range[1]):
+            raise ConfigError(f"LoramConfig.block_range={self.block_range}: give (start, end) with 0 <= start < end")
+
+
+@dataclass
+class PrunePlan:
+    """What was kept: ``groups[block]`` attention groups and ``channels[block]`` FFN channels (sorted indices into
+    the original block), with each pruned block's original sizes in ``blocks`` (paths, head_dim, n_rep, ...)."""
+
+    groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    channels: dict[int, torch.Tensor] = field(default_factory=dict)
+    blocks: dict[int, dict] = field(default_factory=dict)
+
+    def kept(self, path: str) -> tuple[int, torch.Tensor, int] | None:
+        """(dim, kept indices, original size) of adapted module ``path`` — dim 0 for rows (q/k/v/gate/up), 1 for
+        columns (o/down) — or None when the module was not pruned."""
+        for index, info in self.blocks.items():
+            for name in ATTENTION + MLP:
+                if path == f"{info['attn_path' if name in ATTENTION else 'mlp_path']}.{name}":
+                    block = Block(index=index, attn=None, mlp=None, **info)
+                    units = self.groups[index] if name in ATTENTION else self.channels[index]
+                    full = block.channels if name in MLP else block.num_groups * block.head_dim * (
+                        block.n_rep if name in ("q_proj", "o_proj") else 1)
+                    return (0 if name in OUTPUT_SIDE else 1), group_rows(block, name, units), full
+        return None
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"groups.{i}": t for i, t in self.groups.items()} | {f"channels.{i}": t for i, t in self.channels.items()}
+        save_tensors(folder / PLAN_NAME, tensors)
+        atomic_write_json(folder / PLAN_INFO, {str(i): info for i, info in self.blocks.items()})
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "PrunePlan":
+        folder = Path(folder)
+        tensors = load_tensors(folder / PLAN_NAME)
+        info = {int(i): v for i, v in read_json(folder / PLAN_INFO).items()}
+        return cls(groups={i: tensors[f"groups.{i}"] for i in info}, channels={i: tensors[f"channels.{i}"] for i in info},
+                   blocks=info)
+
+
+def _unit_scores(block: Block, criterion: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if criterion == "random":
+        return torch.rand(block.num_groups, generator=generator), torch.rand(block.channels, generator=generator)
+    scores = {}
+    for kind, names, size in (("attn", ATTENTION, block.num_groups), ("mlp", MLP, block.channels)):
+        total = torch.zeros(size)
+        for name in names:
+            w = base_of(block.module(name)).weight.detach().float().cpu()
+            per_index = w.norm(dim=1) ** 2 if name in OUTPUT_SIDE else w.norm(dim=0) ** 2
+            total += per_index.reshape(size, -1).sum(1) if name in ATTENTION else per_index
+        scores[kind] = total.sqrt()
+    return scores["attn"], scores["mlp"]
+
+
+def loram_prune(model: nn.Module, config: LoramConfig = LoramConfig()) -> tuple[nn.Module, PrunePlan]:
+    """(a pruned copy of ``model``, its PrunePlan): in every pruned block the ``ratio`` lowest-scoring attention
+    groups and FFN channels are removed (at least one of each kept). ``model`` is not changed. Raises
+    LorakitError for a model with adapters or without Llama-style blocks, ConfigError for a bad block_range."""
+    blocks = decoder_blocks(model)
+    start, end = config.block_range or (0, len(blocks))
+    if end > len(blocks):
+        raise ConfigError(f"LoramConfig.block_range={config.block_range}: the model has {len(blocks)} blocks")
+    generator = torch.Generator().manual_seed(config.seed)
+    plan, keep = PrunePlan(), {}
+    for block in blocks[start:end]:
+        group_scores, channel_scores = _unit_scores(block, config.criterion, generator)
+        kept = []
+        for scores in (group_scores, channel_scores):
+            n_keep = max(1, len(scores) - int(len(scores) * config.ratio))
+            kept.append(torch.argsort(scores, descending=True)[:n_keep].sort().values)
+        keep[block.index] = tuple(kept)
+        plan.groups[block.index], plan.channels[block.index] = kept
+        plan.blocks[block.index] = {"attn_path": block.attn_path, "mlp_path": block.mlp_path, "head_dim": block.head_dim,
+                                    "num_groups": block.num_groups, "n_rep": block.n_rep, "channels": block.channels}
+    return prune_blocks(copy.deepcopy(model), keep), plan
+
+
+def recover_state_dict(tensors: dict[str, torch.Tensor], plan: PrunePlan, recover: str = "zero",
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """PEFT-layout LoRA tensors of the pruned model -> the same tensors at the original model's shapes
+    (zeros, or N(0, 1/r²) for ``recover="normal"``, in the pruned rows of B / columns of A). Raises LorakitError
+    for another tensor of a pruned module (e.g. DoRA's magnitude): only lora_A / lora_B can be recovered."""
+    if recover not in RECOVER:
+        raise ConfigError(f"recover={recover!r}: choose one of {RECOVER}")
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    for key, value in tensors.items():
+        path, _, param = key.removeprefix(PREFIX).rpartition(".lora_")
+        kept = plan.kept(path)
+        if kept is None:
+            continue
+        dim, index, full = kept
+        if (param, dim) in (("A.weight", 0), ("B.weight", 1)):
+            continue  # the unpruned side (hidden size): unchanged
+        if param not in ("A.weight", "B.weight"):
+            raise LorakitError(f"{key}: LoRAM recovers lora_A / lora_B only; this adapter has other tensors on a "
+                               f"pruned module (train a plain LoRA on the pruned model)")
+        shape = list(value.shape)
+        shape[dim] = full
+        recovered = torch.zeros(shape, dtype=torch.float32)
+        if recover == "normal" and param == "A.weight":  # official normA: normal_(std=1/r) before writing back
+            recovered.normal_(std=1 / value.shape[0], generator=generator)
+        recovered.index_copy_(dim, index, value.float())
+        out[key] = recovered.to(value.dtype)
+    return out
+
+
+def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os.PathLike, *,
+                    recover: str = "zero", seed: int = 0) -> Path:
+    """Write the adapter folder ``source`` (trained on the pruned model) recovered for the original model to
+    ``target`` (same adapter_config.json, PEFT-loadable). Returns ``target``."""
+    source, target = Path(source), Path(target)
+    tensors = load_tensors(source / WEIGHTS_NAME)
+    target.mkdir(parents=True, exist_ok=True)
+    save_tensors(target / WEIGHTS_NAME, recover_state_dict(tensors, plan, recover, seed))
+    atomic_write_json(target / "adapter_config.json", read_json(source / "adapter_config.json"))
+    return target
+
+
+def plan_summary(plan: PrunePlan, full: nn.Module, pruned: nn.Module) -> dict:
+    """Parameter counts for reports: original, pruned, removed fraction."""
+    n_full, n_pruned = (sum(p.numel() for p in m.parameters()) for m in (full, pruned))
+    return {"params_full": n_full, "params_pruned": n_pruned, "removed_fraction": 1 - n_pruned / n_full,
+            "pruned_blocks": sorted(plan.blocks)}

@@ -1,0 +1,156 @@
+"""Model plumbing shared by the quantizers: the decoder blocks, their linear layers, block inputs, token data and
+perplexity. Host classes are never edited: blocks are called as they are, with the inputs the model gave them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..core.delta import Conv1D
+from ..core.errors import LorakitError
+from .uniform import QuantSpec, rtn
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks: the first ModuleList with ``config.num_hidden_layers`` entries
+    (Llama/Mistral/Qwen ``model.layers``, GPT-2 ``transformer.h``). Raises LorakitError if none is found."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and (n is None or len(module) == n):
+            return module
+    raise LorakitError(f"{type(model).__name__} has no ModuleList of {n} transformer blocks; quantization works "
+                       f"block by block and needs one.")
+
+
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(name inside the block, layer, fan_in_fan_out) of every nn.Linear / GPT-2 Conv1D of a block."""
+    out = []
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            out.append((name, m, False))
+        elif Conv1D and isinstance(m, Conv1D):
+            out.append((name, m, True))
+    return out
+
+
+def oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The weight as (out, in)."""
+    return weight.T if fan_in_fan_out else weight
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(hidden states entering block 0 (N, T, d), the keyword arguments the model passes every block).
+
+    The model runs until its first block is called (a forward pre-hook records the call, then stops it), so
+    masks and rotary embeddings are exactly the host's. ``input_ids`` (N, T) holds full, unpadded sequences.
+    """
+    blocks = decoder_blocks(model)
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "layer_past")}
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in seen:
+        raise LorakitError(f"{type(model).__name__}'s forward never called its first block")
+    return seen["hidden"], seen["kwargs"]
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """A block's hidden-state output, whether it returns a tensor or a tuple (older transformers, GPT-2)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def slice_kwargs(kwargs: dict[str, Any], rows: torch.Tensor | slice, n: int) -> dict[str, Any]:
+    """Block kwargs for a subset of the N calibration rows (tensors and tuples of tensors with N rows are cut)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+            return v[rows]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+def quantize_rtn(model: nn.Module, spec: QuantSpec) -> dict[str, Any]:
+    """Round every linear weight of every block to nearest, in place. Returns a summary."""
+    count = 0
+    with torch.no_grad():
+        for i, block in enumerate(decoder_blocks(model)):
+            for name, layer, fan_in_fan_out in block_linears(block):
+                w = oriented(layer.weight, fan_in_fan_out)
+                layer.weight.copy_(oriented(rtn(w, spec, f"block {i} {name}"), fan_in_fan_out))
+                count += 1
+    return {"method": "rtn", "bits": spec.bits, "group_size": spec.group_size, "layers": count}
+
+
+def task_token_rows(tokenizer, split: str, n_rows: int, seq_len: int, seed: int = 0,
+                    tasks: Sequence[str] | None = None) -> torch.Tensor:
+    """(n_rows, seq_len) token ids of the bundled tasks' ``prompt + completion`` texts of ``split``, joined
+    with the EOS token and cut into rows (the usual WikiText-style perplexity layout)."""
+    from ..data.tasks import get_task, list_tasks
+
+    names = list(tasks) if tasks else list_tasks()
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    per_task = max(8, math.ceil(n_rows * seq_len / max(len(names), 1) / 8))
+    while len(stream) < n_rows * seq_len:
+        for name in names:
+            for ex in get_task(name).generate(split, per_task, seed):
+                stream.extend(tokenizer(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"])
+                if eos is not None:
+                    stream.append(eos)
+        seed += 1
+    return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over every predicted token of ``rows`` (N, T)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in _chunks(rows, batch_size):
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                chunk[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += chunk[:, 1:].numel()
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def next_token_kl(reference: nn.Module, model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean over positions of D_KL(p_reference ‖ p_model) of the next-token distributions on ``rows`` (N, T), in
+    nats: how far a quantized model's predictions moved from the original's (0 = unchanged). Unlike perplexity it
+    is not dominated by tokens neither model can predict."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in _chunks(rows, batch_size):
+        chunk = chunk.to(device)
+        log_p = torch.log_softmax(reference(input_ids=chunk, use_cache=False).logits.float(), -1)
+        log_q = torch.log_softmax(model(input_ids=chunk, use_cache=False).logits.float(), -1)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += chunk.numel()
+    return total / max(count, 1)
+
+
+def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, rows.shape[0], size):
+        yield rows[i:i + size]

@@ -1,0 +1,187 @@
+"""QLoRA — "QLoRA: Efficient Finetuning of Quantized LLMs", Dettmers et al., NeurIPS 2023, arXiv:2305.14314.
+
+LoRA on a frozen 4-bit base (paper eq. 5): ``Y = X·doubleDequant(c1, c2, W_NF4) + s·X·A·B`` where the base
+weight is stored as 4-bit NormalFloat (NF4) codes in blocks of 64 with one absmax constant ``c2`` per block,
+and with double quantization the ``c2`` constants are themselves quantized to 8 bit in blocks of 256 (``c1``).
+The matmul runs in the *compute dtype* (bfloat16 in the paper); only the adapter trains.
+
+Library: bitsandbytes (``bnb.nn.Linear4bit`` / ``bnb.functional.dequantize_4bit``), the library of the QLoRA
+authors, chosen over torchao's ``NF4Tensor`` because (1) bitsandbytes >= 0.50 runs 4-bit NF4 on CPU as well as
+CUDA, so one code path is tested here and used on a GPU; (2) PEFT's LoRA dispatches ``bnb.nn.Linear4bit`` to its
+``lora.bnb.Linear4bit`` layer, so the parity test compares against PEFT + the *same* quantized weights
+(PEFT's torchao dispatch covers int8 tensors, not ``NF4Tensor``); (3) transformers loads any checkpoint
+straight into 4 bit with ``BitsAndBytesConfig``, so a large base never exists in full precision in memory.
+bitsandbytes is an optional extra: ``pip install lorakit[quantize]``.
+
+Use: ``load_model_and_tokenizer(path, quantize="nf4")`` (or ``quantize_model(model)`` for a model in memory),
+``add_adapter`` as usual, train, ``save_adapter`` (a PEFT LoRA file: PEFT loads it onto its own bnb-4bit base
+and the other way round), then :func:`dequantize_model` + ``merge_and_unload`` for a full-precision merged
+model (``lorakit merge --quantize nf4``). The merge adds ΔW to the *dequantized* NF4 weights, the weights the
+adapter was trained against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.delta import register_dequantizer
+from ..core.errors import ConfigError, LorakitError
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LorakitError("4-bit bases need bitsandbytes: pip install 'lorakit[quantize]' "
+                           "(bitsandbytes>=0.50, which runs 4-bit on CPU and CUDA)") from None
+    return bitsandbytes
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How the frozen base is stored (names as transformers' ``BitsAndBytesConfig``).
+
+    - ``quant_type``: ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"fp4"``.
+    - ``double_quant``: quantize the per-block absmax constants too (QLoRA §3, ≈0.37 bit/parameter saved).
+    - ``compute_dtype``: dtype of the dequantized matmul, ``"float32"``, ``"bfloat16"`` (the paper's) or
+      ``"float16"``. float32 is the default here because CPUs without bf16 units run it faster.
+    - ``skip_modules``: module names (suffixes) kept in full precision; None = the output head, as transformers.
+
+    Raises ConfigError for an unknown quant type or compute dtype.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+    skip_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"QuantizeConfig.quant_type={self.quant_type!r}: choose one of {QUANT_TYPES}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"QuantizeConfig.compute_dtype={self.compute_dtype!r}: choose one of "
+                              f"{tuple(COMPUTE_DTYPES)}")
+
+    @classmethod
+    def of(cls, value: "QuantizeConfig | str") -> "QuantizeConfig":
+        """A config from itself or a quant type name (``"nf4"``)."""
+        return value if isinstance(value, QuantizeConfig) else cls(quant_type=value)
+
+    def to_transformers(self):
+        """The equivalent ``transformers.BitsAndBytesConfig`` (for ``from_pretrained(quantization_config=...)``)."""
+        from transformers import BitsAndBytesConfig
+
+        _bnb()
+        kwargs = {} if self.skip_modules is None else {"llm_int8_skip_modules": list(self.skip_modules)}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=COMPUTE_DTYPES[self.compute_dtype], **kwargs)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (without importing bitsandbytes when it is not loaded)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _skipped(model: nn.Module, config: QuantizeConfig) -> set[int]:
+    if config.skip_modules is not None:
+        return {id(m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in config.skip_modules)}
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {id(head)} if head is not None else set()
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
+    layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
+    device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
+    constants). Call before ``add_adapter`` (LorakitError after it, and without bitsandbytes)."""
+    from .core.layer import AdapterLayer
+
+    config = QuantizeConfig.of(config)
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise LorakitError("quantize_model before add_adapter: this model has adapters, whose own layers would be "
+                           "quantized too")
+    bnb = _bnb()
+    skip = _skipped(model, config)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or id(child) in skip:
+                continue
+            device = child.weight.device
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+                                  compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=config.double_quant,
+                                         quant_type=config.quant_type, module=q).to(device)  # .to quantizes
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, q.train(child.training))
+    model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
+    return model
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float32 (out, in) weight of a 4-bit layer (doubleDequant of QLoRA eq. 6), None for other layers."""
+    if not is_4bit(module):
+        return None
+    import bitsandbytes.functional as F
+
+    w = module.weight
+    return F.dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
+
+
+register_dequantizer(dequantize_weight)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every 4-bit layer (also those under adapters) by an ``nn.Linear`` holding its dequantized weight
+    in ``dtype``, in place, and drop the quantization settings from ``model.config``; returns ``model``. After this
+    ``merge_and_unload`` folds adapters in and ``save_pretrained`` writes a normal full-precision model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not is_4bit(child):
+                continue
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                               device=child.weight.device, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize_weight(child))
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias)
+            linear.requires_grad_(False)
+            setattr(parent, name, linear.train(child.training))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    for attr in ("is_quantized", "is_loaded_in_4bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if hasattr(model, "lorakit_quantize"):
+        del model.lorakit_quantize
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers take, counting 4-bit weights at their packed size plus their
+    quantization constants (what a 4-bit base really costs in memory)."""
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.nested and state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total

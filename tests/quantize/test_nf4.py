@@ -1,0 +1,189 @@
+"""QLoRA (arXiv:2305.14314): LoRA on a bitsandbytes NF4 base, against PEFT + bitsandbytes on the same weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+import peft  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
+
+import lorakit as lk  # noqa: E402
+from lorakit.quantize import QuantizeConfig, dequantize_model, dequantize_weight, quantize_model, quantized_bytes  # noqa: E402
+
+from lk_models import tiny_llama  # noqa: E402
+
+# QLoRA paper, Appendix E ("NormalFloat 4-bit data type"): the 16 NF4 values, the quantiles of N(0, 1)
+# normalised to [-1, 1] with an exact zero (eq. 4). Written out here from the paper, not read from bitsandbytes.
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+TARGETS = "all-linear"
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama(seed=3).save_pretrained(folder)
+    return folder
+
+
+def _peft_base(folder, config=QuantizeConfig()):
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=config.to_transformers(), device_map="cpu")
+
+
+def _ids(n=2, t=7):
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_quantize_model_equals_transformers_loading(saved_base):
+    ours = quantize_model(LlamaForCausalLM.from_pretrained(saved_base), "nf4")
+    theirs = _peft_base(saved_base)
+    a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].data, b[k].data) for k in a)
+    assert type(ours.lm_head) is torch.nn.Linear  # the output head stays full precision, as in transformers
+
+
+def test_nf4_dequantization_follows_the_paper():
+    """Without double quantization: W ≈ NF4[code] · absmax(block of 64), two codes per byte, high nibble first."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    model = torch.nn.Sequential(linear, torch.nn.Linear(8, 2))
+    quantize_model(model, QuantizeConfig(double_quant=False, skip_modules=("1",)))
+    layer = model[0]
+    packed = layer.weight.data.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()  # (out*in,)
+    absmax = linear.weight.detach().reshape(-1, 64).abs().amax(dim=1)  # one constant per block (eq. 1)
+    expected = (NF4[codes].reshape(-1, 64) * absmax[:, None]).reshape(8, 64)
+    torch.testing.assert_close(dequantize_weight(layer), expected, rtol=0, atol=1e-6)
+    # Each weight went to its nearest NF4 value (within half the widest gap between neighbours times absmax).
+    assert (dequantize_weight(layer) - linear.weight.detach()).abs().max() <= 0.5 * 0.305 * absmax.max() + 1e-6
+
+
+def test_double_quantization_saves_memory_and_stays_close():
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
+    single = quantize_model(copy.deepcopy(dense), QuantizeConfig(double_quant=False, skip_modules=("1",)))
+    double = quantize_model(copy.deepcopy(dense), QuantizeConfig(double_quant=True, skip_modules=("1",)))
+    assert double[0].weight.quant_state.nested and not single[0].weight.quant_state.nested
+    assert quantized_bytes(double) < quantized_bytes(single) < quantized_bytes(dense) / 5
+    diff = (dequantize_weight(double[0]) - dequantize_weight(single[0])).abs().max()
+    assert 0 < diff < 1e-3  # only the 8-bit rounding of the block constants differs
+
+
+def test_qlora_forward_and_gradients_match_peft_bnb(saved_base):
+    ours = quantize_model(LlamaForCausalLM.from_pretrained(saved_base), "nf4")
+    lk.add_adapter(ours, lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    theirs = peft.get_peft_model(_peft_base(saved_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    peft.set_peft_model_state_dict(theirs, lk.adapter_state_dict(ours))
+    ids = _ids()
+    ours.train(), theirs.train()
+    lo, lt = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    torch.testing.assert_close(lo.logits, lt.logits, rtol=0, atol=1e-5)
+    lo.loss.backward(), lt.loss.backward()
+    g_ours = {k.replace(".adapters.default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    g_theirs = {k.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                for k, p in theirs.named_parameters() if p.requires_grad}
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 14 * 2
+    for k in g_ours:
+        torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_adapter_files_load_both_ways(saved_base, tmp_path, compute_dtype):
+    config = QuantizeConfig(compute_dtype=compute_dtype)
+    ids = _ids()
+    # lorakit -> PEFT
+    ours = lk.add_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base), config),
+                          lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    lk.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(_peft_base(saved_base, config), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+    # PEFT -> lorakit
+    torch.manual_seed(5)
+    trained = peft.get_peft_model(_peft_base(saved_base, config),
+                                  peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "theirs")
+    mine = lk.load_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base), config), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_merge_into_full_precision_model(saved_base, tmp_path):
+    model = lk.add_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base)),
+                           lk.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(lk.AdapterError, match="quantized.*dequantize_model"):
+        lk.merge_adapter(model)
+    merged = lk.merge_and_unload(dequantize_model(model))
+    merged.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("4bit" in type(m).__name__ for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+
+
+def test_dora_reads_the_dequantized_base(saved_base):
+    """DoRA's magnitude is ‖W + ΔW‖ per row: on a 4-bit base W is the dequantized weight (as PEFT's bnb DoRA)."""
+    model = lk.add_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base)),
+                           lk.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = torch.linalg.norm(dequantize_weight(layer.base_layer), dim=1)
+    torch.testing.assert_close(layer.adapters["default"].lora_magnitude_vector.detach(), expected)
+
+
+def test_training_on_the_4bit_base_moves_only_the_adapter(saved_base):
+    model = lk.add_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base)),
+                           lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    codes = {k: v.clone() for k, v in model.state_dict().items() if v.dtype == torch.uint8}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(4, 12)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in codes.items())
+    trainable, total = lk.trainable_parameters(model)
+    assert total == sum(p.numel() for p in tiny_llama().parameters()) + trainable  # 4-bit weights count in full
+
+
+def test_quantize_config_errors():
+    with pytest.raises(lk.LorakitError, match="before add_adapter"):
+        quantize_model(lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"])))
+    with pytest.raises(lk.ConfigError, match="quant_type"):
+        QuantizeConfig(quant_type="nf3")
+    with pytest.raises(lk.ConfigError, match="compute_dtype"):
+        QuantizeConfig(compute_dtype="fp8")
+
+
+def test_cli_train_and_merge_with_quantize(tmp_path):
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--quantize", "nf4", "--data", "reverse", "--steps", "2", "--batch-size", "2",
+                 "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet", "--r", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["quantize"] == "nf4"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    assert main(["merge", "--quantize", "nf4", "--adapter", str(out / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert getattr(merged.config, "quantization_config", None) is None

@@ -1,0 +1,133 @@
+"""Runs under ``python -m torch.distributed.run --nproc-per-node 2 dist_worker.py OUT [resume-checkpoint]`` (gloo, CPU)
+for tests/training/test_training_distributed.py: trains the scenarios of ``SCENARIOS`` with 2 processes and writes
+what each rank ended with under OUT (rank 0: ``<name>.safetensors`` + ``<name>.json``; every rank: its records).
+The same builders make the single-process references in the test, so both sides start from identical models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import lorakit
+from lorakit.core.model import adapter_layers
+from lorakit.data import load_examples
+from lorakit.io.files import save_tensors
+from lorakit.io.peft_format import adapter_state_dict
+from lorakit.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lk_models import tiny_llama_for, word_level_tokenizer  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]
+
+
+def data():
+    train_examples = load_examples("reverse", "train", n=32, seed=0)
+    eval_examples = load_examples("reverse", "test", n=5, seed=0)
+    return train_examples, eval_examples, word_level_tokenizer(train_examples + eval_examples)
+
+
+def build(tokenizer, kind: str, layers: int = 2):
+    """A tiny Llama (seed 0, ``layers`` blocks) with adapter "default" of ``kind``."""
+    model = tiny_llama_for(tokenizer, seed=0, num_hidden_layers=layers)
+    if kind == "lora":
+        config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian")
+    elif kind == "mixlora":
+        from lorakit.methods.mixlora import MixLoraConfig
+        config = MixLoraConfig(target_modules=["mlp"], num_experts=4, top_k=2, r=4, lora_dropout=0.0,
+                               router_aux_loss_coef=0.5)
+    elif kind == "dylora":
+        from lorakit.methods.dylora import DyLoraConfig
+        config = DyLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.3)
+    else:
+        raise ValueError(kind)
+    return lorakit.add_adapter(model, config)
+
+
+def train_config(per_process_batch: int, **overrides) -> TrainConfig:
+    """The runs compared: 2 processes at batch 2 against 1 process at batch 4 (same global batch)."""
+    base = dict(steps=3, batch_size=per_process_batch, grad_accum=2, lr=1e-2, max_length=32, seed=0, log_every=1,
+                warmup_steps=0, lr_schedule="linear", device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter_state_dict(model, "default").items()}
+
+
+def blocks_trainable(model) -> list[bool]:
+    return [any(p.requires_grad for n, p in block.named_parameters() if ".adapters." not in n)
+            for block in model.model.layers]
+
+
+def main(out: Path, resume: str | None) -> None:
+    train_examples, eval_examples, tokenizer = data()
+    rank = int(os.environ["RANK"])
+    records: dict[str, object] = {}
+
+    def finish(name: str, model, result=None, **extra) -> None:
+        state = weights(model)
+        # every rank holds the same adapter (replicated training): compare with rank 0's
+        gathered = [None, None]
+        dist.all_gather_object(gathered, {k: v for k, v in state.items()})
+        same = all(torch.equal(gathered[0][k], gathered[1][k]) for k in state)
+        records[name] = {"ranks_identical": same, **extra}
+        if result is not None:
+            records[name].update(losses=result.losses, final_metrics=result.final_metrics,
+                                 router_stats=result.router_stats, adapter_dir=result.adapter_dir,
+                                 checkpoints=result.checkpoints)
+        if rank == 0:
+            save_tensors(out / f"{name}.safetensors", state)
+
+    for mode in ("ddp", "fsdp"):
+        model = build(tokenizer, "lora")
+        result = train(model, tokenizer, train_examples, train_config(2, distributed=mode, eval_every=3),
+                       eval_examples=eval_examples, progress=False)
+        finish(mode, model, result)
+
+    # checkpoint at step 2 of 4, written by 2 processes (the test resumes it with 1)
+    model = build(tokenizer, "lora")
+    result = train(model, tokenizer, train_examples, train_config(2, steps=4, save_every=2, output_dir=str(out / "run2")),
+                   progress=False)
+    finish("ddp_4steps", model, result)
+
+    if resume is not None:  # a checkpoint written by 1 process, resumed here by 2
+        model = build(tokenizer, "lora")
+        result = train(model, tokenizer, train_examples, train_config(2, steps=4, resume_from=resume), progress=False)
+        finish("resumed_1to2", model, result)
+
+    model = build(tokenizer, "mixlora")
+    result = train(model, tokenizer, train_examples, train_config(2), progress=False)
+    finish("mixlora", model, result)
+
+    # DyLoRA with dropout: the ranks' RNG streams drift apart (different shapes draw different amounts), yet the
+    # sampled rank of every step must be the same everywhere.
+    model = build(tokenizer, "dylora")
+    drawn: list[int] = []
+    layer = next(layer for _, layer in adapter_layers(model))
+    result = train(model, tokenizer, train_examples, train_config(2, steps=6), progress=False,
+                   on_log=[lambda record: drawn.append(int(layer.adapters["default"].train_rank))])
+    own_draws = torch.rand(4).tolist()  # this rank's global RNG after training
+    finish("dylora", model, result, drawn=drawn, own_rng=own_draws)
+
+    model = build(tokenizer, "lora", layers=4)  # 4 blocks: LISA's draws for seed 0 vary (2 blocks: always block 1)
+    active: list[list[bool]] = []
+    result = train(model, tokenizer, train_examples,
+                   train_config(2, steps=4, procedure="lisa",
+                                procedure_args={"lisa_activated_layers": 1, "lisa_interval_steps": 1}),
+                   progress=False, on_log=[lambda record: active.append(blocks_trainable(model))])
+    finish("lisa", model, result, active=active,
+           blocks={n: p.detach().clone().tolist() for n, p in model.model.layers.named_parameters()
+                   if ".adapters." not in n and "q_proj" in n})
+
+    (out / f"records-{rank}.json").write_text(json.dumps(records))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,0 +1,236 @@
+"""Data-parallel training (training/distributed.py) with real torchrun, gloo and 2 CPU processes.
+
+One ``python -m torch.distributed.run --nproc-per-node 2`` launch of ``dist_worker.py`` trains every scenario
+(imports dominate the cost); each test compares one scenario with single-process training on the same global batch:
+2 processes at ``batch_size=2`` against 1 process at ``batch_size=4`` (same ``grad_accum``), which the loop defines
+to be the same training (``training/distributed.py``), so adapter weights agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.io.files import load_tensors
+from lorakit.training import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker as worker  # noqa: E402
+
+WORKER = Path(worker.__file__)
+ATOL = 2e-5
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = None) -> str:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free local rendezvous port);
+    fails the test on error, kills the whole process group on timeout. Returns stdout."""
+    cmd = [*(launcher or (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")),
+           *args]
+    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{cmd[:6]} timed out after {timeout}s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert process.returncode == 0, f"{cmd[:6]} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def single():
+    """Single-process references (batch_size 4 = 2 processes × 2), trained in this process."""
+    train_examples, eval_examples, tokenizer = worker.data()
+
+    def run(kind: str, layers: int = 2, evaluate: bool = False, **overrides):
+        model = worker.build(tokenizer, kind, layers)
+        result = train(model, tokenizer, train_examples, worker.train_config(4, **overrides),
+                       eval_examples=eval_examples if evaluate else None, progress=False)
+        return model, result
+
+    return run, eval_examples
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, single):
+    """The 2-process run of every scenario; the 1→2 resume starts from a checkpoint written here by 1 process."""
+    out = tmp_path_factory.mktemp("dist")
+    run, _ = single
+    run("lora", steps=4, save_every=2, output_dir=str(out / "run1"))
+    torchrun(str(WORKER), str(out), str(out / "run1" / "checkpoint-2"))
+    records = [json.loads((out / f"records-{rank}.json").read_text()) for rank in (0, 1)]
+    return out, records
+
+
+def _close(tensors: dict[str, torch.Tensor], model) -> None:
+    reference = worker.weights(model)
+    assert set(tensors) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(tensors[key], value, atol=ATOL, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_equals_one_process_on_the_same_global_batch(launched, single, mode):
+    out, records = launched
+    run, eval_examples = single
+    model, result = run("lora", evaluate=True, eval_every=3)
+    loaded = load_tensors(out / f"{mode}.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)  # training moved B off its init
+    _close(loaded, model)
+    assert records[0][mode]["ranks_identical"] and records[1][mode]["ranks_identical"]
+    assert records[0][mode]["losses"] == pytest.approx(result.losses, abs=1e-5)  # the global step loss is logged
+    # evaluation: every rank generated for its share and gathered all 5 predictions
+    for rank in (0, 1):
+        assert records[rank][mode]["final_metrics"]["n"] == len(eval_examples)
+        assert records[rank][mode]["final_metrics"]["exact_match"] == result.final_metrics["exact_match"]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(launched, single, tmp_path):
+    out, records = launched
+    run, _ = single
+    straight, _ = run("lora", steps=4)
+    checkpoint = out / "run2" / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+    resumed, result = run("lora", steps=4, resume_from=str(checkpoint))
+    assert result.start_step == 2
+    _close(worker.weights(straight), resumed)
+    _close(load_tensors(out / "ddp_4steps.safetensors"), straight)  # and the uninterrupted 2-process run
+    assert not list(out.glob("run2/.*tmp*")), "rank 0 writes through a temporary folder that it renames"
+
+
+def test_checkpoint_of_one_process_resumes_in_two(launched, single):
+    out, records = launched
+    run, _ = single
+    straight, _ = run("lora", steps=4)
+    _close(load_tensors(out / "resumed_1to2.safetensors"), straight)
+    assert records[0]["resumed_1to2"]["ranks_identical"]
+
+
+def test_mixture_balance_loss_and_router_stats_are_global(launched, single):
+    """MixLoRA's load-balancing loss (coef 0.5) on the joined routing records of both processes: weights equal
+    one process on the whole batch. (Averaging two per-process losses would not: f_i·P_i is not linear.)"""
+    out, records = launched
+    run, _ = single
+    model, result = run("mixlora")
+    _close(load_tensors(out / "mixlora.safetensors"), model)
+    for rank in (0, 1):
+        stats = records[rank]["mixlora"]["router_stats"]
+        assert set(stats) == set(result.router_stats)
+        for layer, reference in result.router_stats.items():
+            assert stats[layer]["tokens"] == reference["tokens"]  # both processes' tokens, summed
+            assert stats[layer]["load"] == pytest.approx(reference["load"])
+
+
+def test_dylora_draws_the_same_rank_on_every_process(launched):
+    _, records = launched
+    drawn = [records[rank]["dylora"]["drawn"] for rank in (0, 1)]
+    assert drawn[0] == drawn[1]
+    assert len(set(drawn[0])) > 1  # ranks were really sampled
+    # the processes' own RNG streams did drift apart (dropout on different shapes): agreement was not free
+    assert records[0]["dylora"]["own_rng"] != records[1]["dylora"]["own_rng"]
+    assert records[0]["dylora"]["ranks_identical"]
+
+
+def test_lisa_unfreezes_the_same_blocks_on_every_process(launched, single):
+    out, records = launched
+    run, _ = single
+    active = [records[rank]["lisa"]["active"] for rank in (0, 1)]
+    assert active[0] == active[1]
+    assert len({tuple(a) for a in active[0]}) > 1  # the draw changed blocks during the run
+    model, _ = run("lora", layers=4, steps=4, procedure="lisa",
+                   procedure_args={"lisa_activated_layers": 1, "lisa_interval_steps": 1})
+    _close(load_tensors(out / "lisa.safetensors"), model)
+    for name, value in records[0]["lisa"]["blocks"].items():  # the trained base blocks match too
+        torch.testing.assert_close(torch.tensor(value), model.model.layers.get_parameter(name).detach(), atol=ATOL,
+                                   rtol=1e-4)
+
+
+CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
+            "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
+            "--log-every", "1", "--r", "4", "--quiet"]
+
+
+def _cli_outputs_agree(two: Path, one: Path) -> None:
+    """The 2-process run wrote what the 1-process run wrote (rank 0 alone), with matching adapter weights."""
+    a, b = load_tensors(two / "adapter" / "adapter_model.safetensors"), load_tensors(one / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    # Adam's first steps move each weight by about ±lr whatever the gradient's size, so a weight whose gradient is
+    # ~1e-8 (near Adam's eps) turns float-summation noise into a visible difference: tolerance 3% of lr (3e-3).
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]  # rank 0 alone wrote the log
+    for ours, reference in zip(*records):
+        if "loss" in reference:  # the logged loss is the global step's
+            assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+            assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert json.loads((two / "summary.json").read_text())["after"]["n"] == 3  # every rank's predictions gathered
+
+
+@pytest.mark.slow  # ~90 s on a loaded 2-core machine (two processes load the bundled model); the loop's own
+def test_torchrun_runs_lorakit_train_unchanged(tmp_path):  # torchrun tests above run in CI
+    """``torchrun --nproc-per-node 2 -m lorakit train`` (gloo) on the bundled model equals ``lorakit train`` in one
+    process at twice the batch; only rank 0 prints and writes."""
+    from lorakit.cli import main
+
+    # "--": torchrun's parser would take lorakit's --r for an abbreviation of its own --rdzv-*/--role options
+    stdout = torchrun("-m", "lorakit", "--", *CLI_ARGS, "--batch-size", "2", "--output", str(tmp_path / "two"))
+    assert stdout.count("adapter saved to") == 1
+    assert main([*CLI_ARGS, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    _cli_outputs_agree(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_lorakit_train(tmp_path):
+    pytest.importorskip("accelerate")
+    from lorakit.cli import main
+
+    # --multi_gpu: accelerate's launcher through torch's elastic agent (on a machine without CUDA the processes use
+    # gloo); with --cpu accelerate would start a single process (its multi-CPU path needs mpirun).
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(_free_port()), "-m")
+    stdout = torchrun("lorakit", "--", *CLI_ARGS, "--batch-size", "2", "--output", str(tmp_path / "two"), launcher=launcher)
+    assert stdout.count("adapter saved to") == 1
+    assert main([*CLI_ARGS, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    _cli_outputs_agree(tmp_path / "two", tmp_path / "one")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_single_process_needs_no_launcher(monkeypatch):
+    from lorakit.core.errors import ConfigError
+    from lorakit.training.distributed import env_world, setup
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = setup(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.enabled) == (0, 1, False)
+    assert ctx.sum_counts([3, 4]) == [3, 4] and ctx.shard([1, 2, 3]) == [1, 2, 3]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK=2"):
+        env_world()
+    with pytest.raises(ConfigError, match="Did you mean: fsdp"):
+        worker.train_config(2, distributed="fsdq")
