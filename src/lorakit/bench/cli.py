@@ -47,6 +47,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
+    parser.add_argument("--procedures", nargs="+", default=None,
+                        help="methods: also train LoRA with these training procedures (rows lora+NAME)")
+    parser.add_argument("--full-finetune", action="store_true", default=None,
+                        help="methods: also a full fine-tuning row (every base weight, AdamW)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     serve = parser.add_argument_group("serve (S-LoRA workload; defaults: the full profile)")
     serve.add_argument("--models", nargs="+", default=None, help="serve: bundled and/or random8x512")
@@ -140,14 +144,15 @@ def main(argv: Sequence[str]) -> int:
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import distributed_perf, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+        from . import distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)
     else:
         from . import methods
         profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
-                            steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None)
+                            steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
+                            procedures=args.procedures, full_finetune=args.full_finetune)
         result = methods.run_methods(profile)
         markdown = methods.methods_markdown(result)
         out.mkdir(parents=True, exist_ok=True)

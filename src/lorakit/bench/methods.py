@@ -29,6 +29,9 @@ class MethodsProfile:
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every registered method
     all_variants: bool = True  # False: each method's first (default) variant only
+    procedures: tuple[str, ...] = ()  # training procedures on LoRA, as rows "lora+NAME" (bench/procedures.py)
+    full_finetune: bool = False  # a "full" row: every base weight trained by AdamW at full_lr
+    full_lr: float = 2e-4
 
 
 QUICK = MethodsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=4, seeds=(0,), tasks="reverse,add")
@@ -123,6 +126,9 @@ def run_methods(profile: MethodsProfile, progress: bool = False) -> dict:
                              "after": after["exact_match"], "per_task": {k: v["exact_match"] for k, v in after["per_task"].items()},
                              "final_loss": result.losses[-1], "s_per_step": wall / profile.steps,
                              "peak_memory_mb": result.peak_memory_mb})
+    if profile.procedures or profile.full_finetune:
+        from .procedures import procedure_runs
+        runs += procedure_runs(profile, base, tokenizer, train_ex, eval_ex, progress=progress)
     return {"profile": asdict(profile), "before": before["exact_match"],
             "skipped": sorted({(r["method"], r["variant"], r["skipped"]) for r in runs if "skipped" in r}),
             "before_per_task": {k: v["exact_match"] for k, v in before["per_task"].items()},
@@ -167,6 +173,9 @@ def methods_markdown(result: dict) -> str:
                      f"{r['s_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} |")
     for method, variant, why in result.get("skipped", []):
         lines.append(f"| {method} | {variant} | skipped: {why} | | | | | |")
+    picks = [f"seed {r['seed']}: {r['selected_layers']}" for r in result["runs"] if "selected_layers" in r]
+    if picks:
+        lines += ["", f"Layers Flexora selected (stage 2 trained LoRA on these only): {'; '.join(picks)}."]
     lines += ["", "Every method trains from its registered default variant here (fresh experts for the mixtures of "
               "existing adapters). Equal-budget comparisons of the mixtures, and MeteoRA / X-LoRA / MixDA composing "
               "real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]

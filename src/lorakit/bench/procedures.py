@@ -1,4 +1,11 @@
-"""Benchmarks of the training procedures (GaLore, LISA) against LoRA and full fine-tuning.
+"""Benchmarks of the training procedures against LoRA and full fine-tuning.
+
+``procedure_runs`` (``lorakit bench methods --procedures NAME ...``): each named procedure on a LoRA adapter (the
+methods profile's LoRA: r, all-linear), plus full fine-tuning, trained with the same tasks, data, steps and seeds
+as the plain LoRA row, as rows of the methods table. Full fine-tuning is lorakit's loop with every base weight
+trained by AdamW (LISA with every block active and the adapter frozen at B = 0, i.e. no adapter effect) at
+``full_lr``. Flexora runs its two stages: the search (``steps`` steps, its validation split held out) and a fresh
+LoRA on the selected layers (``steps`` steps); its row reports the layers it chose.
 
 ``procedures_perf_rows`` (a ``lorakit bench perf`` row, registered in ``perf.EXTRA_ROWS``): one training step
 (forward + backward + optimizer) of full fine-tuning (AdamW), LoRA (all linear layers, AdamW), lorakit GaLore
@@ -10,6 +17,10 @@ Memory is accounted, not sampled (CPU has no allocator peak): parameters + gradi
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,6 +106,74 @@ def procedures_perf_rows(profile, device) -> list[dict]:
 
 
 EXTRA_ROWS["procedures"] = procedures_perf_rows
+
+
+def _train_row(model, tokenizer, train_ex, eval_ex, config, label: str, seed: int, steps: int, progress: bool,
+               extra: dict | None = None) -> dict:
+    from ..data import evaluate_examples
+    from ..training import train
+
+    t0 = time.perf_counter()
+    result = train(model, tokenizer, train_ex, config, progress=progress)
+    wall = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # as the run left them
+    after = evaluate_examples(model, tokenizer, eval_ex)
+    return {"method": label, "variant": "procedure", "seed": seed, "trainable_params": trainable,
+            "after": after["exact_match"], "per_task": {k: v["exact_match"] for k, v in after["per_task"].items()},
+            "final_loss": result.losses[-1], "s_per_step": wall / steps, "peak_memory_mb": result.peak_memory_mb,
+            **(extra or {})}
+
+
+def procedure_runs(profile, base, tokenizer, train_ex: dict, eval_ex, progress: bool = False) -> list[dict]:
+    """Rows ``lora+<procedure>`` for ``profile.procedures`` and ``full`` (full fine-tuning), per seed."""
+    import lorakit as lk
+    from ..training import TrainConfig, get_procedure, train
+
+    def lora(model, **kw):
+        return lk.add_adapter(model, lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules="all-linear",
+                                                   **kw))
+
+    def config(seed, lr=None, **kw):
+        return TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=lr or profile.lr,
+                           warmup_ratio=0.1 if profile.steps >= 10 else 0.0, lr_schedule="cosine", seed=seed,
+                           max_length=128, **kw)
+
+    runs = []
+    for seed in profile.seeds:
+        data = train_ex[seed]
+        if profile.full_finetune:
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            model = lk.add_adapter(model, lk.LoraConfig(r=1, target_modules=["q_proj"]))
+            blocks = len(model.model.layers)
+            cfg = config(seed, lr=profile.full_lr, procedure="lisa", procedure_args={
+                "lisa_activated_layers": blocks, "lisa_interval_steps": 10**9, "train_adapter": False})
+            row = _train_row(model, tokenizer, data, eval_ex, cfg, "full", seed, profile.steps, progress)
+            runs.append({**row, "variant": f"full fine-tuning (lr {profile.full_lr})"})
+        for name in profile.procedures:
+            get_procedure(name)  # a clear error for a wrong name before any training
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            if name != "flexora":
+                runs.append(_train_row(lora(model), tokenizer, data, eval_ex, config(seed, procedure=name),
+                                       f"lora+{name}", seed, profile.steps, progress))
+                continue
+            # Flexora: stage 1 searches, stage 2 trains a fresh LoRA on the layers it selected.
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                search = config(seed, procedure="flexora", output_dir=tmp,  # official val_size 200, at most 1/5
+                                procedure_args={"val_size": min(200, len(data) // 5)})
+                train(lora(model), tokenizer, data, search, progress=progress)
+                report = json.loads((Path(tmp) / "flexora.json").read_text())
+                search_s = time.perf_counter() - t0
+            chosen = report["selected_layers"] or report["layers"]
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed)
+            row = _train_row(lora(model, layers_to_transform=chosen), tokenizer, data, eval_ex, config(seed),
+                             "lora+flexora", seed, profile.steps, progress,
+                             extra={"selected_layers": chosen, "search_s_per_step": search_s / profile.steps})
+            runs.append(row)
+    return runs
 
 
 def procedures_markdown(result: dict) -> str:

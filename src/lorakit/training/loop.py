@@ -268,6 +268,13 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)  # also seeds every CUDA device
 
+    procedure = get_procedure(config.procedure).build(config) if config.procedure is not None else None
+    held_out = procedure.validation_split(len(train_examples)) if procedure is not None else 0
+    if held_out:  # a procedure's validation split (Flexora): the last examples, not trained on
+        if not 0 < held_out < len(train_examples):
+            raise ConfigError(f"procedure {config.procedure!r} holds out {held_out} validation examples but the run has "
+                              f"{len(train_examples)}; lower its validation size or give more training data.")
+        train_examples, validation = list(train_examples)[:-held_out], list(train_examples)[-held_out:]
     dataset = TokenizedDataset(train_examples, tokenizer, max_length=config.max_length)
     # Task ids are positions among the data's task names; methods that map tasks by name get the names too.
     key_names = {} if dataset.task_to_id is None else {
@@ -298,7 +305,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             method.init(model, adapter_name, batches)
         if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
             init_adapter(model, adapter_name, batches)
-    procedure = get_procedure(config.procedure).build(config) if config.procedure is not None else None
+    if held_out:
+        assert procedure is not None
+        val_set = TokenizedDataset(validation, tokenizer, max_length=config.max_length, task_to_id=dataset.task_to_id)
+        procedure.set_validation(lambda indices: to_device(collate([val_set[i] for i in indices])), len(val_set))
     optimizer, params = make_optimizer(model, adapter_name, config, method, procedure)
 
     step, position, tokens_seen = 0, 0, 0

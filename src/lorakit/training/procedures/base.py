@@ -19,6 +19,11 @@ A procedure is a config dataclass (its fields become ``lorakit train --procedure
 5. ``state_dict()`` / ``load_state_dict(tensors)``: tensors saved in checkpoints (``procedure.<key>``), so resume
    stays exact. The optimizer's own state is saved by the loop whatever the optimizer.
 
+A procedure that needs held-out data (Flexora's validation split) returns a count from
+``validation_split(n_train)``: before anything else the loop holds out that many examples from the end of the
+training data (they are not trained on) and calls ``set_validation(batch_of, n)``, where ``batch_of(indices)``
+collates held-out examples ``indices`` (0 ≤ i < n) into a batch on the run's device.
+
 A procedure composes with any method: the method's hooks run first, then the procedure's. Procedures that
 train base weights (LISA, LongLoRA's embeddings and norms) make them trainable in ``param_groups`` (set
 ``requires_grad`` and add the parameters); the checkpoint then stores them beside the adapter.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -74,6 +79,12 @@ class Procedure:
         return None
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
+        return None
+
+    def validation_split(self, n_train: int) -> int:
+        return 0
+
+    def set_validation(self, batch_of: Callable[[list[int]], dict[str, torch.Tensor]], n: int) -> None:
         return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
