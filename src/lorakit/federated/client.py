@@ -131,9 +131,9 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    with warnings.catch_warnings():  # Opacus warns about secure RNG; DP semantics are unchanged
+    with warnings.catch_warnings():  # Opacus warns that its RNG is not cryptographically secure (experiments)
         warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                          noise_multiplier=config.dp_noise_multiplier,
                                                          max_grad_norm=config.dp_max_grad_norm, poisson_sampling=True)
