@@ -54,7 +54,7 @@ class ServerCore:
     def receive(self, server_round: int, replies: Sequence[tuple[int, bytes, dict[str, Any]]],
                 failures: Sequence[str] = (), sent: int = 0) -> dict[str, Any]:
         """Check, aggregate and record one round; returns the round's record."""
-        accepted, rejected, weights, scales, losses, up = [], [], [], [], [], []
+        accepted, rejected, weights, scales, losses, up, clients = [], [], [], [], [], [], []
         for client, blob, metrics in replies:
             reason = None
             try:
@@ -74,6 +74,7 @@ class ServerCore:
                 rejected.append({"client": client, "reason": reason})
                 continue
             accepted.append(update)
+            clients.append(client)
             weights.append(float(metrics["num-examples"]))
             scales.append(self.config.alpha_of(client) / self.config.rank_of(client))
             losses.append(float(metrics.get("train-loss", float("nan"))))
@@ -83,11 +84,15 @@ class ServerCore:
                     (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]), int(metrics["dp-steps"])))
         for failure in failures:
             log.warning("round %d: a client failed: %s", server_round, failure)
+        if sent > len(replies) + len(failures):
+            log.warning("round %d: %d sampled client(s) did not reply within the round timeout (stragglers); "
+                        "aggregating the %d replies that came", server_round, sent - len(replies) - len(failures),
+                        len(replies))
         down = len(self.downlink_bytes())
         if accepted:
             self.state = self.strategy.aggregate(self.state, accepted, normalized(weights), scales)
-        record = {"round": server_round, "sampled": sent, "accepted": len(accepted), "rejected": rejected,
-                  "failures": list(failures), "train_loss": sum(losses) / len(losses) if losses else None,
+        record = {"round": server_round, "sampled": sent, "accepted": len(accepted), "clients": clients, "rejected": rejected,
+                  "failures": list(failures), "no_reply": max(sent - len(replies) - len(failures), 0), "train_loss": sum(losses) / len(losses) if losses else None,
                   "uplink_bytes_per_client": sum(up) / len(up) if up else 0, "downlink_bytes_per_client": down}
         if self.dp_history:
             record["epsilon"] = max(dp_epsilon(h, self.config.dp_delta) for h in self.dp_history.values())

@@ -15,7 +15,12 @@ from .base import FederatedConfig
 
 def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
     """Run ``config`` in Flower's simulation; returns ``{"config", "rounds", "evaluation"}`` (see ``apps.run_server``)."""
-    from flwr.simulation import run_simulation
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError as error:
+        from ..core.errors import LorakitError
+
+        raise LorakitError(f"federated runs need Flower and Opacus: pip install 'lorakit[federated]' ({error})") from None
 
     from .apps import client_app, make_server_app
 
