@@ -138,18 +138,22 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                                                          noise_multiplier=config.dp_noise_multiplier,
                                                          max_grad_norm=config.dp_max_grad_norm, poisson_sampling=True)
     losses, iterations = [], 0
-    while iterations < config.local_steps:
-        for batch in loader:
-            iterations += 1
-            if isinstance(batch, dict) and batch["input_ids"].shape[0] > 0:
-                logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = _per_example_loss(logits, batch["labels"]).mean()
-                loss.backward()
-                losses.append(float(loss.detach()))
-            optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
-            optimizer.zero_grad(set_to_none=True)
-            if iterations >= config.local_steps:
-                break
+    with warnings.catch_warnings():  # base inputs need no grad: torch notes Opacus' backward hooks see outputs only
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        while iterations < config.local_steps:
+            for batch in loader:
+                iterations += 1
+                # An empty Poisson batch skips its step but is still counted: accounting for a release that did not
+                # happen only overstates ε.
+                if isinstance(batch, dict) and batch["input_ids"].shape[0] > 0:
+                    logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = _per_example_loss(logits, batch["labels"]).mean()
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if iterations >= config.local_steps:
+                    break
     private._close()  # remove Opacus hooks; the adapter weights stay in ``model``
     model.eval()
     return losses, {"dp-steps": iterations, "dp-sample-rate": 1.0 / len(loader)}

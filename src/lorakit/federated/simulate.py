@@ -35,3 +35,38 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result (see the log above for the ServerApp error)")
     return sink
+
+
+def federate_in_process(config: FederatedConfig, keep_updates: bool = False) -> dict[str, Any]:
+    """The same client and server code as :func:`federate`, called directly in this process (no Flower transport,
+    no Ray): clients run one after another. For benchmarks and tests on a small CPU budget; sampling draws
+    ``max(min_clients, ⌊fraction·N⌋)`` clients per round with a seeded RNG, stragglers are not simulated.
+    With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``)."""
+    import random
+
+    from ..data import stable_seed
+    from .base import pack, unpack
+    from .client import client_round
+    from .server import ServerCore
+
+    core = ServerCore(config)
+    evaluation = [{"round": 0, **core.evaluate()}] if config.evaluate else []
+    first: list = []
+    for server_round in range(1, config.rounds + 1):
+        size = min(config.clients, max(config.min_clients, int(config.clients * config.fraction)))
+        sampled = sorted(random.Random(stable_seed("lorakit-federated-sample", config.seed, server_round))
+                         .sample(range(config.clients), size))
+        down = unpack(core.downlink_bytes())
+        replies = []
+        for client in sampled:
+            update, metrics = client_round(config, client, server_round, down, core.a_checksum)
+            replies.append((client, pack(update), metrics))
+            if keep_updates and server_round == 1:
+                first.append((client, update, metrics))
+        core.receive(server_round, replies, sent=len(sampled))
+        if config.evaluate:
+            evaluation.append({"round": server_round, **core.evaluate()})
+    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
+    if keep_updates:
+        result["first_updates"] = first
+    return result
