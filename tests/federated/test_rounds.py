@@ -84,3 +84,47 @@ def test_dp_sgd_reports_epsilon(tiny_config):
     assert eps[-1] == pytest.approx(reference, rel=1e-6)
     quieter, _ = run_rounds(tiny_config("ffa", rounds=1, dp_noise_multiplier=4.0, dp_max_grad_norm=0.5))
     assert quieter.history[0]["epsilon"] < eps[0]
+
+
+@pytest.fixture
+def flower_task():
+    """Flower builds Messages inside a run; outside one its task identity must be set (restored afterwards)."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config, flower_task, caplog):
+    """FlowerLoraStrategy.aggregate_train on real Flower reply Messages: a NaN update, an error reply and a reply
+    without an update are set aside and logged; the good update becomes the global state."""
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from lorakit.federated.apps import FlowerLoraStrategy, blob_record
+
+    config = tiny_config("fedit", clients=3)
+    core = ServerCore(config)
+    strategy = FlowerLoraStrategy(core)
+    good, metrics = client_round(config, 0, 1, unpack(core.downlink_bytes()))
+    nan = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
+    sent = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+
+    def reply(update, client):
+        return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
+                                           "metrics": MetricRecord({**metrics, "client": client})}), reply_to=sent)
+
+    replies = [reply(good, 0), reply(nan, 1), Message(Error(code=0, reason="client crashed"), reply_to=sent),
+               Message(content=RecordDict({"metrics": MetricRecord({"client": 2})}), reply_to=sent)]
+    strategy.sent[1] = 4
+    with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
+        arrays, agg = strategy.aggregate_train(1, replies)
+    record = core.history[-1]
+    assert record["clients"] == [0] and record["rejected"][0]["client"] == 1 and len(record["failures"]) == 2
+    assert agg["accepted"] == 1.0
+    state = unpack(arrays["state"].data)
+    for k, v in good.items():
+        torch.testing.assert_close(state[k], v)
+    assert "NaN" in caplog.text and "client crashed" in caplog.text

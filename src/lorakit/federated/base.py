@@ -43,6 +43,10 @@ class FederatedConfig:
       ``dp_max_grad_norm``; ε is reported at ``dp_delta``.
     - ``stragglers``: client ids that sleep ``straggler_delay_s`` before replying; the server waits at most
       ``round_timeout_s`` per round and aggregates the replies that came.
+    - ``fair_lambda``, ``fair_lr``, ``fair_steps``: LoRA-FAIR's regularisation weight λ (paper: 0.01) and the
+      server's SGD learning rate and step cap for ΔB (official server code: 0.01, 1000).
+    - ``evaluate``: score the global model on the held-out examples after every round (exact match, token loss).
+    - ``max_length``: tokens per training example; ``seed``: data, splits, sampling and adapter inits.
     """
 
     strategy: str = "fedit"
@@ -73,7 +77,7 @@ class FederatedConfig:
     round_timeout_s: float = 600.0
     fair_lambda: float = 0.01
     fair_lr: float = 0.01
-    fair_steps: int = 200
+    fair_steps: int = 1000
     evaluate: bool = True
 
     def __post_init__(self) -> None:
