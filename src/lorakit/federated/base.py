@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -246,5 +246,3 @@ def get_strategy(config: FederatedConfig) -> LoraStrategy:
 def list_strategies() -> list[str]:
     return sorted(STRATEGIES)
 
-
-Progress = Callable[[dict[str, Any]], None]
