@@ -653,7 +653,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
         dp_delta=args.dp_delta, stragglers=split(args.stragglers, int) or [], straggler_delay_s=args.straggler_delay,
-        round_timeout_s=args.round_timeout)
+        round_timeout_s=args.round_timeout, device=args.device)
     from .federated.simulate import federate
     from .io.files import atomic_write_json
 
@@ -889,6 +889,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--stragglers", default=None, help="client ids that reply late, comma-separated")
     f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
     f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round")
+    f.add_argument("--device", default="cpu", help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=int, default=0, help="seed of data, splits, sampling and adapter inits")
     f.add_argument("--output", default="runs/federated", help="folder for federated.json")

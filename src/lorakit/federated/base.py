@@ -47,6 +47,7 @@ class FederatedConfig:
       server's SGD learning rate and step cap for ΔB (official server code: 0.01, 1000).
     - ``evaluate``: score the global model on the held-out examples after every round (exact match, token loss).
     - ``max_length``: tokens per training example; ``seed``: data, splits, sampling and adapter inits.
+    - ``device``: where clients train (``cpu`` or ``cuda``; the simulation then gives each client a GPU share).
     """
 
     strategy: str = "fedit"
@@ -79,6 +80,7 @@ class FederatedConfig:
     fair_lr: float = 0.01
     fair_steps: int = 1000
     evaluate: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -101,6 +103,8 @@ class FederatedConfig:
                                   "heterogeneous ranks, or give one rank.")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0:
             raise ConfigError("FederatedConfig: dp_noise_multiplier must be >= 0 and dp_max_grad_norm > 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"FederatedConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]
         if bad:
             raise ConfigError(f"FederatedConfig.stragglers {bad} are not client ids 0..{self.clients - 1}")

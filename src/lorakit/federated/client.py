@@ -104,7 +104,7 @@ def plain_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example], c
     train_config = TrainConfig(steps=config.local_steps, batch_size=min(config.batch_size, len(examples)),
                                lr=config.lr, lr_schedule="constant", max_length=config.max_length,
                                seed=stable_seed("lorakit-federated-data", config.seed, server_round, client),
-                               device="cpu", log_every=config.local_steps)
+                               device=config.device, log_every=config.local_steps)
     result = train(model, tokenizer, examples, train_config, progress=False)
     return result.losses, {}
 
@@ -125,6 +125,8 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
+    device = torch.device(config.device)
+    model.to(device)
     dataset = TokenizedDataset(examples, tokenizer, max_length=config.max_length)
     loader = DataLoader(dataset, batch_size=min(config.batch_size, len(dataset)),
                         collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
@@ -146,6 +148,7 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                 # An empty Poisson batch skips its step but is still counted: accounting for a release that did not
                 # happen only overstates ε.
                 if isinstance(batch, dict) and batch["input_ids"].shape[0] > 0:
+                    batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
                     logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = _per_example_loss(logits, batch["labels"]).mean()
                     loss.backward()

@@ -25,11 +25,12 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     from .apps import client_app, make_server_app
 
     cpus = backend_cpus or max(1, min(config.clients, (os.cpu_count() or 2) // 2))
+    gpus = 0.0 if config.device == "cpu" else 1.0 / cpus  # clients training at once share the GPU
     sink: dict[str, Any] = {}
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(server_app=make_server_app(config, sink), client_app=client_app, num_supernodes=config.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                  "logging_level": "error", "log_to_driver": not quiet}})
     if not sink:
