@@ -1,4 +1,5 @@
-"""``lorakit`` command line: train, eval, generate, methods, tasks, inspect, merge, export, bench, pretrain-base.
+"""``lorakit`` command line: train, eval, generate, methods, tasks, inspect, merge, export, serve, federate, bench,
+pretrain-base.
 
 One ``cmd_<name>`` function and one ``_add_<name>`` parser function per subcommand; a new subcommand adds
 both and one line in ``build_parser``. Method options are generated from the chosen method's config dataclass
@@ -780,6 +781,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from .federated import FederatedConfig
+
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    split = lambda text, kind: [kind(v) for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    config = FederatedConfig(
+        strategy=args.strategy, clients=args.clients, rounds=args.rounds, fraction=args.fraction,
+        min_clients=args.min_clients, model=args.model, data=args.data, train_examples=args.train_examples,
+        eval_examples=args.eval_examples, partition=args.partition, skew_alpha=args.skew_alpha,
+        target_modules=split(args.target_modules, str), r=args.r, client_ranks=split(args.client_ranks, int),
+        lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_delta=args.dp_delta, stragglers=split(args.stragglers, int) or [], straggler_delay_s=args.straggler_delay,
+        round_timeout_s=args.round_timeout, device=args.device)
+    from .federated.simulate import federate
+    from .io.files import atomic_write_json
+
+    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet)
+    atomic_write_json(out / "federated.json", result)
+    for r in result["rounds"]:
+        ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})
+        print(f"round {r['round']}: {r['accepted']}/{r['sampled']} updates accepted"
+              + (f", {len(r['rejected'])} rejected" if r["rejected"] else "")
+              + (f", {len(r['failures'])} failed" if r["failures"] else "")
+              + (f", {r['no_reply']} no reply (timeout)" if r["no_reply"] else "")
+              + f" | up {r['uplink_bytes_per_client'] / 1024:.1f} KiB/client, down {r['downlink_bytes_per_client'] / 1024:.1f} KiB"
+              + (f" | eval loss {ev['eval_loss']:.4f}, exact match {ev['exact_match']:.3f}" if ev else "")
+              + (f" | ε {r['epsilon']:.2f}" if "epsilon" in r else ""))
+    print(f"results: {out / 'federated.json'}")
+    return 0
+
+
 def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .pretrain.train import main as pretrain_main
 
@@ -994,6 +1027,46 @@ def _add_serve(sub) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
+def _add_federate(sub) -> None:
+    from .federated import list_strategies
+
+    f = sub.add_parser("federate", help="federated LoRA on Flower's simulation engine (FedIT, FFA, FLoRA, LoRA-FAIR)",
+                       formatter_class=_Formatter, description="Federated LoRA fine-tuning: N clients, R rounds, one "
+                       "strategy, Flower's simulation engine. docs/federated.md runs the same apps on SuperLink/SuperNodes.")
+    _common_model(f)
+    f.add_argument("--strategy", default="fedit", choices=list_strategies(), help="server aggregation strategy")
+    f.add_argument("--clients", type=int, default=4, help="number of clients (simulated SuperNodes)")
+    f.add_argument("--rounds", type=int, default=3, help="server rounds")
+    f.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
+    f.add_argument("--min-clients", type=int, default=1, help="sample at least this many clients per round")
+    f.add_argument("--data", default="reverse,sort,upper,add", help="built-in tasks, comma-separated")
+    f.add_argument("--train-examples", type=int, default=64, help="training examples per task (split over clients)")
+    f.add_argument("--eval-examples", type=int, default=32, help="held-out examples per task (server evaluation)")
+    f.add_argument("--partition", default="task", choices=["iid", "task", "skew"],
+                   help="non-IID split: whole tasks per client, or Dirichlet task skew")
+    f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")
+    f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules, comma-separated")
+    f.add_argument("--r", type=int, default=4, help="LoRA rank of every client")
+    f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora only)")
+    f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, scaling 2)")
+    f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
+    f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
+    f.add_argument("--lr", type=float, default=3e-3, help="client learning rate (AdamW)")
+    f.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD noise multiplier (0: no DP)")
+    f.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
+    f.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
+    f.add_argument("--stragglers", default=None, help="client ids that reply late, comma-separated")
+    f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
+    f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round")
+    f.add_argument("--device", default="cpu", help="where clients train: cpu or cuda")
+    f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
+    f.add_argument("--seed", type=int, default=0, help="seed of data, splits, sampling and adapter inits")
+    f.add_argument("--output", default="runs/federated", help="folder for federated.json")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
+    f.add_argument("--quiet", action="store_true", help="less Flower logging")
+    f.set_defaults(func=cmd_federate)
+
+
 def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1010,6 +1083,7 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_serve(sub)
     sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
                    add_help=False)
+    _add_federate(sub)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",

@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod|smaller [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod|smaller|federated [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -31,16 +31,18 @@ def _override(profile, **values):
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
     parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init",
-                                         "quantize", "gamma_mod", "smaller"])
+                                         "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="perf rows to run (forward, mixed, ...); init: convergence and/or cost")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="methods to run (default: all registered); for init: the contenders")
+                        help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
+    parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
+    parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
     parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
     parser.add_argument("--step-time", action="store_true",
                         help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
@@ -112,6 +114,15 @@ def main(argv: Sequence[str]) -> int:
         result = inits.run_inits(profile, device=args.device, progress=not args.quick, parts=parts, after_each=keep)
         markdown = inits.inits_markdown(result)
         result["plots"] = [str(inits.plot_inits(result, out))] if result["convergence"]["runs"] else []
+    elif args.what == "federated":
+        from . import federated
+        profile = _override(federated.QUICK if args.quick else federated.FULL, seeds=args.seeds, local_steps=args.steps,
+                            rounds=args.rounds, clients=args.clients, tasks=args.tasks,
+                            strategies=args.methods)
+        result = federated.run_federated_bench(profile, progress=not args.quick)
+        markdown = federated.federated_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(federated.plot_federated(result, out))]
     elif args.what == "variants":
         from . import variants
         profile = _override(variants.QUICK if args.quick else variants.FULL, methods=args.methods, seeds=args.seeds,

@@ -1,0 +1,252 @@
+"""What every federated LoRA strategy shares: the run config, the wire format, update checks, the registry.
+
+A strategy is split the way the protocol is: a server half (``initial_state``, ``downlink``, ``expected_update``,
+``aggregate``, ``global_delta``) and a client half (``client_start``, ``client_update``), all plain torch on
+``{name: tensor}`` dicts keyed ``"<module path>.<tensor>"`` — no Flower types here, so the maths is testable in
+isolation and the same objects run under Flower's simulation and deployment engines (``apps.py``).
+
+Weights: client k's update is weighted ``p_k = n_k / Σ n_j`` by its number of training examples, as FLoRA's
+official aggregation (``fed_utils/model_aggregation.py``: ``normalize(local_dataset_len, p=1)``) and FedIT do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..core.errors import ConfigError, did_you_mean
+from ..core.model import adapter_layers
+
+State = dict[str, torch.Tensor]
+
+PARTITIONS = ("iid", "task", "skew")
+
+
+@dataclass
+class FederatedConfig:
+    """One federated run. Units: steps are optimizer steps per client per round; seconds for timeouts.
+
+    - ``strategy``: ``fedit`` | ``ffa`` | ``flora`` | ``lora_fair`` (``lorakit.federated.list_strategies()``).
+    - ``clients``: number of clients (Flower SuperNodes); ``fraction``: share sampled per round (at least
+      ``min_clients``); ``rounds``: server rounds.
+    - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous; FLoRA only).
+      ``lora_alpha``: None means ``2·r`` per client (scaling 2, as FLoRA's official ``main.py``).
+    - ``data``: built-in task(s), comma-separated; ``partition``: ``iid``, ``task`` (each client gets whole
+      tasks) or ``skew`` (Dirichlet(``skew_alpha``) task proportions per client, Hsu et al. 2019).
+    - ``dp_noise_multiplier`` > 0 turns on DP-SGD (Opacus) on clients with per-example clipping to
+      ``dp_max_grad_norm``; ε is reported at ``dp_delta``.
+    - ``stragglers``: client ids that sleep ``straggler_delay_s`` before replying; the server waits at most
+      ``round_timeout_s`` per round and aggregates the replies that came.
+    - ``fair_lambda``, ``fair_lr``, ``fair_steps``: LoRA-FAIR's regularisation weight λ (paper: 0.01) and the
+      server's SGD learning rate and step cap for ΔB (official server code: 0.01, 1000).
+    - ``evaluate``: score the global model on the held-out examples after every round (exact match, token loss).
+    - ``max_length``: tokens per training example; ``seed``: data, splits, sampling and adapter inits.
+    - ``device``: where clients train (``cpu`` or ``cuda``; the simulation then gives each client a GPU share).
+    """
+
+    strategy: str = "fedit"
+    clients: int = 4
+    rounds: int = 3
+    fraction: float = 1.0
+    min_clients: int = 1
+    model: str | None = None
+    data: str = "reverse,sort,upper,add"
+    train_examples: int = 64
+    eval_examples: int = 32
+    partition: str = "task"
+    skew_alpha: float = 0.5
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = 4
+    client_ranks: list[int] | None = None
+    lora_alpha: float | None = None
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 3e-3
+    max_length: int = 64
+    seed: int = 0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    stragglers: list[int] = field(default_factory=list)
+    straggler_delay_s: float = 0.0
+    round_timeout_s: float = 600.0
+    fair_lambda: float = 0.01
+    fair_lr: float = 0.01
+    fair_steps: int = 1000
+    evaluate: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown federated strategy {self.strategy!r}.{did_you_mean(self.strategy, STRATEGIES)} "
+                              f"Choose one of {sorted(STRATEGIES)}")
+        for name in ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FederatedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"FederatedConfig.fraction must be in (0, 1], got {self.fraction}")
+        if self.partition not in PARTITIONS:
+            raise ConfigError(f"FederatedConfig.partition {self.partition!r} is not one of {PARTITIONS}"
+                              f"{did_you_mean(self.partition, PARTITIONS)}")
+        if self.client_ranks is not None:
+            if not self.client_ranks or min(self.client_ranks) < 1:
+                raise ConfigError(f"FederatedConfig.client_ranks must be positive ranks, got {self.client_ranks}")
+            if len(set(self.client_ranks)) > 1 and not STRATEGIES[self.strategy].heterogeneous_ranks:
+                raise ConfigError(f"strategy {self.strategy!r} averages factors and needs one rank for all clients; "
+                                  f"client_ranks={self.client_ranks} differ. Use strategy 'flora' (stacking) for "
+                                  "heterogeneous ranks, or give one rank.")
+        if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0:
+            raise ConfigError("FederatedConfig: dp_noise_multiplier must be >= 0 and dp_max_grad_norm > 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"FederatedConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        bad = [c for c in self.stragglers if not 0 <= c < self.clients]
+        if bad:
+            raise ConfigError(f"FederatedConfig.stragglers {bad} are not client ids 0..{self.clients - 1}")
+
+    def rank_of(self, client: int) -> int:
+        return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.r
+
+    def alpha_of(self, client: int) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank_of(client)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FederatedConfig":
+        """From a plain dict (a Flower run config, a JSON file); unknown keys are an error with near matches."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ConfigError(f"unknown federated setting(s) {unknown}.{did_you_mean(unknown[0], known)}")
+        return cls(**values)
+
+
+# -- wire format: safetensors bytes only ---------------------------------------------------------------------
+def pack(tensors: State) -> bytes:
+    """``{name: tensor}`` as safetensors bytes (contiguous CPU copies; empty dict allowed)."""
+    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def unpack(blob: bytes) -> State:
+    """Inverse of :func:`pack`. Raises ``ValueError`` (via safetensors) for bytes that are not safetensors."""
+    return st_load(bytes(blob))
+
+
+def check_update(update: State, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why ``update`` must be rejected (missing/extra tensors, wrong shape, non-float, NaN/inf), or None."""
+    missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+    if missing or extra:
+        return f"tensor names differ from the expected ones (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, shape in expected.items():
+        t = update[name]
+        if tuple(t.shape) != tuple(shape):
+            return f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+        if not t.is_floating_point():
+            return f"{name} has dtype {t.dtype}, expected a floating-point tensor"
+        if not bool(torch.isfinite(t).all()):
+            return f"{name} contains NaN or inf"
+    return None
+
+
+# -- helpers on a model with a lorakit LoRA named "default" ------------------------------------------------
+def lora_factors(model: nn.Module, name: str = "default") -> dict[str, nn.Module]:
+    """``{module path: LoraLinear delta}`` of adapter ``name``."""
+    return {path: layer.adapters[name] for path, layer in adapter_layers(model) if name in layer.adapters}
+
+
+def read_factors(model: nn.Module, which: tuple[str, ...] = ("lora_A", "lora_B"), name: str = "default") -> State:
+    """``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}`` (float32 copies)."""
+    return {f"{path}.{w}": getattr(delta, w).weight.detach().float().clone()
+            for path, delta in lora_factors(model, name).items() for w in which}
+
+
+@torch.no_grad()
+def write_factors(model: nn.Module, tensors: State, name: str = "default") -> None:
+    """Copy ``"<path>.lora_A|lora_B"`` tensors into adapter ``name`` (shapes must match)."""
+    for path, delta in lora_factors(model, name).items():
+        for w in ("lora_A", "lora_B"):
+            key = f"{path}.{w}"
+            if key in tensors:
+                getattr(delta, w).weight.copy_(tensors[key])
+
+
+def scalings(model: nn.Module, name: str = "default") -> dict[str, float]:
+    return {path: float(delta.scaling) for path, delta in lora_factors(model, name).items()}
+
+
+def normalized(weights: list[float]) -> list[float]:
+    total = float(sum(weights))
+    return [w / total for w in weights]
+
+
+# -- the strategy protocol and registry ---------------------------------------------------------------------
+class LoraStrategy:
+    """Server and client halves of one federated LoRA algorithm (see the module docstring).
+
+    ``method`` is the lorakit method clients train (``lora`` or ``ffa_lora``); ``heterogeneous_ranks`` says
+    whether clients may use different ranks. Subclasses document their paper and equation.
+    """
+
+    name = ""
+    method = "lora"
+    heterogeneous_ranks = False
+
+    def __init__(self, config: FederatedConfig):
+        self.config = config
+
+    # server half
+    def initial_state(self, factors: State, scaling: dict[str, float]) -> State:
+        """The global state before round 1, from a seeded adapter's initial factors (server's model)."""
+        return factors
+
+    def downlink(self, state: State) -> State:
+        """What the server sends every sampled client (default: the whole global state)."""
+        return state
+
+    def expected_update(self, state: State, rank: int, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a rank-``rank`` client must send back; ``shapes[path] = (out, in)``."""
+        return {**{f"{p}.lora_A": (rank, i) for p, (o, i) in shapes.items()},
+                **{f"{p}.lora_B": (o, rank) for p, (o, i) in shapes.items()}}
+
+    def aggregate(self, state: State, updates: list[State], weights: list[float], scalings: list[float]) -> State:
+        """The next global state from accepted client updates; ``weights`` sum to 1; ``scalings[k]`` is client
+        k's LoRA scaling α_k/r_k."""
+        raise NotImplementedError
+
+    def global_delta(self, state: State, scaling: float) -> dict[str, torch.Tensor]:
+        """``{module path: ΔW (out, in)}`` the global model adds to the base weights (for evaluation)."""
+        return {k[: -len(".lora_A")]: scaling * state[k[: -len(".lora_A")] + ".lora_B"] @ state[k]
+                for k in state if k.endswith(".lora_A")}
+
+    # client half
+    def client_start(self, model: nn.Module, received: State) -> None:
+        """Before local training: set the client's fresh adapter (and base) from what the server sent."""
+        write_factors(model, received)
+
+    def client_update(self, model: nn.Module) -> State:
+        """What the client uploads after local training."""
+        return read_factors(model)
+
+
+STRATEGIES: dict[str, type[LoraStrategy]] = {}
+
+
+def register_strategy(cls: type[LoraStrategy]) -> type[LoraStrategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(config: FederatedConfig) -> LoraStrategy:
+    return STRATEGIES[config.strategy](config)
+
+
+def list_strategies() -> list[str]:
+    return sorted(STRATEGIES)
+

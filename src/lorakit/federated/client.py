@@ -1,0 +1,171 @@
+"""One client's round, without Flower: rebuild the model, apply what the server sent, train locally, return the update.
+
+Local training is lorakit's training loop (AdamW, constant lr, ``local_steps`` steps, optimizer state fresh every
+round, as FedIT/FLoRA clients do) or, with ``dp_noise_multiplier > 0``, DP-SGD through Opacus
+(``opacus.PrivacyEngine``: Poisson sampling at rate ``batch_size / n``, per-example clipping to
+``dp_max_grad_norm``, Gaussian noise ``σ · C``) on the same AdamW. Per-example losses are the mean over each
+example's supervised tokens, averaged over the batch (Opacus' ``loss_reduction="mean"``).
+
+Models are loaded once per process and deep-copied per round, so a client never carries state between rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from functools import lru_cache
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.model import add_adapter
+from ..core.registry import get_method
+from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, load_examples, stable_seed
+from .base import FederatedConfig, LoraStrategy, State, get_strategy, read_factors, scalings
+from .partition import partition
+
+
+@lru_cache(maxsize=2)
+def _base(model: str | None):
+    from ..hub import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model)
+
+
+def fresh_model(config: FederatedConfig) -> tuple[nn.Module, Any]:
+    """A private copy of the base model (loaded once per process) and its tokenizer."""
+    model, tokenizer = _base(config.model)
+    return copy.deepcopy(model), tokenizer
+
+
+def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:
+    """FFA: one seed for every client and the server (A must be shared); FLoRA: a fresh draw per round and
+    client; FedIT / LoRA-FAIR overwrite A and B with the server's, so the draw does not matter."""
+    if strategy.method == "ffa_lora" or server_round == 0:
+        return stable_seed("lorakit-federated-A", config.seed)
+    return stable_seed("lorakit-federated-A", config.seed, server_round, client)
+
+
+def attach(model: nn.Module, config: FederatedConfig, strategy: LoraStrategy, rank: int, alpha: float, seed: int) -> None:
+    cls = get_method(strategy.method).config_cls
+    torch.manual_seed(seed)
+    add_adapter(model, cls(r=rank, lora_alpha=alpha, target_modules=config.target_modules))
+
+
+def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
+    examples = load_examples(config.data, "train", n=config.train_examples, seed=config.seed, tokenizer=tokenizer)
+    return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)[client]
+
+
+def eval_examples(config: FederatedConfig, tokenizer: Any = None) -> list[Example]:
+    return load_examples(config.data, "test", n=config.eval_examples, seed=config.seed, tokenizer=tokenizer)
+
+
+def client_round(config: FederatedConfig, client: int, server_round: int, received: State,
+                 a_checksum: float | None = None) -> tuple[State, dict[str, Any]]:
+    """Run client ``client``'s local training for ``server_round``; returns (update tensors, metrics).
+
+    Metrics: ``num-examples``, ``train-loss`` (mean over the local steps), ``rank``, ``scaling``, and with DP
+    ``dp-steps`` and ``dp-sample-rate`` (the server composes them into ε). Raises ValueError when an FFA client's
+    frozen A differs from the server's (checksum), which Flower reports to the server as a failed reply.
+    """
+    strategy = get_strategy(config)
+    model, tokenizer = fresh_model(config)
+    rank, alpha = config.rank_of(client), config.alpha_of(client)
+    attach(model, config, strategy, rank, alpha, adapter_seed(config, strategy, server_round, client))
+    if a_checksum is not None:
+        from .ffa import a_checksum as checksum
+
+        mine = checksum(read_factors(model, ("lora_A",)))
+        if abs(mine - a_checksum) > 1e-6 * max(1.0, abs(a_checksum)):
+            raise ValueError(f"client {client}: frozen A differs from the server's (checksum {mine} vs {a_checksum}); "
+                             "FFA needs the same base model, targets, rank and seed everywhere")
+    strategy.client_start(model, received)
+    examples = train_examples(config, client, tokenizer)
+    torch.manual_seed(stable_seed("lorakit-federated-train", config.seed, server_round, client))
+    if config.dp_noise_multiplier > 0:
+        losses, extra = dp_train(model, tokenizer, examples, config)
+    else:
+        losses, extra = plain_train(model, tokenizer, examples, config, server_round, client)
+    if client in config.stragglers and config.straggler_delay_s > 0:
+        time.sleep(config.straggler_delay_s)
+    scaling = next(iter(scalings(model).values()))
+    metrics = {"num-examples": len(examples), "train-loss": sum(losses) / max(len(losses), 1), "rank": rank,
+               "scaling": scaling, **extra}
+    return strategy.client_update(model), metrics
+
+
+def plain_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example], config: FederatedConfig,
+                server_round: int, client: int) -> tuple[list[float], dict[str, Any]]:
+    from ..training import TrainConfig, train
+
+    train_config = TrainConfig(steps=config.local_steps, batch_size=min(config.batch_size, len(examples)),
+                               lr=config.lr, lr_schedule="constant", max_length=config.max_length,
+                               seed=stable_seed("lorakit-federated-data", config.seed, server_round, client),
+                               device=config.device, log_every=config.local_steps)
+    result = train(model, tokenizer, examples, train_config, progress=False)
+    return result.losses, {}
+
+
+def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy over each example's supervised tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
+    token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+    return token.sum(1) / count
+
+
+def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
+             config: FederatedConfig) -> tuple[list[float], dict[str, Any]]:
+    """DP-SGD (Opacus) for ``local_steps`` Poisson-sampled batches; returns losses and the accounting inputs."""
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    device = torch.device(config.device)
+    model.to(device)
+    dataset = TokenizedDataset(examples, tokenizer, max_length=config.max_length)
+    loader = DataLoader(dataset, batch_size=min(config.batch_size, len(dataset)),
+                        collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    with warnings.catch_warnings():  # Opacus warns that its RNG is not cryptographically secure (experiments)
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                         noise_multiplier=config.dp_noise_multiplier,
+                                                         max_grad_norm=config.dp_max_grad_norm, poisson_sampling=True)
+    losses, iterations = [], 0
+    with warnings.catch_warnings():  # base inputs need no grad: torch notes Opacus' backward hooks see outputs only
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        while iterations < config.local_steps:
+            for batch in loader:
+                iterations += 1
+                # An empty Poisson batch skips its step but is still counted: accounting for a release that did not
+                # happen only overstates ε.
+                if isinstance(batch, dict) and batch["input_ids"].shape[0] > 0:
+                    batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+                    logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = _per_example_loss(logits, batch["labels"]).mean()
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if iterations >= config.local_steps:
+                    break
+    private._close()  # remove Opacus hooks; the adapter weights stay in ``model``
+    model.eval()
+    return losses, {"dp-steps": iterations, "dp-sample-rate": 1.0 / len(loader)}
+
+
+def dp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """ε of the RDP accountant (Mironov 2017; Opacus ``RDPAccountant``) for ``[(σ, q, steps), ...]`` at ``delta``."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))

@@ -1,0 +1,137 @@
+"""The server's side of a run, without Flower: global state, update checks, aggregation, evaluation, history.
+
+``ServerCore.receive`` takes the round's replies as ``(client id, update bytes, metrics)``; an update that does
+not decode as safetensors, names other tensors, has another shape than the client's rank implies, or holds
+NaN/inf is rejected, logged (logger ``lorakit.federated``) and recorded in the round's history, and the round
+goes on with the others (weights renormalised over the accepted ones). With none accepted the state stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+
+from ..data import IGNORE_INDEX, CausalLMCollator, TokenizedDataset, evaluate_examples
+from ..core.delta import describe_layer, oriented_weight
+from ..core.model import adapter_layers, delete_adapter
+from .base import FederatedConfig, State, check_update, get_strategy, normalized, pack, read_factors, scalings, unpack
+from .client import adapter_seed, attach, dp_epsilon, eval_examples, fresh_model
+
+log = logging.getLogger("lorakit.federated")
+
+
+class ServerCore:
+    """Holds the global state of ``config.strategy`` and the history of the rounds (``history``: one dict per round)."""
+
+    def __init__(self, config: FederatedConfig):
+        self.config = config
+        self.strategy = get_strategy(config)
+        model, self.tokenizer = fresh_model(config)
+        self.base = copy.deepcopy(model)  # untouched, for evaluating the global model
+        rank, alpha = config.rank_of(0), config.alpha_of(0)
+        attach(model, config, self.strategy, rank, alpha, adapter_seed(config, self.strategy, 0, 0))
+        factors = read_factors(model)
+        self.shapes = {path: (layer.info.out_features, layer.info.in_features) for path, layer in adapter_layers(model)}
+        self.scaling = next(iter(scalings(model).values()))
+        self.state: State = self.strategy.initial_state(factors, scalings(model))
+        self.a_checksum = None
+        if self.strategy.method == "ffa_lora":
+            from .ffa import a_checksum
+
+            self.a_checksum = a_checksum(factors)
+        delete_adapter(model, "default")
+        self.history: list[dict[str, Any]] = []
+        self.dp_history: dict[int, list[tuple[float, float, int]]] = {}
+        self._eval = eval_examples(config, self.tokenizer) if config.evaluate else []
+
+    def downlink_bytes(self) -> bytes:
+        return pack(self.strategy.downlink(self.state))
+
+    def receive(self, server_round: int, replies: Sequence[tuple[int, bytes, dict[str, Any]]],
+                failures: Sequence[str] = (), sent: int = 0) -> dict[str, Any]:
+        """Check, aggregate and record one round; returns the round's record."""
+        accepted, rejected, weights, scales, losses, up, clients = [], [], [], [], [], [], []
+        for client, blob, metrics in replies:
+            reason = None
+            try:
+                update = unpack(blob)
+            except Exception as error:  # noqa: BLE001 - any decoding failure is a rejected update
+                update, reason = {}, f"not safetensors bytes ({type(error).__name__}: {error})"
+            if reason is None and not 0 <= client < self.config.clients:
+                reason = f"unknown client id {client}"
+            if reason is None:
+                rank = self.config.rank_of(client)
+                reason = check_update(update, self.strategy.expected_update(self.state, rank, self.shapes))
+            if reason is None and not (math.isfinite(metrics.get("num-examples", float("nan")))
+                                       and metrics["num-examples"] > 0):
+                reason = f"num-examples {metrics.get('num-examples')!r} is not a positive count"
+            if reason is not None:
+                log.warning("round %d: rejected the update of client %s: %s", server_round, client, reason)
+                rejected.append({"client": client, "reason": reason})
+                continue
+            accepted.append(update)
+            clients.append(client)
+            weights.append(float(metrics["num-examples"]))
+            scales.append(self.config.alpha_of(client) / self.config.rank_of(client))
+            losses.append(float(metrics.get("train-loss", float("nan"))))
+            up.append(len(blob))
+            if "dp-steps" in metrics:
+                self.dp_history.setdefault(client, []).append(
+                    (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]), int(metrics["dp-steps"])))
+        for failure in failures:
+            log.warning("round %d: a client failed: %s", server_round, failure)
+        if sent > len(replies) + len(failures):
+            log.warning("round %d: %d sampled client(s) did not reply within the round timeout (stragglers); "
+                        "aggregating the %d replies that came", server_round, sent - len(replies) - len(failures),
+                        len(replies))
+        down = len(self.downlink_bytes())
+        if accepted:
+            self.state = self.strategy.aggregate(self.state, accepted, normalized(weights), scales)
+        record = {"round": server_round, "sampled": sent, "accepted": len(accepted), "clients": clients, "rejected": rejected,
+                  "failures": list(failures), "no_reply": max(sent - len(replies) - len(failures), 0), "train_loss": sum(losses) / len(losses) if losses else None,
+                  "uplink_bytes_per_client": sum(up) / len(up) if up else 0, "downlink_bytes_per_client": down}
+        if self.dp_history:
+            record["epsilon"] = max(dp_epsilon(h, self.config.dp_delta) for h in self.dp_history.values())
+        self.history.append(record)
+        return record
+
+    @torch.no_grad()
+    def global_model(self):
+        """The base model with the global ΔW added to its adapted weights (a copy)."""
+        model = copy.deepcopy(self.base)
+        delta = self.strategy.global_delta(self.state, self.scaling)
+        modules = dict(model.named_modules())
+        for path, d in delta.items():
+            layer = modules[path]
+            w = oriented_weight(layer, describe_layer(layer))
+            w.add_(d.to(w.dtype))
+        return model.eval()
+
+    def evaluate(self) -> dict[str, float]:
+        """Exact match and mean token loss of the global model on the held-out examples."""
+        if not self._eval:
+            return {}
+        model = self.global_model()
+        metrics = evaluate_examples(model, self.tokenizer, self._eval, batch_size=64)
+        return {"exact_match": float(metrics["exact_match"]), "eval_loss": eval_loss(model, self.tokenizer, self._eval,
+                                                                                     self.config.max_length)}
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, examples, max_length: int) -> float:
+    """Mean next-token cross-entropy over the completions' tokens (nats per token)."""
+    dataset = TokenizedDataset(examples, tokenizer, max_length=max_length)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), 64):
+        batch = collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                                          reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)

@@ -1,0 +1,73 @@
+"""``federate(config)``: one federated run on this machine with Flower's simulation engine (Ray backend).
+
+Each client is a virtual SuperNode (``partition-id`` 0..N-1) running ``apps.client_app``; the ServerApp runs in
+this process. ``backend_cpus`` caps how many clients train at once (one CPU each).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .base import FederatedConfig
+
+
+def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Run ``config`` in Flower's simulation; returns ``{"config", "rounds", "evaluation"}`` (see ``apps.run_server``)."""
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError as error:
+        from ..core.errors import LorakitError
+
+        raise LorakitError(f"federated runs need Flower and Opacus: pip install 'lorakit[federated]' ({error})") from None
+
+    from .apps import client_app, make_server_app
+
+    cpus = backend_cpus or max(1, min(config.clients, (os.cpu_count() or 2) // 2))
+    gpus = 0.0 if config.device == "cpu" else 1.0 / cpus  # clients training at once share the GPU
+    sink: dict[str, Any] = {}
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(server_app=make_server_app(config, sink), client_app=client_app, num_supernodes=config.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                 "logging_level": "error", "log_to_driver": not quiet}})
+    if not sink:
+        raise RuntimeError("the Flower simulation ended without a result (see the log above for the ServerApp error)")
+    return sink
+
+
+def federate_in_process(config: FederatedConfig, keep_updates: bool = False) -> dict[str, Any]:
+    """The same client and server code as :func:`federate`, called directly in this process (no Flower transport,
+    no Ray): clients run one after another. For benchmarks and tests on a small CPU budget; sampling draws
+    ``max(min_clients, ⌊fraction·N⌋)`` clients per round with a seeded RNG, stragglers are not simulated.
+    With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``)."""
+    import random
+
+    from ..data import stable_seed
+    from .base import pack, unpack
+    from .client import client_round
+    from .server import ServerCore
+
+    core = ServerCore(config)
+    evaluation = [{"round": 0, **core.evaluate()}] if config.evaluate else []
+    first: list = []
+    for server_round in range(1, config.rounds + 1):
+        size = min(config.clients, max(config.min_clients, int(config.clients * config.fraction)))
+        sampled = sorted(random.Random(stable_seed("lorakit-federated-sample", config.seed, server_round))
+                         .sample(range(config.clients), size))
+        down = unpack(core.downlink_bytes())
+        replies = []
+        for client in sampled:
+            update, metrics = client_round(config, client, server_round, down, core.a_checksum)
+            replies.append((client, pack(update), metrics))
+            if keep_updates and server_round == 1:
+                first.append((client, update, metrics))
+        core.receive(server_round, replies, sent=len(sampled))
+        if config.evaluate:
+            evaluation.append({"round": server_round, **core.evaluate()})
+    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
+    if keep_updates:
+        result["first_updates"] = first
+    return result

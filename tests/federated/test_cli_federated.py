@@ -1,0 +1,44 @@
+"""`lorakit federate` and `lorakit bench federated` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+
+def test_federate_refuses_heterogeneous_ranks_for_averaging_strategies(tmp_path, capsys):
+    code = main(["federate", "--strategy", "lora_fair", "--client-ranks", "8,4", "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "flora" in capsys.readouterr().err
+
+
+def test_federate_refuses_unknown_stragglers(tmp_path, capsys):
+    assert main(["federate", "--clients", "2", "--stragglers", "5", "--output", str(tmp_path / "o")]) == 2
+    assert "stragglers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_federate_runs_flower_simulation(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["federate", "--model", tiny_model_dir, "--strategy", "flora", "--client-ranks", "2,4", "--clients", "2",
+                 "--rounds", "2", "--local-steps", "2", "--data", "reverse,sort", "--train-examples", "16",
+                 "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--output", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads((out / "federated.json").read_text())
+    assert [r["accepted"] for r in result["rounds"]] == [2, 2]
+    assert "round 2: 2/2 updates accepted" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_federated_quick(tmp_path):
+    from lorakit.bench.cli import main as bench_main
+
+    assert bench_main(["federated", "--quick", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "federated.json").read_text())
+    assert result["aggregation"]["flora_relative_error"] < 1e-5 < result["aggregation"]["fedit_relative_error"]
+    assert {(r["strategy"], r["dp"]) for r in result["runs"]} >= {("ffa", True), ("fedit", True), ("flora", False)}
+    assert all(r["epsilon"] > 0 for r in result["runs"] if r["dp"])
+    assert (tmp_path / "federated.png").is_file()

@@ -1,0 +1,130 @@
+"""Two in-process rounds per strategy on a tiny real Llama (the client and server halves Flower runs), update
+rejection, client-side DP-SGD with ε reported. The Flower engines themselves are in test_flower.py."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from lorakit.federated import list_strategies, pack, unpack
+from lorakit.federated.client import client_round
+from lorakit.federated.server import ServerCore
+
+
+def run_rounds(config):
+    core = ServerCore(config)
+    start = {k: v.clone() for k, v in core.state.items()}
+    for server_round in (1, 2):
+        down = unpack(core.downlink_bytes())
+        replies = []
+        for client in range(config.clients):
+            update, metrics = client_round(config, client, server_round, down, core.a_checksum)
+            replies.append((client, pack(update), metrics))
+        core.receive(server_round, replies, sent=config.clients)
+    return core, start
+
+
+@pytest.mark.parametrize("strategy", list_strategies())
+def test_two_rounds(strategy, tiny_config):
+    config = tiny_config(strategy, client_ranks=[2, 4] if strategy == "flora" else None)
+    core, start = run_rounds(config)
+    assert [h["accepted"] for h in core.history] == [2, 2]
+    assert all(not h["rejected"] for h in core.history)
+    assert any(not torch.equal(start[k], core.state[k]) for k in start) or strategy == "flora"
+    metrics = core.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and 0 <= metrics["exact_match"] <= 1
+    if strategy == "flora":  # two rounds stacked: Σ over rounds and clients of r_k
+        key = next(k for k in core.state if k.endswith("stack_A"))
+        assert core.state[key].shape[0] == 2 * (2 + 4)
+
+
+def test_ffa_sends_half_of_fedit(tiny_config):
+    """q_proj and o_proj of the tiny Llama are square (32×32): B alone is half the bytes of A and B."""
+    up = {}
+    for strategy in ("fedit", "ffa"):
+        core, _ = run_rounds(tiny_config(strategy, rounds=1))
+        up[strategy] = core.history[0]["uplink_bytes_per_client"]
+    assert 0.48 < up["ffa"] / up["fedit"] < 0.53
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(tiny_config, caplog):
+    config = tiny_config("fedit", clients=4)
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    good, metrics = client_round(config, 0, 1, down)
+    nan = {k: v.clone() for k, v in good.items()}
+    next(iter(nan.values()))[0, 0] = float("nan")
+    wrong = {k: (v[:1] if k.endswith("lora_A") else v) for k, v in good.items()}
+    replies = [(0, pack(good), metrics), (1, pack(nan), metrics), (2, pack(wrong), metrics), (3, b"not safetensors", metrics)]
+    with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
+        record = core.receive(1, replies)
+    assert record["accepted"] == 1 and [r["client"] for r in record["rejected"]] == [1, 2, 3]
+    assert "NaN" in record["rejected"][0]["reason"] and "shape" in record["rejected"][1]["reason"]
+    assert caplog.text.count("rejected the update") == 3
+    for k, v in good.items():  # the one accepted update is the new global state
+        torch.testing.assert_close(core.state[k], v)
+
+
+def test_dp_sgd_reports_epsilon(tiny_config):
+    """Opacus DP-SGD on the clients: ε from the RDP accountant grows with rounds and shrinks with more noise."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    config = tiny_config("ffa", dp_noise_multiplier=1.0, dp_max_grad_norm=0.5)
+    core, _ = run_rounds(config)
+    eps = [h["epsilon"] for h in core.history]
+    assert 0 < eps[0] < eps[1] < math.inf
+    # reference: Opacus' RDP analysis (compute_rdp, get_privacy_spent) on the same (σ, q, steps) histories, worst client
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    reference = max(get_privacy_spent(orders=orders, rdp=sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
+                                                              for s, q, n in h), delta=config.dp_delta)[0]
+                    for h in core.dp_history.values())
+    assert eps[-1] == pytest.approx(reference, rel=1e-6)
+    quieter, _ = run_rounds(tiny_config("ffa", rounds=1, dp_noise_multiplier=4.0, dp_max_grad_norm=0.5))
+    assert quieter.history[0]["epsilon"] < eps[0]
+
+
+@pytest.fixture
+def flower_task():
+    """Flower builds Messages inside a run; outside one its task identity must be set (restored afterwards)."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config, flower_task, caplog):
+    """FlowerLoraStrategy.aggregate_train on real Flower reply Messages: a NaN update, an error reply and a reply
+    without an update are set aside and logged; the good update becomes the global state."""
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from lorakit.federated.apps import FlowerLoraStrategy, blob_record
+
+    config = tiny_config("fedit", clients=3)
+    core = ServerCore(config)
+    strategy = FlowerLoraStrategy(core)
+    good, metrics = client_round(config, 0, 1, unpack(core.downlink_bytes()))
+    nan = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
+    sent = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+
+    def reply(update, client):
+        return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
+                                           "metrics": MetricRecord({**metrics, "client": client})}), reply_to=sent)
+
+    replies = [reply(good, 0), reply(nan, 1), Message(Error(code=0, reason="client crashed"), reply_to=sent),
+               Message(content=RecordDict({"metrics": MetricRecord({"client": 2})}), reply_to=sent)]
+    strategy.sent[1] = 4
+    with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
+        arrays, agg = strategy.aggregate_train(1, replies)
+    record = core.history[-1]
+    assert record["clients"] == [0] and record["rejected"][0]["client"] == 1 and len(record["failures"]) == 2
+    assert agg["accepted"] == 1.0
+    state = unpack(arrays["state"].data)
+    for k, v in good.items():
+        torch.testing.assert_close(state[k], v)
+    assert "NaN" in caplog.text and "client crashed" in caplog.text
