@@ -134,3 +134,31 @@ def test_model_with_kernel_equals_torch_path(bgmv, tmp_path, sh):
             mixed_expected = served(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed, mixed_expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_is_skipped_when_gradients_flow(bgmv, tmp_path, sh):
+    """The fused kernel has no backward: under autograd the bank takes the torch path, so gradients still reach
+    the activations (and the output equals the no-grad kernel run)."""
+    served = tiny_llama().to(DEVICE)
+    load_adapters(served, {"r8": sh.make_adapter(tmp_path / "r8", 0, r=8, lora_alpha=3)})
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    calls = []
+
+    def recording(*args, **kw):
+        calls.append(1)
+        return bgmv.lora_bgmv(*args, **kw)
+
+    before = lk.serving.bank._KERNELS.get(DEVICE)
+    register_kernel(DEVICE, recording)
+    try:
+        with bank_routing(served, ["r8", None]):
+            with_grad = served(input_ids=ids).logits
+            assert not calls and with_grad.requires_grad
+            with torch.no_grad():
+                fused = served(input_ids=ids).logits
+            assert calls
+    finally:
+        register_kernel(DEVICE, before)
+    with_grad.sum().backward()
+    assert served.model.embed_tokens.weight.grad is not None
+    torch.testing.assert_close(fused, with_grad.detach(), rtol=1e-4, atol=1e-4)

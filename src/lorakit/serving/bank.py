@@ -253,7 +253,8 @@ class LoraBank(nn.Module):
             return cache[5], cache[6]
         ids_t, w = _routing_rows(ids, weights, batch, self.table.numel() - 1, self.table.device, self.A.dtype)
         slots = self.table[ids_t + 1]  # (batch, k)
-        if self.A.device.type in _KERNELS:  # the fused kernel takes every batch; no host read of the slots
+        if self.A.device.type in _KERNELS and not torch.is_grad_enabled():
+            # the fused kernel takes every batch: no host read of the slots
             plan = Plan("rows", slots, self.r_max) if self.r_max else Plan("none", slots, 0)
         else:
             plan = make_plan(slots, self.ranks, weighted=w is not None)
@@ -300,7 +301,7 @@ class LoraBank(nn.Module):
     def _kernel(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
         kernel = _KERNELS.get(x3.device.type)
-        if kernel is None:
+        if kernel is None or (x3.requires_grad and torch.is_grad_enabled()):  # fused kernels have no backward
             return None
         return kernel(x3, self.A, self.B, plan.slots, w, plan.r_used, ranks=self.ranks, out=out)
 
