@@ -149,7 +149,7 @@ def columns_frozen(step: int, total_steps: int, r: int, freeze_ratio: float) -> 
 def lamda_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
     ratio = adapter_state(model).configs[name].freeze_ratio
     for _, layer in adapter_layers(model):
-        delta = layer.adapters.get(name)
+        delta = layer.adapters[name] if name in layer.adapters else None
         if isinstance(delta, LamdaLinear):
             delta.frozen_columns.fill_(columns_frozen(step, total_steps, delta.r, ratio))
 

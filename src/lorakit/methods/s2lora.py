@@ -136,7 +136,8 @@ def rank_distribution(model: nn.Module, name: str, threshold: float = 1e-3) -> d
 def s2lora_to_lora(model: nn.Module, name: str):
     """A plain PEFT LoRA per module: ``lora_A = diag(λ_m) A`` (r, in), ``lora_B = B`` (out, r), same r and α."""
     config = adapter_state(model).configs[name]
-    return export_plain_lora(model, name, lambda d: (d.units().A.detach(), d.shared["B"].detach()),
+    # every module gets its own copy of the shared B: PEFT files hold one tensor per module
+    return export_plain_lora(model, name, lambda d: (d.units().A.detach(), d.shared["B"].detach().clone()),
                              lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
 
 
