@@ -41,6 +41,7 @@ def main(argv: Sequence[str]) -> int:
                         help="methods to run (default: all registered); for init: the contenders")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="reparam: examples per training step")
     parser.add_argument("--r", type=int, default=None,
                         help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
@@ -125,7 +126,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "reparam":
         from . import reparam
         profile = _override(reparam.QUICK if args.quick else reparam.FULL, methods=args.methods, seeds=args.seeds,
-                            steps=args.steps, tasks=args.tasks, r=args.r)
+                            steps=args.steps, tasks=args.tasks, r=args.r, batch_size=args.batch_size)
         result = reparam.run_reparam(profile)
         markdown = reparam.reparam_markdown(result)
         result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]

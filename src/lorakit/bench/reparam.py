@@ -32,10 +32,11 @@ class ReparamProfile:
     eval_examples: int = 50
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("nola", "randlora", "mos", "s2lora", "miss", "lamda", "lamda_pp")
+    timing_rounds: int = 6  # interleaved step-time rounds (3 steps of every contender per round)
 
 
 QUICK = ReparamProfile(steps=3, batch_size=4, train_examples=20, eval_examples=4, seeds=(0,), tasks="reverse,add", r=2,
-                       methods=("mos", "lamda"))
+                       methods=("mos", "lamda"), timing_rounds=2)
 FULL = ReparamProfile()
 
 
@@ -109,7 +110,8 @@ def run_reparam(profile: ReparamProfile, progress: bool = False) -> dict:
                          "after": evaluate_examples(model, tokenizer, eval_ex)["exact_match"]})
     ref = f"lora_r{profile.r}"
     timed = {("lora" if k == ref else k): v for k, v in configs.items() if k == ref or not k.startswith("lora_r")}
-    step_times = interleaved_step_times(timed, profile.tasks, profile.batch_size, profile.lr, profile.steps)
+    step_times = interleaved_step_times(timed, profile.tasks, profile.batch_size, profile.lr, profile.steps,
+                                        rounds=profile.timing_rounds)
     return {"profile": asdict(profile), "before": evaluate_examples(base, tokenizer, eval_ex)["exact_match"],
             "runs": runs, "memory": memory, "step_times": step_times, "table": summarise(runs, memory, step_times, ref)}
 
