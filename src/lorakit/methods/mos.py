@@ -119,6 +119,10 @@ class MosLinear(Delta):
         self.register_buffer("mos_index_B", shard_indices(config, layer, num_layers))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
+    @property
+    def dtype(self) -> torch.dtype:  # layers other than the owner register no parameter of their own
+        return self.pools["A"].dtype
+
     def lora_A(self) -> torch.Tensor:
         return gather_shards(self.pools["A"], self.mos_index_A, self.r)  # (r, in)
 
