@@ -87,3 +87,17 @@ def test_bench_perf_ddp_row_times_two_processes_against_one(tmp_path):
     assert row["row"].startswith("DDP 2 processes") and "error" not in row
     assert row["times"]["ddp_2"]["repeats"] == row["times"]["single"]["repeats"] == 2
     assert row["ddp2/single"]["min"] > 0
+
+
+@pytest.mark.slow  # ~1 min: eight trainings + interleaved timing
+def test_bench_reparam_quick_rows_plot_and_ratios(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["reparam", "--quick", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "reparam.json").read_text())
+    rows = {r["method"]: r for r in result["table"]}
+    assert set(rows) == {"lora_r1", "lora_r2", "mos", "lamda"}
+    assert rows["mos"]["trainable_params"] == rows["lora_r1"]["trainable_params"]  # pools of e = 1: LoRA r=1's size
+    assert rows["lamda"]["trainable_params_end"] < rows["lamda"]["trainable_params"]  # B frozen by the end
+    assert all(rows[m]["step_vs_lora"] > 0 and rows[m]["memory_vs_lora"] > 0 for m in ("mos", "lamda"))
+    assert "step time × LoRA" in (tmp_path / "reparam.md").read_text()
+    assert (tmp_path / "reparam_params.png").stat().st_size > 1000

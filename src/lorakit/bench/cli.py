@@ -1,4 +1,4 @@
-"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|init|quantize|gamma_mod|smaller|federated [--quick] [--output DIR]``: writes results.json, results.md and plots."""
+"""``lorakit bench methods|perf|tasks|mixtures|merge|serve|variants|reparam|init|quantize|gamma_mod|smaller|federated [--quick] [--output DIR]``: writes results.json, results.md and plots."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _override(profile, **values):
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "init",
-                                         "quantize", "gamma_mod", "smaller", "federated"])
+    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam",
+                                         "init", "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -43,7 +43,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
     parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
     parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
-    parser.add_argument("--r", type=int, default=None, help="variants: the rank r (r_max for DyLoRA/SoRA)")
+    parser.add_argument("--batch-size", type=int, default=None, help="reparam: examples per training step")
+    parser.add_argument("--r", type=int, default=None,
+                        help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
                         help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
@@ -136,6 +138,13 @@ def main(argv: Sequence[str]) -> int:
             markdown = variants.variants_markdown(result)
             out.mkdir(parents=True, exist_ok=True)
             result["plots"] = [str(p) for p in variants.plot_variants(result, out)]
+    elif args.what == "reparam":
+        from . import reparam
+        profile = _override(reparam.QUICK if args.quick else reparam.FULL, methods=args.methods, seeds=args.seeds,
+                            steps=args.steps, tasks=args.tasks, r=args.r, batch_size=args.batch_size)
+        result = reparam.run_reparam(profile)
+        markdown = reparam.reparam_markdown(result)
+        result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]
     elif args.what == "quantize":
         from . import quantize as bench_quantize
         profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,

@@ -251,30 +251,41 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
 
 
 def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: int = 3) -> dict:
-    """Training step time of each method as a ratio to LoRA's, measured interleaved: every round times
-    ``steps_per_round`` optimizer steps (forward, backward, AdamW, the method's hooks) of every method in turn on
-    the same batch, so machine load drifting during the run hits all methods alike. Ratio = median over rounds
-    of (method's time / LoRA's time in that round)."""
+    """Training step time of each method as a ratio to LoRA's (see ``interleaved_step_times``)."""
+    import lorakit as lk
+    from .methods import _config_for
+
+    configs = {name: _config_for(lk.get_method(name), BENCH_VARIANT.get(name, next(iter(lk.get_method(name).variants))),
+                                 profile.r) for name in profile.methods}
+    rows = interleaved_step_times(configs, profile.tasks, profile.batch_size, profile.lr, profile.steps, rounds,
+                                  steps_per_round)
+    return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows}
+
+
+def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float, total_steps: int, rounds: int = 6,
+                           steps_per_round: int = 3) -> list[dict]:
+    """Every round times ``steps_per_round`` optimizer steps (forward, backward, AdamW, the method's hooks) of every
+    contender (name -> adapter config, on the bundled model) in turn on the same batch, so machine load drifting
+    during the run hits all alike. Rows: median s/step and, with a ``"lora"`` contender, ratio = median over rounds
+    of (contender's time / LoRA's time in that round)."""
     import lorakit as lk
     from ..core.model import adapter_state
     from ..data import CausalLMCollator, TokenizedDataset, load_examples
     from ..hub import load_model_and_tokenizer
     from ..training.config import TrainConfig
     from ..training.loop import make_optimizer
-    from .methods import _config_for
 
     base, tokenizer = load_model_and_tokenizer(None)
-    examples = load_examples(profile.tasks, "train", n=profile.batch_size, seed=0)
+    examples = load_examples(tasks, "train", n=batch_size, seed=0)
     dataset = TokenizedDataset(examples, tokenizer, max_length=128)
-    batch = CausalLMCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))][: profile.batch_size])
+    batch = CausalLMCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))][:batch_size])
     setups = {}
-    for name in profile.methods:
-        method = lk.get_method(name)
+    for name, config in configs.items():
         model = copy.deepcopy(base)
         torch.manual_seed(0)
-        lk.add_adapter(model, _config_for(method, BENCH_VARIANT.get(name, next(iter(method.variants))), profile.r))
+        lk.add_adapter(model, config)
         model.train()
-        optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=profile.lr))
+        optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=lr))
         setups[name] = (model, optimizer, lk.get_method(adapter_state(model).configs["default"]))
 
     def steps(name: str, first: int) -> float:
@@ -288,7 +299,8 @@ def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: i
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if method.on_step is not None:
-                method.on_step(model, "default", step, profile.steps)
+                method.on_step(model, "default", step, total_steps)
+                lk.refresh_trainable(model)
         return (time.perf_counter() - t0) / steps_per_round
 
     for name in setups:  # warm-up round, not timed
@@ -304,7 +316,7 @@ def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: i
         if ref:
             row["ratio_vs_lora"] = statistics.median(t / r for t, r in zip(ts, ref))
         rows.append(row)
-    return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows}
+    return rows
 
 
 def step_times_markdown(result: dict) -> str:
