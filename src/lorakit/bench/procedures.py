@@ -124,14 +124,19 @@ def _train_row(model, tokenizer, train_ex, eval_ex, config, label: str, seed: in
             **(extra or {})}
 
 
+# The adapter a procedure's paper prescribes, where it differs from the rows' LoRA (r, alpha 2r, all-linear):
+# ALLoRA (arXiv:2410.09692) drops the scaling factor and dropout, i.e. lora_alpha = r.
+PAPER_ADAPTER = {"allora": lambda r: {"lora_alpha": r, "lora_dropout": 0.0}}
+
+
 def procedure_runs(profile, base, tokenizer, train_ex: dict, eval_ex, progress: bool = False) -> list[dict]:
     """Rows ``lora+<procedure>`` for ``profile.procedures`` and ``full`` (full fine-tuning), per seed."""
     import lorakit as lk
     from ..training import TrainConfig, get_procedure, train
 
     def lora(model, **kw):
-        return lk.add_adapter(model, lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules="all-linear",
-                                                   **kw))
+        kw = {"lora_alpha": 2 * profile.r, **kw}
+        return lk.add_adapter(model, lk.LoraConfig(r=profile.r, target_modules="all-linear", **kw))
 
     def config(seed, lr=None, **kw):
         return TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=lr or profile.lr,
@@ -155,7 +160,8 @@ def procedure_runs(profile, base, tokenizer, train_ex: dict, eval_ex, progress: 
             model = copy.deepcopy(base)
             torch.manual_seed(seed)
             if name != "flexora":
-                runs.append(_train_row(lora(model), tokenizer, data, eval_ex, config(seed, procedure=name),
+                adapter = lora(model, **PAPER_ADAPTER.get(name, lambda r: {})(profile.r))
+                runs.append(_train_row(adapter, tokenizer, data, eval_ex, config(seed, procedure=name),
                                        f"lora+{name}", seed, profile.steps, progress))
                 continue
             # Flexora: stage 1 searches, stage 2 trains a fresh LoRA on the layers it selected.
