@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,31 @@ def test_a_file_with_both_the_old_and_the_new_name_is_refused():
 
     with pytest.raises(lorakit.ConfigError, match="'n_adapters' .*'num_experts'"):
         MeteoraConfig.from_dict({"n_adapters": 2, "num_experts": 2})
+
+
+def test_a_near_miss_of_an_old_name_points_at_the_new_name():
+    from lorakit.methods.meteora import MeteoraConfig
+    from lorakit.methods.mola import MolaConfig
+
+    with pytest.raises(lorakit.ConfigError, match="Did you mean 'num_experts' \\(formerly 'n_adapters'\\)"):
+        MeteoraConfig.from_dict({"n_adapter": 2})
+    with pytest.raises(lorakit.ConfigError, match="Did you mean 'num_experts' \\(formerly 'experts_per_layer'\\)"):
+        MolaConfig.from_dict({"experts_per_layers": "2-4"})
+    with pytest.raises(lorakit.ConfigError, match="positive expert counts"):
+        MolaConfig(num_experts="2-4-")
+
+
+def test_the_old_and_the_new_flag_together_are_refused(capsys):
+    from lorakit.cli import build_parser
+
+    for order in (["--num-experts", "3", "--n-adapters", "2"], ["--n-adapters", "2", "--num-experts", "3"]):
+        with warnings.catch_warnings(), pytest.raises(SystemExit):
+            warnings.simplefilter("ignore", FutureWarning)
+            build_parser("meteora").parse_args(["train", "--method", "meteora", *order, "--output", "x"])
+        assert "give only --num-experts" in capsys.readouterr().err
+    args = build_parser("meteora").parse_args(["train", "--method", "meteora", "--num-experts", "3", "--num-experts", "4",
+                                               "--output", "x"])
+    assert args.num_experts == 4  # the same flag twice: the last one, as argparse does
 
 
 @pytest.mark.parametrize("method", RENAMED, ids=[f"method={m.name}" for m in RENAMED])

@@ -123,24 +123,35 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
             kwargs = dict(nargs="+", default=None, metavar="X", help=help_text)
         else:  # unions like bool | str, int | None
             kwargs = dict(type=_scalar, default=None, help=help_text)
+        olds = old_names.get(f.name, ())
+        if olds:  # the new flag, too, notes that it was given: one field may not be given under both names
+            kwargs["action"] = _renamed_flag(kwargs.get("action"), flag(f.name), old=False)
         group.add_argument(flag(f.name), **kwargs)
         rest = {k: v for k, v in kwargs.items() if k not in ("action", "help")}
-        for old in old_names.get(f.name, ()):
-            group.add_argument(flag(old), dest=f.name, action=_renamed_flag(kwargs.get("action"), flag(f.name)),
+        for old in olds:
+            group.add_argument(flag(old), dest=f.name, action=_renamed_flag(kwargs.get("action").base, flag(f.name)),
                                help=argparse.SUPPRESS, **rest)
 
 
-def _renamed_flag(base: type[argparse.Action] | None, new_flag: str) -> type[argparse.Action]:
-    """An action for an old flag spelling: does what the new flag does, after one FutureWarning naming it."""
+def _renamed_flag(base: type[argparse.Action] | None, new_flag: str, old: bool = True) -> type[argparse.Action]:
+    """An action for a renamed field's flags: an old spelling does what the new flag does, after one FutureWarning
+    naming it (``old=False``: the new flag itself, unchanged); either refuses the field given under both names."""
 
     class RenamedFlag(base or argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            warnings.warn(f"{option_string} is deprecated, renamed to {new_flag}.", FutureWarning, stacklevel=2)
+            given = namespace.__dict__.setdefault("_renamed_flags_given", {})
+            earlier = given.get(self.dest)
+            if earlier is not None and earlier != option_string:
+                parser.error(f"{earlier} and {option_string} set the same option ({new_flag}); give only {new_flag}")
+            given[self.dest] = option_string
+            if old:
+                warnings.warn(f"{option_string} is deprecated, renamed to {new_flag}.", FutureWarning, stacklevel=2)
             if base is None:
                 setattr(namespace, self.dest, values)
             else:
                 super().__call__(parser, namespace, values, option_string)
 
+    RenamedFlag.base = base
     return RenamedFlag
 
 

@@ -7,6 +7,7 @@ annotations, so a method only writes checks of *values* (``r > 0``) in its own `
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -159,8 +160,12 @@ class AdapterConfig:
                         f"not support (expected {neutral!r} or absent)."
                     )
             else:
+                # a near-miss of an old name points at its new name (e.g. "n_adapter" -> num_experts)
+                old = difflib.get_close_matches(key, list(cls.renamed_fields), n=1, cutoff=0.75)
+                hint = (f" Did you mean {cls.renamed_fields[old[0]]!r} (formerly {old[0]!r})?" if old
+                        else did_you_mean(key, known))
                 raise ConfigError(
-                    f"{source}: unknown field {key!r} for method {cls.method!r}.{did_you_mean(key, known)} "
+                    f"{source}: unknown field {key!r} for method {cls.method!r}.{hint} "
                     f"Known fields: {', '.join(sorted(known))}."
                 )
         try:

@@ -45,7 +45,11 @@ def parse_allocation(spec: int | str | list[int]) -> list[int]:
     Raises ConfigError for an empty or non-positive count."""
     if isinstance(spec, int):
         spec = [spec]
-    counts = [int(c) for c in spec.replace(",", "-").split("-")] if isinstance(spec, str) else list(spec)
+    try:
+        counts = [int(c) for c in spec.replace(",", "-").split("-")] if isinstance(spec, str) else list(spec)
+    except ValueError:
+        raise ConfigError(f"MolaConfig.num_experts={spec!r}: give positive expert counts like '2-4-6-8' (numbers "
+                          f"joined by '-'), one number, or a list.") from None
     if not counts or any(c <= 0 for c in counts):
         raise ConfigError(f"MolaConfig.num_experts={spec!r}: give positive expert counts like '2-4-6-8'.")
     return counts
