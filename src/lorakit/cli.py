@@ -183,9 +183,24 @@ def _load_with_adapter(args):
     model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
+        _load_trained_base_params(model, Path(args.adapter))
     elif getattr(args, "rank", None) is not None:
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     return model, tokenizer
+
+
+def _load_trained_base_params(model, adapter: Path) -> None:
+    """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms,
+    ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into ``model`` too:
+    without them the adapter scores differently than it did in training."""
+    from .training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
+
+    for folder in (adapter, adapter.parent):
+        if (folder / TRAINABLE_PARAMS_FILE).is_file():
+            names = load_trainable_params(model, folder / TRAINABLE_PARAMS_FILE)
+            print(f"loaded {len(names)} base tensors trained with the adapter from {folder / TRAINABLE_PARAMS_FILE}",
+                  file=sys.stderr)
+            return
 
 
 def _overrides(args) -> dict | None:
@@ -238,6 +253,19 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
         raise LorakitError(f"--resume-from {checkpoint} is at step {state['step']}, and --steps is "
                            f"{train_config.steps}: nothing would be trained. --steps is the total; set it above "
                            f"{state['step']}.")
+    saved_train = state.get("config") or {}
+    before, now_proc = saved_train.get("procedure"), train_config.procedure
+    flag_of = lambda p: f"--procedure {p}" if p else "no --procedure"  # noqa: E731
+    if before != now_proc:
+        raise LorakitError(f"--resume-from {checkpoint} was trained with {flag_of(before)}, this run has "
+                           f"{flag_of(now_proc)}; resume with the same procedure and its options.")
+    saved_args, now_args = saved_train.get("procedure_args") or {}, dict(train_config.procedure_args or {})
+    if saved_args != now_args:
+        keys = sorted(set(saved_args) | set(now_args))
+        diff = [f"--{k.replace('_', '-')}: checkpoint {saved_args.get(k)!r}, this run {now_args.get(k)!r}"
+                for k in keys if saved_args.get(k) != now_args.get(k)]
+        raise LorakitError(f"--resume-from {checkpoint} was trained with other --procedure {now_proc} options "
+                           f"({'; '.join(diff)}); resume with the same ones.")
     saved_config = read_adapter_config(checkpoint)
     if type(saved_config) is not type(adapter_config):
         raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "

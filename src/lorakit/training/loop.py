@@ -229,7 +229,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     """Train adapter ``adapter_name`` of ``model`` (a causal LM with a lorakit adapter) on ``train_examples``.
 
     ``on_log`` callbacks get ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` every ``log_every``
-    steps (plus ``"router"``, ``mixtures.router_summary`` of this run so far, for mixture methods) and
+    steps (``grad_norm`` None when a procedure updates inside backward, as GaLore per layer does: nothing to
+    clip; plus ``"router"``, ``mixtures.router_summary`` of this run so far, for mixture methods) and
     ``{"step", "eval": metrics}`` after each evaluation. ``TrainResult.router_stats`` holds the per-layer expert
     load and entropy of the run's training forwards (evaluations excluded).
 
@@ -412,6 +413,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             if procedure is not None:
                 procedure.on_gradients(model, adapter_name, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
+            if all(p.grad is None for p in params.values()):  # updated inside backward (GaLore per layer): no norm
+                grad_norm = None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -434,7 +437,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % config.log_every == 0 or step == config.steps:
-                record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now, "grad_norm": float(grad_norm),
+                record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": tokens_per_s}
                 routed = router_summary(summed_router_stats())
                 if routed is not None:  # mixtures: expert load and router entropy since the start of this run

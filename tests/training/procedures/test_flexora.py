@@ -116,3 +116,8 @@ def test_bad_input_says_what_to_change(tokenizer, reverse_train):
     nola = lk.add_adapter(tiny_llama_for(tokenizer), lk.get_method("nola").config_cls(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="lora_A"):
         make_optimizer(nola, "default", config, procedure=get_procedure("flexora").build(config))
+    # MixLoRA's FFN experts keep lora_A in a ParameterDict that is indexed, never called: the hook would never
+    # fire there and the FFN path would go unweighted, so it is refused (found by a new-user break test)
+    mixlora = lk.add_adapter(tiny_llama_for(tokenizer), lk.get_method("mixlora").config_cls())
+    with pytest.raises(ConfigError, match="no such lora_A module"):
+        make_optimizer(mixlora, "default", config, procedure=get_procedure("flexora").build(config))

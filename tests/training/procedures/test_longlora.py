@@ -247,3 +247,24 @@ def test_bad_options_say_what_to_change(tokenizer):
     config = TrainConfig(procedure="longlora", procedure_args={"trainable_params": "embedz"})
     with pytest.raises(ConfigError, match="matches no base parameter"):
         make_optimizer(_model(tokenizer), "default", config, procedure=get_procedure("longlora").build(config))
+
+
+def test_cli_eval_loads_the_trained_embeddings_and_norms(tmp_path):
+    """`lorakit eval --adapter RUN/adapter` loads RUN/trainable_params.safetensors too: the same score as the
+    training run's own final evaluation (without it the adapter scored differently; found by a break test)."""
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    common = ["--data", "reverse", "--eval-examples", "8"]
+    subprocess.run([sys.executable, "-m", "lorakit", "train", "--procedure", "longlora", "--steps", "3", "--lr", "0.01",
+                    "--batch-size", "4", "--train-examples", "32", "--max-length", "64", "--output", str(run),
+                    "--quiet", *common],
+                   check=True, capture_output=True, text=True)
+    assert (run / "trainable_params.safetensors").is_file()
+    after = json.loads((run / "summary.json").read_text())
+    out = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--adapter", str(run / "adapter"), *common],
+                         check=True, capture_output=True, text=True)
+    assert "base tensors trained with the adapter" in out.stderr
+    assert f"{after['after']['exact_match']:.3f}" in out.stdout, (out.stdout, after["after"])

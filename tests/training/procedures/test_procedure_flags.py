@@ -18,3 +18,21 @@ def test_procedure_options_are_cli_flags(info, capsys):
     out = capsys.readouterr().out
     for f in dataclasses.fields(info.config_cls):
         assert "--" + f.name.replace("_", "-") in out, f.name
+
+
+def test_resume_refuses_another_procedure_or_other_options(tmp_path, capsys):
+    """A checkpoint records its procedure and options; resuming with others is refused by name, before any model
+    loads (it was accepted silently, or refused for a misleading reason; found by a new-user break test)."""
+    common = ["--data", "reverse", "--train-examples", "16", "--eval-examples", "2", "--batch-size", "2", "--quiet"]
+    assert main(["train", "--steps", "2", "--save-every", "1", "--output", str(tmp_path / "plain"), *common]) == 0
+    checkpoint = str(tmp_path / "plain" / "checkpoint-1")
+    capsys.readouterr()
+    assert main(["train", "--procedure", "ggpo", "--steps", "2", "--resume-from", checkpoint,
+                 "--output", str(tmp_path / "b"), *common]) == 2
+    assert "trained with no --procedure, this run has --procedure ggpo" in capsys.readouterr().err
+    assert main(["train", "--procedure", "ggpo", "--steps", "2", "--save-every", "1",
+                 "--output", str(tmp_path / "g"), *common]) == 0
+    capsys.readouterr()
+    assert main(["train", "--procedure", "ggpo", "--ggpo-sigma", "0.5", "--steps", "2", "--output", str(tmp_path / "c"),
+                 "--resume-from", str(tmp_path / "g" / "checkpoint-1"), *common]) == 2
+    assert "--ggpo-sigma: checkpoint None, this run 0.5" in capsys.readouterr().err

@@ -108,10 +108,14 @@ class Flexora(Procedure):
                 continue
             index = layer_index(host_path(name), None)
             lora_a = getattr(delta, "lora_A", None)
-            if index is None or not isinstance(lora_a, nn.Module):
-                raise ConfigError(f"Flexora weights each layer's LoRA path through its lora_A module; the adapter "
-                                  f"{adapter_name!r} at {host_path(name)!r} ({type(delta).__name__}) has "
-                                  f"{'no layer index' if index is None else 'no lora_A module'}.")
+            # a container (e.g. MixLoRA's FFN experts: a ParameterDict indexed, never called) would never run
+            # the hook, leaving that path unweighted: refused like a missing lora_A
+            containers = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
+            if index is None or not isinstance(lora_a, nn.Module) or isinstance(lora_a, containers):
+                raise ConfigError(f"Flexora weights each layer's LoRA path through its lora_A module (one called "
+                                  f"on the layer input); the adapter {adapter_name!r} at {host_path(name)!r} "
+                                  f"({type(delta).__name__}) has "
+                                  f"{'no layer index' if index is None else 'no such lora_A module'}.")
             found.append((index, lora_a))
         if not found:
             raise ConfigError(f"Flexora found no layer of adapter {adapter_name!r} to weight.")

@@ -74,6 +74,8 @@ class GaLoreConfig(ProcedureConfig):
         for name in ("rank", "update_proj_gap"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"GaLoreConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if not self.scale > 0:  # a negative scale turns the update into gradient ascent
+            raise ConfigError(f"GaLoreConfig.scale (--scale) must be > 0, got {self.scale}.")
         if self.proj_type not in PROJ_TYPES:
             raise ConfigError(f"GaLoreConfig.proj_type={self.proj_type!r} is not one of {PROJ_TYPES}."
                               f"{did_you_mean(self.proj_type, PROJ_TYPES)}")
