@@ -26,15 +26,9 @@ import torch
 from torch import nn
 
 from .perf import EXTRA_ROWS, build_model
-from .timing import SavedActivations, ratio, time_interleaved
+from .timing import ratio, step_memory, time_interleaved
 
 ROW = "procedure training step (GaLore, LISA, LoRA, full)"
-
-
-def _bytes(tensors) -> int:
-    """Bytes of the tensors (galore-torch keeps its projection matrix in a projector object: counted too)."""
-    tensors = [getattr(t, "ortho_matrix", t) for t in tensors]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _variants(base: nn.Module, r: int, galore_rank: int):
@@ -76,18 +70,7 @@ def procedures_perf_rows(profile, device) -> list[dict]:
         variants = _variants(base, profile.r, galore_rank)
         memory = {}
         for key, (model, opt) in variants.items():
-            for _ in range(2):  # optimizer state exists after the first steps
-                with SavedActivations() as saved:
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                grads = _bytes(p.grad for p in model.parameters())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            state = _bytes(v for s in opt.state.values() for v in s.values())
-            params = _bytes(model.parameters())
-            memory[key] = {"params_mb": params / 2**20, "grads_mb": grads / 2**20, "optimizer_state_mb": state / 2**20,
-                           "activations_mb": saved.bytes / 2**20,
-                           "total_mb": (params + grads + state + saved.bytes) / 2**20}
+            memory[key] = step_memory(model, opt, ids)
 
         def step(model, opt):
             model(input_ids=ids, labels=ids).loss.backward()

@@ -20,13 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .perf import EXTRA_ROWS, build_model
-from .timing import SavedActivations, ratio, time_interleaved
+from .timing import ratio, step_memory, time_interleaved
 
 ROW = "QLoRA training step (4-bit NF4 base) vs LoRA and PEFT"
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _qlora_variants(base, r: int, device):
@@ -73,18 +69,7 @@ def qlora_perf_rows(profile, device) -> list[dict]:
             diff = (variants["qlora"][0](input_ids=ids).logits - variants["peft_qlora"][0](input_ids=ids).logits)
         memory, peaks = {}, {}
         for key, (model, opt) in variants.items():
-            for _ in range(2):  # optimizer state exists after the first step
-                with SavedActivations() as saved:
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                grads = _bytes(p.grad for p in model.parameters())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            state = _bytes(v for s in opt.state.values() for v in s.values())
-            params = quantized_bytes(model)
-            memory[key] = {"params_mb": params / 2**20, "grads_mb": grads / 2**20, "optimizer_state_mb": state / 2**20,
-                           "activations_mb": saved.bytes / 2**20,
-                           "total_mb": (params + grads + state + saved.bytes) / 2**20}
+            memory[key] = step_memory(model, opt, ids, param_bytes=quantized_bytes(model))
         if str(device).startswith("cuda"):
             for key, (model, opt) in variants.items():
                 torch.cuda.synchronize()

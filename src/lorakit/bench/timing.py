@@ -58,3 +58,26 @@ class SavedActivations:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
         return False
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors (galore-torch keeps its projection matrix in a projector object: counted too)."""
+    tensors = [getattr(t, "ortho_matrix", t) for t in tensors]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def step_memory(model, opt, ids: torch.Tensor, param_bytes: int | None = None) -> dict[str, float]:
+    """Accounted memory (MiB) of a training step of ``model`` with ``opt`` on ``ids`` (batch, seq), after two
+    steps (so optimizer state exists): parameters (``param_bytes``, else their tensors' bytes), gradients held
+    after backward, optimizer state, and activations saved for backward."""
+    for _ in range(2):
+        with SavedActivations() as saved:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = tensor_bytes(p.grad for p in model.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = tensor_bytes(v for s in opt.state.values() for v in s.values())
+    params = tensor_bytes(model.parameters()) if param_bytes is None else param_bytes
+    return {"params_mb": params / 2**20, "grads_mb": grads / 2**20, "optimizer_state_mb": state / 2**20,
+            "activations_mb": saved.bytes / 2**20, "total_mb": (params + grads + state + saved.bytes) / 2**20}
