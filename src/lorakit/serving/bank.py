@@ -443,7 +443,7 @@ def _version_of(t) -> int | None:
 # The checked (batch, k) ids and weights of the routing in force, on one device: every bank of a forward sees
 # the same ``ids`` object, so the first bank checks and moves it and the others reuse it (one entry; it holds
 # ``ids`` and ``weights`` so their identities cannot be reused while cached).
-_ROWS_CACHE: dict = {"key": None}
+_ROWS_CACHE: dict = {"entry": None}  # entry = (key, ids, weights, value), replaced whole (thread-safe reads)
 
 
 def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
@@ -454,9 +454,9 @@ def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
         AdapterError: ids not integers, of the wrong shape, or outside -1 .. n_ids-1; weights of the wrong shape.
     """
     key = (id(ids), _version_of(ids), id(weights), _version_of(weights), batch, n_ids, device, dtype)
-    c = _ROWS_CACHE
-    if c["key"] == key and c["ids"] is ids and c["weights"] is weights:
-        return c["value"]
+    entry = _ROWS_CACHE["entry"]
+    if entry is not None and entry[0] == key and entry[1] is ids and entry[2] is weights:
+        return entry[3]
     ids_t = torch.as_tensor(ids)
     if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise AdapterError(f"routing adapter_ids must be an integer tensor, got dtype {ids_t.dtype}")
@@ -481,5 +481,5 @@ def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
             raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
                                f"{tuple(ids_t.shape)} (one weight per id)")
         w = rows_for_batch(w, batch, f"extras[{WEIGHTS_KEY!r}]")
-    c.update(key=key, ids=ids, weights=weights, value=(ids_t, w))
+    _ROWS_CACHE["entry"] = (key, ids, weights, (ids_t, w))
     return ids_t, w
