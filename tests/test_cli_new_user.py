@@ -396,3 +396,16 @@ def test_inspect_into_a_closed_pipe_is_quiet(lora_run):
                             shell=True, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0 and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+def test_a_mistyped_option_names_its_near_matches_under_the_subcommand(capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--lora-alfa", "2", "--output", "unused"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lorakit train: error: unrecognized arguments: --lora-alfa 2" in err
+    assert "Did you mean: --lora-alpha" in err and "usage: lorakit train" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--procedure", "flexora", "--val_size", "10", "--output", "unused"])
+    assert "Did you mean: --val-size" in capsys.readouterr().err

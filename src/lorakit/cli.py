@@ -1129,6 +1129,22 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
     return default
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args`` whose unknown-option error comes from the subcommand (its usage line) and names the
+    subcommand's near-matching options (``--lora-alfa`` -> ``--lora-alpha``)."""
+    from .core.errors import did_you_mean
+
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    command = commands.choices.get(getattr(args, "command", None), parser)
+    options = [o for a in command._actions if a.help != argparse.SUPPRESS  # noqa: SLF001
+               for o in a.option_strings if o.startswith("--")]
+    hints = "".join(did_you_mean(x.split("=", 1)[0], options) for x in extra if x.startswith("--"))
+    command.error(f"unrecognized arguments: {' '.join(extra)}.{hints}")
+
+
 def _run(argv: list[str]) -> int:
     from .training import AdapterSaveError, TrainingInterrupted
 
@@ -1140,7 +1156,7 @@ def _run(argv: list[str]) -> int:
         if procedure_name is not None:
             from .training.procedures import get_procedure
             get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure
-        args = build_parser(method_name, procedure_name).parse_args(argv)
+        args = _parse(build_parser(method_name, procedure_name), argv)
         _set_threads(args)
         return args.func(args)
     except TrainingInterrupted as e:
