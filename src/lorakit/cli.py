@@ -369,8 +369,12 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
         tokenizer.save_pretrained(out / "pruned_model")
         print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
+    if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA)
+        print(f"base tensors trained with the adapter in {out / 'trainable_params.safetensors'} (eval, generate "
+              f"and merge load them with --adapter {result.adapter_dir})")
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "procedure": config.procedure, "procedure_args": dict(config.procedure_args or {}),
                "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl"),

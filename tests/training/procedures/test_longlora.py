@@ -264,6 +264,7 @@ def test_cli_eval_loads_the_trained_embeddings_and_norms(tmp_path):
                    check=True, capture_output=True, text=True)
     assert (run / "trainable_params.safetensors").is_file()
     after = json.loads((run / "summary.json").read_text())
+    assert after["procedure"] == "longlora"
     out = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--adapter", str(run / "adapter"), *common],
                          check=True, capture_output=True, text=True)
     assert "base tensors trained with the adapter" in out.stderr
