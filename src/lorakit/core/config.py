@@ -53,6 +53,15 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
+def check_positive_ints(config: Any, *names: str) -> None:
+    """ConfigError ``"<Class>.<name> must be a positive integer, got <value>."`` for the first field of ``names``
+    on ``config`` that is not >= 1 (the one check every config with counts, ranks or steps needs)."""
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ConfigError(f"{type(config).__name__}.{name} must be a positive integer, got {value}.")
+
+
 def check_field_types(config: Any) -> None:
     """Check every field of dataclass ``config`` against its type annotation (the one validator of lorakit's
     configs: adapter, training, procedure). Tuples become lists, so configs stay JSON as they are.

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_positive_ints
 from ..core.delta import LayerInfo
 from ..core.errors import ConfigError
 from ..core.registry import register_method
@@ -102,9 +102,7 @@ class MixLoraConfig(AdapterConfig):
         if self.routing_strategy not in ROUTING_STRATEGIES:
             raise ConfigError(f"MixLoraConfig.routing_strategy={self.routing_strategy!r}: choose one of "
                               f"{ROUTING_STRATEGIES} ('top_p' is MixLoRA-dynamic, 'switch' is MixLoRA-switch).")
-        for name in ("r", "num_experts", "top_k"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"MixLoraConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "r", "num_experts", "top_k")
         if self.expert_r is not None and self.expert_r <= 0:
             raise ConfigError(f"MixLoraConfig.expert_r must be a positive integer or None, got {self.expert_r}.")
         if self.top_k > self.num_experts:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.errors import ConfigError, TargetError
 from ..core.model import adapter_state
@@ -70,9 +70,7 @@ class MosConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("r", "valid_param_lora_r", "num_chunk_per_vec"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"MosConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "r", "valid_param_lora_r", "num_chunk_per_vec")
         e, p = self.valid_param_lora_r, self.valid_param_private_r
         if not 0 <= p <= min(e, self.r):
             raise ConfigError(f"MosConfig.valid_param_private_r={p} must be in [0, min(valid_param_lora_r, r)] = "

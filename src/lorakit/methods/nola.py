@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.errors import ConfigError
 from ..core.registry import register_method
@@ -54,9 +54,7 @@ class NolaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("r", "num_basis_A", "num_basis_B"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"NolaConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "r", "num_basis_A", "num_basis_B")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"NolaConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.projection_seed < 0:

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..core.config import check_positive_ints
 from ..core.errors import ConfigError
 from .model import block_inputs, block_linears, block_output, decoder_blocks, oriented, slice_kwargs
 from .uniform import QuantSpec, minmax_params
@@ -100,9 +101,7 @@ class CBQConfig:
         if self.window < 1 or not 0 <= self.overlap < self.window:
             raise ConfigError(f"CBQConfig needs window >= 1 and 0 <= overlap < window, got window={self.window}, "
                               f"overlap={self.overlap}.")
-        for name in ("r", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"CBQConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "r", "steps", "batch_size")
         if not 0.0 <= self.round_warmup < 1.0:
             raise ConfigError(f"CBQConfig.round_warmup must be in [0, 1), got {self.round_warmup}.")
         if self.lr <= 0 or self.scale_lr < 0 or self.round_weight < 0 or self.kl_weight < 0:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import check_field_types
+from ..core.config import check_field_types, check_positive_ints
 from ..core.errors import ConfigError, did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -72,9 +72,7 @@ class TrainConfig:
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
         check_field_types(self)
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples")
         for name in ("warmup_steps", "eval_every", "save_every", "init_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.config import check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers, host_path
 from ...core.targeting import layer_index
@@ -67,9 +68,7 @@ class FlexoraConfig(ProcedureConfig):
         super().__post_init__()
         if not self.hyper_lr > 0:
             raise ConfigError(f"FlexoraConfig.hyper_lr must be > 0, got {self.hyper_lr}.")
-        for name in ("val_batches", "val_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"FlexoraConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "val_batches", "val_size")
 
 
 def _mean_loss_per_example(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...core.config import check_positive_ints
 from ...core.errors import ConfigError, did_you_mean
 from ...core.model import adapter_layers
 from .base import Procedure, ProcedureConfig, register_procedure
@@ -71,9 +72,7 @@ class GaLoreConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("rank", "update_proj_gap"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"GaLoreConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "rank", "update_proj_gap")
         if not self.scale > 0:  # a negative scale turns the update into gradient ascent
             raise ConfigError(f"GaLoreConfig.scale (--scale) must be > 0, got {self.scale}.")
         if self.proj_type not in PROJ_TYPES:

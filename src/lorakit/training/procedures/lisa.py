@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...core.config import check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...data import stable_seed
@@ -49,9 +50,7 @@ class LisaConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("lisa_activated_layers", "lisa_interval_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"LisaConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_ints(self, "lisa_activated_layers", "lisa_interval_steps")
 
 
 class Lisa(Procedure):
