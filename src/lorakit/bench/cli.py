@@ -121,6 +121,9 @@ def main(argv: Sequence[str]) -> int:
         profile = _override(federated.QUICK if args.quick else federated.FULL, seeds=args.seeds, local_steps=args.steps,
                             rounds=args.rounds, clients=args.clients, tasks=args.tasks,
                             strategies=args.methods)
+        if args.methods:  # the DP and heterogeneous-rank rows only for the strategies asked for
+            profile = _override(profile, dp_strategies=[s for s in profile.dp_strategies if s in args.methods],
+                                hetero_strategies=[s for s in profile.hetero_strategies if s in args.methods])
         result = federated.run_federated_bench(profile, progress=not args.quick)
         markdown = federated.federated_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
