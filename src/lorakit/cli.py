@@ -1079,7 +1079,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")
     f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules, comma-separated")
     f.add_argument("--r", type=int, default=4, help="LoRA rank of every client")
-    f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora only)")
+    f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora stacks them, fedit zero-pads)")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, scaling 2)")
     f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
