@@ -331,7 +331,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         model, tokenizer, plan = _loram_base(args)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
-    _check_lengths(model, tokenizer, train_examples, args.max_length)
+    _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
@@ -437,8 +437,10 @@ def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
     return metrics
 
 
-def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
-    """--max-length beyond the model's positions is an error; examples it cuts are counted and said."""
+def _check_lengths(model, tokenizer, examples, max_length: int, ctx=None) -> None:
+    """--max-length beyond the model's positions is an error; examples it cuts are counted and said. Under a
+    distributed launcher each process counts its share of the examples and the counts are summed, so no
+    process tokenizes the whole set."""
     from .data import encode_prompt
     from .data.collate import encode_completion
 
@@ -446,8 +448,11 @@ def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
     if isinstance(limit, int) and max_length > limit:
         raise LorakitError(f"--max-length {max_length} exceeds the model's {limit} positions "
                            "(max_position_embeddings); set it to at most that")
+    mine = examples if ctx is None else ctx.shard(examples)
     long = sum(len(encode_prompt(tokenizer, ex.prompt)) + len(encode_completion(tokenizer, ex.completion)) > max_length
-               for ex in examples)
+               for ex in mine)
+    if ctx is not None:
+        long = ctx.sum_counts([long])[0]
     if long:
         print(f"truncation: {long} of {len(examples)} training examples are longer than --max-length {max_length} "
               "tokens; their prompts are cut from the left (completions are kept whole when they fit)")
