@@ -154,6 +154,14 @@ class Delta(nn.Module):
         """The layer's whole output with this adapter (only for ``replaces_base`` deltas)."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """Optional: ``base_layer(x) + Δ(x)`` in one pass, or None to decline. Called only when this adapter is the
+        layer's single active, unmerged adapter, with no routing context and no extra call arguments; a delta whose
+        ΔW is cheaper to add to the weight than to apply separately (a full-rank update) computes
+        ``x (W + ΔW)ᵀ + b`` here, so the input gradient is one matmul instead of two. Same value as the unfused
+        path, float rounding apart."""
+        return None
+
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """``acc + Δ(x)``. Methods override this to fuse the add into their last matmul."""
         return acc + self(x, base_out, base_layer)

@@ -49,6 +49,12 @@ class AdapterLayer(nn.Module):
                         raise AdapterError(f"adapter {name!r} replaces this layer's forward and cannot be active "
                                            f"together with {[n for n in self.active if n != name]}")
                     return delta.full_forward(x, self.base_layer, *args, **kwargs)
+            if len(self.active) == 1 and not self.merged and not args and not kwargs:
+                delta = self.adapters[self.active[0]] if self.active[0] in self.adapters else None
+                if delta is not None and current_routing() is None:
+                    fused = delta.fused_forward(x, self.base_layer)
+                    if fused is not None:
+                        return fused
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
