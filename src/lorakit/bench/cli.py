@@ -47,7 +47,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--r", type=int, default=None,
                         help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
-                        help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
+                        help="variants, reparam: only the interleaved training-step-time ratios (variants_step_time.*, "
+                             "reparam_step_time_b<batch>.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
@@ -145,9 +146,15 @@ def main(argv: Sequence[str]) -> int:
         from . import reparam
         profile = _override(reparam.QUICK if args.quick else reparam.FULL, methods=args.methods, seeds=args.seeds,
                             steps=args.steps, tasks=args.tasks, r=args.r, batch_size=args.batch_size)
-        result = reparam.run_reparam(profile)
-        markdown = reparam.reparam_markdown(result)
-        result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]
+        if args.step_time:
+            from .variants import step_times_markdown
+            args.what = f"reparam_step_time_b{profile.batch_size}"
+            result = reparam.run_step_times(profile)
+            markdown = step_times_markdown(result)
+        else:
+            result = reparam.run_reparam(profile)
+            markdown = reparam.reparam_markdown(result)
+            result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]
     elif args.what == "quantize":
         from . import quantize as bench_quantize
         profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
