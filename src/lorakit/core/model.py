@@ -99,8 +99,13 @@ def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
 
 
 def _check_name(name: str) -> None:
+    """Adapter names key ``nn.ModuleDict`` s in every adapted layer, so besides being non-empty, dot-free strings
+    they cannot be a ModuleDict attribute (``eval``, ``train``, ``to``, ``keys``...). Raises AdapterError."""
     if not isinstance(name, str) or not name or "." in name or name == "__base__":
         raise AdapterError(f"invalid adapter name {name!r}: use a non-empty string without dots (and not '__base__')")
+    if hasattr(nn.ModuleDict, name) or name.startswith("_"):
+        raise AdapterError(f"invalid adapter name {name!r}: it is the name of a torch.nn.Module attribute (or starts "
+                           f"with '_'), which a layer's adapter table cannot hold; pick another, e.g. {name + '_adapter'!r}")
 
 
 @dataclass
