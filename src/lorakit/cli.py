@@ -565,7 +565,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .data import TASKS, get_task
+    from .data import ROTATE_FAMILY, TASKS, get_task, rotate_task
+    from .data.tasks import MAX_ROTATE_OFFSET
 
     if args.jsonl:  # write a task's examples as a JSONL file a user could have brought
         for ex in get_task(args.jsonl).generate(args.split, args.n, args.seed):
@@ -575,6 +576,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name, task in TASKS.items():
         ex = task.generate("train", 1, 0)[0]
         print(f"{name:<{width}}  {task.description:<48}  e.g. {ex.prompt!r} -> {ex.completion!r}")
+    ex = rotate_task(2).generate("train", 1, 0)[0]
+    print(f"{ROTATE_FAMILY:<{width}}  {'rotate by k letters, k=2..' + str(MAX_ROTATE_OFFSET) + ' (rotate is k=1)':<48}  "
+          f"e.g. {ex.prompt!r} -> {ex.completion!r}")
     return 0
 
 
