@@ -140,10 +140,6 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
 
 
 def _check_same(ref: AdapterSample, ref_config: dict, other: AdapterSample, config: dict) -> None:
-    for name in SHARED_FIELDS:
-        if ref_config.get(name) != config.get(name):
-            raise AdapterError(f"adapters in one collection must share {name!r}: {ref.source} has "
-                               f"{ref_config.get(name)!r}, {other.source} has {config.get(name)!r}")
     for key in sorted(set(ref.tensors) | set(other.tensors)):
         if key not in other.tensors or key not in ref.tensors:
             has, lacks = (ref, other) if key in ref.tensors else (other, ref)
@@ -154,6 +150,10 @@ def _check_same(ref: AdapterSample, ref_config: dict, other: AdapterSample, conf
             raise AdapterError(f"tensor {key!r} has shape {tuple(ref.tensors[key].shape)} in {ref.source} but "
                                f"{tuple(other.tensors[key].shape)} in {other.source}: one collection needs one rank "
                                f"and one base model")
+    for name in SHARED_FIELDS:
+        if ref_config.get(name) != config.get(name):
+            raise AdapterError(f"adapters in one collection must share {name!r}: {ref.source} has "
+                               f"{ref_config.get(name)!r}, {other.source} has {config.get(name)!r}")
 
 
 # ---------------------------------------------------------------- the in-context task vector
