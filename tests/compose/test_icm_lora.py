@@ -3,6 +3,7 @@ adapters loading in lorakit and the real peft, and bad collections / tasks. Tiny
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -156,12 +157,13 @@ def test_icm_lora_generated_adapter_loads_in_lorakit_and_peft(base, generator, t
     out = generate_adapter(generator, task, tmp_path / "out", model=base[0], tokenizer=base[1])
     assert json.loads((out / "icm_lora_generation.json").read_text())["seen_task"] is (task == "rotate2")
     ids = torch.tensor([[0, 5, 9, 14, 3, 7]])
-    fresh = load_model_and_tokenizer(None)[0]
-    lk.load_adapter(fresh, out)
+    assert not lk.adapter_names(base[0])
+    fresh = copy.deepcopy(base[0])
     with torch.no_grad():
+        plain = fresh(input_ids=ids).logits
+        lk.load_adapter(fresh, out)
         ours = fresh(input_ids=ids).logits
-        plain = load_model_and_tokenizer(None)[0](input_ids=ids).logits
-    ref = peft.PeftModel.from_pretrained(load_model_and_tokenizer(None)[0], str(out)).eval()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base[0]), str(out)).eval()
     with torch.no_grad():
         theirs = ref(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
