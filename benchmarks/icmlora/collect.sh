@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the adapter collection the ICM-LoRA generator learns from: LoRA r=4 on q_proj/v_proj of the
-# bundled base, one run per (task, seed), checkpoints at steps 200/250/300 (each checkpoint is one
-# training sample, as the paper collects checkpoints from several epochs per task).
+# bundled base, one run per (task, seed), a checkpoint every 50 steps (run.py uses steps 150-300, each
+# checkpoint one training sample, as the paper collects checkpoints from several epochs per task).
 # Usage: [SEEDS="0 1"] benchmarks/icmlora/collect.sh OUT_DIR [TASK...]   (default: rotate rotate2..rotate5 reverse sort)
 set -euo pipefail
 out=${1:-runs/icmlora/collection}; shift || true
