@@ -124,7 +124,7 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
     ref_config: dict[str, Any] | None = None
     for spec in specs:
         text = os.fspath(spec)
-        task, _, path = text.rpartition("=") if "=" in text and not Path(text).exists() else ("", "", text)
+        task, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
         for folder in _adapter_folders(Path(path)):
             config = read_json(folder / CONFIG_NAME)
             tensors = load_tensors(weights_path(folder))
