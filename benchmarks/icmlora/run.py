@@ -43,6 +43,12 @@ def layer_of(key: str) -> str:
     return found.group(1) if found else "other"
 
 
+def kind_of(key: str) -> str:
+    """'q_proj.lora_A' for '...layers.3.self_attn.q_proj.lora_A.weight'."""
+    parts = key.split(".")
+    return ".".join(parts[-3:-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--collection", required=True)
@@ -73,11 +79,13 @@ def main() -> int:
     keys = gen.layout.keys
     recon = {}
     per_layer: dict[str, list[float]] = {}
+    per_kind: dict[str, list[float]] = {}
     for s in samples:
         per, overall = relative_errors(s.tensors, gen.reconstruct(s.tensors, s.task), keys)
         recon.setdefault(s.task, []).append(overall)
         for k, v in per.items():
             per_layer.setdefault(layer_of(k), []).append(v)
+            per_kind.setdefault(kind_of(k), []).append(v)
 
     originals = {t: read_collection([str(final[t])])[0][0].tensors for t in final}
     rows = []
@@ -102,6 +110,7 @@ def main() -> int:
               "cvae_params": sum(p.numel() for p in gen.cvae.parameters()), "config": args.__dict__,
               "final_epoch": gen.history[-1], "recon_rel_err_per_layer": {k: sum(v) / len(v) for k, v in
                                                                          sorted(per_layer.items())},
+              "recon_rel_err_per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())},
               "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
