@@ -54,7 +54,7 @@ def tiny_whisper(seed: int = 0, dtype=torch.float32):
     cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
                         max_source_positions=8, max_target_positions=32, vocab_size=96, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, init_std=0.1)
     return WhisperForConditionalGeneration(cfg).to(dtype).eval()
 
 

@@ -14,12 +14,24 @@ from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, rows_for_batch
 
 
+# Read-only shape attributes host models read from the layers they own (Whisper's encoder reads ``conv1.stride``);
+# the wrapper answers them from its base layer (PEFT 0.21.2's wrappers do not, and fail there).
+_BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                              "padding", "dilation", "groups", "padding_mode", "num_embeddings", "embedding_dim"})
+
+
 class AdapterLayer(nn.Module):
     """``y = base_layer(x) + Σ_{active a} Δ_a(x)``.
 
     The base layer keeps its own parameters; deltas live in ``self.adapters`` keyed by adapter name.
     Merged adapters are folded into the base weight and skipped in forward.
     """
+
+    def __getattr__(self, name: str):
+        base = self.__dict__["_modules"].get("base_layer") if name in _BASE_ATTRIBUTES else None
+        if base is not None and hasattr(base, name):
+            return getattr(base, name)
+        return super().__getattr__(name)
 
     def __init__(self, base_layer: nn.Module, info: LayerInfo):
         super().__init__()

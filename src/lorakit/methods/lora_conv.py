@@ -157,7 +157,7 @@ class DoraConv(LoraConv):
 
     def merge_terms(self, base_weight: torch.Tensor) -> MergeTerms:
         dw = self.delta_weight()
-        self._merge_scale = (self.lora_magnitude_vector.detach().float().reshape(-1) / self._norm(base_weight, dw))
+        self._merge_scale = (self.lora_magnitude_vector.float().reshape(-1) / self._norm(base_weight, dw)).detach()
         return self._terms(self._merge_scale, dw)
 
     def unmerge_terms(self) -> MergeTerms:
