@@ -63,6 +63,24 @@ def whisper_inputs(ids: torch.Tensor, seed: int = 123, dtype=torch.float32) -> d
     return {"input_features": torch.randn(ids.shape[0], 8, 16, generator=g).to(dtype), "decoder_input_ids": ids}
 
 
+def tiny_wav2vec2(seed: int = 0, dtype=torch.float32):
+    """A transformers Wav2Vec2Model: its feature encoder is two bias-free nn.Conv1d (k=10 stride 5, k=3 stride 2)
+    over raw audio (batch, 400); ``encoder.pos_conv_embed.conv`` is a grouped (groups=2), weight-normed Conv1d."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                         num_conv_pos_embedding_groups=2, vocab_size=32, feat_extract_norm="layer",
+                         do_stable_layer_norm=True)
+    return Wav2Vec2Model(cfg).to(dtype).eval()
+
+
+def audio_inputs(batch: int = 3, seed: int = 123, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_values": torch.randn(batch, 400, generator=g).to(dtype)}
+
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 

@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .delta import LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
 from .errors import AdapterError
@@ -208,6 +209,11 @@ class AdapterLayer(nn.Module):
                                f"re-quantize W + ΔW and lose the update's precision. Dequantize first "
                                f"(lorakit.quantize.dequantize_model(model), as `lorakit merge --quantize` does), then "
                                f"merge into the full-precision weights.")
+        if parametrize.is_parametrized(self.base_layer, "weight") and any(n in self.adapters and n not in self.merged
+                                                                           for n in names):
+            raise AdapterError(f"the base layer's weight ({type(self.base_layer).__name__}) is computed by a "
+                               f"parametrization (e.g. weight_norm), so a merged update would not be kept; use the "
+                               f"adapter unmerged, or torch.nn.utils.parametrize.remove_parametrizations first.")
         for n in names:
             if n not in self.adapters or n in self.merged:
                 continue
