@@ -30,7 +30,6 @@ from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weigh
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
-from .lora_conv import DoraConv, LoraConv
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -294,7 +293,9 @@ _DELTAS = {("linear", False): LoraLinear, ("linear", True): DoraLinear,
 
 
 def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig, path: str = "") -> Delta:
-    if info.kind == "conv":  # nn.Conv1d/2d/3d: lora_conv.py
+    if info.kind == "conv":  # nn.Conv1d/2d/3d: lora_conv.py (imported here: it builds on the classes above)
+        from .lora_conv import DoraConv, LoraConv
+
         return (DoraConv if config.use_dora else LoraConv)(info, config, base_layer, path)
     return _DELTAS[(info.kind, config.use_dora)](info, config, base_layer)
 

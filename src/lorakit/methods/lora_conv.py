@@ -26,18 +26,17 @@ convolution raises ConfigError naming the module.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits
 from ..core.errors import ConfigError, TargetError
+from .lora import DoraLinear, LoraConfig, LoraLinear
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-class LoraConv(Delta):
+class LoraConv(LoraLinear):
     """``Δ(x) = s · lora_B(lora_A(dropout(x)))`` on an nn.Conv1d / Conv2d / Conv3d base (PEFT's ``_ConvNd``).
 
     Parameters (PEFT's names and shapes): ``lora_A.weight`` (r, in, *kernel), ``lora_B.weight``
@@ -48,8 +47,8 @@ class LoraConv(Delta):
     layer_kinds = ("conv",)
     plain_units = True
 
-    def __init__(self, info: LayerInfo, config, base_layer: nn.Module | None = None, path: str = ""):
-        super().__init__(info)
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module | None = None, path: str = ""):
+        Delta.__init__(self, info)  # not LoraLinear's: it would build nn.Linear factors
         spec = info.conv
         if spec is None:
             raise TargetError(f"LoraConv needs a convolution base layer, got layer kind {info.kind!r}")
@@ -72,22 +71,8 @@ class LoraConv(Delta):
         if config.lora_bias:
             self.plain_units = False  # units carry no bias: per-row stacking would drop it
 
-    def reset_parameters(self, init: bool | str) -> None:
-        if init is False:  # the conv modules' own random init: a non-zero delta, for tests
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        if self.lora_B.bias is not None:
-            nn.init.zeros_(self.lora_B.bias)
-
-    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return self.lora_out(x.to(self.lora_A.weight.dtype)).to(base_out.dtype)
+    # (reset_parameters, lora_out, forward and delta_bias are LoraLinear's: the same calls on conv modules)
+    accumulate = Delta.accumulate  # LoraLinear's fused addmm is for (…, in) inputs, not (N, in, *spatial)
 
     def _dense_B(self) -> torch.Tensor:
         """lora_B as an (out, r) matrix; with groups > 1 the block-diagonal matrix the grouped 1×1 conv applies."""
@@ -108,9 +93,6 @@ class LoraConv(Delta):
         """ΔW = s·BA as (out, in·Πkernel), float32: the base kernel flattened (groups == 1; see merge_error)."""
         return (self._dense_B().float() @ self.lora_A.weight.reshape(self.r, -1).float()) * self.scaling
 
-    def delta_bias(self) -> torch.Tensor | None:
-        return None if self.lora_B.bias is None else self.lora_B.bias.float() * self.scaling
-
     def merge_error(self) -> str | None:
         if self.info.conv.groups == 1:
             return None
@@ -123,7 +105,7 @@ class DoraConv(LoraConv):
 
     plain_units = False
 
-    def __init__(self, info: LayerInfo, config, base_layer: nn.Module, path: str = ""):
+    def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module, path: str = ""):
         super().__init__(info, config, base_layer, path)
         if info.conv.groups > 1:
             raise ConfigError(f"module {path!r}: DoRA on a convolution with groups={info.conv.groups} is not "
@@ -160,11 +142,5 @@ class DoraConv(LoraConv):
         self._merge_scale = (self.lora_magnitude_vector.float().reshape(-1) / self._norm(base_weight, dw)).detach()
         return self._terms(self._merge_scale, dw)
 
-    def unmerge_terms(self) -> MergeTerms:
-        if self._merge_scale is None:
-            raise RuntimeError("DoRA unmerge without a preceding merge")
-        return self._terms(self._merge_scale, self.delta_weight())
-
-    def _terms(self, scale: torch.Tensor, dw: torch.Tensor) -> MergeTerms:
-        bias = self.delta_bias()
-        return MergeTerms(weight=scale[:, None] * dw, row_scale=scale, bias=None if bias is None else scale * bias)
+    unmerge_terms = DoraLinear.unmerge_terms  # the cached per-channel scale, as for linear layers
+    _terms = DoraLinear._terms
