@@ -49,6 +49,7 @@ def conv_perf_rows(profile, device) -> list[dict]:
         theirs.add_adapter(name, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
         peft.set_peft_model_state_dict(theirs, lk.adapter_state_dict(ours, name), adapter_name=name)
     theirs.set_adapter("default")
+    theirs.eval()  # PEFT refuses adapter_names= in training mode
     side = SIZES[size]["sample_size"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(profile.batch, 3, side, side, generator=g).to(device)
