@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compose.helpers import make_adapter
+from compose.helpers import make_adapter, peft_all_active
 from lk_models import tiny_unet, unet_inputs
 from peft import PeftModel
 from torch import nn
@@ -22,10 +22,7 @@ TARGETS = ["conv_in", "conv1", "conv2", "conv_shortcut", "conv_out"]
 
 
 def _peft_sample(paths):
-    model = PeftModel.from_pretrained(tiny_unet(), str(paths[0]), adapter_name="a0")
-    for i, p in enumerate(paths[1:], 1):
-        model.load_adapter(str(p), adapter_name=f"a{i}")
-    model.base_model.set_adapter([f"a{i}" for i in range(len(paths))])
+    model = peft_all_active(tiny_unet, paths)
     with torch.no_grad():
         return model(**unet_inputs()).sample
 

@@ -41,6 +41,14 @@ def _randomise_peft(model, seed):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _randomise_trainable(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 # PEFT files keep the union of patterns, most of which match nothing in a given model: a file's names are read
 # leniently (its tensors say what was trained), issue 10.
 @pytest.mark.parametrize("model_name,variant", CASES)
@@ -69,11 +77,7 @@ def test_lorakit_to_peft(model_name, variant, ids, tmp_path):
         if field in kwargs:
             kwargs[field] = {k: v for k, v in kwargs[field].items() if k in str(targets["target_modules"])}
     lk.add_adapter(model, lk.LoraConfig(**targets, **kwargs, init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    _randomise_trainable(model, 1)
     expected = _out(model, ids)
     lk.save_adapter(model, tmp_path)
 
@@ -178,11 +182,7 @@ def test_lorakit_conv_to_peft(model_name, variant, tmp_path):
     factory, _, _, targets = CONV_MODELS[model_name]
     model = factory()
     lk.add_adapter(model, lk.LoraConfig(**targets, **_conv_variant(model_name, variant), init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    _randomise_trainable(model, 1)
     expected = _conv_out(model, model_name)
     lk.save_adapter(model, tmp_path)
 

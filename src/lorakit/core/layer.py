@@ -28,12 +28,6 @@ class AdapterLayer(nn.Module):
     Merged adapters are folded into the base weight and skipped in forward.
     """
 
-    def __getattr__(self, name: str):
-        base = self.__dict__["_modules"].get("base_layer") if name in _BASE_ATTRIBUTES else None
-        if base is not None and hasattr(base, name):
-            return getattr(base, name)
-        return super().__getattr__(name)
-
     def __init__(self, base_layer: nn.Module, info: LayerInfo):
         super().__init__()
         self.base_layer = base_layer
@@ -51,6 +45,13 @@ class AdapterLayer(nn.Module):
         # Optional batched multi-adapter executor (e.g. serving banks): called as bank(x, base_out, ctx) when a
         # routing context carries ``adapter_ids``; returns the summed delta for every row in one batched pass.
         self.bank: nn.Module | None = None
+
+    def __getattr__(self, name: str):
+        """The base layer's shape attributes (``_BASE_ATTRIBUTES``); everything else as nn.Module finds it."""
+        base = self.__dict__["_modules"].get("base_layer") if name in _BASE_ATTRIBUTES else None
+        if base is not None and hasattr(base, name):
+            return getattr(base, name)
+        return super().__getattr__(name)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
