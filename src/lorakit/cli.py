@@ -176,11 +176,16 @@ def _quantize_config(args):
     return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
 
 
-def _load_with_adapter(args):
+def _load_with_adapter(args, any_model: bool = False):
+    """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
+    a Whisper; hub.load_model_for_merge), whose tokenizer may be None."""
     from . import load_adapter
-    from .hub import load_model_and_tokenizer
+    from .hub import load_model_and_tokenizer, load_model_for_merge
 
-    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
+    if any_model and not getattr(args, "quantize", None):
+        model, tokenizer = load_model_for_merge(args.model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
         _load_trained_base_params(model, Path(args.adapter))
@@ -662,7 +667,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
-    model, tokenizer = _load_with_adapter(args)
+    model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
         from .quantize import dequantize_model
         dequantize_model(model)
@@ -670,7 +675,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     def write(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     write_dir_atomically(out, write)
     print(f"merged model written to {out}")
