@@ -176,11 +176,16 @@ def _quantize_config(args):
     return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
 
 
-def _load_with_adapter(args):
+def _load_with_adapter(args, any_model: bool = False):
+    """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
+    a Whisper; hub.load_model_for_merge), whose tokenizer may be None."""
     from . import load_adapter
-    from .hub import load_model_and_tokenizer
+    from .hub import load_model_and_tokenizer, load_model_for_merge
 
-    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
+    if any_model and not getattr(args, "quantize", None):
+        model, tokenizer = load_model_for_merge(args.model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
         _load_trained_base_params(model, Path(args.adapter))
@@ -570,7 +575,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .data import TASKS, get_task
+    from .data import ROTATE_FAMILY, TASKS, get_task, rotate_task
+    from .data.tasks import MAX_ROTATE_OFFSET
 
     if args.jsonl:  # write a task's examples as a JSONL file a user could have brought
         for ex in get_task(args.jsonl).generate(args.split, args.n, args.seed):
@@ -580,6 +586,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name, task in TASKS.items():
         ex = task.generate("train", 1, 0)[0]
         print(f"{name:<{width}}  {task.description:<48}  e.g. {ex.prompt!r} -> {ex.completion!r}")
+    ex = rotate_task(2).generate("train", 1, 0)[0]
+    print(f"{ROTATE_FAMILY:<{width}}  {'rotate by k letters, k=2..' + str(MAX_ROTATE_OFFSET) + ' (rotate is k=1)':<48}  "
+          f"e.g. {ex.prompt!r} -> {ex.completion!r}")
     return 0
 
 
@@ -663,7 +672,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
-    model, tokenizer = _load_with_adapter(args)
+    model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
         from .quantize import dequantize_model
         dequantize_model(model)
@@ -671,7 +680,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     def write(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     write_dir_atomically(out, write)
     print(f"merged model written to {out}")
@@ -718,6 +728,68 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
+    return 0
+
+
+def cmd_generate_adapter(argv: Sequence[str]) -> int:
+    """``lorakit generate-adapter --task T --generator G --output OUT``: a PEFT LoRA for task T from an ICM-LoRA
+    generator; ``lorakit generate-adapter train --adapters DIR... --output G`` trains one on an adapter collection
+    (ICM-LoRA, arXiv 2501.17635; lorakit.compose.icm_lora_generator)."""
+    from .compose.icm_lora import CvaeConfig
+    from .compose.icm_lora_generator import IcmLoraConfig, generate_adapter, train_icm_lora
+
+    training = argv[:1] == ["train"]
+    prog = "lorakit generate-adapter" + (" train" if training else "")
+    p = argparse.ArgumentParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
+    p.add_argument("--output", required=True, help="folder for the generator" if training else "folder for the adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _common_model(p)
+    if training:
+        d, c = IcmLoraConfig(), CvaeConfig()
+        p.add_argument("--adapters", nargs="+", required=True,
+                       help="adapter folders, run folders (their checkpoint-*/ are used) or TASK=DIR")
+        for flag, kind, default, text in (
+                ("epochs", int, d.epochs, "passes over the collection"), ("batch-size", int, d.batch_size, "adapters per step"),
+                ("lr", float, d.lr, "AdamW learning rate"), ("seed", int, d.seed, "seed"),
+                ("n-shots", int, d.n_shots, "solved demonstrations before each query (task vector)"),
+                ("n-queries", int, d.n_queries, "queries averaged into the task vector"),
+                ("latent-dim", int, c.latent_dim, "CVAE latent size"), ("kernel-size", int, c.kernel_size, "conv kernel"),
+                ("divide-slice-length", int, c.divide_slice_length, "input padded to a multiple of this"),
+                ("kld-weight", float, c.kld_weight, "weight of the KL term")):
+            p.add_argument(f"--{flag}", type=kind, default=default, help=text)
+        p.add_argument("--channels", type=int, nargs="+", default=list(c.channels), help="encoder widths")
+        p.add_argument("--quiet", action="store_true", help="no per-epoch log")
+    else:
+        p.add_argument("--task", required=True, help="built-in task name (see `lorakit tasks`) or a JSONL file")
+        p.add_argument("--generator", required=True, help="folder written by `lorakit generate-adapter train`")
+        p.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
+        p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I); 0 = the prior mean")
+    args = p.parse_args(argv[1:] if training else argv)
+    try:
+        _set_threads(args)
+        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        model = tokenizer = None
+        if args.model is not None:
+            from .hub import load_model_and_tokenizer
+            model, tokenizer = load_model_and_tokenizer(args.model)
+        if training:
+            config = IcmLoraConfig(
+                cvae=CvaeConfig(latent_dim=args.latent_dim, channels=tuple(args.channels), kernel_size=args.kernel_size,
+                                divide_slice_length=args.divide_slice_length, kld_weight=args.kld_weight),
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, n_shots=args.n_shots,
+                n_queries=args.n_queries)
+            log = None if args.quiet else (lambda r: print(f"epoch {r['epoch']}: loss {r['loss']:.4f} recon "
+                                                           f"{r['recon']:.4f} kld {r['kld']:.4f}", file=sys.stderr))
+            gen = train_icm_lora(args.adapters, config, model=model, tokenizer=tokenizer, log=log)
+            out = gen.save(args.output)
+            print(f"ICM-LoRA generator for {', '.join(sorted(gen.conditions))} written to {out}")
+        else:
+            out = generate_adapter(args.generator, args.task, args.output, seed=args.seed,
+                                   temperature=args.temperature, model=model, tokenizer=tokenizer)
+            print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -1120,6 +1192,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_serve(sub)
     sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
                    add_help=False)
+    sub.add_parser("generate-adapter", help="ICM-LoRA: generate a LoRA for a task, or `generate-adapter train` a "
+                   "generator (see lorakit generate-adapter --help)", add_help=False)
     _add_federate(sub)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
@@ -1190,6 +1264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:
         return cmd_merge_adapters(argv[1:])
+    if argv[:1] == ["generate-adapter"]:
+        return cmd_generate_adapter(argv[1:])
     if argv[:1] == ["quantize"]:
         return cmd_quantize(argv[1:])
     if argv[:1] == ["bench"]:

@@ -174,7 +174,7 @@ def main(argv: Sequence[str]) -> int:
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+        from . import conv_perf, distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

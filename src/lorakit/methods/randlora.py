@@ -42,7 +42,8 @@ from torch import nn
 from ..core.config import ANY_VALUE, AdapterConfig
 from ..core.delta import Delta, LayerInfo, describe_layer
 from ..core.errors import AdapterError, ConfigError, TargetError
-from ..core.registry import register_method
+from ..core.model import unsupported_target
+from ..core.registry import get_method, register_method
 from ..core.targeting import iter_host_modules, select_targets
 
 
@@ -169,10 +170,10 @@ class RandLoraLinear(Delta):
 def largest_shape(model: nn.Module, config: RandLoraConfig) -> tuple[int, int]:
     """Largest (out, in) over the targeted layers, each dimension maximised separately (PEFT's ``_find_dim``)."""
     host = dict(iter_host_modules(model))
-    infos = [describe_layer(host[p]) for p in select_targets(model, config)]
-    infos = [i for i in infos if i is not None and i.kind == "linear"]
+    targets = select_targets(model, config)
+    infos = [i for i in (describe_layer(host[p]) for p in targets) if i is not None and i.kind == "linear"]
     if not infos:
-        raise TargetError("RandLoRA found no linear layers among target_modules; check target_modules.")
+        raise unsupported_target(targets[0], host[targets[0]], get_method(config))
     return max(i.out_features for i in infos), max(i.in_features for i in infos)
 
 
