@@ -886,7 +886,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
-          limits=ServerLimits(max_tokens=args.max_tokens_limit))
+          limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank)
     return 0
 
 
@@ -1133,6 +1133,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget, preallocated")
     sv.add_argument("--max-batch", type=int, default=32, help="running requests at most")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--rank", type=int, default=None,
+                    help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
     sv.set_defaults(func=cmd_serve)
 
 
