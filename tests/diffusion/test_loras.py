@@ -84,3 +84,25 @@ def test_cli_compose_image_reports_a_missing_base(tmp_path, capsys):
     assert code == 2 and "train-base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compose-image", "--lora", "x", "--method", "cmlor"])
+
+
+@pytest.mark.slow
+def test_cli_pipeline_end_to_end(tmp_path, capsys):
+    """train-base → train-loras → train-classifier → compose-image (every method), at 1-2 steps each."""
+    from lorakit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["diffusion", "train-base", "--out", str(run / "base"), "--steps", "1", "--batch-size", "2"]) == 0
+    assert main(["diffusion", "train-loras", "--base", str(run / "base"), "--out", str(run / "loras"), "--concepts",
+                 "digit3", "thick", "--steps", "1", "--batch-size", "1"]) == 0
+    assert main(["diffusion", "train-classifier", "--out", str(run / "classifier"), "--steps", "1"]) == 0
+    loras = ["--lora", str(run / "loras" / "digit3"), "--lora", str(run / "loras" / "thick")]
+    common = ["--base", str(run / "base"), *loras, "--num-images", "2", "--steps", "2",
+              "--classifier", str(run / "classifier")]
+    for method, extra in [("merge", []), ("switch", ["--switch-step", "1"]), ("composite", []),
+                          ("cmlora", ["--cache-interval", "2", "--set", "profile_images=1", "--set", "profile_steps=1"]),
+                          ("composer", ["--region", "0,0,1,0.5", "--region", "0,0.5,1,1", "--width", "32"])]:
+        out = tmp_path / f"{method}.png"
+        assert main(["compose-image", *common, "--method", method, *extra, "--out", str(out)]) == 0, method
+        assert out.is_file()
+    assert "concept rates: digit3" in capsys.readouterr().out

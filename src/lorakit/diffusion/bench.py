@@ -39,7 +39,7 @@ def run_bench(run_dir: str, out: str, *, quick: bool = False, steps: int = 20, s
     names = load_loras(unet, [lora_dir / f"digit{d}" for d in range(10)] + [lora_dir / s for s in styles])
     clf = load_classifier(run / "classifier")
     sched = sampling_scheduler(train_sched, "ddim")
-    n = 4 if quick else 16
+    n = 4 if quick else 8
     out_dir = Path(out)
     results: dict = {"settings": {"images_per_pair": n, "steps": steps, "scheduler": "ddim", "guidance_scale": 1.0,
                                   "class_label": "null", "digits": digits, "styles": styles, "seed": seed}}
@@ -90,4 +90,22 @@ def run_bench(run_dir: str, out: str, *, quick: bool = False, steps: int = 20, s
     results.update(task_a=table_a, task_b=table_b, task_b_pairs=pairs, seconds=timing)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "tables.md").write_text(tables_markdown(results))
     return results
+
+
+def tables_markdown(results: dict) -> str:
+    """The two result tables as markdown (concept rates in %)."""
+    def table(rows: dict, c1: str, c2: str) -> list[str]:
+        lines = [f"| method | {c1} | {c2} | both | seconds |", "|---|---|---|---|---|"]
+        for method, r in rows.items():
+            secs = results["seconds"].get(method, results["seconds"].get(f"B:{method}", ""))
+            lines.append(f"| {method} | {100 * r['concept1']:.1f} | {100 * r['concept2']:.1f} | "
+                         f"{100 * r['both']:.1f} | {secs} |")
+        return lines
+
+    out = ["### A: digit LoRA + style LoRA (16×16)", ""]
+    out += table(results["task_a"], "digit shown", "style shown")
+    out += ["", "### B: two digit LoRAs, left and right (16×32)", ""]
+    out += table(results["task_b"], "left digit", "right digit")
+    return "\n".join(out) + "\n"

@@ -167,8 +167,8 @@ def load_base(base_dir: str | os.PathLike) -> tuple[nn.Module, object]:
     base = Path(base_dir)
     if not (base / "unet").is_dir():
         raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
-    unet = UNet2DModel.from_pretrained(base / "unet", use_safetensors=True).eval()
-    return unet, DDPMScheduler.from_pretrained(base / "scheduler")
+    unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
+    return unet, DDPMScheduler.from_pretrained(str(base / "scheduler"))
 
 
 @dataclass
