@@ -96,10 +96,10 @@ def run_bench(run_dir: str, out: str, *, quick: bool = False, steps: int = 20, s
 
 def tables_markdown(results: dict) -> str:
     """The two result tables as markdown (concept rates in %)."""
-    def table(rows: dict, c1: str, c2: str) -> list[str]:
+    def table(rows: dict, c1: str, c2: str, prefix: str = "") -> list[str]:
         lines = [f"| method | {c1} | {c2} | both | seconds |", "|---|---|---|---|---|"]
         for method, r in rows.items():
-            secs = results["seconds"].get(method, results["seconds"].get(f"B:{method}", ""))
+            secs = results["seconds"].get(prefix + method, "")
             lines.append(f"| {method} | {100 * r['concept1']:.1f} | {100 * r['concept2']:.1f} | "
                          f"{100 * r['both']:.1f} | {secs} |")
         return lines
@@ -107,5 +107,5 @@ def tables_markdown(results: dict) -> str:
     out = ["### A: digit LoRA + style LoRA (16×16)", ""]
     out += table(results["task_a"], "digit shown", "style shown")
     out += ["", "### B: two digit LoRAs, left and right (16×32)", ""]
-    out += table(results["task_b"], "left digit", "right digit")
+    out += table(results["task_b"], "left digit", "right digit", "B:")
     return "\n".join(out) + "\n"
