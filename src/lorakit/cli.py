@@ -1199,6 +1199,10 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_federate(sub)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
+    sub.add_parser("diffusion", help="small diffusion model on the bundled digits: train-base, train-loras, "
+                   "train-classifier, bench (see lorakit diffusion --help; extra 'diffusion')", add_help=False)
+    sub.add_parser("compose-image", help="compose LoRAs while sampling images: merge, switch, composite, cmlora, "
+                   "composer (see lorakit compose-image --help)", add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
                         add_help=False)
     pb.set_defaults(func=None)
@@ -1270,6 +1274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_generate_adapter(argv[1:])
     if argv[:1] == ["quantize"]:
         return cmd_quantize(argv[1:])
+    if argv[:1] == ["diffusion"]:
+        from .diffusion.cli import main as diffusion_main
+        return diffusion_main(argv[1:])
+    if argv[:1] == ["compose-image"]:
+        from .diffusion.cli import compose_main
+        return compose_main(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])
