@@ -30,7 +30,7 @@ target is a block cut, not an end of text).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -220,6 +220,22 @@ class UL2Batcher:
             prefix[b] = n_in
         return {"input_ids": input_ids, "labels": labels,
                 "attention_mask": prefix_lm_mask(prefix, seq_len, self.mask_dtype)}
+
+
+def with_mode_token(examples: list, mode_token: str, tokenizer) -> list:
+    """UL2 mode switching at fine-tuning time: ``mode_token`` prepended to every example's prompt.
+
+    The token must be one token of ``tokenizer`` (a base pretrained with ``--objective ul2`` has ``[R]``,
+    ``[S]``, ``[X]``); otherwise ``ConfigError`` naming the tokenizer's special tokens that come close.
+    """
+    specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    if mode_token not in specials:
+        modes = sorted(t for t in specials if t in MODE_TOKENS.values())
+        raise ConfigError(f"--mode-token {mode_token!r} is not a special token of this tokenizer"
+                          + (f" (its mode tokens: {modes})." if modes else "; pretrain the base with "
+                             "`lorakit pretrain-base --objective ul2` to get UL2's [R], [S], [X].")
+                          + did_you_mean(mode_token, specials))
+    return [replace(ex, prompt=mode_token + ex.prompt) for ex in examples]
 
 
 def _register() -> None:
