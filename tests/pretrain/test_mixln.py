@@ -162,3 +162,30 @@ def test_lora_trains_on_mixln_and_peft_loads_the_adapter(tmp_path):
                                            tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_removal_matches_a_model_built_without_the_layer():
+    from lorakit.pretrain.layer_stats import layer_grad_norms, layer_importance, layer_removed
+
+    torch.manual_seed(6)
+    model = MixLNForCausalLM(mixln_config(0.5, **SHAPE)).eval()
+    _randomize_norms(model)
+    ids = _ids(6)
+    with torch.no_grad():
+        full = model(ids).logits
+        with layer_removed(model, 1):
+            without = model(ids).logits
+        assert torch.equal(model(ids).logits, full)  # restored
+    # the reference: a 3-layer Mix-LN whose first layer is Post-LN (layer 0) and the rest Pre-LN (old 2, 3)
+    smaller = MixLNForCausalLM(mixln_config(1 / 3, **{**SHAPE, "num_hidden_layers": 3})).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".layers.1." not in k}
+    state = {k.replace(".layers.2.", ".layers.1.").replace(".layers.3.", ".layers.2."): v for k, v in state.items()}
+    smaller.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(without, smaller(ids).logits)
+    stats = layer_importance(model, [ids])
+    assert len(stats["loss_change"]) == len(stats["output_change"]) == 4
+    assert all(v > 0 for v in stats["output_change"])
+    norms = layer_grad_norms(model, [ids])
+    assert len(norms) == 4 and all(v > 0 for v in norms)
+    assert all(p.grad is None for p in model.parameters())
