@@ -222,3 +222,11 @@ def test_tiny_ul2_pretrain_saves_mode_tokens(tmp_path):
     assert {"[R]", "[S]", "[X]", "<extra_id_0>"} <= added
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 400 + len(UL2Objective().special_tokens(32))
+
+
+def test_cli_eval_mode_token_missing_from_the_bundled_tokenizer(capsys):
+    from lorakit.cli import main as cli_main
+
+    assert cli_main(["eval", "--data", "add", "--eval-examples", "2", "--mode-token", "[S]", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "--mode-token '[S]' is not a special token" in err and "--objective ul2" in err
