@@ -189,3 +189,10 @@ def test_layer_removal_matches_a_model_built_without_the_layer():
     norms = layer_grad_norms(model, [ids])
     assert len(norms) == 4 and all(v > 0 for v in norms)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_cli_norm_options_reach_config():
+    from lorakit.pretrain.train import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--norm", "mix", "--mix-ln-alpha", "0.5", "--objective", "ul2"]))
+    assert (config.norm, config.mix_ln_alpha, config.objective) == ("mix", 0.5, "ul2")
