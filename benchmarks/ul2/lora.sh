@@ -20,14 +20,4 @@ for task in $TASKS; do
       > "$OUT.$name-$task.log" 2>&1 || echo "failed: $name $task (see $OUT.$name-$task.log)"
   done
 done
-python - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = {}
-for s in sorted(out.glob("*/summary.json")):
-    d = json.loads(s.read_text())
-    name, task = s.parent.name.rsplit("-", 1)
-    rows.setdefault(task, {})[name] = (d["before"]["exact_match"], d["after"]["exact_match"])
-print(json.dumps(rows, indent=1))
-PY
+python "$(dirname "$0")/table.py" "$(dirname "$RUNS")"
