@@ -110,6 +110,12 @@ def _load_examples(spec: str, split: str, n: int | None, default_per_task: int, 
     return load_examples(spec, split, n=n or default_per_task, seed=seed, tokenizer=tokenizer)
 
 
+def _with_mode_token(examples, mode_token: str, tokenizer):
+    from .pretrain.ul2 import with_mode_token  # a ConfigError (a LorakitError) when the token is not there
+
+    return with_mode_token(examples, mode_token, tokenizer)
+
+
 def _task_index(adapter: str | None, examples: Sequence[Any] | None = None, source: str = "") -> dict | None:
     """The adapter's saved task -> key id mapping, checked against ``examples`` (unknown task: DataError)."""
     from .data import check_tasks, read_task_index
@@ -330,6 +336,9 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         train_examples, eval_examples = train_examples[:-cut], train_examples[-cut:]
     else:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
+    if args.mode_token:
+        train_examples, eval_examples = (_with_mode_token(e, args.mode_token, tokenizer)
+                                         for e in (train_examples, eval_examples))
 
     torch.manual_seed(args.seed)
     if args.loram_ratio is not None:
@@ -380,6 +389,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
                "procedure": config.procedure, "procedure_args": dict(config.procedure_args or {}),
+               "mode_token": args.mode_token,
                "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
                "peak_memory_mb": result.peak_memory_mb, "steps": args.steps, "metrics_log": str(out / "metrics.jsonl"),
@@ -494,6 +504,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_adapter_config(args.adapter)  # a bad adapter folder fails before the model loads
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
+    if args.mode_token:
+        examples = _with_mode_token(examples, args.mode_token, tokenizer)
     # Keyed methods: the task ids the adapter was trained with (saved beside it), never a renumbering of the
     # tasks present in this data; a task the adapter does not know is an error.
     task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
@@ -1031,6 +1043,9 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "its first N lines (default: all)")
     t.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
     t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
+    t.add_argument("--mode-token", default=None, metavar="TOKEN",
+                   help="UL2 mode switching: prepend this mode token ([R], [S] or [X] of a base pretrained with "
+                        "--objective ul2) to every prompt, in training and evaluation (default: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     from .training.config import DISTRIBUTED_MODES
     t.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
@@ -1055,6 +1070,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
     e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    e.add_argument("--mode-token", default=None, metavar="TOKEN",
+                   help="UL2 mode token prepended to every prompt (use the one the adapter was trained with)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to evaluate at")
     e.set_defaults(func=cmd_eval)
