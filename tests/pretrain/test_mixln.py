@@ -141,9 +141,7 @@ def test_lora_trains_on_mixln_and_peft_loads_the_adapter(tmp_path):
     lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8))  # lorakit's default targets for lorakit-mixln
     assert any(n.startswith("model.layers.0.self_attn.q_proj.") and p.requires_grad  # a Post-LN layer
                for n, p in model.named_parameters())
-    lk.delete_adapter(model, "default")
-    # PEFT has no default targets for a model type it does not know: the saved config must name them
-    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    # PEFT has no default targets for a model type it does not know: the saved config names the resolved ones
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(5)
     first = None
@@ -158,6 +156,9 @@ def test_lora_trains_on_mixln_and_peft_loads_the_adapter(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     lk.save_adapter(model, tmp_path / "adapter")
+    import json
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert saved and set(saved) == set(lk.core.targeting.default_targets(model))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                            tmp_path / "adapter").eval()
     with torch.no_grad():

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, UnknownMethodError, did_you_mean,
-                           near_matches)
+from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetError, UnknownMethodError,
+                           did_you_mean, near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
@@ -59,6 +59,15 @@ def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     else:
         d["peft_type"] = method.name.upper()
         d["lorakit_method"] = method.name
+    if "target_modules" in d and d["target_modules"] is None:
+        # As PEFT saves them: the model type's default targets, resolved, so that a loader without the default
+        # (PEFT on a model type it does not know, e.g. lorakit-mixln) still finds them.
+        from ..core.targeting import default_targets
+
+        try:
+            d["target_modules"] = list(default_targets(model))
+        except TargetError:
+            pass
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
     # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
     d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
