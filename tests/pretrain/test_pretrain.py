@@ -209,3 +209,16 @@ def test_save_atomic_replaces_and_survives_failure(tmp_path):
         save_atomic(target, broken)
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_pretrain_reuses_a_given_tokenizer(tmp_path):
+    """``tokenizer=<model folder>`` (``--tokenizer``): the new base keeps that folder's token ids, as the second
+    bundled base keeps the first's (Trans-LoRA's logit distillation needs one tokenizer on both sides)."""
+    pretrain_base(tiny_config(tokenizer=str(BASE_MODEL_DIR), steps=2), tmp_path / "m", log=lambda line: None)
+    ours, theirs = AutoTokenizer.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
+    assert ours.get_vocab() == theirs.get_vocab()
+    text = "reverse: a b c => c b a 123"
+    assert ours(text).input_ids == theirs(text).input_ids
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.vocab_size == len(theirs)
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        tiny_config(tokenizer=str(tmp_path))
