@@ -1116,6 +1116,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
                    add_help=False)
     _add_federate(sub)
+    sub.add_parser("transfer", help="Trans-LoRA: move an adapter to another base model without its training data "
+                   "(see lorakit transfer --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
@@ -1187,6 +1189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_merge_adapters(argv[1:])
     if argv[:1] == ["quantize"]:
         return cmd_quantize(argv[1:])
+    if argv[:1] == ["transfer"]:
+        from .compose.translora import main as transfer_main
+        return transfer_main(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])
