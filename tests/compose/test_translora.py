@@ -129,7 +129,8 @@ def test_prompt_end_and_cut():
 def test_seed_with_separator_is_a_clear_error(tokenizer):
     seeds = [Example("line one\nline two =>", " x")] * 3
     with pytest.raises(ConfigError, match="separator"):
-        tl.sample_candidates(_source(tokenizer), tokenizer, seeds, 2, TransLoraConfig(**FAST), random.Random(0))
+        tl.sample_candidates(_source(tokenizer), tokenizer, seeds, 2, TransLoraConfig(**FAST, separator="\n"),
+                             random.Random(0))
 
 
 def test_mismatched_tokenizers_error_for_logit_distillation(tokenizer, real):

@@ -18,7 +18,9 @@ Move a LoRA trained on a source base S to a target base T without the data it wa
      (Hinton et al. 2015), which needs the same tokenizer on both sides (checked; a clear error otherwise).
 
 Few-shot prompt format (ours; the paper prompts instruction-tuned LLMs in words, which ~5M-parameter bases
-cannot follow): the seeds as ``prompt + completion`` lines joined by ``separator``; a sampled line is cut after
+cannot follow): the seeds as ``prompt + completion`` examples, each ended by ``separator`` (default: the
+tokenizer's EOS + BOS, the document boundary the bases were pretrained with, so the next document the model
+writes is a new example; ``"\n"`` suits models that read lists of lines); a sampled example is cut after
 the first ``prompt_end`` (default: the longest common suffix of the seed prompts, e.g. ``" =>"``) and what comes
 before is a candidate prompt. The discriminator sees the prompt alone (what the teacher will answer).
 
@@ -77,7 +79,7 @@ class TransLoraConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 48
-    separator: str = "\n"
+    separator: str | None = None
     prompt_end: str | None = None
     generator: str = "target"
     disc_r: int = 8
@@ -108,8 +110,9 @@ class TransLoraConfig:
                 raise ConfigError(f"TransLoraConfig.{name} must be > 0, got {getattr(self, name)}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"TransLoraConfig.top_p must be in (0, 1], got {self.top_p}.")
-        if not self.separator:
-            raise ConfigError("TransLoraConfig.separator must be a non-empty string (it ends each few-shot line).")
+        if self.separator is not None and not self.separator:
+            raise ConfigError("TransLoraConfig.separator must be a non-empty string (it ends each few-shot example) "
+                              "or None (the tokenizer's EOS + BOS, the document boundary of pretraining).")
 
 
 @dataclass
@@ -184,11 +187,15 @@ def sample_candidates(model: nn.Module, tokenizer: Any, seeds: Sequence[Example]
     Returns (candidate prompts, number sampled): rows whose line holds no ``prompt_end`` are dropped.
     """
     prompt_end = default_prompt_end(seeds) if config.prompt_end is None else config.prompt_end
+    separator = config.separator or (tokenizer.eos_token or "") + (tokenizer.bos_token or "")
+    if not separator:
+        raise ConfigError("the tokenizer has no EOS/BOS token to separate few-shot examples; set "
+                          "TransLoraConfig.separator (e.g. '\\n').")
     contexts = []
     for _ in range(n):
         order = list(seeds)
         rng.shuffle(order)
-        contexts.append(encode_prompt(tokenizer, few_shot_context(order, config.separator)))
+        contexts.append(encode_prompt(tokenizer, few_shot_context(order, separator)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(map(len, contexts))
     ids = torch.full((n, width), pad, dtype=torch.long)
@@ -207,7 +214,7 @@ def sample_candidates(model: nn.Module, tokenizer: Any, seeds: Sequence[Example]
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    cut = (cut_candidate(t, config.separator, prompt_end) for t in texts)
+    cut = (cut_candidate(t, separator, prompt_end) for t in texts)
     return [c for c in cut if c is not None], n
 
 
