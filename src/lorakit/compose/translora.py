@@ -465,28 +465,3 @@ def build_parser():
                        help=f"default: {getattr(defaults, f.name)!r}")
     return p
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``lorakit transfer``; prints the summary as JSON. Exit 2 with a one-line error for bad input."""
-    import json
-    import sys
-
-    from ..cli import check_output_dir
-    from ..core.errors import LorakitError as Error
-    from ..data import load_examples
-    from ..hub import load_tokenizer
-
-    args = build_parser().parse_args(argv)
-    try:
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
-        check_output_dir(args.output, "--output", overwrite=args.overwrite)
-        tokenizer = load_tokenizer(args.source_model)
-        real = load_examples(args.data, "train", args.real_examples, config.seed, tokenizer)
-        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
-    except (Error, ValueError, FileNotFoundError) as e:
-        print(f"lorakit transfer: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.summary()))
-    return 0
