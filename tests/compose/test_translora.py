@@ -197,3 +197,28 @@ def test_loaded_source_adapter_is_the_teacher(tokenizer, real, tmp_path):
     prompts = [ex.prompt for ex in result.examples]
     assert [ex.completion for ex in result.examples] == generate_completions(source, tokenizer, prompts,
                                                                              max_new_tokens=FAST["max_new_tokens"])
+
+
+def test_cli_transfer_writes_adapter_and_record(tmp_path, tokenizer, capsys):
+    """``lorakit transfer`` end to end on two tiny model folders (the bundled tokenizer saved with each)."""
+    from lorakit.cli import main
+    from lorakit.io.peft_format import read_adapter_config
+
+    source = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id)
+    source.save_pretrained(tmp_path / "S")
+    tokenizer.save_pretrained(tmp_path / "S")
+    _target(tokenizer).save_pretrained(tmp_path / "T")
+    tokenizer.save_pretrained(tmp_path / "T")
+    add_adapter(source, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    save_adapter(source, tmp_path / "A")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    code = main(["transfer", "--adapter", str(tmp_path / "A"), "--source-model", str(tmp_path / "S"),
+                 "--target-model", str(tmp_path / "T"), "--data", "reverse", "--real-examples", "6",
+                 "--output", str(tmp_path / "out"), *flags])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((tmp_path / "out" / "translora.json").read_text())
+    assert record["kept"] == summary["kept"] > 0 and record["paper"] == "arXiv:2405.17258"
+    assert record["target_model"] == str(tmp_path / "T") and record["config"]["n_seeds"] == 3
+    assert read_adapter_config(tmp_path / "out").r == 2
+    load_adapter(_target(tokenizer), tmp_path / "out")
