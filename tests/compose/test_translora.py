@@ -222,3 +222,27 @@ def test_cli_transfer_writes_adapter_and_record(tmp_path, tokenizer, capsys):
     assert record["target_model"] == str(tmp_path / "T") and record["config"]["n_seeds"] == 3
     assert read_adapter_config(tmp_path / "out").r == 2
     load_adapter(_target(tokenizer), tmp_path / "out")
+
+
+@pytest.mark.parametrize("generator", ["target", "source", "teacher"])
+def test_who_writes_the_synthetic_prompts(tokenizer, real, generator, monkeypatch):
+    """Paper Fig. 1: the source *base* writes the discriminator's synthetic data; the transfer candidates come from
+    the target base ("target", the paper's choice), the source base ("source") or the source base + LoRA ("teacher")."""
+    from lorakit.core.model import active_adapters, adapter_state
+
+    source, target = _source(tokenizer), _target(tokenizer)
+    calls = []
+    real_sample = tl.sample_candidates
+
+    def spy(model, *args, **kwargs):
+        on = adapter_state(model).disabled == 0
+        calls.append(("target" if model is target else "source",
+                      tuple(active_adapters(model)) if on else ()))
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(tl, "sample_candidates", spy)
+    transfer_models(source, tokenizer, target, tokenizer, real, TransLoraConfig(**{**FAST, "max_rounds": 1},
+                                                                                generator=generator))
+    assert calls[0] == ("source", ())  # discriminator data: the source base, adapters off
+    expected = {"target": ("target", ()), "source": ("source", ()), "teacher": ("source", ("default",))}[generator]
+    assert calls[1:] == [expected]

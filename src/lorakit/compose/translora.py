@@ -7,7 +7,8 @@ Move a LoRA trained on a source base S to a target base T without the data it wa
      writes synthetic prompts; a LoRA on S learns to answer `` True`` after a real prompt and `` False`` after a
      synthetic one (equal numbers of each). Its score is P(real | x) = softmax over the two answers'
      log-likelihoods, ``p = exp ℓ_T / (exp ℓ_T + exp ℓ_F)``, ``ℓ_a = Σ_t log p_S+disc(a_t | x, a_<t)``.
-  2. synthesis: T (the paper's generator; ``generator="source"`` uses S), few-shot prompted with the same seeds,
+  2. synthesis: T (the paper's generator; ``generator="source"`` uses S, ``"teacher"`` S + the source LoRA),
+     few-shot prompted with the same seeds,
      samples candidate prompts; a candidate is kept when the discriminator judges it real, ``p > threshold``
      (rejection sampling, in rounds, until ``n_synthetic`` are kept or ``max_rounds`` are spent).
   3. distillation: the teacher S + source LoRA labels every kept prompt with its greedy completion, and a fresh
@@ -37,7 +38,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,12 @@ from torch import nn
 
 from ..core.config import check_positive_ints
 from ..core.errors import ConfigError, LorakitError, did_you_mean
-from ..core.model import adapter_names, adapter_state, add_adapter, delete_adapter, set_adapter
+from ..core.model import adapter_names, adapter_state, add_adapter, delete_adapter, disable_adapters, set_adapter
 from ..data.collate import encode_prompt
 from ..data.evaluate import generate_completions
 from ..data.example import Example
 
-GENERATORS = ("target", "source")
+GENERATORS = ("target", "source", "teacher")
 DISTILL = ("completions", "logits")
 DISCRIMINATOR = "translora_discriminator"
 DISC_QUESTION = "Is this a real example? {text}\nAnswer:"
@@ -65,7 +66,8 @@ class TransLoraConfig:
     - ``n_synthetic``: filtered synthetic prompts to distill on; ``candidates_per_round`` sampled per round,
       at most ``max_rounds`` rounds. ``temperature``/``top_p``: sampling of candidates; ``max_new_tokens``:
       tokens sampled per candidate. ``separator``/``prompt_end``: the few-shot format (module docstring).
-    - ``generator``: which base writes the transfer candidates, "target" (paper) or "source".
+    - ``generator``: which model writes the transfer candidates: "target" (the target base, paper), "source" (the
+      source base) or "teacher" (the source base + the source adapter).
     - ``disc_r``, ``disc_steps``, ``disc_lr``, ``disc_batch_size``: the discriminator LoRA and its training;
       ``threshold``: keep a candidate when P(real) > threshold (paper: classified real, 0.5).
     - ``distill``: "completions" (paper) or "logits" (same tokenizer only); ``kd_temperature``: τ of the
@@ -279,7 +281,8 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
     for _ in range(config.max_rounds):
         if len(synthetic) >= len(real):
             break
-        synthetic += sample_candidates(model, tokenizer, seeds, config.candidates_per_round, config, rng)[0]
+        with disable_adapters(model):  # the source *base* imitates the seeds (paper Fig. 1, step 2)
+            synthetic += sample_candidates(model, tokenizer, seeds, config.candidates_per_round, config, rng)[0]
     synthetic = synthetic[: len(real)]
     if not synthetic:
         raise LorakitError("the source model wrote no usable synthetic prompt in "
@@ -301,19 +304,18 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
             "final_loss": round(result.losses[-1], 4)}
 
 
-def synthesize(generator: nn.Module, generator_tokenizer: Any, discriminator: nn.Module, tokenizer: Any,
-               seeds: Sequence[Example], config: TransLoraConfig, rng: random.Random) -> tuple[list[str], int, int]:
-    """Rejection sampling: rounds of ``candidates_per_round`` samples of ``generator``, kept when the
-    ``discriminator`` (the source base with its discriminator adapter active) says real, until ``n_synthetic``
-    are kept or ``max_rounds`` are spent. Returns (kept prompts, candidates sampled, rounds run)."""
+def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[list[str]], torch.Tensor],
+               config: TransLoraConfig) -> tuple[list[str], int, int]:
+    """Rejection sampling: rounds of ``sample(candidates_per_round)`` (candidate prompts, number sampled), kept where
+    ``score`` (the discriminator's P(real)) exceeds ``threshold``, until ``n_synthetic`` are kept or ``max_rounds``
+    are spent. Returns (kept prompts, candidates sampled, rounds run)."""
     kept: list[str] = []
     sampled = rounds = 0
     while len(kept) < config.n_synthetic and rounds < config.max_rounds:
-        candidates, n = sample_candidates(generator, generator_tokenizer, seeds, config.candidates_per_round, config, rng)
+        candidates, n = sample(config.candidates_per_round)
         sampled, rounds = sampled + n, rounds + 1
         if candidates:
-            kept += filter_candidates(candidates, discriminator_scores(discriminator, tokenizer, candidates),
-                                      config.threshold)
+            kept += filter_candidates(candidates, score(candidates), config.threshold)
     return kept[: config.n_synthetic], sampled, rounds
 
 
@@ -380,11 +382,20 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     torch.manual_seed(config.seed)
     seeds = real_examples[: config.n_seeds]
     stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
-    generator, generator_tokenizer = ((target, target_tokenizer) if config.generator == "target"
-                                      else (source, source_tokenizer))
-    if config.generator == "source":
+    def sample(n: int) -> tuple[list[str], int]:
+        if config.generator == "target":
+            return sample_candidates(target, target_tokenizer, seeds, n, config, rng)
+        if config.generator == "teacher":
+            set_adapter(source, adapter_name)
+            return sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+        with disable_adapters(source):
+            return sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+
+    def score(prompts: list[str]) -> torch.Tensor:
         set_adapter(source, DISCRIMINATOR)
-    kept, sampled, rounds = synthesize(generator, generator_tokenizer, source, source_tokenizer, seeds, config, rng)
+        return discriminator_scores(source, source_tokenizer, prompts)
+
+    kept, sampled, rounds = synthesize(sample, score, config)
     if not kept:
         raise LorakitError(f"the discriminator kept none of {sampled} synthetic prompts (threshold {config.threshold}); "
                            "lower TransLoraConfig.threshold, raise max_rounds, or give more real examples.")
