@@ -805,6 +805,29 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_transfer(argv: Sequence[str]) -> int:
+    """``lorakit transfer --adapter A --source-model S --target-model T --data D --output OUT``: Trans-LoRA
+    (lorakit.compose.translora.transfer); prints its summary as JSON. Bad input: one-line error, exit 2."""
+    import dataclasses
+
+    from .compose.translora import TransLoraConfig, build_parser, transfer
+    from .data import load_examples
+    from .hub import load_tokenizer
+
+    args = build_parser().parse_args(argv)
+    try:
+        _set_threads(args)
+        config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
+        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
+        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        print(f"lorakit transfer: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary()))
+    return 0
+
+
 def cmd_quantize(argv: Sequence[str]) -> int:
     """``lorakit quantize --method rtn|cbq --bits B``: post-training weight quantization (W{B}A16) of a model's
     transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
@@ -1214,6 +1237,8 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     sub.add_parser("generate-adapter", help="ICM-LoRA: generate a LoRA for a task, or `generate-adapter train` a "
                    "generator (see lorakit generate-adapter --help)", add_help=False)
     _add_federate(sub)
+    sub.add_parser("transfer", help="Trans-LoRA: move an adapter to another base model without its training data "
+                   "(see lorakit transfer --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
     sub.add_parser("diffusion", help="small diffusion model on the bundled digits: train-base, train-loras, "
@@ -1297,6 +1322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["compose-image"]:
         from .diffusion.cli import compose_main
         return compose_main(argv[1:])
+    if argv[:1] == ["transfer"]:
+        return cmd_transfer(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])

@@ -8,20 +8,23 @@ from pathlib import Path
 
 import torch
 
-from .assets import BASE_MODEL_PATH
+from .assets import BUNDLED_MODELS
 from .core.errors import LorakitError
 
 BUNDLED = "bundled"
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """The folder or hub id to load; raises LorakitError for an adapter folder given as a model."""
-    if model in (None, "", BUNDLED):
-        if not (BASE_MODEL_PATH / "config.json").is_file():
-            raise LorakitError(
-                f"the bundled base model is missing at {BASE_MODEL_PATH}; rebuild it with `lorakit pretrain-base`."
-            )
-        return str(BASE_MODEL_PATH)
+    """The folder or hub id to load; raises LorakitError for an adapter folder given as a model.
+
+    ``None``/``""``/``"bundled"`` is the bundled base, ``"bundled-small"`` the second, smaller bundled base."""
+    if model in (None, "") or (isinstance(model, str) and model in BUNDLED_MODELS):
+        name = model or BUNDLED
+        path = BUNDLED_MODELS[name]
+        if not (path / "config.json").is_file():
+            raise LorakitError(f"the bundled base model {name!r} is missing at {path}; rebuild it with "
+                               f"`lorakit pretrain-base` (its pretrain_info.json in the repository has the options).")
+        return str(path)
     path = Path(model)
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise LorakitError(f"{path} is an adapter folder, not a model: pass it as --adapter (and its base model as "

@@ -209,3 +209,32 @@ def test_save_atomic_replaces_and_survives_failure(tmp_path):
         save_atomic(target, broken)
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_pretrain_reuses_a_given_tokenizer(tmp_path):
+    """``tokenizer=<model folder>`` (``--tokenizer``): the new base keeps that folder's token ids, as the second
+    bundled base keeps the first's (Trans-LoRA's logit distillation needs one tokenizer on both sides)."""
+    pretrain_base(tiny_config(tokenizer=str(BASE_MODEL_DIR), steps=2), tmp_path / "m", log=lambda line: None)
+    ours, theirs = AutoTokenizer.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
+    assert ours.get_vocab() == theirs.get_vocab()
+    text = "reverse: a b c => c b a 123"
+    assert ours(text).input_ids == theirs(text).input_ids
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.vocab_size == len(theirs)
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        tiny_config(tokenizer=str(tmp_path))
+
+
+def test_second_bundled_base_shares_the_tokenizer_and_differs_in_shape():
+    """'bundled-small' (assets/base_model_small): another Llama shape, the same token ids, small enough to ship."""
+    from lorakit.assets import SMALL_BASE_MODEL_PATH
+    from lorakit.hub import load_tokenizer, resolve_model_path
+
+    assert resolve_model_path("bundled-small") == str(SMALL_BASE_MODEL_PATH)
+    small = AutoModelForCausalLM.from_pretrained(SMALL_BASE_MODEL_PATH).config
+    big = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR).config
+    for name in ("hidden_size", "num_hidden_layers", "head_dim"):
+        assert getattr(small, name) != getattr(big, name)
+    assert load_tokenizer("bundled-small").get_vocab() == load_tokenizer("bundled").get_vocab()
+    assert sum(p.stat().st_size for p in SMALL_BASE_MODEL_PATH.iterdir()) < 15 * 1024 * 1024
+    info = json.loads((SMALL_BASE_MODEL_PATH / "pretrain_info.json").read_text())
+    assert info["config"]["tokenizer"].endswith("base_model")

@@ -29,7 +29,7 @@ from lorakit.assets import BASE_MODEL_PATH
 from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.mixln import MixLNForCausalLM, check_alpha, mixln_config
-from lorakit.pretrain.tokenizer import save_tokenizer, train_tokenizer
+from lorakit.pretrain.tokenizer import save_tokenizer, train_tokenizer, wrap_tokenizer
 
 BASE_MODEL_DIR = BASE_MODEL_PATH
 
@@ -72,7 +72,9 @@ class PretrainConfig:
     objective: str = "causal"
     norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
     mix_ln_alpha: float = 0.25
-    # tokenizer and model shape
+    # tokenizer and model shape. ``tokenizer``: a model folder whose tokenizer is reused as is (e.g. the bundled
+    # base's, so a second base shares its token ids); empty trains a new one of ``vocab_size`` tokens.
+    tokenizer: str = ""
     vocab_size: int = 4096
     hidden_size: int = 256
     num_layers: int = 6
@@ -112,6 +114,9 @@ class PretrainConfig:
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings "
                               f"({self.max_position_embeddings}); lower seq_len or raise the other.")
+        if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise ConfigError(f"PretrainConfig.tokenizer={self.tokenizer!r} is not a folder with a tokenizer.json; "
+                              "pass a model folder (e.g. the bundled base's) or leave it empty to train one.")
         if self.vocab_size < 300:
             raise ConfigError(f"vocab_size must be >= 300 (256 bytes + special tokens), got {self.vocab_size}.")
         for name in ("steps", "batch_size", "seq_len", "num_layers", "log_every"):
@@ -139,6 +144,13 @@ def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int
         raise ConfigError(f"The corpus gives {len(stream)} tokens, fewer than two blocks of seq_len={seq_len}; "
                           "raise CorpusConfig.stdlib_chars.")
     return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)  # (N, T)
+
+
+def load_pretrained_tokenizer(folder: str | Path, model_max_length: int) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in ``folder`` (its ``tokenizer.json``), wrapped as ``train_tokenizer`` wraps a new one."""
+    from tokenizers import Tokenizer
+
+    return wrap_tokenizer(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")), model_max_length)
 
 
 def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -238,7 +250,9 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         corpus = build_corpus(config.corpus, task_source)
-        tokenizer = train_tokenizer(corpus.documents, config.vocab_size, model_max_length=config.max_position_embeddings)
+        tokenizer = (load_pretrained_tokenizer(config.tokenizer, config.max_position_embeddings) if config.tokenizer
+                     else train_tokenizer(corpus.documents, config.vocab_size,
+                                          model_max_length=config.max_position_embeddings))
         blocks = pack_corpus(corpus, tokenizer, config.seq_len, config.seed)
         objective = prepare_objective(config.objective, tokenizer, config.seq_len)  # may add tokens: before the model
         generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,478 @@
+"""Trans-LoRA: "Trans-LoRA: towards data-free Transferable Parameter Efficient Finetuning", Wang, Ghosh, Cox,
+Antognini, Oliva, Feris, Karlinsky, NeurIPS 2024, arXiv:2405.17258.
+
+Move a LoRA trained on a source base S to a target base T without the data it was trained on (paper Fig. 1):
+
+  1. discriminator, built on the source side while real data exists: S, few-shot prompted with seed examples,
+     writes synthetic prompts; a LoRA on S learns to answer `` True`` after a real prompt and `` False`` after a
+     synthetic one (equal numbers of each). Its score is P(real | x) = softmax over the two answers'
+     log-likelihoods, ``p = exp ℓ_T / (exp ℓ_T + exp ℓ_F)``, ``ℓ_a = Σ_t log p_S+disc(a_t | x, a_<t)``.
+  2. synthesis: T (the paper's generator; ``generator="source"`` uses S, ``"teacher"`` S + the source LoRA),
+     few-shot prompted with the same seeds,
+     samples candidate prompts; a candidate is kept when the discriminator judges it real, ``p > threshold``
+     (rejection sampling, in rounds, until ``n_synthetic`` are kept or ``max_rounds`` are spent).
+  3. distillation: the teacher S + source LoRA labels every kept prompt with its greedy completion, and a fresh
+     LoRA on T (the source adapter's config) is trained on them. ``distill="completions"`` (default) trains on
+     the teacher's text with the usual completion-only cross-entropy, the paper's choice as we read it: its
+     transfers cross tokenizers (Llama-2 -> Gemma), where only text can pass. ``distill="logits"`` instead
+     matches the teacher's next-token distributions on those completion tokens, ``τ² · KL(p_S/τ ‖ p_T/τ)``
+     (Hinton et al. 2015), which needs the same tokenizer on both sides (checked; a clear error otherwise).
+
+Few-shot prompt format (ours; the paper prompts instruction-tuned LLMs in words, which ~5M-parameter bases
+cannot follow): the seeds as ``prompt + completion`` examples, each ended by ``separator`` (default: the
+tokenizer's EOS + BOS, the document boundary the bases were pretrained with, so the next document the model
+writes is a new example; ``"\n"`` suits models that read lists of lines); a sampled example is cut after
+the first ``prompt_end`` (default: the longest common suffix of the seed prompts, e.g. ``" =>"``) and what comes
+before is a candidate prompt. The discriminator sees the prompt alone (what the teacher will answer).
+
+Provenance: no official code was found (the search and code corpora hold no Trans-LoRA repository; the paper's
+project link gave none), so this follows the paper's text and Fig. 1: the discriminator is a LoRA on the
+*source* base trained on real vs source-synthesized data, transfer data is synthesized by the *target* base
+and filtered by it, and the source model + LoRA is the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import check_positive_ints
+from ..core.errors import ConfigError, LorakitError, did_you_mean
+from ..core.model import adapter_names, adapter_state, add_adapter, delete_adapter, disable_adapters, set_adapter
+from ..data.collate import encode_prompt
+from ..data.evaluate import generate_completions
+from ..data.example import Example
+
+GENERATORS = ("target", "source", "teacher")
+DISTILL = ("completions", "logits")
+DISCRIMINATOR = "translora_discriminator"
+DISC_QUESTION = "Is this a real example? {text}\nAnswer:"
+REAL, SYNTHETIC = " True", " False"  # one token each in the bundled tokenizer: no length bias
+
+
+@dataclass
+class TransLoraConfig:
+    """How to transfer one adapter.
+
+    - ``n_seeds``: real examples shown in every few-shot prompt (the paper keeps 5 with the LoRA).
+    - ``n_synthetic``: filtered synthetic prompts to distill on; ``candidates_per_round`` sampled per round,
+      at most ``max_rounds`` rounds. ``temperature``/``top_p``: sampling of candidates; ``max_new_tokens``:
+      tokens sampled per candidate. ``separator``/``prompt_end``: the few-shot format (module docstring).
+    - ``generator``: which model writes the transfer candidates: "target" (the target base, paper), "source" (the
+      source base) or "teacher" (the source base + the source adapter).
+    - ``disc_r``, ``disc_steps``, ``disc_lr``, ``disc_batch_size``: the discriminator LoRA and its training;
+      ``threshold``: keep a candidate when P(real) > threshold (paper: classified real, 0.5).
+    - ``distill``: "completions" (paper) or "logits" (same tokenizer only); ``kd_temperature``: τ of the
+      logit KD. ``steps``, ``batch_size``, ``lr``: training of the target adapter. ``seed``: every draw.
+    """
+
+    n_seeds: int = 5
+    n_synthetic: int = 200
+    candidates_per_round: int = 64
+    max_rounds: int = 20
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 48
+    separator: str | None = None
+    prompt_end: str | None = None
+    generator: str = "target"
+    disc_r: int = 8
+    disc_steps: int = 100
+    disc_lr: float = 1e-3
+    disc_batch_size: int = 16
+    threshold: float = 0.5
+    distill: str = "completions"
+    kd_temperature: float = 1.0
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, "n_seeds", "n_synthetic", "candidates_per_round", "max_rounds", "max_new_tokens",
+                            "disc_r", "disc_steps", "disc_batch_size", "steps", "batch_size")
+        for name, choices in (("generator", GENERATORS), ("distill", DISTILL)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"TransLoraConfig.{name}={value!r} is not one of {choices}."
+                                  f"{did_you_mean(str(value), choices)}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"TransLoraConfig.threshold must be in [0, 1) (keep when P(real) > threshold), "
+                              f"got {self.threshold}.")
+        for name in ("temperature", "kd_temperature", "lr", "disc_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"TransLoraConfig.{name} must be > 0, got {getattr(self, name)}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"TransLoraConfig.top_p must be in (0, 1], got {self.top_p}.")
+        if self.separator is not None and not self.separator:
+            raise ConfigError("TransLoraConfig.separator must be a non-empty string (it ends each few-shot example) "
+                              "or None (the tokenizer's EOS + BOS, the document boundary of pretraining).")
+
+
+@dataclass
+class TransferResult:
+    """What ``transfer`` did: the kept synthetic set, the rounds of rejection sampling, the discriminator."""
+
+    adapter_dir: Path | None
+    examples: list[Example]
+    candidates: int = 0
+    kept: int = 0
+    rounds: int = 0
+    discriminator: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"candidates": self.candidates, "kept": self.kept, "rounds": self.rounds,
+                "keep_rate": round(self.kept / max(1, self.candidates), 4), "discriminator": self.discriminator,
+                "train": self.train, "adapter_dir": None if self.adapter_dir is None else str(self.adapter_dir)}
+
+
+def check_same_tokenizer(source_tokenizer: Any, target_tokenizer: Any) -> None:
+    """Raise LorakitError unless both tokenizers map every token to the same id (with the same specials)."""
+    vs, vt = source_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    if vs != vt:
+        only_s, only_t = sorted(set(vs) - set(vt))[:3], sorted(set(vt) - set(vs))[:3]
+        moved = sorted(k for k in set(vs) & set(vt) if vs[k] != vt[k])[:3]
+        raise LorakitError(
+            f"the source and target tokenizers differ (vocab {len(vs)} vs {len(vt)}; only in source: {only_s}, "
+            f"only in target: {only_t}, other ids: {moved}); logit distillation compares the two models token by "
+            "token, so it needs one tokenizer. Use distill='completions' (text labels, as the paper) instead.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(source_tokenizer, name) != getattr(target_tokenizer, name):
+            raise LorakitError(f"the source and target tokenizers disagree on {name} "
+                               f"({getattr(source_tokenizer, name)} vs {getattr(target_tokenizer, name)}).")
+
+
+def default_prompt_end(seeds: Sequence[Example]) -> str:
+    """The longest common suffix of the seed prompts ("" when they share none)."""
+    prompts = [s.prompt for s in seeds]
+    end = 0
+    while end < min(map(len, prompts)) and len({p[len(p) - end - 1] for p in prompts}) == 1:
+        end += 1
+    return prompts[0][len(prompts[0]) - end:] if end else ""
+
+
+def few_shot_context(seeds: Sequence[Example], separator: str) -> str:
+    """The seeds as ``prompt + completion`` lines, each ended by ``separator``."""
+    for s in seeds:
+        if separator in s.prompt + s.completion:
+            raise ConfigError(f"seed example {s.prompt!r} contains the few-shot separator {separator!r}; pass a "
+                              "separator no seed contains (TransLoraConfig.separator / --separator).")
+    return "".join(s.prompt + s.completion + separator for s in seeds)
+
+
+def cut_candidate(text: str, separator: str, prompt_end: str) -> str | None:
+    """The prompt in a sampled line: the text up to and including the first ``prompt_end`` (the whole line when
+    ``prompt_end`` is ""); None when the line ends (``separator``) first or the prompt is blank."""
+    line = text.split(separator, 1)[0]
+    if prompt_end:
+        at = line.find(prompt_end)
+        if at < 0:
+            return None
+        line = line[: at + len(prompt_end)]
+    return line if line.strip() and line.strip() != prompt_end.strip() else None
+
+
+@torch.no_grad()
+def sample_candidates(model: nn.Module, tokenizer: Any, seeds: Sequence[Example], n: int, config: TransLoraConfig,
+                      rng: random.Random) -> tuple[list[str], int]:
+    """``n`` samples from ``model`` few-shot prompted with ``seeds`` (shuffled per row), cut into prompts.
+
+    Returns (candidate prompts, number sampled): rows whose line holds no ``prompt_end`` are dropped.
+    """
+    prompt_end = default_prompt_end(seeds) if config.prompt_end is None else config.prompt_end
+    separator = config.separator or (tokenizer.eos_token or "") + (tokenizer.bos_token or "")
+    if not separator:
+        raise ConfigError("the tokenizer has no EOS/BOS token to separate few-shot examples; set "
+                          "TransLoraConfig.separator (e.g. '\\n').")
+    contexts = []
+    for _ in range(n):
+        order = list(seeds)
+        rng.shuffle(order)
+        contexts.append(encode_prompt(tokenizer, few_shot_context(order, separator)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, contexts))
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for row, context in enumerate(contexts):  # left padding: every row continues at the same column
+        ids[row, width - len(context):] = torch.tensor(context)
+        mask[row, width - len(context):] = 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(rng.randrange(2**31))
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                             temperature=config.temperature, top_p=config.top_p, top_k=0,
+                             max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    cut = (cut_candidate(t, separator, prompt_end) for t in texts)
+    return [c for c in cut if c is not None], n
+
+
+def _disc_example(text: str, real: bool) -> Example:
+    return Example(DISC_QUESTION.format(text=text), REAL if real else SYNTHETIC)
+
+
+@torch.no_grad()
+def discriminator_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """P(real) of each prompt under the model's active adapters, (len(prompts),) float32 in [0, 1].
+
+    ``ℓ_a`` is the summed log-probability of answer ``a`` (its tokens, EOS excluded) after the discriminator
+    question; P(real) = softmax(ℓ_yes, ℓ_no)[0]."""
+    device = next(model.parameters()).device
+    answers = [list(tokenizer.encode(a, add_special_tokens=False)) for a in (REAL, SYNTHETIC)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            questions = [encode_prompt(tokenizer, DISC_QUESTION.format(text=p)) for p in prompts[start: start + batch_size]]
+            loglik = []
+            for answer in answers:
+                rows = [q + answer for q in questions]
+                width = max(map(len, rows))
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, row in enumerate(rows):  # right padding: the answer sits right after its question
+                    ids[r, : len(row)] = torch.tensor(row)
+                    mask[r, : len(row)] = 1
+                logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+                total = torch.zeros(len(rows), device=device)
+                for r, q in enumerate(questions):  # logits at t predict token t + 1
+                    positions = torch.arange(len(q) - 1, len(q) - 1 + len(answer), device=device)
+                    total[r] = logp[r, positions, torch.tensor(answer, device=device)].sum()
+                loglik.append(total)
+            scores.append(torch.stack(loglik, dim=-1).softmax(-1)[:, 0].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def filter_candidates(prompts: Sequence[str], scores: torch.Tensor, threshold: float) -> list[str]:
+    """The prompts the discriminator judges real: ``scores[i] > threshold`` (paper: keep what it calls real)."""
+    return [p for p, s in zip(prompts, scores.tolist()) if s > threshold]
+
+
+def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example], config: TransLoraConfig,
+                        rng: random.Random) -> dict[str, Any]:
+    """Add adapter ``DISCRIMINATOR`` to the source base ``model`` and train it on the prompts of ``real`` (label
+    yes) against as many prompts the base, few-shot prompted with the first ``n_seeds`` of ``real``, writes (no).
+
+    Run with the source LoRA inactive (the paper's synthetic data for the discriminator comes from the source
+    *model*). Returns its accuracy on its training set and the counts.
+    """
+    from ..methods.lora import LoraConfig
+    from ..training import TrainConfig, train
+
+    seeds = list(real[: config.n_seeds])
+    synthetic: list[str] = []
+    for _ in range(config.max_rounds):
+        if len(synthetic) >= len(real):
+            break
+        with disable_adapters(model):  # the source *base* imitates the seeds (paper Fig. 1, step 2)
+            synthetic += sample_candidates(model, tokenizer, seeds, config.candidates_per_round, config, rng)[0]
+    synthetic = synthetic[: len(real)]
+    if not synthetic:
+        raise LorakitError("the source model wrote no usable synthetic prompt in "
+                           f"{config.max_rounds} rounds (none held prompt_end={config.prompt_end!r}); check the seeds, "
+                           "or set TransLoraConfig.prompt_end / separator to match their format.")
+    examples = [_disc_example(ex.prompt, True) for ex in real] + [_disc_example(p, False) for p in synthetic]
+    rng.shuffle(examples)
+    disc = LoraConfig(r=config.disc_r, lora_alpha=2 * config.disc_r, target_modules="all-linear")
+    add_adapter(model, disc, DISCRIMINATOR)
+    set_adapter(model, DISCRIMINATOR)
+    result = train(model, tokenizer, examples, TrainConfig(steps=config.disc_steps, batch_size=config.disc_batch_size,
+                                                             lr=config.disc_lr, seed=config.seed, output_dir=None,
+                                                             lr_schedule="cosine"), adapter_name=DISCRIMINATOR,
+                   progress=False)
+    texts = [ex.prompt for ex in real] + synthetic
+    labels = torch.tensor([1.0] * len(real) + [0.0] * len(synthetic))
+    accuracy = ((discriminator_scores(model, tokenizer, texts) > 0.5).float() == labels).float().mean().item()
+    return {"real": len(real), "synthetic": len(synthetic), "train_accuracy": round(accuracy, 4),
+            "final_loss": round(result.losses[-1], 4)}
+
+
+def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[list[str]], torch.Tensor],
+               config: TransLoraConfig) -> tuple[list[str], int, int]:
+    """Rejection sampling: rounds of ``sample(candidates_per_round)`` (candidate prompts, number sampled), kept where
+    ``score`` (the discriminator's P(real)) exceeds ``threshold``, until ``n_synthetic`` are kept or ``max_rounds``
+    are spent. Returns (kept prompts, candidates sampled, rounds run)."""
+    kept: list[str] = []
+    sampled = rounds = 0
+    while len(kept) < config.n_synthetic and rounds < config.max_rounds:
+        candidates, n = sample(config.candidates_per_round)
+        sampled, rounds = sampled + n, rounds + 1
+        if candidates:
+            kept += filter_candidates(candidates, score(candidates), config.threshold)
+    return kept[: config.n_synthetic], sampled, rounds
+
+
+def _distill_logits(teacher: nn.Module, student: nn.Module, tokenizer: Any, examples: Sequence[Example],
+                    config: TransLoraConfig) -> dict[str, Any]:
+    """Train the student's active adapter on ``τ² · KL(softmax(z_S/τ) ‖ softmax(z_T/τ))`` averaged over the
+    completion tokens of ``examples`` (the teacher's greedy answers + EOS); AdamW, cosine decay."""
+    from ..data.collate import CausalLMCollator, tokenize_example
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / config.steps)).item()))
+    rows = [tokenize_example(ex, tokenizer) for ex in examples]
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    device = next(student.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    tau, losses = config.kd_temperature, []
+    teacher.eval()
+    student.train()
+    for _ in range(config.steps):
+        pick = torch.randint(len(rows), (min(config.batch_size, len(rows)),), generator=generator).tolist()
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in pick]).items() if torch.is_tensor(v)}
+        with torch.no_grad():
+            z_s = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        z_t = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        on = batch["labels"][:, 1:] != -100  # (B, T-1): positions whose next token is a completion token
+        kl = F.kl_div((z_t[on] / tau).log_softmax(-1), (z_s[on] / tau).log_softmax(-1), log_target=True,
+                      reduction="batchmean") * tau**2
+        kl.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(kl.item())
+    student.eval()
+    return {"steps": config.steps, "first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4)}
+
+
+def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module, target_tokenizer: Any,
+                    real_examples: Sequence[Example], config: TransLoraConfig | None = None, *,
+                    adapter_name: str = "default", target_adapter_config=None) -> TransferResult:
+    """Trans-LoRA on loaded models: ``source`` carries the trained adapter ``adapter_name``; a fresh adapter of the
+    same config (or ``target_adapter_config``) named ``adapter_name`` is added to ``target`` and trained.
+
+    ``real_examples``: the real data the discriminator is trained on (the paper: the source LoRA's training data,
+    available on the source side); its first ``n_seeds`` are the few-shot seeds. Only these seeds and the
+    discriminator are used at transfer time. ``target`` ends with the trained adapter active.
+    Raises LorakitError for mismatched tokenizers under ``distill="logits"``, an empty ``real_examples``, or a
+    synthesis that kept nothing; ConfigError for a bad config.
+    """
+    from ..training import TrainConfig, train
+
+    config = config or TransLoraConfig()
+    real_examples = list(real_examples)
+    if len(real_examples) < config.n_seeds:
+        raise LorakitError(f"Trans-LoRA needs at least n_seeds={config.n_seeds} real examples (the few-shot seeds), "
+                           f"got {len(real_examples)}.")
+    if adapter_name not in adapter_names(source):
+        raise LorakitError(f"the source model has no adapter {adapter_name!r} (it has {adapter_names(source)}).")
+    if config.distill == "logits":
+        check_same_tokenizer(source_tokenizer, target_tokenizer)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    seeds = real_examples[: config.n_seeds]
+    stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
+    def sample(n: int) -> tuple[list[str], int]:
+        if config.generator == "target":
+            return sample_candidates(target, target_tokenizer, seeds, n, config, rng)
+        if config.generator == "teacher":
+            set_adapter(source, adapter_name)
+            return sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+        with disable_adapters(source):
+            return sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+
+    def score(prompts: list[str]) -> torch.Tensor:
+        set_adapter(source, DISCRIMINATOR)
+        return discriminator_scores(source, source_tokenizer, prompts)
+
+    kept, sampled, rounds = synthesize(sample, score, config)
+    if not kept:
+        raise LorakitError(f"the discriminator kept none of {sampled} synthetic prompts (threshold {config.threshold}); "
+                           "lower TransLoraConfig.threshold, raise max_rounds, or give more real examples.")
+    delete_adapter(source, DISCRIMINATOR)
+    set_adapter(source, adapter_name)
+    answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
+    examples = [Example(p, a) for p, a in zip(kept, answers)]
+    fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],
+                                                         inference_mode=False)
+    add_adapter(target, fresh, adapter_name)
+    set_adapter(target, adapter_name)
+    if config.distill == "completions":
+        run = train(target, target_tokenizer, examples, TrainConfig(steps=config.steps, batch_size=config.batch_size,
+                                                                   lr=config.lr, seed=config.seed, output_dir=None,
+                                                                   lr_schedule="cosine"),
+                    adapter_name=adapter_name, progress=False)
+        summary = {"steps": run.steps, "first_loss": round(run.losses[0], 4), "final_loss": round(run.losses[-1], 4)}
+    else:
+        summary = _distill_logits(source, target, target_tokenizer, examples, config)
+    return TransferResult(None, examples, candidates=sampled, kept=len(kept), rounds=rounds, discriminator=stats,
+                          train=summary)
+
+
+
+def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None, target_model: str | os.PathLike | None,
+             real_examples: Sequence[Example], output: str | os.PathLike, config: TransLoraConfig | None = None, *,
+             device: str = "cpu") -> TransferResult:
+    """Trans-LoRA from files: load ``adapter`` onto ``source_model`` (a model name as ``lorakit.hub`` takes:
+    None/"bundled", "bundled-small", a folder or cached hub id), transfer it to ``target_model`` and write the new
+    adapter (PEFT layout) plus ``translora.json`` (what was done) to ``output`` atomically.
+
+    Raises AdapterLoadError for a missing/invalid adapter folder (before any model loads), LorakitError for a
+    model that cannot be loaded and for the conditions ``transfer_models`` lists.
+    """
+    import json
+
+    from ..hub import load_model_and_tokenizer
+    from ..io.peft_format import load_adapter, read_adapter_config, save_adapter
+    from ..training.checkpoint import write_dir_atomically
+
+    read_adapter_config(adapter)  # a bad adapter folder fails before the models load
+    source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)
+    target, target_tokenizer = load_model_and_tokenizer(target_model, device=device)
+    load_adapter(source, adapter)
+    result = transfer_models(source, source_tokenizer, target, target_tokenizer, real_examples, config)
+
+    def write(folder: Path) -> None:
+        save_adapter(target, folder)
+        info = {"method": "trans-lora", "paper": "arXiv:2405.17258", "source_adapter": str(adapter),
+                "source_model": str(source_model or "bundled"), "target_model": str(target_model or "bundled"),
+                "config": dataclasses.asdict(config or TransLoraConfig()), **result.summary(),
+                "synthetic_examples": [dataclasses.asdict(ex) for ex in result.examples[:20]]}
+        (folder / "translora.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    result.adapter_dir = write_dir_atomically(output, write)
+    return result
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lorakit transfer", description="Trans-LoRA (arXiv:2405.17258): move an adapter "
+                                "to a new base model without its training data (synthetic prompts from the target "
+                                "base, filtered by a discriminator LoRA, labelled by the source model + adapter).")
+    p.add_argument("--adapter", required=True, help="the trained adapter folder on the source model")
+    p.add_argument("--source-model", default=None, help="the adapter's base (default: bundled)")
+    p.add_argument("--target-model", required=True, help="the new base: bundled-small, bundled, a folder or hub id")
+    p.add_argument("--data", required=True, help="real examples for the discriminator (the first --n-seeds are the "
+                   "few-shot seeds): built-in task name(s) or a JSONL file")
+    p.add_argument("--real-examples", type=int, default=100, help="how many of --data (task train split)")
+    p.add_argument("--output", required=True, help="folder for the new adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    defaults = TransLoraConfig()
+    for f in dataclasses.fields(TransLoraConfig):
+        kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
+                       help=f"default: {getattr(defaults, f.name)!r}")
+    return p
+

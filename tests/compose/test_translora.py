@@ -1,0 +1,248 @@
+"""Trans-LoRA (arXiv:2405.17258): transfer writes an adapter the real ``peft`` loads on the target base; the
+discriminator scores and filter follow the paper's description; bad input fails clearly.
+
+Tiny random Llamas with the bundled tokenizer stand in for the two bases (the pipeline's mechanics, not its
+quality: benchmarks/translora/README.md has the measured transfer on the bundled bases)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lk_models import tiny_llama_for
+from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter
+from lorakit.compose import translora as tl
+from lorakit.compose.translora import (DISC_QUESTION, REAL, SYNTHETIC, TransLoraConfig, check_same_tokenizer,
+                                       cut_candidate, default_prompt_end, discriminator_scores, filter_candidates,
+                                       transfer_models)
+from lorakit.core.errors import ConfigError, LorakitError
+from lorakit.data import Example, encode_prompt, get_task
+from lorakit.hub import load_tokenizer
+
+FAST = dict(n_seeds=3, n_synthetic=6, candidates_per_round=6, max_rounds=2, max_new_tokens=8, disc_r=2,
+            disc_steps=3, disc_batch_size=4, steps=3, batch_size=4, threshold=0.0, prompt_end="")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("bundled")
+
+
+@pytest.fixture
+def real():
+    return get_task("reverse").generate("train", 8, seed=0)
+
+
+def _source(tokenizer, r=2):
+    model = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id)
+    add_adapter(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model.eval()
+
+
+def _target(tokenizer):  # a differently shaped base: wider, deeper, other head count
+    return tiny_llama_for(tokenizer, seed=1, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id).eval()
+
+
+@pytest.mark.parametrize("distill", ["completions", "logits"])
+def test_transfer_adapter_loads_in_peft_on_target(tokenizer, real, distill, tmp_path):
+    from peft import PeftModel
+
+    source, target = _source(tokenizer), _target(tokenizer)
+    result = transfer_models(source, tokenizer, target, tokenizer, real, TransLoraConfig(**FAST, distill=distill))
+    assert result.kept == len(result.examples) > 0 and result.candidates >= result.kept
+    assert all(isinstance(ex.prompt, str) and ex.prompt for ex in result.examples)
+    assert result.train["steps"] == 3 and math.isfinite(result.train["final_loss"])
+    save_adapter(target, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+    ids = torch.tensor([encode_prompt(tokenizer, real[0].prompt)])
+    with torch.no_grad():
+        ours = target(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(_target(tokenizer), tmp_path / "a").eval()
+        theirs = peft_model(input_ids=ids).logits
+        base = _target(tokenizer)(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, base, atol=1e-4)  # the trained adapter changes the target's output
+
+
+def test_discriminator_score_is_softmax_of_answer_likelihoods(tokenizer):
+    """Paper §3 (discriminator): a yes/no question to the source LM + discriminator LoRA; P(real) here is
+    softmax(ℓ_yes, ℓ_no)[0] with ℓ_a = Σ_t log p(a_t | question, a_<t), computed by hand from full logits."""
+    model = _source(tokenizer)
+    prompts = ["reverse: a b c =>", "sort: q w =>", "x"]
+    got = discriminator_scores(model, tokenizer, prompts, batch_size=2)
+    for prompt, score in zip(prompts, got.tolist()):
+        q = encode_prompt(tokenizer, DISC_QUESTION.format(text=prompt))
+        ll = []
+        for answer in (REAL, SYNTHETIC):
+            a = tokenizer.encode(answer, add_special_tokens=False)
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([q + a])).logits[0].log_softmax(-1)
+            ll.append(sum(logp[len(q) - 1 + i, tok].item() for i, tok in enumerate(a)))
+        assert score == pytest.approx(1 / (1 + math.exp(ll[1] - ll[0])), abs=1e-5)
+
+
+def test_filter_keeps_what_the_discriminator_calls_real():
+    prompts = ["a", "b", "c", "d"]
+    scores = torch.tensor([0.9, 0.5, 0.2, 0.51])
+    assert filter_candidates(prompts, scores, 0.5) == ["a", "d"]  # strictly above: 0.5 is not "real"
+    assert filter_candidates(prompts, scores, 0.0) == prompts
+
+
+def test_discriminator_learns_real_from_synthetic(real, monkeypatch):
+    """Trained as the paper does (real prompts -> True, source-synthesized prompts -> False, equal numbers), the
+    discriminator separates the two, also on held-out real prompts. The synthesized side is fixed here so the
+    test does not hinge on sampling; a word-level vocabulary keeps the tiny model quick to train."""
+    from lk_models import word_level_tokenizer
+
+    fake = [f"zz{i} qq =>" for i in range(len(real))]
+    held_out = get_task("reverse").generate("test", 4, seed=0)
+    words = [tl._disc_example(t, True) for t in [ex.prompt for ex in real + held_out] + fake + ["zz99 qq =>"]]
+    tokenizer = word_level_tokenizer([*words, Example("", SYNTHETIC)])
+    model = tiny_llama_for(tokenizer, seed=0).eval()
+    monkeypatch.setattr(tl, "sample_candidates", lambda *a, **k: (fake, len(fake)))
+    config = TransLoraConfig(**{**FAST, "disc_steps": 40, "disc_r": 4, "disc_lr": 1e-2, "disc_batch_size": 8})
+    stats = tl.train_discriminator(model, tokenizer, real, config, random.Random(0))
+    assert stats == {**stats, "real": len(real), "synthetic": len(real)}
+    assert stats["train_accuracy"] == 1.0
+    set_adapter(model, tl.DISCRIMINATOR)
+    scores = discriminator_scores(model, tokenizer, [ex.prompt for ex in held_out] + ["zz99 qq =>"])
+    assert (scores[:4] > 0.5).all() and scores[4] < 0.5
+
+
+def test_prompt_end_and_cut():
+    seeds = [Example("reverse: a b =>", " b a"), Example("reverse: x y z =>", " z y x")]
+    assert default_prompt_end(seeds) == " =>"
+    assert default_prompt_end([Example("ab", ""), Example("cd", "")]) == ""
+    assert cut_candidate("reverse: q w => w q\nreverse: e =>", "\n", " =>") == "reverse: q w =>"
+    assert cut_candidate("reverse: q w\nreverse: e =>", "\n", " =>") is None  # the line ended first
+    assert cut_candidate(" =>", "\n", " =>") is None
+    assert cut_candidate("whole line\nnext", "\n", "") == "whole line"
+
+
+def test_seed_with_separator_is_a_clear_error(tokenizer):
+    seeds = [Example("line one\nline two =>", " x")] * 3
+    with pytest.raises(ConfigError, match="separator"):
+        tl.sample_candidates(_source(tokenizer), tokenizer, seeds, 2, TransLoraConfig(**FAST, separator="\n"),
+                             random.Random(0))
+
+
+def test_mismatched_tokenizers_error_for_logit_distillation(tokenizer, real):
+    from lk_models import word_level_tokenizer
+
+    other = word_level_tokenizer(real)
+    with pytest.raises(LorakitError, match="tokenizers differ"):
+        check_same_tokenizer(tokenizer, other)
+    check_same_tokenizer(tokenizer, load_tokenizer("bundled"))  # the same vocabulary passes
+    with pytest.raises(LorakitError, match="tokenizers differ"):
+        transfer_models(_source(tokenizer), tokenizer, tiny_llama_for(other), other, real,
+                        TransLoraConfig(**FAST, distill="logits"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"generator": "targte"}, "generator.*target"),
+    ({"distill": "logit"}, "distill.*logits"),
+    ({"threshold": 1.0}, "threshold"),
+    ({"n_seeds": 0}, "n_seeds"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"separator": ""}, "separator"),
+])
+def test_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        TransLoraConfig(**overrides)
+
+
+def test_too_few_real_examples_and_unknown_adapter(tokenizer, real):
+    with pytest.raises(LorakitError, match="n_seeds=3"):
+        transfer_models(_source(tokenizer), tokenizer, _target(tokenizer), tokenizer, real[:2], TransLoraConfig(**FAST))
+    with pytest.raises(LorakitError, match="no adapter 'missing'"):
+        transfer_models(_source(tokenizer), tokenizer, _target(tokenizer), tokenizer, real, TransLoraConfig(**FAST),
+                        adapter_name="missing")
+
+
+def test_cli_unknown_adapter_path_is_a_clear_error(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["transfer", "--adapter", str(tmp_path / "nope"), "--target-model", "bundled-small", "--data",
+                 "reverse", "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "adapter folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_target_model_is_a_clear_error(tmp_path, capsys, tokenizer):
+    from lorakit.cli import main
+
+    model = _source(tokenizer)
+    save_adapter(model, tmp_path / "src")
+    code = main(["transfer", "--adapter", str(tmp_path / "src"), "--target-model", str(tmp_path / "no-model"),
+                 "--data", "reverse", "--output", str(tmp_path / "out")])
+    assert code == 2 and "cannot load model" in capsys.readouterr().err
+
+
+def test_loaded_source_adapter_is_the_teacher(tokenizer, real, tmp_path):
+    """A saved adapter reloaded on the source gives the teacher labels: its greedy answers on the kept prompts."""
+    from lorakit.data import generate_completions
+
+    source = _source(tokenizer)
+    save_adapter(source, tmp_path / "src")
+    reloaded = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id).eval()
+    load_adapter(reloaded, tmp_path / "src")
+    result = transfer_models(reloaded, tokenizer, _target(tokenizer), tokenizer, real, TransLoraConfig(**FAST))
+    prompts = [ex.prompt for ex in result.examples]
+    assert [ex.completion for ex in result.examples] == generate_completions(source, tokenizer, prompts,
+                                                                             max_new_tokens=FAST["max_new_tokens"])
+
+
+def test_cli_transfer_writes_adapter_and_record(tmp_path, tokenizer, capsys):
+    """``lorakit transfer`` end to end on two tiny model folders (the bundled tokenizer saved with each)."""
+    from lorakit.cli import main
+    from lorakit.io.peft_format import read_adapter_config
+
+    source = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id)
+    source.save_pretrained(tmp_path / "S")
+    tokenizer.save_pretrained(tmp_path / "S")
+    _target(tokenizer).save_pretrained(tmp_path / "T")
+    tokenizer.save_pretrained(tmp_path / "T")
+    add_adapter(source, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    save_adapter(source, tmp_path / "A")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    code = main(["transfer", "--adapter", str(tmp_path / "A"), "--source-model", str(tmp_path / "S"),
+                 "--target-model", str(tmp_path / "T"), "--data", "reverse", "--real-examples", "6",
+                 "--output", str(tmp_path / "out"), *flags])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((tmp_path / "out" / "translora.json").read_text())
+    assert record["kept"] == summary["kept"] > 0 and record["paper"] == "arXiv:2405.17258"
+    assert record["target_model"] == str(tmp_path / "T") and record["config"]["n_seeds"] == 3
+    assert read_adapter_config(tmp_path / "out").r == 2
+    load_adapter(_target(tokenizer), tmp_path / "out")
+
+
+@pytest.mark.parametrize("generator", ["target", "source", "teacher"])
+def test_who_writes_the_synthetic_prompts(tokenizer, real, generator, monkeypatch):
+    """Paper Fig. 1: the source *base* writes the discriminator's synthetic data; the transfer candidates come from
+    the target base ("target", the paper's choice), the source base ("source") or the source base + LoRA ("teacher")."""
+    from lorakit.core.model import active_adapters, adapter_state
+
+    source, target = _source(tokenizer), _target(tokenizer)
+    calls = []
+    real_sample = tl.sample_candidates
+
+    def spy(model, *args, **kwargs):
+        on = adapter_state(model).disabled == 0
+        calls.append(("target" if model is target else "source",
+                      tuple(active_adapters(model)) if on else ()))
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(tl, "sample_candidates", spy)
+    transfer_models(source, tokenizer, target, tokenizer, real, TransLoraConfig(**{**FAST, "max_rounds": 1},
+                                                                                generator=generator))
+    assert calls[0] == ("source", ())  # discriminator data: the source base, adapters off
+    expected = {"target": ("target", ()), "source": ("source", ()), "teacher": ("source", ("default",))}[generator]
+    assert calls[1:] == [expected]
