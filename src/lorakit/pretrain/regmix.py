@@ -110,11 +110,11 @@ def _deduplicate(rows: np.ndarray, threshold: float = 1e-5) -> list[np.ndarray]:
 
 @dataclass
 class RegMixConfig:
-    """The proxy sweep. Defaults: 48 proxies to fit + 16 held out, ~0.2M parameters, 100 steps of 1,024 tokens."""
+    """The proxy sweep. Defaults: 64 proxies (48 to fit, every 4th held out), ~0.2M parameters, 100 steps of 1,024 tokens."""
 
     domains: tuple[str, ...] = tuple(DOMAINS)
-    n_proxies: int = 48
-    n_test: int = 16
+    n_proxies: int = 64  # all proxies; every ``test_every``-th one is held out to score the regression
+    test_every: int = 4
     domain_scale: float = 0.5
     vocab_size: int = 1024
     hidden_size: int = 64
@@ -139,13 +139,16 @@ class RegMixConfig:
         self.domains = tuple(check_domain(d) for d in self.domains)
         if len(self.domains) < 2:
             raise ConfigError(f"RegMix needs at least two domains, got {list(self.domains)}.")
-        for name in ("n_proxies", "n_test", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
+        for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"RegMixConfig.{name} must be > 0, got {getattr(self, name)}.")
         if self.target != "mean" and self.target not in self.domains:
             options = ["mean", *self.domains]
             raise ConfigError(f"RegMix target {self.target!r} is neither 'mean' nor a domain in the sweep "
                               f"({options}).{did_you_mean(self.target, options)}")
+
+    def is_test(self, index: int) -> bool:
+        return index % self.test_every == self.test_every - 1
 
     def pretrain_config(self):
         """The proxy as a ``PretrainConfig``: constant learning rate after warmup (``min_lr_ratio=1``)."""
@@ -184,7 +187,7 @@ def train_proxy(data: DomainData, weights: Mapping[str, float], config: RegMixCo
 
 def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], None] = print,
               task_source=None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
-    """Train ``n_proxies + n_test`` proxies, appending each to ``out_dir/proxies.jsonl`` (resumable: proxies
+    """Train ``n_proxies`` proxies, appending each to ``out_dir/proxies.jsonl`` (resumable: proxies
     already in the file are skipped). ``shard=(i, n)`` trains only the proxies whose index is ``i`` mod ``n``,
     so ``n`` processes can share a sweep. Returns the records in the file."""
     out = Path(out_dir)
@@ -194,7 +197,7 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
                                config.domain_scale, config.seed, task_source, config.seq_len, log)
     prior = data.natural()
     (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "natural": prior}, indent=2) + "\n")
-    mixtures = sample_mixtures([prior[d] for d in config.domains], config.n_proxies + config.n_test, config.sampling)
+    mixtures = sample_mixtures([prior[d] for d in config.domains], config.n_proxies, config.sampling)
     path = out / "proxies.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     done = {r["index"] for r in records}
@@ -204,7 +207,7 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
         start = time.perf_counter()
         weights = dict(zip(config.domains, row.tolist()))
         losses = train_proxy(data, weights, config, config.seed + index)
-        record = {"index": index, "split": "train" if index < config.n_proxies else "test",
+        record = {"index": index, "split": "test" if config.is_test(index) else "train",
                   "weights": weights, "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -233,7 +236,8 @@ def fit_regressors(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray 
     params = {**LIGHTGBM_PARAMS, "min_child_samples": scaled_min_child_samples(len(x_train)), **(params or {})}
     models = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=getattr(lgb, "LGBMDeprecationWarning", DeprecationWarning))
+        # the official notebook's eval_set spelling; newer LightGBM prefers eval_X/eval_y, which 4.0 lacks
+        warnings.filterwarnings("ignore", message=".*'eval_set' is deprecated")
         for j in range(y_train.shape[1]):
             model = lgb.LGBMRegressor(**params)
             if x_test is not None and len(x_test):
@@ -275,8 +279,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 def fit_and_search(records: Sequence[dict], config: RegMixConfig, natural: Mapping[str, float]) -> dict:
     """Fit on the train proxies, score on the test proxies, search the best mixture; a JSON-ready summary."""
     domains = list(config.domains)
-    def arrays(split):
-        rows = [r for r in records if r["split"] == split]
+    def arrays(split):  # the split follows the index, so a sweep stopped early still has held-out proxies
+        rows = [r for r in records if ("test" if config.is_test(r["index"]) else "train") == split]
         return (np.array([[r["weights"][d] for d in domains] for r in rows]),
                 np.array([[r["losses"][d] for d in domains] for r in rows]))
     x_train, y_train = arrays("train")
@@ -330,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train only proxies with index = I mod N (run N processes to share a sweep)")
     defaults = RegMixConfig()
     parser.add_argument("--domains", default=",".join(defaults.domains), help="comma-separated domain names")
-    for name in ("n_proxies", "n_test", "steps", "hidden_size", "num_layers", "seq_len", "batch_size",
+    for name in ("n_proxies", "test_every", "steps", "hidden_size", "num_layers", "seq_len", "batch_size",
                  "vocab_size", "eval_blocks", "top_k", "n_search", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "domain_scale"):
