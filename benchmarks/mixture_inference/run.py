@@ -16,6 +16,7 @@ import numpy as np
 
 from lorakit.assets import BASE_MODEL_PATH
 from lorakit.pretrain import mixture_inference as mi
+from lorakit.pretrain.corpus import take_chars
 from lorakit.pretrain.domains import domain_documents
 from lorakit.pretrain.tokenizer import train_tokenizer
 
@@ -35,22 +36,12 @@ available = {n: sum(map(len, d)) for n, d in train_pool.items()}
 results = {"controlled": [], "real": []}
 
 
-def take(texts, n_chars):
-    out, total = [], 0
-    for t in texts:
-        if total >= n_chars:
-            break
-        out.append(t)
-        total += len(t)
-    return out
-
-
 rng = np.random.RandomState(0)
 while len(results["controlled"]) < args.n_mixtures:
     shares = rng.dirichlet(np.ones(len(names)))
     if any(s * args.train_chars > available[n] for s, n in zip(shares, names)):
         continue
-    train = {n: take(train_pool[n], s * args.train_chars) for s, n in zip(shares, names)}
+    train = {n: take_chars(train_pool[n], s * args.train_chars) for s, n in zip(shares, names)}
     n_bytes = {n: sum(len(t.encode()) for t in v) for n, v in train.items()}
     truth = {n: b / sum(n_bytes.values()) for n, b in n_bytes.items()}
     folder = Path(tempfile.mkdtemp())

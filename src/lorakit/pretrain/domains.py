@@ -26,7 +26,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from lorakit.core.errors import ConfigError, did_you_mean
-from lorakit.pretrain.corpus import Corpus, TaskTextsFn, split_chunks, stdlib_files, stdlib_texts, task_texts
+from lorakit.pretrain.corpus import (
+    Corpus, TaskTextsFn, split_chunks, stdlib_files, stdlib_texts, take_chars, task_texts,
+)
 from lorakit.pretrain.tokenizer import train_tokenizer
 
 NAMED_MIXTURES = ("natural", "uniform", "regmix")
@@ -76,13 +78,7 @@ def _task_texts(n_chars: int, chunk_chars: int, seed: int, task_source: TaskText
 def _take(docs: list[str], n_chars: int, seed: int) -> list[str]:
     """A seeded shuffle, then a prefix of about ``n_chars`` characters (all of them when there are fewer)."""
     random.Random(seed).shuffle(docs)
-    taken, total = [], 0
-    for doc in docs:
-        if total >= n_chars:
-            break
-        taken.append(doc)
-        total += len(doc)
-    return taken
+    return take_chars(docs, n_chars)
 
 
 DomainTexts = Callable[[int, int, int, "TaskTextsFn | None"], list[str]]
