@@ -233,7 +233,10 @@ def fit_regressors(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray 
         import lightgbm as lgb
     except ImportError as err:
         raise ImportError("RegMix's regression needs LightGBM: pip install 'lorakit[pretrain]'.") from err
-    params = {**LIGHTGBM_PARAMS, "min_child_samples": scaled_min_child_samples(len(x_train)), **(params or {})}
+    # num_threads=1: LightGBM ignores OMP_NUM_THREADS and spins every core, 80x slower on a busy machine for
+    # these few-hundred-row fits; it changes speed only.
+    params = {**LIGHTGBM_PARAMS, "min_child_samples": scaled_min_child_samples(len(x_train)), "num_threads": 1,
+              **(params or {})}
     models = []
     with warnings.catch_warnings():
         # the official notebook's eval_set spelling; newer LightGBM prefers eval_X/eval_y, which 4.0 lacks
