@@ -99,3 +99,10 @@ def test_cli_reports_shares(tmp_path, texts, capsys):
     assert sum(report["byte_share"].values()) == pytest.approx(1.0)
     assert mi.main(["--tokenizer", str(bpe_dir), "--domains", "code,dosc"]) == 2
     assert "Did you mean: docs" in capsys.readouterr().out
+
+
+def test_lorakit_cli_dispatches(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["infer-mixture", "--tokenizer", str(tmp_path / "none"), "--domains", "code,docs"]) == 2
+    assert "No tokenizer.json" in capsys.readouterr().out

@@ -117,3 +117,14 @@ def test_sweep_with_real_tiny_proxies(tmp_path):
     assert regmix.run_sweep(config, tmp_path, log=lambda s: None) == records  # resumed: nothing retrained
     summary = regmix.fit_and_search(records, config, {"docs": 0.3, "tasks": 0.7})
     assert summary["n_train"] == 4 and summary["n_test"] == 2
+
+
+def test_cli_dispatch_and_bad_flags(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["regmix", "--out", str(tmp_path), "--domains", "code,dosc"]) == 2
+    assert "Did you mean: docs" in capsys.readouterr().out
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    assert "no proxies" in capsys.readouterr().out
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "code=0.7,tasks=0.7"]) == 2
+    assert "sum to 1.4" in capsys.readouterr().out
