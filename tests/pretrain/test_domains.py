@@ -59,6 +59,8 @@ def test_pretrain_config_rejects_bad_mixtures():
         PretrainConfig(mixture="dcs=1")
     with pytest.raises(ConfigError, match="needs regmix_dir"):
         PretrainConfig(mixture="regmix")
+    with pytest.raises(ConfigError, match="mixture_scale must be > 0"):
+        PretrainConfig(mixture="uniform", mixture_scale=0)
 
 
 def test_pretrain_base_on_a_mixture(tmp_path):

@@ -108,6 +108,9 @@ class PretrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         if self.mixture:
             parse_mixture(self.mixture)
+            if not self.mixture_scale > 0:
+                raise ConfigError(f"mixture_scale must be > 0, got {self.mixture_scale}; it multiplies each "
+                                  "domain's natural character budget.")
             if self.mixture == "regmix" and not self.regmix_dir:
                 raise ConfigError("mixture='regmix' needs regmix_dir, the folder `lorakit regmix --out` wrote.")
 
