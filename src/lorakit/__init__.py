@@ -18,8 +18,11 @@ from .io.peft_format import adapter_state_dict, load_adapter, read_adapter_confi
 from . import methods as _builtin_methods  # noqa: F401,I001  (registers the built-in methods, once)
 from . import init as _builtin_inits  # noqa: F401  (registers the built-in inits, once)
 from . import quantize as _quantize  # noqa: F401  (registers the 4-bit dequantizer; bitsandbytes stays unimported)
+from .model_types import register_model_types as _register_model_types
 from .methods.lora import LoraConfig
 from .compose import merge_adapters, merge_adapters_to
+
+_register_model_types()  # "lorakit-mixln" for AutoConfig / AutoModelForCausalLM (the Llama modules load on first use)
 
 __all__ = [
     "__version__", "AdapterConfig", "LoraConfig", "AdapterError", "AdapterLoadError", "ConfigError", "LorakitError",

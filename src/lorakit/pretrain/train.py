@@ -29,12 +29,15 @@ from lorakit.assets import BASE_MODEL_PATH
 from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
+from lorakit.pretrain.mixln import MixLNForCausalLM, check_alpha, mixln_config
 from lorakit.pretrain.tokenizer import save_tokenizer, train_tokenizer
 
 BASE_MODEL_DIR = BASE_MODEL_PATH
 
 # An objective turns a batch of packed token blocks (B, T) into the model's forward kwargs. Denoising or
-# other objectives register here; ``generator`` is the run's seeded source for any corruption they draw.
+# other objectives register here; ``generator`` is the run's seeded source for any corruption they draw. One
+# that needs tokens of its own (UL2's mode tokens and sentinels) has ``prepare(tokenizer, seq_len)``, called
+# before the model is built, which adds them to the tokenizer and returns the batch function to use.
 Objective = Callable[[torch.Tensor, torch.Generator], dict]
 OBJECTIVES: dict[str, Objective] = {}
 
@@ -52,6 +55,18 @@ def causal_objective(blocks: torch.Tensor, generator: torch.Generator) -> dict:
     return {"input_ids": blocks, "labels": blocks}
 
 
+def prepare_objective(name: str, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> Objective:
+    """The batch function of objective ``name``; one with ``prepare`` first adds its tokens to ``tokenizer``."""
+    objective = OBJECTIVES[name]
+    prepare = getattr(objective, "prepare", None)
+    return prepare(tokenizer, seq_len) if prepare is not None else objective
+
+
+# Layer-norm placement (Mix-LN, arXiv 2412.13795): "pre" is plain Llama; "post" and "mix" build the registered
+# lorakit-mixln model with Post-LN in the first floor(alpha * L) layers (alpha 1 for "post").
+NORMS = ("pre", "post", "mix")
+
+
 @dataclass
 class PretrainConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -61,6 +76,8 @@ class PretrainConfig:
     mixture: str = ""
     mixture_scale: float = 1.0  # times each domain's natural character budget
     regmix_dir: str = ""
+    norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
+    mix_ln_alpha: float = 0.25
     # tokenizer and model shape
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -90,6 +107,10 @@ class PretrainConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"Unknown pretraining objective {self.objective!r}; choose one of "
                               f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
+                              f"{did_you_mean(self.norm, NORMS)}")
+        check_alpha(self.mix_ln_alpha)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
         if self.num_heads % self.num_kv_heads:
@@ -134,7 +155,7 @@ def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int
 
 
 def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    model_config = LlamaConfig(
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -147,7 +168,10 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> L
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(model_config)
+    if config.norm == "pre":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        model = MixLNForCausalLM(mixln_config(1.0 if config.norm == "post" else config.mix_ln_alpha, **shape))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
@@ -240,6 +264,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             eval_sets, train_blocks = {"all": blocks[order[:n_eval]]}, blocks[order[n_eval:]]
             corpus_stats = {**corpus.stats(), "tokens": blocks.numel(), "train_blocks": len(train_blocks),
                             "eval_blocks": n_eval}
+        objective = prepare_objective(config.objective, tokenizer, config.seq_len)  # may add tokens: before the model
         log(f"corpus: {json.dumps(corpus_stats)}")
 
         model = build_model(config, tokenizer)
@@ -247,7 +272,6 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
         optimizer = make_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-        objective = OBJECTIVES[config.objective]
 
         model.train()
         train_start = time.perf_counter()
@@ -326,8 +350,9 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, taken: 
         default = getattr(defaults, f.name)
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "objective":
-            parser.add_argument(flag, dest=dest, choices=sorted(OBJECTIVES), default=default)
+        elif f.name in ("objective", "norm"):  # validated by the config, which names near matches
+            options = sorted(OBJECTIVES) if f.name == "objective" else list(NORMS)
+            parser.add_argument(flag, dest=dest, default=default, help=f"one of {options} (default: {default})")
         else:
             parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"default: {default}")
 
