@@ -1,5 +1,5 @@
 """``lorakit`` command line: train, eval, generate, methods, tasks, inspect, merge, export, serve, federate, bench,
-pretrain-base.
+pretrain-base, regmix, infer-mixture.
 
 One ``cmd_<name>`` function and one ``_add_<name>`` parser function per subcommand; a new subcommand adds
 both and one line in ``build_parser``. Method options are generated from the chosen method's config dataclass
@@ -1248,6 +1248,10 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
                         add_help=False)
     pb.set_defaults(func=None)
+    sub.add_parser("regmix", help="RegMix: proxy models on random domain mixtures -> the predicted best mixture "
+                   "(see lorakit regmix --help)", add_help=False)
+    sub.add_parser("infer-mixture", help="infer a BPE tokenizer's training-data mixture from its merges "
+                   "(see lorakit infer-mixture --help)", add_help=False)
     return parser
 
 
@@ -1310,6 +1314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     if argv[:1] == ["pretrain-base"]:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["regmix"]:
+        from .pretrain.regmix import main as regmix_main
+        return regmix_main(argv[1:])
+    if argv[:1] == ["infer-mixture"]:
+        from .pretrain.mixture_inference import main as infer_main
+        return infer_main(argv[1:])
     if argv[:1] == ["merge-adapters"]:
         return cmd_merge_adapters(argv[1:])
     if argv[:1] == ["generate-adapter"]:

@@ -92,12 +92,17 @@ def stdlib_texts(n_chars: int, chunk_chars: int = 1_024, seed: int = 0, root: st
         chunks.extend(split_chunks(text, chunk_chars))
     # Shuffle before taking a prefix so a small budget still sees many modules, not the first few alphabetically.
     random.Random(seed).shuffle(chunks)
+    return take_chars(chunks, n_chars)
+
+
+def take_chars(texts: list[str], n_chars: int) -> list[str]:
+    """The shortest prefix of ``texts`` holding at least ``n_chars`` characters (all of them if there are fewer)."""
     taken, total = [], 0
-    for chunk in chunks:
+    for text in texts:
         if total >= n_chars:
             break
-        taken.append(chunk)
-        total += len(chunk)
+        taken.append(text)
+        total += len(text)
     return taken
 
 

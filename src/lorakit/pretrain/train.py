@@ -28,6 +28,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from lorakit.assets import BASE_MODEL_PATH
 from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
+from lorakit.pretrain.domains import mixture_training_data, parse_mixture
 from lorakit.pretrain.mixln import MixLNForCausalLM, check_alpha, mixln_config
 from lorakit.pretrain.tokenizer import save_tokenizer, train_tokenizer, wrap_tokenizer
 
@@ -70,6 +71,11 @@ NORMS = ("pre", "post", "mix")
 class PretrainConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     objective: str = "causal"
+    # data mixture over lorakit.pretrain.domains: "" keeps the stdlib + tasks corpus above; otherwise
+    # natural | uniform | regmix (read from regmix_dir/regmix.json) | domain=weight,...
+    mixture: str = ""
+    mixture_scale: float = 1.0  # times each domain's natural character budget
+    regmix_dir: str = ""
     norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
     mix_ln_alpha: float = 0.25
     # tokenizer and model shape. ``tokenizer``: a model folder whose tokenizer is reused as is (e.g. the bundled
@@ -126,6 +132,13 @@ class PretrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.mixture:
+            parse_mixture(self.mixture)
+            if not self.mixture_scale > 0:
+                raise ConfigError(f"mixture_scale must be > 0, got {self.mixture_scale}; it multiplies each "
+                                  "domain's natural character budget.")
+            if self.mixture == "regmix" and not self.regmix_dir:
+                raise ConfigError("mixture='regmix' needs regmix_dir, the folder `lorakit regmix --out` wrote.")
 
 
 def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int) -> torch.Tensor:
@@ -249,18 +262,25 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
     try:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        corpus = build_corpus(config.corpus, task_source)
-        tokenizer = (load_pretrained_tokenizer(config.tokenizer, config.max_position_embeddings) if config.tokenizer
-                     else train_tokenizer(corpus.documents, config.vocab_size,
-                                          model_max_length=config.max_position_embeddings))
-        blocks = pack_corpus(corpus, tokenizer, config.seq_len, config.seed)
+        if config.mixture:
+            if config.tokenizer:
+                raise ConfigError("pretrain-base: --tokenizer (reuse a tokenizer) and --mixture (train one on the "
+                                  "mixture's domains) cannot be combined yet; drop one of them")
+            generator = torch.Generator().manual_seed(config.seed)
+            tokenizer, train_blocks, eval_sets, corpus_stats = mixture_training_data(config, generator, task_source, log)
+        else:
+            corpus = build_corpus(config.corpus, task_source)
+            tokenizer = (load_pretrained_tokenizer(config.tokenizer, config.max_position_embeddings) if config.tokenizer
+                         else train_tokenizer(corpus.documents, config.vocab_size,
+                                              model_max_length=config.max_position_embeddings))
+            blocks = pack_corpus(corpus, tokenizer, config.seq_len, config.seed)
+            generator = torch.Generator().manual_seed(config.seed)
+            order = torch.randperm(len(blocks), generator=generator)
+            n_eval = int(len(blocks) * config.eval_fraction)
+            eval_sets, train_blocks = {"all": blocks[order[:n_eval]]}, blocks[order[n_eval:]]
+            corpus_stats = {**corpus.stats(), "tokens": blocks.numel(), "train_blocks": len(train_blocks),
+                            "eval_blocks": n_eval}
         objective = prepare_objective(config.objective, tokenizer, config.seq_len)  # may add tokens: before the model
-        generator = torch.Generator().manual_seed(config.seed)
-        order = torch.randperm(len(blocks), generator=generator)
-        n_eval = int(len(blocks) * config.eval_fraction)
-        eval_blocks, train_blocks = blocks[order[:n_eval]], blocks[order[n_eval:]]
-        corpus_stats = {**corpus.stats(), "tokens": blocks.numel(), "train_blocks": len(train_blocks),
-                        "eval_blocks": n_eval}
         log(f"corpus: {json.dumps(corpus_stats)}")
 
         model = build_model(config, tokenizer)
@@ -296,7 +316,9 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
                 window_start = time.perf_counter()
         train_time = time.perf_counter() - train_start
         final = losses[-config.log_every:]
-        eval_loss = evaluate_loss(model, eval_blocks, config)
+        eval_losses = {name: evaluate_loss(model, blocks, config) for name, blocks in eval_sets.items()}
+        # with a mixture, the unweighted mean over domains, so mixtures are compared on the same held-out text
+        eval_loss = None if None in eval_losses.values() else sum(eval_losses.values()) / len(eval_losses)
         info = {
             "config": dataclasses.asdict(config),
             "seed": config.seed,
@@ -304,6 +326,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             "first_loss": round(losses[0], 4),
             "final_loss": round(sum(final) / len(final), 4),
             "eval_loss": None if eval_loss is None else round(eval_loss, 4),
+            **({"eval_loss_per_domain": {k: round(v, 4) for k, v in eval_losses.items()}} if config.mixture else {}),
             "n_params": n_params,
             "tokens_seen": config.steps * config.batch_size * config.seq_len,
             "train_time_s": round(train_time, 1),

@@ -1,0 +1,76 @@
+"""Pretraining domains and --mixture: parsing, bad input, block sampling, and pretrain-base on a mixture."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit.core.errors import ConfigError
+from lorakit.pretrain import PretrainConfig, pretrain_base
+from lorakit.pretrain.domains import (
+    DOMAINS, check_weights, domain_documents, parse_mixture, resolve_mixture, sample_mixture_blocks,
+)
+
+
+def test_parse_named_and_explicit_mixtures():
+    assert parse_mixture("natural") == "natural"
+    assert parse_mixture("code=0.25, tasks=0.75") == {"code": 0.25, "tasks": 0.75}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cod=0.5,tasks=0.5", r"Unknown pretraining domain 'cod'.*Did you mean: code"),
+    ("code=0.5,tasks=0.6", r"sum to 1\.1, not 1"),
+    ("code=1.5,tasks=-0.5", r"weight of 'tasks' is -0\.5"),
+    ("code=nan,tasks=1", r"weight of 'code' is nan"),
+    ("code=x,tasks=1", r"'x' for 'code' is not a number"),
+    ("code=0.5,code=0.5", r"appears twice"),
+    ("unifrom", r"Unknown mixture 'unifrom'.*Did you mean: uniform"),
+])
+def test_bad_mixtures_are_named(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_mixture(text)
+
+
+def test_resolve_mixture():
+    natural = {"code": 0.7, "tasks": 0.3}
+    assert resolve_mixture("natural", natural) == natural
+    assert resolve_mixture("uniform", natural) == {"code": 0.5, "tasks": 0.5}
+    with pytest.raises(ConfigError, match="No RegMix result"):
+        resolve_mixture("regmix", natural, "/nonexistent")
+    assert check_weights({"docs": 1.0}) == {"docs": 1.0}
+
+
+def test_domains_are_offline_text():
+    docs = domain_documents(("docstrings", "docs"), scale=0.002, seed=0)
+    for name, texts in docs.items():
+        assert texts and sum(map(len, texts)) >= 0.5 * DOMAINS[name].natural_chars * 0.002
+    assert all(isinstance(t, str) and t.strip() for t in docs["docstrings"])
+
+
+def test_sample_mixture_blocks_follows_the_weights():
+    blocks = {"a": torch.zeros(10, 4, dtype=torch.long), "b": torch.ones(50, 4, dtype=torch.long)}
+    mixed = sample_mixture_blocks(blocks, {"a": 0.8, "b": 0.2}, 100, torch.Generator().manual_seed(0))
+    assert mixed.shape == (100, 4)
+    assert int((mixed[:, 0] == 0).sum()) == 80  # "a" has 10 blocks: repeated over 8 passes
+
+
+def test_pretrain_config_rejects_bad_mixtures():
+    with pytest.raises(ConfigError, match="Did you mean: docs"):
+        PretrainConfig(mixture="dcs=1")
+    with pytest.raises(ConfigError, match="needs regmix_dir"):
+        PretrainConfig(mixture="regmix")
+    with pytest.raises(ConfigError, match="mixture_scale must be > 0"):
+        PretrainConfig(mixture="uniform", mixture_scale=0)
+
+
+def test_pretrain_base_on_a_mixture(tmp_path):
+    config = PretrainConfig(
+        mixture="code=0.5,docs=0.2,tasks=0.3", mixture_scale=0.004, vocab_size=400, hidden_size=32, num_layers=1,
+        num_heads=2, num_kv_heads=1, intermediate_size=64, max_position_embeddings=32, seq_len=32, batch_size=8,
+        steps=4, lr=1e-2, warmup_steps=1, bf16=False, num_threads=1, log_every=2, eval_fraction=0.1)
+    info = pretrain_base(config, tmp_path / "m", log=lambda line: None)
+    assert info["corpus"]["weights"] == {"code": 0.5, "docs": 0.2, "tasks": 0.3}
+    assert info["corpus"]["train_blocks"] == 32
+    assert set(info["eval_loss_per_domain"]) == set(DOMAINS)
+    assert info["eval_loss"] == pytest.approx(sum(info["eval_loss_per_domain"].values()) / len(DOMAINS), abs=1e-3)
+    assert json.loads((tmp_path / "m" / "pretrain_info.json").read_text())["config"]["mixture"] == config.mixture

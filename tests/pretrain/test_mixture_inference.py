@@ -1,0 +1,108 @@
+"""Data mixture inference (arXiv 2407.16607): the merge replay, the LP, and bad input."""
+
+import json
+
+import pytest
+
+from lorakit.core.errors import ConfigError
+from lorakit.pretrain import mixture_inference as mi
+from lorakit.pretrain.tokenizer import train_tokenizer
+
+# Three small, clearly different real texts (stdlib-shipped): Python source, the pydoc reference, task examples.
+CATEGORIES = ("code", "docs", "tasks")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from lorakit.pretrain.domains import domain_documents
+
+    docs = domain_documents(CATEGORIES, scale=0.004, seed=0)  # ~12k characters per category
+    return {name: "\n".join(d) for name, d in docs.items()}
+
+
+def _tokenizer_on(tmp_path, texts, repeats, vocab_size=600):
+    corpus = [texts[name] for name in texts for _ in range(repeats[name])]
+    tok = train_tokenizer(corpus, vocab_size)
+    tok.save_pretrained(tmp_path)
+    return mi.load_bpe(tmp_path)
+
+
+def test_replay_counts_match_a_direct_count(tmp_path, texts):
+    """After replaying t merges, every pair count equals a fresh count on the text tokenized with those merges
+    (checked on the pair of the next merge, which BPE training picked as the most frequent: paper §3.1)."""
+    bpe = _tokenizer_on(tmp_path, texts, {n: 1 for n in texts})
+    counts = mi.count_pairs(list(texts.values()), bpe, 50)
+    current = dict(counts.initial)
+    for t in range(50):
+        merge = bpe.merges[t]
+        assert current.get(merge, 0) == max(current.values()), f"merge {t} {merge} was not the most frequent pair"
+        for pair, d in counts.deltas[t].items():
+            current[pair] = current.get(pair, 0) + d
+
+
+def test_lp_recovers_the_exact_mixture_when_samples_are_the_training_text(tmp_path, texts):
+    """Training data = code ×3 + docs ×1 + tasks ×2: the true byte shares are known exactly, and with the
+    training text as the samples the LP's feasible set (zero slack) contains them (paper §3.2)."""
+    repeats = {"code": 3, "docs": 1, "tasks": 2}
+    bpe = _tokenizer_on(tmp_path, texts, repeats)
+    result = mi.infer_from_texts(bpe, {n: [texts[n]] for n in texts}, n_merges=300)
+    n_bytes = {n: len(texts[n].encode()) * repeats[n] for n in texts}
+    truth = {n: b / sum(n_bytes.values()) for n, b in n_bytes.items()}
+    err = mi.mixture_error(truth, result.byte_share)
+    assert result.objective == pytest.approx(0.0, abs=1e-6)
+    assert err["max_abs"] < 0.01, (truth, result.byte_share)
+
+
+def test_lp_orders_mixtures(tmp_path, texts):
+    """Swapping which category dominates the training data swaps the inferred order."""
+    shares = []
+    for k, repeats in enumerate(({"code": 4, "docs": 1, "tasks": 1}, {"code": 1, "docs": 1, "tasks": 4})):
+        bpe = _tokenizer_on(tmp_path / str(k), texts, repeats)
+        shares.append(mi.infer_from_texts(bpe, {n: [texts[n]] for n in texts}, n_merges=200).byte_share)
+    assert shares[0]["code"] > 0.5 > shares[1]["code"]
+    assert shares[1]["tasks"] > 0.5 > shares[0]["tasks"]
+
+
+def test_bundled_tokenizer_loads():
+    from lorakit.assets import BASE_MODEL_PATH
+
+    bpe = mi.load_bpe(BASE_MODEL_PATH)
+    assert len(bpe.merges) > 3000 and all(len(m) == 2 for m in bpe.merges[:10])
+    assert bpe.pretokenize("x = 12") == ["x", "Ġ=", "Ġ", "1", "2"]  # digits split one per token, byte-level spaces
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="No tokenizer.json"):
+        mi.load_bpe(tmp_path / "missing")
+    wordpiece = tmp_path / "wp.json"
+    wordpiece.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(ConfigError, match="needs a BPE merge list"):
+        mi.load_bpe(wordpiece)
+    with pytest.raises(ConfigError, match="at least two categories"):
+        mi.infer_mixture({"a": mi.PairCounts({}, [], 1, 1)}, [])
+    with pytest.raises(ConfigError, match="NAME=FILE"):
+        mi._read_category("code")
+    with pytest.raises(ConfigError, match="not found"):
+        mi._read_category(f"code={tmp_path / 'nope.txt'}")
+
+
+def test_cli_reports_shares(tmp_path, texts, capsys):
+    bpe_dir = tmp_path / "tok"
+    _tokenizer_on(bpe_dir, texts, {n: 1 for n in texts}, vocab_size=400)
+    args = ["--tokenizer", str(bpe_dir), "--merges", "100", "--out", str(tmp_path / "r.json")]
+    for name in texts:
+        (tmp_path / f"{name}.txt").write_text(texts[name])
+        args += ["--category", f"{name}={tmp_path / f'{name}.txt'}"]
+    assert mi.main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["byte_share"]) == set(CATEGORIES)
+    assert sum(report["byte_share"].values()) == pytest.approx(1.0)
+    assert mi.main(["--tokenizer", str(bpe_dir), "--domains", "code,dosc"]) == 2
+    assert "Did you mean: docs" in capsys.readouterr().out
+
+
+def test_lorakit_cli_dispatches(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["infer-mixture", "--tokenizer", str(tmp_path / "none"), "--domains", "code,docs"]) == 2
+    assert "No tokenizer.json" in capsys.readouterr().out
