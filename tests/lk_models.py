@@ -81,6 +81,19 @@ def audio_inputs(batch: int = 3, seed: int = 123, dtype=torch.float32) -> dict:
     return {"input_values": torch.randn(batch, 400, generator=g).to(dtype)}
 
 
+def tiny_whisper_asr(seed: int = 0, dtype=torch.float32):
+    """An encoder-decoder (for recipes and S2-LoRA; :func:`tiny_whisper` is the conv test model): a 2+2-layer, width-32 WhisperForConditionalGeneration on 16 mel bins, 40 frames
+    (inputs: ``input_features`` (B, 16, 40) and ``decoder_input_ids``)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(vocab_size=40, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=20, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, decoder_start_token_id=1)
+    return WhisperForConditionalGeneration(cfg).to(dtype).eval()
+
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 

@@ -78,3 +78,52 @@ def test_s2lora_exports_to_peft(ids, tmp_path):
 def test_s2lora_config_errors():
     with pytest.raises(lk.ConfigError, match="l1_lambda"):
         S2LoraConfig(l1_lambda=-1.0)
+
+
+def _whisper_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(input_features=torch.randn(2, 16, 40, generator=g), decoder_input_ids=torch.tensor([[1, 5, 6, 7],
+                                                                                                    [1, 8, 9, 3]]))
+
+
+def test_s2lora_on_whisper_shares_across_encoder_and_decoder(tmp_path):
+    """The paper's host: an encoder-decoder Whisper. Every Linear of the same shape (encoder and decoder
+    self-attention, cross-attention, fc1, fc2) joins one shared (A, B); the output head is not a target; zero λ is
+    the base; after training the merged, unmerged and reloaded models agree and the export loads in PEFT."""
+    from lk_models import tiny_whisper_asr
+
+    inputs = _whisper_inputs()
+    base = tiny_whisper_asr()(**inputs).logits
+    model = lk.add_adapter(tiny_whisper_asr(), S2LoraConfig(r=4, target_modules="all-linear", l1_lambda=1e-3))
+    d = _deltas(model)
+    assert "proj_out" not in d and "model.decoder.layers.1.encoder_attn.k_proj" in d
+    square = [x for p, x in d.items() if p.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
+    assert len(square) == 2 * 4 + 2 * 8  # encoder self-attn, decoder self- and cross-attn
+    assert all(x.shared is square[0].shared for x in square)
+    assert d["model.encoder.layers.0.fc1"].shared is d["model.decoder.layers.1.fc1"].shared
+    torch.testing.assert_close(model(**inputs).logits, base, atol=1e-6, rtol=0)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**inputs, labels=inputs["decoder_input_ids"]).loss + s2lora_extra_loss(model, "default")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    trained = model(**inputs).logits
+    assert (trained - base).abs().max() > 1e-3
+    lk.save_adapter(model, tmp_path / "a")
+    reloaded = lk.load_adapter(tiny_whisper_asr(), tmp_path / "a")
+    torch.testing.assert_close(reloaded(**inputs).logits, trained, atol=1e-5, rtol=0)
+    lk.merge_adapter(model)
+    torch.testing.assert_close(model(**inputs).logits, trained, atol=1e-5, rtol=0)
+    lk.unmerge_adapter(model)
+
+    from peft import PeftModel
+
+    from lorakit.methods._plain import save_plain_lora
+    save_plain_lora(model, "default", tmp_path / "plain")
+    peft_model = PeftModel.from_pretrained(tiny_whisper_asr(), tmp_path / "plain").eval()
+    # PeftModel without a task type forwards input_ids only; its injected base model takes Whisper's inputs
+    torch.testing.assert_close(peft_model.get_base_model()(**inputs).logits, trained, atol=1e-5, rtol=0)
