@@ -92,7 +92,25 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
 
 def _print_metrics(label: str, metrics: dict) -> None:
     per = ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in sorted(metrics.get("per_task", {}).items()))
+    if "mcc" in metrics:  # a classifier (SEQ_CLS): its exact match is the accuracy
+        print(f"{label}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['f1']:.3f}, MCC {metrics['mcc']:.3f} "
+              f"on {metrics['n']} examples")
+        return
     print(f"{label}: exact match {metrics['exact_match']:.3f} on {metrics['n']} examples" + (f" ({per})" if per else ""))
+
+
+def _classifier_head(model, adapter_config):
+    """SEQ_CLS: the config with the model's classification head in ``modules_to_save`` (PEFT's convention: its
+    ``classifier`` or ``score`` module, trained and saved in full) unless the user chose modules_to_save."""
+    if adapter_config.modules_to_save:
+        return adapter_config
+    from .core.targeting import iter_host_modules
+
+    heads = [name for name in ("classifier", "score") if any(key == name for key, _ in iter_host_modules(model))]
+    if not heads:
+        raise LorakitError(f"{type(model).__name__} has no 'classifier' or 'score' head; name the head to train with "
+                           "--modules-to-save")
+    return dataclasses.replace(adapter_config, modules_to_save=heads)
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -216,6 +234,9 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     from . import get_method
     from .training import TrainConfig
 
+    from .hub import normalize_task_type
+
+    normalize_task_type(args.task_type)  # an unknown name fails now, before any data or model is loaded
     method = get_method(args.method)
     if args.init is not None:
         from .core.inits import get_init
@@ -306,7 +327,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     from . import add_adapter, disable_adapters, print_trainable_parameters
     from .hub import load_model_and_tokenizer, load_tokenizer
     from .training import train
-    from .training.distributed import evaluate_sharded
+    from .hub import normalize_task_type
+    from .training.objectives import objective_for
     from .training.plot import plot_metrics
 
     method, adapter_config, config = _train_configs(args, ctx)
@@ -327,8 +349,16 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
 
     torch.manual_seed(args.seed)
+    classify = normalize_task_type(args.task_type) == "seq-cls"
+    if classify and args.loram_ratio is not None:
+        raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
+    elif classify:  # one head output per label of the training data (sorted names)
+        from .data.classification import label_names
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
+                                                    labels=label_names(train_examples))
+        adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length)
@@ -337,9 +367,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
           f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
+    objective = objective_for(model)
     with disable_adapters(model):
-        before = evaluate_sharded(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
-                                  progress=not args.quiet and ctx.is_main)
+        before = objective.evaluate(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                                    task_to_id=None, progress=not args.quiet and ctx.is_main)
     if args.init is not None:  # an init may change the base weights: the "before" score is taken on the untouched base
         _add_with_init(model, adapter_config, args)
     _print_metrics("before", before)
@@ -374,6 +405,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
               f"and merge load them with --adapter {result.adapter_dir})")
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "task_type": objective.name, "trainable_params": result.trainable_params,
+               "total_params": result.total_params,
                "procedure": config.procedure, "procedure_args": dict(config.procedure_args or {}),
                "before": before,
                "after": after, "adapter_dir": result.adapter_dir, "wall_time_s": result.wall_time_s,
@@ -391,7 +424,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         summary["plot"] = str(plot)
     from .io.files import atomic_write_json
     atomic_write_json(out / "summary.json", summary)
-    print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
+    score = "accuracy" if "mcc" in after else "exact match"
+    print(f"{score} {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
           f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
@@ -919,6 +953,11 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
     g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
                    help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
+    t.add_argument("--task-type", default="causal-lm", metavar="{causal-lm,seq-cls}",
+                   help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
+                        "on the model (AutoModelForSequenceClassification, one output per label of --data's "
+                        '{"text", "label"} records), trained in full as modules_to_save; metrics accuracy, macro F1, '
+                        "MCC (docs/recipes.md)")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")

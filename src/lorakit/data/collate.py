@@ -6,7 +6,7 @@ training are exactly the ones `evaluate_examples` feeds to `generate` (`encode_p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -77,7 +77,8 @@ class TokenizedDataset(Dataset):
     """Examples tokenized once up front (the data here is small); items are dicts of int lists.
 
     Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given);
-    then every example needs a key that the mapping knows.
+    then every example needs a key that the mapping knows. `tokenize(example, tokenizer, max_length)` makes
+    an item (default `tokenize_example`, the causal-LM item; `data.classification` gives the classifier's).
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class TokenizedDataset(Dataset):
         tokenizer: Any,
         max_length: int | None = None,
         task_to_id: dict[str, int] | None = None,
+        tokenize: Callable[[Example, Any, int | None], dict[str, Any]] = tokenize_example,
     ) -> None:
         self.examples = list(examples)
         if task_to_id is None and any(ex.task is not None for ex in self.examples):
@@ -93,7 +95,7 @@ class TokenizedDataset(Dataset):
         self.task_to_id = task_to_id
         self.items: list[dict[str, Any]] = []
         for i, ex in enumerate(self.examples):
-            item: dict[str, Any] = tokenize_example(ex, tokenizer, max_length)
+            item: dict[str, Any] = tokenize(ex, tokenizer, max_length)
             if task_to_id is not None:
                 if ex.task not in task_to_id:
                     raise ValueError(
@@ -143,15 +145,21 @@ class CausalLMCollator:
             batch["input_ids"][row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
             batch["attention_mask"][row, :n] = torch.tensor(item["attention_mask"], dtype=torch.long)
             batch["labels"][row, :n] = torch.tensor(item["labels"], dtype=torch.long)
-        has_task = ["task_id" in item for item in items]
-        if any(has_task):
-            if not all(has_task):
-                raise ValueError("some items in the batch have a task_id and some do not")
-            batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
-        vectors = stack_routing([item.get("routing") or {} for item in items])
-        if vectors:
-            batch["routing"] = vectors
-        return batch
+        return add_keys(batch, items)
+
+
+def add_keys(batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``batch`` with the items' routing keys: ``task_ids`` (batch,) when they have a ``task_id``, and
+    ``routing`` {name: (batch, d)} when they have per-example vectors."""
+    has_task = ["task_id" in item for item in items]
+    if any(has_task):
+        if not all(has_task):
+            raise ValueError("some items in the batch have a task_id and some do not")
+        batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
+    vectors = stack_routing([item.get("routing") or {} for item in items])
+    if vectors:
+        batch["routing"] = vectors
+    return batch
 
 
 def stack_routing(rows: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, torch.Tensor]:
