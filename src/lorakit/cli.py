@@ -194,11 +194,30 @@ def _quantize_config(args):
     return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
 
 
-def _load_with_adapter(args):
+LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
+
+
+def _adapter_labels(adapter: str | None) -> list[str] | None:
+    """The label names of a SEQ_CLS adapter folder (None for any other adapter); LorakitError when they are missing."""
+    from .io.files import read_json
+
+    if not adapter or read_json(Path(adapter) / "adapter_config.json").get("task_type") != "SEQ_CLS":
+        return None
+    if not (Path(adapter) / LABELS_FILE).is_file():
+        raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
+                           f'names in head order, {{"labels": [...]}}); write it, or load the adapter in Python')
+    return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
+
+
+def _load_with_adapter(args, labels: list[str] | None = None):
     from . import load_adapter
     from .hub import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
+    if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
+                                                    labels=labels)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=_overrides(args))
         _load_trained_base_params(model, Path(args.adapter))
@@ -390,6 +409,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+        if classify:  # `lorakit eval` rebuilds the head from these names
+            from .io.files import atomic_write_json as write_json
+            write_json(Path(result.adapter_dir) / LABELS_FILE, {"labels": [model.config.id2label[i]
+                                                                           for i in range(model.config.num_labels)]})
     extra = {}
     if args.loram_ratio is not None and result.adapter_dir is not None:
         extra = {"after_pruned_model": after}
@@ -523,9 +546,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
-    model, tokenizer = _load_with_adapter(args)
-    metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
-                                task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
+    labels = _adapter_labels(args.adapter)
+    model, tokenizer = _load_with_adapter(args, labels)
+    if labels is not None:
+        from .training.objectives import objective_for
+
+        metrics = objective_for(model).evaluate(None, model, tokenizer, examples, batch_size=args.eval_batch_size,
+                                                task_to_id=task_to_id, progress=not args.quiet)
+    else:
+        metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
+                                    task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
     _print_metrics("eval", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -98,6 +98,15 @@ def test_cli_train_seq_cls(tmp_path, capsys):
     assert summary["trainable_params"] < summary["total_params"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    assert json.loads((out / "adapter" / "labels.json").read_text()) == {"labels": ["neg", "pos"]}
+    # `lorakit eval` rebuilds the classifier and scores the hold-out (the file's last tenth) as training did.
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(data.read_text().splitlines(keepends=True)[-3:]))
+    assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--data", str(held_out),
+                 "--json", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):])
+    assert metrics == pytest.approx({k: summary["after"][k] for k in metrics})
 
 
 def test_cli_rejects_unknown_task_type(tmp_path, capsys):
