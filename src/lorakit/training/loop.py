@@ -218,6 +218,9 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
           on_log: Sequence[LogCallback] = ()) -> TrainResult:
     """Train adapter ``adapter_name`` of ``model`` (a causal LM with a lorakit adapter) on ``train_examples``.
 
+    A ``*ForSequenceClassification`` model trains as a classifier instead (``training.objectives``: example prompt =
+    text, completion = label name from ``model.config.label2id``; evaluations report accuracy, macro F1 and MCC).
+
     ``on_log`` callbacks get ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` every ``log_every``
     steps (``grad_norm`` None when a procedure updates inside backward, as GaLore per layer does: nothing to
     clip; plus ``"router"``, ``mixtures.router_summary`` of this run so far, for mixture methods) and
