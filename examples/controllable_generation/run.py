@@ -65,24 +65,32 @@ def sample(model, tokenizer, prompt: str, n: int, max_new_tokens: int, seed: int
     return [(t.strip().split("\n")[0].split() or [""])[0] for t in texts]
 
 
+COUNTS = ("samples", "with_property", "novel_count", "real_count", "distinct")
+
+
 def score(samples: list[str], tag: str, train_names: set[str], stdlib: set[str]) -> dict:
     ok = [s for s in samples if has_property(s, tag)]
     novel = [s for s in ok if s not in train_names]
-    return {"property": len(ok) / len(samples), "novel": len(novel) / max(len(ok), 1),
-            "real": sum(s in stdlib for s in novel) / max(len(novel), 1),
-            "unique": len(set(samples)) / len(samples), "examples": sorted(set(novel))[:5]}
+    counts = dict(zip(COUNTS, (len(samples), len(ok), len(novel), sum(s in stdlib for s in novel), len(set(samples)))))
+    return {**rates(counts), **counts, "examples": sorted(set(novel))[:5]}
+
+
+def rates(c: dict) -> dict:
+    """property / novel / real / unique from counts (a rate over nothing is 0)."""
+    return {"property": c["with_property"] / c["samples"], "novel": c["novel_count"] / max(c["with_property"], 1),
+            "real": c["real_count"] / max(c["novel_count"], 1), "unique": c["distinct"] / c["samples"]}
 
 
 def evaluate(model, tokenizer, prompts: dict[str, str], args, train_names, stdlib) -> dict:
+    """Per-tag scores and the rates over all tags' samples pooled."""
     model.eval()
     per_tag = {tag: score(sample(model, tokenizer, prompts[tag], args.samples, args.max_new_tokens, args.seed + i),
                           tag, train_names, stdlib) for i, tag in enumerate(TAGS)}
-    mean = {k: sum(r[k] for r in per_tag.values()) / len(per_tag) for k in ("property", "novel", "real", "unique")}
-    return {"per_tag": per_tag, **mean}
+    return {"per_tag": per_tag, **rates({k: sum(r[k] for r in per_tag.values()) for k in COUNTS})}
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(f"property: {t}" for t in TAGS) + " | property (mean) | novel | real | unique |",
+    lines = ["| model | " + " | ".join(f"property: {t}" for t in TAGS) + " | property (all) | novel | real | unique |",
              "|---" * (len(TAGS) + 5) + "|"]
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{r['per_tag'][t]['property']:.2f}" for t in TAGS)

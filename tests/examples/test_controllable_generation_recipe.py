@@ -59,6 +59,7 @@ def test_score_counts_property_novelty_and_realness():
     # copy_tree is a real stdlib name; 4 distinct samples of 5.
     assert got["property"] == pytest.approx(4 / 5) and got["novel"] == pytest.approx(2 / 4)
     assert got["real"] == pytest.approx(1 / 2) and got["unique"] == pytest.approx(4 / 5)
+    assert (got["with_property"], got["novel_count"], got["real_count"], got["distinct"]) == (4, 2, 1, 4)
 
 
 def test_recipe_runs_on_a_tiny_model(tmp_path, capsys):
