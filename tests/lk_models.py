@@ -27,6 +27,60 @@ def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassificati
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
+def tiny_unet(seed: int = 0, dtype=torch.float32):
+    """A diffusers UNet2DModel on 1×8×8 images: 3×3 and 1×1 (conv_shortcut) nn.Conv2d, a stride-2 downsampler,
+    attention blocks (nn.Linear). Call it with :func:`unet_inputs`."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                        norm_num_groups=4, attention_head_dim=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+
+
+def unet_inputs(batch: int = 3, seed: int = 123, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn(batch, 1, 8, 8, generator=g).to(dtype),
+            "timestep": torch.randint(0, 1000, (batch,), generator=g)}
+
+
+def tiny_whisper(seed: int = 0, dtype=torch.float32):
+    """A transformers WhisperForConditionalGeneration whose encoder has nn.Conv1d conv1 (k=3) and conv2 (k=3,
+    stride 2) over 8 mel bins × 16 frames. Call it with :func:`whisper_inputs`."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+                        max_source_positions=8, max_target_positions=32, vocab_size=96, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, init_std=0.1)
+    return WhisperForConditionalGeneration(cfg).to(dtype).eval()
+
+
+def whisper_inputs(ids: torch.Tensor, seed: int = 123, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_features": torch.randn(ids.shape[0], 8, 16, generator=g).to(dtype), "decoder_input_ids": ids}
+
+
+def tiny_wav2vec2(seed: int = 0, dtype=torch.float32):
+    """A transformers Wav2Vec2Model: its feature encoder is two bias-free nn.Conv1d (k=10 stride 5, k=3 stride 2)
+    over raw audio (batch, 400); ``encoder.pos_conv_embed.conv`` is a grouped (groups=2), weight-normed Conv1d."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                         num_conv_pos_embedding_groups=2, vocab_size=32, feat_extract_norm="layer",
+                         do_stable_layer_norm=True)
+    return Wav2Vec2Model(cfg).to(dtype).eval()
+
+
+def audio_inputs(batch: int = 3, seed: int = 123, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_values": torch.randn(batch, 400, generator=g).to(dtype)}
+
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 

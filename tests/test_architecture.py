@@ -28,7 +28,7 @@ LAYERS = [
     {"mixtures"},
     {"methods"},
     {"init"},
-    {"training", "serving", "compose", "federated", "pretrain"},
+    {"training", "serving", "compose", "federated", "pretrain", "diffusion"},
     {"bench", "cli", "cli_options", "__main__"},
 ]
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}

@@ -209,13 +209,18 @@ def _adapter_labels(adapter: str | None) -> list[str] | None:
     return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
 
 
-def _load_with_adapter(args, labels: list[str] | None = None):
+def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None = None):
+    """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
+    a Whisper; hub.load_model_for_merge), whose tokenizer may be None; ``labels``: a SEQ_CLS adapter's label names
+    (the classifier is built with that head)."""
     from . import load_adapter
-    from .hub import load_model_and_tokenizer
+    from .hub import load_model_and_tokenizer, load_model_for_merge
 
     if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
                                                     labels=labels)
+    elif any_model and not getattr(args, "quantize", None):
+        model, tokenizer = load_model_for_merge(args.model)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
@@ -380,7 +385,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
-    _check_lengths(model, tokenizer, train_examples, args.max_length)
+    _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
     if args.init is None:
         add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
@@ -494,8 +499,10 @@ def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
     return metrics
 
 
-def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
-    """--max-length beyond the model's positions is an error; examples it cuts are counted and said."""
+def _check_lengths(model, tokenizer, examples, max_length: int, ctx=None) -> None:
+    """--max-length beyond the model's positions is an error; examples it cuts are counted and said. Under a
+    distributed launcher each process counts its share of the examples and the counts are summed, so no
+    process tokenizes the whole set."""
     from .data import encode_prompt
     from .data.collate import encode_completion
 
@@ -503,8 +510,11 @@ def _check_lengths(model, tokenizer, examples, max_length: int) -> None:
     if isinstance(limit, int) and max_length > limit:
         raise LorakitError(f"--max-length {max_length} exceeds the model's {limit} positions "
                            "(max_position_embeddings); set it to at most that")
+    mine = examples if ctx is None else ctx.shard(examples)
     long = sum(len(encode_prompt(tokenizer, ex.prompt)) + len(encode_completion(tokenizer, ex.completion)) > max_length
-               for ex in examples)
+               for ex in mine)
+    if ctx is not None:
+        long = ctx.sum_counts([long])[0]
     if long:
         print(f"truncation: {long} of {len(examples)} training examples are longer than --max-length {max_length} "
               "tokens; their prompts are cut from the left (completions are kept whole when they fit)")
@@ -547,7 +557,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
     labels = _adapter_labels(args.adapter)
-    model, tokenizer = _load_with_adapter(args, labels)
+    model, tokenizer = _load_with_adapter(args, labels=labels)
     if labels is not None:
         from .training.objectives import objective_for
 
@@ -629,7 +639,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .data import TASKS, get_task
+    from .data import ROTATE_FAMILY, TASKS, get_task, rotate_task
+    from .data.tasks import MAX_ROTATE_OFFSET
 
     if args.jsonl:  # write a task's examples as a JSONL file a user could have brought
         for ex in get_task(args.jsonl).generate(args.split, args.n, args.seed):
@@ -639,6 +650,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name, task in TASKS.items():
         ex = task.generate("train", 1, 0)[0]
         print(f"{name:<{width}}  {task.description:<48}  e.g. {ex.prompt!r} -> {ex.completion!r}")
+    ex = rotate_task(2).generate("train", 1, 0)[0]
+    print(f"{ROTATE_FAMILY:<{width}}  {'rotate by k letters, k=2..' + str(MAX_ROTATE_OFFSET) + ' (rotate is k=1)':<48}  "
+          f"e.g. {ex.prompt!r} -> {ex.completion!r}")
     return 0
 
 
@@ -722,7 +736,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
-    model, tokenizer = _load_with_adapter(args)
+    model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
         from .quantize import dequantize_model
         dequantize_model(model)
@@ -730,7 +744,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     def write(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     write_dir_atomically(out, write)
     print(f"merged model written to {out}")
@@ -777,6 +792,68 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
+    return 0
+
+
+def cmd_generate_adapter(argv: Sequence[str]) -> int:
+    """``lorakit generate-adapter --task T --generator G --output OUT``: a PEFT LoRA for task T from an ICM-LoRA
+    generator; ``lorakit generate-adapter train --adapters DIR... --output G`` trains one on an adapter collection
+    (ICM-LoRA, arXiv 2501.17635; lorakit.compose.icm_lora_generator)."""
+    from .compose.icm_lora import CvaeConfig
+    from .compose.icm_lora_generator import IcmLoraConfig, generate_adapter, train_icm_lora
+
+    training = argv[:1] == ["train"]
+    prog = "lorakit generate-adapter" + (" train" if training else "")
+    p = argparse.ArgumentParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
+    p.add_argument("--output", required=True, help="folder for the generator" if training else "folder for the adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    _common_model(p)
+    if training:
+        d, c = IcmLoraConfig(), CvaeConfig()
+        p.add_argument("--adapters", nargs="+", required=True,
+                       help="adapter folders, run folders (their checkpoint-*/ are used) or TASK=DIR")
+        for flag, kind, default, text in (
+                ("epochs", int, d.epochs, "passes over the collection"), ("batch-size", int, d.batch_size, "adapters per step"),
+                ("lr", float, d.lr, "AdamW learning rate"), ("seed", int, d.seed, "seed"),
+                ("n-shots", int, d.n_shots, "solved demonstrations before each query (task vector)"),
+                ("n-queries", int, d.n_queries, "queries averaged into the task vector"),
+                ("latent-dim", int, c.latent_dim, "CVAE latent size"), ("kernel-size", int, c.kernel_size, "conv kernel"),
+                ("divide-slice-length", int, c.divide_slice_length, "input padded to a multiple of this"),
+                ("kld-weight", float, c.kld_weight, "weight of the KL term")):
+            p.add_argument(f"--{flag}", type=kind, default=default, help=text)
+        p.add_argument("--channels", type=int, nargs="+", default=list(c.channels), help="encoder widths")
+        p.add_argument("--quiet", action="store_true", help="no per-epoch log")
+    else:
+        p.add_argument("--task", required=True, help="built-in task name (see `lorakit tasks`) or a JSONL file")
+        p.add_argument("--generator", required=True, help="folder written by `lorakit generate-adapter train`")
+        p.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
+        p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I); 0 = the prior mean")
+    args = p.parse_args(argv[1:] if training else argv)
+    try:
+        _set_threads(args)
+        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        model = tokenizer = None
+        if args.model is not None:
+            from .hub import load_model_and_tokenizer
+            model, tokenizer = load_model_and_tokenizer(args.model)
+        if training:
+            config = IcmLoraConfig(
+                cvae=CvaeConfig(latent_dim=args.latent_dim, channels=tuple(args.channels), kernel_size=args.kernel_size,
+                                divide_slice_length=args.divide_slice_length, kld_weight=args.kld_weight),
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, n_shots=args.n_shots,
+                n_queries=args.n_queries)
+            log = None if args.quiet else (lambda r: print(f"epoch {r['epoch']}: loss {r['loss']:.4f} recon "
+                                                           f"{r['recon']:.4f} kld {r['kld']:.4f}", file=sys.stderr))
+            gen = train_icm_lora(args.adapters, config, model=model, tokenizer=tokenizer, log=log)
+            out = gen.save(args.output)
+            print(f"ICM-LoRA generator for {', '.join(sorted(gen.conditions))} written to {out}")
+        else:
+            out = generate_adapter(args.generator, args.task, args.output, seed=args.seed,
+                                   temperature=args.temperature, model=model, tokenizer=tokenizer)
+            print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -873,7 +950,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
-          limits=ServerLimits(max_tokens=args.max_tokens_limit))
+          limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank)
     return 0
 
 
@@ -1125,6 +1202,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget, preallocated")
     sv.add_argument("--max-batch", type=int, default=32, help="running requests at most")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--rank", type=int, default=None,
+                    help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
     sv.set_defaults(func=cmd_serve)
 
 
@@ -1148,7 +1227,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")
     f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules, comma-separated")
     f.add_argument("--r", type=int, default=4, help="LoRA rank of every client")
-    f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora only)")
+    f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora stacks them, fedit zero-pads)")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, scaling 2)")
     f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
@@ -1184,9 +1263,15 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_serve(sub)
     sub.add_parser("quantize", help="post-training weight quantization, RTN or CBQ (see lorakit quantize --help)",
                    add_help=False)
+    sub.add_parser("generate-adapter", help="ICM-LoRA: generate a LoRA for a task, or `generate-adapter train` a "
+                   "generator (see lorakit generate-adapter --help)", add_help=False)
     _add_federate(sub)
     sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
                    add_help=False)
+    sub.add_parser("diffusion", help="small diffusion model on the bundled digits: train-base, train-loras, "
+                   "train-classifier, bench (see lorakit diffusion --help; extra 'diffusion')", add_help=False)
+    sub.add_parser("compose-image", help="compose LoRAs while sampling images: merge, switch, composite, cmlora, "
+                   "composer (see lorakit compose-image --help)", add_help=False)
     pb = sub.add_parser("pretrain-base", help="rebuild the bundled base model (options: lorakit pretrain-base --help)",
                         add_help=False)
     pb.set_defaults(func=None)
@@ -1254,8 +1339,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_pretrain_base(argparse.Namespace(), argv[1:])
     if argv[:1] == ["merge-adapters"]:
         return cmd_merge_adapters(argv[1:])
+    if argv[:1] == ["generate-adapter"]:
+        return cmd_generate_adapter(argv[1:])
     if argv[:1] == ["quantize"]:
         return cmd_quantize(argv[1:])
+    if argv[:1] == ["diffusion"]:
+        from .diffusion.cli import main as diffusion_main
+        return diffusion_main(argv[1:])
+    if argv[:1] == ["compose-image"]:
+        from .diffusion.cli import compose_main
+        return compose_main(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench.cli import main as bench_main
         return bench_main(argv[1:])

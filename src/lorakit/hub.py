@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -110,3 +111,39 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
         lm.lorakit_quantize = config
         return lm.eval(), tokenizer
     return lm.to(device).eval(), tokenizer
+
+
+def load_model_for_merge(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) for ``lorakit merge``: a causal LM as :func:`load_model_and_tokenizer`, else the
+    class a local folder's ``config.json`` names — a diffusers model (``_class_name``, e.g. UNet2DModel, whose
+    convolutions LoRA adapts) or a transformers architecture (``architectures[0]``, e.g.
+    WhisperForConditionalGeneration), with its tokenizer when the folder has one. Raises LorakitError when the
+    named class is not in the installed library."""
+    path = resolve_model_path(model)
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    arch = (config.get("architectures") or [""])[0]
+    if "_class_name" not in config and (not arch or arch.endswith("ForCausalLM")):
+        return load_model_and_tokenizer(model, dtype=dtype)
+    if "_class_name" in config:
+        try:
+            import diffusers
+        except ImportError:
+            raise LorakitError(f"{path} is a diffusers model ({config['_class_name']}); install diffusers: "
+                               f"pip install 'lorakit[diffusion]'") from None
+        library, name = diffusers, config["_class_name"]
+    else:
+        import transformers as library
+        name = arch
+    cls = getattr(library, name, None)
+    if cls is None:
+        raise LorakitError(f"{path}: config.json names {name!r}, which {library.__name__} {library.__version__} lacks")
+    try:
+        loaded = cls.from_pretrained(path, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    try:
+        tokenizer = load_tokenizer(path)
+    except (LorakitError, OSError, ValueError, TypeError):
+        tokenizer = None  # e.g. a UNet, or an audio model saved without its tokenizer
+    return loaded.to(dtype).eval(), tokenizer

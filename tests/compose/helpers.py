@@ -33,3 +33,15 @@ def output_with(model_factory, path, ids):
 def base_output(model_factory, ids):
     with torch.no_grad():
         return model_factory()(input_ids=ids).logits
+
+
+def peft_all_active(model_factory, paths):
+    """The real PEFT model on a fresh base with every adapter in ``paths`` loaded and active together
+    (``base_model.set_adapter([...])``: PEFT adds every active adapter's delta)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model_factory(), str(paths[0]), adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(str(p), adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(paths))])
+    return model

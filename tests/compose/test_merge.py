@@ -11,9 +11,8 @@ import json
 
 import pytest
 import torch
-from compose.helpers import make_adapter
+from compose.helpers import make_adapter, peft_all_active
 from lk_models import tiny_bert, tiny_llama
-from peft import PeftModel
 
 import lorakit as lk
 from lorakit.compose import METHODS, list_merge_methods, merge_adapters
@@ -32,10 +31,7 @@ LINEAR_FAMILY = {n for n, m in METHODS.items() if m.coefficients is not None}
 
 def peft_output(paths, ids, weights=None):
     """Output of the tiny Llama with every adapter in ``paths`` loaded and active in real PEFT."""
-    model = PeftModel.from_pretrained(tiny_llama(), str(paths[0]), adapter_name="a0")
-    for i, p in enumerate(paths[1:], 1):
-        model.load_adapter(str(p), adapter_name=f"a{i}")
-    model.base_model.set_adapter([f"a{i}" for i in range(len(paths))])
+    model = peft_all_active(tiny_llama, paths)
     with torch.no_grad():
         return model(input_ids=ids).logits
 
@@ -210,10 +206,7 @@ def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
     def run(path_list):
-        model = PeftModel.from_pretrained(tiny_gpt2(), str(path_list[0]), adapter_name="a0")
-        for i, p in enumerate(path_list[1:], 1):
-            model.load_adapter(str(p), adapter_name=f"a{i}")
-        model.base_model.set_adapter([f"a{i}" for i in range(len(path_list))])
+        model = peft_all_active(tiny_gpt2, path_list)
         with torch.no_grad():
             return model(input_ids=ids).logits
 

@@ -15,16 +15,20 @@ import torch
 import lorakit as lk
 from lorakit.core.model import adapter_layers
 
-from lk_models import tiny_gpt2, tiny_llama
+from lk_models import tiny_gpt2, tiny_llama, tiny_unet, tiny_whisper, unet_inputs, whisper_inputs
 
-# layer kind -> (model factory, target_modules) covering nn.Linear, Conv1D and nn.Embedding
+# case -> (model factory, target_modules, layer kind) covering nn.Linear, transformers Conv1D, nn.Embedding,
+# nn.Conv2d (a diffusers UNet: 3×3, 1×1 and stride-2 kernels) and nn.Conv1d (Whisper's encoder convolutions)
 LAYER_CASES = {
     "linear": (tiny_llama, ["q_proj", "v_proj", "down_proj"], "linear"),
     "conv1d": (tiny_gpt2, ["c_attn", "c_proj"], "linear"),
     "embedding": (tiny_llama, ["embed_tokens"], "embedding"),
     "ffn": (tiny_llama, ["mlp"], "ffn"),
     "ffn_gpt2": (tiny_gpt2, ["mlp"], "ffn"),
+    "nn_conv2d": (tiny_unet, ["conv_in", "conv1", "conv2", "conv_shortcut", "conv"], "conv"),
+    "nn_conv1d": (tiny_whisper, ["conv1", "conv2"], "conv"),
 }
+WITH_BIAS = ("conv1d", "nn_conv2d", "nn_conv1d")  # cases whose targets have a base bias (lora_bias merges into it)
 
 
 def _cases():
@@ -33,7 +37,7 @@ def _cases():
             for case, (_, _, kind) in LAYER_CASES.items():
                 if kind not in method.layer_kinds:
                     continue
-                if kwargs.get("lora_bias") and case != "conv1d":
+                if kwargs.get("lora_bias") and case not in WITH_BIAS:
                     continue  # a delta bias needs a base bias to merge into (GPT-2's layers have one)
                 for dtype in ("fp32", "bf16"):
                     yield pytest.param(method.name, variant, case, dtype,
@@ -63,9 +67,24 @@ def _perturb(model, name, seed):
 _ROUTING = {}  # set per test: routing kwargs the method needs (keys, masks)
 
 
-def _out(model, ids):
+def _call(model, ids, case, labels=False):
+    """The model's output for ``ids`` (its loss with ``labels``): token ids for language models, noise + timesteps
+    for the UNet (loss: mean squared output), mel features + decoder ids for Whisper (output: the encoder's)."""
+    dtype = next(model.parameters()).dtype
     with lk.routing(**_ROUTING) if _ROUTING else contextlib.nullcontext():
-        return model(input_ids=ids).logits.float()
+        if case == "nn_conv2d":
+            out = model(**unet_inputs(ids.shape[0], dtype=dtype)).sample
+            return out.float().pow(2).mean() if labels else out.float()
+        inputs = whisper_inputs(ids, dtype=dtype) if case == "nn_conv1d" else {"input_ids": ids}
+        if labels:
+            return model(**inputs, labels=ids).loss
+        out = model(**inputs)
+        # Whisper: the encoder's output (what its convolutions change; the tiny decoder's logits barely move)
+        return (out.encoder_last_hidden_state if case == "nn_conv1d" else out.logits).float()
+
+
+def _out(model, ids, case="linear"):
+    return _call(model, ids, case)
 
 
 @pytest.fixture
@@ -87,27 +106,27 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
         _ROUTING.update(method.example_routing(ids))
     model = factory(dtype=torch_dtype)
     base_params = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = _out(model, ids)
+    ref = _out(model, ids, case)
 
     lk.add_adapter(model, _config(method_name, variant, case))
     assert list(adapter_layers(model)), "no layer adapted"
-    out = _out(model, ids)
+    out = _out(model, ids, case)
     assert out.shape == ref.shape
     if lk.get_method(method_name).zero_init:
         torch.testing.assert_close(out, ref, atol=tol, rtol=0)
 
     _perturb(model, "default", 0)
-    out = _out(model, ids)
+    out = _out(model, ids, case)
     assert (out - ref).abs().max() > 10 * tol, "perturbed adapter has no effect"
     with lk.disable_adapters(model):
-        torch.testing.assert_close(_out(model, ids), ref, atol=tol, rtol=0)
+        torch.testing.assert_close(_out(model, ids, case), ref, atol=tol, rtol=0)
 
     # merged == unmerged, merge -> unmerge restores the base weights (input-dependent methods refuse to merge)
     if method.mergeable:
         lk.merge_adapter(model)
-        torch.testing.assert_close(_out(model, ids), out, atol=10 * tol if dtype == "bf16" else 1e-4, rtol=0)
+        torch.testing.assert_close(_out(model, ids, case), out, atol=10 * tol if dtype == "bf16" else 1e-4, rtol=0)
         with lk.disable_adapters(model):  # disabling a merged model gives the base back
-            torch.testing.assert_close(_out(model, ids), ref, atol=10 * tol if dtype == "bf16" else 1e-5, rtol=0)
+            torch.testing.assert_close(_out(model, ids, case), ref, atol=10 * tol if dtype == "bf16" else 1e-5, rtol=0)
         lk.unmerge_adapter(model)
     else:
         with pytest.raises(lk.AdapterError, match="cannot be merged"):
@@ -116,25 +135,24 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
         restored = lk.unload(copy.deepcopy(model)).state_dict()
         for k, v in base_params.items():
             torch.testing.assert_close(restored[k], v, atol=1e-6, rtol=0)
-    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)
+    torch.testing.assert_close(_out(model, ids, case), out, atol=tol, rtol=0)
 
     # save -> load round trip into a fresh base
     lk.save_adapter(model, tmp_path / "a")
     fresh = factory(dtype=torch_dtype)
     lk.load_adapter(fresh, tmp_path / "a")
-    torch.testing.assert_close(_out(fresh, ids), out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_out(fresh, ids, case), out, atol=1e-6, rtol=0)
 
     # two adapters are isolated: adding/training b changes nothing of a
     lk.add_adapter(model, _config(method_name, variant, case), name="b")
     _perturb(model, "b", 1)
     a_params = {k: v.clone() for k, v in lk.adapter_state_dict(model, "default").items()}
-    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)  # b added inactive
+    torch.testing.assert_close(_out(model, ids, case), out, atol=tol, rtol=0)  # b added inactive
     lk.set_adapter(model, "b")
-    out_b = _out(model, ids)
+    out_b = _out(model, ids, case)
     assert (out_b - out).abs().max() > 10 * tol
     model.train()
-    with lk.routing(**_ROUTING) if _ROUTING else contextlib.nullcontext():
-        loss = model(input_ids=ids, labels=ids).loss
+    loss = _call(model, ids, case, labels=True)
     if method.extra_loss is not None:
         loss = loss + method.extra_loss(model, "b")
     loss.backward()
@@ -152,7 +170,7 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
     for k, v in lk.adapter_state_dict(model, "default").items():
         assert torch.equal(v, a_params[k])
     lk.set_adapter(model, "default")
-    torch.testing.assert_close(_out(model, ids), out, atol=tol, rtol=0)
+    torch.testing.assert_close(_out(model, ids, case), out, atol=tol, rtol=0)
     if method.extra_loss is not None:
         method.extra_loss(model, "default")  # drains records of the eval forwards (none are kept in eval mode)
 
@@ -160,7 +178,7 @@ def test_contract(method_name, variant, case, dtype, ids, tmp_path):
     lk.delete_adapter(model, "b")
     lk.delete_adapter(model, "default")
     assert not list(adapter_layers(model))
-    torch.testing.assert_close(_out(model, ids), ref, atol=tol, rtol=0)
+    torch.testing.assert_close(_out(model, ids, case), ref, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])

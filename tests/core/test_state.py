@@ -211,3 +211,14 @@ def test_merge_and_unload_of_another_adapter_while_merged(base_and_model, ids):
     with pytest.warns(UserWarning, match="unmerging them first"):
         plain = lk.merge_and_unload(model, ["b"])
     assert close(_out(plain, ids), ALONE["b"])
+
+
+def test_adapter_name_that_is_a_module_attribute_is_refused_before_anything_changes():
+    """Adapter names key an nn.ModuleDict in every layer: 'eval', 'train', 'keys'... would be a bare KeyError from
+    torch halfway through attaching; they are refused up front, naming the problem."""
+    model = tiny_llama()
+    for bad in ("eval", "train", "keys", "_private"):
+        with pytest.raises(lk.AdapterError, match="attribute"):
+            lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), name=bad)
+    assert not list(lk.core.model.adapter_layers(model))
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), name="eval_adapter")

@@ -183,3 +183,22 @@ def test_load_examples_multi_task_is_shuffled_and_deterministic() -> None:
         load_examples("sort")
     with pytest.raises(ValueError, match="unknown task"):
         load_examples("sort,nope", n=3)
+
+
+def test_rotate_family_rotates_by_k_and_stays_out_of_the_registry():
+    from lorakit.data import find_task, rotate_task
+
+    assert rotate_task(1) is TASKS["rotate"]
+    three = get_task("rotate3")
+    assert three.render("abcde") == ("rotate3: a b c d e =>", " d e a b c")
+    assert three.render("abc")[1] == " a b c"  # k modulo the length
+    assert get_task("rotate2").render("abcd")[1] == " c d a b"
+    assert find_task("rotate10") is None and find_task("rotate03") is None and find_task("rotate0") is None
+    assert "rotate3" not in TASKS and "rotate3" not in list_tasks()
+    assert not any(t.startswith("rotate3:") for t in pretraining_texts(n_per_task=2))
+    ex = load_examples("rotate3", "test", n=3)
+    assert all(e.task == "rotate3" for e in ex)
+    with pytest.raises(ValueError, match="offset k"):
+        rotate_task(0)
+    with pytest.raises(ValueError, match="Did you mean rotate3"):
+        get_task("rotat3")

@@ -109,10 +109,41 @@ def test_ffa_uplink_is_half_of_fedit_on_square_layers():
     assert set(ffa.expected_update({}, r, {"l0": (d, d)})) == {"l0.lora_B"}
 
 
-def test_heterogeneous_ranks_need_flora():
+def test_heterogeneous_ranks_need_a_strategy_that_handles_them():
     from lorakit import ConfigError
 
-    with pytest.raises(ConfigError, match="flora"):
-        FederatedConfig(strategy="fedit", client_ranks=[8, 4])
+    for strategy in ("lora_fair", "ffa"):
+        with pytest.raises(ConfigError, match="'fedit' or 'flora'"):
+            FederatedConfig(strategy=strategy, client_ranks=[8, 4])
+    # FedIT averages factors: heterogeneous ranks only with one scaling α/r (α = 2r when lora_alpha is unset)
+    with pytest.raises(ConfigError, match="lora_alpha"):
+        FederatedConfig(strategy="fedit", client_ranks=[8, 4], lora_alpha=16)
+    FederatedConfig(strategy="fedit", client_ranks=[8, 4])
+    FederatedConfig(strategy="fedit", client_ranks=[4, 4], lora_alpha=16)
     with pytest.raises(ConfigError, match="lora_fair"):
         FederatedConfig(strategy="lora_fiar")
+
+
+def test_fedit_zero_padding_matches_flora_official_aggregation():
+    """FLoRA's official fed_utils/model_aggregation.py, FedAvg(zero_padding=True): each client's A_k (r_k, in) gets
+    ``ZeroPad2d((0, 0, 0, max_lora - r_k))`` (zero rows at the bottom) and B_k (out, r_k) gets
+    ``ZeroPad2d((0, max_lora - r_k, 0, 0))`` (zero columns on the right), both times ``weights_array[k]``, summed.
+    Written out here with explicit zero blocks."""
+    ranks, weights = [2, 4, 3], [0.5, 0.3, 0.2]
+    updates = client_updates(ranks, seed=3)
+    r_max = max(ranks)
+    ref_A, ref_B = torch.zeros(r_max, IN), torch.zeros(OUT, r_max)
+    for u, p, r in zip(updates, weights, ranks):
+        ref_A[:r] += p * u["m.lora_A"]
+        ref_B[:, :r] += p * u["m.lora_B"]
+    strategy = get_strategy(FederatedConfig(strategy="fedit", client_ranks=ranks))
+    state = {"m.lora_A": torch.zeros(r_max, IN), "m.lora_B": torch.zeros(OUT, r_max)}
+    new = strategy.aggregate(state, updates, weights, [2.0] * 3)
+    torch.testing.assert_close(new["m.lora_A"], ref_A)
+    torch.testing.assert_close(new["m.lora_B"], ref_B)
+    # rows only the rank-4 client trains are its update times its weight alone (no renormalisation)
+    torch.testing.assert_close(new["m.lora_A"][3], 0.3 * updates[1]["m.lora_A"][3])
+    # equal ranks: plain FedAvg of the factors, unchanged
+    same = client_updates([4, 4], seed=4)
+    torch.testing.assert_close(strategy.aggregate(state, same, [0.25, 0.75], [2.0, 2.0])["m.lora_A"],
+                               0.25 * same[0]["m.lora_A"] + 0.75 * same[1]["m.lora_A"])

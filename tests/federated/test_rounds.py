@@ -27,6 +27,28 @@ def run_rounds(config):
     return core, start
 
 
+def test_fedit_heterogeneous_ranks_pad_on_the_server_and_truncate_on_clients(tiny_config):
+    """FedIT with client_ranks 2 and 4: the server's global factors have rank 4; the rank-2 client starts from
+    their leading block (A[:2], B[:, :2]) and sends rank-2 factors, which the server zero-pads."""
+    from lorakit.federated.base import read_factors
+    from lorakit.federated.client import attach, fresh_model
+    from lorakit.federated.fedit import FedIT
+
+    config = tiny_config("fedit", client_ranks=[2, 4])
+    core, start = run_rounds(config)
+    assert [h["accepted"] for h in core.history] == [2, 2] and not any(h["rejected"] for h in core.history)
+    assert all(v.shape[0] == 4 for k, v in core.state.items() if k.endswith(".lora_A"))
+    assert any(not torch.equal(start[k], core.state[k]) for k in start)
+    model, _ = fresh_model(config)
+    strategy = FedIT(config)
+    attach(model, config, strategy, 2, 4.0, 0)
+    strategy.client_start(model, core.state)
+    got = read_factors(model)
+    for key, value in got.items():
+        expected = core.state[key][:2] if key.endswith(".lora_A") else core.state[key][:, :2]
+        torch.testing.assert_close(value, expected)
+
+
 @pytest.mark.parametrize("strategy", list_strategies())
 def test_two_rounds(strategy, tiny_config):
     config = tiny_config(strategy, client_ranks=[2, 4] if strategy == "flora" else None)

@@ -62,6 +62,32 @@ def test_increlora_score_is_official_sensitivity():
     assert abs(float(d.score) - expected) < 1e-6 * max(1.0, expected)
 
 
+def test_increlora_fused_layer_path_keeps_the_output_and_the_official_score(monkeypatch):
+    """Through the wrapped layer while scoring, ΔW is added to the base weight (one matmul): the output is still
+    base(x) + x ΔWᵀ and the score still SVDLinear.backward_hook's Σ|ΔW ⊙ ∂L/∂ΔW| / √numel."""
+    from lorakit.methods.increlora import IncreLoraLinear
+
+    taken = []
+    fused = IncreLoraLinear.fused_forward
+    monkeypatch.setattr(IncreLoraLinear, "fused_forward",
+                        lambda self, x, base: taken.append(1) or fused(self, x, base))
+    model = _model()
+    _, layer = next(iter(adapter_layers(model)))
+    d = layer.adapters["default"]
+    with torch.no_grad():
+        d.lora_E.normal_()
+    layer.train()
+    x = torch.randn(4, d.info.in_features)
+    out = layer(x)
+    assert taken
+    dw = d.delta_weight().detach()
+    torch.testing.assert_close(out, layer.base_layer(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+    out.pow(2).sum().backward()
+    grad = 2 * out.detach().T @ x
+    expected = float((dw * grad).abs().sum()) / math.sqrt(dw.numel())
+    assert abs(float(d.score) - expected) < 1e-5 * max(1.0, expected)
+
+
 def test_increlora_orth_penalty_matches_compute_orth_regu():
     model = _model()
     increlora_on_step_grow(model, {0: 1.0})  # one module now has a rank-1 active piece beyond the initial block

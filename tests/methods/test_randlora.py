@@ -99,3 +99,40 @@ def test_randlora_config_errors():
         RandLoraConfig(sparse=True, very_sparse=True)
     with pytest.raises(lk.ConfigError, match="r must be"):
         RandLoraConfig(r=0)
+
+
+def test_randlora_fused_and_dense_paths_match_peft_values_and_gradients(monkeypatch):
+    """Enough tokens (4×64) that lorakit takes its ΔW paths (fused into the base weight when RandLoRA is the only
+    adapter; separate ΔW otherwise): logits and the gradients of λ and γ equal PEFT's factored forward
+    (peft/tuners/randlora/layer.py ``forward``: ``F.linear(F.linear(dropout(x), update_B), update_A)``)."""
+    from lorakit.methods.randlora import RandLoraLinear
+
+    calls = []
+    fused = RandLoraLinear.fused_forward
+
+    def spy(self, x, base_layer):
+        out = fused(self, x, base_layer)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(RandLoraLinear, "fused_forward", spy)
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(0))
+    peft_model = _peft_model(tiny_llama, TARGETS)
+    model = lk.add_adapter(tiny_llama(), RandLoraConfig(r=4, randlora_alpha=8, target_modules=TARGETS))
+    _copy_peft_weights_into(model, peft_model)
+    ours, theirs = model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert calls and all(calls)  # every adapted layer took the fused path
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    peft_params = dict(peft_model.named_parameters())
+    for path, layer in adapter_layers(model):
+        for name in ("randlora_lambda", "randlora_gamma"):
+            torch.testing.assert_close(getattr(layer.adapters["default"], name).grad,
+                                       peft_params[f"base_model.model.{path}.{name}.default"].grad, atol=1e-5, rtol=1e-3)
+    # a second active adapter: no fusion, the separate ΔW path gives the same logits
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=TARGETS), name="zero")  # B = 0: adds nothing
+    lk.set_adapter(model, ["default", "zero"])
+    calls.clear()
+    torch.testing.assert_close(model(input_ids=ids).logits, theirs, atol=1e-4, rtol=1e-4)
+    assert not any(calls)

@@ -83,3 +83,33 @@ def test_engine_serves_unbanked_adapter_with_banked_rows(method, tmp_path, sh):
         engine.submit([4, 5], {method: 0.5, "plain": 0.5})
     store.unregister(method)  # evicts the attached adapter from the model
     assert method not in lk.adapter_names(model)
+
+
+def test_engine_serves_a_dylora_adapter_at_the_chosen_rank(tmp_path):
+    """DyLoRA (nested ranks) served with ``AdapterStore(rank=b)`` (``lorakit serve --rank b``) generates as the
+    model with the adapter loaded at rank b (``lorakit.load_adapter(..., config_overrides={"rank": b})``), which
+    differs from rank r_max; a rank above the adapter's r is refused at registration."""
+    from lorakit.core.errors import ConfigError
+    from lorakit.methods.dylora import DyLoraConfig
+
+    root = tmp_path / "adapters"
+    _save(root / "dy", DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=7)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 8)]
+    outputs = {}
+    for rank in (1, 4):
+        model = tiny_llama()
+        store = AdapterStore(model, [root], max_loras=2, rank=rank)
+        store.register_dir(root)
+        engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+        reqs = engine.generate(prompts, ["dy", "dy"], SamplingParams(max_tokens=6))
+        reference = tiny_llama()
+        lk.load_adapter(reference, root / "dy", "dy", config_overrides={"rank": rank})
+        for p, r in zip(prompts, reqs):
+            assert r.error is None, r.error
+            out = reference.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)
+            assert r.output_ids == _cut(out[0, len(p):].tolist())
+        outputs[rank] = [r.output_ids for r in reqs]
+    assert outputs[1] != outputs[4]
+    with pytest.raises(ConfigError, match="rank"):
+        AdapterStore(tiny_llama(), [root], rank=5).register_dir(root)

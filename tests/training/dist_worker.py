@@ -84,11 +84,22 @@ def main(out: Path, resume: str | None) -> None:
         if rank == 0:
             save_tensors(out / f"{name}.safetensors", state)
 
+    import lorakit.data.collate as collate
+
+    tokenize, tokenized = collate.tokenize_example, []
+
+    def counting(example, *args, **kwargs):  # which training examples this process tokenizes (lazily)
+        tokenized.append(example.prompt)
+        return tokenize(example, *args, **kwargs)
+
     for mode in ("ddp", "fsdp"):
+        collate.tokenize_example, tokenized[:] = counting, []
         model = build(tokenizer, "lora")
         result = train(model, tokenizer, train_examples, train_config(2, distributed=mode, eval_every=3),
                        eval_examples=eval_examples, progress=False)
-        finish(mode, model, result)
+        collate.tokenize_example = tokenize
+        train_prompts = {ex.prompt for ex in train_examples}
+        finish(mode, model, result, tokenized=sorted({p for p in tokenized if p in train_prompts}))
 
     # checkpoint at step 2 of 4, written by 2 processes (the test resumes it with 1)
     model = build(tokenizer, "lora")

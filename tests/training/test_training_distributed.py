@@ -93,6 +93,10 @@ def test_data_parallel_equals_one_process_on_the_same_global_batch(launched, sin
     _close(loaded, model)
     assert records[0][mode]["ranks_identical"] and records[1][mode]["ranks_identical"]
     assert records[0][mode]["losses"] == pytest.approx(result.losses, abs=1e-5)  # the global step loss is logged
+    # data: each process tokenized only the rows it read (3 steps × 2 micro-batches × 2 rows), none twice, and the
+    # two shares are disjoint halves of the 24 rows of the global stream (32 examples: no epoch wrap)
+    shares = [set(records[rank][mode]["tokenized"]) for rank in (0, 1)]
+    assert [len(s) for s in shares] == [12, 12] and not shares[0] & shares[1]
     # evaluation: every rank generated for its share and gathered all 5 predictions
     for rank in (0, 1):
         assert records[rank][mode]["final_metrics"]["n"] == len(eval_examples)

@@ -47,7 +47,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--r", type=int, default=None,
                         help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
-                        help="variants: only the interleaved training-step-time ratios (variants_step_time.*)")
+                        help="variants, reparam: only the interleaved training-step-time ratios (variants_step_time.*, "
+                             "reparam_step_time_b<batch>.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
@@ -121,6 +122,9 @@ def main(argv: Sequence[str]) -> int:
         profile = _override(federated.QUICK if args.quick else federated.FULL, seeds=args.seeds, local_steps=args.steps,
                             rounds=args.rounds, clients=args.clients, tasks=args.tasks,
                             strategies=args.methods)
+        if args.methods:  # the DP and heterogeneous-rank rows only for the strategies asked for
+            profile = _override(profile, dp_strategies=[s for s in profile.dp_strategies if s in args.methods],
+                                hetero_strategies=[s for s in profile.hetero_strategies if s in args.methods])
         result = federated.run_federated_bench(profile, progress=not args.quick)
         markdown = federated.federated_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
@@ -142,9 +146,15 @@ def main(argv: Sequence[str]) -> int:
         from . import reparam
         profile = _override(reparam.QUICK if args.quick else reparam.FULL, methods=args.methods, seeds=args.seeds,
                             steps=args.steps, tasks=args.tasks, r=args.r, batch_size=args.batch_size)
-        result = reparam.run_reparam(profile)
-        markdown = reparam.reparam_markdown(result)
-        result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]
+        if args.step_time:
+            from .variants import step_times_markdown
+            args.what = f"reparam_step_time_b{profile.batch_size}"
+            result = reparam.run_step_times(profile)
+            markdown = step_times_markdown(result)
+        else:
+            result = reparam.run_reparam(profile)
+            markdown = reparam.reparam_markdown(result)
+            result["plots"] = [str(p) for p in reparam.plot_reparam(result, out)]
     elif args.what == "quantize":
         from . import quantize as bench_quantize
         profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
@@ -164,7 +174,7 @@ def main(argv: Sequence[str]) -> int:
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+        from . import conv_perf, distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

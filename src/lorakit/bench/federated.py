@@ -24,6 +24,8 @@ import torch
 class FederatedProfile:
     strategies: tuple[str, ...] = ("fedit", "ffa", "flora", "lora_fair")
     dp_strategies: tuple[str, ...] = ("fedit", "ffa")
+    # averaging strategies also run with the heterogeneous ``flora_ranks`` (FedIT zero-pads, FLoRA's baseline)
+    hetero_strategies: tuple[str, ...] = ("fedit",)
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -43,13 +45,15 @@ QUICK = FederatedProfile(seeds=(0,), clients=2, rounds=2, local_steps=2, tasks="
 FULL = FederatedProfile()
 
 
-def _config(profile: FederatedProfile, strategy: str, seed: int, dp: bool):
+def _config(profile: FederatedProfile, strategy: str, seed: int, dp: bool, hetero: bool | None = None):
     from ..federated import FederatedConfig
+
+    hetero = strategy == "flora" if hetero is None else hetero
 
     return FederatedConfig(
         strategy=strategy, clients=profile.clients, rounds=profile.rounds, data=profile.tasks,
         train_examples=profile.train_examples, eval_examples=profile.eval_examples, partition="task", r=profile.r,
-        client_ranks=list(profile.flora_ranks) if strategy == "flora" else None, local_steps=profile.local_steps,
+        client_ranks=list(profile.flora_ranks) if hetero else None, local_steps=profile.local_steps,
         lr=profile.lr, seed=seed, dp_noise_multiplier=profile.dp_noise_multiplier if dp else 0.0,
         dp_max_grad_norm=profile.dp_max_grad_norm, target_modules=["q_proj", "v_proj"])
 
@@ -111,18 +115,22 @@ def run_federated_bench(profile: FederatedProfile, progress: bool = True) -> dic
     from ..federated.simulate import federate_in_process
 
     runs = []
-    plan = [(s, False) for s in profile.strategies] + [(s, True) for s in profile.dp_strategies]
+    plan = ([(s, False, None) for s in profile.strategies] + [(s, True, None) for s in profile.dp_strategies]
+            + [(s, False, True) for s in profile.hetero_strategies if s != "flora"])
     for seed in profile.seeds:
-        for strategy, dp in plan:
-            result = federate_in_process(_config(profile, strategy, seed, dp))
+        for strategy, dp, hetero in plan:
+            config = _config(profile, strategy, seed, dp, hetero)
+            result = federate_in_process(config)
             rounds = result["rounds"]
-            runs.append({"strategy": strategy, "dp": dp, "seed": seed, "evaluation": result["evaluation"],
+            label = strategy + (f" (ranks {','.join(map(str, profile.flora_ranks))}, zero-padded)" if hetero else "")
+            runs.append({"strategy": strategy, "label": label, "dp": dp, "seed": seed,
+                         "client_ranks": config.client_ranks, "evaluation": result["evaluation"],
                          "uplink_bytes": statistics.mean(r["uplink_bytes_per_client"] for r in rounds),
                          "downlink_bytes": [r["downlink_bytes_per_client"] for r in rounds],
                          "epsilon": rounds[-1].get("epsilon"), "rejected": sum(len(r["rejected"]) for r in rounds)})
             if progress:
                 last = result["evaluation"][-1]
-                print(f"{strategy}{' +DP' if dp else ''} seed {seed}: exact match {last['exact_match']:.3f}, "
+                print(f"{label}{' +DP' if dp else ''} seed {seed}: exact match {last['exact_match']:.3f}, "
                       f"eval loss {last['eval_loss']:.4f}", flush=True)
     central = [centralized(profile, seed) for seed in profile.seeds]
     check = aggregation_check(profile, profile.seeds[0])
@@ -142,9 +150,9 @@ def federated_markdown(result: dict) -> str:
              "token loss of the global model on the held-out examples after the last round (mean over seeds).", "",
              "| run | exact match | eval loss | uplink KiB / client / round | downlink KiB / client (last round) | ε |",
              "|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["strategy"], r["dp"]) for r in result["runs"]))
+    keys = list(dict.fromkeys((r.get("label", r["strategy"]), r["dp"]) for r in result["runs"]))
     for strategy, dp in keys:
-        rs = [r for r in result["runs"] if r["strategy"] == strategy and r["dp"] == dp]
+        rs = [r for r in result["runs"] if r.get("label", r["strategy"]) == strategy and r["dp"] == dp]
         em = _mean([r["evaluation"][-1]["exact_match"] for r in rs])
         loss = _mean([r["evaluation"][-1]["eval_loss"] for r in rs])
         eps = _mean([r["epsilon"] for r in rs])
@@ -169,10 +177,10 @@ def plot_federated(result: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = list(dict.fromkeys((r["strategy"], r["dp"]) for r in result["runs"]))
+    keys = list(dict.fromkeys((r.get("label", r["strategy"]), r["dp"]) for r in result["runs"]))
     cmap = plt.get_cmap("tab10")
     for i, (strategy, dp) in enumerate(keys):
-        rs = [r for r in result["runs"] if r["strategy"] == strategy and r["dp"] == dp]
+        rs = [r for r in result["runs"] if r.get("label", r["strategy"]) == strategy and r["dp"] == dp]
         rounds = [e["round"] for e in rs[0]["evaluation"]]
         for ax, key in ((ax1, "exact_match"), (ax2, "eval_loss")):
             curve = [statistics.mean(v) for v in zip(*[[e[key] for e in r["evaluation"]] for r in rs])]

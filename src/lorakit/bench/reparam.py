@@ -77,6 +77,21 @@ def training_memory(model, batch) -> dict:
             "total": saved.bytes + grads + 2 * trainable}
 
 
+def run_step_times(profile: ReparamProfile, steps_per_round: int = 3) -> dict:
+    """Only the interleaved training-step-time ratios vs LoRA r (``lorakit bench reparam --step-time``): the
+    ratio depends on the tokens per step (``--batch-size``), since full-rank updates (RandLoRA) pay a per-step
+    cost of building ΔW that LoRA does not."""
+    from .variants import interleaved_step_times
+
+    configs = contenders(profile)
+    ref = f"lora_r{profile.r}"
+    timed = {("lora" if k == ref else k): v for k, v in configs.items() if k == ref or not k.startswith("lora_r")}
+    rows = interleaved_step_times(timed, profile.tasks, profile.batch_size, profile.lr, profile.steps,
+                                  rounds=profile.timing_rounds, steps_per_round=steps_per_round)
+    return {"profile": asdict(profile), "rounds": profile.timing_rounds, "steps_per_round": steps_per_round,
+            "rows": rows}
+
+
 def run_reparam(profile: ReparamProfile, progress: bool = False) -> dict:
     import lorakit as lk
     from ..data import CausalLMCollator, TokenizedDataset, evaluate_examples, load_examples

@@ -211,6 +211,10 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
     for path, layer in adapter_layers(model):
         if not any(n in layer.adapters for n in names):
             continue
+        if layer.info.conv is not None and layer.info.conv.groups > 1:
+            raise ConfigError(f"module {path!r} is a convolution with groups={layer.info.conv.groups}: its lora_B is "
+                              f"grouped, which a merged (dense) low-rank factor does not fit. Exclude it from the "
+                              f"sources (exclude_modules) to merge the rest.")
         terms, row_scale, present, base_w = _module_terms(layer, names, weights)
         magnitude = None
         if row_scale is not None:
@@ -292,13 +296,13 @@ def build_output(model, config, results, recipe, saved_state=None) -> MergedAdap
             if hasattr(delta, "lora_embedding_A"):
                 delta.lora_embedding_A.copy_(A)
                 delta.lora_embedding_B.copy_(B)
-            else:
-                delta.lora_A.weight.copy_(A)
-                delta.lora_B.weight.copy_(B)
+            else:  # convolutions: A (r, in·Πkernel) -> (r, in, *kernel), B (out, r) -> (out, r, 1, ...)
+                delta.lora_A.weight.copy_(A.reshape(delta.lora_A.weight.shape))
+                delta.lora_B.weight.copy_(B.reshape(delta.lora_B.weight.shape))
                 if delta.lora_B.bias is not None:
                     delta.lora_B.bias.copy_(bias if bias is not None else torch.zeros_like(delta.lora_B.bias))
             if magnitude is not None:
-                delta.lora_magnitude_vector.copy_(magnitude)
+                delta.lora_magnitude_vector.copy_(magnitude.reshape(delta.lora_magnitude_vector.shape))
         for path, module in plan.saved.items():
             module.load_state_dict(saved_state(path))
     attach_plan(model, plan)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:  # GPT-2 style layers store the weight transposed (in_features, out_features)
@@ -20,20 +21,64 @@ except Exception:  # pragma: no cover - transformers is a hard dependency, this 
 
 
 @dataclass(frozen=True)
+class ConvSpec:
+    """The geometry of an ``nn.Conv1d/2d/3d`` base layer (``dims`` = 1, 2, 3), as its constructor took it.
+
+    ``padding`` is a tuple of ints or torch's "same" / "valid"; ``padding_mode`` is "zeros", "reflect",
+    "replicate" or "circular" (non-zero modes pad the input first, as ``nn.Conv2d._conv_forward`` does).
+    """
+
+    dims: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+    def padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | str]:
+        """(input, padding for ``F.convNd``): non-"zeros" padding modes pad ``x`` here and convolve unpadded."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        if self.padding == "valid":
+            return x, 0
+        pads: list[int] = []  # F.pad wants the last dim first: (left_last, right_last, left_prev, ...)
+        for i in reversed(range(self.dims)):
+            if self.padding == "same":
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                pads += [total // 2, total - total // 2]
+            else:
+                pads += [self.padding[i], self.padding[i]]
+        return F.pad(x, pads, mode=self.padding_mode), 0
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
+        """``F.convNd(x, weight)`` with this layer's stride, padding, dilation (and padding mode), given groups."""
+        x, padding = self.padded(x)
+        fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        return fn(x, weight, None, self.stride, padding, self.dilation, groups)
+
+
+@dataclass(frozen=True)
 class LayerInfo:
     """What a delta needs to know about the base layer it adapts.
 
-    ``kind`` is ``"linear"`` (nn.Linear, Conv1D) or ``"embedding"``. ``fan_in_fan_out`` means the base
-    weight is stored as (in, out) — Conv1D and nn.Embedding — so the core transposes when merging.
+    ``kind`` is ``"linear"`` (nn.Linear, Conv1D), ``"embedding"`` or ``"conv"`` (nn.Conv1d/2d/3d). ``fan_in_fan_out``
+    means the base weight is stored as (in, out) — Conv1D and nn.Embedding — so the core transposes when merging.
+    For convolutions ``in_features`` / ``out_features`` are the channel counts, ``conv`` holds the geometry, and
+    the core's "(out, in)" weight is the kernel flattened to (out, in/groups · Πkernel_size).
     """
 
     kind: str
     in_features: int
     out_features: int
     fan_in_fan_out: bool
+    conv: ConvSpec | None = None
 
 
-SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Embedding"
+# The layer types each built-in layer kind covers (error messages name the types a method supports).
+KIND_LAYERS = {"linear": "nn.Linear, transformers Conv1D", "embedding": "nn.Embedding",
+               "conv": "nn.Conv1d, nn.Conv2d, nn.Conv3d"}
+SUPPORTED_LAYERS = ", ".join(KIND_LAYERS.values())
 
 # Extra layer kinds (e.g. whole feed-forward blocks for FFN-level mixtures) register a describer here.
 _KIND_DESCRIBERS: list = []
@@ -64,7 +109,17 @@ def _describe_builtin(module: nn.Module) -> LayerInfo | None:
         return LayerInfo("linear", in_f, out_f, True)
     if isinstance(module, nn.Embedding):
         return LayerInfo("embedding", module.num_embeddings, module.embedding_dim, True)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # not ConvTranspose*: it is not a subclass of these
+        spec = ConvSpec(dims=module.weight.dim() - 2, kernel_size=tuple(module.kernel_size), stride=tuple(module.stride),
+                        padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                        dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
+        return LayerInfo("conv", module.in_channels, module.out_channels, False, spec)
     return None
+
+
+def describe_kinds(kinds: Iterable[str]) -> str:
+    """The layer types a method with these ``layer_kinds`` adapts, e.g. "nn.Linear, transformers Conv1D"."""
+    return "; ".join(KIND_LAYERS.get(k, f"{k} blocks") for k in kinds)
 
 
 # Quantized bases (e.g. bitsandbytes 4-bit, lorakit.quantize) register ``dequantize(layer) -> (out, in) float
@@ -94,8 +149,21 @@ def oriented_weight(base_layer: nn.Module, info: LayerInfo) -> torch.Tensor:
                 return w
         raise TypeError(f"{type(base_layer).__name__} stores a {base_layer.weight.dtype} weight that no registered "
                         f"dequantizer reads (lorakit.core.delta.register_dequantizer)")
-    w = base_layer.weight
+    return orient(base_layer.weight, info)
+
+
+def orient(w: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A weight in the base layer's stored layout as the (out, in) matrix the core merges into."""
+    if info.conv is not None:
+        return w.reshape(w.shape[0], -1)  # (out, in/groups, *kernel) -> (out, in/groups · Πkernel)
     return w.T if info.fan_in_fan_out else w
+
+
+def stored_layout(weight_oi: torch.Tensor, info: LayerInfo, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`orient`: an (out, in) matrix back to the stored ``shape``."""
+    if info.conv is not None:
+        return weight_oi.reshape(shape)
+    return weight_oi.T if info.fan_in_fan_out else weight_oi
 
 
 @dataclass
@@ -154,6 +222,14 @@ class Delta(nn.Module):
         """The layer's whole output with this adapter (only for ``replaces_base`` deltas)."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """Optional: ``base_layer(x) + Δ(x)`` in one pass, or None to decline. Called only when this adapter is the
+        layer's single active, unmerged adapter, with no routing context and no extra call arguments; a delta whose
+        ΔW is cheaper to add to the weight than to apply separately (a full-rank update) computes
+        ``x (W + ΔW)ᵀ + b`` here, so the input gradient is one matmul instead of two. Same value as the unfused
+        path, float rounding apart."""
+        return None
+
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """``acc + Δ(x)``. Methods override this to fuse the add into their last matmul."""
         return acc + self(x, base_out, base_layer)
@@ -164,6 +240,13 @@ class Delta(nn.Module):
 
     def delta_bias(self) -> torch.Tensor | None:
         return None
+
+    def merge_error(self) -> str | None:
+        """Why this delta cannot be folded into its base weight (completing "adapter NAME ..."), None if it can."""
+        if self.mergeable:
+            return None
+        return (f"is input-dependent ({type(self).__name__}) and cannot be merged into the base weights; export or "
+                f"serve it unmerged")
 
     def merge_terms(self, base_weight: torch.Tensor) -> MergeTerms:
         """Terms for merging into the (unmerged, float32, (out, in)) base weight; may cache what unmerge needs."""

@@ -8,10 +8,17 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .delta import LayerInfo, MergeTerms, is_quantized, oriented_weight
+from .delta import LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
 from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, rows_for_batch
+
+
+# Read-only shape attributes host models read from the layers they own (Whisper's encoder reads ``conv1.stride``);
+# the wrapper answers them from its base layer (PEFT 0.21.2's wrappers do not, and fail there).
+_BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                              "padding", "dilation", "groups", "padding_mode", "num_embeddings", "embedding_dim"})
 
 
 class AdapterLayer(nn.Module):
@@ -39,6 +46,13 @@ class AdapterLayer(nn.Module):
         # routing context carries ``adapter_ids``; returns the summed delta for every row in one batched pass.
         self.bank: nn.Module | None = None
 
+    def __getattr__(self, name: str):
+        """The base layer's shape attributes (``_BASE_ATTRIBUTES``); everything else as nn.Module finds it."""
+        base = self.__dict__["_modules"].get("base_layer") if name in _BASE_ATTRIBUTES else None
+        if base is not None and hasattr(base, name):
+            return getattr(base, name)
+        return super().__getattr__(name)
+
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.disabled:
@@ -49,6 +63,12 @@ class AdapterLayer(nn.Module):
                         raise AdapterError(f"adapter {name!r} replaces this layer's forward and cannot be active "
                                            f"together with {[n for n in self.active if n != name]}")
                     return delta.full_forward(x, self.base_layer, *args, **kwargs)
+            if len(self.active) == 1 and not self.merged and not args and not kwargs:
+                delta = self.adapters[self.active[0]] if self.active[0] in self.adapters else None
+                if delta is not None and current_routing() is None:
+                    fused = delta.fused_forward(x, self.base_layer)
+                    if fused is not None:
+                        return fused
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
@@ -116,6 +136,15 @@ class AdapterLayer(nn.Module):
         row_scale = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.zeros((), dtype=A.dtype, device=x.device))
         rows = ids.clamp_min(0)
         dropout = units[0].dropout or nn.Identity()  # the same for every used adapter (see _stackable)
+        spec = self.info.conv
+        if spec is not None:  # units: A (r, in·Πkernel), B (out, r); each row convolves with its own A as one group
+            xs = dropout(x.to(A.dtype))  # (batch, in, *spatial)
+            n, c = xs.shape[:2]
+            weight = A[rows].reshape(n * r_max, c, *spec.kernel_size)  # (batch·r, in, *kernel)
+            h = spec.conv(xs.reshape(1, n * c, *xs.shape[2:]), weight, groups=n)  # (1, batch·r, *spatial')
+            h = h.reshape(n, r_max, -1) * row_scale[:, None, None]  # (batch, r, positions)
+            delta = torch.bmm(B[rows], h)  # (batch, out, positions)
+            return out + delta.reshape(out.shape).to(out.dtype)
         xa = dropout(x.to(A.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
         h = torch.bmm(xa, A[rows].transpose(1, 2)) * row_scale[:, None, None]  # (batch, tokens, r)
         delta = torch.bmm(h, B[rows].transpose(1, 2))  # (batch, tokens, out)
@@ -151,7 +180,7 @@ class AdapterLayer(nn.Module):
 
     def _write(self, weight_oi: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.base_layer
-        w = weight_oi.T if self.info.fan_in_fan_out else weight_oi
+        w = stored_layout(weight_oi, self.info, base.weight.shape)
         with torch.no_grad():
             base.weight.copy_(w.to(base.weight.dtype))
             if bias is not None:
@@ -161,7 +190,7 @@ class AdapterLayer(nn.Module):
         """The base weight (float32, (out, in)) and bias with every merged adapter taken back out."""
         if self._original is not None:
             w, b = self._original
-            w = (w.T if self.info.fan_in_fan_out else w).float()
+            w = orient(w, self.info).float()
             return w.clone(), (b.float().clone() if b is not None else None)
         w = oriented_weight(self.base_layer, self.info).detach().float()
         b = getattr(self.base_layer, "bias", None)
@@ -187,12 +216,17 @@ class AdapterLayer(nn.Module):
                                f"re-quantize W + ΔW and lose the update's precision. Dequantize first "
                                f"(lorakit.quantize.dequantize_model(model), as `lorakit merge --quantize` does), then "
                                f"merge into the full-precision weights.")
+        if parametrize.is_parametrized(self.base_layer, "weight") and any(n in self.adapters and n not in self.merged
+                                                                           for n in names):
+            raise AdapterError(f"the base layer's weight ({type(self.base_layer).__name__}) is computed by a "
+                               f"parametrization (e.g. weight_norm), so a merged update would not be kept; use the "
+                               f"adapter unmerged, or torch.nn.utils.parametrize.remove_parametrizations first.")
         for n in names:
             if n not in self.adapters or n in self.merged:
                 continue
-            if not self.adapters[n].mergeable:
-                raise AdapterError(f"adapter {n!r} is input-dependent ({type(self.adapters[n]).__name__}) and cannot "
-                                   f"be merged into the base weights; export or serve it unmerged")
+            why = self.adapters[n].merge_error()
+            if why is not None:
+                raise AdapterError(f"adapter {n!r} {why}")
             if self.adapters[n].delta_bias() is not None and base_bias is None:
                 raise AdapterError(f"adapter {n!r} has a bias but the base layer has none; it cannot be merged")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import describe_layer, SUPPORTED_LAYERS
+from .delta import SUPPORTED_LAYERS, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, did_you_mean
 from .inits import InitRecord, init_adapter, init_pending, requested_init, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -99,8 +99,13 @@ def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
 
 
 def _check_name(name: str) -> None:
+    """Adapter names key ``nn.ModuleDict`` s in every adapted layer, so besides being non-empty, dot-free strings
+    they cannot be a ModuleDict attribute (``eval``, ``train``, ``to``, ``keys``...). Raises AdapterError."""
     if not isinstance(name, str) or not name or "." in name or name == "__base__":
         raise AdapterError(f"invalid adapter name {name!r}: use a non-empty string without dots (and not '__base__')")
+    if hasattr(nn.ModuleDict, name) or name.startswith("_"):
+        raise AdapterError(f"invalid adapter name {name!r}: it is the name of a torch.nn.Module attribute (or starts "
+                           f"with '_'), which a layer's adapter table cannot hold; pick another, e.g. {name + '_adapter'!r}")
 
 
 @dataclass
@@ -123,6 +128,17 @@ class AdapterPlan:
             for k, v in module.state_dict().items():
                 out[f"{path}.{k}"] = v
         return out
+
+
+def unsupported_target(path: str, module: nn.Module, method) -> TargetError:
+    """The error for a target ``module`` the registered ``method`` cannot adapt: it names the module, its type,
+    the method and the layer types the method adapts."""
+    info = describe_layer(module)
+    kind = "a layer type lorakit does not adapt" if info is None else f"layer kind {info.kind!r}"
+    return TargetError(
+        f"module {path!r} ({type(module).__name__}, {kind}) cannot take a {method.name!r} adapter: {method.name!r} "
+        f"adapts {describe_kinds(method.layer_kinds)} (layer kinds {', '.join(method.layer_kinds)}; all the layers "
+        f"lorakit adapts: {SUPPORTED_LAYERS}). Narrow target_modules or use exclude_modules.")
 
 
 def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *,
@@ -155,10 +171,7 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
         base = host[path]
         info = describe_layer(base)
         if info is None or info.kind not in method.layer_kinds:
-            raise TargetError(
-                f"module {path!r} ({type(base).__name__}) cannot take a {method.name!r} adapter; supported layers: "
-                f"{SUPPORTED_LAYERS} (kinds {', '.join(method.layer_kinds)}). Narrow target_modules or use exclude_modules."
-            )
+            raise unsupported_target(path, base, method)
         shared = twins.get(id(getattr(base, "weight", None)), [])
         others = [n for n in shared if n.rpartition(".")[0] != path]
         if others:

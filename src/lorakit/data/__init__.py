@@ -20,18 +20,22 @@ from lorakit.data.example import Example
 from lorakit.data.jsonl import load_jsonl, parse_record
 from lorakit.data.keys import TASK_INDEX_NAME, check_tasks, read_task_index, save_task_index
 from lorakit.data.tasks import (
+    ROTATE_FAMILY,
     SPLITS,
     TASKS,
     Task,
     exact_match,
+    find_task,
     get_task,
     list_tasks,
     pretraining_texts,
+    rotate_task,
     stable_seed,
 )
 
 __all__ = [
     "IGNORE_INDEX",
+    "ROTATE_FAMILY",
     "SPLITS",
     "TASKS",
     "TASK_INDEX_NAME",
@@ -45,6 +49,7 @@ __all__ = [
     "encode_prompt",
     "evaluate_examples",
     "exact_match",
+    "find_task",
     "generate_completions",
     "get_task",
     "list_tasks",
@@ -53,6 +58,7 @@ __all__ = [
     "parse_record",
     "pretraining_texts",
     "read_task_index",
+    "rotate_task",
     "save_task_index",
     "looks_like_path",
     "score_predictions",

@@ -74,11 +74,16 @@ def build_task_index(examples: Sequence[Example]) -> dict[str, int]:
 
 
 class TokenizedDataset(Dataset):
-    """Examples tokenized once up front (the data here is small); items are dicts of int lists.
+    """Examples tokenized on first access and cached; items are dicts of int lists.
 
-    Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given);
-    then every example needs a key that the mapping knows. `tokenize(example, tokenizer, max_length)` makes
-    an item (default `tokenize_example`, the causal-LM item; `data.classification` gives the classifier's).
+    Lazy so that each process of a distributed run (and a short run over a large file) tokenizes only the
+    examples it reads: under ``torchrun`` rank r reads its rows of the seeded global stream, about 1/N of them.
+    Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given); then every
+    example needs a key that the mapping knows — checked here, up front, for all examples (no tokenization).
+    `tokenize(example, tokenizer, max_length)` makes an item (default `tokenize_example`, the causal-LM item;
+    `data.classification` gives the classifier's).
+
+    Raises ValueError for an example whose task key the mapping lacks.
     """
 
     def __init__(
@@ -90,28 +95,39 @@ class TokenizedDataset(Dataset):
         tokenize: Callable[[Example, Any, int | None], dict[str, Any]] = tokenize_example,
     ) -> None:
         self.examples = list(examples)
+        self.tokenizer, self.max_length, self.tokenize = tokenizer, max_length, tokenize
         if task_to_id is None and any(ex.task is not None for ex in self.examples):
             task_to_id = build_task_index(self.examples)
         self.task_to_id = task_to_id
-        self.items: list[dict[str, Any]] = []
-        for i, ex in enumerate(self.examples):
-            item: dict[str, Any] = tokenize(ex, tokenizer, max_length)
-            if task_to_id is not None:
+        if task_to_id is not None:
+            for i, ex in enumerate(self.examples):
                 if ex.task not in task_to_id:
                     raise ValueError(
                         f"example {i} has task {ex.task!r}, which is not in the task mapping "
                         f"{sorted(task_to_id)}; give every example a task key, or none of them"
                     )
-                item["task_id"] = task_to_id[ex.task]
-            if ex.routing:
-                item["routing"] = dict(ex.routing)
-            self.items.append(item)
+        self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.examples)
+
+    @property
+    def num_tokenized(self) -> int:
+        """How many examples have been tokenized so far (each at most once)."""
+        return len(self._cache)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
+        index = range(len(self.examples))[index]  # IndexError for out-of-range, negative indices allowed
+        item = self._cache.get(index)
+        if item is None:
+            ex = self.examples[index]
+            item = self.tokenize(ex, self.tokenizer, self.max_length)
+            if self.task_to_id is not None:
+                item["task_id"] = self.task_to_id[ex.task]
+            if ex.routing:
+                item["routing"] = dict(ex.routing)
+            self._cache[index] = item
+        return item
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from lorakit.core.routing import routing
 from lorakit.data.collate import encode_prompt, stack_routing
 from lorakit.data.errors import DataError
 from lorakit.data.example import Example
-from lorakit.data.tasks import TASKS, exact_match
+from lorakit.data.tasks import exact_match, find_task
 
 UNKEYED = "default"  # per-task bucket for examples without a task key
 
@@ -37,7 +37,7 @@ def score_predictions(
         reference = ex.completion
         for tok in specials:
             reference = reference.replace(tok, "")
-        task = TASKS.get(ex.task) if ex.task is not None else None
+        task = find_task(ex.task) if ex.task is not None else None
         score = task.score(prediction, reference) if task is not None else exact_match(prediction, reference)
         totals.setdefault(ex.task if ex.task is not None else UNKEYED, []).append(score)
     n = sum(len(scores) for scores in totals.values())

@@ -318,8 +318,9 @@ class ArgCountTask(StdlibTask):
 # ---------------------------------------------------------------- registry
 
 
-def _rotate(letters: str) -> str:
-    return letters[1:] + letters[:1]
+def _rotate(letters: str, k: int = 1) -> str:
+    k %= len(letters)
+    return letters[k:] + letters[:k]
 
 
 TASKS: dict[str, Task] = {
@@ -339,17 +340,62 @@ TASKS: dict[str, Task] = {
 }
 
 
+# A family of related tasks with one integer parameter, for methods that relate tasks to each other
+# (ICM-LoRA generates an adapter for an offset it never saw). "rotate<k>" moves the first k letters to
+# the end (k modulo the length); `rotate` is k=1 and keeps its own name. The family stays out of
+# `TASKS` so the pretraining corpus, the method leaderboard and calibration sets do not change.
+ROTATE_FAMILY = "rotate<k>"
+MAX_ROTATE_OFFSET = 9
+
+
+def rotate_task(k: int) -> Task:
+    """The task "rotate<k>" (k in 1..MAX_ROTATE_OFFSET; k=1 is the built-in `rotate`).
+
+    Raises ValueError for k outside 1..MAX_ROTATE_OFFSET.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_ROTATE_OFFSET:
+        raise ValueError(f"rotate offset k must be an int in 1..{MAX_ROTATE_OFFSET}, got {k!r}")
+    if k == 1:
+        return TASKS["rotate"]
+    return _rotate_k_task(k)
+
+
+@functools.lru_cache(maxsize=None)
+def _rotate_k_task(k: int) -> Task:
+    return LetterTask(f"rotate{k}", f"move the first {k} letters to the end (mod length)",
+                      answer=lambda s: _spaced(_rotate(s, k)))
+
+
+def _family_task(name: str) -> Task | None:
+    digits = name.removeprefix("rotate")
+    if digits != name and digits.isdigit() and not digits.startswith("0"):
+        k = int(digits)
+        return rotate_task(k) if k <= MAX_ROTATE_OFFSET else None
+    return None
+
+
 def list_tasks() -> list[str]:
     return sorted(TASKS)
 
 
+def find_task(name: str) -> Task | None:
+    """The built-in task or family member called `name`, or None."""
+    return TASKS.get(name) or _family_task(name)
+
+
 def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, TASKS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown task {name!r}.{hint} Available: {', '.join(list_tasks())}") from None
+    """A built-in task by name, including family members such as "rotate3".
+
+    Raises ValueError naming the closest task names when `name` is unknown.
+    """
+    task = find_task(name)
+    if task is not None:
+        return task
+    family = [f"rotate{k}" for k in range(2, MAX_ROTATE_OFFSET + 1)]
+    close = difflib.get_close_matches(name, [*TASKS, *family], n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown task {name!r}.{hint} Available: {', '.join(list_tasks())}, "
+                     f"{ROTATE_FAMILY} for k in 2..{MAX_ROTATE_OFFSET}") from None
 
 
 def pretraining_texts(n_per_task: int, seed: int = 0) -> list[str]:

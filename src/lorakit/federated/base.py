@@ -35,7 +35,8 @@ class FederatedConfig:
     - ``strategy``: ``fedit`` | ``ffa`` | ``flora`` | ``lora_fair`` (``lorakit.federated.list_strategies()``).
     - ``clients``: number of clients (Flower SuperNodes); ``fraction``: share sampled per round (at least
       ``min_clients``); ``rounds``: server rounds.
-    - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous; FLoRA only).
+    - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous: FLoRA stacks, FedIT
+      zero-pads; the server's global adapter has the largest rank).
       ``lora_alpha``: None means ``2·r`` per client (scaling 2, as FLoRA's official ``main.py``).
     - ``data``: built-in task(s), comma-separated; ``partition``: ``iid``, ``task`` (each client gets whole
       tasks) or ``skew`` (Dirichlet(``skew_alpha``) task proportions per client, Hsu et al. 2019).
@@ -98,8 +99,9 @@ class FederatedConfig:
             if not self.client_ranks or min(self.client_ranks) < 1:
                 raise ConfigError(f"FederatedConfig.client_ranks must be positive ranks, got {self.client_ranks}")
             if len(set(self.client_ranks)) > 1 and not STRATEGIES[self.strategy].heterogeneous_ranks:
-                raise ConfigError(f"strategy {self.strategy!r} averages factors and needs one rank for all clients; "
-                                  f"client_ranks={self.client_ranks} differ. Use strategy 'flora' (stacking) for "
+                able = sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks)
+                raise ConfigError(f"strategy {self.strategy!r} needs one rank for all clients; client_ranks="
+                                  f"{self.client_ranks} differ. Use {' or '.join(repr(n) for n in able)} for "
                                   "heterogeneous ranks, or give one rank.")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0:
             raise ConfigError("FederatedConfig: dp_noise_multiplier must be >= 0 and dp_max_grad_norm > 0")
@@ -108,9 +110,14 @@ class FederatedConfig:
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]
         if bad:
             raise ConfigError(f"FederatedConfig.stragglers {bad} are not client ids 0..{self.clients - 1}")
+        STRATEGIES[self.strategy].check_config(self)
 
     def rank_of(self, client: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.r
+
+    def max_rank(self) -> int:
+        """The largest client rank: the rank of the server's global adapter."""
+        return max(self.rank_of(c) for c in range(self.clients))
 
     def alpha_of(self, client: int) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank_of(client)
@@ -200,6 +207,10 @@ class LoraStrategy:
 
     def __init__(self, config: FederatedConfig):
         self.config = config
+
+    @classmethod
+    def check_config(cls, config: FederatedConfig) -> None:
+        """Raise ``ConfigError`` for settings this strategy cannot run (called by ``FederatedConfig``)."""
 
     # server half
     def initial_state(self, factors: State, scaling: dict[str, float]) -> State:

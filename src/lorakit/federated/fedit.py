@@ -4,15 +4,27 @@ arXiv:2305.05644: FedAvg applied to LoRA factors separately,
     Ā = Σ_k p_k A_k,   B̄ = Σ_k p_k B_k,   global ΔW = s · B̄ Ā   (≠ Σ_k p_k s B_k A_k in general).
 
 The baseline every federated LoRA engine ships (Flower's FlowerTune, OpenFedLLM); FLoRA and LoRA-FAIR measure
-its aggregation error ``‖s·B̄Ā − Σ p_k s B_k A_k‖``. Clients continue from (Ā, B̄) each round. All clients use
-one rank (averaging needs equal shapes).
+its aggregation error ``‖s·B̄Ā − Σ p_k s B_k A_k‖``. Clients continue from (Ā, B̄) each round.
+
+Heterogeneous ranks (``client_ranks``) by zero-padding, FLoRA's FedIT baseline for heterogeneous clients
+(official ``fed_utils/model_aggregation.py``, ``zero_padding=True``: ``ZeroPad2d`` pads A_k (r_k, in) with rows and
+B_k (out, r_k) with columns up to r_max = max_k r_k, then the padded factors are summed with weights p_k — the
+padded rows get no renormalisation). The global state has rank r_max; a rank-r_k client continues from its
+leading block ``Ā[:r_k], B̄[:, :r_k]`` (the truncation of HetLoRA, Cho et al. 2024, arXiv:2401.06432 — the
+official FLoRA script instead merges the padded mean into the base and restarts clients, which cannot be run
+as published: its zero-padding path builds an adapter of rank ``lora_r · num_clients`` for weights of rank
+r_max). Averaging factors presumes one scaling s = α/r for every client, so heterogeneous ranks need α ∝ r
+(``lora_alpha`` unset: α = 2r).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .base import LoraStrategy, State, register_strategy
+from ..core.errors import ConfigError
+from .base import LoraStrategy, State, lora_factors, register_strategy, write_factors
 
 
 def weighted_mean(updates: list[State], weights: list[float]) -> State:
@@ -20,12 +32,53 @@ def weighted_mean(updates: list[State], weights: list[float]) -> State:
     return {name: sum(w * u[name].float() for u, w in zip(updates, weights)) for name in updates[0]}
 
 
+def zero_pad(update: State, rank: int) -> State:
+    """``lora_A`` (r_k, in) padded with zero rows and ``lora_B`` (out, r_k) with zero columns to ``rank``."""
+    out = {}
+    for name, t in update.items():
+        if name.endswith(".lora_A"):
+            out[name] = F.pad(t.float(), (0, 0, 0, rank - t.shape[0]))
+        elif name.endswith(".lora_B"):
+            out[name] = F.pad(t.float(), (0, rank - t.shape[1]))
+        else:
+            out[name] = t.float()
+    return out
+
+
+def truncate(state: State, rank: int) -> State:
+    """The leading rank-``rank`` block of a global state: ``A[:rank]``, ``B[:, :rank]``."""
+    return {name: t[:rank] if name.endswith(".lora_A") else t[:, :rank] if name.endswith(".lora_B") else t
+            for name, t in state.items()}
+
+
+def state_rank(state: State) -> int:
+    """The rank of the factors in ``state`` (0 for an empty state)."""
+    return max((t.shape[0] for name, t in state.items() if name.endswith(".lora_A")), default=0)
+
+
 @register_strategy
 class FedIT(LoraStrategy):
     name = "fedit"
+    heterogeneous_ranks = True
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        ranks = {config.rank_of(c) for c in range(config.clients)}
+        if len(ranks) > 1 and config.lora_alpha is not None:
+            raise ConfigError(f"strategy {config.strategy!r} averages the factors of clients with ranks {sorted(ranks)}, "
+                              f"which presumes one scaling α/r for all; lora_alpha={config.lora_alpha} gives each rank "
+                              "another. Leave lora_alpha unset (α = 2r), or use 'flora', which folds each client's "
+                              "scaling into its stacked B.")
 
     def aggregate(self, state: State, updates: list[State], weights: list[float], scalings: list[float]) -> State:
-        return weighted_mean(updates, weights)
+        rank = state_rank(state)
+        return weighted_mean([zero_pad(u, rank) for u in updates], weights)
+
+    @torch.no_grad()
+    def client_start(self, model: nn.Module, received: State) -> None:
+        """Continue from the leading block of the global factors that fits this client's rank."""
+        rank = next(iter(lora_factors(model).values())).lora_A.weight.shape[0]
+        write_factors(model, truncate(received, rank))
 
 
 def fedit_error(updates: list[State], weights: list[float], scaling: float) -> dict[str, torch.Tensor]:

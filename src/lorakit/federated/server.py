@@ -32,7 +32,8 @@ class ServerCore:
         self.strategy = get_strategy(config)
         model, self.tokenizer = fresh_model(config)
         self.base = copy.deepcopy(model)  # untouched, for evaluating the global model
-        rank, alpha = config.rank_of(0), config.alpha_of(0)
+        rank = config.max_rank()
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * rank
         attach(model, config, self.strategy, rank, alpha, adapter_seed(config, self.strategy, 0, 0))
         factors = read_factors(model)
         self.shapes = {path: (layer.info.out_features, layer.info.in_features) for path, layer in adapter_layers(model)}

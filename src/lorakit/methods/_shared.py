@@ -16,7 +16,9 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo, describe_layer
-from ..core.errors import AdapterError, TargetError
+from ..core.errors import AdapterError
+from ..core.model import unsupported_target
+from ..core.registry import get_method
 from ..core.targeting import iter_host_modules, select_targets
 
 Layout = dict[str, tuple[Hashable, int, int]]  # module path -> (group key, index in group, group size)
@@ -32,7 +34,8 @@ def group_layout(model: nn.Module, config: AdapterConfig, key: Callable[[str, La
             continue  # the core reports unsupported targets with its own message
         members.setdefault(key(path, info), []).append(path)
     if not members:
-        raise TargetError(f"{type(config).__name__}: no linear layer among target_modules; check target_modules.")
+        first = select_targets(model, config)[0]  # (select_targets raises when nothing matches at all)
+        raise unsupported_target(first, host[first], get_method(config))
     return {path: (k, i, len(paths)) for k, paths in members.items() for i, path in enumerate(paths)}
 
 

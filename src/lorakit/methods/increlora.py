@@ -144,11 +144,26 @@ class IncreLoraLinear(Delta):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.dtype))
         A = self.lora_A * self.effective_e()  # (C, in)
-        if self.training and torch.is_grad_enabled() and not bool(self.finished):
+        if self._scoring():
             dw = (self.lora_B @ A) * self.scaling  # (out, in): its gradient is the importance signal
             dw.register_hook(self._score_hook(dw.detach()))
             return F.linear(x, dw).to(base_out.dtype)
         return (F.linear(F.linear(x, A), self.lora_B) * self.scaling).to(base_out.dtype)
+
+    def _scoring(self) -> bool:
+        return self.training and torch.is_grad_enabled() and not bool(self.finished)
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """While scoring, ``x (W + ΔW)ᵀ + b`` in one matmul with the hook on ΔW: the official code materialises
+        ΔW anyway for its gradient (the importance signal), and adding it to W spares the second full-size matmul
+        of the input gradient. Declines (the separate path runs) with dropout, a non-``nn.Linear`` base or
+        mismatched dtypes, and once growth is over (then the factored path is cheaper)."""
+        if (not self._scoring() or type(base_layer) is not nn.Linear or not isinstance(self.lora_dropout, nn.Identity)
+                or base_layer.weight.dtype != x.dtype or self.lora_A.dtype != x.dtype):
+            return None
+        dw = (self.lora_B @ (self.lora_A * self.effective_e())) * self.scaling  # (out, in)
+        dw.register_hook(self._score_hook(dw.detach()))
+        return F.linear(x, base_layer.weight + dw, base_layer.bias)
 
     def _score_hook(self, dw: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:  # SVDLinear.backward_hook: Σ|ΔW ⊙ G| / √numel

@@ -11,7 +11,7 @@
 Parity: follows HF PEFT exactly (same parameter names, init, scaling, dropout placement; for DoRA with
 dropout in training the base term uses the dropped-out input, as PEFT does), so files and outputs match PEFT.
 Embeddings use PEFT's layout: ``lora_embedding_A`` (r, num_embeddings) zero-initialised,
-``lora_embedding_B`` (embedding_dim, r) normal-initialised.
+``lora_embedding_B`` (embedding_dim, r) normal-initialised. Convolutions (nn.Conv1d/2d/3d): lora_conv.py.
 """
 
 from __future__ import annotations
@@ -293,6 +293,10 @@ _DELTAS = {("linear", False): LoraLinear, ("linear", True): DoraLinear,
 
 
 def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig, path: str = "") -> Delta:
+    if info.kind == "conv":  # nn.Conv1d/2d/3d: lora_conv.py (imported here: it builds on the classes above)
+        from .lora_conv import DoraConv, LoraConv
+
+        return (DoraConv if config.use_dora else LoraConv)(info, config, base_layer, path)
     return _DELTAS[(info.kind, config.use_dora)](info, config, base_layer)
 
 
@@ -338,7 +342,7 @@ def lora_to_original_base(config: LoraConfig, file_config: dict[str, Any], tenso
 
 
 register_method(
-    "lora", config=LoraConfig, build=build_lora, peft_type="LORA", layer_kinds=("linear", "embedding"),
+    "lora", config=LoraConfig, build=build_lora, peft_type="LORA", layer_kinds=("linear", "embedding", "conv"),
     description="Low-rank update s·BA on frozen layers (+ use_rslora, use_dora); PEFT-identical.",
     paper="Hu et al. 2021, arXiv:2106.09685 (rsLoRA 2312.03732, DoRA 2402.09353)",
     file_fields=lora_file_fields, to_original_base=lora_to_original_base,

@@ -42,7 +42,8 @@ from torch import nn
 from ..core.config import ANY_VALUE, AdapterConfig
 from ..core.delta import Delta, LayerInfo, describe_layer
 from ..core.errors import AdapterError, ConfigError, TargetError
-from ..core.registry import register_method
+from ..core.model import unsupported_target
+from ..core.registry import get_method, register_method
 from ..core.targeting import iter_host_modules, select_targets
 
 
@@ -132,10 +133,34 @@ class RandLoraLinear(Delta):
             return A_bar, B_bar
         return B_bar.T, A_bar.T
 
+    def _dense_is_cheaper(self, tokens: int, fused: bool = False) -> bool:
+        """Whether ΔW (out·in·r·n multiply-adds to build) beats the factored path's T·(in+out)·r·n extra work
+        for ``tokens`` rows, counting the T·in·out of applying ΔW separately unless it is ``fused`` into W."""
+        rn, in_f, out_f = self.r * self.n, self.info.in_features, self.info.out_features
+        return out_f * in_f * rn + (0 if fused else tokens * in_f * out_f) < tokens * (in_f + out_f) * rn
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """``s · x (second·first)ᵀ`` in the cheaper association for this many tokens T: through the (T, r·n)
+        hidden as PEFT does (``F.linear(F.linear(x, update_B), update_A)``), or through ΔW. RandLoRA's
+        r·n ≥ min(in, out) makes the hidden as wide as the layer, so for many tokens ΔW is cheaper. Same product,
+        float rounding apart."""
         first, second = self.factors()
-        x = x.to(first.dtype)
-        return (F.linear(F.linear(self.randlora_dropout(x), first), second) * self.scaling).to(base_out.dtype)
+        x = self.randlora_dropout(x.to(first.dtype))
+        if self._dense_is_cheaper(x.numel() // self.info.in_features):
+            return F.linear(x, (second @ first) * self.scaling).to(base_out.dtype)
+        return (F.linear(F.linear(x, first), second) * self.scaling).to(base_out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """``x (W + s·ΔW)ᵀ + b`` in one matmul when RandLoRA is the layer's only adapter and ΔW is the cheaper
+        path (no dropout, a plain ``nn.Linear`` base with a float weight of x's dtype): forward and input gradient
+        then cost one layer matmul each, as the frozen base alone does, plus building ΔW and its gradient."""
+        if (type(base_layer) is not nn.Linear or not isinstance(self.randlora_dropout, nn.Identity)
+                or base_layer.weight.dtype != x.dtype or not x.dtype.is_floating_point
+                or not self._dense_is_cheaper(x.numel() // self.info.in_features, fused=True)):
+            return None
+        first, second = self.factors()
+        weight = base_layer.weight + ((second @ first) * self.scaling).to(base_layer.weight.dtype)
+        return F.linear(x, weight, base_layer.bias)
 
     def delta_weight(self) -> torch.Tensor:
         first, second = self.factors()
@@ -145,10 +170,10 @@ class RandLoraLinear(Delta):
 def largest_shape(model: nn.Module, config: RandLoraConfig) -> tuple[int, int]:
     """Largest (out, in) over the targeted layers, each dimension maximised separately (PEFT's ``_find_dim``)."""
     host = dict(iter_host_modules(model))
-    infos = [describe_layer(host[p]) for p in select_targets(model, config)]
-    infos = [i for i in infos if i is not None and i.kind == "linear"]
+    targets = select_targets(model, config)
+    infos = [i for i in (describe_layer(host[p]) for p in targets) if i is not None and i.kind == "linear"]
     if not infos:
-        raise TargetError("RandLoRA found no linear layers among target_modules; check target_modules.")
+        raise unsupported_target(targets[0], host[targets[0]], get_method(config))
     return max(i.out_features for i in infos), max(i.in_features for i in infos)
 
 

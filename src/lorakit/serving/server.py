@@ -469,15 +469,17 @@ def _sse(obj: Any) -> str:
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
-          log_level: str = "info") -> None:
-    """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn."""
+          log_level: str = "info", rank: int | None = None) -> None:
+    """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn.
+    ``rank``: serve nested-rank adapters (DyLoRA) at this rank (ConfigError at registration if above an
+    adapter's r); other adapters are unaffected."""
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
     from .store import AdapterStore
 
     model, tokenizer = load_model_and_tokenizer(model_path)
-    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras)
+    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank)
     for root in adapters or []:
         store.register_dir(root)
     engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)

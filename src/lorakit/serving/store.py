@@ -26,6 +26,7 @@ outside every root, is refused, and so is a weights file that is a symlink leavi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -127,7 +128,7 @@ class AdapterStore:
 
     def __init__(self, model: nn.Module, roots: Iterable[str | os.PathLike] = (), *, max_loras: int = 64,
                  max_resident_bytes: int | None = None, max_cpu_loras: int = 256, max_cpu_bytes: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, rank: int | None = None):
         if max_loras < 1 or max_cpu_loras < 1:
             raise AdapterError(f"max_loras and max_cpu_loras must be >= 1 (got {max_loras}, {max_cpu_loras})")
         self.roots = [Path(r) for r in roots]
@@ -147,6 +148,9 @@ class AdapterStore:
         self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
         self.tasks: dict[str, dict[str, int]] = {}  # attached name -> task -> routing key id
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
+        # ``rank``: nested-rank adapters (configs with a ``rank`` setting: DyLoRA) are served at this rank
+        self.rank = rank
+        self.overrides: dict[str, dict] = {}  # attached name -> load_adapter config_overrides
 
     # -- registration (any thread) -------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
@@ -162,6 +166,12 @@ class AdapterStore:
             attached = None
         except AdapterLoadError:
             attached = config  # served attached, in its own forward
+        overrides = None
+        if self.rank is not None and attached is not None and "rank" in {f.name for f in dataclasses.fields(attached)}:
+            from ..io.peft_format import override_config
+
+            overrides = {"rank": self.rank}
+            attached = override_config(attached, overrides, source=str(folder))  # ConfigError: rank above its r
         wpath = weights_path(folder)
         if not wpath.is_file():
             raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
@@ -176,6 +186,8 @@ class AdapterStore:
             self._weights_of[wpath.resolve()] = name
             if attached is not None:
                 self.attached[name] = attached
+                if overrides:
+                    self.overrides[name] = overrides
                 tasks = _task_index(folder, attached)
                 if tasks is not None:
                     self.tasks[name] = tasks
@@ -355,7 +367,7 @@ class AdapterStore:
         model = self.registry.model
         active = list(adapter_state(model).active)
         try:
-            load_adapter(model, self.paths[name], name)
+            load_adapter(model, self.paths[name], name, config_overrides=self.overrides.get(name))
         except AdapterLoadError:
             self.unregister(name)
             raise

@@ -12,7 +12,10 @@ What "the same training" means: ``batch_size`` is per process, so a step's globa
 
 - data: micro-batch ``i`` of a step is the slice ``[i·N·b, (i+1)·N·b)`` of the seeded global stream and rank
   ``r`` reads its ``b`` rows ``r·b ..``; the checkpoint stores the global position, so a run resumes with any
-  number of processes (keep ``batch_size × world_size`` for the identical run);
+  number of processes (keep ``batch_size × world_size`` for the identical run); examples are tokenized lazily
+  (``data.TokenizedDataset``), so each process tokenizes only the rows it reads, and ``lorakit train``'s
+  truncation count is summed over the processes' shares. Every process still parses the whole JSONL file (all
+  must agree on the example count that seeds the stream; parsing is cheap next to tokenizing);
 - task loss: the step's supervised-token count is all-reduced, so the loss is the mean over the global step;
 - gradients: ``ddp`` wraps the model in ``DistributedDataParallel`` (only trainable parameters are in its buckets:
   the frozen base is never synchronized; ``no_sync`` on all but the last micro-batch); ``fsdp`` shards the frozen

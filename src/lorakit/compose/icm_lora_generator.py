@@ -1,0 +1,372 @@
+"""ICM-LoRA generator: train the CVAE on an adapter collection, then generate a PEFT LoRA for a task.
+
+Paper: "In-Context Meta LoRA Generation", Shao et al., IJCAI 2025, arXiv 2501.17635; official code
+github.com/YihuaJerry/ICM-LoRA @ 0b0057c. The CVAE and the flattening are in :mod:`.icm_lora`.
+
+Pipeline (official file for each step):
+1. A collection: several checkpoints of a LoRA per task (``utils/reformat_lora_param.py``), all with the same
+   tensors. Here a run folder of ``lorakit train --save-every N`` gives its ``checkpoint-*`` folders; the task of
+   each adapter is read from its ``task_index.json`` or given as ``TASK=DIR``.
+2. Flatten + per-tensor normalisation (``utils/normalizeLoraWeight_small.py``).
+3. The in-context task vector (``ICL/last_time_step_icl.py``): the output of the LLM's **last decoder layer at
+   the last time step**, averaged over the task's examples. Departure, on purpose: the official script runs the
+   model *with the task's trained LoRA* on 30 examples and averages over every generated step; a task without a
+   trained LoRA (the held-out task this method is for) has no such model, so here the **base model** reads
+   ``n_shots`` solved demonstrations of the task followed by a query prompt (in-context learning of the task)
+   and the vector is averaged over ``n_queries`` queries at the prompt's last position. Every task, seen or not,
+   gets its vector the same way, so the condition space is one.
+4. Train the CVAE (``TrainScript_CVAE.py``): AdamW at lr 2e-4 (the script uses an ``optimizer`` it never
+   defines; AdamW is what its imports offer), batch 2, cosine annealing with ``T_max = 2·epochs`` stepped once
+   per epoch, seed 2024. The official 2000 epochs are a parameter (CPU runs here use fewer).
+5. Generate (``utils/ReconstructLora_cvae.py``): ``z ~ N(0, I)``, ``x̂ = decode(z, c)``, cut to L, undo the
+   normalisation with stored per-tensor mean/std, write the adapter. The official script reads mean/std from
+   one chosen checkpoint file of the task; here each task keeps the mean over its checkpoints of every tensor's
+   mean and std, and an unseen task gets the mean over the whole collection. ``temperature`` scales z
+   (1 = the official sample, 0 = the prior mean).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.config import check_positive_ints
+from ..core.errors import AdapterError, AdapterLoadError, ConfigError, did_you_mean
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path
+from .icm_lora import (AdapterLayout, CvaeConfig, LoraCvae, denormalize, flatten_tensors, normalize, tensor_stats,
+                       unflatten_tensors)
+
+GENERATOR_CONFIG = "icm_lora_config.json"
+GENERATOR_WEIGHTS = "icm_lora.safetensors"
+ANY_TASK = "*"  # stats key for a task the collection does not have
+# Config fields every adapter of a collection must share (they decide what the tensors mean).
+SHARED_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern",
+                 "alpha_pattern", "lora_bias", "fan_in_fan_out")
+
+
+@dataclass
+class IcmLoraConfig:
+    """Generator training options: the CVAE shape, the in-context condition and the optimiser.
+
+    ``n_shots`` solved examples precede each of ``n_queries`` query prompts when the condition is computed.
+    Defaults follow the official code (lr 2e-4, batch 2, seed 2024, 2000 epochs). Raises ConfigError.
+    """
+
+    cvae: CvaeConfig = field(default_factory=CvaeConfig)
+    epochs: int = 2000
+    batch_size: int = 2
+    lr: float = 2e-4
+    seed: int = 2024
+    n_shots: int = 3
+    n_queries: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cvae, dict):
+            self.cvae = CvaeConfig(**self.cvae)
+        check_positive_ints(self, "epochs", "batch_size", "n_shots", "n_queries")
+        if not self.lr > 0:
+            raise ConfigError(f"IcmLoraConfig.lr must be > 0, got {self.lr}.")
+
+
+@dataclass
+class AdapterSample:
+    """One adapter of a collection: its task, folder and tensors (PEFT file keys)."""
+
+    task: str
+    source: str
+    tensors: dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- the collection
+
+
+def _adapter_folders(folder: Path) -> list[Path]:
+    if (folder / CONFIG_NAME).is_file():
+        return [folder]
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / CONFIG_NAME).is_file()),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    if checkpoints:
+        return checkpoints
+    if (folder / "adapter" / CONFIG_NAME).is_file():
+        return [folder / "adapter"]
+    raise AdapterLoadError(f"{folder}: no adapter here (no {CONFIG_NAME}, no checkpoint-*/ or adapter/ folder)")
+
+
+def _task_of(folder: Path) -> str:
+    from ..data.keys import read_task_index
+
+    for where in (folder, folder.parent / "adapter"):
+        index = read_task_index(where)
+        if index is not None:
+            if len(index) != 1:
+                raise AdapterError(f"{folder} was trained on {len(index)} tasks ({', '.join(sorted(index))}); "
+                                   f"name its task as TASK={folder}")
+            return next(iter(index))
+    raise AdapterError(f"cannot tell the task of {folder} (no task_index.json); pass it as TASK={folder}")
+
+
+def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSample], dict[str, Any]]:
+    """Adapters from ``specs`` (``DIR`` or ``TASK=DIR``; a run folder gives its ``checkpoint-*`` folders) and the
+    first adapter's ``adapter_config.json``.
+
+    Every adapter must have the same tensor keys and shapes and the same ``SHARED_FIELDS``: AdapterError names
+    the tensor (or field) and both folders otherwise.
+    """
+    samples: list[AdapterSample] = []
+    ref_config: dict[str, Any] | None = None
+    for spec in specs:
+        text = os.fspath(spec)
+        task, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
+        for folder in _adapter_folders(Path(path)):
+            config = read_json(folder / CONFIG_NAME)
+            tensors = load_tensors(weights_path(folder))
+            sample = AdapterSample(task or _task_of(folder), str(folder), tensors)
+            if ref_config is None:
+                ref_config = config
+            else:
+                _check_same(samples[0], ref_config, sample, config)
+            samples.append(sample)
+    if not samples:
+        raise AdapterError("an ICM-LoRA collection needs at least one adapter folder")
+    return samples, ref_config
+
+
+def _check_same(ref: AdapterSample, ref_config: dict, other: AdapterSample, config: dict) -> None:
+    for key in sorted(set(ref.tensors) | set(other.tensors)):
+        if key not in other.tensors or key not in ref.tensors:
+            has, lacks = (ref, other) if key in ref.tensors else (other, ref)
+            hint = did_you_mean(key, lacks.tensors)
+            raise AdapterError(f"tensor {key!r} is in {has.source} but not in {lacks.source}: adapters in one "
+                               f"collection must have the same tensors (same target_modules and layers).{hint}")
+        if ref.tensors[key].shape != other.tensors[key].shape:
+            raise AdapterError(f"tensor {key!r} has shape {tuple(ref.tensors[key].shape)} in {ref.source} but "
+                               f"{tuple(other.tensors[key].shape)} in {other.source}: one collection needs one rank "
+                               f"and one base model")
+    for name in SHARED_FIELDS:
+        if ref_config.get(name) != config.get(name):
+            raise AdapterError(f"adapters in one collection must share {name!r}: {ref.source} has "
+                               f"{ref_config.get(name)!r}, {other.source} has {config.get(name)!r}")
+
+
+# ---------------------------------------------------------------- the in-context task vector
+
+
+@torch.no_grad()
+def task_condition(model: nn.Module, tokenizer: Any, examples: Sequence[Any], n_shots: int) -> torch.Tensor:
+    """The in-context task vector (hidden_size,): the last decoder layer's hidden state at the last position of
+    ``demos + query prompt``, averaged over the queries (``ICL/last_time_step_icl.py`` l.103-105, 173-174).
+
+    Read after the model's final norm (``hidden_states[-1]``): Florence-2, the official model, has a post-LN
+    decoder whose last layer already outputs normalised states, while in a pre-norm model (Llama) the last
+    layer's raw output is the un-normalised residual stream (entries in the hundreds), which would swamp the
+    latent it is concatenated with.
+
+    ``examples``: Examples (prompt, completion); the first ``n_shots`` are the solved demonstrations, the rest
+    the queries. Raises ValueError with fewer than ``n_shots + 1`` examples.
+    """
+    if len(examples) <= n_shots:
+        raise ValueError(f"a task vector needs more than n_shots={n_shots} examples, got {len(examples)}")
+    context = "".join(f"{ex.prompt}{ex.completion}\n" for ex in examples[:n_shots])
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        states = []
+        for ex in examples[n_shots:]:
+            ids = tokenizer(context + ex.prompt, return_tensors="pt")["input_ids"].to(device)
+            states.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.stack(states).mean(0)
+
+
+def task_conditions(tasks: Sequence[str], model: nn.Module, tokenizer: Any, config: IcmLoraConfig) -> dict[str, torch.Tensor]:
+    """``task_condition`` for each built-in task name or JSONL path, from its train split."""
+    from ..data import load_examples
+
+    return {task: task_condition(model, tokenizer, load_examples(task, "train", config.n_shots + config.n_queries,
+                                                                 seed=config.seed), config.n_shots)
+            for task in tasks}
+
+
+# ---------------------------------------------------------------- the generator
+
+
+@dataclass
+class IcmLoraGenerator:
+    """A trained ICM-LoRA generator: the CVAE, the adapter layout, per-task conditions and de-normalisation stats.
+
+    ``stats[task] = (means, stds)``, each (n_tensors,); ``stats["*"]`` is for tasks not in the collection.
+    """
+
+    cvae: LoraCvae
+    layout: AdapterLayout
+    adapter_config: dict[str, Any]
+    conditions: dict[str, torch.Tensor]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: IcmLoraConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def generate(self, condition: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], n: int = 1, seed: int = 0,
+                 temperature: float = 1.0) -> list[dict[str, torch.Tensor]]:
+        """``n`` adapters (PEFT-key tensor dicts) for one condition (condition_dim,): z = temperature · N(0, I)."""
+        self.cvae.eval()
+        g = torch.Generator().manual_seed(seed)
+        z = temperature * torch.randn(n, self.config.cvae.latent_dim, generator=g)
+        x = self.cvae.decode(z, condition.expand(n, -1))[:, : self.layout.length]  # (n, L)
+        return [unflatten_tensors(denormalize(row, self.layout, *stats), self.layout) for row in x]
+
+    @torch.no_grad()
+    def reconstruct(self, tensors: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+        """Encode an adapter with its task's condition, decode the posterior mean, undo its own normalisation."""
+        self.cvae.eval()
+        stats = tensor_stats(tensors, self.layout)
+        x = normalize(flatten_tensors(tensors, self.layout), self.layout, *stats)[None]
+        c = self.conditions[task][None]
+        mu, _ = self.cvae.encode(x, c)
+        return unflatten_tensors(denormalize(self.cvae.decode(mu, c)[0, : self.layout.length], self.layout, *stats),
+                                 self.layout)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``icm_lora_config.json`` + ``icm_lora.safetensors`` (CVAE state, conditions, stats), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"cvae.{k}": v for k, v in self.cvae.state_dict().items()}
+        tensors.update({f"condition.{t}": c for t, c in self.conditions.items()})
+        for t, (mean, std) in self.stats.items():
+            tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"] = mean, std
+        save_tensors(directory / GENERATOR_WEIGHTS, tensors, metadata={"format": "pt", "lorakit_version": __version__})
+        atomic_write_json(directory / GENERATOR_CONFIG, {
+            "method": "icm_lora", "paper": "arXiv:2501.17635", "config": asdict(self.config),
+            "layout": [[k, list(s)] for k, s in self.layout.entries], "adapter_config": self.adapter_config,
+            "tasks": sorted(self.conditions), "condition_dim": self.cvae.condition_dim, "history": self.history})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "IcmLoraGenerator":
+        """Read a generator folder (safetensors only). Raises AdapterLoadError naming a missing file or tensor."""
+        directory = Path(directory)
+        meta = read_json(directory / GENERATOR_CONFIG)
+        if meta.get("method") != "icm_lora":
+            raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not an ICM-LoRA generator config")
+        config = IcmLoraConfig(**{f.name: meta["config"][f.name] for f in fields(IcmLoraConfig) if f.name in meta["config"]})
+        layout = AdapterLayout(tuple((k, tuple(s)) for k, s in meta["layout"]))
+        tensors = load_tensors(directory / GENERATOR_WEIGHTS)
+        cvae = LoraCvae(config.cvae, layout.length, int(meta["condition_dim"]))
+        try:
+            cvae.load_state_dict({k.removeprefix("cvae."): v for k, v in tensors.items() if k.startswith("cvae.")})
+            conditions = {t: tensors[f"condition.{t}"] for t in meta["tasks"]}
+            stats = {t: (tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"]) for t in [*meta["tasks"], ANY_TASK]}
+        except (KeyError, RuntimeError) as e:
+            raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: {e}") from None
+        cvae.eval()
+        return cls(cvae, layout, meta["adapter_config"], conditions, stats, config, meta.get("history", []))
+
+
+def train_generator(samples: Sequence[AdapterSample], adapter_config: dict[str, Any],
+                    conditions: dict[str, torch.Tensor], config: IcmLoraConfig | None = None,
+                    log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
+    """Fit the CVAE to the normalised, flattened ``samples`` with their tasks' ``conditions`` (TrainScript_CVAE.py).
+
+    Returns the generator in eval mode with one ``{"epoch", "loss", "recon", "kld"}`` record per epoch in
+    ``history`` (also passed to ``log``). Raises AdapterError when a sample's task has no condition.
+    """
+    config = config or IcmLoraConfig()
+    missing = sorted({s.task for s in samples} - set(conditions))
+    if missing:
+        raise AdapterError(f"no task vector for task(s) {', '.join(missing)}")
+    layout = AdapterLayout.of(samples[0].tensors)
+    stats = [tensor_stats(s.tensors, layout) for s in samples]
+    x = torch.stack([normalize(flatten_tensors(s.tensors, layout), layout, *st) for s, st in zip(samples, stats)])
+    c = torch.stack([conditions[s.task] for s in samples])  # (N, condition_dim)
+    torch.manual_seed(config.seed)
+    cvae = LoraCvae(config.cvae, layout.length, c.shape[1])
+    optimizer = torch.optim.AdamW(cvae.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2 * config.epochs)
+    g = torch.Generator().manual_seed(config.seed)
+    history = []
+    cvae.train()
+    for epoch in range(config.epochs):
+        totals = torch.zeros(3)
+        order = torch.randperm(len(samples), generator=g)
+        for start in range(0, len(samples), config.batch_size):
+            idx = order[start: start + config.batch_size]
+            loss, recon, kld = cvae(x[idx], c[idx], generator=g)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            totals += torch.tensor([loss.item(), recon.item(), kld.item()])
+        scheduler.step()
+        record = dict(zip(("loss", "recon", "kld"), (totals / math.ceil(len(samples) / config.batch_size)).tolist()))
+        history.append({"epoch": epoch + 1, **record})
+        if log is not None:
+            log(history[-1])
+    cvae.eval()
+    per_task: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for task in sorted({s.task for s in samples}):
+        mine = [st for s, st in zip(samples, stats) if s.task == task]
+        per_task[task] = (torch.stack([m for m, _ in mine]).mean(0), torch.stack([d for _, d in mine]).mean(0))
+    per_task[ANY_TASK] = (torch.stack([m for m, _ in stats]).mean(0), torch.stack([d for _, d in stats]).mean(0))
+    used = {t: conditions[t] for t in per_task if t != ANY_TASK}
+    return IcmLoraGenerator(cvae, layout, dict(adapter_config), used, per_task, config, history)
+
+
+# ---------------------------------------------------------------- one-call API
+
+
+def _base_model(adapter_config: dict[str, Any], model: Any, tokenizer: Any):
+    if model is not None and tokenizer is not None:
+        return model, tokenizer
+    from ..hub import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(adapter_config.get("base_model_name_or_path"))
+
+
+def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig | None = None, *,
+                   model: Any = None, tokenizer: Any = None,
+                   log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
+    """Read a collection (see :func:`read_collection`), compute each task's in-context vector on the base model
+    (``model``/``tokenizer``, default: the collection's ``base_model_name_or_path``) and train the CVAE."""
+    config = config or IcmLoraConfig()
+    samples, adapter_config = read_collection(adapters)
+    model, tokenizer = _base_model(adapter_config, model, tokenizer)
+    conditions = task_conditions(sorted({s.task for s in samples}), model, tokenizer, config)
+    return train_generator(samples, adapter_config, conditions, config, log)
+
+
+def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str, output: str | os.PathLike, *,
+                     seed: int = 0, temperature: float = 1.0, model: Any = None, tokenizer: Any = None) -> Path:
+    """Write a PEFT LoRA for ``task`` (a built-in task name or a JSONL path) into ``output``.
+
+    A task of the collection uses its stored vector and stats; another task gets its vector from the base model
+    reading its examples in context and the collection-wide stats. Raises ValueError (unknown task, with near
+    matches) before any model loads.
+    """
+    gen = generator if isinstance(generator, IcmLoraGenerator) else IcmLoraGenerator.load(generator)
+    if task in gen.conditions:
+        condition, stats = gen.conditions[task], gen.stats[task]
+    else:
+        from ..data import looks_like_path
+        from ..data.tasks import get_task
+
+        if not looks_like_path(task):
+            get_task(task)  # unknown name: ValueError with near matches
+        model, tokenizer = _base_model(gen.adapter_config, model, tokenizer)
+        condition, stats = task_conditions([task], model, tokenizer, gen.config)[task], gen.stats[ANY_TASK]
+    tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lorakit_version": __version__})
+    atomic_write_json(out / CONFIG_NAME, gen.adapter_config)
+    atomic_write_json(out / "icm_lora_generation.json", {"task": task, "seed": seed, "temperature": temperature,
+                                                         "seen_task": task in gen.conditions})
+    return out

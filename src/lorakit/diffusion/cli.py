@@ -1,0 +1,223 @@
+"""``lorakit diffusion train-base | train-loras | train-classifier | bench`` and ``lorakit compose-image``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..core.errors import ConfigError, LorakitError
+
+DEFAULT_DIR = "diffusion_run"
+
+
+def _grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int, scale: int = 4, pad: int = 2) -> Path:
+    """Write images (N, 1, H, W) in [-1, 1] as one PNG grid, ``nrow`` images per row, each upscaled ``scale``×
+    (nearest), grey separators; atomic."""
+    from PIL import Image
+
+    from .data import to_uint8
+
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = torch.full((rows * cell_h + pad, nrow * cell_w + pad), 128, dtype=torch.uint8)
+    pix = to_uint8(images)[..., 0]  # (N, H, W)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        big = pix[i].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + c * cell_w: pad + c * cell_w + w * scale] = big
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(canvas.numpy()).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _parse_region(text: str) -> tuple[float, ...]:
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--region {text!r}: give start_h,start_w,end_h,end_w as fractions")
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"--region {text!r}: four numbers start_h,start_w,end_h,end_w")
+    return box
+
+
+def _parse_set(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: use key=value (value as JSON, e.g. order='[\"digit3\",\"thick\"]')")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .model import load_base, load_loras, sampling_scheduler
+    from .sampler import compose_images, make_config
+
+    unet, train_sched = load_base(args.base)
+    names = load_loras(unet, args.lora)
+    fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}
+    if args.switch_step is not None:
+        fields["switch_step"] = args.switch_step
+    if args.cache_interval is not None:
+        fields["cache_interval"] = args.cache_interval
+    if args.region:
+        fields["regions"] = args.region
+    if args.weights:
+        fields["weights"] = args.weights
+    config = make_config(args.method, **fields)
+    images = compose_images(unet, sampling_scheduler(train_sched, args.scheduler), names, config,
+                            num_images=args.num_images, class_label=args.class_label,
+                            guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+                            height=args.height, width=args.width)
+    path = _grid_png(images, args.out, nrow=min(8, args.num_images))
+    print(f"{args.method} of {names}: {len(images)} images -> {path}")
+    if args.classifier:
+        from .classifier import concept_rates, load_classifier
+
+        rates = concept_rates(load_classifier(args.classifier), images, names)
+        print("concept rates: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items()))
+    return 0
+
+
+def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentParser:
+    from .sampler import list_compositions
+
+    methods = [c.name for c in list_compositions()]
+    p = argparse.ArgumentParser(prog=prog, description="compose several LoRAs while sampling images (training-free)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", default=f"{DEFAULT_DIR}/base", help="folder written by `lorakit diffusion train-base`")
+    p.add_argument("--lora", action="append", required=True, help="a LoRA folder (repeat; PEFT or lorakit format)")
+    p.add_argument("--method", default="composite", choices=methods, help="composition method")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (>1 to use it)")
+    p.add_argument("--class-label", type=int, default=None, help="digit class to condition on (default: null class)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every LoRA's delta")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="e.g. twice the height for two regions side by side")
+    p.add_argument("--switch-step", type=int, default=None, help="switch: steps per LoRA")
+    p.add_argument("--cache-interval", type=int, default=None, help="cmlora: cache refresh period")
+    p.add_argument("--region", type=_parse_region, action="append", help="composer: start_h,start_w,end_h,end_w per LoRA")
+    p.add_argument("--weights", type=float, nargs="+", help="merge: one weight per LoRA")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
+    p.add_argument("--classifier", default=None, help="folder of `lorakit diffusion train-classifier`: print concept rates")
+    p.add_argument("--out", default="composed.png", help="PNG grid of the images")
+    p.set_defaults(func=cmd_compose)
+    return p
+
+
+def _cmd_train_base(args) -> int:
+    from .model import TrainSpec, UNetSpec, train_base
+
+    summary = train_base(args.out, UNetSpec(sample_size=args.size),
+                         TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_train_loras(args) -> int:
+    from .model import ConceptSpec, LoraSpec, TrainSpec, default_concepts, load_base, train_concept_loras
+
+    unet, sched = load_base(args.base)
+    concepts = default_concepts()
+    if args.concepts:
+        known = {c.name: c for c in concepts}
+        concepts = []
+        for name in args.concepts:
+            if name in known:
+                concepts.append(known[name])
+            else:
+                concepts.append(ConceptSpec(name, styles=(name,)))  # a style name (validated by ConceptSpec)
+    summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
+                                  TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+    print(json.dumps({k: v for k, v in summary.items() if k != "concepts"}, indent=2))
+    return 0
+
+
+def _cmd_train_classifier(args) -> int:
+    from .classifier import train_classifier
+
+    _, report = train_classifier(args.out, size=args.size, steps=args.steps, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.run_dir, args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
+                                     "digits, concept LoRAs, and multi-LoRA composition")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt)
+    b.add_argument("--out", default=f"{DEFAULT_DIR}/base")
+    b.add_argument("--size", type=int, default=16, help="image side (the 8×8 digits upscaled)")
+    b.add_argument("--steps", type=int, default=1000)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--lr", type=float, default=3e-3)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_cmd_train_base)
+    lo = sub.add_parser("train-loras", help="train concept LoRAs (digit0..digit9, thick, inverted) together",
+                        formatter_class=fmt)
+    lo.add_argument("--base", default=f"{DEFAULT_DIR}/base")
+    lo.add_argument("--out", default=f"{DEFAULT_DIR}/loras")
+    lo.add_argument("--concepts", nargs="+", help="subset: digitD names and style names (default: all 12)")
+    lo.add_argument("--r", type=int, default=8)
+    lo.add_argument("--lora-alpha", type=float, default=16)
+    lo.add_argument("--steps", type=int, default=300)
+    lo.add_argument("--batch-size", type=int, default=8, help="rows per concept per step")
+    lo.add_argument("--lr", type=float, default=3e-3)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.set_defaults(func=_cmd_train_loras)
+    c = sub.add_parser("train-classifier", help="train the concept classifier (the metric)", formatter_class=fmt)
+    c.add_argument("--out", default=f"{DEFAULT_DIR}/classifier")
+    c.add_argument("--size", type=int, default=16)
+    c.add_argument("--steps", type=int, default=600)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_cmd_train_classifier)
+    be = sub.add_parser("bench", help="every method on digit×style and two-digit layouts; writes README.md + PNGs",
+                        formatter_class=fmt)
+    be.add_argument("--run-dir", default=DEFAULT_DIR, help="holds base/, loras/, classifier/")
+    be.add_argument("--out", default="benchmarks/diffusion")
+    be.add_argument("--quick", action="store_true", help="fewer pairs and images (a smoke run)")
+    be.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _guarded(func, args) -> int:
+    try:
+        return func(args)
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    return _guarded(args.func, args)
+
+
+def compose_main(argv: Sequence[str]) -> int:
+    args = compose_parser().parse_args(list(argv))
+    return _guarded(args.func, args)

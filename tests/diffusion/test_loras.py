@@ -1,0 +1,108 @@
+"""Data, concept-LoRA training and files: the saved concept LoRAs load in real ``peft`` on the diffusers UNet."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from lorakit.core.errors import ConfigError  # noqa: E402
+from lorakit.core.routing import routing  # noqa: E402
+from lorakit.diffusion import (ConceptSpec, LoraSpec, TrainSpec, UNetSpec, apply_styles, build_scheduler,  # noqa: E402
+                               build_unet, load_digit_images, load_loras, train_concept_loras)
+from lorakit.diffusion.model import NULL_CLASS  # noqa: E402
+
+
+def test_digits_ship_offline_and_styles_do_what_they_say():
+    x, y = load_digit_images(16)
+    assert x.shape == (1797, 1, 16, 16) and y.shape == (1797,) and set(y.tolist()) == set(range(10))
+    assert x.min() >= -1 and x.max() <= 1
+    thick = apply_styles(x[:50], ["thick"])
+    assert (thick >= x[:50]).all() and (thick > 0).sum() > (x[:50] > 0).sum()  # dilation only adds ink
+    torch.testing.assert_close(apply_styles(x[:5], ["inverted"]), -x[:5])
+    # thick then inverted whatever the order given (dilation acts on the ink)
+    torch.testing.assert_close(apply_styles(x[:5], ["inverted", "thick"]), -apply_styles(x[:5], ["thick"]))
+    with pytest.raises(ConfigError, match="thick"):
+        apply_styles(x[:1], ["thik"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loras")
+    unet = build_unet(UNetSpec(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4))
+    base = copy.deepcopy(unet)
+    summary = train_concept_loras(unet, build_scheduler(), [ConceptSpec("digit3", digit=3),
+                                                            ConceptSpec("thick", styles=("thick",))],
+                                  out, LoraSpec(r=2, lora_alpha=4), TrainSpec(steps=2, batch_size=2, lr=1e-2),
+                                  log_every=0)
+    return unet, base, out, summary
+
+
+def test_concept_loras_train_together_and_change_the_output(trained):
+    unet, base, out, summary = trained
+    assert (out / "digit3" / "adapter_model.safetensors").is_file() and (out / "thick" / "adapter_config.json").is_file()
+    assert summary["final_loss"] > 0
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor(400), torch.full((2,), NULL_CLASS)
+    with torch.no_grad(), routing(adapter_names=["digit3", "thick"]):
+        out_lora = unet(x, t, class_labels=y).sample
+        out_base = base(x, t, class_labels=y).sample
+    assert (out_lora - out_base).abs().amax(dim=(1, 2, 3)).min() > 0  # both LoRAs moved away from zero init
+
+
+def test_saved_concept_loras_load_in_peft_with_identical_outputs(trained):
+    from peft import PeftModel
+
+    _, base, out, _ = trained
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor(250), torch.full((2,), NULL_CLASS)
+    for name in ("digit3", "thick"):
+        ours = copy.deepcopy(base)
+        load_loras(ours, [out / name])
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(out / name)).eval()
+        with torch.no_grad():
+            a = ours(x, t, class_labels=y).sample
+            b = theirs(x, t, class_labels=y).sample
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, base(x, t, class_labels=y).sample)
+
+
+def test_concept_spec_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="digit must be in 0..9"):
+        ConceptSpec("digit12", digit=12)
+    with pytest.raises(ConfigError, match="neither a digit nor a style"):
+        ConceptSpec("nothing")
+    with pytest.raises(ConfigError, match="thick"):
+        ConceptSpec("x", styles=("thicc",))
+
+
+def test_cli_compose_image_reports_a_missing_base(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", str(tmp_path / "l"), "--method", "cmlora"])
+    assert code == 2 and "train-base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compose-image", "--lora", "x", "--method", "cmlor"])
+
+
+@pytest.mark.slow
+def test_cli_pipeline_end_to_end(tmp_path, capsys):
+    """train-base → train-loras → train-classifier → compose-image (every method), at 1-2 steps each."""
+    from lorakit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["diffusion", "train-base", "--out", str(run / "base"), "--steps", "1", "--batch-size", "2"]) == 0
+    assert main(["diffusion", "train-loras", "--base", str(run / "base"), "--out", str(run / "loras"), "--concepts",
+                 "digit3", "thick", "--steps", "1", "--batch-size", "1"]) == 0
+    assert main(["diffusion", "train-classifier", "--out", str(run / "classifier"), "--steps", "1"]) == 0
+    loras = ["--lora", str(run / "loras" / "digit3"), "--lora", str(run / "loras" / "thick")]
+    common = ["--base", str(run / "base"), *loras, "--num-images", "2", "--steps", "2",
+              "--classifier", str(run / "classifier")]
+    for method, extra in [("merge", []), ("switch", ["--switch-step", "1"]), ("composite", []),
+                          ("cmlora", ["--cache-interval", "2", "--set", "profile_images=1", "--set", "profile_steps=1"]),
+                          ("composer", ["--region", "0,0,1,0.5", "--region", "0,0.5,1,1", "--width", "32"])]:
+        out = tmp_path / f"{method}.png"
+        assert main(["compose-image", *common, "--method", method, *extra, "--out", str(out)]) == 0, method
+        assert out.is_file()
+    assert "concept rates: digit3" in capsys.readouterr().out
