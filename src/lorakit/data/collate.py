@@ -80,7 +80,7 @@ class TokenizedDataset(Dataset):
     examples it reads: under ``torchrun`` rank r reads its rows of the seeded global stream, about 1/N of them.
     Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given); then every
     example needs a key that the mapping knows — checked here, up front, for all examples (no tokenization).
-    `tokenize(example, tokenizer, max_length)` makes an item (default `tokenize_example`, the causal-LM item;
+    `tokenize(example, tokenizer, max_length)` makes an item (None: `tokenize_example`, the causal-LM item;
     `data.classification` gives the classifier's).
 
     Raises ValueError for an example whose task key the mapping lacks.
@@ -92,7 +92,7 @@ class TokenizedDataset(Dataset):
         tokenizer: Any,
         max_length: int | None = None,
         task_to_id: dict[str, int] | None = None,
-        tokenize: Callable[[Example, Any, int | None], dict[str, Any]] = tokenize_example,
+        tokenize: Callable[[Example, Any, int | None], dict[str, Any]] | None = None,
     ) -> None:
         self.examples = list(examples)
         self.tokenizer, self.max_length, self.tokenize = tokenizer, max_length, tokenize
@@ -121,7 +121,7 @@ class TokenizedDataset(Dataset):
         item = self._cache.get(index)
         if item is None:
             ex = self.examples[index]
-            item = self.tokenize(ex, self.tokenizer, self.max_length)
+            item = (self.tokenize or tokenize_example)(ex, self.tokenizer, self.max_length)
             if self.task_to_id is not None:
                 item["task_id"] = self.task_to_id[ex.task]
             if ex.routing:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, tokenize_example
+from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset
 from ..data.classification import (ClassificationCollator, classification_metrics, evaluate_classification,
                                    label_index, predict_labels, tokenize_classification)
 from ..io.peft_format import task_type
@@ -52,8 +52,7 @@ class CausalLM:
     name = "CAUSAL_LM"
 
     def dataset(self, examples, tokenizer, max_length, task_to_id=None) -> TokenizedDataset:
-        return TokenizedDataset(examples, tokenizer, max_length=max_length, task_to_id=task_to_id,
-                                tokenize=tokenize_example)
+        return TokenizedDataset(examples, tokenizer, max_length=max_length, task_to_id=task_to_id)
 
     def collator(self, tokenizer: Any) -> CausalLMCollator:
         return CausalLMCollator.from_tokenizer(tokenizer)
