@@ -92,7 +92,25 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
 
 def _print_metrics(label: str, metrics: dict) -> None:
     per = ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in sorted(metrics.get("per_task", {}).items()))
+    if "mcc" in metrics:  # a classifier (SEQ_CLS): its exact match is the accuracy
+        print(f"{label}: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['f1']:.3f}, MCC {metrics['mcc']:.3f} "
+              f"on {metrics['n']} examples")
+        return
     print(f"{label}: exact match {metrics['exact_match']:.3f} on {metrics['n']} examples" + (f" ({per})" if per else ""))
+
+
+def _classifier_head(model, adapter_config):
+    """SEQ_CLS: the config with the model's classification head in ``modules_to_save`` (PEFT's convention: its
+    ``classifier`` or ``score`` module, trained and saved in full) unless the user chose modules_to_save."""
+    if adapter_config.modules_to_save:
+        return adapter_config
+    from .core.targeting import iter_host_modules
+
+    heads = [name for name in ("classifier", "score") if any(key == name for key, _ in iter_host_modules(model))]
+    if not heads:
+        raise LorakitError(f"{type(model).__name__} has no 'classifier' or 'score' head; name the head to train with "
+                           "--modules-to-save")
+    return dataclasses.replace(adapter_config, modules_to_save=heads)
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -182,13 +200,32 @@ def _quantize_config(args):
     return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
 
 
-def _load_with_adapter(args, any_model: bool = False):
+LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
+
+
+def _adapter_labels(adapter: str | None) -> list[str] | None:
+    """The label names of a SEQ_CLS adapter folder (None for any other adapter); LorakitError when they are missing."""
+    from .io.files import read_json
+
+    if not adapter or read_json(Path(adapter) / "adapter_config.json").get("task_type") != "SEQ_CLS":
+        return None
+    if not (Path(adapter) / LABELS_FILE).is_file():
+        raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
+                           f'names in head order, {{"labels": [...]}}); write it, or load the adapter in Python')
+    return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
+
+
+def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None = None):
     """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
-    a Whisper; hub.load_model_for_merge), whose tokenizer may be None."""
+    a Whisper; hub.load_model_for_merge), whose tokenizer may be None; ``labels``: a SEQ_CLS adapter's label names
+    (the classifier is built with that head)."""
     from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
-    if any_model and not getattr(args, "quantize", None):
+    if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
+                                                    labels=labels)
+    elif any_model and not getattr(args, "quantize", None):
         model, tokenizer = load_model_for_merge(args.model)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
@@ -227,6 +264,9 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     from . import get_method
     from .training import TrainConfig
 
+    from .hub import normalize_task_type
+
+    normalize_task_type(args.task_type)  # an unknown name fails now, before any data or model is loaded
     method = get_method(args.method)
     if args.init is not None:
         from .core.inits import get_init
@@ -317,7 +357,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     from . import add_adapter, disable_adapters, print_trainable_parameters
     from .hub import load_model_and_tokenizer, load_tokenizer
     from .training import train
-    from .training.distributed import evaluate_sharded
+    from .hub import normalize_task_type
+    from .training.objectives import objective_for
     from .training.plot import plot_metrics
 
     method, adapter_config, config = _train_configs(args, ctx)
@@ -341,8 +382,16 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
                                          for e in (train_examples, eval_examples))
 
     torch.manual_seed(args.seed)
+    classify = normalize_task_type(args.task_type) == "seq-cls"
+    if classify and args.loram_ratio is not None:
+        raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
+    elif classify:  # one head output per label of the training data (sorted names)
+        from .data.classification import label_names
+        model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
+                                                    labels=label_names(train_examples))
+        adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
@@ -351,9 +400,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
           f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")
+    objective = objective_for(model)
     with disable_adapters(model):
-        before = evaluate_sharded(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
-                                  progress=not args.quiet and ctx.is_main)
+        before = objective.evaluate(ctx, model, tokenizer, eval_examples, batch_size=args.eval_batch_size,
+                                    task_to_id=None, progress=not args.quiet and ctx.is_main)
     if args.init is not None:  # an init may change the base weights: the "before" score is taken on the untouched base
         _add_with_init(model, adapter_config, args)
     _print_metrics("before", before)
@@ -373,6 +423,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+        if classify:  # `lorakit eval` rebuilds the head from these names
+            from .io.files import atomic_write_json as write_json
+            write_json(Path(result.adapter_dir) / LABELS_FILE, {"labels": [model.config.id2label[i]
+                                                                           for i in range(model.config.num_labels)]})
     extra = {}
     if args.loram_ratio is not None and result.adapter_dir is not None:
         extra = {"after_pruned_model": after}
@@ -388,6 +442,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
               f"and merge load them with --adapter {result.adapter_dir})")
     _print_metrics("after ", after)
     summary = {"method": method.name, "data": args.data, "model": args.model or "bundled", "quantize": args.quantize,
+               "task_type": objective.name, "trainable_params": result.trainable_params,
+               "total_params": result.total_params,
                "procedure": config.procedure, "procedure_args": dict(config.procedure_args or {}),
                "mode_token": args.mode_token,
                "before": before,
@@ -406,7 +462,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         summary["plot"] = str(plot)
     from .io.files import atomic_write_json
     atomic_write_json(out / "summary.json", summary)
-    print(f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
+    score = "accuracy" if "mcc" in after else "exact match"
+    print(f"{score} {before['exact_match']:.3f} -> {after['exact_match']:.3f} | "
           f"{result.wall_time_s:.0f}s | peak memory {result.peak_memory_mb:.0f} MB")
     print(f"per-step metrics: {out / 'metrics.jsonl'}" + (f" (plot: {plot})" if plot else ""))
     print(f"adapter saved to {result.adapter_dir} ({_format_note(method)})")
@@ -511,9 +568,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
-    model, tokenizer = _load_with_adapter(args)
-    metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
-                                task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
+    labels = _adapter_labels(args.adapter)
+    model, tokenizer = _load_with_adapter(args, labels=labels)
+    if labels is not None:
+        from .training.objectives import objective_for
+
+        metrics = objective_for(model).evaluate(None, model, tokenizer, examples, batch_size=args.eval_batch_size,
+                                                task_to_id=task_to_id, progress=not args.quiet)
+    else:
+        metrics = evaluate_examples(model, tokenizer, examples, batch_size=args.eval_batch_size,
+                                    task_to_id=task_to_id or build_task_index(examples) or None, progress=not args.quiet)
     _print_metrics("eval", metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -1031,6 +1095,11 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
     g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
                    help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
+    t.add_argument("--task-type", default="causal-lm", metavar="{causal-lm,seq-cls}",
+                   help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
+                        "on the model (AutoModelForSequenceClassification, one output per label of --data's "
+                        '{"text", "label"} records), trained in full as modules_to_save; metrics accuracy, macro F1, '
+                        "MCC (docs/recipes.md)")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")

@@ -60,27 +60,54 @@ def load_tokenizer(model: str | os.PathLike | None = None):
     return tokenizer
 
 
+TASK_TYPES = ("causal-lm", "seq-cls")  # PEFT's CAUSAL_LM and SEQ_CLS
+
+
+def normalize_task_type(name: str) -> str:
+    """``seq-cls`` / ``SEQ_CLS`` / ``seq_cls`` -> ``seq-cls``; LorakitError naming the choices for anything else."""
+    from .core.errors import did_you_mean
+
+    key = name.strip().lower().replace("_", "-")
+    if key not in TASK_TYPES:
+        raise LorakitError(f"unknown task type {name!r}; choose one of {', '.join(TASK_TYPES)} (PEFT: CAUSAL_LM, "
+                           f"SEQ_CLS).{did_you_mean(key, TASK_TYPES)}")
+    return key
+
+
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", quantize=None):
+                             device: str | torch.device = "cpu", quantize=None, task_type: str = "causal-lm",
+                             labels: list[str] | None = None):
     """(model, tokenizer) for a causal LM: ``None``/``"bundled"``, a local folder, or a hub id already cached.
+
+    ``task_type="seq-cls"`` (PEFT's SEQ_CLS) loads ``AutoModelForSequenceClassification`` instead, with one output
+    per name in ``labels`` (``config.id2label`` / ``label2id`` in that order; a head the checkpoint lacks is newly
+    initialised, as transformers does) and the tokenizer's pad id in the config (decoder classifiers pool the
+    last non-pad token).
 
     Offline by default (``local_files_only``): an uncached hub id fails at once with a LorakitError instead of
     retrying the network; ``HF_HUB_OFFLINE=0`` allows downloads. ``quantize`` (``"nf4"`` or a
     ``lorakit.quantize.QuantizeConfig``) loads the linear layers straight into bitsandbytes 4 bit on ``device``
     (QLoRA's base; the output head stays in ``dtype``).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model)
     path = resolve_model_path(model)
-    extra = {}
+    extra: dict = {}
+    auto = AutoModelForCausalLM
+    if normalize_task_type(task_type) == "seq-cls":
+        if not labels:
+            raise LorakitError("task_type 'seq-cls' needs the label names (labels=[...]): the head has one output each")
+        auto = AutoModelForSequenceClassification
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": tokenizer.pad_token_id}
     if quantize is not None:
         from .quantize import QuantizeConfig
 
         config = QuantizeConfig.of(quantize)
-        extra = {"quantization_config": config.to_transformers(), "device_map": {"": str(torch.device(device))}}
+        extra.update(quantization_config=config.to_transformers(), device_map={"": str(torch.device(device))})
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=_offline(), **extra)
+        lm = auto.from_pretrained(path, dtype=dtype, local_files_only=_offline(), **extra)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if quantize is not None:

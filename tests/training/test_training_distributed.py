@@ -238,3 +238,35 @@ def test_single_process_needs_no_launcher(monkeypatch):
         env_world()
     with pytest.raises(ConfigError, match="Did you mean: fsdp"):
         worker.train_config(2, distributed="fsdq")
+
+
+@pytest.mark.slow  # two processes each load a tiny encoder; ~1-2 min on a loaded 2-core machine
+def test_torchrun_trains_and_evaluates_a_classifier(tmp_path):
+    """SEQ_CLS under torchrun: the step's loss is the mean over all processes' rows and the evaluation gathers every
+    rank's predictions, so 2 processes at batch 2 write the head, adapter and metrics of 1 process at batch 4."""
+    from transformers import BertConfig, BertModel
+
+    from lk_models import word_level_tokenizer
+    from lorakit.cli import main
+    from lorakit.data import Example
+
+    words = ["good", "bad", "film", "plot", "cast", "long", "short", "music"]
+    texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 4)) for i in range(30)]
+    tok = word_level_tokenizer([Example(t, "") for t in texts])
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(tmp_path / "encoder")
+    tok.save_pretrained(tmp_path / "encoder")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "pos" if "good" in t else "neg"}) + "\n" for t in texts))
+    args = ["train", "--task-type", "seq-cls", "--model", str(tmp_path / "encoder"), "--data", str(data), "--steps", "2",
+            "--max-length", "16", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
+            "--log-every", "1", "--r", "4", "--target-modules", "query", "value", "--seed", "0", "--quiet"]
+    stdout = torchrun("-m", "lorakit", "--", *args, "--batch-size", "2", "--output", str(tmp_path / "two"))
+    assert stdout.count("adapter saved to") == 1
+    assert main([*args, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    _cli_outputs_agree(tmp_path / "two", tmp_path / "one")
+    two, one = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("two", "one"))
+    assert one["after"]["n"] == 3  # the hold-out (last tenth of 30); _cli_outputs_agree checked the 2-process n
+    assert two["after"] == pytest.approx(one["after"]) and two["before"] == pytest.approx(one["before"])

@@ -6,7 +6,7 @@ training are exactly the ones `evaluate_examples` feeds to `generate` (`encode_p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -80,6 +80,8 @@ class TokenizedDataset(Dataset):
     examples it reads: under ``torchrun`` rank r reads its rows of the seeded global stream, about 1/N of them.
     Items carry `task_id` when the examples have task keys (or a `task_to_id` mapping is given); then every
     example needs a key that the mapping knows — checked here, up front, for all examples (no tokenization).
+    `tokenize(example, tokenizer, max_length)` makes an item (None: `tokenize_example`, the causal-LM item;
+    `data.classification` gives the classifier's).
 
     Raises ValueError for an example whose task key the mapping lacks.
     """
@@ -90,9 +92,10 @@ class TokenizedDataset(Dataset):
         tokenizer: Any,
         max_length: int | None = None,
         task_to_id: dict[str, int] | None = None,
+        tokenize: Callable[[Example, Any, int | None], dict[str, Any]] | None = None,
     ) -> None:
         self.examples = list(examples)
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.tokenize = tokenizer, max_length, tokenize
         if task_to_id is None and any(ex.task is not None for ex in self.examples):
             task_to_id = build_task_index(self.examples)
         self.task_to_id = task_to_id
@@ -118,7 +121,7 @@ class TokenizedDataset(Dataset):
         item = self._cache.get(index)
         if item is None:
             ex = self.examples[index]
-            item = tokenize_example(ex, self.tokenizer, self.max_length)
+            item = (self.tokenize or tokenize_example)(ex, self.tokenizer, self.max_length)
             if self.task_to_id is not None:
                 item["task_id"] = self.task_to_id[ex.task]
             if ex.routing:
@@ -158,15 +161,21 @@ class CausalLMCollator:
             batch["input_ids"][row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
             batch["attention_mask"][row, :n] = torch.tensor(item["attention_mask"], dtype=torch.long)
             batch["labels"][row, :n] = torch.tensor(item["labels"], dtype=torch.long)
-        has_task = ["task_id" in item for item in items]
-        if any(has_task):
-            if not all(has_task):
-                raise ValueError("some items in the batch have a task_id and some do not")
-            batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
-        vectors = stack_routing([item.get("routing") or {} for item in items])
-        if vectors:
-            batch["routing"] = vectors
-        return batch
+        return add_keys(batch, items)
+
+
+def add_keys(batch: dict[str, Any], items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``batch`` with the items' routing keys: ``task_ids`` (batch,) when they have a ``task_id``, and
+    ``routing`` {name: (batch, d)} when they have per-example vectors."""
+    has_task = ["task_id" in item for item in items]
+    if any(has_task):
+        if not all(has_task):
+            raise ValueError("some items in the batch have a task_id and some do not")
+        batch["task_ids"] = torch.tensor([item["task_id"] for item in items], dtype=torch.long)
+    vectors = stack_routing([item.get("routing") or {} for item in items])
+    if vectors:
+        batch["routing"] = vectors
+    return batch
 
 
 def stack_routing(rows: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, torch.Tensor]:

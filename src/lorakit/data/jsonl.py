@@ -5,6 +5,8 @@
   when it has one, else as "<role>: content\\n" lines; loss on the last message, which must be the
   assistant's.
 - `{"text": str}`: loss on every token.
+- `{"text": str, "label": str | int}`: a sequence-classification example (`Example(prompt=text,
+  completion=str(label))`, see `data.classification`; `lorakit train --task-type seq-cls`).
 
 An optional `"task"` (or `"key"`) string is carried into `Example.task` for multi-task and routed
 methods. Other fields are ignored, so datasets with ids or metadata load as they are.
@@ -63,6 +65,13 @@ def parse_record(record: Any, tokenizer: Any = None, where: str = "<record>") ->
         raise DataError(f"{where}: ambiguous record with fields {present}; use exactly one format per line")
     task = _task_key(record, where)
     extra = {"task": task, "routing": _routing_field(record, where)}
+    if "label" in record:
+        if present != ["text"]:
+            raise DataError(f"{where}: a 'label' goes with a 'text' (a classification example), found fields {present}")
+        label = record["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise DataError(f"{where}: field 'label' must be a non-empty string or an integer, got {json.dumps(label)}")
+        return Example(prompt=_string_field(record, "text", where, allow_empty=False), completion=str(label), **extra)
     if "text" in record:
         text = _string_field(record, "text", where, allow_empty=False)
         return Example(prompt="", completion=text, **extra)

@@ -71,7 +71,7 @@ def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
     # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
     d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
-    d["task_type"] = _task_type(model)
+    d["task_type"] = task_type(model)
     return d
 
 
@@ -81,7 +81,8 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS
                "ForSeq2SeqLM": "SEQ_2_SEQ_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 
-def _task_type(model: nn.Module) -> str | None:
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's TaskType name of ``model`` from its class name (``BertForSequenceClassification`` -> "SEQ_CLS"), or None."""
     name = type(model).__name__
     return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
 

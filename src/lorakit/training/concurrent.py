@@ -25,11 +25,11 @@ from ..core.errors import AdapterError
 from ..core.layer import AdapterLayer
 from ..core.model import active_adapters, adapter_names, adapter_parameters, set_adapter
 from ..core.routing import routing
-from ..data import CausalLMCollator, Example, TokenizedDataset, evaluate_examples
-from ..data.collate import IGNORE_INDEX
+from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, evaluate_examples
 from ..io.peft_format import save_adapter
 from .config import TrainConfig
-from .loop import DataStream, _task_loss_sum, lr_multiplier
+from .loop import DataStream, lr_multiplier
+from .objectives import CausalLM
 
 
 @dataclass
@@ -117,8 +117,8 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
         for s, part in zip(live, parts):
             n = part["input_ids"].shape[0]
             labels = batch["labels"][offset:offset + n]
-            supervised = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
-            job_loss = _task_loss_sum(logits[offset:offset + n], labels) / supervised
+            supervised = max(CausalLM().count({"labels": labels}), 1)
+            job_loss = CausalLM().loss_sum(logits[offset:offset + n], {"labels": labels}) / supervised
             s["result"].losses.append(float(job_loss.detach()))
             loss = loss + job_loss
             offset += n

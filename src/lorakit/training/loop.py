@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,14 +45,15 @@ from ..core.model import active_adapters, adapter_names, adapter_state, refresh_
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
 from ..core.routing import routing
-from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, save_task_index, stable_seed
+from ..data import Example, save_task_index, stable_seed
 from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
                              router_summary)
 from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
 from .config import TrainConfig
-from .distributed import device_for, evaluate_sharded, setup
+from .distributed import device_for, setup
+from .objectives import objective_for
 from .procedures import Procedure, get_procedure
 
 LogCallback = Callable[[dict[str, Any]], None]
@@ -213,20 +213,13 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def _task_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over supervised positions (labels are shifted here, as HF does)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], config: TrainConfig,
           adapter_name: str = "default", eval_examples: Sequence[Example] | None = None, progress: bool = True,
           on_log: Sequence[LogCallback] = ()) -> TrainResult:
     """Train adapter ``adapter_name`` of ``model`` (a causal LM with a lorakit adapter) on ``train_examples``.
+
+    A ``*ForSequenceClassification`` model trains as a classifier instead (``training.objectives``: example prompt =
+    text, completion = label name from ``model.config.label2id``; evaluations report accuracy, macro F1 and MCC).
 
     ``on_log`` callbacks get ``{"step", "loss", "lr", "grad_norm", "tokens_per_s"}`` every ``log_every``
     steps (``grad_norm`` None when a procedure updates inside backward, as GaLore per layer does: nothing to
@@ -276,11 +269,12 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             raise ConfigError(f"procedure {config.procedure!r} holds out {held_out} validation examples but the run has "
                               f"{len(train_examples)}; lower its validation size or give more training data.")
         train_examples, validation = list(train_examples)[:-held_out], list(train_examples)[-held_out:]
-    dataset = TokenizedDataset(train_examples, tokenizer, max_length=config.max_length)
+    objective = objective_for(model)  # the head's loss and metrics: next-token (causal LM) or labels (SEQ_CLS)
+    dataset = objective.dataset(train_examples, tokenizer, config.max_length)
     # Task ids are positions among the data's task names; methods that map tasks by name get the names too.
     key_names = {} if dataset.task_to_id is None else {
         "task_names": [n for n, _ in sorted(dataset.task_to_id.items(), key=lambda kv: kv[1])]}
-    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    collate = objective.collator(tokenizer)
     stream = DataStream(len(dataset), config.seed)
     eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
 
@@ -308,7 +302,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             init_adapter(model, adapter_name, batches)
     if held_out:
         assert procedure is not None
-        val_set = TokenizedDataset(validation, tokenizer, max_length=config.max_length, task_to_id=dataset.task_to_id)
+        val_set = objective.dataset(validation, tokenizer, config.max_length, task_to_id=dataset.task_to_id)
         procedure.set_validation(lambda indices: to_device(collate([val_set[i] for i in indices])), len(val_set))
     optimizer, params = make_optimizer(model, adapter_name, config, method, procedure)
 
@@ -340,8 +334,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     def evaluate() -> None:
         # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
-            metrics = evaluate_sharded(ctx, model, tokenizer, eval_set, batch_size=config.batch_size,
-                                       task_to_id=dataset.task_to_id, progress=progress and ctx.is_main)
+            metrics = objective.evaluate(ctx, model, tokenizer, eval_set, batch_size=config.batch_size,
+                                         task_to_id=dataset.task_to_id, progress=progress and ctx.is_main)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
@@ -380,7 +374,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             batches = step_batches(position)
             position += config.batch_size * config.grad_accum * ctx.world_size
             # The step's token counts over all processes: the task loss is the mean over the global step.
-            supervised, seen = ctx.sum_counts([sum(_supervised_tokens(b) for b in batches),
+            supervised, seen = ctx.sum_counts([sum(objective.count(b) for b in batches),
                                                sum(int(b["attention_mask"].sum()) for b in batches)])
             n_supervised = max(supervised, 1)
             run_tokens += seen
@@ -397,7 +391,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
                     with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
                                  extras={**key_names, **batch.get("routing", {})}):
                         logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = _task_loss_sum(logits, batch["labels"]) / n_supervised
+                    loss = objective.loss_sum(logits, batch) / n_supervised
                     step_loss_sum += loss.detach()
                     # Data parallelism averages gradients over processes; this process's share of the global
                     # token mean is world_size times its sum. Extra losses are computed on joined rows or on the

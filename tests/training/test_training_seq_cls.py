@@ -1,0 +1,114 @@
+"""SEQ_CLS: a LoRA encoder with its classification head in modules_to_save, trained by the plain loop, saved in
+PEFT's layout and loaded by real peft (task_type SEQ_CLS) and by lorakit with the same logits; the CLI path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.cli import main
+from lorakit.data import Example
+from lorakit.training import TrainConfig, train
+from lorakit.training.objectives import CausalLM, SequenceClassification, objective_for
+from lk_models import tiny_bert, tiny_llama, word_level_tokenizer
+
+LABELS = {"neg": 0, "pos": 1}
+
+
+def _examples(n: int = 24) -> list[Example]:
+    # Label = whether the text holds the word "good": learnable by a 2-layer encoder in a few steps.
+    words = ["good", "bad", "film", "plot", "cast", "long", "short", "music"]
+    out = []
+    for i in range(n):
+        text = " ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 4))
+        out.append(Example(text, "pos" if "good" in text.split() else "neg"))
+    return out
+
+
+def _tiny_classifier(tokenizer, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                     num_labels=2, id2label={0: "neg", 1: "pos"}, label2id=LABELS)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_objective_follows_the_models_head():
+    assert isinstance(objective_for(tiny_bert()), SequenceClassification)
+    assert isinstance(objective_for(tiny_llama()), CausalLM)
+
+
+def test_head_is_trained_saved_and_loaded_by_peft_with_identical_logits(tmp_path):
+    examples = _examples()
+    tok = word_level_tokenizer(examples)
+    model = _tiny_classifier(tok)
+    head_before = model.classifier.weight.detach().clone()
+    lorakit.add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                          modules_to_save=["classifier"]))
+    result = train(model, tok, examples[:20], TrainConfig(steps=6, batch_size=4, lr=5e-3, output_dir=str(tmp_path / "run"),
+                                                          log_every=1), eval_examples=examples[20:], progress=False)
+    assert set(result.final_metrics) >= {"accuracy", "f1", "mcc", "n"} and result.final_metrics["n"] == 4
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert not torch.equal(tensors["base_model.model.classifier.weight"], head_before)  # the head trained
+    assert any(k.endswith("query.lora_A.weight") for k in tensors)
+
+    ids = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0]])
+    mask = (ids != 0).long()
+    model.eval()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        peft_model = PeftModel.from_pretrained(_tiny_classifier(tok), str(adapter)).eval()
+        assert type(peft_model).__name__ == "PeftModelForSequenceClassification"
+        theirs = peft_model(input_ids=ids, attention_mask=mask).logits
+        reloaded = _tiny_classifier(tok)
+        lorakit.load_adapter(reloaded, adapter)
+        again = reloaded.eval()(input_ids=ids, attention_mask=mask).logits
+        plain = _tiny_classifier(tok)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(theirs, ours)
+    torch.testing.assert_close(again, ours)
+    assert not torch.allclose(plain, ours)
+
+
+def test_cli_train_seq_cls(tmp_path, capsys):
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder = tmp_path / "encoder"
+    _tiny_classifier(tok).bert.save_pretrained(folder)  # a bare encoder, as a sentence-embedding checkpoint ships
+    tok.save_pretrained(folder)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.prompt, "label": ex.completion}) + "\n" for ex in examples))
+    out = tmp_path / "out"
+    assert main(["train", "--task-type", "seq-cls", "--model", str(folder), "--data", str(data), "--steps", "4",
+                 "--batch-size", "4", "--r", "4", "--target-modules", "query", "value", "--max-length", "32", "--output", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "MCC" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task_type"] == "SEQ_CLS" and set(summary["after"]) >= {"accuracy", "f1", "mcc"}
+    assert summary["trainable_params"] < summary["total_params"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    assert json.loads((out / "adapter" / "labels.json").read_text()) == {"labels": ["neg", "pos"]}
+    # `lorakit eval` rebuilds the classifier and scores the hold-out (the file's last tenth) as training did.
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(data.read_text().splitlines(keepends=True)[-3:]))
+    assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--data", str(held_out),
+                 "--json", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):])
+    assert metrics == pytest.approx({k: summary["after"][k] for k in metrics})
+
+
+def test_cli_rejects_unknown_task_type(tmp_path, capsys):
+    assert main(["train", "--task-type", "seq-clss", "--output", str(tmp_path / "o")]) == 2
+    assert "seq-cls" in capsys.readouterr().err
