@@ -993,15 +993,24 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from .federated import FederatedConfig
 
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
-    split = lambda text, kind: [kind(v) for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    def split(text, kind, flag):
+        """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad item."""
+        if not text:
+            return None
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise LorakitError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+
     config = FederatedConfig(
         strategy=args.strategy, clients=args.clients, rounds=args.rounds, fraction=args.fraction,
         min_clients=args.min_clients, model=args.model, data=args.data, train_examples=args.train_examples,
         eval_examples=args.eval_examples, partition=args.partition, skew_alpha=args.skew_alpha,
-        target_modules=split(args.target_modules, str), r=args.r, client_ranks=split(args.client_ranks, int),
+        target_modules=split(args.target_modules, str, "--target-modules"), r=args.r,
+        client_ranks=split(args.client_ranks, int, "--client-ranks"),
         lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
-        dp_delta=args.dp_delta, stragglers=split(args.stragglers, int) or [], straggler_delay_s=args.straggler_delay,
+        dp_delta=args.dp_delta, stragglers=split(args.stragglers, int, "--stragglers") or [], straggler_delay_s=args.straggler_delay,
         round_timeout_s=args.round_timeout, device=args.device)
     from .federated.simulate import federate
     from .io.files import atomic_write_json

@@ -190,6 +190,29 @@ def test_icm_lora_collection_task_from_spec_or_error(base, tmp_path):
     assert samples[0].task == "rotate4" and config["r"] == 2
 
 
+def test_icm_lora_collection_of_another_method_or_dora_is_refused(base, collection, tmp_path):
+    from lorakit.methods.increlora import IncreLoraConfig
+
+    model, _ = base
+    lk.add_adapter(model, IncreLoraConfig(r=2, target_rank=2, target_modules=["q_proj"]), name="icm_odd")
+    lk.save_adapter(model, tmp_path / "incre", name="icm_odd")
+    lk.delete_adapter(model, "icm_odd")
+    with pytest.raises(AdapterError, match="plain LoRA.*increlora"):
+        read_collection([collection[0], f"rotate={tmp_path / 'incre'}"])
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), name="icm_odd")
+    lk.save_adapter(model, tmp_path / "dora", name="icm_odd")
+    lk.delete_adapter(model, "icm_odd")
+    with pytest.raises(AdapterError, match="DoRA"):
+        read_collection([f"rotate={tmp_path / 'dora'}"])
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_icm_lora_temperature_must_be_finite_and_non_negative(generator, tmp_path, temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        generate_adapter(generator, "rotate", tmp_path / "t", temperature=temperature)
+    assert not (tmp_path / "t").exists()
+
+
 def test_icm_lora_unknown_task_names_near_matches(generator, tmp_path):
     with pytest.raises(ValueError, match="Did you mean rotate3"):
         generate_adapter(generator, "rotat3", tmp_path / "x")

@@ -217,7 +217,7 @@ def test_adapter_name_that_is_a_module_attribute_is_refused_before_anything_chan
     """Adapter names key an nn.ModuleDict in every layer: 'eval', 'train', 'keys'... would be a bare KeyError from
     torch halfway through attaching; they are refused up front, naming the problem."""
     model = tiny_llama()
-    for bad in ("eval", "train", "keys", "_private"):
+    for bad in ("eval", "train", "keys", "training", "_private"):
         with pytest.raises(lk.AdapterError, match="attribute"):
             lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), name=bad)
     assert not list(lk.core.model.adapter_layers(model))

@@ -15,6 +15,15 @@ def test_federate_refuses_heterogeneous_ranks_for_averaging_strategies(tmp_path,
     assert "flora" in capsys.readouterr().err
 
 
+def test_federate_client_ranks_errors_name_the_flag_and_unused_ranks(tmp_path, capsys):
+    assert main(["federate", "--client-ranks", "4,x", "--output", str(tmp_path / "a")]) == 2
+    assert "--client-ranks '4,x'" in capsys.readouterr().err
+    # more ranks than clients: some would never be used
+    assert main(["federate", "--strategy", "fedit", "--clients", "2", "--client-ranks", "4,2,8",
+                 "--output", str(tmp_path / "b")]) == 2
+    assert "3 ranks for 2 clients" in capsys.readouterr().err
+
+
 def test_federate_refuses_unknown_stragglers(tmp_path, capsys):
     assert main(["federate", "--clients", "2", "--stragglers", "5", "--output", str(tmp_path / "o")]) == 2
     assert "stragglers" in capsys.readouterr().err

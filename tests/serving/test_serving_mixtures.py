@@ -113,3 +113,12 @@ def test_engine_serves_a_dylora_adapter_at_the_chosen_rank(tmp_path):
     assert outputs[1] != outputs[4]
     with pytest.raises(ConfigError, match="rank"):
         AdapterStore(tiny_llama(), [root], rank=5).register_dir(root)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(AdapterError, match="positive integer"):
+            AdapterStore(tiny_llama(), [root], rank=bad)
+    # an adapter served in the model's own layers must have a name the layers can hold
+    store = AdapterStore(tiny_llama(), [root])
+    for reserved in ("eval", "training"):
+        with pytest.raises(AdapterError, match="attribute"):
+            store.register(reserved, root / "dy")
+    assert store.names() == []

@@ -127,6 +127,7 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
         task, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
         for folder in _adapter_folders(Path(path)):
             config = read_json(folder / CONFIG_NAME)
+            _check_plain_lora(folder, config)
             tensors = load_tensors(weights_path(folder))
             sample = AdapterSample(task or _task_of(folder), str(folder), tensors)
             if ref_config is None:
@@ -137,6 +138,15 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
     if not samples:
         raise AdapterError("an ICM-LoRA collection needs at least one adapter folder")
     return samples, ref_config
+
+
+def _check_plain_lora(folder: Path, config: dict) -> None:
+    """ICM-LoRA generates plain LoRA factors: refuse other methods (their tensors are not lora_A/lora_B pairs)."""
+    method = config.get("lorakit_method") or str(config.get("peft_type", "")).lower()
+    if method != "lora" or config.get("use_dora"):
+        kind = f"{method}{' (DoRA)' if config.get('use_dora') else ''}" or "unknown"
+        raise AdapterError(f"{folder}: ICM-LoRA collections hold plain LoRA adapters (peft_type LORA, no DoRA); this "
+                           f"one is {kind!r}. Export it as a plain LoRA first (`lorakit export`) if its method has one.")
 
 
 def _check_same(ref: AdapterSample, ref_config: dict, other: AdapterSample, config: dict) -> None:
@@ -351,6 +361,8 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
     reading its examples in context and the collection-wide stats. Raises ValueError (unknown task, with near
     matches) before any model loads.
     """
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (z = temperature · N(0, I)), got {temperature}")
     gen = generator if isinstance(generator, IcmLoraGenerator) else IcmLoraGenerator.load(generator)
     if task in gen.conditions:
         condition, stats = gen.conditions[task], gen.stats[task]

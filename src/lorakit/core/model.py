@@ -103,7 +103,7 @@ def _check_name(name: str) -> None:
     they cannot be a ModuleDict attribute (``eval``, ``train``, ``to``, ``keys``...). Raises AdapterError."""
     if not isinstance(name, str) or not name or "." in name or name == "__base__":
         raise AdapterError(f"invalid adapter name {name!r}: use a non-empty string without dots (and not '__base__')")
-    if hasattr(nn.ModuleDict, name) or name.startswith("_"):
+    if hasattr(nn.ModuleDict(), name) or name.startswith("_"):  # an instance: also ``training`` and the like
         raise AdapterError(f"invalid adapter name {name!r}: it is the name of a torch.nn.Module attribute (or starts "
                            f"with '_'), which a layer's adapter table cannot hold; pick another, e.g. {name + '_adapter'!r}")
 

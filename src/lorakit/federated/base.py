@@ -98,6 +98,9 @@ class FederatedConfig:
         if self.client_ranks is not None:
             if not self.client_ranks or min(self.client_ranks) < 1:
                 raise ConfigError(f"FederatedConfig.client_ranks must be positive ranks, got {self.client_ranks}")
+            if len(self.client_ranks) > self.clients:
+                raise ConfigError(f"FederatedConfig.client_ranks has {len(self.client_ranks)} ranks for {self.clients} "
+                                  f"clients (client k gets rank client_ranks[k mod len]); give at most one per client")
             if len(set(self.client_ranks)) > 1 and not STRATEGIES[self.strategy].heterogeneous_ranks:
                 able = sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks)
                 raise ConfigError(f"strategy {self.strategy!r} needs one rank for all clients; client_ranks="

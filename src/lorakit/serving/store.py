@@ -149,6 +149,8 @@ class AdapterStore:
         self.tasks: dict[str, dict[str, int]] = {}  # attached name -> task -> routing key id
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
         # ``rank``: nested-rank adapters (configs with a ``rank`` setting: DyLoRA) are served at this rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise AdapterError(f"rank must be a positive integer (the rank nested-rank adapters are served at), got {rank!r}")
         self.rank = rank
         self.overrides: dict[str, dict] = {}  # attached name -> load_adapter config_overrides
 
@@ -166,6 +168,10 @@ class AdapterStore:
             attached = None
         except AdapterLoadError:
             attached = config  # served attached, in its own forward
+        if attached is not None:  # loaded into the model's layers: the core's naming rules apply
+            from ..core.model import _check_name
+
+            _check_name(name)
         overrides = None
         if self.rank is not None and attached is not None and "rank" in {f.name for f in dataclasses.fields(attached)}:
             from ..io.peft_format import override_config
