@@ -60,3 +60,15 @@ def test_items_and_batches():
     with pytest.raises(DataError, match="not one of the model's labels"):
         tokenize_classification(Example("a", "other"), tok, 8, label2id)
     assert isinstance(batch["labels"], torch.Tensor)
+
+
+def test_label_names_refuse_unlabelled_lines_and_a_single_class(tmp_path):
+    """A {"text"} line without "label" is a language-modelling example: used as a classification example its
+    text would become its label. One distinct label makes a 1-output head with a constant loss of 0."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "good movie", "label": "pos"}) + "\n" + json.dumps({"text": "bad movie"}) + "\n")
+    with pytest.raises(DataError, match="example 1 has no 'label'"):
+        label_names(load_jsonl(path))
+    path.write_text("".join(json.dumps({"text": t, "label": "pos"}) + "\n" for t in ("a", "b")))
+    with pytest.raises(DataError, match="at least 2 distinct labels"):
+        label_names(load_jsonl(path))

@@ -302,3 +302,10 @@ def test_bad_input_is_named(unet):
     with pytest.raises(ConfigError, match="regions for 2 LoRAs"):
         compose_images(unet, _sched(), ["a", "b"], make_config("composer", regions=[(0, 0, 1, 1)]),
                        num_images=1, num_inference_steps=1)
+    # a failed start leaves nothing to undo (was an AttributeError hiding the message), and the sizes are checked
+    with pytest.raises(ConfigError, match="1 weights for 2 LoRAs"):
+        compose_images(unet, _sched(), ["a", "b"], make_config("merge", weights=[1.0]), num_images=1,
+                       num_inference_steps=1)
+    for bad in (0, 7, -8):
+        with pytest.raises(ConfigError, match="height must be a positive multiple"):
+            compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1, height=bad)

@@ -23,8 +23,20 @@ from lorakit.data.example import Example
 
 
 def label_names(examples: Sequence[Example]) -> list[str]:
-    """The distinct labels of ``examples``, sorted (label id = position): the mapping does not depend on order."""
-    return sorted({ex.completion for ex in examples})
+    """The distinct labels of ``examples``, sorted (label id = position): the mapping does not depend on order.
+
+    Raises DataError for an example without a label (a ``{"text": ...}`` line without ``"label"`` parses as a
+    language-modelling example: its text would become its label) and for fewer than two distinct labels (a
+    one-output head has a constant cross-entropy of 0: nothing to learn)."""
+    for i, ex in enumerate(examples):
+        if not ex.prompt:
+            raise DataError(f"example {i} has no 'label' field: sequence classification needs "
+                            f'{{"text": ..., "label": ...}} on every line (got text {ex.completion[:40]!r} alone)')
+    names = sorted({ex.completion for ex in examples})
+    if len(names) < 2:
+        raise DataError(f"sequence classification needs at least 2 distinct labels in the training data, found "
+                        f"{names}")
+    return names
 
 
 def label_index(label2id: Mapping[str, int], label: str, where: str = "") -> int:

@@ -202,7 +202,12 @@ def compose_images(unet: nn.Module, scheduler: Any, loras: Sequence[str], method
     if not 0 <= label <= NULL_CLASS:
         raise ConfigError(f"class_label must be in 0..{NULL_CLASS - 1} or None, got {class_label}")
     size = unet.config.sample_size
-    h, w = height or size, width or size
+    h, w = size if height is None else height, size if width is None else width
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)  # one 2× downsampler between levels
+    for name, value in (("height", h), ("width", w)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+            raise ConfigError(f"{name} must be a positive multiple of {factor} (the UNet halves the image "
+                              f"{factor.bit_length() - 1} times), got {value!r}")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((num_images, unet.config.in_channels, h, w), generator=g)
     scheduler.set_timesteps(num_inference_steps)

@@ -355,6 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}")
         return 2
+    try:
+        return _run(args, config)
+    except ConfigError as err:  # e.g. too few finished proxies to fit: a clean error, the sweep's records stay
+        print(f"error: {err}")
+        return 2
+
+
+def _run(args, config: "RegMixConfig") -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.fit_only:
         path = args.out / "proxies.jsonl"

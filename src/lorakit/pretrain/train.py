@@ -400,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}")
         return 2
-    info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
+    try:
+        info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
+    except ConfigError as err:  # found while preparing the data (e.g. --regmix-dir without a regmix.json)
+        print(f"error: {err}")
+        return 2
     print(json.dumps({k: info[k] for k in ("steps", "final_loss", "eval_loss", "n_params", "wall_time_s")}))
     return 0

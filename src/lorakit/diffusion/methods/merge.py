@@ -33,6 +33,8 @@ class LoraMerge:
         self.config = config
         self._scaled = None
 
+    _scaled = None
+
     def start(self, run: Run) -> None:
         weights = self.config.weights or [1.0] * len(run.loras)
         if len(weights) != len(run.loras):
@@ -48,5 +50,8 @@ class LoraMerge:
     def finish(self, run: Run) -> None:
         from ...core.model import unmerge_adapter
 
+        if self._scaled is None:  # start failed before scaling anything (e.g. a wrong number of weights)
+            return
         unmerge_adapter(run.unet)
         self._scaled.__exit__(None, None, None)
+        self._scaled = None
