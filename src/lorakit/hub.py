@@ -26,6 +26,12 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
                                f"`lorakit pretrain-base` (its pretrain_info.json in the repository has the options).")
         return str(path)
     path = Path(model)
+    if isinstance(model, str) and not path.exists():
+        from .core.errors import did_you_mean
+
+        hint = did_you_mean(model, list(BUNDLED_MODELS))
+        if hint:  # a mistyped bundled name, not a hub id
+            raise LorakitError(f"model {model!r} is neither a folder nor a bundled model.{hint}")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise LorakitError(f"{path} is an adapter folder, not a model: pass it as --adapter (and its base model as "
                            "--model, or leave --model out for the bundled one).")

@@ -122,6 +122,8 @@ def test_pretrain_config_norm_errors():
         PretrainConfig(norm="mixx")
     with pytest.raises(ConfigError, match="mix_ln_alpha"):
         PretrainConfig(norm="mix", mix_ln_alpha=2.0)
+    with pytest.raises(ConfigError, match="plain Pre-LN"):  # floor(0.5 · 1) = 0 Post-LN layers
+        PretrainConfig(norm="mix", mix_ln_alpha=0.5, num_layers=1)
 
 
 def test_tiny_pretrain_mix_saves_a_reloadable_model(tmp_path):

@@ -2,6 +2,8 @@ import json
 import math
 
 import pytest
+
+from lorakit.core.errors import LorakitError
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,6 +232,8 @@ def test_second_bundled_base_shares_the_tokenizer_and_differs_in_shape():
     from lorakit.hub import load_tokenizer, resolve_model_path
 
     assert resolve_model_path("bundled-small") == str(SMALL_BASE_MODEL_PATH)
+    with pytest.raises(LorakitError, match="Did you mean: bundled-small"):
+        resolve_model_path("bundled-smal")
     small = AutoModelForCausalLM.from_pretrained(SMALL_BASE_MODEL_PATH).config
     big = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR).config
     for name in ("hidden_size", "num_hidden_layers", "head_dim"):

@@ -113,6 +113,10 @@ class PretrainConfig:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
                               f"{did_you_mean(self.norm, NORMS)}")
         check_alpha(self.mix_ln_alpha)
+        if self.norm == "mix" and math.floor(self.mix_ln_alpha * self.num_layers) < 1:
+            raise ConfigError(f"--norm mix with --mix-ln-alpha {self.mix_ln_alpha} and {self.num_layers} layers puts "
+                              f"floor(alpha * layers) = 0 layers in Post-LN: that is plain Pre-LN. Raise alpha or the "
+                              "layer count, or use --norm pre.")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
         if self.num_heads % self.num_kv_heads:
