@@ -120,6 +120,17 @@ def _diffusion_loss(unet, scheduler, x0, labels, generator) -> torch.Tensor:
     return F.mse_loss(unet(noisy, t, class_labels=labels).sample, noise)  # DDPM Algorithm 1, ε-prediction
 
 
+def _optimizer_step(opt, loss, step: int, train, losses: list[float], log_every: int, what: str) -> None:
+    """Backward, cosine learning rate, AdamW step; records the loss and logs its mean every ``log_every`` steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _cosine_lr(opt, step, train.steps, train.lr)
+    opt.step()
+    losses.append(loss.item())
+    if log_every and (step + 1) % log_every == 0:
+        print(f"{what} step {step + 1}/{train.steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+
+
 def _cosine_lr(opt, step: int, total: int, base: float) -> None:
     warm = max(1, total // 20)
     lr = base * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
@@ -143,13 +154,7 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=g) < train.p_uncond] = NULL_CLASS
         loss = _diffusion_loss(unet, scheduler, images[idx], y, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _cosine_lr(opt, step, train.steps, train.lr)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"base step {step + 1}/{train.steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+        _optimizer_step(opt, loss, step, train, losses, log_every, "base")
     unet.eval()
     out = Path(out_dir)
     unet.save_pretrained(out / "unet", safe_serialization=True)
@@ -233,13 +238,7 @@ def train_concept_loras(unet: nn.Module, scheduler, concepts: list[ConceptSpec],
         y = torch.full((x0.shape[0],), NULL_CLASS)
         with routing(adapter_names=rows):
             loss = _diffusion_loss(unet, scheduler, x0, y, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _cosine_lr(opt, step, train.steps, train.lr)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"lora step {step + 1}/{train.steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+        _optimizer_step(opt, loss, step, train, losses, log_every, "lora")
     unet.eval()
     out = Path(out_dir)
     for n in names:
