@@ -87,7 +87,7 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
                 raise ConfigError(f"module {path!r}: a {type(delta).__name__} delta is neither stacked experts nor a "
                                   f"plain LoRA; collapse_experts cannot turn it into a LoRA.") from None
             bias = delta.delta_bias()
-            results[path] = (units.A.detach().float(), units.B.detach().float() * units.scaling,
+            results[path] = (units.A.detach().to(torch.float32, copy=True), units.B.detach().float() * units.scaling,
                              None if bias is None else bias.detach().float(), None)
             kinds[path] = layer.info.kind
     if not results:
@@ -99,6 +99,6 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
 
     def saved_state(path):
         wrapper = next(m for q, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and host_path(q) == path)
-        return wrapper.copies[name].state_dict()
+        return wrapper.copies[name].state_dict()  # build_output copies it
 
     return build_output(model, config, results, recipe, saved_state)

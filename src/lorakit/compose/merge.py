@@ -15,7 +15,8 @@ fresh magnitude — so merging one adapter with weight 1 does not give it back (
 the linear-family methods (linear, task_arithmetic, cat, svd) combine the effective deltas
 ``D_i = diag(σ_i − 1) W + diag(σ_i) ΔW_i`` with their coefficients c_i, giving
 ``W + Σ c_i D_i = diag(1 + γ) (W + L)``, ``γ = Σ c_i (σ_i − 1)``, ``L = diag(1 + γ)⁻¹ Σ c_i diag(σ_i) ΔW_i``,
-which is exactly a DoRA adapter with low-rank part L and magnitude ``m = (1 + γ) ‖W + L‖_row``. Methods that
+which is exactly a DoRA adapter with low-rank part L and magnitude ``m = (1 + γ) ‖W + L‖_row`` (γ = 0 on a module
+that only plain sources adapt: there ``m = ‖W + L‖_row`` and the DoRA forward is W + L). Methods that
 sparsify or cluster (TIES, DARE, DELLA, breadcrumbs, SCE, LoRA-LEGO) have no such form and refuse DoRA sources.
 
 **modules_to_save** (full copies, e.g. a classifier head): identical copies are kept; different copies are an
@@ -25,7 +26,6 @@ error unless ``saved_modules="first"`` (the first source that saves the module w
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from dataclasses import dataclass, fields
@@ -36,14 +36,14 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.delta import oriented_weight
+from ..core.delta import describe_layer, oriented_weight
 from ..core.errors import AdapterError, ConfigError, did_you_mean
 from ..core.layer import ModulesToSaveWrapper
-from ..core.model import (adapter_layers, adapter_names, adapter_state, attach_plan, delete_adapter, host_path,
-                          plan_adapter)
+from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
+from ..core.targeting import iter_host_modules, select_modules_to_save
 from ..io.files import atomic_write_json, save_tensors
-from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, config_file_dict, load_adapter
-from ..methods.lora import LoraConfig
+from ..io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_config_dict, load_adapter
+from ..methods.lora import LoraConfig, lora_state_from_factors
 from .methods import Dense, LowRank, MergeOptions, ModuleTerms, default_rank, dense_svd, get_merge_method
 
 SAVED_MODULE_RULES = ("error", "first", "merge")
@@ -201,14 +201,16 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor):
 
 # ---- merging ---------------------------------------------------------------------------------------------
 def _merge_loaded(model, names, labels, weights, method_name, method, truncate, opts, saved_modules) -> MergedAdapter:
-    for path, layer in adapter_layers(model):
+    adapted = list(adapter_layers(model))
+    for path, layer in adapted:
         if layer.merged:
             raise AdapterError(f"module {path!r} has merged adapters {layer.merged}; unmerge_adapter before merging "
                                f"adapters (their base weight is needed unmodified).")
     gen = torch.Generator().manual_seed(opts.seed)
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     kinds: dict[str, str] = {}
-    for path, layer in adapter_layers(model):
+    layers = {}
+    for path, layer in adapted:
         if not any(n in layer.adapters for n in names):
             continue
         if layer.info.conv is not None and layer.info.conv.groups > 1:
@@ -244,8 +246,16 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
             magnitude = scale * torch.linalg.norm(base_w + B @ A, dim=1)
         results[path] = (A, B, bias, magnitude)
         kinds[path] = layer.info.kind
+        layers[path] = layer
     if not results:
         raise AdapterError("the sources adapt no module of this model")
+    if any(r[3] is not None for r in results.values()):
+        # A DoRA result has a magnitude on every module. Where no source was DoRA, m = ‖W + ΔW‖_row makes the
+        # DoRA forward m ⊙ (W + ΔW) / ‖W + ΔW‖_row equal W + ΔW exactly.
+        for path, (A, B, bias, magnitude) in results.items():
+            if magnitude is None:
+                base_w = oriented_weight(layers[path].base_layer, layers[path].info).detach().float()
+                results[path] = (A, B, bias, torch.linalg.norm(base_w + B @ A, dim=1))
     configs = [adapter_state(model).configs[n] for n in names]
     config = output_config(configs, results, kinds)
     recipe = {"method": method_name, "weights": weights.tolist(), "sources": labels,
@@ -284,36 +294,31 @@ def output_config(configs, results, kinds) -> LoraConfig:
 
 
 def build_output(model, config, results, recipe, saved_state=None) -> MergedAdapter:
-    """Materialise ``results[path] = (A, B, bias, magnitude)`` as adapter tensors through the core (a temporary
-    adapter on ``model``, removed again), so files are exactly what lorakit/PEFT save and load."""
-    name = "merge_output"
-    while name in adapter_names(model):
-        name += "_"
-    plan = plan_adapter(model, config, name)
+    """Write ``results[path] = (A, B, bias, magnitude)`` (scaling 1) straight into PEFT's file layout: per module
+    the tensors a LoRA delta with ``config`` would hold there (:func:`~lorakit.methods.lora.lora_state_from_factors`,
+    on the device and in the dtype ``plan_adapter`` gives it), keys in the model's module order, and the config
+    file :func:`~lorakit.io.peft_format.save_adapter` would write. Nothing is built or attached on ``model``.
+    ``saved_state(path)``: the state of a modules_to_save entry, copied here into the host module's dtypes."""
+    host = dict(iter_host_modules(model))
+    saved = set(select_modules_to_save(model, config)) if saved_state is not None else set()
+    state: dict[str, torch.Tensor] = {}
+    infos = []
     with torch.no_grad():
-        for path, (_, _, delta) in plan.deltas.items():
-            A, B, bias, magnitude = results[path]
-            if hasattr(delta, "lora_embedding_A"):
-                delta.lora_embedding_A.copy_(A)
-                delta.lora_embedding_B.copy_(B)
-            else:  # convolutions: A (r, in·Πkernel) -> (r, in, *kernel), B (out, r) -> (out, r, 1, ...)
-                delta.lora_A.weight.copy_(A.reshape(delta.lora_A.weight.shape))
-                delta.lora_B.weight.copy_(B.reshape(delta.lora_B.weight.shape))
-                if delta.lora_B.bias is not None:
-                    delta.lora_B.bias.copy_(bias if bias is not None else torch.zeros_like(delta.lora_B.bias))
-            if magnitude is not None:
-                delta.lora_magnitude_vector.copy_(magnitude.reshape(delta.lora_magnitude_vector.shape))
-        for path, module in plan.saved.items():
-            module.load_state_dict(saved_state(path))
-    attach_plan(model, plan)
-    try:
-        state = adapter_state_dict(model, name)
-        config_dict = config_file_dict(model, name)
-    finally:
-        delete_adapter(model, name)
+        for path, base in host.items():
+            if path in results:
+                info = describe_layer(base)
+                infos.append(info)
+                device, dtype = adapter_placement(base)
+                tensors = lora_state_from_factors(info, *results[path], lora_bias=config.lora_bias)
+                for k, v in tensors.items():
+                    state[f"{PREFIX}{path}.{k}"] = v.to(device=device, dtype=dtype).contiguous()
+            elif path in saved:
+                given = saved_state(path)
+                for k, ref in base.state_dict().items():
+                    state[f"{PREFIX}{path}.{k}"] = torch.empty_like(ref).copy_(given[k])
+    config_dict = file_config_dict(model, config, infos)
     config_dict[RECIPE_FIELD] = recipe
-    return MergedAdapter(config=config, state_dict={k: v.detach() for k, v in state.items()}, recipe=recipe,
-                         config_dict=config_dict)
+    return MergedAdapter(config=config, state_dict=state, recipe=recipe, config_dict=config_dict)
 
 
 def _saved_module_state(model, names, weights, path, rule) -> dict[str, torch.Tensor]:
@@ -322,7 +327,7 @@ def _saved_module_state(model, names, weights, path, rule) -> dict[str, torch.Te
     first = having[0][1]
     identical = all(all(torch.equal(first[k], sd[k]) for k in first) for _, sd in having[1:])
     if identical or rule == "first":
-        return copy.deepcopy(first)
+        return first  # build_output copies it
     if rule == "merge":
         base = wrapper.original_module.state_dict()
         return {k: base[k] + sum(float(weights[i]) * (sd[k] - base[k]) for i, sd in having) for k in base}

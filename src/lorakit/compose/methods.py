@@ -63,6 +63,8 @@ class ModuleTerms:
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A (N, r_max, in), B (N, out, r_max), zero-padded so different ranks stack."""
         r_max = max(a.shape[0] for a in self.A)
+        if all(a.shape[0] == r_max for a in self.A):
+            return torch.stack(self.A), torch.stack(self.B)
         A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in self.A])
         B = torch.stack([torch.nn.functional.pad(b, (0, r_max - b.shape[1])) for b in self.B])
         return A, B
@@ -199,8 +201,9 @@ def _coefficients(terms: ModuleTerms, opts: MergeOptions, normalize_default: boo
 
 
 def _cat(terms: ModuleTerms, coef: torch.Tensor) -> LowRank:
-    A = torch.cat(terms.A, 0)
-    B = torch.cat([b * (c * s) for b, c, s in zip(terms.B, coef, terms.scaling)], 1)
+    A = torch.cat(terms.A, 0)  # (R, in), R = Σ r_i
+    per_unit = torch.repeat_interleave(coef * terms.scaling, torch.tensor([a.shape[0] for a in terms.A]))  # (R,)
+    B = torch.cat(terms.B, 1).mul_(per_unit.to(A.device))  # (out, R): source i's columns times w_i s_i
     bias = None if terms.bias is None else (coef[:, None] * terms.bias).sum(0)
     return LowRank(A=A, B=B, bias=bias)
 

@@ -90,12 +90,14 @@ def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (parent.base_layer if isinstance(parent, AdapterLayer) else parent), attr
 
 
-def _adapter_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
-    # Half-precision bases get float32 adapters by default (as PEFT's autocast_adapter_dtype): small
-    # matrices, better-conditioned updates, negligible memory.
-    if autocast and weight.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return weight.dtype if weight.is_floating_point() else torch.float32
+def adapter_placement(base: nn.Module, autocast: bool = True) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of the adapter tensors on ``base``: its weight's device; its dtype, except that half-precision
+    bases get float32 adapters by default (as PEFT's autocast_adapter_dtype: small matrices, better-conditioned
+    updates, negligible memory). Whole blocks (an FFN for FFN-level mixtures) have no .weight: their first parameter."""
+    ref = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else next(base.parameters())
+    if autocast and ref.dtype in (torch.float16, torch.bfloat16):
+        return ref.device, torch.float32
+    return ref.device, (ref.dtype if ref.is_floating_point() else torch.float32)
 
 
 def _check_name(name: str) -> None:
@@ -179,9 +181,8 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
                           f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
                           stacklevel=4)
         delta = method.build(base, info, config.for_module(path), path=path)
-        # Whole blocks (an FFN for FFN-level mixtures) have no .weight: follow their first parameter.
-        ref = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else next(base.parameters())
-        delta.to(device=ref.device, dtype=_adapter_dtype(ref, autocast_adapter_dtype))
+        device, dtype = adapter_placement(base, autocast_adapter_dtype)
+        delta.to(device=device, dtype=dtype)
         built[path] = (base, info, delta)
     to_save = select_modules_to_save(model, config, strict=trained is None)
     if trained is not None:

@@ -48,11 +48,17 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def config_file_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
-    config = adapter_state(model).configs[name]
+    """The ``adapter_config.json`` content of adapter ``name`` on ``model``."""
+    infos = [layer.info for _, layer in adapter_layers(model) if name in layer.adapters]
+    return file_config_dict(model, adapter_state(model).configs[name], infos)
+
+
+def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for ``config`` adapting layers described by ``infos`` (LayerInfo) on
+    ``model``, whether or not it is attached (merges write their result without attaching it)."""
     method = get_method(config)
     d = config.to_dict()
     if method.file_fields is not None:
-        infos = [layer.info for _, layer in adapter_layers(model) if name in layer.adapters]
         d.update(method.file_fields(config, infos))
     if method.peft_type is not None:
         d["peft_type"] = method.peft_type

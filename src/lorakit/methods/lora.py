@@ -300,6 +300,27 @@ def build_lora(base_layer: nn.Module, info: LayerInfo, config: LoraConfig, path:
     return _DELTAS[(info.kind, config.use_dora)](info, config, base_layer)
 
 
+def lora_state_from_factors(info: LayerInfo, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                            magnitude: torch.Tensor | None = None, *, lora_bias: bool = False) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` a LoRA delta on a layer described by ``info`` holds for factors with scaling 1 (the
+    delta's own param names and shapes; what ``units()`` reads back): ``A`` (r, in·Πkernel), ``B`` (out, r),
+    ``bias`` (out,) or None (zeros when ``lora_bias``), DoRA ``magnitude`` (out,) or None. Writes a merged
+    adapter's file without building the delta; dtype and device are left to the caller."""
+    if info.kind == "embedding":  # (r, num_embeddings), (dim, r), DoRA (dim,): all direct parameters, in this order
+        out = {"lora_embedding_A": A, "lora_embedding_B": B}
+        return out if magnitude is None else {**out, "lora_magnitude_vector": magnitude}
+    out = {}
+    if magnitude is not None:  # DoRA (out,), a convolution's (1, out, 1, ...): a direct parameter, saved first
+        out["lora_magnitude_vector"] = magnitude.reshape(1, -1, *(1,) * info.conv.dims) if info.kind == "conv" else magnitude
+    if info.kind == "conv":  # A (r, in·Πk) -> (r, in, *kernel), B (out, r) -> (out, r, 1, ...); groups == 1
+        A = A.reshape(A.shape[0], info.in_features, *info.conv.kernel_size)
+        B = B.reshape(*B.shape, *(1,) * info.conv.dims)
+    out.update({"lora_A.weight": A, "lora_B.weight": B})
+    if lora_bias:
+        out["lora_B.bias"] = bias if bias is not None else B.new_zeros(B.shape[0])
+    return out
+
+
 def lora_file_fields(config: LoraConfig, layers: list[LayerInfo]) -> dict[str, Any]:
     """PEFT fields derived from the adapted layers rather than set by the user."""
     return {"fan_in_fan_out": any(i.fan_in_fan_out and i.kind == "linear" for i in layers), "bias": "none",
