@@ -52,6 +52,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
+    parser.add_argument("--repeats", type=int, default=None, help="merge: interleaved timing repeats of the speed rows")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="merge: pool saved merge.json results (e.g. one per seed, and a speed-only run) into "
+                             "one report instead of running")
     parser.add_argument("--procedures", nargs="+", default=None,
                         help="methods: also train LoRA with these training procedures (rows lora+NAME)")
     parser.add_argument("--full-finetune", action="store_true", default=None,
@@ -86,10 +90,13 @@ def main(argv: Sequence[str]) -> int:
         markdown = mixtures.mixtures_markdown(result)
     elif args.what == "merge":
         from . import merge
-        profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
-                            tasks=args.tasks, experiments=args.experiments)
         out.mkdir(parents=True, exist_ok=True)
-        result = merge.run_merge(profile, partial=out / "merge.partial.json")
+        if args.combine:
+            result = merge.combine_results([json.loads(Path(p).read_text()) for p in args.combine])
+        else:
+            profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
+                                tasks=args.tasks, experiments=args.experiments, speed_repeats=args.repeats)
+            result = merge.run_merge(profile, partial=out / "merge.partial.json")
         markdown = merge.merge_markdown(result)
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "serve":

@@ -244,6 +244,54 @@ def run_merge(profile: MergeProfile, partial: Path | None = None, workdir: str |
     return result
 
 
+# The profile fields that must agree for runs to be pooled (seeds, experiments and the speed repeats may differ).
+_POOLED_PROFILE = ("tasks", "task_steps", "multitask_steps", "batch_size", "lr", "train_examples", "eval_examples",
+                   "merges")
+_RESULT_KEYS = {"profile", "seeds_done", "before", "quality", "collapse", "speed", "command", "machine", "plots",
+                "wall_time_s", "combined_from"}
+
+
+def combine_results(results: list[dict]) -> dict:
+    """One result from saved runs of the same profile — e.g. one run per seed (``--seeds 2``) and a speed-only run
+    (``--experiments speed``): quality and collapse runs pooled by seed (a later file's seed replaces an earlier
+    one's) and re-summarised, speed rows from the last file that has them. Keys a file carries beyond the bench's
+    own (notes such as ``reran_with_weights_1``) are kept from the first file that has them. Raises ConfigError
+    when the files' profiles differ in what makes runs comparable (tasks, steps, examples, merges)."""
+    from ..core.errors import ConfigError
+
+    if not results:
+        raise ConfigError("combine needs at least one result file")
+    first = results[0]["profile"]
+    for r in results[1:]:
+        differ = [k for k in _POOLED_PROFILE if k in r["profile"] and r["profile"][k] != first[k]]
+        if differ and ("quality" in r or "collapse" in r):
+            raise ConfigError(f"cannot pool runs whose profiles differ in {differ}: the seeds would not be comparable")
+    out: dict = {"profile": dict(first), "seeds_done": [], "combined_from": []}
+    for part in ("quality", "collapse"):
+        runs: dict[int, list[dict]] = {}
+        for r in results:
+            for seed in {run["seed"] for run in r.get(part, {}).get("runs", [])}:
+                runs[seed] = [run for run in r[part]["runs"] if run["seed"] == seed]
+        if runs:
+            pooled = [run for seed in sorted(runs) for run in runs[seed]]
+            out[part] = {"runs": pooled, "table": summarise(pooled)}
+            out["seeds_done"] = sorted(set(out["seeds_done"]) | set(runs))
+    out["profile"]["seeds"] = out["seeds_done"]
+    for r in results:
+        out["combined_from"].append({"command": r.get("command"), "seeds": r.get("seeds_done"),
+                                     "parts": [k for k in ("quality", "collapse", "speed") if k in r]})
+        if "speed" in r:
+            out["speed"] = r["speed"]
+            out["profile"].update({k: r["profile"][k] for k in ("speed_adapters", "speed_repeats", "speed_model")})
+        for k in ("before", "machine"):
+            if k in r:
+                out.setdefault(k, r[k])
+        for k, v in r.items():
+            if k not in _RESULT_KEYS:
+                out.setdefault(k, v)
+    return out
+
+
 def report(result: dict, out: Path, command: str) -> None:
     """Write merge.json / merge.md / merge.png from a (possibly partial) result."""
     from .cli import _write
