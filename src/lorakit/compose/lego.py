@@ -40,7 +40,7 @@ REWEIGHTINGS = ("dual", "parameter", "output", "none")
 def canonical_units(terms: ModuleTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """The pool of MSUs as (U_a (R, in), U_b (R, out)), balanced and sign-fixed; Σ_j b_j a_jᵀ = Σ_i w_i ΔW_i."""
     A = torch.cat(terms.A, 0)  # (R, in)
-    coef = torch.cat([torch.full((a.shape[0],), float(w * s)) for a, w, s in zip(terms.A, terms.weights, terms.scaling)])
+    coef = torch.repeat_interleave(terms.weights * terms.scaling, torch.tensor([a.shape[0] for a in terms.A]))  # (R,)
     B = torch.cat(terms.B, 1).T * coef[:, None]  # (R, out)
     na, nb = A.norm(dim=1), B.norm(dim=1)
     t = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
