@@ -143,6 +143,14 @@ class IncreLoraLinear(Delta):
             cached = self._mirror_key = (key, (k, finished, idx < k, pinned))
         return cached[1]
 
+    def _live_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``diag(e) A`` (n, in) and ``B`` (out, n) over the n = k (+ reserves while growing) units that can be
+        non-zero: the units past them have e = 0, so leaving them out changes no value and spares their share of
+        every matmul (their gradient is the same exact zero)."""
+        k, finished, keep, pinned = self._state()
+        n = min(k + (self.reserve if self.advance_learn and not finished else 0), self.capacity)
+        return self.lora_A[:n] * torch.where(keep[:n], self.lora_E[:n], pinned[:n]), self.lora_B[:, :n]
+
     def reserve_on(self) -> bool:
         return self.advance_learn and not self._state()[1]
 
@@ -157,11 +165,11 @@ class IncreLoraLinear(Delta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.dtype))
-        A = self.lora_A * self.effective_e()  # (C, in)
+        A, B = self._live_factors()  # (n, in), (out, n)
         if self._scoring():
-            P = self._scored_product(A)  # (out, in): ΔW / scaling; its gradient is the importance signal
+            P = self._scored_product(A, B)  # (out, in): ΔW / scaling; its gradient is the importance signal
             return F.linear(x, P * self.scaling).to(base_out.dtype)
-        return (F.linear(F.linear(x, A), self.lora_B) * self.scaling).to(base_out.dtype)
+        return (F.linear(F.linear(x, A), B) * self.scaling).to(base_out.dtype)
 
     def _scoring(self) -> bool:
         return self.training and torch.is_grad_enabled() and not self._state()[1]
@@ -174,15 +182,15 @@ class IncreLoraLinear(Delta):
         if (not self._scoring() or type(base_layer) is not nn.Linear or not isinstance(self.lora_dropout, nn.Identity)
                 or base_layer.weight.dtype != x.dtype or self.lora_A.dtype != x.dtype):
             return None
-        P = self._scored_product(self.lora_A * self.effective_e())  # (out, in)
+        P = self._scored_product(*self._live_factors())  # (out, in)
         return F.linear(x, torch.add(base_layer.weight, P, alpha=self.scaling), base_layer.bias)
 
-    def _scored_product(self, A: torch.Tensor) -> torch.Tensor:
+    def _scored_product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``P = B diag(e) A`` (out, in) with a hook that sets ``score`` from its gradient in the backward.
 
         SVDLinear.backward_hook scores ``Σ|ΔW ⊙ ∂L/∂ΔW| / √numel`` with ΔW = s·P. As ∂L/∂P = s·∂L/∂ΔW, that is
         ``Σ|P ⊙ ∂L/∂P| / √numel``: the same number without a separate scaled copy of ΔW in the graph."""
-        P = self.lora_B @ A
+        P = B @ A
         p, root = P.detach(), math.sqrt(P.numel())
 
         def hook(grad: torch.Tensor) -> None:  # one fused |·| reduction; no host sync
