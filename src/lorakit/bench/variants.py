@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -44,7 +45,66 @@ QUICK = VariantsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=
 FULL = VariantsProfile()
 
 
-def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
+def run_variants(profile: VariantsProfile, progress: bool = False, previous: Sequence[dict] = ()) -> dict:
+    """Train and score every method on every seed of ``profile``. ``previous``: results of earlier runs of the same
+    profile (``variants.json``, any seeds); their seeds in ``profile.seeds`` are read back instead of rerun, so a
+    long run can go seed by seed, each in its own process, and be combined (mean ± sd over all seeds). Raises
+    ConfigError when a previous result ran other options (see ``_previous_seeds``)."""
+    from dataclasses import replace
+
+    done = _previous_seeds(profile, previous)
+    todo = tuple(s for s in profile.seeds if s not in done)
+    parts = [_seed_part(rec, seed) for seed, rec in done.items()]
+    if todo:
+        parts.append(_run_seeds(replace(profile, seeds=todo), progress))
+    result = {"profile": asdict(profile), "before": parts[0]["before"], "resumed_seeds": sorted(done)}
+    order = {s: i for i, s in enumerate(profile.seeds)}
+    methods = list(profile.methods)
+    for key in _RECORD_KEYS:
+        records = [r for part in parts for r in part[key]]
+        if key == "runs":  # the table's method order, then seeds
+            records.sort(key=lambda r: (methods.index(r["method"]), order[r["seed"]]))
+        else:  # stable: each seed keeps its own order (ranks, steps)
+            records.sort(key=lambda r: order[r["seed"]])
+        result[key] = records
+    result["table"] = summarise(result["runs"])
+    return result
+
+
+_RECORD_KEYS = ("runs", "dylora_ranks", "lora_ranks", "sora_ranks", "increlora_history")
+
+
+def _seed_part(result: dict, seed: int) -> dict:
+    return {"before": result["before"], **{k: [r for r in result.get(k, []) if r["seed"] == seed] for k in _RECORD_KEYS}}
+
+
+def _previous_seeds(profile: VariantsProfile, previous: Sequence[dict]) -> dict[int, dict]:
+    """seed -> the earlier result holding it, for the seeds of ``profile`` found in ``previous`` (the first result
+    naming a seed wins). Raises ConfigError when an earlier result ran another profile (any field but the seeds),
+    or scored the base model differently before training (another eval set or base)."""
+    from ..core.errors import ConfigError
+
+    want = {k: v for k, v in asdict(profile).items() if k != "seeds"}
+    done: dict[int, dict] = {}
+    befores: list[float] = []
+    for i, res in enumerate(previous):
+        have = {k: tuple(v) if isinstance(v, list) else v for k, v in res.get("profile", {}).items() if k != "seeds"}
+        differ = sorted(k for k in want if have.get(k) != want[k])
+        if differ:
+            raise ConfigError("bench variants --resume: previous result {} ran other options ({}); resume with the "
+                              "same options, only --seeds may differ".format(
+                                  i, ", ".join(f"{k}={have.get(k)!r}, here {want[k]!r}" for k in differ)))
+        if befores and abs(befores[0] - res["before"]) > 1e-9:
+            raise ConfigError(f"bench variants --resume: previous result {i} scored the base model {res['before']} "
+                              f"before training, an earlier one {befores[0]}: not the same base or eval set")
+        befores.append(res["before"])
+        for seed in res["profile"]["seeds"]:
+            if seed in profile.seeds and seed not in done:
+                done[seed] = res
+    return done
+
+
+def _run_seeds(profile: VariantsProfile, progress: bool = False) -> dict:
     import lorakit as lk
     from ..data import evaluate_examples, load_examples
     from ..hub import load_model_and_tokenizer
