@@ -31,7 +31,15 @@ Where lorakit differs, and why:
 - The official allocator adds ranks to every module whose score reaches the k-th largest and can overshoot the
   budget, after which it never switches reserves off; here growth stops once the total reaches the budget.
 - While growing, ΔW is materialised in the forward (as the official code always does) to read ∂L/∂ΔW; once
-  the budget is spent the forward is the factored two-GEMM one.
+  the budget is spent the forward is the factored two-GEMM one. The score must see ∂L/∂ΔW itself, not the
+  factors' gradients: ``backward_hook`` (increlora.py:72-82) is a full backward hook on ``loraW``, whose output
+  is ΔW, and sums ``|ΔW| · |grad_output[0]|`` elementwise; with the abs inside the sum it does not factor
+  through A and B, so the out×in gradient ``Gᵀ X`` is the one unavoidable extra matmul of a scoring step.
+  It is taken on ``P = B diag(e) A`` (``Σ|P ⊙ ∂L/∂P| = Σ|ΔW ⊙ ∂L/∂ΔW|`` since ΔW = s·P), and P is added
+  to the base weight (``W + s·P``, one input-gradient matmul instead of two).
+- Scoring steps cost nothing per module in Python beyond the forward: the EMAs of all modules update with
+  ``torch._foreach_*`` ops, the orthogonality penalty is one masked batched Gram matrix per factor width, and
+  ranks/masks are Python copies of the buffers refreshed only when a buffer changes.
 All allocator state (active ranks, the EMAs, whether growth is over) lives in per-module buffers saved with
 the adapter, so a checkpoint resumes exactly.
 """
