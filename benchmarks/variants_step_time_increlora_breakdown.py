@@ -1,5 +1,7 @@
-# Run: PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/variants_step_time_increlora_breakdown.py ROUNDS OUT.json
-"""Where IncreLoRA's extra step time goes: interleaved CPU-time ratios vs LoRA of ablated setups (same bench batch)."""
+"""Where IncreLoRA's extra step time goes: interleaved CPU-time ratios vs LoRA of ablated setups (same bench batch).
+
+Run: PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/variants_step_time_increlora_breakdown.py ROUNDS OUT.json
+"""
 import copy, time, sys, statistics, json, torch
 import lorakit as lk
 from lorakit.core.model import adapter_state
