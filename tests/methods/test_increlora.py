@@ -201,3 +201,10 @@ def test_increlora_loaded_state_drives_the_forward():
         torch.testing.assert_close(a.delta_weight(), b.delta_weight())
         torch.testing.assert_close(a.effective_e(), b.effective_e())
         assert a.scaling == b.scaling
+
+
+def test_increlora_no_orth_penalty_at_zero_weight():
+    """reg_orth = 0 computes nothing (the official trainer adds the penalty only when reg_orth_coef > 0,
+    NLU/src/transformers/trainer.py:1527): the term is an exact 0 outside the graph."""
+    loss = increlora_extra_loss(_model(reg_orth=0.0), "default")
+    assert float(loss) == 0.0 and not loss.requires_grad
