@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import lorakit as lk
@@ -154,3 +155,56 @@ def test_increlora_trains_and_grows_in_the_loop(ids):
     model = _model(init_warmup=1, incre_interval=2)
     train_with_hooks(model, ids, 4)
     assert sum(rank_pattern(model, "default").values()) > 2 * len(_deltas(model))
+
+
+def test_increlora_score_ema_matches_official_update_ipt():
+    """The per-step smoothing over all modules equals RankAllocator.update_ipt (loralib/loralib/increlora.py:260-277,
+    FeiyuZhang98/IncreLoRA) applied module by module, and the growth picks calculate_score's top modules (:285, :305)."""
+    beta1, beta2 = 0.85, 0.7
+    model = _model(init_warmup=4, incre_interval=5, top_h=2, beta1=beta1, beta2=beta2)
+    deltas = _deltas(model)
+    ipt, unc = [0] * len(deltas), [0] * len(deltas)  # :263-266, both start at 0
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        # layer.score as SVDLinear.backward_hook leaves it (:82): a float32 0-d tensor, so the official EMAs are too
+        scores = list(torch.rand(len(deltas), generator=gen))
+        for d, s in zip(deltas, scores):
+            d.score.copy_(s)
+        for i, s in enumerate(scores):
+            ipt[i] = beta1 * ipt[i] + (1 - beta1) * s  # :273-274
+            unc[i] = beta2 * unc[i] + (1 - beta2) * (s - ipt[i]).abs()  # :276-277, around the updated ipt
+        increlora_on_step(model, "default", step, 100)
+        for i, d in enumerate(deltas):  # float32 rounding apart (one fused multiply-add here, two roundings there)
+            torch.testing.assert_close(d.exp_avg_ipt, ipt[i], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(d.exp_avg_unc, unc[i], rtol=1e-6, atol=1e-9)
+    # step 5 > init_warmup and 5 % incre_interval == 0: the two largest ipt · unc grew by incre_rank_num = 1
+    importance = [float(a * b) for a, b in zip(ipt, unc)]
+    top = sorted(range(len(deltas)), key=lambda i: -importance[i])[:2]
+    assert [int(d.ranknum) for d in deltas] == [3 if i in top else 2 for i in range(len(deltas))]
+
+
+def test_increlora_loaded_state_drives_the_forward():
+    """Ranks grown in one model and loaded into a fresh one (whose forward already ran at the initial ranks) set
+    its ΔW, scaling and reserves: the cached masks follow the loaded buffers (resume stays exact)."""
+    grown = _model()
+    increlora_on_step_grow(grown, {0: 5.0, 2: 4.0})
+    with torch.no_grad():
+        for d in _deltas(grown):
+            d.lora_E.normal_()
+    fresh = _model()
+    x = torch.randn(2, 5, 32)
+    fresh.eval()
+    fresh.model.layers[0].self_attn.q_proj(x)  # builds the cache at the initial ranks
+    fresh.load_state_dict(grown.state_dict())
+    assert rank_pattern(fresh, "default") == rank_pattern(grown, "default")
+    for a, b in zip(_deltas(fresh), _deltas(grown)):
+        torch.testing.assert_close(a.delta_weight(), b.delta_weight())
+        torch.testing.assert_close(a.effective_e(), b.effective_e())
+        assert a.scaling == b.scaling
+
+
+def test_increlora_no_orth_penalty_at_zero_weight():
+    """reg_orth = 0 computes nothing (the official trainer adds the penalty only when reg_orth_coef > 0,
+    NLU/src/transformers/trainer.py:1527): the term is an exact 0 outside the graph."""
+    loss = increlora_extra_loss(_model(reg_orth=0.0), "default")
+    assert float(loss) == 0.0 and not loss.requires_grad

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..core.errors import ConfigError
 from ..io.files import atomic_write_bytes, atomic_write_json
 
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str]) -> int:
                         help="variants, reparam: only the interleaved training-step-time ratios (variants_step_time.*, "
                              "reparam_step_time_b<batch>.*)")
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
+    parser.add_argument("--resume", nargs="*", default=None, metavar="JSON",
+                        help="variants: read back the seeds already in OUTPUT/variants.json and in these result files "
+                             "(earlier runs with the same options, e.g. one seed each) and run only the missing seeds")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="merge: interleaved timing repeats of the speed rows")
@@ -145,7 +149,18 @@ def main(argv: Sequence[str]) -> int:
             result = variants.run_step_times(profile)
             markdown = variants.step_times_markdown(result)
         else:
-            result = variants.run_variants(profile)
+            previous = []
+            if args.resume is not None:
+                files = [out / "variants.json"] if (out / "variants.json").exists() else []
+                files += [Path(f) for f in args.resume]
+                missing = [str(f) for f in files if not f.is_file()]
+                if missing:
+                    parser.error(f"--resume: no such result file(s): {missing}")
+                previous = [json.loads(f.read_text()) for f in files]
+            try:
+                result = variants.run_variants(profile, previous=previous)
+            except ConfigError as e:  # a previous result from other options
+                parser.error(str(e))
             markdown = variants.variants_markdown(result)
             out.mkdir(parents=True, exist_ok=True)
             result["plots"] = [str(p) for p in variants.plot_variants(result, out)]

@@ -13,10 +13,12 @@ One run gives, on the same tasks, data, steps and seeds:
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -44,7 +46,66 @@ QUICK = VariantsProfile(steps=3, batch_size=4, train_examples=20, eval_examples=
 FULL = VariantsProfile()
 
 
-def run_variants(profile: VariantsProfile, progress: bool = False) -> dict:
+def run_variants(profile: VariantsProfile, progress: bool = False, previous: Sequence[dict] = ()) -> dict:
+    """Train and score every method on every seed of ``profile``. ``previous``: results of earlier runs of the same
+    profile (``variants.json``, any seeds); their seeds in ``profile.seeds`` are read back instead of rerun, so a
+    long run can go seed by seed, each in its own process, and be combined (mean ± sd over all seeds). Raises
+    ConfigError when a previous result ran other options (see ``_previous_seeds``)."""
+    from dataclasses import replace
+
+    done = _previous_seeds(profile, previous)
+    todo = tuple(s for s in profile.seeds if s not in done)
+    parts = [_seed_part(rec, seed) for seed, rec in done.items()]
+    if todo:
+        parts.append(_run_seeds(replace(profile, seeds=todo), progress))
+    result = {"profile": asdict(profile), "before": parts[0]["before"], "resumed_seeds": sorted(done)}
+    order = {s: i for i, s in enumerate(profile.seeds)}
+    methods = list(profile.methods)
+    for key in _RECORD_KEYS:
+        records = [r for part in parts for r in part[key]]
+        if key == "runs":  # the table's method order, then seeds
+            records.sort(key=lambda r: (methods.index(r["method"]), order[r["seed"]]))
+        else:  # stable: each seed keeps its own order (ranks, steps)
+            records.sort(key=lambda r: order[r["seed"]])
+        result[key] = records
+    result["table"] = summarise(result["runs"])
+    return result
+
+
+_RECORD_KEYS = ("runs", "dylora_ranks", "lora_ranks", "sora_ranks", "increlora_history")
+
+
+def _seed_part(result: dict, seed: int) -> dict:
+    return {"before": result["before"], **{k: [r for r in result.get(k, []) if r["seed"] == seed] for k in _RECORD_KEYS}}
+
+
+def _previous_seeds(profile: VariantsProfile, previous: Sequence[dict]) -> dict[int, dict]:
+    """seed -> the earlier result holding it, for the seeds of ``profile`` found in ``previous`` (the first result
+    naming a seed wins). Raises ConfigError when an earlier result ran another profile (any field but the seeds),
+    or scored the base model differently before training (another eval set or base)."""
+    from ..core.errors import ConfigError
+
+    want = {k: v for k, v in asdict(profile).items() if k != "seeds"}
+    done: dict[int, dict] = {}
+    befores: list[float] = []
+    for i, res in enumerate(previous):
+        have = {k: tuple(v) if isinstance(v, list) else v for k, v in res.get("profile", {}).items() if k != "seeds"}
+        differ = sorted(k for k in want if have.get(k) != want[k])
+        if differ:
+            raise ConfigError("bench variants --resume: previous result {} ran other options ({}); resume with the "
+                              "same options, only --seeds may differ".format(
+                                  i, ", ".join(f"{k}={have.get(k)!r}, here {want[k]!r}" for k in differ)))
+        if befores and abs(befores[0] - res["before"]) > 1e-9:
+            raise ConfigError(f"bench variants --resume: previous result {i} scored the base model {res['before']} "
+                              f"before training, an earlier one {befores[0]}: not the same base or eval set")
+        befores.append(res["before"])
+        for seed in res["profile"]["seeds"]:
+            if seed in profile.seeds and seed not in done:
+                done[seed] = res
+    return done
+
+
+def _run_seeds(profile: VariantsProfile, progress: bool = False) -> dict:
     import lorakit as lk
     from ..data import evaluate_examples, load_examples
     from ..hub import load_model_and_tokenizer
@@ -179,8 +240,8 @@ def variants_markdown(result: dict) -> str:
         lines += ["", f"SoRA seed {rec['seed']}: live ranks per module (of {p['r']}): total "
                   f"{sum(ranks.values())} / {p['r'] * len(ranks)}, pruned plain-LoRA parameters {rec['live_params']:,}; "
                   f"histogram {dict(sorted(_hist(ranks.values()).items()))}"]
-    if result.get("increlora_history"):
-        last = result["increlora_history"][-1]
+    finals = {h["seed"]: h for h in result.get("increlora_history") or []}  # each seed's last record
+    for last in finals.values():
         ranks = last["ranks"]
         lines += ["", f"IncreLoRA seed {last['seed']}: final ranks per module at step {last['step']}: total "
                   f"{sum(ranks.values())} (budget: target_rank × {len(ranks)} modules), exported plain-LoRA parameters "
@@ -257,9 +318,11 @@ def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: i
 
     configs = {name: _config_for(lk.get_method(name), BENCH_VARIANT.get(name, next(iter(lk.get_method(name).variants))),
                                  profile.r) for name in profile.methods}
+    load_before = list(os.getloadavg())
     rows = interleaved_step_times(configs, profile.tasks, profile.batch_size, profile.lr, profile.steps, rounds,
                                   steps_per_round)
-    return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows}
+    return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows,
+            "load_average": [load_before, list(os.getloadavg())]}
 
 
 def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float, total_steps: int, rounds: int = 6,
@@ -267,7 +330,8 @@ def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float
     """Every round times ``steps_per_round`` optimizer steps (forward, backward, AdamW, the method's hooks) of every
     contender (name -> adapter config, on the bundled model) in turn on the same batch, so machine load drifting
     during the run hits all alike. Rows: median s/step and, with a ``"lora"`` contender, ratio = median over rounds
-    of (contender's time / LoRA's time in that round)."""
+    of (contender's time / LoRA's time in that round); the same for the process's CPU time (``cpu_*``), which on a
+    machine shared by more runnable processes than cores leaves out the time spent waiting for a core."""
     import lorakit as lk
     from ..core.model import adapter_state
     from ..data import CausalLMCollator, TokenizedDataset, load_examples
@@ -288,9 +352,9 @@ def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float
         optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=lr))
         setups[name] = (model, optimizer, lk.get_method(adapter_state(model).configs["default"]))
 
-    def steps(name: str, first: int) -> float:
+    def steps(name: str, first: int) -> tuple[float, float]:
         model, optimizer, method = setups[name]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for step in range(first, first + steps_per_round):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             if method.extra_loss is not None:
@@ -301,20 +365,23 @@ def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float
             if method.on_step is not None:
                 method.on_step(model, "default", step, total_steps)
                 lk.refresh_trainable(model)
-        return (time.perf_counter() - t0) / steps_per_round
+        return (time.perf_counter() - t0) / steps_per_round, (time.process_time() - c0) / steps_per_round
 
     for name in setups:  # warm-up round, not timed
         steps(name, 1)
-    times = {name: [] for name in setups}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
     for k in range(rounds):
         for name in setups:
             times[name].append(steps(name, 1 + (k + 1) * steps_per_round))
     ref = times.get("lora")
     rows = []
     for name, ts in times.items():
-        row = {"method": name, "s_per_step_median": statistics.median(ts)}
+        row = {"method": name, "s_per_step_median": statistics.median(w for w, _ in ts),
+               "cpu_s_per_step_median": statistics.median(c for _, c in ts)}
         if ref:
-            row["ratio_vs_lora"] = statistics.median(t / r for t, r in zip(ts, ref))
+            row["ratio_vs_lora"] = statistics.median(t[0] / r[0] for t, r in zip(ts, ref))
+            row["cpu_ratio_vs_lora"] = statistics.median(t[1] / r[1] for t, r in zip(ts, ref))
+            row["round_ratios"] = [round(t[0] / r[0], 4) for t, r in zip(ts, ref)]
         rows.append(row)
     return rows
 
@@ -323,8 +390,16 @@ def step_times_markdown(result: dict) -> str:
     p = result["profile"]
     lines = [f"Training step time vs LoRA, interleaved ({result['rounds']} rounds × {result['steps_per_round']} steps per "
              f"method, batch {p['batch_size']}, r={p['r']} all-linear, tasks `{p['tasks']}`; ratio = median over rounds "
-             "of method time / LoRA time in the same round).", "",
-             "| method | s/step (median) | step time × LoRA |", "|---|---|---|"]
+             "of method time / LoRA time in the same round; CPU: the same with the process's CPU time, which leaves "
+             "out waiting for a core on a loaded machine).", "",
+             "| method | s/step (median) | step time × LoRA | CPU s/step (median) | CPU time × LoRA |",
+             "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['s_per_step_median']:.3f} | {r.get('ratio_vs_lora', 1):.2f}× |")
+        cpu = (f"{r['cpu_s_per_step_median']:.3f} | {r.get('cpu_ratio_vs_lora', 1):.2f}×"
+               if "cpu_s_per_step_median" in r else "– | –")  # rows recorded before CPU time was kept
+        lines.append(f"| {r['method']} | {r['s_per_step_median']:.3f} | {r.get('ratio_vs_lora', 1):.2f}× | {cpu} |")
+    if result.get("load_average"):
+        before, after = result["load_average"]
+        lines += ["", f"Machine load (1/5/15-min load average, {os.cpu_count()} cores) before the run: "
+                  f"{' / '.join(f'{x:.1f}' for x in before)}; after: {' / '.join(f'{x:.1f}' for x in after)}."]
     return "\n".join(lines) + "\n"

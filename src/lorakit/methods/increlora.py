@@ -31,7 +31,15 @@ Where lorakit differs, and why:
 - The official allocator adds ranks to every module whose score reaches the k-th largest and can overshoot the
   budget, after which it never switches reserves off; here growth stops once the total reaches the budget.
 - While growing, ΔW is materialised in the forward (as the official code always does) to read ∂L/∂ΔW; once
-  the budget is spent the forward is the factored two-GEMM one.
+  the budget is spent the forward is the factored two-GEMM one. The score must see ∂L/∂ΔW itself, not the
+  factors' gradients: ``backward_hook`` (increlora.py:72-82) is a full backward hook on ``loraW``, whose output
+  is ΔW, and sums ``|ΔW| · |grad_output[0]|`` elementwise; with the abs inside the sum it does not factor
+  through A and B, so the out×in gradient ``Gᵀ X`` is the one unavoidable extra matmul of a scoring step.
+  It is taken on ``P = B diag(e) A`` (``Σ|P ⊙ ∂L/∂P| = Σ|ΔW ⊙ ∂L/∂ΔW|`` since ΔW = s·P), and P is added
+  to the base weight (``W + s·P``, one input-gradient matmul instead of two).
+- Scoring steps cost nothing per module in Python beyond the forward: the EMAs of all modules update with
+  ``torch._foreach_*`` ops, the orthogonality penalty is one masked batched Gram matrix per factor width, and
+  ranks/masks are Python copies of the buffers refreshed only when a buffer changes.
 All allocator state (active ranks, the EMAs, whether growth is over) lives in per-module buffers saved with
 the adapter, so a checkpoint resumes exactly.
 """
@@ -125,50 +133,79 @@ class IncreLoraLinear(Delta):
         self.register_buffer("exp_avg_ipt", torch.zeros((), dtype=torch.float64))
         self.register_buffer("exp_avg_unc", torch.zeros((), dtype=torch.float64))
         self.register_buffer("score", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._mirror_key: tuple | None = None
+
+    def _state(self) -> tuple[int, bool, torch.Tensor, torch.Tensor]:
+        """(k, finished, keep (C, 1) bool, pinned (C, 1)): Python copies of the ``ranknum`` / ``finished`` buffers and
+        the masks of ``effective_e``, rebuilt only when a buffer changed. In-place updates, ``load_state_dict`` and
+        ``.to()`` all bump a buffer's ``_version`` or replace it, so the forward reads no tensor value (no host
+        sync on an accelerator) and builds no masks on the steps in between."""
+        r, f, e = self.ranknum, self.finished, self.lora_E
+        key = (r, r._version, f, f._version, e.device, e.dtype)
+        cached = self._mirror_key
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(cached[0], key)):
+            k, finished = int(r), bool(f)
+            idx = torch.arange(self.capacity, device=e.device)[:, None]  # (C, 1)
+            pinned_value = RESERVE_E if self.advance_learn and not finished else 0.0
+            pinned = torch.where(idx < k + self.reserve, pinned_value, 0.0).to(e.dtype)
+            cached = self._mirror_key = (key, (k, finished, idx < k, pinned))
+        return cached[1]
+
+    def _live_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``diag(e) A`` (n, in) and ``B`` (out, n) over the n = k (+ reserves while growing) units that can be
+        non-zero: the units past them have e = 0, so leaving them out changes no value and spares their share of
+        every matmul (their gradient is the same exact zero)."""
+        k, finished, keep, pinned = self._state()
+        n = min(k + (self.reserve if self.advance_learn and not finished else 0), self.capacity)
+        return self.lora_A[:n] * torch.where(keep[:n], self.lora_E[:n], pinned[:n]), self.lora_B[:, :n]
 
     def reserve_on(self) -> bool:
-        return self.advance_learn and not bool(self.finished)
+        return self.advance_learn and not self._state()[1]
 
     def effective_e(self) -> torch.Tensor:
         """(C, 1): trained e for the k active units, 1e-5 (constant) for reserves, 0 beyond."""
-        k = int(self.ranknum)
-        idx = torch.arange(self.capacity, device=self.lora_E.device)[:, None]
-        pinned = RESERVE_E if self.reserve_on() else 0.0
-        reserve = torch.where(idx < k + self.reserve, torch.full_like(self.lora_E, pinned), torch.zeros_like(self.lora_E))
-        return torch.where(idx < k, self.lora_E, reserve)
+        _, _, keep, pinned = self._state()
+        return torch.where(keep, self.lora_E, pinned)
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (int(self.ranknum) + 1e-5)
+        return self.lora_alpha / (self._state()[0] + 1e-5)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.dtype))
-        A = self.lora_A * self.effective_e()  # (C, in)
+        A, B = self._live_factors()  # (n, in), (out, n)
         if self._scoring():
-            dw = (self.lora_B @ A) * self.scaling  # (out, in): its gradient is the importance signal
-            dw.register_hook(self._score_hook(dw.detach()))
-            return F.linear(x, dw).to(base_out.dtype)
-        return (F.linear(F.linear(x, A), self.lora_B) * self.scaling).to(base_out.dtype)
+            P = self._scored_product(A, B)  # (out, in): ΔW / scaling; its gradient is the importance signal
+            return F.linear(x, P * self.scaling).to(base_out.dtype)
+        return (F.linear(F.linear(x, A), B) * self.scaling).to(base_out.dtype)
 
     def _scoring(self) -> bool:
-        return self.training and torch.is_grad_enabled() and not bool(self.finished)
+        return self.training and torch.is_grad_enabled() and not self._state()[1]
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
-        """While scoring, ``x (W + ΔW)ᵀ + b`` in one matmul with the hook on ΔW: the official code materialises
-        ΔW anyway for its gradient (the importance signal), and adding it to W spares the second full-size matmul
-        of the input gradient. Declines (the separate path runs) with dropout, a non-``nn.Linear`` base or
-        mismatched dtypes, and once growth is over (then the factored path is cheaper)."""
+        """While scoring, ``x (W + ΔW)ᵀ + b`` in one matmul with the score hook on ΔW's product: the official code
+        materialises ΔW anyway for its gradient (the importance signal), and adding it to W spares the second
+        full-size matmul of the input gradient. Declines (the separate path runs) with dropout, a non-``nn.Linear``
+        base or mismatched dtypes, and once growth is over (then the factored path is cheaper)."""
         if (not self._scoring() or type(base_layer) is not nn.Linear or not isinstance(self.lora_dropout, nn.Identity)
                 or base_layer.weight.dtype != x.dtype or self.lora_A.dtype != x.dtype):
             return None
-        dw = (self.lora_B @ (self.lora_A * self.effective_e())) * self.scaling  # (out, in)
-        dw.register_hook(self._score_hook(dw.detach()))
-        return F.linear(x, base_layer.weight + dw, base_layer.bias)
+        P = self._scored_product(*self._live_factors())  # (out, in)
+        return F.linear(x, torch.add(base_layer.weight, P, alpha=self.scaling), base_layer.bias)
 
-    def _score_hook(self, dw: torch.Tensor):
-        def hook(grad: torch.Tensor) -> None:  # SVDLinear.backward_hook: Σ|ΔW ⊙ G| / √numel
-            self.score.fill_(float((dw * grad).abs().sum()) / math.sqrt(dw.numel()))
-        return hook
+    def _scored_product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``P = B diag(e) A`` (out, in) with a hook that sets ``score`` from its gradient in the backward.
+
+        SVDLinear.backward_hook scores ``Σ|ΔW ⊙ ∂L/∂ΔW| / √numel`` with ΔW = s·P. As ∂L/∂P = s·∂L/∂ΔW, that is
+        ``Σ|P ⊙ ∂L/∂P| / √numel``: the same number without a separate scaled copy of ΔW in the graph."""
+        P = B @ A
+        p, root = P.detach(), math.sqrt(P.numel())
+
+        def hook(grad: torch.Tensor) -> None:  # one fused |·| reduction; no host sync
+            self.score.copy_(torch.linalg.vector_norm(p * grad, ord=1)).div_(root)
+
+        P.register_hook(hook)
+        return P
 
     def live_ranks(self) -> torch.Tensor:
         return torch.nonzero(self.effective_e().detach()[:, 0] != 0).flatten()
@@ -178,18 +215,6 @@ class IncreLoraLinear(Delta):
 
     def units(self) -> RankUnits:
         return RankUnits(A=self.lora_A * self.effective_e(), B=self.lora_B, scaling=self.scaling)
-
-    def orth_pieces(self) -> tuple[torch.Tensor, int]:
-        """compute_orth_regu over this module's stored pieces: the initial (r0, in) block of A and (out, r0) of B,
-        then every later unit (active or reserve) as its own rank-1 piece. Returns (sum of penalties, #pieces)."""
-        n = min(int(self.ranknum) + self.reserve, self.capacity)
-        A, B = self.lora_A[:n], self.lora_B[:, :n]
-        eye = torch.eye(self.r0, device=A.device, dtype=A.dtype)
-        total = torch.linalg.norm(A[: self.r0] @ A[: self.r0].T - eye) + torch.linalg.norm(B[:, : self.r0].T @ B[:, : self.r0] - eye)
-        rest = n - self.r0
-        if rest > 0:  # a 1×1 "covariance" per piece: | ‖a_i‖² − 1 |
-            total = total + ((A[self.r0:] ** 2).sum(1) - 1).abs().sum() + ((B[:, self.r0:] ** 2).sum(0) - 1).abs().sum()
-        return total, 2 * (1 + rest)
 
 
 def build_increlora(base_layer: nn.Module, info: LayerInfo, config: IncreLoraConfig, path: str = "") -> IncreLoraLinear:
@@ -202,9 +227,35 @@ def _deltas(model: nn.Module, name: str) -> list[tuple[str, IncreLoraLinear]]:
 
 
 def increlora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
-    pieces = [d.orth_pieces() for _, d in _deltas(model, name)]
+    """``reg_orth`` × compute_orth_regu: the mean over stored pieces of ``‖P Pᵀ − I‖_F`` (A pieces; ``PᵀP`` for B).
+
+    The pieces of a module are its initial (r0, in) block of A and (out, r0) of B, then every later unit up to the
+    reserves (n = k + incre_rank_num) as a rank-1 piece, whose penalty is ``|‖a_i‖² − 1|``. Computed for all modules
+    at once: one Gram matrix per group of equal-width factors (stack + bmm), masked to each module's n. With
+    ``reg_orth = 0`` nothing is computed (the official trainer skips it too, ``reg_orth_coef > 0``)."""
+    deltas = [d for _, d in _deltas(model, name)]
     reg = adapter_state(model).configs[name].reg_orth
-    return reg * sum(p for p, _ in pieces) / sum(n for _, n in pieces)
+    if not deltas or reg == 0:
+        return torch.zeros((), device=deltas[0].lora_A.device if deltas else None)
+    C, r0 = deltas[0].capacity, deltas[0].r0
+    n = torch.stack([d.ranknum for d in deltas]).add(deltas[0].reserve).clamp(max=C)  # (M,) pieces' units
+    idx = torch.arange(C, device=n.device)
+    eye = torch.eye(r0, device=n.device)
+    total = n.new_zeros((), dtype=deltas[0].lora_A.dtype)
+    for factors in ((d.lora_A for d in deltas), (d.lora_B.T for d in deltas)):  # rows = units: (C, in) / (C, out)
+        groups: dict[int, list[int]] = {}
+        factors = list(factors)
+        for i, f in enumerate(factors):
+            groups.setdefault(f.shape[1], []).append(i)
+        for members in groups.values():  # one group per factor width
+            rows = torch.stack([factors[i] for i in members])  # (M_g, C, width)
+            gram = rows @ rows.transpose(1, 2)  # (M_g, C, C)
+            block = torch.linalg.matrix_norm(gram[:, :r0, :r0] - eye.to(gram.dtype))  # (M_g,)
+            live = (idx >= r0) & (idx < n[members, None])  # (M_g, C): the rank-1 pieces
+            rank1 = torch.where(live, (gram.diagonal(dim1=1, dim2=2) - 1).abs(), 0.0).sum(1)  # (M_g,)
+            total = total + (block + rank1).sum()
+    pieces = 2 * (len(deltas) + (n - r0).sum())  # per module and factor: the initial block + each rank-1 piece
+    return reg * total / pieces
 
 
 def rank_pattern(model: nn.Module, name: str) -> dict[str, int]:
@@ -214,29 +265,36 @@ def rank_pattern(model: nn.Module, name: str) -> dict[str, int]:
 
 @torch.no_grad()
 def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """RankAllocator.update_and_increase, after optimizer step ``step``."""
+    """RankAllocator.update_and_increase, after optimizer step ``step``; nothing once the budget is spent."""
     config: IncreLoraConfig = adapter_state(model).configs[name]
     deltas = [d for _, d in _deltas(model, name)]
-    budget = config.target_rank * len(deltas)
-    total = sum(int(d.ranknum) for d in deltas)
-    if not deltas or bool(deltas[0].finished):
+    if not deltas or deltas[0]._state()[1]:
         return
-    for d in deltas:  # update_ipt: EMA of sensitivity, then of uncertainty around it
-        d.exp_avg_ipt.mul_(config.beta1).add_((1 - config.beta1) * d.score)
-        d.exp_avg_unc.mul_(config.beta2).add_((1 - config.beta2) * (d.score - d.exp_avg_ipt).abs())
+    # update_ipt for every module at once: EMA of sensitivity, then of uncertainty around the updated EMA
+    ipt, unc, score = ([d.exp_avg_ipt for d in deltas], [d.exp_avg_unc for d in deltas], [d.score for d in deltas])
+    torch._foreach_mul_(ipt, config.beta1)
+    torch._foreach_add_(ipt, score, alpha=1 - config.beta1)
+    spread = torch._foreach_sub(score, ipt)
+    torch._foreach_abs_(spread)
+    torch._foreach_mul_(unc, config.beta2)
+    torch._foreach_add_(unc, spread, alpha=1 - config.beta2)
+    budget = config.target_rank * len(deltas)
+    ranks = [d._state()[0] for d in deltas]
+    total = sum(ranks)
     if step > config.init_warmup and step % config.incre_interval == 0 and total < budget:
-        eligible = [d for d in deltas if int(d.ranknum) + 2 * d.reserve <= d.capacity]
+        eligible = [i for i, d in enumerate(deltas) if ranks[i] + 2 * d.reserve <= d.capacity]
         if eligible:
-            scores = torch.stack([d.exp_avg_ipt * d.exp_avg_unc for d in eligible])
+            scores = torch.stack(torch._foreach_mul([ipt[i] for i in eligible], [unc[i] for i in eligible]))
             k = min(config.top_h, budget - total, len(eligible))
             threshold = torch.topk(scores, k).values[-1]
-            for d, s in zip(eligible, scores):
-                if s >= threshold and total < budget:
-                    k_old = int(d.ranknum)
-                    grow = min(config.incre_rank_num, budget - total)
-                    d.lora_E[k_old:k_old + grow] = RESERVE_E if config.advance_learn else 0.0
-                    d.ranknum.add_(grow)
-                    total += grow
+            chosen = torch.nonzero(scores >= threshold).flatten().tolist()
+            for i in (eligible[j] for j in chosen):  # growth rounds only, in module order until the budget
+                if total >= budget:
+                    break
+                d, grow = deltas[i], min(config.incre_rank_num, budget - total)
+                d.lora_E[ranks[i]:ranks[i] + grow] = RESERVE_E if config.advance_learn else 0.0
+                d.ranknum.add_(grow)
+                total += grow
     if total >= budget:  # budget spent: reserves off, scores no longer needed
         for d in deltas:
             d.finished.fill_(True)
