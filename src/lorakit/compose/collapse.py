@@ -20,7 +20,7 @@ from .. import __version__
 from ..core.errors import ConfigError
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_state, host_path
-from .merge import build_output, output_config, recipe_options, _options
+from .merge import _cpu32, _options, build_output, output_config, recipe_options
 from .methods import Dense, LowRank, ModuleTerms, dense_svd, get_merge_method
 
 EXPERT_WEIGHTS = ("uniform", "routing")
@@ -72,8 +72,8 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
             p = routing.get(path, torch.full((n_exp,), 1.0 / n_exp))
             for proj, A in delta.lora_A.items():
                 B = delta.lora_B[proj]
-                terms = ModuleTerms(A=list(A.detach().float().unbind(0)), B=list(B.detach().float().unbind(0)),
-                                    scaling=torch.full((n_exp,), float(delta.scaling)), weights=p.float())
+                terms = ModuleTerms(A=list(_cpu32(A).unbind(0)), B=list(_cpu32(B).unbind(0)),
+                                    scaling=torch.full((n_exp,), float(delta.scaling)), weights=_cpu32(p))
                 result = merge_method.merge(terms, opts, gen)
                 if isinstance(result, Dense):
                     rank = (opts.svd_rank or A.shape[1]) if truncate else None
@@ -87,8 +87,8 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
                 raise ConfigError(f"module {path!r}: a {type(delta).__name__} delta is neither stacked experts nor a "
                                   f"plain LoRA; collapse_experts cannot turn it into a LoRA.") from None
             bias = delta.delta_bias()
-            results[path] = (units.A.detach().to(torch.float32, copy=True), units.B.detach().float() * units.scaling,
-                             None if bias is None else bias.detach().float(), None)
+            results[path] = (_cpu32(units.A).clone(), _cpu32(units.B) * units.scaling,
+                             None if bias is None else _cpu32(bias), None)
             kinds[path] = layer.info.kind
     if not results:
         raise ConfigError(f"adapter {name!r} has no module to collapse")

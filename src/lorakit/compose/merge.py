@@ -168,30 +168,40 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
     return names, loaded
 
 
+def _cpu32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, float32, on CPU (no copy when it already is). Merges run there whatever the model's device:
+    the factors are small, the dense methods' (N, out, in) stacks fit host memory better than accelerator memory,
+    and DARE / DELLA draw their masks from one seeded CPU generator, so a merge gives the same adapter on every
+    device."""
+    return t.detach().to(device="cpu", dtype=torch.float32)
+
+
 def _module_terms(layer, names: list[str], weights: torch.Tensor):
     """(ModuleTerms, DoRA row scales σ (N, out) or None, indices of the sources present, base weight (out, in) or
     None) for one adapted layer; plain sources get σ = 1 next to DoRA ones."""
     present = [i for i, n in enumerate(names) if n in layer.adapters]
     A, B, s, bias, rows = [], [], [], [], []
     base_w = None
-    for i in present:
+    device_w = None
+    for i in present:  # the arithmetic runs on CPU in float32 (see _cpu32), whatever device the model is on
         delta = layer.adapters[names[i]]
         units = delta.units()
-        A.append(units.A.detach().float())
-        B.append(units.B.detach().float())
-        s.append(units.scaling)
+        A.append(_cpu32(units.A))
+        B.append(_cpu32(units.B))
+        s.append(float(units.scaling))
         b = delta.delta_bias()
-        bias.append(None if b is None else b.detach().float())
+        bias.append(None if b is None else _cpu32(b))
         if hasattr(delta, "lora_magnitude_vector"):  # DoRA: σ_i = m_i / ‖W + ΔW_i‖_row, from the core's merge terms
-            if base_w is None:
-                base_w = oriented_weight(layer.base_layer, layer.info).detach().float()
-            rows.append(delta.merge_terms(base_w).row_scale.detach().float())
+            if device_w is None:
+                device_w = oriented_weight(layer.base_layer, layer.info).detach().float()
+                base_w = _cpu32(device_w)
+            rows.append(_cpu32(delta.merge_terms(device_w).row_scale))
         else:
             rows.append(None)
     out_f = B[0].shape[0]
     has_bias = any(b is not None for b in bias)
     terms = ModuleTerms(
-        A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=weights[present].float(),
+        A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=_cpu32(weights[present]),
         bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None)
     row_scale = None
     if any(r is not None for r in rows):
@@ -254,7 +264,7 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
         # DoRA forward m ⊙ (W + ΔW) / ‖W + ΔW‖_row equal W + ΔW exactly.
         for path, (A, B, bias, magnitude) in results.items():
             if magnitude is None:
-                base_w = oriented_weight(layers[path].base_layer, layers[path].info).detach().float()
+                base_w = _cpu32(oriented_weight(layers[path].base_layer, layers[path].info))
                 results[path] = (A, B, bias, torch.linalg.norm(base_w + B @ A, dim=1))
     configs = [adapter_state(model).configs[n] for n in names]
     config = output_config(configs, results, kinds)
