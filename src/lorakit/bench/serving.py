@@ -239,7 +239,8 @@ def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: 
     - ``bank_kernel_reuse``: the same with one routing block around all forwards (the banks' plan cache hits).
     - ``bank_torch``: the banks through the torch path (real gathers and bmm), a new routing block each forward.
 
-    Reported: ``us_per_forward`` for each and ``us_per_bank`` = (variant − base) / number of banks. With
+    Reported: ``us_per_forward`` for each and ``us_per_bank`` = (variant − base) / number of banks, in wall time
+    and in process CPU time (``cpu_*``: steadier on a shared machine, where wall time includes waiting). With
     ``profile`` > 0, the ``profile`` functions with the largest own time in ``bank_kernel`` (cProfile).
     """
     from ..serving import bank as bank_mod
@@ -280,20 +281,26 @@ def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: 
              "bank_kernel_reuse": with_kernel(reused),
              "bank_torch": lambda: [banked() for _ in range(repeats)]}
     best = {k: float("inf") for k in loops}
+    best_cpu = dict(best)
     with torch.inference_mode():
         for f in loops.values():  # warm-up
             f()
         for i in range(rounds):
             for k, f in loops.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 f()
+                best_cpu[k] = min(best_cpu[k], (time.process_time() - c) / repeats)
                 best[k] = min(best[k], (time.perf_counter() - t) / repeats)
-            log(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in best.items()))
+            log(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v * 1e6:.0f} us (cpu {best_cpu[k] * 1e6:.0f})"
+                                                          for k, v in best.items()))
         result: dict[str, Any] = {
             "config": dict(n=n, batch=batch, tokens=tokens, layers=layers, hidden=hidden, r=r, banks=banks,
                            repeats=repeats, rounds=rounds, threads=threads, torch=torch.__version__),
             "us_per_forward": {k: v * 1e6 for k, v in best.items()},
             "us_per_bank": {k: (v - best["base"]) * 1e6 / banks for k, v in best.items() if k != "base"},
+            # process CPU time: on a shared machine it counts this process's work, not the time it waited
+            "cpu_us_per_forward": {k: v * 1e6 for k, v in best_cpu.items()},
+            "cpu_us_per_bank": {k: (v - best_cpu["base"]) * 1e6 / banks for k, v in best_cpu.items() if k != "base"},
         }
         if profile:
             import cProfile

@@ -245,6 +245,12 @@ class LoraBank(nn.Module):
     def slot_of(self, adapter_id: int) -> int:
         return int(self.table[adapter_id + 1]) if adapter_id + 1 < self.table.numel() else 0
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``.to(device)`` / ``.half()`` replace the buffers: cached plans hold slots on the old device
+        out = super()._apply(fn, recurse)
+        self._touch()
+        return out
+
     def _touch(self) -> None:
         self._state["version"] += 1
         self._state["cache"] = None
