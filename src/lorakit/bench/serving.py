@@ -238,6 +238,9 @@ def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: 
       each forward, as the engine does.
     - ``bank_kernel_reuse``: the same with one routing block around all forwards (the banks' plan cache hits).
     - ``bank_torch``: the banks through the torch path (real gathers and bmm), a new routing block each forward.
+    - ``layer_calls`` (per bank only): the adapted layers with hidden-size inputs called on their own, no model
+      around them (a new routing block per pass, no-op kernel), minus their base layers called alone — the least
+      noisy view of the per-bank cost.
 
     Reported: ``us_per_forward`` for each and ``us_per_bank`` = (variant − base) / number of banks, in wall time
     and in process CPU time (``cpu_*``: steadier on a shared machine, where wall time includes waiting). With
@@ -276,10 +279,31 @@ def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: 
             for _ in range(repeats):
                 served(input_ids=ids)
 
+    # The same per bank with no model around it: every adapted layer that takes hidden-size inputs called once
+    # per pass (a new routing block per pass, as a forward), against calling their base layers.
+    from ..core.layer import AdapterLayer
+    from ..core.routing import routing
+
+    adapted = [m for m in served.modules() if isinstance(m, AdapterLayer) and m.base_layer.in_features == hidden]
+    x = torch.randn(batch, tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    adapter_ids = reg.route(rows)[0]
+
+    def layer_calls():
+        for _ in range(repeats):
+            with routing(adapter_ids=adapter_ids.clone()):
+                for layer in adapted:
+                    layer(x)
+
+    def base_calls():
+        for _ in range(repeats):
+            for layer in adapted:
+                layer.base_layer(x)
+
     loops = {"base": lambda: [base(input_ids=ids) for _ in range(repeats)],
              "bank_kernel": with_kernel(lambda: [banked() for _ in range(repeats)]),
              "bank_kernel_reuse": with_kernel(reused),
-             "bank_torch": lambda: [banked() for _ in range(repeats)]}
+             "bank_torch": lambda: [banked() for _ in range(repeats)],
+             "layer_base": base_calls, "layer_bank_kernel": with_kernel(layer_calls)}
     best = {k: float("inf") for k in loops}
     best_cpu = dict(best)
     with torch.inference_mode():
@@ -296,12 +320,14 @@ def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: 
         result: dict[str, Any] = {
             "config": dict(n=n, batch=batch, tokens=tokens, layers=layers, hidden=hidden, r=r, banks=banks,
                            repeats=repeats, rounds=rounds, threads=threads, torch=torch.__version__),
-            "us_per_forward": {k: v * 1e6 for k, v in best.items()},
-            "us_per_bank": {k: (v - best["base"]) * 1e6 / banks for k, v in best.items() if k != "base"},
-            # process CPU time: on a shared machine it counts this process's work, not the time it waited
-            "cpu_us_per_forward": {k: v * 1e6 for k, v in best_cpu.items()},
-            "cpu_us_per_bank": {k: (v - best_cpu["base"]) * 1e6 / banks for k, v in best_cpu.items() if k != "base"},
         }
+        for prefix, b in (("", best), ("cpu_", best_cpu)):  # cpu_: process CPU time (steadier on a shared machine)
+            forward = {k: v * 1e6 for k, v in b.items() if not k.startswith("layer_")}
+            result[prefix + "us_per_forward"] = forward
+            result[prefix + "us_per_bank"] = {k: (v - forward["base"]) / banks for k, v in forward.items() if k != "base"}
+            result[prefix + "us_per_bank"]["layer_calls"] = ((b["layer_bank_kernel"] - b["layer_base"]) * 1e6
+                                                             / len(adapted))
+        result["config"]["layer_calls"] = len(adapted)
         if profile:
             import cProfile
             import io

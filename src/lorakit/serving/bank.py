@@ -256,14 +256,18 @@ class LoraBank(nn.Module):
         self._state["cache"] = None
         self._state["layout"] = None
 
-    def _layout(self) -> tuple[tuple, bytes]:
-        """(table key, ranks fingerprint): equal table keys mean equal id -> slot tables on the same device.
+    def _layout(self) -> tuple:
+        """What this bank's plans depend on, computed once per change of the bank (a load, release or move),
+        never per forward: (table key, device type, n_ids, plan key with a fused kernel, plan key without).
 
-        Fingerprints are 128-bit BLAKE2 digests of the contents, read to the host once per change of the bank
-        (a load or release), never per forward."""
-        table = self.table.cpu().numpy().tobytes()
-        ranks = self.ranks.cpu().numpy().tobytes()
-        layout = ((self.table.device, len(table), _digest(table)), _digest(ranks))
+        Equal table keys mean equal id -> slot tables on the same device: the contents are compared by 128-bit
+        BLAKE2 digests (of ``ranks`` too), read to the host here."""
+        table_t, A = self.table, self.A
+        table = table_t.cpu().numpy().tobytes()
+        table_key = (table_t.device, len(table), _digest(table))
+        r_max = A.shape[self.a_rank_dim]
+        layout = (table_key, A.device.type, table_t.numel() - 1, (table_key, r_max),
+                  (table_key, _digest(self.ranks.cpu().numpy().tobytes())))
         self._state["layout"] = layout
         return layout
 
@@ -290,22 +294,22 @@ class LoraBank(nn.Module):
         layout = state["layout"] or self._layout()
         buffers = self._buffers
         table, A = buffers["table"], buffers["A"]
-        rows = _routing_rows(ids, weights, batch, table.numel() - 1, table.device, A.dtype)
+        rows = _routing_rows(ids, weights, batch, layout[2], layout[0][0], A.dtype)
         w = rows.w
-        kernel = None if grad else _KERNELS.get(A.device.type)
-        r_max = A.shape[self.a_rank_dim]
-        table_key = layout[0]
-        plan_key = (table_key, r_max) if kernel is not None else (table_key, layout[1], w is not None)
-        plan = rows.plans.get((kernel, plan_key))
+        kernel = None if grad else _KERNELS.get(layout[1])
+        plan_key = (kernel, layout[3]) if kernel is not None else (None, layout[4], w is not None)
+        plan = rows.plans.get(plan_key)
         if plan is None:
+            table_key = layout[0]
             slots = rows.slots.get(table_key)
             if slots is None:
                 slots = rows.slots[table_key] = table[rows.ids_t + 1]  # (batch, k)
             if kernel is not None:  # the fused kernel takes every batch: no host read of the slots
+                r_max = A.shape[self.a_rank_dim]
                 plan = Plan("rows", slots, r_max, kernel=kernel) if r_max else Plan("none", slots, 0)
             else:
                 plan = make_plan(slots, buffers["ranks"], weighted=w is not None)
-            rows.plans[(kernel, plan_key)] = plan
+            rows.plans[plan_key] = plan
         if state["version"] == version:  # (a write on another thread meanwhile: do not cache)
             state["cache"] = (ids, _version_of(ids), weights, batch, tokens, _KERNELS_VERSION[0], plan, w, grad)
         return plan, w
