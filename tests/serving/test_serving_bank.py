@@ -228,3 +228,78 @@ def test_generate_repeats_row_adapters_for_num_return_sequences(models):
         lk.set_adapter(ref, name)
         alone = ref.generate(input_ids=ids[i:i + 1], num_return_sequences=2, num_beams=2, **kw)
         assert torch.equal(got[2 * i: 2 * i + 2], alone)
+
+
+# -- host work per forward: shared routing, cached plans and their invalidation ----------------------------------
+def test_banks_with_one_table_share_one_slot_gather_per_forward(models):
+    from lorakit.serving import bank as bank_mod
+    from lorakit.serving import registry_of
+
+    served, _ = models
+    banks = list(registry_of(served).banks.values())
+    with torch.no_grad(), bank_routing(served, ["r2", "qv", "emb", None]):
+        served(input_ids=_ids(4, 3))
+        shared = bank_mod._ROWS_CACHE["entry"][3]
+    tables = {bank._layout()[0] for bank in banks}
+    # one gather per distinct id -> slot table (adapters with different target modules give several), not per bank
+    assert len(shared.slots) == len(tables) < len(banks)
+
+
+def test_cached_plans_follow_bank_changes_under_one_ids_tensor(mixed, sh):
+    from lorakit.serving import registry_of
+
+    served = tiny_llama()
+    reg = load_adapters(served, {"r2": mixed["r2"], "r8": mixed["r8"]})
+    ids = reg.route(["r2", "r8"])[0]
+    x = _ids(2, 5)
+    with torch.no_grad(), lk.routing(adapter_ids=ids):
+        first = served(input_ids=x).logits
+        assert torch.equal(served(input_ids=x).logits, first)  # the banks' cached plans
+        reg.remove("r8")
+        load_adapters(served, {"qv": mixed["qv"]})  # takes r8's freed id: same ids tensor, new tables
+        assert registry_of(served).ids["qv"] == 1
+        got = served(input_ids=x).logits
+    with torch.no_grad(), bank_routing(served, ["r2", "qv"]):  # a fresh ids tensor: nothing cached
+        fresh = served(input_ids=x).logits
+    assert torch.equal(got, fresh) and (got[0] - first[0]).abs().max() <= TOL
+    assert (got[1] - sh.per_row(sh.reference_model({"qv": mixed["qv"]}), x[1:], ["qv"])[0]).abs().max() <= TOL
+
+
+def test_kernel_registered_inside_one_routing_block_is_used(models):
+    from lorakit.serving import register_kernel
+
+    served, _ = models
+    calls = []
+
+    def counting(x, A, B, slots, weights, r_used, **kw):
+        calls.append(r_used)
+        return None  # the torch path computes: outputs stay comparable bit for bit
+
+    x = _ids(3, 2)
+    with torch.no_grad(), bank_routing(served, ["r8", "r2", None]):
+        expected = served(input_ids=x).logits
+        register_kernel("cpu", counting)
+        try:
+            got = served(input_ids=x).logits  # same routing (cached plans), but a kernel is registered now
+        finally:
+            register_kernel("cpu", None)
+        again = served(input_ids=x).logits
+    assert calls and torch.equal(got, expected) and torch.equal(again, expected)
+
+
+def test_routing_reinstalls_banks_after_delete_adapter_unwraps_layers(sh, tmp_path):
+    from lorakit.serving import bank_adapters
+
+    served = tiny_llama()
+    lk.add_adapter(served, lk.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]), "a")
+    bank_adapters(served, ["a"])
+    x = _ids(2, 4)
+    with torch.no_grad():
+        with bank_routing(served, ["a", None]):
+            before = served(input_ids=x).logits
+        lk.delete_adapter(served, "a")  # q_proj / v_proj get their plain base layers back
+        with bank_routing(served, ["a", None]):
+            after = served(input_ids=x).logits
+        base = served(input_ids=x).logits
+    assert torch.equal(after, before)
+    assert not torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])

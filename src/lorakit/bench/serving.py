@@ -216,6 +216,133 @@ def run_serving_bench(ns: tuple[int, ...] = (1, 8, 64, 256), *, batch: int = 256
     return result
 
 
+def _noop_kernel(x, A, B, slots, weights, r_used, *, ranks=None, out=None):
+    """A bank kernel that computes nothing: what is left of a banked forward is the host work around the kernel."""
+    return out if out is not None else x.new_zeros(x.shape[0], x.shape[1], B.shape[2])
+
+
+def run_host_overhead(*, n: int = 16, batch: int = 64, tokens: int = 1, layers: int = 8, hidden: int = 16,
+                      r: int = 4, repeats: int = 200, rounds: int = 5, threads: int = 1, seed: int = 0,
+                      profile: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Host (Python + dispatch) time the serving banks add per bank per forward, measured on the CPU.
+
+    The model is a Llama from random weights so small (hidden ``hidden``, intermediate 2·hidden, vocab 64) that
+    its arithmetic is negligible: what a forward costs is host work, as on a GPU where a small model is bound by
+    launches and Python. ``n`` adapters of rank ``r`` on all seven linear layers (``layers`` × 7 banks), a batch of
+    ``batch`` rows × ``tokens`` tokens (default: one decode step), row i on adapter i mod n. Variants, timed
+    interleaved (``rounds`` rounds of ``repeats`` calls each, round robin; the minimum per-call mean is kept):
+
+    - ``base``: the same model without adapters.
+    - ``bank_kernel``: the banks with a no-op kernel registered for "cpu" (``register_kernel``), so they take the
+      path a fused CUDA kernel takes (no host read of the slots, the kernel gets every batch); a new routing block
+      each forward, as the engine does.
+    - ``bank_kernel_reuse``: the same with one routing block around all forwards (the banks' plan cache hits).
+    - ``bank_torch``: the banks through the torch path (real gathers and bmm), a new routing block each forward.
+    - ``layer_calls`` (per bank only): the adapted layers with hidden-size inputs called on their own, no model
+      around them (a new routing block per pass, no-op kernel), minus their base layers called alone — the least
+      noisy view of the per-bank cost.
+
+    Reported: ``us_per_forward`` for each and ``us_per_bank`` = (variant − base) / number of banks, in wall time
+    and in process CPU time (``cpu_*``: steadier on a shared machine, where wall time includes waiting). With
+    ``profile`` > 0, the ``profile`` functions with the largest own time in ``bank_kernel`` (cProfile).
+    """
+    from ..serving import bank as bank_mod
+    from ..serving.multi import load_adapters
+
+    log = log or (lambda s: None)
+    torch.set_num_threads(threads)
+    shape = dict(layers=layers, hidden=hidden, heads=2, intermediate=2 * hidden, vocab=64)
+    base = bench_model(seed, **shape)
+    served = bench_model(seed, **shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = load_adapters(served, write_random_adapters(base, Path(tmp), n, r=r, seed=seed))
+    banks = len(reg.banks)
+    rows = [f"a{i % n}" for i in range(batch)]
+    ids = torch.randint(0, 64, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+    previous = bank_mod._KERNELS.get("cpu")
+
+    def with_kernel(fn):
+        def call():
+            bank_mod.register_kernel("cpu", _noop_kernel)
+            try:
+                return fn()
+            finally:
+                bank_mod.register_kernel("cpu", previous)
+        return call
+
+    def banked():
+        with reg.routing(rows):
+            return served(input_ids=ids)
+
+    def reused():
+        with reg.routing(rows):
+            for _ in range(repeats):
+                served(input_ids=ids)
+
+    # The same per bank with no model around it: every adapted layer that takes hidden-size inputs called once
+    # per pass (a new routing block per pass, as a forward), against calling their base layers.
+    from ..core.layer import AdapterLayer
+    from ..core.routing import routing
+
+    adapted = [m for m in served.modules() if isinstance(m, AdapterLayer) and m.base_layer.in_features == hidden]
+    x = torch.randn(batch, tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    adapter_ids = reg.route(rows)[0]
+
+    def layer_calls():
+        for _ in range(repeats):
+            with routing(adapter_ids=adapter_ids.clone()):
+                for layer in adapted:
+                    layer(x)
+
+    def base_calls():
+        for _ in range(repeats):
+            for layer in adapted:
+                layer.base_layer(x)
+
+    loops = {"base": lambda: [base(input_ids=ids) for _ in range(repeats)],
+             "bank_kernel": with_kernel(lambda: [banked() for _ in range(repeats)]),
+             "bank_kernel_reuse": with_kernel(reused),
+             "bank_torch": lambda: [banked() for _ in range(repeats)],
+             "layer_base": base_calls, "layer_bank_kernel": with_kernel(layer_calls)}
+    best = {k: float("inf") for k in loops}
+    best_cpu = dict(best)
+    with torch.inference_mode():
+        for f in loops.values():  # warm-up
+            f()
+        for i in range(rounds):
+            for k, f in loops.items():
+                t, c = time.perf_counter(), time.process_time()
+                f()
+                best_cpu[k] = min(best_cpu[k], (time.process_time() - c) / repeats)
+                best[k] = min(best[k], (time.perf_counter() - t) / repeats)
+            log(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v * 1e6:.0f} us (cpu {best_cpu[k] * 1e6:.0f})"
+                                                          for k, v in best.items()))
+        result: dict[str, Any] = {
+            "config": dict(n=n, batch=batch, tokens=tokens, layers=layers, hidden=hidden, r=r, banks=banks,
+                           repeats=repeats, rounds=rounds, threads=threads, torch=torch.__version__),
+        }
+        for prefix, b in (("", best), ("cpu_", best_cpu)):  # cpu_: process CPU time (steadier on a shared machine)
+            forward = {k: v * 1e6 for k, v in b.items() if not k.startswith("layer_")}
+            result[prefix + "us_per_forward"] = forward
+            result[prefix + "us_per_bank"] = {k: (v - forward["base"]) / banks for k, v in forward.items() if k != "base"}
+            result[prefix + "us_per_bank"]["layer_calls"] = ((b["layer_bank_kernel"] - b["layer_base"]) * 1e6
+                                                             / len(adapted))
+        result["config"]["layer_calls"] = len(adapted)
+        if profile:
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            with_kernel(lambda: [banked() for _ in range(repeats)])()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
+            result["profile"] = text.getvalue()
+    return result
+
+
 def _peft_model(seed: int, dirs: list[Path], names: list[str]):
     from peft import PeftModel
 
@@ -244,20 +371,38 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ns", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, help="timed calls per variant (default 5; --host-overhead: 200 per round)")
     p.add_argument("--load-n", type=int, default=1000)
     p.add_argument("--peft-max-n", type=int, default=256)
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, help="rows (default 256; --host-overhead: 64)")
+    p.add_argument("--tokens", type=int, help="tokens per row (default 16; --host-overhead: 1, a decode step)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="measure the banks' host time per bank per forward on a tiny model (see run_host_overhead)")
+    p.add_argument("--n", type=int, default=16, help="--host-overhead: adapters")
+    p.add_argument("--hidden", type=int, default=16, help="--host-overhead: hidden size")
+    p.add_argument("--rounds", type=int, default=5, help="--host-overhead: interleaved rounds")
+    p.add_argument("--profile", type=int, default=0, help="--host-overhead: print the top K functions (cProfile)")
     args = p.parse_args(argv)
-    res = run_serving_bench(tuple(args.ns), threads=args.threads, repeats=args.repeats, load_n=args.load_n,
+    if args.host_overhead:
+        res = run_host_overhead(n=args.n, batch=args.batch or 64, tokens=args.tokens or 1, hidden=args.hidden,
+                                repeats=args.repeats or 200, rounds=args.rounds, threads=args.threads, profile=args.profile,
+                                log=lambda s: print(s, flush=True))
+        profile = res.pop("profile", None)
+        text = json.dumps(res, indent=2)
+        print(text)
+        if profile:
+            print(profile)
+        if args.out:
+            Path(args.out).write_text(text)
+        return
+    res = run_serving_bench(tuple(args.ns), threads=args.threads, repeats=args.repeats or 5, load_n=args.load_n,
                             peft=not args.no_peft, peft_max_n=args.peft_max_n, log=lambda s: print(s, flush=True),
-                            device=args.device, dtype=getattr(torch, args.dtype), batch=args.batch,
-                            tokens=args.tokens)
+                            device=args.device, dtype=getattr(torch, args.dtype), batch=args.batch or 256,
+                            tokens=args.tokens or 16)
     text = json.dumps(res, indent=2, default=str)
     print(text)
     if args.out:

@@ -55,7 +55,10 @@ class AdapterLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self.disabled:
+        # Submodules are read from ``_modules`` directly: each ``self.<submodule>`` is a Python ``__getattr__``
+        # call, and serving runs this once per adapted layer per forward (host time bounds small models on GPUs).
+        modules = self._modules
+        if not self.disabled and self.active:
             for name in self.active:
                 delta = self.adapters[name] if name in self.adapters else None
                 if delta is not None and delta.replaces_base and name not in self.merged:
@@ -69,7 +72,7 @@ class AdapterLayer(nn.Module):
                     fused = delta.fused_forward(x, self.base_layer)
                     if fused is not None:
                         return fused
-        base_out = self.base_layer(x, *args, **kwargs)
+        base_out = modules["base_layer"](x, *args, **kwargs)
         if self.disabled:
             return base_out
         ctx = current_routing()
@@ -78,11 +81,13 @@ class AdapterLayer(nn.Module):
                 if self.merged:
                     raise AdapterError(f"adapters {self.merged} are merged into this layer's base weights, so every "
                                        f"banked row would get them too; call unmerge_adapter before bank_routing")
-                if self.bank is None:  # no banked adapter adapts this layer; attached ones do not run in bank batches
+                bank = modules.get("bank")  # (None while unset: then a plain attribute, not in _modules)
+                if bank is None:  # no banked adapter adapts this layer; attached ones do not run in bank batches
                     return base_out
-                if not torch.is_grad_enabled() and hasattr(self.bank, "add_into"):
-                    return self.bank.add_into(x, base_out, ctx)  # inference: add into the base output in place
-                return base_out + self.bank(x, base_out, ctx)
+                add_into = None if torch.is_grad_enabled() else getattr(bank, "add_into", None)
+                if add_into is not None:
+                    return add_into(x, base_out, ctx)  # inference: add into the base output in place
+                return base_out + bank(x, base_out, ctx)
             if ctx.adapter_names is not None or ctx.adapter_weights is not None:
                 return self._per_row_forward(x, base_out, ctx)
         out = base_out

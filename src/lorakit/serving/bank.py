@@ -36,6 +36,7 @@ is registered for "cuda" when Triton and a CUDA device are present; nothing is r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +77,7 @@ class BankKernel(Protocol):
 
 
 _KERNELS: dict[str, BankKernel] = {}
+_KERNELS_VERSION = [0]  # bumped on every (un)registration: banks' cached plans name the kernel they chose
 
 
 def register_kernel(device_type: str, kernel: BankKernel | None) -> None:
@@ -84,6 +86,7 @@ def register_kernel(device_type: str, kernel: BankKernel | None) -> None:
         _KERNELS.pop(device_type, None)
     else:
         _KERNELS[device_type] = kernel
+    _KERNELS_VERSION[0] += 1
 
 
 # -- execution plan ----------------------------------------------------------------------------------------
@@ -96,6 +99,7 @@ class Plan:
     r_used: int
     slot: int = 0  # mode "single": the one slot
     group_view: tuple[int, int] = (0, 0)  # mode "grouped": (first slot, number of groups G)
+    kernel: BankKernel | None = None  # the fused kernel that takes this batch (inference only), if any
 
 
 def make_plan(slots: torch.Tensor, ranks: torch.Tensor, weighted: bool = False) -> Plan:
@@ -146,7 +150,9 @@ class LoraBank(nn.Module):
         self.used = 1  # slots in use (slot 0, the zero adapter, included); slots >= used are spare capacity
         self.free: list[int] = []
         # Plain dict, not module attributes: bumped on every write, and nn.Module.__setattr__ is slow.
-        self._state: dict = {"version": 0, "cache": None}
+        # "layout": content keys of ``table`` and ``ranks`` (computed at the first forward after a write), so that
+        # banks with the same id -> slot table share one slot gather and one plan per forward.
+        self._state: dict = {"version": 0, "cache": None, "layout": None}
 
     # -- storage -----------------------------------------------------------------------------------------
     @property
@@ -239,26 +245,73 @@ class LoraBank(nn.Module):
     def slot_of(self, adapter_id: int) -> int:
         return int(self.table[adapter_id + 1]) if adapter_id + 1 < self.table.numel() else 0
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``.to(device)`` / ``.half()`` replace the buffers: cached plans hold slots on the old device
+        out = super()._apply(fn, recurse)
+        self._touch()
+        return out
+
     def _touch(self) -> None:
         self._state["version"] += 1
         self._state["cache"] = None
+        self._state["layout"] = None
+
+    def _layout(self) -> tuple:
+        """What this bank's plans depend on, computed once per change of the bank (a load, release or move),
+        never per forward: (table key, device type, n_ids, plan key with a fused kernel, plan key without).
+
+        Equal table keys mean equal id -> slot tables on the same device: the contents are compared by 128-bit
+        BLAKE2 digests (of ``ranks`` too), read to the host here."""
+        table_t, A = self.table, self.A
+        table = table_t.cpu().numpy().tobytes()
+        table_key = (table_t.device, len(table), _digest(table))
+        r_max = A.shape[self.a_rank_dim]
+        layout = (table_key, A.device.type, table_t.numel() - 1, (table_key, r_max),
+                  (table_key, _digest(self.ranks.cpu().numpy().tobytes())))
+        self._state["layout"] = layout
+        return layout
 
     # -- forward -----------------------------------------------------------------------------------------
     def _plan(self, ctx, batch: int, tokens: int) -> tuple[Plan, torch.Tensor | None]:
+        """This bank's plan for the routing in force and the rows' weights (batch, k) or None.
+
+        Host work per bank per forward is what bounds a small model on a GPU, so the common case is a few
+        identity checks: the bank's own cache hits while the same ids tensor is routed (e.g. ``generate``'s
+        steps), and otherwise the forward's shared routing entry (ids checked and moved once, see
+        :func:`_routing_rows`) holds the slots and the plan of every distinct (table, ranks, kernel) layout, so
+        only the first bank of each layout gathers its slots and plans (banks loaded together share a layout)."""
         ids = ctx.adapter_ids
-        weights = ctx.extras.get(WEIGHTS_KEY) if ctx.extras else None
-        cache, version = self._state["cache"], self._state["version"]
-        if (cache is not None and cache[0] is ids and cache[1] == _version_of(ids) and cache[2] is weights
-                and cache[3] == (batch, tokens) and cache[4] == version):
-            return cache[5], cache[6]
-        ids_t, w = _routing_rows(ids, weights, batch, self.table.numel() - 1, self.table.device, self.A.dtype)
-        slots = self.table[ids_t + 1]  # (batch, k)
-        if self.A.device.type in _KERNELS and not torch.is_grad_enabled():
-            # the fused kernel takes every batch: no host read of the slots
-            plan = Plan("rows", slots, self.r_max) if self.r_max else Plan("none", slots, 0)
-        else:
-            plan = make_plan(slots, self.ranks, weighted=w is not None)
-        self._state["cache"] = (ids, _version_of(ids), weights, (batch, tokens), version, plan, w)
+        extras = ctx.extras
+        weights = extras.get(WEIGHTS_KEY) if extras else None
+        state = self._state
+        cache = state["cache"]
+        grad = torch.is_grad_enabled()  # (fused kernels have no backward: they are planned only without autograd)
+        if (cache is not None and cache[0] is ids and cache[2] is weights and cache[3] == batch
+                and cache[4] == tokens and cache[5] == _KERNELS_VERSION[0] and cache[8] == grad
+                and cache[1] == _version_of(ids)):
+            return cache[6], cache[7]
+        version = state["version"]
+        layout = state["layout"] or self._layout()
+        buffers = self._buffers
+        table, A = buffers["table"], buffers["A"]
+        rows = _routing_rows(ids, weights, batch, layout[2], layout[0][0], A.dtype)
+        w = rows.w
+        kernel = None if grad else _KERNELS.get(layout[1])
+        plan_key = (kernel, layout[3]) if kernel is not None else (None, layout[4], w is not None)
+        plan = rows.plans.get(plan_key)
+        if plan is None:
+            table_key = layout[0]
+            slots = rows.slots.get(table_key)
+            if slots is None:
+                slots = rows.slots[table_key] = table[rows.ids_t + 1]  # (batch, k)
+            if kernel is not None:  # the fused kernel takes every batch: no host read of the slots
+                r_max = A.shape[self.a_rank_dim]
+                plan = Plan("rows", slots, r_max, kernel=kernel) if r_max else Plan("none", slots, 0)
+            else:
+                plan = make_plan(slots, buffers["ranks"], weighted=w is not None)
+            rows.plans[plan_key] = plan
+        if state["version"] == version:  # (a write on another thread meanwhile: do not cache)
+            state["cache"] = (ids, _version_of(ids), weights, batch, tokens, _KERNELS_VERSION[0], plan, w, grad)
         return plan, w
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
@@ -271,7 +324,8 @@ class LoraBank(nn.Module):
         y = self._kernel(x3, plan, w)
         if y is None:
             y = self._delta(x3, plan, w)
-        self._add_bias(y, plan, w)
+        if self.bias is not None:
+            self._add_bias(y, plan, w)
         return y.reshape(base_out.shape).to(base_out.dtype)
 
     def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
@@ -281,21 +335,30 @@ class LoraBank(nn.Module):
         allocated, written and re-read (on CPU that round trip cost as much as the LoRA products themselves)."""
         batch = x.shape[0]
         x3 = x.reshape(batch, -1, x.shape[-1])
-        plan, w = self._plan(ctx, batch, x3.shape[1])
+        tokens = x3.shape[1]
+        plan, w = self._plan(ctx, batch, tokens)
         if plan.mode == "none":
             return base_out
-        x3 = x3.to(self.A.dtype)
-        if base_out.dtype == self.A.dtype and base_out.is_contiguous():
-            out = base_out.view(batch, x3.shape[1], -1)
-            y = self._kernel(x3, plan, w, out=out)
+        buffers = self._buffers  # (read once: each nn.Module attribute read of a buffer is a Python call)
+        dtype = buffers["A"].dtype
+        if x3.dtype != dtype:
+            x3 = x3.to(dtype)
+        kernel = plan.kernel  # chosen without autograd, as add_into always runs
+        has_bias = buffers["bias"] is not None
+        if base_out.dtype == dtype and base_out.is_contiguous():
+            out = base_out.view(batch, tokens, -1)
+            y = None if kernel is None else kernel(x3, buffers["A"], buffers["B"], plan.slots, w, plan.r_used,
+                                                   ranks=buffers["ranks"], out=out)
             if y is None:
                 y = self._delta(x3, plan, w, out=out)
-            self._add_bias(y, plan, w)
+            if has_bias:
+                self._add_bias(y, plan, w)
             return base_out
         y = self._kernel(x3, plan, w)
         if y is None:
             y = self._delta(x3, plan, w)
-        self._add_bias(y, plan, w)
+        if has_bias:
+            self._add_bias(y, plan, w)
         return base_out.add_(y.reshape(base_out.shape))
 
     def _kernel(self, x3: torch.Tensor, plan: Plan, w: torch.Tensor | None,
@@ -306,11 +369,11 @@ class LoraBank(nn.Module):
         return kernel(x3, self.A, self.B, plan.slots, w, plan.r_used, ranks=self.ranks, out=out)
 
     def _add_bias(self, y: torch.Tensor, plan: Plan, w: torch.Tensor | None) -> None:
-        """Add the rows' (weighted) adapter biases into ``y`` (batch, tokens, out) in place."""
-        if self.bias is not None:
-            b = self.bias[plan.slots]  # (batch, k, out)
-            b = (b * w[..., None]).sum(1) if w is not None else b.sum(1)
-            y.add_(b[:, None, :].to(y.dtype))
+        """Add the rows' (weighted) adapter biases into ``y`` (batch, tokens, out) in place (callers check that
+        the bank has biases)."""
+        b = self.bias[plan.slots]  # (batch, k, out)
+        b = (b * w[..., None]).sum(1) if w is not None else b.sum(1)
+        y.add_(b[:, None, :].to(y.dtype))
 
     def _shrink(self, x3: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, in) x (batch, r, in) -> (batch, tokens, r)."""
@@ -440,23 +503,42 @@ def _version_of(t) -> int | None:
     return t._version
 
 
-# The checked (batch, k) ids and weights of the routing in force, on one device: every bank of a forward sees
-# the same ``ids`` object, so the first bank checks and moves it and the others reuse it (one entry; it holds
-# ``ids`` and ``weights`` so their identities cannot be reused while cached).
-_ROWS_CACHE: dict = {"entry": None}  # entry = (key, ids, weights, value), replaced whole (thread-safe reads)
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+class _Rows:
+    """The checked routing of one forward on one device, shared by every bank: ``ids_t`` (batch, k) long,
+    ``w`` (batch, k) or None, and, filled by the banks as they run, the slot gather of each distinct id -> slot
+    table (``slots``: table key -> (batch, k)) and the plan of each distinct bank layout (``plans``)."""
+
+    __slots__ = ("ids_t", "w", "slots", "plans")
+
+    def __init__(self, ids_t: torch.Tensor, w: torch.Tensor | None):
+        self.ids_t, self.w = ids_t, w
+        self.slots: dict = {}
+        self.plans: dict = {}
+
+
+# The checked routing in force, on one device: every bank of a forward sees the same ``ids`` object, so the first
+# bank checks and moves it and the others reuse it (one entry; it holds ``ids`` and ``weights`` so their
+# identities cannot be reused while cached).
+_ROWS_CACHE: dict = {"entry": None}  # entry = (key, ids, weights, _Rows), replaced whole (thread-safe reads)
+
+
+def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device, dtype: torch.dtype) -> _Rows:
     """Routing ids as a checked (batch, k) long tensor on ``device`` and weights (batch, k) or None.
 
     Raises:
         AdapterError: ids not integers, of the wrong shape, or outside -1 .. n_ids-1; weights of the wrong shape.
     """
-    key = (id(ids), _version_of(ids), id(weights), _version_of(weights), batch, n_ids, device, dtype)
     entry = _ROWS_CACHE["entry"]
-    if entry is not None and entry[0] == key and entry[1] is ids and entry[2] is weights:
-        return entry[3]
+    if entry is not None and entry[1] is ids and entry[2] is weights:
+        key = entry[0]
+        if (key[4] == batch and key[5] == n_ids and key[6] == device and key[7] == dtype
+                and key[1] == _version_of(ids) and key[3] == _version_of(weights)):
+            return entry[3]
+    key = (id(ids), _version_of(ids), id(weights), _version_of(weights), batch, n_ids, device, dtype)
     ids_t = torch.as_tensor(ids)
     if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise AdapterError(f"routing adapter_ids must be an integer tensor, got dtype {ids_t.dtype}")
@@ -481,5 +563,6 @@ def _routing_rows(ids, weights, batch: int, n_ids: int, device: torch.device,
             raise AdapterError(f"extras[{WEIGHTS_KEY!r}] has shape {tuple(w.shape)}; adapter_ids has "
                                f"{tuple(ids_t.shape)} (one weight per id)")
         w = rows_for_batch(w, batch, f"extras[{WEIGHTS_KEY!r}]")
-    _ROWS_CACHE["entry"] = (key, ids, weights, (ids_t, w))
-    return ids_t, w
+    rows = _Rows(ids_t, w)
+    _ROWS_CACHE["entry"] = (key, ids, weights, rows)
+    return rows

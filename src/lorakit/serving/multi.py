@@ -58,6 +58,7 @@ class AdapterRegistry:
         self._names: list[str | None] = []  # id -> name (None = freed id)
         self._free_ids: list[int] = []
         self._targets_cache: dict[str, list[str]] = {}
+        self._installed: tuple | None = None  # what install() last saw (see _installed_snapshot)
 
     # -- names and ids -----------------------------------------------------------------------------------
     @property
@@ -123,7 +124,15 @@ class AdapterRegistry:
         return bank
 
     def install(self) -> None:
-        """Put every bank on its layer (wrapping plain layers in AdapterLayer); idempotent and cheap."""
+        """Put every bank on its layer (wrapping plain layers in AdapterLayer); idempotent.
+
+        Runs at every ``routing`` block (a ``delete_adapter`` / ``unload`` may have unwrapped layers since), so the
+        common case is a check that nothing moved: every module on the way from the model to each bank's layer is
+        still the one seen last time (dict lookups, no ``get_submodule`` walks), each layer still holds its bank,
+        and no adapter id was added."""
+        seen = self._installed
+        if seen is not None and seen[0] == len(self._names) and _still_installed(seen[1], seen[2]):
+            return
         for path, bank in self.banks.items():
             module = self.model.get_submodule(path)
             if not isinstance(module, AdapterLayer):  # e.g. delete_adapter unwrapped the layer
@@ -133,9 +142,27 @@ class AdapterRegistry:
             if module.bank is not bank:
                 module.bank = bank
             bank.resize_table(len(self._names))
+        self._installed = self._installed_snapshot()
+
+    def _installed_snapshot(self) -> tuple | None:
+        """(ids, edges (parent, name, child) from the model to every banked layer, (layer, bank) pairs), or None
+        when some step is not a registered submodule (then every ``install`` walks the paths)."""
+        edges: dict[tuple[int, str], tuple] = {}
+        held = []
+        for path, bank in self.banks.items():
+            module = self.model
+            for name in path.split(".") if path else ():
+                child = module._modules.get(name)
+                if child is None:
+                    return None
+                edges[(id(module), name)] = (module, name, child)
+                module = child
+            held.append((module, bank))
+        return len(self._names), tuple(edges.values()), tuple(held)
 
     def _commit(self, new_banks: dict[str, LoraBank]) -> None:
         self.banks.update(new_banks)
+        self._installed = None
         self.install()
 
     def _rollback(self, added: list[str], new_banks: dict[str, LoraBank]) -> None:
@@ -359,6 +386,16 @@ class AdapterRegistry:
 
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for bank in self.banks.values() for b in bank.buffers())
+
+
+def _still_installed(edges: tuple, held: tuple) -> bool:
+    for parent, name, child in edges:
+        if parent._modules.get(name) is not child:
+            return False
+    for layer, bank in held:
+        if layer._modules.get("bank") is not bank:
+            return False
+    return True
 
 
 def _base_module(model: nn.Module, path: str) -> nn.Module:
