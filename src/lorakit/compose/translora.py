@@ -285,9 +285,8 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
             synthetic += sample_candidates(model, tokenizer, seeds, config.candidates_per_round, config, rng)[0]
     synthetic = synthetic[: len(real)]
     if not synthetic:
-        raise LorakitError("the source model wrote no usable synthetic prompt in "
-                           f"{config.max_rounds} rounds (none held prompt_end={config.prompt_end!r}); check the seeds, "
-                           "or set TransLoraConfig.prompt_end / separator to match their format.")
+        raise LorakitError(no_whole_prompt_message("to train the discriminator, the source base",
+                                                   config.max_rounds * config.candidates_per_round, config, seeds))
     examples = [_disc_example(ex.prompt, True) for ex in real] + [_disc_example(p, False) for p in synthetic]
     rng.shuffle(examples)
     disc = LoraConfig(r=config.disc_r, lora_alpha=2 * config.disc_r, target_modules="all-linear")
@@ -317,6 +316,25 @@ def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[
         if candidates:
             kept += filter_candidates(candidates, score(candidates), config.threshold)
     return kept[: config.n_synthetic], sampled, rounds
+
+
+def no_whole_prompt_message(who: str, sampled: int, config: TransLoraConfig, seeds: Sequence[Example]) -> str:
+    """Error for sampling that yielded no candidate prompt (``who`` wrote the samples), naming the flags to change."""
+    end = default_prompt_end(seeds) if config.prompt_end is None else config.prompt_end
+    return (f"{who} wrote no whole prompt in {sampled} samples (text ending in the prompt end {end!r} before the "
+            f"few-shot separator, within --max-new-tokens {config.max_new_tokens} tokens), so nothing reached the "
+            f"discriminator; raise --max-new-tokens so a prompt fits, set --prompt-end / --separator to match your "
+            f"prompts' format, or raise --max-rounds (now {config.max_rounds}).")
+
+
+def nothing_kept_message(sampled: int, scored: int, config: TransLoraConfig, seeds: Sequence[Example]) -> str:
+    """Why rejection sampling kept no prompt, naming the ``lorakit transfer`` flags to change: either no sampled
+    line held a whole prompt (so the discriminator never saw one), or the discriminator rejected all it scored."""
+    if scored == 0:
+        return no_whole_prompt_message(f"for the transfer set, the {config.generator} model", sampled, config, seeds)
+    return (f"the discriminator rejected all {scored} candidate prompts it scored ({sampled} sampled): none had "
+            f"P(real) > --threshold {config.threshold}; lower --threshold, raise --max-rounds (now {config.max_rounds})"
+            f" or --disc-steps, or give more real examples (--real-examples).")
 
 
 def _distill_logits(teacher: nn.Module, student: nn.Module, tokenizer: Any, examples: Sequence[Example],
@@ -391,14 +409,17 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
         with disable_adapters(source):
             return sample_candidates(source, source_tokenizer, seeds, n, config, rng)
 
+    scored = 0
+
     def score(prompts: list[str]) -> torch.Tensor:
+        nonlocal scored
+        scored += len(prompts)
         set_adapter(source, DISCRIMINATOR)
         return discriminator_scores(source, source_tokenizer, prompts)
 
     kept, sampled, rounds = synthesize(sample, score, config)
     if not kept:
-        raise LorakitError(f"the discriminator kept none of {sampled} synthetic prompts (threshold {config.threshold}); "
-                           "lower TransLoraConfig.threshold, raise max_rounds, or give more real examples.")
+        raise LorakitError(nothing_kept_message(sampled, scored, config, seeds))
     delete_adapter(source, DISCRIMINATOR)
     set_adapter(source, adapter_name)
     answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
