@@ -13,7 +13,7 @@ from lorakit.core.errors import ConfigError  # noqa: E402
 from lorakit.core.routing import routing  # noqa: E402
 from lorakit.diffusion import (ConceptSpec, LoraSpec, TrainSpec, UNetSpec, apply_styles, build_scheduler,  # noqa: E402
                                build_unet, load_digit_images, load_loras, train_concept_loras)
-from lorakit.diffusion.model import NULL_CLASS  # noqa: E402
+from lorakit.diffusion.model import NULL_CLASS, concepts_by_name  # noqa: E402
 
 
 def test_digits_ship_offline_and_styles_do_what_they_say():
@@ -75,6 +75,16 @@ def test_concept_spec_errors_name_the_problem():
         ConceptSpec("nothing")
     with pytest.raises(ConfigError, match="thick"):
         ConceptSpec("x", styles=("thicc",))
+
+
+def test_cli_train_loras_unknown_concept_lists_valid_names(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["diffusion", "train-loras", "--base", str(tmp_path / "nope"), "--concepts", "digit33"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--concepts: unknown concept 'digit33'" in err and "Did you mean: digit3" in err
+    assert "digit0 ... digit9" in err and "thin" in err and "train-base" not in err  # checked before the base loads
+    assert [c.name for c in concepts_by_name(["digit3", "thin"])] == ["digit3", "thin"]
 
 
 def test_cli_compose_image_reports_a_missing_base(tmp_path, capsys):

@@ -132,18 +132,10 @@ def _cmd_train_base(args) -> int:
 
 
 def _cmd_train_loras(args) -> int:
-    from .model import ConceptSpec, LoraSpec, TrainSpec, default_concepts, load_base, train_concept_loras
+    from .model import LoraSpec, TrainSpec, concepts_by_name, default_concepts, load_base, train_concept_loras
 
+    concepts = concepts_by_name(args.concepts) if args.concepts else default_concepts()  # before the base loads
     unet, sched = load_base(args.base)
-    concepts = default_concepts()
-    if args.concepts:
-        known = {c.name: c for c in concepts}
-        concepts = []
-        for name in args.concepts:
-            if name in known:
-                concepts.append(known[name])
-            else:
-                concepts.append(ConceptSpec(name, styles=(name,)))  # a style name (validated by ConceptSpec)
     summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
                                   TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
     print(json.dumps({k: v for k, v in summary.items() if k != "concepts"}, indent=2))

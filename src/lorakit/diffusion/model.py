@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from .data import apply_styles, check_style, load_digit_images
+from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10
 NULL_CLASS = NUM_DIGITS  # the label of "no class" (classifier-free guidance's unconditional input)
@@ -198,6 +198,19 @@ def default_concepts() -> list[ConceptSpec]:
     """One LoRA per digit class (``digit0`` ... ``digit9``) and the style LoRAs ``thick`` and ``inverted``."""
     return [ConceptSpec(f"digit{d}", digit=d) for d in range(NUM_DIGITS)] + [
         ConceptSpec("thick", styles=("thick",)), ConceptSpec("inverted", styles=("inverted",))]
+
+
+def concepts_by_name(names: list[str] | tuple[str, ...]) -> list[ConceptSpec]:
+    """The concepts named: a default concept (``digit0`` ... ``digit9``, ``thick``, ``inverted``) or any style name.
+
+    Raises ConfigError for an unknown name, with near matches and every valid name (``--concepts`` on the CLI)."""
+    known = {c.name: c for c in default_concepts()}
+    valid = list(known) + [s for s in STYLES if s not in known]
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"--concepts: unknown concept {name!r}.{did_you_mean(name, valid)} Valid: digit0 ... "
+                              f"digit{NUM_DIGITS - 1} (one per digit class) and the styles {', '.join(STYLES)}.")
+    return [known[n] if n in known else ConceptSpec(n, styles=(n,)) for n in names]
 
 
 @dataclass
