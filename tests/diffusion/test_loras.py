@@ -87,6 +87,20 @@ def test_cli_train_loras_unknown_concept_lists_valid_names(tmp_path, capsys):
     assert [c.name for c in concepts_by_name(["digit3", "thin"])] == ["digit3", "thin"]
 
 
+def test_cli_compose_image_same_lora_twice_names_the_argument(tmp_path, capsys):
+    from lorakit.cli import main
+
+    lora = str(tmp_path / "loras" / "digit3")
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", lora, "--lora", lora + "/",
+                 "--method", "merge"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--lora {lora}/ is given twice" in err and "delete_adapter" not in err
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", lora,
+                 "--lora", str(tmp_path / "other" / "digit3"), "--method", "merge"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would both load as adapter 'digit3'" in err
+
+
 def test_cli_compose_image_reports_a_missing_base(tmp_path, capsys):
     from lorakit.cli import main
 

@@ -63,10 +63,25 @@ def _parse_set(items: Sequence[str]) -> dict:
     return out
 
 
+def check_distinct_loras(folders: Sequence[str]) -> None:
+    """Raise ConfigError when two ``--lora`` arguments are the same folder or share a folder name (the adapter name
+    each is loaded under)."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        name = Path(folder).name
+        if name in seen:
+            same = Path(seen[name]).resolve() == Path(folder).resolve()
+            raise ConfigError(f"--lora {folder} is given twice; pass each LoRA once." if same else
+                              f"--lora {seen[name]} and --lora {folder} would both load as adapter {name!r} (the "
+                              "folder name); rename or copy one of the folders.")
+        seen[name] = folder
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from .model import load_base, load_loras, sampling_scheduler
     from .sampler import compose_images, make_config
 
+    check_distinct_loras(args.lora)
     unet, train_sched = load_base(args.base)
     names = load_loras(unet, args.lora)
     fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}
