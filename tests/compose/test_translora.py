@@ -1,5 +1,6 @@
-"""Trans-LoRA (arXiv:2405.17258): transfer writes an adapter the real ``peft`` loads on the target base; the
-discriminator scores and filter follow the paper's description; bad input fails clearly.
+"""Trans-LoRA (arXiv:2405.17258; compose/translora.py and its synthetic-data half, translora_synthesis.py):
+transfer writes an adapter the real ``peft`` loads on the target base; the discriminator scores and filter follow
+the paper's description; bad input fails clearly.
 
 Tiny random Llamas with the bundled tokenizer stand in for the two bases (the pipeline's mechanics, not its
 quality: benchmarks/translora/README.md has the measured transfer on the bundled bases)."""
@@ -15,10 +16,10 @@ import torch
 
 from lk_models import tiny_llama_for
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter
-from lorakit.compose import translora as tl
-from lorakit.compose.translora import (DISC_QUESTION, REAL, SYNTHETIC, TransLoraConfig, check_same_tokenizer,
-                                       cut_candidate, default_prompt_end, discriminator_scores, filter_candidates,
-                                       transfer_models)
+from lorakit.compose import translora_synthesis as tl
+from lorakit.compose.translora import TransLoraConfig, check_same_tokenizer, transfer_models
+from lorakit.compose.translora_synthesis import (DISC_QUESTION, REAL, SYNTHETIC, cut_candidate, default_prompt_end,
+                                                 discriminator_scores, filter_candidates)
 from lorakit.core.errors import ConfigError, LorakitError
 from lorakit.data import Example, encode_prompt, get_task
 from lorakit.hub import load_tokenizer
