@@ -39,6 +39,7 @@ def test_merge_joins_runs_of_one_profile(tmp_path):
     assert merged["profile"]["tasks"] == ["rotate", "upper"] and merged["profile"]["seeds"] == [0, 1]
     table = (tmp_path / "all" / "results.md").read_text()
     assert "| upper | 1 | 0.50 | 0.50 | 0.50 | 0.50 | 0.50 | 10 / 90 |" in table and "0.75" in table
+    assert "| upper | 2 | 0.50 ± 0.00 (0.75 ± 0.00) |" in table and "| rotate | 1 | 0.50 ± 0.00" in table
     _part(tmp_path / "c", "sort", [0], steps=10)
     with pytest.raises(ValueError, match="steps"):
         main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(tmp_path / "bad")])

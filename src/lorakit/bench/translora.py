@@ -167,6 +167,11 @@ def merge(parts: Sequence[Path], output: Path) -> list[dict]:
     return rows
 
 
+def _mean_std(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean().item():.2f} ± {t.std().item() if len(values) > 1 else 0.0:.2f}"
+
+
 def _write(output: Path, profile: Profile, rows: list[dict]) -> None:
     from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -185,6 +190,20 @@ def _write(output: Path, profile: Profile, rows: list[dict]) -> None:
                   "target LoRA, Trans-LoRA |", "|" + "---|" * 7]
         lines += [f"| {r['task']} | {r['seed']} | " + " | ".join(f"{r[c + '_letters']:.2f}" for c in COLUMNS) + " |"
                   for r in rows]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if any(sum(r["task"] == t for r in rows) > 1 for t in tasks):
+        lines += ["", "Mean ± std over seeds (exact match; letter accuracy where recorded):", "",
+                  "| task | seeds | source base | source LoRA | target base | target LoRA, real data | "
+                  "target LoRA, Trans-LoRA |", "|" + "---|" * 7]
+        for t in tasks:
+            mine = [r for r in rows if r["task"] == t]
+            cells = []
+            for c in COLUMNS:
+                cell = _mean_std([r[c] for r in mine])
+                if all(c + "_letters" in r for r in mine):
+                    cell += f" ({_mean_std([r[c + '_letters'] for r in mine])})"
+                cells.append(cell)
+            lines.append(f"| {t} | {len(mine)} | " + " | ".join(cells) + " |")
     atomic_write_bytes(output / "results.md", ("\n".join(lines) + "\n").encode())
 
 
