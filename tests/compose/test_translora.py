@@ -1,5 +1,6 @@
-"""Trans-LoRA (arXiv:2405.17258): transfer writes an adapter the real ``peft`` loads on the target base; the
-discriminator scores and filter follow the paper's description; bad input fails clearly.
+"""Trans-LoRA (arXiv:2405.17258; compose/translora.py and its synthetic-data half, translora_synthesis.py):
+transfer writes an adapter the real ``peft`` loads on the target base; the discriminator scores and filter follow
+the paper's description; bad input fails clearly.
 
 Tiny random Llamas with the bundled tokenizer stand in for the two bases (the pipeline's mechanics, not its
 quality: benchmarks/translora/README.md has the measured transfer on the bundled bases)."""
@@ -15,10 +16,10 @@ import torch
 
 from lk_models import tiny_llama_for
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter
-from lorakit.compose import translora as tl
-from lorakit.compose.translora import (DISC_QUESTION, REAL, SYNTHETIC, TransLoraConfig, check_same_tokenizer,
-                                       cut_candidate, default_prompt_end, discriminator_scores, filter_candidates,
-                                       transfer_models)
+from lorakit.compose import translora_synthesis as tl
+from lorakit.compose.translora import TransLoraConfig, check_same_tokenizer, transfer_models
+from lorakit.compose.translora_synthesis import (DISC_QUESTION, REAL, SYNTHETIC, cut_candidate, default_prompt_end,
+                                                 discriminator_scores, filter_candidates)
 from lorakit.core.errors import ConfigError, LorakitError
 from lorakit.data import Example, encode_prompt, get_task
 from lorakit.hub import load_tokenizer
@@ -246,3 +247,21 @@ def test_who_writes_the_synthetic_prompts(tokenizer, real, generator, monkeypatc
     assert calls[0] == ("source", ())  # discriminator data: the source base, adapters off
     expected = {"target": ("target", ()), "source": ("source", ()), "teacher": ("source", ("default",))}[generator]
     assert calls[1:] == [expected]
+
+
+def test_kept_none_says_whether_candidates_reached_the_discriminator(tokenizer, real):
+    """One sampled token cannot hold a prompt ending in "=>", so nothing reaches the discriminator: the error names
+    --max-new-tokens, not the discriminator's threshold. With candidates but an unreachable threshold, it names
+    --threshold. Errors name the CLI flags, not the config fields."""
+    short = {**FAST, "max_new_tokens": 1, "prompt_end": "=>"}
+    with pytest.raises(LorakitError, match="nothing reached the discriminator") as err:
+        transfer_models(_source(tokenizer), tokenizer, _target(tokenizer), tokenizer, real, TransLoraConfig(**short))
+    assert "--max-new-tokens 1" in str(err.value) and "--prompt-end" in str(err.value)
+    assert "--threshold" not in str(err.value) and "TransLoraConfig" not in str(err.value)
+    at_transfer = tl.nothing_kept_message(64, 0, TransLoraConfig(**short), real[:3])
+    assert "transfer set, the target model" in at_transfer and "--max-new-tokens 1" in at_transfer
+    assert "--threshold" not in at_transfer
+    strict = {**FAST, "threshold": 0.999999}
+    with pytest.raises(LorakitError, match=r"rejected all \d+ candidate prompts") as err:
+        transfer_models(_source(tokenizer), tokenizer, _target(tokenizer), tokenizer, real, TransLoraConfig(**strict))
+    assert "--threshold 0.999999" in str(err.value) and "--max-new-tokens" not in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ pytest.importorskip("diffusers")
 from lorakit.core.errors import ConfigError  # noqa: E402
 from lorakit.core.routing import routing  # noqa: E402
 from lorakit.diffusion import (ConceptSpec, LoraSpec, TrainSpec, UNetSpec, apply_styles, build_scheduler,  # noqa: E402
-                               build_unet, load_digit_images, load_loras, train_concept_loras)
-from lorakit.diffusion.model import NULL_CLASS  # noqa: E402
+                               build_unet, load_base, load_digit_images, load_loras, train_base,
+                               train_concept_loras)
+from lorakit.diffusion.model import NULL_CLASS, concepts_by_name  # noqa: E402
 
 
 def test_digits_ship_offline_and_styles_do_what_they_say():
@@ -75,6 +77,53 @@ def test_concept_spec_errors_name_the_problem():
         ConceptSpec("nothing")
     with pytest.raises(ConfigError, match="thick"):
         ConceptSpec("x", styles=("thicc",))
+
+
+def test_base_save_is_atomic(tmp_path, monkeypatch):
+    """The base folder appears whole or not at all: a save that fails midway (the scheduler's write, after the
+    UNet's) leaves the previous base loadable and no temp folder behind."""
+    from diffusers import DDPMScheduler
+
+    spec = UNetSpec(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
+    one_step = TrainSpec(steps=1, batch_size=2)
+    out = tmp_path / "base"
+    train_base(out, spec, one_step, log_every=0)
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    def fail(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DDPMScheduler, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        train_base(out, spec, TrainSpec(steps=1, batch_size=2, seed=1), log_every=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    unet, _ = load_base(out)
+    assert json.loads((out / "base.json").read_text())["train"]["seed"] == 0 and unet.config.sample_size == 8
+
+
+def test_cli_train_loras_unknown_concept_lists_valid_names(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["diffusion", "train-loras", "--base", str(tmp_path / "nope"), "--concepts", "digit33"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--concepts: unknown concept 'digit33'" in err and "Did you mean: digit3" in err
+    assert "digit0 ... digit9" in err and "thin" in err and "train-base" not in err  # checked before the base loads
+    assert [c.name for c in concepts_by_name(["digit3", "thin"])] == ["digit3", "thin"]
+
+
+def test_cli_compose_image_same_lora_twice_names_the_argument(tmp_path, capsys):
+    from lorakit.cli import main
+
+    lora = str(tmp_path / "loras" / "digit3")
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", lora, "--lora", lora + "/",
+                 "--method", "merge"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--lora {lora}/ is given twice" in err and "delete_adapter" not in err
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", lora,
+                 "--lora", str(tmp_path / "other" / "digit3"), "--method", "merge"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would both load as adapter 'digit3'" in err
 
 
 def test_cli_compose_image_reports_a_missing_base(tmp_path, capsys):

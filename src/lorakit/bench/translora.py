@@ -66,10 +66,13 @@ def _train_lora(model_name: str, tokenizer, examples, profile: Profile, seed: in
     return model, tokenizer
 
 
-def _exact_match(model, tokenizer, test) -> float:
+def _scores(model, tokenizer, test) -> tuple[float, float]:
+    """(exact match, letter accuracy) of greedy answers on ``test``, from one generation pass."""
     from ..data import evaluate_examples
 
-    return round(evaluate_examples(model, tokenizer, test)["exact_match"], 4)
+    metrics = evaluate_examples(model, tokenizer, test, return_predictions=True)
+    letters = sum(letter_accuracy(p, ex.completion) for p, ex in zip(metrics["predictions"], test)) / len(test)
+    return round(metrics["exact_match"], 4), round(letters, 4)
 
 
 def letter_accuracy(prediction: str, reference: str) -> float:
@@ -82,7 +85,7 @@ def letter_accuracy(prediction: str, reference: str) -> float:
 def rescore(profile: Profile, output: Path, log=print) -> list[dict]:
     """Exact match and letter accuracy of every column from the adapters a run saved under ``output/adapters``."""
     from .. import load_adapter
-    from ..data import evaluate_examples, get_task
+    from ..data import get_task
     from ..hub import load_model_and_tokenizer
 
     rows = json.loads((output / "results.json").read_text())["rows"]
@@ -96,10 +99,7 @@ def rescore(profile: Profile, output: Path, log=print) -> list[dict]:
             model, tokenizer = load_model_and_tokenizer(model_name)
             if adapter:
                 load_adapter(model, folder / adapter)
-            metrics = evaluate_examples(model, tokenizer, test, return_predictions=True)
-            row[column] = round(metrics["exact_match"], 4)
-            row[column + "_letters"] = round(sum(letter_accuracy(p, ex.completion) for p, ex in
-                                                 zip(metrics["predictions"], test)) / len(test), 4)
+            row[column], row[column + "_letters"] = _scores(model, tokenizer, test)
         log(json.dumps(row))
     _write(output, profile, rows)
     return rows
@@ -112,22 +112,21 @@ def run(profile: Profile, output: Path, log=print) -> dict:
     from ..hub import load_model_and_tokenizer
 
     rows = []
-    base_scores: dict[tuple[str, str], float] = {}
     for task in profile.tasks:
         test = get_task(task).generate("test", profile.eval_examples, seed=0)
+        base_scores = {}
         for which in ("source", "target"):
             model, tokenizer = load_model_and_tokenizer(getattr(profile, which))
-            base_scores[(task, which)] = _exact_match(model, tokenizer, test)
+            base_scores[f"{which}_base"], base_scores[f"{which}_base_letters"] = _scores(model, tokenizer, test)
         for seed in profile.seeds:
             start = time.perf_counter()
             real = get_task(task).generate("train", profile.train_examples, seed=seed)
-            row = {"task": task, "seed": seed, "source_base": base_scores[(task, "source")],
-                   "target_base": base_scores[(task, "target")]}
+            row = {"task": task, "seed": seed, **base_scores}
             folder = output / "adapters" / f"{task}-seed{seed}"
             model, tokenizer = _train_lora(profile.source, None, real, profile, seed, folder / "source")
-            row["source_lora"] = _exact_match(model, tokenizer, test)
+            row["source_lora"], row["source_lora_letters"] = _scores(model, tokenizer, test)
             model, tokenizer = _train_lora(profile.target, None, real, profile, seed, folder / "target-real")
-            row["target_lora_real"] = _exact_match(model, tokenizer, test)
+            row["target_lora_real"], row["target_lora_real_letters"] = _scores(model, tokenizer, test)
             t0 = time.perf_counter()
             config = TransLoraConfig(n_synthetic=profile.n_synthetic, disc_steps=profile.disc_steps,
                                      candidates_per_round=profile.candidates_per_round, max_rounds=profile.max_rounds,
@@ -139,7 +138,7 @@ def run(profile: Profile, output: Path, log=print) -> dict:
             row["transfer_s"] = round(time.perf_counter() - t0, 1)
             model, tokenizer = load_model_and_tokenizer(profile.target)
             load_adapter(model, folder / "target-translora")
-            row["target_lora_translora"] = _exact_match(model, tokenizer, test)
+            row["target_lora_translora"], row["target_lora_translora_letters"] = _scores(model, tokenizer, test)
             row.update({k: v for k, v in result.summary().items() if k in ("candidates", "kept", "keep_rate")})
             row["discriminator_train_accuracy"] = result.discriminator["train_accuracy"]
             row["wall_s"] = round(time.perf_counter() - start, 1)
@@ -147,6 +146,30 @@ def run(profile: Profile, output: Path, log=print) -> dict:
             rows.append(row)
             _write(output, profile, rows)
     return {"rows": rows}
+
+
+def merge(parts: Sequence[Path], output: Path) -> list[dict]:
+    """Join the rows of runs written to ``parts`` (e.g. one process per task) into ``output``'s results.json/.md.
+
+    Raises ValueError when the parts were run with different profiles (other than their tasks and seeds)."""
+    loaded = [json.loads((part / "results.json").read_text()) for part in parts]
+    differs = lambda a, b: {k for k in a if k not in ("tasks", "seeds") and a[k] != b.get(k)}  # noqa: E731
+    for part, run_ in zip(parts, loaded):
+        if bad := differs(loaded[0]["profile"], run_["profile"]):
+            raise ValueError(f"{part} was run with another profile ({sorted(bad)}); merge only runs of one profile")
+    rows = sorted((r for run_ in loaded for r in run_["rows"]), key=lambda r: (r["task"], r["seed"]))
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in loaded[0]["profile"].items()
+                         if k in fields})
+    profile = dataclasses.replace(profile, tasks=tuple(dict.fromkeys(r["task"] for r in rows)),
+                                  seeds=tuple(sorted({r["seed"] for r in rows})))
+    _write(output, profile, rows)
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean().item():.2f} ± {t.std().item() if len(values) > 1 else 0.0:.2f}"
 
 
 def _write(output: Path, profile: Profile, rows: list[dict]) -> None:
@@ -167,6 +190,20 @@ def _write(output: Path, profile: Profile, rows: list[dict]) -> None:
                   "target LoRA, Trans-LoRA |", "|" + "---|" * 7]
         lines += [f"| {r['task']} | {r['seed']} | " + " | ".join(f"{r[c + '_letters']:.2f}" for c in COLUMNS) + " |"
                   for r in rows]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if any(sum(r["task"] == t for r in rows) > 1 for t in tasks):
+        lines += ["", "Mean ± std over seeds (exact match; letter accuracy where recorded):", "",
+                  "| task | seeds | source base | source LoRA | target base | target LoRA, real data | "
+                  "target LoRA, Trans-LoRA |", "|" + "---|" * 7]
+        for t in tasks:
+            mine = [r for r in rows if r["task"] == t]
+            cells = []
+            for c in COLUMNS:
+                cell = _mean_std([r[c] for r in mine])
+                if all(c + "_letters" in r for r in mine):
+                    cell += f" ({_mean_std([r[c + '_letters'] for r in mine])})"
+                cells.append(cell)
+            lines.append(f"| {t} | {len(mine)} | " + " | ".join(cells) + " |")
     atomic_write_bytes(output / "results.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -178,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--rescore", action="store_true", help="only re-evaluate the adapters a run saved in --output "
                    "(exact match and letter accuracy)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+                   help="only join the results of these run folders (one profile) into --output")
     for f in dataclasses.fields(Profile):
         default = getattr(Profile(), f.name)
         if isinstance(default, tuple):
@@ -190,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(Profile)
              if (v := getattr(args, f.name)) is not None}
     profile = dataclasses.replace(QUICK if args.quick else Profile(), **given)
-    rescore(profile, args.output) if args.rescore else run(profile, args.output)
+    if args.merge:
+        merge(args.merge, args.output)
+    elif args.rescore:
+        rescore(profile, args.output)
+    else:
+        run(profile, args.output)
     return 0
 
 

@@ -63,10 +63,25 @@ def _parse_set(items: Sequence[str]) -> dict:
     return out
 
 
+def check_distinct_loras(folders: Sequence[str]) -> None:
+    """Raise ConfigError when two ``--lora`` arguments are the same folder or share a folder name (the adapter name
+    each is loaded under)."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        name = Path(folder).name
+        if name in seen:
+            same = Path(seen[name]).resolve() == Path(folder).resolve()
+            raise ConfigError(f"--lora {folder} is given twice; pass each LoRA once." if same else
+                              f"--lora {seen[name]} and --lora {folder} would both load as adapter {name!r} (the "
+                              "folder name); rename or copy one of the folders.")
+        seen[name] = folder
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from .model import load_base, load_loras, sampling_scheduler
     from .sampler import compose_images, make_config
 
+    check_distinct_loras(args.lora)
     unet, train_sched = load_base(args.base)
     names = load_loras(unet, args.lora)
     fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}
@@ -132,18 +147,10 @@ def _cmd_train_base(args) -> int:
 
 
 def _cmd_train_loras(args) -> int:
-    from .model import ConceptSpec, LoraSpec, TrainSpec, default_concepts, load_base, train_concept_loras
+    from .model import LoraSpec, TrainSpec, concepts_by_name, default_concepts, load_base, train_concept_loras
 
+    concepts = concepts_by_name(args.concepts) if args.concepts else default_concepts()  # before the base loads
     unet, sched = load_base(args.base)
-    concepts = default_concepts()
-    if args.concepts:
-        known = {c.name: c for c in concepts}
-        concepts = []
-        for name in args.concepts:
-            if name in known:
-                concepts.append(known[name])
-            else:
-                concepts.append(ConceptSpec(name, styles=(name,)))  # a style name (validated by ConceptSpec)
     summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
                                   TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
     print(json.dumps({k: v for k, v in summary.items() if k != "concepts"}, indent=2))

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from .data import apply_styles, check_style, load_digit_images
+from ..training.checkpoint import write_dir_atomically
+from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10
 NULL_CLASS = NUM_DIGITS  # the label of "no class" (classifier-free guidance's unconditional input)
@@ -141,7 +142,8 @@ def _cosine_lr(opt, step: int, total: int, base: float) -> None:
 def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: TrainSpec | None = None,
                *, log_every: int = 500) -> dict:
     """Train the base UNet on the plain digits; writes ``out_dir/unet`` (diffusers, safetensors),
-    ``out_dir/scheduler`` and ``out_dir/base.json`` (specs, final loss, seconds). Returns that summary."""
+    ``out_dir/scheduler`` and ``out_dir/base.json`` (specs, final loss, seconds) atomically: into a temp folder
+    beside ``out_dir``, renamed over it at the end. Returns that summary."""
     spec, train = spec or UNetSpec(), train or TrainSpec()
     images, labels = load_digit_images(spec.sample_size)
     unet, scheduler = build_unet(spec, seed=train.seed), build_scheduler()
@@ -156,12 +158,15 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
         loss = _diffusion_loss(unet, scheduler, images[idx], y, g)
         _optimizer_step(opt, loss, step, train, losses, log_every, "base")
     unet.eval()
-    out = Path(out_dir)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
     summary = {"unet": asdict(spec), "train": asdict(train), "final_loss": sum(losses[-100:]) / min(100, len(losses)),
                "seconds": round(time.perf_counter() - start, 1)}
-    (out / "base.json").write_text(json.dumps(summary, indent=2))
+
+    def write(folder: Path) -> None:
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+        (folder / "base.json").write_text(json.dumps(summary, indent=2))
+
+    write_dir_atomically(out_dir, write)  # a crash mid-save leaves the previous base whole
     return summary
 
 
@@ -198,6 +203,19 @@ def default_concepts() -> list[ConceptSpec]:
     """One LoRA per digit class (``digit0`` ... ``digit9``) and the style LoRAs ``thick`` and ``inverted``."""
     return [ConceptSpec(f"digit{d}", digit=d) for d in range(NUM_DIGITS)] + [
         ConceptSpec("thick", styles=("thick",)), ConceptSpec("inverted", styles=("inverted",))]
+
+
+def concepts_by_name(names: list[str] | tuple[str, ...]) -> list[ConceptSpec]:
+    """The concepts named: a default concept (``digit0`` ... ``digit9``, ``thick``, ``inverted``) or any style name.
+
+    Raises ConfigError for an unknown name, with near matches and every valid name (``--concepts`` on the CLI)."""
+    known = {c.name: c for c in default_concepts()}
+    valid = list(known) + [s for s in STYLES if s not in known]
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"--concepts: unknown concept {name!r}.{did_you_mean(name, valid)} Valid: digit0 ... "
+                              f"digit{NUM_DIGITS - 1} (one per digit class) and the styles {', '.join(STYLES)}.")
+    return [known[n] if n in known else ConceptSpec(n, styles=(n,)) for n in names]
 
 
 @dataclass
