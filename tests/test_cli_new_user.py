@@ -320,7 +320,7 @@ def test_auto_peft_model_loads_a_saved_adapter_with_the_same_logits(lora_run):
 @pytest.mark.parametrize("umask,mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_saved_files_follow_the_umask(umask, mode, dir_mode, tmp_path):
     from lorakit.io.files import atomic_write_json
-    from lorakit.training.checkpoint import write_dir_atomically
+    from lorakit.io.files import write_dir_atomically
 
     old = os.umask(umask)
     try:

@@ -744,7 +744,7 @@ def _mergeable_or_raise(method) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import get_method, merge_and_unload
     from .io.peft_format import read_adapter_config
-    from .training.checkpoint import write_dir_atomically
+    from .io.files import write_dir_atomically
 
     _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
@@ -925,7 +925,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
             raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
         out = check_output_dir(args.output, "--output", overwrite=args.overwrite) if args.output else None
         from .hub import load_model_and_tokenizer
-        from .training.checkpoint import write_dir_atomically
+        from .io.files import write_dir_atomically
 
         model, tokenizer = load_model_and_tokenizer(args.model)
         test = task_token_rows(tokenizer, "test", args.eval_rows, args.seq_len)
@@ -955,7 +955,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import get_method, load_adapter, save_adapter
     from .hub import load_model_and_tokenizer
     from .io.peft_format import read_adapter_config
-    from .training.checkpoint import write_dir_atomically
+    from .io.files import write_dir_atomically
 
     method = get_method(read_adapter_config(args.adapter))
     if method.peft_type is None and method.to_lora is None:

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit.core.errors import ConfigError
 from lorakit.pretrain import BASE_MODEL_DIR, OBJECTIVES, CorpusConfig, PretrainConfig, build_corpus, pretrain_base
 from lorakit.pretrain.corpus import split_chunks, stdlib_files
-from lorakit.pretrain.train import build_parser, config_from_args, pack_corpus, save_atomic
+from lorakit.io.files import write_dir_atomically
+from lorakit.pretrain.train import build_parser, config_from_args, pack_corpus
 from lorakit.pretrain.tokenizer import train_tokenizer
 
 MAX_BYTES = 30 * 1024 * 1024
@@ -197,10 +198,10 @@ def test_tiny_pretrain_is_seeded(tiny_run, tmp_path):
     assert again["loss_curve"] == first["loss_curve"]
 
 
-def test_save_atomic_replaces_and_survives_failure(tmp_path):
+def test_write_dir_atomically_replaces_and_survives_failure(tmp_path):
     target = tmp_path / "model"
-    save_atomic(target, lambda d: (d / "a.txt").write_text("one"))
-    save_atomic(target, lambda d: (d / "b.txt").write_text("two"))
+    write_dir_atomically(target, lambda d: (d / "a.txt").write_text("one"))
+    write_dir_atomically(target, lambda d: (d / "b.txt").write_text("two"))
     assert [p.name for p in target.iterdir()] == ["b.txt"]
 
     def broken(folder):
@@ -208,7 +209,7 @@ def test_save_atomic_replaces_and_survives_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        save_atomic(target, broken)
+        write_dir_atomically(target, broken)
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 

@@ -271,7 +271,7 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
 
     from ..hub import load_model_and_tokenizer
     from ..io.peft_format import load_adapter, read_adapter_config, save_adapter
-    from ..training.checkpoint import write_dir_atomically
+    from ..io.files import write_dir_atomically
 
     read_adapter_config(adapter)  # a bad adapter folder fails before the models load
     source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)

@@ -35,7 +35,7 @@ from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from ..training.checkpoint import write_dir_atomically
+from ..io.files import write_dir_atomically
 from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -40,6 +41,42 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh folder beside ``target``, then rename it into place (replacing an old one).
+
+    Readers never see a half-written folder under ``target``'s name: a failure in ``write`` (or in the renames)
+    removes the temporary folder and leaves the previous ``target``, if any, where it was. The folder and what
+    ``write`` put in it get the usual permissions for the umask (mkdtemp makes folders owner-only, and some
+    writers create private files too). Returns ``target``.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        write(tmp)
+        mask = current_umask()
+        for path in tmp.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        if target.exists():
+            # A rename cannot replace a non-empty folder: move the old one aside first, drop it after.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / target.name).exists() and not target.exists():
+            os.replace(old / target.name, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

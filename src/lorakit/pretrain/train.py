@@ -14,8 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from lorakit.assets import BASE_MODEL_PATH
 from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.io.files import write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
 from lorakit.pretrain.mixln import MixLNForCausalLM, check_alpha, mixln_config
@@ -227,32 +226,6 @@ def evaluate_loss(model: LlamaForCausalLM, blocks: torch.Tensor, config: Pretrai
     return sum(losses) / len(blocks)
 
 
-def save_atomic(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh folder beside ``out_dir``, then rename it to ``out_dir``.
-
-    A crash leaves the previous ``out_dir`` (if any) in place and no half-written model under its name.
-    """
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary, shareable folder
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    try:
-        write(tmp)
-        for path in tmp.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)  # some writers create files private too
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: TaskTextsFn | None = None,
                   log: Callable[[str], None] = print) -> dict:
     """Pretrain a base model per ``config`` and save it to ``out_dir``; returns what ``pretrain_info.json`` holds.
@@ -348,7 +321,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             info["wall_time_s"] = round(time.perf_counter() - start, 1)
             (folder / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
-        saved = save_atomic(out_dir, write)
+        saved = write_dir_atomically(Path(out_dir).resolve(), write)
         log(f"saved to {saved}: final loss {info['final_loss']}, eval loss {info['eval_loss']}, "
             f"{info['wall_time_s']} s")
         return info

@@ -17,42 +17,18 @@ written under a temporary name and renamed, so a crash never leaves a half-writt
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..io.files import atomic_write_json, current_umask, load_tensors, read_json, save_tensors
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from ..io.peft_format import WEIGHTS_NAME, adapter_state_dict, save_adapter
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 FORMAT = "lorakit-trainer-state/1"
-
-
-def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a fresh folder beside ``target``, then rename it into place (replacing an old one)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
-        if target.exists():
-            # A rename cannot replace a non-empty folder: move the old one aside first, drop it after.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _outside_adapter(model: nn.Module, adapter_name: str, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:

@@ -50,7 +50,8 @@ from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
                              router_summary)
-from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
+from ..io.files import write_dir_atomically
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import device_for, setup
 from .objectives import objective_for
