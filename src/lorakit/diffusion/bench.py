@@ -10,12 +10,12 @@ Writes ``README.md`` (tables, command, settings), ``results.json`` and sample gr
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..io.files import atomic_write_bytes, atomic_write_json
 from .classifier import concept_rates, load_classifier
 from .cli import _grid_png
 from .model import load_base, load_loras, sampling_scheduler
@@ -89,8 +89,8 @@ def run_bench(run_dir: str, out: str, *, quick: bool = False, steps: int = 20, s
     _grid_png(torch.cat(grid_b), out_dir / "two_digit_grid.png", nrow=12)
     results.update(task_a=table_a, task_b=table_b, task_b_pairs=pairs, seconds=timing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "tables.md").write_text(tables_markdown(results))
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_bytes(out_dir / "tables.md", tables_markdown(results).encode())
     return results
 
 

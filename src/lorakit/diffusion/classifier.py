@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..io.files import atomic_write_json, save_tensors
 from .data import apply_styles, load_digit_images
 
 CLASSIFIER_STYLES = ("thick", "inverted")
@@ -88,14 +89,9 @@ def train_classifier(out_dir: str | os.PathLike | None = None, *, size: int = 16
     for i, s in enumerate(CLASSIFIER_STYLES):
         report[f"{s}_accuracy"] = (pred[s] == test_s[:, i].bool()).float().mean().item()
     if out_dir is not None:
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "classifier.safetensors.tmp"
-        save_file(model.state_dict(), str(tmp))
-        os.replace(tmp, out / "classifier.safetensors")
-        (out / "classifier.json").write_text(json.dumps({"styles": list(CLASSIFIER_STYLES), **report}, indent=2))
+        save_tensors(out / "classifier.safetensors", model.state_dict())
+        atomic_write_json(out / "classifier.json", {"styles": list(CLASSIFIER_STYLES), **report})
     return model, report
 
 

@@ -35,7 +35,7 @@ from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from ..io.files import write_dir_atomically
+from ..io.files import atomic_write_json, write_dir_atomically
 from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10
@@ -263,7 +263,7 @@ def train_concept_loras(unet: nn.Module, scheduler, concepts: list[ConceptSpec],
         save_adapter(unet, out / n, n)
     summary = {"concepts": [asdict(c) for c in concepts], "lora": asdict(lora), "train": asdict(train),
                "final_loss": sum(losses[-50:]) / min(50, len(losses)), "seconds": round(time.perf_counter() - start, 1)}
-    (out / "loras.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "loras.json", summary)
     return summary
 
 
