@@ -119,8 +119,8 @@ def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapp
         model.train()
         with torch.enable_grad(), disable_adapters(model):
             for i, batch in enumerate(batches):
-                out = model(**_to(batch, device))
-                loss = getattr(out, "loss", None)
+                # only the loss survives the forward: the output's logits and KV cache are freed before backward
+                loss = getattr(model(**_to(batch, device)), "loss", None)
                 if loss is None:
                     raise AdapterError(f"init {init!r}: the model returned no loss for batch {i}; give batches with labels.")
                 if per_sample:
