@@ -168,12 +168,22 @@ def summarise(runs: list[dict], profile: InitProfile) -> list[dict]:
     for name, rs in groups.items():
         finals = [r["eval"][-1][1] for r in rs]
         mean_curve = [statistics.mean(v) for v in zip(*[r["losses"] for r in rs])]
+        # paired with the baseline run of the same seed (same batches in the same order): the per-step loss varies
+        # more from batch to batch than between inits, so the paired difference is the comparison to read
+        by_seed = {r["seed"]: r for r in groups.get(rs[0]["baseline"], [])}
+        quarter = len(mean_curve) // 4
+        paired = [(statistics.mean(a - b for a, b in zip(r["losses"][:quarter], by_seed[r["seed"]]["losses"][:quarter])),
+                   statistics.mean(a - b for a, b in zip(r["losses"], by_seed[r["seed"]]["losses"])))
+                  for r in rs if r["seed"] in by_seed]
         rows.append({"contender": name, "baseline": rs[0]["baseline"], "lr": rs[0].get("lr", profile.lr), "seeds": len(rs),
                      "trainable_params": rs[0]["trainable_params"],
                      "loss_step1": mean_curve[0], "loss_at_quarter": mean_curve[len(mean_curve) // 4 - 1],
                      "final_loss": statistics.mean(statistics.mean(r["losses"][-5:]) for r in rs),
                      "exact_match_mean": statistics.mean(finals),
                      "exact_match_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                     "paired_seeds": len(paired),
+                     "delta_loss_first_quarter": statistics.mean(p[0] for p in paired) if paired else None,
+                     "delta_loss_all_steps": statistics.mean(p[1] for p in paired) if paired else None,
                      "eval_curve": [(s, statistics.mean(v)) for s, *v in
                                     [(e[0][0], *[x[1] for x in e]) for e in zip(*[r["eval"] for r in rs])]]})
     return rows
@@ -360,15 +370,21 @@ def inits_markdown(result: dict) -> str:
              f"{p['init_batches']} batches, seeds {list(p['seeds'])}; exact match on {p['eval_examples']} test "
              "examples per task.", "",
              "| init | vs | lr | seeds | trainable params | loss step 1 | loss at K/4 | final loss (last 5) | "
-             "exact match at K (mean ± sd) |", "|---|---|---|---|---|---|---|---|---|"]
+             "Δ loss vs baseline, steps 1..K/4 (paired by seed) | Δ loss vs baseline, all K steps | "
+             "exact match at K (mean ± sd) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def delta(x):
+        return "" if x is None else f"{x:+.3f}"
+
     for r in result["convergence"]["table"]:
         lines.append(f"| {r['contender']} | {r['baseline']} | {r.get('lr', p['lr']):g} | {r['seeds']} | "
                      f"{r['trainable_params']:,} | "
                      f"{r['loss_step1']:.3f} | {r['loss_at_quarter']:.3f} | {r['final_loss']:.3f} | "
+                     f"{delta(r.get('delta_loss_first_quarter'))} | {delta(r.get('delta_loss_all_steps'))} | "
                      f"{r['exact_match_mean']:.3f} ± {r['exact_match_sd']:.3f} |")
     skipped = [r for r in result["convergence"]["runs"] if "skipped" in r]
     for r in skipped:
-        lines.append(f"| {r['contender']} | | | seed {r['seed']} skipped: {r['skipped'][:80]} | | | | | |")
+        lines.append(f"| {r['contender']} | | | seed {r['seed']} skipped: {r['skipped'][:80]} | | | | | | | |")
     c = result["cost"]
     lines += ["", f"Init cost against PEFT ({c['device']}; random Llama {p['cost_layers']} layers × hidden "
               f"{p['cost_hidden']}, r=8 on all 7 projections, 8 batches of 4×64 tokens; medians over up to "
