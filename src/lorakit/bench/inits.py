@@ -3,8 +3,9 @@
 (wall time and peak memory of LoRA-GA, EVA and PiSSA on a random 8-layer, 512-hidden Llama).
 
 Cost is measured in one child process per (init, library, repeat), the repeats interleaved so machine noise hits
-both libraries alike: wall time of "attach the adapter + run the init" and the peak resident memory above the
-memory just before (sampled every millisecond from /proc/self/statm; on CUDA, the allocator's peak).
+both libraries alike: wall time and CPU time (of the measuring thread: on the shared machine other processes
+stretch the wall time, much less the CPU time) of "attach the adapter + run the init" and the peak resident
+memory above the memory just before (sampled every millisecond from /proc/self/statm; on CUDA, the allocator's peak).
 
 EVA runs its incremental PCA until every layer's components stop moving (cosine >= tau); on the random model's
 layer inputs that does not happen within minutes in either library (PEFT cycles the batches with no other stop).
@@ -273,8 +274,9 @@ peak[0] = start_mem
 thread = threading.Thread(target=sample, daemon=True)
 if device != "cuda":
     thread.start()
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.thread_time()
 forwards, finished = run_capped(model, batches)
+cpu = time.thread_time() - c0  # this thread only (torch runs single-threaded here; the sampler is another thread)
 if device == "cuda":
     torch.cuda.synchronize()
 wall = time.perf_counter() - t0
@@ -284,7 +286,8 @@ if device == "cuda":
 else:
     thread.join()
     extra = max(peak[0], rss()) - start_mem
-print(json.dumps({"wall_s": wall, "peak_extra_mb": extra / 2**20, "forwards": forwards, "finished": finished}))
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_extra_mb": extra / 2**20, "forwards": forwards,
+                  "finished": finished}))
 '''
 
 
@@ -320,7 +323,12 @@ def cost_rows(samples: dict[tuple[str, str], list[dict]], inits: tuple[str, ...]
         t_ref = statistics.median(s["wall_s"] for s in ref)
         m_ours = statistics.median(s["peak_extra_mb"] for s in ours)
         m_ref = statistics.median(s["peak_extra_mb"] for s in ref)
+        cpu = [statistics.median(s["cpu_s"] for s in xs) if all("cpu_s" in s for s in xs) else None for xs in (ours, ref)]
         rows.append({"init": init, "lorakit_s": t_ours, "peft_s": t_ref, "time_ratio": t_ours / t_ref,
+                     "lorakit_cpu_s": cpu[0], "peft_cpu_s": cpu[1],
+                     "cpu_ratio": cpu[0] / cpu[1] if None not in cpu else None,
+                     "cpu_ratio_per_repeat": [a["cpu_s"] / b["cpu_s"] for a, b in zip(ours, ref)
+                                              if "cpu_s" in a and "cpu_s" in b],
                      "lorakit_peak_extra_mb": m_ours, "peft_peak_extra_mb": m_ref,
                      "memory_ratio": m_ours / m_ref if m_ref > 0 else None, "repeats": min(len(ours), len(ref)),
                      "time_ratio_per_repeat": [a["wall_s"] / b["wall_s"] for a, b in zip(ours, ref)],
@@ -390,12 +398,12 @@ def inits_markdown(result: dict) -> str:
               f"{p['cost_hidden']}, r=8 on all 7 projections, 8 batches of 4×64 tokens; medians over up to "
               f"{p['cost_repeats']} interleaved child processes each; EVA stopped in both libraries at the start of "
               f"forward pass {EVA_FORWARDS + 1}, see the module docstring):", "",
-              "| init | repeats | lorakit s | PEFT s | time lorakit/PEFT (per repeat) | lorakit peak extra MB | "
-              "PEFT peak extra MB | memory lorakit/PEFT (per repeat) | finished (lorakit / PEFT) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| init | repeats | lorakit s | PEFT s | wall time lorakit/PEFT (per repeat) | CPU time lorakit/PEFT "
+              "(per repeat) | lorakit peak extra MB | PEFT peak extra MB | memory lorakit/PEFT (per repeat) | "
+              "finished (lorakit / PEFT) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
         if "error" in r:
-            lines.append(f"| {r['init']} | | | | failed: {r['error'][:100]} | | | | |")
+            lines.append(f"| {r['init']} | | | | failed: {r['error'][:100]} | | | | | |")
             continue
         mr = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "n/a"
         each_t = ", ".join(f"{x:.2f}" for x in r.get("time_ratio_per_repeat", []))
@@ -404,8 +412,10 @@ def inits_markdown(result: dict) -> str:
         done = " / ".join("yes" if all(fin.get(lib, [True])) else
                           f"capped at {max(f for f in r['forwards'][lib] if f is not None)} forwards"
                           for lib in ("lorakit", "peft"))
+        each_c = ", ".join(f"{x:.2f}" for x in r.get("cpu_ratio_per_repeat", []))
+        cr = f"**{r['cpu_ratio']:.2f}** ({each_c})" if r.get("cpu_ratio") is not None else "n/a"
         lines.append(f"| {r['init']} | {r.get('repeats', p['cost_repeats'])} | {r['lorakit_s']:.2f} | "
-                     f"{r['peft_s']:.2f} | **{r['time_ratio']:.2f}** ({each_t}) | {r['lorakit_peak_extra_mb']:.0f} | "
+                     f"{r['peft_s']:.2f} | **{r['time_ratio']:.2f}** ({each_t}) | {cr} | {r['lorakit_peak_extra_mb']:.0f} | "
                      f"{r['peft_peak_extra_mb']:.0f} | **{mr}** ({each_m}) | {done} |")
     return "\n".join(lines) + "\n"
 
