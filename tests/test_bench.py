@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -101,3 +102,20 @@ def test_bench_reparam_quick_rows_plot_and_ratios(tmp_path):
     assert all(rows[m]["step_vs_lora"] > 0 and rows[m]["memory_vs_lora"] > 0 for m in ("mos", "lamda"))
     assert "step time × LoRA" in (tmp_path / "reparam.md").read_text()
     assert (tmp_path / "reparam_params.png").stat().st_size > 1000
+
+
+def test_bench_init_contender_with_its_own_lr_and_resume_keeps_matching_runs():
+    from lorakit.bench import inits
+
+    assert inits.parse_contender("pissa@2e-4", 2e-3) == ("pissa", 2e-4, "lora@2e-4")
+    assert inits.parse_contender("lora_sb", 2e-3) == ("lora_sb", 2e-3, "lora_xs")
+    with pytest.raises(ValueError, match="pisa.*NAME@LR"):
+        inits.parse_contender("pisa", 2e-3)
+    with pytest.raises(ValueError, match="not a learning rate"):
+        inits.parse_contender("pissa@fast", 2e-3)
+    run = {"contender": "lora", "baseline": "lora", "seed": 0, "losses": [1.0] * 8, "eval": [(8, 0.5)],
+           "trainable_params": 10}
+    previous = {"profile": asdict(inits.QUICK), "convergence": {"runs": [run, {"contender": "x", "seed": 0,
+                                                                              "skipped": "no"}]}}
+    assert inits.reusable_runs(previous, inits.QUICK) == [run]  # finished runs only
+    assert inits.reusable_runs(previous, replace(inits.QUICK, steps=5)) == []  # other settings: rerun everything

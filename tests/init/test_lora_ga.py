@@ -127,3 +127,18 @@ def test_lora_ga_first_step_follows_the_full_gradient():
         update = d.lora_B.weight.grad @ d.lora_A.weight + d.lora_B.weight @ d.lora_A.weight.grad  # (out, in)
         cosine[name] = float(torch.nn.functional.cosine_similarity(update.flatten(), G.flatten(), dim=0))
     assert cosine["ga"] > 0.5 and cosine["ga"] > 2 * cosine["default"], cosine
+
+
+def test_lora_ga_base_edit_record_holds_only_the_factors():
+    """The record ``W_now = W + s·(−B) A`` keeps A (r, in) and B (out, r) themselves, not the SVD factor V they
+    were sliced from (A = Vᵀ[:r] is a view of the (in, 4r) V before the copy)."""
+    from lorakit.core.inits import base_edits
+
+    model = _ours(_batches())
+    layers = dict(adapter_layers(model))
+    for path, edit in base_edits(model, "default").items():
+        d = layers[path].adapters["default"]
+        for t in (edit.A, edit.B):
+            assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4
+        torch.testing.assert_close(edit.A, d.lora_A.weight)
+        torch.testing.assert_close(edit.B, -d.lora_B.weight)

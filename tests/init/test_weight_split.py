@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
+from lorakit.core.inits import base_edits
 from lorakit.core.model import adapter_layers
 
 from lk_models import tiny_llama
@@ -159,3 +160,38 @@ def test_bad_init_names_are_clear_errors():
         lk.init_adapter(model, "default")
     with pytest.raises(lk.AdapterError, match="unknown adapter 'defualt'"):
         lk.init_adapter(model, "defualt", init="pissa")
+
+
+def test_pissa_on_gpt2_conv1d_edits_the_stored_in_out_weight_in_place_and_restores_it():
+    """GPT-2's Conv1D stores W as (in, out) (fan_in_fan_out): the residual must still be W − s·B A in (out, in)
+    orientation (PiSSA's equation, arXiv:2404.02948 §3), edited in place, and restore_base must undo it."""
+    from lk_models import tiny_gpt2
+
+    original = {n: p.detach().clone() for n, p in tiny_gpt2().named_parameters()}
+    model = lk.add_adapter(tiny_gpt2(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                      init_lora_weights="pissa"))
+    edits = base_edits(model, "default")
+    layers = dict(adapter_layers(model))
+    for path, edit in edits.items():
+        stored = layers[path].base_layer.weight  # (in, out)
+        d = layers[path].adapters["default"]
+        want = original[path + ".weight"].T - edit.scaling * d.lora_B.weight @ d.lora_A.weight  # (out, in)
+        torch.testing.assert_close(stored.T, want, atol=1e-5, rtol=0)
+        assert edit.A.untyped_storage().nbytes() == edit.A.numel() * 4  # the record holds r × in, nothing more
+    lk.restore_base(model, "default")
+    for n, p in model.named_parameters():
+        key = n.replace(".base_layer", "")
+        if "lora_" not in n and key in original:
+            torch.testing.assert_close(p, original[key], atol=1e-5, rtol=0)
+
+
+def test_pissa_on_a_bfloat16_base_rounds_the_residual_as_peft_does():
+    """A half-precision base: the residual is computed in float32 and rounded back (PEFT's ``pissa_init``)."""
+    ours = lk.add_adapter(tiny_llama(dtype=torch.bfloat16),
+                          lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa"))
+    ref = peft.get_peft_model(tiny_llama(dtype=torch.bfloat16),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa"))
+    ours_base, ref_base = _base_weights(ours), _base_weights(ref)
+    for k in ref_base:
+        assert ours_base[k].dtype == torch.bfloat16
+        torch.testing.assert_close(ours_base[k].float(), ref_base[k].float(), atol=2e-2, rtol=0)

@@ -41,6 +41,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="init: child processes per (init, library) for the cost comparison")
+    parser.add_argument("--resume", action="store_true",
+                        help="init: keep the finished runs (same settings) of OUTPUT/init.json and run only the rest")
     parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
     parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
     parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
@@ -117,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "init":
         from . import inits
         profile = _override(inits.QUICK if args.quick else inits.FULL, seeds=args.seeds, steps=args.steps,
-                            tasks=args.tasks, contenders=args.methods)
+                            tasks=args.tasks, contenders=args.methods, cost_repeats=args.repeats)
         out.mkdir(parents=True, exist_ok=True)
 
         def keep(partial: dict) -> None:  # a long run can be stopped and keeps its finished runs
@@ -125,7 +129,9 @@ def main(argv: Sequence[str]) -> int:
             _write(out, "init", dict(partial), inits.inits_markdown(partial), command + " (partial)")
 
         parts = tuple(args.only) if args.only else ("convergence", "cost")
-        result = inits.run_inits(profile, device=args.device, progress=not args.quick, parts=parts, after_each=keep)
+        previous = json.loads((out / "init.json").read_text()) if args.resume and (out / "init.json").exists() else None
+        result = inits.run_inits(profile, device=args.device, progress=not args.quick, parts=parts, after_each=keep,
+                                 previous=previous)
         markdown = inits.inits_markdown(result)
         result["plots"] = [str(inits.plot_inits(result, out))] if result["convergence"]["runs"] else []
     elif args.what == "federated":

@@ -70,6 +70,10 @@ class BaseEdit:
     def weight(self) -> torch.Tensor:
         return self.scaling * (self.B @ self.A)  # (out, in)
 
+    def add_to(self, layer: "AdapterLayer", sign: float = 1.0) -> None:
+        """``W += sign · scaling · B A`` on ``layer``'s base weight (``sign=-1`` undoes the edit)."""
+        add_low_rank_to_base_weight(layer, self.B, self.A, sign * self.scaling)
+
 
 @dataclass
 class InitRecord:
@@ -192,14 +196,18 @@ def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit]:
     return {} if record is None else dict(record.edits)
 
 
-def add_to_base_weight(layer: "AdapterLayer", delta: torch.Tensor) -> None:
-    """``W += delta`` for an adapted layer's base weight; ``delta`` (out, in) whatever the storage layout.
-
-    Computed in float32 and cast back to the weight's dtype (a half-precision base rounds, as in PEFT)."""
+def add_low_rank_to_base_weight(layer: "AdapterLayer", B: torch.Tensor, A: torch.Tensor, scaling: float) -> None:
+    """``W += scaling · B @ A`` for an adapted layer's base weight, ``B`` (out, r), ``A`` (r, in), whatever the
+    storage layout, without materialising the (out, in) product: one in-place ``addmm_`` on a float32 weight; a
+    half-precision weight is updated through one float32 copy and rounded back (as PEFT's float32 arithmetic)."""
     weight = layer.base_layer.weight
-    delta = delta.T if layer.info.fan_in_fan_out else delta
+    B, A = B.to(weight.device, torch.float32), A.to(weight.device, torch.float32)
+    left, right = (A.T, B.T) if layer.info.fan_in_fan_out else (B, A)  # stored (in, out): W += s · Aᵀ Bᵀ
     with torch.no_grad():
-        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        if weight.dtype == torch.float32:
+            weight.addmm_(left, right, alpha=scaling)
+        else:
+            weight.copy_(weight.float().addmm_(left, right, alpha=scaling))
 
 
 def restore_base(model: "nn.Module", adapter_name: str) -> None:
@@ -218,7 +226,7 @@ def restore_base(model: "nn.Module", adapter_name: str) -> None:
         _check_unmerged(model, adapter_name, f"restore the base weights {adapter_name!r}'s init changed")
         layers = dict(adapter_layers(model))
         for path, edit in record.edits.items():
-            add_to_base_weight(layers[path], -edit.weight())
+            edit.add_to(layers[path], sign=-1.0)
     del state.inits[adapter_name]
 
 

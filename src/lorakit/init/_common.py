@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.delta import Delta, oriented_weight
 from ..core.errors import AdapterError
+from ..core.inits import BaseEdit
 from ..core.layer import AdapterLayer
 from ..core.model import adapter_layers, disable_adapters
 
@@ -118,8 +119,8 @@ def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapp
         model.train()
         with torch.enable_grad(), disable_adapters(model):
             for i, batch in enumerate(batches):
-                out = model(**_to(batch, device))
-                loss = getattr(out, "loss", None)
+                # only the loss survives the forward: the output's logits and KV cache are freed before backward
+                loss = getattr(model(**_to(batch, device)), "loss", None)
                 if loss is None:
                     raise AdapterError(f"init {init!r}: the model returned no loss for batch {i}; give batches with labels.")
                 if per_sample:
@@ -133,18 +134,21 @@ def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapp
         for w in weights.values():
             w.grad = None
         model.train(was_training)
+    missing = [t.path for t in targets if t.path not in acc]
+    if missing:
+        raise AdapterError(f"init {init!r}: module {missing[0]!r} got no gradient (is it on the loss's path?).")
     grads = {}
-    for t in targets:
-        if t.path not in acc:
-            raise AdapterError(f"init {init!r}: module {t.path!r} got no gradient (is it on the loss's path?).")
-        g = acc[t.path] / len(batches)
+    for t in targets:  # the mean in place: one (out, in) buffer per module, never two
+        g = acc.pop(t.path).div_(len(batches))
         grads[t.path] = g.T if t.layer.info.fan_in_fan_out else g  # (out, in)
     return grads
 
 
 def check_factorisable(path: str, matrix: torch.Tensor, init: str, what: str) -> None:
     """AdapterError naming the module when ``matrix`` has a NaN/inf (SVD of it would fail or be garbage)."""
-    if not torch.isfinite(matrix).all():
+    # a NaN/inf anywhere makes the sum non-finite: one reduction instead of a bool copy of the matrix, and the
+    # exact check only when the sum says so (finite entries whose sum overflows are not an error)
+    if not torch.isfinite(matrix.sum()) and not torch.isfinite(matrix).all():
         raise AdapterError(f"init {init!r}: the {what} of module {path!r} has NaN/inf entries, so it cannot be "
                            "factorised; check the batches and the base weights (left unchanged).")
 
@@ -156,3 +160,23 @@ def check_rank(path: str, S: torch.Tensor, k: int, init: str, what: str, rtol: f
         rank = int((S > rtol * top).sum()) if top > 0 else 0
         raise AdapterError(f"init {init!r}: the {what} of module {path!r} has rank {rank} < {k} needed for this "
                            "adapter's rank; give more (or more varied) batches, or lower r (model left unchanged).")
+
+
+def move_into_adapter(layer: AdapterLayer, units: Any, A: torch.Tensor, B: torch.Tensor) -> BaseEdit:
+    """Write ``A`` (r, in) and ``B`` (out, r) into the adapter's units and subtract ``s·B A`` from the base weight
+    in place (no (out, in) temporary on a float32 base); returns the recorded edit ``W_now = W_orig + s·(−B) A``.
+
+    ``A`` and ``B`` become the record (float32; ``B`` negated in place when already float32), so pass tensors
+    the caller owns and no longer needs, not views of the adapter's parameters. A view into a larger factor
+    (e.g. rows of the SVD's V) is copied, so the record never keeps the whole factor alive."""
+    units.A.copy_(A)
+    units.B.copy_(B)
+    edit = BaseEdit(A=_owned_float(A), B=_owned_float(B).neg_(), scaling=units.scaling)
+    edit.add_to(layer)
+    return edit
+
+
+def _owned_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 holding only its own elements: a view into a larger storage is copied."""
+    t = t.float()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()

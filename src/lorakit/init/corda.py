@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterError, ConfigError
-from ..core.inits import BaseEdit, add_to_base_weight, register_init
+from ..core.inits import BaseEdit, register_init
 from ..core.model import disable_adapters
-from ._common import Target, _device, _to, check_batches, check_factorisable, linear_targets
+from ._common import Target, _device, _to, check_batches, check_factorisable, linear_targets, move_into_adapter
 
 MAX_DAMP_DOUBLINGS = 40
 
@@ -115,11 +115,7 @@ def run_corda(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str
         planned.append((t, units, A, B, s))
     edits = {}
     for t, units, A, B, s in planned:
-        units.A.copy_(A.to(units.A.dtype))
-        units.B.copy_(B.to(units.B.dtype))
-        edit = BaseEdit(A=A.clone(), B=-B.clone(), scaling=s)
-        add_to_base_weight(t.layer, edit.weight())
-        edits[t.path] = edit
+        edits[t.path] = move_into_adapter(t.layer, units, A, B)
     return edits
 
 

@@ -23,10 +23,11 @@ Options are PEFT's ``EvaConfig`` fields: ``rho``, ``tau``, ``use_label_mask``, `
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -100,23 +101,29 @@ def token_mask(batch: Mapping[str, Any], use_label_mask: bool, label_mask_value:
     return mask
 
 
-def _layer_inputs(model: nn.Module, targets: list[Target], batch: Mapping[str, Any], mask: torch.Tensor,
-                  only: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Each target's base-layer input on ``batch`` at the masked tokens, (tokens, in)."""
-    seen: dict[str, torch.Tensor] = {}
+def _each_input(model: nn.Module, targets: list[Target], batch: Mapping[str, Any], mask: torch.Tensor | None,
+                fn: Callable[[str, torch.Tensor], None], only: set[str] | None = None) -> None:
+    """One forward of ``batch``; ``fn(path, x)`` gets each chosen target's base-layer input while its hook runs,
+    (tokens, in) at the ``mask``ed tokens (all of them for None), so no layer's input outlives its own hook."""
     handles = []
     for t in targets:
         if only is None or t.path in only:
             def hook(module, args, output, path=t.path):
-                x = args[0] if isinstance(args, tuple) else args
-                seen[path] = x.detach()[mask] if x.dim() == 3 else x.detach()
+                x = (args[0] if isinstance(args, tuple) else args).detach()
+                fn(path, x[mask] if x.dim() == 3 and mask is not None else x)
             handles.append(t.layer.base_layer.register_forward_hook(hook))
     try:
         model(**batch)
     finally:
         for h in handles:
             h.remove()
-    return seen
+
+
+def _fingerprint(x: torch.Tensor) -> tuple:
+    """Shape, dtype and a BLAKE2b digest of the bytes: equal for equal tensors, and (but for a hash collision)
+    only for them; PEFT's ``HashHook`` hashes the values the same way, without keeping the tensors."""
+    data = x.contiguous().view(-1).view(torch.uint8).cpu().numpy()
+    return tuple(x.shape), x.dtype, hashlib.blake2b(data, digest_size=32).digest()
 
 
 def _rank_distribution(pcas: dict[str, IncrementalPCA], owner: dict[str, str], equal: dict[str, str],
@@ -140,23 +147,23 @@ def eva_components(model: nn.Module, targets: list[Target], batches: list[Mappin
     device = _device(model)
     max_components = {t.path: round(ranks[t.path] * rho) for t in targets}
     budget = sum(ranks.values())
-    first = _to(batches[0], device)
-    inputs = _layer_inputs(model, targets, first, token_mask(first, use_label_mask, label_mask_value))
+    keys: dict[str, tuple] = {}
+    _each_input(model, targets, _to(batches[0], device), None, lambda path, x: keys.__setitem__(path, _fingerprint(x)))
     equal: dict[str, str] = {}  # layer -> the first layer with identical inputs (it owns the PCA)
     owners: list[str] = []
+    owner_of: dict[tuple, str] = {}
     for t in targets:
-        match = next((o for o in owners if inputs[o].shape == inputs[t.path].shape and torch.equal(inputs[o], inputs[t.path])), None)
-        if match is None:
-            owners.append(t.path)
+        if keys[t.path] in owner_of:
+            equal[t.path] = owner_of[keys[t.path]]
         else:
-            equal[t.path] = match
+            owner_of[keys[t.path]] = t.path
+            owners.append(t.path)
     equal = {k: o for o in owners for k, v in equal.items() if v == o}  # grouped by owner, as PEFT orders them
     for o in owners:  # equal-input groups share the largest k
         group = [o] + [k for k, v in equal.items() if v == o]
         top = max(max_components[g] for g in group)
         for g in group:
             max_components[g] = top
-    del inputs
     pcas = {o: IncrementalPCA(max_components[o]) for o in owners}
     converged = {o: torch.zeros(max_components[o], dtype=torch.bool) for o in owners}
     owner = {**{o: o for o in owners}, **equal}
@@ -175,20 +182,22 @@ def eva_components(model: nn.Module, targets: list[Target], batches: list[Mappin
                                f"within max_passes={max_passes} passes over the {len(batches)} batches; pass more "
                                "batches, raise max_passes or lower tau (model left unchanged).")
         batch = _to(batch, device)
-        active = {o for o in owners if not done[o]}
-        states = _layer_inputs(model, targets, batch, token_mask(batch, use_label_mask, label_mask_value), active)
-        batches_run += 1
-        for o in active:
-            x = states[o].reshape(-1, states[o].shape[-1])
+
+        def fit(o: str, x: torch.Tensor) -> None:  # in the layer's hook, as PEFT's SVDHook
+            x = x.reshape(-1, x.shape[-1])
             if not torch.isfinite(x).all():
                 raise AdapterError(f"init {init!r}: the inputs of layer {o!r} have NaN/inf entries; EVA cannot "
                                    "run on them (model left unchanged).")
             if x.shape[0] < max_components[o]:
-                continue  # fewer tokens than components: PEFT skips this batch for the layer
+                return  # fewer tokens than components: PEFT skips this batch for the layer
             previous = None if pcas[o].components_ is None else pcas[o].components_.clone()
             pcas[o].partial_fit(x)
             if previous is not None:
                 converged[o] = torch.nn.functional.cosine_similarity(pcas[o].components_, previous) >= tau
+
+        active = {o for o in owners if not done[o]}
+        _each_input(model, targets, batch, token_mask(batch, use_label_mask, label_mask_value), fit, active)
+        batches_run += 1
         if any(p.components_ is None for p in pcas.values()):
             continue
         rank_dist = _rank_distribution(pcas, owner, equal, budget, max_components)

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.inits import BaseEdit, add_to_base_weight, register_init
-from ._common import check_batches, check_factorisable, check_rank, linear_targets, weight_gradients
+from ..core.inits import BaseEdit, register_init
+from ._common import (check_batches, check_factorisable, check_rank, linear_targets, move_into_adapter,
+                      weight_gradients)
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = {"lora_ga": ("stable", "weight_svd", "gd_scale", "unit"),
@@ -125,11 +126,7 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
         planned.append((t, units, A, B, s))
     edits = {}
     for t, units, A, B, s in planned:
-        units.A.copy_(A)
-        units.B.copy_(B)
-        edit = BaseEdit(A=A.float().clone(), B=-B.float().clone(), scaling=s)  # W_now = W − s·B A
-        add_to_base_weight(t.layer, edit.weight())
-        edits[t.path] = edit
+        edits[t.path] = move_into_adapter(t.layer, units, A, B)  # W_now = W − s·B A, in place
     return edits
 
 

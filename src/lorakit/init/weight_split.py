@@ -25,8 +25,9 @@ from torch import nn
 
 from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
-from ..core.inits import BaseEdit, add_to_base_weight, register_init
+from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
+from ._common import move_into_adapter
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
@@ -52,12 +53,8 @@ def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise)
             raise AdapterError(f"{path!r}: base weight of dtype {weight.dtype} cannot be split; initialise on a "
                                "float32/float16/bfloat16 base, then quantise the residual.")
         r = units.A.shape[0]
-        A, B = factorise(weight.float(), r, units.scaling)
-        units.A.copy_(A.to(units.A.dtype))
-        units.B.copy_(B.to(units.B.dtype))
-        edit = BaseEdit(A=A.clone(), B=-B.clone(), scaling=units.scaling)  # W_res = W + s·(−B) A
-        add_to_base_weight(layer, edit.weight())
-        edits[path] = edit
+        A, B = factorise(weight.float(), r, units.scaling)  # fresh tensors: they become the record
+        edits[path] = move_into_adapter(layer, units, A, B)  # W_res = W + s·(−B) A, in place
     return edits
 
 
