@@ -36,7 +36,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="perf rows to run (forward, mixed, ...); init: convergence and/or cost")
+                        help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; smaller: variants "
+                             "(lora qlora loraprune loram loram_aligned)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -170,7 +171,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "smaller":
         from . import smaller
         profile = _override(smaller.QUICK if args.quick else smaller.FULL, seeds=args.seeds, steps=args.steps,
-                            tasks=args.tasks)
+                            tasks=args.tasks, variants=args.only)
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
