@@ -482,7 +482,7 @@ def _loram_base(args):
     summary = plan_summary(plan, full, model)
     del full  # training holds only the pruned base
     if args.loram_align_steps:
-        from .prune.loram import AlignConfig, align_pruned
+        from .pretrain.loram_align import AlignConfig, align_pruned
         aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=args.loram_align_lr,
                                                              seed=args.seed), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "

@@ -189,7 +189,7 @@ def _pattern_blocks(n, seq=12, seed=0):
 
 
 def test_alignment_reduces_held_out_loss_trains_all_but_lm_head_and_keeps_the_original():
-    from lorakit.prune.loram import AlignConfig, align_pruned
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
 
     full = _full()
     original = {k: v.clone() for k, v in full.state_dict().items()}
@@ -229,7 +229,7 @@ def test_alignment_on_the_bundled_corpus_lowers_the_pruned_models_loss():
     """The bundled base pruned by half, aligned a few steps on lorakit's offline pretraining corpus: its held-out
     LM loss goes down; the tied embedding / lm_head stays as it was."""
     from lorakit.hub import load_model_and_tokenizer
-    from lorakit.prune.loram import AlignConfig, align_pruned
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
 
     full, tokenizer = load_model_and_tokenizer(None)
     pruned, _ = loram_prune(full, LoramConfig(ratio=0.5))
@@ -241,7 +241,7 @@ def test_alignment_on_the_bundled_corpus_lowers_the_pruned_models_loss():
 
 
 def test_alignment_errors():
-    from lorakit.prune.loram import AlignConfig, align_pruned
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
 
     with pytest.raises(lk.ConfigError, match="steps"):
         AlignConfig(steps=0)

@@ -126,7 +126,8 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
     import lorakit as lk
     from ..data import evaluate_examples
     from ..hub import load_model_and_tokenizer
-    from ..prune.loram import AlignConfig, LoramConfig, align_pruned, alignment_blocks, loram_prune, recover_state_dict
+    from ..pretrain.loram_align import AlignConfig, align_pruned, alignment_blocks
+    from ..prune.loram import LoramConfig, loram_prune, recover_state_dict
     from ..quantize import quantized_bytes
     from ..training import TrainConfig, train
 

@@ -232,7 +232,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
                 log: Callable[[str], None] = print) -> tuple[list[float], list[list]]:
     """``config.steps`` optimizer steps over ``train_blocks`` (N, T) in seeded epochs of ``config.batch_size``
     blocks, with CPU bf16 autocast if ``config.bf16`` and gradient clipping; (per-step losses, logged curve of
-    [step, mean loss]). Shared by ``pretrain_base`` and LoRAM's alignment of a pruned model (``prune/loram.py``)."""
+    [step, mean loss]). Shared by ``pretrain_base`` and LoRAM's alignment of a pruned model (``pretrain/loram_align.py``)."""
     losses, curve, window_start = [], [], time.perf_counter()
     permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
     for step in range(config.steps):
