@@ -484,6 +484,7 @@ def _loram_base(args):
     if args.loram_align_steps:
         from .pretrain.loram_align import AlignConfig, align_pruned
         aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=args.loram_align_lr,
+                                                             warmup_steps=min(20, max(args.loram_align_steps, 0) // 10),
                                                              seed=args.seed), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
               f"pruned base {aligned['eval_loss_before']:.3f} -> {aligned['eval_loss_after']:.3f} nats/token")

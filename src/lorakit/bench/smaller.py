@@ -140,6 +140,7 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
     if variant == "loram_aligned":
         from ..pretrain.train import PretrainConfig, evaluate_loss
         config = AlignConfig(steps=profile.align_steps, lr=profile.align_lr, corpus_chars=profile.align_corpus_chars,
+                             warmup_steps=min(20, profile.align_steps // 10),
                              eval_blocks=min(32, profile.align_corpus_chars // 4096), seed=seed)
         blocks = alignment_blocks(tokenizer, config)
         aligned = align_pruned(trained, tokenizer, config, blocks=blocks, log=lambda line: None)
