@@ -385,6 +385,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if classify and args.loram_ratio is not None:
         raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
+    if args.loram_align_steps and args.loram_ratio is None:
+        raise LorakitError("--loram-align-steps aligns LoRAM's pruned base: give --loram-ratio too")
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
     elif classify:  # one head output per label of the training data (sorted names)
@@ -479,6 +481,13 @@ def _loram_base(args):
     model, plan = loram_prune(full, LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed))
     summary = plan_summary(plan, full, model)
     del full  # training holds only the pruned base
+    if args.loram_align_steps:
+        from .pretrain.loram_align import AlignConfig, align_pruned
+        aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=args.loram_align_lr,
+                                                             warmup_steps=min(20, max(args.loram_align_steps, 0) // 10),
+                                                             seed=args.seed), log=lambda line: None if args.quiet else print(line))
+        print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
+              f"pruned base {aligned['eval_loss_before']:.3f} -> {aligned['eval_loss_after']:.3f} nats/token")
     if args.quantize:
         from .quantize import quantize_model
         quantize_model(model, _quantize_config(args))
@@ -1104,6 +1113,11 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "recovered to the full model's shapes (adapter/), evaluated on the full model (default: off)")
     g.add_argument("--loram-criterion", default="random", choices=["random", "magnitude"],
                    help="which units LoRAM prunes: random (LoRAM-Rand) or the smallest weight norms")
+    g.add_argument("--loram-align-steps", type=int, default=0, metavar="N",
+                   help="LoRAM's alignment: continue pre-training the pruned base for N steps (16 x 128 tokens each) "
+                        "on lorakit's offline pretraining corpus before training the adapter; 0 = off (default)")
+    g.add_argument("--loram-align-lr", type=float, default=1e-3,
+                   help="peak learning rate of the alignment (warmup, then cosine to 0)")
     t.add_argument("--task-type", default="causal-lm", metavar="{causal-lm,seq-cls}",
                    help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
                         "on the model (AutoModelForSequenceClassification, one output per label of --data's "

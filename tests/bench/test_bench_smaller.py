@@ -24,7 +24,17 @@ def test_qlora_perf_row_compares_with_peft_on_the_same_weights(tmp_path):
 def test_bench_smaller_quick(tmp_path):
     assert main(["smaller", "--quick", "--output", str(tmp_path)]) == 0
     runs = {r["variant"]: r for r in json.loads((tmp_path / "smaller.json").read_text())["runs"]}
-    assert set(runs) == {"lora", "qlora", "loraprune", "loram"} and not any("error" in r for r in runs.values())
+    assert set(runs) == {"lora", "qlora", "loraprune", "loram", "loram_aligned"}
+    assert not any("error" in r for r in runs.values())
+    aligned = runs["loram_aligned"]
+    assert aligned["align_tokens"] == 2 * 16 * 128 and aligned["align_eval_loss_full_model"] > 0
     assert runs["qlora"]["base_weights_mb"] < runs["lora"]["base_weights_mb"] / 2
     assert runs["loram"]["base_weights_mb"] < runs["lora"]["base_weights_mb"]
     assert runs["loraprune"]["params_removed_fraction"] > 0.2
+
+
+def test_bench_smaller_names_an_unknown_variant(tmp_path):
+    from lorakit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loram_aligned"):
+        main(["smaller", "--quick", "--only", "loram_alinged", "--output", str(tmp_path)])

@@ -179,3 +179,97 @@ def test_cli_trains_small_and_writes_the_recovered_adapter(tmp_path, capsys, qua
     assert small[key].shape == (344, 2) and large[key].shape == (688, 2)
     assert PrunePlan.load(out / "loram_plan").channels[0].numel() == 344
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+
+
+# -- alignment (pipeline step 1, ``loram/1_pruned_full_rank_weight_alignment.py``) ------------------------------
+def _pattern_blocks(n, seq=12, seed=0):
+    """Token blocks with learnable structure for the tiny vocab-64 model: each row counts up mod 64 from a random start."""
+    starts = torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts + torch.arange(seq)) % 64  # (n, seq)
+
+
+def test_alignment_reduces_held_out_loss_trains_all_but_lm_head_and_keeps_the_original():
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
+
+    full = _full()
+    original = {k: v.clone() for k, v in full.state_dict().items()}
+    pruned, plan = loram_prune(full, LoramConfig(ratio=0.5, seed=2))
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    config = AlignConfig(steps=30, lr=1e-2, batch_size=8, seq_len=12, warmup_steps=3, bf16=False)
+    result = align_pruned(pruned, None, config, blocks=(_pattern_blocks(64), _pattern_blocks(16, seed=1)), log=lambda s: None)
+    assert result["eval_loss_after"] < result["eval_loss_before"] - 0.5
+    assert result["tokens"] == 30 * 8 * 12 and len(result["train_loss_curve"]) == 10
+    after = pruned.state_dict()
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])  # frozen, as the official lines 69–73
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # untied here
+    assert not torch.equal(after["model.layers.1.mlp.down_proj.weight"], before["model.layers.1.mlp.down_proj.weight"])
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in original.items())  # the original model is untouched
+    assert all(p.requires_grad for p in pruned.parameters())  # flags restored (a fresh model: all True)
+
+    # the adapter trained on the aligned small model still recovers to, and merges into, the original shapes
+    lk.add_adapter(pruned, lk.LoraConfig(r=2, target_modules=ALL, init_lora_weights=False))
+    large = lk.load_adapter(_full(), _saved_recovered(pruned, plan))
+    merged = lk.merge_and_unload(large)
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in original.items()}
+    delta = merged.model.layers[0].mlp.up_proj.weight - original["model.layers.0.mlp.up_proj.weight"]
+    pruned_rows = [c for c in range(48) if c not in plan.channels[0].tolist()]
+    assert delta[pruned_rows].abs().max() == 0 and delta.abs().max() > 0  # ΔW lands on the kept rows only
+
+
+def _saved_recovered(pruned, plan):
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    lk.save_adapter(pruned, f"{folder}/small")
+    return recover_adapter(f"{folder}/small", plan, f"{folder}/large")
+
+
+@pytest.mark.slow  # builds the offline corpus from the whole stdlib: minutes on a loaded 2-core machine
+def test_alignment_on_the_bundled_corpus_lowers_the_pruned_models_loss():
+    """The bundled base pruned by half, aligned a few steps on lorakit's offline pretraining corpus: its held-out
+    LM loss goes down; the tied embedding / lm_head stays as it was."""
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
+
+    full, tokenizer = load_model_and_tokenizer(None)
+    pruned, _ = loram_prune(full, LoramConfig(ratio=0.5))
+    head = pruned.lm_head.weight.clone()
+    config = AlignConfig(steps=6, lr=2e-3, batch_size=4, seq_len=64, warmup_steps=1, corpus_chars=40_000, eval_blocks=8)
+    result = align_pruned(pruned, tokenizer, config, log=lambda s: None)
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+    assert torch.equal(pruned.lm_head.weight, head) and pruned.model.embed_tokens.weight is pruned.lm_head.weight
+
+
+def test_alignment_errors():
+    from lorakit.pretrain.loram_align import AlignConfig, align_pruned
+
+    with pytest.raises(lk.ConfigError, match="steps"):
+        AlignConfig(steps=0)
+    with pytest.raises(lk.ConfigError, match="warmup_steps"):
+        AlignConfig(steps=5, warmup_steps=6)
+    with pytest.raises(lk.ConfigError, match="max_position_embeddings"):
+        align_pruned(_full(), None, AlignConfig(seq_len=64), blocks=(_pattern_blocks(8), _pattern_blocks(2)))
+    model = lk.add_adapter(_full(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(lk.LorakitError, match="before add_adapter"):
+        align_pruned(model, None, AlignConfig(seq_len=12), blocks=(_pattern_blocks(8), _pattern_blocks(2)))
+
+
+def test_cli_align_steps_need_loram_ratio(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["train", "--loram-align-steps", "2", "--data", "reverse", "--steps", "1", "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "give --loram-ratio too" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the corpus, as above
+def test_cli_aligns_the_pruned_base_before_training(tmp_path, capsys):
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--loram-ratio", "0.5", "--loram-align-steps", "2", "--data", "reverse", "--steps", "1",
+                 "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet",
+                 "--r", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRAM alignment: 4,096 tokens" in printed and "held-out LM loss of the pruned base" in printed
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -66,6 +66,24 @@ def test_cfp_threshold_finds_planted_outliers():
     assert cfp_threshold(torch.full((4, 4), 0.5)) is None
 
 
+def test_cfp_truncation_is_kept_only_where_it_lowers_the_quantization_error():
+    """The guard of ``cfp_truncate`` (module doc): CFP's rule always cuts the top of a Gaussian tail; that lowers
+    the RTN error at 2 bits (the range dominates) and raises it at 8 bits (clipping dominates)."""
+    from lorakit.quantize import QuantSpec, rtn
+    from lorakit.quantize.cbq import cfp_truncate
+
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(64, 256, generator=g)
+    t = cfp_threshold(plain)
+    assert t is not None
+    error = lambda w, bits: (plain - rtn(w, QuantSpec(bits))).pow(2).sum()  # noqa: E731
+    out, cut = cfp_truncate(plain, QuantSpec(2))
+    assert cut == int((plain.abs() > t).sum()) > 0 and error(out, 2) < error(plain, 2)
+    assert error(plain.clamp(-t, t), 8) > error(plain, 8)
+    out, cut = cfp_truncate(plain, QuantSpec(8))
+    assert cut == 0 and out is plain
+
+
 def test_window_starts_slide_with_overlap():
     assert window_starts(6, 2, 1) == [0, 1, 2, 3, 4]
     assert window_starts(6, 3, 1) == [0, 2, 3]

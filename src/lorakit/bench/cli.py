@@ -37,7 +37,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="perf rows to run (forward, mixed, ...); init: convergence and/or cost")
+                        help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; quantize: cfp (CFP diagnosis); smaller: variants "
+                             "(lora qlora loraprune loram loram_aligned)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -187,8 +188,13 @@ def main(argv: Sequence[str]) -> int:
         from . import quantize as bench_quantize
         profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
                             seed=args.seeds[0] if args.seeds else None)
-        result = bench_quantize.run_quantize(profile, progress=not args.quick)
-        markdown = bench_quantize.quantize_markdown(result)
+        if args.only == ["cfp"]:  # the outlier pre-processing's effect on RTN error, no reconstruction (fast)
+            result = bench_quantize.cfp_diagnosis(profile)
+            args.what = "quantize_cfp"
+            markdown = bench_quantize.cfp_markdown(result)
+        else:
+            result = bench_quantize.run_quantize(profile, progress=not args.quick)
+            markdown = bench_quantize.quantize_markdown(result)
     elif args.what == "gamma_mod":
         from . import gamma_mod as bench_gamma_mod
         profile = _override(bench_gamma_mod.QUICK if args.quick else bench_gamma_mod.FULL, steps=args.steps,
@@ -198,7 +204,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "smaller":
         from . import smaller
         profile = _override(smaller.QUICK if args.quick else smaller.FULL, seeds=args.seeds, steps=args.steps,
-                            tasks=args.tasks)
+                            tasks=args.tasks, variants=args.only)
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":

@@ -59,6 +59,60 @@ def run_quantize(profile: QuantizeProfile, progress: bool = False) -> dict:
     return {"profile": profile.__dict__, "rows": rows}
 
 
+def cfp_diagnosis(profile: QuantizeProfile, calib_rows: int = 4) -> dict:
+    """Why CBQ's weight CFP helps or hurts: per bit width, the summed relative layer-output error
+    ``‖X(W − Q(W'))ᵀ‖² / ‖XWᵀ‖²`` of per-channel round-to-nearest over every block linear of the bundled base
+    (X: the layer's inputs on ``calib_rows`` calibration rows) for W' = W, W truncated by CFP's rule, and W'
+    from ``cfp_truncate`` (truncation kept only where it lowers ``Σ h_j (W − Q(·))²_ij``, h_j = mean x_j²); with the
+    weights truncated and
+    each layer's largest |w| in standard deviations."""
+    import torch
+
+    from ..quantize import QuantSpec, cfp_threshold, rtn
+    from ..quantize.cbq import cfp_truncate
+    from ..quantize.model import block_linears, decoder_blocks
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    calib = task_token_rows(tokenizer, "train", calib_rows, profile.seq_len, profile.seed)
+    inputs, hooks = {}, []
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, layer, _ in block_linears(block):
+            hooks.append(layer.register_forward_hook(
+                lambda m, args, out, key=f"{i}.{name}": inputs.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in hooks:
+        h.remove()
+    rows, spread = [], []
+    for bits in profile.bits:
+        spec, totals = QuantSpec(bits), {"none": [0.0, 0], "cfp": [0.0, 0], "cfp, kept where it helps": [0.0, 0]}
+        for i, block in enumerate(decoder_blocks(model)):
+            for name, layer, _ in block_linears(block):
+                w, x = layer.weight.detach().float(), inputs[f"{i}.{name}"]
+                ref = (x @ w.T).pow(2).sum()
+                t = cfp_threshold(w)
+                variants = {"none": (w, 0), "cfp": (w, 0) if t is None else (w.clamp(-t, t), int((w.abs() > t).sum())),
+                            "cfp, kept where it helps": cfp_truncate(w, spec, col_power=x.pow(2).mean(0))}
+                for label, (w2, cut) in variants.items():
+                    totals[label][0] += float((x @ (w - rtn(w2, spec)).T).pow(2).sum() / ref)
+                    totals[label][1] += cut
+                if bits == profile.bits[0]:
+                    spread.append(float(w.abs().max() / w.std()))
+        rows += [{"bits": bits, "weights": label, "output_error": err, "truncated": cut}
+                 for label, (err, cut) in totals.items()]
+    return {"rows": rows, "max_abs_over_std": [min(spread), max(spread)], "calib_rows": calib_rows}
+
+
+def cfp_markdown(result: dict) -> str:
+    lo, hi = result["max_abs_over_std"]
+    lines = [f"Per-channel RTN, every block linear of the bundled base; inputs from {result['calib_rows']} calibration "
+             f"rows; largest |w| per layer: {lo:.1f}–{hi:.1f} standard deviations.", "",
+             "| weights | CFP | summed relative layer-output error | weights truncated |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| W{row['bits']}A16 | {row['weights']} | {row['output_error']:.4f} | {row['truncated']} |")
+    return "\n".join(lines) + "\n"
+
+
 def quantize_markdown(result: dict) -> str:
     p = result["profile"]
     lines = [f"Bundled base, calibration {p['calib_rows']}×{p['seq_len']} tokens (tasks' train split), perplexity on "

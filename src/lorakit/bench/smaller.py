@@ -7,7 +7,8 @@ gradients held, optimizer state, activations saved for backward); on CUDA each v
 (``torch.cuda.max_memory_allocated`` over one step from a clean start) is reported beside it.
 
 ``run_smaller`` (``lorakit bench smaller``): the same tasks, steps and seeds for LoRA, QLoRA, LoRAPrune and
-LoRAM on the bundled model; exact match after training, base size during training, parameters removed.
+LoRAM (without and with its alignment pre-training of the pruned base, ``loram_aligned``) on the bundled model;
+exact match after training, base size during training, parameters removed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ EXTRA_ROWS["qlora"] = qlora_perf_rows
 
 
 # -- lorakit bench smaller: metric after the same steps ------------------------------------------------------
+VARIANTS = ("lora", "qlora", "loraprune", "loram", "loram_aligned")
+
+
 @dataclass
 class SmallerProfile:
     tasks: str = "reverse,upper"
@@ -106,9 +110,15 @@ class SmallerProfile:
     train_examples: int = 1000
     eval_examples: int = 50
     seeds: tuple[int, ...] = (0,)
+    # LoRAM's alignment of the pruned base before training (variant "loram_aligned"): steps of 16 × 128 tokens
+    align_steps: int = 200
+    align_lr: float = 1e-3
+    align_corpus_chars: int = 1_000_000
+    variants: tuple[str, ...] = VARIANTS
 
 
-QUICK = SmallerProfile(steps=4, batch_size=4, train_examples=16, eval_examples=4, tasks="reverse")
+QUICK = SmallerProfile(steps=4, batch_size=4, train_examples=16, eval_examples=4, tasks="reverse", align_steps=2,
+                       align_corpus_chars=60_000)
 FULL = SmallerProfile()
 
 
@@ -116,6 +126,7 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
     import lorakit as lk
     from ..data import evaluate_examples
     from ..hub import load_model_and_tokenizer
+    from ..pretrain.loram_align import AlignConfig, align_pruned, alignment_blocks
     from ..prune.loram import LoramConfig, loram_prune, recover_state_dict
     from ..quantize import quantized_bytes
     from ..training import TrainConfig, train
@@ -123,9 +134,18 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
     torch.manual_seed(seed)
     model, tokenizer = load_model_and_tokenizer(None, quantize="nf4" if variant == "qlora" else None)
     full_params = sum(p.numel() for p in model.parameters())
-    trained, plan = model, None
-    if variant == "loram":
+    trained, plan, aligned = model, None, {}
+    if variant.startswith("loram"):
         trained, plan = loram_prune(model, LoramConfig(ratio=profile.ratio, seed=seed))
+    if variant == "loram_aligned":
+        from ..pretrain.train import PretrainConfig, evaluate_loss
+        config = AlignConfig(steps=profile.align_steps, lr=profile.align_lr, corpus_chars=profile.align_corpus_chars,
+                             warmup_steps=min(20, profile.align_steps // 10),
+                             eval_blocks=min(32, profile.align_corpus_chars // 4096), seed=seed)
+        blocks = alignment_blocks(tokenizer, config)
+        aligned = align_pruned(trained, tokenizer, config, blocks=blocks, log=lambda line: None)
+        aligned["eval_loss_full_model"] = evaluate_loss(model, blocks[1], PretrainConfig(batch_size=16))
+        aligned.pop("train_loss_curve")
     lk.add_adapter(trained, lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules="all-linear"))
     procedure = {}
     if variant == "loraprune":
@@ -136,13 +156,13 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
     row = {"variant": variant, "seed": seed, "base_weights_mb": quantized_bytes(lk.unload(copy.deepcopy(trained))) / 2**20,
            "trainable_params": result.trainable_params, "train_tokens_per_s": result.tokens_per_s,
            "peak_memory_mb": result.peak_memory_mb if result.device.startswith("cuda") else None,
-           "params_removed_fraction": 0.0}
+           "params_removed_fraction": 0.0, **{f"align_{k}": v for k, v in aligned.items()}}
     if variant == "loraprune":
         from ..training.procedures.loraprune import export_pruned
         small = export_pruned(trained, trained.lorakit_prune_masks)
         row["params_removed_fraction"] = 1 - sum(p.numel() for p in small.parameters()) / full_params
         model = trained  # evaluated with its masks: the pruned model's answers
-    elif variant == "loram":
+    elif variant.startswith("loram"):
         row["params_removed_fraction_during_training"] = 1 - sum(p.numel() for p in lk.unload(copy.deepcopy(trained))
                                                                  .parameters()) / full_params
         row["exact_match_pruned"] = evaluate_examples(trained, tokenizer, eval_ex, batch_size=64)["exact_match"]
@@ -159,12 +179,17 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
 def run_smaller(profile: SmallerProfile) -> dict:
     from ..data import load_examples
 
+    unknown = [v for v in profile.variants if v not in VARIANTS]
+    if unknown:
+        from ..core.errors import ConfigError, did_you_mean
+        raise ConfigError(f"bench smaller: unknown variant {unknown[0]!r}.{did_you_mean(unknown[0], VARIANTS)} "
+                          f"Choose from {', '.join(VARIANTS)}.")
     runs = []
     tasks = profile.tasks.split(",")
     for seed in profile.seeds:
         train_ex = [ex for t in tasks for ex in load_examples(t, "train", n=profile.train_examples, seed=seed)]
         eval_ex = [ex for t in tasks for ex in load_examples(t, "test", n=profile.eval_examples, seed=seed)]
-        for variant in ("lora", "qlora", "loraprune", "loram"):
+        for variant in profile.variants:
             try:
                 runs.append(_run_one(variant, profile, seed, train_ex, eval_ex))
             except Exception as e:  # a missing optional library fails one row, not the table
@@ -184,10 +209,15 @@ def smaller_markdown(result: dict) -> str:
             lines.append(f"| {variant} | | | | | | error: {runs[0]['error'][:80]} |")
             continue
         mean = lambda k: statistics.mean(r[k] for r in ok)  # noqa: E731
-        removed = mean("params_removed_fraction_during_training") if variant == "loram" else mean("params_removed_fraction")
+        loram = variant.startswith("loram")
+        removed = mean("params_removed_fraction_during_training") if loram else mean("params_removed_fraction")
         note = ""
-        if variant == "loram":
+        if loram:
             note = f"trained on the pruned base (exact match there {mean('exact_match_pruned'):.3f}); evaluated on the full base"
+        if variant == "loram_aligned":
+            note += (f"; aligned {mean('align_tokens'):,.0f} tokens ({mean('align_seconds'):.0f}s): held-out LM loss of the "
+                     f"pruned base {mean('align_eval_loss_before'):.3f} -> {mean('align_eval_loss_after'):.3f} "
+                     f"(full base {mean('align_eval_loss_full_model'):.3f})")
         if variant == "loraprune":
             note = "evaluated pruned (masks); removed = exported model vs full"
         if ok[0]["peak_memory_mb"] is not None:

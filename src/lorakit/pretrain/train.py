@@ -226,6 +226,38 @@ def evaluate_loss(model: LlamaForCausalLM, blocks: torch.Tensor, config: Pretrai
     return sum(losses) / len(blocks)
 
 
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_blocks: torch.Tensor,
+                config: PretrainConfig, objective: Objective, generator: torch.Generator,
+                log: Callable[[str], None] = print) -> tuple[list[float], list[list]]:
+    """``config.steps`` optimizer steps over ``train_blocks`` (N, T) in seeded epochs of ``config.batch_size``
+    blocks, with CPU bf16 autocast if ``config.bf16`` and gradient clipping; (per-step losses, logged curve of
+    [step, mean loss]). Shared by ``pretrain_base`` and LoRAM's alignment of a pruned model (``pretrain/loram_align.py``)."""
+    losses, curve, window_start = [], [], time.perf_counter()
+    permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+    for step in range(config.steps):
+        if cursor + config.batch_size > len(permutation):  # new epoch, new order
+            permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+        batch = train_blocks[permutation[cursor: cursor + config.batch_size]]  # (B, T)
+        cursor += config.batch_size
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**objective(batch, generator)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            window = losses[-config.log_every:]
+            elapsed = time.perf_counter() - window_start
+            mean = sum(window) / len(window)
+            curve.append([step + 1, round(mean, 4)])
+            log(f"step {step + 1}/{config.steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"{len(window) * batch.numel() / elapsed:.0f} tok/s")
+            window_start = time.perf_counter()
+    return losses, curve
+
+
 def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: TaskTextsFn | None = None,
                   log: Callable[[str], None] = print) -> dict:
     """Pretrain a base model per ``config`` and save it to ``out_dir``; returns what ``pretrain_info.json`` holds.
@@ -268,29 +300,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
 
         model.train()
         train_start = time.perf_counter()
-        losses, curve, window_start = [], [], time.perf_counter()
-        permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-        for step in range(config.steps):
-            if cursor + config.batch_size > len(permutation):  # new epoch, new order
-                permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-            batch = train_blocks[permutation[cursor: cursor + config.batch_size]]  # (B, T)
-            cursor += config.batch_size
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = model(**objective(batch, generator)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                window = losses[-config.log_every:]
-                elapsed = time.perf_counter() - window_start
-                mean = sum(window) / len(window)
-                curve.append([step + 1, round(mean, 4)])
-                log(f"step {step + 1}/{config.steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"{len(window) * batch.numel() / elapsed:.0f} tok/s")
-                window_start = time.perf_counter()
+        losses, curve = train_steps(model, optimizer, scheduler, train_blocks, config, objective, generator, log)
         train_time = time.perf_counter() - train_start
         final = losses[-config.log_every:]
         eval_losses = {name: evaluate_loss(model, blocks, config) for name, blocks in eval_sets.items()}

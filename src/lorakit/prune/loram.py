@@ -21,8 +21,10 @@ their ``n_rep`` query heads, ``o_proj.lora_A`` columns, ``q/k/v_proj.lora_B`` ro
 from outside the official pipeline (LLM-Pruner indices for LoRAM-Stru, random for LoRAM-Rand); here
 ``criterion="random"`` is LoRAM-Rand and ``criterion="magnitude"`` ranks units by the L2 norm of their weights
 (a cheap structured criterion, not LLM-Pruner's gradient one). The pruned blocks are ``block_range`` (official
-70B example: layers 4–78 of 80). Not done here: the publisher's one-off continual pre-training of the pruned model
-("alignment", pipeline step 1) — pass an aligned pruned model's plan if you have one.
+70B example: layers 4–78 of 80).
+
+Alignment (pipeline step 1, the publisher's continued pre-training of the pruned model before LoRA training) is
+``lorakit.pretrain.loram_align.align_pruned`` (it uses the pretraining corpus and loop, a higher layer).
 """
 
 from __future__ import annotations
