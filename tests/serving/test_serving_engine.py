@@ -131,6 +131,17 @@ def test_store_tiers_lru_eviction_and_outputs(adapters):
     assert engine.cache.used_blocks == 0 and not store._pins
 
 
+def test_store_takes_a_relative_root(adapters, monkeypatch):
+    """``lorakit serve --adapters adapters/`` (the README's command) gives a relative root: the scanned folders
+    must not be joined to it twice (was "adapter path 'adapters/a0' does not exist")."""
+    root, dirs = adapters
+    monkeypatch.chdir(root.parent)
+    store = AdapterStore(tiny_llama(), [root.name], max_loras=2)
+    assert sorted(store.register_dir(root.name)) == sorted(dirs)
+    store.register("again", "a1")  # a client's relative path is still taken from the root
+    assert store.paths["again"] == store.paths["a1"]
+
+
 def test_store_unload_while_running_and_bad_files(adapters, tmp_path, sh):
     root, dirs = adapters
     model = tiny_llama()

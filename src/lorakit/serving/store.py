@@ -131,7 +131,7 @@ class AdapterStore:
                  dtype: torch.dtype | None = None, rank: int | None = None):
         if max_loras < 1 or max_cpu_loras < 1:
             raise AdapterError(f"max_loras and max_cpu_loras must be >= 1 (got {max_loras}, {max_cpu_loras})")
-        self.roots = [Path(r) for r in roots]
+        self.roots = [Path(r).absolute() for r in roots]  # absolute: a relative root is not joined twice
         self.max_loras, self.max_resident_bytes = max_loras, max_resident_bytes
         self.max_cpu_loras, self.max_cpu_bytes = max_cpu_loras, max_cpu_bytes
         self.registry = _TieredRegistry(model, self, dtype)
@@ -202,7 +202,7 @@ class AdapterStore:
     def register_dir(self, root: str | os.PathLike) -> list[str]:
         """Register every adapter folder directly under ``root`` (named by folder); returns the names."""
         found = []
-        for d in sorted(Path(root).iterdir()):
+        for d in sorted(Path(root).absolute().iterdir()):  # absolute: confine() reads a relative path as under the first root
             if (d / "adapter_config.json").is_file() and d.name not in self.paths:
                 self.register(d.name, d)
                 found.append(d.name)
