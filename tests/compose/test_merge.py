@@ -223,3 +223,18 @@ def test_a_mixture_source_is_refused_and_nothing_stays_loaded(sources, tmp_path)
     with pytest.raises(ConfigError, match="collapse_experts"):
         merge_adapters([sources["plain"], tmp_path / "mix"], None, "linear", model=model)
     assert lk.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("method", ["linear", "svd", "dare_linear", "magnitude_prune", "breadcrumbs"])
+def test_normalize_counts_sources_that_do_not_adapt_a_module(method, tmp_path):
+    """A source that does not adapt a module contributes ΔW = 0 there, and its weight still counts in Σ w:
+    mergekit's linear is Σ w_i θ_i / Σ w_i over every model (mergekit/merge_methods/linear.py, normalize), and with
+    full weights every model has every tensor. At density 1 (no sparsification) the normalised merge of p (q, v)
+    and p2 (q only) at v_proj is w_1 ΔW_1 / (w_1 + w_2) — it was ΔW_1 (divided by the present weights only)."""
+    p1 = make_adapter(tiny_llama, tmp_path / "p1", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    p2 = make_adapter(tiny_llama, tmp_path / "p2", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])
+    alone = _delta(merge_adapters([p1], [1.0], "linear", model=tiny_llama()), "layers.0.self_attn.v_proj")
+    merged = merge_adapters([p1, p2], [1.0, 3.0], method, model=tiny_llama(), normalize=True, density=1.0)
+    got = _delta(merged, "layers.0.self_attn.v_proj")
+    expected = alone * (1.0 / (1.0 + 3.0))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

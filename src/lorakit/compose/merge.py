@@ -202,6 +202,7 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor):
     has_bias = any(b is not None for b in bias)
     terms = ModuleTerms(
         A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=_cpu32(weights[present]),
+        absent_weights=_cpu32(weights[[i for i in range(len(names)) if i not in present]]),
         bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None)
     row_scale = None
     if any(r is not None for r in rows):

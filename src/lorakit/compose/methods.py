@@ -59,6 +59,13 @@ class ModuleTerms:
     scaling: torch.Tensor  # (N,) s_i
     weights: torch.Tensor  # (N,) w_i
     bias: torch.Tensor | None = None
+    # weights of the merge's other sources, which do not adapt this module: their ΔW here is 0, but they still
+    # count where a method divides by Σ w (normalize) or takes statistics over the sources (SCE's variance)
+    absent_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def weight_total(self) -> torch.Tensor:
+        """Σ w over every source of the merge, those absent from this module included."""
+        return self.weights.sum() + self.absent_weights.sum()
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A (N, r_max, in), B (N, out, r_max), zero-padded so different ranks stack."""
@@ -195,7 +202,7 @@ def _coefficients(terms: ModuleTerms, opts: MergeOptions, normalize_default: boo
     w = terms.weights * opts.lambda_
     normalize = normalize_default if opts.normalize is None else opts.normalize
     if normalize:
-        total = terms.weights.sum()
+        total = terms.weight_total()
         w = w / (total if total.abs() >= 1e-8 else 1.0)
     return w
 
@@ -256,7 +263,7 @@ def _cat_merge(terms: ModuleTerms, opts: MergeOptions, gen) -> LowRank:
 def _task_family(sparsify: str | None, consensus: bool, normalize_default: bool, rescale_default: str):
     """mergekit's generalized task arithmetic: sparsify each τ_i, weight, optional sign consensus, normalise."""
 
-    def on_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions, gen) -> torch.Tensor:
+    def on_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions, gen, absent: torch.Tensor) -> torch.Tensor:
         rescale = opts.rescale or rescale_default
         d = opts.density
         if sparsify and d < 1:
@@ -276,24 +283,24 @@ def _task_family(sparsify: str | None, consensus: bool, normalize_default: bool,
             merged, divisor = (weighted * mask).sum(0), (wv * mask).sum(0)
             divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         else:
-            merged, divisor = weighted.sum(0), w.sum()
+            merged, divisor = weighted.sum(0), w.sum() + absent.sum()  # absent sources: τ = 0, weight counted
             divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
         if normalize:
             merged = merged / divisor
         return merged * opts.lambda_
 
     def merge(terms: ModuleTerms, opts: MergeOptions, gen) -> Dense:
-        delta = on_tensor(terms.task_vectors(), terms.weights, opts, gen)
-        bias = None if terms.bias is None else on_tensor(terms.bias, terms.weights, opts, gen)
+        delta = on_tensor(terms.task_vectors(), terms.weights, opts, gen, terms.absent_weights)
+        bias = None if terms.bias is None else on_tensor(terms.bias, terms.weights, opts, gen, terms.absent_weights)
         return Dense(delta=delta, bias=bias)
 
     return merge
 
 
-def _sce_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions) -> torch.Tensor:
+def _sce_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions, n_absent: int = 0) -> torch.Tensor:
     tv = tv * w.view(-1, *([1] * (tv.dim() - 1)))
-    if opts.select_topk < 1:
-        var = torch.var(tv, dim=0, unbiased=False)
+    if opts.select_topk < 1:  # the variance over every source, those absent from this module as zeros
+        var = torch.var(torch.cat([tv, tv.new_zeros((n_absent, *tv.shape[1:]))]), dim=0, unbiased=False)
         k = int(torch.count_nonzero(var) * opts.select_topk)
         mask = torch.zeros_like(var)
         if k > 0:
@@ -308,8 +315,9 @@ def _sce_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions) -> torch.
 
 
 def _sce_merge(terms: ModuleTerms, opts: MergeOptions, gen) -> Dense:
-    bias = None if terms.bias is None else _sce_tensor(terms.bias, terms.weights, opts)
-    return Dense(delta=_sce_tensor(terms.task_vectors(), terms.weights, opts), bias=bias)
+    n_absent = terms.absent_weights.numel()
+    bias = None if terms.bias is None else _sce_tensor(terms.bias, terms.weights, opts, n_absent)
+    return Dense(delta=_sce_tensor(terms.task_vectors(), terms.weights, opts, n_absent), bias=bias)
 
 
 METHODS: dict[str, MergeMethod] = {}
