@@ -77,7 +77,7 @@ class PretrainConfig:
     mixture_scale: float = 1.0  # times each domain's natural character budget
     regmix_dir: str = ""
     norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
-    mix_ln_alpha: float = 0.25
+    mix_ln_alpha: float = 0.25  # read only with norm="mix"; another value with "pre" or "post" is an error
     # tokenizer and model shape. ``tokenizer``: a model folder whose tokenizer is reused as is (e.g. the bundled
     # base's, so a second base shares its token ids); empty trains a new one of ``vocab_size`` tokens.
     tokenizer: str = ""
@@ -113,6 +113,11 @@ class PretrainConfig:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
                               f"{did_you_mean(self.norm, NORMS)}")
         check_alpha(self.mix_ln_alpha)
+        default_alpha = next(f.default for f in dataclasses.fields(self) if f.name == "mix_ln_alpha")
+        if self.norm != "mix" and self.mix_ln_alpha != default_alpha:
+            layout = "plain Pre-LN" if self.norm == "pre" else "Post-LN in every layer (alpha 1)"
+            raise ConfigError(f"--mix-ln-alpha {self.mix_ln_alpha} is read only with --norm mix; --norm {self.norm} "
+                              f"builds {layout} and would ignore it. Use --norm mix, or drop --mix-ln-alpha.")
         if self.norm == "mix" and math.floor(self.mix_ln_alpha * self.num_layers) < 1:
             raise ConfigError(f"--norm mix with --mix-ln-alpha {self.mix_ln_alpha} and {self.num_layers} layers puts "
                               f"floor(alpha * layers) = 0 layers in Post-LN: that is plain Pre-LN. Raise alpha or the "
