@@ -97,7 +97,10 @@ class PretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True  # CPU autocast for matmuls, ~1.5x faster on CPU; weights and optimizer stay fp32
+    # bf16 autocast of the matmuls (this loop runs on the CPU); weights and optimizer stay fp32. Off by default:
+    # without native bf16 matmuls (AVX2 only, as on this project's machines) it is several times slower than
+    # fp32 (benchmarks/pretrain_bf16). It may pay on CPUs with AVX512-BF16 or AMX; measure there with that script.
+    bf16: bool = False
     eval_fraction: float = 0.02
     seed: int = 0
     num_threads: int = 0  # 0: all cores
