@@ -126,6 +126,20 @@ def test_pretrain_config_norm_errors():
         PretrainConfig(norm="mix", mix_ln_alpha=0.5, num_layers=1)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_alpha_without_norm_mix_is_an_error(norm, tmp_path, capsys):
+    """Only ``--norm mix`` reads the alpha; it used to be dropped silently with pre/post."""
+    with pytest.raises(ConfigError, match=rf"--mix-ln-alpha 0.5 is read only with --norm mix; --norm {norm} builds"):
+        PretrainConfig(norm=norm, mix_ln_alpha=0.5)
+    assert PretrainConfig(norm=norm).mix_ln_alpha == 0.25  # the untouched default stays accepted
+    from lorakit.cli import main
+
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--norm", norm, "--mix-ln-alpha", "0.5"]) == 2
+    out = capsys.readouterr().out
+    assert "--mix-ln-alpha 0.5" in out and f"--norm {norm}" in out
+    assert not (tmp_path / "m").exists()
+
+
 def test_tiny_pretrain_mix_saves_a_reloadable_model(tmp_path):
     info = pretrain_base(tiny_config(norm="mix", num_layers=2, mix_ln_alpha=0.5), tmp_path / "m",
                          log=lambda line: None)

@@ -101,6 +101,20 @@ def test_cli_reports_shares(tmp_path, texts, capsys):
     assert "Did you mean: docs" in capsys.readouterr().out
 
 
+def test_cli_refuses_a_repeated_category(tmp_path, capsys):
+    """A repeated name used to keep only the last sample text and silently solve for one category fewer."""
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x\n")
+    (tmp_path / "b.txt").write_text("The quick brown fox.\n")
+    tok = ["--tokenizer", str(tmp_path / "unused")]  # the repeat is reported before the tokenizer is read
+    assert mi.main(tok + ["--category", f"code={tmp_path / 'a.txt'}", "--category", f"prose={tmp_path / 'b.txt'}",
+                          "--category", f"code={tmp_path / 'b.txt'}"]) == 2
+    assert "Category name given more than once: 'code'." in capsys.readouterr().out
+    assert mi.main(tok + ["--category", f"docs={tmp_path / 'a.txt'}", "--domains", "code,docs"]) == 2
+    assert "Category name given more than once: 'docs'." in capsys.readouterr().out
+    assert mi.main(tok + ["--domains", "tasks,code,tasks,code"]) == 2
+    assert "Category name given more than once: 'code', 'tasks'." in capsys.readouterr().out
+
+
 def test_lorakit_cli_dispatches(tmp_path, capsys):
     from lorakit.cli import main
 

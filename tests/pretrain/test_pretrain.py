@@ -170,9 +170,10 @@ def test_objective_registry():
 
 def test_cli_arguments_reach_config(tmp_path):
     args = build_parser().parse_args(["--out", str(tmp_path), "--steps", "7", "--seed", "5", "--corpus-seed", "2",
-                                      "--task-fraction", "0.3", "--no-bf16"])
+                                      "--task-fraction", "0.3", "--bf16"])
     config = config_from_args(args)
-    assert (config.steps, config.seed, config.bf16) == (7, 5, False)
+    assert (config.steps, config.seed, config.bf16) == (7, 5, True)
+    assert config_from_args(build_parser().parse_args([])).bf16 is False  # fp32 unless asked (benchmarks/pretrain_bf16)
     assert (config.corpus.seed, config.corpus.task_fraction) == (2, 0.3)
     assert args.out == tmp_path
     assert build_parser().parse_args([]).out == BASE_MODEL_DIR

@@ -104,6 +104,55 @@ def test_config_errors_name_the_field():
         regmix.load_regmix_mixture("/nonexistent/regmix")
 
 
+def _resumable_sweep(tmp_path, saved_config):
+    """A sweep folder as an earlier run left it: sweep.json with ``saved_config`` and three finished records."""
+    import json
+
+    config = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                          sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    natural = {"code": 0.6, "tasks": 0.4}
+    mixtures = sample_mixtures([0.6, 0.4], config.n_proxies, config.sampling)
+    records = [{"index": i, "split": "train", "weights": dict(zip(config.domains, mixtures[i].tolist())),
+                "losses": {"code": 5.0, "tasks": 4.0}} for i in (0, 1, 3)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": saved_config, "natural": natural}))
+    return config, natural, records, mixtures
+
+
+def test_resume_accepts_the_same_sweep_saved_with_the_older_split_fields(tmp_path):
+    """The 33-proxy sweep in benchmarks/regmix was saved as n_proxies=48 + n_test=16; resuming it as
+    n_proxies=64, test_every=4 samples the same 64 mixtures (n·100 trials either way), so it must be accepted."""
+    from dataclasses import asdict
+
+    config = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                          sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    legacy = {k: v for k, v in asdict(config).items() if k != "test_every"}
+    legacy.update(n_proxies=6, n_test=2, domains=list(config.domains))
+    config, natural, records, mixtures = _resumable_sweep(tmp_path, legacy)
+    regmix.check_resumable(tmp_path, config, natural, records, mixtures)  # no error
+
+
+def test_resume_refuses_a_sweep_trained_differently(tmp_path):
+    from dataclasses import asdict
+
+    base = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                        sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    saved = {**asdict(base), "domains": ["code", "tasks"], "steps": 50, "lr": 1e-3}
+    config, natural, records, mixtures = _resumable_sweep(tmp_path, saved)
+    with pytest.raises(ConfigError, match=r"different config \(lr: 0.001 there, 0.003 now, steps: 50 there, 100 now"):
+        regmix.check_resumable(tmp_path, config, natural, records, mixtures)
+
+    saved = {**asdict(base), "domains": ["code", "tasks"]}
+    config, natural, records, mixtures = _resumable_sweep(tmp_path, saved)
+    with pytest.raises(ConfigError, match="natural shares changed"):
+        regmix.check_resumable(tmp_path, config, {"code": 0.5, "tasks": 0.5}, records, mixtures)
+    records[2]["weights"] = {"code": 0.5, "tasks": 0.5}
+    with pytest.raises(ConfigError, match="Proxy 3 in .*proxies.jsonl was trained on"):
+        regmix.check_resumable(tmp_path, config, natural, records, mixtures)
+    other = sample_mixtures([0.6, 0.4], 9, config.sampling)  # another n_proxies samples other mixtures
+    with pytest.raises(ConfigError, match="Proxy 0 .*another n_proxies"):
+        regmix.check_resumable(tmp_path, config, natural, records[:1], other)
+
+
 @pytest.mark.slow
 def test_sweep_with_real_tiny_proxies(tmp_path):
     """Two domains, six real Llama proxies of a few thousand parameters: records are written, resumable, fit."""

@@ -294,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_unique_categories(names: Sequence[str]) -> None:
+    """Raise ``ConfigError`` naming any category given twice (``--category`` names and ``--domains`` together):
+    a repeat would silently replace the first sample text with the second, and the LP would solve for one
+    category fewer than the user listed."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"Category name given more than once: {', '.join(map(repr, repeated))}. Each --category "
+                          "NAME and --domains name must be distinct (a repeat would replace the first sample text); "
+                          "put one category's sample files in one folder, or give them different names.")
+
+
 def _read_category(spec: str) -> tuple[str, list[str]]:
     name, sep, where = spec.partition("=")
     if not sep or not name or not where:
@@ -314,12 +325,13 @@ def _read_category(spec: str) -> tuple[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        names = [d.strip() for d in args.domains.split(",") if d.strip()]
+        check_unique_categories([spec.partition("=")[0] for spec in args.category] + names)
         tokenizer = load_bpe(args.tokenizer)
         texts = dict(_read_category(spec) for spec in args.category)
-        if args.domains:
+        if names:
             from lorakit.pretrain.domains import DOMAINS, domain_documents
 
-            names = [d.strip() for d in args.domains.split(",") if d.strip()]
             scale = {n: args.sample_chars / DOMAINS[n].natural_chars for n in names if n in DOMAINS}
             for n in names:
                 texts[n] = domain_documents([n], scale.get(n, 1.0), seed=1)[n]

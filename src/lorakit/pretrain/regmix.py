@@ -196,10 +196,11 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     data = prepare_domain_data(config.domains, config.seq_len, config.vocab_size, config.eval_blocks,
                                config.domain_scale, config.seed, task_source, config.seq_len, log)
     prior = data.natural()
-    (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "natural": prior}, indent=2) + "\n")
     mixtures = sample_mixtures([prior[d] for d in config.domains], config.n_proxies, config.sampling)
     path = out / "proxies.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    check_resumable(out, config, prior, records, mixtures)
+    (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "natural": prior}, indent=2) + "\n")
     done = {r["index"] for r in records}
     for index, row in enumerate(mixtures):
         if index in done or index % shard[1] != shard[0]:
@@ -216,6 +217,48 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
             + " ".join(f"{d}={w:.3f}" for d, w in weights.items()) + " -> "
             + " ".join(f"{d}={v:.3f}" for d, v in losses.items()) + f" ({record['seconds']} s)")
     return records
+
+
+# What only the fit and the search read: a sweep may be resumed with these changed. ``n_test`` is the older
+# spelling of the held-out split (the last ``n_test`` of ``n_proxies + n_test`` proxies).
+_FIT_ONLY_FIELDS = frozenset({"n_proxies", "n_test", "test_every", "target", "top_k", "n_search"})
+
+
+def check_resumable(out: Path, config: RegMixConfig, natural: Mapping[str, float], records: Sequence[dict],
+                    mixtures: np.ndarray) -> None:
+    """Refuse to add proxies to ``out`` when its earlier ones were trained differently.
+
+    Compares ``out/sweep.json`` (when present) with ``config`` on every field that shapes a proxy and on the
+    natural shares (the data), and each finished record's mixture with the one ``config`` samples at its index
+    (which also catches a changed ``n_proxies``: the sampler draws ``n_proxies · 100`` trials). Raises
+    ``ConfigError`` naming what differs.
+    """
+    saved_path = out / "sweep.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
+        changed = sorted(k for k in set(saved["config"]) | set(current)
+                         if k not in _FIT_ONLY_FIELDS and saved["config"].get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a sweep made with a different config ("
+                              + ", ".join(f"{k}: {saved['config'].get(k)!r} there, {current.get(k)!r} now"
+                                          for k in changed)
+                              + "); use a new --out folder or the same flags.")
+        drift = {d: (saved["natural"].get(d), v) for d, v in natural.items()
+                 if not math.isclose(saved["natural"].get(d, -1.0), v, rel_tol=1e-9)}
+        if drift:
+            raise ConfigError(f"The domains' natural shares changed since {saved_path} was written "
+                              f"(then, now: {drift}): the training data differs; start a new --out folder.")
+    for record in records:
+        index = record["index"]
+        expected = mixtures[index] if index < len(mixtures) else None
+        got = np.array([record["weights"].get(d, np.nan) for d in config.domains])
+        if expected is None or not np.allclose(got, expected, atol=1e-9):
+            raise ConfigError(f"Proxy {index} in {out / 'proxies.jsonl'} was trained on {record['weights']}, not "
+                              f"the mixture this config samples at index {index}"
+                              + ("" if expected is None else f" ({dict(zip(config.domains, expected.tolist()))})")
+                              + "; the sweep was made with another n_proxies, domains or sampler: use its flags "
+                              "or a new --out folder.")
 
 
 # ---------------------------------------------------------------- regression and search

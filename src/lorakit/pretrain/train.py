@@ -76,7 +76,7 @@ class PretrainConfig:
     mixture_scale: float = 1.0  # times each domain's natural character budget
     regmix_dir: str = ""
     norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
-    mix_ln_alpha: float = 0.25
+    mix_ln_alpha: float = 0.25  # read only with norm="mix"; another value with "pre" or "post" is an error
     # tokenizer and model shape. ``tokenizer``: a model folder whose tokenizer is reused as is (e.g. the bundled
     # base's, so a second base shares its token ids); empty trains a new one of ``vocab_size`` tokens.
     tokenizer: str = ""
@@ -96,7 +96,10 @@ class PretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True  # CPU autocast for matmuls, ~1.5x faster on CPU; weights and optimizer stay fp32
+    # bf16 autocast of the matmuls (this loop runs on the CPU); weights and optimizer stay fp32. Off by default:
+    # without native bf16 matmuls (AVX2 only, as on this project's machines) it is several times slower than
+    # fp32 (benchmarks/pretrain_bf16). It may pay on CPUs with AVX512-BF16 or AMX; measure there with that script.
+    bf16: bool = False
     eval_fraction: float = 0.02
     seed: int = 0
     num_threads: int = 0  # 0: all cores
@@ -112,6 +115,11 @@ class PretrainConfig:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
                               f"{did_you_mean(self.norm, NORMS)}")
         check_alpha(self.mix_ln_alpha)
+        default_alpha = next(f.default for f in dataclasses.fields(self) if f.name == "mix_ln_alpha")
+        if self.norm != "mix" and self.mix_ln_alpha != default_alpha:
+            layout = "plain Pre-LN" if self.norm == "pre" else "Post-LN in every layer (alpha 1)"
+            raise ConfigError(f"--mix-ln-alpha {self.mix_ln_alpha} is read only with --norm mix; --norm {self.norm} "
+                              f"builds {layout} and would ignore it. Use --norm mix, or drop --mix-ln-alpha.")
         if self.norm == "mix" and math.floor(self.mix_ln_alpha * self.num_layers) < 1:
             raise ConfigError(f"--norm mix with --mix-ln-alpha {self.mix_ln_alpha} and {self.num_layers} layers puts "
                               f"floor(alpha * layers) = 0 layers in Post-LN: that is plain Pre-LN. Raise alpha or the "
