@@ -50,3 +50,38 @@ def test_bench_variants_resume_refuses_other_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "missing.json")])
     assert "no such result file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"a":', "not a readable JSON result"),
+    ("[1, 2]", "not a saved bench result"),
+    ('{"profile": {}, "quality": {"runs": []}}', "lacks"),
+    ('{"profile": {"seeds": [0]}, "before": 0.5}', "not a `bench merge` result"),
+])
+def test_bench_merge_combine_bad_files_are_error_lines_and_write_nothing(tmp_path, capsys, content, expected):
+    """A malformed, foreign or incomplete --combine file is an error line (exit 2), and no output folder appears."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--combine", str(bad), "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["variants", "--quick", "--combine", "x.json", "--output", str(tmp_path / "o")])
+    assert "--combine is an option of `bench merge` only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tasks", "--quick", "--resume", "--output", str(tmp_path / "o")])
+    assert "--resume is an option of" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        main(["variants", "--quick", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "list.json")])
+    assert "not a saved bench result" in capsys.readouterr().err
+    claims = {"profile": {**variants.asdict(variants.QUICK), "seeds": [0, 1]}, "before": 0.5, "runs": []}
+    (tmp_path / "claims.json").write_text(json.dumps(claims))
+    with pytest.raises(SystemExit):
+        main(["variants", "--quick", "--seeds", "1", "--output", str(tmp_path / "o"),
+              "--resume", str(tmp_path / "claims.json")])
+    assert "lists seed 1 but holds no run of it" in capsys.readouterr().err

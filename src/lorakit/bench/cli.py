@@ -21,6 +21,24 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
     atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
 
 
+def _read_results(files: Sequence[str | Path], flag: str) -> list[dict]:
+    """Saved bench results (JSON objects) from ``files``; ConfigError naming ``flag`` and the file for a missing,
+    unreadable or malformed one (nothing is written before they are all read)."""
+    results = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"{flag}: no such result file: {path}")
+        try:
+            obj = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{flag}: {path} is not a readable JSON result ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("profile"), dict):
+            raise ConfigError(f"{flag}: {path} is not a saved bench result (a JSON object with a 'profile')")
+        results.append(obj)
+    return results
+
+
 def _override(profile, **values):
     """``profile`` with every given (non-None) command-line value; lists become tuples."""
     from dataclasses import replace
@@ -43,9 +61,8 @@ def main(argv: Sequence[str]) -> int:
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None,
-                        help="init: child processes per (init, library) for the cost comparison")
-    parser.add_argument("--resume", action="store_true",
-                        help="init: keep the finished runs (same settings) of OUTPUT/init.json and run only the rest")
+                        help="init: child processes per (init, library) for the cost comparison; merge: interleaved "
+                             "timing repeats of the speed rows")
     parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
     parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
     parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
@@ -58,10 +75,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated built-in tasks (methods profile)")
     parser.add_argument("--resume", nargs="*", default=None, metavar="JSON",
                         help="variants: read back the seeds already in OUTPUT/variants.json and in these result files "
-                             "(earlier runs with the same options, e.g. one seed each) and run only the missing seeds")
+                             "(earlier runs with the same options, e.g. one seed each) and run only the missing seeds; "
+                             "init (no files): keep the finished runs (same settings) of OUTPUT/init.json")
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="merge: interleaved timing repeats of the speed rows")
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="merge: pool saved merge.json results (e.g. one per seed, and a speed-only run) into "
                              "one report instead of running")
@@ -82,6 +99,12 @@ def main(argv: Sequence[str]) -> int:
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
     out = Path(args.output)
+    if args.combine is not None and args.what != "merge":
+        parser.error(f"--combine is an option of `bench merge` only (got `bench {args.what}`)")
+    if args.resume is not None and args.what not in ("variants", "init"):
+        parser.error(f"--resume is an option of `bench variants` and `bench init` only (got `bench {args.what}`)")
+    if args.resume and args.what == "init":
+        parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     command = "lorakit bench " + " ".join(argv)
     t0 = time.perf_counter()
     if args.what == "tasks":
@@ -99,13 +122,17 @@ def main(argv: Sequence[str]) -> int:
         markdown = mixtures.mixtures_markdown(result)
     elif args.what == "merge":
         from . import merge
-        out.mkdir(parents=True, exist_ok=True)
         if args.combine:
-            result = merge.combine_results([json.loads(Path(p).read_text()) for p in args.combine])
+            try:
+                result = merge.combine_results(_read_results(args.combine, "--combine"))
+            except ConfigError as e:
+                parser.error(f"--combine: {e}")
         else:
             profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
                                 tasks=args.tasks, experiments=args.experiments, speed_repeats=args.repeats)
+            out.mkdir(parents=True, exist_ok=True)
             result = merge.run_merge(profile, partial=out / "merge.partial.json")
+        out.mkdir(parents=True, exist_ok=True)
         markdown = merge.merge_markdown(result)
         result["plots"] = [str(p) for p in merge.plot_merge(result, out)]
     elif args.what == "serve":
@@ -130,7 +157,12 @@ def main(argv: Sequence[str]) -> int:
             _write(out, "init", dict(partial), inits.inits_markdown(partial), command + " (partial)")
 
         parts = tuple(args.only) if args.only else ("convergence", "cost")
-        previous = json.loads((out / "init.json").read_text()) if args.resume and (out / "init.json").exists() else None
+        previous = None
+        if args.resume is not None and (out / "init.json").exists():
+            try:
+                previous = _read_results([out / "init.json"], "--resume")[0]
+            except ConfigError as e:
+                parser.error(str(e))
         result = inits.run_inits(profile, device=args.device, progress=not args.quick, parts=parts, after_each=keep,
                                  previous=previous)
         markdown = inits.inits_markdown(result)
@@ -160,10 +192,10 @@ def main(argv: Sequence[str]) -> int:
             if args.resume is not None:
                 files = [out / "variants.json"] if (out / "variants.json").exists() else []
                 files += [Path(f) for f in args.resume]
-                missing = [str(f) for f in files if not f.is_file()]
-                if missing:
-                    parser.error(f"--resume: no such result file(s): {missing}")
-                previous = [json.loads(f.read_text()) for f in files]
+                try:
+                    previous = _read_results(files, "--resume")
+                except ConfigError as e:
+                    parser.error(str(e))
             try:
                 result = variants.run_variants(profile, previous=previous)
             except ConfigError as e:  # a previous result from other options

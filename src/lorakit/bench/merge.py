@@ -261,6 +261,17 @@ def combine_results(results: list[dict]) -> dict:
 
     if not results:
         raise ConfigError("combine needs at least one result file")
+    for i, r in enumerate(results):
+        where = r.get("command") or f"result {i + 1}"
+        if not isinstance(r.get("profile"), dict) or not any(k in r for k in ("quality", "collapse", "speed")):
+            raise ConfigError(f"{where}: not a `bench merge` result (no profile, or none of quality / collapse / "
+                              f"speed)")
+        missing = [k for k in _POOLED_PROFILE if k not in r["profile"]]
+        if missing and ("quality" in r or "collapse" in r):
+            raise ConfigError(f"{where}: its profile lacks {missing}")
+        for part in ("quality", "collapse"):
+            if any("seed" not in run for run in r.get(part, {}).get("runs", [])):
+                raise ConfigError(f"{where}: a {part} run has no 'seed'")
     first = results[0]["profile"]
     for r in results[1:]:
         differ = [k for k in _POOLED_PROFILE if k in r["profile"] and r["profile"][k] != first[k]]

@@ -95,12 +95,18 @@ def _previous_seeds(profile: VariantsProfile, previous: Sequence[dict]) -> dict[
             raise ConfigError("bench variants --resume: previous result {} ran other options ({}); resume with the "
                               "same options, only --seeds may differ".format(
                                   i, ", ".join(f"{k}={have.get(k)!r}, here {want[k]!r}" for k in differ)))
+        if not isinstance(res.get("before"), (int, float)):
+            raise ConfigError(f"bench variants --resume: previous result {i} has no 'before' score (not a complete "
+                              f"`bench variants` result)")
         if befores and abs(befores[0] - res["before"]) > 1e-9:
             raise ConfigError(f"bench variants --resume: previous result {i} scored the base model {res['before']} "
                               f"before training, an earlier one {befores[0]}: not the same base or eval set")
         befores.append(res["before"])
         for seed in res["profile"]["seeds"]:
             if seed in profile.seeds and seed not in done:
+                if not any(r.get("seed") == seed for r in res.get("runs", [])):
+                    raise ConfigError(f"bench variants --resume: previous result {i} lists seed {seed} but holds no "
+                                      f"run of it; drop the seed from that file's profile or rerun it")
                 done[seed] = res
     return done
 
