@@ -776,14 +776,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_merge_adapters(argv: Sequence[str]) -> int:
     """``lorakit merge-adapters A B ... --weights ... --method NAME --output DIR``: one adapter from several
     (lorakit.compose.merge_adapters). Its own parser: ``--method`` here names a merge method, not an adapter one."""
-    from .compose import list_merge_methods, merge_adapters_to
+    from .compose import list_merge_methods, merge_adapters
+    from .io.files import write_dir_atomically
 
     p = argparse.ArgumentParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__)
     p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
     p.add_argument("--output", required=True, help="folder for the merged adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output folder (whole: nothing of the old one is left beside the result)")
     _common_model(p)
     for flag, kind, text in (("density", float, "fraction kept (ties, dare, della, breadcrumbs, magnitude_prune)"),
                              ("svd-rank", int, "rank of svd / *_svd results; k for lego"),
@@ -808,7 +810,9 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         if args.model is not None:
             from .hub import load_model_and_tokenizer
             model = load_model_and_tokenizer(args.model)[0]
-        out = merge_adapters_to(args.output, args.sources, args.weights, args.method, model=model, **opts)
+        merged = merge_adapters(args.sources, args.weights, args.method, model=model, **opts)
+        # every source is read before this; the folder is replaced whole (an --output that was a source included)
+        out = write_dir_atomically(args.output, merged.save)
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2

@@ -238,3 +238,11 @@ def test_normalize_counts_sources_that_do_not_adapt_a_module(method, tmp_path):
     got = _delta(merged, "layers.0.self_attn.v_proj")
     expected = alone * (1.0 / (1.0 + 3.0))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", [{"density": 0.0}, {"select_topk": 0.0}])
+def test_options_that_keep_nothing_are_refused(option, sources):
+    """density 0 (DARE/TIES/...) or select_topk 0 (SCE) would write an all-zero adapter: an error instead."""
+    with pytest.raises(ConfigError, match="all-zero adapter"):
+        merge_adapters([sources["plain"], sources["lora_bias"]], None, "sce" if "select_topk" in option else "ties",
+                       model=tiny_llama(), **option)

@@ -33,3 +33,14 @@ def test_merge_adapters_cli_unknown_method_is_a_clear_error(tmp_path, capsys):
     a = _bundled_adapter(tmp_path / "a", 0)
     assert main(["merge-adapters", str(a), "--method", "dare_lineer", "--output", str(tmp_path / "o")]) == 2
     assert "Did you mean: dare_linear" in capsys.readouterr().err
+
+
+def test_merge_adapters_overwrite_replaces_the_whole_folder_even_a_source(tmp_path):
+    """--overwrite onto a source folder: the sources are read first, then the folder is replaced whole — no stale
+    file of the old adapter (e.g. a training run's task_index.json) is left beside the merged one."""
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    (a / "task_index.json").write_text("{}")
+    assert main(["merge-adapters", str(a), str(b), "--method", "cat", "--output", str(a), "--overwrite"]) == 0
+    assert sorted(p.name for p in a.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((a / "adapter_config.json").read_text())["r"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folder left

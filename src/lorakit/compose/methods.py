@@ -117,16 +117,18 @@ class MergeOptions:
     extra: dict = field(default_factory=dict)  # method-specific (LoRA-LEGO)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.density <= 1.0:
-            raise ConfigError(f"density must be in [0, 1], got {self.density}.")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}: density 0 keeps no entry, so the "
+                              f"merge would be an all-zero adapter.")
         if self.svd_rank is not None and self.svd_rank <= 0:
             raise ConfigError(f"svd_rank must be a positive integer, got {self.svd_rank}.")
         if self.majority_sign_method not in ("total", "frequency"):
             raise ConfigError(f"majority_sign_method must be 'total' or 'frequency', got {self.majority_sign_method!r}.")
         if self.rescale not in (None, "density", "l1", "none"):
             raise ConfigError(f"rescale must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got {self.rescale!r}.")
-        if not 0.0 <= self.select_topk <= 1.0:
-            raise ConfigError(f"select_topk must be in [0, 1], got {self.select_topk}.")
+        if not 0.0 < self.select_topk <= 1.0:
+            raise ConfigError(f"select_topk must be in (0, 1], got {self.select_topk}: 0 selects no entry, so the "
+                              f"merge would be an all-zero adapter.")
 
 
 # ---- sparsifiers: (N, out, in) -> (N, out, in), batched over sources --------------------------------------

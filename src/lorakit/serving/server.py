@@ -194,7 +194,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         except AdapterError as e:
             if "unknown adapter" not in str(e):
                 raise HTTPError(400, str(e)) from None
-            raise HTTPError(404, f"The model `{body.get('model')}` does not exist: {e}", "not_found_error") from None
+            # a weighted mix names its adapters apart from 'model': say which one is unknown, not that 'model' is
+            what = f"The model `{body.get('model')}` does not exist" if isinstance(spec, str) else "Unknown adapter"
+            raise HTTPError(404, f"{what}: {e}", "not_found_error") from None
         return spec
 
     def params_of(body: dict) -> SamplingParams:
