@@ -44,3 +44,12 @@ def test_merge_adapters_overwrite_replaces_the_whole_folder_even_a_source(tmp_pa
     assert sorted(p.name for p in a.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((a / "adapter_config.json").read_text())["r"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folder left
+
+
+def test_merge_adapters_cli_missing_or_file_first_source_is_named(tmp_path, capsys):
+    a = _bundled_adapter(tmp_path / "a", 0)
+    assert main(["merge-adapters", str(tmp_path / "nope"), str(a), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["merge-adapters", str(a / "adapter_model.safetensors"), str(a), "--output", str(tmp_path / "o")]) == 2
+    assert "is a file, not an adapter folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

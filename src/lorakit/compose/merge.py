@@ -135,8 +135,10 @@ def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
 
     first = Path(sources[0])
     if not first.is_dir():
-        raise AdapterError(f"source {str(sources[0])!r} is not an adapter folder; pass model=... to merge adapters "
-                           f"already loaded on a model by name.")
+        what = "does not exist" if not first.exists() else "is a file, not an adapter folder"
+        raise AdapterError(f"source {str(sources[0])!r} {what}. Sources are adapter folders (adapter_config.json + "
+                           f"adapter_model.safetensors), or names of adapters already loaded on a model passed as "
+                           f"model=... (Python).")
     base = read_adapter_config(first).base_model_name_or_path
     return load_model_and_tokenizer(base)[0]
 
