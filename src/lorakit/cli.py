@@ -274,6 +274,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
     targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
     adapter_config = config_from_args(method.config_cls, args, **targets)
+    _check_loram_flags(args, adapter_config)
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents
@@ -291,6 +292,31 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
         _check_resume(Path(args.resume_from), adapter_config, train_config, given)
     return method, adapter_config, train_config
+
+
+def _check_loram_flags(args, adapter_config) -> None:
+    """LoRAM's flags, before any data or model is loaded: the alignment flags need --loram-ratio, and the adapter
+    must be a plain LoRA — recovery re-inserts the pruned rows / columns of lora_A and lora_B only, so a DoRA
+    magnitude, a lora_bias, modules_to_save copies or a mixture's expert tensors would stay at the pruned width."""
+    from .methods.lora import LoraConfig
+
+    if getattr(args, "loram_ratio", None) is None:
+        for flag, value in (("--loram-align-steps", args.loram_align_steps), ("--loram-align-lr", args.loram_align_lr)):
+            if value:
+                raise LorakitError(f"{flag} aligns LoRAM's pruned base: give --loram-ratio too")
+        return
+    if args.loram_align_steps < 0:
+        raise LorakitError(f"--loram-align-steps must be >= 0 (0 = no alignment), got {args.loram_align_steps}")
+    if args.loram_align_lr is not None and args.loram_align_steps == 0:
+        raise LorakitError("--loram-align-lr is the alignment's learning rate: give --loram-align-steps N too")
+    if type(adapter_config) is not LoraConfig:
+        raise LorakitError(f"--loram-ratio recovers a plain LoRA (lora_A / lora_B) to the full model's shapes; "
+                           f"--method {args.method} makes other tensors. Use --method lora.")
+    for flag, on in (("--use-dora", adapter_config.use_dora), ("--lora-bias", adapter_config.lora_bias),
+                     ("--modules-to-save", bool(adapter_config.modules_to_save))):
+        if on:
+            raise LorakitError(f"--loram-ratio recovers lora_A / lora_B only; {flag} adds tensors that would stay at "
+                               f"the pruned width. Train a plain LoRA with LoRAM.")
 
 
 def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str]) -> None:
@@ -385,8 +411,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if classify and args.loram_ratio is not None:
         raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
-    if args.loram_align_steps and args.loram_ratio is None:
-        raise LorakitError("--loram-align-steps aligns LoRAM's pruned base: give --loram-ratio too")
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
     elif classify:  # one head output per label of the training data (sorted names)
@@ -483,7 +507,7 @@ def _loram_base(args):
     del full  # training holds only the pruned base
     if args.loram_align_steps:
         from .pretrain.loram_align import AlignConfig, align_pruned
-        aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=args.loram_align_lr,
+        aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=1e-3 if args.loram_align_lr is None else args.loram_align_lr,
                                                              warmup_steps=min(20, max(args.loram_align_steps, 0) // 10),
                                                              seed=args.seed), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
@@ -1120,8 +1144,8 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     g.add_argument("--loram-align-steps", type=int, default=0, metavar="N",
                    help="LoRAM's alignment: continue pre-training the pruned base for N steps (16 x 128 tokens each) "
                         "on lorakit's offline pretraining corpus before training the adapter; 0 = off (default)")
-    g.add_argument("--loram-align-lr", type=float, default=1e-3,
-                   help="peak learning rate of the alignment (warmup, then cosine to 0)")
+    g.add_argument("--loram-align-lr", type=float, default=None,
+                   help="peak learning rate of the alignment (warmup, then cosine to 0; default 1e-3)")
     t.add_argument("--task-type", default="causal-lm", metavar="{causal-lm,seq-cls}",
                    help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
                         "on the model (AutoModelForSequenceClassification, one output per label of --data's "

@@ -262,6 +262,25 @@ def test_cli_align_steps_need_loram_ratio(tmp_path, capsys):
     assert "give --loram-ratio too" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--loram-align-lr", "0.01"], "give --loram-ratio too"),
+    (["--loram-ratio", "0.5", "--loram-align-lr", "0.01"], "give --loram-align-steps N too"),
+    (["--loram-ratio", "0.5", "--loram-align-steps", "-1"], "--loram-align-steps must be >= 0"),
+    (["--loram-ratio", "0.5", "--method", "mixlora"], "--method mixlora makes other tensors"),
+    (["--loram-ratio", "0.5", "--use-dora"], "--use-dora adds tensors"),
+    (["--loram-ratio", "0.5", "--lora-bias"], "--lora-bias adds tensors"),
+])
+def test_cli_loram_flags_are_checked_before_anything_runs(tmp_path, capsys, flags, message):
+    """LoRAM recovers lora_A / lora_B only: a mixture's expert tensors or a DoRA magnitude stayed at the pruned width
+    and were found only after training (a mixlora run left an adapter that does not load); the alignment flags
+    need LoRAM. All refused up front, with no output folder."""
+    from lorakit.cli import main
+
+    assert main(["train", *flags, "--data", "reverse", "--steps", "1", "--output", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow  # the corpus, as above
 def test_cli_aligns_the_pruned_base_before_training(tmp_path, capsys):
     from lorakit.cli import main
