@@ -64,7 +64,9 @@ def test_bench_merge_combine_bad_files_are_error_lines_and_write_nothing(tmp_pat
     bad.write_text(content)
     with pytest.raises(SystemExit) as e:
         main(["merge", "--combine", str(bad), "--output", str(tmp_path / "out")])
-    assert e.value.code == 2 and expected in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and "--combine: --combine" not in err
+    assert str(bad) in err  # the file is named, not the command stored in it
     assert not (tmp_path / "out").exists()
 
 
@@ -79,6 +81,10 @@ def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_che
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "list.json")])
     assert "not a saved bench result" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"profile": {"seeds": [0]}, "command": "lorakit bench init"}))
+    with pytest.raises(SystemExit):
+        main(["variants", "--quick", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "other.json")])
+    assert "is not a `bench variants` result" in capsys.readouterr().err
     claims = {"profile": {**variants.asdict(variants.QUICK), "seeds": [0, 1]}, "before": 0.5, "runs": []}
     (tmp_path / "claims.json").write_text(json.dumps(claims))
     with pytest.raises(SystemExit):

@@ -124,9 +124,9 @@ def main(argv: Sequence[str]) -> int:
         from . import merge
         if args.combine:
             try:
-                result = merge.combine_results(_read_results(args.combine, "--combine"))
+                result = merge.combine_results(_read_results(args.combine, "--combine"), names=args.combine)
             except ConfigError as e:
-                parser.error(f"--combine: {e}")
+                parser.error(str(e) if str(e).startswith("--combine") else f"--combine: {e}")
         else:
             profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
                                 tasks=args.tasks, experiments=args.experiments, speed_repeats=args.repeats)

@@ -26,6 +26,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -251,7 +252,7 @@ _RESULT_KEYS = {"profile", "seeds_done", "before", "quality", "collapse", "speed
                 "wall_time_s", "combined_from"}
 
 
-def combine_results(results: list[dict]) -> dict:
+def combine_results(results: list[dict], names: Sequence[str] | None = None) -> dict:
     """One result from saved runs of the same profile — e.g. one run per seed (``--seeds 2``) and a speed-only run
     (``--experiments speed``): quality and collapse runs pooled by seed (a later file's seed replaces an earlier
     one's) and re-summarised, speed rows from the last file that has them. Keys a file carries beyond the bench's
@@ -262,7 +263,7 @@ def combine_results(results: list[dict]) -> dict:
     if not results:
         raise ConfigError("combine needs at least one result file")
     for i, r in enumerate(results):
-        where = r.get("command") or f"result {i + 1}"
+        where = names[i] if names else (r.get("command") or f"result {i + 1}")
         if not isinstance(r.get("profile"), dict) or not any(k in r for k in ("quality", "collapse", "speed")):
             raise ConfigError(f"{where}: not a `bench merge` result (no profile, or none of quality / collapse / "
                               f"speed)")

@@ -89,15 +89,15 @@ def _previous_seeds(profile: VariantsProfile, previous: Sequence[dict]) -> dict[
     done: dict[int, dict] = {}
     befores: list[float] = []
     for i, res in enumerate(previous):
+        if not isinstance(res.get("before"), (int, float)) or not isinstance(res.get("runs"), list):
+            raise ConfigError(f"bench variants --resume: previous result {i} is not a `bench variants` result (no "
+                              f"'before' score or 'runs'){' — it was made by: ' + res['command'] if res.get('command') else ''}")
         have = {k: tuple(v) if isinstance(v, list) else v for k, v in res.get("profile", {}).items() if k != "seeds"}
         differ = sorted(k for k in want if have.get(k) != want[k])
         if differ:
             raise ConfigError("bench variants --resume: previous result {} ran other options ({}); resume with the "
                               "same options, only --seeds may differ".format(
                                   i, ", ".join(f"{k}={have.get(k)!r}, here {want[k]!r}" for k in differ)))
-        if not isinstance(res.get("before"), (int, float)):
-            raise ConfigError(f"bench variants --resume: previous result {i} has no 'before' score (not a complete "
-                              f"`bench variants` result)")
         if befores and abs(befores[0] - res["before"]) > 1e-9:
             raise ConfigError(f"bench variants --resume: previous result {i} scored the base model {res['before']} "
                               f"before training, an earlier one {befores[0]}: not the same base or eval set")
