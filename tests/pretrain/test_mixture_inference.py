@@ -89,12 +89,12 @@ def test_bad_inputs(tmp_path):
 def test_cli_reports_shares(tmp_path, texts, capsys):
     bpe_dir = tmp_path / "tok"
     _tokenizer_on(bpe_dir, texts, {n: 1 for n in texts}, vocab_size=400)
-    args = ["--tokenizer", str(bpe_dir), "--merges", "100", "--out", str(tmp_path / "r.json")]
+    args = ["--tokenizer", str(bpe_dir), "--merges", "100", "--out", str(tmp_path / "new" / "r.json")]  # parent made
     for name in texts:
         (tmp_path / f"{name}.txt").write_text(texts[name])
         args += ["--category", f"{name}={tmp_path / f'{name}.txt'}"]
     assert mi.main(args) == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "new" / "r.json").read_text())
     assert set(report["byte_share"]) == set(CATEGORIES)
     assert sum(report["byte_share"].values()) == pytest.approx(1.0)
     assert mi.main(["--tokenizer", str(bpe_dir), "--domains", "code,dosc"]) == 2

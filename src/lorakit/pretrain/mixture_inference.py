@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from lorakit.core.errors import ConfigError
+from lorakit.io.files import atomic_write_json
 
 
 # ---------------------------------------------------------------- reading a tokenizer
@@ -342,9 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}")
         return 2
     report = {"tokenizer": tokenizer.name, **result.to_dict()}
+    print(json.dumps(report, indent=2))  # first: a failing --out loses nothing
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+        try:
+            atomic_write_json(args.out, report)  # makes the missing parent folders
+        except OSError as err:
+            print(f"error: --out {args.out}: {err.strerror or err}")
+            return 2
     return 0
 
 
