@@ -244,3 +244,13 @@ def test_second_bundled_base_shares_the_tokenizer_and_differs_in_shape():
     assert sum(p.stat().st_size for p in SMALL_BASE_MODEL_PATH.iterdir()) < 15 * 1024 * 1024
     info = json.loads((SMALL_BASE_MODEL_PATH / "pretrain_info.json").read_text())
     assert info["config"]["tokenizer"].endswith("base_model")
+
+
+def test_cli_will_not_replace_a_bundled_base_without_overwrite(capsys):
+    """``lorakit pretrain-base --steps 2`` (default --out) used to replace the shipped base with a 2-step model."""
+    from lorakit.pretrain.train import main
+
+    before = sorted(p.stat().st_mtime_ns for p in BASE_MODEL_DIR.iterdir())
+    assert main(["--steps", "2"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().out
+    assert sorted(p.stat().st_mtime_ns for p in BASE_MODEL_DIR.iterdir()) == before

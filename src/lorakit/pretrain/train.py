@@ -372,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit pretrain-base",
                                      description="Pretrain the small base model lorakit bundles.")
     parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR,
-                        help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR})")
+                        help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR}; replacing a "
+                             f"bundled base needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow --out to be a bundled base folder of the installed package (rebuild it)")
     taken: set[str] = set()
     _add_dataclass_arguments(parser, PretrainConfig, taken)
     _add_dataclass_arguments(parser, CorpusConfig, taken, prefix="corpus_")
@@ -390,6 +393,11 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bundled = Path(BASE_MODEL_DIR).resolve().parent  # the package's assets folder: both bundled bases live there
+    if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
+        print(f"error: --out {args.out} is a base model bundled with lorakit (the default --out); pass --overwrite "
+              f"to rebuild it, or --out DIR for a new base")
+        return 2
     try:
         config = config_from_args(args)
     except ConfigError as err:
