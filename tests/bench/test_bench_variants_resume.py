@@ -77,6 +77,9 @@ def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_che
     with pytest.raises(SystemExit):
         main(["tasks", "--quick", "--resume", "--output", str(tmp_path / "o")])
     assert "--resume is an option of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["init", "--quick", "--experiments", "speed", "--output", str(tmp_path / "o")])
+    assert "--experiments is an option of `bench merge` / `bench mixtures` only" in capsys.readouterr().err
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "list.json")])

@@ -21,6 +21,19 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
     atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
 
 
+# Options only some benches read (dest -> the benches that read it); the shared ones (--seeds, --steps, --tasks,
+# --methods, --only, --device, --quick, --output) are left out.
+_SERVE = {"serve"}
+_FLAG_SCOPE = {
+    "combine": {"merge"}, "resume": {"variants", "init"}, "experiments": {"mixtures", "merge"},
+    "repeats": {"init", "merge"}, "procedures": {"methods"}, "full_finetune": {"methods"},
+    "first_variant_only": {"methods"}, "step_time": {"variants", "reparam"}, "batch_size": {"reparam"},
+    "rounds": {"federated"}, "clients": {"federated"}, "r": {"variants", "reparam", "gamma_mod"},
+    "models": _SERVE, "num_adapters": _SERVE, "req_rate": _SERVE, "duration": _SERVE, "max_batch": _SERVE,
+    "peft_max_n": _SERVE, "systems": _SERVE, "dtype": _SERVE,
+}
+
+
 def _read_results(files: Sequence[str | Path], flag: str) -> list[dict]:
     """Saved bench results (JSON objects) from ``files``; ConfigError naming ``flag`` and the file for a missing,
     unreadable or malformed one (nothing is written before they are all read)."""
@@ -99,10 +112,12 @@ def main(argv: Sequence[str]) -> int:
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
     out = Path(args.output)
-    if args.combine is not None and args.what != "merge":
-        parser.error(f"--combine is an option of `bench merge` only (got `bench {args.what}`)")
-    if args.resume is not None and args.what not in ("variants", "init"):
-        parser.error(f"--resume is an option of `bench variants` and `bench init` only (got `bench {args.what}`)")
+    for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it
+        value = getattr(args, dest)
+        if value not in (None, False) and args.what not in benches:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
+                         f"(got `bench {args.what}`)")
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     command = "lorakit bench " + " ".join(argv)
