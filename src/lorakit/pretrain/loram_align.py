@@ -45,7 +45,8 @@ class AlignConfig:
     corpus_chars: int = 1_000_000
     eval_blocks: int = 32
     freeze_lm_head: bool = True
-    bf16: bool = True
+    bf16: bool = False  # the official script trains in bf16 on GPUs; CPU autocast to bf16 is 7-13x slower here
+                        # (benchmarks/pretrain_bf16), as for pretrain-base, whose default is fp32 too
     seed: int = 0
 
     def __post_init__(self) -> None:
