@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.delta import describe_layer, oriented_weight
-from ..core.errors import AdapterError, ConfigError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
@@ -97,6 +97,7 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
     opts = _options(options, merge_method)
+    _check_one_base(sources)
     if model is None:
         model = _base_for(sources)
     names, loaded = _attach_sources(model, sources)
@@ -143,6 +144,59 @@ def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
     return load_model_and_tokenizer(base)[0]
 
 
+def _base_name(source) -> str | None:
+    """The base model a folder source records (``base_model_name_or_path``); None for a loaded adapter's name or
+    a folder whose config cannot be read (the loader reports that)."""
+    from ..io.peft_format import read_adapter_config
+
+    try:
+        return read_adapter_config(source).base_model_name_or_path if Path(source).is_dir() else None
+    except LorakitError:
+        return None
+
+
+def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Per adapted module of a saved LoRA, the sizes its factors take from the base: lora_A (r, in, ...) -> in, ...;
+    lora_B (out, r, ...) -> out, ... (the rank, which sources may choose freely, left out). Read from the
+    safetensors header only; {} when the file is missing or unreadable (the loader reports that)."""
+    from ..io.files import TensorFile
+
+    try:
+        tensors = TensorFile(folder / WEIGHTS_NAME)
+    except LorakitError:
+        return {}
+    sizes: dict[str, tuple[int, ...]] = {}
+    for key in tensors.keys():
+        match = re.match(r"(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?$", key.removeprefix(PREFIX))
+        if match:
+            shape = tensors.shape(key)
+            path, factor = match.groups()
+            part = shape[1:] if factor == "A" else (shape[0], *shape[2:])
+            sizes[path] = sizes.get(path, ()) + ((("in" if factor == "A" else "out"), part),)
+    return {path: tuple(sorted(parts)) for path, parts in sizes.items()}
+
+
+def _check_one_base(sources) -> None:
+    """Before any model is loaded: two folder sources whose common modules have other input / output sizes were
+    trained on different bases. AdapterError naming both sources, their recorded bases and one module's sizes
+    (a missing-tensor report from the loader would hide that)."""
+    seen: dict[str, tuple[str, tuple]] = {}  # module -> (first source with it, its sizes)
+    for src in sources:
+        if not (Path(src) / WEIGHTS_NAME).is_file():
+            continue
+        for path, sizes in _module_sizes(Path(src)).items():
+            first, first_sizes = seen.setdefault(path, (str(src), sizes))
+            if sizes != first_sizes:
+                raise AdapterError(
+                    f"the sources were trained on different base models: {first!r} on {_base_name(first)!r} and "
+                    f"{str(src)!r} on {_base_name(src)!r} (module {path!r}: {_sizes_text(first_sizes)} in the first, "
+                    f"{_sizes_text(sizes)} in the second). Merge adapters of one base model.")
+
+
+def _sizes_text(sizes: tuple) -> str:
+    return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sizes)
+
+
 def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
     """Adapter names for the sources (folders loaded under temporary names); nothing stays loaded on failure."""
     names, loaded = [], []
@@ -154,7 +208,11 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
                 name = f"merge_source_{i}"
                 while name in adapter_names(model):
                     name += "_"
-                load_adapter(model, src, name)
+                try:
+                    load_adapter(model, src, name)
+                except LorakitError as e:
+                    _raise_if_other_base(model, sources, src, e)
+                    raise
                 names.append(name)
                 loaded.append(name)
             config = adapter_state(model).configs[names[-1]]
@@ -168,6 +226,17 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
             delete_adapter(model, name)
         raise
     return names, loaded
+
+
+def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> None:
+    """A source that fails to load and records another base than the merge's (``model``'s, else the first
+    source's): AdapterLoadError saying so first, then the loader's details."""
+    from ..io.peft_format import _name_or_path
+
+    base, ours = _base_name(src), _name_or_path(model) or _base_name(sources[0])
+    if base and ours and Path(str(base)).resolve() != Path(str(ours)).resolve():
+        raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
+                               f"merge adapters of one base model (loading it failed: {error})") from None
 
 
 def _cpu32(t: torch.Tensor) -> torch.Tensor:

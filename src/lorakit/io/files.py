@@ -131,6 +131,10 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the header, without reading the tensor."""
+        return tuple(self._handle.get_slice(key).get_shape())
+
     def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
         try:
             t = self._handle.get_tensor(key)
