@@ -243,6 +243,8 @@ def mixture_training_data(config, generator: torch.Generator, task_source: TaskT
     """What ``pretrain_base`` trains on under ``config.mixture``: (tokenizer, train blocks (steps·B, T),
     held-out blocks per domain, stats). The tokenizer and the held-out blocks come from all domains at their
     natural budgets, so every mixture is scored on the same text with the same tokenizer."""
+    if parse_mixture(config.mixture) == "regmix":  # read it now: a bad --regmix-dir fails before the data is built
+        resolve_mixture("regmix", {}, config.regmix_dir)
     data = prepare_domain_data(tuple(DOMAINS), config.seq_len, config.vocab_size, config.eval_fraction,
                                config.mixture_scale, config.seed, task_source, config.max_position_embeddings, log)
     natural = data.natural()

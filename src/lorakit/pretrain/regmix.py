@@ -25,7 +25,6 @@ numbers are comparable, and also report a linear regression (the paper's baselin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from lorakit.cli_parser import CommandParser
 from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.pretrain.domains import (
     DOMAINS, DomainData, check_domain, prepare_domain_data, sample_mixture_blocks, uniform_weights,
@@ -107,6 +107,8 @@ def _deduplicate(rows: np.ndarray, threshold: float = 1e-5) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------- proxies
 
+MIN_FIT_PROXIES = 4  # training proxies (not held out) the regression needs; fewer is refused before any training
+
 
 @dataclass
 class RegMixConfig:
@@ -142,6 +144,15 @@ class RegMixConfig:
         for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"RegMixConfig.{name} must be > 0, got {getattr(self, name)}.")
+        fit = self.n_proxies - self.n_proxies // self.test_every  # every test_every-th proxy is held out
+        if fit < MIN_FIT_PROXIES:
+            enough = next(n for n in range(MIN_FIT_PROXIES, 4 * MIN_FIT_PROXIES * self.test_every + 1)
+                          if n - n // self.test_every >= MIN_FIT_PROXIES) if self.test_every > 1 else None
+            raise ConfigError(
+                f"RegMixConfig.n_proxies={self.n_proxies} with test_every={self.test_every} leaves {fit} proxies to "
+                f"fit the regression (one in test_every is held out); the LightGBM fit needs at least "
+                f"{MIN_FIT_PROXIES}: " + (f"raise n_proxies to {enough} or more." if enough else
+                                          "raise test_every (1 holds every proxy out)."))
         if self.target != "mean" and self.target not in self.domains:
             options = ["mean", *self.domains]
             raise ConfigError(f"RegMix target {self.target!r} is neither 'mean' nor a domain in the sweep "
@@ -191,6 +202,7 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     already in the file are skipped). ``shard=(i, n)`` trains only the proxies whose index is ``i`` mod ``n``,
     so ``n`` processes can share a sweep. Returns the records in the file."""
     out = Path(out_dir)
+    check_saved_config(out, config)  # before the domains' data is built (minutes at the default scale)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     data = prepare_domain_data(config.domains, config.seq_len, config.vocab_size, config.eval_blocks,
@@ -224,6 +236,22 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
 _FIT_ONLY_FIELDS = frozenset({"n_proxies", "n_test", "test_every", "target", "top_k", "n_search"})
 
 
+def check_saved_config(out: Path, config: RegMixConfig) -> None:
+    """``ConfigError`` naming each field that shapes a proxy and differs between ``out/sweep.json`` (when present)
+    and ``config``: the part of :func:`check_resumable` that needs no data, so it runs first."""
+    saved_path = out / "sweep.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
+    changed = sorted(k for k in set(saved["config"]) | set(current)
+                     if k not in _FIT_ONLY_FIELDS and saved["config"].get(k) != current.get(k))
+    if changed:
+        raise ConfigError(f"{out} holds a sweep made with a different config ("
+                          + ", ".join(f"{k}: {saved['config'].get(k)!r} there, {current.get(k)!r} now" for k in changed)
+                          + "); use a new --out folder or the same flags.")
+
+
 def check_resumable(out: Path, config: RegMixConfig, natural: Mapping[str, float], records: Sequence[dict],
                     mixtures: np.ndarray) -> None:
     """Refuse to add proxies to ``out`` when its earlier ones were trained differently.
@@ -234,16 +262,9 @@ def check_resumable(out: Path, config: RegMixConfig, natural: Mapping[str, float
     ``ConfigError`` naming what differs.
     """
     saved_path = out / "sweep.json"
+    check_saved_config(out, config)
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
-        changed = sorted(k for k in set(saved["config"]) | set(current)
-                         if k not in _FIT_ONLY_FIELDS and saved["config"].get(k) != current.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a sweep made with a different config ("
-                              + ", ".join(f"{k}: {saved['config'].get(k)!r} there, {current.get(k)!r} now"
-                                          for k in changed)
-                              + "); use a new --out folder or the same flags.")
         drift = {d: (saved["natural"].get(d), v) for d, v in natural.items()
                  if not math.isclose(saved["natural"].get(d, -1.0), v, rel_tol=1e-9)}
         if drift:
@@ -331,8 +352,8 @@ def fit_and_search(records: Sequence[dict], config: RegMixConfig, natural: Mappi
                 np.array([[r["losses"][d] for d in domains] for r in rows]))
     x_train, y_train = arrays("train")
     x_test, y_test = arrays("test")
-    if len(x_train) < 4:
-        raise ConfigError(f"Only {len(x_train)} training proxies finished; RegMix needs more to fit.")
+    if len(x_train) < MIN_FIT_PROXIES:
+        raise ConfigError(f"Only {len(x_train)} training proxies finished; RegMix needs {MIN_FIT_PROXIES} to fit.")
     models = fit_regressors(x_train, y_train, x_test, y_test)
     target_index = None if config.target == "mean" else domains.index(config.target)
     true_target = y_test.mean(axis=1) if target_index is None else y_test[:, target_index]
@@ -370,8 +391,8 @@ def load_regmix_mixture(regmix_dir: str | Path) -> dict[str, float]:
     return json.loads(path.read_text())["mixture"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit regmix", description=(
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="lorakit regmix", description=(
         "RegMix (arXiv 2407.01492): train proxy models on random domain mixtures, regress validation loss on "
         "the mixture with LightGBM, and write the predicted best mixture to OUT/regmix.json."))
     parser.add_argument("--out", type=Path, required=True, help="folder for proxies.jsonl and regmix.json")
@@ -390,19 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("out", "fit_only", "shard")}
     values["domains"] = tuple(d.strip() for d in values["domains"].split(",") if d.strip())
     try:
-        config = RegMixConfig(**values)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    try:
-        return _run(args, config)
-    except ConfigError as err:  # e.g. too few finished proxies to fit: a clean error, the sweep's records stay
-        print(f"error: {err}")
-        return 2
+        return _run(args, RegMixConfig(**values))
+    except ConfigError as err:  # a flag, a resumed folder's other config, too few finished proxies to fit, ...
+        return parser.fail(err)  # the sweep's records stay
 
 
 def _run(args, config: "RegMixConfig") -> int:
@@ -410,8 +426,7 @@ def _run(args, config: "RegMixConfig") -> int:
     if args.fit_only:
         path = args.out / "proxies.jsonl"
         if not path.exists():
-            print(f"error: no proxies at {path}; run without --fit-only first.")
-            return 2
+            raise ConfigError(f"no proxies at {path}; run without --fit-only first.")
         records = [json.loads(line) for line in path.read_text().splitlines()]
         natural = json.loads((args.out / "sweep.json").read_text())["natural"]
     else:
@@ -419,8 +434,7 @@ def _run(args, config: "RegMixConfig") -> int:
             shard = tuple(int(x) for x in args.shard.split("/"))
             assert len(shard) == 2 and 0 <= shard[0] < shard[1]
         except (ValueError, AssertionError):
-            print(f"error: --shard expects I/N with 0 <= I < N, got {args.shard!r}.")
-            return 2
+            raise ConfigError(f"--shard expects I/N with 0 <= I < N, got {args.shard!r}.") from None
         run_sweep(config, args.out, log, shard=shard)
         if shard[1] > 1:
             print(f"shard {args.shard} done; fit with --fit-only once every shard has finished.")
