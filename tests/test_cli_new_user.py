@@ -106,7 +106,7 @@ def test_merge_adapters_with_a_missing_model_is_a_one_line_error(tmp_path, capsy
     assert main(["merge-adapters", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "out"),
                  "--model", str(tmp_path / "nonexistent")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lorakit: error:") and "Traceback" not in err
+    assert err.startswith("lorakit merge-adapters: error:") and "Traceback" not in err
 
 
 # -- 2. failures found before the work --------------------------------------------------------------------------

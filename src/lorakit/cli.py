@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
+from .cli_parser import CommandParser
 from .core.errors import LorakitError
 
 DEFAULT_METHOD = "lora"
@@ -309,6 +310,8 @@ def _check_loram_flags(args, adapter_config) -> None:
         raise LorakitError(f"--loram-align-steps must be >= 0 (0 = no alignment), got {args.loram_align_steps}")
     if args.loram_align_lr is not None and args.loram_align_steps == 0:
         raise LorakitError("--loram-align-lr is the alignment's learning rate: give --loram-align-steps N too")
+    if args.loram_align_steps:
+        _align_config(args)  # its ConfigError now, not after pruning
     if type(adapter_config) is not LoraConfig:
         raise LorakitError(f"--loram-ratio recovers a plain LoRA (lora_A / lora_B) to the full model's shapes; "
                            f"--method {args.method} makes other tensors. Use --method lora.")
@@ -496,6 +499,15 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     return 0
 
 
+def _align_config(args):
+    """LoRAM's alignment config from --loram-align-steps / --loram-align-lr (ConfigError naming AlignConfig's
+    fields, which the train parser's field_flags write as those flags)."""
+    from .pretrain.loram_align import AlignConfig
+
+    return AlignConfig(steps=args.loram_align_steps, lr=1e-3 if args.loram_align_lr is None else args.loram_align_lr,
+                       warmup_steps=min(20, max(args.loram_align_steps, 0) // 10), seed=args.seed)
+
+
 def _loram_base(args):
     """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan)."""
     from .hub import load_model_and_tokenizer
@@ -506,10 +518,8 @@ def _loram_base(args):
     summary = plan_summary(plan, full, model)
     del full  # training holds only the pruned base
     if args.loram_align_steps:
-        from .pretrain.loram_align import AlignConfig, align_pruned
-        aligned = align_pruned(model, tokenizer, AlignConfig(steps=args.loram_align_steps, lr=1e-3 if args.loram_align_lr is None else args.loram_align_lr,
-                                                             warmup_steps=min(20, max(args.loram_align_steps, 0) // 10),
-                                                             seed=args.seed), log=lambda line: None if args.quiet else print(line))
+        from .pretrain.loram_align import align_pruned
+        aligned = align_pruned(model, tokenizer, _align_config(args), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
               f"pruned base {aligned['eval_loss_before']:.3f} -> {aligned['eval_loss_after']:.3f} nats/token")
     if args.quantize:
@@ -803,7 +813,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     from .compose import list_merge_methods, merge_adapters
     from .io.files import write_dir_atomically
 
-    p = argparse.ArgumentParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__)
+    p = CommandParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__,
+                      field_flags={"lambda_": "--lambda"})
     p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
@@ -827,8 +838,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
     except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     model = None
     try:
         if args.model is not None:
@@ -838,8 +848,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
         out = write_dir_atomically(args.output, merged.save)
     except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
     return 0
 
@@ -853,7 +862,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
 
     training = argv[:1] == ["train"]
     prog = "lorakit generate-adapter" + (" train" if training else "")
-    p = argparse.ArgumentParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
     p.add_argument("--output", required=True, help="folder for the generator" if training else "folder for the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _common_model(p)
@@ -901,8 +910,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
                                    temperature=args.temperature, model=model, tokenizer=tokenizer)
             print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
     except (LorakitError, ValueError, FileNotFoundError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     return 0
 
 
@@ -915,7 +923,8 @@ def cmd_transfer(argv: Sequence[str]) -> int:
     from .data import load_examples
     from .hub import load_tokenizer
 
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     try:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
@@ -923,8 +932,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
         result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
     except (LorakitError, ValueError, FileNotFoundError) as e:
-        print(f"lorakit transfer: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     print(json.dumps(result.summary()))
     return 0
 
@@ -936,7 +944,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
     from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
 
-    p = argparse.ArgumentParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
@@ -960,6 +968,11 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         _set_threads(args)
         if args.method == "rtn" and options:
             raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
+        from .quantize import CBQConfig, QuantSpec
+        if args.method == "cbq":  # the flags' errors before the model loads and its perplexity is measured
+            CBQConfig(bits=args.bits, group_size=args.group_size, **options)
+        else:
+            QuantSpec(args.bits, args.group_size)
         out = check_output_dir(args.output, "--output", overwrite=args.overwrite) if args.output else None
         from .hub import load_model_and_tokenizer
         from .io.files import write_dir_atomically
@@ -972,8 +985,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
                                    progress=print, **options)
         after = perplexity(model, test)
     except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return p.fail(e)
     print(f"{args.method} W{args.bits}A16 ({summary['layers']} linear layers): perplexity {before:.3f} -> {after:.3f}")
     if out is not None:
         def write(folder: Path) -> None:
@@ -1190,6 +1202,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                    help="UL2 mode switching: prepend this mode token ([R], [S] or [X] of a base pretrained with "
                         "--objective ul2) to every prompt, in training and evaluation (default: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.field_flags.update({"AlignConfig.steps": "--loram-align-steps", "AlignConfig.lr": "--loram-align-lr"})
     from .training.config import DISTRIBUTED_MODES
     t.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
                    help="under torchrun / accelerate launch: DDP over the adapter, or FSDP2 sharding the frozen base "
@@ -1339,7 +1352,7 @@ def _add_federate(sub) -> None:
 
 
 def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
+    parser = CommandParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub, method_name, procedure_name)
     _add_eval(sub)
@@ -1384,25 +1397,10 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
     return default
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``parser.parse_args`` whose unknown-option error comes from the subcommand (its usage line) and names the
-    subcommand's near-matching options (``--lora-alfa`` -> ``--lora-alpha``)."""
-    from .core.errors import did_you_mean
-
-    args, extra = parser.parse_known_args(argv)
-    if not extra:
-        return args
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    command = commands.choices.get(getattr(args, "command", None), parser)
-    options = [o for a in command._actions if a.help != argparse.SUPPRESS  # noqa: SLF001
-               for o in a.option_strings if o.startswith("--")]
-    hints = "".join(did_you_mean(x.split("=", 1)[0], options) for x in extra if x.startswith("--"))
-    command.error(f"unrecognized arguments: {' '.join(extra)}.{hints}")
-
-
 def _run(argv: list[str]) -> int:
     from .training import AdapterSaveError, TrainingInterrupted
 
+    command = CommandParser(prog="lorakit")  # the subcommand's parser once the flags are read: its errors' prefix
     try:
         from . import get_method
         method_name = _method_from_argv(argv)
@@ -1411,21 +1409,21 @@ def _run(argv: list[str]) -> int:
         if procedure_name is not None:
             from .training.procedures import get_procedure
             get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure
-        args = _parse(build_parser(method_name, procedure_name), argv)
+        parser = build_parser(method_name, procedure_name)
+        args = parser.parse_args(argv)
+        command = parser.chosen(args)
         _set_threads(args)
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"\nlorakit: {e}\nresume with:\n  {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
         return 130
     except AdapterSaveError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 1
+        return command.fail(e, status=1)
     except KeyboardInterrupt:
         print("\nlorakit: interrupted", file=sys.stderr)
         return 130
     except (LorakitError, ValueError, FileNotFoundError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return command.fail(e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

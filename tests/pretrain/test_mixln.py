@@ -135,7 +135,7 @@ def test_alpha_without_norm_mix_is_an_error(norm, tmp_path, capsys):
     from lorakit.cli import main
 
     assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--norm", norm, "--mix-ln-alpha", "0.5"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "--mix-ln-alpha 0.5" in out and f"--norm {norm}" in out
     assert not (tmp_path / "m").exists()
 

@@ -98,7 +98,7 @@ def test_cli_reports_shares(tmp_path, texts, capsys):
     assert set(report["byte_share"]) == set(CATEGORIES)
     assert sum(report["byte_share"].values()) == pytest.approx(1.0)
     assert mi.main(["--tokenizer", str(bpe_dir), "--domains", "code,dosc"]) == 2
-    assert "Did you mean: docs" in capsys.readouterr().out
+    assert "Did you mean: docs" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_repeated_category(tmp_path, capsys):
@@ -108,15 +108,15 @@ def test_cli_refuses_a_repeated_category(tmp_path, capsys):
     tok = ["--tokenizer", str(tmp_path / "unused")]  # the repeat is reported before the tokenizer is read
     assert mi.main(tok + ["--category", f"code={tmp_path / 'a.txt'}", "--category", f"prose={tmp_path / 'b.txt'}",
                           "--category", f"code={tmp_path / 'b.txt'}"]) == 2
-    assert "Category name given more than once: 'code'." in capsys.readouterr().out
+    assert "Category name given more than once: 'code'." in capsys.readouterr().err
     assert mi.main(tok + ["--category", f"docs={tmp_path / 'a.txt'}", "--domains", "code,docs"]) == 2
-    assert "Category name given more than once: 'docs'." in capsys.readouterr().out
+    assert "Category name given more than once: 'docs'." in capsys.readouterr().err
     assert mi.main(tok + ["--domains", "tasks,code,tasks,code"]) == 2
-    assert "Category name given more than once: 'code', 'tasks'." in capsys.readouterr().out
+    assert "Category name given more than once: 'code', 'tasks'." in capsys.readouterr().err
 
 
 def test_lorakit_cli_dispatches(tmp_path, capsys):
     from lorakit.cli import main
 
     assert main(["infer-mixture", "--tokenizer", str(tmp_path / "none"), "--domains", "code,docs"]) == 2
-    assert "No tokenizer.json" in capsys.readouterr().out
+    assert "No tokenizer.json" in capsys.readouterr().err

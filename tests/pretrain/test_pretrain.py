@@ -252,5 +252,5 @@ def test_cli_will_not_replace_a_bundled_base_without_overwrite(capsys):
 
     before = sorted(p.stat().st_mtime_ns for p in BASE_MODEL_DIR.iterdir())
     assert main(["--steps", "2"]) == 2
-    assert "pass --overwrite" in capsys.readouterr().out
+    assert "pass --overwrite" in capsys.readouterr().err
     assert sorted(p.stat().st_mtime_ns for p in BASE_MODEL_DIR.iterdir()) == before

@@ -172,8 +172,8 @@ def test_cli_dispatch_and_bad_flags(tmp_path, capsys):
     from lorakit.cli import main
 
     assert main(["regmix", "--out", str(tmp_path), "--domains", "code,dosc"]) == 2
-    assert "Did you mean: docs" in capsys.readouterr().out
+    assert "Did you mean: docs" in capsys.readouterr().err
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
-    assert "no proxies" in capsys.readouterr().out
+    assert "no proxies" in capsys.readouterr().err
     assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "code=0.7,tasks=0.7"]) == 2
-    assert "sum to 1.4" in capsys.readouterr().out
+    assert "sum to 1.4" in capsys.readouterr().err

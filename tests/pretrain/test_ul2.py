@@ -202,7 +202,7 @@ def test_bad_denoisers_and_objective_names():
 
 def test_cli_unknown_objective_names_near_match(capsys):
     assert pretrain_main(["--out", "unused", "--objective", "ul_2"]) == 2
-    assert "Did you mean: ul2" in capsys.readouterr().out
+    assert "Did you mean: ul2" in capsys.readouterr().err
 
 
 def test_mode_token_prepended_and_checked(tokenizer):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli_parser import CommandParser
 from ..core.errors import ConfigError
 from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -61,7 +61,7 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit bench", description=__doc__)
+    parser = CommandParser(prog="lorakit bench", description=__doc__)
     parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam",
                                          "init", "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")

@@ -292,9 +292,9 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
 
 
 def build_parser():
-    import argparse
+    from ..cli_parser import CommandParser
 
-    p = argparse.ArgumentParser(prog="lorakit transfer", description="Trans-LoRA (arXiv:2405.17258): move an adapter "
+    p = CommandParser(prog="lorakit transfer", description="Trans-LoRA (arXiv:2405.17258): move an adapter "
                                 "to a new base model without its training data (synthetic prompts from the target "
                                 "base, filtered by a discriminator LoRA, labelled by the source model + adapter).")
     p.add_argument("--adapter", required=True, help="the trained adapter folder on the source model")

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..cli_parser import CommandParser
 from ..core.errors import ConfigError, LorakitError
 
 DEFAULT_DIR = "diffusion_run"
@@ -112,8 +113,8 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
     from .sampler import list_compositions
 
     methods = [c.name for c in list_compositions()]
-    p = argparse.ArgumentParser(prog=prog, description="compose several LoRAs while sampling images (training-free)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CommandParser(prog=prog, description="compose several LoRAs while sampling images (training-free)",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", default=f"{DEFAULT_DIR}/base", help="folder written by `lorakit diffusion train-base`")
     p.add_argument("--lora", action="append", required=True, help="a LoRA folder (repeat; PEFT or lorakit format)")
     p.add_argument("--method", default="composite", choices=methods, help="composition method")
@@ -174,8 +175,8 @@ def _cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
-                                     "digits, concept LoRAs, and multi-LoRA composition")
+    parser = CommandParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
+                           "digits, concept LoRAs, and multi-LoRA composition")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt)
     b.add_argument("--out", default=f"{DEFAULT_DIR}/base")
@@ -212,19 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _guarded(func, args) -> int:
+def _guarded(parser: CommandParser, argv: Sequence[str]) -> int:
+    args = parser.parse_args(list(argv))
     try:
-        return func(args)
+        return args.func(args)
     except (LorakitError, ValueError, FileNotFoundError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
-        return 2
+        return parser.chosen(args).fail(e)
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    return _guarded(args.func, args)
+    return _guarded(build_parser(), argv)
 
 
 def compose_main(argv: Sequence[str]) -> int:
-    args = compose_parser().parse_args(list(argv))
-    return _guarded(args.func, args)
+    return _guarded(compose_parser(), argv)

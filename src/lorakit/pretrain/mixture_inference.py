@@ -23,7 +23,6 @@ result is also given in bytes (``α_i · bytes_i / pairs_i``, renormalised, as t
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from lorakit.cli_parser import CommandParser
 from lorakit.core.errors import ConfigError
 from lorakit.io.files import atomic_write_json
 
@@ -280,8 +280,8 @@ def mixture_error(truth: Mapping[str, float], predicted: Mapping[str, float]) ->
 # ---------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit infer-mixture", description=(
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="lorakit infer-mixture", field_flags={"n_merges": "--merges"}, description=(
         "Infer the category proportions of a BPE tokenizer's training data from its merge list "
         "(Hayase et al., arXiv 2407.16607)."))
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a folder with one")
@@ -324,7 +324,8 @@ def _read_category(spec: str) -> tuple[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         names = [d.strip() for d in args.domains.split(",") if d.strip()]
         check_unique_categories([spec.partition("=")[0] for spec in args.category] + names)
@@ -340,16 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("Give at least two categories (--category NAME=FILE or --domains a,b).")
         result = infer_from_texts(tokenizer, texts, args.merges)
     except ConfigError as err:
-        print(f"error: {err}")
-        return 2
+        return parser.fail(err)
     report = {"tokenizer": tokenizer.name, **result.to_dict()}
     print(json.dumps(report, indent=2))  # first: a failing --out loses nothing
     if args.out:
         try:
             atomic_write_json(args.out, report)  # makes the missing parent folders
         except OSError as err:
-            print(f"error: --out {args.out}: {err.strerror or err}")
-            return 2
+            return parser.fail(f"--out {args.out}: {err.strerror or err}")
     return 0
 
 

@@ -24,6 +24,7 @@ import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.assets import BASE_MODEL_PATH
+from lorakit.cli_parser import CommandParser
 from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.io.files import write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
@@ -347,8 +348,9 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         torch.set_num_threads(previous_threads)
 
 
-def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, taken: set[str], prefix: str = "") -> None:
-    """One ``--flag`` per scalar field of ``cls``, so new config fields reach the CLI without edits here."""
+def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], prefix: str = "") -> None:
+    """One ``--flag`` per scalar field of ``cls``, so new config fields reach the CLI without edits here (a field
+    whose name an earlier class took gets ``prefix``; its errors ``cls.field`` name that flag)."""
     hints = get_type_hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
@@ -358,6 +360,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, taken: 
         dest = f.name if f.name not in taken else prefix + f.name
         taken.add(dest)
         flag = "--" + dest.replace("_", "-")
+        if dest != f.name:
+            parser.field_flags[f"{cls.__name__}.{f.name}"] = flag
         default = getattr(defaults, f.name)
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
@@ -368,9 +372,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, taken: 
             parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"default: {default}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit pretrain-base",
-                                     description="Pretrain the small base model lorakit bundles.")
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="lorakit pretrain-base", description="Pretrain the small base model lorakit bundles.")
     parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR,
                         help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR}; replacing a "
                              f"bundled base needs --overwrite)")
@@ -392,21 +395,16 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     bundled = Path(BASE_MODEL_DIR).resolve().parent  # the package's assets folder: both bundled bases live there
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
-        print(f"error: --out {args.out} is a base model bundled with lorakit (the default --out); pass --overwrite "
-              f"to rebuild it, or --out DIR for a new base")
-        return 2
+        return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
+                           f"--overwrite to rebuild it, or --out DIR for a new base")
     try:
         config = config_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    try:
         info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
-    except ConfigError as err:  # found while preparing the data (e.g. --regmix-dir without a regmix.json)
-        print(f"error: {err}")
-        return 2
+    except ConfigError as err:  # the flags, or found while preparing the data (e.g. a regmix.json's domains)
+        return parser.fail(err)
     print(json.dumps({k: info[k] for k in ("steps", "final_loss", "eval_loss", "n_params", "wall_time_s")}))
     return 0

@@ -1,0 +1,133 @@
+"""The argument parser every ``lorakit`` command builds, so that all of them fail the same way.
+
+- A mistyped flag lists the command's near matches (``--densty`` -> ``Did you mean: --density?``), under the
+  subcommand that was chosen when the parser has subcommands (its usage line, its options).
+- Every error reads ``<prog>: error: <message>`` on stderr with exit status 2 (``lorakit train: error: ...``):
+  ``parser.error(text)`` (argparse's, with the usage line) for what is wrong with the flags as typed,
+  ``parser.fail(err)`` (no usage line; returns the status) for what a config's validation or the work finds.
+- In both, the message's Python config field names become the flags the user typed:
+  ``TransLoraConfig.threshold`` -> ``--threshold``, ``saved_modules='first'`` -> ``--saved-modules first``,
+  ``AlignConfig.steps=0`` -> ``--loram-align-steps 0``. The map from field to flag is every option's ``dest``
+  (automatic) plus the parser's ``field_flags`` for a field whose flag has another name (``n_merges`` ->
+  ``--merges``; a key ``Class.field`` names that config's field only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Mapping
+
+from .core.errors import did_you_mean
+
+# ``=value`` after a field name: a quoted string, or a token up to a separator
+_VALUE = r"""=('[^']*'|"[^"]*"|[^\s,;:()\[\]{}]+)"""
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with the config fields in ``flags`` (field or ``Class.field`` -> flag) written as flags.
+
+    A field is replaced where it is unmistakably a name: qualified (``PretrainConfig.steps``), with a value
+    (``steps=3`` -> ``--steps 3``), or, for a one-word field (``steps``, ``lr``), as the subject of a sentence
+    (``density must be ...``); a field with an underscore (``mix_ln_alpha``) wherever it stands as a word.
+    """
+    def repl(flag: str):
+        def sub(m: re.Match) -> str:
+            value = m.group(1)
+            if value is None:
+                return flag
+            if value[:1] in ("'", '"'):
+                value = value[1:-1]
+            return f"{flag} {value}"
+        return sub
+
+    # qualified keys first, so AlignConfig.steps gets its own flag before plain ``steps`` gets --steps
+    for key in sorted(flags, key=lambda k: ("." not in k, -len(k))):
+        flag, name = flags[key], re.escape(key)
+        start, end = r"(?<![\w.\-/])", r"(?![\w\-/])"
+        if "." in key:
+            names = name
+        elif "_" in key:
+            names = rf"(?:[A-Z]\w*\.)?{name}"
+        else:  # a plain word: qualified, with a value, or the subject of a sentence
+            message = re.sub(rf"{start}{name}(?= (?:must|should) )", flag, message)
+            message = re.sub(rf"{start}{name}{_VALUE}", repl(flag), message)
+            names = rf"[A-Z]\w*\.{name}"
+        message = re.sub(rf"{start}{names}(?:{_VALUE})?{end}", repl(flag), message)
+    return message
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with lorakit's error conventions (module docstring); subparsers made with
+    ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names."""
+
+    def __init__(self, *args, field_flags: Mapping[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.field_flags: dict[str, str] = dict(field_flags or {})
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 (argparse's, with near matches)
+        self._share_argv(list(sys.argv[1:] if args is None else args))
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.chosen(parsed).unrecognized(extra)
+        return parsed
+
+    def _share_argv(self, argv: list[str]) -> None:
+        """Keep the command line on this parser and its subparsers: an error argparse raises while parsing (a
+        required flag missing because it was mistyped) can then name the unknown flags' near matches too."""
+        self._argv = argv
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                for sub in action.choices.values():
+                    if isinstance(sub, CommandParser):
+                        sub._share_argv(argv)  # noqa: SLF001
+
+    def chosen(self, parsed: argparse.Namespace) -> "CommandParser":
+        """The (sub)command parser that read ``parsed``: the chosen subcommand's, else this one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(chosen, CommandParser):
+                    return chosen.chosen(parsed)
+        return self
+
+    def error(self, message: str):
+        """argparse's usage + ``<prog>: error: <message>`` + exit 2, with config field names written as flags and,
+        after any other error of argparse's (a required flag missing), the near matches of unknown flags typed."""
+        if not message.startswith("unrecognized arguments"):
+            options = self.options()
+            unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]
+            unknown = [t for t in unknown if not any(o.startswith(t) for o in options)]  # argparse takes prefixes
+            hints = "".join(did_you_mean(t, options) for t in unknown)
+            if hints:
+                message = f"{message} (unrecognized: {' '.join(unknown)}.{hints})"
+        super().error(self.message(message))
+
+    def options(self) -> list[str]:
+        """The long options this parser shows (hidden, e.g. renamed, ones left out)."""
+        return [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
+
+    def unrecognized(self, extra: list[str]):
+        """argparse's "unrecognized arguments" error (usage, exit 2) with the near matches of each unknown flag."""
+        hints = "".join(did_you_mean(x.split("=", 1)[0], self.options()) for x in extra if x.startswith("--"))
+        self.error(f"unrecognized arguments: {' '.join(extra)}.{hints}")
+
+    def flags(self) -> dict[str, str]:
+        """Config field -> flag: each shown option's ``dest``, then ``field_flags``."""
+        flags: dict[str, str] = {}
+        for action in self._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and action.help != argparse.SUPPRESS and action.dest not in ("help", argparse.SUPPRESS):
+                flags.setdefault(action.dest, longs[0])
+        flags.update(self.field_flags)
+        return flags
+
+    def message(self, error: BaseException | str) -> str:
+        """``error``'s text with config field names written as this command's flags."""
+        return with_flags(str(error), self.flags())
+
+    def fail(self, error: BaseException | str, status: int = 2) -> int:
+        """Print ``<prog>: error: <message>`` (fields as flags) to stderr; returns the exit ``status``."""
+        print(f"{self.prog}: error: {self.message(error)}", file=sys.stderr)
+        return status

@@ -1,0 +1,125 @@
+"""Every ``lorakit`` command fails the same way (lorakit.cli_parser): a mistyped flag lists its near matches, and
+an error a config's validation finds names the flag the user typed, as ``lorakit <command>: error: ...``."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.cli_parser import CommandParser, with_flags
+
+
+def test_field_names_become_flags_only_where_they_are_names():
+    flags = {"steps": "--steps", "lr": "--lr", "AlignConfig.steps": "--loram-align-steps",
+             "saved_modules": "--saved-modules", "density": "--density", "epsilon": "--epsilon",
+             "hidden_size": "--hidden-size", "num_heads": "--num-heads"}
+    assert with_flags("AlignConfig.steps=0: must be > 0", flags) == "--loram-align-steps 0: must be > 0"
+    assert with_flags("PretrainConfig.steps must be > 0, got 0.", flags) == "--steps must be > 0, got 0."
+    assert with_flags("steps must be > 0", flags) == "--steps must be > 0"
+    assert (with_flags("Choose a rule: saved_modules='first' (the first source's copy wins)", flags)
+            == "Choose a rule: --saved-modules first (the first source's copy wins)")
+    assert (with_flags("got density=0.9, epsilon=0.2.", flags) == "got --density 0.9, --epsilon 0.2.")
+    assert (with_flags("hidden_size (256) must be divisible by num_heads (3).", flags)
+            == "--hidden-size (256) must be divisible by --num-heads (3).")
+    # prose, paths, other flags and other configs' qualified names stay as they are
+    for text in ("density 0 keeps no entry", "the 5 steps of /runs/steps_x.json", "--mix-ln-alpha 0.5 is read only",
+                 "AlignConfig.warmup_steps=30: give 0..steps (20)", "lr_scheduler_x"):
+        assert with_flags(text, flags) == text
+
+
+def test_a_parser_maps_its_own_dests_and_its_field_flags():
+    p = CommandParser(prog="lorakit x", field_flags={"n_merges": "--merges"})
+    p.add_argument("--num-proxies", dest="n_proxies", type=int)
+    p.add_argument("--old", dest="n_proxies", help=__import__("argparse").SUPPRESS)  # a hidden alias: not shown
+    assert p.flags() == {"n_proxies": "--num-proxies", "n_merges": "--merges"}
+    assert p.message("RegMixConfig.n_proxies must be > 0; n_merges must be > 0") == \
+        "--num-proxies must be > 0; --merges must be > 0"
+
+
+# One mistyped flag per lorakit command (and subcommand): argparse's exit 2 under the command's name, with the
+# near match of the flag meant (also when the mistyped flag was a required one: merge, export).
+MISTYPED = [
+    (["train", "--lora-alfa", "2"], "lorakit train", "--lora-alpha"),
+    (["eval", "--adaptr", "x", "--data", "reverse"], "lorakit eval", "--adapter"),
+    (["generate", "--promt", "x"], "lorakit generate", "--prompt"),
+    (["merge", "--adaptr", "x", "--output", "o"], "lorakit merge", "--adapter"),
+    (["export", "x", "--outpt", "o"], "lorakit export", "--output"),
+    (["serve", "--max-lroas", "3"], "lorakit serve", "--max-loras"),
+    (["federate", "--ruonds", "3"], "lorakit federate", "--rounds"),
+    (["merge-adapters", "a", "b", "--densty", "0.5", "--output", "o"], "lorakit merge-adapters", "--density"),
+    (["generate-adapter", "--task", "t", "--generator", "g", "--output", "o", "--sed", "1"],
+     "lorakit generate-adapter", "--seed"),
+    (["generate-adapter", "train", "--adapters", "a", "--output", "o", "--latnet-dim", "4"],
+     "lorakit generate-adapter train", "--latent-dim"),
+    (["quantize", "--bitz", "3"], "lorakit quantize", "--bits"),
+    (["transfer", "--adapter", "a", "--target-model", "b", "--data", "c", "--output", "d", "--treshold", "0.5"],
+     "lorakit transfer", "--threshold"),
+    (["bench", "merge", "--experimnets", "speed"], "lorakit bench", "--experiments"),
+    (["diffusion", "train-base", "--stepz", "3"], "lorakit diffusion train-base", "--steps"),
+    (["compose-image", "--lora", "x", "--scale", "2"], "lorakit compose-image", "--lora-scale"),
+    (["pretrain-base", "--stepz", "3"], "lorakit pretrain-base", "--steps"),
+    (["regmix", "--out", "x", "--n-proxy", "3"], "lorakit regmix", "--n-proxies"),
+    (["infer-mixture", "--tokenizer", "x", "--sampel-chars", "3"], "lorakit infer-mixture", "--sample-chars"),
+]
+
+
+@pytest.mark.parametrize("argv,prog,meant", MISTYPED, ids=[" ".join(a[:2]) for a, _, _ in MISTYPED])
+def test_a_mistyped_flag_lists_near_matches_in_every_command(argv, prog, meant, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: {prog}" in err and f"{prog}: error: " in err and "unrecognized" in err
+    assert "Did you mean: " in err and meant in err.split("Did you mean: ", 1)[1]
+
+
+def test_config_errors_name_the_flags_typed(tmp_path, capsys):
+    """Validation the command's config does (before any model is loaded) speaks in flags, under the command."""
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x\n")
+    (tmp_path / "b.txt").write_text("The quick brown fox.\n")
+    from lorakit.assets import BASE_MODEL_PATH
+
+    out = str(tmp_path / "out")
+    cases = [
+        (["train", "--loram-ratio", "0.2", "--loram-align-steps", "5", "--loram-align-lr", "-1", "--output", out],
+         "lorakit train: error: --loram-align-lr -1.0: must be > 0"),
+        (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
+          "--threshold", "1.5"], "lorakit transfer: error: --threshold must be in [0, 1)"),
+        (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
+          "--max-new-tokens", "0"], "lorakit transfer: error: --max-new-tokens must be a positive integer"),
+        (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
+          "--generator", "tagret"], "lorakit transfer: error: --generator tagret is not one of"),
+        (["pretrain-base", "--out", out, "--steps", "0"], "lorakit pretrain-base: error: --steps must be > 0"),
+        (["pretrain-base", "--out", out, "--norm", "mix", "--mix-ln-alpha", "2"],
+         "lorakit pretrain-base: error: --mix-ln-alpha must be a number in [0, 1]"),
+        (["pretrain-base", "--out", out, "--mixture", "regmix"],
+         "lorakit pretrain-base: error: --mixture regmix needs --regmix-dir"),
+        (["regmix", "--out", out, "--n-proxies", "2"],
+         "lorakit regmix: error: --n-proxies 2 with --test-every 4 leaves 2 proxies"),
+        (["infer-mixture", "--tokenizer", str(BASE_MODEL_PATH), "--category", f"a={tmp_path / 'a.txt'}",
+          "--category", f"b={tmp_path / 'b.txt'}", "--merges", "0"], "lorakit infer-mixture: error: --merges must be > 0"),
+        (["merge-adapters", "a", "b", "--saved-modules", "firts", "--output", out],
+         "lorakit merge-adapters: error: --saved-modules must be one of"),
+        (["merge-adapters", "a", "b", "--method", "ties", "--density", "0", "--output", out],
+         "lorakit merge-adapters: error: --density must be in (0, 1]"),
+        (["quantize", "--method", "cbq", "--window", "2", "--overlap", "2"],
+         "lorakit quantize: error: CBQConfig needs window >= 1 and 0 <= overlap < window, got --window 2, --overlap 2"),
+        (["generate-adapter", "train", "--adapters", "a", "--output", out, "--lr", "0"],
+         "lorakit generate-adapter train: error: --lr must be > 0"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert expected in captured.err, (argv, captured.err)
+        assert captured.err.startswith(expected.split(" error: ")[0] + " error: ")
+        assert "Config." not in captured.err and "_" not in captured.err.split("error: ", 1)[1].split(" ")[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_runtime_errors_carry_the_command_prefix(tmp_path, capsys):
+    """Errors after parsing, in commands with subcommands and in their own-parser commands, say the command."""
+    assert main(["inspect", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("lorakit inspect: error: ")
+    assert main(["diffusion", "train-loras", "--base", str(tmp_path / "nope"), "--concepts", "digit3"]) == 2
+    assert capsys.readouterr().err.startswith("lorakit diffusion train-loras: error: ")
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    assert capsys.readouterr().err.startswith("lorakit regmix: error: no proxies")
