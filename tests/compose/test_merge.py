@@ -246,3 +246,43 @@ def test_options_that_keep_nothing_are_refused(option, sources):
     with pytest.raises(ConfigError, match="all-zero adapter"):
         merge_adapters([sources["plain"], sources["lora_bias"]], None, "sce" if "select_topk" in option else "ties",
                        model=tiny_llama(), **option)
+
+
+def _named_llama(name: str, **config):
+    """A tiny Llama whose recorded name (``name_or_path``, saved as the adapter's base) is ``name``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=96, max_position_embeddings=64)
+    model = LlamaForCausalLM(LlamaConfig(**{**cfg, **config})).eval()
+    model.config._name_or_path = name
+    return model
+
+
+def test_sources_of_another_base_are_named_before_any_model_loads(tmp_path):
+    """A first source from another base used to surface as missing / unmatched tensors of the second one."""
+    from lorakit.core.errors import AdapterError
+
+    narrow = make_adapter(lambda: _named_llama("base-32"), tmp_path / "narrow", 0, r=2)
+    wide = make_adapter(lambda: _named_llama("base-48", hidden_size=48), tmp_path / "wide", 1, r=4)
+    with pytest.raises(AdapterError, match=r"different base models: .*narrow' on 'base-32' and .*wide' on 'base-48' "
+                                           r"\(module 'model\.layers\.0\.[^']*': [^)]*32 in the first, [^)]*48 in the second\)"):
+        merge_adapters([narrow, wide])  # no model: it would be loaded from the first source's base
+
+
+@pytest.mark.parametrize("order", ["shallow_first", "deep_first"])
+def test_a_source_that_fails_to_load_on_another_base_says_so_first(order, tmp_path):
+    """Same widths, another depth: no shape tells them apart, so the failed load names the bases first."""
+    from lorakit.core.errors import AdapterLoadError
+    from lorakit.core.model import adapter_names
+
+    shallow = make_adapter(lambda: _named_llama("base-2-layers"), tmp_path / "shallow", 0, r=2)
+    deep = make_adapter(lambda: _named_llama("base-3-layers", num_hidden_layers=3), tmp_path / "deep", 1, r=2)
+    sources, model = ([shallow, deep], _named_llama("base-2-layers")) if order == "shallow_first" else \
+        ([deep, shallow], _named_llama("base-3-layers", num_hidden_layers=3))
+    other, ours = ("base-3-layers", "base-2-layers") if order == "shallow_first" else ("base-2-layers", "base-3-layers")
+    with pytest.raises(AdapterLoadError, match=rf"^source '{sources[1]}' was trained on base '{other}', not on the "
+                                               rf"merge's base '{ours}'; .*loading it failed"):
+        merge_adapters(sources, model=model)
+    assert adapter_names(model) == []

@@ -177,3 +177,48 @@ def test_cli_dispatch_and_bad_flags(tmp_path, capsys):
     assert "no proxies" in capsys.readouterr().err
     assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "code=0.7,tasks=0.7"]) == 2
     assert "sum to 1.4" in capsys.readouterr().err
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("the domains' data was built before the cheap checks")
+
+
+def test_too_few_proxies_to_fit_are_refused_before_training(tmp_path, capsys):
+    """``--n-proxies 2`` used to train both proxies and only then fail in the fit (it needs 4 not held out)."""
+    from lorakit.cli import main
+
+    with pytest.raises(ConfigError, match=r"n_proxies=2 with test_every=4 leaves 2 proxies .* at least 4: raise "
+                                          r"n_proxies to 5"):
+        RegMixConfig(n_proxies=2)
+    with pytest.raises(ConfigError, match="leaves 0 proxies .* raise test_every"):
+        RegMixConfig(n_proxies=8, test_every=1)
+    assert RegMixConfig(n_proxies=5).n_proxies == 5  # index 3 held out, 4 to fit
+    assert main(["regmix", "--out", str(tmp_path / "sweep"), "--n-proxies", "2"]) == 2
+    assert "lorakit regmix: error: --n-proxies 2 with --test-every 4 leaves 2" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_resumed_folder_of_another_config_is_refused_before_the_data_is_built(tmp_path, monkeypatch, capsys):
+    from dataclasses import asdict
+
+    from lorakit.cli import main
+
+    base = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                        sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    config, *_ = _resumable_sweep(tmp_path, {**asdict(base), "domains": ["code", "tasks"], "steps": 50})
+    monkeypatch.setattr(regmix, "prepare_domain_data", _no_data)
+    with pytest.raises(ConfigError, match=r"different config \(steps: 50 there, 100 now"):
+        regmix.run_sweep(config, tmp_path)
+    assert main(["regmix", "--out", str(tmp_path), "--domains", "code,tasks", "--n-proxies", "8"]) == 2
+    assert "lorakit regmix: error: " in capsys.readouterr().err
+
+
+def test_pretrain_base_reads_the_regmix_result_before_the_data(tmp_path, monkeypatch, capsys):
+    from lorakit.cli import main
+    from lorakit.pretrain import domains
+
+    monkeypatch.setattr(domains, "prepare_domain_data", _no_data)
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "regmix", "--regmix-dir",
+                 str(tmp_path / "none")]) == 2
+    assert "lorakit pretrain-base: error: No RegMix result at" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
