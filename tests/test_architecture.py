@@ -23,7 +23,7 @@ SRC = Path(lorakit.__file__).parent
 
 # Lowest first. A package may import its own layer and the layers below, never above.
 LAYERS = [
-    {"_version", "core", "assets"},
+    {"_version", "core", "assets", "cli_parser"},
     {"io", "data", "hub", "quantize", "prune"},
     {"mixtures"},
     {"methods"},

@@ -16,6 +16,7 @@ def test_field_names_become_flags_only_where_they_are_names():
     assert with_flags("AlignConfig.steps=0: must be > 0", flags) == "--loram-align-steps 0: must be > 0"
     assert with_flags("PretrainConfig.steps must be > 0, got 0.", flags) == "--steps must be > 0, got 0."
     assert with_flags("steps must be > 0", flags) == "--steps must be > 0"
+    assert with_flags("steps and hidden_size must be positive", flags) == "--steps and --hidden-size must be positive"
     assert (with_flags("Choose a rule: saved_modules='first' (the first source's copy wins)", flags)
             == "Choose a rule: --saved-modules first (the first source's copy wins)")
     assert (with_flags("got density=0.9, epsilon=0.2.", flags) == "got --density 0.9, --epsilon 0.2.")

@@ -45,13 +45,13 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
     # qualified keys first, so AlignConfig.steps gets its own flag before plain ``steps`` gets --steps
     for key in sorted(flags, key=lambda k: ("." not in k, -len(k))):
         flag, name = flags[key], re.escape(key)
-        start, end = r"(?<![\w.\-/])", r"(?![\w\-/])"
+        start, end = r"(?<![\w.\-/])", r"(?![\w\-/\[(])"  # not part of a path, flag, call or index
         if "." in key:
             names = name
         elif "_" in key:
             names = rf"(?:[A-Z]\w*\.)?{name}"
         else:  # a plain word: qualified, with a value, or the subject of a sentence
-            message = re.sub(rf"{start}{name}(?= (?:must|should) )", flag, message)
+            message = re.sub(rf"{start}{name}(?= (?:must|should|and (?:--)?[\w\-]+ must) )", flag, message)
             message = re.sub(rf"{start}{name}{_VALUE}", repl(flag), message)
             names = rf"[A-Z]\w*\.{name}"
         message = re.sub(rf"{start}{names}(?:{_VALUE})?{end}", repl(flag), message)
