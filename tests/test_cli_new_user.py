@@ -111,10 +111,10 @@ def test_merge_adapters_with_a_missing_model_is_a_one_line_error(tmp_path, capsy
 
 # -- 2. failures found before the work --------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,message", [
-    (["--lr", "-1"], "lr must be > 0"),
-    (["--steps", "0"], "steps must be a positive integer"),
-    (["--batch-size", "0"], "batch_size must be a positive integer"),
-    (["--lora-alpha", "0"], "lora_alpha must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),  # the flags typed, not the config fields (lorakit.cli_parser)
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
     (["--output", "/proc/lorakit-test-out"], "cannot write"),
 ])
 def test_bad_settings_fail_before_the_model_loads(flags, message, tmp_path, capsys):
