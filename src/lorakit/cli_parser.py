@@ -96,10 +96,10 @@ class CommandParser(argparse.ArgumentParser):
         """argparse's usage + ``<prog>: error: <message>`` + exit 2, with config field names written as flags and,
         after any other error of argparse's (a required flag missing), the near matches of unknown flags typed."""
         if not message.startswith("unrecognized arguments"):
-            options = self.options()
+            known = [o for a in self._actions for o in a.option_strings]  # hidden (renamed) flags too
             unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]
-            unknown = [t for t in unknown if not any(o.startswith(t) for o in options)]  # argparse takes prefixes
-            hints = "".join(did_you_mean(t, options) for t in unknown)
+            unknown = [t for t in unknown if not any(o.startswith(t) for o in known)]  # argparse takes prefixes
+            hints = "".join(did_you_mean(t, self.options()) for t in unknown)
             if hints:
                 message = f"{message} (unrecognized: {' '.join(unknown)}.{hints})"
         super().error(self.message(message))

@@ -158,10 +158,14 @@ def _base_name(source) -> str | None:
 def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Per adapted module of a saved LoRA, the sizes its factors take from the base: lora_A (r, in, ...) -> in, ...;
     lora_B (out, r, ...) -> out, ... (the rank, which sources may choose freely, left out). Read from the
-    safetensors header only; {} when the file is missing or unreadable (the loader reports that)."""
+    safetensors header only; {} for another method's adapter (refused later, by name) or a missing or unreadable
+    file (the loader reports that)."""
     from ..io.files import TensorFile
+    from ..io.peft_format import read_adapter_config
 
     try:
+        if not isinstance(read_adapter_config(folder), LoraConfig):
+            return {}
         tensors = TensorFile(folder / WEIGHTS_NAME)
     except LorakitError:
         return {}
