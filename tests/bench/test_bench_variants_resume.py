@@ -46,7 +46,7 @@ def test_bench_variants_resume_refuses_other_options(tmp_path, capsys):
         main(["variants", "--quick", "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "old.json")])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "steps=5, here 3" in err and "only --seeds may differ" in err
+    assert "--steps 5, here 3" in err and "only --seeds may differ" in err
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "missing.json")])
     assert "no such result file" in capsys.readouterr().err
