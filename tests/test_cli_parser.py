@@ -118,6 +118,8 @@ def test_config_errors_name_the_flags_typed(tmp_path, capsys):
 
 def test_runtime_errors_carry_the_command_prefix(tmp_path, capsys):
     """Errors after parsing, in commands with subcommands and in their own-parser commands, say the command."""
+    assert main(["train", "--method", "lroa"]) == 2  # read before train's parser is built
+    assert capsys.readouterr().err.startswith("lorakit train: error: ")
     assert main(["inspect", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("lorakit inspect: error: ")
     assert main(["diffusion", "train-loras", "--base", str(tmp_path / "nope"), "--concepts", "digit3"]) == 2

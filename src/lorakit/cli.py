@@ -1400,7 +1400,9 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
 def _run(argv: list[str]) -> int:
     from .training import AdapterSaveError, TrainingInterrupted
 
-    command = CommandParser(prog="lorakit")  # the subcommand's parser once the flags are read: its errors' prefix
+    # whose errors these are: train's for its --method / --procedure read before the parser is built (it depends on
+    # them), then the chosen subcommand's parser
+    command = CommandParser(prog="lorakit train" if argv[:1] == ["train"] else "lorakit")
     try:
         from . import get_method
         method_name = _method_from_argv(argv)
