@@ -3,7 +3,7 @@
 LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks, ``capacity_factor`` of the tokens
 kept) are trained with the same data, steps and seed. The γ-MoD rows differ in which blocks become MoD blocks:
 ``gamma_mod`` takes the ``num_mod_layers`` of lowest ARank on the first training batches; ``gamma_mod_arank_mod``
-takes the official code's ``mod_mode="arank_mod"`` rule (``llava_llama_mod.py`` lines 557-561: every block but
+takes the official code's ``mod_mode="arank_mod"`` rule (``llava_llama_mod.py`` lines 554-558: every block but
 the first three and the last, what ARank gave on LLaVA's 32 blocks). ``variants`` picks rows. Reported:
 exact match on the tasks' test split, the test-text loss (next-token NLL of prompt + completion), and forward
 FLOPs per token of the decoder blocks + head (``methods.gamma_mod.flops_per_token``) with the share of tokens
@@ -23,7 +23,7 @@ VARIANTS = ("lora", "gamma_mod", "gamma_mod_arank_mod")
 
 
 def arank_mod_layers(num_layers: int) -> list[int]:
-    """The official ``mod_mode="arank_mod"`` blocks: all but 0, 1, 2 and the last (llava_llama_mod.py l. 557-561)."""
+    """The official ``mod_mode="arank_mod"`` blocks: all but 0, 1, 2 and the last (llava_llama_mod.py l. 554-558)."""
     return [i for i in range(num_layers) if i not in {0, 1, 2, num_layers - 1}]
 
 
