@@ -69,8 +69,9 @@ def test_one_router_shared_by_every_mod_block_and_saved_once(tmp_path, ids):
 
 
 def test_routing_follows_the_official_layer(ids):
-    """Kept = top-k of r + mask (k = kept-mask count + ceil(capacity·routable)); kept tokens get
-    h + r·(Block(h_kept) − h_kept), the others pass unchanged."""
+    """Kept = top-k of r + mask (k = kept-mask count + ceil(capacity·routable)); kept tokens get the official
+    MoDLlamaDecoderLayer_forward (llava_llama_mod.py lines 160-175): residual + self_attn(input_layernorm(h)), then
+    + mlp(post_attention_layernorm(·)) · r (line 173: r weights the MLP branch only); the others pass unchanged."""
     model = _model(mod_layers=(1,), capacity_factor=0.5)
     block = gamma_mod_blocks(model, "default")[1]
     host = model.model.layers[1].base_layer
@@ -95,10 +96,15 @@ def test_routing_follows_the_official_layer(ids):
         torch.testing.assert_close(out[row, skipped], x[row, skipped])  # skipped tokens: unchanged
         cos, sin = captured["kwargs"]["position_embeddings"]
         with torch.no_grad():
-            ref = host(x[row:row + 1, idx], attention_mask=None, position_embeddings=(cos[:, idx], sin[:, idx]),
-                       position_ids=idx[None])
-        expected = x[row, idx] + r[row, idx, None] * (ref[0] - x[row, idx])
-        torch.testing.assert_close(out[row, idx], expected, atol=1e-5, rtol=0)
+            residual = x[row:row + 1, idx]
+            attn = host.self_attn(hidden_states=host.input_layernorm(residual), attention_mask=None,
+                                  position_embeddings=(cos[:, idx], sin[:, idx]), position_ids=idx[None])[0]
+            h1 = residual + attn
+            expected = h1 + host.mlp(host.post_attention_layernorm(h1)) * r[row:row + 1, idx, None]
+        torch.testing.assert_close(out[row, idx], expected[0], atol=1e-5, rtol=0)
+        # the old whole-block weighting h + r·(Block(h) − h) differs: the attention branch is not scaled
+        assert not torch.allclose(out[row, idx], x[row, idx] + r[row, idx, None] * (h1[0] + host.mlp(
+            host.post_attention_layernorm(h1))[0] - x[row, idx]), atol=1e-4)
 
 
 def test_router_loss_is_the_official_cross_entropy(ids):

@@ -69,7 +69,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; quantize: cfp (CFP diagnosis); smaller: variants "
-                             "(lora qlora loraprune loram loram_aligned)")
+                             "(lora qlora loraprune loram loram_aligned); gamma_mod: lora gamma_mod gamma_mod_arank_mod")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -245,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
     elif args.what == "gamma_mod":
         from . import gamma_mod as bench_gamma_mod
         profile = _override(bench_gamma_mod.QUICK if args.quick else bench_gamma_mod.FULL, steps=args.steps,
-                            tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None)
+                            tasks=args.tasks, r=args.r, seed=args.seeds[0] if args.seeds else None, variants=args.only)
         result = bench_gamma_mod.run_gamma_mod(profile, progress=not args.quick)
         markdown = bench_gamma_mod.gamma_mod_markdown(result)
     elif args.what == "smaller":

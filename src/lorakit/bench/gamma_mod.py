@@ -1,7 +1,10 @@
 """``lorakit bench gamma_mod``: compute saved vs metric lost by γ-MoD (arXiv:2410.13859) on the bundled base.
 
-LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks chosen by ARank on the first
-training batches, ``capacity_factor`` of the tokens kept) are trained with the same data, steps and seed. Reported:
+LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks, ``capacity_factor`` of the tokens
+kept) are trained with the same data, steps and seed. The γ-MoD rows differ in which blocks become MoD blocks:
+``gamma_mod`` takes the ``num_mod_layers`` of lowest ARank on the first training batches; ``gamma_mod_arank_mod``
+takes the official code's ``mod_mode="arank_mod"`` rule (``llava_llama_mod.py`` lines 554-558: every block but
+the first three and the last, what ARank gave on LLaVA's 32 blocks). ``variants`` picks rows. Reported:
 exact match on the tasks' test split, the test-text loss (next-token NLL of prompt + completion), and forward
 FLOPs per token of the decoder blocks + head (``methods.gamma_mod.flops_per_token``) with the share of tokens
 each MoD block actually kept on the test texts, as a ratio to the dense model's.
@@ -16,6 +19,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("lora", "gamma_mod", "gamma_mod_arank_mod")
+
+
+def arank_mod_layers(num_layers: int) -> list[int]:
+    """The official ``mod_mode="arank_mod"`` blocks: all but 0, 1, 2 and the last (llava_llama_mod.py l. 554-558)."""
+    return [i for i in range(num_layers) if i not in {0, 1, 2, num_layers - 1}]
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class GammaModProfile:
     train_examples: int = 640
     eval_examples: int = 40
     seed: int = 0
+    variants: tuple[str, ...] = VARIANTS
 
 
 FULL = GammaModProfile()
@@ -57,15 +67,22 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
     from ..mixtures import reset_router_stats
     from ..training import TrainConfig, train
 
+    unknown = [v for v in profile.variants if v not in VARIANTS]
+    if unknown:
+        from ..core.errors import ConfigError, did_you_mean
+        raise ConfigError(f"bench gamma_mod: unknown variant {unknown[0]!r}.{did_you_mean(unknown[0], VARIANTS)} "
+                          f"Choose from {', '.join(VARIANTS)}.")
     base, tokenizer = load_model_and_tokenizer(None)
     train_ex = load_examples(profile.tasks, "train", n=profile.train_examples, seed=profile.seed)
     eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)
-    configs = {"lora": lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS),
-               "gamma_mod": GammaModConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS,
-                                           capacity_factor=profile.capacity_factor,
-                                           num_mod_layers=profile.num_mod_layers)}
+    mod = dict(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS, capacity_factor=profile.capacity_factor)
+    configs = {"lora": lambda: lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS),
+               "gamma_mod": lambda: GammaModConfig(num_mod_layers=profile.num_mod_layers, **mod),
+               "gamma_mod_arank_mod": lambda: GammaModConfig(
+                   mod_layers=arank_mod_layers(base.config.num_hidden_layers), **mod)}
     rows = []
-    for name, config in configs.items():
+    for name in profile.variants:
+        config = configs[name]()
         model = copy.deepcopy(base)
         torch.manual_seed(profile.seed)
         lk.add_adapter(model, config)
@@ -78,7 +95,7 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
         model.eval()
         reset_router_stats(model)
         loss, seq_len = _test_loss(model, tokenizer, eval_ex)
-        keep = keep_fractions(model, "default") if name == "gamma_mod" else {}
+        keep = keep_fractions(model, "default") if name != "lora" else {}
         stored = model.lorakit.configs["default"]
         rows.append({"method": name, "exact_match": evaluate_examples(model, tokenizer, eval_ex)["exact_match"],
                      "test_loss": loss, "final_train_loss": result.losses[-1], "train_seconds": seconds,
@@ -93,8 +110,8 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
 def gamma_mod_markdown(result: dict) -> str:
     p = result["profile"]
     lines = [f"Bundled base, tasks {p['tasks']}, {p['steps']} steps × batch {p['batch_size']}, LoRA r={p['r']} on "
-             f"{', '.join(TARGETS)}; γ-MoD: {p['num_mod_layers']} MoD blocks by ARank, capacity "
-             f"{p['capacity_factor']} (one run, seed {p['seed']}).", "",
+             f"{', '.join(TARGETS)}; γ-MoD: {p['num_mod_layers']} MoD blocks by ARank (gamma_mod) or the official "
+             f"arank_mod blocks (gamma_mod_arank_mod), capacity {p['capacity_factor']} (one run, seed {p['seed']}).", "",
              "| method | exact match | test loss (nats/token) | FLOPs/token (M) | ÷ dense | MoD blocks (kept share) | train s |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -143,7 +144,8 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
                              warmup_steps=min(20, profile.align_steps // 10),
                              eval_blocks=min(32, profile.align_corpus_chars // 4096), seed=seed)
         blocks = alignment_blocks(tokenizer, config)
-        aligned = align_pruned(trained, tokenizer, config, blocks=blocks, log=lambda line: None)
+        aligned = align_pruned(trained, tokenizer, config, blocks=blocks,  # progress on stderr: it is the long part
+                               log=lambda line: print(f"loram_aligned: {line}", file=sys.stderr, flush=True))
         aligned["eval_loss_full_model"] = evaluate_loss(model, blocks[1], PretrainConfig(batch_size=16))
         aligned.pop("train_loss_curve")
     lk.add_adapter(trained, lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules="all-linear"))

@@ -10,8 +10,9 @@ skip the block (their hidden state passes unchanged), and the model is fine-tune
 - **Shared router**: ONE ``Linear(d, 2, bias=False)`` for every MoD block, applied to each block's input norm
   (``router(input_layernorm(h))``); a token's keep probability is ``r = softmax(logits)[1]``.
 - **Routing**: per sequence the ``k`` tokens of highest r are kept; the block runs on them alone (attention
-  among the kept tokens), its update is weighted by r (so the task loss trains the router), and is scattered back:
-  ``h' = h + r·(Block(h_kept) − h_kept)`` on kept tokens, ``h' = h`` on the others.
+  among the kept tokens), its MLP branch is weighted by r (so the task loss trains the router; official
+  ``MoDLlamaDecoderLayer_forward`` lines 160-175), and the result is scattered back: on kept tokens
+  ``h1 = h + Attn(LN1(h))``, ``h' = h1 + r·MLP(LN2(h1))``; ``h' = h`` on the others.
 - **Masked routing learning**: tokens named by a mask are always kept (official: ``topk(r + mask)``, mask 1 on the
   question tokens); only the others are routed, and ``capacity_factor`` of those are kept (official:
   ``top_k = ceil(T·(1 − 0.5·n_routable/T))``, i.e. half of the routable tokens).
@@ -19,8 +20,8 @@ skip the block (their hidden state passes unchanged), and the model is fine-tune
   over blocks, × ``router_aux_loss_coef`` (0.01, the official default).
 
 Choices where this differs from the official code (which edits LLaVA's Llama classes):
-- Host blocks are called whole, through the block's own forward (hooks/wrappers only), so the router weight r
-  multiplies the whole block update rather than only its MLP branch (as MoD, Raposo et al. arXiv:2404.02258);
+- Host blocks are called whole, through the block's own forward (hooks/wrappers only); r reaches the MLP branch
+  through a forward hook on the block's ``mlp`` (for GPT-2 blocks after the MLP's own dropout);
 - kept tokens keep their own positions (rotary embeddings, mask entries are gathered), where the official
   code renumbers them 0..k−1;
 - the mask of always-kept tokens comes from ``lorakit.routing(extras={"gamma_mod_keep": mask})`` ((batch, seq)
@@ -206,14 +207,27 @@ class GammaModBlock(MixtureDelta):
         bound.update(kwargs)
         idx = index.unsqueeze(-1).expand(batch, index.shape[1], d)
         kept = x.gather(1, idx)  # (B, K, d)
-        out = base_layer(kept, **self._gather_args(bound, index, seq))
+        # Official line 173: r weights the MLP branch only, h1 = h + Attn(h), h' = h1 + r·MLP(h1); a hook on the
+        # host's mlp applies it, so the block still runs through its own forward.
+        scale = weight.unsqueeze(-1)  # (B, K, 1)
+        handle = base_layer.mlp.register_forward_hook(lambda module, args, output: _scaled(output, scale))
+        try:
+            out = base_layer(kept, **self._gather_args(bound, index, seq))
+        finally:
+            handle.remove()
         new = out[0] if isinstance(out, tuple) else out
-        new = kept + weight.unsqueeze(-1).to(x.dtype) * (new - kept)
         hidden = x.scatter(1, idx, new)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.full_forward(x, base_layer) - base_out
+
+
+def _scaled(output, scale: torch.Tensor):
+    """An mlp's output (a tensor, or a tuple whose first item is the hidden states) times the keep weights."""
+    if isinstance(output, tuple):
+        return (output[0] * scale.to(output[0].dtype), *output[1:])
+    return output * scale.to(output.dtype)
 
 
 # -- building ---------------------------------------------------------------------------------------------

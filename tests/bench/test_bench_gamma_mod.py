@@ -1,0 +1,28 @@
+"""``lorakit bench gamma_mod``: rows selected by --only, the official arank_mod block rule, unknown rows named."""
+
+import json
+
+import pytest
+
+from lorakit.bench.cli import main
+from lorakit.bench.gamma_mod import arank_mod_layers
+from lorakit.core.errors import ConfigError
+
+
+def test_arank_mod_layers_follow_the_official_rule():
+    # llava_llama_mod.py lines 554-558: every block but 0, 1, 2 and the last (LLaVA's 32 blocks -> 28 MoD blocks)
+    assert arank_mod_layers(32) == list(range(3, 31))
+    assert arank_mod_layers(6) == [3, 4]
+
+
+def test_bench_gamma_mod_quick_official_blocks_row(tmp_path):
+    assert main(["gamma_mod", "--quick", "--only", "gamma_mod_arank_mod", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gamma_mod.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gamma_mod_arank_mod"]
+    assert rows[0]["mod_layers"] == [3, 4] and set(rows[0]["keep"]) == {"3", "4"}  # JSON keys
+    assert 0 < rows[0]["flops_ratio"] < 1
+
+
+def test_bench_gamma_mod_names_an_unknown_row(tmp_path):
+    with pytest.raises(ConfigError, match="gamma_mod_arank_mod"):
+        main(["gamma_mod", "--quick", "--only", "gamma_mod_arank", "--output", str(tmp_path)])
