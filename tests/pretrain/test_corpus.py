@@ -1,9 +1,8 @@
-"""The stdlib half of the pretraining corpus reads only the windows its character budget takes."""
+"""The stdlib half of the pretraining corpus: which files, and a seeded, reproducible draw of chunks."""
 
 import pytest
 
-from lorakit.pretrain import corpus
-from lorakit.pretrain.corpus import read_window, stdlib_files, stdlib_texts, stdlib_windows
+from lorakit.pretrain.corpus import stdlib_files, stdlib_texts
 
 
 @pytest.fixture
@@ -24,26 +23,6 @@ def fake_stdlib(tmp_path):
 def test_files_skip_tests_and_third_party(fake_stdlib):
     names = [p.relative_to(fake_stdlib).as_posix() for p in stdlib_files(fake_stdlib)]
     assert names == ["mod0.py", "mod1.py", "mod2.py", "mod3.py", "mod4.py", "mod5.py", "pkg/long.py"]
-
-
-@pytest.mark.parametrize("chunk", [64, 100, 1024])
-def test_windows_tile_each_file_at_line_ends(fake_stdlib, chunk):
-    for path in stdlib_files(fake_stdlib):
-        n = -(-path.stat().st_size // chunk)
-        pieces = [read_window(path, k, chunk) for k in range(n)]
-        assert "".join(pieces) == path.read_text(encoding="utf-8")  # no overlap, nothing lost, UTF-8 intact
-        assert all(p == "" or p.endswith("\n") or p.endswith("c = 3") for p in pieces)  # whole lines only
-
-
-def test_small_budget_reads_only_what_it_takes(fake_stdlib, monkeypatch):
-    reads = []
-    original = corpus.read_window
-    monkeypatch.setattr(corpus, "read_window", lambda *a: reads.append(a) or original(*a))
-    texts = stdlib_texts(500, chunk_chars=128, seed=1, root=fake_stdlib)
-    assert 500 <= sum(map(len, texts)) < 500 + 2 * 128
-    windows = len(stdlib_windows(128, fake_stdlib))
-    assert len(reads) <= len(texts) + 4 < windows // 10  # a few of the ~245 windows (the empty ones add no text)
-    assert len({path for path, _, _ in reads}) > 1  # drawn from several modules in the seeded order
 
 
 def test_deterministic_and_a_larger_budget_extends_a_smaller(fake_stdlib):

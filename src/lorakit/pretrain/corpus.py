@@ -84,63 +84,23 @@ def split_chunks(text: str, chunk_chars: int) -> list[str]:
     return [c for c in (c.strip("\n") for c in chunks) if c.strip()]
 
 
-def stdlib_windows(chunk_chars: int, root: str | Path | None = None) -> list[tuple[Path, int]]:
-    """Every (file, window index) of the stdlib files cut into ``chunk_chars``-byte windows, from file sizes alone."""
-    return [(path, k) for path in stdlib_files(root) for k in range(-(-path.stat().st_size // chunk_chars))]
-
-
-def read_window(path: Path, k: int, chunk_chars: int) -> str:
-    """The lines of ``path`` that *start* in bytes [k·chunk_chars, (k+1)·chunk_chars): consecutive windows tile the
-    file at line ends without overlap (a line longer than a window stays whole in the window it starts in).
-    "" when no line starts there or the bytes are not UTF-8 (a newline byte never sits inside a UTF-8 character,
-    so line-aligned slices of a UTF-8 file decode)."""
-    start, end = k * chunk_chars, (k + 1) * chunk_chars
-    with open(path, "rb") as f:
-        f.seek(max(0, start - 1))
-        data = f.read(end - max(0, start - 1))
-        if start > 0:  # the line that began before the window belongs to the previous one
-            cut = data.find(b"\n")
-            if cut < 0:
-                return ""
-            data = data[cut + 1:]
-            if not data:
-                return ""
-        while not data.endswith(b"\n"):  # finish the last line that started inside the window
-            more = f.read(chunk_chars)
-            if not more:
-                break
-            cut = more.find(b"\n")
-            data += more if cut < 0 else more[: cut + 1]
-            if cut >= 0:
-                break
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return ""
-
-
 def stdlib_texts(n_chars: int, chunk_chars: int = 1_024, seed: int = 0, root: str | Path | None = None) -> list[str]:
-    """About ``n_chars`` characters of stdlib source: line-aligned windows of about ``chunk_chars`` drawn from all
-    modules in a seeded order.
+    """About ``n_chars`` characters of stdlib source, as chunks drawn from all modules in a seeded order.
 
-    Only the windows taken are read: the windows are known from file sizes, shuffled with ``seed`` so a small
-    budget still sees many modules (not the first few alphabetically), and read in that order until the budget is
-    met. The order depends only on ``seed``, ``chunk_chars`` and the stdlib, so a larger budget extends a smaller
-    one's texts."""
-    windows = stdlib_windows(chunk_chars, root)
-    random.Random(seed).shuffle(windows)
-    taken, total = [], 0
-    for path, k in windows:
-        if total >= n_chars:
-            break
+    Every module is read and cut into chunks before the seeded shuffle, so the texts for a given budget and seed
+    are the ones every committed pretraining result (the bundled base's recipe, benchmarks/regmix, mixln,
+    mixture_inference) was built from; reading only the chunks a budget takes would change them. The read is a few
+    seconds, small next to the rest of a corpus build."""
+    chunks = []
+    for path in stdlib_files(root):
         try:
-            text = read_window(path, k, chunk_chars).strip("\n")
-        except OSError:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
             continue
-        if text.strip():
-            taken.append(text)
-            total += len(text)
-    return taken
+        chunks.extend(split_chunks(text, chunk_chars))
+    # Shuffle before taking a prefix so a small budget still sees many modules, not the first few alphabetically.
+    random.Random(seed).shuffle(chunks)
+    return take_chars(chunks, n_chars)
 
 
 def take_chars(texts: list[str], n_chars: int) -> list[str]:
