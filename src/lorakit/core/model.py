@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, describe_kinds, describe_layer
+from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, did_you_mean
 from .inits import InitRecord, get_init, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -156,7 +156,7 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
         return _plan(model, config, name, autocast_adapter_dtype, trained)
 
 
-def plan_targets(model: nn.Module, config: AdapterConfig, name: str = "default") -> list[tuple[str, nn.Module, object]]:
+def plan_targets(model: nn.Module, config: AdapterConfig, name: str = "default") -> list[tuple[str, nn.Module, LayerInfo]]:
     """``(path, base layer, LayerInfo)`` of every module ``config`` would adapt, with every check that
     ``plan_adapter`` makes before it builds anything (name, targets, layer kinds); nothing is built or changed.
     ``add_adapter`` uses it to run an init's data pass on the base model before the adapter exists."""
@@ -173,7 +173,9 @@ def _check_new(model: nn.Module, config: AdapterConfig, name: str) -> None:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
 
 
-def _targets(model: nn.Module, config: AdapterConfig, method, strict: bool):
+def _targets(model: nn.Module, config: AdapterConfig, method, strict: bool
+             ) -> tuple[AdapterConfig, list[tuple[str, nn.Module, LayerInfo]]]:
+    """The config after ``method.prepare`` and its checked targets (TargetError for a layer kind it cannot adapt)."""
     if method.prepare is not None:
         config = method.prepare(model, config)
     host = dict(iter_host_modules(model))
