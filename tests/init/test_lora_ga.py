@@ -142,3 +142,50 @@ def test_lora_ga_base_edit_record_holds_only_the_factors():
             assert t.dtype == torch.float32 and t.untyped_storage().nbytes() == t.numel() * 4
         torch.testing.assert_close(edit.A, d.lora_A.weight)
         torch.testing.assert_close(edit.B, -d.lora_B.weight)
+
+
+def test_add_adapter_runs_the_gradient_pass_before_the_adapter_exists(monkeypatch):
+    """``add_adapter(..., init="lora_ga", init_batches=...)`` estimates the gradients on the plain base model and
+    builds the adapter after (PEFT: ``preprocess_loraga`` before ``get_peft_model``), so the backward passes
+    never hold the adapter; the result is the one ``init_adapter`` on an attached adapter gives, bit for bit."""
+    from lorakit.init import lora_ga
+
+    seen = []
+    original = lora_ga.weight_gradients
+
+    def spying(model, targets, batches, init, **kw):
+        seen.append(len(list(adapter_layers(model))))
+        return original(model, targets, batches, init, **kw)
+
+    monkeypatch.setattr(lora_ga, "weight_gradients", spying)
+    batches = _batches()
+    torch.manual_seed(3)
+    early = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), init="lora_ga",
+                           init_batches=batches)
+    torch.manual_seed(3)
+    late = _ours(batches)
+    assert seen == [0, len(TARGETS) * 2]  # tiny_llama has 2 layers: no adapted layer during the first pass
+    assert lk.adapter_state_dict(early).keys() == lk.adapter_state_dict(late).keys()
+    for k, v in lk.adapter_state_dict(late).items():
+        assert torch.equal(lk.adapter_state_dict(early)[k], v), k
+    for (n, p), (m, q) in zip(early.named_parameters(), late.named_parameters()):
+        assert n == m and torch.equal(p, q), n
+    torch.testing.assert_close(_logits(early, batches), _logits(tiny_llama(), batches), atol=1e-5, rtol=0)
+
+
+def test_add_adapter_whose_gradient_pass_fails_attaches_nothing():
+    """A failed pass before the adapter is built leaves the model exactly as it was: no adapter, same weights."""
+    from lorakit.core.inits import set_init_options
+
+    model = tiny_llama()
+    params = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    no_labels = [{"input_ids": b["input_ids"]} for b in _batches()]
+    with pytest.raises(lk.AdapterError, match="needs a loss: batch 0 has no 'labels'"):
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=TARGETS), init="lora_ga", init_batches=no_labels)
+    set_init_options(model, "default", direction="ArBB")
+    with pytest.raises(lk.ConfigError, match="direction='ArBB' is not one of"):  # options checked before the pass
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=TARGETS), init="lora_ga", init_batches=_batches())
+    assert not list(adapter_layers(model)) and lk.adapter_names(model) == []
+    assert [n for n, _ in model.named_parameters()] == list(params)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n][0]) and p.requires_grad == params[n][1] and p.grad is None, n

@@ -195,3 +195,75 @@ def test_pissa_on_a_bfloat16_base_rounds_the_residual_as_peft_does():
     for k in ref_base:
         assert ours_base[k].dtype == torch.bfloat16
         torch.testing.assert_close(ours_base[k].float(), ref_base[k].float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_records_are_taken_after_the_last_module_and_survive_training(init, monkeypatch):
+    """Memory: no module's record is alive while a later module is factorised (the records would add to the
+    last SVD's peak), yet each record is its own float32 copy of the initial factors, so training the adapter
+    in place leaves it intact and restore_base still gives the original weights back."""
+    import weakref
+
+    from lorakit.init import _common, weight_split
+
+    records: list[weakref.ref] = []
+
+    class Counted(_common.BaseEdit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            records.append(weakref.ref(self))
+
+    alive = []
+    factorise = {"pissa": weight_split.pissa_factors, "olora": weight_split.olora_factors}[init]
+
+    def counting(weight, r, scaling, *args):
+        alive.append(sum(ref() is not None for ref in records))
+        return factorise(weight, r, scaling, *args)
+
+    monkeypatch.setattr(_common, "BaseEdit", Counted)
+    monkeypatch.setattr(weight_split, f"{init}_factors", counting)
+    original = _base_weights(tiny_llama())
+    model = _lk(init)
+    assert alive == [0] * len(base_edits(model, "default")) and len(records) == len(alive)
+    layers = dict(adapter_layers(model))
+    for path, edit in base_edits(model, "default").items():
+        d = layers[path].adapters["default"]
+        assert edit.A.data_ptr() != d.lora_A.weight.data_ptr() and edit.B.data_ptr() != d.lora_B.weight.data_ptr()
+        assert torch.equal(edit.A, d.lora_A.weight) and torch.equal(edit.B, -d.lora_B.weight)
+    _train_like(_lora_params(model))
+    lk.restore_base(model, "default")
+    for k, v in original.items():
+        torch.testing.assert_close(_base_weights(model)[k], v, atol=1e-6, rtol=0)
+
+
+def test_a_bfloat16_adapter_keeps_the_float32_factors_as_its_record():
+    """An adapter in bfloat16 cannot hold the float32 factors exactly: the record keeps them (the base edit used
+    them), not the adapter's rounded copy, so restore_base undoes exactly what was subtracted."""
+    model = lk.add_adapter(tiny_llama(dtype=torch.bfloat16), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                           autocast_adapter_dtype=False)
+    original = _base_weights(model)
+    lk.init_adapter(model, "default", init="pissa")
+    layers = dict(adapter_layers(model))
+    for path, edit in base_edits(model, "default").items():
+        d = layers[path].adapters["default"]
+        assert edit.A.dtype == torch.float32 and d.lora_A.weight.dtype == torch.bfloat16
+        assert not torch.equal(edit.A, d.lora_A.weight.float())  # the float32 factor, not the rounded one
+        torch.testing.assert_close(edit.A.to(torch.bfloat16), d.lora_A.weight, atol=0, rtol=0)
+    lk.restore_base(model, "default")
+    for k, v in original.items():
+        torch.testing.assert_close(_base_weights(model)[k].float(), v.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_nan_base_weight_names_the_module_and_leaves_the_model(init):
+    """Every module is checked before any is split: a NaN in a later module's weight is an AdapterError naming
+    it, and the earlier modules' weights and the adapter are untouched (before: the SVD failed half-way)."""
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(lk.AdapterError, match=r"base weight of module 'model.layers.1.mlp.down_proj' has NaN"):
+        lk.init_adapter(model, "default", init=init)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[n], atol=0, rtol=0, equal_nan=True)
+    assert "default" not in model.lorakit.inits

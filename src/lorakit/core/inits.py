@@ -43,6 +43,12 @@ class Init:
     batches. ``rerun_on_load``: loading a saved adapter whose config names this init recomputes it on the
     fresh base before copying the trained tensors (PiSSA / OLoRA, as PEFT does), since the file is relative
     to the changed base.
+
+    ``estimate(model, targets, batches, spec, **options) -> data`` (optional): the part of a data-driven init
+    that needs only the base model (LoRA-GA's gradient pass). ``add_adapter`` given batches calls it before it
+    builds the adapter, so the pass runs without the adapter's tensors in memory, then calls ``run`` with
+    ``estimate=data``; ``run`` without it (``init_adapter`` on an attached adapter) makes the pass itself.
+    ``targets``: ``(path, base layer, LayerInfo)`` of every module the adapter will adapt.
     """
 
     name: str
@@ -53,6 +59,7 @@ class Init:
     needs_data: bool = False
     changes_base: bool = False
     rerun_on_load: bool = False
+    estimate: Callable[..., Any] | None = None
 
     def accepts(self, spec: Any) -> bool:
         return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None
@@ -140,6 +147,11 @@ def set_init_options(model: "nn.Module", adapter_name: str, **options: Any) -> N
     _OPTIONS.setdefault(model, {})[adapter_name] = dict(options)
 
 
+def init_options(model: "nn.Module", adapter_name: str) -> dict[str, Any]:
+    """The options ``set_init_options`` stored for adapter ``adapter_name`` (empty when none)."""
+    return dict(_OPTIONS.get(model, {}).get(adapter_name, {}))
+
+
 def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Iterable[Mapping[str, Any]] | None = None,
                  *, init: str | None = None, **options: Any) -> InitRecord:
     """Run an init on adapter ``adapter_name`` of ``model`` now, outside any training loop.
@@ -176,7 +188,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     _check_unmerged(model, adapter_name, f"initialise adapter {adapter_name!r}")
     if adapter_name in state.inits:
         restore_base(model, adapter_name)
-    options = {**_OPTIONS.get(model, {}).get(adapter_name, {}), **options}
+    options = {**init_options(model, adapter_name), **options}
     try:
         with torch.no_grad():
             edits = found.run(model, adapter_name, batches, spec, **options)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, describe_kinds, describe_layer
+from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, did_you_mean
-from .inits import InitRecord, init_adapter, init_pending, requested_init, restore_base
+from .inits import InitRecord, get_init, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
 from .routing import check_adapter_names, current_routing
@@ -151,29 +151,52 @@ def plan_adapter(model: nn.Module, config: AdapterConfig, name: str = "default",
     leniently — entries matching nothing in this model are skipped, and modules_to_save are those the file
     holds — while names a user types (``trained=None``) must each match.
     """
+    _check_new(model, config, name)
+    with temporarily_unmerged(model):  # inits that read base weights must see the base, not a merged adapter
+        return _plan(model, config, name, autocast_adapter_dtype, trained)
+
+
+def plan_targets(model: nn.Module, config: AdapterConfig, name: str = "default") -> list[tuple[str, nn.Module, LayerInfo]]:
+    """``(path, base layer, LayerInfo)`` of every module ``config`` would adapt, with every check that
+    ``plan_adapter`` makes before it builds anything (name, targets, layer kinds); nothing is built or changed.
+    ``add_adapter`` uses it to run an init's data pass on the base model before the adapter exists."""
+    _check_new(model, config, name)
+    with temporarily_unmerged(model):
+        return _targets(model, config, get_method(config), strict=True)[1]
+
+
+def _check_new(model: nn.Module, config: AdapterConfig, name: str) -> None:
     _check_name(name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig (e.g. lorakit.LoraConfig), got {type(config).__name__}")
     if name in adapter_state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
-    with temporarily_unmerged(model):  # inits that read base weights must see the base, not a merged adapter
-        return _plan(model, config, name, autocast_adapter_dtype, trained)
+
+
+def _targets(model: nn.Module, config: AdapterConfig, method, strict: bool
+             ) -> tuple[AdapterConfig, list[tuple[str, nn.Module, LayerInfo]]]:
+    """The config after ``method.prepare`` and its checked targets (TargetError for a layer kind it cannot adapt)."""
+    if method.prepare is not None:
+        config = method.prepare(model, config)
+    host = dict(iter_host_modules(model))
+    out = []
+    for path in select_targets(model, config, strict=strict):
+        base = host[path]
+        info = describe_layer(base)
+        if info is None or info.kind not in method.layer_kinds:
+            raise unsupported_target(path, base, method)
+        out.append((path, base, info))
+    return config, out
 
 
 def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_dtype: bool,
           trained: set[str] | None) -> AdapterPlan:
     method = get_method(config)
-    if method.prepare is not None:
-        config = method.prepare(model, config)
-    targets = select_targets(model, config, strict=trained is None)
+    config, targets = _targets(model, config, method, strict=trained is None)
     host = dict(iter_host_modules(model))
     twins = tied_parameters(model)
     built = {}
-    for path in targets:
-        base = host[path]
-        info = describe_layer(base)
-        if info is None or info.kind not in method.layer_kinds:
-            raise unsupported_target(path, base, method)
+    for path, base, info in targets:
         shared = twins.get(id(getattr(base, "weight", None)), [])
         others = [n for n in shared if n.rpartition(".")[0] != path]
         if others:
@@ -250,14 +273,25 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     ``init`` names a registered init (``lorakit.list_inits()``; for LoRA the same as setting PEFT's
     ``init_lora_weights``, e.g. ``"pissa"``), run right after attaching (see ``lorakit.init_adapter``). A
     data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
-    ``lorakit.training.train`` runs it on its first batches.
+    ``lorakit.training.train`` runs it on its first batches. An init with a data pass on the base model alone
+    (``Init.estimate``, e.g. LoRA-GA's gradients) runs that pass first, before the adapter's tensors exist (as
+    PEFT's ``preprocess_loraga`` before ``get_peft_model``); if the pass fails, nothing is attached.
     """
     if init is not None:
         config = config.with_init(init)
+    spec = config.requested_init()
+    wanted = None if spec is None else get_init(spec)
+    if wanted is None or (wanted.needs_data and not init_batches):
+        attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
+        return model
+    init_batches = None if init_batches is None else list(init_batches)
+    options = {}
+    if wanted.estimate is not None:
+        targets = plan_targets(model, config, name)  # every check first: a failed plan wastes no data pass
+        with torch.no_grad():
+            options["estimate"] = wanted.estimate(model, targets, init_batches, spec, **init_options(model, name))
     attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
-    wanted = requested_init(model, name)
-    if wanted is not None and (not wanted.needs_data or init_batches):
-        init_adapter(model, name, init_batches)
+    init_adapter(model, name, init_batches, **options)
     return model
 
 

@@ -14,11 +14,25 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.delta import Delta, oriented_weight
+from ..core.delta import Delta, LayerInfo, oriented_weight
 from ..core.errors import AdapterError
-from ..core.inits import BaseEdit
+from ..core.inits import BaseEdit, add_low_rank_to_base_weight
 from ..core.layer import AdapterLayer
 from ..core.model import adapter_layers, disable_adapters
+
+
+@dataclass
+class BaseTarget:
+    """A linear layer an adapter will adapt, before it is attached: host path, the layer, its LayerInfo."""
+
+    path: str
+    base: nn.Module
+    info: LayerInfo
+
+
+def base_targets(targets: Sequence[tuple[str, nn.Module, LayerInfo]]) -> list[BaseTarget]:
+    """The linear ones of ``add_adapter``'s ``(path, base layer, LayerInfo)`` targets (``Init.estimate``'s)."""
+    return [BaseTarget(path, base, info) for path, base, info in targets if info.kind == "linear"]
 
 
 @dataclass
@@ -28,6 +42,14 @@ class Target:
     path: str
     layer: AdapterLayer
     delta: Delta
+
+    @property
+    def base(self) -> nn.Module:
+        return self.layer.base_layer
+
+    @property
+    def info(self) -> LayerInfo:
+        return self.layer.info
 
     def weight(self) -> torch.Tensor:
         """The base weight as (out, in), float32 (a view cast, not the stored tensor)."""
@@ -83,8 +105,8 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapping[str, Any]], init: str,
-                     *, per_sample: bool = False) -> dict[str, torch.Tensor]:
+def weight_gradients(model: nn.Module, targets: Sequence[Target | BaseTarget], batches: list[Mapping[str, Any]],
+                     init: str, *, per_sample: bool = False) -> dict[str, torch.Tensor]:
     """``∂L/∂W`` of every target's base weight, averaged over the batches, as (out, in) float32.
 
     The base model runs (adapters disabled) in train mode, with ``requires_grad`` on the target weights only.
@@ -93,7 +115,7 @@ def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapp
     (``requires_grad``, ``.grad``, train/eval mode) is restored afterwards, also on error.
     ``per_sample``: scale each batch's loss by 1/batch size first (LoRA-SB's ``outputs.loss / samples``).
     """
-    weights = {t.path: t.layer.base_layer.weight for t in targets}
+    weights = {t.path: t.base.weight for t in targets}
     acc: dict[str, torch.Tensor] = {}
 
     def hook_for(path: str) -> Callable[[torch.Tensor], None]:
@@ -140,7 +162,7 @@ def weight_gradients(model: nn.Module, targets: list[Target], batches: list[Mapp
     grads = {}
     for t in targets:  # the mean in place: one (out, in) buffer per module, never two
         g = acc.pop(t.path).div_(len(batches))
-        grads[t.path] = g.T if t.layer.info.fan_in_fan_out else g  # (out, in)
+        grads[t.path] = g.T if t.info.fan_in_fan_out else g  # (out, in)
     return grads
 
 
@@ -162,18 +184,32 @@ def check_rank(path: str, S: torch.Tensor, k: int, init: str, what: str, rtol: f
                            "adapter's rank; give more (or more varied) batches, or lower r (model left unchanged).")
 
 
-def move_into_adapter(layer: AdapterLayer, units: Any, A: torch.Tensor, B: torch.Tensor) -> BaseEdit:
+def move_into_adapter(layer: AdapterLayer, units: Any, A: torch.Tensor, B: torch.Tensor, *,
+                      record: bool = True) -> BaseEdit | None:
     """Write ``A`` (r, in) and ``B`` (out, r) into the adapter's units and subtract ``s·B A`` from the base weight
     in place (no (out, in) temporary on a float32 base); returns the recorded edit ``W_now = W_orig + s·(−B) A``.
 
     ``A`` and ``B`` become the record (float32; ``B`` negated in place when already float32), so pass tensors
     the caller owns and no longer needs, not views of the adapter's parameters. A view into a larger factor
-    (e.g. rows of the SVD's V) is copied, so the record never keeps the whole factor alive."""
+    (e.g. rows of the SVD's V) is copied, so the record never keeps the whole factor alive.
+    ``record=False`` (only when the adapter holds ``A`` and ``B`` exactly, i.e. in their dtype): keep nothing and
+    return None; take the record with :func:`adapter_record` after the last module, so that the records of the
+    modules done do not stay alive through the factorisations of the others (they would add to its peak memory)."""
     units.A.copy_(A)
     units.B.copy_(B)
+    if not record:
+        add_low_rank_to_base_weight(layer, B, A, -units.scaling)  # the same sum as the record's s·(−B)A, bit for bit
+        return None
     edit = BaseEdit(A=_owned_float(A), B=_owned_float(B).neg_(), scaling=units.scaling)
     edit.add_to(layer)
     return edit
+
+
+def adapter_record(units: Any) -> BaseEdit:
+    """The record of a ``move_into_adapter(..., record=False)``, from the adapter's A and B (which still hold the
+    factors exactly): float32 copies, ``W_now = W_orig + s·(−B) A``."""
+    return BaseEdit(A=units.A.detach().to(torch.float32, copy=True),
+                    B=units.B.detach().to(torch.float32, copy=True).neg_(), scaling=units.scaling)
 
 
 def _owned_float(t: torch.Tensor) -> torch.Tensor:

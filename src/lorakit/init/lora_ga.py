@@ -22,6 +22,8 @@ Two scalings, chosen by the spec:
 Gradients come from :func:`lorakit.init._common.weight_gradients` (per-module hooks that accumulate and drop
 each ``.grad``; the loss of each batch is averaged over batches, as both the official ``estimate_gradient``
 and PEFT's ``estimate_gradients``). The base model (adapters off) runs in train mode. Needs batches with labels.
+``add_adapter(..., init="lora_ga", init_batches=...)`` runs that pass (:func:`estimate_lora_ga`) before it builds
+the adapter, as PEFT runs ``preprocess_loraga`` before ``get_peft_model``, so the pass does not hold the adapter.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
-from ._common import (check_batches, check_factorisable, check_rank, linear_targets, move_into_adapter,
-                      weight_gradients)
+from ._common import (base_targets, check_batches, check_factorisable, check_rank, linear_targets,
+                      move_into_adapter, weight_gradients)
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = {"lora_ga": ("stable", "weight_svd", "gd_scale", "unit"),
@@ -92,14 +94,7 @@ def lora_ga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: f
     return A, B
 
 
-def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
-                direction: str = "ArB2r", scale: str = "stable", stable_gamma: float = 16,
-                num_batches: int | None = None, norm_clip: bool = False) -> dict[str, BaseEdit]:
-    """Gradient-SVD init of every LoRA linear of ``adapter_name``; returns the base offsets ``−s·B A``.
-
-    ``num_batches``: use exactly that many batches (AdapterError when fewer come); default all given.
-    Raises ConfigError for an unknown direction/scale, AdapterError for missing data, a module without a
-    gradient, or one whose gradient is NaN or of rank < 2r (the model is then unchanged)."""
+def _check_options(spec: str, direction: str, scale: str, norm_clip: bool) -> None:
     official = spec == "lora_ga_official"
     if direction not in DIRECTIONS:
         raise ConfigError(f"{spec}: direction={direction!r} is not one of {DIRECTIONS}.")
@@ -108,9 +103,43 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
                           + (" (the official names)" if official else " (PEFT's names)") + ".")
     if norm_clip and not official:
         raise ConfigError("norm_clip is an option of lora_ga_official only (PEFT's port has none).")
+
+
+def estimate_lora_ga(model: nn.Module, targets: Sequence[tuple[str, nn.Module, Any]],
+                     batches: Sequence[Mapping[str, Any]] | None, spec: str, *, direction: str = "ArB2r",
+                     scale: str = "stable", stable_gamma: float = 16, num_batches: int | None = None,
+                     norm_clip: bool = False) -> dict[str, torch.Tensor]:
+    """The gradient pass alone, on the base model before the adapter is built (``Init.estimate``, used by
+    ``add_adapter`` with batches): ``{path: mean ∂L/∂W (out, in) float32}`` over the linear targets. Options
+    are checked here first, so a bad one fails before the pass; errors as :func:`run_lora_ga`."""
+    _check_options(spec, direction, scale, norm_clip)
     batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
+    return weight_gradients(model, base_targets(targets), batches, spec)
+
+
+def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
+                direction: str = "ArB2r", scale: str = "stable", stable_gamma: float = 16,
+                num_batches: int | None = None, norm_clip: bool = False,
+                estimate: dict[str, torch.Tensor] | None = None) -> dict[str, BaseEdit]:
+    """Gradient-SVD init of every LoRA linear of ``adapter_name``; returns the base offsets ``−s·B A``.
+
+    ``num_batches``: use exactly that many batches (AdapterError when fewer come); default all given.
+    ``estimate``: the gradients :func:`estimate_lora_ga` computed before the adapter was attached (consumed:
+    each module's gradient is freed once its factors are computed); None = run the gradient pass now.
+    Raises ConfigError for an unknown direction/scale, AdapterError for missing data, a module without a
+    gradient, or one whose gradient is NaN or of rank < 2r (the model is then unchanged)."""
+    official = spec == "lora_ga_official"
+    _check_options(spec, direction, scale, norm_clip)
+    if estimate is None:
+        batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
     targets = linear_targets(model, adapter_name, spec)
-    grads = weight_gradients(model, targets, batches, spec)
+    if estimate is None:
+        grads = weight_gradients(model, targets, batches, spec)
+    else:
+        grads = estimate
+        if set(grads) != {t.path for t in targets}:
+            raise AdapterError(f"init {spec!r}: the estimated gradients are for other modules than adapter "
+                               f"{adapter_name!r} adapts; run the init again.")
     planned = []
     for t in targets:  # everything computed before anything is written
         units = t.delta.units()
@@ -131,7 +160,8 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
 
 
 register_init(
-    "lora_ga", run=run_lora_ga, pattern=r"lora_ga(_official)?", needs_data=True, changes_base=True,
+    "lora_ga", run=run_lora_ga, estimate=estimate_lora_ga, pattern=r"lora_ga(_official)?", needs_data=True,
+    changes_base=True,
     description="A, B from the SVD of the full-weight gradient over a few batches (ArB2r), base offset by −s·BA; "
                 "lora_ga = PEFT's scaling, lora_ga_official = the official repo's.",
     paper="Wang et al. 2024, arXiv:2407.05000",

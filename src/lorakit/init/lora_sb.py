@@ -29,7 +29,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
 from ..methods.nlora import MiddleLinear
-from ._common import Target, check_batches, check_factorisable, check_rank, weight_gradients
+from ._common import Target, base_targets, check_batches, check_factorisable, check_rank, weight_gradients
 
 
 def middle_targets(model: nn.Module, adapter_name: str, init: str) -> list[Target]:
@@ -57,17 +57,39 @@ def lora_sb_factors(update: torch.Tensor, r: int, scaling: float) -> tuple[torch
     return U.T, torch.diag(S) / scaling, V
 
 
-def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
-                lr: float = 1e-4, warmup_steps: int = 1, num_batches: int | None = None) -> dict[str, BaseEdit]:
-    """Set A, R, B of every ``B R A`` delta from ``−(lr / warmup_steps) · sign(G)``; the base is not changed.
-
-    Raises ConfigError for lr <= 0 or warmup_steps < 1, AdapterError for missing data or a module whose
-    gradient is NaN or whose update has rank < r (the model is then unchanged)."""
+def _check_options(lr: float, warmup_steps: int) -> None:
     if lr <= 0 or warmup_steps < 1:
         raise ConfigError(f"lora_sb: lr must be > 0 and warmup_steps >= 1 (got lr={lr}, warmup_steps={warmup_steps}).")
+
+
+def estimate_lora_sb(model: nn.Module, targets: Sequence[tuple[str, nn.Module, Any]],
+                     batches: Sequence[Mapping[str, Any]] | None, spec: str, *, lr: float = 1e-4,
+                     warmup_steps: int = 1, num_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """The gradient pass alone, before ``add_adapter`` builds the adapter (``Init.estimate``): ``{path: G}``."""
+    _check_options(lr, warmup_steps)
     batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
+    return weight_gradients(model, base_targets(targets), batches, spec, per_sample=True)
+
+
+def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
+                lr: float = 1e-4, warmup_steps: int = 1, num_batches: int | None = None,
+                estimate: dict[str, torch.Tensor] | None = None) -> dict[str, BaseEdit]:
+    """Set A, R, B of every ``B R A`` delta from ``−(lr / warmup_steps) · sign(G)``; the base is not changed.
+
+    ``estimate``: the gradients :func:`estimate_lora_sb` computed before the adapter existed (None: run the
+    pass now). Raises ConfigError for lr <= 0 or warmup_steps < 1, AdapterError for missing data or a module
+    whose gradient is NaN or whose update has rank < r (the model is then unchanged)."""
+    _check_options(lr, warmup_steps)
+    if estimate is None:
+        batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
     targets = middle_targets(model, adapter_name, spec)
-    grads = weight_gradients(model, targets, batches, spec, per_sample=True)
+    if estimate is None:
+        grads = weight_gradients(model, targets, batches, spec, per_sample=True)
+    elif set(estimate) != {t.path for t in targets}:
+        raise AdapterError(f"init {spec!r}: the estimated gradients are for other modules than adapter "
+                           f"{adapter_name!r} adapts; run the init again.")
+    else:
+        grads = estimate
     eta = lr / warmup_steps
     planned = []
     for t in targets:
@@ -85,7 +107,7 @@ def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
 
 
 register_init(
-    "lora_sb", run=run_lora_sb, needs_data=True,
+    "lora_sb", run=run_lora_sb, estimate=estimate_lora_sb, needs_data=True,
     description="LoRA-XS's B R A set to the rank-r SVD of the approximate first full-FT step −η·sign(G) "
                 "(use with --method lora_xs).",
     paper="Ponkshe et al. 2024, arXiv:2411.19557",

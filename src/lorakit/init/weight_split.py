@@ -27,18 +27,22 @@ from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
-from ._common import move_into_adapter
+from ._common import adapter_record, check_factorisable, move_into_adapter
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
 
-def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise) -> dict[str, BaseEdit]:
+def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise, init: str) -> dict[str, BaseEdit]:
     """Set every linear delta of ``adapter_name`` to ``factorise(W)`` and subtract ``s·B A`` from its base.
 
     Returns the base edits by module path (``W_now = W_orig − s·B A``). Raises AdapterError for a delta
-    without rank-one units (another method) or a base weight that is not floating point (quantised)."""
-    edits: dict[str, BaseEdit] = {}
+    without rank-one units (another method), a base weight that is not floating point (quantised) or that has
+    NaN/inf entries, all checked before any module is written (the model is then unchanged).
+    The records are taken after the last module (:func:`adapter_record`), so that the records of the modules
+    done never add to a later SVD's peak memory; an adapter in another dtype than float32 cannot hold the
+    float32 factors exactly, and then keeps them as it goes."""
+    targets = []
     for path, layer in adapter_layers(model):
         delta = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
         if delta is None or layer.info.kind != "linear":
@@ -52,10 +56,17 @@ def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise)
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise AdapterError(f"{path!r}: base weight of dtype {weight.dtype} cannot be split; initialise on a "
                                "float32/float16/bfloat16 base, then quantise the residual.")
+        check_factorisable(path, weight, init, "base weight")
+        targets.append((path, layer, units, weight))
+    kept: dict[str, BaseEdit] = {}
+    for path, layer, units, weight in targets:
         r = units.A.shape[0]
         A, B = factorise(weight.float(), r, units.scaling)  # fresh tensors: they become the record
-        edits[path] = move_into_adapter(layer, units, A, B)  # W_res = W + s·(−B) A, in place
-    return edits
+        exact = A.dtype == units.A.dtype and B.dtype == units.B.dtype
+        edit = move_into_adapter(layer, units, A, B, record=not exact)  # W_res = W + s·(−B) A, in place
+        if edit is not None:
+            kept[path] = edit
+    return {path: kept[path] if path in kept else adapter_record(units) for path, _, units, _ in targets}
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +83,7 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | Non
 
 def run_pissa(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> dict[str, BaseEdit]:
     niter = int(spec.split("_niter_")[1]) if "_niter_" in spec else None
-    return split_base_weight(model, adapter_name, lambda w, r, s: pissa_factors(w, r, s, niter))
+    return split_base_weight(model, adapter_name, lambda w, r, s: pissa_factors(w, r, s, niter), spec)
 
 
 def olora_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +93,7 @@ def olora_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.T
 
 
 def run_olora(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> dict[str, BaseEdit]:
-    return split_base_weight(model, adapter_name, olora_factors)
+    return split_base_weight(model, adapter_name, olora_factors, spec)
 
 
 register_init(
