@@ -54,8 +54,12 @@ def test_methods_combine_pools_seeds_and_refuses_other_settings():
                                       _methods_result(0, 0.3, "dylora")], names=["x.json", "y.json", "z.json"])
     table = {r["method"]: r for r in result["table"]}
     assert table["lora"]["seeds"] == 2 and table["lora"]["after_mean"] == pytest.approx(0.6)
-    assert table["dylora"]["vs_lora"] == pytest.approx(-0.3) and result["profile"]["seeds"] == [0, 1]
+    # a row of fewer seeds is compared with LoRA on its own seeds (0.3 - 0.5), and says how many it has
+    assert table["dylora"]["vs_lora"] == pytest.approx(-0.2) and result["profile"]["seeds"] == [0, 1]
     assert result["reruns"] == []
+    md = methods.methods_markdown(result)
+    assert "| dylora | dylora | 0.300 ± 0.000 (1 seed: [0]) | -0.200 |" in md
+    assert "| lora | lora | 0.600 ± 0.141 | +0.000 |" in md and "- `z.json`: `lorakit bench methods --seeds 0`" in md
     with pytest.raises(ConfigError, match=r"y.json: its profile differs from x.json's in \{'steps': \(3, 7\)\}"):
         methods.combine_results([_methods_result(0), _methods_result(1, steps=7)], names=["x.json", "y.json"])
     with pytest.raises(ConfigError, match="y.json: the untrained model scores 0.5 there"):
@@ -95,12 +99,13 @@ def _mixtures_result(seed: int) -> dict:
             "command": f"lorakit bench mixtures --quick --seeds {seed}"}
 
 
-def test_mixtures_combine_pools_seeds_and_refuses_duplicates_and_other_settings():
+def test_mixtures_combine_pools_seeds_and_refuses_duplicates_and_other_settings(tmp_path):
     result = mixtures.combine_results([_mixtures_result(0), _mixtures_result(1)], names=["s0.json", "s1.json"])
     row = result["budget"]["table"][0]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.7) and row["sd"] == pytest.approx(0.0707, abs=1e-4)
     assert result["profile"]["seeds"] == [0, 1] and len(result["compose"]["runs"]) == 2
     assert "- `s1.json` (seeds [1])" in mixtures.mixtures_markdown(result)
+    assert mixtures.plot_mixtures(result, tmp_path).is_file()
     with pytest.raises(ConfigError, match="s0b.json: seed 0 is also in s0.json"):
         mixtures.combine_results([_mixtures_result(0), _mixtures_result(0)], names=["s0.json", "s0b.json"])
     other = _mixtures_result(1)
@@ -129,6 +134,7 @@ def test_bench_mixtures_combine_real_quick_runs(tmp_path):
     lora = next(r for r in combined["budget"]["table"] if r["row"] == "lora r=8 (= active)")
     scores = [r["exact_match"] for rs in runs for r in rs if r["row"] == lora["row"]]
     assert lora["seeds"] == 2 and lora["mean"] == pytest.approx(sum(scores) / 2)
+    assert (tmp_path / "all" / "mixtures.png").is_file() and "seeds [0, 1]" in (tmp_path / "all" / "mixtures.md").read_text()
     with pytest.raises(SystemExit):  # the same seed twice
         main(["mixtures", "--combine", files[0], files[0], "--output", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()

@@ -151,6 +151,8 @@ def main(argv: Sequence[str]) -> int:
                                 tasks=args.tasks, experiments=args.experiments)
             result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(mixtures.plot_mixtures(result, out))]
     elif args.what == "merge":
         from . import merge
         if args.combine:

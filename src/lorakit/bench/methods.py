@@ -259,20 +259,22 @@ def summarise(runs: list[dict]) -> list[dict]:
         if "skipped" in r:
             continue
         groups.setdefault((r["method"], r["variant"]), []).append(r)
-    ref = groups.get(("lora", "lora"))
-    ref_mean = statistics.mean(r["after"] for r in ref) if ref else None
-    ref_params = ref[0]["trainable_params"] if ref else None
+    ref = {r["seed"]: r for r in groups.get(("lora", "lora"), [])}
+    ref_params = next(iter(ref.values()))["trainable_params"] if ref else None
     rows = []
     for (method, variant), rs in groups.items():
         scores = [r["after"] for r in rs]
-        row = {"method": method, "variant": variant, "seeds": len(rs), "after_mean": statistics.mean(scores),
+        row = {"method": method, "variant": variant, "seeds": len(rs), "seed_list": [r["seed"] for r in rs],
+               "after_mean": statistics.mean(scores),
                "after_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "trainable_params": rs[0]["trainable_params"],
                "s_per_step": statistics.median(r["s_per_step"] for r in rs),
                "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
                "final_loss": statistics.mean(r["final_loss"] for r in rs)}
-        if ref_mean is not None:
-            row["vs_lora"] = row["after_mean"] - ref_mean
+        if ref:  # against LoRA on the same seeds where it has them (a row of fewer seeds, e.g. a partial run)
+            same = [ref[r["seed"]]["after"] for r in rs if r["seed"] in ref]
+            row["vs_lora"] = row["after_mean"] - statistics.mean(same if len(same) == len(rs) else
+                                                                 [x["after"] for x in ref.values()])
             row["params_vs_lora"] = row["trainable_params"] / ref_params
         rows.append(row)
     return sorted(rows, key=lambda r: -r["after_mean"])
@@ -282,12 +284,15 @@ def methods_markdown(result: dict) -> str:
     p = result["profile"]
     lines = [f"Tasks `{p['tasks']}`, {p['steps']} steps × batch {p['batch_size']}, lr {p['lr']}, r={p['r']} "
              f"all-linear, seeds {list(p['seeds'])}. Exact match before training: {result['before']:.3f}.", "",
-             "| method | variant | exact match (mean ± sd) | Δ vs LoRA | trainable params (× LoRA) | s/step | peak MB | final loss |",
+             "| method | variant | exact match (mean ± sd) | Δ vs LoRA (same seeds) | trainable params (× LoRA) | s/step | peak MB | final loss |",
              "|---|---|---|---|---|---|---|---|"]
+    n_seeds = len(p["seeds"])
     for r in result["table"]:
         vs = f"{r['vs_lora']:+.3f}" if "vs_lora" in r else ""
+        fewer = f" ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''}: {sorted(r['seed_list'])})" \
+            if r["seeds"] < n_seeds else ""
         pv = f"{r['trainable_params']:,} ({r['params_vs_lora']:.2f}×)" if "params_vs_lora" in r else f"{r['trainable_params']:,}"
-        lines.append(f"| {r['method']} | {r['variant']} | {r['after_mean']:.3f} ± {r['after_std']:.3f} | {vs} | {pv} | "
+        lines.append(f"| {r['method']} | {r['variant']} | {r['after_mean']:.3f} ± {r['after_std']:.3f}{fewer} | {vs} | {pv} | "
                      f"{r['s_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} |")
     for method, variant, why in result.get("skipped", []):
         lines.append(f"| {method} | {variant} | skipped: {why} | | | | | |")

@@ -333,3 +333,29 @@ def mixtures_markdown(result: dict) -> str:
             f"{r['routed_to_own_task']:.2f}" if "routed_to_own_task" in r else "")),))
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_mixtures(result: dict, out_dir: Path) -> Path:
+    """``mixtures.png``: exact match (mean ± sd over seeds) per configuration, one panel per experiment, the
+    untrained base model as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("budget", "compose") if p in result]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        rows = result[part]["table"]
+        ax.barh([r["row"] for r in rows], [r["mean"] for r in rows], xerr=[r["sd"] for r in rows], capsize=3,
+                color="#4c72b0")
+        ax.axvline(result["before"]["exact_match"], color="grey", linestyle="--", label="base model (before)")
+        ax.invert_yaxis()
+        ax.set_xlabel(f"exact match (seeds {result['profile']['seeds']})")
+        ax.set_title({"budget": "equal budgets", "compose": "composing per-task adapters"}[part])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "mixtures.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
