@@ -104,6 +104,7 @@ def test_mixtures_combine_pools_seeds_and_refuses_duplicates_and_other_settings(
     row = result["budget"]["table"][0]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.7) and row["sd"] == pytest.approx(0.0707, abs=1e-4)
     assert result["profile"]["seeds"] == [0, 1] and len(result["compose"]["runs"]) == 2
+    assert row["trainable_params"] == 100 and isinstance(row["trainable_params"], int)  # a count, not a mean of two
     assert "- `s1.json` (seeds [1])" in mixtures.mixtures_markdown(result)
     assert mixtures.plot_mixtures(result, tmp_path).is_file()
     with pytest.raises(ConfigError, match="s0b.json: seed 0 is also in s0.json"):

@@ -219,7 +219,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"row": label, "seeds": len(rs), "mean": statistics.mean(scores),
                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "per_task": {t: statistics.mean(r["per_task"][t] for r in rs) for t in tasks}}
-        for key, stat in (("trainable_params", statistics.median), ("s_per_step", statistics.median),
+        for key, stat in (("trainable_params", statistics.median_low), ("s_per_step", statistics.median),
                           ("routed_to_own_task", statistics.mean)):
             if rs[0].get(key) is not None:
                 row[key] = stat(r[key] for r in rs)
