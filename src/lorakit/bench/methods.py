@@ -302,7 +302,9 @@ def methods_markdown(result: dict) -> str:
     if result.get("combined_from"):
         lines += ["", "Combined from (a later file's run of a method and seed replaces an earlier one's; s/step is "
                   "each source run's and comparable only within one):", ""]
-        lines += [f"- `{c['file']}`: `{c['command']}` — rows {', '.join(c['rows'])}" for c in result["combined_from"]]
+        for c in result["combined_from"]:  # a command that quotes commands itself is shown as it is
+            command = c["command"] if "`" in str(c["command"]) else f"`{c['command']}`"
+            lines.append(f"- `{c['file']}`: {command} — rows {', '.join(c['rows'])}")
         if result.get("reruns"):
             same = all(r["before"] == r["after"] for r in result["reruns"])
             lines += ["", "Re-run in a later file (exact match earlier → later)" + (": all reproduced exactly." if same
