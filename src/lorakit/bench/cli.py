@@ -25,9 +25,9 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
 # --methods, --only, --device, --quick, --output) are left out.
 _SERVE = {"serve"}
 _FLAG_SCOPE = {
-    "combine": {"merge"}, "resume": {"variants", "init"}, "experiments": {"mixtures", "merge"},
+    "combine": {"merge", "methods", "mixtures"}, "resume": {"variants", "init"}, "experiments": {"mixtures", "merge"},
     "repeats": {"init", "merge"}, "procedures": {"methods"}, "full_finetune": {"methods"},
-    "first_variant_only": {"methods"}, "step_time": {"variants", "reparam"}, "batch_size": {"reparam"},
+    "first_variant_only": {"methods"}, "inits": {"methods"}, "step_time": {"variants", "reparam"}, "batch_size": {"reparam"},
     "rounds": {"federated"}, "clients": {"federated"}, "r": {"variants", "reparam", "gamma_mod"},
     "models": _SERVE, "num_adapters": _SERVE, "req_rate": _SERVE, "duration": _SERVE, "max_batch": _SERVE,
     "peft_max_n": _SERVE, "systems": _SERVE, "dtype": _SERVE,
@@ -50,6 +50,15 @@ def _read_results(files: Sequence[str | Path], flag: str) -> list[dict]:
             raise ConfigError(f"{flag}: {path} is not a saved bench result (a JSON object with a 'profile')")
         results.append(obj)
     return results
+
+
+def _combined(parser: argparse.ArgumentParser, combine, files: Sequence[str]) -> dict:
+    """``combine(results, names=files)`` on the saved results in ``files``; a bad file or a refused combination
+    exits with the error (prefixed ``--combine:``) before anything is written."""
+    try:
+        return combine(_read_results(files, "--combine"), names=list(files))
+    except ConfigError as e:
+        parser.error(str(e) if str(e).startswith("--combine") else f"--combine: {e}")
 
 
 def _override(profile, **values):
@@ -93,12 +102,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--experiments", nargs="+", choices=["budget", "compose", "quality", "collapse", "speed"],
                         default=None, help="mixtures: budget/compose; merge: quality/collapse/speed (default: all)")
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
-                        help="merge: pool saved merge.json results (e.g. one per seed, and a speed-only run) into "
-                             "one report instead of running")
+                        help="merge, mixtures: pool saved results (e.g. one per seed; merge: and a speed-only run) into "
+                             "one report instead of running; methods: pool saved tables (a later file's run of a "
+                             "method and seed replaces an earlier one's, e.g. a re-run after a fix)")
     parser.add_argument("--procedures", nargs="+", default=None,
                         help="methods: also train LoRA with these training procedures (rows lora+NAME)")
     parser.add_argument("--full-finetune", action="store_true", default=None,
                         help="methods: also a full fine-tuning row (every base weight, AdamW)")
+    parser.add_argument("--inits", nargs="+", default=None, metavar="INIT",
+                        help="methods: also train rows METHOD+INIT with these initialisations (pissa, olora, corda, eva, "
+                             "lora_ga, lora_ga_official, pissa_niter_4 on lora; lora_sb on lora_xs; nlora on slora)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     serve = parser.add_argument_group("serve (S-LoRA workload; defaults: the full profile)")
     serve.add_argument("--models", nargs="+", default=None, help="serve: bundled and/or random8x512")
@@ -131,17 +144,19 @@ def main(argv: Sequence[str]) -> int:
         markdown = methods.tasks_markdown(result)
     elif args.what == "mixtures":
         from . import mixtures
-        profile = _override(mixtures.QUICK if args.quick else mixtures.FULL, seeds=args.seeds, steps=args.steps,
-                            tasks=args.tasks, experiments=args.experiments)
-        result = mixtures.run_mixtures(profile)
+        if args.combine:
+            result = _combined(parser, mixtures.combine_results, args.combine)
+        else:
+            profile = _override(mixtures.QUICK if args.quick else mixtures.FULL, seeds=args.seeds, steps=args.steps,
+                                tasks=args.tasks, experiments=args.experiments)
+            result = mixtures.run_mixtures(profile)
         markdown = mixtures.mixtures_markdown(result)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(mixtures.plot_mixtures(result, out))]
     elif args.what == "merge":
         from . import merge
         if args.combine:
-            try:
-                result = merge.combine_results(_read_results(args.combine, "--combine"), names=args.combine)
-            except ConfigError as e:
-                parser.error(str(e) if str(e).startswith("--combine") else f"--combine: {e}")
+            result = _combined(parser, merge.combine_results, args.combine)
         else:
             profile = _override(merge.QUICK if args.quick else merge.FULL, seeds=args.seeds, task_steps=args.steps,
                                 tasks=args.tasks, experiments=args.experiments, speed_repeats=args.repeats)
@@ -261,10 +276,20 @@ def main(argv: Sequence[str]) -> int:
         markdown = perf.perf_markdown(result)
     else:
         from . import methods
-        profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
-                            steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
-                            procedures=args.procedures, full_finetune=args.full_finetune)
-        result = methods.run_methods(profile)
+        if args.combine:
+            result = _combined(parser, methods.combine_results, args.combine)
+        else:
+            profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
+                                steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
+                                procedures=args.procedures, full_finetune=args.full_finetune, inits=args.inits)
+            for name in profile.inits:  # a wrong name fails now, not after the methods have trained
+                try:
+                    methods.init_method(name)
+                except ConfigError as e:
+                    parser.error(f"--inits: {e}")
+            out.mkdir(parents=True, exist_ok=True)
+            result = methods.run_methods(profile, after_each=lambda partial: atomic_write_json(
+                out / "methods.partial.json", {**partial, "command": command + " (partial)"}))
         markdown = methods.methods_markdown(result)
         out.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in methods.plot_methods(result, out)]

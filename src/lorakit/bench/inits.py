@@ -96,6 +96,18 @@ def parse_contender(spec: str, default_lr: float) -> tuple[str, float, str]:
     return name, lr, baseline + ("@" + lr_text if lr_text else "")
 
 
+def set_bench_init_options(model, init: str | None, lr: float, warmup_steps: int, adapter_name: str = "default") -> None:
+    """The options the benches give ``init`` on ``model`` before its adapter is added: LoRA-SB's η = lr / warmup
+    steps of this very run (official ``train_arithmetic.py``); EVA more passes over the init batches (the bundled
+    tasks' short completions need them for the PCA to converge). Other inits keep their defaults."""
+    from ..core.inits import set_init_options
+
+    if init == "lora_sb":
+        set_init_options(model, adapter_name, lr=lr, warmup_steps=warmup_steps)
+    elif init == "eva":
+        set_init_options(model, adapter_name, max_passes=50)
+
+
 TRAINING_FIELDS = ("tasks", "steps", "eval_every", "batch_size", "lr", "r", "init_batches", "train_examples",
                    "eval_examples")
 
@@ -116,7 +128,6 @@ def run_convergence(profile: InitProfile, progress: bool = False, after_each=Non
     gets the results so far after each run (the CLI writes them, so a long run can be stopped and kept).
     ``done``: finished runs (same training settings) kept as they are; their (contender, seed) are not rerun."""
     import lorakit as lk
-    from ..core.inits import set_init_options
     from ..data import load_examples
     from ..hub import load_model_and_tokenizer
     from ..training import TrainConfig, train
@@ -135,10 +146,7 @@ def run_convergence(profile: InitProfile, progress: bool = False, after_each=Non
             model = copy.deepcopy(base)
             torch.manual_seed(seed)
             warmup = max(1, round(0.1 * profile.steps))
-            if init == "lora_sb":  # its η = lr / warmup steps of this very run (official train_arithmetic.py)
-                set_init_options(model, "default", lr=lr, warmup_steps=warmup)
-            if init == "eva":  # short completions: give the PCA more passes over the init batches to converge
-                set_init_options(model, "default", max_passes=50)
+            set_bench_init_options(model, init, lr=lr, warmup_steps=warmup)
             lk.add_adapter(model, _config(method, kwargs, profile.r), init=init)
             config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=lr,
                                  warmup_steps=warmup, warmup_ratio=0.0, lr_schedule="cosine", seed=seed,

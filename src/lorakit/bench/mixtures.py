@@ -219,7 +219,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"row": label, "seeds": len(rs), "mean": statistics.mean(scores),
                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "per_task": {t: statistics.mean(r["per_task"][t] for r in rs) for t in tasks}}
-        for key, stat in (("trainable_params", statistics.median), ("s_per_step", statistics.median),
+        for key, stat in (("trainable_params", statistics.median_low), ("s_per_step", statistics.median),
                           ("routed_to_own_task", statistics.mean)):
             if rs[0].get(key) is not None:
                 row[key] = stat(r[key] for r in rs)
@@ -244,12 +244,68 @@ def run_mixtures(profile: MixturesProfile, progress: bool = False, workdir: str 
     return result
 
 
+# Profile fields that make runs comparable: files that differ in one of them cannot be pooled.
+_POOLED_PROFILE = ("tasks", "steps", "task_steps", "batch_size", "lr", "train_examples", "eval_examples", "experiments")
+
+
+def _plain(value):
+    """A profile value as JSON reads it back (tuples become lists), for comparing a result with a saved one."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def combine_results(results: list[dict], names: list[str] | None = None) -> dict:
+    """One result from saved ``bench mixtures`` runs of the same settings, e.g. one per seed (``--seeds N``):
+    each experiment's runs concatenated and re-summarised (mean ± sd over all seeds). Raises ConfigError naming
+    the file for one that is not a ``bench mixtures`` result, whose settings (``_POOLED_PROFILE``) or untrained
+    score differ from the first file's, or that holds a seed an earlier file already has."""
+    from ..core.errors import ConfigError
+
+    if not results:
+        raise ConfigError("combine needs at least one result file")
+    names = list(names) if names else [r.get("command") or f"result {i + 1}" for i, r in enumerate(results)]
+    for where, r in zip(names, results):
+        p = r.get("profile")
+        if not isinstance(p, dict) or "before" not in r or not any(k in r for k in ("budget", "compose")):
+            raise ConfigError(f"{where}: not a `bench mixtures` result (no profile, before, budget or compose)")
+        missing = [k for k in (*_POOLED_PROFILE, "seeds") if k not in p]
+        if missing:
+            raise ConfigError(f"{where}: its profile lacks {missing}: not a `bench mixtures` result")
+    first = results[0]
+    seen: dict[int, str] = {}
+    for where, r in zip(names, results):
+        differ = {k: (first["profile"][k], r["profile"][k]) for k in _POOLED_PROFILE
+                  if _plain(r["profile"][k]) != _plain(first["profile"][k])}
+        if differ:
+            raise ConfigError(f"{where}: its settings differ from {names[0]}'s in {differ} (first, this): the seeds "
+                              "would not be comparable")
+        if r["before"] != first["before"]:
+            raise ConfigError(f"{where}: the untrained model scores {r['before']['exact_match']} there, "
+                              f"{first['before']['exact_match']} in {names[0]}: another base model or test set")
+        for seed in r["profile"]["seeds"]:
+            if seed in seen:
+                raise ConfigError(f"{where}: seed {seed} is also in {seen[seed]}; pool each seed once")
+            seen[seed] = where
+    out: dict = {"profile": {**first["profile"], "seeds": sorted(seen)}, "before": first["before"],
+                 "machine": first.get("machine", {}),
+                 "combined_from": [{"file": where, "command": r.get("command"), "seeds": list(r["profile"]["seeds"])}
+                                   for where, r in zip(names, results)]}
+    for part in first["profile"]["experiments"]:
+        runs = [run for r in results for run in r.get(part, {}).get("runs", [])]
+        out[part] = {"runs": runs, "table": summarise(runs)}
+    return out
+
+
 def mixtures_markdown(result: dict) -> str:
     p = result["profile"]
     tasks = p["tasks"].split(",")
     lines = [f"Tasks `{p['tasks']}` ({p['train_examples']} training and {p['eval_examples']} test examples each), "
              f"batch {p['batch_size']}, lr {p['lr']}, cosine; seeds {list(p['seeds'])}; exact match on the held-out "
              f"test set (mean ± sd over seeds). Base model before training: {result['before']['exact_match']:.3f}.", ""]
+    if result.get("combined_from"):
+        lines += ["Combined from one run per file (`--combine`; s/step is each run's own and depends on the machine's "
+                  "load then):", ""]
+        lines += [f"- `{c['file']}` (seeds {c['seeds']}): `{c['command']}`" for c in result["combined_from"]]
+        lines.append("")
 
     def table(rows, extra=()):
         cols = ["configuration", "exact match", *tasks, *(h for h, _ in extra)]
@@ -277,3 +333,29 @@ def mixtures_markdown(result: dict) -> str:
             f"{r['routed_to_own_task']:.2f}" if "routed_to_own_task" in r else "")),))
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_mixtures(result: dict, out_dir: Path) -> Path:
+    """``mixtures.png``: exact match (mean ± sd over seeds) per configuration, one panel per experiment, the
+    untrained base model as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("budget", "compose") if p in result]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        rows = result[part]["table"]
+        ax.barh([r["row"] for r in rows], [r["mean"] for r in rows], xerr=[r["sd"] for r in rows], capsize=3,
+                color="#4c72b0")
+        ax.axvline(result["before"]["exact_match"], color="grey", linestyle="--", label="base model (before)")
+        ax.invert_yaxis()
+        ax.set_xlabel(f"exact match (seeds {result['profile']['seeds']})")
+        ax.set_title({"budget": "equal budgets", "compose": "composing per-task adapters"}[part])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "mixtures.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
