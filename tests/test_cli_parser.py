@@ -28,6 +28,23 @@ def test_field_names_become_flags_only_where_they_are_names():
         assert with_flags(text, flags) == text
 
 
+def test_a_field_word_inside_prose_or_a_windows_path_is_left_alone():
+    flags = {"data": "--data", "output": "--output", "lr": "--lr", "steps": "--steps", "lora_alpha": "--lora-alpha"}
+    # a one-word field is a flag only as the subject itself, not as the noun after another word
+    for text in ("the data must be JSONL lines", "Model output must be a tensor", r"C:\runs\lora_alpha\x.json",
+                 r"runs\steps=3\x", "key layers.0.q_proj.lora_alpha.weight is missing"):
+        assert with_flags(text, flags) == text
+    assert with_flags("--steps and lr must be > 0", flags) == "--steps and --lr must be > 0"
+    assert with_flags("adapter_config.json: steps must be > 0", flags) == "adapter_config.json: --steps must be > 0"
+
+
+def test_a_short_only_option_is_named_as_typed(capsys):
+    # `lorakit tasks -n` has no long form: its field n is written -n
+    assert main(["tasks", "--jsonl", "reverse", "-n", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "lorakit tasks: error: -n must be >= 0, got -1" in err, err
+
+
 def test_a_parser_maps_its_own_dests_and_its_field_flags():
     p = CommandParser(prog="lorakit x", field_flags={"n_merges": "--merges"})
     p.add_argument("--num-proxies", dest="n_proxies", type=int)

@@ -45,13 +45,16 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
     # qualified keys first, so AlignConfig.steps gets its own flag before plain ``steps`` gets --steps
     for key in sorted(flags, key=lambda k: ("." not in k, -len(k))):
         flag, name = flags[key], re.escape(key)
-        start, end = r"(?<![\w.\-/])", r"(?![\w\-/\[(])"  # not part of a path, flag, call or index
+        start, end = r"(?<![\w.\-/\\])", r"(?![\w\-/\\\[(])"  # not part of a path (/ or \), flag, call or index
         if "." in key:
             names = name
         elif "_" in key:
             names = rf"(?:[A-Z]\w*\.)?{name}"
         else:  # a plain word: qualified, with a value, or the subject of a sentence
-            message = re.sub(rf"{start}{name}(?= (?:must|should|and (?:--)?[\w\-]+ must) )", flag, message)
+            # ... and not the noun of a phrase ("the data must", "Model output must"): no word right before it
+            # but "and" ("--steps and lr must")
+            subject = r"(?:(?<![A-Za-z] )|(?<=\band ))"
+            message = re.sub(rf"{subject}{start}{name}(?= (?:must|should|and (?:--)?[\w\-]+ must) )", flag, message)
             message = re.sub(rf"{start}{name}{_VALUE}", repl(flag), message)
             names = rf"[A-Z]\w*\.{name}"
         message = re.sub(rf"{start}{names}(?:{_VALUE})?{end}", repl(flag), message)
@@ -114,10 +117,11 @@ class CommandParser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extra)}.{hints}")
 
     def flags(self) -> dict[str, str]:
-        """Config field -> flag: each shown option's ``dest``, then ``field_flags``."""
+        """Config field -> flag: each shown option's ``dest`` (its first long flag, else its short one: ``n`` ->
+        ``-n``), then ``field_flags``."""
         flags: dict[str, str] = {}
         for action in self._actions:
-            longs = [o for o in action.option_strings if o.startswith("--")]
+            longs = [o for o in action.option_strings if o.startswith("--")] or action.option_strings  # -n
             if longs and action.help != argparse.SUPPRESS and action.dest not in ("help", argparse.SUPPRESS):
                 flags.setdefault(action.dest, longs[0])
         flags.update(self.field_flags)
