@@ -839,12 +839,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
     except LorakitError as e:
         return p.fail(e)
-    model = None
-    try:
-        if args.model is not None:
-            from .hub import load_model_and_tokenizer
-            model = load_model_and_tokenizer(args.model)[0]
-        merged = merge_adapters(args.sources, args.weights, args.method, model=model, **opts)
+    try:  # --model loads only after the sources and options are checked
+        merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
         out = write_dir_atomically(args.output, merged.save)
     except LorakitError as e:

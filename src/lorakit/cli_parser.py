@@ -21,8 +21,9 @@ from typing import Mapping
 
 from .core.errors import did_you_mean
 
-# ``=value`` after a field name: a quoted string, or a token up to a separator
-_VALUE = r"""=('[^']*'|"[^"]*"|[^\s,;:()\[\]{}]+)"""
+# ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
+# a Python call written out, not a value the user typed)
+_VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
 
 
 def with_flags(message: str, flags: Mapping[str, str]) -> str:
