@@ -143,3 +143,24 @@ def test_runtime_errors_carry_the_command_prefix(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("lorakit diffusion train-loras: error: ")
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
     assert capsys.readouterr().err.startswith("lorakit regmix: error: no proxies")
+
+
+def test_serve_names_a_bad_adapters_root_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Was: the model loaded, then '[Errno 2] No such file or directory'; an adapter folder given itself served
+    nothing (only folders under --adapters are scanned)."""
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --adapters was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    adapter = tmp_path / "adapters" / "a"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "f.txt").write_text("x")
+    for root, says in ((tmp_path / "nope", "does not exist: give a folder of adapter folders"),
+                       (tmp_path / "f.txt", "is a file: give a folder of adapter folders"),
+                       (adapter, f"is an adapter folder itself; give the folder that holds it ('{adapter.parent}')")):
+        assert main(["serve", "--adapters", str(root), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit serve: error: --adapters '{root}' {says}"), err
