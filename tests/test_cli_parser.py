@@ -164,3 +164,12 @@ def test_serve_names_a_bad_adapters_root_before_the_model_loads(tmp_path, capsys
         assert main(["serve", "--adapters", str(root), "--port", "0"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"lorakit serve: error: --adapters '{root}' {says}"), err
+
+
+@pytest.mark.parametrize("flag", ["--rank-pattern", "--init-options"])
+def test_a_malformed_json_flag_says_json_not_a_python_name(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "reverse", "--steps", "1", flag, "{bad"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "loads" not in err
+    assert f"lorakit train: error: argument {flag}: not valid JSON (Expecting property name" in err and "'{bad'" in err

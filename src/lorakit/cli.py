@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
-from .cli_parser import CommandParser
+from .cli_parser import CommandParser, json_arg
 from .core.errors import AdapterError, LorakitError
 
 DEFAULT_METHOD = "lora"
@@ -153,7 +153,7 @@ def _add_init_options(parser: argparse.ArgumentParser) -> None:
                    help="a registered init run on the adapter before training: " + ", ".join(
                        i.name + ("*" if i.needs_data else "") for i in list_inits())
                    + " (* = data-driven: runs on the first --init-batches training batches)")
-    g.add_argument("--init-options", type=json.loads, default={}, metavar="JSON",
+    g.add_argument("--init-options", type=json_arg, default={}, metavar="JSON",
                    help='the init\'s options as a JSON object, e.g. \'{"rho": 1.0}\' for eva')
     g.add_argument("--init-batches", type=int, default=4, help="batches a data-driven init gets (default: 4)")
 

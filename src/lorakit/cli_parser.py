@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from typing import Mapping
@@ -60,6 +61,16 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
             names = rf"[A-Z]\w*\.{name}"
         message = re.sub(rf"{start}{names}(?:{_VALUE})?{end}", repl(flag), message)
     return message
+
+
+def json_arg(text: str):
+    """``type=`` for a flag that takes JSON: the parsed value; a malformed one is argparse's usage error naming the
+    flag and what is wrong (``argument --rank-pattern: not valid JSON (Expecting ...): '{bad'``) — with
+    ``type=json.loads`` argparse would say ``invalid loads value``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
 class CommandParser(argparse.ArgumentParser):
