@@ -173,3 +173,30 @@ def test_a_malformed_json_flag_says_json_not_a_python_name(flag, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "loads" not in err
     assert f"lorakit train: error: argument {flag}: not valid JSON (Expecting property name" in err and "'{bad'" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--data", "reverse"], ["generate", "--prompt", "x"], ["export", "--output"]])
+def test_rank_on_an_adapter_without_nested_ranks_is_named_before_the_model_loads(argv, tmp_path, capsys, monkeypatch):
+    """Was, after loading the model: "'lora' adapters have no setting 'rank'. Did you mean: rank_pattern? Settings:
+    alpha_pattern, ..." (config fields the user never typed)."""
+    import lorakit as lk
+    import lorakit.hub
+    from lorakit.hub import load_model_and_tokenizer
+
+    model = load_model_and_tokenizer(None)[0]
+    lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    adapter = lk.save_adapter(model, tmp_path / "a")
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --rank was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(lorakit.hub, "load_model_for_merge", no_load)
+    args = ([argv[0], str(adapter), "--output", str(tmp_path / "o")] if argv[0] == "export"
+            else [*argv, "--adapter", str(adapter)])
+    assert main([*args, "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {argv[0]}: error: --rank applies to nested-rank adapters (dylora); {adapter} is a "
+                          f"'lora' adapter"), err
+    assert "rank_pattern" not in err and not (tmp_path / "o").exists()

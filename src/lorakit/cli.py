@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_parser import CommandParser, json_arg
-from .core.errors import AdapterError, LorakitError
+from .core.errors import AdapterError, ConfigError, LorakitError
 
 DEFAULT_METHOD = "lora"
 HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
@@ -223,6 +223,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
+    overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
     if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
                                                     labels=labels)
@@ -231,7 +232,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
-        load_adapter(model, args.adapter, config_overrides=_overrides(args))
+        load_adapter(model, args.adapter, config_overrides=overrides)
         _load_trained_base_params(model, Path(args.adapter))
     elif getattr(args, "rank", None) is not None:
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
@@ -253,8 +254,20 @@ def _load_trained_base_params(model, adapter: Path) -> None:
 
 
 def _overrides(args) -> dict | None:
-    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b."""
-    return {"rank": args.rank} if getattr(args, "rank", None) is not None else None
+    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b; checked against the
+    adapter's config before any model loads (a method without nested ranks is named, not its config's fields)."""
+    if getattr(args, "rank", None) is None:
+        return None
+    import dataclasses
+
+    from .io.peft_format import override_config, read_adapter_config
+
+    config = read_adapter_config(args.adapter)
+    if "rank" not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"--rank applies to nested-rank adapters (dylora); {args.adapter} is a "
+                          f"{type(config).method!r} adapter, which runs at its trained rank: leave --rank out")
+    override_config(config, {"rank": args.rank}, source=str(args.adapter))  # the rank's own checks (1..r)
+    return {"rank": args.rank}
 
 
 # -- train --------------------------------------------------------------------------------------------------
@@ -1007,8 +1020,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
                            "use the adapter as it is with lorakit (generate / eval / serving)")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    overrides = _overrides(args)
     model, _ = load_model_and_tokenizer(args.model)
-    load_adapter(model, args.adapter, config_overrides=_overrides(args))
+    load_adapter(model, args.adapter, config_overrides=overrides)
 
     def write(folder: Path) -> None:
         if method.peft_type is not None:
