@@ -200,3 +200,18 @@ def test_rank_on_an_adapter_without_nested_ranks_is_named_before_the_model_loads
     assert err.startswith(f"lorakit {argv[0]}: error: --rank applies to nested-rank adapters (dylora); {adapter} is a "
                           f"'lora' adapter"), err
     assert "rank_pattern" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain-base", "regmix"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(command, under, tmp_path, capsys):
+    """Was: pretrain-base trained the whole base and then failed at the save; regmix: a FileExistsError traceback."""
+    blocker = tmp_path / "data.jsonl"
+    blocker.write_text("keep me\n")
+    out = blocker / "run" if under else blocker
+    extra = ["--steps", "2"] if command == "pretrain-base" else ["--n-proxies", "8"]
+    assert main([command, *extra, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    where = f"lies under the file {blocker}" if under else "is an existing file"
+    assert captured.err == f"lorakit {command}: error: --out {out} {where}; give a folder path\n"
+    assert captured.out == "" and blocker.read_text() == "keep me\n"

@@ -143,6 +143,19 @@ class CommandParser(argparse.ArgumentParser):
         """``error``'s text with config field names written as this command's flags."""
         return with_flags(str(error), self.flags())
 
+    def file_in_the_way(self, path, flag: str) -> int | None:
+        """Before any work: ``fail`` (status 2) when the output folder ``path`` (given as ``flag``) is an existing
+        file or lies under one; None when it can be a folder."""
+        from pathlib import Path
+
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            where = "is an existing file" if probe == Path(path) else f"lies under the file {probe}"
+            return self.fail(f"{flag} {path} {where}; give a folder path")
+        return None
+
     def fail(self, error: BaseException | str, status: int = 2) -> int:
         """Print ``<prog>: error: <message>`` (fields as flags) to stderr; returns the exit ``status``."""
         print(f"{self.prog}: error: {self.message(error)}", file=sys.stderr)
