@@ -73,7 +73,7 @@ def test_bench_merge_combine_bad_files_are_error_lines_and_write_nothing(tmp_pat
 def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--combine", "x.json", "--output", str(tmp_path / "o")])
-    assert "--combine is an option of `bench merge` only" in capsys.readouterr().err
+    assert "--combine is an option of `bench merge` / `bench methods` / `bench mixtures` only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tasks", "--quick", "--resume", "--output", str(tmp_path / "o")])
     assert "--resume is an option of" in capsys.readouterr().err
