@@ -78,6 +78,9 @@ def test_methods_and_tasks_list_the_registry(capsys):
     (["train", "--data", "revers", "--steps", "1"], "revers"),
     (["train", "--data", "missing.jsonl", "--steps", "1"], "missing.jsonl"),
     (["inspect", "/nonexistent/adapter"], "does not exist"),
+    (["inspect", __file__], "is a file, not an adapter folder"),
+    (["eval", "--adapter", __file__, "--data", "reverse"], "is a file, not an adapter folder"),
+    (["train", "--data", str(Path(__file__).parent), "--steps", "1"], "is a folder; give a JSONL file"),
     (["eval", "--data", "reverse", "--model", "/nonexistent/model"], "cannot load model"),
 ])
 def test_errors_are_clear(argv, message, capsys):

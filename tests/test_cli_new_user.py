@@ -273,6 +273,10 @@ def test_training_truncation_is_stated_and_max_length_is_bounded(tmp_path, capsy
     (["train", "--data", "my_data.json"], "data file 'my_data.json' not found"),
     (["eval", "--data", "reverse", "--model", "{adapter}"], "is an adapter folder, not a model: pass it as --adapter"),
     (["eval", "--data", "reverse", "--model", "no-such-org/no-such-model"], "not in the Hugging Face cache"),
+    # was: transformers' "It looks like the config file at '...' is not a valid JSON file"
+    (["eval", "--data", "reverse", "--model", "{adapter}/adapter_config.json"], "adapter_config.json is a file, not a "
+                                                                                 "model: give the model's folder"),
+    (["train", "--data", "{adapter}"], "is a folder; give a JSONL file"),
     (["train", "--layers-to-transform", "99"], "layers 0..5 (6 layers, 0-based)"),
 ])
 def test_messages_name_the_real_problem(argv, message, lora_run, tmp_path, capsys, monkeypatch):

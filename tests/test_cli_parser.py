@@ -28,6 +28,23 @@ def test_field_names_become_flags_only_where_they_are_names():
         assert with_flags(text, flags) == text
 
 
+def test_a_field_word_inside_prose_or_a_windows_path_is_left_alone():
+    flags = {"data": "--data", "output": "--output", "lr": "--lr", "steps": "--steps", "lora_alpha": "--lora-alpha"}
+    # a one-word field is a flag only as the subject itself, not as the noun after another word
+    for text in ("the data must be JSONL lines", "Model output must be a tensor", r"C:\runs\lora_alpha\x.json",
+                 r"runs\steps=3\x", "key layers.0.q_proj.lora_alpha.weight is missing"):
+        assert with_flags(text, flags) == text
+    assert with_flags("--steps and lr must be > 0", flags) == "--steps and --lr must be > 0"
+    assert with_flags("adapter_config.json: steps must be > 0", flags) == "adapter_config.json: --steps must be > 0"
+
+
+def test_a_short_only_option_is_named_as_typed(capsys):
+    # `lorakit tasks -n` has no long form: its field n is written -n
+    assert main(["tasks", "--jsonl", "reverse", "-n", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "lorakit tasks: error: -n must be >= 0, got -1" in err, err
+
+
 def test_a_parser_maps_its_own_dests_and_its_field_flags():
     p = CommandParser(prog="lorakit x", field_flags={"n_merges": "--merges"})
     p.add_argument("--num-proxies", dest="n_proxies", type=int)
@@ -126,3 +143,75 @@ def test_runtime_errors_carry_the_command_prefix(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("lorakit diffusion train-loras: error: ")
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
     assert capsys.readouterr().err.startswith("lorakit regmix: error: no proxies")
+
+
+def test_serve_names_a_bad_adapters_root_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Was: the model loaded, then '[Errno 2] No such file or directory'; an adapter folder given itself served
+    nothing (only folders under --adapters are scanned)."""
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --adapters was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    adapter = tmp_path / "adapters" / "a"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "f.txt").write_text("x")
+    for root, says in ((tmp_path / "nope", "does not exist: give a folder of adapter folders"),
+                       (tmp_path / "f.txt", "is a file: give a folder of adapter folders"),
+                       (adapter, f"is an adapter folder itself; give the folder that holds it ('{adapter.parent}')")):
+        assert main(["serve", "--adapters", str(root), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit serve: error: --adapters '{root}' {says}"), err
+
+
+@pytest.mark.parametrize("flag", ["--rank-pattern", "--init-options"])
+def test_a_malformed_json_flag_says_json_not_a_python_name(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "reverse", "--steps", "1", flag, "{bad"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "loads" not in err
+    assert f"lorakit train: error: argument {flag}: not valid JSON (Expecting property name" in err and "'{bad'" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--data", "reverse"], ["generate", "--prompt", "x"], ["export", "--output"]])
+def test_rank_on_an_adapter_without_nested_ranks_is_named_before_the_model_loads(argv, tmp_path, capsys, monkeypatch):
+    """Was, after loading the model: "'lora' adapters have no setting 'rank'. Did you mean: rank_pattern? Settings:
+    alpha_pattern, ..." (config fields the user never typed)."""
+    import lorakit as lk
+    import lorakit.hub
+    from lorakit.hub import load_model_and_tokenizer
+
+    model = load_model_and_tokenizer(None)[0]
+    lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    adapter = lk.save_adapter(model, tmp_path / "a")
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --rank was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(lorakit.hub, "load_model_for_merge", no_load)
+    args = ([argv[0], str(adapter), "--output", str(tmp_path / "o")] if argv[0] == "export"
+            else [*argv, "--adapter", str(adapter)])
+    assert main([*args, "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {argv[0]}: error: --rank applies to nested-rank adapters (dylora); {adapter} is a "
+                          f"'lora' adapter"), err
+    assert "rank_pattern" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain-base", "regmix"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(command, under, tmp_path, capsys):
+    """Was: pretrain-base trained the whole base and then failed at the save; regmix: a FileExistsError traceback."""
+    blocker = tmp_path / "data.jsonl"
+    blocker.write_text("keep me\n")
+    out = blocker / "run" if under else blocker
+    extra = ["--steps", "2"] if command == "pretrain-base" else ["--n-proxies", "8"]
+    assert main([command, *extra, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    where = f"lies under the file {blocker}" if under else "is an existing file"
+    assert captured.err == f"lorakit {command}: error: --out {out} {where}; give a folder path\n"
+    assert captured.out == "" and blocker.read_text() == "keep me\n"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
-from .cli_parser import CommandParser
-from .core.errors import LorakitError
+from .cli_parser import CommandParser, json_arg
+from .core.errors import AdapterError, ConfigError, LorakitError
 
 DEFAULT_METHOD = "lora"
 HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
@@ -153,7 +153,7 @@ def _add_init_options(parser: argparse.ArgumentParser) -> None:
                    help="a registered init run on the adapter before training: " + ", ".join(
                        i.name + ("*" if i.needs_data else "") for i in list_inits())
                    + " (* = data-driven: runs on the first --init-batches training batches)")
-    g.add_argument("--init-options", type=json.loads, default={}, metavar="JSON",
+    g.add_argument("--init-options", type=json_arg, default={}, metavar="JSON",
                    help='the init\'s options as a JSON object, e.g. \'{"rho": 1.0}\' for eva')
     g.add_argument("--init-batches", type=int, default=4, help="batches a data-driven init gets (default: 4)")
 
@@ -223,6 +223,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
+    overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
     if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
                                                     labels=labels)
@@ -231,7 +232,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
-        load_adapter(model, args.adapter, config_overrides=_overrides(args))
+        load_adapter(model, args.adapter, config_overrides=overrides)
         _load_trained_base_params(model, Path(args.adapter))
     elif getattr(args, "rank", None) is not None:
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
@@ -253,8 +254,20 @@ def _load_trained_base_params(model, adapter: Path) -> None:
 
 
 def _overrides(args) -> dict | None:
-    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b."""
-    return {"rank": args.rank} if getattr(args, "rank", None) is not None else None
+    """``--rank b``: evaluate / generate / export a nested-rank adapter (DyLoRA) at rank b; checked against the
+    adapter's config before any model loads (a method without nested ranks is named, not its config's fields)."""
+    if getattr(args, "rank", None) is None:
+        return None
+    import dataclasses
+
+    from .io.peft_format import override_config, read_adapter_config
+
+    config = read_adapter_config(args.adapter)
+    if "rank" not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"--rank applies to nested-rank adapters (dylora); {args.adapter} is a "
+                          f"{type(config).method!r} adapter, which runs at its trained rank: leave --rank out")
+    override_config(config, {"rank": args.rank}, source=str(args.adapter))  # the rank's own checks (1..r)
+    return {"rank": args.rank}
 
 
 # -- train --------------------------------------------------------------------------------------------------
@@ -839,12 +852,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
     except LorakitError as e:
         return p.fail(e)
-    model = None
-    try:
-        if args.model is not None:
-            from .hub import load_model_and_tokenizer
-            model = load_model_and_tokenizer(args.model)[0]
-        merged = merge_adapters(args.sources, args.weights, args.method, model=model, **opts)
+    try:  # --model loads only after the sources and options are checked
+        merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
         out = write_dir_atomically(args.output, merged.save)
     except LorakitError as e:
@@ -1011,8 +1020,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
                            "use the adapter as it is with lorakit (generate / eval / serving)")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    overrides = _overrides(args)
     model, _ = load_model_and_tokenizer(args.model)
-    load_adapter(model, args.adapter, config_overrides=_overrides(args))
+    load_adapter(model, args.adapter, config_overrides=overrides)
 
     def write(folder: Path) -> None:
         if method.peft_type is not None:
@@ -1031,6 +1041,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serving.server import ServerLimits, serve
 
+    for root in args.adapters:  # before the model loads
+        root = Path(root)
+        if not root.is_dir():
+            raise AdapterError(f"--adapters {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
+                               + ": give a folder of adapter folders (each with adapter_config.json)")
+        if (root / "adapter_config.json").is_file():
+            raise AdapterError(f"--adapters {str(root)!r} is an adapter folder itself; give the folder that holds it "
+                               f"({str(root.parent)!r}): every adapter folder directly under --adapters is served, "
+                               f"named by its folder")
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,

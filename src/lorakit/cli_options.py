@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import re
 import sys
 import typing
 import warnings
 from typing import Any, Literal
+
+from .cli_parser import json_arg
 
 NOT_ON_CLI = {"inference_mode", "base_model_name_or_path"}
 
@@ -117,7 +118,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
         elif hint in (int, float, str):
             kwargs = dict(type=hint, default=None, help=help_text)
         elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
-            kwargs = dict(type=json.loads, default=None, metavar="JSON",
+            kwargs = dict(type=json_arg, default=None, metavar="JSON",
                           help=f"{text}; a JSON object {tail}".strip("; "))
         elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
             kwargs = dict(nargs="+", default=None, metavar="X", help=help_text)

@@ -15,14 +15,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from typing import Mapping
 
 from .core.errors import did_you_mean
 
-# ``=value`` after a field name: a quoted string, or a token up to a separator
-_VALUE = r"""=('[^']*'|"[^"]*"|[^\s,;:()\[\]{}]+)"""
+# ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
+# a Python call written out, not a value the user typed)
+_VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
 
 
 def with_flags(message: str, flags: Mapping[str, str]) -> str:
@@ -45,17 +47,30 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
     # qualified keys first, so AlignConfig.steps gets its own flag before plain ``steps`` gets --steps
     for key in sorted(flags, key=lambda k: ("." not in k, -len(k))):
         flag, name = flags[key], re.escape(key)
-        start, end = r"(?<![\w.\-/])", r"(?![\w\-/\[(])"  # not part of a path, flag, call or index
+        start, end = r"(?<![\w.\-/\\])", r"(?![\w\-/\\\[(])"  # not part of a path (/ or \), flag, call or index
         if "." in key:
             names = name
         elif "_" in key:
             names = rf"(?:[A-Z]\w*\.)?{name}"
         else:  # a plain word: qualified, with a value, or the subject of a sentence
-            message = re.sub(rf"{start}{name}(?= (?:must|should|and (?:--)?[\w\-]+ must) )", flag, message)
+            # ... and not the noun of a phrase ("the data must", "Model output must"): no word right before it
+            # but "and" ("--steps and lr must")
+            subject = r"(?:(?<![A-Za-z] )|(?<=\band ))"
+            message = re.sub(rf"{subject}{start}{name}(?= (?:must|should|and (?:--)?[\w\-]+ must) )", flag, message)
             message = re.sub(rf"{start}{name}{_VALUE}", repl(flag), message)
             names = rf"[A-Z]\w*\.{name}"
         message = re.sub(rf"{start}{names}(?:{_VALUE})?{end}", repl(flag), message)
     return message
+
+
+def json_arg(text: str):
+    """``type=`` for a flag that takes JSON: the parsed value; a malformed one is argparse's usage error naming the
+    flag and what is wrong (``argument --rank-pattern: not valid JSON (Expecting ...): '{bad'``) — with
+    ``type=json.loads`` argparse would say ``invalid loads value``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -114,10 +129,11 @@ class CommandParser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extra)}.{hints}")
 
     def flags(self) -> dict[str, str]:
-        """Config field -> flag: each shown option's ``dest``, then ``field_flags``."""
+        """Config field -> flag: each shown option's ``dest`` (its first long flag, else its short one: ``n`` ->
+        ``-n``), then ``field_flags``."""
         flags: dict[str, str] = {}
         for action in self._actions:
-            longs = [o for o in action.option_strings if o.startswith("--")]
+            longs = [o for o in action.option_strings if o.startswith("--")] or action.option_strings  # -n
             if longs and action.help != argparse.SUPPRESS and action.dest not in ("help", argparse.SUPPRESS):
                 flags.setdefault(action.dest, longs[0])
         flags.update(self.field_flags)
@@ -126,6 +142,19 @@ class CommandParser(argparse.ArgumentParser):
     def message(self, error: BaseException | str) -> str:
         """``error``'s text with config field names written as this command's flags."""
         return with_flags(str(error), self.flags())
+
+    def file_in_the_way(self, path, flag: str) -> int | None:
+        """Before any work: ``fail`` (status 2) when the output folder ``path`` (given as ``flag``) is an existing
+        file or lies under one; None when it can be a folder."""
+        from pathlib import Path
+
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            where = "is an existing file" if probe == Path(path) else f"lies under the file {probe}"
+            return self.fail(f"{flag} {path} {where}; give a folder path")
+        return None
 
     def fail(self, error: BaseException | str, status: int = 2) -> int:
         """Print ``<prog>: error: <message>`` (fields as flags) to stderr; returns the exit ``status``."""

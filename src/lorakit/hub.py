@@ -15,7 +15,7 @@ BUNDLED = "bundled"
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """The folder or hub id to load; raises LorakitError for an adapter folder given as a model.
+    """The folder or hub id to load; raises LorakitError for a file or an adapter folder given as a model.
 
     ``None``/``""``/``"bundled"`` is the bundled base, ``"bundled-small"`` the second, smaller bundled base."""
     if model in (None, "") or (isinstance(model, str) and model in BUNDLED_MODELS):
@@ -32,6 +32,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
         hint = did_you_mean(model, list(BUNDLED_MODELS))
         if hint:  # a mistyped bundled name, not a hub id
             raise LorakitError(f"model {model!r} is neither a folder nor a bundled model.{hint}")
+    if path.is_file():
+        raise LorakitError(f"{path} is a file, not a model: give the model's folder (config.json + weights), a hub id "
+                           "in your Hugging Face cache, or leave --model out for the bundled one.")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise LorakitError(f"{path} is an adapter folder, not a model: pass it as --adapter (and its base model as "
                            "--model, or leave --model out for the bundled one).")

@@ -73,7 +73,7 @@ def test_bench_merge_combine_bad_files_are_error_lines_and_write_nothing(tmp_pat
 def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["variants", "--quick", "--combine", "x.json", "--output", str(tmp_path / "o")])
-    assert "--combine is an option of `bench merge` / `bench methods` / `bench mixtures` only (got `bench variants`)" in capsys.readouterr().err
+    assert "--combine is an option of `bench merge` / `bench methods` / `bench mixtures` only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tasks", "--quick", "--resume", "--output", str(tmp_path / "o")])
     assert "--resume is an option of" in capsys.readouterr().err
@@ -94,3 +94,18 @@ def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_che
         main(["variants", "--quick", "--seeds", "1", "--output", str(tmp_path / "o"),
               "--resume", str(tmp_path / "claims.json")])
     assert "lists seed 1 but holds no run of it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["perf", "--steps", "0"], "--steps"),  # was: 0 == False passed the check, and perf ignores --steps: a full run
+    (["perf", "--steps", "5"], "--steps"), (["serve", "--tasks", "reverse"], "--tasks"),
+    (["tasks", "--seeds", "1"], "--seeds"), (["quantize", "--tasks", "reverse"], "--tasks"),
+    (["tasks", "--methods", "lora"], "--methods"), (["merge", "--only", "forward"], "--only"),
+    (["perf", "--r", "0"], "--r"),
+])
+def test_a_shared_option_a_bench_does_not_read_is_refused(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--quick", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"lorakit bench: error: {flag} is an option of" in err
+    assert f"only (got `bench {argv[0]}`)" in err and not (tmp_path / "o").exists()

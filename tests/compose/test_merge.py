@@ -248,6 +248,16 @@ def test_options_that_keep_nothing_are_refused(option, sources):
                        model=tiny_llama(), **option)
 
 
+@pytest.mark.parametrize("option,flag", [({"density": 2.0}, "density"), ({"select_topk": 1.5}, "select_topk")])
+def test_a_fraction_above_one_is_refused_as_a_fraction(option, flag):
+    """Was: 'density must be in (0, 1], got 2.0: density 0 keeps no entry' (the reason for 0, not for 2)."""
+    from lorakit.compose.methods import MergeOptions
+
+    with pytest.raises(ConfigError, match=rf"^{flag} must be in \(0, 1\], got [\d.]+: it is the fraction of entries "
+                                          rf"(kept, 1 keeps|selected, 1 selects) them all\.$"):
+        MergeOptions(**option)
+
+
 def _named_llama(name: str, **config):
     """A tiny Llama whose recorded name (``name_or_path``, saved as the adapter's base) is ``name``."""
     from transformers import LlamaConfig, LlamaForCausalLM

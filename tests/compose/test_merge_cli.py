@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -68,4 +69,39 @@ def test_merge_adapters_cli_names_sources_of_different_bases(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lorakit merge-adapters: error: the sources were trained on different base models")
     assert "base_model_small" in err and str(BASE_MODEL_PATH) in err and "missing" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_adapters_cli_checks_every_source_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A later source missing, a file, with a truncated safetensors or a malformed config: named before the base
+    loads (from the first source, or --model), so a typo costs no model load; nothing is written."""
+    import lorakit.hub
+
+    a = _bundled_adapter(tmp_path / "a", 0)
+    truncated, malformed = tmp_path / "truncated", tmp_path / "malformed"
+    for folder in (truncated, malformed):
+        folder.mkdir()
+    (truncated / "adapter_config.json").write_bytes((a / "adapter_config.json").read_bytes())
+    (truncated / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:100])
+    (malformed / "adapter_config.json").write_text("{bad")
+    (malformed / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the sources were checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    capsys.readouterr()  # the loading bars above
+    for source, says in ((tmp_path / "nope", "source '.*nope' does not exist"),
+                         (a / "adapter_model.safetensors", "is a file, not an adapter folder"),
+                         (truncated, "truncated.adapter_model.safetensors is not a valid safetensors file"),
+                         (malformed, "malformed.adapter_config.json is not valid JSON")):
+        for model in ([], ["--model", str(tmp_path / "no_such_model")]):
+            assert main(["merge-adapters", str(a), str(source), "--output", str(tmp_path / "o"), *model]) == 2
+            err = capsys.readouterr().err
+            assert re.match(rf"lorakit merge-adapters: error: .*{says}", err), err
+            assert "--model" not in err and "Traceback" not in err
+    # options too: an unknown method is named before --model is read
+    assert main(["merge-adapters", str(a), "--method", "tie", "--model", str(tmp_path / "no_such_model"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "unknown merge method 'tie'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -120,3 +120,16 @@ def test_lorakit_cli_dispatches(tmp_path, capsys):
 
     assert main(["infer-mixture", "--tokenizer", str(tmp_path / "none"), "--domains", "code,docs"]) == 2
     assert "No tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,says", [(b'{"a": 1}\n{"b": 2}\n', "not valid JSON"), (b"\x98\x00\x01", "not valid JSON"),
+                                          (b"[1]", "no 'model' object")])
+def test_lorakit_cli_names_a_file_that_is_no_tokenizer_json(content, says, tmp_path, capsys):
+    """Was: a JSONDecodeError traceback, exit 1 (e.g. --tokenizer data.jsonl)."""
+    from lorakit.cli import main
+
+    bad = tmp_path / "data.jsonl"
+    bad.write_bytes(content)
+    assert main(["infer-mixture", "--tokenizer", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit infer-mixture: error: {bad} is not a tokenizer.json ({says}") and "Traceback" not in err

@@ -21,10 +21,16 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
     atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
 
 
-# Options only some benches read (dest -> the benches that read it); the shared ones (--seeds, --steps, --tasks,
-# --methods, --only, --device, --quick, --output) are left out.
+# Options only some benches read (dest -> the benches that read it); --device, --quick and --output, which every
+# bench takes, are left out. A shared option a bench ignores is refused too (`bench perf --steps 0` used to run the
+# whole perf bench).
 _SERVE = {"serve"}
+_ALL = {"methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam", "init", "quantize", "gamma_mod",
+        "smaller", "federated"}
 _FLAG_SCOPE = {
+    "steps": _ALL - {"perf", "serve"}, "seeds": _ALL - {"perf", "tasks"},
+    "tasks": _ALL - {"perf", "serve", "quantize"}, "only": {"perf", "init", "quantize", "smaller", "gamma_mod"},
+    "methods": {"methods", "init", "federated", "variants", "reparam"},
     "combine": {"merge", "methods", "mixtures"}, "resume": {"variants", "init"}, "experiments": {"mixtures", "merge"},
     "repeats": {"init", "merge"}, "procedures": {"methods"}, "full_finetune": {"methods"},
     "first_variant_only": {"methods"}, "inits": {"methods"}, "step_time": {"variants", "reparam"}, "batch_size": {"reparam"},
@@ -127,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.output)
     for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it
         value = getattr(args, dest)
-        if value not in (None, False) and args.what not in benches:
+        if value is not None and value is not False and args.what not in benches:  # 0 is a value (0 == False)
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
                          f"(got `bench {args.what}`)")

@@ -71,7 +71,8 @@ class MergedAdapter:
 
 
 def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
-                   method: str = "linear", *, model: nn.Module | None = None, saved_modules: str = "error",
+                   method: str = "linear", *, model: nn.Module | str | os.PathLike | None = None,
+                   saved_modules: str = "error",
                    **options: Any) -> MergedAdapter:
     """Merge LoRA adapters into one.
 
@@ -80,8 +81,10 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     - ``method``: see :func:`lorakit.compose.list_merge_methods` (linear, cat, svd, task_arithmetic, ties,
       dare_linear, dare_ties, magnitude_prune, della, della_linear, breadcrumbs, breadcrumbs_ties, sce, lego and
       the ``<method>_svd`` forms of the dense ones).
-    - ``model``: the base model; default: the first folder's ``base_model_name_or_path`` (the bundled model when
-      unset). Folder sources are loaded onto it temporarily and removed afterwards.
+    - ``model``: the base model, or a model folder / cached hub id to load once every source has been checked;
+      default: the first folder's ``base_model_name_or_path`` (the bundled model when unset). Folder sources are
+      loaded onto it temporarily and removed afterwards. Sources are folders unless ``model`` is a loaded model
+      (then a name that is no folder is an adapter on it).
     - ``options``: :class:`MergeOptions` fields (density, svd_rank, majority_sign_method, normalize, rescale,
       lambda_, epsilon, gamma, select_topk, seed) and LoRA-LEGO's (k via svd_rank, reweighting, kmeans_iters).
 
@@ -97,7 +100,11 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
     opts = _options(options, merge_method)
+    _check_sources(sources, folders_only=not isinstance(model, nn.Module))
     _check_one_base(sources)
+    if isinstance(model, (str, os.PathLike)):
+        from ..hub import load_model_and_tokenizer
+        model = load_model_and_tokenizer(str(model))[0]
     if model is None:
         model = _base_for(sources)
     names, loaded = _attach_sources(model, sources)
@@ -130,17 +137,31 @@ def _options(options: dict[str, Any], method) -> MergeOptions:
     return MergeOptions(**given, extra={k: v for k, v in options.items() if k not in known})
 
 
+def _check_sources(sources: Sequence[str | os.PathLike], folders_only: bool) -> None:
+    """Before any model is loaded: every folder source has a readable config and a safetensors file whose header
+    reads; with ``folders_only`` (no loaded model to hold named adapters) every source must be a folder.
+    AdapterError / AdapterLoadError naming the source."""
+    from ..io.files import TensorFile
+    from ..io.peft_format import read_adapter_config
+
+    for src in sources:
+        folder = Path(src)
+        if not folder.is_dir():
+            if folders_only or folder.exists():
+                what = "does not exist" if not folder.exists() else "is a file, not an adapter folder"
+                raise AdapterError(f"source {str(src)!r} {what}. Sources are adapter folders (adapter_config.json + "
+                                   f"adapter_model.safetensors), or, from Python, names of adapters already loaded "
+                                   f"on the model passed to merge_adapters.")
+            continue
+        read_adapter_config(folder)
+        TensorFile(folder / WEIGHTS_NAME)
+
+
 def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
     from ..hub import load_model_and_tokenizer
     from ..io.peft_format import read_adapter_config
 
-    first = Path(sources[0])
-    if not first.is_dir():
-        what = "does not exist" if not first.exists() else "is a file, not an adapter folder"
-        raise AdapterError(f"source {str(sources[0])!r} {what}. Sources are adapter folders (adapter_config.json + "
-                           f"adapter_model.safetensors), or names of adapters already loaded on a model passed as "
-                           f"model=... (Python).")
-    base = read_adapter_config(first).base_model_name_or_path
+    base = read_adapter_config(Path(sources[0])).base_model_name_or_path  # a folder (_check_sources)
     return load_model_and_tokenizer(base)[0]
 
 

@@ -118,8 +118,9 @@ class MergeOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}: density 0 keeps no entry, so the "
-                              f"merge would be an all-zero adapter.")
+            why = ("density 0 keeps no entry, so the merge would be an all-zero adapter" if self.density <= 0 else
+                   "it is the fraction of entries kept, 1 keeps them all")
+            raise ConfigError(f"density must be in (0, 1], got {self.density}: {why}.")
         if self.svd_rank is not None and self.svd_rank <= 0:
             raise ConfigError(f"svd_rank must be a positive integer, got {self.svd_rank}.")
         if self.majority_sign_method not in ("total", "frequency"):
@@ -127,8 +128,9 @@ class MergeOptions:
         if self.rescale not in (None, "density", "l1", "none"):
             raise ConfigError(f"rescale must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got {self.rescale!r}.")
         if not 0.0 < self.select_topk <= 1.0:
-            raise ConfigError(f"select_topk must be in (0, 1], got {self.select_topk}: 0 selects no entry, so the "
-                              f"merge would be an all-zero adapter.")
+            why = ("0 selects no entry, so the merge would be an all-zero adapter" if self.select_topk <= 0 else
+                   "it is the fraction of entries selected, 1 selects them all")
+            raise ConfigError(f"select_topk must be in (0, 1], got {self.select_topk}: {why}.")
 
 
 # ---- sparsifiers: (N, out, in) -> (N, out, in), batched over sources --------------------------------------

@@ -85,6 +85,9 @@ def load_examples(
     path = os.fspath(spec)
     if os.path.isfile(path):
         return load_jsonl(path, tokenizer=tokenizer, limit=n)
+    if os.path.isdir(path):
+        raise DataError(f"data file {path!r} is a folder; give a JSONL file (or a built-in task name, see "
+                        f"`lorakit tasks`)")
     if looks_like_path(path):
         raise DataError(f"data file {path!r} not found (a path was given; built-in task names have no '/' or '.'; "
                         f"see `lorakit tasks`)")

@@ -131,6 +131,9 @@ def read_adapter_config(directory: str | os.PathLike):
     """Parse and validate a saved adapter's config (lorakit or PEFT)."""
     directory = Path(directory)
     if not directory.is_dir():
+        if directory.exists():
+            raise AdapterLoadError(f"{directory} is a file, not an adapter folder (a folder holding {CONFIG_NAME} and "
+                                   "adapter_model.safetensors)")
         raise AdapterLoadError(f"adapter folder {directory} does not exist")
     path = directory / CONFIG_NAME
     raw = read_json(path)

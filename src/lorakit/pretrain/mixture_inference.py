@@ -51,7 +51,8 @@ class BPETokenizer:
 def load_bpe(path: str | Path) -> BPETokenizer:
     """A Hugging Face ``tokenizer.json`` (or a folder holding one) with a BPE model.
 
-    Raises ``ConfigError`` for a missing file or a non-BPE model (WordPiece, Unigram have no merge list).
+    Raises ``ConfigError`` for a missing file, one that is not a tokenizer.json (not JSON, no ``model`` object) or
+    a non-BPE model (WordPiece, Unigram have no merge list).
     """
     from tokenizers import Tokenizer
 
@@ -59,7 +60,12 @@ def load_bpe(path: str | Path) -> BPETokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
         raise ConfigError(f"No tokenizer.json at {file}; give a tokenizer.json or a folder that holds one.")
-    spec = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not a tokenizer.json (not valid JSON: {e}).") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model", {}), dict):
+        raise ConfigError(f"{file} is not a tokenizer.json (no 'model' object).")
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise ConfigError(f"{file} holds a {model.get('type')!r} tokenizer; data mixture inference needs a BPE "

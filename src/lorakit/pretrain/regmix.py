@@ -413,6 +413,8 @@ def build_parser() -> CommandParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (status := parser.file_in_the_way(args.out, "--out")) is not None:  # was a FileExistsError traceback
+        return status
     values = {k: v for k, v in vars(args).items() if k not in ("out", "fit_only", "shard")}
     values["domains"] = tuple(d.strip() for d in values["domains"].split(",") if d.strip())
     try:

@@ -397,6 +397,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (status := parser.file_in_the_way(args.out, "--out")) is not None:  # before the training, not at the save
+        return status
     bundled = Path(BASE_MODEL_DIR).resolve().parent  # the package's assets folder: both bundled bases live there
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
         return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
