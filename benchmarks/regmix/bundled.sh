@@ -14,5 +14,5 @@ for mixture in $MIXTURES; do
   [ -e "$OUT/$mixture/pretrain_info.json" ] && continue
   python -m lorakit pretrain-base --out "$OUT/$mixture" --mixture "$mixture" --mixture-scale 0.5 \
     --regmix-dir "$(dirname "$0")" --steps "$STEPS" --warmup-steps "$WARMUP" --no-bf16 --num-threads 1 --log-every 25 --checkpoint-every 25 \
-    > "$OUT/$mixture.log" 2>&1 || echo "failed: $mixture (see $OUT/$mixture.log)"
+    >> "$OUT/$mixture.log" 2>&1 || echo "failed: $mixture (see $OUT/$mixture.log)"
 done
