@@ -28,7 +28,10 @@ for name in ("regmix", "uniform", "natural"):
                   "mean": round(sum(losses.values()) / len(losses), 4), "final_train_loss": info["final_loss"],
                   "steps": info["steps"], "tokens_seen": info["tokens_seen"], "n_params": info["n_params"],
                   "eval_blocks": info["corpus"]["eval_blocks"], "train_time_s": info["train_time_s"],
-                  "s_per_step": round(info["train_time_s"] / info["steps"], 3), "config": info["config"]}
+                  "train_cpu_s": info.get("train_cpu_s"),
+                  # CPU seconds per step (one thread): the step cost without the wait for a core on a shared machine
+                  "s_per_step": round(info.get("train_cpu_s", info["train_time_s"]) / info["steps"], 3),
+                  "config": info["config"]}
 
 proxy = {}
 for path in sorted(here.glob("compare64_seed*.json")):
@@ -38,7 +41,7 @@ proxy = {k: round(sum(v) / len(v), 4) for k, v in proxy.items()}
 
 domains = ["code", "docstrings", "docs", "tasks"]
 print("| mixture (code / docstrings / docs / tasks) | " + " | ".join(domains) + " | mean over domains | "
-      "proxy-size mean (156k, 300 steps) | s/step |")
+      "proxy-size mean (156k, 300 steps) | CPU s/step |")
 print("|---|" + "---|" * (len(domains) + 3))
 for name, r in rows.items():
     w = " / ".join(f"{r['weights'][d]:.3f}" for d in domains)
