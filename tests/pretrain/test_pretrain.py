@@ -254,3 +254,49 @@ def test_cli_will_not_replace_a_bundled_base_without_overwrite(capsys):
     assert main(["--steps", "2"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert sorted(p.stat().st_mtime_ns for p in BASE_MODEL_DIR.iterdir()) == before
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def log(line: str) -> None:
+        if line.startswith(f"step {step}/"):
+            raise _Stop(line)
+    return log
+
+
+def test_interrupted_pretrain_resumes_to_the_uninterrupted_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from lorakit.pretrain.train import checkpoint_dir
+
+    config = tiny_config(steps=8, log_every=3, checkpoint_every=2)
+    full = pretrain_base(config, tmp_path / "full", log=lambda line: None)
+    assert not checkpoint_dir(tmp_path / "full").exists()  # removed once the model is saved
+    with pytest.raises(_Stop):  # stopped in the middle of step 6's log line: the checkpoint of step 4 remains
+        pretrain_base(config, tmp_path / "cut", log=_stop_at(6))
+    saved = json.loads((checkpoint_dir(tmp_path / "cut") / "state.json").read_text())
+    assert saved["step"] == 4 and len(saved["losses"]) == 4 and not (tmp_path / "cut").exists()
+    lines = []
+    resumed = pretrain_base(config, tmp_path / "cut", log=lines.append)
+    assert any(line.startswith("resumed from") and "at step 4/8" in line for line in lines)
+    assert resumed["resumed_from_step"] == 4 and not checkpoint_dir(tmp_path / "cut").exists()
+    assert resumed["loss_curve"] == full["loss_curve"] and resumed["final_loss"] == full["final_loss"]
+    assert resumed["eval_loss"] == full["eval_loss"]
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    with pytest.raises(_Stop):
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2), tmp_path / "m", log=_stop_at(3))
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.01 -> 0.02\).*delete the folder"):
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2, lr=2e-2), tmp_path / "m", log=lambda line: None)
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 0"):
+        tiny_config(checkpoint_every=-1)

@@ -4,6 +4,12 @@ One plain loop: build the corpus, train a tokenizer on it, pack the tokens into 
 ``LlamaForCausalLM`` with AdamW and a warmup + cosine schedule, then save a Hugging Face model folder
 atomically (written beside the target, then renamed into place) with a ``pretrain_info.json`` recording how
 it was made. Everything is seeded, so the same config on the same library versions gives the same model.
+
+With ``checkpoint_every`` > 0 the loop's whole state (weights, AdamW moments, schedule, data order and position,
+RNG states, losses so far) is saved every that many steps to ``OUT.checkpoint/`` beside the output folder
+(safetensors + JSON, nothing pickled; written atomically), and the same command run again resumes from it: the
+data and tokenizer are rebuilt from the seed, so the resumed run gives the model an uninterrupted run gives.
+The checkpoint folder is removed once the model is saved.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +33,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from lorakit.assets import BASE_MODEL_PATH
 from lorakit.cli_parser import CommandParser
 from lorakit.core.errors import ConfigError, did_you_mean
-from lorakit.io.files import write_dir_atomically
+from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
 from lorakit.pretrain.mixln import MixLNForCausalLM, check_alpha, mixln_config
@@ -105,6 +112,8 @@ class PretrainConfig:
     seed: int = 0
     num_threads: int = 0  # 0: all cores
     log_every: int = 25
+    # > 0: save the loop's state every that many steps to OUT.checkpoint/; the same command resumes from it
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, dict):
@@ -140,6 +149,9 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "seq_len", "num_layers", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}.")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"PretrainConfig.checkpoint_every must be >= 0 (0: no checkpoints), got "
+                              f"{self.checkpoint_every}.")
         if not 0.0 <= self.eval_fraction < 0.5:
             raise ConfigError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -237,13 +249,24 @@ def evaluate_loss(model: LlamaForCausalLM, blocks: torch.Tensor, config: Pretrai
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_blocks: torch.Tensor,
                 config: PretrainConfig, objective: Objective, generator: torch.Generator,
-                log: Callable[[str], None] = print) -> tuple[list[float], list[list]]:
+                log: Callable[[str], None] = print, *, resume: dict | None = None, checkpoint_every: int = 0,
+                save_checkpoint: Callable[[dict], None] | None = None) -> tuple[list[float], list[list]]:
     """``config.steps`` optimizer steps over ``train_blocks`` (N, T) in seeded epochs of ``config.batch_size``
     blocks, with CPU bf16 autocast if ``config.bf16`` and gradient clipping; (per-step losses, logged curve of
-    [step, mean loss]). Shared by ``pretrain_base`` and LoRAM's alignment of a pruned model (``pretrain/loram_align.py``)."""
-    losses, curve, window_start = [], [], time.perf_counter()
-    permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-    for step in range(config.steps):
+    [step, mean loss]). Shared by ``pretrain_base`` and LoRAM's alignment of a pruned model (``pretrain/loram_align.py``).
+
+    ``save_checkpoint(position)`` is called after every ``checkpoint_every``-th step but the last, with the loop's
+    position: ``step`` (steps done), ``permutation`` (N,) and ``cursor`` (the data order and place in it),
+    ``losses`` and ``curve``; ``resume`` (such a position, with model, optimizer, scheduler and ``generator``
+    already restored) continues from there."""
+    window_start = time.perf_counter()
+    if resume is None:
+        losses, curve, start = [], [], 0
+        permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+    else:
+        losses, curve, start = list(resume["losses"]), [list(c) for c in resume["curve"]], resume["step"]
+        permutation, cursor = resume["permutation"], resume["cursor"]
+    for step in range(start, config.steps):
         if cursor + config.batch_size > len(permutation):  # new epoch, new order
             permutation, cursor = torch.randperm(len(train_blocks), generator=generator), 0
         batch = train_blocks[permutation[cursor: cursor + config.batch_size]]  # (B, T)
@@ -264,7 +287,95 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
             log(f"step {step + 1}/{config.steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                 f"{len(window) * batch.numel() / elapsed:.0f} tok/s")
             window_start = time.perf_counter()
+        if save_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                and step + 1 < config.steps:
+            save_checkpoint({"step": step + 1, "permutation": permutation, "cursor": cursor, "losses": losses,
+                             "curve": curve})
     return losses, curve
+
+
+CHECKPOINT_FORMAT = "lorakit-pretrain-checkpoint/1"
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where ``pretrain_base`` keeps the loop's state for ``out_dir``: ``OUT.checkpoint`` beside it."""
+    out = Path(out_dir).resolve()
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _optimizer_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (its state is keyed by that index)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def save_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                             generator: torch.Generator, position: dict, config: PretrainConfig,
+                             train_seconds: float, train_cpu_seconds: float) -> None:
+    """Write the loop's state to ``folder`` atomically: ``state.safetensors`` (parameters ``param.<name>``, AdamW
+    moments ``optimizer.<name>.<slot>``, ``permutation``, RNG states) and ``state.json`` (step, cursor, losses,
+    curve, schedule, config)."""
+    names = _optimizer_names(model, optimizer)
+    tensors = {f"param.{name}": p for name, p in model.named_parameters()}  # tied weights once
+    for index, slots in optimizer.state_dict()["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer.{names[index]}.{slot}"] = torch.as_tensor(value)
+    tensors.update({"permutation": position["permutation"], "rng.cpu": torch.get_rng_state(),
+                    "rng.generator": generator.get_state()})
+    schedule = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    record = {"format": CHECKPOINT_FORMAT, "step": position["step"], "cursor": position["cursor"],
+              "losses": position["losses"], "curve": position["curve"], "scheduler": schedule,
+              "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "config": json.loads(json.dumps(dataclasses.asdict(config)))}
+
+    def write(tmp: Path) -> None:
+        save_tensors(tmp / "state.safetensors", tensors)
+        atomic_write_json(tmp / "state.json", record)
+
+    write_dir_atomically(folder, write)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"corpus": {"seed": 0}} -> {"corpus.seed": 0}"""
+    out = {}
+    for key, value in d.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                             generator: torch.Generator, config: PretrainConfig) -> dict:
+    """Restore what ``save_pretrain_checkpoint`` wrote, in place; returns the loop position for ``train_steps``
+    plus ``train_seconds`` and ``train_cpu_seconds``. ConfigError when the checkpoint was made with another config."""
+    record = read_json(folder / "state.json")
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{folder / 'state.json'} has format {record.get('format')!r}, not {CHECKPOINT_FORMAT!r}; "
+                          "delete the folder to start over.")
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    if record["config"] != now:
+        before, after = _flatten(record["config"]), _flatten(now)
+        diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                if before.get(k) != after.get(k)]
+        raise ConfigError(f"The checkpoint {folder} was made with other settings ({'; '.join(diff)}); rerun with the "
+                          "same options to resume, or delete the folder to start over.")
+    tensors = load_tensors(folder / "state.safetensors")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"param.{name}"])
+    index_of = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, slot = key[len("optimizer."):].rsplit(".", 1)
+            state.setdefault(index_of[name], {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    for group, lr in zip(optimizer.param_groups, record["scheduler"]["_last_lr"]):
+        group["lr"] = lr  # the lr the next step uses, as the scheduler left it
+    torch.set_rng_state(tensors["rng.cpu"])
+    generator.set_state(tensors["rng.generator"])
+    return {"step": record["step"], "cursor": record["cursor"], "permutation": tensors["permutation"],
+            "losses": record["losses"], "curve": record["curve"], "train_seconds": record["train_seconds"],
+            "train_cpu_seconds": record["train_cpu_seconds"]}
 
 
 def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: TaskTextsFn | None = None,
@@ -308,9 +419,24 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
         model.train()
-        train_start = time.perf_counter()
-        losses, curve = train_steps(model, optimizer, scheduler, train_blocks, config, objective, generator, log)
-        train_time = time.perf_counter() - train_start
+        ckpt, resume, done_seconds, done_cpu = checkpoint_dir(out_dir), None, 0.0, 0.0
+        if config.checkpoint_every and (ckpt / "state.json").is_file():
+            resume = load_pretrain_checkpoint(ckpt, model, optimizer, scheduler, generator, config)
+            done_seconds, done_cpu = resume["train_seconds"], resume["train_cpu_seconds"]
+            log(f"resumed from {ckpt} at step {resume['step']}/{config.steps}")
+        train_start, cpu_start = time.perf_counter(), time.process_time()
+
+        def save(position: dict) -> None:
+            save_pretrain_checkpoint(ckpt, model, optimizer, scheduler, generator, position, config,
+                                     done_seconds + time.perf_counter() - train_start,
+                                     done_cpu + time.process_time() - cpu_start)
+            log(f"checkpoint at step {position['step']}: {ckpt}")
+
+        losses, curve = train_steps(model, optimizer, scheduler, train_blocks, config, objective, generator, log,
+                                    resume=resume, checkpoint_every=config.checkpoint_every, save_checkpoint=save)
+        train_time = done_seconds + time.perf_counter() - train_start
+        train_cpu = done_cpu + time.process_time() - cpu_start  # CPU seconds of this process: on a shared machine
+        # the step cost without the wait for a core (one thread: about the wall time on an idle core)
         final = losses[-config.log_every:]
         eval_losses = {name: evaluate_loss(model, blocks, config) for name, blocks in eval_sets.items()}
         # with a mixture, the unweighted mean over domains, so mixtures are compared on the same held-out text
@@ -325,7 +451,9 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             **({"eval_loss_per_domain": {k: round(v, 4) for k, v in eval_losses.items()}} if config.mixture else {}),
             "n_params": n_params,
             "tokens_seen": config.steps * config.batch_size * config.seq_len,
+            **({"resumed_from_step": resume["step"]} if resume else {}),
             "train_time_s": round(train_time, 1),
+            "train_cpu_s": round(train_cpu, 1),
             "tokens_per_s": round(config.steps * config.batch_size * config.seq_len / train_time),
             "num_threads": torch.get_num_threads(),
             "corpus": corpus_stats,
@@ -341,6 +469,8 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             (folder / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
         saved = write_dir_atomically(Path(out_dir).resolve(), write)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
         log(f"saved to {saved}: final loss {info['final_loss']}, eval loss {info['eval_loss']}, "
             f"{info['wall_time_s']} s")
         return info
