@@ -148,16 +148,16 @@ def test_add_adapter_runs_the_gradient_pass_before_the_adapter_exists(monkeypatc
     """``add_adapter(..., init="lora_ga", init_batches=...)`` estimates the gradients on the plain base model and
     builds the adapter after (PEFT: ``preprocess_loraga`` before ``get_peft_model``), so the backward passes
     never hold the adapter; the result is the one ``init_adapter`` on an attached adapter gives, bit for bit."""
-    from lorakit.init import lora_ga
+    from lorakit.init import _common
 
     seen = []
-    original = lora_ga.weight_gradients
+    original = _common.weight_gradients
 
     def spying(model, targets, batches, init, **kw):
         seen.append(len(list(adapter_layers(model))))
         return original(model, targets, batches, init, **kw)
 
-    monkeypatch.setattr(lora_ga, "weight_gradients", spying)
+    monkeypatch.setattr(_common, "weight_gradients", spying)  # the pass target_gradients runs
     batches = _batches()
     torch.manual_seed(3)
     early = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), init="lora_ga",

@@ -175,6 +175,24 @@ def check_factorisable(path: str, matrix: torch.Tensor, init: str, what: str) ->
                            "factorised; check the batches and the base weights (left unchanged).")
 
 
+def target_gradients(model: nn.Module, targets: Sequence[Target | BaseTarget],
+                     batches: Sequence[Mapping[str, Any]] | None, init: str, num_batches: int | None = None, *,
+                     per_sample: bool = False, estimate: dict[str, torch.Tensor] | None = None,
+                     adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """``{path: mean ∂L/∂W (out, in) float32}`` of ``targets`` for a gradient init (LoRA-GA, LoRA-SB).
+
+    ``estimate`` None: check the batches (``num_batches`` exactly when given, each with labels) and run
+    :func:`weight_gradients` now. Else ``estimate`` is the result of an earlier call made on the base model before
+    adapter ``adapter_name`` was attached (``Init.estimate``); AdapterError when it is for other modules."""
+    if estimate is None:
+        batches = check_batches(batches, init, num_batches, labels=True)[:num_batches]
+        return weight_gradients(model, targets, batches, init, per_sample=per_sample)
+    if set(estimate) != {t.path for t in targets}:
+        raise AdapterError(f"init {init!r}: the estimated gradients are for other modules than adapter "
+                           f"{adapter_name!r} adapts; run the init again.")
+    return estimate
+
+
 def check_rank(path: str, S: torch.Tensor, k: int, init: str, what: str, rtol: float = 1e-6) -> None:
     """AdapterError naming the module when the {what} has fewer than ``k`` non-negligible singular values."""
     top = float(S[0]) if S.numel() else 0.0

@@ -34,10 +34,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import ConfigError
 from ..core.inits import BaseEdit, register_init
-from ._common import (base_targets, check_batches, check_factorisable, check_rank, linear_targets,
-                      move_into_adapter, weight_gradients)
+from ._common import (base_targets, check_factorisable, check_rank, linear_targets, move_into_adapter,
+                      target_gradients)
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = {"lora_ga": ("stable", "weight_svd", "gd_scale", "unit"),
@@ -113,8 +113,7 @@ def estimate_lora_ga(model: nn.Module, targets: Sequence[tuple[str, nn.Module, A
     ``add_adapter`` with batches): ``{path: mean ∂L/∂W (out, in) float32}`` over the linear targets. Options
     are checked here first, so a bad one fails before the pass; errors as :func:`run_lora_ga`."""
     _check_options(spec, direction, scale, norm_clip)
-    batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
-    return weight_gradients(model, base_targets(targets), batches, spec)
+    return target_gradients(model, base_targets(targets), batches, spec, num_batches)
 
 
 def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
@@ -130,16 +129,8 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
     gradient, or one whose gradient is NaN or of rank < 2r (the model is then unchanged)."""
     official = spec == "lora_ga_official"
     _check_options(spec, direction, scale, norm_clip)
-    if estimate is None:
-        batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
     targets = linear_targets(model, adapter_name, spec)
-    if estimate is None:
-        grads = weight_gradients(model, targets, batches, spec)
-    else:
-        grads = estimate
-        if set(grads) != {t.path for t in targets}:
-            raise AdapterError(f"init {spec!r}: the estimated gradients are for other modules than adapter "
-                               f"{adapter_name!r} adapts; run the init again.")
+    grads = target_gradients(model, targets, batches, spec, num_batches, estimate=estimate, adapter_name=adapter_name)
     planned = []
     for t in targets:  # everything computed before anything is written
         units = t.delta.units()

@@ -29,7 +29,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
 from ..methods.nlora import MiddleLinear
-from ._common import Target, base_targets, check_batches, check_factorisable, check_rank, weight_gradients
+from ._common import Target, base_targets, check_factorisable, check_rank, target_gradients
 
 
 def middle_targets(model: nn.Module, adapter_name: str, init: str) -> list[Target]:
@@ -67,8 +67,7 @@ def estimate_lora_sb(model: nn.Module, targets: Sequence[tuple[str, nn.Module, A
                      warmup_steps: int = 1, num_batches: int | None = None) -> dict[str, torch.Tensor]:
     """The gradient pass alone, before ``add_adapter`` builds the adapter (``Init.estimate``): ``{path: G}``."""
     _check_options(lr, warmup_steps)
-    batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
-    return weight_gradients(model, base_targets(targets), batches, spec, per_sample=True)
+    return target_gradients(model, base_targets(targets), batches, spec, num_batches, per_sample=True)
 
 
 def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
@@ -80,16 +79,9 @@ def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
     pass now). Raises ConfigError for lr <= 0 or warmup_steps < 1, AdapterError for missing data or a module
     whose gradient is NaN or whose update has rank < r (the model is then unchanged)."""
     _check_options(lr, warmup_steps)
-    if estimate is None:
-        batches = check_batches(batches, spec, num_batches, labels=True)[:num_batches]
     targets = middle_targets(model, adapter_name, spec)
-    if estimate is None:
-        grads = weight_gradients(model, targets, batches, spec, per_sample=True)
-    elif set(estimate) != {t.path for t in targets}:
-        raise AdapterError(f"init {spec!r}: the estimated gradients are for other modules than adapter "
-                           f"{adapter_name!r} adapts; run the init again.")
-    else:
-        grads = estimate
+    grads = target_gradients(model, targets, batches, spec, num_batches, per_sample=True, estimate=estimate,
+                             adapter_name=adapter_name)
     eta = lr / warmup_steps
     planned = []
     for t in targets:
