@@ -10,7 +10,7 @@ import torch
 from lk_models import tiny_llama
 from lorakit.core.errors import AdapterError, AdapterLoadError
 from lorakit.serving import generate as bank_generate
-from lorakit.serving import load_adapters
+from lorakit.serving import bank_routing, load_adapters
 from lorakit.serving.engine import Engine, RequestError
 from lorakit.serving.kv_cache import PagedKVCache
 from lorakit.serving.sampling import SamplingParams
@@ -215,3 +215,30 @@ def test_store_prefetches_adapters_of_queued_requests(adapters):
         engine.step()
     assert store.stats["disk_loads"] == loads and store.stats["host_hits"] >= 2  # served from the host cache
     assert engine.cache.used_blocks == 0
+
+
+def test_store_banks_grow_by_doubling_up_to_max_loras(tmp_path, sh):
+    """Adapters loaded one at a time by a store grow each bank O(log n) times (capacity 2, 4, 8, ... capped at
+    max_loras + the zero slot), not once per adapter (a full copy of the bank each time); outputs stay exact."""
+    names = {f"g{i}": sh.make_adapter(tmp_path / f"g{i}", seed=50 + i, r=2 + i % 3) for i in range(12)}
+    model = tiny_llama()
+    store = AdapterStore(model, [tmp_path], max_loras=10)
+    store.register_dir(tmp_path)
+    capacities = []
+    for n in names:
+        assert store.ensure_resident(n)
+        bank = model.model.layers[0].self_attn.q_proj.bank
+        if not capacities or capacities[-1] != bank.capacity:
+            capacities.append(bank.capacity)
+    assert capacities == [2, 4, 8, 11]  # 1 + 10 slots at most: the cap bounds the doubling
+    assert len(store.resident) == 10
+    reference = tiny_llama()
+    last = list(names)[-4:]
+    load_adapters(reference, {n: names[n] for n in last})
+    ids = torch.randint(3, 96, (4, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with store.registry.routing(last):
+            got = model(input_ids=ids).logits
+        with bank_routing(reference, last):
+            ref = reference(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-5

@@ -167,9 +167,17 @@ class LoraBank(nn.Module):
     def n_adapters(self) -> int:
         return self.used - 1 - len(self.free)
 
-    def reserve(self, slots: int, r: int) -> None:
-        """Make room for ``slots`` more adapters of rank up to ``r``; grows to exactly what is asked."""
-        cap = max(self.capacity, self.used + max(0, slots - len(self.free)))
+    def reserve(self, slots: int, r: int, max_slots: int | None = None) -> None:
+        """Make room for ``slots`` more adapters of rank up to ``r``.
+
+        Without ``max_slots`` the bank grows to exactly what is asked (a batch load sizes it once). With it (the
+        most adapters this bank will ever hold, e.g. a store's ``max_loras``), a growing bank at least doubles,
+        up to ``max_slots`` adapters + the zero slot: adapters loaded one at a time then cost O(log n) grows of
+        the bank instead of one full copy of the bank per adapter (O(n²) bytes copied)."""
+        need = self.used + max(0, slots - len(self.free))
+        cap = max(self.capacity, need)
+        if max_slots is not None and cap > self.capacity:
+            cap = max(need, min(2 * self.capacity, max_slots + 1))
         r_max = max(self.r_max, r)
         if cap == self.capacity and r_max == self.r_max:
             return
@@ -190,16 +198,17 @@ class LoraBank(nn.Module):
 
     def allocate(self, adapter_id: int) -> int:
         """A slot for global id ``adapter_id`` (its old slot if it has one); call ``reserve`` first."""
-        slot = int(self.table[adapter_id + 1])
+        table = self._buffers["table"]  # (buffers read once: nn.Module attribute reads are Python calls)
+        slot = int(table[adapter_id + 1])
         if slot == 0:
             if self.free:
                 slot = self.free.pop()
             else:
-                if self.used >= self.capacity:
+                if self.used >= self._buffers["A"].shape[0]:
                     raise RuntimeError("LoraBank.allocate without reserve")
                 slot = self.used
                 self.used += 1
-            self.table[adapter_id + 1] = slot
+            table[adapter_id + 1] = slot
             self._touch()
         return slot
 
@@ -207,38 +216,43 @@ class LoraBank(nn.Module):
               lora_bias: torch.Tensor | None = None) -> None:
         """Store one adapter in ``slot``: ``lora_A`` and ``lora_B`` as PEFT saves them (A (r, in), B (out, r))."""
         r = lora_A.shape[0]
+        buffers = self._buffers
+        A, B, bias = buffers["A"], buffers["B"], buffers["bias"]
+        r_max = A.shape[self.a_rank_dim]
         with torch.no_grad():
             self._write_A(slot, lora_A)
-            self.B[slot, :r].copy_(lora_B.T).mul_(scaling)
-            if r < self.r_max:  # rank padding (fresh slots are uninitialised, reused ones hold old values)
-                self.A[slot].narrow(self.a_rank_dim - 1, r, self.r_max - r).zero_()
-                self.B[slot, r:].zero_()
+            B[slot, :r].copy_(lora_B.T).mul_(scaling)
+            if r < r_max:  # rank padding (fresh slots are uninitialised, reused ones hold old values)
+                A[slot].narrow(self.a_rank_dim - 1, r, r_max - r).zero_()
+                B[slot, r:].zero_()
             if lora_bias is not None:
-                if self.bias is None:
-                    self.bias = self.B.new_zeros(self.capacity, self.info.out_features)
-                self.bias[slot].copy_(lora_bias.float() * scaling)
-            elif self.bias is not None:
-                self.bias[slot].zero_()
-        self.ranks[slot] = r
+                if bias is None:
+                    self.bias = bias = B.new_zeros(A.shape[0], self.info.out_features)
+                bias[slot].copy_(lora_bias.float() * scaling)
+            elif bias is not None:
+                bias[slot].zero_()
+        buffers["ranks"][slot] = r
         self._touch()
 
     def _write_A(self, slot: int, lora_A: torch.Tensor) -> None:
-        self.A[slot, : lora_A.shape[0]].copy_(lora_A)
+        self._buffers["A"][slot, : lora_A.shape[0]].copy_(lora_A)
 
     def release(self, adapter_id: int) -> None:
         """Forget global id ``adapter_id`` here; its slot is zeroed and reused by the next adapter."""
-        if adapter_id + 1 >= self.table.numel():
+        buffers = self._buffers
+        table = buffers["table"]
+        if adapter_id + 1 >= table.numel():
             return
-        slot = int(self.table[adapter_id + 1])
+        slot = int(table[adapter_id + 1])
         if slot == 0:
             return
         with torch.no_grad():
-            self.A[slot].zero_()
-            self.B[slot].zero_()
-            if self.bias is not None:
-                self.bias[slot].zero_()
-        self.ranks[slot] = 0
-        self.table[adapter_id + 1] = 0
+            buffers["A"][slot].zero_()
+            buffers["B"][slot].zero_()
+            if buffers["bias"] is not None:
+                buffers["bias"][slot].zero_()
+        buffers["ranks"][slot] = 0
+        table[adapter_id + 1] = 0
         self.free.append(slot)
         self._touch()
 

@@ -58,7 +58,9 @@ class AdapterRegistry:
         self._names: list[str | None] = []  # id -> name (None = freed id)
         self._free_ids: list[int] = []
         self._targets_cache: dict[str, list[str]] = {}
+        self._infos: dict[str, LayerInfo | None] = {}  # module path -> describe_layer of its host module
         self._installed: tuple | None = None  # what install() last saw (see _installed_snapshot)
+        self.max_slots: int | None = None  # most adapters a bank will hold (a store's max_loras): banks grow by doubling
 
     # -- names and ids -----------------------------------------------------------------------------------
     @property
@@ -129,9 +131,13 @@ class AdapterRegistry:
         Runs at every ``routing`` block (a ``delete_adapter`` / ``unload`` may have unwrapped layers since), so the
         common case is a check that nothing moved: every module on the way from the model to each bank's layer is
         still the one seen last time (dict lookups, no ``get_submodule`` walks), each layer still holds its bank,
-        and no adapter id was added."""
+        and (ids added since only grow the tables)."""
         seen = self._installed
-        if seen is not None and seen[0] == len(self._names) and _still_installed(seen[1], seen[2]):
+        if seen is not None and _still_installed(seen[1], seen[2]):
+            if seen[0] != len(self._names):  # new ids only: grow the tables, no walk
+                for bank in self.banks.values():
+                    bank.resize_table(len(self._names))
+                self._installed = (len(self._names),) + seen[1:]
             return
         for path, bank in self.banks.items():
             module = self.model.get_submodule(path)
@@ -162,7 +168,8 @@ class AdapterRegistry:
 
     def _commit(self, new_banks: dict[str, LoraBank]) -> None:
         self.banks.update(new_banks)
-        self._installed = None
+        if new_banks:  # new layers to wrap: walk the paths (otherwise the snapshot check in install suffices)
+            self._installed = None
         self.install()
 
     def _rollback(self, added: list[str], new_banks: dict[str, LoraBank]) -> None:
@@ -203,7 +210,7 @@ class AdapterRegistry:
             if name in self.ids and not overwrite:
                 raise AdapterError(f"adapter {name!r} is already banked; pass overwrite=True or remove it first")
             directory = Path(directory)
-            config = read_adapter_config(directory)
+            config = self._read_config(directory)
             _check_bankable_config(config, directory, files=True)
             key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
                               config.layers_pattern], sort_keys=True, default=str)
@@ -211,9 +218,11 @@ class AdapterRegistry:
                 self._targets_cache[key] = select_targets(self.model, config, strict=False)  # a file's names
             layers = []
             for path in self._targets_cache[key]:
-                if host is None:
-                    host = dict(iter_host_modules(self.model))
-                info = describe_layer(host[path])
+                info = self._infos.get(path)
+                if info is None:
+                    if host is None:
+                        host = dict(iter_host_modules(self.model))
+                    info = self._infos[path] = describe_layer(host[path])
                 if info is None or info.kind not in ("linear", "embedding"):
                     raise AdapterLoadError(f"{directory}: module {path!r} ({type(host[path]).__name__}) cannot "
                                            f"take a banked LoRA (linear and embedding layers only)")
@@ -231,7 +240,7 @@ class AdapterRegistry:
 
         new_banks: dict[str, LoraBank] = {}
         for path, (count, r) in need.items():
-            self._bank(path, new_banks).reserve(count, r)
+            self._bank(path, new_banks).reserve(count, r, self.max_slots)
         added: list[str] = []
         try:
             for name, _, config, _ in plans:
@@ -295,6 +304,10 @@ class AdapterRegistry:
             raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
                                    f"e.g. {extra[:3]}; is it for a different base model?")
 
+    def _read_config(self, directory: Path) -> LoraConfig:
+        """The folder's adapter config (a store overrides this with the config it read at registration)."""
+        return read_adapter_config(directory)
+
     def _read_weights(self, path: Path) -> dict[str, torch.Tensor]:
         """The weights file's tensors (checked finite); a host-memory cache overrides this."""
         return load_tensors(path)
@@ -343,7 +356,7 @@ class AdapterRegistry:
                     c[0], c[1] = c[0] + 1, max(c[1], delta.r)
         new_banks: dict[str, LoraBank] = {}
         for path, (count, r) in need.items():
-            self._bank(path, new_banks).reserve(count, r)
+            self._bank(path, new_banks).reserve(count, r, self.max_slots)
         added: list[str] = []
         try:
             for n in names:

@@ -109,7 +109,13 @@ class _TieredRegistry(AdapterRegistry):
     def _read_weights(self, path: Path):
         return self._store.host_weights(path)
 
+    def _read_config(self, directory: Path):
+        return self._store.configs.get(Path(directory)) or super()._read_config(directory)
+
     def _bank(self, path, new_banks):
+        bank = self.banks.get(path) or new_banks.get(path)
+        if bank is not None:  # (no get_submodule walk per module per load)
+            return bank
         layer = self._layer(path)
         if layer is not None and isinstance(layer.bank, _NoDelta):
             layer.bank = None  # a real bank takes the placeholder's place
@@ -135,8 +141,10 @@ class AdapterStore:
         self.max_loras, self.max_resident_bytes = max_loras, max_resident_bytes
         self.max_cpu_loras, self.max_cpu_bytes = max_cpu_loras, max_cpu_bytes
         self.registry = _TieredRegistry(model, self, dtype)
+        self.registry.max_slots = max_loras
         object.__setattr__(model, REGISTRY_ATTR, self.registry)
         self.paths: dict[str, Path] = {}  # registered name -> folder
+        self.configs: dict[Path, object] = {}  # registered folder -> its config as read and checked at registration
         self._weights_of: dict[Path, str] = {}  # weights file -> name
         self._host: OrderedDict[str, tuple[dict, int]] = OrderedDict()  # LRU: name -> (tensors, bytes)
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
@@ -189,6 +197,7 @@ class AdapterStore:
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is being unloaded (running requests still use it); retry shortly")
             self.paths[name] = folder
+            self.configs[folder] = config
             self._weights_of[wpath.resolve()] = name
             if attached is not None:
                 self.attached[name] = attached
@@ -412,6 +421,7 @@ class AdapterStore:
             if name not in self.paths and name not in self._resident:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
             folder = self.paths.pop(name, None)
+            self.configs.pop(folder, None)
             self.attached.pop(name, None)
             self.tasks.pop(name, None)
             if folder is not None:
