@@ -180,10 +180,10 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     v_layer[slots] = value.transpose(1, 2)[valid].to(v_layer.dtype)
     k = k_layer[batch.read_slots].transpose(1, 2).to(query.dtype)  # (b, kv_heads, ctx, d)
     v = v_layer[batch.read_slots].transpose(1, 2).to(query.dtype)
-    groups = query.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=batch.mask, scale=scaling)
+    # grouped-query attention: SDPA shares each kv head across its query heads (no repeat_interleave copy of
+    # the whole context per layer per step)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=batch.mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != k.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
