@@ -348,6 +348,19 @@ def test_generation_with_kv_cache_llama_and_gpt2(ids):
         model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
+def test_cached_decoding_equals_a_full_forward_when_every_token_is_kept(ids):
+    """With every token kept (r > 0.005 at this init, decode_threshold=0), the empty-slot cache must change
+    nothing: the decoded token's logits equal the full forward's at its position; with skipped tokens the two
+    differ (a cached token's skip decision is its own, made once, as in the official decoding)."""
+    for decode_threshold, same in ((0.0, True), (1.0, False)):
+        model = _model(mod_layers=(0, 1), decode_threshold=decode_threshold)
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits[:, -1]
+            cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            step = model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+        assert torch.allclose(step, full, atol=1e-5) == same
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from lorakit.data import pretraining_texts

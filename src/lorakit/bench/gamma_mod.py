@@ -66,15 +66,22 @@ def _scores(model, tokenizer, examples, mod: bool) -> dict:
     of tokens each MoD block kept while generating (prefill + decoded tokens)."""
     from ..data import evaluate_examples
     from ..methods.gamma_mod import flops_per_token, keep_fractions
-    from ..mixtures import reset_router_stats
+    from ..mixtures import record_routing, reset_router_stats
 
     reset_router_stats(model)
-    loss, seq_len = _test_loss(model, tokenizer, examples)
+    with record_routing(model, "default") as traces:
+        loss, seq_len = _test_loss(model, tokenizer, examples)
     keep = keep_fractions(model, "default") if mod else {}
+    # The keep probabilities r of the tokens the MoD blocks kept on the test texts (all of them when nothing is
+    # skipped): how far the router is from the official 0.005 / 0.5 inference thresholds.
+    kept_r = [e["weights"][..., 1][e["selected"][..., 1]] for entries in traces.values() for e in entries]
+    kept_r = torch.cat(kept_r) if kept_r else torch.zeros(0)
     reset_router_stats(model)
     exact = evaluate_examples(model, tokenizer, examples)["exact_match"]
     return {"exact_match": exact, "test_loss": loss, "seq_len": seq_len, "keep": keep,
             "generation_keep": keep_fractions(model, "default") if mod else {},
+            "kept_r_quantiles": torch.quantile(kept_r.float(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
+            if kept_r.numel() else [],
             "flops_per_token": flops_per_token(model, seq_len, keep), "dense_flops_per_token": flops_per_token(model, seq_len)}
 
 
@@ -151,6 +158,11 @@ def gamma_mod_markdown(result: dict) -> str:
         lines.append(f"| {row['method']} | {mod} | {row['exact_match']:.3f} | {row['test_loss']:.3f} | "
                      f"{row['flops_ratio']:.3f} | {kept} | {row.get('train_flops_ratio', 1.0):.3f} | {tail} | "
                      f"{row['train_seconds']:.0f} |")
+    for row in result["rows"]:
+        if row.get("kept_r_quantiles"):
+            q = row["kept_r_quantiles"]
+            lines.append(f"\n{row['method']}: keep probability r of the kept test tokens, min {q[0]:.3f}, 10% {q[1]:.3f}, "
+                         f"median {q[2]:.3f}, 90% {q[3]:.3f}, max {q[4]:.3f} (inference thresholds 0.005 / 0.5).")
     aranks = next((r["aranks"] for r in result["rows"] if r.get("aranks")), None)
     if aranks:
         lines += ["", "ARank per block (mean attention-map rank over heads and init batches): "

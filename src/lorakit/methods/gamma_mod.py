@@ -113,8 +113,8 @@ class GammaModConfig(AdapterConfig):
       to module paths and the decoder blocks are added when the adapter is added.
     - ``r``, ``lora_alpha``, ``lora_dropout``: the LoRA on those modules.
     - ``mod_layers``: indices of the blocks that become MoD blocks (None: chosen by ARank at init, below).
-    - ``dense_first_layers``, ``dense_last_layers``: blocks at either end ARank never converts (official
-      ``arank_mod``: the first 3 and the last 1).
+    - ``dense_first_layers``: how many first blocks ARank never converts (official ``arank_mod``: 3).
+    - ``dense_last_layers``: how many last blocks ARank never converts (official ``arank_mod``: 1).
     - ``num_mod_layers``: how many of the other blocks ARank converts, lowest ARank first (None: all of them).
     - ``capacity_factor``: share of a sequence's routable tokens a MoD block processes in training, in (0, 1].
     - ``keep_supervised``: always keep the tokens of the training loop's supervised mask (the answer tokens).
