@@ -6,9 +6,11 @@ Dense transformer blocks become mixture-of-depth (MoD) blocks that only a share 
 skip the block (their hidden state passes unchanged), and the model is fine-tuned with LoRA:
 
 - **ARank** chooses the blocks: the rank of each head's attention map, causal part with the diagonal removed,
-  averaged over heads (``llava_llama.py`` ``compute_attention_rank``, l. 48-73); low-ARank blocks are redundant.
-  The paper turns that into one rule for its models, the official ``mod_mode="arank_mod"`` (``mod.py`` l. 554-558,
-  the mode of every released fine-tuning script): every block but the first three and the last becomes a MoD block.
+  averaged over heads (``llava_llama.py`` ``compute_attention_rank``, l. 48-73); the paper uses it to "identify
+  which layer is redundant and should be replaced with the MoD layer" (abstract; its method section was not
+  available when this was written, so the rule below is the code's). The official code fixes the outcome as
+  ``mod_mode="arank_mod"`` (``mod.py`` l. 554-558, the mode of the released fine-tuning scripts
+  ``scripts/v1_5/fine_tune_mod.sh``): every block but the first three and the last becomes a MoD block.
   Here: blocks ``dense_first_layers`` (3) .. ``n − dense_last_layers`` (n − 1) are eligible, and ARank (on the
   training loop's first batches) picks the ``num_mod_layers`` of lowest ARank among them; ``num_mod_layers=None``
   takes every eligible block, i.e. exactly the official rule. Choice between paper and code: the paper ranks blocks
@@ -269,11 +271,10 @@ class GammaModBlock(MixtureDelta):
         if cache is not None:
             chosen = torch.zeros(batch, seq, dtype=torch.bool, device=x.device).scatter(1, index, kept)
             slots = torch.cat([_slot_history(cache, layer_idx, batch, past, x.device), chosen], 1)  # (B, past + T)
+            _SLOTS.setdefault(cache, {})[layer_idx] = slots
             if not bool(kept.any()) and past > 0:  # every row skips this token (mod.py l. 216-222)
                 _write_empty_slots(cache, layer_idx, seq)
-                _SLOTS.setdefault(cache, {})[layer_idx] = slots
                 return x
-            _SLOTS.setdefault(cache, {})[layer_idx] = slots
         elif not bool(kept.any()):
             return x
         idx = index.unsqueeze(-1).expand(batch, index.shape[1], d)
