@@ -1,4 +1,8 @@
-"""Combine the γ-MoD runs of issue 19 (JSONs copied into this folder) into benchmarks/gamma_mod.json. From the repo root."""
+"""Combine the γ-MoD runs (JSONs copied into this folder) into benchmarks/gamma_mod.json. From the repo root.
+
+``runs``: before the fidelity fixes (ARank unbounded, every token routable, training top-k at inference, generation
+without KV cache); ``after``: the method's new defaults (official block bounds, answer tokens kept, official
+inference thresholds with KV-cache decoding), files ``after_*.json``."""
 import json, os
 old = json.load(open("benchmarks/gamma_mod_runs/original_run.json"))  # the run before the fix
 runs = {}
@@ -25,7 +29,21 @@ init = {"before_fix": json.load(open("benchmarks/gamma_mod_runs/init_diag_before
         "after_fix": json.load(open("benchmarks/gamma_mod_runs/init_diag_after_fix.json")),
         "command": "python benchmarks/gamma_mod_runs/init_diag.py reverse,add OUT.json (bundled base, 40 test examples per task, "
                    "seed 1234; LoRA B = 0 and the router at its seed-0 init: no training)"}
-json.dump({"machine": old["machine"], "runs": runs, "untrained_routing": init}, open("benchmarks/gamma_mod.json", "w"),
+after = {}
+for label, note in [("lora", "LoRA, re-run: same numbers as lora_80"),
+                    ("gamma_mod", "defaults: blocks by ARank within the official arank_mod bounds, answers kept"),
+                    ("gamma_mod_arank_mod", "the official blocks named explicitly (same blocks as the default)"),
+                    ("gamma_mod_unmasked", "keep_supervised=False: answer tokens routed too"),
+                    ("gamma_mod_160", "defaults, 160 steps"), ("lora_160", "LoRA 160 steps, re-run")]:
+    path = f"benchmarks/gamma_mod_runs/after_{label}.json"
+    if os.path.exists(path):
+        d = json.load(open(path))
+        after[label] = {**d["rows"][0], "command": d["command"], "profile": d["profile"], "note": note}
+json.dump({"machine": old["machine"], "runs": runs, "after": after, "untrained_routing": init}, open("benchmarks/gamma_mod.json", "w"),
           indent=2, sort_keys=True)
 for k, r in runs.items():
     print(k, r["exact_match"], round(r["test_loss"], 3), round(r["flops_ratio"], 3), round(r["final_train_loss"], 3))
+for k, r in after.items():
+    topk = r.get("topk_inference") or {}
+    print("after", k, r["exact_match"], round(r["test_loss"], 3), round(r["flops_ratio"], 3),
+          round(r.get("train_flops_ratio", 1.0), 3), topk.get("exact_match"), topk.get("flops_ratio"))

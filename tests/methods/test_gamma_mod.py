@@ -1,9 +1,12 @@
 """γ-MoD (arXiv:2410.13859), reference values from the official code github.com/Yaxin9Luo/Gamma-MOD:
 ``gamma_mod/model/language_model/llava_llama.py`` (compute_attention_rank: per head ``matrix_rank`` of the
-causal attention map with its diagonal zeroed, averaged over heads) and ``llava_llama_mod.py``
-(MoDLlamaDecoderLayer_forward: shared ``Linear(d, 2)`` router on ``input_layernorm(h)``, ``r = softmax[...,1]``,
-``topk(r + mask)`` with the masked tokens always kept, kept tokens weighted by r and scattered back, the others
-unchanged; ``aux_loss = cross_entropy(router_logits, kept)`` per layer × router_aux_loss_coef)."""
+causal attention map with its diagonal zeroed, averaged over heads) and ``llava_llama_mod.py`` ("mod.py" below):
+MoDLlamaDecoderLayer_forward (training: shared ``Linear(d, 2)`` router on ``input_layernorm(h)``,
+``r = softmax[...,1]``, ``topk(r + mask)`` with the masked tokens always kept, kept tokens weighted by r and
+scattered back, the others unchanged; ``aux_loss = cross_entropy(router_logits, kept)`` per layer ×
+router_aux_loss_coef), MoDLlamaDecoderLayer_forward_inference (evaluation: prefill keeps ``r > 0.005``, a decoded
+token skips when ``r < 0.5``) and initialize_mod_modules (``mod_mode="arank_mod"``: every block but 0, 1, 2 and
+the last)."""
 
 import math
 
@@ -11,13 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
 import lorakit as lk
 from lorakit.core.errors import AdapterError, ConfigError
+from lorakit.core.routing import SUPERVISED_KEY, current_routing
 from lorakit.methods.gamma_mod import (GammaModConfig, attention_ranks, flops_per_token, gamma_mod_blocks,
                                        gamma_mod_extra_loss, gamma_mod_init, keep_fractions)
 from lorakit.mixtures import record_routing, reset_router_stats
 
-from lk_models import tiny_gpt2, tiny_llama
+from lk_models import tiny_bpe_tokenizer, tiny_gpt2, tiny_llama
 
 
 def official_arank(attention_weights: torch.Tensor) -> float:
@@ -73,6 +79,7 @@ def test_routing_follows_the_official_layer(ids):
     MoDLlamaDecoderLayer_forward (llava_llama_mod.py lines 160-175): residual + self_attn(input_layernorm(h)), then
     + mlp(post_attention_layernorm(·)) · r (line 173: r weights the MLP branch only); the others pass unchanged."""
     model = _model(mod_layers=(1,), capacity_factor=0.5)
+    model.train()  # the training rule (top-k); the tiny config has no dropout
     block = gamma_mod_blocks(model, "default")[1]
     host = model.model.layers[1].base_layer
     captured = {}
@@ -127,9 +134,58 @@ def test_router_loss_is_the_official_cross_entropy(ids):
     torch.testing.assert_close(loss, 0.01 * expected, atol=1e-6, rtol=1e-5)
 
 
-def test_init_picks_the_lowest_arank_blocks_and_records_them(tmp_path, ids):
+def _llama(num_layers: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        max_position_embeddings=64)).eval()
+
+
+def official_arank_mod(num_layers: int) -> list[int]:
+    """initialize_mod_modules, mod_mode == "arank_mod" (mod.py lines 554-558)."""
+    return [i for i in list(range(num_layers)) if i not in {0, 1, 2, num_layers - 1}]
+
+
+def test_default_blocks_are_the_official_arank_mod_rule(tmp_path, ids):
+    model = _llama(8)
+    lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"]))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    gamma_mod_init(model, "default", batches)
+    config = model.lorakit.configs["default"]
+    assert config.mod_layers == official_arank_mod(8) == [3, 4, 5, 6]
+    assert [b.enabled for b in gamma_mod_blocks(model, "default")] == [i in config.mod_layers for i in range(8)]
+    lk.save_adapter(model, tmp_path / "a")
+    fresh = _llama(8)
+    lk.load_adapter(fresh, tmp_path / "a")
+    assert [b.index for b in gamma_mod_blocks(fresh, "default") if b.enabled] == [3, 4, 5, 6]
+
+
+def test_fewer_blocks_are_the_lowest_arank_among_the_eligible(ids):
+    """num_mod_layers=2: the paper's ARank order (lowest = most redundant) inside the official rule's blocks; the
+    ranks are the official compute_attention_rank's."""
+    model = _llama(8)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=ids[:1], output_attentions=True).attentions
+    ranks = [official_arank(a[0]) for a in att]
+    lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"], num_mod_layers=2))
+    gamma_mod_init(model, "default", [{"input_ids": ids[:1]}])
+    expected = sorted(sorted(official_arank_mod(8), key=lambda i: (ranks[i], -i))[:2])
+    assert model.lorakit.configs["default"].mod_layers == expected
+    with pytest.raises(ConfigError, match="num_mod_layers=5"):
+        model = _llama(8)
+        lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"], num_mod_layers=5))
+        gamma_mod_init(model, "default", [{"input_ids": ids[:1]}])
+
+
+def test_unrestricted_arank_picks_the_lowest_blocks_and_records_them(tmp_path, ids):
+    """dense_first_layers = dense_last_layers = 0: any block, lowest ARank first (the rule before the official
+    bounds); a 2-block model with the default bounds has no block to convert and is refused."""
+    with pytest.raises(ConfigError, match="dense_first_layers=3"):
+        lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"]))
     model = tiny_llama()
-    lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"], num_mod_layers=1))
+    lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"], num_mod_layers=1, dense_first_layers=0,
+                                         dense_last_layers=0))
     assert [b.enabled for b in gamma_mod_blocks(model, "default")] == [False, False]  # ARank pending: base blocks
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     ranks = attention_ranks(model, batches)
@@ -145,6 +201,7 @@ def test_init_picks_the_lowest_arank_blocks_and_records_them(tmp_path, ids):
 
 def test_flops_and_keep_fractions(ids):
     model = _model(mod_layers=(1,), capacity_factor=0.5)
+    model.train()  # the training top-k
     reset_router_stats(model)
     with torch.no_grad():
         model(input_ids=ids)
@@ -159,14 +216,187 @@ def test_flops_and_keep_fractions(ids):
     assert mod == pytest.approx(dense - (per_block + 2 * seq * 32) + f * per_block + f * f * 2 * seq * 32 + 4 * 32)
 
 
-def test_gpt2_blocks_and_generation_without_cache(ids):
-    model = tiny_gpt2()
-    lk.add_adapter(model, GammaModConfig(target_modules=["c_attn"], mod_layers=[0, 1]))
-    out = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
-    assert out.shape == (1, 7)
-    with pytest.raises(AdapterError, match="use_cache=False"):
-        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=0)
-    assert lk.get_method("gamma_mod").generate_kwargs == {"use_cache": False}
+def _spread_router(model, seed: int = 0, scale: float = 20.0):
+    """Large router weights, so that keep probabilities spread over (0, 1) (a trained router's are not ≈ 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    router = gamma_mod_blocks(model, "default")[0].router
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g) * scale)
+    return router
+
+
+def _capture(layer):
+    captured = []
+    handle = layer.register_forward_hook(lambda m, a, kw, out: captured.append((a[0] if a else kw["hidden_states"],
+                                                                               kw, out)), with_kwargs=True)
+    return captured, handle
+
+
+def _official_layer(host, x, idx, r, cos, sin):
+    """The kept tokens ``idx`` of one row through the official MoD layer (mod.py l. 253-267): causal attention among
+    them, h1 = x + Attn(LN1(x)), h' = h1 + r·MLP(LN2(h1)); positions are the tokens' own (see the method file)."""
+    with torch.no_grad():
+        residual = x[None, idx]
+        attn = host.self_attn(hidden_states=host.input_layernorm(residual), attention_mask=None,
+                              position_embeddings=(cos[:, idx], sin[:, idx]))[0]
+        h1 = residual + attn
+        return (h1 + host.mlp(host.post_attention_layernorm(h1)) * r[idx, None])[0]
+
+
+def test_inference_prefill_keeps_the_tokens_above_the_threshold(ids):
+    """Out of training, a multi-token forward keeps exactly the tokens with r > 0.005 (mod.py l. 224-233), no top-k
+    and no capacity; each row its own count (rows with fewer are filled up and masked)."""
+    model = _model(mod_layers=(1,))
+    router = _spread_router(model)
+    host = model.model.layers[1].base_layer
+    captured, handle = _capture(model.model.layers[1])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x, kwargs, out = captured[0]
+    cos, sin = kwargs["position_embeddings"]
+    r = torch.softmax(F.linear(host.input_layernorm(x), router.weight), -1)[..., 1]  # (B, T)
+    high = r > 0.005  # official high_prob_mask
+    counts = high.sum(1)
+    assert 0 < int(counts.min()) and int(counts.max()) < ids.shape[1] and len(set(counts.tolist())) > 1
+    for row in range(ids.shape[0]):
+        idx = high[row].nonzero().squeeze(1)
+        torch.testing.assert_close(out[row, ~high[row]], x[row, ~high[row]])
+        torch.testing.assert_close(out[row, idx], _official_layer(host, x[row], idx, r[row], cos, sin),
+                                   atol=1e-5, rtol=0)
+    # inference_threshold=None: the training top-k at inference too
+    block = gamma_mod_blocks(model, "default")[1]
+    block.inference_threshold = None
+    reset_router_stats(model)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert keep_fractions(model, "default") == {1: pytest.approx(math.ceil(0.5 * ids.shape[1]) / ids.shape[1])}
+
+
+@pytest.mark.parametrize("decode_threshold", [0.5, 0.0, 1.0])
+def test_decoding_from_the_cache_follows_the_official_decode_rule(ids, decode_threshold):
+    """Prefill with a KV cache, then one decoded token (mod.py l. 212-267): the token skips the block when
+    r < decode_threshold (official 0.5; 0 = the Mini-Gemini variant, every decoded token processed), else it
+    attends to the prefill tokens the block kept (r > 0.005) and itself, its MLP weighted by r."""
+    model = _model(mod_layers=(1,), decode_threshold=decode_threshold)
+    router = _spread_router(model, seed=1)
+    host = model.model.layers[1].base_layer
+    prompt, nxt = ids[:1, :8], ids[:1, 8:9]
+    captured, handle = _capture(model.model.layers[1])
+    with torch.no_grad():
+        first = model(input_ids=prompt, use_cache=True)
+        cache = first.past_key_values
+        model(input_ids=nxt, cache=cache, use_cache=True)
+    handle.remove()
+    (x_pre, kw_pre, _), (x_dec, kw_dec, out_dec) = captured
+    with torch.no_grad():
+        r_pre, r_dec = (torch.softmax(F.linear(host.input_layernorm(x), router.weight), -1)[0, :, 1]
+                        for x in (x_pre, x_dec))
+    kept_pre = (r_pre > 0.005).nonzero().squeeze(1)
+    assert 0 < kept_pre.numel() < 8
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [9, 9]  # every layer keeps the model's length
+    if float(r_dec[0]) < decode_threshold:  # official l. 216-222: the hidden state passes unchanged
+        torch.testing.assert_close(out_dec, x_dec)
+        return
+    cos = torch.cat([kw_pre["position_embeddings"][0], kw_dec["position_embeddings"][0]], 1)
+    sin = torch.cat([kw_pre["position_embeddings"][1], kw_dec["position_embeddings"][1]], 1)
+    x = torch.cat([x_pre[0], x_dec[0]])
+    r = torch.cat([r_pre, r_dec])
+    idx = torch.cat([kept_pre, torch.tensor([8])])
+    torch.testing.assert_close(out_dec[0, 0], _official_layer(host, x, idx, r, cos, sin)[-1], atol=1e-5, rtol=0)
+
+
+def test_the_default_rule_took_both_decode_branches(ids):
+    """The parametrized test above exercises the official 0.5 rule; here both of its branches are reached."""
+    seen = set()
+    for seed in range(6):
+        model = _model(mod_layers=(1,))
+        router = _spread_router(model, seed=seed)
+        captured, handle = _capture(model.model.layers[1])
+        with torch.no_grad():
+            cache = model(input_ids=ids[:1, :8], use_cache=True).past_key_values
+            model(input_ids=ids[:1, 8:9], cache=cache, use_cache=True)
+        handle.remove()
+        x_dec, _, out = captured[1]
+        host = model.model.layers[1].base_layer
+        with torch.no_grad():
+            r = torch.softmax(F.linear(host.input_layernorm(x_dec), router.weight), -1)[0, 0, 1]
+        seen.add(float(r) >= 0.5)
+        assert torch.equal(out, x_dec) == (float(r) < 0.5)
+    assert seen == {True, False}
+
+
+def test_generation_with_kv_cache_llama_and_gpt2(ids):
+    """Greedy generation reads the cache (the method no longer forces use_cache=False); a left-padded batch
+    decodes as each row alone does; decoding in training mode is refused."""
+    for model in (_model(mod_layers=(1,)), tiny_gpt2()):
+        if not hasattr(model, "lorakit"):
+            lk.add_adapter(model, GammaModConfig(target_modules=["c_attn"], mod_layers=[0, 1]))
+        _spread_router(model, seed=2, scale=5.0)
+        assert lk.get_method("gamma_mod").generate_kwargs == {}
+        prompts = [ids[0, :6], ids[1, :4]]
+        batch = torch.zeros(2, 6, dtype=torch.long)
+        mask = torch.zeros(2, 6, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            batch[row, 6 - len(p):], mask[row, 6 - len(p):] = p, 1
+        with torch.no_grad():
+            out = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            for row, p in enumerate(prompts):
+                alone = model.generate(p[None], max_new_tokens=4, do_sample=False, pad_token_id=0)
+                assert out[row, 6:].tolist() == alone[0, len(p):].tolist()
+    model.train()
+    with pytest.raises(AdapterError, match="model.eval"):
+        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_cached_decoding_equals_a_full_forward_when_every_token_is_kept(ids):
+    """With every token kept (r > 0.005 at this init, decode_threshold=0), the empty-slot cache must change
+    nothing: the decoded token's logits equal the full forward's at its position; with skipped tokens the two
+    differ (a cached token's skip decision is its own, made once, as in the official decoding)."""
+    for decode_threshold, same in ((0.0, True), (1.0, False)):
+        model = _model(mod_layers=(0, 1), decode_threshold=decode_threshold)
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits[:, -1]
+            cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            step = model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+        assert torch.allclose(step, full, atol=1e-5) == same
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lorakit.data import pretraining_texts
+
+    return tiny_bpe_tokenizer(pretraining_texts(n_per_task=20), vocab_size=300)
+
+
+@pytest.mark.parametrize("keep_supervised", [True, False])
+def test_training_loop_keeps_the_answer_tokens(tokenizer, keep_supervised):
+    """Masked routing learning through ``lorakit.training.train``: the loop offers the supervised (completion)
+    tokens as the routing extra SUPERVISED_KEY, and every MoD block keeps them (official ``topk(r + mask)``,
+    mod.py l. 148-153, the mask 1 on the question and answer); the prompt tokens are routed."""
+    from lorakit.data import load_examples
+    from lorakit.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+    lk.add_adapter(model, GammaModConfig(target_modules=["q_proj"], r=4, mod_layers=[1],
+                                         keep_supervised=keep_supervised))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(
+        (kw["attention_mask"].bool(), current_routing().extras.get(SUPERVISED_KEY))), with_kwargs=True)
+    with record_routing(model) as traces:
+        train(model, tokenizer, load_examples("reverse", "train", n=16, seed=0),
+              TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=0, init_batches=1), progress=False)
+    kept = [e["selected"][..., 1] for e in next(v for k, v in traces.items() if k.startswith("model.layers.1["))]
+    assert len(kept) == len(seen) == 2
+    skipped_answer = 0
+    for (real, answer), chosen in zip(seen, kept):
+        assert answer is not None and bool(answer.any(1).all()) and not bool((answer & ~real).any())
+        skipped_answer += int((answer & ~chosen).sum())
+        assert bool((real & ~answer & ~chosen).any())  # prompt tokens were routed away
+    assert (skipped_answer == 0) == keep_supervised
 
 
 def test_target_forms_resolve_to_paths_plus_blocks():
@@ -180,5 +410,11 @@ def test_target_forms_resolve_to_paths_plus_blocks():
 def test_config_errors():
     with pytest.raises(ConfigError, match="capacity_factor"):
         GammaModConfig(capacity_factor=0.0)
+    with pytest.raises(ConfigError, match="inference_threshold"):
+        GammaModConfig(inference_threshold=1.5)
+    with pytest.raises(ConfigError, match="decode_threshold"):
+        GammaModConfig(decode_threshold=-0.1)
+    with pytest.raises(ConfigError, match="dense_first_layers"):
+        GammaModConfig(dense_first_layers=-1)
     with pytest.raises(ConfigError, match="blocks this model lacks"):
         lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], mod_layers=[5]))

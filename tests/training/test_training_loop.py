@@ -265,3 +265,36 @@ def test_train_restores_mode_when_it_raises(make_model, tokenizer, reverse_train
         train(model, tokenizer, reverse_train, TrainConfig(steps=3, batch_size=2, log_every=1), progress=False,
               on_log=[stop])
     assert not model.training
+
+
+def test_supervised_tokens_reach_the_routing_extras(make_model, tokenizer, reverse_train) -> None:
+    """Every training forward (lorakit's loop and the Trainer callback's wrapped forward) offers methods the mask
+    of the tokens the loss supervises, SUPERVISED_KEY: the completion tokens, EOS included, and nothing else."""
+    from lorakit.core.routing import SUPERVISED_KEY, current_routing
+    from lorakit.data import CausalLMCollator, TokenizedDataset
+    from lorakit.data.collate import encode_completion
+    from lorakit.training import LorakitCallback
+
+    model = make_model()
+    seen = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["input_ids"], current_routing().extras.get(
+        SUPERVISED_KEY))), with_kwargs=True)  # the decoder: inside the routing context the loop / callback opens
+    train(model, tokenizer, reverse_train[:8], TrainConfig(steps=2, batch_size=4, lr=1e-3, seed=0), progress=False)
+    completions = {tuple(encode_completion(tokenizer, ex.completion)) for ex in reverse_train[:8]}
+    assert len(seen) == 2
+    for ids, mask in seen:
+        assert mask is not None and mask.shape == ids.shape and mask.dtype == torch.bool
+        for row in range(ids.shape[0]):
+            assert tuple(ids[row][mask[row]].tolist()) in completions  # exactly the row's completion tokens
+
+    batch = CausalLMCollator.from_tokenizer(tokenizer)([TokenizedDataset(reverse_train[:2], tokenizer)[i]
+                                                        for i in range(2)])
+    seen.clear()
+    callback = LorakitCallback("default")
+    callback._wrap_forward(model)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no labels: no mask
+    finally:
+        callback._restore_forward()
+    assert torch.equal(seen[0][1], batch["labels"] != -100) and seen[1][1] is None

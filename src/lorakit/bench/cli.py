@@ -84,7 +84,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; quantize: cfp (CFP diagnosis); smaller: variants "
-                             "(lora qlora loraprune loram loram_aligned); gamma_mod: lora gamma_mod gamma_mod_arank_mod")
+                             "(lora qlora loraprune loram loram_aligned); gamma_mod: lora gamma_mod gamma_mod_arank_mod gamma_mod_unmasked")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)

@@ -1,13 +1,15 @@
 """``lorakit bench gamma_mod``: compute saved vs metric lost by γ-MoD (arXiv:2410.13859) on the bundled base.
 
-LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks, ``capacity_factor`` of the tokens
-kept) are trained with the same data, steps and seed. The γ-MoD rows differ in which blocks become MoD blocks:
-``gamma_mod`` takes the ``num_mod_layers`` of lowest ARank on the first training batches; ``gamma_mod_arank_mod``
-takes the official code's ``mod_mode="arank_mod"`` rule (``llava_llama_mod.py`` lines 554-558: every block but
-the first three and the last, what ARank gave on LLaVA's 32 blocks). ``variants`` picks rows. Reported:
-exact match on the tasks' test split, the test-text loss (next-token NLL of prompt + completion), and forward
-FLOPs per token of the decoder blocks + head (``methods.gamma_mod.flops_per_token``) with the share of tokens
-each MoD block actually kept on the test texts, as a ratio to the dense model's.
+LoRA and γ-MoD (the same LoRA on the same modules, plus mixture-of-depth blocks, ``capacity_factor`` of the
+routable tokens kept in training) are trained with the same data, steps and seed. Rows: ``gamma_mod`` is the
+method's defaults (ARank among the blocks of the official ``arank_mod`` rule, answer tokens always kept, the
+official inference thresholds); ``gamma_mod_arank_mod`` names the official blocks explicitly (``llava_llama_mod.py``
+lines 554-558: every block but the first three and the last); ``gamma_mod_unmasked`` routes the answer tokens too
+(``keep_supervised=False``). ``variants`` picks rows. Reported: exact match of greedy generation (KV cache) on the
+tasks' test split, the test-text loss (next-token NLL of prompt + completion), and forward FLOPs per token of the
+decoder blocks + head (``methods.gamma_mod.flops_per_token``) with the share of tokens each MoD block kept on the
+test texts, as a ratio to the dense model's; for γ-MoD rows also the share kept in training and in generation,
+and the same metrics with the training top-k at inference (``inference_threshold=None``, the trained model).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("lora", "gamma_mod", "gamma_mod_arank_mod")
+VARIANTS = ("lora", "gamma_mod", "gamma_mod_arank_mod", "gamma_mod_unmasked")
 
 
 def arank_mod_layers(num_layers: int) -> list[int]:
@@ -35,7 +37,7 @@ class GammaModProfile:
     lr: float = 2e-3
     r: int = 8
     capacity_factor: float = 0.5
-    num_mod_layers: int = 3
+    num_mod_layers: int | None = None
     train_examples: int = 640
     eval_examples: int = 40
     seed: int = 0
@@ -59,12 +61,35 @@ def _test_loss(model, tokenizer, examples) -> tuple[float, int]:
     return total / max(count, 1), round(sum(lengths) / len(lengths))
 
 
+def _scores(model, tokenizer, examples, mod: bool) -> dict:
+    """Exact match (greedy generation), test loss, FLOPs per token at the test texts' kept shares, and the share
+    of tokens each MoD block kept while generating (prefill + decoded tokens)."""
+    from ..data import evaluate_examples
+    from ..methods.gamma_mod import flops_per_token, keep_fractions
+    from ..mixtures import record_routing, reset_router_stats
+
+    reset_router_stats(model)
+    with record_routing(model, "default") as traces:
+        loss, seq_len = _test_loss(model, tokenizer, examples)
+    keep = keep_fractions(model, "default") if mod else {}
+    # The keep probabilities r of the tokens the MoD blocks kept on the test texts (all of them when nothing is
+    # skipped): how far the router is from the official 0.005 / 0.5 inference thresholds.
+    kept_r = [e["weights"][..., 1][e["selected"][..., 1]] for entries in traces.values() for e in entries]
+    kept_r = torch.cat(kept_r) if kept_r else torch.zeros(0)
+    reset_router_stats(model)
+    exact = evaluate_examples(model, tokenizer, examples)["exact_match"]
+    return {"exact_match": exact, "test_loss": loss, "seq_len": seq_len, "keep": keep,
+            "generation_keep": keep_fractions(model, "default") if mod else {},
+            "kept_r_quantiles": torch.quantile(kept_r.float(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()
+            if kept_r.numel() else [],
+            "flops_per_token": flops_per_token(model, seq_len, keep), "dense_flops_per_token": flops_per_token(model, seq_len)}
+
+
 def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
     import lorakit as lk
-    from ..data import evaluate_examples, load_examples
+    from ..data import load_examples
     from ..hub import load_model_and_tokenizer
-    from ..methods.gamma_mod import GammaModConfig, flops_per_token, keep_fractions
-    from ..mixtures import reset_router_stats
+    from ..methods.gamma_mod import GammaModConfig, flops_per_token, gamma_mod_blocks, keep_fractions
     from ..training import TrainConfig, train
 
     unknown = [v for v in profile.variants if v not in VARIANTS]
@@ -79,7 +104,9 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
     configs = {"lora": lambda: lk.LoraConfig(r=profile.r, lora_alpha=2 * profile.r, target_modules=TARGETS),
                "gamma_mod": lambda: GammaModConfig(num_mod_layers=profile.num_mod_layers, **mod),
                "gamma_mod_arank_mod": lambda: GammaModConfig(
-                   mod_layers=arank_mod_layers(base.config.num_hidden_layers), **mod)}
+                   mod_layers=arank_mod_layers(base.config.num_hidden_layers), **mod),
+               "gamma_mod_unmasked": lambda: GammaModConfig(num_mod_layers=profile.num_mod_layers,
+                                                            keep_supervised=False, **mod)}
     rows = []
     for name in profile.variants:
         config = configs[name]()
@@ -92,16 +119,20 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
         t0 = time.perf_counter()
         result = train(model, tokenizer, train_ex, tc, progress=progress)
         seconds = time.perf_counter() - t0
+        trained_keep = keep_fractions(model, "default") if name != "lora" else {}
         model.eval()
-        reset_router_stats(model)
-        loss, seq_len = _test_loss(model, tokenizer, eval_ex)
-        keep = keep_fractions(model, "default") if name != "lora" else {}
+        row = {"method": name, **_scores(model, tokenizer, eval_ex, name != "lora"),
+               "final_train_loss": result.losses[-1], "train_seconds": seconds, "train_keep": trained_keep}
+        if name != "lora":
+            blocks = gamma_mod_blocks(model, "default")
+            for block in blocks:  # the same trained model, with the training top-k at inference
+                block.inference_threshold = None
+            row["topk_inference"] = _scores(model, tokenizer, eval_ex, True)
+            row["topk_inference"]["flops_ratio"] = (row["topk_inference"]["flops_per_token"]
+                                                    / row["topk_inference"]["dense_flops_per_token"])
+            row["train_flops_ratio"] = flops_per_token(model, row["seq_len"], trained_keep) / row["dense_flops_per_token"]
         stored = model.lorakit.configs["default"]
-        rows.append({"method": name, "exact_match": evaluate_examples(model, tokenizer, eval_ex)["exact_match"],
-                     "test_loss": loss, "final_train_loss": result.losses[-1], "train_seconds": seconds,
-                     "seq_len": seq_len, "flops_per_token": flops_per_token(model, seq_len, keep),
-                     "dense_flops_per_token": flops_per_token(model, seq_len), "keep": keep,
-                     "mod_layers": getattr(stored, "mod_layers", None), "aranks": stored.__dict__.get("aranks")})
+        rows.append({**row, "mod_layers": getattr(stored, "mod_layers", None), "aranks": stored.__dict__.get("aranks")})
     for row in rows:
         row["flops_ratio"] = row["flops_per_token"] / row["dense_flops_per_token"]
     return {"profile": asdict(profile), "rows": rows}
@@ -109,15 +140,29 @@ def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
 
 def gamma_mod_markdown(result: dict) -> str:
     p = result["profile"]
+    share = lambda keep: "/".join(f"{f:.2f}" for _, f in sorted(keep.items())) or "—"  # noqa: E731
     lines = [f"Bundled base, tasks {p['tasks']}, {p['steps']} steps × batch {p['batch_size']}, LoRA r={p['r']} on "
-             f"{', '.join(TARGETS)}; γ-MoD: {p['num_mod_layers']} MoD blocks by ARank (gamma_mod) or the official "
-             f"arank_mod blocks (gamma_mod_arank_mod), capacity {p['capacity_factor']} (one run, seed {p['seed']}).", "",
-             "| method | exact match | test loss (nats/token) | FLOPs/token (M) | ÷ dense | MoD blocks (kept share) | train s |",
-             "|---|---|---|---|---|---|---|"]
+             f"{', '.join(TARGETS)}; γ-MoD capacity {p['capacity_factor']} in training (one run, seed {p['seed']}). "
+             "FLOPs ÷ dense at the test texts' kept shares; kept shares per MoD block on the test texts / while "
+             "generating / in training; the last three columns: the same trained model with the training top-k at "
+             "inference.", "",
+             "| method | MoD blocks | exact match | test loss | FLOPs ÷ dense | kept test / gen / train | train FLOPs ÷ "
+             "dense | top-k: exact match | top-k: test loss | top-k: FLOPs ÷ dense | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        mod = ", ".join(f"{i} ({f:.2f})" for i, f in sorted(row["keep"].items())) or "—"
-        lines.append(f"| {row['method']} | {row['exact_match']:.3f} | {row['test_loss']:.3f} | "
-                     f"{row['flops_per_token'] / 1e6:.2f} | {row['flops_ratio']:.3f} | {mod} | {row['train_seconds']:.0f} |")
+        topk = row.get("topk_inference")
+        mod = ", ".join(str(i) for i in row["mod_layers"]) if row.get("mod_layers") else "—"
+        kept = f"{share(row['keep'])} / {share(row['generation_keep'])} / {share(row['train_keep'])}"
+        tail = (f"{topk['exact_match']:.3f} | {topk['test_loss']:.3f} | {topk['flops_ratio']:.3f}" if topk
+                else "— | — | —")
+        lines.append(f"| {row['method']} | {mod} | {row['exact_match']:.3f} | {row['test_loss']:.3f} | "
+                     f"{row['flops_ratio']:.3f} | {kept} | {row.get('train_flops_ratio', 1.0):.3f} | {tail} | "
+                     f"{row['train_seconds']:.0f} |")
+    for row in result["rows"]:
+        if row.get("kept_r_quantiles"):
+            q = row["kept_r_quantiles"]
+            lines.append(f"\n{row['method']}: keep probability r of the kept test tokens, min {q[0]:.3f}, 10% {q[1]:.3f}, "
+                         f"median {q[2]:.3f}, 90% {q[3]:.3f}, max {q[4]:.3f} (inference thresholds 0.005 / 0.5).")
     aranks = next((r["aranks"] for r in result["rows"] if r.get("aranks")), None)
     if aranks:
         lines += ["", "ARank per block (mean attention-map rank over heads and init batches): "

@@ -8,7 +8,9 @@ Host models never see it. A caller wraps a forward (or ``generate``) in ``routin
 - ``adapter_weights``: per-row weighted combinations, a mapping name -> (batch,) tensor of weights.
 - ``keys``: a per-row key (task / modality / user) for routed mixtures; ``token_mask`` a per-token mask
   (e.g. modality) of shape (batch, seq).
-- ``extras``: anything a method defines for itself (e.g. a router's hidden-state input).
+- ``extras``: anything a method defines for itself (e.g. a router's hidden-state input). One name is set by
+  lorakit's training loop (and its Trainer callback) for every method: ``SUPERVISED_KEY``, the (batch, seq) bool
+  mask of the tokens the loss supervises (a causal LM's completion / answer tokens; ``training.objectives.supervised_extras``).
 
 ContextVars make this safe across threads and asyncio tasks (the server runs requests concurrently).
 """
@@ -61,6 +63,7 @@ def routing(**info: Any) -> Iterator[Routing]:
         _CURRENT.reset(token)
 
 
+SUPERVISED_KEY = "supervised_mask"  # extras: (batch, seq) bool, True on the tokens whose labels the loss scores
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 

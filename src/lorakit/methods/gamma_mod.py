@@ -1,40 +1,62 @@
 """γ-MoD — "γ-MoD: Exploring Mixture-of-Depth Adaptation for Multimodal Large Language Models", Luo et al.,
-arXiv:2410.13859; official code github.com/Yaxin9Luo/Gamma-MOD (``gamma_mod/model/language_model/llava_llama_mod.py``).
+arXiv:2410.13859; official code github.com/Yaxin9Luo/Gamma-MOD (``gamma_mod/model/language_model/llava_llama_mod.py``,
+cited below as ``mod.py``; ARank in ``llava_llama.py``).
 
 Dense transformer blocks become mixture-of-depth (MoD) blocks that only a share of the tokens go through; the others
 skip the block (their hidden state passes unchanged), and the model is fine-tuned with LoRA:
 
 - **ARank** chooses the blocks: the rank of each head's attention map, causal part with the diagonal removed,
-  averaged over heads (official ``compute_attention_rank``: ``matrix_rank(tril(A) with diag 0)``); the blocks of
-  lowest ARank are redundant and become MoD blocks.
+  averaged over heads (``llava_llama.py`` ``compute_attention_rank``, l. 48-73); the paper uses it to "identify
+  which layer is redundant and should be replaced with the MoD layer" (abstract; its method section was not
+  available when this was written, so the rule below is the code's). The official code fixes the outcome as
+  ``mod_mode="arank_mod"`` (``mod.py`` l. 554-558, the mode of the released fine-tuning scripts
+  ``scripts/v1_5/fine_tune_mod.sh``): every block but the first three and the last becomes a MoD block.
+  Here: blocks ``dense_first_layers`` (3) .. ``n − dense_last_layers`` (n − 1) are eligible, and ARank (on the
+  training loop's first batches) picks the ``num_mod_layers`` of lowest ARank among them; ``num_mod_layers=None``
+  takes every eligible block, i.e. exactly the official rule. Choice between paper and code: the paper ranks blocks
+  by ARank; the code hard-codes where that ranking put the dense blocks on LLaVA. An unrestricted lowest-ARank
+  choice picks the first blocks on small text models (the bundled base: blocks 0-2), which the official rule
+  never converts and which breaks the model (benchmarks/gamma_mod.md), so the code's positions bound the choice.
 - **Shared router**: ONE ``Linear(d, 2, bias=False)`` for every MoD block, applied to each block's input norm
-  (``router(input_layernorm(h))``); a token's keep probability is ``r = softmax(logits)[1]``.
-- **Routing**: per sequence the ``k`` tokens of highest r are kept; the block runs on them alone (attention
-  among the kept tokens), its MLP branch is weighted by r (so the task loss trains the router; official
-  ``MoDLlamaDecoderLayer_forward`` lines 160-175), and the result is scattered back: on kept tokens
-  ``h1 = h + Attn(LN1(h))``, ``h' = h1 + r·MLP(LN2(h1))``; ``h' = h`` on the others.
-- **Masked routing learning**: tokens named by a mask are always kept (official: ``topk(r + mask)``, mask 1 on the
-  question tokens); only the others are routed, and ``capacity_factor`` of those are kept (official:
-  ``top_k = ceil(T·(1 − 0.5·n_routable/T))``, i.e. half of the routable tokens).
-- **Router loss**: per MoD block the cross-entropy of the 2-way router logits against "kept" targets, summed
-  over blocks, × ``router_aux_loss_coef`` (0.01, the official default).
+  (``router(input_layernorm(h))``); a token's keep probability is ``r = softmax(logits)[1]`` (``mod.py`` l. 141-142,
+  one router for all blocks l. 564-568).
+- **Routing in training**: per sequence the ``k`` tokens of highest r are kept; the block runs on them alone, its
+  MLP branch weighted by r (l. 160-175: ``h1 = h + Attn(LN1(h))``, ``h' = h1 + r·MLP(LN2(h1))`` on kept tokens,
+  ``h' = h`` on the others), so the task loss trains the router.
+- **Masked routing learning**: tokens named by a mask are always kept (``topk(r + mask)``, l. 143-153), and
+  ``capacity_factor`` of the others (``top_k = ceil(T·(1 − 0.5·n_routable/T))``: half the routable tokens).
+  Officially the mask is every token after the 1024 image + 35 system-instruction tokens, i.e. the question and
+  the answer; only the image/instruction prefix is routed. Text examples have no such split: a prompt is
+  instruction and question in one. Here the always-kept tokens are the answer (completion) tokens, which
+  lorakit's training loop offers every method as the ``SUPERVISED_KEY`` routing extra (``keep_supervised=True``),
+  and any ``routing(extras={"gamma_mod_keep": (batch, seq) bool})`` a caller gives (e.g. a question span); the
+  prompt is routed. Keeping the whole prompt as well would leave nothing to route.
+- **Routing at inference** (module not training; ``MoDLlamaDecoderLayer_forward_inference``, l. 188-280, the
+  forward of ``EvalMoDLLaVALlamaForCausalLM`` that ``model/builder.py`` loads for evaluation): a forward of several
+  tokens (prefill) keeps every token with ``r > inference_threshold`` (0.005, l. 224-233), no top-k, no mask; a
+  single decoded token skips the block when ``r < decode_threshold`` (0.5, l. 216-222) and is processed otherwise
+  (the Mini-Gemini variant, ``MGM/.../mod_mgm_llama.py`` l. 253-262, comments that skip out: ``decode_threshold=0``).
+  ``inference_threshold=None`` uses the training top-k at inference too.
+- **Router loss**: per MoD block the cross-entropy of the 2-way router logits against "kept" targets (l. 181-184),
+  summed over blocks, × ``router_aux_loss_coef`` (0.01, l. 488).
 
 Choices where this differs from the official code (which edits LLaVA's Llama classes):
 - Host blocks are called whole, through the block's own forward (hooks/wrappers only); r reaches the MLP branch
   through a forward hook on the block's ``mlp`` (for GPT-2 blocks after the MLP's own dropout);
-- kept tokens keep their own positions (rotary embeddings, mask entries are gathered), where the official
-  code renumbers them 0..k−1;
-- the mask of always-kept tokens comes from ``lorakit.routing(extras={"gamma_mod_keep": mask})`` ((batch, seq)
-  bool), since text-only data has no image/question split; without it every real token is routable. Padding
-  (the routing context's ``token_mask``) is skipped first and never counted in k;
-- inference uses the same top-k as training (the official evaluation keeps tokens with r > 0.005 at prefill);
-  generation runs without KV cache (``use_cache=False``), every step routing the whole sequence;
+- kept tokens keep their own positions (rotary embeddings, mask entries are gathered), where the official code
+  renumbers them 0..k−1;
+- batches: the official inference handles one sequence; here each row keeps its own tokens (rows are gathered to
+  the largest count; the extra "filler" tokens are masked out as keys and left unchanged). Padding (the routing
+  context's ``token_mask``) is never kept in training;
+- KV cache: officially a MoD layer's cache holds only the tokens it processed. Here every layer's cache keeps the
+  model's length (the model reads its length from layer 0): a skipped token leaves a zero key/value slot that this
+  block masks out, so decoding reads the same keys and values as the official cache, but the memory is not
+  saved. The slot masks are not reordered with beams: use greedy decoding or ``use_cache=False`` with beams;
 - ARank is computed on every row of the init batches over their real tokens (official: row 0 of one sample).
 
-The LoRA part is plain LoRA on ``target_modules``; every decoder block gets a wrapper (so ARank can pick any)
-that only routes when its index is in ``mod_layers``. With ``mod_layers=None`` the method's ``init`` (run by the
-training loop on its first batches) computes ARank, picks the ``num_mod_layers`` lowest (default half the blocks)
-and records them in the config, so the saved adapter reloads with the same blocks.
+The LoRA part is plain LoRA on ``target_modules``; every decoder block gets a wrapper (so ARank can pick any) that
+only routes when its index is in ``mod_layers``. The chosen blocks are recorded in the config, so the saved adapter
+reloads with the same blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +76,7 @@ from ..core.config import AdapterConfig
 from ..core.delta import LayerInfo, register_layer_kind
 from ..core.errors import AdapterError, ConfigError
 from ..core.registry import register_method
-from ..core.routing import current_routing
+from ..core.routing import SUPERVISED_KEY, current_routing
 from ..mixtures.base import MixtureDelta, router_loss, token_mask_for
 from ..mixtures.router import RouterOutput
 from .lora import LoraConfig
@@ -91,10 +114,19 @@ class GammaModConfig(AdapterConfig):
     - ``target_modules``: the LoRA targets (PEFT's forms; None: the architecture's default). They are resolved
       to module paths and the decoder blocks are added when the adapter is added.
     - ``r``, ``lora_alpha``, ``lora_dropout``: the LoRA on those modules.
-    - ``mod_layers``: indices of the blocks that become MoD blocks (None: chosen by ARank at init).
-    - ``num_mod_layers``: how many blocks ARank converts (None: half of them, at least one).
-    - ``capacity_factor``: share of a sequence's routable tokens a MoD block processes, in (0, 1].
+    - ``mod_layers``: indices of the blocks that become MoD blocks (None: chosen by ARank at init, below).
+    - ``dense_first_layers``: how many first blocks ARank never converts (official ``arank_mod``: 3).
+    - ``dense_last_layers``: how many last blocks ARank never converts (official ``arank_mod``: 1).
+    - ``num_mod_layers``: how many of the other blocks ARank converts, lowest ARank first (None: all of them).
+    - ``capacity_factor``: share of a sequence's routable tokens a MoD block processes in training, in (0, 1].
+    - ``keep_supervised``: always keep the tokens of the training loop's supervised mask (the answer tokens).
+    - ``inference_threshold``: out of training, a multi-token forward keeps the tokens with r above it (official
+      0.005); None: the training top-k.
+    - ``decode_threshold``: out of training, a single decoded token is processed when r >= it (official 0.5; 0:
+      every decoded token is processed). Used with ``inference_threshold`` only.
     - ``router_aux_loss_coef``: weight of the router's cross-entropy loss.
+
+    Raises ConfigError for values out of range.
     """
 
     target_modules: list[str] | str | None = None
@@ -102,8 +134,13 @@ class GammaModConfig(AdapterConfig):
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     mod_layers: list[int] | None = None
+    dense_first_layers: int = 3
+    dense_last_layers: int = 1
     num_mod_layers: int | None = None
     capacity_factor: float = 0.5
+    keep_supervised: bool = True
+    inference_threshold: float | None = 0.005
+    decode_threshold: float = 0.5
     router_aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
@@ -116,11 +153,29 @@ class GammaModConfig(AdapterConfig):
             raise ConfigError(f"GammaModConfig.num_mod_layers must be positive or None, got {self.num_mod_layers}.")
         if self.mod_layers is not None and any(i < 0 for i in self.mod_layers):
             raise ConfigError(f"GammaModConfig.mod_layers must be non-negative block indices, got {self.mod_layers}.")
+        if self.dense_first_layers < 0 or self.dense_last_layers < 0:
+            raise ConfigError("GammaModConfig.dense_first_layers and dense_last_layers must be >= 0, got "
+                              f"{self.dense_first_layers} and {self.dense_last_layers}.")
+        if self.inference_threshold is not None and not 0.0 <= self.inference_threshold < 1.0:
+            raise ConfigError("GammaModConfig.inference_threshold must be in [0, 1) or None (training top-k), got "
+                              f"{self.inference_threshold}.")
+        if not 0.0 <= self.decode_threshold <= 1.0:
+            raise ConfigError(f"GammaModConfig.decode_threshold must be in [0, 1], got {self.decode_threshold}.")
         if self.router_aux_loss_coef < 0:
             raise ConfigError("GammaModConfig.router_aux_loss_coef must be >= 0.")
 
 
+def eligible_blocks(num_blocks: int, config: GammaModConfig) -> list[int]:
+    """Blocks ARank may convert: all but the first ``dense_first_layers`` and the last ``dense_last_layers``
+    (official ``arank_mod``, ``mod.py`` l. 554-558, with 3 and 1)."""
+    return list(range(config.dense_first_layers, num_blocks - config.dense_last_layers))
+
+
 # -- the MoD block --------------------------------------------------------------------------------------------
+CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")  # a host block's KV-cache argument
+_SLOTS: "weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
 class GammaModBlock(MixtureDelta):
     """One decoder block's γ-MoD wrapper. Routes (``enabled``) or passes through to the host block.
 
@@ -137,35 +192,112 @@ class GammaModBlock(MixtureDelta):
         self.index = index
         self.enabled = config.mod_layers is not None and index in config.mod_layers
         self.capacity_factor = config.capacity_factor
+        self.keep_supervised = config.keep_supervised
+        self.inference_threshold = config.inference_threshold
+        self.decode_threshold = config.decode_threshold
         if router is None:
             self.router = nn.Linear(info.in_features, 2, bias=False)
             router = self.router
         object.__setattr__(self, "shared_router", router)  # not a submodule: saved with its owner only
         self._params = list(inspect.signature(base_layer.forward).parameters)
 
-    def route(self, x: torch.Tensor, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, RouterOutput]:
-        """(kept indices (B, K) ascending, keep probabilities (B, K), router output over all B·T tokens)."""
+    def _always_kept(self, batch: int, seq: int, device: torch.device, decoding: bool) -> torch.Tensor:
+        """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | the supervised tokens when ``keep_supervised``."""
+        ctx = current_routing()
+        keep = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        for key in (KEEP_KEY, SUPERVISED_KEY if self.keep_supervised else None):
+            mask = None if ctx is None or key is None else ctx.extras.get(key)
+            if not isinstance(mask, torch.Tensor):
+                continue
+            if mask.shape != (batch, seq):
+                if decoding:  # a prompt-shaped mask while generating: the decoded tokens have none
+                    continue
+                raise AdapterError(f"routing extras {key!r} has shape {tuple(mask.shape)}; γ-MoD needs (batch, seq) "
+                                   f"= {(batch, seq)}, one bool per token.")
+            keep |= mask.to(device=device, dtype=torch.bool)
+        return keep
+
+    def route(self, x: torch.Tensor, base_layer: nn.Module, decoding: bool):
+        """(kept indices (B, K) ascending, their keep probabilities (B, K), which of them are really kept (B, K)
+        bool — the others are fillers of rows that keep fewer than K —, router output over all B·T tokens)."""
         batch, seq = x.shape[:2]
-        router = self.shared_router
-        logits = F.linear(block_norm(base_layer)(x).float(), router.weight.float()).reshape(batch * seq, 2)
+        logits = F.linear(block_norm(base_layer)(x).float(), self.shared_router.weight.float()).reshape(batch * seq, 2)
         probs = torch.softmax(logits, -1)
-        score = probs[:, 1].detach().view(batch, seq)
+        r = probs[:, 1].detach().view(batch, seq)
         real = token_mask_for(batch * seq)
         real = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if real is None else real.view(batch, seq)
-        ctx = current_routing()
-        keep = None if ctx is None else ctx.extras.get(KEEP_KEY)
-        keep = torch.zeros_like(real) if keep is None else keep.to(device=x.device, dtype=torch.bool).view(batch, seq) & real
-        score = (score + keep.float()).masked_fill(~real, -1.0)  # official: topk(r + mask); padding goes last
-        routable = real.sum(1) - keep.sum(1)
-        k = int((keep.sum(1) + torch.ceil(self.capacity_factor * routable.float()).long()).max().clamp_min(1))
-        index = score.topk(k, dim=1).indices.sort(dim=1).values  # (B, K), in sequence order
-        chosen = torch.zeros(batch, seq, dtype=torch.bool, device=x.device).scatter(1, index, True).view(-1)
-        selected = torch.stack([~chosen, chosen], -1)
+        keep = self._always_kept(batch, seq, x.device, decoding) & real
+        if self.training or self.inference_threshold is None:
+            # Training (mod.py l. 143-154): top-k of r + mask, k = kept-mask count + capacity · routable tokens;
+            # padding goes last (it is gathered only to fill short rows, and masked as a key by the host's mask).
+            score = (r + keep.float()).masked_fill(~real, -1.0)
+            routable = real.sum(1) - keep.sum(1)
+            k = int((keep.sum(1) + torch.ceil(self.capacity_factor * routable.float()).long()).max().clamp_min(1))
+            index = score.topk(k, dim=1).indices.sort(dim=1).values  # (B, K), in sequence order
+            chosen = torch.zeros_like(real).scatter(1, index, True)
+        else:
+            # Inference (mod.py l. 216, 225): a decoded token is kept when r >= 0.5, prefill tokens when r > 0.005.
+            above = r >= self.decode_threshold if decoding else r > self.inference_threshold
+            chosen = (above | keep) & real
+            k = max(int(chosen.sum(1).max()), 1)
+            index = (chosen.float() * 2 + r).topk(k, dim=1).indices.sort(dim=1).values  # chosen first, then fillers
+        selected = torch.stack([~chosen, chosen], -1).view(-1, 2)
         out = RouterOutput(logits=logits, probs=probs, weights=probs * selected, selected=selected)
-        return index, probs[:, 1].view(batch, seq).gather(1, index), out
+        return index, probs[:, 1].view(batch, seq).gather(1, index), chosen.gather(1, index), out
 
-    def _gather_args(self, bound: dict[str, Any], index: torch.Tensor, seq: int) -> dict[str, Any]:
-        """The block's arguments for the kept tokens only: masks, positions and rotary embeddings gathered."""
+    def full_forward(self, x: torch.Tensor, base_layer: nn.Module, *args, **kwargs):
+        if not self.enabled:
+            return base_layer(x, *args, **kwargs)
+        batch, seq, d = x.shape
+        bound = dict(zip(self._params[1:], args))
+        bound.update(kwargs)
+        cache_name = next((n for n in CACHES if bound.get(n) is not None), None)
+        cache = bound.get(cache_name) if cache_name else None
+        attention = next(getattr(base_layer, a) for a in ATTENTIONS if hasattr(base_layer, a))
+        layer_idx = getattr(attention, "layer_idx", None)
+        layer_idx = self.index if layer_idx is None else layer_idx
+        past = int(cache.get_seq_length(layer_idx)) if cache is not None else 0
+        positions = bound.get("position_ids")
+        if self.training and cache is not None and (past > 0 or (
+                isinstance(positions, torch.Tensor) and positions.numel() and int(positions.min()) > 0)):
+            raise AdapterError("γ-MoD routes by top-k in training and cannot decode from a KV cache there: call "
+                               "model.eval() before generating.")
+        decoding = not self.training and seq == 1
+        index, weight, kept, routed = self.route(x, base_layer, decoding)
+        self.observe(routed, x.shape)
+        if self.training:
+            cache = None  # the kept tokens are not written to a cache made for a training forward
+        slots = None
+        if cache is not None:
+            chosen = torch.zeros(batch, seq, dtype=torch.bool, device=x.device).scatter(1, index, kept)
+            slots = torch.cat([_slot_history(cache, layer_idx, batch, past, x.device), chosen], 1)  # (B, past + T)
+            _SLOTS.setdefault(cache, {})[layer_idx] = slots
+            if not bool(kept.any()) and past > 0:  # every row skips this token (mod.py l. 216-222)
+                _write_empty_slots(cache, layer_idx, seq)
+                return x
+        elif not bool(kept.any()):
+            return x
+        idx = index.unsqueeze(-1).expand(batch, index.shape[1], d)
+        gathered = x.gather(1, idx)  # (B, K, d)
+        # Official line 173: r weights the MLP branch only, h1 = h + Attn(h), h' = h1 + r·MLP(h1); a hook on the
+        # host's mlp applies it, so the block still runs through its own forward.
+        scale = weight.unsqueeze(-1)  # (B, K, 1)
+        handle = base_layer.mlp.register_forward_hook(lambda module, args, output: _scaled(output, scale))
+        try:
+            out = base_layer(gathered, **self._gather_args(bound, index, kept, seq, cache_name, cache, past, slots,
+                                                           x.dtype))
+        finally:
+            handle.remove()
+        new = out[0] if isinstance(out, tuple) else out
+        new = torch.where(kept.unsqueeze(-1), new, gathered)  # fillers stay as they were
+        hidden = x.scatter(1, idx, new)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    def _gather_args(self, bound: dict[str, Any], index: torch.Tensor, kept: torch.Tensor, seq: int,
+                     cache_name: str | None, cache: Any, past: int, slots: torch.Tensor | None,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """The block's arguments for the gathered tokens: positions and rotary embeddings gathered, the attention
+        mask restricted to the kept keys, and (out of training) the cache behind a ``_SlotCache``."""
         batch, k = index.shape
 
         def along(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -177,50 +309,86 @@ class GammaModBlock(MixtureDelta):
 
         out = dict(bound)
         for name, value in bound.items():
-            if name in ("cache", "past_key_values", "past_key_value", "layer_past"):
-                # A cache made for a plain forward is left alone (the kept tokens are not written to it); one that
-                # already holds tokens means incremental decoding, which per-sequence routing cannot follow.
-                positions = bound.get("position_ids")
-                decoding = getattr(value, "get_seq_length", lambda i: 0)(self.index) > 0 or (
-                    isinstance(positions, torch.Tensor) and positions.numel() and int(positions.min()) > 0)
-                if value is not None and decoding:
-                    raise AdapterError("γ-MoD routes every sequence anew and cannot decode from a KV cache: call "
-                                       "model.generate(..., use_cache=False) (lorakit's generate does).")
+            if name in CACHES:
                 out[name] = None
-            elif name == "attention_mask" and isinstance(value, torch.Tensor) and value.dim() == 4:
-                out[name] = along(along(value, 2), 3)
             elif name == "position_ids" and isinstance(value, torch.Tensor) and value.shape[-1] == seq:
                 out[name] = along(value, value.dim() - 1)
             elif name == "position_embeddings" and isinstance(value, tuple):
                 out[name] = tuple(along(v, 1) for v in value)
-            elif name == "cache_position":
+            elif name == "cache_position" and slots is None:
                 out[name] = None
+        given = bound.get("attention_mask")
+        given = given if isinstance(given, torch.Tensor) and given.dim() == 4 else None
+        if slots is not None:
+            # Queries: the gathered tokens at their positions; keys: every slot of the cache (skipped ones masked).
+            if given is not None and given.shape[-1] != slots.shape[1]:
+                raise AdapterError(f"γ-MoD decodes from growing KV caches (DynamicCache); this cache's mask has "
+                                   f"{given.shape[-1]} key positions for {slots.shape[1]} tokens.")
+            queries = past + index  # (B, K)
+            keys = torch.arange(slots.shape[1], device=index.device)
+            allowed = (keys <= queries[..., None]) & (slots[:, None, :] | (keys == queries[..., None]))
+            out["attention_mask"] = _restrict(None if given is None else along(given, 2), allowed, dtype)
+            out[cache_name] = _SlotCache(cache, index, kept, seq)
+        elif bool(kept.all()):
+            out["attention_mask"] = None if given is None else along(along(given, 2), 3)
+        else:  # keys: the gathered tokens, fillers masked out (each still sees itself, so no row is empty)
+            own = torch.eye(k, dtype=torch.bool, device=index.device)
+            allowed = torch.ones(k, k, dtype=torch.bool, device=index.device).tril() & (kept[:, None, :] | own)
+            out["attention_mask"] = _restrict(None if given is None else along(along(given, 2), 3), allowed, dtype)
+        if "attention_mask" not in self._params:
+            out.pop("attention_mask")
         return out
-
-    def full_forward(self, x: torch.Tensor, base_layer: nn.Module, *args, **kwargs):
-        if not self.enabled:
-            return base_layer(x, *args, **kwargs)
-        batch, seq, d = x.shape
-        index, weight, routed = self.route(x, base_layer)
-        self.observe(routed, x.shape)
-        bound = dict(zip(self._params[1:], args))
-        bound.update(kwargs)
-        idx = index.unsqueeze(-1).expand(batch, index.shape[1], d)
-        kept = x.gather(1, idx)  # (B, K, d)
-        # Official line 173: r weights the MLP branch only, h1 = h + Attn(h), h' = h1 + r·MLP(h1); a hook on the
-        # host's mlp applies it, so the block still runs through its own forward.
-        scale = weight.unsqueeze(-1)  # (B, K, 1)
-        handle = base_layer.mlp.register_forward_hook(lambda module, args, output: _scaled(output, scale))
-        try:
-            out = base_layer(kept, **self._gather_args(bound, index, seq))
-        finally:
-            handle.remove()
-        new = out[0] if isinstance(out, tuple) else out
-        hidden = x.scatter(1, idx, new)
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.full_forward(x, base_layer) - base_out
+
+
+def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-d attention mask (bool: True attends; float: added to the scores) that also forbids ``~allowed``
+    ((B, Q, K) bool). ``mask=None`` (the host left causality to the kernel) gives an additive float mask."""
+    allowed = allowed.unsqueeze(1)  # (B, 1, Q, K)
+    if mask is None:
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+class _SlotCache:
+    """The host's KV cache as a MoD block's attention sees it: each ``update`` writes the gathered tokens' keys
+    and values into their own positions of a full-length update (zeros in skipped and filler slots), so every
+    layer's cache keeps the model's length; the block's mask hides those slots."""
+
+    def __init__(self, cache: Any, index: torch.Tensor, kept: torch.Tensor, seq: int):
+        self._cache, self._index, self._kept, self._seq = cache, index, kept, seq
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        def full(states: torch.Tensor) -> torch.Tensor:  # (B, H, K, Dh) -> (B, H, T, Dh)
+            b, h, k, dh = states.shape
+            slot = self._index[:, None, :, None].expand(b, h, k, dh)
+            states = states * self._kept[:, None, :, None].to(states.dtype)
+            return states.new_zeros(b, h, self._seq, dh).scatter(2, slot, states)
+
+        return self._cache.update(full(key_states), full(value_states), layer_idx, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+
+def _slot_history(cache: Any, layer_idx: int, batch: int, past: int, device: torch.device) -> torch.Tensor:
+    """(B, past) bool: which of a cache's earlier slots this block filled (all, for slots it did not record)."""
+    history = _SLOTS.get(cache, {}).get(layer_idx)
+    if history is None or history.shape != (batch, past):
+        return torch.ones(batch, past, dtype=torch.bool, device=device)
+    return history.to(device)
+
+
+def _write_empty_slots(cache: Any, layer_idx: int, seq: int) -> None:
+    """Zero key/value slots for ``seq`` tokens that skipped the block (the cache keeps the model's length)."""
+    layer = cache.layers[layer_idx]
+    keys = layer.keys.new_zeros(*layer.keys.shape[:2], seq, layer.keys.shape[-1])
+    values = layer.values.new_zeros(*layer.values.shape[:2], seq, layer.values.shape[-1])
+    cache.update(keys, values, layer_idx)
 
 
 def _scaled(output, scale: torch.Tensor):
@@ -250,6 +418,10 @@ def prepare_gamma_mod(model: nn.Module, config: GammaModConfig) -> GammaModConfi
     if config.mod_layers is not None and any(i >= len(blocks) for i in config.mod_layers):
         raise ConfigError(f"GammaModConfig.mod_layers={config.mod_layers} names blocks this model lacks "
                           f"(it has {len(blocks)}, indices 0..{len(blocks) - 1}).")
+    if config.mod_layers is None and not eligible_blocks(len(blocks), config):
+        raise ConfigError(f"γ-MoD converts no block of this {len(blocks)}-block model: dense_first_layers="
+                          f"{config.dense_first_layers} and dense_last_layers={config.dense_last_layers} keep them all "
+                          "dense (the official arank_mod rule); lower those or set mod_layers.")
     lora_only = dataclasses.replace(config, target_modules=config.target_modules if not isinstance(
         config.target_modules, list) else [t for t in config.target_modules if t not in blocks])
     targets = [p for p in select_targets(model, lora_only) if p not in blocks] if lora_only.target_modules != [] else []
@@ -318,7 +490,10 @@ def attention_ranks(model: nn.Module, batches: list[dict]) -> list[float]:
 
 
 def gamma_mod_init(model: nn.Module, name: str, batches: list[dict]) -> None:
-    """Pick the MoD blocks by ARank (lowest first) when the config names none; records them in the config."""
+    """When the config names no blocks: ARank on ``batches``, then the ``num_mod_layers`` eligible blocks of lowest
+    ARank (all eligible ones by default: the official ``arank_mod`` rule) become MoD blocks; the choice and the
+    ranks are recorded in the config. Raises AdapterError without batches, ConfigError when fewer blocks are
+    eligible than ``num_mod_layers`` asks for."""
     from ..core.model import adapter_state
 
     config = adapter_state(model).configs[name]
@@ -327,8 +502,13 @@ def gamma_mod_init(model: nn.Module, name: str, batches: list[dict]) -> None:
     if not batches:
         raise AdapterError("γ-MoD needs batches to compute ARank (or set GammaModConfig.mod_layers).")
     ranks = attention_ranks(model, batches)
-    n = config.num_mod_layers or max(len(ranks) // 2, 1)
-    chosen = sorted(sorted(range(len(ranks)), key=lambda i: (ranks[i], -i))[:n])
+    eligible = eligible_blocks(len(ranks), config)
+    n = len(eligible) if config.num_mod_layers is None else config.num_mod_layers
+    if n > len(eligible):
+        raise ConfigError(f"GammaModConfig.num_mod_layers={n}, but only blocks {eligible} of this {len(ranks)}-block "
+                          f"model may be converted (dense_first_layers={config.dense_first_layers}, dense_last_layers="
+                          f"{config.dense_last_layers}); lower num_mod_layers or those, or set mod_layers.")
+    chosen = sorted(sorted(eligible, key=lambda i: (ranks[i], -i))[:n])
     config.mod_layers = chosen
     config.__dict__["aranks"] = ranks
     for block in gamma_mod_blocks(model, name):
@@ -368,7 +548,7 @@ def keep_fractions(model: nn.Module, name: str) -> dict[int, float]:
 register_method(
     "gamma_mod", config=GammaModConfig, build=build_gamma_mod, layer_kinds=("linear", "block"),
     prepare=prepare_gamma_mod, init=gamma_mod_init, extra_loss=gamma_mod_extra_loss, mergeable=False,
-    zero_init=False, generate_kwargs={"use_cache": False},
+    zero_init=False,
     description="γ-MoD: LoRA plus mixture-of-depth blocks chosen by attention-map rank; a shared router skips tokens.",
     paper="Luo et al. 2024, arXiv:2410.13859",
     variants={"gamma_mod": {"r": 4, "mod_layers": [1]}},

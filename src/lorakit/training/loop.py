@@ -54,7 +54,7 @@ from ..io.files import write_dir_atomically
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import device_for, setup
-from .objectives import objective_for
+from .objectives import objective_for, supervised_extras
 from .procedures import Procedure, get_procedure
 
 LogCallback = Callable[[dict[str, Any]], None]
@@ -387,10 +387,11 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             for index, batch in enumerate(map(to_device, batches)):
                 # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
                 # balance losses); task ids, when the data has them, as the routing keys; per-example routing
-                # vectors (e.g. a user vector) as extras.
+                # vectors (e.g. a user vector) and the supervised (completion) tokens' mask as extras.
                 with ctx.no_sync(train_model, last=index == len(batches) - 1):
-                    with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"],
-                                 extras={**key_names, **batch.get("routing", {})}):
+                    extras = {**key_names, **supervised_extras(batch.get("labels"), batch["input_ids"]),
+                              **batch.get("routing", {})}
+                    with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"], extras=extras):
                         logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = objective.loss_sum(logits, batch) / n_supervised
                     step_loss_sum += loss.detach()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.routing import SUPERVISED_KEY
 from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset
 from ..data.classification import (ClassificationCollator, classification_metrics, evaluate_classification,
                                    label_index, predict_labels, tokenize_classification)
@@ -120,6 +121,15 @@ class SequenceClassification:
         labels = [label_index(self.label2id, ex.completion) for ex in examples]
         metrics = classification_metrics(labels, [gathered[i] for i in range(len(examples))])
         return {**metrics, "exact_match": metrics["accuracy"], "n": len(examples)}
+
+
+def supervised_extras(labels: Any, input_ids: Any) -> dict[str, torch.Tensor]:
+    """The routing extra ``{SUPERVISED_KEY: labels != IGNORE_INDEX}`` ((batch, seq) bool: a causal LM's completion
+    tokens) when ``labels`` are per token (the shape of ``input_ids``); ``{}`` otherwise (no labels, or one label per
+    row as for a classifier). Training loops offer it to every method; γ-MoD always keeps those tokens."""
+    if not (isinstance(labels, torch.Tensor) and isinstance(input_ids, torch.Tensor)) or labels.shape != input_ids.shape:
+        return {}
+    return {SUPERVISED_KEY: labels != IGNORE_INDEX}
 
 
 OBJECTIVES = {"CAUSAL_LM": lambda model: CausalLM(),

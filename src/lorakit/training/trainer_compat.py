@@ -6,7 +6,7 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
 
 - each forward of the model runs inside a routing context built from its batch, as in lorakit's own loop:
   ``attention_mask`` as the token mask, ``task_ids`` (popped from the batch) as the routing keys, the data's
-  task names and per-example ``routing`` vectors as extras;
+  task names, per-example ``routing`` vectors and the supervised tokens' mask (``labels != -100``) as extras;
 - a method's ``extra_loss`` (MixLoRA / MoLE / MoLA balance losses, MeteoRA's gate loss, MixDA's general-data
   MSE) is added to the loss the model returns, scaled as lorakit's loop scales it (averaged over the step's
   micro-batches): divided by the gradient-accumulation steps when Trainer gave the model
@@ -46,6 +46,7 @@ from ..core.registry import get_method
 from ..core.routing import routing as routing_context
 from ..io.peft_format import save_adapter
 from ..mixtures.base import pop_aux_records
+from .objectives import supervised_extras
 from .procedures import Procedure
 
 
@@ -97,7 +98,9 @@ class LorakitCallback(TrainerCallback):
         def routed_forward(*fargs, task_ids=None, routing=None, **fkwargs):
             fkwargs.pop("task_id", None)  # only named in the signature, for Trainer's column filter
             task_names = getattr(self, "_task_names", None)
-            extras = {**({"task_names": task_names} if task_names else {}), **(routing or {})}
+            ids = fkwargs.get("input_ids", fargs[0] if fargs else None)
+            extras = {**({"task_names": task_names} if task_names else {}),
+                      **supervised_extras(fkwargs.get("labels"), ids), **(routing or {})}
             with routing_context(keys=task_ids, token_mask=fkwargs.get("attention_mask"), extras=extras):
                 out = forward(*fargs, **fkwargs)
             method = self._method(model)
