@@ -45,7 +45,9 @@ FULL = MethodsProfile()
 
 
 def _config_for(method, variant: str, r: int):
-    kwargs = dict(method.variants[variant])
+    """``method``'s config for the bundled base: ``variant`` of its benchmark variants (``Method.benchmark_variants``)
+    with the bench's r, lora_alpha = 2r and all-linear targets where the variant leaves them unset."""
+    kwargs = dict(method.benchmark_variants()[variant])
     fields = method.config_cls.__dataclass_fields__
     if "r" in fields:
         kwargs.setdefault("r", r)
@@ -115,7 +117,7 @@ def run_methods(profile: MethodsProfile, progress: bool = False, after_each=None
             continue
         if after_each is not None and runs:  # the methods before this one are finished
             after_each(so_far())
-        variants = list(method.variants) if profile.all_variants else list(method.variants)[:1]
+        variants = list(method.benchmark_variants())[:None if profile.all_variants else 1]
         for variant in variants:
             for seed in profile.seeds:
                 model = copy.deepcopy(base)
@@ -176,7 +178,7 @@ def init_runs(profile: MethodsProfile, name: str, base, tokenizer, train_ex: dic
 
     method_name, init = init_method(name)
     method = lk.get_method(method_name)
-    variant = list(method.variants)[0]
+    variant = next(iter(method.benchmark_variants()))
     runs = []
     for seed in profile.seeds:
         model = copy.deepcopy(base)

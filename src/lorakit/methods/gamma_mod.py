@@ -551,5 +551,8 @@ register_method(
     zero_init=False,
     description="γ-MoD: LoRA plus mixture-of-depth blocks chosen by attention-map rank; a shared router skips tokens.",
     paper="Luo et al. 2024, arXiv:2410.13859",
+    # Block 1 routes on the 2-block contract models; on a full model the defaults apply (ARank among the blocks of
+    # the official arank_mod rule), at the benchmark's r like every other method.
     variants={"gamma_mod": {"r": 4, "mod_layers": [1]}},
+    bench_variants={"gamma_mod": {}},
 )
