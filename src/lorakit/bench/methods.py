@@ -312,9 +312,12 @@ def methods_markdown(result: dict) -> str:
             lines += ["", "Re-run in a later file (exact match earlier → later)" + (": all reproduced exactly." if same
                       else "; a changed score means the method changed or the run is not deterministic:"), ""]
             lines += [f"- {r['method']} seed {r['seed']}: {r['before']:.3f} → {r['after']:.3f}" for r in result["reruns"]]
-    lines += ["", "Every method trains from its registered default variant here (fresh experts for the mixtures of "
-              "existing adapters). Equal-budget comparisons of the mixtures, and MeteoRA / X-LoRA / MixDA composing "
-              "real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]
+    import lorakit as lk
+    own = ", ".join(m.name for m in lk.list_methods() if m.bench_variants is not None)
+    lines += ["", "Every method trains from its registered default variant here" + (
+              f" ({own}: the benchmark variant it registers for full-size models, `bench_variants`)" if own else "") +
+              "; fresh experts for the mixtures of existing adapters. Equal-budget comparisons of the mixtures, and "
+              "MeteoRA / X-LoRA / MixDA composing real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]
     return "\n".join(lines) + "\n"
 
 
