@@ -138,7 +138,8 @@ def batch_routing(batch: Mapping[str, Any], extras: Mapping[str, Any] | None = N
     the token mask, and as extras the caller's ``extras``, the supervised mask (``supervised_extras``) and the
     batch's per-example routing vectors. ``fields`` are further ``routing`` fields (e.g. ``adapter_names``).
     Every path that runs a forward with labels (the loop, the Trainer callback, concurrent jobs, DP-SGD clients,
-    a procedure's validation forward) enters this one, so every method sees the same routing information."""
+    a procedure's validation forward, the federated server's eval loss) enters this one, so every method sees the
+    same routing information; a method decides what it uses out of training (γ-MoD: not the supervised mask)."""
     extras = {**(extras or {}), **supervised_extras(batch.get("labels"), batch.get("input_ids")),
               **(batch.get("routing") or {})}
     return routing(keys=batch.get("task_ids"), token_mask=batch.get("attention_mask"), extras=extras, **fields)
