@@ -119,3 +119,28 @@ def test_bench_init_contender_with_its_own_lr_and_resume_keeps_matching_runs():
                                                                               "skipped": "no"}]}}
     assert inits.reusable_runs(previous, inits.QUICK) == [run]  # finished runs only
     assert inits.reusable_runs(previous, replace(inits.QUICK, steps=5)) == []  # other settings: rerun everything
+
+
+def test_bench_methods_trains_gamma_mod_at_its_faithful_default():
+    """γ-MoD's registered variant routes block 1 (sized for the 2-block contract models); bench methods trains its
+    defaults instead, at the bench's r: on the bundled 6-block base ARank converts the blocks of the official
+    ``arank_mod`` rule, 3 and 4 (Gamma-MOD ``llava_llama_mod.py`` l. 554-558: all but the first three and the last).
+    Methods without bench variants bench their registered variants."""
+    from lorakit.bench.gamma_mod import arank_mod_layers
+    from lorakit.bench.methods import _config_for
+    from lorakit.core.model import adapter_state
+    from lorakit.data import load_examples
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.training import TrainConfig, train
+
+    torch.set_num_threads(1)
+    method = lk.get_method("gamma_mod")
+    assert method.variants["gamma_mod"]["mod_layers"] == [1]
+    config = _config_for(method, next(iter(method.benchmark_variants())), 8)
+    assert config.mod_layers is None and config.r == 8
+    base, tokenizer = load_model_and_tokenizer(None)
+    model = lk.add_adapter(base, config)
+    train(model, tokenizer, load_examples("reverse", "train", n=4, seed=0),
+          TrainConfig(steps=1, batch_size=2, init_batches=1, max_length=64), progress=False)
+    assert adapter_state(model).configs["default"].mod_layers == arank_mod_layers(base.config.num_hidden_layers) == [3, 4]
+    assert all(m.benchmark_variants() is m.variants for m in lk.list_methods() if m.bench_variants is None)

@@ -6,6 +6,7 @@
 #
 # 1. bench smaller: LoRA, LoRAM and LoRAM with alignment pre-training (200 steps of 16 x 128 tokens), bundled
 #    model, ratio 0.5, reverse, 80 steps, seed 0: the settings of benchmarks/smaller.md's table, in one run;
+#    (since run on the CPU machine, one row per process: benchmarks/smaller.md, "200 alignment steps" section);
 # 2. bench quantize: the CBQ perplexity/KL table (W4A16, W2A16) with the CFP truncation check;
 # 3. bench quantize --only cfp: the CFP diagnosis table.
 # About 10-20 minutes on 16 free cores. Copy OUT/*.md and *.json into benchmarks/ and update the tables.

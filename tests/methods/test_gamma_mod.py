@@ -273,6 +273,29 @@ def test_inference_prefill_keeps_the_tokens_above_the_threshold(ids):
     assert keep_fractions(model, "default") == {1: pytest.approx(math.ceil(0.5 * ids.shape[1]) / ids.shape[1])}
 
 
+def test_the_supervised_mask_only_routes_training_forwards(ids):
+    """The answer tokens are kept in training only (masked ``topk(r + mask)``, mod.py l. 143-153): the official
+    inference forward (l. 188-280) has no mask, so an evaluation forward that is offered one (a Trainer eval loss,
+    a procedure's validation forward) routes as generation does. The caller's ``gamma_mod_keep`` applies in both."""
+    model = _model(mod_layers=(1,))
+    _spread_router(model)
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+        every = torch.ones_like(ids, dtype=torch.bool)
+        with lk.routing(extras={SUPERVISED_KEY: every}):
+            offered = model(input_ids=ids, use_cache=False).logits
+        with lk.routing(extras={"gamma_mod_keep": every}):
+            forced = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(offered, plain)
+    assert not torch.allclose(forced, plain)  # some tokens were below the threshold: keeping them all differs
+    model.train()
+    reset_router_stats(model)
+    with lk.routing(extras={SUPERVISED_KEY: every}):
+        model(input_ids=ids, use_cache=False)
+    assert keep_fractions(model, "default") == {1: 1.0}  # in training the mask keeps every token
+
+
 @pytest.mark.parametrize("decode_threshold", [0.5, 0.0, 1.0])
 def test_decoding_from_the_cache_follows_the_official_decode_rule(ids, decode_threshold):
     """Prefill with a KV cache, then one decoded token (mod.py l. 212-267): the token skips the block when

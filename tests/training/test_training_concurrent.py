@@ -62,3 +62,51 @@ def test_concurrent_restores_active_adapters_and_mode(make_model, tokenizer):
     train_concurrent(model, tokenizer, [Job("default", data, _config(steps=1)), Job("other", data, _config(steps=1))],
                      progress=False)
     assert lorakit.active_adapters(model) == ["default"] and not model.training
+
+
+def test_concurrent_gamma_mod_keeps_the_answer_tokens(make_model, tokenizer, reverse_train):
+    """γ-MoD through train_concurrent gets what lorakit.train gives it: its ARank init on the job's first batches
+    (mod_layers=None: ARank among the blocks the bounds allow, block 0 of this 2-block model with
+    dense_first_layers=0, dense_last_layers=1), and the supervised mask in the routing context, so every answer
+    token goes through the MoD block (official masked routing, ``topk(r + mask)``, Gamma-MOD
+    ``llava_llama_mod.py`` l. 143-153) while a share of the prompt tokens skips it."""
+    from lorakit.core.model import adapter_state
+    from lorakit.core.routing import SUPERVISED_KEY, current_routing
+    from lorakit.data.collate import encode_completion
+    from lorakit.methods.gamma_mod import GammaModConfig
+    from lorakit.mixtures import record_routing
+
+    config = GammaModConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], dense_first_layers=0,
+                            dense_last_layers=1, capacity_factor=0.25)
+    model = make_model(config)
+    seen = []  # (input_ids, attention_mask, supervised mask) of each forward inside a routing context
+    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["input_ids"], kw["attention_mask"], (
+        current_routing().extras.get(SUPERVISED_KEY)))) if current_routing() is not None else None, with_kwargs=True)
+    data = reverse_train[:16]
+    with record_routing(model, "default") as traces:
+        out = train_concurrent(model, tokenizer, [Job("default", data, _config(steps=3))], progress=False)
+    assert len(out["jobs"]["default"].losses) == 3
+    assert adapter_state(model).configs["default"].mod_layers == [0]  # the init ran
+    (trace,) = [t for t in traces.values() if t]  # block 0's router decisions, one entry per training forward
+    assert len(seen) == len(trace) == 3
+    completions = {tuple(encode_completion(tokenizer, ex.completion)) for ex in data}
+    skipped = 0
+    for (ids, mask, supervised), entry in zip(seen, trace):
+        assert supervised is not None and supervised.shape == ids.shape
+        for row in range(ids.shape[0]):
+            assert tuple(ids[row][supervised[row]].tolist()) in completions  # exactly the row's answer tokens
+        kept = entry["selected"][..., 1].reshape(ids.shape)
+        assert bool(kept[supervised].all())  # every answer token is processed
+        skipped += int((mask.bool() & ~kept).sum())
+    assert skipped > 0  # and the routing did skip prompt tokens
+
+
+def test_concurrent_refuses_a_whole_layer_method_beside_another_job(make_model, tokenizer, reverse_train):
+    """A γ-MoD block routes every row of the batch, so a γ-MoD job cannot share the batch with another job."""
+    from lorakit.methods.gamma_mod import GammaModConfig
+
+    model = make_model(GammaModConfig(r=2, target_modules=["q_proj"], mod_layers=[1]))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS), name="plain")
+    jobs = [Job("default", reverse_train[:8], _config()), Job("plain", reverse_train[:8], _config())]
+    with pytest.raises(lorakit.AdapterError, match="job 'default'.*train that job alone"):
+        train_concurrent(model, tokenizer, jobs, progress=False)

@@ -45,7 +45,9 @@ FULL = MethodsProfile()
 
 
 def _config_for(method, variant: str, r: int):
-    kwargs = dict(method.variants[variant])
+    """``method``'s config for the bundled base: ``variant`` of its benchmark variants (``Method.benchmark_variants``)
+    with the bench's r, lora_alpha = 2r and all-linear targets where the variant leaves them unset."""
+    kwargs = dict(method.benchmark_variants()[variant])
     fields = method.config_cls.__dataclass_fields__
     if "r" in fields:
         kwargs.setdefault("r", r)
@@ -115,7 +117,7 @@ def run_methods(profile: MethodsProfile, progress: bool = False, after_each=None
             continue
         if after_each is not None and runs:  # the methods before this one are finished
             after_each(so_far())
-        variants = list(method.variants) if profile.all_variants else list(method.variants)[:1]
+        variants = list(method.benchmark_variants())[:None if profile.all_variants else 1]
         for variant in variants:
             for seed in profile.seeds:
                 model = copy.deepcopy(base)
@@ -176,7 +178,7 @@ def init_runs(profile: MethodsProfile, name: str, base, tokenizer, train_ex: dic
 
     method_name, init = init_method(name)
     method = lk.get_method(method_name)
-    variant = list(method.variants)[0]
+    variant = next(iter(method.benchmark_variants()))
     runs = []
     for seed in profile.seeds:
         model = copy.deepcopy(base)
@@ -310,9 +312,12 @@ def methods_markdown(result: dict) -> str:
             lines += ["", "Re-run in a later file (exact match earlier → later)" + (": all reproduced exactly." if same
                       else "; a changed score means the method changed or the run is not deterministic:"), ""]
             lines += [f"- {r['method']} seed {r['seed']}: {r['before']:.3f} → {r['after']:.3f}" for r in result["reruns"]]
-    lines += ["", "Every method trains from its registered default variant here (fresh experts for the mixtures of "
-              "existing adapters). Equal-budget comparisons of the mixtures, and MeteoRA / X-LoRA / MixDA composing "
-              "real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]
+    import lorakit as lk
+    own = ", ".join(m.name for m in lk.list_methods() if m.bench_variants is not None)
+    lines += ["", "Every method trains from its registered default variant here" + (
+              f" ({own}: the benchmark variant it registers for full-size models, `bench_variants`)" if own else "") +
+              "; fresh experts for the mixtures of existing adapters. Equal-budget comparisons of the mixtures, and "
+              "MeteoRA / X-LoRA / MixDA composing real per-task adapters, are in `lorakit bench mixtures` (benchmarks/mixtures.md)."]
     return "\n".join(lines) + "\n"
 
 

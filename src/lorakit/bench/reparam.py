@@ -58,7 +58,7 @@ def contenders(profile: ReparamProfile) -> dict:
         if name in special:
             out[name] = method.config_cls(target_modules="all-linear", **special[name])
         else:
-            out[name] = _config_for(method, next(iter(method.variants)), r)
+            out[name] = _config_for(method, next(iter(method.benchmark_variants())), r)
     return out
 
 

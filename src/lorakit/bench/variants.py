@@ -153,7 +153,7 @@ def _run_seeds(profile: VariantsProfile, progress: bool = False) -> dict:
     rec_seed = [0]
     for name in profile.methods:
         method = lk.get_method(name)
-        variant = BENCH_VARIANT.get(name, next(iter(method.variants)))
+        variant = BENCH_VARIANT.get(name, next(iter(method.benchmark_variants())))
         for seed in profile.seeds:
             rec_seed[0] = seed
             hooks = [record_increlora_ranks] if name == "increlora" else []
@@ -322,7 +322,7 @@ def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: i
     import lorakit as lk
     from .methods import _config_for
 
-    configs = {name: _config_for(lk.get_method(name), BENCH_VARIANT.get(name, next(iter(lk.get_method(name).variants))),
+    configs = {name: _config_for(lk.get_method(name), BENCH_VARIANT.get(name, next(iter(lk.get_method(name).benchmark_variants()))),
                                  profile.r) for name in profile.methods}
     load_before = list(os.getloadavg())
     rows = interleaved_step_times(configs, profile.tasks, profile.batch_size, profile.lr, profile.steps, rounds,

@@ -70,6 +70,14 @@ class Method:
     example_routing: Callable[..., dict[str, Any]] | None = None
     # Named config variants (kwargs) every test matrix and benchmark runs, e.g. {"dora": {"use_dora": True}}.
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
+    # Variants the benchmarks train on the bundled base model, for a method whose ``variants`` are sized for the
+    # tiny contract-test models and are not its faithful default on a full model (γ-MoD: a block index the
+    # official rule keeps dense). None: ``variants``.
+    bench_variants: Mapping[str, Mapping[str, Any]] | None = None
+
+    def benchmark_variants(self) -> Mapping[str, Mapping[str, Any]]:
+        """The variants a benchmark on the bundled base trains: ``bench_variants`` if given, else ``variants``."""
+        return self.variants if self.bench_variants is None else self.bench_variants
 
 
 _METHODS: dict[str, Method] = {}

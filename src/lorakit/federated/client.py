@@ -23,6 +23,7 @@ from torch import nn
 from ..core.model import add_adapter
 from ..core.registry import get_method
 from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, load_examples, stable_seed
+from ..training.objectives import batch_routing
 from .base import FederatedConfig, LoraStrategy, State, get_strategy, read_factors, scalings
 from .partition import partition
 
@@ -149,7 +150,8 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                 # happen only overstates ε.
                 if isinstance(batch, dict) and batch["input_ids"].shape[0] > 0:
                     batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-                    logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    with batch_routing(batch):  # the training loop's routing: token mask, supervised tokens
+                        logits = private(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = _per_example_loss(logits, batch["labels"]).mean()
                     loss.backward()
                     losses.append(float(loss.detach()))

@@ -18,6 +18,7 @@ import torch
 from ..data import IGNORE_INDEX, CausalLMCollator, TokenizedDataset, evaluate_examples
 from ..core.delta import describe_layer, oriented_weight
 from ..core.model import adapter_layers, delete_adapter
+from ..training.objectives import batch_routing
 from .base import FederatedConfig, State, check_update, get_strategy, normalized, pack, read_factors, scalings, unpack
 from .client import adapter_seed, attach, dp_epsilon, eval_examples, fresh_model
 
@@ -130,7 +131,8 @@ def eval_loss(model, tokenizer, examples, max_length: int) -> float:
     total, count = 0.0, 0
     for start in range(0, len(dataset), 64):
         batch = collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        with batch_routing(batch):  # as the clients' training forward (a method routes eval forwards its own way)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                                           reduction="sum"))

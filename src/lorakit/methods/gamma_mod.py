@@ -202,10 +202,12 @@ class GammaModBlock(MixtureDelta):
         self._params = list(inspect.signature(base_layer.forward).parameters)
 
     def _always_kept(self, batch: int, seq: int, device: torch.device, decoding: bool) -> torch.Tensor:
-        """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | the supervised tokens when ``keep_supervised``."""
+        """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | the supervised tokens when ``keep_supervised`` and
+        training (the official inference forward has no mask: an evaluation forward with labels, such as Trainer's
+        eval loss, routes as generation does)."""
         ctx = current_routing()
         keep = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-        for key in (KEEP_KEY, SUPERVISED_KEY if self.keep_supervised else None):
+        for key in (KEEP_KEY, SUPERVISED_KEY if self.keep_supervised and self.training else None):
             mask = None if ctx is None or key is None else ctx.extras.get(key)
             if not isinstance(mask, torch.Tensor):
                 continue
@@ -551,5 +553,8 @@ register_method(
     zero_init=False,
     description="γ-MoD: LoRA plus mixture-of-depth blocks chosen by attention-map rank; a shared router skips tokens.",
     paper="Luo et al. 2024, arXiv:2410.13859",
+    # Block 1 routes on the 2-block contract models; on a full model the defaults apply (ARank among the blocks of
+    # the official arank_mod rule), at the benchmark's r like every other method.
     variants={"gamma_mod": {"r": 4, "mod_layers": [1]}},
+    bench_variants={"gamma_mod": {}},
 )

@@ -44,7 +44,6 @@ from ..core.inits import init_adapter, init_pending
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
-from ..core.routing import routing
 from ..data import Example, save_task_index, stable_seed
 from ..io.files import atomic_write_json
 from ..io.peft_format import save_adapter
@@ -54,7 +53,7 @@ from ..io.files import write_dir_atomically
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import device_for, setup
-from .objectives import objective_for, supervised_extras
+from .objectives import batch_routing, objective_for
 from .procedures import Procedure, get_procedure
 
 LogCallback = Callable[[dict[str, Any]], None]
@@ -389,9 +388,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
                 # balance losses); task ids, when the data has them, as the routing keys; per-example routing
                 # vectors (e.g. a user vector) and the supervised (completion) tokens' mask as extras.
                 with ctx.no_sync(train_model, last=index == len(batches) - 1):
-                    extras = {**key_names, **supervised_extras(batch.get("labels"), batch["input_ids"]),
-                              **batch.get("routing", {})}
-                    with routing(keys=batch.get("task_ids"), token_mask=batch["attention_mask"], extras=extras):
+                    with batch_routing(batch, extras=key_names):
                         logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = objective.loss_sum(logits, batch) / n_supervised
                     step_loss_sum += loss.detach()

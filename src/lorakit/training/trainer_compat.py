@@ -43,10 +43,9 @@ from transformers import TrainerCallback
 
 from ..core.model import adapter_state
 from ..core.registry import get_method
-from ..core.routing import routing as routing_context
 from ..io.peft_format import save_adapter
 from ..mixtures.base import pop_aux_records
-from .objectives import supervised_extras
+from .objectives import batch_routing
 from .procedures import Procedure
 
 
@@ -99,9 +98,9 @@ class LorakitCallback(TrainerCallback):
             fkwargs.pop("task_id", None)  # only named in the signature, for Trainer's column filter
             task_names = getattr(self, "_task_names", None)
             ids = fkwargs.get("input_ids", fargs[0] if fargs else None)
-            extras = {**({"task_names": task_names} if task_names else {}),
-                      **supervised_extras(fkwargs.get("labels"), ids), **(routing or {})}
-            with routing_context(keys=task_ids, token_mask=fkwargs.get("attention_mask"), extras=extras):
+            batch = {"input_ids": ids, "attention_mask": fkwargs.get("attention_mask"), "labels": fkwargs.get("labels"),
+                     "task_ids": task_ids, "routing": routing}
+            with batch_routing(batch, extras={"task_names": task_names} if task_names else None):
                 out = forward(*fargs, **fkwargs)
             method = self._method(model)
             procedure_loss = self.procedure is not None and type(self.procedure).extra_loss is not Procedure.extra_loss

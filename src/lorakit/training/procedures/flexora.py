@@ -51,6 +51,7 @@ from ...core.model import adapter_layers, host_path
 from ...core.targeting import layer_index
 from ...data import IGNORE_INDEX
 from ...io.files import atomic_write_json
+from ..objectives import batch_routing
 from .base import Procedure, ProcedureConfig, register_procedure
 
 
@@ -151,7 +152,8 @@ class Flexora(Procedure):
             start = (step - 1) * self.config.val_batches
             indices = [(start + j) % self._n_val for j in range(self.config.val_batches)]
             batch = self._batch_of(indices)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with batch_routing(batch):  # the training forward's routing (keys, token mask, extras)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = _mean_loss_per_example(logits, batch["labels"]).sum()  # Σ_j L_val(batch_j), batches of one
             (grad,) = torch.autograd.grad(loss, self.alpha)
         finally:
