@@ -215,3 +215,25 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(command, under,
     where = f"lies under the file {blocker}" if under else "is an existing file"
     assert captured.err == f"lorakit {command}: error: --out {out} {where}; give a folder path\n"
     assert captured.out == "" and blocker.read_text() == "keep me\n"
+
+
+# A prefix of a flag is not that flag (argparse's allow_abbrev is off in every lorakit parser and subparser): was,
+# `lorakit serve --max-lora 3` ran as --max-loras 3 and `lorakit merge-adapters ... --out o` as --output o.
+ABBREVIATED = [
+    (["serve", "--max-lora", "3"], "lorakit serve", "--max-loras"),
+    (["train", "--lora-alph", "2"], "lorakit train", "--lora-alpha"),
+    (["merge-adapters", "a", "b", "--out", "o"], "lorakit merge-adapters", "--output"),
+    (["transfer", "--adapter", "a", "--target-model", "b", "--data", "c", "--output", "d", "--thresh", "0.5"],
+     "lorakit transfer", "--threshold"),
+    (["bench", "merge", "--experiment", "speed"], "lorakit bench", "--experiments"),
+    (["diffusion", "train-base", "--step", "3"], "lorakit diffusion train-base", "--steps"),
+]
+
+
+@pytest.mark.parametrize("argv,prog,meant", ABBREVIATED, ids=[" ".join(a[:2]) for a, _, _ in ABBREVIATED])
+def test_a_prefix_of_a_flag_is_an_unknown_flag_with_its_near_match(argv, prog, meant, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{prog}: error: " in err and argv[-2] in err, err
+    assert "Did you mean: " in err and meant in err.split("Did you mean: ", 1)[1], err

@@ -1,5 +1,7 @@
 """The argument parser every ``lorakit`` command builds, so that all of them fail the same way.
 
+- A flag is only ever its full name: a prefix (``--max-lora`` for ``--max-loras``) is an unknown flag, not
+  argparse's silent abbreviation, so a typo cannot run as another option.
 - A mistyped flag lists the command's near matches (``--densty`` -> ``Did you mean: --density?``), under the
   subcommand that was chosen when the parser has subcommands (its usage line, its options).
 - Every error reads ``<prog>: error: <message>`` on stderr with exit status 2 (``lorakit train: error: ...``):
@@ -75,9 +77,11 @@ def json_arg(text: str):
 
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with lorakit's error conventions (module docstring); subparsers made with
-    ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names."""
+    ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names.
+    ``allow_abbrev`` is off (module docstring), here and in every subparser."""
 
     def __init__(self, *args, field_flags: Mapping[str, str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.field_flags: dict[str, str] = dict(field_flags or {})
 
@@ -113,7 +117,7 @@ class CommandParser(argparse.ArgumentParser):
         if not message.startswith("unrecognized arguments"):
             known = [o for a in self._actions for o in a.option_strings]  # hidden (renamed) flags too
             unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]
-            unknown = [t for t in unknown if not any(o.startswith(t) for o in known)]  # argparse takes prefixes
+            unknown = [t for t in unknown if t not in known]
             hints = "".join(did_you_mean(t, self.options()) for t in unknown)
             if hints:
                 message = f"{message} (unrecognized: {' '.join(unknown)}.{hints})"
