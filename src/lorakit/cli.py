@@ -339,7 +339,7 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
     """Step, method and the adapter options given on this command line against the checkpoint's, before any
     model is loaded (options left at their defaults are checked by the loop, tensor by tensor)."""
     from .io.files import read_json
-    from .io.peft_format import read_adapter_config
+    from .io.peft_format import check_adapter_folder
 
     state = read_json(checkpoint / "trainer_state.json")
     if state.get("step", 0) >= train_config.steps:
@@ -359,7 +359,7 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
                 for k in keys if saved_args.get(k) != now_args.get(k)]
         raise LorakitError(f"--resume-from {checkpoint} was trained with other --procedure {now_proc} options "
                            f"({'; '.join(diff)}); resume with the same ones.")
-    saved_config = read_adapter_config(checkpoint)
+    saved_config = check_adapter_folder(checkpoint)  # the weights file's header too, before the model loads
     if type(saved_config) is not type(adapter_config):
         raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "
                            f"run uses {type(adapter_config).method!r}; resume with the same --method.")
@@ -613,8 +613,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .hub import load_tokenizer
 
     if args.adapter:
-        from .io.peft_format import read_adapter_config
-        read_adapter_config(args.adapter)  # a bad adapter folder fails before the model loads
+        from .io.peft_format import check_adapter_folder
+        check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -668,6 +668,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data import Example, generate_completions
     from .data.evaluate import example_routing
 
+    if args.adapter:
+        from .io.peft_format import check_adapter_folder
+        check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     prompts, tasks = _read_prompts(args)
     if not prompts:
         raise LorakitError("no prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line")
@@ -799,10 +802,10 @@ def _mergeable_or_raise(method) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import get_method, merge_and_unload
-    from .io.peft_format import read_adapter_config
+    from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
-    _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
+    _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
@@ -899,10 +902,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     try:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
-        model = tokenizer = None
-        if args.model is not None:
-            from .hub import load_model_and_tokenizer
-            model, tokenizer = load_model_and_tokenizer(args.model)
+        model, tokenizer = args.model, None  # loaded once the adapters / the generator have been read
         if training:
             config = IcmLoraConfig(
                 cvae=CvaeConfig(latent_dim=args.latent_dim, channels=tuple(args.channels), kernel_size=args.kernel_size,
@@ -1012,10 +1012,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a plain PEFT LoRA for an adapter: identity for PEFT methods, the method's to_lora hook otherwise."""
     from . import get_method, load_adapter, save_adapter
     from .hub import load_model_and_tokenizer
-    from .io.peft_format import read_adapter_config
+    from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
-    method = get_method(read_adapter_config(args.adapter))
+    method = get_method(check_adapter_folder(args.adapter))
     if method.peft_type is None and method.to_lora is None:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
                            "use the adapter as it is with lorakit (generate / eval / serving)")

@@ -334,10 +334,14 @@ def train_generator(samples: Sequence[AdapterSample], adapter_config: dict[str, 
 
 
 def _base_model(adapter_config: dict[str, Any], model: Any, tokenizer: Any):
+    """``model``/``tokenizer`` when both are given; else the model ``model`` names (a folder or hub id), else the
+    adapters' ``base_model_name_or_path``, loaded now: after the collection or generator has been read."""
     if model is not None and tokenizer is not None:
         return model, tokenizer
     from ..hub import load_model_and_tokenizer
 
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_and_tokenizer(model)
     return load_model_and_tokenizer(adapter_config.get("base_model_name_or_path"))
 
 
@@ -345,7 +349,8 @@ def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig 
                    model: Any = None, tokenizer: Any = None,
                    log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
     """Read a collection (see :func:`read_collection`), compute each task's in-context vector on the base model
-    (``model``/``tokenizer``, default: the collection's ``base_model_name_or_path``) and train the CVAE."""
+    (``model``/``tokenizer``, or ``model`` a folder / hub id loaded once the collection has been read; default:
+    the collection's ``base_model_name_or_path``) and train the CVAE."""
     config = config or IcmLoraConfig()
     samples, adapter_config = read_collection(adapters)
     model, tokenizer = _base_model(adapter_config, model, tokenizer)
@@ -358,8 +363,9 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
     """Write a PEFT LoRA for ``task`` (a built-in task name or a JSONL path) into ``output``.
 
     A task of the collection uses its stored vector and stats; another task gets its vector from the base model
-    reading its examples in context and the collection-wide stats. Raises ValueError (unknown task, with near
-    matches) before any model loads.
+    reading its examples in context and the collection-wide stats; only then is a base model needed (``model``/
+    ``tokenizer``, or ``model`` a folder / hub id, default the collection's base). Raises ValueError (unknown task,
+    with near matches) and AdapterLoadError (a bad generator folder) before any model loads.
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (z = temperature · N(0, I)), got {temperature}")

@@ -270,10 +270,10 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
     import json
 
     from ..hub import load_model_and_tokenizer
-    from ..io.peft_format import load_adapter, read_adapter_config, save_adapter
+    from ..io.peft_format import check_adapter_folder, load_adapter, save_adapter
     from ..io.files import write_dir_atomically
 
-    read_adapter_config(adapter)  # a bad adapter folder fails before the models load
+    check_adapter_folder(adapter)  # a bad adapter folder or weights file fails before the models load
     source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)
     target, target_tokenizer = load_model_and_tokenizer(target_model, device=device)
     load_adapter(source, adapter)

@@ -65,7 +65,7 @@ def _parse_set(items: Sequence[str]) -> dict:
 
 def check_distinct_loras(folders: Sequence[str]) -> None:
     """Raise ConfigError when two ``--lora`` arguments are the same folder or share a folder name (the adapter name
-    each is loaded under)."""
+    each is loaded under), AdapterLoadError when one is not a readable adapter folder (config, safetensors header)."""
     seen: dict[str, str] = {}
     for folder in folders:
         name = Path(folder).name
@@ -75,6 +75,10 @@ def check_distinct_loras(folders: Sequence[str]) -> None:
                               f"--lora {seen[name]} and --lora {folder} would both load as adapter {name!r} (the "
                               "folder name); rename or copy one of the folders.")
         seen[name] = folder
+    from ..io.peft_format import check_adapter_folder
+
+    for folder in folders:  # a bad folder or weights file fails before the base loads
+        check_adapter_folder(folder)
 
 
 def cmd_compose(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
 from ..core.registry import get_method, method_for_file
-from .files import atomic_write_json, load_tensors, read_json, save_tensors
+from .files import TensorFile, atomic_write_json, load_tensors, read_json, save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -142,6 +142,16 @@ def read_adapter_config(directory: str | os.PathLike):
         return method.config_cls.from_dict(raw, source=str(path))
     except (ConfigError, UnknownMethodError) as e:
         raise AdapterLoadError(str(e)) from None
+
+
+def check_adapter_folder(directory: str | os.PathLike):
+    """An adapter folder's checks that need no model, for a command to run before it loads one: the config parses
+    and validates (:func:`read_adapter_config`) and the weights file is a safetensors file whose header reads
+    (:class:`~lorakit.io.files.TensorFile`; a pickle-only folder is named as such). Returns the config; raises
+    AdapterLoadError naming the folder or file."""
+    config = read_adapter_config(directory)
+    TensorFile(weights_path(Path(directory)))
+    return config
 
 
 def override_config(config, overrides: dict[str, Any], source: str = "config"):

@@ -1,0 +1,83 @@
+"""Bad input is named before expensive work: a corrupt adapter file, a pickle-only adapter folder or a wrong model
+name fails every command that takes one before any base model loads (load_model_and_tokenizer, load_model_for_merge
+and the diffusion base are replaced by a function that fails the test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+LORA_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a base model was loaded before the input was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(lorakit.hub, "load_model_for_merge", no_load)
+    try:
+        import lorakit.diffusion.model
+        monkeypatch.setattr(lorakit.diffusion.model, "load_base", no_load)
+    except ImportError:  # diffusers missing: compose-image is skipped below
+        pass
+
+
+def _adapter(folder, weights: bytes | None, name: str = "adapter_model.safetensors"):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
+    if weights is not None:
+        (folder / name).write_bytes(weights)
+    return folder
+
+
+def _commands(a, tmp_path):
+    out = str(tmp_path / "out")
+    return {
+        "eval": ["eval", "--adapter", a, "--data", "reverse"],
+        "generate": ["generate", "--adapter", a, "--prompt", "x"],
+        "merge": ["merge", "--adapter", a, "--output", out],
+        "export": ["export", a, "--output", out],
+        "merge-adapters": ["merge-adapters", a, a, "--model", "bundled", "--output", out],
+        "transfer": ["transfer", "--adapter", a, "--target-model", "bundled-small", "--data", "reverse", "--output", out],
+        "train --resume-from": ["train", "--resume-from", a, "--output", out],
+        "generate-adapter train": ["generate-adapter", "train", "--adapters", f"reverse={a}", "--model", "bundled",
+                                   "--output", out],
+        "compose-image": ["compose-image", "--lora", a],
+    }
+
+
+COMMANDS = ["eval", "generate", "merge", "export", "merge-adapters", "transfer", "train --resume-from",
+            "generate-adapter train", "compose-image"]
+BROKEN = {  # weights file content -> what the error says
+    "not safetensors": (b"\x80\x04\x95 this is a pickle, not safetensors", "is not a valid safetensors file"),
+    "truncated": (b"\x05\x00", "is not a valid safetensors file (truncated: 2 bytes"),
+    "pickle only": (None, "holds only adapter_model.bin, a pickle file; lorakit never unpickles"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_adapter_file_fails_before_the_base_model_loads(command, broken, tmp_path, capsys, no_model_load):
+    if command == "compose-image":
+        pytest.importorskip("diffusers")
+    weights, says = BROKEN[broken]
+    folder = tmp_path / "a"
+    if weights is None:
+        _adapter(folder, b"pickle bytes", name="adapter_model.bin")
+    else:
+        _adapter(folder, weights)
+    if command == "train --resume-from":
+        (folder / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {}}))
+    argv = _commands(str(folder), tmp_path)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {command.split(' --')[0]}: error: "), err
+    assert says in err and str(folder) in err, err
+    assert not (tmp_path / "out").exists()
