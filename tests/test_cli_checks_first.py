@@ -81,3 +81,45 @@ def test_a_bad_adapter_file_fails_before_the_base_model_loads(command, broken, t
     assert err.startswith(f"lorakit {command.split(' --')[0]}: error: "), err
     assert says in err and str(folder) in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _good_adapter(folder):
+    from safetensors.torch import save_file
+    import torch
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+def test_transfer_checks_both_models_before_loading_either(tmp_path, capsys, no_model_load):
+    """Was: `transfer --target-model nope` loaded the source model (and its tokenizer and data) first."""
+    a, out = _good_adapter(tmp_path / "a"), str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    base = ["transfer", "--adapter", a, "--data", "reverse", "--output", out]
+    cases = [
+        (["--target-model", "nope"], "--target-model 'nope' is not a local folder, not a bundled model (bundled, "
+                                     "bundled-small) and not in the Hugging Face cache"),
+        (["--source-model", "nope", "--target-model", "bundled-small"], "--source-model 'nope' is not a local folder"),
+        (["--target-model", "bundled-smal"], "neither a folder nor a bundled model. Did you mean: bundled-small"),
+        (["--target-model", str(tmp_path / "empty")], f"--target-model {tmp_path / 'empty'}: {tmp_path / 'empty'} has "
+                                                      "no config.json, so it is not a model folder"),
+        (["--target-model", a], f"{a} is an adapter folder, not a model"),
+    ]
+    for extra, says in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit transfer: error: ") and says in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge-adapters", "generate-adapter train"])
+def test_a_wrong_model_name_is_named_before_the_adapters_are_read(command, tmp_path, capsys, no_model_load):
+    a, out = _good_adapter(tmp_path / "a"), str(tmp_path / "out")
+    argv = {"merge-adapters": ["merge-adapters", a, a, "--model", "nope", "--output", out],
+            "generate-adapter train": ["generate-adapter", "train", "--adapters", f"reverse={a}", "--model", "nope",
+                                       "--output", out]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {command}: error: --model 'nope' is not a local folder"), err

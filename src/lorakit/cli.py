@@ -902,7 +902,10 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     try:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
-        model, tokenizer = args.model, None  # loaded once the adapters / the generator have been read
+        if args.model is not None:
+            from .hub import check_model
+            check_model(args.model)  # the name now; the model loads once the adapters / the generator are read
+        model, tokenizer = args.model, None
         if training:
             config = IcmLoraConfig(
                 cvae=CvaeConfig(latent_dim=args.latent_dim, channels=tuple(args.channels), kernel_size=args.kernel_size,
@@ -928,7 +931,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
     (lorakit.compose.translora.transfer); prints its summary as JSON. Bad input: one-line error, exit 2."""
     import dataclasses
 
-    from .compose.translora import TransLoraConfig, build_parser, transfer
+    from .compose.translora import TransLoraConfig, build_parser, check_inputs, transfer
     from .data import load_examples
     from .hub import load_tokenizer
 
@@ -938,6 +941,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
         result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
     except (LorakitError, ValueError, FileNotFoundError) as e:

@@ -103,8 +103,8 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     _check_sources(sources, folders_only=not isinstance(model, nn.Module))
     _check_one_base(sources)
     if isinstance(model, (str, os.PathLike)):
-        from ..hub import load_model_and_tokenizer
-        model = load_model_and_tokenizer(str(model))[0]
+        from ..hub import check_model, load_model_and_tokenizer
+        model = load_model_and_tokenizer(check_model(model))[0]
     if model is None:
         model = _base_for(sources)
     names, loaded = _attach_sources(model, sources)
