@@ -123,3 +123,23 @@ def test_a_wrong_model_name_is_named_before_the_adapters_are_read(command, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit {command}: error: --model 'nope' is not a local folder"), err
+
+
+def test_a_wrong_generator_lists_the_generators_beside_it(tmp_path, capsys, monkeypatch, no_model_load):
+    """Was: 'missing config file nope/icm_lora_config.json'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("gen_reverse", "gen_upper"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "icm_lora_config.json").write_text("{}")
+    _good_adapter(tmp_path / "runs" / "a")
+    cases = [("nope", "ICM-LoRA generator 'nope' does not exist. Generators in .: runs/gen_reverse, runs/gen_upper."),
+             ("runs/gen_revers", "ICM-LoRA generator 'runs/gen_revers' does not exist. Generators in runs: "
+                                 "runs/gen_reverse, runs/gen_upper. Did you mean: runs/gen_reverse"),
+             ("runs/a", "'runs/a' is an adapter folder (adapter_config.json), not a generator"),
+             ("runs", "'runs' has no icm_lora_config.json, so it is not a generator")]
+    for generator, says in cases:
+        assert main(["generate-adapter", "--task", "reverse", "--generator", generator, "--output", "o"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit generate-adapter: error: ") and says in err, (generator, err)
+        assert "lorakit generate-adapter train --adapters ... --output DIR" in err
+    assert not (tmp_path / "o").exists()

@@ -263,8 +263,11 @@ class IcmLoraGenerator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "IcmLoraGenerator":
-        """Read a generator folder (safetensors only). Raises AdapterLoadError naming a missing file or tensor."""
+        """Read a generator folder (safetensors only). Raises AdapterLoadError naming a missing file or tensor; for a
+        folder that is no generator, the generator folders beside it, nearest first (:func:`find_generators`)."""
         directory = Path(directory)
+        if not (directory / GENERATOR_CONFIG).is_file():
+            raise AdapterLoadError(_not_a_generator(directory))
         meta = read_json(directory / GENERATOR_CONFIG)
         if meta.get("method") != "icm_lora":
             raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not an ICM-LoRA generator config")
@@ -280,6 +283,33 @@ class IcmLoraGenerator:
             raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: {e}") from None
         cvae.eval()
         return cls(cvae, layout, meta["adapter_config"], conditions, stats, config, meta.get("history", []))
+
+
+def find_generators(folder: str | os.PathLike = ".", depth: int = 2) -> list[str]:
+    """Generator folders (holding ``icm_lora_config.json``) in ``folder`` and up to ``depth`` levels below it."""
+    found, level = [], [Path(folder)]
+    for _ in range(depth + 1):
+        found += [str(d) for d in level if (d / GENERATOR_CONFIG).is_file()]
+        level = [c for d in level if d.is_dir() and not d.name.startswith(".") for c in sorted(d.iterdir()) if c.is_dir()]
+    return sorted(found)
+
+
+def _not_a_generator(directory: Path) -> str:
+    """Why ``directory`` is no generator, and the generators near it (beside it, or under the current folder)."""
+    if not directory.exists():
+        what = "does not exist"
+    elif not directory.is_dir():
+        what = "is a file"
+    elif (directory / CONFIG_NAME).is_file():
+        what = f"is an adapter folder ({CONFIG_NAME}), not a generator"
+    else:
+        what = f"has no {GENERATOR_CONFIG}, so it is not a generator"
+    parent = directory.parent if directory.parent.is_dir() else Path(".")
+    generators = [g for g in find_generators(parent) if Path(g) != directory]
+    listed = (f" Generators in {parent}: {', '.join(generators[:10])}{' ...' if len(generators) > 10 else ''}."
+              f"{did_you_mean(str(directory), generators)}" if generators else f" There is no generator in {parent}.")
+    return (f"ICM-LoRA generator {str(directory)!r} {what}.{listed} A generator is the folder `lorakit "
+            "generate-adapter train --adapters ... --output DIR` writes.")
 
 
 def train_generator(samples: Sequence[AdapterSample], adapter_config: dict[str, Any],
