@@ -761,9 +761,12 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
+    if run_adapter(directory) is not None:  # a training run folder: its adapter is what the user means
+        print(f"{directory} is a training run folder; inspecting its adapter {run_adapter(directory)}")
+        directory = run_adapter(directory)
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
     modules = _adapted_modules(list(tensors), config)
@@ -1288,7 +1291,7 @@ def _add_tasks(sub) -> None:
 
 def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="describe and validate an adapter folder")
-    i.add_argument("adapter")
+    i.add_argument("adapter", help="adapter folder; a training run folder (train --output) shows its adapter/")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_inspect)
 
