@@ -237,3 +237,17 @@ def test_a_prefix_of_a_flag_is_an_unknown_flag_with_its_near_match(argv, prog, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{prog}: error: " in err and argv[-2] in err, err
     assert "Did you mean: " in err and meant in err.split("Did you mean: ", 1)[1], err
+
+
+@pytest.mark.parametrize("command", [["merge-adapters"], ["quantize"], ["generate-adapter"], ["generate-adapter", "train"],
+                                     ["bench"]])
+def test_help_is_a_user_description_not_a_docstring(command, capsys):
+    """Was: `merge-adapters --help` (and quantize, generate-adapter, bench) printed the function's docstring, with
+    ``markup``, module paths and notes on the parser."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert e.value.code == 0 and len(description) > 80, out
+    for developer in ("``", "lorakit.compose", "Its own parser", "(argv"):
+        assert developer not in out, (developer, out)

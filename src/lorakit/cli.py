@@ -832,8 +832,12 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     from .compose import list_merge_methods, merge_adapters
     from .io.files import write_dir_atomically
 
-    p = CommandParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__,
-                      field_flags={"lambda_": "--lambda"})
+    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, description=(
+        "Merge several LoRA adapters trained on the same base model (lorakit or PEFT folders) into one adapter folder: "
+        "a weighted sum (--method linear, the default) or another merge method (ties, dare_ties, della, breadcrumbs, "
+        "svd, lego, ...: --method lists them all; each reads the options below that name it). The result loads like any adapter "
+        "(lorakit eval --adapter OUTPUT). Example: lorakit merge-adapters runs/a/adapter runs/b/adapter "
+        "--weights 0.5 0.5 --method ties --density 0.5 --output runs/merged"))
     p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
@@ -877,7 +881,13 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
 
     training = argv[:1] == ["train"]
     prog = "lorakit generate-adapter" + (" train" if training else "")
-    p = CommandParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog=prog, formatter_class=_Formatter, description=(
+        "Train an ICM-LoRA generator (arXiv:2501.17635) on a collection of LoRA adapters for several tasks; "
+        "`lorakit generate-adapter --task T --generator DIR --output OUT` then writes a LoRA for task T with it."
+        if training else
+        "Generate a LoRA adapter (PEFT format) for a task with an ICM-LoRA generator (arXiv:2501.17635), without "
+        "training on the task: a built-in task or a JSONL file of examples. Train a generator first with "
+        "`lorakit generate-adapter train --adapters DIR ... --output DIR`."))
     p.add_argument("--output", required=True, help="folder for the generator" if training else "folder for the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _common_model(p)
@@ -960,7 +970,11 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
     from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
 
-    p = CommandParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog="lorakit quantize", formatter_class=_Formatter, description=(
+        "Quantize a model's weights after training (weights in --bits bits, activations in 16): round-to-nearest (rtn) or CBQ (arXiv:2312.07950), "
+        "calibrated on the bundled tasks. Prints the perplexity before and after; with --output writes the "
+        "quantized model (weights on the quantization grid, stored in the model's dtype). --method names a "
+        "quantizer here, not an adapter method."))
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")

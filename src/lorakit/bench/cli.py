@@ -76,7 +76,10 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = CommandParser(prog="lorakit bench", description=__doc__)
+    parser = CommandParser(prog="lorakit bench", description=(
+        "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
+        "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
+        "--quick runs a tiny smoke profile."))
     parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam",
                                          "init", "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
