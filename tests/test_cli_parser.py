@@ -251,3 +251,24 @@ def test_help_is_a_user_description_not_a_docstring(command, capsys):
     assert e.value.code == 0 and len(description) > 80, out
     for developer in ("``", "lorakit.compose", "Its own parser", "(argv"):
         assert developer not in out, (developer, out)
+
+
+def test_an_error_carrying_its_field_is_worded_with_the_flag_wherever_it_names_it():
+    """LorakitError(field=...): the field is data, so the flag goes exactly where the text says {field} (here a
+    noun after another word and before a path, where the pattern rules of with_flags rightly leave a word alone)."""
+    import pickle
+
+    from lorakit.core.errors import AdapterError, ConfigError
+
+    p = CommandParser(prog="lorakit x", field_flags={"AlignConfig.steps": "--loram-align-steps"})
+    p.add_argument("--num-proxies", dest="n_proxies", type=int)
+    p.add_argument("--adapters", action="append")
+    err = AdapterError("the {field} root '/a' does not exist; give {field} a folder", field="adapters")
+    assert str(err) == "the adapters root '/a' does not exist; give adapters a folder"  # from Python: the name
+    assert p.message(err) == "the --adapters root '/a' does not exist; give --adapters a folder"
+    assert p.message(ConfigError("{field} must be > 0; steps and lr_x too", field="n_proxies")) == \
+        "--num-proxies must be > 0; steps and lr_x too"
+    assert p.message(ConfigError("{field}=0: must be > 0", field="AlignConfig.steps")) == "--loram-align-steps=0: must be > 0"
+    assert p.message(ConfigError("{field} must be set", field="other")) == "other must be set"  # no flag: the name
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)  # across processes (torchrun, Flower) too
+    assert str(ConfigError("{field} in a message without a field stays as written")).startswith("{field}")
