@@ -272,3 +272,19 @@ def test_an_error_carrying_its_field_is_worded_with_the_flag_wherever_it_names_i
     assert p.message(ConfigError("{field} must be set", field="other")) == "other must be set"  # no flag: the name
     assert str(pickle.loads(pickle.dumps(err))) == str(err)  # across processes (torchrun, Flower) too
     assert str(ConfigError("{field} in a message without a field stays as written")).startswith("{field}")
+
+
+def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_path, monkeypatch):
+    """The check lives in lorakit.serving.server.serve (the CLI calls it), so Python callers get it too; from
+    Python the message names the argument, the CLI's the flag (test above)."""
+    pytest.importorskip("fastapi")
+    import lorakit.hub
+    from lorakit.core.errors import AdapterError
+    from lorakit.serving.server import serve
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter roots were checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    with pytest.raises(AdapterError, match=f"^adapters '{tmp_path / 'nope'}' does not exist: give a folder of adapter"):
+        serve(None, [str(tmp_path / "nope")], port=0)

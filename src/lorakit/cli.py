@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_parser import CommandParser, json_arg
-from .core.errors import AdapterError, ConfigError, LorakitError
+from .core.errors import ConfigError, LorakitError
 
 DEFAULT_METHOD = "lora"
 HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
@@ -1062,15 +1062,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serving.server import ServerLimits, serve
 
-    for root in args.adapters:  # before the model loads
-        root = Path(root)
-        if not root.is_dir():
-            raise AdapterError(f"--adapters {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
-                               + ": give a folder of adapter folders (each with adapter_config.json)")
-        if (root / "adapter_config.json").is_file():
-            raise AdapterError(f"--adapters {str(root)!r} is an adapter folder itself; give the folder that holds it "
-                               f"({str(root.parent)!r}): every adapter folder directly under --adapters is served, "
-                               f"named by its folder")
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
