@@ -67,6 +67,18 @@ def _combined(parser: argparse.ArgumentParser, combine, files: Sequence[str]) ->
         parser.error(str(e) if str(e).startswith("--combine") else f"--combine: {e}")
 
 
+def _check_names(parser: CommandParser, flag: str, names: Sequence[str] | None, lookup) -> None:
+    """Each of ``names`` through its registry's ``lookup`` (an error with near matches for a wrong one), as the
+    usage error ``FLAG: <message>``."""
+    from ..core.errors import LorakitError
+
+    for name in names or ():
+        try:
+            lookup(name)
+        except LorakitError as e:
+            parser.error(f"{flag}: {e}")
+
+
 def _override(profile, **values):
     """``profile`` with every given (non-None) command-line value; lists become tuples."""
     from dataclasses import replace
@@ -140,6 +152,13 @@ def main(argv: Sequence[str]) -> int:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
                          f"(got `bench {args.what}`)")
+    if args.combine:  # pooling runs nothing: an option of a run would be silently ignored
+        ignored = ["--quick"] * args.quick + ["--" + d.replace("_", "-") for d in _FLAG_SCOPE
+                                              if d != "combine" and getattr(args, d) not in (None, False)]
+        if ignored:
+            parser.error(f"--combine pools saved results and runs nothing, so {', '.join(ignored)} would be ignored; "
+                         f"leave {'it' if len(ignored) == 1 else 'them'} out (to pool some methods or seeds only, "
+                         "pass only the files that hold them)")
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     command = "lorakit bench " + " ".join(argv)
@@ -285,17 +304,17 @@ def main(argv: Sequence[str]) -> int:
         markdown = perf.perf_markdown(result)
     else:
         from . import methods
+        from ..core.registry import get_method
+        from ..training.procedures import get_procedure
         if args.combine:
             result = _combined(parser, methods.combine_results, args.combine)
         else:
             profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
                                 steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
                                 procedures=args.procedures, full_finetune=args.full_finetune, inits=args.inits)
-            for name in profile.inits:  # a wrong name fails now, not after the methods have trained
-                try:
-                    methods.init_method(name)
-                except ConfigError as e:
-                    parser.error(f"--inits: {e}")
+            _check_names(parser, "--methods", profile.methods, get_method)  # wrong names fail now, with near
+            _check_names(parser, "--procedures", profile.procedures, get_procedure)  # matches, not after training
+            _check_names(parser, "--inits", profile.inits, methods.init_method)
             out.mkdir(parents=True, exist_ok=True)
             result = methods.run_methods(profile, after_each=lambda partial: atomic_write_json(
                 out / "methods.partial.json", {**partial, "command": command + " (partial)"}))
