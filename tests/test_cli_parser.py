@@ -279,7 +279,7 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     Python the message names the argument, the CLI's the flag (test above)."""
     pytest.importorskip("fastapi")
     import lorakit.hub
-    from lorakit.core.errors import AdapterError
+    from lorakit.core.errors import AdapterError, AdapterLoadError
     from lorakit.serving.server import serve
 
     def no_load(*args, **kwargs):
@@ -288,3 +288,9 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
     with pytest.raises(AdapterError, match=f"^adapters '{tmp_path / 'nope'}' does not exist: give a folder of adapter"):
         serve(None, [str(tmp_path / "nope")], port=0)
+    bad = tmp_path / "root" / "bad"  # an adapter under a root whose weights file is not safetensors
+    bad.mkdir(parents=True)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}')
+    (bad / "adapter_model.safetensors").write_bytes(b"\x80\x04 a pickle")
+    with pytest.raises(AdapterLoadError, match=f"{bad / 'adapter_model.safetensors'} is not a valid safetensors file"):
+        serve(None, [str(tmp_path / "root")], port=0)

@@ -471,8 +471,10 @@ def _sse(obj: Any) -> str:
 
 def check_adapter_roots(roots: list[str] | None) -> None:
     """Before the model loads: every root is a folder of adapter folders, not missing, a file or an adapter folder
-    itself (only folders directly under a root are served). AdapterError with ``field="adapters"`` (a command line
-    words it ``--adapters``)."""
+    itself (only folders directly under a root are served): AdapterError with ``field="adapters"`` (a command line
+    words it ``--adapters``). Every adapter folder under a root passes ``check_adapter_folder`` (config, safetensors
+    header): AdapterLoadError naming it."""
+    from ..io.peft_format import CONFIG_NAME, check_adapter_folder
     for root in roots or []:
         root = Path(root)
         if not root.is_dir():
@@ -482,6 +484,9 @@ def check_adapter_roots(roots: list[str] | None) -> None:
             raise AdapterError(f"{{field}} {str(root)!r} is an adapter folder itself; give the folder that holds it "
                                f"({str(root.parent)!r}): every adapter folder directly under {{field}} is served, "
                                f"named by its folder", field="adapters")
+        for folder in sorted(root.iterdir()):
+            if (folder / CONFIG_NAME).is_file():
+                check_adapter_folder(folder)
 
 
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
