@@ -49,7 +49,7 @@ def _commands(a, tmp_path):
         "train --resume-from": ["train", "--resume-from", a, "--output", out],
         "generate-adapter train": ["generate-adapter", "train", "--adapters", f"reverse={a}", "--model", "bundled",
                                    "--output", out],
-        "compose-image": ["compose-image", "--lora", a],
+        "compose-image": ["compose-image", "--base", str(tmp_path / "base"), "--lora", a],
     }
 
 
@@ -67,6 +67,7 @@ BROKEN = {  # weights file content -> what the error says
 def test_a_bad_adapter_file_fails_before_the_base_model_loads(command, broken, tmp_path, capsys, no_model_load):
     if command == "compose-image":
         pytest.importorskip("diffusers")
+        (tmp_path / "base" / "unet").mkdir(parents=True)  # a train-base folder (load_base is replaced)
     weights, says = BROKEN[broken]
     folder = tmp_path / "a"
     if weights is None:

@@ -65,7 +65,7 @@ def _parse_set(items: Sequence[str]) -> dict:
 
 def check_distinct_loras(folders: Sequence[str]) -> None:
     """Raise ConfigError when two ``--lora`` arguments are the same folder or share a folder name (the adapter name
-    each is loaded under), AdapterLoadError when one is not a readable adapter folder (config, safetensors header)."""
+    each is loaded under)."""
     seen: dict[str, str] = {}
     for folder in folders:
         name = Path(folder).name
@@ -75,17 +75,17 @@ def check_distinct_loras(folders: Sequence[str]) -> None:
                               f"--lora {seen[name]} and --lora {folder} would both load as adapter {name!r} (the "
                               "folder name); rename or copy one of the folders.")
         seen[name] = folder
-    from ..io.peft_format import check_adapter_folder
-
-    for folder in folders:  # a bad folder or weights file fails before the base loads
-        check_adapter_folder(folder)
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from .model import load_base, load_loras, sampling_scheduler
+    from ..io.peft_format import check_adapter_folder
+    from .model import check_base, load_base, load_loras, sampling_scheduler
     from .sampler import compose_images, make_config
 
     check_distinct_loras(args.lora)
+    check_base(args.base)
+    for folder in args.lora:  # a bad folder or weights file fails before the base loads
+        check_adapter_folder(folder)
     unet, train_sched = load_base(args.base)
     names = load_loras(unet, args.lora)
     fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}
