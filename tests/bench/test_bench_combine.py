@@ -86,13 +86,17 @@ def test_bench_inits_names_and_scope(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flag,names,says", [
-    ("--methods", ["lora", "lroa"], "--methods: unknown method 'lroa'. Did you mean: lora"),
-    ("--procedures", ["galore", "galroe"], "--procedures: unknown training procedure 'galroe'. Did you mean: galore"),
-])
-def test_bench_methods_names_are_checked_before_the_model_loads(flag, names, says, tmp_path, capsys, monkeypatch):
-    """Was: an unknown --methods name ran no row (silently filtered out), an unknown --procedures name failed after
-    every method had trained."""
+@pytest.mark.parametrize("argv,says", [
+    (["methods", "--methods", "lora", "lroa"], "--methods: unknown method 'lroa'. Did you mean: lora"),
+    (["methods", "--procedures", "galore", "galroe"],
+     "--procedures: unknown training procedure 'galroe'. Did you mean: galore"),
+    (["variants", "--methods", "dylora", "sroa"], "--methods: unknown method 'sroa'. Did you mean: sora"),
+    (["init", "--methods", "lora", "pisa@2e-4"], "--methods: unknown init contender 'pisa'. Did you mean: pissa"),
+    (["federated", "--methods", "fedit", "flroa"], "--methods: unknown federated strategy 'flroa'. Did you mean: flora"),
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else None)
+def test_bench_names_are_checked_before_the_model_loads(argv, says, tmp_path, capsys, monkeypatch):
+    """Was: an unknown `bench methods --methods` name ran no row (silently filtered out), an unknown --procedures
+    name failed after every method had trained, variants / init loaded the model first, federated a traceback."""
     import lorakit.hub
 
     def no_load(*args, **kwargs):
@@ -100,7 +104,7 @@ def test_bench_methods_names_are_checked_before_the_model_loads(flag, names, say
 
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
     with pytest.raises(SystemExit) as e:
-        main(["methods", "--quick", flag, *names, "--output", str(tmp_path / "o")])
+        main([*argv[:1], "--quick", *argv[1:], "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"lorakit bench: error: {says}" in err, err
     assert not (tmp_path / "o").exists()

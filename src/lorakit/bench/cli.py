@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..cli_parser import CommandParser
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, LorakitError
 from ..io.files import atomic_write_bytes, atomic_write_json
 
 
@@ -70,13 +70,24 @@ def _combined(parser: argparse.ArgumentParser, combine, files: Sequence[str]) ->
 def _check_names(parser: CommandParser, flag: str, names: Sequence[str] | None, lookup) -> None:
     """Each of ``names`` through its registry's ``lookup`` (an error with near matches for a wrong one), as the
     usage error ``FLAG: <message>``."""
-    from ..core.errors import LorakitError
-
     for name in names or ():
         try:
             lookup(name)
-        except LorakitError as e:
+        except (LorakitError, ValueError) as e:  # the registries' errors; a bench's own name check's ValueError
             parser.error(f"{flag}: {e}")
+
+
+def _method_lookup(what: str):
+    """The function that checks one ``--methods`` name of ``bench WHAT``: an init contender (``NAME[@LR]``) for
+    init, a federated strategy for federated, a registered adapter method otherwise."""
+    if what == "init":
+        from .inits import parse_contender
+        return lambda spec: parse_contender(spec, 1.0)
+    if what == "federated":
+        from ..federated import FederatedConfig
+        return lambda name: FederatedConfig(strategy=name)
+    from ..core.registry import get_method
+    return get_method
 
 
 def _override(profile, **values):
@@ -159,6 +170,8 @@ def main(argv: Sequence[str]) -> int:
             parser.error(f"--combine pools saved results and runs nothing, so {', '.join(ignored)} would be ignored; "
                          f"leave {'it' if len(ignored) == 1 else 'them'} out (to pool some methods or seeds only, "
                          "pass only the files that hold them)")
+    if args.methods:  # what --methods names in this bench: wrong names fail now (near matches), before any model
+        _check_names(parser, "--methods", args.methods, _method_lookup(args.what))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     command = "lorakit bench " + " ".join(argv)
@@ -304,7 +317,6 @@ def main(argv: Sequence[str]) -> int:
         markdown = perf.perf_markdown(result)
     else:
         from . import methods
-        from ..core.registry import get_method
         from ..training.procedures import get_procedure
         if args.combine:
             result = _combined(parser, methods.combine_results, args.combine)
@@ -312,9 +324,8 @@ def main(argv: Sequence[str]) -> int:
             profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
                                 steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
                                 procedures=args.procedures, full_finetune=args.full_finetune, inits=args.inits)
-            _check_names(parser, "--methods", profile.methods, get_method)  # wrong names fail now, with near
-            _check_names(parser, "--procedures", profile.procedures, get_procedure)  # matches, not after training
-            _check_names(parser, "--inits", profile.inits, methods.init_method)
+            _check_names(parser, "--procedures", profile.procedures, get_procedure)  # wrong names fail now, with
+            _check_names(parser, "--inits", profile.inits, methods.init_method)  # near matches, not after training
             out.mkdir(parents=True, exist_ok=True)
             result = methods.run_methods(profile, after_each=lambda partial: atomic_write_json(
                 out / "methods.partial.json", {**partial, "command": command + " (partial)"}))
