@@ -163,3 +163,15 @@ def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, 
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"lorakit {argv[0]}: error: {says}"), err
+
+
+def test_resume_from_a_checkpoint_with_a_corrupt_state_file_fails_before_the_model_loads(tmp_path, capsys,
+                                                                                         no_model_load):
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    _good_adapter(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {}}))
+    (checkpoint / "trainer_state.safetensors").write_bytes(b"\x02\x00")
+    assert main(["train", "--resume-from", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit train: error: {checkpoint / 'trainer_state.safetensors'} is not a valid safetensors "
+                          "file (truncated: 2 bytes"), err

@@ -338,10 +338,11 @@ def _check_loram_flags(args, adapter_config) -> None:
 def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str]) -> None:
     """Step, method and the adapter options given on this command line against the checkpoint's, before any
     model is loaded (options left at their defaults are checked by the loop, tensor by tensor)."""
-    from .io.files import read_json
+    from .io.files import TensorFile, read_json
     from .io.peft_format import check_adapter_folder
+    from .training.checkpoint import STATE_JSON, STATE_TENSORS
 
-    state = read_json(checkpoint / "trainer_state.json")
+    state = read_json(checkpoint / STATE_JSON)
     if state.get("step", 0) >= train_config.steps:
         raise LorakitError(f"--resume-from {checkpoint} is at step {state['step']}, and --steps is "
                            f"{train_config.steps}: nothing would be trained. --steps is the total; set it above "
@@ -360,6 +361,7 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
         raise LorakitError(f"--resume-from {checkpoint} was trained with other --procedure {now_proc} options "
                            f"({'; '.join(diff)}); resume with the same ones.")
     saved_config = check_adapter_folder(checkpoint)  # the weights file's header too, before the model loads
+    TensorFile(checkpoint / STATE_TENSORS)  # and the optimizer / RNG state file's
     if type(saved_config) is not type(adapter_config):
         raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "
                            f"run uses {type(adapter_config).method!r}; resume with the same --method.")
