@@ -288,9 +288,13 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
     with pytest.raises(AdapterError, match=f"^adapters '{tmp_path / 'nope'}' does not exist: give a folder of adapter"):
         serve(None, [str(tmp_path / "nope")], port=0)
-    bad = tmp_path / "root" / "bad"  # an adapter under a root whose weights file is not safetensors
+    bad = tmp_path / "root" / "bad"  # an adapter under a root whose config registering it would refuse
     bad.mkdir(parents=True)
-    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}')
-    (bad / "adapter_model.safetensors").write_bytes(b"\x80\x04 a pickle")
-    with pytest.raises(AdapterLoadError, match=f"{bad / 'adapter_model.safetensors'} is not a valid safetensors file"):
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0, "lora_alpha": 4, "target_modules": ["q"]}')
+    (bad / "adapter_model.safetensors").write_bytes(b"weights are read on first use")
+    with pytest.raises(AdapterLoadError, match=f"^{bad}: LoraConfig.r must be a positive integer, got 0"):
+        serve(None, [str(tmp_path / "root")], port=0)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}')
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterLoadError, match=f"{bad} has no adapter_model.safetensors"):
         serve(None, [str(tmp_path / "root")], port=0)

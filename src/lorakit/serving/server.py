@@ -472,9 +472,11 @@ def _sse(obj: Any) -> str:
 def check_adapter_roots(roots: list[str] | None) -> None:
     """Before the model loads: every root is a folder of adapter folders, not missing, a file or an adapter folder
     itself (only folders directly under a root are served): AdapterError with ``field="adapters"`` (a command line
-    words it ``--adapters``). Every adapter folder under a root passes ``check_adapter_folder`` (config, safetensors
-    header): AdapterLoadError naming it."""
-    from ..io.peft_format import CONFIG_NAME, check_adapter_folder
+    words it ``--adapters``). Every adapter folder under a root has the config and safetensors file that registering
+    it reads (``store.read_servable``): AdapterLoadError naming it. Weights are read on first use: a corrupt file
+    then fails that request (HTTP 400) and the others keep being served."""
+    from ..io.peft_format import CONFIG_NAME
+    from .store import read_servable
     for root in roots or []:
         root = Path(root)
         if not root.is_dir():
@@ -486,7 +488,7 @@ def check_adapter_roots(roots: list[str] | None) -> None:
                                f"named by its folder", field="adapters")
         for folder in sorted(root.iterdir()):
             if (folder / CONFIG_NAME).is_file():
-                check_adapter_folder(folder)
+                read_servable(folder)
 
 
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
