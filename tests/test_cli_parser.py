@@ -215,3 +215,86 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(command, under,
     where = f"lies under the file {blocker}" if under else "is an existing file"
     assert captured.err == f"lorakit {command}: error: --out {out} {where}; give a folder path\n"
     assert captured.out == "" and blocker.read_text() == "keep me\n"
+
+
+# A prefix of a flag is not that flag (argparse's allow_abbrev is off in every lorakit parser and subparser): was,
+# `lorakit serve --max-lora 3` ran as --max-loras 3 and `lorakit merge-adapters ... --out o` as --output o.
+ABBREVIATED = [
+    (["serve", "--max-lora", "3"], "lorakit serve", "--max-loras"),
+    (["train", "--lora-alph", "2"], "lorakit train", "--lora-alpha"),
+    (["merge-adapters", "a", "b", "--out", "o"], "lorakit merge-adapters", "--output"),
+    (["transfer", "--adapter", "a", "--target-model", "b", "--data", "c", "--output", "d", "--thresh", "0.5"],
+     "lorakit transfer", "--threshold"),
+    (["bench", "merge", "--experiment", "speed"], "lorakit bench", "--experiments"),
+    (["diffusion", "train-base", "--step", "3"], "lorakit diffusion train-base", "--steps"),
+]
+
+
+@pytest.mark.parametrize("argv,prog,meant", ABBREVIATED, ids=[" ".join(a[:2]) for a, _, _ in ABBREVIATED])
+def test_a_prefix_of_a_flag_is_an_unknown_flag_with_its_near_match(argv, prog, meant, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{prog}: error: " in err and argv[-2] in err, err
+    assert "Did you mean: " in err and meant in err.split("Did you mean: ", 1)[1], err
+
+
+@pytest.mark.parametrize("command", [["merge-adapters"], ["quantize"], ["generate-adapter"], ["generate-adapter", "train"],
+                                     ["bench"]])
+def test_help_is_a_user_description_not_a_docstring(command, capsys):
+    """Was: `merge-adapters --help` (and quantize, generate-adapter, bench) printed the function's docstring, with
+    ``markup``, module paths and notes on the parser."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert e.value.code == 0 and len(description) > 80, out
+    for developer in ("``", "lorakit.compose", "Its own parser", "(argv"):
+        assert developer not in out, (developer, out)
+
+
+def test_an_error_carrying_its_field_is_worded_with_the_flag_wherever_it_names_it():
+    """LorakitError(field=...): the field is data, so the flag goes exactly where the text says {field} (here a
+    noun after another word and before a path, where the pattern rules of with_flags rightly leave a word alone)."""
+    import pickle
+
+    from lorakit.core.errors import AdapterError, ConfigError
+
+    p = CommandParser(prog="lorakit x", field_flags={"AlignConfig.steps": "--loram-align-steps"})
+    p.add_argument("--num-proxies", dest="n_proxies", type=int)
+    p.add_argument("--adapters", action="append")
+    err = AdapterError("the {field} root '/a' does not exist; give {field} a folder", field="adapters")
+    assert str(err) == "the adapters root '/a' does not exist; give adapters a folder"  # from Python: the name
+    assert p.message(err) == "the --adapters root '/a' does not exist; give --adapters a folder"
+    assert p.message(ConfigError("{field} must be > 0; steps and lr_x too", field="n_proxies")) == \
+        "--num-proxies must be > 0; steps and lr_x too"
+    assert p.message(ConfigError("{field}=0: must be > 0", field="AlignConfig.steps")) == "--loram-align-steps=0: must be > 0"
+    assert p.message(ConfigError("{field} must be set", field="other")) == "other must be set"  # no flag: the name
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)  # across processes (torchrun, Flower) too
+    assert str(ConfigError("{field} in a message without a field stays as written")).startswith("{field}")
+
+
+def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_path, monkeypatch):
+    """The check lives in lorakit.serving.server.serve (the CLI calls it), so Python callers get it too; from
+    Python the message names the argument, the CLI's the flag (test above)."""
+    pytest.importorskip("fastapi")
+    import lorakit.hub
+    from lorakit.core.errors import AdapterError, AdapterLoadError
+    from lorakit.serving.server import serve
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter roots were checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    with pytest.raises(AdapterError, match=f"^adapters '{tmp_path / 'nope'}' does not exist: give a folder of adapter"):
+        serve(None, [str(tmp_path / "nope")], port=0)
+    bad = tmp_path / "root" / "bad"  # an adapter under a root whose config registering it would refuse
+    bad.mkdir(parents=True)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0, "lora_alpha": 4, "target_modules": ["q"]}')
+    (bad / "adapter_model.safetensors").write_bytes(b"weights are read on first use")
+    with pytest.raises(AdapterLoadError, match=f"^{bad}: LoraConfig.r must be a positive integer, got 0"):
+        serve(None, [str(tmp_path / "root")], port=0)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}')
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterLoadError, match=f"{bad} has no adapter_model.safetensors"):
+        serve(None, [str(tmp_path / "root")], port=0)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_parser import CommandParser, json_arg
-from .core.errors import AdapterError, ConfigError, LorakitError
+from .core.errors import ConfigError, LorakitError
 
 DEFAULT_METHOD = "lora"
 HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
@@ -338,10 +338,11 @@ def _check_loram_flags(args, adapter_config) -> None:
 def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str]) -> None:
     """Step, method and the adapter options given on this command line against the checkpoint's, before any
     model is loaded (options left at their defaults are checked by the loop, tensor by tensor)."""
-    from .io.files import read_json
-    from .io.peft_format import read_adapter_config
+    from .io.files import TensorFile, read_json
+    from .io.peft_format import check_adapter_folder
+    from .training.checkpoint import STATE_JSON, STATE_TENSORS
 
-    state = read_json(checkpoint / "trainer_state.json")
+    state = read_json(checkpoint / STATE_JSON)
     if state.get("step", 0) >= train_config.steps:
         raise LorakitError(f"--resume-from {checkpoint} is at step {state['step']}, and --steps is "
                            f"{train_config.steps}: nothing would be trained. --steps is the total; set it above "
@@ -359,7 +360,8 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
                 for k in keys if saved_args.get(k) != now_args.get(k)]
         raise LorakitError(f"--resume-from {checkpoint} was trained with other --procedure {now_proc} options "
                            f"({'; '.join(diff)}); resume with the same ones.")
-    saved_config = read_adapter_config(checkpoint)
+    saved_config = check_adapter_folder(checkpoint)  # the weights file's header too, before the model loads
+    TensorFile(checkpoint / STATE_TENSORS)  # and the optimizer / RNG state file's
     if type(saved_config) is not type(adapter_config):
         raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "
                            f"run uses {type(adapter_config).method!r}; resume with the same --method.")
@@ -613,8 +615,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .hub import load_tokenizer
 
     if args.adapter:
-        from .io.peft_format import read_adapter_config
-        read_adapter_config(args.adapter)  # a bad adapter folder fails before the model loads
+        from .io.peft_format import check_adapter_folder
+        check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -668,6 +670,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data import Example, generate_completions
     from .data.evaluate import example_routing
 
+    if args.adapter:
+        from .io.peft_format import check_adapter_folder
+        check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     prompts, tasks = _read_prompts(args)
     if not prompts:
         raise LorakitError("no prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line")
@@ -758,9 +763,12 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
+    if run_adapter(directory) is not None:  # a training run folder: its adapter is what the user means
+        print(f"{directory} is a training run folder; inspecting its adapter {run_adapter(directory)}")
+        directory = run_adapter(directory)
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
     modules = _adapted_modules(list(tensors), config)
@@ -799,10 +807,10 @@ def _mergeable_or_raise(method) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from . import get_method, merge_and_unload
-    from .io.peft_format import read_adapter_config
+    from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
-    _mergeable_or_raise(get_method(read_adapter_config(args.adapter)))
+    _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
@@ -826,8 +834,12 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     from .compose import list_merge_methods, merge_adapters
     from .io.files import write_dir_atomically
 
-    p = CommandParser(prog="lorakit merge-adapters", description=cmd_merge_adapters.__doc__,
-                      field_flags={"lambda_": "--lambda"})
+    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, description=(
+        "Merge several LoRA adapters trained on the same base model (lorakit or PEFT folders) into one adapter folder: "
+        "a weighted sum (--method linear, the default) or another merge method (ties, dare_ties, della, breadcrumbs, "
+        "svd, lego, ...: --method lists them all; each reads the options below that name it). The result loads like any adapter "
+        "(lorakit eval --adapter OUTPUT). Example: lorakit merge-adapters runs/a/adapter runs/b/adapter "
+        "--weights 0.5 0.5 --method ties --density 0.5 --output runs/merged"))
     p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
@@ -871,7 +883,13 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
 
     training = argv[:1] == ["train"]
     prog = "lorakit generate-adapter" + (" train" if training else "")
-    p = CommandParser(prog=prog, description=cmd_generate_adapter.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog=prog, formatter_class=_Formatter, description=(
+        "Train an ICM-LoRA generator (arXiv:2501.17635) on a collection of LoRA adapters for several tasks; "
+        "`lorakit generate-adapter --task T --generator DIR --output OUT` then writes a LoRA for task T with it."
+        if training else
+        "Generate a LoRA adapter (PEFT format) for a task with an ICM-LoRA generator (arXiv:2501.17635), without "
+        "training on the task: a built-in task or a JSONL file of examples. Train a generator first with "
+        "`lorakit generate-adapter train --adapters DIR ... --output DIR`."))
     p.add_argument("--output", required=True, help="folder for the generator" if training else "folder for the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _common_model(p)
@@ -899,10 +917,10 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     try:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
-        model = tokenizer = None
         if args.model is not None:
-            from .hub import load_model_and_tokenizer
-            model, tokenizer = load_model_and_tokenizer(args.model)
+            from .hub import check_model
+            check_model(args.model)  # the name now; the model loads once the adapters / the generator are read
+        model, tokenizer = args.model, None
         if training:
             config = IcmLoraConfig(
                 cvae=CvaeConfig(latent_dim=args.latent_dim, channels=tuple(args.channels), kernel_size=args.kernel_size,
@@ -928,7 +946,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
     (lorakit.compose.translora.transfer); prints its summary as JSON. Bad input: one-line error, exit 2."""
     import dataclasses
 
-    from .compose.translora import TransLoraConfig, build_parser, transfer
+    from .compose.translora import TransLoraConfig, build_parser, check_inputs, transfer
     from .data import load_examples
     from .hub import load_tokenizer
 
@@ -938,6 +956,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
         result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
     except (LorakitError, ValueError, FileNotFoundError) as e:
@@ -953,7 +972,11 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
     from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
 
-    p = CommandParser(prog="lorakit quantize", description=cmd_quantize.__doc__, formatter_class=_Formatter)
+    p = CommandParser(prog="lorakit quantize", formatter_class=_Formatter, description=(
+        "Quantize a model's weights after training (weights in --bits bits, activations in 16): round-to-nearest (rtn) or CBQ (arXiv:2312.07950), "
+        "calibrated on the bundled tasks. Prints the perplexity before and after; with --output writes the "
+        "quantized model (weights on the quantization grid, stored in the model's dtype). --method names a "
+        "quantizer here, not an adapter method."))
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
@@ -1012,10 +1035,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a plain PEFT LoRA for an adapter: identity for PEFT methods, the method's to_lora hook otherwise."""
     from . import get_method, load_adapter, save_adapter
     from .hub import load_model_and_tokenizer
-    from .io.peft_format import read_adapter_config
+    from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
-    method = get_method(read_adapter_config(args.adapter))
+    method = get_method(check_adapter_folder(args.adapter))
     if method.peft_type is None and method.to_lora is None:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
                            "use the adapter as it is with lorakit (generate / eval / serving)")
@@ -1041,15 +1064,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serving.server import ServerLimits, serve
 
-    for root in args.adapters:  # before the model loads
-        root = Path(root)
-        if not root.is_dir():
-            raise AdapterError(f"--adapters {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
-                               + ": give a folder of adapter folders (each with adapter_config.json)")
-        if (root / "adapter_config.json").is_file():
-            raise AdapterError(f"--adapters {str(root)!r} is an adapter folder itself; give the folder that holds it "
-                               f"({str(root.parent)!r}): every adapter folder directly under --adapters is served, "
-                               f"named by its folder")
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
@@ -1284,7 +1298,7 @@ def _add_tasks(sub) -> None:
 
 def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="describe and validate an adapter folder")
-    i.add_argument("adapter")
+    i.add_argument("adapter", help="adapter folder; a training run folder (train --output) shows its adapter/")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_inspect)
 

@@ -1,5 +1,7 @@
 """The argument parser every ``lorakit`` command builds, so that all of them fail the same way.
 
+- A flag is only ever its full name: a prefix (``--max-lora`` for ``--max-loras``) is an unknown flag, not
+  argparse's silent abbreviation, so a typo cannot run as another option.
 - A mistyped flag lists the command's near matches (``--densty`` -> ``Did you mean: --density?``), under the
   subcommand that was chosen when the parser has subcommands (its usage line, its options).
 - Every error reads ``<prog>: error: <message>`` on stderr with exit status 2 (``lorakit train: error: ...``):
@@ -7,7 +9,9 @@
   ``parser.fail(err)`` (no usage line; returns the status) for what a config's validation or the work finds.
 - In both, the message's Python config field names become the flags the user typed:
   ``TransLoraConfig.threshold`` -> ``--threshold``, ``saved_modules='first'`` -> ``--saved-modules first``,
-  ``AlignConfig.steps=0`` -> ``--loram-align-steps 0``. The map from field to flag is every option's ``dest``
+  ``AlignConfig.steps=0`` -> ``--loram-align-steps 0``. An error that carries its field as data
+  (``LorakitError(..., field="steps")``, the text saying ``{field}``) gets that field's flag exactly, wherever
+  the text names it; other names are found in the text by pattern. The map from field to flag is every option's ``dest``
   (automatic) plus the parser's ``field_flags`` for a field whose flag has another name (``n_merges`` ->
   ``--merges``; a key ``Class.field`` names that config's field only).
 """
@@ -20,7 +24,7 @@ import re
 import sys
 from typing import Mapping
 
-from .core.errors import did_you_mean
+from .core.errors import LorakitError, did_you_mean
 
 # ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
 # a Python call written out, not a value the user typed)
@@ -75,9 +79,11 @@ def json_arg(text: str):
 
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with lorakit's error conventions (module docstring); subparsers made with
-    ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names."""
+    ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names.
+    ``allow_abbrev`` is off (module docstring), here and in every subparser."""
 
     def __init__(self, *args, field_flags: Mapping[str, str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.field_flags: dict[str, str] = dict(field_flags or {})
 
@@ -113,7 +119,7 @@ class CommandParser(argparse.ArgumentParser):
         if not message.startswith("unrecognized arguments"):
             known = [o for a in self._actions for o in a.option_strings]  # hidden (renamed) flags too
             unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]
-            unknown = [t for t in unknown if not any(o.startswith(t) for o in known)]  # argparse takes prefixes
+            unknown = [t for t in unknown if t not in known]
             hints = "".join(did_you_mean(t, self.options()) for t in unknown)
             if hints:
                 message = f"{message} (unrecognized: {' '.join(unknown)}.{hints})"
@@ -140,8 +146,13 @@ class CommandParser(argparse.ArgumentParser):
         return flags
 
     def message(self, error: BaseException | str) -> str:
-        """``error``'s text with config field names written as this command's flags."""
-        return with_flags(str(error), self.flags())
+        """``error``'s text with config field names written as this command's flags: a LorakitError's ``field``
+        (data) by its flag where it has one, then any other field name the text holds (``with_flags``)."""
+        flags = self.flags()
+        field = getattr(error, "field", None)
+        if isinstance(error, LorakitError) and field is not None:
+            return with_flags(error.worded(flags.get(field) or flags.get(field.rsplit(".", 1)[-1]) or field), flags)
+        return with_flags(str(error), flags)
 
     def file_in_the_way(self, path, flag: str) -> int | None:
         """Before any work: ``fail`` (status 2) when the output folder ``path`` (given as ``flag``) is an existing

@@ -41,6 +41,34 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
+def check_model(model: str | os.PathLike | None, flag: str = "--model") -> str:
+    """Before anything loads: that ``model`` names a model (a bundled name, a folder with config.json, or a hub id
+    in the local Hugging Face cache when offline) — the folder or hub id to load. Reads no weights; a command that
+    loads two models checks both first. Raises LorakitError naming ``flag`` and ``model`` (near matches of the
+    bundled names)."""
+    from .core.errors import did_you_mean
+
+    path = resolve_model_path(model)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise LorakitError(f"{flag} {model}: {path} has no config.json, so it is not a model folder; give the "
+                               "model's folder (config.json + weights) or a hub id in your Hugging Face cache")
+        return path
+    if _offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except Exception:  # not a valid hub id either (e.g. several slashes)
+            cached = False
+        if not cached:
+            raise LorakitError(
+                f"{flag} {model!r} is not a local folder, not a bundled model ({', '.join(BUNDLED_MODELS)}) and not "
+                f"in the Hugging Face cache (lorakit runs offline: download it once with `huggingface-cli download "
+                f"ID`, or pass a local folder).{did_you_mean(str(model), list(BUNDLED_MODELS))}")
+    return path
+
+
 def _offline() -> bool:
     """lorakit never downloads unless HF_HUB_OFFLINE is explicitly set to a false value (0/false/no/off)."""
     return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -86,6 +86,45 @@ def test_bench_inits_names_and_scope(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["methods", "--methods", "lora", "lroa"], "--methods: unknown method 'lroa'. Did you mean: lora"),
+    (["methods", "--procedures", "galore", "galroe"],
+     "--procedures: unknown training procedure 'galroe'. Did you mean: galore"),
+    (["variants", "--methods", "dylora", "sroa"], "--methods: unknown method 'sroa'. Did you mean: sora"),
+    (["init", "--methods", "lora", "pisa@2e-4"], "--methods: unknown init contender 'pisa'. Did you mean: pissa"),
+    (["federated", "--methods", "fedit", "flroa"], "--methods: unknown federated strategy 'flroa'. Did you mean: flora"),
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else None)
+def test_bench_names_are_checked_before_the_model_loads(argv, says, tmp_path, capsys, monkeypatch):
+    """Was: an unknown `bench methods --methods` name ran no row (silently filtered out), an unknown --procedures
+    name failed after every method had trained, variants / init loaded the model first, federated a traceback."""
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the names were checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:1], "--quick", *argv[1:], "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"lorakit bench: error: {says}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,ignored", [
+    (["methods", "--methods", "lora"], "--methods would be ignored; leave it out"),
+    (["methods", "--seeds", "1", "--inits", "pissa"], "--seeds, --inits would be ignored; leave them out"),
+    (["mixtures", "--quick", "--experiments", "budget"], "--quick, --experiments would be ignored; leave them out"),
+    (["merge", "--repeats", "3"], "--repeats would be ignored; leave it out"),
+])
+def test_combine_refuses_the_options_of_a_run(argv, ignored, tmp_path, capsys):
+    """Was: `bench methods --combine A B --methods lora` pooled every method of A and B, ignoring --methods."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--combine", "a.json", "b.json", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--combine pools saved results and runs nothing, so {ignored}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def _mixtures_result(seed: int) -> dict:
     """A ``bench mixtures --quick --experiments budget compose`` result's schema, for the refusal paths."""
     per_task = {"reverse": 0.5, "upper": 1.0}

@@ -183,7 +183,8 @@ def test_cli_unknown_target_model_is_a_clear_error(tmp_path, capsys, tokenizer):
     save_adapter(model, tmp_path / "src")
     code = main(["transfer", "--adapter", str(tmp_path / "src"), "--target-model", str(tmp_path / "no-model"),
                  "--data", "reverse", "--output", str(tmp_path / "out")])
-    assert code == 2 and "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err  # named before the source model loads (tests/test_cli_checks_first.py)
+    assert code == 2 and f"--target-model {str(tmp_path / 'no-model')!r} is not a local folder" in err, err
 
 
 def test_loaded_source_adapter_is_the_teacher(tokenizer, real, tmp_path):

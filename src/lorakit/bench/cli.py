@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..cli_parser import CommandParser
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, LorakitError
 from ..io.files import atomic_write_bytes, atomic_write_json
 
 
@@ -67,6 +67,29 @@ def _combined(parser: argparse.ArgumentParser, combine, files: Sequence[str]) ->
         parser.error(str(e) if str(e).startswith("--combine") else f"--combine: {e}")
 
 
+def _check_names(parser: CommandParser, flag: str, names: Sequence[str] | None, lookup) -> None:
+    """Each of ``names`` through its registry's ``lookup`` (an error with near matches for a wrong one), as the
+    usage error ``FLAG: <message>``."""
+    for name in names or ():
+        try:
+            lookup(name)
+        except (LorakitError, ValueError) as e:  # the registries' errors; a bench's own name check's ValueError
+            parser.error(f"{flag}: {e}")
+
+
+def _method_lookup(what: str):
+    """The function that checks one ``--methods`` name of ``bench WHAT``: an init contender (``NAME[@LR]``) for
+    init, a federated strategy for federated, a registered adapter method otherwise."""
+    if what == "init":
+        from .inits import parse_contender
+        return lambda spec: parse_contender(spec, 1.0)
+    if what == "federated":
+        from ..federated import FederatedConfig
+        return lambda name: FederatedConfig(strategy=name)
+    from ..core.registry import get_method
+    return get_method
+
+
 def _override(profile, **values):
     """``profile`` with every given (non-None) command-line value; lists become tuples."""
     from dataclasses import replace
@@ -76,7 +99,10 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = CommandParser(prog="lorakit bench", description=__doc__)
+    parser = CommandParser(prog="lorakit bench", description=(
+        "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
+        "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
+        "--quick runs a tiny smoke profile."))
     parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam",
                                          "init", "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
@@ -137,6 +163,15 @@ def main(argv: Sequence[str]) -> int:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
                          f"(got `bench {args.what}`)")
+    if args.combine:  # pooling runs nothing: an option of a run would be silently ignored
+        ignored = ["--quick"] * args.quick + ["--" + d.replace("_", "-") for d in _FLAG_SCOPE
+                                              if d != "combine" and getattr(args, d) not in (None, False)]
+        if ignored:
+            parser.error(f"--combine pools saved results and runs nothing, so {', '.join(ignored)} would be ignored; "
+                         f"leave {'it' if len(ignored) == 1 else 'them'} out (to pool some methods or seeds only, "
+                         "pass only the files that hold them)")
+    if args.methods:  # what --methods names in this bench: wrong names fail now (near matches), before any model
+        _check_names(parser, "--methods", args.methods, _method_lookup(args.what))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     command = "lorakit bench " + " ".join(argv)
@@ -282,17 +317,15 @@ def main(argv: Sequence[str]) -> int:
         markdown = perf.perf_markdown(result)
     else:
         from . import methods
+        from ..training.procedures import get_procedure
         if args.combine:
             result = _combined(parser, methods.combine_results, args.combine)
         else:
             profile = _override(methods.QUICK if args.quick else methods.FULL, methods=args.methods, seeds=args.seeds,
                                 steps=args.steps, tasks=args.tasks, all_variants=False if args.first_variant_only else None,
                                 procedures=args.procedures, full_finetune=args.full_finetune, inits=args.inits)
-            for name in profile.inits:  # a wrong name fails now, not after the methods have trained
-                try:
-                    methods.init_method(name)
-                except ConfigError as e:
-                    parser.error(f"--inits: {e}")
+            _check_names(parser, "--procedures", profile.procedures, get_procedure)  # wrong names fail now, with
+            _check_names(parser, "--inits", profile.inits, methods.init_method)  # near matches, not after training
             out.mkdir(parents=True, exist_ok=True)
             result = methods.run_methods(profile, after_each=lambda partial: atomic_write_json(
                 out / "methods.partial.json", {**partial, "command": command + " (partial)"}))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import did_you_mean
+
 # contender -> (method, method kwargs, init or None, the baseline it is compared with at equal rank)
 CONTENDERS: dict[str, tuple[str, dict, str | None, str]] = {
     "lora": ("lora", {}, None, "lora"),
@@ -87,7 +89,8 @@ def parse_contender(spec: str, default_lr: float) -> tuple[str, float, str]:
     (its baseline at the same lr). ValueError names an unknown contender or a bad lr."""
     name, _, lr_text = spec.partition("@")
     if name not in CONTENDERS:
-        raise ValueError(f"unknown init contender {name!r}; choose from {sorted(CONTENDERS)} (optionally NAME@LR).")
+        raise ValueError(f"unknown init contender {name!r}.{did_you_mean(name, CONTENDERS)} Choose from "
+                         f"{sorted(CONTENDERS)} (optionally NAME@LR).")
     try:
         lr = float(lr_text) if lr_text else default_lr
     except ValueError:

@@ -211,26 +211,12 @@ def combine_results(results: list[dict], names: list[str] | None = None) -> dict
     command and rows; ``reruns`` each replaced run with both scores (e.g. LoRA as a control: equal scores show
     the data, seeds and evaluation were the same). Raises ConfigError naming the file for one that is not a
     ``bench methods`` result, or whose profile (``_POOLED_PROFILE``) or untrained score differs from the first's."""
-    from ..core.errors import ConfigError
+    from .pooling import check_poolable
 
-    if not results:
-        raise ConfigError("combine needs at least one result file")
-    names = list(names) if names else [r.get("command") or f"result {i + 1}" for i, r in enumerate(results)]
-    for where, r in zip(names, results):
-        if not isinstance(r.get("profile"), dict) or not isinstance(r.get("runs"), list) or "before" not in r:
-            raise ConfigError(f"{where}: not a `bench methods` result (no profile, runs or before)")
-        missing = [k for k in _POOLED_PROFILE if k not in r["profile"]]
-        if missing:
-            raise ConfigError(f"{where}: its profile lacks {missing}: not a `bench methods` result")
+    names = check_poolable(results, names, bench="methods", is_result=lambda r: isinstance(r.get("runs"), list),
+                           needs="profile, runs or before", keys=_POOLED_PROFILE, differ="its profile differs",
+                           why="its rows would not be comparable")
     first = results[0]
-    for where, r in zip(names[1:], results[1:]):
-        differ = {k: (first["profile"][k], r["profile"][k]) for k in _POOLED_PROFILE if r["profile"][k] != first["profile"][k]}
-        if differ:
-            raise ConfigError(f"{where}: its profile differs from {names[0]}'s in {differ} (first, this): its rows "
-                              "would not be comparable")
-        if r["before"] != first["before"]:
-            raise ConfigError(f"{where}: the untrained model scores {r['before']} there, {first['before']} in "
-                              f"{names[0]}: another base model or evaluation set")
     pooled: dict[tuple, dict] = {}
     reruns = []
     for where, r in zip(names, results):

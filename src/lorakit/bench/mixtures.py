@@ -248,39 +248,21 @@ def run_mixtures(profile: MixturesProfile, progress: bool = False, workdir: str 
 _POOLED_PROFILE = ("tasks", "steps", "task_steps", "batch_size", "lr", "train_examples", "eval_examples", "experiments")
 
 
-def _plain(value):
-    """A profile value as JSON reads it back (tuples become lists), for comparing a result with a saved one."""
-    return list(value) if isinstance(value, tuple) else value
-
-
 def combine_results(results: list[dict], names: list[str] | None = None) -> dict:
     """One result from saved ``bench mixtures`` runs of the same settings, e.g. one per seed (``--seeds N``):
     each experiment's runs concatenated and re-summarised (mean ± sd over all seeds). Raises ConfigError naming
     the file for one that is not a ``bench mixtures`` result, whose settings (``_POOLED_PROFILE``) or untrained
     score differ from the first file's, or that holds a seed an earlier file already has."""
     from ..core.errors import ConfigError
+    from .pooling import check_poolable
 
-    if not results:
-        raise ConfigError("combine needs at least one result file")
-    names = list(names) if names else [r.get("command") or f"result {i + 1}" for i, r in enumerate(results)]
-    for where, r in zip(names, results):
-        p = r.get("profile")
-        if not isinstance(p, dict) or "before" not in r or not any(k in r for k in ("budget", "compose")):
-            raise ConfigError(f"{where}: not a `bench mixtures` result (no profile, before, budget or compose)")
-        missing = [k for k in (*_POOLED_PROFILE, "seeds") if k not in p]
-        if missing:
-            raise ConfigError(f"{where}: its profile lacks {missing}: not a `bench mixtures` result")
+    names = check_poolable(results, names, bench="mixtures", is_result=lambda r: any(k in r for k in ("budget", "compose")),
+                           needs="profile, before, budget or compose", keys=_POOLED_PROFILE, also_has=("seeds",),
+                           differ="its settings differ", why="the seeds would not be comparable",
+                           score=lambda before: before["exact_match"])
     first = results[0]
     seen: dict[int, str] = {}
     for where, r in zip(names, results):
-        differ = {k: (first["profile"][k], r["profile"][k]) for k in _POOLED_PROFILE
-                  if _plain(r["profile"][k]) != _plain(first["profile"][k])}
-        if differ:
-            raise ConfigError(f"{where}: its settings differ from {names[0]}'s in {differ} (first, this): the seeds "
-                              "would not be comparable")
-        if r["before"] != first["before"]:
-            raise ConfigError(f"{where}: the untrained model scores {r['before']['exact_match']} there, "
-                              f"{first['before']['exact_match']} in {names[0]}: another base model or test set")
         for seed in r["profile"]["seeds"]:
             if seed in seen:
                 raise ConfigError(f"{where}: seed {seed} is also in {seen[seed]}; pool each seed once")

@@ -17,7 +17,6 @@ the SGMV path needs no weight copies) and rows shuffled (plain per-row gather, B
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from ..cli_parser import CommandParser
 from .perf import EXTRA_ROWS
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -368,7 +368,7 @@ def _check_against_peft(directory: Path, seed: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m lorakit.bench.serving", description=__doc__.splitlines()[0])
     p.add_argument("--ns", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, help="timed calls per variant (default 5; --host-overhead: 200 per round)")

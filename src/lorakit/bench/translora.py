@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from ..cli_parser import CommandParser
+
 COLUMNS = ("source_base", "source_lora", "target_base", "target_lora_real", "target_lora_translora")
 
 
@@ -208,8 +210,8 @@ def _write(output: Path, profile: Profile, rows: list[dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lorakit.bench.translora", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="python -m lorakit.bench.translora", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/bench/translora"))
     p.add_argument("--quick", action="store_true", help="tiny smoke profile")
     p.add_argument("--num-threads", type=int, default=None)

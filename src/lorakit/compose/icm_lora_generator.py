@@ -263,8 +263,11 @@ class IcmLoraGenerator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "IcmLoraGenerator":
-        """Read a generator folder (safetensors only). Raises AdapterLoadError naming a missing file or tensor."""
+        """Read a generator folder (safetensors only). Raises AdapterLoadError naming a missing file or tensor; for a
+        folder that is no generator, the generator folders beside it, nearest first (:func:`find_generators`)."""
         directory = Path(directory)
+        if not (directory / GENERATOR_CONFIG).is_file():
+            raise AdapterLoadError(_not_a_generator(directory))
         meta = read_json(directory / GENERATOR_CONFIG)
         if meta.get("method") != "icm_lora":
             raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not an ICM-LoRA generator config")
@@ -280,6 +283,33 @@ class IcmLoraGenerator:
             raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: {e}") from None
         cvae.eval()
         return cls(cvae, layout, meta["adapter_config"], conditions, stats, config, meta.get("history", []))
+
+
+def find_generators(folder: str | os.PathLike = ".", depth: int = 2) -> list[str]:
+    """Generator folders (holding ``icm_lora_config.json``) in ``folder`` and up to ``depth`` levels below it."""
+    found, level = [], [Path(folder)]
+    for _ in range(depth + 1):
+        found += [str(d) for d in level if (d / GENERATOR_CONFIG).is_file()]
+        level = [c for d in level if d.is_dir() and not d.name.startswith(".") for c in sorted(d.iterdir()) if c.is_dir()]
+    return sorted(found)
+
+
+def _not_a_generator(directory: Path) -> str:
+    """Why ``directory`` is no generator, and the generators near it (beside it, or under the current folder)."""
+    if not directory.exists():
+        what = "does not exist"
+    elif not directory.is_dir():
+        what = "is a file"
+    elif (directory / CONFIG_NAME).is_file():
+        what = f"is an adapter folder ({CONFIG_NAME}), not a generator"
+    else:
+        what = f"has no {GENERATOR_CONFIG}, so it is not a generator"
+    parent = directory.parent if directory.parent.is_dir() else Path(".")
+    generators = [g for g in find_generators(parent) if Path(g) != directory]
+    listed = (f" Generators in {parent}: {', '.join(generators[:10])}{' ...' if len(generators) > 10 else ''}."
+              f"{did_you_mean(str(directory), generators)}" if generators else f" There is no generator in {parent}.")
+    return (f"ICM-LoRA generator {str(directory)!r} {what}.{listed} A generator is the folder `lorakit "
+            "generate-adapter train --adapters ... --output DIR` writes.")
 
 
 def train_generator(samples: Sequence[AdapterSample], adapter_config: dict[str, Any],
@@ -334,10 +364,14 @@ def train_generator(samples: Sequence[AdapterSample], adapter_config: dict[str, 
 
 
 def _base_model(adapter_config: dict[str, Any], model: Any, tokenizer: Any):
+    """``model``/``tokenizer`` when both are given; else the model ``model`` names (a folder or hub id), else the
+    adapters' ``base_model_name_or_path``, loaded now: after the collection or generator has been read."""
     if model is not None and tokenizer is not None:
         return model, tokenizer
     from ..hub import load_model_and_tokenizer
 
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_and_tokenizer(model)
     return load_model_and_tokenizer(adapter_config.get("base_model_name_or_path"))
 
 
@@ -345,7 +379,8 @@ def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig 
                    model: Any = None, tokenizer: Any = None,
                    log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
     """Read a collection (see :func:`read_collection`), compute each task's in-context vector on the base model
-    (``model``/``tokenizer``, default: the collection's ``base_model_name_or_path``) and train the CVAE."""
+    (``model``/``tokenizer``, or ``model`` a folder / hub id loaded once the collection has been read; default:
+    the collection's ``base_model_name_or_path``) and train the CVAE."""
     config = config or IcmLoraConfig()
     samples, adapter_config = read_collection(adapters)
     model, tokenizer = _base_model(adapter_config, model, tokenizer)
@@ -358,8 +393,9 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
     """Write a PEFT LoRA for ``task`` (a built-in task name or a JSONL path) into ``output``.
 
     A task of the collection uses its stored vector and stats; another task gets its vector from the base model
-    reading its examples in context and the collection-wide stats. Raises ValueError (unknown task, with near
-    matches) before any model loads.
+    reading its examples in context and the collection-wide stats; only then is a base model needed (``model``/
+    ``tokenizer``, or ``model`` a folder / hub id, default the collection's base). Raises ValueError (unknown task,
+    with near matches) and AdapterLoadError (a bad generator folder) before any model loads.
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (z = temperature · N(0, I)), got {temperature}")

@@ -103,8 +103,8 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     _check_sources(sources, folders_only=not isinstance(model, nn.Module))
     _check_one_base(sources)
     if isinstance(model, (str, os.PathLike)):
-        from ..hub import load_model_and_tokenizer
-        model = load_model_and_tokenizer(str(model))[0]
+        from ..hub import check_model, load_model_and_tokenizer
+        model = load_model_and_tokenizer(check_model(model))[0]
     if model is None:
         model = _base_for(sources)
     names, loaded = _attach_sources(model, sources)
@@ -141,8 +141,7 @@ def _check_sources(sources: Sequence[str | os.PathLike], folders_only: bool) -> 
     """Before any model is loaded: every folder source has a readable config and a safetensors file whose header
     reads; with ``folders_only`` (no loaded model to hold named adapters) every source must be a folder.
     AdapterError / AdapterLoadError naming the source."""
-    from ..io.files import TensorFile
-    from ..io.peft_format import read_adapter_config
+    from ..io.peft_format import check_adapter_folder
 
     for src in sources:
         folder = Path(src)
@@ -153,8 +152,7 @@ def _check_sources(sources: Sequence[str | os.PathLike], folders_only: bool) -> 
                                    f"adapter_model.safetensors), or, from Python, names of adapters already loaded "
                                    f"on the model passed to merge_adapters.")
             continue
-        read_adapter_config(folder)
-        TensorFile(folder / WEIGHTS_NAME)
+        check_adapter_folder(folder)
 
 
 def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:

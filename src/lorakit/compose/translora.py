@@ -257,6 +257,19 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
 
 
 
+def check_inputs(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
+                 target_model: str | os.PathLike | None) -> None:
+    """What :func:`transfer` reads, checked before either model loads: the adapter folder (config + safetensors
+    header) and both model names (``lorakit.hub.check_model``); errors name the flag (--adapter, --source-model,
+    --target-model)."""
+    from ..hub import check_model
+    from ..io.peft_format import check_adapter_folder
+
+    check_adapter_folder(adapter)
+    check_model(source_model, "--source-model")
+    check_model(target_model, "--target-model")
+
+
 def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None, target_model: str | os.PathLike | None,
              real_examples: Sequence[Example], output: str | os.PathLike, config: TransLoraConfig | None = None, *,
              device: str = "cpu") -> TransferResult:
@@ -264,16 +277,17 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
     None/"bundled", "bundled-small", a folder or cached hub id), transfer it to ``target_model`` and write the new
     adapter (PEFT layout) plus ``translora.json`` (what was done) to ``output`` atomically.
 
-    Raises AdapterLoadError for a missing/invalid adapter folder (before any model loads), LorakitError for a
-    model that cannot be loaded and for the conditions ``transfer_models`` lists.
+    Raises AdapterLoadError for a missing/invalid adapter folder and LorakitError for a model name that names no
+    model (:func:`check_inputs`, before any model loads), LorakitError for a model that cannot be loaded and for
+    the conditions ``transfer_models`` lists.
     """
     import json
 
     from ..hub import load_model_and_tokenizer
-    from ..io.peft_format import load_adapter, read_adapter_config, save_adapter
+    from ..io.peft_format import load_adapter, save_adapter
     from ..io.files import write_dir_atomically
 
-    read_adapter_config(adapter)  # a bad adapter folder fails before the models load
+    check_inputs(adapter, source_model, target_model)
     source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)
     target, target_tokenizer = load_model_and_tokenizer(target_model, device=device)
     load_adapter(source, adapter)

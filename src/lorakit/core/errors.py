@@ -6,8 +6,29 @@ import difflib
 from typing import Iterable
 
 
+FIELD = "{field}"  # where a message with a ``field`` names it
+
+
 class LorakitError(Exception):
-    """Base class of lorakit's own errors."""
+    """Base class of lorakit's own errors.
+
+    ``field`` (optional): the setting the error is about, as data (a config field or argument name, e.g.
+    ``"steps"``, or ``"Class.field"``). The message then writes ``{field}`` where it names it: from Python it
+    reads with the name (``steps must be > 0``), a command line words it with the flag the user typed
+    (:meth:`worded`, ``--steps must be > 0``) without guessing where the name stands in the text.
+    """
+
+    def __init__(self, *args, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
+
+    def worded(self, name: str) -> str:
+        """The message with the field called ``name``."""
+        text = super().__str__()
+        return text.replace(FIELD, name) if self.field is not None else text
+
+    def __str__(self) -> str:
+        return self.worded(self.field) if self.field is not None else super().__str__()
 
 
 class ConfigError(LorakitError, ValueError):

@@ -78,10 +78,14 @@ def check_distinct_loras(folders: Sequence[str]) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from .model import load_base, load_loras, sampling_scheduler
+    from ..io.peft_format import check_adapter_folder
+    from .model import check_base, load_base, load_loras, sampling_scheduler
     from .sampler import compose_images, make_config
 
     check_distinct_loras(args.lora)
+    check_base(args.base)
+    for folder in args.lora:  # a bad folder or weights file fails before the base loads
+        check_adapter_folder(folder)
     unet, train_sched = load_base(args.base)
     names = load_loras(unet, args.lora)
     fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}

@@ -170,13 +170,19 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
     return summary
 
 
+def check_base(base_dir: str | os.PathLike) -> Path:
+    """``base_dir`` when it is a :func:`train_base` folder (has ``unet/``); FileNotFoundError saying how to build it."""
+    base = Path(base_dir)
+    if not (base / "unet").is_dir():
+        raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
+    return base
+
+
 def load_base(base_dir: str | os.PathLike) -> tuple[nn.Module, object]:
     """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    base = Path(base_dir)
-    if not (base / "unet").is_dir():
-        raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
+    base = check_base(base_dir)
     unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
     return unet, DDPMScheduler.from_pretrained(str(base / "scheduler"))
 

@@ -22,7 +22,7 @@ from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
 from ..core.registry import get_method, method_for_file
-from .files import atomic_write_json, load_tensors, read_json, save_tensors
+from .files import TensorFile, atomic_write_json, load_tensors, read_json, save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -128,7 +128,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
 
 def read_adapter_config(directory: str | os.PathLike):
-    """Parse and validate a saved adapter's config (lorakit or PEFT)."""
+    """Parse and validate a saved adapter's config (lorakit or PEFT). A training run folder (``lorakit train
+    --output``, holding ``adapter/``) is named as one, with the adapter folder inside it."""
     directory = Path(directory)
     if not directory.is_dir():
         if directory.exists():
@@ -136,12 +137,37 @@ def read_adapter_config(directory: str | os.PathLike):
                                    "adapter_model.safetensors)")
         raise AdapterLoadError(f"adapter folder {directory} does not exist")
     path = directory / CONFIG_NAME
+    if not path.is_file() and run_adapter(directory) is not None:
+        checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if (p / CONFIG_NAME).is_file())
+        raise AdapterLoadError(f"{directory} is a training run folder, not an adapter folder; did you mean "
+                               f"{run_adapter(directory)}?" + (f" (its checkpoints: {', '.join(checkpoints)})"
+                                                                if checkpoints else ""))
     raw = read_json(path)
     try:
         method = method_for_file(raw, source=str(path))
         return method.config_cls.from_dict(raw, source=str(path))
     except (ConfigError, UnknownMethodError) as e:
         raise AdapterLoadError(str(e)) from None
+
+
+def run_adapter(directory: str | os.PathLike) -> Path | None:
+    """``directory/adapter`` when ``directory`` is a training run folder (``lorakit train --output``: no
+    adapter_config.json of its own, an ``adapter/`` folder with one); else None."""
+    directory = Path(directory)
+    inner = directory / "adapter"
+    if not (directory / CONFIG_NAME).is_file() and (inner / CONFIG_NAME).is_file():
+        return inner
+    return None
+
+
+def check_adapter_folder(directory: str | os.PathLike):
+    """An adapter folder's checks that need no model, for a command to run before it loads one: the config parses
+    and validates (:func:`read_adapter_config`) and the weights file is a safetensors file whose header reads
+    (:class:`~lorakit.io.files.TensorFile`; a pickle-only folder is named as such). Returns the config; raises
+    AdapterLoadError naming the folder or file."""
+    config = read_adapter_config(directory)
+    TensorFile(weights_path(Path(directory)))
+    return config
 
 
 def override_config(config, overrides: dict[str, Any], source: str = "config"):

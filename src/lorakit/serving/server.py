@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import AdapterError, LorakitError
@@ -468,18 +469,42 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def check_adapter_roots(roots: list[str] | None) -> None:
+    """Before the model loads: every root is a folder of adapter folders, not missing, a file or an adapter folder
+    itself (only folders directly under a root are served): AdapterError with ``field="adapters"`` (a command line
+    words it ``--adapters``). Every adapter folder under a root has the config and safetensors file that registering
+    it reads (``store.read_servable``): AdapterLoadError naming it. Weights are read on first use: a corrupt file
+    then fails that request (HTTP 400) and the others keep being served."""
+    from ..io.peft_format import CONFIG_NAME
+    from .store import read_servable
+    for root in roots or []:
+        root = Path(root)
+        if not root.is_dir():
+            raise AdapterError(f"{{field}} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
+                               + ": give a folder of adapter folders (each with adapter_config.json)", field="adapters")
+        if (root / "adapter_config.json").is_file():
+            raise AdapterError(f"{{field}} {str(root)!r} is an adapter folder itself; give the folder that holds it "
+                               f"({str(root.parent)!r}): every adapter folder directly under {{field}} is served, "
+                               f"named by its folder", field="adapters")
+        for folder in sorted(root.iterdir()):
+            if (folder / CONFIG_NAME).is_file():
+                read_servable(folder)
+
+
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
           log_level: str = "info", rank: int | None = None) -> None:
     """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn.
     ``rank``: serve nested-rank adapters (DyLoRA) at this rank (ConfigError at registration if above an
-    adapter's r); other adapters are unaffected."""
+    adapter's r); other adapters are unaffected. A bad root (:func:`check_adapter_roots`) fails before the model
+    loads."""
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
     from .store import AdapterStore
 
+    check_adapter_roots(adapters)
     model, tokenizer = load_model_and_tokenizer(model_path)
     store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank)
     for root in adapters or []:

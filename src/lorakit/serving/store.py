@@ -73,6 +73,22 @@ def confine(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
     raise AdapterError(f"adapter path {str(path)!r} resolves outside the allowed roots {[str(r) for r in roots]}")
 
 
+def read_servable(folder: Path):
+    """(config, weights path) of an adapter folder as registering it reads them: the config parsed and checked, the
+    safetensors file present (its tensors are read on first use). AdapterLoadError naming the folder (one of
+    many under a root)."""
+    try:
+        config = read_adapter_config(folder)
+    except AdapterLoadError as e:
+        if str(folder) in str(e):
+            raise
+        raise AdapterLoadError(f"{folder}: {e}") from None
+    wpath = weights_path(folder)
+    if not wpath.is_file():
+        raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
+    return config, wpath
+
+
 class AdapterTaskError(LorakitError, ValueError):
     """A request's ``task`` does not fit its adapter (unknown task, task on an adapter without keys, missing task)."""
 
@@ -170,7 +186,7 @@ class AdapterStore:
         folder = confine(path, self.roots) if confined else Path(path)
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
-        config = read_adapter_config(folder)
+        config, wpath = read_servable(folder)
         try:
             _check_bankable_config(config, folder)
             attached = None
@@ -186,9 +202,6 @@ class AdapterStore:
 
             overrides = {"rank": self.rank}
             attached = override_config(attached, overrides, source=str(folder))  # ConfigError: rank above its r
-        wpath = weights_path(folder)
-        if not wpath.is_file():
-            raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
         if confined:
             confine(wpath, self.roots)  # a symlinked weights file must not leave the roots either
         with self._lock:

@@ -1,0 +1,177 @@
+"""Bad input is named before expensive work: a corrupt adapter file, a pickle-only adapter folder or a wrong model
+name fails every command that takes one before any base model loads (load_model_and_tokenizer, load_model_for_merge
+and the diffusion base are replaced by a function that fails the test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+LORA_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a base model was loaded before the input was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(lorakit.hub, "load_model_for_merge", no_load)
+    try:
+        import lorakit.diffusion.model
+        monkeypatch.setattr(lorakit.diffusion.model, "load_base", no_load)
+    except ImportError:  # diffusers missing: compose-image is skipped below
+        pass
+
+
+def _adapter(folder, weights: bytes | None, name: str = "adapter_model.safetensors"):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
+    if weights is not None:
+        (folder / name).write_bytes(weights)
+    return folder
+
+
+def _commands(a, tmp_path):
+    out = str(tmp_path / "out")
+    return {
+        "eval": ["eval", "--adapter", a, "--data", "reverse"],
+        "generate": ["generate", "--adapter", a, "--prompt", "x"],
+        "merge": ["merge", "--adapter", a, "--output", out],
+        "export": ["export", a, "--output", out],
+        "merge-adapters": ["merge-adapters", a, a, "--model", "bundled", "--output", out],
+        "transfer": ["transfer", "--adapter", a, "--target-model", "bundled-small", "--data", "reverse", "--output", out],
+        "train --resume-from": ["train", "--resume-from", a, "--output", out],
+        "generate-adapter train": ["generate-adapter", "train", "--adapters", f"reverse={a}", "--model", "bundled",
+                                   "--output", out],
+        "compose-image": ["compose-image", "--base", str(tmp_path / "base"), "--lora", a],
+    }
+
+
+COMMANDS = ["eval", "generate", "merge", "export", "merge-adapters", "transfer", "train --resume-from",
+            "generate-adapter train", "compose-image"]
+BROKEN = {  # weights file content -> what the error says
+    "not safetensors": (b"\x80\x04\x95 this is a pickle, not safetensors", "is not a valid safetensors file"),
+    "truncated": (b"\x05\x00", "is not a valid safetensors file (truncated: 2 bytes"),
+    "pickle only": (None, "holds only adapter_model.bin, a pickle file; lorakit never unpickles"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_adapter_file_fails_before_the_base_model_loads(command, broken, tmp_path, capsys, no_model_load):
+    if command == "compose-image":
+        pytest.importorskip("diffusers")
+        (tmp_path / "base" / "unet").mkdir(parents=True)  # a train-base folder (load_base is replaced)
+    weights, says = BROKEN[broken]
+    folder = tmp_path / "a"
+    if weights is None:
+        _adapter(folder, b"pickle bytes", name="adapter_model.bin")
+    else:
+        _adapter(folder, weights)
+    if command == "train --resume-from":
+        (folder / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {}}))
+    argv = _commands(str(folder), tmp_path)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {command.split(' --')[0]}: error: "), err
+    assert says in err and str(folder) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _good_adapter(folder):
+    from safetensors.torch import save_file
+    import torch
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+def test_transfer_checks_both_models_before_loading_either(tmp_path, capsys, no_model_load):
+    """Was: `transfer --target-model nope` loaded the source model (and its tokenizer and data) first."""
+    a, out = _good_adapter(tmp_path / "a"), str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    base = ["transfer", "--adapter", a, "--data", "reverse", "--output", out]
+    cases = [
+        (["--target-model", "nope"], "--target-model 'nope' is not a local folder, not a bundled model (bundled, "
+                                     "bundled-small) and not in the Hugging Face cache"),
+        (["--source-model", "nope", "--target-model", "bundled-small"], "--source-model 'nope' is not a local folder"),
+        (["--target-model", "bundled-smal"], "neither a folder nor a bundled model. Did you mean: bundled-small"),
+        (["--target-model", str(tmp_path / "empty")], f"--target-model {tmp_path / 'empty'}: {tmp_path / 'empty'} has "
+                                                      "no config.json, so it is not a model folder"),
+        (["--target-model", a], f"{a} is an adapter folder, not a model"),
+    ]
+    for extra, says in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit transfer: error: ") and says in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge-adapters", "generate-adapter train"])
+def test_a_wrong_model_name_is_named_before_the_adapters_are_read(command, tmp_path, capsys, no_model_load):
+    a, out = _good_adapter(tmp_path / "a"), str(tmp_path / "out")
+    argv = {"merge-adapters": ["merge-adapters", a, a, "--model", "nope", "--output", out],
+            "generate-adapter train": ["generate-adapter", "train", "--adapters", f"reverse={a}", "--model", "nope",
+                                       "--output", out]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {command}: error: --model 'nope' is not a local folder"), err
+
+
+def test_a_wrong_generator_lists_the_generators_beside_it(tmp_path, capsys, monkeypatch, no_model_load):
+    """Was: 'missing config file nope/icm_lora_config.json'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("gen_reverse", "gen_upper"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "icm_lora_config.json").write_text("{}")
+    _good_adapter(tmp_path / "runs" / "a")
+    cases = [("nope", "ICM-LoRA generator 'nope' does not exist. Generators in .: runs/gen_reverse, runs/gen_upper."),
+             ("runs/gen_revers", "ICM-LoRA generator 'runs/gen_revers' does not exist. Generators in runs: "
+                                 "runs/gen_reverse, runs/gen_upper. Did you mean: runs/gen_reverse"),
+             ("runs/a", "'runs/a' is an adapter folder (adapter_config.json), not a generator"),
+             ("runs", "'runs' has no icm_lora_config.json, so it is not a generator")]
+    for generator, says in cases:
+        assert main(["generate-adapter", "--task", "reverse", "--generator", generator, "--output", "o"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit generate-adapter: error: ") and says in err, (generator, err)
+        assert "lorakit generate-adapter train --adapters ... --output DIR" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, capsys, no_model_load):
+    """`lorakit inspect RUN` (a `train --output` folder) shows RUN/adapter; a command that loads the adapter onto
+    a model says RUN is a run folder and names RUN/adapter (was: 'missing config file RUN/adapter_config.json')."""
+    run = tmp_path / "r1"
+    _good_adapter(run / "adapter")
+    _good_adapter(run / "checkpoint-2")
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{run} is a training run folder; inspecting its adapter {run / 'adapter'}\n"), out
+    assert f"adapter:   {run / 'adapter'}" in out and "method:    lora" in out
+    says = (f"{run} is a training run folder, not an adapter folder; did you mean {run / 'adapter'}? (its checkpoints: "
+            "checkpoint-2)")
+    for argv in (["eval", "--adapter", str(run), "--data", "reverse"], ["export", str(run), "--output", "o"],
+                 ["merge-adapters", str(run), str(run / "checkpoint-2"), "--output", str(tmp_path / "o")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit {argv[0]}: error: {says}"), err
+
+
+def test_resume_from_a_checkpoint_with_a_corrupt_state_file_fails_before_the_model_loads(tmp_path, capsys,
+                                                                                         no_model_load):
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    _good_adapter(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {}}))
+    (checkpoint / "trainer_state.safetensors").write_bytes(b"\x02\x00")
+    assert main(["train", "--resume-from", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit train: error: {checkpoint / 'trainer_state.safetensors'} is not a valid safetensors "
+                          "file (truncated: 2 bytes"), err
