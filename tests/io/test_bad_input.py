@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -186,6 +187,8 @@ def test_invalid_json_and_bad_fields(saved, model_with_adapter):
     _load_fails(model_with_adapter, saved, r"unknown field 'lora_alpah'.*lora_alpha")
     cfg_path.write_text(json.dumps({**good, "r": "eight"}))
     _load_fails(model_with_adapter, saved, r"r must be int")
+    cfg_path.write_text(json.dumps({**good, "r": 0}))  # a value error names the file it is in
+    _load_fails(model_with_adapter, saved, re.escape(str(cfg_path)) + r": LoraConfig\.r must be a positive integer")
     cfg_path.write_text(json.dumps({**good, "layer_replication": [[0, 1]]}))
     _load_fails(model_with_adapter, saved, r"layer_replication.*not support")
     cfg_path.write_text(json.dumps({**good, "peft_type": "LOHA"}))

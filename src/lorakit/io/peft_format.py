@@ -147,7 +147,8 @@ def read_adapter_config(directory: str | os.PathLike):
         method = method_for_file(raw, source=str(path))
         return method.config_cls.from_dict(raw, source=str(path))
     except (ConfigError, UnknownMethodError) as e:
-        raise AdapterLoadError(str(e)) from None
+        message = str(e)  # named by its file, so a command reading several adapters says which one is wrong
+        raise AdapterLoadError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def run_adapter(directory: str | os.PathLike) -> Path | None:
