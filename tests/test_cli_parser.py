@@ -292,7 +292,8 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     bad.mkdir(parents=True)
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0, "lora_alpha": 4, "target_modules": ["q"]}')
     (bad / "adapter_model.safetensors").write_bytes(b"weights are read on first use")
-    with pytest.raises(AdapterLoadError, match=f"^{bad}: LoraConfig.r must be a positive integer, got 0"):
+    config_file = bad / "adapter_config.json"  # the message names the file the bad value is in
+    with pytest.raises(AdapterLoadError, match=f"^{config_file}: LoraConfig.r must be a positive integer, got 0"):
         serve(None, [str(tmp_path / "root")], port=0)
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}')
     (bad / "adapter_model.safetensors").unlink()
