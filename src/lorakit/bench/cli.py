@@ -156,7 +156,6 @@ def main(argv: Sequence[str]) -> int:
                        choices=["lorakit", "merged", "peft_mixed", "peft_swap"], help="serve: systems to run")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
-    out = Path(args.output)
     for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it
         value = getattr(args, dest)
         if value is not None and value is not False and args.what not in benches:  # 0 is a value (0 == False)
@@ -174,6 +173,16 @@ def main(argv: Sequence[str]) -> int:
         _check_names(parser, "--methods", args.methods, _method_lookup(args.what))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
+    from ..cli import ErrorsReported
+
+    with ErrorsReported(parser) as run:  # a run's own error (a config's) reads as the command's, no traceback
+        run.status = _run(parser, args, argv)
+    return run.status
+
+
+def _run(parser: CommandParser, args, argv: Sequence[str]) -> int:
+    """Run the bench ``args.what`` with the checked options ``args``; write and print its report."""
+    out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
     t0 = time.perf_counter()
     if args.what == "tasks":
