@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 FIELD = "{field}"  # where a message with a ``field`` names it
@@ -68,3 +68,11 @@ def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     found = near_matches(name, candidates)
     return f" Did you mean: {', '.join(found)}?" if found else ""
+
+
+def check_names(names: Iterable[str], choices: Sequence[str], what: str) -> None:
+    """ConfigError for the first of ``names`` not in ``choices``: ``unknown WHAT 'x'. Did you mean: y? Choose from
+    a, b.`` (``what``: what a name picks, e.g. ``"bench perf row"``)."""
+    for name in names:
+        if name not in choices:
+            raise ConfigError(f"unknown {what} {name!r}.{did_you_mean(name, choices)} Choose from {', '.join(choices)}.")
