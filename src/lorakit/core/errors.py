@@ -30,6 +30,18 @@ class LorakitError(Exception):
     def __str__(self) -> str:
         return self.worded(self.field) if self.field is not None else super().__str__()
 
+    def __reduce__(self):
+        # pickle (an error sent back from a worker process, copy.deepcopy) rebuilds an exception by calling its class
+        # with its args; a subclass whose __init__ takes other arguments than its message (TrainingInterrupted(step,
+        # total_steps, checkpoint)) could not be rebuilt so. Rebuilt here from the message and the attributes,
+        # without __init__, for every subclass.
+        return _rebuild, (type(self), self.args), self.__dict__
+
+
+def _rebuild(cls: type[LorakitError], args: tuple) -> LorakitError:
+    """An instance of ``cls`` with ``args`` and no attributes yet (``__reduce__``'s state sets them)."""
+    return cls.__new__(cls, *args)
+
 
 class ConfigError(LorakitError, ValueError):
     """An adapter config is invalid (unknown field, wrong type, bad value)."""
