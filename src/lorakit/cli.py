@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_parser import CommandParser, json_arg
@@ -1430,13 +1430,52 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
     return default
 
 
-def _run(argv: list[str]) -> int:
-    from .training import AdapterSaveError, TrainingInterrupted
+class ErrorsReported:
+    """Around a command's work (``with ErrorsReported(parser) as run: run.status = work()``, then ``run.status``):
+    the errors it raises become the exit status, as every ``lorakit`` command reports them.
 
+    - lorakit's own errors (LorakitError and subclasses, and ``also``): ``<prog>: error: <message>`` on stderr,
+      config fields written as ``command``'s flags (``CommandParser.fail``), status 2; an AdapterSaveError
+      (the work was done, the adapter could not be written where asked) status 1;
+    - Ctrl-C: status 130 (TrainingInterrupted says where its checkpoint is, and ``resume(checkpoint)`` the command
+      that resumes it when given);
+    - any other exception propagates (a bug shows its traceback).
+
+    ``command`` may be replaced inside the block (the chosen subcommand's parser, once the arguments are parsed).
+    """
+
+    def __init__(self, command: CommandParser, also: tuple[type[Exception], ...] = (),
+                 resume: Callable[[str], str] | None = None) -> None:
+        self.command, self.also, self.resume = command, also, resume
+        self.status: int = 0
+
+    def __enter__(self) -> "ErrorsReported":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        from .training import AdapterSaveError, TrainingInterrupted
+
+        if isinstance(error, TrainingInterrupted):
+            hint = f"\nresume with:\n  {self.resume(error.checkpoint)}" if self.resume else ""
+            print(f"\n{self.command.prog}: {error}{hint}", file=sys.stderr)
+            self.status = 130
+        elif isinstance(error, KeyboardInterrupt):
+            print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
+            self.status = 130
+        elif isinstance(error, AdapterSaveError):
+            self.status = self.command.fail(error, status=1)
+        elif isinstance(error, (LorakitError, *self.also)):
+            self.status = self.command.fail(error)
+        else:
+            return False
+        return True
+
+
+def _run(argv: list[str]) -> int:
     # whose errors these are: train's for its --method / --procedure read before the parser is built (it depends on
     # them), then the chosen subcommand's parser
-    command = CommandParser(prog="lorakit train" if argv[:1] == ["train"] else "lorakit")
-    try:
+    with ErrorsReported(CommandParser(prog="lorakit train" if argv[:1] == ["train"] else "lorakit"),
+                        also=(ValueError, FileNotFoundError), resume=lambda ckpt: _resume_command(argv, ckpt)) as run:
         from . import get_method
         method_name = _method_from_argv(argv)
         get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
@@ -1446,19 +1485,10 @@ def _run(argv: list[str]) -> int:
             get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure
         parser = build_parser(method_name, procedure_name)
         args = parser.parse_args(argv)
-        command = parser.chosen(args)
+        run.command = parser.chosen(args)
         _set_threads(args)
-        return args.func(args)
-    except TrainingInterrupted as e:
-        print(f"\nlorakit: {e}\nresume with:\n  {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
-        return 130
-    except AdapterSaveError as e:
-        return command.fail(e, status=1)
-    except KeyboardInterrupt:
-        print("\nlorakit: interrupted", file=sys.stderr)
-        return 130
-    except (LorakitError, ValueError, FileNotFoundError) as e:
-        return command.fail(e)
+        run.status = args.func(args)
+    return run.status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..cli_parser import CommandParser
-from ..core.errors import ConfigError, LorakitError
+from ..core.errors import ConfigError, LorakitError, check_names
 from ..io.files import atomic_write_bytes, atomic_write_json
 
 
@@ -21,6 +22,24 @@ def _write(out: Path, name: str, result: dict, markdown: str, command: str) -> N
     atomic_write_bytes(out / f"{name}.md", (header + markdown).encode())
 
 
+def _perf_rows() -> tuple[str, ...]:
+    from . import conv_perf, distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+    return perf.row_names()
+
+
+def _names(module: str, attribute: str) -> Callable[[], Sequence[str]]:
+    return lambda: getattr(import_module(f".{module}", __package__), attribute)
+
+
+# What ``--only`` picks in each bench that takes it, and the function giving its names (a bench's module is
+# imported only when its --only is checked)
+_ONLY: dict[str, tuple[str, Callable[[], Sequence[str]]]] = {
+    "perf": ("bench perf row", _perf_rows), "init": ("bench init part", _names("inits", "PARTS")),
+    "quantize": ("bench quantize part", _names("quantize", "PARTS")),
+    "smaller": ("bench smaller variant", _names("smaller", "VARIANTS")),
+    "gamma_mod": ("bench gamma_mod variant", _names("gamma_mod", "VARIANTS")),
+}
+
 # Options only some benches read (dest -> the benches that read it); --device, --quick and --output, which every
 # bench takes, are left out. A shared option a bench ignores is refused too (`bench perf --steps 0` used to run the
 # whole perf bench).
@@ -29,7 +48,7 @@ _ALL = {"methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "r
         "smaller", "federated"}
 _FLAG_SCOPE = {
     "steps": _ALL - {"perf", "serve"}, "seeds": _ALL - {"perf", "tasks"},
-    "tasks": _ALL - {"perf", "serve", "quantize"}, "only": {"perf", "init", "quantize", "smaller", "gamma_mod"},
+    "tasks": _ALL - {"perf", "serve", "quantize"}, "only": set(_ONLY),
     "methods": {"methods", "init", "federated", "variants", "reparam"},
     "combine": {"merge", "methods", "mixtures"}, "resume": {"variants", "init"}, "experiments": {"mixtures", "merge"},
     "repeats": {"init", "merge"}, "procedures": {"methods"}, "full_finetune": {"methods"},
@@ -156,7 +175,6 @@ def main(argv: Sequence[str]) -> int:
                        choices=["lorakit", "merged", "peft_mixed", "peft_swap"], help="serve: systems to run")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
-    out = Path(args.output)
     for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it
         value = getattr(args, dest)
         if value is not None and value is not False and args.what not in benches:  # 0 is a value (0 == False)
@@ -172,8 +190,22 @@ def main(argv: Sequence[str]) -> int:
                          "pass only the files that hold them)")
     if args.methods:  # what --methods names in this bench: wrong names fail now (near matches), before any model
         _check_names(parser, "--methods", args.methods, _method_lookup(args.what))
+    if args.only:  # likewise --only (its bench takes it: checked above)
+        what, names = _ONLY[args.what]
+        choices = names()
+        _check_names(parser, "--only", args.only, lambda name: check_names([name], choices, what))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
+    from ..cli import ErrorsReported
+
+    with ErrorsReported(parser) as run:  # a run's own error (a config's) reads as the command's, no traceback
+        run.status = _run(parser, args, argv)
+    return run.status
+
+
+def _run(parser: CommandParser, args, argv: Sequence[str]) -> int:
+    """Run the bench ``args.what`` with the checked options ``args``; write and print its report."""
+    out = Path(args.output)
     command = "lorakit bench " + " ".join(argv)
     t0 = time.perf_counter()
     if args.what == "tasks":
@@ -227,7 +259,7 @@ def main(argv: Sequence[str]) -> int:
             partial["plots"] = [str(inits.plot_inits(partial, out))]
             _write(out, "init", dict(partial), inits.inits_markdown(partial), command + " (partial)")
 
-        parts = tuple(args.only) if args.only else ("convergence", "cost")
+        parts = tuple(args.only) if args.only else inits.PARTS
         previous = None
         if args.resume is not None and (out / "init.json").exists():
             try:
@@ -291,7 +323,8 @@ def main(argv: Sequence[str]) -> int:
         from . import quantize as bench_quantize
         profile = _override(bench_quantize.QUICK if args.quick else bench_quantize.FULL, steps=args.steps,
                             seed=args.seeds[0] if args.seeds else None)
-        if args.only == ["cfp"]:  # the outlier pre-processing's effect on RTN error, no reconstruction (fast)
+        if args.only:  # cfp, the one name it takes here: the outlier pre-processing's effect on RTN error, no
+            # reconstruction (fast)
             result = bench_quantize.cfp_diagnosis(profile)
             args.what = "quantize_cfp"
             markdown = bench_quantize.cfp_markdown(result)
@@ -311,7 +344,8 @@ def main(argv: Sequence[str]) -> int:
         result = smaller.run_smaller(profile)
         markdown = smaller.smaller_markdown(result)
     elif args.what == "perf":
-        from . import conv_perf, distributed_perf, longlora, mixlora_perf, perf, procedures, serving, smaller  # noqa: F401  (rows register in perf.EXTRA_ROWS)
+        from . import perf
+        _perf_rows()  # every row registered
         profile = perf.QUICK if args.quick else perf.FULL
         result = perf.run_perf(profile, device=args.device, only=args.only)
         markdown = perf.perf_markdown(result)

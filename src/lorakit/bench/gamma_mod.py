@@ -87,16 +87,13 @@ def _scores(model, tokenizer, examples, mod: bool) -> dict:
 
 def run_gamma_mod(profile: GammaModProfile, progress: bool = False) -> dict:
     import lorakit as lk
+    from ..core.errors import check_names
     from ..data import load_examples
     from ..hub import load_model_and_tokenizer
     from ..methods.gamma_mod import GammaModConfig, flops_per_token, gamma_mod_blocks, keep_fractions
     from ..training import TrainConfig, train
 
-    unknown = [v for v in profile.variants if v not in VARIANTS]
-    if unknown:
-        from ..core.errors import ConfigError, did_you_mean
-        raise ConfigError(f"bench gamma_mod: unknown variant {unknown[0]!r}.{did_you_mean(unknown[0], VARIANTS)} "
-                          f"Choose from {', '.join(VARIANTS)}.")
+    check_names(profile.variants, VARIANTS, "bench gamma_mod variant")
     base, tokenizer = load_model_and_tokenizer(None)
     train_ex = load_examples(profile.tasks, "train", n=profile.train_examples, seed=profile.seed)
     eval_ex = load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import did_you_mean
+from ..core.errors import check_names, did_you_mean
 
 # contender -> (method, method kwargs, init or None, the baseline it is compared with at equal rank)
 CONTENDERS: dict[str, tuple[str, dict, str | None, str]] = {
@@ -65,6 +65,7 @@ class InitProfile:
     cost_hidden: int = 512
 
 
+PARTS = ("convergence", "cost")  # the halves of the bench (``--only``)
 QUICK = InitProfile(steps=4, eval_every=2, batch_size=4, init_batches=2, train_examples=16, eval_examples=2,
                     seeds=(0,), tasks="reverse", contenders=("lora", "lora_ga"), cost_repeats=1,
                     cost_inits=("pissa",), cost_layers=1, cost_hidden=64)
@@ -352,10 +353,11 @@ def cost_rows(samples: dict[tuple[str, str], list[dict]], inits: tuple[str, ...]
 
 
 def run_inits(profile: InitProfile, device: str | None = None, progress: bool = False,
-              parts: tuple[str, ...] = ("convergence", "cost"), after_each=None, previous: dict | None = None) -> dict:
-    """``parts``: which halves to run; ``after_each(result)`` gets the partial result after each training run.
-    ``previous``: an earlier result to resume: its training runs made with the same settings are kept (not
-    rerun), and the half not run this time is carried over as it was."""
+              parts: tuple[str, ...] = PARTS, after_each=None, previous: dict | None = None) -> dict:
+    """``parts``: which halves to run (of ``PARTS``; ConfigError for another name); ``after_each(result)`` gets the
+    partial result after each training run. ``previous``: an earlier result to resume: its training runs made with
+    the same settings are kept (not rerun), and the half not run this time is carried over as it was."""
+    check_names(parts, PARTS, "bench init part")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     result: dict = {"profile": asdict(profile), "convergence": {"runs": [], "table": []}, "cost": {"device": device, "rows": []}}
     done = reusable_runs(previous, profile)

@@ -110,10 +110,20 @@ def forward_and_train_rows(profile: PerfProfile, device) -> list[dict]:
     return rows
 
 
+def row_names() -> tuple[str, ...]:
+    """The rows ``only`` can name: ``forward`` (forward and training step) and the registered ``EXTRA_ROWS``."""
+    return ("forward", *EXTRA_ROWS)
+
+
 def run_perf(profile: PerfProfile, device: str | None = None, only: list[str] | None = None) -> dict:
+    """The rows named in ``only`` (of ``row_names()``; ConfigError for another name), else every row (``--quick``:
+    but the ``QUICK_ONLY_WHEN_NAMED`` ones)."""
     import peft
     import transformers
 
+    from ..core.errors import check_names
+
+    check_names(only or (), row_names(), "bench perf row")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []
     if not only or "forward" in only:

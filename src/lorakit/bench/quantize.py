@@ -33,6 +33,7 @@ FULL = QuantizeProfile()
 QUICK = QuantizeProfile(bits=(2,), calib_rows=2, eval_rows=2, seq_len=32, steps=2)
 
 VARIANTS = (("rtn", {}), ("cbq (no CFP)", {"cfp": False}), ("cbq", {}))
+PARTS = ("cfp",)  # ``--only cfp``: the CFP diagnosis alone (cfp_diagnosis), instead of the table
 
 
 def run_quantize(profile: QuantizeProfile, progress: bool = False) -> dict:

@@ -179,13 +179,10 @@ def _run_one(variant: str, profile: SmallerProfile, seed: int, train_ex, eval_ex
 
 
 def run_smaller(profile: SmallerProfile) -> dict:
+    from ..core.errors import check_names
     from ..data import load_examples
 
-    unknown = [v for v in profile.variants if v not in VARIANTS]
-    if unknown:
-        from ..core.errors import ConfigError, did_you_mean
-        raise ConfigError(f"bench smaller: unknown variant {unknown[0]!r}.{did_you_mean(unknown[0], VARIANTS)} "
-                          f"Choose from {', '.join(VARIANTS)}.")
+    check_names(profile.variants, VARIANTS, "bench smaller variant")
     runs = []
     tasks = profile.tasks.split(",")
     for seed in profile.seeds:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Union
 
-from .errors import ConfigError, did_you_mean
+from .errors import FIELD, ConfigError, did_you_mean
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -56,11 +56,13 @@ def _type_name(hint: Any) -> str:
 
 def check_positive_ints(config: Any, *names: str) -> None:
     """ConfigError ``"<Class>.<name> must be a positive integer, got <value>."`` for the first field of ``names``
-    on ``config`` that is not >= 1 (the one check every config with counts, ranks or steps needs)."""
+    on ``config`` that is not >= 1 (the one check every config with counts, ranks or steps needs); its ``field`` is
+    ``"<Class>.<name>"`` (a command line words it as the field's flag)."""
     for name in names:
         value = getattr(config, name)
         if value <= 0:
-            raise ConfigError(f"{type(config).__name__}.{name} must be a positive integer, got {value}.")
+            raise ConfigError(f"{FIELD} must be a positive integer, got {value}.",
+                              field=f"{type(config).__name__}.{name}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,14 +76,15 @@ def check_field_types(config: Any) -> None:
     """Check every field of dataclass ``config`` against its type annotation (the one validator of lorakit's
     configs: adapter, training, procedure). Tuples become lists, so configs stay JSON as they are.
 
-    Raises ConfigError naming the class, the field, the expected type and the value given.
+    Raises ConfigError naming the class, the field, the expected type and the value given (``field``:
+    ``"<Class>.<name>"``, as data for a command line to word as its flag).
     """
     hints = _type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _type_ok(value, hints[f.name]):
-            raise ConfigError(f"{type(config).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r} "
-                              f"({type(value).__name__}).")
+            raise ConfigError(f"{FIELD} must be {_type_name(hints[f.name])}, got {value!r} ({type(value).__name__}).",
+                              field=f"{type(config).__name__}.{f.name}")
         if isinstance(value, tuple):
             setattr(config, f.name, list(value))
 
@@ -127,7 +130,8 @@ class AdapterConfig:
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"{type(self).__name__}.{name}={pattern!r} is not a valid regular expression: {e}") from None
+            raise ConfigError(f"{FIELD}={pattern!r} is not a valid regular expression: {e}",
+                              field=f"{type(self).__name__}.{name}") from None
 
     def requested_init(self) -> str | None:
         """The registered init (``lorakit.list_inits()``) this config asks for, or None for the method's own

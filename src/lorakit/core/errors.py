@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 FIELD = "{field}"  # where a message with a ``field`` names it
@@ -29,6 +29,18 @@ class LorakitError(Exception):
 
     def __str__(self) -> str:
         return self.worded(self.field) if self.field is not None else super().__str__()
+
+    def __reduce__(self):
+        # pickle (an error sent back from a worker process, copy.deepcopy) rebuilds an exception by calling its class
+        # with its args; a subclass whose __init__ takes other arguments than its message (TrainingInterrupted(step,
+        # total_steps, checkpoint)) could not be rebuilt so. Rebuilt here from the message and the attributes,
+        # without __init__, for every subclass.
+        return _rebuild, (type(self), self.args), self.__dict__
+
+
+def _rebuild(cls: type[LorakitError], args: tuple) -> LorakitError:
+    """An instance of ``cls`` with ``args`` and no attributes yet (``__reduce__``'s state sets them)."""
+    return cls.__new__(cls, *args)
 
 
 class ConfigError(LorakitError, ValueError):
@@ -68,3 +80,11 @@ def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     found = near_matches(name, candidates)
     return f" Did you mean: {', '.join(found)}?" if found else ""
+
+
+def check_names(names: Iterable[str], choices: Sequence[str], what: str) -> None:
+    """ConfigError for the first of ``names`` not in ``choices``: ``unknown WHAT 'x'. Did you mean: y? Choose from
+    a, b.`` (``what``: what a name picks, e.g. ``"bench perf row"``)."""
+    for name in names:
+        if name not in choices:
+            raise ConfigError(f"unknown {what} {name!r}.{did_you_mean(name, choices)} Choose from {', '.join(choices)}.")

@@ -1,0 +1,94 @@
+"""``lorakit bench``'s command line: lorakit's own errors raised during a run, and wrong ``--only`` names, read as
+``lorakit bench: error: ...`` (no traceback), as every other command's errors do."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.cli import ErrorsReported, main
+from lorakit.cli_parser import CommandParser
+
+
+def test_a_config_error_inside_a_bench_is_the_commands_error(tmp_path, capsys):
+    """Was: `bench federated --clients 0` printed a traceback ending in FederatedConfig's ConfigError."""
+    assert main(["bench", "federated", "--quick", "--clients", "0", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "lorakit bench: error: --clients must be >= 1, got 0\n", err
+    assert not (tmp_path / "federated.json").exists()
+
+
+def test_errors_reported_maps_lorakit_errors_and_lets_others_through(capsys):
+    from lorakit.core.errors import ConfigError
+    from lorakit.training import AdapterSaveError
+
+    parser = CommandParser(prog="lorakit bench")
+    parser.add_argument("--steps", type=int)
+    with ErrorsReported(parser) as run:
+        raise ConfigError("{field} must be > 0, got 0", field="steps")
+    assert run.status == 2 and capsys.readouterr().err == "lorakit bench: error: --steps must be > 0, got 0\n"
+    with ErrorsReported(parser) as run:
+        raise AdapterSaveError("cannot write out/adapter (disk full); saved to /tmp/rescue", "/tmp/rescue")
+    assert run.status == 1 and "lorakit bench: error: cannot write" in capsys.readouterr().err
+    with ErrorsReported(parser) as run:
+        run.status = 0
+    assert run.status == 0
+    with pytest.raises(RuntimeError, match="a bug"), ErrorsReported(parser):  # not lorakit's: its traceback shows
+        raise RuntimeError("a bug")
+    with pytest.raises(ValueError), ErrorsReported(parser):  # only where a command asks (also=...)
+        raise ValueError("not lorakit's")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model a bench builds or loads fails the test: the check must come first."""
+    import lorakit.bench.perf
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before --only was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(lorakit.bench.perf, "build_model", no_load)
+
+
+ONLY = [  # bench, a mistyped --only name, its near match, another valid name listed
+    ("perf", "forwrd", "forward", "mixed"),
+    ("perf", "qlroa", "qlora", "ddp"),
+    ("init", "convergance", "convergence", "cost"),
+    ("quantize", "cpf", "cfp", "cfp"),
+    ("smaller", "loram_alinged", "loram_aligned", "loraprune"),
+    ("gamma_mod", "gamma_mod_arank", "gamma_mod_arank_mod", "gamma_mod_unmasked"),
+]
+
+
+@pytest.mark.parametrize("what,wrong,meant,listed", ONLY, ids=[f"{w}-{x}" for w, x, _, _ in ONLY])
+def test_a_wrong_only_name_fails_before_any_model_with_near_matches(what, wrong, meant, listed, tmp_path, capsys,
+                                                                     no_model):
+    """Was: `bench quantize --only cpf` ran the whole quantize table, `bench perf --only forwrd` ran no row, and
+    smaller / gamma_mod named the wrong variant only inside the run (a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", what, "--quick", "--only", wrong, "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"lorakit bench: error: --only: unknown bench {what} ") and f"{wrong!r}" in line, line
+    assert f"Did you mean: {meant}" in line and "Choose from " in line and listed in line.split("Choose from ")[1]
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_only_names_are_checked_once_for_python_callers_too():
+    """The Python entry points check the same names (core.errors.check_names) before any work."""
+    from dataclasses import replace
+
+    from lorakit.bench import gamma_mod, inits, perf, smaller
+    from lorakit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown bench perf row 'forwrd'\. Did you mean: forward\?"):
+        perf.run_perf(perf.QUICK, device="cpu", only=["forwrd"])
+    with pytest.raises(ConfigError, match=r"unknown bench init part 'costs'\. Did you mean: cost\? Choose from "
+                                          r"convergence, cost\."):
+        inits.run_inits(inits.QUICK, device="cpu", parts=("costs",))
+    with pytest.raises(ConfigError, match="Did you mean: loram_aligned"):
+        smaller.run_smaller(replace(smaller.QUICK, variants=("loram_alinged",)))
+    with pytest.raises(ConfigError, match="Did you mean: gamma_mod_arank_mod"):
+        gamma_mod.run_gamma_mod(replace(gamma_mod.QUICK, variants=("gamma_mod_arank",)))
