@@ -175,6 +175,14 @@ def test_a_malformed_json_flag_says_json_not_a_python_name(flag, capsys):
     assert f"lorakit train: error: argument {flag}: not valid JSON (Expecting property name" in err and "'{bad'" in err
 
 
+@pytest.mark.parametrize("flag,value,says", [("--rank-pattern", "[1]", "must be dict[str, int], got [1] (list)"),
+                                              ("--alpha-pattern", '["q"]', "must be dict[str, float], got ['q'] (list)")])
+def test_valid_json_of_the_wrong_type_is_a_clear_error(flag, value, says, capsys):
+    """Was an AttributeError traceback ('int' object has no attribute 'lower') for a JSON list of numbers."""
+    assert main(["train", "--data", "reverse", "--steps", "1", flag, value]) == 2
+    assert capsys.readouterr().err.startswith(f"lorakit train: error: {flag} {says}")
+
+
 @pytest.mark.parametrize("argv", [["eval", "--data", "reverse"], ["generate", "--prompt", "x"], ["export", "--output"]])
 def test_rank_on_an_adapter_without_nested_ranks_is_named_before_the_model_loads(argv, tmp_path, capsys, monkeypatch):
     """Was, after loading the model: "'lora' adapters have no setting 'rank'. Did you mean: rank_pattern? Settings:

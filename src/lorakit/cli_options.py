@@ -169,9 +169,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
             continue
         hint_args = typing.get_args(hints[f.name])
         number_lists = [h for h in hint_args if typing.get_origin(h) is list and str not in typing.get_args(h)]
-        if isinstance(value, list) and len(value) == 1 and str in hint_args and number_lists:
+        one_word = isinstance(value, list) and len(value) == 1 and isinstance(value[0], str)  # (JSON flags: any)
+        if one_word and str in hint_args and number_lists:
             value = _scalar(value[0])  # one value of e.g. int | str | list[int] (MoLA's 8, "2-4-6-8" or 2 4 6 8)
-        elif isinstance(value, list) and len(value) == 1 and str in hint_args:
+        elif one_word and str in hint_args:
             # One value: "all-linear" or a regex stays a string; a plain name stays a list, so it matches as a
             # module name / suffix (PEFT) and a typo gets the near-match hint of list entries.
             only = value[0]
