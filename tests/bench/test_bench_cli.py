@@ -41,8 +41,17 @@ def test_errors_reported_maps_lorakit_errors_and_lets_others_through(capsys):
 @pytest.fixture
 def no_model(monkeypatch):
     """Any model a bench builds or loads fails the test: the check must come first."""
+    import importlib
+    import pkgutil
+
+    import lorakit.bench
     import lorakit.bench.perf
     import lorakit.hub
+
+    # Modules that bind ``from .perf import build_model`` at import must be imported before the patch, or the
+    # patched function would stay bound in them for the tests that follow.
+    for info in pkgutil.iter_modules(lorakit.bench.__path__):
+        importlib.import_module(f"lorakit.bench.{info.name}")
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before --only was checked")
@@ -92,3 +101,33 @@ def test_only_names_are_checked_once_for_python_callers_too():
         smaller.run_smaller(replace(smaller.QUICK, variants=("loram_alinged",)))
     with pytest.raises(ConfigError, match="Did you mean: gamma_mod_arank_mod"):
         gamma_mod.run_gamma_mod(replace(gamma_mod.QUICK, variants=("gamma_mod_arank",)))
+
+
+SERVE_BAD = [  # bench serve flags that describe no workload, and what the error says
+    (["--num-adapters", "0"], "--num-adapters must be a positive integer, got 0"),
+    (["--req-rate", "0"], "--req-rate must be > 0, got 0.0"),
+    (["--duration", "-1"], "--duration must be > 0, got -1.0"),
+    (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+    (["--models", "bundld"], "unknown bench serve model 'bundld'. Did you mean: bundled?"),
+]
+
+
+@pytest.mark.parametrize("flags,says", SERVE_BAD, ids=[f[0] for f, _ in SERVE_BAD])
+def test_a_serve_workload_that_cannot_run_is_refused_before_any_model(flags, says, tmp_path, capsys, no_model):
+    """Was: `bench serve --num-adapters 0` wrote zero adapters, then a bare StopIteration traceback."""
+    assert main(["bench", "serve", "--quick", *flags, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"lorakit bench: error: {says}"), err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tasks,says", [("reverse,nope", "--tasks: unknown task 'nope'."),
+                                        ("reverse,", "--tasks 'reverse,': give comma-separated task names")])
+def test_bench_tasks_names_are_checked_before_any_model(tasks, says, tmp_path, capsys, no_model):
+    """Was: `bench methods --tasks nope` trained nothing and ended in the data module's ValueError traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "methods", "--quick", "--tasks", tasks, "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"lorakit bench: error: {says}"), err
+    assert not list(tmp_path.iterdir())

@@ -118,7 +118,7 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = CommandParser(prog="lorakit bench", description=(
+    parser = CommandParser(prog="lorakit bench", field_flags={"duration_s": "--duration"}, description=(
         "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
         "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
         "--quick runs a tiny smoke profile."))
@@ -194,6 +194,13 @@ def main(argv: Sequence[str]) -> int:
         what, names = _ONLY[args.what]
         choices = names()
         _check_names(parser, "--only", args.only, lambda name: check_names([name], choices, what))
+    if args.tasks is not None:  # likewise --tasks: built-in task names (a JSONL file where a bench reads one)
+        from ..data.tasks import get_task
+
+        names = [t.strip() for t in args.tasks.split(",")]
+        if not all(names):
+            parser.error(f"--tasks {args.tasks!r}: give comma-separated task names, none empty (see `lorakit tasks`)")
+        _check_names(parser, "--tasks", [t for t in names if not Path(t).is_file()], get_task)
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     from ..cli import ErrorsReported
