@@ -221,3 +221,16 @@ def test_concurrent_refuses_what_cannot_share_a_batch(make_model, tokenizer, rev
     with pytest.raises(lorakit.ConfigError, match="job 'other'.*cannot resume"):
         train_concurrent(model, tokenizer, [Job("other", reverse_train[:8], _config(resume_from=str(tmp_path)))],
                          progress=False)
+
+
+def test_concurrent_refuses_xlora_beside_another_job(make_model, tokenizer, reverse_train, tmp_path):
+    """X-LoRA's scalings come from a scaling pass over every row of the batch (``Delta.whole_batch``)."""
+    from lorakit.methods.xlora import XLoraConfig
+
+    model = make_model()
+    for source in ("a", "b"):
+        lorakit.save_adapter(model, tmp_path / source, "default")
+    lorakit.add_adapter(model, XLoraConfig(adapter_paths=[str(tmp_path / "a"), str(tmp_path / "b")]), name="x")
+    jobs = [Job("x", reverse_train[:8], _config()), Job("default", reverse_train[:8], _config())]
+    with pytest.raises(lorakit.AdapterError, match="job 'x'.*whole batch.*train that job alone"):
+        train_concurrent(model, tokenizer, jobs, progress=False)

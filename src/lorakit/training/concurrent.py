@@ -13,12 +13,14 @@ row's adapter name; a delta serving some rows of the batch sees only those rows'
 rows_routing``). A job that has finished its steps leaves the batch. Alone, a job gets the same adapter as
 ``lorakit.train`` with the same seed.
 
-Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone):
-a method whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route
-every row of the batch), a procedure that does not declare ``shares_batch`` (it hooks the whole model, its logits
-or base weights), an optimizer holding parameters outside the job's adapter (every job's rows would put gradients
-in them), and jobs of which only some have task keys. Not supported at all:
-``resume_from`` (no checkpoints are written; ``save_every`` is ignored) and data-parallel runs.
+Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
+whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
+the batch) or is computed from the whole batch (X-LoRA: ``Delta.whole_batch``), a procedure that does not declare
+``shares_batch`` (it hooks the whole model, its logits or base weights), an optimizer holding parameters outside
+the job's adapter (every job's rows would put gradients in them), and jobs of which only some have task keys.
+Refused for any job: ``resume_from``. Not done here (use ``lorakit.train``): checkpoints (``save_every``),
+evaluation during training (``eval_every``; ``eval_examples`` are scored once at the end), logging callbacks and
+data-parallel runs.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
             raise AdapterError(f"concurrent training needs per-row adapters; job {whole[0]!r}'s method replaces a "
                                "whole layer's forward (FFN-level mixture, γ-MoD block), which routes every row of "
                                "the batch: train that job alone (train_concurrent with one job, or lorakit.train)")
+        batch_wide = [n for n in names if n in layer.adapters and layer.adapters[n].whole_batch]
+        if batch_wide:
+            raise AdapterError(f"concurrent training needs per-row adapters; job {batch_wide[0]!r}'s method computes "
+                               "its delta from the whole batch (X-LoRA's scaling pass over every row): train that "
+                               "job alone (train_concurrent with one job, or lorakit.train)")
     for job in jobs:
         name = job.config.procedure
         if name is not None and not get_procedure(name).cls.shares_batch:
