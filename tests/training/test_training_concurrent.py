@@ -234,3 +234,42 @@ def test_concurrent_refuses_xlora_beside_another_job(make_model, tokenizer, reve
     jobs = [Job("x", reverse_train[:8], _config()), Job("default", reverse_train[:8], _config())]
     with pytest.raises(lorakit.AdapterError, match="job 'x'.*whole batch.*train that job alone"):
         train_concurrent(model, tokenizer, jobs, progress=False)
+
+
+def test_concurrent_trains_classifiers_as_train_does():
+    """The model's head picks the objective (SEQ_CLS: cross-entropy of the head's logits, one label per row), as in
+    lorakit.train; each job's head trains as its adapter's modules_to_save copy (per-row copies beside another job).
+    No dropout in the base, so the two jobs together draw nothing random either."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorakit.data import Example
+    from lk_models import word_level_tokenizer
+
+    words = ["good", "bad", "film", "plot", "cast", "long"]
+    texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 3)) for i in range(16)]
+    examples = [Example(t, "pos" if "good" in t.split() else "neg") for t in texts]
+    tok = word_level_tokenizer(examples)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=2, id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1}, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    for name in ("default", "other"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"]), name=name)
+    jobs = [Job("default", examples, TrainConfig(steps=4, batch_size=4, lr=5e-3, seed=0)),
+            Job("other", examples[::-1], TrainConfig(steps=3, batch_size=2, lr=1e-2, seed=1))]
+    for group in ([jobs[0]], jobs):
+        initial, out = _run(copy.deepcopy(model), tok, group)
+        _check_against_train_alone(initial, tok, group, out)
+
+
+def test_concurrent_runs_a_whole_model_procedure_alone_as_train_does(make_model, tokenizer, reverse_train):
+    """A job alone may use any procedure: Flexora (held-out validation split, its own validation forwards and
+    layer-logit updates in on_step, hooks removed in finish) gives the same adapter as lorakit.train."""
+    config = _config(steps=4, procedure="flexora", procedure_args={"val_size": 8, "val_batches": 2})
+    job = Job("default", reverse_train[:24], config)
+    model = make_model(lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    initial, out = _run(model, tokenizer, [job])
+    _check_against_train_alone(initial, tokenizer, [job], out)
+    assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)  # Flexora's input scalers

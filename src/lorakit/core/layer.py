@@ -123,8 +123,9 @@ class AdapterLayer(nn.Module):
         deltas = [self.adapters[n] for n in used]
         if not all(d.plain_units for d in deltas):
             return False
-        if any(d._forward_hooks or d._forward_pre_hooks for d in deltas):
-            return False  # the stacked bmm never calls the delta, so its hooks (ALLoRA, GGPO) would be skipped
+        if any(m._forward_hooks or m._forward_pre_hooks for d in deltas for m in d.modules()):
+            return False  # the stacked bmm calls neither the delta nor its lora_A / lora_B: their hooks (ALLoRA,
+            # GGPO, Flexora's input scale) would be skipped
         dropouts = {getattr(d.units().dropout, "p", 0.0) for d in deltas}  # nn.Dropout's p; None/Identity: 0
         dtypes = {d.dtype for d in deltas}
         return len(dropouts) == 1 and len(dtypes) == 1
