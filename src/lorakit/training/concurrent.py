@@ -113,6 +113,11 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
             raise AdapterError(f"concurrent training needs per-row adapters; job {batch_wide[0]!r}'s method computes "
                                "its delta from the whole batch (X-LoRA's scaling pass over every row): train that "
                                "job alone (train_concurrent with one job, or lorakit.train)")
+    keyed = [j.adapter_name for j in jobs if any(ex.task is not None for ex in j.examples)]  # (TokenizedDataset's rule)
+    if keyed and len(keyed) < len(jobs):
+        plain = next(n for n in names if n not in keyed)
+        raise ConfigError(f"job {keyed[0]!r}'s data has task keys and job {plain!r}'s has none; rows of one batch "
+                          "either all carry a key or none do: give every example a task, or train them separately")
     for job in jobs:
         name = job.config.procedure
         if name is not None and not get_procedure(name).cls.shares_batch:
@@ -184,7 +189,7 @@ class _JobRun:
 
 
 def _check_shared(model, runs: list[_JobRun]) -> None:
-    """Beside other jobs: each optimizer holds only its adapter's parameters, and task keys mean the same."""
+    """Beside other jobs, once the optimizers are built: each holds only its job's adapter's parameters."""
     for run in runs:
         own = adapter_parameters(model, run.name)
         outside = [n for n in run.params if n not in own]
@@ -192,11 +197,6 @@ def _check_shared(model, runs: list[_JobRun]) -> None:
             raise ConfigError(f"job {run.name!r} trains parameters outside its adapter ({outside[0]!r}"
                               f"{f' and {len(outside) - 1} more' if len(outside) > 1 else ''}); every job's rows "
                               "pass through them, so the jobs' gradients would mix: train that job alone")
-    keyed = [run.name for run in runs if run.dataset.task_to_id is not None]
-    if keyed and len(keyed) < len(runs):
-        plain = next(run.name for run in runs if run.dataset.task_to_id is None)
-        raise ConfigError(f"job {keyed[0]!r}'s data has task keys and job {plain!r}'s has none; rows of one batch "
-                          "either all carry a key or none do: give every example a task, or train them separately")
 
 
 def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> dict[str, Any]:
