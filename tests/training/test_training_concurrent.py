@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import lorakit
 from lorakit.data import load_examples
 from lorakit.training import Job, TrainConfig, train, train_concurrent
+from lorakit.training.loop import make_optimizer
+from lorakit.training.procedures import get_procedure
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
@@ -110,3 +114,162 @@ def test_concurrent_refuses_a_whole_layer_method_beside_another_job(make_model, 
     jobs = [Job("default", reverse_train[:8], _config()), Job("plain", reverse_train[:8], _config())]
     with pytest.raises(lorakit.AdapterError, match="job 'default'.*train that job alone"):
         train_concurrent(model, tokenizer, jobs, progress=False)
+
+
+# -- a job trains as lorakit.train trains it: the reference is the single-job loop on a copy of the model --------
+def _check_against_train_alone(model, tokenizer, jobs, out):
+    """Each job's losses and adapter equal ``lorakit.train`` of that job alone, from the same initial weights."""
+    for job in jobs:
+        alone = copy.deepcopy(model)  # (model is a copy of the initial state, see _run)
+        lorakit.set_adapter(alone, job.adapter_name)
+        result = train(alone, tokenizer, job.examples, job.config, adapter_name=job.adapter_name, progress=False)
+        torch.testing.assert_close(out["jobs"][job.adapter_name].losses, result.losses, atol=1e-5, rtol=1e-4)
+        assert len(result.losses) == job.config.steps
+        expected = lorakit.adapter_state_dict(alone, job.adapter_name)
+        assert expected
+        for key, value in lorakit.adapter_state_dict(out["model"], job.adapter_name).items():
+            torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-4, msg=f"{job.adapter_name}: {key}")
+
+
+def _run(model, tokenizer, jobs):
+    initial = copy.deepcopy(model)
+    out = train_concurrent(model, tokenizer, jobs, progress=False)
+    return initial, {**out, "model": model}
+
+
+def _groups_and_procedures_model(make_model):
+    from lorakit.methods.sora import SoraConfig
+
+    model = make_model()  # "default": plain LoRA
+    lorakit.add_adapter(model, SoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.0, sparse_lr=0.05,
+                                          sparse_lambda=0.1, sparse_lambda_2=1e-3), name="sora")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), name="plus")
+    return model
+
+
+def _groups_and_procedures_jobs(reverse_train):
+    """GGPO (procedure: forward hooks on its deltas drawing noise, on_gradients, on_step), SoRA (method param
+    groups: the gates at their own lr, extra loss, on_step) with grad_accum=2, LoRA+ (procedure param groups: B at
+    16x the lr) with a cosine schedule and fewer steps."""
+    ggpo = TrainConfig(steps=4, batch_size=4, lr=5e-3, seed=0, max_length=64, procedure="ggpo",
+                       procedure_args={"ggpo_sigma": 0.05, "ggpo_beta": 0.05})
+    sora = TrainConfig(steps=4, batch_size=2, grad_accum=2, lr=5e-3, seed=1, max_length=64)
+    plus = TrainConfig(steps=3, batch_size=4, lr=2e-3, seed=2, max_length=64, lr_schedule="cosine",
+                       procedure="loraplus", procedure_args={"loraplus_lr_ratio": 16.0})
+    return [Job("default", reverse_train[:16], ggpo), Job("sora", reverse_train[16:32], sora),
+            Job("plus", reverse_train[32:], plus)]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["each_alone", "together"])
+def test_concurrent_param_groups_and_procedures_match_train(make_model, tokenizer, reverse_train, together):
+    """Per-group learning rates (SoRA's gate group, LoRA+'s B group) and procedure hooks (GGPO) give the same
+    training as lorakit.train alone: through train_concurrent with the job alone, and beside the other jobs (no
+    dropout, and GGPO's noise is the only random draw, so even the shared RNG sequence matches)."""
+    jobs = _groups_and_procedures_jobs(reverse_train)
+    for group in ([jobs] if together else [[job] for job in jobs]):
+        initial, out = _run(_groups_and_procedures_model(make_model), tokenizer, group)
+        _check_against_train_alone(initial, tokenizer, group, out)
+    model = _groups_and_procedures_model(make_model)
+    (plus,) = [job for job in jobs if job.adapter_name == "plus"]
+    lorakit.set_adapter(model, "plus")
+    optimizer, _ = make_optimizer(model, "plus", plus.config, procedure=get_procedure("loraplus").build(plus.config))
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [2e-3, 16 * 2e-3]  # the groups compared above
+
+
+def test_concurrent_routing_keys_and_vectors_match_train(make_model, tokenizer, reverse_train):
+    """Batches with routing keys and vectors: RecLoRA reads each row's user vector (``routing`` extras), routed_lora
+    each row's task key (ids of its own data's sorted task names: reverse=0, upper=1), beside a LoRA job whose data
+    has another task index (add=0). Concatenated, each job's rows keep their keys and vectors, and each job trains
+    as lorakit.train trains it alone."""
+    from dataclasses import replace
+
+    from lorakit.methods.routed import RecLoraConfig, RoutedLoraConfig
+
+    users = {0: [1.0, 0.0, -1.0], 1: [-2.0, 0.5, 0.0]}
+    rec_data = [replace(ex, routing={"user_state": users[i % 2]}) for i, ex in enumerate(reverse_train[:16])]
+    keyed_data = load_examples("reverse,upper", "train", n=16, seed=0)
+    assert {ex.task for ex in keyed_data} == {"reverse", "upper"}
+    model = make_model(RecLoraConfig(num_experts=2, r=2, user_dim=3, lora_dropout=0.0, gate_dropout=0.0))
+    lorakit.add_adapter(model, RoutedLoraConfig(expert_r=[2, 2], lora_dropout=0.0, key_to_expert={
+        "reverse": 0, "upper": 1}), name="keyed")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS), name="plain")
+    jobs = [Job("default", rec_data, _config(steps=3)), Job("keyed", keyed_data, _config(steps=3, seed=1)),
+            Job("plain", load_examples("add", "train", n=16, seed=0), _config(steps=2, batch_size=2, seed=2))]
+    initial, out = _run(model, tokenizer, jobs)
+    _check_against_train_alone(initial, tokenizer, jobs, out)
+    with pytest.raises(lorakit.LorakitError, match="user_state"):  # the vectors were needed
+        train_concurrent(copy.deepcopy(initial), tokenizer, [Job("default", reverse_train[:8], _config(steps=1))],
+                         progress=False)
+
+
+def test_concurrent_refuses_what_cannot_share_a_batch(make_model, tokenizer, reverse_train, tmp_path):
+    """Refused up front, naming the job: a procedure acting on the whole model (BA-LoRA reads the whole batch's
+    logits), a job whose examples carry no task key beside one whose do, a resume."""
+    from lorakit.data import Example
+
+    model = make_model()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS), name="other")
+    balora = _config(procedure="balora")
+    with pytest.raises(lorakit.ConfigError, match="job 'default'.*procedure 'balora'.*train that job alone"):
+        train_concurrent(model, tokenizer, [Job("default", reverse_train[:8], balora),
+                                            Job("other", reverse_train[:8], _config())], progress=False)
+    untasked = [Example(ex.prompt, ex.completion) for ex in reverse_train[:8]]
+    with pytest.raises(lorakit.ConfigError, match="job 'default'.*task keys and job 'other'"):
+        train_concurrent(model, tokenizer, [Job("default", reverse_train[:8], _config()),
+                                            Job("other", untasked, _config())], progress=False)
+    (tmp_path / "trainer_state.json").write_text("{}")
+    with pytest.raises(lorakit.ConfigError, match="job 'other'.*cannot resume"):
+        train_concurrent(model, tokenizer, [Job("other", reverse_train[:8], _config(resume_from=str(tmp_path)))],
+                         progress=False)
+
+
+def test_concurrent_refuses_xlora_beside_another_job(make_model, tokenizer, reverse_train, tmp_path):
+    """X-LoRA's scalings come from a scaling pass over every row of the batch (``Delta.whole_batch``)."""
+    from lorakit.methods.xlora import XLoraConfig
+
+    model = make_model()
+    for source in ("a", "b"):
+        lorakit.save_adapter(model, tmp_path / source, "default")
+    lorakit.add_adapter(model, XLoraConfig(adapter_paths=[str(tmp_path / "a"), str(tmp_path / "b")]), name="x")
+    jobs = [Job("x", reverse_train[:8], _config()), Job("default", reverse_train[:8], _config())]
+    with pytest.raises(lorakit.AdapterError, match="job 'x'.*whole batch.*train that job alone"):
+        train_concurrent(model, tokenizer, jobs, progress=False)
+
+
+def test_concurrent_trains_classifiers_as_train_does():
+    """The model's head picks the objective (SEQ_CLS: cross-entropy of the head's logits, one label per row), as in
+    lorakit.train; each job's head trains as its adapter's modules_to_save copy (per-row copies beside another job).
+    No dropout in the base, so the two jobs together draw nothing random either."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorakit.data import Example
+    from lk_models import word_level_tokenizer
+
+    words = ["good", "bad", "film", "plot", "cast", "long"]
+    texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 3)) for i in range(16)]
+    examples = [Example(t, "pos" if "good" in t.split() else "neg") for t in texts]
+    tok = word_level_tokenizer(examples)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=2, id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1}, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    for name in ("default", "other"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"]), name=name)
+    jobs = [Job("default", examples, TrainConfig(steps=4, batch_size=4, lr=5e-3, seed=0)),
+            Job("other", examples[::-1], TrainConfig(steps=3, batch_size=2, lr=1e-2, seed=1))]
+    for group in ([jobs[0]], jobs):
+        initial, out = _run(copy.deepcopy(model), tok, group)
+        _check_against_train_alone(initial, tok, group, out)
+
+
+def test_concurrent_runs_a_whole_model_procedure_alone_as_train_does(make_model, tokenizer, reverse_train):
+    """A job alone may use any procedure: Flexora (held-out validation split, its own validation forwards and
+    layer-logit updates in on_step, hooks removed in finish) gives the same adapter as lorakit.train."""
+    config = _config(steps=4, procedure="flexora", procedure_args={"val_size": 8, "val_batches": 2})
+    job = Job("default", reverse_train[:24], config)
+    model = make_model(lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    initial, out = _run(model, tokenizer, [job])
+    _check_against_train_alone(initial, tokenizer, [job], out)
+    assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)  # Flexora's input scalers

@@ -209,6 +209,9 @@ class Delta(nn.Module):
     # A delta that computes the whole layer output itself (e.g. MixLoRA reusing the FFN's base projections
     # across experts) sets this and implements ``full_forward``; the wrapper then skips the base call.
     replaces_base: ClassVar[bool] = False
+    # A delta whose forward reads state computed over the whole batch (X-LoRA's scalings from a scaling pass of every
+    # row) sets this: it cannot serve only some rows of a mixed batch (train_concurrent trains such a job alone).
+    whole_batch: ClassVar[bool] = False
 
     def __init__(self, info: LayerInfo):
         super().__init__()

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .delta import LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
 from .errors import AdapterError
-from .routing import BASE_NAME, check_adapter_names, current_routing, rows_for_batch
+from .routing import BASE_NAME, check_adapter_names, current_routing, routing, rows_for_batch, rows_routing
 
 
 # Read-only shape attributes host models read from the layers they own (Whisper's encoder reads ``conv1.stride``);
@@ -123,6 +123,9 @@ class AdapterLayer(nn.Module):
         deltas = [self.adapters[n] for n in used]
         if not all(d.plain_units for d in deltas):
             return False
+        if any(m._forward_hooks or m._forward_pre_hooks for d in deltas for m in d.modules()):
+            return False  # the stacked bmm calls neither the delta nor its lora_A / lora_B: their hooks (ALLoRA,
+            # GGPO, Flexora's input scale) would be skipped
         dropouts = {getattr(d.units().dropout, "p", 0.0) for d in deltas}  # nn.Dropout's p; None/Identity: 0
         dtypes = {d.dtype for d in deltas}
         return len(dropouts) == 1 and len(dtypes) == 1
@@ -156,10 +159,12 @@ class AdapterLayer(nn.Module):
         return out + delta.reshape(out.shape).to(out.dtype)
 
     def _looped_rows(self, x, base_out, out, names, used):
-        """Reference path (any delta kind): gather each adapter's rows, like PEFT's ``adapter_names``."""
+        """Reference path (any delta kind): gather each adapter's rows, like PEFT's ``adapter_names``. Each delta
+        runs inside the routing context of its rows (``rows_routing``): its keys, token mask and per-row extras."""
         for name in used:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
+            with routing(**rows_routing(current_routing(), index, len(names), name)):
+                delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
             out = out.index_add(0, index, delta)
         return out
 

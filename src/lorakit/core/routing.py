@@ -105,3 +105,33 @@ def check_adapter_names(ctx: Routing | None, known: Mapping[str, Any] | Sequence
         raise AdapterError(f"routing {where} {bad!r} is not an adapter of this model.{hint} Adapters: {list(known)} "
                            f"(use None or '__base__' for a row without adapter)"
                            + (f"; other unknown names: {unknown[1:]}" if len(unknown) > 1 else ""))
+
+
+ADAPTER_EXTRAS_KEY = "adapter_extras"  # extras: {adapter name: {extra: value}}, merged in for that adapter's rows
+
+
+def rows_routing(ctx: Routing | None, index: torch.Tensor, batch: int, adapter_name: str) -> dict[str, Any]:
+    """The per-row fields of ``ctx`` restricted to rows ``index`` of a ``batch``-row forward, as ``routing(...)``
+    keyword arguments, for adapter ``adapter_name``'s delta: ``adapter_names``, ``keys``, ``token_mask`` and every
+    extra that is a tensor with one entry per row of ``ctx`` (routing vectors, the supervised mask); other extras
+    pass unchanged, and ``extras[ADAPTER_EXTRAS_KEY][adapter_name]`` is merged in (per-adapter values such as the
+    ``task_names`` its rows' key ids index, when concurrent jobs have different tasks).
+    A per-row field given for fewer rows (generate's beams) is first widened as ``rows_for_batch`` does. Lets a
+    delta that serves only some rows of a mixed batch (per-row adapters, concurrent training) see its rows' own
+    routing, as it would in a batch of its own."""
+    if ctx is None or ctx.adapter_names is None:
+        return {}
+    rows = len(ctx.adapter_names)
+
+    def take(value: Any, what: str) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            return rows_for_batch(value, batch, what).index_select(0, index.to(value.device))
+        if what != "extras" and value is not None and not isinstance(value, torch.Tensor) and len(value) == rows:
+            widened = rows_for_batch(list(value), batch, what)
+            return [widened[i] for i in index.tolist()]
+        return value
+
+    extras = {k: take(v, "extras") for k, v in ctx.extras.items() if k != ADAPTER_EXTRAS_KEY}
+    extras.update((ctx.extras.get(ADAPTER_EXTRAS_KEY) or {}).get(adapter_name, {}))
+    return {"adapter_names": take(list(ctx.adapter_names), "adapter_names"), "keys": take(ctx.keys, "keys"),
+            "token_mask": take(ctx.token_mask, "token_mask"), "extras": extras}

@@ -153,6 +153,8 @@ class XLoraClassifier(nn.Module):
 class XLoraLinear(LoraExperts):
     """N adapters on one linear layer, scaled per token by the scalings of the routing context."""
 
+    whole_batch = True  # the scalings come from a scaling pass over every row of the batch
+
     def __init__(self, info: LayerInfo, config: XLoraConfig, module_index: int):
         super().__init__(info, config, trainable=config.use_trainable_adapters)
         self.slot = module_index if config.layerwise_scalings else 0

@@ -205,6 +205,53 @@ def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig, met
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay), params
 
 
+def split_validation(procedure: Procedure | None, config: TrainConfig,
+                     examples: Sequence[Example]) -> tuple[Sequence[Example], list[Example]]:
+    """The training examples and the procedure's held-out validation examples (Flexora): the last
+    ``procedure.validation_split(n)`` examples, not trained on; none without a procedure that asks.
+    Raises ConfigError when the split would leave no training or no validation example."""
+    held_out = procedure.validation_split(len(examples)) if procedure is not None else 0
+    if not held_out:
+        return examples, []
+    if not 0 < held_out < len(examples):
+        raise ConfigError(f"procedure {config.procedure!r} holds out {held_out} validation examples but the run has "
+                          f"{len(examples)}; lower its validation size or give more training data.")
+    return list(examples)[:-held_out], list(examples)[-held_out:]
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> float:
+    """Set every optimizer group's lr for the update after ``step`` completed steps (its ``initial_lr``, the
+    method's / procedure's per-group peak, times the schedule); returns the schedule's factor. Called before the
+    step's first forward: a procedure may update parameters inside gradient hooks (GaLore per layer)."""
+    factor = lr_multiplier(step, config.steps, config.num_warmup_steps, config.lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return factor
+
+
+def hook_losses(model: nn.Module, adapter_name: str, method: Method, procedure: Procedure | None,
+                grad_accum: int) -> torch.Tensor | None:
+    """The method's and the procedure's ``extra_loss`` of one forward, each divided by ``grad_accum`` (they are
+    per-forward terms, averaged over a step's micro-batches); None when neither has one."""
+    total = None
+    for term in (method.extra_loss(model, adapter_name) if method.extra_loss is not None else None,
+                 procedure.extra_loss(model, adapter_name) if procedure is not None else None):
+        if term is not None:
+            total = term / grad_accum if total is None else total + term / grad_accum
+    return total
+
+
+def step_hooks(model: nn.Module, adapter_name: str, method: Method, procedure: Procedure | None, step: int,
+               total_steps: int) -> bool:
+    """After optimizer step ``step`` (1-based): the method's ``on_step``, then the procedure's. Returns whether
+    any ran (the caller then re-reads what the adapters freeze, ``refresh_trainable``)."""
+    if method.on_step is not None:
+        method.on_step(model, adapter_name, step, total_steps)
+    if procedure is not None:
+        procedure.on_step(model, adapter_name, step, total_steps)
+    return method.on_step is not None or procedure is not None
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -263,12 +310,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     torch.manual_seed(config.seed)  # also seeds every CUDA device
 
     procedure = get_procedure(config.procedure).build(config) if config.procedure is not None else None
-    held_out = procedure.validation_split(len(train_examples)) if procedure is not None else 0
-    if held_out:  # a procedure's validation split (Flexora): the last examples, not trained on
-        if not 0 < held_out < len(train_examples):
-            raise ConfigError(f"procedure {config.procedure!r} holds out {held_out} validation examples but the run has "
-                              f"{len(train_examples)}; lower its validation size or give more training data.")
-        train_examples, validation = list(train_examples)[:-held_out], list(train_examples)[-held_out:]
+    train_examples, validation = split_validation(procedure, config, train_examples)  # Flexora's held-out split
     objective = objective_for(model)  # the head's loss and metrics: next-token (causal LM) or labels (SEQ_CLS)
     dataset = objective.dataset(train_examples, tokenizer, config.max_length)
     # Task ids are positions among the data's task names; methods that map tasks by name get the names too.
@@ -300,7 +342,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             method.init(model, adapter_name, batches)
         if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
             init_adapter(model, adapter_name, batches)
-    if held_out:
+    if validation:
         assert procedure is not None
         val_set = objective.dataset(validation, tokenizer, config.max_length, task_to_id=dataset.task_to_id)
         procedure.set_validation(lambda indices: to_device(collate([val_set[i] for i in indices])), len(val_set))
@@ -325,7 +367,6 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
                               "counting the checkpoint's steps).")
     start_step = step
     output_dir = Path(config.output_dir) if config.output_dir is not None else None
-    warmup = config.num_warmup_steps
 
     def emit(record: dict[str, Any]) -> None:
         for callback in on_log:
@@ -379,10 +420,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             n_supervised = max(supervised, 1)
             run_tokens += seen
             step_loss_sum = torch.zeros((), device=device)
-            # Set before backward: a procedure may update parameters inside gradient hooks (GaLore per layer).
-            lr_factor = lr_multiplier(step, config.steps, warmup, config.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor
+            lr_factor = schedule_lr(optimizer, config, step)  # before backward (GaLore per layer updates inside it)
             for index, batch in enumerate(map(to_device, batches)):
                 # The attention mask reaches adapter layers as the token mask (mixtures exclude padding from their
                 # balance losses); task ids, when the data has them, as the routing keys; per-example routing
@@ -396,11 +434,9 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
                     # token mean is world_size times its sum. Extra losses are computed on joined rows or on the
                     # (replicated) parameters, the same on every process, so the average leaves them as they are.
                     loss = loss * ctx.world_size
-                    if method.extra_loss is not None:
-                        loss = loss + method.extra_loss(model, adapter_name) / config.grad_accum
-                    extra = procedure.extra_loss(model, adapter_name) if procedure is not None else None
+                    extra = hook_losses(model, adapter_name, method, procedure, config.grad_accum)
                     if extra is not None:
-                        loss = loss + extra / config.grad_accum
+                        loss = loss + extra
                     loss.backward()
             ctx.sync_gradients(list(params.values()))
             if procedure is not None:
@@ -412,11 +448,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             with ctx.agreed_rng():  # a hook's random draw (DyLoRA's rank) is rank 0's on every process
-                if method.on_step is not None:
-                    method.on_step(model, adapter_name, step, config.steps)
-                if procedure is not None:
-                    procedure.on_step(model, adapter_name, step, config.steps)
-            if method.on_step is not None or procedure is not None:
+                hooked = step_hooks(model, adapter_name, method, procedure, step, config.steps)
+            if hooked:
                 refresh_trainable(model)  # a hook may have changed what the adapter freezes (Delta.frozen_names)
                 train_model = ctx.rewrap(model, train_model)  # DDP's buckets follow the trainable set
             # The one host sync per step: the global loss, and whether any process was asked to stop.

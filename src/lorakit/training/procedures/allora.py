@@ -62,6 +62,7 @@ def _check(path: str, delta: nn.Module) -> None:
 
 class Allora(Procedure):
     config: AlloraConfig
+    shares_batch = True  # hooks only its adapter's deltas
 
     def __init__(self, config: AlloraConfig, train_config) -> None:
         super().__init__(config, train_config)

@@ -24,6 +24,12 @@ A procedure that needs held-out data (Flexora's validation split) returns a coun
 training data (they are not trained on) and calls ``set_validation(batch_of, n)``, where ``batch_of(indices)``
 collates held-out examples ``indices`` (0 ≤ i < n) into a batch on the run's device.
 
+``shares_batch`` (class attribute, default False) declares that the procedure touches only its own adapter's
+parameters, gradients and per-delta forwards (hooks on its adapter's deltas see only its rows), so
+``train_concurrent`` may train its job beside other jobs in one batch; a procedure that hooks the whole model,
+its logits or base weights (BA-LoRA, Flexora, LISA, LongLoRA, LoRAPrune, GaLore's optimizer over other
+parameters) keeps the default and its job trains alone.
+
 A procedure composes with any method: the method's hooks run first, then the procedure's. Procedures that
 train base weights (LISA, LongLoRA's embeddings and norms) make them trainable in ``param_groups`` (set
 ``requires_grad`` and add the parameters); the checkpoint then stores them beside the adapter.
@@ -58,6 +64,8 @@ class ProcedureConfig:
 
 class Procedure:
     """A training procedure for one run. The base class is the plain loop: AdamW, no hooks, no state."""
+
+    shares_batch: ClassVar[bool] = False  # True: safe beside other jobs in train_concurrent's batch (see above)
 
     def __init__(self, config: ProcedureConfig, train_config: "TrainConfig") -> None:
         self.config = config

@@ -50,6 +50,7 @@ class GgpoConfig(ProcedureConfig):
 
 class Ggpo(Procedure):
     config: GgpoConfig
+    shares_batch = True  # hooks only its adapter's deltas and gradients
 
     def __init__(self, config: GgpoConfig, train_config) -> None:
         super().__init__(config, train_config)

@@ -46,6 +46,7 @@ class LoraPlusConfig(ProcedureConfig):
 
 class LoraPlus(Procedure):
     config: LoraPlusConfig
+    shares_batch = True  # only regroups its adapter's parameters
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         embedding = {id(p) for _, layer in adapter_layers(model) if layer.info.kind == "embedding"
