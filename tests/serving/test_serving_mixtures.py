@@ -122,3 +122,42 @@ def test_engine_serves_a_dylora_adapter_at_the_chosen_rank(tmp_path):
         with pytest.raises(AdapterError, match="attribute"):
             store.register(reserved, root / "dy")
     assert store.names() == []
+
+
+@pytest.mark.parametrize("banked_first", [False, True])
+def test_engine_serves_gamma_mod_with_banked_rows_on_every_linear(banked_first, tmp_path, sh):
+    """γ-MoD wraps whole decoder blocks (AdapterLayer on ``model.layers.i``), so a banked LoRA's host paths
+    (``model.layers.i.self_attn.q_proj``) lie under a wrapper's ``base_layer``. A banked adapter on every linear layer
+    must still load and serve next to it, whichever was made resident first (was: AttributeError "AdapterLayer has
+    no attribute `self_attn`" and the request failed); greedy outputs equal offline generation."""
+    from lorakit.methods.gamma_mod import GammaModConfig
+
+    root = tmp_path / "adapters"
+    _save(root / "gmod", GammaModConfig(r=4, target_modules=["q_proj", "v_proj"], mod_layers=[1],
+                                        inference_threshold=0.0, decode_threshold=0.0), seed=5)
+    sh.make_adapter(root / "plain", seed=3, r=4)  # q, k, v, o, gate, up, down
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=4)
+    store.register_dir(root)
+    assert "gmod" in store.attached and "plain" not in store.attached
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (6, 4, 9, 3)]
+    specs = ["plain", "gmod", None, "plain"] if banked_first else ["gmod", "plain", None, "gmod"]
+    first = engine.generate(prompts[:1], specs[:1], SamplingParams(max_tokens=8))  # one of them resident first
+    reqs = first + engine.generate(prompts[1:], specs[1:], SamplingParams(max_tokens=8))
+
+    reference = tiny_llama()
+    lk.load_adapter(reference, root / "gmod", "gmod")
+    banked = tiny_llama()
+    load_adapters(banked, {"plain": root / "plain"})
+    for p, s, r in zip(prompts, specs, reqs):
+        assert r.error is None, r.error
+        if s == "gmod":
+            lk.set_adapter(reference, "gmod")
+            out = reference.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
+            lk.set_adapter(reference, [])
+        else:
+            out = bank_generate(banked, torch.tensor([p]), [s], max_new_tokens=8, do_sample=False)
+        assert r.output_ids == _cut(out[0, len(p):].tolist()), s
+    assert engine.cache.used_blocks == 0
