@@ -51,9 +51,9 @@ def _cut(ids):
 def test_engine_serves_unbanked_adapter_with_banked_rows(method, tmp_path, sh):
     root = tmp_path / "adapters"
     _save(root / method, CONFIGS[method](), seed=5)
-    # attention only: an FFN-level mixture (MixLoRA, MoLE) wraps the whole MLP, so its inner projections
-    # cannot also take banked rows in the same model
-    sh.make_adapter(root / "plain", seed=3, r=4, target_modules=["q_proj", "v_proj", "o_proj"])
+    # every linear layer: an FFN-level mixture (MixLoRA, MoLE) wraps the whole MLP, whose inner projections also
+    # take the banked rows (their host paths go through the wrapper's base_layer)
+    sh.make_adapter(root / "plain", seed=3, r=4)
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=4)
     store.register_dir(root)
@@ -143,7 +143,7 @@ def test_engine_serves_gamma_mod_with_banked_rows_on_every_linear(banked_first, 
     engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=8)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (6, 4, 9, 3)]
-    specs = ["plain", "gmod", None, "plain"] if banked_first else ["gmod", "plain", None, "gmod"]
+    specs = ["plain", "gmod", None, "plain"] if banked_first else ["gmod", "plain", None, "plain"]
     first = engine.generate(prompts[:1], specs[:1], SamplingParams(max_tokens=8))  # one of them resident first
     reqs = first + engine.generate(prompts[1:], specs[1:], SamplingParams(max_tokens=8))
 
@@ -161,3 +161,6 @@ def test_engine_serves_gamma_mod_with_banked_rows_on_every_linear(banked_first, 
             out = bank_generate(banked, torch.tensor([p]), [s], max_new_tokens=8, do_sample=False)
         assert r.output_ids == _cut(out[0, len(p):].tolist()), s
     assert engine.cache.used_blocks == 0
+    store.unregister("gmod")  # the block wrappers go; the banked adapter keeps serving
+    again = engine.generate(prompts[3:], ["plain"], SamplingParams(max_tokens=8))[0]
+    assert again.error is None and again.output_ids == reqs[3].output_ids

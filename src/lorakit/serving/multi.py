@@ -33,7 +33,7 @@ from torch import nn
 from ..core.delta import LayerInfo, describe_layer
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
 from ..core.layer import BASE_NAME, AdapterLayer
-from ..core.model import adapter_state
+from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.files import load_tensors
@@ -109,7 +109,7 @@ class AdapterRegistry:
 
     # -- banks ---------------------------------------------------------------------------------------------
     def _layer(self, path: str) -> AdapterLayer | None:
-        module = self.model.get_submodule(path)
+        module = _resolve(self.model, path)  # a host path: through a wrapped block's base_layer (γ-MoD, MixLoRA)
         return module if isinstance(module, AdapterLayer) else None
 
     def _bank(self, path: str, new_banks: dict[str, LoraBank]) -> LoraBank:
@@ -117,7 +117,7 @@ class AdapterRegistry:
         if bank is None:
             layer = self._layer(path)
             if layer is None:
-                base = self.model.get_submodule(path)
+                base = _resolve(self.model, path)
                 layer = AdapterLayer(base, describe_layer(base))
             elif layer.bank is not None and not isinstance(layer.bank, LoraBank):
                 raise AdapterError(f"layer {path!r} already has a bank of type {type(layer.bank).__name__}")
@@ -140,11 +140,11 @@ class AdapterRegistry:
                 self._installed = (len(self._names),) + seen[1:]
             return
         for path, bank in self.banks.items():
-            module = self.model.get_submodule(path)
+            module = _resolve(self.model, path)
             if not isinstance(module, AdapterLayer):  # e.g. delete_adapter unwrapped the layer
                 module = AdapterLayer(module, describe_layer(module))
-                parent_path, _, attr = path.rpartition(".")
-                setattr(self.model.get_submodule(parent_path) if parent_path else self.model, attr, module)
+                parent, attr = _get_parent(self.model, path)
+                setattr(parent, attr, module)
             if module.bank is not bank:
                 module.bank = bank
             bank.resize_table(len(self._names))
@@ -159,6 +159,10 @@ class AdapterRegistry:
             module = self.model
             for name in path.split(".") if path else ():
                 child = module._modules.get(name)
+                if child is None and isinstance(module, AdapterLayer):  # a wrapped block on the way: its base_layer
+                    base = module._modules.get("base_layer")
+                    edges[(id(module), "base_layer")] = (module, "base_layer", base)
+                    module, child = base, base._modules.get(name)
                 if child is None:
                     return None
                 edges[(id(module), name)] = (module, name, child)
@@ -318,7 +322,7 @@ class AdapterRegistry:
             return False
         module_path, _, param = key[len(PREFIX):].replace(".base_layer.", ".").rpartition(".")
         try:
-            module = self.model.get_submodule(module_path)
+            module = _resolve(self.model, module_path)
         except AttributeError:
             return False
         current = getattr(module.base_layer if isinstance(module, AdapterLayer) else module, param, None)
@@ -412,7 +416,7 @@ def _still_installed(edges: tuple, held: tuple) -> bool:
 
 
 def _base_module(model: nn.Module, path: str) -> nn.Module:
-    module = model.get_submodule(path)
+    module = _resolve(model, path)
     return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
