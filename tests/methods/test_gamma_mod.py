@@ -441,3 +441,8 @@ def test_config_errors():
         GammaModConfig(dense_first_layers=-1)
     with pytest.raises(ConfigError, match="blocks this model lacks"):
         lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], mod_layers=[5]))
+    # more blocks asked of ARank than the bounds leave: refused when the adapter is added (the CLI then stops before
+    # its "before" evaluation), not at the training loop's init
+    with pytest.raises(ConfigError, match="num_mod_layers=3"):
+        lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], num_mod_layers=3, dense_first_layers=0,
+                                                    dense_last_layers=0))
