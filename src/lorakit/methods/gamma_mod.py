@@ -171,6 +171,17 @@ def eligible_blocks(num_blocks: int, config: GammaModConfig) -> list[int]:
     return list(range(config.dense_first_layers, num_blocks - config.dense_last_layers))
 
 
+def _check_num_mod_layers(config: GammaModConfig, num_blocks: int) -> int:
+    """How many blocks ARank converts; ConfigError when ``num_mod_layers`` asks for more than are eligible."""
+    eligible = eligible_blocks(num_blocks, config)
+    n = len(eligible) if config.num_mod_layers is None else config.num_mod_layers
+    if n > len(eligible):
+        raise ConfigError(f"GammaModConfig.num_mod_layers={n}, but only blocks {eligible} of this {num_blocks}-block "
+                          f"model may be converted (dense_first_layers={config.dense_first_layers}, dense_last_layers="
+                          f"{config.dense_last_layers}); lower num_mod_layers or those, or set mod_layers.")
+    return n
+
+
 # -- the MoD block --------------------------------------------------------------------------------------------
 CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")  # a host block's KV-cache argument
 _SLOTS: "weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -424,6 +435,8 @@ def prepare_gamma_mod(model: nn.Module, config: GammaModConfig) -> GammaModConfi
         raise ConfigError(f"γ-MoD converts no block of this {len(blocks)}-block model: dense_first_layers="
                           f"{config.dense_first_layers} and dense_last_layers={config.dense_last_layers} keep them all "
                           "dense (the official arank_mod rule); lower those or set mod_layers.")
+    if config.mod_layers is None:
+        _check_num_mod_layers(config, len(blocks))
     lora_only = dataclasses.replace(config, target_modules=config.target_modules if not isinstance(
         config.target_modules, list) else [t for t in config.target_modules if t not in blocks])
     targets = [p for p in select_targets(model, lora_only) if p not in blocks] if lora_only.target_modules != [] else []
@@ -505,11 +518,7 @@ def gamma_mod_init(model: nn.Module, name: str, batches: list[dict]) -> None:
         raise AdapterError("γ-MoD needs batches to compute ARank (or set GammaModConfig.mod_layers).")
     ranks = attention_ranks(model, batches)
     eligible = eligible_blocks(len(ranks), config)
-    n = len(eligible) if config.num_mod_layers is None else config.num_mod_layers
-    if n > len(eligible):
-        raise ConfigError(f"GammaModConfig.num_mod_layers={n}, but only blocks {eligible} of this {len(ranks)}-block "
-                          f"model may be converted (dense_first_layers={config.dense_first_layers}, dense_last_layers="
-                          f"{config.dense_last_layers}); lower num_mod_layers or those, or set mod_layers.")
+    n = _check_num_mod_layers(config, len(ranks))
     chosen = sorted(sorted(eligible, key=lambda i: (ranks[i], -i))[:n])
     config.mod_layers = chosen
     config.__dict__["aranks"] = ranks
