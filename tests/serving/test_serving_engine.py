@@ -242,3 +242,31 @@ def test_store_banks_grow_by_doubling_up_to_max_loras(tmp_path, sh):
         with bank_routing(reference, last):
             ref = reference(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-5
+
+
+def test_store_banks_each_name_with_the_config_it_registered(tmp_path, sh):
+    """Configs are read at registration and reused at every (re)load into the banks. The same folder registered
+    under two names (vLLM's load_lora_adapter allows it) after its config changed on disk: each name keeps the
+    config it was registered with, across evictions and after the other name is unloaded; an unload + load under
+    the same name picks up the file's new config."""
+    import json
+
+    folder = sh.make_adapter(tmp_path / "f", seed=1, r=4, lora_alpha=8)
+    sh.make_adapter(tmp_path / "other", seed=2, r=4)
+    store = AdapterStore(tiny_llama(), [tmp_path], max_loras=1)
+    store.register("a", folder)
+    store.register("other", tmp_path / "other")
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": 64}))
+    store.register("b", folder)
+
+    def alpha(name):  # banked now (max_loras=1: whatever was resident is evicted first)
+        assert store.ensure_resident(name)
+        return store.registry.configs[name].lora_alpha
+
+    assert [alpha("a"), alpha("b"), alpha("a")] == [8, 64, 8]
+    store.unregister("b")
+    assert [alpha("other"), alpha("a")] == [store.registry.configs["other"].lora_alpha, 8]
+    store.unregister("a")
+    store.register("a", folder)
+    assert alpha("a") == 64
