@@ -214,7 +214,7 @@ class AdapterRegistry:
             if name in self.ids and not overwrite:
                 raise AdapterError(f"adapter {name!r} is already banked; pass overwrite=True or remove it first")
             directory = Path(directory)
-            config = self._read_config(directory)
+            config = self._read_config(name, directory)
             _check_bankable_config(config, directory, files=True)
             key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
                               config.layers_pattern], sort_keys=True, default=str)
@@ -266,7 +266,7 @@ class AdapterRegistry:
     def _read_into(self, adapter_id: int, directory: Path, config: LoraConfig, plan, new_banks) -> None:
         layers, saves = plan
         path_w = weights_path(directory)
-        tensors = self._read_weights(path_w)
+        tensors = self._read_weights(self._names[adapter_id], path_w)
         for key in tensors:
             if not key.startswith(PREFIX):
                 raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
@@ -308,12 +308,13 @@ class AdapterRegistry:
             raise AdapterLoadError(f"{path_w}: {len(extra)} tensor(s) match no module this adapter's config targets, "
                                    f"e.g. {extra[:3]}; is it for a different base model?")
 
-    def _read_config(self, directory: Path) -> LoraConfig:
-        """The folder's adapter config (a store overrides this with the config it read at registration)."""
+    def _read_config(self, name: str, directory: Path) -> LoraConfig:
+        """The folder's adapter config for adapter ``name`` (a store overrides this with the config it read when it
+        registered that name)."""
         return read_adapter_config(directory)
 
-    def _read_weights(self, path: Path) -> dict[str, torch.Tensor]:
-        """The weights file's tensors (checked finite); a host-memory cache overrides this."""
+    def _read_weights(self, name: str, path: Path) -> dict[str, torch.Tensor]:
+        """The weights file's tensors (checked finite) for adapter ``name``; a host-memory cache overrides this."""
         return load_tensors(path)
 
     def _same_base_weight(self, key: str, value: torch.Tensor) -> bool:

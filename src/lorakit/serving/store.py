@@ -122,11 +122,13 @@ class _TieredRegistry(AdapterRegistry):
         super().__init__(model, dtype=dtype)
         self._store = store
 
-    def _read_weights(self, path: Path):
-        return self._store.host_weights(path)
+    def _read_weights(self, name: str, path: Path):
+        return self._store.host_weights(name, path)
 
-    def _read_config(self, directory: Path):
-        return self._store.configs.get(Path(directory)) or super()._read_config(directory)
+    def _read_config(self, name: str, directory: Path):
+        if self._store.paths.get(name) == Path(directory) and name in self._store.configs:
+            return self._store.configs[name]
+        return super()._read_config(name, directory)
 
     def _bank(self, path, new_banks):
         bank = self.banks.get(path) or new_banks.get(path)
@@ -160,8 +162,7 @@ class AdapterStore:
         self.registry.max_slots = max_loras
         object.__setattr__(model, REGISTRY_ATTR, self.registry)
         self.paths: dict[str, Path] = {}  # registered name -> folder
-        self.configs: dict[Path, object] = {}  # registered folder -> its config as read and checked at registration
-        self._weights_of: dict[Path, str] = {}  # weights file -> name
+        self.configs: dict[str, object] = {}  # registered name -> its folder's config as read and checked then
         self._host: OrderedDict[str, tuple[dict, int]] = OrderedDict()  # LRU: name -> (tensors, bytes)
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
         self._pins: Counter[str] = Counter()
@@ -210,8 +211,7 @@ class AdapterStore:
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is being unloaded (running requests still use it); retry shortly")
             self.paths[name] = folder
-            self.configs[folder] = config
-            self._weights_of[wpath.resolve()] = name
+            self.configs[name] = config
             if attached is not None:
                 self.attached[name] = attached
                 if overrides:
@@ -308,9 +308,11 @@ class AdapterStore:
         while len(self._host) > 1 and over():
             self._host.popitem(last=False)
 
-    def host_weights(self, path: Path):
-        name = self._weights_of.get(Path(path).resolve())
-        if name is None:
+    def host_weights(self, name: str, path: Path):
+        """The tensors of weights file ``path`` for adapter ``name``: through the host cache when it is that name's
+        registered file (each name has its own entry, so two names on one folder never mix their reads)."""
+        folder = self.paths.get(name)
+        if folder is None or Path(path).resolve() != weights_path(folder).resolve():
             return load_tensors(Path(path))
         return self._read_host(name)[0]
 
@@ -433,12 +435,10 @@ class AdapterStore:
         with self._lock:
             if name not in self.paths and name not in self._resident:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
-            folder = self.paths.pop(name, None)
-            self.configs.pop(folder, None)
+            self.paths.pop(name, None)
+            self.configs.pop(name, None)
             self.attached.pop(name, None)
             self.tasks.pop(name, None)
-            if folder is not None:
-                self._weights_of = {k: v for k, v in self._weights_of.items() if v != name}
             self._host.pop(name, None)
         if self._pins[name] > 0:
             self._doomed.add(name)
