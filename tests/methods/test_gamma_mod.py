@@ -385,6 +385,21 @@ def test_cached_decoding_equals_a_full_forward_when_every_token_is_kept(ids):
         assert torch.allclose(step, full, atol=1e-5) == same
 
 
+
+def test_beam_search_from_the_cache_equals_beam_search_without_it():
+    """Beam search reorders the KV cache's rows at every step (``reorder_cache``); which slots of a MoD block's cache
+    hold skipped tokens must follow. With one rule for prefill and decode (r > 0.4999 / r >= 0.5) the cached beams
+    are those of the full forwards (``use_cache=False``); was: the skipped-slot masks stayed in the old row order."""
+    model = _model(mod_layers=(0, 1), inference_threshold=0.4999, decode_threshold=0.5)
+    _spread_router(model, seed=1, scale=3.0)
+    for seed in range(4):
+        prompt = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            cached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+            full = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0,
+                                  use_cache=False)
+        assert cached.tolist() == full.tolist(), seed
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from lorakit.data import pretraining_texts
