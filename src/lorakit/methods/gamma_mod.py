@@ -51,7 +51,7 @@ Choices where this differs from the official code (which edits LLaVA's Llama cla
 - KV cache: officially a MoD layer's cache holds only the tokens it processed. Here every layer's cache keeps the
   model's length (the model reads its length from layer 0): a skipped token leaves a zero key/value slot that this
   block masks out, so decoding reads the same keys and values as the official cache, but the memory is not
-  saved. The slot masks are not reordered with beams: use greedy decoding or ``use_cache=False`` with beams;
+  saved. Which slots are empty is read from the cache (all-zero keys), so beam search's reordering carries it;
 - ARank is computed on every row of the init batches over their real tokens (official: row 0 of one sample).
 
 The LoRA part is plain LoRA on ``target_modules``; every decoder block gets a wrapper (so ARank can pick any) that
@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +183,6 @@ def _check_num_mod_layers(config: GammaModConfig, num_blocks: int) -> int:
 
 # -- the MoD block --------------------------------------------------------------------------------------------
 CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")  # a host block's KV-cache argument
-_SLOTS: "weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 class GammaModBlock(MixtureDelta):
@@ -284,7 +282,6 @@ class GammaModBlock(MixtureDelta):
         if cache is not None:
             chosen = torch.zeros(batch, seq, dtype=torch.bool, device=x.device).scatter(1, index, kept)
             slots = torch.cat([_slot_history(cache, layer_idx, batch, past, x.device), chosen], 1)  # (B, past + T)
-            _SLOTS.setdefault(cache, {})[layer_idx] = slots
             if not bool(kept.any()) and past > 0:  # every row skips this token (mod.py l. 216-222)
                 _write_empty_slots(cache, layer_idx, seq)
                 return x
@@ -389,11 +386,16 @@ class _SlotCache:
 
 
 def _slot_history(cache: Any, layer_idx: int, batch: int, past: int, device: torch.device) -> torch.Tensor:
-    """(B, past) bool: which of a cache's earlier slots this block filled (all, for slots it did not record)."""
-    history = _SLOTS.get(cache, {}).get(layer_idx)
-    if history is None or history.shape != (batch, past):
+    """(B, past) bool: which of a cache's earlier slots hold a token this block processed (all, for a cache whose
+    layers it cannot read). Skipped and filler tokens leave all-zero keys (``_SlotCache``, ``_write_empty_slots``); a
+    processed token's key vector is never exactly zero over every head. Read from the cache itself, the masks
+    follow whatever the cache does to its rows and length (beam search's ``reorder_cache``, ``crop``, batch
+    selection)."""
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[layer_idx], "keys", None) if layers is not None and layer_idx < len(layers) else None
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != past:
         return torch.ones(batch, past, dtype=torch.bool, device=device)
-    return history.to(device)
+    return keys.ne(0).any(-1).any(1).to(device)  # (B, kv_heads, past, Dh) -> (B, past)
 
 
 def _write_empty_slots(cache: Any, layer_idx: int, seq: int) -> None:
