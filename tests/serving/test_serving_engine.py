@@ -270,3 +270,24 @@ def test_store_banks_each_name_with_the_config_it_registered(tmp_path, sh):
     store.unregister("a")
     store.register("a", folder)
     assert alpha("a") == 64
+
+
+def test_engine_fails_a_request_the_adapter_caps_can_never_hold(adapters):
+    """A weighted mix of more adapters than ``max_loras``, or an adapter larger than ``max_resident_bytes``, can never
+    be resident: refused at submit (count) or failed when it reaches the queue's head with nothing left to evict
+    (bytes), never left waiting there forever with every later request stuck behind it (was: the server hung)."""
+    root, _ = adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(RequestError, match="max_loras"):
+        engine.submit([4, 5], {"a0": 0.3, "a1": 0.3, "a2": 0.4})
+    assert engine.generate([[4, 5]], [{"a0": 0.5, "a1": 0.5}], SamplingParams(max_tokens=3))[0].error is None
+
+    small = AdapterStore(tiny_llama(), [root], max_loras=2, max_resident_bytes=64)
+    small.register_dir(root)
+    engine = Engine(small.registry.model, store=small, kv_cache_bytes=1 << 20, block_size=4)
+    too_big, base = engine.generate([[4, 5], [6, 7]], ["a1", None], SamplingParams(max_tokens=3))
+    assert too_big.finish_reason == "error" and "max_resident_bytes" in too_big.error
+    assert base.error is None and base.finish_reason in ("stop", "length")
