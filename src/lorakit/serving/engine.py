@@ -154,6 +154,9 @@ class Engine:
         key = None
         if self.store is not None:
             self.store.check(adapter)
+            reason = self.store.never_fits(adapter)
+            if reason is not None:
+                raise RequestError(reason)
             key = self.store.task_key(adapter, task)
         elif task is not None:
             raise RequestError("a task key needs an engine with an AdapterStore (it reads the adapter's task index)")

@@ -364,6 +364,10 @@ class AdapterStore:
                 self.unregister(n)
                 raise
         if not self._make_room(len(need), sum(sizes.values()), keep=set(names_in(spec))):
+            total = sum(sizes.values()) + sum(self._resident.get(n, 0) for n in names_in(spec) if n not in sizes)
+            reason = self.never_fits(spec, total)
+            if reason is not None:
+                raise AdapterError(reason)
             return False
         banked = [n for n in need if n not in self.attached]
         try:
@@ -380,6 +384,18 @@ class AdapterStore:
             self._resident[n] = sizes[n]
         self.stats["resident_loads"] += len(need)
         return True
+
+    def never_fits(self, spec: RowSpec, nbytes: int | None = None) -> str | None:
+        """Why ``spec``'s adapters can never be resident together (None when they can): more of them than
+        ``max_loras``, or (given their weights' ``nbytes``) more bytes than ``max_resident_bytes``."""
+        names = set(names_in(spec))
+        if len(names) > self.max_loras:
+            return (f"the request names {len(names)} adapters but at most max_loras={self.max_loras} can be resident "
+                    f"together (lorakit serve --max-loras); mix fewer adapters")
+        if nbytes is not None and self.max_resident_bytes is not None and nbytes > self.max_resident_bytes:
+            return (f"the request's adapters need {nbytes} bytes resident, more than max_resident_bytes="
+                    f"{self.max_resident_bytes}")
+        return None
 
     def _make_room(self, count: int, nbytes: int, keep: set[str]) -> bool:
         def fits():
