@@ -296,6 +296,69 @@ def test_the_supervised_mask_only_routes_training_forwards(ids):
     assert keep_fractions(model, "default") == {1: 1.0}  # in training the mask keeps every token
 
 
+def test_training_keeps_the_position_that_predicts_each_answer_token(ids):
+    """The official mask (mod.py l. 146-150: 0 on the 1024 + 35 image/instruction tokens, 1 on everything after)
+    covers the whole question and answer, so the token whose output predicts the first answer token (the last
+    question token) is always processed. The reference: official ``topk(r + mask)`` (l. 150) with the mask 1 on each
+    supervised token and on the position before it (labels are unshifted: position t − 1 is scored for token t),
+    k = mask count + ceil(capacity · the others) (l. 148-149 with half of the unmasked tokens routed)."""
+    model = _model(mod_layers=(1,), capacity_factor=0.5)
+    router = _spread_router(model, seed=0)
+    host = model.model.layers[1].base_layer
+    model.train()
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, 6:], answer[1, 4:], answer[2, 7:] = True, True, True
+    captured, handle = _capture(model.model.layers[1])
+    with torch.no_grad(), record_routing(model) as traces, lk.routing(extras={SUPERVISED_KEY: answer}):
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    chosen = next(v for k, v in traces.items() if k.startswith("model.layers.1["))[0]["selected"][..., 1]
+    x = captured[0][0]
+    r = torch.softmax(F.linear(host.input_layernorm(x), router.weight), -1)[..., 1]  # (B, T)
+    seq = ids.shape[1]
+    official = answer.clone()
+    official[:, :-1] |= answer[:, 1:]  # the predicting position of every answer token
+    k = int((official.sum(1) + torch.ceil(0.5 * (seq - official.sum(1)).float()).long()).max())
+    expected = torch.zeros_like(official).scatter(1, torch.topk(r + official.float(), k, dim=-1).indices, True)
+    assert chosen.tolist() == expected.tolist()
+    assert bool(chosen[official].all()) and bool((~chosen).any())  # the rest of the prompt is still routed
+    # without the predicting positions (answer-only mask) this router would skip one of them: the test tells them apart
+    k_answer = int((answer.sum(1) + torch.ceil(0.5 * (seq - answer.sum(1)).float()).long()).max())
+    answer_only = torch.zeros_like(answer).scatter(1, torch.topk(r + answer.float(), k_answer, dim=-1).indices, True)
+    assert not bool(answer_only[official & ~answer].all())
+
+
+@pytest.mark.parametrize("host", ["llama", "gpt2"])
+def test_training_topk_at_inference_ignores_left_padding(ids, host):
+    """With ``inference_threshold=None`` (the training top-k at inference) and no routing token mask, padding read
+    from the attention mask is neither kept nor counted among the routable tokens (as the training token mask does):
+    a left-padded batch's real tokens get the logits and the greedy continuations of each row alone."""
+    if host == "llama":
+        model = _model(mod_layers=(1,), inference_threshold=None)
+    else:
+        model = tiny_gpt2()
+        lk.add_adapter(model, GammaModConfig(target_modules=["c_attn"], mod_layers=[0, 1], inference_threshold=None))
+    _spread_router(model, seed=2, scale=5.0)
+    prompts = [ids[0, :8], ids[1, :5], ids[2, :3]]
+    batch = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, 8 - len(p):], mask[row, 8 - len(p):] = p, 1
+    with torch.no_grad():
+        reset_router_stats(model)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # as generate gives them (GPT-2's are absolute)
+        padded = model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        # every real token counted once, padding not at all: k = ceil(0.5 · real tokens) of each row, rows kept alike
+        kept = {i: round(f * int(mask.sum())) for i, f in keep_fractions(model, "default").items()}
+        assert set(kept.values()) == {sum(math.ceil(0.5 * len(p)) for p in prompts)}
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for row, p in enumerate(prompts):
+            alone = model(input_ids=p[None], use_cache=False).logits[0]
+            torch.testing.assert_close(padded[row, 8 - len(p):], alone, atol=1e-5, rtol=1e-5)
+            greedy = model.generate(p[None], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert out[row, 8:].tolist() == greedy[0, len(p):].tolist()
+
+
 @pytest.mark.parametrize("decode_threshold", [0.5, 0.0, 1.0])
 def test_decoding_from_the_cache_follows_the_official_decode_rule(ids, decode_threshold):
     """Prefill with a KV cache, then one decoded token (mod.py l. 212-267): the token skips the block when
@@ -454,6 +517,8 @@ def test_config_errors():
         GammaModConfig(decode_threshold=-0.1)
     with pytest.raises(ConfigError, match="dense_first_layers"):
         GammaModConfig(dense_first_layers=-1)
+    with pytest.raises(ConfigError, match=r"mod_layers=\[3, 3\] names block\(s\) \[3\] more than once"):
+        GammaModConfig(mod_layers=[3, 3])
     with pytest.raises(ConfigError, match="blocks this model lacks"):
         lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], mod_layers=[5]))
     # more blocks asked of ARank than the bounds leave: refused when the adapter is added (the CLI then stops before

@@ -29,7 +29,8 @@ skip the block (their hidden state passes unchanged), and the model is fine-tune
   the answer; only the image/instruction prefix is routed. Text examples have no such split: a prompt is
   instruction and question in one. Here the always-kept tokens are the answer (completion) tokens, which
   lorakit's training loop offers every method as the ``SUPERVISED_KEY`` routing extra (``keep_supervised=True``),
-  and any ``routing(extras={"gamma_mod_keep": (batch, seq) bool})`` a caller gives (e.g. a question span); the
+  plus the token before each of them (the last prompt token's output predicts the first answer token; under the
+  official mask, which covers the whole question, that token is always processed), and any ``routing(extras={"gamma_mod_keep": (batch, seq) bool})`` a caller gives (e.g. a question span); the
   prompt is routed. Keeping the whole prompt as well would leave nothing to route.
 - **Routing at inference** (module not training; ``MoDLlamaDecoderLayer_forward_inference``, l. 188-280, the
   forward of ``EvalMoDLLaVALlamaForCausalLM`` that ``model/builder.py`` loads for evaluation): a forward of several
@@ -47,7 +48,8 @@ Choices where this differs from the official code (which edits LLaVA's Llama cla
   renumbers them 0..k−1;
 - batches: the official inference handles one sequence; here each row keeps its own tokens (rows are gathered to
   the largest count; the extra "filler" tokens are masked out as keys and left unchanged). Padding (the routing
-  context's ``token_mask``) is never kept in training;
+  context's ``token_mask``, else read from the host's attention mask) is never kept nor counted as routable, in
+  training and at inference alike, so a padded row routes as the row alone;
 - KV cache: officially a MoD layer's cache holds only the tokens it processed. Here every layer's cache keeps the
   model's length (the model reads its length from layer 0): a skipped token leaves a zero key/value slot that this
   block masks out, so decoding reads the same keys and values as the official cache, but the memory is not
@@ -118,14 +120,15 @@ class GammaModConfig(AdapterConfig):
     - ``dense_last_layers``: how many last blocks ARank never converts (official ``arank_mod``: 1).
     - ``num_mod_layers``: how many of the other blocks ARank converts, lowest ARank first (None: all of them).
     - ``capacity_factor``: share of a sequence's routable tokens a MoD block processes in training, in (0, 1].
-    - ``keep_supervised``: always keep the tokens of the training loop's supervised mask (the answer tokens).
+    - ``keep_supervised``: always keep, in training, the tokens of the training loop's supervised mask (the answer
+      tokens) and the token before each of them (whose output is scored for it).
     - ``inference_threshold``: out of training, a multi-token forward keeps the tokens with r above it (official
       0.005); None: the training top-k.
     - ``decode_threshold``: out of training, a single decoded token is processed when r >= it (official 0.5; 0:
       every decoded token is processed). Used with ``inference_threshold`` only.
     - ``router_aux_loss_coef``: weight of the router's cross-entropy loss.
 
-    Raises ConfigError for values out of range.
+    Raises ConfigError for values out of range and for a block named twice in ``mod_layers``.
     """
 
     target_modules: list[str] | str | None = None
@@ -152,6 +155,10 @@ class GammaModConfig(AdapterConfig):
             raise ConfigError(f"GammaModConfig.num_mod_layers must be positive or None, got {self.num_mod_layers}.")
         if self.mod_layers is not None and any(i < 0 for i in self.mod_layers):
             raise ConfigError(f"GammaModConfig.mod_layers must be non-negative block indices, got {self.mod_layers}.")
+        if self.mod_layers is not None and len(set(self.mod_layers)) != len(self.mod_layers):
+            repeated = sorted({i for i in self.mod_layers if list(self.mod_layers).count(i) > 1})
+            raise ConfigError(f"GammaModConfig.mod_layers={list(self.mod_layers)} names block(s) {repeated} more than "
+                              "once; list each MoD block once.")
         if self.dense_first_layers < 0 or self.dense_last_layers < 0:
             raise ConfigError("GammaModConfig.dense_first_layers and dense_last_layers must be >= 0, got "
                               f"{self.dense_first_layers} and {self.dense_last_layers}.")
@@ -211,9 +218,12 @@ class GammaModBlock(MixtureDelta):
         self._params = list(inspect.signature(base_layer.forward).parameters)
 
     def _always_kept(self, batch: int, seq: int, device: torch.device, decoding: bool) -> torch.Tensor:
-        """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | the supervised tokens when ``keep_supervised`` and
-        training (the official inference forward has no mask: an evaluation forward with labels, such as Trainer's
-        eval loss, routes as generation does)."""
+        """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | when ``keep_supervised`` and training the supervised
+        tokens and the token before each of them, whose output is scored for it (the official mask, mod.py l. 147-150,
+        is 1 on the whole question + answer, so the last question token, which predicts the first answer token, is
+        always processed; here the prompt is routed, so that predicting position is added explicitly). The official
+        inference forward has no mask: an evaluation forward with labels, such as Trainer's eval loss, routes as
+        generation does."""
         ctx = current_routing()
         keep = torch.zeros(batch, seq, dtype=torch.bool, device=device)
         for key in (KEEP_KEY, SUPERVISED_KEY if self.keep_supervised and self.training else None):
@@ -225,34 +235,53 @@ class GammaModBlock(MixtureDelta):
                     continue
                 raise AdapterError(f"routing extras {key!r} has shape {tuple(mask.shape)}; γ-MoD needs (batch, seq) "
                                    f"= {(batch, seq)}, one bool per token.")
-            keep |= mask.to(device=device, dtype=torch.bool)
+            mask = mask.to(device=device, dtype=torch.bool)
+            if key == SUPERVISED_KEY:  # labels are unshifted: position t - 1's logits are scored for token t
+                mask = mask | F.pad(mask[:, 1:], (0, 1), value=False)
+            keep |= mask
         return keep
 
-    def route(self, x: torch.Tensor, base_layer: nn.Module, decoding: bool):
+    def route(self, x: torch.Tensor, base_layer: nn.Module, decoding: bool, real: torch.Tensor | None = None):
         """(kept indices (B, K) ascending, their keep probabilities (B, K), which of them are really kept (B, K)
-        bool — the others are fillers of rows that keep fewer than K —, router output over all B·T tokens)."""
+        bool — the others are fillers of rows that keep fewer than K —, router output over all B·T tokens).
+        ``real`` ((B, T) bool): the non-padding tokens when the routing context has no token mask (read from the
+        host's attention mask by ``full_forward``); padding is never kept nor counted as routable."""
         batch, seq = x.shape[:2]
         logits = F.linear(block_norm(base_layer)(x).float(), self.shared_router.weight.float()).reshape(batch * seq, 2)
         probs = torch.softmax(logits, -1)
         r = probs[:, 1].detach().view(batch, seq)
-        real = token_mask_for(batch * seq)
-        real = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if real is None else real.view(batch, seq)
+        given = token_mask_for(batch * seq)
+        if given is not None:
+            real = given.view(batch, seq)
+        elif real is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
         keep = self._always_kept(batch, seq, x.device, decoding) & real
         if self.training or self.inference_threshold is None:
-            # Training (mod.py l. 143-154): top-k of r + mask, k = kept-mask count + capacity · routable tokens;
-            # padding goes last (it is gathered only to fill short rows, and masked as a key by the host's mask).
+            # Training (mod.py l. 143-154): top-k of r + mask, k = kept-mask count + capacity · routable tokens
+            # (padding is neither: it scores last).
             score = (r + keep.float()).masked_fill(~real, -1.0)
             routable = real.sum(1) - keep.sum(1)
-            k = int((keep.sum(1) + torch.ceil(self.capacity_factor * routable.float()).long()).max().clamp_min(1))
-            index = score.topk(k, dim=1).indices.sort(dim=1).values  # (B, K), in sequence order
-            chosen = torch.zeros_like(real).scatter(1, index, True)
+            k_rows = keep.sum(1) + torch.ceil(self.capacity_factor * routable.float()).long()  # (B,)
+            if self.training:
+                # One k for the batch, as the official training's one top_k (l. 149): a short row's extra picks keep
+                # more of its tokens, then padding (gathered only to fill, and masked as a key by the host's mask).
+                k = int(k_rows.max().clamp_min(1))
+                index = score.topk(k, dim=1).indices.sort(dim=1).values  # (B, K), in sequence order
+                chosen = torch.zeros_like(real).scatter(1, index, True)
+            else:
+                # The training top-k at inference: the official inference runs one sequence, so each row keeps its
+                # own k of its real tokens (a left-padded row routes as the row alone); fillers as below.
+                rank = score.argsort(dim=1, descending=True).argsort(dim=1)  # (B, T): 0 = highest score
+                chosen = (rank < k_rows[:, None]) & real
+                k = max(int(chosen.sum(1).max()), 1)
+                index = (chosen.float() * 2 + r).topk(k, dim=1).indices.sort(dim=1).values
         else:
             # Inference (mod.py l. 216, 225): a decoded token is kept when r >= 0.5, prefill tokens when r > 0.005.
             above = r >= self.decode_threshold if decoding else r > self.inference_threshold
             chosen = (above | keep) & real
             k = max(int(chosen.sum(1).max()), 1)
             index = (chosen.float() * 2 + r).topk(k, dim=1).indices.sort(dim=1).values  # chosen first, then fillers
-        selected = torch.stack([~chosen, chosen], -1).view(-1, 2)
+        selected = torch.stack([~chosen & real, chosen], -1).view(-1, 2)  # padding: neither (not counted)
         out = RouterOutput(logits=logits, probs=probs, weights=probs * selected, selected=selected)
         return index, probs[:, 1].view(batch, seq).gather(1, index), chosen.gather(1, index), out
 
@@ -274,7 +303,8 @@ class GammaModBlock(MixtureDelta):
             raise AdapterError("γ-MoD routes by top-k in training and cannot decode from a KV cache there: call "
                                "model.eval() before generating.")
         decoding = not self.training and seq == 1
-        index, weight, kept, routed = self.route(x, base_layer, decoding)
+        index, weight, kept, routed = self.route(x, base_layer, decoding, _real_tokens(bound.get("attention_mask"),
+                                                                                      batch, seq, past))
         self.observe(routed, x.shape)
         if self.training:
             cache = None  # the kept tokens are not written to a cache made for a training forward
@@ -351,6 +381,23 @@ class GammaModBlock(MixtureDelta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.full_forward(x, base_layer) - base_out
+
+
+def _real_tokens(mask: Any, batch: int, seq: int, past: int) -> torch.Tensor | None:
+    """(B, T) bool: the tokens of this forward that are not padding, read from the host's attention mask: a 4-d mask
+    (B or 1, H or 1, T, keys; bool True attends, float 0 attends) lets a real token attend to itself (key
+    ``past + t``), a padding token attends to nothing of its own; a 2-d mask (B, past + T) (flash attention) names
+    them directly. None when the mask says nothing (None: no padding, or a shape it cannot read)."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2 and mask.shape[-1] >= past + seq and mask.shape[0] in (1, batch):
+        return mask[:, past:past + seq].bool().expand(batch, seq)
+    if mask.dim() != 4 or mask.shape[-2] != seq or mask.shape[-1] < past + seq or mask.shape[0] not in (1, batch):
+        return None
+    t = torch.arange(seq, device=mask.device)
+    own = mask[:, 0, t, past + t]  # (B or 1, T): each token's entry for itself
+    own = own if own.dtype == torch.bool else own == 0
+    return own.expand(batch, seq)
 
 
 def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
