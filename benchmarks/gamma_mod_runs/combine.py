@@ -2,7 +2,9 @@
 
 ``runs``: before the fidelity fixes (ARank unbounded, every token routable, training top-k at inference, generation
 without KV cache); ``after``: the method's new defaults (official block bounds, answer tokens kept, official
-inference thresholds with KV-cache decoding), files ``after_*.json``."""
+inference thresholds with KV-cache decoding), files ``after_*.json``; ``answers_only``: the same defaults before the
+token predicting each answer token was kept too (and before a padded row routed as alone under the training top-k
+at inference), files ``answers_only_*.json``."""
 import json, os
 old = json.load(open("benchmarks/gamma_mod_runs/original_run.json"))  # the run before the fix
 runs = {}
@@ -39,11 +41,19 @@ for label, note in [("lora", "LoRA, re-run: same numbers as lora_80"),
     if os.path.exists(path):
         d = json.load(open(path))
         after[label] = {**d["rows"][0], "command": d["command"], "profile": d["profile"], "note": note}
-json.dump({"machine": old["machine"], "runs": runs, "after": after, "untrained_routing": init}, open("benchmarks/gamma_mod.json", "w"),
+answers_only = {}
+for label in ("gamma_mod", "gamma_mod_arank_mod", "gamma_mod_unmasked", "gamma_mod_160"):
+    path = f"benchmarks/gamma_mod_runs/answers_only_{label}.json"
+    if os.path.exists(path):
+        d = json.load(open(path))
+        answers_only[label] = {**d["rows"][0], "command": d["command"], "profile": d["profile"],
+                               "note": "before: only the answer tokens always kept, not the positions predicting them"}
+json.dump({"machine": old["machine"], "runs": runs, "after": after, "answers_only": answers_only,
+           "untrained_routing": init}, open("benchmarks/gamma_mod.json", "w"),
           indent=2, sort_keys=True)
 for k, r in runs.items():
     print(k, r["exact_match"], round(r["test_loss"], 3), round(r["flops_ratio"], 3), round(r["final_train_loss"], 3))
-for k, r in after.items():
+for k, r in [*(("answers_only " + k, r) for k, r in answers_only.items()), *(("after " + k, r) for k, r in after.items())]:
     topk = r.get("topk_inference") or {}
-    print("after", k, r["exact_match"], round(r["test_loss"], 3), round(r["flops_ratio"], 3),
+    print(k, r["exact_match"], round(r["test_loss"], 3), round(r["flops_ratio"], 3),
           round(r.get("train_flops_ratio", 1.0), 3), topk.get("exact_match"), topk.get("flops_ratio"))
