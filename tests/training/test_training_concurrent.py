@@ -273,3 +273,20 @@ def test_concurrent_runs_a_whole_model_procedure_alone_as_train_does(make_model,
     initial, out = _run(model, tokenizer, [job])
     _check_against_train_alone(initial, tokenizer, [job], out)
     assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)  # Flexora's input scalers
+
+
+def test_concurrent_refuses_a_base_changing_init_beside_another_job(make_model, tokenizer, reverse_train):
+    """LoRA-GA's init (pending until the loop's first batches) rewrites the shared base weights (W − s·B·A), so a
+    plain LoRA job beside it would train on another base than ``lorakit.train`` gives it alone (its first loss was
+    0.10 off): refused up front, naming the job, before any init has touched the base."""
+    model = make_model()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights="lora_ga"),
+                        name="ga")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    jobs = [Job("default", reverse_train[:8], _config(steps=1)), Job("ga", reverse_train[8:16], _config(steps=1))]
+    with pytest.raises(lorakit.ConfigError, match="job 'ga'.*lora_ga.*base weights.*train that job alone"):
+        train_concurrent(model, tokenizer, jobs, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    alone = train_concurrent(model, tokenizer, [jobs[1]], progress=False)  # alone it runs, as lorakit.train
+    assert len(alone["jobs"]["ga"].losses) == 1
