@@ -16,7 +16,8 @@ rows_routing``). A job that has finished its steps leaves the batch. Alone, a jo
 Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
 whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
 the batch) or is computed from the whole batch (X-LoRA: ``Delta.whole_batch``), a procedure that does not declare
-``shares_batch`` (it hooks the whole model, its logits or base weights), an optimizer holding parameters outside
+``shares_batch`` (it hooks the whole model, its logits or base weights), an init still to run that rewrites the
+base weights (LoRA-GA, CorDA: ``Init.changes_base``), an optimizer holding parameters outside
 the job's adapter (every job's rows would put gradients in them), and jobs of which only some have task keys.
 Refused for any job: ``resume_from``. Not done here (use ``lorakit.train``): checkpoints (``save_every``),
 evaluation during training (``eval_every``; ``eval_examples`` are scored once at the end), logging callbacks and
@@ -35,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import AdapterError, ConfigError
-from ..core.inits import init_adapter, init_pending
+from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.layer import AdapterLayer
 from ..core.model import (active_adapters, adapter_names, adapter_parameters, adapter_state, refresh_trainable,
                           set_adapter)
@@ -119,6 +120,11 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
         raise ConfigError(f"job {keyed[0]!r}'s data has task keys and job {plain!r}'s has none; rows of one batch "
                           "either all carry a key or none do: give every example a task, or train them separately")
     for job in jobs:
+        init = requested_init(model, job.adapter_name)
+        if init is not None and init.changes_base and init_pending(model, job.adapter_name):
+            raise ConfigError(f"job {job.adapter_name!r}: its init {init.name!r} rewrites the base weights every job's "
+                              "rows go through (W - s·B·A), so the other jobs would train on another base than alone: "
+                              "train that job alone (train_concurrent with one job, or lorakit.train)")
         name = job.config.procedure
         if name is not None and not get_procedure(name).cls.shares_batch:
             raise ConfigError(f"job {job.adapter_name!r}: training procedure {name!r} acts on the whole model (its "
