@@ -307,3 +307,29 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     (bad / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterLoadError, match=f"{bad} has no adapter_model.safetensors"):
         serve(None, [str(tmp_path / "root")], port=0)
+
+
+# Counts a command reads itself (not a config field): was, `eval --eval-batch-size -2` scored 0.000 on 100 examples,
+# `--eval-batch-size 0` failed after the model loaded with "range() arg 3 must not be zero", `--eval-examples 0` and
+# `train --train-examples 0` silently used the defaults (100, 2000), `--eval-examples -1` said "n must be >= 0".
+COUNTS = [(["eval", "--data", "reverse"], "--eval-batch-size", "-2"),
+          (["eval", "--data", "reverse"], "--eval-batch-size", "0"),
+          (["eval", "--data", "reverse"], "--eval-examples", "0"),
+          (["eval", "--data", "reverse"], "--eval-examples", "-1"),
+          (["train", "--steps", "1"], "--eval-batch-size", "0"),
+          (["train", "--steps", "1"], "--eval-examples", "0"),
+          (["train", "--steps", "1"], "--train-examples", "0")]
+
+
+@pytest.mark.parametrize("argv,flag,value", COUNTS, ids=[f"{a[0]}{f}={v}" for a, f, v in COUNTS])
+def test_a_count_below_one_is_named_before_the_model_loads(argv, flag, value, tmp_path, capsys, monkeypatch):
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError(f"the model was loaded before {flag} was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    assert main([*argv, flag, value, *(["--output", str(tmp_path / "o")] if argv[0] == "train" else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"lorakit {argv[0]}: error: argument {flag}: must be a positive integer, got {value}" in err, err
+    assert not (tmp_path / "o").exists()
