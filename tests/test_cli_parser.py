@@ -329,7 +329,9 @@ def test_a_count_below_one_is_named_before_the_model_loads(argv, flag, value, tm
         raise AssertionError(f"the model was loaded before {flag} was checked")
 
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
-    assert main([*argv, flag, value, *(["--output", str(tmp_path / "o")] if argv[0] == "train" else [])]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main([*argv, flag, value, *(["--output", str(tmp_path / "o")] if argv[0] == "train" else [])])
     err = capsys.readouterr().err
+    assert e.value.code == 2
     assert f"lorakit {argv[0]}: error: argument {flag}: must be a positive integer, got {value}" in err, err
     assert not (tmp_path / "o").exists()
