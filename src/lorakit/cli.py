@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .cli_options import add_config_options, config_from_args
-from .cli_parser import CommandParser, json_arg
+from .cli_parser import CommandParser, json_arg, positive_int
 from .core.errors import ConfigError, LorakitError
 
 DEFAULT_METHOD = "lora"
@@ -1223,13 +1223,13 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--resume-from", default=None, help="checkpoint folder (output/checkpoint-N) to resume from")
     t.add_argument("--max-length", type=int, default=128,
                    help="tokens per training example; longer ones lose prompt tokens from the left")
-    t.add_argument("--train-examples", type=int, default=None,
+    t.add_argument("--train-examples", type=positive_int, default=None,
                    help=f"examples per built-in task (default {TASK_TRAIN_EXAMPLES}); for a file, use only its first N "
                         "lines (default: all)")
-    t.add_argument("--eval-examples", type=int, default=None,
+    t.add_argument("--eval-examples", type=positive_int, default=None,
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for --eval-data FILE, only "
                         "its first N lines (default: all)")
-    t.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
+    t.add_argument("--eval-batch-size", type=positive_int, default=64, help="rows per evaluation batch")
     t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
     t.add_argument("--mode-token", default=None, metavar="TOKEN",
                    help="UL2 mode switching: prepend this mode token ([R], [S] or [X] of a base pretrained with "
@@ -1253,10 +1253,10 @@ def _add_eval(sub) -> None:
     e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
     e.add_argument("--data", required=True,
                    help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
-    e.add_argument("--eval-examples", type=int, default=None,
+    e.add_argument("--eval-examples", type=positive_int, default=None,
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for a file, only its first "
                         "N lines (default: all)")
-    e.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch")
+    e.add_argument("--eval-batch-size", type=positive_int, default=64, help="rows per evaluation batch")
     e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--mode-token", default=None, metavar="TOKEN",

@@ -77,6 +77,18 @@ def json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
+    error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with lorakit's error conventions (module docstring); subparsers made with
     ``add_subparsers().add_parser`` are CommandParsers too. ``field_flags``: extra field -> flag names.
