@@ -29,6 +29,18 @@ def test_federate_refuses_unknown_stragglers(tmp_path, capsys):
     assert "stragglers" in capsys.readouterr().err
 
 
+def test_federate_refuses_no_eval_examples_up_front(tmp_path, capsys):
+    """Was: the whole run trained, then a KeyError 'eval_loss' traceback at the report (no examples were scored)."""
+    from lorakit.core.errors import ConfigError
+    from lorakit.federated.base import FederatedConfig
+
+    assert main(["federate", "--eval-examples", "0", "--output", str(tmp_path / "o")]) == 2
+    assert "--eval-examples must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="eval_examples must be >= 1"):
+        FederatedConfig(eval_examples=0)
+    FederatedConfig(eval_examples=0, evaluate=False)  # nothing is scored: no examples needed
+
+
 @pytest.mark.slow
 def test_federate_runs_flower_simulation(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
