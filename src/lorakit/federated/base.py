@@ -90,6 +90,8 @@ class FederatedConfig:
         for name in ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FederatedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.evaluate and self.eval_examples < 1:  # the server scores them after every round (evaluate=False: none)
+            raise ConfigError(f"FederatedConfig.eval_examples must be >= 1, got {self.eval_examples}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"FederatedConfig.fraction must be in (0, 1], got {self.fraction}")
         if self.partition not in PARTITIONS:
