@@ -131,3 +131,17 @@ def test_bench_tasks_names_are_checked_before_any_model(tasks, says, tmp_path, c
     assert e.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"lorakit bench: error: {says}"), err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bench", ["methods", "tasks"])
+def test_a_malformed_tasks_file_is_named_before_any_model(bench, tmp_path, capsys, no_model):
+    """Was: `bench methods --tasks bad.jsonl` ended in a DataError traceback (the bench's errors let data errors
+    through); a JSONL file given to --tasks is read with the checks, its bad line named."""
+    data = tmp_path / "my data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["bench", bench, "--quick", "--tasks", str(data), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"lorakit bench: error: --tasks: {data}:2: missing field 'completion'", err
+    assert not (tmp_path / "out").exists()
