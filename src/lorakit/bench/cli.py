@@ -201,11 +201,19 @@ def main(argv: Sequence[str]) -> int:
         if not all(names):
             parser.error(f"--tasks {args.tasks!r}: give comma-separated task names, none empty (see `lorakit tasks`)")
         _check_names(parser, "--tasks", [t for t in names if not Path(t).is_file()], get_task)
+        from ..data import DataError, load_jsonl
+
+        for path in (t for t in names if Path(t).is_file()):
+            try:
+                load_jsonl(path)
+            except DataError as error:
+                parser.error(f"--tasks: {error}")
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     from ..cli import ErrorsReported
+    from ..data import DataError
 
-    with ErrorsReported(parser) as run:  # a run's own error (a config's) reads as the command's, no traceback
+    with ErrorsReported(parser, also=(DataError,)) as run:  # (a user's data file: named by file and line)  # a run's own error (a config's) reads as the command's, no traceback
         run.status = _run(parser, args, argv)
     return run.status
 
