@@ -11,7 +11,8 @@ and optimizer), ``schedule_lr``, clipping, and its method's and training procedu
 routing context (``objectives.batch_routing``: task keys, token mask, supervised mask, routing vectors) plus each
 row's adapter name; a delta serving some rows of the batch sees only those rows' routing (``core.routing.
 rows_routing``). A job that has finished its steps leaves the batch. Alone, a job gets the same adapter as
-``lorakit.train`` with the same seed.
+``lorakit.train`` with the same seed; beside other jobs, random draws in training (``lora_dropout``, GGPO's noise)
+come from one stream seeded by the first job's seed, so such a job matches ``lorakit.train`` in distribution only.
 
 Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
 whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
