@@ -311,14 +311,16 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
 
 # Counts a command reads itself (not a config field): was, `eval --eval-batch-size -2` scored 0.000 on 100 examples,
 # `--eval-batch-size 0` failed after the model loaded with "range() arg 3 must not be zero", `--eval-examples 0` and
-# `train --train-examples 0` silently used the defaults (100, 2000), `--eval-examples -1` said "n must be >= 0".
+# `train --train-examples 0` silently used the defaults (100, 2000), `--eval-examples -1` said "n must be >= 0",
+# `train --init lora_ga --init-batches 0` loaded the model, then "init 'lora_ga' is data-driven: pass batches".
 COUNTS = [(["eval", "--data", "reverse"], "--eval-batch-size", "-2"),
           (["eval", "--data", "reverse"], "--eval-batch-size", "0"),
           (["eval", "--data", "reverse"], "--eval-examples", "0"),
           (["eval", "--data", "reverse"], "--eval-examples", "-1"),
           (["train", "--steps", "1"], "--eval-batch-size", "0"),
           (["train", "--steps", "1"], "--eval-examples", "0"),
-          (["train", "--steps", "1"], "--train-examples", "0")]
+          (["train", "--steps", "1"], "--train-examples", "0"),
+          (["train", "--steps", "1", "--init", "lora_ga"], "--init-batches", "0")]
 
 
 @pytest.mark.parametrize("argv,flag,value", COUNTS, ids=[f"{a[0]}{f}={v}" for a, f, v in COUNTS])
