@@ -155,7 +155,7 @@ def _add_init_options(parser: argparse.ArgumentParser) -> None:
                    + " (* = data-driven: runs on the first --init-batches training batches)")
     g.add_argument("--init-options", type=json_arg, default={}, metavar="JSON",
                    help='the init\'s options as a JSON object, e.g. \'{"rho": 1.0}\' for eva')
-    g.add_argument("--init-batches", type=int, default=4, help="batches a data-driven init gets (default: 4)")
+    g.add_argument("--init-batches", type=positive_int, default=4, help="batches a data-driven init gets (default: 4)")
 
 
 def _add_with_init(model, adapter_config, args) -> None:
