@@ -105,3 +105,13 @@ def test_merge_adapters_cli_checks_every_source_before_any_model_loads(tmp_path,
                  "--output", str(tmp_path / "o")]) == 2
     assert "unknown merge method 'tie'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_adapters_cli_a_non_finite_weight_is_named(tmp_path, capsys):
+    """Was: --weights nan 1 (or inf) ended in a torch LinAlgError traceback from the SVD of a non-finite delta."""
+    a = _bundled_adapter(tmp_path / "a", 0)
+    for bad in ("nan", "inf"):
+        assert main(["merge-adapters", str(a), str(a), "--weights", bad, "1", "--output", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "--weights" in err and "finite" in err, err
+        assert not (tmp_path / bad).exists()
