@@ -26,6 +26,8 @@ error unless ``saved_modules="first"`` (the first source that saves the module w
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 from dataclasses import dataclass, fields
@@ -96,6 +98,8 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     if len(weights) != len(sources):
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
+    if not all(math.isfinite(w) for w in weights):  # (a NaN/inf delta: the SVD methods' LinAlgError, or NaN weights)
+        raise ConfigError(f"{{field}} must be finite numbers, got {weights}", field="weights")
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
