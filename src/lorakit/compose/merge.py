@@ -27,7 +27,6 @@ error unless ``saved_modules="first"`` (the first source that saves the module w
 from __future__ import annotations
 
 import math
-
 import os
 import re
 from dataclasses import dataclass, fields
