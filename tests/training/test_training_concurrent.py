@@ -53,6 +53,8 @@ def test_concurrent_rejects_unknown_and_duplicate_jobs(make_model, tokenizer):
     data = load_examples("reverse", "train", n=4, seed=0)
     with pytest.raises(lorakit.AdapterError, match="no adapter 'nope'"):
         train_concurrent(model, tokenizer, [Job("nope", data, _config())], progress=False)
+    with pytest.raises(ValueError, match="at least one job"):  # was: IndexError
+        train_concurrent(model, tokenizer, [], progress=False)
     with pytest.raises(ValueError, match="its own adapter"):
         train_concurrent(model, tokenizer, [Job("default", data, _config()), Job("default", data, _config())])
 
