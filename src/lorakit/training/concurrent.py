@@ -137,9 +137,11 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
 def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job], *, output_dir: str | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Train every job's adapter at once on one base model; returns ``{"jobs": {name: JobResult}, "wall_time_s",
-    "tokens_per_s", "steps"}``. Raises ValueError for duplicate jobs, AdapterError for an unknown adapter, and
+    "tokens_per_s", "steps"}``. Raises ValueError for no jobs or duplicate jobs, AdapterError for an unknown adapter, and
     AdapterError / ConfigError naming the job for what cannot share a batch (see the module docstring)."""
     names = [j.adapter_name for j in jobs]
+    if not names:
+        raise ValueError("train_concurrent needs at least one job")
     if len(set(names)) != len(names):
         raise ValueError(f"each job needs its own adapter; got {names}")
     for n in names:
