@@ -54,3 +54,17 @@ def test_add_adapter_runs_it_with_init_batches(data_init, ids):
             layer.adapters["default"].lora_B.weight, expected))
     with pytest.raises(lk.AdapterError, match="data-driven"):
         lk.init_adapter(model, "default")
+
+
+def test_zero_init_batches_for_a_data_driven_init_names_the_setting(data_init, make_model, tokenizer, reverse_train):
+    """Was: "init 'test_data' is data-driven: pass batches (...), or let lorakit.training.train run it" — from
+    lorakit.training.train itself, which had run it with TrainConfig.init_batches=0 batches."""
+    from lorakit.training import Job, train_concurrent
+
+    config = TrainConfig(steps=1, batch_size=2, init_batches=0)
+    for run in (lambda m: train(m, tokenizer, reverse_train, config, progress=False),
+                lambda m: train_concurrent(m, tokenizer, [Job("default", reverse_train, config)], progress=False)):
+        model = make_model(init_lora_weights="test_data")
+        with pytest.raises(lk.ConfigError, match="init_batches is 0.*'test_data' is data-driven"):
+            run(model)
+        assert not data_init
