@@ -46,7 +46,7 @@ from ..core.routing import ADAPTER_EXTRAS_KEY
 from ..data import IGNORE_INDEX, Example, save_task_index
 from ..io.peft_format import save_adapter
 from .config import TrainConfig
-from .loop import DataStream, hook_losses, make_optimizer, schedule_lr, split_validation, step_hooks
+from .loop import DataStream, check_init_batches, hook_losses, make_optimizer, schedule_lr, split_validation, step_hooks
 from .objectives import batch_routing, objective_for
 from .procedures import get_procedure
 
@@ -148,6 +148,7 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
         if n not in adapter_names(model):
             raise AdapterError(f"no adapter {n!r} on the model; add_adapter it before train_concurrent")
     for job in jobs:
+        check_init_batches(model, job.adapter_name, job.config)
         if job.config.resume_from is not None:
             raise ConfigError(f"job {job.adapter_name!r}: train_concurrent writes no checkpoints and cannot resume "
                               f"from {job.config.resume_from!r}; resume that job with lorakit.train")

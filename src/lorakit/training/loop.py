@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import AdapterError, ConfigError, LorakitError
-from ..core.inits import init_adapter, init_pending
+from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
@@ -205,6 +205,14 @@ def make_optimizer(model: nn.Module, adapter_name: str, config: TrainConfig, met
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay), params
 
 
+def check_init_batches(model: nn.Module, adapter_name: str, config: TrainConfig) -> None:
+    """ConfigError naming ``TrainConfig.init_batches`` when it is 0 and the adapter's pending init needs data."""
+    init = requested_init(model, adapter_name) if init_pending(model, adapter_name) else None
+    if init is not None and init.needs_data and config.init_batches < 1:
+        raise ConfigError(f"{{field}} is 0, but adapter {adapter_name!r}'s init {init.name!r} is data-driven: give it "
+                          "at least one batch (default 4)", field="TrainConfig.init_batches")
+
+
 def split_validation(procedure: Procedure | None, config: TrainConfig,
                      examples: Sequence[Example]) -> tuple[Sequence[Example], list[Example]]:
     """The training examples and the procedure's held-out validation examples (Flexora): the last
@@ -332,6 +340,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
                 for k, v in batch.items()}
 
+    check_init_batches(model, adapter_name, config)
     was_training = model.training
     model.train()
     if method.init is not None or init_pending(model, adapter_name):
