@@ -264,3 +264,13 @@ def test_cli_serve_starts_and_answers(setup, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_http_error_pickles_with_its_status_and_type():
+    """A replica's error crosses processes (Ray Serve pickles it); it was rebuilt from its message alone (TypeError)."""
+    import pickle
+
+    from lorakit.serving.server import HTTPError
+
+    back = pickle.loads(pickle.dumps(HTTPError(404, "unknown adapter 'x'", "not_found_error")))
+    assert (type(back), back.status, back.message, back.kind) == (HTTPError, 404, "unknown adapter 'x'", "not_found_error")

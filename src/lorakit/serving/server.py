@@ -58,9 +58,14 @@ class ServerLimits:
 
 
 class HTTPError(Exception):
+    """A request's error as the HTTP status, message and OpenAI error type the server answers with."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+
+    def __reduce__(self):  # pickled with its status and type (a Ray Serve replica's error crosses processes)
+        return type(self), (self.status, self.message, self.kind)
 
 
 class _Metrics:
