@@ -194,20 +194,14 @@ def main(argv: Sequence[str]) -> int:
         what, names = _ONLY[args.what]
         choices = names()
         _check_names(parser, "--only", args.only, lambda name: check_names([name], choices, what))
-    if args.tasks is not None:  # likewise --tasks: built-in task names (a JSONL file where a bench reads one)
+    if args.tasks is not None:  # likewise --tasks: built-in task names, or a JSONL file (read: a bad line is named)
+        from ..data import load_jsonl
         from ..data.tasks import get_task
 
         names = [t.strip() for t in args.tasks.split(",")]
         if not all(names):
             parser.error(f"--tasks {args.tasks!r}: give comma-separated task names, none empty (see `lorakit tasks`)")
-        _check_names(parser, "--tasks", [t for t in names if not Path(t).is_file()], get_task)
-        from ..data import DataError, load_jsonl
-
-        for path in (t for t in names if Path(t).is_file()):
-            try:
-                load_jsonl(path)
-            except DataError as error:
-                parser.error(f"--tasks: {error}")
+        _check_names(parser, "--tasks", names, lambda t: load_jsonl(t) if Path(t).is_file() else get_task(t))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
     from ..cli import ErrorsReported

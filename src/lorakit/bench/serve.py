@@ -86,22 +86,22 @@ class ServeProfile:
 
     def __post_init__(self) -> None:
         """ConfigError (``field``: the setting) for a profile that cannot run: no adapters, no arrivals, ..."""
-        from ..core.errors import ConfigError, check_names
+        from ..core.errors import FIELD, ConfigError, check_names
 
         for name in ("num_adapters", "max_batch", "max_loras", "r", "kv_cache_mb"):
             values = getattr(self, name)
             for v in values if isinstance(values, tuple) else (values,):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ConfigError(f"{{field}} must be a positive integer, got {v!r}", field=name)
+                    raise ConfigError(f"{FIELD} must be a positive integer, got {v!r}", field=name)
         for name in ("req_rate", "duration_s", "cv", "slo_s", "timeout_s"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{{field}} must be > 0, got {getattr(self, name)!r}", field=name)
+                raise ConfigError(f"{FIELD} must be > 0, got {getattr(self, name)!r}", field=name)
         if self.peft_max_n < 0:
-            raise ConfigError(f"{{field}} must be >= 0, got {self.peft_max_n}", field="peft_max_n")
+            raise ConfigError(f"{FIELD} must be >= 0, got {self.peft_max_n}", field="peft_max_n")
         for name in ("input_range", "output_range"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:
-                raise ConfigError(f"{{field}} must be (low, high) with 1 <= low <= high, got {(low, high)}", field=name)
+                raise ConfigError(f"{FIELD} must be (low, high) with 1 <= low <= high, got {(low, high)}", field=name)
         check_names(self.models, MODELS, "bench serve model")
         if not self.num_adapters or not self.models or not self.systems:
             raise ConfigError("bench serve needs at least one model, adapter count and system")

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.delta import describe_layer, oriented_weight
-from ..core.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
+from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
@@ -98,7 +98,7 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     if len(weights) != len(sources):
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
     if not all(math.isfinite(w) for w in weights):  # (a NaN/inf delta: the SVD methods' LinAlgError, or NaN weights)
-        raise ConfigError(f"{{field}} must be finite numbers, got {weights}", field="weights")
+        raise ConfigError(f"{FIELD} must be finite numbers, got {weights}", field="weights")
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)

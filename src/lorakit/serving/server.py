@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import AdapterError, LorakitError
+from ..core.errors import FIELD, AdapterError, LorakitError
 
 try:
     from fastapi import FastAPI
@@ -485,10 +485,10 @@ def check_adapter_roots(roots: list[str] | None) -> None:
     for root in roots or []:
         root = Path(root)
         if not root.is_dir():
-            raise AdapterError(f"{{field}} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
+            raise AdapterError(f"{FIELD} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
                                + ": give a folder of adapter folders (each with adapter_config.json)", field="adapters")
         if (root / "adapter_config.json").is_file():
-            raise AdapterError(f"{{field}} {str(root)!r} is an adapter folder itself; give the folder that holds it "
+            raise AdapterError(f"{FIELD} {str(root)!r} is an adapter folder itself; give the folder that holds it "
                                f"({str(root.parent)!r}): every adapter folder directly under {{field}} is served, "
                                f"named by its folder", field="adapters")
         for folder in sorted(root.iterdir()):

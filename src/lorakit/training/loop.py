@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import AdapterError, ConfigError, LorakitError
+from ..core.errors import FIELD, AdapterError, ConfigError, LorakitError
 from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
 from ..core.parallel import rows_gathered
@@ -209,7 +209,7 @@ def check_init_batches(model: nn.Module, adapter_name: str, config: TrainConfig)
     """ConfigError naming ``TrainConfig.init_batches`` when it is 0 and the adapter's pending init needs data."""
     init = requested_init(model, adapter_name) if init_pending(model, adapter_name) else None
     if init is not None and init.needs_data and config.init_batches < 1:
-        raise ConfigError(f"{{field}} is 0, but adapter {adapter_name!r}'s init {init.name!r} is data-driven: give it "
+        raise ConfigError(f"{FIELD} is 0, but adapter {adapter_name!r}'s init {init.name!r} is data-driven: give it "
                           "at least one batch (default 4)", field="TrainConfig.init_batches")
 
 
