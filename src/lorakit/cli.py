@@ -766,9 +766,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
-    if run_adapter(directory) is not None:  # a training run folder: its adapter is what the user means
-        print(f"{directory} is a training run folder; inspecting its adapter {run_adapter(directory)}")
-        directory = run_adapter(directory)
+    inner = run_adapter(directory)
+    if inner is not None:  # a training run folder: its adapter is what the user means
+        print(f"{directory} is a training run folder; inspecting its adapter {inner}")
+        directory = inner
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
     modules = _adapted_modules(list(tensors), config)
@@ -859,19 +860,15 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     opts = {k: v for k, v in vars(args).items()
             if v is not None and k not in ("sources", "weights", "method", "output", "model", "num_threads", "overwrite")}
-    try:
+    with ErrorsReported(p) as run:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
-    except LorakitError as e:
-        return p.fail(e)
-    try:  # --model loads only after the sources and options are checked
+        # --model loads only after the sources and options are checked
         merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
         out = write_dir_atomically(args.output, merged.save)
-    except LorakitError as e:
-        return p.fail(e)
-    print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
-    return 0
+        print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
+    return run.status
 
 
 def cmd_generate_adapter(argv: Sequence[str]) -> int:
@@ -914,7 +911,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
         p.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
         p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I); 0 = the prior mean")
     args = p.parse_args(argv[1:] if training else argv)
-    try:
+    with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
         if args.model is not None:
@@ -936,9 +933,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
             out = generate_adapter(args.generator, args.task, args.output, seed=args.seed,
                                    temperature=args.temperature, model=model, tokenizer=tokenizer)
             print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
-    except (LorakitError, ValueError, FileNotFoundError) as e:
-        return p.fail(e)
-    return 0
+    return run.status
 
 
 def cmd_transfer(argv: Sequence[str]) -> int:
@@ -952,17 +947,15 @@ def cmd_transfer(argv: Sequence[str]) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
-    try:
+    with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
         check_output_dir(args.output, "--output", overwrite=args.overwrite)
         check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
         result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
-    except (LorakitError, ValueError, FileNotFoundError) as e:
-        return p.fail(e)
-    print(json.dumps(result.summary()))
-    return 0
+        print(json.dumps(result.summary()))
+    return run.status
 
 
 def cmd_quantize(argv: Sequence[str]) -> int:
@@ -996,7 +989,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
                                  ("r", args.r)) if v is not None}
     if args.no_cfp:
         options["cfp"] = False
-    try:
+    with ErrorsReported(p) as run:
         _set_threads(args)
         if args.method == "rtn" and options:
             raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
@@ -1016,19 +1009,18 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         summary = quantize_weights(model, args.method, calib, bits=args.bits, group_size=args.group_size,
                                    progress=print, **options)
         after = perplexity(model, test)
-    except LorakitError as e:
-        return p.fail(e)
-    print(f"{args.method} W{args.bits}A16 ({summary['layers']} linear layers): perplexity {before:.3f} -> {after:.3f}")
-    if out is not None:
-        def write(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            (folder / "quantization.json").write_text(json.dumps({**summary, "perplexity_before": before,
-                                                                  "perplexity_after": after}, indent=2))
+        print(f"{args.method} W{args.bits}A16 ({summary['layers']} linear layers): perplexity {before:.3f} -> "
+              f"{after:.3f}")
+        if out is not None:
+            def write(folder: Path) -> None:
+                model.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
+                (folder / "quantization.json").write_text(json.dumps({**summary, "perplexity_before": before,
+                                                                      "perplexity_after": after}, indent=2))
 
-        write_dir_atomically(out, write)
-        print(f"quantized model written to {out}")
-    return 0
+            write_dir_atomically(out, write)
+            print(f"quantized model written to {out}")
+    return run.status
 
 
 def cmd_export(args: argparse.Namespace) -> int:

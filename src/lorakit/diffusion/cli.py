@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from ..cli_parser import CommandParser
-from ..core.errors import ConfigError, LorakitError
+from ..core.errors import ConfigError
 
 DEFAULT_DIR = "diffusion_run"
 
@@ -217,11 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _guarded(parser: CommandParser, argv: Sequence[str]) -> int:
+    from ..cli import ErrorsReported
+
     args = parser.parse_args(list(argv))
-    try:
-        return args.func(args)
-    except (LorakitError, ValueError, FileNotFoundError) as e:
-        return parser.chosen(args).fail(e)
+    with ErrorsReported(parser.chosen(args), also=(ValueError, FileNotFoundError)) as run:
+        run.status = args.func(args)
+    return run.status
 
 
 def main(argv: Sequence[str]) -> int:
