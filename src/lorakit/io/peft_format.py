@@ -137,11 +137,11 @@ def read_adapter_config(directory: str | os.PathLike):
                                    "adapter_model.safetensors)")
         raise AdapterLoadError(f"adapter folder {directory} does not exist")
     path = directory / CONFIG_NAME
-    if not path.is_file() and run_adapter(directory) is not None:
+    inner = run_adapter(directory)
+    if inner is not None:
         checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if (p / CONFIG_NAME).is_file())
         raise AdapterLoadError(f"{directory} is a training run folder, not an adapter folder; did you mean "
-                               f"{run_adapter(directory)}?" + (f" (its checkpoints: {', '.join(checkpoints)})"
-                                                                if checkpoints else ""))
+                               f"{inner}?" + (f" (its checkpoints: {', '.join(checkpoints)})" if checkpoints else ""))
     raw = read_json(path)
     try:
         method = method_for_file(raw, source=str(path))

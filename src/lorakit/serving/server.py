@@ -482,14 +482,15 @@ def check_adapter_roots(roots: list[str] | None) -> None:
     then fails that request (HTTP 400) and the others keep being served."""
     from ..io.peft_format import CONFIG_NAME
     from .store import read_servable
+
     for root in roots or []:
         root = Path(root)
         if not root.is_dir():
             raise AdapterError(f"{FIELD} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
                                + ": give a folder of adapter folders (each with adapter_config.json)", field="adapters")
-        if (root / "adapter_config.json").is_file():
+        if (root / CONFIG_NAME).is_file():
             raise AdapterError(f"{FIELD} {str(root)!r} is an adapter folder itself; give the folder that holds it "
-                               f"({str(root.parent)!r}): every adapter folder directly under {{field}} is served, "
+                               f"({str(root.parent)!r}): every adapter folder directly under {FIELD} is served, "
                                f"named by its folder", field="adapters")
         for folder in sorted(root.iterdir()):
             if (folder / CONFIG_NAME).is_file():
