@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from ..cli_parser import CommandParser
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, LorakitError
 
 DEFAULT_DIR = "diffusion_run"
 
@@ -217,12 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _guarded(parser: CommandParser, argv: Sequence[str]) -> int:
-    from ..cli import ErrorsReported
-
     args = parser.parse_args(list(argv))
-    with ErrorsReported(parser.chosen(args), also=(ValueError, FileNotFoundError)) as run:
-        run.status = args.func(args)
-    return run.status
+    try:  # (lorakit.cli.ErrorsReported is a layer above diffusion: the same report, written here)
+        return args.func(args)
+    except (LorakitError, ValueError, FileNotFoundError) as e:
+        return parser.chosen(args).fail(e)
 
 
 def main(argv: Sequence[str]) -> int:
