@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import deque
@@ -489,9 +490,13 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
-    from .store import AdapterStore, check_adapter_roots
+    from .store import AdapterStore, check_adapter_roots, log
 
     check_adapter_roots(adapters)
+    if not log.handlers and not logging.getLogger().handlers:  # uvicorn configures only its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
     model, tokenizer = load_model_and_tokenizer(model_path)
     store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank)
     store.register_roots(adapters or [])
