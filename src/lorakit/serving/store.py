@@ -472,11 +472,9 @@ class AdapterStore:
         if banked:
             try:
                 self.registry.load({n: self.paths[n] for n in banked})
-            except AdapterLoadError as e:
-                # all or nothing: a mix's good adapters must not fail with its bad one, so each is tried alone
-                loaded, error = ([], e) if len(banked) == 1 else self._load_each(banked)
-                if len(banked) == 1:
-                    self._fail(banked[0], e)
+            except AdapterLoadError:
+                # the load is all or nothing: each is tried alone, so a mix's good adapters do not fail with its bad one
+                loaded, error = self._load_each(banked)
         for n in need:
             if n in self.attached:
                 try:
@@ -496,7 +494,7 @@ class AdapterStore:
         """Load each adapter into the banks on its own: (the names loaded, the first error); each that fails is
         unregistered with its reason recorded."""
         loaded, error = [], None
-        for n in names:  # only after a batched load failed: a loop over the few adapters of one request
+        for n in names:  # only after a batched load failed: the few adapters of one request, not a hot path
             try:
                 self.registry.load({n: self.paths[n]})
             except AdapterLoadError as e:
