@@ -313,3 +313,20 @@ def test_cli_serve_with_only_bad_adapters_warns_and_serves_the_base(tmp_path, sh
            f"valid JSON" in text, text
     assert f"skipped adapter folder {root / 'bad_method'}: " in text and "NOT_A_METHOD" in text
     assert f"all 2 adapter folder(s) failed to register under {root}; serving the base model only" in text
+
+
+def test_a_folder_named_like_the_base_model_or_taken_by_an_earlier_root_is_skipped_with_a_reason(tmp_path, sh, caplog):
+    """Was: a folder named like the base model registered but every request for it went to the base (and /v1/models
+    listed the name twice); a folder whose name an earlier root already served was dropped without a word."""
+    sh.make_adapter(tmp_path / "r1" / "bundled", seed=1, r=4)
+    first = sh.make_adapter(tmp_path / "r1" / "same", seed=2, r=4)
+    sh.make_adapter(tmp_path / "r2" / "same", seed=3, r=4)
+    store = AdapterStore(tiny_llama(), [tmp_path / "r1", tmp_path / "r2"], base_name="bundled")
+    with caplog.at_level(logging.WARNING, logger="lorakit.serving"):
+        assert store.register_roots([tmp_path / "r1", tmp_path / "r2"]) == ["same"]
+    assert store.paths["same"].resolve() == first.resolve()
+    assert "is the base model's name" in store.failed["bundled"]
+    assert f"skipped adapter folder {tmp_path / 'r2' / 'same'}: an adapter named 'same' is already served from" \
+           in caplog.text
+    with pytest.raises(AdapterLoadError, match="is the base model's name"):
+        store.check("bundled")

@@ -498,9 +498,10 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
     model, tokenizer = load_model_and_tokenizer(model_path)
-    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank)
+    name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
+    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank,
+                         base_name=name)
     store.register_roots(adapters or [])
     engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)
-    name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

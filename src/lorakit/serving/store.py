@@ -198,7 +198,7 @@ class AdapterStore:
 
     def __init__(self, model: nn.Module, roots: Iterable[str | os.PathLike] = (), *, max_loras: int = 64,
                  max_resident_bytes: int | None = None, max_cpu_loras: int = 256, max_cpu_bytes: int | None = None,
-                 dtype: torch.dtype | None = None, rank: int | None = None):
+                 dtype: torch.dtype | None = None, rank: int | None = None, base_name: str | None = None):
         if max_loras < 1 or max_cpu_loras < 1:
             raise AdapterError(f"max_loras and max_cpu_loras must be >= 1 (got {max_loras}, {max_cpu_loras})")
         self.roots = [Path(r).absolute() for r in roots]  # absolute: a relative root is not joined twice
@@ -227,6 +227,8 @@ class AdapterStore:
         # name -> why it cannot be served (a folder that failed to register, weights that failed to load); a request
         # for it is refused with this, not as an unknown name, until the name registers again
         self.failed: dict[str, str] = {}
+        # ``base_name``: the name a server answers as the base model; an adapter of that name could never be requested
+        self.base_name = base_name
 
     # -- registration (any thread) -------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
@@ -248,6 +250,9 @@ class AdapterStore:
     def _register(self, name: str, path: str | os.PathLike, confined: bool) -> Path:
         if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 256:
             raise AdapterError(f"invalid adapter name {name!r}")
+        if name == self.base_name:
+            raise AdapterError(f"adapter name {name!r} is the base model's name (requests for it are answered by the "
+                               f"base model); rename the adapter's folder")
         folder = confine(path, self.roots) if confined else Path(path)
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
@@ -297,6 +302,9 @@ class AdapterStore:
         found = []
         for d in adapter_folders(Path(root).absolute(), field="root"):  # absolute: confine() reads a relative path as under the first root
             if d.name in self.paths:
+                if self.paths[d.name].resolve() != d.resolve():
+                    log.warning("skipped adapter folder %s: an adapter named %r is already served from %s (names are "
+                                "folder names; rename one)", d, d.name, self.paths[d.name])
                 continue
             try:
                 self.register(d.name, d)
