@@ -10,9 +10,27 @@ and optimizer), ``schedule_lr``, clipping, and its method's and training procedu
 ``extra_loss``, ``on_gradients``, ``on_step``, ``finish``; Flexora's held-out split). The forward gets the loop's
 routing context (``objectives.batch_routing``: task keys, token mask, supervised mask, routing vectors) plus each
 row's adapter name; a delta serving some rows of the batch sees only those rows' routing (``core.routing.
-rows_routing``). A job that has finished its steps leaves the batch. Alone, a job gets the same adapter as
-``lorakit.train`` with the same seed; beside other jobs, random draws in training (``lora_dropout``, GGPO's noise)
-come from one stream seeded by the first job's seed, so such a job matches ``lorakit.train`` in distribution only.
+rows_routing``). A job that has finished its steps leaves the batch.
+
+Random draws: alone, a job draws from torch's default generators seeded with its seed, as ``lorakit.train``. Beside
+other jobs, each job draws from a stream of its own (``core.rng.RngStream``, seeded with its seed), swapped in for
+everything that draws for it: its init, its method's and procedure's hooks (DyLoRA's rank in ``on_step``), and in
+every adapter layer the draws for its rows (``Routing.rng_streams``: its ``lora_dropout`` mask, a forward hook's
+noise such as GGPO's), at its micro-batch's own padded length rather than the mixed batch's
+(``Routing.adapter_lengths``: the layer cuts the job's rows to it). A job's draws are then exactly those it makes
+alone (same seed, same masks for its rows), and its losses and adapter equal ``lorakit.train``'s to float rounding
+(1e-6 in tests/training/test_training_concurrent_rng.py). Where that does not hold (the job then matches
+``lorakit.train`` in distribution only):
+
+- the base model draws in training mode (hidden / attention dropout > 0, e.g. BERT's 0.1; decoder LLMs have 0):
+  those draws cover the whole mixed batch, from the default generators seeded with the first job's seed;
+- a draw over a token dimension that is not dim 1 of a linear layer's (batch, seq, in) input or of an embedding's
+  (batch, seq) ids of the batch's length, or inside a ``modules_to_save`` copy (its input is not cut): it is drawn
+  at the mixed batch's padded length, from the job's stream; equal to alone only when the job's micro-batch is
+  as long as the mixed batch.
+
+With gradient checkpointing on, beside other jobs, refused (ConfigError): recomputing a checkpointed block restores
+only the default generators, so a job's dropout would be redrawn from its stream's later state.
 
 Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
 whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
@@ -27,11 +45,12 @@ data-parallel runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +61,7 @@ from ..core.layer import AdapterLayer
 from ..core.model import (active_adapters, adapter_names, adapter_parameters, adapter_state, refresh_trainable,
                           set_adapter)
 from ..core.registry import get_method
+from ..core.rng import RngStream
 from ..core.routing import ADAPTER_EXTRAS_KEY
 from ..data import IGNORE_INDEX, Example, save_task_index
 from ..io.peft_format import save_adapter
@@ -115,6 +135,11 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
             raise AdapterError(f"concurrent training needs per-row adapters; job {batch_wide[0]!r}'s method computes "
                                "its delta from the whole batch (X-LoRA's scaling pass over every row): train that "
                                "job alone (train_concurrent with one job, or lorakit.train)")
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise ConfigError("concurrent jobs draw from streams of their own, and recomputing a checkpointed block "
+                          "restores only torch's default generators, so a job's dropout masks would be redrawn "
+                          "differently in backward: call model.gradient_checkpointing_disable(), or train the jobs "
+                          "separately")
     keyed = [j.adapter_name for j in jobs if any(ex.task is not None for ex in j.examples)]  # (TokenizedDataset's rule)
     if keyed and len(keyed) < len(jobs):
         plain = next(n for n in names if n not in keyed)
@@ -165,12 +190,22 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
 class _JobRun:
     """One job's part of the run: data, method, procedure, optimizer and position, set up as lorakit.train does."""
 
-    def __init__(self, model, tokenizer, job: Job, objective, device) -> None:
+    def __init__(self, model, tokenizer, job: Job, objective, device, rng: RngStream | None) -> None:
         c = self.config = job.config
-        self.job, self.name, self.device = job, job.adapter_name, device
+        self.job, self.name, self.device, self.rng = job, job.adapter_name, device, rng
+        with self.drawing():  # the init's draws, as lorakit.train's after torch.manual_seed(seed)
+            self._set_up(model, tokenizer, objective)
+
+    def drawing(self) -> ContextManager[Any]:
+        """A block whose random draws come from the job's own stream (beside other jobs; alone: the default
+        generators, seeded with the job's seed)."""
+        return self.rng.drawing() if self.rng is not None else contextlib.nullcontext()
+
+    def _set_up(self, model, tokenizer, objective) -> None:
+        c = self.config
         self.method = get_method(adapter_state(model).configs[self.name])
         self.procedure = get_procedure(c.procedure).build(c) if c.procedure is not None else None
-        examples, validation = split_validation(self.procedure, c, job.examples)
+        examples, validation = split_validation(self.procedure, c, self.job.examples)
         if not examples:
             raise ValueError(f"job {self.name!r} has no training examples")
         self.dataset = objective.dataset(examples, tokenizer, c.max_length)
@@ -213,9 +248,12 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
     device = next(model.parameters()).device
     objective = objective_for(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    torch.manual_seed(jobs[0].config.seed)  # as lorakit.train: before the inits, so a lone job draws alike
+    torch.manual_seed(jobs[0].config.seed)  # as lorakit.train: a lone job draws from the default generators alike
     model.train()
-    runs = [_JobRun(model, tokenizer, job, objective, device) for job in jobs]
+    # Beside other jobs, each job draws from a stream of its own seeded with its seed: its init, hooks and the
+    # layers' draws for its rows (routing's rng_streams) continue as the default generators would alone.
+    streams = {j.adapter_name: RngStream(j.config.seed, device) for j in jobs} if len(jobs) > 1 else {}
+    runs = [_JobRun(model, tokenizer, job, objective, device, streams.get(job.adapter_name)) for job in jobs]
     if len(runs) > 1:
         _check_shared(model, runs)
     # Each row's key id indexes its own job's sorted task names: the names reach each job's deltas as per-adapter
@@ -245,7 +283,9 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
             batch = members[0].to_device(_pad_cat(parts, pad_id, [r.name for r in members]))
             rows = [r.name for r, part in zip(members, parts) for _ in range(part["input_ids"].shape[0])]
             tokens += int(batch["attention_mask"].sum())
-            with batch_routing(batch, extras=key_names, adapter_names=rows):
+            lengths = {r.name: part["input_ids"].shape[1] for r, part in zip(members, parts)} if streams else None
+            with batch_routing(batch, extras=key_names, adapter_names=rows, rng_streams=streams or None,
+                               adapter_lengths=lengths):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, offset = 0.0, 0
             for r, part in zip(members, parts):
@@ -253,7 +293,8 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
                 job_loss = objective.loss_sum(logits[offset:offset + n],
                                               {"labels": batch["labels"][offset:offset + n]}) / supervised[r.name]
                 step_loss[r.name] += float(job_loss.detach())
-                extra = hook_losses(model, r.name, r.method, r.procedure, r.config.grad_accum)
+                with r.drawing():
+                    extra = hook_losses(model, r.name, r.method, r.procedure, r.config.grad_accum)
                 loss = loss + job_loss + (extra if extra is not None else 0.0)
                 offset += n
             loss.backward()
@@ -261,13 +302,15 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
         for r in live:
             c = r.config
             if r.procedure is not None:
-                r.procedure.on_gradients(model, r.name, r.step)
+                with r.drawing():
+                    r.procedure.on_gradients(model, r.name, r.step)
             torch.nn.utils.clip_grad_norm_(list(r.params.values()), c.max_grad_norm or math.inf)
             r.optimizer.step()
             r.optimizer.zero_grad(set_to_none=True)
             r.step += 1
             r.result.losses.append(step_loss[r.name])
-            hooked = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or hooked
+            with r.drawing():
+                hooked = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or hooked
         if hooked:
             refresh_trainable(model)  # a hook may have changed what an adapter freezes (Delta.frozen_names)
         bar.update(1)
@@ -276,7 +319,8 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
     wall = time.perf_counter() - start
     for r in runs:
         if r.procedure is not None:
-            r.procedure.finish(model, r.name)
+            with r.drawing():
+                r.procedure.finish(model, r.name)
     model.eval()
     for r in runs:
         job, result = r.job, r.result
