@@ -68,6 +68,10 @@ def routing(**info: Any) -> Iterator[Routing]:
     unknown = set(info) - set(Routing.__dataclass_fields__)
     if unknown:
         raise TypeError(f"routing() got unknown fields {sorted(unknown)}; known: {sorted(Routing.__dataclass_fields__)}")
+    for name in ("row_extras", "token_extras"):
+        if isinstance(info.get(name), str):
+            raise TypeError(f"routing({name}=...) takes a collection of extras' names, got the string "
+                            f"{info[name]!r}; write {name}=({info[name]!r},)")
     outer = _CURRENT.get()
     ctx = replace(outer, **info) if outer is not None else Routing(**info)
     token = _CURRENT.set(ctx)
