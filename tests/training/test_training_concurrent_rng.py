@@ -116,7 +116,7 @@ def test_gradient_checkpointing_beside_another_job_is_refused(make_model, tokeni
     before any init or step."""
     model = make_model(lora_dropout=0.1)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1), name="other")
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # (transformers' gradient checkpointing)
     jobs = [Job("default", reverse_train[:8], _config(steps=1)), Job("other", reverse_train[8:16], _config(steps=1))]
-    with pytest.raises(lorakit.ConfigError, match="gradient_checkpointing_disable"):
+    with pytest.raises(lorakit.ConfigError, match="activation_checkpointing_disable"):
         train_concurrent(model, tokenizer, jobs, progress=False)

@@ -211,8 +211,8 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             length = self._own_length(x, ctx, name)
             xs, bs = x.index_select(0, index), base_out.index_select(0, index)
-            if length is not None:
-                xs, bs = xs[:, :length], bs[:, :length]
+            if length is not None:  # (contiguous, as alone: CUDA's fused dropout indexes strided inputs otherwise)
+                xs, bs = xs[:, :length].contiguous(), bs[:, :length].contiguous()
             draws = streams[name].drawing() if name in streams else contextlib.nullcontext()
             with routing(**rows_routing(ctx, index, len(names), name, length)), draws:
                 delta = self.adapters[name](xs, bs, self.base_layer)
