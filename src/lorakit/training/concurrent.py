@@ -164,8 +164,9 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
     if any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules()):  # (transformers' flag)
         raise ConfigError("the model has activation (gradient) checkpointing on; concurrent jobs draw from streams "
                           "of their own, and recomputing a checkpointed block restores only torch's default "
-                          "generators, so a job's dropout masks would be redrawn differently in backward: turn it off (model.activation_checkpointing_disable(), formerly "
-                          "gradient_checkpointing_disable), or train the jobs separately")
+                          "generators, so a job's dropout masks would be redrawn differently in backward: turn it "
+                          "off (model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable), "
+                          "or train the jobs separately")
     keyed = [j.adapter_name for j in jobs if any(ex.task is not None for ex in j.examples)]  # (TokenizedDataset's rule)
     if keyed and len(keyed) < len(jobs):
         plain = next(n for n in names if n not in keyed)
