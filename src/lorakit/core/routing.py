@@ -30,11 +30,14 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import AdapterError, did_you_mean
+
+if TYPE_CHECKING:
+    from .rng import RngStream
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Routing:
     extras: Mapping[str, Any] = field(default_factory=dict)
     row_extras: Collection[str] = ()
     token_extras: Collection[str] = ()
-    rng_streams: Mapping[str, Any] | None = None
+    rng_streams: Mapping[str, "RngStream"] | None = None
     adapter_lengths: Mapping[str, int] | None = None
 
 

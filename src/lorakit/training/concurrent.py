@@ -99,7 +99,9 @@ class JobResult:
     """One job's run, with ``lorakit.train``'s ``TrainResult`` fields of the same names: ``losses`` one task loss
     per optimizer step from step 1 (a resumed job's inherited ones included), ``eval_history`` its evaluations
     (``{"step", ...metrics}``), ``final_metrics`` the last one, ``checkpoints`` the ``checkpoint-<step>`` folders
-    written, ``adapter_dir`` where the trained adapter was saved, ``train_tokens`` the tokens of its rows."""
+    written, ``adapter_dir`` where the trained adapter was saved (``TrainConfig.output_dir/adapter`` when the job
+    has an output_dir, else ``train_concurrent``'s ``output_dir/<adapter name>``), ``train_tokens`` the tokens of
+    its rows."""
 
     adapter_name: str
     losses: list[float] = field(default_factory=list)
