@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorakit.core.rng import RngStream
@@ -42,3 +43,16 @@ def test_state_round_trip():
     with copy.drawing():
         again = _draws()
     assert all(torch.equal(a, b) for a, b in zip(after, again))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_draws_as_manual_seed():
+    """On CUDA, F.dropout is the fused Philox kernel (not bernoulli_): the stream swaps the device generator's
+    (seed, offset) state, so the kernel alone draws the same masks."""
+    stream = RngStream(5, "cuda")
+    ones = torch.ones(64, 33, device="cuda")
+    with stream.drawing():
+        got = [torch.nn.functional.dropout(ones, 0.3), torch.randn(7, device="cuda")]
+    torch.manual_seed(5)
+    want = [torch.nn.functional.dropout(ones, 0.3), torch.randn(7, device="cuda")]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
