@@ -251,8 +251,7 @@ class _JobRun:
     """One job's part of the run: data, method, procedure, optimizer and position, set up as lorakit.train does."""
 
     def __init__(self, model, tokenizer, job: Job, objective, device, rng: RngStream | None) -> None:
-        c = self.config = job.config
-        self.job, self.name, self.device, self.rng = job, job.adapter_name, device, rng
+        self.job, self.name, self.config, self.device, self.rng = job, job.adapter_name, job.config, device, rng
         with self.drawing():  # the init's draws, as lorakit.train's after torch.manual_seed(seed)
             self._set_up(model, tokenizer, objective)
 
