@@ -300,7 +300,8 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         warmup_ratio=0.0 if args.warmup_steps else args.warmup_ratio, lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         max_length=args.max_length, log_every=args.log_every, output_dir=args.output, resume_from=args.resume_from,
-        init_batches=args.init_batches, distributed=args.distributed, **_procedure_settings(args),
+        init_batches=args.init_batches, distributed=args.distributed,
+        gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
@@ -1209,6 +1210,9 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"],
                    help="learning-rate decay after warmup")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of keeping them (less memory, "
+                        "about one more forward per step)")
     t.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl record every N steps")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on Ctrl-C)")

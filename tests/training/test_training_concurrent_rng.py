@@ -9,6 +9,7 @@ hook), DyLoRA's sampled rank (``randint`` in ``on_step``); losses and weights th
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -112,12 +113,19 @@ def test_procedure_noise_and_hook_draws_beside_dropout(make_model, tokenizer, re
     _check(initial, tokenizer, jobs, out, model)
 
 
-def test_gradient_checkpointing_beside_another_job_is_refused(make_model, tokenizer, reverse_train):
-    """A checkpointed block's recompute restores the default generators only, not a job's stream: refused up front,
-    before any init or step."""
-    model = make_model(lora_dropout=0.1)
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1), name="other")
-    model.activation_checkpointing_enable()  # (transformers' gradient checkpointing)
-    jobs = [Job("default", reverse_train[:8], _config(steps=1)), Job("other", reverse_train[8:16], _config(steps=1))]
-    with pytest.raises(lorakit.ConfigError, match="activation_checkpointing_disable"):
-        train_concurrent(model, tokenizer, jobs, progress=False)
+def test_gradient_checkpointing_beside_another_job_trains_as_alone(make_model, tokenizer):
+    """With activation checkpointing on, each checkpointed block is recomputed in backward; each job's stream draws
+    there what it drew in the forward (core.checkpointing), so jobs with dropout still train as alone (without
+    checkpointing: checkpointing's contract). A job asking for it beside one that does not is refused."""
+    model = make_model()
+    lorakit.delete_adapter(model, "default")
+    for name in ("rev", "add"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.3),
+                            name=name)
+    initial = copy.deepcopy(model)
+    plain = _jobs_of_other_lengths()
+    jobs = [Job(j.adapter_name, j.examples, replace(j.config, gradient_checkpointing=True)) for j in plain]
+    with pytest.raises(lorakit.ConfigError, match="asks for gradient_checkpointing"):
+        train_concurrent(copy.deepcopy(initial), tokenizer, [jobs[0], plain[1]], progress=False)
+    out = train_concurrent(model, tokenizer, jobs, progress=False)
+    _check(initial, tokenizer, plain, out, model)  # alone, without checkpointing

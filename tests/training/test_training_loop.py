@@ -298,3 +298,33 @@ def test_supervised_tokens_reach_the_routing_extras(make_model, tokenizer, rever
     finally:
         callback._restore_forward()
     assert torch.equal(seen[0][1], batch["labels"] != -100) and seen[1][1] is None
+
+
+def test_gradient_checkpointing_trains_as_without_it(make_model, tokenizer) -> None:
+    """TrainConfig.gradient_checkpointing (lorakit train --gradient-checkpointing): same losses and weights as
+    without it (checkpointing's contract: the recompute reproduces the forward), for a method routed by task keys,
+    with dropout on; the model's checkpointing is off again afterwards, as it was found."""
+    from lorakit.core.checkpointing import checkpointing_enabled
+    from lorakit.data import load_examples
+    from lorakit.methods.routed import RoutedLoraConfig
+
+    data = load_examples("reverse,upper", "train", n=16, seed=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = make_model(RoutedLoraConfig(expert_r=[2, 2], lora_dropout=0.1))
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-2, seed=0, gradient_checkpointing=checkpointing)
+        result = train(model, tokenizer, data, config, progress=False)
+        assert not checkpointing_enabled(model)
+        runs.append((result.losses, adapter_weights(model)))
+    (losses, weights), (losses_ckpt, weights_ckpt) = runs
+    torch.testing.assert_close(losses_ckpt, losses, atol=1e-6, rtol=0)
+    for key in weights:
+        torch.testing.assert_close(weights_ckpt[key], weights[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_gradient_checkpointing_on_a_model_that_cannot_is_a_config_error(tokenizer, reverse_train) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(lorakit.ConfigError, match="cannot checkpoint activations") as error:
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1, gradient_checkpointing=True), progress=False)
+    assert error.value.field == "TrainConfig.gradient_checkpointing"

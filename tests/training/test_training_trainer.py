@@ -119,3 +119,36 @@ def test_trainer_applies_the_method_loss_with_the_loops_gradients(method, make_m
     # Plain Trainer (no callback) misses the method loss: its router gradients differ.
     plain = _grads_of_one_step(lambda: hf_trainer([]))
     assert any(not torch.allclose(plain[n], want[n], atol=1e-6, rtol=1e-4) for n in want if "router" in n)
+
+
+def test_trainer_with_gradient_checkpointing_keeps_a_routed_methods_gradients(make_model, tokenizer, tmp_path):
+    """TrainingArguments(gradient_checkpointing=True): Trainer recomputes each block in backward, after the callback's
+    routed forward returned; the callback makes the recompute replay the forward's routing (core.checkpointing), so
+    routed LoRA (one expert per task key) gets the gradients of lorakit's loop without checkpointing (without the
+    replay its recompute had no keys: other gradients, no error)."""
+    from lorakit.methods.routed import RoutedLoraConfig
+
+    config = RoutedLoraConfig(expert_r=[2, 2], lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    examples = load_examples("reverse,sort", "train", n=4, seed=0)
+
+    def lorakit_loop():
+        model = make_model(copy.deepcopy(config))
+        train(model, tokenizer, examples, TrainConfig(steps=1, batch_size=8, lr=1e-3, max_length=64,
+                                                      max_grad_norm=None, device="cpu"), progress=False)
+        return model
+
+    def hf_trainer():
+        model = make_model(copy.deepcopy(config))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                                 disable_tqdm=True, max_grad_norm=0.0, gradient_checkpointing=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(examples, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+                callbacks=[LorakitCallback("default")]).train()
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        return model
+
+    want, got = _grads_of_one_step(lorakit_loop), _grads_of_one_step(hf_trainer)
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)

@@ -84,6 +84,18 @@ def routing(**info: Any) -> Iterator[Routing]:
         _CURRENT.reset(token)
 
 
+@contextlib.contextmanager
+def routing_as(ctx: Routing | None) -> Iterator[Routing | None]:
+    """Make ``ctx`` (a ``current_routing()`` read earlier, or None) the routing inside the block, exactly as it was:
+    not merged into the routing around the block. For replaying a forward under the routing it first ran with
+    (``core.checkpointing``)."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
 SUPERVISED_KEY = "supervised_mask"  # extras: (batch, seq) bool, True on the tokens whose labels the loss scores
 BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 

@@ -321,13 +321,8 @@ class GammaModBlock(MixtureDelta):
         gathered = x.gather(1, idx)  # (B, K, d)
         # Official line 173: r weights the MLP branch only, h1 = h + Attn(h), h' = h1 + r·MLP(h1); a hook on the
         # host's mlp applies it, so the block still runs through its own forward.
-        scale = weight.unsqueeze(-1)  # (B, K, 1)
-        handle = base_layer.mlp.register_forward_hook(lambda module, args, output: _scaled(output, scale))
-        try:
-            out = base_layer(gathered, **self._gather_args(bound, index, kept, seq, cache_name, cache, past, slots,
-                                                           x.dtype))
-        finally:
-            handle.remove()
+        out = _run_scaled(base_layer, gathered, weight.unsqueeze(-1),  # scale (B, K, 1)
+                          self._gather_args(bound, index, kept, seq, cache_name, cache, past, slots, x.dtype))
         new = out[0] if isinstance(out, tuple) else out
         new = torch.where(kept.unsqueeze(-1), new, gathered)  # fillers stay as they were
         hidden = x.scatter(1, idx, new)
@@ -381,6 +376,37 @@ class GammaModBlock(MixtureDelta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.full_forward(x, base_layer) - base_out
+
+
+def _run_scaled(base_layer: nn.Module, hidden: torch.Tensor, scale: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """``base_layer(hidden, **kwargs)`` with its MLP's output multiplied by ``scale`` (a forward hook on
+    ``base_layer.mlp``, registered for this call only).
+
+    Under activation checkpointing (the block's transformers / diffusers ``gradient_checkpointing`` flag, training,
+    grad enabled) the checkpoint is taken here, around the hooked call, with the block's own checkpoint function:
+    the recompute in backward then runs with the hook too. Left to the block, its checkpoint would wrap the block's
+    forward alone and recompute it after the hook was gone (torch's CheckpointError, or unscaled activations)."""
+
+    def run(h: torch.Tensor) -> Any:
+        handle = base_layer.mlp.register_forward_hook(lambda module, args, output: _scaled(output, scale))
+        try:
+            return base_layer(h, **kwargs)
+        finally:
+            handle.remove()
+
+    checkpoint = base_layer.__dict__.get("_gradient_checkpointing_func")
+    if not (checkpoint is not None and base_layer.__dict__.get("gradient_checkpointing") is True
+            and base_layer.training and torch.is_grad_enabled()):
+        return run(hidden)
+
+    def run_unchecked(h: torch.Tensor) -> Any:  # the block must not checkpoint itself again inside
+        base_layer.gradient_checkpointing = False
+        try:
+            return run(h)
+        finally:
+            base_layer.gradient_checkpointing = True
+
+    return checkpoint(run_unchecked, hidden)
 
 
 def _real_tokens(mask: Any, batch: int, seq: int, past: int) -> torch.Tensor | None:

@@ -29,8 +29,8 @@ alone (same seed, same masks for its rows), and its losses and adapter equal ``l
   at the mixed batch's padded length, from the job's stream; equal to alone only when the job's micro-batch is
   as long as the mixed batch.
 
-With gradient checkpointing on, beside other jobs, refused (ConfigError): recomputing a checkpointed block restores
-only the default generators, so a job's dropout would be redrawn from its stream's later state.
+With activation (gradient) checkpointing on, a checkpointed block recomputes under the forward's routing, and each
+job's stream draws in the recompute what it drew in the forward (``core.checkpointing``): jobs train as without it.
 
 Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
 whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
@@ -74,7 +74,7 @@ from ..mixtures.base import reset_router_stats, router_stats, router_summary
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .distributed import device_for, env_world
-from .loop import (DataStream, LogCallback, check_init_batches, checkpoint_state, evaluate_adapter, hook_losses,
+from .loop import (DataStream, LogCallback, activation_checkpointing, check_init_batches, checkpoint_state, evaluate_adapter, hook_losses,
                    log_record, make_optimizer, resume_checkpoint, save_or_rescue, schedule_lr, split_validation,
                    step_hooks, write_adapter_dir)
 from .objectives import batch_routing, objective_for
@@ -163,12 +163,6 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
             raise AdapterError(f"concurrent training needs per-row adapters; job {batch_wide[0]!r}'s method computes "
                                "its delta from the whole batch (X-LoRA's scaling pass over every row): train that "
                                "job alone (train_concurrent with one job, or lorakit.train)")
-    if any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules()):  # (transformers' flag)
-        raise ConfigError("the model has activation (gradient) checkpointing on; concurrent jobs draw from streams "
-                          "of their own, and recomputing a checkpointed block restores only torch's default "
-                          "generators, so a job's dropout masks would be redrawn differently in backward: turn it "
-                          "off (model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable), "
-                          "or train the jobs separately")
     keyed = [j.adapter_name for j in jobs if any(ex.task is not None for ex in j.examples)]  # (TokenizedDataset's rule)
     if keyed and len(keyed) < len(jobs):
         plain = next(n for n in names if n not in keyed)
@@ -224,9 +218,18 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
     device = _one_device(jobs)
     if len(jobs) > 1:
         _refuse_shared_batch(model, jobs)
+    asked = {job.config.gradient_checkpointing for job in jobs}
+    if len(asked) > 1:
+        on = next(j.adapter_name for j in jobs if j.config.gradient_checkpointing)
+        off = next(j.adapter_name for j in jobs if not j.config.gradient_checkpointing)
+        raise ConfigError(f"job {on!r} asks for gradient_checkpointing and job {off!r} does not; one forward runs "
+                          "every job's rows through the same blocks: give them the same "
+                          "TrainConfig.gradient_checkpointing, or train them separately",
+                          field="TrainConfig.gradient_checkpointing")
     found_active, found_training = active_adapters(model), model.training
     try:
-        return _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, device)
+        with activation_checkpointing(model, asked.pop()):
+            return _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, device)
     finally:  # leave the model as found: same active adapters, same train/eval mode
         set_adapter(model, found_active)
         model.train(found_training)

@@ -40,6 +40,11 @@ class TrainConfig:
       ``"ddp"`` (DistributedDataParallel over the trainable parameters) or ``"fsdp"`` (FSDP2 shards the frozen
       base; the trainable parameters stay whole and are averaged). ``batch_size`` is per process. Ignored in a
       single process. See ``lorakit.training.distributed`` and docs/distributed.md.
+    - ``gradient_checkpointing``: turn on the model's activation (gradient) checkpointing for the run (transformers'
+      ``activation_checkpointing_enable``, non-reentrant; off again after it): less activation memory, one more
+      forward per block in backward. A model that has it on already keeps it. Either way every checkpointed block
+      recomputes under the routing its forward ran with (``core.checkpointing``), so routed methods (task keys,
+      per-row adapters, X-LoRA, γ-MoD) get the gradients they get without it.
     """
 
     steps: int = 1000
@@ -64,6 +69,7 @@ class TrainConfig:
     procedure: str | None = None
     procedure_args: dict[str, Any] = field(default_factory=dict)
     distributed: str = "ddp"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Paths arrive as pathlib.Path as often as str; keep str so the config is JSON as-is.

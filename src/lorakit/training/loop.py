@@ -24,6 +24,7 @@ a function of the step they are given and any randomness they draw comes from to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -33,12 +34,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.checkpointing import checkpointing_enabled, replay_routing_in_checkpoints
 from ..core.errors import FIELD, AdapterError, ConfigError, LorakitError
 from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
@@ -323,6 +325,34 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enable: bool,
+                             field: str = "TrainConfig.gradient_checkpointing") -> Iterator[None]:
+    """A block in which ``model`` checkpoints activations when ``enable`` (turned on with transformers' non-reentrant
+    checkpointing and off again at the end; a model that had it on keeps it) and in which every checkpointed block
+    recomputes under the routing its forward ran with (``core.checkpointing.replay_routing_in_checkpoints``).
+    Raises ConfigError naming ``field`` for a model that cannot checkpoint."""
+    turned_on = False
+    if enable and not checkpointing_enabled(model):
+        turn_on = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None)
+        if turn_on is None or not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{FIELD}: {type(model).__name__} cannot checkpoint activations (it is not a "
+                              f"transformers model that supports gradient checkpointing)", field=field)
+        if turn_on.__name__ == "activation_checkpointing_enable":
+            turn_on(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers before activation_checkpointing_enable
+            turn_on(gradient_checkpointing_kwargs={"use_reentrant": False})
+        turned_on = True
+    replay_routing_in_checkpoints(model)
+    try:
+        yield
+    finally:
+        if turned_on:
+            turn_off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            turn_off()
+
+
 def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], config: TrainConfig,
           adapter_name: str = "default", eval_examples: Sequence[Example] | None = None, progress: bool = True,
           on_log: Sequence[LogCallback] = ()) -> TrainResult:
@@ -345,7 +375,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     """
     was_training = model.training
     try:
-        return _train(model, tokenizer, train_examples, config, adapter_name, eval_examples, progress, on_log)
+        with activation_checkpointing(model, config.gradient_checkpointing):
+            return _train(model, tokenizer, train_examples, config, adapter_name, eval_examples, progress, on_log)
     finally:  # train/eval mode as found, also when training raises
         model.train(was_training)
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.model import adapter_state
 from ..core.registry import get_method
 from ..io.peft_format import save_adapter
@@ -77,6 +78,9 @@ class LorakitCallback(TrainerCallback):
         self._task_names = None if task_to_id is None else [n for n, _ in sorted(task_to_id.items(), key=lambda kv: kv[1])]
         self._grad_accum = args.gradient_accumulation_steps
         self._wrap_forward(model)
+        # Trainer turned checkpointing on (args.gradient_checkpointing) before this: its recomputes in backward run
+        # after the routed forward has returned, so they must replay its routing (core.checkpointing)
+        replay_routing_in_checkpoints(model)
         if method.init is not None and state.global_step == 0 and train_dataloader is not None:
             device = next(model.parameters()).device
             batches = []
