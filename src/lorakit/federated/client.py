@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.model import add_adapter
 from ..core.registry import get_method
 from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, load_examples, stable_seed
@@ -132,6 +133,7 @@ def dp_train(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     loader = DataLoader(dataset, batch_size=min(config.batch_size, len(dataset)),
                         collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
     model.train()
+    replay_routing_in_checkpoints(model)  # a checkpointed block's recompute in backward sees the batch's routing
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     with warnings.catch_warnings():  # Opacus warns that its RNG is not cryptographically secure (experiments)

@@ -38,7 +38,8 @@ Choices:
 - Generation needs ``use_cache=False``, as in PEFT: every step reruns the scaling pass over the whole sequence,
   which a KV cache cannot follow. ``model.generate(..., use_cache=False)`` works; a call that passes a cache is
   refused with that advice. The forward must go through the hooked model's ``__call__`` (HF ``generate``, the
-  Trainer and lorakit's loop do); gradient checkpointing that recomputes outside the forward is not supported.
+  Trainer and lorakit's loop do). Under activation checkpointing the recompute replays the forward's scalings
+  (``core.checkpointing``, which lorakit's loop, ``train_concurrent`` and ``LorakitCallback`` install).
 """
 
 from __future__ import annotations
