@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, register_layer_kind
 from ..core.errors import AdapterError, ConfigError
 from ..core.registry import register_method
@@ -147,28 +147,19 @@ class GammaModConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"GammaModConfig.r must be a positive integer, got {self.r}.")
-        if not 0.0 < self.capacity_factor <= 1.0:
-            raise ConfigError(f"GammaModConfig.capacity_factor must be in (0, 1], got {self.capacity_factor}.")
-        if self.num_mod_layers is not None and self.num_mod_layers <= 0:
-            raise ConfigError(f"GammaModConfig.num_mod_layers must be positive or None, got {self.num_mod_layers}.")
+        check_positive_ints(self, "r")
+        check_range(self, "capacity_factor", 0, 1, low_open=True)
+        check_positive_ints(self, "num_mod_layers", optional=True)
         if self.mod_layers is not None and any(i < 0 for i in self.mod_layers):
-            raise ConfigError(f"GammaModConfig.mod_layers must be non-negative block indices, got {self.mod_layers}.")
+            raise field_error(self, "mod_layers", f" must be non-negative block indices, got {self.mod_layers}.")
         if self.mod_layers is not None and len(set(self.mod_layers)) != len(self.mod_layers):
             repeated = sorted({i for i in self.mod_layers if list(self.mod_layers).count(i) > 1})
-            raise ConfigError(f"GammaModConfig.mod_layers={list(self.mod_layers)} names block(s) {repeated} more than "
-                              "once; list each MoD block once.")
-        if self.dense_first_layers < 0 or self.dense_last_layers < 0:
-            raise ConfigError("GammaModConfig.dense_first_layers and dense_last_layers must be >= 0, got "
-                              f"{self.dense_first_layers} and {self.dense_last_layers}.")
-        if self.inference_threshold is not None and not 0.0 <= self.inference_threshold < 1.0:
-            raise ConfigError("GammaModConfig.inference_threshold must be in [0, 1) or None (training top-k), got "
-                              f"{self.inference_threshold}.")
-        if not 0.0 <= self.decode_threshold <= 1.0:
-            raise ConfigError(f"GammaModConfig.decode_threshold must be in [0, 1], got {self.decode_threshold}.")
-        if self.router_aux_loss_coef < 0:
-            raise ConfigError("GammaModConfig.router_aux_loss_coef must be >= 0.")
+            raise field_error(self, "mod_layers", f"={list(self.mod_layers)} names block(s) {repeated} more than "
+                                                  "once; list each MoD block once.")
+        check_non_negative(self, "dense_first_layers", "dense_last_layers")
+        check_range(self, "inference_threshold", 0, 1, high_open=True, note=" or None (training top-k)")
+        check_range(self, "decode_threshold", 0, 1)
+        check_non_negative(self, "router_aux_loss_coef")
 
 
 def eligible_blocks(num_blocks: int, config: GammaModConfig) -> list[int]:

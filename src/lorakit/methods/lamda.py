@@ -45,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, describe_layer, oriented_weight
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ..core.targeting import iter_host_modules, select_targets
@@ -73,12 +72,9 @@ class LamdaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"{type(self).__name__}.r must be a positive integer, got {self.r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if not 0.0 < self.freeze_ratio <= 1.0:
-            raise ConfigError(f"{type(self).__name__}.freeze_ratio must be in (0, 1], got {self.freeze_ratio}.")
+        check_positive_ints(self, "r")
+        check_dropout(self, "lora_dropout")
+        check_range(self, "freeze_ratio", 0, 1, low_open=True)
 
     @property
     def scaling(self) -> float:
@@ -96,7 +92,7 @@ class LamdaPlusPlusConfig(LamdaConfig):
         super().__post_init__()
         bad = {k: v for k, v in self.rank_pattern.items() if v <= 0}
         if bad:
-            raise ConfigError(f"LamdaPlusPlusConfig.rank_pattern ranks must be positive integers, got {bad}.")
+            raise field_error(self, "rank_pattern", f" ranks must be positive integers, got {bad}.")
 
     def for_module(self, module_name: str) -> "LamdaPlusPlusConfig":
         return replace(self, r=self.rank_pattern[module_name]) if module_name in self.rank_pattern else self

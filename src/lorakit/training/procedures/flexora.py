@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import check_positive_ints
+from ...core.config import check_positive, check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers, host_path
 from ...core.targeting import layer_index
@@ -67,8 +67,7 @@ class FlexoraConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.hyper_lr > 0:
-            raise ConfigError(f"FlexoraConfig.hyper_lr must be > 0, got {self.hyper_lr}.")
+        check_positive(self, "hyper_lr")
         check_positive_ints(self, "val_batches", "val_size")
 
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...core.config import check_non_negative
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...methods.lora import LoraLinear
@@ -43,9 +44,7 @@ class GgpoConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("ggpo_sigma", "ggpo_beta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"GgpoConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        check_non_negative(self, "ggpo_sigma", "ggpo_beta")
 
 
 class Ggpo(Procedure):
