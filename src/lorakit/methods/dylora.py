@@ -121,13 +121,15 @@ def set_rank(model: nn.Module, name: str, rank: int) -> None:
         delta.eval_rank = rank
 
 
-def dylora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """Draw the rank of the next step, ``b ~ U{1..r}``, one b for every layer (from torch's RNG)."""
+def dylora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """Draw the rank of the next step, ``b ~ U{1..r}``, one b for every layer (from torch's RNG). False: what
+    trains stays the same (the forward masks the units above b)."""
     deltas = _deltas(model, name)
     if deltas:
         b = int(torch.randint(1, deltas[0].r + 1, ()))
         for delta in deltas:
             delta.train_rank.fill_(b)
+    return False
 
 
 def dylora_to_lora(model: nn.Module, name: str):

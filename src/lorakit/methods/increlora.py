@@ -261,12 +261,13 @@ def rank_pattern(model: nn.Module, name: str) -> dict[str, int]:
 
 
 @torch.no_grad()
-def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """RankAllocator.update_and_increase, after optimizer step ``step``; nothing once the budget is spent."""
+def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """RankAllocator.update_and_increase, after optimizer step ``step``; nothing once the budget is spent. False:
+    what trains stays the same (a grown unit's E turns non-zero, its parameters trained all along)."""
     config: IncreLoraConfig = adapter_state(model).configs[name]
     deltas = [d for _, d in _deltas(model, name)]
     if not deltas or deltas[0]._state()[1]:
-        return
+        return False
     # update_ipt for every module at once: EMA of sensitivity, then of uncertainty around the updated EMA
     ipt, unc, score = ([d.exp_avg_ipt for d in deltas], [d.exp_avg_unc for d in deltas], [d.score for d in deltas])
     torch._foreach_mul_(ipt, config.beta1)
@@ -295,6 +296,7 @@ def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) 
     if total >= budget:  # budget spent: reserves off, scores no longer needed
         for d in deltas:
             d.finished.fill_(True)
+    return False
 
 
 def increlora_to_lora(model: nn.Module, name: str):

@@ -142,12 +142,19 @@ def columns_frozen(step: int, total_steps: int, r: int, freeze_ratio: float) -> 
     return min(r, math.floor(step * r / (freeze_ratio * max(total_steps, 1))))
 
 
-def lamda_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+def lamda_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """Advance every delta's frozen columns; True when that froze (or thawed) the whole of some B, which changes
+    ``frozen_names`` (the loop then re-reads what trains)."""
     ratio = adapter_state(model).configs[name].freeze_ratio
+    changed = False
     for _, layer in adapter_layers(model):
         delta = layer.adapters[name] if name in layer.adapters else None
         if isinstance(delta, LamdaLinear):
-            delta.frozen_columns.fill_(columns_frozen(step, total_steps, delta.r, ratio))
+            before = int(delta.frozen_columns) >= delta.r
+            frozen = columns_frozen(step, total_steps, delta.r, ratio)
+            delta.frozen_columns.fill_(frozen)
+            changed = changed or before != (frozen >= delta.r)
+    return changed
 
 
 def energy(weight: torch.Tensor, r: int) -> float:

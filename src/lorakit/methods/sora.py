@@ -167,11 +167,13 @@ def sora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     return adapter_state(model).configs[name].sparse_lambda * sum(g.abs().sum() for g in gates) / total
 
 
-def sora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+def sora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """The proximal step on the gates (soft threshold ξ); False: what trains stays the same."""
     xi = adapter_state(model).configs[name].threshold(step, total_steps)
     if xi > 0:
         for _, delta in _deltas(model, name):
             delta.proximal_step(xi)
+    return False
 
 
 def rank_distribution(model: nn.Module, name: str) -> dict[str, int]:

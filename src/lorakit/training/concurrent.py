@@ -257,7 +257,7 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
                 loss = loss + job_loss + (extra if extra is not None else 0.0)
                 offset += n
             loss.backward()
-        hooked = False
+        changed = False
         for r in live:
             c = r.config
             if r.procedure is not None:
@@ -267,9 +267,9 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
             r.optimizer.zero_grad(set_to_none=True)
             r.step += 1
             r.result.losses.append(step_loss[r.name])
-            hooked = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or hooked
-        if hooked:
-            refresh_trainable(model)  # a hook may have changed what an adapter freezes (Delta.frozen_names)
+            changed = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or changed
+        if changed:
+            refresh_trainable(model)  # a hook changed what an adapter freezes (Delta.frozen_names)
         bar.update(1)
         bar.set_postfix({r.name: f"{r.result.losses[-1]:.3f}" for r in live})
     bar.close()

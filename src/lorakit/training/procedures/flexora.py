@@ -139,7 +139,7 @@ class Flexora(Procedure):
         self._weights = weights.detach() if detach else weights
 
     # -- the bi-level step ----------------------------------------------------------------------------
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
         if self._batch_of is None:
             raise ConfigError("Flexora needs held-out validation batches: train with lorakit.train (it holds out "
                               "val_size examples), or call procedure.set_validation(batch_of, n) first.")
@@ -161,6 +161,7 @@ class Flexora(Procedure):
         self.alpha.grad = grad
         self.hyper_optimizer.step()
         self._set_weights(detach=True)
+        return False  # the layer weights α are the procedure's own, not the model's: what trains stays the same
 
     def selected_layers(self) -> list[int]:
         """Layer indices with α_l > 0 (weighted above the average), as the official ``selected_layer``."""

@@ -96,10 +96,11 @@ class Ggpo(Procedure):
             self.grad_norm[path] = approx.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
         for path, delta in self.deltas.items():
             dw = delta.scaling * (delta.lora_B.weight.float() @ delta.lora_A.weight.float())  # (out, in)
             self.weight_norm[path] = torch.sqrt(self.base_norm[path] ** 2 + (dw ** 2).sum(dim=1, keepdim=True))
+        return False  # what trains stays the same
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
         for handle in self._hooks:
