@@ -117,3 +117,13 @@ def test_train_words_a_methods_own_check_with_the_flag_from_its_field(flags, say
     assert main(["train", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit train: error: {says}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: lk.get_method("mixda").config_cls(), "MixdaConfig.num_experts"),  # neither num_experts nor domains
+    (lambda: lk.LoraConfig(layers_pattern="layers"), "LoraConfig.layers_pattern"),  # without layers_to_transform
+])
+def test_a_missing_or_unpaired_value_names_its_field(make, field):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert e.value.field == field

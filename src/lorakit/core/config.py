@@ -173,7 +173,7 @@ class AdapterConfig:
         if isinstance(self.exclude_modules, str):
             self._check_regex("exclude_modules", self.exclude_modules)
         if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
+            raise field_error(self, "layers_pattern", " only makes sense with layers_to_transform; set both or neither.")
 
     def _check_regex(self, name: str, pattern: str) -> None:
         try:

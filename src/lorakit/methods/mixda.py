@@ -57,7 +57,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
 from ..mixtures.experts import expand_to_ranks
@@ -100,7 +100,8 @@ class MixdaConfig(AdapterConfig):
         super().__post_init__()
         if self.num_experts is None:
             if self.domains is None:
-                raise ConfigError("MixdaConfig needs num_experts (the number of domain adapters) or domains (names).")
+                raise field_error(self, "num_experts", " is unset: give num_experts (the number of domain adapters) or "
+                                                       "domains (names).")
             self.num_experts = len(self.domains)
         check_positive_ints(self, "num_experts")
         if self.domains is not None and len(set(self.domains)) != self.num_experts:
