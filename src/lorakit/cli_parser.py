@@ -77,29 +77,28 @@ def json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
-    error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
+def _int_at_least(text: str, low: int, what: str) -> int:
+    """``int(text)`` when it is >= ``low``, else argparse's ArgumentTypeError ``must be WHAT, got ...``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
+    error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def seed_arg(text: str) -> int:
     """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
     must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
     and Python's seeding refuse one, so it would fail (or seed one library only) after the work has begun."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 class CommaList(argparse.Action):
