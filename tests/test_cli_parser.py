@@ -284,14 +284,19 @@ def test_an_error_carrying_its_field_is_worded_with_the_flag_wherever_it_names_i
 
 def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_path, monkeypatch):
     """The check lives in lorakit.serving.server.serve (the CLI calls it), so Python callers get it too; from
-    Python the message names the argument, the CLI's the flag (test above)."""
+    Python the message names the argument, the CLI's the flag (test above). An invalid adapter folder under a good
+    root is not a startup error (it was: one bad folder stopped the server): the model loads and that folder is
+    skipped at registration (tests/serving/test_serving_bad_adapters.py)."""
     pytest.importorskip("fastapi")
     import lorakit.hub
-    from lorakit.core.errors import AdapterError, AdapterLoadError
+    from lorakit.core.errors import AdapterError
     from lorakit.serving.server import serve
 
+    class ModelLoaded(Exception):
+        pass
+
     def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the adapter roots were checked")
+        raise ModelLoaded
 
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
     with pytest.raises(AdapterError, match=f"^adapters '{tmp_path / 'nope'}' does not exist: give a folder of adapter"):
@@ -299,13 +304,7 @@ def test_serve_from_python_checks_the_adapter_roots_before_the_model_loads(tmp_p
     bad = tmp_path / "root" / "bad"  # an adapter under a root whose config registering it would refuse
     bad.mkdir(parents=True)
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0, "lora_alpha": 4, "target_modules": ["q"]}')
-    (bad / "adapter_model.safetensors").write_bytes(b"weights are read on first use")
-    config_file = bad / "adapter_config.json"  # the message names the file the bad value is in
-    with pytest.raises(AdapterLoadError, match=f"^{config_file}: LoraConfig.r must be a positive integer, got 0"):
-        serve(None, [str(tmp_path / "root")], port=0)
-    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}')
-    (bad / "adapter_model.safetensors").unlink()
-    with pytest.raises(AdapterLoadError, match=f"{bad} has no adapter_model.safetensors"):
+    with pytest.raises(ModelLoaded):
         serve(None, [str(tmp_path / "root")], port=0)
 
 

@@ -187,3 +187,43 @@ def test_bank_only_layers_accept_attached_names(ids, tmp_path):
         y = _logits(model, ids)
     assert torch.allclose(y, torch.cat([_logits(_alone(model, "a"), ids[:1]), _logits(tiny_llama(), ids[1:2]),
                                         _logits(_alone(model, "a"), ids[2:])]), atol=1e-5)
+
+
+# -- per-row extras are declared, not guessed from a first dimension ------------------------------------------
+def test_rows_routing_slices_only_declared_extras():
+    """Rows 1 and 3 of a 4-row batch: a declared per-row vector and a declared per-token mask are sliced (the mask
+    also cut to the rows' own length, 3); an undeclared (4, 2) table, whose first dimension happens to equal the row
+    count, and a plain list pass unchanged, as does every extra when nothing is declared."""
+    from lorakit.core.routing import ADAPTER_EXTRAS_KEY, rows_routing
+
+    table, vector = torch.arange(8.0).reshape(4, 2), torch.arange(12.0).reshape(4, 3)
+    mask = torch.arange(20).reshape(4, 5) % 2 == 0
+    extras = {"table": table, "user": vector, "supervised_mask": mask, "names": ["a", "b", "c", "d"],
+              ADAPTER_EXTRAS_KEY: {"b": {"task_names": ["x", "y"]}}}
+    index = torch.tensor([1, 3])
+    with lk.routing(adapter_names=["a", "b", "a", "b"], token_mask=torch.ones(4, 5, dtype=torch.long), extras=extras,
+                    row_extras=("user",), token_extras=("supervised_mask",)) as ctx:
+        got = rows_routing(ctx, index, 4, "b", length=3)
+    assert got["extras"]["table"] is table and got["extras"]["names"] == ["a", "b", "c", "d"]
+    assert torch.equal(got["extras"]["user"], vector[[1, 3]])
+    assert torch.equal(got["extras"]["supervised_mask"], mask[[1, 3], :3])
+    assert got["token_mask"].shape == (2, 3) and got["adapter_names"] == ["b", "b"]
+    assert got["extras"]["task_names"] == ["x", "y"] and ADAPTER_EXTRAS_KEY not in got["extras"]
+    with lk.routing(adapter_names=["a", "b", "a", "b"], extras={"table": table, "user": vector}) as ctx:
+        got = rows_routing(ctx, index, 4, "b")
+    assert got["extras"]["table"] is table and got["extras"]["user"] is vector  # nothing declared: nothing sliced
+    with pytest.raises(TypeError, match=r"row_extras=\('user',\)"):
+        with lk.routing(row_extras="user"):
+            pass
+
+
+def test_training_routing_declares_its_per_row_extras():
+    """The loop's routing context declares the supervised mask per token and the examples' vectors per row."""
+    from lorakit.core.routing import SUPERVISED_KEY, current_routing
+    from lorakit.training.objectives import batch_routing
+
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "labels": torch.tensor([[-100, 5, 6, -100]] * 2), "routing": {"user_state": torch.zeros(2, 3)}}
+    with batch_routing(batch, extras={"task_names": ["t"]}):
+        ctx = current_routing()
+    assert tuple(ctx.row_extras) == ("user_state",) and tuple(ctx.token_extras) == (SUPERVISED_KEY,)

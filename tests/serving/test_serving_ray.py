@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.slow  # starting Ray and two replicas takes 1-2 minutes on a small machine
+slow = pytest.mark.slow  # starting Ray and two replicas takes 1-2 minutes on a small machine
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,9 @@ def ray_app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("adapters")
     dirs = write_random_adapters(load_model_and_tokenizer()[0], root, 3, r=4, alpha=8)
+    bad = root / "bad_json"  # skipped by every replica at start; the others are served
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA",')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         handle = serve.run(deployment(None, [str(root)], num_replicas=2, max_loras_per_replica=2), route_prefix="/")
@@ -40,6 +43,7 @@ def _ask(handle, adapter, prompt="def add(a, b):", n=5):
         {"prompt": prompt, "max_tokens": n, "temperature": 0}).result()
 
 
+@slow
 def test_requests_route_to_the_replica_holding_the_adapter(ray_app):
     from lorakit.hub import load_model_and_tokenizer
     from lorakit.serving import generate, load_adapters
@@ -63,11 +67,15 @@ def test_requests_route_to_the_replica_holding_the_adapter(ray_app):
         assert first[name]["token_ids"] == out and first[name]["adapter"] == name, name
 
 
+@slow
 def test_http_errors_are_4xx_and_the_replicas_keep_serving(ray_app):
     handle, dirs = ray_app
     url = "http://127.0.0.1:8000/"
     r = httpx.post(url, headers={"serve_multiplexed_model_id": "nope"}, json={"prompt": "x"}, timeout=60)
     assert r.status_code == 404 and "not registered" in r.json()["error"]
+    r = httpx.post(url, headers={"serve_multiplexed_model_id": "bad_json"}, json={"prompt": "x"}, timeout=60)
+    assert r.status_code == 400 and "'bad_json' failed to register: " in r.json()["error"]
+    assert "adapter_config.json is not valid JSON" in r.json()["error"]
     r = httpx.post(url, content=b"{not json", timeout=60)
     assert r.status_code == 400
     r = httpx.post(url, json={"prompt": "x", "max_tokenz": 3}, timeout=60)
@@ -77,3 +85,11 @@ def test_http_errors_are_4xx_and_the_replicas_keep_serving(ray_app):
                    timeout=60)
     assert r.status_code == 200 and r.json()["adapter"] == name and len(r.json()["token_ids"]) <= 2
     assert torch.tensor(r.json()["token_ids"]).dtype == torch.long
+
+
+def test_a_bad_root_fails_the_deployment_before_any_replica_starts(tmp_path):
+    from lorakit.core.errors import AdapterError
+    from lorakit.serving.ray_serve import deployment
+
+    with pytest.raises(AdapterError, match=f"adapters '{tmp_path / 'nope'}' does not exist"):
+        deployment(None, [str(tmp_path / "nope")])

@@ -204,9 +204,9 @@ def test_concurrent_routing_keys_and_vectors_match_train(make_model, tokenizer, 
                          progress=False)
 
 
-def test_concurrent_refuses_what_cannot_share_a_batch(make_model, tokenizer, reverse_train, tmp_path):
+def test_concurrent_refuses_what_cannot_share_a_batch(make_model, tokenizer, reverse_train):
     """Refused up front, naming the job: a procedure acting on the whole model (BA-LoRA reads the whole batch's
-    logits), a job whose examples carry no task key beside one whose do, a resume."""
+    logits), a job whose examples carry no task key beside one whose do."""
     from lorakit.data import Example
 
     model = make_model()
@@ -219,10 +219,6 @@ def test_concurrent_refuses_what_cannot_share_a_batch(make_model, tokenizer, rev
     with pytest.raises(lorakit.ConfigError, match="job 'default'.*task keys and job 'other'"):
         train_concurrent(model, tokenizer, [Job("default", reverse_train[:8], _config()),
                                             Job("other", untasked, _config())], progress=False)
-    (tmp_path / "trainer_state.json").write_text("{}")
-    with pytest.raises(lorakit.ConfigError, match="job 'other'.*cannot resume"):
-        train_concurrent(model, tokenizer, [Job("other", reverse_train[:8], _config(resume_from=str(tmp_path)))],
-                         progress=False)
 
 
 def test_concurrent_refuses_xlora_beside_another_job(make_model, tokenizer, reverse_train, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterable
 
@@ -107,9 +108,9 @@ class AdapterLayer(nn.Module):
             names = rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
             used = sorted({n for n in names if n is not None and n != BASE_NAME and n in self.adapters})
             if used and self._stackable(used):
-                out = self._stacked_rows(x, out, names, used)
+                out = self._stacked_rows(x, out, names, used, ctx)
             elif used:
-                out = self._looped_rows(x, base_out, out, names, used)
+                out = self._looped_rows(x, base_out, out, names, used, ctx)
         if ctx.adapter_weights is not None:
             for name, w in ctx.adapter_weights.items():
                 if name not in self.adapters:
@@ -130,7 +131,48 @@ class AdapterLayer(nn.Module):
         dtypes = {d.dtype for d in deltas}
         return len(dropouts) == 1 and len(dtypes) == 1
 
-    def _stacked_rows(self, x, out, names, used):
+    def _own_length(self, x: torch.Tensor, ctx, name: str) -> int | None:
+        """The token count to cut adapter ``name``'s rows of ``x`` to (``Routing.adapter_lengths``), or None when
+        they stay whole: no length given, or ``x`` has no token dimension of the batch's length (dim 1 of a linear
+        layer's (batch, seq, in) input or of an embedding's (batch, seq) ids, as long as the token mask's)."""
+        length = (ctx.adapter_lengths or {}).get(name)
+        if length is None or ctx.token_mask is None:
+            return None
+        tokens = ctx.token_mask.shape[-1]
+        token_dim = (self.info.kind == "linear" and x.dim() >= 3) or (self.info.kind == "embedding" and x.dim() == 2)
+        return length if token_dim and x.shape[1] == tokens and length < tokens else None
+
+    @staticmethod
+    def _pad_tokens(y: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``y`` (rows, length, ...) zero-padded on dim 1 to ``tokens`` (the padding's outputs are never read)."""
+        return F.pad(y, [0, 0] * (y.dim() - 2) + [0, tokens - y.shape[1]])
+
+    def _own_draws(self, dropout: nn.Module, x: torch.Tensor, names, used, ctx) -> torch.Tensor:
+        """``dropout(x)``, where the rows of each used adapter with a stream (``Routing.rng_streams``) get their mask
+        from that stream at their own length (``_own_length``), as a batch of their own would draw it. One draw
+        per stream (torch has no per-row generator); the matmuls stay batched. Rows without a stream draw together
+        from the default generator."""
+        streams = ctx.rng_streams or {}
+        if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0) or not any(
+                n in streams for n in used):
+            return dropout(x)
+        out = torch.zeros_like(x)
+        for name in [n for n in used if n in streams] + [None]:
+            rows = [i for i, n in enumerate(names) if (n == name if name is not None else n not in streams)]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            part = x.index_select(0, index)
+            if name is None:
+                out = out.index_copy(0, index, dropout(part))
+                continue
+            length = self._own_length(x, ctx, name)
+            with streams[name].drawing():
+                dropped = dropout(part[:, :length].contiguous() if length is not None else part)
+            out = out.index_copy(0, index, self._pad_tokens(dropped, x.shape[1]) if length is not None else dropped)
+        return out
+
+    def _stacked_rows(self, x, out, names, used, ctx):
         """One gathered bmm for all rows: units of the used adapters, zero-padded to the largest rank, stacked
         (differentiable, so concurrent training of several adapters on one base works through this path)."""
         deltas = [self.adapters[n] for n in used]
@@ -146,26 +188,35 @@ class AdapterLayer(nn.Module):
         dropout = units[0].dropout or nn.Identity()  # the same for every used adapter (see _stackable)
         spec = self.info.conv
         if spec is not None:  # units: A (r, in·Πkernel), B (out, r); each row convolves with its own A as one group
-            xs = dropout(x.to(A.dtype))  # (batch, in, *spatial)
+            xs = self._own_draws(dropout, x.to(A.dtype), names, used, ctx)  # (batch, in, *spatial)
             n, c = xs.shape[:2]
             weight = A[rows].reshape(n * r_max, c, *spec.kernel_size)  # (batch·r, in, *kernel)
             h = spec.conv(xs.reshape(1, n * c, *xs.shape[2:]), weight, groups=n)  # (1, batch·r, *spatial')
             h = h.reshape(n, r_max, -1) * row_scale[:, None, None]  # (batch, r, positions)
             delta = torch.bmm(B[rows], h)  # (batch, out, positions)
             return out + delta.reshape(out.shape).to(out.dtype)
-        xa = dropout(x.to(A.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        xa = self._own_draws(dropout, x.to(A.dtype), names, used, ctx)
+        xa = xa.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
         h = torch.bmm(xa, A[rows].transpose(1, 2)) * row_scale[:, None, None]  # (batch, tokens, r)
         delta = torch.bmm(h, B[rows].transpose(1, 2))  # (batch, tokens, out)
         return out + delta.reshape(out.shape).to(out.dtype)
 
-    def _looped_rows(self, x, base_out, out, names, used):
+    def _looped_rows(self, x, base_out, out, names, used, ctx):
         """Reference path (any delta kind): gather each adapter's rows, like PEFT's ``adapter_names``. Each delta
-        runs inside the routing context of its rows (``rows_routing``): its keys, token mask and per-row extras."""
+        runs inside the routing context of its rows (``rows_routing``): its keys, token mask and per-row extras; on
+        its rows cut to their own length (``Routing.adapter_lengths``) and drawing from its stream
+        (``Routing.rng_streams``) when the context gives them."""
+        streams = ctx.rng_streams or {}
         for name in used:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            with routing(**rows_routing(current_routing(), index, len(names), name)):
-                delta = self.adapters[name](x.index_select(0, index), base_out.index_select(0, index), self.base_layer)
-            out = out.index_add(0, index, delta)
+            length = self._own_length(x, ctx, name)
+            xs, bs = x.index_select(0, index), base_out.index_select(0, index)
+            if length is not None:  # (contiguous, as alone: CUDA's fused dropout indexes strided inputs otherwise)
+                xs, bs = xs[:, :length].contiguous(), bs[:, :length].contiguous()
+            draws = streams[name].drawing() if name in streams else contextlib.nullcontext()
+            with routing(**rows_routing(ctx, index, len(names), name, length)), draws:
+                delta = self.adapters[name](xs, bs, self.base_layer)
+            out = out.index_add(0, index, self._pad_tokens(delta, x.shape[1]) if length is not None else delta)
         return out
 
     # -- merging -------------------------------------------------------------------------------------
@@ -354,7 +405,9 @@ class ModulesToSaveWrapper(nn.Module):
                 return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
 
             module = self.original_module if name is None else self.copies[name]
-            y = module(*[pick(a) for a in args], **{k: pick(v) for k, v in kwargs.items()})
+            stream = (ctx.rng_streams or {}).get(name) if name is not None else None
+            with stream.drawing() if stream is not None else contextlib.nullcontext():  # its dropout, as alone
+                y = module(*[pick(a) for a in args], **{k: pick(v) for k, v in kwargs.items()})
             if not isinstance(y, torch.Tensor):
                 raise AdapterError(f"per-row modules_to_save needs a module returning a tensor; "
                                    f"{type(module).__name__} returned {type(y).__name__}")

@@ -11,6 +11,16 @@ Host models never see it. A caller wraps a forward (or ``generate``) in ``routin
 - ``extras``: anything a method defines for itself (e.g. a router's hidden-state input). One name is set by
   lorakit's training loop (and its Trainer callback) for every method: ``SUPERVISED_KEY``, the (batch, seq) bool
   mask of the tokens the loss supervises (a causal LM's completion / answer tokens; ``training.objectives.supervised_extras``).
+- ``row_extras`` / ``token_extras``: the names of the extras that hold one entry per batch row (rows first), and of
+  those that are also per token ((batch, seq, ...)). The producer declares them (``training.objectives.
+  batch_routing`` does for the supervised mask and the examples' routing vectors); a delta serving some rows of a
+  mixed batch gets exactly these sliced to its rows (``rows_routing``), every other extra unchanged, whatever its
+  shape.
+- ``rng_streams``: adapter name -> ``core.rng.RngStream``; a layer runs the random draws it makes for that adapter's
+  rows (its dropout, a hook's noise) inside that stream (concurrent training: each job draws as it would alone).
+- ``adapter_lengths``: adapter name -> the sequence length its rows had before a mixed batch padded them to a longer
+  one; a layer gives that adapter's delta its rows cut to it (the rest is padding), so its draws and any
+  per-sequence computation see the shapes they would alone.
 
 ContextVars make this safe across threads and asyncio tasks (the server runs requests concurrently).
 """
@@ -20,11 +30,14 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import AdapterError, did_you_mean
+
+if TYPE_CHECKING:
+    from .rng import RngStream
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,10 @@ class Routing:
     keys: Sequence[Any] | torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    row_extras: Collection[str] = ()
+    token_extras: Collection[str] = ()
+    rng_streams: Mapping[str, "RngStream"] | None = None
+    adapter_lengths: Mapping[str, int] | None = None
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
@@ -54,6 +71,10 @@ def routing(**info: Any) -> Iterator[Routing]:
     unknown = set(info) - set(Routing.__dataclass_fields__)
     if unknown:
         raise TypeError(f"routing() got unknown fields {sorted(unknown)}; known: {sorted(Routing.__dataclass_fields__)}")
+    for name in ("row_extras", "token_extras"):
+        if isinstance(info.get(name), str):
+            raise TypeError(f"routing({name}=...) takes a collection of extras' names, got the string "
+                            f"{info[name]!r}; write {name}=({info[name]!r},)")
     outer = _CURRENT.get()
     ctx = replace(outer, **info) if outer is not None else Routing(**info)
     token = _CURRENT.set(ctx)
@@ -110,28 +131,34 @@ def check_adapter_names(ctx: Routing | None, known: Mapping[str, Any] | Sequence
 ADAPTER_EXTRAS_KEY = "adapter_extras"  # extras: {adapter name: {extra: value}}, merged in for that adapter's rows
 
 
-def rows_routing(ctx: Routing | None, index: torch.Tensor, batch: int, adapter_name: str) -> dict[str, Any]:
+def rows_routing(ctx: Routing | None, index: torch.Tensor, batch: int, adapter_name: str,
+                 length: int | None = None) -> dict[str, Any]:
     """The per-row fields of ``ctx`` restricted to rows ``index`` of a ``batch``-row forward, as ``routing(...)``
-    keyword arguments, for adapter ``adapter_name``'s delta: ``adapter_names``, ``keys``, ``token_mask`` and every
-    extra that is a tensor with one entry per row of ``ctx`` (routing vectors, the supervised mask); other extras
-    pass unchanged, and ``extras[ADAPTER_EXTRAS_KEY][adapter_name]`` is merged in (per-adapter values such as the
-    ``task_names`` its rows' key ids index, when concurrent jobs have different tasks).
-    A per-row field given for fewer rows (generate's beams) is first widened as ``rows_for_batch`` does. Lets a
+    keyword arguments, for adapter ``adapter_name``'s delta: ``adapter_names``, ``keys``, ``token_mask`` and the
+    extras the producer declared per row (``row_extras``, ``token_extras``); every other extra passes unchanged
+    (whatever its shape: a per-row guess from a first dimension that happens to equal the row count would slice a
+    table that is not per row), and ``extras[ADAPTER_EXTRAS_KEY][adapter_name]`` is merged in (per-adapter values
+    such as the ``task_names`` its rows' key ids index, when concurrent jobs have different tasks). ``length``: the
+    rows' own sequence length (``adapter_lengths``); per-token fields (``token_mask``, ``token_extras``) are cut to
+    it. A per-row field given for fewer rows (generate's beams) is first widened as ``rows_for_batch`` does. Lets a
     delta that serves only some rows of a mixed batch (per-row adapters, concurrent training) see its rows' own
     routing, as it would in a batch of its own."""
     if ctx is None or ctx.adapter_names is None:
         return {}
     rows = len(ctx.adapter_names)
 
-    def take(value: Any, what: str) -> Any:
+    def take(value: Any, what: str, tokens: bool = False) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
-            return rows_for_batch(value, batch, what).index_select(0, index.to(value.device))
-        if what != "extras" and value is not None and not isinstance(value, torch.Tensor) and len(value) == rows:
+            value = rows_for_batch(value, batch, what).index_select(0, index.to(value.device))
+            return value[:, :length] if tokens and length is not None and value.dim() >= 2 else value
+        if value is not None and not isinstance(value, torch.Tensor) and len(value) == rows:
             widened = rows_for_batch(list(value), batch, what)
             return [widened[i] for i in index.tolist()]
         return value
 
-    extras = {k: take(v, "extras") for k, v in ctx.extras.items() if k != ADAPTER_EXTRAS_KEY}
+    per_row = set(ctx.row_extras) | set(ctx.token_extras)
+    extras = {k: take(v, f"extras[{k!r}]", k in ctx.token_extras) if k in per_row else v
+              for k, v in ctx.extras.items() if k != ADAPTER_EXTRAS_KEY}
     extras.update((ctx.extras.get(ADAPTER_EXTRAS_KEY) or {}).get(adapter_name, {}))
     return {"adapter_names": take(list(ctx.adapter_names), "adapter_names"), "keys": take(ctx.keys, "keys"),
-            "token_mask": take(ctx.token_mask, "token_mask"), "extras": extras}
+            "token_mask": take(ctx.token_mask, "token_mask", True), "extras": extras, "adapter_lengths": None}

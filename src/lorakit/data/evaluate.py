@@ -151,7 +151,9 @@ def example_routing(examples: Sequence[Example], task_to_id: Mapping[str, int] |
         if task_to_id is not None:
             out["keys"] = torch.tensor([task_to_id.get(examples[i].task, -1) for i in rows], dtype=torch.long)
         if has_vectors:
-            out["extras"].update(stack_routing([dict(examples[i].routing) for i in rows]))
+            vectors = stack_routing([dict(examples[i].routing) for i in rows])
+            out["extras"].update(vectors)
+            out["row_extras"] = tuple(vectors)  # one per row: per-row adapters slice them (core.routing.rows_routing)
         return out
 
     return for_rows

@@ -22,6 +22,13 @@ An empty model id means the base model. The JSON body takes ``prompt`` (text or 
 fields of :class:`~lorakit.serving.sampling.SamplingParams` (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed``, ``stop``); the reply is ``{"text", "token_ids", "finish_reason", "adapter", "replica"}``.
 Bad requests get ``{"error": ...}`` with a 4xx status over HTTP; the replica keeps serving.
+
+Adapter folders are registered when a replica starts, as ``lorakit serve`` does: a folder that fails to register
+(invalid config, unknown method, no weights file) is skipped with a warning in the replica's log and the others
+are served; a request naming it, or an adapter whose weights failed to load, gets a 400 with the reason (an unknown
+name: 404). A replica registers folders
+only when it starts: to serve a fixed or new folder, deploy again (``serve.run``). A missing or unreadable root
+fails :func:`deployment` itself, before any replica starts.
 """
 
 from __future__ import annotations
@@ -60,8 +67,7 @@ class LorakitReplica:
 
         base, tokenizer = load_model_and_tokenizer(model, dtype=getattr(torch, dtype), device=device)
         store = AdapterStore(base, list(adapter_roots), max_loras=max_loras, max_cpu_loras=max_cpu_loras)
-        for root in adapter_roots:
-            store.register_dir(root)
+        store.register_roots(adapter_roots)  # a folder that fails is skipped (logged); requests for it get a 400
         self.engine = Engine(base, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20,
                              max_batch=max_batch).start()
         context = serve.get_replica_context()
@@ -124,8 +130,11 @@ def deployment(model: str | None = None, adapter_roots: Sequence[str] = (), *, n
     ``max_loras_per_replica`` caps both Ray's multiplex cache and each replica's resident banks;
     ``replica_options`` go to :class:`LorakitReplica` (``max_cpu_loras``, ``kv_cache_mb``, ``max_batch``,
     ``dtype``, ``device``). ``ray_actor_options`` defaults to one CPU per replica (add ``{"num_gpus": 1}`` for
-    GPU replicas).
+    GPU replicas). Raises AdapterError naming a missing, unreadable or misplaced root (``check_adapter_roots``).
     """
+    from .store import check_adapter_roots
+
+    check_adapter_roots(adapter_roots)  # here, not in each replica: a typo fails once, not as replicas crash-looping
     cls = serve.deployment(LorakitReplica, name="lorakit", num_replicas=num_replicas,
                            ray_actor_options=ray_actor_options or {"num_cpus": 1})
     replica_options.setdefault("max_loras", max_loras_per_replica)

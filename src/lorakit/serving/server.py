@@ -10,7 +10,8 @@ Endpoints (bodies as OpenAI's / vLLM's):
   adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
   synthesis pass; the synthesis pass streams with ``stream: true``).
-- ``GET /v1/models``: the base and every loaded adapter (``parent`` = the base), as vLLM lists them.
+- ``GET /v1/models``: the base and every servable adapter (``parent`` = the base), as vLLM lists them; an adapter
+  folder that failed to register or load is not listed, and a request naming it gets a 400 saying why.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
@@ -24,14 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..core.errors import FIELD, AdapterError, ConfigError, LorakitError
+from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError
 
 try:
     from fastapi import FastAPI
@@ -199,6 +200,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 engine.store.check(spec)
             elif spec is not None:
                 raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
+        except AdapterLoadError as e:  # it failed to register or to load: say why, not that it is unknown
+            raise HTTPError(400, f"{e}; fix its folder, then load it again with POST /v1/load_lora_adapter") from None
         except AdapterError as e:
             if "unknown adapter" not in str(e):
                 raise HTTPError(400, str(e)) from None
@@ -476,48 +479,31 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def check_adapter_roots(roots: list[str] | None) -> None:
-    """Before the model loads: every root is a folder of adapter folders, not missing, a file or an adapter folder
-    itself (only folders directly under a root are served): AdapterError with ``field="adapters"`` (a command line
-    words it ``--adapters``). Every adapter folder under a root has the config and safetensors file that registering
-    it reads (``store.read_servable``): AdapterLoadError naming it. Weights are read on first use: a corrupt file
-    then fails that request (HTTP 400) and the others keep being served."""
-    from ..io.peft_format import CONFIG_NAME
-    from .store import read_servable
-
-    for root in roots or []:
-        root = Path(root)
-        if not root.is_dir():
-            raise AdapterError(f"{FIELD} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
-                               + ": give a folder of adapter folders (each with adapter_config.json)", field="adapters")
-        if (root / CONFIG_NAME).is_file():
-            raise AdapterError(f"{FIELD} {str(root)!r} is an adapter folder itself; give the folder that holds it "
-                               f"({str(root.parent)!r}): every adapter folder directly under {FIELD} is served, "
-                               f"named by its folder", field="adapters")
-        for folder in sorted(root.iterdir()):
-            if (folder / CONFIG_NAME).is_file():
-                read_servable(folder)
-
-
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
           log_level: str = "info", rank: int | None = None) -> None:
     """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn.
-    ``rank``: serve nested-rank adapters (DyLoRA) at this rank (ConfigError at registration if above an
-    adapter's r); other adapters are unaffected. A bad root (:func:`check_adapter_roots`) fails before the model
-    loads."""
+    ``rank``: serve nested-rank adapters (DyLoRA) at this rank (a ConfigError for one above its r skips that
+    adapter); other adapters are unaffected. A bad root (missing, a file, unreadable, an adapter folder itself:
+    :func:`~lorakit.serving.store.check_adapter_roots`) raises AdapterError before the model loads; an adapter
+    folder that fails to register is skipped with a warning (``lorakit.serving`` logger) and requests for it get a
+    400 with the reason (:meth:`~lorakit.serving.store.AdapterStore.register_roots`); the rest are served."""
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
-    from .store import AdapterStore
+    from .store import AdapterStore, check_adapter_roots, log
 
     check_adapter_roots(adapters)
+    if not log.handlers and not logging.getLogger().handlers:  # uvicorn configures only its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
     model, tokenizer = load_model_and_tokenizer(model_path)
-    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank)
-    for root in adapters or []:
-        store.register_dir(root)
-    engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)
     name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
+    store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank,
+                         base_name=name)
+    store.register_roots(adapters or [])
+    engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -20,6 +20,13 @@ the folder's ``task_index.json`` (``lorakit.data.read_task_index``; for a routed
 Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
 the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
 
+A folder under a root that cannot be served never stops the others: :meth:`AdapterStore.register_roots` (what
+``lorakit serve`` and the Ray Serve replicas start with) skips a folder that fails to register, logs a warning through
+the ``lorakit.serving`` logger naming it and the reason, and records the reason in :attr:`AdapterStore.failed`; an
+adapter whose weights fail when first loaded (a corrupt file, a tensor whose shape disagrees with its config) is
+unregistered and recorded the same way. A request naming a recorded adapter is refused with that reason
+(AdapterLoadError), not as an unknown name; registering the name again (after fixing its folder) clears the record.
+
 Paths are confined to the roots: a path with ``..``, or one whose resolved location (symlinks followed) lies
 outside every root, is refused, and so is a weights file that is a symlink leaving the root.
 """
@@ -27,6 +34,7 @@ outside every root, is refused, and so is a weights file that is a symlink leavi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -37,11 +45,13 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, AdapterLoadError, LorakitError, did_you_mean
+from ..core.errors import FIELD, AdapterError, AdapterLoadError, LorakitError, did_you_mean
 from ..core.layer import BASE_NAME, AdapterLayer
-from ..io.peft_format import read_adapter_config, weights_path
+from ..io.peft_format import CONFIG_NAME, read_adapter_config, run_adapter, weights_path
 from ..io.files import load_tensors
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
+
+log = logging.getLogger("lorakit.serving")
 
 
 def names_in(spec: RowSpec) -> list[str]:
@@ -87,6 +97,42 @@ def read_servable(folder: Path):
     if not wpath.is_file():
         raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (only safetensors files are loaded)")
     return config, wpath
+
+
+def adapter_folders(root: str | os.PathLike, *, field: str = "adapters") -> list[Path]:
+    """The folders directly under ``root`` that hold an adapter, or look meant to (a weights file without its config,
+    a training run folder holding ``adapter/``: registering those says what is wrong), sorted by name.
+
+    Raises AdapterError with ``field`` (the argument naming ``root``; a command line words it with its flag) when
+    ``root`` is missing, a file, unreadable, or an adapter folder itself (only folders under a root are served)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AdapterError(f"{FIELD} {str(root)!r} " + ("is a file" if root.exists() else "does not exist")
+                           + f": give a folder of adapter folders (each with {CONFIG_NAME})", field=field)
+    if (root / CONFIG_NAME).is_file():
+        raise AdapterError(f"{FIELD} {str(root)!r} is an adapter folder itself; give the folder that holds it "
+                           f"({str(root.parent)!r}): every adapter folder directly under {FIELD} is served, "
+                           f"named by its folder", field=field)
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as e:
+        raise AdapterError(f"{FIELD} {str(root)!r} cannot be read ({e.strerror or e}): give a folder this process "
+                           f"may list", field=field) from None
+    return [d for d in entries if d.is_dir() and ((d / CONFIG_NAME).is_file() or weights_path(d).is_file()
+                                                  or run_adapter(d) is not None)]
+
+
+def check_adapter_roots(roots: Sequence[str | os.PathLike] | None) -> None:
+    """Before a server loads its model: every root is a readable folder of adapter folders (:func:`adapter_folders`;
+    AdapterError with ``field="adapters"``). The adapter folders under it are not judged here: one that fails to
+    register is skipped when the server starts (:meth:`AdapterStore.register_roots`), the others are served."""
+    for root in roots or []:
+        adapter_folders(root)
+
+
+def _reason(error: BaseException) -> str:
+    """An error as a failure record words it: lorakit's messages as they are, anything else with its type."""
+    return str(error) if isinstance(error, LorakitError) else f"{type(error).__name__}: {error}"
 
 
 class AdapterTaskError(LorakitError, ValueError):
@@ -152,7 +198,7 @@ class AdapterStore:
 
     def __init__(self, model: nn.Module, roots: Iterable[str | os.PathLike] = (), *, max_loras: int = 64,
                  max_resident_bytes: int | None = None, max_cpu_loras: int = 256, max_cpu_bytes: int | None = None,
-                 dtype: torch.dtype | None = None, rank: int | None = None):
+                 dtype: torch.dtype | None = None, rank: int | None = None, base_name: str | None = None):
         if max_loras < 1 or max_cpu_loras < 1:
             raise AdapterError(f"max_loras and max_cpu_loras must be >= 1 (got {max_loras}, {max_cpu_loras})")
         self.roots = [Path(r).absolute() for r in roots]  # absolute: a relative root is not joined twice
@@ -178,12 +224,35 @@ class AdapterStore:
             raise AdapterError(f"rank must be a positive integer (the rank nested-rank adapters are served at), got {rank!r}")
         self.rank = rank
         self.overrides: dict[str, dict] = {}  # attached name -> load_adapter config_overrides
+        # name -> why it cannot be served (a folder that failed to register, weights that failed to load); a request
+        # for it is refused with this, not as an unknown name, until the name registers again
+        self.failed: dict[str, str] = {}
+        # ``base_name``: the name a server answers as the base model; an adapter of that name could never be requested
+        self.base_name = base_name
 
     # -- registration (any thread) -------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
-        """Make ``name`` servable from folder ``path``; the config is read and checked now, weights on first use."""
+        """Make ``name`` servable from folder ``path``; the config is read and checked now, weights on first use.
+
+        Raises AdapterError / AdapterLoadError / ConfigError naming what is wrong. Success clears a failure recorded
+        for ``name`` (:attr:`failed`); a failure updates one (so requests read the latest reason)."""
+        try:
+            folder = self._register(name, path, confined)
+        except LorakitError as e:
+            with self._lock:
+                if name in self.failed and name not in self.paths:
+                    self.failed[name] = f"adapter {name!r} failed to register: {_reason(e)}"
+            raise
+        with self._lock:
+            self.failed.pop(name, None)
+        return folder
+
+    def _register(self, name: str, path: str | os.PathLike, confined: bool) -> Path:
         if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 256:
             raise AdapterError(f"invalid adapter name {name!r}")
+        if name == self.base_name:
+            raise AdapterError(f"adapter name {name!r} is the base model's name (requests for it are answered by the "
+                               f"base model); rename the adapter's folder")
         folder = confine(path, self.roots) if confined else Path(path)
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
@@ -221,13 +290,45 @@ class AdapterStore:
                     self.tasks[name] = tasks
         return folder
 
-    def register_dir(self, root: str | os.PathLike) -> list[str]:
-        """Register every adapter folder directly under ``root`` (named by folder); returns the names."""
+    def register_dir(self, root: str | os.PathLike, *, on_error: str = "raise") -> list[str]:
+        """Register every adapter folder directly under ``root`` (named by folder; :func:`adapter_folders`); returns
+        the names registered. A name already registered (from an earlier root) keeps its folder.
+
+        ``on_error``: ``"raise"`` (the first folder that fails to register raises, as a caller that wrote the folders
+        itself wants) or ``"skip"`` (it is left out, its reason recorded in :attr:`failed` and logged as a warning
+        naming the folder; the others register). A bad ``root`` itself raises AdapterError either way."""
+        if on_error not in ("raise", "skip"):
+            raise AdapterError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         found = []
-        for d in sorted(Path(root).absolute().iterdir()):  # absolute: confine() reads a relative path as under the first root
-            if (d / "adapter_config.json").is_file() and d.name not in self.paths:
+        for d in adapter_folders(Path(root).absolute(), field="root"):  # absolute: confine() reads a relative path as under the first root
+            if d.name in self.paths:
+                if self.paths[d.name].resolve() != d.resolve():
+                    log.warning("skipped adapter folder %s: an adapter named %r is already served from %s (names are "
+                                "folder names; rename one)", d, d.name, self.paths[d.name])
+                continue
+            try:
                 self.register(d.name, d)
-                found.append(d.name)
+            except Exception as e:  # noqa: BLE001  (skip: one bad folder, whatever its fault, never stops the others)
+                if on_error == "raise":
+                    raise
+                with self._lock:
+                    self.failed[d.name] = f"adapter {d.name!r} failed to register: {_reason(e)}"
+                log.warning("skipped adapter folder %s: %s", d, _reason(e),
+                            exc_info=None if isinstance(e, LorakitError) else e)
+                continue
+            found.append(d.name)
+        return found
+
+    def register_roots(self, roots: Iterable[str | os.PathLike]) -> list[str]:
+        """Register every adapter folder under each root as a server starting up does: a folder that fails is
+        skipped (``register_dir(on_error="skip")``), and a warning says when no adapter at all can be served (the
+        base model still is). Returns the names registered."""
+        roots = list(roots)
+        found = [n for root in roots for n in self.register_dir(root, on_error="skip")]
+        if roots and not self.paths:
+            skipped = f"all {len(self.failed)} adapter folder(s) failed to register" if self.failed else \
+                f"no adapter folders (with {CONFIG_NAME}) were found"
+            log.warning("%s under %s; serving the base model only", skipped, ", ".join(str(r) for r in roots))
         return found
 
     def names(self) -> list[str]:
@@ -235,9 +336,12 @@ class AdapterStore:
             return list(self.paths)
 
     def check(self, spec: RowSpec) -> None:
-        """Raise AdapterError naming an unregistered adapter of ``spec`` (with near matches)."""
+        """Raise AdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError with
+        the recorded reason for one that failed (:attr:`failed`)."""
         for n in names_in(spec):
             if n not in self.paths:
+                if n in self.failed:
+                    raise AdapterLoadError(self.failed[n])
                 raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, self.paths)} "
                                    f"{len(self.paths)} adapter(s) are loaded; see /v1/models")
             if n in self.attached and isinstance(spec, Mapping):
@@ -290,6 +394,8 @@ class AdapterStore:
                 return hit
             folder = self.paths.get(name)
         if folder is None:
+            if name in self.failed:  # a request queued before its adapter failed
+                raise AdapterLoadError(self.failed[name])
             raise AdapterError(f"adapter {name!r} is not registered")
         tensors = load_tensors(weights_path(folder))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -348,8 +454,8 @@ class AdapterStore:
 
     def ensure_resident(self, spec: RowSpec) -> bool:
         """Load ``spec``'s adapters into the banks, evicting unpinned LRU ones; False when the caps, held by
-        running requests, leave no room (the request waits). Raises AdapterLoadError for a bad file (the
-        adapter is then unregistered)."""
+        running requests, leave no room (the request waits). Raises AdapterLoadError for a bad file: that adapter
+        is unregistered and its reason recorded (:attr:`failed`); the other adapters of ``spec`` stay loaded."""
         need = [n for n in names_in(spec) if n not in self._resident]
         for n in names_in(spec):
             if n in self._resident:
@@ -360,8 +466,8 @@ class AdapterStore:
         for n in need:
             try:
                 sizes[n] = self._read_host(n)[1]
-            except AdapterLoadError:
-                self.unregister(n)
+            except AdapterLoadError as e:
+                self._fail(n, e)
                 raise
         if not self._make_room(len(need), sum(sizes.values()), keep=set(names_in(spec))):
             total = sum(sizes.values()) + sum(self._resident.get(n, 0) for n in names_in(spec) if n not in sizes)
@@ -370,20 +476,52 @@ class AdapterStore:
                 raise AdapterError(reason)
             return False
         banked = [n for n in need if n not in self.attached]
-        try:
-            if banked:
+        loaded, error = banked, None
+        if banked:
+            try:
                 self.registry.load({n: self.paths[n] for n in banked})
-        except AdapterLoadError:
-            for n in banked:
-                self.unregister(n)
-            raise
+            except AdapterLoadError:
+                # the load is all or nothing: each is tried alone, so a mix's good adapters do not fail with its bad one
+                loaded, error = self._load_each(banked)
         for n in need:
             if n in self.attached:
-                self._attach(n)
-        for n in need:
+                try:
+                    self._attach(n)
+                except AdapterLoadError as e:
+                    error = error or e
+                    continue
+                loaded = loaded + [n]
+        for n in loaded:
             self._resident[n] = sizes[n]
-        self.stats["resident_loads"] += len(need)
+        self.stats["resident_loads"] += len(loaded)
+        if error is not None:
+            raise error
         return True
+
+    def _load_each(self, names: list[str]) -> tuple[list[str], AdapterLoadError | None]:
+        """Load each adapter into the banks on its own: (the names loaded, the first error); each that fails is
+        unregistered with its reason recorded."""
+        loaded, error = [], None
+        for n in names:  # only after a batched load failed: the few adapters of one request, not a hot path
+            try:
+                self.registry.load({n: self.paths[n]})
+            except AdapterLoadError as e:
+                self._fail(n, e)
+                error = error or e
+                continue
+            loaded.append(n)
+        return loaded, error
+
+    def _fail(self, name: str, error: BaseException) -> None:
+        """``name``'s weights failed to load: unregister it and record why (requests for it are refused with
+        this reason, :meth:`check`), with a warning in the log."""
+        with self._lock:
+            if name not in self.paths:  # already failed (a request queued before the first failure)
+                return
+            folder = self.paths[name]
+            self.unregister(name)
+            self.failed[name] = f"adapter {name!r} failed to load: {_reason(error)}"
+        log.warning("adapter %r (%s) failed to load and was unregistered: %s", name, folder, _reason(error))
 
     def never_fits(self, spec: RowSpec, nbytes: int | None = None) -> str | None:
         """Why ``spec``'s adapters can never be resident together (None when they can): more of them than
@@ -414,8 +552,8 @@ class AdapterStore:
         active = list(adapter_state(model).active)
         try:
             load_adapter(model, self.paths[name], name, config_overrides=self.overrides.get(name))
-        except AdapterLoadError:
-            self.unregister(name)
+        except AdapterLoadError as e:
+            self._fail(name, e)
             raise
         set_adapter(model, active)  # loaded inactive: the engine activates it for its own rows only
         for module in model.modules():
@@ -447,8 +585,11 @@ class AdapterStore:
                     self.evict(n)
 
     def unregister(self, name: str) -> None:
-        """Forget ``name``: new requests for it fail; running ones finish first (then it is evicted)."""
+        """Forget ``name``: new requests for it fail; running ones finish first (then it is evicted). For a name
+        that failed (:attr:`failed`), forgets its failure: requests for it are then refused as unknown."""
         with self._lock:
+            if name not in self.paths and name not in self._resident and self.failed.pop(name, None) is not None:
+                return
             if name not in self.paths and name not in self._resident:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
             self.paths.pop(name, None)

@@ -10,9 +10,27 @@ and optimizer), ``schedule_lr``, clipping, and its method's and training procedu
 ``extra_loss``, ``on_gradients``, ``on_step``, ``finish``; Flexora's held-out split). The forward gets the loop's
 routing context (``objectives.batch_routing``: task keys, token mask, supervised mask, routing vectors) plus each
 row's adapter name; a delta serving some rows of the batch sees only those rows' routing (``core.routing.
-rows_routing``). A job that has finished its steps leaves the batch. Alone, a job gets the same adapter as
-``lorakit.train`` with the same seed; beside other jobs, random draws in training (``lora_dropout``, GGPO's noise)
-come from one stream seeded by the first job's seed, so such a job matches ``lorakit.train`` in distribution only.
+rows_routing``). A job that has finished its steps leaves the batch.
+
+Random draws: alone, a job draws from torch's default generators seeded with its seed, as ``lorakit.train``. Beside
+other jobs, each job draws from a stream of its own (``core.rng.RngStream``, seeded with its seed), swapped in for
+everything that draws for it: its init, its method's and procedure's hooks (DyLoRA's rank in ``on_step``), and in
+every adapter layer the draws for its rows (``Routing.rng_streams``: its ``lora_dropout`` mask, a forward hook's
+noise such as GGPO's), at its micro-batch's own padded length rather than the mixed batch's
+(``Routing.adapter_lengths``: the layer cuts the job's rows to it). A job's draws are then exactly those it makes
+alone (same seed, same masks for its rows), and its losses and adapter equal ``lorakit.train``'s to float rounding
+(1e-6 in tests/training/test_training_concurrent_rng.py). Where that does not hold (the job then matches
+``lorakit.train`` in distribution only):
+
+- the base model draws in training mode (hidden / attention dropout > 0, e.g. BERT's 0.1; decoder LLMs have 0):
+  those draws cover the whole mixed batch, from the default generators seeded with the first job's seed;
+- a draw over a token dimension that is not dim 1 of a linear layer's (batch, seq, in) input or of an embedding's
+  (batch, seq) ids of the batch's length, or inside a ``modules_to_save`` copy (its input is not cut): it is drawn
+  at the mixed batch's padded length, from the job's stream; equal to alone only when the job's micro-batch is
+  as long as the mixed batch.
+
+With gradient checkpointing on, beside other jobs, refused (ConfigError): recomputing a checkpointed block restores
+only the default generators, so a job's dropout would be redrawn from its stream's later state.
 
 Beside other jobs, refused up front (ConfigError / AdapterError naming the job; train such a job alone): a method
 whose delta replaces a whole layer's forward (MixLoRA-style FFN experts, γ-MoD's blocks: they route every row of
@@ -20,18 +38,24 @@ the batch) or is computed from the whole batch (X-LoRA: ``Delta.whole_batch``), 
 ``shares_batch`` (it hooks the whole model, its logits or base weights), an init still to run that rewrites the
 base weights (LoRA-GA, CorDA: ``Init.changes_base``), an optimizer holding parameters outside
 the job's adapter (every job's rows would put gradients in them), and jobs of which only some have task keys.
-Refused for any job: ``resume_from``. Not done here (use ``lorakit.train``): checkpoints (``save_every``),
-evaluation during training (``eval_every``; ``eval_examples`` are scored once at the end), logging callbacks and
-data-parallel runs.
+
+As ``lorakit.train``, per job and through the loop's helpers: ``on_log`` callbacks (``Job.on_log``: the job's
+``log_record`` every ``log_every`` steps, its evaluations), ``eval_every`` (the job's adapter alone, training RNG
+untouched: ``evaluate_adapter``), ``save_every`` checkpoints in the job's ``TrainConfig.output_dir`` (the same
+``checkpoint-<step>`` folders, its own stream's RNG state in them) and ``resume_from`` (such a checkpoint, written
+by either), ``TrainConfig.device``. Refused: jobs asking for different devices, and data-parallel launches (one
+process trains every job). Not done here: Ctrl-C checkpoints (``TrainingInterrupted``) and ``TrainResult``'s
+timing and memory fields per job (the run reports ``wall_time_s`` / ``tokens_per_s`` for all jobs together).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -42,31 +66,55 @@ from ..core.layer import AdapterLayer
 from ..core.model import (active_adapters, adapter_names, adapter_parameters, adapter_state, refresh_trainable,
                           set_adapter)
 from ..core.registry import get_method
+from ..core.rng import RngStream
 from ..core.routing import ADAPTER_EXTRAS_KEY
-from ..data import IGNORE_INDEX, Example, save_task_index
-from ..io.peft_format import save_adapter
+from ..data import IGNORE_INDEX, Example
+from ..io.files import atomic_write_json, write_dir_atomically
+from ..mixtures.base import reset_router_stats, router_stats, router_summary
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .loop import DataStream, check_init_batches, hook_losses, make_optimizer, schedule_lr, split_validation, step_hooks
+from .distributed import device_for, env_world
+from .loop import (DataStream, LogCallback, check_init_batches, checkpoint_state, evaluate_adapter, hook_losses,
+                   log_record, make_optimizer, resume_checkpoint, save_or_rescue, schedule_lr, split_validation,
+                   step_hooks, write_adapter_dir)
 from .objectives import batch_routing, objective_for
 from .procedures import get_procedure
 
 
 @dataclass
 class Job:
-    """One adapter to train: its name (already added to the model), data and training settings."""
+    """One adapter to train: its name (already added to the model), data and training settings; ``eval_examples``
+    and ``on_log`` as ``lorakit.train``'s (each callback gets this job's records, the ones ``lorakit.train`` of the
+    job alone would send)."""
 
     adapter_name: str
     examples: Sequence[Example]
     config: TrainConfig
     eval_examples: Sequence[Example] | None = None
+    on_log: Sequence[LogCallback] = ()
 
 
 @dataclass
 class JobResult:
+    """One job's run, with ``lorakit.train``'s ``TrainResult`` fields of the same names: ``losses`` one task loss
+    per optimizer step from step 1 (a resumed job's inherited ones included), ``eval_history`` its evaluations
+    (``{"step", ...metrics}``), ``final_metrics`` the last one, ``checkpoints`` the ``checkpoint-<step>`` folders
+    written, ``adapter_dir`` where the trained adapter was saved (``TrainConfig.output_dir/adapter`` when the job
+    has an output_dir, else ``train_concurrent``'s ``output_dir/<adapter name>``), ``train_tokens`` the tokens of
+    its rows."""
+
     adapter_name: str
     losses: list[float] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
     final_metrics: dict[str, Any] | None = None
+    steps: int = 0
+    start_step: int = 0
+    train_tokens: int = 0
+    checkpoints: list[str] = field(default_factory=list)
     adapter_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _pad_cat(batches: list[dict[str, Any]], pad_id: int, names: Sequence[str]) -> dict[str, Any]:
@@ -115,6 +163,12 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
             raise AdapterError(f"concurrent training needs per-row adapters; job {batch_wide[0]!r}'s method computes "
                                "its delta from the whole batch (X-LoRA's scaling pass over every row): train that "
                                "job alone (train_concurrent with one job, or lorakit.train)")
+    if any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules()):  # (transformers' flag)
+        raise ConfigError("the model has activation (gradient) checkpointing on; concurrent jobs draw from streams "
+                          "of their own, and recomputing a checkpointed block restores only torch's default "
+                          "generators, so a job's dropout masks would be redrawn differently in backward: turn it "
+                          "off (model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable), "
+                          "or train the jobs separately")
     keyed = [j.adapter_name for j in jobs if any(ex.task is not None for ex in j.examples)]  # (TokenizedDataset's rule)
     if keyed and len(keyed) < len(jobs):
         plain = next(n for n in names if n not in keyed)
@@ -137,8 +191,19 @@ def _refuse_shared_batch(model: torch.nn.Module, jobs: Sequence[Job]) -> None:
 def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job], *, output_dir: str | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Train every job's adapter at once on one base model; returns ``{"jobs": {name: JobResult}, "wall_time_s",
-    "tokens_per_s", "steps"}``. Raises ValueError for no jobs or duplicate jobs, AdapterError for an unknown adapter, and
-    AdapterError / ConfigError naming the job for what cannot share a batch (see the module docstring)."""
+    "tokens_per_s", "steps"}``.
+
+    Files: a job whose ``TrainConfig.output_dir`` is set gets there what ``lorakit.train`` writes for it:
+    ``checkpoint-<step>/`` every ``save_every`` steps (atomic, safetensors; its RNG state is the job's own stream, so
+    ``lorakit.train`` or ``train_concurrent`` with ``resume_from`` continues it exactly), ``adapter/`` and
+    ``train_result.json`` at the end. ``output_dir`` here (optional) also saves each job's adapter to
+    ``output_dir/<adapter name>/``. The model moves to the jobs' ``TrainConfig.device`` (a job with None takes the
+    others'; all None: CUDA when available, else CPU).
+
+    Raises ValueError for no jobs, duplicate jobs or ``eval_every`` without ``eval_examples``, AdapterError for an
+    unknown adapter, ConfigError for jobs on different devices or a run under torchrun / accelerate (WORLD_SIZE > 1:
+    train each job with ``lorakit.train`` there), and AdapterError / ConfigError naming the job for what cannot share
+    a batch (see the module docstring)."""
     names = [j.adapter_name for j in jobs]
     if not names:
         raise ValueError("train_concurrent needs at least one job")
@@ -149,34 +214,64 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
             raise AdapterError(f"no adapter {n!r} on the model; add_adapter it before train_concurrent")
     for job in jobs:
         check_init_batches(model, job.adapter_name, job.config)
-        if job.config.resume_from is not None:
-            raise ConfigError(f"job {job.adapter_name!r}: train_concurrent writes no checkpoints and cannot resume "
-                              f"from {job.config.resume_from!r}; resume that job with lorakit.train")
+        if job.config.eval_every and not job.eval_examples:
+            raise ValueError(f"job {job.adapter_name!r}: TrainConfig.eval_every={job.config.eval_every} but the job "
+                             "has no eval_examples.")
+    world = env_world()[1]
+    if world > 1:
+        raise ConfigError(f"train_concurrent runs in one process, and this is one of {world} (torchrun / accelerate "
+                          "launch): run it without a launcher, or train each job data-parallel with lorakit.train")
+    device = _one_device(jobs)
     if len(jobs) > 1:
         _refuse_shared_batch(model, jobs)
     found_active, found_training = active_adapters(model), model.training
     try:
-        return _train_concurrent(model, tokenizer, jobs, names, output_dir, progress)
+        return _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, device)
     finally:  # leave the model as found: same active adapters, same train/eval mode
         set_adapter(model, found_active)
         model.train(found_training)
 
 
+def _one_device(jobs: Sequence[Job]) -> torch.device:
+    """The device every job's rows run on: the jobs' ``TrainConfig.device`` (those with None follow the others),
+    else what ``lorakit.train`` picks for None. ConfigError naming two jobs that ask for different devices."""
+    asked: dict[tuple[str, int], tuple[str, str]] = {}
+    for job in jobs:
+        if job.config.device is not None:
+            d = torch.device(job.config.device)
+            asked.setdefault((d.type, d.index or 0), (job.adapter_name, job.config.device))
+    if len(asked) > 1:
+        (a, da), (b, db) = list(asked.values())[:2]
+        raise ConfigError(f"jobs {a!r} and {b!r} ask for different devices ({da!r}, {db!r}); one forward runs every "
+                          "job's rows on one device: give them the same TrainConfig.device, or train them separately")
+    return device_for(next(iter(asked.values()))[1] if asked else None)
+
+
 class _JobRun:
     """One job's part of the run: data, method, procedure, optimizer and position, set up as lorakit.train does."""
 
-    def __init__(self, model, tokenizer, job: Job, objective, device) -> None:
-        c = self.config = job.config
-        self.job, self.name, self.device = job, job.adapter_name, device
+    def __init__(self, model, tokenizer, job: Job, objective, device, rng: RngStream | None) -> None:
+        self.job, self.name, self.config, self.device, self.rng = job, job.adapter_name, job.config, device, rng
+        with self.drawing():  # the init's draws, as lorakit.train's after torch.manual_seed(seed)
+            self._set_up(model, tokenizer, objective)
+
+    def drawing(self) -> ContextManager[Any]:
+        """A block whose random draws come from the job's own stream (beside other jobs; alone: the default
+        generators, seeded with the job's seed)."""
+        return self.rng.drawing() if self.rng is not None else contextlib.nullcontext()
+
+    def _set_up(self, model, tokenizer, objective) -> None:
+        c = self.config
         self.method = get_method(adapter_state(model).configs[self.name])
         self.procedure = get_procedure(c.procedure).build(c) if c.procedure is not None else None
-        examples, validation = split_validation(self.procedure, c, job.examples)
+        examples, validation = split_validation(self.procedure, c, self.job.examples)
         if not examples:
             raise ValueError(f"job {self.name!r} has no training examples")
         self.dataset = objective.dataset(examples, tokenizer, c.max_length)
         self.collate = objective.collator(tokenizer)
         self.stream = DataStream(len(self.dataset), c.seed)
         self.position, self.step, self.result = 0, 0, JobResult(self.name)
+        self.tokens_seen, self.run_tokens, self.window, self.lr_factor = 0, 0, [], 1.0
         set_adapter(model, self.name)  # the init and the optimizer see only this job's adapter, as when alone
         if self.method.init is not None or init_pending(model, self.name):
             batches = [self.to_device(self.micro_batch(i * c.batch_size)) for i in range(c.init_batches)]
@@ -189,6 +284,44 @@ class _JobRun:
             self.procedure.set_validation(lambda idx: self.to_device(self.collate([val_set[i] for i in idx])),
                                           len(val_set))
         self.optimizer, self.params = make_optimizer(model, self.name, c, self.method, self.procedure)
+        if c.resume_from is not None:  # (inside the job's stream: the checkpoint's RNG state becomes the stream's)
+            record = resume_checkpoint(c, model, self.name, self.optimizer, self.params, self.procedure,
+                                       len(self.dataset))
+            self.step, self.position, self.tokens_seen = record["step"], record["data_position"], record["tokens_seen"]
+            self.result.losses, self.result.eval_history = record["losses"], record["eval_history"]
+        self.result.start_step = self.step
+        self.eval_set = list(self.job.eval_examples or [])[: c.eval_examples]
+
+    def emit(self, record: dict[str, Any]) -> None:
+        for callback in self.job.on_log:
+            callback(record)
+
+    def write_adapter(self, model, directory: Path) -> None:
+        write_adapter_dir(model, directory, self.name, self.dataset.task_to_id)
+
+    def evaluate(self, model, tokenizer, objective, device, names: Sequence[str]) -> None:
+        """Evaluate the job's adapter alone (as lorakit.train does: only it active), record and report it."""
+        set_adapter(model, self.name)
+        try:
+            metrics = evaluate_adapter(objective, None, model, tokenizer, self.eval_set, self.config,
+                                       self.dataset.task_to_id, device, False)
+        finally:
+            set_adapter(model, list(names))
+        self.result.eval_history.append({"step": self.step, **metrics})
+        self.emit({"step": self.step, "eval": metrics})
+
+    def checkpoint(self, model) -> None:
+        """``checkpoint-<step>`` in the job's ``output_dir``, as lorakit.train writes it; the RNG state saved is the
+        job's own stream's (saved inside it)."""
+        c = self.config
+        state = checkpoint_state(c, self.name, step=self.step, position=self.position,
+                                 num_train_examples=len(self.dataset), tokens_seen=self.tokens_seen + self.run_tokens,
+                                 losses=self.result.losses, eval_history=self.result.eval_history)
+        with self.drawing():
+            path = save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step}", model, self.name, self.optimizer,
+                                   self.params, state, write_adapter=lambda d: self.write_adapter(model, d),
+                                   extra_tensors=self.procedure.state_dict() if self.procedure is not None else None)
+        self.result.checkpoints.append(str(path))
 
     def micro_batch(self, position: int) -> dict[str, Any]:
         return self.collate([self.dataset[i] for i in self.stream.indices(position, self.config.batch_size)])
@@ -209,13 +342,16 @@ def _check_shared(model, runs: list[_JobRun]) -> None:
                               "pass through them, so the jobs' gradients would mix: train that job alone")
 
 
-def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> dict[str, Any]:
-    device = next(model.parameters()).device
+def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, device) -> dict[str, Any]:
+    model.to(device)
     objective = objective_for(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    torch.manual_seed(jobs[0].config.seed)  # as lorakit.train: before the inits, so a lone job draws alike
+    torch.manual_seed(jobs[0].config.seed)  # as lorakit.train: a lone job draws from the default generators alike
     model.train()
-    runs = [_JobRun(model, tokenizer, job, objective, device) for job in jobs]
+    # Beside other jobs, each job draws from a stream of its own seeded with its seed: its init, hooks and the
+    # layers' draws for its rows (routing's rng_streams) continue as the default generators would alone.
+    streams = {j.adapter_name: RngStream(j.config.seed, device) for j in jobs} if len(jobs) > 1 else {}
+    runs = [_JobRun(model, tokenizer, job, objective, device, streams.get(job.adapter_name)) for job in jobs]
     if len(runs) > 1:
         _check_shared(model, runs)
     # Each row's key id indexes its own job's sorted task names: the names reach each job's deltas as per-adapter
@@ -226,10 +362,12 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
     if len(indices) == 1:  # one task index for every row (a lone job): also for readers of the whole batch
         key_names["task_names"] = key_names[ADAPTER_EXTRAS_KEY][runs[0].name]["task_names"]
     set_adapter(model, names)  # all trainable; each row still uses only its own adapter
-    total = max(j.config.steps for j in jobs)
-    start, tokens = time.perf_counter(), 0
+    reset_router_stats(model)  # router statistics (mixtures) describe this run's training forwards only
+    total = max(r.config.steps - r.step for r in runs)
+    start, tokens, train_time = time.perf_counter(), 0, 0.0
     bar = tqdm(total=total, desc="train x%d" % len(jobs), disable=not progress, dynamic_ncols=True)
     for _ in range(total):
+        step_start = time.perf_counter()
         live = [r for r in runs if r.step < r.config.steps]
         step_batches, supervised, step_loss = {}, {}, {}
         for r in live:
@@ -237,15 +375,18 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
             step_batches[r.name] = [r.micro_batch(r.position + i * c.batch_size) for i in range(c.grad_accum)]
             r.position += c.batch_size * c.grad_accum
             supervised[r.name] = max(sum(objective.count(b) for b in step_batches[r.name]), 1)
+            r.run_tokens += sum(int(b["attention_mask"].sum()) for b in step_batches[r.name])
             step_loss[r.name] = 0.0
-            schedule_lr(r.optimizer, c, r.step)  # before backward, as the loop (GaLore per layer)
+            r.lr_factor = schedule_lr(r.optimizer, c, r.step)  # before backward, as the loop (GaLore per layer)
         for micro in range(max(r.config.grad_accum for r in live)):
             members = [r for r in live if micro < r.config.grad_accum]
             parts = [step_batches[r.name][micro] for r in members]
             batch = members[0].to_device(_pad_cat(parts, pad_id, [r.name for r in members]))
             rows = [r.name for r, part in zip(members, parts) for _ in range(part["input_ids"].shape[0])]
             tokens += int(batch["attention_mask"].sum())
-            with batch_routing(batch, extras=key_names, adapter_names=rows):
+            lengths = {r.name: part["input_ids"].shape[1] for r, part in zip(members, parts)} if streams else None
+            with batch_routing(batch, extras=key_names, adapter_names=rows, rng_streams=streams or None,
+                               adapter_lengths=lengths):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, offset = 0.0, 0
             for r, part in zip(members, parts):
@@ -253,42 +394,60 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress) -> di
                 job_loss = objective.loss_sum(logits[offset:offset + n],
                                               {"labels": batch["labels"][offset:offset + n]}) / supervised[r.name]
                 step_loss[r.name] += float(job_loss.detach())
-                extra = hook_losses(model, r.name, r.method, r.procedure, r.config.grad_accum)
+                with r.drawing():
+                    extra = hook_losses(model, r.name, r.method, r.procedure, r.config.grad_accum)
                 loss = loss + job_loss + (extra if extra is not None else 0.0)
                 offset += n
             loss.backward()
-        changed = False
+        changed, norms = False, {}
         for r in live:
             c = r.config
             if r.procedure is not None:
-                r.procedure.on_gradients(model, r.name, r.step)
-            torch.nn.utils.clip_grad_norm_(list(r.params.values()), c.max_grad_norm or math.inf)
+                with r.drawing():
+                    r.procedure.on_gradients(model, r.name, r.step)
+            norm = torch.nn.utils.clip_grad_norm_(list(r.params.values()), c.max_grad_norm or math.inf)
+            norms[r.name] = None if all(p.grad is None for p in r.params.values()) else norm  # (GaLore per layer)
             r.optimizer.step()
             r.optimizer.zero_grad(set_to_none=True)
             r.step += 1
             r.result.losses.append(step_loss[r.name])
-            changed = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or changed
+            r.window.append(step_loss[r.name])
+            with r.drawing():
+                changed = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or changed
         if changed:
             refresh_trainable(model)  # a hook changed what an adapter freezes (Delta.frozen_names)
+        train_time += time.perf_counter() - step_start
+        for r in live:  # as the loop after each step: log, evaluate, checkpoint
+            c = r.config
+            if r.step % c.log_every == 0 or r.step == c.steps:
+                r.emit(log_record(r.step, r.window, c.lr * r.lr_factor, norms[r.name],
+                                  r.run_tokens / max(train_time, 1e-9), router_summary(router_stats(model, r.name))))
+                r.window = []
+            if c.eval_every and r.step % c.eval_every == 0:
+                r.evaluate(model, tokenizer, objective, device, names)
+            if c.save_every and r.step % c.save_every == 0:
+                r.checkpoint(model)
         bar.update(1)
         bar.set_postfix({r.name: f"{r.result.losses[-1]:.3f}" for r in live})
     bar.close()
     wall = time.perf_counter() - start
     for r in runs:
         if r.procedure is not None:
-            r.procedure.finish(model, r.name)
-    model.eval()
+            with r.drawing():
+                r.procedure.finish(model, r.name)
     for r in runs:
-        job, result = r.job, r.result
-        if job.eval_examples:
-            set_adapter(model, r.name)
-            eval_set = list(job.eval_examples)[: r.config.eval_examples]
-            result.final_metrics = objective.evaluate(None, model, tokenizer, eval_set, batch_size=r.config.batch_size,
-                                                      task_to_id=r.dataset.task_to_id, progress=False)
+        c, result = r.config, r.result
+        if r.eval_set and (not result.eval_history or result.eval_history[-1]["step"] != r.step):
+            r.evaluate(model, tokenizer, objective, device, names)
+        result.final_metrics = result.eval_history[-1] if result.eval_history else None
+        result.steps, result.train_tokens = r.step, r.run_tokens
         if output_dir is not None:
-            directory = Path(output_dir) / r.name
-            result.adapter_dir = str(save_adapter(model, directory, r.name))
-            if r.dataset.task_to_id is not None:
-                save_task_index(directory, r.dataset.task_to_id)
+            result.adapter_dir = str(write_dir_atomically(Path(output_dir) / r.name,
+                                                          lambda d, r=r: r.write_adapter(model, d)))
+        if c.output_dir is not None:  # the job's own folder, as lorakit.train leaves it
+            result.adapter_dir = str(save_or_rescue(Path(c.output_dir) / "adapter",
+                                                    lambda d, r=r: r.write_adapter(model, d)))
+            atomic_write_json(Path(c.output_dir) / "train_result.json", result.to_dict())
+    model.eval()
     return {"jobs": {r.name: r.result for r in runs}, "wall_time_s": wall,
             "tokens_per_s": tokens / max(wall, 1e-9), "steps": total}

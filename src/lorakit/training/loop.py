@@ -264,6 +264,61 @@ def step_hooks(model: nn.Module, adapter_name: str, method: Method, procedure: P
     return changed
 
 
+def log_record(step: int, window: Sequence[float], lr: float, grad_norm: torch.Tensor | float | None,
+               tokens_per_s: float, router: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``on_log`` callbacks get every ``log_every`` steps: ``{"step", "loss" (mean of the steps since the last
+    record), "lr", "grad_norm" (None: nothing clipped), "tokens_per_s"}``, plus ``"router"`` for mixtures."""
+    record = {"step": step, "loss": sum(window) / len(window), "lr": lr,
+              "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s}
+    if router is not None:  # mixtures: expert load and router entropy since the start of this run
+        record["router"] = router
+    return record
+
+
+def evaluate_adapter(objective: Any, ctx: Any, model: nn.Module, tokenizer: Any, eval_set: Sequence[Example],
+                     config: TrainConfig, task_to_id: dict[str, int] | None, device: torch.device,
+                     progress: bool) -> dict[str, Any]:
+    """The objective's metrics of ``eval_set`` (``ctx``: the data-parallel context, None in one process), leaving
+    the training RNG (fork_rng: evaluating must not change the run) and the router statistics as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
+        return objective.evaluate(ctx, model, tokenizer, eval_set, batch_size=config.batch_size,
+                                  task_to_id=task_to_id, progress=progress)
+
+
+def write_adapter_dir(model: nn.Module, directory: Path, adapter_name: str, task_to_id: dict[str, int] | None) -> None:
+    """The adapter's files (PEFT format), plus ``task_index.json`` when the data has task keys."""
+    save_adapter(model, directory, adapter_name)
+    if task_to_id is not None:
+        save_task_index(directory, task_to_id)
+
+
+def checkpoint_state(config: TrainConfig, adapter_name: str, *, step: int, position: int, num_train_examples: int,
+                     tokens_seen: int, losses: list[float], eval_history: list[dict[str, Any]],
+                     world_size: int = 1) -> dict[str, Any]:
+    """The JSON state of ``checkpoint-<step>`` (``training.checkpoint``): what ``resume_checkpoint`` continues from."""
+    return {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
+            "num_train_examples": num_train_examples, "tokens_seen": tokens_seen, "adapter_name": adapter_name,
+            "losses": losses, "eval_history": eval_history, "world_size": world_size, "config": config.to_dict()}
+
+
+def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
+                      params: dict[str, nn.Parameter], procedure: Procedure | None,
+                      num_train_examples: int) -> dict[str, Any]:
+    """Load ``config.resume_from`` into the adapter, optimizer, RNG and procedure; returns its state
+    (``checkpoint_state``'s keys). ValueError for other training data, ConfigError when it is at or past ``steps``."""
+    record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
+    if procedure is not None:
+        procedure.load_state_dict(record["extra_tensors"])
+    if record["num_train_examples"] != num_train_examples:
+        raise ValueError(f"checkpoint {config.resume_from} was trained on {record['num_train_examples']} "
+                         f"examples, this run has {num_train_examples}; resume with the same training data.")
+    if record["step"] >= config.steps:
+        raise ConfigError(f"checkpoint {config.resume_from} is at step {record['step']}, and this run has steps="
+                          f"{config.steps}: nothing would be trained. Set steps above {record['step']} (the total, "
+                          "counting the checkpoint's steps).")
+    return record
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -366,18 +421,9 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     eval_history: list[dict[str, Any]] = []
     checkpoints: list[str] = []
     if config.resume_from is not None:
-        record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
-        if procedure is not None:
-            procedure.load_state_dict(record["extra_tensors"])
-        if record["num_train_examples"] != len(dataset):
-            raise ValueError(f"checkpoint {config.resume_from} was trained on {record['num_train_examples']} "
-                             f"examples, this run has {len(dataset)}; resume with the same training data.")
+        record = resume_checkpoint(config, model, adapter_name, optimizer, params, procedure, len(dataset))
         step, position, tokens_seen = record["step"], record["data_position"], record["tokens_seen"]
         losses, eval_history = record["losses"], record["eval_history"]
-        if step >= config.steps:
-            raise ConfigError(f"checkpoint {config.resume_from} is at step {step}, and this run has steps="
-                              f"{config.steps}: nothing would be trained. Set steps above {step} (the total, "
-                              "counting the checkpoint's steps).")
     start_step = step
     output_dir = Path(config.output_dir) if config.output_dir is not None else None
 
@@ -386,23 +432,18 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             callback(record)
 
     def evaluate() -> None:
-        # fork_rng: evaluating must not move the training RNG, or eval_every would change the run.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), router_stats_paused(model):
-            metrics = objective.evaluate(ctx, model, tokenizer, eval_set, batch_size=config.batch_size,
-                                         task_to_id=dataset.task_to_id, progress=progress and ctx.is_main)
+        metrics = evaluate_adapter(objective, ctx, model, tokenizer, eval_set, config, dataset.task_to_id, device,
+                                   progress and ctx.is_main)
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
     def write_adapter(directory: Path) -> None:
-        save_adapter(model, directory, adapter_name)
-        if dataset.task_to_id is not None:
-            save_task_index(directory, dataset.task_to_id)
+        write_adapter_dir(model, directory, adapter_name, dataset.task_to_id)
 
     def checkpoint() -> str:
-        state = {"step": step, "total_steps": config.steps, "data_position": position, "seed": config.seed,
-                 "num_train_examples": len(dataset), "tokens_seen": tokens_seen + run_tokens,
-                 "adapter_name": adapter_name, "losses": losses, "eval_history": eval_history,
-                 "world_size": ctx.world_size, "config": config.to_dict()}
+        state = checkpoint_state(config, adapter_name, step=step, position=position, num_train_examples=len(dataset),
+                                 tokens_seen=tokens_seen + run_tokens, losses=losses, eval_history=eval_history,
+                                 world_size=ctx.world_size)
         assert output_dir is not None
         extra_tensors = procedure.state_dict() if procedure is not None else None
         path = ctx.on_main(lambda: save_checkpoint(output_dir / f"checkpoint-{step}", model, adapter_name, optimizer,
@@ -476,13 +517,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % config.log_every == 0 or step == config.steps:
-                record = {"step": step, "loss": sum(window) / len(window), "lr": lr_now,
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_per_s": tokens_per_s}
-                routed = router_summary(summed_router_stats())
-                if routed is not None:  # mixtures: expert load and router entropy since the start of this run
-                    record["router"] = routed
-                emit(record)
+                emit(log_record(step, window, lr_now, grad_norm, tokens_per_s, router_summary(summed_router_stats())))
                 window = []
             if config.eval_every and step % config.eval_every == 0:
                 evaluate()
@@ -513,7 +548,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     )
     if output_dir is not None:
         def save_final() -> str:
-            adapter_dir = str(_save_or_rescue(output_dir / "adapter", write_adapter))
+            adapter_dir = str(save_or_rescue(output_dir / "adapter", write_adapter))
             atomic_write_json(output_dir / "train_result.json", {**result.to_dict(), "adapter_dir": adapter_dir})
             return adapter_dir
 
@@ -521,7 +556,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     return result
 
 
-def _save_or_rescue(target: Path, write: Callable[[Path], None]) -> Path:
+def save_or_rescue(target: Path, write: Callable[[Path], None]) -> Path:
     """Write the adapter folder; if that fails (disk full, permissions), keep the trained adapter in a fresh
     temporary folder and raise AdapterSaveError naming both, rather than losing the run."""
     try:

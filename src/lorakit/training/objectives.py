@@ -135,14 +135,16 @@ def supervised_extras(labels: Any, input_ids: Any) -> dict[str, torch.Tensor]:
 def batch_routing(batch: Mapping[str, Any], extras: Mapping[str, Any] | None = None, **fields: Any):
     """The routing context of a training forward on a collated ``batch`` (``input_ids``, ``attention_mask`` and,
     when present, ``labels``, ``task_ids``, ``routing``): the task ids as the routing keys, the attention mask as
-    the token mask, and as extras the caller's ``extras``, the supervised mask (``supervised_extras``) and the
-    batch's per-example routing vectors. ``fields`` are further ``routing`` fields (e.g. ``adapter_names``).
+    the token mask, and as extras the caller's ``extras``, the supervised mask (``supervised_extras``, declared per
+    token: ``token_extras``) and the batch's per-example routing vectors (declared per row: ``row_extras``).
+    ``fields`` are further ``routing`` fields (e.g. ``adapter_names``).
     Every path that runs a forward with labels (the loop, the Trainer callback, concurrent jobs, DP-SGD clients,
     a procedure's validation forward, the federated server's eval loss) enters this one, so every method sees the
     same routing information; a method decides what it uses out of training (γ-MoD: not the supervised mask)."""
-    extras = {**(extras or {}), **supervised_extras(batch.get("labels"), batch.get("input_ids")),
-              **(batch.get("routing") or {})}
-    return routing(keys=batch.get("task_ids"), token_mask=batch.get("attention_mask"), extras=extras, **fields)
+    supervised, vectors = supervised_extras(batch.get("labels"), batch.get("input_ids")), batch.get("routing") or {}
+    extras = {**(extras or {}), **supervised, **vectors}
+    return routing(keys=batch.get("task_ids"), token_mask=batch.get("attention_mask"), extras=extras,
+                   row_extras=tuple(vectors), token_extras=tuple(supervised), **fields)
 
 
 OBJECTIVES = {"CAUSAL_LM": lambda model: CausalLM(),
