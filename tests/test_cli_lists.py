@@ -81,3 +81,19 @@ def test_comma_flags_refuse_an_empty_item_before_any_model(argv, says, prefix, t
     out = out + [str(tmp_path / "o")] if out else []
     _fails([*argv, *out], says, capsys, prefix)
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_tasks_reach_the_bench_without_spaces(tmp_path, capsys, monkeypatch):
+    """`--tasks "reverse, sort"`: the names were checked stripped, then split again unstripped (' sort') by a bench."""
+    import lorakit.bench.methods as methods
+
+    seen = {}
+
+    def run_tasks(profile):
+        seen["tasks"] = profile.tasks
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(methods, "run_tasks", run_tasks)
+    _fails(["bench", "tasks", "--quick", "--tasks", "reverse, sort", "--output", str(tmp_path)], "stop here", capsys,
+           "lorakit bench")
+    assert seen["tasks"] == ("reverse", "sort")

@@ -203,6 +203,7 @@ def main(argv: Sequence[str]) -> int:
             names = comma_items(args.tasks, "--tasks", "task names (see `lorakit tasks`)", required=True)
         except ConfigError as e:
             parser.error(str(e))
+        args.tasks = ",".join(names)  # the benches split it again: "reverse, sort" as "reverse,sort"
         _check_names(parser, "--tasks", names, lambda t: load_jsonl(t) if Path(t).is_file() else get_task(t))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
