@@ -175,3 +175,35 @@ def test_resume_from_a_checkpoint_with_a_corrupt_state_file_fails_before_the_mod
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit train: error: {checkpoint / 'trainer_state.safetensors'} is not a valid safetensors "
                           "file (truncated: 2 bytes"), err
+
+
+COUNTS = [  # a count flag of generate / eval / serve out of range, and what the error says: argparse's usage error
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be a positive integer"),
+    (["generate", "--prompt", "x", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["eval", "--data", "reverse", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["serve", "--max-loras", "0"], "argument --max-loras: must be a positive integer, got 0"),
+    (["serve", "--max-cpu-loras", "0"], "argument --max-cpu-loras: must be a positive integer, got 0"),
+    (["serve", "--kv-cache-mb", "0"], "argument --kv-cache-mb: must be a positive integer, got 0"),
+    (["serve", "--max-batch", "0"], "argument --max-batch: must be a positive integer, got 0"),
+    (["serve", "--max-tokens-limit", "0"], "argument --max-tokens-limit: must be a positive integer, got 0"),
+    (["serve", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    # --rank picks a rank of the adapter: without one it is named before the model loads, not after
+    (["generate", "--prompt", "x", "--rank", "2"], "--rank needs --adapter"),
+    (["eval", "--data", "reverse", "--rank", "2"], "--rank needs --adapter"),
+]
+
+
+@pytest.mark.parametrize("argv,says", COUNTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in COUNTS])
+def test_count_flags_are_checked_before_the_model_loads(argv, says, capsys, no_model_load, monkeypatch):
+    """Was: `generate --max-new-tokens 0` loaded the model and then failed in generation; serve's counts failed
+    after the model loaded (AdapterStore, Engine)."""
+    import lorakit.serving.server
+
+    monkeypatch.setattr(lorakit.serving.server, "serve", lambda *a, **k: pytest.fail("serve started"))
+    try:
+        status = main(argv)
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and says in err.strip().splitlines()[-1], err

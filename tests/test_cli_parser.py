@@ -99,7 +99,7 @@ def test_config_errors_name_the_flags_typed(tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         (["train", "--loram-ratio", "0.2", "--loram-align-steps", "5", "--loram-align-lr", "-1", "--output", out],
-         "lorakit train: error: --loram-align-lr -1.0: must be > 0"),
+         "lorakit train: error: --loram-align-lr must be > 0, got -1.0."),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
           "--threshold", "1.5"], "lorakit transfer: error: --threshold must be in [0, 1)"),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
@@ -120,7 +120,7 @@ def test_config_errors_name_the_flags_typed(tmp_path, capsys):
         (["merge-adapters", "a", "b", "--method", "ties", "--density", "0", "--output", out],
          "lorakit merge-adapters: error: --density must be in (0, 1]"),
         (["quantize", "--method", "cbq", "--window", "2", "--overlap", "2"],
-         "lorakit quantize: error: CBQConfig needs window >= 1 and 0 <= overlap < window, got --window 2, --overlap 2"),
+         "lorakit quantize: error: --overlap 2: need 0 <= overlap < window, got --window 2."),
         (["generate-adapter", "train", "--adapters", "a", "--output", out, "--lr", "0"],
          "lorakit generate-adapter train: error: --lr must be > 0"),
     ]
@@ -276,7 +276,7 @@ def test_an_error_carrying_its_field_is_worded_with_the_flag_wherever_it_names_i
     assert p.message(err) == "the --adapters root '/a' does not exist; give --adapters a folder"
     assert p.message(ConfigError("{field} must be > 0; steps and lr_x too", field="n_proxies")) == \
         "--num-proxies must be > 0; steps and lr_x too"
-    assert p.message(ConfigError("{field}=0: must be > 0", field="AlignConfig.steps")) == "--loram-align-steps=0: must be > 0"
+    assert p.message(ConfigError("{field}=0: must be > 0", field="AlignConfig.steps")) == "--loram-align-steps 0: must be > 0"
     assert p.message(ConfigError("{field} must be set", field="other")) == "other must be set"  # no flag: the name
     assert str(pickle.loads(pickle.dumps(err))) == str(err)  # across processes (torchrun, Flower) too
     assert str(ConfigError("{field} in a message without a field stays as written")).startswith("{field}")

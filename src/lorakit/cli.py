@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .cli_options import add_config_options, config_from_args
-from .cli_parser import CommandParser, json_arg, positive_int
-from .core.errors import ConfigError, LorakitError
+from .cli_parser import CommandParser, json_arg, positive_int, seed_arg
+from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
 HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
@@ -223,6 +223,8 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
+    if getattr(args, "rank", None) is not None and not getattr(args, "adapter", None):  # before the model loads
+        raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
     if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
@@ -234,8 +236,6 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter, config_overrides=overrides)
         _load_trained_base_params(model, Path(args.adapter))
-    elif getattr(args, "rank", None) is not None:
-        raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     return model, tokenizer
 
 
@@ -853,7 +853,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
                              ("svd-rank", int, "rank of svd / *_svd results; k for lego"),
                              ("majority-sign-method", str, "total | frequency"), ("rescale", str, "density | l1 | none"),
                              ("lambda", float, "scale of the merged delta"), ("epsilon", float, "DELLA"),
-                             ("gamma", float, "breadcrumbs"), ("select-topk", float, "SCE"), ("seed", int, "DARE/DELLA/lego"),
+                             ("gamma", float, "breadcrumbs"), ("select-topk", float, "SCE"),
+                             ("seed", seed_arg, "DARE/DELLA/lego"),
                              ("reweighting", str, "lego: dual | parameter | output | none"),
                              ("saved-modules", str, "modules_to_save copies that differ: error | first | merge")):
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
@@ -909,7 +910,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     else:
         p.add_argument("--task", required=True, help="built-in task name (see `lorakit tasks`) or a JSONL file")
         p.add_argument("--generator", required=True, help="folder written by `lorakit generate-adapter train`")
-        p.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
+        p.add_argument("--seed", type=seed_arg, default=0, help="seed of the latent sample")
         p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I); 0 = the prior mean")
     args = p.parse_args(argv[1:] if training else argv)
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
@@ -1069,11 +1070,12 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
     def split(text, kind, flag):
-        """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad item."""
+        """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""
         if not text:
             return None
+        items = comma_items(text, flag, "names" if kind is str else f"{kind.__name__} values")
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            return [kind(v) for v in items]
         except ValueError:
             raise LorakitError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
 
@@ -1226,7 +1228,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for --eval-data FILE, only "
                         "its first N lines (default: all)")
     t.add_argument("--eval-batch-size", type=positive_int, default=64, help="rows per evaluation batch")
-    t.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data order and built-in tasks")
+    t.add_argument("--seed", type=seed_arg, default=0, help="seed of the adapter init, data order and built-in tasks")
     t.add_argument("--mode-token", default=None, metavar="TOKEN",
                    help="UL2 mode switching: prepend this mode token ([R], [S] or [X] of a base pretrained with "
                         "--objective ul2) to every prompt, in training and evaluation (default: none)")
@@ -1253,12 +1255,13 @@ def _add_eval(sub) -> None:
                    help=f"test examples per built-in task (default {TASK_EVAL_EXAMPLES}); for a file, only its first "
                         "N lines (default: all)")
     e.add_argument("--eval-batch-size", type=positive_int, default=64, help="rows per evaluation batch")
-    e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test examples")
+    e.add_argument("--seed", type=seed_arg, default=0, help="seed of the built-in tasks' test examples")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--mode-token", default=None, metavar="TOKEN",
                    help="UL2 mode token prepended to every prompt (use the one the adapter was trained with)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to evaluate at")
+    e.add_argument("--rank", type=positive_int, default=None,
+                   help="rank of a nested-rank adapter (DyLoRA) to evaluate at")
     e.set_defaults(func=cmd_eval)
 
 
@@ -1271,8 +1274,9 @@ def _add_generate(sub) -> None:
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
     g.add_argument("--task", default=None,
                    help="task key for adapters that route by task (routed_lora): one the adapter was trained on")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (greedy)")
-    g.add_argument("--rank", type=int, default=None, help="rank of a nested-rank adapter (DyLoRA) to generate with")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per prompt (greedy)")
+    g.add_argument("--rank", type=positive_int, default=None,
+                   help="rank of a nested-rank adapter (DyLoRA) to generate with")
     g.set_defaults(func=cmd_generate)
 
 
@@ -1288,7 +1292,7 @@ def _add_tasks(sub) -> None:
     ts.add_argument("--jsonl", metavar="TASK", default=None, help="print TASK's examples as JSONL prompt/completion lines")
     ts.add_argument("--split", default="train", choices=["train", "test"], help="with --jsonl: which split")
     ts.add_argument("-n", type=int, default=1000, help="with --jsonl: how many examples")
-    ts.add_argument("--seed", type=int, default=0, help="with --jsonl: seed")
+    ts.add_argument("--seed", type=seed_arg, default=0, help="with --jsonl: seed")
     ts.set_defaults(func=cmd_tasks)
 
 
@@ -1316,7 +1320,7 @@ def _add_export(sub) -> None:
     x.add_argument("adapter")
     x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    x.add_argument("--rank", type=int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
+    x.add_argument("--rank", type=positive_int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
     x.set_defaults(func=cmd_export)
 
 
@@ -1330,12 +1334,12 @@ def _add_serve(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env LORAKIT_API_KEY)")
-    sv.add_argument("--max-loras", type=int, default=64, help="adapters resident in the banks at most")
-    sv.add_argument("--max-cpu-loras", type=int, default=256, help="adapters in the host-memory cache at most")
-    sv.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget, preallocated")
-    sv.add_argument("--max-batch", type=int, default=32, help="running requests at most")
-    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    sv.add_argument("--rank", type=int, default=None,
+    sv.add_argument("--max-loras", type=positive_int, default=64, help="adapters resident in the banks at most")
+    sv.add_argument("--max-cpu-loras", type=positive_int, default=256, help="adapters in the host-memory cache at most")
+    sv.add_argument("--kv-cache-mb", type=positive_int, default=256, help="KV cache budget, preallocated")
+    sv.add_argument("--max-batch", type=positive_int, default=32, help="running requests at most")
+    sv.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--rank", type=positive_int, default=None,
                     help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
     sv.set_defaults(func=cmd_serve)
 
@@ -1373,7 +1377,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round")
     f.add_argument("--device", default="cpu", help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
-    f.add_argument("--seed", type=int, default=0, help="seed of data, splits, sampling and adapter inits")
+    f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
     f.add_argument("--output", default="runs/federated", help="folder for federated.json")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")

@@ -11,7 +11,7 @@
   ``TransLoraConfig.threshold`` -> ``--threshold``, ``saved_modules='first'`` -> ``--saved-modules first``,
   ``AlignConfig.steps=0`` -> ``--loram-align-steps 0``. An error that carries its field as data
   (``LorakitError(..., field="steps")``, the text saying ``{field}``) gets that field's flag exactly, wherever
-  the text names it; other names are found in the text by pattern. The map from field to flag is every option's ``dest``
+  the text names it (``{field}=0`` as ``--steps 0``); other names are found in the text by pattern. The map from field to flag is every option's ``dest``
   (automatic) plus the parser's ``field_flags`` for a field whose flag has another name (``n_merges`` ->
   ``--merges``; a key ``Class.field`` names that config's field only).
 """
@@ -24,7 +24,7 @@ import re
 import sys
 from typing import Mapping
 
-from .core.errors import LorakitError, did_you_mean
+from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 
 # ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
 # a Python call written out, not a value the user typed)
@@ -77,16 +77,54 @@ def json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
-    error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
+def _int_at_least(text: str, low: int, what: str) -> int:
+    """``int(text)`` when it is >= ``low``, else argparse's ArgumentTypeError ``must be WHAT, got ...``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
+    error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def seed_arg(text: str) -> int:
+    """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
+    must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
+    and Python's seeding refuse one, so it would fail (or seed one library only) after the work has begun."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+class CommaList(argparse.Action):
+    """``action=`` for a flag of several values (``nargs="+"``) that also takes them comma-separated: ``--methods lora
+    dora``, ``--methods lora,dora`` and ``--methods lora, dora`` are the same list. An empty item (``lora,,dora``) is
+    argparse's usage error naming the flag, not a name ``'lora,,dora'`` nor silently dropped. ``kind``: each item's
+    type (a bad one is the usage error too)."""
+
+    def __init__(self, option_strings, dest, kind=str, **kwargs) -> None:
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+        self.kind = kind
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items, noun = [], "names" if self.kind is str else f"{self.kind.__name__} values"
+        for text in values:
+            try:
+                items += [self.kind(part) for part in comma_items(text, "", noun, required=True)]
+            except ConfigError as e:
+                raise argparse.ArgumentError(self, str(e)) from None
+            except argparse.ArgumentTypeError as e:  # a type= function's own words (seed_arg)
+                raise argparse.ArgumentError(self, str(e)) from None
+            except ValueError:
+                raise argparse.ArgumentError(self, f"{text!r}: expected {self.kind.__name__} values, comma- or "
+                                                   "space-separated") from None
+        setattr(namespace, self.dest, items)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -163,7 +201,11 @@ class CommandParser(argparse.ArgumentParser):
         flags = self.flags()
         field = getattr(error, "field", None)
         if isinstance(error, LorakitError) and field is not None:
-            return with_flags(error.worded(flags.get(field) or flags.get(field.rsplit(".", 1)[-1]) or field), flags)
+            flag = flags.get(field) or flags.get(field.rsplit(".", 1)[-1])
+            if flag is None:
+                return with_flags(error.worded(field), flags)
+            # the field's value reads as typed: "{field}='x'" -> "--flag x"
+            return with_flags(error.worded(flag), {**flags, flag: flag})
         return with_flags(str(error), flags)
 
     def file_in_the_way(self, path, flag: str) -> int | None:

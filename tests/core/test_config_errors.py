@@ -68,7 +68,7 @@ def test_a_qualified_field_flag_wins_over_the_plain_one():
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0."),
     (["--steps", "0"], "--steps must be a positive integer, got 0."),
     (["--rank-pattern", '{"q_proj": "x"}'], "--rank-pattern must be dict[str, int], got {'q_proj': 'x'} (dict)."),
-    (["--target-modules", "(q"], "--target-modules='(q' is not a valid regular expression"),
+    (["--target-modules", "(q"], "--target-modules (q is not a valid regular expression"),
 ])
 def test_train_words_the_validators_errors_with_its_flags(flags, says, tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"), *flags]) == 2

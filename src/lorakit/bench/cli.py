@@ -9,8 +9,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli_parser import CommandParser
-from ..core.errors import ConfigError, LorakitError, check_names
+from ..cli_parser import CommaList, CommandParser, seed_arg
+from ..core.errors import ConfigError, LorakitError, check_names, comma_items
 from ..io.files import atomic_write_bytes, atomic_write_json
 
 
@@ -127,12 +127,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--only", nargs="+", default=None,
+    parser.add_argument("--only", action=CommaList, default=None,
                         help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; quantize: cfp (CFP diagnosis); smaller: variants "
                              "(lora qlora loraprune loram loram_aligned); gamma_mod: lora gamma_mod gamma_mod_arank_mod gamma_mod_unmasked")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="methods to run (default: all registered); for init: the contenders; for federated: strategies")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--methods", action=CommaList, default=None,
+                        help="methods to run (default: all registered); for init: the contenders; for federated: "
+                             "strategies (space- or comma-separated, as every list flag here)")
+    parser.add_argument("--seeds", action=CommaList, kind=seed_arg, default=None)
     parser.add_argument("--repeats", type=int, default=None,
                         help="init: child processes per (init, library) for the cost comparison; merge: interleaved "
                              "timing repeats of the speed rows")
@@ -156,17 +157,17 @@ def main(argv: Sequence[str]) -> int:
                         help="merge, mixtures: pool saved results (e.g. one per seed; merge: and a speed-only run) into "
                              "one report instead of running; methods: pool saved tables (a later file's run of a "
                              "method and seed replaces an earlier one's, e.g. a re-run after a fix)")
-    parser.add_argument("--procedures", nargs="+", default=None,
+    parser.add_argument("--procedures", action=CommaList, default=None,
                         help="methods: also train LoRA with these training procedures (rows lora+NAME)")
     parser.add_argument("--full-finetune", action="store_true", default=None,
                         help="methods: also a full fine-tuning row (every base weight, AdamW)")
-    parser.add_argument("--inits", nargs="+", default=None, metavar="INIT",
+    parser.add_argument("--inits", action=CommaList, default=None, metavar="INIT",
                         help="methods: also train rows METHOD+INIT with these initialisations (pissa, olora, corda, eva, "
                              "lora_ga, lora_ga_official, pissa_niter_4 on lora; lora_sb on lora_xs; nlora on slora)")
     parser.add_argument("--first-variant-only", action="store_true", help="methods: each method's default variant")
     serve = parser.add_argument_group("serve (S-LoRA workload; defaults: the full profile)")
-    serve.add_argument("--models", nargs="+", default=None, help="serve: bundled and/or random8x512")
-    serve.add_argument("--num-adapters", nargs="+", type=int, default=None, help="serve: adapter counts N")
+    serve.add_argument("--models", action=CommaList, default=None, help="serve: bundled and/or random8x512")
+    serve.add_argument("--num-adapters", action=CommaList, kind=int, default=None, help="serve: adapter counts N")
     serve.add_argument("--req-rate", type=float, default=None, help="serve: mean arrivals per second")
     serve.add_argument("--duration", type=float, default=None, help="serve: trace length in seconds")
     serve.add_argument("--max-batch", type=int, default=None, help="serve: running-batch cap (all systems)")
@@ -198,9 +199,11 @@ def main(argv: Sequence[str]) -> int:
         from ..data import load_jsonl
         from ..data.tasks import get_task
 
-        names = [t.strip() for t in args.tasks.split(",")]
-        if not all(names):
-            parser.error(f"--tasks {args.tasks!r}: give comma-separated task names, none empty (see `lorakit tasks`)")
+        try:
+            names = comma_items(args.tasks, "--tasks", "task names (see `lorakit tasks`)", required=True)
+        except ConfigError as e:
+            parser.error(str(e))
+        args.tasks = ",".join(names)  # the benches split it again: "reverse, sort" as "reverse,sort"
         _check_names(parser, "--tasks", names, lambda t: load_jsonl(t) if Path(t).is_file() else get_task(t))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")

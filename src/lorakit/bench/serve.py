@@ -103,8 +103,10 @@ class ServeProfile:
             if not 1 <= low <= high:
                 raise ConfigError(f"{FIELD} must be (low, high) with 1 <= low <= high, got {(low, high)}", field=name)
         check_names(self.models, MODELS, "bench serve model")
-        if not self.num_adapters or not self.models or not self.systems:
-            raise ConfigError("bench serve needs at least one model, adapter count and system")
+        for name in ("models", "num_adapters", "systems"):
+            if not getattr(self, name):
+                raise ConfigError(f"bench serve needs at least one model, adapter count and system: {FIELD} is empty",
+                                  field=name)
 
 
 MODELS = ("bundled", "random8x512")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import check_positive_ints
+from ..core.config import check_non_negative, check_positive_ints, field_error
 from ..core.errors import ConfigError
 
 OFFICIAL_CHANNELS = (8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8)
@@ -61,14 +61,13 @@ class CvaeConfig:
         self.channels = tuple(int(c) for c in self.channels)
         check_positive_ints(self, "latent_dim", "kernel_size", "divide_slice_length")
         if not self.channels or min(self.channels) <= 0:
-            raise ConfigError(f"CvaeConfig.channels must be a non-empty list of positive widths, got {self.channels}.")
+            raise field_error(self, "channels", f" must be a non-empty list of positive widths, got {self.channels}.")
         if self.kernel_size % 2 == 0:
-            raise ConfigError(f"CvaeConfig.kernel_size must be odd (padding k//2 keeps lengths), got {self.kernel_size}.")
+            raise field_error(self, "kernel_size", f" must be odd (padding k//2 keeps lengths), got {self.kernel_size}.")
         if self.divide_slice_length % 2 ** len(self.channels):
-            raise ConfigError(f"CvaeConfig.divide_slice_length ({self.divide_slice_length}) must be a multiple of "
+            raise field_error(self, "divide_slice_length", f" ({self.divide_slice_length}) must be a multiple of "
                               f"2**len(channels) = {2 ** len(self.channels)}; set it to that or a multiple of it.")
-        if self.kld_weight < 0:
-            raise ConfigError(f"CvaeConfig.kld_weight must be >= 0, got {self.kld_weight}.")
+        check_non_negative(self, "kld_weight")
 
 
 def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:

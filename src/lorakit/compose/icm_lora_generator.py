@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.config import check_positive_ints
-from ..core.errors import AdapterError, AdapterLoadError, ConfigError, did_you_mean
+from ..core.config import check_non_negative, check_positive, check_positive_ints
+from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path
 from .icm_lora import (AdapterLayout, CvaeConfig, LoraCvae, denormalize, flatten_tensors, normalize, tensor_stats,
@@ -69,11 +69,11 @@ class IcmLoraConfig:
     n_queries: int = 16
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         if isinstance(self.cvae, dict):
             self.cvae = CvaeConfig(**self.cvae)
         check_positive_ints(self, "epochs", "batch_size", "n_shots", "n_queries")
-        if not self.lr > 0:
-            raise ConfigError(f"IcmLoraConfig.lr must be > 0, got {self.lr}.")
+        check_positive(self, "lr")
 
 
 @dataclass

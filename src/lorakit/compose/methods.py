@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from ..core.errors import ConfigError, did_you_mean
+from ..core.errors import FIELD, ConfigError, did_you_mean
 
 
 @dataclass
@@ -120,17 +120,19 @@ class MergeOptions:
         if not 0.0 < self.density <= 1.0:
             why = ("density 0 keeps no entry, so the merge would be an all-zero adapter" if self.density <= 0 else
                    "it is the fraction of entries kept, 1 keeps them all")
-            raise ConfigError(f"density must be in (0, 1], got {self.density}: {why}.")
+            raise ConfigError(f"{FIELD} must be in (0, 1], got {self.density}: {why}.", field="density")
         if self.svd_rank is not None and self.svd_rank <= 0:
-            raise ConfigError(f"svd_rank must be a positive integer, got {self.svd_rank}.")
+            raise ConfigError(f"{FIELD} must be a positive integer, got {self.svd_rank}.", field="svd_rank")
         if self.majority_sign_method not in ("total", "frequency"):
-            raise ConfigError(f"majority_sign_method must be 'total' or 'frequency', got {self.majority_sign_method!r}.")
+            raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}.",
+                              field="majority_sign_method")
         if self.rescale not in (None, "density", "l1", "none"):
-            raise ConfigError(f"rescale must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got {self.rescale!r}.")
+            raise ConfigError(f"{FIELD} must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got "
+                              f"{self.rescale!r}.", field="rescale")
         if not 0.0 < self.select_topk <= 1.0:
             why = ("0 selects no entry, so the merge would be an all-zero adapter" if self.select_topk <= 0 else
                    "it is the fraction of entries selected, 1 selects them all")
-            raise ConfigError(f"select_topk must be in (0, 1], got {self.select_topk}: {why}.")
+            raise ConfigError(f"{FIELD} must be in (0, 1], got {self.select_topk}: {why}.", field="select_topk")
 
 
 # ---- sparsifiers: (N, out, in) -> (N, out, in), batched over sources --------------------------------------

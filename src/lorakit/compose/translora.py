@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import check_positive_ints
-from ..core.errors import ConfigError, LorakitError, did_you_mean
+from ..core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
+from ..core.errors import LorakitError, did_you_mean
 from ..core.model import adapter_names, adapter_state, add_adapter, delete_adapter, disable_adapters, set_adapter
 from ..data.evaluate import generate_completions
 from ..data.example import Example
@@ -99,24 +99,19 @@ class TransLoraConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         check_positive_ints(self, "n_seeds", "n_synthetic", "candidates_per_round", "max_rounds", "max_new_tokens",
                             "disc_r", "disc_steps", "disc_batch_size", "steps", "batch_size")
         for name, choices in (("generator", GENERATORS), ("distill", DISTILL)):
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"TransLoraConfig.{name}={value!r} is not one of {choices}."
-                                  f"{did_you_mean(str(value), choices)}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"TransLoraConfig.threshold must be in [0, 1) (keep when P(real) > threshold), "
-                              f"got {self.threshold}.")
-        for name in ("temperature", "kd_temperature", "lr", "disc_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"TransLoraConfig.{name} must be > 0, got {getattr(self, name)}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"TransLoraConfig.top_p must be in (0, 1], got {self.top_p}.")
+                raise field_error(self, name, f"={value!r} is not one of {choices}.{did_you_mean(str(value), choices)}")
+        check_range(self, "threshold", 0, 1, high_open=True, note=" (keep when P(real) > threshold)")
+        check_positive(self, "temperature", "kd_temperature", "lr", "disc_lr")
+        check_range(self, "top_p", 0, 1, low_open=True)
         if self.separator is not None and not self.separator:
-            raise ConfigError("TransLoraConfig.separator must be a non-empty string (it ends each few-shot example) "
-                              "or None (the tokenizer's EOS + BOS, the document boundary of pretraining).")
+            raise field_error(self, "separator", " must be a non-empty string (it ends each few-shot example) or None "
+                                                 "(the tokenizer's EOS + BOS, the document boundary of pretraining).")
 
 
 @dataclass

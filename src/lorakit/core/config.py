@@ -54,15 +54,64 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
-def check_positive_ints(config: Any, *names: str) -> None:
+def field_error(config: Any, name: str, says: str) -> ConfigError:
+    """The ConfigError ``"<Class>.<name><says>"`` about field ``name`` of ``config`` (``says`` goes right after the
+    name: ``" must be > 0, got 0."`` or ``"=3 exceeds num_experts=2."``); its ``field`` is ``"<Class>.<name>"``, so a
+    command line words it with that field's flag exactly (``--top-k=3 exceeds ...``). Every value check of a config
+    raises through this or the ``check_*`` validators below, never a bare message."""
+    return ConfigError(f"{FIELD}{says}", field=f"{type(config).__name__}.{name}")
+
+
+def check_positive_ints(config: Any, *names: str, optional: bool = False) -> None:
     """ConfigError ``"<Class>.<name> must be a positive integer, got <value>."`` for the first field of ``names``
     on ``config`` that is not >= 1 (the one check every config with counts, ranks or steps needs); its ``field`` is
-    ``"<Class>.<name>"`` (a command line words it as the field's flag)."""
+    ``"<Class>.<name>"`` (a command line words it as the field's flag). ``optional``: None is fine too."""
     for name in names:
         value = getattr(config, name)
+        if optional and value is None:
+            continue
         if value <= 0:
-            raise ConfigError(f"{FIELD} must be a positive integer, got {value}.",
-                              field=f"{type(config).__name__}.{name}")
+            raise field_error(config, name, f" must be a positive integer{' or None' if optional else ''}, "
+                                            f"got {value}.")
+
+
+def check_non_negative(config: Any, *names: str, note: str = "") -> None:
+    """ConfigError ``"<Class>.<name> must be >= 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
+    field of ``names`` below 0 (None is skipped: an unset optional value)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise field_error(config, name, f" must be >= 0{note}, got {value}.")
+
+
+def check_positive(config: Any, *names: str, note: str = "") -> None:
+    """ConfigError ``"<Class>.<name> must be > 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
+    field of ``names`` that is not > 0 (None is skipped: an unset optional value; NaN fails)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise field_error(config, name, f" must be > 0{note}, got {value}.")
+
+
+def check_range(config: Any, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                note: str = "") -> None:
+    """ConfigError ``"<Class>.<name> must be in [low, high)<note>, got <value>."`` (brackets after ``low_open`` /
+    ``high_open``; field: ``"<Class>.<name>"``) when field ``name`` lies outside; None is skipped (an unset optional
+    value: say ``" or None"`` in ``note``). NaN is outside every range."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise field_error(config, name, f" must be in {span}{note}, got {value}.")
+
+
+def check_dropout(config: Any, *names: str) -> None:
+    """``check_range(config, name, 0, 1, high_open=True)`` for each of ``names``: a dropout probability in [0, 1)."""
+    for name in names:
+        check_range(config, name, 0, 1, high_open=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +173,7 @@ class AdapterConfig:
         if isinstance(self.exclude_modules, str):
             self._check_regex("exclude_modules", self.exclude_modules)
         if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
+            raise field_error(self, "layers_pattern", " only makes sense with layers_to_transform; set both or neither.")
 
     def _check_regex(self, name: str, pattern: str) -> None:
         try:

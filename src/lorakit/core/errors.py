@@ -82,6 +82,22 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f" Did you mean: {', '.join(found)}?" if found else ""
 
 
+def comma_items(text: str, what: str, noun: str = "names", *, field: str | None = None,
+                required: bool = False) -> list[str]:
+    """The comma-separated items of ``text``, stripped (``""``: none, or with ``required`` the error below). An empty
+    item (``a,,b``, a comma at an end) is a ConfigError ``"WHAT 'a,,b': give comma-separated NOUN, none empty (item 2
+    is empty)"``, never dropped: it is a typo, and a name read as ``'a,,b'`` is no better. ``what``: how the message
+    names the value (a flag; with ``field``, the message writes ``{field}`` there instead, see :class:`LorakitError`)."""
+    if not text.strip() and not required:
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        where = FIELD if field is not None else what
+        raise ConfigError(f"{where + ' ' if where else ''}{text!r}: give comma-separated {noun}, none empty (item "
+                          f"{items.index('') + 1} is empty)", field=field)
+    return items
+
+
 def check_names(names: Iterable[str], choices: Sequence[str], what: str) -> None:
     """ConfigError for the first of ``names`` not in ``choices``: ``unknown WHAT 'x'. Did you mean: y? Choose from
     a, b.`` (``what``: what a name picks, e.g. ``"bench perf row"``)."""

@@ -26,7 +26,9 @@ class Method:
     layer. Optional hooks (each takes the model and adapter name first):
 
     - ``init(model, name, batches)``: data-driven initialisation before step 0;
-    - ``on_step(model, name, step, total_steps)``: per-step procedure (schedules, freezing, projections);
+    - ``on_step(model, name, step, total_steps)``: per-step procedure (schedules, freezing, projections); returns
+      False when it changed nothing of which parameters train, True when it did (``Delta.frozen_names``): the loop
+      re-reads them (``refresh_trainable``) after True, and after None (a hook that does not say);
     - ``param_groups(model, name, lr)``: optimizer parameter groups (e.g. per-matrix learning rates);
     - ``extra_loss(model, name)``: an auxiliary loss added to the task loss (balance, regularisers);
     - ``to_lora(model, name)``: (LoraConfig, PEFT state dict) for methods expressible as plain LoRA.

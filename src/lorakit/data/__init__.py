@@ -14,6 +14,7 @@ from lorakit.data.collate import (
     encode_prompt,
     tokenize_example,
 )
+from lorakit.core.errors import comma_items
 from lorakit.data.errors import DataError
 from lorakit.data.evaluate import evaluate_examples, generate_completions, score_predictions
 from lorakit.data.example import Example
@@ -91,7 +92,8 @@ def load_examples(
     if looks_like_path(path):
         raise DataError(f"data file {path!r} not found (a path was given; built-in task names have no '/' or '.'; "
                         f"see `lorakit tasks`)")
-    names = [name.strip() for name in path.split(",") if name.strip()]
+    # field "data": a command line words the message with its --data flag
+    names = comma_items(path, "", "task names (see `lorakit tasks`)", field="data")
     if not names:
         raise ValueError(f"empty data spec {spec!r}: give a task name, comma-separated task names or a .jsonl path")
     tasks = [get_task(name) for name in names]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..cli_parser import CommandParser
+from ..cli_parser import CommandParser, seed_arg
 from ..core.errors import ConfigError, LorakitError
 
 DEFAULT_DIR = "diffusion_run"
@@ -127,7 +127,7 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (>1 to use it)")
     p.add_argument("--class-label", type=int, default=None, help="digit class to condition on (default: null class)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every LoRA's delta")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None, help="e.g. twice the height for two regions side by side")
     p.add_argument("--switch-step", type=int, default=None, help="switch: steps per LoRA")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=1000)
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--lr", type=float, default=3e-3)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed_arg, default=0)
     b.set_defaults(func=_cmd_train_base)
     lo = sub.add_parser("train-loras", help="train concept LoRAs (digit0..digit9, thick, inverted) together",
                         formatter_class=fmt)
@@ -199,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--steps", type=int, default=300)
     lo.add_argument("--batch-size", type=int, default=8, help="rows per concept per step")
     lo.add_argument("--lr", type=float, default=3e-3)
-    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--seed", type=seed_arg, default=0)
     lo.set_defaults(func=_cmd_train_loras)
     c = sub.add_parser("train-classifier", help="train the concept classifier (the metric)", formatter_class=fmt)
     c.add_argument("--out", default=f"{DEFAULT_DIR}/classifier")
     c.add_argument("--size", type=int, default=16)
     c.add_argument("--steps", type=int, default=600)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_arg, default=0)
     c.set_defaults(func=_cmd_train_classifier)
     be = sub.add_parser("bench", help="every method on digit×style and two-digit layouts; writes README.md + PNGs",
                         formatter_class=fmt)

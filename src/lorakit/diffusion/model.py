@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError, did_you_mean
+from ..core.errors import FIELD, ConfigError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
@@ -57,11 +57,14 @@ class UNetSpec:
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
         if len(self.block_out_channels) < 2:
-            raise ConfigError("block_out_channels needs at least two levels (the attention blocks are the deeper ones)")
+            raise ConfigError(f"{FIELD} needs at least two levels (the attention blocks are the deeper ones)",
+                              field="block_out_channels")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError(f"every block_out_channels entry must divide by norm_num_groups={self.norm_num_groups}")
+            raise ConfigError(f"every {FIELD} entry must divide by norm_num_groups={self.norm_num_groups}",
+                              field="block_out_channels")
         if self.sample_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ConfigError(f"sample_size {self.sample_size} must divide by 2^(levels-1) (one downsample per level)")
+            raise ConfigError(f"{FIELD} {self.sample_size} must divide by 2^(levels-1) (one downsample per level)",
+                              field="sample_size")
 
 
 def build_unet(spec: UNetSpec | None = None, *, seed: int = 0) -> nn.Module:
@@ -108,10 +111,11 @@ class TrainSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ConfigError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{FIELD} must be positive, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.p_uncond < 1.0:
-            raise ConfigError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.p_uncond}", field="p_uncond")
 
 
 def _diffusion_loss(unet, scheduler, x0, labels, generator) -> torch.Tensor:
@@ -200,7 +204,7 @@ class ConceptSpec:
         for s in self.styles:
             check_style(s)
         if self.digit is not None and not 0 <= self.digit < NUM_DIGITS:
-            raise ConfigError(f"concept {self.name!r}: digit must be in 0..9, got {self.digit}")
+            raise ConfigError(f"concept {self.name!r}: {FIELD} must be in 0..9, got {self.digit}", field="digit")
         if self.digit is None and not self.styles:
             raise ConfigError(f"concept {self.name!r} is neither a digit nor a style: give digit or styles")
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, did_you_mean
+from ..core.errors import FIELD, ConfigError, did_you_mean
 from ..core.model import adapter_layers, adapter_state, check_adapter, merged_adapters
 from ..core.routing import routing
 from .model import NULL_CLASS
@@ -40,7 +40,7 @@ class CompositionConfig:
 
     def __post_init__(self) -> None:
         if not self.lora_scale > 0:
-            raise ConfigError(f"lora_scale must be > 0, got {self.lora_scale}")
+            raise ConfigError(f"{FIELD} must be > 0, got {self.lora_scale}", field="lora_scale")
 
 
 @dataclass

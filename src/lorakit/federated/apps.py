@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from ..core.errors import comma_items
 from ..data import stable_seed
 from ..io.files import atomic_write_json
 from .base import FederatedConfig, pack, unpack
@@ -46,7 +47,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
         if name == "output":
             continue
         if name in LIST_KEYS and isinstance(value, str):
-            value = [LIST_KEYS[name](v.strip()) for v in value.split(",") if v.strip()]
+            value = [LIST_KEYS[name](v) for v in comma_items(value, key, "values")]
         values[name] = value
     if values.get("model") in ("", "bundled"):
         values["model"] = None

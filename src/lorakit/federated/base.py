@@ -20,8 +20,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..core.errors import ConfigError, did_you_mean
+from ..core.config import check_non_negative, check_positive, check_range, field_error
+from ..core.errors import FIELD, ConfigError, comma_items, did_you_mean
 from ..core.model import adapter_layers
+from ..data import looks_like_path
 
 State = dict[str, torch.Tensor]
 
@@ -84,37 +86,39 @@ class FederatedConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown federated strategy {self.strategy!r}.{did_you_mean(self.strategy, STRATEGIES)} "
-                              f"Choose one of {sorted(STRATEGIES)}")
-        for name in ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients"):
+                              f"Choose one of {sorted(STRATEGIES)}", field="FederatedConfig.strategy")
+        counts = ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients")
+        # eval_examples: the server scores them after every round (evaluate=False: none)
+        for name in (*counts, "eval_examples") if self.evaluate else counts:
             if getattr(self, name) < 1:
-                raise ConfigError(f"FederatedConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.evaluate and self.eval_examples < 1:  # the server scores them after every round (evaluate=False: none)
-            raise ConfigError(f"FederatedConfig.eval_examples must be >= 1, got {self.eval_examples}")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"FederatedConfig.fraction must be in (0, 1], got {self.fraction}")
+                raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
+        check_range(self, "fraction", 0, 1, low_open=True)
+        if not looks_like_path(self.data):  # built-in task names: an empty item fails here, not in each client
+            comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data", required=True)
         if self.partition not in PARTITIONS:
-            raise ConfigError(f"FederatedConfig.partition {self.partition!r} is not one of {PARTITIONS}"
-                              f"{did_you_mean(self.partition, PARTITIONS)}")
+            raise field_error(self, "partition", f" {self.partition!r} is not one of {PARTITIONS}"
+                                                 f"{did_you_mean(self.partition, PARTITIONS)}")
         if self.client_ranks is not None:
             if not self.client_ranks or min(self.client_ranks) < 1:
-                raise ConfigError(f"FederatedConfig.client_ranks must be positive ranks, got {self.client_ranks}")
+                raise field_error(self, "client_ranks", f" must be positive ranks, got {self.client_ranks}")
             if len(self.client_ranks) > self.clients:
-                raise ConfigError(f"FederatedConfig.client_ranks has {len(self.client_ranks)} ranks for {self.clients} "
+                raise field_error(self, "client_ranks", f" has {len(self.client_ranks)} ranks for {self.clients} "
                                   f"clients (client k gets rank client_ranks[k mod len]); give at most one per client")
             if len(set(self.client_ranks)) > 1 and not STRATEGIES[self.strategy].heterogeneous_ranks:
                 able = sorted(n for n, c in STRATEGIES.items() if c.heterogeneous_ranks)
-                raise ConfigError(f"strategy {self.strategy!r} needs one rank for all clients; client_ranks="
+                raise ConfigError(f"strategy {self.strategy!r} needs one rank for all clients; {FIELD}="
                                   f"{self.client_ranks} differ. Use {' or '.join(repr(n) for n in able)} for "
-                                  "heterogeneous ranks, or give one rank.")
-        if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0:
-            raise ConfigError("FederatedConfig: dp_noise_multiplier must be >= 0 and dp_max_grad_norm > 0")
+                                  "heterogeneous ranks, or give one rank.", field="FederatedConfig.client_ranks")
+        check_non_negative(self, "dp_noise_multiplier")
+        check_positive(self, "dp_max_grad_norm")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"FederatedConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise field_error(self, "device", f" must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]
         if bad:
-            raise ConfigError(f"FederatedConfig.stragglers {bad} are not client ids 0..{self.clients - 1}")
+            raise field_error(self, "stragglers", f" {bad} are not client ids 0..{self.clients - 1}")
         STRATEGIES[self.strategy].check_config(self)
 
     def rank_of(self, client: int) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import FIELD, ConfigError
 from .base import LoraStrategy, State, lora_factors, register_strategy, write_factors
 
 
@@ -66,9 +66,9 @@ class FedIT(LoraStrategy):
         ranks = {config.rank_of(c) for c in range(config.clients)}
         if len(ranks) > 1 and config.lora_alpha is not None:
             raise ConfigError(f"strategy {config.strategy!r} averages the factors of clients with ranks {sorted(ranks)}, "
-                              f"which presumes one scaling α/r for all; lora_alpha={config.lora_alpha} gives each rank "
+                              f"which presumes one scaling α/r for all; {FIELD}={config.lora_alpha} gives each rank "
                               "another. Leave lora_alpha unset (α = 2r), or use 'flora', which folds each client's "
-                              "scaling into its stacked B.")
+                              "scaling into its stacked B.", field="FederatedConfig.lora_alpha")
 
     def aggregate(self, state: State, updates: list[State], weights: list[float], scalings: list[float]) -> State:
         rank = state_rank(state)

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -56,12 +55,11 @@ class DyLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r <= 0:
-            raise ConfigError(f"DyLoraConfig.r (the maximum rank) must be a positive integer, got {self.r}.")
+            raise field_error(self, "r", f" (the maximum rank) must be a positive integer, got {self.r}.")
+        check_dropout(self, "lora_dropout")
         if self.rank is not None and not 1 <= self.rank <= self.r:
-            raise ConfigError(f"DyLoraConfig.rank={self.rank} must be in 1..r={self.r} (a DyLoRA serves any rank up to "
-                              "the one it was trained with).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"DyLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            raise field_error(self, "rank", f"={self.rank} must be in 1..r={self.r} (a DyLoRA serves any rank up to "
+                                            "the one it was trained with).")
 
 
 class DyLoraLinear(Delta):
@@ -123,13 +121,15 @@ def set_rank(model: nn.Module, name: str, rank: int) -> None:
         delta.eval_rank = rank
 
 
-def dylora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """Draw the rank of the next step, ``b ~ U{1..r}``, one b for every layer (from torch's RNG)."""
+def dylora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """Draw the rank of the next step, ``b ~ U{1..r}``, one b for every layer (from torch's RNG). False: what
+    trains stays the same (the forward masks the units above b)."""
     deltas = _deltas(model, name)
     if deltas:
         b = int(torch.randint(1, deltas[0].r + 1, ()))
         for delta in deltas:
             delta.train_rank.fill_(b)
+    return False
 
 
 def dylora_to_lora(model: nn.Module, name: str):

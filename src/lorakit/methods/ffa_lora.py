@@ -20,7 +20,7 @@ from typing import Iterable
 from torch import nn
 
 from ..core.delta import LayerInfo
-from ..core.errors import ConfigError
+from ..core.config import field_error
 from ..core.model import adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -33,12 +33,12 @@ class FfaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.use_dora or self.lora_bias:
-            raise ConfigError("FfaLoraConfig: use_dora and lora_bias are not part of FFA-LoRA (only B trains); "
-                              "set them False.")
+        for name in ("use_dora", "lora_bias"):
+            if getattr(self, name):
+                raise field_error(self, name, " is not part of FFA-LoRA (only B trains); set it False.")
         if self.init_lora_weights is False:
-            raise ConfigError("FfaLoraConfig.init_lora_weights=False would leave B random; FFA-LoRA needs B = 0 "
-                              "and a random A (True or 'gaussian').")
+            raise field_error(self, "init_lora_weights", "=False would leave B random; FFA-LoRA needs B = 0 and a "
+                                                         "random A (True or 'gaussian').")
 
 
 class FfaLoraLinear(LoraLinear):

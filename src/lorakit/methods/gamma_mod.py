@@ -73,13 +73,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, register_layer_kind
 from ..core.errors import AdapterError, ConfigError
 from ..core.registry import register_method
 from ..core.routing import SUPERVISED_KEY, current_routing
 from ..mixtures.base import MixtureDelta, router_loss, token_mask_for
 from ..mixtures.router import RouterOutput
+from ._gamma_mod_kv import CACHES, gather_args, real_tokens, slot_history, write_empty_slots
 from .lora import LoraConfig
 from .mixlora import SharedLora
 
@@ -147,28 +148,19 @@ class GammaModConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"GammaModConfig.r must be a positive integer, got {self.r}.")
-        if not 0.0 < self.capacity_factor <= 1.0:
-            raise ConfigError(f"GammaModConfig.capacity_factor must be in (0, 1], got {self.capacity_factor}.")
-        if self.num_mod_layers is not None and self.num_mod_layers <= 0:
-            raise ConfigError(f"GammaModConfig.num_mod_layers must be positive or None, got {self.num_mod_layers}.")
+        check_positive_ints(self, "r")
+        check_range(self, "capacity_factor", 0, 1, low_open=True)
+        check_positive_ints(self, "num_mod_layers", optional=True)
         if self.mod_layers is not None and any(i < 0 for i in self.mod_layers):
-            raise ConfigError(f"GammaModConfig.mod_layers must be non-negative block indices, got {self.mod_layers}.")
+            raise field_error(self, "mod_layers", f" must be non-negative block indices, got {self.mod_layers}.")
         if self.mod_layers is not None and len(set(self.mod_layers)) != len(self.mod_layers):
             repeated = sorted({i for i in self.mod_layers if list(self.mod_layers).count(i) > 1})
-            raise ConfigError(f"GammaModConfig.mod_layers={list(self.mod_layers)} names block(s) {repeated} more than "
-                              "once; list each MoD block once.")
-        if self.dense_first_layers < 0 or self.dense_last_layers < 0:
-            raise ConfigError("GammaModConfig.dense_first_layers and dense_last_layers must be >= 0, got "
-                              f"{self.dense_first_layers} and {self.dense_last_layers}.")
-        if self.inference_threshold is not None and not 0.0 <= self.inference_threshold < 1.0:
-            raise ConfigError("GammaModConfig.inference_threshold must be in [0, 1) or None (training top-k), got "
-                              f"{self.inference_threshold}.")
-        if not 0.0 <= self.decode_threshold <= 1.0:
-            raise ConfigError(f"GammaModConfig.decode_threshold must be in [0, 1], got {self.decode_threshold}.")
-        if self.router_aux_loss_coef < 0:
-            raise ConfigError("GammaModConfig.router_aux_loss_coef must be >= 0.")
+            raise field_error(self, "mod_layers", f"={list(self.mod_layers)} names block(s) {repeated} more than "
+                                                  "once; list each MoD block once.")
+        check_non_negative(self, "dense_first_layers", "dense_last_layers")
+        check_range(self, "inference_threshold", 0, 1, high_open=True, note=" or None (training top-k)")
+        check_range(self, "decode_threshold", 0, 1)
+        check_non_negative(self, "router_aux_loss_coef")
 
 
 def eligible_blocks(num_blocks: int, config: GammaModConfig) -> list[int]:
@@ -189,7 +181,6 @@ def _check_num_mod_layers(config: GammaModConfig, num_blocks: int) -> int:
 
 
 # -- the MoD block --------------------------------------------------------------------------------------------
-CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")  # a host block's KV-cache argument
 
 
 class GammaModBlock(MixtureDelta):
@@ -303,7 +294,7 @@ class GammaModBlock(MixtureDelta):
             raise AdapterError("γ-MoD routes by top-k in training and cannot decode from a KV cache there: call "
                                "model.eval() before generating.")
         decoding = not self.training and seq == 1
-        index, weight, kept, routed = self.route(x, base_layer, decoding, _real_tokens(bound.get("attention_mask"),
+        index, weight, kept, routed = self.route(x, base_layer, decoding, real_tokens(bound.get("attention_mask"),
                                                                                       batch, seq, past))
         self.observe(routed, x.shape)
         if self.training:
@@ -311,9 +302,9 @@ class GammaModBlock(MixtureDelta):
         slots = None
         if cache is not None:
             chosen = torch.zeros(batch, seq, dtype=torch.bool, device=x.device).scatter(1, index, kept)
-            slots = torch.cat([_slot_history(cache, layer_idx, batch, past, x.device), chosen], 1)  # (B, past + T)
+            slots = torch.cat([slot_history(cache, layer_idx, batch, past, x.device), chosen], 1)  # (B, past + T)
             if not bool(kept.any()) and past > 0:  # every row skips this token (mod.py l. 216-222)
-                _write_empty_slots(cache, layer_idx, seq)
+                write_empty_slots(cache, layer_idx, seq)
                 return x
         elif not bool(kept.any()):
             return x
@@ -322,57 +313,11 @@ class GammaModBlock(MixtureDelta):
         # Official line 173: r weights the MLP branch only, h1 = h + Attn(h), h' = h1 + r·MLP(h1); a hook on the
         # host's mlp applies it, so the block still runs through its own forward.
         out = _run_scaled(base_layer, gathered, weight.unsqueeze(-1),  # scale (B, K, 1)
-                          self._gather_args(bound, index, kept, seq, cache_name, cache, past, slots, x.dtype))
+                          gather_args(self._params, bound, index, kept, seq, cache_name, cache, past, slots, x.dtype))
         new = out[0] if isinstance(out, tuple) else out
         new = torch.where(kept.unsqueeze(-1), new, gathered)  # fillers stay as they were
         hidden = x.scatter(1, idx, new)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    def _gather_args(self, bound: dict[str, Any], index: torch.Tensor, kept: torch.Tensor, seq: int,
-                     cache_name: str | None, cache: Any, past: int, slots: torch.Tensor | None,
-                     dtype: torch.dtype) -> dict[str, Any]:
-        """The block's arguments for the gathered tokens: positions and rotary embeddings gathered, the attention
-        mask restricted to the kept keys, and (out of training) the cache behind a ``_SlotCache``."""
-        batch, k = index.shape
-
-        def along(t: torch.Tensor, dim: int) -> torch.Tensor:
-            t = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
-            shape = [1] * t.dim()
-            shape[0], shape[dim] = batch, k
-            idx = index.view(*shape).expand(*[s if i != dim else k for i, s in enumerate(t.shape)])
-            return t.gather(dim, idx)
-
-        out = dict(bound)
-        for name, value in bound.items():
-            if name in CACHES:
-                out[name] = None
-            elif name == "position_ids" and isinstance(value, torch.Tensor) and value.shape[-1] == seq:
-                out[name] = along(value, value.dim() - 1)
-            elif name == "position_embeddings" and isinstance(value, tuple):
-                out[name] = tuple(along(v, 1) for v in value)
-            elif name == "cache_position" and slots is None:
-                out[name] = None
-        given = bound.get("attention_mask")
-        given = given if isinstance(given, torch.Tensor) and given.dim() == 4 else None
-        if slots is not None:
-            # Queries: the gathered tokens at their positions; keys: every slot of the cache (skipped ones masked).
-            if given is not None and given.shape[-1] != slots.shape[1]:
-                raise AdapterError(f"γ-MoD decodes from growing KV caches (DynamicCache); this cache's mask has "
-                                   f"{given.shape[-1]} key positions for {slots.shape[1]} tokens.")
-            queries = past + index  # (B, K)
-            keys = torch.arange(slots.shape[1], device=index.device)
-            allowed = (keys <= queries[..., None]) & (slots[:, None, :] | (keys == queries[..., None]))
-            out["attention_mask"] = _restrict(None if given is None else along(given, 2), allowed, dtype)
-            out[cache_name] = _SlotCache(cache, index, kept, seq)
-        elif bool(kept.all()):
-            out["attention_mask"] = None if given is None else along(along(given, 2), 3)
-        else:  # keys: the gathered tokens, fillers masked out (each still sees itself, so no row is empty)
-            own = torch.eye(k, dtype=torch.bool, device=index.device)
-            allowed = torch.ones(k, k, dtype=torch.bool, device=index.device).tril() & (kept[:, None, :] | own)
-            out["attention_mask"] = _restrict(None if given is None else along(along(given, 2), 3), allowed, dtype)
-        if "attention_mask" not in self._params:
-            out.pop("attention_mask")
-        return out
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.full_forward(x, base_layer) - base_out
@@ -407,76 +352,6 @@ def _run_scaled(base_layer: nn.Module, hidden: torch.Tensor, scale: torch.Tensor
             base_layer.gradient_checkpointing = True
 
     return checkpoint(run_unchecked, hidden)
-
-
-def _real_tokens(mask: Any, batch: int, seq: int, past: int) -> torch.Tensor | None:
-    """(B, T) bool: the tokens of this forward that are not padding, read from the host's attention mask: a 4-d mask
-    (B or 1, H or 1, T, keys; bool True attends, float 0 attends) lets a real token attend to itself (key
-    ``past + t``), a padding token attends to nothing of its own; a 2-d mask (B, past + T) (flash attention) names
-    them directly. None when the mask says nothing (None: no padding, or a shape it cannot read)."""
-    if not isinstance(mask, torch.Tensor):
-        return None
-    if mask.dim() == 2 and mask.shape[-1] >= past + seq and mask.shape[0] in (1, batch):
-        return mask[:, past:past + seq].bool().expand(batch, seq)
-    if mask.dim() != 4 or mask.shape[-2] != seq or mask.shape[-1] < past + seq or mask.shape[0] not in (1, batch):
-        return None
-    t = torch.arange(seq, device=mask.device)
-    own = mask[:, 0, t, past + t]  # (B or 1, T): each token's entry for itself
-    own = own if own.dtype == torch.bool else own == 0
-    return own.expand(batch, seq)
-
-
-def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 4-d attention mask (bool: True attends; float: added to the scores) that also forbids ``~allowed``
-    ((B, Q, K) bool). ``mask=None`` (the host left causality to the kernel) gives an additive float mask."""
-    allowed = allowed.unsqueeze(1)  # (B, 1, Q, K)
-    if mask is None:
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
-
-
-class _SlotCache:
-    """The host's KV cache as a MoD block's attention sees it: each ``update`` writes the gathered tokens' keys
-    and values into their own positions of a full-length update (zeros in skipped and filler slots), so every
-    layer's cache keeps the model's length; the block's mask hides those slots."""
-
-    def __init__(self, cache: Any, index: torch.Tensor, kept: torch.Tensor, seq: int):
-        self._cache, self._index, self._kept, self._seq = cache, index, kept, seq
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        def full(states: torch.Tensor) -> torch.Tensor:  # (B, H, K, Dh) -> (B, H, T, Dh)
-            b, h, k, dh = states.shape
-            slot = self._index[:, None, :, None].expand(b, h, k, dh)
-            states = states * self._kept[:, None, :, None].to(states.dtype)
-            return states.new_zeros(b, h, self._seq, dh).scatter(2, slot, states)
-
-        return self._cache.update(full(key_states), full(value_states), layer_idx, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._cache, name)
-
-
-def _slot_history(cache: Any, layer_idx: int, batch: int, past: int, device: torch.device) -> torch.Tensor:
-    """(B, past) bool: which of a cache's earlier slots hold a token this block processed (all, for a cache whose
-    layers it cannot read). Skipped and filler tokens leave all-zero keys (``_SlotCache``, ``_write_empty_slots``); a
-    processed token's key vector is never exactly zero over every head. Read from the cache itself, the masks
-    follow whatever the cache does to its rows and length (beam search's ``reorder_cache``, ``crop``, batch
-    selection)."""
-    layers = getattr(cache, "layers", None)
-    keys = getattr(layers[layer_idx], "keys", None) if layers is not None and layer_idx < len(layers) else None
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != batch or keys.shape[2] != past:
-        return torch.ones(batch, past, dtype=torch.bool, device=device)
-    return keys.ne(0).any(-1).any(1).to(device)  # (B, kv_heads, past, Dh) -> (B, past)
-
-
-def _write_empty_slots(cache: Any, layer_idx: int, seq: int) -> None:
-    """Zero key/value slots for ``seq`` tokens that skipped the block (the cache keeps the model's length)."""
-    layer = cache.layers[layer_idx]
-    keys = layer.keys.new_zeros(*layer.keys.shape[:2], seq, layer.keys.shape[-1])
-    values = layer.values.new_zeros(*layer.values.shape[:2], seq, layer.values.shape[-1])
-    cache.update(keys, values, layer_idx)
 
 
 def _scaled(output, scale: torch.Tensor):

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import (AdapterConfig, check_dropout, check_non_negative, check_positive_ints,
+                           check_range, field_error)
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -91,20 +91,17 @@ class IncreLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0 or self.target_rank < self.r:
-            raise ConfigError(f"IncreLoraConfig: need 0 < r <= target_rank (got r={self.r}, "
-                              f"target_rank={self.target_rank}).")
-        if min(self.incre_interval, self.top_h, self.incre_rank_num) <= 0 or self.init_warmup < 0:
-            raise ConfigError("IncreLoraConfig: incre_interval, top_h and incre_rank_num must be positive and "
-                              f"init_warmup >= 0 (got {self.incre_interval}, {self.top_h}, {self.incre_rank_num}, "
-                              f"{self.init_warmup}).")
-        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
-            raise ConfigError(f"IncreLoraConfig: beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}.")
+        check_positive_ints(self, "r", "incre_interval", "top_h", "incre_rank_num")
+        check_non_negative(self, "init_warmup")
+        if self.target_rank < self.r:
+            raise field_error(self, "target_rank", f"={self.target_rank} must be >= r={self.r} (the rank it grows to "
+                                                   "from r).")
+        for name in ("beta1", "beta2"):
+            check_range(self, name, 0, 1, low_open=True, high_open=True)
         if self.max_rank and self.max_rank < self.r + self.incre_rank_num:
-            raise ConfigError(f"IncreLoraConfig.max_rank={self.max_rank} must hold r + incre_rank_num = "
-                              f"{self.r + self.incre_rank_num} units (or 0 for automatic).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"IncreLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            raise field_error(self, "max_rank", f"={self.max_rank} must hold r + incre_rank_num = "
+                                                f"{self.r + self.incre_rank_num} units (or 0 for automatic).")
+        check_dropout(self, "lora_dropout")
 
     def capacity(self) -> int:
         """Units stored per module: ``max_rank`` if set, else r + twice the average growth (target_rank − r) +
@@ -264,12 +261,13 @@ def rank_pattern(model: nn.Module, name: str) -> dict[str, int]:
 
 
 @torch.no_grad()
-def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
-    """RankAllocator.update_and_increase, after optimizer step ``step``; nothing once the budget is spent."""
+def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """RankAllocator.update_and_increase, after optimizer step ``step``; nothing once the budget is spent. False:
+    what trains stays the same (a grown unit's E turns non-zero, its parameters trained all along)."""
     config: IncreLoraConfig = adapter_state(model).configs[name]
     deltas = [d for _, d in _deltas(model, name)]
     if not deltas or deltas[0]._state()[1]:
-        return
+        return False
     # update_ipt for every module at once: EMA of sensitivity, then of uncertainty around the updated EMA
     ipt, unc, score = ([d.exp_avg_ipt for d in deltas], [d.exp_avg_unc for d in deltas], [d.score for d in deltas])
     torch._foreach_mul_(ipt, config.beta1)
@@ -298,6 +296,7 @@ def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) 
     if total >= budget:  # budget spent: reserves off, scores no longer needed
         for d in deltas:
             d.finished.fill_(True)
+    return False
 
 
 def increlora_to_lora(model: nn.Module, name: str):

@@ -45,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, describe_layer, oriented_weight
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ..core.targeting import iter_host_modules, select_targets
@@ -73,12 +72,9 @@ class LamdaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"{type(self).__name__}.r must be a positive integer, got {self.r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if not 0.0 < self.freeze_ratio <= 1.0:
-            raise ConfigError(f"{type(self).__name__}.freeze_ratio must be in (0, 1], got {self.freeze_ratio}.")
+        check_positive_ints(self, "r")
+        check_dropout(self, "lora_dropout")
+        check_range(self, "freeze_ratio", 0, 1, low_open=True)
 
     @property
     def scaling(self) -> float:
@@ -96,7 +92,7 @@ class LamdaPlusPlusConfig(LamdaConfig):
         super().__post_init__()
         bad = {k: v for k, v in self.rank_pattern.items() if v <= 0}
         if bad:
-            raise ConfigError(f"LamdaPlusPlusConfig.rank_pattern ranks must be positive integers, got {bad}.")
+            raise field_error(self, "rank_pattern", f" ranks must be positive integers, got {bad}.")
 
     def for_module(self, module_name: str) -> "LamdaPlusPlusConfig":
         return replace(self, r=self.rank_pattern[module_name]) if module_name in self.rank_pattern else self
@@ -146,12 +142,19 @@ def columns_frozen(step: int, total_steps: int, r: int, freeze_ratio: float) -> 
     return min(r, math.floor(step * r / (freeze_ratio * max(total_steps, 1))))
 
 
-def lamda_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+def lamda_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """Advance every delta's frozen columns; True when that froze (or thawed) the whole of some B, which changes
+    ``frozen_names`` (the loop then re-reads what trains)."""
     ratio = adapter_state(model).configs[name].freeze_ratio
+    changed = False
     for _, layer in adapter_layers(model):
         delta = layer.adapters[name] if name in layer.adapters else None
         if isinstance(delta, LamdaLinear):
-            delta.frozen_columns.fill_(columns_frozen(step, total_steps, delta.r, ratio))
+            before = int(delta.frozen_columns) >= delta.r
+            frozen = columns_frozen(step, total_steps, delta.r, ratio)
+            delta.frozen_columns.fill_(frozen)
+            changed = changed or before != (frozen >= delta.r)
+    return changed
 
 
 def energy(weight: torch.Tensor, r: int) -> float:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import ANY_VALUE, AdapterConfig
+from ..core.config import ANY_VALUE, AdapterConfig, check_dropout, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
@@ -77,23 +77,20 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}.")
+        check_positive_ints(self, "r")
         if not self.lora_alpha > 0:
-            raise ConfigError(f"LoraConfig.lora_alpha must be > 0 (the update is scaled by lora_alpha / r, so "
-                              f"{self.lora_alpha} trains an adapter that does nothing or the opposite), got "
-                              f"{self.lora_alpha}; PEFT's usual choice is 2 * r.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            raise field_error(self, "lora_alpha", f" must be > 0 (the update is scaled by lora_alpha / r, so "
+                                                  f"{self.lora_alpha} trains an adapter that does nothing or the "
+                                                  f"opposite), got {self.lora_alpha}; PEFT's usual choice is 2 * r.")
+        check_dropout(self, "lora_dropout")
         if self.init_lora_weights not in INIT_CHOICES and find_init(self.init_lora_weights) is None:
             names = [i.name for i in list_inits()]
-            raise ConfigError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not supported; choose one of "
-                f"{INIT_CHOICES} or a registered init ({', '.join(names)}).{did_you_mean(str(self.init_lora_weights), names)}"
-            )
+            raise field_error(self, "init_lora_weights", f"={self.init_lora_weights!r} is not supported; choose one "
+                              f"of {INIT_CHOICES} or a registered init ({', '.join(names)})."
+                              f"{did_you_mean(str(self.init_lora_weights), names)}")
         for k, v in self.rank_pattern.items():
             if v <= 0:
-                raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be positive, got {v}.")
+                raise field_error(self, "rank_pattern", f"[{k!r}] must be positive, got {v}.")
         for k in [*self.rank_pattern, *self.alpha_pattern]:
             self._check_regex(f"rank_pattern / alpha_pattern key", k)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.delta import LayerInfo, oriented_weight
-from ..core.errors import ConfigError
+from ..core.config import check_non_negative
 from ..core.registry import register_method
 from .nlora import MiddleConfig, MiddleLinear, middle_to_lora
 
@@ -44,8 +44,7 @@ class LoraXSConfig(MiddleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init_R_std < 0:
-            raise ConfigError(f"LoraXSConfig.init_R_std must be >= 0, got {self.init_R_std}.")
+        check_non_negative(self, "init_R_std")
 
 
 @torch.no_grad()

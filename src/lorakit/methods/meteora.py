@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import LayerInfo
+from ..core.config import check_non_negative, check_positive, field_error
 from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import pop_aux_records
@@ -94,15 +95,13 @@ class MeteoraConfig(LoraExpertsConfig):
         super().__post_init__()
         n = self.num_experts
         if not 0 < self.top_k <= n:
-            raise ConfigError(f"MeteoraConfig.top_k must be in 1..num_experts={n}, got {self.top_k}.")
-        if not self.temperature > 0:
-            raise ConfigError(f"MeteoraConfig.temperature must be > 0, got {self.temperature}.")
-        if self.router_aux_loss_coef < 0:
-            raise ConfigError(f"MeteoraConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}.")
+            raise field_error(self, "top_k", f" must be in 1..num_experts={n}, got {self.top_k}.")
+        check_positive(self, "temperature")
+        check_non_negative(self, "router_aux_loss_coef")
         for task, index in (self.task_to_adapter or {}).items():
             if not -1 <= index < n:
-                raise ConfigError(f"MeteoraConfig.task_to_adapter[{task!r}]={index}: use an adapter index in "
-                                  f"0..{n - 1}, or -1 for a task without an adapter.")
+                raise field_error(self, "task_to_adapter", f"[{task!r}]={index}: use an adapter index in "
+                                                           f"0..{n - 1}, or -1 for a task without an adapter.")
 
     def adapter_of_task_id(self) -> list[int] | None:
         """Routing key id → adapter index (-1: none); None = by order (id j is adapter j)."""

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, MergeTerms, oriented_weight
-from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
+from ..core.errors import AdapterError, TargetError, did_you_mean
 from ..core.registry import register_method
 
 INIT_CHOICES = (True, False, "bat", "mini")
@@ -53,15 +53,11 @@ class MissConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"MissConfig.r must be a positive integer, got {self.r}.")
-        if self.mini_r <= 0:
-            raise ConfigError(f"MissConfig.mini_r must be a positive integer, got {self.mini_r}.")
-        if not 0.0 <= self.miss_dropout < 1.0:
-            raise ConfigError(f"MissConfig.miss_dropout must be in [0, 1), got {self.miss_dropout}.")
+        check_positive_ints(self, "r", "mini_r")
+        check_dropout(self, "miss_dropout")
         if self.init_weights not in INIT_CHOICES:
-            raise ConfigError(f"MissConfig.init_weights={self.init_weights!r} is not one of {INIT_CHOICES}."
-                              f"{did_you_mean(str(self.init_weights), ['bat', 'mini'])}")
+            raise field_error(self, "init_weights", f"={self.init_weights!r} is not one of {INIT_CHOICES}."
+                                                    f"{did_you_mean(str(self.init_weights), ['bat', 'mini'])}")
 
 
 class MissLinear(Delta):

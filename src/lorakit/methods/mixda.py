@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
 from ..mixtures.experts import expand_to_ranks
@@ -100,14 +100,17 @@ class MixdaConfig(AdapterConfig):
         super().__post_init__()
         if self.num_experts is None:
             if self.domains is None:
-                raise ConfigError("MixdaConfig needs num_experts (the number of domain adapters) or domains (names).")
+                raise field_error(self, "num_experts", " is unset: give num_experts (the number of domain adapters) or "
+                                                       "domains (names).")
             self.num_experts = len(self.domains)
-        if self.num_experts <= 0 or (self.domains is not None and len(set(self.domains)) != self.num_experts):
-            raise ConfigError(f"MixdaConfig: num_experts={self.num_experts} must be positive and match {self.domains}.")
-        if min(self.reduction, self.gate_depth, self.task_reduction) <= 0 or (self.gate_hidden or 1) <= 0:
-            raise ConfigError("MixdaConfig: reduction, task_reduction, gate_depth and gate_hidden must be positive.")
-        if not 0.0 <= self.gate_dropout < 1.0 or self.general_mse_coef < 0:
-            raise ConfigError("MixdaConfig: gate_dropout must be in [0, 1) and general_mse_coef >= 0.")
+        check_positive_ints(self, "num_experts")
+        if self.domains is not None and len(set(self.domains)) != self.num_experts:
+            raise field_error(self, "num_experts", f"={self.num_experts} must match the distinct domains "
+                                                   f"{self.domains}.")
+        check_positive_ints(self, "reduction", "task_reduction", "gate_depth")
+        check_positive_ints(self, "gate_hidden", optional=True)
+        check_dropout(self, "gate_dropout")
+        check_non_negative(self, "general_mse_coef")
         check_mapping("MixdaConfig", "key_to_domain", self.key_to_domain, self.num_experts)
 
 

@@ -42,9 +42,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive_ints
+from ..core.config import AdapterConfig, check_dropout, check_positive, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
 from ..mixtures.ffn_experts import MixLoraFFN
@@ -100,20 +99,15 @@ class MixLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.routing_strategy not in ROUTING_STRATEGIES:
-            raise ConfigError(f"MixLoraConfig.routing_strategy={self.routing_strategy!r}: choose one of "
+            raise field_error(self, "routing_strategy", f"={self.routing_strategy!r}: choose one of "
                               f"{ROUTING_STRATEGIES} ('top_p' is MixLoRA-dynamic, 'switch' is MixLoRA-switch).")
         check_positive_ints(self, "r", "num_experts", "top_k")
-        if self.expert_r is not None and self.expert_r <= 0:
-            raise ConfigError(f"MixLoraConfig.expert_r must be a positive integer or None, got {self.expert_r}.")
+        check_positive_ints(self, "expert_r", "expert_capacity", optional=True)
         if self.top_k > self.num_experts:
-            raise ConfigError(f"MixLoraConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"MixLoraConfig.top_p must be in (0, 1], got {self.top_p}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"MixLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if (self.expert_capacity is not None and self.expert_capacity <= 0) or self.capacity_factor <= 0:
-            raise ConfigError("MixLoraConfig.expert_capacity and capacity_factor must be positive "
-                              f"(got {self.expert_capacity}, {self.capacity_factor}).")
+            raise field_error(self, "top_k", f"={self.top_k} exceeds num_experts={self.num_experts}.")
+        check_range(self, "top_p", 0, 1, low_open=True)
+        check_dropout(self, "lora_dropout")
+        check_positive(self, "capacity_factor")
         for name, value in (SWITCH_DEFAULTS if self.routing_strategy == "switch" else OTHER_DEFAULTS).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

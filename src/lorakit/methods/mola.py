@@ -30,14 +30,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_positive_ints, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import ConfigError
+from ..core.errors import FIELD, ConfigError
 from ..core.registry import register_method
 from ..core.targeting import layer_index
 from ..mixtures.base import MixtureDelta, count_layers, router_loss
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.router import Router, assignment_balance_loss
+
+
+NUM_EXPERTS = "MolaConfig.num_experts"  # the field parse_allocation's errors are about
 
 
 def parse_allocation(spec: int | str | list[int]) -> list[int]:
@@ -48,10 +51,10 @@ def parse_allocation(spec: int | str | list[int]) -> list[int]:
     try:
         counts = [int(c) for c in spec.replace(",", "-").split("-")] if isinstance(spec, str) else list(spec)
     except ValueError:
-        raise ConfigError(f"MolaConfig.num_experts={spec!r}: give positive expert counts like '2-4-6-8' (numbers "
-                          f"joined by '-'), one number, or a list.") from None
+        raise ConfigError(f"{FIELD}={spec!r}: give positive expert counts like '2-4-6-8' (numbers joined by '-'), "
+                          "one number, or a list.", field=NUM_EXPERTS) from None
     if not counts or any(c <= 0 for c in counts):
-        raise ConfigError(f"MolaConfig.num_experts={spec!r}: give positive expert counts like '2-4-6-8'.")
+        raise ConfigError(f"{FIELD}={spec!r}: give positive expert counts like '2-4-6-8'.", field=NUM_EXPERTS)
     return counts
 
 
@@ -81,10 +84,9 @@ class MolaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         counts = parse_allocation(self.num_experts)
-        if self.r <= 0 or self.top_k <= 0:
-            raise ConfigError(f"MolaConfig: r and top_k must be positive (got r={self.r}, top_k={self.top_k}).")
+        check_positive_ints(self, "r", "top_k")
         if self.top_k > min(counts):
-            raise ConfigError(f"MolaConfig.top_k={self.top_k} exceeds the smallest expert count {min(counts)} in "
+            raise field_error(self, "top_k", f"={self.top_k} exceeds the smallest expert count {min(counts)} in "
                               f"num_experts={self.num_experts!r}.")
 
     def experts_at(self, layer: int | None) -> int:

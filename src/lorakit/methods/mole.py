@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints
 from ..core.delta import LayerInfo
-from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
@@ -67,11 +66,8 @@ class MoleConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0 or self.num_experts <= 0:
-            raise ConfigError(f"MoleConfig: r and num_experts must be positive (got r={self.r}, "
-                              f"num_experts={self.num_experts}).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"MoleConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_positive_ints(self, "r", "num_experts")
+        check_dropout(self, "lora_dropout")
 
 
 class MoleDenseFFN(MixLoraFFN):

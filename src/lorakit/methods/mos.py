@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive_ints
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import TargetError
 from ..core.model import adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -73,13 +73,12 @@ class MosConfig(AdapterConfig):
         check_positive_ints(self, "r", "valid_param_lora_r", "num_chunk_per_vec")
         e, p = self.valid_param_lora_r, self.valid_param_private_r
         if not 0 <= p <= min(e, self.r):
-            raise ConfigError(f"MosConfig.valid_param_private_r={p} must be in [0, min(valid_param_lora_r, r)] = "
+            raise field_error(self, "valid_param_private_r", f"={p} must be in [0, min(valid_param_lora_r, r)] = "
                               f"[0, {min(e, self.r)}].")
         if p == e and self.r != e:  # nothing left to share: official gen_tied_lora_config asserts this
-            raise ConfigError(f"MosConfig: with valid_param_private_r == valid_param_lora_r ({e}) every shard is "
+            raise field_error(self, "valid_param_private_r", f" == valid_param_lora_r ({e}) makes every shard "
                               f"private, so r must equal {e} (got r={self.r}); lower valid_param_private_r.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"MosConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_dropout(self, "lora_dropout")
 
     @property
     def scaling(self) -> float:

@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits, oriented_weight
 from ..core.errors import ConfigError, did_you_mean
 from ..core.inits import find_init, list_inits
@@ -57,13 +57,11 @@ class MiddleConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"{type(self).__name__}.r must be a positive integer, got {self.r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{type(self).__name__}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_positive_ints(self, "r")
+        check_dropout(self, "lora_dropout")
         if self.init_weights is not None and find_init(self.init_weights) is None:
             names = [i.name for i in list_inits()]
-            raise ConfigError(f"{type(self).__name__}.init_weights={self.init_weights!r} is not a registered init "
+            raise field_error(self, "init_weights", f"={self.init_weights!r} is not a registered init "
                               f"({', '.join(names)}).{did_you_mean(str(self.init_weights), names)}")
 
     def requested_init(self) -> str | None:

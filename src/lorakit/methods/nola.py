@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive_ints
+from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ._plain import export_plain_lora
 
@@ -55,10 +54,8 @@ class NolaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r", "num_basis_A", "num_basis_B")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"NolaConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.projection_seed < 0:
-            raise ConfigError(f"NolaConfig.projection_seed must be >= 0, got {self.projection_seed}.")
+        check_dropout(self, "lora_dropout")
+        check_non_negative(self, "projection_seed")
 
     @property
     def scaling(self) -> float:

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import ANY_VALUE, AdapterConfig
+from ..core.config import ANY_VALUE, AdapterConfig, check_dropout, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, describe_layer
-from ..core.errors import AdapterError, ConfigError, TargetError
+from ..core.errors import AdapterError, TargetError
 from ..core.model import unsupported_target
 from ..core.registry import get_method, register_method
 from ..core.targeting import iter_host_modules, select_targets
@@ -69,12 +69,10 @@ class RandLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"RandLoraConfig.r must be a positive integer, got {self.r}.")
-        if not 0.0 <= self.randlora_dropout < 1.0:
-            raise ConfigError(f"RandLoraConfig.randlora_dropout must be in [0, 1), got {self.randlora_dropout}.")
+        check_positive_ints(self, "r")
+        check_dropout(self, "randlora_dropout")
         if self.sparse and self.very_sparse:
-            raise ConfigError("RandLoraConfig: set at most one of sparse and very_sparse.")
+            raise field_error(self, "very_sparse", " and sparse are both set; set at most one of them.")
 
     @property
     def scaling(self) -> float:

@@ -45,9 +45,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_positive, check_positive_ints, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
@@ -72,7 +72,8 @@ class RoutedLoraConfig(LoraExpertsConfig):
         super().__post_init__()
         check_mapping(type(self).__name__, "key_to_expert", self.key_to_expert, self.num_experts)
         if not -1 <= self.default_expert < self.num_experts:
-            raise ConfigError(f"RoutedLoraConfig.default_expert must be -1 (base) or in 0..{self.num_experts - 1}.")
+            raise field_error(self, "default_expert", f" must be -1 (base) or in 0..{self.num_experts - 1}, "
+                                                      f"got {self.default_expert}.")
 
 
 class RoutedLoraLinear(LoraExperts):
@@ -130,7 +131,7 @@ class MMLoraConfig(LoraExpertsConfig):
         super().__post_init__()
         for m, e in enumerate(self.modality_to_expert or []):
             if not -1 <= e < self.num_experts:
-                raise ConfigError(f"MMLoraConfig.modality_to_expert[{m}]={e}: use -1 or 0..{self.num_experts - 1}.")
+                raise field_error(self, "modality_to_expert", f"[{m}]={e}: use -1 or 0..{self.num_experts - 1}.")
 
 
 class MMLoraLinear(LoraExperts):
@@ -217,15 +218,12 @@ class RecLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.user_dim is None or self.user_dim <= 0:
-            raise ConfigError("RecLoraConfig.user_dim must be set to the size of the user vector passed as "
-                              "routing(extras={'user_state': (batch, user_dim)}).")
-        if min(self.num_experts, self.r, self.gate_hidden) <= 0:
-            raise ConfigError("RecLoraConfig: num_experts, r and gate_hidden must be positive.")
-        if not self.temperature > 0:
-            raise ConfigError(f"RecLoraConfig.temperature must be > 0, got {self.temperature}.")
-        for name in ("lora_dropout", "gate_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"RecLoraConfig.{name} must be in [0, 1), got {getattr(self, name)}.")
+            raise field_error(self, "user_dim", " must be set to the size of the user vector passed as "
+                                                "routing(extras={'user_state': (batch, user_dim)}), got "
+                                                f"{self.user_dim}.")
+        check_positive_ints(self, "num_experts", "r", "gate_hidden")
+        check_positive(self, "temperature")
+        check_dropout(self, "lora_dropout", "gate_dropout")
 
 
 class RecLoraLinear(MixtureDelta):

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -56,14 +55,10 @@ class S2LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"S2LoraConfig.r must be a positive integer, got {self.r}.")
-        if self.l1_lambda < 0:
-            raise ConfigError(f"S2LoraConfig.l1_lambda must be >= 0, got {self.l1_lambda}.")
-        if self.init_std <= 0:
-            raise ConfigError(f"S2LoraConfig.init_std must be > 0, got {self.init_std}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"S2LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_positive_ints(self, "r")
+        check_non_negative(self, "l1_lambda")
+        check_positive(self, "init_std")
+        check_dropout(self, "lora_dropout")
 
     @property
     def scaling(self) -> float:

@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
-from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import rank_block_delta
@@ -61,12 +60,11 @@ class SmoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0 or not 0 < self.top_k <= self.r:
-            raise ConfigError(f"SmoraConfig: need r > 0 and 0 < top_k <= r (got r={self.r}, top_k={self.top_k}).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"SmoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.bias_update_rate < 0:
-            raise ConfigError(f"SmoraConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}.")
+        check_positive_ints(self, "r")
+        if not 0 < self.top_k <= self.r:
+            raise field_error(self, "top_k", f" must be in 1..r={self.r} (the ranks it picks from), got {self.top_k}.")
+        check_dropout(self, "lora_dropout")
+        check_non_negative(self, "bias_update_rate")
 
     @property
     def scaling(self) -> float:

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import (AdapterConfig, check_dropout, check_non_negative, check_positive, check_positive_ints,
+                           field_error)
 from ..core.delta import Delta, LayerInfo, RankUnits
-from ..core.errors import ConfigError
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -74,21 +74,18 @@ class SoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"SoraConfig.r must be a positive integer, got {self.r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"SoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.sparse_lambda < 0 or self.sparse_lambda_2 < 0:
-            raise ConfigError("SoraConfig.sparse_lambda and sparse_lambda_2 must be >= 0, got "
-                              f"{self.sparse_lambda} and {self.sparse_lambda_2}.")
-        if self.lambda_schedule is not None and (self.max_lambda is None or self.lambda_num < 1):
-            raise ConfigError(f"SoraConfig.lambda_schedule={self.lambda_schedule!r} needs max_lambda and "
-                              f"lambda_num >= 1 (got {self.max_lambda}, {self.lambda_num}).")
-        if self.lambda_schedule == "exp_linear" and min(self.sparse_lambda_2, self.max_lambda) <= 0:
-            raise ConfigError("SoraConfig: the exp_linear schedule interpolates log ξ, so sparse_lambda_2 and "
-                              "max_lambda must be > 0.")
-        if self.sparse_lr is not None and self.sparse_lr <= 0:
-            raise ConfigError(f"SoraConfig.sparse_lr must be > 0, got {self.sparse_lr}.")
+        check_positive_ints(self, "r")
+        check_dropout(self, "lora_dropout")
+        check_non_negative(self, "sparse_lambda", "sparse_lambda_2")
+        if self.lambda_schedule is not None:
+            if self.max_lambda is None:
+                raise field_error(self, "max_lambda", f" must be set: lambda_schedule={self.lambda_schedule!r} "
+                                                      "ramps the sparsity weight up to it.")
+            check_positive_ints(self, "lambda_num")
+        if self.lambda_schedule == "exp_linear":
+            check_positive(self, "sparse_lambda_2", "max_lambda",
+                           note=" (the exp_linear schedule interpolates log ξ)")
+        check_positive(self, "sparse_lr")
 
     @property
     def scaling(self) -> float:
@@ -170,11 +167,13 @@ def sora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     return adapter_state(model).configs[name].sparse_lambda * sum(g.abs().sum() for g in gates) / total
 
 
-def sora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> None:
+def sora_on_step(model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+    """The proximal step on the gates (soft threshold ξ); False: what trains stays the same."""
     xi = adapter_state(model).configs[name].threshold(step, total_steps)
     if xi > 0:
         for _, delta in _deltas(model, name):
             delta.proximal_step(xi)
+    return False
 
 
 def rank_distribution(model: nn.Module, name: str) -> dict[str, int]:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..core.delta import LayerInfo
+from ..core.config import check_dropout, check_positive, check_positive_ints, field_error
 from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdapterLayer
 from ..core.model import STATE_ATTR
@@ -100,18 +101,13 @@ class XLoraConfig(LoraExpertsConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.xlora_depth < 1 or self.xlora_size < 1:
-            raise ConfigError(f"XLoraConfig: xlora_depth and xlora_size must be >= 1 (got {self.xlora_depth}, "
-                              f"{self.xlora_size}).")
-        if not 0.0 <= self.xlora_dropout_p < 1.0:
-            raise ConfigError(f"XLoraConfig.xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}.")
-        if not self.softmax_temperature > 0:
-            raise ConfigError(f"XLoraConfig.softmax_temperature must be > 0, got {self.softmax_temperature}.")
+        check_positive_ints(self, "xlora_depth", "xlora_size")
+        check_dropout(self, "xlora_dropout_p")
+        check_positive(self, "softmax_temperature")
         if self.top_k_lora is not None and not 1 <= self.top_k_lora <= self.num_experts:
-            raise ConfigError(f"XLoraConfig.top_k_lora must be in 1..{self.num_experts} or None, "
-                              f"got {self.top_k_lora}.")
+            raise field_error(self, "top_k_lora", f" must be in 1..{self.num_experts} or None, got {self.top_k_lora}.")
         if self.enable_softmax_topk and self.top_k_lora is None:
-            raise ConfigError("XLoraConfig.enable_softmax_topk needs top_k_lora (the softmax is over the kept k).")
+            raise field_error(self, "enable_softmax_topk", " needs top_k_lora (the softmax is over the kept k).")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import FIELD, AdapterError, ConfigError
 from ..core.routing import current_routing, rows_for_batch
 
 
@@ -73,5 +73,5 @@ def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, 
     for key, value in (mapping or {}).items():
         ok = (-1 <= value < n) if isinstance(value, int) else len(value) == n
         if not ok:
-            raise ConfigError(f"{cls}.{field_name}[{key!r}]={value!r}: use an expert index in 0..{n - 1}, -1 for "
-                              f"no expert, or a list of {n} weights.")
+            raise ConfigError(f"{FIELD}[{key!r}]={value!r}: use an expert index in 0..{n - 1}, -1 for no expert, or "
+                              f"a list of {n} weights.", field=f"{cls}.{field_name}")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, field_list
+from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error, field_list
 from ..core.delta import LayerInfo
-from ..core.errors import AdapterLoadError, ConfigError
+from ..core.errors import AdapterLoadError
 from .base import MixtureDelta
 from .experts import expand_to_ranks, rank_block_delta
 from .router import RouterOutput
@@ -56,21 +56,20 @@ class LoraExpertsConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        cls = type(self).__name__
         if self.adapter_paths is not None:
             if not self.adapter_paths:
-                raise ConfigError(f"{cls}.adapter_paths is empty; give LoRA adapter folders or None.")
+                raise field_error(self, "adapter_paths", " is empty; give LoRA adapter folders or None.")
             if self.num_experts is not None and self.num_experts != len(self.adapter_paths):
-                raise ConfigError(f"{cls}.num_experts={self.num_experts} but {len(self.adapter_paths)} adapter_paths "
-                                  "were given; leave num_experts unset.")
+                raise field_error(self, "num_experts", f"={self.num_experts} but {len(self.adapter_paths)} "
+                                                       "adapter_paths were given; leave num_experts unset.")
             self.num_experts = len(self.adapter_paths)
         elif self.num_experts is None:
             if not self.expert_r:
-                raise ConfigError(f"{cls} needs adapter_paths (existing LoRA adapters), num_experts or expert_r.")
+                raise field_error(self, "num_experts", " is unset: give adapter_paths (existing LoRA adapters), "
+                                                       "num_experts or expert_r.")
             self.num_experts = len(self.expert_r)
         n = self.num_experts
-        if n <= 0:
-            raise ConfigError(f"{cls}.num_experts must be positive, got {n}.")
+        check_positive_ints(self, "num_experts")
         if self.adapter_paths is None:  # fresh experts: explicit defaults, so the saved config is complete
             self.expert_r = self.expert_r or [8] * n
             self.expert_alpha = self.expert_alpha or [2.0 * r for r in self.expert_r]
@@ -78,13 +77,12 @@ class LoraExpertsConfig(AdapterConfig):
         for name in ("expert_r", "expert_alpha", "expert_use_rslora", "adapter_names"):
             value = getattr(self, name)
             if value and len(value) != n:
-                raise ConfigError(f"{cls}.{name} has {len(value)} entries for {n} experts.")
+                raise field_error(self, name, f" has {len(value)} entries for {n} experts.")
         if any(r <= 0 for r in self.expert_r):
-            raise ConfigError(f"{cls}.expert_r must be positive ranks, got {self.expert_r}.")
+            raise field_error(self, "expert_r", f" must be positive ranks, got {self.expert_r}.")
         if self.adapter_names is not None and len(set(self.adapter_names)) != n:
-            raise ConfigError(f"{cls}.adapter_names must be {n} distinct names, got {self.adapter_names}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{cls}.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            raise field_error(self, "adapter_names", f" must be {n} distinct names, got {self.adapter_names}.")
+        check_dropout(self, "lora_dropout")
 
 
 def drop_adapter_paths(config: LoraExpertsConfig, layers: list[LayerInfo]) -> dict[str, Any]:

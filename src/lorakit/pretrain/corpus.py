@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lorakit.core.errors import ConfigError
+from lorakit.core.config import check_non_negative, check_positive, check_range, field_error
 
 # Directory names never read: tests, third-party code, GUI demos, and data-like packages whose "source"
 # is mostly tables (encodings) or vendored wheels (ensurepip).
@@ -42,13 +42,12 @@ class CorpusConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.task_fraction < 1.0:
-            raise ConfigError(f"CorpusConfig.task_fraction must be in [0, 1), got {self.task_fraction}; "
-                              "it is the share of task text, the rest being stdlib source.")
-        if self.stdlib_chars <= 0:
-            raise ConfigError(f"CorpusConfig.stdlib_chars must be > 0, got {self.stdlib_chars}.")
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
+        check_range(self, "task_fraction", 0, 1, high_open=True,
+                    note=" (the share of task text, the rest being stdlib source)")
+        check_positive(self, "stdlib_chars")
         if self.chunk_chars < 64:
-            raise ConfigError(f"CorpusConfig.chunk_chars must be >= 64, got {self.chunk_chars}.")
+            raise field_error(self, "chunk_chars", f" must be >= 64, got {self.chunk_chars}.")
 
     @property
     def task_chars(self) -> int:

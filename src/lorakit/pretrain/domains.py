@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.core.errors import ConfigError, comma_items, did_you_mean
 from lorakit.pretrain.corpus import (
     Corpus, TaskTextsFn, split_chunks, stdlib_files, stdlib_texts, take_chars, task_texts,
 )
@@ -143,7 +143,7 @@ def parse_mixture(text: str) -> str | dict[str, float]:
                               f"domain=weight pairs such as code=0.4,tasks=0.6.{did_you_mean(text, NAMED_MIXTURES)}")
         return text
     weights: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in comma_items(text, "", "domain=weight pairs", field="mixture"):
         name, sep, value = part.partition("=")
         name = name.strip()
         if name in weights:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.config import check_non_negative, check_positive, field_error
 from ..core.errors import ConfigError, LorakitError
 from ..core.layer import AdapterLayer
 from .corpus import CorpusConfig, build_corpus
@@ -50,13 +51,10 @@ class AlignConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "corpus_chars", "eval_blocks"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"AlignConfig.{name}={getattr(self, name)}: must be > 0")
-        if not self.lr > 0:
-            raise ConfigError(f"AlignConfig.lr={self.lr}: must be > 0")
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
+        check_positive(self, "steps", "batch_size", "seq_len", "corpus_chars", "eval_blocks", "lr")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"AlignConfig.warmup_steps={self.warmup_steps}: give 0..steps ({self.steps})")
+            raise field_error(self, "warmup_steps", f" must be in 0..steps ({self.steps}), got {self.warmup_steps}.")
 
 
 def alignment_blocks(tokenizer, config: AlignConfig) -> tuple[torch.Tensor, torch.Tensor]:

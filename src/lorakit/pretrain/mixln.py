@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
-from lorakit.core.errors import ConfigError
+from lorakit.core.errors import FIELD, ConfigError
 
 MODEL_TYPE = "lorakit-mixln"
 
@@ -39,8 +39,8 @@ def num_post_ln_layers(alpha: float, num_layers: int) -> int:
 
 def check_alpha(alpha: float) -> float:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"mix_ln_alpha must be a number in [0, 1] (the share of leading Post-LN layers; "
-                          f"0 is Pre-LN, 1 is Post-LN, the paper uses 0.25), got {alpha!r}.")
+        raise ConfigError(f"{FIELD} must be a number in [0, 1] (the share of leading Post-LN layers; "
+                          f"0 is Pre-LN, 1 is Post-LN, the paper uses 0.25), got {alpha!r}.", field="mix_ln_alpha")
     return float(alpha)
 
 

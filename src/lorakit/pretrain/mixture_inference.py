@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from lorakit.cli_parser import CommandParser
-from lorakit.core.errors import ConfigError
+from lorakit.core.errors import ConfigError, comma_items
 from lorakit.io.files import atomic_write_json
 
 
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        names = [d.strip() for d in args.domains.split(",") if d.strip()]
+        names = comma_items(args.domains, "--domains", "domain names")
         check_unique_categories([spec.partition("=")[0] for spec in args.category] + names)
         tokenizer = load_bpe(args.tokenizer)
         texts = dict(_read_category(spec) for spec in args.category)

@@ -38,8 +38,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from lorakit.cli_parser import CommandParser
-from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.core.config import check_non_negative, field_error
+from lorakit.core.errors import ConfigError, comma_items, did_you_mean
 from lorakit.pretrain.domains import (
     DOMAINS, DomainData, check_domain, prepare_domain_data, sample_mixture_blocks, uniform_weights,
 )
@@ -136,27 +137,29 @@ class RegMixConfig:
     sampling: MixtureSampling = field(default_factory=MixtureSampling)
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         if isinstance(self.sampling, dict):
             self.sampling = MixtureSampling(**self.sampling)
         self.domains = tuple(check_domain(d) for d in self.domains)
         if len(self.domains) < 2:
-            raise ConfigError(f"RegMix needs at least two domains, got {list(self.domains)}.")
+            raise ConfigError(f"RegMix needs at least two domains, got {list(self.domains)}.",
+                              field="RegMixConfig.domains")
         for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"RegMixConfig.{name} must be > 0, got {getattr(self, name)}.")
+                raise field_error(self, name, f" must be > 0, got {getattr(self, name)}.")
         fit = self.n_proxies - self.n_proxies // self.test_every  # every test_every-th proxy is held out
         if fit < MIN_FIT_PROXIES:
             enough = next(n for n in range(MIN_FIT_PROXIES, 4 * MIN_FIT_PROXIES * self.test_every + 1)
                           if n - n // self.test_every >= MIN_FIT_PROXIES) if self.test_every > 1 else None
-            raise ConfigError(
-                f"RegMixConfig.n_proxies={self.n_proxies} with test_every={self.test_every} leaves {fit} proxies to "
+            raise field_error(
+                self, "n_proxies", f"={self.n_proxies} with test_every={self.test_every} leaves {fit} proxies to "
                 f"fit the regression (one in test_every is held out); the LightGBM fit needs at least "
                 f"{MIN_FIT_PROXIES}: " + (f"raise n_proxies to {enough} or more." if enough else
                                           "raise test_every (1 holds every proxy out)."))
         if self.target != "mean" and self.target not in self.domains:
             options = ["mean", *self.domains]
             raise ConfigError(f"RegMix target {self.target!r} is neither 'mean' nor a domain in the sweep "
-                              f"({options}).{did_you_mean(self.target, options)}")
+                              f"({options}).{did_you_mean(self.target, options)}", field="RegMixConfig.target")
 
     def is_test(self, index: int) -> bool:
         return index % self.test_every == self.test_every - 1
@@ -403,7 +406,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--domains", default=",".join(defaults.domains), help="comma-separated domain names")
     for name in ("n_proxies", "test_every", "steps", "hidden_size", "num_layers", "seq_len", "batch_size",
                  "vocab_size", "eval_blocks", "top_k", "n_search", "seed"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), type=seed_arg if name == "seed" else int,
+                            default=getattr(defaults, name))
     for name in ("lr", "domain_scale"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--target", default=defaults.target, help="'mean' or a domain whose loss to minimise")
@@ -416,8 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (status := parser.file_in_the_way(args.out, "--out")) is not None:  # was a FileExistsError traceback
         return status
     values = {k: v for k, v in vars(args).items() if k not in ("out", "fit_only", "shard")}
-    values["domains"] = tuple(d.strip() for d in values["domains"].split(",") if d.strip())
     try:
+        values["domains"] = tuple(comma_items(values["domains"], "--domains", "domain names"))
         return _run(args, RegMixConfig(**values))
     except ConfigError as err:  # a flag, a resumed folder's other config, too few finished proxies to fit, ...
         return parser.fail(err)  # the sweep's records stay

@@ -31,8 +31,9 @@ import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.assets import BASE_MODEL_PATH
-from lorakit.cli_parser import CommandParser
-from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.core.config import check_non_negative, field_error
+from lorakit.core.errors import FIELD, ConfigError, did_you_mean
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -116,53 +117,62 @@ class PretrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         if isinstance(self.corpus, dict):
             self.corpus = CorpusConfig(**self.corpus)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"Unknown pretraining objective {self.objective!r}; choose one of "
-                              f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}")
+                              f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}",
+                              field="PretrainConfig.objective")
         if self.norm not in NORMS:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
-                              f"{did_you_mean(self.norm, NORMS)}")
+                              f"{did_you_mean(self.norm, NORMS)}", field="PretrainConfig.norm")
         check_alpha(self.mix_ln_alpha)
         default_alpha = next(f.default for f in dataclasses.fields(self) if f.name == "mix_ln_alpha")
         if self.norm != "mix" and self.mix_ln_alpha != default_alpha:
             layout = "plain Pre-LN" if self.norm == "pre" else "Post-LN in every layer (alpha 1)"
             raise ConfigError(f"--mix-ln-alpha {self.mix_ln_alpha} is read only with --norm mix; --norm {self.norm} "
-                              f"builds {layout} and would ignore it. Use --norm mix, or drop --mix-ln-alpha.")
+                              f"builds {layout} and would ignore it. Use --norm mix, or drop --mix-ln-alpha.",
+                              field="PretrainConfig.mix_ln_alpha")
         if self.norm == "mix" and math.floor(self.mix_ln_alpha * self.num_layers) < 1:
             raise ConfigError(f"--norm mix with --mix-ln-alpha {self.mix_ln_alpha} and {self.num_layers} layers puts "
                               f"floor(alpha * layers) = 0 layers in Post-LN: that is plain Pre-LN. Raise alpha or the "
-                              "layer count, or use --norm pre.")
+                              "layer count, or use --norm pre.", field="PretrainConfig.mix_ln_alpha")
+        # counts first: a 0 there would otherwise fail as a divisibility or a length below
+        for name in ("steps", "batch_size", "seq_len", "num_layers", "log_every", "hidden_size", "num_heads",
+                     "num_kv_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise field_error(self, name, f" must be > 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+            raise ConfigError(f"{FIELD} ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).",
+                              field="hidden_size")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).")
+            raise ConfigError(f"{FIELD} ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).",
+                              field="num_heads")
         if self.seq_len > self.max_position_embeddings:
-            raise ConfigError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings "
-                              f"({self.max_position_embeddings}); lower seq_len or raise the other.")
+            raise ConfigError(f"{FIELD} ({self.seq_len}) exceeds max_position_embeddings "
+                              f"({self.max_position_embeddings}); lower seq_len or raise the other.",
+                              field="seq_len")
         if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
-            raise ConfigError(f"PretrainConfig.tokenizer={self.tokenizer!r} is not a folder with a tokenizer.json; "
+            raise field_error(self, "tokenizer", f"={self.tokenizer!r} is not a folder with a tokenizer.json; "
                               "pass a model folder (e.g. the bundled base's) or leave it empty to train one.")
         if self.vocab_size < 300:
-            raise ConfigError(f"vocab_size must be >= 300 (256 bytes + special tokens), got {self.vocab_size}.")
-        for name in ("steps", "batch_size", "seq_len", "num_layers", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}.")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"PretrainConfig.checkpoint_every must be >= 0 (0: no checkpoints), got "
-                              f"{self.checkpoint_every}.")
+            raise ConfigError(f"{FIELD} must be >= 300 (256 bytes + special tokens), got {self.vocab_size}.",
+                              field="vocab_size")
+        check_non_negative(self, "checkpoint_every", note=" (0: no checkpoints)")
         if not 0.0 <= self.eval_fraction < 0.5:
-            raise ConfigError(f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}.")
+            raise ConfigError(f"{FIELD} must be in [0, 0.5), got {self.eval_fraction}.",
+                              field="eval_fraction")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+            raise ConfigError(f"{FIELD} must be in [0, 1], got {self.min_lr_ratio}.", field="min_lr_ratio")
         if self.mixture:
             parse_mixture(self.mixture)
             if not self.mixture_scale > 0:
-                raise ConfigError(f"mixture_scale must be > 0, got {self.mixture_scale}; it multiplies each "
-                                  "domain's natural character budget.")
+                raise ConfigError(f"{FIELD} must be > 0, got {self.mixture_scale}; it multiplies each domain's natural "
+                                  "character budget.", field="mixture_scale")
             if self.mixture == "regmix" and not self.regmix_dir:
-                raise ConfigError("mixture='regmix' needs regmix_dir, the folder `lorakit regmix --out` wrote.")
+                raise ConfigError(f"mixture='regmix' needs {FIELD}, the folder `lorakit regmix --out` wrote.",
+                                  field="regmix_dir")
 
 
 def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int) -> torch.Tensor:
@@ -499,7 +509,8 @@ def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], 
             options = sorted(OBJECTIVES) if f.name == "objective" else list(NORMS)
             parser.add_argument(flag, dest=dest, default=default, help=f"one of {options} (default: {default})")
         else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"default: {default}")
+            parser.add_argument(flag, dest=dest, type=seed_arg if f.name == "seed" else kind, default=default,
+                                help=f"default: {default}")
 
 
 def build_parser() -> CommandParser:

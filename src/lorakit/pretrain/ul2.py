@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from lorakit.core.errors import ConfigError, did_you_mean
+from lorakit.core.errors import FIELD, ConfigError, did_you_mean
 
 MODE_TOKENS = {"R": "[R]", "S": "[S]", "X": "[X]"}
 
@@ -55,13 +55,14 @@ class Denoiser:
 
     def __post_init__(self) -> None:
         if self.mode not in MODE_TOKENS:
-            raise ConfigError(f"Denoiser mode must be one of {sorted(MODE_TOKENS)}, got {self.mode!r}."
-                              f"{did_you_mean(self.mode, MODE_TOKENS)}")
+            raise ConfigError(f"Denoiser {FIELD} must be one of {sorted(MODE_TOKENS)}, got {self.mode!r}."
+                              f"{did_you_mean(self.mode, MODE_TOKENS)}", field="mode")
         limit = 0.5 if self.mean_span is None else 1.0
         if not 0.0 < self.rate <= limit:
-            raise ConfigError(f"Denoiser rate must be in (0, {limit}] for mode {self.mode}, got {self.rate}.")
+            raise ConfigError(f"Denoiser {FIELD} must be in (0, {limit}] for mode {self.mode}, got {self.rate}.",
+                              field="rate")
         if self.mean_span is not None and self.mean_span < 1:
-            raise ConfigError(f"Denoiser mean_span must be >= 1, got {self.mean_span}.")
+            raise ConfigError(f"Denoiser {FIELD} must be >= 1, got {self.mean_span}.", field="mean_span")
 
     @property
     def mode_token(self) -> str:
@@ -85,11 +86,11 @@ class UL2Config:
 
     def __post_init__(self) -> None:
         if not self.denoisers:
-            raise ConfigError("UL2Config.denoisers is empty; give at least one Denoiser.")
+            raise ConfigError(f"{FIELD} is empty; give at least one Denoiser.", field="UL2Config.denoisers")
         if self.weights is not None and (len(self.weights) != len(self.denoisers) or min(self.weights) < 0
                                          or sum(self.weights) <= 0):
-            raise ConfigError(f"UL2Config.weights needs {len(self.denoisers)} non-negative numbers with a positive "
-                              f"sum, got {self.weights}.")
+            raise ConfigError(f"{FIELD} needs {len(self.denoisers)} non-negative numbers with a positive sum, got "
+                              f"{self.weights}.", field="UL2Config.weights")
 
 
 def span_counts(length: int, rate: float, mean_span: float) -> tuple[int, int]:

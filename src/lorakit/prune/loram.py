@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.config import field_error
 from ..core.errors import ConfigError, LorakitError
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
 from ..io.peft_format import PREFIX, WEIGHTS_NAME
@@ -61,11 +62,11 @@ class LoramConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
-            raise ConfigError(f"LoramConfig.ratio={self.ratio}: give the fraction removed, in (0, 1)")
+            raise field_error(self, "ratio", f"={self.ratio}: give the fraction removed, in (0, 1)")
         if self.criterion not in CRITERIA:
-            raise ConfigError(f"LoramConfig.criterion={self.criterion!r}: choose one of {CRITERIA}")
+            raise field_error(self, "criterion", f"={self.criterion!r}: choose one of {CRITERIA}")
         if self.block_range is not None and not (0 <= self.block_range[0] < self.block_range[1]):
-            raise ConfigError(f"LoramConfig.block_range={self.block_range}: give (start, end) with 0 <= start < end")
+            raise field_error(self, "block_range", f"={self.block_range}: give (start, end) with 0 <= start < end")
 
 
 @dataclass

@@ -64,8 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.config import check_positive_ints
-from ..core.errors import ConfigError
+from ..core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
 from .model import block_inputs, block_linears, block_output, decoder_blocks, oriented, slice_kwargs
 from .uniform import QuantSpec, minmax_params, rtn
 
@@ -106,15 +105,14 @@ class CBQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
         self.spec = QuantSpec(self.bits, self.group_size)  # validates bits / group_size
-        if self.window < 1 or not 0 <= self.overlap < self.window:
-            raise ConfigError(f"CBQConfig needs window >= 1 and 0 <= overlap < window, got window={self.window}, "
-                              f"overlap={self.overlap}.")
-        check_positive_ints(self, "r", "steps", "batch_size")
-        if not 0.0 <= self.round_warmup < 1.0:
-            raise ConfigError(f"CBQConfig.round_warmup must be in [0, 1), got {self.round_warmup}.")
-        if self.lr <= 0 or self.scale_lr < 0 or self.round_weight < 0 or self.kl_weight < 0:
-            raise ConfigError("CBQConfig.lr must be > 0 and scale_lr, round_weight, kl_weight >= 0.")
+        check_positive_ints(self, "window", "r", "steps", "batch_size")
+        if not 0 <= self.overlap < self.window:
+            raise field_error(self, "overlap", f"={self.overlap}: need 0 <= overlap < window, got window={self.window}.")
+        check_range(self, "round_warmup", 0, 1, high_open=True)
+        check_positive(self, "lr")
+        check_non_negative(self, "scale_lr", "round_weight", "kl_weight")
 
 
 # -- coarse-to-fine pre-processing (weights) ---------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..core.delta import register_dequantizer
-from ..core.errors import ConfigError, LorakitError
+from ..core.config import field_error
+from ..core.errors import LorakitError
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,10 +64,9 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ConfigError(f"QuantizeConfig.quant_type={self.quant_type!r}: choose one of {QUANT_TYPES}")
+            raise field_error(self, "quant_type", f"={self.quant_type!r}: choose one of {QUANT_TYPES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"QuantizeConfig.compute_dtype={self.compute_dtype!r}: choose one of "
-                              f"{tuple(COMPUTE_DTYPES)}")
+            raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}")
 
     @classmethod
     def of(cls, value: "QuantizeConfig | str") -> "QuantizeConfig":

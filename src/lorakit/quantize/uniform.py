@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import FIELD, ConfigError
 
 EPS = 1e-8
 
@@ -31,9 +31,10 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}.")
+            raise ConfigError(f"{FIELD} must be an integer from 2 to 8, got {self.bits!r}.", field="bits")
         if self.group_size is not None and self.group_size <= 0:
-            raise ConfigError(f"group_size must be a positive integer or None (per output channel), got {self.group_size}.")
+            raise ConfigError(f"{FIELD} must be a positive integer or None (per output channel), got "
+                              f"{self.group_size}.", field="group_size")
 
     @property
     def qmax(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import FIELD, ConfigError
 
 
 @dataclass
@@ -36,14 +36,15 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in (self.stop or ()) if s)
+        # field: the request's key (these messages answer an HTTP request as they read)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise ConfigError(f"{FIELD} must be a positive integer, got {self.max_tokens!r}", field="max_tokens")
         if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature!r}")
+            raise ConfigError(f"{FIELD} must be in [0, 100], got {self.temperature!r}", field="temperature")
         if not 0.0 < float(self.top_p) <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"{FIELD} must be in (0, 1], got {self.top_p!r}", field="top_p")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+            raise ConfigError(f"{FIELD} must be a non-negative integer (0 = off), got {self.top_k!r}", field="top_k")
 
     @property
     def greedy(self) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from ..core.errors import ConfigError
+from ..core.errors import FIELD, ConfigError
 from .engine import Engine
 from .multi import RowSpec
 from .sampling import SamplingParams
@@ -42,12 +42,14 @@ class SelfMoAConfig:
     temperature: float = 0.7
 
     def __post_init__(self):
+        # field: the key of the request's "self_moa" object (these messages answer an HTTP request as they read)
         if not isinstance(self.n, int) or not 1 <= self.n <= 16:
-            raise ConfigError(f"self_moa n must be an integer in [1, 16], got {self.n!r}")
+            raise ConfigError(f"self_moa {FIELD} must be an integer in [1, 16], got {self.n!r}", field="n")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
-            raise ConfigError(f"self_moa window must be None (all at once) or an integer >= 2, got {self.window!r}")
+            raise ConfigError(f"self_moa {FIELD} must be None (all at once) or an integer >= 2, got {self.window!r}",
+                              field="window")
         if not 0.0 < float(self.temperature) <= 2.0:
-            raise ConfigError(f"self_moa temperature must be in (0, 2], got {self.temperature!r}")
+            raise ConfigError(f"self_moa {FIELD} must be in (0, 2], got {self.temperature!r}", field="temperature")
 
 
 def aggregation_prompt(prompt: str, responses: Sequence[str]) -> str:

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import AdapterError, AdapterLoadError, LorakitError
+from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError
 
 try:
     from fastapi import FastAPI
@@ -54,8 +54,10 @@ class ServerLimits:
     default_max_tokens: int = 16
 
     def __post_init__(self):
-        if self.max_body_bytes < 1 or self.max_tokens < 1 or self.default_max_tokens < 1:
-            raise LorakitError(f"server limits must be positive, got {self}")
+        for name in ("max_body_bytes", "max_tokens", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server limit {FIELD} must be positive, got {getattr(self, name)} ({self})",
+                                  field=f"ServerLimits.{name}")
 
 
 class HTTPError(Exception):

@@ -402,7 +402,7 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, devic
                 loss = loss + job_loss + (extra if extra is not None else 0.0)
                 offset += n
             loss.backward()
-        hooked, norms = False, {}
+        changed, norms = False, {}
         for r in live:
             c = r.config
             if r.procedure is not None:
@@ -416,9 +416,9 @@ def _train_concurrent(model, tokenizer, jobs, names, output_dir, progress, devic
             r.result.losses.append(step_loss[r.name])
             r.window.append(step_loss[r.name])
             with r.drawing():
-                hooked = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or hooked
-        if hooked:
-            refresh_trainable(model)  # a hook may have changed what an adapter freezes (Delta.frozen_names)
+                changed = step_hooks(model, r.name, r.method, r.procedure, r.step, c.steps) or changed
+        if changed:
+            refresh_trainable(model)  # a hook changed what an adapter freezes (Delta.frozen_names)
         train_time += time.perf_counter() - step_start
         for r in live:  # as the loop after each step: log, evaluate, checkpoint
             c = r.config

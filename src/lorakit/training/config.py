@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import check_field_types, check_positive_ints
-from ..core.errors import ConfigError, did_you_mean
+from ..core.config import (check_field_types, check_non_negative, check_positive, check_positive_ints, check_range,
+                           field_error)
+from ..core.errors import did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
 DISTRIBUTED_MODES = ("ddp", "fsdp")  # training.distributed.MODES
@@ -79,45 +80,40 @@ class TrainConfig:
                 setattr(self, name, os.fspath(value))
         check_field_types(self)
         check_positive_ints(self, "steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples")
-        for name in ("warmup_steps", "eval_every", "save_every", "init_batches"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}.")
+        check_non_negative(self, "warmup_steps", "eval_every", "save_every", "init_batches", note=" (0 turns it off)")
+        check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed (torch's takes one)
+        check_positive(self, "lr")
+        check_non_negative(self, "weight_decay")
         if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"TrainConfig.lr_schedule={self.lr_schedule!r} is not one of {SCHEDULES}."
-                              f"{did_you_mean(self.lr_schedule, SCHEDULES)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            raise field_error(self, "lr_schedule", f"={self.lr_schedule!r} is not one of {SCHEDULES}."
+                                                   f"{did_you_mean(self.lr_schedule, SCHEDULES)}")
+        check_range(self, "warmup_ratio", 0, 1, high_open=True)
         if self.warmup_steps and self.warmup_ratio:
-            raise ConfigError("Set warmup_steps or warmup_ratio, not both "
-                              f"(got warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}).")
+            raise field_error(self, "warmup_ratio", f"={self.warmup_ratio} and warmup_steps={self.warmup_steps} are "
+                                                    "both set; set warmup_steps or warmup_ratio, not both.")
         if self.num_warmup_steps >= self.steps:
-            raise ConfigError(f"Warmup ({self.num_warmup_steps} steps) must be shorter than training "
-                              f"(steps={self.steps}); lower warmup_steps/warmup_ratio or raise steps.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"TrainConfig.max_grad_norm must be > 0, or None for no clipping; "
-                              f"got {self.max_grad_norm}.")
+            name = "warmup_steps" if self.warmup_steps else "warmup_ratio"
+            raise field_error(self, name, f": warmup ({self.num_warmup_steps} steps) must be shorter than training "
+                                          f"(steps={self.steps}); lower warmup_steps/warmup_ratio or raise steps.")
+        check_positive(self, "max_grad_norm", note=", or None for no clipping")
         if self.save_every and self.output_dir is None:
-            raise ConfigError(f"TrainConfig.save_every={self.save_every} needs an output_dir to write "
-                              "checkpoints into.")
+            raise field_error(self, "save_every", f"={self.save_every} needs an output_dir to write checkpoints "
+                                                  "into.")
         if self.resume_from is not None and not os.path.isfile(os.path.join(self.resume_from, "trainer_state.json")):
-            raise ConfigError(f"TrainConfig.resume_from={self.resume_from!r} is not a lorakit checkpoint (no "
+            raise field_error(self, "resume_from", f"={self.resume_from!r} is not a lorakit checkpoint (no "
                               "trainer_state.json in it); point it at an output_dir/checkpoint-<step> folder.")
         if self.procedure is not None:
             from .procedures import get_procedure
             get_procedure(self.procedure).config_from(self.procedure_args)  # a bad name or field fails here
         elif self.procedure_args:
-            raise ConfigError(f"TrainConfig.procedure_args={self.procedure_args!r} given without a procedure; set "
-                              "procedure (see lorakit.training.list_procedures()).")
+            raise field_error(self, "procedure_args", f"={self.procedure_args!r} given without a procedure; set "
+                                                      "procedure (see lorakit.training.list_procedures()).")
         if self.distributed not in DISTRIBUTED_MODES:
-            raise ConfigError(f"TrainConfig.distributed={self.distributed!r} is not one of {DISTRIBUTED_MODES}."
-                              f"{did_you_mean(self.distributed, DISTRIBUTED_MODES)}")
+            raise field_error(self, "distributed", f"={self.distributed!r} is not one of {DISTRIBUTED_MODES}."
+                                                   f"{did_you_mean(self.distributed, DISTRIBUTED_MODES)}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
-            raise ConfigError(f"TrainConfig.device={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
-                              "or None to pick CUDA when available.")
+            raise field_error(self, "device", f"={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
+                                              "or None to pick CUDA when available.")
 
     @property
     def num_warmup_steps(self) -> int:

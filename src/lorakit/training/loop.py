@@ -254,12 +254,16 @@ def hook_losses(model: nn.Module, adapter_name: str, method: Method, procedure: 
 def step_hooks(model: nn.Module, adapter_name: str, method: Method, procedure: Procedure | None, step: int,
                total_steps: int) -> bool:
     """After optimizer step ``step`` (1-based): the method's ``on_step``, then the procedure's. Returns whether
-    any ran (the caller then re-reads what the adapters freeze, ``refresh_trainable``)."""
+    either may have changed which parameters train (``Delta.frozen_names``, ``requires_grad``); the caller then
+    re-reads them (``refresh_trainable``, DDP's rewrap). A hook says so by returning True, or False when it changed
+    nothing that trains (rank draws, proximal steps: re-reading after those cost about 2% of a step); None, a hook
+    that does not say, counts as a change."""
+    changed = False
     if method.on_step is not None:
-        method.on_step(model, adapter_name, step, total_steps)
+        changed = method.on_step(model, adapter_name, step, total_steps) is not False
     if procedure is not None:
-        procedure.on_step(model, adapter_name, step, total_steps)
-    return method.on_step is not None or procedure is not None
+        changed = (procedure.on_step(model, adapter_name, step, total_steps) is not False) or changed
+    return changed
 
 
 def log_record(step: int, window: Sequence[float], lr: float, grad_norm: torch.Tensor | float | None,
@@ -529,9 +533,9 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             with ctx.agreed_rng():  # a hook's random draw (DyLoRA's rank) is rank 0's on every process
-                hooked = step_hooks(model, adapter_name, method, procedure, step, config.steps)
-            if hooked:
-                refresh_trainable(model)  # a hook may have changed what the adapter freezes (Delta.frozen_names)
+                changed = step_hooks(model, adapter_name, method, procedure, step, config.steps)
+            if changed:
+                refresh_trainable(model)  # a hook changed what the adapter freezes (Delta.frozen_names)
                 train_model = ctx.rewrap(model, train_model)  # DDP's buckets follow the trainable set
             # The one host sync per step: the global loss, and whether any process was asked to stop.
             reduced = ctx.sum(torch.stack([step_loss_sum, torch.tensor(float(stop.requested), device=device)]))

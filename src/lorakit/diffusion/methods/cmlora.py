@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...core.errors import ConfigError
+from ...core.errors import FIELD, ConfigError
 from ..sampler import CompositionConfig, Run, register_composition
 from ..unet_cache import cached_unet_forward
 
@@ -124,11 +124,18 @@ class CMLoRAConfig(CompositionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.cache_interval < 0:
-            raise ConfigError(f"cache_interval must be >= 0 (0: the official three-rate schedule), got {self.cache_interval}")
-        if not 0 <= self.switch_fraction <= 1 or not 0 <= self.high_frequency_start < 1:
-            raise ConfigError("switch_fraction must be in [0, 1] and high_frequency_start in [0, 1)")
-        if self.num_low_frequency < 0 or self.profile_images <= 0 or self.profile_steps <= 0:
-            raise ConfigError("num_low_frequency must be >= 0, profile_images and profile_steps > 0")
+            raise ConfigError(f"{FIELD} must be >= 0 (0: the official three-rate schedule), got {self.cache_interval}",
+                              field="cache_interval")
+        for name, high_open in (("switch_fraction", False), ("high_frequency_start", True)):
+            value = getattr(self, name)
+            inside = 0 <= value < 1 if high_open else 0 <= value <= 1
+            if not inside:
+                raise ConfigError(f"{FIELD} must be in [0, 1{')' if high_open else ']'}, got {value}", field=name)
+        if self.num_low_frequency < 0:
+            raise ConfigError(f"{FIELD} must be >= 0, got {self.num_low_frequency}", field="num_low_frequency")
+        for name in ("profile_images", "profile_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{FIELD} must be > 0, got {getattr(self, name)}", field=name)
 
 
 def profile_loras(run: Run, config: CMLoRAConfig) -> dict[str, float]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.errors import ConfigError
+from ...core.errors import FIELD, ConfigError
 from ..sampler import CompositionConfig, Run, register_composition
 
 
@@ -84,11 +84,13 @@ class ComposerConfig(CompositionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.regions is None:
-            raise ConfigError("composer needs regions: one (start_h, start_w, end_h, end_w) box per LoRA, in [0, 1]")
+            raise ConfigError(f"composer needs {FIELD}: one (start_h, start_w, end_h, end_w) box per LoRA, in [0, 1]",
+                              field="regions")
         self.regions = [tuple(float(v) for v in box) for box in self.regions]
         for box in self.regions:
             if len(box) != 4 or not all(0 <= v <= 1 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
-                raise ConfigError(f"region {box} must be (start_h, start_w, end_h, end_w) with 0 <= start < end <= 1")
+                raise ConfigError(f"region {box} must be (start_h, start_w, end_h, end_w) with 0 <= start < end <= 1",
+                                  field="regions")
 
 
 @register_composition("composer", ComposerConfig, "each LoRA inside its region box, regions isolated in self-attention")

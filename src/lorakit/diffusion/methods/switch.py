@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...core.errors import ConfigError
+from ...core.errors import FIELD, ConfigError
 from ..sampler import CompositionConfig, Run, register_composition
 
 
@@ -27,7 +27,7 @@ class SwitchConfig(CompositionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.switch_step <= 0:
-            raise ConfigError(f"switch_step must be a positive number of steps, got {self.switch_step}")
+            raise ConfigError(f"{FIELD} must be a positive number of steps, got {self.switch_step}", field="switch_step")
 
 
 @register_composition("switch", SwitchConfig, "one LoRA per step, switching every switch_step steps")

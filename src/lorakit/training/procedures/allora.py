@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.config import check_positive
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...methods.lora import LoraLinear
@@ -40,8 +41,7 @@ class AlloraConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.eta > 0:
-            raise ConfigError(f"AlloraConfig.eta must be > 0, got {self.eta}.")
+        check_positive(self, "eta")
 
 
 def _check(path: str, delta: nn.Module) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.config import check_non_negative, check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import disable_adapters
 from .base import Procedure, ProcedureConfig, register_procedure
@@ -50,11 +51,8 @@ class BaLoraConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("lambda1", "lambda2", "lambda3"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"BaLoraConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.k <= 0:
-            raise ConfigError(f"BaLoraConfig.k must be a positive integer, got {self.k}.")
+        check_non_negative(self, "lambda1", "lambda2", "lambda3")
+        check_positive_ints(self, "k")
 
 
 def balora_terms(logits: torch.Tensor, base_logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:

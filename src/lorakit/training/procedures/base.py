@@ -12,7 +12,8 @@ A procedure is a config dataclass (its fields become ``lorakit train --procedure
 3. every step: ``extra_loss(model, adapter_name)`` (added to the task loss, per micro-batch),
    ``on_gradients(model, adapter_name, step)`` after backward and before clipping (gradient scaling,
    projection, perturbation), ``on_step(model, adapter_name, step, total_steps)`` after the optimizer step
-   (schedules, freezing: the loop re-reads ``Delta.frozen_names`` after it). The step's scheduled lr is in
+   (schedules, freezing: it returns True when it changed which parameters train and False when not; the loop
+   re-reads them, ``Delta.frozen_names`` and ``requires_grad``, after True or None). The step's scheduled lr is in
    every optimizer group before the step's first forward, so updates made inside gradient hooks (GaLore's
    per-layer mode) use it;
 4. ``finish(model, adapter_name)`` once when the run's last step is done: remove hooks it registered;
@@ -83,8 +84,10 @@ class Procedure:
     def on_gradients(self, model: nn.Module, adapter_name: str, step: int) -> None:
         return None
 
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
-        return None
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool | None:
+        """After optimizer step ``step``. Return False when it changed nothing of which parameters train, True when
+        it did (the loop then re-reads them: ``refresh_trainable``, DDP's rewrap); None counts as True."""
+        return False
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
         return None

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import check_positive_ints
+from ...core.config import check_positive, check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers, host_path
 from ...core.targeting import layer_index
@@ -67,8 +67,7 @@ class FlexoraConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.hyper_lr > 0:
-            raise ConfigError(f"FlexoraConfig.hyper_lr must be > 0, got {self.hyper_lr}.")
+        check_positive(self, "hyper_lr")
         check_positive_ints(self, "val_batches", "val_size")
 
 
@@ -140,7 +139,7 @@ class Flexora(Procedure):
         self._weights = weights.detach() if detach else weights
 
     # -- the bi-level step ----------------------------------------------------------------------------
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
         if self._batch_of is None:
             raise ConfigError("Flexora needs held-out validation batches: train with lorakit.train (it holds out "
                               "val_size examples), or call procedure.set_validation(batch_of, n) first.")
@@ -162,6 +161,7 @@ class Flexora(Procedure):
         self.alpha.grad = grad
         self.hyper_optimizer.step()
         self._set_weights(detach=True)
+        return False  # the layer weights α are the procedure's own, not the model's: what trains stays the same
 
     def selected_layers(self) -> list[int]:
         """Layer indices with α_l > 0 (weighted above the average), as the official ``selected_layer``."""

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ...core.config import check_positive_ints
+from ...core.config import check_positive, check_positive_ints, check_range, field_error
 from ...core.errors import ConfigError, did_you_mean
 from ...core.model import adapter_layers
 from .base import Procedure, ProcedureConfig, register_procedure
@@ -73,19 +73,17 @@ class GaLoreConfig(ProcedureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "rank", "update_proj_gap")
-        if not self.scale > 0:  # a negative scale turns the update into gradient ascent
-            raise ConfigError(f"GaLoreConfig.scale (--scale) must be > 0, got {self.scale}.")
+        check_positive(self, "scale")  # a negative scale turns the update into gradient ascent
         if self.proj_type not in PROJ_TYPES:
-            raise ConfigError(f"GaLoreConfig.proj_type={self.proj_type!r} is not one of {PROJ_TYPES}."
-                              f"{did_you_mean(self.proj_type, PROJ_TYPES)}")
+            raise field_error(self, "proj_type", f"={self.proj_type!r} is not one of {PROJ_TYPES}."
+                                                 f"{did_you_mean(self.proj_type, PROJ_TYPES)}")
         if isinstance(self.optim_target_modules, str):  # one name (the CLI passes a single value as str)
             self.optim_target_modules = [self.optim_target_modules]
         if not self.optim_target_modules:
-            raise ConfigError("GaLoreConfig.optim_target_modules is empty; name module substrings such as "
-                              "['attn', 'mlp'].")
+            raise field_error(self, "optim_target_modules", " is empty; name module substrings such as "
+                                                            "['attn', 'mlp'].")
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"GaLoreConfig.{name} must be in [0, 1), got {getattr(self, name)}.")
+            check_range(self, name, 0, 1, high_open=True)
 
 
 def _right_side(shape: torch.Size, proj_type: str) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...core.config import check_non_negative
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...methods.lora import LoraLinear
@@ -43,9 +44,7 @@ class GgpoConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("ggpo_sigma", "ggpo_beta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"GgpoConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        check_non_negative(self, "ggpo_sigma", "ggpo_beta")
 
 
 class Ggpo(Procedure):
@@ -97,10 +96,11 @@ class Ggpo(Procedure):
             self.grad_norm[path] = approx.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
         for path, delta in self.deltas.items():
             dw = delta.scaling * (delta.lora_B.weight.float() @ delta.lora_A.weight.float())  # (out, in)
             self.weight_norm[path] = torch.sqrt(self.base_norm[path] ** 2 + (dw ** 2).sum(dim=1, keepdim=True))
+        return False  # what trains stays the same
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
         for handle in self._hooks:

@@ -118,9 +118,12 @@ class Lisa(Procedure):
             for p in self.blocks[index]:
                 p.requires_grad_(True)
 
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> None:
+    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
+        """Redraw the active blocks every ``lisa_interval_steps``; True then (what trains changed)."""
         if step % self.config.lisa_interval_steps == 0:
             self._activate(step // self.config.lisa_interval_steps)
+            return True
+        return False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"active": torch.tensor(self.active, dtype=torch.int64)}

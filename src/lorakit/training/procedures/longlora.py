@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import ConfigError, did_you_mean
+from ...core.config import check_range
+from ...core.errors import ConfigError, comma_items, did_you_mean
 from ...core.model import adapter_layers, host_path
 from ...io.files import load_tensors, save_tensors
 from .base import Procedure, ProcedureConfig, register_procedure
@@ -233,8 +234,12 @@ class LongLoraConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.group_size_ratio <= 1.0:
-            raise ConfigError(f"LongLoraConfig.group_size_ratio must be in (0, 1], got {self.group_size_ratio}.")
+        check_range(self, "group_size_ratio", 0, 1, low_open=True)
+        self.trainable_names()  # an empty item fails here
+
+    def trainable_names(self) -> list[str]:
+        """``trainable_params`` as a list (``""``: none); ConfigError for an empty item (``embed,,norm``)."""
+        return comma_items(self.trainable_params, "", "name parts", field=f"{type(self).__name__}.trainable_params")
 
 
 class LongLora(Procedure):
@@ -274,7 +279,7 @@ class LongLora(Procedure):
 
     def _full_params(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[nn.Parameter]:
         """Base parameters named by ``trainable_params`` (adapter parameters and tied twins excluded)."""
-        parts = [p.strip() for p in self.config.trainable_params.split(",") if p.strip()]
+        parts = self.config.trainable_names()
         if not parts:
             return []
         adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.adapters.parameters()}

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 
-from ...core.errors import ConfigError
+from ...core.config import check_positive, field_error
 from ...core.model import adapter_layers
 from .base import Procedure, ProcedureConfig, register_procedure
 
@@ -39,9 +39,8 @@ class LoraPlusConfig(ProcedureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.loraplus_lr_ratio >= 1.0:
-            raise ConfigError(f"LoraPlusConfig.loraplus_lr_ratio must be >= 1 (η_B / η_A), got {self.loraplus_lr_ratio}.")
-        if not self.loraplus_lr_embedding > 0:
-            raise ConfigError(f"LoraPlusConfig.loraplus_lr_embedding must be > 0, got {self.loraplus_lr_embedding}.")
+            raise field_error(self, "loraplus_lr_ratio", f" must be >= 1 (η_B / η_A), got {self.loraplus_lr_ratio}.")
+        check_positive(self, "loraplus_lr_embedding")
 
 
 class LoraPlus(Procedure):

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from ...core.delta import oriented_weight
-from ...core.errors import ConfigError
+from ...core.config import check_positive_ints, check_range, field_error
+from ...core.errors import ConfigError, comma_items
 from ...core.layer import AdapterLayer
 from ...prune.structure import ATTENTION, MLP, Block, base_of, decoder_blocks, prune_blocks
 from .base import Procedure, ProcedureConfig, register_procedure
@@ -75,23 +76,26 @@ class LoraPruneConfig(ProcedureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.init_ratio <= self.ratio < 1.0:
-            raise ConfigError(f"LoraPruneConfig needs 0 <= init_ratio <= ratio < 1, got init_ratio={self.init_ratio}, "
-                              f"ratio={self.ratio}.")
-        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1:
-            raise ConfigError(f"LoraPruneConfig needs warmup, cooldown >= 0 with warmup + cooldown < 1, got "
-                              f"{self.warmup} and {self.cooldown}.")
-        if self.prune_freq <= 0 or not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"LoraPruneConfig needs prune_freq > 0 and 0 <= beta < 1, got {self.prune_freq}, {self.beta}.")
+        order = " (0 <= init_ratio <= ratio < 1: pruning grows from init_ratio to ratio)"
+        check_range(self, "ratio", 0, 1, high_open=True, note=order)
+        check_range(self, "init_ratio", 0, self.ratio, note=order)
+        for name in ("warmup", "cooldown"):
+            check_range(self, name, 0, 1, high_open=True)
+        if self.warmup + self.cooldown >= 1:
+            raise field_error(self, "cooldown", f"={self.cooldown} with warmup={self.warmup} leaves no pruning: "
+                                                "warmup + cooldown must be < 1.")
+        check_positive_ints(self, "prune_freq")
+        check_range(self, "beta", 0, 1, high_open=True)
         self.protected  # noqa: B018  (a bad list fails here)
 
     @property
     def protected(self) -> set[int]:
+        items = comma_items(self.protected_blocks, "", "block indices", field=f"{type(self).__name__}.protected_blocks")
         try:
-            return {int(b) for b in self.protected_blocks.split(",") if b.strip()}
+            return {int(b) for b in items}
         except ValueError:
-            raise ConfigError(f"LoraPruneConfig.protected_blocks={self.protected_blocks!r}: give block indices "
-                              "separated by commas, e.g. '0,11'.") from None
+            raise field_error(self, "protected_blocks", f"={self.protected_blocks!r}: give block indices separated by "
+                                                        "commas, e.g. '0,11'.") from None
 
 
 def sparsity_schedule(step: int, total: int, warmup: float, cooldown: float, initial: float, final: float) -> float:
@@ -152,8 +156,8 @@ class LoraPrune(Procedure):
                 self.masks.setdefault(key, torch.ones(size, device=device))
         unknown = self.config.protected - {b.index for b in self.blocks}
         if unknown:
-            raise ConfigError(f"LoraPruneConfig.protected_blocks names {sorted(unknown)}; the model has blocks "
-                              f"0..{len(self.blocks) - 1}.")
+            raise field_error(self.config, "protected_blocks", f" names {sorted(unknown)}; the model has blocks "
+                                                               f"0..{len(self.blocks) - 1}.")
         self.hooks = attach_masks(self.blocks, self.masks)
         return groups
 
