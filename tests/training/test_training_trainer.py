@@ -152,3 +152,30 @@ def test_trainer_with_gradient_checkpointing_keeps_a_routed_methods_gradients(ma
     assert want.keys() == got.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_trainer_stops_moving_what_a_step_hook_froze(make_model, tokenizer, reverse_train, tmp_path):
+    """LaMDA freezes B wholly at freeze_ratio · steps (lamda.py; lorakit's loop then re-reads what trains). Under
+    Trainer the callback did not, so AdamW (weight decay, momentum) kept moving the frozen B. Now B is unchanged
+    from the step it froze on, as in lorakit's loop."""
+    from transformers import TrainerCallback
+
+    from lorakit.methods.lamda import LamdaConfig
+
+    model = make_model(LamdaConfig(r=4, freeze_ratio=0.5, target_modules=["q_proj", "v_proj"]))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             weight_decay=0.1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+            data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+            callbacks=[LorakitCallback("default"), Record()]).train()
+    assert seen[3] and all(not torch.equal(seen[1][n], seen[3][n]) for n in seen[3])  # B learned before
+    for n in seen[3]:
+        torch.testing.assert_close(seen[6][n], seen[3][n], atol=0, rtol=0, msg=n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)

@@ -42,10 +42,11 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.checkpointing import replay_routing_in_checkpoints
-from ..core.model import adapter_state
+from ..core.model import adapter_state, refresh_trainable
 from ..core.registry import get_method
 from ..io.peft_format import save_adapter
 from ..mixtures.base import pop_aux_records
+from .loop import step_hooks
 from .objectives import batch_routing
 from .procedures import Procedure
 
@@ -150,10 +151,10 @@ class LorakitCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         method = self._method(model)
         pop_aux_records(model, self.adapter_name)  # nothing of a finished step's routing is kept
-        if method.on_step is not None:
-            method.on_step(model, self.adapter_name, state.global_step, state.max_steps)
-        if self.procedure is not None:
-            self.procedure.on_step(model, self.adapter_name, state.global_step, state.max_steps)
+        if step_hooks(model, self.adapter_name, method, self.procedure, state.global_step, state.max_steps):
+            # as lorakit's loop: a hook that froze parts (LaMDA's B) stops their gradients, so AdamW (which skips a
+            # parameter without a gradient) no longer moves them by weight decay or momentum
+            refresh_trainable(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
         if self.procedure is not None:
