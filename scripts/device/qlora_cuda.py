@@ -8,7 +8,8 @@ It asserts (exit code 1 on failure) and prints one JSON summary:
    bfloat16; files load both ways; dequantize_model + merge_and_unload reproduces the unmerged output;
 3. the training loop runs QLoRA, LoRAPrune and LoRAM on the bundled model on CUDA;
 4. ``lorakit bench perf --only qlora --device cuda`` (full profile): step-time ratios and CUDA peak memory of
-   lorakit QLoRA vs PEFT QLoRA vs LoRA, written to DIR/perf.{json,md}.
+   lorakit QLoRA vs PEFT QLoRA vs LoRA, also both QLoRAs with gradient checkpointing (QLoRA's own setting),
+   written to DIR/perf.{json,md}.
 Takes about 2-4 minutes on one GPU.
 """
 
@@ -99,6 +100,7 @@ def main() -> int:
         return 0
     assert bench(["perf", "--only", "qlora", "--device", "cuda", "--output", args.out]) == 0
     report["perf"] = [{k: r.get(k) for k in ("model", "lorakit/peft", "qlora/lora", "memory qlora/peft_qlora",
+                                             "lorakit/peft (checkpointing)", "memory qlora_gc/peft_qlora_gc",
                                              "cuda_peak_mb", "max_abs_diff_vs_peft")}
                       for r in json.load(open(f"{args.out}/perf.json"))["rows"]]
     report["wall_s"] = time.time() - t0

@@ -15,9 +15,13 @@ def test_qlora_perf_row_compares_with_peft_on_the_same_weights(tmp_path):
     assert main(["perf", "--quick", "--only", "qlora", "--output", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "perf.json").read_text())["rows"][0]
     assert row["max_abs_diff_vs_peft"] <= 1e-5
-    assert set(row["memory"]) == {"lora", "qlora", "peft_lora", "peft_qlora"}
+    assert set(row["memory"]) == {"lora", "qlora", "peft_lora", "peft_qlora", "qlora_gc", "peft_qlora_gc"}
     assert row["memory"]["qlora"]["params_mb"] < row["memory"]["lora"]["params_mb"]
     assert row["lorakit/peft"]["min"] > 0 and row["memory qlora/peft_qlora"] > 0
+    # QLoRA's own setting, gradient checkpointing on both sides: fewer activations kept than without it
+    for ours, without in (("qlora_gc", "qlora"), ("peft_qlora_gc", "peft_qlora")):
+        assert row["memory"][ours]["activations_mb"] < row["memory"][without]["activations_mb"]
+    assert row["lorakit/peft (checkpointing)"]["min"] > 0 and row["memory qlora_gc/peft_qlora_gc"] > 0
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 ``qlora_perf_rows`` (a ``lorakit bench perf`` row, in ``perf.EXTRA_ROWS["qlora"]``): one training step of LoRA on
 the float32 base, lorakit QLoRA and PEFT QLoRA on the *same* bitsandbytes NF4 weights (and PEFT LoRA), timed
-interleaved in one run. Memory is accounted (parameters with 4-bit weights at their packed size plus constants,
+interleaved in one run; and both QLoRAs again with gradient checkpointing on (``_gc``: QLoRA's own setting, and what
+PEFT's ``prepare_model_for_kbit_training`` turns on by default). Activations accounted under checkpointing are those
+saved outside the checkpointed blocks. Memory is accounted (parameters with 4-bit weights at their packed size plus constants,
 gradients held, optimizer state, activations saved for backward); on CUDA each variant's measured peak
 (``torch.cuda.max_memory_allocated`` over one step from a clean start) is reported beside it.
 
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core.checkpointing import replay_routing_in_checkpoints
 from .perf import EXTRA_ROWS, build_model
 from .timing import ratio, step_memory, time_interleaved
 
@@ -40,9 +43,17 @@ def _qlora_variants(base, r: int, device):
 
     lora = ours(copy.deepcopy(base))
     qlora = ours(quantize_model(copy.deepcopy(base), "nf4"))
+    # QLoRA's setting (Dettmers et al. 2023, §4 and their qlora.py): gradient checkpointing on, as PEFT's
+    # prepare_model_for_kbit_training turns it on by default; lorakit's as ``TrainConfig(gradient_checkpointing=True)``
+    qlora_gc = ours(quantize_model(copy.deepcopy(base), "nf4"))
+    qlora_gc.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    replay_routing_in_checkpoints(qlora_gc)
     state = lk.adapter_state_dict(lora)
-    out = {"lora": lora, "qlora": qlora}
-    for key, model in (("peft_lora", copy.deepcopy(base)), ("peft_qlora", quantize_model(copy.deepcopy(base), "nf4"))):
+    out = {"lora": lora, "qlora": qlora, "qlora_gc": qlora_gc}
+    for key, model in (("peft_lora", copy.deepcopy(base)), ("peft_qlora", quantize_model(copy.deepcopy(base), "nf4")),
+                       ("peft_qlora_gc", quantize_model(copy.deepcopy(base), "nf4"))):
+        if key.endswith("_gc"):  # what prepare_model_for_kbit_training does for a model transformers loaded in 4 bits
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         out[key] = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
         peft.set_peft_model_state_dict(out[key], state)
     return {k: (m.to(device).train(), torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
@@ -86,8 +97,10 @@ def qlora_perf_rows(profile, device) -> list[dict]:
                      "times": t, "memory": memory, "cuda_peak_mb": peaks or None,
                      "max_abs_diff_vs_peft": diff.abs().max().item(),
                      "lorakit/peft": ratio(t["qlora"], t["peft_qlora"]), "qlora/lora": ratio(t["qlora"], t["lora"]),
+                     "lorakit/peft (checkpointing)": ratio(t["qlora_gc"], t["peft_qlora_gc"]),
                      "memory qlora/peft_qlora": total["qlora"] / total["peft_qlora"],
                      "memory qlora/lora": total["qlora"] / total["lora"],
+                     "memory qlora_gc/peft_qlora_gc": total["qlora_gc"] / total["peft_qlora_gc"],
                      "note": "; ".join(f"{k} {v:.1f} MB" for k, v in (peaks or total).items())
                              + (" (CUDA peak)" if peaks else " (accounted)")})
     return rows
