@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LorakitError
+from .graphs import DecodeGraphs
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
 from .sampling import SamplingParams, find_stop, sample_token
@@ -105,11 +106,15 @@ class Engine:
         store: the adapter tiers (:class:`AdapterStore`); None = the model's banks as loaded, no tiering.
         kv_cache_bytes: the KV cache budget, preallocated now. block_size: tokens per cache block.
         max_batch: running requests at most. max_prefill_tokens: prompt tokens per prefill forward.
+        cuda_graphs: run decode steps of banked rows (named adapters and the base) as static-shape steps
+            (``serving/graphs.py``), captured in CUDA graphs per batch and context bucket when the model is on a
+            CUDA device and run eagerly elsewhere (same tokens as without). Prefill, weighted mixes and attached
+            adapters stay on the eager path. Bank storage is reserved up front for ``store.max_loras`` adapters.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, store: AdapterStore | None = None,
                  kv_cache_bytes: int = 64 << 20, block_size: int = 16, max_batch: int = 32,
-                 max_prefill_tokens: int = 2048):
+                 max_prefill_tokens: int = 2048, cuda_graphs: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
@@ -132,6 +137,11 @@ class Engine:
         self._stop = False
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.cache, max_batch=max_batch,
+                                       max_context=min(self.max_model_len, self.cache.capacity_tokens),
+                                       max_adapters=store.max_loras if store is not None else None, store=store)
 
     # -- public API (any thread) ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
@@ -361,6 +371,25 @@ class Engine:
         starts = [r.num_cached for r in group]
         lengths = [len(r.context) - r.num_cached for r in group]
         q = max(lengths)
+        specs = [r.adapter for r in group]
+        if (self.graphs is not None and q == 1 and attached is None and not any(r.recompute for r in group)
+                and self.graphs.takes(specs)):
+            last = self.graphs.run([r.context[-1] for r in group], starts, [r.blocks for r in group], specs)
+        else:
+            last = self._eager_forward(group, attached, starts, lengths, q)
+        self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
+        now = time.perf_counter()
+        for i, r in enumerate(group):
+            r.num_cached = 0 if r.recompute else r.num_cached + lengths[i]
+            token = sample_token(last[i], r.params, r.generator)
+            r.output_ids.append(token)
+            if r.first_token_at is None:
+                r.first_token_at = now
+            self._after_token(r, token)
+
+    def _eager_forward(self, group: list[Request], attached: str | None, starts: list[int], lengths: list[int],
+                       q: int) -> torch.Tensor:
+        """The group's forward with shapes of its own -> each row's last logits (batch, vocab), float32, host."""
         ids = torch.zeros(len(group), q, dtype=torch.long)
         for i, r in enumerate(group):
             ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
@@ -371,16 +400,7 @@ class Engine:
         with route, torch.inference_mode(), paged_batch(batch):
             logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                                 use_cache=False).logits
-        last = logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
-        self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
-        now = time.perf_counter()
-        for i, r in enumerate(group):
-            r.num_cached = 0 if r.recompute else r.num_cached + lengths[i]
-            token = sample_token(last[i], r.params, r.generator)
-            r.output_ids.append(token)
-            if r.first_token_at is None:
-                r.first_token_at = now
-            self._after_token(r, token)
+        return logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
 
     def _after_token(self, req: Request, token: int) -> None:
         p = req.params
