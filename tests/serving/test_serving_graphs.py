@@ -126,6 +126,24 @@ def test_static_decode_resets_when_a_bank_is_reallocated(adapters, sh, tmp_path)
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
 
 
+def test_capture_all_builds_every_bucket_before_requests(adapters):
+    """``capture_all`` (a server's startup) builds every bucket with padding rows only, touching no block; later
+    steps reuse those buffers (on CUDA: replay those graphs) and give the eager engine's tokens."""
+    _, dirs = adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
+    assert engine.graphs.capture_all() == len(buckets(4)) * len(buckets(64, 4)) == 15
+    assert engine.cache.used_blocks == 0
+    built = dict(engine.graphs._static)
+    prompts, specs = _prompts(5, seed=7), ["a1", None, "a3", "a0", "a2"]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    got = [r.output_ids for r in engine.generate(prompts, specs, params)]
+    _, want = _run(dirs, False, 32, 4, prompts, specs, params)
+    assert got == want and engine.graphs.stats["resets"] == 0
+    assert engine.graphs._static.keys() == built.keys() and all(engine.graphs._static[k] is v for k, v in built.items())
+
+
 # -- no host synchronisation -----------------------------------------------------------------------------------
 class HostReadError(AssertionError):
     pass

@@ -200,28 +200,16 @@ class DecodeGraphs:
         ``positions[i]``, its blocks ``tables[i]`` (position ``positions[i]``'s block included), adapter ``specs[i]``
         (a banked name or None). Writes each row's key and value into its cache slot."""
         n = len(tokens)
-        reg = self._registry()
-        if reg is not None:
-            reg.install()  # (a deleted adapter may have unwrapped layers: that bumps the storage epoch)
-            if self._epoch != storage_epoch():
-                if self._static:
-                    self.reset()
-                self._reserve(reg)
-        elif self._epoch is not None and self._epoch != storage_epoch():
-            self.reset()
-        self._epoch = storage_epoch()
-        batch = _bucket(n, self.batch_sizes)
-        ctx = _bucket(max(positions) + 1, self.ctx_sizes)
-        st = self._buffers(batch, ctx)
+        reg = self._prepare()
+        st = self._buffers(_bucket(n, self.batch_sizes), _bucket(max(positions) + 1, self.ctx_sizes))
         self._fill(st, tokens, positions, tables, reg.route(specs)[0] if reg is not None else None)
-        banked = reg is not None
         with torch.inference_mode():
             st.flat.copy_(st.host, non_blocking=True)
             if not self.capture:
-                logits = self._step(st, banked)
+                logits = self._step(st, reg is not None)
             else:
                 if st.graph is None:
-                    self._capture(st, banked)
+                    self._capture(st, reg is not None)
                 st.graph.replay()
                 self.stats["replays"] += 1
                 logits = st.logits
@@ -229,15 +217,48 @@ class DecodeGraphs:
         self.stats["steps"] += 1
         return last
 
+    def capture_all(self) -> int:
+        """Build every (batch, context) bucket now, largest first, and on CUDA capture its graph with padding rows
+        only (base rows on the scratch slot: no request's cache is touched), as vLLM does at startup, so that no
+        capture delays a running request later. Call it after the banks exist (an adapter loaded): banks created
+        later are new storage and drop the graphs. Returns the number of buckets."""
+        reg = self._prepare()
+        for batch in reversed(self.batch_sizes):
+            for ctx in reversed(self.ctx_sizes):
+                st = self._buffers(batch, ctx)
+                if self.capture and st.graph is None:
+                    self._fill(st, [], [], [], None)
+                    with torch.inference_mode():
+                        st.flat.copy_(st.host)
+                        self._capture(st, reg is not None)
+        return len(self._static)
+
+    def _prepare(self):
+        """The registry (None without banks), with the storage reserved; drops every bucket when bank storage was
+        reallocated since the last step (``storage_epoch``)."""
+        reg = self._registry()
+        if reg is not None:
+            reg.install()  # (a deleted adapter may have unwrapped layers: that bumps the storage epoch)
+        if self._epoch != storage_epoch():
+            if self._static:
+                self.reset()
+            if reg is not None:
+                self._reserve(reg)
+            self._epoch = storage_epoch()
+        return reg
+
     def _fill(self, st: _Static, tokens, positions, tables, ids: torch.Tensor | None) -> None:
         """The step's integer inputs on the host (padding rows: token 0, position 0, id -1, scratch slots)."""
         b, c, n, bs = st.batch, st.ctx, len(tokens), self.cache.block_size
         scratch = self.cache.scratch_slot
         host = st.host
         host.zero_()
+        host[2 * b: 3 * b] = -1
+        host[3 * b:].fill_(scratch)
+        if not n:
+            return
         host[b: 2 * b][:n] = torch.as_tensor(positions, dtype=torch.long)
         host[:n] = torch.as_tensor(tokens, dtype=torch.long)
-        host[2 * b: 3 * b] = -1
         if ids is not None:
             host[2 * b: 2 * b + n] = ids.reshape(n)
         width = max(len(t) for t in tables)
@@ -249,8 +270,5 @@ class DecodeGraphs:
         slots = table[:, block] * bs + pos % bs  # (n, C); positions past a row's blocks: masked, replaced below
         pos_t = torch.as_tensor(positions, dtype=torch.long)[:, None]  # (n, 1)
         read = host[4 * b:].view(b, c)
-        read.fill_(scratch)
         read[:n] = torch.where(pos[None] <= pos_t, slots, torch.full_like(slots, scratch))
-        write = host[3 * b: 4 * b]
-        write.fill_(scratch)
-        write[:n] = read[:n].gather(1, pos_t)[:, 0]
+        host[3 * b: 3 * b + n] = read[:n].gather(1, pos_t)[:, 0]  # write slots
