@@ -84,7 +84,7 @@ def equality(args, root: Path, names: list[str]) -> dict:
     vocab = 256 if args.device == "cpu" else 4096
     prompts = [torch.randint(3, vocab, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n)]
-    specs = [None if i % 5 == 0 else names[int(torch.randint(0, len(names), (1,), generator=g))] for i in range(n)]
+    specs = [None if i % 5 == 0 else names[(5 * i) % len(names)] for i in range(n)]  # more adapters than max_loras
     params = [SamplingParams(max_tokens=int(torch.randint(4, 48, (1,), generator=g)), ignore_eos=True)
               for _ in range(n)]
     out = {}

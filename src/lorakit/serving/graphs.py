@@ -124,6 +124,7 @@ class DecodeGraphs:
         self.ctx_sizes = buckets(self.max_context, self.cache.block_size)
         self._static: dict[tuple[int, int], _Static] = {}
         self._epoch: int | None = None
+        self._pool = None  # the CUDA graphs' shared memory pool
 
     # -- what the static step takes ----------------------------------------------------------------------------
     @staticmethod
@@ -151,7 +152,7 @@ class DecodeGraphs:
     def reset(self) -> None:
         """Drop every captured graph and static buffer (they are rebuilt on next use)."""
         self._static.clear()
-        self._epoch = None
+        self._epoch, self._pool = None, None
         self.stats["resets"] += 1
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -185,8 +186,13 @@ class DecodeGraphs:
                 self._step(st, banked)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph):
+            # one memory pool for all buckets (vLLM's pattern, largest captured first by capture_all): graphs are
+            # replayed one at a time and each output (``st.logits``) is read right after its own replay, so one
+            # graph's intermediates may live where another's were (or where an earlier-captured graph's output is)
+            with torch.cuda.graph(graph, pool=self._pool):
                 st.logits = self._step(st, banked)
         except RuntimeError as e:
             raise LorakitError(f"capturing the decode step (batch {st.batch}, context {st.ctx}) in a CUDA graph "
