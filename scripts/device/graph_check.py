@@ -120,11 +120,11 @@ def steps(args, root: Path, names: list[str]) -> dict:
             for graphs in (False, True):
                 engine = _engine(args, root if system == "lorakit" else None, graphs, dtype=dtype, max_batch=batch,
                                  merge=root / names[0] if system == "merged" else None)
-                specs = [names[i % len(names)] if system == "lorakit" else None for i in range(batch)]
+                specs = [names[i % 8] if system == "lorakit" else None for i in range(batch)]  # (8 = max_loras)
                 if graphs:
                     if engine.store is not None:
                         engine.store.ensure_resident(specs[0])
-                    engine.graphs.capture_all()
+                    engine.graphs.capture_all(32 + 200)
                 for i in range(batch):
                     engine.submit(list(range(3, 35)), specs[i], SamplingParams(max_tokens=200, ignore_eos=True))
                 for _ in range(4):  # admission + prefill + first decodes (and any remaining loads)

@@ -136,6 +136,8 @@ def test_capture_all_builds_every_bucket_before_requests(adapters):
     assert engine.graphs.capture_all() == len(buckets(4)) * len(buckets(64, 4)) == 15
     assert engine.cache.used_blocks == 0
     built = dict(engine.graphs._static)
+    small = Engine(tiny_llama(), kv_cache_bytes=_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
+    assert small.graphs.capture_all(max_context=9) == 3 * 3  # context buckets 4, 8, 16 (16 holds 9 tokens)
     prompts, specs = _prompts(5, seed=7), ["a1", None, "a3", "a0", "a2"]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     got = [r.output_ids for r in engine.generate(prompts, specs, params)]

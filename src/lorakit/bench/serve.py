@@ -184,7 +184,7 @@ class _EngineSystem:
         if graphs:  # every bucket built (on CUDA: captured) before the trace starts, as a server does at startup
             if self.store is not None:
                 self.store.ensure_resident(self.names[0])  # the banks exist from the first load on
-            self.engine.graphs.capture_all()
+            self.engine.graphs.capture_all(profile.input_range[1] + profile.output_range[1])
         self.vocab, self.run = model.config.vocab_size, run
 
     def submit(self, req: TraceRequest) -> None:

@@ -223,14 +223,16 @@ class DecodeGraphs:
         self.stats["steps"] += 1
         return last
 
-    def capture_all(self) -> int:
+    def capture_all(self, max_context: int | None = None) -> int:
         """Build every (batch, context) bucket now, largest first, and on CUDA capture its graph with padding rows
         only (base rows on the scratch slot: no request's cache is touched), as vLLM does at startup, so that no
-        capture delays a running request later. Call it after the banks exist (an adapter loaded): banks created
-        later are new storage and drop the graphs. Returns the number of buckets."""
+        capture delays a running request later. ``max_context``: only the context buckets up to the one holding
+        this many tokens (longer ones are captured when first used). Call it after the banks exist (an adapter
+        loaded): banks created later are new storage and drop the graphs. Returns the number of buckets built."""
         reg = self._prepare()
+        top = _bucket(min(max_context or self.max_context, self.max_context), self.ctx_sizes)
         for batch in reversed(self.batch_sizes):
-            for ctx in reversed(self.ctx_sizes):
+            for ctx in reversed([c for c in self.ctx_sizes if c <= top]):
                 st = self._buffers(batch, ctx)
                 if self.capture and st.graph is None:
                     self._fill(st, [], [], [], None)
