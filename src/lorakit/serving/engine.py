@@ -396,10 +396,12 @@ class Engine:
         positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
         batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
         route = self._active(attached, group) if attached is not None else self._routing([r.adapter for r in group])
-        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads
+        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads.
+        # The paged mask goes in as a prepared 4-D mask, which transformers passes through untouched (without one,
+        # its packed-sequence check reads position_ids back to the host: a device synchronisation per forward).
         with route, torch.inference_mode(), paged_batch(batch):
             logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                                use_cache=False).logits
+                                attention_mask=batch.mask, use_cache=False).logits
         return logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
 
     def _after_token(self, req: Request, token: int) -> None:
