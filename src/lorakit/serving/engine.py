@@ -109,7 +109,7 @@ class Engine:
         cuda_graphs: run decode steps of banked rows (named adapters and the base) as static-shape steps
             (``serving/graphs.py``), captured in CUDA graphs per batch and context bucket when the model is on a
             CUDA device and run eagerly elsewhere (same tokens as without). Prefill, weighted mixes and attached
-            adapters stay on the eager path. Bank storage is reserved up front for ``store.max_loras`` adapters.
+            adapters run eagerly, in forwards of their own beside it. Bank storage is reserved up front for ``store.max_loras`` adapters.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, store: AdapterStore | None = None,
@@ -264,11 +264,14 @@ class Engine:
         # One forward per phase (prefill / decode) and per kind of row: every banked adapter, mix and the base
         # share one forward; an attached adapter (DoRA, a router-driven mixture) is a different computation and
         # gets its own, with that adapter active.
-        groups: dict[tuple[bool, str | None], list[Request]] = {}
+        # With cuda_graphs, decode rows the static step takes form a group of their own (the others, e.g. weighted
+        # mixes, run eagerly beside them instead of sending the whole batch down the eager path).
+        groups: dict[tuple[bool, str | None, bool], list[Request]] = {}
         for r in self.running:
-            groups.setdefault((len(r.context) - r.num_cached > 1, r.attached), []).append(r)
-        for (_, attached), group in groups.items():
-            self._forward(group, attached)
+            decode = len(r.context) - r.num_cached == 1
+            groups.setdefault((not decode, r.attached, decode and self._static(r)), []).append(r)
+        for (_, attached, static), group in groups.items():
+            self._forward(group, attached, static)
         self.stats["steps"] += 1
         return True
 
@@ -367,14 +370,18 @@ class Engine:
         finally:
             set_adapter(self.model, [])
 
-    def _forward(self, group: list[Request], attached: str | None = None) -> None:
+    def _static(self, req: Request) -> bool:
+        """Whether the static decode step (``cuda_graphs``) takes this decoding row."""
+        return (self.graphs is not None and req.attached is None and not req.recompute
+                and self.graphs.takes([req.adapter]))
+
+    def _forward(self, group: list[Request], attached: str | None = None, static: bool = False) -> None:
         starts = [r.num_cached for r in group]
         lengths = [len(r.context) - r.num_cached for r in group]
         q = max(lengths)
-        specs = [r.adapter for r in group]
-        if (self.graphs is not None and q == 1 and attached is None and not any(r.recompute for r in group)
-                and self.graphs.takes(specs)):
-            last = self.graphs.run([r.context[-1] for r in group], starts, [r.blocks for r in group], specs)
+        if static:  # decode rows (q == 1) of banked adapters / the base
+            last = self.graphs.run([r.context[-1] for r in group], starts, [r.blocks for r in group],
+                                   [r.adapter for r in group])
         else:
             last = self._eager_forward(group, attached, starts, lengths, q)
         self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)

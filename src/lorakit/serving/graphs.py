@@ -111,7 +111,7 @@ class DecodeGraphs:
     capture: bool | None = None
     warmup: int = 2
     store: object | None = None
-    stats: dict = field(default_factory=lambda: {"steps": 0, "captures": 0, "replays": 0, "resets": 0})
+    stats: dict = field(default_factory=lambda: {"steps": 0, "rows": 0, "captures": 0, "replays": 0, "resets": 0})
 
     def __post_init__(self):
         self.device = self.cache.k.device
@@ -221,6 +221,7 @@ class DecodeGraphs:
                 logits = st.logits
             last = logits[:n].float().cpu()
         self.stats["steps"] += 1
+        self.stats["rows"] += n
         return last
 
     def capture_all(self, max_context: int | None = None) -> int:
