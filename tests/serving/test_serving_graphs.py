@@ -148,6 +148,32 @@ def test_capture_all_builds_every_bucket_before_requests(adapters):
     assert engine.graphs._static.keys() == built.keys() and all(engine.graphs._static[k] is v for k, v in built.items())
 
 
+@pytest.mark.parametrize("kernel", [pytest.param(False, id="torch"),
+                                    pytest.param(True, id="triton", marks=pytest.mark.slow)])  # (interpreter: ~40 s)
+def test_static_decode_with_bias_partial_targets_and_the_fused_kernel(tmp_path, sh, kernel):
+    """Adapters with ``lora_bias`` and with other target modules (banks whose id -> slot tables differ) in one static
+    batch; with the Triton BGMV kernel registered for the CPU (Triton's interpreter: the CUDA path's plan, the kernel
+    at full ``r_max`` with each slot's rank) the tokens still equal the eager engine's."""
+    dirs = {n: sh.make_adapter(tmp_path / n, seed, **cfg) for seed, (n, cfg) in enumerate(
+        {"r2": dict(r=2, lora_alpha=4), "bias": dict(r=4, lora_alpha=8, lora_bias=True),
+         "qv": dict(r=6, lora_alpha=8, target_modules=["q_proj", "v_proj"])}.items())}
+    before = None
+    if kernel:
+        pytest.importorskip("triton")
+        from lorakit.serving import bank, register_kernel, triton_bgmv
+        before = bank._KERNELS.get("cpu")
+        register_kernel("cpu", triton_bgmv.lora_bgmv)
+    try:
+        prompts, specs = _prompts(4, seed=8), ["qv", "bias", None, "r2"]
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        _, want = _run(dirs, False, 64, 4, prompts, specs, params)
+        engine, got = _run(dirs, True, 64, 4, prompts, specs, params)
+    finally:
+        if kernel:
+            register_kernel("cpu", before)
+    assert got == want and engine.graphs.stats["rows"] == 4 * 3
+
+
 # -- no host synchronisation -----------------------------------------------------------------------------------
 class HostReadError(AssertionError):
     pass
