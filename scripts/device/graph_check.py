@@ -71,7 +71,8 @@ def _engine(args, root: Path | None, graphs: bool, capture: bool | None = None, 
     if root is not None:
         store = AdapterStore(model, [root], max_loras=8)
         store.register_dir(root)
-    engine = Engine(model, store=store, kv_cache_bytes=64 << 20, block_size=16, max_batch=max_batch,
+    kv_mb = 16 if args.device == "cpu" else 512  # (64 rows x ~90 tokens decode without preemption)
+    engine = Engine(model, store=store, kv_cache_bytes=kv_mb << 20, block_size=16, max_batch=max_batch,
                     cuda_graphs=graphs)
     if graphs and capture is not None:
         engine.graphs.capture = capture
@@ -136,7 +137,11 @@ def steps(args, root: Path, names: list[str]) -> dict:
                 for _ in range(count):
                     engine.step()
                 ms = (time.perf_counter() - t) / count * 1e3  # each step reads its tokens back: synchronised
-                row[f"{system}{'_graphs' if graphs else ''}_ms"] = ms
+                label = f"{system}{'_graphs' if graphs else ''}"
+                row[f"{label}_ms"] = ms
+                row[f"{label}_running"] = engine.num_running  # (all `batch` rows decoding: no preemption)
+                if graphs:
+                    row[f"{label}_stats"] = dict(engine.graphs.stats)
                 del engine
         row["lorakit_graphs/lorakit_speedup"] = row["lorakit_ms"] / row["lorakit_graphs_ms"]
         row["merged_graphs/merged_speedup"] = row["merged_ms"] / row["merged_graphs_ms"]
