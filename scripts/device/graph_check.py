@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     eq = result["parts"].get("equality", {})
     if eq and not eq.get("error"):
         ok = ok and eq["graphs_equal_static_eager"] and eq["graphs_equal_eager"]
+        ok = ok and "capture_error" not in (eq["graph_stats"] or {})
+        if args.device == "cuda":
+            ok = ok and eq["graph_stats"]["replays"] > 0
         print(json.dumps({k: eq[k] for k in ("graphs_equal_static_eager", "graphs_equal_eager",
                                               "rows_differing_graphs_vs_eager", "graph_stats")}), flush=True)
     return 0 if ok else 1

@@ -179,6 +179,9 @@ class DecodeGraphs:
         return out.logits[:, -1]
 
     def _capture(self, st: _Static, banked: bool) -> None:
+        """Warm up and capture ``st``'s step. A capture that fails (e.g. an operation that synchronises, from a
+        model this was not checked with) turns capturing off for this engine, with a warning and the reason in
+        ``stats["capture_error"]``: the static step then runs eagerly and serving goes on."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: lazy initialisation and Triton compilation, outside the capture
@@ -192,11 +195,15 @@ class DecodeGraphs:
             # one memory pool for all buckets (vLLM's pattern, largest captured first by capture_all): graphs are
             # replayed one at a time and each output (``st.logits``) is read right after its own replay, so one
             # graph's intermediates may live where another's were (or where an earlier-captured graph's output is)
-            with torch.cuda.graph(graph, pool=self._pool):
+            # (thread_local: CUDA calls of other threads, e.g. a server's, do not invalidate the capture)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 st.logits = self._step(st, banked)
         except RuntimeError as e:
-            raise LorakitError(f"capturing the decode step (batch {st.batch}, context {st.ctx}) in a CUDA graph "
-                               f"failed: {e}. Serve without --cuda-graphs.") from e
+            self.capture = False
+            self.stats["capture_error"] = f"batch {st.batch}, context {st.ctx}: {type(e).__name__}: {e}"
+            log.warning("capturing the decode step in a CUDA graph failed (%s); decode steps run without graphs",
+                        self.stats["capture_error"])
+            return
         st.graph = graph
         self.stats["captures"] += 1
 
@@ -211,11 +218,11 @@ class DecodeGraphs:
         self._fill(st, tokens, positions, tables, reg.route(specs)[0] if reg is not None else None)
         with torch.inference_mode():
             st.flat.copy_(st.host, non_blocking=True)
-            if not self.capture:
+            if self.capture and st.graph is None:
+                self._capture(st, reg is not None)
+            if st.graph is None:  # not capturing (CPU), or the capture failed
                 logits = self._step(st, reg is not None)
             else:
-                if st.graph is None:
-                    self._capture(st, reg is not None)
                 st.graph.replay()
                 self.stats["replays"] += 1
                 logits = st.logits
