@@ -52,7 +52,8 @@ def _adapters(root: Path, model) -> list[str]:
     names = []
     for r, seed in ((8, 1), (16, 2)):
         tmp = root.parent / f"tmp_r{r}"
-        for i, d in enumerate(write_random_adapters(model.cpu(), tmp, 6, r=r, alpha=2 * r, seed=seed, std=0.2).values()):
+        dirs = write_random_adapters(model.cpu(), tmp, 6, r=r, alpha=2 * r, seed=seed, std=0.2)
+        for i, d in enumerate(dirs.values()):
             name = f"r{r}_{i}"
             shutil.move(str(d), root / name)
             names.append(name)
@@ -193,8 +194,9 @@ def main(argv=None) -> int:
         for part in args.parts:
             t = time.perf_counter()
             try:
-                result["parts"][part] = {"equality": lambda: equality(args, root, names),
-                                         "steps": lambda: steps(args, root, names), "serve": lambda: serve(args)}[part]()
+                run = {"equality": lambda: equality(args, root, names), "steps": lambda: steps(args, root, names),
+                       "serve": lambda: serve(args)}[part]
+                result["parts"][part] = run()
             except Exception:  # noqa: BLE001  (one part failing must not lose the others' results)
                 result["parts"][part] = {"error": traceback.format_exc()}
                 ok = False

@@ -116,10 +116,9 @@ class ServeProfile:
 MODELS = ("bundled", "random8x512")
 SYSTEMS = ("lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs")
 # (name, numerator, denominator): reported when both systems ran
-RATIOS = (("lorakit/merged", "lorakit", "merged"), ("lorakit/peft_mixed", "lorakit", "peft_mixed"),
-          ("lorakit/peft_swap", "lorakit", "peft_swap"), ("lorakit_graphs/merged_graphs", "lorakit_graphs", "merged_graphs"),
-          ("lorakit_graphs/merged", "lorakit_graphs", "merged"), ("lorakit_graphs/lorakit", "lorakit_graphs", "lorakit"),
-          ("merged_graphs/merged", "merged_graphs", "merged"))
+RATIOS = tuple((f"{a}/{b}", a, b) for a, b in (
+    ("lorakit", "merged"), ("lorakit", "peft_mixed"), ("lorakit", "peft_swap"), ("lorakit_graphs", "merged_graphs"),
+    ("lorakit_graphs", "merged"), ("lorakit_graphs", "lorakit"), ("merged_graphs", "merged")))
 
 QUICK = ServeProfile(models=("bundled",), num_adapters=(4,), req_rate=4.0, duration_s=2.0, output_range=(4, 8),
                      input_range=(8, 24), max_loras=2, peft_max_n=4, timeout_s=120.0)

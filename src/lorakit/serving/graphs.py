@@ -145,7 +145,8 @@ class DecodeGraphs:
         if rank is None:
             ranks = [b.r_max for b in reg.banks.values()]
             for config in (getattr(self.store, "configs", None) or {}).values():
-                ranks.append(max([getattr(config, "r", 0)] + list((getattr(config, "rank_pattern", None) or {}).values())))
+                pattern = getattr(config, "rank_pattern", None) or {}
+                ranks.append(max([getattr(config, "r", 0), *pattern.values()]))
             rank = max(ranks, default=0)
         reg.reserve_static(max(adapters, len(reg)), rank)
 

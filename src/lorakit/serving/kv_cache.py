@@ -182,8 +182,9 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     if batch.dense:  # every row writes (static steps: padding rows into the scratch slot): no host read
         slots = batch.write_slots.reshape(-1)  # (b * q,)
-        k_layer.index_copy_(0, slots, key.transpose(1, 2).reshape(slots.shape[0], *k_layer.shape[1:]).to(k_layer.dtype))
-        v_layer.index_copy_(0, slots, value.transpose(1, 2).reshape(slots.shape[0], *v_layer.shape[1:]).to(v_layer.dtype))
+        shape = (slots.shape[0], *k_layer.shape[1:])  # (b * q, kv_heads, d)
+        k_layer.index_copy_(0, slots, key.transpose(1, 2).reshape(shape).to(k_layer.dtype))
+        v_layer.index_copy_(0, slots, value.transpose(1, 2).reshape(shape).to(v_layer.dtype))
     else:
         valid = batch.write_slots >= 0  # (b, q)
         slots = batch.write_slots[valid]
