@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for the serving kernel and benchmarks (run on a CUDA machine from the repo root; $OUT = result folder).
 # Stage 1 ("smoke"): kernel tests on CUDA, decode/prefill microbench (kernel vs torch bank path vs PEFT), a quick
-# `bench serve` on CUDA. Stage 2 ("full"): the S-LoRA workload rows on CUDA.
+# `bench serve` on CUDA. Stage 2 ("full"): the S-LoRA workload rows on CUDA. Stage "graphs": the CUDA-graph
+# decode step (Engine(cuda_graphs=True)): greedy tokens vs the eager engine, ms per decode step, bench serve rows
+# with lorakit_graphs / merged_graphs (scripts/device/graph_check.py; about 5 minutes).
 set -u
 STAGE="${1:-smoke}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -22,4 +24,7 @@ if [ "$STAGE" = full ]; then
   timeout 60 "$PY" -m lorakit bench serve --quick --device cuda --output /tmp/serve_quick 2>&1 | tail -4
   timeout 300 "$PY" -m lorakit bench serve --device cuda --models bundled random8x512 --num-adapters 100 1000 \
     --req-rate 60 --duration 4 --max-batch 32 --peft-max-n 100 --output "$OUT/serve" 2>&1 | tail -30
+fi
+if [ "$STAGE" = graphs ]; then
+  timeout 420 "$PY" scripts/device/graph_check.py --out "$OUT/graphs.json" 2>&1 | grep -v "Loading weights" | tail -40
 fi

@@ -1061,7 +1061,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
-          limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank)
+          limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank, device=args.device,
+          cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -1341,6 +1342,11 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask")
     sv.add_argument("--rank", type=positive_int, default=None,
                     help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
+    sv.add_argument("--device", default="cpu", help="where the model, adapter banks and KV cache live: cpu or cuda")
+    sv.add_argument("--cuda-graphs", action="store_true",
+                    help="decode steps of banked rows as static-shape steps, captured in CUDA graphs per batch and "
+                         "context bucket (with --device cuda; on the CPU they run eagerly); bank storage is reserved "
+                         "for --max-loras adapters up front")
     sv.set_defaults(func=cmd_serve)
 
 

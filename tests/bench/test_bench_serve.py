@@ -36,3 +36,24 @@ def test_bench_serve_tiny_run_all_systems():
         assert stats["requests"] == 3 and stats["throughput_rps"] > 0 and 0 <= stats["slo_attainment"] <= 1
     assert set(row["ratios"]) == {"lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap"}
     assert "lorakit/peft_swap" in serve_markdown(result)
+
+
+def test_bench_serve_graph_systems_run_and_report_their_ratios():
+    """``lorakit_graphs`` / ``merged_graphs``: the engine with ``cuda_graphs=True`` (static decode steps; eager on
+    the CPU), side by side with the plain engine; unknown system names are refused with the known ones."""
+    import pytest
+
+    from lorakit.core.errors import ConfigError
+
+    profile = ServeProfile(models=("bundled",), num_adapters=(2,), req_rate=3.0, duration_s=1.0, input_range=(4, 8),
+                           output_range=(2, 4), max_loras=2, timeout_s=120.0,
+                           systems=("lorakit", "merged", "lorakit_graphs", "merged_graphs"))
+    result = run_serve_bench(profile, log=lambda s: None)
+    row = result["rows"][0]
+    for stats in row["systems"].values():
+        assert stats["requests"] == 3 and stats["throughput_rps"] > 0
+    assert set(row["ratios"]) == {"lorakit/merged", "lorakit_graphs/merged_graphs", "lorakit_graphs/merged",
+                                  "lorakit_graphs/lorakit", "merged_graphs/merged"}
+    assert "lorakit_graphs/merged_graphs" in serve_markdown(result)
+    with pytest.raises(ConfigError, match="lorakit_graphs"):
+        ServeProfile(systems=("lorakit_graph",))

@@ -173,7 +173,8 @@ def main(argv: Sequence[str]) -> int:
     serve.add_argument("--max-batch", type=int, default=None, help="serve: running-batch cap (all systems)")
     serve.add_argument("--peft-max-n", type=int, default=None, help="serve: largest N the PEFT systems run")
     serve.add_argument("--systems", nargs="+", default=None,
-                       choices=["lorakit", "merged", "peft_mixed", "peft_swap"], help="serve: systems to run")
+                       choices=["lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs"],
+                       help="serve: systems to run (*_graphs: the engine with --cuda-graphs' static decode step)")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
     args = parser.parse_args(argv)
     for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it

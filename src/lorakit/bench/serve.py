@@ -18,6 +18,9 @@ Systems, side by side on the same model, adapters and trace:
   requests (HF ``generate`` cannot add rows mid-generation), one ``adapter_names`` mixed batch each.
 - ``peft_swap`` (c): S-LoRA's PEFT baseline: each batch takes requests of one adapter (the oldest request's)
   and swaps that adapter's weights in from disk (``peft.utils.hotswap.hotswap_adapter``).
+- ``lorakit_graphs`` / ``merged_graphs`` (opt-in, not in the default list): ``lorakit`` / ``merged`` with
+  ``Engine(cuda_graphs=True)``: static-shape decode steps, captured in CUDA graphs on a GPU (``serving/graphs.py``;
+  on the CPU the static step runs eagerly, so these rows measure only its padding cost there).
 
 Reported per system: throughput (requests/s, output tokens/s), time to first token and latency (mean, p50,
 p90, p99), SLO attainment (first token within ``slo_s``; S-LoRA's metric uses 6 s), adapter and KV memory
@@ -103,6 +106,7 @@ class ServeProfile:
             if not 1 <= low <= high:
                 raise ConfigError(f"{FIELD} must be (low, high) with 1 <= low <= high, got {(low, high)}", field=name)
         check_names(self.models, MODELS, "bench serve model")
+        check_names(self.systems, SYSTEMS, "bench serve system")
         for name in ("models", "num_adapters", "systems"):
             if not getattr(self, name):
                 raise ConfigError(f"bench serve needs at least one model, adapter count and system: {FIELD} is empty",
@@ -110,6 +114,11 @@ class ServeProfile:
 
 
 MODELS = ("bundled", "random8x512")
+SYSTEMS = ("lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs")
+# (name, numerator, denominator): reported when both systems ran
+RATIOS = tuple((f"{a}/{b}", a, b) for a, b in (
+    ("lorakit", "merged"), ("lorakit", "peft_mixed"), ("lorakit", "peft_swap"), ("lorakit_graphs", "merged_graphs"),
+    ("lorakit_graphs", "merged"), ("lorakit_graphs", "lorakit"), ("merged_graphs", "merged")))
 
 QUICK = ServeProfile(models=("bundled",), num_adapters=(4,), req_rate=4.0, duration_s=2.0, output_range=(4, 8),
                      input_range=(8, 24), max_loras=2, peft_max_n=4, timeout_s=120.0)
@@ -155,7 +164,7 @@ def _base(model_name: str, seed: int, device: str = "cpu", dtype: str = "float32
 
 # -- systems: submit(req) / step() -> bool (did work) / holds() -> bytes -----------------------------------------
 class _EngineSystem:
-    def __init__(self, model, dirs: dict[str, Path] | None, profile: ServeProfile, run: _Run):
+    def __init__(self, model, dirs: dict[str, Path] | None, profile: ServeProfile, run: _Run, graphs: bool = False):
         from ..serving.engine import Engine
         from ..serving.store import AdapterStore
 
@@ -170,7 +179,11 @@ class _EngineSystem:
             self.names = {i: d.name for i, d in enumerate(dirs.values())}
         self.load_s = time.process_time() - t
         self.engine = Engine(model, store=self.store, kv_cache_bytes=profile.kv_cache_mb << 20,
-                             max_batch=profile.max_batch)
+                             max_batch=profile.max_batch, cuda_graphs=graphs)
+        if graphs:  # every bucket built (on CUDA: captured) before the trace starts, as a server does at startup
+            if self.store is not None:
+                self.store.ensure_resident(self.names[0])  # the banks exist from the first load on
+            self.engine.graphs.capture_all(profile.input_range[1] + profile.output_range[1])
         self.vocab, self.run = model.config.vocab_size, run
 
     def submit(self, req: TraceRequest) -> None:
@@ -317,10 +330,10 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | 
                         continue
                     run = _Run()
                     model = base(model_name)
-                    if system == "lorakit":
-                        sut = _EngineSystem(model, dirs, profile, run)
-                    elif system == "merged":
-                        sut = _merged(model, dirs, profile, run)
+                    if system in ("lorakit", "lorakit_graphs"):
+                        sut = _EngineSystem(model, dirs, profile, run, graphs=system == "lorakit_graphs")
+                    elif system in ("merged", "merged_graphs"):
+                        sut = _merged(model, dirs, profile, run, graphs=system == "merged_graphs")
                     else:
                         sut = _PeftSystem(model, dirs, profile, run, swap=system == "peft_swap")
                     makespan = _replay(sut, trace, run, profile.timeout_s, wall)
@@ -333,9 +346,7 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | 
                     gc.collect()
                 s = row["systems"]
                 tput = lambda k: s.get(k, {}).get("throughput_rps")  # noqa: E731
-                row["ratios"] = {name: tput("lorakit") / tput(other) for name, other in
-                                 (("lorakit/merged", "merged"), ("lorakit/peft_mixed", "peft_mixed"),
-                                  ("lorakit/peft_swap", "peft_swap")) if tput("lorakit") and tput(other)}
+                row["ratios"] = {name: tput(a) / tput(b) for name, a, b in RATIOS if tput(a) and tput(b)}
                 result["rows"].append(row)
                 if checkpoint is not None:
                     from ..io.files import atomic_write_json
@@ -343,7 +354,7 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | 
     return result
 
 
-def _merged(model, dirs, profile, run):
+def _merged(model, dirs, profile, run, graphs: bool = False):
     """(a): the first adapter merged into the base weights; every request runs on it (no adapter at run time)."""
     from ..core.model import merge_and_unload
     from ..io.peft_format import load_adapter
@@ -351,7 +362,7 @@ def _merged(model, dirs, profile, run):
     t = time.process_time()
     load_adapter(model, next(iter(dirs.values())), "merged")
     model = merge_and_unload(model)
-    sut = _EngineSystem(model, None, profile, run)
+    sut = _EngineSystem(model, None, profile, run, graphs=graphs)
     sut.load_s = time.process_time() - t
     return sut
 
@@ -368,11 +379,13 @@ def serve_markdown(result: dict) -> str:
                          f"{s['throughput_tok_s']:.1f} | {s['ttft_p50_s']:.2f} | {s['ttft_p99_s']:.2f} | "
                          f"{s['latency_p50_s']:.2f} / {s['latency_p99_s']:.2f} | {s['slo_attainment']:.2f} | "
                          f"{s['memory_bytes'] / 2**20:.1f} | {s['adapter_load_s']:.2f} |")
-    lines += ["", "| model | N | " + " | ".join(["lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap"]) + " |",
-              "|---|---|---|---|---|"]
+    names = [name for name, a, b in RATIOS
+             if name in ("lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap")
+             or any(name in row["ratios"] for row in result["rows"])]
+    lines += ["", "| model | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for row in result["rows"]:
         r = row["ratios"]
-        cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap")]
+        cells = [f"{r[k]:.2f}" if k in r else "–" for k in names]
         lines.append(f"| {row['model']} | {row['num_adapters']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -49,6 +49,11 @@ from ..core.errors import AdapterError
 from ..core.routing import rows_for_batch
 
 WEIGHTS_KEY = "adapter_weights"  # routing(adapter_ids=(batch, k), extras={WEIGHTS_KEY: (batch, k)})
+# routing(adapter_ids=..., extras={STATIC_KEY: True}): a static-shape step that a CUDA graph may capture
+# (``serving/graphs.py``). The ids are a (batch, k) long tensor already on the banks' device, range-checked by the
+# caller on the host; every bank gathers its slots and runs the per-row plan at its full ``r_max`` with no host
+# read and no cache, so the same code is recorded once and replayed with new ids and new bank contents.
+STATIC_KEY = "static_step"
 
 # Per-row path at inference: rows are processed in blocks whose gathered A and B take about this many bytes,
 # so they are still in cache when the products read them (a loop over row blocks, never over adapters).
@@ -78,6 +83,20 @@ class BankKernel(Protocol):
 
 _KERNELS: dict[str, BankKernel] = {}
 _KERNELS_VERSION = [0]  # bumped on every (un)registration: banks' cached plans name the kernel they chose
+# Bumped whenever any bank's tensors are replaced (grown, moved) or a bank joins or leaves a layer: what a captured
+# CUDA graph read by address is then stale, so graph runners drop their graphs when it changes (storage_epoch()).
+_STORAGE_EPOCH = [0]
+
+
+def storage_epoch() -> int:
+    """A counter that changes whenever some bank's storage is reallocated or banks are added to / removed from
+    layers; unchanged means every captured address is still valid (in-place writes of adapter weights are not
+    counted: a replay reads them where they are)."""
+    return _STORAGE_EPOCH[0] + _KERNELS_VERSION[0]
+
+
+def bump_storage_epoch() -> None:
+    _STORAGE_EPOCH[0] += 1
 
 
 def register_kernel(device_type: str, kernel: BankKernel | None) -> None:
@@ -178,7 +197,13 @@ class LoraBank(nn.Module):
         cap = max(self.capacity, need)
         if max_slots is not None and cap > self.capacity:
             cap = max(need, min(2 * self.capacity, max_slots + 1))
-        r_max = max(self.r_max, r)
+        self.reserve_capacity(cap - 1, max(self.r_max, r))
+
+    def reserve_capacity(self, adapters: int, r: int) -> None:
+        """Storage for ``adapters`` adapters in all (plus the zero slot) at rank up to ``r``, allocated now (no
+        doubling; nothing shrinks). Static-shape steps reserve everything up front, so that loads made while CUDA
+        graphs exist write into the storage the graphs read instead of reallocating it."""
+        cap, r_max = max(self.capacity, adapters + 1), max(self.r_max, r)
         if cap == self.capacity and r_max == self.r_max:
             return
         self.A = _grown(self.A, cap, self.a_rank_dim, r_max)
@@ -186,7 +211,7 @@ class LoraBank(nn.Module):
         if self.bias is not None:
             self.bias = _grown(self.bias, cap)
         self.ranks = _grown(self.ranks, cap)
-        self._touch()
+        self._touch(storage=True)
 
     def resize_table(self, n_ids: int) -> None:
         """Room in the id -> slot table for global ids 0 .. n_ids-1 (entry 0 is id -1, "no adapter")."""
@@ -194,7 +219,7 @@ class LoraBank(nn.Module):
             table = self.table.new_zeros(n_ids + 1)
             table[: self.table.numel()] = self.table
             self.table = table
-            self._touch()
+            self._touch(storage=True)
 
     def allocate(self, adapter_id: int) -> int:
         """A slot for global id ``adapter_id`` (its old slot if it has one); call ``reserve`` first."""
@@ -228,6 +253,7 @@ class LoraBank(nn.Module):
             if lora_bias is not None:
                 if bias is None:
                     self.bias = bias = B.new_zeros(A.shape[0], self.info.out_features)
+                    bump_storage_epoch()  # (a new tensor: a step captured without bias never adds it)
                 bias[slot].copy_(lora_bias.float() * scaling)
             elif bias is not None:
                 bias[slot].zero_()
@@ -262,10 +288,12 @@ class LoraBank(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # ``.to(device)`` / ``.half()`` replace the buffers: cached plans hold slots on the old device
         out = super()._apply(fn, recurse)
-        self._touch()
+        self._touch(storage=True)
         return out
 
-    def _touch(self) -> None:
+    def _touch(self, storage: bool = False) -> None:
+        if storage:
+            bump_storage_epoch()
         self._state["version"] += 1
         self._state["cache"] = None
         self._state["layout"] = None
@@ -297,6 +325,8 @@ class LoraBank(nn.Module):
         ids = ctx.adapter_ids
         extras = ctx.extras
         weights = extras.get(WEIGHTS_KEY) if extras else None
+        if extras and extras.get(STATIC_KEY):
+            return self._static_plan(ids), weights
         state = self._state
         cache = state["cache"]
         grad = torch.is_grad_enabled()  # (fused kernels have no backward: they are planned only without autograd)
@@ -327,6 +357,18 @@ class LoraBank(nn.Module):
         if state["version"] == version:  # (a write on another thread meanwhile: do not cache)
             state["cache"] = (ids, _version_of(ids), weights, batch, tokens, _KERNELS_VERSION[0], plan, w, grad)
         return plan, w
+
+    def _static_plan(self, ids: torch.Tensor) -> Plan:
+        """The plan of a static-shape step (``STATIC_KEY``): ``ids`` (batch, k) long on this bank's device, checked
+        by the caller. Per-row at the full ``r_max`` (padded ranks add exact zeros), slots gathered on the device:
+        no host read, no data-dependent shape, nothing cached across calls (a capture records the gather)."""
+        buffers = self._buffers
+        slots = buffers["table"][ids + 1]  # (batch, k)
+        A = buffers["A"]
+        r_max = A.shape[self.a_rank_dim]
+        if not r_max:
+            return Plan("none", slots, 0)
+        return Plan("rows", slots, r_max, kernel=None if torch.is_grad_enabled() else _KERNELS.get(A.device.type))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
         batch = x.shape[0]

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..core.errors import LorakitError
+from .graphs import DecodeGraphs
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
 from .sampling import SamplingParams, find_stop, sample_token
@@ -105,11 +106,15 @@ class Engine:
         store: the adapter tiers (:class:`AdapterStore`); None = the model's banks as loaded, no tiering.
         kv_cache_bytes: the KV cache budget, preallocated now. block_size: tokens per cache block.
         max_batch: running requests at most. max_prefill_tokens: prompt tokens per prefill forward.
+        cuda_graphs: run decode steps of banked rows (named adapters and the base) as static-shape steps
+            (``serving/graphs.py``), captured in CUDA graphs per batch and context bucket when the model is on a
+            CUDA device and run eagerly elsewhere (same tokens as without). Prefill, weighted mixes and attached
+            adapters run eagerly, in forwards of their own beside it. Bank storage is reserved up front for ``store.max_loras`` adapters.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, store: AdapterStore | None = None,
                  kv_cache_bytes: int = 64 << 20, block_size: int = 16, max_batch: int = 32,
-                 max_prefill_tokens: int = 2048):
+                 max_prefill_tokens: int = 2048, cuda_graphs: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
@@ -132,6 +137,11 @@ class Engine:
         self._stop = False
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.cache, max_batch=max_batch,
+                                       max_context=min(self.max_model_len, self.cache.capacity_tokens),
+                                       max_adapters=store.max_loras if store is not None else None, store=store)
 
     # -- public API (any thread) ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
@@ -254,11 +264,14 @@ class Engine:
         # One forward per phase (prefill / decode) and per kind of row: every banked adapter, mix and the base
         # share one forward; an attached adapter (DoRA, a router-driven mixture) is a different computation and
         # gets its own, with that adapter active.
-        groups: dict[tuple[bool, str | None], list[Request]] = {}
+        # With cuda_graphs, decode rows the static step takes form a group of their own (the others, e.g. weighted
+        # mixes, run eagerly beside them instead of sending the whole batch down the eager path).
+        groups: dict[tuple[bool, str | None, bool], list[Request]] = {}
         for r in self.running:
-            groups.setdefault((len(r.context) - r.num_cached > 1, r.attached), []).append(r)
-        for (_, attached), group in groups.items():
-            self._forward(group, attached)
+            decode = len(r.context) - r.num_cached == 1
+            groups.setdefault((not decode, r.attached, decode and self._static(r)), []).append(r)
+        for (_, attached, static), group in groups.items():
+            self._forward(group, attached, static)
         self.stats["steps"] += 1
         return True
 
@@ -357,21 +370,20 @@ class Engine:
         finally:
             set_adapter(self.model, [])
 
-    def _forward(self, group: list[Request], attached: str | None = None) -> None:
+    def _static(self, req: Request) -> bool:
+        """Whether the static decode step (``cuda_graphs``) takes this decoding row."""
+        return (self.graphs is not None and req.attached is None and not req.recompute
+                and self.graphs.takes([req.adapter]))
+
+    def _forward(self, group: list[Request], attached: str | None = None, static: bool = False) -> None:
         starts = [r.num_cached for r in group]
         lengths = [len(r.context) - r.num_cached for r in group]
         q = max(lengths)
-        ids = torch.zeros(len(group), q, dtype=torch.long)
-        for i, r in enumerate(group):
-            ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
-        positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
-        batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
-        route = self._active(attached, group) if attached is not None else self._routing([r.adapter for r in group])
-        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads
-        with route, torch.inference_mode(), paged_batch(batch):
-            logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                                use_cache=False).logits
-        last = logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
+        if static:  # decode rows (q == 1) of banked adapters / the base
+            last = self.graphs.run([r.context[-1] for r in group], starts, [r.blocks for r in group],
+                                   [r.adapter for r in group])
+        else:
+            last = self._eager_forward(group, attached, starts, lengths, q)
         self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
         now = time.perf_counter()
         for i, r in enumerate(group):
@@ -381,6 +393,23 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = now
             self._after_token(r, token)
+
+    def _eager_forward(self, group: list[Request], attached: str | None, starts: list[int], lengths: list[int],
+                       q: int) -> torch.Tensor:
+        """The group's forward with shapes of its own -> each row's last logits (batch, vocab), float32, host."""
+        ids = torch.zeros(len(group), q, dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, : lengths[i]] = torch.as_tensor(r.context[r.num_cached:], dtype=torch.long)
+        positions = torch.as_tensor(starts)[:, None] + torch.arange(q)[None]  # (batch, q); padding past the end
+        batch = PagedBatch.build(self.cache, [r.blocks for r in group], starts, lengths)
+        route = self._active(attached, group) if attached is not None else self._routing([r.adapter for r in group])
+        # routing first: its id tensors are then ordinary tensors, whose version counter the banks' plan cache reads.
+        # The paged mask goes in as a prepared 4-D mask, which transformers passes through untouched (without one,
+        # its packed-sequence check reads position_ids back to the host: a device synchronisation per forward).
+        with route, torch.inference_mode(), paged_batch(batch):
+            logits = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                                attention_mask=batch.mask, use_cache=False).logits
+        return logits[torch.arange(len(group)), torch.as_tensor(lengths) - 1].float().cpu()  # (batch, vocab)
 
     def _after_token(self, req: Request, token: int) -> None:
         p = req.params

@@ -7,7 +7,9 @@ sequence lives in slot ``table[p // block_size] * block_size + p % block_size``.
 block from the free list and give their blocks back when they finish, so the memory in use never exceeds
 the budget and fragmentation is at most one partly filled block per sequence.
 
-Storage per cache: ``k`` and ``v`` of shape (layers, blocks * block_size, kv_heads, head_dim).
+Storage per cache: ``k`` and ``v`` of shape (layers, blocks * block_size + 1, kv_heads, head_dim): the last token
+slot (``scratch_slot``) belongs to no block; static-shape decode steps (``serving/graphs.py``) write their padding
+rows there, so that every row of a fixed-size batch can be written with one ``index_copy_``.
 
 The attention itself is a function registered with transformers' ``AttentionInterface`` under
 ``"lorakit_paged"`` (the host model's source is untouched). While a :class:`PagedBatch` is active
@@ -45,8 +47,8 @@ class PagedKVCache:
         num_layers, num_kv_heads, head_dim: the model's attention geometry.
         num_blocks: blocks to preallocate (each holds ``block_size`` tokens of every layer).
         block_size: tokens per block.
-    Memory: ``2 * num_layers * num_blocks * block_size * num_kv_heads * head_dim * itemsize`` bytes, all
-    allocated here, none later.
+    Memory: ``2 * num_layers * (num_blocks * block_size + 1) * num_kv_heads * head_dim * itemsize`` bytes (the
+    one extra token slot is ``scratch_slot``), all allocated here, none later.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
@@ -56,7 +58,8 @@ class PagedKVCache:
                                f"(got {num_blocks}, {block_size}); raise the memory budget")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_slot = num_blocks * block_size  # in no block: padding rows of static-shape steps write here
+        shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free: deque[int] = deque(range(num_blocks))
@@ -74,7 +77,7 @@ class PagedKVCache:
         """As many blocks as ``memory_bytes`` holds for a model with this transformers ``config``."""
         layers, kv_heads, head_dim = cls.geometry(config)
         per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        num_blocks = int(memory_bytes) // per_block
+        num_blocks = int(memory_bytes) // per_block  # (plus the one scratch token slot, outside the budget)
         if num_blocks < 1:
             raise LorakitError(f"KV cache budget {memory_bytes} bytes is below one block ({per_block} bytes for "
                                f"block_size={block_size}); raise it")
@@ -117,12 +120,15 @@ class PagedBatch:
     ``write_slots`` (batch, q): cache slot of each new token, -1 for right padding.
     ``read_slots`` (batch, ctx): cache slot of each context position (0 where past the row's length).
     ``mask`` (batch, 1, q, ctx): True where query token may attend context position (causal, own row only).
+    ``dense``: every entry of ``write_slots`` is a slot (no -1): the keys are written with one ``index_copy_``, no
+    boolean indexing (whose data-dependent shape reads the mask back to the host: a device synchronisation).
     """
 
     cache: PagedKVCache
     write_slots: torch.Tensor
     read_slots: torch.Tensor
     mask: torch.Tensor
+    dense: bool = False
 
     @classmethod
     def build(cls, cache: PagedKVCache, tables: Sequence[Sequence[int]], starts: Sequence[int],
@@ -147,7 +153,7 @@ class PagedBatch:
         mask = mask | ~valid_q[..., None]  # padded queries attend anywhere (output unused, avoids NaN rows)
         dev = cache.k.device  # built on the host (small integer work), used where the cache lives
         return cls(cache, write.to(dev, non_blocking=True), read.to(dev, non_blocking=True),
-                   mask[:, None].to(dev, non_blocking=True))
+                   mask[:, None].to(dev, non_blocking=True), dense=all(n == q for n in lengths))
 
 
 _BATCH: ContextVar[PagedBatch | None] = ContextVar("lorakit_paged_batch", default=None)
@@ -174,10 +180,16 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                                       **kwargs)
     cache, layer = batch.cache, module.layer_idx
     k_layer, v_layer = cache.k[layer], cache.v[layer]
-    valid = batch.write_slots >= 0  # (b, q)
-    slots = batch.write_slots[valid]
-    k_layer[slots] = key.transpose(1, 2)[valid].to(k_layer.dtype)  # (n, kv_heads, d)
-    v_layer[slots] = value.transpose(1, 2)[valid].to(v_layer.dtype)
+    if batch.dense:  # every row writes (static steps: padding rows into the scratch slot): no host read
+        slots = batch.write_slots.reshape(-1)  # (b * q,)
+        shape = (slots.shape[0], *k_layer.shape[1:])  # (b * q, kv_heads, d)
+        k_layer.index_copy_(0, slots, key.transpose(1, 2).reshape(shape).to(k_layer.dtype))
+        v_layer.index_copy_(0, slots, value.transpose(1, 2).reshape(shape).to(v_layer.dtype))
+    else:
+        valid = batch.write_slots >= 0  # (b, q)
+        slots = batch.write_slots[valid]
+        k_layer[slots] = key.transpose(1, 2)[valid].to(k_layer.dtype)  # (n, kv_heads, d)
+        v_layer[slots] = value.transpose(1, 2)[valid].to(v_layer.dtype)
     k = k_layer[batch.read_slots].transpose(1, 2).to(query.dtype)  # (b, kv_heads, ctx, d)
     v = v_layer[batch.read_slots].transpose(1, 2).to(query.dtype)
     # grouped-query attention: SDPA shares each kv head across its query heads (no repeat_interleave copy of

@@ -39,7 +39,7 @@ from ..core.targeting import iter_host_modules, select_modules_to_save, select_t
 from ..io.files import load_tensors
 from ..io.peft_format import PREFIX, read_adapter_config, weights_path
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
-from .bank import WEIGHTS_KEY, LoraBank, bank_for
+from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
 REGISTRY_ATTR = "lorakit_bank"
 # A row of a mixed batch: an adapter name, None / "__base__" (no adapter), or {name: weight, ...}.
@@ -149,6 +149,7 @@ class AdapterRegistry:
                 module.bank = bank
             bank.resize_table(len(self._names))
         self._installed = self._installed_snapshot()
+        bump_storage_epoch()  # layers may have been (re)wrapped: a captured step would miss or hold stale banks
 
     def _installed_snapshot(self) -> tuple | None:
         """(ids, edges (parent, name, child) from the model to every banked layer, (layer, bank) pairs), or None
@@ -401,6 +402,15 @@ class AdapterRegistry:
     def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[RowSpec], **kwargs) -> torch.Tensor:
         with self.routing(adapter_names):
             return self.model.generate(input_ids=input_ids, **kwargs)
+
+    def reserve_static(self, adapters: int, r: int) -> None:
+        """Allocate now every bank's storage for ``adapters`` adapters at rank up to ``r`` and id tables for
+        ``adapters`` ids (what a store with ``max_loras=adapters`` can hold), so that later loads write in place;
+        static-shape decode steps (``serving/graphs.py``) call this before capturing CUDA graphs."""
+        self.install()
+        for bank in self.banks.values():
+            bank.reserve_capacity(adapters, r)
+            bank.resize_table(max(adapters, len(self._names)))
 
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for bank in self.banks.values() for b in bank.buffers())

@@ -482,13 +482,15 @@ def _sse(obj: Any) -> str:
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
-          log_level: str = "info", rank: int | None = None) -> None:
+          log_level: str = "info", rank: int | None = None, device: str = "cpu", cuda_graphs: bool = False) -> None:
     """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn.
     ``rank``: serve nested-rank adapters (DyLoRA) at this rank (a ConfigError for one above its r skips that
     adapter); other adapters are unaffected. A bad root (missing, a file, unreadable, an adapter folder itself:
     :func:`~lorakit.serving.store.check_adapter_roots`) raises AdapterError before the model loads; an adapter
     folder that fails to register is skipped with a warning (``lorakit.serving`` logger) and requests for it get a
-    400 with the reason (:meth:`~lorakit.serving.store.AdapterStore.register_roots`); the rest are served."""
+    400 with the reason (:meth:`~lorakit.serving.store.AdapterStore.register_roots`); the rest are served.
+    ``device``: where the model, banks and KV cache live ("cpu", "cuda"). ``cuda_graphs``: decode steps of banked
+    rows as static-shape steps captured in CUDA graphs (``Engine(cuda_graphs=True)``; eager on the CPU)."""
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
@@ -499,11 +501,12 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
     name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
     store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank,
                          base_name=name)
     store.register_roots(adapters or [])
-    engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch)
+    engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch,
+                    cuda_graphs=cuda_graphs)
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
