@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorakit.cli import main
 
@@ -191,7 +192,16 @@ COUNTS = [  # a count flag of generate / eval / serve out of range, and what the
     # --rank picks a rank of the adapter: without one it is named before the model loads, not after
     (["generate", "--prompt", "x", "--rank", "2"], "--rank needs --adapter"),
     (["eval", "--data", "reverse", "--rank", "2"], "--rank needs --adapter"),
+    # --device: a name torch does not know, or CUDA where there is none (was: after the model loaded)
+    (["serve", "--device", "gpu"], "argument --device: must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["serve", "--device", "cpu:1"], "argument --device: must be cpu, cuda or cuda:N, got 'cpu:1'"),
+    (["federate", "--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
 ]
+if not torch.cuda.is_available():
+    COUNTS += [(["serve", "--device", "cuda", "--cuda-graphs"],
+                "argument --device: 'cuda': CUDA is not available on this machine; use cpu"),
+               (["federate", "--device", "cuda:0"],
+                "argument --device: 'cuda:0': CUDA is not available on this machine; use cpu")]
 
 
 @pytest.mark.parametrize("argv,says", COUNTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in COUNTS])
@@ -207,3 +217,11 @@ def test_count_flags_are_checked_before_the_model_loads(argv, says, capsys, no_m
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and says in err.strip().splitlines()[-1], err
+
+
+def test_bench_device_is_checked_before_any_model(capsys):
+    from lorakit.bench.cli import main as bench_main
+
+    with pytest.raises(SystemExit) as e:
+        bench_main(["perf", "--quick", "--device", "gpu"])
+    assert e.value.code == 2 and "argument --device: must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err

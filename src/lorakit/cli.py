@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .cli_options import add_config_options, config_from_args
-from .cli_parser import CommandParser, json_arg, positive_int, seed_arg
+from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_arg
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -1342,7 +1342,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask")
     sv.add_argument("--rank", type=positive_int, default=None,
                     help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
-    sv.add_argument("--device", default="cpu", help="where the model, adapter banks and KV cache live: cpu or cuda")
+    sv.add_argument("--device", default="cpu", type=device_arg, help="where the model, adapter banks and KV cache live: cpu or cuda")
     sv.add_argument("--cuda-graphs", action="store_true",
                     help="decode steps of banked rows as static-shape steps, captured in CUDA graphs per batch and "
                          "context bucket (with --device cuda; on the CPU they run eagerly); bank storage is reserved "
@@ -1381,7 +1381,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--stragglers", default=None, help="client ids that reply late, comma-separated")
     f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
     f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round")
-    f.add_argument("--device", default="cpu", help="where clients train: cpu or cuda")
+    f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
     f.add_argument("--output", default="runs/federated", help="folder for federated.json")

@@ -101,6 +101,23 @@ def seed_arg(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def device_arg(text: str) -> str:
+    """``type=`` for a ``--device`` flag: ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where it is available, else
+    argparse's usage error naming the flag before any model loads (``--device gpu`` used to fail in torch after the
+    model had loaded; ``--device cuda`` on a machine without CUDA, in the first tensor moved)."""
+    import torch  # (only when the flag is given: the parser itself stays light)
+
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text.strip())
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if match.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+        if match.group(2) is not None and int(match.group(2)) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text.strip()
+
+
 class CommaList(argparse.Action):
     """``action=`` for a flag of several values (``nargs="+"``) that also takes them comma-separated: ``--methods lora
     dora``, ``--methods lora,dora`` and ``--methods lora, dora`` are the same list. An empty item (``lora,,dora``) is

@@ -9,7 +9,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli_parser import CommaList, CommandParser, seed_arg
+from ..cli_parser import CommaList, CommandParser, device_arg, seed_arg
 from ..core.errors import ConfigError, LorakitError, check_names, comma_items
 from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -126,7 +126,7 @@ def main(argv: Sequence[str]) -> int:
                                          "init", "quantize", "gamma_mod", "smaller", "federated"])
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", action=CommaList, default=None,
                         help="perf rows to run (forward, mixed, ...); init: convergence and/or cost; quantize: cfp (CFP diagnosis); smaller: variants "
                              "(lora qlora loraprune loram loram_aligned); gamma_mod: lora gamma_mod gamma_mod_arank_mod gamma_mod_unmasked")
