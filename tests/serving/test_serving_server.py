@@ -234,8 +234,10 @@ def test_server_disconnect_frees_slot_and_metrics(setup):
     assert json.loads(json.dumps(engine.stats))["finished"] > 0
 
 
-def test_cli_serve_starts_and_answers(setup, tmp_path):
-    """``lorakit serve`` as a user runs it: the bundled model, an adapters folder, a completion over HTTP."""
+@pytest.mark.parametrize("extra", [[], ["--cuda-graphs"]], ids=["eager", "cuda_graphs"])
+def test_cli_serve_starts_and_answers(setup, tmp_path, extra):
+    """``lorakit serve`` as a user runs it: the bundled model, an adapters folder, a completion over HTTP; also with
+    ``--cuda-graphs`` (on the CPU its static decode step runs eagerly: the same greedy text)."""
     import os
     import subprocess
     import sys
@@ -245,7 +247,7 @@ def test_cli_serve_starts_and_answers(setup, tmp_path):
         port = sock.getsockname()[1]
     env = {**os.environ, "LORAKIT_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--adapters", str(setup["root"]),
-                             "--port", str(port), "--max-loras", "2", "--kv-cache-mb", "8"],
+                             "--port", str(port), "--max-loras", "2", "--kv-cache-mb", "8", *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
