@@ -30,3 +30,36 @@ def test_train_with_eva_and_its_options(tmp_path):
 def test_unknown_init_is_a_clear_error_before_loading(capsys):
     assert main(["train", "--init", "lora_gaa", "--steps", "1"]) == 2
     assert "unknown init 'lora_gaa'. Did you mean: lora_ga" in capsys.readouterr().err
+
+
+def _no_model_load(monkeypatch):
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a base model was loaded before --init-options was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+
+
+def test_a_misspelt_init_option_is_named_before_loading(capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    assert main(["train", "--init", "eva", "--init-options", '{"rhoo": 2}', *COMMON]) == 2
+    assert "unknown option 'rhoo' for init 'eva'. Did you mean: rho?" in capsys.readouterr().err
+    assert main(["train", "--init-lora-weights", "eva", "--init-options", '{"rhoo": 2}', *COMMON]) == 2
+    assert "unknown option 'rhoo' for init 'eva'" in capsys.readouterr().err
+
+
+def test_init_options_without_an_init_are_an_error_not_ignored(capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    assert main(["train", "--init-options", '{"rho": 1.0}', *COMMON]) == 2
+    assert "--init-options is given but no init runs" in capsys.readouterr().err
+
+
+def test_init_options_reach_an_init_the_config_names(tmp_path):
+    """--init-lora-weights eva (PEFT's spelling) with --init-options: the options were dropped unless --init named it.
+    rho = 1 keeps EVA's ranks uniform (no rank_pattern); the default rho = 2 redistributes them."""
+    out = tmp_path / "eva"
+    assert main(["train", "--init-lora-weights", "eva", "--init-options", '{"rho": 1.0, "tau": 0.5}',
+                 "--output", str(out), *COMMON]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva" and config["rank_pattern"] == {}

@@ -162,9 +162,23 @@ def _add_with_init(model, adapter_config, args) -> None:
     from . import add_adapter
     from .core.inits import set_init_options
 
-    if args.init is not None:
+    if args.init_options:  # also for an init the config names (--init-lora-weights eva)
         set_init_options(model, args.adapter_name, **args.init_options)
     add_adapter(model, adapter_config, name=args.adapter_name, init=args.init)
+
+
+def _check_init_options(args, adapter_config) -> None:
+    """--init-options name options the init takes, and there is an init to take them (--init, or one the
+    method's config names, e.g. --init-lora-weights eva): ConfigError before the model is loaded."""
+    from .core.inits import get_init
+
+    spec = args.init if args.init is not None else adapter_config.requested_init()
+    if spec is None:
+        if args.init_options:
+            raise ConfigError("--init-options is given but no init runs: name one with --init NAME "
+                              "(lorakit train --help lists them).")
+        return
+    get_init(spec).check_options(args.init_options)
 
 
 def _resave_for_original_base(model, name: str, adapter_dir: Path) -> None:
@@ -288,6 +302,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
     targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}
     adapter_config = config_from_args(method.config_cls, args, **targets)
+    _check_init_options(args, adapter_config)
     _check_loram_flags(args, adapter_config)
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
@@ -441,7 +456,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
     if args.init is None:
-        add_adapter(model, adapter_config, name=args.adapter_name)  # target errors now, before any evaluation
+        _add_with_init(model, adapter_config, args)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
           f"method: {method.name} | data: {args.data} "
           f"({len(train_examples)} train / {len(eval_examples)} eval examples) | threads: {torch.get_num_threads()}")

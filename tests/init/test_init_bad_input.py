@@ -106,3 +106,58 @@ def test_unknown_option_values_are_config_errors():
         lk.init_adapter(model, "default", _batches(), init="lora_ga", scale="gd")
     with pytest.raises(lk.ConfigError, match="corda_method must be 'ipm' or 'kpm'"):
         lk.init_adapter(model, "default", _batches(), init="corda", corda_method="pim")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda"])
+def test_rank_above_a_layer_names_the_module(init):
+    """v_proj is (16, 32): its SVD / QR has min(out, in) = 16 components, fewer than r = 20 (PiSSA, OLoRA and CorDA
+    take r of them, arXiv:2404.02948 eq. 2, 2406.01775 §3, 2406.05223 eq. 5). An AdapterError naming the module
+    before anything is written (q_proj, 32 x 32, comes first and fits), not a tensor-size RuntimeError."""
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=20, lora_alpha=8, target_modules=TARGETS))
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match=r"r=20 .*'model.layers.0.self_attn.v_proj'.*min\(out, in\) = 16"):
+        lk.init_adapter(model, "default", _batches(), init=init)
+    _assert_unchanged(model, before)
+
+
+def test_eva_components_above_the_input_size_name_the_module():
+    """EVA keeps round(rho·r) principal components of a layer's inputs; PEFT's IncrementalPCA refuses more than the
+    input has features (peft/utils/incremental_pca.py ``_validate_data``: "n_components=... invalid for
+    n_features=..."). r = 20, rho = 2: 40 components of 32-feature inputs (q_proj / v_proj)."""
+    model = _model("eva")
+    lk.delete_adapter(model, "default")
+    lk.add_adapter(model, lk.LoraConfig(r=20, lora_alpha=8, target_modules=TARGETS))
+    before = _snapshot(model)
+    with pytest.raises(lk.AdapterError, match=r"40 components .*'model.layers.0.self_attn.q_proj'.* 32 features"):
+        lk.init_adapter(model, "default", _batches(), init="eva")
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init,typo,hint", [
+    ("eva", "rhoo", "Did you mean: rho?"), ("lora_ga", "stable_gama", "Did you mean: stable_gamma?"),
+    ("corda", "method", "Options: corda_method, num_batches"), ("pissa", "niter", "takes no options"),
+])
+def test_unknown_option_names_are_config_errors(init, typo, hint):
+    """A misspelt init option is a ConfigError naming it (not Python's TypeError), from init_adapter and from
+    add_adapter's gradient pre-pass (LoRA-GA's estimate)."""
+    model = _model(init)
+    before = _snapshot(model)
+    with pytest.raises(lk.ConfigError, match=rf"unknown option '{typo}' for init '{init}'\..*{hint}"):
+        lk.init_adapter(model, "default", _batches(), init=init, **{typo: 1})
+    _assert_unchanged(model, before)
+    fresh = tiny_llama()
+    lk.core.inits.set_init_options(fresh, "default", **{typo: 1})
+    with pytest.raises(lk.ConfigError, match=rf"unknown option '{typo}'"):
+        lk.add_adapter(fresh, lk.LoraConfig(r=4, target_modules=TARGETS), init=init, init_batches=_batches())
+    assert not hasattr(fresh, "lorakit") or not lk.adapter_names(fresh)
+
+
+@pytest.mark.parametrize("gamma", [0, -16])
+def test_lora_ga_stable_gamma_must_be_positive(gamma):
+    """The stable scale out^{1/4}/√γ (arXiv:2407.05000 §3.3) needs γ > 0: 0 divided by zero, a negative γ gave a
+    complex scale."""
+    model = _model("lora_ga")
+    before = _snapshot(model)
+    with pytest.raises(lk.ConfigError, match=rf"stable_gamma must be > 0, got {gamma}"):
+        lk.init_adapter(model, "default", _batches(), init="lora_ga", stable_gamma=gamma)
+    _assert_unchanged(model, before)

@@ -16,6 +16,7 @@ An init is chosen by name: by the config (for LoRA, PEFT's ``init_lora_weights``
 
 from __future__ import annotations
 
+import inspect
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ class Init:
 
     def accepts(self, spec: Any) -> bool:
         return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None
+
+    def option_names(self) -> list[str]:
+        """The options ``run`` takes (its keyword-only parameters; ``estimate`` is lorakit's, not the user's)."""
+        params = inspect.signature(self.run).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "estimate"]
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """ConfigError naming an option this init does not take (with near matches), before anything runs."""
+        known = self.option_names()
+        for key in options:
+            if key not in known:
+                takes = f"Options: {', '.join(known)}." if known else "It takes no options."
+                raise ConfigError(f"unknown option {key!r} for init {self.name!r}.{did_you_mean(key, known)} {takes}")
 
 
 @dataclass
@@ -180,6 +194,12 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
             raise AdapterError(f"adapter {adapter_name!r}'s config names no init; pass init=NAME "
                                f"(registered: {', '.join(sorted(_INITS))}).")
         found = get_init(spec)
+    options = {**init_options(model, adapter_name), **options}
+    try:
+        found.check_options({k: v for k, v in options.items() if k != "estimate"})
+    except ConfigError:
+        state.configs[adapter_name] = before
+        raise
     batches = None if batches is None else list(batches)
     if found.needs_data and not batches:
         state.configs[adapter_name] = before
@@ -188,7 +208,6 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     _check_unmerged(model, adapter_name, f"initialise adapter {adapter_name!r}")
     if adapter_name in state.inits:
         restore_base(model, adapter_name)
-    options = {**init_options(model, adapter_name), **options}
     try:
         with torch.no_grad():
             edits = found.run(model, adapter_name, batches, spec, **options)

@@ -286,6 +286,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         return model
     init_batches = None if init_batches is None else list(init_batches)
     options = {}
+    wanted.check_options(init_options(model, name))
     if wanted.estimate is not None:
         targets = plan_targets(model, config, name)  # every check first: a failed plan wastes no data pass
         with torch.no_grad():

@@ -193,6 +193,16 @@ def target_gradients(model: nn.Module, targets: Sequence[Target | BaseTarget],
     return estimate
 
 
+def check_rank_fits(path: str, r: int, weight_shape: Sequence[int], init: str) -> None:
+    """AdapterError naming the module when its rank ``r`` exceeds ``min(out, in)`` of its (out, in) weight: an
+    init that takes r components of the weight's SVD / QR (PiSSA, OLoRA, CorDA) finds only that many."""
+    k = min(weight_shape)
+    if r > k:
+        raise AdapterError(f"init {init!r}: r={r} at module {path!r} exceeds min(out, in) = {k} of its "
+                           f"{weight_shape[0]}x{weight_shape[1]} weight, which has only {k} components to take; "
+                           "lower r there (rank_pattern) or leave the module out (model left unchanged).")
+
+
 def check_rank(path: str, S: torch.Tensor, k: int, init: str, what: str, rtol: float = 1e-6) -> None:
     """AdapterError naming the module when the {what} has fewer than ``k`` non-negligible singular values."""
     top = float(S[0]) if S.numel() else 0.0

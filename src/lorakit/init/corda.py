@@ -29,7 +29,8 @@ from torch import nn
 from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import disable_adapters
-from ._common import Target, _device, _to, check_batches, check_factorisable, linear_targets, move_into_adapter
+from ._common import (Target, _device, _to, check_batches, check_factorisable, check_rank_fits, linear_targets,
+                      move_into_adapter)
 
 MAX_DAMP_DOUBLINGS = 40
 
@@ -106,6 +107,8 @@ def run_corda(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str
         raise ConfigError(f"corda: corda_method must be 'ipm' or 'kpm', got {corda_method!r}.")
     batches = check_batches(batches, spec, num_batches)[:num_batches]
     targets = linear_targets(model, adapter_name, spec)
+    for t in targets:  # before the data pass
+        check_rank_fits(t.path, t.delta.units().A.shape[0], (t.info.out_features, t.info.in_features), spec)
     covs = input_covariances(model, targets, batches, spec)
     planned = []
     for t in targets:

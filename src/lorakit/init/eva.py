@@ -146,6 +146,11 @@ def eva_components(model: nn.Module, targets: list[Target], batches: list[Mappin
     """``{path: A (rank, in)}`` for every target (rank may be 0). Runs the base model in eval mode."""
     device = _device(model)
     max_components = {t.path: round(ranks[t.path] * rho) for t in targets}
+    for t in targets:  # PEFT's IncrementalPCA refuses more components than features (incremental_pca.py)
+        if max_components[t.path] > t.info.in_features:
+            raise AdapterError(f"init {init!r}: round(rho·r) = {max_components[t.path]} components (rho={rho}, "
+                               f"r={ranks[t.path]}) of the inputs of module {t.path!r}, which have only "
+                               f"{t.info.in_features} features; lower r or rho (model left unchanged).")
     budget = sum(ranks.values())
     keys: dict[str, tuple] = {}
     _each_input(model, targets, _to(batches[0], device), None, lambda path, x: keys.__setitem__(path, _fingerprint(x)))

@@ -94,13 +94,15 @@ def lora_ga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: f
     return A, B
 
 
-def _check_options(spec: str, direction: str, scale: str, norm_clip: bool) -> None:
+def _check_options(spec: str, direction: str, scale: str, norm_clip: bool, stable_gamma: float) -> None:
     official = spec == "lora_ga_official"
     if direction not in DIRECTIONS:
         raise ConfigError(f"{spec}: direction={direction!r} is not one of {DIRECTIONS}.")
     if scale not in SCALES[spec]:
         raise ConfigError(f"{spec}: scale={scale!r} is not one of {SCALES[spec]}"
                           + (" (the official names)" if official else " (PEFT's names)") + ".")
+    if not stable_gamma > 0:  # the stable scale out^{1/4} / √γ
+        raise ConfigError(f"{spec}: stable_gamma must be > 0, got {stable_gamma}.")
     if norm_clip and not official:
         raise ConfigError("norm_clip is an option of lora_ga_official only (PEFT's port has none).")
 
@@ -112,7 +114,7 @@ def estimate_lora_ga(model: nn.Module, targets: Sequence[tuple[str, nn.Module, A
     """The gradient pass alone, on the base model before the adapter is built (``Init.estimate``, used by
     ``add_adapter`` with batches): ``{path: mean ∂L/∂W (out, in) float32}`` over the linear targets. Options
     are checked here first, so a bad one fails before the pass; errors as :func:`run_lora_ga`."""
-    _check_options(spec, direction, scale, norm_clip)
+    _check_options(spec, direction, scale, norm_clip, stable_gamma)
     return target_gradients(model, base_targets(targets), batches, spec, num_batches)
 
 
@@ -128,7 +130,7 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
     Raises ConfigError for an unknown direction/scale, AdapterError for missing data, a module without a
     gradient, or one whose gradient is NaN or of rank < 2r (the model is then unchanged)."""
     official = spec == "lora_ga_official"
-    _check_options(spec, direction, scale, norm_clip)
+    _check_options(spec, direction, scale, norm_clip, stable_gamma)
     targets = linear_targets(model, adapter_name, spec)
     grads = target_gradients(model, targets, batches, spec, num_batches, estimate=estimate, adapter_name=adapter_name)
     planned = []

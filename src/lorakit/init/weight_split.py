@@ -27,7 +27,7 @@ from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
-from ._common import adapter_record, check_factorisable, move_into_adapter
+from ._common import adapter_record, check_factorisable, check_rank_fits, move_into_adapter
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
@@ -57,6 +57,7 @@ def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise,
             raise AdapterError(f"{path!r}: base weight of dtype {weight.dtype} cannot be split; initialise on a "
                                "float32/float16/bfloat16 base, then quantise the residual.")
         check_factorisable(path, weight, init, "base weight")
+        check_rank_fits(path, units.A.shape[0], weight.shape, init)
         targets.append((path, layer, units, weight))
     kept: dict[str, BaseEdit] = {}
     for path, layer, units, weight in targets:
