@@ -63,3 +63,34 @@ def test_bench_federated_quick(tmp_path):
     assert {(r["strategy"], r["dp"]) for r in result["runs"]} >= {("ffa", True), ("fedit", True), ("flora", False)}
     assert all(r["epsilon"] > 0 for r in result["runs"] if r["dp"])
     assert (tmp_path / "federated.png").is_file()
+
+
+@pytest.mark.parametrize("argv,says", [
+    # Flower would wait for 9 nodes that never come; the simulation silently sampled 2
+    (["--clients", "2", "--min-clients", "9"], "--min-clients 9 is more than --clients 2"),
+    # (ε, δ)-DP needs δ in (0, 1) (Dwork & Roth, Def. 2.4; δ is a probability): 1.5 reported ε = -7.4
+    (["--dp-noise-multiplier", "1", "--dp-delta", "1.5"], "--dp-delta must be in (0, 1), got 1.5"),
+    (["--dp-noise-multiplier", "1", "--dp-delta", "0"], "--dp-delta must be in (0, 1), got 0.0"),
+    # Dirichlet(α) needs α > 0: was an IndexError 'pop from empty list' after the model loaded
+    (["--partition", "skew", "--skew-alpha", "0"], "--skew-alpha must be > 0, got 0.0"),
+    # model-free settings: refused before Flower / Ray start (was: after about a minute of start-up)
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0, got 0.0"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+])
+def test_federate_refuses_bad_settings_before_starting(argv, says, tmp_path, capsys, monkeypatch):
+    import lorakit.federated.simulate
+
+    monkeypatch.setattr(lorakit.federated.simulate, "federate", lambda *a, **k: pytest.fail("the run started"))
+    assert main(["federate", *argv, "--output", str(tmp_path / "o")]) == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("fair_lambda", -1.0), ("fair_lr", 0.0), ("fair_steps", 0)])
+def test_lora_fair_settings_are_checked(field, value):
+    """LoRA-FAIR's λ ≥ 0 (a penalty weight, arXiv:2411.14961 eq. 7), a positive step size and at least one step:
+    fair_steps=0 or fair_lr=0 silently ran FedIT, a negative λ rewarded a large ΔB."""
+    from lorakit.core.errors import ConfigError
+    from lorakit.federated.base import FederatedConfig
+
+    with pytest.raises(ConfigError, match=rf"FederatedConfig.{field} must be"):
+        FederatedConfig(strategy="lora_fair", **{field: value})

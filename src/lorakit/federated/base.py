@@ -112,6 +112,16 @@ class FederatedConfig:
                 raise ConfigError(f"strategy {self.strategy!r} needs one rank for all clients; {FIELD}="
                                   f"{self.client_ranks} differ. Use {' or '.join(repr(n) for n in able)} for "
                                   "heterogeneous ranks, or give one rank.", field="FederatedConfig.client_ranks")
+        if self.min_clients > self.clients:  # Flower would wait for nodes that never come
+            raise field_error(self, "min_clients", f"={self.min_clients} is more than FederatedConfig.clients="
+                                                   f"{self.clients}; sample at most every client")
+        check_positive(self, "lr", "skew_alpha", "fair_lr", "lora_alpha")  # (lora_alpha None: 2·r)
+        check_non_negative(self, "fair_lambda", note=" (LoRA-FAIR's penalty weight)")
+        for name in ("fair_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
+        # (ε, δ)-DP: δ is a probability of failure; 1 or more makes ε meaningless
+        check_range(self, "dp_delta", 0, 1, low_open=True, high_open=True)
         check_non_negative(self, "dp_noise_multiplier")
         check_positive(self, "dp_max_grad_norm")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
