@@ -181,14 +181,16 @@ def _check_init_options(args, adapter_config) -> None:
     get_init(spec).check_options(args.init_options)
 
 
-def _resave_for_original_base(model, name: str, adapter_dir: Path) -> None:
+def _resave_for_original_base(model, name: str, adapter_dir: Path, rerun_fits: bool = True) -> None:
     """An init that changed the base and cannot be redone on load (LoRA-GA, CorDA): write the adapter as the
-    rank-2r LoRA for the original base (PEFT's conversion), so eval/generate/PEFT load it on the plain model."""
+    rank-2r LoRA for the original base (PEFT's conversion), so eval/generate/PEFT load it on the plain model.
+    ``rerun_fits=False`` (LoRAM: the adapter goes to another base than it was trained on, where PiSSA / OLoRA
+    would factorise other weights) converts for those inits too."""
     from . import save_adapter
     from .core.inits import base_edits, requested_init
 
     init = requested_init(model, name)
-    if init is not None and base_edits(model, name) and not init.rerun_on_load:
+    if init is not None and base_edits(model, name) and not (init.rerun_on_load and rerun_fits):
         save_adapter(model, adapter_dir, name, original_base=True)
         print(f"init {init.name!r} changed the base: the saved adapter is the rank-2r LoRA for the original base")
 
@@ -482,7 +484,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         return 0  # rank 0 writes the summary and plot
     after = result.final_metrics  # the loop's last evaluation, on all eval examples (not run a second time)
     if result.adapter_dir is not None:
-        _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir))
+        _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir),
+                                  rerun_fits=args.loram_ratio is None)
         if classify:  # `lorakit eval` rebuilds the head from these names
             from .io.files import atomic_write_json as write_json
             write_json(Path(result.adapter_dir) / LABELS_FILE, {"labels": [model.config.id2label[i]

@@ -181,6 +181,56 @@ def test_cli_trains_small_and_writes_the_recovered_adapter(tmp_path, capsys, qua
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
 
 
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_cli_with_a_base_changing_init_recovers_the_trained_delta(tmp_path, init):
+    """PiSSA / OLoRA move W's principal part into the adapter of the *pruned* base. Their files said
+    ``init_lora_weights="pissa"``, so loading the recovered adapter on the full model re-ran PiSSA on the full
+    weights (another SVD) and added the small model's factors on top. LoRAM's recovered delta must be what training
+    changed on the pruned base, ΔW = W_small_trained − W_small (paper Eq. 3, ``W* = W_0 + R(B A)``), on the kept
+    rows / columns and zero elsewhere. Both sides are merged by real PEFT."""
+    from lorakit.cli import main
+    from lorakit.hub import load_model_and_tokenizer
+
+    out = tmp_path / "run"
+    assert main(["train", "--loram-ratio", "0.5", "--init", init, "--data", "reverse", "--steps", "2", "--lr", "0.05",
+                 "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet",
+                 "--r", "2", "--target-modules", "q_proj", "down_proj"]) == 0
+    full = load_model_and_tokenizer(None)[0]
+    small, plan = loram_prune(load_model_and_tokenizer(None)[0], LoramConfig(ratio=0.5, seed=0))
+    small_orig = {k: v.clone() for k, v in small.state_dict().items()}
+    full_orig = {k: v.clone() for k, v in full.state_dict().items()}
+    with torch.no_grad():
+        small_new = peft.PeftModel.from_pretrained(small, out / "adapter_pruned").merge_and_unload().state_dict()
+        full_new = peft.PeftModel.from_pretrained(full, out / "adapter").merge_and_unload().state_dict()
+    checked = 0
+    for key, w in full_orig.items():
+        if not key.endswith(("q_proj.weight", "down_proj.weight")):
+            torch.testing.assert_close(full_new[key], w, rtol=0, atol=0)
+            continue
+        small_delta = small_new[key] - small_orig[key]
+        big_delta = full_new[key] - w
+        dim, index, _ = plan.kept(key.removesuffix(".weight"))
+        torch.testing.assert_close(big_delta.index_select(dim, index), small_delta, rtol=0, atol=1e-5)
+        assert big_delta.abs().sum().item() == pytest.approx(small_delta.abs().sum().item(), rel=1e-4)
+        assert small_delta.abs().max() > 1e-4  # training moved it
+        checked += 1
+    assert checked == 12
+
+
+def test_recover_refuses_an_adapter_whose_init_reruns_on_load(tmp_path):
+    """A PiSSA adapter saved as PiSSA is relative to the pruned base's residual; recovered as it is, loading would
+    redo PiSSA on the full model. recover_adapter says to save it for the original base first (which then works)."""
+    full = _full()
+    pruned, plan = loram_prune(full, LoramConfig(ratio=0.5, seed=1))
+    lk.add_adapter(pruned, lk.LoraConfig(r=2, lora_alpha=4, target_modules=ALL), init="pissa")
+    lk.save_adapter(pruned, tmp_path / "small")
+    with pytest.raises(lk.AdapterError, match="init_lora_weights='pissa' is redone .*original_base=True"):
+        recover_adapter(tmp_path / "small", plan, tmp_path / "large")
+    assert not (tmp_path / "large").exists()
+    lk.save_adapter(pruned, tmp_path / "small_plain", original_base=True)
+    recover_adapter(tmp_path / "small_plain", plan, tmp_path / "large")
+
 # -- alignment (pipeline step 1, ``loram/1_pruned_full_rank_weight_alignment.py``) ------------------------------
 def _pattern_blocks(n, seq=12, seed=0):
     """Token blocks with learnable structure for the tiny vocab-64 model: each row counts up mod 64 from a random start."""

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..core.config import field_error
-from ..core.errors import ConfigError, LorakitError
+from ..core.errors import AdapterError, ConfigError, LorakitError
+from ..core.inits import find_init
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
 from ..io.peft_format import PREFIX, WEIGHTS_NAME
 from .structure import ATTENTION, MLP, OUTPUT_SIDE, Block, base_of, decoder_blocks, group_rows, prune_blocks
@@ -177,12 +178,23 @@ def recover_state_dict(tensors: dict[str, torch.Tensor], plan: PrunePlan, recove
 def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os.PathLike, *,
                     recover: str = "zero", seed: int = 0) -> Path:
     """Write the adapter folder ``source`` (trained on the pruned model) recovered for the original model to
-    ``target`` (same adapter_config.json, PEFT-loadable). Returns ``target``."""
+    ``target`` (same adapter_config.json, PEFT-loadable). Returns ``target``.
+
+    Raises AdapterError for an adapter whose file is relative to a base its init changed and redoes on load
+    (PiSSA, OLoRA: ``init_lora_weights="pissa"``): on the full model that init would factorise other weights.
+    Save such an adapter with ``save_adapter(..., original_base=True)`` first."""
     source, target = Path(source), Path(target)
+    config = read_json(source / "adapter_config.json")
+    spec = config.get("init_lora_weights")
+    if isinstance(spec, str) and find_init(spec) is not None and find_init(spec).rerun_on_load:
+        raise AdapterError(f"{source}: init_lora_weights={spec!r} is redone on the base the adapter is loaded on, "
+                           "and the full model is another base than the pruned one it was trained on. Save the "
+                           "pruned model's adapter with save_adapter(model, dir, original_base=True) (a plain LoRA "
+                           "for the untouched pruned base) and recover that.")
     tensors = load_tensors(source / WEIGHTS_NAME)
     target.mkdir(parents=True, exist_ok=True)
     save_tensors(target / WEIGHTS_NAME, recover_state_dict(tensors, plan, recover, seed))
-    atomic_write_json(target / "adapter_config.json", read_json(source / "adapter_config.json"))
+    atomic_write_json(target / "adapter_config.json", config)
     return target
 
 
