@@ -296,3 +296,52 @@ def test_a_source_that_fails_to_load_on_another_base_says_so_first(order, tmp_pa
                                                rf"merge's base '{ours}'; .*loading it failed"):
         merge_adapters(sources, model=model)
     assert adapter_names(model) == []
+
+
+def _trained_with_init(path, init, seed):
+    """A LoRA saved as PEFT saves PiSSA / OLoRA adapters (``init_lora_weights="pissa"``: the file's A, B are
+    relative to the residual base the init leaves), its factors moved away from the init as training would."""
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]),
+                   init=init)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    lk.save_adapter(model, path)
+    return path
+
+
+def _peft_delta_weights(path):
+    """{weight name: ΔW} of a saved adapter relative to the untouched base, from real PEFT (which re-runs PiSSA /
+    OLoRA on the fresh base when it loads the file, then merge_and_unload)."""
+    from peft import PeftModel
+
+    base = tiny_llama().state_dict()
+    with torch.no_grad():
+        merged = PeftModel.from_pretrained(tiny_llama(), str(path)).merge_and_unload().state_dict()
+    return {k: merged[k] - base[k] for k in base}
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "dare_linear"])
+def test_sources_initialised_from_the_base_weights_merge_as_their_forward(method, tmp_path, ids):
+    """PiSSA / OLoRA move W's principal part into the adapter and leave W − s·B₀A₀ as the base, so a source's ΔW
+    relative to the original base is s·(BA − B₀A₀), not s·BA. The merge result, a plain LoRA for the original
+    base, dropped the −s·B₀A₀ part (max logit error ~10 on the bundled model). Reference: real PEFT's output of
+    the source, and for two sources the weighted sum of their PEFT deltas (merge_and_unload)."""
+    pissa = _trained_with_init(tmp_path / "pissa", "pissa", 1)
+    olora = _trained_with_init(tmp_path / "olora", "olora", 2)
+    options = {"svd_rank": 6} if method == "svd" else {}  # ΔW = s·[B, −B₀][A; A₀] has rank 2r
+    one = merge_adapters([pissa], [1.0], method, model=tiny_llama(), **options).save(tmp_path / "one")
+    torch.testing.assert_close(peft_output([one], ids), peft_output([pissa], ids), atol=2e-5, rtol=1e-4)
+    if method not in LINEAR_FAMILY:
+        return
+    weights = [0.7, -0.4]
+    two = merge_adapters([pissa, olora], weights, method, model=tiny_llama(), svd_rank=12).save(tmp_path / "two")
+    deltas = [_peft_delta_weights(p) for p in (pissa, olora)]
+    expected = tiny_llama()
+    with torch.no_grad():
+        for k, v in expected.state_dict().items():
+            v.add_(weights[0] * deltas[0][k] + weights[1] * deltas[1][k])
+        torch.testing.assert_close(peft_output([two], ids), expected(input_ids=ids).logits, atol=2e-5, rtol=1e-4)

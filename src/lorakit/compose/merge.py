@@ -39,6 +39,7 @@ from torch import nn
 from .. import __version__
 from ..core.delta import describe_layer, oriented_weight
 from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
+from ..core.inits import BaseEdit, base_edits, restore_base
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
@@ -110,10 +111,10 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         model = load_model_and_tokenizer(check_model(model))[0]
     if model is None:
         model = _base_for(sources)
-    names, loaded = _attach_sources(model, sources)
+    names, loaded, edits = _attach_sources(model, sources)
     try:
         return _merge_loaded(model, names, [str(s) for s in sources], torch.tensor(weights), method, merge_method,
-                             truncate, opts, saved_modules)
+                             truncate, opts, saved_modules, edits)
     finally:
         for name in loaded:
             delete_adapter(model, name)
@@ -223,9 +224,13 @@ def _sizes_text(sizes: tuple) -> str:
     return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sizes)
 
 
-def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
-    """Adapter names for the sources (folders loaded under temporary names); nothing stays loaded on failure."""
+def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], dict[str, dict[str, BaseEdit]]]:
+    """Adapter names for the sources (folders loaded under temporary names), the names loaded here, and each
+    source's base edits (an init that moved part of W into the adapter: PiSSA, OLoRA, LoRA-GA ...). A folder
+    source's edits are undone right after it loads, so the base is the original for the next source (PiSSA on
+    load factorises the weight it finds); nothing stays loaded on failure."""
     names, loaded = [], []
+    edits: dict[str, dict[str, BaseEdit]] = {}
     try:
         for i, src in enumerate(sources):
             if isinstance(src, str) and src in adapter_names(model) and not Path(src).is_dir():
@@ -241,6 +246,9 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
                     raise
                 names.append(name)
                 loaded.append(name)
+            edits[names[-1]] = base_edits(model, names[-1])
+            if edits[names[-1]] and names[-1] in loaded:
+                restore_base(model, names[-1])
             config = adapter_state(model).configs[names[-1]]
             if not isinstance(config, LoraConfig):
                 raise ConfigError(
@@ -251,7 +259,7 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str]]:
         for name in loaded:
             delete_adapter(model, name)
         raise
-    return names, loaded
+    return names, loaded, edits
 
 
 def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> None:
@@ -273,9 +281,11 @@ def _cpu32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32)
 
 
-def _module_terms(layer, names: list[str], weights: torch.Tensor):
+def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[str, BaseEdit | None]):
     """(ModuleTerms, DoRA row scales σ (N, out) or None, indices of the sources present, base weight (out, in) or
-    None) for one adapted layer; plain sources get σ = 1 next to DoRA ones."""
+    None) for one adapted layer; plain sources get σ = 1 next to DoRA ones. ``edits[name]``: the base edit source
+    ``name``'s init made here (``W_init = W + s_e·B_e A_e``), whose units join the source's, so its ΔW is the one
+    from the original base (PEFT's ``path_initial_model_for_weight_conversion``: rank r + r_e)."""
     present = [i for i, n in enumerate(names) if n in layer.adapters]
     A, B, s, bias, rows = [], [], [], [], []
     base_w = None
@@ -283,8 +293,16 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor):
     for i in present:  # the arithmetic runs on CPU in float32 (see _cpu32), whatever device the model is on
         delta = layer.adapters[names[i]]
         units = delta.units()
-        A.append(_cpu32(units.A))
-        B.append(_cpu32(units.B))
+        edit = edits.get(names[i])
+        if edit is None:
+            A.append(_cpu32(units.A))
+            B.append(_cpu32(units.B))
+        else:
+            if hasattr(delta, "lora_magnitude_vector"):
+                raise ConfigError(f"source {i} is DoRA with an init that changed the base weights; its magnitude "
+                                  "is relative to that base. Merge a DoRA adapter without such an init.")
+            A.append(torch.cat([_cpu32(units.A), _cpu32(edit.A)]))  # (r + r_e, in)
+            B.append(torch.cat([_cpu32(units.B), _cpu32(edit.B) * (edit.scaling / float(units.scaling))], 1))
         s.append(float(units.scaling))
         b = delta.delta_bias()
         bias.append(None if b is None else _cpu32(b))
@@ -308,7 +326,8 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor):
 
 
 # ---- merging ---------------------------------------------------------------------------------------------
-def _merge_loaded(model, names, labels, weights, method_name, method, truncate, opts, saved_modules) -> MergedAdapter:
+def _merge_loaded(model, names, labels, weights, method_name, method, truncate, opts, saved_modules,
+                  edits=None) -> MergedAdapter:
     adapted = list(adapter_layers(model))
     for path, layer in adapted:
         if layer.merged:
@@ -325,7 +344,8 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
             raise ConfigError(f"module {path!r} is a convolution with groups={layer.info.conv.groups}: its lora_B is "
                               f"grouped, which a merged (dense) low-rank factor does not fit. Exclude it from the "
                               f"sources (exclude_modules) to merge the rest.")
-        terms, row_scale, present, base_w = _module_terms(layer, names, weights)
+        here = {n: e[path] for n, e in (edits or {}).items() if path in e}
+        terms, row_scale, present, base_w = _module_terms(layer, names, weights, here)
         magnitude = None
         if row_scale is not None:
             if method.coefficients is None:
