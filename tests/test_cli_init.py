@@ -63,3 +63,25 @@ def test_init_options_reach_an_init_the_config_names(tmp_path):
                  "--output", str(out), *COMMON]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva" and config["rank_pattern"] == {}
+
+
+def test_export_of_a_pissa_adapter_is_a_plain_lora_for_the_untouched_base(tmp_path):
+    """`lorakit export` promises a plain PEFT LoRA (what vLLM / SGLang / lorakit's banks load); a PiSSA file is
+    relative to the residual base its init leaves, so export writes PEFT's conversion for the original base
+    (``path_initial_model_for_weight_conversion``: rank 2r, init_lora_weights true). Reference: real PEFT's output
+    of the PiSSA adapter (PEFT re-runs PiSSA when it loads it)."""
+    import torch
+    from peft import PeftModel
+
+    from lorakit.hub import load_model_and_tokenizer
+
+    out = tmp_path / "pissa"
+    assert main(["train", "--init", "pissa", "--lr", "0.05", "--output", str(out), *COMMON]) == 0
+    assert main(["export", str(out / "adapter"), "--output", str(tmp_path / "plain")]) == 0
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 8
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_model_and_tokenizer(None)[0], str(out / "adapter"))(ids).logits
+        got = PeftModel.from_pretrained(load_model_and_tokenizer(None)[0], str(tmp_path / "plain"))(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

@@ -1060,8 +1060,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter, config_overrides=overrides)
 
     def write(folder: Path) -> None:
-        if method.peft_type is not None:
-            save_adapter(model, folder)
+        if method.peft_type is not None:  # for the untouched base when an init changed it (PiSSA, OLoRA): rank 2r
+            save_adapter(model, folder, original_base=True)
             return
         from .methods._plain import save_plain_lora
         save_plain_lora(model, "default", folder)

@@ -154,3 +154,30 @@ def test_bank_dtype_and_device_follow_the_base(many):
     with torch.no_grad(), bank_routing(model, ["a", "b", None]):
         out = model(input_ids=_ids(3, 4)).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_relative_to_a_changed_base_is_refused_not_served_wrong(init, tmp_path):
+    """PEFT's PiSSA / OLoRA files (``init_lora_weights="pissa"``) hold A, B for the residual base W − s·B₀A₀ the
+    init leaves; a bank adds s·BA to the shared, untouched base, so every row answered with the wrong weights
+    (logits off by ~10 on the bundled model), and the store would have served it attached, re-running the init
+    on the base every other row shares. Both refuse it and name the export that makes it bankable."""
+    from lorakit.serving import AdapterStore
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), init=init)
+    lk.save_adapter(model, tmp_path / "a")
+    with pytest.raises(lk.AdapterError, match=rf"init_lora_weights='{init}'.*lorakit export"):
+        load_adapters(tiny_llama(), {"a": tmp_path / "a"})
+    with pytest.raises(lk.AdapterError, match=rf"init_lora_weights='{init}'"):
+        AdapterStore(tiny_llama(), [tmp_path]).register("a", tmp_path / "a")
+    lk.save_adapter(model, tmp_path / "plain", original_base=True)  # what `lorakit export` writes: banks exactly
+    reference = tiny_llama()
+    lk.load_adapter(reference, tmp_path / "a")
+    banked = tiny_llama()
+    load_adapters(banked, {"p": tmp_path / "plain"})
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        with bank_routing(banked, ["p", "p"]):
+            torch.testing.assert_close(banked(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
