@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterLoadError, ConfigError
+from ..core.inits import find_init
 from ..io.files import TensorFile
 from ..io.peft_format import CONFIG_NAME, PREFIX, read_adapter_config, weights_path
 
@@ -53,6 +54,11 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
     if type(config).method != "lora":  # subclasses (data-driven inits) may have touched the base: refuse them too
         raise ConfigError(f"{where} is a {type(config).method!r} adapter; mixtures of existing adapters embed "
                           "plain LoRA adapters (lorakit 'lora' or PEFT LoRA).")
+    spec = config.requested_init()
+    if spec is not None and find_init(spec) is not None and find_init(spec).changes_base:
+        raise ConfigError(f"{where} has init_lora_weights={spec!r}: its A, B are for the base that init leaves, "
+                          "not for the untouched base an expert adds to. Write it for the untouched base first: "
+                          "`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r), then use DIR.")
     unsupported = {"use_dora": config.use_dora, "rank_pattern": config.rank_pattern,
                    "alpha_pattern": config.alpha_pattern, "lora_bias": config.lora_bias,
                    "modules_to_save": config.modules_to_save}
