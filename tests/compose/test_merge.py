@@ -86,7 +86,8 @@ def _scaled_copy(src, dst, w):
 def test_weighted_linear_merge_equals_weighted_sum(method, sources, ids, tmp_path):
     names, weights = ["plain", "rslora_patterns", "lora_bias"], [0.7, -1.3, 0.4]  # negative: task arithmetic
     paths = [sources[n] for n in names]
-    merged = merge_adapters(paths, weights, method, model=tiny_llama(), svd_rank=4 + 6 + 3).save(tmp_path / "m")
+    rank = {"svd_rank": 4 + 6 + 3} if method == "svd" else {}
+    merged = merge_adapters(paths, weights, method, model=tiny_llama(), **rank).save(tmp_path / "m")
     scaled = [_scaled_copy(p, tmp_path / f"s{i}", w) for i, (p, w) in enumerate(zip(paths, weights))]
     torch.testing.assert_close(peft_output([merged], ids), peft_output(scaled, ids), atol=2e-5, rtol=1e-4)
 
@@ -101,7 +102,7 @@ def _delta(merged, key_part):
 @pytest.mark.parametrize("method", [n for n, m in METHODS.items() if m.linear_in_weights] + ["dare_linear"])
 def test_weights_scale_linearly(method, sources):
     paths = [sources["plain"], sources["lora_bias"]]
-    kw = dict(model=tiny_llama(), density=0.5, seed=3)
+    kw = dict(model=tiny_llama(), seed=3, **({} if METHODS[method].low_rank else {"density": 0.5}))
     one = _delta(merge_adapters(paths, [0.5, 1.5], method, **kw), "layers.0.self_attn.q_proj")
     three = _delta(merge_adapters(paths, [1.5, 4.5], method, **kw), "layers.0.self_attn.q_proj")
     torch.testing.assert_close(three, 3 * one, atol=1e-5, rtol=1e-4)
@@ -124,7 +125,8 @@ def test_weighted_dora_merge_equals_weighted_sum_of_forwards(method, sources, id
     from peft import PeftModel as PM
 
     paths, weights = [sources["dora"], sources["plain"]], [0.6, -0.8]
-    merged = merge_adapters(paths, weights, method, model=tiny_llama(), svd_rank=7).save(tmp_path / "m")
+    rank = {"svd_rank": 7} if method == "svd" else {}
+    merged = merge_adapters(paths, weights, method, model=tiny_llama(), **rank).save(tmp_path / "m")
     x = torch.randn(3, 32)
 
     def layer_out(path_list, ws):
@@ -141,7 +143,7 @@ def test_weighted_dora_merge_equals_weighted_sum_of_forwards(method, sources, id
 
 def test_recipe_recorded_and_file_loads_in_lorakit(sources, tmp_path):
     out = lk.merge_adapters_to(tmp_path / "m", [sources["plain"], sources["lora_bias"]], [0.5, 0.5], "ties",
-                               model=tiny_llama(), density=0.3, svd_rank=5)
+                               model=tiny_llama(), density=0.3)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["lorakit_merge"]["method"] == "ties" and cfg["lorakit_merge"]["weights"] == [0.5, 0.5]
     assert cfg["lorakit_merge"]["options"]["density"] == 0.3 and cfg["peft_type"] == "LORA"
@@ -234,7 +236,8 @@ def test_normalize_counts_sources_that_do_not_adapt_a_module(method, tmp_path):
     p1 = make_adapter(tiny_llama, tmp_path / "p1", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     p2 = make_adapter(tiny_llama, tmp_path / "p2", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])
     alone = _delta(merge_adapters([p1], [1.0], "linear", model=tiny_llama()), "layers.0.self_attn.v_proj")
-    merged = merge_adapters([p1, p2], [1.0, 3.0], method, model=tiny_llama(), normalize=True, density=1.0)
+    dense = {} if METHODS[method].low_rank else {"density": 1.0}
+    merged = merge_adapters([p1, p2], [1.0, 3.0], method, model=tiny_llama(), normalize=True, **dense)
     got = _delta(merged, "layers.0.self_attn.v_proj")
     expected = alone * (1.0 / (1.0 + 3.0))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
@@ -338,10 +341,36 @@ def test_sources_initialised_from_the_base_weights_merge_as_their_forward(method
     if method not in LINEAR_FAMILY:
         return
     weights = [0.7, -0.4]
-    two = merge_adapters([pissa, olora], weights, method, model=tiny_llama(), svd_rank=12).save(tmp_path / "two")
+    rank = {"svd_rank": 12} if method == "svd" else {}
+    two = merge_adapters([pissa, olora], weights, method, model=tiny_llama(), **rank).save(tmp_path / "two")
     deltas = [_peft_delta_weights(p) for p in (pissa, olora)]
     expected = tiny_llama()
     with torch.no_grad():
         for k, v in expected.state_dict().items():
             v.add_(weights[0] * deltas[0][k] + weights[1] * deltas[1][k])
         torch.testing.assert_close(peft_output([two], ids), expected(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,option,hint", [
+    ("linear", {"density": 0.3}, "it reads lambda_, normalize, seed"),
+    ("ties", {"svd_rank": 4}, r"\(ties_svd truncates to svd_rank\)"),
+    ("sce", {"gamma": 0.3}, "it reads seed, select_topk"),
+    ("dare_linear", {"majority_sign_method": "frequency"}, "density, lambda_, normalize, rescale, seed"),
+    ("lego", {"lambda_": 2.0}, "it reads seed, svd_rank"),
+])
+def test_an_option_the_method_does_not_read_is_refused(method, option, hint, sources):
+    """`merge-adapters --method linear --density 0.3` wrote a plain linear merge as if density were applied, and
+    `--method ties --svd-rank 4` a full-rank one: an option the method never reads is an error naming what it reads."""
+    key = next(iter(option))
+    with pytest.raises(ConfigError, match=rf"{key}=.* has no effect on merge method '{method}'.*{hint}"):
+        merge_adapters([sources["plain"]], None, method, model=tiny_llama(), **option)
+
+
+def test_the_benchmark_rows_use_only_options_their_methods_read():
+    from lorakit.bench.merge import MERGES
+    from lorakit.compose.merge import _options
+    from lorakit.compose.methods import get_merge_method
+
+    for method, opts in MERGES.values():
+        merge_method, truncate = get_merge_method(method)
+        _options({k: v for k, v in opts.items() if k != "weights"} | {"seed": 0}, merge_method, truncate)

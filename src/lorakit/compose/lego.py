@@ -89,4 +89,4 @@ def lego_merge(terms: ModuleTerms, opts: MergeOptions, gen) -> LowRank:
 register_merge_method(MergeMethod(
     "lego", "Zhao et al. 2025 (ICLR), arXiv:2409.16167 'Merging LoRAs like Playing LEGO'",
     "paper (no official code found); reweighting factors are lorakit's reading", lego_merge, low_rank=True,
-    extra_options=("reweighting", "kmeans_n_init")))
+    extra_options=("reweighting", "kmeans_n_init"), reads=("svd_rank",)))

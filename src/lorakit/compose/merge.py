@@ -103,7 +103,7 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
-    opts = _options(options, merge_method)
+    opts = _options(options, merge_method, truncate)
     _check_sources(sources, folders_only=not isinstance(model, nn.Module))
     _check_one_base(sources)
     if isinstance(model, (str, os.PathLike)):
@@ -127,11 +127,22 @@ def merge_adapters_to(output: str | os.PathLike, sources: Sequence[str | os.Path
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def _options(options: dict[str, Any], method) -> MergeOptions:
-    """MergeOptions from keyword options; a name neither MergeOptions nor ``method`` knows is a ConfigError."""
+def _options(options: dict[str, Any], method, truncate: bool = False) -> MergeOptions:
+    """MergeOptions from keyword options; a name neither MergeOptions nor ``method`` knows is a ConfigError, and so
+    is one ``method`` does not read (it would be silently ignored: svd_rank on ``ties`` instead of ``ties_svd``)."""
     known = {f.name for f in fields(MergeOptions)} - {"extra"}
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
+    if method.reads is not None:
+        reads = set(method.reads) | ({"svd_rank"} if truncate else set()) | {"seed", "rank_tolerance"}
+        for key, value in options.items():
+            if key in known and key not in reads:
+                name = method.name + ("_svd" if truncate else "")
+                hint = (f" ({method.name}_svd truncates to svd_rank)" if key == "svd_rank" and not method.low_rank
+                        else "")
+                raise ConfigError(f"{key}={value!r} has no effect on merge method {name!r}{hint}; it reads "
+                                  f"{', '.join(sorted(reads - {'rank_tolerance'}))}. Drop it or choose a method "
+                                  "that uses it.")
     for key in options:
         if key not in known and key not in method.extra_options:
             valid = sorted(known | set(method.extra_options))

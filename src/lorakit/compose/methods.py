@@ -202,6 +202,9 @@ class MergeMethod:
     coefficients: Callable[[ModuleTerms, MergeOptions], torch.Tensor] | None = None
     extra_options: tuple[str, ...] = ()  # method-specific option names, passed in MergeOptions.extra
     linear_in_weights: bool = False  # result scales linearly with the weights (property-tested)
+    # the MergeOptions fields ``merge`` reads (``seed`` is always accepted); another one given is an error rather
+    # than silently ignored. None: not declared (not checked).
+    reads: tuple[str, ...] | None = None
 
 
 def _coefficients(terms: ModuleTerms, opts: MergeOptions, normalize_default: bool) -> torch.Tensor:
@@ -334,33 +337,40 @@ def register_merge_method(method: MergeMethod) -> None:
 
 
 MK = "mergekit merge_methods/generalized_task_arithmetic.py + sparsify.py"
+LIN = ("normalize", "lambda_")  # _coefficients
+GTA = ("density", "rescale", "normalize", "lambda_")  # _task_family
+SIGN = ("majority_sign_method",)  # sign consensus
 for _m in (
     MergeMethod("linear", "Wortsman et al. 2022, arXiv:2203.05482 (weighted sum of ΔW)",
                 "sum of ΔW as mergekit linear (normalize off by default); exact thin-SVD re-factoring",
                 _linear_family(False, truncate=False), low_rank=True, linear_in_weights=True,
-                coefficients=_plain_coefficients),
+                coefficients=_plain_coefficients, reads=LIN),
     MergeMethod("task_arithmetic", "Ilharco et al. 2023, arXiv:2212.04089", "mergekit task_arithmetic (λ, no normalize)",
                 _linear_family(False, truncate=False), low_rank=True, linear_in_weights=True,
-                coefficients=_plain_coefficients),
+                coefficients=_plain_coefficients, reads=LIN),
     MergeMethod("cat", "concatenation-summation equivalence (LoRA-LEGO arXiv:2409.16167 §3; PEFT cat)", "PEFT cat",
-                _cat_merge, low_rank=True, linear_in_weights=True, coefficients=_plain_coefficients),
+                _cat_merge, low_rank=True, linear_in_weights=True, coefficients=_plain_coefficients, reads=LIN),
     MergeMethod("svd", "PEFT add_weighted_adapter svd (kohya-ss svd_merge_lora)", "PEFT svd",
-                _linear_family(False, truncate=True), low_rank=True, coefficients=_plain_coefficients),
+                _linear_family(False, truncate=True), low_rank=True, coefficients=_plain_coefficients,
+                reads=LIN + ("svd_rank",)),
     MergeMethod("ties", "Yadav et al. 2023, arXiv:2306.01708", MK,
-                _task_family("magnitude", True, True, "none")),
+                _task_family("magnitude", True, True, "none"), reads=GTA + SIGN),
     MergeMethod("dare_linear", "Yu et al. 2024, arXiv:2311.03099", MK + " (rescale 1/density as the paper by default)",
-                _task_family("random", False, False, "density")),
+                _task_family("random", False, False, "density"), reads=GTA),
     MergeMethod("dare_ties", "Yu et al. 2024, arXiv:2311.03099", MK + " (rescale 1/density as the paper by default)",
-                _task_family("random", True, False, "density")),
+                _task_family("random", True, False, "density"), reads=GTA + SIGN),
     MergeMethod("magnitude_prune", "magnitude pruning then sum (PEFT merge_utils.magnitude_prune)", "PEFT",
-                _task_family("magnitude", False, False, "none"), linear_in_weights=True),
-    MergeMethod("della", "Deep et al. 2024, arXiv:2406.11617", MK, _task_family("della", True, True, "l1")),
-    MergeMethod("della_linear", "Deep et al. 2024, arXiv:2406.11617", MK, _task_family("della", False, False, "l1")),
+                _task_family("magnitude", False, False, "none"), linear_in_weights=True, reads=GTA),
+    MergeMethod("della", "Deep et al. 2024, arXiv:2406.11617", MK, _task_family("della", True, True, "l1"),
+                reads=GTA + SIGN + ("epsilon",)),
+    MergeMethod("della_linear", "Deep et al. 2024, arXiv:2406.11617", MK, _task_family("della", False, False, "l1"),
+                reads=GTA + ("epsilon",)),
     MergeMethod("breadcrumbs", "Davari & Belilovsky 2024, arXiv:2312.06795", MK,
-                _task_family("outliers", False, False, "none"), linear_in_weights=True),
+                _task_family("outliers", False, False, "none"), linear_in_weights=True, reads=GTA + ("gamma",)),
     MergeMethod("breadcrumbs_ties", "Davari & Belilovsky 2024, arXiv:2312.06795", MK,
-                _task_family("outliers", True, False, "none")),
-    MergeMethod("sce", "Wan et al. 2024, arXiv:2408.07990", "mergekit merge_methods/sce.py", _sce_merge),
+                _task_family("outliers", True, False, "none"), reads=GTA + SIGN + ("gamma",)),
+    MergeMethod("sce", "Wan et al. 2024, arXiv:2408.07990", "mergekit merge_methods/sce.py", _sce_merge,
+                reads=("select_topk",)),
 ):
     register_merge_method(_m)
 
