@@ -36,7 +36,7 @@ def _no_model_load(monkeypatch):
     import lorakit.hub
 
     def no_load(*args, **kwargs):
-        raise AssertionError("a base model was loaded before --init-options was checked")
+        raise AssertionError("a base model was loaded before the init settings were checked")
 
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
 
@@ -85,3 +85,9 @@ def test_export_of_a_pissa_adapter_is_a_plain_lora_for_the_untouched_base(tmp_pa
         expected = PeftModel.from_pretrained(load_model_and_tokenizer(None)[0], str(out / "adapter"))(ids).logits
         got = PeftModel.from_pretrained(load_model_and_tokenizer(None)[0], str(tmp_path / "plain"))(ids).logits
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_base_changing_init_with_a_4bit_base_is_refused_before_loading(capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    assert main(["train", "--init", "pissa", "--quantize", "nf4", *COMMON]) == 2
+    assert "--init pissa changes the base weights, which --quantize nf4 stores in 4 bit" in capsys.readouterr().err

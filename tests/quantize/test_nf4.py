@@ -187,3 +187,19 @@ def test_cli_train_and_merge_with_quantize(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert getattr(merged.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "lora_ga", "corda"])
+def test_an_init_that_changes_the_base_is_refused_on_a_4bit_base(saved_base, init):
+    """PiSSA / OLoRA / CorDA write W − s·B₀A₀ into the base and LoRA-GA needs the weight's gradient: neither exists
+    for packed 4-bit codes (a RuntimeError 'Bad in-place call' / 'only Tensors of floating point dtype can require
+    gradients' with half the adapter already written). An AdapterError naming the module, model unchanged;
+    initialise on the full-precision base and quantise the residual (QPiSSA)."""
+    model = lk.add_adapter(quantize_model(LlamaForCausalLM.from_pretrained(saved_base)),
+                           lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _ids(2, 8)
+    with pytest.raises(lk.AdapterError, match=rf"init '{init}' changes the base weights.*'model.layers.0.self_attn.q_proj'.*4-bit"):
+        lk.init_adapter(model, "default", [{"input_ids": x, "labels": x}], init=init)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -200,6 +200,15 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     except ConfigError:
         state.configs[adapter_name] = before
         raise
+    if found.changes_base:
+        from .model import adapter_layers
+
+        try:
+            check_float_base(found.name, ((path, layer.base_layer) for path, layer in adapter_layers(model)
+                                          if adapter_name in layer.adapters and layer.info.kind == "linear"))
+        except AdapterError:
+            state.configs[adapter_name] = before
+            raise
     batches = None if batches is None else list(batches)
     if found.needs_data and not batches:
         state.configs[adapter_name] = before
@@ -217,6 +226,19 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     record = InitRecord(init=found.name, spec=str(spec), edits=dict(edits))
     state.inits[adapter_name] = record
     return record
+
+
+def check_float_base(init: str, layers: Iterable[tuple[str, "nn.Module"]]) -> None:
+    """AdapterError naming the first of ``layers`` ((path, base layer) pairs) whose stored weight is not floating
+    point (packed 4-bit codes): an init that changes the base writes into it (PiSSA, OLoRA, CorDA) or needs its
+    gradient (LoRA-GA), which quantised codes cannot take."""
+    for path, base in layers:
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+            raise AdapterError(f"init {init!r} changes the base weights, but module {path!r} stores its weight as "
+                               f"{weight.dtype} codes (a quantised base, e.g. 4-bit NF4). Initialise on the "
+                               "full-precision base and quantise the residual afterwards (QPiSSA), or use an init "
+                               "that leaves the base as it is (eva).")
 
 
 def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit]:

@@ -18,7 +18,7 @@ from torch import nn
 from .config import AdapterConfig
 from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, did_you_mean
-from .inits import InitRecord, get_init, init_adapter, init_options, restore_base
+from .inits import InitRecord, check_float_base, get_init, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
 from .routing import check_adapter_names, current_routing
@@ -289,6 +289,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     wanted.check_options(init_options(model, name))
     if wanted.estimate is not None:
         targets = plan_targets(model, config, name)  # every check first: a failed plan wastes no data pass
+        if wanted.changes_base:
+            check_float_base(wanted.name, ((path, base) for path, base, info in targets if info.kind == "linear"))
         with torch.no_grad():
             options["estimate"] = wanted.estimate(model, targets, init_batches, spec, **init_options(model, name))
     attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
