@@ -199,7 +199,8 @@ def test_an_init_that_changes_the_base_is_refused_on_a_4bit_base(saved_base, ini
                            lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = _ids(2, 8)
-    with pytest.raises(lk.AdapterError, match=rf"init '{init}' changes the base weights.*'model.layers.0.self_attn.q_proj'.*4-bit"):
+    says = rf"init '{init}' changes the base weights.*'model.layers.0.self_attn.q_proj'.*4-bit"
+    with pytest.raises(lk.AdapterError, match=says):
         lk.init_adapter(model, "default", [{"input_ids": x, "labels": x}], init=init)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -58,7 +58,8 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
     if spec is not None and find_init(spec) is not None and find_init(spec).changes_base:
         raise ConfigError(f"{where} has init_lora_weights={spec!r}: its A, B are for the base that init leaves, "
                           "not for the untouched base an expert adds to. Write it for the untouched base first: "
-                          "`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r), then use DIR.")
+                          "`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init "
+                          "such as lora_ga, save_adapter(..., original_base=True) where it was trained), then use DIR.")
     unsupported = {"use_dora": config.use_dora, "rank_pattern": config.rank_pattern,
                    "alpha_pattern": config.alpha_pattern, "lora_bias": config.lora_bias,
                    "modules_to_save": config.modules_to_save}

@@ -480,7 +480,8 @@ def _check_bankable_config(config, where, *, files: bool = False) -> None:
         raise AdapterError(
             f"{where}: init_lora_weights={spec!r} holds A, B for the base that init leaves (W minus the part it moved "
             f"into the adapter), not for the shared base every request runs on. Write it for the untouched base "
-            f"first: `lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r), then serve DIR.")
+            f"first: `lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init such as "
+            f"lora_ga, save_adapter(..., original_base=True) where it was trained), then serve DIR.")
     if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
         raise AdapterLoadError(f"{where}: method {type(config).__name__} cannot be banked; only plain LoRA/rsLoRA")
     if config.use_dora:
