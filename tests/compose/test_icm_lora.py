@@ -206,6 +206,21 @@ def test_icm_lora_collection_of_another_method_or_dora_is_refused(base, collecti
         read_collection([f"rotate={tmp_path / 'dora'}"])
 
 
+def test_icm_lora_collection_refuses_an_adapter_for_a_changed_base(collection, tmp_path):
+    """A PiSSA / OLoRA adapter file (init_lora_weights "pissa": PEFT's and lorakit's on-disk form) holds factors for
+    the residual base its init left; read as a plain LoRA of the untouched base it is another adapter (break32 found
+    the same fault in merging, serving, LoRAM and mixture sources)."""
+    import shutil
+
+    for spec in ("pissa", "olora", "pissa_niter_4"):
+        folder = tmp_path / spec
+        shutil.copytree(collection[0], folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": spec}))
+        with pytest.raises(AdapterError, match=f"init_lora_weights='{spec}' moved part of the base"):
+            read_collection([collection[0], f"rotate={folder}"])
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
 def test_icm_lora_temperature_must_be_finite_and_non_negative(generator, tmp_path, temperature):
     with pytest.raises(ValueError, match="temperature"):
