@@ -328,3 +328,36 @@ def test_gradient_checkpointing_on_a_model_that_cannot_is_a_config_error(tokeniz
     with pytest.raises(lorakit.ConfigError, match="cannot checkpoint activations") as error:
         train(model, tokenizer, reverse_train, TrainConfig(steps=1, gradient_checkpointing=True), progress=False)
     assert error.value.field == "TrainConfig.gradient_checkpointing"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=f"method={n}")
+                                  for n in ("mixlora", "mole", "meteora", "smora", "mola", "xlora")])
+def test_gradient_checkpointing_trains_a_mixture_as_without_it(make_model, tokenizer, name) -> None:
+    """Several steps of a mixture with gradient checkpointing: the same losses, adapter weights (buffers included:
+    SMoRA's balancing bias) and router statistics as the same run without it (checkpointing's contract). Was: the
+    recompute in backward appended its router outputs to the aux-loss records, so the next step's aux loss
+    (MixLoRA, MoLE, MeteoRA) backpropagated through the previous step's freed graph ("Trying to backward through
+    the graph a second time"); SMoRA's recompute routed with the bias its own forward had already moved, and moved
+    it again; router statistics counted every checkpointed token twice."""
+    from lorakit.data import load_examples
+    from lorakit.mixtures.base import router_stats
+
+    method = lorakit.get_method(name)
+    kwargs = dict(next(iter(method.variants.values())))
+    if not method.config_cls.has_own_targets():
+        kwargs.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
+    data = load_examples("reverse,upper", "train", n=16, seed=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = make_model(method.config_cls(**kwargs))
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-2, seed=0, gradient_checkpointing=checkpointing)
+        result = train(model, tokenizer, data, config, progress=False)
+        runs.append((result.losses, adapter_weights(model), router_stats(model)))
+    (losses, weights, stats), (losses_ckpt, weights_ckpt, stats_ckpt) = runs
+    torch.testing.assert_close(losses_ckpt, losses, atol=1e-6, rtol=0)
+    for key in weights:
+        torch.testing.assert_close(weights_ckpt[key], weights[key], atol=1e-6, rtol=0, msg=key)
+    assert stats_ckpt.keys() == stats.keys()
+    for layer, row in stats.items():
+        assert stats_ckpt[layer]["load"] == pytest.approx(row["load"]), layer
+        assert stats_ckpt[layer]["entropy"] == pytest.approx(row["entropy"]), layer

@@ -18,6 +18,7 @@ enabling.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from torch import nn
@@ -26,6 +27,15 @@ from .routing import current_routing, routing_as
 
 _ATTR = "_gradient_checkpointing_func"  # set on each checkpointed block by transformers / diffusers
 _MARK = "_lorakit_replays_routing"
+_RECOMPUTING: ContextVar[bool] = ContextVar("lorakit_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """True while a checkpointed block recomputes its forward in backward (under :func:`replay_routing_in_checkpoints`).
+
+    A layer that keeps state from its training forwards (a mixture's aux-loss records and router statistics, SMoRA's
+    balancing bias) leaves it alone then: the recompute must compute what the forward did, and once."""
+    return _RECOMPUTING.get()
 
 
 def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +51,7 @@ def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
         def under_routing(*fargs: Any, **fkwargs: Any) -> Any:
             nonlocal runs
             runs += 1
-            if runs == 1 or not streams:
+            if runs == 1:
                 with routing_as(captured):
                     return function(*fargs, **fkwargs)
             # The recompute: each job's stream draws again from where the forward's draws began (torch restores
@@ -49,10 +59,12 @@ def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
             after = {name: stream.state() for name, stream in streams.items()}
             for name, state in at_forward.items():
                 streams[name].load_state(state)
+            token = _RECOMPUTING.set(True)
             try:
                 with routing_as(captured):
                     return function(*fargs, **fkwargs)
             finally:
+                _RECOMPUTING.reset(token)
                 for name, state in after.items():
                     streams[name].load_state(state)
 

@@ -9,6 +9,7 @@ from typing import Callable, Hashable, Iterator
 import torch
 from torch import nn
 
+from ..core.checkpointing import recomputing
 from ..core.delta import Delta
 from ..core.layer import AdapterLayer
 from ..core.parallel import gather_rows
@@ -70,6 +71,8 @@ class MixtureDelta(Delta):
         return state
 
     def observe(self, out: RouterOutput, x_shape: torch.Size) -> None:
+        if recomputing():  # a checkpointed block's recompute: its forward already recorded all of this
+            return
         n = out.logits.shape[0]
         mask = token_mask_for(n)
         if self.keeps_aux_records and self.training and torch.is_grad_enabled():
