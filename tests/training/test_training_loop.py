@@ -361,3 +361,32 @@ def test_gradient_checkpointing_trains_a_mixture_as_without_it(make_model, token
     for layer, row in stats.items():
         assert stats_ckpt[layer]["load"] == pytest.approx(row["load"]), layer
         assert stats_ckpt[layer]["entropy"] == pytest.approx(row["entropy"]), layer
+
+
+def test_reentrant_checkpointing_of_an_aux_loss_mixture_is_an_error(make_model, tokenizer) -> None:
+    """Reentrant checkpointing (``use_reentrant=True``, a user's own choice; lorakit and Trainer turn on the
+    non-reentrant kind) runs a block's forward under ``no_grad`` and its recompute only in backward, after the loss:
+    MixLoRA's router aux loss got no records, so it trained without its balance loss (losses 2.4e-4 off the run
+    without checkpointing from step 2) without a word. Now a ConfigError says to use non-reentrant checkpointing;
+    a routed method without aux records still trains as without checkpointing."""
+    from dataclasses import replace
+
+    from lorakit.data import load_examples
+    from lorakit.methods.mixlora import MixLoraConfig
+    from lorakit.methods.routed import RoutedLoraConfig
+
+    data = load_examples("reverse,upper", "train", n=16, seed=0)
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=0, gradient_checkpointing=True)
+    model = make_model(MixLoraConfig(num_experts=4, top_k=2, r=4))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(lorakit.ConfigError, match="use_reentrant=False"):
+        train(model, tokenizer, data, config, progress=False)
+
+    runs = []
+    for checkpointing in (False, True):
+        model = make_model(RoutedLoraConfig(expert_r=[2, 2], target_modules=["q_proj", "v_proj"]))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        runs.append(train(model, tokenizer, data, replace(config, gradient_checkpointing=checkpointing),
+                          progress=False).losses)
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .routing import current_routing, routing_as
@@ -28,6 +29,7 @@ from .routing import current_routing, routing_as
 _ATTR = "_gradient_checkpointing_func"  # set on each checkpointed block by transformers / diffusers
 _MARK = "_lorakit_replays_routing"
 _RECOMPUTING: ContextVar[bool] = ContextVar("lorakit_recomputing", default=False)
+_NO_GRAD_FORWARD: ContextVar[bool] = ContextVar("lorakit_no_grad_forward", default=False)
 
 
 def recomputing() -> bool:
@@ -38,6 +40,13 @@ def recomputing() -> bool:
     return _RECOMPUTING.get()
 
 
+def reentrant_forward() -> bool:
+    """True while a checkpointed block runs its forward under ``no_grad`` although gradients were on at the call:
+    reentrant checkpointing (``use_reentrant=True``), whose graph exists only from the recompute in backward, after
+    the loss. What a layer hands the loss on the side (a mixture's aux-loss records) cannot reach it from there."""
+    return _NO_GRAD_FORWARD.get()
+
+
 def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
     """``checkpoint`` (called as ``checkpoint(function, *args, **kwargs)``) whose ``function`` always runs under the
     routing current at the call: in the forward and again in the recompute."""
@@ -46,14 +55,19 @@ def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
         captured = current_routing()
         streams = dict(captured.rng_streams or {}) if captured is not None else {}
         at_forward = {name: stream.state() for name, stream in streams.items()}
+        grad_at_call = torch.is_grad_enabled()
         runs = 0
 
         def under_routing(*fargs: Any, **fkwargs: Any) -> Any:
             nonlocal runs
             runs += 1
             if runs == 1:
-                with routing_as(captured):
-                    return function(*fargs, **fkwargs)
+                token = _NO_GRAD_FORWARD.set(grad_at_call and not torch.is_grad_enabled())
+                try:
+                    with routing_as(captured):
+                        return function(*fargs, **fkwargs)
+                finally:
+                    _NO_GRAD_FORWARD.reset(token)
             # The recompute: each job's stream draws again from where the forward's draws began (torch restores
             # only its default generators), then goes on from where the forward left it.
             after = {name: stream.state() for name, stream in streams.items()}
