@@ -322,6 +322,24 @@ def test_gradient_checkpointing_trains_as_without_it(make_model, tokenizer) -> N
         torch.testing.assert_close(weights_ckpt[key], weights[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_gradient_checkpointing_leaves_no_hook_behind(make_model, tokenizer, reverse_train) -> None:
+    """Turning checkpointing on also hooks the input embeddings so that their output requires grad (transformers'
+    ``enable_input_require_grads``), and transformers' disable removes that hook only for PEFT models: after
+    ``train(gradient_checkpointing=True)`` every later forward with gradients on ran backward through the whole
+    frozen base (one more hook per run). Now the model's hooks are as found."""
+    model = make_model()
+
+    def hooks():
+        return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+    found = hooks()
+    for _ in range(2):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1, batch_size=4, gradient_checkpointing=True),
+              progress=False)
+    assert hooks() == found
+    assert not model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
+
+
 def test_gradient_checkpointing_on_a_model_that_cannot_is_a_config_error(tokenizer, reverse_train) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
