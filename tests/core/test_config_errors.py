@@ -87,3 +87,11 @@ def test_non_negative_refuses_nan(make, field):
     >= 0 (IEEE 754: every comparison with NaN is false), as check_positive and check_range already treat it."""
     error = _raised(make)
     assert error.field == field and "must be >= 0" in str(error) and "nan" in str(error)
+
+
+def test_an_unknown_procedure_names_its_field():
+    """TrainConfig(procedure="galor") from Python: the one TrainConfig error without its field (get_procedure's own
+    ConfigError passed through); a command line's --procedure is argparse's choices."""
+    error = _raised(lambda: TrainConfig(procedure="galor"))
+    assert error.field == "TrainConfig.procedure"
+    assert str(error).startswith("TrainConfig.procedure: unknown training procedure 'galor'.") and "galore" in str(error)
