@@ -11,6 +11,9 @@ of a model calls (the ``_gradient_checkpointing_func`` transformers and diffuser
 runs, in the forward and in the recompute, under the routing read when the forward called it. Gradients are then the
 same as without checkpointing, which is checkpointing's contract.
 
+During the recompute :func:`recomputing` is true: a layer that keeps state from its training forwards (a mixture's
+aux-loss records and router statistics, SMoRA's balancing bias) leaves it as the forward left it.
+
 lorakit's training entry points (``lorakit.train``, ``train_concurrent``, the ``transformers.Trainer`` callback) call
 it; a loop of your own that enables checkpointing and runs forwards inside ``lorakit.routing`` calls it once after
 enabling.
