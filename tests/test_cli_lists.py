@@ -67,6 +67,10 @@ def test_bench_methods_takes_commas_and_checks_each_name(tmp_path, capsys):
      "--trainable-params 'embed,,norm': give comma-separated", "lorakit train"),
     (["train", "--procedure", "loraprune", "--protected-blocks", "0,,1"],
      "--protected-blocks '0,,1': give comma-separated", "lorakit train"),
+    (["train", "--target-modules", "q_proj,,v_proj"], "--target-modules 'q_proj,,v_proj': give comma-separated",
+     "lorakit train"),
+    (["train", "--method", "routed_lora", "--expert-r", "2,,2"], "--expert-r '2,,2': give comma-separated",
+     "lorakit train"),
     (["regmix", "--domains", "code,,tasks"], "--domains 'code,,tasks': give comma-separated", "lorakit regmix"),
     (["pretrain-base", "--mixture", "code=0.5,,tasks=0.5"], "give comma-separated", "lorakit pretrain-base"),
 ])
@@ -97,3 +101,37 @@ def test_bench_tasks_reach_the_bench_without_spaces(tmp_path, capsys, monkeypatc
     _fails(["bench", "tasks", "--quick", "--tasks", "reverse, sort", "--output", str(tmp_path)], "stop here", capsys,
            "lorakit bench")
     assert seen["tasks"] == ("reverse", "sort")
+
+
+@pytest.mark.parametrize("method,comma,spaced", [
+    ("lora", ["--target-modules", "q_proj,v_proj"], ["--target-modules", "q_proj", "v_proj"]),
+    ("lora", ["--target-modules", "q_proj, v_proj", "o_proj"], ["--target-modules", "q_proj", "v_proj", "o_proj"]),
+    ("lora", ["--layers-to-transform", "0,1"], ["--layers-to-transform", "0", "1"]),
+    ("routed_lora", ["--expert-r", "2,4", "--adapter-names", "a,b"],
+     ["--expert-r", "2", "4", "--adapter-names", "a", "b"]),
+])
+def test_method_list_flags_take_commas_as_federate_and_bench_do(method, comma, spaced, tmp_path):
+    """A method's list flag takes its values comma-separated too (as ``federate --target-modules q_proj,v_proj`` and
+    ``bench --methods a,b`` do). Was: ``train --target-modules q_proj,v_proj`` became the regex 'q_proj,v_proj',
+    which matched no module (after the model loaded), and ``--expert-r 2,4`` was "must be list[int], got ['2,4']"."""
+    from lorakit import get_method
+    from lorakit.cli import build_parser
+    from lorakit.cli_options import config_from_args
+
+    cls = get_method(method).config_cls
+
+    def config(words):
+        args = build_parser(method).parse_args(["train", "--method", method, *words, "--output", str(tmp_path)])
+        return config_from_args(cls, args)
+
+    assert config(comma) == config(spaced)
+
+
+def test_a_regex_with_a_comma_stays_a_regex(tmp_path):
+    from lorakit.cli import build_parser
+    from lorakit.cli_options import config_from_args
+    from lorakit.methods.lora import LoraConfig
+
+    regex = r".*layers\.[0-9]{1,2}\.self_attn\.(q|v)_proj"
+    args = build_parser("lora").parse_args(["train", "--target-modules", regex, "--output", str(tmp_path)])
+    assert config_from_args(LoraConfig, args).target_modules == regex

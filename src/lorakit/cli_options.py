@@ -159,6 +159,22 @@ def _renamed_flag(base: type[argparse.Action] | None, new_flag: str, old: bool =
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
+def _comma_words(words: list, flag_name: str) -> list:
+    """A list flag's words with each comma list split (``q_proj,v_proj`` as ``q_proj v_proj``, ``2,4`` as ``2 4``, as
+    the ``CommaList`` flags take them); an empty item (``q_proj,,v_proj``) is ``comma_items``' error naming the flag.
+    A word with a comma and an item that is not a plain name or number stays whole: a regex (``[0-9]{1,2}``)."""
+    from .core.errors import comma_items
+
+    out = []
+    for word in words:
+        if isinstance(word, str) and "," in word and all(
+                _PLAIN_NAME.fullmatch(item.strip()) or not item.strip() for item in word.split(",")):
+            out += comma_items(word, flag_name, "values", required=True)
+        else:
+            out.append(word)
+    return out
+
+
 def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: Any):
     """The config from the parsed flags; ``overrides`` fill fields the user left unset."""
     kwargs: dict[str, Any] = {}
@@ -169,6 +185,8 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
             continue
         hint_args = typing.get_args(hints[f.name])
         number_lists = [h for h in hint_args if typing.get_origin(h) is list and str not in typing.get_args(h)]
+        if isinstance(value, list) and any(typing.get_origin(h) is list for h in (hints[f.name], *hint_args)):
+            value = _comma_words(value, flag(f.name))
         one_word = isinstance(value, list) and len(value) == 1 and isinstance(value[0], str)  # (JSON flags: any)
         if one_word and str in hint_args and number_lists:
             value = _scalar(value[0])  # one value of e.g. int | str | list[int] (MoLA's 8, "2-4-6-8" or 2 4 6 8)

@@ -13,6 +13,7 @@ from lorakit.cli_parser import CommandParser
 from lorakit.core.config import check_field_types, check_positive_ints
 from lorakit.core.errors import ConfigError
 from lorakit.methods.lora import LoraConfig
+from lorakit.methods.smora import SmoraConfig
 from lorakit.training import TrainConfig
 
 
@@ -74,3 +75,23 @@ def test_train_words_the_validators_errors_with_its_flags(flags, says, tmp_path,
     assert main(["train", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit train: error: {says}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: TrainConfig(weight_decay=float("nan")), "TrainConfig.weight_decay"),
+    (lambda: SmoraConfig(bias_update_rate=float("nan")), "SmoraConfig.bias_update_rate"),
+])
+def test_non_negative_refuses_nan(make, field):
+    """``check_non_negative`` tested ``value < 0``, which NaN passes: ``TrainConfig(weight_decay=nan)`` was accepted
+    and AdamW's decoupled decay (w -= lr·wd·w) turned every trained weight to NaN at the first step. NaN is not
+    >= 0 (IEEE 754: every comparison with NaN is false), as check_positive and check_range already treat it."""
+    error = _raised(make)
+    assert error.field == field and "must be >= 0" in str(error) and "nan" in str(error)
+
+
+def test_an_unknown_procedure_names_its_field():
+    """TrainConfig(procedure="galor") from Python: the one TrainConfig error without its field (get_procedure's own
+    ConfigError passed through); a command line's --procedure is argparse's choices."""
+    error = _raised(lambda: TrainConfig(procedure="galor"))
+    assert error.field == "TrainConfig.procedure"
+    assert str(error).startswith("TrainConfig.procedure: unknown training procedure 'galor'.") and "galore" in str(error)

@@ -322,9 +322,89 @@ def test_gradient_checkpointing_trains_as_without_it(make_model, tokenizer) -> N
         torch.testing.assert_close(weights_ckpt[key], weights[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_gradient_checkpointing_leaves_no_hook_behind(make_model, tokenizer, reverse_train) -> None:
+    """Turning checkpointing on also hooks the input embeddings so that their output requires grad (transformers'
+    ``enable_input_require_grads``), and transformers' disable removes that hook only for PEFT models: after
+    ``train(gradient_checkpointing=True)`` every later forward with gradients on ran backward through the whole
+    frozen base (one more hook per run). Now the model's hooks are as found."""
+    model = make_model()
+
+    def hooks():
+        return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+    found = hooks()
+    for _ in range(2):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1, batch_size=4, gradient_checkpointing=True),
+              progress=False)
+    assert hooks() == found
+    assert not model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
+
+
 def test_gradient_checkpointing_on_a_model_that_cannot_is_a_config_error(tokenizer, reverse_train) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(lorakit.ConfigError, match="cannot checkpoint activations") as error:
         train(model, tokenizer, reverse_train, TrainConfig(steps=1, gradient_checkpointing=True), progress=False)
     assert error.value.field == "TrainConfig.gradient_checkpointing"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=f"method={n}")
+                                  for n in ("mixlora", "mole", "meteora", "smora", "mola", "xlora")])
+def test_gradient_checkpointing_trains_a_mixture_as_without_it(make_model, tokenizer, name) -> None:
+    """Several steps of a mixture with gradient checkpointing: the same losses, adapter weights (buffers included:
+    SMoRA's balancing bias) and router statistics as the same run without it (checkpointing's contract). Was: the
+    recompute in backward appended its router outputs to the aux-loss records, so the next step's aux loss
+    (MixLoRA, MoLE, MeteoRA) backpropagated through the previous step's freed graph ("Trying to backward through
+    the graph a second time"); SMoRA's recompute routed with the bias its own forward had already moved, and moved
+    it again; router statistics counted every checkpointed token twice."""
+    from lorakit.data import load_examples
+    from lorakit.mixtures.base import router_stats
+
+    method = lorakit.get_method(name)
+    kwargs = dict(next(iter(method.variants.values())))
+    if not method.config_cls.has_own_targets():
+        kwargs.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
+    data = load_examples("reverse,upper", "train", n=16, seed=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = make_model(method.config_cls(**kwargs))
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-2, seed=0, gradient_checkpointing=checkpointing)
+        result = train(model, tokenizer, data, config, progress=False)
+        runs.append((result.losses, adapter_weights(model), router_stats(model)))
+    (losses, weights, stats), (losses_ckpt, weights_ckpt, stats_ckpt) = runs
+    torch.testing.assert_close(losses_ckpt, losses, atol=1e-6, rtol=0)
+    for key in weights:
+        torch.testing.assert_close(weights_ckpt[key], weights[key], atol=1e-6, rtol=0, msg=key)
+    assert stats_ckpt.keys() == stats.keys()
+    for layer, row in stats.items():
+        assert stats_ckpt[layer]["load"] == pytest.approx(row["load"]), layer
+        assert stats_ckpt[layer]["entropy"] == pytest.approx(row["entropy"]), layer
+
+
+def test_reentrant_checkpointing_of_an_aux_loss_mixture_is_an_error(make_model, tokenizer) -> None:
+    """Reentrant checkpointing (``use_reentrant=True``, a user's own choice; lorakit and Trainer turn on the
+    non-reentrant kind) runs a block's forward under ``no_grad`` and its recompute only in backward, after the loss:
+    MixLoRA's router aux loss got no records, so it trained without its balance loss (losses 2.4e-4 off the run
+    without checkpointing from step 2) without a word. Now a ConfigError says to use non-reentrant checkpointing;
+    a routed method without aux records still trains as without checkpointing."""
+    from dataclasses import replace
+
+    from lorakit.data import load_examples
+    from lorakit.methods.mixlora import MixLoraConfig
+    from lorakit.methods.routed import RoutedLoraConfig
+
+    data = load_examples("reverse,upper", "train", n=16, seed=0)
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=0, gradient_checkpointing=True)
+    model = make_model(MixLoraConfig(num_experts=4, top_k=2, r=4))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(lorakit.ConfigError, match="use_reentrant=False"):
+        train(model, tokenizer, data, config, progress=False)
+
+    runs = []
+    for checkpointing in (False, True):
+        model = make_model(RoutedLoraConfig(expert_r=[2, 2], target_modules=["q_proj", "v_proj"]))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        runs.append(train(model, tokenizer, data, replace(config, gradient_checkpointing=checkpointing),
+                          progress=False).losses)
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=0)

@@ -11,6 +11,9 @@ of a model calls (the ``_gradient_checkpointing_func`` transformers and diffuser
 runs, in the forward and in the recompute, under the routing read when the forward called it. Gradients are then the
 same as without checkpointing, which is checkpointing's contract.
 
+During the recompute :func:`recomputing` is true: a layer that keeps state from its training forwards (a mixture's
+aux-loss records and router statistics, SMoRA's balancing bias) leaves it as the forward left it.
+
 lorakit's training entry points (``lorakit.train``, ``train_concurrent``, the ``transformers.Trainer`` callback) call
 it; a loop of your own that enables checkpointing and runs forwards inside ``lorakit.routing`` calls it once after
 enabling.
@@ -18,14 +21,33 @@ enabling.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .routing import current_routing, routing_as
 
 _ATTR = "_gradient_checkpointing_func"  # set on each checkpointed block by transformers / diffusers
 _MARK = "_lorakit_replays_routing"
+_RECOMPUTING: ContextVar[bool] = ContextVar("lorakit_recomputing", default=False)
+_NO_GRAD_FORWARD: ContextVar[bool] = ContextVar("lorakit_no_grad_forward", default=False)
+
+
+def recomputing() -> bool:
+    """True while a checkpointed block recomputes its forward in backward (under :func:`replay_routing_in_checkpoints`).
+
+    A layer that keeps state from its training forwards (a mixture's aux-loss records and router statistics, SMoRA's
+    balancing bias) leaves it alone then: the recompute must compute what the forward did, and once."""
+    return _RECOMPUTING.get()
+
+
+def reentrant_forward() -> bool:
+    """True while a checkpointed block runs its forward under ``no_grad`` although gradients were on at the call:
+    reentrant checkpointing (``use_reentrant=True``), whose graph exists only from the recompute in backward, after
+    the loss. What a layer hands the loss on the side (a mixture's aux-loss records) cannot reach it from there."""
+    return _NO_GRAD_FORWARD.get()
 
 
 def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,23 +58,30 @@ def _replaying_routing(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
         captured = current_routing()
         streams = dict(captured.rng_streams or {}) if captured is not None else {}
         at_forward = {name: stream.state() for name, stream in streams.items()}
+        grad_at_call = torch.is_grad_enabled()
         runs = 0
 
         def under_routing(*fargs: Any, **fkwargs: Any) -> Any:
             nonlocal runs
             runs += 1
-            if runs == 1 or not streams:
-                with routing_as(captured):
-                    return function(*fargs, **fkwargs)
+            if runs == 1:
+                token = _NO_GRAD_FORWARD.set(grad_at_call and not torch.is_grad_enabled())
+                try:
+                    with routing_as(captured):
+                        return function(*fargs, **fkwargs)
+                finally:
+                    _NO_GRAD_FORWARD.reset(token)
             # The recompute: each job's stream draws again from where the forward's draws began (torch restores
             # only its default generators), then goes on from where the forward left it.
             after = {name: stream.state() for name, stream in streams.items()}
             for name, state in at_forward.items():
                 streams[name].load_state(state)
+            token = _RECOMPUTING.set(True)
             try:
                 with routing_as(captured):
                     return function(*fargs, **fkwargs)
             finally:
+                _RECOMPUTING.reset(token)
                 for name, state in after.items():
                     streams[name].load_state(state)
 

@@ -77,10 +77,10 @@ def check_positive_ints(config: Any, *names: str, optional: bool = False) -> Non
 
 def check_non_negative(config: Any, *names: str, note: str = "") -> None:
     """ConfigError ``"<Class>.<name> must be >= 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
-    field of ``names`` below 0 (None is skipped: an unset optional value)."""
+    field of ``names`` below 0 (None is skipped: an unset optional value; NaN fails)."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:
             raise field_error(config, name, f" must be >= 0{note}, got {value}.")
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checkpointing import recomputing
 from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
 from ..core.registry import register_method
@@ -79,11 +80,16 @@ class SmoraRouter(nn.Module):
         self.gate = nn.Linear(in_features, r, bias=False)  # PyTorch's default init, as the official router
         self.register_buffer("selection_bias", torch.zeros(r))  # saved with the adapter
         self.top_k = top_k
+        self.bias_before_update: torch.Tensor | None = None  # what the last training forward routed with
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x (N, in) → weights (N, R): the kept biased scores normalised to sum to 1 (0 off the top-k)."""
+        """x (N, in) → weights (N, R): the kept biased scores normalised to sum to 1 (0 off the top-k). A checkpointed
+        block's recompute (``core.checkpointing.recomputing``) routes with the bias its forward saw, before that
+        forward's update."""
+        bias = self.bias_before_update if recomputing() and self.bias_before_update is not None \
+            else self.selection_bias
         scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # (N, R)
-        biased = scores + self.selection_bias.float()
+        biased = scores + bias.float()
         kept, indices = biased.topk(self.top_k, dim=-1)  # (N, k)
         weights = torch.zeros_like(biased).scatter(-1, indices, kept / kept.sum(-1, keepdim=True))
         selected = torch.zeros_like(biased, dtype=torch.bool).scatter(-1, indices, True)
@@ -94,6 +100,7 @@ class SmoraRouter(nn.Module):
     def update_bias(self, selected: torch.Tensor, rate: float) -> None:
         """``b_i ← b_i + u·sign(c̄ − c_i)`` from this forward's per-rank token counts ``c``."""
         counts = selected.sum(0, dtype=torch.float32)  # (R,)
+        self.bias_before_update = self.selection_bias.clone()
         self.selection_bias += (rate * torch.sign(counts.mean() - counts)).to(self.selection_bias.dtype)
 
 
@@ -119,7 +126,7 @@ class SmoraLinear(MixtureDelta):
         flat = self.lora_dropout(x).reshape(-1, x.shape[-1])  # (N, in): the router sees the dropped input too
         routed = self.router(flat)
         self.observe(routed, x.shape)  # statistics and traces only
-        if self.training and self.bias_update_rate > 0:
+        if self.training and self.bias_update_rate > 0 and not recomputing():  # the forward moved it already
             self.router.update_bias(routed.selected, self.bias_update_rate)
         gate = routed.weights.to(x.dtype) * (self.top_k * self.scaling)  # (N, R): ĝ · α/k
         return rank_block_delta(flat, self.lora_A, self.lora_B, gate).reshape(base_out.shape).to(base_out.dtype)

@@ -9,6 +9,8 @@ from typing import Callable, Hashable, Iterator
 import torch
 from torch import nn
 
+from ..core.checkpointing import recomputing, reentrant_forward
+from ..core.errors import ConfigError
 from ..core.delta import Delta
 from ..core.layer import AdapterLayer
 from ..core.parallel import gather_rows
@@ -62,14 +64,19 @@ class MixtureDelta(Delta):
         self.register_buffer("stat_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self._aux: list[AuxRecord] = []
+        self._aux_lost = False  # a forward ran under reentrant checkpointing since the last pop
         self._trace: tuple[list[dict], ...] | None = None  # the lists of the open record_routing blocks
 
     def __getstate__(self):  # copies and pickles never carry a forward's graph or an open trace
         state = self.__dict__.copy()
-        state["_aux"], state["_trace"] = [], None
+        state["_aux"], state["_trace"], state["_aux_lost"] = [], None, False
         return state
 
     def observe(self, out: RouterOutput, x_shape: torch.Size) -> None:
+        if recomputing():  # a checkpointed block's recompute: its forward already recorded all of this
+            return
+        if self.keeps_aux_records and self.training and reentrant_forward():
+            self._aux_lost = True  # no record can carry a graph from this forward (pop_aux_records says so)
         n = out.logits.shape[0]
         mask = token_mask_for(n)
         if self.keeps_aux_records and self.training and torch.is_grad_enabled():
@@ -90,7 +97,7 @@ class MixtureDelta(Delta):
                 sink.append(entry)
 
     def pop_aux(self) -> list[AuxRecord]:
-        records, self._aux = self._aux, []
+        records, self._aux, self._aux_lost = self._aux, [], False
         return records
 
 
@@ -103,8 +110,21 @@ def mixture_deltas(model: nn.Module, name: str | None = None) -> Iterator[tuple[
                     yield path, adapter, delta
 
 
-def pop_aux_records(model: nn.Module, name: str) -> list[tuple[str, AuxRecord]]:
-    return [(path, r) for path, _, d in mixture_deltas(model, name) for r in d.pop_aux()]
+def pop_aux_records(model: nn.Module, name: str, *, for_loss: bool = True) -> list[tuple[str, AuxRecord]]:
+    """The aux-loss records of adapter ``name``'s forwards since the last pop (``for_loss=False``: only clearing them).
+
+    Raises ConfigError for a loss when a forward ran under reentrant activation checkpointing (``use_reentrant=True``):
+    its block ran without gradients and is recomputed only in backward, after the loss, so the records a loss needs
+    were never kept (the loss would silently lack them)."""
+    deltas = [d for _, _, d in mixture_deltas(model, name)]
+    lost = [type(d).__name__ for d in deltas if d._aux_lost]
+    records = [(path, r) for path, _, d in mixture_deltas(model, name) for r in d.pop_aux()]
+    if lost and for_loss:
+        raise ConfigError(f"{lost[0]}'s router aux loss cannot train under reentrant activation checkpointing (each "
+                          "block's forward runs without gradients, its recompute only after the loss): enable "
+                          "checkpointing with use_reentrant=False (lorakit's TrainConfig.gradient_checkpointing and "
+                          "transformers' default do)")
+    return records
 
 
 def router_stats(model: nn.Module, name: str | None = None) -> dict[str, dict]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.config import (check_field_types, check_non_negative, check_positive, check_positive_ints, check_range,
                            field_error)
-from ..core.errors import did_you_mean
+from ..core.errors import ConfigError, did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
 DISTRIBUTED_MODES = ("ddp", "fsdp")  # training.distributed.MODES
@@ -104,7 +104,11 @@ class TrainConfig:
                               "trainer_state.json in it); point it at an output_dir/checkpoint-<step> folder.")
         if self.procedure is not None:
             from .procedures import get_procedure
-            get_procedure(self.procedure).config_from(self.procedure_args)  # a bad name or field fails here
+            try:
+                info = get_procedure(self.procedure)
+            except ConfigError as e:
+                raise field_error(self, "procedure", f": {e}") from None
+            info.config_from(self.procedure_args)  # a bad field fails here
         elif self.procedure_args:
             raise field_error(self, "procedure_args", f"={self.procedure_args!r} given without a procedure; set "
                                                       "procedure (see lorakit.training.list_procedures()).")

@@ -343,6 +343,9 @@ def activation_checkpointing(model: nn.Module, enable: bool,
         if turn_on is None or not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{FIELD}: {type(model).__name__} cannot checkpoint activations (it is not a "
                               f"transformers model that supports gradient checkpointing)", field=field)
+        # transformers also hooks the input embeddings (their output requires grad) and removes that hook again
+        # only for PEFT models: one found here is the user's, one added by turning on is removed at the end.
+        had_input_hook = bool(getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"))
         if turn_on.__name__ == "activation_checkpointing_enable":
             turn_on(activation_checkpointing_kwargs={"use_reentrant": False})
         else:  # transformers before activation_checkpointing_enable
@@ -355,6 +358,8 @@ def activation_checkpointing(model: nn.Module, enable: bool,
         if turned_on:
             turn_off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             turn_off()
+            if not had_input_hook and hasattr(model, "disable_input_require_grads"):
+                model.disable_input_require_grads()
 
 
 def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], config: TrainConfig,

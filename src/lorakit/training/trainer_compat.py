@@ -113,7 +113,7 @@ class LorakitCallback(TrainerCallback):
                 return out
             loss = out.get("loss") if isinstance(out, dict) else None
             if loss is None:
-                pop_aux_records(model, self.adapter_name)
+                pop_aux_records(model, self.adapter_name, for_loss=False)
                 if not warned:
                     warned.append(True)
                     warnings.warn(f"method {method.name!r} or the procedure has an extra_loss, but the model returned no loss to add "
@@ -150,7 +150,7 @@ class LorakitCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs: Any):
         method = self._method(model)
-        pop_aux_records(model, self.adapter_name)  # nothing of a finished step's routing is kept
+        pop_aux_records(model, self.adapter_name, for_loss=False)  # nothing of a finished step's routing is kept
         if step_hooks(model, self.adapter_name, method, self.procedure, state.global_step, state.max_steps):
             # as lorakit's loop: a hook that froze parts (LaMDA's B) stops their gradients, so AdamW (which skips a
             # parameter without a gradient) no longer moves them by weight decay or momentum
