@@ -413,3 +413,16 @@ def test_a_mistyped_option_names_its_near_matches_under_the_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--procedure", "flexora", "--val_size", "10", "--output", "unused"])
     assert "Did you mean: --val-size" in capsys.readouterr().err
+
+
+def test_resume_into_the_same_output_logs_each_step_once(tmp_path):
+    """Was: resuming from checkpoint-2 of a 4-step run appended steps 3-4 again after the first run's 3-4, so
+    metrics.jsonl (and its plot) had steps 1, 2, 3, 4, 3, 4. Records after the checkpoint are dropped on resume."""
+    out = tmp_path / "run"
+    first = ["train", "--output", str(out), "--r", "4", "--save-every", "2", "--log-every", "1", *TINY]
+    assert main([*first, "--steps", "4"]) == 0
+    assert main([*first, "--steps", "4", "--resume-from", str(out / "checkpoint-2"), "--overwrite"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert records[0] == {"step": 0, "eval": records[0]["eval"]}  # the untrained model's score, kept

@@ -396,10 +396,27 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
                            "resume with the same method options.")
 
 
-def _metrics_logger(path: Path, append: bool):
-    """An on_log callback appending one JSON line per record (loss, lr, grad norm / evaluations) as they happen."""
+def _metrics_logger(path: Path, resume_from: str | None):
+    """An on_log callback appending one JSON line per record (loss, lr, grad norm / evaluations) as they happen.
+
+    Resuming from ``checkpoint-N`` keeps the log's records up to step N and drops the later ones (the run that wrote
+    them went on past the checkpoint; the resumed run writes those steps again), so each step is logged once."""
+    from .io.files import atomic_write_bytes
+    from .training.checkpoint import STATE_JSON
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a" if append else "w", buffering=1)
+    if resume_from is not None and path.is_file():
+        step = json.loads((Path(resume_from) / STATE_JSON).read_text())["step"]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short when the earlier run stopped
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write_bytes(path, "".join(kept).encode())
+    handle = open(path, "a" if resume_from is not None else "w", buffering=1)
 
     def log(record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
@@ -478,7 +495,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
 
     config = dataclasses.replace(config, eval_examples=len(eval_examples))  # the loop evaluates all of them
     out = Path(args.output)
-    log, handle = _metrics_logger(out / "metrics.jsonl", append=bool(args.resume_from)) if ctx.is_main else (
+    log, handle = _metrics_logger(out / "metrics.jsonl", args.resume_from or None) if ctx.is_main else (
         lambda record: None, contextlib.nullcontext())
     if not args.resume_from:
         log({"step": 0, "eval": before})
