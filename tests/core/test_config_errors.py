@@ -95,3 +95,11 @@ def test_an_unknown_procedure_names_its_field():
     error = _raised(lambda: TrainConfig(procedure="galor"))
     assert error.field == "TrainConfig.procedure"
     assert str(error).startswith("TrainConfig.procedure: unknown training procedure 'galor'.") and "galore" in str(error)
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay"])
+def test_train_config_refuses_an_infinite_step(field):
+    """lr=inf or weight_decay=inf passed the > 0 / >= 0 checks; AdamW's first step then turns every trained weight to
+    inf / NaN (w -= lr·(m̂/(√v̂+ε) + wd·w))."""
+    error = _raised(lambda: TrainConfig(**{field: float("inf")}))
+    assert error.field == f"TrainConfig.{field}" and "and finite" in str(error) and "inf" in str(error)

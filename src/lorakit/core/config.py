@@ -75,22 +75,23 @@ def check_positive_ints(config: Any, *names: str, optional: bool = False) -> Non
                                             f"got {value}.")
 
 
-def check_non_negative(config: Any, *names: str, note: str = "") -> None:
+def check_non_negative(config: Any, *names: str, note: str = "", finite: bool = False) -> None:
     """ConfigError ``"<Class>.<name> must be >= 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
-    field of ``names`` below 0 (None is skipped: an unset optional value; NaN fails)."""
+    field of ``names`` below 0 (None is skipped: an unset optional value; NaN fails; with ``finite``, inf too)."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and not value >= 0:
-            raise field_error(config, name, f" must be >= 0{note}, got {value}.")
+        if value is not None and (not value >= 0 or (finite and value == float("inf"))):
+            raise field_error(config, name, f" must be >= 0{' and finite' if finite else ''}{note}, got {value}.")
 
 
-def check_positive(config: Any, *names: str, note: str = "") -> None:
+def check_positive(config: Any, *names: str, note: str = "", finite: bool = False) -> None:
     """ConfigError ``"<Class>.<name> must be > 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
-    field of ``names`` that is not > 0 (None is skipped: an unset optional value; NaN fails)."""
+    field of ``names`` that is not > 0 (None is skipped: an unset optional value; NaN fails; with ``finite``, inf
+    too)."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and not value > 0:
-            raise field_error(config, name, f" must be > 0{note}, got {value}.")
+        if value is not None and (not value > 0 or (finite and value == float("inf"))):
+            raise field_error(config, name, f" must be > 0{' and finite' if finite else ''}{note}, got {value}.")
 
 
 def check_range(config: Any, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,

@@ -82,8 +82,8 @@ class TrainConfig:
         check_positive_ints(self, "steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples")
         check_non_negative(self, "warmup_steps", "eval_every", "save_every", "init_batches", note=" (0 turns it off)")
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed (torch's takes one)
-        check_positive(self, "lr")
-        check_non_negative(self, "weight_decay")
+        check_positive(self, "lr", finite=True)  # an infinite step turns every weight to inf / NaN at step 1
+        check_non_negative(self, "weight_decay", finite=True)
         if self.lr_schedule not in SCHEDULES:
             raise field_error(self, "lr_schedule", f"={self.lr_schedule!r} is not one of {SCHEDULES}."
                                                    f"{did_you_mean(self.lr_schedule, SCHEDULES)}")
