@@ -92,3 +92,14 @@ def test_embedding_layout_and_bias():
     x = torch.randn(3, 12)
     want = (x @ biased.lora_A.weight.T @ biased.lora_B.weight.T + biased.lora_B.bias) * biased.scaling
     torch.testing.assert_close(biased(x, torch.zeros(3, 7), None), want)
+
+
+def test_dora_with_lora_bias_is_refused_as_peft_refuses_it():
+    """PEFT's LoraConfig.__post_init__ (peft/tuners/lora/config.py) raises for use_dora=True with lora_bias=True, so a
+    file lorakit wrote with both could not be loaded by PEFT: the config refuses the pair up front."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    with pytest.raises(ValueError, match="DoRA"):
+        PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True, lora_bias=True)
+    with pytest.raises(lk.ConfigError, match="lora_bias.*use_dora|use_dora.*lora_bias"):
+        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, lora_bias=True)
