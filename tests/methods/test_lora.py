@@ -94,12 +94,16 @@ def test_embedding_layout_and_bias():
     torch.testing.assert_close(biased(x, torch.zeros(3, 7), None), want)
 
 
-def test_dora_with_lora_bias_is_refused_as_peft_refuses_it():
-    """PEFT's LoraConfig.__post_init__ (peft/tuners/lora/config.py) raises for use_dora=True with lora_bias=True, so a
-    file lorakit wrote with both could not be loaded by PEFT: the config refuses the pair up front."""
+@pytest.mark.parametrize("other", [dict(use_dora=True), dict(init_lora_weights="gaussian"),
+                                   dict(init_lora_weights="pissa")], ids=["dora", "gaussian", "pissa"])
+def test_lora_bias_pairs_peft_refuses_are_refused(other):
+    """PEFT's LoraConfig.__post_init__ (peft/tuners/lora/config.py, the ``if self.lora_bias:`` block) raises for
+    lora_bias=True with use_dora=True or with init_lora_weights other than True/False, so a file lorakit wrote with
+    such a pair could not be loaded by PEFT: the config refuses the pair up front."""
     from peft import LoraConfig as PeftLoraConfig
 
-    with pytest.raises(ValueError, match="DoRA"):
-        PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True, lora_bias=True)
-    with pytest.raises(lk.ConfigError, match="lora_bias.*use_dora|use_dora.*lora_bias"):
-        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, lora_bias=True)
+    with pytest.raises(ValueError, match="lora_bias"):
+        PeftLoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, **other)
+    with pytest.raises(lk.ConfigError, match="lora_bias"):
+        LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, **other)
+    LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)  # PEFT accepts these

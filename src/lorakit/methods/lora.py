@@ -83,9 +83,14 @@ class LoraConfig(AdapterConfig):
                                                   f"{self.lora_alpha} trains an adapter that does nothing or the "
                                                   f"opposite), got {self.lora_alpha}; PEFT's usual choice is 2 * r.")
         check_dropout(self, "lora_dropout")
-        if self.lora_bias and self.use_dora:  # PEFT's LoraConfig refuses the pair, so it could not load the file
+        # PEFT's LoraConfig refuses these pairs, so it could not load the file lorakit would write
+        if self.lora_bias and self.use_dora:
             raise field_error(self, "lora_bias", "=True is not supported with use_dora=True (PEFT refuses the pair "
                                                  "and could not load the adapter); set one of them False.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise field_error(self, "lora_bias", f"=True needs init_lora_weights True or False, got "
+                                                 f"{self.init_lora_weights!r} (PEFT refuses the pair and could not "
+                                                 f"load the adapter).")
         if self.init_lora_weights not in INIT_CHOICES and find_init(self.init_lora_weights) is None:
             names = [i.name for i in list_inits()]
             raise field_error(self, "init_lora_weights", f"={self.init_lora_weights!r} is not supported; choose one "
