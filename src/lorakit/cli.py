@@ -1420,7 +1420,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
     f.add_argument("--stragglers", default=None, help="client ids that reply late, comma-separated")
     f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
-    f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round")
+    f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round (the first round includes the clients' start-up)")
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
