@@ -90,6 +90,22 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tiny_config, caplog):
         torch.testing.assert_close(core.state[k], v)
 
 
+def test_a_second_reply_from_one_client_is_rejected(tiny_config, caplog):
+    """Two replies with one client id in a round (two SuperNodes given the same partition-id) counted that client
+    twice in the weighted average (FedAvg weights each client once, by its example count)."""
+    config = tiny_config("fedit", clients=2)
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    first, metrics = client_round(config, 0, 1, down)
+    other = {k: v + 1.0 for k, v in first.items()}
+    with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
+        record = core.receive(1, [(0, pack(first), metrics), (0, pack(other), metrics)])
+    assert record["accepted"] == 1 and record["clients"] == [0]
+    assert "a second reply from client 0" in record["rejected"][0]["reason"]
+    for k, v in first.items():  # the first reply alone is the new global state
+        torch.testing.assert_close(core.state[k], v)
+
+
 def test_dp_sgd_reports_epsilon(tiny_config):
     """Opacus DP-SGD on the clients: ε from the RDP accountant grows with rounds and shrinks with more noise."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent

@@ -65,6 +65,9 @@ class ServerCore:
                 update, reason = {}, f"not safetensors bytes ({type(error).__name__}: {error})"
             if reason is None and not 0 <= client < self.config.clients:
                 reason = f"unknown client id {client}"
+            if reason is None and client in clients:  # it would count twice in the average (and in DP accounting)
+                reason = (f"a second reply from client {client} this round (two SuperNodes with the same "
+                          f"partition-id?); the first one is kept")
             if reason is None:
                 rank = self.config.rank_of(client)
                 reason = check_update(update, self.strategy.expected_update(self.state, rank, self.shapes))
