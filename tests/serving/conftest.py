@@ -77,6 +77,34 @@ class LiveServer:
         self.sock.close()
 
 
+def start_cli_server(args: list[str], stderr_path: Path, env: dict | None = None, timeout: float = 120.0):
+    """``lorakit serve ARGS --port P`` as a user starts it (a subprocess on a free port), once /health answers:
+    (process, base url). Its stderr goes to ``stderr_path``; a process that exits or does not come up in ``timeout``
+    seconds fails the test with the end of that file."""
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", *args, "--port", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.terminate()
+            proc.wait(timeout=30)
+            pytest.fail(f"lorakit serve did not come up: {Path(stderr_path).read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
 def _uvicorn():
     import uvicorn
     return uvicorn

@@ -17,10 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -282,24 +278,9 @@ def test_cli_serve_with_only_bad_adapters_warns_and_serves_the_base(tmp_path, sh
     root.mkdir()
     _copy(good["g0"], root / "bad_json", config="{oops")
     _copy(good["g0"], root / "bad_method", config=json.dumps({"peft_type": "NOT_A_METHOD", "r": 4}))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log = tmp_path / "stderr.txt"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--adapters", str(root), "--port",
-                                 str(port), "--kv-cache-mb", "8"], stdout=subprocess.DEVNULL, stderr=err)
+    proc, url = sh.start_cli_server(["--adapters", str(root), "--kv-cache-mb", "8"], log)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.time() < deadline, "lorakit serve did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert client.completions.create(model="bundled", prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
         with pytest.raises(openai.BadRequestError, match="'bad_json' failed to register: .*is not valid JSON"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import shutil
-import socket
 import time
 
 import httpx
@@ -235,31 +234,14 @@ def test_server_disconnect_frees_slot_and_metrics(setup):
 
 
 @pytest.mark.parametrize("extra", [[], ["--cuda-graphs"]], ids=["eager", "cuda_graphs"])
-def test_cli_serve_starts_and_answers(setup, tmp_path, extra):
+def test_cli_serve_starts_and_answers(setup, tmp_path, extra, sh):
     """``lorakit serve`` as a user runs it: the bundled model, an adapters folder, a completion over HTTP; also with
     ``--cuda-graphs`` (on the CPU its static decode step runs eagerly: the same greedy text)."""
     import os
-    import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "LORAKIT_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--adapters", str(setup["root"]),
-                             "--port", str(port), "--max-loras", "2", "--kv-cache-mb", "8", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url = sh.start_cli_server(["--adapters", str(setup["root"]), "--max-loras", "2", "--kv-cache-mb", "8",
+                                     *extra], tmp_path / "stderr.txt", env={**os.environ, "LORAKIT_API_KEY": KEY})
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "lorakit serve did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         r = client.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=6, temperature=0)
         assert r.choices[0].text == offline(setup, setup["tok"](PROMPTS[0])["input_ids"], "ad1", 6)
