@@ -266,3 +266,20 @@ def test_kept_none_says_whether_candidates_reached_the_discriminator(tokenizer, 
     with pytest.raises(LorakitError, match=r"rejected all \d+ candidate prompts") as err:
         transfer_models(_source(tokenizer), tokenizer, _target(tokenizer), tokenizer, real, TransLoraConfig(**strict))
     assert "--threshold 0.999999" in str(err.value) and "--max-new-tokens" not in str(err.value)
+
+
+def test_cli_separator_and_prompt_end_read_backslash_escapes():
+    r"""docs/transfer.md tells users to pass ``"\n"`` as the separator for models that continue lists of lines; from
+    a shell that arrives as the two characters ``\`` ``n``, which no sampled text contains, so every candidate was
+    dropped. The CLI reads C-style escapes in --separator / --prompt-end (``\n`` a newline, ``\t`` a tab,
+    ``\\`` one backslash); other text, non-ASCII included, is unchanged."""
+    from lorakit.compose.translora import build_parser
+
+    args = build_parser().parse_args(["--adapter", "a", "--target-model", "t", "--data", "d", "--output", "o",
+                                      "--separator", r"\n", "--prompt-end", r" =>\t"])
+    assert args.separator == "\n" and args.prompt_end == " =>\t"
+    args = build_parser().parse_args(["--adapter", "a", "--target-model", "t", "--data", "d", "--output", "o",
+                                      "--separator", r"§\\", "--prompt-end", "é =>"])
+    assert args.separator == "§\\" and args.prompt_end == "é =>"
+    assert build_parser().parse_args(["--adapter", "a", "--target-model", "t", "--data", "d",
+                                      "--output", "o"]).separator is None

@@ -155,3 +155,27 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
         assert main(["compose-image", *common, "--method", method, *extra, "--out", str(out)]) == 0, method
         assert out.is_file()
     assert "concept rates: digit3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".bmp", "BMP"), ("", "PNG")])
+def test_grid_image_is_written_in_the_format_its_name_asks_for(tmp_path, suffix, fmt):
+    """``--out thick3.jpg`` used to write PNG bytes under a .jpg name; the file's format follows its suffix
+    (PIL's own extension table), no suffix keeps PNG, and no temp file is left beside it."""
+    from PIL import Image
+
+    from lorakit.diffusion.cli import _grid_png
+
+    out = tmp_path / f"grid{suffix}"
+    path = _grid_png(torch.zeros(3, 1, 4, 4), out, nrow=2)
+    assert path == out and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    with Image.open(out) as img:
+        assert img.format == fmt
+
+
+def test_cli_compose_image_refuses_an_unknown_image_suffix_before_loading(tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["compose-image", "--base", str(tmp_path / "nope"), "--lora", str(tmp_path / "l"),
+                 "--out", str(tmp_path / "grid.pgnn")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and ".pgnn" in err and "train-base" not in err

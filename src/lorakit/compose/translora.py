@@ -300,6 +300,17 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
     return result
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""``\n``, ``\t``, ``\r`` and ``\\`` typed in a shell as the characters they name (``--separator "\n"`` is
+    a newline, as docs/transfer.md means it); any other text, non-ASCII included, is returned as it is."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def build_parser():
     from ..cli_parser import CommandParser
 
@@ -318,6 +329,8 @@ def build_parser():
     defaults = TransLoraConfig()
     for f in dataclasses.fields(TransLoraConfig):
         kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
+        if f.name in ("separator", "prompt_end"):
+            kind = unescape
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
                        help=f"default: {getattr(defaults, f.name)!r}")
     return p

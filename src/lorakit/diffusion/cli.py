@@ -16,9 +16,25 @@ from ..core.errors import ConfigError, LorakitError
 DEFAULT_DIR = "diffusion_run"
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """PIL's format name for ``path``'s suffix (``.jpg`` → JPEG); PNG when it has none. ConfigError naming
+    ``--out`` for a suffix PIL cannot write."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    writable = {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if suffix not in writable:
+        raise ConfigError(f"--out {path}: PIL cannot write {suffix!r} images; use one of .png, .jpg, .bmp, .webp "
+                          f"(or another of {sorted(writable)}).")
+    return writable[suffix]
+
+
 def _grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int, scale: int = 4, pad: int = 2) -> Path:
-    """Write images (N, 1, H, W) in [-1, 1] as one PNG grid, ``nrow`` images per row, each upscaled ``scale``×
-    (nearest), grey separators; atomic."""
+    """Write images (N, 1, H, W) in [-1, 1] as one image grid, ``nrow`` images per row, each upscaled ``scale``×
+    (nearest), grey separators; atomic. The format follows ``path``'s suffix (:func:`image_format`; PNG without
+    one)."""
     from PIL import Image
 
     from .data import to_uint8
@@ -33,9 +49,10 @@ def _grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int, scale: i
         big = pix[i].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
         canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + c * cell_w: pad + c * cell_w + w * scale] = big
     path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(canvas.numpy()).save(tmp)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(canvas.numpy()).save(tmp, format=fmt)
     os.replace(tmp, path)
     return path
 
@@ -83,6 +100,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from .sampler import compose_images, make_config
 
     check_distinct_loras(args.lora)
+    image_format(args.out)  # a bad --out suffix fails before sampling, not after
     check_base(args.base)
     for folder in args.lora:  # a bad folder or weights file fails before the base loads
         check_adapter_folder(folder)
@@ -136,7 +154,8 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
     p.add_argument("--weights", type=float, nargs="+", help="merge: one weight per LoRA")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
     p.add_argument("--classifier", default=None, help="folder of `lorakit diffusion train-classifier`: print concept rates")
-    p.add_argument("--out", default="composed.png", help="PNG grid of the images")
+    p.add_argument("--out", default="composed.png",
+                   help="image grid of the samples; the format follows the suffix (.png, .jpg, .bmp, ...)")
     p.set_defaults(func=cmd_compose)
     return p
 
