@@ -99,6 +99,15 @@ def test_cli_reports_shares(tmp_path, texts, capsys):
     assert sum(report["byte_share"].values()) == pytest.approx(1.0)
     assert mi.main(["--tokenizer", str(bpe_dir), "--domains", "code,dosc"]) == 2
     assert "Did you mean: docs" in capsys.readouterr().err
+    # more merges than the tokenizer has: said up front (replaying them all can take minutes), then all are used
+    n = len(mi.load_bpe(bpe_dir).merges)
+    assert mi.main([*args[:2], "--merges", str(n + 1000), *args[6:]]) == 0
+    out = capsys.readouterr()
+    assert f"--merges {n + 1000} is more than the {n} merges of" in out.err and f"using all {n}" in out.err
+    assert json.loads(out.out)["n_merges"] <= n
+    with pytest.raises(SystemExit):
+        mi.main([*args[:2], "--merges", "0", *args[6:]])
+    assert "argument --merges: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_repeated_category(tmp_path, capsys):

@@ -24,6 +24,7 @@ result is also given in bytes (``α_i · bytes_i / pairs_i``, renormalised, as t
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from lorakit.cli_parser import CommandParser
+from lorakit.cli_parser import CommandParser, positive_int
 from lorakit.core.errors import ConfigError, comma_items
 from lorakit.io.files import atomic_write_json
 
@@ -296,7 +297,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--domains", default="", metavar="NAMES",
                         help="use lorakit's pretraining domains as categories, e.g. code,docstrings,docs,tasks")
     parser.add_argument("--sample-chars", type=int, default=300_000, help="characters per domain with --domains")
-    parser.add_argument("--merges", type=int, default=1000, help="how many leading merges to use")
+    parser.add_argument("--merges", type=positive_int, default=1000,
+                        help="how many leading merges to use (at most the tokenizer's)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     return parser
 
@@ -336,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = comma_items(args.domains, "--domains", "domain names")
         check_unique_categories([spec.partition("=")[0] for spec in args.category] + names)
         tokenizer = load_bpe(args.tokenizer)
+        if args.merges > len(tokenizer.merges):  # said now: replaying every merge can take minutes
+            print(f"lorakit infer-mixture: --merges {args.merges} is more than the {len(tokenizer.merges)} merges of "
+                  f"{tokenizer.name}; using all {len(tokenizer.merges)}", file=sys.stderr)
         texts = dict(_read_category(spec) for spec in args.category)
         if names:
             from lorakit.pretrain.domains import DOMAINS, domain_documents
