@@ -70,6 +70,20 @@ def test_saved_concept_loras_load_in_peft_with_identical_outputs(trained):
         assert not torch.allclose(a, base(x, t, class_labels=y).sample)
 
 
+def test_a_lora_of_another_model_names_its_folder(trained, tmp_path):
+    """Loading several --lora folders, one made for a text model: the error names that folder (was: only the module
+    problem, not which of the folders it was)."""
+    import lorakit as lk
+    from lk_models import tiny_llama
+
+    text_model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lk.save_adapter(text_model, tmp_path / "text_lora")
+    _, base, out, _ = trained
+    with pytest.raises(lk.LorakitError, match=f"LoRA folder {tmp_path / 'text_lora'}: ") as error:
+        load_loras(copy.deepcopy(base), [out / "digit3", tmp_path / "text_lora"])
+    assert str(out / "digit3") not in str(error.value)
+
+
 def test_concept_spec_errors_name_the_problem():
     with pytest.raises(ConfigError, match="digit must be in 0..9"):
         ConceptSpec("digit12", digit=12)

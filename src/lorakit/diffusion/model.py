@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import FIELD, ConfigError, did_you_mean
+from ..core.errors import FIELD, ConfigError, LorakitError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
@@ -282,5 +282,10 @@ def load_loras(unet: nn.Module, folders: list[str | os.PathLike], names: list[st
     default)."""
     names = names or [Path(f).name for f in folders]
     for folder, name in zip(folders, names):
-        load_adapter(unet, folder, name)
+        try:
+            load_adapter(unet, folder, name)
+        except LorakitError as error:  # which of several folders it was (its type and field unchanged)
+            if error.args and isinstance(error.args[0], str) and str(folder) not in error.args[0]:
+                error.args = (f"LoRA folder {folder}: {error.args[0]}", *error.args[1:])
+            raise
     return names
