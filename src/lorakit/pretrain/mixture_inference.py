@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from lorakit.cli_parser import CommandParser, positive_int
+from lorakit.cli_parser import CommandParser
 from lorakit.core.errors import ConfigError, comma_items
 from lorakit.io.files import atomic_write_json
 
@@ -297,7 +297,7 @@ def build_parser() -> CommandParser:
     parser.add_argument("--domains", default="", metavar="NAMES",
                         help="use lorakit's pretraining domains as categories, e.g. code,docstrings,docs,tasks")
     parser.add_argument("--sample-chars", type=int, default=300_000, help="characters per domain with --domains")
-    parser.add_argument("--merges", type=positive_int, default=1000,
+    parser.add_argument("--merges", type=int, default=1000,
                         help="how many leading merges to use (at most the tokenizer's)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     return parser
