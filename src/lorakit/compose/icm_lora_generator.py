@@ -39,7 +39,7 @@ from torch import nn
 from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
-from ..core.inits import find_init
+from ..core.inits import changed_base_error
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path
 from .icm_lora import (AdapterLayout, CvaeConfig, LoraCvae, denormalize, flatten_tensors, normalize, tensor_stats,
@@ -148,12 +148,9 @@ def _check_plain_lora(folder: Path, config: dict) -> None:
         kind = f"{method}{' (DoRA)' if config.get('use_dora') else ''}" or "unknown"
         raise AdapterError(f"{folder}: ICM-LoRA collections hold plain LoRA adapters (peft_type LORA, no DoRA); this "
                            f"one is {kind!r}. Export it as a plain LoRA first (`lorakit export`) if its method has one.")
-    spec = config.get("init_lora_weights")
-    init = find_init(spec) if isinstance(spec, str) else None
-    if init is not None and init.changes_base:  # its A, B are for the base PiSSA / OLoRA / CorDA left, not the base's
-        raise AdapterError(f"{folder}: init_lora_weights={spec!r} moved part of the base into this adapter, so its "
-                           f"lora_A / lora_B are not a LoRA of the untouched base the collection's adapters share; "
-                           f"write it for the untouched base first (`lorakit export {folder} --output DIR`), then use DIR")
+    changed = changed_base_error(str(folder), config.get("init_lora_weights"), "the collection's adapters share")
+    if changed is not None:
+        raise AdapterError(changed)
 
 
 def _check_same(ref: AdapterSample, ref_config: dict, other: AdapterSample, config: dict) -> None:

@@ -126,6 +126,20 @@ def find_init(spec: Any) -> Init | None:
     return None
 
 
+def changed_base_error(where: str, spec: Any, use: str) -> str | None:
+    """Why an adapter whose config names init ``spec`` cannot be read as a LoRA of the untouched base (None when it
+    can): an init that changes the base weights (PiSSA, OLoRA, CorDA, LoRA-GA; ``Init.changes_base``) left A, B for
+    the base it edited. ``where`` names the adapter, ``use`` says what the untouched base is for (the words after
+    "not for the untouched base"). Callers raise it as their own error type."""
+    init = find_init(spec) if isinstance(spec, str) else None
+    if init is None or not init.changes_base:
+        return None
+    return (f"{where}: init_lora_weights={spec!r} moved part of the base into the adapter, so its A, B are for the "
+            f"base that init left, not for the untouched base {use}. Write it for the untouched base first: "
+            f"`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init such as lora_ga, "
+            f"save_adapter(..., original_base=True) where it was trained), then use DIR.")
+
+
 def get_init(spec: str) -> Init:
     """The registered init ``spec`` names; ConfigError with near matches otherwise."""
     init = find_init(spec)

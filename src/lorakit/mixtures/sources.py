@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.inits import find_init
+from ..core.inits import changed_base_error
 from ..io.files import TensorFile
 from ..io.peft_format import CONFIG_NAME, PREFIX, read_adapter_config, weights_path
 
@@ -54,12 +54,9 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
     if type(config).method != "lora":  # subclasses (data-driven inits) may have touched the base: refuse them too
         raise ConfigError(f"{where} is a {type(config).method!r} adapter; mixtures of existing adapters embed "
                           "plain LoRA adapters (lorakit 'lora' or PEFT LoRA).")
-    spec = config.requested_init()
-    if spec is not None and find_init(spec) is not None and find_init(spec).changes_base:
-        raise ConfigError(f"{where} has init_lora_weights={spec!r}: its A, B are for the base that init leaves, "
-                          "not for the untouched base an expert adds to. Write it for the untouched base first: "
-                          "`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init "
-                          "such as lora_ga, save_adapter(..., original_base=True) where it was trained), then use DIR.")
+    changed = changed_base_error(where, config.requested_init(), "an expert adds to")
+    if changed is not None:
+        raise ConfigError(changed)
     unsupported = {"use_dora": config.use_dora, "rank_pattern": config.rank_pattern,
                    "alpha_pattern": config.alpha_pattern, "lora_bias": config.lora_bias,
                    "modules_to_save": config.modules_to_save}

@@ -472,16 +472,12 @@ def _whole_module_as_lora(module: nn.Module, info: LayerInfo, tensors: Mapping[s
 def _check_bankable_config(config, where, *, files: bool = False) -> None:
     """AdapterLoadError for an adapter a bank cannot hold (the store then serves it attached, in its own forward);
     AdapterError (served neither way) for one whose tensors are relative to a base its init changed."""
-    from ..core.inits import find_init
+    from ..core.inits import changed_base_error
 
     spec = config.requested_init() if isinstance(config, LoraConfig) else None
-    init = find_init(spec) if spec is not None else None
-    if init is not None and init.changes_base:
-        raise AdapterError(
-            f"{where}: init_lora_weights={spec!r} holds A, B for the base that init leaves (W minus the part it moved "
-            f"into the adapter), not for the shared base every request runs on. Write it for the untouched base "
-            f"first: `lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init such as "
-            f"lora_ga, save_adapter(..., original_base=True) where it was trained), then serve DIR.")
+    changed = changed_base_error(str(where), spec, "every request runs on")
+    if changed is not None:
+        raise AdapterError(changed)
     if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
         raise AdapterLoadError(f"{where}: method {type(config).__name__} cannot be banked; only plain LoRA/rsLoRA")
     if config.use_dora:
