@@ -43,7 +43,7 @@ from torch import nn
 from ..core.errors import LorakitError
 from ..core.routing import routing
 from .bank import STATIC_KEY, storage_epoch
-from .kv_cache import PagedBatch, PagedKVCache, paged_batch
+from .kv_cache import PagedBatch, PagedKVCache, block_table, paged_batch
 from .multi import REGISTRY_ATTR, RowSpec
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,8 @@ class DecodeGraphs:
         host[:n] = torch.as_tensor(tokens, dtype=torch.long)
         if ids is not None:
             host[2 * b: 2 * b + n] = ids.reshape(n)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(n, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        table = block_table(tables)
+        width = table.shape[1]
         pos = torch.arange(c)  # (C,)
         block = (pos // bs).clamp(max=width - 1)
         slots = table[:, block] * bs + pos % bs  # (n, C); positions past a row's blocks: masked, replaced below

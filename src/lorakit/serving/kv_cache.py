@@ -113,6 +113,14 @@ class PagedKVCache:
         self._free.extend(blocks)
 
 
+def block_table(tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(rows, widest table) long: each row's block ids, zero-padded on the right (reads there are masked)."""
+    table = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    for i, t in enumerate(tables):  # the running requests' block lists (host ints), not adapters
+        table[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    return table
+
+
 @dataclass
 class PagedBatch:
     """Where one forward's tokens go in the cache and what each of them may attend to.
@@ -137,10 +145,7 @@ class PagedBatch:
         bs = cache.block_size
         batch, q = len(tables), max(lengths)
         ctx = max(s + n for s, n in zip(starts, lengths))
-        width = max(len(t) for t in tables)
-        table = torch.zeros(batch, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        table = block_table(tables)
         start = torch.as_tensor(starts, dtype=torch.long)[:, None]
         length = torch.as_tensor(lengths, dtype=torch.long)[:, None]
         pos = torch.arange(ctx)  # (ctx,)
