@@ -401,12 +401,12 @@ def _metrics_logger(path: Path, resume_from: str | None):
 
     Resuming from ``checkpoint-N`` keeps the log's records up to step N and drops the later ones (the run that wrote
     them went on past the checkpoint; the resumed run writes those steps again), so each step is logged once."""
-    from .io.files import atomic_write_bytes
+    from .io.files import atomic_write_bytes, read_json
     from .training.checkpoint import STATE_JSON
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if resume_from is not None and path.is_file():
-        step = json.loads((Path(resume_from) / STATE_JSON).read_text())["step"]
+        step = read_json(Path(resume_from) / STATE_JSON).get("step", 0)  # (checked by _check_resume before)
         kept = []
         for line in path.read_text().splitlines():
             try:
