@@ -44,6 +44,15 @@ REGISTER_FAILS = {"bad_json": "adapter_config.json is not valid JSON",
                   "no_weights": "has no adapter_model.safetensors",
                   "run": "is a training run folder, not an adapter folder; did you mean"}
 SHAPE = "has shape (4, 256) but this model and config (r / rank_pattern, module size) expect (8, 256)"
+# folders whose config says r=8 over rank-4 weights (they register; their weights fail on first load), one per way of
+# meeting that first load: each endpoint, streamed or not, a weighted mix, Self-MoA, an attached (DoRA) adapter
+FIRST_LOAD = {"late_cmpl": ("completions", False), "late_cmpl_stream": ("completions", True),
+              "late_chat": ("chat", False), "late_chat_stream": ("chat", True), "late_mix": ("mix", False),
+              "late_moa": ("self_moa", False), "late_moa_chat_stream": ("self_moa_chat", True),
+              "late_dora": ("completions", False), "late_dora_stream": ("chat", True)}
+# what every request naming one gets once its load failed: the reason recorded then (store.failed), with the way to
+# serve it again (the contract of the module docstring and of test_a_skipped_adapter_is_a_400_with_its_reason...)
+HINT = "; fix its folder, then load it again with POST /v1/load_lora_adapter"
 
 
 def bundled():
@@ -71,6 +80,9 @@ def bad_folders(root, good):
     _copy(good["g0"], root / "no_weights", weights=False)
     _copy(good["g0"], root / "run" / "adapter")  # `lorakit train --output run` holds its adapter in run/adapter
     _copy(good["g1"], root / "bad_rank", config=_with_r(good["g1"], 8))  # weights of rank 4, config says 8
+    for name in FIRST_LOAD:
+        src = good["dora"] if "dora" in name else good["g1"]
+        _copy(src, root / name, config=_with_r(src, 8))
 
 
 class _Records(logging.Handler):
@@ -87,7 +99,9 @@ def served(tmp_path_factory, sh):
     root = tmp_path_factory.mktemp("mixed")
     good = {n: sh.make_adapter(root / n, seed=60 + i, factory=bundled, r=4, target_modules=TARGETS)
             for i, n in enumerate(GOOD)}
-    bad_folders(root, good)
+    dora = sh.make_adapter(tmp_path_factory.mktemp("dora") / "dora", seed=7, factory=bundled, r=4,
+                           target_modules=TARGETS, use_dora=True)  # served attached, in its own forward
+    bad_folders(root, {**good, "dora": dora})
     records = _Records()
     logger = logging.getLogger("lorakit.serving")
     logger.addHandler(records)
@@ -123,7 +137,7 @@ def ask(s, model, **extra):
 
 def test_server_starts_and_good_adapters_answer_as_offline(served):
     s = served
-    assert sorted(s["registered"]) == sorted(GOOD + ["bad_rank"])  # configs only are read at registration
+    assert sorted(s["registered"]) == sorted(GOOD + ["bad_rank", *FIRST_LOAD])  # configs only are read now
     for name in GOOD + ["bundled"]:
         assert ask(s, name).choices[0].text == offline(s, None if name == "bundled" else name), name
 
@@ -182,6 +196,47 @@ def test_weights_that_fail_on_first_load_are_a_400_and_unlisted_the_others_keep_
     assert ask(s, "g2").choices[0].text == offline(s, "g2")
 
 
+def _request(s, name, way, stream):
+    """One request naming adapter ``name`` the ``way`` FIRST_LOAD says, through the openai client (a stream is read
+    to its end); returns the 400's error body."""
+    client = s["client"]
+    chat = [{"role": "user", "content": "hi"}]
+    kw = dict(max_tokens=4, temperature=0, stream=stream)
+    with pytest.raises(openai.BadRequestError) as err:
+        if way == "completions":
+            out = client.completions.create(model=name, prompt=PROMPT, **kw)
+        elif way == "chat":
+            out = client.chat.completions.create(model=name, messages=chat, **kw)
+        elif way == "mix":
+            out = client.completions.create(model="bundled", prompt=PROMPT,
+                                            extra_body={"adapters": {"g0": 0.5, name: 0.5}}, **kw)
+        elif way == "self_moa":
+            out = client.completions.create(model=name, prompt=PROMPT, extra_body={"self_moa": {"n": 2}}, **kw)
+        else:
+            out = client.chat.completions.create(model=name, messages=chat, extra_body={"self_moa": {"n": 2}}, **kw)
+        if stream:
+            list(out)
+    assert err.value.status_code == 400
+    return err.value.body
+
+
+@pytest.mark.parametrize("name", list(FIRST_LOAD))
+def test_the_first_request_to_weights_that_fail_reads_as_every_later_one(served, name):
+    """Was: the request whose load met the failure got the raw reason (streamed: a 200 whose stream carried a
+    "server_error" 500 event), later ones "adapter 'x' failed to load: ..." with the hint. Expected from the contract:
+    every request, the first included, gets the same 400 whose message is the recorded reason plus the hint."""
+    s = served
+    way, stream = FIRST_LOAD[name]
+    bodies = [_request(s, name, way, stream) for _ in range(3)]
+    assert bodies[0] == bodies[1] == bodies[2], bodies
+    message = bodies[0]["message"]
+    assert message == s["store"].failed[name] + HINT, message
+    assert message.startswith(f"adapter {name!r} failed to load: ") and message.endswith(HINT), message
+    assert SHAPE in message and bodies[0]["type"] == "invalid_request_error" and bodies[0]["code"] == 400
+    assert name not in [m.id for m in s["client"].models.list()]
+    assert ask(s, "g0").choices[0].text == offline(s, "g0")  # the others keep serving
+
+
 def test_loading_a_fixed_folder_under_its_name_serves_it(served):
     s = served
     root, url = s["root"], s["server"].url
@@ -233,6 +288,24 @@ def test_a_mix_with_a_bad_adapter_fails_alone_and_its_good_adapter_stays(tmp_pat
                                                         else expected)
     with pytest.raises(AdapterLoadError, match="failed to load"):
         engine.submit(prompt, "bad")
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["banked", "attached"])
+def test_ensure_resident_raises_the_recorded_reason_first_and_later(tmp_path, sh, dora):
+    """What a Ray Serve replica's ``_load_adapter`` (and an engine admitting a request) calls: the load that meets the
+    failure raises the reason it records, ``adapter 'bad' failed to load: <why>``, as every later call does (was: the
+    raw reason first, the recorded one after)."""
+    good = sh.make_adapter(tmp_path / "src" / "good", seed=3, r=4, use_dora=dora)
+    _copy(good, tmp_path / "root" / "bad", config=_with_r(good, 8))
+    store = AdapterStore(tiny_llama(), [tmp_path / "root"], max_loras=2)
+    store.register_roots([tmp_path / "root"])
+    raised = []
+    for _ in range(3):
+        with pytest.raises(AdapterLoadError) as err:
+            store.ensure_resident("bad")
+        raised.append(str(err.value))
+    assert raised[0] == raised[1] == raised[2] == store.failed["bad"], raised
+    assert raised[0].startswith("adapter 'bad' failed to load: ") and "expect (8, " in raised[0]
 
 
 def test_register_dir_raises_unless_asked_to_skip(tmp_path, sh, caplog):

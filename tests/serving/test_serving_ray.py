@@ -4,6 +4,8 @@ single-process banks."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import httpx
@@ -29,6 +31,12 @@ def ray_app(tmp_path_factory):
     bad = root / "bad_json"  # skipped by every replica at start; the others are served
     bad.mkdir()
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    late = root / "bad_rank"  # registers (r=8 in its config), its rank-4 weights fail on first load
+    late.mkdir()
+    first = next(iter(dirs.values()))
+    config = json.loads((first / "adapter_config.json").read_text())
+    (late / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    shutil.copy(first / "adapter_model.safetensors", late / "adapter_model.safetensors")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         handle = serve.run(deployment(None, [str(root)], num_replicas=2, max_loras_per_replica=2), route_prefix="/")
@@ -76,6 +84,13 @@ def test_http_errors_are_4xx_and_the_replicas_keep_serving(ray_app):
     r = httpx.post(url, headers={"serve_multiplexed_model_id": "bad_json"}, json={"prompt": "x"}, timeout=60)
     assert r.status_code == 400 and "'bad_json' failed to register: " in r.json()["error"]
     assert "adapter_config.json is not valid JSON" in r.json()["error"]
+    # weights that fail on first load: the replica that met the failure and later requests say the same
+    said = [httpx.post(url, headers={"serve_multiplexed_model_id": "bad_rank"}, json={"prompt": "x"}, timeout=60)
+            for _ in range(4)]
+    assert {r.status_code for r in said} == {400}
+    messages = {r.json()["error"] for r in said}
+    assert all(m.startswith("adapter 'bad_rank' failed to load: ") and "expect (8, " in m for m in messages), messages
+    assert len(messages) == 1, messages
     r = httpx.post(url, content=b"{not json", timeout=60)
     assert r.status_code == 400
     r = httpx.post(url, json={"prompt": "x", "max_tokenz": 3}, timeout=60)

@@ -80,6 +80,7 @@ class Request:
     status: str = "waiting"
     finish_reason: str | None = None
     error: str | None = None
+    exception: BaseException | None = None  # what failed it (``error`` is its message): callers map it by type
     text: str = ""
     sent: int = 0  # characters of ``text`` already sent as events
     arrival: float = field(default_factory=time.perf_counter)
@@ -245,7 +246,7 @@ class Engine:
                 busy = self.step()
             except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
                 for r in list(self.running):
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                    self._finish(r, "error", error=e)
                 busy = False
             if not busy:
                 self._wake.wait(0.05)
@@ -310,7 +311,7 @@ class Engine:
                     ready = self.store.ensure_resident(req.adapter)
                 except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
                     self.waiting.popleft()
-                    self._finish(req, "error", error=str(e) if isinstance(e, LorakitError) else f"{type(e).__name__}: {e}")
+                    self._finish(req, "error", error=e)
                     continue
                 if not ready:  # every resident slot is held by running requests: wait for one to finish
                     return
@@ -437,7 +438,8 @@ class Engine:
         req.sent += len(delta)
         self._emit(req, Event(req.request_id, delta, [token]))
 
-    def _finish(self, req: Request, reason: str, *, error: str | None = None, new_tokens: list[int] | None = None):
+    def _finish(self, req: Request, reason: str, *, error: BaseException | None = None,
+                new_tokens: list[int] | None = None):
         if req.status == "running":
             self.running.remove(req)
             self.cache.release(req.blocks)
@@ -446,13 +448,17 @@ class Engine:
                 self.store.unpin(req.adapter)
         elif req.status == "waiting" and req in self.waiting:
             self.waiting.remove(req)
-        req.status, req.finish_reason, req.error = "finished", reason, error
+        req.status, req.finish_reason, req.exception = "finished", reason, error
+        # lorakit's messages as they are (an adapter's recorded failure reads the same for every request), others
+        # with their type
+        req.error = None if error is None else str(error) if isinstance(error, LorakitError) else \
+            f"{type(error).__name__}: {error}"
         req.finished_at = time.perf_counter()
         self.requests.pop(req.request_id, None)
         self.stats["finished"] += 1
         delta = req.text[req.sent:]
         req.sent = len(req.text)
-        self._emit(req, Event(req.request_id, delta, new_tokens or [], True, reason, error))
+        self._emit(req, Event(req.request_id, delta, new_tokens or [], True, reason, req.error))
         req.done.set()
 
     @staticmethod

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from ray import serve
 
-from ..core.errors import AdapterError, LorakitError
+from ..core.errors import AdapterError, AdapterLoadError, LorakitError
 from .sampling import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -100,8 +100,8 @@ class LorakitReplica:
         if name is not None:
             await self.get_adapter(name)
         req = (await asyncio.to_thread(self.engine.generate, [prompt], [name], params))[0]
-        if req.error:
-            raise LorakitError(req.error)
+        if req.error:  # an adapter's load failure as _load_adapter raises it (AdapterLoadError, the recorded reason)
+            raise req.exception if isinstance(req.exception, AdapterLoadError) else LorakitError(req.error)
         return {"text": req.text, "token_ids": list(req.output_ids), "finish_reason": req.finish_reason,
                 "adapter": name, "replica": self.replica_id}
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from ..core.errors import FIELD, ConfigError
-from .engine import Engine
+from .engine import Engine, Request
 from .multi import RowSpec
 from .sampling import SamplingParams
 
@@ -82,6 +82,9 @@ def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, 
 
     Raises:
         ConfigError: token-id ``prompt`` without ``aggregate``.
+        The error of a proposal or round the engine failed (an adapter whose weights fail to load:
+        AdapterLoadError with its recorded reason), as that request alone would have got it; never an
+        aggregation over empty proposals.
     """
     if aggregate is None:
         if not isinstance(prompt, str):
@@ -89,14 +92,22 @@ def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, 
         aggregate = lambda shown: aggregation_prompt(prompt, shown)  # noqa: E731
     base_seed = params.seed if params.seed is not None else 0
     sample = [replace(params, temperature=config.temperature, seed=base_seed + i) for i in range(config.n)]
-    proposals = [r.text for r in engine.generate([prompt] * config.n, [adapter] * config.n, sample)]
+    proposals = _texts(engine.generate([prompt] * config.n, [adapter] * config.n, sample))
     rounds = windows(config.n, config.window)
     answer = None
     for start, end in rounds[:-1]:  # Self-MoA-Seq: the synthesized answer is carried into the next round
         shown = ([answer] if answer is not None else []) + proposals[start:end]
-        answer = engine.generate([aggregate(shown)], [adapter], params)[0].text
+        answer = _texts(engine.generate([aggregate(shown)], [adapter], params))[0]
     start, end = rounds[-1]
     return aggregate(([answer] if answer is not None else []) + proposals[start:end]), proposals
+
+
+def _texts(requests: Sequence[Request]) -> list[str]:
+    """The finished requests' texts; the first failed one's error raised."""
+    for r in requests:
+        if r.exception is not None:
+            raise r.exception
+    return [r.text for r in requests]
 
 
 def self_moa(engine: Engine, prompt: str | list[int], adapter: RowSpec, params: SamplingParams,
@@ -104,4 +115,4 @@ def self_moa(engine: Engine, prompt: str | list[int], adapter: RowSpec, params: 
              aggregate: Callable[[list[str]], str | list[int]] | None = None) -> tuple[str, list[str]]:
     """(synthesized answer, proposals) for ``prompt`` (see :func:`synthesis_prompt`); blocking."""
     final, proposals = synthesis_prompt(engine, prompt, adapter, params, config, aggregate)
-    return engine.generate([final], [adapter], params)[0].text, proposals
+    return _texts(engine.generate([final], [adapter], params))[0], proposals

@@ -130,6 +130,21 @@ def _names(spec) -> list[str]:
     return names_in(spec)
 
 
+def refusal(error: BaseException) -> HTTPError:
+    """The HTTP error a request gets for ``error``, the same whether it was raised before the request was queued or
+    met by the engine (an adapter whose weights fail on this request's first load): the request's fault (lorakit's
+    errors that are ValueErrors: a bad adapter, task or request) is a 400, anything else a 500. An adapter that
+    failed to register or to load says why and how to serve it again, not that it is unknown."""
+    if isinstance(error, AdapterLoadError):
+        return HTTPError(400, f"{error}; fix its folder, then load it again with POST /v1/load_lora_adapter")
+    if isinstance(error, AdapterError) and str(error).startswith("unknown adapter"):  # unloaded meanwhile
+        return HTTPError(404, str(error), "not_found_error")
+    if isinstance(error, LorakitError) and isinstance(error, ValueError):
+        return HTTPError(400, str(error))
+    message = str(error) if isinstance(error, LorakitError) else f"{type(error).__name__}: {error}"
+    return HTTPError(500, message, "server_error")
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -201,7 +216,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             elif spec is not None:
                 raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
         except AdapterLoadError as e:  # it failed to register or to load: say why, not that it is unknown
-            raise HTTPError(400, f"{e}; fix its folder, then load it again with POST /v1/load_lora_adapter") from None
+            raise refusal(e) from None
         except AdapterError as e:
             if "unknown adapter" not in str(e):
                 raise HTTPError(400, str(e)) from None
@@ -240,24 +255,24 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}",
                                  task=task)
-        except AdapterError as e:
-            raise HTTPError(404, str(e), "not_found_error") from None
         except LorakitError as e:
-            raise HTTPError(400, str(e)) from None
+            raise refusal(e) from None
 
-    async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, poll: bool):
-        """The request's events as they come; aborts it when the client goes away (``poll``: watch for that
-        here; a streaming response is cancelled by Starlette instead)."""
+    async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, stream: bool):
+        """The request's events as they come; aborts it when the client goes away (watched for here until the
+        response starts: a streaming response starts after the first event, and Starlette cancels it from then)."""
         last = None
         finished = False
+        started = False
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(q.get(), 0.5)
                 except asyncio.TimeoutError:
-                    if poll and await request.is_disconnected():
+                    if not (stream and started) and await request.is_disconnected():
                         return
                     continue
+                started = True
                 now = time.perf_counter()
                 if ev.token_ids:
                     if last is None:
@@ -295,16 +310,32 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         obj = "chat.completion" if chat else "text_completion"
 
         if body.get("stream"):
+            # the response starts with the first event: a request the engine refuses before its first token (an
+            # adapter whose weights fail on this first load) gets the same HTTP error as a non-streaming request and
+            # as every later request for that adapter, not a 200 whose stream carries the error
+            stream = events(request, req, q, label, stream=True)
+            first = await anext(stream, None)
+            if first is None:  # client went away
+                return Response(status_code=499)
+            if first.error:
+                await stream.aclose()
+                raise refusal(req.exception) from None
+
+            async def after(first):
+                yield first
+                async for ev in stream:
+                    yield ev
+
             async def sse():
                 if chat:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}]})
-                stream = events(request, req, q, label, poll=False)
                 try:
-                    async for ev in stream:
-                        if ev.error:
-                            yield _sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                    async for ev in after(first):
+                        if ev.error:  # met mid-stream (after tokens were sent): the same status, type and message
+                            e = refusal(req.exception)
+                            yield _sse({"error": {"message": e.message, "type": e.kind, "code": e.status}})
                             break
                         if not ev.text and not ev.finished:
                             continue
@@ -326,11 +357,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         final = None
-        async for ev in events(request, req, q, label, poll=True):
+        async for ev in events(request, req, q, label, stream=False):
             final = ev if ev.finished else None
             if ev.error:
-                raise HTTPError(400 if "adapter" in ev.error.lower() or "safetensors" in ev.error else 500,
-                                ev.error, "invalid_request_error" if "adapter" in ev.error.lower() else "server_error")
+                raise refusal(req.exception)
         if final is None:  # client went away
             return Response(status_code=499)
         choice = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
@@ -371,14 +401,15 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         spec, params = adapter_of(body), params_of(body)
         try:
             config = SelfMoAConfig(**opts)
-            final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
-                                                       aggregate)
         except TypeError as e:
             raise HTTPError(400, f"self_moa: {e}") from None
-        except AdapterError as e:
-            raise HTTPError(404, str(e), "not_found_error") from None
         except LorakitError as e:
-            raise HTTPError(400, str(e)) from None
+            raise refusal(e) from None
+        try:
+            final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
+                                                       aggregate)
+        except Exception as e:  # noqa: BLE001  (a proposal the engine failed: as the request itself would be)
+            raise refusal(e) from None
         out = await run(request, body, final, kind)
         if isinstance(out, dict):  # streamed answers carry the synthesis only
             out["self_moa"] = {"proposals": proposals, "rounds": len(windows(config.n, config.window))}

@@ -25,7 +25,8 @@ A folder under a root that cannot be served never stops the others: :meth:`Adapt
 the ``lorakit.serving`` logger naming it and the reason, and records the reason in :attr:`AdapterStore.failed`; an
 adapter whose weights fail when first loaded (a corrupt file, a tensor whose shape disagrees with its config) is
 unregistered and recorded the same way. A request naming a recorded adapter is refused with that reason
-(AdapterLoadError), not as an unknown name; registering the name again (after fixing its folder) clears the record.
+(AdapterLoadError), not as an unknown name, and so is the request whose load met the failure: the first request and
+every later one read the same message. Registering the name again (after fixing its folder) clears the record.
 
 Paths are confined to the roots: a path with ``..``, or one whose resolved location (symlinks followed) lies
 outside every root, is refused, and so is a weights file that is a symlink leaving the root.
@@ -467,8 +468,7 @@ class AdapterStore:
             try:
                 sizes[n] = self._read_host(n)[1]
             except AdapterLoadError as e:
-                self._fail(n, e)
-                raise
+                raise self._fail(n, e) from e
         if not self._make_room(len(need), sum(sizes.values()), keep=set(names_in(spec))):
             total = sum(sizes.values()) + sum(self._resident.get(n, 0) for n in names_in(spec) if n not in sizes)
             reason = self.never_fits(spec, total)
@@ -506,22 +506,24 @@ class AdapterStore:
             try:
                 self.registry.load({n: self.paths[n]})
             except AdapterLoadError as e:
-                self._fail(n, e)
-                error = error or e
+                error = error or self._fail(n, e)
                 continue
             loaded.append(n)
         return loaded, error
 
-    def _fail(self, name: str, error: BaseException) -> None:
-        """``name``'s weights failed to load: unregister it and record why (requests for it are refused with
-        this reason, :meth:`check`), with a warning in the log."""
+    def _fail(self, name: str, error: BaseException) -> AdapterLoadError:
+        """``name``'s weights failed to load: unregister it and record why, with a warning in the log. Returns the
+        error to raise: the recorded reason, the same every later request for ``name`` is refused with
+        (:meth:`check`), so the request that met the failure reads what the next ones read."""
         with self._lock:
             if name not in self.paths:  # already failed (a request queued before the first failure)
-                return
+                return AdapterLoadError(self.failed.get(name, _reason(error)))
             folder = self.paths[name]
             self.unregister(name)
             self.failed[name] = f"adapter {name!r} failed to load: {_reason(error)}"
+            recorded = AdapterLoadError(self.failed[name])
         log.warning("adapter %r (%s) failed to load and was unregistered: %s", name, folder, _reason(error))
+        return recorded
 
     def never_fits(self, spec: RowSpec, nbytes: int | None = None) -> str | None:
         """Why ``spec``'s adapters can never be resident together (None when they can): more of them than
@@ -553,8 +555,7 @@ class AdapterStore:
         try:
             load_adapter(model, self.paths[name], name, config_overrides=self.overrides.get(name))
         except AdapterLoadError as e:
-            self._fail(name, e)
-            raise
+            raise self._fail(name, e) from e
         set_adapter(model, active)  # loaded inactive: the engine activates it for its own rows only
         for module in model.modules():
             if isinstance(module, AdapterLayer) and module.bank is None:
