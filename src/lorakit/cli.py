@@ -1371,7 +1371,8 @@ def _add_serve(sub) -> None:
     _common_model(sv)
     sv.add_argument("--adapters", action="append", default=[],
                     help="folder holding adapter folders (repeatable); served by folder name, and the only roots "
-                         "/v1/load_lora_adapter may load from")
+                         "/v1/load_lora_adapter may load from. A name belongs to the first root that has it: a later "
+                         "root's folder of that name is skipped with a warning, even when the first one is broken")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env LORAKIT_API_KEY)")

@@ -384,3 +384,70 @@ def test_a_folder_named_like_the_base_model_or_taken_by_an_earlier_root_is_skipp
            in caplog.text
     with pytest.raises(AdapterLoadError, match="is the base model's name"):
         store.check("bundled")
+
+
+def test_a_broken_folder_under_an_earlier_root_keeps_its_name(tmp_path, sh, caplog):
+    """Several roots: a name belongs to the first root that has it (the rule for a served name already). Was: when
+    that folder failed to register, a later root's folder of the same name was served in its place without a word.
+    Now the later folder is skipped with a warning naming both folders, and requests get the owner's reason."""
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    good = sh.make_adapter(r2 / "x", seed=2, r=4)
+    _copy(good, r1 / "x", config="{")  # the owner: broken
+    sh.make_adapter(r2 / "y", seed=3, r=4)  # only under the later root: served from there
+    store = AdapterStore(tiny_llama(), [r1, r2])
+    with caplog.at_level(logging.WARNING, logger="lorakit.serving"):
+        assert store.register_roots([r1, r2]) == ["y"]
+    assert "x" not in store.paths and store.failed_folders["x"] == r1 / "x"
+    owner_reason = f"adapter 'x' failed to register: {r1 / 'x' / 'adapter_config.json'} is not valid JSON"
+    assert store.failed["x"].startswith(owner_reason), store.failed["x"]
+    skipped = [m for m in caplog.messages if m.startswith(f"skipped adapter folder {r2 / 'x'}: ")]
+    assert len(skipped) == 1 and f"belongs to {r1 / 'x'}" in skipped[0], caplog.messages
+    with pytest.raises(AdapterLoadError) as err:
+        store.check("x")
+    assert str(err.value) == store.failed["x"]
+    # scanning the roots again changes nothing (y stays registered, x refused); the owner's own folder, fixed, is
+    # registered on the next scan
+    assert store.register_roots([r1, r2]) == [] and store.names() == ["y"] and "x" in store.failed
+    (r1 / "x" / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    assert store.register_dir(r1) == ["x"] and store.paths["x"] == (r1 / "x").resolve()
+    assert "x" not in store.failed and "x" not in store.failed_folders
+
+
+def test_a_relative_load_path_is_taken_from_the_first_root_that_has_it(tmp_path, sh):
+    """/v1/load_lora_adapter's relative ``lora_path``: under the first root holding it, as names are owned (was:
+    always under the first root, so a folder only under the second root 'does not exist')."""
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    sh.make_adapter(r1 / "both", seed=1, r=4)
+    sh.make_adapter(r2 / "both", seed=2, r=4)
+    sh.make_adapter(r2 / "later", seed=3, r=4)
+    r1.joinpath("other").mkdir()
+    store = AdapterStore(tiny_llama(), [r1, r2])
+    assert store.register("a", "both") == (r1 / "both").resolve()
+    assert store.register("b", "later") == (r2 / "later").resolve()
+    with pytest.raises(AdapterError, match="adapter path 'nowhere' does not exist"):
+        store.register("c", "nowhere")
+
+
+def test_cli_serve_with_two_roots_refuses_a_broken_owner_and_warns_naming_both(tmp_path, sh):
+    """``lorakit serve --adapters R1 --adapters R2`` as a user runs it: R1/x is broken and R2/x good; x is a 400 with
+    R1/x's reason (never R2/x's answers), the warning names both folders, and R2's other adapter is served."""
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    good = sh.make_adapter(r2 / "x", seed=5, factory=bundled, r=4, target_modules=TARGETS)
+    _copy(good, r1 / "x", config="{oops")
+    sh.make_adapter(r2 / "y", seed=6, factory=bundled, r=4, target_modules=TARGETS)
+    log = tmp_path / "stderr.txt"
+    proc, url = sh.start_cli_server(["--adapters", str(r1), "--adapters", str(r2), "--kv-cache-mb", "8"], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="x", prompt=PROMPT, max_tokens=3)
+        message = err.value.body["message"]
+        assert message.startswith(f"adapter 'x' failed to register: {r1 / 'x' / 'adapter_config.json'} is not valid "
+                                  f"JSON") and message.endswith(HINT), message
+        assert [m.id for m in client.models.list()] == ["bundled", "y"]
+        assert client.completions.create(model="y", prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert f"WARNING: skipped adapter folder {r2 / 'x'}: the name 'x' belongs to {r1 / 'x'}" in text, text

@@ -26,7 +26,8 @@ Bad requests get ``{"error": ...}`` with a 4xx status over HTTP; the replica kee
 Adapter folders are registered when a replica starts, as ``lorakit serve`` does: a folder that fails to register
 (invalid config, unknown method, no weights file) is skipped with a warning in the replica's log and the others
 are served; a request naming it, or an adapter whose weights failed to load, gets a 400 with the reason (an unknown
-name: 404). A replica registers folders
+name: 404). As with ``lorakit serve``, a name belongs to the first root that has it (a later root's folder of that
+name is skipped, even when the first one is broken). A replica registers folders
 only when it starts: to serve a fixed or new folder, deploy again (``serve.run``). A missing or unreadable root
 fails :func:`deployment` itself, before any replica starts.
 """

@@ -519,7 +519,9 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
     adapter); other adapters are unaffected. A bad root (missing, a file, unreadable, an adapter folder itself:
     :func:`~lorakit.serving.store.check_adapter_roots`) raises AdapterError before the model loads; an adapter
     folder that fails to register is skipped with a warning (``lorakit.serving`` logger) and requests for it get a
-    400 with the reason (:meth:`~lorakit.serving.store.AdapterStore.register_roots`); the rest are served.
+    400 with the reason (:meth:`~lorakit.serving.store.AdapterStore.register_roots`); the rest are served. A name
+    belongs to the first root of ``adapters`` that has it: a later root's folder of that name is skipped with a
+    warning naming both, even when the first one failed.
     ``device``: where the model, banks and KV cache live ("cpu", "cuda"). ``cuda_graphs``: decode steps of banked
     rows as static-shape steps captured in CUDA graphs (``Engine(cuda_graphs=True)``; eager on the CPU)."""
     import uvicorn

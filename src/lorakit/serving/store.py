@@ -20,6 +20,11 @@ the folder's ``task_index.json`` (``lorakit.data.read_task_index``; for a routed
 Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
 the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
 
+With several roots, a name belongs to the first root that has a folder of that name; a later root's folder of that
+name is skipped with a warning naming both, also when the first one cannot be served (requests then get its reason;
+a broken owner is never silently replaced). A relative path given to :meth:`AdapterStore.register` is taken from the
+first root that has it.
+
 A folder under a root that cannot be served never stops the others: :meth:`AdapterStore.register_roots` (what
 ``lorakit serve`` and the Ray Serve replicas start with) skips a folder that fails to register, logs a warning through
 the ``lorakit.serving`` logger naming it and the reason, and records the reason in :attr:`AdapterStore.failed`; an
@@ -64,15 +69,24 @@ def names_in(spec: RowSpec) -> list[str]:
     return [spec]
 
 
+def locate(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
+    """Where ``path`` points: an absolute path as it is; a relative one under the first root that has it (as a name
+    belongs to the first root holding its folder, :meth:`AdapterStore.register_dir`), else under the first root."""
+    p = Path(path)
+    if p.is_absolute() or not roots:
+        return p
+    return next((Path(r) / p for r in roots if (Path(r) / p).exists()), Path(roots[0]) / p)
+
+
 def confine(path: str | os.PathLike, roots: Sequence[Path]) -> Path:
-    """``path`` resolved, if it lies inside one of ``roots`` (relative paths are taken from the first root)."""
+    """``path`` resolved, if it lies inside one of ``roots`` (a relative path is taken from the first root that has
+    it: :func:`locate`)."""
     if not roots:
         raise AdapterError("no adapter roots are configured; the server loads adapters only from --adapters folders")
     p = Path(path)
     if ".." in p.parts:
         raise AdapterError(f"adapter path {str(path)!r} contains '..'; give a path inside {[str(r) for r in roots]}")
-    if not p.is_absolute():
-        p = roots[0] / p
+    p = locate(p, roots)
     try:
         real = p.resolve(strict=True)
     except (FileNotFoundError, RuntimeError, OSError):
@@ -228,6 +242,9 @@ class AdapterStore:
         # name -> why it cannot be served (a folder that failed to register, weights that failed to load); a request
         # for it is refused with this, not as an unknown name, until the name registers again
         self.failed: dict[str, str] = {}
+        # name -> the folder its recorded failure came from: the name's owner (a later root's folder of that name is
+        # skipped, not served in its place; :meth:`register_dir`)
+        self.failed_folders: dict[str, Path] = {}
         # ``base_name``: the name a server answers as the base model; an adapter of that name could never be requested
         self.base_name = base_name
 
@@ -242,11 +259,18 @@ class AdapterStore:
         except LorakitError as e:
             with self._lock:
                 if name in self.failed and name not in self.paths:
-                    self.failed[name] = f"adapter {name!r} failed to register: {_reason(e)}"
+                    self._record(name, f"adapter {name!r} failed to register: {_reason(e)}",
+                                 locate(path, self.roots) if confined else path)
             raise
         with self._lock:
             self.failed.pop(name, None)
+            self.failed_folders.pop(name, None)
         return folder
+
+    def _record(self, name: str, reason: str, folder: str | os.PathLike) -> None:
+        """Record why ``name`` (from ``folder``) cannot be served (:attr:`failed`, :attr:`failed_folders`)."""
+        self.failed[name] = reason
+        self.failed_folders[name] = Path(folder).absolute()
 
     def _register(self, name: str, path: str | os.PathLike, confined: bool) -> Path:
         if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 256:
@@ -293,7 +317,13 @@ class AdapterStore:
 
     def register_dir(self, root: str | os.PathLike, *, on_error: str = "raise") -> list[str]:
         """Register every adapter folder directly under ``root`` (named by folder; :func:`adapter_folders`); returns
-        the names registered. A name already registered (from an earlier root) keeps its folder.
+        the names registered.
+
+        A name belongs to the first folder registered under it (with several roots: the first root that has the
+        name). A folder whose name another folder already owns is skipped with a warning naming both, whether the
+        owner is served or failed (:attr:`failed`): a broken owner is not replaced by a later root's folder, and
+        requests for the name keep getting the owner's reason. The owner's own folder, scanned again, is registered
+        again (a failed one is retried).
 
         ``on_error``: ``"raise"`` (the first folder that fails to register raises, as a caller that wrote the folders
         itself wants) or ``"skip"`` (it is left out, its reason recorded in :attr:`failed` and logged as a warning
@@ -302,18 +332,26 @@ class AdapterStore:
             raise AdapterError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         found = []
         for d in adapter_folders(Path(root).absolute(), field="root"):  # absolute: confine() reads a relative path as under the first root
-            if d.name in self.paths:
-                if self.paths[d.name].resolve() != d.resolve():
-                    log.warning("skipped adapter folder %s: an adapter named %r is already served from %s (names are "
-                                "folder names; rename one)", d, d.name, self.paths[d.name])
-                continue
+            with self._lock:
+                served, owner = self.paths.get(d.name), self.failed_folders.get(d.name)
+            if served is not None or owner is not None:
+                if (served or owner).resolve() != d.resolve():
+                    if served is not None:
+                        why = f"an adapter named {d.name!r} is already served from {served}"
+                    else:
+                        why = (f"the name {d.name!r} belongs to {owner} (found first), which cannot be served, so "
+                               f"requests for {d.name!r} are refused with its reason, not answered from here")
+                    log.warning("skipped adapter folder %s: %s (names are folder names; rename one)", d, why)
+                    continue
+                if served is not None:
+                    continue
             try:
                 self.register(d.name, d)
             except Exception as e:  # noqa: BLE001  (skip: one bad folder, whatever its fault, never stops the others)
                 if on_error == "raise":
                     raise
                 with self._lock:
-                    self.failed[d.name] = f"adapter {d.name!r} failed to register: {_reason(e)}"
+                    self._record(d.name, f"adapter {d.name!r} failed to register: {_reason(e)}", d)
                 log.warning("skipped adapter folder %s: %s", d, _reason(e),
                             exc_info=None if isinstance(e, LorakitError) else e)
                 continue
@@ -520,7 +558,7 @@ class AdapterStore:
                 return AdapterLoadError(self.failed.get(name, _reason(error)))
             folder = self.paths[name]
             self.unregister(name)
-            self.failed[name] = f"adapter {name!r} failed to load: {_reason(error)}"
+            self._record(name, f"adapter {name!r} failed to load: {_reason(error)}", folder)
             recorded = AdapterLoadError(self.failed[name])
         log.warning("adapter %r (%s) failed to load and was unregistered: %s", name, folder, _reason(error))
         return recorded
@@ -590,6 +628,7 @@ class AdapterStore:
         that failed (:attr:`failed`), forgets its failure: requests for it are then refused as unknown."""
         with self._lock:
             if name not in self.paths and name not in self._resident and self.failed.pop(name, None) is not None:
+                self.failed_folders.pop(name, None)
                 return
             if name not in self.paths and name not in self._resident:
                 raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
