@@ -1378,7 +1378,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env LORAKIT_API_KEY)")
     sv.add_argument("--max-loras", type=positive_int, default=64, help="adapters resident in the banks at most")
     sv.add_argument("--max-cpu-loras", type=positive_int, default=256, help="adapters in the host-memory cache at most")
-    sv.add_argument("--kv-cache-mb", type=positive_int, default=256, help="KV cache budget, preallocated")
+    sv.add_argument("--kv-cache-mb", type=positive_int, default=256, help="KV cache budget, preallocated (every byte of the cache, its blocks and one scratch token slot, "
+                         "within it; /metrics reports the bytes allocated)")
     sv.add_argument("--max-batch", type=positive_int, default=32, help="running requests at most")
     sv.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask")
     sv.add_argument("--rank", type=positive_int, default=None,

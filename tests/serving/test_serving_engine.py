@@ -46,8 +46,8 @@ def test_engine_greedy_equals_generate(adapters, budget_blocks, max_batch):
     model = tiny_llama()
     load_adapters(model, dirs)
     layers, kvh, hd = PagedKVCache.geometry(model.config)
-    engine = Engine(model, kv_cache_bytes=budget_blocks * 2 * layers * 4 * kvh * hd * 4, block_size=4,
-                    max_batch=max_batch)
+    engine = Engine(model, kv_cache_bytes=(budget_blocks * 4 + 1) * 2 * layers * kvh * hd * 4, block_size=4,
+                    max_batch=max_batch)  # blocks of 4 tokens + the scratch token slot
     assert engine.cache.num_blocks == budget_blocks
     prompts = _prompts(10)
     specs = ["a0", None, "a1", "a2", "a3", "a0", None, "a3", {"a0": 0.7, "a2": 0.3}, "a1"]

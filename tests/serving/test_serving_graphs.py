@@ -37,7 +37,7 @@ def _prompts(n, seed=0):
 
 def _budget(model, blocks, block_size=4):
     layers, kvh, hd = PagedKVCache.geometry(model.config)
-    return blocks * 2 * layers * block_size * kvh * hd * 4
+    return (blocks * block_size + 1) * 2 * layers * kvh * hd * 4  # + the scratch token slot
 
 
 def _run(dirs, graphs, blocks, max_batch, prompts, specs, params, store_root=None, max_loras=None):

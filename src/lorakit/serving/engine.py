@@ -105,7 +105,8 @@ class Engine:
         model: a transformers decoder (Llama-family attention: ``module.layer_idx``, rotary in the layer).
         tokenizer: for text prompts, stop strings and streamed text (token ids work without one).
         store: the adapter tiers (:class:`AdapterStore`); None = the model's banks as loaded, no tiering.
-        kv_cache_bytes: the KV cache budget, preallocated now. block_size: tokens per cache block.
+        kv_cache_bytes: the KV cache budget, preallocated now: ``cache.nbytes`` (blocks and the scratch token slot)
+            is at most this. block_size: tokens per cache block.
         max_batch: running requests at most. max_prefill_tokens: prompt tokens per prefill forward.
         cuda_graphs: run decode steps of banked rows (named adapters and the base) as static-shape steps
             (``serving/graphs.py``), captured in CUDA graphs per batch and context bucket when the model is on a

@@ -74,13 +74,16 @@ class PagedKVCache:
     @classmethod
     def from_budget(cls, config, memory_bytes: int, *, block_size: int = 16, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> "PagedKVCache":
-        """As many blocks as ``memory_bytes`` holds for a model with this transformers ``config``."""
+        """As many blocks as ``memory_bytes`` holds, with the scratch token slot, for a model with this transformers
+        ``config``: the cache allocates at most ``memory_bytes`` (:attr:`nbytes`, what a server reports, includes the
+        scratch slot, so the budget bounds it too)."""
         layers, kv_heads, head_dim = cls.geometry(config)
-        per_block = 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        num_blocks = int(memory_bytes) // per_block  # (plus the one scratch token slot, outside the budget)
+        per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()  # k and v, all layers
+        per_block = per_token * block_size
+        num_blocks = (int(memory_bytes) - per_token) // per_block
         if num_blocks < 1:
-            raise LorakitError(f"KV cache budget {memory_bytes} bytes is below one block ({per_block} bytes for "
-                               f"block_size={block_size}); raise it")
+            raise LorakitError(f"KV cache budget {memory_bytes} bytes is below one block and the scratch token slot "
+                               f"({per_block} + {per_token} bytes for block_size={block_size}); raise it")
         return cls(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size, dtype=dtype,
                    device=device)
 
@@ -99,7 +102,9 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        """Bytes allocated for keys and values, the scratch slot included (the Prometheus ``lorakit_kv_cache_bytes``
+        and ``lorakit bench serve``'s memory column report this)."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
