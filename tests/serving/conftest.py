@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.serving.kv_cache import PagedKVCache
 from lk_models import tiny_llama
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,6 +30,28 @@ def make_adapter(directory: Path, seed: int, factory=tiny_llama, **config) -> Pa
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     lk.save_adapter(model, directory, "a")
     return directory
+
+
+def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of 2..13 random token ids in [3, 96) (tiny_llama's vocabulary, above its special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def kv_budget(model, blocks: int, block_size: int = 4) -> int:
+    """The fp32 KV cache budget that holds exactly ``blocks`` blocks of ``model``: k and v of every layer for
+    ``blocks * block_size`` token slots plus the scratch slot (``PagedKVCache``'s documented storage)."""
+    layers, kv_heads, head_dim = PagedKVCache.geometry(model.config)
+    return (blocks * block_size + 1) * 2 * layers * kv_heads * head_dim * 4
+
+
+@pytest.fixture(scope="module")
+def ranked_adapters(tmp_path_factory):
+    """(root, name -> folder) of four random LoRAs for tiny_llama, a0..a3 of ranks 2, 5, 8, 11 (mixed ranks in one
+    batch), all targets; the engine and static-decode tests share it."""
+    root = tmp_path_factory.mktemp("ranked_adapters")
+    return root, {f"a{i}": make_adapter(root / f"a{i}", seed=10 + i, r=2 + 3 * i) for i in range(4)}
 
 
 def reference_model(dirs: dict[str, Path], factory=tiny_llama):

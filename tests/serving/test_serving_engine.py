@@ -12,23 +12,10 @@ from lorakit.core.errors import AdapterError, AdapterLoadError
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import bank_routing, load_adapters
 from lorakit.serving.engine import Engine, RequestError
-from lorakit.serving.kv_cache import PagedKVCache
 from lorakit.serving.sampling import SamplingParams
 from lorakit.serving.store import AdapterStore, confine
 
 EOS = 2  # LlamaConfig's default eos_token_id (tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, sh):
-    root = tmp_path_factory.mktemp("engine_adapters")
-    return root, {f"a{i}": sh.make_adapter(root / f"a{i}", seed=10 + i, r=2 + 3 * i) for i in range(4)}
-
-
-def _prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 def _reference(model, prompt, spec, max_tokens):
@@ -39,17 +26,15 @@ def _reference(model, prompt, spec, max_tokens):
 
 
 @pytest.mark.parametrize("budget_blocks,max_batch", [(64, 8), (7, 4)])
-def test_engine_greedy_equals_generate(adapters, budget_blocks, max_batch):
+def test_engine_greedy_equals_generate(ranked_adapters, budget_blocks, max_batch, sh):
     """(64 blocks) everything fits; (7 blocks of 4 tokens) requests queue for blocks and running ones are preempted
     and recomputed — the greedy tokens are the same either way."""
-    _, dirs = adapters
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, dirs)
-    layers, kvh, hd = PagedKVCache.geometry(model.config)
-    engine = Engine(model, kv_cache_bytes=(budget_blocks * 4 + 1) * 2 * layers * kvh * hd * 4, block_size=4,
-                    max_batch=max_batch)  # blocks of 4 tokens + the scratch token slot
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, budget_blocks), block_size=4, max_batch=max_batch)
     assert engine.cache.num_blocks == budget_blocks
-    prompts = _prompts(10)
+    prompts = sh.random_prompts(10)
     specs = ["a0", None, "a1", "a2", "a3", "a0", None, "a3", {"a0": 0.7, "a2": 0.3}, "a1"]
     reqs = engine.generate(prompts, specs, SamplingParams(max_tokens=12))
     for p, s, r in zip(prompts, specs, reqs):
@@ -60,11 +45,11 @@ def test_engine_greedy_equals_generate(adapters, budget_blocks, max_batch):
         assert engine.stats["preemptions"] > 0
 
 
-def test_engine_refuses_what_can_never_run(adapters):
-    _, dirs = adapters
+def test_engine_refuses_what_can_never_run(ranked_adapters, sh):
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, dirs)
-    engine = Engine(model, kv_cache_bytes=10 * 512, block_size=4)  # 10 blocks: 40 tokens
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 10), block_size=4)  # 10 blocks: 40 tokens
     with pytest.raises(RequestError, match="context length"):
         engine.submit(list(range(3, 60)), None, SamplingParams(max_tokens=10))
     with pytest.raises(RequestError, match="whole KV cache"):
@@ -75,8 +60,8 @@ def test_engine_refuses_what_can_never_run(adapters):
         engine.submit([5, 6], "a1x")
 
 
-def test_engine_sampling_seed_topk_and_abort(adapters):
-    _, dirs = adapters
+def test_engine_sampling_seed_topk_and_abort(ranked_adapters):
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, dirs)
     engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4)
@@ -113,15 +98,15 @@ def test_engine_stop_strings_with_tokenizer():
     assert "".join(e.text for e in streamed) == full.text and streamed[-1].finished
 
 
-def test_store_tiers_lru_eviction_and_outputs(adapters):
-    root, dirs = adapters
+def test_store_tiers_lru_eviction_and_outputs(ranked_adapters, sh):
+    root, dirs = ranked_adapters
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=2, max_cpu_loras=3)
     assert sorted(store.register_dir(root)) == sorted(dirs)
     reference = tiny_llama()
     load_adapters(reference, dirs)
     engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
-    prompts = _prompts(12, seed=1)
+    prompts = sh.random_prompts(12, seed=1)
     specs = [f"a{i % 4}" for i in range(12)]
     reqs = engine.generate(prompts, specs, SamplingParams(max_tokens=6))
     for p, s, r in zip(prompts, specs, reqs):
@@ -131,10 +116,10 @@ def test_store_tiers_lru_eviction_and_outputs(adapters):
     assert engine.cache.used_blocks == 0 and not store._pins
 
 
-def test_store_takes_a_relative_root(adapters, monkeypatch):
+def test_store_takes_a_relative_root(ranked_adapters, monkeypatch):
     """``lorakit serve --adapters adapters/`` (the README's command) gives a relative root: the scanned folders
     must not be joined to it twice (was "adapter path 'adapters/a0' does not exist")."""
-    root, dirs = adapters
+    root, dirs = ranked_adapters
     monkeypatch.chdir(root.parent)
     store = AdapterStore(tiny_llama(), [root.name], max_loras=2)
     assert sorted(store.register_dir(root.name)) == sorted(dirs)
@@ -142,8 +127,8 @@ def test_store_takes_a_relative_root(adapters, monkeypatch):
     assert store.paths["again"] == store.paths["a1"]
 
 
-def test_store_unload_while_running_and_bad_files(adapters, tmp_path, sh):
-    root, dirs = adapters
+def test_store_unload_while_running_and_bad_files(ranked_adapters, tmp_path, sh):
+    root, dirs = ranked_adapters
     model = tiny_llama()
     store = AdapterStore(model, [root, tmp_path], max_loras=4)
     store.register_dir(root)
@@ -196,12 +181,12 @@ def test_self_moa_proposals_and_sequential_rounds():
         SelfMoAConfig(n=3, window=1)
 
 
-def test_store_prefetches_adapters_of_queued_requests(adapters):
+def test_store_prefetches_adapters_of_queued_requests(ranked_adapters):
     """Requests waiting for a slot get their adapters read into the host cache in the background (disk -> host),
     so admitting them later only copies host tensors into the banks."""
     import concurrent.futures as cf
 
-    root, _ = adapters
+    root, _ = ranked_adapters
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=1, max_cpu_loras=8)
     store.register_dir(root)
@@ -272,11 +257,11 @@ def test_store_banks_each_name_with_the_config_it_registered(tmp_path, sh):
     assert alpha("a") == 64
 
 
-def test_engine_fails_a_request_the_adapter_caps_can_never_hold(adapters):
+def test_engine_fails_a_request_the_adapter_caps_can_never_hold(ranked_adapters):
     """A weighted mix of more adapters than ``max_loras``, or an adapter larger than ``max_resident_bytes``, can never
     be resident: refused at submit (count) or failed when it reaches the queue's head with nothing left to evict
     (bytes), never left waiting there forever with every later request stuck behind it (was: the server hung)."""
-    root, _ = adapters
+    root, _ = ranked_adapters
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=2)
     store.register_dir(root)

@@ -23,24 +23,7 @@ from lorakit.serving.sampling import SamplingParams
 from lorakit.serving.store import AdapterStore
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, sh):
-    root = tmp_path_factory.mktemp("graph_adapters")
-    return root, {f"a{i}": sh.make_adapter(root / f"a{i}", seed=30 + i, r=2 + 3 * i) for i in range(4)}
-
-
-def _prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (int(torch.randint(2, 14, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def _budget(model, blocks, block_size=4):
-    layers, kvh, hd = PagedKVCache.geometry(model.config)
-    return (blocks * block_size + 1) * 2 * layers * kvh * hd * 4  # + the scratch token slot
-
-
-def _run(dirs, graphs, blocks, max_batch, prompts, specs, params, store_root=None, max_loras=None):
+def _run(sh, dirs, graphs, blocks, max_batch, prompts, specs, params, store_root=None, max_loras=None):
     model = tiny_llama()
     store = None
     if store_root is not None:
@@ -48,7 +31,7 @@ def _run(dirs, graphs, blocks, max_batch, prompts, specs, params, store_root=Non
         store.register_dir(store_root)
     else:
         load_adapters(model, dirs)
-    engine = Engine(model, store=store, kv_cache_bytes=_budget(model, blocks), block_size=4, max_batch=max_batch,
+    engine = Engine(model, store=store, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4, max_batch=max_batch,
                     cuda_graphs=graphs)
     reqs = engine.generate(prompts, specs, params)
     assert all(r.error is None for r in reqs)
@@ -66,16 +49,16 @@ def test_buckets():
 
 
 @pytest.mark.parametrize("blocks,max_batch", [(64, 8), (9, 4)])
-def test_static_decode_equals_eager_engine(adapters, blocks, max_batch):
+def test_static_decode_equals_eager_engine(ranked_adapters, blocks, max_batch, sh):
     """(64 blocks) all fit; (9 blocks of 4 tokens) requests queue and running ones are preempted and recomputed.
     Different max_tokens make requests leave at different steps, so the batch crosses buckets 8/4/2/1 and contexts
     cross context buckets."""
-    _, dirs = adapters
-    prompts = _prompts(11, seed=3)
+    _, dirs = ranked_adapters
+    prompts = sh.random_prompts(11, seed=3)
     specs = ["a0", None, "a1", "a2", "a3", "a0", None, "a3", {"a0": 0.7, "a2": 0.3}, "a1", "a2"]
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (14, 3, 9, 1, 12, 6, 17, 2, 8, 11, 5)]
-    eager, want = _run(dirs, False, blocks, max_batch, prompts, specs, params)
-    engine, got = _run(dirs, True, blocks, max_batch, prompts, specs, params)
+    eager, want = _run(sh, dirs, False, blocks, max_batch, prompts, specs, params)
+    engine, got = _run(sh, dirs, True, blocks, max_batch, prompts, specs, params)
     assert got == want
     stats = engine.graphs.stats
     assert stats["steps"] > 0 and stats["captures"] == 0  # the static step ran (eagerly: no CUDA here)
@@ -88,16 +71,16 @@ def test_static_decode_equals_eager_engine(adapters, blocks, max_batch):
         assert stats["rows"] == engine.stats["decode_tokens"] - 7
 
 
-def test_static_decode_with_a_store_loads_into_reserved_storage(adapters):
+def test_static_decode_with_a_store_loads_into_reserved_storage(ranked_adapters, sh):
     """max_loras=2 of 4 adapters: adapters are evicted and loaded while the static buffers exist; the banks were
     reserved for 2 adapters at the largest registered rank before the first static step, so no load reallocates
     them (no reset) and the tokens equal the eager engine's."""
-    root, dirs = adapters
-    prompts = _prompts(10, seed=4)
+    root, dirs = ranked_adapters
+    prompts = sh.random_prompts(10, seed=4)
     specs = [f"a{i % 4}" if i % 3 else None for i in range(10)]
     params = SamplingParams(max_tokens=7, ignore_eos=True)
-    eager, want = _run(dirs, False, 64, 3, prompts, specs, params, store_root=root, max_loras=2)
-    engine, got = _run(dirs, True, 64, 3, prompts, specs, params, store_root=root, max_loras=2)
+    eager, want = _run(sh, dirs, False, 64, 3, prompts, specs, params, store_root=root, max_loras=2)
+    engine, got = _run(sh, dirs, True, 64, 3, prompts, specs, params, store_root=root, max_loras=2)
     assert got == want
     assert engine.store.stats["evictions"] > 0 and engine.graphs.stats["steps"] > 0
     assert engine.graphs.stats["resets"] == 0
@@ -105,14 +88,14 @@ def test_static_decode_with_a_store_loads_into_reserved_storage(adapters):
     assert bank.capacity == 3 and bank.r_max == 11  # 2 adapters + the zero slot, rank of a3 (r = 2 + 3 * 3)
 
 
-def test_static_decode_resets_when_a_bank_is_reallocated(adapters, sh, tmp_path):
+def test_static_decode_resets_when_a_bank_is_reallocated(ranked_adapters, sh, tmp_path):
     """Loading an adapter of a larger rank than reserved grows the banks (new storage): the storage epoch moves,
     the static buffers (and on CUDA the graphs) are dropped and rebuilt, and the new adapter's tokens are right."""
-    _, dirs = adapters
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, {"a0": dirs["a0"]})
-    engine = Engine(model, kv_cache_bytes=_budget(model, 64), block_size=4, max_batch=4, cuda_graphs=True)
-    prompts = _prompts(3, seed=5)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=4, cuda_graphs=True)
+    prompts = sh.random_prompts(3, seed=5)
     engine.generate(prompts, ["a0", None, "a0"], SamplingParams(max_tokens=4, ignore_eos=True))
     assert engine.graphs.stats["resets"] == 0 and engine.graphs._static
     epoch = storage_epoch()
@@ -123,27 +106,27 @@ def test_static_decode_resets_when_a_bank_is_reallocated(adapters, sh, tmp_path)
     assert engine.graphs.stats["resets"] == 1
     reference = tiny_llama()
     load_adapters(reference, {"a0": dirs["a0"], "big": big})
-    eager = Engine(reference, kv_cache_bytes=_budget(reference, 64), block_size=4, max_batch=4)
+    eager = Engine(reference, kv_cache_bytes=sh.kv_budget(reference, 64), block_size=4, max_batch=4)
     want = eager.generate(prompts, ["big", "a0", None], SamplingParams(max_tokens=6, ignore_eos=True))
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
 
 
-def test_capture_all_builds_every_bucket_before_requests(adapters):
+def test_capture_all_builds_every_bucket_before_requests(ranked_adapters, sh):
     """``capture_all`` (a server's startup) builds every bucket with padding rows only, touching no block; later
     steps reuse those buffers (on CUDA: replay those graphs) and give the eager engine's tokens."""
-    _, dirs = adapters
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, dirs)
-    engine = Engine(model, kv_cache_bytes=_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
     assert engine.graphs.capture_all() == len(buckets(4)) * len(buckets(64, 4)) == 15
     assert engine.cache.used_blocks == 0
     built = dict(engine.graphs._static)
-    small = Engine(tiny_llama(), kv_cache_bytes=_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
+    small = Engine(tiny_llama(), kv_cache_bytes=sh.kv_budget(model, 32), block_size=4, max_batch=4, cuda_graphs=True)
     assert small.graphs.capture_all(max_context=9) == 3 * 3  # context buckets 4, 8, 16 (16 holds 9 tokens)
-    prompts, specs = _prompts(5, seed=7), ["a1", None, "a3", "a0", "a2"]
+    prompts, specs = sh.random_prompts(5, seed=7), ["a1", None, "a3", "a0", "a2"]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     got = [r.output_ids for r in engine.generate(prompts, specs, params)]
-    _, want = _run(dirs, False, 32, 4, prompts, specs, params)
+    _, want = _run(sh, dirs, False, 32, 4, prompts, specs, params)
     assert got == want and engine.graphs.stats["resets"] == 0
     assert engine.graphs._static.keys() == built.keys() and all(engine.graphs._static[k] is v for k, v in built.items())
 
@@ -164,10 +147,10 @@ def test_static_decode_with_bias_partial_targets_and_the_fused_kernel(tmp_path, 
         before = bank._KERNELS.get("cpu")
         register_kernel("cpu", triton_bgmv.lora_bgmv)
     try:
-        prompts, specs = _prompts(4, seed=8), ["qv", "bias", None, "r2"]
+        prompts, specs = sh.random_prompts(4, seed=8), ["qv", "bias", None, "r2"]
         params = SamplingParams(max_tokens=4, ignore_eos=True)
-        _, want = _run(dirs, False, 64, 4, prompts, specs, params)
-        engine, got = _run(dirs, True, 64, 4, prompts, specs, params)
+        _, want = _run(sh, dirs, False, 64, 4, prompts, specs, params)
+        engine, got = _run(sh, dirs, True, 64, 4, prompts, specs, params)
     finally:
         if kernel:
             register_kernel("cpu", before)
@@ -213,12 +196,12 @@ class NoHostReads(TorchDispatchMode):
 
 
 @pytest.fixture()
-def meta_graphs(adapters):
-    _, dirs = adapters
+def meta_graphs(ranked_adapters, sh):
+    _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, {"a0": dirs["a0"], "a3": dirs["a3"]})
     model.to("meta")
-    engine = Engine(model, kv_cache_bytes=_budget(model, 16), block_size=4, max_batch=4, cuda_graphs=True)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 16), block_size=4, max_batch=4, cuda_graphs=True)
     graphs = engine.graphs
     graphs._reserve(graphs._registry())
     return graphs
@@ -252,8 +235,8 @@ def test_the_host_read_check_catches_the_eager_paths(meta_graphs):
             g.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
 
 
-def test_cuda_graphs_need_a_cuda_device():
+def test_cuda_graphs_need_a_cuda_device(sh):
     model = tiny_llama()
-    cache = PagedKVCache.from_budget(model.config, _budget(model, 8), block_size=4)
+    cache = PagedKVCache.from_budget(model.config, sh.kv_budget(model, 8), block_size=4)
     with pytest.raises(LorakitError, match="CUDA device"):
         DecodeGraphs(model, cache, max_batch=4, max_context=32, capture=True)
