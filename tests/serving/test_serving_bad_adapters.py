@@ -249,8 +249,20 @@ def test_loading_a_fixed_folder_under_its_name_serves_it(served):
     (root / "bad_method" / "adapter_config.json").write_text("[]")
     r = load("bad_method")
     assert r.status_code == 400 and "must hold a JSON object" in r.json()["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="must hold a JSON object"):
+    with pytest.raises(openai.BadRequestError, match="must hold a JSON object") as err:
         ask(s, "bad_method")
+    assert err.value.body == r.json()["error"]  # the load's answer is what requests for the name get from now on
+    assert r.json()["error"]["message"] == s["store"].failed["bad_method"] + HINT
+    # a new name whose weights fail when the load reads them: the same message for the load and the requests after
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late_again", "lora_path": "late_cmpl"},
+                   timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("adapter 'late_again' failed to load: ") and SHAPE in r.text
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(s, "late_again")
+    assert err.value.body == r.json()["error"]
+    with pytest.raises(openai.BadRequestError, match="failed to load"):  # (its first load, when this test runs alone)
+        ask(s, "bad_rank")
     # fixed: the same weights under a valid config serve as the adapter they were copied from
     (root / "bad_json" / "adapter_config.json").write_text((s["good"]["g0"] / "adapter_config.json").read_text())
     (root / "bad_rank" / "adapter_config.json").write_text(_with_r(root / "bad_rank", 4))

@@ -469,7 +469,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             raise HTTPError(400, "body must be {\"lora_name\": NAME, \"lora_path\": PATH}")
         if name == model_name:
-            raise HTTPError(400, f"adapter name {name!r} is the base model's name")
+            raise HTTPError(400, f"adapter name {name!r} is the base model's name (requests for it are answered by "
+                                 f"the base model); choose another lora_name")
         store = need_store()
 
         def load():
@@ -478,7 +479,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             await asyncio.to_thread(engine.call, load)
         except LorakitError as e:
-            raise HTTPError(400, str(e)) from None
+            # a name whose failure is recorded (by this load, or an earlier one this load updated) answers with the
+            # record, as every request naming it will from now on (was: the raw reason here, the record after)
+            recorded = store.failed.get(name)
+            raise refusal(AdapterLoadError(recorded) if recorded is not None else e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
