@@ -157,6 +157,25 @@ def test_store_unload_while_running_and_bad_files(ranked_adapters, tmp_path, sh)
         store.register("nope", tmp_path)  # a folder without an adapter config
 
 
+def test_a_request_queued_before_its_adapter_is_unloaded_reads_as_a_later_one(ranked_adapters):
+    """Was: the queued request failed with "adapter 'a1' is not registered" (an HTTP 400), a request after the
+    unload with "unknown adapter 'a1'. ..." (a 404). Both now get the unknown-adapter error."""
+    root, _ = ranked_adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    queued = engine.submit([4, 5, 6], "a1", SamplingParams(max_tokens=3))
+    store.unregister("a1")
+    while not queued.done.is_set():
+        engine.step()
+    with pytest.raises(AdapterError) as later:
+        engine.submit([4, 5, 6], "a1")
+    assert str(later.value).startswith("unknown adapter 'a1'.") and "3 adapter(s) are loaded" in str(later.value)
+    assert queued.finish_reason == "error" and queued.error == str(later.value)
+    assert type(queued.exception) is AdapterError
+
+
 def test_self_moa_proposals_and_sequential_rounds():
     """Self-MoA (arXiv:2502.00674): n seeded samples of the same adapter, then a synthesis pass over them; the
     sequential variant carries the synthesized answer through windows of w-1 new samples."""

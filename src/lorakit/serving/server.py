@@ -130,19 +130,28 @@ def _names(spec) -> list[str]:
     return names_in(spec)
 
 
-def refusal(error: BaseException) -> HTTPError:
+def refusal(error: BaseException, model: str | None = None) -> HTTPError:
     """The HTTP error a request gets for ``error``, the same whether it was raised before the request was queued or
-    met by the engine (an adapter whose weights fail on this request's first load): the request's fault (lorakit's
-    errors that are ValueErrors: a bad adapter, task or request) is a 400, anything else a 500. An adapter that
-    failed to register or to load says why and how to serve it again, not that it is unknown."""
+    met by the engine (an adapter whose weights fail on this request's first load, one unloaded while the request
+    waited): the request's fault (lorakit's errors that are ValueErrors: a bad adapter, task or request) is a 400,
+    an unknown adapter a 404 (``model``: the request's ``model`` when that names it, OpenAI's wording), anything else
+    a 500. An adapter that failed to register or to load says why and how to serve it again, not that it is
+    unknown."""
     if isinstance(error, AdapterLoadError):
         return HTTPError(400, f"{error}; fix its folder, then load it again with POST /v1/load_lora_adapter")
-    if isinstance(error, AdapterError) and str(error).startswith("unknown adapter"):  # unloaded meanwhile
-        return HTTPError(404, str(error), "not_found_error")
+    if isinstance(error, AdapterError) and str(error).startswith("unknown adapter"):
+        # a weighted mix names its adapters apart from 'model': say which one is unknown, not that 'model' is
+        what = f"The model `{model}` does not exist: " if model is not None else ""
+        return HTTPError(404, f"{what}{error}; see /v1/models", "not_found_error")
     if isinstance(error, LorakitError) and isinstance(error, ValueError):
         return HTTPError(400, str(error))
     message = str(error) if isinstance(error, LorakitError) else f"{type(error).__name__}: {error}"
     return HTTPError(500, message, "server_error")
+
+
+def _model(spec) -> str | None:
+    """The adapter a request's ``model`` names (None for the base or a weighted mix)."""
+    return spec if isinstance(spec, str) else None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
@@ -215,14 +224,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 engine.store.check(spec)
             elif spec is not None:
                 raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
-        except AdapterLoadError as e:  # it failed to register or to load: say why, not that it is unknown
-            raise refusal(e) from None
-        except AdapterError as e:
-            if "unknown adapter" not in str(e):
-                raise HTTPError(400, str(e)) from None
-            # a weighted mix names its adapters apart from 'model': say which one is unknown, not that 'model' is
-            what = f"The model `{body.get('model')}` does not exist" if isinstance(spec, str) else "Unknown adapter"
-            raise HTTPError(404, f"{what}: {e}", "not_found_error") from None
+        except LorakitError as e:  # failed to register or to load: 400 saying why; unknown: 404
+            raise refusal(e, _model(spec)) from None
         return spec
 
     def params_of(body: dict) -> SamplingParams:
@@ -256,7 +259,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}",
                                  task=task)
         except LorakitError as e:
-            raise refusal(e) from None
+            raise refusal(e, _model(spec)) from None
 
     async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, stream: bool):
         """The request's events as they come; aborts it when the client goes away (watched for here until the
@@ -319,7 +322,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 return Response(status_code=499)
             if first.error:
                 await stream.aclose()
-                raise refusal(req.exception) from None
+                raise refusal(req.exception, _model(spec)) from None
 
             async def after(first):
                 yield first
@@ -334,7 +337,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 try:
                     async for ev in after(first):
                         if ev.error:  # met mid-stream (after tokens were sent): the same status, type and message
-                            e = refusal(req.exception)
+                            e = refusal(req.exception, _model(spec))
                             yield _sse({"error": {"message": e.message, "type": e.kind, "code": e.status}})
                             break
                         if not ev.text and not ev.finished:
@@ -360,7 +363,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         async for ev in events(request, req, q, label, stream=False):
             final = ev if ev.finished else None
             if ev.error:
-                raise refusal(req.exception)
+                raise refusal(req.exception, _model(spec))
         if final is None:  # client went away
             return Response(status_code=499)
         choice = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
@@ -409,7 +412,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
                                                        aggregate)
         except Exception as e:  # noqa: BLE001  (a proposal the engine failed: as the request itself would be)
-            raise refusal(e) from None
+            raise refusal(e, _model(spec)) from None
         out = await run(request, body, final, kind)
         if isinstance(out, dict):  # streamed answers carry the synthesis only
             out["self_moa"] = {"proposals": proposals, "rounds": len(windows(config.n, config.window))}
@@ -495,7 +498,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             await asyncio.to_thread(engine.call, lambda: store.unregister(name))
         except AdapterError as e:
-            raise HTTPError(404, str(e), "not_found_error") from None
+            raise refusal(e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/health")

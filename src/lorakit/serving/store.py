@@ -381,11 +381,16 @@ class AdapterStore:
             if n not in self.paths:
                 if n in self.failed:
                     raise AdapterLoadError(self.failed[n])
-                raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, self.paths)} "
-                                   f"{len(self.paths)} adapter(s) are loaded; see /v1/models")
+                raise self._unknown(n)
             if n in self.attached and isinstance(spec, Mapping):
                 raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward and "
                                    f"cannot be part of a weighted mix; request it alone")
+
+    def _unknown(self, name: str) -> AdapterError:
+        """The error for a name neither registered nor recorded as failed: the same whether a request is checked
+        (:meth:`check`), was queued before its adapter was unregistered (:meth:`ensure_resident`), or unloads it."""
+        return AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)} {len(self.paths)} adapter(s) "
+                            f"are loaded")
 
     def attached_name(self, spec: RowSpec) -> str | None:
         """The adapter's name when ``spec`` is a single attached (not banked) adapter."""
@@ -435,7 +440,7 @@ class AdapterStore:
         if folder is None:
             if name in self.failed:  # a request queued before its adapter failed
                 raise AdapterLoadError(self.failed[name])
-            raise AdapterError(f"adapter {name!r} is not registered")
+            raise self._unknown(name)  # a request queued before its adapter was unloaded
         tensors = load_tensors(weights_path(folder))
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._lock:
@@ -631,7 +636,7 @@ class AdapterStore:
                 self.failed_folders.pop(name, None)
                 return
             if name not in self.paths and name not in self._resident:
-                raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)}")
+                raise self._unknown(name)
             self.paths.pop(name, None)
             self.configs.pop(name, None)
             self.attached.pop(name, None)
