@@ -78,7 +78,8 @@ class PagedKVCache:
         ``config``: the cache allocates at most ``memory_bytes`` (:attr:`nbytes`, what a server reports, includes the
         scratch slot, so the budget bounds it too)."""
         layers, kv_heads, head_dim = cls.geometry(config)
-        per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()  # k and v, all layers
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_token = 2 * layers * kv_heads * head_dim * itemsize  # one token slot: k and v of every layer
         per_block = per_token * block_size
         num_blocks = (int(memory_bytes) - per_token) // per_block
         if num_blocks < 1:

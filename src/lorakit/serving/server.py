@@ -85,7 +85,8 @@ class _Metrics:
         Gauge("lorakit_num_requests_waiting", "Requests queued", registry=r).set_function(lambda: engine.num_waiting)
         Gauge("lorakit_kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=r).set_function(
             lambda: engine.cache.used_blocks / engine.cache.num_blocks)
-        Gauge("lorakit_kv_cache_bytes", "Bytes preallocated for the KV cache (within --kv-cache-mb)", registry=r).set(engine.cache.nbytes)
+        Gauge("lorakit_kv_cache_bytes", "Bytes preallocated for the KV cache (within --kv-cache-mb)",
+              registry=r).set(engine.cache.nbytes)
         Gauge("lorakit_resident_adapters", "Adapters resident in the banks", registry=r).set_function(
             lambda: len(store.resident) if store is not None else 0)
         Gauge("lorakit_adapter_resident_bytes", "Bytes of adapter weights resident in the banks",
