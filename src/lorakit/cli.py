@@ -168,9 +168,10 @@ def _add_with_init(model, adapter_config, args) -> None:
 
 
 def _check_init_options(args, adapter_config) -> None:
-    """--init-options name options the init takes, and there is an init to take them (--init, or one the
-    method's config names, e.g. --init-lora-weights eva): ConfigError before the model is loaded."""
-    from .core.inits import get_init
+    """--init-options name options the init takes, there is an init to take them (--init, or one the
+    method's config names, e.g. --init-lora-weights eva), and the init works on --method's adapters (LoRA-SB needs
+    a B·M·A method such as lora_xs): ConfigError before the model is loaded."""
+    from .core.inits import check_init_config
 
     spec = args.init if args.init is not None else adapter_config.requested_init()
     if spec is None:
@@ -178,7 +179,7 @@ def _check_init_options(args, adapter_config) -> None:
             raise ConfigError("--init-options is given but no init runs: name one with --init NAME "
                               "(lorakit train --help lists them).")
         return
-    init = get_init(spec)
+    init = check_init_config(spec, adapter_config)
     init.check_options(args.init_options)
     if init.changes_base and getattr(args, "quantize", None):
         raise ConfigError(f"--init {spec} changes the base weights, which --quantize {args.quantize} stores in 4 bit; "
@@ -325,6 +326,9 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         init_batches=args.init_batches, distributed=args.distributed,
         gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
+    if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
+        from .training.procedures import get_procedure
+        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config)
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
         _check_resume(Path(args.resume_from), adapter_config, train_config, given)
