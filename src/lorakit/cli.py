@@ -121,11 +121,17 @@ def _is_file_spec(spec: str) -> bool:
 
 
 def _load_examples(spec: str, split: str, n: int | None, default_per_task: int, seed: int, tokenizer: Any):
-    """Built-in tasks: ``n`` (default ``default_per_task``) per task; a user file: all of it unless ``n``."""
+    """Built-in tasks: ``n`` (default ``default_per_task``) per task; a user file: all of it unless ``n``, with a
+    warning on stderr when the file holds fewer than the ``n`` asked (``--train-examples`` / ``--eval-examples``)."""
     from .data import load_examples
 
     if _is_file_spec(spec):
-        return load_examples(spec, split, n=n, seed=seed, tokenizer=tokenizer)
+        examples = load_examples(spec, split, n=n, seed=seed, tokenizer=tokenizer)
+        if n is not None and len(examples) < n:
+            flag = "--train-examples" if split == "train" else "--eval-examples"
+            print(f"warning: {flag} {n} asks for {n} examples, but {spec} holds only {len(examples)}; using those "
+                  f"{len(examples)}", file=sys.stderr)
+        return examples
     return load_examples(spec, split, n=n or default_per_task, seed=seed, tokenizer=tokenizer)
 
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -213,6 +214,20 @@ def check_init_batches(model: nn.Module, adapter_name: str, config: TrainConfig)
     if init is not None and init.needs_data and config.init_batches < 1:
         raise ConfigError(f"{FIELD} is 0, but adapter {adapter_name!r}'s init {init.name!r} is data-driven: give it "
                           "at least one batch (default 4)", field="TrainConfig.init_batches")
+
+
+def init_batch_count(config: TrainConfig, num_examples: int, who: str = "the init") -> int:
+    """How many batches a data-driven init gets: ``config.init_batches``, or the batches the training data fills
+    (``ceil(num_examples / batch_size)``) when that is fewer — with a warning naming both numbers, since the stream
+    would otherwise repeat the same examples to make up the count (``who``: the adapter or job, for the message)."""
+    available = max(1, math.ceil(num_examples / config.batch_size))
+    if config.init_batches <= available:
+        return config.init_batches
+    warnings.warn(f"TrainConfig.init_batches (--init-batches) = {config.init_batches}, but the training data "
+                  f"({num_examples} examples, batch_size {config.batch_size}) fills only {available} batch"
+                  f"{'es' if available != 1 else ''}: {who} runs on those {available} instead of repeating examples. "
+                  "Give more training data or a lower init_batches.", stacklevel=3)
+    return available
 
 
 def split_validation(procedure: Procedure | None, config: TrainConfig,
@@ -441,7 +456,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     if method.init is not None or init_pending(model, adapter_name):
         # Run on resume too: an init may also rewrite base weights (PiSSA-style), which the checkpoint does
         # not hold. The adapter weights and RNG it leaves are then replaced from the checkpoint.
-        batches = [to_device(micro_batch(i * config.batch_size)) for i in range(config.init_batches)]
+        count = init_batch_count(config, len(dataset), f"adapter {adapter_name!r}'s init")
+        batches = [to_device(micro_batch(i * config.batch_size)) for i in range(count)]
         if method.init is not None:
             method.init(model, adapter_name, batches)
         if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
