@@ -795,9 +795,11 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
+            from .hub import resolve_model_path  # "bundled" (what a bundled-base adapter records) -> its folder
+
             with torch.device("meta"):
                 host = {n for n, _ in AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(base, local_files_only=True)).named_modules() if n}
+                    AutoConfig.from_pretrained(resolve_model_path(base), local_files_only=True)).named_modules() if n}
         except Exception:  # any failure to rebuild the base: fall back to reading the keys alone
             host = None
     modules = set()
