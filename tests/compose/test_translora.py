@@ -117,6 +117,32 @@ def test_discriminator_learns_real_from_synthetic(real, monkeypatch):
     assert (scores[:4] > 0.5).all() and scores[4] < 0.5
 
 
+def test_discriminator_trains_on_equal_numbers_when_sampling_falls_short(real, tokenizer, monkeypatch):
+    """Was: all 8 real prompts (True) against the 6 synthetic ones sampling produced (False). The paper's
+    discriminator sees the two classes in equal numbers (translora_synthesis.train_discriminator's docstring has
+    the source and why no official code could be checked): 6 real prompts, drawn from the 8, against the 6."""
+    import lorakit.training
+
+    fake = [f"reverse: zz{i} =>" for i in range(3)]  # 3 per round × FAST's max_rounds=2 = 6 < 8 real
+    monkeypatch.setattr(tl, "sample_candidates", lambda *a, **k: (fake, len(fake)))
+    seen = []
+    real_train = lorakit.training.train
+
+    def spy(model, tok, examples, *args, **kwargs):  # the real loop, recording what it is given
+        seen.append(list(examples))
+        return real_train(model, tok, examples, *args, **kwargs)
+
+    monkeypatch.setattr(lorakit.training, "train", spy)
+    stats = tl.train_discriminator(_source(tokenizer), tokenizer, real, TransLoraConfig(**FAST), random.Random(0))
+    assert (stats["real"], stats["synthetic"], stats["real_available"]) == (6, 6, 8)
+    [examples] = seen
+    labels = [ex.completion for ex in examples]
+    assert labels.count(REAL) == labels.count(SYNTHETIC) == 6
+    real_prompts = {tl._disc_example(ex.prompt, True).prompt for ex in real}
+    assert {ex.prompt for ex in examples if ex.completion == REAL} <= real_prompts  # six distinct real ones
+    assert len({ex.prompt for ex in examples if ex.completion == REAL}) == 6
+
+
 def test_prompt_end_and_cut():
     seeds = [Example("reverse: a b =>", " b a"), Example("reverse: x y z =>", " z y x")]
     assert default_prompt_end(seeds) == " =>"
