@@ -118,6 +118,10 @@ MISMATCHES = [
     (["--procedure", "ggpo", "--method", "ffa_lora"], "LoRA-GGPO needs plain LoRA on linear layers; the adapter is "
                                                       "'ffa_lora'"),
     (["--procedure", "loraprune", "--lora-bias"], "LoRAPrune needs a plain LoRA adapter"),
+    # BA-LoRA's regularisers read the LM head's logits (balora.py param_groups), which a classifier lacks
+    (["--procedure", "balora", "--task-type", "seq-cls"], "BA-LoRA needs a causal LM with an output layer"),
+    # Flexora holds out its validation examples (200 by default) from the 16 training examples
+    (["--procedure", "flexora"], "procedure 'flexora' holds out 200 validation examples but the run has 16"),
 ]
 
 
@@ -125,7 +129,8 @@ MISMATCHES = [
 def test_an_init_or_procedure_that_does_not_fit_the_method_is_refused_before_loading(flags, says, capsys, monkeypatch,
                                                                                     tmp_path):
     """Was: `--init lora_sb` on a plain LoRA failed inside the init, after the model loaded and the "before"
-    evaluation ran (and ALLoRA / GGPO / LoRAPrune on the wrong adapter failed at the first training step)."""
+    evaluation ran (ALLoRA / GGPO / LoRAPrune on the wrong adapter, BA-LoRA on a classifier and Flexora's hold-out
+    on too little data failed when training started, after the model loaded)."""
     _no_model_load(monkeypatch)
     argv = ["train", *flags, *COMMON, "--output", str(tmp_path / "out")]
     if says is None:

@@ -334,7 +334,8 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     )
     if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
         from .training.procedures import get_procedure
-        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config)
+        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config,
+                                                            normalize_task_type(args.task_type))
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
         _check_resume(Path(args.resume_from), adapter_config, train_config, given)
@@ -475,6 +476,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         train_examples, eval_examples = (_with_mode_token(e, args.mode_token, tokenizer)
                                          for e in (train_examples, eval_examples))
 
+    if config.procedure is not None:  # a held-out split the data cannot give (Flexora): refused before any model loads
+        from .training.loop import split_validation
+        from .training.procedures import get_procedure
+        split_validation(get_procedure(config.procedure).build(config), config, train_examples)
     torch.manual_seed(args.seed)
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if classify and args.loram_ratio is not None:
@@ -1200,14 +1205,28 @@ def _common_model(p: argparse.ArgumentParser) -> None:
 
 
 # -- training procedures: --procedure NAME and that procedure's options -----------------------------------
-def _add_procedure_options(parser: argparse.ArgumentParser, procedure_name: str | None) -> None:
+def _add_procedure_options(parser: argparse.ArgumentParser, procedure_name: str | None, method_name: str) -> None:
     from .training.procedures import get_procedure, list_procedures
 
     parser.add_argument("--procedure", default=None, choices=[p.name for p in list_procedures()],
                         help="training procedure (optimizer, parameter groups, per-step hooks); "
                              "`lorakit train --procedure NAME --help` lists its options (default: plain AdamW)")
     if procedure_name is not None:
-        add_config_options(parser, get_procedure(procedure_name).config_cls)
+        add_config_options(parser, get_procedure(procedure_name).config_cls,
+                           prefixed=_shared_fields(procedure_name, method_name))
+
+
+def _shared_fields(procedure_name: str, method_name: str) -> dict[str, str]:
+    """The procedure's fields that the method's config has too (GaLore's and IncreLoRA's beta1, GaLore's and
+    DyLoRA's rank): the procedure's get ``--PROCEDURE-FIELD`` flags, so both can be given (was: argparse's
+    "conflicting option string" crash)."""
+    from . import get_method
+    from .cli_options import NOT_ON_CLI
+    from .training.procedures import get_procedure
+
+    method_fields = {f.name for f in dataclasses.fields(get_method(method_name).config_cls)} - NOT_ON_CLI
+    return {f.name: procedure_name for f in dataclasses.fields(get_procedure(procedure_name).config_cls)
+            if f.name in method_fields}
 
 
 def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -1216,8 +1235,10 @@ def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
     from .training.procedures import get_procedure
 
     fields = dataclasses.fields(get_procedure(args.procedure).config_cls)
-    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, f.name) for f in fields
-                                                            if getattr(args, f.name, None) is not None}}
+    dest = {f.name: f"{args.procedure}_{f.name}" if f.name in _shared_fields(args.procedure, args.method) else f.name
+            for f in fields}
+    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, dest[f.name]) for f in fields
+                                                            if getattr(args, dest[f.name], None) is not None}}
 
 
 def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None:
@@ -1293,7 +1314,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "(--batch-size is per process; see docs/distributed.md)")
     _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
-    _add_procedure_options(t, procedure_name)
+    _add_procedure_options(t, procedure_name, method_name)
     t.set_defaults(func=cmd_train)
 
 

@@ -217,7 +217,8 @@ def eva_components(model: nn.Module, targets: list[Target], batches: list[Mappin
 
 
 def eva_fits(config: Any) -> str | None:
-    """``Init.fits``: a LoRA-style adapter without DoRA (EVA changes ranks, which a set DoRA magnitude cannot follow)."""
+    """``Init.fits``: a LoRA-style adapter without DoRA (EVA changes ranks, which a set DoRA magnitude cannot
+    follow)."""
     if getattr(config, "use_dora", False):
         return "a DoRA adapter cannot change rank after its magnitude was set; use plain LoRA (no use_dora)."
     return lora_style(config)

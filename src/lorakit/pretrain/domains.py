@@ -172,10 +172,10 @@ def uniform_weights(names: Sequence[str]) -> dict[str, float]:
 
 def block_counts(weights: Mapping[str, float], n: int) -> dict[str, int]:
     """Whole block counts per domain, proportional to ``weights`` (>= 0, normalised over the names given) and
-    summing to exactly ``n``: the largest-remainder (Hamilton) method — each domain gets ``floor(q_d)`` of its quota
-    ``q_d = n · w_d / Σw``, and the ``n − Σ floor(q_d)`` blocks left go one each to the largest remainders ``q_d −
-    floor(q_d)`` (ties: the earlier domain). Rounding each quota on its own (``round(q_d)``) misses ``n`` at small
-    scale (three equal domains, ``n = 4``: 1 + 1 + 1). All zero when every weight is 0."""
+    summing to exactly ``n``: the largest-remainder (Hamilton) method — each domain gets ``floor(q_d)`` of its
+    quota ``q_d = n · w_d / Σw``, and the ``n − Σ floor(q_d)`` blocks left go one each to the largest remainders
+    ``q_d − floor(q_d)`` (ties: the earlier domain). Rounding each quota on its own (``round(q_d)``) misses ``n``
+    at small scale (three equal domains, ``n = 4``: 1 + 1 + 1). All zero when every weight is 0."""
     total = float(sum(weights.values()))
     if total <= 0:
         return {name: 0 for name in weights}

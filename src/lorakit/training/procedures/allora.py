@@ -65,7 +65,7 @@ class Allora(Procedure):
     shares_batch = True  # hooks only its adapter's deltas
 
     @classmethod
-    def check_adapter_config(cls, config: AlloraConfig, adapter_config: Any) -> None:
+    def check_adapter_config(cls, config: AlloraConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
         """What ``_check`` refuses per layer, from the adapter's config: plain LoRA (not DoRA, not another
         method), scaling 1, no dropout, no lora_bias."""
         if type(adapter_config) is not LoraConfig or adapter_config.use_dora:

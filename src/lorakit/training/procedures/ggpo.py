@@ -60,7 +60,7 @@ class Ggpo(Procedure):
         self._hooks: list[Any] = []
 
     @classmethod
-    def check_adapter_config(cls, config: GgpoConfig, adapter_config: Any) -> None:
+    def check_adapter_config(cls, config: GgpoConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
         """Plain LoRA (``param_groups`` refuses any other delta per layer), told from the adapter's config."""
         if type(adapter_config) is not LoraConfig or adapter_config.use_dora:
             name = "lora with use_dora" if type(adapter_config) is LoraConfig else repr(type(adapter_config).method)

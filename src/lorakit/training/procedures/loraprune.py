@@ -141,7 +141,7 @@ class LoraPrune(Procedure):
 
     # -- setup ---------------------------------------------------------------------------------------------
     @classmethod
-    def check_adapter_config(cls, config: LoraPruneConfig, adapter_config: Any) -> None:
+    def check_adapter_config(cls, config: LoraPruneConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
         """A plain LoRA (plain B A units: no DoRA, no lora_bias), told from the adapter's config; whether it covers
         every attention and MLP projection is checked per block in ``param_groups``."""
         if not isinstance(adapter_config, LoraConfig) or adapter_config.use_dora or adapter_config.lora_bias:
