@@ -318,6 +318,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     adapter_config = config_from_args(method.config_cls, args, **targets)
     _check_init_options(args, adapter_config)
     _check_loram_flags(args, adapter_config)
+    adapter_config.check_inputs()  # files the config names (a mixture's source adapters), before any model loads
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents

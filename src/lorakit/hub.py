@@ -65,6 +65,16 @@ def portable_model_name(name_or_path: str | os.PathLike | None) -> str | None:
     return text
 
 
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model names (``base_model_name_or_path`` values, a model's ``name_or_path``) name the same
+    model: a bundled model's name and its asset folder alike, folders by resolved path, hub ids as written."""
+    def key(name: str | os.PathLike) -> str:
+        text = portable_model_name(name) or ""
+        return text if text in BUNDLED_MODELS or not Path(text).exists() else str(Path(text).resolve())
+
+    return key(a) == key(b)
+
+
 def check_model(model: str | os.PathLike | None, flag: str = "--model") -> str:
     """Before anything loads: that ``model`` names a model (a bundled name, a folder with config.json, or a hub id
     in the local Hugging Face cache when offline) — the folder or hub id to load. Reads no weights; a command that

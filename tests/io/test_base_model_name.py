@@ -68,3 +68,17 @@ def test_a_user_folder_and_a_hub_id_are_kept_as_given_and_auto_peft_loads_the_fo
     assert _saved(model, tmp_path / "b", base_model_name_or_path="meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
     assert portable_model_name(None) is None and portable_model_name("") is None
 
+
+
+def test_same_model_reads_a_bundled_name_and_its_folder_alike(tmp_path):
+    """merge-adapters compares the base a source records with the merge's model (whose name_or_path is the folder
+    it was loaded from): "bundled" and the bundled asset folder are one model, the two bundled bases are not."""
+    from lorakit.assets import BUNDLED_MODELS
+    from lorakit.hub import same_model
+
+    assert same_model("bundled", BUNDLED_MODELS["bundled"]) and same_model(str(BUNDLED_MODELS["bundled"]), "bundled")
+    assert not same_model("bundled", "bundled-small")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "x").mkdir()
+    assert same_model(tmp_path / "m", str(tmp_path / "x" / ".." / "m"))
+    assert same_model("org/model", "org/model") and not same_model("org/model", "org/other")

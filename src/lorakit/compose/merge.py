@@ -300,10 +300,11 @@ def _refuse_refactorising(model: nn.Module, sources) -> None:
 def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> None:
     """A source that fails to load and records another base than the merge's (``model``'s, else the first
     source's): AdapterLoadError saying so first, then the loader's details."""
+    from ..hub import same_model
     from ..io.peft_format import _name_or_path
 
     base, ours = _base_name(src), _name_or_path(model) or _base_name(sources[0])
-    if base and ours and Path(str(base)).resolve() != Path(str(ours)).resolve():
+    if base and ours and not same_model(base, ours):
         raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
                                f"merge adapters of one base model (loading it failed: {error})") from None
 

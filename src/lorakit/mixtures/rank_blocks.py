@@ -27,7 +27,7 @@ from ..core.errors import AdapterLoadError
 from .base import MixtureDelta
 from .experts import expand_to_ranks, rank_block_delta
 from .router import RouterOutput
-from .sources import read_lora_source
+from .sources import prepare_from_sources, read_lora_source
 
 
 @dataclass
@@ -83,6 +83,11 @@ class LoraExpertsConfig(AdapterConfig):
         if self.adapter_names is not None and len(set(self.adapter_names)) != n:
             raise field_error(self, "adapter_names", f" must be {n} distinct names, got {self.adapter_names}.")
         check_dropout(self, "lora_dropout")
+
+    def check_inputs(self) -> None:
+        """Read every ``adapter_paths`` folder as a source (``sources.prepare_from_sources``, which needs no model):
+        a missing folder, a DoRA / PiSSA / non-LoRA adapter or ranks that disagree with ``expert_r`` fail here."""
+        prepare_from_sources(None, self)
 
 
 def drop_adapter_paths(config: LoraExpertsConfig, layers: list[LayerInfo]) -> dict[str, Any]:
