@@ -133,7 +133,9 @@ def test_discriminator_trains_on_equal_numbers_when_sampling_falls_short(real, t
         return real_train(model, tok, examples, *args, **kwargs)
 
     monkeypatch.setattr(lorakit.training, "train", spy)
-    stats = tl.train_discriminator(_source(tokenizer), tokenizer, real, TransLoraConfig(**FAST), random.Random(0))
+    with pytest.warns(UserWarning, match="wrote 6 whole synthetic prompts in max_rounds=2 rounds, fewer than the 8 "
+                                         "real ones; it trains on 6 of each"):
+        stats = tl.train_discriminator(_source(tokenizer), tokenizer, real, TransLoraConfig(**FAST), random.Random(0))
     assert (stats["real"], stats["synthetic"], stats["real_available"]) == (6, 6, 8)
     [examples] = seen
     labels = [ex.completion for ex in examples]
@@ -141,6 +143,15 @@ def test_discriminator_trains_on_equal_numbers_when_sampling_falls_short(real, t
     real_prompts = {tl._disc_example(ex.prompt, True).prompt for ex in real}
     assert {ex.prompt for ex in examples if ex.completion == REAL} <= real_prompts  # six distinct real ones
     assert len({ex.prompt for ex in examples if ex.completion == REAL}) == 6
+
+
+def test_synthesis_that_keeps_fewer_than_asked_says_so():
+    """n_synthetic=6 asked, 2 candidates a round all kept, max_rounds=2: 4 kept, and a warning names 4 and 6."""
+    config = TransLoraConfig(**FAST)
+    with pytest.warns(UserWarning, match=r"4 of the n_synthetic=6 prompts asked were kept after max_rounds=2 rounds "
+                                         r"\(4 candidates\)"):
+        kept, sampled, rounds = tl.synthesize(lambda n: (["a =>", "b =>"], 2), lambda ps: torch.ones(len(ps)), config)
+    assert (len(kept), sampled, rounds) == (4, 4, 2)
 
 
 def test_prompt_end_and_cut():

@@ -7,6 +7,7 @@ has the few-shot format and the discriminator's score ``p = exp ℓ_T / (exp ℓ
 from __future__ import annotations
 
 import random
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -171,6 +172,10 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
         raise LorakitError(no_whole_prompt_message("to train the discriminator, the source base",
                                                    config.max_rounds * config.candidates_per_round, config, seeds))
     used = list(real) if len(synthetic) == len(real) else rng.sample(list(real), len(synthetic))  # equal classes
+    if len(used) < len(real):
+        warnings.warn(f"Trans-LoRA discriminator: sampling wrote {len(synthetic)} whole synthetic prompts in "
+                      f"max_rounds={config.max_rounds} rounds, fewer than the {len(real)} real ones; it trains on "
+                      f"{len(used)} of each (raise max_rounds or candidates_per_round for more).", stacklevel=2)
     examples = [_disc_example(ex.prompt, True) for ex in used] + [_disc_example(p, False) for p in synthetic]
     rng.shuffle(examples)
     disc = LoraConfig(r=config.disc_r, lora_alpha=2 * config.disc_r, target_modules="all-linear")
@@ -199,6 +204,10 @@ def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[
         sampled, rounds = sampled + n, rounds + 1
         if candidates:
             kept += filter_candidates(candidates, score(candidates), config.threshold)
+    if kept and len(kept) < config.n_synthetic:
+        warnings.warn(f"Trans-LoRA synthesis: {len(kept)} of the n_synthetic={config.n_synthetic} prompts asked were "
+                      f"kept after max_rounds={config.max_rounds} rounds ({sampled} candidates); the target LoRA "
+                      f"trains on those {len(kept)} (raise max_rounds or lower threshold for more).", stacklevel=2)
     return kept[: config.n_synthetic], sampled, rounds
 
 
