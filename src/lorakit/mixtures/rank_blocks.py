@@ -122,13 +122,15 @@ class LoraExperts(MixtureDelta):
         return ("lora_A", "lora_B") if self.experts_frozen else ()
 
     @torch.no_grad()
-    def set_expert(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    def set_expert(self, index: int, A: torch.Tensor, B: torch.Tensor, source: str | None = None) -> None:
         """Copy expert ``index``'s factors, A (r, in) and B (out, r), into its rank block. Raises AdapterLoadError
-        when the shapes do not fit this layer and the expert's rank."""
+        when the shapes do not fit this layer and the expert's rank, naming ``source`` (the expert's folder and
+        module, when it came from one) or else the expert's index."""
         start, r = sum(self.ranks[:index]), self.ranks[index]
         want_a, want_b = (r, self.info.in_features), (self.info.out_features, r)
         if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-            raise AdapterLoadError(f"adapter {index}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
+            where = f"source adapter {source}" if source is not None else f"expert {index}"
+            raise AdapterLoadError(f"{where}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
                                    f"not fit this layer and rank (expected {want_a}, {want_b}); is it for another "
                                    "base model, or does it use a per-module rank?")
         self.lora_A[start:start + r] = A.to(self.lora_A.dtype)
@@ -139,7 +141,7 @@ class LoraExperts(MixtureDelta):
         for i, directory in enumerate(config.adapter_paths or []):
             factors = read_lora_source(directory).factors(path)
             if factors is not None:  # else the block stays a fresh LoRA (A Kaiming, B zero): no effect
-                self.set_expert(i, *factors)
+                self.set_expert(i, *factors, source=f"{directory} (module {path!r})")
         return self
 
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, extra_scale: float = 1.0) -> torch.Tensor:
