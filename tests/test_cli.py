@@ -114,3 +114,23 @@ def test_train_keeps_a_methods_own_default_targets(tmp_path, capsys):
     assert "mlp" in config["target_modules"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["router"]["layers"] == 6 and "router over 6 layers" in capsys.readouterr().out
+
+
+def test_asking_more_file_examples_than_the_file_holds_is_said(tmp_path, capsys, monkeypatch):
+    """`--train-examples 50` / `--eval-examples 30` on files of 6 / 3 lines: the run uses what there is and says so,
+    naming the numbers, before any model loads (was: silence)."""
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise RuntimeError("stop: model load")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"p{i} ", "completion": f"c{i}"}) + "\n" for i in range(6)))
+    test.write_text("".join(json.dumps({"prompt": f"q{i} ", "completion": f"d{i}"}) + "\n" for i in range(3)))
+    with pytest.raises(RuntimeError, match="stop: model load"):
+        main(["train", "--data", str(train), "--eval-data", str(test), "--train-examples", "50", "--eval-examples",
+              "30", "--steps", "1", "--quiet", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"--train-examples 50 asks for 50 examples, but {train} holds only 6; using those 6" in err
+    assert f"--eval-examples 30 asks for 30 examples, but {test} holds only 3; using those 3" in err

@@ -225,3 +225,26 @@ def test_bench_device_is_checked_before_any_model(capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(["perf", "--quick", "--device", "gpu"])
     assert e.value.code == 2 and "argument --device: must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["xlora", "meteora", "routed_lora"])
+def test_a_mixtures_source_adapters_are_checked_before_the_model_loads(method, tmp_path, capsys, no_model_load):
+    """`lorakit train --method xlora --adapter-paths ...`: a source the mixture refuses (mixtures/sources.py: DoRA,
+    a base-changing init such as PiSSA, a missing folder) was read only when the adapter was built on the loaded
+    model; AdapterConfig.check_inputs reads the sources first."""
+    import lorakit
+    from lk_models import tiny_llama
+
+    dora = tmp_path / "dora"
+    lorakit.save_adapter(lorakit.add_adapter(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                            use_dora=True)), dora)
+    pissa = tmp_path / "pissa"
+    lorakit.save_adapter(lorakit.add_adapter(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]),
+                                             init="pissa"), pissa)
+    for source, says in ((dora, "sets use_dora=True, which mixtures of existing adapters do not support"),
+                         (pissa, "init_lora_weights='pissa' moved part of the base into the adapter"),
+                         (tmp_path / "missing", "does not exist")):
+        assert main(["train", "--method", method, "--adapter-paths", str(source), str(source), "--data", "reverse",
+                     "--steps", "1", "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and str(source) in err and "Traceback" not in err, err

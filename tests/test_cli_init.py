@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lorakit.cli import main
 
 COMMON = ["--data", "reverse", "--steps", "2", "--batch-size", "4", "--train-examples", "16", "--eval-examples", "2",
@@ -91,3 +93,66 @@ def test_a_base_changing_init_with_a_4bit_base_is_refused_before_loading(capsys,
     _no_model_load(monkeypatch)
     assert main(["train", "--init", "pissa", "--quantize", "nf4", *COMMON]) == 2
     assert "--init pissa changes the base weights, which --quantize nf4 stores in 4 bit" in capsys.readouterr().err
+
+
+# -- init × method (and procedure × method, federated counts): refused before any model loads -----------------
+# What each init needs is its own contract (lorakit/init/): lora_sb / nlora set the three factors of a B·M·A
+# adapter (``middle_targets``), pissa / olora / corda / lora_ga / eva set or move B A factors of a LoRA
+# (``linear_targets`` / ``split_base_weight``), eva cannot re-rank a DoRA magnitude, and only methods whose config
+# has an init field can name one (``AdapterConfig.with_init``).
+MISMATCHES = [
+    (["--init", "lora_sb"], "init 'lora_sb' cannot initialise a 'lora' adapter: it works on B·M·A adapters "
+                            "(inttune, lora_xs, nlora, slora)"),
+    (["--init", "nlora"], "init 'nlora' cannot initialise a 'lora' adapter: it works on B·M·A adapters"),
+    (["--method", "lora_xs", "--init", "pissa"], "init 'pissa' cannot initialise a 'lora_xs' adapter: it works on "
+                                                 "LoRA-style B·A adapters (ffa_lora, lora)"),
+    (["--method", "slora", "--init", "lora_ga"], "init 'lora_ga' cannot initialise a 'slora' adapter"),
+    (["--method", "mixlora", "--init", "eva"], "method 'mixlora' has no field that selects an init"),
+    (["--init", "eva", "--use-dora"], "a DoRA adapter cannot change rank after its magnitude was set"),
+    (["--init-lora-weights", "corda", "--method", "lora"], None),  # a fitting pair: reaches the model load
+    (["--procedure", "allora", "--use-dora"], "ALLoRA needs plain LoRA on linear layers; the adapter is lora with "
+                                              "--use-dora"),
+    (["--procedure", "allora", "--lora-alpha", "8", "--lora-dropout", "0.1"],
+     "ALLoRA uses no scaling factor and no dropout; the adapter has scaling 2 (set --lora-alpha = r, no rsLoRA), "
+     "dropout (set --lora-dropout = 0)"),
+    (["--procedure", "ggpo", "--method", "ffa_lora"], "LoRA-GGPO needs plain LoRA on linear layers; the adapter is "
+                                                      "'ffa_lora'"),
+    (["--procedure", "loraprune", "--lora-bias"], "LoRAPrune needs a plain LoRA adapter"),
+    # BA-LoRA's regularisers read the LM head's logits (balora.py param_groups), which a classifier lacks
+    (["--procedure", "balora", "--task-type", "seq-cls"], "BA-LoRA needs a causal LM with an output layer"),
+    # Flexora holds out its validation examples (200 by default) from the 16 training examples
+    (["--procedure", "flexora"], "procedure 'flexora' holds out 200 validation examples but the run has 16"),
+]
+
+
+@pytest.mark.parametrize("flags,says", MISMATCHES, ids=[" ".join(f) for f, _ in MISMATCHES])
+def test_an_init_or_procedure_that_does_not_fit_the_method_is_refused_before_loading(flags, says, capsys, monkeypatch,
+                                                                                    tmp_path):
+    """Was: `--init lora_sb` on a plain LoRA failed inside the init, after the model loaded and the "before"
+    evaluation ran (ALLoRA / GGPO / LoRAPrune on the wrong adapter, BA-LoRA on a classifier and Flexora's hold-out
+    on too little data failed when training started, after the model loaded)."""
+    _no_model_load(monkeypatch)
+    argv = ["train", *flags, *COMMON, "--output", str(tmp_path / "out")]
+    if says is None:
+        with pytest.raises(AssertionError, match="a base model was loaded"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+def test_the_python_api_refuses_a_mismatched_init_before_its_data_pass():
+    """add_adapter(..., init="lora_sb") on a LoRA config: ConfigError before the gradient pass, nothing attached."""
+    import torch
+
+    import lorakit
+    from lorakit.core.errors import ConfigError
+    from lk_models import tiny_llama
+
+    model = tiny_llama()
+    batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4, dtype=torch.long)}]
+    with pytest.raises(ConfigError, match="init 'lora_sb' cannot initialise a 'lora' adapter"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), init="lora_sb",
+                            init_batches=batches)
+    assert not lorakit.core.model.adapter_state(model).configs

@@ -336,3 +336,21 @@ def test_a_count_below_one_is_named_before_the_model_loads(argv, flag, value, tm
     assert e.value.code == 2
     assert f"lorakit {argv[0]}: error: argument {flag}: must be a positive integer, got {value}" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,field,mine,theirs", [("increlora", "beta1", "0.8", "0.7"),
+                                                      ("dylora", "rank", "2", "16")])
+def test_a_procedure_option_named_like_a_method_option_gets_the_procedure_prefix(method, field, mine, theirs, capsys):
+    """Was: `lorakit train --method increlora --procedure galore` crashed building its parser (argparse's
+    "conflicting option string: --beta1"): IncreLoRA's score EMAs and GaLore's Adam betas share the name, as DyLoRA's
+    serving rank and GaLore's projection rank. The method keeps --FIELD, the procedure's is --galore-FIELD, and each
+    value reaches its own config."""
+    from lorakit.cli import _procedure_settings, build_parser
+
+    args = build_parser(method, "galore").parse_args(
+        ["train", "--method", method, "--procedure", "galore", f"--{field}", mine, f"--galore-{field}", theirs])
+    assert str(getattr(args, field)) == mine
+    assert str(_procedure_settings(args)["procedure_args"][field]) == theirs
+    with pytest.raises(SystemExit):
+        main(["train", "--method", method, "--procedure", "galore", "--help"])
+    assert f"--galore-{field}" in capsys.readouterr().out

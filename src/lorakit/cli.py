@@ -121,11 +121,17 @@ def _is_file_spec(spec: str) -> bool:
 
 
 def _load_examples(spec: str, split: str, n: int | None, default_per_task: int, seed: int, tokenizer: Any):
-    """Built-in tasks: ``n`` (default ``default_per_task``) per task; a user file: all of it unless ``n``."""
+    """Built-in tasks: ``n`` (default ``default_per_task``) per task; a user file: all of it unless ``n``, with a
+    warning on stderr when the file holds fewer than the ``n`` asked (``--train-examples`` / ``--eval-examples``)."""
     from .data import load_examples
 
     if _is_file_spec(spec):
-        return load_examples(spec, split, n=n, seed=seed, tokenizer=tokenizer)
+        examples = load_examples(spec, split, n=n, seed=seed, tokenizer=tokenizer)
+        if n is not None and len(examples) < n:
+            flag = "--train-examples" if split == "train" else "--eval-examples"
+            print(f"warning: {flag} {n} asks for {n} examples, but {spec} holds only {len(examples)}; using those "
+                  f"{len(examples)}", file=sys.stderr)
+        return examples
     return load_examples(spec, split, n=n or default_per_task, seed=seed, tokenizer=tokenizer)
 
 
@@ -168,9 +174,10 @@ def _add_with_init(model, adapter_config, args) -> None:
 
 
 def _check_init_options(args, adapter_config) -> None:
-    """--init-options name options the init takes, and there is an init to take them (--init, or one the
-    method's config names, e.g. --init-lora-weights eva): ConfigError before the model is loaded."""
-    from .core.inits import get_init
+    """--init-options name options the init takes, there is an init to take them (--init, or one the
+    method's config names, e.g. --init-lora-weights eva), and the init works on --method's adapters (LoRA-SB needs
+    a B·M·A method such as lora_xs): ConfigError before the model is loaded."""
+    from .core.inits import check_init_config
 
     spec = args.init if args.init is not None else adapter_config.requested_init()
     if spec is None:
@@ -178,7 +185,7 @@ def _check_init_options(args, adapter_config) -> None:
             raise ConfigError("--init-options is given but no init runs: name one with --init NAME "
                               "(lorakit train --help lists them).")
         return
-    init = get_init(spec)
+    init = check_init_config(spec, adapter_config)
     init.check_options(args.init_options)
     if init.changes_base and getattr(args, "quantize", None):
         raise ConfigError(f"--init {spec} changes the base weights, which --quantize {args.quantize} stores in 4 bit; "
@@ -311,6 +318,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     adapter_config = config_from_args(method.config_cls, args, **targets)
     _check_init_options(args, adapter_config)
     _check_loram_flags(args, adapter_config)
+    adapter_config.check_inputs()  # files the config names (a mixture's source adapters), before any model loads
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents
@@ -325,6 +333,10 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         init_batches=args.init_batches, distributed=args.distributed,
         gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
+    if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
+        from .training.procedures import get_procedure
+        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config,
+                                                            normalize_task_type(args.task_type))
     if args.resume_from:
         given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
         _check_resume(Path(args.resume_from), adapter_config, train_config, given)
@@ -465,6 +477,10 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         train_examples, eval_examples = (_with_mode_token(e, args.mode_token, tokenizer)
                                          for e in (train_examples, eval_examples))
 
+    if config.procedure is not None:  # a held-out split the data cannot give (Flexora): refused before any model loads
+        from .training.loop import split_validation
+        from .training.procedures import get_procedure
+        split_validation(get_procedure(config.procedure).build(config), config, train_examples)
     torch.manual_seed(args.seed)
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if classify and args.loram_ratio is not None:
@@ -785,9 +801,11 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
+            from .hub import resolve_model_path  # "bundled" (what a bundled-base adapter records) -> its folder
+
             with torch.device("meta"):
                 host = {n for n, _ in AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(base, local_files_only=True)).named_modules() if n}
+                    AutoConfig.from_pretrained(resolve_model_path(base), local_files_only=True)).named_modules() if n}
         except Exception:  # any failure to rebuild the base: fall back to reading the keys alone
             host = None
     modules = set()
@@ -1188,14 +1206,28 @@ def _common_model(p: argparse.ArgumentParser) -> None:
 
 
 # -- training procedures: --procedure NAME and that procedure's options -----------------------------------
-def _add_procedure_options(parser: argparse.ArgumentParser, procedure_name: str | None) -> None:
+def _add_procedure_options(parser: argparse.ArgumentParser, procedure_name: str | None, method_name: str) -> None:
     from .training.procedures import get_procedure, list_procedures
 
     parser.add_argument("--procedure", default=None, choices=[p.name for p in list_procedures()],
                         help="training procedure (optimizer, parameter groups, per-step hooks); "
                              "`lorakit train --procedure NAME --help` lists its options (default: plain AdamW)")
     if procedure_name is not None:
-        add_config_options(parser, get_procedure(procedure_name).config_cls)
+        add_config_options(parser, get_procedure(procedure_name).config_cls,
+                           prefixed=_shared_fields(procedure_name, method_name))
+
+
+def _shared_fields(procedure_name: str, method_name: str) -> dict[str, str]:
+    """The procedure's fields that the method's config has too (GaLore's and IncreLoRA's beta1, GaLore's and
+    DyLoRA's rank): the procedure's get ``--PROCEDURE-FIELD`` flags, so both can be given (was: argparse's
+    "conflicting option string" crash)."""
+    from . import get_method
+    from .cli_options import NOT_ON_CLI
+    from .training.procedures import get_procedure
+
+    method_fields = {f.name for f in dataclasses.fields(get_method(method_name).config_cls)} - NOT_ON_CLI
+    return {f.name: procedure_name for f in dataclasses.fields(get_procedure(procedure_name).config_cls)
+            if f.name in method_fields}
 
 
 def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -1204,8 +1236,10 @@ def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
     from .training.procedures import get_procedure
 
     fields = dataclasses.fields(get_procedure(args.procedure).config_cls)
-    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, f.name) for f in fields
-                                                            if getattr(args, f.name, None) is not None}}
+    dest = {f.name: f"{args.procedure}_{f.name}" if f.name in _shared_fields(args.procedure, args.method) else f.name
+            for f in fields}
+    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, dest[f.name]) for f in fields
+                                                            if getattr(args, dest[f.name], None) is not None}}
 
 
 def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None:
@@ -1281,7 +1315,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                         "(--batch-size is per process; see docs/distributed.md)")
     _add_init_options(t)
     add_config_options(t, get_method(method_name).config_cls)
-    _add_procedure_options(t, procedure_name)
+    _add_procedure_options(t, procedure_name, method_name)
     t.set_defaults(func=cmd_train)
 
 

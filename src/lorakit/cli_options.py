@@ -17,7 +17,7 @@ import re
 import sys
 import typing
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .cli_parser import json_arg
 
@@ -91,8 +91,12 @@ def _scalar(text: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per field of ``config_cls`` (default None: the config's own default applies)."""
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type, prefixed: Mapping[str, str] | None = None
+                       ) -> None:
+    """One flag per field of ``config_cls`` (default None: the config's own default applies). ``prefixed``:
+    fields whose plain flag another option group already has (a method and a procedure with the same field name)
+    -> a prefix; such a field gets ``--PREFIX-FIELD`` and the dest ``PREFIX_FIELD`` instead."""
+    prefixed = prefixed or {}
     group = parser.add_argument_group(f"{config_cls.method} options (from {config_cls.__name__})")
     hints = typing.get_type_hints(config_cls)
     old_names: dict[str, list[str]] = {}
@@ -127,6 +131,12 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
         olds = old_names.get(f.name, ())
         if olds:  # the new flag, too, notes that it was given: one field may not be given under both names
             kwargs["action"] = _renamed_flag(kwargs.get("action"), flag(f.name), old=False)
+        if f.name in prefixed:
+            dest = f"{prefixed[f.name]}_{f.name}"
+            group.add_argument(flag(dest), dest=dest, **kwargs)
+            if hasattr(parser, "field_flags"):  # errors about this field name the flag it has here
+                parser.field_flags[f"{config_cls.__name__}.{f.name}"] = flag(dest)
+            continue
         group.add_argument(flag(f.name), **kwargs)
         rest = {k: v for k, v in kwargs.items() if k not in ("action", "help")}
         for old in olds:

@@ -41,6 +41,40 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
+def portable_model_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """What an adapter file records as its base (``base_model_name_or_path``): a bundled model's name (``"bundled"``,
+    ``"bundled-small"``, what ``--model`` and :func:`resolve_model_path` take) in place of its asset folder's
+    absolute path, which names this installation only; any other folder or hub id as given (None stays None).
+
+    PEFT reads the field only in ``AutoPeftModel*.from_pretrained`` (``peft/auto.py``: it loads the base from it);
+    PEFT users of a bundled-base adapter load the base themselves (``lorakit.hub.load_model_and_tokenizer("bundled")``
+    or ``lorakit.assets.BUNDLED_MODELS["bundled"]``) and call ``PeftModel.from_pretrained(base, adapter)``, which
+    does not read it."""
+    if name_or_path in (None, ""):
+        return None
+    text = os.fspath(name_or_path)
+    if text in BUNDLED_MODELS:
+        return text
+    try:
+        here = Path(text).resolve()
+    except (OSError, RuntimeError):
+        return text
+    for name, folder in BUNDLED_MODELS.items():
+        if here == folder.resolve():
+            return name
+    return text
+
+
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model names (``base_model_name_or_path`` values, a model's ``name_or_path``) name the same
+    model: a bundled model's name and its asset folder alike, folders by resolved path, hub ids as written."""
+    def key(name: str | os.PathLike) -> str:
+        text = portable_model_name(name) or ""
+        return text if text in BUNDLED_MODELS or not Path(text).exists() else str(Path(text).resolve())
+
+    return key(a) == key(b)
+
+
 def check_model(model: str | os.PathLike | None, flag: str = "--model") -> str:
     """Before anything loads: that ``model`` names a model (a bundled name, a folder with config.json, or a hub id
     in the local Hugging Face cache when offline) — the folder or hub id to load. Reads no weights; a command that

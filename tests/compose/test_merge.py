@@ -374,3 +374,44 @@ def test_the_benchmark_rows_use_only_options_their_methods_read():
     for method, opts in MERGES.values():
         merge_method, truncate = get_merge_method(method)
         _options({k: v for k, v in opts.items() if k != "weights"} | {"seed": 0}, merge_method, truncate)
+
+
+def _dora_pissa(path):
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["q_proj"]), init="pissa")
+    lk.save_adapter(model, path)
+    return path
+
+
+def test_a_dora_source_with_a_base_changing_init_is_named_by_its_folder_or_adapter_name(tmp_path):
+    """Was: "source 0 is DoRA with an init that changed the base weights" — the refusal names the source as the
+    user gave it: the folder (as passed), or the name of the adapter on the model."""
+    folder = _dora_pissa(tmp_path / "dora_pissa")
+    with pytest.raises(ConfigError, match=rf"source '{folder}' is DoRA with an init that changed the base weights"):
+        merge_adapters([str(folder)], model=tiny_llama())
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=3, use_dora=True, target_modules=["q_proj"]), name="mine", init="pissa")
+    with pytest.raises(ConfigError, match=r"source 'mine' is DoRA with an init that changed the base weights"):
+        merge_adapters(["mine"], model=model)
+
+
+def test_a_folder_source_that_refactorises_is_refused_beside_a_base_changing_adapter_on_the_model(tmp_path, ids):
+    """A PiSSA adapter on the model by name has already replaced W by W − s·B₀A₀; a PiSSA / OLoRA folder re-runs its
+    init on load (as PEFT does) and would factorise that edited W, not the base it was trained on. Refused before
+    anything loads, naming the folder and the adapter (core.inits.changed_base_error's advice: export it first);
+    a plain folder LoRA beside it still merges."""
+    pissa = _trained_with_init(tmp_path / "pissa", "pissa", 1)
+    olora = _trained_with_init(tmp_path / "olora", "olora", 2)
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]),
+                   name="mine", init="pissa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for folder in (pissa, olora):
+        with pytest.raises(ConfigError, match=rf"source '{folder}': init_lora_weights='(pissa|olora)' moved part of "
+                                              r"the base .* adapter\(s\) \['mine'\] on the model have already changed"):
+            merge_adapters(["mine", str(folder)], model=model)
+    assert lk.core.model.adapter_names(model) == ["mine"]  # nothing was loaded
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    make_adapter(tiny_llama, tmp_path / "plain", seed=3, r=2, target_modules=["q_proj"])
+    merged = merge_adapters(["mine", str(tmp_path / "plain")], model=model)  # no init re-run on load: fine
+    assert merged.config.r > 0

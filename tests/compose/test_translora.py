@@ -117,6 +117,43 @@ def test_discriminator_learns_real_from_synthetic(real, monkeypatch):
     assert (scores[:4] > 0.5).all() and scores[4] < 0.5
 
 
+def test_discriminator_trains_on_equal_numbers_when_sampling_falls_short(real, tokenizer, monkeypatch):
+    """Was: all 8 real prompts (True) against the 6 synthetic ones sampling produced (False). The paper's
+    discriminator sees the two classes in equal numbers (translora_synthesis.train_discriminator's docstring has
+    the source and why no official code could be checked): 6 real prompts, drawn from the 8, against the 6."""
+    import lorakit.training
+
+    fake = [f"reverse: zz{i} =>" for i in range(3)]  # 3 per round × FAST's max_rounds=2 = 6 < 8 real
+    monkeypatch.setattr(tl, "sample_candidates", lambda *a, **k: (fake, len(fake)))
+    seen = []
+    real_train = lorakit.training.train
+
+    def spy(model, tok, examples, *args, **kwargs):  # the real loop, recording what it is given
+        seen.append(list(examples))
+        return real_train(model, tok, examples, *args, **kwargs)
+
+    monkeypatch.setattr(lorakit.training, "train", spy)
+    with pytest.warns(UserWarning, match="wrote 6 whole synthetic prompts in max_rounds=2 rounds, fewer than the 8 "
+                                         "real ones; it trains on 6 of each"):
+        stats = tl.train_discriminator(_source(tokenizer), tokenizer, real, TransLoraConfig(**FAST), random.Random(0))
+    assert (stats["real"], stats["synthetic"], stats["real_available"]) == (6, 6, 8)
+    [examples] = seen
+    labels = [ex.completion for ex in examples]
+    assert labels.count(REAL) == labels.count(SYNTHETIC) == 6
+    real_prompts = {tl._disc_example(ex.prompt, True).prompt for ex in real}
+    assert {ex.prompt for ex in examples if ex.completion == REAL} <= real_prompts  # six distinct real ones
+    assert len({ex.prompt for ex in examples if ex.completion == REAL}) == 6
+
+
+def test_synthesis_that_keeps_fewer_than_asked_says_so():
+    """n_synthetic=6 asked, 2 candidates a round all kept, max_rounds=2: 4 kept, and a warning names 4 and 6."""
+    config = TransLoraConfig(**FAST)
+    with pytest.warns(UserWarning, match=r"4 of the n_synthetic=6 prompts asked were kept after max_rounds=2 rounds "
+                                         r"\(4 candidates\)"):
+        kept, sampled, rounds = tl.synthesize(lambda n: (["a =>", "b =>"], 2), lambda ps: torch.ones(len(ps)), config)
+    assert (len(kept), sampled, rounds) == (4, 4, 2)
+
+
 def test_prompt_end_and_cut():
     seeds = [Example("reverse: a b =>", " b a"), Example("reverse: x y z =>", " z y x")]
     assert default_prompt_end(seeds) == " =>"

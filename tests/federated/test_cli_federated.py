@@ -41,6 +41,20 @@ def test_federate_refuses_no_eval_examples_up_front(tmp_path, capsys):
     FederatedConfig(eval_examples=0, evaluate=False)  # nothing is scored: no examples needed
 
 
+def test_federate_refuses_fewer_examples_than_clients_up_front(tmp_path, capsys):
+    """Was: the server loaded the model, then every client failed in ``partition`` (each client needs one example:
+    its contract, ``partition.py``). Built-in tasks give ``train_examples`` per task, so the config tells."""
+    from lorakit.core.errors import ConfigError
+    from lorakit.federated.base import FederatedConfig
+
+    assert main(["federate", "--clients", "5", "--data", "reverse,sort", "--train-examples", "2",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "--train-examples 2 per task × 2 task(s) cannot be split over 5 clients" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="cannot be split over 5 clients"):
+        FederatedConfig(clients=5, data="reverse", train_examples=4)
+    FederatedConfig(clients=4, data="reverse,sort", train_examples=2)  # 4 examples for 4 clients: fits
+
+
 @pytest.mark.slow
 def test_federate_runs_flower_simulation(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"

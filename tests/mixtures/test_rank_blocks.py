@@ -50,8 +50,11 @@ def test_fresh_experts_add_nothing_and_frozen_experts_name_their_factors():
 
 def test_bad_input_names_the_problem():
     delta = LoraExperts(INFO, LoraExpertsConfig(**CONFIG), trainable=True)
-    with pytest.raises(lk.AdapterLoadError, match=r"adapter 1: .*expected \(3, 8\), \(6, 3\)"):
+    with pytest.raises(lk.AdapterLoadError, match=r"expert 1: .*expected \(3, 8\), \(6, 3\)"):
         delta.set_expert(1, torch.zeros(2, 8), torch.zeros(6, 2))
+    # an expert read from a folder is named by the folder and module (load_sources), not by its index
+    with pytest.raises(lk.AdapterLoadError, match=r"^source adapter /runs/b \(module 'q_proj'\): LoRA factors"):
+        delta.set_expert(1, torch.zeros(2, 8), torch.zeros(6, 2), source="/runs/b (module 'q_proj')")
     with pytest.raises(lk.ConfigError, match="num_experts=3 but 2 adapter_paths"):
         LoraExpertsConfig(adapter_paths=["a", "b"], num_experts=3)
     with pytest.raises(lk.ConfigError, match="expert_alpha has 1 entries for 2 experts"):

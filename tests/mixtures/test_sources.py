@@ -21,3 +21,20 @@ def test_a_source_relative_to_a_changed_base_is_refused(init, tmp_path):
         read_lora_source(tmp_path / "a")
     lk.save_adapter(model, tmp_path / "plain", original_base=True)
     assert read_lora_source(tmp_path / "plain").config.r == 4
+
+
+def test_a_source_of_another_base_is_named_by_its_folder(tmp_path):
+    """A mixture expert whose factors do not fit the layer (trained on a wider base): the error names the folder
+    and the module, not "adapter 1"."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"])), tmp_path / "fits")
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    lk.save_adapter(lk.add_adapter(wide, lk.LoraConfig(r=2, target_modules=["q_proj"])), tmp_path / "wide")
+    config = lk.get_method("meteora").config_cls(adapter_paths=[str(tmp_path / "fits"), str(tmp_path / "wide")])
+    with pytest.raises(lk.AdapterLoadError, match=rf"source adapter {tmp_path / 'wide'} \(module "
+                                                  r"'model.layers.0.self_attn.q_proj'\): LoRA factors"):
+        lk.add_adapter(tiny_llama(), config)

@@ -54,6 +54,25 @@ def test_sample_mixture_blocks_follows_the_weights():
     assert int((mixed[:, 0] == 0).sum()) == 80  # "a" has 10 blocks: repeated over 8 passes
 
 
+@pytest.mark.parametrize("weights,n,expected", [
+    # three equal domains, 4 blocks: quotas 4/3 each; round() gave 1 + 1 + 1 = 3. Largest remainder: floors 1, 1, 1,
+    # one block left, all remainders 1/3: the first domain (ties keep the order) -> 2, 1, 1
+    ({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 4, {"a": 2, "b": 1, "c": 1}),
+    # quotas 1.5, 1.5: round() (half to even) gave 2 + 2 = 4 for 3 blocks; floors 1, 1 + one left -> 2, 1
+    ({"a": 0.5, "b": 0.5}, 3, {"a": 2, "b": 1}),
+    # quotas 0.7, 2.1, 4.2 for 7 blocks: floors 0, 2, 4 (6), one left to the largest remainder 0.7 (a) -> 1, 2, 4
+    ({"a": 0.1, "b": 0.3, "c": 0.6}, 7, {"a": 1, "b": 2, "c": 4}),
+    ({"a": 0.8, "b": 0.2}, 100, {"a": 80, "b": 20}),  # exact quotas stay as they are
+])
+def test_tiny_mixtures_add_up_to_exactly_steps_times_batch(weights, n, expected):
+    """Hamilton's largest-remainder apportionment: counts are the quotas' floors plus one for each of the
+    n − Σfloor largest remainders, so they sum to n (the number of blocks steps × batch_size asks for)."""
+    blocks = {name: torch.full((5, 3), i, dtype=torch.long) for i, name in enumerate(weights)}
+    mixed = sample_mixture_blocks(blocks, weights, n, torch.Generator().manual_seed(0))
+    assert mixed.shape == (n, 3)
+    assert {name: int((mixed[:, 0] == i).sum()) for i, name in enumerate(weights)} == expected
+
+
 def test_pretrain_config_rejects_bad_mixtures():
     with pytest.raises(ConfigError, match="Did you mean: docs"):
         PretrainConfig(mixture="dcs=1")

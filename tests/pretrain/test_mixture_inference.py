@@ -53,6 +53,16 @@ def test_lp_recovers_the_exact_mixture_when_samples_are_the_training_text(tmp_pa
     assert err["max_abs"] < 0.01, (truth, result.byte_share)
 
 
+def test_more_merges_asked_than_the_tokenizer_has_is_said(tmp_path, texts):
+    """--merges 100000 on a tokenizer with fewer merges: the replay uses all it has and a warning names both counts
+    (was: silence)."""
+    bpe = _tokenizer_on(tmp_path, texts, {n: 1 for n in texts}, vocab_size=300)
+    have = len(bpe.merges)
+    with pytest.warns(UserWarning, match=rf"n_merges \(--merges\) = 100000, but the tokenizer has only {have} merges"):
+        result = mi.infer_from_texts(bpe, {n: [texts[n]] for n in texts}, n_merges=100000)
+    assert result.n_merges == have
+
+
 def test_lp_orders_mixtures(tmp_path, texts):
     """Swapping which category dominates the training data swaps the inferred order."""
     shares = []

@@ -116,6 +116,25 @@ def test_checkpoint_of_two_processes_resumes_in_one(launched, single, tmp_path):
     assert not list(out.glob("run2/.*tmp*")), "rank 0 writes through a temporary folder that it renames"
 
 
+def test_resuming_with_another_global_batch_warns_naming_both(launched, single):
+    """docs/distributed.md allows resuming with another number of processes; the same global batch (2 processes ×
+    batch 2 → 1 × 4, grad_accum 2: 8 per step) resumes silently, another one (1 × 2: 4 per step) gets a warning
+    naming the checkpoint's 8 and this run's 4 (was: silence)."""
+    import warnings
+
+    out, _ = launched
+    run, _ = single
+    checkpoint = str(out / "run2" / "checkpoint-2")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resuming .* with another global batch")
+        run("lora", steps=3, resume_from=checkpoint)
+    with pytest.warns(UserWarning, match=r"the checkpoint trained on 8 examples per step \(batch_size 2 × grad_accum "
+                                         r"2 × 2 processes\), this run trains on 4 \(batch_size 2 × grad_accum 2 × 1 "
+                                         r"process\)"):
+        _, result = run("lora", steps=3, resume_from=checkpoint, batch_size=2)
+    assert result.start_step == 2  # allowed: it goes on
+
+
 def test_checkpoint_of_one_process_resumes_in_two(launched, single):
     out, records = launched
     run, _ = single

@@ -68,3 +68,47 @@ def test_zero_init_batches_for_a_data_driven_init_names_the_setting(data_init, m
         with pytest.raises(lk.ConfigError, match="init_batches is 0.*'test_data' is data-driven"):
             run(model)
         assert not data_init
+
+
+def test_more_init_batches_than_the_data_fills_warns_and_uses_what_there_is(data_init, make_model, tokenizer,
+                                                                            reverse_train):
+    """Was: init_batches=50 on 8 examples (4 batches of 2) ran silently on 50 batches cycling the same 8 examples.
+    Contract (TrainConfig: "how many batches a data-driven init gets"): the data fills ceil(8 / 2) = 4 batches, so
+    the init gets those 4, and the warning names 50 and 4; train_concurrent does the same per job."""
+    from lorakit.training import Job, train_concurrent
+
+    data = reverse_train[:8]
+    config = TrainConfig(steps=1, batch_size=2, init_batches=50)
+    for run in (lambda m: train(m, tokenizer, data, config, progress=False),
+                lambda m: train_concurrent(m, tokenizer, [Job("default", data, config)], progress=False)):
+        data_init.clear()
+        with pytest.warns(UserWarning, match=r"init_batches \(--init-batches\) = 50, but the training data \(8 "
+                                             r"examples, batch_size 2\) fills only 4 batches"):
+            run(make_model(init_lora_weights="test_data"))
+        assert len(data_init) == 1 and len(data_init[0]) == 4
+        seen = sorted(tuple(row.tolist()) for b in data_init[0] for row in b["input_ids"])
+        assert len(set(seen)) == 8  # each example once, none repeated to fill the count
+
+
+def test_the_trainer_callback_warns_when_the_loader_has_fewer_init_batches(hooked_method, make_model, tokenizer,
+                                                                           reverse_train, tmp_path):
+    """LorakitCallback(init_batches=5) on a loader of 2 batches: the method's init runs on the 2 there are, and a
+    warning names 5 and 2 (was: silence)."""
+    from torch.utils.data import DataLoader
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lorakit.data import CausalLMCollator, TokenizedDataset
+    from lorakit.training import LorakitCallback
+
+    model = make_model(hooked_method.config(r=4, target_modules=["q_proj"]))
+    loader = DataLoader(TokenizedDataset(reverse_train[:4], tokenizer), batch_size=2,
+                        collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
+    callback = LorakitCallback("default", init_batches=5)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    try:
+        with pytest.warns(UserWarning, match=r"init_batches=5\): the training data loader gave only 2 batches"):
+            callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    finally:
+        callback._restore_forward()
+    [batches] = hooked_method.calls["init"]
+    assert len(batches) == 2

@@ -39,7 +39,7 @@ from torch import nn
 from .. import __version__
 from ..core.delta import describe_layer, oriented_weight
 from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
-from ..core.inits import BaseEdit, base_edits, restore_base
+from ..core.inits import BaseEdit, base_edits, changed_base_error, find_init, restore_base
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
@@ -240,6 +240,7 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], di
     source's base edits (an init that moved part of W into the adapter: PiSSA, OLoRA, LoRA-GA ...). A folder
     source's edits are undone right after it loads, so the base is the original for the next source (PiSSA on
     load factorises the weight it finds); nothing stays loaded on failure."""
+    _refuse_refactorising(model, sources)
     names, loaded = [], []
     edits: dict[str, dict[str, BaseEdit]] = {}
     try:
@@ -273,13 +274,37 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], di
     return names, loaded, edits
 
 
+def _refuse_refactorising(model: nn.Module, sources) -> None:
+    """ConfigError before anything loads when a folder source's init runs again on load (PiSSA, OLoRA:
+    ``Init.rerun_on_load``, which factorises the base weights it finds) while an adapter already on ``model`` has
+    changed those weights (its init moved part of the base into it, e.g. a PiSSA adapter passed by name): the
+    folder source would factorise the edited base, not the one it was trained on."""
+    from ..io.peft_format import read_adapter_config
+
+    edited = sorted(name for name, record in adapter_state(model).inits.items() if record.edits)
+    if not edited:
+        return
+    for src in sources:
+        if not Path(src).is_dir():
+            continue  # an adapter on the model by name
+        spec = read_adapter_config(Path(src)).requested_init()
+        init = find_init(spec) if spec is not None else None
+        if init is not None and init.rerun_on_load:
+            raise ConfigError(changed_base_error(
+                f"source {str(src)!r}", spec,
+                f"— and loading it would redo {init.name!r} on this model's base, which adapter(s) {edited} on "
+                f"the model have already changed (their init moved part of it into them), so it would factorise "
+                f"the wrong weights"))
+
+
 def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> None:
     """A source that fails to load and records another base than the merge's (``model``'s, else the first
     source's): AdapterLoadError saying so first, then the loader's details."""
+    from ..hub import same_model
     from ..io.peft_format import _name_or_path
 
     base, ours = _base_name(src), _name_or_path(model) or _base_name(sources[0])
-    if base and ours and Path(str(base)).resolve() != Path(str(ours)).resolve():
+    if base and ours and not same_model(base, ours):
         raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
                                f"merge adapters of one base model (loading it failed: {error})") from None
 
@@ -292,9 +317,11 @@ def _cpu32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32)
 
 
-def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[str, BaseEdit | None]):
+def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[str, BaseEdit | None],
+                  labels: Sequence[str] | None = None):
     """(ModuleTerms, DoRA row scales σ (N, out) or None, indices of the sources present, base weight (out, in) or
-    None) for one adapted layer; plain sources get σ = 1 next to DoRA ones. ``edits[name]``: the base edit source
+    None) for one adapted layer; plain sources get σ = 1 next to DoRA ones. ``labels``: how errors name each
+    source (its folder or adapter name as given; default the names on the model). ``edits[name]``: the base edit source
     ``name``'s init made here (``W_init = W + s_e·B_e A_e``), whose units join the source's, so its ΔW is the one
     from the original base (PEFT's ``path_initial_model_for_weight_conversion``: rank r + r_e)."""
     present = [i for i, n in enumerate(names) if n in layer.adapters]
@@ -310,8 +337,9 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[st
             B.append(_cpu32(units.B))
         else:
             if hasattr(delta, "lora_magnitude_vector"):
-                raise ConfigError(f"source {i} is DoRA with an init that changed the base weights; its magnitude "
-                                  "is relative to that base. Merge a DoRA adapter without such an init.")
+                label = (labels or names)[i]
+                raise ConfigError(f"source {label!r} is DoRA with an init that changed the base weights; its "
+                                  "magnitude is relative to that base. Merge a DoRA adapter without such an init.")
             A.append(torch.cat([_cpu32(units.A), _cpu32(edit.A)]))  # (r + r_e, in)
             B.append(torch.cat([_cpu32(units.B), _cpu32(edit.B) * (edit.scaling / float(units.scaling))], 1))
         s.append(float(units.scaling))
@@ -356,7 +384,7 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
                               f"grouped, which a merged (dense) low-rank factor does not fit. Exclude it from the "
                               f"sources (exclude_modules) to merge the rest.")
         here = {n: e[path] for n, e in (edits or {}).items() if path in e}
-        terms, row_scale, present, base_w = _module_terms(layer, names, weights, here)
+        terms, row_scale, present, base_w = _module_terms(layer, names, weights, here, labels)
         magnitude = None
         if row_scale is not None:
             if method.coefficients is None:

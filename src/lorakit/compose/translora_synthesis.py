@@ -7,6 +7,7 @@ has the few-shot format and the discriminator's score ``p = exp ℓ_T / (exp ℓ
 from __future__ import annotations
 
 import random
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -141,11 +142,20 @@ def filter_candidates(prompts: Sequence[str], scores: torch.Tensor, threshold: f
 
 def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example], config: TransLoraConfig,
                         rng: random.Random) -> dict[str, Any]:
-    """Add adapter ``DISCRIMINATOR`` to the source base ``model`` and train it on the prompts of ``real`` (label
-    yes) against as many prompts the base, few-shot prompted with the first ``n_seeds`` of ``real``, writes (no).
+    """Add adapter ``DISCRIMINATOR`` to the source base ``model`` and train it on equal numbers of real prompts
+    (label yes) and prompts the base, few-shot prompted with the first ``n_seeds`` of ``real``, writes (no).
+
+    Balance: equal numbers of real and synthetic prompts, as translora.py's docstring reads the paper's
+    discriminator training (arXiv:2405.17258, Sec. 3 and Fig. 1 step 2-3: real task samples against samples the
+    source model synthesises). No official code exists to check it against: the code, docs and pages corpora hold
+    no Trans-LoRA repository, and ``fetch github:IBM/Trans-LoRA`` has no snapshot (searched 2026-11-30). Sampling
+    runs until it has one synthetic prompt per real one or ``max_rounds`` are spent; when it got fewer, as many of
+    the real prompts, drawn with ``rng`` without replacement, are used (the others are not trained on), so the two
+    classes stay the same size and the classifier is not pushed towards "real" by the counts alone.
 
     Run with the source LoRA inactive (the paper's synthetic data for the discriminator comes from the source
-    *model*). Returns its accuracy on its training set and the counts.
+    *model*). Returns its accuracy on its training set and the counts: ``real`` and ``synthetic`` (equal, the
+    examples trained on) and ``real_available`` (``len(real)``).
     """
     from ..methods.lora import LoraConfig
     from ..training import TrainConfig, train
@@ -161,7 +171,12 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
     if not synthetic:
         raise LorakitError(no_whole_prompt_message("to train the discriminator, the source base",
                                                    config.max_rounds * config.candidates_per_round, config, seeds))
-    examples = [_disc_example(ex.prompt, True) for ex in real] + [_disc_example(p, False) for p in synthetic]
+    used = list(real) if len(synthetic) == len(real) else rng.sample(list(real), len(synthetic))  # equal classes
+    if len(used) < len(real):
+        warnings.warn(f"Trans-LoRA discriminator: sampling wrote {len(synthetic)} whole synthetic prompts in "
+                      f"max_rounds={config.max_rounds} rounds, fewer than the {len(real)} real ones; it trains on "
+                      f"{len(used)} of each (raise max_rounds or candidates_per_round for more).", stacklevel=2)
+    examples = [_disc_example(ex.prompt, True) for ex in used] + [_disc_example(p, False) for p in synthetic]
     rng.shuffle(examples)
     disc = LoraConfig(r=config.disc_r, lora_alpha=2 * config.disc_r, target_modules="all-linear")
     add_adapter(model, disc, DISCRIMINATOR)
@@ -170,11 +185,11 @@ def train_discriminator(model: nn.Module, tokenizer: Any, real: Sequence[Example
                                                              lr=config.disc_lr, seed=config.seed, output_dir=None,
                                                              lr_schedule="cosine"), adapter_name=DISCRIMINATOR,
                    progress=False)
-    texts = [ex.prompt for ex in real] + synthetic
-    labels = torch.tensor([1.0] * len(real) + [0.0] * len(synthetic))
+    texts = [ex.prompt for ex in used] + synthetic
+    labels = torch.tensor([1.0] * len(used) + [0.0] * len(synthetic))
     accuracy = ((discriminator_scores(model, tokenizer, texts) > 0.5).float() == labels).float().mean().item()
-    return {"real": len(real), "synthetic": len(synthetic), "train_accuracy": round(accuracy, 4),
-            "final_loss": round(result.losses[-1], 4)}
+    return {"real": len(used), "synthetic": len(synthetic), "real_available": len(real),
+            "train_accuracy": round(accuracy, 4), "final_loss": round(result.losses[-1], 4)}
 
 
 def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[list[str]], torch.Tensor],
@@ -189,6 +204,10 @@ def synthesize(sample: Callable[[int], tuple[list[str], int]], score: Callable[[
         sampled, rounds = sampled + n, rounds + 1
         if candidates:
             kept += filter_candidates(candidates, score(candidates), config.threshold)
+    if kept and len(kept) < config.n_synthetic:
+        warnings.warn(f"Trans-LoRA synthesis: {len(kept)} of the n_synthetic={config.n_synthetic} prompts asked were "
+                      f"kept after max_rounds={config.max_rounds} rounds ({sampled} candidates); the target LoRA "
+                      f"trains on those {len(kept)} (raise max_rounds or lower threshold for more).", stacklevel=2)
     return kept[: config.n_synthetic], sampled, rounds
 
 

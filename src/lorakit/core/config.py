@@ -193,6 +193,11 @@ class AdapterConfig:
         raise ConfigError(f"method {self.method!r} has no field that selects an init, so {init!r} cannot be applied "
                           "to it; inits work on methods whose config overrides with_init (e.g. lora).")
 
+    def check_inputs(self) -> None:
+        """Check what the config names outside itself (files it reads, e.g. a mixture's source adapters) without a
+        model: front ends (``lorakit train``) call it before loading one. Raises the errors reading them would;
+        the default has nothing to read."""
+
     def for_module(self, module_name: str) -> "AdapterConfig":
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self

@@ -50,6 +50,10 @@ class Init:
     builds the adapter, so the pass runs without the adapter's tensors in memory, then calls ``run`` with
     ``estimate=data``; ``run`` without it (``init_adapter`` on an attached adapter) makes the pass itself.
     ``targets``: ``(path, base layer, LayerInfo)`` of every module the adapter will adapt.
+
+    ``fits(config) -> str | None`` (optional): why adapters of this config cannot take the init (None when they
+    can), from the config alone, so that :func:`check_init_config` refuses a mismatch (LoRA-SB on a plain LoRA)
+    before any model loads or any data pass runs.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Init:
     changes_base: bool = False
     rerun_on_load: bool = False
     estimate: Callable[..., Any] | None = None
+    fits: Callable[[Any], str | None] | None = None
 
     def accepts(self, spec: Any) -> bool:
         return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None
@@ -140,6 +145,18 @@ def changed_base_error(where: str, spec: Any, use: str) -> str | None:
             f"save_adapter(..., original_base=True) where it was trained), then use DIR.")
 
 
+def check_init_config(spec: str, config: Any) -> Init:
+    """The init ``spec`` names, after checking that ``config`` (an ``AdapterConfig``) can take it: its method has
+    a field that selects an init (``config.with_init``) and the init works on that method's adapters
+    (``Init.fits``). Needs no model: front ends call it before loading one. Raises ConfigError naming both."""
+    init = get_init(spec)
+    config = config.with_init(spec)  # ConfigError for a method without an init field
+    reason = init.fits(config) if init.fits is not None else None
+    if reason:
+        raise ConfigError(f"init {spec!r} cannot initialise a {type(config).method!r} adapter: {reason}")
+    return init
+
+
 def get_init(spec: str) -> Init:
     """The registered init ``spec`` names; ConfigError with near matches otherwise."""
     init = find_init(spec)
@@ -191,7 +208,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
 
     Running an init again first restores the base it changed before. Returns the :class:`InitRecord` (also kept
     on the model). Raises AdapterError (unknown adapter, merged adapter, missing batches) and ConfigError
-    (unknown init, or a method without an init field).
+    (unknown init, a method without an init field, or one whose adapters the init cannot set: ``Init.fits``).
     """
     from .model import adapter_state, check_adapter
 
@@ -199,7 +216,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     state = adapter_state(model)
     config = before = state.configs[adapter_name]
     if init is not None:
-        found = get_init(init)
+        found = check_init_config(init, config)
         config = state.configs[adapter_name] = config.with_init(init)
         spec = init
     else:
@@ -207,7 +224,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
         if spec is None:
             raise AdapterError(f"adapter {adapter_name!r}'s config names no init; pass init=NAME "
                                f"(registered: {', '.join(sorted(_INITS))}).")
-        found = get_init(spec)
+        found = check_init_config(spec, config)
     options = {**init_options(model, adapter_name), **options}
     try:
         found.check_options({k: v for k, v in options.items() if k != "estimate"})

@@ -18,7 +18,7 @@ from torch import nn
 from .config import AdapterConfig
 from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, did_you_mean
-from .inits import InitRecord, check_float_base, get_init, init_adapter, init_options, restore_base
+from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
 from .routing import check_adapter_names, current_routing
@@ -280,7 +280,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     if init is not None:
         config = config.with_init(init)
     spec = config.requested_init()
-    wanted = None if spec is None else get_init(spec)
+    wanted = None if spec is None else check_init_config(spec, config)  # before any target or data pass
     if wanted is None or (wanted.needs_data and not init_batches):
         attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
         return model

@@ -97,7 +97,12 @@ class FederatedConfig:
                 raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
         check_range(self, "fraction", 0, 1, low_open=True)
         if not looks_like_path(self.data):  # built-in task names: an empty item fails here, not in each client
-            comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data", required=True)
+            tasks = comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data",
+                                required=True)
+            if self.train_examples * len(tasks) < self.clients:  # partition() would refuse it in every client
+                raise field_error(self, "train_examples", f"={self.train_examples} per task × {len(tasks)} task(s) "
+                                  f"cannot be split over {self.clients} clients (each needs at least one example); "
+                                  "give more examples or fewer clients")
         if self.partition not in PARTITIONS:
             raise field_error(self, "partition", f" {self.partition!r} is not one of {PARTITIONS}"
                                                  f"{did_you_mean(self.partition, PARTITIONS)}")

@@ -19,6 +19,8 @@ from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, add_low_rank_to_base_weight
 from ..core.layer import AdapterLayer
 from ..core.model import adapter_layers, disable_adapters
+from ..core.registry import list_methods
+from ..methods.lora import LoraConfig
 
 
 @dataclass
@@ -54,6 +56,21 @@ class Target:
     def weight(self) -> torch.Tensor:
         """The base weight as (out, in), float32 (a view cast, not the stored tensor)."""
         return oriented_weight(self.layer.base_layer, self.layer.info).float()
+
+
+def config_is(config_cls: type, kind: str) -> Callable[[Any], str | None]:
+    """An ``Init.fits`` check: the adapter's config must be a ``config_cls`` (``kind`` says what such adapters
+    are); the reason names the registered methods whose configs are."""
+    def fits(config: Any) -> str | None:
+        if isinstance(config, config_cls):
+            return None
+        names = sorted(m.name for m in list_methods() if issubclass(m.config_cls, config_cls))
+        return f"it works on {kind} ({', '.join(names)}); use one of those methods or another init."
+    return fits
+
+
+# ``Init.fits`` of the inits that set or move B A factors (linear_targets / split_base_weight need them)
+lora_style = config_is(LoraConfig, "LoRA-style B·A adapters")
 
 
 def linear_targets(model: nn.Module, adapter_name: str, init: str, need_units: bool = True) -> list[Target]:

@@ -30,7 +30,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import disable_adapters
 from ._common import (Target, _device, _to, check_batches, check_factorisable, check_rank_fits, linear_targets,
-                      move_into_adapter)
+                      lora_style, move_into_adapter)
 
 MAX_DAMP_DOUBLINGS = 40
 
@@ -123,7 +123,7 @@ def run_corda(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str
 
 
 register_init(
-    "corda", run=run_corda, needs_data=True, changes_base=True,
+    "corda", run=run_corda, needs_data=True, changes_base=True, fits=lora_style,
     description="Adapter = r components of the SVD of W·C (C = input covariance from a few batches; ipm: largest, "
                 "kpm: smallest), base = the residual.",
     paper="Yang et al. 2024, arXiv:2406.05223",

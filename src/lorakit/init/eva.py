@@ -36,7 +36,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_state, disable_adapters, refresh_trainable
 from ..core.registry import get_method
-from ._common import Target, _device, _to, check_batches, linear_targets
+from ._common import Target, _device, _to, check_batches, linear_targets, lora_style
 
 
 class IncrementalPCA:
@@ -216,6 +216,14 @@ def eva_components(model: nn.Module, targets: list[Target], batches: list[Mappin
     return out
 
 
+def eva_fits(config: Any) -> str | None:
+    """``Init.fits``: a LoRA-style adapter without DoRA (EVA changes ranks, which a set DoRA magnitude cannot
+    follow)."""
+    if getattr(config, "use_dora", False):
+        return "a DoRA adapter cannot change rank after its magnitude was set; use plain LoRA (no use_dora)."
+    return lora_style(config)
+
+
 def run_eva(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, Any]] | None, spec: str, *,
             rho: float = 2.0, tau: float = 0.99, use_label_mask: bool = True, label_mask_value: int = -100,
             whiten: bool = False, adjust_scaling_factors: bool = True, max_passes: int = 20) -> dict[str, BaseEdit]:
@@ -230,8 +238,9 @@ def run_eva(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[str, 
     batches = check_batches(batches, spec)
     state = adapter_state(model)
     config = state.configs[adapter_name]
-    if getattr(config, "use_dora", False):
-        raise AdapterError("eva: a DoRA adapter cannot change rank after its magnitude was set; use plain LoRA.")
+    reason = eva_fits(config)
+    if reason:
+        raise AdapterError(f"eva: {reason}")
     targets = linear_targets(model, adapter_name, spec)
     ranks = {t.path: t.delta.units().A.shape[0] for t in targets}
     was_training = model.training
@@ -290,7 +299,7 @@ def _all_adapted(model: nn.Module, name: str):
 
 
 register_init(
-    "eva", run=run_eva, needs_data=True,
+    "eva", run=run_eva, needs_data=True, fits=eva_fits,
     description="A = top right singular vectors of each layer's inputs (incremental PCA until converged), ranks "
                 "redistributed by explained variance under the same budget, B = 0.",
     paper="Paischer et al. 2024, arXiv:2410.07170",

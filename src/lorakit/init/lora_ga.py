@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.inits import BaseEdit, register_init
-from ._common import (base_targets, check_factorisable, check_rank, linear_targets, move_into_adapter,
+from ._common import (base_targets, check_factorisable, check_rank, linear_targets, lora_style, move_into_adapter,
                       target_gradients)
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -154,7 +154,7 @@ def run_lora_ga(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
 
 register_init(
     "lora_ga", run=run_lora_ga, estimate=estimate_lora_ga, pattern=r"lora_ga(_official)?", needs_data=True,
-    changes_base=True,
+    changes_base=True, fits=lora_style,
     description="A, B from the SVD of the full-weight gradient over a few batches (ArB2r), base offset by −s·BA; "
                 "lora_ga = PEFT's scaling, lora_ga_official = the official repo's.",
     paper="Wang et al. 2024, arXiv:2407.05000",

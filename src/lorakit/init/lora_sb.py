@@ -28,8 +28,8 @@ from torch import nn
 from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
-from ..methods.nlora import MiddleLinear
-from ._common import Target, base_targets, check_factorisable, check_rank, target_gradients
+from ..methods.nlora import MiddleConfig, MiddleLinear
+from ._common import Target, base_targets, check_factorisable, check_rank, config_is, target_gradients
 
 
 def middle_targets(model: nn.Module, adapter_name: str, init: str) -> list[Target]:
@@ -46,6 +46,10 @@ def middle_targets(model: nn.Module, adapter_name: str, init: str) -> list[Targe
     if not out:
         raise AdapterError(f"init {init!r}: adapter {adapter_name!r} has no layers to initialise.")
     return out
+
+
+# ``Init.fits`` of the inits that set a B·M·A adapter's three factors (middle_targets needs them)
+middle_style = config_is(MiddleConfig, "B·M·A adapters")
 
 
 def lora_sb_factors(update: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +103,7 @@ def run_lora_sb(model: nn.Module, adapter_name: str, batches: Sequence[Mapping[s
 
 
 register_init(
-    "lora_sb", run=run_lora_sb, estimate=estimate_lora_sb, needs_data=True,
+    "lora_sb", run=run_lora_sb, estimate=estimate_lora_sb, needs_data=True, fits=middle_style,
     description="LoRA-XS's B R A set to the rank-r SVD of the approximate first full-FT step −η·sign(G) "
                 "(use with --method lora_xs).",
     paper="Ponkshe et al. 2024, arXiv:2411.19557",

@@ -17,7 +17,7 @@ from torch import nn
 from ..core.inits import BaseEdit, register_init
 from ..methods.nlora import nystrom_init
 from ._common import check_factorisable
-from .lora_sb import middle_targets
+from .lora_sb import middle_style, middle_targets
 
 
 def run_nystrom(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> dict[str, BaseEdit]:
@@ -31,7 +31,7 @@ def run_nystrom(model: nn.Module, adapter_name: str, batches: Any, spec: str) ->
 
 
 register_init(
-    "nlora", run=run_nystrom,
+    "nlora", run=run_nystrom, fits=middle_style,
     description="Nyström init of a B·N·A adapter: A = W[:r,:], N = W[:r,:r], B = W[:,:r] (official; base unchanged).",
     paper="Guo et al. 2025, arXiv:2502.14482",
 )

@@ -27,7 +27,7 @@ from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
-from ._common import adapter_record, check_factorisable, check_rank_fits, move_into_adapter
+from ._common import adapter_record, check_factorisable, check_rank_fits, lora_style, move_into_adapter
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
@@ -99,11 +99,12 @@ def run_olora(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> d
 
 register_init(
     "pissa", run=run_pissa, pattern=r"pissa(_niter_[0-9]+)?", changes_base=True, rerun_on_load=True,
+    fits=lora_style,
     description="Adapter = the top-r singular part of W, base = the residual (pissa_niter_K: randomised SVD).",
     paper="Meng et al. 2024, arXiv:2404.02948",
 )
 register_init(
-    "olora", run=run_olora, changes_base=True, rerun_on_load=True,
+    "olora", run=run_olora, changes_base=True, rerun_on_load=True, fits=lora_style,
     description="Adapter = the first r columns of W's QR factorisation (B = Q_r, A = R_r), base = the residual.",
     paper="Büyükakyüz 2024, arXiv:2406.01775",
 )

@@ -27,7 +27,7 @@ from ..core.errors import AdapterLoadError
 from .base import MixtureDelta
 from .experts import expand_to_ranks, rank_block_delta
 from .router import RouterOutput
-from .sources import read_lora_source
+from .sources import prepare_from_sources, read_lora_source
 
 
 @dataclass
@@ -84,6 +84,11 @@ class LoraExpertsConfig(AdapterConfig):
             raise field_error(self, "adapter_names", f" must be {n} distinct names, got {self.adapter_names}.")
         check_dropout(self, "lora_dropout")
 
+    def check_inputs(self) -> None:
+        """Read every ``adapter_paths`` folder as a source (``sources.prepare_from_sources``, which needs no model):
+        a missing folder, a DoRA / PiSSA / non-LoRA adapter or ranks that disagree with ``expert_r`` fail here."""
+        prepare_from_sources(None, self)
+
 
 def drop_adapter_paths(config: LoraExpertsConfig, layers: list[LayerInfo]) -> dict[str, Any]:
     """The ``file_fields`` hook of methods built on ``LoraExperts``: the experts' factors are in the saved file, so
@@ -117,13 +122,15 @@ class LoraExperts(MixtureDelta):
         return ("lora_A", "lora_B") if self.experts_frozen else ()
 
     @torch.no_grad()
-    def set_expert(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    def set_expert(self, index: int, A: torch.Tensor, B: torch.Tensor, source: str | None = None) -> None:
         """Copy expert ``index``'s factors, A (r, in) and B (out, r), into its rank block. Raises AdapterLoadError
-        when the shapes do not fit this layer and the expert's rank."""
+        when the shapes do not fit this layer and the expert's rank, naming ``source`` (the expert's folder and
+        module, when it came from one) or else the expert's index."""
         start, r = sum(self.ranks[:index]), self.ranks[index]
         want_a, want_b = (r, self.info.in_features), (self.info.out_features, r)
         if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-            raise AdapterLoadError(f"adapter {index}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
+            where = f"source adapter {source}" if source is not None else f"expert {index}"
+            raise AdapterLoadError(f"{where}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
                                    f"not fit this layer and rank (expected {want_a}, {want_b}); is it for another "
                                    "base model, or does it use a per-module rank?")
         self.lora_A[start:start + r] = A.to(self.lora_A.dtype)
@@ -134,7 +141,7 @@ class LoraExperts(MixtureDelta):
         for i, directory in enumerate(config.adapter_paths or []):
             factors = read_lora_source(directory).factors(path)
             if factors is not None:  # else the block stays a fresh LoRA (A Kaiming, B zero): no effect
-                self.set_expert(i, *factors)
+                self.set_expert(i, *factors, source=f"{directory} (module {path!r})")
         return self
 
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, extra_scale: float = 1.0) -> torch.Tensor:

@@ -84,10 +84,11 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
     return LoraSource(directory, config, {m: (a, b) for m, (a, b) in found.items()}, handle)
 
 
-def prepare_from_sources(model: nn.Module, config):
+def prepare_from_sources(model: nn.Module | None, config):
     """Read the source adapters' configs: ranks, alphas, rsLoRA, and (when unset) the targets they adapt.
 
-    Shared by every method built on a bank of existing LoRAs (MeteoRA, X-LoRA, routed / modality LoRAs)."""
+    Shared by every method built on a bank of existing LoRAs (MeteoRA, X-LoRA, routed / modality LoRAs). ``model``
+    (the ``Method.prepare`` signature) is not read, so ``LoraExpertsConfig.check_inputs`` runs it without one."""
     if config.adapter_paths is None:
         return config
     sources = [read_lora_source(p) for p in config.adapter_paths]

@@ -19,6 +19,7 @@ when nothing is reweighted), the *uniform* one gives every domain the same share
 from __future__ import annotations
 
 import ast
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -169,12 +170,31 @@ def uniform_weights(names: Sequence[str]) -> dict[str, float]:
     return {name: 1.0 / len(names) for name in names}
 
 
+def block_counts(weights: Mapping[str, float], n: int) -> dict[str, int]:
+    """Whole block counts per domain, proportional to ``weights`` (>= 0, normalised over the names given) and
+    summing to exactly ``n``: the largest-remainder (Hamilton) method — each domain gets ``floor(q_d)`` of its
+    quota ``q_d = n · w_d / Σw``, and the ``n − Σ floor(q_d)`` blocks left go one each to the largest remainders
+    ``q_d − floor(q_d)`` (ties: the earlier domain). Rounding each quota on its own (``round(q_d)``) misses ``n``
+    at small scale (three equal domains, ``n = 4``: 1 + 1 + 1). All zero when every weight is 0."""
+    total = float(sum(weights.values()))
+    if total <= 0:
+        return {name: 0 for name in weights}
+    quotas = {name: n * w / total for name, w in weights.items()}
+    counts = {name: math.floor(q) for name, q in quotas.items()}
+    left = n - sum(counts.values())
+    by_remainder = sorted(weights, key=lambda name: -(quotas[name] - counts[name]))  # stable: ties keep order
+    for name in by_remainder[:left]:
+        counts[name] += 1
+    return counts
+
+
 def sample_mixture_blocks(blocks: Mapping[str, torch.Tensor], weights: Mapping[str, float], n_blocks: int,
                           generator: torch.Generator) -> torch.Tensor:
-    """``n_blocks`` training blocks (n_blocks, T): ``round(w_d · n_blocks)`` from each domain ``d``, drawn
+    """``n_blocks`` training blocks (n_blocks, T): domain ``d``'s share of ``w_d · n_blocks`` blocks, drawn
     without replacement within each pass over the domain (a domain smaller than its share repeats, as
-    RegMix's multi-epoch usage bound allows), then shuffled together."""
-    counts = {name: round(weights.get(name, 0.0) * n_blocks) for name in blocks}
+    RegMix's multi-epoch usage bound allows), then shuffled together. The shares are apportioned by
+    :func:`block_counts` (largest remainder), so they add up to exactly ``n_blocks``."""
+    counts = block_counts({name: weights.get(name, 0.0) for name in blocks}, n_blocks)
     picked = []
     for name, count in counts.items():
         if count == 0:

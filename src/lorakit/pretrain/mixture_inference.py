@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,9 @@ def infer_from_texts(tokenizer: BPETokenizer, texts: Mapping[str, Sequence[str]]
     """Replay the first ``n_merges`` merges on each category's texts and solve for the mixture."""
     if n_merges <= 0:
         raise ConfigError(f"n_merges must be > 0, got {n_merges}.")
+    if n_merges > len(tokenizer.merges):  # the replay simply runs out: say so rather than solve on fewer in silence
+        warnings.warn(f"n_merges (--merges) = {n_merges}, but the tokenizer has only {len(tokenizer.merges)} merges; "
+                      f"the mixture is inferred from those {len(tokenizer.merges)}.", stacklevel=2)
     counts = {name: count_pairs(t, tokenizer, n_merges) for name, t in texts.items()}
     return infer_mixture(counts, tokenizer.merges[:n_merges], **solver)
 

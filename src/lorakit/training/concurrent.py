@@ -74,9 +74,9 @@ from ..mixtures.base import reset_router_stats, router_stats, router_summary
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .distributed import device_for, env_world
-from .loop import (DataStream, LogCallback, activation_checkpointing, check_init_batches, checkpoint_state, evaluate_adapter, hook_losses,
-                   log_record, make_optimizer, resume_checkpoint, save_or_rescue, schedule_lr, split_validation,
-                   step_hooks, write_adapter_dir)
+from .loop import (DataStream, LogCallback, activation_checkpointing, check_init_batches, checkpoint_state,
+                   evaluate_adapter, hook_losses, init_batch_count, log_record, make_optimizer, resume_checkpoint,
+                   save_or_rescue, schedule_lr, split_validation, step_hooks, write_adapter_dir)
 from .objectives import batch_routing, objective_for
 from .procedures import get_procedure
 
@@ -277,7 +277,8 @@ class _JobRun:
         self.tokens_seen, self.run_tokens, self.window, self.lr_factor = 0, 0, [], 1.0
         set_adapter(model, self.name)  # the init and the optimizer see only this job's adapter, as when alone
         if self.method.init is not None or init_pending(model, self.name):
-            batches = [self.to_device(self.micro_batch(i * c.batch_size)) for i in range(c.init_batches)]
+            count = init_batch_count(c, len(self.dataset), f"job {self.name!r}'s init")
+            batches = [self.to_device(self.micro_batch(i * c.batch_size)) for i in range(count)]
             if self.method.init is not None:
                 self.method.init(model, self.name, batches)
             if init_pending(model, self.name):

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -215,6 +216,20 @@ def check_init_batches(model: nn.Module, adapter_name: str, config: TrainConfig)
                           "at least one batch (default 4)", field="TrainConfig.init_batches")
 
 
+def init_batch_count(config: TrainConfig, num_examples: int, who: str = "the init") -> int:
+    """How many batches a data-driven init gets: ``config.init_batches``, or the batches the training data fills
+    (``ceil(num_examples / batch_size)``) when that is fewer — with a warning naming both numbers, since the stream
+    would otherwise repeat the same examples to make up the count (``who``: the adapter or job, for the message)."""
+    available = max(1, math.ceil(num_examples / config.batch_size))
+    if config.init_batches <= available:
+        return config.init_batches
+    warnings.warn(f"TrainConfig.init_batches (--init-batches) = {config.init_batches}, but the training data "
+                  f"({num_examples} examples, batch_size {config.batch_size}) fills only {available} batch"
+                  f"{'es' if available != 1 else ''}: {who} runs on those {available} instead of repeating examples. "
+                  "Give more training data or a lower init_batches.", stacklevel=3)
+    return available
+
+
 def split_validation(procedure: Procedure | None, config: TrainConfig,
                      examples: Sequence[Example]) -> tuple[Sequence[Example], list[Example]]:
     """The training examples and the procedure's held-out validation examples (Flexora): the last
@@ -305,9 +320,11 @@ def checkpoint_state(config: TrainConfig, adapter_name: str, *, step: int, posit
 
 def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
                       params: dict[str, nn.Parameter], procedure: Procedure | None,
-                      num_train_examples: int) -> dict[str, Any]:
+                      num_train_examples: int, world_size: int = 1, warn: bool = True) -> dict[str, Any]:
     """Load ``config.resume_from`` into the adapter, optimizer, RNG and procedure; returns its state
-    (``checkpoint_state``'s keys). ValueError for other training data, ConfigError when it is at or past ``steps``."""
+    (``checkpoint_state``'s keys). ValueError for other training data, ConfigError when it is at or past ``steps``.
+    A global batch (``batch_size × grad_accum × world_size``) other than the checkpoint's is allowed
+    (docs/distributed.md) but changes the run, so it is warned about (``warn``: this process says it, rank 0)."""
     record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
     if procedure is not None:
         procedure.load_state_dict(record["extra_tensors"])
@@ -318,7 +335,28 @@ def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, 
         raise ConfigError(f"checkpoint {config.resume_from} is at step {record['step']}, and this run has steps="
                           f"{config.steps}: nothing would be trained. Set steps above {record['step']} (the total, "
                           "counting the checkpoint's steps).")
+    if warn:
+        warn_global_batch_change(config, record, world_size)
     return record
+
+
+def warn_global_batch_change(config: TrainConfig, record: dict[str, Any], world_size: int) -> None:
+    """A warning naming the checkpoint's global batch and this run's when they differ (nothing when they agree, or
+    when the checkpoint does not record its batch_size / grad_accum)."""
+    saved = record.get("config") or {}
+    if "batch_size" not in saved or "grad_accum" not in saved:
+        return
+    old_world = int(record.get("world_size", 1))
+    old = saved["batch_size"] * saved["grad_accum"] * old_world
+    new = config.batch_size * config.grad_accum * world_size
+    if old != new:
+        warnings.warn(f"resuming {config.resume_from} with another global batch: the checkpoint trained on {old} "
+                      f"examples per step (batch_size {saved['batch_size']} × grad_accum {saved['grad_accum']} × "
+                      f"{old_world} process{'es' if old_world != 1 else ''}), this run trains on {new} (batch_size "
+                      f"{config.batch_size} × grad_accum {config.grad_accum} × {world_size} "
+                      f"process{'es' if world_size != 1 else ''}). It goes on from the checkpoint's data position, "
+                      f"but is not the run the checkpoint would have continued; keep batch_size × grad_accum × "
+                      f"processes = {old} for that (docs/distributed.md).", stacklevel=3)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -441,7 +479,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     if method.init is not None or init_pending(model, adapter_name):
         # Run on resume too: an init may also rewrite base weights (PiSSA-style), which the checkpoint does
         # not hold. The adapter weights and RNG it leaves are then replaced from the checkpoint.
-        batches = [to_device(micro_batch(i * config.batch_size)) for i in range(config.init_batches)]
+        count = init_batch_count(config, len(dataset), f"adapter {adapter_name!r}'s init")
+        batches = [to_device(micro_batch(i * config.batch_size)) for i in range(count)]
         if method.init is not None:
             method.init(model, adapter_name, batches)
         if init_pending(model, adapter_name):  # a data-driven init named by the config (lorakit.init_adapter)
@@ -457,7 +496,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     eval_history: list[dict[str, Any]] = []
     checkpoints: list[str] = []
     if config.resume_from is not None:
-        record = resume_checkpoint(config, model, adapter_name, optimizer, params, procedure, len(dataset))
+        record = resume_checkpoint(config, model, adapter_name, optimizer, params, procedure, len(dataset),
+                                   world_size=ctx.world_size, warn=ctx.is_main)
         step, position, tokens_seen = record["step"], record["data_position"], record["tokens_seen"]
         losses, eval_history = record["losses"], record["eval_history"]
     start_step = step

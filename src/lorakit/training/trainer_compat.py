@@ -89,6 +89,11 @@ class LorakitCallback(TrainerCallback):
                 batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
                 if len(batches) == self.init_batches:
                     break
+            if len(batches) < self.init_batches:  # the loader ran out: say so rather than init on less in silence
+                warnings.warn(f"LorakitCallback(init_batches={self.init_batches}): the training data loader gave only "
+                              f"{len(batches)} batch{'es' if len(batches) != 1 else ''}; method {method.name!r}'s init "
+                              f"runs on those {len(batches)}. Give more training data or a lower init_batches.",
+                              stacklevel=2)
             method.init(model, self.adapter_name, batches)
 
     def _wrap_forward(self, model: torch.nn.Module) -> None:

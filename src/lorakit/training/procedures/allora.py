@@ -29,7 +29,7 @@ from torch import nn
 from ...core.config import check_positive
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
-from ...methods.lora import LoraLinear
+from ...methods.lora import LoraConfig, LoraLinear
 from .base import Procedure, ProcedureConfig, register_procedure
 
 
@@ -63,6 +63,24 @@ def _check(path: str, delta: nn.Module) -> None:
 class Allora(Procedure):
     config: AlloraConfig
     shares_batch = True  # hooks only its adapter's deltas
+
+    @classmethod
+    def check_adapter_config(cls, config: AlloraConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
+        """What ``_check`` refuses per layer, from the adapter's config: plain LoRA (not DoRA, not another
+        method), scaling 1, no dropout, no lora_bias."""
+        if type(adapter_config) is not LoraConfig or adapter_config.use_dora:
+            name = "lora with use_dora" if type(adapter_config) is LoraConfig else repr(type(adapter_config).method)
+            raise ConfigError(f"ALLoRA needs plain LoRA on linear layers; the adapter is {name} "
+                              "(use method lora without use_dora).")
+        problems = []
+        if adapter_config.scaling != 1.0:
+            problems.append(f"scaling {adapter_config.scaling:g} (set lora_alpha = r, no rsLoRA)")
+        if adapter_config.lora_dropout > 0:
+            problems.append("dropout (set lora_dropout = 0)")
+        if adapter_config.lora_bias:
+            problems.append("lora_bias (set lora_bias = False)")
+        if problems:
+            raise ConfigError(f"ALLoRA uses no scaling factor and no dropout; the adapter has {', '.join(problems)}.")
 
     def __init__(self, config: AlloraConfig, train_config) -> None:
         super().__init__(config, train_config)

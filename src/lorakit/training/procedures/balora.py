@@ -76,6 +76,15 @@ class BaLora(Procedure):
         self._last: tuple[dict[str, Any], torch.Tensor] | None = None
         self._in_base_pass = False
 
+    @classmethod
+    def check_adapter_config(cls, config: BaLoraConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
+        """Its regularisers read the LM head's logits (``param_groups`` hooks ``get_output_embeddings``), which a
+        sequence classifier does not have."""
+        if task_type != "causal-lm":
+            raise ConfigError(f"BA-LoRA needs a causal LM with an output layer (its regularisers read the next-token "
+                              f"logits); --task-type {task_type} trains a classifier head instead. Train it as a "
+                              "causal LM, or drop --procedure balora.")
+
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Inputs from a pre-hook on the model, logits from the output layer: both are seen before the model's
         # forward returns, so a wrapper around forward (lorakit's Trainer callback) can add the loss too.

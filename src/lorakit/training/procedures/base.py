@@ -72,6 +72,13 @@ class Procedure:
         self.config = config
         self.train_config = train_config
 
+    @classmethod
+    def check_adapter_config(cls, config: ProcedureConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
+        """ConfigError when the procedure cannot run on adapters of ``adapter_config`` (an ``AdapterConfig``) or on
+        the head ``task_type`` names ("causal-lm" or "seq-cls", ``hub.TASK_TYPES``), told from the configs alone:
+        ``lorakit train`` calls it before any model loads. The per-layer checks in ``param_groups`` stay (they see
+        what the config alone cannot, e.g. an embedding among the targets)."""
+
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return groups
 
@@ -123,6 +130,11 @@ class ProcedureInfo:
                 raise ConfigError(f"procedure {self.name!r} has no option {key!r}.{did_you_mean(key, known)} "
                                   f"Its options: {', '.join(sorted(known)) or 'none'}.")
         return self.config_cls(**args)
+
+    def check_adapter(self, procedure_args: Mapping[str, Any], adapter_config: Any,
+                      task_type: str = "causal-lm") -> None:
+        """``Procedure.check_adapter_config`` for this procedure with options ``procedure_args`` (ConfigError)."""
+        self.cls.check_adapter_config(self.config_from(procedure_args), adapter_config, task_type)
 
     def build(self, train_config: "TrainConfig") -> Procedure:
         return self.cls(self.config_from(train_config.procedure_args), train_config)

@@ -31,7 +31,7 @@ from torch import nn
 from ...core.config import check_non_negative
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
-from ...methods.lora import LoraLinear
+from ...methods.lora import LoraConfig, LoraLinear
 from .base import Procedure, ProcedureConfig, register_procedure
 
 
@@ -58,6 +58,14 @@ class Ggpo(Procedure):
         self.weight_norm: dict[str, torch.Tensor] = {}  # ‖W_i + ΔW_i‖, (out, 1)
         self.grad_norm: dict[str, torch.Tensor] = {}  # ‖∇ΔW_i‖, (out, 1)
         self._hooks: list[Any] = []
+
+    @classmethod
+    def check_adapter_config(cls, config: GgpoConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
+        """Plain LoRA (``param_groups`` refuses any other delta per layer), told from the adapter's config."""
+        if type(adapter_config) is not LoraConfig or adapter_config.use_dora:
+            name = "lora with use_dora" if type(adapter_config) is LoraConfig else repr(type(adapter_config).method)
+            raise ConfigError(f"LoRA-GGPO needs plain LoRA on linear layers; the adapter is {name} "
+                              "(use method lora without use_dora).")
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for path, layer in adapter_layers(model):

@@ -51,6 +51,7 @@ from ...core.delta import oriented_weight
 from ...core.config import check_positive_ints, check_range, field_error
 from ...core.errors import ConfigError, comma_items
 from ...core.layer import AdapterLayer
+from ...methods.lora import LoraConfig
 from ...prune.structure import ATTENTION, MLP, Block, base_of, decoder_blocks, prune_blocks
 from .base import Procedure, ProcedureConfig, register_procedure
 
@@ -139,6 +140,15 @@ class LoraPrune(Procedure):
         self.hooks: list = []
 
     # -- setup ---------------------------------------------------------------------------------------------
+    @classmethod
+    def check_adapter_config(cls, config: LoraPruneConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
+        """A plain LoRA (plain B A units: no DoRA, no lora_bias), told from the adapter's config; whether it covers
+        every attention and MLP projection is checked per block in ``param_groups``."""
+        if not isinstance(adapter_config, LoraConfig) or adapter_config.use_dora or adapter_config.lora_bias:
+            what = (f"method {type(adapter_config).method!r}" if not isinstance(adapter_config, LoraConfig)
+                    else "DoRA" if adapter_config.use_dora else "lora_bias")
+            raise ConfigError(f"LoRAPrune needs a plain LoRA adapter (its importance comes from LoRA's weights and "
+                              f"gradients); this one has {what}. Use method lora without use_dora / lora_bias.")
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.blocks = decoder_blocks(model)
         for block in self.blocks:
