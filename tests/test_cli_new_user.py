@@ -304,23 +304,17 @@ def test_saved_message_tells_the_format_and_merge_export_agree_for_mixtures(tmp_
 
 
 # -- 8. files other tools open ------------------------------------------------------------------------------------------
-def test_peft_loads_a_saved_adapter_with_the_same_logits(lora_run):
-    """A bundled-base adapter records its base as "bundled" (portable; lorakit resolves it, hub.resolve_model_path),
-    not this checkout's asset path. PEFT reads base_model_name_or_path only in AutoPeftModel (peft/auto.py), which
-    cannot resolve lorakit's name; a PEFT user loads the base that name resolves to and calls
-    PeftModel.from_pretrained, which does not read the field (adapters on a user's own folder or hub id keep that
-    value, and AutoPeftModel loads them: tests/io/test_base_model_name.py)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def test_auto_peft_model_loads_a_saved_adapter_with_the_same_logits(lora_run):
+    """The file records its base as PEFT does (the folder it was loaded from), so AutoPeftModel rebuilds it."""
+    from peft import AutoPeftModelForCausalLM
 
     import lorakit
-    from lorakit.hub import load_model_and_tokenizer, resolve_model_path
+    from lorakit.hub import load_model_and_tokenizer
 
     adapter = lora_run / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == "bundled"
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config["base_model_name_or_path"]))
-    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert config["task_type"] == "CAUSAL_LM" and Path(config["base_model_name_or_path"]).is_dir()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
     model, tokenizer = load_model_and_tokenizer(None)
     lorakit.load_adapter(model, adapter)
     ids = torch.tensor([tokenizer.encode("reverse: a b c =>")])

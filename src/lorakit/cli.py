@@ -801,7 +801,7 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            from .hub import resolve_model_path  # "bundled" (what a bundled-base adapter records) -> its folder
+            from .hub import resolve_model_path  # a bundled asset folder of another installation -> ours
 
             with torch.device("meta"):
                 host = {n for n, _ in AutoModelForCausalLM.from_config(

@@ -26,6 +26,8 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
                                f"`lorakit pretrain-base` (its pretrain_info.json in the repository has the options).")
         return str(path)
     path = Path(model)
+    if not path.exists() and bundled_name(model):  # an adapter trained in another installation records its path
+        return resolve_model_path(bundled_name(model))
     if isinstance(model, str) and not path.exists():
         from .core.errors import did_you_mean
 
@@ -41,36 +43,40 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
-def portable_model_name(name_or_path: str | os.PathLike | None) -> str | None:
-    """What an adapter file records as its base (``base_model_name_or_path``): a bundled model's name (``"bundled"``,
-    ``"bundled-small"``, what ``--model`` and :func:`resolve_model_path` take) in place of its asset folder's
-    absolute path, which names this installation only; any other folder or hub id as given (None stays None).
-
-    PEFT reads the field only in ``AutoPeftModel*.from_pretrained`` (``peft/auto.py``: it loads the base from it);
-    PEFT users of a bundled-base adapter load the base themselves (``lorakit.hub.load_model_and_tokenizer("bundled")``
-    or ``lorakit.assets.BUNDLED_MODELS["bundled"]``) and call ``PeftModel.from_pretrained(base, adapter)``, which
-    does not read it."""
+def bundled_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """The bundled base (``"bundled"``, ``"bundled-small"``) that ``name_or_path`` names, else None: its name, its
+    asset folder here, or its asset folder in another installation (a path that does not exist here and ends in
+    ``lorakit/assets/<folder>``, what an adapter trained elsewhere records as ``base_model_name_or_path``)."""
     if name_or_path in (None, ""):
         return None
     text = os.fspath(name_or_path)
     if text in BUNDLED_MODELS:
         return text
+    path = Path(text)
     try:
-        here = Path(text).resolve()
+        here = path.resolve()
     except (OSError, RuntimeError):
-        return text
+        return None
     for name, folder in BUNDLED_MODELS.items():
         if here == folder.resolve():
             return name
-    return text
+    if not path.exists():
+        for name, folder in BUNDLED_MODELS.items():
+            if len(path.parts) > 3 and path.parts[-3:] == folder.parts[-3:]:
+                return name
+    return None
 
 
 def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two model names (``base_model_name_or_path`` values, a model's ``name_or_path``) name the same
-    model: a bundled model's name and its asset folder alike, folders by resolved path, hub ids as written."""
+    model: a bundled model's name and its asset folder (here or in another installation) alike, folders by resolved
+    path, hub ids as written."""
     def key(name: str | os.PathLike) -> str:
-        text = portable_model_name(name) or ""
-        return text if text in BUNDLED_MODELS or not Path(text).exists() else str(Path(text).resolve())
+        bundled = bundled_name(name)
+        if bundled:
+            return bundled
+        text = os.fspath(name)
+        return str(Path(text).resolve()) if Path(text).exists() else text
 
     return key(a) == key(b)
 

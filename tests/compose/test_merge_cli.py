@@ -58,7 +58,7 @@ def test_merge_adapters_cli_missing_or_file_first_source_is_named(tmp_path, caps
 
 def test_merge_adapters_cli_names_sources_of_different_bases(tmp_path, capsys):
     """A first source trained on another base: the error names both bases (the bundled ones by name, as their
-    files record them: hub.portable_model_name), not the tensors that do not fit."""
+    the message names them: hub.bundled_name), not the tensors that do not fit."""
     a = _bundled_adapter(tmp_path / "a", 0)
     small = load_model_and_tokenizer("bundled-small")[0]
     lk.add_adapter(small, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))

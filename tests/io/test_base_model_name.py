@@ -1,8 +1,8 @@
-"""``base_model_name_or_path`` in saved adapters: the bundled bases by name ("bundled", "bundled-small", what
-``--model`` takes and ``hub.resolve_model_path`` resolves), since their asset folders' absolute paths name one
-checkout only; a user's folder or hub id exactly as given. PEFT reads the field in ``AutoPeftModel*.from_pretrained``
-only (``peft/auto.py``: ``base_model_path = peft_config.base_model_name_or_path``, loaded with the auto class), so
-an adapter on a user's folder must keep loading there."""
+"""``base_model_name_or_path`` in saved adapters: what PEFT writes, the folder the model was loaded from (the
+bundled bases' asset folders too), so ``AutoPeftModel*.from_pretrained`` loads the base from it (``peft/auto.py``:
+``base_model_path = peft_config.base_model_name_or_path``, loaded with the auto class); a user's hub id as given.
+lorakit resolves a bundled base's asset folder recorded by another installation back to the bundled base
+(``hub.bundled_name``), so such a file merges and loads here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import json
 import torch
 
 import lorakit
-from lorakit.hub import load_model_and_tokenizer, portable_model_name, resolve_model_path
+from lorakit.assets import BUNDLED_MODELS
+from lorakit.hub import bundled_name, load_model_and_tokenizer, resolve_model_path, same_model
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -22,30 +23,36 @@ def _saved(model, folder, **config):
     return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def test_the_bundled_bases_are_recorded_by_name_and_resolve_back(tmp_path):
+def test_a_bundled_base_is_recorded_as_peft_records_it_and_auto_peft_loads_it(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
     for name in ("bundled", "bundled-small"):
         model, _ = load_model_and_tokenizer(name)
-        assert _saved(model, tmp_path / name) == name
-        assert resolve_model_path(name) == str(lorakit.assets.BUNDLED_MODELS[name])
-    # round trip through lorakit: the recorded name is a model lorakit loads, and the adapter loads onto it
+        recorded = _saved(model, tmp_path / name)
+        assert recorded == str(BUNDLED_MODELS[name]) and bundled_name(recorded) == name
     model, tokenizer = load_model_and_tokenizer(None)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
     ids = torch.tensor([tokenizer.encode("reverse: a b c =>")])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     lorakit.save_adapter(model, tmp_path / "a")
-    recorded = lorakit.io.peft_format.read_adapter_config(tmp_path / "a").base_model_name_or_path
-    loaded = lorakit.load_adapter(load_model_and_tokenizer(recorded)[0], tmp_path / "a")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
-    # PEFT: PeftModel.from_pretrained on the base the name resolves to gives the same logits
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+        got = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path(recorded)),
-                                           str(tmp_path / "a")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+def test_a_bundled_asset_folder_of_another_installation_resolves_to_the_bundled_base(tmp_path):
+    """An adapter trained in another checkout / site-packages records that installation's asset folder, which does
+    not exist here: lorakit loads (resolve_model_path) and compares (same_model) it as the bundled base."""
+    for name, folder in BUNDLED_MODELS.items():
+        elsewhere = str(tmp_path / "other" / "site-packages" / "lorakit" / "assets" / folder.name)
+        assert bundled_name(elsewhere) == name and resolve_model_path(elsewhere) == str(folder)
+        assert same_model(elsewhere, folder) and same_model(elsewhere, name)
+    # a folder that exists is itself, whatever its name ends in
+    mine = tmp_path / "mine" / "lorakit" / "assets" / "base_model"
+    mine.mkdir(parents=True)
+    assert bundled_name(mine) is None and not same_model(mine, "bundled")
+    assert bundled_name("org/model") is None and bundled_name(None) is None and bundled_name("") is None
 
 
 def test_a_user_folder_and_a_hub_id_are_kept_as_given_and_auto_peft_loads_the_folder(tmp_path):
@@ -66,16 +73,12 @@ def test_a_user_folder_and_a_hub_id_are_kept_as_given_and_auto_peft_loads_the_fo
     # a hub id the user put in the config: written as given, never rewritten
     model = tiny_llama()
     assert _saved(model, tmp_path / "b", base_model_name_or_path="meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
-    assert portable_model_name(None) is None and portable_model_name("") is None
 
 
 
 def test_same_model_reads_a_bundled_name_and_its_folder_alike(tmp_path):
     """merge-adapters compares the base a source records with the merge's model (whose name_or_path is the folder
     it was loaded from): "bundled" and the bundled asset folder are one model, the two bundled bases are not."""
-    from lorakit.assets import BUNDLED_MODELS
-    from lorakit.hub import same_model
-
     assert same_model("bundled", BUNDLED_MODELS["bundled"]) and same_model(str(BUNDLED_MODELS["bundled"]), "bundled")
     assert not same_model("bundled", "bundled-small")
     (tmp_path / "m").mkdir()

@@ -179,14 +179,17 @@ def _base_for(sources: Sequence[str | os.PathLike]) -> nn.Module:
 
 
 def _base_name(source) -> str | None:
-    """The base model a folder source records (``base_model_name_or_path``); None for a loaded adapter's name or
-    a folder whose config cannot be read (the loader reports that)."""
+    """The base model a folder source records (``base_model_name_or_path``; a bundled base by its name,
+    ``hub.bundled_name``); None for a loaded adapter's name or a folder whose config cannot be read (the loader
+    reports that)."""
+    from ..hub import bundled_name
     from ..io.peft_format import read_adapter_config
 
     try:
-        return read_adapter_config(source).base_model_name_or_path if Path(source).is_dir() else None
+        base = read_adapter_config(source).base_model_name_or_path if Path(source).is_dir() else None
     except LorakitError:
         return None
+    return bundled_name(base) or base
 
 
 def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -300,10 +303,11 @@ def _refuse_refactorising(model: nn.Module, sources) -> None:
 def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> None:
     """A source that fails to load and records another base than the merge's (``model``'s, else the first
     source's): AdapterLoadError saying so first, then the loader's details."""
-    from ..hub import same_model
+    from ..hub import bundled_name, same_model
     from ..io.peft_format import _name_or_path
 
     base, ours = _base_name(src), _name_or_path(model) or _base_name(sources[0])
+    ours = bundled_name(ours) or ours
     if base and ours and not same_model(base, ours):
         raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
                                f"merge adapters of one base model (loading it failed: {error})") from None

@@ -23,7 +23,6 @@ from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
 from ..core.registry import get_method, method_for_file
 from .files import TensorFile, atomic_write_json, load_tensors, read_json, save_tensors
-from ..hub import portable_model_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,8 +76,9 @@ def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
             pass
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
     # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
-    # the bundled base by its name ("bundled"), not this installation's asset path: the file then loads anywhere
-    d["base_model_name_or_path"] = portable_model_name(d.get("base_model_name_or_path") or _name_or_path(model))
+    # the folder the model was loaded from, as PEFT records it (AutoPeftModel loads the base from it); a bundled
+    # base's asset folder from another installation is resolved back by lorakit (hub.bundled_name)
+    d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
     d["task_type"] = task_type(model)
     return d
 
