@@ -161,3 +161,20 @@ def test_lora_ga_stable_gamma_must_be_positive(gamma):
     with pytest.raises(lk.ConfigError, match=rf"stable_gamma must be > 0, got {gamma}"):
         lk.init_adapter(model, "default", _batches(), init="lora_ga", stable_gamma=gamma)
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["slora", "lora_xs", "nlora", "inttune"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda"])
+def test_base_splitting_inits_refuse_middle_matrix_adapters(method, init):
+    """PiSSA / OLoRA / CorDA move s·B A out of the base (PiSSA arXiv:2404.02948 eq. 2-4: W = W_res + B A), which keeps
+    the output only when the adapter's delta is s·B A. A B·M·A adapter's delta is s·B M A: the init must be refused
+    naming the module, and add_adapter leave no adapter and an untouched base (before, PiSSA / OLoRA changed the
+    base while the adapter kept its own init, so the model's output moved at step 0)."""
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(lk.AdapterError, match=rf"init '{init}'.*model\.layers\.0\.self_attn\.q_proj.*B A"):
+        lk.add_adapter(model, lk.get_method(method).config_cls(r=4, target_modules=TARGETS), init=init,
+                       init_batches=_batches(1))
+    assert lk.adapter_names(model) == []
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)

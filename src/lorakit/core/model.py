@@ -275,7 +275,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
     ``lorakit.training.train`` runs it on its first batches. An init with a data pass on the base model alone
     (``Init.estimate``, e.g. LoRA-GA's gradients) runs that pass first, before the adapter's tensors exist (as
-    PEFT's ``preprocess_loraga`` before ``get_peft_model``); if the pass fails, nothing is attached.
+    PEFT's ``preprocess_loraga`` before ``get_peft_model``); if the pass or the init fails, nothing is attached.
     """
     if init is not None:
         config = config.with_init(init)
@@ -294,7 +294,11 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         with torch.no_grad():
             options["estimate"] = wanted.estimate(model, targets, init_batches, spec, **init_options(model, name))
     attach_plan(model, plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype))
-    init_adapter(model, name, init_batches, **options)
+    try:
+        init_adapter(model, name, init_batches, **options)
+    except Exception:
+        delete_adapter(model, name)  # all or nothing: an init refused after attaching leaves no adapter behind
+        raise
     return model
 
 

@@ -73,6 +73,21 @@ def config_is(config_cls: type, kind: str) -> Callable[[Any], str | None]:
 lora_style = config_is(LoraConfig, "LoRA-style B·A adapters")
 
 
+def writable_units(delta: Delta, path: str, init: str) -> Any:
+    """``delta.units()`` when its ``A`` and ``B`` are the delta's own parameters, so that writing them sets the
+    delta to ``s·B A``. AdapterError otherwise: a delta without units, or one whose units are computed
+    (B·M·A methods report ``A = M A``: writing that copy would change nothing while an init moved ``s·B A``
+    out of the base)."""
+    try:
+        units = delta.units()
+    except NotImplementedError:
+        units = None
+    if units is None or not (isinstance(units.A, nn.Parameter) and isinstance(units.B, nn.Parameter)):
+        raise AdapterError(f"init {init!r}: {type(delta).__name__} at {path!r} has no trainable B A factors; "
+                           "this init works on LoRA-style adapters (lora, rslora, dora).")
+    return units
+
+
 def linear_targets(model: nn.Module, adapter_name: str, init: str, need_units: bool = True) -> list[Target]:
     """The adapter's linear deltas in module order. ``need_units``: each must expose writable rank-one units
     (``B A``: LoRA, rsLoRA, DoRA); AdapterError names the first that does not."""
@@ -82,13 +97,7 @@ def linear_targets(model: nn.Module, adapter_name: str, init: str, need_units: b
             continue
         delta = layer.adapters[adapter_name]
         if need_units:
-            try:
-                units = delta.units()
-            except NotImplementedError:
-                units = None
-            if units is None or not (isinstance(units.A, nn.Parameter) and isinstance(units.B, nn.Parameter)):
-                raise AdapterError(f"init {init!r}: {type(delta).__name__} at {path!r} has no trainable B A factors; "
-                                   "this init works on LoRA-style adapters (lora, rslora, dora).")
+            writable_units(delta, path, init)
         out.append(Target(path, layer, delta))
     if not out:
         raise AdapterError(f"init {init!r}: adapter {adapter_name!r} has no linear layers to initialise.")

@@ -27,7 +27,8 @@ from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import adapter_layers
-from ._common import adapter_record, check_factorisable, check_rank_fits, lora_style, move_into_adapter
+from ._common import (adapter_record, check_factorisable, check_rank_fits, lora_style, move_into_adapter,
+                      writable_units)
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
@@ -47,11 +48,7 @@ def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise,
         delta = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
         if delta is None or layer.info.kind != "linear":
             continue
-        try:
-            units = delta.units()
-        except NotImplementedError:
-            raise AdapterError(f"{type(delta).__name__} at {path!r} has no rank-one units (B A); this init works on "
-                               "LoRA-style adapters only") from None
+        units = writable_units(delta, path, init)
         weight = oriented_weight(layer.base_layer, layer.info)
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise AdapterError(f"{path!r}: base weight of dtype {weight.dtype} cannot be split; initialise on a "
