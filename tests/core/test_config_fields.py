@@ -127,3 +127,28 @@ def test_a_missing_or_unpaired_value_names_its_field(make, field):
     with pytest.raises(ConfigError) as e:
         make()
     assert e.value.field == field
+
+
+def _scaling_fields():
+    """(id, config class, variant kwargs, field, kind) for every registered variant's PEFT-named scaling numerator
+    (``lora_alpha`` and the methods' own alphas) and adapter dropout."""
+    for method in lk.list_methods():
+        names = {f.name for f in dataclasses.fields(method.config_cls)}
+        for variant, kwargs in method.variants.items():
+            for name in sorted(names & {"lora_alpha", "expert_lora_alpha", "randlora_alpha", "lora_dropout"}):
+                yield pytest.param(method.config_cls, dict(kwargs), name, id=f"method={method.name}-{variant}-{name}")
+
+
+@pytest.mark.parametrize("cls,kwargs,name", list(_scaling_fields()))
+def test_alpha_and_dropout_are_checked_in_every_method(cls, kwargs, name):
+    """An adapter's update is scaled by alpha / r (LoRA, arXiv:2106.09685 §4.1; PEFT's ``scaling``): alpha must be a
+    finite number > 0, else the adapter trains NaNs (NaN, inf), nothing (0) or the opposite of its gradient's
+    direction (< 0). A dropout is a probability in [0, 1) (1 drops every input). Before, only LoRA / FFA-LoRA
+    checked alpha and several mixtures the dropout; 18 other methods trained with lora_alpha=nan."""
+    bad = [0.0, -1.0, float("nan"), float("inf")] if name.endswith("alpha") else [-0.1, 1.0, float("nan")]
+    for value in bad:
+        with pytest.raises(ConfigError) as info:
+            cls(**{**kwargs, name: value})
+        assert info.value.field == f"{cls.__name__}.{name}", value
+    good = 0.5 if name.endswith("dropout") else 3.0
+    assert getattr(cls(**{**kwargs, name: good}), name) == good

@@ -175,6 +175,14 @@ class AdapterConfig:
             self._check_regex("exclude_modules", self.exclude_modules)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise field_error(self, "layers_pattern", " only makes sense with layers_to_transform; set both or neither.")
+        # PEFT's shared hyperparameters, checked alike in every method that has them (not each method on its own:
+        # most did not, and a NaN, infinite, zero or negative alpha trained an adapter of NaNs or of nothing)
+        if hasattr(self, "lora_alpha"):
+            check_positive(self, "lora_alpha", finite=True,
+                           note=f" (the update is scaled by lora_alpha / r, so {self.lora_alpha} trains an adapter that "
+                                "does nothing, the opposite, or NaNs; PEFT's usual choice is 2 * r)")
+        if hasattr(self, "lora_dropout"):
+            check_dropout(self, "lora_dropout")
 
     def _check_regex(self, name: str, pattern: str) -> None:
         try:

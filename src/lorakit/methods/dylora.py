@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, field_error
+from ..core.config import AdapterConfig, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
@@ -56,7 +56,6 @@ class DyLoraConfig(AdapterConfig):
         super().__post_init__()
         if self.r <= 0:
             raise field_error(self, "r", f" (the maximum rank) must be a positive integer, got {self.r}.")
-        check_dropout(self, "lora_dropout")
         if self.rank is not None and not 1 <= self.rank <= self.r:
             raise field_error(self, "rank", f"={self.rank} must be in 1..r={self.r} (a DyLoRA serves any rank up to "
                                             "the one it was trained with).")

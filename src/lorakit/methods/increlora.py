@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import (AdapterConfig, check_dropout, check_non_negative, check_positive_ints,
+from ..core.config import (AdapterConfig, check_non_negative, check_positive_ints,
                            check_range, field_error)
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.model import adapter_layers, adapter_state
@@ -101,7 +101,6 @@ class IncreLoraConfig(AdapterConfig):
         if self.max_rank and self.max_rank < self.r + self.incre_rank_num:
             raise field_error(self, "max_rank", f"={self.max_rank} must hold r + incre_rank_num = "
                                                 f"{self.r + self.incre_rank_num} units (or 0 for automatic).")
-        check_dropout(self, "lora_dropout")
 
     def capacity(self) -> int:
         """Units stored per module: ``max_rank`` if set, else r + twice the average growth (target_rank − r) +

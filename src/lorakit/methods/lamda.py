@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_positive_ints, check_range, field_error
+from ..core.config import AdapterConfig, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, describe_layer, oriented_weight
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
@@ -73,7 +73,6 @@ class LamdaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        check_dropout(self, "lora_dropout")
         check_range(self, "freeze_ratio", 0, 1, low_open=True)
 
     @property

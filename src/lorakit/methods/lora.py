@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import ANY_VALUE, AdapterConfig, check_dropout, check_positive_ints, field_error
+from ..core.config import ANY_VALUE, AdapterConfig, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
@@ -78,11 +78,6 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        if not self.lora_alpha > 0:
-            raise field_error(self, "lora_alpha", f" must be > 0 (the update is scaled by lora_alpha / r, so "
-                                                  f"{self.lora_alpha} trains an adapter that does nothing or the "
-                                                  f"opposite), got {self.lora_alpha}; PEFT's usual choice is 2 * r.")
-        check_dropout(self, "lora_dropout")
         # PEFT's LoraConfig refuses these pairs, so it could not load the file lorakit would write
         if self.lora_bias and self.use_dora:
             raise field_error(self, "lora_bias", "=True is not supported with use_dora=True (PEFT refuses the pair "

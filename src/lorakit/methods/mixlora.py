@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_positive, check_positive_ints, check_range, field_error
+from ..core.config import AdapterConfig, check_positive, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
@@ -103,10 +103,10 @@ class MixLoraConfig(AdapterConfig):
                               f"{ROUTING_STRATEGIES} ('top_p' is MixLoRA-dynamic, 'switch' is MixLoRA-switch).")
         check_positive_ints(self, "r", "num_experts", "top_k")
         check_positive_ints(self, "expert_r", "expert_capacity", optional=True)
+        check_positive(self, "expert_lora_alpha", finite=True)
         if self.top_k > self.num_experts:
             raise field_error(self, "top_k", f"={self.top_k} exceeds num_experts={self.num_experts}.")
         check_range(self, "top_p", 0, 1, low_open=True)
-        check_dropout(self, "lora_dropout")
         check_positive(self, "capacity_factor")
         for name, value in (SWITCH_DEFAULTS if self.routing_strategy == "switch" else OTHER_DEFAULTS).items():
             if getattr(self, name) is None:

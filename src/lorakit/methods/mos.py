@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error
+from ..core.config import AdapterConfig, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.errors import TargetError
 from ..core.model import adapter_state
@@ -78,7 +78,6 @@ class MosConfig(AdapterConfig):
         if p == e and self.r != e:  # nothing left to share: official gen_tied_lora_config asserts this
             raise field_error(self, "valid_param_private_r", f" == valid_param_lora_r ({e}) makes every shard "
                               f"private, so r must equal {e} (got r={self.r}); lower valid_param_private_r.")
-        check_dropout(self, "lora_dropout")
 
     @property
     def scaling(self) -> float:

@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error
+from ..core.config import AdapterConfig, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, RankUnits, oriented_weight
 from ..core.errors import ConfigError, did_you_mean
 from ..core.inits import find_init, list_inits
@@ -58,7 +58,6 @@ class MiddleConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        check_dropout(self, "lora_dropout")
         if self.init_weights is not None and find_init(self.init_weights) is None:
             names = [i.name for i in list_inits()]
             raise field_error(self, "init_weights", f"={self.init_weights!r} is not a registered init "

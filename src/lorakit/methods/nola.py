@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.registry import register_method
 from ._plain import export_plain_lora
@@ -54,7 +54,6 @@ class NolaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r", "num_basis_A", "num_basis_B")
-        check_dropout(self, "lora_dropout")
         check_non_negative(self, "projection_seed")
 
     @property

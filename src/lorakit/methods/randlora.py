@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import ANY_VALUE, AdapterConfig, check_dropout, check_positive_ints, field_error
+from ..core.config import ANY_VALUE, AdapterConfig, check_dropout, check_positive, check_positive_ints, field_error
 from ..core.delta import Delta, LayerInfo, describe_layer
 from ..core.errors import AdapterError, TargetError
 from ..core.model import unsupported_target
@@ -70,6 +70,7 @@ class RandLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
+        check_positive(self, "randlora_alpha", finite=True, note=" (the update is scaled by randlora_alpha / r)")
         check_dropout(self, "randlora_dropout")
         if self.sparse and self.very_sparse:
             raise field_error(self, "very_sparse", " and sparse are both set; set at most one of them.")

@@ -223,7 +223,7 @@ class RecLoraConfig(AdapterConfig):
                                                 f"{self.user_dim}.")
         check_positive_ints(self, "num_experts", "r", "gate_hidden")
         check_positive(self, "temperature")
-        check_dropout(self, "lora_dropout", "gate_dropout")
+        check_dropout(self, "gate_dropout")
 
 
 class RecLoraLinear(MixtureDelta):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive, check_positive_ints
+from ..core.config import AdapterConfig, check_non_negative, check_positive, check_positive_ints
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.model import adapter_layers, adapter_state
 from ..core.registry import register_method
@@ -58,7 +58,6 @@ class S2LoraConfig(AdapterConfig):
         check_positive_ints(self, "r")
         check_non_negative(self, "l1_lambda")
         check_positive(self, "init_std")
-        check_dropout(self, "lora_dropout")
 
     @property
     def scaling(self) -> float:

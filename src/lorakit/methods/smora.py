@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.checkpointing import recomputing
-from ..core.config import AdapterConfig, check_dropout, check_non_negative, check_positive_ints, field_error
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta
@@ -64,7 +64,6 @@ class SmoraConfig(AdapterConfig):
         check_positive_ints(self, "r")
         if not 0 < self.top_k <= self.r:
             raise field_error(self, "top_k", f" must be in 1..r={self.r} (the ranks it picks from), got {self.top_k}.")
-        check_dropout(self, "lora_dropout")
         check_non_negative(self, "bias_update_rate")
 
     @property

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import (AdapterConfig, check_dropout, check_non_negative, check_positive, check_positive_ints,
+from ..core.config import (AdapterConfig, check_non_negative, check_positive, check_positive_ints,
                            field_error)
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.model import adapter_layers, adapter_state
@@ -75,7 +75,6 @@ class SoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        check_dropout(self, "lora_dropout")
         check_non_negative(self, "sparse_lambda", "sparse_lambda_2")
         if self.lambda_schedule is not None:
             if self.max_lambda is None:

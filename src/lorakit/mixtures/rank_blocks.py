@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_dropout, check_positive_ints, field_error, field_list
+from ..core.config import AdapterConfig, check_positive_ints, field_error, field_list
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterLoadError
 from .base import MixtureDelta
@@ -82,7 +82,6 @@ class LoraExpertsConfig(AdapterConfig):
             raise field_error(self, "expert_r", f" must be positive ranks, got {self.expert_r}.")
         if self.adapter_names is not None and len(set(self.adapter_names)) != n:
             raise field_error(self, "adapter_names", f" must be {n} distinct names, got {self.adapter_names}.")
-        check_dropout(self, "lora_dropout")
 
     def check_inputs(self) -> None:
         """Read every ``adapter_paths`` folder as a source (``sources.prepare_from_sources``, which needs no model):
