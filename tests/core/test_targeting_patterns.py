@@ -61,3 +61,26 @@ def test_file_lists_broader_than_the_model_load(tmp_path, ids):
     serving.load_adapters(banked, {"f": tmp_path})
     with serving.bank_routing(banked, ["f"] * ids.shape[0]):
         assert torch.allclose(banked(input_ids=ids).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(target_modules=["q_proj"], exclude_modules=["q_proj"]), "exclude_modules=['q_proj']"),
+    (dict(target_modules=["q_proj", "v_proj"], modules_to_save=["q_proj"]), "modules_to_save=['q_proj']"),
+])
+def test_a_target_every_match_of_which_is_excluded_says_so(kwargs, says):
+    """A target entry that matched modules which exclude_modules / modules_to_save then removed is not a typo: the
+    error says which list removed them (before: "matched no module: 'q_proj' (closest: q_proj, ...)")."""
+    model = tiny_llama()
+    with pytest.raises(lk.TargetError, match=r"entry 'q_proj' matches modules") as e:
+        lk.add_adapter(model, lk.LoraConfig(**kwargs))
+    assert says in str(e.value) and "closest" not in str(e.value)
+    assert lk.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), float("inf")])
+def test_alpha_pattern_values_are_checked_by_their_own_name(value):
+    """An alpha_pattern value is that module's lora_alpha (PEFT), so it obeys lora_alpha's rule (> 0, finite), and the
+    error names alpha_pattern and its key, the field the user wrote (it named lora_alpha)."""
+    with pytest.raises(lk.ConfigError, match=r"alpha_pattern\['q_proj'\] must be > 0") as e:
+        lk.LoraConfig(target_modules=["q_proj"], alpha_pattern={"q_proj": value})
+    assert e.value.field == "LoraConfig.alpha_pattern"

@@ -95,12 +95,17 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
     linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
     chosen, hit_before_layer_filter, candidates, layer_ids = [], set(), [], set()
+    removed: dict[str, str] = {}  # target entry -> a module it matched that exclusion removed
     for key, module in modules:
         if all_linear:
             ok = isinstance(module, linear_types) and key not in head
         else:
             ok = _matches(targets, key)
-        if not ok or excluded(key):
+        if not ok:
+            continue
+        if excluded(key):
+            if isinstance(targets, list):
+                removed.update((t, key) for t in targets if key == t or key.endswith("." + t))
             continue
         if isinstance(targets, list):
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
@@ -115,6 +120,11 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
 
     if isinstance(targets, list) and strict:
         missing = [t for t in targets if t not in hit_before_layer_filter]
+        if any(t in removed for t in missing):
+            t = next(t for t in missing if t in removed)
+            raise TargetError(f"target_modules entry {t!r} matches modules (e.g. {removed[t]!r}), but exclude_modules="
+                              f"{config.exclude_modules!r} / modules_to_save={config.modules_to_save!r} remove every one "
+                              "of them (a module trained in full cannot also take an adapter); drop it from one list.")
         if missing:
             suffixes = {n.rsplit(".", 1)[-1] for n in names}
             hints = "; ".join(

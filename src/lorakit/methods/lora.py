@@ -94,6 +94,10 @@ class LoraConfig(AdapterConfig):
         for k, v in self.rank_pattern.items():
             if v <= 0:
                 raise field_error(self, "rank_pattern", f"[{k!r}] must be positive, got {v}.")
+        for k, v in self.alpha_pattern.items():  # each becomes a module's lora_alpha: the same rule, named here
+            if not 0 < v < float("inf"):
+                raise field_error(self, "alpha_pattern", f"[{k!r}] must be > 0 and finite (that module's lora_alpha), "
+                                                         f"got {v}.")
         for k in [*self.rank_pattern, *self.alpha_pattern]:
             self._check_regex(f"rank_pattern / alpha_pattern key", k)
 
