@@ -230,3 +230,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         lk.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before  # old file intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_save_failing_at_its_second_file_keeps_the_old_pair(tmp_path, monkeypatch, ids):
+    """Saving a rank-4 adapter over a rank-8 one, the disk fills up while the config is written: the folder must still
+    hold the rank-8 pair and load as it (DESIGN: saves are atomic). Before, the new tensors were already renamed into
+    place beside the old config, and the folder failed to load with a shape error."""
+    old = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights=False))
+    expected = old(input_ids=ids).logits
+    lk.save_adapter(old, tmp_path)
+    new = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    import lorakit.io.files as files
+
+    real_fsync, calls = files.os.fsync, []
+
+    def fsync_then_full(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the second file of the save
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(files.os, "fsync", fsync_then_full)
+    with pytest.raises(OSError, match="No space"):
+        lk.save_adapter(new, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = lk.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)

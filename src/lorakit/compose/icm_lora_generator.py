@@ -40,7 +40,7 @@ from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
 from ..core.inits import changed_base_error
-from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.files import load_tensors, read_json, save_tensors_and_json
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path
 from .icm_lora import (AdapterLayout, CvaeConfig, LoraCvae, denormalize, flatten_tensors, normalize, tensor_stats,
                        unflatten_tensors)
@@ -258,11 +258,11 @@ class IcmLoraGenerator:
         tensors.update({f"condition.{t}": c for t, c in self.conditions.items()})
         for t, (mean, std) in self.stats.items():
             tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"] = mean, std
-        save_tensors(directory / GENERATOR_WEIGHTS, tensors, metadata={"format": "pt", "lorakit_version": __version__})
-        atomic_write_json(directory / GENERATOR_CONFIG, {
+        save_tensors_and_json(directory / GENERATOR_WEIGHTS, tensors, {directory / GENERATOR_CONFIG: {
             "method": "icm_lora", "paper": "arXiv:2501.17635", "config": asdict(self.config),
             "layout": [[k, list(s)] for k, s in self.layout.entries], "adapter_config": self.adapter_config,
-            "tasks": sorted(self.conditions), "condition_dim": self.cvae.condition_dim, "history": self.history})
+            "tasks": sorted(self.conditions), "condition_dim": self.cvae.condition_dim, "history": self.history}},
+            metadata={"format": "pt", "lorakit_version": __version__})
         return directory
 
     @classmethod
@@ -417,8 +417,9 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
     tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lorakit_version": __version__})
-    atomic_write_json(out / CONFIG_NAME, gen.adapter_config)
-    atomic_write_json(out / "icm_lora_generation.json", {"task": task, "seed": seed, "temperature": temperature,
-                                                         "seen_task": task in gen.conditions})
+    save_tensors_and_json(out / WEIGHTS_NAME, tensors, {
+        out / CONFIG_NAME: gen.adapter_config,
+        out / "icm_lora_generation.json": {"task": task, "seed": seed, "temperature": temperature,
+                                           "seen_task": task in gen.conditions}},
+        metadata={"format": "pt", "lorakit_version": __version__})
     return out

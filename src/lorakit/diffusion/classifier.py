@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..io.files import atomic_write_json, save_tensors
+from ..io.files import save_tensors_and_json
 from .data import apply_styles, load_digit_images
 
 CLASSIFIER_STYLES = ("thick", "inverted")
@@ -90,8 +90,8 @@ def train_classifier(out_dir: str | os.PathLike | None = None, *, size: int = 16
         report[f"{s}_accuracy"] = (pred[s] == test_s[:, i].bool()).float().mean().item()
     if out_dir is not None:
         out = Path(out_dir)
-        save_tensors(out / "classifier.safetensors", model.state_dict())
-        atomic_write_json(out / "classifier.json", {"styles": list(CLASSIFIER_STYLES), **report})
+        save_tensors_and_json(out / "classifier.safetensors", model.state_dict(),
+                              {out / "classifier.json": {"styles": list(CLASSIFIER_STYLES), **report}})
     return model, report
 
 

@@ -20,19 +20,33 @@ from ..core.errors import AdapterLoadError
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files that belong together (an adapter's config and tensors) so that a failed write leaves
+    the old set: every file goes to a temp file beside it and is fsynced first, and only when all are written are
+    they renamed into place, one after the other (no I/O left that could fail between the renames)."""
+    pending: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a saved file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            pending.append((tmp, path))
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a saved file gets the usual mode
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        while pending:
+            tmp, path = pending[0]
+            os.replace(tmp, path)
+            pending.pop(0)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
@@ -79,13 +93,30 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
     return target
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as lorakit writes JSON files: indented, keys sorted, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` as the bytes of a safetensors file (on CPU, contiguous)."""
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(data, metadata=metadata))
+    atomic_write_bytes(path, tensor_bytes(tensors, metadata))
+
+
+def save_tensors_and_json(tensor_path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                          json_files: Mapping[str | os.PathLike, Any], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file and the JSON files that describe it, written together (:func:`atomic_write_files`): a
+    failure leaves the previous pair, never new tensors beside an old config."""
+    atomic_write_files({tensor_path: tensor_bytes(tensors, metadata),
+                        **{path: json_bytes(obj) for path, obj in json_files.items()}})
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
 from ..core.registry import get_method, method_for_file
-from .files import TensorFile, atomic_write_json, load_tensors, read_json, save_tensors
+from .files import TensorFile, load_tensors, read_json, save_tensors_and_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -102,7 +102,8 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
                  original_base: bool = False) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (each atomically) into ``directory``.
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``, atomically as a pair (a
+    failed save leaves the previous pair, not new tensors beside an old config).
 
     By default the file is the adapter as it is; when its init changed the base (PiSSA, OLoRA), its config still
     names that init, and loading it into the original base re-runs the init there first (as PEFT does).
@@ -123,9 +124,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         plain = {k[len(PREFIX):]: v for k, v in tensors.items()}
         config, plain = method.to_original_base(adapter_state(model).configs[name], config, plain, edits)
         tensors = {PREFIX + k: v for k, v in plain.items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt", "lorakit_version": __version__})
-    atomic_write_json(directory / CONFIG_NAME, config)
+    save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config},
+                          metadata={"format": "pt", "lorakit_version": __version__})
     return directory
 
 
