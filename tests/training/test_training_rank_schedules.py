@@ -1,5 +1,6 @@
 """Rank schedules survive a checkpoint: 6 steps straight == 3 steps + resume, bit for bit (DyLoRA's per-step rank
-draw, SoRA's proximal ξ schedule, IncreLoRA's importance EMAs and rank growth)."""
+draw, SoRA's proximal ξ schedule, IncreLoRA's importance EMAs and rank growth, LaMDA's gradual freeze of B: frozen
+whole at step 2 of 6 here, so after the resume at 3 it must stay frozen, as in the straight run)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from lorakit.core.model import adapter_layers
 from lorakit.methods.dylora import DyLoraConfig
 from lorakit.methods.increlora import IncreLoraConfig
+from lorakit.methods.lamda import LamdaConfig, LamdaPlusPlusConfig
 from lorakit.methods.sora import SoraConfig
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import train
@@ -20,6 +22,8 @@ CONFIGS = {
                                target_modules=TARGETS),
     "increlora": lambda: IncreLoraConfig(r=1, target_rank=3, init_warmup=1, incre_interval=2, top_h=3,
                                          target_modules=TARGETS),
+    "lamda": lambda: LamdaConfig(r=4, freeze_ratio=0.3, target_modules=TARGETS),
+    "lamda_pp": lambda: LamdaPlusPlusConfig(r=4, freeze_ratio=0.3, target_modules=TARGETS),
 }
 
 

@@ -326,6 +326,9 @@ def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, 
     A global batch (``batch_size × grad_accum × world_size``) other than the checkpoint's is allowed
     (docs/distributed.md) but changes the run, so it is warned about (``warn``: this process says it, rank 0)."""
     record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
+    # The loaded buffers decide what the adapter freezes (LaMDA's frozen B columns): re-read it as the step hook that
+    # set them did, else a B frozen before the checkpoint trains again after it (AdamW moves it with zero gradients).
+    refresh_trainable(model)
     if procedure is not None:
         procedure.load_state_dict(record["extra_tensors"])
     if record["num_train_examples"] != num_train_examples:
