@@ -248,3 +248,13 @@ def test_a_mixtures_source_adapters_are_checked_before_the_model_loads(method, t
                      "--steps", "1", "--output", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert says in err and str(source) in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--method", "lora", "--init-lora-weights", "pissa", "--init", "olora"], "--init olora and the method's own init"),
+])
+def test_two_inits_fail_before_the_model_loads(flags, says, tmp_path, capsys, no_model_load):
+    """--init beside another init the method's own option names is known from the flags alone (README: settings that
+    need no model are checked before it loads). Before, it silently trained --init's."""
+    assert main(["train", "--output", str(tmp_path / "o"), "--steps", "2", *flags]) == 2
+    assert says in capsys.readouterr().err

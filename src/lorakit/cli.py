@@ -175,11 +175,16 @@ def _add_with_init(model, adapter_config, args) -> None:
 
 def _check_init_options(args, adapter_config) -> None:
     """--init-options name options the init takes, there is an init to take them (--init, or one the
-    method's config names, e.g. --init-lora-weights eva), and the init works on --method's adapters (LoRA-SB needs
-    a B·M·A method such as lora_xs): ConfigError before the model is loaded."""
+    method's config names, e.g. --init-lora-weights eva), the init works on --method's adapters (LoRA-SB needs
+    a B·M·A method such as lora_xs), and --init is not given beside another init the method's own option names:
+    ConfigError before the model is loaded."""
     from .core.inits import check_init_config
 
-    spec = args.init if args.init is not None else adapter_config.requested_init()
+    named = adapter_config.requested_init()
+    if args.init is not None and named is not None and named != args.init:
+        raise ConfigError(f"--init {args.init} and the method's own init option (--init-lora-weights / "
+                          f"--init-weights {named}) name two inits; give one of them.")
+    spec = args.init if args.init is not None else named
     if spec is None:
         if args.init_options:
             raise ConfigError("--init-options is given but no init runs: name one with --init NAME "
