@@ -258,3 +258,22 @@ def test_two_inits_fail_before_the_model_loads(flags, says, tmp_path, capsys, no
     need no model are checked before it loads). Before, it silently trained --init's."""
     assert main(["train", "--output", str(tmp_path / "o"), "--steps", "2", *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "merge", "merge-adapters"])
+def test_an_output_folder_holding_the_input_is_refused(command, tmp_path, capsys, no_model_load):
+    """These commands replace --output whole. An --output that holds the adapter they read (its run folder) would
+    lose the adapter, checkpoints and metrics with it: refused before anything loads, and the folder is intact.
+    Before, `lorakit export runs/a/adapter --output runs/a --overwrite` left runs/a holding only the export."""
+    run = tmp_path / "run"
+    from safetensors.torch import save
+
+    adapter = _adapter(run / "adapter", save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                              torch.zeros(2, 32)}))
+    (run / "metrics.jsonl").write_text("{}\n")
+    argv = {"export": ["export", str(adapter)], "merge": ["merge", "--adapter", str(adapter)],
+            "merge-adapters": ["merge-adapters", str(adapter), str(adapter)]}[command]
+    assert main([*argv, "--output", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {run} holds the input {adapter}" in err
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl"]

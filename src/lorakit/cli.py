@@ -63,16 +63,24 @@ def _clean_leftovers(folder: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False) -> Path:
+def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False,
+                     reads: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Fail now, before any work, if ``path`` cannot become this command's output folder.
 
     A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
     non-empty folder without ``overwrite`` (unless ``allow_existing``, e.g. resuming into it) is a LorakitError.
-    Leftover temporary files of a killed save are removed.
+    ``reads``: the files and folders the command reads (its adapter, model, sources); an output folder that holds one
+    of them is an error too, since the output replaces the folder whole (``lorakit export runs/a/adapter --output
+    runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). The output *being* an input stays
+    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
+    for given in reads:
+        if given is not None and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
+            raise LorakitError(f"{flag} {out} holds the input {given}, and this command replaces {out} whole (the input "
+                               "with it); choose another folder, e.g. a new one beside it")
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -876,7 +884,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io.files import write_dir_atomically
 
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
     model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
         from .quantize import dequantize_model
@@ -927,7 +935,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
             if v is not None and k not in ("sources", "weights", "method", "output", "model", "num_threads", "overwrite")}
     with ErrorsReported(p) as run:
         _set_threads(args)
-        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*args.sources, args.model])
         # --model loads only after the sources and options are checked
         merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
@@ -1015,7 +1023,8 @@ def cmd_transfer(argv: Sequence[str]) -> int:
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
-        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[
+            args.adapter, args.source_model, args.target_model, args.data])
         check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
         result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
@@ -1063,7 +1072,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
             CBQConfig(bits=args.bits, group_size=args.group_size, **options)
         else:
             QuantSpec(args.bits, args.group_size)
-        out = check_output_dir(args.output, "--output", overwrite=args.overwrite) if args.output else None
+        out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.model]) if args.output else None
         from .hub import load_model_and_tokenizer
         from .io.files import write_dir_atomically
 
@@ -1099,7 +1108,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if method.peft_type is None and method.to_lora is None:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
                            "use the adapter as it is with lorakit (generate / eval / serving)")
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
     overrides = _overrides(args)
     model, _ = load_model_and_tokenizer(args.model)
     load_adapter(model, args.adapter, config_overrides=overrides)
