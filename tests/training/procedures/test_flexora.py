@@ -104,9 +104,10 @@ def test_run_holds_out_validation_writes_selection_and_resumes_exactly(tokenizer
 def test_bad_input_says_what_to_change(tokenizer, reverse_train):
     with pytest.raises(ConfigError, match="hyper_lr"):
         TrainConfig(procedure="flexora", procedure_args={"hyper_lr": 0.0})
-    with pytest.raises(ConfigError, match="holds out 100 validation examples"):
+    with pytest.raises(ConfigError, match="FlexoraConfig.val_size=100 validation examples are held out of a run of 20") as e:
         train(_model(tokenizer), tokenizer, reverse_train[:20], TrainConfig(
             steps=1, procedure="flexora", procedure_args={"val_size": 100}), progress=False)
+    assert e.value.field == "FlexoraConfig.val_size"  # the command line words it --val-size, the flag to change
     config = TrainConfig(procedure="flexora")
     procedure = get_procedure("flexora").build(config)
     model = _model(tokenizer)

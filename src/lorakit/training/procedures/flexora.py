@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import check_positive, check_positive_ints
+from ...core.config import check_positive, check_positive_ints, field_error
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers, host_path
 from ...core.targeting import layer_index
@@ -94,6 +94,10 @@ class Flexora(Procedure):
 
     # -- data and hooks -------------------------------------------------------------------------------
     def validation_split(self, n_train: int) -> int:
+        if self.config.val_size >= n_train:  # named here: the loop's own check cannot tell which field it was
+            raise field_error(self.config, "val_size", f"={self.config.val_size} validation examples are held out of a "
+                                                       f"run of {n_train} training examples, which leaves none to train "
+                                                       "on; lower it or give more training data.")
         return self.config.val_size
 
     def set_validation(self, batch_of: Callable[[list[int]], dict[str, torch.Tensor]], n: int) -> None:
