@@ -119,5 +119,6 @@ def test_galore_config_errors():
         GaLoreConfig(proj_type="stdd")
     with pytest.raises(lk.ConfigError, match="rank"):
         GaLoreConfig(rank=0)
-    with pytest.raises(lk.ConfigError, match="no nn.Linear"):
+    with pytest.raises(lk.ConfigError, match="no nn.Linear") as e:
         make_optimizer(_model(), "default", _config(optim_target_modules=["nothing"]))
+    assert e.value.field == "GaLoreConfig.optim_target_modules"  # worded as --optim-target-modules on a command line

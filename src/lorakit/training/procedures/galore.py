@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ...core.config import check_positive, check_positive_ints, check_range, field_error
-from ...core.errors import ConfigError, did_you_mean
+from ...core.errors import did_you_mean
 from ...core.model import adapter_layers
 from .base import Procedure, ProcedureConfig, register_procedure
 
@@ -162,8 +162,8 @@ class GaLore(Procedure):
                     and id(module.weight) not in adapter_ids:
                 targets[id(module.weight)] = module.weight
         if not targets:
-            raise ConfigError(f"GaLore found no nn.Linear weight in a module whose name contains one of "
-                              f"{self.config.optim_target_modules}; set procedure_args optim_target_modules.")
+            raise field_error(self.config, "optim_target_modules", f"={self.config.optim_target_modules}: GaLore found no "
+                              "nn.Linear weight in a module whose name contains one of them; name modules of this model.")
         if not self.config.train_adapter:
             for g in groups:
                 for p in g["params"]:
