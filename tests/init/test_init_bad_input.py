@@ -167,14 +167,40 @@ def test_lora_ga_stable_gamma_must_be_positive(gamma):
 @pytest.mark.parametrize("init", ["pissa", "olora", "corda"])
 def test_base_splitting_inits_refuse_middle_matrix_adapters(method, init):
     """PiSSA / OLoRA / CorDA move s·B A out of the base (PiSSA arXiv:2404.02948 eq. 2-4: W = W_res + B A), which keeps
-    the output only when the adapter's delta is s·B A. A B·M·A adapter's delta is s·B M A: the init must be refused
-    naming the module, and add_adapter leave no adapter and an untouched base (before, PiSSA / OLoRA changed the
-    base while the adapter kept its own init, so the model's output moved at step 0)."""
+    the output only when the adapter's delta is s·B A. A B·M·A adapter's delta is s·B M A: the init must be refused,
+    with no adapter left and an untouched base (before, PiSSA / OLoRA changed the base while the adapter kept its own
+    init, so the model's output moved at step 0)."""
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(lk.AdapterError, match=rf"init '{init}'.*model\.layers\.0\.self_attn\.q_proj.*B A"):
+    with pytest.raises(lk.LorakitError, match=rf"init '{init}'"):
         lk.add_adapter(model, lk.get_method(method).config_cls(r=4, target_modules=TARGETS), init=init,
                        init_batches=_batches(1))
     assert lk.adapter_names(model) == []
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_split_base_weight_refuses_computed_units():
+    """The delta-level guard under Init.fits: split_base_weight on a delta whose units are computed (B·M·A reports
+    A = M A) names the module instead of subtracting s·B A from the base while writing a copy."""
+    from lorakit.init.weight_split import pissa_factors, split_base_weight
+
+    model = lk.add_adapter(tiny_llama(), lk.get_method("slora").config_cls(r=4, target_modules=TARGETS))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(lk.AdapterError, match=r"model\.layers\.0\.self_attn\.q_proj.*no trainable B A factors"):
+        split_base_weight(model, "default", pissa_factors, "pissa")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_add_adapter_leaves_no_adapter_when_its_init_fails():
+    """add_adapter is all or nothing (its docstring): an init that fails after the adapter is attached (PiSSA on a
+    base weight with a NaN, found when it factorises) removes the adapter again. Before, 'default' stayed attached,
+    so a retry with another init failed with 'adapter already exists'."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(lk.AdapterError, match=r"model\.layers\.1\.self_attn\.v_proj"):
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=TARGETS), init="pissa")
+    assert lk.adapter_names(model) == []
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), init="pissa")  # the retry works
