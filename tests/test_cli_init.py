@@ -121,7 +121,7 @@ MISMATCHES = [
     # BA-LoRA's regularisers read the LM head's logits (balora.py param_groups), which a classifier lacks
     (["--procedure", "balora", "--task-type", "seq-cls"], "BA-LoRA needs a causal LM with an output layer"),
     # Flexora holds out its validation examples (200 by default) from the 16 training examples
-    (["--procedure", "flexora"], "procedure 'flexora' holds out 200 validation examples but the run has 16"),
+    (["--procedure", "flexora"], "--val-size 200 validation examples are held out of a run of 16 training examples"),
 ]
 
 
