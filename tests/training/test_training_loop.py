@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,21 @@ def test_reentrant_checkpointing_of_an_aux_loss_mixture_is_an_error(make_model, 
         runs.append(train(model, tokenizer, data, replace(config, gradient_checkpointing=checkpointing),
                           progress=False).losses)
     torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=0)
+
+
+def test_resume_with_another_seed_warns(make_model, tokenizer, reverse_train, tmp_path) -> None:
+    """The data order is a permutation drawn from (seed, epoch) (loop.py's module docstring: what makes resume exact),
+    so a resume under another seed goes on at the checkpoint's position in another permutation: some examples of
+    the epoch come twice and others never. Allowed, but named, as another global batch is."""
+    def config(**kw) -> TrainConfig:
+        return TrainConfig(steps=2, batch_size=4, lr=1e-2, save_every=1, output_dir=str(tmp_path / "run"), **kw)
+
+    train(make_model(), tokenizer, reverse_train, config(seed=1), progress=False)
+    with pytest.warns(UserWarning, match="resuming .*checkpoint-1 with another seed: the checkpoint's run used seed 1, "
+                                         "this run 2"):
+        train(make_model(), tokenizer, reverse_train, config(seed=2, resume_from=str(tmp_path / "run" / "checkpoint-1")),
+              progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resuming .* with another seed")
+        train(make_model(), tokenizer, reverse_train, config(seed=1, resume_from=str(tmp_path / "run" / "checkpoint-1")),
+              progress=False)

@@ -323,7 +323,7 @@ def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, 
                       num_train_examples: int, world_size: int = 1, warn: bool = True) -> dict[str, Any]:
     """Load ``config.resume_from`` into the adapter, optimizer, RNG and procedure; returns its state
     (``checkpoint_state``'s keys). ValueError for other training data, ConfigError when it is at or past ``steps``.
-    A global batch (``batch_size × grad_accum × world_size``) other than the checkpoint's is allowed
+    A global batch (``batch_size × grad_accum × world_size``) or a seed other than the checkpoint's is allowed
     (docs/distributed.md) but changes the run, so it is warned about (``warn``: this process says it, rank 0)."""
     record = load_checkpoint(config.resume_from, model, adapter_name, optimizer, params)
     # The loaded buffers decide what the adapter freezes (LaMDA's frozen B columns): re-read it as the step hook that
@@ -340,6 +340,11 @@ def resume_checkpoint(config: TrainConfig, model: nn.Module, adapter_name: str, 
                           "counting the checkpoint's steps).")
     if warn:
         warn_global_batch_change(config, record, world_size)
+        if record.get("seed") is not None and record["seed"] != config.seed:
+            warnings.warn(f"resuming {config.resume_from} with another seed: the checkpoint's run used seed "
+                          f"{record['seed']}, this run {config.seed}. The data order is drawn from the seed, so the "
+                          f"rest of the current epoch repeats some examples and skips others; keep seed "
+                          f"{record['seed']} to continue the checkpoint's run.", stacklevel=2)
     return record
 
 
