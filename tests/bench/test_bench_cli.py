@@ -145,3 +145,17 @@ def test_a_malformed_tasks_file_is_named_before_any_model(bench, tmp_path, capsy
     assert e.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"lorakit bench: error: --tasks: {data}:2: missing field 'completion'", err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bench", ["serve", "perf", "methods", "tasks", "mixtures"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_model(bench, tmp_path, capsys, no_model):
+    """Was: `bench serve --output X` with X unwritable ended in mkdir's FileNotFoundError traceback, and `bench tasks`
+    / `mixtures` / `methods` created --output only after the whole run, failing there with the results lost."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", bench, "--quick", "--output", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"lorakit bench: error: --output {blocker / 'out'}: {blocker} is a file, "
+                                            f"so the folder cannot be created"), err
