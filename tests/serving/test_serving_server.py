@@ -269,7 +269,8 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
     s = setup
     ok = {"model": "ad1", "prompt": "x", "max_tokens": 2}
     bad = [
-        ({**ok, "seed": "abc", "temperature": 1}, 400, "seed"), ({**ok, "seed": 2 ** 80, "temperature": 1}, 400, "seed"),
+        ({**ok, "seed": "abc", "temperature": 1}, 400, "seed"),
+        ({**ok, "seed": 2 ** 80, "temperature": 1}, 400, "seed"),
         ({**ok, "seed": 1.5, "temperature": 1}, 400, "seed"), ({**ok, "top_k": 2.7}, 400, "top_k"),
         ({**ok, "stream": "yes"}, 400, "'stream'"), ({**ok, "ignore_eos": "no"}, 400, "'ignore_eos'"),
         ({**ok, "stream": True, "stream_options": "x"}, 400, "stream_options"), ({**ok, "n": 2}, 400, "n=1"),
@@ -292,7 +293,8 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
                   "stream_options": None, "some_future_field": 1}]:
         assert _post(s, "/v1/completions", body).status_code == 200
     for raw in [b'{"model": "ad1", "prompt": "x", "temperature": NaN}',
-                b'{"model": "bundled", "prompt": "x", "adapters": {"ad0": Infinity}}', b'{"model": "ad1", "prompt": "\xff"}']:
+                b'{"model": "bundled", "prompt": "x", "adapters": {"ad0": Infinity}}',
+                b'{"model": "ad1", "prompt": "\xff"}']:
         r = _post(s, "/v1/completions", None, raw=raw)
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
     # a chunked body (no content-length) is refused once it passes the limit, not read to its end

@@ -10,6 +10,11 @@ Endpoints (bodies as OpenAI's / vLLM's):
   adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
   synthesis pass; the synthesis pass streams with ``stream: true``).
+  A null field means its default (``temperature: null`` = 1, ``n: null`` = 1). Fields OpenAI defines that this
+  server does not implement (``echo``, ``logprobs``, ``best_of``, ``suffix``, ``logit_bias``, penalties, ``tools``,
+  ``response_format``, ``n`` > 1) are a 400 unless at their defaults; unknown fields are ignored. Chat ``content``
+  is a string or a list of ``{"type": "text"}`` parts. ``stream_options.include_usage`` adds a last chunk with
+  ``"choices": []`` and the usage.
 - ``GET /v1/models``: the base and every servable adapter (``parent`` = the base), as vLLM lists them; an adapter
   folder that failed to register or load is not listed, and a request naming it gets a 400 saying why.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
@@ -17,8 +22,9 @@ Endpoints (bodies as OpenAI's / vLLM's):
 
 Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
 configured roots (``store.confine``); safetensors only; body size and ``max_tokens`` limits. Every bad request
-gets a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a client that disconnects has its request
-aborted, which frees its KV blocks.
+gets a 4xx JSON error ``{"error": {"message", "type", "code"}}`` (a server fault a 500 in the same shape); a client
+that disconnects has its request aborted, which frees its KV blocks, also before its response started (queued, or a
+non-streamed request).
 """
 
 from __future__ import annotations
