@@ -394,3 +394,33 @@ def test_server_overflowing_mix_fails_alone(setup):
         assert [f.result().json()["usage"]["completion_tokens"] for f in fine] == [12, 12, 12]
         r = broken.result()
     assert r.status_code == 400 and "not finite" in r.json()["error"]["message"], r.text
+
+
+def test_server_client_gone_while_tokens_flow_is_aborted(setup):
+    """A non-streamed request whose client hangs up while its tokens are being generated is aborted then, not when
+    it finishes (was: the disconnect was looked at only after 0.5 s without any token). Every engine step is held
+    50 ms here, so the 64 tokens take over 3 s while tokens still arrive more often than that."""
+    import threading
+
+    s, engine = setup, setup["engine"]
+    before = _aborts(s)
+    stop = threading.Event()
+
+    def slow_steps():
+        while not stop.is_set():
+            engine.call(lambda: time.sleep(0.05))
+
+    slower = threading.Thread(target=slow_steps, daemon=True)
+    slower.start()
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "ad0", "prompt": PROMPTS[1], "max_tokens": 64, "ignore_eos": True},
+                       timeout=1.0)
+        deadline = time.time() + 1.5
+        while _aborts(s) < before + 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _aborts(s) == before + 1
+    finally:
+        stop.set()
+        slower.join(30)
