@@ -424,3 +424,32 @@ def test_server_client_gone_while_tokens_flow_is_aborted(setup):
     finally:
         stop.set()
         slower.join(30)
+
+
+def test_server_client_gone_during_self_moa_proposals_aborts_them(setup):
+    """Self-MoA's proposals run before the response starts; a client that hangs up then has them aborted, freeing
+    their slots and KV blocks (was: all n proposals ran to the end for nobody). Engine steps are held 50 ms, so the
+    proposals' 64 tokens would take over 3 s."""
+    import threading
+
+    s, engine = setup, setup["engine"]
+    stop = threading.Event()
+
+    def slow_steps():
+        while not stop.is_set():
+            engine.call(lambda: time.sleep(0.05))
+
+    slower = threading.Thread(target=slow_steps, daemon=True)
+    slower.start()
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "ad2", "prompt": PROMPTS[0], "max_tokens": 64, "ignore_eos": True,
+                             "self_moa": {"n": 3}}, timeout=1.0)
+        deadline = time.time() + 1.5
+        while (engine.num_running or engine.num_waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0
+    finally:
+        stop.set()
+        slower.join(30)

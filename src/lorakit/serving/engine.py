@@ -213,14 +213,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 tasks: Sequence[str | None] | None = None) -> list[Request]:
+                 tasks: Sequence[str | None] | None = None, cancel: threading.Event | None = None) -> list[Request]:
         """Submit every prompt (with its adapter and task key) and wait for all (steps here unless the background
-        thread runs)."""
+        thread runs). ``cancel``: once set, the requests not finished are aborted (finish_reason "abort")."""
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
         reqs = [self.submit(p, a, sp, task=t) for p, a, sp, t in zip(prompts, adapters, plist, tasks)]
+        aborted = False
         while not all(r.done.is_set() for r in reqs):
+            if cancel is not None and cancel.is_set() and not aborted:
+                for r in reqs:
+                    self.abort(r.request_id)
+                aborted = True
             if self._thread is None:
                 self.step()
             else:

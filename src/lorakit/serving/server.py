@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -495,9 +496,17 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, f"self_moa: {e}") from None
         except LorakitError as e:
             raise refusal(e) from None
+        cancel = threading.Event()  # the client went away: abort the proposals (they hold slots and KV blocks)
+        work = asyncio.ensure_future(asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
+                                                       aggregate, cancel))
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                cancel.set()
+                await asyncio.wait({work})
+                work.exception()  # RequestCancelled, retrieved (nobody is left to answer)
+                return Response(status_code=499)
         try:
-            final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
-                                                       aggregate)
+            final, proposals = work.result()
         except Exception as e:  # noqa: BLE001  (a proposal the engine failed: as the request itself would be)
             raise refusal(e, _model(spec)) from None
         out = await run(request, body, final, kind)
