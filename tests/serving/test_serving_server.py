@@ -6,8 +6,10 @@ answered with 4xx; client disconnects free their KV blocks; no block leaks at th
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import shutil
+import threading
 import time
 
 import httpx
@@ -352,7 +354,6 @@ def test_server_client_gone_before_first_event_is_aborted(setup):
     streamed) has its request aborted, not run to the end (README: a client that disconnects has its request
     aborted, which frees its KV blocks). The engine is held between steps, so neither request can produce an event
     before its client is gone (was: Starlette's BaseHTTPMiddleware hid the disconnect; both ran to the end)."""
-    import threading
 
     s, engine = setup, setup["engine"]
     before = _aborts(s)
@@ -396,23 +397,31 @@ def test_server_overflowing_mix_fails_alone(setup):
     assert r.status_code == 400 and "not finite" in r.json()["error"]["message"], r.text
 
 
-def test_server_client_gone_while_tokens_flow_is_aborted(setup):
-    """A non-streamed request whose client hangs up while its tokens are being generated is aborted then, not when
-    it finishes (was: the disconnect was looked at only after 0.5 s without any token). Every engine step is held
-    50 ms here, so the 64 tokens take over 3 s while tokens still arrive more often than that."""
-    import threading
-
-    s, engine = setup, setup["engine"]
-    before = _aborts(s)
+@contextlib.contextmanager
+def slowed(engine, pause_s: float = 0.05):
+    """Every engine step held ``pause_s`` (a call between steps), so a request's tokens arrive that far apart."""
     stop = threading.Event()
 
     def slow_steps():
         while not stop.is_set():
-            engine.call(lambda: time.sleep(0.05))
+            engine.call(lambda: time.sleep(pause_s))
 
     slower = threading.Thread(target=slow_steps, daemon=True)
     slower.start()
     try:
+        yield
+    finally:
+        stop.set()
+        slower.join(30)
+
+
+def test_server_client_gone_while_tokens_flow_is_aborted(setup):
+    """A non-streamed request whose client hangs up while its tokens are being generated is aborted then, not when
+    it finishes (was: the disconnect was looked at only after 0.5 s without any token). Every engine step is held
+    50 ms here, so the 64 tokens take over 3 s while tokens still arrive more often than that."""
+    s, engine = setup, setup["engine"]
+    before = _aborts(s)
+    with slowed(engine):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "ad0", "prompt": PROMPTS[1], "max_tokens": 64, "ignore_eos": True},
@@ -421,27 +430,14 @@ def test_server_client_gone_while_tokens_flow_is_aborted(setup):
         while _aborts(s) < before + 1 and time.time() < deadline:
             time.sleep(0.05)
         assert _aborts(s) == before + 1
-    finally:
-        stop.set()
-        slower.join(30)
 
 
 def test_server_client_gone_during_self_moa_proposals_aborts_them(setup):
     """Self-MoA's proposals run before the response starts; a client that hangs up then has them aborted, freeing
     their slots and KV blocks (was: all n proposals ran to the end for nobody). Engine steps are held 50 ms, so the
     proposals' 64 tokens would take over 3 s."""
-    import threading
-
     s, engine = setup, setup["engine"]
-    stop = threading.Event()
-
-    def slow_steps():
-        while not stop.is_set():
-            engine.call(lambda: time.sleep(0.05))
-
-    slower = threading.Thread(target=slow_steps, daemon=True)
-    slower.start()
-    try:
+    with slowed(engine):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "ad2", "prompt": PROMPTS[0], "max_tokens": 64, "ignore_eos": True,
@@ -450,6 +446,3 @@ def test_server_client_gone_during_self_moa_proposals_aborts_them(setup):
         while (engine.num_running or engine.num_waiting) and time.time() < deadline:
             time.sleep(0.05)
         assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0
-    finally:
-        stop.set()
-        slower.join(30)
