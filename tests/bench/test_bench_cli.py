@@ -105,10 +105,14 @@ def test_only_names_are_checked_once_for_python_callers_too():
 
 SERVE_BAD = [  # bench serve flags that describe no workload, and what the error says
     (["--num-adapters", "0"], "--num-adapters must be a positive integer, got 0"),
-    (["--req-rate", "0"], "--req-rate must be > 0, got 0.0"),
-    (["--duration", "-1"], "--duration must be > 0, got -1.0"),
+    (["--req-rate", "0"], "--req-rate must be > 0 and finite, got 0.0"),
+    (["--duration", "-1"], "--duration must be > 0 and finite, got -1.0"),
     (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
     (["--models", "bundld"], "unknown bench serve model 'bundld'. Did you mean: bundled?"),
+    # was: OverflowError / MemoryError tracebacks building the trace, or a run over an empty trace
+    (["--req-rate", "inf"], "--req-rate must be > 0 and finite, got inf"),
+    (["--duration", "1e9"], "the trace's length, --req-rate x --duration = 4 x 1e+09 = 4000000000 requests, must be 1"),
+    (["--req-rate", "0.1", "--duration", "1"], "the trace's length, --req-rate x --duration = 0.1 x 1 = 0 requests"),
 ]
 
 
@@ -145,3 +149,17 @@ def test_a_malformed_tasks_file_is_named_before_any_model(bench, tmp_path, capsy
     assert e.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"lorakit bench: error: --tasks: {data}:2: missing field 'completion'", err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bench", ["serve", "perf", "methods", "tasks", "mixtures"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_model(bench, tmp_path, capsys, no_model):
+    """Was: `bench serve --output X` with X unwritable ended in mkdir's FileNotFoundError traceback, and `bench tasks`
+    / `mixtures` / `methods` created --output only after the whole run, failing there with the results lost."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", bench, "--quick", "--output", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"lorakit bench: error: --output {blocker / 'out'}: {blocker} is a file, "
+                                            f"so the folder cannot be created"), err

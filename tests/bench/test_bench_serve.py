@@ -7,6 +7,7 @@ Trace reference: S-LoRA ``benchmarks/trace.py`` ``generate_requests`` — adapte
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lorakit.bench.serve import ServeProfile, generate_requests, run_serve_bench, serve_markdown
 
@@ -57,3 +58,16 @@ def test_bench_serve_graph_systems_run_and_report_their_ratios():
     assert "lorakit_graphs/merged_graphs" in serve_markdown(result)
     with pytest.raises(ConfigError, match="lorakit_graphs"):
         ServeProfile(systems=("lorakit_graph",))
+
+
+def test_bench_serve_adapters_that_cannot_fit_on_disk_are_refused_before_writing(tmp_path):
+    """Was: `bench serve --num-adapters 100000000` started writing a hundred million adapter folders."""
+    from lk_models import tiny_llama
+
+    from lorakit.bench.serving import write_random_adapters
+    from lorakit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"1,000,000,000,000 random adapters of rank 16 need .* GB, but .* GB free"):
+        write_random_adapters(tiny_llama(), tmp_path / "adapters", 10 ** 12)
+    assert not (tmp_path / "adapters").exists()
+    assert len(write_random_adapters(tiny_llama(), tmp_path / "adapters", 2)) == 2

@@ -6,8 +6,10 @@ answered with 4xx; client disconnects free their KV blocks; no block leaks at th
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import shutil
+import threading
 import time
 
 import httpx
@@ -258,3 +260,189 @@ def test_http_error_pickles_with_its_status_and_type():
 
     back = pickle.loads(pickle.dumps(HTTPError(404, "unknown adapter 'x'", "not_found_error")))
     assert (type(back), back.status, back.message, back.kind) == (HTTPError, 404, "unknown adapter 'x'", "not_found_error")
+
+
+def test_server_refuses_malformed_fields_with_openai_errors(setup):
+    """Every malformed field is a 4xx in OpenAI's error shape before anything runs (was: a non-integer or huge seed a
+    plain-text 500; stream_options "x" a stream cut off mid-way; "stream": "yes" streamed; a mix weight beyond
+    float32 a 500; NaN/Infinity, which are not JSON (RFC 8259), accepted). Fields OpenAI defines that change the
+    answer and this server lacks (echo, logprobs, best_of, penalties, tools, response_format) are refused, not
+    silently ignored; their defaults and nulls are accepted (OpenAI: null = the default)."""
+    s = setup
+    ok = {"model": "ad1", "prompt": "x", "max_tokens": 2}
+    bad = [
+        ({**ok, "seed": "abc", "temperature": 1}, 400, "seed"),
+        ({**ok, "seed": 2 ** 80, "temperature": 1}, 400, "seed"),
+        ({**ok, "seed": 1.5, "temperature": 1}, 400, "seed"), ({**ok, "top_k": 2.7}, 400, "top_k"),
+        ({**ok, "stream": "yes"}, 400, "'stream'"), ({**ok, "ignore_eos": "no"}, 400, "'ignore_eos'"),
+        ({**ok, "stream": True, "stream_options": "x"}, 400, "stream_options"), ({**ok, "n": 2}, 400, "n=1"),
+        ({**ok, "echo": True}, 400, "'echo' is not supported"), ({**ok, "logprobs": 3}, 400, "'logprobs'"),
+        ({**ok, "best_of": 2}, 400, "'best_of'"), ({**ok, "presence_penalty": 0.5}, 400, "'presence_penalty'"),
+        ({**ok, "model": "bundled", "adapters": {"ad0": 1e308}}, 400, "float32"),
+    ]
+    for body, status, message in bad:
+        r = _post(s, "/v1/completions", body)
+        assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    chat = {"model": "ad1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, name in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"logprobs": True}, "logprobs")]:
+        r = _post(s, "/v1/chat/completions", {**chat, **extra})
+        assert r.status_code == 400 and f"'{name}' is not supported" in r.json()["error"]["message"], r.text
+    for body in [{**ok, "n": None, "temperature": None, "seed": None, "echo": False, "logprobs": None, "best_of": 1,
+                  "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stream": False,
+                  "stream_options": None, "some_future_field": 1}]:
+        assert _post(s, "/v1/completions", body).status_code == 200
+    for raw in [b'{"model": "ad1", "prompt": "x", "temperature": NaN}',
+                b'{"model": "bundled", "prompt": "x", "adapters": {"ad0": Infinity}}',
+                b'{"model": "ad1", "prompt": "\xff"}']:
+        r = _post(s, "/v1/completions", None, raw=raw)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    # a chunked body (no content-length) is refused once it passes the limit, not read to its end
+    r = httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   content=iter([b" " * 8192] * 8), timeout=60)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+    r = httpx.get(s["server"].url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        s["client"].completions.create(model="ad1", prompt="x", max_tokens=2, temperature=1.0,
+                                       extra_body={"seed": "abc"})
+
+
+def test_server_stream_usage_is_its_own_final_chunk(setup):
+    """OpenAI's stream_options.include_usage: "an additional chunk will be streamed before the data: [DONE] message
+    ... the choices field will always be an empty array. All other chunks will also include a usage field, but
+    with a null value" (was: the usage on the last text chunk)."""
+    client = setup["client"]
+    for chunks in [list(client.completions.create(model="ad0", prompt=PROMPTS[1], max_tokens=5, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})),
+                   list(client.chat.completions.create(model="ad0", messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=5, temperature=0, stream=True,
+                                                       stream_options={"include_usage": True},
+                                                       extra_body={"ignore_eos": True}))]:
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+        assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
+        assert all(c.usage is None and len(c.choices) == 1 for c in chunks[:-1])
+        assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_server_chat_content_parts_read_as_text(setup):
+    """OpenAI's message content may be a list of parts; text parts are the text (joined with newlines, as vLLM
+    does); other part types are a 400 naming them."""
+    client = setup["client"]
+    as_string = client.chat.completions.create(model="ad2", messages=[{"role": "user", "content": "Name a colour."}],
+                                               max_tokens=6, temperature=0)
+    as_parts = client.chat.completions.create(
+        model="ad2", messages=[{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
+        max_tokens=6, temperature=0)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model="ad2", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+def _aborts(s) -> float:
+    text = httpx.get(s["server"].url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("lorakit_requests_total{") and 'finish_reason="abort"' in line)
+
+
+def test_server_client_gone_before_first_event_is_aborted(setup):
+    """A client that hangs up before its response starts (streamed: the response waits for the first event; or not
+    streamed) has its request aborted, not run to the end (README: a client that disconnects has its request
+    aborted, which frees its KV blocks). The engine is held between steps, so neither request can produce an event
+    before its client is gone (was: Starlette's BaseHTTPMiddleware hid the disconnect; both ran to the end)."""
+
+    s, engine = setup, setup["engine"]
+    before = _aborts(s)
+    gate, held = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=engine.call, args=(lambda: (held.set(), gate.wait(60)),), daemon=True)
+    blocker.start()
+    try:
+        assert held.wait(30)
+        for stream in (True, False):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "ad1", "prompt": PROMPTS[0], "max_tokens": 32, "stream": stream,
+                                 "ignore_eos": True}, timeout=0.5)
+        deadline = time.time() + 15
+        while _aborts(s) < before + 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert _aborts(s) == before + 2
+    finally:
+        gate.set()
+        blocker.join(30)
+    deadline = time.time() + 30
+    while (engine.num_running or engine.num_waiting or engine.cache.used_blocks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0
+
+
+def test_server_overflowing_mix_fails_alone(setup):
+    """A weighted mix whose weights overflow the logits (finite in float32, inf in the forward) fails that request
+    with a 400, and the requests batched with it finish (was: every running request got a 500)."""
+    s = setup
+
+    def ask(body):
+        return _post(s, "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 12, "ignore_eos": True,
+                                            "temperature": 1.0, "seed": 1, **body})
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        fine = [pool.submit(ask, {"model": m}) for m in ("ad0", "bundled", "ad1")]
+        broken = pool.submit(ask, {"model": "bundled", "adapters": {"ad0": 3e38, "ad1": 3e38}})
+        assert [f.result().json()["usage"]["completion_tokens"] for f in fine] == [12, 12, 12]
+        r = broken.result()
+    assert r.status_code == 400 and "not finite" in r.json()["error"]["message"], r.text
+
+
+@contextlib.contextmanager
+def slowed(engine, pause_s: float = 0.05):
+    """Every engine step held ``pause_s`` (a call between steps), so a request's tokens arrive that far apart."""
+    stop = threading.Event()
+
+    def slow_steps():
+        while not stop.is_set():
+            engine.call(lambda: time.sleep(pause_s))
+
+    slower = threading.Thread(target=slow_steps, daemon=True)
+    slower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        slower.join(30)
+
+
+def test_server_client_gone_while_tokens_flow_is_aborted(setup):
+    """A non-streamed request whose client hangs up while its tokens are being generated is aborted then, not when
+    it finishes (was: the disconnect was looked at only after 0.5 s without any token). Every engine step is held
+    50 ms here, so the 64 tokens take over 3 s while tokens still arrive more often than that."""
+    s, engine = setup, setup["engine"]
+    before = _aborts(s)
+    with slowed(engine):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "ad0", "prompt": PROMPTS[1], "max_tokens": 64, "ignore_eos": True},
+                       timeout=1.0)
+        deadline = time.time() + 1.5
+        while _aborts(s) < before + 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _aborts(s) == before + 1
+
+
+def test_server_client_gone_during_self_moa_proposals_aborts_them(setup):
+    """Self-MoA's proposals run before the response starts; a client that hangs up then has them aborted, freeing
+    their slots and KV blocks (was: all n proposals ran to the end for nobody). Engine steps are held 50 ms, so the
+    proposals' 64 tokens would take over 3 s."""
+    s, engine = setup, setup["engine"]
+    with slowed(engine):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "ad2", "prompt": PROMPTS[0], "max_tokens": 64, "ignore_eos": True,
+                             "self_moa": {"n": 3}}, timeout=1.0)
+        deadline = time.time() + 1.5
+        while (engine.num_running or engine.num_waiting) and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0

@@ -208,9 +208,13 @@ def main(argv: Sequence[str]) -> int:
         _check_names(parser, "--tasks", names, lambda t: load_jsonl(t) if Path(t).is_file() else get_task(t))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
-    from ..cli import ErrorsReported
+    from ..cli import ErrorsReported, check_output_dir
     from ..data import DataError
 
+    try:  # now, not when the report is written after the run (most benches created --output only then)
+        check_output_dir(args.output, "--output", overwrite=True)
+    except LorakitError as e:
+        parser.error(str(e))
     with ErrorsReported(parser, also=(DataError,)) as run:  # (a user's data file: named by file and line)  # a run's own error (a config's) reads as the command's, no traceback
         run.status = _run(parser, args, argv)
     return run.status

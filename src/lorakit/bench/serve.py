@@ -32,6 +32,7 @@ bottleneck on CPU (recorded as skipped, not estimated).
 from __future__ import annotations
 
 import gc
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -97,8 +98,13 @@ class ServeProfile:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ConfigError(f"{FIELD} must be a positive integer, got {v!r}", field=name)
         for name in ("req_rate", "duration_s", "cv", "slo_s", "timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{FIELD} must be > 0, got {getattr(self, name)!r}", field=name)
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{FIELD} must be > 0 and finite, got {getattr(self, name)!r}", field=name)
+        total = int(self.req_rate * self.duration_s)  # the trace's length (generate_requests)
+        if not 1 <= total <= MAX_TRACE:
+            raise ConfigError(f"the trace's length, req_rate x {FIELD} = {self.req_rate:g} x {self.duration_s:g} = "
+                              f"{total} requests, must be 1 to {MAX_TRACE:,} (it is built in memory before the run)",
+                              field="duration_s")
         if self.peft_max_n < 0:
             raise ConfigError(f"{FIELD} must be >= 0, got {self.peft_max_n}", field="peft_max_n")
         for name in ("input_range", "output_range"):
@@ -114,6 +120,7 @@ class ServeProfile:
 
 
 MODELS = ("bundled", "random8x512")
+MAX_TRACE = 1_000_000  # requests in one trace at most (S-LoRA's traces are thousands)
 SYSTEMS = ("lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs")
 # (name, numerator, denominator): reported when both systems ran
 RATIOS = tuple((f"{a}/{b}", a, b) for a, b in (

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..cli_parser import CommandParser
+from ..core.errors import ConfigError
 from .perf import EXTRA_ROWS
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,9 +60,18 @@ def write_random_adapters(model, root: Path, n: int, *, r: int = 16, alpha: floa
     """``n`` random LoRA folders in PEFT's layout (adapter_config.json + adapter_model.safetensors).
 
     To keep creation fast, adapter i is a shared random draw scaled by its own factor plus a small per-adapter
-    random slice — distinct weights per adapter, realistic file sizes.
+    random slice — distinct weights per adapter, realistic file sizes. ConfigError, before any
+    file is written, when their tensors would not fit in the free space of ``root``'s file system.
     """
     shapes = _linear_shapes(model)
+    need = n * sum((i + o) * r for i, o in shapes.values()) * 4  # fp32 lora_A (r, in) + lora_B (out, r) per layer
+    where = Path(root)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ConfigError(f"{n:,} random adapters of rank {r} need {need / 1e9:.3g} GB, but {where} has "
+                          f"{free / 1e9:.3g} GB free; use fewer adapters or a lower rank")
     g = torch.Generator().manual_seed(seed)
     pool = {k: (torch.randn(r, i, generator=g) * std, torch.randn(o, r, generator=g) * std) for k, (i, o) in shapes.items()}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,

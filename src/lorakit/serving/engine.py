@@ -37,7 +37,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
 from .sampling import SamplingParams, find_stop, sample_token
 from .store import AdapterStore, names_in
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class RequestError(LorakitError, ValueError):
@@ -163,6 +166,12 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        if isinstance(adapter, Mapping):  # checked here: a weight the bank cannot hold fails the whole batch's forward
+            bad = {n: w for n, w in adapter.items() if isinstance(w, bool) or not isinstance(w, (int, float))
+                   or not abs(w) <= FLOAT32_MAX}
+            if bad:
+                raise RequestError(f"weights of a weighted mix must be finite numbers within float32's range "
+                                   f"(|w| <= {FLOAT32_MAX:.4g}), got {bad}")
         key = None
         if self.store is not None:
             self.store.check(adapter)
@@ -204,14 +213,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 tasks: Sequence[str | None] | None = None) -> list[Request]:
+                 tasks: Sequence[str | None] | None = None, cancel: threading.Event | None = None) -> list[Request]:
         """Submit every prompt (with its adapter and task key) and wait for all (steps here unless the background
-        thread runs)."""
+        thread runs). ``cancel``: once set, the requests not finished are aborted (finish_reason "abort")."""
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
         reqs = [self.submit(p, a, sp, task=t) for p, a, sp, t in zip(prompts, adapters, plist, tasks)]
+        aborted = False
         while not all(r.done.is_set() for r in reqs):
+            if cancel is not None and cancel.is_set() and not aborted:
+                for r in reqs:
+                    self.abort(r.request_id)
+                aborted = True
             if self._thread is None:
                 self.step()
             else:
@@ -388,8 +402,15 @@ class Engine:
             last = self._eager_forward(group, attached, starts, lengths, q)
         self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
         now = time.perf_counter()
+        # a row whose logits overflowed (a weighted mix with extreme weights) fails alone, never the batch
+        broken = (torch.isnan(last) | torch.isposinf(last)).any(-1).tolist()
         for i, r in enumerate(group):
             r.num_cached = 0 if r.recompute else r.num_cached + lengths[i]
+            if broken[i]:
+                self._finish(r, "error", error=RequestError(
+                    "the model's output for this request is not finite (nan or inf logits); with a weighted mix, "
+                    "use smaller adapter weights"))
+                continue
             token = sample_token(last[i], r.params, r.generator)
             r.output_ids.append(token)
             if r.first_token_at is None:

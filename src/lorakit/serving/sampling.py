@@ -20,7 +20,8 @@ class SamplingParams:
     """How one request decodes.
 
     max_tokens: new tokens at most. temperature: 0 = greedy. top_p in (0, 1]; top_k: 0 = off.
-    seed: per-request generator seed (None: nondeterministic). stop: strings that end the output (not
+    seed: per-request generator seed, an integer torch.Generator.manual_seed takes (None: nondeterministic).
+    stop: strings that end the output (not
     included in it). ignore_eos: keep going past the end-of-sequence token.
     """
 
@@ -45,6 +46,10 @@ class SamplingParams:
             raise ConfigError(f"{FIELD} must be in (0, 1], got {self.top_p!r}", field="top_p")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"{FIELD} must be a non-negative integer (0 = off), got {self.top_k!r}", field="top_k")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(1 << 63) <= self.seed < 1 << 64):  # manual_seed's range
+            raise ConfigError(f"{FIELD} must be an integer in [-2**63, 2**64) or null, got {self.seed!r}",
+                              field="seed")
 
     @property
     def greedy(self) -> bool:

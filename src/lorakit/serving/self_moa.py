@@ -19,6 +19,7 @@ ordinary requests of the engine, so they are batched with everything else.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -71,14 +72,16 @@ def windows(n: int, window: int | None) -> list[tuple[int, int]]:
 
 def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, params: SamplingParams,
                      config: SelfMoAConfig,
-                     aggregate: Callable[[list[str]], str | list[int]] | None = None) -> tuple[str | list[int], list[str]]:
+                     aggregate: Callable[[list[str]], str | list[int]] | None = None,
+                     cancel: threading.Event | None = None) -> tuple[str | list[int], list[str]]:
     """Sample the proposals and run every aggregation round but the last; returns (the last round's prompt,
     proposals). Blocking (call it off the event loop).
 
     ``prompt`` is what the proposals answer (text, or token ids such as a chat-templated conversation);
     ``aggregate(responses)`` builds an aggregation round's prompt from the responses it shows (default:
     :func:`aggregation_prompt` around a text ``prompt``). The caller runs the returned prompt with the request's
-    own decoding — as one more request, so a server can stream it.
+    own decoding — as one more request, so a server can stream it. ``cancel`` (a server's client went away): once
+    set, the running proposals and rounds are aborted and RequestCancelled is raised.
 
     Raises:
         ConfigError: token-id ``prompt`` without ``aggregate``.
@@ -92,18 +95,24 @@ def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, 
         aggregate = lambda shown: aggregation_prompt(prompt, shown)  # noqa: E731
     base_seed = params.seed if params.seed is not None else 0
     sample = [replace(params, temperature=config.temperature, seed=base_seed + i) for i in range(config.n)]
-    proposals = _texts(engine.generate([prompt] * config.n, [adapter] * config.n, sample))
+    proposals = _texts(engine.generate([prompt] * config.n, [adapter] * config.n, sample, cancel=cancel), cancel)
     rounds = windows(config.n, config.window)
     answer = None
     for start, end in rounds[:-1]:  # Self-MoA-Seq: the synthesized answer is carried into the next round
         shown = ([answer] if answer is not None else []) + proposals[start:end]
-        answer = _texts(engine.generate([aggregate(shown)], [adapter], params))[0]
+        answer = _texts(engine.generate([aggregate(shown)], [adapter], params, cancel=cancel), cancel)[0]
     start, end = rounds[-1]
     return aggregate(([answer] if answer is not None else []) + proposals[start:end]), proposals
 
 
-def _texts(requests: Sequence[Request]) -> list[str]:
-    """The finished requests' texts; the first failed one's error raised."""
+class RequestCancelled(Exception):
+    """Self-MoA's proposals or rounds were aborted through ``cancel``."""
+
+
+def _texts(requests: Sequence[Request], cancel: threading.Event | None = None) -> list[str]:
+    """The finished requests' texts; the first failed one's error raised (RequestCancelled once ``cancel`` is set)."""
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("the Self-MoA request was cancelled")
     for r in requests:
         if r.exception is not None:
             raise r.exception

@@ -10,6 +10,11 @@ Endpoints (bodies as OpenAI's / vLLM's):
   adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
   synthesis pass; the synthesis pass streams with ``stream: true``).
+  A null field means its default (``temperature: null`` = 1, ``n: null`` = 1). Fields OpenAI defines that this
+  server does not implement (``echo``, ``logprobs``, ``best_of``, ``suffix``, ``logit_bias``, penalties, ``tools``,
+  ``response_format``, ``n`` > 1) are a 400 unless at their defaults; unknown fields are ignored. Chat ``content``
+  is a string or a list of ``{"type": "text"}`` parts. ``stream_options.include_usage`` adds a last chunk with
+  ``"choices": []`` and the usage.
 - ``GET /v1/models``: the base and every servable adapter (``parent`` = the base), as vLLM lists them; an adapter
   folder that failed to register or load is not listed, and a request naming it gets a 400 saying why.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
@@ -17,8 +22,9 @@ Endpoints (bodies as OpenAI's / vLLM's):
 
 Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
 configured roots (``store.confine``); safetensors only; body size and ``max_tokens`` limits. Every bad request
-gets a 4xx JSON error ``{"error": {"message", "type", "code"}}``; a client that disconnects has its request
-aborted, which frees its KV blocks.
+gets a 4xx JSON error ``{"error": {"message", "type", "code"}}`` (a server fault a 500 in the same shape); a client
+that disconnects has its request aborted, which frees its KV blocks, also before its response started (queued, or a
+non-streamed request).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -38,6 +45,7 @@ try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
@@ -155,8 +163,52 @@ def _model(spec) -> str | None:
     return spec if isinstance(spec, str) else None
 
 
+# OpenAI request fields that change what is generated or returned, which this server does not implement: a value
+# other than their defaults (or null) is refused rather than ignored (a 200 without the asked-for logprobs, echo,
+# penalties, tool calls or JSON mode would look like a correct answer)
+DISCONNECT_POLL_S = 0.25  # how often a request whose response has not started checks that its client is there
+
+UNSUPPORTED: dict[str, tuple] = {
+    "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
+    "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "tools": ([],),
+    "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number (RFC 8259); send a finite number")
+
+
+class _Guard:
+    """API key on ``/v1/*`` and the body size limit (from content-length), as plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware (``@app.middleware``) hides a client's disconnect from ``Request.is_disconnected``, so a
+    request whose client hung up before its response started ran to the end."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+
+            headers = Headers(scope=scope)
+            refused = None
+            if self.api_key is not None and scope["path"].startswith("/v1/") and \
+                    headers.get("authorization", "") != f"Bearer {self.api_key}":
+                refused = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                 "authentication_error")
+            size = headers.get("content-length")
+            if refused is None and size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+                refused = _error(413, f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} "
+                                      f"bytes")
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
@@ -183,23 +235,28 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
     async def _http_error(request, exc: HTTPError):
         return _error(exc.status, exc.message, exc.kind)
 
-    @app.middleware("http")
-    async def _guard(request: HTTPRequest, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            return _error(413, f"request body of {size} bytes exceeds the limit of {limits.max_body_bytes} bytes")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request, exc: StarletteHTTPException):  # unknown path, wrong method: OpenAI's shape too
+        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
+                      else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # a server fault still answers in OpenAI's error shape
+        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
     async def body_of(request: HTTPRequest) -> dict:
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise HTTPError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+        # read up to the limit only (a chunked body has no content-length for _Guard to refuse up front)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise HTTPError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(b"".join(chunks), parse_constant=_not_json)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise HTTPError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "request body must be a JSON object")
@@ -237,18 +294,35 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
         if max_tokens > limits.max_tokens:
             raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}")
-        n = body.get("n", 1)
-        if n != 1:
-            raise HTTPError(400, "only n=1 is supported")
+        n = body.get("n")
+        if n is not None and (n != 1 or isinstance(n, bool)):
+            raise HTTPError(400, f"only n=1 is supported, got n={n!r}")
+        for name in ("stream", "ignore_eos"):  # a string "false" would read as true
+            if not isinstance(body.get(name, False), (bool, type(None))):
+                raise HTTPError(400, f"'{name}' must be true, false or null, got {body[name]!r}")
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                                  (bool, type(None)))):
+            raise HTTPError(400, f"'stream_options' must be an object {{\"include_usage\": true|false}}, got "
+                                 f"{options!r}")
+        for name, default in UNSUPPORTED.items():
+            if body.get(name) not in (None, *default):
+                raise HTTPError(400, f"'{name}' is not supported by this server (got {body[name]!r}); drop it")
+        top_k = body.get("top_k")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+            raise HTTPError(400, f"top_k must be an integer (0 or -1 = off), got {top_k!r}")
+        temperature = body.get("temperature")
         stop = body.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
             raise HTTPError(400, "'stop' must be a string or a list of at most 16 strings")
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=float(body.get("temperature", 1.0) or 0.0),
+            # null means the default, as an absent field (OpenAI's temperature: 1)
+            return SamplingParams(max_tokens=max_tokens,
+                                  temperature=1.0 if temperature is None else float(temperature),
                                   top_p=float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0),
-                                  top_k=int(body.get("top_k", 0) or 0) if body.get("top_k", 0) != -1 else 0,
+                                  top_k=0 if top_k in (None, -1) else top_k,
                                   seed=body.get("seed"), stop=tuple(stop), ignore_eos=bool(body.get("ignore_eos")))
         except (LorakitError, TypeError, ValueError) as e:
             raise HTTPError(400, str(e)) from None
@@ -263,21 +337,27 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise refusal(e, _model(spec)) from None
 
     async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, stream: bool):
-        """The request's events as they come; aborts it when the client goes away (watched for here until the
-        response starts: a streaming response starts after the first event, and Starlette cancels it from then)."""
+        """The request's events as they come; aborts it when the client goes away (watched for here, every
+        ``DISCONNECT_POLL_S`` also while tokens flow, until the response starts: a streaming response starts after
+        the first event, and Starlette cancels it from then)."""
         last = None
         finished = False
         started = False
+        check_at = time.perf_counter() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(q.get(), 0.5)
+                    ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if not (stream and started) and await request.is_disconnected():
+                    ev = None
+                now = time.perf_counter()
+                if now >= check_at and not (stream and started) and not (ev is not None and ev.finished):
+                    check_at = now + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 started = True
-                now = time.perf_counter()
                 if ev.token_ids:
                     if last is None:
                         metrics.ttft.observe(now - req.arrival)
@@ -330,11 +410,17 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 async for ev in stream:
                     yield ev
 
+            def chunk_of(choices: list) -> dict:
+                chunk = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
+                         "choices": choices}
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    chunk["usage"] = None
+                return chunk
+
             async def sse():
                 if chat:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
+                    yield _sse(chunk_of([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]))
                 try:
                     async for ev in after(first):
                         if ev.error:  # met mid-stream (after tokens were sent): the same status, type and message
@@ -348,11 +434,12 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                             choice["delta"] = {"content": ev.text} if ev.text else {}
                         else:
                             choice["text"], choice["logprobs"] = ev.text, None
-                        chunk = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
-                                 "model": model, "choices": [choice]}
-                        if ev.finished and (body.get("stream_options") or {}).get("include_usage"):
-                            chunk["usage"] = usage()
-                        yield _sse(chunk)
+                        yield _sse(chunk_of([choice]))
+                    else:
+                        if (body.get("stream_options") or {}).get("include_usage"):
+                            # OpenAI's stream_options.include_usage: one more chunk before [DONE], "choices": [],
+                            # the whole request's usage (other chunks carry "usage": null)
+                            yield _sse({**chunk_of([]), "usage": usage()})
                     yield "data: [DONE]\n\n"
                 finally:
                     await stream.aclose()
@@ -409,9 +496,17 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, f"self_moa: {e}") from None
         except LorakitError as e:
             raise refusal(e) from None
+        cancel = threading.Event()  # the client went away: abort the proposals (they hold slots and KV blocks)
+        work = asyncio.ensure_future(asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
+                                                       aggregate, cancel))
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                cancel.set()
+                await asyncio.wait({work})
+                work.exception()  # RequestCancelled, retrieved (nobody is left to answer)
+                return Response(status_code=499)
         try:
-            final, proposals = await asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
-                                                       aggregate)
+            final, proposals = work.result()
         except Exception as e:  # noqa: BLE001  (a proposal the engine failed: as the request itself would be)
             raise refusal(e, _model(spec)) from None
         out = await run(request, body, final, kind)
@@ -424,9 +519,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         body = await body_of(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects with string content")
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise HTTPError(400, "'messages' must be a non-empty list of {role, content} objects")
+        messages = [{**m, "content": _text_content(m.get("content"), i)} for i, m in enumerate(messages)]
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise HTTPError(400, "this model's tokenizer has no chat template; use /v1/completions")
         def template(conversation) -> list[int]:
@@ -512,6 +607,21 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _text_content(content, i: int) -> str:
+    """A chat message's content as text: a string, or OpenAI's list of content parts of type "text" (joined with
+    newlines, as vLLM does); other parts (images, audio, files) are refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = sorted({str(p.get("type")) for p in content} - {"text"})
+        if kinds:
+            raise HTTPError(400, f"messages[{i}].content has parts of type {kinds}; this server takes text only")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
+    raise HTTPError(400, f"messages[{i}].content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} "
+                         f"parts, got {content!r:.80}")
 
 
 def _sse(obj: Any) -> str:
