@@ -92,6 +92,45 @@ def test_trainer_runs_a_pending_corda_init_as_peft_does_on_its_first_batches(mak
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_trainer_runs_a_pending_lora_ga_init_as_peft_does_on_its_first_batches(make_model, tokenizer, reverse_train,
+                                                                             tmp_path, monkeypatch):
+    """LoRA-GA's gradient pass (peft/tuners/lora/loraga.py ``preprocess_loraga``: loss.backward() over the batches,
+    then layer.py ``lora_ga_init``), on Trainer's first batches, inside Trainer's lifecycle. ``svd_lowrank`` draws a
+    random projection: reseeded before every call, in torch and in the name PEFT bound at import (as
+    tests/init/conftest.py ``seeded_svd``), so PEFT and lorakit draw the same."""
+    import peft.tuners.lora.layer
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    original = torch.svd_lowrank
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft.tuners.lora.layer, "svd_lowrank", seeded)
+
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga"))
+    trainer, after, first = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=2)
+
+    host = lk.unload(make_model())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig())
+
+    def train_step():
+        for b in first:
+            host(**b).loss.backward()
+
+    preprocess_loraga(host, config, train_step)
+    ref = peft.get_peft_model(host, config)
+
+    trainer.train()
+    _assert_close_all(after.adapter, peft.get_peft_model_state_dict(ref), atol=1e-5, rtol=1e-4)
+    _assert_close_all(after.base, _base(ref), atol=1e-6, rtol=0)
+    assert set(map(id, after.trainable.values())) == after.optimizer_params
+    assert trainer.state.global_step == 2
+
+
 @pytest.mark.parametrize("r,rho", [(4, 2.0), (1, 8.0)])  # (1, 8.0): both down_proj get rank 0 and are dropped
 def test_trainer_runs_a_pending_eva_init_and_trains_the_layers_it_resized(r, rho, make_model, tokenizer,
                                                                         reverse_train, tmp_path):
@@ -155,3 +194,23 @@ def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_wh
                                          r"wrote the checkpoint.*restore_base"):
         resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
     _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # two processes import transformers and build Trainer: ~1 min on a loaded 2-core machine
+def test_distributed_trainer_refuses_a_pending_data_driven_init(tmp_path):
+    """Under torchrun (2 processes, gloo) each process's Trainer loader gives its own shard, so a data-driven init
+    would start the processes from different adapters (and, for EVA, shapes): refused with a ConfigError before the
+    first step, naming lorakit.init_adapter as the way, on every rank; the adapter is left as it was."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training_distributed import torchrun  # the launcher the loop's torchrun tests use
+
+    torchrun(str(Path(__file__).with_name("trainer_dist_worker.py")), str(tmp_path))
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["global_step"] == 0 and record["adapter_unchanged"]
+        assert "'corda' is data-driven" in record["error"] and "(2 processes)" in record["error"]
+        assert "lorakit.init_adapter(model, 'default', batches)" in record["error"]
