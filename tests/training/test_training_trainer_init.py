@@ -170,6 +170,7 @@ def test_zero_init_batches_for_a_pending_data_driven_init_is_refused_before_trai
         trainer.train()
     assert trainer.state.global_step == 0 and inits.init_pending(model, "default")
     _assert_close_all(lk.adapter_state_dict(model), before, atol=0, rtol=0)
+    assert "forward" not in model.__dict__  # the callback's forward wrapper does not outlive the refused run
 
 
 def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_what_is_not_kept(

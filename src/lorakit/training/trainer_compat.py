@@ -103,7 +103,11 @@ class LorakitCallback(TrainerCallback):
                           "this model would run it again).", stacklevel=2)
         if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
             if pending is not None:
-                self._check_pending_init(pending, args)
+                try:
+                    self._check_pending_init(pending, args)
+                except ConfigError:
+                    self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
+                    raise
             batches = self._init_batches(model, train_dataloader)
             before = dict(model.named_parameters())
             if method.init is not None:
@@ -130,11 +134,11 @@ class LorakitCallback(TrainerCallback):
     def _init_batches(self, model: torch.nn.Module, train_dataloader) -> list[dict[str, Any]]:
         """The first ``init_batches`` batches of Trainer's loader, on the model's device (warns when it has fewer)."""
         device = next(model.parameters()).device
-        batches = []
+        batches: list[dict[str, Any]] = []
         for batch in train_dataloader:
-            batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             if len(batches) == self.init_batches:
                 break
+            batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if len(batches) < self.init_batches:  # the loader ran out: say so rather than init on less in silence
             warnings.warn(f"LorakitCallback(init_batches={self.init_batches}): the training data loader gave only "
                           f"{len(batches)} batch{'es' if len(batches) != 1 else ''}; adapter {self.adapter_name!r}'s "
