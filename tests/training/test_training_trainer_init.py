@@ -161,6 +161,29 @@ def test_trainer_runs_a_pending_eva_init_and_trains_the_layers_it_resized(r, rho
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_an_init_that_replaces_parameters_under_a_procedures_optimizer_is_refused(make_model, tokenizer,
+                                                                                  reverse_train, tmp_path):
+    """A procedure's optimizer may hold more than its param groups (GaLore's per-parameter gradient hooks), so where
+    EVA replaced parameters it was built on, the callback refuses before step 1 and says to run the init first."""
+    from lorakit.training import TrainConfig, make_optimizer
+    from lorakit.training.procedures import get_procedure
+
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                     init_lora_weights="eva"))
+    config = TrainConfig(lr=1e-2, procedure="loraplus")
+    procedure = get_procedure("loraplus").build(config)
+    optimizer, _ = make_optimizer(model, "default", config, procedure=procedure)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                      data_collator=CausalLMCollator.from_tokenizer(tokenizer), optimizers=(optimizer, None),
+                      callbacks=[LorakitCallback("default", procedure=procedure)])
+    with pytest.raises(lk.ConfigError, match=r"init replaced parameters \(model\.layers\..*procedure LoraPlus's "
+                                             r"optimizer.*lorakit\.init_adapter\(model, 'default', batches\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and "forward" not in model.__dict__
+
+
 def test_zero_init_batches_for_a_pending_data_driven_init_is_refused_before_training(make_model, tokenizer,
                                                                                    reverse_train, tmp_path):
     model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda"))

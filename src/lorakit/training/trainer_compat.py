@@ -15,7 +15,8 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   and so does a data-driven init the adapter's config names and ``add_adapter`` left pending (CorDA, LoRA-GA,
   EVA …; ``lorakit.core.inits.init_pending``), after the method's, as lorakit's loop runs them. Trainer built its
   optimizer before: where the init replaced parameters (EVA changing a layer's rank) the optimizer's groups are
-  pointed at the new ones (:func:`swap_replaced_parameters`). Under distributed Trainer such an init is refused
+  pointed at the new ones (:func:`swap_replaced_parameters`; with a procedure, whose optimizer may hold more than
+  its groups, a ConfigError says to run ``lorakit.init_adapter`` before building it). Under distributed Trainer such an init is refused
   (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer there. When resuming,
   Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
   run again; but the record of the base edits it made is not in that checkpoint, so the callback warns that
@@ -114,8 +115,18 @@ class LorakitCallback(TrainerCallback):
                 method.init(model, self.adapter_name, batches)
             if pending is not None:  # a data-driven init named by the config, as lorakit's loop runs it after the method's
                 init_adapter(model, self.adapter_name, batches)
+            after = dict(model.named_parameters())
+            replaced = sorted(n for n, p in before.items() if after.get(n) is not p)
+            if replaced and self.procedure is not None:
+                # a procedure's optimizer may hold more than param_groups (GaLore's per-parameter gradient hooks)
+                self._restore_forward()
+                raise ConfigError(f"adapter {self.adapter_name!r}'s init replaced parameters ({', '.join(replaced[:3])}"
+                                  f"{' …' if len(replaced) > 3 else ''}: e.g. EVA changed a layer's rank) after procedure "
+                                  f"{type(self.procedure).__name__}'s optimizer was built on them. Run the init "
+                                  f"first, lorakit.init_adapter(model, {self.adapter_name!r}, batches), then build "
+                                  "the optimizer (make_optimizer) and Trainer.")
             if optimizer is not None:
-                swap_replaced_parameters(optimizer, before, dict(model.named_parameters()))
+                swap_replaced_parameters(optimizer, before, after)
 
     def _check_pending_init(self, init: Init, args) -> None:
         """ConfigError before anything runs where Trainer cannot give the pending init what lorakit's loop gives it."""
