@@ -233,6 +233,41 @@ def test_resume_with_another_rank_or_too_few_steps_is_a_clear_error(tmp_path, ca
     assert "is at step 2, and --steps is 2" in capsys.readouterr().err
 
 
+RESUMABLE = ["--steps", "2", "--save-every", "1", "--batch-size", "4", "--train-examples", "8", "--eval-examples", "4",
+             "--quiet"]
+
+
+def test_resume_messages_name_a_prefixed_procedure_flag(tmp_path, capsys):
+    """A procedure option named like the method's gets --PROCEDURE-FIELD (GaLore's projection rank is --galore-rank
+    under DyLoRA, whose --rank is its serving rank; cli._shared_fields). Was: a changed --galore-rank on resume said
+    "--rank: checkpoint 2, this run 3", naming the method's flag."""
+    out = tmp_path / "run"
+    tiny = RESUMABLE
+    assert main(["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--rank", "2",
+                 "--galore-rank", "2", "--output", str(out), *tiny]) == 0
+    base = ["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--output", str(out), "--model",
+            "/nonexistent/model", "--resume-from", str(out / "checkpoint-1"), "--steps", "3"]
+    assert main([*base, "--rank", "2", "--galore-rank", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other --procedure galore options (--galore-rank: checkpoint 2, this run 3)" in err, err
+    assert main([*base, "--rank", "3", "--galore-rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "other adapter settings (--rank: checkpoint 2, this run 3)" in err, err
+
+
+def test_resume_messages_name_a_renamed_flag_as_typed(tmp_path, capsys):
+    """A renamed method field given under its old spelling is named as typed (MoLA's --experts-per-layer, now
+    --num-experts), not under a flag the user did not write."""
+    tiny = RESUMABLE
+    mola = tmp_path / "mola"
+    assert main(["train", "--method", "mola", "--num-experts", "2", "--r", "2", "--output", str(mola), *tiny]) == 0
+    with pytest.warns(FutureWarning, match="--experts-per-layer is deprecated"):
+        assert main(["train", "--method", "mola", "--experts-per-layer", "4", "--r", "2", "--output", str(mola),
+                     "--model", "/nonexistent/model", "--resume-from", str(mola / "checkpoint-1"), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other adapter settings (--experts-per-layer: checkpoint 2, this run 4)" in err, err
+
+
 def test_loop_resume_names_the_tensor_and_both_shapes(tmp_path):
     """Through the Python API (no CLI pre-check): another r fails in load_checkpoint with the tensor and shapes."""
     import lorakit

@@ -22,9 +22,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
+from .cli_options import flag as flag_for
 from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_arg
 from .core.errors import ConfigError, LorakitError, comma_items
 
@@ -351,8 +352,12 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config,
                                                             normalize_task_type(args.task_type))
     if args.resume_from:
-        given = {f.name for f in dataclasses.fields(method.config_cls) if getattr(args, f.name, None) is not None}
-        _check_resume(Path(args.resume_from), adapter_config, train_config, given)
+        typed = getattr(args, "_renamed_flags_given", {})  # a renamed field's spelling as typed (old or new)
+        given = {f.name: typed.get(f.name, flag_for(f.name)) for f in dataclasses.fields(method.config_cls)
+                 if getattr(args, f.name, None) is not None}
+        procedure_flags = {} if args.procedure is None else {
+            name: flag_for(dest) for name, dest in _procedure_dests(args.procedure, args.method).items()}
+        _check_resume(Path(args.resume_from), adapter_config, train_config, given, procedure_flags)
     return method, adapter_config, train_config
 
 
@@ -383,9 +388,12 @@ def _check_loram_flags(args, adapter_config) -> None:
                                f"the pruned width. Train a plain LoRA with LoRAM.")
 
 
-def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str]) -> None:
+def _check_resume(checkpoint: Path, adapter_config, train_config, given: Mapping[str, str],
+                  procedure_flags: Mapping[str, str]) -> None:
     """Step, method and the adapter options given on this command line against the checkpoint's, before any
-    model is loaded (options left at their defaults are checked by the loop, tensor by tensor)."""
+    model is loaded (options left at their defaults are checked by the loop, tensor by tensor). ``given``: the
+    method fields given -> the flag typed; ``procedure_flags``: the procedure's fields -> their flags here
+    (``--galore-beta1`` where the method has a ``beta1`` too), so that messages name what the user typed."""
     from .io.files import TensorFile, read_json
     from .io.peft_format import check_adapter_folder
     from .training.checkpoint import STATE_JSON, STATE_TENSORS
@@ -404,7 +412,7 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
     saved_args, now_args = saved_train.get("procedure_args") or {}, dict(train_config.procedure_args or {})
     if saved_args != now_args:
         keys = sorted(set(saved_args) | set(now_args))
-        diff = [f"--{k.replace('_', '-')}: checkpoint {saved_args.get(k)!r}, this run {now_args.get(k)!r}"
+        diff = [f"{procedure_flags.get(k, flag_for(k))}: checkpoint {saved_args.get(k)!r}, this run {now_args.get(k)!r}"
                 for k in keys if saved_args.get(k) != now_args.get(k)]
         raise LorakitError(f"--resume-from {checkpoint} was trained with other --procedure {now_proc} options "
                            f"({'; '.join(diff)}); resume with the same ones.")
@@ -414,7 +422,7 @@ def _check_resume(checkpoint: Path, adapter_config, train_config, given: set[str
         raise LorakitError(f"--resume-from {checkpoint} was trained with method {type(saved_config).method!r}, this "
                            f"run uses {type(adapter_config).method!r}; resume with the same --method.")
     saved, now = saved_config.to_dict(), adapter_config.to_dict()
-    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
+    diff = [f"{given[k]}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
             for k in sorted(given) if k in now and saved.get(k) != now.get(k)]
     if diff:
         raise LorakitError(f"--resume-from {checkpoint} was trained with other adapter settings ({'; '.join(diff)}); "
@@ -1249,11 +1257,19 @@ def _procedure_settings(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     from .training.procedures import get_procedure
 
-    fields = dataclasses.fields(get_procedure(args.procedure).config_cls)
-    dest = {f.name: f"{args.procedure}_{f.name}" if f.name in _shared_fields(args.procedure, args.method) else f.name
-            for f in fields}
-    return {"procedure": args.procedure, "procedure_args": {f.name: getattr(args, dest[f.name]) for f in fields
-                                                            if getattr(args, dest[f.name], None) is not None}}
+    dest = _procedure_dests(args.procedure, args.method)
+    return {"procedure": args.procedure, "procedure_args": {name: getattr(args, d) for name, d in dest.items()
+                                                            if getattr(args, d, None) is not None}}
+
+
+def _procedure_dests(procedure_name: str, method_name: str) -> dict[str, str]:
+    """The procedure's fields -> their argparse dests: ``PROCEDURE_FIELD`` for one the method shares
+    (``_shared_fields``), the field's name otherwise."""
+    from .training.procedures import get_procedure
+
+    shared = _shared_fields(procedure_name, method_name)
+    return {f.name: f"{procedure_name}_{f.name}" if f.name in shared else f.name
+            for f in dataclasses.fields(get_procedure(procedure_name).config_cls)}
 
 
 def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None:

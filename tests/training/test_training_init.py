@@ -112,3 +112,26 @@ def test_the_trainer_callback_warns_when_the_loader_has_fewer_init_batches(hooke
         callback._restore_forward()
     [batches] = hooked_method.calls["init"]
     assert len(batches) == 2
+
+
+def test_the_trainer_callback_with_zero_init_batches_gives_a_method_init_none(hooked_method, make_model, tokenizer,
+                                                                             reverse_train, tmp_path):
+    """LorakitCallback(init_batches=0) and a method's own init: the init gets no batch, as lorakit's loop gives it
+    with TrainConfig.init_batches=0 (was: the callback's count check came after the first append, so it collected
+    the whole data loader)."""
+    from torch.utils.data import DataLoader
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lorakit.data import CausalLMCollator, TokenizedDataset
+    from lorakit.training import LorakitCallback
+
+    model = make_model(hooked_method.config(r=4, target_modules=["q_proj"]))
+    loader = DataLoader(TokenizedDataset(reverse_train[:8], tokenizer), batch_size=2,
+                        collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
+    callback = LorakitCallback("default", init_batches=0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    try:
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    finally:
+        callback._restore_forward()
+    assert hooked_method.calls["init"] == [[]]

@@ -11,7 +11,16 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   MSE) is added to the loss the model returns, scaled as lorakit's loop scales it (averaged over the step's
   micro-batches): divided by the gradient-accumulation steps when Trainer gave the model
   ``num_items_in_batch`` (it then leaves the loss undivided), as is otherwise (Trainer divides it);
-- ``init`` runs on a few of Trainer's own batches before the first step (not when resuming);
+- ``init`` runs on the first ``init_batches`` of Trainer's own batches before the first step (not when resuming),
+  and so does a data-driven init the adapter's config names and ``add_adapter`` left pending (CorDA, LoRA-GA,
+  EVA …; ``lorakit.core.inits.init_pending``), after the method's, as lorakit's loop runs them. Trainer built its
+  optimizer before: where the init replaced parameters (EVA changing a layer's rank) the optimizer's groups are
+  pointed at the new ones (:func:`swap_replaced_parameters`; with a procedure, whose optimizer may hold more than
+  its groups, a ConfigError says to run ``lorakit.init_adapter`` before building it). Under distributed Trainer such an init is refused
+  (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer there. When resuming,
+  Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
+  run again; but the record of the base edits it made is not in that checkpoint, so the callback warns that
+  ``restore_base`` / ``save_adapter(..., original_base=True)`` cannot undo them on the resumed model;
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
   ``output_dir/adapter`` (Trainer's own ``model.safetensors`` has lorakit's wrapped module names, which
@@ -42,6 +51,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.checkpointing import replay_routing_in_checkpoints
+from ..core.errors import ConfigError
+from ..core.inits import Init, init_adapter, init_pending, requested_init
 from ..core.model import adapter_state, refresh_trainable
 from ..core.registry import get_method
 from ..io.peft_format import save_adapter
@@ -73,7 +84,8 @@ class LorakitCallback(TrainerCallback):
         if model is not None:
             self._wrap_forward(model)
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None,
+                       **kwargs: Any):
         method = self._method(model)
         task_to_id = getattr(getattr(train_dataloader, "dataset", None), "task_to_id", None)
         self._task_names = None if task_to_id is None else [n for n, _ in sorted(task_to_id.items(), key=lambda kv: kv[1])]
@@ -82,19 +94,68 @@ class LorakitCallback(TrainerCallback):
         # Trainer turned checkpointing on (args.gradient_checkpointing) before this: its recomputes in backward run
         # after the routed forward has returned, so they must replay its routing (core.checkpointing)
         replay_routing_in_checkpoints(model)
-        if method.init is not None and state.global_step == 0 and train_dataloader is not None:
-            device = next(model.parameters()).device
-            batches = []
-            for batch in train_dataloader:
-                batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-                if len(batches) == self.init_batches:
-                    break
-            if len(batches) < self.init_batches:  # the loader ran out: say so rather than init on less in silence
-                warnings.warn(f"LorakitCallback(init_batches={self.init_batches}): the training data loader gave only "
-                              f"{len(batches)} batch{'es' if len(batches) != 1 else ''}; method {method.name!r}'s init "
-                              f"runs on those {len(batches)}. Give more training data or a lower init_batches.",
-                              stacklevel=2)
-            method.init(model, self.adapter_name, batches)
+        pending = requested_init(model, self.adapter_name) if init_pending(model, self.adapter_name) else None
+        if pending is not None and state.global_step > 0:
+            warnings.warn(f"resuming at step {state.global_step}: adapter {self.adapter_name!r}'s init "
+                          f"{pending.name!r} ran in the run that wrote the checkpoint, whose model.safetensors holds "
+                          "its result (base and adapter), so it is not run again. Its record of the base edits is not "
+                          "in the checkpoint: restore_base and save_adapter(..., original_base=True) cannot undo them "
+                          "on this model, and lorakit still counts the init as pending (lorakit.training.train on "
+                          "this model would run it again).", stacklevel=2)
+        if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
+            if pending is not None:
+                try:
+                    self._check_pending_init(pending, args)
+                except ConfigError:
+                    self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
+                    raise
+            batches = self._init_batches(model, train_dataloader)
+            before = dict(model.named_parameters())
+            if method.init is not None:
+                method.init(model, self.adapter_name, batches)
+            if pending is not None:  # a data-driven init named by the config, as lorakit's loop runs it after the method's
+                init_adapter(model, self.adapter_name, batches)
+            after = dict(model.named_parameters())
+            replaced = sorted(n for n, p in before.items() if after.get(n) is not p)
+            if replaced and self.procedure is not None:
+                # a procedure's optimizer may hold more than param_groups (GaLore's per-parameter gradient hooks)
+                self._restore_forward()
+                raise ConfigError(f"adapter {self.adapter_name!r}'s init replaced parameters ({', '.join(replaced[:3])}"
+                                  f"{' …' if len(replaced) > 3 else ''}: e.g. EVA changed a layer's rank) after procedure "
+                                  f"{type(self.procedure).__name__}'s optimizer was built on them. Run the init "
+                                  f"first, lorakit.init_adapter(model, {self.adapter_name!r}, batches), then build "
+                                  "the optimizer (make_optimizer) and Trainer.")
+            if optimizer is not None:
+                swap_replaced_parameters(optimizer, before, after)
+
+    def _check_pending_init(self, init: Init, args) -> None:
+        """ConfigError before anything runs where Trainer cannot give the pending init what lorakit's loop gives it."""
+        if init.needs_data and self.init_batches < 1:
+            raise ConfigError(f"LorakitCallback(init_batches={self.init_batches}), but adapter {self.adapter_name!r}'s "
+                              f"init {init.name!r} is data-driven: give it at least one batch (default 4).")
+        if init.needs_data and args.world_size > 1:
+            # each process's loader gives its own shard: the processes would initialise (and, for EVA, shape) the
+            # adapter differently and train apart; lorakit's loop gives every process the same batches
+            raise ConfigError(f"adapter {self.adapter_name!r}'s init {init.name!r} is data-driven, and under "
+                              f"distributed Trainer ({args.world_size} processes) each process's data loader gives "
+                              "other batches, so the processes would start from different adapters. Run it before "
+                              f"Trainer on the same batches in every process: lorakit.init_adapter(model, "
+                              f"{self.adapter_name!r}, batches), or train with lorakit.training.train.")
+
+    def _init_batches(self, model: torch.nn.Module, train_dataloader) -> list[dict[str, Any]]:
+        """The first ``init_batches`` batches of Trainer's loader, on the model's device (warns when it has fewer)."""
+        device = next(model.parameters()).device
+        batches: list[dict[str, Any]] = []
+        for batch in train_dataloader:
+            if len(batches) == self.init_batches:
+                break
+            batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        if len(batches) < self.init_batches:  # the loader ran out: say so rather than init on less in silence
+            warnings.warn(f"LorakitCallback(init_batches={self.init_batches}): the training data loader gave only "
+                          f"{len(batches)} batch{'es' if len(batches) != 1 else ''}; adapter {self.adapter_name!r}'s "
+                          f"init runs on those {len(batches)}. Give more training data or a lower init_batches.",
+                          stacklevel=3)
+        return batches
 
     def _wrap_forward(self, model: torch.nn.Module) -> None:
         """Run each forward in the batch's routing context and add the method's extra loss to its loss."""
@@ -173,3 +234,22 @@ class LorakitCallback(TrainerCallback):
         if self.procedure is not None:
             self.procedure.finish(model, self.adapter_name)
         save_adapter(model, os.path.join(args.output_dir, "adapter"), self.adapter_name)
+
+
+def swap_replaced_parameters(optimizer: torch.optim.Optimizer, before: dict[str, torch.nn.Parameter],
+                             after: dict[str, torch.nn.Parameter]) -> None:
+    """Point ``optimizer``'s groups at the parameters an init left (``before`` / ``after``: the model's named
+    parameters around it). An init that sets tensors in place leaves the same objects; EVA builds new modules
+    where it changes a layer's rank and drops rank-0 layers, whose old parameters Trainer's optimizer (built
+    before ``on_train_begin``) would otherwise keep updating instead of the model's. Each parameter keeps its
+    group (lr, weight decay); one no longer in the model, or no longer trainable, leaves the optimizer. Only
+    before the first step: the optimizer has no state yet."""
+    name_of = {id(p): n for n, p in before.items()}
+    for group in optimizer.param_groups:
+        kept = []
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            now = p if name is None else after.get(name)
+            if now is not None and now.requires_grad:
+                kept.append(now)
+        group["params"][:] = kept

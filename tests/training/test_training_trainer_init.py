@@ -1,0 +1,240 @@
+"""A data-driven init the adapter's config names (``init_lora_weights="corda"`` / ``"eva"``, left pending by
+add_adapter) runs under transformers.Trainer + LorakitCallback as in lorakit's loop: on Trainer's first
+``init_batches`` batches, before the first optimizer step, with the optimizer training what the init left.
+
+Was: the callback ran only a method's own init, so Trainer trained the default-initialised adapter and the saved
+file still said ``init_lora_weights="corda"`` (silently). Expected values come from the installed ``peft`` on the
+same batches (peft/tuners/lora/corda.py ``preprocess_corda`` + layer.py ``corda_init``; peft/tuners/lora/eva.py
+``initialize_lora_eva_weights``), as in tests/init/test_corda.py and tests/init/test_eva.py."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.eva import initialize_lora_eva_weights
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import lorakit as lk
+from lorakit.core import inits
+from lorakit.data import CausalLMCollator, TokenizedDataset
+from lorakit.training import LorakitCallback
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+class AfterInit(TrainerCallback):
+    """Listed after LorakitCallback: what the model and the optimizer hold once the init ran, before step 1."""
+
+    def __init__(self):
+        self.adapter: dict[str, torch.Tensor] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        self.optimizer_params: set[int] = set()
+        self.trainable: dict[str, torch.nn.Parameter] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.adapter = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
+        self.base = _base(model)
+        self.optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _base(model) -> dict[str, torch.Tensor]:
+    """Base weights by host name, for a lorakit model or a PEFT one."""
+    return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def _trainer(model, tokenizer, examples, tmp_path, batch_size, init_batches=3, max_steps=2):
+    """Sequential sampling, so the init's batches are the dataset's first items in order (the reference gets them)."""
+    after = AfterInit()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=batch_size,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1,
+                             disable_tqdm=True, train_sampling_strategy="sequential")
+    dataset = TokenizedDataset(examples, tokenizer, max_length=64)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                      callbacks=[LorakitCallback("default", init_batches=init_batches), after])
+    first = [collate([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]) for k in range(init_batches)]
+    return trainer, after, first
+
+
+def _assert_close_all(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k, **tol)
+
+
+def test_trainer_runs_a_pending_corda_init_as_peft_does_on_its_first_batches(make_model, tokenizer, reverse_train,
+                                                                          tmp_path):
+    """Batch size 1: PEFT's CorDA covariance hook assumes it (tests/init/test_corda.py)."""
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda"))
+    assert inits.init_pending(model, "default")
+    trainer, after, first = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=1)
+
+    host = lk.unload(make_model())  # the same base weights, no adapter
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
+                             corda_config=CordaConfig(corda_method="ipm"))
+    preprocess_corda(host, config, run_model=lambda: [host(**b) for b in first])
+    ref = peft.get_peft_model(host, config)
+
+    trainer.train()
+    _assert_close_all(after.adapter, peft.get_peft_model_state_dict(ref), atol=1e-5, rtol=1e-4)
+    _assert_close_all(after.base, _base(ref), atol=1e-6, rtol=0)  # the residual base, as PEFT leaves it
+    assert not inits.init_pending(model, "default") and inits.base_edits(model, "default")
+    # CorDA sets A, B in place: the optimizer Trainer built before holds them and trained them
+    assert set(map(id, after.trainable.values())) == after.optimizer_params
+    trained = lk.adapter_state_dict(model)
+    assert all(not torch.equal(trained[k], after.adapter[k]) for k in trained)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_trainer_runs_a_pending_lora_ga_init_as_peft_does_on_its_first_batches(make_model, tokenizer, reverse_train,
+                                                                             tmp_path, monkeypatch):
+    """LoRA-GA's gradient pass (peft/tuners/lora/loraga.py ``preprocess_loraga``: loss.backward() over the batches,
+    then layer.py ``lora_ga_init``), on Trainer's first batches, inside Trainer's lifecycle. ``svd_lowrank`` draws a
+    random projection: reseeded before every call, in torch and in the name PEFT bound at import (as
+    tests/init/conftest.py ``seeded_svd``), so PEFT and lorakit draw the same."""
+    import peft.tuners.lora.layer
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    original = torch.svd_lowrank
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft.tuners.lora.layer, "svd_lowrank", seeded)
+
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga"))
+    trainer, after, first = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=2)
+
+    host = lk.unload(make_model())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig())
+
+    def train_step():
+        for b in first:
+            host(**b).loss.backward()
+
+    preprocess_loraga(host, config, train_step)
+    ref = peft.get_peft_model(host, config)
+
+    trainer.train()
+    _assert_close_all(after.adapter, peft.get_peft_model_state_dict(ref), atol=1e-5, rtol=1e-4)
+    _assert_close_all(after.base, _base(ref), atol=1e-6, rtol=0)
+    assert set(map(id, after.trainable.values())) == after.optimizer_params
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("r,rho", [(4, 2.0), (1, 8.0)])  # (1, 8.0): both down_proj get rank 0 and are dropped
+def test_trainer_runs_a_pending_eva_init_and_trains_the_layers_it_resized(r, rho, make_model, tokenizer,
+                                                                        reverse_train, tmp_path):
+    """EVA redistributes ranks by explained variance: the layers whose rank changes get new modules, rank-0 ones
+    lose theirs. Trainer's optimizer, built before the init, is pointed at what the model now holds, so training
+    moves the model's adapter, not the discarded tensors. (o_proj / down_proj: q, k, v share their input, and on
+    this tiny model EVA keeps their ranks.)"""
+    targets = ["o_proj", "down_proj"]
+    model = make_model(lk.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights="eva"))
+    inits.set_init_options(model, "default", rho=rho)
+    old = {id(p) for n, p in model.named_parameters() if p.requires_grad}
+    trainer, after, first = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=4)
+
+    ref = peft.get_peft_model(lk.unload(make_model()), peft.LoraConfig(
+        r=r, lora_alpha=8, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=rho)))
+    initialize_lora_eva_weights(ref, first, show_progress_bar=False)
+
+    trainer.train()
+    _assert_close_all(after.adapter, peft.get_peft_model_state_dict(ref), atol=1e-5, rtol=1e-4)
+    ours_c, ref_c = model.lorakit.configs["default"], ref.peft_config["default"]
+    assert ours_c.rank_pattern == ref_c.rank_pattern and ours_c.rank_pattern  # some layer's rank changed
+    assert sorted(ours_c.target_modules) == sorted(ref_c.target_modules)
+    assert any(id(p) not in old for p in after.trainable.values())  # ... so it has new parameters
+    assert set(map(id, after.trainable.values())) == after.optimizer_params
+    trained = lk.adapter_state_dict(model)
+    assert all(not torch.equal(trained[k], after.adapter[k]) for k in trained if "lora_A" in k)  # each A trained
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_an_init_that_replaces_parameters_under_a_procedures_optimizer_is_refused(make_model, tokenizer,
+                                                                                  reverse_train, tmp_path):
+    """A procedure's optimizer may hold more than its param groups (GaLore's per-parameter gradient hooks), so where
+    EVA replaced parameters it was built on, the callback refuses before step 1 and says to run the init first."""
+    from lorakit.training import TrainConfig, make_optimizer
+    from lorakit.training.procedures import get_procedure
+
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                     init_lora_weights="eva"))
+    config = TrainConfig(lr=1e-2, procedure="loraplus")
+    procedure = get_procedure("loraplus").build(config)
+    optimizer, _ = make_optimizer(model, "default", config, procedure=procedure)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                      data_collator=CausalLMCollator.from_tokenizer(tokenizer), optimizers=(optimizer, None),
+                      callbacks=[LorakitCallback("default", procedure=procedure)])
+    with pytest.raises(lk.ConfigError, match=r"init replaced parameters \(model\.layers\..*procedure LoraPlus's "
+                                             r"optimizer.*lorakit\.init_adapter\(model, 'default', batches\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and "forward" not in model.__dict__
+
+
+def test_zero_init_batches_for_a_pending_data_driven_init_is_refused_before_training(make_model, tokenizer,
+                                                                                   reverse_train, tmp_path):
+    model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda"))
+    before = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
+    trainer, _, _ = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=1, init_batches=0)
+    with pytest.raises(lk.ConfigError, match=r"LorakitCallback\(init_batches=0\).*'corda' is data-driven"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and inits.init_pending(model, "default")
+    _assert_close_all(lk.adapter_state_dict(model), before, atol=0, rtol=0)
+    assert "forward" not in model.__dict__  # the callback's forward wrapper does not outlive the refused run
+
+
+def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_what_is_not_kept(
+        make_model, tokenizer, reverse_train, tmp_path):
+    """CorDA ran (and edited the base) in the run that wrote checkpoint-1; Trainer's resume loads model.safetensors
+    (base and adapter) before the callback runs, so the init must not run again: the resumed run ends where the
+    straight one does, base included. Its base-edit record is not in the checkpoint, which a warning says."""
+    def run(output_dir, resume=None):
+        model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights="corda"))
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1,
+                                 use_cpu=True, seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "a")
+    assert inits.base_edits(straight, "default")
+    with pytest.warns(UserWarning, match=r"resuming at step 1: adapter 'default'.s init 'corda' ran in the run that "
+                                         r"wrote the checkpoint.*restore_base"):
+        resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # two processes import transformers and build Trainer: ~1 min on a loaded 2-core machine
+def test_distributed_trainer_refuses_a_pending_data_driven_init(tmp_path):
+    """Under torchrun (2 processes, gloo) each process's Trainer loader gives its own shard, so a data-driven init
+    would start the processes from different adapters (and, for EVA, shapes): refused with a ConfigError before the
+    first step, naming lorakit.init_adapter as the way, on every rank; the adapter is left as it was."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training_distributed import torchrun  # the launcher the loop's torchrun tests use
+
+    torchrun(str(Path(__file__).with_name("trainer_dist_worker.py")), str(tmp_path))
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["global_step"] == 0 and record["adapter_unchanged"]
+        assert "'corda' is data-driven" in record["error"] and "(2 processes)" in record["error"]
+        assert "lorakit.init_adapter(model, 'default', batches)" in record["error"]
