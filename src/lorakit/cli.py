@@ -1231,7 +1231,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                    help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
                         "on the model (AutoModelForSequenceClassification, one output per label of --data's "
                         '{"text", "label"} records), trained in full as modules_to_save; metrics accuracy, macro F1, '
-                        "MCC (docs/recipes.md)")
+                        "MCC (docs/classification.md)")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
