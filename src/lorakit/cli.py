@@ -1451,8 +1451,9 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_federate(sub)
     sub.add_parser("transfer", help="Trans-LoRA: move an adapter to another base model without its training data "
                    "(see lorakit transfer --help)", add_help=False)
-    sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
-                   add_help=False)
+    from .bench.cli import BENCHMARKS
+    sub.add_parser("bench", help=f"benchmarks: `lorakit bench {'|'.join(BENCHMARKS)} [--quick]` (see lorakit bench "
+                   "--help)", add_help=False)
     sub.add_parser("diffusion", help="small diffusion model on the bundled digits: train-base, train-loras, "
                    "train-classifier, bench (see lorakit diffusion --help; extra 'diffusion')", add_help=False)
     sub.add_parser("compose-image", help="compose LoRAs while sampling images: merge, switch, composite, cmlora, "
