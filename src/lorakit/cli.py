@@ -1295,7 +1295,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                    help="causal-lm: generate the completion (default); seq-cls (PEFT's SEQ_CLS): a classification head "
                         "on the model (AutoModelForSequenceClassification, one output per label of --data's "
                         '{"text", "label"} records), trained in full as modules_to_save; metrics accuracy, macro F1, '
-                        "MCC (docs/recipes.md)")
+                        "MCC (docs/classification.md)")
     t.add_argument("--data", default="reverse",
                    help="built-in task name(s), comma-separated (see `lorakit tasks`), or a JSONL file (all of it is "
                         f"used; without --eval-data its last 1/{HOLDOUT_FRACTION} is held out for evaluation)")
@@ -1517,8 +1517,9 @@ def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None =
     _add_federate(sub)
     sub.add_parser("transfer", help="Trans-LoRA: move an adapter to another base model without its training data "
                    "(see lorakit transfer --help)", add_help=False)
-    sub.add_parser("bench", help="benchmarks: `lorakit bench methods|perf|tasks|mixtures|merge|serve [--quick]` (see lorakit bench --help)",
-                   add_help=False)
+    from .bench.cli import BENCHMARKS
+    sub.add_parser("bench", help=f"benchmarks: `lorakit bench {'|'.join(BENCHMARKS)} [--quick]` (see lorakit bench "
+                   "--help)", add_help=False)
     sub.add_parser("diffusion", help="small diffusion model on the bundled digits: train-base, train-loras, "
                    "train-classifier, bench (see lorakit diffusion --help; extra 'diffusion')", add_help=False)
     sub.add_parser("compose-image", help="compose LoRAs while sampling images: merge, switch, composite, cmlora, "

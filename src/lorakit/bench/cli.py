@@ -40,12 +40,15 @@ _ONLY: dict[str, tuple[str, Callable[[], Sequence[str]]]] = {
     "gamma_mod": ("bench gamma_mod variant", _names("gamma_mod", "VARIANTS")),
 }
 
+BENCHMARKS = ("methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam", "init", "quantize",
+              "gamma_mod", "smaller", "federated")  # `lorakit bench WHAT`; `lorakit --help` lists them too
+
+
 # Options only some benches read (dest -> the benches that read it); --device, --quick and --output, which every
 # bench takes, are left out. A shared option a bench ignores is refused too (`bench perf --steps 0` used to run the
 # whole perf bench).
 _SERVE = {"serve"}
-_ALL = {"methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam", "init", "quantize", "gamma_mod",
-        "smaller", "federated"}
+_ALL = set(BENCHMARKS)
 _FLAG_SCOPE = {
     "steps": _ALL - {"perf", "serve"}, "seeds": _ALL - {"perf", "tasks"},
     "tasks": _ALL - {"perf", "serve", "quantize"}, "only": set(_ONLY),
@@ -122,8 +125,7 @@ def main(argv: Sequence[str]) -> int:
         "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
         "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
         "--quick runs a tiny smoke profile."))
-    parser.add_argument("what", choices=["methods", "perf", "tasks", "mixtures", "merge", "serve", "variants", "reparam",
-                                         "init", "quantize", "gamma_mod", "smaller", "federated"])
+    parser.add_argument("what", choices=BENCHMARKS)
     parser.add_argument("--quick", action="store_true", help="tiny smoke profile (CI)")
     parser.add_argument("--output", default="runs/bench", help="folder for JSON, markdown and plots")
     parser.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")

@@ -167,6 +167,8 @@ def get_init(spec: str) -> Init:
 
 
 def list_inits() -> list[Init]:
+    """Every registered initialisation, sorted by name (what ``lorakit train --init`` and ``add_adapter(...,
+    init=NAME)`` accept; each :class:`Init` has its ``name``, ``description``, ``needs_data`` and ``changes_base``)."""
     return [_INITS[k] for k in sorted(_INITS)]
 
 

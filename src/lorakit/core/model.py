@@ -515,6 +515,9 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
 
 
 def unmerge_adapter(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights (the inverse of :func:`merge_adapter`): the kept
+    original weights are restored bit for bit where ``merge_adapter`` kept them (and a tied weight is re-tied),
+    else the merged terms are subtracted. Layers with nothing merged are left alone."""
     for _, layer in adapter_layers(model):
         layer.unmerge()
 
@@ -625,6 +628,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return PEFT's line ``trainable params: T || all params: N || trainable%: P`` for ``model``
+    (counts of :func:`trainable_parameters`)."""
     t, n = trainable_parameters(model)
     line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
     print(line)
