@@ -268,8 +268,10 @@ class LongLora(Procedure):
         self.rope_factor = apply_rope_linear_scaling(model, self.train_config.max_length)
         if self.rope_factor != 1.0:
             warnings.warn(f"LongLoRA: RoPE linear scaling factor {self.rope_factor:g} applied for max_length="
-                          f"{self.train_config.max_length}; load the base with rope_parameters={{'rope_type': "
-                          f"'linear', 'factor': {self.rope_factor:g}}} to use this adapter at that context.",
+                          f"{self.train_config.max_length}; to use this adapter at that context, call "
+                          f"lorakit.training.procedures.longlora.load_trainable_params(base, OUTPUT_DIR) on the "
+                          f"base before loading it (it applies the scaling, saved with the run), or load the base "
+                          f"with rope_parameters={{'rope_type': 'linear', 'factor': {self.rope_factor:g}}}.",
                           stacklevel=2)
         if not extra:
             return groups
