@@ -275,7 +275,9 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
         ({**ok, "seed": 2 ** 80, "temperature": 1}, 400, "seed"),
         ({**ok, "seed": 1.5, "temperature": 1}, 400, "seed"), ({**ok, "top_k": 2.7}, 400, "top_k"),
         ({**ok, "stream": "yes"}, 400, "'stream'"), ({**ok, "ignore_eos": "no"}, 400, "'ignore_eos'"),
-        ({**ok, "stream": True, "stream_options": "x"}, 400, "stream_options"), ({**ok, "n": 2}, 400, "n=1"),
+        ({**ok, "stream": True, "stream_options": "x"}, 400, "stream_options"), ({**ok, "n": 0}, 400, "n must be"),
+        ({**ok, "n": True}, 400, "n must be"), ({**ok, "n": 7}, 400, "exceeds this server's limit of 6 choices"),
+        ({**ok, "n": 2, "seed": 2 ** 64 - 1, "temperature": 1}, 400, "seed + i"),
         ({**ok, "echo": True}, 400, "'echo' is not supported"), ({**ok, "logprobs": 3}, 400, "'logprobs'"),
         ({**ok, "best_of": 2}, 400, "'best_of'"), ({**ok, "presence_penalty": 0.5}, 400, "'presence_penalty'"),
         ({**ok, "model": "bundled", "adapters": {"ad0": 1e308}}, 400, "float32"),
@@ -446,3 +448,93 @@ def test_server_client_gone_during_self_moa_proposals_aborts_them(setup):
         while (engine.num_running or engine.num_waiting) and time.time() < deadline:
             time.sleep(0.05)
         assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0
+
+
+def test_server_n_greedy_choices_equal_the_n1_answer(setup):
+    """OpenAI's ``n``: n choices indexed 0..n-1; greedy decoding makes every choice the n=1 answer (OpenAI's and
+    vLLM's behaviour); ``usage`` counts the prompt once and sums the choices' completion tokens (OpenAI's usage
+    object: prompt_tokens "in the prompt", completion_tokens "in the generated completion"). Ids: ``cmpl-`` on
+    completions, ``chatcmpl-`` on chat (OpenAI's)."""
+    s, client = setup, setup["client"]
+    one = client.completions.create(model="ad0", prompt=PROMPTS[3], max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    r = client.completions.create(model="ad0", prompt=PROMPTS[3], max_tokens=5, temperature=0, n=3,
+                                  extra_body={"ignore_eos": True})
+    assert one.id.startswith("cmpl-") and r.id.startswith("cmpl-")
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [one.choices[0].text] * 3
+    assert one.choices[0].text == offline(s, s["tok"](PROMPTS[3])["input_ids"], "ad0", 5)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens == 3 * 5 and r.usage.total_tokens == r.usage.prompt_tokens + 15
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat1 = client.chat.completions.create(model="ad1", messages=messages, max_tokens=4, temperature=0)
+    chat = client.chat.completions.create(model="ad1", messages=messages, max_tokens=4, temperature=0, n=2)
+    assert chat1.id.startswith("chatcmpl-") and chat.id.startswith("chatcmpl-")
+    assert [(c.index, c.message.content) for c in chat.choices] == [(i, chat1.choices[0].message.content)
+                                                                    for i in range(2)]
+    assert chat.usage.prompt_tokens == chat1.usage.prompt_tokens
+    assert chat.usage.completion_tokens == 2 * chat1.usage.completion_tokens
+
+
+def test_server_n_seeded_choice_i_is_seed_plus_i(setup):
+    """With ``seed``, choice i samples as an n=1 request with seed + i (vLLM's parallel sampling,
+    vllm/v1/engine/parallel_sampling.py ParentRequest._get_child_sampling_params: ``seed + index``), on the same
+    adapter or weighted mix; streamed choices carry their ``index`` and equal the non-streamed ones, and the
+    include_usage chunk sums over the choices."""
+    client = setup["client"]
+    for model, extra in [("ad2", {}), ("bundled", {"adapters": {"ad0": 0.5, "ad1": 0.5}})]:
+        kw = dict(model=model, prompt=PROMPTS[1], max_tokens=6, temperature=1.0)
+        r = client.completions.create(n=3, seed=11, extra_body={"ignore_eos": True, **extra}, **kw)
+        singles = [client.completions.create(seed=11 + i, extra_body={"ignore_eos": True, **extra}, **kw)
+                   for i in range(3)]
+        assert [c.text for c in r.choices] == [one.choices[0].text for one in singles], model
+        assert r.usage.completion_tokens == 18
+        chunks = list(client.completions.create(n=3, seed=11, stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True, **extra}, **kw))
+        texts = ["", "", ""]
+        for c in chunks[:-1]:
+            assert len(c.choices) == 1 and c.id == chunks[0].id
+            texts[c.choices[0].index] += c.choices[0].text
+        assert texts == [c.text for c in r.choices]
+        assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1, 2]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    messages = [{"role": "user", "content": "Hi"}]
+    kw = dict(model="ad0", messages=messages, max_tokens=4, temperature=1.0, seed=4, n=2)
+    r = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    texts, roles = ["", ""], []
+    for c in chunks:
+        assert c.id.startswith("chatcmpl-") and len(c.choices) == 1
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+        if c.choices[0].delta.role:
+            roles.append(c.choices[0].index)
+    assert roles == [0, 1] and texts == [c.message.content for c in r.choices]
+
+
+def test_server_n_refused_with_self_moa(setup):
+    """Self-MoA answers with one synthesis of its own self_moa.n proposals: n > 1 with it is a 400 saying so."""
+    for path, body in [("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        r = _post(setup, path, {"model": "ad1", "max_tokens": 2, "n": 2, "self_moa": {"n": 2}, **body})
+        assert r.status_code == 400 and "self_moa" in r.json()["error"]["message"], r.text
+
+
+def test_server_client_gone_aborts_all_n_choices(setup):
+    """A client that hangs up while its n=3 choices are generated has all three aborted (their slots and KV blocks
+    freed), not run to the end. Engine steps are held 50 ms, so 64 tokens would take over 3 s."""
+    s, engine = setup, setup["engine"]
+    before = _aborts(s)
+    body = {"model": "ad0", "prompt": PROMPTS[1], "max_tokens": 64, "ignore_eos": True, "n": 3}
+    with slowed(engine):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body,
+                       timeout=1.0)
+        with httpx.stream("POST", s["server"].url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={**body, "stream": True}, timeout=10) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")  # streaming started; leaving the block hangs up
+    deadline = time.time() + 10
+    while (_aborts(s) < before + 6 or engine.num_running or engine.num_waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _aborts(s) == before + 6
+    assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0

@@ -10,9 +10,15 @@ Endpoints (bodies as OpenAI's / vLLM's):
   adapter's saved task index; an unknown task, or none for a routed adapter, is a 400 listing its tasks);
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
   synthesis pass; the synthesis pass streams with ``stream: true``).
+  ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
+  indexed 0..n-1; with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and choice 0 is
+  the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once and sums
+  the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
+  ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
+  one synthesis; its proposals are ``self_moa.n``). Ids: ``chatcmpl-...`` on chat, ``cmpl-...`` on completions.
   A null field means its default (``temperature: null`` = 1, ``n: null`` = 1). Fields OpenAI defines that this
   server does not implement (``echo``, ``logprobs``, ``best_of``, ``suffix``, ``logit_bias``, penalties, ``tools``,
-  ``response_format``, ``n`` > 1) are a 400 unless at their defaults; unknown fields are ignored. Chat ``content``
+  ``response_format``) are a 400 unless at their defaults; unknown fields are ignored. Chat ``content``
   is a string or a list of ``{"type": "text"}`` parts. ``stream_options.include_usage`` adds a last chunk with
   ``"choices": []`` and the usage.
 - ``GET /v1/models``: the base and every servable adapter (``parent`` = the base), as vLLM lists them; an adapter
@@ -36,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError
@@ -294,9 +300,6 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
         if max_tokens > limits.max_tokens:
             raise HTTPError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}")
-        n = body.get("n")
-        if n is not None and (n != 1 or isinstance(n, bool)):
-            raise HTTPError(400, f"only n=1 is supported, got n={n!r}")
         for name in ("stream", "ignore_eos"):  # a string "false" would read as true
             if not isinstance(body.get(name, False), (bool, type(None))):
                 raise HTTPError(400, f"'{name}' must be true, false or null, got {body[name]!r}")
@@ -327,25 +330,46 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         except (LorakitError, TypeError, ValueError) as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(prompt, spec, params, loop, q, task=None) -> Request:
+    def n_of(body: dict) -> int:
+        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (the n
+        sequences are n engine requests meant to decode in one batch)."""
+        n = body.get("n")
+        if n is None:
+            return 1
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise HTTPError(400, f"n must be a positive integer, got {n!r}")
+        if n > engine.max_batch:
+            raise HTTPError(400, f"n={n} exceeds this server's limit of {engine.max_batch} choices per request (its "
+                                 f"max_batch, --max-batch); ask for fewer choices or send several requests")
+        return n
+
+    def submit_all(prompt, spec, params: list[SamplingParams], loop, q, task, rid: str) -> list[Request]:
+        """One engine request per choice (ids ``{rid}-{i}``), all posting their events to ``q``; a refusal aborts
+        the ones already queued."""
         def on_event(ev: Event):
             loop.call_soon_threadsafe(q.put_nowait, ev)
+        reqs: list[Request] = []
         try:
-            return engine.submit(prompt, spec, params, on_event=on_event, request_id=f"cmpl-{uuid.uuid4().hex}",
-                                 task=task)
+            for i, p in enumerate(params):
+                reqs.append(engine.submit(prompt, spec, p, on_event=on_event, request_id=f"{rid}-{i}", task=task))
         except LorakitError as e:
+            for r in reqs:
+                engine.abort(r.request_id)
             raise refusal(e, _model(spec)) from None
+        return reqs
 
-    async def events(request: HTTPRequest, req: Request, q: asyncio.Queue, label: str, stream: bool):
-        """The request's events as they come; aborts it when the client goes away (watched for here, every
-        ``DISCONNECT_POLL_S`` also while tokens flow, until the response starts: a streaming response starts after
-        the first event, and Starlette cancels it from then)."""
-        last = None
-        finished = False
+    async def events(request: HTTPRequest, reqs: list[Request], q: asyncio.Queue, label: str, stream: bool):
+        """``(choice index, event)`` of the requests' events as they come, until every one has finished; aborts
+        those not finished when the client goes away (watched for here, every ``DISCONNECT_POLL_S`` also while tokens
+        flow, until the response starts: a streaming response starts after the first event, and Starlette cancels
+        it from then) or when the consumer closes this generator early."""
+        index = {r.request_id: i for i, r in enumerate(reqs)}
+        last: dict[int, float] = {}
+        pending = set(range(len(reqs)))
         started = False
         check_at = time.perf_counter() + DISCONNECT_POLL_S
         try:
-            while True:
+            while pending:
                 try:
                     ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
@@ -358,57 +382,73 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 if ev is None:
                     continue
                 started = True
+                i = index[ev.request_id]
                 if ev.token_ids:
-                    if last is None:
-                        metrics.ttft.observe(now - req.arrival)
+                    if i not in last:
+                        metrics.ttft.observe(now - reqs[i].arrival)
                     else:
-                        metrics.itl.observe(now - last)
-                    last = now
+                        metrics.itl.observe(now - last[i])
+                    last[i] = now
                     metrics.generation_tokens.inc(len(ev.token_ids))
                     metrics._recent.append((now, len(ev.token_ids)))
                 if ev.finished:
-                    finished = True
+                    pending.discard(i)
                     metrics.requests.labels(label, ev.finish_reason).inc()
-                    metrics.e2e.observe(now - req.arrival)
-                yield ev
-                if ev.finished:
-                    return
+                    metrics.e2e.observe(now - reqs[i].arrival)
+                yield i, ev
         finally:
-            if not finished:
-                engine.abort(req.request_id)
+            for i in sorted(pending):
+                engine.abort(reqs[i].request_id)
                 metrics.requests.labels(label, "abort").inc()
+
+    def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+        """Choice i's sampling parameters: with a ``seed``, seed + i (vLLM's parallel sampling,
+        vllm/v1/engine/parallel_sampling.py ``ParentRequest._get_child_sampling_params``), so choice i of a seeded
+        request is reproducible and choice 0 is the n=1 answer; without one, each its own random generator."""
+        if params.seed is None or n == 1:
+            return [params] * n
+        try:
+            return [replace(params, seed=params.seed + i) for i in range(n)]
+        except LorakitError as e:  # seed + n - 1 beyond manual_seed's range
+            raise HTTPError(400, f"{e} (choice i samples with seed + i; lower seed or n)") from None
 
     async def run(request: HTTPRequest, body: dict, prompt, kind: str):
         spec = adapter_of(body)
         params = params_of(body)
+        n = n_of(body)
+        chat = kind == "chat"
+        # OpenAI's id prefixes: chatcmpl- for chat completions, cmpl- for completions
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = submit(prompt, spec, params, loop, q, body.get("task"))
-        metrics.prompt_tokens.inc(len(req.prompt_ids))
+        reqs = submit_all(prompt, spec, choice_params(params, n), loop, q, body.get("task"), rid)
+        metrics.prompt_tokens.inc(len(reqs[0].prompt_ids) * n)  # each choice prefills the prompt itself
         label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
             "mixture" if isinstance(spec, dict) else model_name)
-        created, rid, model = int(time.time()), req.request_id, body.get("model") or model_name
-        usage = lambda: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),  # noqa: E731
-                         "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
-        chat = kind == "chat"
+        created, model = int(time.time()), body.get("model") or model_name
+
+        def usage() -> dict:  # OpenAI's: the prompt counted once, completion tokens summed over the choices
+            prompt_tokens, completion_tokens = len(reqs[0].prompt_ids), sum(len(r.output_ids) for r in reqs)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
         obj = "chat.completion" if chat else "text_completion"
 
         if body.get("stream"):
             # the response starts with the first event: a request the engine refuses before its first token (an
             # adapter whose weights fail on this first load) gets the same HTTP error as a non-streaming request and
             # as every later request for that adapter, not a 200 whose stream carries the error
-            stream = events(request, req, q, label, stream=True)
+            stream = events(request, reqs, q, label, stream=True)
             first = await anext(stream, None)
             if first is None:  # client went away
                 return Response(status_code=499)
-            if first.error:
+            if first[1].error:
                 await stream.aclose()
-                raise refusal(req.exception, _model(spec)) from None
+                raise refusal(reqs[first[0]].exception, _model(spec)) from None
 
             async def after(first):
                 yield first
-                async for ev in stream:
-                    yield ev
+                async for item in stream:
+                    yield item
 
             def chunk_of(choices: list) -> dict:
                 chunk = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
@@ -418,18 +458,19 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 return chunk
 
             async def sse():
-                if chat:
-                    yield _sse(chunk_of([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}]))
+                if chat:  # each choice opens with its role, as OpenAI's and vLLM's streams do
+                    for i in range(n):
+                        yield _sse(chunk_of([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]))
                 try:
-                    async for ev in after(first):
+                    async for i, ev in after(first):
                         if ev.error:  # met mid-stream (after tokens were sent): the same status, type and message
-                            e = refusal(req.exception, _model(spec))
+                            e = refusal(reqs[i].exception, _model(spec))
                             yield _sse({"error": {"message": e.message, "type": e.kind, "code": e.status}})
                             break
                         if not ev.text and not ev.finished:
                             continue
-                        choice = {"index": 0, "finish_reason": ev.finish_reason if ev.finished else None}
+                        choice = {"index": i, "finish_reason": ev.finish_reason if ev.finished else None}
                         if chat:
                             choice["delta"] = {"content": ev.text} if ev.text else {}
                         else:
@@ -442,24 +483,30 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                             yield _sse({**chunk_of([]), "usage": usage()})
                     yield "data: [DONE]\n\n"
                 finally:
-                    await stream.aclose()
-                    if not req.done.is_set():
-                        engine.abort(rid)
+                    await stream.aclose()  # aborts every choice not finished (a disconnect, an error)
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        final = None
-        async for ev in events(request, req, q, label, stream=False):
-            final = ev if ev.finished else None
-            if ev.error:
-                raise refusal(req.exception, _model(spec))
-        if final is None:  # client went away
+        finals: dict[int, Event] = {}
+        stream = events(request, reqs, q, label, stream=False)
+        try:
+            async for i, ev in stream:
+                if ev.error:
+                    raise refusal(reqs[i].exception, _model(spec))
+                if ev.finished:
+                    finals[i] = ev
+        finally:
+            await stream.aclose()  # an error in one choice aborts the others
+        if len(finals) < n:  # client went away
             return Response(status_code=499)
-        choice = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": req.text}
-        else:
-            choice["text"] = req.text
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage()}
+        choices = []
+        for i, r in enumerate(reqs):
+            choice = {"index": i, "finish_reason": finals[i].finish_reason, "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": r.text}
+            else:
+                choice["text"] = r.text
+            choices.append(choice)
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage()}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -490,6 +537,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         if not isinstance(opts, dict):
             raise HTTPError(400, "self_moa takes an object {n, window, temperature}")
         spec, params = adapter_of(body), params_of(body)
+        if n_of(body) != 1:
+            raise HTTPError(400, "self_moa answers with one synthesis: n > 1 is not supported with it (the number of "
+                                 "proposals is self_moa.n); send n: 1 or drop n")
         try:
             config = SelfMoAConfig(**opts)
         except TypeError as e:
