@@ -26,7 +26,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
     """Write several files that belong together (an adapter's config and tensors) so that a failed write leaves
     the old set: every file goes to a temp file beside it and is fsynced first, and only when all are written are
-    they renamed into place, one after the other (no I/O left that could fail between the renames)."""
+    they renamed into place, one after the other (only the renames are left, each atomic; one failing between
+    them (the folder made read-only meanwhile) is the one case that leaves a mixed set)."""
     pending: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():
@@ -34,8 +35,8 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             pending.append((tmp, path))
-            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a saved file gets the usual mode
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever fails below
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it owner-only; the usual mode
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
