@@ -23,6 +23,22 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
+def seeded_svd(monkeypatch):
+    """``svd_lowrank`` draws a random projection: reseed it before every call, in torch and in the name PEFT bound
+    at import (peft/tuners/lora/layer.py ``from torch import svd_lowrank``), so PEFT and lorakit draw the same."""
+    import peft.tuners.lora.layer
+
+    original = torch.svd_lowrank
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft.tuners.lora.layer, "svd_lowrank", seeded)
+
+
+@pytest.fixture
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 96, (3, 9), generator=g)

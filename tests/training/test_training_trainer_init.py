@@ -93,22 +93,12 @@ def test_trainer_runs_a_pending_corda_init_as_peft_does_on_its_first_batches(mak
 
 
 def test_trainer_runs_a_pending_lora_ga_init_as_peft_does_on_its_first_batches(make_model, tokenizer, reverse_train,
-                                                                             tmp_path, monkeypatch):
+                                                                             tmp_path, seeded_svd):
     """LoRA-GA's gradient pass (peft/tuners/lora/loraga.py ``preprocess_loraga``: loss.backward() over the batches,
     then layer.py ``lora_ga_init``), on Trainer's first batches, inside Trainer's lifecycle. ``svd_lowrank`` draws a
-    random projection: reseeded before every call, in torch and in the name PEFT bound at import (as
-    tests/init/conftest.py ``seeded_svd``), so PEFT and lorakit draw the same."""
-    import peft.tuners.lora.layer
+    random projection: reseeded before every call, in torch and in the name PEFT bound at import (tests/conftest.py
+    ``seeded_svd``), so PEFT and lorakit draw the same."""
     from peft.tuners.lora.loraga import preprocess_loraga
-
-    original = torch.svd_lowrank
-
-    def seeded(*args, **kwargs):
-        torch.manual_seed(0)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "svd_lowrank", seeded)
-    monkeypatch.setattr(peft.tuners.lora.layer, "svd_lowrank", seeded)
 
     model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga"))
     trainer, after, first = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=2)
