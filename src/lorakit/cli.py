@@ -65,7 +65,7 @@ def _clean_leftovers(folder: Path) -> None:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False,
-                     reads: Sequence[str | os.PathLike | None] = ()) -> Path:
+                     reads: Sequence[str | os.PathLike | None] = (), clean_leftovers: bool = True) -> Path:
     """Fail now, before any work, if ``path`` cannot become this command's output folder.
 
     A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
@@ -73,7 +73,9 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     ``reads``: the files and folders the command reads (its adapter, model, sources); an output folder that holds one
     of them is an error too, since the output replaces the folder whole (``lorakit export runs/a/adapter --output
     runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). The output *being* an input stays
-    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed.
+    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed, unless
+    ``clean_leftovers`` is False (a folder other runs may be writing into at the same time, such as the benches'
+    shared ``runs/bench``: their temp files in flight look the same).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -93,7 +95,8 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     except OSError as e:
         raise LorakitError(f"{flag} {out}: cannot write in {probe} ({e.strerror or e}); choose a writable folder") from None
     if out.is_dir():
-        _clean_leftovers(out)
+        if clean_leftovers:
+            _clean_leftovers(out)
         if any(out.iterdir()) and not (overwrite or allow_existing):
             raise LorakitError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace what "
                                "this command writes there, or choose a new folder")

@@ -163,3 +163,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_model(bench, tmp
     assert e.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"lorakit bench: error: --output {blocker / 'out'}: {blocker} is a file, "
                                             f"so the folder cannot be created"), err
+
+
+def test_the_output_check_leaves_another_benchs_temp_files_alone(tmp_path, capsys):
+    """Every bench defaults to runs/bench: the up-front --output check (which other commands also use to remove a
+    killed save's leftovers) must not delete the temp files a bench running there now is about to rename."""
+    in_flight = [tmp_path / ".perf.json.k3j2.tmp", tmp_path / ".adapter.tmp-9f"]
+    in_flight[0].write_text("half a report")
+    in_flight[1].mkdir()
+    assert main(["bench", "federated", "--quick", "--clients", "0", "--output", str(tmp_path)]) == 2  # checked, then
+    assert "--clients must be >= 1" in capsys.readouterr().err                                     # refused in the run
+    assert all(p.exists() for p in in_flight)

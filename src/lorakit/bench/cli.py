@@ -213,8 +213,9 @@ def main(argv: Sequence[str]) -> int:
     from ..cli import ErrorsReported, check_output_dir
     from ..data import DataError
 
-    try:  # now, not when the report is written after the run (most benches created --output only then)
-        check_output_dir(args.output, "--output", overwrite=True)
+    try:  # now, not when the report is written after the run (most benches created --output only then); every
+        # bench defaults to runs/bench, so another bench running there may have temp files in flight: leave them
+        check_output_dir(args.output, "--output", overwrite=True, clean_leftovers=False)
     except LorakitError as e:
         parser.error(str(e))
     with ErrorsReported(parser, also=(DataError,)) as run:  # (a user's data file: named by file and line)  # a run's own error (a config's) reads as the command's, no traceback
