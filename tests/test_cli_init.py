@@ -110,6 +110,10 @@ MISMATCHES = [
     (["--method", "mixlora", "--init", "eva"], "method 'mixlora' has no field that selects an init"),
     (["--init", "eva", "--use-dora"], "a DoRA adapter cannot change rank after its magnitude was set"),
     (["--init-lora-weights", "corda", "--method", "lora"], None),  # a fitting pair: reaches the model load
+    # two inits named: the message names the method's own flag as typed (was "--init-lora-weights / --init-weights")
+    (["--init", "pissa", "--init-lora-weights", "eva"], "--init pissa and --init-lora-weights eva name two inits"),
+    (["--method", "lora_xs", "--init", "lora_sb", "--init-weights", "nlora"],
+     "--init lora_sb and --init-weights nlora name two inits"),
     (["--procedure", "allora", "--use-dora"], "ALLoRA needs plain LoRA on linear layers; the adapter is lora with "
                                               "--use-dora"),
     (["--procedure", "allora", "--lora-alpha", "8", "--lora-dropout", "0.1"],

@@ -194,8 +194,10 @@ def _check_init_options(args, adapter_config) -> None:
 
     named = adapter_config.requested_init()
     if args.init is not None and named is not None and named != args.init:
-        raise ConfigError(f"--init {args.init} and the method's own init option (--init-lora-weights / "
-                          f"--init-weights {named}) name two inits; give one of them.")
+        field = next((f.name for f in dataclasses.fields(adapter_config) if getattr(adapter_config, f.name) == named),
+                     None)  # the method's init field (LoRA's init_lora_weights, B·M·A's init_weights): its flag
+        given = f"{flag_for(field)} {named}" if field else f"the method's own init option ({named})"
+        raise ConfigError(f"--init {args.init} and {given} name two inits; give one of them.")
     spec = args.init if args.init is not None else named
     if spec is None:
         if args.init_options:
