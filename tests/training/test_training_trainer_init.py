@@ -186,6 +186,18 @@ def test_zero_init_batches_for_a_pending_data_driven_init_is_refused_before_trai
     assert "forward" not in model.__dict__  # the callback's forward wrapper does not outlive the refused run
 
 
+def test_an_init_that_fails_inside_trainer_leaves_no_forward_wrapper_behind(make_model, tokenizer, reverse_train,
+                                                                          tmp_path):
+    """CorDA takes r components of each weight's SVD: r=40 on 32x32 projections fails inside the init (not in the
+    callback's own checks). Was: only the callback's ConfigErrors restored the model's forward, so after this failure
+    the model kept the callback's wrapper (a later LorakitCallback or a plain forward ran through it)."""
+    model = make_model(lk.LoraConfig(r=40, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="corda"))
+    trainer, _, _ = _trainer(model, tokenizer, reverse_train, tmp_path, batch_size=1, init_batches=1)
+    with pytest.raises(lk.AdapterError, match=r"init 'corda': r=40 at module .*q_proj.* exceeds min\(out, in\) = 32"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and "forward" not in model.__dict__
+
+
 def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_what_is_not_kept(
         make_model, tokenizer, reverse_train, tmp_path):
     """CorDA ran (and edited the base) in the run that wrote checkpoint-1; Trainer's resume loads model.safetensors

@@ -103,30 +103,35 @@ class LorakitCallback(TrainerCallback):
                           "on this model, and lorakit still counts the init as pending (lorakit.training.train on "
                           "this model would run it again).", stacklevel=2)
         if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
-            if pending is not None:
-                try:
-                    self._check_pending_init(pending, args)
-                except ConfigError:
-                    self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
-                    raise
-            batches = self._init_batches(model, train_dataloader)
-            before = dict(model.named_parameters())
-            if method.init is not None:
-                method.init(model, self.adapter_name, batches)
-            if pending is not None:  # a data-driven init named by the config, as lorakit's loop runs it after the method's
-                init_adapter(model, self.adapter_name, batches)
-            after = dict(model.named_parameters())
-            replaced = sorted(n for n, p in before.items() if after.get(n) is not p)
-            if replaced and self.procedure is not None:
-                # a procedure's optimizer may hold more than param_groups (GaLore's per-parameter gradient hooks)
-                self._restore_forward()
-                raise ConfigError(f"adapter {self.adapter_name!r}'s init replaced parameters ({', '.join(replaced[:3])}"
-                                  f"{' …' if len(replaced) > 3 else ''}: e.g. EVA changed a layer's rank) after procedure "
-                                  f"{type(self.procedure).__name__}'s optimizer was built on them. Run the init "
-                                  f"first, lorakit.init_adapter(model, {self.adapter_name!r}, batches), then build "
-                                  "the optimizer (make_optimizer) and Trainer.")
-            if optimizer is not None:
-                swap_replaced_parameters(optimizer, before, after)
+            try:
+                self._run_inits(model, method, pending, args, train_dataloader, optimizer)
+            except BaseException:
+                self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
+                raise
+
+    def _run_inits(self, model: torch.nn.Module, method, pending: Init | None, args, train_dataloader,
+                   optimizer) -> None:
+        """The method's init, then the pending one, on Trainer's first batches; the optimizer pointed at what they
+        left. ConfigError where Trainer cannot give the pending init what lorakit's loop gives it."""
+        if pending is not None:
+            self._check_pending_init(pending, args)
+        batches = self._init_batches(model, train_dataloader)
+        before = dict(model.named_parameters())
+        if method.init is not None:
+            method.init(model, self.adapter_name, batches)
+        if pending is not None:  # a data-driven init named by the config, as lorakit's loop runs it after the method's
+            init_adapter(model, self.adapter_name, batches)
+        after = dict(model.named_parameters())
+        replaced = sorted(n for n, p in before.items() if after.get(n) is not p)
+        if replaced and self.procedure is not None:
+            # a procedure's optimizer may hold more than param_groups (GaLore's per-parameter gradient hooks)
+            raise ConfigError(f"adapter {self.adapter_name!r}'s init replaced parameters ({', '.join(replaced[:3])}"
+                              f"{' …' if len(replaced) > 3 else ''}: e.g. EVA changed a layer's rank) after procedure "
+                              f"{type(self.procedure).__name__}'s optimizer was built on them. Run the init "
+                              f"first, lorakit.init_adapter(model, {self.adapter_name!r}, batches), then build "
+                              "the optimizer (make_optimizer) and Trainer.")
+        if optimizer is not None:
+            swap_replaced_parameters(optimizer, before, after)
 
     def _check_pending_init(self, init: Init, args) -> None:
         """ConfigError before anything runs where Trainer cannot give the pending init what lorakit's loop gives it."""
