@@ -90,26 +90,32 @@ def test_more_init_batches_than_the_data_fills_warns_and_uses_what_there_is(data
         assert len(set(seen)) == 8  # each example once, none repeated to fill the count
 
 
-def test_the_trainer_callback_warns_when_the_loader_has_fewer_init_batches(hooked_method, make_model, tokenizer,
-                                                                           reverse_train, tmp_path):
-    """LorakitCallback(init_batches=5) on a loader of 2 batches: the method's init runs on the 2 there are, and a
-    warning names 5 and 2 (was: silence)."""
+def _callback_train_begin(model, tokenizer, examples, tmp_path, init_batches: int) -> None:
+    """LorakitCallback(init_batches=...).on_train_begin on a loader of ``examples`` in batches of 2, as Trainer
+    calls it; the callback's forward wrapper is taken off again afterwards."""
     from torch.utils.data import DataLoader
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from lorakit.data import CausalLMCollator, TokenizedDataset
     from lorakit.training import LorakitCallback
 
-    model = make_model(hooked_method.config(r=4, target_modules=["q_proj"]))
-    loader = DataLoader(TokenizedDataset(reverse_train[:4], tokenizer), batch_size=2,
+    loader = DataLoader(TokenizedDataset(examples, tokenizer), batch_size=2,
                         collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
-    callback = LorakitCallback("default", init_batches=5)
+    callback = LorakitCallback("default", init_batches=init_batches)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     try:
-        with pytest.warns(UserWarning, match=r"init_batches=5\): the training data loader gave only 2 batches"):
-            callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
     finally:
         callback._restore_forward()
+
+
+def test_the_trainer_callback_warns_when_the_loader_has_fewer_init_batches(hooked_method, make_model, tokenizer,
+                                                                           reverse_train, tmp_path):
+    """LorakitCallback(init_batches=5) on a loader of 2 batches: the method's init runs on the 2 there are, and a
+    warning names 5 and 2 (was: silence)."""
+    model = make_model(hooked_method.config(r=4, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=r"init_batches=5\): the training data loader gave only 2 batches"):
+        _callback_train_begin(model, tokenizer, reverse_train[:4], tmp_path, init_batches=5)
     [batches] = hooked_method.calls["init"]
     assert len(batches) == 2
 
@@ -119,19 +125,6 @@ def test_the_trainer_callback_with_zero_init_batches_gives_a_method_init_none(ho
     """LorakitCallback(init_batches=0) and a method's own init: the init gets no batch, as lorakit's loop gives it
     with TrainConfig.init_batches=0 (was: the callback's count check came after the first append, so it collected
     the whole data loader)."""
-    from torch.utils.data import DataLoader
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from lorakit.data import CausalLMCollator, TokenizedDataset
-    from lorakit.training import LorakitCallback
-
     model = make_model(hooked_method.config(r=4, target_modules=["q_proj"]))
-    loader = DataLoader(TokenizedDataset(reverse_train[:8], tokenizer), batch_size=2,
-                        collate_fn=CausalLMCollator.from_tokenizer(tokenizer))
-    callback = LorakitCallback("default", init_batches=0)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    try:
-        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
-    finally:
-        callback._restore_forward()
+    _callback_train_begin(model, tokenizer, reverse_train[:8], tmp_path, init_batches=0)
     assert hooked_method.calls["init"] == [[]]
