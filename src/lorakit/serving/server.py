@@ -36,6 +36,7 @@ non-streamed request).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -191,12 +192,14 @@ def _not_json(constant: str):
 
 
 class _Guard:
-    """API key on ``/v1/*`` and the body size limit (from content-length), as plain ASGI middleware: Starlette's
-    BaseHTTPMiddleware (``@app.middleware``) hides a client's disconnect from ``Request.is_disconnected``, so a
-    request whose client hung up before its response started ran to the end."""
+    """API key on ``/v1/*`` (compared in constant time, as bytes) and the body size limit (from content-length), as
+    plain ASGI middleware: Starlette's BaseHTTPMiddleware (``@app.middleware``) hides a client's disconnect from
+    ``Request.is_disconnected``, so a request whose client hung up before its response started ran to the end."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        # the header as sent (bytes): compared in constant time, and a non-ASCII key matches its UTF-8 bytes
+        self._expected = None if api_key is None else b"Bearer " + api_key.encode("utf-8")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -204,8 +207,9 @@ class _Guard:
 
             headers = Headers(scope=scope)
             refused = None
-            if self.api_key is not None and scope["path"].startswith("/v1/") and \
-                    headers.get("authorization", "") != f"Bearer {self.api_key}":
+            sent = headers.get("authorization", "").encode("latin-1")  # Starlette decodes header bytes as latin-1
+            if self._expected is not None and scope["path"].startswith("/v1/") and \
+                    not hmac.compare_digest(sent, self._expected):
                 refused = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                  "authentication_error")
             size = headers.get("content-length")
