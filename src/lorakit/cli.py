@@ -320,8 +320,8 @@ def _overrides(args) -> dict | None:
 # -- train --------------------------------------------------------------------------------------------------
 def _train_configs(args: argparse.Namespace, ctx=None):
     """Method, adapter config, TrainConfig and output folder, all validated without a model. Under torchrun
-    (``ctx``, a ``training.distributed.Distributed``) rank 0 checks (and with --overwrite clears) the output folder
-    while the others wait."""
+    (``ctx``, a ``training.distributed.Distributed``) rank 0 checks the output folder (removing a killed save's
+    temp files; --overwrite lets the run write over what is there, it does not empty it) while the others wait."""
     from . import get_method
     from .training import TrainConfig
 
