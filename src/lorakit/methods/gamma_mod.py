@@ -160,7 +160,7 @@ class GammaModConfig(AdapterConfig):
         check_non_negative(self, "dense_first_layers", "dense_last_layers")
         check_range(self, "inference_threshold", 0, 1, high_open=True, note=" or None (training top-k)")
         check_range(self, "decode_threshold", 0, 1)
-        check_non_negative(self, "router_aux_loss_coef")
+        check_non_negative(self, "router_aux_loss_coef", finite=True)
 
 
 def eligible_blocks(num_blocks: int, config: GammaModConfig) -> list[int]:

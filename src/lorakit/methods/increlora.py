@@ -93,6 +93,7 @@ class IncreLoraConfig(AdapterConfig):
         super().__post_init__()
         check_positive_ints(self, "r", "incre_interval", "top_h", "incre_rank_num")
         check_non_negative(self, "init_warmup")
+        check_non_negative(self, "reg_orth", finite=True)
         if self.target_rank < self.r:
             raise field_error(self, "target_rank", f"={self.target_rank} must be >= r={self.r} (the rank it grows to "
                                                    "from r).")

@@ -44,7 +44,7 @@ class LoraXSConfig(MiddleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_non_negative(self, "init_R_std")
+        check_non_negative(self, "init_R_std", finite=True)
 
 
 @torch.no_grad()

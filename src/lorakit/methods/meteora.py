@@ -97,7 +97,7 @@ class MeteoraConfig(LoraExpertsConfig):
         if not 0 < self.top_k <= n:
             raise field_error(self, "top_k", f" must be in 1..num_experts={n}, got {self.top_k}.")
         check_positive(self, "temperature")
-        check_non_negative(self, "router_aux_loss_coef")
+        check_non_negative(self, "router_aux_loss_coef", finite=True)
         for task, index in (self.task_to_adapter or {}).items():
             if not -1 <= index < n:
                 raise field_error(self, "task_to_adapter", f"[{task!r}]={index}: use an adapter index in "

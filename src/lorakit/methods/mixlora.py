@@ -42,7 +42,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive, check_positive_ints, check_range, field_error
+from ..core.config import (AdapterConfig, check_non_negative, check_positive, check_positive_ints, check_range,
+                           field_error)
 from ..core.delta import LayerInfo
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
@@ -107,7 +108,9 @@ class MixLoraConfig(AdapterConfig):
         if self.top_k > self.num_experts:
             raise field_error(self, "top_k", f"={self.top_k} exceeds num_experts={self.num_experts}.")
         check_range(self, "top_p", 0, 1, low_open=True)
-        check_positive(self, "capacity_factor")
+        check_positive(self, "capacity_factor", finite=True)
+        check_non_negative(self, "router_init_range", "router_aux_loss_coef", "router_z_loss_coef", finite=True)
+        check_range(self, "jitter_noise", 0, 1, high_open=True, note=" or None (the routing strategy's default)")
         for name, value in (SWITCH_DEFAULTS if self.routing_strategy == "switch" else OTHER_DEFAULTS).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive_ints, field_error
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
 from ..core.errors import FIELD, ConfigError
 from ..core.registry import register_method
@@ -88,6 +88,7 @@ class MolaConfig(AdapterConfig):
         if self.top_k > min(counts):
             raise field_error(self, "top_k", f"={self.top_k} exceeds the smallest expert count {min(counts)} in "
                               f"num_experts={self.num_experts!r}.")
+        check_non_negative(self, "router_aux_loss_coef", finite=True)
 
     def experts_at(self, layer: int | None) -> int:
         counts = parse_allocation(self.num_experts)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_positive_ints
+from ..core.config import AdapterConfig, check_non_negative, check_positive_ints
 from ..core.delta import LayerInfo
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
@@ -67,6 +67,7 @@ class MoleConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r", "num_experts")
+        check_non_negative(self, "router_aux_loss_coef", finite=True)
 
 
 class MoleDenseFFN(MixLoraFFN):

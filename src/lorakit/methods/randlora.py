@@ -72,6 +72,7 @@ class RandLoraConfig(AdapterConfig):
         check_positive_ints(self, "r")
         check_positive(self, "randlora_alpha", finite=True, note=" (the update is scaled by randlora_alpha / r)")
         check_dropout(self, "randlora_dropout")
+        check_positive(self, "randlora_alpha", finite=True)
         if self.sparse and self.very_sparse:
             raise field_error(self, "very_sparse", " and sparse are both set; set at most one of them.")
 

@@ -56,8 +56,8 @@ class S2LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        check_non_negative(self, "l1_lambda")
-        check_positive(self, "init_std")
+        check_non_negative(self, "l1_lambda", finite=True)
+        check_positive(self, "init_std", finite=True)
 
     @property
     def scaling(self) -> float:

@@ -64,7 +64,7 @@ class SmoraConfig(AdapterConfig):
         check_positive_ints(self, "r")
         if not 0 < self.top_k <= self.r:
             raise field_error(self, "top_k", f" must be in 1..r={self.r} (the ranks it picks from), got {self.top_k}.")
-        check_non_negative(self, "bias_update_rate")
+        check_non_negative(self, "bias_update_rate", finite=True)
 
     @property
     def scaling(self) -> float:

@@ -75,7 +75,7 @@ class SoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
-        check_non_negative(self, "sparse_lambda", "sparse_lambda_2")
+        check_non_negative(self, "sparse_lambda", "sparse_lambda_2", "max_lambda", finite=True)
         if self.lambda_schedule is not None:
             if self.max_lambda is None:
                 raise field_error(self, "max_lambda", f" must be set: lambda_schedule={self.lambda_schedule!r} "
@@ -84,7 +84,7 @@ class SoraConfig(AdapterConfig):
         if self.lambda_schedule == "exp_linear":
             check_positive(self, "sparse_lambda_2", "max_lambda",
                            note=" (the exp_linear schedule interpolates log ξ)")
-        check_positive(self, "sparse_lr")
+        check_positive(self, "sparse_lr", finite=True)
 
     @property
     def scaling(self) -> float:
