@@ -377,6 +377,17 @@ def _check_loram_flags(args, adapter_config) -> None:
             if value:
                 raise LorakitError(f"{flag} aligns LoRAM's pruned base: give --loram-ratio too")
         return
+    from .prune.loram import LoramConfig
+
+    from .hub import normalize_task_type
+
+    LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed)  # its ConfigError now
+    if normalize_task_type(args.task_type) == "seq-cls":
+        raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
+    if args.procedure == "loraprune":
+        raise LorakitError("--loram-ratio trains on a pruned base and recovers the adapter for the full model, "
+                           "--procedure loraprune prunes the base while training and writes the pruned model: "
+                           "choose one.")
     if args.loram_align_steps < 0:
         raise LorakitError(f"--loram-align-steps must be >= 0 (0 = no alignment), got {args.loram_align_steps}")
     if args.loram_align_lr is not None and args.loram_align_steps == 0:
@@ -509,8 +520,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         split_validation(get_procedure(config.procedure).build(config), config, train_examples)
     torch.manual_seed(args.seed)
     classify = normalize_task_type(args.task_type) == "seq-cls"
-    if classify and args.loram_ratio is not None:
-        raise LorakitError("--loram-ratio prunes a causal LM; it does not combine with --task-type seq-cls")
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
     elif classify:  # one head output per label of the training data (sorted names)
@@ -1343,7 +1352,8 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
                    help="UL2 mode switching: prepend this mode token ([R], [S] or [X] of a base pretrained with "
                         "--objective ul2) to every prompt, in training and evaluation (default: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.field_flags.update({"AlignConfig.steps": "--loram-align-steps", "AlignConfig.lr": "--loram-align-lr"})
+    t.field_flags.update({"AlignConfig.steps": "--loram-align-steps", "AlignConfig.lr": "--loram-align-lr",
+                          "LoramConfig.ratio": "--loram-ratio", "LoramConfig.criterion": "--loram-criterion"})
     from .training.config import DISTRIBUTED_MODES
     t.add_argument("--distributed", default="ddp", choices=DISTRIBUTED_MODES,
                    help="under torchrun / accelerate launch: DDP over the adapter, or FSDP2 sharding the frozen base "

@@ -108,7 +108,7 @@ class TrainConfig:
                 info = get_procedure(self.procedure)
             except ConfigError as e:
                 raise field_error(self, "procedure", f": {e}") from None
-            info.config_from(self.procedure_args)  # a bad field fails here
+            info.config_from(self.procedure_args).check_run(self)  # a bad field, or one this run cannot use, fails here
         elif self.procedure_args:
             raise field_error(self, "procedure_args", f"={self.procedure_args!r} given without a procedure; set "
                                                       "procedure (see lorakit.training.list_procedures()).")

@@ -180,3 +180,28 @@ def test_loraprune_on_a_4bit_base(tokenizer, reverse_train, tmp_path):
     train(model, tokenizer, reverse_train[:8], config, progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned_model")
     assert loaded.config.intermediate_size == 32 and getattr(loaded.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("config", [lk.get_method("nola").config_cls(r=2, target_modules=ALL),
+                                    lk.LoraConfig(r=2, target_modules=ALL, use_dora=True),
+                                    lk.get_method("ffa_lora").config_cls(r=2, target_modules=ALL)],
+                         ids=["nola", "dora", "ffa_lora"])
+def test_an_adapter_without_trained_lora_A_and_B_is_refused(tokenizer, reverse_train, config):
+    """The importance is |G ⊙ (W + s·B·A)| with G from ∇A and ∇B (official ``compute_sensitivity``, lines 60–87):
+    NOLA's A, B are computed from coefficients and get no .grad, FFA-LoRA's A is frozen; the procedure used to read
+    their importance as all zeros and prune arbitrary units (argsort of zeros)."""
+    model = lk.add_adapter(tiny_llama_for(tokenizer), config).train()
+    with pytest.raises(lk.ConfigError, match="LoRAPrune needs a plain LoRA adapter"):
+        train(model, tokenizer, reverse_train[:8], TrainConfig(steps=2, batch_size=4, procedure="loraprune"),
+              progress=False)
+
+
+def test_protected_blocks_with_a_pruned_model_to_write_are_refused_before_training(tmp_path):
+    """A transformers config has one width for all blocks (export_pruned refuses protected blocks): with an
+    output_dir and save_pruned the run used to train to the end and then fail, writing no adapter."""
+    with pytest.raises(lk.ConfigError, match="protected_blocks") as e:
+        TrainConfig(procedure="loraprune", output_dir=str(tmp_path), procedure_args={"protected_blocks": "0"})
+    assert "save_pruned=False" in str(e.value)
+    TrainConfig(procedure="loraprune", output_dir=str(tmp_path), procedure_args={"protected_blocks": "0",
+                                                                                 "save_pruned": False})
+    TrainConfig(procedure="loraprune", procedure_args={"protected_blocks": "0"})  # in memory: fine

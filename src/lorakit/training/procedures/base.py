@@ -62,6 +62,10 @@ class ProcedureConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
 
+    def check_run(self, train_config: "TrainConfig") -> None:
+        """Checks against the run's settings, made when the ``TrainConfig`` is built (so before any model is
+        loaded or step trained): ConfigError naming the field. Default: none."""
+
 
 class Procedure:
     """A training procedure for one run. The base class is the plain loop: AdamW, no hooks, no state."""

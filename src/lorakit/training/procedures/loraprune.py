@@ -89,6 +89,13 @@ class LoraPruneConfig(ProcedureConfig):
         check_range(self, "beta", 0, 1, high_open=True)
         self.protected  # noqa: B018  (a bad list fails here)
 
+    def check_run(self, train_config) -> None:
+        if self.protected and self.save_pruned and train_config.output_dir is not None:
+            raise field_error(self, "protected_blocks", f"={self.protected_blocks!r} keeps those blocks at full width "
+                              "while the others shrink; a transformers config has one width for all blocks, so "
+                              "output_dir/pruned_model cannot be written at the end of the run. Set save_pruned=False "
+                              "to keep the pruned model in memory only, or drop protected_blocks.")
+
     @property
     def protected(self) -> set[int]:
         items = comma_items(self.protected_blocks, "", "block indices", field=f"{type(self).__name__}.protected_blocks")
@@ -143,13 +150,20 @@ class LoraPrune(Procedure):
     @classmethod
     def check_adapter_config(cls, config: LoraPruneConfig, adapter_config: Any, task_type: str = "causal-lm") -> None:
         """A plain LoRA (plain B A units: no DoRA, no lora_bias), told from the adapter's config; whether it covers
-        every attention and MLP projection is checked per block in ``param_groups``."""
-        if not isinstance(adapter_config, LoraConfig) or adapter_config.use_dora or adapter_config.lora_bias:
-            what = (f"method {type(adapter_config).method!r}" if not isinstance(adapter_config, LoraConfig)
+        every attention and MLP projection is checked per block in ``param_groups``, which calls this too (a
+        ``train`` from Python): NOLA, MoS and S2-LoRA compute A, B from other parameters and FFA-LoRA freezes A,
+        so their A, B get no gradient and the importance (eq. 8-10) would read as all zeros."""
+        plain = type(adapter_config) is LoraConfig  # not a subclass: FFA-LoRA's config is one, with A frozen
+        if not plain or adapter_config.use_dora or adapter_config.lora_bias:
+            what = (f"method {type(adapter_config).method!r}" if not plain
                     else "DoRA" if adapter_config.use_dora else "lora_bias")
             raise ConfigError(f"LoRAPrune needs a plain LoRA adapter (its importance comes from LoRA's weights and "
                               f"gradients); this one has {what}. Use method lora without use_dora / lora_bias.")
+
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from ...core.model import adapter_state
+
+        self.check_adapter_config(self.config, adapter_state(model).configs[adapter_name])
         self.blocks = decoder_blocks(model)
         for block in self.blocks:
             for name in ATTENTION + MLP:
