@@ -1089,6 +1089,10 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         _set_threads(args)
         if args.method == "rtn" and options:
             raise LorakitError(f"--method rtn takes no CBQ options (got {', '.join(sorted(options))})")
+        for flag, value, low in (("--eval-rows", args.eval_rows, 1), ("--calib-rows", args.calib_rows, 1),
+                                 ("--seq-len", args.seq_len, 2)):  # a perplexity predicts tokens 2..T of a row
+            if value < low:
+                raise LorakitError(f"{flag} must be at least {low}, got {value}.")
         from .quantize import CBQConfig, QuantSpec
         if args.method == "cbq":  # the flags' errors before the model loads and its perplexity is measured
             CBQConfig(bits=args.bits, group_size=args.group_size, **options)
@@ -1099,6 +1103,10 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         from .io.files import write_dir_atomically
 
         model, tokenizer = load_model_and_tokenizer(args.model)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and args.seq_len > limit:
+            raise LorakitError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions "
+                               "(max_position_embeddings); set it to at most that.")
         test = task_token_rows(tokenizer, "test", args.eval_rows, args.seq_len)
         before = perplexity(model, test)
         calib = task_token_rows(tokenizer, "train", args.calib_rows, args.seq_len) if args.method == "cbq" else None

@@ -26,3 +26,38 @@ def test_quantize_cbq_runs_and_options_are_checked(tmp_path, capsys):
     assert "window 5/5 blocks [4, 5]" in out and "cbq W2A16" in out
     assert main(["quantize", "--method", "rtn", "--steps", "3"]) == 2
     assert "--method rtn takes no CBQ options" in capsys.readouterr().err
+
+
+def test_row_counts_and_lengths_are_checked(capsys, monkeypatch):
+    """--calib-rows 0 ended in a reshape traceback, and --seq-len 1 printed "perplexity 1.000 -> 1.000": with one
+    token per row no next token is predicted, and exp(0 / max(0, 1)) = 1 came out as a score."""
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+        for flags, says in ((["--calib-rows", "0"], "--calib-rows must be at least 1, got 0."),
+                            (["--eval-rows", "-1"], "--eval-rows must be at least 1, got -1."),
+                            (["--seq-len", "1"], "--seq-len must be at least 2, got 1.")):
+            assert main(["quantize", *flags]) == 2
+            assert says in capsys.readouterr().err
+    assert main(["quantize", "--method", "rtn", "--seq-len", "100000", "--num-threads", "1"]) == 2
+    assert "--seq-len 100000 exceeds the model's 256 positions" in capsys.readouterr().err
+
+
+def test_perplexity_and_cbq_refuse_empty_rows():
+    import pytest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.core.errors import LorakitError
+    from lorakit.quantize import perplexity, quantize_weights
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(LorakitError, match=r"perplexity rows has shape \(4, 1\)"):
+        perplexity(model, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(LorakitError, match="CBQ calibration rows"):
+        quantize_weights(model, "cbq", torch.zeros(0, 8, dtype=torch.long), steps=1)

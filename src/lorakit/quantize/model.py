@@ -100,11 +100,26 @@ def quantize_rtn(model: nn.Module, spec: QuantSpec) -> dict[str, Any]:
     return {"method": "rtn", "bits": spec.bits, "group_size": spec.group_size, "layers": count}
 
 
+def check_token_rows(rows: torch.Tensor, what: str, min_len: int = 1) -> None:
+    """LorakitError unless ``rows`` is an (N, T) integer tensor with N >= 1 and T >= ``min_len`` (a next-token
+    score needs T >= 2: the first token of a row has nothing before it)."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype.is_floating_point:
+        shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise LorakitError(f"{what} must be an (N, T) tensor of token ids, got {shape}.")
+    if rows.shape[0] < 1 or rows.shape[1] < min_len:
+        raise LorakitError(f"{what} has shape {tuple(rows.shape)}: give at least 1 row of at least {min_len} "
+                           f"token{'s' if min_len > 1 else ''}.")
+
+
 def task_token_rows(tokenizer, split: str, n_rows: int, seq_len: int, seed: int = 0,
                     tasks: Sequence[str] | None = None) -> torch.Tensor:
     """(n_rows, seq_len) token ids of the bundled tasks' ``prompt + completion`` texts of ``split``, joined
-    with the EOS token and cut into rows (the usual WikiText-style perplexity layout)."""
+    with the EOS token and cut into rows (the usual WikiText-style perplexity layout). LorakitError unless both
+    are >= 1."""
     from ..data.tasks import get_task, list_tasks
+
+    if n_rows < 1 or seq_len < 1:
+        raise LorakitError(f"task_token_rows needs n_rows >= 1 and seq_len >= 1, got {n_rows} and {seq_len}.")
 
     names = list(tasks) if tasks else list_tasks()
     eos = tokenizer.eos_token_id
@@ -122,7 +137,9 @@ def task_token_rows(tokenizer, split: str, n_rows: int, seq_len: int, seed: int 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token negative log-likelihood) over every predicted token of ``rows`` (N, T)."""
+    """exp(mean next-token negative log-likelihood) over every predicted token of ``rows`` (N, T), T >= 2
+    (LorakitError otherwise: with one token per row nothing is predicted)."""
+    check_token_rows(rows, "perplexity rows", min_len=2)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for chunk in _chunks(rows, batch_size):
@@ -139,7 +156,8 @@ def perplexity(model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> flo
 def next_token_kl(reference: nn.Module, model: nn.Module, rows: torch.Tensor, batch_size: int = 8) -> float:
     """Mean over positions of D_KL(p_reference ‖ p_model) of the next-token distributions on ``rows`` (N, T), in
     nats: how far a quantized model's predictions moved from the original's (0 = unchanged). Unlike perplexity it
-    is not dominated by tokens neither model can predict."""
+    is not dominated by tokens neither model can predict. LorakitError for rows that are not (N >= 1, T >= 1)."""
+    check_token_rows(rows, "next_token_kl rows")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for chunk in _chunks(rows, batch_size):
