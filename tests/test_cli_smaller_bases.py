@@ -34,3 +34,28 @@ def test_refused_before_the_model_loads(no_model_load, capsys, tmp_path, flags, 
     err = capsys.readouterr().err
     assert code == 2 and says in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_on_another_base_is_refused(tmp_path, capsys, monkeypatch):
+    """A LoRAM checkpoint resumed with another --loram-criterion (or --seed of the random criterion) got a base
+    pruned to the same shapes but keeping other units, and trained on silently; a QLoRA checkpoint resumed without
+    --quantize continued on the full-precision base. The run folder's base.json records the base's flags."""
+    run = tmp_path / "run"
+    small = ["--steps", "2", "--save-every", "1", "--batch-size", "2", "--train-examples", "8", "--eval-examples",
+             "2", "--r", "2", "--quiet", "--num-threads", "1", "--output", str(run)]
+    assert main(["train", "--loram-ratio", "0.5", *small]) == 0
+    capsys.readouterr()
+    import lorakit.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a base model was loaded before the checkpoint's base was checked")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    checkpoint = str(run / "checkpoint-1")
+    for flags, says in ((["--loram-criterion", "magnitude"], "--loram-criterion: checkpoint 'random', this run "
+                                                             "'magnitude'"),
+                        (["--seed", "1"], "--seed: checkpoint 0, this run 1")):
+        assert main(["train", "--loram-ratio", "0.5", *flags, *small, "--resume-from", checkpoint]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["train", *small, "--resume-from", checkpoint]) == 2
+    assert "--loram-ratio: checkpoint 0.5, this run None" in capsys.readouterr().err

@@ -248,6 +248,37 @@ def _quantize_config(args):
     return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
 
 
+BASE_FILE = "base.json"  # the base a `lorakit train` run trains on beyond --model (4 bit, LoRAM), checked on resume
+
+
+def _base_settings(args) -> dict[str, Any]:
+    """The flags that change the base a run trains on, besides --model: the 4-bit storage (QLoRA) and LoRAM's
+    pruning (ratio, criterion, the seed of random pruning, alignment). A checkpoint's adapter fits only the base
+    it was trained on: LoRAM with another criterion keeps other units at the same shapes, so nothing else catches it."""
+    q, loram = args.quantize is not None, args.loram_ratio is not None
+    return {"quantize": args.quantize, "compute_dtype": args.compute_dtype if q else None,
+            "double_quant": args.double_quant if q else None, "loram_ratio": args.loram_ratio,
+            "loram_criterion": args.loram_criterion if loram else None,
+            "seed": args.seed if loram and (args.loram_criterion == "random" or args.loram_align_steps) else None,
+            "loram_align_steps": args.loram_align_steps if loram else None,
+            "loram_align_lr": args.loram_align_lr if loram else None}
+
+
+def _check_resume_base(checkpoint: Path, args) -> None:
+    """--resume-from's run trained on the base these flags make (its run folder's base.json, when it has one)."""
+    from .io.files import read_json
+
+    saved_file = checkpoint.parent / BASE_FILE
+    if not saved_file.is_file():
+        return  # a checkpoint written before base.json existed, or moved out of its run folder
+    saved, now = read_json(saved_file), _base_settings(args)
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
+            for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise LorakitError(f"--resume-from {checkpoint} was trained on another base ({'; '.join(diff)}); resume with "
+                           f"the flags of that run (its {saved_file}).")
+
+
 LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
@@ -363,6 +394,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         procedure_flags = {} if args.procedure is None else {
             name: flag_for(dest) for name, dest in _procedure_dests(args.procedure, args.method).items()}
         _check_resume(Path(args.resume_from), adapter_config, train_config, given, procedure_flags)
+        _check_resume_base(Path(args.resume_from), args)
     return method, adapter_config, train_config
 
 
@@ -550,6 +582,9 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         lambda record: None, contextlib.nullcontext())
     if not args.resume_from:
         log({"step": 0, "eval": before})
+    if ctx.is_main:
+        from .io.files import atomic_write_json
+        atomic_write_json(out / BASE_FILE, _base_settings(args))
     with handle:
         result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,
                        eval_examples=eval_examples, progress=not args.quiet and ctx.is_main, on_log=[log])
