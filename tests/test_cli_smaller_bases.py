@@ -59,3 +59,23 @@ def test_resuming_on_another_base_is_refused(tmp_path, capsys, monkeypatch):
         assert says in capsys.readouterr().err
     assert main(["train", *small, "--resume-from", checkpoint]) == 2
     assert "--loram-ratio: checkpoint 0.5, this run None" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval", "--data", "reverse"], ["generate", "--prompt", "a"],
+                                     ["merge", "--adapter", "adapter", "--output", "merged"]])
+@pytest.mark.parametrize("flag", [["--compute-dtype", "bfloat16"], ["--no-double-quant"]])
+def test_4bit_flags_without_quantize_are_refused(no_model_load, capsys, monkeypatch, tmp_path, command, flag):
+    """--compute-dtype bfloat16 without --quantize trained / evaluated a full-precision float32 base silently."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 256)},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert main([*command, *flag]) == 2
+    assert "without --quantize: these flags set up the 4-bit base" in capsys.readouterr().err

@@ -240,12 +240,20 @@ def _require_task_keys(adapter: str | None, task_to_id: dict | None, tasks, what
 
 
 def _quantize_config(args):
-    """``--quantize nf4 [--compute-dtype D] [--no-double-quant]``: the 4-bit base (QLoRA), else None."""
+    """``--quantize nf4 [--compute-dtype D] [--no-double-quant]``: the 4-bit base (QLoRA), else None. LorakitError
+    for --compute-dtype / --[no-]double-quant without --quantize (they set the 4-bit layers; alone they did nothing)."""
     if getattr(args, "quantize", None) is None:
+        given = [flag for flag, value in (("--compute-dtype", getattr(args, "compute_dtype", None)),
+                                          ("--double-quant / --no-double-quant", getattr(args, "double_quant", None)))
+                 if value is not None]
+        if given:
+            raise LorakitError(f"{' and '.join(given)} without --quantize: these flags set up the 4-bit base, so "
+                               "alone they do nothing; give --quantize nf4 (or fp4) too, or drop them")
         return None
     from .quantize import QuantizeConfig
 
-    return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=args.compute_dtype)
+    return QuantizeConfig(quant_type=args.quantize, double_quant=args.double_quant is not False,
+                          compute_dtype=args.compute_dtype or "float32")
 
 
 BASE_FILE = "base.json"  # the base a `lorakit train` run trains on beyond --model (4 bit, LoRAM), checked on resume
@@ -256,8 +264,9 @@ def _base_settings(args) -> dict[str, Any]:
     pruning (ratio, criterion, the seed of random pruning, alignment). A checkpoint's adapter fits only the base
     it was trained on: LoRAM with another criterion keeps other units at the same shapes, so nothing else catches it."""
     q, loram = args.quantize is not None, args.loram_ratio is not None
-    return {"quantize": args.quantize, "compute_dtype": args.compute_dtype if q else None,
-            "double_quant": args.double_quant if q else None, "loram_ratio": args.loram_ratio,
+    quantize = _quantize_config(args)
+    return {"quantize": args.quantize, "compute_dtype": quantize.compute_dtype if q else None,
+            "double_quant": quantize.double_quant if q else None, "loram_ratio": args.loram_ratio,
             "loram_criterion": args.loram_criterion if loram else None,
             "seed": args.seed if loram and (args.loram_criterion == "random" or args.loram_align_steps) else None,
             "loram_align_steps": args.loram_align_steps if loram else None,
@@ -301,6 +310,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
+    _quantize_config(args)  # --compute-dtype without --quantize: before the model loads
     if getattr(args, "rank", None) is not None and not getattr(args, "adapter", None):  # before the model loads
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
@@ -369,6 +379,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     _check_init_options(args, adapter_config)
     _check_loram_flags(args, adapter_config)
     adapter_config.check_inputs()  # files the config names (a mixture's source adapters), before any model loads
+    _quantize_config(args)  # --compute-dtype without --quantize
     resume = Path(args.resume_from).resolve() if args.resume_from else None
     out = Path(args.output)
     resuming_inside = resume is not None and out.resolve() in resume.parents
@@ -1270,10 +1281,10 @@ def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--quantize", default=None, choices=QUANT_TYPES,
                    help=f"load the base's linear layers in 4 bit (nf4: QLoRA's NormalFloat) and {what} "
                         "(default: full precision)")
-    g.add_argument("--compute-dtype", default="float32", choices=list(COMPUTE_DTYPES),
-                   help="dtype of the 4-bit layers' matmuls (the QLoRA paper uses bfloat16)")
-    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="quantize the 4-bit blocks' constants too (QLoRA's double quantization)")
+    g.add_argument("--compute-dtype", default=None, choices=list(COMPUTE_DTYPES),
+                   help="dtype of the 4-bit layers' matmuls (the QLoRA paper uses bfloat16) (default: float32)")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the 4-bit blocks' constants too (QLoRA's double quantization) (default: on)")
 
 
 def _common_model(p: argparse.ArgumentParser) -> None:
