@@ -149,3 +149,13 @@ def test_lorakit_cli_names_a_file_that_is_no_tokenizer_json(content, says, tmp_p
     assert main(["infer-mixture", "--tokenizer", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit infer-mixture: error: {bad} is not a tokenizer.json ({says}") and "Traceback" not in err
+
+
+def test_cli_names_sample_chars_and_a_folder_as_out_before_any_work(tmp_path, capsys):
+    """--sample-chars 0 failed as "Domain scale must be > 0, got 0.0" (no flag named); --out FOLDER failed only after
+    the whole inference had run."""
+    tok = ["--tokenizer", str(tmp_path / "unused")]  # both are reported before the tokenizer is read
+    assert mi.main(tok + ["--domains", "code,docs", "--sample-chars", "0"]) == 2
+    assert "--sample-chars must be > 0" in capsys.readouterr().err
+    assert mi.main(tok + ["--domains", "code,docs", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err

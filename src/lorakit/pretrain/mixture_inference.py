@@ -24,6 +24,7 @@ result is also given in bytes (``α_i · bytes_i / pairs_i``, renormalised, as t
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -341,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         names = comma_items(args.domains, "--domains", "domain names")
         check_unique_categories([spec.partition("=")[0] for spec in args.category] + names)
+        if names and args.sample_chars <= 0:
+            raise ConfigError(f"--sample-chars must be > 0 (characters of each --domains sample), got {args.sample_chars}.")
+        if args.out and os.path.isdir(args.out):
+            raise ConfigError(f"--out {args.out} is a folder; give the path of the JSON file to write.")
         tokenizer = load_bpe(args.tokenizer)
         if args.merges > len(tokenizer.merges):  # said now: replaying every merge can take minutes
             print(f"lorakit infer-mixture: --merges {args.merges} is more than the {len(tokenizer.merges)} merges of "
