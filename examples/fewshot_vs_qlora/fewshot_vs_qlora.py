@@ -28,6 +28,7 @@ Usage (from this folder; about 15 minutes on one free CPU core at the defaults, 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
+from lorakit.io.files import atomic_write_bytes
 from lorakit.data.collate import encode_prompt
 from lorakit.data.evaluate import generate_completions
 from lorakit.data.example import Example
@@ -160,7 +162,9 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Which stdlib module defines f? Bundled 5.4M base, 256 positions", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
     plt.close(fig)
 
 
@@ -193,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="results", help="folder for fewshot_vs_qlora.{json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)
+    for flag, values, low in (("--shots", args.shots, 0), ("--train-sizes", args.train_sizes, 1),
+                              ("--steps", [args.steps], 1), ("--batch-size", [args.batch_size], 1), ("--r", [args.r], 1),
+                              ("--new-tokens", [args.new_tokens], 1),
+                              ("--test-size", [] if args.test_size is None else [args.test_size], 1)):
+        if any(v < low for v in values):  # said before the model loads, not after the prompting runs
+            p.error(f"{flag} takes integers >= {low}, got {' '.join(map(str, values))}")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be > 0 and finite, got {args.lr}")
     if args.quick:
         args.shots, args.train_sizes, args.steps, args.test_size = [0, 2], [4], 3, 8
     torch.manual_seed(args.seed)
@@ -225,9 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"  ({result['seconds']:.0f} s)", flush=True)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fewshot_vs_qlora.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "fewshot_vs_qlora.md").write_text(markdown(results))
+    out.mkdir(parents=True, exist_ok=True)  # each file is written whole or not at all (temp file + rename)
+    atomic_write_bytes(out / "fewshot_vs_qlora.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "fewshot_vs_qlora.md", markdown(results).encode())
     plot(results, out / "fewshot_vs_qlora.png")
     print(markdown(results))
     print(f"wrote {out}/fewshot_vs_qlora.{{json,md,png}}")

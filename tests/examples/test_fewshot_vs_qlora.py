@@ -83,3 +83,18 @@ def test_recipe_runs_on_a_tiny_model_with_a_4bit_base(tokenizer, tmp_path):
     saved = json.loads((tmp_path / "out" / "fewshot_vs_qlora.json").read_text())
     assert saved["n_test"] == 8 and saved["max_shots"] >= 2
     assert (tmp_path / "out" / "fewshot_vs_qlora.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags,says", [(["--shots", "0", "-1"], "--shots takes integers >= 0"),
+                                        (["--train-sizes", "0"], "--train-sizes takes integers >= 1"),
+                                        (["--test-size", "-5"], "--test-size takes integers >= 1"),
+                                        (["--steps", "0"], "--steps takes integers >= 1"),
+                                        (["--lr", "nan"], "--lr must be > 0 and finite")])
+def test_bad_sizes_are_refused_before_any_work(flags, says, tmp_path, capsys, monkeypatch):
+    """--shots -1 sliced train_set[:-1] (every question but one into the prompt), --test-size -5 dropped the last 5
+    test questions, --train-sizes 0 / --steps 0 failed only after the whole prompting sweep."""
+    monkeypatch.setattr(fs, "build_qa", lambda seed: pytest.fail("work started before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        fs.main([*flags, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
