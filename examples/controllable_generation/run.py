@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.io.files import atomic_write_bytes, atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +48,7 @@ def build_data(out: Path, per_tag: int, seed: int) -> tuple[dict[str, list[str]]
     rows = [{"prompt": prompt_for(tag), "completion": " " + name} for tag in TAGS for name in train[tag]]
     rng.shuffle(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_bytes(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return train, set().union(*found.values())
 
 
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for label, r in rows.items():
         print(f"{label}: novel names with the property, e.g. " +
               "; ".join(f"{t}: {', '.join(r['per_tag'][t]['examples'][:3]) or '-'}" for t in TAGS))
-    (out / "results.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
-    (out / "results.md").write_text(text + "\n")
+    atomic_write_json(out / "results.json", {"rows": rows, "args": vars(args)})
+    atomic_write_bytes(out / "results.md", (text + "\n").encode())
     return rows
 
 

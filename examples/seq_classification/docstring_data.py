@@ -17,6 +17,8 @@ import json
 import warnings
 from pathlib import Path
 
+from lorakit.io.files import atomic_write_bytes
+
 FAMILIES = {
     "files": ["os", "posixpath", "shutil", "pathlib", "glob", "tempfile", "zipfile", "tarfile", "filecmp", "fnmatch"],
     "text": ["string", "re", "textwrap", "difflib", "unicodedata", "html", "html.parser", "codecs", "csv"],
@@ -77,7 +79,7 @@ def build(out_dir: str | Path, test_fraction: float = 0.2) -> dict[str, int]:
             counts[f"{split}/{family}"] = counts.get(f"{split}/{family}", 0) + 1
     for split, records in rows.items():
         records.sort(key=lambda r: hashlib.sha256(r["text"].encode()).hexdigest())  # mixed labels, fixed order
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_bytes(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     return counts
 
 

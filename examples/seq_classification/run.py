@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.io.files import atomic_write_bytes, atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.limit is not None:
         for split in ("train", "test"):
             lines = (data / f"{split}.jsonl").read_text().splitlines(keepends=True)[: args.limit]
-            (data / f"{split}.jsonl").write_text("".join(lines))
+            atomic_write_bytes(data / f"{split}.jsonl", "".join(lines).encode())
     from lorakit.data import load_jsonl
     from lorakit.data.classification import label_names
 
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [runners[name]() for name in args.only]
     text = table(rows)
     print(text)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "args": vars(args), "data": counts}, indent=2))
-    (out / "results.md").write_text(text + "\n")
+    atomic_write_json(out / "results.json", {"rows": rows, "args": vars(args), "data": counts})
+    atomic_write_bytes(out / "results.md", (text + "\n").encode())
     return rows
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import json
 import random
 import re
 import shutil
@@ -51,6 +50,7 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 import lorakit as lk
+from lorakit.io.files import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
 from lorakit.core.model import adapter_state
 from lorakit.core.registry import get_method
 from lorakit.data.tasks import STDLIB_MODULES
@@ -373,20 +373,20 @@ def main(argv: list[str] | None = None) -> dict:
           f"espeak-ng in {time.perf_counter() - start:.0f} s", flush=True)
 
     model = build_whisper(seed=args.seed)
-    checkpoint = out / "cache" / f"pretrained_{tag}_{args.pretrain_steps}.pt"
+    # safetensors only (no pickle), written last and atomically: it exists only beside its finished .json
+    checkpoint = out / "cache" / f"pretrained_{tag}_{args.pretrain_steps}.safetensors"
     start = time.perf_counter()
     if checkpoint.is_file():
-        model.load_state_dict(torch.load(checkpoint, weights_only=True))
-        pretrain_seconds = json.loads(checkpoint.with_suffix(".json").read_text())["seconds"]
+        model.load_state_dict(load_tensors(checkpoint))
+        pretrain_seconds = read_json(checkpoint.with_suffix(".json"))["seconds"]
         print(f"loaded the pretrained model from {checkpoint}")
     else:
         print(f"pretraining on {len(adult_train)} adult utterances for {args.pretrain_steps} steps", flush=True)
         fit(model, feats["adult_train"], adult_train, steps=args.pretrain_steps, lr=2e-3, batch_size=16,
             seed=args.seed, log_every=max(1, args.pretrain_steps // 10))
         pretrain_seconds = time.perf_counter() - start
-        torch.save(model.state_dict(), checkpoint.with_suffix(".tmp"))
-        checkpoint.with_suffix(".tmp").replace(checkpoint)
-        checkpoint.with_suffix(".json").write_text(json.dumps({"seconds": pretrain_seconds}))
+        atomic_write_json(checkpoint.with_suffix(".json"), {"seconds": pretrain_seconds})
+        save_tensors(checkpoint, {k: v.clone() for k, v in model.state_dict().items()})  # clone: tied weights
     model.requires_grad_(False)
 
     results = {"n_adult_train": len(adult_train), "n_adult_test": n_test, "n_child_test": n_test,
@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"  ({row['seconds']:.0f} s)", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speech_s2lora.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "speech_s2lora.md").write_text(markdown(results))
+    atomic_write_json(out / "speech_s2lora.json", results)
+    atomic_write_bytes(out / "speech_s2lora.md", markdown(results).encode())
     print(markdown(results))
     print(f"wrote {out}/speech_s2lora.{{json,md}}")
     return results
