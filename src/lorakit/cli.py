@@ -617,7 +617,13 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         print(f"recovered adapter (for the full model) in {result.adapter_dir}; the pruned model's in "
               f"{Path(result.adapter_dir).with_name('adapter_pruned')}")
     if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
-        tokenizer.save_pretrained(out / "pruned_model")
+        from .io.files import write_dir_atomically
+
+        def with_tokenizer(folder: Path) -> None:  # the model's files and the tokenizer's, renamed in at once
+            shutil.copytree(out / "pruned_model", folder, dirs_exist_ok=True)
+            tokenizer.save_pretrained(folder)
+
+        write_dir_atomically(out / "pruned_model", with_tokenizer)
         print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
     if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA)
         print(f"base tensors trained with the adapter in {out / 'trainable_params.safetensors'} (eval, generate "

@@ -205,3 +205,21 @@ def test_protected_blocks_with_a_pruned_model_to_write_are_refused_before_traini
     TrainConfig(procedure="loraprune", output_dir=str(tmp_path), procedure_args={"protected_blocks": "0",
                                                                                  "save_pruned": False})
     TrainConfig(procedure="loraprune", procedure_args={"protected_blocks": "0"})  # in memory: fine
+
+
+def test_an_interrupted_pruned_model_save_leaves_no_half_folder(tokenizer, reverse_train, tmp_path, monkeypatch):
+    """Saves are atomic (DESIGN.md): pruned_model was written in place, so a save killed after config.json left a
+    folder that `lorakit train` (which checks pruned_model/config.json) and `--model` took for a model."""
+    from transformers import LlamaForCausalLM
+
+    def half_save(self, folder, **kwargs):
+        self.config.save_pretrained(folder)
+        raise KeyboardInterrupt  # killed before the weights are written
+
+    model = _model(tokenizer)
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", half_save)
+    config = TrainConfig(steps=2, batch_size=4, procedure="loraprune", output_dir=str(tmp_path),
+                         procedure_args={"ratio": 0.5, "prune_freq": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokenizer, reverse_train[:8], config, progress=False)
+    assert not any(p.name.startswith(".pruned_model") or p.name == "pruned_model" for p in tmp_path.iterdir())

@@ -233,8 +233,11 @@ class LoraPrune(Procedure):
         model is written to ``output_dir/pruned_model`` when the run has an output_dir."""
         model.lorakit_prune_masks = self.masks
         if self.config.save_pruned and self.train_config.output_dir is not None:
+            from ...io.files import write_dir_atomically
+
             pruned = export_pruned(model, self.masks, protected=self.config.protected)
-            pruned.save_pretrained(Path(self.train_config.output_dir) / "pruned_model", safe_serialization=True)
+            write_dir_atomically(Path(self.train_config.output_dir) / "pruned_model",  # never half a model
+                                 lambda folder: pruned.save_pretrained(folder, safe_serialization=True))
 
 
 def attach_masks(blocks: list[Block], masks: dict[str, torch.Tensor]) -> list:
