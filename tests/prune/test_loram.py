@@ -342,3 +342,27 @@ def test_cli_aligns_the_pruned_base_before_training(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "LoRAM alignment: 4,096 tokens" in printed and "held-out LM loss of the pruned base" in printed
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_interrupted_recovery_leaves_no_half_adapter(tmp_path, monkeypatch):
+    """Saves are atomic (DESIGN.md): the recovered folder was created first and filled file by file, so a recovery
+    killed after the weights left an adapter folder without adapter_config.json. Other files of the source folder
+    (task_index.json) now go along with the recovered adapter."""
+    import lorakit.prune.loram as loram
+
+    pruned, plan = loram_prune(_full(), LoramConfig(ratio=0.5, seed=1))
+    lk.add_adapter(pruned, lk.LoraConfig(r=2, target_modules=ALL))
+    lk.save_adapter(pruned, tmp_path / "small")
+    (tmp_path / "small" / "task_index.json").write_text('{"reverse": 0}')
+
+    def killed(path, obj):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loram, "atomic_write_json", killed)  # the config, written after the weights
+        with pytest.raises(KeyboardInterrupt):
+            recover_adapter(tmp_path / "small", plan, tmp_path / "large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+    recover_adapter(tmp_path / "small", plan, tmp_path / "large")
+    assert (tmp_path / "large" / "task_index.json").read_text() == '{"reverse": 0}'
+    lk.load_adapter(_full(), tmp_path / "large")

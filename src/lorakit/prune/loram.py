@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from torch import nn
 from ..core.config import field_error
 from ..core.errors import AdapterError, ConfigError, LorakitError
 from ..core.inits import find_init
-from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from ..io.peft_format import PREFIX, WEIGHTS_NAME
 from .structure import ATTENTION, MLP, OUTPUT_SIDE, Block, base_of, decoder_blocks, group_rows, prune_blocks
 
@@ -93,11 +94,13 @@ class PrunePlan:
         return None
 
     def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"groups.{i}": t for i, t in self.groups.items()} | {f"channels.{i}": t for i, t in self.channels.items()}
-        save_tensors(folder / PLAN_NAME, tensors)
-        atomic_write_json(folder / PLAN_INFO, {str(i): info for i, info in self.blocks.items()})
+
+        def write(tmp: Path) -> None:
+            save_tensors(tmp / PLAN_NAME, tensors)
+            atomic_write_json(tmp / PLAN_INFO, {str(i): info for i, info in self.blocks.items()})
+
+        write_dir_atomically(folder, write)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PrunePlan":
@@ -178,7 +181,8 @@ def recover_state_dict(tensors: dict[str, torch.Tensor], plan: PrunePlan, recove
 def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os.PathLike, *,
                     recover: str = "zero", seed: int = 0) -> Path:
     """Write the adapter folder ``source`` (trained on the pruned model) recovered for the original model to
-    ``target`` (same adapter_config.json, PEFT-loadable). Returns ``target``.
+    ``target`` (same adapter_config.json, PEFT-loadable, the folder's other files copied along), written atomically
+    (a folder already at ``target`` is replaced). Returns ``target``.
 
     Raises AdapterError for an adapter whose file is relative to a base its init changed and redoes on load
     (PiSSA, OLoRA: ``init_lora_weights="pissa"``): on the full model that init would factorise other weights.
@@ -191,11 +195,16 @@ def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os
                            "and the full model is another base than the pruned one it was trained on. Save the "
                            "pruned model's adapter with save_adapter(model, dir, original_base=True) (a plain LoRA "
                            "for the untouched pruned base) and recover that.")
-    tensors = load_tensors(source / WEIGHTS_NAME)
-    target.mkdir(parents=True, exist_ok=True)
-    save_tensors(target / WEIGHTS_NAME, recover_state_dict(tensors, plan, recover, seed))
-    atomic_write_json(target / "adapter_config.json", config)
-    return target
+    recovered = recover_state_dict(load_tensors(source / WEIGHTS_NAME), plan, recover, seed)
+
+    def write(folder: Path) -> None:
+        for extra in source.iterdir():  # what else the folder holds (task_index.json, ...) goes along unchanged
+            if extra.is_file() and extra.name not in (WEIGHTS_NAME, "adapter_config.json"):
+                shutil.copy2(extra, folder / extra.name)
+        save_tensors(folder / WEIGHTS_NAME, recovered)
+        atomic_write_json(folder / "adapter_config.json", config)
+
+    return write_dir_atomically(target, write)  # an interrupted recovery leaves no adapter without its config
 
 
 def plan_summary(plan: PrunePlan, full: nn.Module, pruned: nn.Module) -> dict:
