@@ -526,3 +526,15 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="num_mod_layers=3"):
         lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], num_mod_layers=3, dense_first_layers=0,
                                                     dense_last_layers=0))
+
+
+def test_num_mod_layers_that_mod_layers_would_override_is_refused():
+    """mod_layers sets the MoD blocks by hand and ARank never runs (docs/gamma-mod.md), so mod_layers=[3] with
+    num_mod_layers=2 silently converted one block. ARank's own saved choice (len(mod_layers) == num_mod_layers)
+    still loads."""
+    from lorakit.core.errors import ConfigError
+    from lorakit.methods.gamma_mod import GammaModConfig
+
+    with pytest.raises(ConfigError, match="num_mod_layers would be ignored"):
+        GammaModConfig(mod_layers=[3], num_mod_layers=2)
+    assert GammaModConfig(mod_layers=[3, 4], num_mod_layers=2).mod_layers == [3, 4]

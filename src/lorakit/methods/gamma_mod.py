@@ -157,6 +157,11 @@ class GammaModConfig(AdapterConfig):
             repeated = sorted({i for i in self.mod_layers if list(self.mod_layers).count(i) > 1})
             raise field_error(self, "mod_layers", f"={list(self.mod_layers)} names block(s) {repeated} more than "
                                                   "once; list each MoD block once.")
+        if self.mod_layers is not None and self.num_mod_layers is not None and \
+                len(self.mod_layers) != self.num_mod_layers:  # (ARank's saved choice has exactly num_mod_layers)
+            raise field_error(self, "num_mod_layers", f"={self.num_mod_layers} with mod_layers={list(self.mod_layers)}: "
+                                                      "mod_layers sets the blocks by hand and ARank does not run, so "
+                                                      "num_mod_layers would be ignored; give one of them.")
         check_non_negative(self, "dense_first_layers", "dense_last_layers")
         check_range(self, "inference_threshold", 0, 1, high_open=True, note=" or None (training top-k)")
         check_range(self, "decode_threshold", 0, 1)
