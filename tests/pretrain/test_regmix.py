@@ -222,3 +222,18 @@ def test_pretrain_base_reads_the_regmix_result_before_the_data(tmp_path, monkeyp
                  str(tmp_path / "none")]) == 2
     assert "lorakit pretrain-base: error: No RegMix result at" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags,says", [(["--lr", "nan"], "--lr must be > 0 and finite, got nan."),
+                                        (["--domain-scale", "-1"], "--domain-scale must be > 0 and finite, got -1.0."),
+                                        (["--domains", "code,docs,code"], "--domains names ['code'] more than once")])
+def test_lr_scale_and_repeated_domains_are_refused_before_the_data_is_built(tmp_path, monkeypatch, capsys, flags,
+                                                                          says):
+    """--lr nan ended in AdamW's ValueError traceback, --domains code,code in a reshape RuntimeError after building
+    the data (one regression column per domain: a repeat leaves one without rows), --domain-scale -1 in a message
+    naming no flag."""
+    from lorakit.cli import main
+
+    monkeypatch.setattr(regmix, "prepare_domain_data", _no_data)
+    assert main(["regmix", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert says in capsys.readouterr().err

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lorakit.cli_parser import CommandParser, seed_arg
-from lorakit.core.config import check_non_negative, field_error
+from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import ConfigError, comma_items, did_you_mean
 from lorakit.pretrain.domains import (
     DOMAINS, DomainData, check_domain, prepare_domain_data, sample_mixture_blocks, uniform_weights,
@@ -141,12 +141,17 @@ class RegMixConfig:
         if isinstance(self.sampling, dict):
             self.sampling = MixtureSampling(**self.sampling)
         self.domains = tuple(check_domain(d) for d in self.domains)
+        repeated = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if repeated:  # one column per domain in the regression; a repeat left a domain with no data
+            raise field_error(self, "domains", f" names {repeated} more than once; list each domain once.")
         if len(self.domains) < 2:
             raise ConfigError(f"RegMix needs at least two domains, got {list(self.domains)}.",
                               field="RegMixConfig.domains")
         for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
                 raise field_error(self, name, f" must be > 0, got {getattr(self, name)}.")
+        check_positive(self, "lr", "domain_scale", finite=True)
+        check_non_negative(self, "warmup_steps")
         fit = self.n_proxies - self.n_proxies // self.test_every  # every test_every-th proxy is held out
         if fit < MIN_FIT_PROXIES:
             enough = next(n for n in range(MIN_FIT_PROXIES, 4 * MIN_FIT_PROXIES * self.test_every + 1)
