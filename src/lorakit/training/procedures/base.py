@@ -20,9 +20,9 @@ A procedure is a config dataclass (its fields become ``lorakit train --procedure
 5. ``state_dict()`` / ``load_state_dict(tensors)``: tensors saved in checkpoints (``procedure.<key>``), so resume
    stays exact. The optimizer's own state is saved by the loop whatever the optimizer.
 
-Before any of this, its config may check what it cannot work with: ``check_run(train_config)`` when the
-``TrainConfig`` is built (LoRAPrune: protected blocks with a pruned model to write) and ``check_adapter(config)``
-before the model loads in ``lorakit train`` and again before ``param_groups`` (LoRAPrune: a plain LoRA only).
+Before any of this, its config may check the run's settings: ``ProcedureConfig.check_run(train_config)``, called
+when the ``TrainConfig`` is built (LoRAPrune: protected blocks with a pruned model to write); the adapter's config
+is checked by ``Procedure.check_adapter_config`` (``lorakit train`` calls it before any model loads).
 
 A procedure that needs held-out data (Flexora's validation split) returns a count from
 ``validation_split(n_train)``: before anything else the loop holds out that many examples from the end of the
