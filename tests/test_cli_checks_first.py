@@ -251,7 +251,7 @@ def test_a_mixtures_source_adapters_are_checked_before_the_model_loads(method, t
 
 
 @pytest.mark.parametrize("flags,says", [
-    (["--method", "lora", "--init-lora-weights", "pissa", "--init", "olora"], "--init olora and the method's own init"),
+    (["--method", "lora", "--init-lora-weights", "pissa", "--init", "olora"], "--init olora and --init-lora-weights pissa name two inits"),
 ])
 def test_two_inits_fail_before_the_model_loads(flags, says, tmp_path, capsys, no_model_load):
     """--init beside another init the method's own option names is known from the flags alone (README: settings that
