@@ -354,3 +354,19 @@ def test_a_procedure_option_named_like_a_method_option_gets_the_procedure_prefix
     with pytest.raises(SystemExit):
         main(["train", "--method", method, "--procedure", "galore", "--help"])
     assert f"--galore-{field}" in capsys.readouterr().out
+
+
+def test_a_boolean_field_with_a_value_reads_as_its_flag_or_its_no_form():
+    """argparse's BooleanOptionalAction (every bool config field: cli_options) takes no value: ``save_pruned=False``
+    is typed ``--no-save-pruned`` and ``save_pruned=True`` ``--save-pruned``, never ``--save-pruned False``."""
+    import argparse
+
+    from lorakit.core.errors import ConfigError
+
+    parser = CommandParser(prog="x")
+    parser.add_argument("--save-pruned", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--rank", type=int)
+    got = parser.message(ConfigError("Set save_pruned=False to keep it in memory, or save_pruned=True with rank=4."))
+    assert got == "Set --no-save-pruned to keep it in memory, or --save-pruned with --rank 4."
+    # without the negation map (a plain mapping), a value stays a value
+    assert with_flags("save_pruned=False", {"save_pruned": "--save-pruned"}) == "--save-pruned False"

@@ -31,13 +31,18 @@ from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 _VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
 
 
-def with_flags(message: str, flags: Mapping[str, str]) -> str:
+def with_flags(message: str, flags: Mapping[str, str], negated: Mapping[str, str] | None = None) -> str:
     """``message`` with the config fields in ``flags`` (field or ``Class.field`` -> flag) written as flags.
 
     A field is replaced where it is unmistakably a name: qualified (``PretrainConfig.steps``), with a value
     (``steps=3`` -> ``--steps 3``), or, for a one-word field (``steps``, ``lr``), as the subject of a sentence
     (``density must be ...``); a field with an underscore (``mix_ln_alpha``) wherever it stands as a word.
+    A boolean flag with its ``--no-`` form in ``negated`` (flag -> negation) reads as typed: ``save_pruned=False``
+    -> ``--no-save-pruned``, ``save_pruned=True`` -> ``--save-pruned`` (argparse's BooleanOptionalAction takes no
+    value).
     """
+    negated = negated or {}
+
     def repl(flag: str):
         def sub(m: re.Match) -> str:
             value = m.group(1)
@@ -45,6 +50,8 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
                 return flag
             if value[:1] in ("'", '"'):
                 value = value[1:-1]
+            if flag in negated and value.lower() in ("true", "false"):
+                return flag if value.lower() == "true" else negated[flag]
             return f"{flag} {value}"
         return sub
 
@@ -216,14 +223,21 @@ class CommandParser(argparse.ArgumentParser):
         """``error``'s text with config field names written as this command's flags: a LorakitError's ``field``
         (data) by its flag where it has one, then any other field name the text holds (``with_flags``)."""
         flags = self.flags()
+        negated = {}  # --flag -> --no-flag of each boolean option
+        for action in self._actions:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                yes = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+                no = [o for o in action.option_strings if o.startswith("--no-")]
+                if yes and no:
+                    negated[yes[0]] = no[0]
         field = getattr(error, "field", None)
         if isinstance(error, LorakitError) and field is not None:
             flag = flags.get(field) or flags.get(field.rsplit(".", 1)[-1])
             if flag is None:
-                return with_flags(error.worded(field), flags)
+                return with_flags(error.worded(field), flags, negated)
             # the field's value reads as typed: "{field}='x'" -> "--flag x"
-            return with_flags(error.worded(flag), {**flags, flag: flag})
-        return with_flags(str(error), flags)
+            return with_flags(error.worded(flag), {**flags, flag: flag}, negated)
+        return with_flags(str(error), flags, negated)
 
     def file_in_the_way(self, path, flag: str) -> int | None:
         """Before any work: ``fail`` (status 2) when the output folder ``path`` (given as ``flag``) is an existing
