@@ -53,7 +53,7 @@ def test_shared_validators_name_their_field_as_data(make, field, text, worded, m
     import lorakit.cli_parser
 
     # the flag comes from the field, not from the text: with no pattern matching at all, the same words
-    monkeypatch.setattr(lorakit.cli_parser, "with_flags", lambda message, flags: message)
+    monkeypatch.setattr(lorakit.cli_parser, "with_flags", lambda message, flags, negated=None: message)
     assert parser.message(error) == worded
 
 

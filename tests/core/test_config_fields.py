@@ -113,7 +113,7 @@ def test_train_words_a_methods_own_check_with_the_flag_from_its_field(flags, say
     import lorakit.cli_parser
     from lorakit.cli import main
 
-    monkeypatch.setattr(lorakit.cli_parser, "with_flags", lambda message, flags: message)
+    monkeypatch.setattr(lorakit.cli_parser, "with_flags", lambda message, flags, negated=None: message)
     assert main(["train", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lorakit train: error: {says}") and "Traceback" not in err, err
