@@ -60,6 +60,22 @@ def test_engine_refuses_what_can_never_run(ranked_adapters, sh):
         engine.submit([5, 6], "a1x")
 
 
+def test_engine_generate_refused_at_submission_leaves_nothing_queued(ranked_adapters, sh):
+    """Engine.generate is all or nothing at submission (its docstring): a later prompt refused by submit (an
+    unknown adapter) aborts the ones already queued, so no request runs on without a caller to collect it."""
+    _, dirs = ranked_adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 16), block_size=4)
+    prompts = sh.random_prompts(3)
+    with pytest.raises(AdapterError, match="a1x"):
+        engine.generate(prompts, ["a0", None, "a1x"], SamplingParams(max_tokens=4))
+    engine.step()  # the aborts are taken up at the next step
+    assert not engine.waiting and not engine.running and engine.cache.used_blocks == 0
+    (req,) = engine.generate(prompts[:1], ["a0"], SamplingParams(max_tokens=4))  # the engine serves on
+    assert req.finish_reason in ("stop", "length") and req.error is None
+
+
 def test_engine_sampling_seed_topk_and_abort(ranked_adapters):
     _, dirs = ranked_adapters
     model = tiny_llama()

@@ -215,11 +215,21 @@ class Engine:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  tasks: Sequence[str | None] | None = None, cancel: threading.Event | None = None) -> list[Request]:
         """Submit every prompt (with its adapter and task key) and wait for all (steps here unless the background
-        thread runs). ``cancel``: once set, the requests not finished are aborted (finish_reason "abort")."""
+        thread runs). ``cancel``: once set, the requests not finished are aborted (finish_reason "abort").
+
+        All or nothing at submission: a prompt that ``submit`` refuses (unknown adapter, bad sampling parameters …)
+        aborts the ones already queued before its error propagates, so none of them runs on without a caller."""
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
-        reqs = [self.submit(p, a, sp, task=t) for p, a, sp, t in zip(prompts, adapters, plist, tasks)]
+        reqs: list[Request] = []
+        try:
+            for p, a, sp, t in zip(prompts, adapters, plist, tasks):
+                reqs.append(self.submit(p, a, sp, task=t))
+        except BaseException:
+            for r in reqs:
+                self.abort(r.request_id)
+            raise
         aborted = False
         while not all(r.done.is_set() for r in reqs):
             if cancel is not None and cancel.is_set() and not aborted:
