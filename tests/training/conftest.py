@@ -60,6 +60,28 @@ def make_model(tokenizer: PreTrainedTokenizerFast) -> ModelFactory:
     return build
 
 
+@pytest.fixture(scope="session")
+def trainer_with_checkpoints(tokenizer: PreTrainedTokenizerFast, reverse_train: list[Example]):
+    """``run(model, output_dir, max_steps, save_steps, resume=None)``: transformers.Trainer with LorakitCallback on
+    the reverse task (batch 4, lr 1e-2, seed 0, CPU), a checkpoint every ``save_steps``, resumed from the checkpoint
+    folder ``resume`` when given; returns ``model`` after ``train``."""
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit.data import CausalLMCollator, TokenizedDataset
+    from lorakit.training import LorakitCallback
+
+    def run(model, output_dir, max_steps: int, save_steps: int, resume: str | None = None):
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=save_steps,
+                                 use_cpu=True, seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
+        return model
+
+    return run
+
+
 @dataclass
 class HookedLoraConfig(lorakit.LoraConfig):
     """Plain LoRA under another name, registered with every optional hook (test-only)."""

@@ -182,7 +182,7 @@ def test_trainer_stops_moving_what_a_step_hook_froze(make_model, tokenizer, reve
 
 
 @pytest.mark.parametrize("method", ["lora", "dylora"])
-def test_trainer_resume_from_checkpoint_continues_exactly(method, make_model, tokenizer, reverse_train, tmp_path):
+def test_trainer_resume_from_checkpoint_continues_exactly(method, make_model, trainer_with_checkpoints, tmp_path):
     """Trainer(save_strategy="steps") + resume_from_checkpoint with LorakitCallback: the adapter after 4 steps, resumed
     from checkpoint-2, equals the uninterrupted 4-step run's (Trainer restores optimizer, scheduler, RNG and data
     position; the callback's hooks (DyLoRA's rank draw) run on the restored step count)."""
@@ -192,13 +192,7 @@ def test_trainer_resume_from_checkpoint_continues_exactly(method, make_model, to
         return DyLoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if method == "dylora" else None
 
     def run(output_dir, resume=None):
-        model = make_model(config())
-        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
-                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2,
-                                 use_cpu=True, seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
-                data_collator=CausalLMCollator.from_tokenizer(tokenizer),
-                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
+        model = trainer_with_checkpoints(make_model(config()), output_dir, max_steps=4, save_steps=2, resume=resume)
         return lorakit.adapter_state_dict(model)
 
     straight = run(tmp_path / "a")

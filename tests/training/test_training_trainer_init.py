@@ -199,20 +199,14 @@ def test_an_init_that_fails_inside_trainer_leaves_no_forward_wrapper_behind(make
 
 
 def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_what_is_not_kept(
-        make_model, tokenizer, reverse_train, tmp_path):
+        make_model, trainer_with_checkpoints, tmp_path):
     """CorDA ran (and edited the base) in the run that wrote checkpoint-1; Trainer's resume loads model.safetensors
     (base and adapter) before the callback runs, so the init must not run again: the resumed run ends where the
     straight one does, base included. Its base-edit record is not in the checkpoint, which a warning says."""
     def run(output_dir, resume=None):
         model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                          init_lora_weights="corda"))
-        args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4,
-                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1,
-                                 use_cpu=True, seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
-                data_collator=CausalLMCollator.from_tokenizer(tokenizer),
-                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
-        return model
+        return trainer_with_checkpoints(model, output_dir, max_steps=2, save_steps=1, resume=resume)
 
     straight = run(tmp_path / "a")
     assert inits.base_edits(straight, "default")
