@@ -16,8 +16,9 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   EVA …; ``lorakit.core.inits.init_pending``), after the method's, as lorakit's loop runs them. Trainer built its
   optimizer before: where the init replaced parameters (EVA changing a layer's rank) the optimizer's groups are
   pointed at the new ones (:func:`swap_replaced_parameters`; with a procedure, whose optimizer may hold more than
-  its groups, a ConfigError says to run ``lorakit.init_adapter`` before building it). Under distributed Trainer such an init is refused
-  (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer there. When resuming,
+  its groups, a ConfigError says to run ``lorakit.init_adapter`` before building it). Under distributed Trainer
+  such an init is refused (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer
+  there. When resuming,
   Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
   run again; but the record of the base edits it made is not in that checkpoint, so the callback warns that
   ``restore_base`` / ``save_adapter(..., original_base=True)`` cannot undo them on the resumed model;
