@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lk_models import tiny_llama
-from lorakit.core.errors import AdapterError, AdapterLoadError
+from lorakit.core.errors import AdapterError, AdapterLoadError, UnknownAdapterError
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import bank_routing, load_adapters
 from lorakit.serving.engine import Engine, RequestError
@@ -189,7 +189,7 @@ def test_a_request_queued_before_its_adapter_is_unloaded_reads_as_a_later_one(ra
         engine.submit([4, 5, 6], "a1")
     assert str(later.value).startswith("unknown adapter 'a1'.") and "3 adapter(s) are loaded" in str(later.value)
     assert queued.finish_reason == "error" and queued.error == str(later.value)
-    assert type(queued.exception) is AdapterError
+    assert type(queued.exception) is UnknownAdapterError and type(later.value) is UnknownAdapterError
 
 
 def test_self_moa_proposals_and_sequential_rounds():

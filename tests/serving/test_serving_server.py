@@ -538,3 +538,113 @@ def test_server_client_gone_aborts_all_n_choices(setup):
         time.sleep(0.05)
     assert _aborts(s) == before + 6
     assert engine.num_running == engine.num_waiting == engine.cache.used_blocks == 0
+
+
+def test_refusal_maps_errors_by_type_not_message():
+    """An unknown adapter is a 404 because of its type (UnknownAdapterError, raised by the store, the banks and the
+    core alike), whatever its message says; an AdapterError whose text merely reads like one stays a 400 (was: the
+    404 was chosen by ``str(error).startswith("unknown adapter")``). A state conflict is a 409."""
+    from lorakit.core.errors import AdapterConflictError, AdapterError, UnknownAdapterError
+    from lorakit.serving.server import refusal
+
+    e = refusal(UnknownAdapterError("no such thing as 'zz'"), "zz")
+    assert (e.status, e.kind) == (404, "not_found_error")
+    assert e.message == "The model `zz` does not exist: no such thing as 'zz'; see /v1/models"
+    assert refusal(AdapterError("unknown adapter 'zz' (a message, not a type)")).status == 400
+    assert (refusal(AdapterConflictError("busy")).status, refusal(AdapterConflictError("busy")).kind) == \
+        (409, "conflict_error")
+
+
+def test_every_unknown_adapter_raise_is_typed(tmp_path, sh):
+    """The places that refuse an unknown name (store, banks, core set/delete) raise UnknownAdapterError: a request for
+    it maps to a 404 through any of them."""
+    import lorakit as lk
+    from lorakit.core.errors import UnknownAdapterError
+    from lorakit.serving.multi import REGISTRY_ATTR
+
+    model = bundled()
+    store = AdapterStore(model, [tmp_path])
+    for call in (lambda: store.check("nope"), lambda: store.unregister("nope"),
+                 lambda: getattr(model, REGISTRY_ATTR).route(["nope"]), lambda: lk.set_adapter(model, "nope"),
+                 lambda: lk.delete_adapter(model, "nope")):
+        with pytest.raises(UnknownAdapterError, match="nope"):
+            call()
+
+
+@contextlib.contextmanager
+def engine_held(engine):
+    """The engine thread held in a call until the block ends: loads and unloads queued behind it are in flight."""
+    gate, held = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        gate.wait(30)
+    holder = threading.Thread(target=engine.call, args=(hold,), daemon=True)
+    holder.start()
+    assert held.wait(30)
+    try:
+        yield
+    finally:
+        gate.set()
+        holder.join(30)
+
+
+def _in_flight(store, name, deadline_s=30.0):
+    deadline = time.time() + deadline_s
+    while name not in store._loading:
+        assert time.time() < deadline, f"the load of {name!r} never started"
+        time.sleep(0.01)
+
+
+def _conflict(r, *words):
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["type"] == "conflict_error" and error["code"] == 409 and all(w in error["message"] for w in words)
+
+
+def test_server_load_unload_races_are_409_conflicts(setup):
+    """Load and unload of one name racing each other answer 409 (OpenAI's error shape, type conflict_error), not a
+    400 (the request is fine; the adapter's state is not) and not whichever order the engine thread happens to run
+    them in: a second load while one is in flight, an unload while a load is in flight, a load of a loaded name, and
+    (below) a load or a second unload while the name is being unloaded. The load in flight then succeeds."""
+    s, store = setup, setup["store"]
+    root = s["root"]
+    shutil.copytree(s["spare"] / "late", root / "racer")
+    body = {"lora_name": "racer", "lora_path": str(root / "racer")}
+    with cf.ThreadPoolExecutor(2) as pool:
+        with engine_held(s["engine"]):
+            first = pool.submit(_post, s, "/v1/load_lora_adapter", body)
+            _in_flight(store, "racer")
+            _conflict(_post(s, "/v1/load_lora_adapter", body), "racer", "being loaded")
+            _conflict(_post(s, "/v1/unload_lora_adapter", {"lora_name": "racer"}), "racer", "being loaded")
+        assert first.result().status_code == 200, first.result().text
+    _conflict(_post(s, "/v1/load_lora_adapter", body), "already loaded")
+    assert "racer" in {m.id for m in s["client"].models.list()}
+    assert _post(s, "/v1/unload_lora_adapter", {"lora_name": "racer"}).status_code == 200
+    shutil.rmtree(root / "racer")
+
+
+def test_server_load_while_unloading_is_409_then_loads(setup):
+    """Unloading an adapter that running requests (real openai clients) still use leaves it being unloaded until they
+    finish: a load of that name meanwhile, and a second unload, are 409s (were: a 400 and a second 200); requests
+    already running finish with their adapter; once they have, the name loads again."""
+    s, client, engine = setup, setup["client"], setup["engine"]
+    body = {"lora_name": "ad0", "lora_path": str(s["root"] / "ad0")}
+    with cf.ThreadPoolExecutor(2) as pool, slowed(engine):
+        running = [pool.submit(client.completions.create, model="ad0", prompt=p, max_tokens=20, temperature=0,
+                               extra_body={"ignore_eos": True}) for p in PROMPTS[:2]]
+        deadline = time.time() + 30
+        while engine.num_running < 2:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert _post(s, "/v1/unload_lora_adapter", {"lora_name": "ad0"}).status_code == 200
+        _conflict(_post(s, "/v1/load_lora_adapter", body), "'ad0'", "being unloaded")
+        _conflict(_post(s, "/v1/unload_lora_adapter", {"lora_name": "ad0"}), "'ad0'", "being unloaded")
+        with pytest.raises(openai.NotFoundError):  # a new request for it: the name is gone
+            client.completions.create(model="ad0", prompt="x", max_tokens=2)
+        done = [f.result().choices[0] for f in running]
+    r = _post(s, "/v1/load_lora_adapter", body)
+    assert r.status_code == 200, r.text
+    again = [client.completions.create(model="ad0", prompt=p, max_tokens=20, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0] for p in PROMPTS[:2]]
+    assert [(c.text, c.finish_reason) for c in done] == [(c.text, "length") for c in again]

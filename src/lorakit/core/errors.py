@@ -62,6 +62,17 @@ class AdapterError(LorakitError, ValueError):
     """Misuse of named adapters (unknown name, duplicate name, merged state)."""
 
 
+class UnknownAdapterError(AdapterError):
+    """An adapter name that is not loaded or registered (its message lists near matches). A server answers it with a
+    404 by this type, never by reading the message."""
+
+
+class AdapterConflictError(AdapterError):
+    """An adapter operation that conflicts with the adapter's current state, not with the request itself: loading a
+    name that is loaded, being loaded or being unloaded; unloading one that is being loaded or unloaded. A server
+    answers it with a 409; retrying after the other operation finishes can succeed."""
+
+
 class AdapterLoadError(LorakitError, ValueError):
     """An adapter on disk cannot be loaded; the model is left as it was."""
 

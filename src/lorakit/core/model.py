@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
-from .errors import AdapterError, TargetError, did_you_mean
+from .errors import AdapterError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
@@ -54,7 +54,7 @@ def check_adapter(model: nn.Module, name: str) -> None:
     """Raise AdapterError (with near matches) unless ``model`` has an adapter ``name``."""
     configs = adapter_state(model).configs
     if name not in configs:
-        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
 
 
 def host_path(real_path: str) -> str:
@@ -310,7 +310,8 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     state = adapter_state(model)
     for n in names:
         if n not in state.configs:
-            raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} Loaded: {list(state.configs)}")
+            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} "
+                                      f"Loaded: {list(state.configs)}")
     merged = merged_adapters(model)
     leaving = [n for n in merged if n not in names]
     if leaving:
@@ -389,7 +390,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter get their plain base layer back."""
     state = adapter_state(model)
     if name not in state.configs:
-        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} Loaded: {list(state.configs)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} "
+                                  f"Loaded: {list(state.configs)}")
     for path, layer in list(adapter_layers(model)):
         if name in layer.merged:
             raise AdapterError(f"adapter {name!r} is merged into {path!r}; unmerge_adapter before deleting it")
@@ -495,7 +497,7 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     names = list(state.active) if names is None else names
     for n in names:
         if n not in state.configs:
-            raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
+            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
     for _, layer in adapter_layers(model):  # all or nothing: refuse before any layer changes
         layer.check_merge(names)
     twins = tied_parameters(model)
@@ -600,7 +602,7 @@ def adapter_parameters(model: nn.Module, name: str, *, trainable_only: bool = Fa
     not the adapter is active now: the parameters an optimizer for this adapter should hold.
     """
     if name not in adapter_state(model).configs:
-        raise AdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
     frozen: set[int] = set()
     if trainable_only:
         for _, layer in adapter_layers(model):

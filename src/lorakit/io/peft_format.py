@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetError, UnknownMethodError,
-                           did_you_mean, near_matches)
+from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetError, UnknownAdapterError,
+                           UnknownMethodError, did_you_mean, near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
@@ -34,7 +34,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The adapter's tensors with PEFT's on-disk keys."""
     state = adapter_state(model)
     if name not in state.configs:
-        raise AdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
     out: dict[str, torch.Tensor] = {}
     for real_path, module in model.named_modules():
         path = host_path(real_path)

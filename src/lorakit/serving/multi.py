@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.delta import LayerInfo, describe_layer
-from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, UnknownAdapterError, did_you_mean
 from ..core.layer import BASE_NAME, AdapterLayer
 from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
@@ -78,8 +78,8 @@ class AdapterRegistry:
             return self.ids[name]
         loaded = list(self.ids)
         shown = ", ".join(loaded[:10]) + (f", ... ({len(loaded)} in all)" if len(loaded) > 10 else "")
-        raise AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, loaded)} Banked adapters: {shown or 'none'}"
-                           f" (load them with load_adapters / registry.add_attached).")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, loaded)} Banked adapters: "
+                                  f"{shown or 'none'} (load them with load_adapters / registry.add_attached).")
 
     def route(self, rows: Sequence[RowSpec]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row specs -> (ids (batch,) or (batch, k), weights (batch, k) or None). -1 = no adapter."""
@@ -345,7 +345,7 @@ class AdapterRegistry:
         names = list(state.configs) if names is None else list(names)
         for n in names:
             if n not in state.configs:
-                raise AdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} Attached: {list(state.configs)}")
+                raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} Attached: {list(state.configs)}")
             if n in self.ids and not overwrite:
                 raise AdapterError(f"adapter {n!r} is already banked; pass overwrite=True or remove it first")
             _check_bankable_config(state.configs[n], n)

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from ray import serve
 
-from ..core.errors import AdapterError, AdapterLoadError, LorakitError
+from ..core.errors import LorakitError, UnknownAdapterError
 from .sampling import SamplingParams
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -101,8 +101,8 @@ class LorakitReplica:
         if name is not None:
             await self.get_adapter(name)
         req = (await asyncio.to_thread(self.engine.generate, [prompt], [name], params))[0]
-        if req.error:  # an adapter's load failure as _load_adapter raises it (AdapterLoadError, the recorded reason)
-            raise req.exception if isinstance(req.exception, AdapterLoadError) else LorakitError(req.error)
+        if req.error:  # lorakit's error as the engine met it (its type says what it is: unknown, failed to load ...)
+            raise req.exception if isinstance(req.exception, LorakitError) else LorakitError(req.error)
         return {"text": req.text, "token_ids": list(req.output_ids), "finish_reason": req.finish_reason,
                 "adapter": name, "replica": self.replica_id}
 
@@ -118,7 +118,7 @@ class LorakitReplica:
             return JSONResponse({"error": "malformed JSON body"}, status_code=400)
         try:
             return JSONResponse(await self.generate(body))
-        except AdapterError as e:
+        except UnknownAdapterError as e:  # by type: other AdapterErrors (a bad mix, a conflict) are not a 404
             return JSONResponse({"error": str(e)}, status_code=404)
         except (LorakitError, ValueError, TypeError) as e:
             return JSONResponse({"error": str(e)}, status_code=400)

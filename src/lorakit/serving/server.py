@@ -24,6 +24,10 @@ Endpoints (bodies as OpenAI's / vLLM's):
 - ``GET /v1/models``: the base and every servable adapter (``parent`` = the base), as vLLM lists them; an adapter
   folder that failed to register or load is not listed, and a request naming it gets a 400 saying why.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``; ``POST /v1/unload_lora_adapter`` ``{"lora_name"}``.
+  Unloading an unknown name is a 404. A load or unload that conflicts with the name's state is a 409
+  (``conflict_error``; retrying after the other operation can succeed): loading a name that is loaded, whose load is
+  in flight, or that is being unloaded (running requests still hold it); unloading a name whose load is in flight
+  or that is already being unloaded.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
 Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
@@ -46,7 +50,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError
+from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, ConfigError, LorakitError,
+                           UnknownAdapterError)
 
 try:
     from fastapi import FastAPI
@@ -149,16 +154,19 @@ def _names(spec) -> list[str]:
 def refusal(error: BaseException, model: str | None = None) -> HTTPError:
     """The HTTP error a request gets for ``error``, the same whether it was raised before the request was queued or
     met by the engine (an adapter whose weights fail on this request's first load, one unloaded while the request
-    waited): the request's fault (lorakit's errors that are ValueErrors: a bad adapter, task or request) is a 400,
-    an unknown adapter a 404 (``model``: the request's ``model`` when that names it, OpenAI's wording), anything else
-    a 500. An adapter that failed to register or to load says why and how to serve it again, not that it is
-    unknown."""
+    waited), mapped by the error's type, never its message: an unknown adapter (UnknownAdapterError) is a 404
+    (``model``: the request's ``model`` when that names it, OpenAI's wording); a load or unload that conflicts with
+    the adapter's state (AdapterConflictError: loaded, being loaded or being unloaded) a 409; any other request fault
+    (lorakit's errors that are ValueErrors: a bad adapter, task or request) a 400; anything else a 500. An adapter
+    that failed to register or to load says why and how to serve it again, not that it is unknown."""
     if isinstance(error, AdapterLoadError):
         return HTTPError(400, f"{error}; fix its folder, then load it again with POST /v1/load_lora_adapter")
-    if isinstance(error, AdapterError) and str(error).startswith("unknown adapter"):
+    if isinstance(error, UnknownAdapterError):
         # a weighted mix names its adapters apart from 'model': say which one is unknown, not that 'model' is
         what = f"The model `{model}` does not exist: " if model is not None else ""
         return HTTPError(404, f"{what}{error}; see /v1/models", "not_found_error")
+    if isinstance(error, AdapterConflictError):
+        return HTTPError(409, str(error), "conflict_error")
     if isinstance(error, LorakitError) and isinstance(error, ValueError):
         return HTTPError(400, str(error))
     message = str(error) if isinstance(error, LorakitError) else f"{type(error).__name__}: {error}"
@@ -291,7 +299,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             if engine.store is not None:
                 engine.store.check(spec)
             elif spec is not None:
-                raise AdapterError(f"unknown adapter {spec!r}: this server has no adapters")
+                raise UnknownAdapterError(f"unknown adapter {spec!r}: this server has no adapters")
         except LorakitError as e:  # failed to register or to load: 400 saying why; unknown: 404
             raise refusal(e, _model(spec)) from None
         return spec
@@ -630,7 +638,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             store.register(name, path)
             store.ensure_resident(name)  # reads and checks every tensor now (unregisters it on failure)
         try:
-            await asyncio.to_thread(engine.call, load)
+            with store.loading(name):  # a second load or an unload of this name meanwhile: 409, not a race
+                await asyncio.to_thread(engine.call, load)
+        except AdapterConflictError as e:  # the name's state (loaded, being loaded or unloaded): nothing recorded
+            raise refusal(e) from None
         except LorakitError as e:
             # a name whose failure is recorded (by this load, or an earlier one this load updated) answers with the
             # record, as every request naming it will from now on (was: the raw reason here, the record after)

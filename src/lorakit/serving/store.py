@@ -39,6 +39,7 @@ outside every root, is refused, and so is a weights file that is a symlink leavi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -51,7 +52,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import FIELD, AdapterError, AdapterLoadError, LorakitError, did_you_mean
+from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, LorakitError,
+                           UnknownAdapterError, did_you_mean)
 from ..core.layer import BASE_NAME, AdapterLayer
 from ..io.peft_format import CONFIG_NAME, read_adapter_config, run_adapter, weights_path
 from ..io.files import load_tensors
@@ -228,6 +230,7 @@ class AdapterStore:
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
         self._pins: Counter[str] = Counter()
         self._doomed: set[str] = set()  # unregistered while pinned: evict when released
+        self._loading: set[str] = set()  # names a load is in flight for (:meth:`loading`)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
@@ -252,10 +255,13 @@ class AdapterStore:
     def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
         """Make ``name`` servable from folder ``path``; the config is read and checked now, weights on first use.
 
-        Raises AdapterError / AdapterLoadError / ConfigError naming what is wrong. Success clears a failure recorded
-        for ``name`` (:attr:`failed`); a failure updates one (so requests read the latest reason)."""
+        Raises AdapterError / AdapterLoadError / ConfigError naming what is wrong, AdapterConflictError for a name
+        that is registered or being unregistered (:meth:`unregister` while running requests hold it). Success clears a
+        failure recorded for ``name`` (:attr:`failed`); a failure updates one (so requests read the latest reason)."""
         try:
             folder = self._register(name, path, confined)
+        except AdapterConflictError:  # the name's state, not its folder: nothing to record
+            raise
         except LorakitError as e:
             with self._lock:
                 if name in self.failed and name not in self.paths:
@@ -266,6 +272,23 @@ class AdapterStore:
             self.failed.pop(name, None)
             self.failed_folders.pop(name, None)
         return folder
+
+    @contextlib.contextmanager
+    def loading(self, name: str):
+        """Mark ``name`` as being loaded while the block runs (a server's load, queued for the engine thread, runs
+        register + :meth:`ensure_resident` inside it). A second load of ``name`` meanwhile, or an :meth:`unregister`
+        of it, raises AdapterConflictError instead of racing it: which of the two would win depends on the order the
+        engine thread happens to run them in."""
+        with self._lock:
+            if name in self._loading:
+                raise AdapterConflictError(f"adapter {name!r} is being loaded by another request; retry after that "
+                                           f"load finishes")
+            self._loading.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loading.discard(name)
 
     def _record(self, name: str, reason: str, folder: str | os.PathLike) -> None:
         """Record why ``name`` (from ``folder``) cannot be served (:attr:`failed`, :attr:`failed_folders`)."""
@@ -301,9 +324,10 @@ class AdapterStore:
             confine(wpath, self.roots)  # a symlinked weights file must not leave the roots either
         with self._lock:
             if name in self.paths:
-                raise AdapterError(f"adapter {name!r} is already loaded; unload it first")
+                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
             if name in self._doomed:
-                raise AdapterError(f"adapter {name!r} is being unloaded (running requests still use it); retry shortly")
+                raise AdapterConflictError(f"adapter {name!r} is being unloaded (running requests still use it); "
+                                           f"retry when they finish")
             self.paths[name] = folder
             self.configs[name] = config
             if attached is not None:
@@ -375,8 +399,8 @@ class AdapterStore:
             return list(self.paths)
 
     def check(self, spec: RowSpec) -> None:
-        """Raise AdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError with
-        the recorded reason for one that failed (:attr:`failed`)."""
+        """Raise UnknownAdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError
+        with the recorded reason for one that failed (:attr:`failed`)."""
         for n in names_in(spec):
             if n not in self.paths:
                 if n in self.failed:
@@ -386,11 +410,11 @@ class AdapterStore:
                 raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward and "
                                    f"cannot be part of a weighted mix; request it alone")
 
-    def _unknown(self, name: str) -> AdapterError:
+    def _unknown(self, name: str) -> UnknownAdapterError:
         """The error for a name neither registered nor recorded as failed: the same whether a request is checked
         (:meth:`check`), was queued before its adapter was unregistered (:meth:`ensure_resident`), or unloads it."""
-        return AdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)} {len(self.paths)} adapter(s) "
-                            f"are loaded")
+        return UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)} {len(self.paths)} "
+                                   f"adapter(s) are loaded")
 
     def attached_name(self, spec: RowSpec) -> str | None:
         """The adapter's name when ``spec`` is a single attached (not banked) adapter."""
@@ -562,7 +586,7 @@ class AdapterStore:
             if name not in self.paths:  # already failed (a request queued before the first failure)
                 return AdapterLoadError(self.failed.get(name, _reason(error)))
             folder = self.paths[name]
-            self.unregister(name)
+            self._unregister(name)  # (also while its load is in flight: this is that load failing)
             self._record(name, f"adapter {name!r} failed to load: {_reason(error)}", folder)
             recorded = AdapterLoadError(self.failed[name])
         log.warning("adapter %r (%s) failed to load and was unregistered: %s", name, folder, _reason(error))
@@ -630,7 +654,20 @@ class AdapterStore:
 
     def unregister(self, name: str) -> None:
         """Forget ``name``: new requests for it fail; running ones finish first (then it is evicted). For a name
-        that failed (:attr:`failed`), forgets its failure: requests for it are then refused as unknown."""
+        that failed (:attr:`failed`), forgets its failure: requests for it are then refused as unknown.
+
+        Raises UnknownAdapterError for a name neither registered nor recorded; AdapterConflictError while a load of
+        ``name`` is in flight (:meth:`loading`) or while it is already being unregistered (running requests still
+        hold it)."""
+        with self._lock:
+            if name in self._loading:
+                raise AdapterConflictError(f"adapter {name!r} is being loaded; unload it after that load finishes")
+            if name in self._doomed:
+                raise AdapterConflictError(f"adapter {name!r} is already being unloaded (running requests still use "
+                                           f"it; it is evicted when they finish)")
+        self._unregister(name)
+
+    def _unregister(self, name: str) -> None:
         with self._lock:
             if name not in self.paths and name not in self._resident and self.failed.pop(name, None) is not None:
                 self.failed_folders.pop(name, None)
