@@ -311,3 +311,84 @@ def test_engine_fails_a_request_the_adapter_caps_can_never_hold(ranked_adapters)
     too_big, base = engine.generate([[4, 5], [6, 7]], ["a1", None], SamplingParams(max_tokens=3))
     assert too_big.finish_reason == "error" and "max_resident_bytes" in too_big.error
     assert base.error is None and base.finish_reason in ("stop", "length")
+
+
+def _run_all(engine, reqs):
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return reqs
+
+
+def _separately(model, sh, prompt, spec, params, blocks=64):
+    """The unshared path: each choice submitted as a request of its own (each prefills the prompt)."""
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4, max_batch=8)
+    reqs = _run_all(engine, [engine.submit(prompt, spec, p) for p in params])
+    assert engine.stats["prefill_tokens"] == len(prompt) * len(params) and engine.stats["forked"] == 0
+    return [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("prompt_len", [7, 8])  # the prompt's last 4-token block partly filled (copied) / full
+@pytest.mark.parametrize("spec", ["a2", None, {"a0": 0.6, "a3": 0.4}])
+def test_choices_share_one_prefill_and_equal_separate_requests(ranked_adapters, sh, prompt_len, spec):
+    """n choices of one prompt (OpenAI's n) prefill it once and fork its KV blocks (PagedAttention §4.4), and give the
+    tokens the n requests give each prefilling it alone: greedy (all equal) and seeded sampling (choice i with its
+    own seed), on an adapter, the base and a weighted mix. Prefill tokens computed: the prompt once, not n times."""
+    _, dirs = ranked_adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    prompt = list(range(5, 5 + prompt_len))
+    for params in ([SamplingParams(max_tokens=9, ignore_eos=True)] * 4,
+                   [SamplingParams(max_tokens=9, temperature=1.0, top_k=20, seed=30 + i, ignore_eos=True)
+                    for i in range(4)]):
+        engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=8)
+        shared = _run_all(engine, engine.submit_choices(prompt, spec, params))
+        assert [r.output_ids for r in shared] == _separately(model, sh, prompt, spec, params)
+        assert engine.stats["prefill_tokens"] == prompt_len and engine.stats["forked"] == 3
+        assert all(r.finish_reason == "length" and len(r.output_ids) == 9 for r in shared)
+        assert engine.cache.used_blocks == 0 and not engine.running and not engine.waiting
+    assert len({tuple(r.output_ids) for r in shared}) > 1  # the seeded choices differ from each other
+
+
+def test_choices_that_cannot_fork_prefill_alone_with_the_same_tokens(ranked_adapters, sh):
+    """A choice for which the running batch (max_batch 2) or the free blocks (4 blocks) have no room goes on as a
+    request of its own, prefilling the prompt itself; the tight cache also preempts forked choices (their shared blocks
+    stay with the others). Every choice still gives the tokens of a request submitted alone, and no block leaks."""
+    _, dirs = ranked_adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    prompt = list(range(5, 12))  # 7 tokens: 2 blocks of 4, the last partly filled
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=50 + i, ignore_eos=True) for i in range(4)]
+    want = _separately(model, sh, prompt, "a1", params)
+    for blocks, max_batch in [(64, 2), (4, 8)]:  # 4 blocks: the prompt's 2, room for 2 of the 3 copies
+        engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4, max_batch=max_batch)
+        reqs = _run_all(engine, engine.submit_choices(prompt, "a1", params))
+        assert [r.output_ids for r in reqs] == want, (blocks, max_batch)
+        assert 0 < engine.stats["forked"] < 3 and engine.stats["prefill_tokens"] > len(prompt)
+        assert engine.cache.used_blocks == 0
+    assert engine.stats["preemptions"] > 0
+
+
+def test_aborting_a_choice_before_or_after_the_fork(ranked_adapters, sh):
+    """A choice aborted while it waits for the prompt's prefill is dropped from it; the first choice aborted before
+    its prefill leaves the others to run alone; aborted after the fork, the others keep the shared blocks."""
+    _, dirs = ranked_adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    prompt = list(range(5, 15))
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=70 + i, ignore_eos=True) for i in range(3)]
+    want = _separately(model, sh, prompt, "a0", params)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=8)
+    reqs = engine.submit_choices(prompt, "a0", params)
+    engine.abort(reqs[1].request_id)
+    engine.abort(reqs[0].request_id)
+    _run_all(engine, reqs)
+    assert [r.finish_reason for r in reqs] == ["abort", "abort", "length"] and reqs[2].output_ids == want[2]
+    reqs = engine.submit_choices(prompt, "a0", params)
+    engine.step()  # the prefill and the fork
+    assert engine.stats["forked"] == 2 and all(r.status == "running" for r in reqs)
+    engine.abort(reqs[0].request_id)
+    _run_all(engine, reqs)
+    assert [r.output_ids for r in reqs[1:]] == want[1:]
+    assert engine.cache.used_blocks == 0 and engine.num_waiting == 0
+    with pytest.raises(RequestError, match="one per choice"):
+        engine.submit_choices(prompt, "a0", params, request_ids=["x"])

@@ -17,7 +17,7 @@ import torch
 from lk_models import tiny_llama
 from lorakit.core.errors import LorakitError
 from lorakit.serving.engine import Engine
-from lorakit.serving.kv_cache import PagedKVCache
+from lorakit.serving.kv_cache import CacheFullError, PagedKVCache
 
 
 def _geometry(config):
@@ -73,3 +73,57 @@ def test_metric_and_bench_report_the_allocated_bytes():
     assert float(re.search(r"^lorakit_kv_cache_bytes (\S+)$", text, re.M).group(1)) == allocated
     system = _EngineSystem(tiny_llama(), None, ServeProfile(kv_cache_mb=budget >> 20), _Run())
     assert system.holds() == allocated
+
+
+def _filled_cache(num_blocks=8, block_size=4):
+    cache = PagedKVCache(2, 2, 8, num_blocks=num_blocks, block_size=block_size)
+    g = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    return cache
+
+
+def _block(t, b, bs=4):
+    return t[:, b * bs:(b + 1) * bs].clone()
+
+
+@pytest.mark.parametrize("num_tokens", [9, 12])
+def test_fork_shares_full_blocks_and_copies_the_partial_last_one(num_tokens):
+    """PagedAttention's parallel sampling (arXiv:2309.06180 §4.4; vLLM v0 block_manager_v1 ``fork`` + copy-on-write of
+    the shared last block): the n forked tables hold the same first ``num_tokens`` tokens; full blocks are the same
+    ids, held once more per table; a partly filled last block (9 tokens in 4-token blocks: block 3 holds 1) is a fresh
+    block per table with the same keys and values in every layer. Freed when the last holder releases it."""
+    cache = _filled_cache()
+    parent = cache.allocate(3)
+    before_k, before_v = _block(cache.k, parent[2]), _block(cache.v, parent[2])
+    tables = cache.fork(parent, num_tokens, 3)
+    full = num_tokens // 4
+    assert all(t[:full] == parent[:full] for t in tables)
+    assert [cache.ref_count(b) for b in parent] == [4] * full + [1] * (3 - full)
+    if num_tokens % 4:
+        own = [t[-1] for t in tables]
+        assert len(set(own) | {parent[2]}) == 4 and all(len(t) == 3 for t in tables)
+        for b in own:
+            assert cache.ref_count(b) == 1
+            assert torch.equal(_block(cache.k, b), before_k) and torch.equal(_block(cache.v, b), before_v)
+        assert cache.free_blocks == 8 - 3 - 3
+    else:
+        assert all(len(t) == 3 for t in tables) and cache.free_blocks == 8 - 3
+    for t in tables:
+        cache.release(t)
+    assert [cache.ref_count(b) for b in parent] == [1, 1, 1] and cache.free_blocks == 8 - 3
+    cache.release(parent)
+    assert cache.free_blocks == 8 and cache.used_blocks == 0
+
+
+def test_fork_without_room_changes_nothing_and_double_release_is_refused():
+    cache = _filled_cache(num_blocks=4)
+    parent = cache.allocate(3)
+    with pytest.raises(CacheFullError):
+        cache.fork(parent, 9, 2)  # two copies of the partial block, one block free
+    assert [cache.ref_count(b) for b in parent] == [1, 1, 1] and cache.free_blocks == 1
+    with pytest.raises(LorakitError, match="holds at most 12 tokens"):
+        cache.fork(parent, 13, 1)
+    cache.release(parent)
+    with pytest.raises(LorakitError, match="released more often"):
+        cache.release(parent[:1])

@@ -648,3 +648,21 @@ def test_server_load_while_unloading_is_409_then_loads(setup):
     again = [client.completions.create(model="ad0", prompt=p, max_tokens=20, temperature=0,
                                        extra_body={"ignore_eos": True}).choices[0] for p in PROMPTS[:2]]
     assert [(c.text, c.finish_reason) for c in done] == [(c.text, "length") for c in again]
+
+
+def test_server_n_choices_prefill_the_prompt_once(setup):
+    """An n=4 request (the real openai client) computes its prompt's prefill once, the other choices forking its KV
+    blocks (Engine.submit_choices), and its seeded choices equal 4 separate n=1 requests with seed + i, each of which
+    prefilled the prompt itself."""
+    s, client, engine = setup, setup["client"], setup["engine"]
+    kw = dict(model="ad1", prompt=PROMPTS[2], max_tokens=6, temperature=0.8, extra_body={"ignore_eos": True})
+    prompt_len = len(s["tok"](PROMPTS[2])["input_ids"])
+    before = dict(engine.stats)
+    r = client.completions.create(n=4, seed=21, **kw)
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == prompt_len
+    assert engine.stats["forked"] - before["forked"] == 3
+    before = dict(engine.stats)
+    singles = [client.completions.create(seed=21 + i, **kw).choices[0].text for i in range(4)]
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == 4 * prompt_len
+    assert [c.text for c in r.choices] == singles and r.usage.prompt_tokens == prompt_len
+    assert engine.cache.used_blocks == 0

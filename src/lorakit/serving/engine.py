@@ -23,8 +23,17 @@ private model runner. The paged cache here is small and plugs into the model thr
     engine = Engine(model, tokenizer, store=AdapterStore(model, ["adapters/"]))
     outs = engine.generate(["Hello", "Hi"], adapters=["math", None], params=SamplingParams(max_tokens=8))
 
-Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`abort` and
-:meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any thread.
+Several choices of one prompt (OpenAI's ``n``; :meth:`Engine.submit_choices`) share its prefill, as vLLM's parallel
+sampling does (PagedAttention, arXiv:2309.06180, §4.4): the first choice is admitted with the others attached; its
+prefill forward runs the prompt once, then the others fork its KV blocks (``PagedKVCache.fork``: full blocks shared,
+the partly filled last one copied) and sample their first token from the same last-position logits with their own
+generators, so every choice decodes as if it had prefilled the prompt itself. A choice that cannot fork (the
+running batch or the free blocks have no room for it; an adapter that recomputes the whole sequence every step)
+goes on as a request of its own, first in the queue, and prefills the prompt itself.
+
+Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`submit_choices`,
+:meth:`abort` and :meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any
+thread.
 """
 
 from __future__ import annotations
@@ -95,6 +104,10 @@ class Request:
     key: int | None = None
     recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
     done: threading.Event = field(default_factory=threading.Event)
+    # choices of one prompt (Engine.submit_choices): the first carries the others, which wait for its prefill and
+    # then fork its blocks; ``parent`` is set on each of them until then
+    children: list["Request"] = field(default_factory=list)
+    parent: "Request | None" = None
 
     @property
     def context(self) -> list[int]:
@@ -141,7 +154,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+        # forked: choices that took their prompt's prefill from its first choice (no prefill tokens of their own)
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
+                      "forked": 0}
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, self.cache, max_batch=max_batch,
@@ -157,6 +172,38 @@ class Engine:
         ``task``: the task key of a request on an adapter trained with task keys (``routed_lora``: which expert
         runs), looked up in the adapter's saved task index (``AdapterTaskError`` for an unknown task, listing the
         known ones; also for a routed adapter requested without one)."""
+        req = self._request(prompt, adapter, params, on_event, request_id, task)
+        self._inbox.put(("submit", req))
+        self._wake.set()
+        return req
+
+    def submit_choices(self, prompt: str | Sequence[int], adapter: RowSpec, params: Sequence[SamplingParams],
+                       on_event: Callable[[Event], None] | None = None, request_ids: Sequence[str] | None = None,
+                       task: str | None = None) -> list[Request]:
+        """Queue ``len(params)`` choices of one prompt on one adapter (OpenAI's ``n``; choice i samples with
+        ``params[i]``) that share the prompt's prefill: it runs once, in the first choice's forward, and the others
+        fork its KV blocks (see the module docstring). Each choice's tokens are those of a request submitted on its
+        own with the same parameters. ``request_ids``: one per choice (default: fresh ids).
+
+        All or nothing: raises as :meth:`submit` does (RequestError also for no choices or a wrong number of ids),
+        before any choice is queued."""
+        if not params:
+            raise RequestError("submit_choices needs at least one choice (one SamplingParams per choice)")
+        ids = list(request_ids) if request_ids is not None else [None] * len(params)
+        if len(ids) != len(params):
+            raise RequestError(f"{len(ids)} request ids for {len(params)} choices; give one per choice")
+        first = self._request(prompt, adapter, params[0], on_event, ids[0], task)
+        first.children = [self._request(first.prompt_ids, adapter, p, on_event, rid, task)
+                          for p, rid in zip(params[1:], ids[1:])]
+        for child in first.children:
+            child.parent = first
+        self._inbox.put(("submit", first))
+        self._wake.set()
+        return [first, *first.children]
+
+    def _request(self, prompt, adapter: RowSpec, params: SamplingParams | None, on_event, request_id: str | None,
+                 task: str | None) -> Request:
+        """A checked request, not queued yet (:meth:`submit`'s errors)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -192,10 +239,7 @@ class Engine:
             raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache "
                                f"({self.cache.capacity_tokens} tokens); raise the cache budget or lower max_tokens")
         rid = request_id or f"req-{next(self._ids)}"
-        req = Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator(), task=task, key=key)
-        self._inbox.put(("submit", req))
-        self._wake.set()
-        return req
+        return Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator(), task=task, key=key)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. its client disconnected) and free its KV blocks at the next step."""
@@ -262,7 +306,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Queued requests, choices waiting for their prompt's prefill included."""
+        return len(self.waiting) + sum(len(r.children) for r in list(self.waiting))
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -310,7 +355,8 @@ class Engine:
                 return got
             got = True
             if item[0] == "submit":
-                self.requests[item[1].request_id] = item[1]
+                for r in (item[1], *item[1].children):
+                    self.requests[r.request_id] = r
                 self.waiting.append(item[1])
             elif item[0] == "abort":
                 req = self.requests.get(item[1])
@@ -329,6 +375,13 @@ class Engine:
             req = self.waiting[0]
             n = len(req.context)
             need = self.cache.blocks_for(n)
+            # choices waiting on this prefill: room in the batch for them too, and blocks for their copies of the
+            # partly filled last block when the cache can ever hold that (else those that do not fit go alone)
+            copies = len(req.children) if n % self.cache.block_size else 0
+            if need + copies <= self.cache.num_blocks:
+                need += copies
+            if len(self.running) + min(1 + len(req.children), self.max_batch) > self.max_batch:
+                return
             if need > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
                 return
             if self.store is not None:
@@ -344,7 +397,9 @@ class Engine:
                 req.attached = self.store.attached_name(req.adapter)
                 req.recompute = req.attached is not None and self.store.recomputes(req.attached)
             self.waiting.popleft()
-            req.blocks = self.cache.allocate(need)
+            if req.recompute:  # rewrites its whole context every step: no prefill to share
+                self._release_children(req, 0)
+            req.blocks = self.cache.allocate(self.cache.blocks_for(n))
             req.num_cached = 0
             req.status = "running"
             self.running.append(req)
@@ -421,11 +476,45 @@ class Engine:
                     "the model's output for this request is not finite (nan or inf logits); with a weighted mix, "
                     "use smaller adapter weights"))
                 continue
-            token = sample_token(last[i], r.params, r.generator)
-            r.output_ids.append(token)
-            if r.first_token_at is None:
-                r.first_token_at = now
-            self._after_token(r, token)
+            if r.children:  # the prompt's prefill: its other choices take it from here (before r may finish)
+                self._fork(r, last[i], now)
+            self._take_token(r, sample_token(last[i], r.params, r.generator), now)
+
+    def _take_token(self, r: Request, token: int, now: float) -> None:
+        r.output_ids.append(token)
+        if r.first_token_at is None:
+            r.first_token_at = now
+        self._after_token(r, token)
+
+    def _fork(self, parent: Request, logits: torch.Tensor, now: float) -> None:
+        """``parent`` has just prefilled its prompt: its waiting choices fork its blocks and sample their first token
+        from its last-position ``logits`` (vocab,), each with its own generator. Those the running batch or the free
+        blocks have no room for go on alone (:meth:`_release_children`)."""
+        room = self.max_batch - len(self.running)
+        if parent.num_cached % self.cache.block_size:  # each fork copies the partly filled last block
+            room = min(room, self.cache.free_blocks)
+        forked = parent.children[: max(room, 0)]
+        self._release_children(parent, len(forked))
+        parent.children = []
+        tables = self.cache.fork(parent.blocks, parent.num_cached, len(forked)) if forked else []
+        for child, table in zip(forked, tables):
+            child.parent, child.blocks, child.num_cached, child.status = None, table, parent.num_cached, "running"
+            child.attached, child.recompute = parent.attached, parent.recompute
+            if self.store is not None:
+                self.store.pin(child.adapter)  # resident already: the parent's pin holds it
+            self.running.append(child)
+        self.stats["forked"] += len(forked)
+        for child in forked:
+            self._take_token(child, sample_token(logits, child.params, child.generator), now)
+
+    def _release_children(self, req: Request, keep: int) -> None:
+        """``req``'s waiting choices after the first ``keep`` go on as requests of their own, queued where ``req``
+        stands (at the front when it is not queued): each prefills the prompt itself."""
+        rest, req.children = req.children[keep:], req.children[:keep]
+        at = self.waiting.index(req) if req.status == "waiting" and req in self.waiting else 0
+        for child in reversed(rest):
+            child.parent = None
+            self.waiting.insert(at, child)
 
     def _eager_forward(self, group: list[Request], attached: str | None, starts: list[int], lengths: list[int],
                        q: int) -> torch.Tensor:
@@ -478,7 +567,12 @@ class Engine:
             req.blocks = []
             if self.store is not None:
                 self.store.unpin(req.adapter)
-        elif req.status == "waiting" and req in self.waiting:
+        elif req.status == "waiting" and req.parent is not None:  # a choice still waiting for its prompt's prefill
+            req.parent.children.remove(req)
+            req.parent = None
+        if req.children:  # choices waiting for this request's prefill: they go on alone
+            self._release_children(req, 0)
+        if req.status == "waiting" and req in self.waiting:
             self.waiting.remove(req)
         req.status, req.finish_reason, req.exception = "finished", reason, error
         # lorakit's messages as they are (an adapter's recorded failure reads the same for every request), others

@@ -7,6 +7,14 @@ sequence lives in slot ``table[p // block_size] * block_size + p % block_size``.
 block from the free list and give their blocks back when they finish, so the memory in use never exceeds
 the budget and fragmentation is at most one partly filled block per sequence.
 
+Blocks are reference counted so that sequences can share them (the paper's §4.4 "parallel sampling": the n
+samples of one prompt share the prompt's blocks). :meth:`PagedKVCache.fork` gives a prefilled prompt's table to n
+more sequences: its full blocks are shared (their count goes up; nobody writes into them again), and its partly
+filled last block, the one each sequence appends its next token into, is copied into a fresh block per sequence
+— vLLM's copy-on-write (v0 ``vllm/core/block_manager_v1.py``: ``fork`` shares the table, ``append_slots`` copies a
+shared last block before the first write into it), done at fork time because every child writes there next.
+A block returns to the free list when its last holder releases it.
+
 Storage per cache: ``k`` and ``v`` of shape (layers, blocks * block_size + 1, kv_heads, head_dim): the last token
 slot (``scratch_slot``) belongs to no block; static-shape decode steps (``serving/graphs.py``) write their padding
 rows there, so that every row of a fixed-size batch can be written with one ``index_copy_``.
@@ -63,6 +71,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks  # holders of each block (>1: shared by forked sequences)
 
     @staticmethod
     def geometry(config) -> tuple[int, int, int]:
@@ -113,10 +122,52 @@ class PagedKVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise CacheFullError(f"KV cache has {len(self._free)} free blocks, {n} needed")
-        return [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
 
     def release(self, blocks: Sequence[int]) -> None:
-        self._free.extend(blocks)
+        """Drop one hold on each block; a block nobody holds any more is free again."""
+        for b in blocks:
+            if self._refs[b] < 1:
+                raise LorakitError(f"KV cache block {b} released more often than it was held (a bug in the caller)")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def ref_count(self, block: int) -> int:
+        """How many sequences hold ``block`` (0: free)."""
+        return self._refs[block]
+
+    def fork(self, table: Sequence[int], num_tokens: int, n: int) -> list[list[int]]:
+        """``n`` block tables that hold the first ``num_tokens`` tokens of the sequence whose table is ``table`` (their
+        keys and values written already), for ``n`` sequences that continue it on their own: its full blocks shared
+        (held once more per table), its partly filled last block (when ``num_tokens`` is not a multiple of
+        ``block_size``) copied into a fresh block per table, into which that sequence writes its next tokens.
+
+        Uses ``n`` free blocks when the last block is partial, none otherwise; raises CacheFullError (nothing
+        changed) when fewer are free. Raises LorakitError when ``table`` holds fewer than ``num_tokens`` tokens."""
+        full, partial = divmod(num_tokens, self.block_size)
+        if full + (partial > 0) > len(table):
+            raise LorakitError(f"a table of {len(table)} blocks holds at most {len(table) * self.block_size} tokens, "
+                               f"not {num_tokens}")
+        fresh = self.allocate(n) if partial else []  # raises before any count changes
+        for b in table[:full]:
+            self._refs[b] += n
+        if partial:
+            self.copy_block(table[full], fresh)
+        return [list(table[:full]) + fresh[i: i + 1] for i in range(n)]
+
+    def copy_block(self, src: int, dsts: Sequence[int]) -> None:
+        """Copy block ``src``'s keys and values (every layer) into each of blocks ``dsts``: one gather and one
+        scatter per tensor, whatever the number of copies."""
+        bs = self.block_size
+        offsets = torch.arange(bs, device=self.k.device)
+        dst = (torch.as_tensor(list(dsts), dtype=torch.long, device=self.k.device)[:, None] * bs + offsets).reshape(-1)
+        src_slots = (src * bs + offsets).repeat(len(dsts))  # (copies * bs,)
+        for t in (self.k, self.v):  # (layers, slots, kv_heads, head_dim)
+            t.index_copy_(1, dst, t.index_select(1, src_slots))
 
 
 def block_table(tables: Sequence[Sequence[int]]) -> torch.Tensor:

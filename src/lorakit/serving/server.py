@@ -11,8 +11,9 @@ Endpoints (bodies as OpenAI's / vLLM's):
   ``self_moa: {"n": 4, "window": null}`` on /v1/completions and /v1/chat/completions (Self-MoA: n samples + a
   synthesis pass; the synthesis pass streams with ``stream: true``).
   ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
-  indexed 0..n-1; with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and choice 0 is
-  the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once and sums
+  indexed 0..n-1, sharing the prompt's prefill (computed once, the others fork its KV blocks:
+  ``Engine.submit_choices``); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
+  choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once and sums
   the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
   ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
   one synthesis; its proposals are ``self_moa.n``). Ids: ``chatcmpl-...`` on chat, ``cmpl-...`` on completions.
@@ -356,19 +357,15 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         return n
 
     def submit_all(prompt, spec, params: list[SamplingParams], loop, q, task, rid: str) -> list[Request]:
-        """One engine request per choice (ids ``{rid}-{i}``), all posting their events to ``q``; a refusal aborts
-        the ones already queued."""
+        """One engine request per choice (ids ``{rid}-{i}``), all posting their events to ``q``, sharing the prompt's
+        prefill (``Engine.submit_choices``); a refusal queues none of them."""
         def on_event(ev: Event):
             loop.call_soon_threadsafe(q.put_nowait, ev)
-        reqs: list[Request] = []
         try:
-            for i, p in enumerate(params):
-                reqs.append(engine.submit(prompt, spec, p, on_event=on_event, request_id=f"{rid}-{i}", task=task))
+            return engine.submit_choices(prompt, spec, params, on_event=on_event,
+                                         request_ids=[f"{rid}-{i}" for i in range(len(params))], task=task)
         except LorakitError as e:
-            for r in reqs:
-                engine.abort(r.request_id)
             raise refusal(e, _model(spec)) from None
-        return reqs
 
     async def events(request: HTTPRequest, reqs: list[Request], q: asyncio.Queue, label: str, stream: bool):
         """``(choice index, event)`` of the requests' events as they come, until every one has finished; aborts
@@ -434,7 +431,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         reqs = submit_all(prompt, spec, choice_params(params, n), loop, q, body.get("task"), rid)
-        metrics.prompt_tokens.inc(len(reqs[0].prompt_ids) * n)  # each choice prefills the prompt itself
+        metrics.prompt_tokens.inc(len(reqs[0].prompt_ids))  # the choices share the prompt's prefill
         label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
             "mixture" if isinstance(spec, dict) else model_name)
         created, model = int(time.time()), body.get("model") or model_name
