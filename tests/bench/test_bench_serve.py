@@ -71,3 +71,25 @@ def test_bench_serve_adapters_that_cannot_fit_on_disk_are_refused_before_writing
         write_random_adapters(tiny_llama(), tmp_path / "adapters", 10 ** 12)
     assert not (tmp_path / "adapters").exists()
     assert len(write_random_adapters(tiny_llama(), tmp_path / "adapters", 2)) == 2
+
+
+def test_bench_serve_choices_share_the_prefill_side_by_side_with_unshared():
+    """``choices`` (OpenAI's n) > 1: ``lorakit`` prefills each prompt once (Engine.submit_choices), ``lorakit_unshared``
+    once per choice; both generate the same number of tokens (the same seeded choices), and the ratio is reported.
+    The PEFT systems take one choice per request: asking them for more is a ConfigError naming them."""
+    from lorakit.core.errors import ConfigError
+
+    profile = ServeProfile(models=("bundled",), num_adapters=(2,), req_rate=3.0, duration_s=1.0, input_range=(4, 8),
+                           output_range=(2, 4), max_loras=2, timeout_s=120.0, choices=3,
+                           systems=("lorakit", "lorakit_unshared"))
+    result = run_serve_bench(profile, log=lambda s: None)
+    row, trace = result["rows"][0], generate_requests(2, 1.0, 3.0, 1.0, 1.0, (4, 8), (2, 4), seed=42)
+    shared, unshared = row["systems"]["lorakit"], row["systems"]["lorakit_unshared"]
+    prompts = sum(t.input_len for t in trace)
+    assert shared["prefill_tokens"] == prompts and unshared["prefill_tokens"] == 3 * prompts
+    assert shared["throughput_tok_s"] * shared["makespan_s"] == pytest.approx(
+        unshared["throughput_tok_s"] * unshared["makespan_s"]) == 3 * sum(t.output_len for t in trace)
+    assert set(row["ratios"]) == {"lorakit/lorakit_unshared"}
+    assert "| lorakit_unshared |" in serve_markdown(result)
+    with pytest.raises(ConfigError, match="choices=2 runs the engine systems only.*peft_mixed, peft_swap"):
+        ServeProfile(choices=2)

@@ -178,6 +178,9 @@ def main(argv: Sequence[str]) -> int:
                        choices=["lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs"],
                        help="serve: systems to run (*_graphs: the engine with --cuda-graphs' static decode step)")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="serve: weights")
+    serve.add_argument("--choices", type=int, default=None,
+                       help="serve: choices per request (OpenAI's n); above 1 the systems default to lorakit (one "
+                            "shared prefill per request) and lorakit_unshared (each choice prefills the prompt)")
     args = parser.parse_args(argv)
     for dest, benches in _FLAG_SCOPE.items():  # a flag another bench reads would be ignored here: refuse it
         value = getattr(args, dest)
@@ -263,7 +266,9 @@ def _run(parser: CommandParser, args, argv: Sequence[str]) -> int:
         profile = _override(bench_serve.QUICK if args.quick else bench_serve.FULL, device=args.device,
                             models=args.models, num_adapters=args.num_adapters, req_rate=args.req_rate,
                             duration_s=args.duration, max_batch=args.max_batch, peft_max_n=args.peft_max_n,
-                            systems=args.systems, dtype=args.dtype, seed=args.seeds[0] if args.seeds else None)
+                            systems=args.systems if args.systems or (args.choices or 1) == 1 else
+                            bench_serve.CHOICE_SYSTEMS, dtype=args.dtype, choices=args.choices,
+                            seed=args.seeds[0] if args.seeds else None)
         out.mkdir(parents=True, exist_ok=True)
         result = bench_serve.run_serve_bench(profile, checkpoint=out / "serve.partial.json")
         markdown = bench_serve.serve_markdown(result)

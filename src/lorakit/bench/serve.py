@@ -18,13 +18,19 @@ Systems, side by side on the same model, adapters and trace:
   requests (HF ``generate`` cannot add rows mid-generation), one ``adapter_names`` mixed batch each.
 - ``peft_swap`` (c): S-LoRA's PEFT baseline: each batch takes requests of one adapter (the oldest request's)
   and swaps that adapter's weights in from disk (``peft.utils.hotswap.hotswap_adapter``).
+- ``lorakit_unshared`` (opt-in; the default with ``choices`` > 1): ``lorakit`` with each of a request's ``choices``
+  (OpenAI's ``n``) submitted as a request of its own, so each prefills the prompt itself; ``lorakit`` submits them
+  with ``Engine.submit_choices``, which prefills the prompt once and forks its KV blocks. Choice i of request j
+  samples (temperature 1) with seed ``j * choices + i`` in both, so both generate the same tokens.
 - ``lorakit_graphs`` / ``merged_graphs`` (opt-in, not in the default list): ``lorakit`` / ``merged`` with
   ``Engine(cuda_graphs=True)``: static-shape decode steps, captured in CUDA graphs on a GPU (``serving/graphs.py``;
   on the CPU the static step runs eagerly, so these rows measure only its padding cost there).
 
 Reported per system: throughput (requests/s, output tokens/s), time to first token and latency (mean, p50,
 p90, p99), SLO attainment (first token within ``slo_s``; S-LoRA's metric uses 6 s), adapter and KV memory
-(bytes the system holds for adapters and caches), adapter load time (CPU seconds), and ratios between systems.
+(bytes the system holds for adapters and caches), adapter load time (CPU seconds), prompt tokens the engine
+systems prefilled (``prefill_tokens``: with ``choices`` > 1, shared prefills count once), the run's wall seconds
+(``wall_s``, beside the clock's makespan), and ratios between systems.
 PEFT runs are limited to ``peft_max_n`` adapters: loading thousands of adapters as PEFT modules is itself the
 bottleneck on CPU (recorded as skipped, not estimated).
 """
@@ -87,12 +93,13 @@ class ServeProfile:
     device: str = "cpu"  # "cuda": models, banks and KV cache on the GPU, wall-clock timing (see _Clock)
     dtype: str = "float32"
     kv_cache_mb: int = 64
+    choices: int = 1  # OpenAI's n: choices per request (> 1: engine systems only)
 
     def __post_init__(self) -> None:
         """ConfigError (``field``: the setting) for a profile that cannot run: no adapters, no arrivals, ..."""
         from ..core.errors import FIELD, ConfigError, check_names
 
-        for name in ("num_adapters", "max_batch", "max_loras", "r", "kv_cache_mb"):
+        for name in ("num_adapters", "max_batch", "max_loras", "r", "kv_cache_mb", "choices"):
             values = getattr(self, name)
             for v in values if isinstance(values, tuple) else (values,):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -113,6 +120,11 @@ class ServeProfile:
                 raise ConfigError(f"{FIELD} must be (low, high) with 1 <= low <= high, got {(low, high)}", field=name)
         check_names(self.models, MODELS, "bench serve model")
         check_names(self.systems, SYSTEMS, "bench serve system")
+        peft = [s for s in self.systems if s.startswith("peft")]
+        if self.choices > 1 and peft:
+            raise ConfigError(f"{FIELD}={self.choices} runs the engine systems only (the PEFT servers take one choice "
+                              f"per request); drop {', '.join(peft)} from systems (e.g. lorakit lorakit_unshared)",
+                              field="choices")
         for name in ("models", "num_adapters", "systems"):
             if not getattr(self, name):
                 raise ConfigError(f"bench serve needs at least one model, adapter count and system: {FIELD} is empty",
@@ -121,11 +133,13 @@ class ServeProfile:
 
 MODELS = ("bundled", "random8x512")
 MAX_TRACE = 1_000_000  # requests in one trace at most (S-LoRA's traces are thousands)
-SYSTEMS = ("lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs")
+SYSTEMS = ("lorakit", "merged", "peft_mixed", "peft_swap", "lorakit_graphs", "merged_graphs", "lorakit_unshared")
+CHOICE_SYSTEMS = ("lorakit", "lorakit_unshared")  # the default systems when a request asks for choices > 1
 # (name, numerator, denominator): reported when both systems ran
 RATIOS = tuple((f"{a}/{b}", a, b) for a, b in (
     ("lorakit", "merged"), ("lorakit", "peft_mixed"), ("lorakit", "peft_swap"), ("lorakit_graphs", "merged_graphs"),
-    ("lorakit_graphs", "merged"), ("lorakit_graphs", "lorakit"), ("merged_graphs", "merged")))
+    ("lorakit_graphs", "merged"), ("lorakit_graphs", "lorakit"), ("merged_graphs", "merged"),
+    ("lorakit", "lorakit_unshared")))
 
 QUICK = ServeProfile(models=("bundled",), num_adapters=(4,), req_rate=4.0, duration_s=2.0, output_range=(4, 8),
                      input_range=(8, 24), max_loras=2, peft_max_n=4, timeout_s=120.0)
@@ -171,7 +185,11 @@ def _base(model_name: str, seed: int, device: str = "cpu", dtype: str = "float32
 
 # -- systems: submit(req) / step() -> bool (did work) / holds() -> bytes -----------------------------------------
 class _EngineSystem:
-    def __init__(self, model, dirs: dict[str, Path] | None, profile: ServeProfile, run: _Run, graphs: bool = False):
+    """The engine; a request's ``profile.choices`` choices share the prompt's prefill (``share``) or are separate
+    requests."""
+
+    def __init__(self, model, dirs: dict[str, Path] | None, profile: ServeProfile, run: _Run, graphs: bool = False,
+                 share: bool = True):
         from ..serving.engine import Engine
         from ..serving.store import AdapterStore
 
@@ -192,21 +210,32 @@ class _EngineSystem:
                 self.store.ensure_resident(self.names[0])  # the banks exist from the first load on
             self.engine.graphs.capture_all(profile.input_range[1] + profile.output_range[1])
         self.vocab, self.run = model.config.vocab_size, run
+        self.choices, self.share = profile.choices, share
 
     def submit(self, req: TraceRequest) -> None:
         from ..serving.sampling import SamplingParams
 
-        run, first = self.run, []
+        run, first, left, k = self.run, [], [self.choices], self.choices
 
-        def on_event(ev, req=req):
+        def on_event(ev, req=req):  # the request is done when its last choice is
             if ev.token_ids and not first:
                 first.append(run.clock.now())
             if ev.finished:
-                run.done[req.index] = (first[0] - req.arrival_s, run.clock.now() - req.arrival_s)
-                run.tokens += len(handle.output_ids)
+                left[0] -= 1
+                if left[0] == 0:
+                    run.done[req.index] = (first[0] - req.arrival_s, run.clock.now() - req.arrival_s)
+                    run.tokens += sum(len(h.output_ids) for h in handles)
         name = self.names[req.adapter] if self.store is not None else None
-        handle = self.engine.submit(_prompt(req, self.vocab), name,
-                                    SamplingParams(max_tokens=req.output_len, ignore_eos=True), on_event=on_event)
+        if k == 1:  # greedy, as the other systems
+            params = [SamplingParams(max_tokens=req.output_len, ignore_eos=True)]
+        else:  # the choices differ: sampled, choice i with its own seed (the same in both ways of submitting them)
+            params = [SamplingParams(max_tokens=req.output_len, ignore_eos=True, temperature=1.0,
+                                     seed=req.index * k + i) for i in range(k)]
+        prompt = _prompt(req, self.vocab)
+        if self.share:
+            handles = self.engine.submit_choices(prompt, name, params, on_event=on_event)
+        else:
+            handles = [self.engine.submit(prompt, name, p, on_event=on_event) for p in params]
 
     def step(self) -> bool:
         return self.engine.step()
@@ -337,18 +366,24 @@ def run_serve_bench(profile: ServeProfile = FULL, log=print, checkpoint: Path | 
                         continue
                     run = _Run()
                     model = base(model_name)
-                    if system in ("lorakit", "lorakit_graphs"):
-                        sut = _EngineSystem(model, dirs, profile, run, graphs=system == "lorakit_graphs")
+                    if system in ("lorakit", "lorakit_graphs", "lorakit_unshared"):
+                        sut = _EngineSystem(model, dirs, profile, run, graphs=system == "lorakit_graphs",
+                                            share=system != "lorakit_unshared")
                     elif system in ("merged", "merged_graphs"):
                         sut = _merged(model, dirs, profile, run, graphs=system == "merged_graphs")
                     else:
                         sut = _PeftSystem(model, dirs, profile, run, swap=system == "peft_swap")
+                    started = time.perf_counter()
                     makespan = _replay(sut, trace, run, profile.timeout_s, wall)
                     stats = _summary(run, trace, makespan, profile.slo_s)
-                    stats.update(adapter_load_s=sut.load_s, memory_bytes=sut.holds())
+                    stats.update(adapter_load_s=sut.load_s, memory_bytes=sut.holds(),
+                                 wall_s=time.perf_counter() - started)
+                    if isinstance(sut, _EngineSystem):
+                        stats["prefill_tokens"] = sut.engine.stats["prefill_tokens"]
                     row["systems"][system] = stats
                     log(f"{model_name} n={n} {system}: {stats['throughput_rps']:.2f} req/s, "
-                        f"ttft p50 {stats['ttft_p50_s']:.2f}s, p99 latency {stats['latency_p99_s']:.2f}s")
+                        f"ttft p50 {stats['ttft_p50_s']:.2f}s, p99 latency {stats['latency_p99_s']:.2f}s, "
+                        f"{stats.get('prefill_tokens', '-')} prefill tokens, {stats['wall_s']:.1f} s wall")
                     del sut, model
                     gc.collect()
                 s = row["systems"]
@@ -376,16 +411,17 @@ def _merged(model, dirs, profile, run, graphs: bool = False):
 
 def serve_markdown(result: dict) -> str:
     lines = ["| model | N | system | req/s | tok/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 / p99 (s) | SLO | "
-             "adapter+KV MB | load (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "adapter+KV MB | load (s) | prefill tokens | wall (s) |", "|" + "---|" * 13]
     for row in result["rows"]:
         for name, s in row["systems"].items():
             if "skipped" in s:
-                lines.append(f"| {row['model']} | {row['num_adapters']} | {name} | skipped: {s['skipped']} |||||||")
+                lines.append(f"| {row['model']} | {row['num_adapters']} | {name} | skipped: {s['skipped']} |||||||||")
                 continue
             lines.append(f"| {row['model']} | {row['num_adapters']} | {name} | {s['throughput_rps']:.2f} | "
                          f"{s['throughput_tok_s']:.1f} | {s['ttft_p50_s']:.2f} | {s['ttft_p99_s']:.2f} | "
                          f"{s['latency_p50_s']:.2f} / {s['latency_p99_s']:.2f} | {s['slo_attainment']:.2f} | "
-                         f"{s['memory_bytes'] / 2**20:.1f} | {s['adapter_load_s']:.2f} |")
+                         f"{s['memory_bytes'] / 2**20:.1f} | {s['adapter_load_s']:.2f} | "
+                         f"{s.get('prefill_tokens', '–')} | {s['wall_s']:.1f} |")
     names = [name for name, a, b in RATIOS
              if name in ("lorakit/merged", "lorakit/peft_mixed", "lorakit/peft_swap")
              or any(name in row["ratios"] for row in result["rows"])]
