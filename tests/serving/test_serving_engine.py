@@ -392,3 +392,23 @@ def test_aborting_a_choice_before_or_after_the_fork(ranked_adapters, sh):
     assert engine.cache.used_blocks == 0 and engine.num_waiting == 0
     with pytest.raises(RequestError, match="one per choice"):
         engine.submit_choices(prompt, "a0", params, request_ids=["x"])
+
+
+def test_choices_of_prompts_admitted_together_all_fork(ranked_adapters, sh):
+    """Prompts admitted in one step keep room (rows, blocks for the copies) for the choices that fork after their
+    prefill: with max_batch 8, two 4-choice prompts run together and every choice forks; a third waits for room
+    (was: admission counted only the first choices, so the prompts admitted later took the forks' rows and their
+    choices went alone, prefilling again)."""
+    _, dirs = ranked_adapters
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=8)
+    prompts = [list(range(5, 12)), list(range(20, 30)), list(range(40, 45))]
+    params = [SamplingParams(max_tokens=5, temperature=1.0, seed=90 + i, ignore_eos=True) for i in range(4)]
+    groups = [engine.submit_choices(p, "a2", params) for p in prompts]
+    engine.step()
+    assert engine.num_running == 8 and engine.num_waiting == 4 and engine.stats["forked"] == 6
+    _run_all(engine, [r for g in groups for r in g])
+    assert engine.stats["forked"] == 9 and engine.stats["prefill_tokens"] == sum(map(len, prompts))
+    for p, g in zip(prompts, groups):
+        assert [r.output_ids for r in g] == _separately(model, sh, p, "a2", params)

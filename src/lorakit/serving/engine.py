@@ -371,18 +371,23 @@ class Engine:
 
     def _admit(self) -> None:
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_batch:
+        bs = self.cache.block_size
+        # choices of admitted prompts that fork after this step's prefill hold rows and blocks already: counted here,
+        # so that the prompts admitted after them leave that room (else those choices would go alone)
+        rows = len(self.running) + sum(len(r.children) for r in self.running)
+        held = sum(len(r.children) for r in self.running if len(r.context) % bs)
+        while self.waiting and rows < self.max_batch:
             req = self.waiting[0]
             n = len(req.context)
             need = self.cache.blocks_for(n)
-            # choices waiting on this prefill: room in the batch for them too, and blocks for their copies of the
-            # partly filled last block when the cache can ever hold that (else those that do not fit go alone)
-            copies = len(req.children) if n % self.cache.block_size else 0
+            # its own choices: room in the batch for them too, and blocks for their copies of the partly filled
+            # last block when the cache can ever hold that (else those that do not fit go alone)
+            copies = len(req.children) if n % bs else 0
             if need + copies <= self.cache.num_blocks:
                 need += copies
-            if len(self.running) + min(1 + len(req.children), self.max_batch) > self.max_batch:
+            if rows + min(1 + len(req.children), self.max_batch) > self.max_batch:
                 return
-            if need > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
+            if need + held > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
                 return
             if self.store is not None:
                 try:
@@ -404,6 +409,8 @@ class Engine:
             req.status = "running"
             self.running.append(req)
             budget -= n
+            rows += 1 + len(req.children)
+            held += len(req.children) if n % bs else 0
 
     def _reserve_decode_blocks(self) -> None:
         """Give every running row room for its next token, preempting the newest rows when blocks run out."""
