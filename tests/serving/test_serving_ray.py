@@ -1,6 +1,7 @@
 """Ray Serve scale-out (lorakit.serving.ray_serve): a real local Ray Serve with two replicas; requests for an
-adapter go to the replica that holds it (Ray Serve model multiplexing) and give the same greedy tokens as the
-single-process banks."""
+adapter go to the replica that holds it (Ray Serve model multiplexing) and give the same greedy text as the
+single-process banks; replies, errors and streams are those of ``lorakit serve``'s app (OpenAI's shapes, the real
+``openai`` client against a replica)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def _ask(handle, adapter, prompt="def add(a, b):", n=5):
         {"prompt": prompt, "max_tokens": n, "temperature": 0}).result()
 
 
+def _text(tok, ids):
+    eos = tok.eos_token_id
+    return tok.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
+
+
 @slow
 def test_requests_route_to_the_replica_holding_the_adapter(ray_app):
     from lorakit.hub import load_model_and_tokenizer
@@ -70,36 +76,63 @@ def test_requests_route_to_the_replica_holding_the_adapter(ray_app):
     first[None] = _ask(handle, "")  # an empty multiplexed id: the base model
     for name in names + [None]:
         out = generate(model, ids, [name], max_new_tokens=5, do_sample=False)[0, ids.shape[1]:].tolist()
-        eos = tok.eos_token_id
-        out = out[: out.index(eos)] if eos in out else out
-        assert first[name]["token_ids"] == out and first[name]["adapter"] == name, name
+        reply = first[name]  # lorakit serve's completion object (plus the replica)
+        assert reply["object"] == "text_completion" and reply["id"].startswith("cmpl-"), reply
+        assert reply["choices"][0]["text"] == _text(tok, out) and reply["model"] == (name or "bundled"), name
+        assert reply["usage"]["prompt_tokens"] == ids.shape[1]
 
 
 @slow
-def test_http_errors_are_4xx_and_the_replicas_keep_serving(ray_app):
+def test_replicas_answer_as_lorakit_serve_and_errors_are_its_4xx(ray_app):
+    """The replicas' HTTP replies are lorakit serve's (one code path: its app): the real openai client gets
+    completions, streams and n choices; errors have OpenAI's shape and statuses (unknown: 404, a folder that failed
+    to register or weights that failed to load: 400 with the recorded reason); handle calls raise the same error."""
+    import openai
+
+    from lorakit.serving.server import HTTPError
+
     handle, dirs = ray_app
-    url = "http://127.0.0.1:8000/"
-    r = httpx.post(url, headers={"serve_multiplexed_model_id": "nope"}, json={"prompt": "x"}, timeout=60)
-    assert r.status_code == 404 and r.json()["error"].startswith("unknown adapter 'nope'.")
-    r = httpx.post(url, headers={"serve_multiplexed_model_id": "bad_json"}, json={"prompt": "x"}, timeout=60)
-    assert r.status_code == 400 and "'bad_json' failed to register: " in r.json()["error"]
-    assert "adapter_config.json is not valid JSON" in r.json()["error"]
+    url = "http://127.0.0.1:8000"
+    name = sorted(dirs)[0]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                           default_headers={"serve_multiplexed_model_id": name})
+    r = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=5, temperature=0)
+    assert r.choices[0].text == _ask(handle, name)["choices"][0]["text"] and r.usage.completion_tokens <= 5
+    streamed = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=5, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    two = client.completions.create(model=name, prompt="x", max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    raw = httpx.post(url + "/v1/completions", headers={"serve_multiplexed_model_id": name},
+                     json={"model": name, "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert raw.status_code == 200 and raw.headers["x-lorakit-replica"]
+    assert {"bundled", *dirs} <= {m.id for m in client.models.list()}  # (+ bad_rank until a replica loads it)
+
+    def post(model, **body):
+        return httpx.post(url + "/v1/completions", headers={"serve_multiplexed_model_id": model},
+                          json={"model": model, "prompt": "x", **body}, timeout=60)
+    r = post("nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert "unknown adapter 'nope'." in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="unknown adapter 'nope'"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    r = post("bad_json")
+    assert r.status_code == 400 and "'bad_json' failed to register: " in r.json()["error"]["message"]
+    assert "adapter_config.json is not valid JSON" in r.json()["error"]["message"]
     # weights that fail on first load: the replica that met the failure and later requests say the same
-    said = [httpx.post(url, headers={"serve_multiplexed_model_id": "bad_rank"}, json={"prompt": "x"}, timeout=60)
-            for _ in range(4)]
+    said = [post("bad_rank") for _ in range(4)]
     assert {r.status_code for r in said} == {400}
-    messages = {r.json()["error"] for r in said}
+    messages = {r.json()["error"]["message"] for r in said}
     assert all(m.startswith("adapter 'bad_rank' failed to load: ") and "expect (8, " in m for m in messages), messages
     assert len(messages) == 1, messages
-    r = httpx.post(url, content=b"{not json", timeout=60)
-    assert r.status_code == 400
-    r = httpx.post(url, json={"prompt": "x", "max_tokenz": 3}, timeout=60)
-    assert r.status_code == 400 and "max_tokenz" in r.json()["error"]
-    name = sorted(dirs)[0]
-    r = httpx.post(url, headers={"serve_multiplexed_model_id": name}, json={"prompt": "x", "max_tokens": 2},
-                   timeout=60)
-    assert r.status_code == 200 and r.json()["adapter"] == name and len(r.json()["token_ids"]) <= 2
-    assert torch.tensor(r.json()["token_ids"]).dtype == torch.long
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post(name, max_tokens=0)
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400 and "max_tokens" in r.json()["error"]["message"]
+    with pytest.raises(HTTPError) as e:
+        handle.options(multiplexed_model_id="nope").remote({"prompt": "x"}).result()
+    assert e.value.status == 404 and e.value.kind == "not_found_error" and "unknown adapter 'nope'" in e.value.message
+    assert client.completions.create(model=name, prompt="x", max_tokens=2).choices[0].text is not None
 
 
 def test_a_bad_root_fails_the_deployment_before_any_replica_starts(tmp_path):

@@ -17,32 +17,42 @@ Requires the extra ``lorakit[ray]`` (``ray[serve]``). Usage::
     handle = serve.run(app)
     handle.options(multiplexed_model_id="math").remote({"prompt": "12+30=", "max_tokens": 8}).result()
 
-or over HTTP: ``curl -H 'serve_multiplexed_model_id: math' -d '{"prompt": "12+30="}' localhost:8000/``.
-An empty model id means the base model. The JSON body takes ``prompt`` (text or token ids) and the sampling
-fields of :class:`~lorakit.serving.sampling.SamplingParams` (``max_tokens``, ``temperature``, ``top_p``,
-``top_k``, ``seed``, ``stop``); the reply is ``{"text", "token_ids", "finish_reason", "adapter", "replica"}``.
-Bad requests get ``{"error": ...}`` with a 4xx status over HTTP; the replica keeps serving.
+Each replica answers with the OpenAI-compatible app of ``lorakit serve`` itself
+(:func:`~lorakit.serving.server.create_app` over the replica's engine), so a reply, an error and a stream have one
+shape and one code path whether they come from ``lorakit serve`` or a replica: ``POST /v1/completions``,
+``/v1/chat/completions`` (``stream: true`` streams), ``GET /v1/models``, ``/health``, ``/metrics``. Over HTTP, name
+the adapter in ``model`` as for ``lorakit serve`` and in the ``serve_multiplexed_model_id`` header (what Ray routes by;
+the body's ``model`` is what is served)::
+
+    curl -H 'serve_multiplexed_model_id: math' -d '{"model": "math", "prompt": "12+30="}' \\
+        localhost:8000/v1/completions
+
+The response carries the replica's id in the ``x-lorakit-replica`` header. A handle call sends the body of a
+``/v1/completions`` request (``model`` defaults to the multiplexed id, or the base model when that is empty) and
+returns OpenAI's completion object with one more key, ``"replica"``; an error is raised as the
+:class:`~lorakit.serving.server.HTTPError` the HTTP request would get (its ``status``, ``message``, ``kind``).
 
 Adapter folders are registered when a replica starts, as ``lorakit serve`` does: a folder that fails to register
 (invalid config, unknown method, no weights file) is skipped with a warning in the replica's log and the others
 are served; a request naming it, or an adapter whose weights failed to load, gets a 400 with the reason (an unknown
-name: 404). As with ``lorakit serve``, a name belongs to the first root that has it (a later root's folder of that
-name is skipped, even when the first one is broken). A replica registers folders
-only when it starts: to serve a fixed or new folder, deploy again (``serve.run``). A missing or unreadable root
+name: 404), as from ``lorakit serve``. As with ``lorakit serve``, a name belongs to the first root that has it (a
+later root's folder of that name is skipped, even when the first one is broken). A replica registers folders only
+when it starts: to serve a fixed or new folder, deploy again (``serve.run``). A missing or unreadable root
 fails :func:`deployment` itself, before any replica starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Sequence
 
 from ray import serve
 
-from ..core.errors import LorakitError, UnknownAdapterError
-from .sampling import SamplingParams
+from ..core.errors import LorakitError
+from .server import HTTPError, create_app, served_name
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+REPLICA_HEADER = "x-lorakit-replica"
 
 
 class _Resident:
@@ -67,10 +77,15 @@ class LorakitReplica:
         from .store import AdapterStore
 
         base, tokenizer = load_model_and_tokenizer(model, dtype=getattr(torch, dtype), device=device)
-        store = AdapterStore(base, list(adapter_roots), max_loras=max_loras, max_cpu_loras=max_cpu_loras)
+        self.model_name = served_name(model)
+        store = AdapterStore(base, list(adapter_roots), max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+                             base_name=self.model_name)
         store.register_roots(adapter_roots)  # a folder that fails is skipped (logged); requests for it get a 400
         self.engine = Engine(base, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20,
                              max_batch=max_batch).start()
+        # lorakit serve's app over this engine: every reply is built by the server's code (its lifespan, which
+        # would start the engine, does not run: requests are handed to it one by one below)
+        self.app = create_app(self.engine, model_name=self.model_name)
         context = serve.get_replica_context()
         self.replica_id = getattr(context.replica_id, "unique_id", str(context.replica_id))
 
@@ -86,42 +101,93 @@ class LorakitReplica:
         await asyncio.to_thread(self.engine.call, lambda: store.ensure_resident(name))
         return _Resident(name)
 
+    async def _route(self) -> None:
+        """Tell Ray's multiplex cache that this replica holds the request's adapter (its routing preference). A name
+        that cannot be loaded is left to the app, which answers it as ``lorakit serve`` does (404 unknown, 400 with
+        the recorded reason)."""
+        name = serve.get_multiplexed_model_id()
+        if name and name != self.model_name:
+            try:
+                await self.get_adapter(name)
+            except LorakitError:
+                pass
+
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Serve one request dict (see the module docstring); raises LorakitError / ValueError on bad input."""
+        """A handle call: ``body`` as a ``/v1/completions`` request, answered by the server's app; returns its
+        completion object plus ``"replica"``; raises :class:`~lorakit.serving.server.HTTPError` for an error
+        reply (see the module docstring)."""
         if not isinstance(body, dict):
-            raise ValueError("the request body must be a JSON object")
-        name = serve.get_multiplexed_model_id() or None
-        unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - {"prompt"})
-        if unknown:
-            raise ValueError(f"unknown request fields {unknown}; known: prompt, {', '.join(_SAMPLING_FIELDS)}")
-        prompt = body.get("prompt")
-        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
-            raise ValueError("'prompt' must be a non-empty string or list of token ids")
-        params = SamplingParams(**{k: body[k] for k in _SAMPLING_FIELDS if k in body})
-        if name is not None:
-            await self.get_adapter(name)
-        req = (await asyncio.to_thread(self.engine.generate, [prompt], [name], params))[0]
-        if req.error:  # lorakit's error as the engine met it (its type says what it is: unknown, failed to load ...)
-            raise req.exception if isinstance(req.exception, LorakitError) else LorakitError(req.error)
-        return {"text": req.text, "token_ids": list(req.output_ids), "finish_reason": req.finish_reason,
-                "adapter": name, "replica": self.replica_id}
+            raise HTTPError(400, "the request body must be a JSON object (a /v1/completions request)")
+        if body.get("stream"):
+            raise HTTPError(400, "a handle call returns the whole completion; stream over HTTP instead")
+        await self._route()
+        body = {"model": serve.get_multiplexed_model_id() or self.model_name, **body}
+        status, _, chunks = await _asgi(self.app, _post_scope("/v1/completions"), _body_receiver(json.dumps(body)))
+        reply = json.loads(b"".join([c async for c in chunks]))
+        if status != 200:
+            error = reply["error"]
+            raise HTTPError(status, error["message"], error["type"])
+        return {**reply, "replica": self.replica_id}
 
     async def __call__(self, request) -> Any:
-        """HTTP entry (a Starlette request) or a dict from a deployment handle."""
+        """HTTP entry (a Starlette request, handed to the server's app as it came; streams stream) or a dict from
+        a deployment handle (:meth:`generate`)."""
         if isinstance(request, dict):
             return await self.generate(request)
-        from starlette.responses import JSONResponse
+        from starlette.responses import StreamingResponse
 
+        await self._route()
+        status, headers, chunks = await _asgi(self.app, request.scope, request.receive)
+        return StreamingResponse(chunks, status_code=status, headers={**headers, REPLICA_HEADER: self.replica_id})
+
+
+def _post_scope(path: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+            "headers": [(b"content-type", b"application/json")], "client": None, "server": None}
+
+
+def _body_receiver(text: str):
+    """An ASGI ``receive`` that hands over ``text`` as the request body, then waits (the caller never leaves)."""
+    sent = asyncio.Event()
+
+    async def receive():
+        if not sent.is_set():
+            sent.set()
+            return {"type": "http.request", "body": text.encode(), "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: cancelled by whoever polls for one
+    return receive
+
+
+async def _asgi(app, scope: dict, receive):
+    """Run ASGI ``app`` on one request: (status, headers, body chunks as an async iterator, streaming as the app
+    sends them)."""
+    messages: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(app(scope, receive, messages.put))
+    task.add_done_callback(lambda _: messages.put_nowait(None))  # the app ended (an unanswered failure: a 500)
+    start = await messages.get()
+    if start is None:
+        error = task.exception() if not task.cancelled() else None
+        body = json.dumps({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error",
+                                     "code": 500}}).encode()
+
+        async def failed():
+            yield body
+        return 500, {"content-type": "application/json"}, failed()
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.get("headers", [])}
+    headers.pop("content-length", None)  # the response is re-sent by Ray's proxy, chunk by chunk
+
+    async def chunks():
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "malformed JSON body"}, status_code=400)
-        try:
-            return JSONResponse(await self.generate(body))
-        except UnknownAdapterError as e:  # by type: other AdapterErrors (a bad mix, a conflict) are not a 404
-            return JSONResponse({"error": str(e)}, status_code=404)
-        except (LorakitError, ValueError, TypeError) as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+            while (message := await messages.get()) is not None:
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body"):
+                    break
+        finally:
+            if not task.done():  # the client went away: the app's own cleanup (aborting the request) runs
+                task.cancel()
+    return start["status"], headers, chunks()
 
 
 def deployment(model: str | None = None, adapter_roots: Sequence[str] = (), *, num_replicas: int = 2,

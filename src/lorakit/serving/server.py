@@ -690,6 +690,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def served_name(model_path: str | None) -> str:
+    """The name a server answers for the base model of ``model_path`` (``model`` in requests, ``/v1/models``):
+    "bundled" for the bundled model, else the path's last component (a Hub id's model name)."""
+    return "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
+
+
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
@@ -715,7 +721,7 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
     model, tokenizer = load_model_and_tokenizer(model_path, device=device)
-    name = "bundled" if model_path in (None, "", "bundled") else str(model_path).rstrip("/").rsplit("/", 1)[-1]
+    name = served_name(model_path)
     store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank,
                          base_name=name)
     store.register_roots(adapters or [])
