@@ -193,8 +193,9 @@ def test_a_request_queued_before_its_adapter_is_unloaded_reads_as_a_later_one(ra
 
 
 def test_self_moa_proposals_and_sequential_rounds():
-    """Self-MoA (arXiv:2502.00674): n seeded samples of the same adapter, then a synthesis pass over them; the
-    sequential variant carries the synthesized answer through windows of w-1 new samples."""
+    """Self-MoA (arXiv:2502.00674): n seeded samples of the same adapter (one shared prefill), then a synthesis pass
+    over them, equal to n=1 requests with seed + i; the sequential variant carries the synthesized answer through
+    windows of w-1 new samples."""
     from lorakit.hub import load_model_and_tokenizer
     from lorakit.serving.self_moa import SelfMoAConfig, aggregation_prompt, self_moa, windows
 
@@ -203,6 +204,7 @@ def test_self_moa_proposals_and_sequential_rounds():
     engine = Engine(model, tok, kv_cache_bytes=8 << 20)
     params = SamplingParams(max_tokens=6, seed=11)
     answer, proposals = self_moa(engine, "The cat", None, params, SelfMoAConfig(n=3, temperature=1.0))
+    assert engine.stats["forked"] == 2  # the 3 proposals, choices of one prompt, shared its prefill
     again = [engine.generate(["The cat"], [None], SamplingParams(max_tokens=6, temperature=1.0, seed=11 + i))[0].text
              for i in range(3)]
     assert proposals == again and len(set(proposals)) > 1

@@ -274,6 +274,16 @@ class Engine:
             for r in reqs:
                 self.abort(r.request_id)
             raise
+        return self._wait(reqs, cancel)
+
+    def generate_choices(self, prompt: str | Sequence[int], adapter: RowSpec, params: Sequence[SamplingParams],
+                         task: str | None = None, cancel: threading.Event | None = None) -> list[Request]:
+        """:meth:`submit_choices` (one shared prefill for ``len(params)`` choices of ``prompt``), then wait for all
+        as :meth:`generate` does."""
+        return self._wait(self.submit_choices(prompt, adapter, params, task=task), cancel)
+
+    def _wait(self, reqs: list[Request], cancel: threading.Event | None) -> list[Request]:
+        """Until every request is done (stepping here unless the background thread runs); ``cancel`` aborts them."""
         aborted = False
         while not all(r.done.is_set() for r in reqs):
             if cancel is not None and cancel.is_set() and not aborted:

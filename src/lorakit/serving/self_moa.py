@@ -95,7 +95,8 @@ def synthesis_prompt(engine: Engine, prompt: str | list[int], adapter: RowSpec, 
         aggregate = lambda shown: aggregation_prompt(prompt, shown)  # noqa: E731
     base_seed = params.seed if params.seed is not None else 0
     sample = [replace(params, temperature=config.temperature, seed=base_seed + i) for i in range(config.n)]
-    proposals = _texts(engine.generate([prompt] * config.n, [adapter] * config.n, sample, cancel=cancel), cancel)
+    # the n proposals are n choices of one prompt: one shared prefill (Engine.generate_choices)
+    proposals = _texts(engine.generate_choices(prompt, adapter, sample, cancel=cancel), cancel)
     rounds = windows(config.n, config.window)
     answer = None
     for start, end in rounds[:-1]:  # Self-MoA-Seq: the synthesized answer is carried into the next round
