@@ -107,6 +107,8 @@ def test_replicas_answer_as_lorakit_serve_and_errors_are_its_4xx(ray_app):
                      json={"model": name, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert raw.status_code == 200 and raw.headers["x-lorakit-replica"]
     assert {"bundled", *dirs} <= {m.id for m in client.models.list()}  # (+ bad_rank until a replica loads it)
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": "n"}, timeout=60)
+    assert r.status_code == 400 and "deploy again" in r.json()["error"]["message"]  # one replica would, not all
 
     def post(model, **body):
         return httpx.post(url + "/v1/completions", headers={"serve_multiplexed_model_id": model},

@@ -20,9 +20,10 @@ Requires the extra ``lorakit[ray]`` (``ray[serve]``). Usage::
 Each replica answers with the OpenAI-compatible app of ``lorakit serve`` itself
 (:func:`~lorakit.serving.server.create_app` over the replica's engine), so a reply, an error and a stream have one
 shape and one code path whether they come from ``lorakit serve`` or a replica: ``POST /v1/completions``,
-``/v1/chat/completions`` (``stream: true`` streams), ``GET /v1/models``, ``/health``, ``/metrics``. Over HTTP, name
-the adapter in ``model`` as for ``lorakit serve`` and in the ``serve_multiplexed_model_id`` header (what Ray routes by;
-the body's ``model`` is what is served)::
+``/v1/chat/completions`` (``stream: true`` streams), ``GET /v1/models``, ``/health``, ``/metrics`` (not
+``/v1/load_lora_adapter`` / ``unload``: a 400, as one replica would load the adapter and the others not). Over HTTP,
+name the adapter in ``model`` as for ``lorakit serve`` and in the ``serve_multiplexed_model_id`` header (what Ray
+routes by; the body's ``model`` is what is served)::
 
     curl -H 'serve_multiplexed_model_id: math' -d '{"model": "math", "prompt": "12+30="}' \\
         localhost:8000/v1/completions
@@ -50,9 +51,10 @@ from typing import Any, Sequence
 from ray import serve
 
 from ..core.errors import LorakitError
-from .server import HTTPError, create_app, served_name
+from .server import HTTPError, create_app, error_response, served_name
 
 REPLICA_HEADER = "x-lorakit-replica"
+RUNTIME_LOADS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 class _Resident:
@@ -136,6 +138,11 @@ class LorakitReplica:
             return await self.generate(request)
         from starlette.responses import StreamingResponse
 
+        if request.url.path.rstrip("/").endswith(RUNTIME_LOADS):
+            # one replica would load it and the others not (Ray routes each request to any of them)
+            return error_response(400, f"{request.url.path} is not served by Ray Serve replicas: they register the "
+                                       f"adapter folders under their roots when they start; to serve a new or fixed "
+                                       f"folder, deploy again (serve.run)")
         await self._route()
         status, headers, chunks = await _asgi(self.app, request.scope, request.receive)
         return StreamingResponse(chunks, status_code=status, headers={**headers, REPLICA_HEADER: self.replica_id})

@@ -13,8 +13,8 @@ Endpoints (bodies as OpenAI's / vLLM's):
   ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
   indexed 0..n-1, sharing the prompt's prefill (computed once, the others fork its KV blocks:
   ``Engine.submit_choices``); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
-  choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once and sums
-  the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
+  choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once
+  and sums the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
   ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
   one synthesis; its proposals are ``self_moa.n``). Ids: ``chatcmpl-...`` on chat, ``cmpl-...`` on completions.
   A null field means its default (``temperature: null`` = 1, ``n: null`` = 1). Fields OpenAI defines that this
@@ -192,7 +192,8 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error"):
+def error_response(status: int, message: str, kind: str = "invalid_request_error"):
+    """OpenAI's error body ``{"error": {"message", "type", "code"}}`` with that HTTP status (every error reply)."""
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
@@ -219,12 +220,12 @@ class _Guard:
             sent = headers.get("authorization", "").encode("latin-1")  # Starlette decodes header bytes as latin-1
             if self._expected is not None and scope["path"].startswith("/v1/") and \
                     not hmac.compare_digest(sent, self._expected):
-                refused = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                 "authentication_error")
+                refused = error_response(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                         "authentication_error")
             size = headers.get("content-length")
             if refused is None and size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-                refused = _error(413, f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} "
-                                      f"bytes")
+                refused = error_response(413, f"request body of {size} bytes exceeds the limit of "
+                                              f"{self.max_body_bytes} bytes")
             if refused is not None:
                 return await refused(scope, receive, send)
         await self.app(scope, receive, send)
@@ -252,16 +253,16 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, exc: HTTPError):
-        return _error(exc.status, exc.message, exc.kind)
+        return error_response(exc.status, exc.message, exc.kind)
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing_error(request, exc: StarletteHTTPException):  # unknown path, wrong method: OpenAI's shape too
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
-                      else "invalid_request_error")
+        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
+                              else "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):  # a server fault still answers in OpenAI's error shape
-        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
