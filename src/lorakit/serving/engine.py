@@ -380,6 +380,8 @@ class Engine:
                     fut.set_exception(e)
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         budget = self.max_prefill_tokens
         bs = self.cache.block_size
         # choices of admitted prompts that fork after this step's prefill hold rows and blocks already: counted here,
