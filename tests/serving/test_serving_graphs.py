@@ -240,3 +240,18 @@ def test_cuda_graphs_need_a_cuda_device(sh):
     cache = PagedKVCache.from_budget(model.config, sh.kv_budget(model, 8), block_size=4)
     with pytest.raises(LorakitError, match="CUDA device"):
         DecodeGraphs(model, cache, max_batch=4, max_context=32, capture=True)
+
+
+def test_forked_choices_decode_on_the_static_step_as_separate_requests(ranked_adapters, sh):
+    """n choices of one prompt (Engine.submit_choices: one prefill, the others fork its KV blocks, full ones shared)
+    decode on the static step with the tokens of n separate requests on the eager engine."""
+    _, dirs = ranked_adapters
+    prompt = list(range(5, 14))  # 9 tokens: two full 4-token blocks shared, the third copied per choice
+    params = [SamplingParams(max_tokens=7, temperature=1.0, seed=3 + i, ignore_eos=True) for i in range(3)]
+    _, want = _run(sh, dirs, False, 64, 8, [prompt] * 3, ["a1"] * 3, params)
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=8, cuda_graphs=True)
+    reqs = engine.generate_choices(prompt, "a1", params)
+    assert [r.output_ids for r in reqs] == want and engine.stats["forked"] == 2
+    assert engine.stats["prefill_tokens"] == len(prompt) and engine.cache.used_blocks == 0
