@@ -30,7 +30,6 @@ from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
-HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
 
 
@@ -547,10 +546,12 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         if len(train_examples) < 2:
             raise LorakitError(f"{args.data} has {len(train_examples)} example; give at least 2 (one is held out for "
                                "evaluation) or pass --eval-data")
-        cut = max(1, len(train_examples) // HOLDOUT_FRACTION)
-        print(f"hold-out: the last {cut} of {len(train_examples)} examples of {args.data} are kept for evaluation "
+        from .data import hold_out
+
+        total = len(train_examples)
+        train_examples, eval_examples = hold_out(train_examples)
+        print(f"hold-out: the last {len(eval_examples)} of {total} examples of {args.data} are kept for evaluation "
               f"and not trained on (pass --eval-data FILE to evaluate on another file)")
-        train_examples, eval_examples = train_examples[:-cut], train_examples[-cut:]
     else:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -1221,6 +1222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
+    from .core.targeting import targets_from_text
     from .federated import FederatedConfig
 
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
@@ -1236,9 +1238,10 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     config = FederatedConfig(
         strategy=args.strategy, clients=args.clients, rounds=args.rounds, fraction=args.fraction,
-        min_clients=args.min_clients, model=args.model, data=args.data, train_examples=args.train_examples,
+        min_clients=args.min_clients, model=args.model, data=args.data, eval_data=args.eval_data,
+        train_examples=args.train_examples,
         eval_examples=args.eval_examples, partition=args.partition, skew_alpha=args.skew_alpha,
-        target_modules=split(args.target_modules, str, "--target-modules"), r=args.r,
+        target_modules=targets_from_text(args.target_modules, "--target-modules"), r=args.r,
         client_ranks=split(args.client_ranks, int, "--client-ranks"),
         lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
@@ -1348,6 +1351,7 @@ def _procedure_dests(procedure_name: str, method_name: str) -> dict[str, str]:
 
 def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None:
     from . import get_method, list_methods
+    from .data import HOLDOUT_FRACTION
 
     t = sub.add_parser("train", help="train an adapter on built-in task(s) or a JSONL file", formatter_class=_Formatter,
                        description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
@@ -1543,13 +1547,18 @@ def _add_federate(sub) -> None:
     f.add_argument("--rounds", type=int, default=3, help="server rounds")
     f.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
     f.add_argument("--min-clients", type=int, default=1, help="sample at least this many clients per round")
-    f.add_argument("--data", default="reverse,sort,upper,add", help="built-in tasks, comma-separated")
+    f.add_argument("--data", default="reverse,sort,upper,add",
+                   help="built-in tasks, comma-separated, or a JSONL file (without --eval-data its last 1/10 is held "
+                        "out for the server's evaluation)")
+    f.add_argument("--eval-data", default=None,
+                   help="the server's evaluation task(s) or JSONL file (default: the tasks' test split, or the "
+                        "hold-out of --data)")
     f.add_argument("--train-examples", type=int, default=64, help="training examples per task (split over clients)")
     f.add_argument("--eval-examples", type=int, default=32, help="held-out examples per task (server evaluation)")
     f.add_argument("--partition", default="task", choices=["iid", "task", "skew"],
                    help="non-IID split: whole tasks per client, or Dirichlet task skew")
     f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")
-    f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules, comma-separated")
+    f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules: comma-separated names, one regex, or all-linear")
     f.add_argument("--r", type=int, default=4, help="LoRA rank of every client")
     f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora stacks them, fedit zero-pads)")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, scaling 2)")

@@ -26,13 +26,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from ..core.errors import comma_items
+from ..core.targeting import targets_from_text
 from ..data import stable_seed
 from ..io.files import atomic_write_json
 from .base import FederatedConfig, pack, unpack
 from .client import client_round
 from .server import ServerCore
 
-LIST_KEYS = {"target_modules": str, "client_ranks": int, "stragglers": int}
+LIST_KEYS = {"client_ranks": int, "stragglers": int}
 
 
 def blob_record(blob: bytes, key: str) -> ArrayRecord:
@@ -48,6 +49,10 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
             continue
         if name in LIST_KEYS and isinstance(value, str):
             value = [LIST_KEYS[name](v) for v in comma_items(value, key, "values")]
+        elif name in LIST_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [LIST_KEYS[name](value)]  # one TOML number: `client-ranks = 8`, `stragglers = 1`
+        elif name == "target_modules" and isinstance(value, str):  # 'all-linear' and a regex stay whole
+            value = targets_from_text(value, key)
         values[name] = value
     if values.get("model") in ("", "bundled"):
         values["model"] = None

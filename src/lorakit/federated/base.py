@@ -40,8 +40,12 @@ class FederatedConfig:
     - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous: FLoRA stacks, FedIT
       zero-pads; the server's global adapter has the largest rank).
       ``lora_alpha``: None means ``2·r`` per client (scaling 2, as FLoRA's official ``main.py``).
-    - ``data``: built-in task(s), comma-separated; ``partition``: ``iid``, ``task`` (each client gets whole
-      tasks) or ``skew`` (Dirichlet(``skew_alpha``) task proportions per client, Hsu et al. 2019).
+    - ``data``: built-in task(s), comma-separated, or a JSONL file (its first ``train_examples`` lines);
+      ``partition``: ``iid``, ``task`` (each client gets whole tasks) or ``skew`` (Dirichlet(``skew_alpha``) task
+      proportions per client, Hsu et al. 2019).
+    - ``eval_data``: the server's held-out examples (task(s) or a JSONL file; ``eval_examples`` per task / first
+      lines). None: the tasks' test split, or for a ``data`` file its last 1/10 (``lorakit.data.hold_out``),
+      which then no client trains on, as ``lorakit train`` does.
     - ``dp_noise_multiplier`` > 0 turns on DP-SGD (Opacus) on clients with per-example clipping to
       ``dp_max_grad_norm``; ε is reported at ``dp_delta``.
     - ``stragglers``: client ids that sleep ``straggler_delay_s`` before replying; the server waits at most
@@ -60,6 +64,7 @@ class FederatedConfig:
     min_clients: int = 1
     model: str | None = None
     data: str = "reverse,sort,upper,add"
+    eval_data: str | None = None
     train_examples: int = 64
     eval_examples: int = 32
     partition: str = "task"

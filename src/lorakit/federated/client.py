@@ -23,7 +23,8 @@ from torch import nn
 from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.model import add_adapter
 from ..core.registry import get_method
-from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, load_examples, stable_seed
+from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, hold_out, load_examples,
+                    looks_like_path, stable_seed)
 from ..training.objectives import batch_routing
 from .base import FederatedConfig, LoraStrategy, State, get_strategy, read_factors, scalings
 from .partition import partition
@@ -56,13 +57,24 @@ def attach(model: nn.Module, config: FederatedConfig, strategy: LoraStrategy, ra
     add_adapter(model, cls(r=rank, lora_alpha=alpha, target_modules=config.target_modules))
 
 
+def _holds_out(config: FederatedConfig) -> bool:
+    """A ``data`` file without ``eval_data``: its last tenth is the server's evaluation set (a file has no splits)."""
+    return config.evaluate and config.eval_data is None and looks_like_path(config.data)
+
+
 def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
     examples = load_examples(config.data, "train", n=config.train_examples, seed=config.seed, tokenizer=tokenizer)
+    if _holds_out(config):
+        examples = hold_out(examples)[0]
     return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)[client]
 
 
 def eval_examples(config: FederatedConfig, tokenizer: Any = None) -> list[Example]:
-    return load_examples(config.data, "test", n=config.eval_examples, seed=config.seed, tokenizer=tokenizer)
+    if _holds_out(config):
+        held = hold_out(load_examples(config.data, "train", n=config.train_examples, tokenizer=tokenizer))[1]
+        return held[: config.eval_examples]
+    return load_examples(config.eval_data or config.data, "test", n=config.eval_examples, seed=config.seed,
+                         tokenizer=tokenizer)
 
 
 def client_round(config: FederatedConfig, client: int, server_round: int, received: State,
