@@ -1250,7 +1250,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from .federated.simulate import federate
     from .io.files import atomic_write_json
 
-    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet)
+    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out)
     atomic_write_json(out / "federated.json", result)
     for r in result["rounds"]:
         ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})
@@ -1262,6 +1262,8 @@ def cmd_federate(args: argparse.Namespace) -> int:
               + (f" | eval loss {ev['eval_loss']:.4f}, exact match {ev['exact_match']:.3f}" if ev else "")
               + (f" | ε {r['epsilon']:.2f}" if "epsilon" in r else ""))
     print(f"results: {out / 'federated.json'}")
+    if result.get("adapter"):
+        print(f"global adapter (PEFT LoRA): {result['adapter']} (lorakit eval --adapter {result['adapter']} ...)")
     return 0
 
 
@@ -1574,7 +1576,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
-    f.add_argument("--output", default="runs/federated", help="folder for federated.json")
+    f.add_argument("--output", default="runs/federated", help="folder for federated.json and the global adapter/")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")
     f.set_defaults(func=cmd_federate)

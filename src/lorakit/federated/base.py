@@ -260,10 +260,16 @@ class LoraStrategy:
         k's LoRA scaling α_k/r_k."""
         raise NotImplementedError
 
+    def global_lora(self, state: State, scaling: float) -> tuple[State, float]:
+        """The global model as one LoRA: ``({"<path>.lora_A": (R, in), "<path>.lora_B": (out, R)}, its scaling)``,
+        ``ΔW = scaling · B A`` (default: the global factors themselves at the server adapter's ``scaling``)."""
+        return state, scaling
+
     def global_delta(self, state: State, scaling: float) -> dict[str, torch.Tensor]:
         """``{module path: ΔW (out, in)}`` the global model adds to the base weights (for evaluation)."""
-        return {k[: -len(".lora_A")]: scaling * state[k[: -len(".lora_A")] + ".lora_B"] @ state[k]
-                for k in state if k.endswith(".lora_A")}
+        factors, s = self.global_lora(state, scaling)
+        return {k[: -len(".lora_A")]: s * factors[k[: -len(".lora_A")] + ".lora_B"] @ factors[k]
+                for k in factors if k.endswith(".lora_A")}
 
     # client half
     def client_start(self, model: nn.Module, received: State) -> None:
