@@ -1246,7 +1246,8 @@ def cmd_federate(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
         dp_delta=args.dp_delta, stragglers=split(args.stragglers, int, "--stragglers") or [], straggler_delay_s=args.straggler_delay,
-        round_timeout_s=args.round_timeout, device=args.device)
+        round_timeout_s=args.round_timeout, device=args.device, max_length=args.max_length,
+        fair_lambda=args.fair_lambda, fair_lr=args.fair_lr, fair_steps=args.fair_steps, evaluate=not args.no_evaluate)
     from .federated.simulate import federate
     from .io.files import atomic_write_json
 
@@ -1538,7 +1539,7 @@ def _add_serve(sub) -> None:
 
 
 def _add_federate(sub) -> None:
-    from .federated import list_strategies
+    from .federated import FederatedConfig, list_strategies
 
     f = sub.add_parser("federate", help="federated LoRA on Flower's simulation engine (FedIT, FFA, FLoRA, LoRA-FAIR)",
                        formatter_class=_Formatter, description="Federated LoRA fine-tuning: N clients, R rounds, one "
@@ -1567,6 +1568,11 @@ def _add_federate(sub) -> None:
     f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
     f.add_argument("--lr", type=float, default=3e-3, help="client learning rate (AdamW)")
+    f.add_argument("--max-length", type=int, default=FederatedConfig.max_length, help="tokens per training example")
+    f.add_argument("--fair-lambda", type=float, default=FederatedConfig.fair_lambda, help="lora_fair: weight λ of the server's ‖ΔB‖² penalty")
+    f.add_argument("--fair-lr", type=float, default=FederatedConfig.fair_lr, help="lora_fair: the server's SGD learning rate for ΔB")
+    f.add_argument("--fair-steps", type=int, default=FederatedConfig.fair_steps, help="lora_fair: the server's SGD steps for ΔB at most")
+    f.add_argument("--no-evaluate", action="store_true", help="skip the server's evaluation of the global model")
     f.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD noise multiplier (0: no DP)")
     f.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
     f.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")

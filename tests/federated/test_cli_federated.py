@@ -161,3 +161,17 @@ def test_federate_all_linear_adapts_every_linear_layer(tiny_config):
     core = ServerCore(tiny_config("fedit", target_modules="all-linear"))
     assert {p.rsplit(".", 1)[-1] for p in core.shapes} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"}
+
+
+def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
+    """Was: FederatedConfig's max_length, LoRA-FAIR's λ / lr / steps and evaluate had no flag, so `lorakit federate`
+    could not set the λ the docs name (the Flower run config could)."""
+    import lorakit.federated.simulate
+
+    seen = []
+    monkeypatch.setattr(lorakit.federated.simulate, "federate",
+                        lambda config, **k: seen.append(config) or {"rounds": [], "evaluation": []})
+    assert main(["federate", "--strategy", "lora_fair", "--max-length", "32", "--fair-lambda", "0.5", "--fair-lr",
+                 "0.1", "--fair-steps", "7", "--no-evaluate", "--output", str(tmp_path / "o")]) == 0
+    c = seen[0]
+    assert (c.max_length, c.fair_lambda, c.fair_lr, c.fair_steps, c.evaluate) == (32, 0.5, 0.1, 7, False)
