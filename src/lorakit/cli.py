@@ -1248,8 +1248,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
         dp_delta=args.dp_delta, stragglers=split(args.stragglers, int, "--stragglers") or [], straggler_delay_s=args.straggler_delay,
         round_timeout_s=args.round_timeout, device=args.device, max_length=args.max_length,
         fair_lambda=args.fair_lambda, fair_lr=args.fair_lr, fair_steps=args.fair_steps, evaluate=not args.no_evaluate)
+    from .federated.client import check_model
     from .federated.simulate import federate
     from .io.files import atomic_write_json
+
+    check_model(config)  # the model loads and the targets match, before Flower and Ray start
 
     result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out)
     atomic_write_json(out / "federated.json", result)
@@ -1580,11 +1583,13 @@ def _add_federate(sub) -> None:
     f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
     f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round (the first round includes the clients' start-up)")
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
-    f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
+    f.add_argument("--backend-cpus", type=positive_int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
     f.add_argument("--output", default="runs/federated", help="folder for federated.json and the global adapter/")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")
+    f.field_flags.update({"FederatedConfig.straggler_delay_s": "--straggler-delay",
+                          "FederatedConfig.round_timeout_s": "--round-timeout"})
     f.set_defaults(func=cmd_federate)
 
 

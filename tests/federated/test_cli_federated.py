@@ -136,7 +136,7 @@ def test_a_data_file_is_not_both_trained_on_and_evaluated(tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     ("q_proj,v_proj", ["q_proj", "v_proj"]), ("all-linear", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
-    (r"layers\.[0-9]{1,2}\.q_proj", r"layers\.[0-9]{1,2}\.q_proj"), ("q_proj", ["q_proj"]),
+    (r".*layers\.[0-9]{1,2}\.self_attn\.q_proj", r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"), ("q_proj", ["q_proj"]),
 ])
 def test_federate_target_modules_take_all_linear_and_a_regex(text, expected, tmp_path, monkeypatch):
     """Was: ``lorakit federate --target-modules all-linear`` (or a regex) became the one-name list ['all-linear'],
@@ -175,3 +175,28 @@ def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
                  "0.1", "--fair-steps", "7", "--no-evaluate", "--output", str(tmp_path / "o")]) == 0
     c = seen[0]
     assert (c.max_length, c.fair_lambda, c.fair_lr, c.fair_steps, c.evaluate) == (32, 0.5, 0.1, 7, False)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--target-modules", "qproj"], "matched no module: 'qproj' (closest: q_proj"),
+    (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean reverse?"),
+    (["--eval-data", "missing.jsonl"], "--eval-data 'missing.jsonl' is not a file"),
+    (["--round-timeout", "0"], "--round-timeout must be > 0"),
+    (["--straggler-delay", "-5"], "--straggler-delay must be >= 0"),
+    (["--backend-cpus", "-2"], "--backend-cpus: must be a positive integer"),
+])
+def test_federate_refuses_what_would_fail_inside_the_simulation(argv, says, tiny_model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Was: targets matching no module, a task-name typo or a missing data file failed in the ServerApp inside Ray
+    ("the Flower simulation ended without a result"), a round timeout of 0 waited for nothing and accepted no
+    update, and --backend-cpus -2 reached Ray. Now each is refused before Flower starts, naming its flag."""
+    import lorakit.federated.simulate
+
+    monkeypatch.setattr(lorakit.federated.simulate, "federate", lambda *a, **k: pytest.fail("the run started"))
+    try:
+        code = main(["federate", "--model", tiny_model_dir, "--data", "reverse,sort", *argv,
+                     "--output", str(tmp_path / "o")])
+    except SystemExit as stop:  # argparse's own type errors
+        code = stop.code
+    assert code == 2
+    assert says in capsys.readouterr().err

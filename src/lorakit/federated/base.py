@@ -101,7 +101,9 @@ class FederatedConfig:
             if getattr(self, name) < 1:
                 raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
         check_range(self, "fraction", 0, 1, low_open=True)
-        if not looks_like_path(self.data):  # built-in task names: an empty item fails here, not in each client
+        for name in ("data", "eval_data"):  # a typo or a missing file fails here, not in the server and every client
+            check_data_spec(self, name)
+        if not looks_like_path(self.data):
             tasks = comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data",
                                 required=True)
             if self.train_examples * len(tasks) < self.clients:  # partition() would refuse it in every client
@@ -134,6 +136,8 @@ class FederatedConfig:
         check_range(self, "dp_delta", 0, 1, low_open=True, high_open=True)
         check_non_negative(self, "dp_noise_multiplier")
         check_positive(self, "dp_max_grad_norm")
+        check_positive(self, "round_timeout_s", note=" (the seconds the server waits for a round's replies)")
+        check_non_negative(self, "straggler_delay_s")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise field_error(self, "device", f" must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]
@@ -162,6 +166,29 @@ class FederatedConfig:
         if unknown:
             raise ConfigError(f"unknown federated setting(s) {unknown}.{did_you_mean(unknown[0], known)}")
         return cls(**values)
+
+
+def check_data_spec(config: FederatedConfig, name: str) -> None:
+    """ConfigError naming ``FederatedConfig.<name>`` for a JSONL path that is no file or an unknown built-in task
+    (with near matches); None (``eval_data`` unset) passes. Clients check their own copy, on their own machine."""
+    import os
+
+    from ..data import find_task, get_task
+
+    spec = getattr(config, name)
+    if spec is None:
+        return
+    if looks_like_path(spec):
+        if not os.path.isfile(spec):
+            raise field_error(config, name, f" {spec!r} is not a file (a JSONL path, or built-in task names)")
+        return
+    for task in comma_items(spec, "", "task names (see `lorakit tasks`)", field=f"FederatedConfig.{name}",
+                            required=True):
+        if find_task(task) is None:
+            try:
+                get_task(task)  # its error names the closest tasks
+            except ValueError as error:
+                raise field_error(config, name, f": {error}") from None
 
 
 # -- wire format: safetensors bytes only ---------------------------------------------------------------------

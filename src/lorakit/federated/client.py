@@ -43,6 +43,15 @@ def fresh_model(config: FederatedConfig) -> tuple[nn.Module, Any]:
     return copy.deepcopy(model), tokenizer
 
 
+def check_model(config: FederatedConfig) -> None:
+    """Load the base model (cached: the server in this process reuses it) and attach the strategy's adapter to a
+    copy, so a model that does not load or ``target_modules`` that match no module fail before Flower and Ray
+    start, with lorakit's error (was: the ServerApp failed inside the simulation, which ended without a result)."""
+    strategy = get_strategy(config)
+    model, _ = fresh_model(config)
+    attach(model, config, strategy, config.max_rank(), config.alpha_of(0), 0)
+
+
 def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:
     """FFA: one seed for every client and the server (A must be shared); FLoRA: a fresh draw per round and
     client; FedIT / LoRA-FAIR overwrite A and B with the server's, so the draw does not matter."""
