@@ -1559,8 +1559,12 @@ def _add_federate(sub) -> None:
     f.add_argument("--eval-data", default=None,
                    help="the server's evaluation task(s) or JSONL file (default: the tasks' test split, or the "
                         "hold-out of --data)")
-    f.add_argument("--train-examples", type=int, default=64, help="training examples per task (split over clients)")
-    f.add_argument("--eval-examples", type=int, default=32, help="held-out examples per task (server evaluation)")
+    f.add_argument("--train-examples", type=int, default=None,
+                   help="training examples per built-in task (default 64), split over the clients; for a file, only its "
+                        "first N lines (default: all)")
+    f.add_argument("--eval-examples", type=int, default=None,
+                   help="held-out examples per built-in task for the server's evaluation (default 32); for a file, only "
+                        "the first N (default: all)")
     f.add_argument("--partition", default="task", choices=["iid", "task", "skew"],
                    help="non-IID split: whole tasks per client, or Dirichlet task skew")
     f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")

@@ -129,6 +129,9 @@ def test_a_data_file_is_not_both_trained_on_and_evaluated(tmp_path):
     config = FederatedConfig(clients=2, data=str(path), eval_data=str(other), train_examples=30, eval_examples=4)
     assert len([ex for k in range(2) for ex in train_examples(config, k)]) == 30  # nothing held out
     assert [ex.prompt for ex in eval_examples(config)] == [ex.prompt for ex in load_examples(str(other), n=4)]
+    # a file is used whole unless train_examples caps it (was: silently its first 64 lines, the per-task default)
+    config = FederatedConfig(clients=2, data=str(path))
+    assert len([ex for k in range(2) for ex in train_examples(config, k)]) == 36 and len(eval_examples(config)) == 4
     # built-in tasks keep their test split
     config = FederatedConfig(clients=2, data="reverse", eval_data="sort", train_examples=8, eval_examples=3)
     assert {ex.task for ex in eval_examples(config)} == {"sort"}

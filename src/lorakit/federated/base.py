@@ -28,6 +28,7 @@ from ..data import looks_like_path
 State = dict[str, torch.Tensor]
 
 PARTITIONS = ("iid", "task", "skew")
+TASK_EXAMPLES = {"train_examples": 64, "eval_examples": 32}  # per built-in task, when not set
 
 
 @dataclass
@@ -40,7 +41,8 @@ class FederatedConfig:
     - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous: FLoRA stacks, FedIT
       zero-pads; the server's global adapter has the largest rank).
       ``lora_alpha``: None means ``2·r`` per client (scaling 2, as FLoRA's official ``main.py``).
-    - ``data``: built-in task(s), comma-separated, or a JSONL file (its first ``train_examples`` lines);
+    - ``data``: built-in task(s), comma-separated, or a JSONL file; ``train_examples``: per task (default 64), or a
+      file's first lines (default: all of it; ``eval_examples`` likewise, default 32 per task);
       ``partition``: ``iid``, ``task`` (each client gets whole tasks) or ``skew`` (Dirichlet(``skew_alpha``) task
       proportions per client, Hsu et al. 2019).
     - ``eval_data``: the server's held-out examples (task(s) or a JSONL file; ``eval_examples`` per task / first
@@ -65,8 +67,8 @@ class FederatedConfig:
     model: str | None = None
     data: str = "reverse,sort,upper,add"
     eval_data: str | None = None
-    train_examples: int = 64
-    eval_examples: int = 32
+    train_examples: int | None = None
+    eval_examples: int | None = None
     partition: str = "task"
     skew_alpha: float = 0.5
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -98,7 +100,7 @@ class FederatedConfig:
         counts = ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients")
         # eval_examples: the server scores them after every round (evaluate=False: none)
         for name in (*counts, "eval_examples") if self.evaluate else counts:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
         check_range(self, "fraction", 0, 1, low_open=True)
         for name in ("data", "eval_data"):  # a typo or a missing file fails here, not in the server and every client
@@ -106,8 +108,9 @@ class FederatedConfig:
         if not looks_like_path(self.data):
             tasks = comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data",
                                 required=True)
-            if self.train_examples * len(tasks) < self.clients:  # partition() would refuse it in every client
-                raise field_error(self, "train_examples", f"={self.train_examples} per task × {len(tasks)} task(s) "
+            per_task = self.examples_of("train_examples", self.data)
+            if per_task * len(tasks) < self.clients:  # partition() would refuse it in every client
+                raise field_error(self, "train_examples", f"={per_task} per task × {len(tasks)} task(s) "
                                   f"cannot be split over {self.clients} clients (each needs at least one example); "
                                   "give more examples or fewer clients")
         if self.partition not in PARTITIONS:
@@ -144,6 +147,14 @@ class FederatedConfig:
         if bad:
             raise field_error(self, "stragglers", f" {bad} are not client ids 0..{self.clients - 1}")
         STRATEGIES[self.strategy].check_config(self)
+
+    def examples_of(self, name: str, spec: str) -> int | None:
+        """How many examples ``name`` (``train_examples`` / ``eval_examples``) reads from ``spec``: the value set,
+        else per built-in task 64 (train) / 32 (eval), and a whole file (None)."""
+        value = getattr(self, name)
+        if value is not None or looks_like_path(spec):
+            return value
+        return TASK_EXAMPLES[name]
 
     def rank_of(self, client: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.r

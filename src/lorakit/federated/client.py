@@ -72,7 +72,8 @@ def _holds_out(config: FederatedConfig) -> bool:
 
 
 def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
-    examples = load_examples(config.data, "train", n=config.train_examples, seed=config.seed, tokenizer=tokenizer)
+    examples = load_examples(config.data, "train", n=config.examples_of("train_examples", config.data), seed=config.seed,
+                             tokenizer=tokenizer)
     if _holds_out(config):
         examples = hold_out(examples)[0]
     return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)[client]
@@ -82,8 +83,8 @@ def eval_examples(config: FederatedConfig, tokenizer: Any = None) -> list[Exampl
     if _holds_out(config):
         held = hold_out(load_examples(config.data, "train", n=config.train_examples, tokenizer=tokenizer))[1]
         return held[: config.eval_examples]
-    return load_examples(config.eval_data or config.data, "test", n=config.eval_examples, seed=config.seed,
-                         tokenizer=tokenizer)
+    spec = config.eval_data or config.data
+    return load_examples(spec, "test", n=config.examples_of("eval_examples", spec), seed=config.seed, tokenizer=tokenizer)
 
 
 def client_round(config: FederatedConfig, client: int, server_round: int, received: State,
