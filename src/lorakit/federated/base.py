@@ -231,8 +231,20 @@ def check_update(update: State, expected: dict[str, tuple[int, ...]]) -> str | N
 
 # -- helpers on a model with a lorakit LoRA named "default" ------------------------------------------------
 def lora_factors(model: nn.Module, name: str = "default") -> dict[str, nn.Module]:
-    """``{module path: LoraLinear delta}`` of adapter ``name``."""
-    return {path: layer.adapters[name] for path, layer in adapter_layers(model) if name in layer.adapters}
+    """``{module path: LoraLinear delta}`` of adapter ``name``. Raises ConfigError (field ``target_modules``) for a
+    targeted layer whose delta has no linear ``lora_A`` / ``lora_B`` (an embedding's LoRA, a convolution's): the
+    strategies exchange and average (r, in) / (out, r) matrices."""
+    out = {}
+    for path, layer in adapter_layers(model):
+        if name not in layer.adapters:
+            continue
+        delta = layer.adapters[name]
+        if not all(isinstance(getattr(delta, w, None), nn.Linear) for w in ("lora_A", "lora_B")):
+            raise ConfigError(f"federated LoRA exchanges the lora_A / lora_B matrices of linear layers; {path!r} "
+                              f"({type(getattr(layer, 'base_layer', layer)).__name__}) gets a {type(delta).__name__}. "
+                              f"Leave it out of {FIELD}.", field="FederatedConfig.target_modules")
+        out[path] = delta
+    return out
 
 
 def read_factors(model: nn.Module, which: tuple[str, ...] = ("lora_A", "lora_B"), name: str = "default") -> State:

@@ -26,7 +26,7 @@ from ..core.registry import get_method
 from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, hold_out, load_examples,
                     looks_like_path, stable_seed)
 from ..training.objectives import batch_routing
-from .base import FederatedConfig, LoraStrategy, State, get_strategy, read_factors, scalings
+from .base import FederatedConfig, LoraStrategy, State, get_strategy, lora_factors, read_factors, scalings
 from .partition import partition
 
 
@@ -50,6 +50,7 @@ def check_model(config: FederatedConfig) -> None:
     strategy = get_strategy(config)
     model, _ = fresh_model(config)
     attach(model, config, strategy, config.max_rank(), config.alpha_of(0), 0)
+    lora_factors(model)  # every target a linear layer's LoRA
 
 
 def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:
