@@ -1,7 +1,7 @@
 """What every federated LoRA strategy shares: the run config, the wire format, update checks, the registry.
 
 A strategy is split the way the protocol is: a server half (``initial_state``, ``downlink``, ``expected_update``,
-``aggregate``, ``global_delta``) and a client half (``client_start``, ``client_update``), all plain torch on
+``aggregate``, ``global_lora`` — the global model as one LoRA, which evaluation and the saved adapter use) and a client half (``client_start``, ``client_update``), all plain torch on
 ``{name: tensor}`` dicts keyed ``"<module path>.<tensor>"`` — no Flower types here, so the maths is testable in
 isolation and the same objects run under Flower's simulation and deployment engines (``apps.py``).
 
