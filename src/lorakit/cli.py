@@ -30,7 +30,6 @@ from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
-HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
 
 
@@ -547,10 +546,12 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         if len(train_examples) < 2:
             raise LorakitError(f"{args.data} has {len(train_examples)} example; give at least 2 (one is held out for "
                                "evaluation) or pass --eval-data")
-        cut = max(1, len(train_examples) // HOLDOUT_FRACTION)
-        print(f"hold-out: the last {cut} of {len(train_examples)} examples of {args.data} are kept for evaluation "
+        from .data import hold_out
+
+        total = len(train_examples)
+        train_examples, eval_examples = hold_out(train_examples)
+        print(f"hold-out: the last {len(eval_examples)} of {total} examples of {args.data} are kept for evaluation "
               f"and not trained on (pass --eval-data FILE to evaluate on another file)")
-        train_examples, eval_examples = train_examples[:-cut], train_examples[-cut:]
     else:
         eval_examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -1221,6 +1222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
+    from .core.targeting import targets_from_text
     from .federated import FederatedConfig
 
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
@@ -1236,18 +1238,23 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     config = FederatedConfig(
         strategy=args.strategy, clients=args.clients, rounds=args.rounds, fraction=args.fraction,
-        min_clients=args.min_clients, model=args.model, data=args.data, train_examples=args.train_examples,
+        min_clients=args.min_clients, model=args.model, data=args.data, eval_data=args.eval_data,
+        train_examples=args.train_examples,
         eval_examples=args.eval_examples, partition=args.partition, skew_alpha=args.skew_alpha,
-        target_modules=split(args.target_modules, str, "--target-modules"), r=args.r,
+        target_modules=targets_from_text(args.target_modules, "--target-modules"), r=args.r,
         client_ranks=split(args.client_ranks, int, "--client-ranks"),
         lora_alpha=args.lora_alpha, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm,
         dp_delta=args.dp_delta, stragglers=split(args.stragglers, int, "--stragglers") or [], straggler_delay_s=args.straggler_delay,
-        round_timeout_s=args.round_timeout, device=args.device)
+        round_timeout_s=args.round_timeout, device=args.device, max_length=args.max_length,
+        fair_lambda=args.fair_lambda, fair_lr=args.fair_lr, fair_steps=args.fair_steps, evaluate=not args.no_evaluate)
+    from .federated.client import check_model
     from .federated.simulate import federate
     from .io.files import atomic_write_json
 
-    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet)
+    check_model(config)  # the model loads and the targets match, before Flower and Ray start
+
+    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out)
     atomic_write_json(out / "federated.json", result)
     for r in result["rounds"]:
         ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})
@@ -1259,6 +1266,8 @@ def cmd_federate(args: argparse.Namespace) -> int:
               + (f" | eval loss {ev['eval_loss']:.4f}, exact match {ev['exact_match']:.3f}" if ev else "")
               + (f" | ε {r['epsilon']:.2f}" if "epsilon" in r else ""))
     print(f"results: {out / 'federated.json'}")
+    if result.get("adapter"):
+        print(f"global adapter (PEFT LoRA): {result['adapter']} (lorakit eval --adapter {result['adapter']} ...)")
     return 0
 
 
@@ -1348,6 +1357,7 @@ def _procedure_dests(procedure_name: str, method_name: str) -> dict[str, str]:
 
 def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None:
     from . import get_method, list_methods
+    from .data import HOLDOUT_FRACTION
 
     t = sub.add_parser("train", help="train an adapter on built-in task(s) or a JSONL file", formatter_class=_Formatter,
                        description="Train an adapter. `lorakit train --method NAME --help` lists NAME's options. "
@@ -1532,7 +1542,7 @@ def _add_serve(sub) -> None:
 
 
 def _add_federate(sub) -> None:
-    from .federated import list_strategies
+    from .federated import FederatedConfig, list_strategies
 
     f = sub.add_parser("federate", help="federated LoRA on Flower's simulation engine (FedIT, FFA, FLoRA, LoRA-FAIR)",
                        formatter_class=_Formatter, description="Federated LoRA fine-tuning: N clients, R rounds, one "
@@ -1543,19 +1553,33 @@ def _add_federate(sub) -> None:
     f.add_argument("--rounds", type=int, default=3, help="server rounds")
     f.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
     f.add_argument("--min-clients", type=int, default=1, help="sample at least this many clients per round")
-    f.add_argument("--data", default="reverse,sort,upper,add", help="built-in tasks, comma-separated")
-    f.add_argument("--train-examples", type=int, default=64, help="training examples per task (split over clients)")
-    f.add_argument("--eval-examples", type=int, default=32, help="held-out examples per task (server evaluation)")
+    f.add_argument("--data", default="reverse,sort,upper,add",
+                   help="built-in tasks, comma-separated, or a JSONL file (without --eval-data its last 1/10 is held "
+                        "out for the server's evaluation)")
+    f.add_argument("--eval-data", default=None,
+                   help="the server's evaluation task(s) or JSONL file (default: the tasks' test split, or the "
+                        "hold-out of --data)")
+    f.add_argument("--train-examples", type=int, default=None,
+                   help="training examples per built-in task (default 64), split over the clients; for a file, only its "
+                        "first N lines (default: all)")
+    f.add_argument("--eval-examples", type=int, default=None,
+                   help="held-out examples per built-in task for the server's evaluation (default 32); for a file, only "
+                        "the first N (default: all)")
     f.add_argument("--partition", default="task", choices=["iid", "task", "skew"],
                    help="non-IID split: whole tasks per client, or Dirichlet task skew")
     f.add_argument("--skew-alpha", type=float, default=0.5, help="Dirichlet concentration for --partition skew")
-    f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules, comma-separated")
+    f.add_argument("--target-modules", default="q_proj,v_proj", help="adapted modules: comma-separated names, one regex, or all-linear")
     f.add_argument("--r", type=int, default=4, help="LoRA rank of every client")
     f.add_argument("--client-ranks", default=None, help="per-client ranks, comma-separated, cycled (flora stacks them, fedit zero-pads)")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, scaling 2)")
     f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
     f.add_argument("--lr", type=float, default=3e-3, help="client learning rate (AdamW)")
+    f.add_argument("--max-length", type=int, default=FederatedConfig.max_length, help="tokens per training example")
+    f.add_argument("--fair-lambda", type=float, default=FederatedConfig.fair_lambda, help="lora_fair: weight λ of the server's ‖ΔB‖² penalty")
+    f.add_argument("--fair-lr", type=float, default=FederatedConfig.fair_lr, help="lora_fair: the server's SGD learning rate for ΔB")
+    f.add_argument("--fair-steps", type=int, default=FederatedConfig.fair_steps, help="lora_fair: the server's SGD steps for ΔB at most")
+    f.add_argument("--no-evaluate", action="store_true", help="skip the server's evaluation of the global model")
     f.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD noise multiplier (0: no DP)")
     f.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm")
     f.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
@@ -1563,11 +1587,13 @@ def _add_federate(sub) -> None:
     f.add_argument("--straggler-delay", type=float, default=0.0, help="seconds a straggler sleeps before replying")
     f.add_argument("--round-timeout", type=float, default=600.0, help="seconds the server waits for replies per round (the first round includes the clients' start-up)")
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
-    f.add_argument("--backend-cpus", type=int, default=None, help="clients training at once (default: half the CPUs)")
+    f.add_argument("--backend-cpus", type=positive_int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
-    f.add_argument("--output", default="runs/federated", help="folder for federated.json")
+    f.add_argument("--output", default="runs/federated", help="folder for federated.json and the global adapter/")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")
+    f.field_flags.update({"FederatedConfig.straggler_delay_s": "--straggler-delay",
+                          "FederatedConfig.round_timeout_s": "--round-timeout"})
     f.set_defaults(func=cmd_federate)
 
 

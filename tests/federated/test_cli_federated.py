@@ -108,3 +108,101 @@ def test_lora_fair_settings_are_checked(field, value):
 
     with pytest.raises(ConfigError, match=rf"FederatedConfig.{field} must be"):
         FederatedConfig(strategy="lora_fair", **{field: value})
+
+
+def test_a_data_file_is_not_both_trained_on_and_evaluated(tmp_path):
+    """Was: ``--data FILE`` gave the server its first ``eval_examples`` lines to score, which the clients trained on
+    (a file has no test split: every one of the scored examples was a training example). Now the file's last tenth
+    is held out as ``lorakit train`` holds it out, or ``eval_data`` names the evaluation file."""
+    from lorakit.data import load_examples
+    from lorakit.federated.base import FederatedConfig
+    from lorakit.federated.client import eval_examples, train_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i} =>", "completion": f" c{i}"}) + "\n" for i in range(40)))
+    config = FederatedConfig(clients=2, data=str(path), train_examples=30, eval_examples=8)
+    trained = [ex.prompt for k in range(2) for ex in train_examples(config, k)]
+    scored = [ex.prompt for ex in eval_examples(config)]
+    assert sorted(trained) == sorted(f"p{i} =>" for i in range(27)) and scored == [f"p{i} =>" for i in (27, 28, 29)]
+    other = tmp_path / "test.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"q{i} =>", "completion": f" d{i}"}) + "\n" for i in range(5)))
+    config = FederatedConfig(clients=2, data=str(path), eval_data=str(other), train_examples=30, eval_examples=4)
+    assert len([ex for k in range(2) for ex in train_examples(config, k)]) == 30  # nothing held out
+    assert [ex.prompt for ex in eval_examples(config)] == [ex.prompt for ex in load_examples(str(other), n=4)]
+    # a file is used whole unless train_examples caps it (was: silently its first 64 lines, the per-task default)
+    config = FederatedConfig(clients=2, data=str(path))
+    assert len([ex for k in range(2) for ex in train_examples(config, k)]) == 36 and len(eval_examples(config)) == 4
+    # built-in tasks keep their test split
+    config = FederatedConfig(clients=2, data="reverse", eval_data="sort", train_examples=8, eval_examples=3)
+    assert {ex.task for ex in eval_examples(config)} == {"sort"}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("q_proj,v_proj", ["q_proj", "v_proj"]), ("all-linear", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+    (r".*layers\.[0-9]{1,2}\.self_attn\.q_proj", r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"), ("q_proj", ["q_proj"]),
+])
+def test_federate_target_modules_take_all_linear_and_a_regex(text, expected, tmp_path, monkeypatch):
+    """Was: ``lorakit federate --target-modules all-linear`` (or a regex) became the one-name list ['all-linear'],
+    which matches no module (TargetError in the ServerApp, the simulation ended without a result); ``lorakit train``
+    and the docs take both. The Flower run config's ``target-modules`` is read the same way."""
+    import lorakit.federated.simulate
+    from lorakit.federated.apps import config_from_run_config
+
+    seen = []
+    monkeypatch.setattr(lorakit.federated.simulate, "federate",
+                        lambda config, **k: seen.append(config) or {"rounds": [], "evaluation": []})
+    assert main(["federate", "--target-modules", text, "--output", str(tmp_path / "o")]) == 0
+    assert seen[0].target_modules == expected
+    assert config_from_run_config({"target-modules": text}).target_modules == expected
+    # one TOML number for a list setting (`client-ranks = 4`) is a one-item list, not a TypeError
+    assert config_from_run_config({"strategy": "flora", "client-ranks": 4}).client_ranks == [4]
+
+
+def test_federate_all_linear_adapts_every_linear_layer(tiny_config):
+    from lorakit.federated.server import ServerCore
+
+    core = ServerCore(tiny_config("fedit", target_modules="all-linear"))
+    assert {p.rsplit(".", 1)[-1] for p in core.shapes} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+
+
+def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
+    """Was: FederatedConfig's max_length, LoRA-FAIR's λ / lr / steps and evaluate had no flag, so `lorakit federate`
+    could not set the λ the docs name (the Flower run config could)."""
+    import lorakit.federated.simulate
+
+    seen = []
+    monkeypatch.setattr(lorakit.federated.simulate, "federate",
+                        lambda config, **k: seen.append(config) or {"rounds": [], "evaluation": []})
+    assert main(["federate", "--strategy", "lora_fair", "--max-length", "32", "--fair-lambda", "0.5", "--fair-lr",
+                 "0.1", "--fair-steps", "7", "--no-evaluate", "--output", str(tmp_path / "o")]) == 0
+    c = seen[0]
+    assert (c.max_length, c.fair_lambda, c.fair_lr, c.fair_steps, c.evaluate) == (32, 0.5, 0.1, 7, False)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--target-modules", "qproj"], "matched no module: 'qproj' (closest: q_proj"),
+    # an embedding's LoRA has lora_embedding_A/B, not linear lora_A/lora_B: was an AttributeError in the ServerApp
+    (["--target-modules", "q_proj,embed_tokens"], "'model.embed_tokens' (Embedding) gets a LoraEmbedding. Leave it "
+                                                  "out of --target-modules"),
+    (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean reverse?"),
+    (["--eval-data", "missing.jsonl"], "--eval-data 'missing.jsonl' is not a file"),
+    (["--round-timeout", "0"], "--round-timeout must be > 0"),
+    (["--straggler-delay", "-5"], "--straggler-delay must be >= 0"),
+    (["--backend-cpus", "-2"], "--backend-cpus: must be a positive integer"),
+])
+def test_federate_refuses_what_would_fail_inside_the_simulation(argv, says, tiny_model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Was: targets matching no module, a task-name typo or a missing data file failed in the ServerApp inside Ray
+    ("the Flower simulation ended without a result"), a round timeout of 0 waited for nothing and accepted no
+    update, and --backend-cpus -2 reached Ray. Now each is refused before Flower starts, naming its flag."""
+    import lorakit.federated.simulate
+
+    monkeypatch.setattr(lorakit.federated.simulate, "federate", lambda *a, **k: pytest.fail("the run started"))
+    try:
+        code = main(["federate", "--model", tiny_model_dir, "--data", "reverse,sort", *argv,
+                     "--output", str(tmp_path / "o")])
+    except SystemExit as stop:  # argparse's own type errors
+        code = stop.code
+    assert code == 2
+    assert says in capsys.readouterr().err

@@ -133,6 +133,11 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_model_dir, tmp_path):
         result = json.loads(out.read_text())
         assert [r["accepted"] for r in result["rounds"]] == [2, 2]
         assert result["config"]["client_ranks"] == [2, 4]
+        # the ServerApp also wrote the global model: FLoRA's stacks of 2 rounds × ranks (2, 4) as one rank-12 LoRA
+        from lorakit import read_adapter_config
+
+        assert result["adapter"] == str(tmp_path / "out" / "adapter")
+        assert read_adapter_config(tmp_path / "out" / "adapter").r == 12
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -166,3 +166,37 @@ def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config
     for k, v in good.items():
         torch.testing.assert_close(state[k], v)
     assert "NaN" in caplog.text and "client crashed" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", list_strategies())
+def test_the_global_adapter_is_saved_as_a_peft_lora_of_the_global_model(strategy, tiny_config, tmp_path):
+    """Was: a federated run left only federated.json; the trained global model was lost when the server exited.
+    The saved folder, loaded on the untouched base (lorakit and PEFT), gives the server's global model's logits
+    (FLoRA: its stacks as one LoRA of rank Σ r_k, here 2 + 4; FedIT zero-padded to rank 4 for ranks 2, 4)."""
+    import copy
+
+    import peft
+
+    import lorakit
+    from lorakit.federated.simulate import federate_in_process
+
+    ranks = {"flora": [2, 4], "fedit": [2, 4]}.get(strategy)
+    config = tiny_config(strategy, rounds=1, client_ranks=ranks, evaluate=False)
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    core.receive(1, [(k, pack(client_round(config, k, 1, down, core.a_checksum)[0]), {"num-examples": 8 + k})
+                     for k in range(2)])
+    saved = core.save_adapter(tmp_path / "adapter")
+    assert saved is not None and lorakit.read_adapter_config(saved).r == {"flora": 6, "fedit": 4}.get(strategy, 2)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = core.global_model()(input_ids=ids).logits
+        mine = lorakit.load_adapter(copy.deepcopy(core.base), saved)
+        torch.testing.assert_close(mine(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(core.base), str(saved))
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, core.base(input_ids=ids).logits)  # the round moved the global model
+    if strategy == "flora":  # before any round the global model is the base: nothing to save
+        assert ServerCore(config).save_adapter(tmp_path / "none") is None
+    result = federate_in_process(config, adapter_dir=tmp_path / "run" / "adapter")
+    assert result["adapter"] == str(tmp_path / "run" / "adapter")

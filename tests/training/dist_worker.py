@@ -136,6 +136,21 @@ def main(out: Path, resume: str | None) -> None:
            blocks={n: p.detach().clone().tolist() for n, p in model.model.layers.named_parameters()
                    if ".adapters." not in n and "q_proj" in n})
 
+    # 2 processes × batch 2 × grad_accum 1: the test compares with 1 process × batch 2 × grad_accum 2 (same 4 rows)
+    model = build(tokenizer, "lora")
+    result = train(model, tokenizer, train_examples, train_config(2, grad_accum=1), progress=False)
+    finish("accum1", model, result)
+
+    # dropout masks of one LoRA layer's first forwards; max_length 4 truncates every row to 4 tokens, so both ranks
+    # draw masks of one shape (same shapes and one seed drew the same masks on both)
+    model = tiny_llama_for(tokenizer, seed=0, num_hidden_layers=2)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.5))
+    dropout = next(layer for _, layer in adapter_layers(model)).adapters["default"].lora_dropout
+    masks: list[list[bool]] = []
+    dropout.register_forward_hook(lambda m, i, o: masks.append((o != 0).flatten().tolist()) if m.training else None)
+    train(model, tokenizer, train_examples, train_config(2, steps=2, grad_accum=1, max_length=4), progress=False)
+    records["dropout_masks"] = masks
+
     (out / f"records-{rank}.json").write_text(json.dumps(records))
     dist.barrier()
 

@@ -168,6 +168,29 @@ def test_dylora_draws_the_same_rank_on_every_process(launched):
     assert records[0]["dylora"]["ranks_identical"]
 
 
+def test_gradient_accumulation_and_processes_are_interchangeable(launched, single):
+    """2 processes × batch 2 × grad_accum 1 read the same 4 rows per step as 1 process × batch 2 × grad_accum 2 (the
+    stream's micro-batch i of a step is rows [i·N·b, (i+1)·N·b)), and the loss is the token mean over the step:
+    the same training, to float tolerance."""
+    out, records = launched
+    run, _ = single
+    model, result = run("lora", batch_size=2, grad_accum=2)
+    _close(load_tensors(out / "accum1.safetensors"), model)
+    assert records[0]["accum1"]["losses"] == pytest.approx(result.losses, abs=1e-5)
+
+
+def test_dropout_masks_differ_between_processes(launched):
+    """One process at batch N·b draws a dropout mask per row; N processes must too. Was: every process was seeded
+    alike, so rank 1's rows got exactly rank 0's masks whenever the shapes agreed (here: every row truncated to 4
+    tokens), making N processes not even equal in distribution to one."""
+    _, records = launched
+    masks = [records[rank]["dropout_masks"] for rank in (0, 1)]
+    assert len(masks[0]) == len(masks[1]) == 2 and all(len(a) == len(b) for a, b in zip(*masks))
+    assert all(a != b for a, b in zip(*masks))
+    kept = [sum(m) / len(m) for rank in masks for m in rank]
+    assert all(0.3 < k < 0.7 for k in kept)  # lora_dropout=0.5 on each
+
+
 def test_lisa_unfreezes_the_same_blocks_on_every_process(launched, single):
     out, records = launched
     run, _ = single

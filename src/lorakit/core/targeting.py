@@ -63,6 +63,22 @@ def layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
     return None
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def targets_from_text(text: str, what: str) -> str | list[str]:
+    """``target_modules`` written as one string (a comma-list flag, a Flower run-config value): comma-separated plain
+    names (``q_proj,v_proj``) become a list (PEFT's name / suffix match); ``all-linear`` and a regex
+    (``.*\\.(q|v)_proj``, ``layers\\.[0-9]{1,2}\\.q_proj``) stay one string, as ``lorakit train`` takes them. An empty
+    item is ``comma_items``' ConfigError naming ``what``."""
+    from .errors import comma_items
+
+    text = text.strip()
+    if text.lower() == "all-linear" or not all(_PLAIN_NAME.fullmatch(i.strip()) or not i.strip() for i in text.split(",")):
+        return text
+    return comma_items(text, what, "module names", required=True)
+
+
 def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:

@@ -40,6 +40,7 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "TASK_INDEX_NAME",
+    "HOLDOUT_FRACTION",
     "CausalLMCollator",
     "DataError",
     "Example",
@@ -53,6 +54,7 @@ __all__ = [
     "find_task",
     "generate_completions",
     "get_task",
+    "hold_out",
     "list_tasks",
     "load_examples",
     "load_jsonl",
@@ -103,6 +105,16 @@ def load_examples(
     if len(tasks) > 1:
         random.Random(stable_seed(",".join(names), split, seed)).shuffle(examples)
     return examples
+
+
+HOLDOUT_FRACTION = 10  # a single JSONL file: the last 1/10 of its lines (at least one) are held out for evaluation
+
+
+def hold_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """``(train, held out)``: the last ``1/HOLDOUT_FRACTION`` of ``examples`` (at least one), in file order, held out
+    for evaluation when a single file is both the training and the evaluation data."""
+    cut = max(1, len(examples) // HOLDOUT_FRACTION)
+    return examples[:-cut], examples[-cut:]
 
 
 def looks_like_path(spec: str) -> bool:

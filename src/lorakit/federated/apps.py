@@ -26,13 +26,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from ..core.errors import comma_items
+from ..core.targeting import targets_from_text
 from ..data import stable_seed
 from ..io.files import atomic_write_json
 from .base import FederatedConfig, pack, unpack
 from .client import client_round
 from .server import ServerCore
 
-LIST_KEYS = {"target_modules": str, "client_ranks": int, "stragglers": int}
+LIST_KEYS = {"client_ranks": int, "stragglers": int}
 
 
 def blob_record(blob: bytes, key: str) -> ArrayRecord:
@@ -48,6 +49,10 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
             continue
         if name in LIST_KEYS and isinstance(value, str):
             value = [LIST_KEYS[name](v) for v in comma_items(value, key, "values")]
+        elif name in LIST_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [LIST_KEYS[name](value)]  # one TOML number: `client-ranks = 8`, `stragglers = 1`
+        elif name == "target_modules" and isinstance(value, str):  # 'all-linear' and a regex stay whole
+            value = targets_from_text(value, key)
         values[name] = value
     if values.get("model") in ("", "bundled"):
         values["model"] = None
@@ -113,8 +118,10 @@ class FlowerLoraStrategy(FedAvg):
         return blob_record(self.core.downlink_bytes(), "state"), MetricRecord(metrics)
 
 
-def run_server(grid: Grid, config: FederatedConfig) -> dict[str, Any]:
-    """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``."""
+def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``, and
+    with ``adapter_dir`` writes the final global model there as a PEFT LoRA (``ServerCore.save_adapter``; its path
+    under ``"adapter"``)."""
     core = ServerCore(config)
     strategy = FlowerLoraStrategy(core)
     evaluation: list[dict[str, Any]] = []
@@ -128,18 +135,26 @@ def run_server(grid: Grid, config: FederatedConfig) -> dict[str, Any]:
 
     strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"), num_rounds=config.rounds,
                    timeout=config.round_timeout_s, evaluate_fn=evaluate)
-    return {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
+    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
+    if adapter_dir is not None:
+        saved = core.save_adapter(adapter_dir)
+        result["adapter"] = str(saved) if saved is not None else None
+    return result
 
 
-def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None) -> ServerApp:
-    """A ServerApp running ``config`` (None: read it from the Flower run config); the result goes into ``sink``
-    and, when the run config has ``output``, to ``<output>/federated.json``."""
+def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None,
+                    output: str | Path | None = None) -> ServerApp:
+    """A ServerApp running ``config`` (None: read it from the Flower run config); the result goes into ``sink``.
+    With an output folder (``output``, else the run config's ``output``) the final global adapter is written to
+    ``<output>/adapter`` and, from the run config, the result to ``<output>/federated.json``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
-        result = run_server(grid, config or config_from_run_config(run_config))
+        folder = output or run_config.get("output")
+        result = run_server(grid, config or config_from_run_config(run_config),
+                            adapter_dir=Path(str(folder)) / "adapter" if folder else None)
         if sink is not None:
             sink.update(result)
         if run_config.get("output"):

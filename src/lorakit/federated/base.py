@@ -1,7 +1,7 @@
 """What every federated LoRA strategy shares: the run config, the wire format, update checks, the registry.
 
 A strategy is split the way the protocol is: a server half (``initial_state``, ``downlink``, ``expected_update``,
-``aggregate``, ``global_delta``) and a client half (``client_start``, ``client_update``), all plain torch on
+``aggregate``, ``global_lora`` — the global model as one LoRA, which evaluation and the saved adapter use) and a client half (``client_start``, ``client_update``), all plain torch on
 ``{name: tensor}`` dicts keyed ``"<module path>.<tensor>"`` — no Flower types here, so the maths is testable in
 isolation and the same objects run under Flower's simulation and deployment engines (``apps.py``).
 
@@ -28,6 +28,7 @@ from ..data import looks_like_path
 State = dict[str, torch.Tensor]
 
 PARTITIONS = ("iid", "task", "skew")
+TASK_EXAMPLES = {"train_examples": 64, "eval_examples": 32}  # per built-in task, when not set
 
 
 @dataclass
@@ -40,8 +41,13 @@ class FederatedConfig:
     - ``r``: client rank; ``client_ranks``: per-client ranks, cycled over clients (heterogeneous: FLoRA stacks, FedIT
       zero-pads; the server's global adapter has the largest rank).
       ``lora_alpha``: None means ``2·r`` per client (scaling 2, as FLoRA's official ``main.py``).
-    - ``data``: built-in task(s), comma-separated; ``partition``: ``iid``, ``task`` (each client gets whole
-      tasks) or ``skew`` (Dirichlet(``skew_alpha``) task proportions per client, Hsu et al. 2019).
+    - ``data``: built-in task(s), comma-separated, or a JSONL file; ``train_examples``: per task (default 64), or a
+      file's first lines (default: all of it; ``eval_examples`` likewise, default 32 per task);
+      ``partition``: ``iid``, ``task`` (each client gets whole tasks) or ``skew`` (Dirichlet(``skew_alpha``) task
+      proportions per client, Hsu et al. 2019).
+    - ``eval_data``: the server's held-out examples (task(s) or a JSONL file; ``eval_examples`` per task / first
+      lines). None: the tasks' test split, or for a ``data`` file its last 1/10 (``lorakit.data.hold_out``),
+      which then no client trains on, as ``lorakit train`` does.
     - ``dp_noise_multiplier`` > 0 turns on DP-SGD (Opacus) on clients with per-example clipping to
       ``dp_max_grad_norm``; ε is reported at ``dp_delta``.
     - ``stragglers``: client ids that sleep ``straggler_delay_s`` before replying; the server waits at most
@@ -60,8 +66,9 @@ class FederatedConfig:
     min_clients: int = 1
     model: str | None = None
     data: str = "reverse,sort,upper,add"
-    train_examples: int = 64
-    eval_examples: int = 32
+    eval_data: str | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
     partition: str = "task"
     skew_alpha: float = 0.5
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -93,14 +100,17 @@ class FederatedConfig:
         counts = ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients")
         # eval_examples: the server scores them after every round (evaluate=False: none)
         for name in (*counts, "eval_examples") if self.evaluate else counts:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
         check_range(self, "fraction", 0, 1, low_open=True)
-        if not looks_like_path(self.data):  # built-in task names: an empty item fails here, not in each client
+        for name in ("data", "eval_data"):  # a typo or a missing file fails here, not in the server and every client
+            check_data_spec(self, name)
+        if not looks_like_path(self.data):
             tasks = comma_items(self.data, "", "task names (see `lorakit tasks`)", field="FederatedConfig.data",
                                 required=True)
-            if self.train_examples * len(tasks) < self.clients:  # partition() would refuse it in every client
-                raise field_error(self, "train_examples", f"={self.train_examples} per task × {len(tasks)} task(s) "
+            per_task = self.examples_of("train_examples", self.data)
+            if per_task * len(tasks) < self.clients:  # partition() would refuse it in every client
+                raise field_error(self, "train_examples", f"={per_task} per task × {len(tasks)} task(s) "
                                   f"cannot be split over {self.clients} clients (each needs at least one example); "
                                   "give more examples or fewer clients")
         if self.partition not in PARTITIONS:
@@ -129,12 +139,22 @@ class FederatedConfig:
         check_range(self, "dp_delta", 0, 1, low_open=True, high_open=True)
         check_non_negative(self, "dp_noise_multiplier")
         check_positive(self, "dp_max_grad_norm")
+        check_positive(self, "round_timeout_s", note=" (the seconds the server waits for a round's replies)")
+        check_non_negative(self, "straggler_delay_s")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise field_error(self, "device", f" must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]
         if bad:
             raise field_error(self, "stragglers", f" {bad} are not client ids 0..{self.clients - 1}")
         STRATEGIES[self.strategy].check_config(self)
+
+    def examples_of(self, name: str, spec: str) -> int | None:
+        """How many examples ``name`` (``train_examples`` / ``eval_examples``) reads from ``spec``: the value set,
+        else per built-in task 64 (train) / 32 (eval), and a whole file (None)."""
+        value = getattr(self, name)
+        if value is not None or looks_like_path(spec):
+            return value
+        return TASK_EXAMPLES[name]
 
     def rank_of(self, client: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.r
@@ -157,6 +177,29 @@ class FederatedConfig:
         if unknown:
             raise ConfigError(f"unknown federated setting(s) {unknown}.{did_you_mean(unknown[0], known)}")
         return cls(**values)
+
+
+def check_data_spec(config: FederatedConfig, name: str) -> None:
+    """ConfigError naming ``FederatedConfig.<name>`` for a JSONL path that is no file or an unknown built-in task
+    (with near matches); None (``eval_data`` unset) passes. Clients check their own copy, on their own machine."""
+    import os
+
+    from ..data import find_task, get_task
+
+    spec = getattr(config, name)
+    if spec is None:
+        return
+    if looks_like_path(spec):
+        if not os.path.isfile(spec):
+            raise field_error(config, name, f" {spec!r} is not a file (a JSONL path, or built-in task names)")
+        return
+    for task in comma_items(spec, "", "task names (see `lorakit tasks`)", field=f"FederatedConfig.{name}",
+                            required=True):
+        if find_task(task) is None:
+            try:
+                get_task(task)  # its error names the closest tasks
+            except ValueError as error:
+                raise field_error(config, name, f": {error}") from None
 
 
 # -- wire format: safetensors bytes only ---------------------------------------------------------------------
@@ -188,8 +231,20 @@ def check_update(update: State, expected: dict[str, tuple[int, ...]]) -> str | N
 
 # -- helpers on a model with a lorakit LoRA named "default" ------------------------------------------------
 def lora_factors(model: nn.Module, name: str = "default") -> dict[str, nn.Module]:
-    """``{module path: LoraLinear delta}`` of adapter ``name``."""
-    return {path: layer.adapters[name] for path, layer in adapter_layers(model) if name in layer.adapters}
+    """``{module path: LoraLinear delta}`` of adapter ``name``. Raises ConfigError (field ``target_modules``) for a
+    targeted layer whose delta has no linear ``lora_A`` / ``lora_B`` (an embedding's LoRA, a convolution's): the
+    strategies exchange and average (r, in) / (out, r) matrices."""
+    out = {}
+    for path, layer in adapter_layers(model):
+        if name not in layer.adapters:
+            continue
+        delta = layer.adapters[name]
+        if not all(isinstance(getattr(delta, w, None), nn.Linear) for w in ("lora_A", "lora_B")):
+            raise ConfigError(f"federated LoRA exchanges the lora_A / lora_B matrices of linear layers; {path!r} "
+                              f"({type(getattr(layer, 'base_layer', layer)).__name__}) gets a {type(delta).__name__}. "
+                              f"Leave it out of {FIELD}.", field="FederatedConfig.target_modules")
+        out[path] = delta
+    return out
 
 
 def read_factors(model: nn.Module, which: tuple[str, ...] = ("lora_A", "lora_B"), name: str = "default") -> State:
@@ -255,10 +310,16 @@ class LoraStrategy:
         k's LoRA scaling α_k/r_k."""
         raise NotImplementedError
 
+    def global_lora(self, state: State, scaling: float) -> tuple[State, float]:
+        """The global model as one LoRA: ``({"<path>.lora_A": (R, in), "<path>.lora_B": (out, R)}, its scaling)``,
+        ``ΔW = scaling · B A`` (default: the global factors themselves at the server adapter's ``scaling``)."""
+        return state, scaling
+
     def global_delta(self, state: State, scaling: float) -> dict[str, torch.Tensor]:
         """``{module path: ΔW (out, in)}`` the global model adds to the base weights (for evaluation)."""
-        return {k[: -len(".lora_A")]: scaling * state[k[: -len(".lora_A")] + ".lora_B"] @ state[k]
-                for k in state if k.endswith(".lora_A")}
+        factors, s = self.global_lora(state, scaling)
+        return {k[: -len(".lora_A")]: s * factors[k[: -len(".lora_A")] + ".lora_B"] @ factors[k]
+                for k in factors if k.endswith(".lora_A")}
 
     # client half
     def client_start(self, model: nn.Module, received: State) -> None:

@@ -23,9 +23,10 @@ from torch import nn
 from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.model import add_adapter
 from ..core.registry import get_method
-from ..data import IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, load_examples, stable_seed
+from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, hold_out, load_examples,
+                    looks_like_path, stable_seed)
 from ..training.objectives import batch_routing
-from .base import FederatedConfig, LoraStrategy, State, get_strategy, read_factors, scalings
+from .base import FederatedConfig, LoraStrategy, State, get_strategy, lora_factors, read_factors, scalings
 from .partition import partition
 
 
@@ -42,6 +43,16 @@ def fresh_model(config: FederatedConfig) -> tuple[nn.Module, Any]:
     return copy.deepcopy(model), tokenizer
 
 
+def check_model(config: FederatedConfig) -> None:
+    """Load the base model (cached: the server in this process reuses it) and attach the strategy's adapter to a
+    copy, so a model that does not load or ``target_modules`` that match no module fail before Flower and Ray
+    start, with lorakit's error (was: the ServerApp failed inside the simulation, which ended without a result)."""
+    strategy = get_strategy(config)
+    model, _ = fresh_model(config)
+    attach(model, config, strategy, config.max_rank(), config.alpha_of(0), 0)
+    lora_factors(model)  # every target a linear layer's LoRA
+
+
 def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:
     """FFA: one seed for every client and the server (A must be shared); FLoRA: a fresh draw per round and
     client; FedIT / LoRA-FAIR overwrite A and B with the server's, so the draw does not matter."""
@@ -56,13 +67,25 @@ def attach(model: nn.Module, config: FederatedConfig, strategy: LoraStrategy, ra
     add_adapter(model, cls(r=rank, lora_alpha=alpha, target_modules=config.target_modules))
 
 
+def _holds_out(config: FederatedConfig) -> bool:
+    """A ``data`` file without ``eval_data``: its last tenth is the server's evaluation set (a file has no splits)."""
+    return config.evaluate and config.eval_data is None and looks_like_path(config.data)
+
+
 def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
-    examples = load_examples(config.data, "train", n=config.train_examples, seed=config.seed, tokenizer=tokenizer)
+    examples = load_examples(config.data, "train", n=config.examples_of("train_examples", config.data), seed=config.seed,
+                             tokenizer=tokenizer)
+    if _holds_out(config):
+        examples = hold_out(examples)[0]
     return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)[client]
 
 
 def eval_examples(config: FederatedConfig, tokenizer: Any = None) -> list[Example]:
-    return load_examples(config.data, "test", n=config.eval_examples, seed=config.seed, tokenizer=tokenizer)
+    if _holds_out(config):
+        held = hold_out(load_examples(config.data, "train", n=config.train_examples, tokenizer=tokenizer))[1]
+        return held[: config.eval_examples]
+    spec = config.eval_data or config.data
+    return load_examples(spec, "test", n=config.examples_of("eval_examples", spec), seed=config.seed, tokenizer=tokenizer)
 
 
 def client_round(config: FederatedConfig, client: int, server_round: int, received: State,

@@ -13,7 +13,6 @@ the round config, so a client that drew a different A is refused rather than ave
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import LoraStrategy, State, read_factors, register_strategy, write_factors
@@ -35,8 +34,8 @@ class FfaLora(LoraStrategy):
     def aggregate(self, state: State, updates: list[State], weights: list[float], scalings: list[float]) -> State:
         return weighted_mean(updates, weights)
 
-    def global_delta(self, state: State, scaling: float) -> dict[str, torch.Tensor]:
-        return super().global_delta({**state, **self.frozen_A}, scaling)
+    def global_lora(self, state: State, scaling: float) -> tuple[State, float]:
+        return {**state, **self.frozen_A}, scaling
 
     def client_start(self, model: nn.Module, received: State) -> None:
         write_factors(model, received)  # B only; A is the seeded one the client built

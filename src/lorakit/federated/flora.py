@@ -55,9 +55,9 @@ class FLoRA(LoraStrategy):
         new = stack(updates, weights, scalings)
         return {k: torch.cat([state[k], new[k]], dim=0 if k.endswith("stack_A") else 1) for k in state}
 
-    def global_delta(self, state: State, scaling: float) -> dict[str, torch.Tensor]:
-        return {k[: -len(".stack_A")]: state[k[: -len(".stack_A")] + ".stack_B"] @ state[k]
-                for k in state if k.endswith(".stack_A")}
+    def global_lora(self, state: State, scaling: float) -> tuple[State, float]:
+        """The stacks of every round as one LoRA of rank Σ r_k (over rounds), scaling 1 (s_k is folded into B)."""
+        return {k.replace(".stack_A", ".lora_A").replace(".stack_B", ".lora_B"): v for k, v in state.items()}, 1.0
 
     @torch.no_grad()
     def client_start(self, model: nn.Module, received: State) -> None:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..data import IGNORE_INDEX, CausalLMCollator, TokenizedDataset, evaluate_examples
 from ..core.delta import describe_layer, oriented_weight
-from ..core.model import adapter_layers, delete_adapter
+from ..core.model import add_adapter, adapter_layers, delete_adapter
 from ..training.objectives import batch_routing
-from .base import FederatedConfig, State, check_update, get_strategy, normalized, pack, read_factors, scalings, unpack
+from .base import (FederatedConfig, State, check_update, get_strategy, normalized, pack, read_factors, scalings, unpack,
+                   write_factors)
 from .client import adapter_seed, attach, dp_epsilon, eval_examples, fresh_model
 
 log = logging.getLogger("lorakit.federated")
@@ -115,6 +117,26 @@ class ServerCore:
             w = oriented_weight(layer, describe_layer(layer))
             w.add_(d.to(w.dtype))
         return model.eval()
+
+    def save_adapter(self, directory) -> Path | None:
+        """Write the global model as a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+        atomically; ``lorakit eval --adapter`` and ``peft.PeftModel.from_pretrained`` load it on the base): the
+        strategy's ``global_lora`` factors, rank R and ``lora_alpha = scaling · R`` (FedIT / LoRA-FAIR: the global
+        factors at the largest client rank; FFA: B̄ with the shared frozen A; FLoRA: every round's stacks, R = Σ r_k
+        over the rounds, scaling 1). Returns the folder, or None while the global model is the base (FLoRA before an
+        accepted round)."""
+        from ..io.peft_format import save_adapter
+        from ..methods.lora import LoraConfig
+        from .fedit import state_rank
+
+        factors, scaling = self.strategy.global_lora(self.state, self.scaling)
+        rank = state_rank(factors)
+        if rank == 0:
+            return None
+        model = copy.deepcopy(self.base)
+        add_adapter(model, LoraConfig(r=rank, lora_alpha=scaling * rank, target_modules=self.config.target_modules))
+        write_factors(model, factors)
+        return save_adapter(model, directory)
 
     def evaluate(self) -> dict[str, float]:
         """Exact match and mean token loss of the global model on the held-out examples."""

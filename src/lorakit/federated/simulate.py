@@ -13,8 +13,11 @@ from typing import Any
 from .base import FederatedConfig
 
 
-def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
-    """Run ``config`` in Flower's simulation; returns ``{"config", "rounds", "evaluation"}`` (see ``apps.run_server``)."""
+def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bool = True,
+             output: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run ``config`` in Flower's simulation; returns ``{"config", "rounds", "evaluation"}`` (see ``apps.run_server``);
+    with ``output`` the final global adapter is written to ``<output>/adapter`` (a PEFT LoRA; ``"adapter"`` in the
+    result)."""
     try:
         from flwr.simulation import run_simulation
     except ImportError as error:
@@ -29,7 +32,7 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     sink: dict[str, Any] = {}
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=make_server_app(config, sink), client_app=client_app, num_supernodes=config.clients,
+    run_simulation(server_app=make_server_app(config, sink, output), client_app=client_app, num_supernodes=config.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                  "logging_level": "error", "log_to_driver": not quiet}})
@@ -38,11 +41,13 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     return sink
 
 
-def federate_in_process(config: FederatedConfig, keep_updates: bool = False) -> dict[str, Any]:
+def federate_in_process(config: FederatedConfig, keep_updates: bool = False,
+                        adapter_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The same client and server code as :func:`federate`, called directly in this process (no Flower transport,
     no Ray): clients run one after another. For benchmarks and tests on a small CPU budget; sampling draws
     ``max(min_clients, ⌊fraction·N⌋)`` clients per round with a seeded RNG, stragglers are not simulated.
-    With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``)."""
+    With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``); with ``adapter_dir``
+    the final global adapter is written there (``ServerCore.save_adapter``)."""
     import random
 
     from ..data import stable_seed
@@ -68,6 +73,9 @@ def federate_in_process(config: FederatedConfig, keep_updates: bool = False) -> 
         if config.evaluate:
             evaluation.append({"round": server_round, **core.evaluate()})
     result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
+    if adapter_dir is not None:
+        saved = core.save_adapter(adapter_dir)
+        result["adapter"] = str(saved) if saved is not None else None
     if keep_updates:
         result["first_updates"] = first
     return result

@@ -542,6 +542,11 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
 
     # Data parallel: DDP over the trainable parameters, or FSDP2 sharding the frozen base (training.distributed).
     train_model = ctx.wrap(model, list(params.values()))
+    if ctx.enabled and not ctx.is_main:
+        # Every process was seeded alike (one init everywhere), so dropout would draw the same masks on every
+        # process: rank r's rows would repeat rank 0's masks, where one process at N·b draws one per row. Other
+        # ranks take their own stream; rank 0 keeps the seeded (or checkpointed) one, which hooks share (agreed_rng).
+        torch.manual_seed(stable_seed("lorakit-rank-rng", config.seed, ctx.rank, step))
     reset_router_stats(model)  # router statistics (mixtures) describe this run's training forwards only
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress or not ctx.is_main,
                dynamic_ncols=True)
