@@ -112,8 +112,11 @@ def test_weights_scale_linearly(method, sources):
 
 
 def test_dora_with_a_sparsifying_method_or_lora_bias_is_refused(sources):
-    with pytest.raises(ConfigError, match="DoRA sources can be merged exactly only by linear"):
+    with pytest.raises(ConfigError, match="DoRA sources can be merged exactly only by linear") as err:
         merge_adapters([sources["dora"], sources["plain"]], None, "ties", model=tiny_llama(), density=0.5)
+    # it advised "export the DoRA adapters to plain LoRA first", but export writes a DoRA adapter as DoRA (PEFT's
+    # own format), so following the advice gave this error again
+    assert "plain LoRA first" not in str(err.value)
     with pytest.raises(ConfigError, match="lora_bias=True with DoRA"):
         merge_adapters([sources["dora"], sources["lora_bias"]], None, "cat", model=tiny_llama())
 

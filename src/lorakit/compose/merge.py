@@ -393,7 +393,8 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
                 raise ConfigError(
                     f"module {path!r}: DoRA sources can be merged exactly only by linear, task_arithmetic, cat or svd "
                     f"(their magnitudes rescale the base weight row by row; {method_name!r} has no DoRA form). "
-                    f"Use one of those, or export the DoRA adapters to plain LoRA first.")
+                    f"Use one of those (a DoRA adapter has no exact plain-LoRA form: `lorakit export` keeps it "
+                    f"DoRA).")
             coef = method.coefficients(terms, opts)  # (N,) c_i
             gamma = (coef[:, None] * (row_scale - 1)).sum(0)  # (out,)
             if (1 + gamma).abs().min() < 1e-6:
