@@ -264,6 +264,35 @@ def test_a_fraction_above_one_is_refused_as_a_fraction(option, flag):
         MergeOptions(**option)
 
 
+@pytest.mark.parametrize("option,field", [
+    ({"lambda_": float("nan")}, "lambda_"), ({"lambda_": float("inf")}, "lambda_"),  # was a LinAlgError from the SVD
+    ({"gamma": -0.5}, "gamma"),  # breadcrumbs kept no entry: an all-zero adapter, written silently
+    ({"gamma": float("nan")}, "gamma"),  # was 'cannot convert float NaN to integer'
+    ({"epsilon": -0.1}, "epsilon"),  # DELLA inverted: the larger entries dropped more often
+    ({"epsilon": float("nan")}, "epsilon"),  # was torch.bernoulli's 'Expected p_in >= 0 && p_in <= 1'
+    ({"svd_rank": 2.5}, "svd_rank"), ({"svd_rank": True}, "svd_rank"),  # a TypeError from slicing / rank 1
+    ({"normalize": "no"}, "normalize"),  # a truthy string normalised
+    ({"rank_tolerance": -1.0}, "rank_tolerance"),
+])
+def test_option_values_outside_their_domain_are_refused(option, field):
+    """DELLA (Deep et al. arXiv:2406.11617 §3, mergekit sparsify.della_magprune) keeps entries with probabilities
+    in [density − ε, density + ε], the larger ones more often: ε ≥ 0. Breadcrumbs (mergekit
+    sparsify.magnitude_outliers) drops the gamma fraction of largest entries: 0 ≤ gamma < 1."""
+    from lorakit.compose.methods import MergeOptions
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be") as err:
+        MergeOptions(**option)
+    assert err.value.field == field
+
+
+def test_cli_option_outside_its_domain_is_an_error_naming_the_flag(sources, tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["merge-adapters", str(sources["plain"]), "--lambda", "nan", "--output", str(tmp_path / "m")]) == 2
+    assert "--lambda must be a finite number, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def _named_llama(name: str, **config):
     """A tiny Llama whose recorded name (``name_or_path``, saved as the adapter's base) is ``name``."""
     from transformers import LlamaConfig, LlamaForCausalLM

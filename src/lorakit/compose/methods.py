@@ -41,7 +41,9 @@ tensors, merged separately with the same method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Callable
 
 import torch
@@ -121,8 +123,25 @@ class MergeOptions:
             why = ("density 0 keeps no entry, so the merge would be an all-zero adapter" if self.density <= 0 else
                    "it is the fraction of entries kept, 1 keeps them all")
             raise ConfigError(f"{FIELD} must be in (0, 1], got {self.density}: {why}.", field="density")
-        if self.svd_rank is not None and self.svd_rank <= 0:
-            raise ConfigError(f"{FIELD} must be a positive integer, got {self.svd_rank}.", field="svd_rank")
+        if self.svd_rank is not None and (isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, Integral)
+                                          or self.svd_rank <= 0):
+            raise ConfigError(f"{FIELD} must be a positive integer, got {self.svd_rank!r}.", field="svd_rank")
+        if self.normalize not in (None, True, False):
+            raise ConfigError(f"{FIELD} must be True, False or None (the method's default), got {self.normalize!r}.",
+                              field="normalize")
+        # NaN/inf reach the SVD as a LinAlgError; a negative gamma kept no entry (an all-zero adapter, silently) and a
+        # negative epsilon inverts DELLA (larger entries dropped more often)
+        if not math.isfinite(self.lambda_):
+            raise ConfigError(f"{FIELD} must be a finite number, got {self.lambda_}.", field="lambda_")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.epsilon}: DELLA keeps entries with probabilities "
+                              f"density ± epsilon, the larger entries the more often.", field="epsilon")
+        if not 0.0 <= self.gamma < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.gamma}: it is the fraction of the largest entries "
+                              f"breadcrumbs drops.", field="gamma")
+        if not 0.0 <= self.rank_tolerance < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.rank_tolerance}: singular values below it times "
+                              f"the largest are cut.", field="rank_tolerance")
         if self.majority_sign_method not in ("total", "frequency"):
             raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}.",
                               field="majority_sign_method")
