@@ -333,3 +333,12 @@ def test_bad_input_is_named(unet):
     for bad in (0, 7, -8):
         with pytest.raises(ConfigError, match="height must be a positive multiple"):
             compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1, height=bad)
+
+
+def test_nan_weights_and_guidance_are_refused(unet):
+    """A NaN merge weight made every image NaN; a NaN guidance_scale (NaN > 1 is False) turned guidance off silently."""
+    with pytest.raises(ConfigError, match="weights must be finite"):
+        make_config("merge", weights=[float("nan"), 1.0])
+    with pytest.raises(ConfigError, match="guidance_scale must be a finite number"):
+        compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1,
+                       guidance_scale=float("nan"))

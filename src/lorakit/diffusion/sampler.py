@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -208,6 +209,8 @@ def compose_images(unet: nn.Module, scheduler: Any, loras: Sequence[str], method
     _check_loras(unet, loras)
     if num_images <= 0 or num_inference_steps <= 0:
         raise ConfigError(f"num_images and num_inference_steps must be positive, got {num_images}, {num_inference_steps}")
+    if not math.isfinite(guidance_scale):  # NaN > 1 is False: guidance was silently off
+        raise ConfigError(f"guidance_scale must be a finite number (> 1 to use guidance), got {guidance_scale}")
     label = NULL_CLASS if class_label is None else int(class_label)
     if not 0 <= label <= NULL_CLASS:
         raise ConfigError(f"class_label must be in 0..{NULL_CLASS - 1} or None, got {class_label}")
