@@ -201,6 +201,35 @@ def test_modules_to_save_rule(tmp_path):
     merge_adapters([c, c], None, "linear", model=tiny_bert())
 
 
+def test_peft_sequence_classification_adapters_merge_and_load_back_in_peft(tmp_path):
+    """PEFT's SEQ_CLS task type writes modules_to_save ["classifier", "classifier", "score"] (a BERT has no
+    `score`); the sources loaded, but building the result refused the list ("modules_to_save entry 'score' matched
+    no module"), so no PEFT classification adapter could be merged. Reference: saved_modules="merge" is
+    θ_base + Σ w_i (θ_i − θ_base) (docs/merging.md), on the real PEFT models' classifier copies."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    heads = []
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                             task_type="SEQ_CLS", init_lora_weights=False))
+        head = peft_model.base_model.model.classifier.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.add_(0.1 * torch.randn_like(head.weight))
+        heads.append(head.weight.detach().clone())
+        peft_model.save_pretrained(str(tmp_path / name))
+    out = merge_adapters([tmp_path / "a", tmp_path / "b"], [0.3, 0.7], "linear", model=tiny_bert(),
+                         saved_modules="merge").save(tmp_path / "m")
+    merged = PeftModel.from_pretrained(tiny_bert(), str(out)).eval()
+    base_w = tiny_bert().classifier.weight.detach()
+    torch.testing.assert_close(merged.base_model.model.classifier.modules_to_save["default"].weight,
+                               base_w + 0.3 * (heads[0] - base_w) + 0.7 * (heads[1] - base_w))
+    ours = lk.load_adapter(tiny_bert(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
 def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
     """GPT-2 stores Conv1D weights as (in, out) (fan_in_fan_out): the merged file must say so and act the same."""
     from lk_models import tiny_gpt2

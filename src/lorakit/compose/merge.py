@@ -470,7 +470,9 @@ def build_output(model, config, results, recipe, saved_state=None) -> MergedAdap
     file :func:`~lorakit.io.peft_format.save_adapter` would write. Nothing is built or attached on ``model``.
     ``saved_state(path)``: the state of a modules_to_save entry, copied here into the host module's dtypes."""
     host = dict(iter_host_modules(model))
-    saved = set(select_modules_to_save(model, config)) if saved_state is not None else set()
+    # not strict: the list is the sources' file lists (PEFT's SEQ_CLS writes ["classifier", "score"], of which
+    # a model has one), which loaded the same way
+    saved = set(select_modules_to_save(model, config, strict=False)) if saved_state is not None else set()
     state: dict[str, torch.Tensor] = {}
     infos = []
     with torch.no_grad():
