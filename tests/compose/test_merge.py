@@ -362,6 +362,20 @@ def test_a_source_that_fails_to_load_on_another_base_says_so_first(order, tmp_pa
     assert adapter_names(model) == []
 
 
+def test_a_source_recording_no_base_that_does_not_fit_says_to_pass_the_model(tmp_path):
+    """peft on a model built from a config saves base_model_name_or_path null; merged without a model, the source
+    met the bundled base and the error was only 8 missing tensors, with no word of the base."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.core.errors import AdapterLoadError
+
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(AdapterLoadError, match=r"records no base model .* does not fit the merge's base 'bundled'; "
+                                               r"pass the model it was trained on .*loading it failed"):
+        merge_adapters([tmp_path / "a"])
+    merge_adapters([tmp_path / "a"], model=tiny_llama())  # with its model it merges
+
+
 def _trained_with_init(path, init, seed):
     """A LoRA saved as PEFT saves PiSSA / OLoRA adapters (``init_lora_weights="pissa"``: the file's A, B are
     relative to the residual base the init leaves), its factors moved away from the init as training would."""

@@ -309,6 +309,19 @@ def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> No
     if base and ours and not same_model(base, ours):
         raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
                                f"merge adapters of one base model (loading it failed: {error})") from None
+    if base is None and Path(src).is_dir() and _records_no_base(src):  # e.g. peft on a model built from a config
+        raise AdapterLoadError(f"source {str(src)!r} records no base model (base_model_name_or_path is null) and does "
+                               f"not fit the merge's base {ours or 'the bundled model'!r}; pass the model it was trained "
+                               f"on (model= / --model) (loading it failed: {error})") from None
+
+
+def _records_no_base(folder) -> bool:
+    from ..io.peft_format import read_adapter_config
+
+    try:
+        return not read_adapter_config(folder).base_model_name_or_path
+    except LorakitError:
+        return False
 
 
 def _cpu32(t: torch.Tensor) -> torch.Tensor:
