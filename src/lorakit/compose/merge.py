@@ -372,7 +372,9 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[st
     terms = ModuleTerms(
         A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=_cpu32(weights[present]),
         absent_weights=_cpu32(weights[[i for i in range(len(names)) if i not in present]]),
-        bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None)
+        bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None,
+        stored_transposed=layer.info.fan_in_fan_out and layer.info.conv is None,
+        stored_kernel=tuple(layer.info.conv.kernel_size) if layer.info.conv is not None else ())
     row_scale = None
     if any(r is not None for r in rows):
         row_scale = torch.stack([r if r is not None else torch.ones(out_f) for r in rows])  # (N, out)
