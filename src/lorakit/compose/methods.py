@@ -200,13 +200,15 @@ def outlier_mask(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 def della_probs(tv: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune keep probabilities of stacked sources ``tv`` (N, *weight shape): each source's entries
     ranked along its dim 1 (mergekit ``della_magprune``'s ``argsort(dim=1)``; a 1-D bias as one row), mapped
-    linearly to [d − ε, d + ε]."""
+    linearly to [d − ε, d + ε]. Where that dim has one entry (a 1-channel convolution's (out, 1, kh, kw), a
+    single-output bias) there is nothing to rank and the probability is d; mergekit divides 0 by 0 there."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}.")
     dim = min(2, tv.dim() - 1)
     ranks = torch.argsort(torch.argsort(tv.abs(), dim=dim), dim=dim).to(tv.dtype) + 1
     lo, hi = ranks.amin(dim, keepdim=True), ranks.amax(dim, keepdim=True)
-    return (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    norm = torch.where(hi > lo, (ranks - lo) / (hi - lo).clamp_min(1), torch.full_like(ranks, 0.5))
+    return (density - epsilon) + norm * 2 * epsilon
 
 
 def apply_mask(tv: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
