@@ -1025,6 +1025,7 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     (ICM-LoRA, arXiv 2501.17635; lorakit.compose.icm_lora_generator)."""
     from .compose.icm_lora import CvaeConfig
     from .compose.icm_lora_generator import IcmLoraConfig, generate_adapter, train_icm_lora
+    from .io.files import write_dir_atomically
 
     training = argv[:1] == ["train"]
     prog = "lorakit generate-adapter" + (" train" if training else "")
@@ -1061,7 +1062,8 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     args = p.parse_args(argv[1:] if training else argv)
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
-        check_output_dir(args.output, "--output", overwrite=args.overwrite)
+        inputs = [a.split("=", 1)[-1] for a in args.adapters] if training else [args.generator]
+        check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*inputs, args.model])
         if args.model is not None:
             from .hub import check_model
             check_model(args.model)  # the name now; the model loads once the adapters / the generator are read
@@ -1075,11 +1077,13 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
             log = None if args.quiet else (lambda r: print(f"epoch {r['epoch']}: loss {r['loss']:.4f} recon "
                                                            f"{r['recon']:.4f} kld {r['kld']:.4f}", file=sys.stderr))
             gen = train_icm_lora(args.adapters, config, model=model, tokenizer=tokenizer, log=log)
-            out = gen.save(args.output)
+            # the folder is replaced whole, as --overwrite says (it wrote into it, leaving the old files beside)
+            out = write_dir_atomically(args.output, gen.save)
             print(f"ICM-LoRA generator for {', '.join(sorted(gen.conditions))} written to {out}")
         else:
-            out = generate_adapter(args.generator, args.task, args.output, seed=args.seed,
-                                   temperature=args.temperature, model=model, tokenizer=tokenizer)
+            out = write_dir_atomically(args.output, lambda folder: generate_adapter(
+                args.generator, args.task, folder, seed=args.seed, temperature=args.temperature, model=model,
+                tokenizer=tokenizer))
             print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
     return run.status
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,19 @@ def test_icm_lora_cli_train_and_generate(collection, tmp_path, capsys):
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     assert main(["generate-adapter", "--task", "rotat", "--generator", str(gen), "--output", str(tmp_path / "b")]) == 2
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_icm_lora_cli_overwrite_replaces_the_output_folder_whole(generator, tmp_path, capsys):
+    """--overwrite says 'replace an existing --output folder' (as merge-adapters and transfer do); generate-adapter
+    wrote into it instead, so an old run's files stayed beside the new adapter."""
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "old_metrics.jsonl").write_text("{}\n")
+    assert main(["generate-adapter", "--task", "rotate", "--generator", str(generator), "--output", str(out),
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "icm_lora_generation.json"]
+    # an output folder that holds the generator would delete it
+    assert main(["generate-adapter", "--task", "rotate", "--generator", str(generator),
+                 "--output", str(Path(generator).parent), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err and Path(generator).is_dir()

@@ -112,8 +112,11 @@ def test_weights_scale_linearly(method, sources):
 
 
 def test_dora_with_a_sparsifying_method_or_lora_bias_is_refused(sources):
-    with pytest.raises(ConfigError, match="DoRA sources can be merged exactly only by linear"):
+    with pytest.raises(ConfigError, match="DoRA sources can be merged exactly only by linear") as err:
         merge_adapters([sources["dora"], sources["plain"]], None, "ties", model=tiny_llama(), density=0.5)
+    # it advised "export the DoRA adapters to plain LoRA first", but export writes a DoRA adapter as DoRA (PEFT's
+    # own format), so following the advice gave this error again
+    assert "plain LoRA first" not in str(err.value)
     with pytest.raises(ConfigError, match="lora_bias=True with DoRA"):
         merge_adapters([sources["dora"], sources["lora_bias"]], None, "cat", model=tiny_llama())
 
@@ -198,6 +201,35 @@ def test_modules_to_save_rule(tmp_path):
     merge_adapters([c, c], None, "linear", model=tiny_bert())
 
 
+def test_peft_sequence_classification_adapters_merge_and_load_back_in_peft(tmp_path):
+    """PEFT's SEQ_CLS task type writes modules_to_save ["classifier", "classifier", "score"] (a BERT has no
+    `score`); the sources loaded, but building the result refused the list ("modules_to_save entry 'score' matched
+    no module"), so no PEFT classification adapter could be merged. Reference: saved_modules="merge" is
+    θ_base + Σ w_i (θ_i − θ_base) (docs/merging.md), on the real PEFT models' classifier copies."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    heads = []
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                             task_type="SEQ_CLS", init_lora_weights=False))
+        head = peft_model.base_model.model.classifier.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.add_(0.1 * torch.randn_like(head.weight))
+        heads.append(head.weight.detach().clone())
+        peft_model.save_pretrained(str(tmp_path / name))
+    out = merge_adapters([tmp_path / "a", tmp_path / "b"], [0.3, 0.7], "linear", model=tiny_bert(),
+                         saved_modules="merge").save(tmp_path / "m")
+    merged = PeftModel.from_pretrained(tiny_bert(), str(out)).eval()
+    base_w = tiny_bert().classifier.weight.detach()
+    torch.testing.assert_close(merged.base_model.model.classifier.modules_to_save["default"].weight,
+                               base_w + 0.3 * (heads[0] - base_w) + 0.7 * (heads[1] - base_w))
+    ours = lk.load_adapter(tiny_bert(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
 def test_gpt2_conv1d_weighted_merge_equals_weighted_sum_in_peft(tmp_path, ids):
     """GPT-2 stores Conv1D weights as (in, out) (fan_in_fan_out): the merged file must say so and act the same."""
     from lk_models import tiny_gpt2
@@ -261,6 +293,35 @@ def test_a_fraction_above_one_is_refused_as_a_fraction(option, flag):
         MergeOptions(**option)
 
 
+@pytest.mark.parametrize("option,field", [
+    ({"lambda_": float("nan")}, "lambda_"), ({"lambda_": float("inf")}, "lambda_"),  # was a LinAlgError from the SVD
+    ({"gamma": -0.5}, "gamma"),  # breadcrumbs kept no entry: an all-zero adapter, written silently
+    ({"gamma": float("nan")}, "gamma"),  # was 'cannot convert float NaN to integer'
+    ({"epsilon": -0.1}, "epsilon"),  # DELLA inverted: the larger entries dropped more often
+    ({"epsilon": float("nan")}, "epsilon"),  # was torch.bernoulli's 'Expected p_in >= 0 && p_in <= 1'
+    ({"svd_rank": 2.5}, "svd_rank"), ({"svd_rank": True}, "svd_rank"),  # a TypeError from slicing / rank 1
+    ({"normalize": "no"}, "normalize"),  # a truthy string normalised
+    ({"rank_tolerance": -1.0}, "rank_tolerance"),
+])
+def test_option_values_outside_their_domain_are_refused(option, field):
+    """DELLA (Deep et al. arXiv:2406.11617 §3, mergekit sparsify.della_magprune) keeps entries with probabilities
+    in [density − ε, density + ε], the larger ones more often: ε ≥ 0. Breadcrumbs (mergekit
+    sparsify.magnitude_outliers) drops the gamma fraction of largest entries: 0 ≤ gamma < 1."""
+    from lorakit.compose.methods import MergeOptions
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be") as err:
+        MergeOptions(**option)
+    assert err.value.field == field
+
+
+def test_cli_option_outside_its_domain_is_an_error_naming_the_flag(sources, tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["merge-adapters", str(sources["plain"]), "--lambda", "nan", "--output", str(tmp_path / "m")]) == 2
+    assert "--lambda must be a finite number, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def _named_llama(name: str, **config):
     """A tiny Llama whose recorded name (``name_or_path``, saved as the adapter's base) is ``name``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -299,6 +360,20 @@ def test_a_source_that_fails_to_load_on_another_base_says_so_first(order, tmp_pa
                                                rf"merge's base '{ours}'; .*loading it failed"):
         merge_adapters(sources, model=model)
     assert adapter_names(model) == []
+
+
+def test_a_source_recording_no_base_that_does_not_fit_says_to_pass_the_model(tmp_path):
+    """peft on a model built from a config saves base_model_name_or_path null; merged without a model, the source
+    met the bundled base and the error was only 8 missing tensors, with no word of the base."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.core.errors import AdapterLoadError
+
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(AdapterLoadError, match=r"records no base model .* does not fit the merge's base 'bundled'; "
+                                               r"pass the model it was trained on .*loading it failed"):
+        merge_adapters([tmp_path / "a"])
+    merge_adapters([tmp_path / "a"], model=tiny_llama())  # with its model it merges
 
 
 def _trained_with_init(path, init, seed):

@@ -44,6 +44,25 @@ def test_cat_of_conv_adapters_equals_peft_with_both_active(tmp_path):
         torch.testing.assert_close(peft_merged(**unet_inputs()).sample, _peft_sample(paths), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_sparsifying_merges_of_a_one_channel_conv_load_in_peft(method, tmp_path):
+    """conv_in of a 1-channel UNet stores (out, 1, 3, 3): DELLA ranks along the stored dim 1 (mergekit
+    della_magprune), which has one entry, so there is nothing to rank — each entry is kept with probability
+    density (mergekit's 0/0 there is NaN). The merged file must be finite and load in PEFT as in lorakit."""
+    from lorakit.compose.methods import della_probs
+
+    probs = della_probs(torch.randn(2, 8, 1, 3, 3), 0.5, 0.2)
+    assert torch.equal(probs, torch.full_like(probs, 0.5))
+    paths = [make_adapter(tiny_unet, tmp_path / n, i, r=2, lora_alpha=4, target_modules=["conv_in", "conv1"])
+             for i, n in enumerate("ab")]
+    merged = merge_adapters(paths, [0.5, 0.5], method, model=tiny_unet(), density=0.5, seed=1).save(tmp_path / "m")
+    peft_merged = PeftModel.from_pretrained(tiny_unet(), str(merged)).eval()
+    with torch.no_grad():
+        expected = peft_merged(**unet_inputs()).sample
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(_lorakit_sample(merged), expected, atol=1e-5, rtol=0)
+
+
 def test_single_dora_conv_source_round_trips(tmp_path):
     path = make_adapter(tiny_unet, tmp_path / "d", 2, r=3, lora_alpha=3, use_dora=True, target_modules=TARGETS)
     merged = merge_adapters([path], [1.0], "linear", model=tiny_unet()).save(tmp_path / "m")

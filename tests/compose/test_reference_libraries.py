@@ -44,8 +44,10 @@ def _base(terms):
 
 
 def _mergekit(method, terms, params, seed=0):
-    base = _base(terms)
-    tv = terms.task_vectors()
+    """mergekit's merge of ``base + τ_i``, taken in the layer's stored layout (``terms.to_stored``: GPT-2 Conv1D
+    (in, out), a convolution's (out, in, *kernel)), returned as ΔW (out, in)."""
+    tv = terms.to_stored(terms.task_vectors())  # (N, *stored)
+    base = torch.randn(tv.shape[1:], generator=torch.Generator().manual_seed(99))
     group = TensorGroup.from_tensors([base, *(base + t for t in tv)], base_index=0)
     ids = [e.id for e in group.non_base]
     names = {p.name for p in method.spec.parameters}
@@ -56,7 +58,7 @@ def _mergekit(method, terms, params, seed=0):
             per_source[key] = {i: params[key] for i in ids}
     torch.manual_seed(seed)
     kwargs = {**defaults, **{k: v for k, v in params.items() if k not in ("density", "gamma", "epsilon")}, **per_source}
-    return method.merge_group(group, **kwargs) - base
+    return terms.from_stored((method.merge_group(group, **kwargs) - base)[None])[0]
 
 
 CASES = {  # lorakit method -> (mergekit method, lorakit options, mergekit parameters)
@@ -84,6 +86,22 @@ def test_equals_mergekit_on_full_weights(case):
     o = MergeOptions(**opts)
     res = METHODS[lk_name].merge(terms, o, torch.Generator().manual_seed(o.seed))
     got = res.B @ res.A if hasattr(res, "A") else res.delta
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [{"stored_transposed": True}, {"stored_kernel": (2, 2)}],
+                         ids=["conv1d_in_out", "conv2d_kernel"])
+@pytest.mark.parametrize("case", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_random_masks_and_della_rows_follow_the_stored_layout(case, layout):
+    """mergekit draws DARE/DELLA masks over the stored weight and DELLA ranks along its dim 1
+    (sparsify.py ``bernoulli``, ``della_magprune``: ``argsort(dim=1)``): for a GPT-2 Conv1D that is (in, out),
+    for a convolution (out, in, kh, kw). lorakit drew and ranked over its (out, in) view: other masks for the same
+    seed, and DELLA ranked other entries against each other."""
+    mk_name, opts, params = CASES[case]
+    terms = dataclasses.replace(_terms(), **layout)  # in 20 = 5 channels x 2 x 2 for the kernel layout
+    expected = _mergekit(registry.get(mk_name), terms, params, seed=opts["seed"])
+    o = MergeOptions(**opts)
+    got = METHODS[case].merge(terms, o, torch.Generator().manual_seed(o.seed)).delta
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -57,6 +57,14 @@ def test_shared_validators_name_their_field_as_data(make, field, text, worded, m
     assert parser.message(error) == worded
 
 
+@pytest.mark.parametrize("value", [float("nan"), 2.5, True])
+def test_positive_ints_refuse_nan_fractions_and_bools(value):
+    """A bare ``value <= 0`` let NaN (every comparison is False) and 2.5 through as 'positive integers' (e.g.
+    TransLoraConfig(steps=nan), IcmLoraConfig(epochs=2.5)); 3.0 (a JSON number) stays accepted."""
+    assert _raised(lambda: check_positive_ints(_Counts(n_blocks=value), "n_blocks")).field == "_Counts.n_blocks"
+    check_positive_ints(_Counts(n_blocks=3.0), "n_blocks")
+
+
 def test_a_qualified_field_flag_wins_over_the_plain_one():
     """``field_flags`` keyed ``Class.field`` (a config whose field has another flag) is the flag it gets."""
     error = _raised(lambda: check_positive_ints(_Counts(n_blocks=0), "n_blocks"))

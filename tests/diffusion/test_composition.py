@@ -94,6 +94,30 @@ def _official_switch(num_steps, loras, switch_step):
     return used
 
 
+@torch.no_grad()
+def test_ddpm_sampling_noise_comes_from_the_seed(unet):
+    # A stochastic sampler's per-step noise is drawn from the run's seeded generator, as diffusers pipelines pass
+    # `generator` to scheduler.step (DiffusionPipeline.prepare_extra_step_kwargs; DDPMScheduler.step draws its
+    # variance noise with randn_tensor(..., generator=generator)). Before, it came from torch's global generator:
+    # the same seed gave other images (max difference 2.0 on this model).
+    def reference():
+        sched = sampling_scheduler(build_scheduler(), "ddpm")
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn((N, 1, 8, 8), generator=g)
+        sched.set_timesteps(STEPS)
+        for t in sched.timesteps:
+            x = sched.step(_single(unet, "a", x, t, NULL_CLASS, 1.0), t, x, generator=g).prev_sample
+        return x.clamp(-1, 1)
+
+    got = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        got.append(compose_images(unet, sampling_scheduler(build_scheduler(), "ddpm"), ["a"], "composite",
+                                  num_images=N, num_inference_steps=STEPS, seed=3))
+    torch.testing.assert_close(got[0], reference(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], got[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("num_steps,k,s", [(20, 2, 5), (17, 3, 4), (7, 3, 1)])
 def test_switch_schedule_is_the_official_callbacks(num_steps, k, s):
     loras = [f"l{i}" for i in range(k)]
@@ -309,3 +333,12 @@ def test_bad_input_is_named(unet):
     for bad in (0, 7, -8):
         with pytest.raises(ConfigError, match="height must be a positive multiple"):
             compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1, height=bad)
+
+
+def test_nan_weights_and_guidance_are_refused(unet):
+    """A NaN merge weight made every image NaN; a NaN guidance_scale (NaN > 1 is False) turned guidance off silently."""
+    with pytest.raises(ConfigError, match="weights must be finite"):
+        make_config("merge", weights=[float("nan"), 1.0])
+    with pytest.raises(ConfigError, match="guidance_scale must be a finite number"):
+        compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1,
+                       guidance_scale=float("nan"))

@@ -165,6 +165,18 @@ def test_missing_files(saved, model_with_adapter, tmp_path):
     _load_fails(model_with_adapter, saved, "missing config file")
 
 
+def test_a_peft_folder_of_named_adapters_names_them(model_with_adapter, tmp_path):
+    """PEFT's save_pretrained writes an adapter that is not named "default" into a subfolder named after it; the
+    parent folder was refused only as 'missing config file'."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="task").save_pretrained(
+        str(tmp_path / "p"))
+    _load_fails(model_with_adapter, tmp_path / "p", rf"missing config file .*holds adapter folders: "
+                                                    rf"{re.escape(str(tmp_path / 'p' / 'task'))} \(PEFT saves")
+    lk.load_adapter(tiny_llama(), tmp_path / "p" / "task")
+
+
 def test_truncated_and_corrupted_safetensors(saved, model_with_adapter):
     path = saved / "adapter_model.safetensors"
     data = path.read_bytes()

@@ -49,8 +49,10 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
                      **options: Any):
     """A :class:`~lorakit.compose.merge.MergedAdapter` (plain LoRA) from mixture adapter ``name`` on ``model``.
 
-    ``calibration``: input_ids tensors (B, T), needed for ``expert_weights="routing"``. Raises ConfigError for
-    an unknown weighting, a missing calibration set or a delta that is neither experts nor a plain LoRA.
+    ``calibration``: input_ids tensors (B, T), needed for ``expert_weights="routing"``. ``method``: any merge
+    method, ``<method>_svd`` forms with ``svd_rank`` included. Raises ConfigError for an unknown weighting, a
+    missing calibration set or a delta that is neither experts nor a plain LoRA (a DoRA one included: its
+    magnitudes would be lost; :func:`~lorakit.compose.merge_adapters` merges DoRA exactly).
     """
     if expert_weights not in EXPERT_WEIGHTS:
         raise ConfigError(f"expert_weights must be one of {EXPERT_WEIGHTS}, got {expert_weights!r}.")
@@ -59,7 +61,7 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
     if name not in adapter_state(model).configs:
         raise ConfigError(f"no adapter {name!r} on this model; loaded: {list(adapter_state(model).configs)}")
     merge_method, truncate = get_merge_method(method)
-    opts = _options(dict(options), merge_method)
+    opts = _options(dict(options), merge_method, truncate)
     routing = _routing_weights(model, name, calibration) if expert_weights == "routing" else {}
     gen = torch.Generator().manual_seed(opts.seed)
     results, kinds = {}, {}
@@ -81,6 +83,10 @@ def collapse_experts(model: nn.Module, name: str = "default", method: str = "lin
                 results[f"{path}.{proj}"] = (result.A, result.B, None, None)
                 kinds[f"{path}.{proj}"] = "linear"
         else:
+            if hasattr(delta, "lora_magnitude_vector"):  # its units leave out the magnitude's row scaling
+                raise ConfigError(f"module {path!r}: adapter {name!r} is DoRA; collapse_experts copies plain LoRA parts "
+                                  f"unchanged and would drop its magnitudes. merge_adapters([{name!r}], model=model) "
+                                  f"writes a DoRA adapter exactly.")
             try:
                 units = delta.units()
             except NotImplementedError:

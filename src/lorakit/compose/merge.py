@@ -309,6 +309,19 @@ def _raise_if_other_base(model: nn.Module, sources, src, error: Exception) -> No
     if base and ours and not same_model(base, ours):
         raise AdapterLoadError(f"source {str(src)!r} was trained on base {base!r}, not on the merge's base {ours!r}; "
                                f"merge adapters of one base model (loading it failed: {error})") from None
+    if base is None and Path(src).is_dir() and _records_no_base(src):  # e.g. peft on a model built from a config
+        raise AdapterLoadError(f"source {str(src)!r} records no base model (base_model_name_or_path is null) and does "
+                               f"not fit the merge's base {ours or 'the bundled model'!r}; pass the model it was trained "
+                               f"on (model= / --model) (loading it failed: {error})") from None
+
+
+def _records_no_base(folder) -> bool:
+    from ..io.peft_format import read_adapter_config
+
+    try:
+        return not read_adapter_config(folder).base_model_name_or_path
+    except LorakitError:
+        return False
 
 
 def _cpu32(t: torch.Tensor) -> torch.Tensor:
@@ -359,7 +372,9 @@ def _module_terms(layer, names: list[str], weights: torch.Tensor, edits: dict[st
     terms = ModuleTerms(
         A=A, B=B, scaling=torch.tensor(s, dtype=torch.float32), weights=_cpu32(weights[present]),
         absent_weights=_cpu32(weights[[i for i in range(len(names)) if i not in present]]),
-        bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None)
+        bias=torch.stack([b if b is not None else torch.zeros(out_f) for b in bias]) if has_bias else None,
+        stored_transposed=layer.info.fan_in_fan_out and layer.info.conv is None,
+        stored_kernel=tuple(layer.info.conv.kernel_size) if layer.info.conv is not None else ())
     row_scale = None
     if any(r is not None for r in rows):
         row_scale = torch.stack([r if r is not None else torch.ones(out_f) for r in rows])  # (N, out)
@@ -393,7 +408,8 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
                 raise ConfigError(
                     f"module {path!r}: DoRA sources can be merged exactly only by linear, task_arithmetic, cat or svd "
                     f"(their magnitudes rescale the base weight row by row; {method_name!r} has no DoRA form). "
-                    f"Use one of those, or export the DoRA adapters to plain LoRA first.")
+                    f"Use one of those (a DoRA adapter has no exact plain-LoRA form: `lorakit export` keeps it "
+                    f"DoRA).")
             coef = method.coefficients(terms, opts)  # (N,) c_i
             gamma = (coef[:, None] * (row_scale - 1)).sum(0)  # (out,)
             if (1 + gamma).abs().min() < 1e-6:
@@ -469,7 +485,9 @@ def build_output(model, config, results, recipe, saved_state=None) -> MergedAdap
     file :func:`~lorakit.io.peft_format.save_adapter` would write. Nothing is built or attached on ``model``.
     ``saved_state(path)``: the state of a modules_to_save entry, copied here into the host module's dtypes."""
     host = dict(iter_host_modules(model))
-    saved = set(select_modules_to_save(model, config)) if saved_state is not None else set()
+    # not strict: the list is the sources' file lists (PEFT's SEQ_CLS writes ["classifier", "score"], of which
+    # a model has one), which loaded the same way
+    saved = set(select_modules_to_save(model, config, strict=False)) if saved_state is not None else set()
     state: dict[str, torch.Tensor] = {}
     infos = []
     with torch.no_grad():

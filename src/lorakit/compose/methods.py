@@ -27,7 +27,9 @@ forms). Formulas, with ``w_i`` the user's weights and ``τ_i = ΔW_i`` the task 
 - ``magnitude_prune``  magnitude trim then weighted sum (PEFT ``magnitude_prune``).
 - ``della`` / ``della_linear``  drop with probabilities linear in each row's magnitude rank (keep probability in
   [density − ε, density + ε], larger entries kept more often), then TIES / sum ("DELLA-Merging", Deep et al.,
-  arXiv:2406.11617; mergekit ``sparsify.della_magprune``, rescale ``l1`` as mergekit's default).
+  arXiv:2406.11617; mergekit ``sparsify.della_magprune``, rescale ``l1`` as mergekit's default). Rows, and the
+  order DARE/DELLA draw their masks in, are those of the layer's stored weight (``ModuleTerms.to_stored``), as
+  mergekit sees it.
 - ``breadcrumbs`` / ``breadcrumbs_ties``  drop the ``gamma`` largest and the smallest entries so ``density``
   remain, then sum / TIES ("Model Breadcrumbs", Davari & Belilovsky, arXiv:2312.06795; mergekit
   ``magnitude_outliers``).
@@ -41,7 +43,9 @@ tensors, merged separately with the same method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Callable
 
 import torch
@@ -62,6 +66,11 @@ class ModuleTerms:
     # weights of the merge's other sources, which do not adapt this module: their ΔW here is 0, but they still
     # count where a method divides by Σ w (normalize) or takes statistics over the sources (SCE's variance)
     absent_weights: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    # how the layer stores its weight, which ΔW (out, in) is a view of: transposed (in, out) for GPT-2 Conv1D and
+    # nn.Embedding, (out, in, *kernel) for convolutions. DARE/DELLA draw their masks and DELLA ranks its rows in
+    # that layout, as mergekit does on the stored weights.
+    stored_transposed: bool = False
+    stored_kernel: tuple[int, ...] = ()
 
     def weight_total(self) -> torch.Tensor:
         """Σ w over every source of the merge, those absent from this module included."""
@@ -75,6 +84,18 @@ class ModuleTerms:
         A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in self.A])
         B = torch.stack([torch.nn.functional.pad(b, (0, r_max - b.shape[1])) for b in self.B])
         return A, B
+
+    def to_stored(self, tv: torch.Tensor) -> torch.Tensor:
+        """(N, out, in) -> (N, *stored weight shape), contiguous (so random draws follow the stored order)."""
+        if self.stored_kernel:
+            return tv.reshape(*tv.shape[:2], -1, *self.stored_kernel)  # (N, out, in, *kernel): same memory order
+        return (tv.transpose(1, 2) if self.stored_transposed else tv).contiguous()
+
+    def from_stored(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_stored`: (N, out, in)."""
+        if self.stored_kernel:
+            return t.reshape(*t.shape[:2], -1)
+        return t.transpose(1, 2) if self.stored_transposed else t
 
     def task_vectors(self) -> torch.Tensor:
         """τ_i = s_i B_i A_i stacked: (N, out, in), one batched matmul."""
@@ -121,8 +142,25 @@ class MergeOptions:
             why = ("density 0 keeps no entry, so the merge would be an all-zero adapter" if self.density <= 0 else
                    "it is the fraction of entries kept, 1 keeps them all")
             raise ConfigError(f"{FIELD} must be in (0, 1], got {self.density}: {why}.", field="density")
-        if self.svd_rank is not None and self.svd_rank <= 0:
-            raise ConfigError(f"{FIELD} must be a positive integer, got {self.svd_rank}.", field="svd_rank")
+        if self.svd_rank is not None and (isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, Integral)
+                                          or self.svd_rank <= 0):
+            raise ConfigError(f"{FIELD} must be a positive integer, got {self.svd_rank!r}.", field="svd_rank")
+        if self.normalize not in (None, True, False):
+            raise ConfigError(f"{FIELD} must be True, False or None (the method's default), got {self.normalize!r}.",
+                              field="normalize")
+        # NaN/inf reach the SVD as a LinAlgError; a negative gamma kept no entry (an all-zero adapter, silently) and a
+        # negative epsilon inverts DELLA (larger entries dropped more often)
+        if not math.isfinite(self.lambda_):
+            raise ConfigError(f"{FIELD} must be a finite number, got {self.lambda_}.", field="lambda_")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.epsilon}: DELLA keeps entries with probabilities "
+                              f"density ± epsilon, the larger entries the more often.", field="epsilon")
+        if not 0.0 <= self.gamma < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.gamma}: it is the fraction of the largest entries "
+                              f"breadcrumbs drops.", field="gamma")
+        if not 0.0 <= self.rank_tolerance < 1.0:
+            raise ConfigError(f"{FIELD} must be in [0, 1), got {self.rank_tolerance}: singular values below it times "
+                              f"the largest are cut.", field="rank_tolerance")
         if self.majority_sign_method not in ("total", "frequency"):
             raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}.",
                               field="majority_sign_method")
@@ -160,12 +198,17 @@ def outlier_mask(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 
 
 def della_probs(tv: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MagPrune keep probabilities: rank within each row, mapped linearly to [d − ε, d + ε]."""
+    """DELLA's MagPrune keep probabilities of stacked sources ``tv`` (N, *weight shape): each source's entries
+    ranked along its dim 1 (mergekit ``della_magprune``'s ``argsort(dim=1)``; a 1-D bias as one row), mapped
+    linearly to [d − ε, d + ε]. Where that dim has one entry (a 1-channel convolution's (out, 1, kh, kw), a
+    single-output bias) there is nothing to rank and the probability is d; mergekit divides 0 by 0 there."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}.")
-    ranks = torch.argsort(torch.argsort(tv.abs(), dim=-1), dim=-1).to(tv.dtype) + 1
-    lo, hi = ranks.amin(-1, keepdim=True), ranks.amax(-1, keepdim=True)
-    return (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    dim = min(2, tv.dim() - 1)
+    ranks = torch.argsort(torch.argsort(tv.abs(), dim=dim), dim=dim).to(tv.dtype) + 1
+    lo, hi = ranks.amin(dim, keepdim=True), ranks.amax(dim, keepdim=True)
+    norm = torch.where(hi > lo, (ranks - lo) / (hi - lo).clamp_min(1), torch.full_like(ranks, 0.5))
+    return (density - epsilon) + norm * 2 * epsilon
 
 
 def apply_mask(tv: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
@@ -272,18 +315,22 @@ def _cat_merge(terms: ModuleTerms, opts: MergeOptions, gen) -> LowRank:
 def _task_family(sparsify: str | None, consensus: bool, normalize_default: bool, rescale_default: str):
     """mergekit's generalized task arithmetic: sparsify each τ_i, weight, optional sign consensus, normalise."""
 
-    def on_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions, gen, absent: torch.Tensor) -> torch.Tensor:
+    def on_tensor(tv: torch.Tensor, w: torch.Tensor, opts: MergeOptions, gen, absent: torch.Tensor,
+                  layout: ModuleTerms | None = None) -> torch.Tensor:
         rescale = opts.rescale or rescale_default
         d = opts.density
         if sparsify and d < 1:
+            stored = layout.to_stored(tv) if layout is not None else tv  # ``layout``: ΔW's, None for a bias
+            back = layout.from_stored if layout is not None else (lambda t: t)
             if sparsify == "magnitude":
-                tv = apply_mask(tv, magnitude_mask(tv, d), rescale, d)
+                mask = magnitude_mask(tv, d)
             elif sparsify == "random":
-                tv = apply_mask(tv, torch.bernoulli(torch.full_like(tv, d), generator=gen), rescale, d)
+                mask = back(torch.bernoulli(torch.full_like(stored, d), generator=gen))
             elif sparsify == "della":
-                tv = apply_mask(tv, torch.bernoulli(della_probs(tv, d, opts.epsilon), generator=gen), rescale, d)
-            elif sparsify == "outliers":
-                tv = apply_mask(tv, outlier_mask(tv, d, opts.gamma), rescale, d)
+                mask = back(torch.bernoulli(della_probs(stored, d, opts.epsilon), generator=gen))
+            else:  # "outliers"
+                mask = outlier_mask(tv, d, opts.gamma)
+            tv = apply_mask(tv, mask, rescale, d)
         wv = w.view(-1, *([1] * (tv.dim() - 1)))
         weighted = tv * wv
         normalize = normalize_default if opts.normalize is None else opts.normalize
@@ -299,7 +346,7 @@ def _task_family(sparsify: str | None, consensus: bool, normalize_default: bool,
         return merged * opts.lambda_
 
     def merge(terms: ModuleTerms, opts: MergeOptions, gen) -> Dense:
-        delta = on_tensor(terms.task_vectors(), terms.weights, opts, gen, terms.absent_weights)
+        delta = on_tensor(terms.task_vectors(), terms.weights, opts, gen, terms.absent_weights, terms)
         bias = None if terms.bias is None else on_tensor(terms.bias, terms.weights, opts, gen, terms.absent_weights)
         return Dense(delta=delta, bias=bias)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import numbers
 import re
 import types
 import typing
@@ -70,9 +71,10 @@ def check_positive_ints(config: Any, *names: str, optional: bool = False) -> Non
         value = getattr(config, name)
         if optional and value is None:
             continue
-        if value <= 0:
+        whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value <= 0:  # NaN and 2.5 passed a bare `value <= 0`
             raise field_error(config, name, f" must be a positive integer{' or None' if optional else ''}, "
-                                            f"got {value}.")
+                                            f"got {value!r}.")
 
 
 def check_non_negative(config: Any, *names: str, note: str = "", finite: bool = False) -> None:

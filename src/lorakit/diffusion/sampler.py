@@ -19,6 +19,8 @@ l.1037-1071).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -165,6 +167,15 @@ class Run:
         return self.guide(self.unet(xs, t, class_labels=labels).sample, 1)[0]
 
 
+def scheduler_step(scheduler: Any, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """``scheduler.step(eps, t, x).prev_sample``, drawing any sampling noise (DDPM's variance, DDIM with η > 0)
+    from ``generator`` when the scheduler takes one, as diffusers pipelines do (``prepare_extra_step_kwargs``);
+    without it a stochastic sampler draws from torch's global generator and ``seed`` would not fix the images."""
+    takes = "generator" in inspect.signature(scheduler.step).parameters
+    return scheduler.step(eps, t, x, **({"generator": generator} if takes else {})).prev_sample
+
+
 def _check_loras(unet: nn.Module, loras: Sequence[str]) -> None:
     if not loras:
         raise ConfigError("give at least one LoRA to compose")
@@ -198,6 +209,8 @@ def compose_images(unet: nn.Module, scheduler: Any, loras: Sequence[str], method
     _check_loras(unet, loras)
     if num_images <= 0 or num_inference_steps <= 0:
         raise ConfigError(f"num_images and num_inference_steps must be positive, got {num_images}, {num_inference_steps}")
+    if not math.isfinite(guidance_scale):  # NaN > 1 is False: guidance was silently off
+        raise ConfigError(f"guidance_scale must be a finite number (> 1 to use guidance), got {guidance_scale}")
     label = NULL_CLASS if class_label is None else int(class_label)
     if not 0 <= label <= NULL_CLASS:
         raise ConfigError(f"class_label must be in 0..{NULL_CLASS - 1} or None, got {class_label}")
@@ -224,7 +237,7 @@ def compose_images(unet: nn.Module, scheduler: Any, loras: Sequence[str], method
                     method_obj.start(run)
                 for i, t in enumerate(run.timesteps):
                     eps = method_obj.noise(run, i, t, scheduler.scale_model_input(x, t))
-                    x = scheduler.step(eps, t, x).prev_sample
+                    x = scheduler_step(scheduler, eps, t, x, g)
             finally:
                 if hasattr(method_obj, "finish"):
                     method_obj.finish(run)

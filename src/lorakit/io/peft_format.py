@@ -144,6 +144,12 @@ def read_adapter_config(directory: str | os.PathLike):
         checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if (p / CONFIG_NAME).is_file())
         raise AdapterLoadError(f"{directory} is a training run folder, not an adapter folder; did you mean "
                                f"{inner}?" + (f" (its checkpoints: {', '.join(checkpoints)})" if checkpoints else ""))
+    if not path.is_file():  # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of its name
+        inside = sorted(str(p) for p in directory.iterdir() if (p / CONFIG_NAME).is_file())[:5]
+        if inside:
+            raise AdapterLoadError(f"missing config file {path}; {directory} holds adapter folders: "
+                                   f"{', '.join(inside)} (PEFT saves an adapter not named 'default' in a subfolder "
+                                   f"named after it); give one of them")
     raw = read_json(path)
     try:
         method = method_for_file(raw, source=str(path))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ...core.errors import FIELD, ConfigError
-from ..sampler import CompositionConfig, Run, register_composition
+from ..sampler import CompositionConfig, Run, register_composition, scheduler_step
 from ..unet_cache import cached_unet_forward
 
 
@@ -156,7 +156,7 @@ def profile_loras(run: Run, config: CMLoRAConfig) -> dict[str, float]:
     for t in sched.timesteps:
         with routing(adapter_names=names):
             eps = unet(sched.scale_model_input(x, t), t, class_labels=labels).sample
-        x = sched.step(eps, t, x).prev_sample
+        x = scheduler_step(sched, eps, t, x, g)
     sched.set_timesteps(run.num_steps)  # the run's own schedule back
     images = x.clamp(-1, 1).mean(dim=1)  # (K·n, H, W): channel mean, as the official np.mean(latents[0], axis=0)
     scores = [mean_relative_log_amplitude(im, config.high_frequency_start) for im in images]

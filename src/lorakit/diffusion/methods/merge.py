@@ -8,9 +8,10 @@ once per generation (``merge_adapter``, exact restore afterwards), so each step 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ...core.errors import ConfigError
+from ...core.errors import FIELD, ConfigError
 from ...core.model import merge_adapter, set_adapter
 from ..sampler import CompositionConfig, Run, lora_scaling, register_composition
 
@@ -25,6 +26,8 @@ class MergeConfig(CompositionConfig):
         super().__post_init__()
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
+            if not all(math.isfinite(w) for w in self.weights):  # a NaN weight made every image NaN
+                raise ConfigError(f"{FIELD} must be finite numbers, got {self.weights}", field="weights")
 
 
 @register_composition("merge", MergeConfig, "weighted sum of the LoRA deltas merged into the weights")
