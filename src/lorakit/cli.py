@@ -876,25 +876,56 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 _DELTA_PARTS = ("lora_", "router", "classifier", "gate")  # first key component that belongs to the delta
 
 
-def _adapted_modules(keys: Sequence[str], config) -> list[str]:
-    """The host modules a saved adapter adapts: the longest key prefix that is a module of its base model (built
-    on the meta device from the base's config); without the base's config, the key up to its first delta part."""
+def _meta_base(config):
+    """The adapter's base model (``base_model_name_or_path``) built on the meta device from its config alone, or
+    None when it has none or it cannot be built here."""
+    base = getattr(config, "base_model_name_or_path", None)
+    if not base:
+        return None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .hub import resolve_model_path  # a bundled asset folder of another installation -> ours
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(base),
+                                                                               local_files_only=True))
+    except Exception:  # any failure to rebuild the base: inspect reads the file alone
+        return None
+
+
+def _check_tensors(meta_base, directory: Path, config, tensors) -> bool:
+    """``load_adapter``'s checks of the tensors against the config (AdapterLoadError on a mismatch), on the base
+    built on the meta device; a method whose deltas are built from the base weights (an SVD of them: LoRA-XS,
+    LaMDA …) is checked on the real base, loaded from its local files. False where that cannot be loaded."""
+    from .io.peft_format import check_adapter_tensors
+
+    try:
+        check_adapter_tensors(meta_base, directory, config, tensors)
+        return True
+    except (NotImplementedError, RuntimeError) as e:  # torch's "Cannot copy out of meta tensor": it read a weight
+        if "meta" not in str(e):
+            raise
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from .hub import resolve_model_path
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.base_model_name_or_path),
+                                                    local_files_only=True)
+    except Exception:  # noqa: BLE001  (no local weights: inspect reads the file alone and says so)
+        return False
+    check_adapter_tensors(base, directory, config, tensors)
+    return True
+
+
+def _adapted_modules(keys: Sequence[str], base) -> list[str]:
+    """The host modules a saved adapter adapts: the longest key prefix that is a module of its base model
+    (``_meta_base``); without it, the key up to its first delta part."""
     from .io.peft_format import PREFIX
 
-    host: set[str] | None = None
-    base = getattr(config, "base_model_name_or_path", None)
-    if base:
-        try:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            from .hub import resolve_model_path  # a bundled asset folder of another installation -> ours
-
-            with torch.device("meta"):
-                host = {n for n, _ in AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(resolve_model_path(base), local_files_only=True)).named_modules() if n}
-        except Exception:  # any failure to rebuild the base: fall back to reading the keys alone
-            host = None
+    host = None if base is None else {n for n, _ in base.named_modules() if n}
     modules = set()
     for key in keys:
         parts = key.removeprefix(PREFIX).split(".")
@@ -909,7 +940,7 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
+    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
     inner = run_adapter(directory)
@@ -918,7 +949,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         directory = inner
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
-    modules = _adapted_modules(list(tensors), config)
+    base = _meta_base(config)
+    checked = base is not None and _check_tensors(base, directory, config, tensors)
+    modules = _adapted_modules(list(tensors), base)
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     print(f"adapter:   {directory}")
@@ -926,6 +959,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:   {len(tensors)} ({n_params:,} parameters, {', '.join(dtypes)}), "
           f"{(directory / WEIGHTS_NAME).stat().st_size / 1e6:.2f} MB")
     print(f"modules:   {len(modules)} adapted" + (f", e.g. {modules[0]}" if modules else ""))
+    print(f"checked:   tensors match the config on {config.base_model_name_or_path}" if checked else
+          "checked:   not against a base model (base_model_name_or_path is unset or cannot be loaded here)")
     tasks = read_task_index(directory)
     if tasks:
         print(f"tasks:     {', '.join(sorted(tasks, key=tasks.get))} (routing key ids 0..{len(tasks) - 1})")
