@@ -333,7 +333,13 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(unexpected)} tensor(s) match no adapted module of this model: {hints}. "
             f"Is this adapter for a different base model, or are target_modules different?"
         )
-    missing = [k for k in expected if k not in given]
+    method = get_method(plan.config)
+    if method.check_file is not None:
+        try:
+            method.check_file(plan.config, given)
+        except AdapterLoadError as e:
+            raise AdapterLoadError(f"{directory}: {e}") from None
+    missing = [k for k in expected if k not in given and k.rsplit(".", 1)[-1] not in method.optional_keys]
     if missing:
         raise AdapterLoadError(
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
@@ -365,4 +371,5 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
 
 def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:
     for k, t in module.state_dict(keep_vars=True).items():
-        t.copy_(given[f"{path}.{k}"].to(dtype=t.dtype, device=t.device))
+        if f"{path}.{k}" in given:  # (the checks let only a method's optional_keys be absent)
+            t.copy_(given[f"{path}.{k}"].to(dtype=t.dtype, device=t.device))
