@@ -288,6 +288,29 @@ def _check_resume_base(checkpoint: Path, args) -> None:
                            f"the flags of that run (its {saved_file}).")
 
 
+def _adapter_base_mismatch(adapter: str | None, args) -> str | None:
+    """Why ``adapter`` (a folder ``lorakit train`` wrote: its ``adapter/`` or a ``checkpoint-N``, or the run folder)
+    was trained on another 4-bit setting of the base than these flags load (its run folder's base.json), or None.
+    Only the stored weights count: --quantize and --double-quant (--compute-dtype changes the matmuls' dtype only)."""
+    from .io.files import read_json
+    from .io.peft_format import run_adapter
+
+    if not adapter:
+        return None
+    folder = Path(adapter)
+    run = folder if run_adapter(folder) is not None else folder.parent
+    saved_file = run / BASE_FILE
+    if not saved_file.is_file():
+        return None  # not in a run folder, or written before base.json existed
+    quantize = getattr(args, "quantize", None)
+    saved = read_json(saved_file)
+    now = {"quantize": quantize, "double_quant": _quantize_config(args).double_quant if quantize else None}
+    diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, this command {now[k]!r}"
+            for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
+    return None if not diff else (f"{adapter} was trained on another base than this command loads ({'; '.join(diff)}; "
+                                  f"its run's {saved_file})")
+
+
 LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
@@ -311,6 +334,10 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
     _quantize_config(args)  # --compute-dtype without --quantize: before the model loads
+    mismatch = _adapter_base_mismatch(getattr(args, "adapter", None), args)
+    if mismatch:  # eval / generate on another base may be what the user wants to measure: said, not refused
+        print(f"warning: {mismatch}; its outputs differ from the trained model's. Pass the run's flags to use the "
+              "base it was trained on.", file=sys.stderr)
     if getattr(args, "rank", None) is not None and not getattr(args, "adapter", None):  # before the model loads
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
@@ -993,6 +1020,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io.files import write_dir_atomically
 
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
+    _quantize_config(args)  # --compute-dtype without --quantize: refused first, as before
+    mismatch = _adapter_base_mismatch(args.adapter, args)
+    if mismatch:  # a merged model is kept and shipped: it must be the model that was trained
+        raise LorakitError(f"{mismatch}. Merging would write a model other than the one trained (W + ΔW for the "
+                           "full-precision W, where the adapter learned ΔW against the 4-bit weights). Pass the run's "
+                           "flags (e.g. --quantize nf4: the dequantized 4-bit weights + ΔW, saved in full precision); "
+                           "to merge into the other base on purpose, copy the adapter folder out of its run folder.")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
     model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
