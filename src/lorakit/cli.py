@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
-from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_arg
+from .cli_parser import CommandParser, DefaultsFormatter, device_arg, json_arg, positive_int, seed_arg
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -1338,15 +1338,7 @@ def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 # -- parser: one function per subcommand -----------------------------------------------------------------
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" for flags whose help does not already state it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default:" in text or hidden or not action.option_strings:  # by identity: a default of 0 is shown
-            return text
-        return f"{text} (default: %(default)s)".strip()
+_Formatter = DefaultsFormatter
 
 
 def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
