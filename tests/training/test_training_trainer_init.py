@@ -303,3 +303,32 @@ def test_distributed_trainer_refuses_a_pending_data_driven_init(tmp_path):
         assert record["world_size"] == 2 and record["global_step"] == 0 and record["adapter_unchanged"]
         assert "'corda' is data-driven" in record["error"] and "(2 processes)" in record["error"]
         assert "lorakit.init_adapter(model, 'default', batches)" in record["error"]
+
+
+def test_resuming_after_eva_points_a_user_built_optimizer_at_the_rebuilt_adapter(make_model, tokenizer, reverse_train,
+                                                                                tmp_path):
+    """Trainer(optimizers=(make_optimizer(...), None)): the optimizer holds the fresh model's parameters before
+    Trainer's resume rebuilds EVA's ranks, then Trainer loads the checkpoint's moments into it. It is pointed at the
+    rebuilt parameters first (was: the shape error before; with only the rebuild, a group of the wrong size), and the
+    resumed run ends as the straight one."""
+    from lorakit.training import TrainConfig, make_optimizer
+
+    def run(output_dir, resume=None):
+        model = make_model(lk.LoraConfig(r=1, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                         init_lora_weights="eva"))
+        inits.set_init_options(model, "default", rho=8.0)
+        optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=1e-2))
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer), optimizers=(optimizer, None),
+                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert held == {id(p) for p in model.parameters() if p.requires_grad}
+        return model
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.lorakit.configs["default"] == straight.lorakit.configs["default"]
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
