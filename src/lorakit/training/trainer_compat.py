@@ -26,7 +26,9 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   original_base=True)`` undo the base edits as the straight run's do, and an init that reshaped the adapter (EVA's
   ranks) has its shapes rebuilt before Trainer copies the tensors in (a user-built optimizer is pointed at the new
   parameters). A checkpoint without that record (written by an older lorakit) resuming a base-editing init
-  (CorDA, LoRA-GA …) is refused with a ConfigError: the edits could no longer be undone;
+  (CorDA, LoRA-GA …) is refused with a ConfigError: the edits could no longer be undone. (The record rides on
+  ``model.state_dict`` / ``load_state_dict``, which Trainer uses for plain and DDP runs; FSDP and DeepSpeed load
+  their own checkpoint formats and are not covered);
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
   ``output_dir/adapter`` (Trainer's own ``model.safetensors`` has lorakit's wrapped module names, which
