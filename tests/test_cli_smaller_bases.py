@@ -79,3 +79,23 @@ def test_4bit_flags_without_quantize_are_refused(no_model_load, capsys, monkeypa
               str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert main([*command, *flag]) == 2
     assert "without --quantize: these flags set up the 4-bit base" in capsys.readouterr().err
+
+
+def test_merging_a_qlora_adapter_without_its_4bit_base_is_refused_and_eval_warns(tmp_path, capsys):
+    """A run trained with --quantize nf4 (its base.json records it): `lorakit merge` without --quantize merged ΔW
+    into the full-precision weights, a model other than the one trained, with no trace. Now refused before the model
+    loads, naming base.json and the flag; with --quantize nf4 it merges. generate / eval on the other base warn."""
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "run"
+    assert main(["train", "--quantize", "nf4", "--steps", "1", "--batch-size", "2", "--train-examples", "4",
+                 "--eval-examples", "1", "--r", "2", "--quiet", "--num-threads", "1", "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize: trained 'nf4', this command None" in err and str(run / "base.json") in err, err
+    assert "--quantize nf4" in err and not (tmp_path / "merged").exists()
+    assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "ab", "--max-new-tokens", "1"]) == 0
+    assert "warning: " in capsys.readouterr().err
+    assert main(["merge", "--quantize", "nf4", "--adapter", str(run / "adapter"), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
-from .cli_parser import CommandParser, device_arg, json_arg, positive_int, seed_arg
+from .cli_parser import CommandParser, DefaultsFormatter, device_arg, json_arg, positive_int, seed_arg
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -287,6 +287,29 @@ def _check_resume_base(checkpoint: Path, args) -> None:
                            f"the flags of that run (its {saved_file}).")
 
 
+def _adapter_base_mismatch(adapter: str | None, args) -> str | None:
+    """Why ``adapter`` (a folder ``lorakit train`` wrote: its ``adapter/`` or a ``checkpoint-N``, or the run folder)
+    was trained on another 4-bit setting of the base than these flags load (its run folder's base.json), or None.
+    Only the stored weights count: --quantize and --double-quant (--compute-dtype changes the matmuls' dtype only)."""
+    from .io.files import read_json
+    from .io.peft_format import run_adapter
+
+    if not adapter:
+        return None
+    folder = Path(adapter)
+    run = folder if run_adapter(folder) is not None else folder.parent
+    saved_file = run / BASE_FILE
+    if not saved_file.is_file():
+        return None  # not in a run folder, or written before base.json existed
+    quantize = getattr(args, "quantize", None)
+    saved = read_json(saved_file)
+    now = {"quantize": quantize, "double_quant": _quantize_config(args).double_quant if quantize else None}
+    diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, this command {now[k]!r}"
+            for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
+    return None if not diff else (f"{adapter} was trained on another base than this command loads ({'; '.join(diff)}; "
+                                  f"its run's {saved_file})")
+
+
 LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
@@ -310,6 +333,10 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
     _quantize_config(args)  # --compute-dtype without --quantize: before the model loads
+    mismatch = _adapter_base_mismatch(getattr(args, "adapter", None), args)
+    if mismatch:  # eval / generate on another base may be what the user wants to measure: said, not refused
+        print(f"warning: {mismatch}; its outputs differ from the trained model's. Pass the run's flags to use the "
+              "base it was trained on.", file=sys.stderr)
     if getattr(args, "rank", None) is not None and not getattr(args, "adapter", None):  # before the model loads
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
     overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
@@ -877,25 +904,56 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 _DELTA_PARTS = ("lora_", "router", "classifier", "gate")  # first key component that belongs to the delta
 
 
-def _adapted_modules(keys: Sequence[str], config) -> list[str]:
-    """The host modules a saved adapter adapts: the longest key prefix that is a module of its base model (built
-    on the meta device from the base's config); without the base's config, the key up to its first delta part."""
+def _meta_base(config):
+    """The adapter's base model (``base_model_name_or_path``) built on the meta device from its config alone, or
+    None when it has none or it cannot be built here."""
+    base = getattr(config, "base_model_name_or_path", None)
+    if not base:
+        return None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .hub import resolve_model_path  # a bundled asset folder of another installation -> ours
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(base),
+                                                                               local_files_only=True))
+    except Exception:  # any failure to rebuild the base: inspect reads the file alone
+        return None
+
+
+def _check_tensors(meta_base, directory: Path, config, tensors) -> bool:
+    """``load_adapter``'s checks of the tensors against the config (AdapterLoadError on a mismatch), on the base
+    built on the meta device; a method whose deltas are built from the base weights (an SVD of them: LoRA-XS,
+    LaMDA …) is checked on the real base, loaded from its local files. False where that cannot be loaded."""
+    from .io.peft_format import check_adapter_tensors
+
+    try:
+        check_adapter_tensors(meta_base, directory, config, tensors)
+        return True
+    except (NotImplementedError, RuntimeError) as e:  # torch's "Cannot copy out of meta tensor": it read a weight
+        if "meta" not in str(e):
+            raise
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from .hub import resolve_model_path
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.base_model_name_or_path),
+                                                    local_files_only=True)
+    except Exception:  # noqa: BLE001  (no local weights: inspect reads the file alone and says so)
+        return False
+    check_adapter_tensors(base, directory, config, tensors)
+    return True
+
+
+def _adapted_modules(keys: Sequence[str], base) -> list[str]:
+    """The host modules a saved adapter adapts: the longest key prefix that is a module of its base model
+    (``_meta_base``); without it, the key up to its first delta part."""
     from .io.peft_format import PREFIX
 
-    host: set[str] | None = None
-    base = getattr(config, "base_model_name_or_path", None)
-    if base:
-        try:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            from .hub import resolve_model_path  # a bundled asset folder of another installation -> ours
-
-            with torch.device("meta"):
-                host = {n for n, _ in AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(resolve_model_path(base), local_files_only=True)).named_modules() if n}
-        except Exception:  # any failure to rebuild the base: fall back to reading the keys alone
-            host = None
+    host = None if base is None else {n for n, _ in base.named_modules() if n}
     modules = set()
     for key in keys:
         parts = key.removeprefix(PREFIX).split(".")
@@ -910,7 +968,7 @@ def _adapted_modules(keys: Sequence[str], config) -> list[str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
+    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
     inner = run_adapter(directory)
@@ -919,7 +977,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         directory = inner
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
-    modules = _adapted_modules(list(tensors), config)
+    base = _meta_base(config)
+    checked = base is not None and _check_tensors(base, directory, config, tensors)
+    modules = _adapted_modules(list(tensors), base)
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     print(f"adapter:   {directory}")
@@ -927,6 +987,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:   {len(tensors)} ({n_params:,} parameters, {', '.join(dtypes)}), "
           f"{(directory / WEIGHTS_NAME).stat().st_size / 1e6:.2f} MB")
     print(f"modules:   {len(modules)} adapted" + (f", e.g. {modules[0]}" if modules else ""))
+    print(f"checked:   tensors match the config on {config.base_model_name_or_path}" if checked else
+          "checked:   not against a base model (base_model_name_or_path is unset or cannot be loaded here)")
     tasks = read_task_index(directory)
     if tasks:
         print(f"tasks:     {', '.join(sorted(tasks, key=tasks.get))} (routing key ids 0..{len(tasks) - 1})")
@@ -959,6 +1021,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io.files import write_dir_atomically
 
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
+    _quantize_config(args)  # --compute-dtype without --quantize: refused first, as before
+    mismatch = _adapter_base_mismatch(args.adapter, args)
+    if mismatch:  # a merged model is kept and shipped: it must be the model that was trained
+        raise LorakitError(f"{mismatch}. Merging would write a model other than the one trained (W + ΔW for the "
+                           "full-precision W, where the adapter learned ΔW against the 4-bit weights). Pass the run's "
+                           "flags (e.g. --quantize nf4: the dequantized 4-bit weights + ΔW, saved in full precision); "
+                           "to merge into the other base on purpose, copy the adapter folder out of its run folder.")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
     model, tokenizer = _load_with_adapter(args, any_model=True)
     if args.quantize:  # the adapter was trained on the 4-bit base: merge into its dequantized weights
@@ -1282,15 +1351,7 @@ def cmd_pretrain_base(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 # -- parser: one function per subcommand -----------------------------------------------------------------
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" for flags whose help does not already state it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default:" in text or hidden or not action.option_strings:  # by identity: a default of 0 is shown
-            return text
-        return f"{text} (default: %(default)s)".strip()
+_Formatter = DefaultsFormatter
 
 
 def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:

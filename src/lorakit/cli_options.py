@@ -55,6 +55,27 @@ def _docstrings(config_cls: type) -> str:
     return " ".join(inspect.getdoc(c) or "" for c in config_cls.__mro__ if c is not object)
 
 
+# What an unset (None / empty) default means, for shared fields whose help does not say it.
+EMPTY_DEFAULTS = {
+    "exclude_modules": "none excluded", "layers_to_transform": "every layer", "layers_pattern": "'layers' or 'h'",
+    "modules_to_save": "none", "rank_pattern": "r for every module", "alpha_pattern": "lora_alpha for every module",
+}
+
+
+def default_text(config_cls: type, f: dataclasses.Field, text: str, default: Any) -> str:
+    """The ``(default: …)`` tail of a field's --help: the value, or for an unset one (None, "", [], {}) what it means
+    (the help's own "None: …" clause, ``EMPTY_DEFAULTS``), never a bare None or an empty value; "" when the help
+    already says it ("by default …")."""
+    if default not in (None, "", [], {}) or isinstance(default, bool):
+        return f"(default: {default!r})" if not isinstance(default, str) else f"(default: {default})"
+    said = re.search(r"None(?::| =| means) ([^;)]+)", text)
+    if said:
+        return f"(default: {said.group(1).strip()})"
+    if re.search(r"\bdefault\b", text):
+        return ""
+    return f"(default: {EMPTY_DEFAULTS.get(f.name, 'none')})"
+
+
 def field_help(config_cls: type, f: dataclasses.Field) -> str:
     if f.metadata.get("help"):
         return str(f.metadata["help"])
@@ -111,7 +132,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, prefix
             default = "all-linear"
         text = field_help(config_cls, f)
         choices = field_choices(config_cls, f, hint)
-        tail = f"(default: {default!r})" if not isinstance(default, str) else f"(default: {default})"
+        tail = default_text(config_cls, f, text, default)
         help_text = f"{text} {tail}".strip()
         args = typing.get_args(hint)
         if hint is bool:

@@ -31,6 +31,22 @@ from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 _VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for flags whose help does not already state it; an empty default ("", [], {}) as
+    "(default: none)", and a None default not at all (such a flag's help says what leaving it out does), so no
+    --help reads "default: None" or an empty "default: "."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default == argparse.SUPPRESS
+        if "default:" in text or hidden or not action.option_strings:  # by identity: a default of 0 is shown
+            return text
+        if isinstance(default, (str, list, tuple, dict)) and not default:
+            return f"{text} (default: none)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 def with_flags(message: str, flags: Mapping[str, str], negated: Mapping[str, str] | None = None) -> str:
     """``message`` with the config fields in ``flags`` (field or ``Class.field`` -> flag) written as flags.
 

@@ -538,3 +538,51 @@ def test_num_mod_layers_that_mod_layers_would_override_is_refused():
     with pytest.raises(ConfigError, match="num_mod_layers would be ignored"):
         GammaModConfig(mod_layers=[3], num_mod_layers=2)
     assert GammaModConfig(mod_layers=[3, 4], num_mod_layers=2).mod_layers == [3, 4]
+
+
+def _edited(folder, **fields):
+    import json
+
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("edit,match", [
+    ([0], r"adapter_config.json has mod_layers=\[0\], but the saved adapter routed blocks \[1\] \(its tensors "
+          r"\*.mod_block\).*Set mod_layers=\[1\]"),
+    ([0, 1], r"has mod_layers=\[0, 1\], but the saved adapter routed blocks \[1\]"),
+    ([1, 1], r"mod_layers=\[1, 1\] names block\(s\) \[1\] more than once"),
+    ([1, 2], r"mod_layers=\[1, 2\] names blocks this model lacks \(it has 2, indices 0..1\)"),
+])
+def test_a_hand_edited_mod_layers_is_refused_at_load(edit, match, tmp_path):
+    """Was: the saved adapter said nothing about its MoD blocks but the config, so mod_layers edited to other blocks
+    loaded silently and routed blocks the shared router and LoRA were never trained on. Now each block saves its
+    ``mod_block`` flag and load (and lorakit inspect, the same check) refuses a config that disagrees with it, as it
+    refuses a duplicate or a block the model lacks, leaving the model untouched."""
+    lk.save_adapter(_model(mod_layers=(1,)), tmp_path / "a")
+    _edited(tmp_path / "a", mod_layers=edit)
+    fresh = tiny_llama()
+    with pytest.raises((lk.AdapterLoadError, ConfigError), match=match):
+        lk.load_adapter(fresh, tmp_path / "a")
+    assert not hasattr(fresh, "lorakit") or not fresh.lorakit.configs
+
+
+def test_arank_choice_is_recorded_in_the_blocks_and_a_file_without_the_record_still_loads(tmp_path, ids):
+    """ARank's choice sets the blocks' saved flags (so reloads are checked against it); an older file without the
+    flags loads with its config's mod_layers as before."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model(mod_layers=None, dense_first_layers=0, dense_last_layers=0, num_mod_layers=1)
+    gamma_mod_init(model, "default", [{"input_ids": ids}])
+    chosen = model.lorakit.configs["default"].mod_layers
+    lk.save_adapter(model, tmp_path / "a")
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert sorted(int(k.split(".")[-2]) for k, v in weights.items() if k.endswith("mod_block") and int(v)) == chosen
+    other = [1 - chosen[0]]
+    _edited(tmp_path / "a", mod_layers=other)
+    with pytest.raises(lk.AdapterLoadError, match=rf"routed blocks \[{chosen[0]}\]"):
+        lk.load_adapter(tiny_llama(), tmp_path / "a")
+    save_file({k: v for k, v in weights.items() if not k.endswith("mod_block")},
+              tmp_path / "a" / "adapter_model.safetensors", metadata={"format": "pt"})
+    old = lk.load_adapter(tiny_llama(), tmp_path / "a")
+    assert [b.enabled for b in gamma_mod_blocks(old, "default")] == [i in other for i in range(2)]

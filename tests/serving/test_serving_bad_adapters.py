@@ -191,6 +191,8 @@ def test_weights_that_fail_on_first_load_are_a_400_and_unlisted_the_others_keep_
             ask(s, "bad_rank")
         message = err.value.body["message"]
         assert message.startswith("adapter 'bad_rank' failed to load: ") and SHAPE in message, message
+        assert "adapter_config.json gives" in message and "r=8 (r / rank_pattern), but the tensors were saved with r=4" \
+            in message, message  # the config field, as load_adapter names it
     assert "bad_rank" not in [m.id for m in s["client"].models.list()]
     assert any(m.startswith("adapter 'bad_rank' (") and SHAPE in m for m in s["warnings"])
     assert ask(s, "g2").choices[0].text == offline(s, "g2")

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.eva import initialize_lora_eva_weights
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import lorakit as lk
@@ -198,21 +199,89 @@ def test_an_init_that_fails_inside_trainer_leaves_no_forward_wrapper_behind(make
     assert trainer.state.global_step == 0 and "forward" not in model.__dict__
 
 
-def test_resuming_after_a_pending_init_continues_from_the_checkpoint_and_says_what_is_not_kept(
+def _base_by_host_name(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()
+            if ".adapters." not in n}
+
+
+def test_resuming_after_a_base_editing_init_restores_its_record_and_undoes_it_as_the_straight_run(
         make_model, trainer_with_checkpoints, tmp_path):
-    """CorDA ran (and edited the base) in the run that wrote checkpoint-1; Trainer's resume loads model.safetensors
-    (base and adapter) before the callback runs, so the init must not run again: the resumed run ends where the
-    straight one does, base included. Its base-edit record is not in the checkpoint, which a warning says."""
+    """CorDA ran (and edited the base: W_res = W - B0 A0) in the run that wrote checkpoint-1; Trainer's resume loads
+    model.safetensors (base and adapter) before the callback runs, so the init does not run again. Was: its record of
+    the base edits was lost (only a warning), so restore_base / save_adapter(original_base=True) could not undo them on
+    the resumed model. Now the record travels in the checkpoint's model state: the resumed model's record, restored
+    base and original-base adapter file equal the straight run's, and the restored base is the untouched one."""
     def run(output_dir, resume=None):
         model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                          init_lora_weights="corda"))
         return trainer_with_checkpoints(model, output_dir, max_steps=2, save_steps=1, resume=resume)
 
     straight = run(tmp_path / "a")
-    assert inits.base_edits(straight, "default")
-    with pytest.warns(UserWarning, match=r"resuming at step 1: adapter 'default'.s init 'corda' ran in the run that "
-                                         r"wrote the checkpoint.*restore_base"):
-        resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    edits = inits.base_edits(straight, "default")
+    assert edits
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.state_dict().keys() == straight.state_dict().keys()  # no record key outside a Trainer save
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+    assert not inits.init_pending(resumed, "default")
+    got = inits.base_edits(resumed, "default")
+    assert got.keys() == edits.keys()
+    for path in edits:
+        assert got[path].scaling == edits[path].scaling
+        torch.testing.assert_close(got[path].A, edits[path].A, atol=0, rtol=0)
+        torch.testing.assert_close(got[path].B, edits[path].B, atol=0, rtol=0)
+    lk.save_adapter(straight, tmp_path / "straight_orig", original_base=True)
+    lk.save_adapter(resumed, tmp_path / "resumed_orig", original_base=True)
+    _assert_close_all(load_file(tmp_path / "resumed_orig" / "adapter_model.safetensors"),
+                      load_file(tmp_path / "straight_orig" / "adapter_model.safetensors"), atol=0, rtol=0)
+    untouched = _base_by_host_name(lk.unload(make_model()))
+    inits.restore_base(straight, "default")
+    inits.restore_base(resumed, "default")
+    _assert_close_all(_base_by_host_name(resumed), _base_by_host_name(straight), atol=0, rtol=0)
+    _assert_close_all(_base_by_host_name(resumed), untouched, atol=1e-6, rtol=0)
+
+
+def test_resuming_a_base_editing_init_from_a_checkpoint_without_its_record_is_refused(
+        make_model, trainer_with_checkpoints, tmp_path):
+    """A checkpoint as an older lorakit wrote it (no lorakit_init.* tensors in model.safetensors): the resumed model
+    could not undo CorDA's base edits, so resuming is refused with a ConfigError before any step."""
+    from safetensors.torch import save_file
+
+    def model():
+        return make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="corda"))
+
+    trainer_with_checkpoints(model(), tmp_path / "a", max_steps=1, save_steps=1)
+    weights = tmp_path / "a" / "checkpoint-1" / "model.safetensors"
+    tensors = load_file(weights)
+    assert any(k.startswith("lorakit_init.default.") for k in tensors)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("lorakit_init.")}, weights,
+              metadata={"format": "pt"})
+    resumed = model()
+    with pytest.raises(lk.ConfigError, match=r"resuming at step 1: adapter 'default'.s init 'corda' edited the base "
+                                             r"weights.*holds no record.*restore_base"):
+        trainer_with_checkpoints(resumed, tmp_path / "b", max_steps=2, save_steps=1,
+                                 resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert "forward" not in resumed.__dict__
+
+
+def test_resuming_after_eva_rebuilds_the_ranks_it_chose_and_ends_as_the_straight_run(
+        make_model, trainer_with_checkpoints, tmp_path):
+    """EVA (r=1, rho=8 on o_proj / down_proj) gives an o_proj rank 2 and drops a down_proj adapter. Was: resuming raised torch's "size mismatch for ...o_proj...lora_A" from
+    Trainer's load_state_dict, since the fresh model has the ranks of the config as typed. Now the adapter is rebuilt
+    with the checkpoint's post-EVA config before Trainer copies the tensors in, and the resumed run ends where the
+    straight one does: same config (rank_pattern, targets), same weights."""
+    def run(output_dir, resume=None):
+        model = make_model(lk.LoraConfig(r=1, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                         init_lora_weights="eva"))
+        inits.set_init_options(model, "default", rho=8.0)
+        return trainer_with_checkpoints(model, output_dir, max_steps=2, save_steps=1, resume=resume)
+
+    straight = run(tmp_path / "a")
+    config = straight.lorakit.configs["default"]
+    assert config.rank_pattern and len(config.target_modules) < 4  # a rank changed, a layer lost its adapter
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.lorakit.configs["default"] == config
+    assert not inits.init_pending(resumed, "default")
+    assert resumed.state_dict().keys() == straight.state_dict().keys()
     _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
 
 
@@ -234,3 +303,32 @@ def test_distributed_trainer_refuses_a_pending_data_driven_init(tmp_path):
         assert record["world_size"] == 2 and record["global_step"] == 0 and record["adapter_unchanged"]
         assert "'corda' is data-driven" in record["error"] and "(2 processes)" in record["error"]
         assert "lorakit.init_adapter(model, 'default', batches)" in record["error"]
+
+
+def test_resuming_after_eva_points_a_user_built_optimizer_at_the_rebuilt_adapter(make_model, tokenizer, reverse_train,
+                                                                                tmp_path):
+    """Trainer(optimizers=(make_optimizer(...), None)): the optimizer holds the fresh model's parameters before
+    Trainer's resume rebuilds EVA's ranks, then Trainer loads the checkpoint's moments into it. It is pointed at the
+    rebuilt parameters first (was: the shape error before; with only the rebuild, a group of the wrong size), and the
+    resumed run ends as the straight one."""
+    from lorakit.training import TrainConfig, make_optimizer
+
+    def run(output_dir, resume=None):
+        model = make_model(lk.LoraConfig(r=1, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                         init_lora_weights="eva"))
+        inits.set_init_options(model, "default", rho=8.0)
+        optimizer, _ = make_optimizer(model, "default", TrainConfig(lr=1e-2))
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer), optimizers=(optimizer, None),
+                callbacks=[LorakitCallback("default")]).train(resume_from_checkpoint=resume)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert held == {id(p) for p in model.parameters() if p.requires_grad}
+        return model
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.lorakit.configs["default"] == straight.lorakit.configs["default"]
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)

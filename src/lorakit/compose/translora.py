@@ -327,11 +327,15 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     defaults = TransLoraConfig()
+    unset = {"separator": "ends each few-shot example; \\n for a newline (default: the tokenizer's EOS + BOS)",
+             "prompt_end": "where a sampled example's prompt ends (default: the longest common suffix of the seed "
+                           "prompts)"}
     for f in dataclasses.fields(TransLoraConfig):
         kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
         if f.name in ("separator", "prompt_end"):
             kind = unescape
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
-                       help=f"default: {getattr(defaults, f.name)!r}")
+        default = getattr(defaults, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                       help=unset[f.name] if default is None else f"default: {default!r}")
     return p
 

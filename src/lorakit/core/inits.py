@@ -322,3 +322,65 @@ def _check_unmerged(model: "nn.Module", adapter_name: str, doing: str) -> None:
     merged = [path for path, layer in adapter_layers(model) if layer.merged and adapter_name in layer.adapters]
     if merged:
         raise AdapterError(f"cannot {doing} while adapters are merged into {merged[:3]}; call unmerge_adapter first.")
+
+
+# -- init records as tensors (kept in a training checkpoint's model state) ------------------------------------
+RECORD_KEY = "lorakit_init."
+
+
+def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every adapter's :class:`InitRecord` on ``model`` as tensors, for a checkpoint of the whole model state
+    (``transformers.Trainer``'s ``model.safetensors``) that must let a resumed run undo the init's base edits.
+
+    Keys, under ``prefix``: ``lorakit_init.<adapter>.record`` (the JSON ``{"init", "spec", "method", "config":
+    the adapter's config after the init (EVA rewrites ranks), "scalings": {path: scaling}}`` as uint8 bytes) and
+    ``lorakit_init.<adapter>.<path>.A`` / ``.B``: each :class:`BaseEdit`'s float32 ``A`` (r, in), ``B`` (out, r).
+    Empty when no init ran. Read back by :func:`pop_init_records`."""
+    import json
+
+    from .model import STATE_ATTR, adapter_state
+    from .registry import get_method
+
+    state = adapter_state(model) if hasattr(model, STATE_ATTR) else None
+    out: dict[str, torch.Tensor] = {}
+    for name, record in ({} if state is None else state.inits).items():
+        config = state.configs[name]
+        meta = {"init": record.init, "spec": record.spec, "method": get_method(config).name, "config": config.to_dict(),
+                "scalings": {path: edit.scaling for path, edit in record.edits.items()}}
+        out[f"{prefix}{RECORD_KEY}{name}.record"] = torch.frombuffer(bytearray(json.dumps(meta).encode()),
+                                                                     dtype=torch.uint8)
+        for path, edit in record.edits.items():
+            out[f"{prefix}{RECORD_KEY}{name}.{path}.A"] = edit.A.detach().clone()
+            out[f"{prefix}{RECORD_KEY}{name}.{path}.B"] = edit.B.detach().clone()
+    return out
+
+
+def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = ""
+                     ) -> dict[str, tuple[InitRecord, "Any"]]:
+    """Remove what :func:`init_record_tensors` put into ``state_dict`` and return it: ``{adapter: (InitRecord,
+    config)}``, the config as the registered method's config class. The edits' tensors stay on the state dict's
+    device. AdapterError naming the key where a record lacks an edit's tensor or names an unknown method."""
+    import json
+
+    from .registry import get_method
+
+    head = prefix + RECORD_KEY
+    names = [k[len(head):-len(".record")] for k in state_dict if k.startswith(head) and k.endswith(".record")]
+    out: dict[str, tuple[InitRecord, Any]] = {}
+    for name in names:
+        key = f"{head}{name}.record"
+        meta = json.loads(bytes(state_dict.pop(key).to(torch.uint8).tolist()).decode())
+        try:
+            config = get_method(meta["method"]).config_cls.from_dict(meta["config"], source=key)
+        except Exception as e:
+            raise AdapterError(f"{key}: cannot rebuild adapter {name!r}'s config: {e}") from None
+        edits = {}
+        for path, scaling in meta["scalings"].items():
+            a, b = f"{head}{name}.{path}.A", f"{head}{name}.{path}.B"
+            if a not in state_dict or b not in state_dict:
+                raise AdapterError(f"{key} records a base edit of {path!r}, but the state holds no {a!r} / {b!r}.")
+            edits[path] = BaseEdit(A=state_dict.pop(a).float(), B=state_dict.pop(b).float(), scaling=float(scaling))
+        out[name] = (InitRecord(init=meta["init"], spec=meta["spec"], edits=edits), config)
+    for key in [k for k in state_dict if k.startswith(head)]:
+        raise AdapterError(f"{key}: a lorakit init tensor of no recorded adapter ({', '.join(names) or 'none'}).")
+    return out

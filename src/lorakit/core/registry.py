@@ -63,6 +63,12 @@ class Method:
     # Tensor names (the last part of a file key) that PEFT's files carry but the method rebuilds from its config
     # (RandLoRA's seeded bases): the loader skips them instead of calling them unexpected.
     regenerated_keys: tuple[str, ...] = ()
+    # ``check_file(config, tensors)``: raise AdapterLoadError where a saved file's tensors (keyed ``<module path>.
+    # <param>``) contradict its config beyond shapes (γ-MoD: the blocks its router was trained to route). Called by
+    # load_adapter and lorakit inspect before anything is attached.
+    check_file: Callable[..., None] | None = None
+    # Tensor names (the last part of a key) a file written by an older lorakit may lack: the fresh value stands.
+    optional_keys: tuple[str, ...] = ()
     # Whether a freshly added adapter leaves outputs unchanged (checked by the contract tests).
     zero_init: bool = True
     # Whether the adapter has a fixed ΔW that can be merged into the base (mixtures do not).

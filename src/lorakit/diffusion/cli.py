@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..cli_parser import CommandParser, seed_arg
+from ..cli_parser import CommandParser, DefaultsFormatter, seed_arg
 from ..core.errors import ConfigError, LorakitError
 
 DEFAULT_DIR = "diffusion_run"
@@ -135,7 +135,7 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
 
     methods = [c.name for c in list_compositions()]
     p = CommandParser(prog=prog, description="compose several LoRAs while sampling images (training-free)",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsFormatter)
     p.add_argument("--base", default=f"{DEFAULT_DIR}/base", help="folder written by `lorakit diffusion train-base`")
     p.add_argument("--lora", action="append", required=True, help="a LoRA folder (repeat; PEFT or lorakit format)")
     p.add_argument("--method", default="composite", choices=methods, help="composition method")
@@ -146,14 +146,17 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
     p.add_argument("--class-label", type=int, default=None, help="digit class to condition on (default: null class)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every LoRA's delta")
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None, help="e.g. twice the height for two regions side by side")
-    p.add_argument("--switch-step", type=int, default=None, help="switch: steps per LoRA")
-    p.add_argument("--cache-interval", type=int, default=None, help="cmlora: cache refresh period")
-    p.add_argument("--region", type=_parse_region, action="append", help="composer: start_h,start_w,end_h,end_w per LoRA")
-    p.add_argument("--weights", type=float, nargs="+", help="merge: one weight per LoRA")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the UNet's sample_size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, e.g. twice the height for two "
+                   "regions side by side (default: the UNet's sample_size)")
+    p.add_argument("--switch-step", type=int, default=None, help="switch: steps per LoRA (default: 5)")
+    p.add_argument("--cache-interval", type=int, default=None, help="cmlora: cache refresh period (default: 2)")
+    p.add_argument("--region", type=_parse_region, action="append", help="composer (required there): start_h,start_w,"
+                   "end_h,end_w per LoRA, fractions of the image")
+    p.add_argument("--weights", type=float, nargs="+", help="merge: one weight per LoRA (default: 1.0 each)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other method option")
-    p.add_argument("--classifier", default=None, help="folder of `lorakit diffusion train-classifier`: print concept rates")
+    p.add_argument("--classifier", default=None, help="folder of `lorakit diffusion train-classifier`: print concept "
+                   "rates (default: not printed)")
     p.add_argument("--out", default="composed.png",
                    help="image grid of the samples; the format follows the suffix (.png, .jpg, .bmp, ...)")
     p.set_defaults(func=cmd_compose)
@@ -196,7 +199,7 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsFormatter
     parser = CommandParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
                            "digits, concept LoRAs, and multi-LoRA composition")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -2,6 +2,13 @@
 
 Each client is a virtual SuperNode (``partition-id`` 0..N-1) running ``apps.client_app``; the ServerApp runs in
 this process. ``backend_cpus`` caps how many clients train at once (one CPU each).
+
+Flower (1.42) marks ``run_simulation`` deprecated and points to ``flwr run``. That is not a drop-in: ``flwr run``
+packages a Flower App project (a FAB with ``[tool.flwr.app]`` components), starts a detached local SuperLink that
+outlives the call, and runs the ServerApp in another process, so the result this function returns (filled in this
+process by the ServerApp, ``sink``) and the ``FederatedConfig`` object it hands the apps would have to travel
+through files and flat ``run_config`` values. The apps themselves already run under ``flwr run`` (deployment,
+docs/federated.md); this in-process simulation stays on ``run_simulation`` until Flower removes it.
 """
 
 from __future__ import annotations

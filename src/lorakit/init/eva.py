@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
-from ..core.model import adapter_state, disable_adapters, refresh_trainable
+from ..core.model import _get_parent, adapter_state, disable_adapters, refresh_trainable
 from ..core.registry import get_method
 from ._common import Target, _device, _to, check_batches, linear_targets, lora_style
 
@@ -267,6 +267,9 @@ def _apply(model: nn.Module, name: str, config: Any, targets: list[Target], comp
         if new_r == 0:
             del t.layer.adapters[name]
             t.layer.active = [n for n in t.layer.active if n != name]
+            if not t.layer.adapters:  # as PEFT (eva.py _load_eva_state_dict): the plain base layer back in its place
+                parent, attr = _get_parent(model, t.path)
+                setattr(parent, attr, t.layer.base_layer)
             continue
         if new_r != r:
             if adjust:

@@ -260,7 +260,48 @@ def trained_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
     return out
 
 
-def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype):
+def check_adapter_tensors(model: nn.Module, directory: str | os.PathLike, config, tensors: dict[str, torch.Tensor]
+                          ) -> None:
+    """The checks ``load_adapter`` makes of a saved adapter's tensors against its ``config`` on ``model`` (key
+    coverage, shapes; a shape mismatch names the config field that would fit), without attaching anything.
+    ``model`` may live on the meta device (``lorakit inspect`` builds the base from its config alone); base-model
+    weights a file carries are then not compared. Raises AdapterLoadError naming the tensor."""
+    with temporarily_unmerged(model):
+        _checked_plan(model, Path(directory), config, tensors, "default", True, copy=False)
+
+
+def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple[int, ...]) -> list[str]:
+    """``field=value`` settings of the config's integer fields under which module ``path``'s tensor ``key`` (its
+    name inside the module's delta) would have ``shape``: what a mismatch says was edited (num_experts, r …). Each
+    trial builds that one delta on the meta device."""
+    import dataclasses
+
+    from ..core.delta import describe_layer
+    from ..core.targeting import iter_host_modules
+
+    method = get_method(config)
+    base = dict(iter_host_modules(model)).get(path)
+    info = None if base is None else describe_layer(base)
+    if info is None:
+        return []
+    fits = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if type(value) is not int:
+            continue
+        for size in sorted(set(shape) - {value}):
+            try:
+                trial = dataclasses.replace(config, **{f.name: size})
+                with torch.device("meta"):
+                    delta = method.build(base, info, trial.for_module(path), path=path)
+                if tuple(delta.state_dict()[key].shape) == shape:
+                    fits.append(f"{f.name}={size}")
+            except Exception:  # noqa: BLE001  (a value the config or the method refuses explains nothing)
+                continue
+    return fits
+
+
+def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
     plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -281,6 +322,8 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             current = host_params.get(base_key)
             if current is None:
                 current = dict(model.named_parameters()).get(k)
+            if current is not None and current.is_meta and current.shape == value.shape:
+                continue  # a base built from its config alone (lorakit inspect): no weights to compare
             if current is None or current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype)):
                 raise AdapterLoadError(
                     f"{directory}: tensor {key!r} is a base-model weight that differs from this model's (a resized "
@@ -296,7 +339,13 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(unexpected)} tensor(s) match no adapted module of this model: {hints}. "
             f"Is this adapter for a different base model, or are target_modules different?"
         )
-    missing = [k for k in expected if k not in given]
+    method = get_method(plan.config)
+    if method.check_file is not None:
+        try:
+            method.check_file(plan.config, given)
+        except AdapterLoadError as e:
+            raise AdapterLoadError(f"{directory}: {e}") from None
+    missing = [k for k in expected if k not in given and k.rsplit(".", 1)[-1] not in method.optional_keys]
     if missing:
         raise AdapterLoadError(
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
@@ -305,10 +354,18 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     for k, value in given.items():
         want = expected[k]
         if tuple(value.shape) != tuple(want.shape):
+            path = next((p for p in plan.deltas if k.startswith(p + ".")), None)
+            fits = [] if path is None else _fields_that_fit(model, plan.config, path, k[len(path) + 1:],
+                                                             tuple(value.shape))
+            now = ", ".join(f"{f.split('=')[0]}={getattr(plan.config, f.split('=')[0])}" for f in fits)
+            why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
+                   "was edited, or belongs to another adapter)" if fits else "")
             raise AdapterLoadError(
                 f"{directory}: tensor {PREFIX + k!r} has shape {tuple(value.shape)} but this model and config "
-                f"(r / rank_pattern, module size) expect {tuple(want.shape)}."
+                f"(r / rank_pattern, module size) expect {tuple(want.shape)}{why}."
             )
+    if not copy:
+        return plan, given
     # All checks passed: copy into the (still detached) deltas, then attach.
     with torch.no_grad():
         for path, (_, _, delta) in plan.deltas.items():
@@ -320,4 +377,5 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
 
 def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:
     for k, t in module.state_dict(keep_vars=True).items():
-        t.copy_(given[f"{path}.{k}"].to(dtype=t.dtype, device=t.device))
+        if f"{path}.{k}" in given:  # (the checks let only a method's optional_keys be absent)
+            t.copy_(given[f"{path}.{k}"].to(dtype=t.dtype, device=t.device))

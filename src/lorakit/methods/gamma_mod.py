@@ -75,7 +75,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, check_range, field_error
 from ..core.delta import LayerInfo, register_layer_kind
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError, AdapterLoadError, ConfigError
 from ..core.registry import register_method
 from ..core.routing import SUPERVISED_KEY, current_routing
 from ..mixtures.base import MixtureDelta, router_loss, token_mask_for
@@ -202,6 +202,9 @@ class GammaModBlock(MixtureDelta):
                  router: nn.Linear | None):
         super().__init__(info, 2)  # two "experts": skip (0) and keep (1)
         self.index = index
+        # saved with the adapter: the record of the blocks the router was trained to route, which load checks a
+        # hand-edited mod_layers against (gamma_mod_check_file)
+        self.register_buffer("mod_block", torch.zeros((), dtype=torch.uint8))
         self.enabled = config.mod_layers is not None and index in config.mod_layers
         self.capacity_factor = config.capacity_factor
         self.keep_supervised = config.keep_supervised
@@ -212,6 +215,16 @@ class GammaModBlock(MixtureDelta):
             router = self.router
         object.__setattr__(self, "shared_router", router)  # not a submodule: saved with its owner only
         self._params = list(inspect.signature(base_layer.forward).parameters)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this block routes (its index is in ``mod_layers``); a Python bool, read without a device sync."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.mod_block.fill_(int(value))
 
     def _always_kept(self, batch: int, seq: int, device: torch.device, decoding: bool) -> torch.Tensor:
         """(B, T) bool: the caller's ``gamma_mod_keep`` mask, | when ``keep_supervised`` and training the supervised
@@ -410,6 +423,21 @@ def build_gamma_mod(base_layer: nn.Module, info: LayerInfo, config: GammaModConf
     return block
 
 
+def gamma_mod_check_file(config: GammaModConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """``Method.check_file``: the config's ``mod_layers`` must be the blocks the saved adapter routed (its blocks'
+    ``mod_block`` flags), so a hand-edited list does not silently route blocks the router and LoRA were not trained
+    on, or stop routing ones they were. A file without the flags (written before them) is not checked."""
+    flags = {int(k.rsplit(".", 2)[-2]): int(v) for k, v in tensors.items() if k.endswith(".mod_block")}
+    if not flags:
+        return
+    saved = sorted(i for i, f in flags.items() if f)
+    wanted = sorted(config.mod_layers or [])
+    if saved != wanted:
+        raise AdapterLoadError(f"adapter_config.json has mod_layers={config.mod_layers}, but the saved adapter routed "
+                               f"blocks {saved} (its tensors *.mod_block): the router and LoRA were trained with those. "
+                               f"Set mod_layers={saved}, or train an adapter for the blocks you want.")
+
+
 def gamma_mod_blocks(model: nn.Module, name: str) -> list[GammaModBlock]:
     from ..mixtures.base import mixture_deltas
 
@@ -514,6 +542,7 @@ def keep_fractions(model: nn.Module, name: str) -> dict[int, float]:
 register_method(
     "gamma_mod", config=GammaModConfig, build=build_gamma_mod, layer_kinds=("linear", "block"),
     prepare=prepare_gamma_mod, init=gamma_mod_init, extra_loss=gamma_mod_extra_loss, mergeable=False,
+    check_file=gamma_mod_check_file, optional_keys=("mod_block",),
     zero_init=False,
     description="γ-MoD: LoRA plus mixture-of-depth blocks chosen by attention-map rank; a shared router skips tokens.",
     paper="Luo et al. 2024, arXiv:2410.13859",

@@ -129,9 +129,12 @@ class LoraExperts(MixtureDelta):
         want_a, want_b = (r, self.info.in_features), (self.info.out_features, r)
         if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
             where = f"source adapter {source}" if source is not None else f"expert {index}"
+            fits = A.dim() == 2 and B.dim() == 2 and (A.shape[1], B.shape[0]) == (want_a[1], want_b[0])
+            why = (f"its adapter_config.json says r={r}, but the tensors have rank {A.shape[0]} (the config was "
+                   "edited, or belongs to another adapter)" if fits and A.shape[0] == B.shape[1] != r else
+                   "is it for another base model, or does it use a per-module rank?")
             raise AdapterLoadError(f"{where}: LoRA factors of shapes {tuple(A.shape)}, {tuple(B.shape)} do "
-                                   f"not fit this layer and rank (expected {want_a}, {want_b}); is it for another "
-                                   "base model, or does it use a per-module rank?")
+                                   f"not fit this layer and rank (expected {want_a}, {want_b}); {why}")
         self.lora_A[start:start + r] = A.to(self.lora_A.dtype)
         self.lora_B[:, start:start + r] = B.to(self.lora_B.dtype)
 

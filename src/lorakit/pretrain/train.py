@@ -488,6 +488,33 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         torch.set_num_threads(previous_threads)
 
 
+# --help text of each config field (the comments above say the same); "" defaults say what leaving them empty does.
+FIELD_HELP = {
+    "objective": "pretraining objective", "mixture": "data mixture over lorakit.pretrain.domains: natural | uniform | "
+    "regmix (read from --regmix-dir) | domain=weight,... (default: none, the stdlib + tasks corpus)",
+    "mixture_scale": "times each domain's natural character budget (with --mixture)",
+    "regmix_dir": "folder of `lorakit regmix` whose regmix.json --mixture regmix reads (default: none; needed by "
+                  "--mixture regmix)",
+    "norm": "norm placement (mix: Mix-LN, Post-LN in the first floor(mix_ln_alpha * num_layers) layers)",
+    "mix_ln_alpha": "share of layers in Post-LN with --norm mix",
+    "tokenizer": "a model folder whose tokenizer is reused as is, e.g. the bundled base's (default: none, a new one "
+                 "of --vocab-size tokens is trained)",
+    "vocab_size": "tokens of a newly trained tokenizer", "hidden_size": "model width", "num_layers": "decoder layers",
+    "num_heads": "attention heads", "num_kv_heads": "key/value heads (grouped-query attention)",
+    "intermediate_size": "MLP width", "max_position_embeddings": "longest sequence the model takes",
+    "seq_len": "training sequence length in tokens", "batch_size": "sequences per step", "steps": "optimizer steps",
+    "lr": "peak learning rate", "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay", "grad_clip": "gradient norm clip",
+    "bf16": "bf16 autocast of the matmuls (slower without native bf16 CPU matmuls)",
+    "eval_fraction": "share of the corpus held out for the eval loss", "seed": "seed of the model and the data order",
+    "num_threads": "torch CPU threads (0: all cores)", "log_every": "steps between log lines",
+    "checkpoint_every": "save the loop's state every N steps to OUT.checkpoint/, which the same command resumes "
+                        "from (0: never)",
+    "task_fraction": "share of the corpus's characters from the tasks' pretraining split",
+    "stdlib_chars": "characters of standard-library source", "chunk_chars": "characters per stdlib chunk",
+}
+
+
 def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], prefix: str = "") -> None:
     """One ``--flag`` per scalar field of ``cls``, so new config fields reach the CLI without edits here (a field
     whose name an earlier class took gets ``prefix``; its errors ``cls.field`` name that flag)."""
@@ -503,14 +530,19 @@ def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], 
         if dest != f.name:
             parser.field_flags[f"{cls.__name__}.{f.name}"] = flag
         default = getattr(defaults, f.name)
+        text = FIELD_HELP.get(f.name, "")
+        if cls is not PretrainConfig and f.name == "seed":
+            text = "seed of the corpus's stdlib sampling"
+        # an empty default's meaning is in its help text; every other default is shown
+        shown = text if "(default:" in text else f"{text} (default: {default})".strip()
         if kind is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=shown)
         elif f.name in ("objective", "norm"):  # validated by the config, which names near matches
             options = sorted(OBJECTIVES) if f.name == "objective" else list(NORMS)
-            parser.add_argument(flag, dest=dest, default=default, help=f"one of {options} (default: {default})")
+            parser.add_argument(flag, dest=dest, default=default, help=f"{text}: one of {options} (default: {default})")
         else:
             parser.add_argument(flag, dest=dest, type=seed_arg if f.name == "seed" else kind, default=default,
-                                help=f"default: {default}")
+                                help=shown)
 
 
 def build_parser() -> CommandParser:

@@ -283,8 +283,13 @@ class AdapterRegistry:
                 if t is None:
                     raise AdapterLoadError(f"{path_w}: tensor {key!r} the config requires is missing")
                 if tuple(t.shape) != shape:
+                    rank_dim = 0 if suffix.startswith(("lora_A", "lora_embedding_A")) else 1
+                    saved_r = tuple(t.shape)[rank_dim] if t.dim() == 2 else None
+                    other = tuple(t.shape)[1 - rank_dim] if t.dim() == 2 else None
+                    why = (f": adapter_config.json gives {path} r={r} (r / rank_pattern), but the tensors were saved "
+                           f"with r={saved_r}" if other == shape[1 - rank_dim] and saved_r != r else "")
                     raise AdapterLoadError(f"{path_w}: tensor {key!r} has shape {tuple(t.shape)} but this model and "
-                                           f"config (r / rank_pattern, module size) expect {shape}")
+                                           f"config (r / rank_pattern, module size) expect {shape}{why}")
                 used.add(key)
                 got.append(t)
             bias = None

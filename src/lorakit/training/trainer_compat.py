@@ -20,8 +20,15 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   such an init is refused (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer
   there. When resuming,
   Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
-  run again; but the record of the base edits it made is not in that checkpoint, so the callback warns that
-  ``restore_base`` / ``save_adapter(..., original_base=True)`` cannot undo them on the resumed model;
+  run again. What Trainer's model state lacks the callback adds to it while training: each adapter's init record
+  (``lorakit.core.inits.init_record_tensors``: the base edits as low-rank factors, the adapter's config after the
+  init), restored when Trainer loads the checkpoint. So the resumed model's ``restore_base`` / ``save_adapter(...,
+  original_base=True)`` undo the base edits as the straight run's do, and an init that reshaped the adapter (EVA's
+  ranks) has its shapes rebuilt before Trainer copies the tensors in (a user-built optimizer is pointed at the new
+  parameters). A checkpoint without that record (written by an older lorakit) resuming a base-editing init
+  (CorDA, LoRA-GA …) is refused with a ConfigError: the edits could no longer be undone. (The record rides on
+  ``model.state_dict`` / ``load_state_dict``, which Trainer uses for plain and DDP runs; FSDP and DeepSpeed load
+  their own checkpoint formats and are not covered);
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
   ``output_dir/adapter`` (Trainer's own ``model.safetensors`` has lorakit's wrapped module names, which
@@ -53,8 +60,10 @@ from transformers import TrainerCallback
 
 from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.errors import ConfigError
-from ..core.inits import Init, init_adapter, init_pending, requested_init
-from ..core.model import adapter_state, refresh_trainable
+from ..core.inits import (Init, InitRecord, init_adapter, init_pending, init_record_tensors, pop_init_records,
+                          requested_init)
+from ..core.model import (adapter_layers, adapter_state, attach_plan, delete_adapter, plan_adapter,
+                          refresh_trainable, set_adapter)
 from ..core.registry import get_method
 from ..io.peft_format import save_adapter
 from ..mixtures.base import pop_aux_records
@@ -84,6 +93,67 @@ class LorakitCallback(TrainerCallback):
         # (``remove_unused_columns``, applied to the items before collation) keeps them.
         if model is not None:
             self._wrap_forward(model)
+            self._hook_state(model, kwargs.get("optimizer"))
+
+    def _hook_state(self, model: torch.nn.Module, optimizer) -> None:
+        """Carry the adapters' init records in the model state Trainer checkpoints and resumes from."""
+        self._optimizer = optimizer  # a user-built one (Trainer(optimizers=...)); None when Trainer builds its own
+        if getattr(self, "_state_hooks", None) is None:
+            self._in_train = False
+            # torch marks a state_dict hook with an attribute, which a bound method cannot take: plain functions
+            def save_records(module, state_dict, prefix, local_metadata):
+                self._save_records(module, state_dict, prefix, local_metadata)
+
+            def load_records(module, state_dict, prefix, *rest):
+                self._load_records(module, state_dict, prefix, *rest)
+
+            self._state_hooks = (model.register_state_dict_post_hook(save_records),
+                                 model.register_load_state_dict_pre_hook(load_records))
+
+    def _save_records(self, module, state_dict, prefix, local_metadata) -> None:
+        # only while training: Trainer's checkpoints, not a user's model.state_dict() before or after
+        if self._in_train:
+            state_dict.update(init_record_tensors(module, prefix))
+
+    def _load_records(self, module, state_dict, prefix, *args) -> None:
+        """Before Trainer's load_state_dict copies a checkpoint in: take the init records out, rebuild an adapter
+        the init reshaped, install the records."""
+        records = pop_init_records(state_dict, prefix)
+        state = adapter_state(module)
+        for name, (record, config) in records.items():
+            if name not in state.configs:
+                raise ConfigError(f"the checkpoint records adapter {name!r}'s init {record.init!r}, but this model has "
+                                  f"no adapter {name!r} (it has {list(state.configs)}); add the adapter the checkpoint "
+                                  "was trained with before resuming.")
+            if state.configs[name].to_dict() != config.to_dict():
+                self._rebuild_adapter(module, name, record, config)
+            layers = dict(adapter_layers(module))
+            for path, edit in record.edits.items():
+                if path not in layers:
+                    raise ConfigError(f"the checkpoint records a base edit of {path!r} by adapter {name!r}'s init "
+                                      f"{record.init!r}, but this model does not adapt {path!r}; resume with the model "
+                                      "and adapter config the checkpoint was trained with.")
+                weight = layers[path].base_layer.weight
+                edit.A, edit.B = edit.A.to(weight.device), edit.B.to(weight.device)
+            state.inits[name] = record
+
+    def _rebuild_adapter(self, model: torch.nn.Module, name: str, record: InitRecord, config) -> None:
+        """Give adapter ``name`` the shapes of the checkpoint's ``config`` (what its pending init, e.g. EVA, made of
+        it), so that Trainer's load finds them; the tensors come from the checkpoint."""
+        current = adapter_state(model).configs[name]
+        pending = requested_init(model, name) if init_pending(model, name) else None
+        if pending is None or pending.name != record.init:
+            diff = sorted(k for k, v in config.to_dict().items() if current.to_dict().get(k) != v)
+            raise ConfigError(f"the checkpoint's adapter {name!r} was trained with another config than this model's "
+                              f"(fields {', '.join(diff)}); resume with the adapter config the checkpoint was "
+                              "trained with.")
+        active = list(adapter_state(model).active)
+        before = dict(model.named_parameters())
+        delete_adapter(model, name)
+        attach_plan(model, plan_adapter(model, config, name))
+        set_adapter(model, active)
+        after = dict(model.named_parameters())
+        self._point_optimizer(self._optimizer, before, after)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None,
                        **kwargs: Any):
@@ -97,18 +167,31 @@ class LorakitCallback(TrainerCallback):
         replay_routing_in_checkpoints(model)
         pending = requested_init(model, self.adapter_name) if init_pending(model, self.adapter_name) else None
         if pending is not None and state.global_step > 0:
-            warnings.warn(f"resuming at step {state.global_step}: adapter {self.adapter_name!r}'s init "
-                          f"{pending.name!r} ran in the run that wrote the checkpoint, whose model.safetensors holds "
-                          "its result (base and adapter), so it is not run again. Its record of the base edits is not "
-                          "in the checkpoint: restore_base and save_adapter(..., original_base=True) cannot undo them "
-                          "on this model, and lorakit still counts the init as pending (lorakit.training.train on "
-                          "this model would run it again).", stacklevel=2)
+            self._resume_without_record(model, pending, state.global_step)
+            pending = None
+        self._in_train = True
         if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
             try:
                 self._run_inits(model, method, pending, args, train_dataloader, optimizer)
             except BaseException:
+                self._in_train = False
                 self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
                 raise
+
+    def _resume_without_record(self, model: torch.nn.Module, pending: Init, step: int) -> None:
+        """Resuming from a checkpoint that carries no record of the pending init, which ran in the run that wrote it
+        (the callback runs it before step 1) and left its result in the checkpoint's model state. An init that left
+        the base alone is counted as run; one that edited the base is refused, as its edits could not be undone."""
+        if pending.changes_base:
+            self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
+            raise ConfigError(
+                f"resuming at step {step}: adapter {self.adapter_name!r}'s init {pending.name!r} edited the base "
+                "weights in the run that wrote the checkpoint, and the checkpoint holds no record of those edits "
+                "(it was written without LorakitCallback or by an older lorakit), so restore_base and "
+                "save_adapter(..., original_base=True) could not undo them on the resumed model. Train again from "
+                "step 0, or resume a checkpoint this lorakit wrote.")
+        adapter_state(model).inits[self.adapter_name] = InitRecord(init=pending.name, spec=str(
+            adapter_state(model).configs[self.adapter_name].requested_init()))
 
     def _run_inits(self, model: torch.nn.Module, method, pending: Init | None, args, train_dataloader,
                    optimizer) -> None:
@@ -122,7 +205,11 @@ class LorakitCallback(TrainerCallback):
             method.init(model, self.adapter_name, batches)
         if pending is not None:  # a data-driven init named by the config, as lorakit's loop runs it after the method's
             init_adapter(model, self.adapter_name, batches)
-        after = dict(model.named_parameters())
+        self._point_optimizer(optimizer, before, dict(model.named_parameters()))
+
+    def _point_optimizer(self, optimizer, before: dict[str, torch.nn.Parameter],
+                         after: dict[str, torch.nn.Parameter]) -> None:
+        """Point ``optimizer`` at the parameters an init (or a resume's rebuild) left; ConfigError under a procedure."""
         replaced = sorted(n for n, p in before.items() if after.get(n) is not p)
         if replaced and self.procedure is not None:
             # a procedure's optimizer may hold more than param_groups (GaLore's per-parameter gradient hooks)
@@ -236,6 +323,7 @@ class LorakitCallback(TrainerCallback):
         save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.adapter_name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
+        self._in_train = False
         self._restore_forward()
         if self.procedure is not None:
             self.procedure.finish(model, self.adapter_name)

@@ -1,0 +1,71 @@
+"""Every subcommand's --help shows its defaults as values or words: no "default: None", no empty "default: ", no
+"(default: [])" / "{}" / "''".
+
+Was: `lorakit pretrain-base --help` printed "--mixture MIXTURE  default: " (its empty-string defaults shown as
+nothing), `compose-image` printed "(default: None)" for eight flags, `transfer` "default: None", and the method
+options of `train` "(default: None)" / "(default: {})". The walk follows nested subcommands (bench, diffusion)
+and `train --method NAME` / `--procedure NAME` for every registered one, so a new flag is checked when it is added."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import lorakit as lk
+from lorakit.cli import main
+from lorakit.training import list_procedures
+
+# an unset value, or nothing at all before the next flag ("(default: --warmup-ratio)", naming a flag, is a value)
+EMPTY = re.compile(r"default: ?(?:None\b|''|\[\]|\{\}|\)|$)|(?<!\()default: ?(?=--[a-z])")
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--help"])
+    assert stop.value.code == 0, argv
+    out = capsys.readouterr().out
+    return re.sub(r"\s+", " ", out)  # argparse's wrapped help lines joined, its column padding dropped
+
+
+def _subcommands(text: str) -> list[str]:
+    """The {a,b,c} choices of a parser's subcommand positional, read from its help."""
+    m = re.search(r"positional arguments: \{([\w,\-]+)\}", text)
+    return m.group(1).split(",") if m else []
+
+
+def _commands(capsys) -> list[list[str]]:
+    """Every subcommand, nested ones included (a command whose positional is a plain choice, like `bench`'s
+    experiment, shows the same choices under each: those are not subcommands)."""
+    found, todo = [], [([name], []) for name in _subcommands(_help(capsys, []))]
+    while todo:
+        argv, parent_choices = todo.pop(0)
+        found.append(argv)
+        choices = _subcommands(_help(capsys, argv))
+        if choices != parent_choices and len(argv) < 3:
+            todo += [(argv + [n], choices) for n in choices]
+    return found
+
+
+def test_every_subcommand_help_shows_its_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    commands = _commands(capsys)
+    names = {" ".join(c) for c in commands}
+    assert {"train", "pretrain-base", "compose-image", "transfer", "serve", "diffusion train-base"} <= names, names
+    commands += [["train", "--method", m.name] for m in lk.list_methods()]
+    commands += [["train", "--procedure", p.name] for p in list_procedures()]
+    bad = {}
+    for argv in commands:
+        text = _help(capsys, argv)
+        hits = [text[max(0, m.start() - 70):m.end() + 10] for m in EMPTY.finditer(text)]
+        if hits:
+            bad[" ".join(argv)] = hits
+    assert not bad, bad
+
+
+def test_pretrain_base_help_says_what_its_empty_defaults_mean(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = _help(capsys, ["pretrain-base"])
+    assert "(default: none, the stdlib + tasks corpus)" in text
+    assert "(default: none, a new one of --vocab-size tokens is trained)" in text
+    assert "--steps STEPS optimizer steps (default: 1500)" in text
