@@ -484,7 +484,11 @@ class Engine:
                                    [r.adapter for r in group])
         else:
             last = self._eager_forward(group, attached, starts, lengths, q)
-        self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
+        # a row's first forward (from position 0: a prompt, a recomputed context) is prefill, also for a prompt of one
+        # token (was: counted by the group's widest row, so a 1-token prompt's prefill counted as a decode token)
+        prefill = sum(n for s, n in zip(starts, lengths) if s == 0 or n > 1)
+        self.stats["prefill_tokens"] += prefill
+        self.stats["decode_tokens"] += sum(lengths) - prefill
         now = time.perf_counter()
         # a row whose logits overflowed (a weighted mix with extreme weights) fails alone, never the batch
         broken = (torch.isnan(last) | torch.isposinf(last)).any(-1).tolist()
