@@ -192,6 +192,9 @@ class Engine:
         ids = list(request_ids) if request_ids is not None else [None] * len(params)
         if len(ids) != len(params):
             raise RequestError(f"{len(ids)} request ids for {len(params)} choices; give one per choice")
+        given = [i for i in ids if i is not None]
+        if len(set(given)) != len(given):  # one id would name two choices: an abort would reach only one of them
+            raise RequestError(f"request ids must differ between choices, got {given}")
         first = self._request(prompt, adapter, params[0], on_event, ids[0], task)
         first.children = [self._request(first.prompt_ids, adapter, p, on_event, rid, task)
                           for p, rid in zip(params[1:], ids[1:])]
