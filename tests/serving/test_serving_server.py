@@ -679,7 +679,8 @@ def test_a_request_for_an_adapter_whose_load_is_in_flight_is_a_409_to_retry(setu
     shutil.copytree(s["spare"] / "late", root / "inflight")
     kw = dict(model="inflight", prompt=PROMPTS[3], max_tokens=5, temperature=0.9, extra_body={"ignore_eos": True})
     try:
-        with cf.ThreadPoolExecutor(1) as pool:
+        retrying = openai.OpenAI(base_url=s["server"].url + "/v1", api_key=KEY, max_retries=6)
+        with cf.ThreadPoolExecutor(2) as pool:
             with engine_held(s["engine"]):
                 load = pool.submit(_post, s, "/v1/load_lora_adapter",
                                    {"lora_name": "inflight", "lora_path": str(root / "inflight")})
@@ -690,8 +691,11 @@ def test_a_request_for_an_adapter_whose_load_is_in_flight_is_a_409_to_retry(setu
                     assert e.value.status_code == 409 and e.value.body["type"] == "conflict_error"
                 with pytest.raises(openai.NotFoundError):  # another name is still unknown
                     client.completions.create(**{**kw, "model": "inflght"})
+                # a client with retries (the openai default) gets its 409, backs off and retries after the load
+                retried = pool.submit(retrying.completions.create, n=2, seed=3, **kw)
+                time.sleep(0.2)
             assert load.result().status_code == 200, load.result().text
-        both = client.completions.create(n=2, seed=3, **kw)
+        both = retried.result(timeout=60)
         assert [c.text for c in both.choices] == [client.completions.create(seed=3 + i, **kw).choices[0].text
                                                   for i in range(2)]
     finally:
