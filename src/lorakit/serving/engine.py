@@ -185,8 +185,8 @@ class Engine:
         fork its KV blocks (see the module docstring). Each choice's tokens are those of a request submitted on its
         own with the same parameters. ``request_ids``: one per choice (default: fresh ids).
 
-        All or nothing: raises as :meth:`submit` does (RequestError also for no choices or a wrong number of ids),
-        before any choice is queued."""
+        All or nothing: raises as :meth:`submit` does (RequestError also for no choices, a wrong number of ids or
+        an id given to two choices), before any choice is queued."""
         if not params:
             raise RequestError("submit_choices needs at least one choice (one SamplingParams per choice)")
         ids = list(request_ids) if request_ids is not None else [None] * len(params)
