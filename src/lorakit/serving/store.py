@@ -602,7 +602,7 @@ class AdapterStore:
         names = set(names_in(spec))
         if len(names) > self.max_loras:
             return (f"the request names {len(names)} adapters but at most max_loras={self.max_loras} can be resident "
-                    f"together (lorakit serve --max-loras); mix fewer adapters")
+                    f"together (lorakit serve --max-loras; Ray Serve: max_loras_per_replica); mix fewer adapters")
         if nbytes is not None and self.max_resident_bytes is not None and nbytes > self.max_resident_bytes:
             return (f"the request's adapters need {nbytes} bytes resident, more than max_resident_bytes="
                     f"{self.max_resident_bytes}")
