@@ -9,6 +9,7 @@ when all requests are done no block is held."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -225,4 +226,61 @@ def test_choices_with_stop_strings_finish_at_their_own_step():
     assert [(r.text, r.finish_reason, len(r.output_ids)) for r in got] == \
         [(r.text, r.finish_reason, len(r.output_ids)) for r in alone]
     assert {r.finish_reason for r in got} == {"stop", "length"} and engine.stats["forked"] == 4
+    _idle(engine)
+
+
+def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_adapters, sh):
+    """A real server over a 12-block cache (preempting) takes 12 concurrent n=3 seeded requests (the real openai
+    client; token-id prompts) of which a third hang up mid-stream and a third time out before their answer: every
+    block comes back, nothing stays queued, and each request that was answered gives, choice by choice, the text of an
+    n=1 request with seed + i (the unshared path) sent afterwards."""
+    import concurrent.futures as cf
+
+    import httpx
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from lorakit.serving.server import create_app
+
+    root, _ = ranked_adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=sh.kv_budget(model, 12), block_size=4, max_batch=6)
+    server = sh.LiveServer(create_app(engine, model_name="tiny"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    rng = random.Random(0)
+    jobs = [dict(prompt=[rng.randint(3, 95) for _ in range(rng.choice([1, 4, 6]))], seed=100 + 10 * j,
+                 model=SPECS[j % 2] or "tiny", way=("hang_up", "time_out", "answer")[j % 3]) for j in range(12)]
+
+    def ask(job):
+        kw = dict(model=job["model"], prompt=job["prompt"], max_tokens=10, temperature=1.0, seed=job["seed"],
+                  extra_body={"ignore_eos": True})
+        if job["way"] == "hang_up":
+            with httpx.stream("POST", server.url + "/v1/completions", json={**kw.pop("extra_body"), **kw, "n": 3,
+                                                                             "stream": True}, timeout=30) as r:
+                next(r.iter_lines())
+            return None
+        if job["way"] == "time_out":
+            with pytest.raises(openai.APITimeoutError):
+                client.with_options(timeout=0.05).completions.create(n=3, **kw)
+            return None
+        return [c.text for c in sorted(client.completions.create(n=3, **kw).choices, key=lambda c: c.index)]
+
+    try:
+        with cf.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, jobs))
+        deadline = time.time() + 30
+        while engine.num_running or engine.num_waiting or engine.cache.used_blocks:
+            assert time.time() < deadline, (engine.num_running, engine.num_waiting, engine.cache.used_blocks)
+            time.sleep(0.05)
+        assert engine.stats["forked"] > 0
+        for job, got in zip(jobs, answers):
+            if got is None:
+                continue
+            alone = [client.completions.create(model=job["model"], prompt=job["prompt"], max_tokens=10,
+                                               temperature=1.0, seed=job["seed"] + i,
+                                               extra_body={"ignore_eos": True}).choices[0].text for i in range(3)]
+            assert got == alone, job
+    finally:
+        server.stop()
     _idle(engine)
