@@ -34,7 +34,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The adapter's tensors with PEFT's on-disk keys."""
     state = adapter_state(model)
     if name not in state.configs:
-        raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} "
+                                  f"Loaded: {list(state.configs)}")
     out: dict[str, torch.Tensor] = {}
     for real_path, module in model.named_modules():
         path = host_path(real_path)
