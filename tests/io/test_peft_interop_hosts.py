@@ -40,10 +40,13 @@ def _randomise(model, seed, names=("lora_", "modules_to_save")):
                 p.add_((torch.randn(p.shape, generator=g) * 0.1).to(p.dtype))
 
 
-def _both_ways(factory, kwargs, ids, tmp_path, atol=1e-5, dtype=torch.float32):
-    """PEFT -> lorakit and lorakit -> PEFT with the same config; returns the two max |Δ logits|."""
-    peft_model = get_peft_model(factory(dtype=dtype), PeftLoraConfig(**kwargs, init_lora_weights=False))
-    _randomise(peft_model, 0)
+def _both_ways(factory, kwargs, ids, tmp_path, atol=1e-5, dtype=torch.float32, configs=None):
+    """PEFT -> lorakit and lorakit -> PEFT with the same config (``configs``: PEFT's and lorakit's classes with
+    their own init flag; LoRA's by default): each loaded adapter gives the saving library's logits within atol."""
+    peft_config, lk_config = configs or (lambda **kw: PeftLoraConfig(**kw, init_lora_weights=False),
+                                         lambda **kw: lk.LoraConfig(**kw, init_lora_weights=False))
+    peft_model = get_peft_model(factory(dtype=dtype), peft_config(**kwargs))
+    _randomise(peft_model, 0, names=("lora_", "modules_to_save", "miss_", "randlora_lambda", "randlora_gamma"))
     peft_model.eval()
     expected = _out(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "from_peft")
@@ -54,8 +57,8 @@ def _both_ways(factory, kwargs, ids, tmp_path, atol=1e-5, dtype=torch.float32):
     assert (expected.float() - base.float()).abs().max() > 1e-3  # the adapter matters
     assert (got.float() - expected.float()).abs().max() <= atol
 
-    model = lk.add_adapter(factory(dtype=dtype), lk.LoraConfig(**kwargs, init_lora_weights=False))
-    _randomise(model, 1, names=("adapters.", "copies."))
+    model = lk.add_adapter(factory(dtype=dtype), lk_config(**kwargs))
+    _randomise(model, 1, names=("adapters.", "copies."))  # every adapter parameter, frozen or not
     expected = _out(model, ids)
     lk.save_adapter(model, tmp_path / "from_lorakit")
     got = _out(PeftModel.from_pretrained(factory(dtype=dtype), tmp_path / "from_lorakit").eval(), ids)
@@ -125,6 +128,23 @@ HALF = {
 def test_half_precision_base_identical_to_peft(case, dtype, ids, tmp_path):
     factory, kwargs = HALF[case]
     _both_ways(factory, dict(r=4, lora_alpha=8, **kwargs), ids, tmp_path, atol=0, dtype=dtype)
+
+
+# MiSS and RandLoRA, PEFT's other file-compatible methods, add the same way (peft/tuners/miss/layer.py and
+# randlora/layer.py forward: result + delta, result.to(previous_dtype)); RandLoRA's fused ΔW-in-the-weight path
+# rounded ΔW to bf16 (logits 4e-3 apart), so it now runs only when adapter and base share a dtype.
+@pytest.mark.parametrize("method", ["miss", "randlora"])
+def test_half_precision_miss_and_randlora_identical_to_peft(method, ids, tmp_path):
+    from peft import MissConfig, RandLoraConfig
+
+    from lorakit.methods.miss import MissConfig as LkMissConfig
+    from lorakit.methods.randlora import RandLoraConfig as LkRandLoraConfig
+
+    configs = {"miss": (MissConfig, LkMissConfig),
+               "randlora": (lambda **kw: RandLoraConfig(randlora_alpha=8, init_weights=False, **kw),
+                            lambda **kw: LkRandLoraConfig(randlora_alpha=8, init_weights=False, **kw))}[method]
+    _both_ways(tiny_llama, dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), ids, tmp_path, atol=0,
+               dtype=torch.bfloat16, configs=configs)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

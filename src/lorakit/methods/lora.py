@@ -130,20 +130,6 @@ class LoraConfig(AdapterConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def add_rounding_once(delta: Delta, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor,
-                      base_layer: nn.Module) -> torch.Tensor:
-    """``acc + Δ(x)``, added at the adapter's precision and rounded once to ``acc``'s dtype, as PEFT's LoRA layers
-    add (``result = result + lora_B(lora_A(x)) * scaling``, then ``result.to(torch_result_dtype)``; lora/layer.py
-    Linear/Embedding/_ConvNd.forward). A float32 adapter on a bf16 / fp16 base (``autocast_adapter_dtype``) would
-    otherwise round Δ to the base dtype and then round the sum again: one ulp off PEFT per layer (bf16 logits up
-    to ~1e-2 apart on a 2-layer model). The delta runs with ``base_out`` in the wider dtype, so it returns that."""
-    dtype = next(delta.parameters()).dtype
-    wide = torch.promote_types(acc.dtype, dtype)
-    if wide == acc.dtype:
-        return acc + delta(x, base_out, base_layer)
-    return (acc.to(wide) + delta(x, base_out.to(wide), base_layer)).to(acc.dtype)
-
-
 class LoraLinear(Delta):
     """``Δ(x) = s · B A dropout(x)`` for nn.Linear and Conv1D bases."""
 
@@ -181,7 +167,7 @@ class LoraLinear(Delta):
         weight_b = self.lora_B.weight
         if (torch.is_grad_enabled() or acc.dtype != weight_b.dtype or self.lora_B.bias is not None
                 or type(self).forward is not LoraLinear.forward):
-            return add_rounding_once(self, acc, x, base_out, base_layer)
+            return super().accumulate(acc, x, base_out, base_layer)
         # One BLAS call does expand, scaling and residual add: acc + s·(h Bᵀ), h = A·dropout(x)  (N, r)
         h = self.lora_A(self.lora_dropout(x)).reshape(-1, self.r)
         return torch.addmm(acc.reshape(-1, acc.shape[-1]), h, weight_b.t(), alpha=self.scaling).view(acc.shape)
@@ -225,7 +211,7 @@ class DoraLinear(LoraLinear):
         else:
             bias = getattr(base_layer, "bias", None)
             # W x without the bias, rounded to the base's dtype as the base computes it (and PEFT subtracts it),
-            # also when add_rounding_once hands base_out over widened
+            # also when Delta.accumulate hands base_out over widened
             base_term = ((base_out - bias).to(bias.dtype) if bias is not None else base_out).to(dtype)
         lora = self.lora_B(self.lora_A(x)) * self.scaling
         return ((scale - 1) * base_term + scale * lora).to(base_out.dtype)
@@ -274,8 +260,6 @@ class LoraEmbedding(Delta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.lora_out(x, base_layer).to(base_out.dtype)
-
-    accumulate = add_rounding_once
 
     def delta_weight(self) -> torch.Tensor:  # (dim, num_embeddings), i.e. (out, in)
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()) * self.scaling

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits
 from ..core.errors import ConfigError, TargetError
-from .lora import DoraLinear, LoraConfig, LoraLinear, add_rounding_once
+from .lora import DoraLinear, LoraConfig, LoraLinear
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -72,7 +72,7 @@ class LoraConv(LoraLinear):
             self.plain_units = False  # units carry no bias: per-row stacking would drop it
 
     # (reset_parameters, lora_out, forward and delta_bias are LoraLinear's: the same calls on conv modules)
-    accumulate = add_rounding_once  # LoraLinear's fused addmm is for (…, in) inputs, not (N, in, *spatial)
+    accumulate = Delta.accumulate  # LoraLinear's fused addmm is for (…, in) inputs, not (N, in, *spatial)
 
     def _dense_B(self) -> torch.Tensor:
         """lora_B as an (out, r) matrix; with groups > 1 the block-diagonal matrix the grouped 1×1 conv applies."""
