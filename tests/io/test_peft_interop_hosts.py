@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from peft import AutoPeftModel, PeftModel, get_peft_model
+from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 from lk_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_unet, unet_inputs
@@ -91,11 +91,20 @@ def test_tied_file_with_another_base_weight_is_still_refused(tmp_path):
 # task_type "SEQ_CLS": PEFT's PeftModelForSequenceClassification then adds "classifier" / "score" to
 # modules_to_save and failed on the file (KeyError 'base_model.model.classifier.weight').
 def test_seq_cls_adapter_without_head_loads_in_peft(ids, tmp_path):
-    model = lk.add_adapter(tiny_bert(), lk.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
     expected = _out(model, ids)
-    lk.save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None  # as PEFT writes it
-    got = _out(PeftModel.from_pretrained(tiny_bert(), tmp_path).eval(), ids)
+    lk.save_adapter(model, tmp_path / "adapter")
+    # what PEFT writes for a config without task_type (peft_model.py save_pretrained: auto_mapping)
+    peft_model = get_peft_model(tiny_bert(), PeftLoraConfig(r=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    peft_written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["task_type"] is None and written["auto_mapping"] == peft_written["auto_mapping"]
+    got = _out(PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter").eval(), ids)
+    assert (got - expected).abs().max() <= 1e-5
+    got = _out(AutoPeftModel.from_pretrained(tmp_path / "adapter").eval(), ids)  # base class from auto_mapping
     assert (got - expected).abs().max() <= 1e-5
 
 

@@ -58,23 +58,26 @@ class Routing:
 _CURRENT: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
 # Routing blocks open in any thread or context. While none is, current_routing() answers None without reading the
 # ContextVar: torch.compile traces (and guards on) this plain global, where ContextVar.get is a graph break in every
-# adapted layer (fullgraph=True failed on any adapted model, PEFT's compile).
+# adapted layer (fullgraph=True failed on any adapted model, PEFT's compile). A bool, so a compiled model has two
+# variants at most (any block open or none), whatever the nesting depth.
 _OPEN = 0
+_ANY_OPEN = False
 _OPEN_LOCK = threading.Lock()
 
 
 def current_routing() -> Routing | None:
     """The routing information of the forward in progress, or None outside any ``routing`` block."""
-    if not _OPEN:
+    if not _ANY_OPEN:
         return None
     return _CURRENT.get()
 
 
 @contextlib.contextmanager
 def _routing_set(ctx: Routing | None) -> Iterator[Routing | None]:
-    global _OPEN
+    global _OPEN, _ANY_OPEN
     with _OPEN_LOCK:
         _OPEN += 1
+        _ANY_OPEN = True
     token = _CURRENT.set(ctx)
     try:
         yield ctx
@@ -82,6 +85,7 @@ def _routing_set(ctx: Routing | None) -> Iterator[Routing | None]:
         _CURRENT.reset(token)
         with _OPEN_LOCK:
             _OPEN -= 1
+            _ANY_OPEN = _OPEN > 0
 
 
 @contextlib.contextmanager

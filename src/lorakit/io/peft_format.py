@@ -80,6 +80,8 @@ def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
     # base's asset folder from another installation is resolved back by lorakit (hub.bundled_name)
     d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
     d["task_type"] = peft_task_type(model, d.get("modules_to_save"))
+    if d["task_type"] is None:  # as PEFT writes it then: AutoPeftModel* rebuild the base from this class
+        d["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return d
 
 
