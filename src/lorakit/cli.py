@@ -1225,7 +1225,13 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from .core.targeting import targets_from_text
     from .federated import FederatedConfig
 
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    resume = Path(args.resume_from) if args.resume_from else None
+    if args.output is None:  # resuming: into the run it continues, by default
+        from .federated.checkpoint import STATE_JSON
+
+        args.output = str(resume.parent if (resume / STATE_JSON).is_file() else resume) if resume else "runs/federated"
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, allow_existing=resume is not None)
+
     def split(text, kind, flag):
         """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""
         if not text:
@@ -1254,7 +1260,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     check_model(config)  # the model loads and the targets match, before Flower and Ray start
 
-    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out)
+    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out, resume_from=resume)
     atomic_write_json(out / "federated.json", result)
     for r in result["rounds"]:
         ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})
@@ -1589,8 +1595,11 @@ def _add_federate(sub) -> None:
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=positive_int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
-    f.add_argument("--output", default="runs/federated", help="folder for federated.json and the global adapter/")
-    f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
+    f.add_argument("--output", default=None, help="folder for federated.json, the global adapter/ and the per-round "
+                   "checkpoint/ (default: runs/federated, or with --resume-from the run it continues)")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output")
+    f.add_argument("--resume-from", default=None, help="an interrupted run's --output (or its checkpoint/): continue "
+                   "after its last completed round, with the same settings (--rounds may grow)")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")
     f.field_flags.update({"FederatedConfig.straggler_delay_s": "--straggler-delay",
                           "FederatedConfig.round_timeout_s": "--round-timeout"})

@@ -59,7 +59,9 @@ class ServerCore:
                 failures: Sequence[str] = (), sent: int = 0) -> dict[str, Any]:
         """Check, aggregate and record one round; returns the round's record."""
         accepted, rejected, weights, scales, losses, up, clients = [], [], [], [], [], [], []
-        for client, blob, metrics in replies:
+        # in client order, not arrival order: the float sums (and FLoRA's stacks) then do not depend on which client
+        # replied first, so a rerun or a resumed run aggregates bit for bit alike (stable: a duplicate's first stays)
+        for client, blob, metrics in sorted(replies, key=lambda reply: reply[0]):
             reason = None
             try:
                 update = unpack(blob)
