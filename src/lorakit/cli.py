@@ -1653,6 +1653,16 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
     return default
 
 
+def _rank_zero() -> bool:
+    """Whether this process is rank 0 of a torchrun / accelerate launch (True without one, or with a broken one)."""
+    from .training.distributed import is_main_process
+
+    try:
+        return is_main_process()
+    except LorakitError:  # RANK / WORLD_SIZE unreadable: better every process speaks than none
+        return True
+
+
 class ErrorsReported:
     """Around a command's work (``with ErrorsReported(parser) as run: run.status = work()``, then ``run.status``):
     the errors it raises become the exit status, as every ``lorakit`` command reports them.
@@ -1661,7 +1671,7 @@ class ErrorsReported:
       config fields written as ``command``'s flags (``CommandParser.fail``), status 2; an AdapterSaveError
       (the work was done, the adapter could not be written where asked) status 1;
     - Ctrl-C: status 130 (TrainingInterrupted says where its checkpoint is, and ``resume(checkpoint)`` the command
-      that resumes it when given);
+      that resumes it when given); under a distributed launcher only rank 0 prints it;
     - any other exception propagates (a bug shows its traceback).
 
     ``command`` may be replaced inside the block (the chosen subcommand's parser, once the arguments are parsed).
@@ -1678,12 +1688,15 @@ class ErrorsReported:
     def __exit__(self, kind, error, traceback) -> bool:
         from .training import AdapterSaveError, TrainingInterrupted
 
+        # Ctrl-C under torchrun reaches every process: rank 0 alone says so (its checkpoint is the run's)
         if isinstance(error, TrainingInterrupted):
             hint = f"\nresume with:\n  {self.resume(error.checkpoint)}" if self.resume else ""
-            print(f"\n{self.command.prog}: {error}{hint}", file=sys.stderr)
+            if _rank_zero():
+                print(f"\n{self.command.prog}: {error}{hint}", file=sys.stderr)
             self.status = 130
         elif isinstance(error, KeyboardInterrupt):
-            print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
+            if _rank_zero():
+                print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
             self.status = 130
         elif isinstance(error, AdapterSaveError):
             self.status = self.command.fail(error, status=1)
