@@ -128,7 +128,7 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
                checkpoint: Path | None = None, resume_from: Path | None = None) -> dict[str, Any]:
     """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``, and
     with ``adapter_dir`` writes the final global model there as a PEFT LoRA (``ServerCore.save_adapter``; its path
-    under ``"adapter"``; with no global adapter, FLoRA before an accepted round, an older ``adapter_dir`` is removed).
+    under ``"adapter"``; with no global adapter, FLoRA before an accepted round, None and an older one is removed).
 
     ``checkpoint``: the folder written after every round (``federated.checkpoint.save_round``); ``resume_from``: a
     run's output or checkpoint folder to continue from (its config must equal ``config``, but for ``rounds``), which
@@ -162,9 +162,7 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
                        num_rounds=config.rounds - done, timeout=config.round_timeout_s, evaluate_fn=after_round)
     result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
     if adapter_dir is not None:
-        saved = core.save_adapter(adapter_dir)
-        if saved is None:
-            remove_dir_atomically(adapter_dir)  # an older run's adapter must not pass for this run's
+        saved = core.save_adapter(adapter_dir)  # None: no global adapter (and an older one is removed)
         result["adapter"] = str(saved) if saved is not None else None
     return result
 
