@@ -1260,7 +1260,17 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     check_model(config)  # the model loads and the targets match, before Flower and Ray start
 
-    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out, resume_from=resume)
+    try:
+        result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out, resume_from=resume)
+    except (KeyboardInterrupt, RuntimeError):
+        from .federated.checkpoint import CHECKPOINT, STATE_JSON
+        from .io.files import read_json
+
+        if (out / CHECKPOINT / STATE_JSON).is_file():
+            done = read_json(out / CHECKPOINT / STATE_JSON).get("round")
+            print(f"lorakit federate: the run stopped; round {done} of {config.rounds} is checkpointed in "
+                  f"{out / CHECKPOINT}. Resume with the same command and --resume-from {out}", file=sys.stderr)
+        raise
     atomic_write_json(out / "federated.json", result)
     for r in result["rounds"]:
         ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})

@@ -107,3 +107,20 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(strategy, tiny
     b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "server_state.json").read_text())["round"] == 3
+
+
+def test_cli_resume_names_the_differing_flags_before_flower_starts(tiny_model_dir, tiny_config, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("flora", client_ranks=[2, 4], evaluate=False)
+    save_round(tmp_path / "run" / "checkpoint", _core_after_one_round(config), 1, [])
+    args = ["federate", "--model", tiny_model_dir, "--strategy", "flora", "--client-ranks", "2,4", "--clients", "2",
+            "--rounds", "2", "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort",
+            "--train-examples", "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
+            "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")]
+    assert main([*args, "--lr", "0.01", "--local-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "(--local-steps: 2 -> 3; lr: 0.003 -> 0.01)" in err and "resume with the same ones" in err, err
+    assert main([*args[:-1], str(tmp_path / "elsewhere")]) == 2
+    assert "no federated checkpoint" in capsys.readouterr().err
