@@ -50,9 +50,10 @@ def test_the_deployment_server_app_checks_its_output_folder(tmp_path):
     assert config_from_run_config({"output": "x", "overwrite": True, "resume": False, "clients": 2}).clients == 2
 
 
-def test_a_fresh_run_clears_an_older_runs_results_before_its_first_round(tmp_path):
-    """--overwrite: an older run's federated.json, adapter/ and checkpoint/ go before round 1 (here the run
-    then stops on a bad setting, before any round), so a stopped run never leaves a mix of two runs."""
+def test_a_fresh_run_clears_an_older_runs_results_before_its_first_round(tiny_config, tmp_path):
+    """--overwrite: an older run's federated.json, adapter/ and checkpoint/ go before round 1, so a stopped run never
+    leaves a mix of two runs; a bad setting fails before anything is removed."""
+    from lorakit.core.errors import LorakitError
     from lorakit.federated.apps import make_server_app
 
     for sub in ("adapter", "checkpoint"):
@@ -60,9 +61,10 @@ def test_a_fresh_run_clears_an_older_runs_results_before_its_first_round(tmp_pat
         (tmp_path / sub / "x.json").write_text("{}")
     (tmp_path / "federated.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    from lorakit.core.errors import LorakitError
-
-    app = make_server_app(output=tmp_path)
-    with pytest.raises(LorakitError, match="nope-not-a-task"):  # the run's own config error, after the clearing
-        app(None, _context({"clients": 2, "data": "nope-not-a-task"}))
+    with pytest.raises(LorakitError, match="nope-not-a-task"):
+        make_server_app(output=tmp_path)(None, _context({"clients": 2, "data": "nope-not-a-task"}))
+    assert len(list(tmp_path.iterdir())) == 4
+    app = make_server_app(tiny_config("fedit", evaluate=False), output=tmp_path)
+    with pytest.raises(AttributeError, match="NoneType"):  # no Flower grid here: the run stops at round 1
+        app(None, _context({}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

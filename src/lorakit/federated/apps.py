@@ -198,13 +198,14 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
 
                 check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
                 resume = folder if resuming else None
+        run = config or config_from_run_config(run_config)  # a bad setting fails before anything is removed
         if folder is not None and resume is None:
             # a fresh run (--overwrite): none of an older run's results stays to be taken for this run's, nor its
             # checkpoint to be resumed into this one, even when this run stops early
             remove_dir_atomically(folder / CHECKPOINT)
             remove_dir_atomically(folder / "adapter")
             (folder / "federated.json").unlink(missing_ok=True)
-        result = run_server(grid, config or config_from_run_config(run_config),
+        result = run_server(grid, run,
                             adapter_dir=folder / "adapter" if folder else None,
                             checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume)
         if sink is not None:
