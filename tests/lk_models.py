@@ -27,6 +27,16 @@ def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassificati
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
+def tiny_t5(seed: int = 0, dtype=torch.float32):
+    """A 2+2-layer T5 (encoder-decoder; its feed-forward reads ``wo.weight``, its ``shared`` embedding is tied)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=96,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).to(dtype).eval()
+
+
 def tiny_unet(seed: int = 0, dtype=torch.float32):
     """A diffusers UNet2DModel on 1×8×8 images: 3×3 and 1×1 (conv_shortcut) nn.Conv2d, a stride-2 downsampler,
     attention blocks (nn.Linear). Call it with :func:`unet_inputs`."""
