@@ -196,3 +196,18 @@ def train_with_hooks(model, ids, steps, lr=1e-2, name="default"):
         optimizer.zero_grad()
         if method.on_step is not None:
             method.on_step(model, name, step, steps)
+
+
+def save_random_adapter(directory, config, seed: int, name: str = "m"):
+    """A tiny_llama adapter of ``config`` with random (non-zero) weights, saved to ``directory``; returns it."""
+    import lorakit as lk
+    from lorakit.core.model import adapter_parameters
+
+    model = tiny_llama()
+    lk.add_adapter(model, config, name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model, name).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    lk.save_adapter(model, directory, name)
+    return directory

@@ -968,7 +968,7 @@ def _adapted_modules(keys: Sequence[str], base) -> list[str]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, run_adapter, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
 
     directory = Path(args.adapter)
     inner = run_adapter(directory)

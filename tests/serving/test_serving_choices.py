@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lk_models import tiny_llama
-from lorakit.core.model import adapter_parameters
+from lk_models import save_random_adapter, tiny_llama
 from lorakit.methods.mixlora import MixLoraConfig
 from lorakit.methods.xlora import XLoraConfig
 from lorakit.serving import load_adapters
@@ -175,17 +174,6 @@ def test_choices_whose_logits_are_not_finite_fail_alone(banked, sh):
     _idle(engine)
 
 
-def _save(directory, config, seed):
-    model = tiny_llama()
-    lk.add_adapter(model, config, "m")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(model, "m").values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    lk.save_adapter(model, directory, "m")
-    return directory
-
-
 @pytest.mark.parametrize("method", ["mixlora", "xlora"])
 def test_choices_on_an_attached_mixture(tmp_path, sh, method):
     """n choices on an adapter served attached (its own forward): MixLoRA forks the prompt's blocks; X-LoRA, whose
@@ -193,7 +181,7 @@ def test_choices_on_an_attached_mixture(tmp_path, sh, method):
     Either way the tokens equal requests alone, with a small cache that preempts, and no block stays held."""
     config = MixLoraConfig(r=4, num_experts=4, top_k=2) if method == "mixlora" else \
         XLoraConfig(num_experts=3, expert_r=[4, 4, 4])
-    _save(tmp_path / method, config, seed=5)
+    save_random_adapter(tmp_path / method, config, seed=5)
     model = tiny_llama()
     store = AdapterStore(model, [tmp_path], max_loras=2)
     store.register_dir(tmp_path)
