@@ -79,7 +79,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues find, index and remove a request by itself, not by ~30 field compares
 class Request:
     request_id: str
     prompt_ids: list[int]
