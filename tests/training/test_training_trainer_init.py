@@ -352,3 +352,30 @@ def test_one_callback_for_two_trainers_records_the_init_in_the_second_models_che
         saved = load_file(tmp_path / run / "checkpoint-1" / "model.safetensors")
         assert "lorakit_init.default.record" in saved, run
     assert "lorakit_init.default.record" not in model.state_dict()  # outside training: the model's own keys only
+
+
+class _FailAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("stopped mid-run")
+
+
+def test_a_train_that_raises_mid_run_leaves_no_init_record_in_the_models_state_dict(make_model, tokenizer,
+                                                                                  reverse_train, tmp_path):
+    """Was: the record keys rode on every model.state_dict() from on_train_begin until on_train_end, which a train()
+    that raises never reaches, so afterwards a strict load into a model of the same config failed on
+    ``lorakit_init.*`` keys. Now they appear only inside Trainer's own checkpoint save."""
+    config = lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="corda")
+    model = make_model(config)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="steps", save_steps=1, use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                      data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+                      callbacks=[LorakitCallback("default"), _FailAtStep()])
+    with pytest.raises(RuntimeError, match="stopped mid-run"):
+        trainer.train()
+    assert inits.base_edits(model, "default")  # CorDA ran: the model has a record to carry
+    state = model.state_dict()
+    assert not [k for k in state if k.startswith("lorakit_init.")]
+    other = make_model(config)
+    other.load_state_dict(state, strict=True)

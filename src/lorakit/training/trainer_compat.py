@@ -20,7 +20,7 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   such an init is refused (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer
   there. When resuming,
   Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
-  run again. What Trainer's model state lacks the callback adds to it while training: each adapter's init record
+  run again. What Trainer's model state lacks the callback adds to the checkpoints Trainer saves (only there, not to a user's ``model.state_dict()``): each adapter's init record
   (``lorakit.core.inits.init_record_tensors``: the base edits as low-rank factors, the adapter's config after the
   init), restored when Trainer loads the checkpoint. So the resumed model's ``restore_base`` / ``save_adapter(...,
   original_base=True)`` undo the base edits as the straight run's do, and an init that reshaped the adapter (EVA's
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -104,7 +105,6 @@ class LorakitCallback(TrainerCallback):
                 handle.remove()
             hooked = None
         if hooked is None:
-            self._in_train = False
             # torch marks a state_dict hook with an attribute, which a bound method cannot take: plain functions
             def save_records(module, state_dict, prefix, local_metadata):
                 self._save_records(module, state_dict, prefix, local_metadata)
@@ -116,8 +116,9 @@ class LorakitCallback(TrainerCallback):
                                  model.register_load_state_dict_pre_hook(load_records))
 
     def _save_records(self, module, state_dict, prefix, local_metadata) -> None:
-        # only while training: Trainer's checkpoints, not a user's model.state_dict() before or after
-        if self._in_train:
+        # only inside Trainer's own checkpoint save: a user's model.state_dict() (before, after, or after a train()
+        # that raised half-way) keeps the model's own keys, so a strict load into a plain model works
+        if _called_from(_trainer_code("_save_checkpoint")):
             state_dict.update(init_record_tensors(module, prefix))
 
     def _load_records(self, module, state_dict, prefix, *args) -> None:
@@ -174,12 +175,10 @@ class LorakitCallback(TrainerCallback):
         if pending is not None and state.global_step > 0:
             self._resume_without_record(model, pending, state.global_step)
             pending = None
-        self._in_train = True
         if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
             try:
                 self._run_inits(model, method, pending, args, train_dataloader, optimizer)
             except BaseException:
-                self._in_train = False
                 self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
                 raise
 
@@ -328,11 +327,27 @@ class LorakitCallback(TrainerCallback):
         save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.adapter_name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs: Any):
-        self._in_train = False
         self._restore_forward()
         if self.procedure is not None:
             self.procedure.finish(model, self.adapter_name)
         save_adapter(model, os.path.join(args.output_dir, "adapter"), self.adapter_name)
+
+
+def _trainer_code(name: str):
+    from transformers import Trainer
+
+    return getattr(Trainer, name).__code__
+
+
+def _called_from(code) -> bool:
+    """Whether a function with this code object is on the call stack (a Trainer method around a state_dict call;
+    a subclass that overrides it without calling it is not seen)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def swap_replaced_parameters(optimizer: torch.optim.Optimizer, before: dict[str, torch.nn.Parameter],
