@@ -9,6 +9,8 @@ same batches (peft/tuners/lora/corda.py ``preprocess_corda`` + layer.py ``corda_
 
 from __future__ import annotations
 
+import dataclasses
+
 import peft
 import pytest
 import torch
@@ -379,3 +381,92 @@ def test_a_train_that_raises_mid_run_leaves_no_init_record_in_the_models_state_d
     assert not [k for k in state if k.startswith("lorakit_init.")]
     other = make_model(config)
     other.load_state_dict(state, strict=True)
+
+
+def _adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in lk.adapter_state_dict(model).items()}
+
+
+def test_resuming_with_another_rank_than_the_checkpoints_corda_adapter_is_refused_naming_the_field(
+        make_model, trainer_with_checkpoints, tmp_path):
+    """Was: the pending init's name matching the record's (CorDA) let any config difference through, and the adapter
+    was silently rebuilt with the checkpoint's r over the user's. CorDA rewrites no config field, so a changed r is
+    refused before anything changes: the model keeps its adapter, its pending init and its own forward."""
+    def model(r):
+        return make_model(lk.LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="corda"))
+
+    trainer_with_checkpoints(model(4), tmp_path / "a", max_steps=1, save_steps=1)
+    resumed = model(8)
+    shapes = _adapter_shapes(resumed)
+    with pytest.raises(lk.ConfigError, match=r"adapter 'default' was trained with another config than this model's "
+                                             r"\(r: checkpoint 4, this model 8\); resume with the adapter config"):
+        trainer_with_checkpoints(resumed, tmp_path / "b", max_steps=2, save_steps=1,
+                                 resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.lorakit.configs["default"].r == 8 and _adapter_shapes(resumed) == shapes
+    assert inits.init_pending(resumed, "default") and "forward" not in resumed.__dict__
+
+
+def _eva_model(make_model, **overrides):
+    model = make_model(lk.LoraConfig(**{"r": 1, "lora_alpha": 8, "target_modules": ["o_proj", "down_proj"],
+                                        "init_lora_weights": "eva", **overrides}))
+    inits.set_init_options(model, "default", rho=8.0)
+    return model
+
+
+def test_resuming_eva_accepts_only_the_fields_eva_rewrites(make_model, trainer_with_checkpoints, tmp_path):
+    """EVA rewrites target_modules / rank_pattern / alpha_pattern (src/lorakit/init/eva.py ``_apply``; PEFT's
+    ``_load_eva_state_dict``): the checkpoint's values of those replace the typed ones (the rebuild the resume test
+    above checks), but a changed lora_alpha is refused, naming it and what EVA rewrites."""
+    trainer_with_checkpoints(_eva_model(make_model), tmp_path / "a", max_steps=1, save_steps=1)
+    resumed = _eva_model(make_model, lora_alpha=16)
+    shapes = _adapter_shapes(resumed)
+    with pytest.raises(lk.ConfigError, match=r"\(lora_alpha: checkpoint 8, this model 16\) \(init 'eva' rewrites only "
+                                             r"target_modules, rank_pattern, alpha_pattern\)"):
+        trainer_with_checkpoints(resumed, tmp_path / "b", max_steps=2, save_steps=1,
+                                 resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert _adapter_shapes(resumed) == shapes and inits.init_pending(resumed, "default")
+    assert "forward" not in resumed.__dict__
+
+
+def test_resuming_eva_under_a_procedure_is_refused_with_the_resume_advice_and_the_model_left_as_it_was(
+        make_model, tokenizer, reverse_train, tmp_path):
+    """A procedure's optimizer cannot be re-pointed at rebuilt parameters. Was: the fresh-init message ("run
+    lorakit.init_adapter first"), raised after the rebuild, from inside Trainer's load, with the forward wrapper
+    left on. Now: a resume message, before the rebuild; and following it (the adapter built with the checkpoint's
+    config, read_adapter_config) resumes."""
+    from lorakit.training import TrainConfig, make_optimizer
+    from lorakit.training.procedures import get_procedure
+
+    dataset = TokenizedDataset(reverse_train, tokenizer, max_length=64)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+
+    def run(model, output_dir, resume=None):
+        config = TrainConfig(lr=1e-2, procedure="loraplus")
+        procedure = get_procedure("loraplus").build(config)
+        optimizer, _ = make_optimizer(model, "default", config, procedure=procedure)
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4,
+                                 report_to=[], save_strategy="steps", save_steps=1, use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, optimizers=(optimizer, None),
+                callbacks=[LorakitCallback("default", procedure=procedure)]).train(resume_from_checkpoint=resume)
+        return model
+
+    straight = _eva_model(make_model)
+    lk.init_adapter(straight, "default", [collate([dataset[i] for i in range(4 * k, 4 * k + 4)]) for k in range(2)],
+                    rho=8.0)
+    run(straight, tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+
+    resumed = _eva_model(make_model)
+    shapes = _adapter_shapes(resumed)
+    with pytest.raises(lk.ConfigError, match=r"resuming: adapter 'default'.s init 'eva' reshaped it .*procedure "
+                                             r"LoraPlus's optimizer.*dataclasses\.replace\(lorakit\.read_adapter_config\(<checkpoint "
+                                             r"folder>\), inference_mode=False\)"):
+        run(resumed, tmp_path / "b", resume=str(checkpoint))
+    assert _adapter_shapes(resumed) == shapes and inits.init_pending(resumed, "default")
+    assert "forward" not in resumed.__dict__
+
+    advised = make_model(dataclasses.replace(lk.read_adapter_config(checkpoint), inference_mode=False))
+    run(advised, tmp_path / "c", resume=str(checkpoint))
+    assert advised.lorakit.configs["default"] == straight.lorakit.configs["default"]
+    _assert_close_all(advised.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)

@@ -51,6 +51,10 @@ class Init:
     ``estimate=data``; ``run`` without it (``init_adapter`` on an attached adapter) makes the pass itself.
     ``targets``: ``(path, base layer, LayerInfo)`` of every module the adapter will adapt.
 
+    ``rewrites``: the adapter config fields ``run`` may rewrite (EVA: ``target_modules``, ``rank_pattern``,
+    ``alpha_pattern``); resuming a Trainer checkpoint accepts the checkpoint's values of these, and only these, in
+    place of the config the user typed.
+
     ``fits(config) -> str | None`` (optional): why adapters of this config cannot take the init (None when they
     can), from the config alone, so that :func:`check_init_config` refuses a mismatch (LoRA-SB on a plain LoRA)
     before any model loads or any data pass runs.
@@ -66,6 +70,7 @@ class Init:
     rerun_on_load: bool = False
     estimate: Callable[..., Any] | None = None
     fits: Callable[[Any], str | None] | None = None
+    rewrites: tuple[str, ...] = ()
 
     def accepts(self, spec: Any) -> bool:
         return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None

@@ -302,7 +302,7 @@ def _all_adapted(model: nn.Module, name: str):
 
 
 register_init(
-    "eva", run=run_eva, needs_data=True, fits=eva_fits,
+    "eva", run=run_eva, needs_data=True, fits=eva_fits, rewrites=("target_modules", "rank_pattern", "alpha_pattern"),
     description="A = top right singular vectors of each layer's inputs (incremental PCA until converged), ranks "
                 "redistributed by explained variance under the same budget, B = 0.",
     paper="Paischer et al. 2024, arXiv:2410.07170",

@@ -54,6 +54,7 @@ import inspect
 import os
 import sys
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -123,43 +124,76 @@ class LorakitCallback(TrainerCallback):
 
     def _load_records(self, module, state_dict, prefix, *args) -> None:
         """Before Trainer's load_state_dict copies a checkpoint in: take the init records out, rebuild an adapter
-        the init reshaped, install the records."""
-        records = pop_init_records(state_dict, prefix)
+        the init reshaped, install the records. Every check runs before anything changes: a refused resume leaves
+        the model as it was (its forward unwrapped too, as Trainer stops here and on_train_end never runs)."""
+        try:
+            records = pop_init_records(state_dict, prefix)
+            plans = {name: self._check_record(module, name, record, config)
+                     for name, (record, config) in records.items()}
+        except BaseException:
+            self._restore_forward()
+            raise
         state = adapter_state(module)
-        for name, (record, config) in records.items():
-            if name not in state.configs:
-                raise ConfigError(f"the checkpoint records adapter {name!r}'s init {record.init!r}, but this model has "
-                                  f"no adapter {name!r} (it has {list(state.configs)}); add the adapter the checkpoint "
-                                  "was trained with before resuming.")
-            if state.configs[name].to_dict() != config.to_dict():
-                self._rebuild_adapter(module, name, record, config)
+        for name, (record, _) in records.items():
+            if plans[name] is not None:
+                self._rebuild_adapter(module, name, plans[name])
             layers = dict(adapter_layers(module))
             for path, edit in record.edits.items():
-                if path not in layers:
-                    raise ConfigError(f"the checkpoint records a base edit of {path!r} by adapter {name!r}'s init "
-                                      f"{record.init!r}, but this model does not adapt {path!r}; resume with the model "
-                                      "and adapter config the checkpoint was trained with.")
                 weight = layers[path].base_layer.weight
                 edit.A, edit.B = edit.A.to(weight.device), edit.B.to(weight.device)
             state.inits[name] = record
 
-    def _rebuild_adapter(self, model: torch.nn.Module, name: str, record: InitRecord, config) -> None:
-        """Give adapter ``name`` the shapes of the checkpoint's ``config`` (what its pending init, e.g. EVA, made of
-        it), so that Trainer's load finds them; the tensors come from the checkpoint."""
-        current = adapter_state(model).configs[name]
+    def _check_record(self, model: torch.nn.Module, name: str, record: InitRecord, config):
+        """ConfigError where adapter ``name`` cannot take the checkpoint's record; the plan of the adapter rebuilt
+        with the checkpoint's ``config`` where its pending init (EVA) reshaped it, else None.
+
+        Only the fields that init rewrites (``Init.rewrites``) may differ from the config this model was given."""
+        state = adapter_state(model)
+        if name not in state.configs:
+            raise ConfigError(f"the checkpoint records adapter {name!r}'s init {record.init!r}, but this model has "
+                              f"no adapter {name!r} (it has {list(state.configs)}); add the adapter the checkpoint "
+                              "was trained with before resuming.")
+        ours, theirs = state.configs[name].to_dict(), config.to_dict()
+        diff = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
         pending = requested_init(model, name) if init_pending(model, name) else None
-        if pending is None or pending.name != record.init:
-            diff = sorted(k for k, v in config.to_dict().items() if current.to_dict().get(k) != v)
+        allowed = pending.rewrites if pending is not None and pending.name == record.init else ()
+        refused = [k for k in diff if k not in allowed]
+        if refused:
+            fields = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this model {ours.get(k)!r}" for k in refused[:6])
+            why = f" (init {record.init!r} rewrites only {', '.join(allowed)})" if allowed else ""
             raise ConfigError(f"the checkpoint's adapter {name!r} was trained with another config than this model's "
-                              f"(fields {', '.join(diff)}); resume with the adapter config the checkpoint was "
-                              "trained with.")
+                              f"({fields}{' …' if len(refused) > 6 else ''}){why}; resume with the adapter config "
+                              "the checkpoint was trained with.")
+        if diff and self.procedure is not None:
+            # the rebuild gives the adapter new parameters; a procedure's optimizer may hold more than its groups
+            raise ConfigError(
+                f"resuming: adapter {name!r}'s init {record.init!r} reshaped it in the run that wrote the checkpoint "
+                f"({', '.join(diff)}), so its parameters must be rebuilt to the checkpoint's shapes, after procedure "
+                f"{type(self.procedure).__name__}'s optimizer was built on the old ones. Build the adapter with the "
+                "checkpoint's config, dataclasses.replace(lorakit.read_adapter_config(<checkpoint folder>), "
+                "inference_mode=False), then the optimizer "
+                "(make_optimizer) and Trainer, and resume.")
+        layers = dict(adapter_layers(model))
+        for path in record.edits:
+            if path not in layers:
+                raise ConfigError(f"the checkpoint records a base edit of {path!r} by adapter {name!r}'s init "
+                                  f"{record.init!r}, but this model does not adapt {path!r}; resume with the model "
+                                  "and adapter config the checkpoint was trained with.")
+        if not diff:
+            return None
+        # planned under a spare name while the adapter is still there: a plan that fails leaves the model as it was
+        return replace(plan_adapter(model, config, f"{name}__resume"), name=name)
+
+    def _rebuild_adapter(self, model: torch.nn.Module, name: str, plan) -> None:
+        """Give adapter ``name`` the shapes of the checkpoint's config (what its pending init, e.g. EVA, made of it),
+        so that Trainer's load finds them; the tensors come from the checkpoint. A user-built optimizer is pointed at
+        the new parameters."""
         active = list(adapter_state(model).active)
         before = dict(model.named_parameters())
         delete_adapter(model, name)
-        attach_plan(model, plan_adapter(model, config, name))
+        attach_plan(model, plan)
         set_adapter(model, active)
-        after = dict(model.named_parameters())
-        self._point_optimizer(self._optimizer, before, after)
+        self._point_optimizer(self._optimizer, before, dict(model.named_parameters()))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None,
                        **kwargs: Any):
