@@ -460,8 +460,8 @@ def test_resuming_eva_under_a_procedure_is_refused_with_the_resume_advice_and_th
     resumed = _eva_model(make_model)
     shapes = _adapter_shapes(resumed)
     with pytest.raises(lk.ConfigError, match=r"resuming: adapter 'default'.s init 'eva' reshaped it .*procedure "
-                                             r"LoraPlus's optimizer.*dataclasses\.replace\(lorakit\.read_adapter_config\(<checkpoint "
-                                             r"folder>\), inference_mode=False\)"):
+                                             r"LoraPlus's optimizer.*dataclasses\.replace\(lorakit\."
+                                             r"read_adapter_config\(<checkpoint folder>\), inference_mode=False\)"):
         run(resumed, tmp_path / "b", resume=str(checkpoint))
     assert _adapter_shapes(resumed) == shapes and inits.init_pending(resumed, "default")
     assert "forward" not in resumed.__dict__
@@ -470,3 +470,60 @@ def test_resuming_eva_under_a_procedure_is_refused_with_the_resume_advice_and_th
     run(advised, tmp_path / "c", resume=str(checkpoint))
     assert advised.lorakit.configs["default"] == straight.lorakit.configs["default"]
     _assert_close_all(advised.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+
+
+def _reshard_one_tensor_per_file(checkpoint, record_last: bool) -> list[str]:
+    """Rewrite a checkpoint's model.safetensors as a sharded checkpoint (the form save_pretrained gives a model above
+    its max_shard_size, 50GB under Trainer), one tensor per shard: each init-record tensor apart from the others and
+    from the adapter tensors. Returns the shard files with the records' last (or first)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    keys = sorted(tensors, key=lambda k: k.startswith("lorakit_init.") == record_last)
+    files = {k: f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors" for i, k in enumerate(keys)}
+    for k, f in files.items():
+        save_file({k: tensors[k].contiguous()}, checkpoint / f, metadata={"format": "pt"})
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    return [files[k] for k in keys]
+
+
+@pytest.mark.parametrize("record_last", [True, False])
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_resuming_a_sharded_checkpoint_restores_the_init_record_whatever_order_the_shards_load_in(
+        init, record_last, make_model, trainer_with_checkpoints, tmp_path, monkeypatch):
+    """Trainer loads a sharded checkpoint shard by shard (transformers/trainer_utils.py ``load_sharded_checkpoint``:
+    ``list(set(index["weight_map"].values()))``, an order that varies from process to process). Was: a record split
+    from its edit tensors failed ("records a base edit ... but the state holds no"), and EVA's adapter tensors loaded
+    before its record met the unreshaped adapter (torch's size mismatch). The shard order is pinned here, record
+    shards last or first, by shadowing ``set`` in that module; the resumed run ends as the straight run."""
+    import builtins
+
+    import transformers.trainer_utils
+
+    def model():
+        if init == "eva":
+            return _eva_model(make_model)
+        return make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights="corda"))
+
+    straight = trainer_with_checkpoints(model(), tmp_path / "a", max_steps=2, save_steps=1)
+    order = _reshard_one_tensor_per_file(tmp_path / "a" / "checkpoint-1", record_last)
+    def pinned_set(items=()):
+        items = list(items)
+        if items and all(i in order for i in items):  # the shard list: in the pinned order (deduplicated)
+            return sorted(dict.fromkeys(items), key=order.index)
+        return builtins.set(items)
+
+    monkeypatch.setattr(transformers.trainer_utils, "set", pinned_set, raising=False)
+    resumed = trainer_with_checkpoints(model(), tmp_path / "b", max_steps=2, save_steps=1,
+                                       resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.lorakit.configs["default"] == straight.lorakit.configs["default"]
+    assert not inits.init_pending(resumed, "default")
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+    got, want = inits.base_edits(resumed, "default"), inits.base_edits(straight, "default")
+    assert got.keys() == want.keys() and (init == "eva" or want)
+    for path in want:
+        torch.testing.assert_close(got[path].B @ got[path].A, want[path].B @ want[path].A, atol=0, rtol=0)

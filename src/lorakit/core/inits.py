@@ -360,11 +360,14 @@ def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch
     return out
 
 
-def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = ""
+def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = "", *, partial: bool = False
                      ) -> dict[str, tuple[InitRecord, "Any"]]:
     """Remove what :func:`init_record_tensors` put into ``state_dict`` and return it: ``{adapter: (InitRecord,
     config)}``, the config as the registered method's config class. The edits' tensors stay on the state dict's
-    device. AdapterError naming the key where a record lacks an edit's tensor or names an unknown method."""
+    device. AdapterError naming the key where a record lacks an edit's tensor or names an unknown method.
+
+    ``partial=True`` (tensors gathered from the shards of a sharded checkpoint so far): a record whose tensors are
+    not all there yet, and tensors of no record yet, stay in ``state_dict`` instead of raising."""
     import json
 
     from .registry import get_method
@@ -374,7 +377,11 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = ""
     out: dict[str, tuple[InitRecord, Any]] = {}
     for name in names:
         key = f"{head}{name}.record"
-        meta = json.loads(bytes(state_dict.pop(key).to(torch.uint8).tolist()).decode())
+        meta = json.loads(bytes(state_dict[key].to(torch.uint8).tolist()).decode())
+        parts = [f"{head}{name}.{path}.{ab}" for path in meta["scalings"] for ab in ("A", "B")]
+        if partial and not all(k in state_dict for k in parts):
+            continue
+        del state_dict[key]
         try:
             config = get_method(meta["method"]).config_cls.from_dict(meta["config"], source=key)
         except Exception as e:
@@ -386,6 +393,6 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = ""
                 raise AdapterError(f"{key} records a base edit of {path!r}, but the state holds no {a!r} / {b!r}.")
             edits[path] = BaseEdit(A=state_dict.pop(a).float(), B=state_dict.pop(b).float(), scaling=float(scaling))
         out[name] = (InitRecord(init=meta["init"], spec=meta["spec"], edits=edits), config)
-    for key in [k for k in state_dict if k.startswith(head)]:
+    for key in [] if partial else [k for k in state_dict if k.startswith(head)]:
         raise AdapterError(f"{key}: a lorakit init tensor of no recorded adapter ({', '.join(names) or 'none'}).")
     return out

@@ -20,7 +20,8 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   such an init is refused (each process's loader gives other batches); run ``lorakit.init_adapter`` before Trainer
   there. When resuming,
   Trainer's checkpoint (``model.safetensors``: base and adapter) already holds the init's result, so it does not
-  run again. What Trainer's model state lacks the callback adds to the checkpoints Trainer saves (only there, not to a user's ``model.state_dict()``): each adapter's init record
+  run again. What Trainer's model state lacks the callback adds to the checkpoints Trainer saves (only there, not
+  to a user's ``model.state_dict()``): each adapter's init record
   (``lorakit.core.inits.init_record_tensors``: the base edits as low-rank factors, the adapter's config after the
   init), restored when Trainer loads the checkpoint. So the resumed model's ``restore_base`` / ``save_adapter(...,
   original_base=True)`` undo the base edits as the straight run's do, and an init that reshaped the adapter (EVA's
@@ -28,7 +29,11 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   parameters). A checkpoint without that record (written by an older lorakit) resuming a base-editing init
   (CorDA, LoRA-GA …) is refused with a ConfigError: the edits could no longer be undone. (The record rides on
   ``model.state_dict`` / ``load_state_dict``, which Trainer uses for plain and DDP runs; FSDP and DeepSpeed load
-  their own checkpoint formats and are not covered);
+  their own checkpoint formats and are not covered). A sharded checkpoint (a model above save_pretrained's shard
+  size) loads shard by shard in no fixed order: the record's pieces are gathered across shards and an adapter's
+  tensors are held back until its record is installed (its rebuild done), so the order does not matter. Resuming
+  accepts from the checkpoint only the config fields the init rewrites (``Init.rewrites``: EVA's targets and
+  patterns) and refuses any other difference, naming it, before changing the model;
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
   ``output_dir/adapter`` (Trainer's own ``model.safetensors`` has lorakit's wrapped module names, which
@@ -61,9 +66,9 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.checkpointing import replay_routing_in_checkpoints
-from ..core.errors import ConfigError
-from ..core.inits import (Init, InitRecord, init_adapter, init_pending, init_record_tensors, pop_init_records,
-                          requested_init)
+from ..core.errors import AdapterError, ConfigError
+from ..core.inits import (RECORD_KEY, Init, InitRecord, init_adapter, init_pending, init_record_tensors,
+                          pop_init_records, requested_init)
 from ..core.model import (adapter_layers, adapter_state, attach_plan, delete_adapter, plan_adapter,
                           refresh_trainable, set_adapter)
 from ..core.registry import get_method
@@ -106,6 +111,8 @@ class LorakitCallback(TrainerCallback):
                 handle.remove()
             hooked = None
         if hooked is None:
+            self._shard_records: dict[str, torch.Tensor] = {}  # a sharded checkpoint's record tensors, gathered
+            self._held: dict[str, torch.Tensor] = {}  # its adapter tensors held until their adapter's record is in
             # torch marks a state_dict hook with an attribute, which a bound method cannot take: plain functions
             def save_records(module, state_dict, prefix, local_metadata):
                 self._save_records(module, state_dict, prefix, local_metadata)
@@ -126,8 +133,18 @@ class LorakitCallback(TrainerCallback):
         """Before Trainer's load_state_dict copies a checkpoint in: take the init records out, rebuild an adapter
         the init reshaped, install the records. Every check runs before anything changes: a refused resume leaves
         the model as it was (its forward unwrapped too, as Trainer stops here and on_train_end never runs)."""
+        # Trainer's load_sharded_checkpoint calls this once per shard, in set order: a record (or part of it) may
+        # come after the adapter tensors it reshapes, so it is gathered across shards, and the tensors of an adapter
+        # whose init is still pending are held back until its record is installed (or, never, at on_train_begin)
+        sharded = _called_from(_load_sharded_code())
         try:
-            records = pop_init_records(state_dict, prefix)
+            if sharded:
+                head = prefix + RECORD_KEY
+                ours = [k for k in state_dict if k.startswith(head)]
+                self._shard_records.update({k: state_dict.pop(k) for k in ours})
+                records = pop_init_records(self._shard_records, prefix, partial=True)
+            else:
+                records = pop_init_records(state_dict, prefix)
             plans = {name: self._check_record(module, name, record, config)
                      for name, (record, config) in records.items()}
         except BaseException:
@@ -142,6 +159,29 @@ class LorakitCallback(TrainerCallback):
                 weight = layers[path].base_layer.weight
                 edit.A, edit.B = edit.A.to(weight.device), edit.B.to(weight.device)
             state.inits[name] = record
+            self._copy_held(module, name)
+        if sharded:
+            for name in state.configs:
+                if init_pending(module, name):
+                    mark = f".adapters.{name}."
+                    self._held.update({k: state_dict.pop(k) for k in [k for k in state_dict if mark in k]})
+
+    def _copy_held(self, model: torch.nn.Module, name: str | None = None) -> None:
+        """Copy the adapter tensors held back from earlier shards (of adapter ``name``; None: all) into the model.
+        ConfigError naming them where they do not fit (another adapter config than the checkpoint's)."""
+        mark = None if name is None else f".adapters.{name}."
+        keys = [k for k in self._held if mark is None or mark in k]
+        if not keys:
+            return
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        bad = [k for k in keys if k not in tensors or tensors[k].shape != self._held[k].shape]
+        if bad:
+            shown = ", ".join(f"{k} {tuple(self._held[k].shape)}" for k in bad[:3])
+            raise ConfigError(f"the checkpoint's adapter tensors ({shown}{' …' if len(bad) > 3 else ''}) do not fit "
+                              "this model's adapter; resume with the adapter config the checkpoint was trained with.")
+        with torch.no_grad():
+            for k in keys:
+                tensors[k].copy_(self._held.pop(k))
 
     def _check_record(self, model: torch.nn.Module, name: str, record: InitRecord, config):
         """ConfigError where adapter ``name`` cannot take the checkpoint's record; the plan of the adapter rebuilt
@@ -205,6 +245,8 @@ class LorakitCallback(TrainerCallback):
         # Trainer turned checkpointing on (args.gradient_checkpointing) before this: its recomputes in backward run
         # after the routed forward has returned, so they must replay its routing (core.checkpointing)
         replay_routing_in_checkpoints(model)
+        if self._shard_records or self._held:
+            self._finish_sharded_load(model)
         pending = requested_init(model, self.adapter_name) if init_pending(model, self.adapter_name) else None
         if pending is not None and state.global_step > 0:
             self._resume_without_record(model, pending, state.global_step)
@@ -215,6 +257,21 @@ class LorakitCallback(TrainerCallback):
             except BaseException:
                 self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
                 raise
+
+    def _finish_sharded_load(self, model: torch.nn.Module) -> None:
+        """After Trainer loaded every shard: a record left incomplete is refused; adapter tensors held for a record
+        that never came (a checkpoint without records) are copied in as Trainer would have."""
+        try:
+            if self._shard_records:
+                raise AdapterError(f"the sharded checkpoint holds lorakit init tensors of no complete record "
+                                   f"({', '.join(sorted(self._shard_records)[:3])}): a shard is missing or was "
+                                   "written by another run.")
+            self._copy_held(model)
+        except BaseException:
+            self._shard_records.clear()
+            self._held.clear()
+            self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
+            raise
 
     def _resume_without_record(self, model: torch.nn.Module, pending: Init, step: int) -> None:
         """Resuming from a checkpoint that carries no record of the pending init, which ran in the run that wrote it
@@ -371,6 +428,12 @@ def _trainer_code(name: str):
     from transformers import Trainer
 
     return getattr(Trainer, name).__code__
+
+
+def _load_sharded_code():
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    return load_sharded_checkpoint.__code__
 
 
 def _called_from(code) -> bool:
