@@ -90,6 +90,8 @@ class LorakitCallback(TrainerCallback):
         self.adapter_name = adapter_name
         self.init_batches = init_batches
         self.procedure = procedure
+        self._shard_records: dict[str, torch.Tensor] = {}  # a sharded checkpoint's record tensors, gathered
+        self._held: dict[str, torch.Tensor] = {}  # its adapter tensors held until their adapter's record is in
 
     def _method(self, model: torch.nn.Module):
         return get_method(adapter_state(model).configs[self.adapter_name])
@@ -111,8 +113,8 @@ class LorakitCallback(TrainerCallback):
                 handle.remove()
             hooked = None
         if hooked is None:
-            self._shard_records: dict[str, torch.Tensor] = {}  # a sharded checkpoint's record tensors, gathered
-            self._held: dict[str, torch.Tensor] = {}  # its adapter tensors held until their adapter's record is in
+            self._shard_records.clear()
+            self._held.clear()
             # torch marks a state_dict hook with an attribute, which a bound method cannot take: plain functions
             def save_records(module, state_dict, prefix, local_metadata):
                 self._save_records(module, state_dict, prefix, local_metadata)
