@@ -1244,7 +1244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
           limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank, device=args.device,
-          cuda_graphs=args.cuda_graphs)
+          cuda_graphs=args.cuda_graphs, quantize=_quantize_config(args))
     return 0
 
 
@@ -1556,7 +1556,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--cuda-graphs", action="store_true",
                     help="decode steps of banked rows as static-shape steps, captured in CUDA graphs per batch and "
                          "context bucket (with --device cuda; on the CPU they run eagerly); bank storage is reserved "
-                         "for --max-loras adapters up front")
+                         "for --max-loras adapters up front; not with --quantize on cuda")
+    _add_quantize(sv, "serve adapters trained on it (`lorakit train --quantize`)")
     sv.set_defaults(func=cmd_serve)
 
 
