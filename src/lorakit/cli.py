@@ -919,16 +919,25 @@ def _adapted_modules(keys: Sequence[str], base) -> list[str]:
     return sorted(modules)
 
 
+def _adapter_of_run(adapter: str, doing: str) -> str:
+    """``adapter``, or its ``adapter/`` when it is a training run folder (``lorakit train --output``: the adapter the
+    run ended with, not a ``checkpoint-N``), said on stdout: the commands that take a run folder (inspect, merge,
+    export) resolve it here, the same way."""
+    from .io.peft_format import run_adapter
+
+    inner = run_adapter(adapter)
+    if inner is None:
+        return adapter
+    print(f"{adapter} is a training run folder; {doing} its adapter {inner}")
+    return str(inner)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, run_adapter, weights_path
+    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, weights_path
 
-    directory = Path(args.adapter)
-    inner = run_adapter(directory)
-    if inner is not None:  # a training run folder: its adapter is what the user means
-        print(f"{directory} is a training run folder; inspecting its adapter {inner}")
-        directory = inner
+    directory = Path(_adapter_of_run(args.adapter, "inspecting"))
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
     base = _meta_base(config)
@@ -974,6 +983,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
+    args.adapter = _adapter_of_run(args.adapter, "merging")
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
     _quantize_config(args)  # --compute-dtype without --quantize: refused first, as before
     mismatch = _adapter_base_mismatch(args.adapter, args)
@@ -1214,6 +1224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
+    args.adapter = _adapter_of_run(args.adapter, "exporting")
     method = get_method(check_adapter_folder(args.adapter))
     if method.peft_type is None and method.to_lora is None:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
@@ -1515,7 +1526,8 @@ def _add_inspect(sub) -> None:
 def _add_merge(sub) -> None:
     mg = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model", formatter_class=_Formatter)
     _common_model(mg)
-    mg.add_argument("--adapter", required=True)
+    mg.add_argument("--adapter", required=True, help="adapter folder; a training run folder (train --output) merges "
+                    "its adapter/")
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _add_quantize(mg, "merge into the dequantized 4-bit weights (for an adapter trained with train --quantize); "
@@ -1526,7 +1538,7 @@ def _add_merge(sub) -> None:
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write an adapter as a plain PEFT LoRA", formatter_class=_Formatter)
     _common_model(x)
-    x.add_argument("adapter")
+    x.add_argument("adapter", help="adapter folder; a training run folder (train --output) exports its adapter/")
     x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     x.add_argument("--rank", type=positive_int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
