@@ -304,8 +304,12 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
-    plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
-                        trained=trained_modules(tensors))
+    try:
+        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
+                            trained=trained_modules(tensors))
+    except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
+        # targets): the same error, naming the folder it came from as every other load error does
+        raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
     expected = plan.state_dict()
     host_params = dict(model.named_parameters())
 
