@@ -100,6 +100,10 @@ def check_output_file(path: str | os.PathLike, flag: str, *, overwrite: bool) ->
 # ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
 # a Python call written out, not a value the user typed)
 _VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
+# a list of two or more bare names with at least one comma: "a, b", "a, b and c", "a, b, or c"
+_LIST_SEP = r", (?:and |or )?| (?:and|or) "
+_LIST = (r"(?<![\w.\-/\\'\"])[A-Za-z_]\w*(?:(?:" + _LIST_SEP + r")[A-Za-z_]\w*)*, (?:and |or )?[A-Za-z_]\w*"
+         r"(?:(?:" + _LIST_SEP + r")[A-Za-z_]\w*)*(?![\w\-/\\\[('\"=])")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -124,11 +128,23 @@ def with_flags(message: str, flags: Mapping[str, str], negated: Mapping[str, str
     A field is replaced where it is unmistakably a name: qualified (``PretrainConfig.steps``), with a value
     (``steps=3`` -> ``--steps 3``), or, for a one-word field (``steps``, ``lr``), as the subject of a sentence
     (``density must be ...``); a field with an underscore (``mix_ln_alpha``) wherever it stands as a word.
+    A list of names (``it reads density, lambda_, normalize``: comma-separated, at least two of them fields) is
+    written as flags whole, one-word fields included (``--density, --lambda, --normalize``), so one list never mixes
+    flags and field names.
     A boolean flag with its ``--no-`` form in ``negated`` (flag -> negation) reads as typed: ``save_pruned=False``
     -> ``--no-save-pruned``, ``save_pruned=True`` -> ``--save-pruned`` (argparse's BooleanOptionalAction takes no
     value).
     """
     negated = negated or {}
+
+    def in_list(m: re.Match) -> str:
+        items = re.split(_LIST_SEP, m.group(0))
+        if sum(item in flags for item in items) < 2:
+            return m.group(0)  # names of other things (modules, tasks) that a field name happens to be among
+        return re.sub(r"[A-Za-z_]\w*", lambda w: flags.get(w.group(0), w.group(0)) if w.group(0) in items else
+                      w.group(0), m.group(0))
+
+    message = re.sub(_LIST, in_list, message)
 
     def repl(flag: str):
         def sub(m: re.Match) -> str:
