@@ -399,3 +399,16 @@ def test_merge_options_a_method_ignores_are_named_as_flags_on_the_cli_and_as_fie
         merge_adapters(["a", "b"], None, "ties", epsilon=0.1)
     assert ("epsilon=0.1 has no effect on merge method 'ties'; it reads density, lambda_, majority_sign_method, "
             "normalize, rescale, seed.") in str(e.value)
+
+
+def test_pretrain_base_replaces_a_non_empty_out_only_with_overwrite(tmp_path, capsys):
+    """Was: only the bundled base folder needed --overwrite; any other non-empty --out was replaced whole (its files
+    lost) after the training. Now the main CLI's output check runs first, before any work."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    assert main(["pretrain-base", "--out", str(out), "--steps", "2"]) == 2
+    assert capsys.readouterr().err == (f"lorakit pretrain-base: error: --out {out} already exists and is not empty; "
+                                       "pass --overwrite to replace what this command writes there, or choose a new "
+                                       "folder\n")
+    assert (out / "notes.txt").read_text() == "keep me\n"

@@ -31,9 +31,9 @@ import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.assets import BASE_MODEL_PATH
-from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, field_error
-from lorakit.core.errors import FIELD, ConfigError, did_you_mean
+from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -551,7 +551,8 @@ def build_parser() -> CommandParser:
                         help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR}; replacing a "
                              f"bundled base needs --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow --out to be a bundled base folder of the installed package (rebuild it)")
+                        help="replace an existing non-empty --out folder (a bundled base folder of the installed "
+                             "package too: rebuild it)")
     taken: set[str] = set()
     _add_dataclass_arguments(parser, PretrainConfig, taken)
     _add_dataclass_arguments(parser, CorpusConfig, taken, prefix="corpus_")
@@ -576,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
         return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
                            f"--overwrite to rebuild it, or --out DIR for a new base")
+    try:  # as every lorakit command's output: a non-empty --out is replaced (whole) only with --overwrite
+        check_output_dir(args.out, "--out", overwrite=args.overwrite)
+    except LorakitError as err:
+        return parser.fail(err)
     try:
         config = config_from_args(args)
         info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
