@@ -27,6 +27,16 @@ def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassificati
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
+def tiny_t5(seed: int = 0, dtype=torch.float32):
+    """A 2+2-layer T5 (encoder-decoder; its feed-forward reads ``wo.weight``, its ``shared`` embedding is tied)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=96,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).to(dtype).eval()
+
+
 def tiny_unet(seed: int = 0, dtype=torch.float32):
     """A diffusers UNet2DModel on 1×8×8 images: 3×3 and 1×1 (conv_shortcut) nn.Conv2d, a stride-2 downsampler,
     attention blocks (nn.Linear). Call it with :func:`unet_inputs`."""
@@ -186,3 +196,18 @@ def train_with_hooks(model, ids, steps, lr=1e-2, name="default"):
         optimizer.zero_grad()
         if method.on_step is not None:
             method.on_step(model, name, step, steps)
+
+
+def save_random_adapter(directory, config, seed: int, name: str = "m"):
+    """A tiny_llama adapter of ``config`` with random (non-zero) weights, saved to ``directory``; returns it."""
+    import lorakit as lk
+    from lorakit.core.model import adapter_parameters
+
+    model = tiny_llama()
+    lk.add_adapter(model, config, name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model, name).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    lk.save_adapter(model, directory, name)
+    return directory

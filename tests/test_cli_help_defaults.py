@@ -69,3 +69,15 @@ def test_pretrain_base_help_says_what_its_empty_defaults_mean(capsys, monkeypatc
     assert "(default: none, the stdlib + tasks corpus)" in text
     assert "(default: none, a new one of --vocab-size tokens is trained)" in text
     assert "--steps STEPS optimizer steps (default: 1500)" in text
+
+
+def test_compose_image_help_shows_the_method_configs_defaults(capsys, monkeypatch):
+    """--switch-step / --cache-interval default to None (the method's config decides); their help quotes the
+    configs' own defaults (was: literals 5 and 2 written beside them, free to drift from the dataclasses)."""
+    from lorakit.diffusion.methods.cmlora import CMLoRAConfig
+    from lorakit.diffusion.methods.switch import SwitchConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = _help(capsys, ["compose-image"])
+    assert f"switch: steps per LoRA (default: {SwitchConfig().switch_step})" in text
+    assert f"cmlora: cache refresh period (default: {CMLoRAConfig().cache_interval})" in text

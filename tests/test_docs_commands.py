@@ -19,7 +19,7 @@ from lorakit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # `lorakit WORD` in prose that is not a command ("lorakit as a ...", "lorakit adds ...")
-PROSE = {"as", "adds"}
+PROSE = {"as", "adds", "cannot", "file"}  # prose: "what lorakit cannot honour", "a lorakit file records"
 
 
 @lru_cache(maxsize=None)

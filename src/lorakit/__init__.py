@@ -7,7 +7,8 @@ is loaded. The public API is below; ``docs/architecture.md`` maps the packages.
 
 from ._version import __version__
 from .core.config import AdapterConfig
-from .core.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, TargetError, UnknownMethodError
+from .core.errors import (AdapterConflictError, AdapterError, AdapterLoadError, ConfigError, LorakitError, TargetError,
+                          UnknownAdapterError, UnknownMethodError)
 from .core.inits import init_adapter, list_inits, register_init, restore_base
 from .core.model import (active_adapters, adapter_names, add_adapter, delete_adapter, disable_adapters, merge_adapter,
                          merge_and_unload, print_trainable_parameters, refresh_trainable, set_adapter,
@@ -26,7 +27,8 @@ _register_model_types()  # "lorakit-mixln" for AutoConfig / AutoModelForCausalLM
 
 __all__ = [
     "__version__", "AdapterConfig", "LoraConfig", "AdapterError", "AdapterLoadError", "ConfigError", "LorakitError",
-    "TargetError", "UnknownMethodError", "active_adapters", "adapter_names", "add_adapter", "delete_adapter",
+    "TargetError", "UnknownMethodError", "UnknownAdapterError", "AdapterConflictError", "active_adapters",
+    "adapter_names", "add_adapter", "delete_adapter",
     "disable_adapters", "merge_adapter", "merge_and_unload", "print_trainable_parameters", "refresh_trainable",
     "set_adapter", "trainable_parameters", "unload", "unmerge_adapter", "get_method", "list_methods",
     "register_method", "current_routing", "routing", "init_adapter", "list_inits", "register_init", "restore_base",

@@ -935,7 +935,7 @@ def _adapter_of_run(adapter: str, doing: str) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, check_adapter_tensors, read_adapter_config, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
 
     directory = Path(_adapter_of_run(args.adapter, "inspecting"))
     config = read_adapter_config(directory)
@@ -1263,7 +1263,13 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from .core.targeting import targets_from_text
     from .federated import FederatedConfig
 
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite)
+    resume = Path(args.resume_from) if args.resume_from else None
+    if args.output is None:  # resuming: into the run it continues, by default
+        from .federated.checkpoint import STATE_JSON
+
+        args.output = str(resume.parent if (resume / STATE_JSON).is_file() else resume) if resume else "runs/federated"
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, allow_existing=resume is not None)
+
     def split(text, kind, flag):
         """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""
         if not text:
@@ -1292,7 +1298,17 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
     check_model(config)  # the model loads and the targets match, before Flower and Ray start
 
-    result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out)
+    try:
+        result = federate(config, backend_cpus=args.backend_cpus, quiet=args.quiet, output=out, resume_from=resume)
+    except (KeyboardInterrupt, RuntimeError):
+        from .federated.checkpoint import CHECKPOINT, STATE_JSON
+        from .io.files import read_json
+
+        if (out / CHECKPOINT / STATE_JSON).is_file():
+            done = read_json(out / CHECKPOINT / STATE_JSON).get("round")
+            print(f"lorakit federate: the run stopped; round {done} of {config.rounds} is checkpointed in "
+                  f"{out / CHECKPOINT}. Resume with the same command and --resume-from {out}", file=sys.stderr)
+        raise
     atomic_write_json(out / "federated.json", result)
     for r in result["rounds"]:
         ev = next((e for e in result["evaluation"] if e["round"] == r["round"]), {})
@@ -1621,8 +1637,11 @@ def _add_federate(sub) -> None:
     f.add_argument("--device", default="cpu", type=device_arg, help="where clients train: cpu or cuda")
     f.add_argument("--backend-cpus", type=positive_int, default=None, help="clients training at once (default: half the CPUs)")
     f.add_argument("--seed", type=seed_arg, default=0, help="seed of data, splits, sampling and adapter inits")
-    f.add_argument("--output", default="runs/federated", help="folder for federated.json and the global adapter/")
-    f.add_argument("--overwrite", action="store_true", help="replace an earlier federated.json in --output")
+    f.add_argument("--output", default=None, help="folder for federated.json, the global adapter/ and the per-round "
+                   "checkpoint/ (default: runs/federated, or with --resume-from the run it continues)")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --output")
+    f.add_argument("--resume-from", default=None, help="an interrupted run's --output (or its checkpoint/): continue "
+                   "after its last completed round, with the same settings (--rounds may grow)")
     f.add_argument("--quiet", action="store_true", help="less Flower logging")
     f.field_flags.update({"FederatedConfig.straggler_delay_s": "--straggler-delay",
                           "FederatedConfig.round_timeout_s": "--round-timeout"})
@@ -1676,6 +1695,16 @@ def _method_from_argv(argv: Sequence[str], option: str = "--method", default: st
     return default
 
 
+def _rank_zero() -> bool:
+    """Whether this process is rank 0 of a torchrun / accelerate launch (True without one, or with a broken one)."""
+    from .training.distributed import is_main_process
+
+    try:
+        return is_main_process()
+    except LorakitError:  # RANK / WORLD_SIZE unreadable: better every process speaks than none
+        return True
+
+
 class ErrorsReported:
     """Around a command's work (``with ErrorsReported(parser) as run: run.status = work()``, then ``run.status``):
     the errors it raises become the exit status, as every ``lorakit`` command reports them.
@@ -1684,7 +1713,7 @@ class ErrorsReported:
       config fields written as ``command``'s flags (``CommandParser.fail``), status 2; an AdapterSaveError
       (the work was done, the adapter could not be written where asked) status 1;
     - Ctrl-C: status 130 (TrainingInterrupted says where its checkpoint is, and ``resume(checkpoint)`` the command
-      that resumes it when given);
+      that resumes it when given); under a distributed launcher only rank 0 prints it;
     - any other exception propagates (a bug shows its traceback).
 
     ``command`` may be replaced inside the block (the chosen subcommand's parser, once the arguments are parsed).
@@ -1701,12 +1730,15 @@ class ErrorsReported:
     def __exit__(self, kind, error, traceback) -> bool:
         from .training import AdapterSaveError, TrainingInterrupted
 
+        # Ctrl-C under torchrun reaches every process: rank 0 alone says so (its checkpoint is the run's)
         if isinstance(error, TrainingInterrupted):
             hint = f"\nresume with:\n  {self.resume(error.checkpoint)}" if self.resume else ""
-            print(f"\n{self.command.prog}: {error}{hint}", file=sys.stderr)
+            if _rank_zero():
+                print(f"\n{self.command.prog}: {error}{hint}", file=sys.stderr)
             self.status = 130
         elif isinstance(error, KeyboardInterrupt):
-            print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
+            if _rank_zero():
+                print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
             self.status = 130
         elif isinstance(error, AdapterSaveError):
             self.status = self.command.fail(error, status=1)

@@ -104,6 +104,11 @@ def test_duplicate_and_unknown_adapter_names():
         lk.add_adapter(model, lk.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(lk.AdapterError, match="unknown adapter 'defualt'.*default"):
         lk.set_adapter(model, "defualt")
+    # every unknown-name refusal is typed and names the near match (were: a bare list of the loaded names)
+    from lorakit.core.model import adapter_parameters
+    for call in (lambda: lk.adapter_state_dict(model, "defualt"), lambda: adapter_parameters(model, "defualt")):
+        with pytest.raises(lk.UnknownAdapterError, match="unknown adapter 'defualt'. Did you mean: default?"):
+            call()
 
 
 def test_lora_bias_merge_without_base_bias_is_refused():

@@ -465,3 +465,29 @@ def test_cli_serve_with_two_roots_refuses_a_broken_owner_and_warns_naming_both(t
         proc.wait(timeout=30)
     text = log.read_text()
     assert f"WARNING: skipped adapter folder {r2 / 'x'}: the name 'x' belongs to {r1 / 'x'}" in text, text
+
+
+def test_a_failed_adapter_says_how_this_deployment_serves_it_again(tmp_path, sh):
+    """The 400 for an adapter whose folder failed ends with how to serve it again where it is served: ``lorakit serve``
+    says to POST /v1/load_lora_adapter; an app built for Ray Serve replicas (``create_app(reload=...)``, which refuse
+    that endpoint) says to deploy again, never to POST an endpoint that answers 400 there (was: the same POST hint)."""
+    root = tmp_path / "root"
+    good = sh.make_adapter(root / "ok", seed=3, r=4, target_modules=TARGETS)
+    _copy(good, root / "broken", config='{"peft_type": "LORA", "r": 4,')
+    ray_hint = "deploy again (serve.run): replicas register their adapter folders when they start"
+    for reload, hint in [(None, HINT), (ray_hint, f"; fix its folder, then {ray_hint}")]:
+        model = tiny_llama()
+        store = AdapterStore(model, [root])
+        store.register_dir(root, on_error="skip")
+        engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+        app = create_app(engine, model_name="tiny", **({} if reload is None else {"reload": reload}))
+        server = sh.LiveServer(app)
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="broken", prompt=[5, 6, 7], max_tokens=2)
+            message = e.value.body["message"]
+            assert message.startswith("adapter 'broken' failed to register: ") and message.endswith(hint), message
+            assert ("load_lora_adapter" in message) == (reload is None)
+        finally:
+            server.stop()

@@ -394,6 +394,9 @@ def test_aborting_a_choice_before_or_after_the_fork(ranked_adapters, sh):
     assert engine.cache.used_blocks == 0 and engine.num_waiting == 0
     with pytest.raises(RequestError, match="one per choice"):
         engine.submit_choices(prompt, "a0", params, request_ids=["x"])
+    with pytest.raises(RequestError, match="must differ between choices"):  # an abort of "x" would miss one of them
+        engine.submit_choices(prompt, "a0", params, request_ids=["x", "y", "x"])
+    assert engine.num_waiting == 0
 
 
 def test_choices_of_prompts_admitted_together_all_fork(ranked_adapters, sh):

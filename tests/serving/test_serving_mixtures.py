@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.core.model import adapter_parameters
-from lk_models import tiny_llama
+from lk_models import save_random_adapter, tiny_llama
 from lorakit.core.errors import AdapterError
 from lorakit.methods.meteora import MeteoraConfig
 from lorakit.methods.mixlora import MixLoraConfig
@@ -32,17 +31,6 @@ CONFIGS = {
 }
 
 
-def _save(directory, config, seed):
-    model = tiny_llama()
-    lk.add_adapter(model, config, "m")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(model, "m").values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    lk.save_adapter(model, directory, "m")
-    return directory
-
-
 def _cut(ids):
     return ids[: ids.index(EOS) + 1] if EOS in ids else ids
 
@@ -50,7 +38,7 @@ def _cut(ids):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_engine_serves_unbanked_adapter_with_banked_rows(method, tmp_path, sh):
     root = tmp_path / "adapters"
-    _save(root / method, CONFIGS[method](), seed=5)
+    save_random_adapter(root / method, CONFIGS[method](), seed=5)
     # every linear layer: an FFN-level mixture (MixLoRA, MoLE) wraps the whole MLP, whose inner projections also
     # take the banked rows (their host paths go through the wrapper's base_layer)
     sh.make_adapter(root / "plain", seed=3, r=4)
@@ -93,7 +81,7 @@ def test_engine_serves_a_dylora_adapter_at_the_chosen_rank(tmp_path):
     from lorakit.methods.dylora import DyLoraConfig
 
     root = tmp_path / "adapters"
-    _save(root / "dy", DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=7)
+    save_random_adapter(root / "dy", DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=7)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 8)]
     outputs = {}
@@ -133,7 +121,7 @@ def test_engine_serves_gamma_mod_with_banked_rows_on_every_linear(banked_first, 
     from lorakit.methods.gamma_mod import GammaModConfig
 
     root = tmp_path / "adapters"
-    _save(root / "gmod", GammaModConfig(r=4, target_modules=["q_proj", "v_proj"], mod_layers=[1],
+    save_random_adapter(root / "gmod", GammaModConfig(r=4, target_modules=["q_proj", "v_proj"], mod_layers=[1],
                                         inference_threshold=0.0, decode_threshold=0.0), seed=5)
     sh.make_adapter(root / "plain", seed=3, r=4)  # q, k, v, o, gate, up, down
     model = tiny_llama()

@@ -121,6 +121,9 @@ def test_replicas_answer_as_lorakit_serve_and_errors_are_its_4xx(ray_app):
     r = post("bad_json")
     assert r.status_code == 400 and "'bad_json' failed to register: " in r.json()["error"]["message"]
     assert "adapter_config.json is not valid JSON" in r.json()["error"]["message"]
+    # how to serve it again here: deploy again (the load endpoint is a 400 on replicas, as checked above)
+    assert r.json()["error"]["message"].endswith("then deploy again (serve.run): replicas register their adapter "
+                                                 "folders when they start")
     # weights that fail on first load: the replica that met the failure and later requests say the same
     said = [post("bad_rank") for _ in range(4)]
     assert {r.status_code for r in said} == {400}

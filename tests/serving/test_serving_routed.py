@@ -85,6 +85,29 @@ def test_engine_routes_rows_by_task_key(routed):
     assert engine.cache.used_blocks == 0
 
 
+
+def test_choices_on_a_routed_adapter_keep_their_task(routed):
+    """n seeded choices of one prompt on the routed adapter with a task key (Engine.submit_choices): they fork the
+    prompt's prefill and each gives the tokens of a request alone with that task; a tight cache (6 blocks) preempts
+    forked choices and they recompute with their task's expert."""
+    root, _ = routed
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root])
+    store.register_dir(root)
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=12 + i, ignore_eos=True) for i in range(3)]
+    alone_engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=8)
+    alone = alone_engine.generate([PROMPT] * 3, ["routed"] * 3, params, tasks=["rotate"] * 3)
+    layers, heads, dim = alone_engine.cache.geometry(model.config)
+    for blocks in (64, 6):
+        engine = Engine(model, tok, store=store, kv_cache_bytes=(blocks * 4 + 1) * 2 * layers * heads * dim * 4,
+                        block_size=4, max_batch=4)
+        got = engine.generate_choices(PROMPT, "routed", params, task="rotate")
+        assert [r.output_ids for r in got] == [r.output_ids for r in alone], blocks
+        assert engine.stats["forked"] > 0 and engine.cache.used_blocks == 0
+    assert engine.stats["preemptions"] > 0
+    other = engine.generate_choices(PROMPT, "routed", params[:1], task="reverse")[0]
+    assert other.output_ids != got[0].output_ids  # the task chose the expert
+
 def test_server_routes_requests_by_task(routed, sh):
     from lorakit.serving.server import create_app
 

@@ -666,3 +666,62 @@ def test_server_n_choices_prefill_the_prompt_once(setup):
     assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == 4 * prompt_len
     assert [c.text for c in r.choices] == singles and r.usage.prompt_tokens == prompt_len
     assert engine.cache.used_blocks == 0
+
+
+def test_a_request_for_an_adapter_whose_load_is_in_flight_is_a_409_to_retry(setup):
+    """Between POST /v1/load_lora_adapter and its success, a completion naming the adapter (n=1 or n=2, streamed or
+    not) is a 409 conflict_error saying its load is in flight, which the real openai client raises as ConflictError
+    (and, with its default max_retries, retries by itself), not a 404 "does not exist" (was: the name was simply not
+    registered yet). Once the load succeeds, the same n=2 seeded request is served, its choices equal to n=1
+    requests with seed + i."""
+    s, client, store = setup, setup["client"], setup["store"]
+    root = s["root"]
+    shutil.copytree(s["spare"] / "late", root / "inflight")
+    kw = dict(model="inflight", prompt=PROMPTS[3], max_tokens=5, temperature=0.9, extra_body={"ignore_eos": True})
+    try:
+        retrying = openai.OpenAI(base_url=s["server"].url + "/v1", api_key=KEY, max_retries=6)
+        with cf.ThreadPoolExecutor(2) as pool:
+            with engine_held(s["engine"]):
+                load = pool.submit(_post, s, "/v1/load_lora_adapter",
+                                   {"lora_name": "inflight", "lora_path": str(root / "inflight")})
+                _in_flight(store, "inflight")
+                for n, stream in [(1, False), (2, False), (2, True)]:
+                    with pytest.raises(openai.ConflictError, match="'inflight' is being loaded") as e:
+                        client.completions.create(n=n, seed=3, stream=stream, **kw)
+                    assert e.value.status_code == 409 and e.value.body["type"] == "conflict_error"
+                with pytest.raises(openai.NotFoundError):  # another name is still unknown
+                    client.completions.create(**{**kw, "model": "inflght"})
+                # a client with retries (the openai default) gets its 409, backs off and retries after the load
+                retried = pool.submit(retrying.completions.create, n=2, seed=3, **kw)
+                time.sleep(0.2)
+            assert load.result().status_code == 200, load.result().text
+        both = retried.result(timeout=60)
+        assert [c.text for c in both.choices] == [client.completions.create(seed=3 + i, **kw).choices[0].text
+                                                  for i in range(2)]
+    finally:
+        _post(s, "/v1/unload_lora_adapter", {"lora_name": "inflight"})
+        shutil.rmtree(root / "inflight")
+
+
+def test_streamed_n_choices_with_stop_strings_end_where_separate_requests_do(setup):
+    """A streamed n=4 chat request with a stop string (the real openai client): each choice's streamed text and
+    finish reason equal a non-streamed n=1 request with seed + i, though the choices stop at different steps; the
+    usage chunk sums their completion tokens; no block is left held."""
+    s, client, engine = setup, setup["client"], setup["engine"]
+    messages = [{"role": "user", "content": "Count to five."}]
+    kw = dict(model="ad2", messages=messages, max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    singles = [client.chat.completions.create(seed=8 + i, **kw) for i in range(4)]
+    texts = [c.choices[0].message.content for c in singles]
+    stop = next(ch for ch in " etaoinsr" if 0 < sum(ch in t for t in texts) < 4)
+    singles = [client.chat.completions.create(seed=8 + i, stop=stop, **kw) for i in range(4)]
+    got, reasons, usage = [""] * 4, [None] * 4, None
+    for chunk in client.chat.completions.create(n=4, seed=8, stop=stop, stream=True,
+                                                stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            got[c.index] += c.delta.content or ""
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+        usage = chunk.usage or usage
+    assert got == [c.choices[0].message.content for c in singles]
+    assert reasons == [c.choices[0].finish_reason for c in singles] and set(reasons) == {"stop", "length"}
+    assert usage.completion_tokens == sum(c.usage.completion_tokens for c in singles)
+    assert engine.cache.used_blocks == 0

@@ -288,3 +288,11 @@ def test_concurrent_refuses_a_base_changing_init_beside_another_job(make_model, 
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     alone = train_concurrent(model, tokenizer, [jobs[1]], progress=False)  # alone it runs, as lorakit.train
     assert len(alone["jobs"]["ga"].losses) == 1
+
+
+def test_an_unknown_job_adapter_is_named_with_near_matches(make_model, tokenizer):
+    """A job naming an adapter the model lacks: UnknownAdapterError (as lorakit.train and the serving store raise for
+    an unknown name; was a plain AdapterError), with the near match."""
+    data = load_examples("reverse", "train", n=4, seed=0)
+    with pytest.raises(lorakit.UnknownAdapterError, match="no adapter 'defualt' on the model. Did you mean: default?"):
+        train_concurrent(make_model(), tokenizer, [Job("defualt", data, _config(steps=1))], progress=False)

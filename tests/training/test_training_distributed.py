@@ -312,3 +312,28 @@ def test_torchrun_trains_and_evaluates_a_classifier(tmp_path):
     two, one = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("two", "one"))
     assert one["after"]["n"] == 3  # the hold-out (last tenth of 30); _cli_outputs_agree checked the 2-process n
     assert two["after"] == pytest.approx(one["after"]) and two["before"] == pytest.approx(one["before"])
+
+
+def test_only_rank_zero_prints_the_interrupt_and_resume_command(monkeypatch, capsys):
+    """Ctrl-C reaches every torchrun process: each stops with TrainingInterrupted (status 130), rank 0 alone says so."""
+    from lorakit.cli import CommandParser, ErrorsReported
+    from lorakit.training import TrainingInterrupted
+
+    for rank, says in ((0, True), (1, False)):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        with ErrorsReported(CommandParser(prog="lorakit train"), resume=lambda c: f"lorakit train --resume-from {c}") as run:
+            raise TrainingInterrupted(3, 10, "out/checkpoint-3")
+        err = capsys.readouterr().err
+        assert run.status == 130 and ("resume with:\n  lorakit train --resume-from out/checkpoint-3" in err) == says, err
+        with ErrorsReported(CommandParser(prog="lorakit train")) as run:
+            raise KeyboardInterrupt
+        assert run.status == 130 and ("interrupted" in capsys.readouterr().err) == says
+
+
+@pytest.mark.slow  # two processes import lorakit.cli and torch
+def test_torchrun_interrupt_message_comes_once(tmp_path):
+    torchrun(str(Path(__file__).parent / "interrupt_worker.py"), str(tmp_path), timeout=300)
+    said = {rank: (tmp_path / f"stderr-{rank}.txt").read_text() for rank in (0, 1)}
+    assert "interrupted at step 3 of 10" in said[0] and "resume with:" in said[0], said
+    assert said[1] == "", said

@@ -170,6 +170,9 @@ def test_train_rejects_misuse(make_model, tokenizer, reverse_train, tmp_path) ->
     model = make_model()
     with pytest.raises(lorakit.AdapterError, match="no adapter 'other'"):
         train(model, tokenizer, reverse_train, TrainConfig(steps=1), adapter_name="other", progress=False)
+    # typed as the store's and the core's unknown names are (a server maps it to 404 by type), with near matches
+    with pytest.raises(lorakit.UnknownAdapterError, match="no adapter 'defualt'. Did you mean: default?"):
+        train(model, tokenizer, reverse_train, TrainConfig(steps=1), adapter_name="defualt", progress=False)
     with pytest.raises(ValueError, match="no eval_examples"):
         train(model, tokenizer, reverse_train, TrainConfig(steps=1, eval_every=1), progress=False)
     train(model, tokenizer, reverse_train, TrainConfig(steps=1, batch_size=2, save_every=1, output_dir=str(tmp_path)),

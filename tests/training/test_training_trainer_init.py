@@ -332,3 +332,23 @@ def test_resuming_after_eva_points_a_user_built_optimizer_at_the_rebuilt_adapter
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
     assert resumed.lorakit.configs["default"] == straight.lorakit.configs["default"]
     _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+
+
+def test_one_callback_for_two_trainers_records_the_init_in_the_second_models_checkpoints(make_model, tokenizer,
+                                                                                      reverse_train, tmp_path):
+    """One LorakitCallback instance given to two Trainers (a sweep): the second model's checkpoints carry its CorDA
+    record too. Was: the state hooks were registered once, on the first model only, so the second model's
+    checkpoint had no ``lorakit_init.*`` tensors and resuming it was refused."""
+    from transformers import Trainer
+
+    callback = LorakitCallback("default")
+    for run in ("a", "b"):
+        model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="corda"))
+        args = TrainingArguments(output_dir=str(tmp_path / run), max_steps=1, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                data_collator=CausalLMCollator.from_tokenizer(tokenizer), callbacks=[callback]).train()
+        saved = load_file(tmp_path / run / "checkpoint-1" / "model.safetensors")
+        assert "lorakit_init.default.record" in saved, run
+    assert "lorakit_init.default.record" not in model.state_dict()  # outside training: the model's own keys only

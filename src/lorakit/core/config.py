@@ -141,8 +141,34 @@ def check_field_types(config: Any) -> None:
             setattr(config, f.name, list(value))
 
 
+# PEFT task types whose model class also trains (and saves) the task head, named by modules_to_save in lorakit.
+_HEAD_TASKS = {"SEQ_CLS": "['classifier'] (BERT-style) or ['score'] (Llama-style)",
+               "TOKEN_CLS": "['classifier'] (BERT-style) or ['score'] (Llama-style)",
+               "QUESTION_ANS": "['qa_outputs']"}
+
+
+class _PeftKeywords(type):
+    """Lets a config be constructed with PEFT's keyword arguments: ``LoraConfig(r=8, bias="none",
+    task_type="CAUSAL_LM", fan_in_fan_out=True)`` as PEFT's docs write it. Fields lorakit reads from the model
+    (``fan_in_fan_out``) or from nothing (``bias="none"``, ``task_type``) are dropped at their neutral values, as a
+    saved file's are (:meth:`AdapterConfig.from_dict`); a value asking for a feature the method lacks, a
+    ``task_type`` whose PEFT class would train a head the config does not name, and an unknown name (with near
+    matches) raise ConfigError instead of a bare TypeError."""
+
+    def __call__(cls, *args, **kwargs):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        if all(k in known for k in kwargs):
+            return super().__call__(*args, **kwargs)
+        task = kwargs.get("task_type")
+        if task in _HEAD_TASKS and not kwargs.get("modules_to_save"):
+            raise ConfigError(f"{cls.__name__}(task_type={task!r}): PEFT then also trains the task head; lorakit "
+                              f"trains what modules_to_save names: pass modules_to_save={_HEAD_TASKS[task]} (or drop "
+                              "task_type to leave the head frozen).")
+        return super().__call__(*args, **cls.known_fields(kwargs, source=f"{cls.__name__}(...)"))
+
+
 @dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=_PeftKeywords):
     """Where to inject an adapter (PEFT conventions) and what else to train.
 
     - ``target_modules``: list = exact module name or dotted suffix; str = regex full match;
@@ -233,6 +259,17 @@ class AdapterConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "AdapterConfig":
         """Build from a (PEFT or lorakit) JSON dict; unknown or unusable fields are a ConfigError. Old field
         names (``renamed_fields``) load as their new names with a FutureWarning."""
+        kwargs = cls.known_fields(data, source=source)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def known_fields(cls, data: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+        """``data`` reduced to this config's fields: old names (``renamed_fields``) renamed with a FutureWarning,
+        PEFT's fields this method reads elsewhere (``foreign_fields``) and a file's bookkeeping dropped at their
+        neutral values. ConfigError (naming ``source``) for a non-neutral foreign value or an unknown name."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in renamed_to_current(cls, data, source).items():
@@ -254,10 +291,7 @@ class AdapterConfig:
                     f"{source}: unknown field {key!r} for method {cls.method!r}.{hint} "
                     f"Known fields: {', '.join(sorted(known))}."
                 )
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return kwargs
 
 
 def renamed_to_current(cls: type[AdapterConfig], data: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -234,8 +234,16 @@ class Delta(nn.Module):
         return None
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """``acc + Δ(x)``. Methods override this to fuse the add into their last matmul."""
-        return acc + self(x, base_out, base_layer)
+        """``acc + Δ(x)``, added at the adapter's precision and rounded once to ``acc``'s dtype, as PEFT's layers add
+        (``result = result + delta``, then ``result.to(previous_dtype)``; e.g. peft/tuners/lora/layer.py
+        Linear.forward). A float32 adapter on a bf16 / fp16 base (``autocast_adapter_dtype``) would otherwise round
+        Δ to the base dtype and then the sum again: one ulp off PEFT per layer. Δ runs with ``base_out`` widened
+        (exactly), so it returns the wide dtype. Methods override this to fuse the add into their last matmul."""
+        own = next(self.parameters(), None)
+        wide = acc.dtype if own is None else torch.promote_types(acc.dtype, own.dtype)
+        if wide == acc.dtype:
+            return acc + self(x, base_out, base_layer)
+        return (acc.to(wide) + self(x, base_out.to(wide), base_layer)).to(acc.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as (out, in), in float32."""

@@ -16,10 +16,13 @@ from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, routing, rows_for_batch, rows_routing
 
 
-# Read-only shape attributes host models read from the layers they own (Whisper's encoder reads ``conv1.stride``);
-# the wrapper answers them from its base layer (PEFT 0.21.2's wrappers do not, and fail there).
+# Read-only attributes host models read from the layers they own: shapes (Whisper's encoder reads ``conv1.stride``;
+# PEFT 0.21.2's wrappers do not answer these, and fail there) and the base ``weight`` / ``bias`` (T5's feed-forward
+# reads ``wo.weight.dtype``, ``resize_token_embeddings`` the input embedding's weight; PEFT's wrappers answer
+# these two). The wrapper answers them from its base layer; assigning one is refused by nn.Module.
 _BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
-                              "padding", "dilation", "groups", "padding_mode", "num_embeddings", "embedding_dim"})
+                              "padding", "dilation", "groups", "padding_mode", "num_embeddings", "embedding_dim",
+                              "weight", "bias"})
 
 
 class AdapterLayer(nn.Module):
@@ -48,7 +51,7 @@ class AdapterLayer(nn.Module):
         self.bank: nn.Module | None = None
 
     def __getattr__(self, name: str):
-        """The base layer's shape attributes (``_BASE_ATTRIBUTES``); everything else as nn.Module finds it."""
+        """The base layer's attributes in ``_BASE_ATTRIBUTES``; everything else as nn.Module finds it."""
         base = self.__dict__["_modules"].get("base_layer") if name in _BASE_ATTRIBUTES else None
         if base is not None and hasattr(base, name):
             return getattr(base, name)
@@ -351,6 +354,20 @@ class ModulesToSaveWrapper(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+
+    def __getattr__(self, name: str):
+        """What nn.Module does not find is read from the module this wrapper runs: the active adapter's copy, else
+        the original (as PEFT's ModulesToSaveWrapper), so host code reading ``lm_head.weight`` or
+        ``classifier.out_features`` keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name.startswith("__") or "original_module" not in modules:
+                raise
+        copies = modules.get("copies", {})
+        active = [] if self.__dict__.get("disabled") else [n for n in self.__dict__.get("active", []) if n in copies]
+        return getattr(copies[active[0]] if active else modules["original_module"], name)
 
     @staticmethod
     def copy_of(module: nn.Module) -> nn.Module:

@@ -602,7 +602,8 @@ def adapter_parameters(model: nn.Module, name: str, *, trainable_only: bool = Fa
     not the adapter is active now: the parameters an optimizer for this adapter should hold.
     """
     if name not in adapter_state(model).configs:
-        raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {adapter_names(model)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, adapter_names(model))} "
+                                  f"Loaded: {adapter_names(model)}")
     frozen: set[int] = set()
     if trainable_only:
         for _, layer in adapter_layers(model):

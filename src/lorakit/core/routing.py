@@ -28,6 +28,7 @@ ContextVars make this safe across threads and asyncio tasks (the server runs req
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence
@@ -55,11 +56,36 @@ class Routing:
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
+# Routing blocks open in any thread or context. While none is, current_routing() answers None without reading the
+# ContextVar: torch.compile traces (and guards on) this plain global, where ContextVar.get is a graph break in every
+# adapted layer (fullgraph=True failed on any adapted model, PEFT's compile). A bool, so a compiled model has two
+# variants at most (any block open or none), whatever the nesting depth.
+_OPEN = 0
+_ANY_OPEN = False
+_OPEN_LOCK = threading.Lock()
 
 
 def current_routing() -> Routing | None:
     """The routing information of the forward in progress, or None outside any ``routing`` block."""
+    if not _ANY_OPEN:
+        return None
     return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def _routing_set(ctx: Routing | None) -> Iterator[Routing | None]:
+    global _OPEN, _ANY_OPEN
+    with _OPEN_LOCK:
+        _OPEN += 1
+        _ANY_OPEN = True
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+        with _OPEN_LOCK:
+            _OPEN -= 1
+            _ANY_OPEN = _OPEN > 0
 
 
 @contextlib.contextmanager
@@ -75,13 +101,10 @@ def routing(**info: Any) -> Iterator[Routing]:
         if isinstance(info.get(name), str):
             raise TypeError(f"routing({name}=...) takes a collection of extras' names, got the string "
                             f"{info[name]!r}; write {name}=({info[name]!r},)")
-    outer = _CURRENT.get()
+    outer = current_routing()
     ctx = replace(outer, **info) if outer is not None else Routing(**info)
-    token = _CURRENT.set(ctx)
-    try:
+    with _routing_set(ctx):
         yield ctx
-    finally:
-        _CURRENT.reset(token)
 
 
 @contextlib.contextmanager
@@ -89,11 +112,8 @@ def routing_as(ctx: Routing | None) -> Iterator[Routing | None]:
     """Make ``ctx`` (a ``current_routing()`` read earlier, or None) the routing inside the block, exactly as it was:
     not merged into the routing around the block. For replaying a forward under the routing it first ran with
     (``core.checkpointing``)."""
-    token = _CURRENT.set(ctx)
-    try:
+    with _routing_set(ctx):
         yield ctx
-    finally:
-        _CURRENT.reset(token)
 
 
 SUPERVISED_KEY = "supervised_mask"  # extras: (batch, seq) bool, True on the tokens whose labels the loss scores

@@ -132,6 +132,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentParser:
+    from .methods.cmlora import CMLoRAConfig
+    from .methods.switch import SwitchConfig
     from .sampler import list_compositions
 
     methods = [c.name for c in list_compositions()]
@@ -150,8 +152,10 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the UNet's sample_size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, e.g. twice the height for two "
                    "regions side by side (default: the UNet's sample_size)")
-    p.add_argument("--switch-step", type=int, default=None, help="switch: steps per LoRA (default: 5)")
-    p.add_argument("--cache-interval", type=int, default=None, help="cmlora: cache refresh period (default: 2)")
+    p.add_argument("--switch-step", type=int, default=None,
+                   help=f"switch: steps per LoRA (default: {SwitchConfig.switch_step})")
+    p.add_argument("--cache-interval", type=int, default=None, help="cmlora: cache refresh period "
+                   f"(default: {CMLoRAConfig.cache_interval})")
     p.add_argument("--region", type=_parse_region, action="append", help="composer (required there): start_h,start_w,"
                    "end_h,end_w per LoRA, fractions of the image")
     p.add_argument("--weights", type=float, nargs="+", help="merge: one weight per LoRA (default: 1.0 each)")

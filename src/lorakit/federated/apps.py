@@ -28,8 +28,9 @@ from flwr.serverapp.strategy import FedAvg
 from ..core.errors import comma_items
 from ..core.targeting import targets_from_text
 from ..data import stable_seed
-from ..io.files import atomic_write_json
+from ..io.files import atomic_write_json, remove_dir_atomically
 from .base import FederatedConfig, pack, unpack
+from .checkpoint import CHECKPOINT
 from .client import client_round
 from .server import ServerCore
 
@@ -45,7 +46,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
     values = {}
     for key, value in run_config.items():
         name = key.replace("-", "_")
-        if name == "output":
+        if name in ("output", "overwrite", "resume"):  # where the ServerApp writes, not a setting of the run
             continue
         if name in LIST_KEYS and isinstance(value, str):
             value = [LIST_KEYS[name](v) for v in comma_items(value, key, "values")]
@@ -78,17 +79,21 @@ def train(msg: Message, context: Context) -> Message:
 
 # -- server ---------------------------------------------------------------------------------------------
 class FlowerLoraStrategy(FedAvg):
-    """FedAvg's client sampling (``fraction``, ``min_clients``, seeded per round) with lorakit aggregation."""
+    """FedAvg's client sampling (``fraction``, ``min_clients``, seeded per round) with lorakit aggregation.
 
-    def __init__(self, core: ServerCore):
+    ``done``: rounds a resumed run has already completed; Flower's loop counts from 1 again, and round ``t`` of
+    it is the run's round ``done + t`` (sent to clients, seeding their sampling and training, and recorded)."""
+
+    def __init__(self, core: ServerCore, done: int = 0):
         config = core.config
         sampled = max(config.min_clients, int(config.clients * config.fraction))
         super().__init__(fraction_train=config.fraction, fraction_evaluate=0.0, min_train_nodes=min(sampled, config.clients),
                          min_available_nodes=config.clients, weighted_by_key="num-examples")
-        self.core = core
+        self.core, self.done = core, done
         self.sent: dict[int, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.done
         random.seed(stable_seed("lorakit-federated-sample", self.core.config.seed, server_round))  # FedAvg samples with `random`
         config["federated"] = json.dumps(self.core.config.to_dict())
         if self.core.a_checksum is not None:
@@ -99,6 +104,7 @@ class FlowerLoraStrategy(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.done
         good, failures = [], []
         for msg in replies:
             if msg.has_error():
@@ -118,43 +124,90 @@ class FlowerLoraStrategy(FedAvg):
         return blob_record(self.core.downlink_bytes(), "state"), MetricRecord(metrics)
 
 
-def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = None,
+               checkpoint: Path | None = None, resume_from: Path | None = None) -> dict[str, Any]:
     """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``, and
     with ``adapter_dir`` writes the final global model there as a PEFT LoRA (``ServerCore.save_adapter``; its path
-    under ``"adapter"``)."""
+    under ``"adapter"``; with no global adapter, FLoRA before an accepted round, None and an older one is removed).
+
+    ``checkpoint``: the folder written after every round (``federated.checkpoint.save_round``); ``resume_from``: a
+    run's output or checkpoint folder to continue from (its config must equal ``config``, but for ``rounds``), which
+    skips the rounds it completed."""
+    from .checkpoint import read_round, restore_round, save_round
+
+    record = read_round(resume_from, config) if resume_from is not None else None
     core = ServerCore(config)
-    strategy = FlowerLoraStrategy(core)
     evaluation: list[dict[str, Any]] = []
+    done = 0
+    if record is not None:
+        restore_round(core, record)
+        evaluation, done = list(record["evaluation"]), int(record["round"])
+    strategy = FlowerLoraStrategy(core, done)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if not config.evaluate:
-            return None
-        metrics = {"round": server_round, **core.evaluate()}
-        evaluation.append(metrics)
-        return MetricRecord({k: float(v) for k, v in metrics.items()})
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls it before round 1 (0) and after every round: evaluate, then checkpoint the round."""
+        if server_round == 0 and done:
+            return None  # the checkpoint's evaluations hold round `done`'s
+        server_round += done
+        metrics = None
+        if config.evaluate:
+            metrics = {"round": server_round, **core.evaluate()}
+            evaluation.append(metrics)
+        if checkpoint is not None and server_round > 0:
+            save_round(checkpoint, core, server_round, evaluation)
+        return MetricRecord({k: float(v) for k, v in metrics.items()}) if metrics else None
 
-    strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"), num_rounds=config.rounds,
-                   timeout=config.round_timeout_s, evaluate_fn=evaluate)
+    if done < config.rounds:
+        strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"),
+                       num_rounds=config.rounds - done, timeout=config.round_timeout_s, evaluate_fn=after_round)
     result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
     if adapter_dir is not None:
-        saved = core.save_adapter(adapter_dir)
+        saved = core.save_adapter(adapter_dir)  # None: no global adapter (and an older one is removed)
         result["adapter"] = str(saved) if saved is not None else None
     return result
 
 
+def output_options(run_config: dict[str, Any]) -> tuple[Path | None, bool, bool]:
+    """``(output, overwrite, resume)`` from a Flower run config's ``output``, ``overwrite`` and ``resume`` keys."""
+    folder = run_config.get("output")
+    return (Path(str(folder)) if folder else None, bool(run_config.get("overwrite", False)),
+            bool(run_config.get("resume", False)))
+
+
 def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None,
-                    output: str | Path | None = None) -> ServerApp:
+                    output: str | Path | None = None, resume_from: str | Path | None = None) -> ServerApp:
     """A ServerApp running ``config`` (None: read it from the Flower run config); the result goes into ``sink``.
-    With an output folder (``output``, else the run config's ``output``) the final global adapter is written to
-    ``<output>/adapter`` and, from the run config, the result to ``<output>/federated.json``."""
+
+    With an output folder (``output``, else the run config's ``output``) the server checkpoints every round to
+    ``<output>/checkpoint`` and writes the final global adapter to ``<output>/adapter``; from the run config, also
+    the result to ``<output>/federated.json``. A run config's ``output`` is checked as ``lorakit federate`` checks
+    ``--output`` (``lorakit.cli.check_output_dir``): an existing non-empty folder needs ``overwrite = true``, or
+    ``resume = true`` (continue from its checkpoint). ``resume_from``: a run's output or checkpoint folder to
+    continue from (``lorakit federate --resume-from``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
-        folder = output or run_config.get("output")
-        result = run_server(grid, config or config_from_run_config(run_config),
-                            adapter_dir=Path(str(folder)) / "adapter" if folder else None)
+        resume = Path(str(resume_from)) if resume_from else None
+        folder = Path(str(output)) if output else None
+        if folder is None:
+            folder, overwrite, resuming = output_options(run_config)
+            if folder is not None:
+                from ..cli import check_output_dir
+
+                check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
+                resume = folder if resuming else None
+        run = config or config_from_run_config(run_config)  # a bad setting fails before anything is removed
+        if folder is not None and resume is None:
+            # a fresh run (--overwrite): none of an older run's results stays to be taken for this run's, nor its
+            # checkpoint to be resumed into this one, even when this run stops early
+            remove_dir_atomically(folder / CHECKPOINT)
+            remove_dir_atomically(folder / "adapter")
+            (folder / "federated.json").unlink(missing_ok=True)
+        result = run_server(grid, run,
+                            adapter_dir=folder / "adapter" if folder else None,
+                            checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume)
         if sink is not None:
             sink.update(result)
         if run_config.get("output"):

@@ -59,7 +59,9 @@ class ServerCore:
                 failures: Sequence[str] = (), sent: int = 0) -> dict[str, Any]:
         """Check, aggregate and record one round; returns the round's record."""
         accepted, rejected, weights, scales, losses, up, clients = [], [], [], [], [], [], []
-        for client, blob, metrics in replies:
+        # in client order, not arrival order: the float sums (and FLoRA's stacks) then do not depend on which client
+        # replied first, so a rerun or a resumed run aggregates bit for bit alike (stable: a duplicate's first stays)
+        for client, blob, metrics in sorted(replies, key=lambda reply: reply[0]):
             reason = None
             try:
                 update = unpack(blob)
@@ -124,7 +126,9 @@ class ServerCore:
         strategy's ``global_lora`` factors, rank R and ``lora_alpha = scaling · R`` (FedIT / LoRA-FAIR: the global
         factors at the largest client rank; FFA: B̄ with the shared frozen A; FLoRA: every round's stacks, R = Σ r_k
         over the rounds, scaling 1). Returns the folder, or None while the global model is the base (FLoRA before an
-        accepted round)."""
+        accepted round): then an older ``directory`` (a previous run's, under ``--overwrite``) is removed, atomically,
+        so that no adapter of another run passes for this one's."""
+        from ..io.files import remove_dir_atomically
         from ..io.peft_format import save_adapter
         from ..methods.lora import LoraConfig
         from .fedit import state_rank
@@ -132,6 +136,7 @@ class ServerCore:
         factors, scaling = self.strategy.global_lora(self.state, self.scaling)
         rank = state_rank(factors)
         if rank == 0:
+            remove_dir_atomically(directory)
             return None
         model = copy.deepcopy(self.base)
         add_adapter(model, LoraConfig(r=rank, lora_alpha=scaling * rank, target_modules=self.config.target_modules))

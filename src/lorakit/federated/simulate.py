@@ -21,10 +21,12 @@ from .base import FederatedConfig
 
 
 def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bool = True,
-             output: str | os.PathLike | None = None) -> dict[str, Any]:
+             output: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run ``config`` in Flower's simulation; returns ``{"config", "rounds", "evaluation"}`` (see ``apps.run_server``);
-    with ``output`` the final global adapter is written to ``<output>/adapter`` (a PEFT LoRA; ``"adapter"`` in the
-    result)."""
+    with ``output`` the server checkpoints every round to ``<output>/checkpoint`` and writes the final global adapter
+    to ``<output>/adapter`` (a PEFT LoRA; ``"adapter"`` in the result). ``resume_from`` (a run's output or its
+    checkpoint folder) continues that run after its last completed round; LorakitError, before Flower starts, when
+    it holds no checkpoint or one of a run with other settings (naming them)."""
     try:
         from flwr.simulation import run_simulation
     except ImportError as error:
@@ -34,12 +36,17 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
 
     from .apps import client_app, make_server_app
 
+    if resume_from is not None:
+        from .checkpoint import read_round
+
+        read_round(resume_from, config)  # its errors here, not inside the ServerApp's thread (Flower logs them)
+
     cpus = backend_cpus or max(1, min(config.clients, (os.cpu_count() or 2) // 2))
     gpus = 0.0 if config.device == "cpu" else 1.0 / cpus  # clients training at once share the GPU
     sink: dict[str, Any] = {}
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=make_server_app(config, sink, output), client_app=client_app, num_supernodes=config.clients,
+    run_simulation(server_app=make_server_app(config, sink, output, resume_from), client_app=client_app, num_supernodes=config.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                  "logging_level": "error", "log_to_driver": not quiet}})

@@ -94,6 +94,18 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
     return target
 
 
+def remove_dir_atomically(target: str | os.PathLike) -> bool:
+    """Remove the folder ``target`` so that readers see it whole or not at all: it is renamed aside (one atomic
+    rename) and deleted there. Returns whether there was one."""
+    target = Path(target)
+    if not target.is_dir():
+        return False
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
 def json_bytes(obj: Any) -> bytes:
     """``obj`` as lorakit writes JSON files: indented, keys sorted, a final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

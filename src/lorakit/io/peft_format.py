@@ -34,7 +34,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The adapter's tensors with PEFT's on-disk keys."""
     state = adapter_state(model)
     if name not in state.configs:
-        raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: {list(state.configs)}")
+        raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} "
+                                  f"Loaded: {list(state.configs)}")
     out: dict[str, torch.Tensor] = {}
     for real_path, module in model.named_modules():
         path = host_path(real_path)
@@ -79,7 +80,9 @@ def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
     # the folder the model was loaded from, as PEFT records it (AutoPeftModel loads the base from it); a bundled
     # base's asset folder from another installation is resolved back by lorakit (hub.bundled_name)
     d["base_model_name_or_path"] = d.get("base_model_name_or_path") or _name_or_path(model)
-    d["task_type"] = task_type(model)
+    d["task_type"] = peft_task_type(model, d.get("modules_to_save"))
+    if d["task_type"] is None:  # as PEFT writes it then: AutoPeftModel* rebuild the base from this class
+        d["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return d
 
 
@@ -93,6 +96,32 @@ def task_type(model: nn.Module) -> str | None:
     """PEFT's TaskType name of ``model`` from its class name (``BertForSequenceClassification`` -> "SEQ_CLS"), or None."""
     name = type(model).__name__
     return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+# Heads PEFT's task model classes add to modules_to_save and then require in the file (peft/peft_model.py:
+# PeftModelForSequenceClassification / ...TokenClassification "classifier", "score"; ...QuestionAnswering
+# "qa_outputs"), each matching the module paths ending in it.
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
+def peft_task_type(model: nn.Module, modules_to_save: list[str] | None) -> str | None:
+    """The ``task_type`` an adapter file of ``model`` records: :func:`task_type`, except None when PEFT's class for
+    that task would look for a head the adapter does not save. PEFT's SEQ_CLS / TOKEN_CLS / QUESTION_ANS models add
+    their head to ``modules_to_save`` and fail on a file without its weights (KeyError in
+    ``set_peft_model_state_dict``); an adapter that leaves the head frozen is what PEFT writes for a config without
+    a task_type, which loads there with the same outputs."""
+    from ..core.targeting import iter_host_modules
+
+    task = task_type(model)
+    heads = _PEFT_TASK_HEADS.get(task, ())
+    if not heads:
+        return task
+    saved = modules_to_save or []
+    for path, _ in iter_host_modules(model):
+        if path.endswith(heads) and not any(path == m or path.endswith("." + m) for m in saved):
+            return None
+    return task
 
 
 def _name_or_path(model: nn.Module) -> str | None:
@@ -311,7 +340,9 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
     expected = plan.state_dict()
-    host_params = dict(model.named_parameters())
+    # every name, tied twins included (PEFT saves lm_head.base_layer.weight of a tied lm_head it targets, which
+    # named_parameters() leaves out as a duplicate of embed_tokens.weight)
+    host_params = dict(model.named_parameters(remove_duplicate=False))
 
     given: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -325,7 +356,7 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             base_key = k.replace(".base_layer.", ".")
             current = host_params.get(base_key)
             if current is None:
-                current = dict(model.named_parameters()).get(k)
+                current = host_params.get(k)
             if current is not None and current.is_meta and current.shape == value.shape:
                 continue  # a base built from its config alone (lorakit inspect): no weights to compare
             if current is None or current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype)):

@@ -210,7 +210,9 @@ class DoraLinear(LoraLinear):
             base_term = F.linear(x, weight)
         else:
             bias = getattr(base_layer, "bias", None)
-            base_term = (base_out - bias if bias is not None else base_out).to(dtype)
+            # W x without the bias, rounded to the base's dtype as the base computes it (and PEFT subtracts it),
+            # also when Delta.accumulate hands base_out over widened
+            base_term = ((base_out - bias).to(bias.dtype) if bias is not None else base_out).to(dtype)
         lora = self.lora_B(self.lora_A(x)) * self.scaling
         return ((scale - 1) * base_term + scale * lora).to(base_out.dtype)
 

@@ -133,7 +133,7 @@ class DoraConv(LoraConv):
             base_term = self.info.conv.conv(x, weight, groups=self.info.conv.groups)
         else:
             bias = getattr(base_layer, "bias", None)
-            base_term = (base_out - bias.reshape(view) if bias is not None else base_out).to(dtype)
+            base_term = ((base_out - bias.reshape(view)).to(bias.dtype) if bias is not None else base_out).to(dtype)
         lora = self.lora_B(self.lora_A(x)) * self.scaling
         return ((scale - 1) * base_term + scale * lora).to(base_out.dtype)
 

@@ -152,10 +152,13 @@ class RandLoraLinear(Delta):
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """``x (W + s·ΔW)ᵀ + b`` in one matmul when RandLoRA is the layer's only adapter and ΔW is the cheaper
-        path (no dropout, a plain ``nn.Linear`` base with a float weight of x's dtype): forward and input gradient
-        then cost one layer matmul each, as the frozen base alone does, plus building ΔW and its gradient."""
+        path (no dropout, a plain ``nn.Linear`` base with a float weight of x's dtype and of the adapter's: a
+        float32 adapter on a half-precision base adds its delta in float32, Delta.accumulate, as PEFT): forward and
+        input gradient then cost one layer matmul each, as the frozen base alone does, plus building ΔW and its
+        gradient."""
         if (type(base_layer) is not nn.Linear or not isinstance(self.randlora_dropout, nn.Identity)
                 or base_layer.weight.dtype != x.dtype or not x.dtype.is_floating_point
+                or self.randlora_lambda.dtype != x.dtype
                 or not self._dense_is_cheaper(x.numel() // self.info.in_features, fused=True)):
             return None
         first, second = self.factors()

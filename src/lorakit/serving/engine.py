@@ -185,13 +185,16 @@ class Engine:
         fork its KV blocks (see the module docstring). Each choice's tokens are those of a request submitted on its
         own with the same parameters. ``request_ids``: one per choice (default: fresh ids).
 
-        All or nothing: raises as :meth:`submit` does (RequestError also for no choices or a wrong number of ids),
-        before any choice is queued."""
+        All or nothing: raises as :meth:`submit` does (RequestError also for no choices, a wrong number of ids or
+        an id given to two choices), before any choice is queued."""
         if not params:
             raise RequestError("submit_choices needs at least one choice (one SamplingParams per choice)")
         ids = list(request_ids) if request_ids is not None else [None] * len(params)
         if len(ids) != len(params):
             raise RequestError(f"{len(ids)} request ids for {len(params)} choices; give one per choice")
+        given = [i for i in ids if i is not None]
+        if len(set(given)) != len(given):  # one id would name two choices: an abort would reach only one of them
+            raise RequestError(f"request ids must differ between choices, got {given}")
         first = self._request(prompt, adapter, params[0], on_event, ids[0], task)
         first.children = [self._request(first.prompt_ids, adapter, p, on_event, rid, task)
                           for p, rid in zip(params[1:], ids[1:])]
@@ -484,7 +487,11 @@ class Engine:
                                    [r.adapter for r in group])
         else:
             last = self._eager_forward(group, attached, starts, lengths, q)
-        self.stats["prefill_tokens" if q > 1 else "decode_tokens"] += sum(lengths)
+        # a row's first forward (from position 0: a prompt, a recomputed context) is prefill, also for a prompt of one
+        # token (was: counted by the group's widest row, so a 1-token prompt's prefill counted as a decode token)
+        prefill = sum(n for s, n in zip(starts, lengths) if s == 0 or n > 1)
+        self.stats["prefill_tokens"] += prefill
+        self.stats["decode_tokens"] += sum(lengths) - prefill
         now = time.perf_counter()
         # a row whose logits overflowed (a weighted mix with extreme weights) fails alone, never the batch
         broken = (torch.isnan(last) | torch.isposinf(last)).any(-1).tolist()

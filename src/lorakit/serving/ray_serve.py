@@ -36,8 +36,9 @@ returns OpenAI's completion object with one more key, ``"replica"``; an error is
 Adapter folders are registered when a replica starts, as ``lorakit serve`` does: a folder that fails to register
 (invalid config, unknown method, no weights file) is skipped with a warning in the replica's log and the others
 are served; a request naming it, or an adapter whose weights failed to load, gets a 400 with the reason (an unknown
-name: 404), as from ``lorakit serve``. As with ``lorakit serve``, a name belongs to the first root that has it (a
-later root's folder of that name is skipped, even when the first one is broken). A replica registers folders only
+name: 404), as from ``lorakit serve``, ending with how to serve it again here: deploy again, not POST
+/v1/load_lora_adapter. As with ``lorakit serve``, a name belongs to the first root that has it (a later root's
+folder of that name is skipped, even when the first one is broken). A replica registers folders only
 when it starts: to serve a fixed or new folder, deploy again (``serve.run``). A missing or unreadable root
 fails :func:`deployment` itself, before any replica starts.
 """
@@ -55,6 +56,7 @@ from .server import HTTPError, create_app, error_response, served_name
 
 REPLICA_HEADER = "x-lorakit-replica"
 RUNTIME_LOADS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+RELOAD = "deploy again (serve.run): replicas register their adapter folders when they start"
 
 
 class _Resident:
@@ -87,7 +89,8 @@ class LorakitReplica:
                              max_batch=max_batch).start()
         # lorakit serve's app over this engine: every reply is built by the server's code (its lifespan, which
         # would start the engine, does not run: requests are handed to it one by one below)
-        self.app = create_app(self.engine, model_name=self.model_name)
+        # an adapter whose folder failed: the 400 says how it is served again here (the load endpoint is refused)
+        self.app = create_app(self.engine, model_name=self.model_name, reload=RELOAD)
         context = serve.get_replica_context()
         self.replica_id = getattr(context.replica_id, "unique_id", str(context.replica_id))
 

@@ -28,7 +28,9 @@ Endpoints (bodies as OpenAI's / vLLM's):
   Unloading an unknown name is a 404. A load or unload that conflicts with the name's state is a 409
   (``conflict_error``; retrying after the other operation can succeed): loading a name that is loaded, whose load is
   in flight, or that is being unloaded (running requests still hold it); unloading a name whose load is in flight
-  or that is already being unloaded.
+  or that is already being unloaded. A completion request naming an adapter whose load is in flight is a 409 too
+  (retry after the load; OpenAI's Python client retries a 409 by itself), not vLLM's 404, which reads as "no such
+  adapter" although the name will be served in a moment.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
 Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
@@ -154,16 +156,20 @@ def _names(spec) -> list[str]:
     return names_in(spec)
 
 
-def refusal(error: BaseException, model: str | None = None) -> HTTPError:
+LOAD_AGAIN = "load it again with POST /v1/load_lora_adapter"  # how ``lorakit serve`` serves a fixed folder again
+
+
+def refusal(error: BaseException, model: str | None = None, *, reload: str = LOAD_AGAIN) -> HTTPError:
     """The HTTP error a request gets for ``error``, the same whether it was raised before the request was queued or
     met by the engine (an adapter whose weights fail on this request's first load, one unloaded while the request
     waited), mapped by the error's type, never its message: an unknown adapter (UnknownAdapterError) is a 404
     (``model``: the request's ``model`` when that names it, OpenAI's wording); a load or unload that conflicts with
     the adapter's state (AdapterConflictError: loaded, being loaded or being unloaded) a 409; any other request fault
     (lorakit's errors that are ValueErrors: a bad adapter, task or request) a 400; anything else a 500. An adapter
-    that failed to register or to load says why and how to serve it again, not that it is unknown."""
+    that failed to register or to load says why and how to serve it again (``reload``: how this deployment does
+    that; a Ray Serve replica, which refuses the load endpoint, says to deploy again), not that it is unknown."""
     if isinstance(error, AdapterLoadError):
-        return HTTPError(400, f"{error}; fix its folder, then load it again with POST /v1/load_lora_adapter")
+        return HTTPError(400, f"{error}; fix its folder, then {reload}")
     if isinstance(error, UnknownAdapterError):
         # a weighted mix names its adapters apart from 'model': say which one is unknown, not that 'model' is
         what = f"The model `{model}` does not exist: " if model is not None else ""
@@ -234,9 +240,14 @@ class _Guard:
 
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
-               limits: ServerLimits | None = None):
-    """The FastAPI app serving ``engine`` (its background thread is started with the app)."""
+               limits: ServerLimits | None = None, reload: str = LOAD_AGAIN):
+    """The FastAPI app serving ``engine`` (its background thread is started with the app). ``reload``: how a
+    user serves an adapter whose folder failed to load once it is fixed, as the 400 for it words it (default: POST
+    /v1/load_lora_adapter; a deployment that refuses that endpoint, e.g. Ray Serve replicas, says its own way)."""
     import contextlib
+
+    def refuse(error: BaseException, model: str | None = None) -> HTTPError:
+        return refusal(error, model, reload=reload)
 
     limits = limits or ServerLimits()
     metrics = _Metrics(engine)
@@ -305,7 +316,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             elif spec is not None:
                 raise UnknownAdapterError(f"unknown adapter {spec!r}: this server has no adapters")
         except LorakitError as e:  # failed to register or to load: 400 saying why; unknown: 404
-            raise refusal(e, _model(spec)) from None
+            raise refuse(e, _model(spec)) from None
         return spec
 
     def params_of(body: dict) -> SamplingParams:
@@ -368,7 +379,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             return engine.submit_choices(prompt, spec, params, on_event=on_event,
                                          request_ids=[f"{rid}-{i}" for i in range(len(params))], task=task)
         except LorakitError as e:
-            raise refusal(e, _model(spec)) from None
+            raise refuse(e, _model(spec)) from None
 
     async def events(request: HTTPRequest, reqs: list[Request], q: asyncio.Queue, label: str, stream: bool):
         """``(choice index, event)`` of the requests' events as they come, until every one has finished; aborts
@@ -455,7 +466,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 return Response(status_code=499)
             if first[1].error:
                 await stream.aclose()
-                raise refusal(reqs[first[0]].exception, _model(spec)) from None
+                raise refuse(reqs[first[0]].exception, _model(spec)) from None
 
             async def after(first):
                 yield first
@@ -477,7 +488,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 try:
                     async for i, ev in after(first):
                         if ev.error:  # met mid-stream (after tokens were sent): the same status, type and message
-                            e = refusal(reqs[i].exception, _model(spec))
+                            e = refuse(reqs[i].exception, _model(spec))
                             yield _sse({"error": {"message": e.message, "type": e.kind, "code": e.status}})
                             break
                         if not ev.text and not ev.finished:
@@ -503,7 +514,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             async for i, ev in stream:
                 if ev.error:
-                    raise refusal(reqs[i].exception, _model(spec))
+                    raise refuse(reqs[i].exception, _model(spec))
                 if ev.finished:
                     finals[i] = ev
         finally:
@@ -557,7 +568,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         except TypeError as e:
             raise HTTPError(400, f"self_moa: {e}") from None
         except LorakitError as e:
-            raise refusal(e) from None
+            raise refuse(e) from None
         cancel = threading.Event()  # the client went away: abort the proposals (they hold slots and KV blocks)
         work = asyncio.ensure_future(asyncio.to_thread(synthesis_prompt, engine, prompt, spec, params, config,
                                                        aggregate, cancel))
@@ -570,7 +581,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             final, proposals = work.result()
         except Exception as e:  # noqa: BLE001  (a proposal the engine failed: as the request itself would be)
-            raise refusal(e, _model(spec)) from None
+            raise refuse(e, _model(spec)) from None
         out = await run(request, body, final, kind)
         if isinstance(out, dict):  # streamed answers carry the synthesis only
             out["self_moa"] = {"proposals": proposals, "rounds": len(windows(config.n, config.window))}
@@ -641,12 +652,12 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             with store.loading(name):  # a second load or an unload of this name meanwhile: 409, not a race
                 await asyncio.to_thread(engine.call, load)
         except AdapterConflictError as e:  # the name's state (loaded, being loaded or unloaded): nothing recorded
-            raise refusal(e) from None
+            raise refuse(e) from None
         except LorakitError as e:
             # a name whose failure is recorded (by this load, or an earlier one this load updated) answers with the
             # record, as every request naming it will from now on (was: the raw reason here, the record after)
             recorded = store.failed.get(name)
-            raise refusal(AdapterLoadError(recorded) if recorded is not None else e) from None
+            raise refuse(AdapterLoadError(recorded) if recorded is not None else e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -659,7 +670,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             await asyncio.to_thread(engine.call, lambda: store.unregister(name))
         except AdapterError as e:
-            raise refusal(e) from None
+            raise refuse(e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/health")

@@ -400,9 +400,13 @@ class AdapterStore:
 
     def check(self, spec: RowSpec) -> None:
         """Raise UnknownAdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError
-        with the recorded reason for one that failed (:attr:`failed`)."""
+        with the recorded reason for one that failed (:attr:`failed`), AdapterConflictError for one whose load is in
+        flight (:meth:`loading`; not registered yet): a request may retry it (HTTP 409, which OpenAI's client retries
+        by itself) where vLLM answers such a request with a 404, as if the name were unknown."""
         for n in names_in(spec):
             if n not in self.paths:
+                if n in self._loading:  # its load is in flight: retry after it (an OpenAI client retries a 409)
+                    raise AdapterConflictError(f"adapter {n!r} is being loaded; retry after its load finishes")
                 if n in self.failed:
                     raise AdapterLoadError(self.failed[n])
                 raise self._unknown(n)
@@ -598,7 +602,7 @@ class AdapterStore:
         names = set(names_in(spec))
         if len(names) > self.max_loras:
             return (f"the request names {len(names)} adapters but at most max_loras={self.max_loras} can be resident "
-                    f"together (lorakit serve --max-loras); mix fewer adapters")
+                    f"together (lorakit serve --max-loras; Ray Serve: max_loras_per_replica); mix fewer adapters")
         if nbytes is not None and self.max_resident_bytes is not None and nbytes > self.max_resident_bytes:
             return (f"the request's adapters need {nbytes} bytes resident, more than max_resident_bytes="
                     f"{self.max_resident_bytes}")

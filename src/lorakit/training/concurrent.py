@@ -60,7 +60,7 @@ from typing import Any, ContextManager, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError, ConfigError, UnknownAdapterError, did_you_mean
 from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.layer import AdapterLayer
 from ..core.model import (active_adapters, adapter_names, adapter_parameters, adapter_state, refresh_trainable,
@@ -194,9 +194,10 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
     ``output_dir/<adapter name>/``. The model moves to the jobs' ``TrainConfig.device`` (a job with None takes the
     others'; all None: CUDA when available, else CPU).
 
-    Raises ValueError for no jobs, duplicate jobs or ``eval_every`` without ``eval_examples``, AdapterError for an
-    unknown adapter, ConfigError for jobs on different devices or a run under torchrun / accelerate (WORLD_SIZE > 1:
-    train each job with ``lorakit.train`` there), and AdapterError / ConfigError naming the job for what cannot share
+    Raises ValueError for no jobs, duplicate jobs or ``eval_every`` without ``eval_examples``, UnknownAdapterError
+    (an AdapterError, with near-match names) for an unknown adapter, ConfigError for jobs on different devices or a
+    run under torchrun / accelerate (WORLD_SIZE > 1: train each job with ``lorakit.train`` there), and AdapterError /
+    ConfigError naming the job for what cannot share
     a batch (see the module docstring)."""
     names = [j.adapter_name for j in jobs]
     if not names:
@@ -205,7 +206,8 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
         raise ValueError(f"each job needs its own adapter; got {names}")
     for n in names:
         if n not in adapter_names(model):
-            raise AdapterError(f"no adapter {n!r} on the model; add_adapter it before train_concurrent")
+            raise UnknownAdapterError(f"no adapter {n!r} on the model.{did_you_mean(n, adapter_names(model))} It has "
+                                      f"{adapter_names(model)}; add_adapter it before train_concurrent")
     for job in jobs:
         check_init_batches(model, job.adapter_name, job.config)
         if job.config.eval_every and not job.eval_examples:

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.checkpointing import checkpointing_enabled, replay_routing_in_checkpoints
-from ..core.errors import FIELD, AdapterError, ConfigError, LorakitError
+from ..core.errors import FIELD, AdapterError, ConfigError, LorakitError, UnknownAdapterError, did_you_mean
 from ..core.inits import init_adapter, init_pending, requested_init
 from ..core.model import active_adapters, adapter_names, adapter_state, refresh_trainable, trainable_parameters
 from ..core.parallel import rows_gathered
@@ -426,7 +426,8 @@ def train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], c
     ``TrainingInterrupted``; the adapter folder also gets ``task_index.json`` (the data's task -> key id mapping,
     ``lorakit.data.read_task_index``) when the data has task keys; if the adapter cannot be written there, it is
     written to a fresh temporary folder and ``AdapterSaveError`` says where.
-    Raises ``ConfigError`` when ``resume_from`` is at or past ``steps`` (nothing would be trained).
+    Raises ``ConfigError`` when ``resume_from`` is at or past ``steps`` (nothing would be trained);
+    ``UnknownAdapterError`` (an AdapterError, with near-match names) for an adapter the model does not have.
     """
     was_training = model.training
     try:
@@ -441,8 +442,9 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
            on_log: Sequence[LogCallback] = ()) -> TrainResult:
     start_time = time.perf_counter()
     if adapter_name not in adapter_names(model):
-        raise AdapterError(f"model has no adapter {adapter_name!r} (it has {adapter_names(model)}); "
-                           "add one with lorakit.add_adapter first.")
+        names = adapter_names(model)
+        raise UnknownAdapterError(f"model has no adapter {adapter_name!r}.{did_you_mean(adapter_name, names)} It has "
+                                  f"{names}; add one with lorakit.add_adapter first.")
     if adapter_name not in active_adapters(model):
         raise AdapterError(f"adapter {adapter_name!r} is not active (active: {active_adapters(model)}); call "
                            f"lorakit.set_adapter(model, {adapter_name!r}) so that it trains.")

@@ -98,7 +98,12 @@ class LorakitCallback(TrainerCallback):
     def _hook_state(self, model: torch.nn.Module, optimizer) -> None:
         """Carry the adapters' init records in the model state Trainer checkpoints and resumes from."""
         self._optimizer = optimizer  # a user-built one (Trainer(optimizers=...)); None when Trainer builds its own
-        if getattr(self, "_state_hooks", None) is None:
+        hooked = getattr(self, "_state_hooks", None)
+        if hooked is not None and hooked[0] is not model:  # one callback for a second Trainer: hook its model
+            for handle in hooked[1:]:
+                handle.remove()
+            hooked = None
+        if hooked is None:
             self._in_train = False
             # torch marks a state_dict hook with an attribute, which a bound method cannot take: plain functions
             def save_records(module, state_dict, prefix, local_metadata):
@@ -107,7 +112,7 @@ class LorakitCallback(TrainerCallback):
             def load_records(module, state_dict, prefix, *rest):
                 self._load_records(module, state_dict, prefix, *rest)
 
-            self._state_hooks = (model.register_state_dict_post_hook(save_records),
+            self._state_hooks = (model, model.register_state_dict_post_hook(save_records),
                                  model.register_load_state_dict_pre_hook(load_records))
 
     def _save_records(self, module, state_dict, prefix, local_metadata) -> None:

@@ -1,0 +1,111 @@
+"""Per-round checkpoints of a federated run's server, and resuming from them (``lorakit federate --resume-from``).
+
+After every completed round the server writes ``<output>/checkpoint/`` (replacing the previous round's, through
+``io.files.write_dir_atomically``: a crash leaves the last complete one):
+
+- ``server_state.safetensors``: the strategy's global state, keyed as it is on the wire (FedIT / LoRA-FAIR: the
+  global ``<path>.lora_A`` / ``lora_B``, LoRA-FAIR's B already corrected by ΔB; FFA: B̄ (A is rebuilt from the seed
+  and checked against the stored checksum); FLoRA: every round's ``<path>.stack_A`` / ``stack_B``);
+- ``server_state.json``: the format, the round completed, the run's config, the per-round history and evaluations
+  so far, the DP accounting history (per client: noise multiplier, sample rate, steps), FFA's A checksum, and how
+  clients are sampled.
+
+Client sampling needs no saved generator: round ``t`` reseeds it from ``(seed, t)`` (``apps.FlowerLoraStrategy``,
+``simulate.federate_in_process``), and clients seed their adapter, data order and training from ``(seed, t,
+client)``; so a run resumed after round k samples and trains rounds k+1.. as the uninterrupted run does. Nothing
+is pickled: loading runs no code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import LorakitError
+from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
+
+CHECKPOINT = "checkpoint"
+STATE_TENSORS = "server_state.safetensors"
+STATE_JSON = "server_state.json"
+FORMAT = "lorakit-federated-state/1"
+SAMPLING = "round t samples with random.seed(stable_seed('lorakit-federated-sample', seed, t))"
+# settings that may change on resume: more rounds, and how long the server waits (neither changes a finished round)
+MAY_DIFFER = ("rounds", "round_timeout_s")
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint folder of ``path``: ``path`` itself when it holds ``server_state.json``, else
+    ``path/checkpoint`` (``--resume-from`` takes the run's ``--output`` or its checkpoint)."""
+    path = Path(path)
+    return path if (path / STATE_JSON).is_file() else path / CHECKPOINT
+
+
+def save_round(directory: str | os.PathLike, core, server_round: int, evaluation: list[dict[str, Any]]) -> Path:
+    """Write ``core``'s state after ``server_round`` (a :class:`~lorakit.federated.server.ServerCore`) and the
+    evaluations so far into ``directory`` (atomically replacing it). Returns the folder."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in core.state.items()}
+    record = {"format": FORMAT, "round": server_round, "config": core.config.to_dict(), "history": core.history,
+              "evaluation": evaluation, "a_checksum": core.a_checksum, "sampling": SAMPLING,
+              "dp_history": {str(c): [list(h) for h in hs] for c, hs in core.dp_history.items()}}
+
+    def write(tmp: Path) -> None:
+        save_tensors(tmp / STATE_TENSORS, tensors)
+        atomic_write_json(tmp / STATE_JSON, record)
+
+    return write_dir_atomically(directory, write)
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"field: saved -> now"`` for every FederatedConfig field that differs (``MAY_DIFFER`` fields excepted)."""
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if k not in MAY_DIFFER and saved.get(k) != now.get(k)]
+
+
+def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
+    """The checkpoint record of ``path`` (a run's output folder or its ``checkpoint/``), checked against ``config``
+    (a FederatedConfig). Raises LorakitError when there is none, it is of another format, it was written by a run
+    with other settings (naming every differing field), or it is past ``config.rounds``."""
+    directory = checkpoint_dir(path)
+    if not (directory / STATE_JSON).is_file():
+        raise LorakitError(f"--resume-from {path}: no federated checkpoint there ({directory / STATE_JSON} is missing; "
+                           "a run writes it after its first completed round)")
+    record = read_json(directory / STATE_JSON)
+    if record.get("format") != FORMAT:
+        raise LorakitError(f"--resume-from {path}: {directory / STATE_JSON} has format {record.get('format')!r}, "
+                           f"expected {FORMAT!r}")
+    diff = config_differences(record["config"], config.to_dict())
+    if diff:
+        raise LorakitError(f"--resume-from {path} was run with other settings ({'; '.join(diff)}); resume with the "
+                           "same ones (only --rounds and --round-timeout may change)")
+    if record["round"] > config.rounds:
+        raise LorakitError(f"--resume-from {path} has completed {record['round']} rounds, more than --rounds "
+                           f"{config.rounds}; give --rounds {record['round']} or more")
+    record["directory"] = str(directory)
+    return record
+
+
+def restore_round(core, record: dict[str, Any]) -> None:
+    """Put a checkpoint's state and history (``read_round``'s record) into a freshly built ServerCore of the same
+    config. Raises LorakitError when its tensors do not fit this server's (another model or targets)."""
+    directory = Path(record["directory"])
+    state = load_tensors(directory / STATE_TENSORS)
+    if set(state) != set(core.state):
+        extra, missing = sorted(set(state) - set(core.state)), sorted(set(core.state) - set(state))
+        raise LorakitError(f"--resume-from {directory}: its global state names other tensors than this run's "
+                           f"(only in the checkpoint: {extra[:3]}, only in this run: {missing[:3]})")
+    for key, value in state.items():
+        # FLoRA's stacks grow with the rounds: only the adapted dimension (in / out) has to agree
+        fixed = 1 if key.endswith(".stack_A") else 0 if key.endswith(".stack_B") else None
+        mine = core.state[key]
+        if (tuple(value.shape) != tuple(mine.shape) if fixed is None else value.shape[fixed] != mine.shape[fixed]):
+            raise LorakitError(f"--resume-from {directory}: {key} has shape {tuple(value.shape)}, this run's is "
+                               f"{tuple(mine.shape)} (another model or rank?)")
+    if record.get("a_checksum") != core.a_checksum:
+        raise LorakitError(f"--resume-from {directory}: FFA's frozen A differs from this run's (checksum "
+                           f"{record.get('a_checksum')} vs {core.a_checksum}); resume with the same model and seed")
+    core.state = {k: v.to(core.state[k].dtype) for k, v in state.items()}
+    core.history = list(record["history"])
+    core.dp_history = {int(c): [(float(s), float(q), int(n)) for s, q, n in hs]
+                       for c, hs in record.get("dp_history", {}).items()}
+

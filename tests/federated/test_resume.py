@@ -1,0 +1,126 @@
+"""Per-round server checkpoints and ``--resume-from`` (federated/checkpoint.py): a run interrupted after round k and
+resumed ends with the same global adapter as the uninterrupted run, under Flower's real simulation engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.core.errors import LorakitError
+from lorakit.io.files import load_tensors
+
+
+def _core_after_one_round(config):
+    """A ServerCore that aggregated one round of real client updates (in this process, no transport)."""
+    from lorakit.federated.base import pack, unpack
+    from lorakit.federated.client import client_round
+    from lorakit.federated.server import ServerCore
+
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    replies = []
+    for client in range(config.clients):
+        update, metrics = client_round(config, client, 1, down, core.a_checksum)
+        replies.append((client, pack(update), metrics))
+    core.receive(1, replies, sent=config.clients)
+    return core
+
+
+@pytest.mark.parametrize("strategy", ["flora", "lora_fair", "ffa"])
+def test_a_round_checkpoint_restores_the_server_state(strategy, tiny_config, tmp_path):
+    from lorakit.federated.checkpoint import read_round, restore_round, save_round
+    from lorakit.federated.server import ServerCore
+
+    config = tiny_config(strategy, client_ranks=[2, 3] if strategy == "flora" else None, evaluate=False)
+    core = _core_after_one_round(config)
+    save_round(tmp_path / "checkpoint", core, 1, [{"round": 1, "eval_loss": 1.5}])
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["server_state.json",
+                                                                          "server_state.safetensors"]
+    record = read_round(tmp_path, config)  # the run's folder finds its checkpoint/
+    fresh = ServerCore(config)
+    restore_round(fresh, record)
+    assert fresh.state.keys() == core.state.keys()
+    assert all(torch.equal(fresh.state[k], core.state[k]) for k in core.state)
+    if strategy == "flora":  # the stacks of round 1: Σ r_k = 5 rows
+        assert {v.shape[0] for k, v in fresh.state.items() if k.endswith(".stack_A")} == {5}
+    assert fresh.history == json.loads(json.dumps(core.history)) and record["round"] == 1
+    assert record["evaluation"] == [{"round": 1, "eval_loss": 1.5}]
+    assert fresh.downlink_bytes() == core.downlink_bytes()
+
+
+def test_resume_refuses_other_settings_naming_them(tiny_config, tmp_path):
+    from lorakit.federated.checkpoint import read_round, save_round
+
+    config = tiny_config("fedit", evaluate=False)
+    save_round(tmp_path / "checkpoint", _core_after_one_round(config), 1, [])
+    with pytest.raises(LorakitError, match=r"lr: 0.003 -> 0.01; seed: 0 -> 1"):
+        read_round(tmp_path, tiny_config("fedit", evaluate=False, lr=0.01, seed=1))
+    with pytest.raises(LorakitError, match="strategy: 'fedit' -> 'lora_fair'"):
+        read_round(tmp_path, tiny_config("lora_fair", evaluate=False))
+    read_round(tmp_path, tiny_config("fedit", evaluate=False, rounds=5))  # more rounds: allowed
+    with pytest.raises(LorakitError, match="no federated checkpoint"):
+        read_round(tmp_path / "nothing", config)
+
+
+def _interrupt_after(monkeypatch, stop_round: int):
+    """The server dies right after writing round ``stop_round``'s checkpoint (as a killed process would)."""
+    import lorakit.federated.checkpoint as checkpoint
+
+    original = checkpoint.save_round
+
+    def save_then_die(directory, core, server_round, evaluation):
+        folder = original(directory, core, server_round, evaluation)
+        if server_round == stop_round:
+            raise RuntimeError(f"interrupted after round {server_round}")
+        return folder
+
+    monkeypatch.setattr(checkpoint, "save_round", save_then_die)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedit", "flora"])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(strategy, tiny_config, tmp_path, monkeypatch):
+    """3 rounds straight vs 3 rounds stopped after round 1 and resumed (real Flower simulation, 2 Ray workers).
+    Bit-equal: clients seed adapter, data and training from (seed, round, client), sampling from (seed, round), and
+    the server aggregates in client order; the checkpoint stores the global state exactly (safetensors)."""
+    from lorakit.federated.simulate import federate
+
+    config = tiny_config(strategy, rounds=3, client_ranks=[2, 3] if strategy == "flora" else None)
+    straight = federate(config, backend_cpus=2, output=tmp_path / "straight")
+
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(RuntimeError, match="interrupted after round 1"):  # the ServerApp's error comes through
+            federate(config, backend_cpus=2, output=tmp_path / "cut")
+    assert not (tmp_path / "cut" / "adapter").exists()
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "server_state.json").read_text())
+    assert state["round"] == 1 and [r["round"] for r in state["history"]] == [1]
+
+    resumed = federate(config, backend_cpus=2, output=tmp_path / "cut", resume_from=tmp_path / "cut")
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"] == straight["rounds"]
+    assert resumed["evaluation"] == straight["evaluation"]  # rounds 0..3, round 0 and 1 from the checkpoint
+    a = load_tensors(Path(straight["adapter"]) / "adapter_model.safetensors")
+    b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "server_state.json").read_text())["round"] == 3
+
+
+def test_cli_resume_names_the_differing_flags_before_flower_starts(tiny_model_dir, tiny_config, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("flora", client_ranks=[2, 4], evaluate=False)
+    save_round(tmp_path / "run" / "checkpoint", _core_after_one_round(config), 1, [])
+    args = ["federate", "--model", tiny_model_dir, "--strategy", "flora", "--client-ranks", "2,4", "--clients", "2",
+            "--rounds", "2", "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort",
+            "--train-examples", "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
+            "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")]
+    assert main([*args, "--lr", "0.01", "--local-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "(--local-steps: 2 -> 3; lr: 0.003 -> 0.01)" in err and "resume with the same ones" in err, err
+    assert main([*args[:-1], str(tmp_path / "elsewhere")]) == 2
+    assert "no federated checkpoint" in capsys.readouterr().err
