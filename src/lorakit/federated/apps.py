@@ -194,7 +194,7 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
         if folder is None:
             folder, overwrite, resuming = output_options(run_config)
             if folder is not None:
-                from ..cli import check_output_dir
+                from ..cli_parser import check_output_dir
 
                 check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
                 resume = folder if resuming else None
