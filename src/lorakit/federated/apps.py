@@ -172,11 +172,7 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
     if done < config.rounds:
         strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"),
                        num_rounds=config.rounds - done, timeout=config.round_timeout_s, evaluate_fn=after_round)
-    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
-    if adapter_dir is not None:
-        saved = core.save_adapter(adapter_dir)  # None: no global adapter (and an older one is removed)
-        result["adapter"] = str(saved) if saved is not None else None
-    return result
+    return core.run_result(evaluation, adapter_dir)
 
 
 def output_options(run_config: dict[str, Any]) -> tuple[Path | None, bool, bool]:
