@@ -31,7 +31,6 @@ import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.assets import BASE_MODEL_PATH
-from lorakit.cli_options import field_help
 from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, field_error
 from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
@@ -511,7 +510,7 @@ def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], 
         if dest != f.name:
             parser.field_flags[f"{cls.__name__}.{f.name}"] = flag
         default = getattr(defaults, f.name)
-        text = field_help(cls, f)
+        text = str(f.metadata.get("help", ""))  # the field's own help (cli_options.field_help reads it too)
         # an empty default's meaning is in its help text; every other default is shown
         shown = text if "(default:" in text else f"{text} (default: {default})".strip()
         if kind is bool:
