@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit.cli import main
 
@@ -48,6 +49,27 @@ def test_merge_and_export(trained, tmp_path, capsys):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert main(["export", str(trained / "adapter"), "--output", str(tmp_path / "exported")]) == 0
     assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_merge_and_export_take_a_run_folder_as_inspect_does(trained, tmp_path, capsys):
+    """`lorakit merge --adapter RUN` / `lorakit export RUN` (a `train --output` folder) use RUN/adapter, the adapter
+    the run ended with, as `lorakit inspect RUN` does (one resolver), and say so; the files they write are the ones
+    the adapter folder itself gives, byte for byte."""
+    from safetensors.torch import load_file
+
+    for cmd, doing, name in ((["merge", "--adapter"], "merging", "model.safetensors"),
+                             (["export"], "exporting", "adapter_model.safetensors")):
+        assert main([*cmd, str(trained / "adapter"), "--output", str(tmp_path / f"{doing}_adapter")]) == 0
+        capsys.readouterr()
+        assert main([*cmd, str(trained), "--output", str(tmp_path / f"{doing}_run")]) == 0
+        assert capsys.readouterr().out.startswith(
+            f"{trained} is a training run folder; {doing} its adapter {trained / 'adapter'}\n")
+        want, got = (load_file(tmp_path / f"{doing}_{k}" / name) for k in ("adapter", "run"))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), doing
+    # the output may not hold the run it reads (it would replace the adapter with the folder)
+    assert main(["merge", "--adapter", str(trained), "--output", str(trained), "--overwrite"]) == 2
+    assert f"holds the input {trained / 'adapter'}" in capsys.readouterr().err
+    assert (trained / "adapter" / "adapter_config.json").is_file()
 
 
 def test_train_on_jsonl_formats(tmp_path, capsys):

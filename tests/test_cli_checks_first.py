@@ -148,8 +148,9 @@ def test_a_wrong_generator_lists_the_generators_beside_it(tmp_path, capsys, monk
 
 
 def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, capsys, no_model_load):
-    """`lorakit inspect RUN` (a `train --output` folder) shows RUN/adapter; a command that loads the adapter onto
-    a model says RUN is a run folder and names RUN/adapter (was: 'missing config file RUN/adapter_config.json')."""
+    """`lorakit inspect RUN` (a `train --output` folder) shows RUN/adapter (so do merge and export: tests/test_cli.py);
+    eval and merge-adapters say RUN is a run folder and name RUN/adapter (was: 'missing config file
+    RUN/adapter_config.json')."""
     run = tmp_path / "r1"
     _good_adapter(run / "adapter")
     _good_adapter(run / "checkpoint-2")
@@ -159,7 +160,7 @@ def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, 
     assert f"adapter:   {run / 'adapter'}" in out and "method:    lora" in out
     says = (f"{run} is a training run folder, not an adapter folder; did you mean {run / 'adapter'}? (its checkpoints: "
             "checkpoint-2)")
-    for argv in (["eval", "--adapter", str(run), "--data", "reverse"], ["export", str(run), "--output", "o"],
+    for argv in (["eval", "--adapter", str(run), "--data", "reverse"],
                  ["merge-adapters", str(run), str(run / "checkpoint-2"), "--output", str(tmp_path / "o")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

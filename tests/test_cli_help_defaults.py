@@ -71,6 +71,29 @@ def test_pretrain_base_help_says_what_its_empty_defaults_mean(capsys, monkeypatc
     assert "--steps STEPS optimizer steps (default: 1500)" in text
 
 
+def test_pretrain_base_help_is_each_fields_metadata(capsys, monkeypatch):
+    """Issue 36, item 4: the flags' help lives on the fields (``field(metadata={"help": ...})``, read by
+    cli_options.field_help), not in a dict beside the dataclass; the corpus's ``seed`` (``--corpus-seed``) has its
+    own text, not a special case in the flag builder. Was: every line below, from ``FIELD_HELP``."""
+    import dataclasses
+
+    from lorakit.pretrain.corpus import CorpusConfig
+    from lorakit.pretrain.train import PretrainConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = _help(capsys, ["pretrain-base"])
+    for cls, prefix in ((PretrainConfig, ""), (CorpusConfig, "corpus-")):
+        for f in dataclasses.fields(cls):
+            if f.name == "corpus":
+                continue
+            flag = "--" + ("" if cls is PretrainConfig or f.name != "seed" else prefix) + f.name.replace("_", "-")
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            # "--steps STEPS optimizer steps", "--bf16, --no-bf16 bf16 autocast ..."
+            assert re.search(re.escape(flag) + r"(?: [A-Z_]+|, --no-\S+) " + re.escape(f.metadata["help"]), text), flag
+    assert "--seed SEED seed of the model and the data order (default: 0)" in text
+    assert "--corpus-seed CORPUS_SEED seed of the corpus's stdlib sampling (default: 0)" in text
+
+
 def test_compose_image_help_shows_the_method_configs_defaults(capsys, monkeypatch):
     """--switch-step / --cache-interval default to None (the method's config decides); their help quotes the
     configs' own defaults (was: literals 5 and 2 written beside them, free to drift from the dataclasses)."""

@@ -370,3 +370,45 @@ def test_a_boolean_field_with_a_value_reads_as_its_flag_or_its_no_form():
     assert got == "Set --no-save-pruned to keep it in memory, or --save-pruned with --rank 4."
     # without the negation map (a plain mapping), a value stays a value
     assert with_flags("save_pruned=False", {"save_pruned": "--save-pruned"}) == "--save-pruned False"
+
+
+def test_a_list_of_fields_is_worded_as_flags_whole():
+    """Was: ``it reads density, --lambda, --majority-sign-method, normalize``: only names with an underscore (or a
+    field_flags entry) became flags in a list, one-word ones stayed field names. A comma list with two or more fields
+    is now written as flags whole; a list of other names (modules, methods) with at most one field in it, or a field
+    in prose, is left as it is."""
+    flags = {"density": "--density", "lambda_": "--lambda", "normalize": "--normalize", "steps": "--steps",
+             "majority_sign_method": "--majority-sign-method"}
+    assert (with_flags("it reads density, lambda_, majority_sign_method, normalize. Drop it", flags)
+            == "it reads --density, --lambda, --majority-sign-method, --normalize. Drop it")
+    assert with_flags("set density, steps, or normalize", flags) == "set --density, --steps, or --normalize"
+    assert with_flags("targets q_proj, v_proj, density", flags) == "targets q_proj, v_proj, density"
+    assert with_flags("keys 'density', 'steps'", flags) == "keys 'density', 'steps'"
+    assert with_flags("the density and steps of it", flags) == "the density and steps of it"
+
+
+def test_merge_options_a_method_ignores_are_named_as_flags_on_the_cli_and_as_fields_in_python(tmp_path, capsys):
+    from lorakit.compose import merge_adapters
+    from lorakit.core.errors import ConfigError
+
+    assert main(["merge-adapters", "a", "b", "--method", "ties", "--epsilon", "0.1", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert ("--epsilon 0.1 has no effect on merge method 'ties'; it reads --density, --lambda, --majority-sign-method, "
+            "--normalize, --rescale, --seed. Drop it") in err, err
+    with pytest.raises(ConfigError) as e:
+        merge_adapters(["a", "b"], None, "ties", epsilon=0.1)
+    assert ("epsilon=0.1 has no effect on merge method 'ties'; it reads density, lambda_, majority_sign_method, "
+            "normalize, rescale, seed.") in str(e.value)
+
+
+def test_pretrain_base_replaces_a_non_empty_out_only_with_overwrite(tmp_path, capsys):
+    """Was: only the bundled base folder needed --overwrite; any other non-empty --out was replaced whole (its files
+    lost) after the training. Now the main CLI's output check runs first, before any work."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    assert main(["pretrain-base", "--out", str(out), "--steps", "2"]) == 2
+    assert capsys.readouterr().err == (f"lorakit pretrain-base: error: --out {out} already exists and is not empty; "
+                                       "pass --overwrite to replace what this command writes there, or choose a new "
+                                       "folder\n")
+    assert (out / "notes.txt").read_text() == "keep me\n"

@@ -20,13 +20,13 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
-from .cli_parser import CommandParser, DefaultsFormatter, device_arg, json_arg, positive_int, seed_arg
+from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, json_arg, positive_int,
+                         seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -54,52 +54,6 @@ def _set_threads(args: argparse.Namespace) -> None:
         if args.num_threads < 1:
             raise LorakitError(f"--num-threads must be >= 1, got {args.num_threads}")
         torch.set_num_threads(args.num_threads)
-
-
-def _clean_leftovers(folder: Path) -> None:
-    """Remove temporary files/folders a killed save left (``.<name>.tmp-*``, ``.<name>.old-*``, ``.<name>.*.tmp``)."""
-    for entry in folder.glob(".*"):
-        if ".tmp-" in entry.name or ".old-" in entry.name or entry.name.endswith(".tmp"):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
-def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False,
-                     reads: Sequence[str | os.PathLike | None] = (), clean_leftovers: bool = True) -> Path:
-    """Fail now, before any work, if ``path`` cannot become this command's output folder.
-
-    A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
-    non-empty folder without ``overwrite`` (unless ``allow_existing``, e.g. resuming into it) is a LorakitError.
-    ``reads``: the files and folders the command reads (its adapter, model, sources); an output folder that holds one
-    of them is an error too, since the output replaces the folder whole (``lorakit export runs/a/adapter --output
-    runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). The output *being* an input stays
-    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed, unless
-    ``clean_leftovers`` is False (a folder other runs may be writing into at the same time, such as the benches'
-    shared ``runs/bench``: their temp files in flight look the same).
-    """
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
-    for given in reads:
-        if given is not None and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
-            raise LorakitError(f"{flag} {out} holds the input {given}, and this command replaces {out} whole (the input "
-                               "with it); choose another folder, e.g. a new one beside it")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise LorakitError(f"{flag} {out}: {probe} is a file, so the folder cannot be created")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise LorakitError(f"{flag} {out}: cannot write in {probe} ({e.strerror or e}); choose a writable folder") from None
-    if out.is_dir():
-        if clean_leftovers:
-            _clean_leftovers(out)
-        if any(out.iterdir()) and not (overwrite or allow_existing):
-            raise LorakitError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace what "
-                               "this command writes there, or choose a new folder")
-    return out
 
 
 def _print_metrics(label: str, metrics: dict) -> None:
@@ -965,16 +919,25 @@ def _adapted_modules(keys: Sequence[str], base) -> list[str]:
     return sorted(modules)
 
 
+def _adapter_of_run(adapter: str, doing: str) -> str:
+    """``adapter``, or its ``adapter/`` when it is a training run folder (``lorakit train --output``: the adapter the
+    run ended with, not a ``checkpoint-N``), said on stdout: the commands that take a run folder (inspect, merge,
+    export) resolve it here, the same way."""
+    from .io.peft_format import run_adapter
+
+    inner = run_adapter(adapter)
+    if inner is None:
+        return adapter
+    print(f"{adapter} is a training run folder; {doing} its adapter {inner}")
+    return str(inner)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_task_index
     from .io.files import load_tensors
-    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, run_adapter, weights_path
+    from .io.peft_format import WEIGHTS_NAME, read_adapter_config, weights_path
 
-    directory = Path(args.adapter)
-    inner = run_adapter(directory)
-    if inner is not None:  # a training run folder: its adapter is what the user means
-        print(f"{directory} is a training run folder; inspecting its adapter {inner}")
-        directory = inner
+    directory = Path(_adapter_of_run(args.adapter, "inspecting"))
     config = read_adapter_config(directory)
     tensors = load_tensors(weights_path(directory))
     base = _meta_base(config)
@@ -1020,6 +983,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
+    args.adapter = _adapter_of_run(args.adapter, "merging")
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
     _quantize_config(args)  # --compute-dtype without --quantize: refused first, as before
     mismatch = _adapter_base_mismatch(args.adapter, args)
@@ -1260,6 +1224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
 
+    args.adapter = _adapter_of_run(args.adapter, "exporting")
     method = get_method(check_adapter_folder(args.adapter))
     if method.peft_type is None and method.to_lora is None:
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
@@ -1290,7 +1255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
           limits=ServerLimits(max_tokens=args.max_tokens_limit), rank=args.rank, device=args.device,
-          cuda_graphs=args.cuda_graphs)
+          cuda_graphs=args.cuda_graphs, quantize=_quantize_config(args))
     return 0
 
 
@@ -1577,7 +1542,8 @@ def _add_inspect(sub) -> None:
 def _add_merge(sub) -> None:
     mg = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model", formatter_class=_Formatter)
     _common_model(mg)
-    mg.add_argument("--adapter", required=True)
+    mg.add_argument("--adapter", required=True, help="adapter folder; a training run folder (train --output) merges "
+                    "its adapter/")
     mg.add_argument("--output", required=True, help="folder for the merged model")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     _add_quantize(mg, "merge into the dequantized 4-bit weights (for an adapter trained with train --quantize); "
@@ -1588,7 +1554,7 @@ def _add_merge(sub) -> None:
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write an adapter as a plain PEFT LoRA", formatter_class=_Formatter)
     _common_model(x)
-    x.add_argument("adapter")
+    x.add_argument("adapter", help="adapter folder; a training run folder (train --output) exports its adapter/")
     x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     x.add_argument("--rank", type=positive_int, default=None, help="export a nested-rank adapter (DyLoRA) at this rank")
@@ -1618,7 +1584,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--cuda-graphs", action="store_true",
                     help="decode steps of banked rows as static-shape steps, captured in CUDA graphs per batch and "
                          "context bucket (with --device cuda; on the CPU they run eagerly); bank storage is reserved "
-                         "for --max-loras adapters up front")
+                         "for --max-loras adapters up front; not with --quantize on cuda")
+    _add_quantize(sv, "serve adapters trained on it (`lorakit train --quantize`)")
     sv.set_defaults(func=cmd_serve)
 
 

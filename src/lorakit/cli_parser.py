@@ -20,15 +20,90 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import sys
-from typing import Mapping
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
 
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
+
+
+def _check_writable(out: Path, flag: str, what: str) -> None:
+    """LorakitError unless ``out`` can be created: its nearest existing folder (itself, for a folder) is a folder
+    this process can write in."""
+    probe = out if what == "folder" else out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LorakitError(f"{flag} {out}: {probe} is a file, so the {what} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise LorakitError(f"{flag} {out}: cannot write in {probe} ({e.strerror or e}); choose a writable folder") from None
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove temporary files/folders a killed save left (``.<name>.tmp-*``, ``.<name>.old-*``, ``.<name>.*.tmp``)."""
+    for entry in folder.glob(".*"):
+        if ".tmp-" in entry.name or ".old-" in entry.name or entry.name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False,
+                     reads: Sequence[str | os.PathLike | None] = (), clean_leftovers: bool = True) -> Path:
+    """Fail now, before any work, if ``path`` cannot become this command's output folder.
+
+    A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
+    non-empty folder without ``overwrite`` (unless ``allow_existing``, e.g. resuming into it) is a LorakitError.
+    ``reads``: the files and folders the command reads (its adapter, model, sources); an output folder that holds one
+    of them is an error too, since the output replaces the folder whole (``lorakit export runs/a/adapter --output
+    runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). The output *being* an input stays
+    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed, unless
+    ``clean_leftovers`` is False (a folder other runs may be writing into at the same time, such as the benches'
+    shared ``runs/bench``: their temp files in flight look the same).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
+    for given in reads:
+        if given is not None and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
+            raise LorakitError(f"{flag} {out} holds the input {given}, and this command replaces {out} whole (the input "
+                               "with it); choose another folder, e.g. a new one beside it")
+    _check_writable(out, flag, "folder")
+    if out.is_dir():
+        if clean_leftovers:
+            _clean_leftovers(out)
+        if any(out.iterdir()) and not (overwrite or allow_existing):
+            raise LorakitError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace what "
+                               "this command writes there, or choose a new folder")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str, *, overwrite: bool) -> Path:
+    """:func:`check_output_dir` for a command whose output is one file (``lorakit compose-image --out grid.png``):
+    a folder in the way, a folder that cannot be written, or an existing file
+    without ``overwrite`` is a LorakitError, raised before any work. The file is then written atomically
+    (``io.files.atomic_write_bytes``), so a failed write leaves the old one."""
+    out = Path(path)
+    if out.is_dir():
+        raise LorakitError(f"{flag} {out} is an existing folder; give a file path")
+    _check_writable(out, flag, "file")
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{flag} {out} already exists; pass --overwrite to replace it, or choose a new file name")
+    return out
+
 
 # ``=value`` after a field name: a quoted string, or a token up to a separator (not ``...``: ``model=...`` is
 # a Python call written out, not a value the user typed)
 _VALUE = r"""=('[^']*'|"[^"]*"|(?!\.\.\.)[^\s,;:()\[\]{}]+)"""
+# a list of two or more bare names with at least one comma: "a, b", "a, b and c", "a, b, or c"
+_LIST_SEP = r", (?:and |or )?| (?:and|or) "
+_LIST = (r"(?<![\w.\-/\\'\"])[A-Za-z_]\w*(?:(?:" + _LIST_SEP + r")[A-Za-z_]\w*)*, (?:and |or )?[A-Za-z_]\w*"
+         r"(?:(?:" + _LIST_SEP + r")[A-Za-z_]\w*)*(?![\w\-/\\\[('\"=])")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -53,11 +128,23 @@ def with_flags(message: str, flags: Mapping[str, str], negated: Mapping[str, str
     A field is replaced where it is unmistakably a name: qualified (``PretrainConfig.steps``), with a value
     (``steps=3`` -> ``--steps 3``), or, for a one-word field (``steps``, ``lr``), as the subject of a sentence
     (``density must be ...``); a field with an underscore (``mix_ln_alpha``) wherever it stands as a word.
+    A list of names (``it reads density, lambda_, normalize``: comma-separated, at least two of them fields) is
+    written as flags whole, one-word fields included (``--density, --lambda, --normalize``), so one list never mixes
+    flags and field names.
     A boolean flag with its ``--no-`` form in ``negated`` (flag -> negation) reads as typed: ``save_pruned=False``
     -> ``--no-save-pruned``, ``save_pruned=True`` -> ``--save-pruned`` (argparse's BooleanOptionalAction takes no
     value).
     """
     negated = negated or {}
+
+    def in_list(m: re.Match) -> str:
+        items = re.split(_LIST_SEP, m.group(0))
+        if sum(item in flags for item in items) < 2:
+            return m.group(0)  # names of other things (modules, tasks) that a field name happens to be among
+        return re.sub(r"[A-Za-z_]\w*", lambda w: flags.get(w.group(0), w.group(0)) if w.group(0) in items else
+                      w.group(0), m.group(0))
+
+    message = re.sub(_LIST, in_list, message)
 
     def repl(flag: str):
         def sub(m: re.Match) -> str:

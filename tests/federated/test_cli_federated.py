@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import lorakit as lk
 from lorakit.cli import main
 
 
@@ -206,3 +207,36 @@ def test_federate_refuses_what_would_fail_inside_the_simulation(argv, says, tiny
         code = stop.code
     assert code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [("client-ranks", 8.5), ("client-ranks", "8,4.5"), ("client-ranks", "8,eight"),
+                                       ("stragglers", 1.5), ("stragglers", "0, 1.0x")])
+def test_run_config_lists_refuse_non_integers_naming_the_key(key, value):
+    """Issue 36, item 3. Was: `client-ranks = 8.5` became [8] (``int(8.5)``) without a word, and `"8,4.5"` a bare
+    ValueError. Now a ConfigError naming the run-config key; whole numbers (8, 8.0, "8, 4") still read."""
+    from lorakit.federated.apps import config_from_run_config
+
+    with pytest.raises(lk.ConfigError, match=f"run config '{key}': .*not a whole number"):
+        config_from_run_config({"strategy": "flora", "clients": 4, key: value})
+    assert config_from_run_config({"strategy": "flora", "clients": 4, "client-ranks": 8.0}).client_ranks == [8]
+    assert config_from_run_config({"strategy": "flora", "clients": 4, "client-ranks": " 8, 4"}).client_ranks == [8, 4]
+
+
+@pytest.mark.parametrize("field,value", [("rounds", 2.5), ("clients", 2.0), ("client_ranks", [8.5]), ("seed", True),
+                                         ("stragglers", [0.5])])
+def test_federated_config_refuses_non_integer_counts(field, value):
+    """The same for a FederatedConfig built from JSON (or Python): a float count or rank names the field."""
+    from lorakit.federated.base import FederatedConfig
+
+    with pytest.raises(lk.ConfigError, match=f"{field}.*takes whole numbers"):
+        FederatedConfig.from_dict({"strategy": "flora", "clients": 4, field: value})
+
+
+@pytest.mark.parametrize("key", ["overwrite", "resume"])
+def test_run_config_switches_refuse_a_quoted_false(key):
+    """Was: ``bool("false")`` is True, so a quoted `overwrite = "false"` removed the output folder."""
+    from lorakit.federated.apps import output_options
+
+    with pytest.raises(lk.ConfigError, match=f"run config '{key}': 'false' is not true or false"):
+        output_options({"output": "o", key: "false"})
+    assert output_options({"output": "o", key: True})[1 if key == "overwrite" else 2] is True

@@ -567,6 +567,24 @@ def test_a_hand_edited_mod_layers_is_refused_at_load(edit, match, tmp_path):
     assert not hasattr(fresh, "lorakit") or not fresh.lorakit.configs
 
 
+def test_an_out_of_range_mod_layers_names_the_adapter_folder_at_load(tmp_path):
+    """prepare_gamma_mod's check (mod_layers naming a block the model lacks) raised during a load said nothing of
+    where the config came from; load_adapter and lorakit inspect's tensor check now name the folder (the same
+    ConfigError, so callers catching it are unchanged)."""
+    from lorakit.io.peft_format import check_adapter_tensors, read_adapter_config
+
+    folder = tmp_path / "gm"
+    lk.save_adapter(_model(mod_layers=(1,)), folder)
+    _edited(folder, mod_layers=[5])
+    says = f"{folder}: GammaModConfig.mod_layers=[5] names blocks this model lacks (it has 2, indices 0..1)"
+    with pytest.raises(ConfigError) as e:
+        lk.load_adapter(tiny_llama(), folder)
+    assert str(e.value).startswith(says), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        check_adapter_tensors(tiny_llama(), folder, read_adapter_config(folder), {})
+    assert str(e.value).startswith(says), str(e.value)
+
+
 def test_arank_choice_is_recorded_in_the_blocks_and_a_file_without_the_record_still_loads(tmp_path, ids):
     """ARank's choice sets the blocks' saved flags (so reloads are checked against it); an older file without the
     flags loads with its config's mod_layers as before."""

@@ -213,7 +213,8 @@ def main(argv: Sequence[str]) -> int:
         _check_names(parser, "--tasks", names, lambda t: load_jsonl(t) if Path(t).is_file() else get_task(t))
     if args.resume and args.what == "init":
         parser.error("bench init --resume takes no files: it keeps the finished runs of OUTPUT/init.json")
-    from ..cli import ErrorsReported, check_output_dir
+    from ..cli import ErrorsReported
+    from ..cli_parser import check_output_dir
     from ..data import DataError
 
     try:  # now, not when the report is written after the run (most benches created --output only then); every

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Iterable
 
 import torch
@@ -25,6 +26,36 @@ _BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out
                               "weight", "bias"})
 
 
+def _host_keys(wrapper: nn.Module, inner: str) -> None:
+    """Give ``wrapper``'s state dict the host's own names for the module it wraps (``q_proj.weight``, not
+    ``q_proj.base_layer.weight``), and read both spellings back.
+
+    ``model.save_pretrained()`` writes ``model.state_dict()``; with the wrapped names, ``from_pretrained`` found
+    no ``q_proj.weight`` and initialised those layers at random (with PEFT too: PEFT 0.21.2's injected layers save
+    ``base_layer.weight``). With the host's names the saved folder reloads as the base model exactly (what the base
+    layer holds: a merged adapter is in it); the adapter's own tensors (``adapters.<name>.*``, ``copies.<name>.*``)
+    keep their names, which ``from_pretrained`` reports as unexpected, and a lorakit model (Trainer resuming a
+    checkpoint, ``load_state_dict``) loads them back. Save the adapter itself with ``save_adapter``.
+    """
+    # partials of module-level functions, so a model with these hooks still pickles (torch.save(model))
+    wrapper.register_state_dict_post_hook(functools.partial(_to_host_keys, own=inner + "."))
+    wrapper.register_load_state_dict_pre_hook(functools.partial(_from_host_keys, own=inner + "."))
+
+
+def _to_host_keys(module, state_dict, prefix, local_metadata, *, own: str) -> None:
+    items = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]  # keeps the order
+    for k, v in items:
+        host = prefix + k[len(prefix) + len(own):] if k.startswith(prefix + own) else k
+        state_dict[host if host not in state_dict else k] = v
+
+
+def _from_host_keys(module, state_dict, prefix, *rest, own: str) -> None:
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        wrapped = prefix + own + k[len(prefix):]
+        if k[len(prefix):].split(".", 1)[0] not in module._modules and wrapped not in state_dict:
+            state_dict[wrapped] = state_dict.pop(k)
+
+
 class AdapterLayer(nn.Module):
     """``y = base_layer(x) + Σ_{active a} Δ_a(x)``.
 
@@ -36,6 +67,7 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.info = info
+        _host_keys(self, "base_layer")
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -352,6 +384,7 @@ class ModulesToSaveWrapper(nn.Module):
         super().__init__()
         self.original_module = original_module
         self.copies = nn.ModuleDict()
+        _host_keys(self, "original_module")
         self.active: list[str] = []
         self.disabled = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Sequence
 
 import torch
 
-from ..cli_parser import CommandParser, DefaultsFormatter, seed_arg
+from ..cli_parser import CommandParser, DefaultsFormatter, check_output_dir, check_output_file, seed_arg
 from ..core.errors import ConfigError, LorakitError
+from ..io.files import atomic_write_bytes
 
 DEFAULT_DIR = "diffusion_run"
 
@@ -49,11 +51,9 @@ def _grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int, scale: i
         big = pix[i].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
         canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + c * cell_w: pad + c * cell_w + w * scale] = big
     path = Path(path)
-    fmt = image_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(canvas.numpy()).save(tmp, format=fmt)
-    os.replace(tmp, path)
+    data = io.BytesIO()
+    Image.fromarray(canvas.numpy()).save(data, format=image_format(path))
+    atomic_write_bytes(path, data.getvalue())
     return path
 
 
@@ -100,7 +100,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from .sampler import compose_images, make_config
 
     check_distinct_loras(args.lora)
-    image_format(args.out)  # a bad --out suffix fails before sampling, not after
+    image_format(args.out)  # a bad --out suffix or a taken --out fails before sampling, not after
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
     check_base(args.base)
     for folder in args.lora:  # a bad folder or weights file fails before the base loads
         check_adapter_folder(folder)
@@ -163,6 +164,7 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
                    "rates (default: not printed)")
     p.add_argument("--out", default="composed.png",
                    help="image grid of the samples; the format follows the suffix (.png, .jpg, .bmp, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out image")
     p.set_defaults(func=cmd_compose)
     return p
 
@@ -170,6 +172,7 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
 def _cmd_train_base(args) -> int:
     from .model import TrainSpec, UNetSpec, train_base
 
+    check_output_dir(args.out, "--out", overwrite=args.overwrite)
     summary = train_base(args.out, UNetSpec(sample_size=args.size),
                          TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
     print(json.dumps(summary, indent=2))
@@ -180,6 +183,7 @@ def _cmd_train_loras(args) -> int:
     from .model import LoraSpec, TrainSpec, concepts_by_name, default_concepts, load_base, train_concept_loras
 
     concepts = concepts_by_name(args.concepts) if args.concepts else default_concepts()  # before the base loads
+    check_output_dir(args.out, "--out", overwrite=args.overwrite, reads=[args.base])
     unet, sched = load_base(args.base)
     summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
                                   TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
@@ -190,6 +194,7 @@ def _cmd_train_loras(args) -> int:
 def _cmd_train_classifier(args) -> int:
     from .classifier import train_classifier
 
+    check_output_dir(args.out, "--out", overwrite=args.overwrite)
     _, report = train_classifier(args.out, size=args.size, steps=args.steps, seed=args.seed)
     print(json.dumps(report, indent=2))
     return 0
@@ -198,6 +203,9 @@ def _cmd_train_classifier(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import run_bench
 
+    # as `lorakit bench`: a bench refreshes its report in --out (no --overwrite), but a file in the way or an
+    # unwritable folder fails now, not after the run
+    check_output_dir(args.out, "--out", overwrite=True)
     run_bench(args.run_dir, args.out, quick=args.quick)
     return 0
 
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--lr", type=float, default=3e-3)
     b.add_argument("--seed", type=seed_arg, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     b.set_defaults(func=_cmd_train_base)
     lo = sub.add_parser("train-loras", help="train concept LoRAs (digit0..digit9, thick, inverted) together",
                         formatter_class=fmt)
@@ -226,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--batch-size", type=int, default=8, help="rows per concept per step")
     lo.add_argument("--lr", type=float, default=3e-3)
     lo.add_argument("--seed", type=seed_arg, default=0)
+    lo.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     lo.set_defaults(func=_cmd_train_loras)
     c = sub.add_parser("train-classifier", help="train the concept classifier (the metric)", formatter_class=fmt)
     c.add_argument("--out", default=f"{DEFAULT_DIR}/classifier")
     c.add_argument("--size", type=int, default=16)
     c.add_argument("--steps", type=int, default=600)
     c.add_argument("--seed", type=seed_arg, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in --out")
     c.set_defaults(func=_cmd_train_classifier)
     be = sub.add_parser("bench", help="every method on digit×style and two-digit layouts; writes README.md + PNGs",
                         formatter_class=fmt)

@@ -241,7 +241,8 @@ class LoraSpec:
 def train_concept_loras(unet: nn.Module, scheduler, concepts: list[ConceptSpec], out_dir: str | os.PathLike,
                         lora: LoraSpec | None = None, train: TrainSpec | None = None, *, log_every: int = 200) -> dict:
     """Train one LoRA per concept on the null class, all at once (each batch holds ``train.batch_size`` rows per
-    concept, routed per row). Saves each as a PEFT-format folder ``out_dir/<name>``; returns a summary."""
+    concept, routed per row). Saves each as a PEFT-format folder ``out_dir/<name>`` plus ``out_dir/loras.json``,
+    replacing ``out_dir`` whole and atomically (:func:`~lorakit.io.files.write_dir_atomically`); returns a summary."""
     lora, train = lora or LoraSpec(), train or TrainSpec(steps=800, batch_size=16, lr=3e-3)
     names = [c.name for c in concepts]
     if len(set(names)) != len(names):
@@ -268,12 +269,15 @@ def train_concept_loras(unet: nn.Module, scheduler, concepts: list[ConceptSpec],
             loss = _diffusion_loss(unet, scheduler, x0, y, g)
         _optimizer_step(opt, loss, step, train, losses, log_every, "lora")
     unet.eval()
-    out = Path(out_dir)
-    for n in names:
-        save_adapter(unet, out / n, n)
     summary = {"concepts": [asdict(c) for c in concepts], "lora": asdict(lora), "train": asdict(train),
                "final_loss": sum(losses[-50:]) / min(50, len(losses)), "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(out / "loras.json", summary)
+
+    def write(folder: Path) -> None:
+        for n in names:
+            save_adapter(unet, folder / n, n)
+        atomic_write_json(folder / "loras.json", summary)
+
+    write_dir_atomically(out_dir, write)  # replaces out_dir whole: no old LoRA beside the new ones
     return summary
 
 

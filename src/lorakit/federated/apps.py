@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from ..core.errors import comma_items
+from ..core.errors import ConfigError, comma_items
 from ..core.targeting import targets_from_text
 from ..data import stable_seed
 from ..io.files import atomic_write_json, remove_dir_atomically
@@ -34,7 +34,19 @@ from .checkpoint import CHECKPOINT
 from .client import client_round
 from .server import ServerCore
 
-LIST_KEYS = {"client_ranks": int, "stragglers": int}
+# Run-config keys whose value is a list of whole numbers: a comma-separated string or one TOML number.
+LIST_KEYS = ("client_ranks", "stragglers")
+
+
+def _whole_number(value: str | int | float, key: str) -> int:
+    """``value`` of run-config ``key`` as an int; ``8.5`` / ``"8.5"`` / ``"eight"`` is a ConfigError naming ``key``
+    (``int()`` truncated 8.5 to 8 without a word)."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, float) and text.is_integer():
+        return int(text)
+    if isinstance(text, int) or (isinstance(text, str) and text.lstrip("+-").isdigit()):
+        return int(text)
+    raise ConfigError(f"run config {key!r}: {value!r} is not a whole number; give integers, e.g. {key} = \"8,4\"")
 
 
 def blob_record(blob: bytes, key: str) -> ArrayRecord:
@@ -49,9 +61,9 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
         if name in ("output", "overwrite", "resume"):  # where the ServerApp writes, not a setting of the run
             continue
         if name in LIST_KEYS and isinstance(value, str):
-            value = [LIST_KEYS[name](v) for v in comma_items(value, key, "values")]
+            value = [_whole_number(v, key) for v in comma_items(value, key, "values")]
         elif name in LIST_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [LIST_KEYS[name](value)]  # one TOML number: `client-ranks = 8`, `stragglers = 1`
+            value = [_whole_number(value, key)]  # one TOML number: `client-ranks = 8`, `stragglers = 1`
         elif name == "target_modules" and isinstance(value, str):  # 'all-linear' and a regex stay whole
             value = targets_from_text(value, key)
         values[name] = value
@@ -160,18 +172,22 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
     if done < config.rounds:
         strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"),
                        num_rounds=config.rounds - done, timeout=config.round_timeout_s, evaluate_fn=after_round)
-    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
-    if adapter_dir is not None:
-        saved = core.save_adapter(adapter_dir)  # None: no global adapter (and an older one is removed)
-        result["adapter"] = str(saved) if saved is not None else None
-    return result
+    return core.run_result(evaluation, adapter_dir)
 
 
 def output_options(run_config: dict[str, Any]) -> tuple[Path | None, bool, bool]:
     """``(output, overwrite, resume)`` from a Flower run config's ``output``, ``overwrite`` and ``resume`` keys."""
     folder = run_config.get("output")
-    return (Path(str(folder)) if folder else None, bool(run_config.get("overwrite", False)),
-            bool(run_config.get("resume", False)))
+    return Path(str(folder)) if folder else None, _switch(run_config, "overwrite"), _switch(run_config, "resume")
+
+
+def _switch(run_config: dict[str, Any], key: str) -> bool:
+    """A true/false run-config key; anything else is a ConfigError (``bool("false")`` is True: a quoted
+    ``overwrite = "false"`` would have removed the output folder)."""
+    value = run_config.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"run config {key!r}: {value!r} is not true or false; write {key} = true (TOML, unquoted)")
+    return value
 
 
 def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None,
@@ -194,7 +210,7 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
         if folder is None:
             folder, overwrite, resuming = output_options(run_config)
             if folder is not None:
-                from ..cli import check_output_dir
+                from ..cli_parser import check_output_dir
 
                 check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
                 resume = folder if resuming else None

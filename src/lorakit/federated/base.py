@@ -98,6 +98,11 @@ class FederatedConfig:
             raise ConfigError(f"unknown federated strategy {self.strategy!r}.{did_you_mean(self.strategy, STRATEGIES)} "
                               f"Choose one of {sorted(STRATEGIES)}", field="FederatedConfig.strategy")
         counts = ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients")
+        for name in (*counts, "eval_examples", "seed", "fair_steps", "client_ranks", "stragglers"):
+            value = getattr(self, name)  # a JSON / run-config 8.5 would be cut to 8 (or fail deep inside a round)
+            items = value if isinstance(value, list) else [value]
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in items):
+                raise field_error(self, name, f" takes whole numbers, got {value!r}")
         # eval_examples: the server scores them after every round (evaluate=False: none)
         for name in (*counts, "eval_examples") if self.evaluate else counts:
             if getattr(self, name) is not None and getattr(self, name) < 1:

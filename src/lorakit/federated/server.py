@@ -143,6 +143,16 @@ class ServerCore:
         write_factors(model, factors)
         return save_adapter(model, directory)
 
+    def run_result(self, evaluation: list, adapter_dir=None) -> dict:
+        """A finished run's result (``config``, ``rounds``, ``evaluation``), as the simulation and the ServerApp
+        return it; with ``adapter_dir`` the global adapter is written there (:meth:`save_adapter`) and
+        ``result["adapter"]`` is its folder, or None when there is no global adapter (an older one is removed)."""
+        result = {"config": self.config.to_dict(), "rounds": self.history, "evaluation": evaluation}
+        if adapter_dir is not None:
+            saved = self.save_adapter(adapter_dir)
+            result["adapter"] = str(saved) if saved is not None else None
+        return result
+
     def evaluate(self) -> dict[str, float]:
         """Exact match and mean token loss of the global model on the held-out examples."""
         if not self._eval:

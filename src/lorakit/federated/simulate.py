@@ -86,10 +86,7 @@ def federate_in_process(config: FederatedConfig, keep_updates: bool = False,
         core.receive(server_round, replies, sent=len(sampled))
         if config.evaluate:
             evaluation.append({"round": server_round, **core.evaluate()})
-    result = {"config": config.to_dict(), "rounds": core.history, "evaluation": evaluation}
-    if adapter_dir is not None:
-        saved = core.save_adapter(adapter_dir)
-        result["adapter"] = str(saved) if saved is not None else None
+    result = core.run_result(evaluation, adapter_dir)
     if keep_updates:
         result["first_updates"] = first
     return result

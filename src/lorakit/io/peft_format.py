@@ -269,6 +269,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     tensors = load_tensors(weights_path(directory))
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
         plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
+    _refuse_meta(directory, plan)
     attach_plan(model, plan)
     if init is not None and init.rerun_on_load:
         init_adapter(model, name)  # rebuild the changed base, then put the trained tensors back
@@ -278,6 +279,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     elif init is not None:  # its result is in the file: never run it again (e.g. by the training loop)
         adapter_state(model).inits[name] = InitRecord(init=init.name, spec=str(config.requested_init()))
     return model
+
+
+def _refuse_meta(directory: Path, plan) -> None:
+    """An adapter planned on the meta device (a base built under ``torch.device("meta")`` / accelerate's
+    ``init_empty_weights``, or offloaded by a ``device_map``) would take none of the file's values: copying into a
+    meta tensor is a no-op, so the model failed later or ran an empty adapter. PEFT 0.21.2 does the same, with only
+    torch's warning, even with ``low_cpu_mem_usage=True``. Refused here, before the model is touched."""
+    on_meta = [key for key, value in plan.state_dict().items() if value.is_meta]
+    if on_meta:
+        raise AdapterLoadError(f"{directory}: the model's layer for {on_meta[0]!r} is on the meta device (no weights: "
+                               f"built under torch.device('meta') / init_empty_weights, or offloaded by a device_map), "
+                               f"so the adapter would load nothing ({len(on_meta)} tensor(s)). Load the base weights "
+                               "first (from_pretrained, or model.to_empty(device=...) and load_state_dict), on devices "
+                               "that hold them, then load the adapter.")
 
 
 def trained_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -333,8 +348,12 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
-    plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
-                        trained=trained_modules(tensors))
+    try:
+        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
+                            trained=trained_modules(tensors))
+    except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
+        # targets): the same error, naming the folder it came from as every other load error does
+        raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
     expected = plan.state_dict()
     # every name, tied twins included (PEFT saves lm_head.base_layer.weight of a tied lm_head it targets, which
     # named_parameters() leaves out as a duplicate of embed_tokens.weight)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,10 +36,11 @@ class CorpusConfig:
     the rest is ``stdlib_chars`` characters of standard-library source in chunks of about ``chunk_chars``.
     """
 
-    task_fraction: float = 0.5
-    stdlib_chars: int = 3_000_000
-    chunk_chars: int = 1_024
-    seed: int = 0
+    task_fraction: float = field(default=0.5, metadata={"help": "share of the corpus's characters from the tasks' "
+                                                                "pretraining split"})
+    stdlib_chars: int = field(default=3_000_000, metadata={"help": "characters of standard-library source"})
+    chunk_chars: int = field(default=1_024, metadata={"help": "characters per stdlib chunk"})
+    seed: int = field(default=0, metadata={"help": "seed of the corpus's stdlib sampling"})
 
     def __post_init__(self) -> None:
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed

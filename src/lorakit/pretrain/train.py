@@ -31,9 +31,9 @@ import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.assets import BASE_MODEL_PATH
-from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, field_error
-from lorakit.core.errors import FIELD, ConfigError, did_you_mean
+from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -77,44 +77,51 @@ NORMS = ("pre", "post", "mix")
 
 @dataclass
 class PretrainConfig:
+    """One pretraining run of a small base model; each field's ``help`` is its ``lorakit pretrain-base`` flag's
+    text (an empty-string default says there what leaving it empty does)."""
+
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    objective: str = "causal"
-    # data mixture over lorakit.pretrain.domains: "" keeps the stdlib + tasks corpus above; otherwise
-    # natural | uniform | regmix (read from regmix_dir/regmix.json) | domain=weight,...
-    mixture: str = ""
-    mixture_scale: float = 1.0  # times each domain's natural character budget
-    regmix_dir: str = ""
-    norm: str = "pre"  # pre | post | mix (Mix-LN: Post-LN in the first floor(mix_ln_alpha * num_layers) layers)
-    mix_ln_alpha: float = 0.25  # read only with norm="mix"; another value with "pre" or "post" is an error
-    # tokenizer and model shape. ``tokenizer``: a model folder whose tokenizer is reused as is (e.g. the bundled
-    # base's, so a second base shares its token ids); empty trains a new one of ``vocab_size`` tokens.
-    tokenizer: str = ""
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 688
-    max_position_embeddings: int = 256
-    # optimisation
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 1500
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    # bf16 autocast of the matmuls (this loop runs on the CPU); weights and optimizer stay fp32. Off by default:
-    # without native bf16 matmuls (AVX2 only, as on this project's machines) it is several times slower than
-    # fp32 (benchmarks/pretrain_bf16). It may pay on CPUs with AVX512-BF16 or AMX; measure there with that script.
-    bf16: bool = False
-    eval_fraction: float = 0.02
-    seed: int = 0
-    num_threads: int = 0  # 0: all cores
-    log_every: int = 25
-    # > 0: save the loop's state every that many steps to OUT.checkpoint/; the same command resumes from it
-    checkpoint_every: int = 0
+    objective: str = field(default="causal", metadata={"help": "pretraining objective"})
+    mixture: str = field(default="", metadata={"help": "data mixture over lorakit.pretrain.domains: natural | uniform "
+                         "| regmix (read from --regmix-dir) | domain=weight,... (default: none, the stdlib + tasks corpus)"})
+    mixture_scale: float = field(default=1.0, metadata={"help": "times each domain's natural character budget (with "
+                                                                "--mixture)"})
+    regmix_dir: str = field(default="", metadata={"help": "folder of `lorakit regmix` whose regmix.json --mixture "
+                                                          "regmix reads (default: none; needed by --mixture regmix)"})
+    norm: str = field(default="pre", metadata={"help": "norm placement (mix: Mix-LN, Post-LN in the first "
+                                                       "floor(mix_ln_alpha * num_layers) layers)"})
+    # read only with norm="mix"; another value with "pre" or "post" is an error
+    mix_ln_alpha: float = field(default=0.25, metadata={"help": "share of layers in Post-LN with --norm mix"})
+    # a reused tokenizer (e.g. the bundled base's) gives a second base the same token ids
+    tokenizer: str = field(default="", metadata={"help": "a model folder whose tokenizer is reused as is, e.g. the "
+                           "bundled base's (default: none, a new one of --vocab-size tokens is trained)"})
+    vocab_size: int = field(default=4096, metadata={"help": "tokens of a newly trained tokenizer"})
+    hidden_size: int = field(default=256, metadata={"help": "model width"})
+    num_layers: int = field(default=6, metadata={"help": "decoder layers"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    num_kv_heads: int = field(default=2, metadata={"help": "key/value heads (grouped-query attention)"})
+    intermediate_size: int = field(default=688, metadata={"help": "MLP width"})
+    max_position_embeddings: int = field(default=256, metadata={"help": "longest sequence the model takes"})
+    seq_len: int = field(default=128, metadata={"help": "training sequence length in tokens"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr (cosine "
+                                                               "decay)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    # weights and optimizer stay fp32. Off by default: without native bf16 matmuls (AVX2 only, as on this project's
+    # machines) it is several times slower than fp32 (benchmarks/pretrain_bf16). It may pay on CPUs with
+    # AVX512-BF16 or AMX; measure there with that script.
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast of the matmuls (slower without native bf16 "
+                                                        "CPU matmuls)"})
+    eval_fraction: float = field(default=0.02, metadata={"help": "share of the corpus held out for the eval loss"})
+    seed: int = field(default=0, metadata={"help": "seed of the model and the data order"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
+    log_every: int = field(default=25, metadata={"help": "steps between log lines"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save the loop's state every N steps to "
+                                  "OUT.checkpoint/, which the same command resumes from (0: never)"})
 
     def __post_init__(self) -> None:
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
@@ -488,33 +495,6 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
         torch.set_num_threads(previous_threads)
 
 
-# --help text of each config field (the comments above say the same); "" defaults say what leaving them empty does.
-FIELD_HELP = {
-    "objective": "pretraining objective", "mixture": "data mixture over lorakit.pretrain.domains: natural | uniform | "
-    "regmix (read from --regmix-dir) | domain=weight,... (default: none, the stdlib + tasks corpus)",
-    "mixture_scale": "times each domain's natural character budget (with --mixture)",
-    "regmix_dir": "folder of `lorakit regmix` whose regmix.json --mixture regmix reads (default: none; needed by "
-                  "--mixture regmix)",
-    "norm": "norm placement (mix: Mix-LN, Post-LN in the first floor(mix_ln_alpha * num_layers) layers)",
-    "mix_ln_alpha": "share of layers in Post-LN with --norm mix",
-    "tokenizer": "a model folder whose tokenizer is reused as is, e.g. the bundled base's (default: none, a new one "
-                 "of --vocab-size tokens is trained)",
-    "vocab_size": "tokens of a newly trained tokenizer", "hidden_size": "model width", "num_layers": "decoder layers",
-    "num_heads": "attention heads", "num_kv_heads": "key/value heads (grouped-query attention)",
-    "intermediate_size": "MLP width", "max_position_embeddings": "longest sequence the model takes",
-    "seq_len": "training sequence length in tokens", "batch_size": "sequences per step", "steps": "optimizer steps",
-    "lr": "peak learning rate", "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
-    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay", "grad_clip": "gradient norm clip",
-    "bf16": "bf16 autocast of the matmuls (slower without native bf16 CPU matmuls)",
-    "eval_fraction": "share of the corpus held out for the eval loss", "seed": "seed of the model and the data order",
-    "num_threads": "torch CPU threads (0: all cores)", "log_every": "steps between log lines",
-    "checkpoint_every": "save the loop's state every N steps to OUT.checkpoint/, which the same command resumes "
-                        "from (0: never)",
-    "task_fraction": "share of the corpus's characters from the tasks' pretraining split",
-    "stdlib_chars": "characters of standard-library source", "chunk_chars": "characters per stdlib chunk",
-}
-
-
 def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], prefix: str = "") -> None:
     """One ``--flag`` per scalar field of ``cls``, so new config fields reach the CLI without edits here (a field
     whose name an earlier class took gets ``prefix``; its errors ``cls.field`` name that flag)."""
@@ -530,9 +510,7 @@ def _add_dataclass_arguments(parser: CommandParser, cls: type, taken: set[str], 
         if dest != f.name:
             parser.field_flags[f"{cls.__name__}.{f.name}"] = flag
         default = getattr(defaults, f.name)
-        text = FIELD_HELP.get(f.name, "")
-        if cls is not PretrainConfig and f.name == "seed":
-            text = "seed of the corpus's stdlib sampling"
+        text = str(f.metadata.get("help", ""))  # the field's own help (cli_options.field_help reads it too)
         # an empty default's meaning is in its help text; every other default is shown
         shown = text if "(default:" in text else f"{text} (default: {default})".strip()
         if kind is bool:
@@ -551,7 +529,8 @@ def build_parser() -> CommandParser:
                         help=f"output folder, replaced atomically (default: the bundled {BASE_MODEL_DIR}; replacing a "
                              f"bundled base needs --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow --out to be a bundled base folder of the installed package (rebuild it)")
+                        help="replace an existing non-empty --out folder (a bundled base folder of the installed "
+                             "package too: rebuild it)")
     taken: set[str] = set()
     _add_dataclass_arguments(parser, PretrainConfig, taken)
     _add_dataclass_arguments(parser, CorpusConfig, taken, prefix="corpus_")
@@ -576,6 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
         return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
                            f"--overwrite to rebuild it, or --out DIR for a new base")
+    try:  # as every lorakit command's output: a non-empty --out is replaced (whole) only with --overwrite
+        check_output_dir(args.out, "--out", overwrite=args.overwrite)
+    except LorakitError as err:
+        return parser.fail(err)
     try:
         config = config_from_args(args)
         info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))

@@ -53,6 +53,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, ConfigError, LorakitError,
                            UnknownAdapterError)
 
@@ -711,7 +713,8 @@ def served_name(model_path: str | None) -> str:
 def serve(model_path: str | None = None, adapters: list[str] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_loras: int = 64, max_cpu_loras: int = 256,
           kv_cache_mb: int = 256, max_batch: int = 32, limits: ServerLimits | None = None,
-          log_level: str = "info", rank: int | None = None, device: str = "cpu", cuda_graphs: bool = False) -> None:
+          log_level: str = "info", rank: int | None = None, device: str = "cpu", cuda_graphs: bool = False,
+          quantize=None) -> None:
     """Load the model (default: the bundled one), register every adapter folder under ``adapters``, run uvicorn.
     ``rank``: serve nested-rank adapters (DyLoRA) at this rank (a ConfigError for one above its r skips that
     adapter); other adapters are unaffected. A bad root (missing, a file, unreadable, an adapter folder itself:
@@ -721,18 +724,28 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
     belongs to the first root of ``adapters`` that has it: a later root's folder of that name is skipped with a
     warning naming both, even when the first one failed.
     ``device``: where the model, banks and KV cache live ("cpu", "cuda"). ``cuda_graphs``: decode steps of banked
-    rows as static-shape steps captured in CUDA graphs (``Engine(cuda_graphs=True)``; eager on the CPU)."""
+    rows as static-shape steps captured in CUDA graphs (``Engine(cuda_graphs=True)``; eager on the CPU).
+    ``quantize`` (``"nf4"``, ``"fp4"`` or a ``lorakit.quantize.QuantizeConfig``): load the base's linear layers in
+    bitsandbytes 4 bit, as ``lorakit train --quantize`` trains QLoRA adapters on (:func:`~lorakit.hub.
+    load_model_and_tokenizer`); the banks add each row's LoRA delta to the 4-bit layers' output (eager and static
+    decode steps both run on the CPU). ConfigError, before the model loads, for ``cuda_graphs`` with ``quantize`` on
+    a CUDA ``device``: capturing bitsandbytes' 4-bit matmuls in CUDA graphs is not verified; serve without
+    ``cuda_graphs`` there."""
     import uvicorn
 
     from ..hub import load_model_and_tokenizer
     from .store import AdapterStore, check_adapter_roots, log
 
+    if quantize is not None and cuda_graphs and torch.device(device).type == "cuda":
+        raise ConfigError(f"{FIELD} with a 4-bit base (quantize) on CUDA: capturing bitsandbytes' 4-bit matmuls in CUDA "
+                          f"graphs is not verified, so a 4-bit base is served without them; drop {FIELD}",
+                          field="cuda_graphs")
     check_adapter_roots(adapters)
     if not log.handlers and not logging.getLogger().handlers:  # uvicorn configures only its own loggers
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
-    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device, quantize=quantize)
     name = served_name(model_path)
     store = AdapterStore(model, adapters or [], max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=rank,
                          base_name=name)

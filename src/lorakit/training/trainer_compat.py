@@ -36,8 +36,8 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   patterns) and refuses any other difference, naming it, before changing the model;
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
-  ``output_dir/adapter`` (Trainer's own ``model.safetensors`` has lorakit's wrapped module names, which
-  ``from_pretrained`` cannot read).
+  ``output_dir/adapter`` (Trainer's own ``model.safetensors`` holds the base under the host's names, which
+  ``from_pretrained`` reads as the base model, and the adapter's tensors, which only a lorakit model loads back).
 
 A method's ``param_groups`` reach Trainer through its ``optimizers`` argument:
 ``Trainer(..., optimizers=(make_optimizer(model, name, train_config)[0], None))``. The routing context and the

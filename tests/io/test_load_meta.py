@@ -1,0 +1,62 @@
+"""Loading an adapter into a model on the meta device (issue 36, item 2).
+
+Copying a file's tensor into a meta tensor is a no-op: the adapter stayed on meta (PEFT 0.21.2 does the same,
+with or without ``low_cpu_mem_usage``, checked below). lorakit refuses it, before the model is touched."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lorakit as lk
+from tests.lk_models import tiny_llama
+
+IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    lk.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        return tmp_path / "a", model(IDS).logits
+
+
+def meta_llama():
+    with torch.device("meta"):
+        return tiny_llama()
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_peft_reference_leaves_the_adapter_on_meta(saved, low_cpu_mem_usage):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(meta_llama(), str(saved[0]), low_cpu_mem_usage=low_cpu_mem_usage)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.is_meta
+
+
+def test_load_into_a_meta_model_is_refused_and_leaves_it_untouched(saved):
+    model = meta_llama()
+    with pytest.raises(lk.AdapterLoadError, match=r"q_proj.*meta device.*Load the base weights first"):
+        lk.load_adapter(model, saved[0])
+    assert lk.adapter_names(model) == [] and not any("adapters" in n for n, _ in model.named_parameters())
+
+
+def test_the_advised_path_loads_the_adapter(saved):
+    directory, expected = saved
+    model = meta_llama()
+    model.to_empty(device="cpu")
+    reference = tiny_llama()
+    model.load_state_dict(reference.state_dict())
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in a state dict
+        for (_, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
+            mine.copy_(theirs)
+    model.eval()
+    lk.load_adapter(model, directory)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=0)
