@@ -72,6 +72,36 @@ def test_merge_and_export_take_a_run_folder_as_inspect_does(trained, tmp_path, c
     assert (trained / "adapter" / "adapter_config.json").is_file()
 
 
+def test_eval_generate_and_merge_adapters_take_a_run_folder_as_inspect_does(trained, capsys):
+    """`lorakit eval --adapter RUN` / `generate --adapter RUN` / `merge-adapters RUN ...` (a `train --output` folder)
+    use RUN/adapter through the same resolver as inspect/merge/export (was: refused with 'did you mean
+    RUN/adapter?'); their output is the one RUN/adapter gives, after the note (on stderr for generate, whose stdout is the completions)."""
+    from safetensors.torch import load_file
+
+    evaluate = ["eval", "--data", "reverse", "--eval-examples", "3", "--adapter"]
+    generate = ["generate", "--prompt", "reverse: a b c =>", "--max-new-tokens", "8", "--adapter"]
+    for cmd, doing in ((evaluate, "evaluating"), (generate, "generating with")):
+        assert main([*cmd, str(trained / "adapter")]) == 0
+        want = capsys.readouterr()
+        assert main([*cmd, str(trained)]) == 0
+        got = capsys.readouterr()
+        note = f"{trained} is a training run folder; {doing} its adapter {trained / 'adapter'}\n"
+        if cmd is generate:
+            assert got.out == want.out and got.err.startswith(note) and note not in want.err, (got, want)
+        else:
+            assert got.out == note + want.out, (got.out, want.out)
+    outputs = {}
+    for given in (trained, trained / "adapter"):
+        out = trained.parent / f"merged_{given.name}"
+        assert main(["merge-adapters", str(given), str(trained / "checkpoint-2"), "--output", str(out)]) == 0
+        note = f"{trained} is a training run folder; merging its adapter {trained / 'adapter'}\n"
+        assert capsys.readouterr().out == (note if given == trained else "") + f"merged 2 adapters (linear) into {out}\n"
+        outputs[given] = (load_file(out / "adapter_model.safetensors"), (out / "adapter_config.json").read_text())
+    (want, want_config), (got, got_config) = outputs[trained / "adapter"], outputs[trained]
+    assert want_config == got_config
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_train_on_jsonl_formats(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     rows = [{"prompt": f"copy: {w} =>", "completion": f" {w}", "task": "copy"} for w in ["a b", "c d", "e f", "g h"]]

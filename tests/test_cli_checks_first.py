@@ -147,10 +147,11 @@ def test_a_wrong_generator_lists_the_generators_beside_it(tmp_path, capsys, monk
     assert not (tmp_path / "o").exists()
 
 
-def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, capsys, no_model_load):
-    """`lorakit inspect RUN` (a `train --output` folder) shows RUN/adapter (so do merge and export: tests/test_cli.py);
-    eval and merge-adapters say RUN is a run folder and name RUN/adapter (was: 'missing config file
-    RUN/adapter_config.json')."""
+def test_a_run_folder_is_taken_as_its_adapter_by_every_command(tmp_path, capsys, no_model_load):
+    """`lorakit inspect RUN` (a `train --output` folder) shows RUN/adapter; transfer takes RUN as RUN/adapter too,
+    through the one resolver, says so, and then does what RUN/adapter gives it (was: refused with 'did you mean
+    RUN/adapter?', as eval, generate and merge-adapters did). Those and merge / export on a real run:
+    tests/test_cli.py."""
     run = tmp_path / "r1"
     _good_adapter(run / "adapter")
     _good_adapter(run / "checkpoint-2")
@@ -158,13 +159,15 @@ def test_a_run_folder_is_inspected_as_its_adapter_and_named_elsewhere(tmp_path, 
     out = capsys.readouterr().out
     assert out.startswith(f"{run} is a training run folder; inspecting its adapter {run / 'adapter'}\n"), out
     assert f"adapter:   {run / 'adapter'}" in out and "method:    lora" in out
-    says = (f"{run} is a training run folder, not an adapter folder; did you mean {run / 'adapter'}? (its checkpoints: "
-            "checkpoint-2)")
-    for argv in (["eval", "--adapter", str(run), "--data", "reverse"],
-                 ["merge-adapters", str(run), str(run / "checkpoint-2"), "--output", str(tmp_path / "o")]):
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.startswith(f"lorakit {argv[0]}: error: {says}"), err
+    # transfer: past the adapter check (as RUN/adapter is), to the next input it checks before any model loads
+    for given in (run, run / "adapter"):
+        assert main(["transfer", "--adapter", str(given), "--target-model", str(tmp_path / "nope"), "--data", "reverse",
+                     "--output", str(tmp_path / "t")]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == (f"{run} is a training run folder; transferring its adapter {run / 'adapter'}\n"
+                                if given == run else ""), captured.out
+        assert captured.err.startswith("lorakit transfer: error: ") and "--target-model" in captured.err, captured.err
+        assert "training run folder" not in captured.err
 
 
 def test_resume_from_a_checkpoint_with_a_corrupt_state_file_fails_before_the_model_loads(tmp_path, capsys,

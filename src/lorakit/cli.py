@@ -742,6 +742,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.adapter:
         from .io.peft_format import check_adapter_folder
+        args.adapter = _adapter_of_run(args.adapter, "evaluating")
         check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
@@ -798,6 +799,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.adapter:
         from .io.peft_format import check_adapter_folder
+        args.adapter = _adapter_of_run(args.adapter, "generating with", file=sys.stderr)
         check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
     prompts, tasks = _read_prompts(args)
     if not prompts:
@@ -919,16 +921,17 @@ def _adapted_modules(keys: Sequence[str], base) -> list[str]:
     return sorted(modules)
 
 
-def _adapter_of_run(adapter: str, doing: str) -> str:
+def _adapter_of_run(adapter: str, doing: str, file=None) -> str:
     """``adapter``, or its ``adapter/`` when it is a training run folder (``lorakit train --output``: the adapter the
-    run ended with, not a ``checkpoint-N``), said on stdout: the commands that take a run folder (inspect, merge,
-    export) resolve it here, the same way."""
+    run ended with, not a ``checkpoint-N``), said on ``file`` (stdout by default; generate, whose stdout is its
+    completions, says it on stderr): every command that takes an adapter folder (inspect, eval, generate, merge,
+    merge-adapters, export, transfer) resolves it here, the same way."""
     from .io.peft_format import run_adapter
 
     inner = run_adapter(adapter)
     if inner is None:
         return adapter
-    print(f"{adapter} is a training run folder; {doing} its adapter {inner}")
+    print(f"{adapter} is a training run folder; {doing} its adapter {inner}", file=file)
     return str(inner)
 
 
@@ -1021,7 +1024,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         "svd, lego, ...: --method lists them all; each reads the options below that name it). The result loads like any adapter "
         "(lorakit eval --adapter OUTPUT). Example: lorakit merge-adapters runs/a/adapter runs/b/adapter "
         "--weights 0.5 0.5 --method ties --density 0.5 --output runs/merged"))
-    p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA)")
+    p.add_argument("sources", nargs="+", help="adapter folders (lorakit or PEFT LoRA; a training run folder: its adapter/)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one per source (default 1.0 each)")
     p.add_argument("--method", default="linear", help=f"one of: {', '.join(list_merge_methods())}")
     p.add_argument("--output", required=True, help="folder for the merged adapter")
@@ -1043,6 +1046,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
             if v is not None and k not in ("sources", "weights", "method", "output", "model", "num_threads", "overwrite")}
     with ErrorsReported(p) as run:
         _set_threads(args)
+        args.sources = [_adapter_of_run(source, "merging") for source in args.sources]
         check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*args.sources, args.model])
         # --model loads only after the sources and options are checked
         merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
@@ -1135,6 +1139,7 @@ def cmd_transfer(argv: Sequence[str]) -> int:
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         config = TransLoraConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TransLoraConfig)})
+        args.adapter = _adapter_of_run(args.adapter, "transferring")
         check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[
             args.adapter, args.source_model, args.target_model, args.data])
         check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
@@ -1484,7 +1489,8 @@ def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
     _common_model(e)
     _add_quantize(e, "evaluate on it (use the settings the adapter was trained with)")
-    e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT); default: the base model alone")
+    e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder evaluates its "
+                   "adapter/); default: the base model alone")
     e.add_argument("--data", required=True,
                    help="built-in task name(s), comma-separated, or a JSONL file (every line is scored)")
     e.add_argument("--eval-examples", type=positive_int, default=None,
@@ -1505,7 +1511,7 @@ def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
     _common_model(g)
     _add_quantize(g, "generate with it")
-    g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT)")
+    g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder uses its adapter/)")
     g.add_argument("--prompt", action="append",
                    help="a prompt (repeatable); default: stdin, one prompt per line or JSONL {\"prompt\", \"task\"}")
     g.add_argument("--task", default=None,

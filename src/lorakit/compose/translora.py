@@ -317,7 +317,8 @@ def build_parser():
     p = CommandParser(prog="lorakit transfer", description="Trans-LoRA (arXiv:2405.17258): move an adapter "
                                 "to a new base model without its training data (synthetic prompts from the target "
                                 "base, filtered by a discriminator LoRA, labelled by the source model + adapter).")
-    p.add_argument("--adapter", required=True, help="the trained adapter folder on the source model")
+    p.add_argument("--adapter", required=True,
+                   help="the trained adapter folder on the source model (a training run folder: its adapter/)")
     p.add_argument("--source-model", default=None, help="the adapter's base (default: bundled)")
     p.add_argument("--target-model", required=True, help="the new base: bundled-small, bundled, a folder or hub id")
     p.add_argument("--data", required=True, help="real examples for the discriminator (the first --n-seeds are the "
