@@ -31,12 +31,24 @@ from typing import Mapping, Sequence
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (the filesystem root at worst)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _file_in_the_way(out: Path) -> Path | None:
+    """The existing file that keeps the output folder ``out`` from being one: ``out`` itself, or the nearest existing
+    parent when that is a file; None when there is none. check_output_dir and CommandParser.file_in_the_way ask it."""
+    probe = _nearest_existing(out)
+    return probe if probe.exists() and not probe.is_dir() else None
+
+
 def _check_writable(out: Path, flag: str, what: str) -> None:
     """LorakitError unless ``out`` can be created: its nearest existing folder (itself, for a folder) is a folder
     this process can write in."""
-    probe = out if what == "folder" else out.parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = _nearest_existing(out if what == "folder" else out.parent)
     if not probe.is_dir():
         raise LorakitError(f"{flag} {out}: {probe} is a file, so the {what} cannot be created")
     try:
@@ -67,7 +79,7 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     shared ``runs/bench``: their temp files in flight look the same).
     """
     out = Path(path)
-    if out.exists() and not out.is_dir():
+    if _file_in_the_way(out) == out:  # under a file: _check_writable says so, below
         raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
     for given in reads:
         if given is not None and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
@@ -344,14 +356,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def file_in_the_way(self, path, flag: str) -> int | None:
         """Before any work: ``fail`` (status 2) when the output folder ``path`` (given as ``flag``) is an existing
-        file or lies under one; None when it can be a folder."""
-        from pathlib import Path
-
-        probe = Path(path)
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            where = "is an existing file" if probe == Path(path) else f"lies under the file {probe}"
+        file or lies under one (:func:`check_output_dir`'s first check, for an output that may already hold a run
+        being resumed); None when it can be a folder."""
+        blocker = _file_in_the_way(Path(path))
+        if blocker is not None:
+            where = "is an existing file" if blocker == Path(path) else f"lies under the file {blocker}"
             return self.fail(f"{flag} {path} {where}; give a folder path")
         return None
 
