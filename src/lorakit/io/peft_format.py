@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -286,7 +286,14 @@ def _refuse_meta(directory: Path, plan) -> None:
     ``init_empty_weights``, or offloaded by a ``device_map``) would take none of the file's values: copying into a
     meta tensor is a no-op, so the model failed later or ran an empty adapter. PEFT 0.21.2 does the same, with only
     torch's warning, even with ``low_cpu_mem_usage=True``. Refused here, before the model is touched."""
-    on_meta = [key for key, value in plan.state_dict().items() if value.is_meta]
+    refuse_meta_tensors(directory, plan.state_dict())
+
+
+def refuse_meta_tensors(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    """AdapterLoadError naming ``directory`` when any of ``tensors`` (what the adapter's values would be copied into:
+    its planned deltas here, the base weights its serving banks are built beside in ``lorakit.serving``) is on the
+    meta device."""
+    on_meta = [key for key, value in tensors.items() if value.is_meta]
     if on_meta:
         raise AdapterLoadError(f"{directory}: the model's layer for {on_meta[0]!r} is on the meta device (no weights: "
                                f"built under torch.device('meta') / init_empty_weights, or offloaded by a device_map), "

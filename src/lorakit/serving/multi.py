@@ -37,7 +37,7 @@ from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.files import load_tensors
-from ..io.peft_format import PREFIX, read_adapter_config, weights_path
+from ..io.peft_format import PREFIX, read_adapter_config, refuse_meta_tensors, weights_path
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
@@ -241,6 +241,10 @@ class AdapterRegistry:
                 saves.append((path, info))
                 n = need.setdefault(path, [0, 0])
                 n[0], n[1] = n[0] + 1, max(n[1], min(info.in_features, info.out_features))
+            # banks are built on their base weights' device: on the meta device they would take none of the file's
+            # values (as load_adapter refuses, before any bank is touched)
+            refuse_meta_tensors(directory, {f"{path}.weight": _base_module(self.model, path).weight
+                                            for path in [*(p for p, *_ in layers), *(p for p, _ in saves)]})
             plans.append((name, directory, config, (layers, saves)))
 
         new_banks: dict[str, LoraBank] = {}

@@ -1,0 +1,67 @@
+"""Serving adapters on a model on the meta device (issue 36, item 2, as tests/io/test_load_meta.py for load_adapter).
+
+A bank is built on its base weight's device: on the meta device it would take none of the file's values (copying
+into a meta tensor is a no-op), and the served model failed later or ran an empty adapter. load_adapters and
+AdapterStore refuse it, as load_adapter does, before any bank or layer is touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.core.layer import AdapterLayer
+from lorakit.serving import AdapterStore, bank_routing, load_adapters
+from tests.lk_models import tiny_llama
+
+IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    lk.save_adapter(model, tmp_path / "root" / "a")
+    with torch.no_grad():
+        return tmp_path / "root" / "a", model(IDS).logits
+
+
+def meta_llama():
+    with torch.device("meta"):
+        return tiny_llama()
+
+
+def _untouched(model) -> bool:
+    return not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def test_load_adapters_into_a_meta_model_is_refused_and_leaves_it_untouched(saved):
+    model = meta_llama()
+    with pytest.raises(lk.AdapterLoadError, match=r"q_proj.*meta device.*Load the base weights first"):
+        load_adapters(model, {"a": saved[0]})
+    assert _untouched(model)
+
+
+def test_an_adapter_store_on_a_meta_model_refuses_the_adapter_and_says_why(saved):
+    model = meta_llama()
+    store = AdapterStore(model, [saved[0].parent])
+    store.register("a", saved[0])
+    with pytest.raises(lk.AdapterLoadError, match=r"meta device"):
+        store.ensure_resident("a")
+    assert "meta device" in store.failed["a"] and _untouched(model)
+
+
+def test_the_advised_path_serves_the_adapter(saved):
+    directory, expected = saved
+    model = meta_llama()
+    model.to_empty(device="cpu")
+    reference = tiny_llama()
+    model.load_state_dict(reference.state_dict())
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in a state dict
+        for (_, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
+            mine.copy_(theirs)
+    model.eval()
+    load_adapters(model, {"a": directory})
+    with torch.no_grad(), bank_routing(model, ["a"]):
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
