@@ -257,6 +257,8 @@ def _adapter_base_mismatch(adapter: str | None, args) -> str | None:
         return None  # not in a run folder, or written before base.json existed
     quantize = getattr(args, "quantize", None)
     saved = read_json(saved_file)
+    if saved.get("loram_ratio") is not None:
+        return None  # LoRAM: the adapter is recovered for the original model; only the pruned copy was 4-bit (QLoRAM)
     now = {"quantize": quantize, "double_quant": _quantize_config(args).double_quant if quantize else None}
     diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, this command {now[k]!r}"
             for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
