@@ -211,3 +211,34 @@ def save_random_adapter(directory, config, seed: int, name: str = "m"):
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     lk.save_adapter(model, directory, name)
     return directory
+
+
+def meta_llama():
+    """tiny_llama's structure on the meta device: no weights (``low_cpu_mem_usage`` / ``init_empty_weights``)."""
+    with torch.device("meta"):
+        return tiny_llama()
+
+
+def materialised_llama():
+    """A meta_llama given real storage and tiny_llama()'s weights, as a user loads a meta-built model (to_empty,
+    then load_state_dict); the buffers a state dict leaves out (rotary inv_freq) are copied too."""
+    model = meta_llama()
+    model.to_empty(device="cpu")
+    reference = tiny_llama()
+    model.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for (_, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
+            mine.copy_(theirs)
+    return model.eval()
+
+
+def save_llama_lora(directory, ids: torch.Tensor) -> torch.Tensor:
+    """Save a random (non-zero) r=4 LoRA on tiny_llama's q_proj / v_proj to ``directory``; its logits on ``ids``."""
+    import lorakit as lk
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    lk.save_adapter(model, directory)
+    with torch.no_grad():
+        return model(ids).logits

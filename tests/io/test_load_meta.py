@@ -11,24 +11,14 @@ import pytest
 import torch
 
 import lorakit as lk
-from tests.lk_models import tiny_llama
+from tests.lk_models import materialised_llama, meta_llama, save_llama_lora
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 
 
 @pytest.fixture
 def saved(tmp_path):
-    model = tiny_llama()
-    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                        init_lora_weights=False))
-    lk.save_adapter(model, tmp_path / "a")
-    with torch.no_grad():
-        return tmp_path / "a", model(IDS).logits
-
-
-def meta_llama():
-    with torch.device("meta"):
-        return tiny_llama()
+    return tmp_path / "a", save_llama_lora(tmp_path / "a", IDS)
 
 
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
@@ -49,14 +39,7 @@ def test_load_into_a_meta_model_is_refused_and_leaves_it_untouched(saved):
 
 def test_the_advised_path_loads_the_adapter(saved):
     directory, expected = saved
-    model = meta_llama()
-    model.to_empty(device="cpu")
-    reference = tiny_llama()
-    model.load_state_dict(reference.state_dict())
-    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in a state dict
-        for (_, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
-            mine.copy_(theirs)
-    model.eval()
+    model = materialised_llama()
     lk.load_adapter(model, directory)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=0)

@@ -12,24 +12,14 @@ import torch
 import lorakit as lk
 from lorakit.core.layer import AdapterLayer
 from lorakit.serving import AdapterStore, bank_routing, load_adapters
-from tests.lk_models import tiny_llama
+from tests.lk_models import materialised_llama, meta_llama, save_llama_lora
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 
 
 @pytest.fixture
 def saved(tmp_path):
-    model = tiny_llama()
-    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                        init_lora_weights=False))
-    lk.save_adapter(model, tmp_path / "root" / "a")
-    with torch.no_grad():
-        return tmp_path / "root" / "a", model(IDS).logits
-
-
-def meta_llama():
-    with torch.device("meta"):
-        return tiny_llama()
+    return tmp_path / "root" / "a", save_llama_lora(tmp_path / "root" / "a", IDS)
 
 
 def _untouched(model) -> bool:
@@ -54,14 +44,7 @@ def test_an_adapter_store_on_a_meta_model_refuses_the_adapter_and_says_why(saved
 
 def test_the_advised_path_serves_the_adapter(saved):
     directory, expected = saved
-    model = meta_llama()
-    model.to_empty(device="cpu")
-    reference = tiny_llama()
-    model.load_state_dict(reference.state_dict())
-    with torch.no_grad():  # non-persistent buffers (rotary inv_freq) are not in a state dict
-        for (_, mine), (_, theirs) in zip(model.named_buffers(), reference.named_buffers()):
-            mine.copy_(theirs)
-    model.eval()
+    model = materialised_llama()
     load_adapters(model, {"a": directory})
     with torch.no_grad(), bank_routing(model, ["a"]):
         torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
