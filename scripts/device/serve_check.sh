@@ -4,7 +4,8 @@
 # `bench serve` on CUDA. Stage 2 ("full"): the S-LoRA workload rows on CUDA. Stage "graphs": the CUDA-graph
 # decode step (Engine(cuda_graphs=True)): greedy tokens vs the eager engine, ms per decode step, bench serve rows
 # with lorakit_graphs / merged_graphs (scripts/device/graph_check.py; about 5 minutes), then n choices on the
-# static step vs separate eager requests (scripts/device/choices_cuda.py).
+# static step vs separate eager requests (scripts/device/choices_cuda.py), and eager vs graphs on the 4-bit base
+# (scripts/device/serve_quantized_cuda.py).
 set -u
 STAGE="${1:-smoke}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -29,4 +30,5 @@ fi
 if [ "$STAGE" = graphs ]; then
   timeout 420 "$PY" scripts/device/graph_check.py --out "$OUT/graphs.json" 2>&1 | grep -v "Loading weights" | tail -40
   PYTHONPATH="$PWD/src:$PWD/tests/serving:$PWD/tests" timeout 120 "$PY" scripts/device/choices_cuda.py cuda 2>&1 | tail -20
+  PYTHONPATH="$PWD/src:$PWD/tests/serving:$PWD/tests" timeout 120 "$PY" scripts/device/serve_quantized_cuda.py cuda 2>&1 | grep -v "Loading weights" | tail -3
 fi
