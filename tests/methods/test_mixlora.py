@@ -422,28 +422,24 @@ def test_topk_forward_and_balance_loss_equal_the_official_mixtral_sparse_moe():
     torch.testing.assert_close(mixlora_extra_loss(model, "default"), want_loss)
 
 
-def test_top_p_and_switch_selection_equal_the_official_routers():
-    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6))
-    model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="top_p",
-                                        top_p=0.8, router_init_range=0.5))
+def _routed_with_probs(x, **config):
+    """lorakit's routing of x by a fresh MixLoRA FFN delta, and the softmax of its gate logits (x's shape, E last)."""
+    model = lk.add_adapter(tiny_llama(), MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, **config))
     delta = ffn_layers(model)[0].adapters["default"]
     with torch.no_grad():
-        routed = delta.route(x)
-        probs = torch.softmax(x.reshape(-1, 32) @ delta.router.gate.weight.T, -1)
-        official_weights, kept = official_dynamic_top_p(probs, 0.8)
+        return delta.route(x), torch.softmax(x @ delta.router.gate.weight.T, -1)
+
+
+def test_top_p_and_switch_selection_equal_the_official_routers():
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6))
+    routed, probs = _routed_with_probs(x, routing_strategy="top_p", top_p=0.8, router_init_range=0.5)
+    official_weights, kept = official_dynamic_top_p(probs.reshape(-1, 4), 0.8)
     assert torch.equal(routed.selected, kept) and (kept.sum(-1) > 1).any()
     # the documented deviation: the official code keeps the unnormalised probabilities, lorakit renormalises
     torch.testing.assert_close(routed.weights, official_weights / official_weights.sum(-1, keepdim=True))
 
-    model = tiny_llama()
-    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch",
-                                        expert_capacity=2, jitter_noise=0.0))
-    delta = ffn_layers(model)[0].adapters["default"]
-    with torch.no_grad():
-        routed = delta.route(x)
-        probs = torch.softmax(x @ delta.router.gate.weight.T, -1)  # (B, S, E)
-    official = official_switch_route(probs, 2).reshape(-1, 4)
+    routed, probs = _routed_with_probs(x, routing_strategy="switch", expert_capacity=2, jitter_noise=0.0)
+    official = official_switch_route(probs, 2).reshape(-1, 4)  # probs (B, S, E): capacity per sequence
     assert torch.equal(routed.selected, official) and not official.any(-1).all()
 
 
