@@ -151,7 +151,8 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return (lse * mask.float()).sum() / mask.float().sum().clamp_min(1.0)
 
 
-BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss, "mola": assignment_balance_loss}
+BALANCE_LOSSES = {"mixtral": load_balance_loss, "switch": argmax_balance_loss, "mole": mole_balance_loss,
+                  "mola": assignment_balance_loss}
 
 
 # -- routing policies: RouterOutput → the weights the experts are combined with ----------------------------
