@@ -231,8 +231,8 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     kept, sampled, rounds = synthesize(sample, score, config)
     if not kept:
         raise LorakitError(nothing_kept_message(sampled, scored, config, seeds))
-    delete_adapter(source, DISCRIMINATOR)
     set_adapter(source, adapter_name)
+    delete_adapter(source, DISCRIMINATOR)
     answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
     examples = [Example(p, a) for p, a in zip(kept, answers)]
     fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],

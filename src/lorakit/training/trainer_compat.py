@@ -248,6 +248,7 @@ class LorakitCallback(TrainerCallback):
         the new parameters."""
         active = list(adapter_state(model).active)
         before = dict(model.named_parameters())
+        set_adapter(model, [n for n in active if n != name])  # deleted inactive: no other adapter gets activated
         delete_adapter(model, name)
         attach_plan(model, plan)
         set_adapter(model, active)
