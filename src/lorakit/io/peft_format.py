@@ -94,8 +94,22 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS
 
 def task_type(model: nn.Module) -> str | None:
     """PEFT's TaskType name of ``model`` from its class name (``BertForSequenceClassification`` -> "SEQ_CLS"), or None."""
-    name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    return _class_task_type(type(model).__name__)
+
+
+def _class_task_type(class_name: str) -> str | None:
+    return next((task for suffix, task in _TASK_TYPES.items() if class_name.endswith(suffix)), None)
+
+
+def file_task_type(config: dict[str, Any]) -> str | None:
+    """The TaskType of the host an ``adapter_config.json`` dict was saved from: its ``task_type``, else the one of
+    the class its ``auto_mapping`` names (what PEFT's ``save_pretrained`` writes for a config without task_type, and
+    lorakit for a head it does not save: :func:`peft_task_type`; PEFT's ``AutoPeftModel`` builds that class)."""
+    if config.get("task_type"):
+        return config["task_type"]
+    mapping = config.get("auto_mapping")
+    base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return _class_task_type(base_class) if isinstance(base_class, str) else None
 
 
 # Heads PEFT's task model classes add to modules_to_save and then require in the file (peft/peft_model.py:
