@@ -210,7 +210,42 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     seeds = real_examples[: config.n_seeds]
-    stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
+    active = list(adapter_state(source).active)
+    try:  # the discriminator adapter is the source's only while it scores: gone, the active ones back, on any exit
+        stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
+        kept, sampled, rounds, scored = _synthesize_scored(source, source_tokenizer, target, target_tokenizer,
+                                                          adapter_name, seeds, config, rng)
+    finally:
+        set_adapter(source, active)
+        if DISCRIMINATOR in adapter_names(source):
+            delete_adapter(source, DISCRIMINATOR)
+    if not kept:
+        raise LorakitError(nothing_kept_message(sampled, scored, config, seeds))
+    set_adapter(source, adapter_name)
+    answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
+    examples = [Example(p, a) for p, a in zip(kept, answers)]
+    fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],
+                                                         inference_mode=False)
+    add_adapter(target, fresh, adapter_name)
+    set_adapter(target, adapter_name)
+    if config.distill == "completions":
+        run = train(target, target_tokenizer, examples, TrainConfig(steps=config.steps, batch_size=config.batch_size,
+                                                                   lr=config.lr, seed=config.seed, output_dir=None,
+                                                                   lr_schedule="cosine"),
+                    adapter_name=adapter_name, progress=False)
+        summary = {"steps": run.steps, "first_loss": round(run.losses[0], 4), "final_loss": round(run.losses[-1], 4)}
+    else:
+        summary = _distill_logits(source, target, target_tokenizer, examples, config)
+    return TransferResult(None, examples, candidates=sampled, kept=len(kept), rounds=rounds, discriminator=stats,
+                          train=summary)
+
+
+
+def _synthesize_scored(source: nn.Module, source_tokenizer: Any, target: nn.Module, target_tokenizer: Any,
+                       adapter_name: str, seeds: list[Example], config: TransLoraConfig,
+                       rng: random.Random) -> tuple[list[str], int, int, int]:
+    """``synthesize`` with ``config.generator``'s sampler and the trained discriminator as the scorer:
+    (kept prompts, candidates sampled, rounds, prompts scored)."""
     def sample(n: int) -> tuple[list[str], int]:
         if config.generator == "target":
             return synthesis.sample_candidates(target, target_tokenizer, seeds, n, config, rng)
@@ -229,27 +264,7 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
         return discriminator_scores(source, source_tokenizer, prompts)
 
     kept, sampled, rounds = synthesize(sample, score, config)
-    if not kept:
-        raise LorakitError(nothing_kept_message(sampled, scored, config, seeds))
-    set_adapter(source, adapter_name)
-    delete_adapter(source, DISCRIMINATOR)
-    answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
-    examples = [Example(p, a) for p, a in zip(kept, answers)]
-    fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],
-                                                         inference_mode=False)
-    add_adapter(target, fresh, adapter_name)
-    set_adapter(target, adapter_name)
-    if config.distill == "completions":
-        run = train(target, target_tokenizer, examples, TrainConfig(steps=config.steps, batch_size=config.batch_size,
-                                                                   lr=config.lr, seed=config.seed, output_dir=None,
-                                                                   lr_schedule="cosine"),
-                    adapter_name=adapter_name, progress=False)
-        summary = {"steps": run.steps, "first_loss": round(run.losses[0], 4), "final_loss": round(run.losses[-1], 4)}
-    else:
-        summary = _distill_logits(source, target, target_tokenizer, examples, config)
-    return TransferResult(None, examples, candidates=sampled, kept=len(kept), rounds=rounds, discriminator=stats,
-                          train=summary)
-
+    return kept, sampled, rounds, scored
 
 
 def check_inputs(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
