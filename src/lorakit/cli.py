@@ -272,8 +272,9 @@ LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, w
 def _adapter_labels(adapter: str | None) -> list[str] | None:
     """The label names of a SEQ_CLS adapter folder (None for any other adapter); LorakitError when they are missing."""
     from .io.files import read_json
+    from .io.peft_format import file_task_type
 
-    if not adapter or read_json(Path(adapter) / "adapter_config.json").get("task_type") != "SEQ_CLS":
+    if not adapter or file_task_type(read_json(Path(adapter) / "adapter_config.json")) != "SEQ_CLS":
         return None
     if not (Path(adapter) / LABELS_FILE).is_file():
         raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
