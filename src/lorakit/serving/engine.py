@@ -51,7 +51,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import LorakitError
+from ..core.errors import LorakitError, UnknownAdapterError
 from .graphs import DecodeGraphs
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
@@ -223,16 +223,14 @@ class Engine:
                 raise RequestError(f"weights of a weighted mix must be finite numbers within float32's range "
                                    f"(|w| <= {FLOAT32_MAX:.4g}), got {bad}")
         key = None
+        self.check_adapter(adapter)
         if self.store is not None:
-            self.store.check(adapter)
             reason = self.store.never_fits(adapter)
             if reason is not None:
                 raise RequestError(reason)
             key = self.store.task_key(adapter, task)
         elif task is not None:
             raise RequestError("a task key needs an engine with an AdapterStore (it reads the adapter's task index)")
-        elif names_in(adapter):
-            getattr(self.model, REGISTRY_ATTR).route([adapter])  # raises for an unknown name
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
@@ -243,6 +241,31 @@ class Engine:
                                f"({self.cache.capacity_tokens} tokens); raise the cache budget or lower max_tokens")
         rid = request_id or f"req-{next(self._ids)}"
         return Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator(), task=task, key=key)
+
+    def check_adapter(self, spec: RowSpec) -> None:
+        """Raise for an adapter row spec (a name, a weighted mix; None: the base) this engine cannot serve: with a
+        store, :meth:`AdapterStore.check` (UnknownAdapterError, AdapterLoadError, AdapterConflictError, AdapterError);
+        without one, UnknownAdapterError for a name the model's banks do not hold (with near matches), also when the
+        model has no banks at all."""
+        if self.store is not None:
+            self.store.check(spec)
+            return
+        names = names_in(spec)
+        if not names:
+            return
+        registry = getattr(self.model, REGISTRY_ATTR, None)
+        if registry is None:
+            raise UnknownAdapterError(f"unknown adapter {names[0]!r}: no adapter is banked in this engine's model "
+                                      f"(bank adapters with load_adapters / bank_adapters, or give the engine an "
+                                      f"AdapterStore)")
+        registry.route([spec])
+
+    def adapter_names(self) -> list[str]:
+        """The adapters a request may name: the store's registered ones, else those banked in the model."""
+        if self.store is not None:
+            return self.store.names()
+        registry = getattr(self.model, REGISTRY_ATTR, None)
+        return registry.names if registry is not None else []
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. its client disconnected) and free its KV blocks at the next step."""

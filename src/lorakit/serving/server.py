@@ -241,7 +241,9 @@ class _Guard:
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
                limits: ServerLimits | None = None, reload: str = LOAD_AGAIN):
-    """The FastAPI app serving ``engine`` (its background thread is started with the app). ``reload``: how a
+    """The FastAPI app serving ``engine`` (its background thread is started with the app). An engine without an
+    AdapterStore serves (and lists in /v1/models) the adapters banked in its model, also those banked after the app
+    was made (``engine.call(lambda: load_adapters(model, ...))``); the load endpoints need a store. ``reload``: how a
     user serves an adapter whose folder failed to load once it is fixed, as the 400 for it words it (default: POST
     /v1/load_lora_adapter; a deployment that refuses that endpoint, e.g. Ray Serve replicas, says its own way)."""
     import contextlib
@@ -311,10 +313,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 raise HTTPError(400, "'model' must be a string")
             spec = None if name in (model_name, BASE_NAME) else name
         try:
-            if engine.store is not None:
-                engine.store.check(spec)
-            elif spec is not None:
-                raise UnknownAdapterError(f"unknown adapter {spec!r}: this server has no adapters")
+            engine.check_adapter(spec)  # the store's adapters, or (an engine without one) those banked in the model
         except LorakitError as e:  # failed to register or to load: 400 saying why; unknown: 404
             raise refuse(e, _model(spec)) from None
         return spec
@@ -624,9 +623,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         now = int(time.time())
         data = [{"id": model_name, "object": "model", "created": now, "owned_by": "lorakit", "root": model_name,
                  "parent": None}]
-        if engine.store is not None:
-            data += [{"id": n, "object": "model", "created": now, "owned_by": "lorakit",
-                      "root": str(engine.store.paths.get(n, "")), "parent": model_name} for n in engine.store.names()]
+        paths = engine.store.paths if engine.store is not None else {}
+        data += [{"id": n, "object": "model", "created": now, "owned_by": "lorakit", "root": str(paths.get(n, "")),
+                  "parent": model_name} for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
     def need_store():
