@@ -272,3 +272,63 @@ def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_ad
     finally:
         server.stop()
     _idle(engine)
+
+
+def _prompt_tokens_metric(url) -> float:
+    import httpx
+
+    line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith("lorakit_prompt_tokens_total"))
+    return float(line.split()[-1])
+
+
+def test_server_prompt_tokens_metric_counts_what_usage_reports(ranked_adapters, tmp_path, sh):
+    """``lorakit_prompt_tokens`` grows by each answered request's ``usage.prompt_tokens`` (OpenAI's: the prompt
+    once, whatever n), the same whether its n choices share the prompt's prefill or some prefill it again on their
+    own (a 3-block cache: one choice forks, one goes alone), streamed (``include_usage``) or not; a request refused
+    before its prompt was processed (weights that fail on first load: a 400 with no usage) adds nothing (was: counted
+    at submission). The real server and ``openai`` client; token-id prompts (tiny_llama has no tokenizer)."""
+    import json
+    import shutil
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from lorakit.serving.server import create_app
+
+    _, dirs = ranked_adapters
+    root = tmp_path / "adapters"
+    shutil.copytree(dirs["a1"], root / "a1")
+    (root / "bad_rank").mkdir()  # registers (r=9 in its config); its rank-5 weights fail on first load
+    config = json.loads((dirs["a1"] / "adapter_config.json").read_text())
+    (root / "bad_rank" / "adapter_config.json").write_text(json.dumps({**config, "r": 9}))
+    shutil.copy(dirs["a1"] / "adapter_model.safetensors", root / "bad_rank" / "adapter_model.safetensors")
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engines = {blocks: Engine(model, store=store, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4,
+                              max_batch=4) for blocks in (32, 3)}
+    prompt = list(range(5, 12))  # 7 tokens: 2 blocks of 4, the last partly filled (each fork copies it)
+    for blocks, engine in engines.items():
+        server = sh.LiveServer(create_app(engine, model_name="tiny"))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        try:
+            for stream in (False, True):
+                before, forked = _prompt_tokens_metric(server.url), engine.stats["forked"]
+                kw = dict(model="a1", prompt=prompt, max_tokens=5, temperature=1.0, seed=3, n=3,
+                          extra_body={"ignore_eos": True})
+                if stream:
+                    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                            **kw))
+                    usage = chunks[-1].usage
+                else:
+                    usage = client.completions.create(**kw).usage
+                assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == 15
+                assert _prompt_tokens_metric(server.url) - before == usage.prompt_tokens, (blocks, stream)
+                # the roomy cache shares the prefill with both other choices; the 3-block one with one of them
+                assert engine.stats["forked"] - forked == (2 if blocks == 32 else 1), (blocks, stream)
+            before = _prompt_tokens_metric(server.url)
+            with pytest.raises(openai.BadRequestError, match="'bad_rank' failed to load"):
+                client.completions.create(model="bad_rank", prompt=prompt, max_tokens=2, n=2)
+            assert _prompt_tokens_metric(server.url) == before
+        finally:
+            server.stop()
+        _idle(engine)

@@ -123,7 +123,9 @@ class _Metrics:
         self.lora_info = Gauge("lorakit_lora_requests_info", "Running/waiting adapters (vLLM's lora_requests_info)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.requests = Counter("lorakit_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens of requests whose prompt was processed, "
+                                     "each request's prompt once as usage.prompt_tokens counts it (n choices too)",
+                                     registry=r)
         self.generation_tokens = Counter("lorakit_generation_tokens", "Tokens generated", registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("lorakit_time_to_first_token_seconds", "Time to first token", buckets=buckets,
@@ -405,6 +407,11 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                     continue
                 started = True
                 i = index[ev.request_id]
+                if ev.token_ids and not last:
+                    # the prompt was processed (a choice has its first token): counted once, as usage.prompt_tokens
+                    # counts it, whether the choices shared its prefill or some prefilled it again on their own; a
+                    # request refused or gone before that (no usage reported) adds nothing
+                    metrics.prompt_tokens.inc(len(reqs[0].prompt_ids))
                 if ev.token_ids:
                     if i not in last:
                         metrics.ttft.observe(now - reqs[i].arrival)
@@ -444,7 +451,6 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         reqs = submit_all(prompt, spec, choice_params(params, n), loop, q, body.get("task"), rid)
-        metrics.prompt_tokens.inc(len(reqs[0].prompt_ids))  # the choices share the prompt's prefill
         label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
             "mixture" if isinstance(spec, dict) else model_name)
         created, model = int(time.time()), body.get("model") or model_name
