@@ -130,13 +130,14 @@ def test_choices_of_one_token_or_whole_block_prompts(banked, sh, prompt_len, sta
 
 def test_more_choices_than_rows(banked, sh):
     """n = max_batch + 2 (the engine API allows it; the server caps n at max_batch): the choices the batch has no room
-    for go on alone, queued first, and still give the tokens of requests alone."""
+    for wait first in the queue; here the first three end together, so no choice holding the prompt runs when rows
+    free: the fourth prefills it again and the fifth forks from it. All give the tokens of requests alone."""
     prompt = list(range(11, 17))
     params = [SamplingParams(max_tokens=5, temperature=1.0, seed=60 + i, ignore_eos=True) for i in range(5)]
     engine = Engine(banked, kv_cache_bytes=sh.kv_budget(banked, 32), block_size=4, max_batch=3)
     got = _drive(engine, engine.submit_choices(prompt, None, params))
     _idle(engine)
-    assert engine.stats["forked"] == 2 and engine.stats["prefill_tokens"] == 3 * len(prompt)
+    assert engine.stats["forked"] == 3 and engine.stats["prefill_tokens"] == 2 * len(prompt)
     assert [r.output_ids for r in got] == [r.output_ids for r in _alone(banked, prompt, None, params)]
 
 
@@ -332,3 +333,42 @@ def test_server_prompt_tokens_metric_counts_what_usage_reports(ranked_adapters, 
         finally:
             server.stop()
         _idle(engine)
+
+
+def test_choices_are_admitted_first_come_first_served_and_no_row_idles(banked, sh):
+    """The admission policy for n choices (vLLM's, v1: n > 1 fans out into one request per choice, each scheduled
+    first come, first served; vllm/v1/engine/parallel_sampling.py): a request with n choices does not wait for n free
+    rows (was: it waited for the running batch to drain until n rows were free at once, keeping rows idle and every
+    later request behind it), and later requests do not pass its choices (which would starve it under steady
+    traffic). Three running requests in a batch of 4, then n=4 choices, then a new short request every step: each
+    step runs min(4, requests not finished) rows; requests start in arrival order (choices in index order); the
+    prompt is prefilled once (the choices that start later fork its blocks from a running choice); every choice gives
+    the tokens of a request alone."""
+    engine = Engine(banked, kv_cache_bytes=sh.kv_budget(banked, 64), block_size=4, max_batch=4)
+    order = [engine.submit([5, 6, 7], "a0", SamplingParams(max_tokens=t, ignore_eos=True)) for t in (3, 6, 9)]
+    prompt = [8, 9, 10, 11, 12]
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=70 + i, ignore_eos=True) for i in range(4)]
+    choices = engine.submit_choices(prompt, "a2", params)
+    order += choices
+    started: dict[int, int] = {}
+    for step in range(1, 200):
+        if step <= 12:
+            order.append(engine.submit([13, 14], None, SamplingParams(max_tokens=2, ignore_eos=True)))
+        live = sum(not r.done.is_set() for r in order)
+        before = [len(r.output_ids) for r in order]
+        engine.step()
+        _check_refcounts(engine)
+        ran = sum(len(r.output_ids) > b for r, b in zip(order, before))
+        assert ran == min(engine.max_batch, live), (step, ran, live)  # no row idle while a request waits
+        for i, r in enumerate(order):
+            if r.output_ids and i not in started:
+                started[i] = step
+        if all(r.done.is_set() for r in order):
+            break
+    starts = [started[i] for i in range(len(order))]
+    assert starts == sorted(starts), starts  # first come, first served: nothing started before an earlier request
+    assert started[3] == 1 and starts[4:7] != [1, 1, 1]  # choice 0 at once, the others as rows freed
+    assert engine.stats["forked"] == 3  # the prompt prefilled once
+    assert engine.stats["prefill_tokens"] == 3 * 3 + len(prompt) + 12 * 2
+    assert [r.output_ids for r in choices] == [r.output_ids for r in _alone(banked, prompt, "a2", params)]
+    _idle(engine)

@@ -12,7 +12,7 @@ Endpoints (bodies as OpenAI's / vLLM's):
   synthesis pass; the synthesis pass streams with ``stream: true``).
   ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
   indexed 0..n-1, sharing the prompt's prefill (computed once, the others fork its KV blocks:
-  ``Engine.submit_choices``); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
+  ``Engine.submit_choices``; choices start first come, first served as rows free up, not all at once); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
   choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once
   and sums the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
   ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
@@ -359,8 +359,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, str(e)) from None
 
     def n_of(body: dict) -> int:
-        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (the n
-        sequences are n engine requests meant to decode in one batch)."""
+        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (so that the
+        n choices can share one prefill, all forking it while the first runs)."""
         n = body.get("n")
         if n is None:
             return 1
