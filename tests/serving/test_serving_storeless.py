@@ -42,12 +42,15 @@ def test_adapters_banked_through_the_engine_are_served_and_listed(tmp_path, sh):
     try:
         # before any adapter is banked: only the base; a name is a 404 (the model has no banks yet: not a 500)
         assert [m.id for m in client.models.list()] == ["bundled"]
+        assert "lorakit_resident_adapters 0.0" in httpx.get(server.url + "/metrics").text
         with pytest.raises(openai.NotFoundError, match="unknown adapter 'b0'"):
             client.completions.create(model="b0", prompt=PROMPT, max_tokens=2)
         engine.call(lambda: load_adapters(model, dirs))  # banked through the engine, on its thread
         listed = {m.id: m.model_extra for m in client.models.list()}
         assert set(listed) == {"bundled", "b0", "b1"}
         assert listed["b0"]["parent"] == "bundled" and listed["bundled"]["parent"] is None
+        metrics = httpx.get(server.url + "/metrics").text  # what the banks hold is resident, as with a store
+        assert "lorakit_resident_adapters 2.0" in metrics and "lorakit_adapter_resident_bytes 0.0" not in metrics
         reference, _ = load_model_and_tokenizer()
         load_adapters(reference, dirs)
         for spec in ("b0", "b1", None):

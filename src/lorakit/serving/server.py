@@ -67,6 +67,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
 from .engine import Engine, Event, Request
+from .multi import REGISTRY_ATTR
 from .sampling import SamplingParams
 
 
@@ -112,10 +113,14 @@ class _Metrics:
             lambda: engine.cache.used_blocks / engine.cache.num_blocks)
         Gauge("lorakit_kv_cache_bytes", "Bytes preallocated for the KV cache (within --kv-cache-mb)",
               registry=r).set(engine.cache.nbytes)
+        # an engine without a store: every adapter banked in its model is resident (what its banks hold)
+        def banked_bytes() -> int:
+            banks = getattr(engine.model, REGISTRY_ATTR, None)  # none before the first adapter is banked
+            return banks.memory_bytes() if banks is not None else 0
         Gauge("lorakit_resident_adapters", "Adapters resident in the banks", registry=r).set_function(
-            lambda: len(store.resident) if store is not None else 0)
+            lambda: len(store.resident) if store is not None else len(engine.adapter_names()))
         Gauge("lorakit_adapter_resident_bytes", "Bytes of adapter weights resident in the banks",
-              registry=r).set_function(lambda: store.resident_bytes if store is not None else 0)
+              registry=r).set_function(lambda: store.resident_bytes if store is not None else banked_bytes())
         Gauge("lorakit_adapter_host_cache_bytes", "Bytes of adapter weights in the host-memory cache",
               registry=r).set_function(lambda: store.host_bytes if store is not None else 0)
         Gauge("lorakit_generation_tokens_per_second", "Generated tokens per second over the last 10 s",
