@@ -28,7 +28,8 @@ routes by; the body's ``model`` is what is served)::
     curl -H 'serve_multiplexed_model_id: math' -d '{"model": "math", "prompt": "12+30="}' \\
         localhost:8000/v1/completions
 
-The response carries the replica's id in the ``x-lorakit-replica`` header. A handle call sends the body of a
+The response carries the app's headers as it sent them (a repeated header stays repeated) and the replica's id in
+the ``x-lorakit-replica`` header. A handle call sends the body of a
 ``/v1/completions`` request (``model`` defaults to the multiplexed id, or the base model when that is empty) and
 returns OpenAI's completion object with one more key, ``"replica"``; an error is raised as the
 :class:`~lorakit.serving.server.HTTPError` the HTTP request would get (its ``status``, ``message``, ``kind``).
