@@ -459,7 +459,7 @@ class Engine:
             if need + held > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
                 return
             # its own choices: those the batch has rows for now, and (a partly filled last block) free blocks for
-            # their copies of it, will fork; the others go on alone, first in the queue (see the class docstring)
+            # their copies of it, will fork; the others wait first in the queue (see the module docstring)
             fits = min(len(req.children), self.max_batch - rows - 1)
             if n % bs:
                 fits = min(fits, self.cache.free_blocks - need - held)
@@ -612,8 +612,9 @@ class Engine:
 
     def _release_children(self, req: Request, keep: int) -> None:
         """``req``'s waiting choices after the first ``keep`` go on without it, queued where ``req`` stands (at the
-        front when it is not queued), still together: the first of them prefills the prompt itself and carries the
-        others, which fork its blocks when there is room for them then (else are released again, the same way)."""
+        front when it is not queued), still together: the first of them carries the others; when admitted it forks
+        the prompt's blocks from a choice still running, or prefills the prompt itself, and the others it has room
+        for then fork with it (the rest are released again, the same way)."""
         rest, req.children = req.children[keep:], req.children[:keep]
         if not rest:
             return
