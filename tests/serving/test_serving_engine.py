@@ -315,6 +315,33 @@ def test_engine_fails_a_request_the_adapter_caps_can_never_hold(ranked_adapters)
     assert base.error is None and base.finish_reason in ("stop", "length")
 
 
+def test_base_requests_pass_one_waiting_for_an_adapter_slot_and_nothing_else_does(ranked_adapters):
+    """One resident slot (max_loras=1), held by a long a0 request: an a1 request waits for it. A base-model request
+    behind it needs no slot, so it starts at once (was: it waited behind a1 until a0 ended, with rows free, since
+    admission stopped at the first request that could not start); an a2 request behind a1 does not pass it (it would
+    take the slot a1 waits for). Greedy tokens equal HF generate with the same routing."""
+    root, dirs = ranked_adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=1)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+    jobs = [("a0", 10), ("a1", 3), (None, 3), ("a2", 3), (None, 2)]
+    prompt = [7, 8, 9]
+    reqs = [engine.submit(prompt, spec, SamplingParams(max_tokens=m, ignore_eos=True)) for spec, m in jobs]
+    started, steps = {}, 0
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+        steps += 1
+        started.update({i: steps for i, r in enumerate(reqs) if r.output_ids and i not in started})
+    assert started[0] == started[2] == started[4] == 1  # a0 and both base requests at once
+    assert started[1] == 11 and started[3] > started[1]  # a1 once a0 (10 tokens) let go of the slot; a2 after it
+    reference = tiny_llama()
+    load_adapters(reference, dirs)
+    for (spec, m), r in zip(jobs, reqs):
+        assert r.output_ids == _reference(reference, prompt, spec, m)[:m], spec
+    assert engine.cache.used_blocks == 0 and not store._pins
+
+
 def _run_all(engine, reqs):
     while not all(r.done.is_set() for r in reqs):
         engine.step()

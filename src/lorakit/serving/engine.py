@@ -6,6 +6,10 @@ them, runs one forward over the newly admitted prompts (prefill) and one over ev
 token (decode), samples a token per row and retires finished rows, so requests for different adapters — and
 the base — join and leave one running batch at token granularity. Each row's adapter (a name, ``None`` for the
 base, or a weighted mix ``{"a": 0.7, "b": 0.3}``) is applied by the adapter banks (``serving/bank.py``).
+One exception to first come, first served: while the first waiting request needs a resident adapter slot that
+running requests all hold (``AdapterStore.max_loras``), base-model requests behind it start (they need no slot, so
+they cannot delay it; vLLM's scheduler likewise lets requests past one over its ``max_loras``), and requests for
+other adapters do not (they would take the slot it waits for).
 
 Memory: keys and values live in a :class:`~lorakit.serving.kv_cache.PagedKVCache` preallocated from a byte
 budget. A request is admitted only when blocks for its whole context are free; when a decode step finds no free
@@ -438,8 +442,14 @@ class Engine:
         # so that the prompts admitted after them leave that room (else those choices would go alone)
         rows = len(self.running) + sum(len(r.children) for r in self.running)
         held = sum(len(r.children) for r in self.running if len(r.context) % bs)
-        while self.waiting and rows < self.max_batch:
-            req = self.waiting[0]
+        # first come, first served; the one exception: while the first waiting request needs an adapter slot that
+        # running requests all hold, base-model requests behind it (which need no slot, so cannot delay it) start
+        i, slot_blocked = 0, False
+        while i < len(self.waiting) and rows < self.max_batch:
+            req = self.waiting[i]
+            if slot_blocked and names_in(req.adapter):
+                i += 1
+                continue
             source = self._prompt_source(req)
             if source is not None:  # a running choice holds the prompt's blocks: fork them, no prefill
                 copy = 1 if req.prompt.length % bs else 0
@@ -448,8 +458,8 @@ class Engine:
                 fits = min(len(req.children), self.max_batch - rows - 1)
                 if copy:
                     fits = min(fits, self.cache.free_blocks - held - 1)
-                self.waiting.popleft()
-                self._release_children(req, fits)
+                self._release_children(req, fits)  # queued where req stands
+                self.waiting.remove(req)
                 choices, req.children = [req, *req.children], []
                 self._start_forked(source, req.prompt.length, req.prompt.logits, choices, time.perf_counter())
                 rows += len(choices)
@@ -467,17 +477,18 @@ class Engine:
                 try:
                     ready = self.store.ensure_resident(req.adapter)
                 except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
-                    self.waiting.popleft()
-                    self._finish(req, "error", error=e)
+                    self._finish(req, "error", error=e)  # (leaves the queue; its waiting choices take its place)
                     continue
                 if not ready:  # every resident slot is held by running requests: wait for one to finish
-                    return
+                    slot_blocked = True
+                    i += 1
+                    continue
                 self.store.pin(req.adapter)
                 req.attached = self.store.attached_name(req.adapter)
                 req.recompute = req.attached is not None and self.store.recomputes(req.attached)
-            self.waiting.popleft()
             # an adapter that rewrites its whole context every step has no prefill to share
-            self._release_children(req, 0 if req.recompute else fits)
+            self._release_children(req, 0 if req.recompute else fits)  # queued where req stands
+            self.waiting.remove(req)
             req.blocks = self.cache.allocate(self.cache.blocks_for(n))
             req.num_cached = 0
             req.status = "running"
