@@ -35,6 +35,7 @@ def _run_folder(run, folder: str, train_flags: list[str], sh, seed: int):
     return run
 
 
+@pytest.mark.slow  # ~26 s here: a `lorakit serve` subprocess; the store's check runs in the tests below in seconds
 def test_cli_serve_refuses_an_adapter_trained_on_another_base(tmp_path, sh):
     qlora = _run_folder(tmp_path / "qlora", "adapter", ["--quantize", "nf4"], sh, seed=1)
     plain = _run_folder(tmp_path / "plain", "checkpoint-2", [], sh, seed=2)
@@ -60,6 +61,19 @@ def test_cli_serve_refuses_an_adapter_trained_on_another_base(tmp_path, sh):
         proc.terminate()
         proc.wait(timeout=30)
     assert "was trained on another base than this server" in (tmp_path / "stderr.txt").read_text()
+
+
+def test_store_on_the_full_precision_base_refuses_a_qlora_adapter(tmp_path, sh):
+    from lorakit.core.errors import AdapterLoadError
+    from lorakit.serving.store import AdapterStore
+
+    qlora = _run_folder(tmp_path / "qlora", "adapter", ["--quantize", "nf4"], sh, seed=1)
+    plain = _run_folder(tmp_path / "plain", "checkpoint-2", [], sh, seed=2)
+    store = AdapterStore(load_model_and_tokenizer()[0], [qlora, plain])
+    assert store.register_roots([qlora, plain]) == ["checkpoint-2"]
+    with pytest.raises(AdapterLoadError, match="'adapter' failed to register: .*--quantize: trained 'nf4', this "
+                                               "server None"):
+        store.check("adapter")
 
 
 def test_store_on_a_4bit_base_refuses_a_full_precision_adapter(tmp_path, sh):
