@@ -212,6 +212,34 @@ def run_adapter(directory: str | os.PathLike) -> Path | None:
     return None
 
 
+BASE_FILE = "base.json"  # in a training run folder: the base's flags beyond --model (4 bit, LoRAM), as trained on
+
+
+def trained_base_mismatch(adapter: str | os.PathLike | None, quantize: str | None, double_quant: bool | None, *,
+                          loader: str = "this command") -> str | None:
+    """Why ``adapter`` (a folder ``lorakit train`` wrote: its ``adapter/``, a ``checkpoint-N``, or the run folder)
+    was trained on another 4-bit setting of the base than the one ``loader`` loads (``quantize``: ``"nf4"``, ``"fp4"``
+    or None for full precision; ``double_quant`` with it), read from its run folder's ``base.json``; None when they
+    agree or the folder has no such record (not in a run folder, or written before base.json existed). Only the
+    stored weights count: the quant type and double quantization (the compute dtype changes the matmuls' dtype only).
+    A LoRAM run's adapter is recovered for the original model (only its pruned copy was 4-bit): None."""
+    if not adapter:
+        return None
+    folder = Path(adapter)
+    run = folder if run_adapter(folder) is not None else folder.parent
+    saved_file = run / BASE_FILE
+    if not saved_file.is_file():
+        return None
+    saved = read_json(saved_file)
+    if saved.get("loram_ratio") is not None:
+        return None
+    now = {"quantize": quantize, "double_quant": double_quant if quantize else None}
+    diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, {loader} {now[k]!r}"
+            for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
+    return None if not diff else (f"{adapter} was trained on another base than {loader} loads ({'; '.join(diff)}; "
+                                  f"its run's {saved_file})")
+
+
 def check_adapter_folder(directory: str | os.PathLike):
     """An adapter folder's checks that need no model, for a command to run before it loads one: the config parses
     and validates (:func:`read_adapter_config`) and the weights file is a safetensors file whose header reads

@@ -55,7 +55,7 @@ from torch import nn
 from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, LorakitError,
                            UnknownAdapterError, did_you_mean)
 from ..core.layer import BASE_NAME, AdapterLayer
-from ..io.peft_format import CONFIG_NAME, read_adapter_config, run_adapter, weights_path
+from ..io.peft_format import CONFIG_NAME, read_adapter_config, run_adapter, trained_base_mismatch, weights_path
 from ..io.files import load_tensors
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
 
@@ -305,6 +305,13 @@ class AdapterStore:
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
         config, wpath = read_servable(folder)
+        quantized = getattr(self.registry.model, "lorakit_quantize", None)  # the base's 4-bit setting (quantize_model)
+        mismatch = trained_base_mismatch(folder, getattr(quantized, "quant_type", None),
+                                         getattr(quantized, "double_quant", None), loader="this server")
+        if mismatch:  # it would load (the shapes agree) and answer with outputs other than the trained model's
+            raise AdapterLoadError(f"{mismatch}; its answers here would not be the trained model's: serve it on the "
+                                   f"base it was trained on (lorakit serve with that run's --quantize / "
+                                   f"--double-quant flags)")
         try:
             _check_bankable_config(config, folder)
             attached = None
