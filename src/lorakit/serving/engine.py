@@ -125,6 +125,9 @@ class Request:
     task: str | None = None  # the request's task name (routed adapters); ``key`` its routing key id
     key: int | None = None
     recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
+    # holds a pin on its adapters in the store (AdapterStore.pin) from admission to its end, also while preempted: an
+    # adapter unloaded meanwhile stays resident until it finishes, as for the requests still running
+    pinned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     # choices of one prompt (Engine.submit_choices): the first carries the others, which wait for its prefill and
     # then fork its blocks; ``parent`` is set on each of them until then
@@ -406,9 +409,32 @@ class Engine:
             decode = len(r.context) - r.num_cached == 1
             groups.setdefault((not decode, r.attached, decode and self._static(r)), []).append(r)
         for (_, attached, static), group in groups.items():
-            self._forward(group, attached, static)
+            self._forward_rows(group, attached, static)
         self.stats["steps"] += 1
         return True
+
+    def _forward_rows(self, group: list[Request], attached: str | None, static: bool) -> None:
+        """:meth:`_forward`, except that rows whose adapter left the model's banks while they ran fail alone.
+
+        With a store that cannot happen (:meth:`AdapterStore.unregister` waits for the requests holding an adapter,
+        and evicting or re-banking one they hold is refused). Without one, the caller owns the banks: an adapter removed
+        from them (``registry.remove``) fails its own rows, with UnknownAdapterError, and the others run (was: the
+        routing raised for the whole batch and every row failed). Routing is built before the forward writes anything
+        (KV blocks, tokens), so the rest of the group simply runs again."""
+        try:
+            self._forward(group, attached, static)
+        except UnknownAdapterError:
+            registry = getattr(self.model, REGISTRY_ATTR, None)
+            gone = [r for r in group if any(registry is None or n not in registry for n in names_in(r.adapter))]
+            if not gone:
+                raise
+            for r in gone:
+                missing = [n for n in names_in(r.adapter) if registry is None or n not in registry]
+                self._finish(r, "error", error=UnknownAdapterError(
+                    f"adapter {missing[0]!r} was removed from the model's banks while this request ran"))
+            rest = [r for r in group if r.status == "running"]
+            if rest:
+                self._forward(rest, attached, static)
 
     def _drain_inbox(self) -> bool:
         got = False
@@ -473,7 +499,7 @@ class Engine:
             fits = min(len(req.children), self.max_batch - rows - 1)
             if n % bs:
                 fits = min(fits, self.cache.free_blocks - need - held)
-            if self.store is not None:
+            if self.store is not None and not req.pinned:  # (a preempted request still holds its adapters)
                 try:
                     ready = self.store.ensure_resident(req.adapter)
                 except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
@@ -484,6 +510,7 @@ class Engine:
                     i += 1
                     continue
                 self.store.pin(req.adapter)
+                req.pinned = True
                 req.attached = self.store.attached_name(req.adapter)
                 req.recompute = req.attached is not None and self.store.recomputes(req.attached)
             # an adapter that rewrites its whole context every step has no prefill to share
@@ -516,9 +543,7 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.cache.release(req.blocks)
-        req.blocks, req.num_cached, req.status = [], 0, "waiting"
-        if self.store is not None:
-            self.store.unpin(req.adapter)
+        req.blocks, req.num_cached, req.status = [], 0, "waiting"  # (its pin stays: it runs again, on its adapter)
         self.waiting.appendleft(req)
         self.stats["preemptions"] += 1
 
@@ -614,8 +639,9 @@ class Engine:
         for child, table in zip(choices, tables):
             child.parent, child.blocks, child.num_cached, child.status = None, table, length, "running"
             child.attached, child.recompute = source.attached, source.recompute
-            if self.store is not None:
+            if self.store is not None and not child.pinned:  # (admitted and preempted before its prefill: held)
                 self.store.pin(child.adapter)  # resident already: the source's pin holds it
+                child.pinned = True
             self.running.append(child)
         self.stats["forked"] += len(choices)
         for child in choices:
@@ -685,11 +711,12 @@ class Engine:
             self.running.remove(req)
             self.cache.release(req.blocks)
             req.blocks = []
-            if self.store is not None:
-                self.store.unpin(req.adapter)
         elif req.status == "waiting" and req.parent is not None:  # a choice still waiting for its prompt's prefill
             req.parent.children.remove(req)
             req.parent = None
+        if req.pinned:
+            self.store.unpin(req.adapter)
+            req.pinned = False
         if req.children:  # choices waiting for this request's prefill: they go on alone
             self._release_children(req, 0)
         if req.status == "waiting" and req in self.waiting:
