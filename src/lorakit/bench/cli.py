@@ -9,7 +9,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli_parser import CommaList, CommandParser, device_arg, seed_arg
+from ..cli_parser import CommaList, CommandParser, device_arg, positive_int, seed_arg
 from ..core.errors import ConfigError, LorakitError, check_names, comma_items
 from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -136,14 +136,14 @@ def main(argv: Sequence[str]) -> int:
                         help="methods to run (default: all registered); for init: the contenders; for federated: "
                              "strategies (space- or comma-separated, as every list flag here)")
     parser.add_argument("--seeds", action=CommaList, kind=seed_arg, default=None)
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="init: child processes per (init, library) for the cost comparison; merge: interleaved "
                              "timing repeats of the speed rows")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (federated: local steps per round)")
     parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
     parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
-    parser.add_argument("--batch-size", type=int, default=None, help="reparam: examples per training step")
-    parser.add_argument("--r", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="reparam: examples per training step")
+    parser.add_argument("--r", type=positive_int, default=None,
                         help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
                         help="variants, reparam: only the interleaved training-step-time ratios (variants_step_time.*, "
