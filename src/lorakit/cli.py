@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
-from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, json_arg, positive_int,
-                         seed_arg)
+from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
+                         positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -1165,7 +1165,8 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         "quantizer here, not an adapter method."))
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
-    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
+    p.add_argument("--group-size", type=int_or_none, default=None,
+                   help="input columns per scale; none: one per output channel (default: none)")
     p.add_argument("--calib-rows", type=int, default=32, help="calibration rows of --seq-len tokens (cbq)")
     p.add_argument("--eval-rows", type=int, default=32, help="test rows of --seq-len tokens for the perplexity")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration / test row")

@@ -216,6 +216,17 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def int_or_none(text: str) -> int | None:
+    """``type=`` for an optional count whose None has a meaning (``--group-size``: one scale per output channel): an
+    int, or ``none`` / ``None`` for None, as the method flags read it; the value itself is the config's to check."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or none, got {text!r}") from None
+
+
 def seed_arg(text: str) -> int:
     """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
     must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
