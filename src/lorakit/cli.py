@@ -1020,7 +1020,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     from .compose import list_merge_methods, merge_adapters
     from .io.files import write_dir_atomically
 
-    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, description=(
+    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, formatter_class=_Formatter,
+                      description=(
         "Merge several LoRA adapters trained on the same base model (lorakit or PEFT folders) into one adapter folder: "
         "a weighted sum (--method linear, the default) or another merge method (ties, dare_ties, della, breadcrumbs, "
         "svd, lego, ...: --method lists them all; each reads the options below that name it). The result loads like any adapter "

@@ -9,7 +9,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli_parser import CommaList, CommandParser, device_arg, positive_int, seed_arg
+from ..cli_parser import CommaList, CommandParser, DefaultsFormatter, device_arg, positive_int, seed_arg
 from ..core.errors import ConfigError, LorakitError, check_names, comma_items
 from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -121,7 +121,8 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = CommandParser(prog="lorakit bench", field_flags={"duration_s": "--duration"}, description=(
+    parser = CommandParser(prog="lorakit bench", field_flags={"duration_s": "--duration"},
+                           formatter_class=DefaultsFormatter, description=(
         "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
         "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
         "--quick runs a tiny smoke profile."))

@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from lorakit.cli_parser import CommandParser
+from lorakit.cli_parser import CommandParser, DefaultsFormatter
 from lorakit.core.errors import ConfigError, comma_items
 from lorakit.io.files import atomic_write_json
 
@@ -293,7 +293,8 @@ def mixture_error(truth: Mapping[str, float], predicted: Mapping[str, float]) ->
 
 
 def build_parser() -> CommandParser:
-    parser = CommandParser(prog="lorakit infer-mixture", field_flags={"n_merges": "--merges"}, description=(
+    parser = CommandParser(prog="lorakit infer-mixture", field_flags={"n_merges": "--merges"},
+                           formatter_class=DefaultsFormatter, description=(
         "Infer the category proportions of a BPE tokenizer's training data from its merge list "
         "(Hayase et al., arXiv 2407.16607)."))
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a folder with one")

@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.cli_parser import CommandParser, DefaultsFormatter, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import ConfigError, comma_items, did_you_mean
 from lorakit.io.files import atomic_write_json
@@ -447,8 +447,22 @@ def load_regmix_mixture(regmix_dir: str | Path) -> dict[str, float]:
     return json.loads(path.read_text())["mixture"]
 
 
+# --help text of each sweep flag (its default is RegMixConfig's, shown by the formatter)
+_FLAG_HELP = {
+    "n_proxies": "proxy models in the sweep, every --test-every-th held out to score the regression",
+    "test_every": "hold out every N-th proxy", "steps": "training steps per proxy",
+    "hidden_size": "proxy model width", "num_layers": "proxy decoder layers",
+    "seq_len": "tokens per training / validation block", "batch_size": "blocks per proxy training step",
+    "vocab_size": "tokens of the sweep's tokenizer", "eval_blocks": "validation blocks per domain (every proxy)",
+    "top_k": "best of the --n-search candidate mixtures averaged into the result",
+    "n_search": "Dirichlet(natural) mixtures scored by the regression", "seed": "seed of the data and the proxies",
+    "lr": "proxy learning rate (constant after warmup)",
+    "domain_scale": "times each domain's natural character budget, for the sweep's data",
+}
+
+
 def build_parser() -> CommandParser:
-    parser = CommandParser(prog="lorakit regmix", description=(
+    parser = CommandParser(prog="lorakit regmix", formatter_class=DefaultsFormatter, description=(
         "RegMix (arXiv 2407.01492): train proxy models on random domain mixtures, regress validation loss on "
         "the mixture with LightGBM, and write the predicted best mixture to OUT/regmix.json."))
     parser.add_argument("--out", type=Path, required=True, help="folder for proxies.jsonl and regmix.json")
@@ -460,9 +474,10 @@ def build_parser() -> CommandParser:
     for name in ("n_proxies", "test_every", "steps", "hidden_size", "num_layers", "seq_len", "batch_size",
                  "vocab_size", "eval_blocks", "top_k", "n_search", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=seed_arg if name == "seed" else int,
-                            default=getattr(defaults, name))
+                            default=getattr(defaults, name), help=_FLAG_HELP[name])
     for name in ("lr", "domain_scale"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                            help=_FLAG_HELP[name])
     parser.add_argument("--target", default=defaults.target, help="'mean' or a domain whose loss to minimise")
     return parser
 
