@@ -100,6 +100,21 @@ def _skipped(model: nn.Module, config: QuantizeConfig) -> set[int]:
     return {id(head)} if head is not None else set()
 
 
+def keep_4bit_layout(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer of ``model`` in the layout it was quantized to, on every CPU; returns ``model``.
+
+    On a CPU with AVX512-BF16 (bitsandbytes 0.50's ``has_avx512bf16``) ``Linear4bit.forward`` repacks its weight in
+    place on the first no-grad eval forward, into a kernel layout that needs ``out_features % 32 == 0`` and more: on
+    the bundled base (intermediate 688) that forward raised bitsandbytes' "N must be divisible by block_n", and on
+    smaller layers a reshape error. Training forwards never repack, so the layout kept here is the one the adapter
+    trains on, the one PEFT + bitsandbytes use on every other CPU and on CUDA, and the one ``dequantize_weight``
+    reads."""
+    for module in model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
     layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
@@ -127,7 +142,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q.train(child.training))
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
-    return model
+    return keep_4bit_layout(model)
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor | None:
