@@ -99,7 +99,7 @@ def test_config_errors_name_the_flags_typed(tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         (["train", "--loram-ratio", "0.2", "--loram-align-steps", "5", "--loram-align-lr", "-1", "--output", out],
-         "lorakit train: error: --loram-align-lr must be > 0, got -1.0."),
+         "lorakit train: error: --loram-align-lr must be > 0 and finite, got -1.0."),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
           "--threshold", "1.5"], "lorakit transfer: error: --threshold must be in [0, 1)"),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,

@@ -316,6 +316,10 @@ def test_cli_align_steps_need_loram_ratio(tmp_path, capsys):
     (["--loram-align-lr", "0.01"], "give --loram-ratio too"),
     (["--loram-ratio", "0.5", "--loram-align-lr", "0.01"], "give --loram-align-steps N too"),
     (["--loram-ratio", "0.5", "--loram-align-steps", "-1"], "--loram-align-steps must be >= 0"),
+    # was: AdamW at lr inf trained the pruned base to NaN (then, with the pretraining loop's own check, an error
+    # naming --lr, a flag of the adapter's training, after the model had loaded)
+    (["--loram-ratio", "0.5", "--loram-align-steps", "2", "--loram-align-lr", "inf"],
+     "--loram-align-lr must be > 0 and finite, got inf."),
     (["--loram-ratio", "0.5", "--method", "mixlora"], "--method mixlora makes other tensors"),
     (["--loram-ratio", "0.5", "--use-dora"], "--use-dora adds tensors"),
     (["--loram-ratio", "0.5", "--lora-bias"], "--lora-bias adds tensors"),
