@@ -227,6 +227,12 @@ def int_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"must be an integer or none, got {text!r}") from None
 
 
+def non_negative_int(text: str) -> int:
+    """``type=`` for a count where 0 means none (few-shot examples): an int >= 0, else argparse's usage error naming
+    the flag before any work."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
 def seed_arg(text: str) -> int:
     """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
     must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
