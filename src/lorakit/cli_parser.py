@@ -322,6 +322,10 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str):
         """argparse's usage + ``<prog>: error: <message>`` + exit 2, with config field names written as flags and,
         after any other error of argparse's (a required flag missing), the near matches of unknown flags typed."""
+        choice = re.search(r"invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if choice:  # argparse (before 3.14) suggests nothing for a mistyped choice; every other lorakit name check does
+            choices = [c.strip().strip("'") for c in choice.group(2).split(",")]
+            message += did_you_mean(choice.group(1), choices)
         if not message.startswith("unrecognized arguments"):
             known = [o for a in self._actions for o in a.option_strings]  # hidden (renamed) flags too
             unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]
