@@ -198,3 +198,15 @@ def test_a_count_below_one_is_refused_by_its_flag_before_any_model(what, flags, 
     assert err.strip().splitlines()[-1] == (f"lorakit bench: error: argument {flags[0]}: must be a positive integer, "
                                             f"got {int(flags[1])}"), err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("what", ["quantize", "gamma_mod", "serve"])
+def test_a_bench_of_one_seed_refuses_several_before_any_model(what, tmp_path, capsys, no_model):
+    """Was: `bench quantize --seeds 0 1` ran seed 0 only and reported it as the run asked for (these benches take
+    one seed; the others run every seed given)."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", what, "--quick", "--seeds", "0", "1", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1] == (
+        f"lorakit bench: error: --seeds: bench {what} runs one seed, got 2 (0 1); run it once per seed"), err
+    assert not (tmp_path / "o").exists()

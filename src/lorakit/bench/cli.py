@@ -48,6 +48,7 @@ BENCHMARKS = ("methods", "perf", "tasks", "mixtures", "merge", "serve", "variant
 # bench takes, are left out. A shared option a bench ignores is refused too (`bench perf --steps 0` used to run the
 # whole perf bench).
 _SERVE = {"serve"}
+_ONE_SEED = {"quantize", "gamma_mod", "serve"}  # benches whose profile has one `seed`: --seeds takes one value
 _ALL = set(BENCHMARKS)
 _FLAG_SCOPE = {
     "steps": _ALL - {"perf", "serve"}, "seeds": _ALL - {"perf", "tasks"},
@@ -189,6 +190,9 @@ def main(argv: Sequence[str]) -> int:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
                          f"(got `bench {args.what}`)")
+    if args.what in _ONE_SEED and args.seeds and len(args.seeds) > 1:  # it would run the first one only
+        parser.error(f"--seeds: bench {args.what} runs one seed, got {len(args.seeds)} "
+                     f"({' '.join(map(str, args.seeds))}); run it once per seed")
     if args.combine:  # pooling runs nothing: an option of a run would be silently ignored
         ignored = ["--quick"] * args.quick + ["--" + d.replace("_", "-") for d in _FLAG_SCOPE
                                               if d != "combine" and getattr(args, d) not in (None, False)]
