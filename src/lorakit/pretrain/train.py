@@ -131,6 +131,9 @@ class PretrainConfig:
             raise ConfigError(f"Unknown pretraining objective {self.objective!r}; choose one of "
                               f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}",
                               field="PretrainConfig.objective")
+        check_seq_len = getattr(OBJECTIVES[self.objective], "check_seq_len", None)  # before any data is built
+        if check_seq_len is not None and self.seq_len > 0:
+            check_seq_len(self.seq_len)
         if self.norm not in NORMS:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
                               f"{did_you_mean(self.norm, NORMS)}", field="PretrainConfig.norm")
