@@ -370,3 +370,12 @@ def test_an_interrupted_recovery_leaves_no_half_adapter(tmp_path, monkeypatch):
     recover_adapter(tmp_path / "small", plan, tmp_path / "large")
     assert (tmp_path / "large" / "task_index.json").read_text() == '{"reverse": 0}'
     lk.load_adapter(_full(), tmp_path / "large")
+
+
+def test_a_mistyped_criterion_or_recovery_names_its_near_match():
+    """Was: "choose one of ('random', 'magnitude')" with no near match, where the other name checks say one."""
+    with pytest.raises(lk.ConfigError, match=r"criterion='magnitud': choose one of .*Did you mean: magnitude\?"):
+        LoramConfig(ratio=0.5, criterion="magnitud")
+    _, plan = loram_prune(_full(), LoramConfig(ratio=0.5))
+    with pytest.raises(lk.ConfigError, match=r"recover='zeros': choose one of .*Did you mean: zero\?"):
+        recover_state_dict({}, plan, recover="zeros")

@@ -244,3 +244,10 @@ def test_eval_forward_works_on_an_avx512_bf16_cpu(avx512_bf16_cpu):
             got = model(_ids()).logits
         torch.testing.assert_close(got, expected.detach())
         assert all(torch.equal(p.data, before[n]) for n, p in model.named_parameters())  # no repacking in place
+
+
+def test_a_mistyped_quant_type_or_compute_dtype_names_its_near_match():
+    with pytest.raises(lk.ConfigError, match=r"quant_type='nf5': choose one of .*Did you mean: nf4\?"):
+        QuantizeConfig(quant_type="nf5")
+    with pytest.raises(lk.ConfigError, match=r"compute_dtype='bfloat61': choose one of .*Did you mean: bfloat16"):
+        QuantizeConfig(compute_dtype="bfloat61")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.delta import register_dequantizer
 from ..core.config import field_error
-from ..core.errors import LorakitError
+from ..core.errors import LorakitError, did_you_mean
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,9 +64,11 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise field_error(self, "quant_type", f"={self.quant_type!r}: choose one of {QUANT_TYPES}")
+            raise field_error(self, "quant_type", f"={self.quant_type!r}: choose one of {QUANT_TYPES}."
+                                                 f"{did_you_mean(self.quant_type, QUANT_TYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}")
+            raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}."
+                                                    f"{did_you_mean(self.compute_dtype, COMPUTE_DTYPES)}")
 
     @classmethod
     def of(cls, value: "QuantizeConfig | str") -> "QuantizeConfig":
