@@ -249,6 +249,7 @@ def test_fit_only_names_a_missing_or_malformed_sweep_file(tmp_path, capsys):
     """Was: `regmix --fit-only` on a folder with proxies.jsonl but no sweep.json (a sweep killed before writing it, or
     files copied without it) ended in FileNotFoundError's traceback, and a bad proxies line in JSONDecodeError's."""
     import json
+    from dataclasses import asdict
 
     from lorakit.cli import main
 
@@ -262,7 +263,8 @@ def test_fit_only_names_a_missing_or_malformed_sweep_file(tmp_path, capsys):
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{tmp_path / 'sweep.json'} is not a readable sweep record" in err, err
-    (tmp_path / "sweep.json").write_text(json.dumps({"config": {}, "natural": natural}))
+    defaults = json.loads(json.dumps(asdict(RegMixConfig())))  # the sweep the command's default flags describe
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": defaults, "natural": natural}))
     _write_records(tmp_path / "proxies.jsonl", records[:1] + ["not a record"] + records[1:])
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
     err = capsys.readouterr().err
@@ -302,3 +304,21 @@ class _FakeData:
 
     def natural(self):
         return dict(self._natural)
+
+
+def test_fit_only_refuses_flags_of_another_sweep(tmp_path, capsys):
+    """Was: `regmix --fit-only` with the default --domains on a sweep of code,tasks ended in KeyError: 'docstrings'
+    (the fit read the flags' domains from records that lack them). A sweep's settings are compared as a resumed
+    sweep's are; the fit-only settings (--target, --top-k, --n-search, --test-every) may differ."""
+    from dataclasses import asdict
+
+    from lorakit.cli import main
+
+    base = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                        sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    _, natural, records, _ = _resumable_sweep(tmp_path, {**asdict(base), "domains": ["code", "tasks"]})
+    _write_records(tmp_path / "proxies.jsonl", records)
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "holds a sweep made with a different config (domains: ['code', 'tasks'] " \
+        "there, ['code', 'docstrings', 'docs', 'tasks'] now" in err, err

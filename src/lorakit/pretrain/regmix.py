@@ -501,8 +501,9 @@ def _run(args, config: "RegMixConfig") -> int:
         path = args.out / "proxies.jsonl"
         if not path.exists():
             raise ConfigError(f"no proxies at {path}; run without --fit-only first.")
-        records = read_proxies(path)
         natural = read_sweep(args.out)["natural"]
+        check_saved_config(args.out, config)  # the fit reads the flags' domains: those of the sweep, or an error
+        records = read_proxies(path)
     else:
         try:
             shard = tuple(int(x) for x in args.shard.split("/"))
