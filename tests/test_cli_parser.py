@@ -99,7 +99,7 @@ def test_config_errors_name_the_flags_typed(tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         (["train", "--loram-ratio", "0.2", "--loram-align-steps", "5", "--loram-align-lr", "-1", "--output", out],
-         "lorakit train: error: --loram-align-lr must be > 0, got -1.0."),
+         "lorakit train: error: --loram-align-lr must be > 0 and finite, got -1.0."),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
           "--threshold", "1.5"], "lorakit transfer: error: --threshold must be in [0, 1)"),
         (["transfer", "--adapter", "a", "--target-model", "b", "--data", "reverse", "--output", out,
@@ -412,3 +412,20 @@ def test_pretrain_base_replaces_a_non_empty_out_only_with_overwrite(tmp_path, ca
                                        "pass --overwrite to replace what this command writes there, or choose a new "
                                        "folder\n")
     assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("argv,meant", [
+    (["trian"], "train"), (["pretrain"], "pretrain-base"), (["bench", "perff"], "perf"),
+    (["quantize", "--method", "cqb"], "cbq"), (["train", "--quantize", "nf5"], "nf4"),
+    (["bench", "merge", "--experiments", "qualty"], "quality"),
+])
+def test_an_invalid_choice_names_its_near_matches(argv, meant, capsys):
+    """Was: argparse's "invalid choice: 'trian' (choose from 'train', 'eval', ...)" with no near match, where every
+    name lorakit itself checks (methods, tasks, objectives, domains) says "Did you mean"."""
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "invalid choice" in err and "Did you mean: " in err, err
+    assert meant in err.split("Did you mean: ")[1].rstrip("?").split(", "), err

@@ -18,7 +18,6 @@ before the tag (few-shot), and the LoRA model prompted with the tag. Writes ``--
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -101,18 +100,24 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from lorakit.cli_parser import CommandParser, DefaultsFormatter, non_negative_int, positive_int, seed_arg
+
+    # counts checked by their flags before any work (was: --samples 0 an IndexError traceback after training,
+    # --max-new-tokens 0 transformers' ValueError, --shots -1 prompts of "-" shown as results)
+    parser = CommandParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--model", default=None, help="causal LM folder (default: lorakit's bundled base)")
     parser.add_argument("--out", default="runs/controllable_generation", help="output folder")
-    parser.add_argument("--per-tag", type=int, default=400, help="training names per tag (at most)")
-    parser.add_argument("--steps", type=int, default=300, help="LoRA optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
-    parser.add_argument("--samples", type=int, default=100, help="samples per tag")
-    parser.add_argument("--shots", type=int, default=5, help="names of the tag in the few-shot base prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-tag", type=positive_int, default=400, help="training names per tag (at most)")
+    parser.add_argument("--steps", type=positive_int, default=300, help="LoRA optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per optimizer step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
+    parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--samples", type=positive_int, default=100, help="samples per tag")
+    parser.add_argument("--shots", type=non_negative_int, default=5,
+                        help="names of the tag in the few-shot base prompt")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16,
+                        help="tokens generated per sample (greedy stops at the end of a name)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the data, training and sampling")
     args = parser.parse_args(argv)
 
     from lorakit import load_adapter

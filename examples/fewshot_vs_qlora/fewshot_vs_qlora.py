@@ -183,17 +183,20 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from lorakit.cli_parser import DefaultsFormatter, seed_arg
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--model", default=None, help="causal LM folder (default: lorakit's bundled base)")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 2, 8, 16, 24])
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 2, 8, 16, 24],
+                   help="demonstrations in the prompt, one row each")
     p.add_argument("--train-sizes", type=int, nargs="*", default=[4, 32, 10000], help="capped at the train pool")
     p.add_argument("--steps", type=int, default=100, help="QLoRA optimizer steps per run (same for every n)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="QLoRA learning rate")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
     p.add_argument("--test-size", type=int, default=None, help="first N test questions (default: all)")
-    p.add_argument("--new-tokens", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-tokens", type=int, default=6, help="tokens generated per answer")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the split, demonstrations and training")
     p.add_argument("--out", default="results", help="folder for fewshot_vs_qlora.{json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)

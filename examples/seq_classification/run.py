@@ -16,7 +16,6 @@ and prints a table (accuracy, macro F1, MCC on the test split, trainable paramet
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -136,19 +135,23 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from lorakit.cli_parser import CommandParser, DefaultsFormatter, positive_int, seed_arg
+
+    parser = CommandParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--model", default=None, help="encoder folder (default: all-MiniLM-L6-v2 from its package)")
     parser.add_argument("--out", default="runs/seq_classification", help="output folder")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps for LoRA and full fine-tuning")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per text (longer ones are cut)")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
-    parser.add_argument("--full-lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=positive_int, default=150, help="optimizer steps for LoRA and full fine-tuning")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per optimizer step")
+    parser.add_argument("--max-length", type=positive_int, default=48, help="tokens per text (longer ones are cut)")
+    parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     parser.add_argument("--probe-c", type=float, default=10.0, help="inverse L2 strength of the logistic regression")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N train and N test texts (tests)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", choices=["lora", "full", "probe"], default=["lora", "full", "probe"])
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="use only the first N train and N test texts (tests)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of training")
+    parser.add_argument("--only", nargs="+", choices=["lora", "full", "probe"], default=["lora", "full", "probe"],
+                        help="which rows to run")
     args = parser.parse_args(argv)
     args.model = args.model or default_model()
     out = Path(args.out)

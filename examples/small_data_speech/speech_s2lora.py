@@ -30,7 +30,6 @@ cached in the output folder, so a second run only adapts):
 
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import random
@@ -332,14 +331,17 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adult-train", type=int, default=800, help="adult utterances for pretraining")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 64], help="child utterances to adapt on")
-    p.add_argument("--adapt-steps", type=int, default=100)
-    p.add_argument("--test", type=int, default=100, help="held-out utterances per condition")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    from lorakit.cli_parser import CommandParser, DefaultsFormatter, positive_int, seed_arg
+
+    p = CommandParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p.add_argument("--adult-train", type=positive_int, default=800, help="adult utterances for pretraining")
+    p.add_argument("--pretrain-steps", type=positive_int, default=600,
+                   help="optimizer steps of the adult-voice pretraining")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[16, 64], help="child utterances to adapt on")
+    p.add_argument("--adapt-steps", type=positive_int, default=100, help="optimizer steps of each adaptation run")
+    p.add_argument("--test", type=positive_int, default=100, help="held-out utterances per condition")
+    p.add_argument("--r", type=positive_int, default=8, help="LoRA / S2-LoRA rank")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the data and training")
     p.add_argument("--out", default="results", help="folder for speech_s2lora.{json,md} and the caches")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)

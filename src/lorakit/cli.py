@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
-from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, json_arg, positive_int,
-                         seed_arg)
+from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
+                         positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items
 
 DEFAULT_METHOD = "lora"
@@ -1007,7 +1007,8 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     from .compose import list_merge_methods, merge_adapters
     from .io.files import write_dir_atomically
 
-    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, description=(
+    p = CommandParser(prog="lorakit merge-adapters", field_flags={"lambda_": "--lambda"}, formatter_class=_Formatter,
+                      description=(
         "Merge several LoRA adapters trained on the same base model (lorakit or PEFT folders) into one adapter folder: "
         "a weighted sum (--method linear, the default) or another merge method (ties, dare_ties, della, breadcrumbs, "
         "svd, lego, ...: --method lists them all; each reads the options below that name it). The result loads like any adapter "
@@ -1152,7 +1153,8 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         "quantizer here, not an adapter method."))
     p.add_argument("--method", default="cbq", choices=QUANTIZERS, help="rtn: round-to-nearest; cbq: CBQ (arXiv:2312.07950)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8")
-    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one per output channel)")
+    p.add_argument("--group-size", type=int_or_none, default=None,
+                   help="input columns per scale; none: one per output channel (default: none)")
     p.add_argument("--calib-rows", type=int, default=32, help="calibration rows of --seq-len tokens (cbq)")
     p.add_argument("--eval-rows", type=int, default=32, help="test rows of --seq-len tokens for the perplexity")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration / test row")

@@ -216,6 +216,23 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def int_or_none(text: str) -> int | None:
+    """``type=`` for an optional count whose None has a meaning (``--group-size``: one scale per output channel): an
+    int, or ``none`` / ``None`` for None, as the method flags read it; the value itself is the config's to check."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or none, got {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """``type=`` for a count where 0 means none (few-shot examples): an int >= 0, else argparse's usage error naming
+    the flag before any work."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
 def seed_arg(text: str) -> int:
     """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
     must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
@@ -305,6 +322,10 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str):
         """argparse's usage + ``<prog>: error: <message>`` + exit 2, with config field names written as flags and,
         after any other error of argparse's (a required flag missing), the near matches of unknown flags typed."""
+        choice = re.search(r"invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if choice:  # argparse (before 3.14) suggests nothing for a mistyped choice; every other lorakit name check does
+            choices = [c.strip().strip("'") for c in choice.group(2).split(",")]
+            message += did_you_mean(choice.group(1), choices)
         if not message.startswith("unrecognized arguments"):
             known = [o for a in self._actions for o in a.option_strings]  # hidden (renamed) flags too
             unknown = [t.split("=", 1)[0] for t in getattr(self, "_argv", ()) if t.startswith("--")]

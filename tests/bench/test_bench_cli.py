@@ -174,3 +174,39 @@ def test_the_output_check_leaves_another_benchs_temp_files_alone(tmp_path, capsy
     assert main(["bench", "federated", "--quick", "--clients", "0", "--output", str(tmp_path)]) == 2  # checked, then
     assert "--clients must be >= 1" in capsys.readouterr().err                                     # refused in the run
     assert all(p.exists() for p in in_flight)
+
+
+COUNTS_BAD = [  # bench, a count flag at 0 or below; each used to run (or load a model) before failing
+    ("reparam", ["--batch-size", "0"]),  # was: collate's "cannot collate an empty batch" traceback
+    ("merge", ["--repeats", "0"]),  # was: min() of an empty sequence, a traceback after the timing setup
+    ("init", ["--repeats", "0"]),  # was: a cost table of "failed: no sample yet" rows written, exit 0
+    ("variants", ["--r", "0"]),  # was: "LoraConfig.lora_alpha must be > 0" (a flag the bench has not)
+    ("reparam", ["--r", "0"]),
+    ("gamma_mod", ["--r", "-2"]),
+    ("smaller", ["--steps", "0"]),  # was: every variant's row an error, the table written, exit 0
+    ("quantize", ["--steps", "0"]),  # was: refused only after the model had loaded
+    ("federated", ["--steps", "0"]),  # was: named FederatedConfig.local_steps, not the flag
+]
+
+
+@pytest.mark.parametrize("what,flags", COUNTS_BAD, ids=[f"{w}{f[0]}={f[1]}" for w, f in COUNTS_BAD])
+def test_a_count_below_one_is_refused_by_its_flag_before_any_model(what, flags, tmp_path, capsys, no_model):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", what, "--quick", *flags, "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"lorakit bench: error: argument {flags[0]}: must be a positive integer, "
+                                            f"got {int(flags[1])}"), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("what", ["quantize", "gamma_mod", "serve"])
+def test_a_bench_of_one_seed_refuses_several_before_any_model(what, tmp_path, capsys, no_model):
+    """Was: `bench quantize --seeds 0 1` ran seed 0 only and reported it as the run asked for (these benches take
+    one seed; the others run every seed given)."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", what, "--quick", "--seeds", "0", "1", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1] == (
+        f"lorakit bench: error: --seeds: bench {what} runs one seed, got 2 (0 1); run it once per seed"), err
+    assert not (tmp_path / "o").exists()

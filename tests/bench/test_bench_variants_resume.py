@@ -97,11 +97,11 @@ def test_bench_flags_of_one_bench_are_refused_elsewhere_and_resume_files_are_che
 
 
 @pytest.mark.parametrize("argv,flag", [
-    (["perf", "--steps", "0"], "--steps"),  # was: 0 == False passed the check, and perf ignores --steps: a full run
+    (["perf", "--steps", "1"], "--steps"),  # (0 is refused by the flag's type now; was: 0 == False passed this check)
     (["perf", "--steps", "5"], "--steps"), (["serve", "--tasks", "reverse"], "--tasks"),
     (["tasks", "--seeds", "1"], "--seeds"), (["quantize", "--tasks", "reverse"], "--tasks"),
     (["tasks", "--methods", "lora"], "--methods"), (["merge", "--only", "forward"], "--only"),
-    (["perf", "--r", "0"], "--r"),
+    (["perf", "--r", "1"], "--r"),
 ])
 def test_a_shared_option_a_bench_does_not_read_is_refused(argv, flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

@@ -159,3 +159,16 @@ def test_cli_names_sample_chars_and_a_folder_as_out_before_any_work(tmp_path, ca
     assert "--sample-chars must be > 0" in capsys.readouterr().err
     assert mi.main(tok + ["--domains", "code,docs", "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_an_existing_out_file_is_replaced_only_with_overwrite_before_any_work(tmp_path, capsys):
+    """Was: --out r.json silently replaced an earlier result (every other output asks for --overwrite)."""
+    earlier = tmp_path / "r.json"
+    earlier.write_text('{"byte_share": {"code": 1.0}}')
+    tok = ["--tokenizer", str(tmp_path / "unused"), "--domains", "code,docs"]  # refused before the tokenizer is read
+    assert mi.main(tok + ["--out", str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {earlier} already exists; pass --overwrite to replace it" in err, err
+    assert earlier.read_text() == '{"byte_share": {"code": 1.0}}'
+    assert mi.main(tok + ["--out", str(earlier), "--overwrite"]) == 2  # now the missing tokenizer, not the file
+    assert "No tokenizer.json" in capsys.readouterr().err

@@ -156,6 +156,37 @@ def test_config_errors_say_what_to_change(overrides, match):
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize("overrides, says", [  # each used to pass the config: a traceback or a NaN model, exit 0
+    ({"lr": float("nan")}, "PretrainConfig.lr must be > 0 and finite, got nan."),  # was: AdamW's ValueError traceback
+    ({"lr": -1.0}, "PretrainConfig.lr must be > 0 and finite, got -1.0."),  # (after the corpus and tokenizer were built)
+    ({"lr": float("inf")}, "PretrainConfig.lr must be > 0 and finite, got inf."),
+    ({"weight_decay": float("nan")}, "PretrainConfig.weight_decay must be >= 0 and finite"),  # was: a NaN model saved
+    ({"weight_decay": -0.1}, "PretrainConfig.weight_decay must be >= 0 and finite"),  # was: weights pushed outwards
+    ({"grad_clip": 0.0}, "PretrainConfig.grad_clip must be > 0 and finite"),  # was: every gradient clipped to 0
+    ({"grad_clip": float("nan")}, "PretrainConfig.grad_clip must be > 0 and finite"),  # was: a NaN model saved
+    ({"warmup_steps": -1}, "PretrainConfig.warmup_steps must be >= 0"),
+    ({"num_threads": -2}, "PretrainConfig.num_threads must be >= 0 (0: all cores)"),  # was: torch's RuntimeError
+    ({"mixture_scale": 0.5}, "mixture_scale 0.5 is read only with a mixture"),  # was: silently ignored
+    ({"regmix_dir": "runs/regmix"}, "regmix_dir 'runs/regmix' is read only with mixture='regmix'"),  # likewise
+    ({"mixture": "natural", "mixture_scale": float("inf")}, "PretrainConfig.mixture_scale must be > 0 and finite"),
+])
+def test_bad_numbers_and_unread_options_are_refused(overrides, says):
+    with pytest.raises(ConfigError) as e:
+        tiny_config(**overrides)
+    assert says in str(e.value)
+
+
+def test_cli_refuses_a_bad_lr_by_its_flag_before_any_work(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["pretrain-base", "--out", str(tmp_path / "base"), "--lr", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "lorakit pretrain-base: error: --lr must be > 0 and finite, got nan.", err
+    assert main(["pretrain-base", "--out", str(tmp_path / "base"), "--mixture-scale", "2"]) == 2
+    assert "--mixture-scale 2.0 is read only with a mixture" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()
+
+
 def test_corpus_config_errors():
     with pytest.raises(ConfigError, match="task_fraction"):
         CorpusConfig(task_fraction=1.0)

@@ -237,3 +237,88 @@ def test_lr_scale_and_repeated_domains_are_refused_before_the_data_is_built(tmp_
     monkeypatch.setattr(regmix, "prepare_domain_data", _no_data)
     assert main(["regmix", "--out", str(tmp_path / "out"), *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+def _write_records(path, records, tail=""):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_fit_only_names_a_missing_or_malformed_sweep_file(tmp_path, capsys):
+    """Was: `regmix --fit-only` on a folder with proxies.jsonl but no sweep.json (a sweep killed before writing it, or
+    files copied without it) ended in FileNotFoundError's traceback, and a bad proxies line in JSONDecodeError's."""
+    import json
+    from dataclasses import asdict
+
+    from lorakit.cli import main
+
+    config, natural, records, _ = _resumable_sweep(tmp_path, {})
+    (tmp_path / "sweep.json").unlink()
+    _write_records(tmp_path / "proxies.jsonl", records)
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"no sweep.json in {tmp_path}" in err, err
+    (tmp_path / "sweep.json").write_text('{"config": {}, "natu')
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{tmp_path / 'sweep.json'} is not a readable sweep record" in err, err
+    defaults = json.loads(json.dumps(asdict(RegMixConfig())))  # the sweep the command's default flags describe
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": defaults, "natural": natural}))
+    _write_records(tmp_path / "proxies.jsonl", records[:1] + ["not a record"] + records[1:])
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{tmp_path / 'proxies.jsonl'}:2: not a proxy record" in err, err
+
+
+def test_a_bad_proxy_line_is_named_with_what_to_do_before_the_data_is_built(tmp_path, monkeypatch, capsys):
+    """A resumed sweep read proxies.jsonl with json.loads: a line cut off by a full disk, or edited by hand, ended
+    in JSONDecodeError's traceback (after sweep.json was checked, before any message). It is a ConfigError naming
+    the file and line, and what to do; a complete line that is not a record (no index / weights / losses) too."""
+    from dataclasses import asdict
+
+    base = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                        sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    config, natural, records, _ = _resumable_sweep(tmp_path, {**asdict(base), "domains": ["code", "tasks"]})
+    path = tmp_path / "proxies.jsonl"
+    _write_records(path, records, tail='{"index": 4, "split": "train", "weig')
+    with pytest.raises(ConfigError, match=r"proxies.jsonl:4: not a proxy record .*delete that line"):
+        regmix.read_proxies(path)
+    _write_records(path, records, tail='{"index": 4}\n')
+    with pytest.raises(ConfigError, match=r"proxies.jsonl:4: not a proxy record \(no 'weights'"):
+        regmix.read_proxies(path)
+    _write_records(path, records + [{"index": "x", "weights": {}, "losses": {}}])
+    with pytest.raises(ConfigError, match=r"proxies.jsonl:4: not a proxy record \('index' is not"):
+        regmix.read_proxies(path)
+    _write_records(path, records, tail="\n")
+    assert regmix.read_proxies(path) == records  # a blank line is no record
+    _write_records(path, records, tail="{")
+    monkeypatch.setattr(regmix, "prepare_domain_data", lambda *a, **k: _FakeData(natural))
+    with pytest.raises(ConfigError, match="proxies.jsonl:4"):  # a resumed sweep reads it the same way
+        regmix.run_sweep(config, tmp_path, log=lambda s: None)
+
+
+class _FakeData:
+    def __init__(self, natural):
+        self._natural = natural
+
+    def natural(self):
+        return dict(self._natural)
+
+
+def test_fit_only_refuses_flags_of_another_sweep(tmp_path, capsys):
+    """Was: `regmix --fit-only` with the default --domains on a sweep of code,tasks ended in KeyError: 'docstrings'
+    (the fit read the flags' domains from records that lack them). A sweep's settings are compared as a resumed
+    sweep's are; the fit-only settings (--target, --top-k, --n-search, --test-every) may differ."""
+    from dataclasses import asdict
+
+    from lorakit.cli import main
+
+    base = RegMixConfig(domains=("code", "tasks"), n_proxies=8,
+                        sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    _, natural, records, _ = _resumable_sweep(tmp_path, {**asdict(base), "domains": ["code", "tasks"]})
+    _write_records(tmp_path / "proxies.jsonl", records)
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "holds a sweep made with a different config (domains: ['code', 'tasks'] " \
+        "there, ['code', 'docstrings', 'docs', 'tasks'] now" in err, err

@@ -230,3 +230,19 @@ def test_cli_eval_mode_token_missing_from_the_bundled_tokenizer(capsys):
     assert cli_main(["eval", "--data", "add", "--eval-examples", "2", "--mode-token", "[S]", "--quiet"]) != 0
     err = capsys.readouterr().err
     assert "--mode-token '[S]' is not a special token" in err and "--objective ul2" in err
+
+
+def test_a_block_too_short_for_a_span_row_is_refused_by_the_config(tokenizer):
+    """Was: `pretrain-base --objective ul2 --seq-len 4` (or 5) built the corpus and tokenizer, then failed in the
+    first batch with a RuntimeError traceback: a span row (mode token, kept tokens and one sentinel each side of a
+    span, EOS) of the shortest raw text, 2 tokens, is 2 + 2·1 + 2 = 6 tokens long (fitting_length's formula)."""
+    for seq_len in (4, 5):
+        with pytest.raises(ConfigError, match=rf"seq_len={seq_len} is too short for the ul2 objective: its span "
+                                              rf"denoisers need rows of at least 6 tokens"):
+            tiny_config(objective="ul2", seq_len=seq_len)
+    assert tiny_config(objective="ul2", seq_len=6).seq_len == 6
+    six = UL2Objective().prepare(tokenizer, 6)  # and 6 does fit: every denoiser's row, many draws
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        batch = six(torch.randint(4, 260, (len(PAPER_DENOISERS), 6), generator=g), g)
+        assert batch["input_ids"].shape == (len(PAPER_DENOISERS), 6)

@@ -316,6 +316,10 @@ def test_cli_align_steps_need_loram_ratio(tmp_path, capsys):
     (["--loram-align-lr", "0.01"], "give --loram-ratio too"),
     (["--loram-ratio", "0.5", "--loram-align-lr", "0.01"], "give --loram-align-steps N too"),
     (["--loram-ratio", "0.5", "--loram-align-steps", "-1"], "--loram-align-steps must be >= 0"),
+    # was: AdamW at lr inf trained the pruned base to NaN (then, with the pretraining loop's own check, an error
+    # naming --lr, a flag of the adapter's training, after the model had loaded)
+    (["--loram-ratio", "0.5", "--loram-align-steps", "2", "--loram-align-lr", "inf"],
+     "--loram-align-lr must be > 0 and finite, got inf."),
     (["--loram-ratio", "0.5", "--method", "mixlora"], "--method mixlora makes other tensors"),
     (["--loram-ratio", "0.5", "--use-dora"], "--use-dora adds tensors"),
     (["--loram-ratio", "0.5", "--lora-bias"], "--lora-bias adds tensors"),
@@ -366,3 +370,12 @@ def test_an_interrupted_recovery_leaves_no_half_adapter(tmp_path, monkeypatch):
     recover_adapter(tmp_path / "small", plan, tmp_path / "large")
     assert (tmp_path / "large" / "task_index.json").read_text() == '{"reverse": 0}'
     lk.load_adapter(_full(), tmp_path / "large")
+
+
+def test_a_mistyped_criterion_or_recovery_names_its_near_match():
+    """Was: "choose one of ('random', 'magnitude')" with no near match, where the other name checks say one."""
+    with pytest.raises(lk.ConfigError, match=r"criterion='magnitud': choose one of .*Did you mean: magnitude\?"):
+        LoramConfig(ratio=0.5, criterion="magnitud")
+    _, plan = loram_prune(_full(), LoramConfig(ratio=0.5))
+    with pytest.raises(lk.ConfigError, match=r"recover='zeros': choose one of .*Did you mean: zero\?"):
+        recover_state_dict({}, plan, recover="zeros")

@@ -249,3 +249,43 @@ def test_a_layer_repacked_elsewhere_is_unpacked_before_dequantizing():
     assert not layer.weight.quant_state.packing_format_for_cpu
     # the repack stored each block's absmax in bfloat16 (8 mantissa bits): that much of the weight is lost
     torch.testing.assert_close(after, before, rtol=2 ** -8, atol=0)
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    """bitsandbytes as it runs on a CPU with AVX512-BF16 (Sapphire Rapids and later): its Linear4bit then repacks
+    the weight on the first no-grad eval forward into a layout that needs out_features % 32 == 0 (and more), in
+    place. The repacking is plain torch code, so this reproduces it on any CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def test_eval_forward_works_on_an_avx512_bf16_cpu(avx512_bf16_cpu):
+    """Was: on such a CPU `lorakit train --quantize nf4` on the bundled base (intermediate 688 = 21.5 x 32) ended in
+    bitsandbytes' "AssertionError: N must be divisible by block_n" at the first evaluation, and the tiny models of
+    this file in "shape '[32, 0]' is invalid". lorakit keeps the unpacked 4-bit layout the training forward uses,
+    so eval equals train-mode outputs and dequantize / merge read the weights they expect."""
+    torch.manual_seed(0)
+    from transformers import LlamaConfig
+
+    odd = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    for model in (quantize_model(odd, "nf4"), quantize_model(tiny_llama(seed=3), "nf4"),
+                  load_model_and_tokenizer(None, quantize="nf4")[0]):  # the bundled base, loaded into 4 bit
+        lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+        model.train()
+        expected = model(_ids()).logits
+        before = {n: p.data.clone() for n, p in model.named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            got = model(_ids()).logits
+        torch.testing.assert_close(got, expected.detach())
+        assert all(torch.equal(p.data, before[n]) for n, p in model.named_parameters())  # no repacking in place
+
+
+def test_a_mistyped_quant_type_or_compute_dtype_names_its_near_match():
+    with pytest.raises(lk.ConfigError, match=r"quant_type='nf5': choose one of .*Did you mean: nf4\?"):
+        QuantizeConfig(quant_type="nf5")
+    with pytest.raises(lk.ConfigError, match=r"compute_dtype='bfloat61': choose one of .*Did you mean: bfloat16"):
+        QuantizeConfig(compute_dtype="bfloat61")

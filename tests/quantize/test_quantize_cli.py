@@ -61,3 +61,22 @@ def test_perplexity_and_cbq_refuse_empty_rows():
         perplexity(model, torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(LorakitError, match="CBQ calibration rows"):
         quantize_weights(model, "cbq", torch.zeros(0, 8, dtype=torch.long), steps=1)
+
+
+def test_group_size_none_which_its_errors_suggest_is_a_value_the_flag_takes(capsys):
+    """Was: `--group-size 0` answered "must be a positive integer or None (per output channel)" and a group size that
+    does not divide a layer "... or --group-size None", but the flag was type=int: `--group-size None` was argparse's
+    "invalid int value: 'None'". It takes none/None now, as the method flags do (one scale per output channel)."""
+    assert main(["quantize", "--method", "rtn", "--group-size", "0"]) == 2
+    assert "--group-size must be a positive integer or None (per output channel), got 0." in capsys.readouterr().err
+    for spelled in ("None", "none"):
+        assert main(["quantize", "--method", "rtn", "--group-size", spelled, "--eval-rows", "1", "--seq-len", "8",
+                     "--num-threads", "1"]) == 0
+        assert "rtn W4A16 (42 linear layers): perplexity" in capsys.readouterr().out
+    assert main(["quantize", "--method", "rtn", "--group-size", "7", "--eval-rows", "1", "--seq-len", "8",
+                 "--num-threads", "1"]) == 2
+    assert "or --group-size None (one scale per output channel)" in capsys.readouterr().err
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["quantize", "--group-size", "eight"])
+    assert "argument --group-size: must be an integer or none, got 'eight'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli_parser import CommaList, CommandParser, device_arg, seed_arg
+from ..cli_parser import CommaList, CommandParser, DefaultsFormatter, device_arg, positive_int, seed_arg
 from ..core.errors import ConfigError, LorakitError, check_names, comma_items
 from ..io.files import atomic_write_bytes, atomic_write_json
 
@@ -48,6 +48,7 @@ BENCHMARKS = ("methods", "perf", "tasks", "mixtures", "merge", "serve", "variant
 # bench takes, are left out. A shared option a bench ignores is refused too (`bench perf --steps 0` used to run the
 # whole perf bench).
 _SERVE = {"serve"}
+_ONE_SEED = {"quantize", "gamma_mod", "serve"}  # benches whose profile has one `seed`: --seeds takes one value
 _ALL = set(BENCHMARKS)
 _FLAG_SCOPE = {
     "steps": _ALL - {"perf", "serve"}, "seeds": _ALL - {"perf", "tasks"},
@@ -121,7 +122,8 @@ def _override(profile, **values):
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = CommandParser(prog="lorakit bench", field_flags={"duration_s": "--duration"}, description=(
+    parser = CommandParser(prog="lorakit bench", field_flags={"duration_s": "--duration"},
+                           formatter_class=DefaultsFormatter, description=(
         "Benchmarks: run one comparison (methods on the bundled tasks, performance ratios against PEFT, mixtures, "
         "merges, serving, ...) side by side in one run and write WHAT.json, WHAT.md and plots to --output. "
         "--quick runs a tiny smoke profile."))
@@ -136,14 +138,14 @@ def main(argv: Sequence[str]) -> int:
                         help="methods to run (default: all registered); for init: the contenders; for federated: "
                              "strategies (space- or comma-separated, as every list flag here)")
     parser.add_argument("--seeds", action=CommaList, kind=seed_arg, default=None)
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="init: child processes per (init, library) for the cost comparison; merge: interleaved "
                              "timing repeats of the speed rows")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (federated: local steps per round)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (federated: local steps per round)")
     parser.add_argument("--rounds", type=int, default=None, help="federated: server rounds")
     parser.add_argument("--clients", type=int, default=None, help="federated: number of clients")
-    parser.add_argument("--batch-size", type=int, default=None, help="reparam: examples per training step")
-    parser.add_argument("--r", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="reparam: examples per training step")
+    parser.add_argument("--r", type=positive_int, default=None,
                         help="variants: the rank r (r_max for DyLoRA/SoRA); reparam: the LoRA reference rank")
     parser.add_argument("--step-time", action="store_true",
                         help="variants, reparam: only the interleaved training-step-time ratios (variants_step_time.*, "
@@ -188,6 +190,9 @@ def main(argv: Sequence[str]) -> int:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} is an option of {' / '.join(f'`bench {b}`' for b in sorted(benches))} only "
                          f"(got `bench {args.what}`)")
+    if args.what in _ONE_SEED and args.seeds and len(args.seeds) > 1:  # it would run the first one only
+        parser.error(f"--seeds: bench {args.what} runs one seed, got {len(args.seeds)} "
+                     f"({' '.join(map(str, args.seeds))}); run it once per seed")
     if args.combine:  # pooling runs nothing: an option of a run would be silently ignored
         ignored = ["--quick"] * args.quick + ["--" + d.replace("_", "-") for d in _FLAG_SCOPE
                                               if d != "combine" and getattr(args, d) not in (None, False)]

@@ -210,15 +210,19 @@ def run_smaller(profile: SmallerProfile) -> dict:
 
 
 def smaller_markdown(result: dict) -> str:
-    lines = ["| variant | exact match (mean over seeds) | base weights MB in training | params removed | "
-             "trainable params | train tok/s | notes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | exact match (mean over seeds) | base weights MB in training | base MB ÷ LoRA | params removed | "
+             "trainable params | train tok/s | tok/s ÷ LoRA | notes |", "|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for run in result["runs"]:
         by.setdefault(run["variant"], []).append(run)
+    lora = [r for r in by.get("lora", []) if "error" not in r]  # the reference row of the same run, if it ran
+    reference = {k: statistics.mean(r[k] for r in lora) for k in ("base_weights_mb", "train_tokens_per_s")} if lora \
+        else {}
+    ratio = lambda k, value: f"{value / reference[k]:.2f}" if reference.get(k) else "—"  # noqa: E731
     for variant, runs in by.items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            lines.append(f"| {variant} | | | | | | error: {runs[0]['error'][:80]} |")
+            lines.append(f"| {variant} | | | | | | | | error: {runs[0]['error'][:80]} |")
             continue
         mean = lambda k: statistics.mean(r[k] for r in ok)  # noqa: E731
         loram = variant.startswith("loram")
@@ -234,6 +238,8 @@ def smaller_markdown(result: dict) -> str:
             note = "evaluated pruned (masks); removed = exported model vs full"
         if ok[0]["peak_memory_mb"] is not None:
             note += f"; CUDA peak {mean('peak_memory_mb'):.0f} MB"
-        lines.append(f"| {variant} | {mean('exact_match'):.3f} | {mean('base_weights_mb'):.1f} | {removed:.1%} | "
-                     f"{int(mean('trainable_params')):,} | {mean('train_tokens_per_s'):,.0f} | {note} |")
+        lines.append(f"| {variant} | {mean('exact_match'):.3f} | {mean('base_weights_mb'):.1f} | "
+                     f"{ratio('base_weights_mb', mean('base_weights_mb'))} | {removed:.1%} | "
+                     f"{int(mean('trainable_params')):,} | {mean('train_tokens_per_s'):,.0f} | "
+                     f"{ratio('train_tokens_per_s', mean('train_tokens_per_s'))} | {note} |")
     return "\n".join(lines) + "\n"

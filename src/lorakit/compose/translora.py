@@ -327,9 +327,9 @@ def unescape(text: str) -> str:
 
 
 def build_parser():
-    from ..cli_parser import CommandParser
+    from ..cli_parser import CommandParser, DefaultsFormatter
 
-    p = CommandParser(prog="lorakit transfer", description="Trans-LoRA (arXiv:2405.17258): move an adapter "
+    p = CommandParser(prog="lorakit transfer", formatter_class=DefaultsFormatter, description="Trans-LoRA (arXiv:2405.17258): move an adapter "
                                 "to a new base model without its training data (synthetic prompts from the target "
                                 "base, filtered by a discriminator LoRA, labelled by the source model + adapter).")
     p.add_argument("--adapter", required=True,

@@ -52,7 +52,8 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
-        check_positive(self, "steps", "batch_size", "seq_len", "corpus_chars", "eval_blocks", "lr")
+        check_positive(self, "steps", "batch_size", "seq_len", "corpus_chars", "eval_blocks")
+        check_positive(self, "lr", finite=True)  # AdamW takes inf and trains the base to NaN
         if not 0 <= self.warmup_steps <= self.steps:
             raise field_error(self, "warmup_steps", f" must be in 0..steps ({self.steps}), got {self.warmup_steps}.")
 

@@ -34,8 +34,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from lorakit.cli_parser import CommandParser
-from lorakit.core.errors import ConfigError, comma_items
+from lorakit.cli_parser import CommandParser, DefaultsFormatter, check_output_file
+from lorakit.core.errors import ConfigError, LorakitError, comma_items
 from lorakit.io.files import atomic_write_json
 
 
@@ -293,7 +293,8 @@ def mixture_error(truth: Mapping[str, float], predicted: Mapping[str, float]) ->
 
 
 def build_parser() -> CommandParser:
-    parser = CommandParser(prog="lorakit infer-mixture", field_flags={"n_merges": "--merges"}, description=(
+    parser = CommandParser(prog="lorakit infer-mixture", field_flags={"n_merges": "--merges"},
+                           formatter_class=DefaultsFormatter, description=(
         "Infer the category proportions of a BPE tokenizer's training data from its merge list "
         "(Hayase et al., arXiv 2407.16607)."))
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a folder with one")
@@ -304,7 +305,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--sample-chars", type=int, default=300_000, help="characters per domain with --domains")
     parser.add_argument("--merges", type=int, default=1000,
                         help="how many leading merges to use (at most the tokenizer's)")
-    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here (default: printed only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -346,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--sample-chars must be > 0 (characters of each --domains sample), got {args.sample_chars}.")
         if args.out and os.path.isdir(args.out):
             raise ConfigError(f"--out {args.out} is a folder; give the path of the JSON file to write.")
+        if args.out:  # an existing file (without --overwrite) or an unwritable place: said now, not after the run
+            check_output_file(args.out, "--out", overwrite=args.overwrite)
         tokenizer = load_bpe(args.tokenizer)
         if args.merges > len(tokenizer.merges):  # said now: replaying every merge can take minutes
             print(f"lorakit infer-mixture: --merges {args.merges} is more than the {len(tokenizer.merges)} merges of "
@@ -360,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(texts) < 2:
             raise ConfigError("Give at least two categories (--category NAME=FILE or --domains a,b).")
         result = infer_from_texts(tokenizer, texts, args.merges)
-    except ConfigError as err:
+    except LorakitError as err:  # ConfigError and the output check's
         return parser.fail(err)
     report = {"tokenizer": tokenizer.name, **result.to_dict()}
     print(json.dumps(report, indent=2))  # first: a failing --out loses nothing

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -38,9 +37,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from lorakit.cli_parser import CommandParser, seed_arg
+from lorakit.cli_parser import CommandParser, DefaultsFormatter, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import ConfigError, comma_items, did_you_mean
+from lorakit.io.files import atomic_write_json
 from lorakit.pretrain.domains import (
     DOMAINS, DomainData, check_domain, prepare_domain_data, sample_mixture_blocks, uniform_weights,
 )
@@ -204,6 +204,55 @@ def train_proxy(data: DomainData, weights: Mapping[str, float], config: RegMixCo
     return {name: evaluate_loss(model, held, pconfig) for name, held in data.eval.items()}
 
 
+def read_proxies(path: Path) -> list[dict]:
+    """The finished proxies' records in ``path`` (``proxies.jsonl``, one JSON object per line: ``index``, ``split``,
+    ``weights``, ``losses``, ``seconds``); blank lines are skipped. ConfigError naming the file and line for a line
+    that is not such a record (cut off by a full disk or a crash, or edited), saying what to do."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            why = None
+        except json.JSONDecodeError as e:
+            record, why = None, f"invalid JSON: {e.msg}"
+        if why is None and not isinstance(record, dict):
+            why = "not a JSON object"
+        elif why is None:
+            missing = [k for k in ("index", "weights", "losses") if k not in record]
+            if missing:
+                why = f"no {', '.join(map(repr, missing))}"
+            elif not isinstance(record["index"], int) or isinstance(record["index"], bool):
+                why = f"'index' is not an integer: {record['index']!r}"
+            elif not isinstance(record["weights"], dict) or not isinstance(record["losses"], dict):
+                why = "'weights' and 'losses' must be objects"
+        if why is not None:
+            raise ConfigError(f"{path}:{number}: not a proxy record ({why}); delete that line (its proxy trains "
+                              "again when the sweep is resumed) or start a new --out folder.")
+        records.append(record)
+    return records
+
+
+def read_sweep(out: Path) -> dict:
+    """``out/sweep.json`` (``config`` and ``natural``, written when a sweep starts); ConfigError when it is missing
+    or unreadable."""
+    path = out / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"no sweep.json in {out}: the folder holds no sweep `lorakit regmix` started (it writes "
+                          "sweep.json first); run without --fit-only, or give the sweep's --out folder.")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not a readable sweep record ({e}); run the sweep again into a new --out "
+                          "folder.") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or \
+            not isinstance(saved.get("natural"), dict):
+        raise ConfigError(f"{path} is not a readable sweep record (no 'config' and 'natural' objects); run the "
+                          "sweep again into a new --out folder.")
+    return saved
+
+
 def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], None] = print,
               task_source=None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Train ``n_proxies`` proxies, appending each to ``out_dir/proxies.jsonl`` (resumable: proxies
@@ -218,9 +267,9 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     prior = data.natural()
     mixtures = sample_mixtures([prior[d] for d in config.domains], config.n_proxies, config.sampling)
     path = out / "proxies.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = read_proxies(path) if path.exists() else []
     check_resumable(out, config, prior, records, mixtures)
-    (out / "sweep.json").write_text(json.dumps({"config": asdict(config), "natural": prior}, indent=2) + "\n")
+    atomic_write_json(out / "sweep.json", {"config": asdict(config), "natural": prior})  # a kill leaves the old one
     done = {r["index"] for r in records}
     for index, row in enumerate(mixtures):
         if index in done or index % shard[1] != shard[0]:
@@ -247,10 +296,9 @@ _FIT_ONLY_FIELDS = frozenset({"n_proxies", "n_test", "test_every", "target", "to
 def check_saved_config(out: Path, config: RegMixConfig) -> None:
     """``ConfigError`` naming each field that shapes a proxy and differs between ``out/sweep.json`` (when present)
     and ``config``: the part of :func:`check_resumable` that needs no data, so it runs first."""
-    saved_path = out / "sweep.json"
-    if not saved_path.exists():
+    if not (out / "sweep.json").exists():
         return
-    saved = json.loads(saved_path.read_text())
+    saved = read_sweep(out)
     current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
     changed = sorted(k for k in set(saved["config"]) | set(current)
                      if k not in _FIT_ONLY_FIELDS and saved["config"].get(k) != current.get(k))
@@ -272,7 +320,7 @@ def check_resumable(out: Path, config: RegMixConfig, natural: Mapping[str, float
     saved_path = out / "sweep.json"
     check_saved_config(out, config)
     if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        saved = read_sweep(out)
         drift = {d: (saved["natural"].get(d), v) for d, v in natural.items()
                  if not math.isclose(saved["natural"].get(d, -1.0), v, rel_tol=1e-9)}
         if drift:
@@ -399,8 +447,22 @@ def load_regmix_mixture(regmix_dir: str | Path) -> dict[str, float]:
     return json.loads(path.read_text())["mixture"]
 
 
+# --help text of each sweep flag (its default is RegMixConfig's, shown by the formatter)
+_FLAG_HELP = {
+    "n_proxies": "proxy models in the sweep, every --test-every-th held out to score the regression",
+    "test_every": "hold out every N-th proxy", "steps": "training steps per proxy",
+    "hidden_size": "proxy model width", "num_layers": "proxy decoder layers",
+    "seq_len": "tokens per training / validation block", "batch_size": "blocks per proxy training step",
+    "vocab_size": "tokens of the sweep's tokenizer", "eval_blocks": "validation blocks per domain (every proxy)",
+    "top_k": "best of the --n-search candidate mixtures averaged into the result",
+    "n_search": "Dirichlet(natural) mixtures scored by the regression", "seed": "seed of the data and the proxies",
+    "lr": "proxy learning rate (constant after warmup)",
+    "domain_scale": "times each domain's natural character budget, for the sweep's data",
+}
+
+
 def build_parser() -> CommandParser:
-    parser = CommandParser(prog="lorakit regmix", description=(
+    parser = CommandParser(prog="lorakit regmix", formatter_class=DefaultsFormatter, description=(
         "RegMix (arXiv 2407.01492): train proxy models on random domain mixtures, regress validation loss on "
         "the mixture with LightGBM, and write the predicted best mixture to OUT/regmix.json."))
     parser.add_argument("--out", type=Path, required=True, help="folder for proxies.jsonl and regmix.json")
@@ -412,9 +474,10 @@ def build_parser() -> CommandParser:
     for name in ("n_proxies", "test_every", "steps", "hidden_size", "num_layers", "seq_len", "batch_size",
                  "vocab_size", "eval_blocks", "top_k", "n_search", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=seed_arg if name == "seed" else int,
-                            default=getattr(defaults, name))
+                            default=getattr(defaults, name), help=_FLAG_HELP[name])
     for name in ("lr", "domain_scale"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                            help=_FLAG_HELP[name])
     parser.add_argument("--target", default=defaults.target, help="'mean' or a domain whose loss to minimise")
     return parser
 
@@ -438,8 +501,9 @@ def _run(args, config: "RegMixConfig") -> int:
         path = args.out / "proxies.jsonl"
         if not path.exists():
             raise ConfigError(f"no proxies at {path}; run without --fit-only first.")
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        natural = json.loads((args.out / "sweep.json").read_text())["natural"]
+        natural = read_sweep(args.out)["natural"]
+        check_saved_config(args.out, config)  # the fit reads the flags' domains: those of the sweep, or an error
+        records = read_proxies(path)
     else:
         try:
             shard = tuple(int(x) for x in args.shard.split("/"))
@@ -450,12 +514,10 @@ def _run(args, config: "RegMixConfig") -> int:
         if shard[1] > 1:
             print(f"shard {args.shard} done; fit with --fit-only once every shard has finished.")
             return 0
-        records = [json.loads(line) for line in (args.out / "proxies.jsonl").read_text().splitlines()]
-        natural = json.loads((args.out / "sweep.json").read_text())["natural"]
+        records = read_proxies(args.out / "proxies.jsonl")
+        natural = read_sweep(args.out)["natural"]
     summary = fit_and_search(records, config, natural)
-    tmp = args.out / f".regmix.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, args.out / "regmix.json")
+    atomic_write_json(args.out / "regmix.json", summary)
     print(json.dumps({k: summary[k] for k in ("mixture", "predicted_target", "spearman_test") if k in summary},
                      indent=2))
     return 0

@@ -32,7 +32,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from lorakit.assets import BASE_MODEL_PATH
 from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
-from lorakit.core.config import check_non_negative, field_error
+from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
@@ -131,6 +131,9 @@ class PretrainConfig:
             raise ConfigError(f"Unknown pretraining objective {self.objective!r}; choose one of "
                               f"{sorted(OBJECTIVES)}.{did_you_mean(self.objective, OBJECTIVES)}",
                               field="PretrainConfig.objective")
+        check_seq_len = getattr(OBJECTIVES[self.objective], "check_seq_len", None)  # before any data is built
+        if check_seq_len is not None and self.seq_len > 0:
+            check_seq_len(self.seq_len)
         if self.norm not in NORMS:
             raise ConfigError(f"Unknown norm placement {self.norm!r}; choose one of {list(NORMS)}."
                               f"{did_you_mean(self.norm, NORMS)}", field="PretrainConfig.norm")
@@ -167,6 +170,12 @@ class PretrainConfig:
             raise ConfigError(f"{FIELD} must be >= 300 (256 bytes + special tokens), got {self.vocab_size}.",
                               field="vocab_size")
         check_non_negative(self, "checkpoint_every", note=" (0: no checkpoints)")
+        # AdamW raised on a NaN or negative lr only after the corpus and tokenizer were built; a NaN weight decay or
+        # clip trained a NaN model that was saved, and a clip of 0 zeroes every gradient
+        check_positive(self, "lr", "grad_clip", finite=True)
+        check_non_negative(self, "weight_decay", finite=True)
+        check_non_negative(self, "warmup_steps")
+        check_non_negative(self, "num_threads", note=" (0: all cores)")
         if not 0.0 <= self.eval_fraction < 0.5:
             raise ConfigError(f"{FIELD} must be in [0, 0.5), got {self.eval_fraction}.",
                               field="eval_fraction")
@@ -174,12 +183,20 @@ class PretrainConfig:
             raise ConfigError(f"{FIELD} must be in [0, 1], got {self.min_lr_ratio}.", field="min_lr_ratio")
         if self.mixture:
             parse_mixture(self.mixture)
-            if not self.mixture_scale > 0:
-                raise ConfigError(f"{FIELD} must be > 0, got {self.mixture_scale}; it multiplies each domain's natural "
-                                  "character budget.", field="mixture_scale")
+            check_positive(self, "mixture_scale", finite=True, note="; it multiplies each domain's natural character "
+                                                                    "budget")
             if self.mixture == "regmix" and not self.regmix_dir:
                 raise ConfigError(f"mixture='regmix' needs {FIELD}, the folder `lorakit regmix --out` wrote.",
                                   field="regmix_dir")
+        # like mix_ln_alpha without norm="mix": an option the run would not read is refused, not ignored
+        if not self.mixture and self.mixture_scale != 1.0:
+            raise ConfigError(f"mixture_scale {self.mixture_scale} is read only with a mixture; without mixture the "
+                              "corpus is the stdlib + tasks one (its size: stdlib_chars). Give a mixture, or drop "
+                              "mixture_scale.", field="PretrainConfig.mixture_scale")
+        if self.regmix_dir and self.mixture != "regmix":
+            raise ConfigError(f"regmix_dir {self.regmix_dir!r} is read only with mixture='regmix', not "
+                              f"mixture={self.mixture!r}. Give mixture='regmix', or drop regmix_dir.",
+                              field="PretrainConfig.regmix_dir")
 
 
 def pack_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int) -> torch.Tensor:

@@ -149,6 +149,22 @@ class UL2Objective:
     def __init__(self, config: UL2Config | None = None):
         self.config = config or UL2Config()
 
+    def min_seq_len(self) -> int:
+        """The shortest block every denoiser's row fits in: a span row of raw length L takes
+        ``1 + (L - n + s) + (n + s) + 1`` tokens (``fitting_length``) and L is at least 2; an S row needs 3."""
+        seq_len = 3
+        while any(d.mean_span is not None and fitting_length(seq_len, d) + 2 * span_counts(
+                fitting_length(seq_len, d), d.rate, d.mean_span)[1] + 2 > seq_len for d in self.config.denoisers):
+            seq_len += 1
+        return seq_len
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """ConfigError (field ``seq_len``) when a block of ``seq_len`` tokens cannot hold some denoiser's row."""
+        if seq_len < self.min_seq_len():
+            raise ConfigError(f"{FIELD}={seq_len} is too short for the ul2 objective: its span denoisers need rows "
+                              f"of at least {self.min_seq_len()} tokens (mode token, kept tokens, a sentinel on each "
+                              "side of a span, EOS); raise it.", field="seq_len")
+
     def num_sentinels(self, seq_len: int) -> int:
         spans = [span_counts(fitting_length(seq_len, d), d.rate, d.mean_span)[1]
                  for d in self.config.denoisers if d.mean_span is not None]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..core.config import field_error
-from ..core.errors import AdapterError, ConfigError, LorakitError
+from ..core.errors import AdapterError, ConfigError, LorakitError, did_you_mean
 from ..core.inits import find_init
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from ..io.peft_format import PREFIX, WEIGHTS_NAME
@@ -66,7 +66,8 @@ class LoramConfig:
         if not 0.0 < self.ratio < 1.0:
             raise field_error(self, "ratio", f"={self.ratio}: give the fraction removed, in (0, 1)")
         if self.criterion not in CRITERIA:
-            raise field_error(self, "criterion", f"={self.criterion!r}: choose one of {CRITERIA}")
+            raise field_error(self, "criterion", f"={self.criterion!r}: choose one of {CRITERIA}."
+                                                f"{did_you_mean(self.criterion, CRITERIA)}")
         if self.block_range is not None and not (0 <= self.block_range[0] < self.block_range[1]):
             raise field_error(self, "block_range", f"={self.block_range}: give (start, end) with 0 <= start < end")
 
@@ -154,7 +155,7 @@ def recover_state_dict(tensors: dict[str, torch.Tensor], plan: PrunePlan, recove
     (zeros, or N(0, 1/r²) for ``recover="normal"``, in the pruned rows of B / columns of A). Raises LorakitError
     for another tensor of a pruned module (e.g. DoRA's magnitude): only lora_A / lora_B can be recovered."""
     if recover not in RECOVER:
-        raise ConfigError(f"recover={recover!r}: choose one of {RECOVER}")
+        raise ConfigError(f"recover={recover!r}: choose one of {RECOVER}.{did_you_mean(recover, RECOVER)}")
     generator = torch.Generator().manual_seed(seed)
     out = dict(tensors)
     for key, value in tensors.items():

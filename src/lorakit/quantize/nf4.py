@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.delta import register_dequantizer
 from ..core.config import field_error
-from ..core.errors import LorakitError
+from ..core.errors import LorakitError, did_you_mean
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,9 +72,11 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise field_error(self, "quant_type", f"={self.quant_type!r}: choose one of {QUANT_TYPES}")
+            raise field_error(self, "quant_type", f"={self.quant_type!r}: choose one of {QUANT_TYPES}."
+                                                 f"{did_you_mean(self.quant_type, QUANT_TYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}")
+            raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}."
+                                                    f"{did_you_mean(self.compute_dtype, COMPUTE_DTYPES)}")
 
     @classmethod
     def of(cls, value: "QuantizeConfig | str") -> "QuantizeConfig":
@@ -134,15 +136,17 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q.train(child.training))
-    keep_qlora_layout(model)
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
-    return model
+    return keep_qlora_layout(model)
 
 
 def keep_qlora_layout(model: nn.Module) -> nn.Module:
     """Turn off bitsandbytes' CPU repacking (see the module docstring) on every 4-bit layer of ``model``, in
     place, so its weights stay the NF4 codes + absmax constants QLoRA defines on every machine; returns ``model``.
-    A layer already repacked is unpacked back (as bitsandbytes' own ``state_dict``/``.cuda()`` do)."""
+    A layer already repacked is unpacked back (as bitsandbytes' own ``state_dict``/``.cuda()`` do). The layout
+    kept is the one training forwards use (they never repack), the one PEFT + bitsandbytes use on other CPUs and
+    on CUDA, and the one ``dequantize_weight`` reads; without it an eval forward of the bundled base (intermediate
+    688, not a multiple of 32) raised bitsandbytes' "N must be divisible by block_n" on such a CPU."""
     for module in model.modules():
         if is_4bit(module):
             module.support_avx512bf16_for_cpu = False
