@@ -9,6 +9,7 @@ Methods PEFT lacks use the same two files, with ``lorakit_method`` naming the me
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -266,6 +267,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         raise AdapterLoadError(f"{directory}: the adapter is relative to a base that the data-driven init "
                                f"{init.name!r} changed, which cannot be recomputed here; save it with "
                                "save_adapter(..., original_base=True) to get a file for the original base.")
+    if init is not None and init.rerun_on_load and not init.reruns_exactly(config.requested_init()):
+        warnings.warn(_redrawn_base_warning(directory, config.requested_init()), UserWarning, stacklevel=2)
     tensors = load_tensors(weights_path(directory))
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
         plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
@@ -279,6 +282,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     elif init is not None:  # its result is in the file: never run it again (e.g. by the training loop)
         adapter_state(model).inits[name] = InitRecord(init=init.name, spec=str(config.requested_init()))
     return model
+
+
+def _redrawn_base_warning(directory: Path, spec: str) -> str:
+    """What loading a file whose init is redone with fresh random numbers (``pissa_niter_K``) gets wrong, and the
+    exact route. PEFT redoes it the same way on load, without a word: its reload of its own file depends on the RNG
+    state (peft/tuners/lora/layer.py ``pissa_init``: ``svd_lowrank`` draws a random projection)."""
+    return (f"{directory}: init_lora_weights={spec!r} is redone on load with a new random SVD (as PEFT does), so the "
+            f"base it leaves differs from the one the adapter was trained on and the outputs differ from the model "
+            f"that saved it. For exact outputs save the adapter for the original base: save_adapter(model, dir, "
+            f"original_base=True) in lorakit, save_pretrained(dir, path_initial_model_for_weight_conversion=...) in "
+            f"PEFT.")
 
 
 def _refuse_meta(directory: Path, plan) -> None:
