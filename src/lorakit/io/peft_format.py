@@ -266,7 +266,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if init is not None and init.changes_base and not init.rerun_on_load:
         raise AdapterLoadError(f"{directory}: the adapter is relative to a base that the data-driven init "
                                f"{init.name!r} changed, which cannot be recomputed here; save it with "
-                               "save_adapter(..., original_base=True) to get a file for the original base.")
+                               "save_adapter(..., original_base=True) to get a file for the original base (in PEFT: "
+                               "save_pretrained(dir, path_initial_model_for_weight_conversion=...)).")
     if init is not None and init.rerun_on_load and not init.reruns_exactly(config.requested_init()):
         warnings.warn(_redrawn_base_warning(directory, config.requested_init()), UserWarning, stacklevel=2)
     tensors = load_tensors(weights_path(directory))

@@ -58,12 +58,14 @@ class LoraConfig(AdapterConfig):
     foreign_fields = {
         "fan_in_fan_out": ANY_VALUE,  # lorakit detects Conv1D layers itself
         "bias": "none", "megatron_config": None, "megatron_core": ANY_VALUE, "loftq_config": ({}, None),
-        "layer_replication": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+        "layer_replication": None,
         "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
         "use_bdlora": (None, False), "alora_invocation_tokens": None, "use_qalora": False,
         "qalora_group_size": ANY_VALUE, "trainable_token_indices": None, "target_parameters": None,
         "ensure_weight_tying": ANY_VALUE, "runtime_config": ANY_VALUE,
     }
+
+    init_settings_fields = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
 
     r: int = 8
     lora_alpha: float = 8
