@@ -174,7 +174,8 @@ class AdapterConfig(metaclass=_PeftKeywords):
     - ``target_modules``: list = exact module name or dotted suffix; str = regex full match;
       ``"all-linear"`` = every Linear / GPT-2 Conv1D except the output head; None = per-architecture default.
     - ``exclude_modules``: same rules, removes matches.
-    - ``layers_to_transform`` (+ ``layers_pattern``): only modules inside these layer indices.
+    - ``layers_to_transform`` (+ ``layers_pattern``): only modules inside these layer indices (a module a
+      target_modules list names in full is adapted in any layer, as in PEFT).
     - ``modules_to_save``: modules trained and saved in full (e.g. a classifier head).
     """
 

@@ -126,7 +126,10 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
         if isinstance(targets, list):
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
         candidates.append(key)
-        if config.layers_to_transform is not None:
+        # PEFT's rule (tuners_utils.py check_target_module_exists): a module a list names in full is adapted whatever
+        # layers_to_transform says; the layer filter applies to suffix matches only
+        named_in_full = isinstance(targets, list) and key in targets
+        if config.layers_to_transform is not None and not named_in_full:
             idx = layer_index(key, config.layers_pattern)
             layer_ids.add(idx)
             wanted = config.layers_to_transform

@@ -76,6 +76,14 @@ def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
             d["target_modules"] = list(default_targets(model))
         except TargetError:
             pass
+    if isinstance(d.get("target_modules"), str) and d.get("layers_to_transform") is not None:
+        # PEFT refuses a str target_modules (a regex, "all-linear") beside layers_to_transform (its LoraConfig raises
+        # ValueError), so such a file did not load there: name the modules chosen instead, in full (PEFT matches a
+        # full name exactly, in whatever layer), which needs no layer filter.
+        from ..core.targeting import select_targets
+
+        d["target_modules"] = select_targets(model, config, strict=False)
+        d["layers_to_transform"] = d["layers_pattern"] = None
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
     # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
     # the folder the model was loaded from, as PEFT records it (AutoPeftModel loads the base from it); a bundled
