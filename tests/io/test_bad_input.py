@@ -124,6 +124,21 @@ def test_rank_mismatch_names_the_tensor(saved, model_with_adapter):
     _load_fails(model_with_adapter, saved, r"q_proj\.lora_A\.weight' has shape \(8, 32\) but .* expect \(4, 32\)")
 
 
+@pytest.mark.parametrize("edit", [{"r": 10**12}, {"rank_pattern": {"layers.1.self_attn.v_proj": 10**12}},
+                                  {"r": 10**12, "use_dora": True}], ids=["r", "rank_pattern", "dora"])
+def test_a_huge_edited_rank_is_named_by_its_tensor_before_it_is_allocated(edit, saved, model_with_adapter):
+    """The deltas were built at the config's size before any tensor was compared: an adapter_config.json edited to a
+    huge rank failed with torch's "can't allocate memory" (no tensor named, no LorakitError), or, at a size the
+    allocator grants, filled gigabytes before the shape check ran. The file's shapes are now checked first."""
+    if edit.get("use_dora"):  # (DoRA's build reads the base weight: sized on the meta device all the same)
+        lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj", "v_proj"], use_dora=True)),
+                        saved)
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    _load_fails(model_with_adapter, saved, r"_proj\.lora_A\.weight' has shape \(8, 32\) but .* expect "
+                                           r"\(1000000000000, 32\)")
+
+
 def test_adapter_for_another_model(saved):
     model = tiny_gpt2()
     snap = _snapshot(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetEr
                            UnknownMethodError, did_you_mean, near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
-from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
+from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
+                          temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
 from .files import TensorFile, load_tensors, read_json, save_tensors_and_json
 
@@ -376,15 +377,52 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
 
 
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
+    """Check the file's ``tensors`` against what ``config`` builds on ``model`` (keys, shapes, base weights), then,
+    with ``copy``, build the plan and copy them in: ``(plan, given tensors by key)``. The checks use the shapes of
+    deltas built on the meta device (``planned_shapes``), so a config whose sizes do not fit its file (an edited
+    huge r) fails naming a tensor before anything of its size is allocated; without ``copy`` nothing is built
+    (plan None)."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
+    trained = trained_modules(tensors)
+    plan = None
     try:
-        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
-                            trained=trained_modules(tensors))
+        try:
+            prepared, deltas, saved = planned_shapes(model, config, name, trained)
+        except (ConfigError, TargetError, AdapterError):
+            raise
+        except Exception:  # noqa: BLE001  (a method whose build cannot run on the meta device: sized by the real plan)
+            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+            prepared = plan.config
+            deltas = {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
+                      for path, (_, _, delta) in plan.deltas.items()}
+            saved = {path: {k: tuple(v.shape) for k, v in module.state_dict().items()}
+                     for path, module in plan.saved.items()}
     except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
-    expected = plan.state_dict()
+    expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
+                for k, shape in keys.items()}
+    given = _checked_tensors(model, directory, prepared, tensors, expected, deltas)
+    if not copy:
+        return plan, given
+    if plan is None:
+        # every check passed: now the deltas are built for real
+        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+    # All checks passed: copy into the (still detached) deltas, then attach.
+    with torch.no_grad():
+        for path, (_, _, delta) in plan.deltas.items():
+            _copy_into(delta, path, given)
+        for path, module in plan.saved.items():
+            _copy_into(module, path, given)
+    return plan, given
+
+
+def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas
+                     ) -> dict[str, torch.Tensor]:
+    """The file's adapter tensors by key (prefix stripped), after checking them against ``expected`` (key -> shape
+    of what ``config`` builds; ``deltas``: the adapted module paths): none unexpected, none missing, every shape
+    right, base-model weights equal to the model's. Raises AdapterLoadError naming the tensor."""
     # every name, tied twins included (PEFT saves lm_head.base_layer.weight of a tied lm_head it targets, which
     # named_parameters() leaves out as a duplicate of embed_tokens.weight)
     host_params = dict(model.named_parameters(remove_duplicate=False))
@@ -419,10 +457,10 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(unexpected)} tensor(s) match no adapted module of this model: {hints}. "
             f"Is this adapter for a different base model, or are target_modules different?"
         )
-    method = get_method(plan.config)
+    method = get_method(config)
     if method.check_file is not None:
         try:
-            method.check_file(plan.config, given)
+            method.check_file(config, given)
         except AdapterLoadError as e:
             raise AdapterLoadError(f"{directory}: {e}") from None
     missing = [k for k in expected if k not in given and k.rsplit(".", 1)[-1] not in method.optional_keys]
@@ -431,28 +469,28 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
             f"{', '.join(PREFIX + k for k in missing[:5])}"
         )
-    for k, value in given.items():
-        want = expected[k]
-        if tuple(value.shape) != tuple(want.shape):
-            path = next((p for p in plan.deltas if k.startswith(p + ".")), None)
-            fits = [] if path is None else _fields_that_fit(model, plan.config, path, k[len(path) + 1:],
-                                                             tuple(value.shape))
-            now = ", ".join(f"{f.split('=')[0]}={getattr(plan.config, f.split('=')[0])}" for f in fits)
-            why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
-                   "was edited, or belongs to another adapter)" if fits else "")
-            raise AdapterLoadError(
-                f"{directory}: tensor {PREFIX + k!r} has shape {tuple(value.shape)} but this model and config "
-                f"(r / rank_pattern, module size) expect {tuple(want.shape)}{why}."
-            )
-    if not copy:
-        return plan, given
-    # All checks passed: copy into the (still detached) deltas, then attach.
-    with torch.no_grad():
-        for path, (_, _, delta) in plan.deltas.items():
-            _copy_into(delta, path, given)
-        for path, module in plan.saved.items():
-            _copy_into(module, path, given)
-    return plan, given
+    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas)
+    return given
+
+
+def _check_shapes(model: nn.Module, directory: Path, config, given: dict[str, tuple[int, ...]],
+                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str]) -> None:
+    """AdapterLoadError naming the first file tensor (``given``: key without the prefix -> shape) whose shape is not
+    the one ``expected`` holds for it, with the config field values that would fit (``_fields_that_fit``; ``deltas``:
+    the adapted module paths)."""
+    for k, shape in given.items():
+        want = expected.get(k)
+        if want is None or shape == want:
+            continue
+        path = next((p for p in deltas if k.startswith(p + ".")), None)
+        fits = [] if path is None else _fields_that_fit(model, config, path, k[len(path) + 1:], shape)
+        now = ", ".join(f"{f.split('=')[0]}={getattr(config, f.split('=')[0])}" for f in fits)
+        why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
+               "was edited, or belongs to another adapter)" if fits else "")
+        raise AdapterLoadError(
+            f"{directory}: tensor {PREFIX + k!r} has shape {shape} but this model and config "
+            f"(r / rank_pattern, module size) expect {want}{why}."
+        )
 
 
 def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:

@@ -184,6 +184,12 @@ class LoraLinear(Delta):
         return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling, dropout=self.lora_dropout)
 
 
+def base_weight_for(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The base ``weight`` in float32 for DoRA's initial norm ``‖W + ΔW‖`` beside ``delta``; on the meta device when
+    ``delta`` is there (a loader sizing a file's tensors builds deltas on meta: only shapes are wanted)."""
+    return weight.to("meta", torch.float32) if delta.is_meta else weight.float()
+
+
 class DoraLinear(LoraLinear):
     """DoRA on nn.Linear / Conv1D: a learned per-output-row magnitude over the LoRA-updated direction."""
 
@@ -192,7 +198,8 @@ class DoraLinear(LoraLinear):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            norm = self._weight_norm(oriented_weight(base_layer, info).float(), self.delta_weight())
+            delta = self.delta_weight()
+            norm = self._weight_norm(base_weight_for(oriented_weight(base_layer, info), delta), delta)
         self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._merge_scale: torch.Tensor | None = None
 
@@ -276,7 +283,8 @@ class DoraEmbedding(LoraEmbedding):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            norm = torch.linalg.norm(oriented_weight(base_layer, info).float() + self.delta_weight(), dim=1)
+            delta = self.delta_weight()
+            norm = torch.linalg.norm(base_weight_for(oriented_weight(base_layer, info), delta) + delta, dim=1)
         self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
         self._merge_scale: torch.Tensor | None = None
 
