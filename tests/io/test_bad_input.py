@@ -217,6 +217,10 @@ def test_invalid_json_and_bad_fields(saved, model_with_adapter):
     _load_fails(model_with_adapter, saved, "JSON object")
     cfg_path.write_text(json.dumps({**good, "lora_alpah": 16}))
     _load_fails(model_with_adapter, saved, r"unknown field 'lora_alpah'.*lora_alpha")
+    # a field of a newer PEFT than lorakit reads: named, with the PEFT version that wrote it and what to do
+    cfg_path.write_text(json.dumps({**good, "peft_version": "0.99.0", "use_quantum_lora": False}))
+    _load_fails(model_with_adapter, saved, r"unknown field 'use_quantum_lora'.*written by PEFT 0\.99\.0.*if it holds "
+                                           r"PEFT's default .* delete it from the file")
     cfg_path.write_text(json.dumps({**good, "r": "eight"}))
     _load_fails(model_with_adapter, saved, r"r must be int")
     cfg_path.write_text(json.dumps({**good, "r": 0}))  # a value error names the file it is in

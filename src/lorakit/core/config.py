@@ -300,6 +300,10 @@ class AdapterConfig(metaclass=_PeftKeywords):
                 old = difflib.get_close_matches(key, list(cls.renamed_fields), n=1, cutoff=0.75)
                 hint = (f" Did you mean {cls.renamed_fields[old[0]]!r} (formerly {old[0]!r})?" if old
                         else did_you_mean(key, known))
+                if not old and "peft_version" in data:
+                    hint += (f" The file was written by PEFT {data['peft_version']}: {key!r} is probably a setting of a "
+                            f"PEFT newer than lorakit reads, and loading without it could give other outputs; if it "
+                            f"holds PEFT's default (the feature unused), delete it from the file.")
                 raise ConfigError(
                     f"{source}: unknown field {key!r} for method {cls.method!r}.{hint} "
                     f"Known fields: {', '.join(sorted(known))}."
