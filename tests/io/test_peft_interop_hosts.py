@@ -210,3 +210,15 @@ def test_a_str_target_with_layers_to_transform_saves_a_file_peft_loads(targets, 
     assert sorted(again.lorakit.configs["default"].target_modules) == sorted(
         p for p, _ in lk.core.model.adapter_layers(model))
     assert all(".layers.1." in p for p, _ in lk.core.model.adapter_layers(again))
+
+
+def test_a_peft_file_with_an_empty_layers_to_transform_adapts_every_layer(ids, tmp_path):
+    """PEFT reads layers_to_transform=[] as no layer filter (tuners_utils.py: ``is_using_layer_indexes`` is False for
+    an empty list) and adapts every layer; lorakit refused its file ("layers_to_transform=[] selects no layer")."""
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[],
+                                                             init_lora_weights=False)).eval()
+    expected = _out(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    model = lk.load_adapter(tiny_llama(), tmp_path)
+    assert len(list(lk.core.model.adapter_layers(model))) == 2
+    assert (_out(model, ids) - expected).abs().max() <= 1e-5
