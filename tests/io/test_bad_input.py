@@ -292,3 +292,46 @@ def test_a_save_failing_at_its_second_file_keeps_the_old_pair(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = lk.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_a_save_interrupted_between_its_two_files_is_not_loaded_silently(tmp_path, monkeypatch, ids):
+    """A save renames its two finished files into place one after the other; killed between the renames (simulated:
+    the second raises KeyboardInterrupt), the folder held the new tensors beside the old config. Same rank, another
+    lora_alpha: it loaded without a word and ran the new tensors at the old scaling. The tensors now carry the config
+    they were saved with, and a load (attached or banked) names what differs."""
+    from lorakit.serving import load_adapters
+
+    old = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    lk.save_adapter(old, tmp_path)
+    new = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj"],
+                                                     init_lora_weights=False))
+    import lorakit.io.files as files
+
+    real_replace, calls = files.os.replace, []
+
+    def killed_after_first(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(files.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        lk.save_adapter(new, tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8  # the old config stayed
+    says = r"not the config its tensors were saved with \(.*lora_alpha: saved 32, now 8\).*interrupted"
+    with pytest.warns(UserWarning, match=says):
+        lk.load_adapter(tiny_llama(), tmp_path)
+    with pytest.warns(UserWarning, match=says):
+        load_adapters(tiny_llama(), {"a": tmp_path})
+
+
+def test_moving_the_base_folder_in_the_config_is_no_mismatch(tmp_path):
+    import warnings
+
+    lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"])), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/elsewhere"}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not the config its tensors")
+        lk.load_adapter(tiny_llama(), tmp_path)

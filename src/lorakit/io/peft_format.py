@@ -8,6 +8,7 @@ Methods PEFT lacks use the same two files, with ``lorakit_method`` naming the me
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
                           temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
-from .files import TensorFile, load_tensors, read_json, save_tensors_and_json
+from .files import TensorFile, read_json, save_tensors_and_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,9 +164,47 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         plain = {k[len(PREFIX):]: v for k, v in tensors.items()}
         config, plain = method.to_original_base(adapter_state(model).configs[name], config, plain, edits)
         tensors = {PREFIX + k: v for k, v in plain.items()}
-    save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config},
-                          metadata={"format": "pt", "lorakit_version": __version__})
+    write_adapter_files(directory, tensors, config)
     return directory
+
+
+# The safetensors metadata key holding the adapter_config.json written beside the tensors: a loader finding another
+# config there knows the pair was not saved together (edited since, or a save interrupted between its two renames).
+SAVED_CONFIG_KEY = "lorakit_adapter_config"
+# Config fields that do not change what the tensors mean: editing them (a moved base folder) is no mismatch.
+_FREE_FIELDS = {"base_model_name_or_path", "inference_mode", "revision", "auto_mapping", "peft_version",
+                "lorakit_version"}
+
+
+def write_adapter_files(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
+                        extra_json: Mapping[str | os.PathLike, Any] | None = None) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ ``extra_json`` files) into ``directory`` as one
+    set (:func:`~lorakit.io.files.save_tensors_and_json`), the config also in the tensors' metadata
+    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load."""
+    directory = Path(directory)
+    metadata = {"format": "pt", "lorakit_version": __version__, SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
+    save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config, **(extra_json or {})},
+                          metadata=metadata)
+
+
+def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
+    """Warn (UserWarning naming the fields and both values) when ``directory``'s adapter_config.json is not the config
+    lorakit saved with the tensors of ``file`` (its metadata): edited since, or a save into the folder was interrupted
+    between its two files, leaving new tensors beside the old config. Files without that metadata (PEFT's) pass."""
+    saved = file.metadata().get(SAVED_CONFIG_KEY)
+    if saved is None:
+        return
+    try:
+        saved = json.loads(saved)
+    except json.JSONDecodeError:
+        return
+    now = read_json(Path(directory) / CONFIG_NAME)
+    changed = sorted(k for k in set(saved) | set(now) if k not in _FREE_FIELDS and saved.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in changed[:5])
+        warnings.warn(f"{directory}: {CONFIG_NAME} is not the config its tensors were saved with ({diffs}): it was "
+                      f"edited, or a save into this folder was interrupted between its two files (new tensors beside "
+                      f"the old config). The adapter loads as the config now says.", UserWarning, stacklevel=3)
 
 
 def read_adapter_config(directory: str | os.PathLike):
@@ -279,7 +318,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
                                "save_pretrained(dir, path_initial_model_for_weight_conversion=...)).")
     if init is not None and init.rerun_on_load and not init.reruns_exactly(config.requested_init()):
         warnings.warn(_redrawn_base_warning(directory, config.requested_init()), UserWarning, stacklevel=2)
-    tensors = load_tensors(weights_path(directory))
+    file = TensorFile(weights_path(directory))
+    warn_config_changed(directory, file)
+    tensors = file.read_all()
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
         plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
     _refuse_meta(directory, plan)

@@ -37,7 +37,7 @@ from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.files import TensorFile, load_tensors
-from ..io.peft_format import PREFIX, read_adapter_config, refuse_meta_tensors, weights_path
+from ..io.peft_format import PREFIX, read_adapter_config, refuse_meta_tensors, warn_config_changed, weights_path
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
@@ -514,8 +514,10 @@ def _check_factor_shape(path_w: Path, path: str, key: str, suffix: str, got: tup
 def _check_file_ranks(directory: Path, layers) -> None:
     """The shapes of the factors the weights file holds for ``layers`` ((path, info, r, scaling) each), read from its
     header (no tensor is read), against the config's ranks: banks are sized by r before the tensors are read, so an
-    adapter_config.json edited to a huge rank would be allocated before any tensor could name it."""
+    adapter_config.json edited to a huge rank would be allocated before any tensor could name it. Also warns when
+    the config is not the one saved with the tensors (``warn_config_changed``)."""
     file = TensorFile(weights_path(directory))
+    warn_config_changed(directory, file)
     keys = set(file.keys())
     for path, info, r, _ in layers:
         for suffix, shape in _factor_shapes(info, r):
