@@ -204,25 +204,3 @@ def test_an_init_that_changes_the_base_is_refused_on_a_4bit_base(saved_base, ini
         lk.init_adapter(model, "default", [{"input_ids": x, "labels": x}], init=init)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-
-
-def test_a_layer_of_no_block_size_evaluates_on_an_avx512_bf16_cpu(monkeypatch):
-    """On CPUs with AVX512-BF16, bitsandbytes repacks an eval-mode 4-bit layer's weight for a faster kernel, in blocks
-    of 32 output rows and 64 input columns, and fails on other sizes ("N must be divisible by block_n"): a LoRAM-pruned
-    layer (344 rows) crashed `lorakit train --loram-ratio 0.5 --quantize nf4` at its first evaluation, on such a CPU
-    only. Those layers keep the plain kernel; the output is the dequantized weight's, as in training mode.
-    (The CPU is declared to bitsandbytes here, so the test runs that path on any machine: no layer packs.)"""
-    import bitsandbytes.nn.modules as bnb_modules
-
-    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(344, 96), torch.nn.ReLU(), torch.nn.Linear(96, 344))
-    quantize_model(model, QuantizeConfig(compute_dtype="float32"))
-    x = torch.randn(3, 344)
-    with torch.no_grad():
-        want = model.train()(x)  # the unpacked kernel
-        got = model.eval()(x)
-    torch.testing.assert_close(got, want)
-    reference = torch.nn.functional.linear(torch.relu(x @ dequantize_weight(model[0]).T + model[0].bias),
-                                           dequantize_weight(model[2]), model[2].bias)
-    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)

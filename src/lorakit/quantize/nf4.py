@@ -125,12 +125,6 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
                                          quant_type=config.quant_type, module=q).to(device)  # .to quantizes
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            if child.out_features % 32 or child.in_features % q.weight.quant_state.blocksize:
-                # bitsandbytes repacks an eval-mode layer's weight for AVX512-BF16 CPUs in blocks of 32 output rows
-                # and of the quantization block along the input (functional.py _convert_weight_packed_for_cpu) and
-                # fails on other sizes: a LoRAM-pruned layer (344 rows / columns) crashed eval there. Such layers
-                # keep the plain 4-bit kernel.
-                q.support_avx512bf16_for_cpu = False
             setattr(parent, name, q.train(child.training))
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
     return model
