@@ -212,7 +212,6 @@ def _quantize_config(args):
                           compute_dtype=args.compute_dtype or "float32")
 
 
-BASE_FILE = "base.json"  # the base a `lorakit train` run trains on beyond --model (4 bit, LoRAM), checked on resume
 
 
 def _base_settings(args) -> dict[str, Any]:
@@ -232,6 +231,7 @@ def _base_settings(args) -> dict[str, Any]:
 def _check_resume_base(checkpoint: Path, args) -> None:
     """--resume-from's run trained on the base these flags make (its run folder's base.json, when it has one)."""
     from .io.files import read_json
+    from .io.peft_format import BASE_FILE
 
     saved_file = checkpoint.parent / BASE_FILE
     if not saved_file.is_file():
@@ -246,27 +246,12 @@ def _check_resume_base(checkpoint: Path, args) -> None:
 
 def _adapter_base_mismatch(adapter: str | None, args) -> str | None:
     """Why ``adapter`` (a folder ``lorakit train`` wrote: its ``adapter/`` or a ``checkpoint-N``, or the run folder)
-    was trained on another 4-bit setting of the base than these flags load (its run folder's base.json), or None.
-    Only the stored weights count: --quantize and --double-quant (--compute-dtype changes the matmuls' dtype only)."""
-    from .io.files import read_json
-    from .io.peft_format import run_adapter
+    was trained on another 4-bit setting of the base than these flags load (its run folder's base.json), or None
+    (:func:`~lorakit.io.peft_format.trained_base_mismatch`, which ``lorakit serve``'s adapter store reads too)."""
+    from .io.peft_format import trained_base_mismatch
 
-    if not adapter:
-        return None
-    folder = Path(adapter)
-    run = folder if run_adapter(folder) is not None else folder.parent
-    saved_file = run / BASE_FILE
-    if not saved_file.is_file():
-        return None  # not in a run folder, or written before base.json existed
     quantize = getattr(args, "quantize", None)
-    saved = read_json(saved_file)
-    if saved.get("loram_ratio") is not None:
-        return None  # LoRAM: the adapter is recovered for the original model; only the pruned copy was 4-bit (QLoRAM)
-    now = {"quantize": quantize, "double_quant": _quantize_config(args).double_quant if quantize else None}
-    diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, this command {now[k]!r}"
-            for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
-    return None if not diff else (f"{adapter} was trained on another base than this command loads ({'; '.join(diff)}; "
-                                  f"its run's {saved_file})")
+    return trained_base_mismatch(adapter, quantize, _quantize_config(args).double_quant if quantize else None)
 
 
 LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
@@ -275,8 +260,9 @@ LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, w
 def _adapter_labels(adapter: str | None) -> list[str] | None:
     """The label names of a SEQ_CLS adapter folder (None for any other adapter); LorakitError when they are missing."""
     from .io.files import read_json
+    from .io.peft_format import file_task_type
 
-    if not adapter or read_json(Path(adapter) / "adapter_config.json").get("task_type") != "SEQ_CLS":
+    if not adapter or file_task_type(read_json(Path(adapter) / "adapter_config.json")) != "SEQ_CLS":
         return None
     if not (Path(adapter) / LABELS_FILE).is_file():
         raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
@@ -582,6 +568,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         log({"step": 0, "eval": before})
     if ctx.is_main:
         from .io.files import atomic_write_json
+        from .io.peft_format import BASE_FILE
         atomic_write_json(out / BASE_FILE, _base_settings(args))
     with handle:
         result = train(model, tokenizer, train_examples, config, adapter_name=args.adapter_name,

@@ -188,8 +188,10 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if quantize is not None:
+        from .quantize import keep_qlora_layout
+
         lm.lorakit_quantize = config
-        return lm.eval(), tokenizer
+        return keep_qlora_layout(lm).eval(), tokenizer
     return lm.to(device).eval(), tokenizer
 
 

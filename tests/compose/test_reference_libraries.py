@@ -169,3 +169,19 @@ def test_peft_add_weighted_adapter_is_wrong_where_lorakit_is_right(variant, ids,
         lorakit_merged = PeftModel.from_pretrained(tiny_llama(), str(ours))(input_ids=ids).logits
     assert (peft_merged - expected).abs().max() > 1e-2  # PEFT: one adapter, weight 1, not reproduced
     torch.testing.assert_close(lorakit_merged, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combination,weights,kw", [
+    ("magnitude_prune_svd", [0.8, -0.5], {"density": 0.4}),
+    ("ties_svd", [1.0, 1.0], {"density": 0.4}),  # unit weights: PEFT's and mergekit's TIES agree (methods.py)
+])
+def test_dense_svd_forms_equal_peft(combination, weights, kw, tmp_path):
+    """PEFT's ``_svd_generalized_task_arithmetic_weighted_adapter`` (peft/tuners/lora/model.py): each source's
+    ``get_delta_weight`` (scaling included), ``magnitude_prune`` / ``ties`` of peft/utils/merge_utils.py on them,
+    then ``torch.linalg.svd`` truncated to ``svd_rank`` (B = U_k S_k, A = Vh_k)."""
+    paths = [make_adapter(tiny_llama, tmp_path / f"s{i}", i, r=r, lora_alpha=2 * r) for i, r in enumerate((4, 6))]
+    ours = merge_adapters(paths, weights, combination, model=tiny_llama(), svd_rank=5, **kw).save(tmp_path / "ours")
+    theirs = _peft_delta(_peft_weighted(paths, weights, combination, svd_rank=5, **kw))
+    mine = _peft_delta(PeftModel.from_pretrained(tiny_llama(), str(ours)), "default")
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)

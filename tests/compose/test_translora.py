@@ -320,3 +320,23 @@ def test_cli_separator_and_prompt_end_read_backslash_escapes():
     assert args.separator == "§\\" and args.prompt_end == "é =>"
     assert build_parser().parse_args(["--adapter", "a", "--target-model", "t", "--data", "d",
                                       "--output", "o"]).separator is None
+
+
+def test_a_transfer_that_fails_leaves_the_source_model_as_it_was(tokenizer, real):
+    """Was: transfer_models added its discriminator adapter to the source model and made it active, and took it off
+    only on success, so after a failed synthesis (here: the threshold keeps nothing) the user's source model kept
+    the discriminator as its active adapter. Now it is removed and the source's active adapters restored on any
+    exit."""
+    import lorakit as lk
+    from lorakit.core.model import adapter_state
+
+    source = _source(tokenizer)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        before = source(input_ids=ids).logits
+    with pytest.raises(LorakitError, match="rejected all"):
+        transfer_models(source, tokenizer, _target(tokenizer), tokenizer, real,
+                        TransLoraConfig(**{**FAST, "threshold": 0.999999}))
+    assert lk.core.model.adapter_names(source) == ["default"] and adapter_state(source).active == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(source(input_ids=ids).logits, before, atol=0, rtol=0)

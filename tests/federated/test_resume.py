@@ -124,3 +124,66 @@ def test_cli_resume_names_the_differing_flags_before_flower_starts(tiny_model_di
     assert "(--local-steps: 2 -> 3; lr: 0.003 -> 0.01)" in err and "resume with the same ones" in err, err
     assert main([*args[:-1], str(tmp_path / "elsewhere")]) == 2
     assert "no federated checkpoint" in capsys.readouterr().err
+
+
+def _sampled(config, server_round: int) -> list[int]:
+    """The clients round ``server_round`` samples, as federated/checkpoint.py documents it (SAMPLING): a
+    ``random.Random`` seeded with ``stable_seed('lorakit-federated-sample', seed, round)`` draws
+    ``max(min_clients, ⌊fraction·N⌋)`` of the partition ids 0..N-1."""
+    import random
+
+    from lorakit.data import stable_seed
+
+    size = min(config.clients, max(config.min_clients, int(config.clients * config.fraction)))
+    return sorted(random.Random(stable_seed("lorakit-federated-sample", config.seed, server_round))
+                  .sample(range(config.clients), size))
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "flora"])
+def test_the_in_process_run_checkpoints_and_resumes_as_the_uninterrupted_one(strategy, tiny_config, tmp_path,
+                                                                             monkeypatch):
+    """federate_in_process (lorakit bench federated) runs the same start / end-of-round code as Flower's ServerApp
+    (checkpoint.start_run / end_round). Was: it wrote no checkpoint and could not resume. 2 of 3 clients per round
+    (client sampling), 3 rounds, stopped after round 1 and resumed: bit-equal to the straight run."""
+    from lorakit.federated.simulate import federate_in_process
+
+    config = tiny_config(strategy, clients=3, fraction=0.67, rounds=3,
+                         client_ranks=[2, 3] if strategy == "flora" else None)
+    straight = federate_in_process(config, output=tmp_path / "straight")
+    assert [r["clients"] for r in straight["rounds"]] == [_sampled(config, t) for t in (1, 2, 3)]
+    assert json.loads((tmp_path / "straight" / "checkpoint" / "server_state.json").read_text())["round"] == 3
+
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(RuntimeError, match="interrupted after round 1"):
+            federate_in_process(config, output=tmp_path / "cut")
+    resumed = federate_in_process(config, output=tmp_path / "cut", resume_from=tmp_path / "cut")
+    assert resumed["rounds"] == straight["rounds"] and resumed["evaluation"] == straight["evaluation"]
+    assert [e["round"] for e in resumed["evaluation"]] == [0, 1, 2, 3]
+    a = load_tensors(Path(straight["adapter"]) / "adapter_model.safetensors")
+    b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_client_sampling_samples_and_ends_as_the_uninterrupted_one(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    """fraction 0.5 of 4 clients, 3 rounds, stopped after round 1 and resumed (real Flower simulation). Was: Flower's
+    FedAvg sampled node ids, which the simulation draws at random for every run (secrets), so the seeded sample
+    named other partitions in every run: neither a rerun nor a resumed run trained the same clients. Now the server
+    samples partition ids with the seeded RNG and sends to the nodes that hold them."""
+    from lorakit.federated.simulate import federate
+
+    config = tiny_config("fedit", clients=4, fraction=0.5, rounds=3, evaluate=False)
+    straight = federate(config, backend_cpus=2, output=tmp_path / "straight")
+    assert [r["clients"] for r in straight["rounds"]] == [_sampled(config, t) for t in (1, 2, 3)]
+
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(RuntimeError, match="interrupted after round 1"):
+            federate(config, backend_cpus=2, output=tmp_path / "cut")
+    resumed = federate(config, backend_cpus=2, output=tmp_path / "cut", resume_from=tmp_path / "cut")
+    assert resumed["rounds"] == straight["rounds"]
+    a = load_tensors(Path(straight["adapter"]) / "adapter_model.safetensors")
+    b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

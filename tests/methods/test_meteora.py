@@ -1,5 +1,6 @@
 """MeteoRA: a gate over existing LoRA adapters (lorakit and peft files, different ranks), supervised gate loss,
-gate-only training, save/load without the source adapters, fast vs reference gate paths."""
+gate-only training, save/load without the source adapters, fast vs reference gate paths; the forward and the
+gate loss against the official code (NJUDeepEngine/meteora @ 2d192ad, written out at the end of this file)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import lorakit as lk
 from lorakit.core.delta import LayerInfo
 from lorakit.core.model import adapter_layers
 from lorakit.data import CausalLMCollator, TokenizedDataset, build_task_index, load_examples
-from lorakit.methods.meteora import MeteoraConfig, MeteoraLinear, gate_labels, gate_loss
+from lorakit.methods.meteora import MeteoraConfig, MeteoraLinear, gate_labels, gate_loss, meteora_extra_loss
 from lorakit.mixtures import record_routing
+from lorakit.mixtures.base import pop_aux_records
 from lorakit.training import TrainConfig, train
 
 from lk_models import tiny_llama, tiny_llama_for, word_level_tokenizer
@@ -235,3 +237,78 @@ def test_config_needs_adapters_or_a_count():
         MeteoraConfig()
     with pytest.raises(lk.ConfigError, match="top_k"):
         MeteoraConfig(num_experts=2, top_k=3)
+
+
+# -- the official code (NJUDeepEngine/meteora @ 2d192ad), written out from its equations -------------------------
+def official_moe_linear_delta(x, gate_w, A, B, scalings, r, top_k, T, accelerated):
+    """``MoELinear.forward`` (MoELoRA/layer.py) minus the base output, dropout off. Accelerated path (lines
+    574-600, training inner loop ``_accelerated_forward_inner_loop`` 629-653): top-k on the gate logits, weight 1
+    when k = 1, else softmax(top-k / T). Non-accelerated path (543-573 with ``_original_forward_inner_loop``
+    658-707): softmax over all logits, top-k, renormalise; T is not used. Adapter i owns rows ``i·r:(i+1)·r`` of
+    ``lora_A.weight`` and the same columns of ``lora_B.weight`` (lines 641-644: identical ranks)."""
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ gate_w.T  # moe_gate: Linear(in, n_loras, bias=False)
+    if accelerated:
+        weights, selected = torch.topk(logits, top_k, dim=-1)
+        weights = torch.ones_like(weights) if top_k == 1 else torch.softmax(weights / T, dim=1)
+    else:
+        weights, selected = torch.topk(torch.softmax(logits, dim=1), top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    result = torch.zeros(flat.shape[0], B.shape[0])
+    lora_mask = torch.nn.functional.one_hot(selected, num_classes=gate_w.shape[0])  # (N, k, n)
+    for i in range(gate_w.shape[0]):
+        token_idx, top_idx = torch.where(lora_mask[:, :, i])
+        A_i, B_i = A[i * r:(i + 1) * r], B[:, i * r:(i + 1) * r]
+        out = (flat[token_idx] @ A_i.T) @ B_i.T * scalings[i] * weights[token_idx, top_idx, None]
+        result.index_add_(0, token_idx, out)
+    return result.view(*x.shape[:-1], -1)
+
+
+def official_gate_loss(module_logits, moe_label_rows):
+    """``lora_gate_loss_func`` (base_model/llama/modeling_llama_meteor.py, lines 171-252): every module's logits
+    (batch, seq, n) lose their last position, the labels (``labels[..., 1, 1:]``, line 1517) their first; one
+    cross-entropy (ignore_index -100) over all modules concatenated."""
+    logits = torch.cat([m[..., :-1, :].reshape(-1, m.shape[-1]).float() for m in module_logits])
+    labels = torch.cat([moe_label_rows[:, 1:].reshape(-1) for _ in module_logits])
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("gate_path,top_k,temperature", [("fast", 2, 3.0), ("fast", 1, 1.0), ("reference", 2, 1.0)])
+@torch.no_grad()
+def test_forward_equals_the_official_moe_linear(gate_path, top_k, temperature):
+    alphas = [4.0, 8.0, 2.0, 6.0]
+    config = MeteoraConfig(num_experts=4, expert_r=[2] * 4, expert_alpha=alphas, top_k=top_k,
+                           temperature=temperature, gate_path=gate_path, lora_dropout=0.0, train_adapters=True)
+    torch.manual_seed(1)
+    delta = MeteoraLinear(LayerInfo("linear", 8, 6, False), config).eval()
+    delta.lora_B.normal_()
+    x = torch.randn(3, 5, 8) * 0.5
+    want = official_moe_linear_delta(x, delta.router.gate.weight, delta.lora_A, delta.lora_B, [a / 2 for a in alphas],
+                                     2, top_k, temperature, accelerated=gate_path == "fast")
+    torch.testing.assert_close(delta(x, torch.zeros(3, 5, 6), None), want, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_loss_equals_the_official_lora_gate_loss_func():
+    """With one task per sequence, the official shift pairs position t's logits with position t+1's label, so it
+    scores every real token but the last of each sequence: lorakit on that token mask gives the official value."""
+    model = lk.add_adapter(tiny_llama(), MeteoraConfig(num_experts=3, expert_r=[2, 2, 2], lora_dropout=0.0))
+    model.train()
+    ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(4))
+    attention = torch.ones_like(ids)
+    attention[1, 5:] = 0
+    attention[2, 3:] = 0
+    tasks = torch.tensor([2, 0, 1])
+    moe_labels = tasks[:, None].expand_as(ids).masked_fill(attention == 0, -100)  # padding is -100 (ignored)
+    last_real = torch.nn.functional.one_hot(attention.sum(1) - 1, ids.shape[1]).bool()
+    scored = attention.bool() & ~last_real
+
+    def forward():
+        with lk.routing(keys=tasks, token_mask=scored):
+            model(input_ids=ids, attention_mask=attention)
+
+    forward()
+    module_logits = [r.out.logits.view(3, 7, 3) for _, r in pop_aux_records(model, "default")]
+    assert len(module_logits) == 4  # q_proj and v_proj (the defaults) in two layers
+    want = 50.0 * official_gate_loss(module_logits, moe_labels)  # moe_aux_loss_coef = 50. (line 1401)
+    forward()
+    torch.testing.assert_close(meteora_extra_loss(model, "default"), want)

@@ -1,5 +1,6 @@
 """MixLoRA: the batched FFN mixture equals a per-token loop over merged expert FFNs; routing (top-k, top-p,
-switch with capacity); the pooled, padding-masked balance loss; router stats; generation; training."""
+switch with capacity); the pooled, padding-masked balance loss; router stats; generation; training. Reference
+values against the official code (TUDB-Labs/MoE-PEFT @ 40f8cb7, written out at the end of this file)."""
 
 from __future__ import annotations
 
@@ -325,3 +326,144 @@ def test_perf_row_runs_on_a_tiny_model():
     assert EXTRA_ROWS["mixlora"] is mixlora_perf_row
     (row,) = mixlora_perf_row(QUICK, "cpu")
     assert row["model"] == "llama-tiny" and row["mixlora/lora"]["min"] > 0
+
+
+# -- the official code (TUDB-Labs/MoE-PEFT @ 40f8cb7), written out from its equations ---------------------------
+# moe_peft/adapters/mixlora/model.py ("model.py"), moe_peft/models/modeling_llama.py, moe_peft/common/lora_linear.py.
+def official_lora_proj(mlp, delta, name, e, v):
+    """lora_linear.py ``Lora.forward`` / ``lora_forward`` (lines 314-329): ``base(x) + lora_b(lora_a(x))·scaling``
+    (dropout off), the expert's LoRA on the frozen projection ``name``."""
+    base = getattr(mlp, name)  # the frozen host Linear (no bias in Llama)
+    return base(v) + (v @ delta.lora_A[name][e].T) @ delta.lora_B[name][e].T * delta.scaling
+
+
+def official_expert_ffn(mlp, delta, e, v):
+    """modeling_llama.py ``LlamaMLP._lora_forward`` (lines 325-349): w2'(act(w1' x) ⊙ w3' x)."""
+    w1 = official_lora_proj(mlp, delta, "gate_proj", e, v)
+    w3 = official_lora_proj(mlp, delta, "up_proj", e, v)
+    return official_lora_proj(mlp, delta, "down_proj", e, mlp.act_fn(w1) * w3)
+
+
+def official_mixtral_sparse_moe(mlp, delta, x, top_k):
+    """model.py ``MixtralSparseMoe.forward`` (lines 164-240) with ``_mixlora_compatible_forward`` (12-29):
+    float32 gate, softmax over all experts, top-k, renormalise, ``index_add_`` of w · FFN_e(x) per expert."""
+    hidden = x.reshape(-1, x.shape[-1]).float()
+    router_logits = hidden @ delta.router.gate.weight.float().T  # gate_: Linear(d, E, bias=False)
+    routing_weights, selected = torch.topk(torch.softmax(router_logits, dim=1), top_k, dim=-1)
+    routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+    final = torch.zeros(hidden.shape[0], x.shape[-1])
+    expert_mask = torch.nn.functional.one_hot(selected, num_classes=delta.num_experts).permute(2, 1, 0)  # (E, k, N)
+    for e in range(delta.num_experts):
+        idx, top_x = torch.where(expert_mask[e])
+        final.index_add_(0, top_x, official_expert_ffn(mlp, delta, e, hidden[top_x]) * routing_weights[top_x, idx, None])
+    return final.view(x.shape), router_logits
+
+
+def official_mixtral_balance_loss(gate_logits, num_experts, top_k, attention_mask):
+    """model.py ``_mixtral_load_balancing_loss_func`` (lines 32-83), attention-mask branch; ``gate_logits`` are
+    every layer's router logits concatenated layer after layer (common/moe_utils.py ``unpack_router_logits``)."""
+    routing_weights = torch.softmax(gate_logits, dim=-1)
+    _, selected = torch.topk(routing_weights, top_k, dim=-1)
+    expert_mask = torch.nn.functional.one_hot(selected, num_experts)  # (L·B·S, k, E)
+    batch, seq = attention_mask.shape
+    layers = routing_weights.shape[0] // (batch * seq)
+    slot_mask = attention_mask[None, :, :, None, None].expand(layers, batch, seq, top_k, num_experts).reshape(
+        -1, top_k, num_experts)
+    tokens_per_expert = (expert_mask.float() * slot_mask).sum(0) / slot_mask.sum(0)  # (k, E)
+    prob_mask = attention_mask[None, :, :, None].expand(layers, batch, seq, num_experts).reshape(-1, num_experts)
+    router_prob_per_expert = (routing_weights * prob_mask).sum(0) / prob_mask.sum(0)  # (E,)
+    return (tokens_per_expert * router_prob_per_expert.unsqueeze(0)).sum() * num_experts
+
+
+def official_dynamic_top_p(probs, top_p):
+    """model.py ``_dynamic_top_p`` (lines 243-256, temperature 0) on the softmax probabilities, as
+    ``DynamicSparseMoe.forward`` calls it (391-394): the kept probabilities (not renormalised) and a (N, E) mask."""
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    over = sorted_p.cumsum(dim=-1) > top_p
+    threshold = torch.nn.functional.one_hot(over.long().argmax(dim=-1), num_classes=order.shape[-1]).bool()
+    dropped = over & ~threshold  # the expert whose mass crosses top_p is kept
+    kept = torch.zeros_like(dropped).scatter(1, order, ~dropped)
+    return probs * kept, kept
+
+
+def official_switch_route(probs, capacity):
+    """model.py ``SwitchSparseMoe.route`` (lines 557-580): argmax one-hot, priority = cumsum over the sequence
+    (dim -2 of (batch, seq, E)), tokens past ``expert_capacity`` masked out."""
+    onehot = torch.nn.functional.one_hot(probs.argmax(-1), num_classes=probs.shape[-1])  # (B, S, E)
+    return (onehot * (onehot.cumsum(dim=-2) <= capacity)).bool()
+
+
+def _capture_ffn_io(model):
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+             for layer in ffn_layers(model)]
+    return seen, hooks
+
+
+def test_topk_forward_and_balance_loss_equal_the_official_mixtral_sparse_moe():
+    model = tiny_llama()
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+    perturb(model, scale=0.05)
+    model.train()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    seen, hooks = _capture_ffn_io(model)
+    with lk.routing(token_mask=mask):
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    logits = []
+    for layer, (x, out) in zip(ffn_layers(model), seen):
+        want, layer_logits = official_mixtral_sparse_moe(layer.base_layer, layer.adapters["default"], x, top_k=2)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        logits.append(layer_logits)
+    want_loss = 0.001 * official_mixtral_balance_loss(torch.cat(logits), 4, 2, mask)  # config.py default coef
+    torch.testing.assert_close(mixlora_extra_loss(model, "default"), want_loss)
+
+
+def _routed_with_probs(x, **config):
+    """lorakit's routing of x by a fresh MixLoRA FFN delta, and the softmax of its gate logits (x's shape, E last)."""
+    model = lk.add_adapter(tiny_llama(), MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, **config))
+    delta = ffn_layers(model)[0].adapters["default"]
+    with torch.no_grad():
+        return delta.route(x), torch.softmax(x @ delta.router.gate.weight.T, -1)
+
+
+def test_top_p_and_switch_selection_equal_the_official_routers():
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6))
+    routed, probs = _routed_with_probs(x, routing_strategy="top_p", top_p=0.8, router_init_range=0.5)
+    official_weights, kept = official_dynamic_top_p(probs.reshape(-1, 4), 0.8)
+    assert torch.equal(routed.selected, kept) and (kept.sum(-1) > 1).any()
+    # the documented deviation: the official code keeps the unnormalised probabilities, lorakit renormalises
+    torch.testing.assert_close(routed.weights, official_weights / official_weights.sum(-1, keepdim=True))
+
+    routed, probs = _routed_with_probs(x, routing_strategy="switch", expert_capacity=2, jitter_noise=0.0)
+    official = official_switch_route(probs, 2).reshape(-1, 4)  # probs (B, S, E): capacity per sequence
+    assert torch.equal(routed.selected, official) and not official.any(-1).all()
+
+
+def official_switch_router_loss(router_logits, z_coef, aux_coef):
+    """model.py ``SwitchRouterLoss.forward`` (lines 480-485) with ``_switch_router_z_loss_func`` (452-455) and
+    ``_switch_load_balancing_loss_func`` (458-469): the argmax is recomputed from the probabilities, so tokens
+    the capacity dropped still count for their argmax expert."""
+    z = (torch.logsumexp(router_logits, dim=-1) ** 2).sum() / router_logits.shape[0]
+    probs = torch.softmax(router_logits, dim=-1)
+    num_experts = probs.shape[-1]
+    argmax = torch.nn.functional.one_hot(probs.argmax(-1), num_classes=num_experts).float()
+    aux = (argmax.mean(0) * probs.mean(0)).mean() * num_experts ** 2
+    return z_coef * z + aux_coef * aux
+
+
+def test_switch_losses_equal_the_official_switch_router_loss():
+    model = tiny_llama()
+    lk.add_adapter(model, MixLoraConfig(target_modules=["mlp"], num_experts=4, r=4, routing_strategy="switch",
+                                        expert_capacity=2, jitter_noise=0.0, router_aux_loss_coef=0.01))
+    model.train()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids)
+    records = [r for _, r in pop_aux_records(model, "default")]
+    assert not torch.cat([r.out.selected for r in records]).any(-1).all()  # the capacity dropped some tokens
+    want = official_switch_router_loss(torch.cat([r.out.logits for r in records]), 0.001, 0.01)
+    model(input_ids=ids)
+    torch.testing.assert_close(mixlora_extra_loss(model, "default"), want)

@@ -248,6 +248,40 @@ def test_reclora_matches_a_loop_reference(sqrt):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def official_loreclayer(x, user_state, gate, lora_A_adapter, lora_B_adapter, r, scaling, temperature, sqrt):
+    """Gebro13/RecLoRA @ 90f45f9, modeling_lorec_trash_v1.py ``Loreclayer.forward`` (lines 137-188) on the default
+    gate (``which_in_gate`` unset; ``ctr_final_layer`` = LN → Linear → ReLU → Dropout → Linear, lines 95-101),
+    ``enable_softmax`` with soft routing (as every run in multi_run.sh), dropout off. The bank is two bias-free
+    Linears (lines 109-110): ``lora_A_adapter`` (in·r, N_m), ``lora_B_adapter`` (r·out, N_m)."""
+    ctr_final_states = gate(user_state) / temperature
+    ctr_final_states = torch.softmax(ctr_final_states, dim=-1)
+    if sqrt:
+        ctr_final_states = torch.sqrt(ctr_final_states)
+    lora_A_weights = (ctr_final_states @ lora_A_adapter.T).reshape(-1, r, x.shape[-1]).permute(0, 2, 1)  # (b, in, r)
+    lora_B_weights = (ctr_final_states @ lora_B_adapter.T).reshape(-1, r, lora_B_adapter.shape[0] // r)  # (b, r, out)
+    return torch.bmm(torch.bmm(x, lora_A_weights), lora_B_weights) * scaling
+
+
+@pytest.mark.parametrize("sqrt", [False, True])
+@torch.no_grad()
+def test_reclora_matches_the_official_loreclayer(sqrt):
+    delta = reclora_delta(sqrt_after_softmax=sqrt, temperature=1.5)
+    x, u = torch.randn(3, 4, 12), torch.randn(3, 5)
+    # the official bank columns: meta-LoRA k's A (r, in) and Bᵀ (r, out), each flattened row-major
+    bank_A = torch.stack([delta.lora_A[k].reshape(-1) for k in range(3)], dim=1)  # (in·r, N_m)
+    bank_B = torch.stack([delta.lora_B[k].T.reshape(-1) for k in range(3)], dim=1)  # (r·out, N_m)
+    norm, hidden, out = delta.gate[0], delta.gate[1], delta.gate[4]
+
+    def ctr_final_layer(v):  # eval: Dropout(0.1) is the identity
+        v = torch.nn.functional.layer_norm(v, (5,), norm.weight, norm.bias)
+        return torch.relu(v @ hidden.weight.T + hidden.bias) @ out.weight.T + out.bias
+
+    want = official_loreclayer(x, u, ctr_final_layer, bank_A, bank_B, 2, 4 / 2, 1.5, sqrt)  # scaling = alpha / r
+    with lk.routing(extras={"user_state": u}):
+        got = delta(x, torch.zeros(3, 4, 10), None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_reclora_one_hot_gate_is_one_meta_adapter_and_mixing_is_in_weight_space():
     delta = reclora_delta()
     x, u = torch.randn(2, 3, 12), torch.randn(2, 5)

@@ -13,7 +13,9 @@ import peft  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 import lorakit as lk  # noqa: E402
-from lorakit.quantize import QuantizeConfig, dequantize_model, dequantize_weight, quantize_model, quantized_bytes  # noqa: E402
+from lorakit.hub import load_model_and_tokenizer  # noqa: E402
+from lorakit.quantize import (QuantizeConfig, dequantize_model, dequantize_weight, keep_qlora_layout,  # noqa: E402
+                              quantize_model, quantized_bytes)
 
 from lk_models import tiny_llama  # noqa: E402
 
@@ -34,7 +36,11 @@ def saved_base(tmp_path_factory):
 
 
 def _peft_base(folder, config=QuantizeConfig()):
-    return LlamaForCausalLM.from_pretrained(folder, quantization_config=config.to_transformers(), device_map="cpu")
+    # keep_qlora_layout: without it bitsandbytes >= 0.50.2 repacks the codes on a CPU with AVX512-BF16 at the first
+    # no-grad forward (lossy, machine-dependent, and failing on these tiny layers), so the reference would depend
+    # on the machine; with it both sides run the same QLoRA layout on every CPU.
+    model = LlamaForCausalLM.from_pretrained(folder, quantization_config=config.to_transformers(), device_map="cpu")
+    return keep_qlora_layout(model)
 
 
 def _ids(n=2, t=7):
@@ -204,3 +210,42 @@ def test_an_init_that_changes_the_base_is_refused_on_a_4bit_base(saved_base, ini
         lk.init_adapter(model, "default", [{"input_ids": x, "labels": x}], init=init)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _packable_linear(seed=0):
+    # out 64 (a multiple of bitsandbytes' CPU block_n, 32) and in 128 (two 64-blocks): the shapes its CPU repack takes
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+
+
+def test_inference_keeps_the_qlora_layout(saved_base):
+    """On a CPU with AVX512-BF16, bitsandbytes >= 0.50.2 repacked a Linear4bit at its first no-grad eval forward
+    (absmax to bfloat16, double quantization dropped); lorakit's 4-bit layers keep the NF4 codes + constants."""
+    model = quantize_model(_packable_linear())
+    layer = model[0]
+    codes, absmax = layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()
+    before = dequantize_weight(layer)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 128))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert layer.weight.quant_state.nested  # double quantization (QuantizeConfig default) still there
+    assert torch.equal(layer.weight.data, codes) and torch.equal(layer.weight.quant_state.absmax, absmax)
+    assert torch.equal(dequantize_weight(layer), before)
+    loaded, _ = load_model_and_tokenizer(quantize="nf4")  # the bundled base, through transformers' loader
+    assert all(not m.support_avx512bf16_for_cpu for m in loaded.modules() if type(m).__name__ == "Linear4bit")
+
+
+def test_a_layer_repacked_elsewhere_is_unpacked_before_dequantizing():
+    import bitsandbytes.functional as F
+
+    layer = quantize_model(_packable_linear(1), QuantizeConfig(double_quant=False))[0]
+    before = dequantize_weight(layer)
+    # what bitsandbytes' Linear4bit.forward does on an AVX512-BF16 CPU (a pure-torch relayout, run here on any CPU)
+    layer.weight.data, layer.weight.quant_state = F._convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                  layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    after = dequantize_weight(layer)
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    # the repack stored each block's absmax in bfloat16 (8 mantissa bits): that much of the weight is lost
+    torch.testing.assert_close(after, before, rtol=2 ** -8, atol=0)

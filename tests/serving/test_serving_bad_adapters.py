@@ -2,9 +2,10 @@
 serving the others"; "a server never crashes on a request"). Was: one folder with an invalid adapter_config.json
 under --adapters and `lorakit serve` refused to start.
 
-A real server (uvicorn on 127.0.0.1, started here) over a root holding three good adapters and five bad folders:
-malformed JSON, an unknown method type, a config without its weights file, a training run folder, and a config
-whose r disagrees with its weights (registering reads configs only, so that one fails when first loaded). The good
+A real server (uvicorn on 127.0.0.1, started here) over a root holding three good adapters, a training run folder
+(served as its adapter/, under the run's name) and five bad folders: malformed JSON, an unknown method type, a config
+without its weights file, a training run whose adapter/ has malformed JSON, and a config whose r disagrees with its
+weights (registering reads configs only, so that one fails when first loaded). The good
 adapters answer with the offline result; every bad one gets a 400 with an OpenAI error body saying it failed and
 why (never "does not exist"); /v1/models lists only servable adapters, as vLLM lists its loaded ones; loading a
 fixed folder under the same name through /v1/load_lora_adapter serves it. The CLI test runs `lorakit serve` on a
@@ -42,7 +43,7 @@ PROMPT = "The quick brown fox"
 REGISTER_FAILS = {"bad_json": "adapter_config.json is not valid JSON",
                   "bad_method": "peft_type 'NOT_A_METHOD' is not supported by lorakit",
                   "no_weights": "has no adapter_model.safetensors",
-                  "run": "is a training run folder, not an adapter folder; did you mean"}
+                  "bad_run": "adapter/adapter_config.json is not valid JSON"}
 SHAPE = "has shape (4, 256) but this model and config (r / rank_pattern, module size) expect (8, 256)"
 # folders whose config says r=8 over rank-4 weights (they register; their weights fail on first load), one per way of
 # meeting that first load: each endpoint, streamed or not, a weighted mix, Self-MoA, an attached (DoRA) adapter
@@ -79,6 +80,7 @@ def bad_folders(root, good):
                                                               "target_modules": TARGETS}))
     _copy(good["g0"], root / "no_weights", weights=False)
     _copy(good["g0"], root / "run" / "adapter")  # `lorakit train --output run` holds its adapter in run/adapter
+    _copy(good["g0"], root / "bad_run" / "adapter", config="{")
     _copy(good["g1"], root / "bad_rank", config=_with_r(good["g1"], 8))  # weights of rank 4, config says 8
     for name in FIRST_LOAD:
         src = good["dora"] if "dora" in name else good["g1"]
@@ -137,9 +139,10 @@ def ask(s, model, **extra):
 
 def test_server_starts_and_good_adapters_answer_as_offline(served):
     s = served
-    assert sorted(s["registered"]) == sorted(GOOD + ["bad_rank", *FIRST_LOAD])  # configs only are read now
+    assert sorted(s["registered"]) == sorted(GOOD + ["run", "bad_rank", *FIRST_LOAD])  # configs only are read now
     for name in GOOD + ["bundled"]:
         assert ask(s, name).choices[0].text == offline(s, None if name == "bundled" else name), name
+    assert ask(s, "run").choices[0].text == offline(s, "g0")  # run/adapter holds a copy of g0
 
 
 def test_each_skipped_folder_is_a_warning_naming_it_and_why(served):

@@ -130,13 +130,14 @@ def test_choices_of_one_token_or_whole_block_prompts(banked, sh, prompt_len, sta
 
 def test_more_choices_than_rows(banked, sh):
     """n = max_batch + 2 (the engine API allows it; the server caps n at max_batch): the choices the batch has no room
-    for go on alone, queued first, and still give the tokens of requests alone."""
+    for wait first in the queue; here the first three end together, so no choice holding the prompt runs when rows
+    free: the fourth prefills it again and the fifth forks from it. All give the tokens of requests alone."""
     prompt = list(range(11, 17))
     params = [SamplingParams(max_tokens=5, temperature=1.0, seed=60 + i, ignore_eos=True) for i in range(5)]
     engine = Engine(banked, kv_cache_bytes=sh.kv_budget(banked, 32), block_size=4, max_batch=3)
     got = _drive(engine, engine.submit_choices(prompt, None, params))
     _idle(engine)
-    assert engine.stats["forked"] == 2 and engine.stats["prefill_tokens"] == 3 * len(prompt)
+    assert engine.stats["forked"] == 3 and engine.stats["prefill_tokens"] == 2 * len(prompt)
     assert [r.output_ids for r in got] == [r.output_ids for r in _alone(banked, prompt, None, params)]
 
 
@@ -271,4 +272,103 @@ def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_ad
             assert got == alone, job
     finally:
         server.stop()
+    _idle(engine)
+
+
+def _prompt_tokens_metric(url) -> float:
+    import httpx
+
+    line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith("lorakit_prompt_tokens_total"))
+    return float(line.split()[-1])
+
+
+def test_server_prompt_tokens_metric_counts_what_usage_reports(ranked_adapters, tmp_path, sh):
+    """``lorakit_prompt_tokens`` grows by each answered request's ``usage.prompt_tokens`` (OpenAI's: the prompt
+    once, whatever n), the same whether its n choices share the prompt's prefill or some prefill it again on their
+    own (a 3-block cache: one choice forks, one goes alone), streamed (``include_usage``) or not; a request refused
+    before its prompt was processed (weights that fail on first load: a 400 with no usage) adds nothing (was: counted
+    at submission). The real server and ``openai`` client; token-id prompts (tiny_llama has no tokenizer)."""
+    import json
+    import shutil
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from lorakit.serving.server import create_app
+
+    _, dirs = ranked_adapters
+    root = tmp_path / "adapters"
+    shutil.copytree(dirs["a1"], root / "a1")
+    (root / "bad_rank").mkdir()  # registers (r=9 in its config); its rank-5 weights fail on first load
+    config = json.loads((dirs["a1"] / "adapter_config.json").read_text())
+    (root / "bad_rank" / "adapter_config.json").write_text(json.dumps({**config, "r": 9}))
+    shutil.copy(dirs["a1"] / "adapter_model.safetensors", root / "bad_rank" / "adapter_model.safetensors")
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engines = {blocks: Engine(model, store=store, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4,
+                              max_batch=4) for blocks in (32, 3)}
+    prompt = list(range(5, 12))  # 7 tokens: 2 blocks of 4, the last partly filled (each fork copies it)
+    for blocks, engine in engines.items():
+        server = sh.LiveServer(create_app(engine, model_name="tiny"))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        try:
+            for stream in (False, True):
+                before, forked = _prompt_tokens_metric(server.url), engine.stats["forked"]
+                kw = dict(model="a1", prompt=prompt, max_tokens=5, temperature=1.0, seed=3, n=3,
+                          extra_body={"ignore_eos": True})
+                if stream:
+                    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                            **kw))
+                    usage = chunks[-1].usage
+                else:
+                    usage = client.completions.create(**kw).usage
+                assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == 15
+                assert _prompt_tokens_metric(server.url) - before == usage.prompt_tokens, (blocks, stream)
+                # the roomy cache shares the prefill with both other choices; the 3-block one with one of them
+                assert engine.stats["forked"] - forked == (2 if blocks == 32 else 1), (blocks, stream)
+            before = _prompt_tokens_metric(server.url)
+            with pytest.raises(openai.BadRequestError, match="'bad_rank' failed to load"):
+                client.completions.create(model="bad_rank", prompt=prompt, max_tokens=2, n=2)
+            assert _prompt_tokens_metric(server.url) == before
+        finally:
+            server.stop()
+        _idle(engine)
+
+
+def test_choices_are_admitted_first_come_first_served_and_no_row_idles(banked, sh):
+    """The admission policy for n choices (vLLM's, v1: n > 1 fans out into one request per choice, each scheduled
+    first come, first served; vllm/v1/engine/parallel_sampling.py): a request with n choices does not wait for n free
+    rows (was: it waited for the running batch to drain until n rows were free at once, keeping rows idle and every
+    later request behind it), and later requests do not pass its choices (which would starve it under steady
+    traffic). Three running requests in a batch of 4, then n=4 choices, then a new short request every step: each
+    step runs min(4, requests not finished) rows; requests start in arrival order (choices in index order); the
+    prompt is prefilled once (the choices that start later fork its blocks from a running choice); every choice gives
+    the tokens of a request alone."""
+    engine = Engine(banked, kv_cache_bytes=sh.kv_budget(banked, 64), block_size=4, max_batch=4)
+    order = [engine.submit([5, 6, 7], "a0", SamplingParams(max_tokens=t, ignore_eos=True)) for t in (3, 6, 9)]
+    prompt = [8, 9, 10, 11, 12]
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=70 + i, ignore_eos=True) for i in range(4)]
+    choices = engine.submit_choices(prompt, "a2", params)
+    order += choices
+    started: dict[int, int] = {}
+    for step in range(1, 200):
+        if step <= 12:
+            order.append(engine.submit([13, 14], None, SamplingParams(max_tokens=2, ignore_eos=True)))
+        live = sum(not r.done.is_set() for r in order)
+        before = [len(r.output_ids) for r in order]
+        engine.step()
+        _check_refcounts(engine)
+        ran = sum(len(r.output_ids) > b for r, b in zip(order, before))
+        assert ran == min(engine.max_batch, live), (step, ran, live)  # no row idle while a request waits
+        for i, r in enumerate(order):
+            if r.output_ids and i not in started:
+                started[i] = step
+        if all(r.done.is_set() for r in order):
+            break
+    starts = [started[i] for i in range(len(order))]
+    assert starts == sorted(starts), starts  # first come, first served: nothing started before an earlier request
+    assert started[3] == 1 and starts[4:7] != [1, 1, 1]  # choice 0 at once, the others as rows freed
+    assert engine.stats["forked"] == 3  # the prompt prefilled once
+    assert engine.stats["prefill_tokens"] == 3 * 3 + len(prompt) + 12 * 2
+    assert [r.output_ids for r in choices] == [r.output_ids for r in _alone(banked, prompt, "a2", params)]
     _idle(engine)

@@ -315,6 +315,33 @@ def test_engine_fails_a_request_the_adapter_caps_can_never_hold(ranked_adapters)
     assert base.error is None and base.finish_reason in ("stop", "length")
 
 
+def test_base_requests_pass_one_waiting_for_an_adapter_slot_and_nothing_else_does(ranked_adapters):
+    """One resident slot (max_loras=1), held by a long a0 request: an a1 request waits for it. A base-model request
+    behind it needs no slot, so it starts at once (was: it waited behind a1 until a0 ended, with rows free, since
+    admission stopped at the first request that could not start); an a2 request behind a1 does not pass it (it would
+    take the slot a1 waits for). Greedy tokens equal HF generate with the same routing."""
+    root, dirs = ranked_adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=1)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+    jobs = [("a0", 10), ("a1", 3), (None, 3), ("a2", 3), (None, 2)]
+    prompt = [7, 8, 9]
+    reqs = [engine.submit(prompt, spec, SamplingParams(max_tokens=m, ignore_eos=True)) for spec, m in jobs]
+    started, steps = {}, 0
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+        steps += 1
+        started.update({i: steps for i, r in enumerate(reqs) if r.output_ids and i not in started})
+    assert started[0] == started[2] == started[4] == 1  # a0 and both base requests at once
+    assert started[1] == 11 and started[3] > started[1]  # a1 once a0 (10 tokens) let go of the slot; a2 after it
+    reference = tiny_llama()
+    load_adapters(reference, dirs)
+    for (spec, m), r in zip(jobs, reqs):
+        assert r.output_ids == _reference(reference, prompt, spec, m)[:m], spec
+    assert engine.cache.used_blocks == 0 and not store._pins
+
+
 def _run_all(engine, reqs):
     while not all(r.done.is_set() for r in reqs):
         engine.step()
@@ -351,23 +378,32 @@ def test_choices_share_one_prefill_and_equal_separate_requests(ranked_adapters, 
     assert len({tuple(r.output_ids) for r in shared}) > 1  # the seeded choices differ from each other
 
 
-def test_choices_that_cannot_fork_prefill_alone_with_the_same_tokens(ranked_adapters, sh):
-    """A choice for which the running batch (max_batch 2) or the free blocks (4 blocks) have no room goes on as a
-    request of its own, prefilling the prompt itself; the tight cache also preempts forked choices (their shared blocks
-    stay with the others). Every choice still gives the tokens of a request submitted alone, and no block leaks."""
+def test_choices_that_cannot_fork_at_once_fork_later_or_prefill_alone(ranked_adapters, sh):
+    """A choice for which the running batch (max_batch 2) or the free blocks (4 blocks) have no room at its prompt's
+    prefill waits first in the queue and, when a row frees, forks the prompt's blocks from a choice still running
+    (sampling its first token from the prompt's saved last logits: no second prefill); when no choice holding the
+    prompt runs any more, it prefills the prompt itself (and the choices behind it fork from it). The tight cache also
+    preempts forked choices (their shared blocks stay with the others). Every choice still gives the tokens of a
+    request submitted alone, and no block leaks."""
     _, dirs = ranked_adapters
     model = tiny_llama()
     load_adapters(model, dirs)
     prompt = list(range(5, 12))  # 7 tokens: 2 blocks of 4, the last partly filled
-    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=50 + i, ignore_eos=True) for i in range(4)]
-    want = _separately(model, sh, prompt, "a1", params)
-    for blocks, max_batch in [(64, 2), (4, 8)]:  # 4 blocks: the prompt's 2, room for 2 of the 3 copies
-        engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, blocks), block_size=4, max_batch=max_batch)
+    # choice 1 ends early: choice 2 forks from choice 0 then, and choice 3 from choice 2 (one prefill in all) /
+    # all end together: choices 2 and 3 find no choice running, so choice 2 prefills again and 3 forks from it
+    for lengths, forked, prefills in [((8, 3, 8, 8), 3, 1), ((8, 8, 8, 8), 2, 2)]:
+        params = [SamplingParams(max_tokens=m, temperature=1.0, seed=50 + i, ignore_eos=True)
+                  for i, m in enumerate(lengths)]
+        engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 64), block_size=4, max_batch=2)
         reqs = _run_all(engine, engine.submit_choices(prompt, "a1", params))
-        assert [r.output_ids for r in reqs] == want, (blocks, max_batch)
-        assert 0 < engine.stats["forked"] < 3 and engine.stats["prefill_tokens"] > len(prompt)
+        assert [r.output_ids for r in reqs] == _separately(model, sh, prompt, "a1", params), lengths
+        assert engine.stats["forked"] == forked and engine.stats["prefill_tokens"] == prefills * len(prompt)
         assert engine.cache.used_blocks == 0
-    assert engine.stats["preemptions"] > 0
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=50 + i, ignore_eos=True) for i in range(4)]
+    engine = Engine(model, kv_cache_bytes=sh.kv_budget(model, 4), block_size=4, max_batch=8)  # the prompt's 2 + 2
+    reqs = _run_all(engine, engine.submit_choices(prompt, "a1", params))
+    assert [r.output_ids for r in reqs] == _separately(model, sh, prompt, "a1", params)
+    assert engine.stats["forked"] > 0 and engine.stats["preemptions"] > 0 and engine.cache.used_blocks == 0
 
 
 def test_aborting_a_choice_before_or_after_the_fork(ranked_adapters, sh):

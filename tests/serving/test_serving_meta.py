@@ -11,7 +11,7 @@ import torch
 
 import lorakit as lk
 from lorakit.core.layer import AdapterLayer
-from lorakit.serving import AdapterStore, bank_routing, load_adapters
+from lorakit.serving import AdapterStore, bank_adapters, bank_routing, load_adapters, registry_of
 from tests.lk_models import materialised_llama, meta_llama, save_llama_lora
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
@@ -46,5 +46,29 @@ def test_the_advised_path_serves_the_adapter(saved):
     directory, expected = saved
     model = materialised_llama()
     load_adapters(model, {"a": directory})
+    with torch.no_grad(), bank_routing(model, ["a"]):
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_banking_an_attached_adapter_on_a_meta_model_is_refused_and_leaves_it_unbanked():
+    """Was: bank_adapters copied the meta adapter into meta banks and the first routed forward failed in torch
+    ("Tensor.item() cannot be called on meta tensors"); now refused as load_adapters refuses, before any bank."""
+    model = meta_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), "a")
+    with pytest.raises(lk.AdapterError, match=r"adapter 'a'.*q_proj.*meta device.*Load the base weights first.*"
+                                              r"add the adapter and bank it"):
+        bank_adapters(model)
+    assert not any(isinstance(m, AdapterLayer) and m.bank is not None for m in model.modules())
+    assert not registry_of(model).ids
+
+
+def test_an_attached_adapter_on_the_materialised_model_banks_and_serves_as_attached():
+    model = materialised_llama()
+    torch.manual_seed(0)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    lk.set_adapter(model, [])
+    bank_adapters(model)
     with torch.no_grad(), bank_routing(model, ["a"]):
         torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)

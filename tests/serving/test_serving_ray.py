@@ -140,6 +140,101 @@ def test_replicas_answer_as_lorakit_serve_and_errors_are_its_4xx(ray_app):
     assert client.completions.create(model=name, prompt="x", max_tokens=2).choices[0].text is not None
 
 
+def _comparable(reply: dict) -> dict:
+    """A completion object without what differs between any two replies (its id, its creation time)."""
+    return {k: v for k, v in reply.items() if k not in ("id", "created")}
+
+
+@slow
+def test_ray_replies_equal_the_plain_servers_for_the_same_request(ray_app, sh):
+    """The same requests to ``lorakit serve``'s app in this process (over the same adapter root) and to the Ray
+    deployment, over HTTP and through the handle: the same completion objects (OpenAI's keys and nothing else, e.g.
+    no ``token_ids`` on one side only; ids and times aside), the handle's with ``replica`` added; the same
+    content-type; streams with the same events."""
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.engine import Engine
+    from lorakit.serving.server import create_app
+    from lorakit.serving.store import AdapterStore
+
+    handle, dirs = ray_app
+    name = sorted(dirs)[0]
+    root = dirs[name].parent
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_roots([root])
+    plain = sh.LiveServer(create_app(Engine(model, tok, store=store, kv_cache_bytes=4 << 20), model_name="bundled"))
+    ray_url = "http://127.0.0.1:8000"
+    try:
+        for path, body in [("/v1/completions", {"model": name, "prompt": "def add(a, b):", "max_tokens": 5,
+                                                "temperature": 0, "n": 2}),
+                           ("/v1/chat/completions", {"model": name, "max_tokens": 4, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"model": "bundled", "prompt": "x", "max_tokens": 3, "seed": 4})]:
+            ours = httpx.post(plain.url + path, json=body, timeout=60)
+            theirs = httpx.post(ray_url + path, json=body, timeout=60,
+                                headers={"serve_multiplexed_model_id": "" if body["model"] == "bundled" else name})
+            assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+            assert _comparable(theirs.json()) == _comparable(ours.json()), path
+            assert theirs.headers["content-type"] == ours.headers["content-type"] and theirs.headers[
+                "x-lorakit-replica"]
+            if path == "/v1/completions":
+                via_handle = handle.options(multiplexed_model_id="" if body["model"] == "bundled" else name).remote(
+                    body).result()
+                assert set(via_handle) == set(ours.json()) | {"replica"}
+                assert _comparable({k: v for k, v in via_handle.items() if k != "replica"}) == \
+                    _comparable(ours.json())
+        body = {"model": name, "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = []
+        for url, headers in ((plain.url, {}), (ray_url, {"serve_multiplexed_model_id": name})):
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            events.append([line if line == "data: [DONE]" else _comparable(json.loads(line[6:])) for line in lines])
+        assert events[0] == events[1] and events[0][-1] == "data: [DONE]"
+    finally:
+        plain.stop()
+
+
+def test_a_replica_relays_repeated_headers_as_sent(sh):
+    """A replica re-sends its app's reply through ``ray_serve.relay``: headers the app repeats (two ``set-cookie``)
+    stay two headers (were merged into a dict, which kept the last), its body streams unchanged, and the replica's
+    id is added. A real uvicorn server whose route relays a real Starlette app, as a replica's ``__call__`` does."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    from lorakit.serving.ray_serve import REPLICA_HEADER, _asgi, relay
+
+    async def cookies(request):
+        response = Response(b'{"ok": true}', media_type="application/json")
+        response.raw_headers += [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
+        return response
+
+    async def stream(request):
+        async def parts():
+            for i in range(3):
+                yield f"data: {i}\n\n"
+        return StreamingResponse(parts(), media_type="text/event-stream")
+
+    inner = Starlette(routes=[Route("/cookies", cookies), Route("/stream", stream)])
+
+    async def outer_route(request):
+        return relay(*await _asgi(inner, request.scope, request.receive), replica="replica-7")
+
+    outer = sh.LiveServer(Starlette(routes=[Route("/cookies", outer_route), Route("/stream", outer_route)]))
+    try:
+        r = httpx.get(outer.url + "/cookies", timeout=30)
+        assert r.status_code == 200 and r.json() == {"ok": True}
+        assert r.headers.get_list("set-cookie") == ["a=1", "b=2"] and r.headers[REPLICA_HEADER] == "replica-7"
+        assert r.headers.get_list("content-type") == ["application/json"]
+        r = httpx.get(outer.url + "/stream", timeout=30)
+        assert r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n" and r.headers["content-type"].startswith(
+            "text/event-stream")
+    finally:
+        outer.stop()
+
+
 def test_a_bad_root_fails_the_deployment_before_any_replica_starts(tmp_path):
     from lorakit.core.errors import AdapterError
     from lorakit.serving.ray_serve import deployment

@@ -15,6 +15,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.cli import main
 from lorakit.data import Example
+from lorakit.data.classification import evaluate_classification
 from lorakit.training import TrainConfig, train
 from lorakit.training.objectives import CausalLM, SequenceClassification, objective_for
 from lk_models import tiny_bert, tiny_llama, word_level_tokenizer
@@ -112,3 +113,32 @@ def test_cli_train_seq_cls(tmp_path, capsys):
 def test_cli_rejects_unknown_task_type(tmp_path, capsys):
     assert main(["train", "--task-type", "seq-clss", "--output", str(tmp_path / "o")]) == 2
     assert "seq-cls" in capsys.readouterr().err
+
+
+def test_cli_eval_classifies_with_an_adapter_that_leaves_the_head_alone(tmp_path, capsys):
+    """A LoRA on a classifier whose head it does not train is saved as PEFT saves a config without task_type
+    (``task_type`` null, ``auto_mapping`` naming BertForSequenceClassification; PEFT loads it with the same logits:
+    tests/io/test_peft_interop_hosts.py). Was: ``lorakit eval`` read only ``task_type``, so it loaded the folder as a
+    causal LM (BertLMHeadModel) and scored generated text; now the auto_mapping's class says SEQ_CLS, as it tells
+    PEFT's AutoPeftModel which class to build."""
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder = tmp_path / "classifier"
+    _tiny_classifier(tok).save_pretrained(folder)  # a classifier checkpoint: its head is the base's
+    tok.save_pretrained(folder)
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["auto_mapping"]["base_model_class"] == "BertForSequenceClassification"
+    (tmp_path / "adapter" / "labels.json").write_text(json.dumps({"labels": ["neg", "pos"]}))
+    expected = evaluate_classification(model, tok, examples, LABELS)
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.prompt, "label": ex.completion}) + "\n" for ex in examples))
+    assert main(["eval", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--data", str(data),
+                 "--json", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):])
+    assert metrics == pytest.approx(expected)

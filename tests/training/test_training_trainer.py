@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import lorakit
 from lorakit.data import CausalLMCollator, TokenizedDataset, load_examples
@@ -200,3 +200,39 @@ def test_trainer_resume_from_checkpoint_continues_exactly(method, make_model, tr
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
+
+
+class _FailAtStep2(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("stopped mid-run")
+
+
+def test_a_train_that_raises_mid_run_leaves_the_models_forward_as_before(make_model, tokenizer, reverse_train,
+                                                                          tmp_path):
+    """Was: LorakitCallback's forward wrapper (installed for Trainer's run) came off only in on_train_end, which a
+    train() that raises never reaches: the model kept the wrapper (its routing context and extra loss) afterwards.
+    Now train() removes it on any exit (try/finally), and a second train() on the same Trainer wraps it again."""
+    model = make_model(_method_configs()["mixlora"])
+    assert "forward" not in model.__dict__
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    seen: list[bool] = []
+
+    class Wrapped(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append("forward" in model.__dict__)
+
+    fail = _FailAtStep2()
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(reverse_train, tokenizer, max_length=64),
+                      data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+                      callbacks=[LorakitCallback("default"), fail, Wrapped()])
+    with pytest.raises(RuntimeError, match="stopped mid-run"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and seen == [True, True]  # the routed forward ran the steps
+    assert "forward" not in model.__dict__ and model.forward.__func__ is type(model).forward
+
+    trainer.remove_callback(fail)
+    trainer.train()  # the same Trainer again: wrapped for its run, unwrapped after it
+    assert trainer.state.global_step == 3 and seen[2:] == [True, True, True]
+    assert "forward" not in model.__dict__

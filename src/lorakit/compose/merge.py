@@ -112,7 +112,7 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         return _merge_loaded(model, names, [str(s) for s in sources], torch.tensor(weights), method, merge_method,
                              truncate, opts, saved_modules, edits)
     finally:
-        for name in loaded:
+        for name in reversed(loaded):  # the first one loaded, active on a model that had none, goes last
             delete_adapter(model, name)
 
 
@@ -267,7 +267,7 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], di
                     f"merges LoRA adapters (lora, rsLoRA, DoRA, any rank_pattern). Mixture adapters: see "
                     f"lorakit.compose.collapse_experts.")
     except BaseException:
-        for name in loaded:
+        for name in reversed(loaded):  # the first one loaded, active on a model that had none, goes last
             delete_adapter(model, name)
         raise
     return names, loaded, edits

@@ -210,28 +210,17 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     seeds = real_examples[: config.n_seeds]
-    stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
-    def sample(n: int) -> tuple[list[str], int]:
-        if config.generator == "target":
-            return synthesis.sample_candidates(target, target_tokenizer, seeds, n, config, rng)
-        if config.generator == "teacher":
-            set_adapter(source, adapter_name)
-            return synthesis.sample_candidates(source, source_tokenizer, seeds, n, config, rng)
-        with disable_adapters(source):
-            return synthesis.sample_candidates(source, source_tokenizer, seeds, n, config, rng)
-
-    scored = 0
-
-    def score(prompts: list[str]) -> torch.Tensor:
-        nonlocal scored
-        scored += len(prompts)
-        set_adapter(source, DISCRIMINATOR)
-        return discriminator_scores(source, source_tokenizer, prompts)
-
-    kept, sampled, rounds = synthesize(sample, score, config)
+    active = list(adapter_state(source).active)
+    try:  # the discriminator adapter is the source's only while it scores: gone, the active ones back, on any exit
+        stats = train_discriminator(source, source_tokenizer, real_examples, config, rng)  # source LoRA off
+        kept, sampled, rounds, scored = _synthesize_scored(source, source_tokenizer, target, target_tokenizer,
+                                                          adapter_name, seeds, config, rng)
+    finally:
+        set_adapter(source, active)
+        if DISCRIMINATOR in adapter_names(source):
+            delete_adapter(source, DISCRIMINATOR)
     if not kept:
         raise LorakitError(nothing_kept_message(sampled, scored, config, seeds))
-    delete_adapter(source, DISCRIMINATOR)
     set_adapter(source, adapter_name)
     answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
     examples = [Example(p, a) for p, a in zip(kept, answers)]
@@ -250,6 +239,32 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     return TransferResult(None, examples, candidates=sampled, kept=len(kept), rounds=rounds, discriminator=stats,
                           train=summary)
 
+
+
+def _synthesize_scored(source: nn.Module, source_tokenizer: Any, target: nn.Module, target_tokenizer: Any,
+                       adapter_name: str, seeds: list[Example], config: TransLoraConfig,
+                       rng: random.Random) -> tuple[list[str], int, int, int]:
+    """``synthesize`` with ``config.generator``'s sampler and the trained discriminator as the scorer:
+    (kept prompts, candidates sampled, rounds, prompts scored)."""
+    def sample(n: int) -> tuple[list[str], int]:
+        if config.generator == "target":
+            return synthesis.sample_candidates(target, target_tokenizer, seeds, n, config, rng)
+        if config.generator == "teacher":
+            set_adapter(source, adapter_name)
+            return synthesis.sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+        with disable_adapters(source):
+            return synthesis.sample_candidates(source, source_tokenizer, seeds, n, config, rng)
+
+    scored = 0
+
+    def score(prompts: list[str]) -> torch.Tensor:
+        nonlocal scored
+        scored += len(prompts)
+        set_adapter(source, DISCRIMINATOR)
+        return discriminator_scores(source, source_tokenizer, prompts)
+
+    kept, sampled, rounds = synthesize(sample, score, config)
+    return kept, sampled, rounds, scored
 
 
 def check_inputs(adapter: str | os.PathLike, source_model: str | os.PathLike | None,

@@ -408,7 +408,12 @@ def _unwrap(model: nn.Module, keep: dict[int, str] | None = None) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; layers left with no adapter get their plain base layer back."""
+    """Remove adapter ``name``; layers left with no adapter get their plain base layer back.
+
+    The other active adapters stay active. Where ``name`` was the only active one and others remain, the first
+    of them by sorted name is activated, with a warning, as PEFT does (peft/tuners/tuners_utils.py
+    ``BaseTunerLayer.delete_adapter``). Raises AdapterError for an unknown name (with near matches) or one merged
+    into the base (unmerge it first)."""
     state = adapter_state(model)
     if name not in state.configs:
         raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} "
@@ -435,6 +440,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         model._forward_pre_hooks.pop(state.hook_id, None)
         state.hook_id = None
     remaining = [n for n in state.active if n != name]
+    if not remaining and name in state.active and state.configs:
+        remaining = sorted(state.configs)[:1]
+        warnings.warn(f"adapter {name!r} was active and is deleted; the active adapter is now {remaining[0]!r} "
+                      "(the first remaining by name, as PEFT chooses). Call set_adapter to choose another.",
+                      stacklevel=2)
     set_adapter(model, remaining) if remaining else _set_no_active(model)
 
 

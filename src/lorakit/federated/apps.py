@@ -16,23 +16,25 @@ writes ``federated.json`` to its ``output`` key.
 from __future__ import annotations
 
 import json
-import random
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.errors import ConfigError, comma_items
 from ..core.targeting import targets_from_text
-from ..data import stable_seed
 from ..io.files import atomic_write_json, remove_dir_atomically
-from .base import FederatedConfig, pack, unpack
+from .base import FederatedConfig, pack, sample_clients, unpack
 from .checkpoint import CHECKPOINT
 from .client import client_round
 from .server import ServerCore
+
+log = logging.getLogger("lorakit.federated")
 
 # Run-config keys whose value is a list of whole numbers: a comma-separated string or one TOML number.
 LIST_KEYS = ("client_ranks", "stragglers")
@@ -76,6 +78,14 @@ def config_from_run_config(run_config: dict[str, Any]) -> FederatedConfig:
 client_app = ClientApp()
 
 
+@client_app.query()
+def partition(msg: Message, context: Context) -> Message:
+    """The node's ``partition-id``: the server samples clients by partition (``base.sample_clients``), not by the
+    node ids Flower draws at random when nodes register."""
+    record = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = msg.content["config"]
@@ -91,7 +101,13 @@ def train(msg: Message, context: Context) -> Message:
 
 # -- server ---------------------------------------------------------------------------------------------
 class FlowerLoraStrategy(FedAvg):
-    """FedAvg's client sampling (``fraction``, ``min_clients``, seeded per round) with lorakit aggregation.
+    """FedAvg's round loop with lorakit's client sampling and aggregation.
+
+    Sampling draws partition ids (``base.sample_clients``: ``fraction`` of the clients, at least ``min_clients``,
+    seeded per round) and sends to the nodes holding them. FedAvg's own sampling draws among node ids, which
+    Flower's simulation (and every SuperNode restart) draws at random: the same seed then named other clients in
+    every run, so neither a rerun nor a resumed run trained the same clients. Each node is asked its partition-id
+    once (a QUERY message, ``client_app``'s ``partition``).
 
     ``done``: rounds a resumed run has already completed; Flower's loop counts from 1 again, and round ``t`` of
     it is the run's round ``done + t`` (sent to clients, seeding their sampling and training, and recorded)."""
@@ -103,17 +119,46 @@ class FlowerLoraStrategy(FedAvg):
                          min_available_nodes=config.clients, weighted_by_key="num-examples")
         self.core, self.done = core, done
         self.sent: dict[int, int] = {}
+        self.partition_of: dict[int, int] = {}  # node id -> partition-id, as each node answered
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.done
-        random.seed(stable_seed("lorakit-federated-sample", self.core.config.seed, server_round))  # FedAvg samples with `random`
         config["federated"] = json.dumps(self.core.config.to_dict())
+        config["server-round"] = server_round
         if self.core.a_checksum is not None:
             config["a-checksum"] = self.core.a_checksum
-        messages = list(super().configure_train(server_round, blob_record(self.core.downlink_bytes(), "state"),
-                                                config, grid))
-        self.sent[server_round] = len(messages)
-        return messages
+        nodes = self._nodes_by_partition(grid)
+        sampled = sample_clients(self.core.config, server_round)
+        missing = [p for p in sampled if p not in nodes]
+        if missing:
+            log.warning("round %d: sampled client(s) %s have no connected SuperNode (partition-id); counted as no "
+                        "reply", server_round, missing)
+        record = RecordDict({self.arrayrecord_key: blob_record(self.core.downlink_bytes(), "state"),
+                             self.configrecord_key: config})
+        self.sent[server_round] = len(sampled)
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nodes[p])
+                for p in sampled if p in nodes]
+
+    def _nodes_by_partition(self, grid: Grid) -> dict[int, int]:
+        """partition-id -> node id of the connected nodes (waiting, as FedAvg does, for ``clients`` of them); a node
+        not seen before is asked its partition-id. Two nodes with one partition-id: the lower node id trains it."""
+        _, online = sample_nodes(grid, self.min_available_nodes, 0)
+        unknown = [n for n in online if n not in self.partition_of]
+        if unknown:
+            queries = [Message(content=RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+            for reply in grid.send_and_receive(queries, timeout=self.core.config.round_timeout_s):
+                try:
+                    if reply.has_error():
+                        raise ValueError(reply.error.reason)
+                    self.partition_of[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+                except (KeyError, TypeError, ValueError) as error:
+                    log.warning("node %s did not say its partition-id (%s); it is not sampled",
+                                reply.metadata.src_node_id, error)
+        by_partition: dict[int, int] = {}
+        for node in sorted(online):
+            if node in self.partition_of:
+                by_partition.setdefault(self.partition_of[node], node)
+        return by_partition
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.done
@@ -145,28 +190,16 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
     ``checkpoint``: the folder written after every round (``federated.checkpoint.save_round``); ``resume_from``: a
     run's output or checkpoint folder to continue from (its config must equal ``config``, but for ``rounds``), which
     skips the rounds it completed."""
-    from .checkpoint import read_round, restore_round, save_round
+    from .checkpoint import end_round, start_run
 
-    record = read_round(resume_from, config) if resume_from is not None else None
-    core = ServerCore(config)
-    evaluation: list[dict[str, Any]] = []
-    done = 0
-    if record is not None:
-        restore_round(core, record)
-        evaluation, done = list(record["evaluation"]), int(record["round"])
+    core, evaluation, done = start_run(config, resume_from)
     strategy = FlowerLoraStrategy(core, done)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls it before round 1 (0) and after every round: evaluate, then checkpoint the round."""
         if server_round == 0 and done:
             return None  # the checkpoint's evaluations hold round `done`'s
-        server_round += done
-        metrics = None
-        if config.evaluate:
-            metrics = {"round": server_round, **core.evaluate()}
-            evaluation.append(metrics)
-        if checkpoint is not None and server_round > 0:
-            save_round(checkpoint, core, server_round, evaluation)
+        metrics = end_round(core, server_round + done, evaluation, checkpoint)
         return MetricRecord({k: float(v) for k, v in metrics.items()}) if metrics else None
 
     if done < config.rounds:

@@ -12,6 +12,7 @@ official aggregation (``fed_utils/model_aggregation.py``: ``normalize(local_data
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from ..core.config import check_non_negative, check_positive, check_range, field_error
 from ..core.errors import FIELD, ConfigError, comma_items, did_you_mean
 from ..core.model import adapter_layers
-from ..data import looks_like_path
+from ..data import looks_like_path, stable_seed
 
 State = dict[str, torch.Tensor]
 
@@ -208,6 +209,16 @@ def check_data_spec(config: FederatedConfig, name: str) -> None:
 
 
 # -- wire format: safetensors bytes only ---------------------------------------------------------------------
+def sample_clients(config: FederatedConfig, server_round: int) -> list[int]:
+    """The clients (partition ids 0..N-1) round ``server_round`` trains, ascending: ``max(min_clients, ⌊fraction·N⌋)``
+    of them (at most N), drawn by a ``random.Random`` seeded with ``stable_seed("lorakit-federated-sample", seed,
+    round)``. One draw for every runner (Flower's simulation and deployment: ``apps.FlowerLoraStrategy`` sends to the
+    nodes holding them; ``simulate.federate_in_process``), so a rerun or a resumed run trains the same clients."""
+    size = min(config.clients, max(config.min_clients, int(config.clients * config.fraction)))
+    rng = random.Random(stable_seed("lorakit-federated-sample", config.seed, server_round))
+    return sorted(rng.sample(range(config.clients), size))
+
+
 def pack(tensors: State) -> bytes:
     """``{name: tensor}`` as safetensors bytes (contiguous CPU copies; empty dict allowed)."""
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})

@@ -10,10 +10,13 @@ After every completed round the server writes ``<output>/checkpoint/`` (replacin
   so far, the DP accounting history (per client: noise multiplier, sample rate, steps), FFA's A checksum, and how
   clients are sampled.
 
-Client sampling needs no saved generator: round ``t`` reseeds it from ``(seed, t)`` (``apps.FlowerLoraStrategy``,
-``simulate.federate_in_process``), and clients seed their adapter, data order and training from ``(seed, t,
+Client sampling needs no saved generator: round ``t`` draws the partition ids from ``(seed, t)``
+(``base.sample_clients``, in both runners), and clients seed their adapter, data order and training from ``(seed, t,
 client)``; so a run resumed after round k samples and trains rounds k+1.. as the uninterrupted run does. Nothing
 is pickled: loading runs no code from the file.
+
+Both runners, Flower's (``apps.run_server``) and ``simulate.federate_in_process``, start a run with
+:func:`start_run` and end every round with :func:`end_round`: the same evaluations, checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ CHECKPOINT = "checkpoint"
 STATE_TENSORS = "server_state.safetensors"
 STATE_JSON = "server_state.json"
 FORMAT = "lorakit-federated-state/1"
-SAMPLING = "round t samples with random.seed(stable_seed('lorakit-federated-sample', seed, t))"
+SAMPLING = ("round t trains sorted(random.Random(stable_seed('lorakit-federated-sample', seed, t))"
+            ".sample(range(clients), max(min_clients, int(clients * fraction)))) (partition ids)")
 # settings that may change on resume: more rounds, and how long the server waits (neither changes a finished round)
 MAY_DIFFER = ("rounds", "round_timeout_s")
 
@@ -109,3 +113,30 @@ def restore_round(core, record: dict[str, Any]) -> None:
     core.dp_history = {int(c): [(float(s), float(q), int(n)) for s, q, n in hs]
                        for c, hs in record.get("dp_history", {}).items()}
 
+
+
+def start_run(config, resume_from: str | os.PathLike | None = None) -> tuple[Any, list[dict[str, Any]], int]:
+    """``(core, evaluation, done)`` to run ``config`` from: a fresh :class:`~lorakit.federated.server.ServerCore`,
+    or one holding ``resume_from``'s checkpoint (``read_round``'s errors), its evaluations so far and the number
+    of rounds it completed."""
+    from .server import ServerCore
+
+    record = read_round(resume_from, config) if resume_from is not None else None
+    core = ServerCore(config)
+    if record is None:
+        return core, [], 0
+    restore_round(core, record)
+    return core, list(record["evaluation"]), int(record["round"])
+
+
+def end_round(core, server_round: int, evaluation: list[dict[str, Any]],
+              checkpoint: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """After round ``server_round`` of the run (0: before round 1): evaluate the global model when the config says
+    so (appended to ``evaluation`` and returned), then, from round 1 on, checkpoint into ``checkpoint``."""
+    metrics = None
+    if core.config.evaluate:
+        metrics = {"round": server_round, **core.evaluate()}
+        evaluation.append(metrics)
+    if checkpoint is not None and server_round > 0:
+        save_round(checkpoint, core, server_round, evaluation)
+    return metrics

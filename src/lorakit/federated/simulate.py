@@ -56,26 +56,31 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
 
 
 def federate_in_process(config: FederatedConfig, keep_updates: bool = False,
-                        adapter_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                        adapter_dir: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+                        resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """The same client and server code as :func:`federate`, called directly in this process (no Flower transport,
-    no Ray): clients run one after another. For benchmarks and tests on a small CPU budget; sampling draws
-    ``max(min_clients, ⌊fraction·N⌋)`` clients per round with a seeded RNG, stragglers are not simulated.
-    With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``); with ``adapter_dir``
-    the final global adapter is written there (``ServerCore.save_adapter``)."""
-    import random
+    no Ray): clients run one after another. For benchmarks (``lorakit bench federated``) and tests on a small CPU
+    budget; ``lorakit federate`` runs Flower. Sampling is Flower's runs' (``base.sample_clients``), stragglers are
+    not simulated. With ``keep_updates`` the result also holds round 1's client updates (``"first_updates"``); with
+    ``adapter_dir`` the final global adapter is written there (``ServerCore.save_adapter``). ``output`` and
+    ``resume_from`` as for :func:`federate`, through the same code (``checkpoint.start_run`` / ``end_round``): a
+    checkpoint after every round in ``<output>/checkpoint`` (the adapter in ``<output>/adapter`` unless
+    ``adapter_dir`` says otherwise), and a resumed run ends as the uninterrupted one, bit for bit."""
+    from pathlib import Path
 
-    from ..data import stable_seed
-    from .base import pack, unpack
+    from .base import pack, sample_clients, unpack
+    from .checkpoint import CHECKPOINT, end_round, start_run
     from .client import client_round
-    from .server import ServerCore
 
-    core = ServerCore(config)
-    evaluation = [{"round": 0, **core.evaluate()}] if config.evaluate else []
+    core, evaluation, done = start_run(config, resume_from)
+    checkpoint = Path(output) / CHECKPOINT if output is not None else None
+    if output is not None and adapter_dir is None:
+        adapter_dir = Path(output) / "adapter"
+    if not done:
+        end_round(core, 0, evaluation)
     first: list = []
-    for server_round in range(1, config.rounds + 1):
-        size = min(config.clients, max(config.min_clients, int(config.clients * config.fraction)))
-        sampled = sorted(random.Random(stable_seed("lorakit-federated-sample", config.seed, server_round))
-                         .sample(range(config.clients), size))
+    for server_round in range(done + 1, config.rounds + 1):
+        sampled = sample_clients(config, server_round)
         down = unpack(core.downlink_bytes())
         replies = []
         for client in sampled:
@@ -84,8 +89,7 @@ def federate_in_process(config: FederatedConfig, keep_updates: bool = False,
             if keep_updates and server_round == 1:
                 first.append((client, update, metrics))
         core.receive(server_round, replies, sent=len(sampled))
-        if config.evaluate:
-            evaluation.append({"round": server_round, **core.evaluate()})
+        end_round(core, server_round, evaluation, checkpoint)
     result = core.run_result(evaluation, adapter_dir)
     if keep_updates:
         result["first_updates"] = first

@@ -105,8 +105,22 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS
 
 def task_type(model: nn.Module) -> str | None:
     """PEFT's TaskType name of ``model`` from its class name (``BertForSequenceClassification`` -> "SEQ_CLS"), or None."""
-    name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+    return _class_task_type(type(model).__name__)
+
+
+def _class_task_type(class_name: str) -> str | None:
+    return next((task for suffix, task in _TASK_TYPES.items() if class_name.endswith(suffix)), None)
+
+
+def file_task_type(config: dict[str, Any]) -> str | None:
+    """The TaskType of the host an ``adapter_config.json`` dict was saved from: its ``task_type``, else the one of
+    the class its ``auto_mapping`` names (what PEFT's ``save_pretrained`` writes for a config without task_type, and
+    lorakit for a head it does not save: :func:`peft_task_type`; PEFT's ``AutoPeftModel`` builds that class)."""
+    if config.get("task_type"):
+        return config["task_type"]
+    mapping = config.get("auto_mapping")
+    base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return _class_task_type(base_class) if isinstance(base_class, str) else None
 
 
 # Heads PEFT's task model classes add to modules_to_save and then require in the file (peft/peft_model.py:
@@ -247,6 +261,34 @@ def run_adapter(directory: str | os.PathLike) -> Path | None:
     return None
 
 
+BASE_FILE = "base.json"  # in a training run folder: the base's flags beyond --model (4 bit, LoRAM), as trained on
+
+
+def trained_base_mismatch(adapter: str | os.PathLike | None, quantize: str | None, double_quant: bool | None, *,
+                          loader: str = "this command") -> str | None:
+    """Why ``adapter`` (a folder ``lorakit train`` wrote: its ``adapter/``, a ``checkpoint-N``, or the run folder)
+    was trained on another 4-bit setting of the base than the one ``loader`` loads (``quantize``: ``"nf4"``, ``"fp4"``
+    or None for full precision; ``double_quant`` with it), read from its run folder's ``base.json``; None when they
+    agree or the folder has no such record (not in a run folder, or written before base.json existed). Only the
+    stored weights count: the quant type and double quantization (the compute dtype changes the matmuls' dtype only).
+    A LoRAM run's adapter is recovered for the original model (only its pruned copy was 4-bit): None."""
+    if not adapter:
+        return None
+    folder = Path(adapter)
+    run = folder if run_adapter(folder) is not None else folder.parent
+    saved_file = run / BASE_FILE
+    if not saved_file.is_file():
+        return None
+    saved = read_json(saved_file)
+    if saved.get("loram_ratio") is not None:
+        return None
+    now = {"quantize": quantize, "double_quant": double_quant if quantize else None}
+    diff = [f"--{k.replace('_', '-')}: trained {saved.get(k)!r}, {loader} {now[k]!r}"
+            for k in ("quantize", "double_quant") if saved.get(k) != now[k]]
+    return None if not diff else (f"{adapter} was trained on another base than {loader} loads ({'; '.join(diff)}; "
+                                  f"its run's {saved_file})")
+
+
 def check_adapter_folder(directory: str | os.PathLike):
     """An adapter folder's checks that need no model, for a command to run before it loads one: the config parses
     and validates (:func:`read_adapter_config`) and the weights file is a safetensors file whose header reads
@@ -358,13 +400,21 @@ def refuse_meta_tensors(directory: str | os.PathLike, tensors: Mapping[str, torc
     """AdapterLoadError naming ``directory`` when any of ``tensors`` (what the adapter's values would be copied into:
     its planned deltas here, the base weights its serving banks are built beside in ``lorakit.serving``) is on the
     meta device."""
+    message = meta_tensors_message(directory, tensors)
+    if message:
+        raise AdapterLoadError(message)
+
+
+def meta_tensors_message(source: Any, tensors: Mapping[str, torch.Tensor], then: str = "load the adapter") -> str:
+    """What to tell the user when any of ``tensors`` is on the meta device (``source``: the folder, or the adapter,
+    whose values would be lost; ``then``: the step to take once the base has weights); "" when none is."""
     on_meta = [key for key, value in tensors.items() if value.is_meta]
-    if on_meta:
-        raise AdapterLoadError(f"{directory}: the model's layer for {on_meta[0]!r} is on the meta device (no weights: "
-                               f"built under torch.device('meta') / init_empty_weights, or offloaded by a device_map), "
-                               f"so the adapter would load nothing ({len(on_meta)} tensor(s)). Load the base weights "
-                               "first (from_pretrained, or model.to_empty(device=...) and load_state_dict), on devices "
-                               "that hold them, then load the adapter.")
+    if not on_meta:
+        return ""
+    return (f"{source}: the model's layer for {on_meta[0]!r} is on the meta device (no weights: built under "
+            f"torch.device('meta') / init_empty_weights, or offloaded by a device_map), so the adapter would load "
+            f"nothing ({len(on_meta)} tensor(s)). Load the base weights first (from_pretrained, or "
+            f"model.to_empty(device=...) and load_state_dict), on devices that hold them, then {then}.")
 
 
 def trained_modules(tensors: dict[str, torch.Tensor]) -> set[str]:

@@ -28,10 +28,15 @@ Choices where code, paper and README differ (all keep a fresh adapter exactly eq
   while a fresh adapter equals the base and dropped tokens are on the same scale as routed ones. Capacity is per
   sequence, as in the code (cumsum over positions; here padding tokens take no slot): ``expert_capacity`` if set, else
   ``ceil(capacity_factor · seq_len / E)`` (MoE-PEFT's template fixes 32). Tokens over capacity get the plain
-  base FFN. ``routing_strategy="topk"`` with ``top_k=1`` uses the same straight-through weight (renormalised it
+  base FFN; the code (``SwitchSparseMoe.forward``, ``next_states = hidden_states.clone()``) gives them their own
+  FFN *input* as the block's output, and in inference mode returns the input for every token (the experts' result
+  is dropped), which we take for bugs. The switch balance loss counts each token's argmax expert before the
+  capacity drops it, as the code (``_switch_load_balancing_loss_func``) and Switch Transformers' f_i do.
+  ``routing_strategy="topk"`` with ``top_k=1`` uses the same straight-through weight (renormalised it
   would be a constant 1 with no gradient).
 - GPT-2's residual dropout after ``c_proj`` is applied once to the mixed output (as the host applies it).
-- the z-loss (switch only) is pooled over all layers like the balance loss.
+- the z-loss (switch only) is pooled over all layers like the balance loss. Padding is left out of every routing
+  loss; the code masks it only in the top-k (Mixtral) loss, not in the top-p and switch losses.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from ..core.delta import LayerInfo
 from ..core.registry import register_method
 from ..mixtures.base import router_loss
 from ..mixtures.ffn_experts import MixLoraFFN
-from ..mixtures.router import CapacityTop1, Router, load_balance_loss, renormalized, straight_through, unchanged
+from ..mixtures.router import (CapacityTop1, Router, argmax_balance_loss, load_balance_loss, renormalized,
+                               straight_through, unchanged)
 from .lora import LoraConfig, LoraLinear
 
 ROUTING_STRATEGIES = ("topk", "top_p", "switch")
@@ -149,7 +155,8 @@ def mixlora_extra_loss(model: nn.Module, name: str) -> torch.Tensor:
     from ..core.model import adapter_state
 
     config = adapter_state(model).configs[name]
-    return router_loss(model, name, load_balance_loss, config.router_aux_loss_coef, z_coef=config.router_z_loss_coef)
+    balance = argmax_balance_loss if config.routing_strategy == "switch" else load_balance_loss
+    return router_loss(model, name, balance, config.router_aux_loss_coef, z_coef=config.router_z_loss_coef)
 
 
 register_method(

@@ -25,9 +25,11 @@ with one einsum and runs two ``bmm``. No Python loop over experts anywhere. Expe
 RecLoRA choices: the gate is per adapted layer (as ``Loreclayer``), Kaiming weights and zero biases. The
 official code means to Kaiming-initialise each meta-LoRA's A_k with fan-in = in, but it initialises a reshaped
 copy of a weight column (a no-op), so its A keeps ``nn.Linear``'s default over (in·r, N_m); we follow the intent.
+The gate always ends in the softmax: the official ``--enable_softmax`` flag is off by default in
+``finetune_lorec.py`` (raw gate logits would mix the bank) but every run in ``multi_run.sh`` turns it on.
 Only the default gate (``which_in_gate`` unset) and soft routing are implemented: the token-level and
 attention-over-LoRA gates are ablations, and the "hard" top-k mode indexes with ``~indices`` (a bug).
-Defaults as the official scripts: targets q, v; N_m = 8, r = 8, α = 16, gate hidden 60, T = 1 (dropout 0.05: ours).
+Defaults as the official scripts: targets q, v; N_m = 8, r = 8, α = 16, gate hidden 60, T = 1; dropout 0.05 (the argparse default; the scripts pass 0).
 
 Keys: integer key ``j`` is the j-th name of ``sorted(key_to_expert)`` (the training loop's task ids are positions
 in the sorted task names, ``lorakit.data.build_task_index``), so ``key_to_expert`` must name every task of the

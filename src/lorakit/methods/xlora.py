@@ -33,6 +33,10 @@ Choices:
   adapter (keys ``<first module>.classifier.layers.*``). Files are lorakit's (``lorakit_method: xlora``, banks
   and head in one safetensors file); PEFT's X-LoRA folder layout (classifier + one sub-folder per LoRA) is not
   read or written.
+- Where the authors' own repository (EricLBuehler/xlora @ 8217992) and PEFT's port differ, this follows PEFT:
+  ``enable_softmax_topk`` is a softmax per token over its kept k (``xlora_insertion.py``
+  ``get_maybe_topk_scalings`` takes one softmax over every kept scaling of the batch, flattened), and the head
+  always has its ReLU/Dropout (the repo's ``enable_relu_and_dropout``, default True there, can drop them).
 - With ``scaling_pass_value`` v ≠ 0 the scaling pass uses λ ≡ v for every adapter without top-k (PEFT applies
   its top-k to those tied dummy scalings, an arbitrary pick).
 - Generation needs ``use_cache=False``, as in PEFT: every step reruns the scaling pass over the whole sequence,

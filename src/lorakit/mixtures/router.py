@@ -121,6 +121,14 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.T
     return probs.shape[-1] * (f * p).sum()
 
 
+def argmax_balance_loss(probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformers' ``E · Σ_e f_e · P̄_e`` (Fedus et al. arXiv:2101.03961 eqs. 4-6) with f_e the fraction of
+    tokens whose argmax expert is e, counted before the capacity drops them (MoE-PEFT
+    ``_switch_load_balancing_loss_func`` recomputes the argmax from the probabilities); padding excluded."""
+    argmax = F.one_hot(probs.argmax(-1), probs.shape[-1]).bool()
+    return load_balance_loss(probs, argmax, mask)
+
+
 def assignment_balance_loss(probs: torch.Tensor, selected: torch.Tensor,
                             mask: torch.Tensor | None = None) -> torch.Tensor:
     """MoLA's ``E · Σ_e f_e · P̄_e`` with f_e = (assignments to e) / (all assignments): Mixtral's loss divided by
@@ -143,7 +151,8 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return (lse * mask.float()).sum() / mask.float().sum().clamp_min(1.0)
 
 
-BALANCE_LOSSES = {"mixtral": load_balance_loss, "mole": mole_balance_loss, "mola": assignment_balance_loss}
+BALANCE_LOSSES = {"mixtral": load_balance_loss, "switch": argmax_balance_loss, "mole": mole_balance_loss,
+                  "mola": assignment_balance_loss}
 
 
 # -- routing policies: RouterOutput → the weights the experts are combined with ----------------------------

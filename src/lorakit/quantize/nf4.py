@@ -18,6 +18,14 @@ Use: ``load_model_and_tokenizer(path, quantize="nf4")`` (or ``quantize_model(mod
 and the other way round), then :func:`dequantize_model` + ``merge_and_unload`` for a full-precision merged
 model (``lorakit merge --quantize nf4``). The merge adds ΔW to the *dequantized* NF4 weights, the weights the
 adapter was trained against.
+
+CPU layout: bitsandbytes >= 0.50.2 on a CPU with AVX512-BF16 repacks a ``Linear4bit``'s codes in place on its
+first inference forward (eval mode, no grad) into a CPU kernel layout, storing the absmax constants in bfloat16
+and dropping double quantization. That is lossy (the same model gives other outputs on other CPUs, and after
+its first eval), it fails on layers whose out_features is not a multiple of 32 or in_features not a multiple of
+the block size, and ``dequantize_4bit`` does not read that layout. Every 4-bit layer lorakit creates or loads
+(:func:`quantize_model`, ``load_model_and_tokenizer(quantize=...)``) therefore keeps the QLoRA layout
+(:func:`keep_qlora_layout`); :func:`dequantize_weight` unpacks a layer that was repacked elsewhere first.
 """
 
 from __future__ import annotations
@@ -126,16 +134,41 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q.train(child.training))
+    keep_qlora_layout(model)
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
     return model
 
 
+def keep_qlora_layout(model: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' CPU repacking (see the module docstring) on every 4-bit layer of ``model``, in
+    place, so its weights stay the NF4 codes + absmax constants QLoRA defines on every machine; returns ``model``.
+    A layer already repacked is unpacked back (as bitsandbytes' own ``state_dict``/``.cuda()`` do)."""
+    for module in model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+            _unpack(module)
+    return model
+
+
+def _unpack(module: nn.Module) -> None:
+    w = module.weight
+    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+        import bitsandbytes.functional as F
+
+        w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        state = w.quant_state
+        if state.absmax.dim() == 2:  # bitsandbytes 0.50.2 restores a non-nested absmax only when it was nested
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)  # (in/block, out) -> per-block order
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor | None:
-    """The float32 (out, in) weight of a 4-bit layer (doubleDequant of QLoRA eq. 6), None for other layers."""
+    """The float32 (out, in) weight of a 4-bit layer (doubleDequant of QLoRA eq. 6), None for other layers. A
+    layer bitsandbytes repacked for its CPU kernel is unpacked back first (in place)."""
     if not is_4bit(module):
         return None
     import bitsandbytes.functional as F
 
+    _unpack(module)
     w = module.weight
     return F.dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
 

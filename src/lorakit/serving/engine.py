@@ -6,6 +6,10 @@ them, runs one forward over the newly admitted prompts (prefill) and one over ev
 token (decode), samples a token per row and retires finished rows, so requests for different adapters — and
 the base — join and leave one running batch at token granularity. Each row's adapter (a name, ``None`` for the
 base, or a weighted mix ``{"a": 0.7, "b": 0.3}``) is applied by the adapter banks (``serving/bank.py``).
+One exception to first come, first served: while the first waiting request needs a resident adapter slot that
+running requests all hold (``AdapterStore.max_loras``), base-model requests behind it start (they need no slot, so
+they cannot delay it; vLLM's scheduler likewise lets requests past one over its ``max_loras``), and requests for
+other adapters do not (they would take the slot it waits for).
 
 Memory: keys and values live in a :class:`~lorakit.serving.kv_cache.PagedKVCache` preallocated from a byte
 budget. A request is admitted only when blocks for its whole context are free; when a decode step finds no free
@@ -27,9 +31,18 @@ Several choices of one prompt (OpenAI's ``n``; :meth:`Engine.submit_choices`) sh
 sampling does (PagedAttention, arXiv:2309.06180, §4.4): the first choice is admitted with the others attached; its
 prefill forward runs the prompt once, then the others fork its KV blocks (``PagedKVCache.fork``: full blocks shared,
 the partly filled last one copied) and sample their first token from the same last-position logits with their own
-generators, so every choice decodes as if it had prefilled the prompt itself. A choice that cannot fork (the
-running batch or the free blocks have no room for it; an adapter that recomputes the whole sequence every step)
-goes on as a request of its own, first in the queue, and prefills the prompt itself.
+generators, so every choice decodes as if it had prefilled the prompt itself.
+
+Admission of n choices is first come, first served per choice, as vLLM v1 schedules them (n > 1 fans out into one
+request per choice, ``vllm/v1/engine/parallel_sampling.py``): the first choice is admitted as soon as one row and its
+prompt's blocks are free, with as many of the others as the batch has rows and (for copies of a partly filled last
+block) free blocks for now; the rest wait first in the queue, still together, and take the next rows that free up,
+forking the prompt's blocks from a choice still running (its saved last-position logits give their first token: no
+second prefill), or, when none runs any more, the next of them prefills the prompt again and the others fork from
+it. So a request with n choices never keeps rows idle waiting for n of them at once (vLLM v0's sequence groups did:
+the group blocked the queue until the batch drained), and later requests never pass its choices (which would starve
+it under steady traffic). An adapter that recomputes the whole sequence every step (X-LoRA) shares nothing: each
+choice prefills alone.
 
 Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`submit_choices`,
 :meth:`abort` and :meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any
@@ -51,7 +64,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import LorakitError
+from ..core.errors import LorakitError, UnknownAdapterError
 from .graphs import DecodeGraphs
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
@@ -79,6 +92,15 @@ class Event:
     error: str | None = None
 
 
+@dataclass(eq=False)
+class SharedPrompt:
+    """The prompt the choices of one :meth:`Engine.submit_choices` share: its length and, once one of them has
+    prefilled it, the last position's logits (vocab,), float32, host (kept while a choice may still fork them)."""
+
+    length: int
+    logits: torch.Tensor | None = None
+
+
 @dataclass(eq=False)  # identity: queues find, index and remove a request by itself, not by ~30 field compares
 class Request:
     request_id: str
@@ -103,11 +125,17 @@ class Request:
     task: str | None = None  # the request's task name (routed adapters); ``key`` its routing key id
     key: int | None = None
     recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
+    # holds a pin on its adapters in the store (AdapterStore.pin) from admission to its end, also while preempted: an
+    # adapter unloaded meanwhile stays resident until it finishes, as for the requests still running
+    pinned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     # choices of one prompt (Engine.submit_choices): the first carries the others, which wait for its prefill and
     # then fork its blocks; ``parent`` is set on each of them until then
     children: list["Request"] = field(default_factory=list)
     parent: "Request | None" = None
+    # what the choices of one prompt share: its last-position logits once a choice has prefilled it, so that a choice
+    # admitted later forks the prompt's blocks from a running one instead of prefilling it again
+    prompt: "SharedPrompt | None" = None
 
     @property
     def context(self) -> list[int]:
@@ -198,6 +226,9 @@ class Engine:
         first = self._request(prompt, adapter, params[0], on_event, ids[0], task)
         first.children = [self._request(first.prompt_ids, adapter, p, on_event, rid, task)
                           for p, rid in zip(params[1:], ids[1:])]
+        shared = SharedPrompt(len(first.prompt_ids))
+        for r in (first, *first.children):
+            r.prompt = shared
         for child in first.children:
             child.parent = first
         self._inbox.put(("submit", first))
@@ -223,16 +254,14 @@ class Engine:
                 raise RequestError(f"weights of a weighted mix must be finite numbers within float32's range "
                                    f"(|w| <= {FLOAT32_MAX:.4g}), got {bad}")
         key = None
+        self.check_adapter(adapter)
         if self.store is not None:
-            self.store.check(adapter)
             reason = self.store.never_fits(adapter)
             if reason is not None:
                 raise RequestError(reason)
             key = self.store.task_key(adapter, task)
         elif task is not None:
             raise RequestError("a task key needs an engine with an AdapterStore (it reads the adapter's task index)")
-        elif names_in(adapter):
-            getattr(self.model, REGISTRY_ATTR).route([adapter])  # raises for an unknown name
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
@@ -243,6 +272,31 @@ class Engine:
                                f"({self.cache.capacity_tokens} tokens); raise the cache budget or lower max_tokens")
         rid = request_id or f"req-{next(self._ids)}"
         return Request(rid, prompt_ids, adapter, params, on_event, generator=params.generator(), task=task, key=key)
+
+    def check_adapter(self, spec: RowSpec) -> None:
+        """Raise for an adapter row spec (a name, a weighted mix; None: the base) this engine cannot serve: with a
+        store, :meth:`AdapterStore.check` (UnknownAdapterError, AdapterLoadError, AdapterConflictError, AdapterError);
+        without one, UnknownAdapterError for a name the model's banks do not hold (with near matches), also when the
+        model has no banks at all."""
+        if self.store is not None:
+            self.store.check(spec)
+            return
+        names = names_in(spec)
+        if not names:
+            return
+        registry = getattr(self.model, REGISTRY_ATTR, None)
+        if registry is None:
+            raise UnknownAdapterError(f"unknown adapter {names[0]!r}: no adapter is banked in this engine's model "
+                                      f"(bank adapters with load_adapters / bank_adapters, or give the engine an "
+                                      f"AdapterStore)")
+        registry.route([spec])
+
+    def adapter_names(self) -> list[str]:
+        """The adapters a request may name: the store's registered ones, else those banked in the model."""
+        if self.store is not None:
+            return self.store.names()
+        registry = getattr(self.model, REGISTRY_ATTR, None)
+        return registry.names if registry is not None else []
 
     def abort(self, request_id: str) -> None:
         """Stop a request (e.g. its client disconnected) and free its KV blocks at the next step."""
@@ -355,9 +409,32 @@ class Engine:
             decode = len(r.context) - r.num_cached == 1
             groups.setdefault((not decode, r.attached, decode and self._static(r)), []).append(r)
         for (_, attached, static), group in groups.items():
-            self._forward(group, attached, static)
+            self._forward_rows(group, attached, static)
         self.stats["steps"] += 1
         return True
+
+    def _forward_rows(self, group: list[Request], attached: str | None, static: bool) -> None:
+        """:meth:`_forward`, except that rows whose adapter left the model's banks while they ran fail alone.
+
+        With a store that cannot happen (:meth:`AdapterStore.unregister` waits for the requests holding an adapter,
+        and evicting or re-banking one they hold is refused). Without one, the caller owns the banks: an adapter removed
+        from them (``registry.remove``) fails its own rows, with UnknownAdapterError, and the others run (was: the
+        routing raised for the whole batch and every row failed). Routing is built before the forward writes anything
+        (KV blocks, tokens), so the rest of the group simply runs again."""
+        try:
+            self._forward(group, attached, static)
+        except UnknownAdapterError:
+            registry = getattr(self.model, REGISTRY_ATTR, None)
+            gone = [r for r in group if any(registry is None or n not in registry for n in names_in(r.adapter))]
+            if not gone:
+                raise
+            for r in gone:
+                missing = [n for n in names_in(r.adapter) if registry is None or n not in registry]
+                self._finish(r, "error", error=UnknownAdapterError(
+                    f"adapter {missing[0]!r} was removed from the model's banks while this request ran"))
+            rest = [r for r in group if r.status == "running"]
+            if rest:
+                self._forward(rest, attached, static)
 
     def _drain_inbox(self) -> bool:
         got = False
@@ -391,34 +468,54 @@ class Engine:
         # so that the prompts admitted after them leave that room (else those choices would go alone)
         rows = len(self.running) + sum(len(r.children) for r in self.running)
         held = sum(len(r.children) for r in self.running if len(r.context) % bs)
-        while self.waiting and rows < self.max_batch:
-            req = self.waiting[0]
+        # first come, first served; the one exception: while the first waiting request needs an adapter slot that
+        # running requests all hold, base-model requests behind it (which need no slot, so cannot delay it) start
+        i, slot_blocked = 0, False
+        while i < len(self.waiting) and rows < self.max_batch:
+            req = self.waiting[i]
+            if slot_blocked and names_in(req.adapter):
+                i += 1
+                continue
+            source = self._prompt_source(req)
+            if source is not None:  # a running choice holds the prompt's blocks: fork them, no prefill
+                copy = 1 if req.prompt.length % bs else 0
+                if copy + held > self.cache.free_blocks:
+                    return
+                fits = min(len(req.children), self.max_batch - rows - 1)
+                if copy:
+                    fits = min(fits, self.cache.free_blocks - held - 1)
+                self._release_children(req, fits)  # queued where req stands
+                self.waiting.remove(req)
+                choices, req.children = [req, *req.children], []
+                self._start_forked(source, req.prompt.length, req.prompt.logits, choices, time.perf_counter())
+                rows += len(choices)
+                continue
             n = len(req.context)
             need = self.cache.blocks_for(n)
-            # its own choices: room in the batch for them too, and blocks for their copies of the partly filled
-            # last block when the cache can ever hold that (else those that do not fit go alone)
-            copies = len(req.children) if n % bs else 0
-            if need + copies <= self.cache.num_blocks:
-                need += copies
-            if rows + min(1 + len(req.children), self.max_batch) > self.max_batch:
-                return
             if need + held > self.cache.free_blocks or (n > budget and budget < self.max_prefill_tokens):
                 return
-            if self.store is not None:
+            # its own choices: those the batch has rows for now, and (a partly filled last block) free blocks for
+            # their copies of it, will fork; the others wait first in the queue (see the module docstring)
+            fits = min(len(req.children), self.max_batch - rows - 1)
+            if n % bs:
+                fits = min(fits, self.cache.free_blocks - need - held)
+            if self.store is not None and not req.pinned:  # (a preempted request still holds its adapters)
                 try:
                     ready = self.store.ensure_resident(req.adapter)
                 except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
-                    self.waiting.popleft()
-                    self._finish(req, "error", error=e)
+                    self._finish(req, "error", error=e)  # (leaves the queue; its waiting choices take its place)
                     continue
                 if not ready:  # every resident slot is held by running requests: wait for one to finish
-                    return
+                    slot_blocked = True
+                    i += 1
+                    continue
                 self.store.pin(req.adapter)
+                req.pinned = True
                 req.attached = self.store.attached_name(req.adapter)
                 req.recompute = req.attached is not None and self.store.recomputes(req.attached)
-            self.waiting.popleft()
-            if req.recompute:  # rewrites its whole context every step: no prefill to share
-                self._release_children(req, 0)
+            # an adapter that rewrites its whole context every step has no prefill to share
+            self._release_children(req, 0 if req.recompute else fits)  # queued where req stands
+            self.waiting.remove(req)
             req.blocks = self.cache.allocate(self.cache.blocks_for(n))
             req.num_cached = 0
             req.status = "running"
@@ -446,9 +543,7 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.cache.release(req.blocks)
-        req.blocks, req.num_cached, req.status = [], 0, "waiting"
-        if self.store is not None:
-            self.store.unpin(req.adapter)
+        req.blocks, req.num_cached, req.status = [], 0, "waiting"  # (its pin stays: it runs again, on its adapter)
         self.waiting.appendleft(req)
         self.stats["preemptions"] += 1
 
@@ -502,6 +597,8 @@ class Engine:
                     "the model's output for this request is not finite (nan or inf logits); with a weighted mix, "
                     "use smaller adapter weights"))
                 continue
+            if r.prompt is not None and r.prompt.logits is None and not r.output_ids and not r.recompute:
+                r.prompt.logits = last[i].clone()  # the prompt's prefill: choices admitted later fork from here
             if r.children:  # the prompt's prefill: its other choices take it from here (before r may finish)
                 self._fork(r, last[i], now)
             self._take_token(r, sample_token(last[i], r.params, r.generator), now)
@@ -522,25 +619,48 @@ class Engine:
         forked = parent.children[: max(room, 0)]
         self._release_children(parent, len(forked))
         parent.children = []
-        tables = self.cache.fork(parent.blocks, parent.num_cached, len(forked)) if forked else []
-        for child, table in zip(forked, tables):
-            child.parent, child.blocks, child.num_cached, child.status = None, table, parent.num_cached, "running"
-            child.attached, child.recompute = parent.attached, parent.recompute
-            if self.store is not None:
-                self.store.pin(child.adapter)  # resident already: the parent's pin holds it
+        self._start_forked(parent, parent.num_cached, logits, forked, now)
+
+    def _prompt_source(self, req: Request) -> Request | None:
+        """A running choice of ``req``'s prompt whose blocks hold the prompt, when ``req`` is a choice that has not
+        started (no tokens: a preempted one recomputes its own) and a choice has prefilled the prompt; else None."""
+        shared = req.prompt
+        if shared is None or shared.logits is None or req.output_ids or req.recompute:
+            return None
+        return next((r for r in self.running if r.prompt is shared and r.num_cached >= shared.length
+                     and not r.recompute), None)
+
+    def _start_forked(self, source: Request, length: int, logits: torch.Tensor, choices: list[Request],
+                      now: float) -> None:
+        """``choices`` of ``source``'s prompt (its first ``length`` tokens, in its blocks) join the running batch on
+        forks of those blocks and sample their first token from the prompt's last-position ``logits`` (vocab,), each
+        with its own generator."""
+        tables = self.cache.fork(source.blocks, length, len(choices)) if choices else []
+        for child, table in zip(choices, tables):
+            child.parent, child.blocks, child.num_cached, child.status = None, table, length, "running"
+            child.attached, child.recompute = source.attached, source.recompute
+            if self.store is not None and not child.pinned:  # (admitted and preempted before its prefill: held)
+                self.store.pin(child.adapter)  # resident already: the source's pin holds it
+                child.pinned = True
             self.running.append(child)
-        self.stats["forked"] += len(forked)
-        for child in forked:
+        self.stats["forked"] += len(choices)
+        for child in choices:
             self._take_token(child, sample_token(logits, child.params, child.generator), now)
 
     def _release_children(self, req: Request, keep: int) -> None:
-        """``req``'s waiting choices after the first ``keep`` go on as requests of their own, queued where ``req``
-        stands (at the front when it is not queued): each prefills the prompt itself."""
+        """``req``'s waiting choices after the first ``keep`` go on without it, queued where ``req`` stands (at the
+        front when it is not queued), still together: the first of them carries the others; when admitted it forks
+        the prompt's blocks from a choice still running, or prefills the prompt itself, and the others it has room
+        for then fork with it (the rest are released again, the same way)."""
         rest, req.children = req.children[keep:], req.children[:keep]
+        if not rest:
+            return
+        head, head.parent = rest[0], None
+        head.children = rest[1:]
+        for child in head.children:
+            child.parent = head
         at = self.waiting.index(req) if req.status == "waiting" and req in self.waiting else 0
-        for child in reversed(rest):
-            child.parent = None
-            self.waiting.insert(at, child)
+        self.waiting.insert(at, head)
 
     def _eager_forward(self, group: list[Request], attached: str | None, starts: list[int], lengths: list[int],
                        q: int) -> torch.Tensor:
@@ -591,11 +711,12 @@ class Engine:
             self.running.remove(req)
             self.cache.release(req.blocks)
             req.blocks = []
-            if self.store is not None:
-                self.store.unpin(req.adapter)
         elif req.status == "waiting" and req.parent is not None:  # a choice still waiting for its prompt's prefill
             req.parent.children.remove(req)
             req.parent = None
+        if req.pinned:
+            self.store.unpin(req.adapter)
+            req.pinned = False
         if req.children:  # choices waiting for this request's prefill: they go on alone
             self._release_children(req, 0)
         if req.status == "waiting" and req in self.waiting:

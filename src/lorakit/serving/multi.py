@@ -37,7 +37,8 @@ from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.files import TensorFile, load_tensors
-from ..io.peft_format import PREFIX, read_adapter_config, refuse_meta_tensors, warn_config_changed, weights_path
+from ..io.peft_format import (PREFIX, meta_tensors_message, read_adapter_config, refuse_meta_tensors,
+                              warn_config_changed, weights_path)
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
@@ -358,6 +359,13 @@ class AdapterRegistry:
                     if type(delta) not in (LoraLinear, LoraEmbedding):
                         kind = "DoRA" if isinstance(delta, (DoraLinear, DoraEmbedding)) else type(delta).__name__
                         raise AdapterError(f"adapter {n!r} at {path!r} is {kind}; only plain LoRA can be banked")
+                    # as load / load_adapter refuse: a bank built beside a meta base weight, or copied from a meta
+                    # delta, holds no values; refused before any bank is touched
+                    tensors = {f"{path}.weight": layer.base_layer.weight,
+                               **{f"{path}.{k}": v for k, v in delta.state_dict().items()}}
+                    message = meta_tensors_message(f"adapter {n!r}", tensors, then="add the adapter and bank it")
+                    if message:
+                        raise AdapterError(message)
                     c = need.setdefault(path, [0, 0])
                     c[0], c[1] = c[0] + 1, max(c[1], delta.r)
         new_banks: dict[str, LoraBank] = {}

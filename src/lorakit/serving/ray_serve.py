@@ -28,7 +28,8 @@ routes by; the body's ``model`` is what is served)::
     curl -H 'serve_multiplexed_model_id: math' -d '{"model": "math", "prompt": "12+30="}' \\
         localhost:8000/v1/completions
 
-The response carries the replica's id in the ``x-lorakit-replica`` header. A handle call sends the body of a
+The response carries the app's headers as it sent them (a repeated header stays repeated) and the replica's id in
+the ``x-lorakit-replica`` header. A handle call sends the body of a
 ``/v1/completions`` request (``model`` defaults to the multiplexed id, or the base model when that is empty) and
 returns OpenAI's completion object with one more key, ``"replica"``; an error is raised as the
 :class:`~lorakit.serving.server.HTTPError` the HTTP request would get (its ``status``, ``message``, ``kind``).
@@ -139,16 +140,13 @@ class LorakitReplica:
         a deployment handle (:meth:`generate`)."""
         if isinstance(request, dict):
             return await self.generate(request)
-        from starlette.responses import StreamingResponse
-
         if request.url.path.rstrip("/").endswith(RUNTIME_LOADS):
             # one replica would load it and the others not (Ray routes each request to any of them)
             return error_response(400, f"{request.url.path} is not served by Ray Serve replicas: they register the "
                                        f"adapter folders under their roots when they start; to serve a new or fixed "
                                        f"folder, deploy again (serve.run)")
         await self._route()
-        status, headers, chunks = await _asgi(self.app, request.scope, request.receive)
-        return StreamingResponse(chunks, status_code=status, headers={**headers, REPLICA_HEADER: self.replica_id})
+        return relay(*await _asgi(self.app, request.scope, request.receive), replica=self.replica_id)
 
 
 def _post_scope(path: str) -> dict:
@@ -169,9 +167,20 @@ def _body_receiver(text: str):
     return receive
 
 
+def relay(status: int, headers: list[tuple[bytes, bytes]], chunks, *, replica: str):
+    """The Starlette response that re-sends an app's reply (:func:`_asgi`'s status, raw headers, body chunks) as it
+    came, streaming, every header kept as sent (a header the app repeats, such as ``set-cookie``, stays repeated:
+    a dict would keep its last value only), plus the replica's id in :data:`REPLICA_HEADER`."""
+    from starlette.responses import StreamingResponse
+
+    response = StreamingResponse(chunks, status_code=status)
+    response.raw_headers = [*headers, (REPLICA_HEADER.encode("latin-1"), replica.encode("latin-1"))]
+    return response
+
+
 async def _asgi(app, scope: dict, receive):
-    """Run ASGI ``app`` on one request: (status, headers, body chunks as an async iterator, streaming as the app
-    sends them)."""
+    """Run ASGI ``app`` on one request: (status, headers as the raw ``(name, value)`` byte pairs it sent, repeated
+    ones included, body chunks as an async iterator, streaming as the app sends them)."""
     messages: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(app(scope, receive, messages.put))
     task.add_done_callback(lambda _: messages.put_nowait(None))  # the app ended (an unanswered failure: a 500)
@@ -183,9 +192,9 @@ async def _asgi(app, scope: dict, receive):
 
         async def failed():
             yield body
-        return 500, {"content-type": "application/json"}, failed()
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.get("headers", [])}
-    headers.pop("content-length", None)  # the response is re-sent by Ray's proxy, chunk by chunk
+        return 500, [(b"content-type", b"application/json")], failed()
+    # the response is re-sent by Ray's proxy, chunk by chunk: its length is not known up front
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
 
     async def chunks():
         try:

@@ -12,7 +12,7 @@ Endpoints (bodies as OpenAI's / vLLM's):
   synthesis pass; the synthesis pass streams with ``stream: true``).
   ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
   indexed 0..n-1, sharing the prompt's prefill (computed once, the others fork its KV blocks:
-  ``Engine.submit_choices``); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
+  ``Engine.submit_choices``; choices start first come, first served as rows free up, not all at once); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
   choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once
   and sums the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
   ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
@@ -67,6 +67,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
 from .engine import Engine, Event, Request
+from .multi import REGISTRY_ATTR
 from .sampling import SamplingParams
 
 
@@ -112,10 +113,14 @@ class _Metrics:
             lambda: engine.cache.used_blocks / engine.cache.num_blocks)
         Gauge("lorakit_kv_cache_bytes", "Bytes preallocated for the KV cache (within --kv-cache-mb)",
               registry=r).set(engine.cache.nbytes)
+        # an engine without a store: every adapter banked in its model is resident (what its banks hold)
+        def banked_bytes() -> int:
+            banks = getattr(engine.model, REGISTRY_ATTR, None)  # none before the first adapter is banked
+            return banks.memory_bytes() if banks is not None else 0
         Gauge("lorakit_resident_adapters", "Adapters resident in the banks", registry=r).set_function(
-            lambda: len(store.resident) if store is not None else 0)
+            lambda: len(store.resident) if store is not None else len(engine.adapter_names()))
         Gauge("lorakit_adapter_resident_bytes", "Bytes of adapter weights resident in the banks",
-              registry=r).set_function(lambda: store.resident_bytes if store is not None else 0)
+              registry=r).set_function(lambda: store.resident_bytes if store is not None else banked_bytes())
         Gauge("lorakit_adapter_host_cache_bytes", "Bytes of adapter weights in the host-memory cache",
               registry=r).set_function(lambda: store.host_bytes if store is not None else 0)
         Gauge("lorakit_generation_tokens_per_second", "Generated tokens per second over the last 10 s",
@@ -123,7 +128,9 @@ class _Metrics:
         self.lora_info = Gauge("lorakit_lora_requests_info", "Running/waiting adapters (vLLM's lora_requests_info)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.requests = Counter("lorakit_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens of requests whose prompt was processed, "
+                                     "each request's prompt once as usage.prompt_tokens counts it (n choices too)",
+                                     registry=r)
         self.generation_tokens = Counter("lorakit_generation_tokens", "Tokens generated", registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("lorakit_time_to_first_token_seconds", "Time to first token", buckets=buckets,
@@ -241,7 +248,9 @@ class _Guard:
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
                limits: ServerLimits | None = None, reload: str = LOAD_AGAIN):
-    """The FastAPI app serving ``engine`` (its background thread is started with the app). ``reload``: how a
+    """The FastAPI app serving ``engine`` (its background thread is started with the app). An engine without an
+    AdapterStore serves (and lists in /v1/models) the adapters banked in its model, also those banked after the app
+    was made (``engine.call(lambda: load_adapters(model, ...))``); the load endpoints need a store. ``reload``: how a
     user serves an adapter whose folder failed to load once it is fixed, as the 400 for it words it (default: POST
     /v1/load_lora_adapter; a deployment that refuses that endpoint, e.g. Ray Serve replicas, says its own way)."""
     import contextlib
@@ -311,10 +320,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                 raise HTTPError(400, "'model' must be a string")
             spec = None if name in (model_name, BASE_NAME) else name
         try:
-            if engine.store is not None:
-                engine.store.check(spec)
-            elif spec is not None:
-                raise UnknownAdapterError(f"unknown adapter {spec!r}: this server has no adapters")
+            engine.check_adapter(spec)  # the store's adapters, or (an engine without one) those banked in the model
         except LorakitError as e:  # failed to register or to load: 400 saying why; unknown: 404
             raise refuse(e, _model(spec)) from None
         return spec
@@ -358,8 +364,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, str(e)) from None
 
     def n_of(body: dict) -> int:
-        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (the n
-        sequences are n engine requests meant to decode in one batch)."""
+        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (so that the
+        n choices can share one prefill, all forking it while the first runs)."""
         n = body.get("n")
         if n is None:
             return 1
@@ -406,6 +412,11 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                     continue
                 started = True
                 i = index[ev.request_id]
+                if ev.token_ids and not last:
+                    # the prompt was processed (a choice has its first token): counted once, as usage.prompt_tokens
+                    # counts it, whether the choices shared its prefill or some prefilled it again on their own; a
+                    # request refused or gone before that (no usage reported) adds nothing
+                    metrics.prompt_tokens.inc(len(reqs[0].prompt_ids))
                 if ev.token_ids:
                     if i not in last:
                         metrics.ttft.observe(now - reqs[i].arrival)
@@ -445,7 +456,6 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         reqs = submit_all(prompt, spec, choice_params(params, n), loop, q, body.get("task"), rid)
-        metrics.prompt_tokens.inc(len(reqs[0].prompt_ids))  # the choices share the prompt's prefill
         label = body.get("model") if spec is not None and not isinstance(spec, dict) else (
             "mixture" if isinstance(spec, dict) else model_name)
         created, model = int(time.time()), body.get("model") or model_name
@@ -624,9 +634,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         now = int(time.time())
         data = [{"id": model_name, "object": "model", "created": now, "owned_by": "lorakit", "root": model_name,
                  "parent": None}]
-        if engine.store is not None:
-            data += [{"id": n, "object": "model", "created": now, "owned_by": "lorakit",
-                      "root": str(engine.store.paths.get(n, "")), "parent": model_name} for n in engine.store.names()]
+        paths = engine.store.paths if engine.store is not None else {}
+        data += [{"id": n, "object": "model", "created": now, "owned_by": "lorakit", "root": str(paths.get(n, "")),
+                  "parent": model_name} for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
     def need_store():

@@ -2,7 +2,9 @@
 host-memory cache of their parsed weights, and the resident banks a batch runs on.
 
 - **disk**: every registered adapter is a PEFT-format folder (``adapter_config.json`` +
-  ``adapter_model.safetensors``) under one of the configured roots.
+  ``adapter_model.safetensors``) under one of the configured roots. A training run folder there (``lorakit train
+  --output ROOT/name``: ``adapter/``, checkpoints, ``base.json``) serves its ``adapter/`` under the run's name, as
+  every command taking an adapter folder reads a run folder; its ``base.json`` is checked as for ``adapter/``.
 - **host**: an LRU of parsed safetensors files, capped by count (``max_cpu_loras``) and bytes.
   :meth:`AdapterStore.prefetch` fills it in a background thread for adapters of queued requests.
 - **resident**: the model's :class:`~lorakit.serving.multi.AdapterRegistry` banks, capped by count
@@ -19,6 +21,19 @@ the folder's ``task_index.json`` (``lorakit.data.read_task_index``; for a routed
 
 Loading into the banks mutates them, so :meth:`ensure_resident`, :meth:`evict` and :meth:`unregister` must run on
 the thread that runs forwards (the engine's); registering and prefetching may run anywhere.
+
+In flight (as LoRAX and vLLM keep an adapter their running requests use): :meth:`unregister` of an adapter that
+requests hold (:meth:`pin`: running, or preempted and queued again) refuses new requests for it at once and evicts it
+when the last of them finishes; :meth:`evict`, ``registry.remove`` and banking the name again are refused with
+AdapterConflictError while it is held, so no row of a batch fails because an adapter left under it.
+
+Adapters banked into the model directly (:func:`~lorakit.serving.bank_adapters` / ``load_adapters``, before this store
+was made or after: they reach its registry) are served with the registered folders (:attr:`AdapterStore.banked`,
+:meth:`AdapterStore.names`): never evicted, as there is nothing to load them again from; :meth:`unregister` removes
+one. Banking directly under a name the store serves from a folder is refused (AdapterConflictError).
+
+An adapter whose ``base_model_name_or_path`` names another model than the served one is served anyway with a warning
+(:func:`base_name_mismatch`, :attr:`AdapterStore.warnings`), as PEFT and vLLM load it.
 
 With several roots, a name belongs to the first root that has a folder of that name; a later root's folder of that
 name is skipped with a warning naming both, also when the first one cannot be served (requests then get its reason;
@@ -55,7 +70,8 @@ from torch import nn
 from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, LorakitError,
                            UnknownAdapterError, did_you_mean)
 from ..core.layer import BASE_NAME, AdapterLayer
-from ..io.peft_format import CONFIG_NAME, read_adapter_config, run_adapter, weights_path
+from ..io.peft_format import (CONFIG_NAME, _name_or_path, read_adapter_config, run_adapter, trained_base_mismatch,
+                               weights_path)
 from ..io.files import load_tensors
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
 
@@ -116,9 +132,17 @@ def read_servable(folder: Path):
     return config, wpath
 
 
+def served_folder(folder: str | os.PathLike) -> Path:
+    """The adapter folder a folder under a root serves: ``folder/adapter`` when ``folder`` is a training run folder
+    (``lorakit train --output``: its ``adapter/``, the adapter the run ended with, not a ``checkpoint-N``; as every
+    CLI command that takes an adapter folder resolves one), else ``folder`` itself."""
+    return run_adapter(folder) or Path(folder)
+
+
 def adapter_folders(root: str | os.PathLike, *, field: str = "adapters") -> list[Path]:
-    """The folders directly under ``root`` that hold an adapter, or look meant to (a weights file without its config,
-    a training run folder holding ``adapter/``: registering those says what is wrong), sorted by name.
+    """The folders directly under ``root`` that hold an adapter or a training run (``adapter/`` inside:
+    :func:`served_folder`, served under the run folder's name), or look meant to (a weights file without its config:
+    registering it says what is wrong), sorted by name.
 
     Raises AdapterError with ``field`` (the argument naming ``root``; a command line words it with its flag) when
     ``root`` is missing, a file, unreadable, or an adapter folder itself (only folders under a root are served)."""
@@ -137,6 +161,29 @@ def adapter_folders(root: str | os.PathLike, *, field: str = "adapters") -> list
                            f"may list", field=field) from None
     return [d for d in entries if d.is_dir() and ((d / CONFIG_NAME).is_file() or weights_path(d).is_file()
                                                   or run_adapter(d) is not None)]
+
+
+def base_name_mismatch(config, model: nn.Module) -> str | None:
+    """Why ``config``'s ``base_model_name_or_path`` may name another model than ``model`` (its ``name_or_path``), or
+    None when they agree or either is unknown. Compared by the last path component, since one model lives under
+    different paths on different machines (a Hub id ``org/name``, a local copy ``/models/name``).
+
+    A warning, never a refusal, as the libraries that load such files do: PEFT's ``get_peft_model`` warns when the
+    two differ ("The PEFT config's `base_model_name_or_path` was renamed ...", peft 0.21.2, peft/mapping_func.py
+    lines 139-157) and ``PeftModel.from_pretrained`` does not compare them; vLLM loads a LoRA without reading the
+    field. Shapes that disagree with the model still fail when the weights load."""
+    saved, served = getattr(config, "base_model_name_or_path", None), _name_or_path(model)
+    if not saved or not served:
+        return None
+
+    def key(path) -> str:
+        return str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+    if key(saved) == key(served):
+        return None
+    return (f"its adapter_config.json names base_model_name_or_path {saved!r}, this server's base is {served!r} "
+            f"(compared by their last path component); it is served anyway, as PEFT and vLLM load it: check that it "
+            f"was trained on this base")
 
 
 def check_adapter_roots(roots: Sequence[str | os.PathLike] | None) -> None:
@@ -193,6 +240,37 @@ class _TieredRegistry(AdapterRegistry):
             return self._store.configs[name]
         return super()._read_config(name, directory)
 
+    # Loads and removals by the store itself (its tiers) call AdapterRegistry's own methods; the public ones below are
+    # what a caller banking into the model directly reaches (lorakit.serving.load_adapters / bank_adapters, which
+    # find this registry on the model): the store adopts what they bank, and a name running requests hold is
+    # neither replaced nor removed under them (every row of their batch would fail).
+    def load(self, adapters, *, overwrite: bool = False) -> list[str]:
+        names = list(adapters) if isinstance(adapters, Mapping) else [Path(d).name for d in adapters]
+        self._store._check_direct(names)
+        added = super().load(adapters, overwrite=overwrite)
+        self._store._adopt(added)
+        return added
+
+    def add_attached(self, names: Sequence[str] | None = None, *, overwrite: bool = True) -> list[str]:
+        if names is None:  # the store's attached adapters (DoRA, mixtures) are its own, served in their own forward
+            from ..core.model import adapter_state
+
+            names = [n for n in adapter_state(self.model).configs if n not in self._store.attached]
+        self._store._check_direct(names)
+        added = super().add_attached(names, overwrite=overwrite)
+        self._store._adopt(added)
+        return added
+
+    def remove(self, name: str) -> None:
+        """Drop ``name`` from the banks: through the store (AdapterConflictError while running requests hold it; a
+        folder adapter stays registered and is loaded again when next requested; one banked directly is forgotten)."""
+        if name in self._store.banked:
+            self._store.unregister(name)
+        elif name in self._store.resident:
+            self._store.evict(name)
+        else:
+            super().remove(name)
+
     def _bank(self, path, new_banks):
         bank = self.banks.get(path) or new_banks.get(path)
         if bank is not None:  # (no get_submodule walk per module per load)
@@ -223,6 +301,15 @@ class AdapterStore:
         self.max_cpu_loras, self.max_cpu_bytes = max_cpu_loras, max_cpu_bytes
         self.registry = _TieredRegistry(model, self, dtype)
         self.registry.max_slots = max_loras
+        # adapters banked into the model directly (lorakit.serving.load_adapters / bank_adapters: no folder the store
+        # registered), before or after this store was made: served as they are, never evicted (there is nothing to
+        # load them again from); :meth:`names` and :meth:`check` know them with the registered ones
+        self.banked: dict[str, None] = {}
+        old = getattr(model, REGISTRY_ATTR, None)
+        if isinstance(old, AdapterRegistry):  # banked before: its banks and ids carry over
+            for attr in ("ids", "configs", "banks", "_names", "_free_ids", "_targets_cache", "_infos", "_installed"):
+                setattr(self.registry, attr, getattr(old, attr))
+            self.banked = dict.fromkeys(old.ids)
         object.__setattr__(model, REGISTRY_ATTR, self.registry)
         self.paths: dict[str, Path] = {}  # registered name -> folder
         self.configs: dict[str, object] = {}  # registered name -> its folder's config as read and checked then
@@ -250,6 +337,8 @@ class AdapterStore:
         self.failed_folders: dict[str, Path] = {}
         # ``base_name``: the name a server answers as the base model; an adapter of that name could never be requested
         self.base_name = base_name
+        # registered name -> why it may be for another base (:func:`base_name_mismatch`); served anyway, logged once
+        self.warnings: dict[str, str] = {}
 
     # -- registration (any thread) -------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
@@ -304,7 +393,18 @@ class AdapterStore:
         folder = confine(path, self.roots) if confined else Path(path)
         if not folder.is_dir():
             raise AdapterLoadError(f"adapter path {str(path)!r} is not a folder")
+        if run_adapter(folder) is not None:  # a training run folder: its adapter/, under the name given
+            folder = served_folder(folder)
+            if confined:
+                folder = confine(folder, self.roots)  # (an adapter/ symlinked out of the roots is refused)
         config, wpath = read_servable(folder)
+        quantized = getattr(self.registry.model, "lorakit_quantize", None)  # the base's 4-bit setting (quantize_model)
+        mismatch = trained_base_mismatch(folder, getattr(quantized, "quant_type", None),
+                                         getattr(quantized, "double_quant", None), loader="this server")
+        if mismatch:  # it would load (the shapes agree) and answer with outputs other than the trained model's
+            raise AdapterLoadError(f"{mismatch}; its answers here would not be the trained model's: serve it on the "
+                                   f"base it was trained on (lorakit serve with that run's --quantize / "
+                                   f"--double-quant flags)")
         try:
             _check_bankable_config(config, folder)
             attached = None
@@ -322,14 +422,17 @@ class AdapterStore:
             attached = override_config(attached, overrides, source=str(folder))  # ConfigError: rank above its r
         if confined:
             confine(wpath, self.roots)  # a symlinked weights file must not leave the roots either
+        mismatch = base_name_mismatch(config, self.registry.model)
         with self._lock:
-            if name in self.paths:
+            if name in self.paths or name in self.banked:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
             if name in self._doomed:
                 raise AdapterConflictError(f"adapter {name!r} is being unloaded (running requests still use it); "
                                            f"retry when they finish")
             self.paths[name] = folder
             self.configs[name] = config
+            if mismatch is not None:
+                self.warnings[name] = mismatch
             if attached is not None:
                 self.attached[name] = attached
                 if overrides:
@@ -337,6 +440,8 @@ class AdapterStore:
                 tasks = _task_index(folder, attached)
                 if tasks is not None:
                     self.tasks[name] = tasks
+        if mismatch is not None:
+            log.warning("adapter %r (%s) may be for another base model: %s", name, folder, mismatch)
         return folder
 
     def register_dir(self, root: str | os.PathLike, *, on_error: str = "raise") -> list[str]:
@@ -359,7 +464,7 @@ class AdapterStore:
             with self._lock:
                 served, owner = self.paths.get(d.name), self.failed_folders.get(d.name)
             if served is not None or owner is not None:
-                if (served or owner).resolve() != d.resolve():
+                if served_folder(served or owner).resolve() != served_folder(d).resolve():
                     if served is not None:
                         why = f"an adapter named {d.name!r} is already served from {served}"
                     else:
@@ -395,8 +500,28 @@ class AdapterStore:
         return found
 
     def names(self) -> list[str]:
+        """Every adapter a request may name: the registered folders, then the adapters banked directly."""
         with self._lock:
-            return list(self.paths)
+            return list(self.paths) + [n for n in self.banked if n not in self.paths]
+
+    def _check_direct(self, names: Iterable[str]) -> None:
+        """Before adapters are banked into the model directly: AdapterConflictError for a name the store serves from a
+        folder, or one running requests hold (replacing its weights would change their answers mid-request)."""
+        for n in names:
+            if n in self.paths or n in self._loading:
+                raise AdapterConflictError(f"adapter {n!r} is served by the store from {self.paths.get(n, 'a load')}; "
+                                           f"bank it under another name, or unregister it first")
+            if self._pins[n] > 0 or n in self._doomed:
+                raise AdapterConflictError(f"adapter {n!r} is in use by running requests; bank it again when they "
+                                           f"finish")
+
+    def _adopt(self, names: Iterable[str]) -> None:
+        """Serve ``names``, just banked into the model directly, as they are (:attr:`banked`)."""
+        with self._lock:
+            for n in names:
+                self.banked[n] = None
+                self.failed.pop(n, None)
+                self.failed_folders.pop(n, None)
 
     def check(self, spec: RowSpec) -> None:
         """Raise UnknownAdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError
@@ -404,7 +529,7 @@ class AdapterStore:
         flight (:meth:`loading`; not registered yet): a request may retry it (HTTP 409, which OpenAI's client retries
         by itself) where vLLM answers such a request with a 404, as if the name were unknown."""
         for n in names_in(spec):
-            if n not in self.paths:
+            if n not in self.paths and n not in self.banked:
                 if n in self._loading:  # its load is in flight: retry after it (an OpenAI client retries a 409)
                     raise AdapterConflictError(f"adapter {n!r} is being loaded; retry after its load finishes")
                 if n in self.failed:
@@ -417,7 +542,8 @@ class AdapterStore:
     def _unknown(self, name: str) -> UnknownAdapterError:
         """The error for a name neither registered nor recorded as failed: the same whether a request is checked
         (:meth:`check`), was queued before its adapter was unregistered (:meth:`ensure_resident`), or unloads it."""
-        return UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, self.paths)} {len(self.paths)} "
+        served = self.names()
+        return UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, served)} {len(served)} "
                                    f"adapter(s) are loaded")
 
     def attached_name(self, spec: RowSpec) -> str | None:
@@ -514,7 +640,8 @@ class AdapterStore:
     # -- resident tier (engine thread) ---------------------------------------------------------------------------
     @property
     def resident(self) -> list[str]:
-        return list(self._resident)
+        """The adapters in the banks (or attached): loaded by the store, then banked directly (:attr:`banked`)."""
+        return list(self._resident) + list(self.banked)
 
     @property
     def resident_bytes(self) -> int:
@@ -528,7 +655,7 @@ class AdapterStore:
         """Load ``spec``'s adapters into the banks, evicting unpinned LRU ones; False when the caps, held by
         running requests, leave no room (the request waits). Raises AdapterLoadError for a bad file: that adapter
         is unregistered and its reason recorded (:attr:`failed`); the other adapters of ``spec`` stay loaded."""
-        need = [n for n in names_in(spec) if n not in self._resident]
+        need = [n for n in names_in(spec) if n not in self._resident and n not in self.banked]
         for n in names_in(spec):
             if n in self._resident:
                 self._resident.move_to_end(n)
@@ -550,7 +677,7 @@ class AdapterStore:
         loaded, error = banked, None
         if banked:
             try:
-                self.registry.load({n: self.paths[n] for n in banked})
+                AdapterRegistry.load(self.registry, {n: self.paths[n] for n in banked})
             except AdapterLoadError:
                 # the load is all or nothing: each is tried alone, so a mix's good adapters do not fail with its bad one
                 loaded, error = self._load_each(banked)
@@ -575,7 +702,7 @@ class AdapterStore:
         loaded, error = [], None
         for n in names:  # only after a batched load failed: the few adapters of one request, not a hot path
             try:
-                self.registry.load({n: self.paths[n]})
+                AdapterRegistry.load(self.registry, {n: self.paths[n]})
             except AdapterLoadError as e:
                 error = error or self._fail(n, e)
                 continue
@@ -610,7 +737,7 @@ class AdapterStore:
 
     def _make_room(self, count: int, nbytes: int, keep: set[str]) -> bool:
         def fits():
-            return (len(self._resident) + count <= self.max_loras
+            return (len(self._resident) + len(self.banked) + count <= self.max_loras
                     and (self.max_resident_bytes is None or self.resident_bytes + nbytes <= self.max_resident_bytes))
         victims = [n for n in self._resident if self._pins[n] == 0 and n not in keep]  # LRU first
         while not fits() and victims:
@@ -633,14 +760,20 @@ class AdapterStore:
                 module.bank = _NoDelta()
 
     def evict(self, name: str) -> None:
-        """Drop ``name`` from the banks (it stays registered and may stay in the host cache)."""
-        if name in self._resident:
-            del self._resident[name]
-            from ..core.model import adapter_state, delete_adapter
-            if name in adapter_state(self.registry.model).configs:  # an attached adapter
+        """Drop ``name`` from the banks (it stays registered and may stay in the host cache).
+
+        Raises AdapterConflictError while running requests hold it (:meth:`pin`): their batch's forward would meet an
+        unknown adapter and fail every row (:meth:`unregister` waits for them instead)."""
+        if self._pins[name] > 0:
+            raise AdapterConflictError(f"adapter {name!r} is in use by {self._pins[name]} running request(s); evict "
+                                       f"it when they finish (unregister waits for them)")
+        from ..core.model import adapter_state, delete_adapter
+
+        if self._resident.pop(name, None) is not None or name in self.registry:
+            if name in self.registry:
+                AdapterRegistry.remove(self.registry, name)
+            elif name in adapter_state(self.registry.model).configs:  # an attached adapter
                 delete_adapter(self.registry.model, name)
-            else:
-                self.registry.remove(name)
             self.stats["evictions"] += 1
 
     def pin(self, spec: RowSpec) -> None:
@@ -673,15 +806,18 @@ class AdapterStore:
 
     def _unregister(self, name: str) -> None:
         with self._lock:
-            if name not in self.paths and name not in self._resident and self.failed.pop(name, None) is not None:
+            known = name in self.paths or name in self._resident or name in self.banked
+            if not known and self.failed.pop(name, None) is not None:
                 self.failed_folders.pop(name, None)
                 return
-            if name not in self.paths and name not in self._resident:
+            if not known:
                 raise self._unknown(name)
+            self.banked.pop(name, None)
             self.paths.pop(name, None)
             self.configs.pop(name, None)
             self.attached.pop(name, None)
             self.tasks.pop(name, None)
+            self.warnings.pop(name, None)
             self._host.pop(name, None)
         if self._pins[name] > 0:
             self._doomed.add(name)

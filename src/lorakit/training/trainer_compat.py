@@ -41,7 +41,8 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
 
 A method's ``param_groups`` reach Trainer through its ``optimizers`` argument:
 ``Trainer(..., optimizers=(make_optimizer(model, name, train_config)[0], None))``. The routing context and the
-extra loss come from wrapping the model's ``forward`` for the duration of ``train()`` (restored at its end).
+extra loss come from wrapping the model's ``forward`` from Trainer's construction to the end of ``train()``, which
+unwraps it on any exit, a raise included (and wraps it again for a second ``train()``).
 Where Trainer computes the loss itself (``label_smoother`` / ``compute_loss_func``: the model returns no
 loss), the extra loss cannot be added; the callback then warns once.
 
@@ -55,6 +56,7 @@ Trainer's clipping), ``on_step`` after it and ``finish`` at the end; ``train_con
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -103,6 +105,24 @@ class LorakitCallback(TrainerCallback):
         if model is not None:
             self._wrap_forward(model)
             self._hook_state(model, kwargs.get("optimizer"))
+            self._unwrap_after_train(_caller_self(_trainer_code("__init__")), model)
+
+    def _unwrap_after_train(self, trainer, model: torch.nn.Module) -> None:
+        """Make ``trainer.train()`` wrap ``model``'s forward for its run and unwrap it on any exit, a raise included
+        (Trainer has no callback event for a run that raises, so only a try/finally around ``train`` sees it)."""
+        if trainer is None or "train" in trainer.__dict__:  # not built by Trainer.__init__, or already done
+            return
+        run = trainer.train
+
+        @functools.wraps(run)
+        def train(*args, **kwargs):
+            self._wrap_forward(model)
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self._restore_forward()
+
+        trainer.train = train
 
     def _hook_state(self, model: torch.nn.Module, optimizer) -> None:
         """Carry the adapters' init records in the model state Trainer checkpoints and resumes from."""
@@ -134,24 +154,20 @@ class LorakitCallback(TrainerCallback):
     def _load_records(self, module, state_dict, prefix, *args) -> None:
         """Before Trainer's load_state_dict copies a checkpoint in: take the init records out, rebuild an adapter
         the init reshaped, install the records. Every check runs before anything changes: a refused resume leaves
-        the model as it was (its forward unwrapped too, as Trainer stops here and on_train_end never runs)."""
+        the model as it was (its forward is unwrapped by the ``train`` that raised: ``_unwrap_after_train``)."""
         # Trainer's load_sharded_checkpoint calls this once per shard, in set order: a record (or part of it) may
         # come after the adapter tensors it reshapes, so it is gathered across shards, and the tensors of an adapter
         # whose init is still pending are held back until its record is installed (or, never, at on_train_begin)
         sharded = _called_from(_load_sharded_code())
-        try:
-            if sharded:
-                head = prefix + RECORD_KEY
-                ours = [k for k in state_dict if k.startswith(head)]
-                self._shard_records.update({k: state_dict.pop(k) for k in ours})
-                records = pop_init_records(self._shard_records, prefix, partial=True)
-            else:
-                records = pop_init_records(state_dict, prefix)
-            plans = {name: self._check_record(module, name, record, config)
-                     for name, (record, config) in records.items()}
-        except BaseException:
-            self._restore_forward()
-            raise
+        if sharded:
+            head = prefix + RECORD_KEY
+            ours = [k for k in state_dict if k.startswith(head)]
+            self._shard_records.update({k: state_dict.pop(k) for k in ours})
+            records = pop_init_records(self._shard_records, prefix, partial=True)
+        else:
+            records = pop_init_records(state_dict, prefix)
+        plans = {name: self._check_record(module, name, record, config)
+                 for name, (record, config) in records.items()}
         state = adapter_state(module)
         for name, (record, _) in records.items():
             if plans[name] is not None:
@@ -232,6 +248,7 @@ class LorakitCallback(TrainerCallback):
         the new parameters."""
         active = list(adapter_state(model).active)
         before = dict(model.named_parameters())
+        set_adapter(model, [n for n in active if n != name])  # deleted inactive: no other adapter gets activated
         delete_adapter(model, name)
         attach_plan(model, plan)
         set_adapter(model, active)
@@ -254,11 +271,7 @@ class LorakitCallback(TrainerCallback):
             self._resume_without_record(model, pending, state.global_step)
             pending = None
         if state.global_step == 0 and train_dataloader is not None and (method.init is not None or pending is not None):
-            try:
-                self._run_inits(model, method, pending, args, train_dataloader, optimizer)
-            except BaseException:
-                self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
-                raise
+            self._run_inits(model, method, pending, args, train_dataloader, optimizer)
 
     def _finish_sharded_load(self, model: torch.nn.Module) -> None:
         """After Trainer loaded every shard: a record left incomplete is refused; adapter tensors held for a record
@@ -272,7 +285,6 @@ class LorakitCallback(TrainerCallback):
         except BaseException:
             self._shard_records.clear()
             self._held.clear()
-            self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
             raise
 
     def _resume_without_record(self, model: torch.nn.Module, pending: Init, step: int) -> None:
@@ -280,7 +292,6 @@ class LorakitCallback(TrainerCallback):
         (the callback runs it before step 1) and left its result in the checkpoint's model state. An init that left
         the base alone is counted as run; one that edited the base is refused, as its edits could not be undone."""
         if pending.changes_base:
-            self._restore_forward()  # Trainer stops here: on_train_end, which would restore it, never runs
             raise ConfigError(
                 f"resuming at step {step}: adapter {self.adapter_name!r}'s init {pending.name!r} edited the base "
                 "weights in the run that wrote the checkpoint, and the checkpoint holds no record of those edits "
@@ -349,8 +360,10 @@ class LorakitCallback(TrainerCallback):
 
     def _wrap_forward(self, model: torch.nn.Module) -> None:
         """Run each forward in the batch's routing context and add the method's extra loss to its loss."""
-        if getattr(self, "_saved_forward", None) is not None:
+        saved = getattr(self, "_saved_forward", None)
+        if saved is not None and saved[0] is model:
             return
+        self._restore_forward()  # one callback, a second Trainer: the first one's model (not training now) unwrapped
         forward = model.forward
         self._saved_forward = (model, model.__dict__.get("forward"))
         warned: list[bool] = []
@@ -438,15 +451,24 @@ def _load_sharded_code():
     return load_sharded_checkpoint.__code__
 
 
+def _running_frame(code):
+    """The innermost frame on the call stack running this code object, else None."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame
+
+
+def _caller_self(code):
+    """The ``self`` of the innermost call running this code object (Trainer.__init__ around on_init_end), else None."""
+    frame = _running_frame(code)
+    return None if frame is None else frame.f_locals.get("self")
+
+
 def _called_from(code) -> bool:
     """Whether a function with this code object is on the call stack (a Trainer method around a state_dict call;
     a subclass that overrides it without calling it is not seen)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+    return _running_frame(code) is not None
 
 
 def swap_replaced_parameters(optimizer: torch.optim.Optimizer, before: dict[str, torch.nn.Parameter],

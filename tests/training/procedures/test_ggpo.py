@@ -1,6 +1,8 @@
-"""LoRA-GGPO (``training/procedures/ggpo.py``) against the formulas of kohya-ss/sd-scripts ``networks/lora_flux.py``
-(``LoRAModule.forward``: ε ~ N(0,1) of the weight's shape scaled per row by (σ·‖W+ΔW‖_i + β·‖∇ΔW‖_i²)/√out, output
-+= x εᵀ; ``update_norms``: ‖W+ΔW‖_i = √(w̄² + ‖ΔW_i‖²); ``update_grad_norms``: ∇ΔW ≈ s(B ∇A + ∇B A))."""
+"""LoRA-GGPO (``training/procedures/ggpo.py``) against the formulas of kohya-ss/sd-scripts @ 48d368fa
+``networks/lora_flux.py`` (``LoRAModule.forward`` lines 158-174: ε ~ N(0,1) of the weight's shape scaled per row by
+(σ·‖W+ΔW‖_i + β·‖∇ΔW‖_i²)/√out, output += x εᵀ; ``update_norms`` 266-282: ‖W+ΔW‖_i = √(w̄² + ‖ΔW_i‖²), ΔW with the
+scale s, which kohya's non in-place ``mul`` drops (line 276; see ggpo.py); ``update_grad_norms`` 284-302:
+∇ΔW ≈ s(B ∇A + ∇B A)), both norms taken before ``optimizer.step()`` (train_network.py lines 1452-1457)."""
 
 from __future__ import annotations
 
@@ -30,16 +32,17 @@ def test_ggpo_perturbation_follows_the_formula():
 
     model(x).pow(2).sum().backward()
     a, b, s = delta.lora_A.weight, delta.lora_B.weight, delta.scaling
-    grad_norm = (s * (b @ a.grad + b.grad @ a)).norm(dim=1, keepdim=True).detach()
+    with torch.no_grad():  # both norms from the weights the gradients were taken at (before the step)
+        grad_norm = (s * (b @ a.grad + b.grad @ a)).norm(dim=1, keepdim=True)  # update_grad_norms, 284-302
+        w_bar = layer.base_layer.weight.norm(dim=1).mean()  # initialize_norm_cache, 204-221 (all 5 rows)
+        weight_norm = torch.sqrt(w_bar ** 2 + ((s * b @ a) ** 2).sum(dim=1, keepdim=True))  # update_norms, 266-282
     procedure.on_gradients(model, "default", 0)
     optimizer.step()
     optimizer.zero_grad()
     procedure.on_step(model, "default", 1, 10)
 
     with torch.no_grad():
-        w_bar = layer.base_layer.weight.norm(dim=1).mean()
-        weight_norm = torch.sqrt(w_bar ** 2 + ((s * b @ a) ** 2).sum(dim=1, keepdim=True))
-        size = (sigma * weight_norm + beta * grad_norm ** 2) / math.sqrt(5)
+        size = (sigma * weight_norm + beta * grad_norm ** 2) / math.sqrt(5)  # forward, 158-174; 1/√out: line 116
         plain = layer.base_layer(x) + delta.lora_out(x)
         torch.manual_seed(7)
         eps = torch.randn(5, 6) * size

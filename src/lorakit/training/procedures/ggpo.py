@@ -7,15 +7,18 @@ SAM):
 
     y = W x + s·B A x + x εᵀ,   ε_{i,:} ~ N(0, I) · (σ·‖W_i + ΔW_i‖ + β·‖∇ΔW_i‖²) / √out        (no gradient)
     ‖W_i + ΔW_i‖ ≈ √(w̄² + ‖ΔW_i‖²),   w̄ = mean row norm of the frozen W (computed once),
-    ∇ΔW ≈ s·(B ∇A + ∇B A)   (refreshed after each backward),   ΔW = s·B A   (refreshed after each step).
+    ∇ΔW ≈ s·(B ∇A + ∇B A),   ΔW = s·B A   (both refreshed after each backward, before the optimizer step).
 
 The official repository (llm172/LoRA-GGPO) was not found; this follows the implementation its authors' method
 is known by, kohya-ss/sd-scripts ``networks/lora_flux.py`` (``LoRAModule.forward`` perturbation branch,
 ``initialize_norm_cache``, ``update_norms``, ``update_grad_norms``; defaults σ = 0.03, β = 0.01), with two
 choices: ``w̄`` is the mean over *all* rows (kohya samples up to 1000 rows: the same for out ≤ 1000), and
 ``ΔW`` includes the scale s (kohya's ``module_weights.mul(self.scale)`` discards its result, so its ΔW is
-B A unscaled; with the usual s the two differ only by s). No perturbation is added until both norms exist (from
-the second step on), as in kohya. ε is drawn from torch's RNG, which lorakit's checkpoints save; the norms are
+B A unscaled; with the usual s the two differ only by s). As in kohya (``train_network.py``, which calls
+``update_grad_norms`` and ``update_norms`` just before ``optimizer.step()``), both norms come from the weights the
+step's gradients were taken at, and no perturbation is added until they exist (from the second step on). kohya
+reads the gradients after its clipping (``max_grad_norm``); lorakit's procedures see them before the loop clips,
+so ‖∇ΔW‖ is the unclipped norm (the same whenever clipping does not trigger). ε is drawn from torch's RNG, which lorakit's checkpoints save; the norms are
 the procedure's checkpointed state, so resume is exact.
 """
 
@@ -96,19 +99,16 @@ class Ggpo(Procedure):
 
     @torch.no_grad()
     def on_gradients(self, model: nn.Module, adapter_name: str, step: int) -> None:
+        # Both norms just before the optimizer step, from the weights the gradients were taken at (kohya's
+        # train_network.py calls update_grad_norms then update_norms right before optimizer.step()).
         for path, delta in self.deltas.items():
             a, b = delta.lora_A.weight, delta.lora_B.weight
             if a.grad is None or b.grad is None:
                 continue
             approx = delta.scaling * (b.float() @ a.grad.float() + b.grad.float() @ a.float())  # (out, in)
             self.grad_norm[path] = approx.norm(dim=1, keepdim=True)
-
-    @torch.no_grad()
-    def on_step(self, model: nn.Module, adapter_name: str, step: int, total_steps: int) -> bool:
-        for path, delta in self.deltas.items():
-            dw = delta.scaling * (delta.lora_B.weight.float() @ delta.lora_A.weight.float())  # (out, in)
+            dw = delta.scaling * (b.float() @ a.float())  # (out, in)
             self.weight_norm[path] = torch.sqrt(self.base_norm[path] ** 2 + (dw ** 2).sum(dim=1, keepdim=True))
-        return False  # what trains stays the same
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
         for handle in self._hooks:

@@ -1,0 +1,198 @@
+"""Adapters removed or replaced while requests on them are in flight, and adapters banked into a model directly.
+
+Removing (decided, as LoRAX and vLLM keep an adapter that running requests use): with a store, unloading waits for
+the requests holding the adapter (running or preempted: they finish on it, token for token as if nothing happened),
+new requests for it are refused at once, and nothing the caller can reach (``evict``, ``registry.remove``, banking it
+again) takes the adapter from under them: those are refused with AdapterConflictError (a 409 over HTTP). Without a
+store the caller owns the banks: an adapter removed from them fails its own rows and no other (was: every row of the
+batch failed).
+
+Banked directly (``lorakit.serving.bank_adapters`` / ``load_adapters`` on a model that has a store, before or after the
+store was made): served with the registered folders, listed, checked and unloaded through the same store (was:
+refused as unknown; a store made after them dropped them)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+import lorakit as lk
+from lk_models import tiny_llama
+from lorakit.core.errors import AdapterConflictError, UnknownAdapterError
+from lorakit.serving import bank_adapters, load_adapters, registry_of
+from lorakit.serving.engine import Engine
+from lorakit.serving.sampling import SamplingParams
+from lorakit.serving.server import create_app
+from lorakit.serving.store import AdapterStore
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
+PROMPTS = [[4, 5, 6, 7, 8, 9, 10], [4, 5, 6, 7, 8, 9, 11], [12, 13, 14]]
+ROWS = ["a0", "a1", None]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, sh):
+    root = tmp_path_factory.mktemp("inflight")
+    return root, {f"a{i}": sh.make_adapter(root / f"a{i}", seed=20 + i, r=2 + 2 * i) for i in range(3)}
+
+
+def _store_engine(root, **kw):
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=4)
+    store.register_dir(root)
+    return store, Engine(model, store=store, kv_cache_bytes=kw.pop("kv", 1 << 20), block_size=4, **kw)
+
+
+def _undisturbed(root, rows=ROWS):
+    """The token ids of PROMPTS on ``rows``, nothing unloaded."""
+    _, engine = _store_engine(root)
+    return [r.output_ids for r in engine.generate(PROMPTS, rows, PARAMS)]
+
+
+def _run(engine, during, steps=2, rows=ROWS):
+    """Submit PROMPTS on ``rows``, step ``steps`` times, call ``during()``, run to the end: (requests, what it
+    raised)."""
+    reqs = [engine.submit(p, a, PARAMS) for p, a in zip(PROMPTS, rows)]
+    for _ in range(steps):
+        engine.step()
+    raised = None
+    try:
+        during()
+    except Exception as e:  # noqa: BLE001  (returned for the test to judge)
+        raised = e
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return reqs, raised
+
+
+def test_unloading_waits_for_running_and_preempted_requests(folders, sh):
+    """A cache so small that a0's request (admitted last: the one preempted) is preempted after the unload: it still
+    finishes on a0 (was: it went back to the queue unpinned, a0 was evicted, and it failed as an unknown adapter)."""
+    root, _ = folders
+    rows = ["a1", None, "a0"]
+    expected = _undisturbed(root, rows)
+    for kv in (1 << 20, sh.kv_budget(tiny_llama(), 8)):
+        store, engine = _store_engine(root, kv=kv)
+        reqs, raised = _run(engine, lambda: store.unregister("a0"), rows=rows)
+        assert raised is None
+        assert [(r.finish_reason, r.output_ids) for r in reqs] == [("length", e) for e in expected], kv
+        assert "a0" not in store.resident and "a0" not in store.names() and not store._pins
+        with pytest.raises(UnknownAdapterError):
+            engine.submit([4, 5], "a0")
+    assert engine.stats["preemptions"] > 0  # the small cache did preempt
+
+
+def test_evicting_or_rebanking_an_adapter_in_use_is_refused(folders):
+    """Was: ``store.evict`` of an adapter running requests held dropped it from the banks and the next forward failed
+    every row of the batch (a0's, a1's and the base's)."""
+    root, dirs = folders
+    expected = _undisturbed(root)
+    store, engine = _store_engine(root)
+    attempts = {"evict": lambda: store.evict("a0"), "remove": lambda: registry_of(engine.model).remove("a0"),
+                "rebank": lambda: load_adapters(engine.model, {"a0": dirs["a2"]}, overwrite=True)}
+    for what, during in attempts.items():
+        reqs, raised = _run(engine, during)
+        assert isinstance(raised, AdapterConflictError), (what, raised)
+        assert [(r.finish_reason, r.output_ids) for r in reqs] == [("length", e) for e in expected], what
+    assert "a0" in store.resident  # registered and resident: only refused while in use
+    store.evict("a0")  # idle: evicted, loaded again by its next request
+    assert "a0" not in store.resident
+    assert engine.generate([PROMPTS[0]], ["a0"], PARAMS)[0].output_ids == expected[0]
+
+
+def test_without_a_store_a_removed_adapter_fails_its_rows_only(folders):
+    root, dirs = folders
+    expected = _undisturbed(root)
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4)
+    reqs, raised = _run(engine, lambda: registry_of(model).remove("a0"))
+    assert raised is None
+    assert reqs[0].finish_reason == "error" and type(reqs[0].exception) is UnknownAdapterError
+    assert "'a0' was removed from the model's banks while this request ran" in reqs[0].error
+    assert [(r.finish_reason, r.output_ids) for r in reqs[1:]] == [("length", e) for e in expected[1:]]
+
+
+def _attached(seed: int):
+    """tiny_llama with adapters 'b0' and 'b1' attached (random, non-zero), for bank_adapters."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(seed)
+    for n in ("b0", "b1"):
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), n)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lk.set_adapter(model, [])
+    return model
+
+
+def _reference(names, seed):
+    """Token ids of PROMPTS[0] on each name, from an engine over a model with only those adapters banked."""
+    model = _attached(seed)
+    bank_adapters(model, names)
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4)
+    return {n: engine.generate([PROMPTS[0]], [n], PARAMS)[0].output_ids for n in names}
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_adapters_banked_directly_are_served_with_the_registered_ones(folders, sh, when):
+    """``bank_adapters`` before the store was made (was: the store replaced the model's banks and forgot them) or
+    after (was: the store did not know them: a 404). Served over HTTP with the folders, listed in /v1/models, unloaded
+    through the endpoint; a direct bank under a name the store serves from a folder is refused."""
+    root, _ = folders
+    reference = _reference(["b0", "b1"], seed=3)
+    folder_ids = _undisturbed(root)[0]
+    model = _attached(seed=3)
+    if when == "before":
+        bank_adapters(model, ["b0", "b1"])
+    store = AdapterStore(model, [root], max_loras=5)
+    store.register_dir(root)
+    if when == "after":
+        assert bank_adapters(model).names == ["b0", "b1"]  # the attached ones: the store's registry
+    with pytest.raises(AdapterConflictError, match="'a0' is served by the store"):
+        load_adapters(model, {"a0": folders[1]["a1"]})
+    assert store.names() == ["a0", "a1", "a2", "b0", "b1"] and set(store.resident) == {"b0", "b1"}
+    with pytest.raises(AdapterConflictError, match="already loaded"):
+        store.register("b0", folders[1]["a1"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    server = sh.LiveServer(create_app(engine, model_name="tiny"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny", "a0", "a1", "a2", "b0", "b1"]
+        for name, want in [("b0", reference["b0"]), ("b1", reference["b1"]), ("a0", folder_ids)]:
+            r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == len(want)
+            assert engine.generate([PROMPTS[0]], [name], PARAMS)[0].output_ids == want, name
+        assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "b1"}, timeout=60).status_code \
+            == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="b1", prompt=PROMPTS[0], max_tokens=2)
+        assert [m.id for m in client.models.list()] == ["tiny", "a0", "a1", "a2", "b0"]
+        assert "b1" not in registry_of(model)
+    finally:
+        server.stop()
+
+
+def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
+    root, _ = folders
+    reference = _reference(["b0"], seed=4)
+    model = _attached(seed=4)
+    store = AdapterStore(model, [root], max_loras=4)
+    bank_adapters(model, ["b0"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    req = engine.submit(PROMPTS[0], "b0", PARAMS)
+    engine.step()
+    with pytest.raises(AdapterConflictError, match="in use by running requests"):
+        bank_adapters(model, ["b0"])  # re-banking its weights under a running request
+    store.unregister("b0")
+    with pytest.raises(UnknownAdapterError):
+        engine.submit(PROMPTS[0], "b0")
+    while not req.done.is_set():
+        engine.step()
+    assert req.output_ids == reference["b0"] and "b0" not in registry_of(model) and not store._pins
