@@ -160,3 +160,14 @@ def test_the_python_api_refuses_a_mismatched_init_before_its_data_pass():
         lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), init="lora_sb",
                             init_batches=batches)
     assert not lorakit.core.model.adapter_state(model).configs
+
+
+def test_train_with_randomised_pissa_saves_for_the_original_base(tmp_path, capsys):
+    """pissa_niter_K's randomised SVD cannot be redone exactly when the file loads (the residual base would be
+    another draw), so `lorakit train` writes PEFT's rank-2r conversion for the untouched base, as for LoRA-GA; the
+    adapter was saved as it was and reloaded against a newly drawn base."""
+    out = tmp_path / "pissa"
+    assert main(["train", "--init", "pissa_niter_2", "--output", str(out), *COMMON]) == 0
+    assert "changed the base" in capsys.readouterr().out
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True

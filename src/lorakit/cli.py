@@ -166,15 +166,18 @@ def _check_init_options(args, adapter_config) -> None:
 
 
 def _resave_for_original_base(model, name: str, adapter_dir: Path, rerun_fits: bool = True) -> None:
-    """An init that changed the base and cannot be redone on load (LoRA-GA, CorDA): write the adapter as the
-    rank-2r LoRA for the original base (PEFT's conversion), so eval/generate/PEFT load it on the plain model.
+    """An init that changed the base and cannot be redone exactly on load (LoRA-GA, CorDA; PiSSA's randomised
+    pissa_niter_K): write the adapter as the rank-2r LoRA for the original base (PEFT's conversion), so
+    eval/generate/PEFT load it on the plain model.
     ``rerun_fits=False`` (LoRAM: the adapter goes to another base than it was trained on, where PiSSA / OLoRA
     would factorise other weights) converts for those inits too."""
     from . import save_adapter
     from .core.inits import base_edits, requested_init
+    from .core.model import adapter_state
 
     init = requested_init(model, name)
-    if init is not None and base_edits(model, name) and not (init.rerun_on_load and rerun_fits):
+    exact = init is not None and init.reruns_exactly(adapter_state(model).configs[name].requested_init())
+    if init is not None and base_edits(model, name) and not (exact and rerun_fits):
         save_adapter(model, adapter_dir, name, original_base=True)
         print(f"init {init.name!r} changed the base: the saved adapter is the rank-2r LoRA for the original base")
 

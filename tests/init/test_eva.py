@@ -94,3 +94,33 @@ def test_eva_that_does_not_converge_names_the_layers_and_changes_nothing():
     after = lk.adapter_state_dict(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert model.lorakit.configs["default"].init_lora_weights is True and "default" not in model.lorakit.inits
+
+
+def test_a_peft_eva_file_loads_in_lorakit(tmp_path):
+    """PEFT fills ``eva_config`` whenever init_lora_weights="eva" (peft/tuners/lora/config.py ``__post_init__``), so
+    every EVA adapter PEFT saves records it; lorakit refused them all ("'eva_config' asks for a feature lorakit's
+    'lora' method does not support"). The settings describe the data pass whose result the file holds: the file
+    loads, with PEFT's outputs, and EVA is not run again."""
+    batches = _batches()
+    ref = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                              init_lora_weights="eva",
+                                                              eva_config=peft.EvaConfig(rho=4.0, whiten=True)))
+    initialize_lora_eva_weights(ref, batches, show_progress_bar=False)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # stand-in for training: make B non-zero
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ref.save_pretrained(tmp_path / "peft")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        ours = lk.load_adapter(tiny_llama(), tmp_path / "peft", is_trainable=True)
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    assert not lk.core.inits.init_pending(ours, "default")  # the training loop will not redo EVA over the file
+
+
+def test_eva_settings_given_as_a_config_keyword_say_where_they_go():
+    """As a constructor keyword PEFT's eva_config would set the data pass: lorakit takes those settings as init
+    options, and says so (not "a feature lorakit does not support", nor silently dropped)."""
+    with pytest.raises(lk.ConfigError, match=r"eva_config.*init options.*init_adapter"):
+        lk.LoraConfig(init_lora_weights="eva", eva_config={"rho": 4.0})

@@ -6,6 +6,8 @@ base in PEFT."""
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import pytest
 import torch
@@ -41,3 +43,41 @@ def test_pissa_niter_matches_peft_and_converts_for_the_original_base(niter, seed
     with torch.no_grad():
         untouched = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "orig")
         torch.testing.assert_close(untouched(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+def _peft_pissa_file(init, ids, path):
+    ref = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              init_lora_weights=init))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():  # stand-in for training
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        want = ref(input_ids=ids).logits
+    ref.save_pretrained(path)
+    return want
+
+
+def test_a_randomised_pissa_file_warns_on_load_that_its_base_is_redrawn(ids, tmp_path):
+    """A file with init_lora_weights="pissa_niter_K" holds A, B for the residual base a randomised SVD left. PEFT
+    redoes that SVD when it loads the file (peft/tuners/lora/layer.py ``pissa_init``: ``svd_lowrank`` draws a random
+    projection), so its own reload depends on the RNG state; lorakit did the same without a word. It now warns,
+    naming the setting and the exact route (the file for the original base)."""
+    want = _peft_pissa_file("pissa_niter_2", ids, tmp_path / "p")
+    base = tiny_llama()
+    torch.manual_seed(1)  # another RNG state than the saving run's
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(base, tmp_path / "p")(input_ids=ids).logits
+    assert (again - want).abs().max() > 1e-3  # the reference itself does not reproduce its file
+    with pytest.warns(UserWarning, match=r"init_lora_weights='pissa_niter_2' is redone on load with a new random "
+                                         r"SVD.*original_base=True"):
+        lk.load_adapter(tiny_llama(), tmp_path / "p")
+
+
+def test_an_exact_pissa_file_loads_without_the_warning(ids, tmp_path):
+    want = _peft_pissa_file("pissa", ids, tmp_path / "p")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*redone on load")
+        model = lk.load_adapter(tiny_llama(), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=0)

@@ -124,6 +124,21 @@ def test_rank_mismatch_names_the_tensor(saved, model_with_adapter):
     _load_fails(model_with_adapter, saved, r"q_proj\.lora_A\.weight' has shape \(8, 32\) but .* expect \(4, 32\)")
 
 
+@pytest.mark.parametrize("edit", [{"r": 10**12}, {"rank_pattern": {"layers.1.self_attn.v_proj": 10**12}},
+                                  {"r": 10**12, "use_dora": True}], ids=["r", "rank_pattern", "dora"])
+def test_a_huge_edited_rank_is_named_by_its_tensor_before_it_is_allocated(edit, saved, model_with_adapter):
+    """The deltas were built at the config's size before any tensor was compared: an adapter_config.json edited to a
+    huge rank failed with torch's "can't allocate memory" (no tensor named, no LorakitError), or, at a size the
+    allocator grants, filled gigabytes before the shape check ran. The file's shapes are now checked first."""
+    if edit.get("use_dora"):  # (DoRA's build reads the base weight: sized on the meta device all the same)
+        lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj", "v_proj"], use_dora=True)),
+                        saved)
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    _load_fails(model_with_adapter, saved, r"_proj\.lora_A\.weight' has shape \(8, 32\) but .* expect "
+                                           r"\(1000000000000, 32\)")
+
+
 def test_adapter_for_another_model(saved):
     model = tiny_gpt2()
     snap = _snapshot(model)
@@ -202,6 +217,10 @@ def test_invalid_json_and_bad_fields(saved, model_with_adapter):
     _load_fails(model_with_adapter, saved, "JSON object")
     cfg_path.write_text(json.dumps({**good, "lora_alpah": 16}))
     _load_fails(model_with_adapter, saved, r"unknown field 'lora_alpah'.*lora_alpha")
+    # a field of a newer PEFT than lorakit reads: named, with the PEFT version that wrote it and what to do
+    cfg_path.write_text(json.dumps({**good, "peft_version": "0.99.0", "use_quantum_lora": False}))
+    _load_fails(model_with_adapter, saved, r"unknown field 'use_quantum_lora'.*written by PEFT 0\.99\.0.*if it holds "
+                                           r"PEFT's default .* delete it from the file")
     cfg_path.write_text(json.dumps({**good, "r": "eight"}))
     _load_fails(model_with_adapter, saved, r"r must be int")
     cfg_path.write_text(json.dumps({**good, "r": 0}))  # a value error names the file it is in
@@ -273,3 +292,46 @@ def test_a_save_failing_at_its_second_file_keeps_the_old_pair(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = lk.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_a_save_interrupted_between_its_two_files_is_not_loaded_silently(tmp_path, monkeypatch, ids):
+    """A save renames its two finished files into place one after the other; killed between the renames (simulated:
+    the second raises KeyboardInterrupt), the folder held the new tensors beside the old config. Same rank, another
+    lora_alpha: it loaded without a word and ran the new tensors at the old scaling. The tensors now carry the config
+    they were saved with, and a load (attached or banked) names what differs."""
+    from lorakit.serving import load_adapters
+
+    old = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    lk.save_adapter(old, tmp_path)
+    new = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj"],
+                                                     init_lora_weights=False))
+    import lorakit.io.files as files
+
+    real_replace, calls = files.os.replace, []
+
+    def killed_after_first(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(files.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        lk.save_adapter(new, tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8  # the old config stayed
+    says = r"not the config its tensors were saved with \(.*lora_alpha: saved 32, now 8\).*interrupted"
+    with pytest.warns(UserWarning, match=says):
+        lk.load_adapter(tiny_llama(), tmp_path)
+    with pytest.warns(UserWarning, match=says):
+        load_adapters(tiny_llama(), {"a": tmp_path})
+
+
+def test_moving_the_base_folder_in_the_config_is_no_mismatch(tmp_path):
+    import warnings
+
+    lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"])), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/elsewhere"}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not the config its tensors")
+        lk.load_adapter(tiny_llama(), tmp_path)

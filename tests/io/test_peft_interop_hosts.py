@@ -184,3 +184,41 @@ def test_half_precision_gradients_identical_to_peft(ids, tmp_path):
     assert sorted(got) == sorted(want)
     for name, grad in got.items():
         assert torch.equal(grad, want[name]), name
+
+
+# PEFT (tuners_utils.py check_target_module_exists) adapts a module a target_modules list names in full whatever
+# layers_to_transform says; lorakit applied the layer filter to it too, so PEFT's file held tensors lorakit refused
+# ("match no adapted module") and lorakit's file left out a module PEFT adapts (PEFT then ran its fresh init there).
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["v_proj", "model.layers.0.self_attn.q_proj"]],
+                         ids=["lm_head", "full-path"])
+def test_a_module_named_in_full_bypasses_layers_to_transform_both_ways(targets, ids, tmp_path):
+    _both_ways(tiny_llama, dict(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=[1]), ids, tmp_path)
+
+
+# PEFT's LoraConfig raises ValueError for a str target_modules beside layers_to_transform, so lorakit's file of
+# `target_modules="all-linear"` (lorakit train's default) + layers_to_transform did not load in PEFT at all.
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q|v)_proj"], ids=["all-linear", "regex"])
+def test_a_str_target_with_layers_to_transform_saves_a_file_peft_loads(targets, ids, tmp_path):
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                       layers_to_transform=[1], init_lora_weights=False))
+    expected = _out(model, ids)
+    lk.save_adapter(model, tmp_path)
+    got = _out(PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), ids)
+    assert (got - expected).abs().max() <= 1e-5
+    again = lk.load_adapter(tiny_llama(), tmp_path)
+    assert (_out(again, ids) - expected).abs().max() <= 1e-5
+    assert sorted(again.lorakit.configs["default"].target_modules) == sorted(
+        p for p, _ in lk.core.model.adapter_layers(model))
+    assert all(".layers.1." in p for p, _ in lk.core.model.adapter_layers(again))
+
+
+def test_a_peft_file_with_an_empty_layers_to_transform_adapts_every_layer(ids, tmp_path):
+    """PEFT reads layers_to_transform=[] as no layer filter (tuners_utils.py: ``is_using_layer_indexes`` is False for
+    an empty list) and adapts every layer; lorakit refused its file ("layers_to_transform=[] selects no layer")."""
+    peft_model = get_peft_model(tiny_llama(), PeftLoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[],
+                                                             init_lora_weights=False)).eval()
+    expected = _out(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    model = lk.load_adapter(tiny_llama(), tmp_path)
+    assert len(list(lk.core.model.adapter_layers(model))) == 2
+    assert (_out(model, ids) - expected).abs().max() <= 1e-5

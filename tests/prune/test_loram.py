@@ -231,6 +231,31 @@ def test_recover_refuses_an_adapter_whose_init_reruns_on_load(tmp_path):
     lk.save_adapter(pruned, tmp_path / "small_plain", original_base=True)
     recover_adapter(tmp_path / "small_plain", plan, tmp_path / "large")
 
+def test_recover_refuses_a_pickle_only_adapter_without_unpickling_it(tmp_path):
+    """A folder holding only adapter_model.bin (PEFT's legacy pickle) was refused as "missing weights file" here,
+    unlike every other loader, which names the pickle and how to convert it; it is never unpickled either way."""
+    import pickle
+
+    _, plan = loram_prune(_full(), LoramConfig(ratio=0.5, seed=1))
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "adapter_config.json").write_text('{"peft_type": "LORA", "target_modules": ["q_proj"]}')
+    marker = tmp_path / "unpickled"
+    (tmp_path / "small" / "adapter_model.bin").write_bytes(pickle.dumps(_Unpickled(str(marker))))
+    with pytest.raises(lk.AdapterLoadError, match=r"only adapter_model\.bin, a pickle file; lorakit never unpickles"):
+        recover_adapter(tmp_path / "small", plan, tmp_path / "large")
+    assert not marker.exists() and not (tmp_path / "large").exists()
+
+
+class _Unpickled:
+    """Unpickling this creates a marker file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 # -- alignment (pipeline step 1, ``loram/1_pruned_full_rank_weight_alignment.py``) ------------------------------
 def _pattern_blocks(n, seq=12, seed=0):
     """Token blocks with learnable structure for the tiny vocab-64 model: each row counts up mod 64 from a random start."""

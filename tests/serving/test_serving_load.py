@@ -181,3 +181,18 @@ def test_an_adapter_relative_to_a_changed_base_is_refused_not_served_wrong(init,
         expected = reference(input_ids=ids).logits
         with bank_routing(banked, ["p", "p"]):
             torch.testing.assert_close(banked(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_huge_edited_rank_is_named_by_its_tensor_before_the_banks_grow(tmp_path, many):
+    """Banks are sized by the config's r before the tensors are read: an adapter_config.json edited to r=10**12
+    failed with torch's "can't allocate memory" (no tensor named; on a device, an out-of-memory in a running
+    server). The file header's shapes are checked first."""
+    model = tiny_llama()
+    load_adapters(model, {"ok": many["m1"]})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((many["m1"] / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((many["m1"] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 10**12, "rank_pattern": {}}))
+    _load_fails(model, {"bad": bad}, r"lora_A\.weight' has shape \(\d+, 32\) .* expect \(1000000000000, 32\): "
+                                     r"adapter_config.json gives .* r=1000000000000")

@@ -41,7 +41,7 @@ from ..core.config import check_non_negative, check_positive, check_positive_int
 from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
 from ..core.inits import changed_base_error
 from ..io.files import load_tensors, read_json, save_tensors_and_json
-from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path
+from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path, write_adapter_files
 from .icm_lora import (AdapterLayout, CvaeConfig, LoraCvae, denormalize, flatten_tensors, normalize, tensor_stats,
                        unflatten_tensors)
 
@@ -417,9 +417,7 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
     tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors_and_json(out / WEIGHTS_NAME, tensors, {
-        out / CONFIG_NAME: gen.adapter_config,
+    write_adapter_files(out, tensors, gen.adapter_config, {
         out / "icm_lora_generation.json": {"task": task, "seed": seed, "temperature": temperature,
-                                           "seen_task": task in gen.conditions}},
-        metadata={"format": "pt", "lorakit_version": __version__})
+                                           "seen_task": task in gen.conditions}})
     return out

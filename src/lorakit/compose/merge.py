@@ -43,8 +43,7 @@ from ..core.inits import BaseEdit, base_edits, changed_base_error, find_init, re
 from ..core.layer import ModulesToSaveWrapper
 from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
-from ..io.files import save_tensors_and_json
-from ..io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_config_dict, load_adapter
+from ..io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_config_dict, load_adapter, write_adapter_files
 from ..methods.lora import LoraConfig, lora_state_from_factors
 from .methods import Dense, LowRank, MergeOptions, ModuleTerms, default_rank, dense_svd, get_merge_method
 
@@ -65,8 +64,7 @@ class MergedAdapter:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``."""
         directory = Path(directory)
-        save_tensors_and_json(directory / WEIGHTS_NAME, self.state_dict, {directory / CONFIG_NAME: self.config_dict},
-                              metadata={"format": "pt", "lorakit_version": __version__})
+        write_adapter_files(directory, self.state_dict, self.config_dict)
         return directory
 
 

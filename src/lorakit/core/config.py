@@ -174,7 +174,8 @@ class AdapterConfig(metaclass=_PeftKeywords):
     - ``target_modules``: list = exact module name or dotted suffix; str = regex full match;
       ``"all-linear"`` = every Linear / GPT-2 Conv1D except the output head; None = per-architecture default.
     - ``exclude_modules``: same rules, removes matches.
-    - ``layers_to_transform`` (+ ``layers_pattern``): only modules inside these layer indices.
+    - ``layers_to_transform`` (+ ``layers_pattern``): only modules inside these layer indices (a module a
+      target_modules list names in full is adapted in any layer, as in PEFT).
     - ``modules_to_save``: modules trained and saved in full (e.g. a classifier head).
     """
 
@@ -186,6 +187,10 @@ class AdapterConfig(metaclass=_PeftKeywords):
     # (``--old-name``) with an old name still work, with one FutureWarning naming the new one. A subclass extends
     # its parent's table ({**Parent.renamed_fields, ...}).
     renamed_fields: ClassVar[Mapping[str, str]] = {}
+    # PEFT fields that hold the settings of a data-driven init, {field: init name} (LoRA's eva_config). A saved
+    # file's tensors hold that init's result, so from_dict drops them at any value; given to the constructor they are
+    # refused with where lorakit takes those settings (init options), rather than dropped.
+    init_settings_fields: ClassVar[Mapping[str, str]] = {}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -258,7 +263,9 @@ class AdapterConfig(metaclass=_PeftKeywords):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "AdapterConfig":
         """Build from a (PEFT or lorakit) JSON dict; unknown or unusable fields are a ConfigError. Old field
-        names (``renamed_fields``) load as their new names with a FutureWarning."""
+        names (``renamed_fields``) load as their new names with a FutureWarning; a data-driven init's settings
+        (``init_settings_fields``) are dropped, its result being in the file."""
+        data = {k: v for k, v in data.items() if k not in cls.init_settings_fields}
         kwargs = cls.known_fields(data, source=source)
         try:
             return cls(**kwargs)
@@ -275,6 +282,12 @@ class AdapterConfig(metaclass=_PeftKeywords):
         for key, value in renamed_to_current(cls, data, source).items():
             if key in known:
                 kwargs[key] = value
+            elif key in cls.init_settings_fields:
+                init = cls.init_settings_fields[key]
+                raise ConfigError(
+                    f"{source}: {key!r} sets PEFT's {init!r} init; lorakit takes that init's settings as init options: "
+                    f"lorakit.init_adapter(model, name, batches, **options) or set_init_options(model, name, "
+                    f"**options) before training (--init-options on the command line).")
             elif key in cls.foreign_fields or key in _BOOKKEEPING_FIELDS:
                 neutral = cls.foreign_fields.get(key, _ANY)
                 if neutral is not _ANY and not _is_neutral(value, neutral):
@@ -287,6 +300,10 @@ class AdapterConfig(metaclass=_PeftKeywords):
                 old = difflib.get_close_matches(key, list(cls.renamed_fields), n=1, cutoff=0.75)
                 hint = (f" Did you mean {cls.renamed_fields[old[0]]!r} (formerly {old[0]!r})?" if old
                         else did_you_mean(key, known))
+                if not old and "peft_version" in data:
+                    hint += (f" The file was written by PEFT {data['peft_version']}: {key!r} is probably a setting of a "
+                            f"PEFT newer than lorakit reads, and loading without it could give other outputs; if it "
+                            f"holds PEFT's default (the feature unused), delete it from the file.")
                 raise ConfigError(
                     f"{source}: unknown field {key!r} for method {cls.method!r}.{hint} "
                     f"Known fields: {', '.join(sorted(known))}."

@@ -43,7 +43,9 @@ class Init:
     dicts); such an init left pending by ``add_adapter`` runs in ``lorakit.training.train`` on its first
     batches. ``rerun_on_load``: loading a saved adapter whose config names this init recomputes it on the
     fresh base before copying the trained tensors (PiSSA / OLoRA, as PEFT does), since the file is relative
-    to the changed base.
+    to the changed base. ``random_pattern``: the specs (full match) whose run draws random numbers (PiSSA's
+    randomised SVD, ``"pissa_niter_K"``): redone on load, the base it leaves is not the one the adapter was trained
+    on (:meth:`reruns_exactly`).
 
     ``estimate(model, targets, batches, spec, **options) -> data`` (optional): the part of a data-driven init
     that needs only the base model (LoRA-GA's gradient pass). ``add_adapter`` given batches calls it before it
@@ -71,6 +73,13 @@ class Init:
     estimate: Callable[..., Any] | None = None
     fits: Callable[[Any], str | None] | None = None
     rewrites: tuple[str, ...] = ()
+    random_pattern: str = ""
+
+    def reruns_exactly(self, spec: Any) -> bool:
+        """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
+        ``spec`` draws no random numbers): the base it rebuilds is then the one the adapter was trained on."""
+        random = bool(self.random_pattern) and re.fullmatch(self.random_pattern, str(spec)) is not None
+        return self.rerun_on_load and not random
 
     def accepts(self, spec: Any) -> bool:
         return isinstance(spec, str) and re.fullmatch(self.pattern or re.escape(self.name), spec) is not None

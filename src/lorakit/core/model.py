@@ -165,6 +165,27 @@ def plan_targets(model: nn.Module, config: AdapterConfig, name: str = "default")
         return _targets(model, config, get_method(config), strict=True)[1]
 
 
+def planned_shapes(model: nn.Module, config: AdapterConfig, name: str, trained: set[str]
+                   ) -> tuple[AdapterConfig, dict[str, dict[str, tuple[int, ...]]], dict[str, dict[str, tuple[int, ...]]]]:
+    """What ``plan_adapter(model, config, name, trained=trained)`` would build, as shapes only: ``(config after the
+    method's prepare, {delta path: {key: shape}}, {modules_to_save path: {key: shape}})``. The deltas are built on
+    the meta device, so nothing is allocated: a loader checks a file's tensors against these before a config's
+    sizes (an edited ``r=100000000``) reach memory. Raises what planning raises (AdapterError for the name,
+    TargetError, ConfigError), and whatever a method's build raises on the meta device."""
+    _check_new(model, config, name)
+    method = get_method(config)
+    with temporarily_unmerged(model):
+        config, targets = _targets(model, config, method, strict=False)
+        with torch.device("meta"):
+            deltas = {path: {key: tuple(value.shape) for key, value in
+                             method.build(base, info, config.for_module(path), path=path).state_dict().items()}
+                      for path, base, info in targets}
+    host = dict(iter_host_modules(model))
+    saved = {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
+             for path in select_modules_to_save(model, config, strict=False) if path in trained}
+    return config, deltas, saved
+
+
 def _check_new(model: nn.Module, config: AdapterConfig, name: str) -> None:
     _check_name(name)
     if not isinstance(config, AdapterConfig):

@@ -110,6 +110,9 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
     head = _output_head_names(model) if all_linear else set()
     linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
+    wanted = config.layers_to_transform
+    if wanted == [] and not strict:  # a file's empty list: PEFT reads it as no layer filter (check_target_module_exists)
+        wanted = None
     chosen, hit_before_layer_filter, candidates, layer_ids = [], set(), [], set()
     removed: dict[str, str] = {}  # target entry -> a module it matched that exclusion removed
     for key, module in modules:
@@ -126,10 +129,12 @@ def select_targets(model: nn.Module, config: AdapterConfig, *, strict: bool = Tr
         if isinstance(targets, list):
             hit_before_layer_filter.update(t for t in targets if key == t or key.endswith("." + t))
         candidates.append(key)
-        if config.layers_to_transform is not None:
+        # PEFT's rule (tuners_utils.py check_target_module_exists): a module a list names in full is adapted whatever
+        # layers_to_transform says; the layer filter applies to suffix matches only
+        named_in_full = isinstance(targets, list) and key in targets
+        if wanted is not None and not named_in_full:
             idx = layer_index(key, config.layers_pattern)
             layer_ids.add(idx)
-            wanted = config.layers_to_transform
             if idx is None or (idx != wanted if isinstance(wanted, int) else idx not in wanted):
                 continue
         chosen.append(key)

@@ -175,6 +175,10 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def metadata(self) -> dict[str, str]:
+        """The header's ``__metadata__`` (str -> str; empty when the file has none)."""
+        return dict(self._handle.metadata() or {})
+
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape from the header, without reading the tensor."""
         return tuple(self._handle.get_slice(key).get_shape())

@@ -8,9 +8,11 @@ Methods PEFT lacks use the same two files, with ``lorakit_method`` naming the me
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -20,9 +22,10 @@ from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetEr
                            UnknownMethodError, did_you_mean, near_matches)
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
-from ..core.model import adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, temporarily_unmerged
+from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
+                          temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
-from .files import TensorFile, load_tensors, read_json, save_tensors_and_json
+from .files import TensorFile, read_json, save_tensors_and_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,6 +78,14 @@ def file_config_dict(model: nn.Module, config, infos: list) -> dict[str, Any]:
             d["target_modules"] = list(default_targets(model))
         except TargetError:
             pass
+    if isinstance(d.get("target_modules"), str) and d.get("layers_to_transform") is not None:
+        # PEFT refuses a str target_modules (a regex, "all-linear") beside layers_to_transform (its LoraConfig raises
+        # ValueError), so such a file did not load there: name the modules chosen instead, in full (PEFT matches a
+        # full name exactly, in whatever layer), which needs no layer filter.
+        from ..core.targeting import select_targets
+
+        d["target_modules"] = select_targets(model, config, strict=False)
+        d["layers_to_transform"] = d["layers_pattern"] = None
     d["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference unless asked otherwise
     # As PEFT fills them from the model: AutoPeftModelFor* needs both to rebuild the base model.
     # the folder the model was loaded from, as PEFT records it (AutoPeftModel loads the base from it); a bundled
@@ -167,9 +178,47 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         plain = {k[len(PREFIX):]: v for k, v in tensors.items()}
         config, plain = method.to_original_base(adapter_state(model).configs[name], config, plain, edits)
         tensors = {PREFIX + k: v for k, v in plain.items()}
-    save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config},
-                          metadata={"format": "pt", "lorakit_version": __version__})
+    write_adapter_files(directory, tensors, config)
     return directory
+
+
+# The safetensors metadata key holding the adapter_config.json written beside the tensors: a loader finding another
+# config there knows the pair was not saved together (edited since, or a save interrupted between its two renames).
+SAVED_CONFIG_KEY = "lorakit_adapter_config"
+# Config fields that do not change what the tensors mean: editing them (a moved base folder) is no mismatch.
+_FREE_FIELDS = {"base_model_name_or_path", "inference_mode", "revision", "auto_mapping", "peft_version",
+                "lorakit_version"}
+
+
+def write_adapter_files(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
+                        extra_json: Mapping[str | os.PathLike, Any] | None = None) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ ``extra_json`` files) into ``directory`` as one
+    set (:func:`~lorakit.io.files.save_tensors_and_json`), the config also in the tensors' metadata
+    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load."""
+    directory = Path(directory)
+    metadata = {"format": "pt", "lorakit_version": __version__, SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
+    save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config, **(extra_json or {})},
+                          metadata=metadata)
+
+
+def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
+    """Warn (UserWarning naming the fields and both values) when ``directory``'s adapter_config.json is not the config
+    lorakit saved with the tensors of ``file`` (its metadata): edited since, or a save into the folder was interrupted
+    between its two files, leaving new tensors beside the old config. Files without that metadata (PEFT's) pass."""
+    saved = file.metadata().get(SAVED_CONFIG_KEY)
+    if saved is None:
+        return
+    try:
+        saved = json.loads(saved)
+    except json.JSONDecodeError:
+        return
+    now = read_json(Path(directory) / CONFIG_NAME)
+    changed = sorted(k for k in set(saved) | set(now) if k not in _FREE_FIELDS and saved.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in changed[:5])
+        warnings.warn(f"{directory}: {CONFIG_NAME} is not the config its tensors were saved with ({diffs}): it was "
+                      f"edited, or a save into this folder was interrupted between its two files (new tensors beside "
+                      f"the old config). The adapter loads as the config now says.", UserWarning, stacklevel=3)
 
 
 def read_adapter_config(directory: str | os.PathLike):
@@ -307,8 +356,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if init is not None and init.changes_base and not init.rerun_on_load:
         raise AdapterLoadError(f"{directory}: the adapter is relative to a base that the data-driven init "
                                f"{init.name!r} changed, which cannot be recomputed here; save it with "
-                               "save_adapter(..., original_base=True) to get a file for the original base.")
-    tensors = load_tensors(weights_path(directory))
+                               "save_adapter(..., original_base=True) to get a file for the original base (in PEFT: "
+                               "save_pretrained(dir, path_initial_model_for_weight_conversion=...)).")
+    if init is not None and init.rerun_on_load and not init.reruns_exactly(config.requested_init()):
+        warnings.warn(_redrawn_base_warning(directory, config.requested_init()), UserWarning, stacklevel=2)
+    file = TensorFile(weights_path(directory))
+    warn_config_changed(directory, file)
+    tensors = file.read_all()
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
         plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
     _refuse_meta(directory, plan)
@@ -321,6 +375,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     elif init is not None:  # its result is in the file: never run it again (e.g. by the training loop)
         adapter_state(model).inits[name] = InitRecord(init=init.name, spec=str(config.requested_init()))
     return model
+
+
+def _redrawn_base_warning(directory: Path, spec: str) -> str:
+    """What loading a file whose init is redone with fresh random numbers (``pissa_niter_K``) gets wrong, and the
+    exact route. PEFT redoes it the same way on load, without a word: its reload of its own file depends on the RNG
+    state (peft/tuners/lora/layer.py ``pissa_init``: ``svd_lowrank`` draws a random projection)."""
+    return (f"{directory}: init_lora_weights={spec!r} is redone on load with a new random SVD (as PEFT does), so the "
+            f"base it leaves differs from the one the adapter was trained on and the outputs differ from the model "
+            f"that saved it. For exact outputs save the adapter for the original base: save_adapter(model, dir, "
+            f"original_base=True) in lorakit, save_pretrained(dir, path_initial_model_for_weight_conversion=...) in "
+            f"PEFT.")
 
 
 def _refuse_meta(directory: Path, plan) -> None:
@@ -403,15 +468,52 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
 
 
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
+    """Check the file's ``tensors`` against what ``config`` builds on ``model`` (keys, shapes, base weights), then,
+    with ``copy``, build the plan and copy them in: ``(plan, given tensors by key)``. The checks use the shapes of
+    deltas built on the meta device (``planned_shapes``), so a config whose sizes do not fit its file (an edited
+    huge r) fails naming a tensor before anything of its size is allocated; without ``copy`` nothing is built
+    (plan None)."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
+    trained = trained_modules(tensors)
+    plan = None
     try:
-        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype,
-                            trained=trained_modules(tensors))
+        try:
+            prepared, deltas, saved = planned_shapes(model, config, name, trained)
+        except (ConfigError, TargetError, AdapterError):
+            raise
+        except Exception:  # noqa: BLE001  (a method whose build cannot run on the meta device: sized by the real plan)
+            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+            prepared = plan.config
+            deltas = {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
+                      for path, (_, _, delta) in plan.deltas.items()}
+            saved = {path: {k: tuple(v.shape) for k, v in module.state_dict().items()}
+                     for path, module in plan.saved.items()}
     except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
-    expected = plan.state_dict()
+    expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
+                for k, shape in keys.items()}
+    given = _checked_tensors(model, directory, prepared, tensors, expected, deltas)
+    if not copy:
+        return plan, given
+    if plan is None:
+        # every check passed: now the deltas are built for real
+        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+    # All checks passed: copy into the (still detached) deltas, then attach.
+    with torch.no_grad():
+        for path, (_, _, delta) in plan.deltas.items():
+            _copy_into(delta, path, given)
+        for path, module in plan.saved.items():
+            _copy_into(module, path, given)
+    return plan, given
+
+
+def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas
+                     ) -> dict[str, torch.Tensor]:
+    """The file's adapter tensors by key (prefix stripped), after checking them against ``expected`` (key -> shape
+    of what ``config`` builds; ``deltas``: the adapted module paths): none unexpected, none missing, every shape
+    right, base-model weights equal to the model's. Raises AdapterLoadError naming the tensor."""
     # every name, tied twins included (PEFT saves lm_head.base_layer.weight of a tied lm_head it targets, which
     # named_parameters() leaves out as a duplicate of embed_tokens.weight)
     host_params = dict(model.named_parameters(remove_duplicate=False))
@@ -446,10 +548,10 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(unexpected)} tensor(s) match no adapted module of this model: {hints}. "
             f"Is this adapter for a different base model, or are target_modules different?"
         )
-    method = get_method(plan.config)
+    method = get_method(config)
     if method.check_file is not None:
         try:
-            method.check_file(plan.config, given)
+            method.check_file(config, given)
         except AdapterLoadError as e:
             raise AdapterLoadError(f"{directory}: {e}") from None
     missing = [k for k in expected if k not in given and k.rsplit(".", 1)[-1] not in method.optional_keys]
@@ -458,28 +560,28 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
             f"{', '.join(PREFIX + k for k in missing[:5])}"
         )
-    for k, value in given.items():
-        want = expected[k]
-        if tuple(value.shape) != tuple(want.shape):
-            path = next((p for p in plan.deltas if k.startswith(p + ".")), None)
-            fits = [] if path is None else _fields_that_fit(model, plan.config, path, k[len(path) + 1:],
-                                                             tuple(value.shape))
-            now = ", ".join(f"{f.split('=')[0]}={getattr(plan.config, f.split('=')[0])}" for f in fits)
-            why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
-                   "was edited, or belongs to another adapter)" if fits else "")
-            raise AdapterLoadError(
-                f"{directory}: tensor {PREFIX + k!r} has shape {tuple(value.shape)} but this model and config "
-                f"(r / rank_pattern, module size) expect {tuple(want.shape)}{why}."
-            )
-    if not copy:
-        return plan, given
-    # All checks passed: copy into the (still detached) deltas, then attach.
-    with torch.no_grad():
-        for path, (_, _, delta) in plan.deltas.items():
-            _copy_into(delta, path, given)
-        for path, module in plan.saved.items():
-            _copy_into(module, path, given)
-    return plan, given
+    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas)
+    return given
+
+
+def _check_shapes(model: nn.Module, directory: Path, config, given: dict[str, tuple[int, ...]],
+                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str]) -> None:
+    """AdapterLoadError naming the first file tensor (``given``: key without the prefix -> shape) whose shape is not
+    the one ``expected`` holds for it, with the config field values that would fit (``_fields_that_fit``; ``deltas``:
+    the adapted module paths)."""
+    for k, shape in given.items():
+        want = expected.get(k)
+        if want is None or shape == want:
+            continue
+        path = next((p for p in deltas if k.startswith(p + ".")), None)
+        fits = [] if path is None else _fields_that_fit(model, config, path, k[len(path) + 1:], shape)
+        now = ", ".join(f"{f.split('=')[0]}={getattr(config, f.split('=')[0])}" for f in fits)
+        why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
+               "was edited, or belongs to another adapter)" if fits else "")
+        raise AdapterLoadError(
+            f"{directory}: tensor {PREFIX + k!r} has shape {shape} but this model and config "
+            f"(r / rank_pattern, module size) expect {want}{why}."
+        )
 
 
 def _copy_into(module: nn.Module, path: str, given: dict[str, torch.Tensor]) -> None:

@@ -58,12 +58,14 @@ class LoraConfig(AdapterConfig):
     foreign_fields = {
         "fan_in_fan_out": ANY_VALUE,  # lorakit detects Conv1D layers itself
         "bias": "none", "megatron_config": None, "megatron_core": ANY_VALUE, "loftq_config": ({}, None),
-        "layer_replication": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+        "layer_replication": None,
         "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
         "use_bdlora": (None, False), "alora_invocation_tokens": None, "use_qalora": False,
         "qalora_group_size": ANY_VALUE, "trainable_token_indices": None, "target_parameters": None,
         "ensure_weight_tying": ANY_VALUE, "runtime_config": ANY_VALUE,
     }
+
+    init_settings_fields = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
 
     r: int = 8
     lora_alpha: float = 8
@@ -182,6 +184,12 @@ class LoraLinear(Delta):
         return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling, dropout=self.lora_dropout)
 
 
+def base_weight_for(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The base ``weight`` in float32 for DoRA's initial norm ``‖W + ΔW‖`` beside ``delta``; on the meta device when
+    ``delta`` is there (a loader sizing a file's tensors builds deltas on meta: only shapes are wanted)."""
+    return weight.to("meta", torch.float32) if delta.is_meta else weight.float()
+
+
 class DoraLinear(LoraLinear):
     """DoRA on nn.Linear / Conv1D: a learned per-output-row magnitude over the LoRA-updated direction."""
 
@@ -190,7 +198,8 @@ class DoraLinear(LoraLinear):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            norm = self._weight_norm(oriented_weight(base_layer, info).float(), self.delta_weight())
+            delta = self.delta_weight()
+            norm = self._weight_norm(base_weight_for(oriented_weight(base_layer, info), delta), delta)
         self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._merge_scale: torch.Tensor | None = None
 
@@ -274,7 +283,8 @@ class DoraEmbedding(LoraEmbedding):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            norm = torch.linalg.norm(oriented_weight(base_layer, info).float() + self.delta_weight(), dim=1)
+            delta = self.delta_weight()
+            norm = torch.linalg.norm(base_weight_for(oriented_weight(base_layer, info), delta) + delta, dim=1)
         self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
         self._merge_scale: torch.Tensor | None = None
 

@@ -87,7 +87,14 @@ def num_bases(in_features: int, out_features: int, r: int) -> int:
 
 @lru_cache(maxsize=8)
 def shared_bases(seed: int, r: int, max_dim: int, min_dim: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared bases ``A`` (r, 1, d_min) and ``B`` (d_max, n, r), float32, as PEFT draws them."""
+    """The shared bases ``A`` (r, 1, d_min) and ``B`` (d_max, n, r), float32, as PEFT draws them. Always on the CPU,
+    whatever default device the caller set: a build under ``torch.device("meta")`` (a loader sizing a file's tensors)
+    cached meta bases here, which every later build of those sizes then failed to copy."""
+    with torch.device("cpu"):
+        return _draw_bases(seed, r, max_dim, min_dim, kind)
+
+
+def _draw_bases(seed: int, r: int, max_dim: int, min_dim: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = num_bases(min_dim, min_dim, r)
     if kind == "dense":

@@ -42,7 +42,7 @@ from ..core.config import field_error
 from ..core.errors import AdapterError, ConfigError, LorakitError, did_you_mean
 from ..core.inits import find_init
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
-from ..io.peft_format import PREFIX, WEIGHTS_NAME
+from ..io.peft_format import PREFIX, WEIGHTS_NAME, weights_path
 from .structure import ATTENTION, MLP, OUTPUT_SIDE, Block, base_of, decoder_blocks, group_rows, prune_blocks
 
 CRITERIA = ("random", "magnitude")
@@ -196,7 +196,7 @@ def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os
                            "and the full model is another base than the pruned one it was trained on. Save the "
                            "pruned model's adapter with save_adapter(model, dir, original_base=True) (a plain LoRA "
                            "for the untouched pruned base) and recover that.")
-    recovered = recover_state_dict(load_tensors(source / WEIGHTS_NAME), plan, recover, seed)
+    recovered = recover_state_dict(load_tensors(weights_path(source)), plan, recover, seed)
 
     def write(folder: Path) -> None:
         for extra in source.iterdir():  # what else the folder holds (task_index.json, ...) goes along unchanged

@@ -36,8 +36,9 @@ from ..core.layer import BASE_NAME, AdapterLayer
 from ..core.model import _get_parent, _resolve, adapter_state
 from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
-from ..io.files import load_tensors
-from ..io.peft_format import PREFIX, meta_tensors_message, read_adapter_config, refuse_meta_tensors, weights_path
+from ..io.files import TensorFile, load_tensors
+from ..io.peft_format import (PREFIX, meta_tensors_message, read_adapter_config, refuse_meta_tensors,
+                              warn_config_changed, weights_path)
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
@@ -245,6 +246,7 @@ class AdapterRegistry:
             # values (as load_adapter refuses, before any bank is touched)
             refuse_meta_tensors(directory, {f"{path}.weight": _base_module(self.model, path).weight
                                             for path in [*(p for p, *_ in layers), *(p for p, _ in saves)]})
+            _check_file_ranks(directory, layers)  # before the banks are sized by the config's r
             plans.append((name, directory, config, (layers, saves)))
 
         new_banks: dict[str, LoraBank] = {}
@@ -277,23 +279,13 @@ class AdapterRegistry:
                 raise AdapterLoadError(f"{path_w}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT-layout file")
         used = set()
         for path, info, r, scaling in layers:
-            names = (("lora_embedding_A", "lora_embedding_B") if info.kind == "embedding"
-                     else ("lora_A.weight", "lora_B.weight"))
-            shapes = ((r, info.in_features), (info.out_features, r))
             got = []
-            for suffix, shape in zip(names, shapes):
+            for suffix, shape in _factor_shapes(info, r):
                 key = f"{PREFIX}{path}.{suffix}"
                 t = tensors.get(key)
                 if t is None:
                     raise AdapterLoadError(f"{path_w}: tensor {key!r} the config requires is missing")
-                if tuple(t.shape) != shape:
-                    rank_dim = 0 if suffix.startswith(("lora_A", "lora_embedding_A")) else 1
-                    saved_r = tuple(t.shape)[rank_dim] if t.dim() == 2 else None
-                    other = tuple(t.shape)[1 - rank_dim] if t.dim() == 2 else None
-                    why = (f": adapter_config.json gives {path} r={r} (r / rank_pattern), but the tensors were saved "
-                           f"with r={saved_r}" if other == shape[1 - rank_dim] and saved_r != r else "")
-                    raise AdapterLoadError(f"{path_w}: tensor {key!r} has shape {tuple(t.shape)} but this model and "
-                                           f"config (r / rank_pattern, module size) expect {shape}{why}")
+                _check_factor_shape(path_w, path, key, suffix, tuple(t.shape), shape, r)
                 used.add(key)
                 got.append(t)
             bias = None
@@ -504,6 +496,42 @@ def _check_bankable_config(config, where, *, files: bool = False) -> None:
         raise AdapterLoadError(
             f"{where}: modules_to_save={config.modules_to_save} (whole trained modules) cannot be banked per row; "
             f"load it with lorakit.load_adapter and serve it in its own batch.")
+
+
+def _factor_shapes(info: LayerInfo, r: int) -> tuple[tuple[str, tuple[int, int]], ...]:
+    """(key suffix, shape) of a rank-``r`` LoRA's A and B on a layer described by ``info``, as PEFT saves them."""
+    names = ("lora_embedding_A", "lora_embedding_B") if info.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+    return tuple(zip(names, ((r, info.in_features), (info.out_features, r))))
+
+
+def _check_factor_shape(path_w: Path, path: str, key: str, suffix: str, got: tuple[int, ...],
+                        shape: tuple[int, int], r: int) -> None:
+    """AdapterLoadError naming tensor ``key`` when its shape ``got`` is not ``shape`` (and the saved rank when only the
+    rank differs from the config's ``r``)."""
+    if got == shape:
+        return
+    rank_dim = 0 if suffix.startswith(("lora_A", "lora_embedding_A")) else 1
+    saved_r = got[rank_dim] if len(got) == 2 else None
+    other = got[1 - rank_dim] if len(got) == 2 else None
+    why = (f": adapter_config.json gives {path} r={r} (r / rank_pattern), but the tensors were saved with r={saved_r}"
+           if other == shape[1 - rank_dim] and saved_r != r else "")
+    raise AdapterLoadError(f"{path_w}: tensor {key!r} has shape {got} but this model and config (r / rank_pattern, "
+                           f"module size) expect {shape}{why}")
+
+
+def _check_file_ranks(directory: Path, layers) -> None:
+    """The shapes of the factors the weights file holds for ``layers`` ((path, info, r, scaling) each), read from its
+    header (no tensor is read), against the config's ranks: banks are sized by r before the tensors are read, so an
+    adapter_config.json edited to a huge rank would be allocated before any tensor could name it. Also warns when
+    the config is not the one saved with the tensors (``warn_config_changed``)."""
+    file = TensorFile(weights_path(directory))
+    warn_config_changed(directory, file)
+    keys = set(file.keys())
+    for path, info, r, _ in layers:
+        for suffix, shape in _factor_shapes(info, r):
+            key = f"{PREFIX}{path}.{suffix}"
+            if key in keys:  # (a missing one is named when the tensors are read)
+                _check_factor_shape(file.path, path, key, suffix, file.shape(key), shape, r)
 
 
 # -- free functions -----------------------------------------------------------------------------------------------
