@@ -289,6 +289,15 @@ def test_reclora_model_per_user_rows_and_errors(ids):
         RecLoraConfig()
 
 
+def test_reclora_user_vectors_of_another_width_are_an_adapter_error(ids):
+    # user_dim=6 but 4-wide vectors: the gate's LayerNorm raised a bare RuntimeError (no field named)
+    model = tiny_llama()
+    lk.add_adapter(model, RecLoraConfig(num_experts=2, r=2, user_dim=6))
+    with pytest.raises(lk.AdapterError, match=r"'user_state' user vectors of shape \(3, 4\).*\(3, 6\)"):
+        with lk.routing(extras={"user_state": torch.randn(3, 4)}):
+            model(input_ids=ids)
+
+
 # -- the training loop routes each example to its task's expert ------------------------------------------------
 def test_routed_lora_training_loop_trains_each_tasks_expert_only():
     from lorakit.data import load_examples

@@ -244,7 +244,7 @@ class RecLoraLinear(MixtureDelta):
         self.scaling = config.lora_alpha / r
         self.temperature, self.sqrt = config.temperature, config.sqrt_after_softmax
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.user_key = config.user_key
+        self.user_key, self.user_dim = config.user_key, config.user_dim
 
     def user_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, α), both (batch, N_m), from the routing context's user vectors."""
@@ -254,8 +254,10 @@ class RecLoraLinear(MixtureDelta):
             raise AdapterError(f"reclora needs a user vector per row: run the forward inside "
                                f"routing(extras={{{self.user_key!r}: tensor (batch, user_dim)}}).")
         u = torch.as_tensor(u).to(device=self.lora_A.device, dtype=self.lora_A.dtype)
-        if u.dim() != 2 or u.shape[0] != batch:
-            raise AdapterError(f"reclora: user vectors of shape {tuple(u.shape)} for a batch of {batch} rows.")
+        if u.dim() != 2 or u.shape[0] != batch or u.shape[1] != self.user_dim:
+            raise AdapterError(f"reclora: {self.user_key!r} user vectors of shape {tuple(u.shape)}; expected (batch, "
+                               f"user_dim) = ({batch}, {self.user_dim}): give every row a vector of user_dim numbers "
+                               "(or set user_dim to the vectors' size).")
         logits = self.gate(u)
         alpha = torch.softmax(logits / self.temperature, dim=-1)
         return logits, alpha.sqrt() if self.sqrt else alpha
