@@ -315,3 +315,21 @@ def test_routed_lora_training_loop_trains_each_tasks_expert_only():
         delta = layer.adapters["default"]
         assert delta.lora_B[:, delta.owner == 1].abs().max() == 0  # no task maps to expert 1
         assert delta.lora_B[:, delta.owner == 0].abs().max() > 0 and delta.lora_B[:, delta.owner == 2].abs().max() > 0
+
+
+def test_routed_lora_training_on_a_subset_of_the_mapped_tasks_trains_their_experts():
+    # key_to_expert names reverse, rotate, sort; the data has rotate and sort only (task ids 0, 1). The ids were read
+    # in the mapping's order, so rotate trained reverse's expert and sort trained rotate's, silently.
+    from lorakit.data import load_examples
+    from lorakit.training import TrainConfig, train
+
+    tokenizer = word_level_tokenizer(load_examples("reverse,rotate,sort", "train", n=8))
+    model = tiny_llama_for(tokenizer)
+    lk.add_adapter(model, RoutedLoraConfig(target_modules=["q_proj"], expert_r=[2, 2, 2],
+                                           key_to_expert={"reverse": 0, "rotate": 1, "sort": 2}))
+    train(model, tokenizer, load_examples("rotate,sort", "train", n=8),
+          TrainConfig(steps=2, batch_size=8, lr=0.01, max_length=64, log_every=100, device="cpu"), progress=False)
+    for _, layer in adapter_layers(model):
+        delta = layer.adapters["default"]
+        assert delta.lora_B[:, delta.owner == 0].abs().max() == 0  # reverse: not in the data
+        assert delta.lora_B[:, delta.owner == 1].abs().max() > 0 and delta.lora_B[:, delta.owner == 2].abs().max() > 0
