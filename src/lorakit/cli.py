@@ -541,6 +541,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         train_examples, eval_examples = (_with_mode_token(e, args.mode_token, tokenizer)
                                          for e in (train_examples, eval_examples))
 
+    adapter_config.check_examples(train_examples)  # data the method cannot train on (a task without an expert, ...)
     if config.procedure is not None:  # a held-out split the data cannot give (Flexora): refused before any model loads
         from .training.loop import split_validation
         from .training.procedures import get_procedure

@@ -333,3 +333,39 @@ def test_routed_lora_training_on_a_subset_of_the_mapped_tasks_trains_their_exper
         delta = layer.adapters["default"]
         assert delta.lora_B[:, delta.owner == 0].abs().max() == 0  # reverse: not in the data
         assert delta.lora_B[:, delta.owner == 1].abs().max() > 0 and delta.lora_B[:, delta.owner == 2].abs().max() > 0
+
+
+def test_routed_lora_check_examples_refuses_data_that_reaches_no_expert_or_the_wrong_one():
+    # each of these trained silently: rows without a key (default_expert=-1) or past the experts got the base,
+    # and tasks named as the experts in another order trained each other's experts
+    from lorakit.data import Example
+
+    def data(*tasks):
+        return [Example("p =>", " c", task=t) for t in tasks]
+
+    config = RoutedLoraConfig(num_experts=2, expert_r=[2, 2])
+    config.check_examples(data("a", "b"))
+    with pytest.raises(lk.ConfigError, match="no training example has one: nothing would train"):
+        config.check_examples(data(None, None))
+    RoutedLoraConfig(num_experts=2, expert_r=[2, 2], default_expert=0).check_examples(data(None))
+    with pytest.raises(lk.ConfigError, match=r"3 tasks \['a', 'b', 'c'\] for 2 experts.*\['c'\] would reach no expert"):
+        config.check_examples(data("a", "b", "c"))
+    mapped = RoutedLoraConfig(num_experts=2, expert_r=[2, 2], key_to_expert={"a": 1, "b": -1})
+    mapped.check_examples(data("b"))
+    with pytest.raises(lk.ConfigError, match=r"key_to_expert has no entry for task\(s\) \['c'\]"):
+        mapped.check_examples(data("a", "c"))
+    named = RoutedLoraConfig(num_experts=2, expert_r=[2, 2], adapter_names=["sql", "math"])
+    with pytest.raises(lk.ConfigError, match=r"task 'math' \(id 0.*expert 0 \('sql'\).*\{'math': 1, 'sql': 0\}"):
+        named.check_examples(data("math", "sql"))
+
+
+def test_reclora_check_examples_needs_every_user_vector_at_user_dim():
+    from lorakit.data import Example
+
+    config = RecLoraConfig(num_experts=2, r=2, user_dim=3)
+    config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]})])
+    with pytest.raises(lk.ConfigError, match="training example 1 has 2 numbers"):
+        config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]}),
+                               Example("p", "c", routing={"user_state": [1.0, 2.0]})])
+    with pytest.raises(lk.ConfigError, match="training example 0 has none"):
+        config.check_examples([Example("p", "c", routing={"other": [1.0, 2.0, 3.0]})])

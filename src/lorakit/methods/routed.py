@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
-from ..mixtures.keys import KeyTable, check_mapping
+from ..mixtures.keys import KeyTable, check_mapping, check_task_experts
 from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import RouterOutput
 from ..mixtures.sources import prepare_from_sources
@@ -74,6 +74,17 @@ class RoutedLoraConfig(LoraExpertsConfig):
         if not -1 <= self.default_expert < self.num_experts:
             raise field_error(self, "default_expert", f" must be -1 (base) or in 0..{self.num_experts - 1}, "
                                                       f"got {self.default_expert}.")
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Refuse data that would train no expert: no task key while keyless rows get the base (default_expert
+        -1), or tasks that reach no expert / the wrong one (``mixtures.keys.check_task_experts``)."""
+        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        if not tasks and self.default_expert == -1:
+            raise field_error(self, "default_expert", "=-1 sends rows without a task key to the base model and no "
+                                                      "training example has one: nothing would train. Give the "
+                                                      "examples a task (\"task\" in JSONL), or set default_expert "
+                                                      "to an expert index.")
+        check_task_experts(self, "key_to_expert", tasks, self.num_experts, self.adapter_names)
 
 
 class RoutedLoraLinear(LoraExperts):
@@ -224,6 +235,18 @@ class RecLoraConfig(AdapterConfig):
         check_positive_ints(self, "num_experts", "r", "gate_hidden")
         check_positive(self, "temperature")
         check_dropout(self, "gate_dropout")
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Every example needs its user vector of ``user_dim`` numbers (a missing or wrong-sized one failed at
+        the first batch, after the model loaded and the base was evaluated)."""
+        for i, ex in enumerate(examples):
+            vector = dict(ex.routing).get(self.user_key)
+            if vector is None or len(vector) != self.user_dim:
+                got = "none" if vector is None else f"{len(vector)} numbers"
+                raise field_error(self, "user_dim", f"={self.user_dim}: training example {i} has {got} as its "
+                                                    f"routing vector {self.user_key!r}; give every example "
+                                                    f"{{\"routing\": {{\"{self.user_key}\": [{self.user_dim} "
+                                                    "numbers]}}, or set user_dim to the vectors' size.")
 
 
 class RecLoraLinear(MixtureDelta):

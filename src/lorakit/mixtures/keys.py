@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..core.config import field_error
 from ..core.errors import FIELD, AdapterError, ConfigError
 from ..core.routing import current_routing, rows_for_batch
 
@@ -101,3 +102,30 @@ def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, 
         if not ok:
             raise ConfigError(f"{FIELD}[{key!r}]={value!r}: use an expert index in 0..{n - 1}, -1 for no expert, or "
                               f"a list of {n} weights.", field=f"{cls}.{field_name}")
+
+
+def check_task_experts(config: Any, field_name: str, tasks: Sequence[str], n: int,
+                       names: Sequence[str] | None = None) -> None:
+    """Raise ConfigError (on ``config.field_name``, its task -> expert mapping) where training data with the sorted task
+    names ``tasks`` (the loop's key ids 0..len-1) would not reach the expert a task means: a task the mapping lacks
+    (its id would raise mid-run), or without a mapping, more tasks than the ``n`` experts (ids >= n train nothing)
+    or tasks spelled as the experts' ``names`` in another order (id j trains expert j, not the expert so named)."""
+    mapping = getattr(config, field_name)
+    if mapping is not None:
+        unknown = [t for t in tasks if t not in mapping]
+        if unknown:
+            raise field_error(config, field_name, f" has no entry for task(s) {unknown} of the training data (it maps "
+                                                  f"{sorted(mapping)}); map every task (-1 for none).")
+        return
+    if len(tasks) > n:
+        raise field_error(config, field_name, f" is unset and the training data has {len(tasks)} tasks {list(tasks)} "
+                                              f"for {n} experts: task ids are positions in the sorted task names, so "
+                                              f"{list(tasks[n:])} would reach no expert; give "
+                                              f"{len(tasks)} experts or map the tasks.")
+    if names is not None and set(tasks) <= set(names) and list(tasks) != list(names)[: len(tasks)]:
+        example = next(t for j, t in enumerate(tasks) if names[j] != t)
+        raise field_error(config, field_name, f" is unset: task {example!r} (id {list(tasks).index(example)}, its "
+                                              f"position in the sorted task names) would train expert "
+                                              f"{list(tasks).index(example)} ({names[list(tasks).index(example)]!r}), "
+                                              f"not the expert named {example!r}; map the tasks by name, e.g. "
+                                              f"{ {t: list(names).index(t) for t in tasks} }.")
