@@ -105,11 +105,12 @@ def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, 
 
 
 def check_task_experts(config: Any, field_name: str, tasks: Sequence[str], n: int,
-                       names: Sequence[str] | None = None) -> None:
+                       names: Sequence[str] | None = None, past_experts_ok: bool = False) -> None:
     """Raise ConfigError (on ``config.field_name``, its task -> expert mapping) where training data with the sorted task
     names ``tasks`` (the loop's key ids 0..len-1) would not reach the expert a task means: a task the mapping lacks
     (its id would raise mid-run), or without a mapping, more tasks than the ``n`` experts (ids >= n train nothing)
-    or tasks spelled as the experts' ``names`` in another order (id j trains expert j, not the expert so named)."""
+    or tasks spelled as the experts' ``names`` in another order (id j trains expert j, not the expert so named).
+    ``past_experts_ok``: ids past the experts mean something (MixDA's general-domain rows), not an error."""
     mapping = getattr(config, field_name)
     if mapping is not None:
         unknown = [t for t in tasks if t not in mapping]
@@ -117,7 +118,7 @@ def check_task_experts(config: Any, field_name: str, tasks: Sequence[str], n: in
             raise field_error(config, field_name, f" has no entry for task(s) {unknown} of the training data (it maps "
                                                   f"{sorted(mapping)}); map every task (-1 for none).")
         return
-    if len(tasks) > n:
+    if len(tasks) > n and not past_experts_ok:
         raise field_error(config, field_name, f" is unset and the training data has {len(tasks)} tasks {list(tasks)} "
                                               f"for {n} experts: task ids are positions in the sorted task names, so "
                                               f"{list(tasks[n:])} would reach no expert; give "
