@@ -281,3 +281,29 @@ def test_an_output_folder_holding_the_input_is_refused(command, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"--output {run} holds the input {adapter}" in err
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("method,flags,says", [
+    ("routed_lora", ["--num-experts", "2", "--expert-r", "2", "2", "--data", "reverse,rotate,sort"],
+     "['sort'] would reach no expert"),
+    ("routed_lora", ["--num-experts", "2", "--expert-r", "2", "2", "--data", "KEYLESS"],
+     "--default-expert -1 sends rows without a task key to the base model and no training example has one"),
+    ("meteora", ["--num-experts", "2", "--expert-r", "2", "2", "--data", "reverse,rotate,sort"],
+     "--task-to-adapter is unset and the training data has 3 tasks"),
+    ("reclora", ["--user-dim", "5", "--data", "USERS"], "training example 0 has 4 numbers as its routing vector"),
+    ("reclora", ["--user-dim", "4", "--data", "KEYLESS"], "training example 0 has none as its routing vector"),
+])
+def test_data_a_keyed_method_cannot_train_on_fails_before_the_model_loads(method, flags, says, tmp_path, capsys,
+                                                                        no_model_load):
+    """routed_lora on key-less data (or more tasks than experts) trained nothing for those rows and exited 0;
+    MeteoRA's task without an adapter and RecLoRA's missing or wrong-sized user vectors failed at the first batch,
+    after the model loaded (RecLoRA's with a LayerNorm traceback). AdapterConfig.check_examples names them first."""
+    keyless, users = tmp_path / "keyless.jsonl", tmp_path / "users.jsonl"
+    keyless.write_text("".join(json.dumps({"prompt": f"p{i} =>", "completion": " c"}) + "\n" for i in range(4)))
+    users.write_text("".join(json.dumps({"prompt": f"p{i} =>", "completion": " c",
+                                         "routing": {"user_state": [0.1 * i, 0.2, 0.3, 0.4]}}) + "\n" for i in range(4)))
+    flags = [{"KEYLESS": str(keyless), "USERS": str(users)}.get(f, f) for f in flags]
+    assert main(["train", "--method", method, *flags, "--train-examples", "8", "--steps", "1",
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err

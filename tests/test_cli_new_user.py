@@ -462,3 +462,16 @@ def test_resume_into_the_same_output_logs_each_step_once(tmp_path):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert records[0] == {"step": 0, "eval": records[0]["eval"]}  # the untrained model's score, kept
+
+
+@pytest.mark.parametrize("method", ["randlora", "miss"])
+def test_export_refuses_a_peft_format_that_is_not_lora(method, tmp_path, capsys):
+    """randlora / miss adapters are PEFT RANDLORA / MISS files with no plain-LoRA form; export copied them as they
+    were and printed "exported PEFT LoRA adapter", which vLLM (plain LoRA only) refuses all the same."""
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--r", "2", "--output", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out / "adapter"), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"method {method!r} has no exact plain-LoRA form" in err and f"already PEFT's {method.upper()}" in err
+    assert not (tmp_path / "x").exists()

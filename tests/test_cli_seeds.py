@@ -48,6 +48,15 @@ def test_every_seed_flag_refuses_a_negative_seed(argv, tmp_path, capsys, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+def test_train_refuses_a_seed_past_the_64_bit_range(tmp_path, capsys):
+    # torch.manual_seed raised "Overflow when unpacking long long" after the data loaded
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--output", str(tmp_path / "o"), "--seed", str(2**64)])
+    assert e.value.code == 2
+    assert f"argument --seed: must be an integer in 0..{2**63 - 1} (2**63 - 1), got {2**64}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_seeds_refuse_a_negative_seed(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "methods", "--quick", "--seeds", "0,-1", "--output", str(tmp_path)])

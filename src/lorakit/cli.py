@@ -530,6 +530,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         train_examples, eval_examples = (_with_mode_token(e, args.mode_token, tokenizer)
                                          for e in (train_examples, eval_examples))
 
+    adapter_config.check_examples(train_examples)  # data the method cannot train on (a task without an expert, ...)
     if config.procedure is not None:  # a held-out split the data cannot give (Flexora): refused before any model loads
         from .training.loop import split_validation
         from .training.procedures import get_procedure
@@ -1217,7 +1218,8 @@ def cmd_quantize(argv: Sequence[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a plain PEFT LoRA for an adapter: identity for PEFT methods, the method's to_lora hook otherwise."""
+    """Write a plain PEFT LoRA for an adapter: identity for PEFT LoRA / rsLoRA / DoRA (for the untouched base), the
+    method's to_lora hook otherwise; a method with neither (mixtures, RandLoRA, MiSS) is refused."""
     from . import get_method, load_adapter, save_adapter
     from .hub import load_model_and_tokenizer
     from .io.peft_format import check_adapter_folder
@@ -1225,9 +1227,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     args.adapter = _adapter_of_run(args.adapter, "exporting")
     method = get_method(check_adapter_folder(args.adapter))
-    if method.peft_type is None and method.to_lora is None:
-        raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export; "
-                           "use the adapter as it is with lorakit (generate / eval / serving)")
+    if method.to_lora is None and method.peft_type != "LORA":
+        # PEFT's other formats (MISS, RANDLORA) were copied as they are and reported as "PEFT LoRA", which vLLM,
+        # SGLang and LoRAX (plain LoRA only) refuse all the same
+        already = (f"; {args.adapter} is already PEFT's {method.peft_type} format (PEFT loads it as it is)"
+                   if method.peft_type is not None else "")
+        raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export"
+                           f"{already}; use the adapter as it is with lorakit (generate / eval / merge)")
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
     overrides = _overrides(args)
     model, _ = load_model_and_tokenizer(args.model)

@@ -233,11 +233,19 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+MAX_SEED = 2**63 - 1
+
+
 def seed_arg(text: str) -> int:
     """``type=`` for a ``--seed`` flag: an int >= 0, else argparse's usage error naming the flag (``argument --seed:
     must be an integer >= 0, got -1``) before any model loads. ``torch.manual_seed`` takes a negative seed, but numpy's
-    and Python's seeding refuse one, so it would fail (or seed one library only) after the work has begun."""
-    return _int_at_least(text, 0, "an integer >= 0")
+    and Python's seeding refuse one, so it would fail (or seed one library only) after the work has begun. Above 2**63 - 1
+    (the signed 64-bit range, leaving room for the offsets seeds are derived with below torch's 2**64 limit)
+    ``torch.manual_seed`` failed with a bare ``Overflow when unpacking long long``, after the data had loaded."""
+    value = _int_at_least(text, 0, "an integer >= 0")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED} (2**63 - 1), got {value}")
+    return value
 
 
 def device_arg(text: str) -> str:

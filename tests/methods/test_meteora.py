@@ -137,6 +137,22 @@ def test_task_ids_map_through_sorted_task_names():
         gate_labels(without, torch.tensor([2]))
 
 
+def test_check_examples_refuses_tasks_without_an_adapter_before_training():
+    # a task id past the adapters (or a task task_to_adapter lacks) stopped the run at its first batch
+    examples = load_examples(",".join(TASKS), "train", n=2)
+    MeteoraConfig(num_experts=3).check_examples(examples)
+    MeteoraConfig(num_experts=2, task_to_adapter={"reverse": 0, "rotate": 1, "sort": -1}).check_examples(examples)
+    with pytest.raises(lk.ConfigError, match=r"task_to_adapter is unset and the training data has 3 tasks"):
+        MeteoraConfig(num_experts=2).check_examples(examples)
+    with pytest.raises(lk.ConfigError, match=r"task_to_adapter has no entry for task\(s\) \['sort'\]"):
+        MeteoraConfig(num_experts=2, task_to_adapter={"reverse": 0, "rotate": 1}).check_examples(examples)
+    model = tiny_llama()
+    lk.add_adapter(model, MeteoraConfig(num_experts=2, expert_r=[2, 2], target_modules=["q_proj"]))
+    with pytest.raises(lk.ConfigError, match="3 tasks"):  # the training loop checks too, before step 0
+        train(model, word_level_tokenizer(examples), examples, TrainConfig(steps=1, batch_size=2, device="cpu"),
+              progress=False)
+
+
 def test_supervised_gate_loss_decreases_training_gate_only(tmp_path):
     examples = load_examples(",".join(TASKS), "train", n=16)
     tokenizer = word_level_tokenizer(examples)

@@ -100,17 +100,6 @@ def test_gate_layout_follows_moe_gating():
     delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(num_experts=2))
     kinds = [type(m).__name__ for m in delta.gate]
     assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU",
-                     "Dropout", "Linear"]
-    assert delta.gate[1].out_features == 768 and delta.gate[-1].out_features == 3  # K + 1
-    assert delta.bottleneck == 256  # intermediate / 16
-    small = MixdaAdapter(INFO, MixdaConfig(num_experts=2))
-    assert small.gate[1].out_features == 4  # min(768, in / 4)
-
-
-def test_gate_layout_follows_moe_gating():
-    delta = MixdaAdapter(LayerInfo("linear", 4096, 1024, False), MixdaConfig(num_experts=2))
-    kinds = [type(m).__name__ for m in delta.gate]
-    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU",
                      "Dropout", "Linear"]  # modeling_roberta.py:1717-1731, MoeGating(interm, 768, K+1, 3, 0.2)
     assert delta.gate[1].out_features == 768 and delta.gate[-1].out_features == 3  # K + 1
     assert delta.gate[0].p == 0.2 and delta.bottleneck == 256  # intermediate / 16
@@ -259,3 +248,16 @@ def test_two_stages_in_the_training_loop():
     middle = {k: v.clone() for k, v in lk.adapter_state_dict(model).items()}
     train(model, tokenizer, examples, config, progress=False)
     assert changed(middle) and changed(middle) <= {"gate", "task_down", "task_up"}
+
+
+def test_mixda_check_examples_names_tasks_the_mapping_lacks_or_domains_in_another_order():
+    from lorakit.data import Example
+
+    data = [Example("p", "c", task=t) for t in ("legal", "med", "web")]
+    MixdaConfig(num_experts=2).check_examples(data)  # ids past the domains: general rows, by design
+    MixdaConfig(num_experts=2, key_to_domain={"legal": 1, "med": 0, "web": -1}).check_examples(data)
+    with pytest.raises(lk.ConfigError, match=r"key_to_domain has no entry for task\(s\) \['web'\]"):
+        MixdaConfig(num_experts=2, key_to_domain={"legal": 1, "med": 0}).check_examples(data)
+    # domains named in another order than the sorted tasks: task 'legal' (id 0) trained domain 'med''s adapter
+    with pytest.raises(lk.ConfigError, match=r"task 'legal' \(id 0.*expert 0 \('med'\)"):
+        MixdaConfig(domains=["med", "legal"]).check_examples(data[:2])

@@ -323,6 +323,15 @@ def test_reclora_model_per_user_rows_and_errors(ids):
         RecLoraConfig()
 
 
+def test_reclora_user_vectors_of_another_width_are_an_adapter_error(ids):
+    # user_dim=6 but 4-wide vectors: the gate's LayerNorm raised a bare RuntimeError (no field named)
+    model = tiny_llama()
+    lk.add_adapter(model, RecLoraConfig(num_experts=2, r=2, user_dim=6))
+    with pytest.raises(lk.AdapterError, match=r"'user_state' user vectors of shape \(3, 4\).*\(3, 6\)"):
+        with lk.routing(extras={"user_state": torch.randn(3, 4)}):
+            model(input_ids=ids)
+
+
 # -- the training loop routes each example to its task's expert ------------------------------------------------
 def test_routed_lora_training_loop_trains_each_tasks_expert_only():
     from lorakit.data import load_examples
@@ -340,3 +349,57 @@ def test_routed_lora_training_loop_trains_each_tasks_expert_only():
         delta = layer.adapters["default"]
         assert delta.lora_B[:, delta.owner == 1].abs().max() == 0  # no task maps to expert 1
         assert delta.lora_B[:, delta.owner == 0].abs().max() > 0 and delta.lora_B[:, delta.owner == 2].abs().max() > 0
+
+
+def test_routed_lora_training_on_a_subset_of_the_mapped_tasks_trains_their_experts():
+    # key_to_expert names reverse, rotate, sort; the data has rotate and sort only (task ids 0, 1). The ids were read
+    # in the mapping's order, so rotate trained reverse's expert and sort trained rotate's, silently.
+    from lorakit.data import load_examples
+    from lorakit.training import TrainConfig, train
+
+    tokenizer = word_level_tokenizer(load_examples("reverse,rotate,sort", "train", n=8))
+    model = tiny_llama_for(tokenizer)
+    lk.add_adapter(model, RoutedLoraConfig(target_modules=["q_proj"], expert_r=[2, 2, 2],
+                                           key_to_expert={"reverse": 0, "rotate": 1, "sort": 2}))
+    train(model, tokenizer, load_examples("rotate,sort", "train", n=8),
+          TrainConfig(steps=2, batch_size=8, lr=0.01, max_length=64, log_every=100, device="cpu"), progress=False)
+    for _, layer in adapter_layers(model):
+        delta = layer.adapters["default"]
+        assert delta.lora_B[:, delta.owner == 0].abs().max() == 0  # reverse: not in the data
+        assert delta.lora_B[:, delta.owner == 1].abs().max() > 0 and delta.lora_B[:, delta.owner == 2].abs().max() > 0
+
+
+def test_routed_lora_check_examples_refuses_data_that_reaches_no_expert_or_the_wrong_one():
+    # each of these trained silently: rows without a key (default_expert=-1) or past the experts got the base,
+    # and tasks named as the experts in another order trained each other's experts
+    from lorakit.data import Example
+
+    def data(*tasks):
+        return [Example("p =>", " c", task=t) for t in tasks]
+
+    config = RoutedLoraConfig(num_experts=2, expert_r=[2, 2])
+    config.check_examples(data("a", "b"))
+    with pytest.raises(lk.ConfigError, match="no training example has one: nothing would train"):
+        config.check_examples(data(None, None))
+    RoutedLoraConfig(num_experts=2, expert_r=[2, 2], default_expert=0).check_examples(data(None))
+    with pytest.raises(lk.ConfigError, match=r"3 tasks \['a', 'b', 'c'\] for 2 experts.*\['c'\] would reach no expert"):
+        config.check_examples(data("a", "b", "c"))
+    mapped = RoutedLoraConfig(num_experts=2, expert_r=[2, 2], key_to_expert={"a": 1, "b": -1})
+    mapped.check_examples(data("b"))
+    with pytest.raises(lk.ConfigError, match=r"key_to_expert has no entry for task\(s\) \['c'\]"):
+        mapped.check_examples(data("a", "c"))
+    named = RoutedLoraConfig(num_experts=2, expert_r=[2, 2], adapter_names=["sql", "math"])
+    with pytest.raises(lk.ConfigError, match=r"task 'math' \(id 0.*expert 0 \('sql'\).*\{'math': 1, 'sql': 0\}"):
+        named.check_examples(data("math", "sql"))
+
+
+def test_reclora_check_examples_needs_every_user_vector_at_user_dim():
+    from lorakit.data import Example
+
+    config = RecLoraConfig(num_experts=2, r=2, user_dim=3)
+    config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]})])
+    with pytest.raises(lk.ConfigError, match="training example 1 has 2 numbers"):
+        config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]}),
+                               Example("p", "c", routing={"user_state": [1.0, 2.0]})])
+    with pytest.raises(lk.ConfigError, match="training example 0 has none"):
+        config.check_examples([Example("p", "c", routing={"other": [1.0, 2.0, 3.0]})])

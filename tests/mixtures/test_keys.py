@@ -37,3 +37,17 @@ def test_check_mapping_names_the_entry():
         check_mapping("C", "key_to_expert", {"b": 2}, 2)
     with pytest.raises(lk.ConfigError, match="a list of 2 weights"):
         check_mapping("C", "key_to_expert", {"b": [1.0]}, 2)
+
+
+def test_ids_with_task_names_follow_those_names_not_the_mappings_order():
+    # the training loop numbers the data's tasks (here a subset: b, c) and passes their names; id 0 used to read
+    # as the mapping's first name (a), so task b trained a's expert and c trained b's
+    table = KeyTable(3, {"a": 0, "b": 1, "c": 2}, default=-1, names=None)
+    with lk.routing(keys=torch.tensor([0, 1, -1]), extras={"task_names": ["b", "c"]}):
+        assert table(3, "cpu").tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    with lk.routing(keys=torch.tensor([0]), extras={"task_names": ["b", "z"]}), \
+            pytest.raises(lk.AdapterError, match=r"\['z'\] of the data have no entry"):
+        table(1, "cpu")
+    with lk.routing(keys=torch.tensor([2]), extras={"task_names": ["b", "c"]}), \
+            pytest.raises(lk.AdapterError, match="id 2 is out of range"):
+        table(1, "cpu")

@@ -140,3 +140,31 @@ def test_server_routes_requests_by_task(routed, sh):
             client.completions.create(model="routed", prompt=PROMPT, max_tokens=4, extra_body={"task": 3})
     finally:
         server.stop()
+
+
+def test_routed_lora_trained_on_a_subset_of_its_key_to_expert_serves_each_task_its_expert(tmp_path):
+    """key_to_expert names reverse, rotate, sort; training saw rotate and sort only (task_index.json: rotate=0,
+    sort=1). The layers read a bare id as a position among the mapping's names, so the store must send sort as 2:
+    it sent the file's id 1, and sort got rotate's expert."""
+    model = bundled()
+    lk.add_adapter(model, RoutedLoraConfig(num_experts=3, expert_r=[2, 2, 2], target_modules=["q_proj", "v_proj"],
+                                           key_to_expert={"reverse": 0, "rotate": 1, "sort": 2}), "m")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    lk.save_adapter(model, tmp_path / "routed", "m")
+    save_task_index(tmp_path / "routed", {"rotate": 0, "sort": 1})
+    reference = bundled()
+    lk.load_adapter(reference, tmp_path / "routed", "routed")
+    lk.set_adapter(reference, [])
+    served, tok = load_model_and_tokenizer()
+    store = AdapterStore(served, [tmp_path])
+    store.register_dir(tmp_path)
+    engine = Engine(served, tok, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+    reqs = engine.generate([PROMPT, PROMPT], ["routed", "routed"], SamplingParams(max_tokens=6), tasks=["sort", "rotate"])
+    ids = tok(PROMPT)["input_ids"]
+    want = [offline(reference, tok, ids, task, 6) for task in ("sort", "rotate")]  # string keys: looked up by name
+    assert want[0] != want[1]
+    assert [r.output_ids for r in reqs] == want

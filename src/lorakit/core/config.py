@@ -15,7 +15,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, Union
+from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 from .errors import FIELD, ConfigError, did_you_mean
 
@@ -238,6 +238,12 @@ class AdapterConfig(metaclass=_PeftKeywords):
         """Check what the config names outside itself (files it reads, e.g. a mixture's source adapters) without a
         model: front ends (``lorakit train``) call it before loading one. Raises the errors reading them would;
         the default has nothing to read."""
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Check what the config needs of its training examples (``lorakit.data.Example``: ``task``, ``routing``)
+        without a model: ``lorakit train`` calls it before loading one, the training loop before step 0. Raises
+        ConfigError saying what to change where the data would train nothing or fail mid-run (keyed methods whose
+        tasks have no expert, a routed method's missing per-example vectors); the default takes any examples."""
 
     def for_module(self, module_name: str) -> "AdapterConfig":
         """The config as it applies to one module (methods with per-module patterns override this)."""

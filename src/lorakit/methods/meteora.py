@@ -43,7 +43,7 @@ Choices and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ from ..core.config import check_non_negative, check_positive, field_error
 from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..mixtures.base import pop_aux_records
+from ..mixtures.keys import check_task_experts
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
 from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import Router
@@ -102,6 +103,12 @@ class MeteoraConfig(LoraExpertsConfig):
             if not -1 <= index < n:
                 raise field_error(self, "task_to_adapter", f"[{task!r}]={index}: use an adapter index in "
                                                            f"0..{n - 1}, or -1 for a task without an adapter.")
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Every task of the data needs an adapter its gate is supervised towards (``mixtures.keys
+        .check_task_experts``): a task without one stopped the run at its first batch, after the model loaded."""
+        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        check_task_experts(self, "task_to_adapter", tasks, self.num_experts, self.adapter_names)
 
     def adapter_of_task_id(self) -> list[int] | None:
         """Routing key id → adapter index (-1: none); None = by order (id j is adapter j)."""

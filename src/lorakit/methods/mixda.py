@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
 from ..mixtures.experts import expand_to_ranks
-from ..mixtures.keys import KeyTable, check_mapping
+from ..mixtures.keys import KeyTable, check_mapping, check_task_experts
 from ..mixtures.router import RouterOutput
 
 DOMAIN_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias")
@@ -112,6 +112,12 @@ class MixdaConfig(AdapterConfig):
         check_dropout(self, "gate_dropout")
         check_non_negative(self, "general_mse_coef")
         check_mapping("MixdaConfig", "key_to_domain", self.key_to_domain, self.num_experts)
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """A task key_to_domain lacks failed at the first batch; tasks spelled as ``domains`` in another order
+        trained each other's adapters (``mixtures.keys.check_task_experts``). Tasks past the domains are general."""
+        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        check_task_experts(self, "key_to_domain", tasks, self.num_experts, self.domains, past_experts_ok=True)
 
 
 class MixdaAdapter(MixtureDelta):

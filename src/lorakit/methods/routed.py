@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..core.routing import current_routing
 from ..mixtures.base import MixtureDelta
-from ..mixtures.keys import KeyTable, check_mapping
+from ..mixtures.keys import KeyTable, check_mapping, check_task_experts
 from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
 from ..mixtures.router import RouterOutput
 from ..mixtures.sources import prepare_from_sources
@@ -76,6 +76,17 @@ class RoutedLoraConfig(LoraExpertsConfig):
         if not -1 <= self.default_expert < self.num_experts:
             raise field_error(self, "default_expert", f" must be -1 (base) or in 0..{self.num_experts - 1}, "
                                                       f"got {self.default_expert}.")
+
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Refuse data that would train no expert: no task key while keyless rows get the base (default_expert
+        -1), or tasks that reach no expert / the wrong one (``mixtures.keys.check_task_experts``)."""
+        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        if not tasks and self.default_expert == -1:
+            raise field_error(self, "default_expert", "=-1 sends rows without a task key to the base model and no "
+                                                      "training example has one: nothing would train. Give the "
+                                                      "examples a task (\"task\" in JSONL), or set default_expert "
+                                                      "to an expert index.")
+        check_task_experts(self, "key_to_expert", tasks, self.num_experts, self.adapter_names)
 
 
 class RoutedLoraLinear(LoraExperts):
@@ -227,6 +238,18 @@ class RecLoraConfig(AdapterConfig):
         check_positive(self, "temperature")
         check_dropout(self, "gate_dropout")
 
+    def check_examples(self, examples: Sequence[Any]) -> None:
+        """Every example needs its user vector of ``user_dim`` numbers (a missing or wrong-sized one failed at
+        the first batch, after the model loaded and the base was evaluated)."""
+        for i, ex in enumerate(examples):
+            vector = dict(ex.routing).get(self.user_key)
+            if vector is None or len(vector) != self.user_dim:
+                got = "none" if vector is None else f"{len(vector)} numbers"
+                raise field_error(self, "user_dim", f"={self.user_dim}: training example {i} has {got} as its "
+                                                    f"routing vector {self.user_key!r}; give every example "
+                                                    f"{{\"routing\": {{\"{self.user_key}\": [{self.user_dim} "
+                                                    "numbers]}}, or set user_dim to the vectors' size.")
+
 
 class RecLoraLinear(MixtureDelta):
     """Meta-LoRA bank ``lora_A`` (N_m, r, in), ``lora_B`` (N_m, out, r) and this layer's user gate."""
@@ -246,7 +269,7 @@ class RecLoraLinear(MixtureDelta):
         self.scaling = config.lora_alpha / r
         self.temperature, self.sqrt = config.temperature, config.sqrt_after_softmax
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.user_key = config.user_key
+        self.user_key, self.user_dim = config.user_key, config.user_dim
 
     def user_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, α), both (batch, N_m), from the routing context's user vectors."""
@@ -256,8 +279,10 @@ class RecLoraLinear(MixtureDelta):
             raise AdapterError(f"reclora needs a user vector per row: run the forward inside "
                                f"routing(extras={{{self.user_key!r}: tensor (batch, user_dim)}}).")
         u = torch.as_tensor(u).to(device=self.lora_A.device, dtype=self.lora_A.dtype)
-        if u.dim() != 2 or u.shape[0] != batch:
-            raise AdapterError(f"reclora: user vectors of shape {tuple(u.shape)} for a batch of {batch} rows.")
+        if u.dim() != 2 or u.shape[0] != batch or u.shape[1] != self.user_dim:
+            raise AdapterError(f"reclora: {self.user_key!r} user vectors of shape {tuple(u.shape)}; expected (batch, "
+                               f"user_dim) = ({batch}, {self.user_dim}): give every row a vector of user_dim numbers "
+                               "(or set user_dim to the vectors' size).")
         logits = self.gate(u)
         alpha = torch.softmax(logits / self.temperature, dim=-1)
         return logits, alpha.sqrt() if self.sqrt else alpha

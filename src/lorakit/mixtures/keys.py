@@ -1,10 +1,12 @@
 """Routing keys -> expert weights, for mixtures routed by information carried with the data (``routed_lora``,
 MixDA): a per-row key (task id or name) from ``lorakit.routing(keys=...)`` selects a row of a fixed table.
 
-Keys: integer key ``j`` is the j-th name of ``sorted(mapping)`` (the training loop's task ids are positions in the
-sorted task names, ``lorakit.data.build_task_index``), so a mapping must name every task of the training data (an
-id past its names is an error); a string key is looked up by name; a negative key or None means "no key". Without
-a mapping, key j is expert j (ids past the experts have none) and string keys are the experts' ``names``.
+Keys: integer key ``j`` is the j-th name of ``sorted(mapping)``, or, when the routing carries
+``extras["task_names"]`` (training and evaluation do: their task ids are positions in the data's sorted task names,
+``lorakit.data.build_task_index``, which may be a subset of the mapping's), the mapping's entry for
+``task_names[j]``; a mapping must name every task of the data (an id past its names, or a task it lacks, is an
+error); a string key is looked up by name; a negative key or None means "no key". Without a mapping, key j is
+expert j (ids past the experts have none) and string keys are the experts' ``names``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..core.config import field_error
 from ..core.errors import FIELD, AdapterError, ConfigError
 from ..core.routing import current_routing, rows_for_batch
 
@@ -54,10 +57,27 @@ class KeyTable(nn.Module):
         else:
             ids = torch.tensor([-1 if k is None else self._index(k) for k in keys], dtype=torch.long, device=device)
         ids = rows_for_batch(ids, batch, "keys", "key")  # generate's beams / return sequences keep their row's key
+        if self.strict and ctx.extras.get("task_names") is not None:
+            ids = self._by_task_name(ids, ctx.extras["task_names"])
         if self.strict and bool((ids >= n_keys).any()):
             raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {n_keys} sorted key "
                                f"names {self.names} (the training data's sorted task names); name every task.")
         return self.table[torch.where((ids < 0) | (ids >= n_keys), torch.full_like(ids, n_keys), ids)]
+
+    def _by_task_name(self, ids: torch.Tensor, task_names: Sequence[str]) -> torch.Tensor:
+        """Ids that index ``task_names`` (the data's sorted tasks, which may be a subset of the mapping's names)
+        -> ids into the mapping's sorted names. Raises AdapterError for a task the mapping does not name."""
+        unknown = [n for n in task_names if n not in self.names]
+        if unknown:
+            raise AdapterError(f"task(s) {unknown} of the data have no entry in the key mapping (its keys: "
+                               f"{self.names}); map every task (-1 for none).")
+        if bool((ids >= len(task_names)).any()):
+            raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {len(task_names)} "
+                               f"task names {list(task_names)} given with them.")
+        if not task_names:
+            return ids  # every row without a key
+        to_mapping = torch.tensor([self.names.index(n) for n in task_names], dtype=torch.long, device=ids.device)
+        return torch.where(ids >= 0, to_mapping[ids.clamp_min(0)], ids)
 
     def _index(self, key: Any) -> int:
         if not isinstance(key, str):
@@ -65,6 +85,13 @@ class KeyTable(nn.Module):
         if self.names is None or key not in self.names:
             raise AdapterError(f"routing key {key!r} names no expert; known keys: {self.names or 'none (use ints)'}")
         return self.names.index(key)
+
+
+def mapped_key_names(config: object) -> list[str] | None:
+    """The sorted names whose positions integer keys are without ``task_names`` (a keyed config's mapping: routed_lora's
+    ``key_to_expert``, MixDA's ``key_to_domain``), or None for a config without one."""
+    mapping = getattr(config, "key_to_expert", None) or getattr(config, "key_to_domain", None)
+    return sorted(mapping) if mapping else None
 
 
 def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, n: int) -> None:
@@ -75,3 +102,31 @@ def check_mapping(cls: str, field_name: str, mapping: Mapping[str, Any] | None, 
         if not ok:
             raise ConfigError(f"{FIELD}[{key!r}]={value!r}: use an expert index in 0..{n - 1}, -1 for no expert, or "
                               f"a list of {n} weights.", field=f"{cls}.{field_name}")
+
+
+def check_task_experts(config: Any, field_name: str, tasks: Sequence[str], n: int,
+                       names: Sequence[str] | None = None, past_experts_ok: bool = False) -> None:
+    """Raise ConfigError (on ``config.field_name``, its task -> expert mapping) where training data with the sorted task
+    names ``tasks`` (the loop's key ids 0..len-1) would not reach the expert a task means: a task the mapping lacks
+    (its id would raise mid-run), or without a mapping, more tasks than the ``n`` experts (ids >= n train nothing)
+    or tasks spelled as the experts' ``names`` in another order (id j trains expert j, not the expert so named).
+    ``past_experts_ok``: ids past the experts mean something (MixDA's general-domain rows), not an error."""
+    mapping = getattr(config, field_name)
+    if mapping is not None:
+        unknown = [t for t in tasks if t not in mapping]
+        if unknown:
+            raise field_error(config, field_name, f" has no entry for task(s) {unknown} of the training data (it maps "
+                                                  f"{sorted(mapping)}); map every task (-1 for none).")
+        return
+    if len(tasks) > n and not past_experts_ok:
+        raise field_error(config, field_name, f" is unset and the training data has {len(tasks)} tasks {list(tasks)} "
+                                              f"for {n} experts: task ids are positions in the sorted task names, so "
+                                              f"{list(tasks[n:])} would reach no expert; give "
+                                              f"{len(tasks)} experts or map the tasks.")
+    if names is not None and set(tasks) <= set(names) and list(tasks) != list(names)[: len(tasks)]:
+        example = next(t for j, t in enumerate(tasks) if names[j] != t)
+        raise field_error(config, field_name, f" is unset: task {example!r} (id {list(tasks).index(example)}, its "
+                                              f"position in the sorted task names) would train expert "
+                                              f"{list(tasks).index(example)} ({names[list(tasks).index(example)]!r}), "
+                                              f"not the expert named {example!r}; map the tasks by name, e.g. "
+                                              f"{ {t: list(names).index(t) for t in tasks} }.")

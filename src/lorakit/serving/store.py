@@ -204,14 +204,20 @@ class AdapterTaskError(LorakitError, ValueError):
 
 
 def _task_index(folder: Path, config) -> dict[str, int] | None:
-    """Task -> key id of an attached adapter: its saved ``task_index.json``, else the key names a routed adapter's
-    config declares (``key_to_expert``: id j = j-th sorted name; otherwise ``adapter_names``: id j = expert j)."""
+    """Task -> key id of an attached adapter. A config that maps keys by name (``key_to_expert``, ``key_to_domain``)
+    reads id j as the j-th of its sorted names (``mixtures.keys.KeyTable``; a request carries no task names): its
+    saved ``task_index.json``'s tasks (all of them without one) get those ids. Otherwise the saved task index, else a
+    routed adapter's ``adapter_names`` (id j = expert j)."""
     from ..data.keys import read_task_index
+    from ..mixtures.keys import mapped_key_names
 
     tasks = read_task_index(folder)
+    mapped = mapped_key_names(config)
+    if mapped is not None:  # the training data's task ids may number a subset of the mapping's names
+        return {n: mapped.index(n) for n in (mapped if tasks is None else tasks) if n in mapped}
     if tasks is not None or not hasattr(config, "default_expert"):
         return tasks
-    names = sorted(config.key_to_expert) if getattr(config, "key_to_expert", None) else getattr(config, "adapter_names", None)
+    names = getattr(config, "adapter_names", None)
     return {n: i for i, n in enumerate(names)} if names else None
 
 

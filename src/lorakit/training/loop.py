@@ -453,6 +453,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     if config.eval_every and not eval_examples:
         raise ValueError(f"TrainConfig.eval_every={config.eval_every} but no eval_examples were given to train().")
     method = get_method(adapter_state(model).configs[adapter_name])
+    adapter_state(model).configs[adapter_name].check_examples(train_examples)
     device = device_for(config.device)
     ctx = setup(device, config.distributed)  # world size 1 (every call a no-op) unless started by torchrun / accelerate
     model.to(device)
