@@ -196,3 +196,59 @@ def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
     while not req.done.is_set():
         engine.step()
     assert req.output_ids == reference["b0"] and "b0" not in registry_of(model) and not store._pins
+
+
+def test_removing_a_directly_banked_adapter_in_use_is_refused(folders):
+    """``registry.remove`` of an adapter banked directly is refused while running requests hold it, as for a folder
+    adapter (its docstring, and evict). Was: it went through unregister, which returned and removed it later."""
+    root, _ = folders
+    reference = _reference(["b0"], seed=5)
+    model = _attached(seed=5)
+    store = AdapterStore(model, [root], max_loras=4)
+    bank_adapters(model, ["b0"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    req = engine.submit(PROMPTS[0], "b0", PARAMS)
+    engine.step()
+    with pytest.raises(AdapterConflictError, match="in use by 1 running request"):
+        registry_of(model).remove("b0")
+    assert "b0" in store.names()  # still served: refused means nothing changed
+    while not req.done.is_set():
+        engine.step()
+    assert req.output_ids == reference["b0"]
+    registry_of(model).remove("b0")  # idle: removed, and forgotten by the store (nothing to load it again from)
+    assert "b0" not in registry_of(model) and "b0" not in store.names() and "b0" not in store.resident
+
+
+def test_evicting_a_directly_banked_adapter_forgets_it(folders):
+    """Was: ``store.evict`` dropped it from the banks but the store still listed it (names, resident, check): a
+    request for it was accepted and then failed in the forward as an unknown adapter."""
+    root, _ = folders
+    model = _attached(seed=6)
+    store = AdapterStore(model, [root], max_loras=4)
+    bank_adapters(model, ["b0", "b1"])
+    store.evict("b0")
+    assert "b0" not in registry_of(model) and store.names() == ["b1"] and store.resident == ["b1"]
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(UnknownAdapterError, match="unknown adapter 'b0'"):
+        engine.submit(PROMPTS[0], "b0")
+
+
+def test_a_request_with_no_slot_beside_the_directly_banked_adapters_is_refused(folders):
+    """Adapters banked directly are never evicted and hold their slots: with max_loras=2 and b0, b1 banked, a folder
+    adapter can never be resident. Was: its request was accepted and waited forever (every step found no room)."""
+    from lorakit.serving.engine import RequestError
+
+    root, _ = folders
+    model = _attached(seed=7)
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    bank_adapters(model, ["b0", "b1"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(RequestError, match=r"beside the 2 banked directly \(b0, b1: never evicted\).*max_loras=2"):
+        engine.submit(PROMPTS[0], "a0", PARAMS)
+    with pytest.raises(RequestError, match="beside the 1 banked directly"):
+        engine.submit(PROMPTS[0], {"a0": 0.5, "b0": 0.5}, PARAMS)
+    # the banked ones themselves are served; once one is unloaded, a folder adapter fits
+    assert engine.generate([PROMPTS[0]], ["b1"], PARAMS)[0].finish_reason == "length"
+    store.unregister("b1")
+    assert engine.generate([PROMPTS[0]], [{"a0": 0.5, "b0": 0.5}], PARAMS)[0].finish_reason == "length"
