@@ -179,15 +179,21 @@ def test_adapters_banked_directly_are_served_with_the_registered_ones(folders, s
         server.stop()
 
 
-def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
-    root, _ = folders
-    reference = _reference(["b0"], seed=4)
-    model = _attached(seed=4)
+def _banked_b0_running(root, seed: int):
+    """A store over a model with 'b0' banked directly and one request on it running: (b0's reference tokens for
+    PROMPTS[0], model, store, engine, request)."""
+    reference = _reference(["b0"], seed=seed)
+    model = _attached(seed=seed)
     store = AdapterStore(model, [root], max_loras=4)
     bank_adapters(model, ["b0"])
     engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
     req = engine.submit(PROMPTS[0], "b0", PARAMS)
     engine.step()
+    return reference, model, store, engine, req
+
+
+def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
+    reference, model, store, engine, req = _banked_b0_running(folders[0], seed=4)
     with pytest.raises(AdapterConflictError, match="in use by running requests"):
         bank_adapters(model, ["b0"])  # re-banking its weights under a running request
     store.unregister("b0")
@@ -201,14 +207,7 @@ def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
 def test_removing_a_directly_banked_adapter_in_use_is_refused(folders):
     """``registry.remove`` of an adapter banked directly is refused while running requests hold it, as for a folder
     adapter (its docstring, and evict). Was: it went through unregister, which returned and removed it later."""
-    root, _ = folders
-    reference = _reference(["b0"], seed=5)
-    model = _attached(seed=5)
-    store = AdapterStore(model, [root], max_loras=4)
-    bank_adapters(model, ["b0"])
-    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
-    req = engine.submit(PROMPTS[0], "b0", PARAMS)
-    engine.step()
+    reference, model, store, engine, req = _banked_b0_running(folders[0], seed=5)
     with pytest.raises(AdapterConflictError, match="in use by 1 running request"):
         registry_of(model).remove("b0")
     assert "b0" in store.names()  # still served: refused means nothing changed
