@@ -251,3 +251,28 @@ def test_a_request_with_no_slot_beside_the_directly_banked_adapters_is_refused(f
     assert engine.generate([PROMPTS[0]], ["b1"], PARAMS)[0].finish_reason == "length"
     store.unregister("b1")
     assert engine.generate([PROMPTS[0]], [{"a0": 0.5, "b0": 0.5}], PARAMS)[0].finish_reason == "length"
+
+
+def test_unloading_waits_for_the_queued_choices_of_a_running_request(folders):
+    """n=4 choices on a0 in a batch of 2: two run, two wait in the queue for rows. Unloading a0 waits for all four
+    (one request: the docs' "unloading waits for the requests holding the adapter"). Was: the queued choices held
+    no pin, so a0 was evicted when the running two ended and the others failed as an unknown adapter."""
+    root, _ = folders
+    # equal lengths: the running two end together, so the queued two find no choice to fork from and load a0 again
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=30 + i, ignore_eos=True) for i in range(4)]
+
+    def choices(unload: bool):
+        store, engine = _store_engine(root, max_batch=2)
+        reqs = engine.submit_choices(PROMPTS[0], "a0", params)
+        for _ in range(2):
+            engine.step()
+        if unload:
+            store.unregister("a0")
+        while not all(r.done.is_set() for r in reqs):
+            engine.step()
+        return store, [(r.finish_reason, r.output_ids) for r in reqs]
+
+    _, expected = choices(unload=False)
+    store, got = choices(unload=True)
+    assert got == expected and all(reason == "length" for reason, _ in got)
+    assert "a0" not in store.resident and "a0" not in store.names() and not store._pins
