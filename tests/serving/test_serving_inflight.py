@@ -276,3 +276,14 @@ def test_unloading_waits_for_the_queued_choices_of_a_running_request(folders):
     store, got = choices(unload=True)
     assert got == expected and all(reason == "length" for reason, _ in got)
     assert "a0" not in store.resident and "a0" not in store.names() and not store._pins
+
+
+def test_folders_banked_directly_from_an_iterator_are_all_banked(folders):
+    """``load_adapters(model, root.iterdir())`` on a model with a store: every folder is banked and served. Was: the
+    store's registry read the names from the iterator first, which left nothing for the load: nothing was banked
+    and nothing said so."""
+    root, dirs = folders
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=4)
+    registry = load_adapters(model, (dirs[n] for n in ("a0", "a1")))
+    assert registry.names == ["a0", "a1"] and store.names() == ["a0", "a1"] == store.resident

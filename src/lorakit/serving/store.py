@@ -245,8 +245,9 @@ class _TieredRegistry(AdapterRegistry):
     # find this registry on the model): the store adopts what they bank, and a name running requests hold is
     # neither replaced nor removed under them (every row of their batch would fail).
     def load(self, adapters, *, overwrite: bool = False) -> list[str]:
-        names = list(adapters) if isinstance(adapters, Mapping) else [Path(d).name for d in adapters]
-        self._store._check_direct(names)
+        if not isinstance(adapters, Mapping):  # named by folder, as AdapterRegistry.load (read once: an iterator too)
+            adapters = {Path(d).name: d for d in adapters}
+        self._store._check_direct(adapters)
         added = super().load(adapters, overwrite=overwrite)
         self._store._adopt(added)
         return added
