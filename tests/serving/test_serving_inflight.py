@@ -278,12 +278,15 @@ def test_unloading_waits_for_the_queued_choices_of_a_running_request(folders):
     assert "a0" not in store.resident and "a0" not in store.names() and not store._pins
 
 
-def test_folders_banked_directly_from_an_iterator_are_all_banked(folders):
-    """``load_adapters(model, root.iterdir())`` on a model with a store: every folder is banked and served. Was: the
-    store's registry read the names from the iterator first, which left nothing for the load: nothing was banked
-    and nothing said so."""
+def test_adapters_banked_directly_from_an_iterator_are_all_banked(folders):
+    """``load_adapters(model, root.iterdir())`` (or ``bank_adapters`` with an iterator of names) on a model with a
+    store: every adapter is banked and served. Was: the store's registry read the names from the iterator first,
+    which left nothing for the load: nothing was banked and nothing said so."""
     root, dirs = folders
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=4)
     registry = load_adapters(model, (dirs[n] for n in ("a0", "a1")))
     assert registry.names == ["a0", "a1"] and store.names() == ["a0", "a1"] == store.resident
+    attached = _attached(seed=8)
+    store = AdapterStore(attached, [root], max_loras=4)
+    assert bank_adapters(attached, iter(["b0", "b1"])).names == ["b0", "b1"] == store.names()

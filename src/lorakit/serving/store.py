@@ -257,6 +257,7 @@ class _TieredRegistry(AdapterRegistry):
             from ..core.model import adapter_state
 
             names = [n for n in adapter_state(self.model).configs if n not in self._store.attached]
+        names = list(names)  # (read once: an iterator too)
         self._store._check_direct(names)
         added = super().add_attached(names, overwrite=overwrite)
         self._store._adopt(added)
