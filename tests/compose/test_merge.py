@@ -259,6 +259,21 @@ def test_a_mixture_source_is_refused_and_nothing_stays_loaded(sources, tmp_path)
     assert lk.adapter_names(model) == []
 
 
+def test_merging_onto_a_model_leaves_its_active_adapters_as_they_were(sources):
+    """Folder sources load onto the caller's model temporarily; removing them activates none of the caller's
+    adapters. Was: the first source, active on a model with none active, was deleted last and delete_adapter (as
+    PEFT's) activated 'mine' in its place, with a warning."""
+    import warnings
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["v_proj"]), "mine")
+    lk.set_adapter(model, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_adapters([sources["plain"], sources["lora_bias"]], None, "linear", model=model)
+    assert lk.adapter_names(model) == ["mine"] and lk.core.model.adapter_state(model).active == []
+
+
 @pytest.mark.parametrize("method", ["linear", "svd", "dare_linear", "magnitude_prune", "breadcrumbs"])
 def test_normalize_counts_sources_that_do_not_adapt_a_module(method, tmp_path):
     """A source that does not adapt a module contributes ΔW = 0 there, and its weight still counts in Σ w:

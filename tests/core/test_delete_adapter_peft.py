@@ -78,3 +78,19 @@ def test_deleting_an_inactive_adapter_keeps_the_active_one_as_peft(tmp_path):
         theirs.delete_adapter("beta")
         lk.delete_adapter(ours, "beta")
     assert _active(ours, theirs) == (["default"], ["default"])
+
+
+def test_a_failed_add_adapter_activates_no_other_adapter():
+    """add_adapter is all or nothing: an init that fails after attaching (EVA on token ids beyond the vocabulary)
+    leaves the adapters and the active set as they were. Was: its rollback deleted the new adapter, active as the
+    first added on a model with none active, and delete_adapter then activated 'mine' in its place."""
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["v_proj"]), "mine")
+    lk.set_adapter(model, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nor a warning about an adapter activated)
+        with pytest.raises(IndexError):
+            lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), "new", init="eva",
+                           init_batches=[{"input_ids": torch.tensor([[10 ** 6]])}])
+    state = lk.core.model.adapter_state(model)
+    assert list(state.configs) == ["mine"] and state.active == []

@@ -179,15 +179,21 @@ def test_adapters_banked_directly_are_served_with_the_registered_ones(folders, s
         server.stop()
 
 
-def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
-    root, _ = folders
-    reference = _reference(["b0"], seed=4)
-    model = _attached(seed=4)
+def _banked_b0_running(root, seed: int):
+    """A store over a model with 'b0' banked directly and one request on it running: (b0's reference tokens for
+    PROMPTS[0], model, store, engine, request)."""
+    reference = _reference(["b0"], seed=seed)
+    model = _attached(seed=seed)
     store = AdapterStore(model, [root], max_loras=4)
     bank_adapters(model, ["b0"])
     engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
     req = engine.submit(PROMPTS[0], "b0", PARAMS)
     engine.step()
+    return reference, model, store, engine, req
+
+
+def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
+    reference, model, store, engine, req = _banked_b0_running(folders[0], seed=4)
     with pytest.raises(AdapterConflictError, match="in use by running requests"):
         bank_adapters(model, ["b0"])  # re-banking its weights under a running request
     store.unregister("b0")
@@ -196,3 +202,91 @@ def test_unloading_a_directly_banked_adapter_in_use_waits(folders):
     while not req.done.is_set():
         engine.step()
     assert req.output_ids == reference["b0"] and "b0" not in registry_of(model) and not store._pins
+
+
+def test_removing_a_directly_banked_adapter_in_use_is_refused(folders):
+    """``registry.remove`` of an adapter banked directly is refused while running requests hold it, as for a folder
+    adapter (its docstring, and evict). Was: it went through unregister, which returned and removed it later."""
+    reference, model, store, engine, req = _banked_b0_running(folders[0], seed=5)
+    with pytest.raises(AdapterConflictError, match="in use by 1 running request"):
+        registry_of(model).remove("b0")
+    assert "b0" in store.names()  # still served: refused means nothing changed
+    while not req.done.is_set():
+        engine.step()
+    assert req.output_ids == reference["b0"]
+    registry_of(model).remove("b0")  # idle: removed, and forgotten by the store (nothing to load it again from)
+    assert "b0" not in registry_of(model) and "b0" not in store.names() and "b0" not in store.resident
+
+
+def test_evicting_a_directly_banked_adapter_forgets_it(folders):
+    """Was: ``store.evict`` dropped it from the banks but the store still listed it (names, resident, check): a
+    request for it was accepted and then failed in the forward as an unknown adapter."""
+    root, _ = folders
+    model = _attached(seed=6)
+    store = AdapterStore(model, [root], max_loras=4)
+    bank_adapters(model, ["b0", "b1"])
+    store.evict("b0")
+    assert "b0" not in registry_of(model) and store.names() == ["b1"] and store.resident == ["b1"]
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(UnknownAdapterError, match="unknown adapter 'b0'"):
+        engine.submit(PROMPTS[0], "b0")
+
+
+def test_a_request_with_no_slot_beside_the_directly_banked_adapters_is_refused(folders):
+    """Adapters banked directly are never evicted and hold their slots: with max_loras=2 and b0, b1 banked, a folder
+    adapter can never be resident. Was: its request was accepted and waited forever (every step found no room)."""
+    from lorakit.serving.engine import RequestError
+
+    root, _ = folders
+    model = _attached(seed=7)
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    bank_adapters(model, ["b0", "b1"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(RequestError, match=r"beside the 2 banked directly \(b0, b1: never evicted\).*max_loras=2"):
+        engine.submit(PROMPTS[0], "a0", PARAMS)
+    with pytest.raises(RequestError, match="beside the 1 banked directly"):
+        engine.submit(PROMPTS[0], {"a0": 0.5, "b0": 0.5}, PARAMS)
+    # the banked ones themselves are served; once one is unloaded, a folder adapter fits
+    assert engine.generate([PROMPTS[0]], ["b1"], PARAMS)[0].finish_reason == "length"
+    store.unregister("b1")
+    assert engine.generate([PROMPTS[0]], [{"a0": 0.5, "b0": 0.5}], PARAMS)[0].finish_reason == "length"
+
+
+def test_unloading_waits_for_the_queued_choices_of_a_running_request(folders):
+    """n=4 choices on a0 in a batch of 2: two run, two wait in the queue for rows. Unloading a0 waits for all four
+    (one request: the docs' "unloading waits for the requests holding the adapter"). Was: the queued choices held
+    no pin, so a0 was evicted when the running two ended and the others failed as an unknown adapter."""
+    root, _ = folders
+    # equal lengths: the running two end together, so the queued two find no choice to fork from and load a0 again
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=30 + i, ignore_eos=True) for i in range(4)]
+
+    def choices(unload: bool):
+        store, engine = _store_engine(root, max_batch=2)
+        reqs = engine.submit_choices(PROMPTS[0], "a0", params)
+        for _ in range(2):
+            engine.step()
+        if unload:
+            store.unregister("a0")
+        while not all(r.done.is_set() for r in reqs):
+            engine.step()
+        return store, [(r.finish_reason, r.output_ids) for r in reqs]
+
+    _, expected = choices(unload=False)
+    store, got = choices(unload=True)
+    assert got == expected and all(reason == "length" for reason, _ in got)
+    assert "a0" not in store.resident and "a0" not in store.names() and not store._pins
+
+
+def test_adapters_banked_directly_from_an_iterator_are_all_banked(folders):
+    """``load_adapters(model, root.iterdir())`` (or ``bank_adapters`` with an iterator of names) on a model with a
+    store: every adapter is banked and served. Was: the store's registry read the names from the iterator first,
+    which left nothing for the load: nothing was banked and nothing said so."""
+    root, dirs = folders
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=4)
+    registry = load_adapters(model, (dirs[n] for n in ("a0", "a1")))
+    assert registry.names == ["a0", "a1"] and store.names() == ["a0", "a1"] == store.resident
+    attached = _attached(seed=8)
+    store = AdapterStore(attached, [root], max_loras=4)
+    assert bank_adapters(attached, iter(["b0", "b1"])).names == ["b0", "b1"] == store.names()

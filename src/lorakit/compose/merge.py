@@ -41,7 +41,7 @@ from ..core.delta import describe_layer, oriented_weight
 from ..core.errors import FIELD, AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.inits import BaseEdit, base_edits, changed_base_error, find_init, restore_base
 from ..core.layer import ModulesToSaveWrapper
-from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, delete_adapter, host_path
+from ..core.model import adapter_layers, adapter_names, adapter_placement, adapter_state, discard_adapter, host_path
 from ..core.targeting import iter_host_modules, select_modules_to_save
 from ..io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_config_dict, load_adapter, write_adapter_files
 from ..methods.lora import LoraConfig, lora_state_from_factors
@@ -112,8 +112,8 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         return _merge_loaded(model, names, [str(s) for s in sources], torch.tensor(weights), method, merge_method,
                              truncate, opts, saved_modules, edits)
     finally:
-        for name in reversed(loaded):  # the first one loaded, active on a model that had none, goes last
-            delete_adapter(model, name)
+        for name in reversed(loaded):  # (none activated in their place: the active set is the caller's again)
+            discard_adapter(model, name)
 
 
 def merge_adapters_to(output: str | os.PathLike, sources: Sequence[str | os.PathLike],
@@ -267,8 +267,8 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], di
                     f"merges LoRA adapters (lora, rsLoRA, DoRA, any rank_pattern). Mixture adapters: see "
                     f"lorakit.compose.collapse_experts.")
     except BaseException:
-        for name in reversed(loaded):  # the first one loaded, active on a model that had none, goes last
-            delete_adapter(model, name)
+        for name in reversed(loaded):  # (none activated in their place: the active set is the caller's again)
+            discard_adapter(model, name)
         raise
     return names, loaded, edits
 

@@ -318,7 +318,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     try:
         init_adapter(model, name, init_batches, **options)
     except Exception:
-        delete_adapter(model, name)  # all or nothing: an init refused after attaching leaves no adapter behind
+        discard_adapter(model, name)  # all or nothing: an init refused after attaching leaves no adapter behind
         raise
     return model
 
@@ -446,6 +446,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                       "(the first remaining by name, as PEFT chooses). Call set_adapter to choose another.",
                       stacklevel=2)
     set_adapter(model, remaining) if remaining else _set_no_active(model)
+
+
+def discard_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` and activate nothing in its place: the other active adapters stay active, and where it
+    was the only active one none is (the undo of loading or adding it temporarily, e.g. ``merge_adapters``' sources,
+    an ``add_adapter`` whose init failed). :func:`delete_adapter` would activate another one, as PEFT does. Raises
+    as :func:`delete_adapter`."""
+    set_adapter(model, [n for n in adapter_state(model).active if n != name])
+    delete_adapter(model, name)
 
 
 def _set_no_active(model: nn.Module) -> None:

@@ -125,8 +125,9 @@ class Request:
     task: str | None = None  # the request's task name (routed adapters); ``key`` its routing key id
     key: int | None = None
     recompute: bool = False  # the adapter needs the whole sequence each step (X-LoRA): no KV reuse
-    # holds a pin on its adapters in the store (AdapterStore.pin) from admission to its end, also while preempted: an
-    # adapter unloaded meanwhile stays resident until it finishes, as for the requests still running
+    # holds a pin on its adapters in the store (AdapterStore.pin) from admission (a choice: its first choice's, also
+    # while it waits for a row) to its end, also while preempted: an adapter unloaded meanwhile stays resident until
+    # it finishes, as for the requests still running
     pinned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     # choices of one prompt (Engine.submit_choices): the first carries the others, which wait for its prefill and
@@ -499,7 +500,7 @@ class Engine:
             fits = min(len(req.children), self.max_batch - rows - 1)
             if n % bs:
                 fits = min(fits, self.cache.free_blocks - need - held)
-            if self.store is not None and not req.pinned:  # (a preempted request still holds its adapters)
+            if self.store is not None and not req.pinned:  # (a preempted request, a queued choice: held already)
                 try:
                     ready = self.store.ensure_resident(req.adapter)
                 except Exception as e:  # noqa: BLE001  (a bad adapter fails its request, never the engine)
@@ -509,10 +510,13 @@ class Engine:
                     slot_blocked = True
                     i += 1
                     continue
-                self.store.pin(req.adapter)
-                req.pinned = True
                 req.attached = self.store.attached_name(req.adapter)
                 req.recompute = req.attached is not None and self.store.recomputes(req.attached)
+                # its choices hold the adapter from now too, also those that wait for rows (an unload waits for
+                # them: they are one request), and start on it as it does
+                for r in (req, *req.children):
+                    self.store.pin(r.adapter)
+                    r.pinned, r.attached, r.recompute = True, req.attached, req.recompute
             # an adapter that rewrites its whole context every step has no prefill to share
             self._release_children(req, 0 if req.recompute else fits)  # queued where req stands
             self.waiting.remove(req)
@@ -639,7 +643,7 @@ class Engine:
         for child, table in zip(choices, tables):
             child.parent, child.blocks, child.num_cached, child.status = None, table, length, "running"
             child.attached, child.recompute = source.attached, source.recompute
-            if self.store is not None and not child.pinned:  # (admitted and preempted before its prefill: held)
+            if self.store is not None and not child.pinned:  # (pinned with the first choice, as a rule)
                 self.store.pin(child.adapter)  # resident already: the source's pin holds it
                 child.pinned = True
             self.running.append(child)

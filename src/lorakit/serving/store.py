@@ -251,8 +251,9 @@ class _TieredRegistry(AdapterRegistry):
     # find this registry on the model): the store adopts what they bank, and a name running requests hold is
     # neither replaced nor removed under them (every row of their batch would fail).
     def load(self, adapters, *, overwrite: bool = False) -> list[str]:
-        names = list(adapters) if isinstance(adapters, Mapping) else [Path(d).name for d in adapters]
-        self._store._check_direct(names)
+        if not isinstance(adapters, Mapping):  # named by folder, as AdapterRegistry.load (read once: an iterator too)
+            adapters = {Path(d).name: d for d in adapters}
+        self._store._check_direct(adapters)
         added = super().load(adapters, overwrite=overwrite)
         self._store._adopt(added)
         return added
@@ -262,6 +263,7 @@ class _TieredRegistry(AdapterRegistry):
             from ..core.model import adapter_state
 
             names = [n for n in adapter_state(self.model).configs if n not in self._store.attached]
+        names = list(names)  # (read once: an iterator too)
         self._store._check_direct(names)
         added = super().add_attached(names, overwrite=overwrite)
         self._store._adopt(added)
@@ -270,9 +272,7 @@ class _TieredRegistry(AdapterRegistry):
     def remove(self, name: str) -> None:
         """Drop ``name`` from the banks: through the store (AdapterConflictError while running requests hold it; a
         folder adapter stays registered and is loaded again when next requested; one banked directly is forgotten)."""
-        if name in self._store.banked:
-            self._store.unregister(name)
-        elif name in self._store.resident:
+        if name in self._store.resident:  # (the banked ones too: evict forgets them)
             self._store.evict(name)
         else:
             super().remove(name)
@@ -731,11 +731,18 @@ class AdapterStore:
 
     def never_fits(self, spec: RowSpec, nbytes: int | None = None) -> str | None:
         """Why ``spec``'s adapters can never be resident together (None when they can): more of them than
-        ``max_loras``, or (given their weights' ``nbytes``) more bytes than ``max_resident_bytes``."""
+        ``max_loras``, or more than the slots the adapters banked directly (:attr:`banked`, never evicted) leave
+        them; or (given their weights' ``nbytes``) more bytes than ``max_resident_bytes``."""
         names = set(names_in(spec))
         if len(names) > self.max_loras:
             return (f"the request names {len(names)} adapters but at most max_loras={self.max_loras} can be resident "
                     f"together (lorakit serve --max-loras; Ray Serve: max_loras_per_replica); mix fewer adapters")
+        with self._lock:  # (banked changes on the engine thread; this also runs on a request's)
+            held = [n for n in self.banked if n not in names]
+        if len(names) + len(held) > self.max_loras:
+            return (f"the request's {len(names)} adapter(s) need slots beside the {len(held)} banked directly "
+                    f"({', '.join(held)}: never evicted), more than max_loras={self.max_loras}; unload one of those "
+                    f"first")
         if nbytes is not None and self.max_resident_bytes is not None and nbytes > self.max_resident_bytes:
             return (f"the request's adapters need {nbytes} bytes resident, more than max_resident_bytes="
                     f"{self.max_resident_bytes}")
@@ -766,7 +773,8 @@ class AdapterStore:
                 module.bank = _NoDelta()
 
     def evict(self, name: str) -> None:
-        """Drop ``name`` from the banks (it stays registered and may stay in the host cache).
+        """Drop ``name`` from the banks (it stays registered and may stay in the host cache). An adapter banked
+        directly (:attr:`banked`) is forgotten: there is no folder to load it again from.
 
         Raises AdapterConflictError while running requests hold it (:meth:`pin`): their batch's forward would meet an
         unknown adapter and fail every row (:meth:`unregister` waits for them instead)."""
@@ -775,6 +783,8 @@ class AdapterStore:
                                        f"it when they finish (unregister waits for them)")
         from ..core.model import adapter_state, delete_adapter
 
+        with self._lock:
+            self.banked.pop(name, None)
         if self._resident.pop(name, None) is not None or name in self.registry:
             if name in self.registry:
                 AdapterRegistry.remove(self.registry, name)

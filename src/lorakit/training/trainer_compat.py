@@ -71,7 +71,7 @@ from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.errors import AdapterError, ConfigError
 from ..core.inits import (RECORD_KEY, Init, InitRecord, init_adapter, init_pending, init_record_tensors,
                           pop_init_records, requested_init)
-from ..core.model import (adapter_layers, adapter_state, attach_plan, delete_adapter, plan_adapter,
+from ..core.model import (adapter_layers, adapter_state, attach_plan, discard_adapter, plan_adapter,
                           refresh_trainable, set_adapter)
 from ..core.registry import get_method
 from ..io.peft_format import save_adapter
@@ -248,8 +248,7 @@ class LorakitCallback(TrainerCallback):
         the new parameters."""
         active = list(adapter_state(model).active)
         before = dict(model.named_parameters())
-        set_adapter(model, [n for n in active if n != name])  # deleted inactive: no other adapter gets activated
-        delete_adapter(model, name)
+        discard_adapter(model, name)  # no other adapter gets activated in its place
         attach_plan(model, plan)
         set_adapter(model, active)
         self._point_optimizer(self._optimizer, before, dict(model.named_parameters()))
