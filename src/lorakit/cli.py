@@ -212,8 +212,6 @@ def _quantize_config(args):
                           compute_dtype=args.compute_dtype or "float32")
 
 
-
-
 def _base_settings(args) -> dict[str, Any]:
     """The flags that change the base a run trains on, besides --model: the 4-bit storage (QLoRA) and LoRAM's
     pruning (ratio, criterion, the seed of random pruning, alignment). A checkpoint's adapter fits only the base

@@ -240,7 +240,6 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
                           train=summary)
 
 
-
 def _synthesize_scored(source: nn.Module, source_tokenizer: Any, target: nn.Module, target_tokenizer: Any,
                        adapter_name: str, seeds: list[Example], config: TransLoraConfig,
                        rng: random.Random) -> tuple[list[str], int, int, int]:

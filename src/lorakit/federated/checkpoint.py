@@ -114,7 +114,6 @@ def restore_round(core, record: dict[str, Any]) -> None:
                        for c, hs in record.get("dp_history", {}).items()}
 
 
-
 def start_run(config, resume_from: str | os.PathLike | None = None) -> tuple[Any, list[dict[str, Any]], int]:
     """``(core, evaluation, done)`` to run ``config`` from: a fresh :class:`~lorakit.federated.server.ServerCore`,
     or one holding ``resume_from``'s checkpoint (``read_round``'s errors), its evaluations so far and the number
