@@ -135,7 +135,8 @@ def test_methods_and_tasks_list_the_registry(capsys):
     (["train", "--data", str(Path(__file__).parent), "--steps", "1"], "is a folder; give a JSONL file"),
     (["eval", "--data", "reverse", "--model", "/nonexistent/model"], "cannot load model"),
 ])
-def test_errors_are_clear(argv, message, capsys):
+def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train's default --output runs/lorakit: one left in the cwd is named first
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
