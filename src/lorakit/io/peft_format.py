@@ -245,10 +245,37 @@ def read_adapter_config(directory: str | os.PathLike):
     raw = read_json(path)
     try:
         method = method_for_file(raw, source=str(path))
+        raw = _without_untrained_bias(raw, method.config_cls, directory, path)
         return method.config_cls.from_dict(raw, source=str(path))
     except (ConfigError, UnknownMethodError) as e:
         message = str(e)  # named by its file, so a command reading several adapters says which one is wrong
         raise AdapterLoadError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _without_untrained_bias(raw: dict[str, Any], config_cls: type, directory: Path, path: Path) -> dict[str, Any]:
+    """``raw`` of a PEFT LoRA file with its ``bias`` ("all" / "lora_only": the host's biases train too) set back to
+    "none" when the file holds no host bias (PEFT saves the biases it trained beside the adapter: every ``*.bias``
+    of the model for "all", ``<module>.base_layer.bias`` of each adapted module for "lora_only",
+    peft/tuners/tuners_utils.py ``_get_learnable_bias_state_dict``; a base without biases, e.g. Llama's, leaves
+    none). Such a file is a plain
+    adapter. One that holds host biases would need them written into the host, which lorakit leaves untouched:
+    AdapterLoadError naming the first such tensor."""
+    bias = raw.get("bias", "none")
+    if bias in ("none", None) or raw.get("peft_type") != "LORA" or "bias" not in getattr(config_cls,
+                                                                                           "foreign_fields", {}):
+        return raw
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        return raw  # the missing file is reported by the load; the config error stays as it was
+    saved = set(raw.get("modules_to_save") or [])
+    host_biases = [k for k in TensorFile(weights).keys() if k.endswith(".bias") and not any(
+        part.startswith("lora_") or part in saved or part == "modules_to_save" for part in k.split(".")[:-1])]
+    if host_biases:
+        raise AdapterLoadError(f"{path}: bias={bias!r} trained the host model's biases and the file holds them "
+                               f"({len(host_biases)} tensor(s), e.g. {host_biases[0]!r}); lorakit keeps the host "
+                               f"model untouched and cannot apply them. Load it with PEFT, or merge those biases "
+                               f"into the base model first.")
+    return {**raw, "bias": "none"}
 
 
 def run_adapter(directory: str | os.PathLike) -> Path | None:

@@ -36,9 +36,10 @@ class FfaLoraConfig(LoraConfig):
         for name in ("use_dora", "lora_bias"):
             if getattr(self, name):
                 raise field_error(self, name, " is not part of FFA-LoRA (only B trains); set it False.")
-        if self.init_lora_weights is False:
-            raise field_error(self, "init_lora_weights", "=False would leave B random; FFA-LoRA needs B = 0 and a "
-                                                         "random A (True or 'gaussian').")
+        if self.init_lora_weights in (False, "orthogonal", "mica"):
+            raise field_error(self, "init_lora_weights", f"={self.init_lora_weights!r} would leave B non-zero or A "
+                                                         "zero; FFA-LoRA needs B = 0 and a random A (True or "
+                                                         "'gaussian').")
 
 
 class FfaLoraLinear(LoraLinear):

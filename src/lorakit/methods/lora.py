@@ -31,7 +31,10 @@ from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
 
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
+# Inits that only set A and B and leave the base weight alone (peft/tuners/lora/layer.py ``update_layer``:
+# ``orthogonal_init``, ``mica_init``): a file saved with one of them is a plain LoRA for inference.
+FACTOR_ONLY_INITS = ("orthogonal", "mica")
 
 
 def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
@@ -42,6 +45,15 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
     return default
 
 
+def minor_left_vectors(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """MiCA's B (arXiv:2604.01694; peft/tuners/lora/layer.py ``mica_init``): the left singular vectors of ``weight``
+    (out, in) for its ``r`` smallest singular values, (out, r) float32. Raises ConfigError when r > min(out, in)."""
+    if r > min(weight.shape):
+        raise ConfigError(f"init_lora_weights='mica' needs r <= min(out, in) = {min(weight.shape)} for a layer with "
+                          f"weight {tuple(weight.shape)}, got r={r}.")
+    return torch.linalg.svd(weight.float(), full_matrices=False)[0][:, -r:]  # singular values come descending
+
+
 @dataclass
 class LoraConfig(AdapterConfig):
     """Plain LoRA (+ ``use_rslora``, ``use_dora``). Field names and defaults are PEFT's.
@@ -49,8 +61,10 @@ class LoraConfig(AdapterConfig):
     - ``r``: rank of the update B·A. ``lora_alpha``: scaling numerator (scaling alpha / r; alpha / √r with rsLoRA).
     - ``lora_dropout``: dropout on the adapter's input during training, in [0, 1).
     - ``use_rslora``: rank-stabilised scaling alpha / √r. ``use_dora``: DoRA's trained magnitude vector.
-    - ``init_lora_weights``: True (A Kaiming, B zero), "gaussian" (A ~ N(0, 1/r)), False (both random, tests), or
-      a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K", "olora").
+    - ``init_lora_weights``: True (A Kaiming, B zero), "gaussian" (A ~ N(0, 1/r)), False (both random, tests),
+      "orthogonal" (PEFT's: A, B random with orthogonal row/column mixes, /10; BA ≠ 0 at init; even r; linear
+      layers), "mica" (MiCA, arXiv:2604.01694: B = the r left singular vectors of W with the smallest singular
+      values, frozen; A = 0; no DoRA), or a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K", "olora").
     - ``lora_bias``: also train a bias on lora_B.
     - ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, {module regex: value}, as PEFT.
     """
@@ -93,6 +107,15 @@ class LoraConfig(AdapterConfig):
             raise field_error(self, "init_lora_weights", f"={self.init_lora_weights!r} is not supported; choose one "
                               f"of {INIT_CHOICES} or a registered init ({', '.join(names)})."
                               f"{did_you_mean(str(self.init_lora_weights), names)}")
+        if self.init_lora_weights == "orthogonal":
+            odd = [f"r={self.r}"] if self.r % 2 else []
+            odd += [f"rank_pattern[{k!r}]={v}" for k, v in self.rank_pattern.items() if v % 2]
+            if odd:
+                raise field_error(self, "init_lora_weights", f"='orthogonal' needs an even rank (it splits one "
+                                  f"r×r orthogonal matrix into two halves, as PEFT); got {', '.join(odd)}.")
+        if self.init_lora_weights == "mica" and self.use_dora:
+            raise field_error(self, "init_lora_weights", "='mica' is not supported with use_dora=True (both are "
+                                                         "PEFT LoRA variants of the layer); set use_dora=False.")
         for k, v in self.rank_pattern.items():
             if v <= 0:
                 raise field_error(self, "rank_pattern", f"[{k!r}] must be positive, got {v}.")
@@ -136,6 +159,7 @@ class LoraLinear(Delta):
     """``Δ(x) = s · B A dropout(x)`` for nn.Linear and Conv1D bases."""
 
     plain_units = True
+    frozen_B = False  # MiCA's lora_B: saved, never trained
 
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module | None = None):
         super().__init__(info)
@@ -144,12 +168,35 @@ class LoraLinear(Delta):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(info.in_features, config.r, bias=False)
         self.lora_B = nn.Linear(config.r, info.out_features, bias=config.lora_bias)
-        self.reset_parameters(config.init_lora_weights)
+        self.frozen_B = config.init_lora_weights == "mica"
+        if self.frozen_B:
+            self._mica_init(base_layer)
+        else:
+            self.reset_parameters(config.init_lora_weights)
         if config.lora_bias:
             self.plain_units = False  # units carry no bias: per-row stacking would drop it
 
+    def frozen_names(self) -> tuple[str, ...]:
+        return ("lora_B.weight",) if self.frozen_B else ()
+
+    def _mica_init(self, base_layer: nn.Module | None) -> None:
+        """MiCA: B = :func:`minor_left_vectors` of the base weight, A = 0, so BA = 0 and the base is untouched."""
+        nn.init.zeros_(self.lora_A.weight)
+        if base_layer is None or self.lora_B.weight.is_meta or base_layer.weight.is_meta:
+            return  # only sizing (a loader on meta) or no base given: the file's tensors are copied in
+        with torch.no_grad():
+            self.lora_B.weight.copy_(minor_left_vectors(oriented_weight(base_layer, self.info), self.r))
+
     def reset_parameters(self, init: bool | str) -> None:
         if init is False:  # nn.Linear's own random init for both: a non-zero delta, used for testing
+            return
+        if init == "orthogonal":  # peft/tuners/lora/layer.py ``orthogonal_init``; BA ≠ 0 at init, base untouched
+            q = torch.linalg.qr(torch.randn(self.r, self.r))[0]  # (r, r) orthogonal
+            with torch.no_grad():
+                a = torch.randn(self.info.in_features, self.r // 2) @ q[0::2]  # (in, r)
+                b = torch.randn(self.r // 2, self.info.out_features).T @ q[1::2]  # (out, r)
+                self.lora_A.weight.copy_(a.T / 10)
+                self.lora_B.weight.copy_(b / 10)
             return
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
@@ -255,9 +302,18 @@ class LoraEmbedding(Delta):
         # Dropout on token ids is meaningless; PEFT keeps the module but never applies it to embeddings.
         self.lora_embedding_A = nn.Parameter(torch.randn(config.r, info.in_features))  # (r, num_embeddings)
         self.lora_embedding_B = nn.Parameter(torch.randn(info.out_features, config.r))  # (dim, r)
-        if config.init_lora_weights is not False:
+        self.frozen_B = config.init_lora_weights == "mica"
+        if self.frozen_B:
+            nn.init.zeros_(self.lora_embedding_A)
+            if base_layer is not None and not base_layer.weight.is_meta and not self.lora_embedding_B.is_meta:
+                with torch.no_grad():
+                    self.lora_embedding_B.copy_(minor_left_vectors(base_layer.weight.T, config.r))
+        elif config.init_lora_weights is not False:  # "orthogonal" too: PEFT's Embedding has no orthogonal init
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
+
+    def frozen_names(self) -> tuple[str, ...]:
+        return ("lora_embedding_B",) if self.frozen_B else ()
 
     def lora_out(self, ids: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=base_layer.padding_idx,

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits
 from ..core.errors import ConfigError, TargetError
-from .lora import DoraLinear, LoraConfig, LoraLinear, base_weight_for
+from .lora import FACTOR_ONLY_INITS, DoraLinear, LoraConfig, LoraLinear, base_weight_for
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -56,7 +56,7 @@ class LoraConv(LoraLinear):
         if config.r % spec.groups:
             raise ConfigError(f"{where}: r={config.r} is not divisible by groups={spec.groups} (lora_B is grouped as "
                               f"the base, as in PEFT); choose r a multiple of {spec.groups} or exclude this module.")
-        if config.requested_init() is not None:
+        if config.requested_init() is not None or config.init_lora_weights in FACTOR_ONLY_INITS:
             raise ConfigError(f"{where}: init_lora_weights={config.init_lora_weights!r} initialises linear layers "
                               f"only; use True or 'gaussian' for convolutions, or exclude this module.")
         self.r = config.r
