@@ -19,6 +19,14 @@ Follows HF PEFT ``peft/tuners/miss/layer.py`` (``MissLinear.forward``, ``get_del
 interchangeable (PEFT adapts nn.Linear only; lorakit also takes GPT-2 Conv1D, in the (out, in) orientation).
 One difference: PEFT chains several active bat adapters (the second sees W + ΔW₁); lorakit adds their deltas,
 each computed from the frozen W.
+
+Learning rate: every entry of ΔW is an entry of D, so one Adam step of about ±lr on D moves every weight of the
+layer by ±lr (LoRA's step on B reaches W through A's ~1/√in entries). MiSS therefore wants a lower lr than LoRA on
+the same model; the authors train it at 2e-5 (JL-er/MiSS scripts/math/run_miss.sh, r=64), as does PEFT's
+examples/miss_finetuning/README.md. Measured on the bundled base (reverse task, r=64, `lorakit train` defaults
+but --lr; lorakit and PEFT give the same losses, tests/methods/test_miss.py): 6 steps at the CLI's lr 3e-3 take
+exact match 0.44 -> 0.01 (the first steps raise the loss from 0.6 to 3-4), 3e-4 -> 0.49, 1e-4 -> 0.52; 50 steps:
+3e-3 0.52, 1e-3 0.67, 3e-4 0.58 (LoRA r=8 at 3e-3: 0.60). Pass --lr 1e-3 or lower for MiSS there.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ INIT_CHOICES = (True, False, "bat", "mini")
 class MissConfig(AdapterConfig):
     """PEFT's ``MissConfig``: ``r`` shard width along in; ``mini_r`` (for ``"mini"``) width along out;
     ``init_weights`` selects the variant (True: MiSS, "bat", "mini", False: random D); ``miss_dropout``: dropout on
-    the layer input before the update."""
+    the layer input before the update. Wants a lower learning rate than LoRA (see the module docstring: about 1e-3
+    or lower where LoRA takes 3e-3)."""
 
     foreign_fields = {"bias": "none"}
 
