@@ -290,8 +290,8 @@ def test_an_output_folder_holding_the_input_is_refused(command, tmp_path, capsys
      "--default-expert -1 sends rows without a task key to the base model and no training example has one"),
     ("meteora", ["--num-experts", "2", "--expert-r", "2", "2", "--data", "reverse,rotate,sort"],
      "--task-to-adapter is unset and the training data has 3 tasks"),
-    ("reclora", ["--user-dim", "5", "--data", "USERS"], "training example 0 has 4 numbers as its routing vector"),
-    ("reclora", ["--user-dim", "4", "--data", "KEYLESS"], "training example 0 has none as its routing vector"),
+    ("reclora", ["--user-dim", "5", "--data", "USERS"], "example 0 of the data has 4 numbers as its routing vector"),
+    ("reclora", ["--user-dim", "4", "--data", "KEYLESS"], "example 0 of the data has none as its routing vector"),
 ])
 def test_data_a_keyed_method_cannot_train_on_fails_before_the_model_loads(method, flags, says, tmp_path, capsys,
                                                                         no_model_load):
@@ -307,3 +307,20 @@ def test_data_a_keyed_method_cannot_train_on_fails_before_the_model_loads(method
                  "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+
+
+def test_eval_data_a_reclora_adapter_cannot_route_fails_before_the_model_loads(tmp_path, capsys, no_model_load):
+    """`lorakit eval` of a RecLoRA adapter on rows without user vectors failed at the first batch, after the base
+    model loaded; the adapter folder's config checks the data (AdapterConfig.check_examples) first."""
+    import lorakit as lk
+    from lk_models import tiny_llama
+    from lorakit.methods.routed import RecLoraConfig
+
+    model = tiny_llama()
+    lk.add_adapter(model, RecLoraConfig(num_experts=2, r=2, user_dim=4, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "adapter")
+    keyless = tmp_path / "keyless.jsonl"
+    keyless.write_text("".join(json.dumps({"prompt": f"p{i} =>", "completion": " c"}) + "\n" for i in range(3)))
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--data", str(keyless)]) == 2
+    err = capsys.readouterr().err
+    assert "example 0 of the data has none as its routing vector 'user_state'" in err and "Traceback" not in err, err

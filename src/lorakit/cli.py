@@ -731,10 +731,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import build_task_index, evaluate_examples
     from .hub import load_tokenizer
 
+    adapter_config = None
     if args.adapter:
         from .io.peft_format import check_adapter_folder
         args.adapter = _adapter_of_run(args.adapter, "evaluating")
-        check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
+        adapter_config = check_adapter_folder(args.adapter)  # a bad folder or weights file fails before the model loads
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -742,6 +743,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Keyed methods: the task ids the adapter was trained with (saved beside it), never a renumbering of the
     # tasks present in this data; a task the adapter does not know is an error.
     task_to_id = _task_index(args.adapter, examples, f"in {args.data}")
+    if adapter_config is not None and task_to_id is None:
+        # what the method needs of each row (RecLoRA's user vectors), before the model loads. Only where the task
+        # ids are the data's own, as in training: with a saved task index they are the training run's, checked above
+        adapter_config.check_examples(examples)
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
     labels = _adapter_labels(args.adapter)

@@ -398,8 +398,8 @@ def test_reclora_check_examples_needs_every_user_vector_at_user_dim():
 
     config = RecLoraConfig(num_experts=2, r=2, user_dim=3)
     config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]})])
-    with pytest.raises(lk.ConfigError, match="training example 1 has 2 numbers"):
+    with pytest.raises(lk.ConfigError, match="example 1 of the data has 2 numbers"):
         config.check_examples([Example("p", "c", routing={"user_state": [1.0, 2.0, 3.0]}),
                                Example("p", "c", routing={"user_state": [1.0, 2.0]})])
-    with pytest.raises(lk.ConfigError, match="training example 0 has none"):
+    with pytest.raises(lk.ConfigError, match="example 0 of the data has none"):
         config.check_examples([Example("p", "c", routing={"other": [1.0, 2.0, 3.0]})])

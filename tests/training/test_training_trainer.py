@@ -236,3 +236,20 @@ def test_a_train_that_raises_mid_run_leaves_the_models_forward_as_before(make_mo
     trainer.train()  # the same Trainer again: wrapped for its run, unwrapped after it
     assert trainer.state.global_step == 3 and seen[2:] == [True, True, True]
     assert "forward" not in model.__dict__
+
+
+def test_trainer_refuses_data_the_method_cannot_train_on_before_any_step(make_model, tokenizer, reverse_train,
+                                                                          tmp_path) -> None:
+    # RecLoRA needs a user vector per example; the reverse task's examples have none. lorakit's own loop refuses
+    # them before step 0 (AdapterConfig.check_examples); under Trainer the first forward raised an AdapterError.
+    from lorakit.methods.routed import RecLoraConfig
+
+    model = make_model(RecLoraConfig(num_experts=2, r=2, user_dim=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(lorakit.ConfigError, match=r"user_dim.*example 0 of the data has none"):
+        run_trainer(model, tokenizer, reverse_train, tmp_path)
+    assert calls == []  # refused before any forward
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert "forward" not in model.__dict__ and not (tmp_path / "adapter").exists()

@@ -245,7 +245,7 @@ class RecLoraConfig(AdapterConfig):
             vector = dict(ex.routing).get(self.user_key)
             if vector is None or len(vector) != self.user_dim:
                 got = "none" if vector is None else f"{len(vector)} numbers"
-                raise field_error(self, "user_dim", f"={self.user_dim}: training example {i} has {got} as its "
+                raise field_error(self, "user_dim", f"={self.user_dim}: example {i} of the data has {got} as its "
                                                     f"routing vector {self.user_key!r}; give every example "
                                                     f"{{\"routing\": {{\"{self.user_key}\": [{self.user_dim} "
                                                     "numbers]}}, or set user_dim to the vectors' size.")

@@ -34,6 +34,8 @@ Trainer trains it unchanged. What Trainer does not know is lorakit's method hook
   tensors are held back until its record is installed (its rebuild done), so the order does not matter. Resuming
   accepts from the checkpoint only the config fields the init rewrites (``Init.rewrites``: EVA's targets and
   patterns) and refuses any other difference, naming it, before changing the model;
+- the adapter config's ``check_examples`` runs on a lorakit dataset's examples (``TokenizedDataset``) before
+  anything else in ``train()``, as in lorakit's loop;
 - ``on_step`` runs after every optimizer step;
 - the adapter is saved in PEFT format into each Trainer checkpoint folder and, at the end, into
   ``output_dir/adapter`` (Trainer's own ``model.safetensors`` holds the base under the host's names, which
@@ -256,6 +258,12 @@ class LorakitCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None,
                        **kwargs: Any):
         method = self._method(model)
+        # as lorakit's loop before step 0: data the method cannot train on (RecLoRA rows without user vectors, a
+        # task without an expert) is refused before any init or step, not at the first forward. Only a lorakit
+        # dataset (TokenizedDataset) keeps its Examples; another dataset's rows are not Examples and are not checked
+        examples = getattr(getattr(train_dataloader, "dataset", None), "examples", None)
+        if examples is not None:
+            adapter_state(model).configs[self.adapter_name].check_examples(examples)
         task_to_id = getattr(getattr(train_dataloader, "dataset", None), "task_to_id", None)
         self._task_names = None if task_to_id is None else [n for n, _ in sorted(task_to_id.items(), key=lambda kv: kv[1])]
         self._grad_accum = args.gradient_accumulation_steps
