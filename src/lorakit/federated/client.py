@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.checkpointing import replay_routing_in_checkpoints
-from ..core.model import add_adapter
+from ..core.errors import ConfigError
+from ..core.model import add_adapter, adapter_state
 from ..core.registry import get_method
 from ..data import (IGNORE_INDEX, CausalLMCollator, Example, TokenizedDataset, hold_out, load_examples,
                     looks_like_path, stable_seed)
@@ -46,11 +47,14 @@ def fresh_model(config: FederatedConfig) -> tuple[nn.Module, Any]:
 def check_model(config: FederatedConfig) -> None:
     """Load the base model (cached: the server in this process reuses it) and attach the strategy's adapter to a
     copy, so a model that does not load or ``target_modules`` that match no module fail before Flower and Ray
-    start, with lorakit's error (was: the ServerApp failed inside the simulation, which ended without a result)."""
+    start, with lorakit's error (was: the ServerApp failed inside the simulation, which ended without a result).
+    Each client's partition is checked by the adapter config (``AdapterConfig.check_examples``) the same way."""
     strategy = get_strategy(config)
-    model, _ = fresh_model(config)
+    model, tokenizer = fresh_model(config)
     attach(model, config, strategy, config.max_rank(), config.alpha_of(0), 0)
     lora_factors(model)  # every target a linear layer's LoRA
+    for client, examples in enumerate(client_partitions(config, tokenizer)):
+        check_client_examples(model, client, examples)
 
 
 def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:
@@ -72,12 +76,26 @@ def _holds_out(config: FederatedConfig) -> bool:
     return config.evaluate and config.eval_data is None and looks_like_path(config.data)
 
 
-def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
+def client_partitions(config: FederatedConfig, tokenizer: Any = None) -> list[list[Example]]:
+    """Every client's training examples (``config.clients`` lists, client k's at index k)."""
     examples = load_examples(config.data, "train", n=config.examples_of("train_examples", config.data), seed=config.seed,
                              tokenizer=tokenizer)
     if _holds_out(config):
         examples = hold_out(examples)[0]
-    return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)[client]
+    return partition(examples, config.clients, config.partition, config.skew_alpha, config.seed)
+
+
+def train_examples(config: FederatedConfig, client: int, tokenizer: Any = None) -> list[Example]:
+    return client_partitions(config, tokenizer)[client]
+
+
+def check_client_examples(model: nn.Module, client: int, examples: Sequence[Example]) -> None:
+    """The adapter config's check of client ``client``'s training data (``AdapterConfig.check_examples``), before
+    any training; ConfigError naming the client (the DP path trains without lorakit's loop, which checks too)."""
+    try:
+        adapter_state(model).configs["default"].check_examples(examples)
+    except ConfigError as e:
+        raise ConfigError(f"client {client}'s training data: {e.args[0] if e.args else e}", field=e.field) from None
 
 
 def eval_examples(config: FederatedConfig, tokenizer: Any = None) -> list[Example]:
@@ -107,8 +125,9 @@ def client_round(config: FederatedConfig, client: int, server_round: int, receiv
         if abs(mine - a_checksum) > 1e-6 * max(1.0, abs(a_checksum)):
             raise ValueError(f"client {client}: frozen A differs from the server's (checksum {mine} vs {a_checksum}); "
                              "FFA needs the same base model, targets, rank and seed everywhere")
-    strategy.client_start(model, received)
     examples = train_examples(config, client, tokenizer)
+    check_client_examples(model, client, examples)
+    strategy.client_start(model, received)
     torch.manual_seed(stable_seed("lorakit-federated-train", config.seed, server_round, client))
     if config.dp_noise_multiplier > 0:
         losses, extra = dp_train(model, tokenizer, examples, config)
