@@ -41,3 +41,86 @@ def test_the_set_is_replaced_with_the_usual_file_mode(tmp_path):
     assert (a.read_bytes(), b.read_bytes()) == (b"1", b"2")
     umask = files.current_umask()
     assert (a.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# -- a save killed mid-write ---------------------------------------------------------------------------------
+def _killed_in(code: str, tmp_path) -> None:
+    """Run ``code`` in a Python process that SIGKILLs itself at its first fsync (a temp file then exists, written
+    but not renamed): what a save killed between its writes leaves on disk, with no cleanup run."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal\nos.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n" + code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def test_a_save_killed_mid_write_leaves_temps_the_next_save_removes_and_loads_ignore(tmp_path):
+    import lorakit as lk
+    import torch
+    from lk_models import tiny_llama
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    folder = tmp_path / "adapter"
+    lk.save_adapter(model, folder)
+    expected = sorted(p.name for p in folder.iterdir())
+    # the same save again, killed after its first temp file is written (a real save: write_adapter_files)
+    _killed_in("from lorakit.io.files import load_tensors, read_json\n"
+               "from lorakit.io.peft_format import write_adapter_files\n"
+               "write_adapter_files('adapter', load_tensors('adapter/adapter_model.safetensors'), "
+               "read_json('adapter/adapter_config.json'))\n", tmp_path)
+    stale = sorted(set(p.name for p in folder.iterdir()) - set(expected))
+    assert stale and all(files.is_temp_name(n) and n.endswith(".tmp") for n in stale), stale
+    fresh = lk.load_adapter(tiny_llama(), folder)  # the old set, whole; the temp file is not read
+    torch.testing.assert_close(lk.adapter_state_dict(fresh), lk.adapter_state_dict(model))
+
+    lk.save_adapter(model, folder)  # the next successful save removes what the killed one left
+    assert sorted(p.name for p in folder.iterdir()) == expected
+
+
+def test_a_folder_save_killed_mid_write_is_not_served_and_the_next_save_removes_it(tmp_path):
+    import shutil
+
+    from lorakit.serving.store import adapter_folders
+
+    root = tmp_path / "adapters"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "adapter_config.json").write_text("{}")
+    (root / "a" / "adapter_model.safetensors").write_bytes(b"x")
+    # saving folder b: its files are in the temp folder, the process is killed before the rename
+    _killed_in("import shutil\nfrom lorakit.io.files import write_dir_atomically, atomic_write_bytes\n"
+               "def write(tmp):\n"
+               "    shutil.copy('adapters/a/adapter_config.json', tmp / 'adapter_config.json')\n"
+               "    atomic_write_bytes(tmp / 'adapter_model.safetensors', b'y')\n"
+               "write_dir_atomically('adapters/b', write)\n", tmp_path)
+    left = [p.name for p in root.iterdir() if p.name != "a"]
+    assert len(left) == 1 and left[0].startswith(".b.tmp-") and files.is_temp_name(left[0])
+    assert [d.name for d in adapter_folders(root)] == ["a"]  # the half-saved folder holds a config but is no adapter
+
+    files.write_dir_atomically(root / "b", lambda tmp: shutil.copy(root / "a" / "adapter_config.json", tmp))
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
+    assert [d.name for d in adapter_folders(root)] == ["a", "b"]
+
+
+def test_a_save_in_progress_keeps_its_temp_file_from_another_saves_cleanup(tmp_path, monkeypatch):
+    """The cleanup removes only unlocked temps: a concurrent save of the same file (its temp locked while it
+    writes) is left alone, and both saves complete."""
+    target = tmp_path / "x.json"
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync_then_save_again(fd):
+        real_fsync(fd)
+        if not seen:  # inside the first save, its temp written and locked: a second save of the same file runs
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+            files.atomic_write_bytes(target, b"second")
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    monkeypatch.setattr(os, "fsync", fsync_then_save_again)
+    files.atomic_write_bytes(target, b"first")
+    assert len(seen[0]) == 1 and files.is_temp_name(seen[0][0])
+    assert seen[1] == sorted([seen[0][0], "x.json"])  # the second save kept the first one's temp
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,19 +29,26 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
     """Write several files that belong together (an adapter's config and tensors) so that a failed write leaves
     the old set: every file goes to a temp file beside it and is fsynced first, and only when all are written are
     they renamed into place, one after the other (only the renames are left, each atomic; one failing between
-    them (the folder made read-only meanwhile) is the one case that leaves a mixed set)."""
+    them (the folder made read-only meanwhile) is the one case that leaves a mixed set).
+
+    A temp file is ``.<name>.<8 random characters>.tmp`` (``tempfile.mkstemp``), locked (``flock``) while its
+    writer runs. A process killed mid-save leaves it behind; the next successful save of ``<name>`` removes the
+    unlocked ones (:func:`remove_stale_temps`), and readers never open them (:func:`is_temp_name`)."""
     pending: list[tuple[str, Path]] = []
+    held: list[Any] = []  # the temp files, open and locked until renamed: a concurrent save's cleanup skips them
     try:
         for path, data in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
             pending.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever fails below
-                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it owner-only; the usual mode
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            f = os.fdopen(fd, "wb")  # owns fd from here: closed whatever fails below
+            held.append(f)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it owner-only; the usual mode
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         while pending:
             tmp, path = pending[0]
             os.replace(tmp, path)
@@ -49,6 +58,52 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+    finally:
+        for f in held:
+            f.close()
+    for path in {Path(p) for p in files}:
+        remove_stale_temps(path)
+
+
+TEMP_SUFFIX = ".tmp"
+# what lorakit's atomic writes name their temporaries: files ``.<name>.<8 chars>.tmp`` (mkstemp), folders
+# ``.<name>.tmp-<8 chars>`` (a folder being written) and ``.<name>.old-<8 chars>`` (the one it replaces)
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-[A-Za-z0-9_]{8}$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file or folder name is one of lorakit's atomic-write temporaries (see :func:`atomic_write_files`,
+    :func:`write_dir_atomically`): readers listing a folder skip these, which a killed save may have left."""
+    return bool(_TEMP_FILE.match(name) or _TEMP_DIR.match(name))
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that earlier atomic writes of ``path`` left beside it (a process killed mid-save):
+    ``.<name>.<8 chars>.tmp`` files and ``.<name>.tmp-*`` / ``.<name>.old-*`` folders. One a running save holds
+    (locked) is kept. Returns what was removed."""
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_FILE.match(entry.name) or _TEMP_DIR.match(entry.name)
+        if match is None or match["name"] != path.name:
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(entry, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError where a running writer holds it
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry)
+            finally:
+                os.close(fd)
+    return removed
 
 
 def current_umask() -> int:
@@ -62,13 +117,16 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
     """Call ``write(tmp)`` on a fresh folder beside ``target``, then rename it into place (replacing an old one).
 
     Readers never see a half-written folder under ``target``'s name: a failure in ``write`` (or in the renames)
-    removes the temporary folder and leaves the previous ``target``, if any, where it was. The folder and what
+    removes the temporary folder and leaves the previous ``target``, if any, where it was. A process killed
+    mid-save leaves ``.<name>.tmp-*`` / ``.<name>.old-*`` beside it; the next successful save removes them. The folder and what
     ``write`` put in it get the usual permissions for the umask (mkdtemp makes folders owner-only, and some
     writers create private files too). Returns ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    lock = os.open(tmp, os.O_RDONLY)  # held while this save runs: another save's cleanup skips the folder
+    fcntl.flock(lock, fcntl.LOCK_EX)
     old = None
     try:
         write(tmp)
@@ -89,8 +147,11 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temps(target)  # what killed saves of target left beside it
     return target
 
 

@@ -25,7 +25,7 @@ from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
                           temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
-from .files import TensorFile, read_json, save_tensors_and_json
+from .files import TensorFile, is_temp_name, read_json, save_tensors_and_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -237,7 +237,8 @@ def read_adapter_config(directory: str | os.PathLike):
         raise AdapterLoadError(f"{directory} is a training run folder, not an adapter folder; did you mean "
                                f"{inner}?" + (f" (its checkpoints: {', '.join(checkpoints)})" if checkpoints else ""))
     if not path.is_file():  # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of its name
-        inside = sorted(str(p) for p in directory.iterdir() if (p / CONFIG_NAME).is_file())[:5]
+        inside = sorted(str(p) for p in directory.iterdir()
+                        if (p / CONFIG_NAME).is_file() and not is_temp_name(p.name))[:5]
         if inside:
             raise AdapterLoadError(f"missing config file {path}; {directory} holds adapter folders: "
                                    f"{', '.join(inside)} (PEFT saves an adapter not named 'default' in a subfolder "

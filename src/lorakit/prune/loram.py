@@ -41,7 +41,7 @@ from torch import nn
 from ..core.config import field_error
 from ..core.errors import AdapterError, ConfigError, LorakitError, did_you_mean
 from ..core.inits import find_init
-from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
+from ..io.files import atomic_write_json, is_temp_name, load_tensors, read_json, save_tensors, write_dir_atomically
 from ..io.peft_format import PREFIX, WEIGHTS_NAME, weights_path
 from .structure import ATTENTION, MLP, OUTPUT_SIDE, Block, base_of, decoder_blocks, group_rows, prune_blocks
 
@@ -200,7 +200,7 @@ def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os
 
     def write(folder: Path) -> None:
         for extra in source.iterdir():  # what else the folder holds (task_index.json, ...) goes along unchanged
-            if extra.is_file() and extra.name not in (WEIGHTS_NAME, "adapter_config.json"):
+            if extra.is_file() and extra.name not in (WEIGHTS_NAME, "adapter_config.json") and not is_temp_name(extra.name):
                 shutil.copy2(extra, folder / extra.name)
         save_tensors(folder / WEIGHTS_NAME, recovered)
         atomic_write_json(folder / "adapter_config.json", config)

@@ -72,7 +72,7 @@ from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoa
 from ..core.layer import BASE_NAME, AdapterLayer
 from ..io.peft_format import (CONFIG_NAME, _name_or_path, read_adapter_config, run_adapter, trained_base_mismatch,
                                weights_path)
-from ..io.files import load_tensors
+from ..io.files import is_temp_name, load_tensors
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
 
 log = logging.getLogger("lorakit.serving")
@@ -159,8 +159,9 @@ def adapter_folders(root: str | os.PathLike, *, field: str = "adapters") -> list
     except OSError as e:
         raise AdapterError(f"{FIELD} {str(root)!r} cannot be read ({e.strerror or e}): give a folder this process "
                            f"may list", field=field) from None
-    return [d for d in entries if d.is_dir() and ((d / CONFIG_NAME).is_file() or weights_path(d).is_file()
-                                                  or run_adapter(d) is not None)]
+    # a killed save's temporary folder (.<name>.tmp-*) is no adapter, though it may hold a config
+    return [d for d in entries if d.is_dir() and not is_temp_name(d.name)
+            and ((d / CONFIG_NAME).is_file() or weights_path(d).is_file() or run_adapter(d) is not None)]
 
 
 def base_name_mismatch(config, model: nn.Module) -> str | None:
