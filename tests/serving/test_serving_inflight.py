@@ -290,3 +290,30 @@ def test_adapters_banked_directly_from_an_iterator_are_all_banked(folders):
     attached = _attached(seed=8)
     store = AdapterStore(attached, [root], max_loras=4)
     assert bank_adapters(attached, iter(["b0", "b1"])).names == ["b0", "b1"] == store.names()
+
+
+def test_requests_that_need_no_new_slot_pass_one_waiting_for_a_slot(folders):
+    """max_loras=3 with b0, b1 banked directly (never evicted: they hold two slots) leaves one slot for folder
+    adapters, held by a long a0 request, so an a1 request waits for it. A b0 request behind a1 needs no slot and
+    cannot delay it (b0 is never evicted, so no slot a1 could take is held longer): it starts at once. Was: it
+    waited behind a1 with a batch row idle, as requests for other folder adapters must. Tokens equal each request
+    run alone."""
+    root, _ = folders
+    model = _attached(seed=7)
+    store = AdapterStore(model, [root], max_loras=3)
+    store.register_dir(root)
+    bank_adapters(model, ["b0", "b1"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=4)
+    jobs = [("a0", 10), ("a1", 3), ("b0", 3), ("a2", 3), ({"b1": 0.5, "b0": 0.5}, 2)]
+    reqs = [engine.submit(PROMPTS[0], spec, SamplingParams(max_tokens=m, ignore_eos=True)) for spec, m in jobs]
+    started, steps = {}, 0
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+        steps += 1
+        started.update({i: steps for i, r in enumerate(reqs) if r.output_ids and i not in started})
+    assert started[0] == started[2] == started[4] == 1  # a0 and both banked-adapter requests at once
+    assert started[1] == 11 and started[3] > started[1]  # a1 once a0 let go of the slot; a2 (a folder) after it
+    alone = [engine.generate([PROMPTS[0]], [spec], SamplingParams(max_tokens=m, ignore_eos=True))[0].output_ids
+             for spec, m in jobs]
+    assert [r.output_ids for r in reqs] == alone
+    assert engine.cache.used_blocks == 0 and not store._pins

@@ -7,9 +7,10 @@ token (decode), samples a token per row and retires finished rows, so requests f
 the base — join and leave one running batch at token granularity. Each row's adapter (a name, ``None`` for the
 base, or a weighted mix ``{"a": 0.7, "b": 0.3}``) is applied by the adapter banks (``serving/bank.py``).
 One exception to first come, first served: while the first waiting request needs a resident adapter slot that
-running requests all hold (``AdapterStore.max_loras``), base-model requests behind it start (they need no slot, so
-they cannot delay it; vLLM's scheduler likewise lets requests past one over its ``max_loras``), and requests for
-other adapters do not (they would take the slot it waits for).
+running requests all hold (``AdapterStore.max_loras``), requests behind it that need no slot start: base-model
+requests, requests for adapters banked directly (never evicted) and requests pinned already (they cannot delay it;
+vLLM's scheduler likewise lets requests past one over its ``max_loras``); requests for other folder adapters do not
+(they would take the slot it waits for, or keep theirs longer).
 
 Memory: keys and values live in a :class:`~lorakit.serving.kv_cache.PagedKVCache` preallocated from a byte
 budget. A request is admitted only when blocks for its whole context are free; when a decode step finds no free
@@ -470,11 +471,11 @@ class Engine:
         rows = len(self.running) + sum(len(r.children) for r in self.running)
         held = sum(len(r.children) for r in self.running if len(r.context) % bs)
         # first come, first served; the one exception: while the first waiting request needs an adapter slot that
-        # running requests all hold, base-model requests behind it (which need no slot, so cannot delay it) start
+        # running requests all hold, requests behind it that cannot delay it start (``_may_hold_a_slot``)
         i, slot_blocked = 0, False
         while i < len(self.waiting) and rows < self.max_batch:
             req = self.waiting[i]
-            if slot_blocked and names_in(req.adapter):
+            if slot_blocked and self._may_hold_a_slot(req):
                 i += 1
                 continue
             source = self._prompt_source(req)
@@ -527,6 +528,13 @@ class Engine:
             budget -= n
             rows += 1 + len(req.children)
             held += len(req.children) if n % bs else 0
+
+    def _may_hold_a_slot(self, req: Request) -> bool:
+        """Whether starting ``req`` could keep a request that waits for an adapter slot waiting longer: it names a
+        folder adapter it holds no pin on yet (a pin keeps that adapter's slot). The base model, adapters banked
+        directly (never evicted: ``AdapterStore.banked``) and a request pinned already (a preempted one, a queued
+        choice of a running request) need no slot and hold none longer by starting."""
+        return not req.pinned and any(n not in self.store.banked for n in names_in(req.adapter))
 
     def _reserve_decode_blocks(self) -> None:
         """Give every running row room for its next token, preempting the newest rows when blocks run out."""
