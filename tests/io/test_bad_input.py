@@ -335,3 +335,21 @@ def test_moving_the_base_folder_in_the_config_is_no_mismatch(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not the config its tensors")
         lk.load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["q_proj"]], ids=["embedding", "linear"])
+def test_dora_sized_on_meta_has_the_real_magnitude_shape(targets):
+    """DoRA's magnitude sized on the meta device (the loader's pre-check, which skips the norm arithmetic there) has
+    the shape the real build gives it, (rows of the oriented base weight,)."""
+    from lorakit.core.model import planned_shapes
+
+    model = tiny_llama()
+    config = lk.LoraConfig(target_modules=targets, use_dora=True)
+    _, deltas, _ = planned_shapes(model, config, "default", set())
+    lk.add_adapter(model, config)
+    from lorakit.core.model import adapter_layers
+
+    real = {path: {k: tuple(v.shape) for k, v in layer.adapters["default"].state_dict().items()}
+            for path, layer in adapter_layers(model)}
+    assert deltas == real
+    assert all("lora_magnitude_vector" in keys for keys in deltas.values())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -231,10 +231,15 @@ class LoraLinear(Delta):
         return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling, dropout=self.lora_dropout)
 
 
-def base_weight_for(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The base ``weight`` in float32 for DoRA's initial norm ``‖W + ΔW‖`` beside ``delta``; on the meta device when
-    ``delta`` is there (a loader sizing a file's tensors builds deltas on meta: only shapes are wanted)."""
-    return weight.to("meta", torch.float32) if delta.is_meta else weight.float()
+def initial_norm(weight: torch.Tensor, factor: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+    """DoRA's initial magnitude ``norm(W in float32)`` (``‖W + ΔW‖`` per output row, shape ``(weight.shape[0],)``,
+    ``norm`` closing over ΔW), or an empty ``(weight.shape[0],)`` tensor on the meta device when the LoRA ``factor``
+    is there: a loader sizing a file's tensors builds deltas on meta, wants only shapes, and meta arithmetic
+    (the norm) costs more than the real one."""
+    if factor.is_meta:
+        return torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+    return norm(weight.float())
 
 
 class DoraLinear(LoraLinear):
@@ -245,8 +250,8 @@ class DoraLinear(LoraLinear):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            delta = self.delta_weight()
-            norm = self._weight_norm(base_weight_for(oriented_weight(base_layer, info), delta), delta)
+            norm = initial_norm(oriented_weight(base_layer, info), self.lora_A.weight,
+                                lambda weight: self._weight_norm(weight, self.delta_weight()))
         self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._merge_scale: torch.Tensor | None = None
 
@@ -339,8 +344,8 @@ class DoraEmbedding(LoraEmbedding):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            delta = self.delta_weight()
-            norm = torch.linalg.norm(base_weight_for(oriented_weight(base_layer, info), delta) + delta, dim=1)
+            norm = initial_norm(oriented_weight(base_layer, info), self.lora_embedding_A,
+                                lambda weight: torch.linalg.norm(weight + self.delta_weight(), dim=1))
         self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
         self._merge_scale: torch.Tensor | None = None
 
