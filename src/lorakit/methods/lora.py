@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig, check_positive_ints, field_error
-from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
+from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, building_for_file, oriented_weight
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
@@ -182,8 +182,8 @@ class LoraLinear(Delta):
     def _mica_init(self, base_layer: nn.Module | None) -> None:
         """MiCA: B = :func:`minor_left_vectors` of the base weight, A = 0, so BA = 0 and the base is untouched."""
         nn.init.zeros_(self.lora_A.weight)
-        if base_layer is None or self.lora_B.weight.is_meta or base_layer.weight.is_meta:
-            return  # only sizing (a loader on meta) or no base given: the file's tensors are copied in
+        if base_layer is None or self.lora_B.weight.is_meta or base_layer.weight.is_meta or building_for_file():
+            return  # only sizing (a loader on meta), a loader copying the file's B in next, or no base given
         with torch.no_grad():
             self.lora_B.weight.copy_(minor_left_vectors(oriented_weight(base_layer, self.info), self.r))
 
@@ -234,11 +234,14 @@ class LoraLinear(Delta):
 def initial_norm(weight: torch.Tensor, factor: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]
                  ) -> torch.Tensor:
     """DoRA's initial magnitude ``norm(W in float32)`` (``‖W + ΔW‖`` per output row, shape ``(weight.shape[0],)``,
-    ``norm`` closing over ΔW), or an empty ``(weight.shape[0],)`` tensor on the meta device when the LoRA ``factor``
-    is there: a loader sizing a file's tensors builds deltas on meta, wants only shapes, and meta arithmetic
-    (the norm) costs more than the real one."""
+    ``norm`` closing over ΔW). Without the arithmetic when its value is not wanted: an empty ``(weight.shape[0],)``
+    tensor on the meta device when the LoRA ``factor`` is there (a loader sizing a file's tensors: meta arithmetic
+    costs more than the real one), zeros when a loader copies the file's magnitude in next
+    (:func:`~lorakit.core.delta.values_from_file`)."""
     if factor.is_meta:
         return torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+    if building_for_file():
+        return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     return norm(weight.float())
 
 
@@ -310,7 +313,8 @@ class LoraEmbedding(Delta):
         self.frozen_B = config.init_lora_weights == "mica"
         if self.frozen_B:
             nn.init.zeros_(self.lora_embedding_A)
-            if base_layer is not None and not base_layer.weight.is_meta and not self.lora_embedding_B.is_meta:
+            if (base_layer is not None and not base_layer.weight.is_meta and not self.lora_embedding_B.is_meta
+                    and not building_for_file()):  # (a loader copies the file's B in next)
                 with torch.no_grad():
                     self.lora_embedding_B.copy_(minor_left_vectors(base_layer.weight.T, config.r))
         elif config.init_lora_weights is not False:  # "orthogonal" too: PEFT's Embedding has no orthogonal init
