@@ -93,3 +93,19 @@ def test_bench_serve_choices_share_the_prefill_side_by_side_with_unshared():
     assert "| lorakit_unshared |" in serve_markdown(result)
     with pytest.raises(ConfigError, match="choices=2 runs the engine systems only.*peft_mixed, peft_swap"):
         ServeProfile(choices=2)
+
+
+def test_any_seed_the_flag_takes_draws_a_trace():
+    """``--seeds`` takes 0..2**63 - 1 (cli_parser.seed_arg), but the trace seeded numpy's RandomState, which takes
+    0..2**32 - 1: ``lorakit bench serve --seeds 5000000000`` failed with numpy's ValueError after building the base
+    model. A seed above 2**32 - 1 now draws its own trace; the seeds below draw the one they always did (the
+    RandomState(seed) draws written out here)."""
+    from lorakit.cli_parser import MAX_SEED
+
+    big = [generate_requests(4, 1.0, 5.0, 1.0, 2.0, (8, 64), (8, 64), seed=s) for s in (2**32, 2**40, MAX_SEED)]
+    assert all(len(t) == 10 for t in big) and big[0] != big[1] != big[2]
+    small = generate_requests(4, 1.0, 5.0, 1.0, 2.0, (8, 64), (8, 64), seed=7)
+    rng = np.random.RandomState(7)
+    adapters = np.minimum((rng.power(1.0, 10) * 4).astype(int), 3)
+    assert [t.adapter for t in small] == adapters.tolist()
+    assert [t.input_len for t in small] == rng.randint(8, 64, 10).tolist()

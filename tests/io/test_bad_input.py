@@ -335,3 +335,45 @@ def test_moving_the_base_folder_in_the_config_is_no_mismatch(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not the config its tensors")
         lk.load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["q_proj"]], ids=["embedding", "linear"])
+def test_dora_sized_on_meta_has_the_real_magnitude_shape(targets):
+    """DoRA's magnitude sized on the meta device (the loader's pre-check, which skips the norm arithmetic there) has
+    the shape the real build gives it, (rows of the oriented base weight,)."""
+    from lorakit.core.model import planned_shapes
+
+    model = tiny_llama()
+    config = lk.LoraConfig(target_modules=targets, use_dora=True)
+    _, deltas, _ = planned_shapes(model, config, "default", set())
+    lk.add_adapter(model, config)
+    from lorakit.core.model import adapter_layers
+
+    real = {path: {k: tuple(v.shape) for k, v in layer.adapters["default"].state_dict().items()}
+            for path, layer in adapter_layers(model)}
+    assert deltas == real
+    assert all("lora_magnitude_vector" in keys for keys in deltas.values())
+
+
+@pytest.mark.parametrize("extra", [{"init_lora_weights": "mica"}, {"use_dora": True}], ids=["mica", "dora"])
+def test_load_computes_no_initial_value_the_file_replaces(extra, tmp_path, monkeypatch):
+    """Loading a MiCA adapter ran MiCA's SVD of every adapted base weight (and a DoRA one its initial norm) only for
+    the file's lora_B (magnitude) to overwrite it: about 12 times a plain LoRA's load time on the bundled base, more
+    on larger ones. The loaded adapter is the saved one, and no SVD / initial norm runs during the load."""
+    import lorakit.methods.lora as lora_module
+
+    config = lk.LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], **extra)
+    saved = lk.add_adapter(tiny_llama(), config)
+    lk.save_adapter(saved, tmp_path)
+    calls = []
+    real_svd, real_norm = lora_module.minor_left_vectors, lora_module.DoraLinear._weight_norm
+    monkeypatch.setattr(lora_module, "minor_left_vectors", lambda *a: calls.append("svd") or real_svd(*a))
+    monkeypatch.setattr(lora_module.DoraLinear, "_weight_norm",
+                        staticmethod(lambda *a: calls.append("norm") or real_norm(*a)))
+    model = lk.load_adapter(tiny_llama(), tmp_path)
+    assert calls == []
+    want = lk.adapter_state_dict(saved)
+    got = lk.adapter_state_dict(model)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)

@@ -289,3 +289,15 @@ def test_a_mistyped_quant_type_or_compute_dtype_names_its_near_match():
         QuantizeConfig(quant_type="nf5")
     with pytest.raises(lk.ConfigError, match=r"compute_dtype='bfloat61': choose one of .*Did you mean: bfloat16"):
         QuantizeConfig(compute_dtype="bfloat61")
+
+
+def test_a_non_string_quant_type_or_compute_dtype_is_a_config_error():
+    """The near-match hint added to these messages ran difflib on the value itself: a torch dtype (what
+    BitsAndBytesConfig's bnb_4bit_compute_dtype takes), an int or None raised TypeError ("'torch.dtype' object is
+    not iterable") instead of the ConfigError naming the field."""
+    with pytest.raises(lk.ConfigError, match=r"compute_dtype=torch.bfloat16: choose one of .*Did you mean: bfloat16"):
+        QuantizeConfig(compute_dtype=torch.bfloat16)
+    with pytest.raises(lk.ConfigError, match=r"quant_type=4: choose one of"):
+        QuantizeConfig(quant_type=4)
+    with pytest.raises(lk.ConfigError, match=r"compute_dtype=None: choose one of"):
+        QuantizeConfig(compute_dtype=None)

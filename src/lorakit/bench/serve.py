@@ -61,8 +61,10 @@ class TraceRequest:
 
 def generate_requests(num_adapters: int, alpha: float, req_rate: float, cv: float, duration_s: float,
                       input_range: tuple[int, int], output_range: tuple[int, int], seed: int = 42) -> list[TraceRequest]:
-    """S-LoRA's synthetic trace: ``int(req_rate * duration)`` requests (see the module docstring)."""
-    rng = np.random.RandomState(seed)
+    """S-LoRA's synthetic trace: ``int(req_rate * duration)`` requests (see the module docstring). ``seed``: any
+    int in 0..2**63 - 1 (``--seeds``); numpy's RandomState takes 0..2**32 - 1 as an int, so a larger seed seeds it
+    with its two 32-bit words (the seeds below keep the trace S-LoRA's int seeding draws)."""
+    rng = np.random.RandomState(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
     total = int(req_rate * duration_s)
     adapters = np.minimum((rng.power(alpha, total) * num_adapters).astype(int), num_adapters - 1)
     inputs = rng.randint(input_range[0], input_range[1], total)

@@ -7,8 +7,10 @@ DyLoRA, SoRA, LoRA-LEGO — work on units and per-unit gates instead of re-imple
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,26 @@ class RankUnits:
     B: torch.Tensor
     scaling: float
     dropout: nn.Module | None = None
+
+
+_VALUES_FROM_FILE: ContextVar[bool] = ContextVar("lorakit_values_from_file", default=False)
+
+
+@contextmanager
+def values_from_file() -> Iterator[None]:
+    """Deltas built inside this block take every tensor from a saved file right after (a loader, once the file's
+    keys and shapes are checked): a build may then leave out computing initial values the file replaces (MiCA's SVD
+    of the base weight, DoRA's initial norm), which would cost every load of such an adapter that work."""
+    token = _VALUES_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_FROM_FILE.reset(token)
+
+
+def building_for_file() -> bool:
+    """True inside :func:`values_from_file`: the initial values of a delta being built are overwritten from a file."""
+    return _VALUES_FROM_FILE.get()
 
 
 class Delta(nn.Module):

@@ -78,7 +78,9 @@ class AdapterLoadError(LorakitError, ValueError):
 
 
 def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
-    """Closest candidates to ``name``, best first (for "did you mean" hints)."""
+    """Closest candidates to ``name``, best first (for "did you mean" hints). A ``name`` that is not a str (a bad
+    value being reported: a torch dtype, an int, None) is compared as its ``str``, so the hint never raises."""
+    name = name if isinstance(name, str) else str(name)
     cands = sorted(set(candidates))
     found = difflib.get_close_matches(name, cands, n=n, cutoff=0.5)
     if not found:

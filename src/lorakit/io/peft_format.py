@@ -20,6 +20,7 @@ from torch import nn
 from .._version import __version__
 from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetError, UnknownAdapterError,
                            UnknownMethodError, did_you_mean, near_matches)
+from ..core.delta import values_from_file
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
 from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
@@ -511,7 +512,8 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
         except (ConfigError, TargetError, AdapterError):
             raise
         except Exception:  # noqa: BLE001  (a method whose build cannot run on the meta device: sized by the real plan)
-            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+            with values_from_file():  # every tensor is copied from the file after the checks
+                plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
             prepared = plan.config
             deltas = {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
                       for path, (_, _, delta) in plan.deltas.items()}
@@ -527,7 +529,8 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
         return plan, given
     if plan is None:
         # every check passed: now the deltas are built for real
-        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+        with values_from_file():  # the checked file's tensors are copied in below
+            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
     # All checks passed: copy into the (still detached) deltas, then attach.
     with torch.no_grad():
         for path, (_, _, delta) in plan.deltas.items():

@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig, check_positive_ints, field_error
-from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, oriented_weight
+from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, building_for_file, oriented_weight
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
@@ -182,8 +182,8 @@ class LoraLinear(Delta):
     def _mica_init(self, base_layer: nn.Module | None) -> None:
         """MiCA: B = :func:`minor_left_vectors` of the base weight, A = 0, so BA = 0 and the base is untouched."""
         nn.init.zeros_(self.lora_A.weight)
-        if base_layer is None or self.lora_B.weight.is_meta or base_layer.weight.is_meta:
-            return  # only sizing (a loader on meta) or no base given: the file's tensors are copied in
+        if base_layer is None or self.lora_B.weight.is_meta or base_layer.weight.is_meta or building_for_file():
+            return  # only sizing (a loader on meta), a loader copying the file's B in next, or no base given
         with torch.no_grad():
             self.lora_B.weight.copy_(minor_left_vectors(oriented_weight(base_layer, self.info), self.r))
 
@@ -231,10 +231,18 @@ class LoraLinear(Delta):
         return RankUnits(A=self.lora_A.weight, B=self.lora_B.weight, scaling=self.scaling, dropout=self.lora_dropout)
 
 
-def base_weight_for(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The base ``weight`` in float32 for DoRA's initial norm ``‖W + ΔW‖`` beside ``delta``; on the meta device when
-    ``delta`` is there (a loader sizing a file's tensors builds deltas on meta: only shapes are wanted)."""
-    return weight.to("meta", torch.float32) if delta.is_meta else weight.float()
+def initial_norm(weight: torch.Tensor, factor: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+    """DoRA's initial magnitude ``norm(W in float32)`` (``‖W + ΔW‖`` per output row, shape ``(weight.shape[0],)``,
+    ``norm`` closing over ΔW). Without the arithmetic when its value is not wanted: an empty ``(weight.shape[0],)``
+    tensor on the meta device when the LoRA ``factor`` is there (a loader sizing a file's tensors: meta arithmetic
+    costs more than the real one), zeros when a loader copies the file's magnitude in next
+    (:func:`~lorakit.core.delta.values_from_file`)."""
+    if factor.is_meta:
+        return torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+    if building_for_file():
+        return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    return norm(weight.float())
 
 
 class DoraLinear(LoraLinear):
@@ -245,8 +253,8 @@ class DoraLinear(LoraLinear):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            delta = self.delta_weight()
-            norm = self._weight_norm(base_weight_for(oriented_weight(base_layer, info), delta), delta)
+            norm = initial_norm(oriented_weight(base_layer, info), self.lora_A.weight,
+                                lambda weight: self._weight_norm(weight, self.delta_weight()))
         self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._merge_scale: torch.Tensor | None = None
 
@@ -305,7 +313,8 @@ class LoraEmbedding(Delta):
         self.frozen_B = config.init_lora_weights == "mica"
         if self.frozen_B:
             nn.init.zeros_(self.lora_embedding_A)
-            if base_layer is not None and not base_layer.weight.is_meta and not self.lora_embedding_B.is_meta:
+            if (base_layer is not None and not base_layer.weight.is_meta and not self.lora_embedding_B.is_meta
+                    and not building_for_file()):  # (a loader copies the file's B in next)
                 with torch.no_grad():
                     self.lora_embedding_B.copy_(minor_left_vectors(base_layer.weight.T, config.r))
         elif config.init_lora_weights is not False:  # "orthogonal" too: PEFT's Embedding has no orthogonal init
@@ -339,8 +348,8 @@ class DoraEmbedding(LoraEmbedding):
     def __init__(self, info: LayerInfo, config: LoraConfig, base_layer: nn.Module):
         super().__init__(info, config)
         with torch.no_grad():
-            delta = self.delta_weight()
-            norm = torch.linalg.norm(base_weight_for(oriented_weight(base_layer, info), delta) + delta, dim=1)
+            norm = initial_norm(oriented_weight(base_layer, info), self.lora_embedding_A,
+                                lambda weight: torch.linalg.norm(weight + self.delta_weight(), dim=1))
         self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
         self._merge_scale: torch.Tensor | None = None
 

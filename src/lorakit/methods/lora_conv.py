@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits
 from ..core.errors import ConfigError, TargetError
-from .lora import FACTOR_ONLY_INITS, DoraLinear, LoraConfig, LoraLinear, base_weight_for
+from .lora import FACTOR_ONLY_INITS, DoraLinear, LoraConfig, LoraLinear, initial_norm
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -112,8 +112,8 @@ class DoraConv(LoraConv):
                               f"supported (PEFT's DoRA reshapes lora_B as if ungrouped); use plain LoRA there or "
                               f"exclude the module.")
         with torch.no_grad():
-            delta = self.delta_weight()
-            norm = self._norm(base_weight_for(base_layer.weight, delta), delta)
+            norm = initial_norm(base_layer.weight, self.lora_A.weight,
+                                lambda weight: self._norm(weight, self.delta_weight()))
         self.lora_magnitude_vector = nn.Parameter(norm.reshape(1, -1, *(1,) * info.conv.dims))  # (1, out, 1, ...)
         self._merge_scale: torch.Tensor | None = None
 
