@@ -181,7 +181,6 @@ def test_cli_trains_small_and_writes_the_recovered_adapter(tmp_path, capsys, qua
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
 
 
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_cli_with_a_base_changing_init_recovers_the_trained_delta(tmp_path, init):
     """PiSSA / OLoRA move W's principal part into the adapter of the *pruned* base. Their files said

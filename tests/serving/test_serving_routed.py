@@ -85,7 +85,6 @@ def test_engine_routes_rows_by_task_key(routed):
     assert engine.cache.used_blocks == 0
 
 
-
 def test_choices_on_a_routed_adapter_keep_their_task(routed):
     """n seeded choices of one prompt on the routed adapter with a task key (Engine.submit_choices): they fork the
     prompt's prefill and each gives the tokens of a request alone with that task; a tight cache (6 blocks) preempts
