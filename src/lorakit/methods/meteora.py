@@ -53,6 +53,7 @@ from ..core.delta import LayerInfo
 from ..core.config import check_non_negative, check_positive, field_error
 from ..core.errors import ConfigError
 from ..core.registry import register_method
+from ..data import build_task_index
 from ..mixtures.base import pop_aux_records
 from ..mixtures.keys import check_task_experts
 from ..mixtures.experts import expand_to_ranks, rank_block_delta
@@ -107,7 +108,7 @@ class MeteoraConfig(LoraExpertsConfig):
     def check_examples(self, examples: Sequence[Any]) -> None:
         """Every task of the data needs an adapter its gate is supervised towards (``mixtures.keys
         .check_task_experts``): a task without one stopped the run at its first batch, after the model loaded."""
-        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        tasks = list(build_task_index(examples))  # the data's sorted task names: the loop's task ids index them
         check_task_experts(self, "task_to_adapter", tasks, self.num_experts, self.adapter_names)
 
     def adapter_of_task_id(self) -> list[int] | None:

@@ -59,6 +59,7 @@ from ..core.config import AdapterConfig, check_dropout, check_non_negative, chec
 from ..core.delta import LayerInfo
 from ..core.errors import AdapterError
 from ..core.registry import register_method
+from ..data import build_task_index
 from ..mixtures.base import MixtureDelta, mixture_deltas, token_mask_for
 from ..mixtures.experts import expand_to_ranks
 from ..mixtures.keys import KeyTable, check_mapping, check_task_experts
@@ -116,7 +117,7 @@ class MixdaConfig(AdapterConfig):
     def check_examples(self, examples: Sequence[Any]) -> None:
         """A task key_to_domain lacks failed at the first batch; tasks spelled as ``domains`` in another order
         trained each other's adapters (``mixtures.keys.check_task_experts``). Tasks past the domains are general."""
-        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        tasks = list(build_task_index(examples))  # the data's sorted task names: the loop's task ids index them
         check_task_experts(self, "key_to_domain", tasks, self.num_experts, self.domains, past_experts_ok=True)
 
 

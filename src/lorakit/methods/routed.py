@@ -52,6 +52,7 @@ from ..core.delta import LayerInfo
 from ..core.errors import AdapterError
 from ..core.registry import register_method
 from ..core.routing import current_routing
+from ..data import build_task_index
 from ..mixtures.base import MixtureDelta
 from ..mixtures.keys import KeyTable, check_mapping, check_task_experts
 from ..mixtures.rank_blocks import LoraExperts, LoraExpertsConfig, drop_adapter_paths
@@ -80,7 +81,7 @@ class RoutedLoraConfig(LoraExpertsConfig):
     def check_examples(self, examples: Sequence[Any]) -> None:
         """Refuse data that would train no expert: no task key while keyless rows get the base (default_expert
         -1), or tasks that reach no expert / the wrong one (``mixtures.keys.check_task_experts``)."""
-        tasks = sorted({ex.task for ex in examples if ex.task is not None})
+        tasks = list(build_task_index(examples))  # the data's sorted task names: the loop's task ids index them
         if not tasks and self.default_expert == -1:
             raise field_error(self, "default_expert", "=-1 sends rows without a task key to the base model and no "
                                                       "training example has one: nothing would train. Give the "

@@ -46,6 +46,7 @@ class KeyTable(nn.Module):
         none[0, max(default, 0)] = float(default >= 0)
         self.register_buffer("table", torch.cat([rows, none]), persistent=False)
         self.strict = mapping is not None
+        self._task_maps: dict[tuple, torch.Tensor] = {}  # (task names, device) -> their positions in ``names``
 
     def forward(self, batch: int, device) -> torch.Tensor:
         ctx = current_routing()
@@ -57,27 +58,34 @@ class KeyTable(nn.Module):
         else:
             ids = torch.tensor([-1 if k is None else self._index(k) for k in keys], dtype=torch.long, device=device)
         ids = rows_for_batch(ids, batch, "keys", "key")  # generate's beams / return sequences keep their row's key
-        if self.strict and ctx.extras.get("task_names") is not None:
-            ids = self._by_task_name(ids, ctx.extras["task_names"])
-        if self.strict and bool((ids >= n_keys).any()):
+        task_names = ctx.extras.get("task_names") if self.strict else None
+        given = ids
+        if task_names is not None:
+            ids = self._by_task_name(ids, task_names)  # an id past the task names maps to n_keys, caught below
+        if self.strict and bool((ids >= n_keys).any()):  # the one host sync of a keyed forward
+            if task_names is not None:
+                raise AdapterError(f"routing key id {int(given.max())} is out of range: ids index the "
+                                   f"{len(task_names)} task names {list(task_names)} given with them.")
             raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {n_keys} sorted key "
                                f"names {self.names} (the training data's sorted task names); name every task.")
         return self.table[torch.where((ids < 0) | (ids >= n_keys), torch.full_like(ids, n_keys), ids)]
 
     def _by_task_name(self, ids: torch.Tensor, task_names: Sequence[str]) -> torch.Tensor:
         """Ids that index ``task_names`` (the data's sorted tasks, which may be a subset of the mapping's names)
-        -> ids into the mapping's sorted names. Raises AdapterError for a task the mapping does not name."""
-        unknown = [n for n in task_names if n not in self.names]
-        if unknown:
-            raise AdapterError(f"task(s) {unknown} of the data have no entry in the key mapping (its keys: "
-                               f"{self.names}); map every task (-1 for none).")
-        if bool((ids >= len(task_names)).any()):
-            raise AdapterError(f"routing key id {int(ids.max())} is out of range: ids index the {len(task_names)} "
-                               f"task names {list(task_names)} given with them.")
-        if not task_names:
-            return ids  # every row without a key
-        to_mapping = torch.tensor([self.names.index(n) for n in task_names], dtype=torch.long, device=ids.device)
-        return torch.where(ids >= 0, to_mapping[ids.clamp_min(0)], ids)
+        -> ids into the mapping's sorted names; an id past ``task_names`` -> ``len(names)`` (out of range: the
+        caller raises). The name -> position map is built once per (names, device), so a forward makes no new
+        tensor and no host sync here. Raises AdapterError for a task the mapping does not name."""
+        cache_key = (tuple(task_names), ids.device)
+        to_mapping = self._task_maps.get(cache_key)
+        if to_mapping is None:
+            unknown = [n for n in task_names if n not in self.names]
+            if unknown:
+                raise AdapterError(f"task(s) {unknown} of the data have no entry in the key mapping (its keys: "
+                                   f"{self.names}); map every task (-1 for none).")
+            to_mapping = torch.tensor([self.names.index(n) for n in task_names] + [len(self.names)],
+                                      dtype=torch.long, device=ids.device)
+            self._task_maps[cache_key] = to_mapping
+        return torch.where(ids >= 0, to_mapping[ids.clamp(0, len(task_names))], ids)
 
     def _index(self, key: Any) -> int:
         if not isinstance(key, str):
