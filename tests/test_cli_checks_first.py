@@ -192,6 +192,7 @@ COUNTS = [  # a count flag of generate / eval / serve out of range, and what the
     (["serve", "--kv-cache-mb", "0"], "argument --kv-cache-mb: must be a positive integer, got 0"),
     (["serve", "--max-batch", "0"], "argument --max-batch: must be a positive integer, got 0"),
     (["serve", "--max-tokens-limit", "0"], "argument --max-tokens-limit: must be a positive integer, got 0"),
+    (["serve", "--max-n", "0"], "argument --max-n: must be a positive integer, got 0"),
     (["serve", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
     # --rank picks a rank of the adapter: without one it is named before the model loads, not after
     (["generate", "--prompt", "x", "--rank", "2"], "--rank needs --adapter"),

@@ -129,7 +129,7 @@ def test_choices_of_one_token_or_whole_block_prompts(banked, sh, prompt_len, sta
 
 
 def test_more_choices_than_rows(banked, sh):
-    """n = max_batch + 2 (the engine API allows it; the server caps n at max_batch): the choices the batch has no room
+    """n = max_batch + 2 (the server allows it too, up to ServerLimits.max_n): the choices the batch has no room
     for wait first in the queue; here the first three end together, so no choice holding the prompt runs when rows
     free: the fourth prefills it again and the fifth forks from it. All give the tokens of requests alone."""
     prompt = list(range(11, 17))
@@ -371,4 +371,56 @@ def test_choices_are_admitted_first_come_first_served_and_no_row_idles(banked, s
     assert engine.stats["forked"] == 3  # the prompt prefilled once
     assert engine.stats["prefill_tokens"] == 3 * 3 + len(prompt) + 12 * 2
     assert [r.output_ids for r in choices] == [r.output_ids for r in _alone(banked, prompt, "a2", params)]
+    _idle(engine)
+
+
+def test_server_n_beyond_max_batch_runs_in_waves(sh):
+    """n = 2 * max_batch + 1 on a real server with the real ``openai`` client: n choices (indices 0..n-1), streamed
+    (chunks of the choices interleaved, each carrying its index) and not, each choice the text of the same request
+    sent with n = 1 and seed + i (vLLM's per-choice seed; the unshared path); usage counts the prompt once and the
+    completion tokens of every choice. n above ``ServerLimits.max_n`` is a 400 naming the limit (was: any n above
+    max_batch was a 400, though the engine admits choices in waves as rows free up)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.server import ServerLimits, create_app
+
+    model, tok = load_model_and_tokenizer()  # a tokenizer, so that the choices' texts differ
+    engine = Engine(model, tok, kv_cache_bytes=8 << 20, block_size=4, max_batch=3)
+    n = 2 * engine.max_batch + 1
+    server = sh.LiveServer(create_app(engine, model_name="bundled", limits=ServerLimits(max_n=n)))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    prompt, max_tokens = "The cat", 6
+    kw = dict(model="bundled", prompt=prompt, max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
+    try:
+        alone = [client.completions.create(seed=40 + i, **kw).choices[0].text for i in range(n)]
+        assert len(set(alone)) > 1  # the seeds differ, so do the choices: the check below tells them apart
+        prompt_tokens = len(tok(prompt)["input_ids"])
+        forked = engine.stats["forked"]
+        answer = client.completions.create(seed=40, n=n, **kw)
+        assert sorted(c.index for c in answer.choices) == list(range(n))
+        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == alone
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, n * max_tokens)
+        assert engine.stats["forked"] > forked  # later waves took the prompt from a running sibling
+        chunks = list(client.completions.create(seed=40, n=n, stream=True, stream_options={"include_usage": True},
+                                                **kw))
+        texts, order = [""] * n, []
+        for chunk in chunks[:-1]:
+            assert len(chunk.choices) == 1
+            texts[chunk.choices[0].index] += chunk.choices[0].text
+            order.append(chunk.choices[0].index)
+        assert texts == alone
+        assert order != sorted(order)  # interleaved: the first wave's choices stream side by side
+        assert chunks[-1].choices == []
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt_tokens, n * max_tokens)
+        chat = dict(model="bundled", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    temperature=1.0, extra_body={"ignore_eos": True})
+        alone = [client.chat.completions.create(seed=7 + i, **chat).choices[0].message.content for i in range(n)]
+        answer = client.chat.completions.create(seed=7, n=n, **chat)
+        assert [c.message.content for c in sorted(answer.choices, key=lambda c: c.index)] == alone
+        assert answer.usage.completion_tokens == n * max_tokens
+        with pytest.raises(openai.BadRequestError, match=f"n={n + 1} exceeds this server's limit of {n} choices"):
+            client.completions.create(seed=40, n=n + 1, **kw)
+    finally:
+        server.stop()
     _idle(engine)

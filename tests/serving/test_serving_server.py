@@ -276,7 +276,7 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
         ({**ok, "seed": 1.5, "temperature": 1}, 400, "seed"), ({**ok, "top_k": 2.7}, 400, "top_k"),
         ({**ok, "stream": "yes"}, 400, "'stream'"), ({**ok, "ignore_eos": "no"}, 400, "'ignore_eos'"),
         ({**ok, "stream": True, "stream_options": "x"}, 400, "stream_options"), ({**ok, "n": 0}, 400, "n must be"),
-        ({**ok, "n": True}, 400, "n must be"), ({**ok, "n": 7}, 400, "exceeds this server's limit of 6 choices"),
+        ({**ok, "n": True}, 400, "n must be"), ({**ok, "n": 129}, 400, "exceeds this server's limit of 128 choices"),
         ({**ok, "n": 2, "seed": 2 ** 64 - 1, "temperature": 1}, 400, "seed + i"),
         ({**ok, "echo": True}, 400, "'echo' is not supported"), ({**ok, "logprobs": 3}, 400, "'logprobs'"),
         ({**ok, "best_of": 2}, 400, "'best_of'"), ({**ok, "presence_penalty": 0.5}, 400, "'presence_penalty'"),

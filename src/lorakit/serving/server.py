@@ -12,11 +12,14 @@ Endpoints (bodies as OpenAI's / vLLM's):
   synthesis pass; the synthesis pass streams with ``stream: true``).
   ``n``: n choices for the one prompt, each its own engine request on the same adapter or mix (ids ``{id}-{i}``),
   indexed 0..n-1, sharing the prompt's prefill (computed once, the others fork its KV blocks:
-  ``Engine.submit_choices``; choices start first come, first served as rows free up, not all at once); with ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and
-  choice 0 is the n=1 answer; greedy (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once
-  and sums the completion tokens of every choice; stream chunks carry their choice's ``index``. n is at most the engine's
-  ``max_batch`` (a 400 beyond); a disconnect aborts every choice; ``self_moa`` with n > 1 is a 400 (it answers with
-  one synthesis; its proposals are ``self_moa.n``). Ids: ``chatcmpl-...`` on chat, ``cmpl-...`` on completions.
+  ``Engine.submit_choices``; choices start first come, first served as rows free up, not all at once); with
+  ``seed``, choice i samples with seed + i (as vLLM), so it is reproducible and choice 0 is the n=1 answer; greedy
+  (``temperature: 0``) gives n identical choices. ``usage`` counts the prompt once and sums the completion tokens of
+  every choice; stream chunks carry their choice's ``index``. n may exceed the engine's ``max_batch`` (the choices
+  run in waves as rows free up, as vLLM serves n beyond its ``max_num_seqs``); it is at most ``ServerLimits.max_n``
+  (``--max-n``, default 128 as OpenAI's bound; a 400 beyond); a disconnect aborts every choice; ``self_moa`` with
+  n > 1 is a 400 (it answers with one synthesis; its proposals are ``self_moa.n``). Ids: ``chatcmpl-...`` on chat,
+  ``cmpl-...`` on completions.
   A null field means its default (``temperature: null`` = 1, ``n: null`` = 1). Fields OpenAI defines that this
   server does not implement (``echo``, ``logprobs``, ``best_of``, ``suffix``, ``logit_bias``, penalties, ``tools``,
   ``response_format``) are a 400 unless at their defaults; unknown fields are ignored. Chat ``content``
@@ -73,14 +76,17 @@ from .sampling import SamplingParams
 
 @dataclass
 class ServerLimits:
-    """Per-request limits: body bytes, ``max_tokens`` at most, default ``max_tokens``."""
+    """Per-request limits: body bytes, ``max_tokens`` at most, default ``max_tokens``, choices (``n``) at most.
+    ``max_n`` defaults to OpenAI's bound on ``n`` (1..128 in its API reference); it does not depend on the engine's
+    ``max_batch``: n choices beyond the free rows start in waves as rows free up (``Engine.submit_choices``)."""
 
     max_body_bytes: int = 1 << 20
     max_tokens: int = 1024
     default_max_tokens: int = 16
+    max_n: int = 128
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_tokens", "default_max_tokens"):
+        for name in ("max_body_bytes", "max_tokens", "default_max_tokens", "max_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server limit {FIELD} must be positive, got {getattr(self, name)} ({self})",
                                   field=f"ServerLimits.{name}")
@@ -364,16 +370,17 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, str(e)) from None
 
     def n_of(body: dict) -> int:
-        """The request's ``n`` (choices): 1 when absent or null, at most the engine's ``max_batch`` (so that the
-        n choices can share one prefill, all forking it while the first runs)."""
+        """The request's ``n`` (choices): 1 when absent or null, at most ``limits.max_n`` (a 400 beyond). n may exceed
+        the engine's ``max_batch``: the choices without a free row wait and start as rows free up, forking the
+        prompt's blocks from a running sibling (or prefilling it again when none runs any more)."""
         n = body.get("n")
         if n is None:
             return 1
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise HTTPError(400, f"n must be a positive integer, got {n!r}")
-        if n > engine.max_batch:
-            raise HTTPError(400, f"n={n} exceeds this server's limit of {engine.max_batch} choices per request (its "
-                                 f"max_batch, --max-batch); ask for fewer choices or send several requests")
+        if n > limits.max_n:
+            raise HTTPError(400, f"n={n} exceeds this server's limit of {limits.max_n} choices per request "
+                                 f"(ServerLimits.max_n, --max-n); ask for fewer choices or send several requests")
         return n
 
     def submit_all(prompt, spec, params: list[SamplingParams], loop, q, task, rid: str) -> list[Request]:
