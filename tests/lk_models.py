@@ -125,6 +125,15 @@ def word_level_tokenizer(examples):
                                    unk_token="<unk>")
 
 
+def tiny_llama_words():
+    """A word-level tokenizer for :func:`tiny_llama` (vocabulary 96): <pad>=0, <s>=1, </s>=2, <unk>=3 and token i
+    (4..95) the word ``w{i:02d}``, so a decoded text names its token ids one to one (the four special ids decode to
+    nothing): texts from a tiny_llama server then differ whenever the generated tokens do."""
+    from types import SimpleNamespace
+
+    return word_level_tokenizer([SimpleNamespace(prompt=" ".join(f"w{i:02d}" for i in range(4, 96)), completion="")])
+
+
 def tiny_llama_for(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer, hidden-32 Llama sized to ``tokenizer``'s vocabulary (pad id 0); ``overrides`` go to LlamaConfig."""
     torch.manual_seed(seed)

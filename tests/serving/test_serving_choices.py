@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lk_models import save_random_adapter, tiny_llama
+from lk_models import save_random_adapter, tiny_llama, tiny_llama_words
 from lorakit.methods.mixlora import MixLoraConfig
 from lorakit.methods.xlora import XLoraConfig
 from lorakit.serving import load_adapters
@@ -222,7 +222,8 @@ def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_ad
     """A real server over a 12-block cache (preempting) takes 12 concurrent n=3 seeded requests (the real openai
     client; token-id prompts) of which a third hang up mid-stream and a third time out before their answer: every
     block comes back, nothing stays queued, and each request that was answered gives, choice by choice, the text of an
-    n=1 request with seed + i (the unshared path) sent afterwards."""
+    n=1 request with seed + i (the unshared path) sent afterwards. The engine has :func:`tiny_llama_words`' tokenizer,
+    so the compared texts spell the generated token ids (was: no tokenizer, every text '' and the check vacuous)."""
     import concurrent.futures as cf
 
     import httpx
@@ -234,7 +235,8 @@ def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_ad
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=2)
     store.register_dir(root)
-    engine = Engine(model, store=store, kv_cache_bytes=sh.kv_budget(model, 12), block_size=4, max_batch=6)
+    engine = Engine(model, tiny_llama_words(), store=store, kv_cache_bytes=sh.kv_budget(model, 12), block_size=4,
+                    max_batch=6)
     server = sh.LiveServer(create_app(engine, model_name="tiny"))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     rng = random.Random(0)
@@ -263,9 +265,11 @@ def test_server_n_choices_with_clients_hanging_up_under_cache_pressure(ranked_ad
             assert time.time() < deadline, (engine.num_running, engine.num_waiting, engine.cache.used_blocks)
             time.sleep(0.05)
         assert engine.stats["forked"] > 0
+        assert sum(got is not None for got in answers) == 4
         for job, got in zip(jobs, answers):
             if got is None:
                 continue
+            assert all(got) and len(set(got)) == 3, got  # 10 sampled words each; distinct seeds, distinct texts
             alone = [client.completions.create(model=job["model"], prompt=job["prompt"], max_tokens=10,
                                                temperature=1.0, seed=job["seed"] + i,
                                                extra_body={"ignore_eos": True}).choices[0].text for i in range(3)]
