@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lk_models import tiny_llama
+from lk_models import tiny_llama, tiny_llama_words
 from lorakit.core.errors import AdapterConflictError, UnknownAdapterError
 from lorakit.serving import bank_adapters, load_adapters, registry_of
 from lorakit.serving.engine import Engine
@@ -159,15 +159,18 @@ def test_adapters_banked_directly_are_served_with_the_registered_ones(folders, s
     assert store.names() == ["a0", "a1", "a2", "b0", "b1"] and set(store.resident) == {"b0", "b1"}
     with pytest.raises(AdapterConflictError, match="already loaded"):
         store.register("b0", folders[1]["a1"])
-    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    tok = tiny_llama_words()  # the served texts spell their token ids (was: no tokenizer, only counts checked)
+    engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20, block_size=4)
     server = sh.LiveServer(create_app(engine, model_name="tiny"))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny", "a0", "a1", "a2", "b0", "b1"]
+        assert len({tuple(reference["b0"]), tuple(reference["b1"]), tuple(folder_ids)}) == 3
         for name, want in [("b0", reference["b0"]), ("b1", reference["b1"]), ("a0", folder_ids)]:
             r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=10, temperature=0,
                                           extra_body={"ignore_eos": True})
             assert r.usage.completion_tokens == len(want)
+            assert r.choices[0].text and r.choices[0].text == tok.decode(want, skip_special_tokens=True), name
             assert engine.generate([PROMPTS[0]], [name], PARAMS)[0].output_ids == want, name
         assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "b1"}, timeout=60).status_code \
             == 200
