@@ -97,12 +97,13 @@ def test_replicas_answer_as_lorakit_serve_and_errors_are_its_4xx(ray_app):
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
                            default_headers={"serve_multiplexed_model_id": name})
     r = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=5, temperature=0)
-    assert r.choices[0].text == _ask(handle, name)["choices"][0]["text"] and r.usage.completion_tokens <= 5
+    assert r.choices[0].text and r.choices[0].text == _ask(handle, name)["choices"][0]["text"]  # real text, equal
+    assert r.usage.completion_tokens <= 5
     streamed = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=5, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     two = client.completions.create(model=name, prompt="x", max_tokens=3, temperature=0, n=2)
-    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == two.choices[1].text
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text and two.choices[0].text == two.choices[1].text
     raw = httpx.post(url + "/v1/completions", headers={"serve_multiplexed_model_id": name},
                      json={"model": name, "prompt": "x", "max_tokens": 2}, timeout=60)
     assert raw.status_code == 200 and raw.headers["x-lorakit-replica"]
