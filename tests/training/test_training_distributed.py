@@ -215,9 +215,14 @@ def _cli_outputs_agree(two: Path, one: Path) -> None:
     a, b = load_tensors(two / "adapter" / "adapter_model.safetensors"), load_tensors(one / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b)
     # Adam's first steps move each weight by about ±lr whatever the gradient's size, so a weight whose gradient is
-    # ~1e-8 (near Adam's eps) turns float-summation noise into a visible difference: tolerance 3% of lr (3e-3).
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+    # ~1e-8 (near Adam's eps) turns float-summation noise into a visible difference: the bulk must agree within 3% of
+    # lr (3e-3), and a few such weights (seen: 2 of 111,000 on an AVX512 CPU, 2e-4 off) within Adam's bound of
+    # 2 steps × lr each way.
+    diffs = {key: (a[key] - b[key]).abs() for key in a}
+    for key, diff in diffs.items():
+        assert float(diff.max()) <= 2 * 2 * 3e-3, key
+    off = sum(int((diff > 1e-4 + 1e-4 * b[key].abs()).sum()) for key, diff in diffs.items())
+    assert off <= 1e-4 * sum(t.numel() for t in b.values()), off
     assert json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
     records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]  # rank 0 alone wrote the log
