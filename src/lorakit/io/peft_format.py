@@ -259,9 +259,8 @@ def _without_untrained_bias(raw: dict[str, Any], config_cls: type, directory: Pa
     "none" when the file holds no host bias (PEFT saves the biases it trained beside the adapter: every ``*.bias``
     of the model for "all", ``<module>.base_layer.bias`` of each adapted module for "lora_only",
     peft/tuners/tuners_utils.py ``_get_learnable_bias_state_dict``; a base without biases, e.g. Llama's, leaves
-    none). Such a file is a plain
-    adapter. One that holds host biases would need them written into the host, which lorakit leaves untouched:
-    AdapterLoadError naming the first such tensor."""
+    none). Such a file is a plain adapter. One that holds host biases would need them written into the host, which
+    lorakit leaves untouched: AdapterLoadError naming the first such tensor."""
     bias = raw.get("bias", "none")
     if bias in ("none", None) or raw.get("peft_type") != "LORA" or "bias" not in getattr(config_cls,
                                                                                            "foreign_fields", {}):
