@@ -571,14 +571,19 @@ def test_every_unknown_adapter_raise_is_typed(tmp_path, sh):
             call()
 
 
+HOLD_S = 60.0  # how long a test holds the engine thread at most (a guard: the test lets it go long before)
+
+
 @contextlib.contextmanager
 def engine_held(engine):
-    """The engine thread held in a call until the block ends: loads and unloads queued behind it are in flight."""
-    gate, held = threading.Event(), threading.Event()
+    """The engine thread held in a call until the block ends: loads and unloads queued behind it are in flight.
+    Fails when the hold ran out instead of being let go by the block's end: an answer inside the block then waited
+    for the engine thread (was: a conflicting unload did, until this hold ran out)."""
+    gate, held, let_go = threading.Event(), threading.Event(), []
 
     def hold():
         held.set()
-        gate.wait(30)
+        let_go.append(gate.wait(HOLD_S))
     holder = threading.Thread(target=engine.call, args=(hold,), daemon=True)
     holder.start()
     assert held.wait(30)
@@ -587,6 +592,32 @@ def engine_held(engine):
     finally:
         gate.set()
         holder.join(30)
+    assert let_go == [True], "the engine hold ran out: something in the block waited for the engine thread"
+
+
+@contextlib.contextmanager
+def load_paused(store, name):
+    """A load of ``name`` paused while it runs on the engine thread: registered, stopped as it starts reading its
+    weights (``AdapterStore._read_host``, the first step of ensure_resident) until the block ends, then going on as
+    it would have. Yields an Event set once the load has got there. Fails when the pause ran out instead of being
+    let go by the block's end (an answer inside the block waited for the engine thread)."""
+    reached, gate, resumed, let_go = threading.Event(), threading.Event(), threading.Event(), []
+    read = store._read_host
+
+    def paused_read(n):
+        if n == name and threading.current_thread().name == "lorakit-engine" and not reached.is_set():
+            reached.set()
+            let_go.append(gate.wait(HOLD_S))
+            resumed.set()
+        return read(n)
+    store._read_host = paused_read  # the instance's, in front of the class's method (removed below)
+    try:
+        yield reached
+    finally:
+        gate.set()
+        del store._read_host
+    assert not reached.is_set() or resumed.wait(30)
+    assert let_go == [True], "the paused load ran out: something in the block waited for the engine thread"
 
 
 def _in_flight(store, name, deadline_s=30.0):
@@ -622,6 +653,49 @@ def test_server_load_unload_races_are_409_conflicts(setup):
     assert "racer" in {m.id for m in s["client"].models.list()}
     assert _post(s, "/v1/unload_lora_adapter", {"lora_name": "racer"}).status_code == 200
     shutil.rmtree(root / "racer")
+
+
+def test_server_conflicts_are_answered_while_a_load_runs(setup):
+    """While a load runs on the engine thread (registered, reading its weights: paused there by the test), a second
+    load of the name, an unload of it and a completion naming it (the real openai client) get their 409
+    conflict_error from the request handler, without waiting for the engine thread, and the name is not listed yet.
+    Then the load, and a request on another adapter running before it, finish as if nothing had raced them: the load
+    answers 200 and the name is listed, its greedy answer equal to the offline reference with the same folder; the
+    running request's answer equals the same request sent again afterwards."""
+    s, client, store, engine = setup, setup["client"], setup["store"], setup["engine"]
+    root = s["root"]
+    shutil.copytree(s["spare"] / "late", root / "paused")
+    body = {"lora_name": "paused", "lora_path": str(root / "paused")}
+    kw = dict(prompt=PROMPTS[1], max_tokens=64, temperature=0, extra_body={"ignore_eos": True})
+    ids = s["tok"](PROMPTS[1])["input_ids"]
+    try:
+        with cf.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(client.completions.create, model="ad1", **kw)
+            deadline = time.time() + 30
+            while engine.num_running < 1 and not running.done():
+                assert time.time() < deadline, "the request on ad1 never started"
+                time.sleep(0.01)
+            with load_paused(store, "paused") as reached:
+                first = pool.submit(_post, s, "/v1/load_lora_adapter", body)
+                assert reached.wait(30), "the load never reached its weights"
+                _conflict(_post(s, "/v1/load_lora_adapter", body), "'paused'", "being loaded")
+                _conflict(_post(s, "/v1/unload_lora_adapter", {"lora_name": "paused"}), "'paused'", "being loaded")
+                with pytest.raises(openai.ConflictError, match="'paused' is being loaded") as e:
+                    client.completions.create(model="paused", **kw)
+                assert e.value.body["type"] == "conflict_error"
+                assert "paused" not in {m.id for m in client.models.list()}
+                assert not first.done()  # (the load cannot end while paused: every answer above came before it)
+            assert first.result().status_code == 200, first.result().text
+            ran = running.result().choices[0]
+        again = client.completions.create(model="ad1", **kw).choices[0]
+        assert (ran.text, ran.finish_reason) == (again.text, "length")
+        assert "paused" in {m.id for m in client.models.list()}
+        load_adapters(s["reference"], {"paused": root / "paused"})
+        got = client.completions.create(model="paused", prompt=PROMPTS[1], max_tokens=12, temperature=0)
+        assert got.choices[0].text == offline(s, ids, "paused", 12)
+    finally:
+        _post(s, "/v1/unload_lora_adapter", {"lora_name": "paused"})
+        shutil.rmtree(root / "paused")
 
 
 def test_server_load_while_unloading_is_409_then_loads(setup):

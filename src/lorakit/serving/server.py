@@ -31,7 +31,9 @@ Endpoints (bodies as OpenAI's / vLLM's):
   Unloading an unknown name is a 404. A load or unload that conflicts with the name's state is a 409
   (``conflict_error``; retrying after the other operation can succeed): loading a name that is loaded, whose load is
   in flight, or that is being unloaded (running requests still hold it); unloading a name whose load is in flight
-  or that is already being unloaded. A completion request naming an adapter whose load is in flight is a 409 too
+  or that is already being unloaded. The conflict is judged as the request arrives (under the store's lock, not
+  once the engine thread gets to it), so it is answered at once while the operation in progress finishes. A
+  completion request naming an adapter whose load is in flight is a 409 too
   (retry after the load; OpenAI's Python client retries a 409 by itself), not vLLM's 404, which reads as "no such
   adapter" although the name will be served in a moment.
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
@@ -666,7 +668,9 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             store.register(name, path)
             store.ensure_resident(name)  # reads and checks every tensor now (unregisters it on failure)
         try:
-            with store.loading(name):  # a second load or an unload of this name meanwhile: 409, not a race
+            # the name's state is checked and marked here, under the store's lock: a conflicting load or unload (this
+            # one or a later one) is answered at once, not after the engine thread gets to it
+            with store.loading(name):
                 await asyncio.to_thread(engine.call, load)
         except AdapterConflictError as e:  # the name's state (loaded, being loaded or unloaded): nothing recorded
             raise refuse(e) from None
@@ -685,7 +689,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             raise HTTPError(400, "body must be {\"lora_name\": NAME}")
         store = need_store()
         try:
-            await asyncio.to_thread(engine.call, lambda: store.unregister(name))
+            with store.unloading(name):  # as a load: a conflict (or an unknown name) is answered here, at once
+                await asyncio.to_thread(engine.call, lambda: store.unregister(name))
         except AdapterError as e:
             raise refuse(e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -254,9 +254,9 @@ class _TieredRegistry(AdapterRegistry):
     def load(self, adapters, *, overwrite: bool = False) -> list[str]:
         if not isinstance(adapters, Mapping):  # named by folder, as AdapterRegistry.load (read once: an iterator too)
             adapters = {Path(d).name: d for d in adapters}
-        self._store._check_direct(adapters)
-        added = super().load(adapters, overwrite=overwrite)
-        self._store._adopt(added)
+        with self._store._banking_directly(adapters):
+            added = super().load(adapters, overwrite=overwrite)
+            self._store._adopt(added)
         return added
 
     def add_attached(self, names: Sequence[str] | None = None, *, overwrite: bool = True) -> list[str]:
@@ -265,9 +265,9 @@ class _TieredRegistry(AdapterRegistry):
 
             names = [n for n in adapter_state(self.model).configs if n not in self._store.attached]
         names = list(names)  # (read once: an iterator too)
-        self._store._check_direct(names)
-        added = super().add_attached(names, overwrite=overwrite)
-        self._store._adopt(added)
+        with self._store._banking_directly(names):
+            added = super().add_attached(names, overwrite=overwrite)
+            self._store._adopt(added)
         return added
 
     def remove(self, name: str) -> None:
@@ -324,7 +324,8 @@ class AdapterStore:
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
         self._pins: Counter[str] = Counter()
         self._doomed: set[str] = set()  # unregistered while pinned: evict when released
-        self._loading: set[str] = set()  # names a load is in flight for (:meth:`loading`)
+        self._loading: set[str] = set()  # names a load is in flight for (:meth:`loading`, banking directly)
+        self._unloading: set[str] = set()  # names an unload is in flight for (:meth:`unloading`)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
@@ -372,19 +373,55 @@ class AdapterStore:
     @contextlib.contextmanager
     def loading(self, name: str):
         """Mark ``name`` as being loaded while the block runs (a server's load, queued for the engine thread, runs
-        register + :meth:`ensure_resident` inside it). A second load of ``name`` meanwhile, or an :meth:`unregister`
-        of it, raises AdapterConflictError instead of racing it: which of the two would win depends on the order the
-        engine thread happens to run them in."""
+        register + :meth:`ensure_resident` inside it). Entering checks the name's state and marks it in one step under
+        the store's lock, on the caller's thread: AdapterConflictError at once, before anything is queued, for a name
+        that is loaded (registered or banked directly), whose load is in flight, or that is being unloaded
+        (:meth:`unloading`, or unregistered while running requests hold it). While marked, a second load of ``name``,
+        an unload of it and banking it directly are refused the same way instead of racing it (which would win would
+        depend on the order the engine thread happens to run them in)."""
         with self._lock:
             if name in self._loading:
                 raise AdapterConflictError(f"adapter {name!r} is being loaded by another request; retry after that "
                                            f"load finishes")
+            self._refuse_unloading(name)
+            if name in self.paths or name in self.banked:
+                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
             self._loading.add(name)
         try:
             yield
         finally:
             with self._lock:
                 self._loading.discard(name)
+
+    @contextlib.contextmanager
+    def unloading(self, name: str):
+        """Mark ``name`` as being unloaded while the block runs (a server's unload, queued for the engine thread,
+        runs :meth:`unregister` inside it). Entering checks and marks in one step under the store's lock, on the
+        caller's thread, so a conflicting request is answered at once while the operation in progress finishes:
+        AdapterConflictError for a name whose load is in flight (:meth:`loading`) or that is already being unloaded;
+        UnknownAdapterError for a name neither served nor recorded as failed (:meth:`unregister` raises the same).
+        While marked, a load of ``name`` is refused as being unloaded."""
+        with self._lock:
+            if name in self._loading:
+                raise AdapterConflictError(f"adapter {name!r} is being loaded; unload it after that load finishes")
+            if name in self._unloading or name in self._doomed:
+                raise AdapterConflictError(f"adapter {name!r} is already being unloaded (running requests may still "
+                                           f"use it; it is evicted when they finish)")
+            if not (name in self.paths or name in self._resident or name in self.banked or name in self.failed):
+                raise self._unknown(name)
+            self._unloading.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._unloading.discard(name)
+
+    def _refuse_unloading(self, name: str) -> None:
+        """AdapterConflictError for a name being unloaded (its unload queued, or running requests still holding it).
+        Called with the lock held."""
+        if name in self._unloading or name in self._doomed:
+            raise AdapterConflictError(f"adapter {name!r} is being unloaded (running requests may still use it); retry "
+                                       f"when it is gone")
 
     def _record(self, name: str, reason: str, folder: str | os.PathLike) -> None:
         """Record why ``name`` (from ``folder``) cannot be served (:attr:`failed`, :attr:`failed_folders`)."""
@@ -433,9 +470,7 @@ class AdapterStore:
         with self._lock:
             if name in self.paths or name in self.banked:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
-            if name in self._doomed:
-                raise AdapterConflictError(f"adapter {name!r} is being unloaded (running requests still use it); "
-                                           f"retry when they finish")
+            self._refuse_unloading(name)
             self.paths[name] = folder
             self.configs[name] = config
             if mismatch is not None:
@@ -507,44 +542,55 @@ class AdapterStore:
         return found
 
     def names(self) -> list[str]:
-        """Every adapter a request may name: the registered folders, then the adapters banked directly."""
+        """Every adapter a request may name: the registered folders, then the adapters banked directly; not one whose
+        load is in flight (registered already, its weights not yet checked: :meth:`check` answers it as in flight)."""
         with self._lock:
-            return list(self.paths) + [n for n in self.banked if n not in self.paths]
+            served = list(self.paths) + [n for n in self.banked if n not in self.paths]
+            return [n for n in served if n not in self._loading]
 
-    def _check_direct(self, names: Iterable[str]) -> None:
-        """Before adapters are banked into the model directly: AdapterConflictError for a name the store serves from a
-        folder, or one running requests hold (replacing its weights would change their answers mid-request)."""
-        for n in names:
-            if n in self.paths or n in self._loading:
-                raise AdapterConflictError(f"adapter {n!r} is served by the store from {self.paths.get(n, 'a load')}; "
-                                           f"bank it under another name, or unregister it first")
-            if self._pins[n] > 0 or n in self._doomed:
-                raise AdapterConflictError(f"adapter {n!r} is in use by running requests; bank it again when they "
-                                           f"finish")
-
-    def _adopt(self, names: Iterable[str]) -> None:
-        """Serve ``names``, just banked into the model directly, as they are (:attr:`banked`)."""
+    @contextlib.contextmanager
+    def _banking_directly(self, names: Sequence[str]):
+        """Around banking ``names`` into the model directly (the registry's public ``load`` / ``add_attached``):
+        checks them and marks them as being loaded in one step under the lock, so a server load, an unload or a
+        request for one of them meanwhile is answered as for any load in flight; the block adopts what it banked
+        (:meth:`_adopt`) before the marks go. AdapterConflictError for a name the store serves from a folder or
+        is loading, one running requests hold (replacing its weights would change their answers mid-request), or one
+        being unloaded."""
+        names = list(dict.fromkeys(names))
         with self._lock:
             for n in names:
-                self.banked[n] = None
-                self.failed.pop(n, None)
-                self.failed_folders.pop(n, None)
+                if n in self.paths or n in self._loading:
+                    raise AdapterConflictError(f"adapter {n!r} is served by the store from "
+                                               f"{self.paths.get(n, 'a load in flight')}; bank it under another name, "
+                                               f"or unregister it first")
+                if self._pins[n] > 0:
+                    raise AdapterConflictError(f"adapter {n!r} is in use by running requests; bank it again when they "
+                                               f"finish")
+                self._refuse_unloading(n)
+            self._loading.update(names)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loading.difference_update(names)
 
     def check(self, spec: RowSpec) -> None:
         """Raise UnknownAdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError
         with the recorded reason for one that failed (:attr:`failed`), AdapterConflictError for one whose load is in
-        flight (:meth:`loading`; not registered yet): a request may retry it (HTTP 409, which OpenAI's client retries
-        by itself) where vLLM answers such a request with a 404, as if the name were unknown."""
-        for n in names_in(spec):
-            if n not in self.paths and n not in self.banked:
+        flight (:meth:`loading`, until it has succeeded or failed: also once registered, while its weights are read):
+        a request may retry it (HTTP 409, which OpenAI's client retries by itself) where vLLM answers such a request
+        with a 404, as if the name were unknown."""
+        with self._lock:  # one view of the table: a load finishing between two reads would read as unknown
+            for n in names_in(spec):
                 if n in self._loading:  # its load is in flight: retry after it (an OpenAI client retries a 409)
                     raise AdapterConflictError(f"adapter {n!r} is being loaded; retry after its load finishes")
-                if n in self.failed:
-                    raise AdapterLoadError(self.failed[n])
-                raise self._unknown(n)
-            if n in self.attached and isinstance(spec, Mapping):
-                raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward and "
-                                   f"cannot be part of a weighted mix; request it alone")
+                if n not in self.paths and n not in self.banked:
+                    if n in self.failed:
+                        raise AdapterLoadError(self.failed[n])
+                    raise self._unknown(n)
+                if n in self.attached and isinstance(spec, Mapping):
+                    raise AdapterError(f"adapter {n!r} ({type(self.attached[n]).__name__}) runs in its own forward "
+                                       f"and cannot be part of a weighted mix; request it alone")
 
     def _unknown(self, name: str) -> UnknownAdapterError:
         """The error for a name neither registered nor recorded as failed: the same whether a request is checked
@@ -794,17 +840,22 @@ class AdapterStore:
             self.stats["evictions"] += 1
 
     def pin(self, spec: RowSpec) -> None:
-        for n in names_in(spec):
-            self._pins[n] += 1
+        with self._lock:  # (read by checks on other threads: banking directly, a load's or an unload's check)
+            for n in names_in(spec):
+                self._pins[n] += 1
 
     def unpin(self, spec: RowSpec) -> None:
-        for n in names_in(spec):
-            self._pins[n] -= 1
-            if self._pins[n] <= 0:
-                del self._pins[n]
-                if n in self._doomed:
-                    self._doomed.discard(n)
-                    self.evict(n)
+        released = []
+        with self._lock:
+            for n in names_in(spec):
+                self._pins[n] -= 1
+                if self._pins[n] <= 0:
+                    del self._pins[n]
+                    if n in self._doomed:
+                        self._doomed.discard(n)
+                        released.append(n)
+        for n in released:  # (outside the lock: the banks change on this, the engine's, thread only)
+            self.evict(n)
 
     def unregister(self, name: str) -> None:
         """Forget ``name``: new requests for it fail; running ones finish first (then it is evicted). For a name
@@ -813,33 +864,42 @@ class AdapterStore:
         Raises UnknownAdapterError for a name neither registered nor recorded; AdapterConflictError while a load of
         ``name`` is in flight (:meth:`loading`) or while it is already being unregistered (running requests still
         hold it)."""
-        with self._lock:
+        with self._lock:  # checked and forgotten in one step: no load of the name can start in between
             if name in self._loading:
                 raise AdapterConflictError(f"adapter {name!r} is being loaded; unload it after that load finishes")
             if name in self._doomed:
                 raise AdapterConflictError(f"adapter {name!r} is already being unloaded (running requests still use "
                                            f"it; it is evicted when they finish)")
-        self._unregister(name)
+            evict = self._forget(name)
+        if evict:
+            self.evict(name)
 
     def _unregister(self, name: str) -> None:
         with self._lock:
-            known = name in self.paths or name in self._resident or name in self.banked
-            if not known and self.failed.pop(name, None) is not None:
-                self.failed_folders.pop(name, None)
-                return
-            if not known:
-                raise self._unknown(name)
-            self.banked.pop(name, None)
-            self.paths.pop(name, None)
-            self.configs.pop(name, None)
-            self.attached.pop(name, None)
-            self.tasks.pop(name, None)
-            self.warnings.pop(name, None)
-            self._host.pop(name, None)
+            evict = self._forget(name)
+        if evict:
+            self.evict(name)
+
+    def _forget(self, name: str) -> bool:
+        """Forget ``name`` (with the lock held): whether to evict it now (False: running requests hold it, it is
+        evicted when they finish, or it was only a recorded failure)."""
+        known = name in self.paths or name in self._resident or name in self.banked
+        if not known and self.failed.pop(name, None) is not None:
+            self.failed_folders.pop(name, None)
+            return False
+        if not known:
+            raise self._unknown(name)
+        self.banked.pop(name, None)
+        self.paths.pop(name, None)
+        self.configs.pop(name, None)
+        self.attached.pop(name, None)
+        self.tasks.pop(name, None)
+        self.warnings.pop(name, None)
+        self._host.pop(name, None)
         if self._pins[name] > 0:
             self._doomed.add(name)
-        else:
-            self.evict(name)
+            return False
+        return True
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
