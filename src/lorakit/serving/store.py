@@ -574,6 +574,14 @@ class AdapterStore:
             with self._lock:
                 self._loading.difference_update(names)
 
+    def _adopt(self, names: Iterable[str]) -> None:
+        """Serve ``names``, just banked into the model directly, as they are (:attr:`banked`)."""
+        with self._lock:
+            for n in names:
+                self.banked[n] = None
+                self.failed.pop(n, None)
+                self.failed_folders.pop(n, None)
+
     def check(self, spec: RowSpec) -> None:
         """Raise UnknownAdapterError naming an unregistered adapter of ``spec`` (with near matches), AdapterLoadError
         with the recorded reason for one that failed (:attr:`failed`), AdapterConflictError for one whose load is in
