@@ -159,6 +159,20 @@ def test_adapters_banked_directly_are_served_with_the_registered_ones(folders, s
     assert store.names() == ["a0", "a1", "a2", "b0", "b1"] and set(store.resident) == {"b0", "b1"}
     with pytest.raises(AdapterConflictError, match="already loaded"):
         store.register("b0", folders[1]["a1"])
+    # a direct bank, a server's load (store.loading) and unload (store.unloading) check and mark the name in one step
+    # under the store's lock, each refusing the others while marked; a refusal marks nothing
+    with pytest.raises(AdapterConflictError, match="'b0' is already loaded"):
+        with store.loading("b0"):
+            pass
+    with store.loading("c0"):
+        with pytest.raises(AdapterConflictError, match="'c0' is served by the store from a load in flight"):
+            load_adapters(model, {"c0": folders[1]["a1"]})
+    with store.unloading("b0"):
+        with pytest.raises(AdapterConflictError, match="'b0' is being unloaded"):
+            bank_adapters(model, ["b0"])
+        with pytest.raises(AdapterConflictError, match="'b0' is already being unloaded"):
+            with store.unloading("b0"):
+                pass
     tok = tiny_llama_words()  # the served texts spell their token ids (was: no tokenizer, only counts checked)
     engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20, block_size=4)
     server = sh.LiveServer(create_app(engine, model_name="tiny"))
