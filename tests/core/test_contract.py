@@ -201,3 +201,18 @@ def test_merge_keep_original_is_bit_exact(factory, variant, ids):
 def test_every_method_has_a_contract_case():
     names = {c.values[0] for c in _cases()}
     assert names == {m.name for m in lk.list_methods()}
+
+
+@pytest.mark.parametrize("method_name,variant,case", [pytest.param(*v, id=f"method={v[0]}-{v[1]}-{v[2]}")
+                                                     for v in sorted({c.values[:3] for c in _cases()})])
+def test_planned_shapes_on_the_meta_device_are_the_built_shapes(method_name, variant, case):
+    """A loader sizes every delta on the meta device (``planned_shapes``) and checks the file against those shapes
+    before building anything real; there is no fallback, so every method must build there, to the real shapes."""
+    from lorakit.core.model import plan_adapter, planned_shapes
+
+    model = LAYER_CASES[case][0]()
+    config = _config(method_name, variant, case)
+    _, planned, _ = planned_shapes(model, config, "default", set())
+    built = plan_adapter(model, config, "default").deltas
+    assert planned == {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
+                       for path, (_, _, delta) in built.items()}

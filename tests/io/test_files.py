@@ -124,3 +124,94 @@ def test_a_save_in_progress_keeps_its_temp_file_from_another_saves_cleanup(tmp_p
     assert len(seen[0]) == 1 and files.is_temp_name(seen[0][0])
     assert seen[1] == sorted([seen[0][0], "x.json"])  # the second save kept the first one's temp
     assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_a_temp_locked_by_another_process_is_kept_until_that_process_ends(tmp_path):
+    """The lock is a cross-process one (filelock's ``lock_descriptor``): a temp that another live process holds is
+    not removed by this one's cleanup, and is once that process has exited."""
+    import subprocess
+    import sys
+
+    temp = tmp_path / ".x.json.abcd1234.tmp"
+    temp.write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys\nfrom filelock import lock_descriptor\n"
+         f"fd = os.open({str(temp)!r}, os.O_RDWR)\nlock_descriptor(fd)\nprint('locked', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert files.remove_stale_temps(tmp_path / "x.json") == [] and temp.exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert files.remove_stale_temps(tmp_path / "x.json") == [temp] and not temp.exists()
+
+
+# -- the Windows path (run here with files._WINDOWS set: the same calls, the way Windows needs them) ------------
+def test_windows_path_a_concurrent_save_keeps_the_running_ones_temp_and_both_complete(tmp_path, monkeypatch):
+    """On Windows each temp file is closed just before its rename (Windows renames no open file); until then it
+    is locked, and a second save's cleanup keeps it."""
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    target = tmp_path / "x.json"
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync_then_save_again(fd):
+        real_fsync(fd)
+        if not seen:
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+            files.atomic_write_files({target: b"second", tmp_path / "y.json": b"y"})
+
+    monkeypatch.setattr(os, "fsync", fsync_then_save_again)
+    files.atomic_write_bytes(target, b"first")
+    assert len(seen[0]) == 1 and files.is_temp_name(seen[0][0])
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.json"]
+
+
+def test_windows_path_a_folder_being_written_is_locked_through_a_file_beside_it(tmp_path, monkeypatch):
+    """On Windows a folder cannot be opened as a descriptor: the running folder save locks ``.<name>.tmp-*.lock``
+    beside it. Another save of the same folder meanwhile keeps both; a killed save's pair is removed by the next."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    root = tmp_path / "adapters"
+    inside: list[list[str]] = []
+
+    def write(tmp):
+        (tmp / "adapter_config.json").write_text("{}")
+        if not inside:  # a second save of the same folder runs (and cleans up) while this one writes
+            inside.append(sorted(p.name for p in root.iterdir()))
+            files.write_dir_atomically(root / "b", lambda t: (t / "adapter_config.json").write_text('{"second": 1}'))
+            inside.append(sorted(p.name for p in root.iterdir()))
+
+    files.write_dir_atomically(root / "b", write)
+    assert len(inside[0]) == 2 and inside[0][1] == inside[0][0] + ".lock"
+    assert all(files.is_temp_name(n) for n in inside[0])
+    assert inside[1] == sorted(inside[0] + ["b"])  # the second save kept the running one's folder and lock
+    assert sorted(p.name for p in root.iterdir()) == ["b"] and (root / "b" / "adapter_config.json").read_text() == "{}"
+
+    # killed mid-save (SIGKILL at its first fsync): the temp folder and its lock file stay
+    script = ("import os, signal\nos.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from lorakit.io import files\nfiles._WINDOWS = True\n"
+              "files.write_dir_atomically('adapters/b', lambda t: files.atomic_write_bytes(t / 'w.bin', b'y'))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode < 0, done.stderr
+    left = sorted(p.name for p in root.iterdir() if p.name != "b")
+    assert len(left) == 2 and left[1] == left[0] + ".lock" and all(files.is_temp_name(n) for n in left), left
+    files.write_dir_atomically(root / "b", lambda t: (t / "adapter_config.json").write_text("{}"))
+    assert sorted(p.name for p in root.iterdir()) == ["b"]
+
+
+def test_lorakit_imports_without_the_posix_only_modules(tmp_path):
+    """Windows has no ``fcntl`` and no ``resource``: the package, its training loop and its CLI import without them
+    (a module set to None in sys.modules fails to import, as a missing one does)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nsys.modules['fcntl'] = None\nsys.modules['resource'] = None\n"
+              "import lorakit, lorakit.io.files, lorakit.training.loop, lorakit.cli, lorakit.bench.variants\n"
+              "print('imported')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]

@@ -43,3 +43,26 @@ def test_the_advised_path_loads_the_adapter(saved):
     lk.load_adapter(model, directory)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fails_on", ["meta", "both"])
+def test_an_error_inside_a_methods_build_surfaces_and_leaves_the_model_untouched(saved, monkeypatch, fails_on):
+    """A loader sizes the deltas on the meta device first. An error a method's build raises there is a bug in the
+    method: it reaches the caller (it used to be swallowed, the adapter then built for real before the checks,
+    allocating whatever an edited config asked for), and the model is left as it was."""
+    import dataclasses
+
+    from lorakit.core import registry
+
+    method = lk.get_method("lora")
+
+    def broken_build(base, info, config, path):
+        if fails_on == "both" or torch.empty(0).is_meta:  # the meta pass runs under torch.device("meta")
+            raise IndexError(f"bug in the build of {path}")
+        return method.build(base, info, config, path=path)
+
+    monkeypatch.setitem(registry._METHODS, "lora", dataclasses.replace(method, build=broken_build))
+    model = materialised_llama()
+    with pytest.raises(IndexError, match=r"bug in the build of model\.layers\.0\.self_attn\.q_proj"):
+        lk.load_adapter(model, saved[0])
+    assert lk.adapter_names(model) == [] and not any("adapters" in n for n, _ in model.named_parameters())

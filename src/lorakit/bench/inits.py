@@ -5,7 +5,8 @@
 Cost is measured in one child process per (init, library, repeat), the repeats interleaved so machine noise hits
 both libraries alike: wall time and CPU time (of the measuring thread: on the shared machine other processes
 stretch the wall time, much less the CPU time) of "attach the adapter + run the init" and the peak resident
-memory above the memory just before (sampled every millisecond from /proc/self/statm; on CUDA, the allocator's peak).
+memory above the memory just before (sampled every millisecond with psutil, which reads /proc/self/statm on Linux;
+on CUDA, the allocator's peak).
 
 EVA runs its incremental PCA until every layer's components stop moving (cosine >= tau); on the random model's
 layer inputs that does not happen within minutes in either library (PEFT cycles the batches with no other stop).
@@ -220,10 +221,10 @@ for _ in range(8):
     x = torch.randint(0, 2048, (4, 64), generator=g).to(device)
     batches.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-page = os.sysconf("SC_PAGE_SIZE")
+import psutil
+me = psutil.Process()
 def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
+    return me.memory_info().rss
 peak = [0]
 stop = threading.Event()
 def sample():

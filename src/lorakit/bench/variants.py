@@ -324,11 +324,16 @@ def run_step_times(profile: VariantsProfile, rounds: int = 6, steps_per_round: i
 
     configs = {name: _config_for(lk.get_method(name), BENCH_VARIANT.get(name, next(iter(lk.get_method(name).benchmark_variants()))),
                                  profile.r) for name in profile.methods}
-    load_before = list(os.getloadavg())
+    load_before = _load_average()
     rows = interleaved_step_times(configs, profile.tasks, profile.batch_size, profile.lr, profile.steps, rounds,
                                   steps_per_round)
     return {"profile": asdict(profile), "rounds": rounds, "steps_per_round": steps_per_round, "rows": rows,
-            "load_average": [load_before, list(os.getloadavg())]}
+            "load_average": [load_before, _load_average()] if load_before else None}
+
+
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages, or None where the OS keeps none (Windows)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def interleaved_step_times(configs: dict, tasks: str, batch_size: int, lr: float, total_steps: int, rounds: int = 6,

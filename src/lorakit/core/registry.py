@@ -23,7 +23,9 @@ class Method:
     """Everything the core needs to know about one method.
 
     ``build(base_layer, info, config, path=module_path)`` returns the :class:`~lorakit.core.delta.Delta` for one adapted
-    layer. Optional hooks (each takes the model and adapter name first):
+    layer. It must also run under ``torch.device("meta")``, reading back no values of the tensors it makes (they hold
+    none there): a loader sizes every delta on the meta device before it builds one for real
+    (``core.model.planned_shapes``). Optional hooks (each takes the model and adapter name first):
 
     - ``init(model, name, batches)``: data-driven initialisation before step 0;
     - ``on_step(model, name, step, total_steps)``: per-step procedure (schedules, freezing, projections); returns

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from filelock import lock_descriptor, unlock_descriptor
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
@@ -31,11 +32,13 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
     they renamed into place, one after the other (only the renames are left, each atomic; one failing between
     them (the folder made read-only meanwhile) is the one case that leaves a mixed set).
 
-    A temp file is ``.<name>.<8 random characters>.tmp`` (``tempfile.mkstemp``), locked (``flock``) while its
-    writer runs. A process killed mid-save leaves it behind; the next successful save of ``<name>`` removes the
-    unlocked ones (:func:`remove_stale_temps`), and readers never open them (:func:`is_temp_name`)."""
+    A temp file is ``.<name>.<8 random characters>.tmp`` (``tempfile.mkstemp``), locked while its writer runs
+    (``filelock.lock_descriptor``: ``flock`` on POSIX, ``LockFileEx`` on Windows, so it holds across processes).
+    A process killed mid-save leaves it behind; the next successful save of ``<name>`` removes the unlocked ones
+    (:func:`remove_stale_temps`), and readers never open them (:func:`is_temp_name`). On Windows, which renames
+    no file that a handle holds open, each temp file is closed (unlocked) just before its rename."""
     pending: list[tuple[str, Path]] = []
-    held: list[Any] = []  # the temp files, open and locked until renamed: a concurrent save's cleanup skips them
+    held: dict[str, Any] = {}  # the temp files, open and locked until renamed: a concurrent save's cleanup skips them
     try:
         for path, data in files.items():
             path = Path(path)
@@ -43,23 +46,28 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
             pending.append((tmp, path))
             f = os.fdopen(fd, "wb")  # owns fd from here: closed whatever fails below
-            held.append(f)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it owner-only; the usual mode
+            held[tmp] = f
+            lock_descriptor(f.fileno())
+            if not _WINDOWS:  # mkstemp makes it owner-only; the usual mode (Windows keeps no such bits)
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         while pending:
             tmp, path = pending[0]
+            if _WINDOWS:
+                held.pop(tmp).close()
             os.replace(tmp, path)
             pending.pop(0)
     except BaseException:
+        for f in held.values():  # (Windows deletes no file that a handle holds open)
+            f.close()
         for tmp, _ in pending:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
     finally:
-        for f in held:
+        for f in held.values():
             f.close()
     for path in {Path(p) for p in files}:
         remove_stale_temps(path)
@@ -67,21 +75,48 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
 
 TEMP_SUFFIX = ".tmp"
 # what lorakit's atomic writes name their temporaries: files ``.<name>.<8 chars>.tmp`` (mkstemp), folders
-# ``.<name>.tmp-<8 chars>`` (a folder being written) and ``.<name>.old-<8 chars>`` (the one it replaces)
+# ``.<name>.tmp-<8 chars>`` (a folder being written) and ``.<name>.old-<8 chars>`` (the one it replaces), and on
+# Windows ``.<name>.tmp-<8 chars>.lock``, the lock of a folder being written
 _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-[A-Za-z0-9_]{8}$")
+_TEMP_LOCK = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_]{8}\.lock$")
+# Windows opens no folder as a descriptor, and renames or deletes no file that a handle holds open: there a folder
+# being written is locked through a file beside it, and a temp file is closed before its rename
+_WINDOWS = sys.platform == "win32"
 
 
 def is_temp_name(name: str) -> bool:
     """Whether a file or folder name is one of lorakit's atomic-write temporaries (see :func:`atomic_write_files`,
     :func:`write_dir_atomically`): readers listing a folder skip these, which a killed save may have left."""
-    return bool(_TEMP_FILE.match(name) or _TEMP_DIR.match(name))
+    return bool(_TEMP_FILE.match(name) or _TEMP_DIR.match(name) or _TEMP_LOCK.match(name))
+
+
+def _lock_carrier(path: Path) -> tuple[Path, int]:
+    """What holds the lock of a temporary ``path`` and the flags to open it with: the file or folder itself, or on
+    Windows, for a folder, the file ``<path>.lock`` beside it (made if missing)."""
+    if _WINDOWS and path.is_dir() and not path.is_symlink():
+        return path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT
+    return path, os.O_RDONLY
+
+
+def _held_by_a_writer(path: Path) -> bool:
+    """Whether a running save holds the lock of the temporary ``path`` (one attempt, not waiting for it). Raises
+    OSError where ``path`` cannot be opened (gone meanwhile)."""
+    carrier, flags = _lock_carrier(path)
+    fd = os.open(carrier, flags)
+    try:
+        if not lock_descriptor(fd, blocking=False):
+            return True
+        unlock_descriptor(fd)
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that earlier atomic writes of ``path`` left beside it (a process killed mid-save):
-    ``.<name>.<8 chars>.tmp`` files and ``.<name>.tmp-*`` / ``.<name>.old-*`` folders. One a running save holds
-    (locked) is kept. Returns what was removed."""
+    ``.<name>.<8 chars>.tmp`` files and ``.<name>.tmp-*`` / ``.<name>.old-*`` folders (and on Windows a
+    ``.<name>.tmp-*.lock`` file). One a running save holds (locked) is kept. Returns what was removed."""
     path = Path(path)
     removed: list[Path] = []
     try:
@@ -89,20 +124,22 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        match = _TEMP_FILE.match(entry.name) or _TEMP_DIR.match(entry.name)
+        match = _TEMP_FILE.match(entry.name) or _TEMP_DIR.match(entry.name) or _TEMP_LOCK.match(entry.name)
         if match is None or match["name"] != path.name:
             continue
+        # Unlocked means its writer is gone: a temporary's name is never taken again, so the lock need not be held
+        # while it is removed (Windows could not delete a file this process holds open).
         with contextlib.suppress(OSError):
-            fd = os.open(entry, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError where a running writer holds it
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-                removed.append(entry)
-            finally:
-                os.close(fd)
+            if _held_by_a_writer(entry):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                carrier, _ = _lock_carrier(entry)
+                shutil.rmtree(entry)
+                if carrier != entry:
+                    carrier.unlink(missing_ok=True)
+            else:
+                entry.unlink()
+            removed.append(entry)
     return removed
 
 
@@ -117,16 +154,19 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
     """Call ``write(tmp)`` on a fresh folder beside ``target``, then rename it into place (replacing an old one).
 
     Readers never see a half-written folder under ``target``'s name: a failure in ``write`` (or in the renames)
-    removes the temporary folder and leaves the previous ``target``, if any, where it was. A process killed
-    mid-save leaves ``.<name>.tmp-*`` / ``.<name>.old-*`` beside it; the next successful save removes them. The folder and what
+    removes the temporary folder and leaves the previous ``target``, if any, where it was. The temporary folder is
+    locked while ``write`` runs (on Windows, which opens no folder as a descriptor, through a file
+    ``.<name>.tmp-*.lock`` beside it), so another save's cleanup keeps it. A process killed mid-save leaves
+    ``.<name>.tmp-*`` / ``.<name>.old-*`` (and that lock file) beside it; the next successful save removes them. The folder and what
     ``write`` put in it get the usual permissions for the umask (mkdtemp makes folders owner-only, and some
     writers create private files too). Returns ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    lock = os.open(tmp, os.O_RDONLY)  # held while this save runs: another save's cleanup skips the folder
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    carrier, flags = _lock_carrier(tmp)
+    lock = os.open(carrier, flags)  # held while this save runs: another save's cleanup skips the folder
+    lock_descriptor(lock)
     old = None
     try:
         write(tmp)
@@ -149,6 +189,9 @@ def write_dir_atomically(target: str | os.PathLike, write: Callable[[Path], None
         raise
     finally:
         os.close(lock)
+        if carrier != tmp:
+            with contextlib.suppress(OSError):
+                carrier.unlink()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     remove_stale_temps(target)  # what killed saves of target left beside it

@@ -500,24 +500,14 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     with ``copy``, build the plan and copy them in: ``(plan, given tensors by key)``. The checks use the shapes of
     deltas built on the meta device (``planned_shapes``), so a config whose sizes do not fit its file (an edited
     huge r) fails naming a tensor before anything of its size is allocated; without ``copy`` nothing is built
-    (plan None)."""
+    (plan None). Every registered method builds on the meta device (tests/core/test_contract.py checks the shapes
+    against the real build): whatever else a meta build raises is a bug in the method, and is raised as it is
+    (no fallback to a real build, which would allocate before the checks)."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
     trained = trained_modules(tensors)
-    plan = None
     try:
-        try:
-            prepared, deltas, saved = planned_shapes(model, config, name, trained)
-        except (ConfigError, TargetError, AdapterError):
-            raise
-        except Exception:  # noqa: BLE001  (a method whose build cannot run on the meta device: sized by the real plan)
-            with values_from_file():  # every tensor is copied from the file after the checks
-                plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
-            prepared = plan.config
-            deltas = {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
-                      for path, (_, _, delta) in plan.deltas.items()}
-            saved = {path: {k: tuple(v.shape) for k, v in module.state_dict().items()}
-                     for path, module in plan.saved.items()}
+        prepared, deltas, saved = planned_shapes(model, config, name, trained)
     except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
@@ -525,11 +515,10 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
                 for k, shape in keys.items()}
     given = _checked_tensors(model, directory, prepared, tensors, expected, deltas)
     if not copy:
-        return plan, given
-    if plan is None:
-        # every check passed: now the deltas are built for real
-        with values_from_file():  # the checked file's tensors are copied in below
-            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+        return None, given
+    # every check passed: now the deltas are built for real
+    with values_from_file():  # the checked file's tensors are copied in below
+        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
     # All checks passed: copy into the (still detached) deltas, then attach.
     with torch.no_grad():
         for path, (_, _, delta) in plan.deltas.items():

@@ -14,6 +14,7 @@ Experts are existing LoRA folders (lorakit or PEFT, ``adapter_paths``; read by `
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -104,12 +105,14 @@ class LoraExperts(MixtureDelta):
         super().__init__(info, config.num_experts)
         ranks = list(config.expert_r)
         A = torch.empty(sum(ranks), info.in_features)  # (R_total, in)
-        for start, r in zip(torch.tensor([0] + ranks).cumsum(0).tolist(), ranks):
+        # block starts summed in Python: the build also runs on the meta device (a loader sizing it), where a
+        # tensor holds no values to read back
+        for start, r in zip(itertools.accumulate([0] + ranks), ranks):
             nn.init.kaiming_uniform_(A[start:start + r], a=math.sqrt(5))  # each block as its own nn.Linear would
         B = torch.zeros(info.out_features, sum(ranks))  # (out, R_total)
         self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
         self.experts_frozen = not trainable
-        owner = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks))  # (R_total,)
+        owner = torch.arange(len(ranks)).repeat_interleave(torch.tensor(ranks), output_size=sum(ranks))  # (R_total,)
         scaling = torch.tensor([a / (math.sqrt(r) if rs else r) for r, a, rs in
                                 zip(ranks, config.expert_alpha, config.expert_use_rslora)])
         self.register_buffer("owner", owner, persistent=False)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import signal
 import sys
 import tempfile
@@ -370,6 +369,12 @@ def warn_global_batch_change(config: TrainConfig, record: dict[str, Any], world_
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if sys.platform == "win32":  # no getrusage: psutil's peak working set (bytes), Windows' peak resident set
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    import resource  # (POSIX only)
+
     # ru_maxrss is the whole process's peak resident set: KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
