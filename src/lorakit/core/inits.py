@@ -114,6 +114,24 @@ class BaseEdit:
         """``W += sign · scaling · B A`` on ``layer``'s base weight (``sign=-1`` undoes the edit)."""
         add_low_rank_to_base_weight(layer, self.B, self.A, sign * self.scaling)
 
+    def undo(self, layer: "AdapterLayer") -> None:
+        """Put ``layer``'s original base weight back (up to float rounding)."""
+        self.add_to(layer, sign=-1.0)
+
+
+@dataclass
+class BaseSwap:
+    """A base weight an init replaced outright by one of full rank (LoftQ: ``W -> Q``, its quantized value), which
+    no ``B A`` records: the original weight as the layer stores it (same dtype, layout and device, so it costs what
+    the weight costs), put back bit for bit by :meth:`undo`. It cannot be folded into a LoRA for the original base
+    (``save_adapter(..., original_base=True)``, merging with the original base refuse it)."""
+
+    original: torch.Tensor
+
+    def undo(self, layer: "AdapterLayer") -> None:
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(self.original)
+
 
 @dataclass
 class InitRecord:
@@ -121,7 +139,7 @@ class InitRecord:
 
     init: str
     spec: str
-    edits: dict[str, BaseEdit] = field(default_factory=dict)
+    edits: dict[str, BaseEdit | BaseSwap] = field(default_factory=dict)
 
 
 _INITS: dict[str, Init] = {}
@@ -284,12 +302,13 @@ def check_float_base(init: str, layers: Iterable[tuple[str, "nn.Module"]]) -> No
         if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
             raise AdapterError(f"init {init!r} changes the base weights, but module {path!r} stores its weight as "
                                f"{weight.dtype} codes (a quantised base, e.g. 4-bit NF4). Initialise on the "
-                               "full-precision base and quantise the residual afterwards (QPiSSA), or use an init "
-                               "that leaves the base as it is (eva).")
+                               "full-precision base (loftq quantizes it itself; pissa / olora: quantise the residual "
+                               "afterwards, QPiSSA), or use an init that leaves the base as it is (eva).")
 
 
-def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit]:
-    """The base edits adapter ``adapter_name``'s init made, by host module path (empty when none)."""
+def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit | BaseSwap]:
+    """The base edits adapter ``adapter_name``'s init made, by host module path (empty when none): low-rank
+    :class:`BaseEdit` s, or :class:`BaseSwap` s where the init replaced the weight (LoftQ)."""
     from .model import adapter_state
 
     record = adapter_state(model).inits.get(adapter_name)
@@ -326,7 +345,7 @@ def restore_base(model: "nn.Module", adapter_name: str) -> None:
         _check_unmerged(model, adapter_name, f"restore the base weights {adapter_name!r}'s init changed")
         layers = dict(adapter_layers(model))
         for path, edit in record.edits.items():
-            edit.add_to(layers[path], sign=-1.0)
+            edit.undo(layers[path])
     del state.inits[adapter_name]
 
 
@@ -347,8 +366,9 @@ def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch
     (``transformers.Trainer``'s ``model.safetensors``) that must let a resumed run undo the init's base edits.
 
     Keys, under ``prefix``: ``lorakit_init.<adapter>.record`` (the JSON ``{"init", "spec", "method", "config":
-    the adapter's config after the init (EVA rewrites ranks), "scalings": {path: scaling}}`` as uint8 bytes) and
-    ``lorakit_init.<adapter>.<path>.A`` / ``.B``: each :class:`BaseEdit`'s float32 ``A`` (r, in), ``B`` (out, r).
+    the adapter's config after the init (EVA rewrites ranks), "scalings": {path: scaling}, "swaps": [path]}`` as
+    uint8 bytes), ``lorakit_init.<adapter>.<path>.A`` / ``.B``: each :class:`BaseEdit`'s float32 ``A`` (r, in),
+    ``B`` (out, r), and ``lorakit_init.<adapter>.<path>.original``: each :class:`BaseSwap`'s original weight.
     Empty when no init ran. Read back by :func:`pop_init_records`."""
     import json
 
@@ -359,11 +379,16 @@ def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     for name, record in ({} if state is None else state.inits).items():
         config = state.configs[name]
+        swaps = [path for path, edit in record.edits.items() if isinstance(edit, BaseSwap)]
         meta = {"init": record.init, "spec": record.spec, "method": get_method(config).name, "config": config.to_dict(),
-                "scalings": {path: edit.scaling for path, edit in record.edits.items()}}
+                "scalings": {path: edit.scaling for path, edit in record.edits.items() if path not in swaps},
+                "swaps": swaps}
         out[f"{prefix}{RECORD_KEY}{name}.record"] = torch.frombuffer(bytearray(json.dumps(meta).encode()),
                                                                      dtype=torch.uint8)
         for path, edit in record.edits.items():
+            if isinstance(edit, BaseSwap):
+                out[f"{prefix}{RECORD_KEY}{name}.{path}.original"] = edit.original.detach().clone()
+                continue
             out[f"{prefix}{RECORD_KEY}{name}.{path}.A"] = edit.A.detach().clone()
             out[f"{prefix}{RECORD_KEY}{name}.{path}.B"] = edit.B.detach().clone()
     return out
@@ -387,7 +412,9 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = "", *, p
     for name in names:
         key = f"{head}{name}.record"
         meta = json.loads(bytes(state_dict[key].to(torch.uint8).tolist()).decode())
+        swaps = meta.get("swaps", [])
         parts = [f"{head}{name}.{path}.{ab}" for path in meta["scalings"] for ab in ("A", "B")]
+        parts += [f"{head}{name}.{path}.original" for path in swaps]
         if partial and not all(k in state_dict for k in parts):
             continue
         del state_dict[key]
@@ -401,6 +428,12 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = "", *, p
             if a not in state_dict or b not in state_dict:
                 raise AdapterError(f"{key} records a base edit of {path!r}, but the state holds no {a!r} / {b!r}.")
             edits[path] = BaseEdit(A=state_dict.pop(a).float(), B=state_dict.pop(b).float(), scaling=float(scaling))
+        for path in swaps:
+            key_w = f"{head}{name}.{path}.original"
+            if key_w not in state_dict:
+                raise AdapterError(f"{key} records that {path!r}'s base weight was replaced, but the state holds no "
+                                   f"{key_w!r}.")
+            edits[path] = BaseSwap(original=state_dict.pop(key_w))
         out[name] = (InitRecord(init=meta["init"], spec=meta["spec"], edits=edits), config)
     for key in [] if partial else [k for k in state_dict if k.startswith(head)]:
         raise AdapterError(f"{key}: a lorakit init tensor of no recorded adapter ({', '.join(names) or 'none'}).")
