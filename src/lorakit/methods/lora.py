@@ -67,8 +67,8 @@ class LoraConfig(AdapterConfig):
     - ``init_lora_weights``: True (A Kaiming, B zero), "gaussian" (A ~ N(0, 1/r)), False (both random, tests),
       "orthogonal" (PEFT's: A, B random with orthogonal row/column mixes, /10; BA ≠ 0 at init; even r; linear
       layers), "mica" (MiCA, arXiv:2604.01694: B = the r left singular vectors of W with the smallest singular
-      values, frozen; A = 0; no DoRA), or a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K", "olora",
-      "loftq").
+      values, frozen; A = 0; no DoRA), or a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K",
+      "olora", "loftq").
     - ``loftq_config``: LoftQ's settings with ``init_lora_weights="loftq"`` (PEFT's ``LoftQConfig`` as a dict):
       ``loftq_bits`` (4: NF4, 8: int8; default 4) and ``loftq_iter`` (alternating steps, >= 1; default 1).
     - ``lora_bias``: also train a bias on lora_B.
@@ -136,7 +136,8 @@ class LoraConfig(AdapterConfig):
 
     def _check_loftq_config(self) -> None:
         """``loftq_config`` completed with PEFT's defaults under init "loftq"; ConfigError for an unknown key, a bit
-        width PEFT refuses (peft/utils/loftq_utils.py:59-62: 4 or 8 bits, >= 1 iteration) or settings without the init."""
+        width or count PEFT refuses (peft/utils/loftq_utils.py:59-62: 4 or 8 bits, >= 1 iteration) or settings
+        without the init."""
         given = self.loftq_config or {}
         if not isinstance(given, Mapping):
             raise field_error(self, "loftq_config", f" must be a dict like {LOFTQ_DEFAULTS}, got {given!r}.")
