@@ -284,3 +284,21 @@ def test_no_lora_for_the_untouched_base(tmp_path):
     with pytest.raises(lk.AdapterError, match="no rank-2r LoRA can fold in"):
         lk.save_adapter(model, tmp_path / "x", original_base=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_merging_and_serving_refuse_it_with_the_reason(tmp_path):
+    """A LoftQ adapter's ΔW from the original base is W − Q + s·B A, of full rank: merge_adapters cannot fold it in
+    (the model is left as it was), and the serving / mixture check says why instead of suggesting an export."""
+    from lorakit.compose import merge_adapters
+    from lorakit.core.inits import changed_base_error
+
+    lk.save_adapter(lk.add_adapter(tiny_llama(), loftq_config()), tmp_path / "loftq")
+    lk.save_adapter(lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, target_modules=TARGETS)), tmp_path / "plain")
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.ConfigError, match="replaced base weights by full-rank ones"):
+        merge_adapters([str(tmp_path / "plain"), str(tmp_path / "loftq")], model=model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k.replace(".base_layer", "")]), k
+    says = changed_base_error("x", "loftq", "every request runs on")
+    assert "replaced the base weights" in says and "no LoRA for the untouched base exists" in says

@@ -60,6 +60,10 @@ class Init:
     ``fits(config) -> str | None`` (optional): why adapters of this config cannot take the init (None when they
     can), from the config alone, so that :func:`check_init_config` refuses a mismatch (LoRA-SB on a plain LoRA)
     before any model loads or any data pass runs.
+
+    ``base_low_rank``: what it changes in the base is low rank (:class:`BaseEdit`), so the adapter can be written
+    as a LoRA for the untouched base (``save_adapter(..., original_base=True)``, ``lorakit export``). False for an
+    init that replaces the weights (LoftQ: :class:`BaseSwap`).
     """
 
     name: str
@@ -74,6 +78,7 @@ class Init:
     fits: Callable[[Any], str | None] | None = None
     rewrites: tuple[str, ...] = ()
     random_pattern: str = ""
+    base_low_rank: bool = True
 
     def reruns_exactly(self, spec: Any) -> bool:
         """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
@@ -171,6 +176,10 @@ def changed_base_error(where: str, spec: Any, use: str) -> str | None:
     init = find_init(spec) if isinstance(spec, str) else None
     if init is None or not init.changes_base:
         return None
+    if not init.base_low_rank:
+        return (f"{where}: init_lora_weights={spec!r} replaced the base weights (LoftQ: by their quantized values), "
+                f"so its A, B are for that base, not for the untouched base {use}, and no LoRA for the untouched "
+                f"base exists. Load it on its own (load_adapter / lorakit eval / generate redo the init).")
     return (f"{where}: init_lora_weights={spec!r} moved part of the base into the adapter, so its A, B are for the "
             f"base that init left, not for the untouched base {use}. Write it for the untouched base first: "
             f"`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init such as lora_ga, "

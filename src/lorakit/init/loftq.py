@@ -112,7 +112,7 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
 
 
 register_init(
-    "loftq", run=run_loftq, changes_base=True, rerun_on_load=True, fits=lora_style,
+    "loftq", run=run_loftq, changes_base=True, rerun_on_load=True, base_low_rank=False, fits=lora_style,
     description="Base = its NF4 / int8 quantization Q, adapter = rank-r SVD of W − Q, alternated loftq_iter times "
                 "(Q + s·BA ≈ W).",
     paper="Li et al. 2023, arXiv:2310.08659",
