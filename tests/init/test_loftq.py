@@ -302,3 +302,30 @@ def test_merging_and_serving_refuse_it_with_the_reason(tmp_path):
         assert torch.equal(v, before[k.replace(".base_layer", "")]), k
     says = changed_base_error("x", "loftq", "every request runs on")
     assert "replaced the base weights" in says and "no LoRA for the untouched base exists" in says
+
+
+def test_stacking_with_another_base_changing_init_is_refused():
+    """PiSSA's W − s·B A then LoftQ's swap (or the other order): restore_base of one would undo the other wrongly.
+    Refused, naming the other adapter; model unchanged."""
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.AdapterError, match="the init 'pissa' of adapter 'default' already changed"):
+        lk.add_adapter(model, loftq_config(), "q")
+    assert list(adapter_state(model).configs) == ["default"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model = lk.add_adapter(tiny_llama(), loftq_config())
+    with pytest.raises(lk.AdapterError, match="the init 'loftq' of adapter 'default' already changed"):
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="olora"), "o")
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights="olora"), "k")  # other modules
+
+
+def test_loading_onto_weights_another_loftq_adapter_replaced_is_refused_and_attaches_nothing(tmp_path):
+    lk.save_adapter(lk.add_adapter(tiny_llama(), loftq_config()), tmp_path / "a")
+    model = lk.add_adapter(tiny_llama(), loftq_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.AdapterError, match="the init 'loftq' of adapter 'default' already changed"):
+        lk.load_adapter(model, tmp_path / "a", "second")
+    assert list(adapter_state(model).configs) == ["default"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

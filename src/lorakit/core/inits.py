@@ -280,6 +280,8 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
         try:
             check_float_base(found.name, ((path, layer.base_layer) for path, layer in adapter_layers(model)
                                           if adapter_name in layer.adapters and layer.info.kind == "linear"))
+            _check_no_swap_overlap(state, adapter_name, found,
+                                   {path for path, layer in adapter_layers(model) if adapter_name in layer.adapters})
         except AdapterError:
             state.configs[adapter_name] = before
             raise
@@ -300,6 +302,23 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     record = InitRecord(init=found.name, spec=str(spec), edits=dict(edits))
     state.inits[adapter_name] = record
     return record
+
+
+def _check_no_swap_overlap(state: Any, adapter_name: str, init: Init, paths: set[str]) -> None:
+    """AdapterError when ``init`` and another adapter's recorded init would both change one base weight and one of
+    them replaces it (:class:`BaseSwap`, LoftQ): low-rank edits add up and undo in any order, but a replaced weight
+    restored before or after an added edit leaves neither original."""
+    for other, record in state.inits.items():
+        if other == adapter_name:
+            continue
+        shared = sorted(p for p in paths if p in record.edits)
+        swaps = [p for p in shared if isinstance(record.edits[p], BaseSwap)]
+        if swaps or (shared and not init.base_low_rank):
+            raise AdapterError(f"init {init.name!r} of adapter {adapter_name!r} would change base weights that "
+                               f"the init {record.init!r} of adapter {other!r} already changed (e.g. {shared[0]!r}), and "
+                               f"one of the two replaces them (LoftQ), so restoring the base could not undo both. "
+                               f"restore_base(model, {other!r}) or delete that adapter first, or give them "
+                               "separate modules.")
 
 
 def check_float_base(init: str, layers: Iterable[tuple[str, "nn.Module"]]) -> None:
