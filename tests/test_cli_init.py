@@ -171,3 +171,34 @@ def test_train_with_randomised_pissa_saves_for_the_original_base(tmp_path, capsy
     assert "changed the base" in capsys.readouterr().out
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True
+
+
+def test_train_with_loftq_through_either_init_option(tmp_path, capsys):
+    """``--init loftq --init-options`` and PEFT's spelling ``--init-lora-weights loftq --loftq-config``: the file
+    carries the loftq_config that ran (PEFT's keys), is saved as it is (LoftQ is redone exactly on load, so no
+    rank-2r conversion), and eval loads it."""
+    out = tmp_path / "loftq"
+    assert main(["train", "--init", "loftq", "--init-options", '{"loftq_bits": 8}', "--output", str(out),
+                 *COMMON]) == 0
+    assert "changed the base" not in capsys.readouterr().out
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq" and config["r"] == 4
+    assert config["loftq_config"] == {"loftq_bits": 8, "loftq_iter": 1}
+    assert main(["eval", "--adapter", str(out / "adapter"), "--data", "reverse", "--eval-examples", "2"]) == 0
+    out = tmp_path / "peft_spelling"
+    assert main(["train", "--init-lora-weights", "loftq", "--loftq-config", '{"loftq_bits": 4, "loftq_iter": 2}',
+                 "--output", str(out), *COMMON]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq" and config["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--init", "loftq", "--quantize", "nf4"], "--init loftq changes the base weights, which --quantize nf4 stores"),
+    (["--init-lora-weights", "loftq", "--loftq-config", '{"loftq_bits": 2}'],
+     "--loftq-config['loftq_bits']=2: LoftQ quantizes to 4 bits (NF4) or 8 bits (int8)"),
+    (["--loftq-config", '{"loftq_bits": 4}'], "sets LoftQ, but --init-lora-weights True; set --init-lora-weights loftq"),
+])
+def test_loftq_settings_are_checked_before_loading(flags, says, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    assert main(["train", *flags, *COMMON]) == 2
+    assert says in capsys.readouterr().err

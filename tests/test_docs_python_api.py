@@ -109,6 +109,8 @@ def _check_engine(ns):
 def _check_inits(ns):
     saved = json.loads(Path("out/a/adapter_config.json").read_text())
     assert saved["r"] == 32  # rank 2r for the untouched base
+    from lorakit.core.inits import BaseSwap, base_edits
+    assert base_edits(ns["model"], "loftq") and all(isinstance(e, BaseSwap) for e in base_edits(ns["model"], "loftq").values())
 
 
 def _check_procedures(ns):

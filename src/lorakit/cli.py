@@ -161,8 +161,8 @@ def _check_init_options(args, adapter_config) -> None:
     init.check_options(args.init_options)
     if init.changes_base and getattr(args, "quantize", None):
         raise ConfigError(f"--init {spec} changes the base weights, which --quantize {args.quantize} stores in 4 bit; "
-                          "initialise on the full-precision base (no --quantize), or use an init that leaves the base "
-                          "as it is (eva).")
+                          "initialise on the full-precision base (no --quantize; loftq quantizes it itself), or use an "
+                          "init that leaves the base as it is (eva).")
 
 
 def _resave_for_original_base(model, name: str, adapter_dir: Path, rerun_fits: bool = True) -> None:

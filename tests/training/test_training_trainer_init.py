@@ -242,6 +242,26 @@ def test_resuming_after_a_base_editing_init_restores_its_record_and_undoes_it_as
     _assert_close_all(_base_by_host_name(resumed), untouched, atol=1e-6, rtol=0)
 
 
+def test_resuming_after_loftq_keeps_the_replaced_weights_so_restore_base_gives_the_untouched_ones(
+        make_model, trainer_with_checkpoints, tmp_path):
+    """LoftQ replaces the base weights by their quantized values (core.inits.BaseSwap, no B A form); its record (the
+    original weights) travels in the checkpoint like a low-rank edit, so the resumed run ends as the straight run and
+    restore_base puts back the untouched weights bit for bit."""
+    def run(output_dir, resume=None):
+        model = make_model(lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+        return trainer_with_checkpoints(model, output_dir, max_steps=2, save_steps=1, resume=resume)
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    _assert_close_all(resumed.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
+    assert set(inits.base_edits(resumed, "default")) == set(inits.base_edits(straight, "default"))
+    assert all(isinstance(e, inits.BaseSwap) for e in inits.base_edits(resumed, "default").values())
+    untouched = _base_by_host_name(lk.unload(make_model()))
+    inits.restore_base(resumed, "default")
+    _assert_close_all(_base_by_host_name(resumed), untouched, atol=0, rtol=0)
+
+
 def test_resuming_a_base_editing_init_from_a_checkpoint_without_its_record_is_refused(
         make_model, trainer_with_checkpoints, tmp_path):
     """A checkpoint as an older lorakit wrote it (no lorakit_init.* tensors in model.safetensors): the resumed model

@@ -258,6 +258,11 @@ def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], di
                 names.append(name)
                 loaded.append(name)
             edits[names[-1]] = base_edits(model, names[-1])
+            if any(not isinstance(e, BaseEdit) for e in edits[names[-1]].values()):
+                raise ConfigError(f"source {str(src)!r} was initialised with "
+                                  f"{adapter_state(model).configs[names[-1]].init_lora_weights!r}, which replaced "
+                                  "base weights by full-rank ones (LoftQ: their quantized values); its ΔW from the "
+                                  "original base is no low-rank update, so it cannot be merged with other adapters.")
             if edits[names[-1]] and names[-1] in loaded:
                 restore_base(model, names[-1])
             config = adapter_state(model).configs[names[-1]]

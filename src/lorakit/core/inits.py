@@ -60,6 +60,10 @@ class Init:
     ``fits(config) -> str | None`` (optional): why adapters of this config cannot take the init (None when they
     can), from the config alone, so that :func:`check_init_config` refuses a mismatch (LoRA-SB on a plain LoRA)
     before any model loads or any data pass runs.
+
+    ``base_low_rank``: what it changes in the base is low rank (:class:`BaseEdit`), so the adapter can be written
+    as a LoRA for the untouched base (``save_adapter(..., original_base=True)``, ``lorakit export``). False for an
+    init that replaces the weights (LoftQ: :class:`BaseSwap`).
     """
 
     name: str
@@ -74,6 +78,7 @@ class Init:
     fits: Callable[[Any], str | None] | None = None
     rewrites: tuple[str, ...] = ()
     random_pattern: str = ""
+    base_low_rank: bool = True
 
     def reruns_exactly(self, spec: Any) -> bool:
         """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
@@ -114,6 +119,24 @@ class BaseEdit:
         """``W += sign · scaling · B A`` on ``layer``'s base weight (``sign=-1`` undoes the edit)."""
         add_low_rank_to_base_weight(layer, self.B, self.A, sign * self.scaling)
 
+    def undo(self, layer: "AdapterLayer") -> None:
+        """Put ``layer``'s original base weight back (up to float rounding)."""
+        self.add_to(layer, sign=-1.0)
+
+
+@dataclass
+class BaseSwap:
+    """A base weight an init replaced outright by one of full rank (LoftQ: ``W -> Q``, its quantized value), which
+    no ``B A`` records: the original weight as the layer stores it (same dtype, layout and device, so it costs what
+    the weight costs), put back bit for bit by :meth:`undo`. It cannot be folded into a LoRA for the original base
+    (``save_adapter(..., original_base=True)``, merging with the original base refuse it)."""
+
+    original: torch.Tensor
+
+    def undo(self, layer: "AdapterLayer") -> None:
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(self.original)
+
 
 @dataclass
 class InitRecord:
@@ -121,7 +144,7 @@ class InitRecord:
 
     init: str
     spec: str
-    edits: dict[str, BaseEdit] = field(default_factory=dict)
+    edits: dict[str, BaseEdit | BaseSwap] = field(default_factory=dict)
 
 
 _INITS: dict[str, Init] = {}
@@ -153,6 +176,10 @@ def changed_base_error(where: str, spec: Any, use: str) -> str | None:
     init = find_init(spec) if isinstance(spec, str) else None
     if init is None or not init.changes_base:
         return None
+    if not init.base_low_rank:
+        return (f"{where}: init_lora_weights={spec!r} replaced the base weights (LoftQ: by their quantized values), "
+                f"so its A, B are for that base, not for the untouched base {use}, and no LoRA for the untouched "
+                f"base exists. Load it on its own (load_adapter / lorakit eval / generate redo the init).")
     return (f"{where}: init_lora_weights={spec!r} moved part of the base into the adapter, so its A, B are for the "
             f"base that init left, not for the untouched base {use}. Write it for the untouched base first: "
             f"`lorakit export ADAPTER --output DIR` (a plain LoRA of rank 2r; for a data-driven init such as lora_ga, "
@@ -253,6 +280,8 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
         try:
             check_float_base(found.name, ((path, layer.base_layer) for path, layer in adapter_layers(model)
                                           if adapter_name in layer.adapters and layer.info.kind == "linear"))
+            _check_no_swap_overlap(state, adapter_name, found,
+                                   {path for path, layer in adapter_layers(model) if adapter_name in layer.adapters})
         except AdapterError:
             state.configs[adapter_name] = before
             raise
@@ -275,6 +304,23 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     return record
 
 
+def _check_no_swap_overlap(state: Any, adapter_name: str, init: Init, paths: set[str]) -> None:
+    """AdapterError when ``init`` and another adapter's recorded init would both change one base weight and one of
+    them replaces it (:class:`BaseSwap`, LoftQ): low-rank edits add up and undo in any order, but a replaced weight
+    restored before or after an added edit leaves neither original."""
+    for other, record in state.inits.items():
+        if other == adapter_name:
+            continue
+        shared = sorted(p for p in paths if p in record.edits)
+        swaps = [p for p in shared if isinstance(record.edits[p], BaseSwap)]
+        if swaps or (shared and not init.base_low_rank):
+            raise AdapterError(f"init {init.name!r} of adapter {adapter_name!r} would change base weights that "
+                               f"the init {record.init!r} of adapter {other!r} already changed (e.g. {shared[0]!r}), and "
+                               f"one of the two replaces them (LoftQ), so restoring the base could not undo both. "
+                               f"restore_base(model, {other!r}) or delete that adapter first, or give them "
+                               "separate modules.")
+
+
 def check_float_base(init: str, layers: Iterable[tuple[str, "nn.Module"]]) -> None:
     """AdapterError naming the first of ``layers`` ((path, base layer) pairs) whose stored weight is not floating
     point (packed 4-bit codes): an init that changes the base writes into it (PiSSA, OLoRA, CorDA) or needs its
@@ -284,12 +330,13 @@ def check_float_base(init: str, layers: Iterable[tuple[str, "nn.Module"]]) -> No
         if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
             raise AdapterError(f"init {init!r} changes the base weights, but module {path!r} stores its weight as "
                                f"{weight.dtype} codes (a quantised base, e.g. 4-bit NF4). Initialise on the "
-                               "full-precision base and quantise the residual afterwards (QPiSSA), or use an init "
-                               "that leaves the base as it is (eva).")
+                               "full-precision base (loftq quantizes it itself; pissa / olora: quantise the residual "
+                               "afterwards, QPiSSA), or use an init that leaves the base as it is (eva).")
 
 
-def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit]:
-    """The base edits adapter ``adapter_name``'s init made, by host module path (empty when none)."""
+def base_edits(model: "nn.Module", adapter_name: str) -> dict[str, BaseEdit | BaseSwap]:
+    """The base edits adapter ``adapter_name``'s init made, by host module path (empty when none): low-rank
+    :class:`BaseEdit` s, or :class:`BaseSwap` s where the init replaced the weight (LoftQ)."""
     from .model import adapter_state
 
     record = adapter_state(model).inits.get(adapter_name)
@@ -326,7 +373,7 @@ def restore_base(model: "nn.Module", adapter_name: str) -> None:
         _check_unmerged(model, adapter_name, f"restore the base weights {adapter_name!r}'s init changed")
         layers = dict(adapter_layers(model))
         for path, edit in record.edits.items():
-            edit.add_to(layers[path], sign=-1.0)
+            edit.undo(layers[path])
     del state.inits[adapter_name]
 
 
@@ -347,8 +394,9 @@ def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch
     (``transformers.Trainer``'s ``model.safetensors``) that must let a resumed run undo the init's base edits.
 
     Keys, under ``prefix``: ``lorakit_init.<adapter>.record`` (the JSON ``{"init", "spec", "method", "config":
-    the adapter's config after the init (EVA rewrites ranks), "scalings": {path: scaling}}`` as uint8 bytes) and
-    ``lorakit_init.<adapter>.<path>.A`` / ``.B``: each :class:`BaseEdit`'s float32 ``A`` (r, in), ``B`` (out, r).
+    the adapter's config after the init (EVA rewrites ranks), "scalings": {path: scaling}, "swaps": [path]}`` as
+    uint8 bytes), ``lorakit_init.<adapter>.<path>.A`` / ``.B``: each :class:`BaseEdit`'s float32 ``A`` (r, in),
+    ``B`` (out, r), and ``lorakit_init.<adapter>.<path>.original``: each :class:`BaseSwap`'s original weight.
     Empty when no init ran. Read back by :func:`pop_init_records`."""
     import json
 
@@ -359,11 +407,16 @@ def init_record_tensors(model: "nn.Module", prefix: str = "") -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     for name, record in ({} if state is None else state.inits).items():
         config = state.configs[name]
+        swaps = [path for path, edit in record.edits.items() if isinstance(edit, BaseSwap)]
         meta = {"init": record.init, "spec": record.spec, "method": get_method(config).name, "config": config.to_dict(),
-                "scalings": {path: edit.scaling for path, edit in record.edits.items()}}
+                "scalings": {path: edit.scaling for path, edit in record.edits.items() if path not in swaps},
+                "swaps": swaps}
         out[f"{prefix}{RECORD_KEY}{name}.record"] = torch.frombuffer(bytearray(json.dumps(meta).encode()),
                                                                      dtype=torch.uint8)
         for path, edit in record.edits.items():
+            if isinstance(edit, BaseSwap):
+                out[f"{prefix}{RECORD_KEY}{name}.{path}.original"] = edit.original.detach().clone()
+                continue
             out[f"{prefix}{RECORD_KEY}{name}.{path}.A"] = edit.A.detach().clone()
             out[f"{prefix}{RECORD_KEY}{name}.{path}.B"] = edit.B.detach().clone()
     return out
@@ -387,7 +440,9 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = "", *, p
     for name in names:
         key = f"{head}{name}.record"
         meta = json.loads(bytes(state_dict[key].to(torch.uint8).tolist()).decode())
+        swaps = meta.get("swaps", [])
         parts = [f"{head}{name}.{path}.{ab}" for path in meta["scalings"] for ab in ("A", "B")]
+        parts += [f"{head}{name}.{path}.original" for path in swaps]
         if partial and not all(k in state_dict for k in parts):
             continue
         del state_dict[key]
@@ -401,6 +456,12 @@ def pop_init_records(state_dict: dict[str, torch.Tensor], prefix: str = "", *, p
             if a not in state_dict or b not in state_dict:
                 raise AdapterError(f"{key} records a base edit of {path!r}, but the state holds no {a!r} / {b!r}.")
             edits[path] = BaseEdit(A=state_dict.pop(a).float(), B=state_dict.pop(b).float(), scaling=float(scaling))
+        for path in swaps:
+            key_w = f"{head}{name}.{path}.original"
+            if key_w not in state_dict:
+                raise AdapterError(f"{key} records that {path!r}'s base weight was replaced, but the state holds no "
+                                   f"{key_w!r}.")
+            edits[path] = BaseSwap(original=state_dict.pop(key_w))
         out[name] = (InitRecord(init=meta["init"], spec=meta["spec"], edits=edits), config)
     for key in [] if partial else [k for k in state_dict if k.startswith(head)]:
         raise AdapterError(f"{key}: a lorakit init tensor of no recorded adapter ({', '.join(names) or 'none'}).")

@@ -23,8 +23,8 @@ from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetEr
 from ..core.delta import values_from_file
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
-from ..core.model import (adapter_layers, adapter_state, attach_plan, host_path, plan_adapter, planned_shapes,
-                          temporarily_unmerged)
+from ..core.model import (adapter_layers, adapter_state, attach_plan, discard_adapter, host_path, plan_adapter,
+                          planned_shapes, temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
 from .files import TensorFile, is_temp_name, read_json, save_tensors_and_json
 
@@ -396,7 +396,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     _refuse_meta(directory, plan)
     attach_plan(model, plan)
     if init is not None and init.rerun_on_load:
-        init_adapter(model, name)  # rebuild the changed base, then put the trained tensors back
+        try:
+            init_adapter(model, name)  # rebuild the changed base, then put the trained tensors back
+        except Exception:
+            discard_adapter(model, name)  # e.g. a 4-bit base, or weights another adapter's LoftQ replaced
+            raise
         with torch.no_grad():
             for path, (_, _, delta) in plan.deltas.items():
                 _copy_into(delta, path, given)

@@ -30,8 +30,11 @@ from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, building_for_f
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
+from ..quantize.nf4 import LOFTQ_BITS
 
 INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
+# PEFT's LoftQConfig fields and defaults (peft/tuners/lora/config.py:134-135)
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
 # Inits that only set A and B and leave the base weight alone (peft/tuners/lora/layer.py ``update_layer``:
 # ``orthogonal_init``, ``mica_init``): a file saved with one of them is a plain LoRA for inference.
 FACTOR_ONLY_INITS = ("orthogonal", "mica")
@@ -64,14 +67,17 @@ class LoraConfig(AdapterConfig):
     - ``init_lora_weights``: True (A Kaiming, B zero), "gaussian" (A ~ N(0, 1/r)), False (both random, tests),
       "orthogonal" (PEFT's: A, B random with orthogonal row/column mixes, /10; BA ≠ 0 at init; even r; linear
       layers), "mica" (MiCA, arXiv:2604.01694: B = the r left singular vectors of W with the smallest singular
-      values, frozen; A = 0; no DoRA), or a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K", "olora").
+      values, frozen; A = 0; no DoRA), or a registered init (``lorakit.list_inits()``: "pissa", "pissa_niter_K",
+      "olora", "loftq").
+    - ``loftq_config``: LoftQ's settings with ``init_lora_weights="loftq"`` (PEFT's ``LoftQConfig`` as a dict):
+      ``loftq_bits`` (4: NF4, 8: int8; default 4) and ``loftq_iter`` (alternating steps, >= 1; default 1).
     - ``lora_bias``: also train a bias on lora_B.
     - ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, {module regex: value}, as PEFT.
     """
 
     foreign_fields = {
         "fan_in_fan_out": ANY_VALUE,  # lorakit detects Conv1D layers itself
-        "bias": "none", "megatron_config": None, "megatron_core": ANY_VALUE, "loftq_config": ({}, None),
+        "bias": "none", "megatron_config": None, "megatron_core": ANY_VALUE,
         "layer_replication": None,
         "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
         "use_bdlora": (None, False), "alora_invocation_tokens": None, "use_qalora": False,
@@ -90,10 +96,12 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    loftq_config: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
+        self._check_loftq_config()
         # PEFT's LoraConfig refuses these pairs, so it could not load the file lorakit would write
         if self.lora_bias and self.use_dora:
             raise field_error(self, "lora_bias", "=True is not supported with use_dora=True (PEFT refuses the pair "
@@ -126,6 +134,34 @@ class LoraConfig(AdapterConfig):
         for k in [*self.rank_pattern, *self.alpha_pattern]:
             self._check_regex(f"rank_pattern / alpha_pattern key", k)
 
+    def _check_loftq_config(self) -> None:
+        """``loftq_config`` completed with PEFT's defaults under init "loftq"; ConfigError for an unknown key, a bit
+        width or count PEFT refuses (peft/utils/loftq_utils.py:59-62: 4 or 8 bits, >= 1 iteration) or settings
+        without the init."""
+        given = self.loftq_config or {}
+        if not isinstance(given, Mapping):
+            raise field_error(self, "loftq_config", f" must be a dict like {LOFTQ_DEFAULTS}, got {given!r}.")
+        if self.init_lora_weights != "loftq":
+            if given:
+                raise field_error(self, "loftq_config", f"={dict(given)!r} sets LoftQ, but init_lora_weights="
+                                  f"{self.init_lora_weights!r}; set init_lora_weights='loftq' or drop loftq_config "
+                                  "(PEFT ignores it then).")
+            self.loftq_config = {}
+            return
+        for key in given:
+            if key not in LOFTQ_DEFAULTS:
+                raise field_error(self, "loftq_config", f" has no key {key!r}.{did_you_mean(key, LOFTQ_DEFAULTS)} "
+                                  f"Keys (PEFT's LoftQConfig): {', '.join(LOFTQ_DEFAULTS)}.")
+        merged = {**LOFTQ_DEFAULTS, **given}
+        bits, steps = merged["loftq_bits"], merged["loftq_iter"]
+        if isinstance(bits, bool) or bits not in LOFTQ_BITS:
+            raise field_error(self, "loftq_config", f"['loftq_bits']={bits!r}: LoftQ quantizes to 4 bits (NF4) or 8 "
+                                                    "bits (int8), as PEFT; choose 4 or 8.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise field_error(self, "loftq_config", f"['loftq_iter']={steps!r} must be an integer >= 1 (the "
+                                                    "alternating quantize / SVD steps).")
+        self.loftq_config = merged
+
     def check_patterns(self, targets: list[str]) -> None:
         for field_name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, field_name):
@@ -141,7 +177,7 @@ class LoraConfig(AdapterConfig):
         return init if isinstance(init, str) and init not in INIT_CHOICES else None
 
     def with_init(self, init: str) -> "LoraConfig":
-        return replace(self, init_lora_weights=init)
+        return replace(self, init_lora_weights=init, loftq_config=self.loftq_config if init == "loftq" else {})
 
     def for_module(self, module_name: str) -> "LoraConfig":
         r = pattern_value(self.rank_pattern, module_name, self.r)
@@ -414,6 +450,12 @@ def lora_to_original_base(config: LoraConfig, file_config: dict[str, Any], tenso
     with ``W_res = W_orig + s_e B_e A_e``, ``ΔW' = s B A + s_e B_e A_e = s [B, (s_e/s) B_e] [A; A_e]``. ``r``,
     ``lora_alpha`` (×√2 under rsLoRA), ``rank_pattern`` and ``alpha_pattern`` double so every scaling stays;
     layers the init did not change get zero blocks. ``init_lora_weights`` becomes True (a plain LoRA)."""
+    swapped = [path for path, edit in edits.items() if not isinstance(edit, BaseEdit)]
+    if swapped:
+        raise AdapterError(f"init {config.init_lora_weights!r} replaced the base weight of {swapped[0]!r} by one of "
+                           "full rank (LoftQ: its quantized value), which no rank-2r LoRA can fold in, so there is no "
+                           "LoRA of it for the untouched base (export, original_base=True). Use the adapter as it is: "
+                           "loading it redoes the init on the original base (deterministically), as PEFT does.")
     if config.use_dora:
         raise AdapterError("a DoRA adapter cannot be rewritten for the original base: its magnitude is relative to "
                            "the changed base weight (PEFT does not convert DoRA either).")

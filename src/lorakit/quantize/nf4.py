@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.delta import register_dequantizer
 from ..core.config import field_error
-from ..core.errors import LorakitError, did_you_mean
+from ..core.errors import ConfigError, LorakitError, did_you_mean
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,6 +178,31 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 register_dequantizer(dequantize_weight)
+
+
+LOFTQ_BITS = (4, 8)
+
+
+def quantize_dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` as bitsandbytes stores and returns it: quantized, then dequantized, float32, same shape.
+
+    ``bits=4``: NF4 in blocks of 64 with one float32 absmax per block and no double quantization (QLoRA's NF4 data
+    type, arXiv:2305.14314 §3; ``Params4bit(compress_statistics=False, quant_type="nf4")``). ``bits=8``: int8 with one
+    absmax per row, the input first rounded to float16 (``Int8Params``, LLM.int8(), arXiv:2208.07339). These are the
+    two quantizers PEFT's LoftQ calls (peft/utils/loftq_utils.py:77-84). The blocks of 64 run over the flattened
+    tensor, so a 2-D weight is quantized in the layout given (pass it as (out, in), as nn.Linear stores it).
+    Raises ConfigError for other ``bits``, LorakitError without bitsandbytes."""
+    if bits not in LOFTQ_BITS:
+        raise ConfigError(f"bits={bits!r}: bitsandbytes quantizes to one of {LOFTQ_BITS} bits (NF4 or int8).")
+    F = _bnb().functional
+    w = weight.detach().float().contiguous()
+    if bits == 4:
+        # as one row: bitsandbytes 0.50.2's CPU dequantize_4bit kernel reads a 2-D weight's blocks row by row, which
+        # is wrong where a block crosses a row end (in_features not a multiple of 64); the codes are the same
+        packed, state = F.quantize_4bit(w.reshape(-1), blocksize=64, compress_statistics=False, quant_type="nf4")
+        return F.dequantize_4bit(packed, state).float().reshape(w.shape)
+    codes, row_absmax, _ = F.int8_vectorwise_quant(w.to(torch.float16))  # (out, in) int8, (out,) float32
+    return F.int8_vectorwise_dequant(codes, row_absmax).float().reshape(w.shape)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -71,7 +71,7 @@ from transformers import TrainerCallback
 
 from ..core.checkpointing import replay_routing_in_checkpoints
 from ..core.errors import AdapterError, ConfigError
-from ..core.inits import (RECORD_KEY, Init, InitRecord, init_adapter, init_pending, init_record_tensors,
+from ..core.inits import (RECORD_KEY, BaseSwap, Init, InitRecord, init_adapter, init_pending, init_record_tensors,
                           pop_init_records, requested_init)
 from ..core.model import (adapter_layers, adapter_state, attach_plan, discard_adapter, plan_adapter,
                           refresh_trainable, set_adapter)
@@ -177,7 +177,10 @@ class LorakitCallback(TrainerCallback):
             layers = dict(adapter_layers(module))
             for path, edit in record.edits.items():
                 weight = layers[path].base_layer.weight
-                edit.A, edit.B = edit.A.to(weight.device), edit.B.to(weight.device)
+                if isinstance(edit, BaseSwap):
+                    edit.original = edit.original.to(weight.device)
+                else:
+                    edit.A, edit.B = edit.A.to(weight.device), edit.B.to(weight.device)
             state.inits[name] = record
             self._copy_held(module, name)
         if sharded:
