@@ -235,3 +235,21 @@ def test_tied_twins_with_different_indices_are_refused():
     with pytest.raises(ConfigError, match="share one weight.*different indices"):
         lk.add_adapter(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"],
                                                   trainable_token_indices={"wte": [1, 2], "lm_head": [2, 3]}))
+
+
+def test_banks_and_adapter_merges_refuse_token_rows(tmp_path):
+    """Neither a serving bank (per-row low-rank factors) nor merge_adapters (low-rank combinations) can hold a row
+    replacement: both say so instead of dropping the rows (the store serves such an adapter attached:
+    tests/serving/test_serving_mixtures.py)."""
+    from lorakit.compose.merge import merge_adapters
+    from lorakit.core.errors import AdapterLoadError
+    from lorakit.serving import load_adapters
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5]), "tokens")
+    lk.save_adapter(model, tmp_path / "tokens", "tokens")
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA), "plain")
+    with pytest.raises(AdapterLoadError, match="trainable_token_indices .* cannot be banked"):
+        load_adapters(tiny_llama(), {"tokens": tmp_path / "tokens"})
+    with pytest.raises(ConfigError, match="'tokens' trains embedding rows"):
+        merge_adapters(["tokens", "plain"], [0.5, 0.5], "linear", model=model)
