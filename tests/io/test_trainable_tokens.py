@@ -253,3 +253,37 @@ def test_banks_and_adapter_merges_refuse_token_rows(tmp_path):
         load_adapters(tiny_llama(), {"tokens": tmp_path / "tokens"})
     with pytest.raises(ConfigError, match="'tokens' trains embedding rows"):
         merge_adapters(["tokens", "plain"], [0.5, 0.5], "linear", model=model)
+
+
+def test_peft_file_of_a_resized_vocabulary(token_ids, tmp_path):
+    """New special tokens: resize, then train their rows. PEFT then also saves the resized embedding
+    (``...embed_tokens.token_adapter.base_layer.weight``) and head (peft/utils/save_and_load.py line 327); they load
+    when equal to the model's (its resized copy) and are refused, naming the tensor, otherwise."""
+    import copy
+
+    from lorakit.core.errors import AdapterLoadError
+
+    folder = tmp_path / "base"
+    tiny_llama().save_pretrained(folder)
+    from transformers import AutoModelForCausalLM
+
+    resized = AutoModelForCausalLM.from_pretrained(folder).eval()
+    resized.resize_token_embeddings(100)
+    mine = copy.deepcopy(resized)
+    peft_model = get_peft_model(resized, PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                        trainable_token_indices=[96, 97, 98, 99]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 4)
+    ids = token_ids.clone()
+    ids[:, 1] = torch.tensor([96, 97, 99])
+    expected = _logits(peft_model.eval(), ids)
+    with pytest.warns(UserWarning, match="resized"):
+        peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in load_file(
+        tmp_path / "adapter" / "adapter_model.safetensors")
+    lk.load_adapter(mine, tmp_path / "adapter")
+    assert (_logits(mine, ids) - expected).abs().max() <= 1e-5
+
+    other = AutoModelForCausalLM.from_pretrained(folder)
+    other.resize_token_embeddings(100)  # new rows drawn again: not the ones the adapter was trained with
+    with pytest.raises(AdapterLoadError, match="base-model weight that differs"):
+        lk.load_adapter(other, tmp_path / "adapter")
