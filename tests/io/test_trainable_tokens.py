@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit as lk
 from lk_models import tiny_gpt2, tiny_llama
 from lorakit.core.errors import ConfigError, TargetError
-from lorakit.core.model import adapter_parameters
+from lorakit.core.model import adapter_parameters, merged_adapters
 
 KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 
@@ -287,3 +287,28 @@ def test_peft_file_of_a_resized_vocabulary(token_ids, tmp_path):
     other.resize_token_embeddings(100)  # new rows drawn again: not the ones the adapter was trained with
     with pytest.raises(AdapterLoadError, match="base-model weight that differs"):
         lk.load_adapter(other, tmp_path / "adapter")
+
+
+def test_per_row_adapters_and_merge_rules(token_ids):
+    """Per-row routing gives each row its own adapter's logits (rows replaced for the token rows' adapter only);
+    a layer refuses to merge a row replacement together with another adapter's addition (no order-free sum)."""
+    from lorakit.core.errors import AdapterError
+
+    model = tied_llama()
+    base = _logits(model, token_ids)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5, 90]), "tokens")
+    with pytest.warns(UserWarning, match="shares its weight"):  # a LoRA on a tied embedding: untied when merged
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False), "emb")
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 5)
+    alone = {}
+    for name in ("tokens", "emb"):
+        lk.set_adapter(model, name)
+        alone[name] = _logits(model, token_ids)
+    with lk.routing(adapter_names=["tokens", None, "emb"]):
+        mixed = _logits(model, token_ids)
+    assert (mixed[0] - alone["tokens"][0]).abs().max() <= 1e-5 and (alone["tokens"][0] - base[0]).abs().max() > 1e-2
+    assert torch.equal(mixed[1], base[1])
+    assert (mixed[2] - alone["emb"][2]).abs().max() <= 1e-5
+    with pytest.raises(AdapterError, match="replaces slices of this layer's weight"):
+        lk.merge_adapter(model, ["tokens", "emb"])
+    assert merged_adapters(model) == []  # all or nothing
