@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta, LayerInfo, MergeTerms, describe_layer, oriented_weight
+from ..core.errors import FIELD as MARK
 from ..core.errors import ConfigError, TargetError, near_matches
 from ..core.layer import AdapterLayer
 from ..core.model import tied_parameters
 from ..core.targeting import iter_host_modules
 
-FIELD = "LoraConfig.trainable_token_indices"
+FIELD = "LoraConfig.trainable_token_indices"  # (ConfigErrors write MARK there: a command line words it as its flag)
 
 
 class _TokenValues(nn.Module):
@@ -186,7 +187,7 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
         vocab = info.in_features if info.kind == "embedding" else info.out_features
         bad = [i for i in indices if not 0 <= i < vocab]
         if bad:
-            raise ConfigError(f"{FIELD}: index {bad[0]} is out of range for {path!r} (vocabulary size {vocab}, "
+            raise ConfigError(f"{MARK}: index {bad[0]} is out of range for {path!r} (vocabulary size {vocab}, "
                               f"indices 0..{vocab - 1}). For new tokens resize the embeddings first "
                               f"(model.resize_token_embeddings(len(tokenizer))).", field=FIELD)
     twins = tied_parameters(model)
@@ -200,7 +201,7 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
             if twin == path or describe_layer(host[twin]) is None:
                 continue
             if twin in wanted and wanted[twin] != wanted[path]:
-                raise ConfigError(f"{FIELD}: {path!r} and {twin!r} share one weight (tied word embeddings) but get "
+                raise ConfigError(f"{MARK}: {path!r} and {twin!r} share one weight (tied word embeddings) but get "
                                   f"different indices ({wanted[path]} and {wanted[twin]}); give both the same "
                                   f"indices, or name only {path!r} (the tied module follows it).", field=FIELD)
             followers[twin] = path
@@ -230,7 +231,7 @@ def check_token_indices(spec: list[int] | dict[str, list[int]] | None) -> None:
         return
     lists = spec.items() if isinstance(spec, Mapping) else [(None, spec)]
     for key, indices in lists:
-        where = FIELD if key is None else f"{FIELD}[{key!r}]"
+        where = MARK if key is None else f"{MARK}[{key!r}]"
         if not indices:
             raise ConfigError(f"{where} is empty, so it trains nothing: give token indices or leave it unset.",
                               field=FIELD)

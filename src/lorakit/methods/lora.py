@@ -93,7 +93,9 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(default=None, metadata={
+        "help": "embedding rows trained too (e.g. new special tokens), as PEFT: [indices] of the input embedding or "
+                "{module name: [indices]}; a tied lm_head follows them"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
