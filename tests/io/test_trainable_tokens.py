@@ -197,6 +197,19 @@ def test_cli_flag_trains_token_rows(tmp_path):
     assert len(keys) == 1 and keys[0].endswith("embed_tokens.token_adapter.trainable_tokens_delta")
 
 
+@pytest.mark.parametrize("value,message", [
+    ("[3, 3]", "--trainable-token-indices: index 3 appears twice"),
+    ('{"embed_tokens": [3, 99999]}', "--trainable-token-indices: index 99999 is out of range for 'model.embed_tokens' "
+                                     "(vocabulary size 4096"),
+])
+def test_cli_flag_errors_name_the_flag(value, message, tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["train", "--data", "reverse", "--steps", "1", "--trainable-token-indices", value,
+                 "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("indices,message", [
     ([3, 5, 3], "index 3 appears twice"),
     ({"embed_tokens": [1, 1]}, r"\['embed_tokens'\]: index 1 appears twice"),
