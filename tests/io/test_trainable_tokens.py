@@ -35,6 +35,17 @@ def tied_llama(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3: its embedding scales its output (``embed_scale``, PEFT's ``_get_embed_scale``); lm_head tied."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64,
+                           sliding_window=16)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 LLAMA = ["q_proj", "v_proj", "down_proj"]
 CASES = {  # model factory, LoRA targets, trainable_token_indices
     "llama-list": (tiny_llama, LLAMA, [3, 5, 90]),
@@ -42,6 +53,7 @@ CASES = {  # model factory, LoRA targets, trainable_token_indices
     "llama-dict-untied-head": (tiny_llama, LLAMA, {"embed_tokens": [3, 5], "lm_head": [5, 9]}),
     "tied-llama-list": (tied_llama, LLAMA, [3, 5, 90]),
     "gpt2-tied-dict": (tiny_gpt2, ["c_attn"], {"wte": [3, 5], "lm_head": [3, 5]}),
+    "gemma3-scaled-tied": (tiny_gemma3, ["q_proj", "v_proj"], [3, 5, 90]),
 }
 
 
