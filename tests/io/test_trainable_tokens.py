@@ -337,3 +337,23 @@ def test_per_row_adapters_and_merge_rules(token_ids):
     with pytest.raises(AdapterError, match="replaces slices of this layer's weight"):
         lk.merge_adapter(model, ["tokens", "emb"])
     assert merged_adapters(model) == []  # all or nothing
+
+
+def test_tied_head_paths_agree_with_peft(tmp_path):
+    """A tied head computes its k columns after the base output for few rows, and ``F.linear(x, W')`` on a copy of
+    the weight (PEFT's forward, layer.py line 267) for more rows than its input size (64 > 32 here): both give
+    PEFT's logits; the per-row path (routing) takes the first way on the same long batch."""
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(0, 96, (4, 16), generator=g)
+    long[:, 0] = torch.tensor([3, 5, 90, 3])
+    peft_model = get_peft_model(tied_llama(), PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                             trainable_token_indices=[3, 5, 90]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 6)
+    peft_model.eval().save_pretrained(tmp_path)
+    model = tied_llama()
+    lk.load_adapter(model, tmp_path)
+    for ids in (long, long[:1, :8]):
+        expected = _logits(peft_model, ids)
+        assert (_logits(model, ids) - expected).abs().max() <= 1e-5
+    with lk.routing(adapter_names=["default"] * 4):
+        assert (_logits(model, long) - _logits(peft_model, long)).abs().max() <= 1e-5

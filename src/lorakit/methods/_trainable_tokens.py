@@ -10,7 +10,8 @@ initialised to ``E[I]`` so that an untrained adapter is the base:
 A row *replacement*, not an addition: PEFT writes V into the weight (``index_copy``), so a re-initialised new
 token row does not leak into the result. An output head tied to the embedding (``lm_head.weight is
 embed_tokens.weight``) follows the same rows, as PEFT's tied TrainableTokensWrapper: logits for ``i_j`` are
-``h · V[j]ᵀ`` (PEFT's ``F.linear(x, W')`` drops the head's bias; output heads have none). In lorakit both are
+``h · V[j]ᵀ`` (+ the head's bias, which output heads lack; PEFT's unmerged ``F.linear(x, W')`` drops it, its
+merge keeps it: lorakit keeps it in both). In lorakit both are
 deltas on their host layer (``TokenRows``), the head's holding no tensor of its own; merging writes ``V`` into the
 weight, and since the tied twins need the same rows the tie is kept.
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import Delta, LayerInfo, MergeTerms, describe_layer, oriented_weight
+from ..core.delta import Delta, LayerInfo, MergeTerms, describe_layer, is_quantized, oriented_weight
 from ..core.errors import FIELD as MARK
 from ..core.errors import ConfigError, TargetError, near_matches
 from ..core.layer import AdapterLayer
@@ -87,18 +88,32 @@ class TokenRows(Delta):
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module
                    ) -> torch.Tensor:
-        # Replaced entries are the trained value plus what other adapters added there (acc - base_out, exactly 0
-        # when this is the only one), so the result equals PEFT's F.embedding(ids, W') bit for bit.
+        # Replaced entries are the trained value plus what other adapters added there (acc - base_out; nothing when
+        # this is the only one), so the result equals PEFT's F.embedding(ids, W') bit for bit.
+        alone = acc is base_out
         if self.info.kind == "embedding":
             slot = self.slot[x]  # (...,)
             rows = self.values.to(base_out.dtype)[slot.clamp_min(0)]  # (..., dim)
             embed_scale = getattr(base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
             if isinstance(embed_scale, torch.Tensor):
                 rows = rows * embed_scale.to(rows.dtype)
-            return torch.where((slot >= 0).unsqueeze(-1), rows + (acc - base_out), acc)
-        logits = F.linear(x.to(base_out.dtype), self.values.to(base_out.dtype))  # (..., k)
-        others = (acc - base_out).index_select(-1, self.index)
-        return acc.index_copy(acc.dim() - 1, self.index, logits + others)
+            return torch.where((slot >= 0).unsqueeze(-1), rows if alone else rows + (acc - base_out), acc)
+        # A head: only the k columns are computed (PEFT's F.linear(x, W') copies the whole (vocab, dim) weight)
+        bias = getattr(base_layer, "bias", None)
+        logits = F.linear(x.to(base_out.dtype), self.values.to(base_out.dtype),
+                          None if bias is None else bias[self.index].to(base_out.dtype))  # (..., k)
+        if not alone:
+            logits = logits + (acc - base_out).index_select(-1, self.index)
+        return acc.index_copy(acc.dim() - 1, self.index, logits)
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """A head with more input rows than its input size: ``F.linear(x, W')`` with the rows written into a copy of
+        the weight (PEFT's way, peft/tuners/trainable_tokens/layer.py ``forward_adapters``) costs vocab·dim for the
+        copy instead of rows·vocab for a copy of the logits. Otherwise None (base output, then the k columns)."""
+        if self.info.kind != "linear" or is_quantized(base_layer) or x.numel() // x.shape[-1] <= x.shape[-1]:
+            return None
+        weight = base_layer.weight
+        return F.linear(x, weight.index_copy(0, self.index, self.values.to(weight)), base_layer.bias)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """The additive form ``E'(x) − E(x)`` (routing weights and per-row batches add deltas)."""
