@@ -1,7 +1,7 @@
 """Adapters the banks cannot hold, served by the same engine in their own forward: router-driven lorakit
-mixtures (MixLoRA, MoLE, MeteoRA, X-LoRA) and DoRA (unmerged). Greedy outputs equal ``model.generate`` with the
-adapter active (X-LoRA with ``use_cache=False``, as its scaling pass needs), in batches that also carry banked
-LoRA rows and base rows."""
+mixtures (MixLoRA, MoLE, MeteoRA, X-LoRA), DoRA (unmerged) and LoRA with trainable token rows. Greedy outputs
+equal ``model.generate`` with the adapter active (X-LoRA with ``use_cache=False``, as its scaling pass needs), in
+batches that also carry banked LoRA rows and base rows."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ CONFIGS = {
     "meteora": lambda: MeteoraConfig(num_experts=3, expert_r=[4, 4, 4]),
     "xlora": lambda: XLoraConfig(num_experts=3, expert_r=[4, 4, 4]),
     "dora": lambda: lk.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    # trained embedding rows (PEFT's trainable_token_indices), tokens the random prompts hit
+    "tokens": lambda: lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                    trainable_token_indices=list(range(3, 96, 4))),
 }
 
 

@@ -392,6 +392,11 @@ def _merge_loaded(model, names, labels, weights, method_name, method, truncate, 
         if layer.merged:
             raise AdapterError(f"module {path!r} has merged adapters {layer.merged}; unmerge_adapter before merging "
                                f"adapters (their base weight is needed unmodified).")
+    for name, label in zip(names, labels):
+        if getattr(adapter_state(model).configs[name], "trainable_token_indices", None) is not None:
+            raise ConfigError(f"source {label!r} trains embedding rows (trainable_token_indices), which merge_adapters "
+                              f"cannot combine (a row replacement has no low-rank form); merge it into the base "
+                              f"instead (lorakit.merge_and_unload, `lorakit merge`).")
     gen = torch.Generator().manual_seed(opts.seed)
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     kinds: dict[str, str] = {}

@@ -249,6 +249,13 @@ class AdapterConfig(metaclass=_PeftKeywords):
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self
 
+    def extra_deltas(self, model: Any, targets: list[str]) -> dict[str, tuple[Any, Any, Any]]:
+        """Deltas the config adds beside its method's on ``targets`` (the method's adapted module paths):
+        ``{module path: (base layer, LayerInfo, Delta)}``, built without touching the model; they are attached, saved
+        and loaded under the same adapter name (LoRA's ``trainable_token_indices``). Raises what a bad setting is
+        (TargetError, ConfigError). Default: none."""
+        return {}
+
     def check_patterns(self, targets: list[str]) -> None:
         """Raise when a per-module pattern the user typed matches none of ``targets`` (the adapted modules).
 

@@ -180,6 +180,13 @@ class MergeTerms:
     weight: torch.Tensor | None = None
     row_scale: torch.Tensor | None = None  # (out,) ; multiplies rows of the *unmerged* base weight
     bias: torch.Tensor | None = None  # (out,)
+    # (dim, index (k,), values): slices ``index`` along ``dim`` (0: rows, 1: columns) of the (out, in) weight are
+    # replaced by ``values`` rather than added to (trainable token rows); the layer keeps the replaced originals
+    replace: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def is_empty(self) -> bool:
+        """True when merging these terms changes nothing (a delta that follows another one's write)."""
+        return self.weight is None and self.row_scale is None and self.bias is None and self.replace is None
 
 
 @dataclass
@@ -234,6 +241,12 @@ class Delta(nn.Module):
     # A delta whose forward reads state computed over the whole batch (X-LoRA's scalings from a scaling pass of every
     # row) sets this: it cannot serve only some rows of a mixed batch (train_concurrent trains such a job alone).
     whole_batch: ClassVar[bool] = False
+    # A delta whose merge replaces slices of the weight (``MergeTerms.replace``) rather than adding to it: the layer
+    # merges it alone (an addition and a replacement of the same rows have no order-free sum).
+    merge_replaces: ClassVar[bool] = False
+    # A delta that every module sharing its base weight (tied embeddings: lm_head is embed_tokens) also has, with the
+    # same change: merging writes into the shared weight and keeps the tie, instead of untying (trainable tokens).
+    keeps_tied_weights: ClassVar[bool] = False
 
     def __init__(self, info: LayerInfo):
         super().__init__()

@@ -76,6 +76,9 @@ class AdapterLayer(nn.Module):
         # The shared (tied) weight Parameter set aside while merged: merging writes into a private copy so that
         # the twin module (e.g. lm_head tied to embed_tokens) keeps the base weight; unmerging puts it back.
         self._tied: nn.Parameter | None = None
+        # The unmerged base's slices (float32, (out, in) layout) that merged replacing deltas overwrote, by adapter
+        # name: (dim, index, originals). Unmerging puts them back exactly (a replacement cannot be subtracted).
+        self._replaced: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         # The model's adapter configs (a shared dict, set when attached): names a routing context may use.
         self.known: dict | None = None
         # Optional batched multi-adapter executor (e.g. serving banks): called as bank(x, base_out, ctx) when a
@@ -295,6 +298,10 @@ class AdapterLayer(nn.Module):
             return w.clone(), (b.clone() if b is not None else None)
         scale, add, bias = self._combine(self._terms(self.merged, None), self.info.out_features, w.device)
         w = (w - add) / scale[:, None]
+        for name in self.merged:
+            if name in self._replaced:
+                dim, index, originals = self._replaced[name]
+                w = w.index_copy(dim, index.to(w.device), originals.to(w.device))
         if b is not None:
             b = b - bias
         return w, b
@@ -317,6 +324,13 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"the base layer's weight ({type(self.base_layer).__name__}) is computed by a "
                                f"parametrization (e.g. weight_norm), so a merged update would not be kept; use the "
                                f"adapter unmerged, or torch.nn.utils.parametrize.remove_parametrizations first.")
+        together = self.merged + [n for n in names if n in self.adapters and n not in self.merged]
+        replacing = [n for n in together if self.adapters[n].merge_replaces]
+        if replacing and len(together) > 1:
+            raise AdapterError(f"adapter {replacing[0]!r} replaces slices of this layer's weight "
+                               f"({type(self.adapters[replacing[0]]).__name__}) and cannot be merged into it together "
+                               f"with {[n for n in together if n != replacing[0]]}: merge one of them, or serve them "
+                               f"unmerged.")
         for n in names:
             if n not in self.adapters or n in self.merged:
                 continue
@@ -335,24 +349,42 @@ class AdapterLayer(nn.Module):
         if not todo:
             return
         self.check_merge(todo)
+        # Fresh terms are computed on the unmerged base (which untying or keeping the original below leaves as is)
+        base_w, base_b = self._unmerged_base()
+        fresh = self._terms(todo, base_w)
+        if not self.merged and all(t.is_empty() for t in fresh):  # e.g. a tied head: its embedding writes the rows
+            self.merged.extend(todo)
+            return
         if untie and not self.merged:
             shared = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
             self._tied = shared
-        if keep_original is None:
-            keep_original = self.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+        if keep_original is None:  # (replaced slices are kept exactly anyway: no copy of the whole weight for them)
+            keep_original = (self.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+                             and not all(self.adapters[n].merge_replaces for n in todo))
         if keep_original and not self.merged and self._tied is None:
             bias = getattr(self.base_layer, "bias", None)
             self._original = (self.base_layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
-        base_w, base_b = self._unmerged_base()
         # Cached terms of the already merged adapters, fresh terms (computed on the unmerged base) for new ones.
-        terms = self._terms(self.merged, None) + self._terms(todo, base_w)
+        terms = self._terms(self.merged, None) + fresh
         scale, add, bias = self._combine(terms, self.info.out_features, base_w.device)
-        self._write(base_w * scale[:, None] + add, base_b + bias if base_b is not None else None)
+        merged_w = base_w * scale[:, None] + add
+        for name, t in zip(self.merged + todo, terms):
+            if t.replace is not None:
+                dim, index, values = t.replace
+                index = index.to(base_w.device)
+                if name not in self._replaced:
+                    self._replaced[name] = (dim, index, base_w.index_select(dim, index))
+                merged_w = merged_w.index_copy(dim, index, values.to(merged_w))
+        self._write(merged_w, base_b + bias if base_b is not None else None)
         self.merged.extend(todo)
 
     def unmerge(self) -> None:
         if not self.merged:
+            return
+        if (self._tied is None and self._original is None
+                and all(t.is_empty() for t in self._terms(self.merged, None))):
+            self.merged.clear()  # nothing was written (see merge)
             return
         if self._tied is not None:  # the shared weight was never written: put it back, bit for bit
             _, base_b = self._unmerged_base()
@@ -372,6 +404,7 @@ class AdapterLayer(nn.Module):
             base_w, base_b = self._unmerged_base()
             self._write(base_w, base_b)
         self.merged.clear()
+        self._replaced.clear()
 
     def extra_repr(self) -> str:
         return f"kind={self.info.kind}, active={self.active}, merged={self.merged}"

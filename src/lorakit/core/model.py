@@ -180,6 +180,9 @@ def planned_shapes(model: nn.Module, config: AdapterConfig, name: str, trained: 
             deltas = {path: {key: tuple(value.shape) for key, value in
                              method.build(base, info, config.for_module(path), path=path).state_dict().items()}
                       for path, base, info in targets}
+            extra = config.extra_deltas(model, [path for path, _, _ in targets])
+            deltas.update({path: {key: tuple(value.shape) for key, value in delta.state_dict().items()}
+                           for path, (_, _, delta) in extra.items()})
     host = dict(iter_host_modules(model))
     saved = {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
              for path in select_modules_to_save(model, config, strict=False) if path in trained}
@@ -228,6 +231,9 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
         device, dtype = adapter_placement(base, autocast_adapter_dtype)
         delta.to(device=device, dtype=dtype)
         built[path] = (base, info, delta)
+    for path, (base, info, delta) in config.extra_deltas(model, [path for path, _, _ in targets]).items():
+        device, dtype = adapter_placement(base, autocast_adapter_dtype)
+        built[path] = (base, info, delta.to(device=device, dtype=dtype))
     to_save = select_modules_to_save(model, config, strict=trained is None)
     if trained is not None:
         to_save = [p for p in to_save if p in trained]
@@ -488,7 +494,14 @@ def _restore_merges(model: nn.Module, records: list[_MergeRecord]) -> None:
     twins = tied_parameters(model)
     for r in records:
         if r.layer.merged != r.names:
-            r.layer.merge(r.names, keep_original=r.kept, untie=id(getattr(r.layer.base_layer, "weight", None)) in twins)
+            shared = id(getattr(r.layer.base_layer, "weight", None)) in twins
+            r.layer.merge(r.names, keep_original=r.kept, untie=shared and _unties(r.layer, r.names))
+
+
+def _unties(layer: AdapterLayer, names: list[str]) -> bool:
+    """Whether merging ``names`` into ``layer``, whose weight is tied to another module's, needs a private copy of it:
+    yes unless each of them is a delta the twins share (``Delta.keeps_tied_weights``)."""
+    return any(n in layer.adapters and not layer.adapters[n].keeps_tied_weights for n in names)
 
 
 @contextlib.contextmanager
@@ -545,7 +558,7 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     try:
         for path, layer in adapter_layers(model):
             shared = twins.get(id(getattr(layer.base_layer, "weight", None)))
-            untie = bool(shared) and not layer.merged and any(n in layer.adapters for n in names)
+            untie = bool(shared) and not layer.merged and _unties(layer, names)
             if untie:
                 warnings.warn(f"{path!r} shares its weight with {[n for n in shared if not n.startswith(path + '.')]} "
                               f"(tied weights); merging unties them: {path!r} gets its own merged copy and the others "

@@ -550,7 +550,8 @@ def _checked_tensors(model, directory, config, tensors, expected: dict[str, tupl
         elif ".base_layer." in k or k.replace(".base_layer.", ".") in host_params:
             # PEFT stores the base embedding when embeddings are targeted (for resized vocabularies); accept it
             # only when it equals the model's own, since lorakit does not overwrite base weights on load.
-            base_key = k.replace(".base_layer.", ".")
+            # (PEFT's trainable token rows wrap the embedding as <path>.token_adapter.base_layer)
+            base_key = k.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
             current = host_params.get(base_key)
             if current is None:
                 current = host_params.get(k)

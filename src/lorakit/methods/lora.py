@@ -31,6 +31,7 @@ from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
 from ..quantize.nf4 import LOFTQ_BITS
+from ._trainable_tokens import check_token_indices, plan_token_rows
 
 INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica")
 # PEFT's LoftQConfig fields and defaults (peft/tuners/lora/config.py:134-135)
@@ -73,6 +74,8 @@ class LoraConfig(AdapterConfig):
       ``loftq_bits`` (4: NF4, 8: int8; default 4) and ``loftq_iter`` (alternating steps, >= 1; default 1).
     - ``lora_bias``: also train a bias on lora_B.
     - ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha, {module regex: value}, as PEFT.
+    - ``trainable_token_indices``: token rows of an embedding trained as well (e.g. new special tokens), as PEFT: a
+      list of indices (the input embedding) or {embedding module name: [indices]}; a tied lm_head follows the rows.
     """
 
     foreign_fields = {
@@ -81,7 +84,7 @@ class LoraConfig(AdapterConfig):
         "layer_replication": None,
         "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
         "use_bdlora": (None, False), "alora_invocation_tokens": None, "use_qalora": False,
-        "qalora_group_size": ANY_VALUE, "trainable_token_indices": None, "target_parameters": None,
+        "qalora_group_size": ANY_VALUE, "target_parameters": None,
         "ensure_weight_tying": ANY_VALUE, "runtime_config": ANY_VALUE,
     }
 
@@ -97,11 +100,15 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     loftq_config: dict[str, int] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(default=None, metadata={
+        "help": "embedding rows trained too (e.g. new special tokens), as PEFT: [indices] of the input embedding or "
+                "{module name: [indices]}; a tied lm_head follows them"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "r")
         self._check_loftq_config()
+        check_token_indices(self.trainable_token_indices)
         # PEFT's LoraConfig refuses these pairs, so it could not load the file lorakit would write
         if self.lora_bias and self.use_dora:
             raise field_error(self, "lora_bias", "=True is not supported with use_dora=True (PEFT refuses the pair "
@@ -171,6 +178,13 @@ class LoraConfig(AdapterConfig):
                         f"(a key matches a module name or a dotted suffix of it, as a regex: PEFT's rule)."
                         f"{did_you_mean(key, {t.rsplit('.', 1)[-1] for t in targets} | set(targets))} "
                         f"Adapted modules include: {', '.join(targets[:4])}{', ...' if len(targets) > 4 else ''}.")
+
+    def extra_deltas(self, model: nn.Module, targets: list[str]) -> dict[str, tuple[nn.Module, LayerInfo, Delta]]:
+        """The trainable token rows (_trainable_tokens.py) ``trainable_token_indices`` asks for."""
+        if self.trainable_token_indices is None:
+            return {}
+        return plan_token_rows(model, self.trainable_token_indices, lora_targets=targets,
+                               modules_to_save=self.modules_to_save)
 
     def requested_init(self) -> str | None:
         init = self.init_lora_weights

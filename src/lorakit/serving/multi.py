@@ -492,6 +492,10 @@ def _check_bankable_config(config, where, *, files: bool = False) -> None:
         raise AdapterLoadError(
             f"{where}: DoRA adapters cannot run in a mixed-adapter batch (their per-row magnitude rescales the base "
             f"output; PEFT rejects this too). Load it with lorakit.load_adapter and serve it in its own batch.")
+    if config.trainable_token_indices is not None:
+        raise AdapterLoadError(
+            f"{where}: trainable_token_indices (trained embedding rows) cannot be banked per row; load it with "
+            f"lorakit.load_adapter and serve it in its own batch.")
     if config.modules_to_save and not files:
         raise AdapterLoadError(
             f"{where}: modules_to_save={config.modules_to_save} (whole trained modules) cannot be banked per row; "

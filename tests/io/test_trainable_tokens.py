@@ -1,0 +1,359 @@
+"""LoRA's ``trainable_token_indices`` (PEFT's TrainableTokens beside LoRA): files move between lorakit and the real
+``peft`` package with identical logits, training moves only the chosen rows, merging writes them, a tied lm_head
+follows them as in PEFT, and bad indices / module names are clear errors.
+
+Reference values come from PEFT itself (peft/tuners/trainable_tokens/layer.py 0.21.2: ``update_layer`` line 145
+initialises the rows to ``weight[token_indices]``, ``get_merged_weights`` line 225 ``index_copy``s them into the
+weight, ``forward_adapters`` line 267 runs a tied head as ``F.linear(x, W')``; peft/utils/other.py line 1572 picks
+the input embedding for the list form, line 1659 ties the output head to it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit as lk
+from lk_models import tiny_gpt2, tiny_llama
+from lorakit.core.errors import ConfigError, TargetError
+from lorakit.core.model import adapter_parameters, merged_adapters
+
+KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+def tied_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3: its embedding scales its output (``embed_scale``, PEFT's ``_get_embed_scale``); lm_head tied."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64,
+                           sliding_window=16)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+LLAMA = ["q_proj", "v_proj", "down_proj"]
+CASES = {  # model factory, LoRA targets, trainable_token_indices
+    "llama-list": (tiny_llama, LLAMA, [3, 5, 90]),
+    "llama-dict": (tiny_llama, LLAMA, {"embed_tokens": [7, 1]}),
+    "llama-dict-untied-head": (tiny_llama, LLAMA, {"embed_tokens": [3, 5], "lm_head": [5, 9]}),
+    "tied-llama-list": (tied_llama, LLAMA, [3, 5, 90]),
+    "gpt2-tied-dict": (tiny_gpt2, ["c_attn"], {"wte": [3, 5], "lm_head": [3, 5]}),
+    "gemma3-scaled-tied": (tiny_gemma3, ["q_proj", "v_proj"], [3, 5, 90]),
+}
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 96, (3, 10), generator=g)
+    ids[0, :5] = torch.tensor([3, 5, 90, 7, 1])  # every trained token occurs
+    ids[1, -1] = 9
+    return ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _perturb(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_file_loads_with_identical_logits(case, token_ids, tmp_path):
+    factory, targets, indices = CASES[case]
+    peft_model = get_peft_model(factory(), PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False,
+                                                          trainable_token_indices=indices))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 0)
+    expected = _logits(peft_model.eval(), token_ids)
+    peft_model.save_pretrained(tmp_path)
+
+    model = factory()
+    base = _logits(model, token_ids)
+    lk.load_adapter(model, tmp_path)
+    got = _logits(model, token_ids)
+    assert (expected - base).abs().max() > 1e-2  # the adapter matters
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lorakit_file_loads_in_peft_with_identical_logits(case, token_ids, tmp_path):
+    factory, targets, indices = CASES[case]
+    model = factory()
+    base = _logits(model, token_ids)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=targets, init_lora_weights=False,
+                                        trainable_token_indices=indices))
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 1)
+    expected = _logits(model, token_ids)
+    lk.save_adapter(model, tmp_path)
+
+    peft_model = PeftModel.from_pretrained(factory(), tmp_path).eval()
+    got = _logits(peft_model, token_ids)
+    assert (expected - base).abs().max() > 1e-2
+    assert (got - expected).abs().max() <= 1e-5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"] == indices
+
+
+def test_file_holds_peft_keys_and_a_tied_head_saves_nothing(tmp_path):
+    model = tied_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5, 90]))
+    lk.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tokens = {k: tuple(v.shape) for k, v in tensors.items() if "lora_" not in k}
+    assert tokens == {KEY: (3, 32)}
+    # untrained rows are the base rows (PEFT's init, layer.py line 145), so the adapter starts as a no-op for them
+    assert torch.equal(tensors[KEY], tied_llama().model.embed_tokens.weight[[3, 5, 90]])
+
+
+def test_untrained_rows_leave_the_base_unchanged(token_ids):
+    model = tied_llama()
+    base = _logits(model, token_ids)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5, 90]))
+    assert torch.equal(_logits(model, token_ids), base)  # LoRA's B = 0, rows = base rows
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tied_llama], ids=["untied", "tied"])
+def test_training_moves_only_the_chosen_rows(factory, token_ids):
+    model = factory()
+    before = model.model.embed_tokens.weight.detach().clone()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5]))
+    params = adapter_parameters(model, "default", trainable_only=True)
+    rows = next(p for n, p in params.items() if "trainable_tokens_delta" in n)
+    start = rows.detach().clone()
+    opt = torch.optim.SGD(params.values(), lr=0.5)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=token_ids, labels=token_ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+    assert (rows.detach() - start).abs().amin(dim=1).gt(0).any()  # the trained rows moved
+    assert torch.equal(model.model.embed_tokens.base_layer.weight, before)  # the base embedding did not
+    model.eval()
+    y = _logits(model, token_ids)
+    plain = lk.merge_and_unload(model)
+    # merging writes the rows (PEFT's merge, layer.py line 199); every other row is the base's
+    merged = plain.model.embed_tokens.weight
+    assert torch.equal(merged[[3, 5]], rows.detach())
+    keep = [i for i in range(96) if i not in (3, 5)]
+    assert torch.equal(merged[keep], before[keep])
+    assert (_logits(plain, token_ids) - y).abs().max() <= 1e-5
+    if factory is tied_llama:  # the tie is kept, as PEFT's merge writes the shared weight
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+
+
+def test_merge_unmerge_restores_the_base_exactly(token_ids):
+    model = tied_llama()
+    shared = model.lm_head.weight
+    before = shared.detach().clone()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                        trainable_token_indices=[3, 5, 90]))
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 2)
+    y = _logits(model, token_ids)
+    lk.merge_adapter(model)  # no "tied weights" warning: the tie stays
+    assert (_logits(model, token_ids) - y).abs().max() <= 1e-5
+    assert model.lm_head.base_layer.weight is shared
+    lk.unmerge_adapter(model)
+    assert torch.equal(shared, before) and model.model.embed_tokens.base_layer.weight is shared  # rows put back
+    assert (_logits(model, token_ids) - y).abs().max() <= 1e-5  # (LoRA's layers unmerge arithmetically)
+
+
+def test_peft_merge_and_unload_matches(token_ids, tmp_path):
+    """Both libraries' merged models hold the same weights (PEFT's merge: layer.py line 199)."""
+    peft_model = get_peft_model(tied_llama(), PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                             trainable_token_indices=[3, 5, 90]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 3)
+    peft_model.save_pretrained(tmp_path)
+    reference = peft_model.merge_and_unload()
+    model = tied_llama()
+    lk.load_adapter(model, tmp_path)
+    plain = lk.merge_and_unload(model)
+    ours, theirs = plain.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
+    assert torch.equal(ours["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+
+
+def test_cli_flag_trains_token_rows(tmp_path):
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "reverse", "--steps", "2", "--batch-size", "2", "--train-examples", "4",
+                 "--r", "2", "--trainable-token-indices", "[3, 5]", "--output", str(out), "--quiet"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == [3, 5]
+    keys = [k for k in load_file(out / "adapter" / "adapter_model.safetensors") if "trainable_tokens_delta" in k]
+    assert len(keys) == 1 and keys[0].endswith("embed_tokens.token_adapter.trainable_tokens_delta")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("[3, 3]", "--trainable-token-indices: index 3 appears twice"),
+    ('{"embed_tokens": [3, 99999]}', "--trainable-token-indices: index 99999 is out of range for 'model.embed_tokens' "
+                                     "(vocabulary size 4096"),
+])
+def test_cli_flag_errors_name_the_flag(value, message, tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["train", "--data", "reverse", "--steps", "1", "--trainable-token-indices", value,
+                 "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("indices,message", [
+    ([3, 5, 3], "index 3 appears twice"),
+    ({"embed_tokens": [1, 1]}, r"\['embed_tokens'\]: index 1 appears twice"),
+    ([-1], "index -1 is negative"),
+    ([], "is empty"),
+])
+def test_bad_indices_without_a_model(indices, message):
+    with pytest.raises(ConfigError, match=message):
+        lk.LoraConfig(trainable_token_indices=indices)
+
+
+def test_index_outside_the_vocabulary_names_module_and_size():
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=r"index 96 is out of range for 'model.embed_tokens' \(vocabulary size 96"):
+        lk.add_adapter(model, lk.LoraConfig(target_modules=LLAMA, trainable_token_indices=[3, 96]))
+    assert not hasattr(model, "lorakit") or not lk.adapter_names(model)  # nothing attached
+
+
+def test_dict_key_that_is_not_an_embedding():
+    with pytest.raises(TargetError, match=r"'q_proj' names 'model.layers.0.self_attn.q_proj' \(Linear\), which is "
+                                          r"not an embedding.*Embeddings of this model: model.embed_tokens"):
+        lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=["v_proj"], trainable_token_indices={"q_proj": [1]}))
+
+
+def test_dict_key_matching_nothing_lists_near_matches():
+    with pytest.raises(TargetError, match="'embed_token' matches no module.*Did you mean: embed_tokens"):
+        lk.add_adapter(tiny_llama(), lk.LoraConfig(target_modules=LLAMA, trainable_token_indices={"embed_token": [1]}))
+
+
+def test_module_both_lora_target_and_token_rows_is_refused():
+    with pytest.raises(TargetError, match="'lm_head' is in target_modules.*tied twin of 'model.embed_tokens'"):
+        lk.add_adapter(tied_llama(), lk.LoraConfig(target_modules=["q_proj", "lm_head"], trainable_token_indices=[1]))
+
+
+def test_tied_twins_with_different_indices_are_refused():
+    with pytest.raises(ConfigError, match="share one weight.*different indices"):
+        lk.add_adapter(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"],
+                                                  trainable_token_indices={"wte": [1, 2], "lm_head": [2, 3]}))
+
+
+def test_banks_and_adapter_merges_refuse_token_rows(tmp_path):
+    """Neither a serving bank (per-row low-rank factors) nor merge_adapters (low-rank combinations) can hold a row
+    replacement: both say so instead of dropping the rows (the store serves such an adapter attached:
+    tests/serving/test_serving_mixtures.py)."""
+    from lorakit.compose.merge import merge_adapters
+    from lorakit.core.errors import AdapterLoadError
+    from lorakit.serving import load_adapters
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5]), "tokens")
+    lk.save_adapter(model, tmp_path / "tokens", "tokens")
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA), "plain")
+    with pytest.raises(AdapterLoadError, match="trainable_token_indices .* cannot be banked"):
+        load_adapters(tiny_llama(), {"tokens": tmp_path / "tokens"})
+    with pytest.raises(ConfigError, match="'tokens' trains embedding rows"):
+        merge_adapters(["tokens", "plain"], [0.5, 0.5], "linear", model=model)
+
+
+def test_peft_file_of_a_resized_vocabulary(token_ids, tmp_path):
+    """New special tokens: resize, then train their rows. PEFT then also saves the resized embedding
+    (``...embed_tokens.token_adapter.base_layer.weight``) and head (peft/utils/save_and_load.py line 327); they load
+    when equal to the model's (its resized copy) and are refused, naming the tensor, otherwise."""
+    import copy
+
+    from lorakit.core.errors import AdapterLoadError
+
+    folder = tmp_path / "base"
+    tiny_llama().save_pretrained(folder)
+    from transformers import AutoModelForCausalLM
+
+    resized = AutoModelForCausalLM.from_pretrained(folder).eval()
+    resized.resize_token_embeddings(100)
+    mine = copy.deepcopy(resized)
+    peft_model = get_peft_model(resized, PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                        trainable_token_indices=[96, 97, 98, 99]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 4)
+    ids = token_ids.clone()
+    ids[:, 1] = torch.tensor([96, 97, 99])
+    expected = _logits(peft_model.eval(), ids)
+    with pytest.warns(UserWarning, match="resized"):
+        peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in load_file(
+        tmp_path / "adapter" / "adapter_model.safetensors")
+    lk.load_adapter(mine, tmp_path / "adapter")
+    assert (_logits(mine, ids) - expected).abs().max() <= 1e-5
+
+    other = AutoModelForCausalLM.from_pretrained(folder)
+    other.resize_token_embeddings(100)  # new rows drawn again: not the ones the adapter was trained with
+    with pytest.raises(AdapterLoadError, match="base-model weight that differs"):
+        lk.load_adapter(other, tmp_path / "adapter")
+
+
+def test_per_row_adapters_and_merge_rules(token_ids):
+    """Per-row routing gives each row its own adapter's logits (rows replaced for the token rows' adapter only);
+    a layer refuses to merge a row replacement together with another adapter's addition (no order-free sum)."""
+    from lorakit.core.errors import AdapterError
+
+    model = tied_llama()
+    base = _logits(model, token_ids)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5, 90]), "tokens")
+    with pytest.warns(UserWarning, match="shares its weight"):  # a LoRA on a tied embedding: untied when merged
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False), "emb")
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 5)
+    alone = {}
+    for name in ("tokens", "emb"):
+        lk.set_adapter(model, name)
+        alone[name] = _logits(model, token_ids)
+    with lk.routing(adapter_names=["tokens", None, "emb"]):
+        mixed = _logits(model, token_ids)
+    assert (mixed[0] - alone["tokens"][0]).abs().max() <= 1e-5 and (alone["tokens"][0] - base[0]).abs().max() > 1e-2
+    assert torch.equal(mixed[1], base[1])
+    assert (mixed[2] - alone["emb"][2]).abs().max() <= 1e-5
+    with pytest.raises(AdapterError, match="replaces slices of this layer's weight"):
+        lk.merge_adapter(model, ["tokens", "emb"])
+    assert merged_adapters(model) == []  # all or nothing
+
+
+def test_tied_head_paths_agree_with_peft(tmp_path):
+    """A tied head computes its k columns after the base output for few rows, and ``F.linear(x, W')`` on a copy of
+    the weight (PEFT's forward, layer.py line 267) for more rows than its input size (64 > 32 here): both give
+    PEFT's logits; the per-row path (routing) takes the first way on the same long batch."""
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(0, 96, (4, 16), generator=g)
+    long[:, 0] = torch.tensor([3, 5, 90, 3])
+    peft_model = get_peft_model(tied_llama(), PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                             trainable_token_indices=[3, 5, 90]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 6)
+    peft_model.eval().save_pretrained(tmp_path)
+    model = tied_llama()
+    lk.load_adapter(model, tmp_path)
+    for ids in (long, long[:1, :8]):
+        expected = _logits(peft_model, ids)
+        assert (_logits(model, ids) - expected).abs().max() <= 1e-5
+    with lk.routing(adapter_names=["default"] * 4):
+        assert (_logits(model, long) - _logits(peft_model, long)).abs().max() <= 1e-5
