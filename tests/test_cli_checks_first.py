@@ -194,6 +194,10 @@ COUNTS = [  # a count flag of generate / eval / serve out of range, and what the
     (["serve", "--max-tokens-limit", "0"], "argument --max-tokens-limit: must be a positive integer, got 0"),
     (["serve", "--max-n", "0"], "argument --max-n: must be a positive integer, got 0"),
     (["serve", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["serve", "--adapter-queue-timeout", "0"],
+     "server limit --adapter-queue-timeout must be a positive, finite number of seconds, got 0.0"),
+    (["serve", "--adapter-queue-timeout", "inf"],
+     "server limit --adapter-queue-timeout must be a positive, finite number of seconds, got inf"),
     # --rank picks a rank of the adapter: without one it is named before the model loads, not after
     (["generate", "--prompt", "x", "--rank", "2"], "--rank needs --adapter"),
     (["eval", "--data", "reverse", "--rank", "2"], "--rank needs --adapter"),
@@ -222,6 +226,18 @@ def test_count_flags_are_checked_before_the_model_loads(argv, says, capsys, no_m
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and says in err.strip().splitlines()[-1], err
+
+
+def test_serve_hands_its_limits_to_the_server(monkeypatch):
+    """The limit flags reach the server as its ServerLimits (``--adapter-queue-timeout``: seconds a load or unload
+    waits for the engine to start it), the others at their defaults."""
+    import lorakit.serving.server
+    from lorakit.serving.server import ServerLimits
+
+    got = {}
+    monkeypatch.setattr(lorakit.serving.server, "serve", lambda *a, **k: got.update(k))
+    assert main(["serve", "--adapter-queue-timeout", "2.5", "--max-n", "7", "--max-tokens-limit", "99"]) == 0
+    assert got["limits"] == ServerLimits(max_tokens=99, max_n=7, adapter_queue_timeout_s=2.5)
 
 
 def test_bench_device_is_checked_before_any_model(capsys):

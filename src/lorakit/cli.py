@@ -1262,7 +1262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
-          limits=ServerLimits(max_tokens=args.max_tokens_limit, max_n=args.max_n), rank=args.rank, device=args.device,
+          limits=ServerLimits(max_tokens=args.max_tokens_limit, max_n=args.max_n,
+                              adapter_queue_timeout_s=args.adapter_queue_timeout), rank=args.rank, device=args.device,
           cuda_graphs=args.cuda_graphs, quantize=_quantize_config(args))
     return 0
 
@@ -1590,6 +1591,11 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-n", type=positive_int, default=128,
                     help="most choices (n) a request may ask (default 128, OpenAI's bound); n beyond --max-batch runs "
                          "in waves as rows free up")
+    sv.add_argument("--adapter-queue-timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="seconds a /v1/load_lora_adapter or unload request waits for the busy engine to start it; "
+                         "one not started by then is cancelled (it never runs) and answered 503 with Retry-After; "
+                         "one started is answered with its outcome")
+    sv.field_flags.update({"ServerLimits.adapter_queue_timeout_s": "--adapter-queue-timeout"})
     sv.add_argument("--rank", type=positive_int, default=None,
                     help="serve nested-rank adapters (DyLoRA) at this rank (<= each one's r); others unaffected")
     sv.add_argument("--device", default="cpu", type=device_arg, help="where the model, adapter banks and KV cache live: cpu or cuda")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lk_models import tiny_llama
-from lorakit.core.errors import AdapterError, AdapterLoadError
+from lorakit.core.errors import AdapterConflictError, AdapterError, AdapterLoadError, UnknownAdapterError
 from lorakit.hub import load_model_and_tokenizer
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import load_adapters
@@ -344,6 +344,39 @@ def test_register_dir_raises_unless_asked_to_skip(tmp_path, sh, caplog):
     for root, says in ((tmp_path / "nope", "does not exist"), (good, "is an adapter folder itself")):
         with pytest.raises(AdapterError, match=says):  # a bad root is the caller's mistake: raised, never skipped
             store.register_roots([root])
+
+
+def test_register_dir_skips_a_name_being_unloaded_and_records_nothing(tmp_path, sh, caplog):
+    """A folder whose name is being unloaded (unregistered while a running request holds it) is no fault of the
+    folder: ``register_dir(on_error="skip")`` leaves it out with a warning and records nothing (was: recorded in
+    ``store.failed`` as "failed to register", so a new request for the name was refused with AdapterLoadError, a 400
+    telling the user to fix a folder that is fine); with the default ``on_error="raise"`` the AdapterConflictError is
+    raised. A new request for the name meanwhile is an unknown adapter, as after any unload. Once the running request
+    has finished on it, registering the root again serves the folder, greedy tokens equal to the running request's."""
+    root = tmp_path / "root"
+    sh.make_adapter(root / "busy", seed=5, r=4)
+    model = tiny_llama()
+    store = AdapterStore(model, [root])
+    assert store.register_dir(root) == ["busy"]
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    running = engine.submit([4, 5, 6], "busy", params)
+    engine.step()  # admitted: it holds "busy" until it finishes
+    store.unregister("busy")
+    with caplog.at_level(logging.WARNING, logger="lorakit.serving"):
+        assert store.register_dir(root, on_error="skip") == []
+    assert "busy" not in store.failed and "busy" not in store.failed_folders
+    assert f"skipped adapter folder {root / 'busy'} for now: adapter 'busy' is being unloaded" in caplog.text
+    with pytest.raises(AdapterConflictError, match="'busy' is being unloaded"):
+        store.register_dir(root)
+    with pytest.raises(UnknownAdapterError, match="unknown adapter 'busy'"):
+        engine.submit([4, 5, 6], "busy")
+    while not running.done.is_set():
+        engine.step()
+    assert running.finish_reason == "length" and "busy" not in store.resident
+    assert store.register_dir(root, on_error="skip") == ["busy"]
+    again, = engine.generate([[4, 5, 6]], ["busy"], params)
+    assert again.error is None and again.output_ids == running.output_ids and len(again.output_ids) == 6
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any folder")

@@ -4,6 +4,11 @@ no block, sampling options, aborts, and the adapter tiers (LRU eviction, host ca
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import threading
+import time
+
 import pytest
 import torch
 
@@ -11,7 +16,7 @@ from lk_models import tiny_llama
 from lorakit.core.errors import AdapterError, AdapterLoadError, UnknownAdapterError
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import bank_routing, load_adapters
-from lorakit.serving.engine import Engine, RequestError
+from lorakit.serving.engine import Engine, EngineBusyError, RequestError
 from lorakit.serving.sampling import SamplingParams
 from lorakit.serving.store import AdapterStore, confine
 
@@ -453,3 +458,55 @@ def test_choices_of_prompts_admitted_together_all_fork(ranked_adapters, sh):
     assert engine.stats["forked"] == 9 and engine.stats["prefill_tokens"] == sum(map(len, prompts))
     for p, g in zip(prompts, groups):
         assert [r.output_ids for r in g] == _separately(model, sh, p, "a2", params)
+
+
+@contextlib.contextmanager
+def forward_paused(model):
+    """The model's next forward (on the engine thread) stopped until the block ends, so the engine is in the middle
+    of a step: calls queued now wait for the next one. Yields an Event set once the forward has got there."""
+    reached, gate = threading.Event(), threading.Event()
+
+    def pause(module, args):
+        if not reached.is_set():
+            reached.set()
+            assert gate.wait(60), "the paused forward was never let go"
+    handle = model.register_forward_pre_hook(pause)
+    try:
+        yield reached
+    finally:
+        gate.set()
+        handle.remove()
+
+
+def test_a_call_the_engine_has_not_started_in_time_is_cancelled_and_never_runs():
+    """``Engine.call(fn, start_timeout=s)`` while the engine thread is busy in a step for longer: EngineBusyError, and
+    ``fn`` never runs, also after the step ends (was: ``timeout`` raised TimeoutError and ``fn`` ran later anyway).
+    A call queued while the engine shuts down is cancelled the same way (was: it waited for a thread that was gone).
+    The calls after them run as usual."""
+    model = tiny_llama()
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4).start()
+    ran = []
+    try:
+        with forward_paused(model) as reached:
+            engine.submit([4, 5, 6], None, SamplingParams(max_tokens=2))
+            assert reached.wait(30)
+            with pytest.raises(EngineBusyError, match="did not run"):
+                engine.call(lambda: ran.append("timed out"), start_timeout=0.05)
+        assert engine.call(lambda: ran.append("after") or 7) == 7  # the inbox is FIFO: the cancelled one came first
+        assert ran == ["after"]
+        with cf.ThreadPoolExecutor(2) as pool:
+            with forward_paused(model) as reached:
+                engine.submit([4, 5, 6], None, SamplingParams(max_tokens=2))
+                assert reached.wait(30)
+                waiting = pool.submit(engine.call, lambda: ran.append("at shutdown"))
+                while engine._inbox.qsize() < 1:
+                    time.sleep(0.01)
+                stopping = pool.submit(engine.shutdown)
+                while not engine._stop:
+                    time.sleep(0.01)
+            stopping.result(60)
+            with pytest.raises(EngineBusyError, match="shut down"):
+                waiting.result(60)
+        assert ran == ["after"]
+    finally:
+        engine.shutdown()

@@ -777,6 +777,93 @@ def test_a_request_for_an_adapter_whose_load_is_in_flight_is_a_409_to_retry(setu
         shutil.rmtree(root / "inflight")
 
 
+QUEUE_S = 0.5  # the busy server's adapter_queue_timeout_s: short, so that a held engine runs it out
+
+
+@pytest.fixture(scope="module")
+def busy(setup, sh, tmp_path_factory):
+    """A second server (its own bundled model, store and engine) whose loads and unloads wait at most QUEUE_S for
+    the engine thread to start them (``ServerLimits.adapter_queue_timeout_s``): "kept" (setup's ad0) is served,
+    "queued" (setup's spare adapter) is a folder under its root to load."""
+    root = tmp_path_factory.mktemp("busy")
+    shutil.copytree(setup["dirs"]["ad0"], root / "kept")
+    shutil.copytree(setup["spare"] / "late", root / "queued")
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root], max_loras=2, max_cpu_loras=8)
+    store.register("kept", root / "kept")
+    engine = Engine(model, tok, store=store, kv_cache_bytes=4 << 20, max_batch=6)
+    server = sh.LiveServer(create_app(engine, model_name="bundled", api_key=KEY,
+                                      limits=ServerLimits(adapter_queue_timeout_s=QUEUE_S)))
+    load_adapters(setup["reference"], {"queued": root / "queued"})  # offline reference for its answers
+    yield dict(root=root, engine=engine, store=store, server=server,
+               client=openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0))
+    server.stop()
+    assert engine.cache.used_blocks == 0
+
+
+def _greedy(client, model: str, n: int = 8) -> str:
+    return client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=n, temperature=0).choices[0].text
+
+
+def test_a_load_or_unload_the_busy_engine_never_started_is_a_503_and_never_happens(setup, busy):
+    """A load and an unload queued behind an engine thread busy for longer than the server's
+    ``adapter_queue_timeout_s`` are cancelled before they start and answered 503 (OpenAI's error shape, type
+    server_error, ``Retry-After: 1``; the real openai client raises it as InternalServerError with the header); and
+    what the client was told holds once the engine is free: the adapter was not loaded (not listed, nothing recorded
+    against it), the other was not unloaded (listed, answering as its offline reference), so the retries succeed
+    (were: a 500 after 120 s while both still ran later, so the load's retry got a 409 "already loaded", the
+    unload's a 404, and the adapter the client was told is still served was gone)."""
+    s, store, client = busy, busy["store"], busy["client"]
+    ids = setup["tok"](PROMPTS[0])["input_ids"]
+    load = {"lora_name": "queued", "lora_path": str(s["root"] / "queued")}
+    with engine_held(s["engine"]):
+        for path, body, said in [("/v1/load_lora_adapter", load, "adapter 'queued' was not loaded"),
+                                 ("/v1/unload_lora_adapter", {"lora_name": "kept"}, "adapter 'kept' was not unloaded")]:
+            r = _post(s, path, body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("server_error", 503), error
+            assert error["message"].startswith(said) and "did not run" in error["message"], error
+        with pytest.raises(openai.InternalServerError, match="'queued' was not loaded") as e:
+            client.post("/load_lora_adapter", body=load, cast_to=str)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+    s["engine"].call(lambda: None)  # the inbox is FIFO: every call queued in the block has run or been skipped
+    assert {m.id for m in client.models.list()} == {"bundled", "kept"}
+    assert "queued" not in store.failed and store.names() == ["kept"]
+    assert _greedy(client, "kept") == offline(setup, ids, "ad0", 8)
+    r = _post(s, "/v1/load_lora_adapter", load)
+    assert r.status_code == 200, r.text
+    assert _greedy(client, "queued") == offline(setup, ids, "queued", 8)
+    r = _post(s, "/v1/unload_lora_adapter", {"lora_name": "kept"})
+    assert r.status_code == 200, r.text
+    assert {m.id for m in client.models.list()} == {"bundled", "queued"}
+    for name, op in (("queued", "unload"), ("kept", "load")):  # back as the fixture made it
+        r = _post(s, f"/v1/{op}_lora_adapter", {"lora_name": name, "lora_path": str(s["root"] / name)})
+        assert r.status_code == 200, r.text
+
+
+def test_a_load_the_engine_has_started_is_answered_with_its_outcome_however_long_it_runs(setup, busy):
+    """A load the engine thread has started (registered, reading its weights: paused there by the test) is not
+    given up when the server's ``adapter_queue_timeout_s`` runs out meanwhile: the handler waits and answers with
+    its outcome, a 200, and the adapter is served, answering as its offline reference (was: a 500 at the timeout
+    while the load went on and succeeded, so a client that retried got a 409 "already loaded")."""
+    s, store, client = busy, busy["store"], busy["client"]
+    load = {"lora_name": "queued", "lora_path": str(s["root"] / "queued")}
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            with load_paused(store, "queued") as reached:
+                first = pool.submit(_post, s, "/v1/load_lora_adapter", load)
+                assert reached.wait(30), "the load never started"
+                time.sleep(4 * QUEUE_S)  # (no check: lets the queue timeout run out while the load runs)
+                assert not first.done()  # (it cannot end while paused)
+            r = first.result()
+        assert r.status_code == 200, r.text
+        assert {m.id for m in client.models.list()} == {"bundled", "kept", "queued"}
+        assert _greedy(client, "queued") == offline(setup, setup["tok"](PROMPTS[0])["input_ids"], "queued", 8)
+    finally:
+        _post(s, "/v1/unload_lora_adapter", {"lora_name": "queued"})
+
+
 def test_streamed_n_choices_with_stop_strings_end_where_separate_requests_do(setup):
     """A streamed n=4 chat request with a stop string (the real openai client): each choice's streamed text and
     finish reason equal a non-streamed n=1 request with seed + i, though the choices stop at different steps; the

@@ -58,7 +58,8 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -78,6 +79,12 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 class RequestError(LorakitError, ValueError):
     """A request the engine cannot take (too long for the model or the cache, empty prompt, bad adapter)."""
+
+
+class EngineBusyError(LorakitError):
+    """A call queued for the engine thread (:meth:`Engine.call`) that was cancelled before it started: the engine did
+    not get to it within its ``start_timeout``, or shut down first. It did not run; retrying it is safe. A server
+    answers it with a 503 and Retry-After (``serving/server.py``)."""
 
 
 @dataclass
@@ -305,14 +312,30 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    def call(self, fn: Callable, timeout: float | None = 120.0):
-        """Run ``fn()`` on the engine thread between steps (adapter loads mutate the banks) and return its result."""
+    def call(self, fn: Callable, *, start_timeout: float | None = None):
+        """Run ``fn()`` on the engine thread between steps (adapter loads mutate the banks) and return its result
+        (or raise its exception), however long it runs.
+
+        ``start_timeout``: seconds ``fn`` may wait in the queue for the engine thread (None: no limit). When the engine
+        thread has not taken it by then, it is cancelled and EngineBusyError raised: ``fn`` never runs. Whether it
+        had started is decided atomically (the future's state: the engine thread marks it running before calling
+        it), so a caller is never told "not run" for a call that then runs, nor left without the result of one that
+        started (was: ``timeout``, after which the call raised TimeoutError and still ran later). Calls queued when
+        the engine shuts down are cancelled the same way (EngineBusyError)."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         self._wake.set()
-        return fut.result(timeout)
+        try:
+            return fut.result(start_timeout)
+        except FutureTimeout:
+            if fut.cancel():  # still queued: the engine thread will skip it
+                raise EngineBusyError(f"the engine did not get to this call within {start_timeout:g} s (busy with "
+                                      f"earlier work); it was cancelled and did not run: retry it") from None
+            return fut.result()  # started meanwhile: its outcome, however long it takes
+        except CancelledError:
+            raise EngineBusyError("the engine shut down before running this call; it did not run") from None
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -368,6 +391,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        # calls still queued would wait for a thread that is gone: cancelled (their callers get EngineBusyError)
+        kept = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "call":
+                item[2].cancel()
+            else:
+                kept.append(item)
+        for item in kept:  # requests and aborts stay for a restarted loop
+            self._inbox.put(item)
 
     @property
     def num_running(self) -> int:
@@ -456,6 +492,8 @@ class Engine:
                     self._finish(req, "abort")
             else:
                 _, fn, fut = item
+                if not fut.set_running_or_notify_cancel():  # its caller gave up waiting (Engine.call): never run
+                    continue
                 try:
                     fut.set_result(fn())
                 except BaseException as e:  # noqa: BLE001  (handed to the caller)

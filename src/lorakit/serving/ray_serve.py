@@ -102,9 +102,12 @@ class LorakitReplica:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_loras)(load)
 
     async def _load_adapter(self, name: str) -> _Resident:
-        """Make ``name`` resident in this replica's banks (Ray calls this once per adapter while it is cached)."""
+        """Make ``name`` resident in this replica's banks (Ray calls this once per adapter while it is cached).
+        Waits for the engine thread however busy it is (no start timeout): the request behind it queues on the same
+        engine anyway, and a give-up here would fail a request that is then served (was: ``Engine.call``'s 120 s
+        timeout raised TimeoutError, a 500, while the load still ran)."""
         store = self.engine.store
-        await asyncio.to_thread(self.engine.call, lambda: store.ensure_resident(name))
+        await asyncio.to_thread(self.engine.call, lambda: store.ensure_resident(name), start_timeout=None)
         return _Resident(name)
 
     async def _route(self) -> None:

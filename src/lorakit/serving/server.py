@@ -36,6 +36,17 @@ Endpoints (bodies as OpenAI's / vLLM's):
   completion request naming an adapter whose load is in flight is a 409 too
   (retry after the load; OpenAI's Python client retries a 409 by itself), not vLLM's 404, which reads as "no such
   adapter" although the name will be served in a moment.
+  A load or unload runs on the engine thread between steps (it changes the banks), queued behind the steps and
+  loads before it; the reply never contradicts what happens to it. If the engine has not started it within
+  ``ServerLimits.adapter_queue_timeout_s`` (``lorakit serve --adapter-queue-timeout``, default 120 s: it is busy
+  with long steps or earlier loads), it is cancelled, atomically (``Engine.call``'s start_timeout: either the
+  engine thread has taken it or it never will), and answered 503 ``server_error`` (OpenAI's status for "the engine
+  is currently overloaded") with ``Retry-After: 1`` (OpenAI's client retries a 503 by itself, after that pause):
+  nothing changed, the name is free, a retry can succeed. Once started it is waited for, however long it takes, and the reply is its outcome (200, or
+  its error). Chosen over waiting without bound, so that a swamped engine answers within the limit rather than
+  holding the client on an operation that has not begun; and over a timeout that gives up on a started operation
+  (was: a 500 after 120 s while the load or unload still ran and succeeded, so the client's retry got a 409, or
+  the name was unloaded after the client was told it was not).
 - ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
 Security: an optional API key (``Authorization: Bearer KEY``) on ``/v1/*``; adapter paths confined to the
@@ -51,6 +62,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -71,38 +83,47 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
-from .engine import Engine, Event, Request
+from .engine import Engine, EngineBusyError, Event, Request
 from .multi import REGISTRY_ATTR
 from .sampling import SamplingParams
 
 
 @dataclass
 class ServerLimits:
-    """Per-request limits: body bytes, ``max_tokens`` at most, default ``max_tokens``, choices (``n``) at most.
+    """Per-request limits: body bytes, ``max_tokens`` at most, default ``max_tokens``, choices (``n``) at most,
+    seconds a load or unload waits in the engine thread's queue.
     ``max_n`` defaults to OpenAI's bound on ``n`` (1..128 in its API reference); it does not depend on the engine's
-    ``max_batch``: n choices beyond the free rows start in waves as rows free up (``Engine.submit_choices``)."""
+    ``max_batch``: n choices beyond the free rows start in waves as rows free up (``Engine.submit_choices``).
+    ``adapter_queue_timeout_s``: a load or unload the engine thread has not started by then (it is busy with long
+    steps or earlier loads) is cancelled, so it never runs, and answered 503 with ``Retry-After``; one that has
+    started is waited for and answered with its outcome, however long it takes (``Engine.call``'s start_timeout)."""
 
     max_body_bytes: int = 1 << 20
     max_tokens: int = 1024
     default_max_tokens: int = 16
     max_n: int = 128
+    adapter_queue_timeout_s: float = 120.0
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_tokens", "default_max_tokens", "max_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server limit {FIELD} must be positive, got {getattr(self, name)} ({self})",
                                   field=f"ServerLimits.{name}")
+        if not 0 < self.adapter_queue_timeout_s < math.inf:
+            raise ConfigError(f"server limit {FIELD} must be a positive, finite number of seconds, got "
+                              f"{self.adapter_queue_timeout_s}", field="ServerLimits.adapter_queue_timeout_s")
 
 
 class HTTPError(Exception):
     """A request's error as the HTTP status, message and OpenAI error type the server answers with."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
     def __reduce__(self):  # pickled with its status and type (a Ray Serve replica's error crosses processes)
-        return type(self), (self.status, self.message, self.kind)
+        return type(self), (self.status, self.message, self.kind, self.headers)
 
 
 class _Metrics:
@@ -172,6 +193,9 @@ def _names(spec) -> list[str]:
 
 
 LOAD_AGAIN = "load it again with POST /v1/load_lora_adapter"  # how ``lorakit serve`` serves a fixed folder again
+# a cancelled load or unload's Retry-After: at once, nearly (the retry waits in the engine's queue again, up to
+# ServerLimits.adapter_queue_timeout_s; a longer pause would only add idle time)
+RETRY_AFTER_S = 1
 
 
 def refusal(error: BaseException, model: str | None = None, *, reload: str = LOAD_AGAIN) -> HTTPError:
@@ -182,7 +206,11 @@ def refusal(error: BaseException, model: str | None = None, *, reload: str = LOA
     the adapter's state (AdapterConflictError: loaded, being loaded or being unloaded) a 409; any other request fault
     (lorakit's errors that are ValueErrors: a bad adapter, task or request) a 400; anything else a 500. An adapter
     that failed to register or to load says why and how to serve it again (``reload``: how this deployment does
-    that; a Ray Serve replica, which refuses the load endpoint, says to deploy again), not that it is unknown."""
+    that; a Ray Serve replica, which refuses the load endpoint, says to deploy again), not that it is unknown.
+    A load or unload the busy engine never started (EngineBusyError: cancelled, nothing changed) is a 503 with
+    ``Retry-After`` (:data:`RETRY_AFTER_S`), OpenAI's status for an overloaded engine; OpenAI's client retries it."""
+    if isinstance(error, EngineBusyError):
+        return HTTPError(503, str(error), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(error, AdapterLoadError):
         return HTTPError(400, f"{error}; fix its folder, then {reload}")
     if isinstance(error, UnknownAdapterError):
@@ -215,9 +243,11 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error"):
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None):
     """OpenAI's error body ``{"error": {"message", "type", "code"}}`` with that HTTP status (every error reply)."""
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
 
 
 def _not_json(constant: str):
@@ -283,7 +313,7 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, exc: HTTPError):
-        return error_response(exc.status, exc.message, exc.kind)
+        return error_response(exc.status, exc.message, exc.kind, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing_error(request, exc: StarletteHTTPException):  # unknown path, wrong method: OpenAI's shape too
@@ -648,6 +678,11 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                   "parent": model_name} for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
+    async def on_engine_thread(fn):
+        # a load or unload: cancelled if the engine has not started it in time (EngineBusyError, a 503: it never
+        # runs), else waited for (the reply is its outcome: never a failure for an operation that then succeeds)
+        return await asyncio.to_thread(engine.call, fn, start_timeout=limits.adapter_queue_timeout_s)
+
     def need_store():
         if engine.store is None:
             raise HTTPError(400, "this server was started without adapter roots (--adapters); it cannot load adapters")
@@ -671,9 +706,11 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             # the name's state is checked and marked here, under the store's lock: a conflicting load or unload (this
             # one or a later one) is answered at once, not after the engine thread gets to it
             with store.loading(name):
-                await asyncio.to_thread(engine.call, load)
+                await on_engine_thread(load)
         except AdapterConflictError as e:  # the name's state (loaded, being loaded or unloaded): nothing recorded
             raise refuse(e) from None
+        except EngineBusyError as e:  # never started: nothing registered, the name's earlier record (if any) kept
+            raise refuse(EngineBusyError(f"adapter {name!r} was not loaded: {e}")) from None
         except LorakitError as e:
             # a name whose failure is recorded (by this load, or an earlier one this load updated) answers with the
             # record, as every request naming it will from now on (was: the raw reason here, the record after)
@@ -690,9 +727,11 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         store = need_store()
         try:
             with store.unloading(name):  # as a load: a conflict (or an unknown name) is answered here, at once
-                await asyncio.to_thread(engine.call, lambda: store.unregister(name))
+                await on_engine_thread(lambda: store.unregister(name))
         except AdapterError as e:
             raise refuse(e) from None
+        except EngineBusyError as e:  # never started: the adapter is still served
+            raise refuse(EngineBusyError(f"adapter {name!r} was not unloaded: {e}")) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/health")

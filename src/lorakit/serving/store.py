@@ -498,7 +498,11 @@ class AdapterStore:
 
         ``on_error``: ``"raise"`` (the first folder that fails to register raises, as a caller that wrote the folders
         itself wants) or ``"skip"`` (it is left out, its reason recorded in :attr:`failed` and logged as a warning
-        naming the folder; the others register). A bad ``root`` itself raises AdapterError either way."""
+        naming the folder; the others register). A bad ``root`` itself raises AdapterError either way. A folder whose
+        name is busy (AdapterConflictError: being unloaded while running requests hold it, or loaded meanwhile by
+        another thread) is no fault of the folder: with "skip" it is left out with a warning and nothing recorded
+        (was: recorded as failed, so requests for the name got a 400 telling them to fix a folder that is fine, and
+        the record outlived the unload); registering the root again once the unload is done serves it."""
         if on_error not in ("raise", "skip"):
             raise AdapterError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         found = []
@@ -518,6 +522,11 @@ class AdapterStore:
                     continue
             try:
                 self.register(d.name, d)
+            except AdapterConflictError as e:  # the name's state, not the folder's fault: skipped, nothing recorded
+                if on_error == "raise":
+                    raise
+                log.warning("skipped adapter folder %s for now: %s; register it again once that is done", d, e)
+                continue
             except Exception as e:  # noqa: BLE001  (skip: one bad folder, whatever its fault, never stops the others)
                 if on_error == "raise":
                     raise
