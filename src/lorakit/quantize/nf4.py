@@ -61,17 +61,17 @@ def _bnb():
 
 
 # --- bitsandbytes CPU dequantization workaround -------------------------------------------------------------------
-# QLoRA (arXiv:2305.14314 §3, eq. 1-2) quantizes the *flattened* weight in blocks of 64 with one absmax per block,
-# so a block crosses a row end wherever in_features is not a multiple of 64. bitsandbytes quantizes it that way on
-# every device, and its CUDA and pure-torch kernels dequantize it that way. Its native CPU kernel
-# (bitsandbytes 0.50.2, ``torch.ops.bitsandbytes.dequantize_4bit`` on a CPU tensor, reached from
+# QLoRA (arXiv:2305.14314 §2 eq. 1, §3 eq. 4) quantizes the *flattened* weight in blocks of 64 with one absmax per
+# block, so a block crosses a row end wherever in_features is not a multiple of 64. bitsandbytes quantizes it that way
+# on every device, and its pure-torch kernel dequantizes it that way. Its native CPU kernel (bitsandbytes
+# 0.50.2, ``torch.ops.bitsandbytes.dequantize_4bit`` on a CPU tensor, reached from
 # ``bnb.functional.dequantize_4bit(packed, state)``, the ``Linear4bit`` training forward (``MatMul4Bit``) and its
 # no-grad forward (``gemm_4bit``)) takes its AVX-512 branch for a 2-D shape (m, n) with n % 16 == 0 and reads block
 # ``row * (n // blocksize) + col // blocksize``: right for n % 64 == 0, the wrong absmax for n = 32, 48, 96, 688...
-# (the bundled base's down_proj, in_features 688, came out with a relative error of 0.38 instead of NF4's 0.09).
-# For one row (a flat shape) that index is the QLoRA one, so the fix re-registers the CPU kernel of that op to call
-# the same native bitsandbytes function on the flattened weight (m = 1). It is installed only when a probe against
-# the paper's definition finds the installed bitsandbytes wrong, so it is a no-op once bitsandbytes is fixed.
+# (the bundled base's down_proj, in_features 688, came out with a relative error of 0.36 instead of NF4's 0.094). For
+# one row (a flat shape) that index is the QLoRA one, so the fix re-registers the CPU kernel of that op to call the
+# same native bitsandbytes function on the flattened weight (m = 1). It is installed only when a probe against the
+# paper's definition finds the installed bitsandbytes wrong, so it is a no-op once bitsandbytes is fixed.
 _CPU_FIX: dict[str, object] = {}
 _NATIVE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
