@@ -89,9 +89,10 @@ def _cpu_dequantize_is_right(F) -> bool:
 
 def _dequantize_4bit_cpu(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                          shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' native CPU 4-bit dequantization run on the flattened weight (one row of prod(shape) values),
-    which reads each block's absmax right for any shape; shapes its native kernel does not take (odd sizes, blocks
-    of 2048 or more, other dtypes) go to bitsandbytes' own pure-torch kernel, as its CPU backend does."""
+    """bitsandbytes' native CPU 4-bit dequantization run on the flattened weight (as rows of whole blocks, or as one
+    row of prod(shape) values where the last block is partial), which reads each block's absmax right for any shape.
+    What its native kernel does not take (odd sizes, blocks of 2048 or more, other dtypes) goes to bitsandbytes' own
+    pure-torch kernel, as its CPU backend does. Returns a tensor of ``shape`` and ``dtype``."""
     import ctypes
     from math import prod
 
@@ -108,8 +109,9 @@ def _dequantize_4bit_cpu(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
                                         shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype)
     kernel = getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_NATIVE_SUFFIX[dtype]}")
-    kernel(get_ptr(A), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(1),
-           ctypes.c_longlong(n))
+    rows = n // blocksize if n % blocksize == 0 else 1  # rows of whole blocks read right too, and keep its row threads
+    kernel(get_ptr(A), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(rows),
+           ctypes.c_longlong(n // rows))
     return out
 
 
