@@ -301,3 +301,149 @@ def test_a_non_string_quant_type_or_compute_dtype_is_a_config_error():
         QuantizeConfig(quant_type=4)
     with pytest.raises(lk.ConfigError, match=r"compute_dtype=None: choose one of"):
         QuantizeConfig(compute_dtype=None)
+
+
+# --- the NF4 round trip by the paper's definition, against every lorakit path ----------------------------------------
+# QLoRA (arXiv:2305.14314) §2 "Block-wise k-bit Quantization": the input tensor is flattened and cut into contiguous
+# blocks of B values (B = 64 for the weights, §3), each quantized with its own absmax constant c = absmax(block)
+# (eq. 1); §3 "4-bit NormalFloat": each value X/c goes to the nearest of the 16 NF4 values q_i (eq. 4, Appendix E
+# table, NF4 above) and dequantizes to q_i · c. Blocks follow the flattened (out, in) weight, so where in_features is
+# not a multiple of 64 a block spans two rows. Was: bitsandbytes 0.50.2's native CPU kernel read such blocks'
+# constants row by row (right only for in % 64 == 0), and every path (dequantize_weight, the training forward, the
+# no-grad eval forward, merge, hub loads) used those wrong weights: the bundled base's down_proj (in 688) had a
+# relative error of 0.36 instead of NF4's 0.094.
+WIDTHS = [64, 128, 688, 96, 32, 100, 33]  # multiples of 64; multiples of 16 (bitsandbytes' faulty branch); others
+
+
+def _nf4_reference(weight, absmax=None):
+    """(codes, round trip) of ``weight`` (out, in) per the paper: flat blocks of 64, absmax per block, nearest NF4
+    value. ``absmax`` replaces the block constants of the dequantization (to follow double quantization, whose
+    codes are chosen with the exact constant and dequantized with its 8-bit rounding)."""
+    flat = weight.detach().float().reshape(-1)
+    pad = (-flat.numel()) % 64
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, 64)
+    exact = blocks.abs().amax(dim=1, keepdim=True)
+    codes = ((blocks / exact).unsqueeze(-1) - NF4).abs().argmin(dim=-1)
+    scale = exact if absmax is None else absmax.float().view(-1, 1)
+    values = (NF4[codes] * scale).reshape(-1)[: flat.numel()].view(weight.shape)
+    return codes.reshape(-1)[: flat.numel()].view(weight.shape), values
+
+
+def _assert_nf4_round_trip(got, weight, absmax=None, atol=0.0):
+    """``got`` equals the reference round trip, except where a value lies on the midpoint between two NF4 values
+    (within float32 rounding): bitsandbytes' decision thresholds may put such a tie on either side."""
+    _, want = _nf4_reference(weight, absmax)
+    blocks = torch.nn.functional.pad(weight.detach().float().reshape(-1), (0, (-weight.numel()) % 64)).view(-1, 64)
+    scaled = (blocks / blocks.abs().amax(dim=1, keepdim=True)).reshape(-1)[: weight.numel()].view(weight.shape)
+    midpoints = (NF4[1:] + NF4[:-1]) / 2
+    tie = (scaled.unsqueeze(-1) - midpoints).abs().amin(dim=-1) < 1e-6
+    off = (got.float() - want).abs() > atol
+    assert not (off & ~tie).any(), (f"{int((off & ~tie).sum())} of {weight.numel()} values differ from the NF4 round "
+                                    f"trip; max {float((got.float() - want).abs().max()):.3g}")
+
+
+def _dense_and_4bit(out_features, in_features, config, seed=0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False),
+                                torch.nn.Linear(out_features, 2))
+    weight = dense[0].weight.detach().clone()
+    return weight, quantize_model(dense, QuantizeConfig(double_quant=config, skip_modules=("1",)))[0]
+
+
+@pytest.mark.parametrize("in_features", WIDTHS)
+def test_bitsandbytes_round_trip_follows_the_paper_once_lorakit_is_imported(in_features):
+    """bitsandbytes' own functional API (what PEFT and transformers call) gives the paper's round trip in this
+    process: lorakit's check replaced the faulty CPU kernel (quantize_model / load with quantize= install it)."""
+    import bitsandbytes.functional as F
+
+    _dense_and_4bit(6, in_features, False)  # quantize_model runs lorakit's bitsandbytes check
+    torch.manual_seed(in_features)
+    weight = torch.randn(6, in_features)
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 0xF], dim=1).reshape(-1)[: weight.numel()]
+    ref_codes, _ = _nf4_reference(weight)
+    assert (codes.view(weight.shape).long() != ref_codes).float().mean() < 1e-3  # the quantizer was right all along
+    _assert_nf4_round_trip(F.dequantize_4bit(packed, state), weight)
+    _, want = _nf4_reference(weight)
+    for dtype in (torch.bfloat16, torch.float16):  # the kernel's other outputs (compute dtypes), rounded from float32
+        as_dtype = copy.copy(state)
+        as_dtype.dtype = dtype
+        got = F.dequantize_4bit(packed, as_dtype)
+        assert got.dtype == dtype
+        _assert_nf4_round_trip(got, weight, atol=float(want.abs().max()) * 2 ** -8)
+
+
+@pytest.mark.parametrize("in_features", WIDTHS)
+def test_4bit_layer_paths_use_the_nf4_round_trip(in_features):
+    """dequantize_weight (merge / DoRA / inits read it), the QLoRA training forward, the no-grad eval forward and
+    dequantize_model all use the paper's round trip of the weight, for widths that are and are not multiples of 64."""
+    weight, layer = _dense_and_4bit(5, in_features, False)
+    _, want = _nf4_reference(weight)
+    _assert_nf4_round_trip(dequantize_weight(layer), weight)
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(1))
+    layer.train()
+    torch.testing.assert_close(layer(x.requires_grad_()), x.detach() @ want.T, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.detach()), x.detach() @ want.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x[:1].detach()), x[:1].detach() @ want.T, rtol=1e-5, atol=1e-5)  # one token
+    merged = dequantize_model(torch.nn.Sequential(layer))[0]
+    _assert_nf4_round_trip(merged.weight, weight)
+
+
+@pytest.mark.parametrize("in_features", [688, 96])
+def test_double_quantized_layer_follows_the_round_trip_with_its_8bit_constants(in_features):
+    """Double quantization (QLoRA eq. 6): the codes are those of the exact block constants, dequantized with the
+    constants' 8-bit round trip (bitsandbytes' blockwise 8-bit dequantization, not the faulty 4-bit kernel)."""
+    import bitsandbytes.functional as F
+
+    weight, layer = _dense_and_4bit(4, in_features, True)
+    state = layer.weight.quant_state
+    assert state.nested
+    constants = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    _assert_nf4_round_trip(dequantize_weight(layer), weight, absmax=constants, atol=1e-6)
+    x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(2))
+    _, want = _nf4_reference(weight, absmax=constants)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ want.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bundled_base_loaded_in_4bit_uses_the_nf4_round_trip():
+    """``load_model_and_tokenizer(quantize=...)`` (what ``lorakit serve/train --quantize nf4`` load) through
+    transformers' BitsAndBytesConfig: the down_proj weights (in_features 688) are the paper's round trip, in the
+    bfloat16 compute dtype the serving tests use too."""
+    import bitsandbytes.functional as F
+
+    dense, _ = load_model_and_tokenizer(None)
+    q4, _ = load_model_and_tokenizer(None, quantize=QuantizeConfig(compute_dtype="bfloat16", double_quant=False))
+    for i, block in enumerate(q4.model.layers):
+        layer = block.mlp.down_proj
+        assert layer.in_features == 688
+        weight = dense.model.layers[i].mlp.down_proj.weight.detach().float()
+        _assert_nf4_round_trip(dequantize_weight(layer), weight)
+    x = torch.randn(2, 688, generator=torch.Generator().manual_seed(3))
+    _, want = _nf4_reference(dense.model.layers[0].mlp.down_proj.weight)
+    with torch.no_grad():
+        got = q4.model.layers[0].mlp.down_proj(x)
+    expected = (x.bfloat16() @ want.bfloat16().T).float()
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -6, atol=2 ** -6 * float(expected.abs().max()))
+
+
+def test_the_bitsandbytes_workaround_is_a_no_op_when_bitsandbytes_is_right():
+    """The check tests bitsandbytes against the paper, not its version: with a right dequantize_4bit (here the one
+    lorakit installed) it registers nothing."""
+    import bitsandbytes.functional as F
+
+    from lorakit.quantize import nf4
+
+    nf4._bnb()
+    assert nf4._cpu_dequantize_is_right(F)
+    saved = dict(nf4._CPU_FIX)
+    try:
+        nf4._CPU_FIX.clear()
+        nf4._check_cpu_dequantize(F)
+        assert nf4._CPU_FIX == {"checked": True}  # probed, found right, nothing registered
+    finally:
+        nf4._CPU_FIX.clear()
+        nf4._CPU_FIX.update(saved)

@@ -26,6 +26,13 @@ its first eval), it fails on layers whose out_features is not a multiple of 32 o
 the block size, and ``dequantize_4bit`` does not read that layout. Every 4-bit layer lorakit creates or loads
 (:func:`quantize_model`, ``load_model_and_tokenizer(quantize=...)``) therefore keeps the QLoRA layout
 (:func:`keep_qlora_layout`); :func:`dequantize_weight` unpacks a layer that was repacked elsewhere first.
+
+CPU dequantization: bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` reads the wrong block constants where a
+block of 64 crosses a row end (in_features a multiple of 16 but not of 64, e.g. the bundled base's down_proj, 688),
+so every CPU path (``dequantize_4bit``, the training and eval forwards of ``Linear4bit``) used a weight that is not
+the NF4 round trip. The first time lorakit touches bitsandbytes it checks that kernel against the paper's
+definition and, only where it is wrong, registers a CPU kernel that runs bitsandbytes' own native code on the
+flattened weight (see ``_check_cpu_dequantize``). Codes and constants, and so the files, are bitsandbytes' own.
 """
 
 from __future__ import annotations
@@ -49,7 +56,87 @@ def _bnb():
     except ImportError:
         raise LorakitError("4-bit bases need bitsandbytes: pip install 'lorakit[quantize]' "
                            "(bitsandbytes>=0.50, which runs 4-bit on CPU and CUDA)") from None
+    _check_cpu_dequantize(bitsandbytes.functional)
     return bitsandbytes
+
+
+# --- bitsandbytes CPU dequantization workaround -------------------------------------------------------------------
+# QLoRA (arXiv:2305.14314 §2 eq. 1, §3 eq. 4) quantizes the *flattened* weight in blocks of 64 with one absmax per
+# block, so a block crosses a row end wherever in_features is not a multiple of 64. bitsandbytes quantizes it that way
+# on every device, and its pure-torch kernel dequantizes it that way. Its native CPU kernel (bitsandbytes
+# 0.50.2, ``torch.ops.bitsandbytes.dequantize_4bit`` on a CPU tensor, reached from
+# ``bnb.functional.dequantize_4bit(packed, state)``, the ``Linear4bit`` training forward (``MatMul4Bit``) and its
+# no-grad forward (``gemm_4bit``)) takes its AVX-512 branch for a 2-D shape (m, n) with n % 16 == 0 and reads block
+# ``row * (n // blocksize) + col // blocksize``: right for n % 64 == 0, the wrong absmax for n = 32, 48, 96, 688...
+# (the bundled base's down_proj, in_features 688, came out with a relative error of 0.36 instead of NF4's 0.094). For
+# one row (a flat shape) that index is the QLoRA one, so the fix re-registers the CPU kernel of that op to call the
+# same native bitsandbytes function on the flattened weight (m = 1). It is installed only when a probe against the
+# paper's definition finds the installed bitsandbytes wrong, so it is a no-op once bitsandbytes is fixed.
+_CPU_FIX: dict[str, object] = {}
+_NATIVE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _cpu_dequantize_is_right(F) -> bool:
+    """Whether ``F.dequantize_4bit`` on CPU follows QLoRA's flat blocks of 64 for a (2, 96) weight, whose second
+    block spans both rows: value = NF4[code] · absmax(block), codes two per byte, high nibble first."""
+    weight = torch.randn(2, 96, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
+    expected = (F.get_4bit_type("nf4", device="cpu")[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(2, 96)
+    return torch.equal(F.dequantize_4bit(packed, state).float(), expected)
+
+
+def _dequantize_4bit_cpu(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                         shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' native CPU 4-bit dequantization run on the flattened weight (as rows of whole blocks, or as one
+    row of prod(shape) values where the last block is partial), which reads each block's absmax right for any shape.
+    What its native kernel does not take (odd sizes, blocks of 2048 or more, other dtypes) goes to bitsandbytes' own
+    pure-torch kernel, as its CPU backend does. Returns a tensor of ``shape`` and ``dtype``."""
+    import ctypes
+    from math import prod
+
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import get_ptr
+
+    A = (A if A.dtype == torch.uint8 else A.view(torch.uint8)).contiguous()
+    absmax = absmax.float().contiguous()
+    n = prod(shape)
+    if n % 2 or blocksize >= 2048 or dtype not in _NATIVE_SUFFIX or quant_type not in QUANT_TYPES:
+        return _dequantize_4bit_compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize,
+                                        shape, dtype)
+    out = torch.empty(tuple(shape), dtype=dtype)
+    kernel = getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_NATIVE_SUFFIX[dtype]}")
+    rows = n // blocksize if n % blocksize == 0 else 1  # rows of whole blocks read right too, and keep its row threads
+    kernel(get_ptr(A), get_ptr(absmax), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(rows),
+           ctypes.c_longlong(n // rows))
+    return out
+
+
+def _check_cpu_dequantize(F) -> None:
+    """Probe bitsandbytes' CPU dequantization once per process; where it misreads blocks that cross a row end,
+    register :func:`_dequantize_4bit_cpu` as the CPU kernel of ``bitsandbytes::dequantize_4bit`` (process-wide:
+    every bitsandbytes caller, PEFT and transformers included, then gets the QLoRA weights). Files are unchanged:
+    the codes and constants are bitsandbytes' own, only how they are read back differs."""
+    if "checked" in _CPU_FIX:
+        return
+    _CPU_FIX["checked"] = True
+    if _cpu_dequantize_is_right(F):
+        return
+    import warnings
+
+    library = torch.library.Library("bitsandbytes", "FRAGMENT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that a kernel is overridden: that is the point
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", _dequantize_4bit_cpu, lib=library)
+    if _cpu_dequantize_is_right(F):
+        _CPU_FIX["library"] = library
+        return
+    library._destroy()
+    warnings.warn("bitsandbytes' CPU dequantize_4bit misreads 4-bit blocks that cross a row end and lorakit's "
+                  "workaround did not fix it: layers whose in_features is not a multiple of 64 get wrong weights.")
 
 
 @dataclass(frozen=True)
@@ -146,7 +233,10 @@ def keep_qlora_layout(model: nn.Module) -> nn.Module:
     A layer already repacked is unpacked back (as bitsandbytes' own ``state_dict``/``.cuda()`` do). The layout
     kept is the one training forwards use (they never repack), the one PEFT + bitsandbytes use on other CPUs and
     on CUDA, and the one ``dequantize_weight`` reads; without it an eval forward of the bundled base (intermediate
-    688, not a multiple of 32) raised bitsandbytes' "N must be divisible by block_n" on such a CPU."""
+    688, not a multiple of 32) raised bitsandbytes' "N must be divisible by block_n" on such a CPU. Also runs
+    lorakit's check of bitsandbytes' CPU dequantization (module docstring), for models quantized elsewhere."""
+    if any(is_4bit(m) for m in model.modules()):
+        _bnb()  # the CPU dequantization check, for models bitsandbytes quantized outside lorakit
     for module in model.modules():
         if is_4bit(module):
             module.support_avx512bf16_for_cpu = False
@@ -170,8 +260,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor | None:
     layer bitsandbytes repacked for its CPU kernel is unpacked back first (in place)."""
     if not is_4bit(module):
         return None
-    import bitsandbytes.functional as F
-
+    F = _bnb().functional
     _unpack(module)
     w = module.weight
     return F.dequantize_4bit(w.data, w.quant_state).float().reshape(module.out_features, module.in_features)
@@ -197,8 +286,9 @@ def quantize_dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     F = _bnb().functional
     w = weight.detach().float().contiguous()
     if bits == 4:
-        # as one row: bitsandbytes 0.50.2's CPU dequantize_4bit kernel reads a 2-D weight's blocks row by row, which
-        # is wrong where a block crosses a row end (in_features not a multiple of 64); the codes are the same
+        # as one row: bitsandbytes 0.50.2's native CPU dequantize_4bit reads a 2-D weight's blocks row by row, which
+        # is wrong where a block crosses a row end (in_features not a multiple of 64; _bnb() above installs the
+        # fix for every other caller); one row is right either way and the codes are the same
         packed, state = F.quantize_4bit(w.reshape(-1), blocksize=64, compress_statistics=False, quant_type="nf4")
         return F.dequantize_4bit(packed, state).float().reshape(w.shape)
     codes, row_absmax, _ = F.int8_vectorwise_quant(w.to(torch.float16))  # (out, in) int8, (out,) float32
