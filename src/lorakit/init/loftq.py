@@ -43,7 +43,7 @@ from ..core.errors import AdapterError
 from ..core.inits import BaseSwap, register_init
 from ..core.model import adapter_layers, adapter_state
 from ..quantize.nf4 import quantize_dequantize
-from ._common import check_factorisable, check_rank_fits, lora_style, writable_units
+from ._common import check_factorisable, check_rank_fits, lora_style, method_layers, writable_units
 
 
 def loftq_factors(weight: torch.Tensor, r: int, scaling: float, bits: int, steps: int
@@ -73,14 +73,12 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
     given = {k: v for k, v in (("loftq_bits", loftq_bits), ("loftq_iter", loftq_iter)) if v is not None}
     config = replace(state.configs[adapter_name], loftq_config={**state.configs[adapter_name].loftq_config, **given})
     targets = []
-    for path, layer in adapter_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
+    for path, layer, delta in method_layers(model, adapter_name):
         if layer.info.kind != "linear":
             raise AdapterError(f"init {spec!r}: module {path!r} is a {layer.info.kind} layer; LoftQ quantizes linear "
                                "weights only (PEFT's embedding / convolution LoftQ fails). Leave it out of "
                                "target_modules (exclude_modules) or use another init (model left unchanged).")
-        units = writable_units(layer.adapters[adapter_name], path, spec)
+        units = writable_units(delta, path, spec)
         weight = oriented_weight(layer.base_layer, layer.info)
         check_factorisable(path, weight, spec, "base weight")
         check_rank_fits(path, units.A.shape[0], weight.shape, spec)
