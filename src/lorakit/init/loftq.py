@@ -68,7 +68,8 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
     ``loftq_bits`` / ``loftq_iter`` override the adapter config's ``loftq_config`` and are written into it (the
     saved file says how the base was quantized). Raises ConfigError for settings PEFT refuses, AdapterError for an
     adapter on an embedding or convolution layer, a delta without B A factors, r > min(out, in), or a weight with
-    NaN/inf; all checked before any module is written (the model is then unchanged)."""
+    NaN/inf; all checked before any module is written (the model is then unchanged). A failure while writing (out of
+    memory in a later module's SVD) puts back what was written, base weights and adapter tensors."""
     state = adapter_state(model)
     given = {k: v for k, v in (("loftq_bits", loftq_bits), ("loftq_iter", loftq_iter)) if v is not None}
     config = replace(state.configs[adapter_name], loftq_config={**state.configs[adapter_name].loftq_config, **given})
@@ -87,11 +88,13 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
         raise AdapterError(f"init {spec!r}: adapter {adapter_name!r} has no linear layers to initialise.")
     bits, steps = config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"]
     swaps: dict[str, BaseSwap] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}  # the adapter's tensors before they were written, by path
     try:
         for path, layer, units in targets:  # one module at a time: its Q, U, S, V are freed before the next
             base = layer.base_layer
             Q, A, B = loftq_factors(oriented_weight(base, layer.info).float(), units.A.shape[0], units.scaling,
                                     bits, steps)
+            factors[path] = {k: v.detach().clone() for k, v in layer.adapters[adapter_name].state_dict().items()}
             swaps[path] = BaseSwap(original=base.weight.detach().clone())
             units.A.copy_(A)
             units.B.copy_(B)
@@ -100,10 +103,12 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
             if hasattr(delta, "lora_magnitude_vector"):  # DoRA: m = ‖Q + s·B A‖ per output row
                 delta.lora_magnitude_vector.copy_(delta._weight_norm(oriented_weight(base, layer.info).float(),
                                                                      delta.delta_weight()))
-    except BaseException:  # e.g. out of memory in a later module's SVD: the bases done so far go back
+    except BaseException:  # e.g. out of memory in a later module's SVD: the modules done so far go back, base and
+        # adapter (was: the bases only, so an adapter initialised again lost its trained factors there)
         layers = dict(adapter_layers(model))
         for path, swap in swaps.items():
             swap.undo(layers[path])
+            layers[path].adapters[adapter_name].load_state_dict(factors[path])
         raise
     state.configs[adapter_name] = config
     return swaps
