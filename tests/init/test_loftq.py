@@ -329,3 +329,34 @@ def test_loading_onto_weights_another_loftq_adapter_replaced_is_refused_and_atta
     assert list(adapter_state(model).configs) == ["default"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_failure_partway_puts_back_the_bases_and_the_adapter_tensors(monkeypatch):
+    """LoftQ writes one module at a time; when a later module fails (here: its quantization raises, as an out-of-
+    memory error would), the modules already written get back their base weights and the adapter its tensors, so
+    re-initialising a trained adapter loses nothing (were: the bases only; the trained A, B of the modules done
+    were left as LoftQ factors)."""
+    import lorakit.init.loftq as loftq
+    from lorakit.core.model import adapter_parameters
+
+    model = lk.add_adapter(llama64(), lk.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for p in adapter_parameters(model, "default").values():
+            p.add_(0.1)  # "trained": B is no longer zero
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls, real = [], loftq.quantize_dequantize
+
+    def failing(weight, bits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(weight, bits)
+
+    monkeypatch.setattr(loftq, "quantize_dequantize", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lk.init_adapter(model, "default", init="loftq")
+    assert len(calls) == 3  # two modules were written before the failure
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert adapter_state(model).configs["default"].init_lora_weights == "gaussian"

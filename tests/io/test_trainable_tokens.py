@@ -357,3 +357,41 @@ def test_tied_head_paths_agree_with_peft(tmp_path):
         assert (_logits(model, ids) - expected).abs().max() <= 1e-5
     with lk.routing(adapter_names=["default"] * 4):
         assert (_logits(model, long) - _logits(peft_model, long)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq", "eva", "lora_ga", "corda"])
+def test_inits_set_the_lora_factors_and_leave_the_token_rows(init, token_ids, tmp_path):
+    """An init (``init_lora_weights``) sets LoRA's factors; the token rows beside them keep PEFT's start, the base
+    rows (update_layer line 145), and the base embedding is not changed, on a tied model whose lm_head follows the
+    rows. An init that is redone on load (pissa, olora, loftq) or rewrites the config (eva) writes a file that loads
+    with the same logits. (Was: every such init refused the tied head's rows as "TokenRows at 'lm_head' has no
+    trainable B A factors", LoftQ refused the embedding as a target on any model, and EVA wrote the embedding's
+    path into target_modules, so its file did not load.)"""
+    if init == "loftq":
+        pytest.importorskip("bitsandbytes")
+    from lorakit.core.inits import find_init
+    from lorakit.core.model import adapter_layers, adapter_state
+
+    indices = [3, 5, 90]
+    model = tied_llama()
+    rows = model.model.embed_tokens.weight[indices].detach().clone()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=indices,
+                                        init_lora_weights=init), "a")
+    if find_init(init).needs_data:
+        g = torch.Generator().manual_seed(1)
+        batches = [{"input_ids": (ids := torch.randint(0, 96, (4, 12), generator=g)),
+                    "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(4)]
+        lk.init_adapter(model, "a", batches)
+    layers = dict(adapter_layers(model))
+    assert torch.equal(layers["model.embed_tokens"].adapters["a"].values, rows)
+    assert torch.equal(model.model.embed_tokens.weight[indices], rows)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any("embed_tokens" in t or "lm_head" in t for t in adapter_state(model).configs["a"].target_modules)
+    if init in ("lora_ga", "corda"):  # (their files are for the base they changed: loading them is refused)
+        return
+    _perturb(adapter_parameters(model, "a", trainable_only=True).values(), seed=3)
+    lk.save_adapter(model, tmp_path / "a", "a")
+    loaded = tied_llama()
+    lk.load_adapter(loaded, tmp_path / "a", "a")
+    lk.set_adapter(loaded, "a")
+    torch.testing.assert_close(_logits(loaded, token_ids), _logits(model, token_ids), rtol=0, atol=1e-6)

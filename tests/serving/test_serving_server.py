@@ -886,3 +886,25 @@ def test_streamed_n_choices_with_stop_strings_end_where_separate_requests_do(set
     assert reasons == [c.choices[0].finish_reason for c in singles] and set(reasons) == {"stop", "length"}
     assert usage.completion_tokens == sum(c.usage.completion_tokens for c in singles)
     assert engine.cache.used_blocks == 0
+
+
+def test_a_load_refused_for_the_servers_byte_cap_leaves_nothing_registered(setup, sh, tmp_path):
+    """A load whose adapter can never be resident on this server (its weights exceed ``max_resident_bytes``) is
+    refused with a 400 naming the cap, and what the client was told holds: the name is not served (not listed,
+    a completion naming it is a 404) and nothing is recorded against the folder, which is fine (a retry is the
+    same 400, not a 409 "already loaded"). (Was: the name stayed registered after the 400.)"""
+    shutil.copytree(setup["spare"] / "late", tmp_path / "big")
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [tmp_path], max_loras=2, max_resident_bytes=64)
+    engine = Engine(model, tok, store=store, kv_cache_bytes=4 << 20, max_batch=2)
+    server = sh.LiveServer(create_app(engine, model_name="bundled", api_key=KEY))
+    s = dict(server=server)
+    try:
+        body = {"lora_name": "big", "lora_path": str(tmp_path / "big")}
+        for _ in range(2):
+            r = _post(s, "/v1/load_lora_adapter", body)
+            assert r.status_code == 400 and "max_resident_bytes" in r.json()["error"]["message"], r.text
+            assert store.names() == [] and "big" not in store.failed
+            assert _post(s, "/v1/completions", {"model": "big", "prompt": "x", "max_tokens": 1}).status_code == 404
+    finally:
+        server.stop()

@@ -247,6 +247,9 @@ class Delta(nn.Module):
     # A delta that every module sharing its base weight (tied embeddings: lm_head is embed_tokens) also has, with the
     # same change: merging writes into the shared weight and keeps the tie, instead of untying (trainable tokens).
     keeps_tied_weights: ClassVar[bool] = False
+    # A delta a config adds beside its method's own (``AdapterConfig.extra_deltas``: LoRA's trainable token rows):
+    # inits, which set the method's factors (PiSSA, LoftQ, EVA, LoRA-GA ...), leave it as it is.
+    extra: ClassVar[bool] = False
 
     def __init__(self, info: LayerInfo):
         super().__init__()

@@ -88,14 +88,20 @@ def writable_units(delta: Delta, path: str, init: str) -> Any:
     return units
 
 
+def method_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdapterLayer, Delta]]:
+    """``(path, layer, delta)`` of each of ``adapter_name``'s own deltas in module order: not those its config adds
+    beside them (``Delta.extra``: trainable token rows, which an init leaves as they are, as PEFT does)."""
+    return [(path, layer, layer.adapters[adapter_name]) for path, layer in adapter_layers(model)
+            if adapter_name in layer.adapters and not layer.adapters[adapter_name].extra]
+
+
 def linear_targets(model: nn.Module, adapter_name: str, init: str, need_units: bool = True) -> list[Target]:
     """The adapter's linear deltas in module order. ``need_units``: each must expose writable rank-one units
     (``B A``: LoRA, rsLoRA, DoRA); AdapterError names the first that does not."""
     out = []
-    for path, layer in adapter_layers(model):
-        if adapter_name not in layer.adapters or layer.info.kind != "linear":
+    for path, layer, delta in method_layers(model, adapter_name):
+        if layer.info.kind != "linear":
             continue
-        delta = layer.adapters[adapter_name]
         if need_units:
             writable_units(delta, path, init)
         out.append(Target(path, layer, delta))

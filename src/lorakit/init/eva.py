@@ -36,7 +36,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseEdit, register_init
 from ..core.model import _get_parent, adapter_state, disable_adapters, refresh_trainable
 from ..core.registry import get_method
-from ._common import Target, _device, _to, check_batches, linear_targets, lora_style
+from ._common import Target, _device, _to, check_batches, linear_targets, lora_style, method_layers
 
 
 class IncrementalPCA:
@@ -296,9 +296,7 @@ def _apply(model: nn.Module, name: str, config: Any, targets: list[Target], comp
 
 
 def _all_adapted(model: nn.Module, name: str):
-    from ..core.model import adapter_layers
-
-    return [(p, layer) for p, layer in adapter_layers(model) if name in layer.adapters]
+    return [(p, layer) for p, layer, _ in method_layers(model, name)]
 
 
 register_init(

@@ -43,7 +43,7 @@ from ..core.errors import AdapterError
 from ..core.inits import BaseSwap, register_init
 from ..core.model import adapter_layers, adapter_state
 from ..quantize.nf4 import quantize_dequantize
-from ._common import check_factorisable, check_rank_fits, lora_style, writable_units
+from ._common import check_factorisable, check_rank_fits, lora_style, method_layers, writable_units
 
 
 def loftq_factors(weight: torch.Tensor, r: int, scaling: float, bits: int, steps: int
@@ -68,19 +68,18 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
     ``loftq_bits`` / ``loftq_iter`` override the adapter config's ``loftq_config`` and are written into it (the
     saved file says how the base was quantized). Raises ConfigError for settings PEFT refuses, AdapterError for an
     adapter on an embedding or convolution layer, a delta without B A factors, r > min(out, in), or a weight with
-    NaN/inf; all checked before any module is written (the model is then unchanged)."""
+    NaN/inf; all checked before any module is written (the model is then unchanged). A failure while writing (out of
+    memory in a later module's SVD) puts back what was written, base weights and adapter tensors."""
     state = adapter_state(model)
     given = {k: v for k, v in (("loftq_bits", loftq_bits), ("loftq_iter", loftq_iter)) if v is not None}
     config = replace(state.configs[adapter_name], loftq_config={**state.configs[adapter_name].loftq_config, **given})
     targets = []
-    for path, layer in adapter_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
+    for path, layer, delta in method_layers(model, adapter_name):
         if layer.info.kind != "linear":
             raise AdapterError(f"init {spec!r}: module {path!r} is a {layer.info.kind} layer; LoftQ quantizes linear "
                                "weights only (PEFT's embedding / convolution LoftQ fails). Leave it out of "
                                "target_modules (exclude_modules) or use another init (model left unchanged).")
-        units = writable_units(layer.adapters[adapter_name], path, spec)
+        units = writable_units(delta, path, spec)
         weight = oriented_weight(layer.base_layer, layer.info)
         check_factorisable(path, weight, spec, "base weight")
         check_rank_fits(path, units.A.shape[0], weight.shape, spec)
@@ -89,11 +88,13 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
         raise AdapterError(f"init {spec!r}: adapter {adapter_name!r} has no linear layers to initialise.")
     bits, steps = config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"]
     swaps: dict[str, BaseSwap] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}  # the adapter's tensors before they were written, by path
     try:
         for path, layer, units in targets:  # one module at a time: its Q, U, S, V are freed before the next
             base = layer.base_layer
             Q, A, B = loftq_factors(oriented_weight(base, layer.info).float(), units.A.shape[0], units.scaling,
                                     bits, steps)
+            factors[path] = {k: v.detach().clone() for k, v in layer.adapters[adapter_name].state_dict().items()}
             swaps[path] = BaseSwap(original=base.weight.detach().clone())
             units.A.copy_(A)
             units.B.copy_(B)
@@ -102,10 +103,12 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
             if hasattr(delta, "lora_magnitude_vector"):  # DoRA: m = ‖Q + s·B A‖ per output row
                 delta.lora_magnitude_vector.copy_(delta._weight_norm(oriented_weight(base, layer.info).float(),
                                                                      delta.delta_weight()))
-    except BaseException:  # e.g. out of memory in a later module's SVD: the bases done so far go back
+    except BaseException:  # e.g. out of memory in a later module's SVD: the modules done so far go back, base and
+        # adapter (was: the bases only, so an adapter initialised again lost its trained factors there)
         layers = dict(adapter_layers(model))
         for path, swap in swaps.items():
             swap.undo(layers[path])
+            layers[path].adapters[adapter_name].load_state_dict(factors[path])
         raise
     state.configs[adapter_name] = config
     return swaps

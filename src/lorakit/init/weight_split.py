@@ -26,9 +26,8 @@ from torch import nn
 from ..core.delta import oriented_weight
 from ..core.errors import AdapterError
 from ..core.inits import BaseEdit, register_init
-from ..core.model import adapter_layers
-from ._common import (adapter_record, check_factorisable, check_rank_fits, lora_style, move_into_adapter,
-                      writable_units)
+from ._common import (adapter_record, check_factorisable, check_rank_fits, lora_style, method_layers,
+                      move_into_adapter, writable_units)
 
 # (weight (out, in) float32, r, scaling) -> (A (r, in), B (out, r))
 Factorise = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
@@ -44,9 +43,8 @@ def split_base_weight(model: nn.Module, adapter_name: str, factorise: Factorise,
     done never add to a later SVD's peak memory; an adapter in another dtype than float32 cannot hold the
     float32 factors exactly, and then keeps them as it goes."""
     targets = []
-    for path, layer in adapter_layers(model):
-        delta = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
-        if delta is None or layer.info.kind != "linear":
+    for path, layer, delta in method_layers(model, adapter_name):
+        if layer.info.kind != "linear":
             continue
         units = writable_units(delta, path, init)
         weight = oriented_weight(layer.base_layer, layer.info)

@@ -62,6 +62,7 @@ class TokenRows(Delta):
     layer_kinds = ("embedding", "linear")
     merge_replaces = True
     keeps_tied_weights = True
+    extra = True  # (beside LoRA's deltas: inits leave the rows as PEFT does, the base's own)
 
     def __init__(self, info: LayerInfo, indices: list[int], base_layer: nn.Module, leader: "TokenRows | None" = None):
         super().__init__(info)

@@ -701,7 +701,14 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
 
         def load():
             store.register(name, path)
-            store.ensure_resident(name)  # reads and checks every tensor now (unregisters it on failure)
+            try:
+                store.ensure_resident(name)  # reads and checks every tensor now (a bad file: unregistered, recorded)
+            except BaseException:
+                # any other failure (an adapter the server's caps can never hold, out of memory): the reply is an
+                # error, so nothing stays registered (was: served after a 400, and a retry got a 409)
+                if name in store.paths:
+                    store._unregister(name)
+                raise
         try:
             # the name's state is checked and marked here, under the store's lock: a conflicting load or unload (this
             # one or a later one) is answered at once, not after the engine thread gets to it

@@ -27,9 +27,12 @@ def _groups(optimizer, model):
 
 
 @pytest.mark.parametrize("kw,targets", [({"use_dora": True}, ["q_proj", "v_proj", "down_proj", "embed_tokens"]),
-                                        ({"lora_bias": True}, ["q_proj", "v_proj", "down_proj"])],
-                         ids=["dora", "lora_bias"])  # PEFT has no lora_bias on embeddings
+                                        ({"lora_bias": True}, ["q_proj", "v_proj", "down_proj"]),
+                                        ({"trainable_token_indices": [3, 5]}, ["q_proj", "v_proj"])],
+                         ids=["dora", "lora_bias", "token_rows"])  # PEFT has no lora_bias on embeddings
 def test_groups_and_updates_match_peft(kw, targets, ids, tmp_path):
+    """(token_rows: PEFT's trainable token rows are no LoRA embedding adapter, so they learn at lr, group A; were
+    put at loraplus_lr_embedding, 1e-6 by default: barely trained.)"""
     ref = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                             init_lora_weights=False, **kw))
     ref.save_pretrained(tmp_path / "a")

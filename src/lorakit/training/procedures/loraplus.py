@@ -8,7 +8,8 @@ With Adam, LoRA's A and B learn at one rate, which the paper shows is inefficien
 - B: parameters named ``lora_B`` and every 1-D parameter (biases, DoRA magnitudes): lr ``λ·η``, weight decay
   except for biases and LayerNorm parameters (lr ``λ·η``, no decay);
 - embeddings: the factors of an adapter on an embedding layer (its 1-D parameters, e.g. DoRA's magnitude, go
-  with B, as in PEFT): lr ``loraplus_lr_embedding`` (absolute).
+  with B, as in PEFT): lr ``loraplus_lr_embedding`` (absolute). Trainable token rows (``trainable_token_indices``)
+  are not such an adapter: in group A, as in PEFT.
 
 Weight decay is the run's ``weight_decay`` (the official code's ``optimizer_kwargs``; PEFT's
 ``loraplus_weight_decay`` is the same number under another name). The method's own parameter groups are
@@ -48,8 +49,9 @@ class LoraPlus(Procedure):
     shares_batch = True  # only regroups its adapter's parameters
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # (trainable token rows, ``Delta.extra``, are no adapter on the embedding: PEFT leaves them in group A)
         embedding = {id(p) for _, layer in adapter_layers(model) if layer.info.kind == "embedding"
-                     for delta in layer.adapters.values() for p in delta.parameters() if p.ndim > 1}
+                     for delta in layer.adapters.values() if not delta.extra for p in delta.parameters() if p.ndim > 1}
         no_decay = {id(p) for m in model.modules() if isinstance(m, tuple(ALL_LAYERNORM_LAYERS))
                     for p in m.parameters(recurse=False)}
         no_decay |= {id(p) for n, p in model.named_parameters() if "bias" in n}
