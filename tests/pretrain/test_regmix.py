@@ -322,3 +322,44 @@ def test_fit_only_refuses_flags_of_another_sweep(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "holds a sweep made with a different config (domains: ['code', 'tasks'] " \
         "there, ['code', 'docstrings', 'docs', 'tasks'] now" in err, err
+
+
+@pytest.mark.parametrize("text,says", [
+    ('{"mixture": {"code": 0.5, "tas', "is not a RegMix result (Unterminated string"),  # cut off: was JSONDecodeError
+    ('{"domains": ["code"]}', "has no 'mixture' object of domain -> weight numbers (got None)"),  # was KeyError
+    ('{"mixture": {"code": "0.5", "tasks": 0.5}}', "has no 'mixture' object of domain -> weight numbers"),  # TypeError
+    ('[0.5, 0.5]', "is not a RegMix result (not a JSON object)"),
+])
+def test_pretrain_base_names_a_damaged_regmix_json_before_the_data(tmp_path, monkeypatch, capsys, text, says):
+    """`pretrain-base --mixture regmix --regmix-dir DIR` with a regmix.json that is cut off or edited ended in a
+    JSONDecodeError / KeyError / TypeError traceback; now one line naming the file and how to rewrite it."""
+    from lorakit.cli import main
+    from lorakit.pretrain import domains
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "regmix.json").write_text(text)
+    monkeypatch.setattr(domains, "prepare_domain_data", _no_data)
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "regmix", "--regmix-dir",
+                 str(tmp_path / "sweep")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lorakit pretrain-base: error: {tmp_path / 'sweep' / 'regmix.json'} "), last
+    assert says in last and "--fit-only" in last
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--hidden-size", "30"], "--hidden-size (30) / num_heads (2) = 15 per head; rotary embeddings need an even"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),  # was: NaN losses, then LightGBM's "Input y contains NaN"
+    (["--vocab-size", "10"], "--vocab-size must be >= 300"),  # was: said only once the data was built (minutes)
+])
+def test_a_proxy_shape_that_cannot_train_is_refused_before_the_data_is_built(tmp_path, monkeypatch, capsys, flags,
+                                                                           says):
+    """The proxy's PretrainConfig was built only in train_proxy, after the domains' data and sweep.json (which
+    then refused the corrected flags as another sweep's): an odd head width ended in transformers' RoPE ValueError
+    traceback, --seq-len 1 in a LightGBM traceback on NaN losses."""
+    from lorakit.cli import main
+
+    monkeypatch.setattr(regmix, "prepare_domain_data", _no_data)
+    assert main(["regmix", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
