@@ -363,3 +363,23 @@ def test_a_proxy_shape_that_cannot_train_is_refused_before_the_data_is_built(tmp
     assert main(["regmix", "--out", str(tmp_path / "out"), *flags]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_base_will_not_replace_the_regmix_sweep_it_reads(tmp_path, monkeypatch, capsys):
+    """`pretrain-base --out runs/regmix --overwrite --mixture regmix --regmix-dir runs/regmix` replaced the sweep
+    folder (proxies.jsonl: every proxy trained) with the new model; an --out above it deleted it too. Now refused
+    before any work, the sweep untouched."""
+    from lorakit.cli import main
+    from lorakit.pretrain import domains
+
+    sweep = tmp_path / "runs" / "regmix"
+    sweep.mkdir(parents=True)
+    files = {"regmix.json": '{"mixture": {"code": 0.5, "tasks": 0.5}}', "proxies.jsonl": "{}\n", "sweep.json": "{}"}
+    for name, text in files.items():
+        (sweep / name).write_text(text)
+    monkeypatch.setattr(domains, "prepare_domain_data", _no_data)
+    for out in (sweep, tmp_path / "runs"):
+        assert main(["pretrain-base", "--out", str(out), "--overwrite", "--mixture", "regmix", "--regmix-dir",
+                     str(sweep)]) == 2
+        assert f"--out {out} holds the input {sweep / 'regmix.json'}" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in sweep.iterdir()} == files

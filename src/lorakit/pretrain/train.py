@@ -613,8 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
         return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
                            f"--overwrite to rebuild it, or --out DIR for a new base")
+    # the files this run reads: an --out holding one would be deleted with it (--out runs/regmix --overwrite with
+    # --regmix-dir runs/regmix replaced the sweep's proxies, hours of training, with the new model)
+    reads = [args.tokenizer or None, Path(args.regmix_dir) / "regmix.json" if args.regmix_dir else None]
     try:  # as every lorakit command's output: a non-empty --out is replaced (whole) only with --overwrite
-        check_output_dir(args.out, "--out", overwrite=args.overwrite)
+        check_output_dir(args.out, "--out", overwrite=args.overwrite, reads=reads)
     except LorakitError as err:
         return parser.fail(err)
     try:
