@@ -383,3 +383,16 @@ def test_pretrain_base_will_not_replace_the_regmix_sweep_it_reads(tmp_path, monk
                      str(sweep)]) == 2
         assert f"--out {out} holds the input {sweep / 'regmix.json'}" in capsys.readouterr().err
     assert {p.name: p.read_text() for p in sweep.iterdir()} == files
+
+
+def test_a_top_k_above_n_search_is_refused(capsys, tmp_path):
+    """--top-k above --n-search averaged every candidate (argsort(...)[:top_k] took them all), so regmix.json held
+    the mean of Dirichlet(natural) samples, about the natural mixture, whatever the regression predicted."""
+    from lorakit.cli import main
+
+    with pytest.raises(ConfigError, match="top_k=200 exceeds n_search=100"):
+        RegMixConfig(top_k=200, n_search=100)
+    RegMixConfig(top_k=100, n_search=100)  # equal: every candidate, asked for explicitly
+    assert main(["regmix", "--out", str(tmp_path / "out"), "--top-k", "2000", "--n-search", "1000"]) == 2
+    assert "--top-k 2000 exceeds --n-search 1000" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -308,7 +308,8 @@ def build_parser() -> CommandParser:
         "(Hayase et al., arXiv 2407.16607)."))
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a folder with one")
     parser.add_argument("--category", action="append", default=[], metavar="NAME=FILE",
-                        help="sample text of one category (repeat); a FILE may be a folder of .txt/.py files")
+                        help="sample text of one category (repeat); a FILE may be a folder, whose .txt, .py, .md and .rst "
+                             "files (in every subfolder) are read")
     parser.add_argument("--domains", default="", metavar="NAMES",
                         help="use lorakit's pretraining domains as categories, e.g. code,docstrings,docs,tasks")
     parser.add_argument("--sample-chars", type=int, default=300_000, help="characters per domain with --domains")

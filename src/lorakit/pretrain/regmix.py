@@ -151,6 +151,10 @@ class RegMixConfig:
         for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
                 raise field_error(self, name, f" must be > 0, got {getattr(self, name)}.")
+        if self.top_k > self.n_search:  # argsort(...)[:top_k] took all: the mean of every sample, not the best ones
+            raise field_error(self, "top_k", f"={self.top_k} exceeds n_search={self.n_search}: the result would "
+                              "be the mean of every candidate mixture, not of the best ones; lower top_k or raise "
+                              "n_search.")
         check_positive(self, "lr", "domain_scale", finite=True)
         check_non_negative(self, "warmup_steps")
         fit = self.n_proxies - self.n_proxies // self.test_every  # every test_every-th proxy is held out
