@@ -396,3 +396,32 @@ def test_a_top_k_above_n_search_is_refused(capsys, tmp_path):
     assert main(["regmix", "--out", str(tmp_path / "out"), "--top-k", "2000", "--n-search", "1000"]) == 2
     assert "--top-k 2000 exceeds --n-search 1000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~30 s: a child process builds the sweep's data and trains its first proxy
+def test_ctrl_c_keeps_the_finished_proxies_and_says_how_to_resume(tmp_path):
+    """Ctrl-C in `lorakit regmix` printed a KeyboardInterrupt traceback; now exit 130 with the finished proxies
+    counted (they stay in proxies.jsonl, which a rerun resumes from)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    flags = ["--n-proxies", "8", "--steps", "400", "--domain-scale", "0.01", "--eval-blocks", "4", "--n-search",
+             "1000", "--top-k", "16", "--vocab-size", "400", "--batch-size", "4", "--seq-len", "32"]
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", "regmix", "--out", str(out), *flags],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    proxies = out / "proxies.jsonl"
+    deadline = time.monotonic() + 240
+    while not (proxies.exists() and proxies.stat().st_size) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130 and "Traceback" not in err, err
+    done = len(regmix.read_proxies(proxies))
+    assert done >= 1
+    assert err.strip().splitlines()[-1] == (
+        f"lorakit regmix: interrupted; {done} finished prox{'y' if done == 1 else 'ies'} in {proxies} (the one in "
+        "training is dropped): run the same command again to resume the sweep")
