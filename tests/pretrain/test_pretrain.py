@@ -409,3 +409,24 @@ def test_an_unreadable_tokenizer_to_reuse_is_a_one_line_error(tmp_path, capsys):
     assert last.startswith(f"lorakit pretrain-base: error: --tokenizer {tmp_path / 'tok'}: "), last
     assert "cannot be loaded (" in last and "leave --tokenizer empty to train one" in last
     assert not (tmp_path / "m").exists()
+
+
+def test_the_readme_command_of_bundled_small_gives_its_recorded_config():
+    """The README's build command of `bundled-small` was `pretrain-base --tokenizer ... --task-fraction 0.95`: with the
+    default --out it is refused (the bundled base), with --overwrite it replaced the *other* base with a 1500-step
+    6-layer model. The shown command now parses to the config its pretrain_info.json records."""
+    import dataclasses
+    import re
+    import shlex
+
+    from lorakit.assets import SMALL_BASE_MODEL_PATH
+
+    readme = (BASE_MODEL_DIR.parents[3] / "README.md").read_text()
+    line = re.search(r"\nlorakit pretrain-base (--out src/lorakit/assets/base_model_small .*?)\n```", readme, re.S)
+    argv = shlex.split(line.group(1).replace("\\\n", " "))
+    args = build_parser().parse_args(argv)
+    assert args.out.as_posix() == "src/lorakit/assets/base_model_small" and args.overwrite
+    shown = json.loads(json.dumps(dataclasses.asdict(config_from_args(args))))
+    recorded = json.loads((SMALL_BASE_MODEL_PATH / "pretrain_info.json").read_text())["config"]
+    shown.pop("checkpoint_every")  # added after the base was built; its default (0) is what that run did
+    assert shown == recorded
