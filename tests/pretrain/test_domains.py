@@ -107,3 +107,16 @@ def test_a_mixture_run_without_held_out_blocks_saves_its_model(tmp_path):
     saved = json.loads((tmp_path / "m" / "pretrain_info.json").read_text())
     assert saved["eval_loss_per_domain"] == {name: None for name in DOMAINS} == info["eval_loss_per_domain"]
     assert saved["eval_loss"] is None and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_a_domain_too_small_for_two_blocks_names_the_scale_flags(tmp_path, capsys):
+    """`pretrain-base --mixture uniform --mixture-scale 0.00002` failed with "raise --stdlib-chars", a flag the mixture
+    run does not read; now the domain, its scale and the flags that size it."""
+    from lorakit.cli import main
+
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "uniform", "--mixture-scale", "0.00002",
+                 "--vocab-size", "400", "--seq-len", "32", "--steps", "2", "--num-threads", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lorakit pretrain-base: error: Domain ") and "at scale 2e-05 is too small: it gives " in last
+    assert "--stdlib-chars" not in last and "(pretrain-base --mixture-scale, regmix --domain-scale)" in last, last
+    assert not (tmp_path / "m").exists()
