@@ -425,3 +425,18 @@ def test_ctrl_c_keeps_the_finished_proxies_and_says_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == (
         f"lorakit regmix: interrupted; {done} finished prox{'y' if done == 1 else 'ies'} in {proxies} (the one in "
         "training is dropped): run the same command again to resume the sweep")
+
+
+def test_a_resumed_sweep_whose_last_record_lacks_its_newline_keeps_every_record(tmp_path):
+    """proxies.jsonl ending in a complete record without its newline (saved by an editor or a tool that strips it):
+    the next proxy's record was appended to the same line, and the next read refused that line, which held two
+    trained proxies ('delete that line'). Two real tiny proxies, one per shard."""
+    config = RegMixConfig(domains=("docs", "tasks"), n_proxies=4, test_every=5, domain_scale=0.003, vocab_size=300,
+                          hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seq_len=16,
+                          batch_size=4, steps=2, eval_blocks=4, n_search=500, top_k=8,
+                          sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    regmix.run_sweep(config, tmp_path, log=lambda s: None, shard=(0, 2))  # proxies 0 and 2
+    path = tmp_path / "proxies.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))
+    regmix.run_sweep(config, tmp_path, log=lambda s: None, shard=(1, 2))  # proxies 1 and 3, appended
+    assert sorted(r["index"] for r in regmix.read_proxies(path)) == [0, 1, 2, 3]

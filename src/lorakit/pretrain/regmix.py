@@ -276,6 +276,9 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     records = read_proxies(path) if path.exists() else []
     check_resumable(out, config, prior, records, mixtures)
     atomic_write_json(out / "sweep.json", {"config": asdict(config), "natural": prior})  # a kill leaves the old one
+    if records and not path.read_bytes().endswith(b"\n"):  # a last record without its newline (an editor, a copy):
+        with path.open("a") as f:  # the next record would join its line, and both read as one invalid line
+            f.write("\n")
     done = {r["index"] for r in records}
     for index, row in enumerate(mixtures):
         if index in done or index % shard[1] != shard[0]:
