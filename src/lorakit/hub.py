@@ -183,9 +183,11 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
 
         config = QuantizeConfig.of(quantize)
         extra.update(quantization_config=config.to_transformers(), device_map={"": str(torch.device(device))})
+    from safetensors import SafetensorError
+
     try:
         lm = auto.from_pretrained(path, dtype=dtype, local_files_only=_offline(), **extra)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a cut-off or corrupt weights file
         raise _load_error(path, e) from None
     if quantize is not None:
         from .quantize import keep_qlora_layout
@@ -220,9 +222,11 @@ def load_model_for_merge(model: str | os.PathLike | None = None, *, dtype: torch
     cls = getattr(library, name, None)
     if cls is None:
         raise LorakitError(f"{path}: config.json names {name!r}, which {library.__name__} {library.__version__} lacks")
+    from safetensors import SafetensorError
+
     try:
         loaded = cls.from_pretrained(path, local_files_only=_offline())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise _load_error(path, e) from None
     try:
         tokenizer = load_tokenizer(path)

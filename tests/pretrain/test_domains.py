@@ -93,3 +93,30 @@ def test_pretrain_base_on_a_mixture(tmp_path):
     assert set(info["eval_loss_per_domain"]) == set(DOMAINS)
     assert info["eval_loss"] == pytest.approx(sum(info["eval_loss_per_domain"].values()) / len(DOMAINS), abs=1e-3)
     assert json.loads((tmp_path / "m" / "pretrain_info.json").read_text())["config"]["mixture"] == config.mixture
+
+
+def test_a_mixture_run_without_held_out_blocks_saves_its_model(tmp_path):
+    """``--mixture ... --eval-fraction 0`` (or a domain too small to hold a block out) trained, then crashed on
+    ``round(None, 4)`` building pretrain_info.json: a TypeError traceback and no model saved. Each such domain's
+    loss is recorded as null, as the mean is (nothing to average), and the model is saved."""
+    config = PretrainConfig(
+        mixture="uniform", mixture_scale=0.004, vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=1, intermediate_size=64, max_position_embeddings=32, seq_len=32, batch_size=4, steps=2,
+        lr=1e-2, warmup_steps=1, bf16=False, num_threads=1, log_every=1, eval_fraction=0.0)
+    info = pretrain_base(config, tmp_path / "m", log=lambda line: None)
+    saved = json.loads((tmp_path / "m" / "pretrain_info.json").read_text())
+    assert saved["eval_loss_per_domain"] == {name: None for name in DOMAINS} == info["eval_loss_per_domain"]
+    assert saved["eval_loss"] is None and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_a_domain_too_small_for_two_blocks_names_the_scale_flags(tmp_path, capsys):
+    """`pretrain-base --mixture uniform --mixture-scale 0.00002` failed with "raise --stdlib-chars", a flag the mixture
+    run does not read; now the domain, its scale and the flags that size it."""
+    from lorakit.cli import main
+
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "uniform", "--mixture-scale", "0.00002",
+                 "--vocab-size", "400", "--seq-len", "32", "--steps", "2", "--num-threads", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lorakit pretrain-base: error: Domain ") and "at scale 2e-05 is too small: it gives " in last
+    assert "--stdlib-chars" not in last and "(pretrain-base --mixture-scale, regmix --domain-scale)" in last, last
+    assert not (tmp_path / "m").exists()

@@ -172,3 +172,47 @@ def test_an_existing_out_file_is_replaced_only_with_overwrite_before_any_work(tm
     assert earlier.read_text() == '{"byte_share": {"code": 1.0}}'
     assert mi.main(tok + ["--out", str(earlier), "--overwrite"]) == 2  # now the missing tokenizer, not the file
     assert "No tokenizer.json" in capsys.readouterr().err
+
+
+def _edited_tokenizer(edit) -> dict:
+    from lorakit.assets import BASE_MODEL_PATH
+
+    spec = json.loads((BASE_MODEL_PATH / "tokenizer.json").read_text())
+    edit(spec["model"])
+    return spec
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda m: m.update(merges=[1, 2]), "is not a BPE tokenizer.json: merge 0 is 1, not a pair of tokens"),  # TypeError
+    (lambda m: m.update(merges=["Ġt", *m["merges"][1:]]), "merge 0 is 'Ġt', not a pair of tokens"),  # ValueError
+    (lambda m: m["merges"].insert(5, ["zz", "qq"]), "the tokenizers library can load (Token `zz` out of vocabulary"),  # library Exception
+    (lambda m: m.pop("vocab"), "the tokenizers library can load (Missing vocab/merges"),
+])
+def test_a_damaged_merge_list_is_a_one_line_error(edit, says, tmp_path, capsys):
+    """A tokenizer.json whose merges are not token pairs, or that the tokenizers library cannot load (a merge of
+    tokens missing from the vocabulary, no vocab), ended in a TypeError / ValueError / bare Exception traceback."""
+    from lorakit.cli import main
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(_edited_tokenizer(edit)))
+    (tmp_path / "a.txt").write_text("the cat sat on the mat")
+    assert main(["infer-mixture", "--tokenizer", str(bad), "--category", f"a={tmp_path / 'a.txt'}",
+                 "--category", f"b={tmp_path / 'a.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"lorakit infer-mixture: error: {bad} ") and says in err, err
+
+
+def test_cli_says_once_that_fewer_merges_exist(tmp_path, texts, capsys, recwarn):
+    """--merges above the tokenizer's count was said twice: the CLI's own line, then a UserWarning with a source line."""
+    from lorakit.cli import main
+
+    bpe = _tokenizer_on(tmp_path, texts, {n: 1 for n in texts}, vocab_size=300)
+    for name in texts:
+        (tmp_path / f"{name}.txt").write_text(texts[name])
+    assert main(["infer-mixture", "--tokenizer", str(tmp_path), "--merges", "100000",
+                 *[f"--category={n}={tmp_path / f'{n}.txt'}" for n in texts]]) == 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"lorakit infer-mixture: --merges 100000 is more than the {len(bpe.merges)} "
+                                        f"merges of {bpe.name}; using all {len(bpe.merges)}"]
+    assert not [w for w in recwarn if "merges" in str(w.message)]

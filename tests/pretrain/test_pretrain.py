@@ -150,6 +150,9 @@ def test_train_tokenizer_and_pack():
     ({"seq_len": 512}, "max_position_embeddings"),
     ({"num_heads": 3}, "divisible"),
     ({"steps": 0}, "steps"),
+    # were: transformers' RoPE ValueError traceback after the corpus was built, and a saved model of NaN losses
+    ({"hidden_size": 30, "num_heads": 2}, r"hidden_size \(30\) / num_heads \(2\) = 15 per head; rotary"),
+    ({"seq_len": 1}, "seq_len must be >= 2"),
 ])
 def test_config_errors_say_what_to_change(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -331,3 +334,99 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
         pretrain_base(tiny_config(steps=6, checkpoint_every=2, lr=2e-2), tmp_path / "m", log=lambda line: None)
     with pytest.raises(ConfigError, match="checkpoint_every must be >= 0"):
         tiny_config(checkpoint_every=-1)
+
+
+def test_a_batch_larger_than_the_corpus_is_refused_before_training(tmp_path):
+    """batch_size above the number of training blocks trained every step on all of them while pretrain_info.json
+    counted tokens_seen and tok/s at batch_size rows a step (a 100000-row batch of 3577 blocks: 28x too many)."""
+    with pytest.raises(ConfigError, match=r"batch_size=100000 exceeds the \d+ training blocks"):
+        pretrain_base(tiny_config(batch_size=100_000), tmp_path / "m", log=lambda line: None)
+    assert not tmp_path.joinpath("m").exists()
+
+
+TINY_FLAGS = ["--stdlib-chars", "40000", "--vocab-size", "400", "--hidden-size", "32", "--num-layers", "1",
+              "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64", "--max-position-embeddings", "64",
+              "--seq-len", "32", "--batch-size", "8", "--lr", "0.01", "--warmup-steps", "1", "--num-threads", "1"]
+
+
+@pytest.mark.slow  # ~25 s: a child process until its first checkpoint, then three runs that stop at it
+def test_ctrl_c_keeps_the_checkpoint_and_a_damaged_checkpoint_is_named(tmp_path, capsys):
+    """Ctrl-C in `lorakit pretrain-base` printed a KeyboardInterrupt traceback (and said nothing of the checkpoint
+    it keeps); a cut-off or edited checkpoint then ended in an AdapterLoadError / JSONDecodeError / KeyError
+    traceback (main caught ConfigError only). Now: exit 130 naming the checkpoint's step and how to resume, and a
+    one-line error saying which file cannot be read and to delete the folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorakit.cli import main
+    from lorakit.pretrain.train import checkpoint_dir
+
+    out = tmp_path / "base"
+    flags = ["--out", str(out), *TINY_FLAGS, "--steps", "100000", "--checkpoint-every", "1", "--log-every", "50"]
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", "pretrain-base", *flags], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    state = checkpoint_dir(out) / "state.json"
+    deadline = time.monotonic() + 240
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    step = json.loads(state.read_text())["step"]
+    assert err.strip().splitlines()[-1] == (f"lorakit pretrain-base: interrupted; the checkpoint of step {step} in "
+                                            f"{state.parent} is kept: run the same command again to resume")
+    assert not out.exists()
+
+    tensors = state.parent / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    assert main(["pretrain-base", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"lorakit pretrain-base: error: The checkpoint {state.parent} cannot be read (")
+    assert "state.safetensors is not a valid safetensors file" in lines[-1] and "delete the folder" in lines[-1]
+    for text in ('{"format": "lorakit-pretrain-checkpoint/1", "step": 2', '{"format": "lorakit-pretrain-checkpoint/1"}'):
+        state.write_text(text)
+        assert main(["pretrain-base", *flags]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"lorakit pretrain-base: error: The checkpoint {state.parent} cannot be read ("), last
+    assert "no 'config'" in last
+    assert not out.exists()
+
+
+def test_an_unreadable_tokenizer_to_reuse_is_a_one_line_error(tmp_path, capsys):
+    """--tokenizer DIR whose tokenizer.json is cut off: the tokenizers library's bare Exception was a traceback."""
+    from lorakit.cli import main
+
+    (tmp_path / "tok").mkdir()
+    text = (BASE_MODEL_DIR / "tokenizer.json").read_text()
+    (tmp_path / "tok" / "tokenizer.json").write_text(text[: len(text) // 3])
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), *TINY_FLAGS, "--steps", "2",
+                 "--tokenizer", str(tmp_path / "tok")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lorakit pretrain-base: error: --tokenizer {tmp_path / 'tok'}: "), last
+    assert "cannot be loaded (" in last and "leave --tokenizer empty to train one" in last
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_readme_command_of_bundled_small_gives_its_recorded_config():
+    """The README's build command of `bundled-small` was `pretrain-base --tokenizer ... --task-fraction 0.95`: with the
+    default --out it is refused (the bundled base), with --overwrite it replaced the *other* base with a 1500-step
+    6-layer model. The shown command now parses to the config its pretrain_info.json records."""
+    import dataclasses
+    import re
+    import shlex
+
+    from lorakit.assets import SMALL_BASE_MODEL_PATH
+
+    readme = (BASE_MODEL_DIR.parents[3] / "README.md").read_text()
+    line = re.search(r"\nlorakit pretrain-base (--out src/lorakit/assets/base_model_small .*?)\n```", readme, re.S)
+    argv = shlex.split(line.group(1).replace("\\\n", " "))
+    args = build_parser().parse_args(argv)
+    assert args.out.as_posix() == "src/lorakit/assets/base_model_small" and args.overwrite
+    shown = json.loads(json.dumps(dataclasses.asdict(config_from_args(args))))
+    recorded = json.loads((SMALL_BASE_MODEL_PATH / "pretrain_info.json").read_text())["config"]
+    shown.pop("checkpoint_every")  # added after the base was built; its default (0) is what that run did
+    assert shown == recorded

@@ -322,3 +322,121 @@ def test_fit_only_refuses_flags_of_another_sweep(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "holds a sweep made with a different config (domains: ['code', 'tasks'] " \
         "there, ['code', 'docstrings', 'docs', 'tasks'] now" in err, err
+
+
+@pytest.mark.parametrize("text,says", [
+    ('{"mixture": {"code": 0.5, "tas', "is not a RegMix result (Unterminated string"),  # cut off: was JSONDecodeError
+    ('{"domains": ["code"]}', "has no 'mixture' object of domain -> weight numbers (got None)"),  # was KeyError
+    ('{"mixture": {"code": "0.5", "tasks": 0.5}}', "has no 'mixture' object of domain -> weight numbers"),  # TypeError
+    ('[0.5, 0.5]', "is not a RegMix result (not a JSON object)"),
+])
+def test_pretrain_base_names_a_damaged_regmix_json_before_the_data(tmp_path, monkeypatch, capsys, text, says):
+    """`pretrain-base --mixture regmix --regmix-dir DIR` with a regmix.json that is cut off or edited ended in a
+    JSONDecodeError / KeyError / TypeError traceback; now one line naming the file and how to rewrite it."""
+    from lorakit.cli import main
+    from lorakit.pretrain import domains
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "regmix.json").write_text(text)
+    monkeypatch.setattr(domains, "prepare_domain_data", _no_data)
+    assert main(["pretrain-base", "--out", str(tmp_path / "m"), "--mixture", "regmix", "--regmix-dir",
+                 str(tmp_path / "sweep")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lorakit pretrain-base: error: {tmp_path / 'sweep' / 'regmix.json'} "), last
+    assert says in last and "--fit-only" in last
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--hidden-size", "30"], "--hidden-size (30) / num_heads (2) = 15 per head; rotary embeddings need an even"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),  # was: NaN losses, then LightGBM's "Input y contains NaN"
+    (["--vocab-size", "10"], "--vocab-size must be >= 300"),  # was: said only once the data was built (minutes)
+])
+def test_a_proxy_shape_that_cannot_train_is_refused_before_the_data_is_built(tmp_path, monkeypatch, capsys, flags,
+                                                                           says):
+    """The proxy's PretrainConfig was built only in train_proxy, after the domains' data and sweep.json (which
+    then refused the corrected flags as another sweep's): an odd head width ended in transformers' RoPE ValueError
+    traceback, --seq-len 1 in a LightGBM traceback on NaN losses."""
+    from lorakit.cli import main
+
+    monkeypatch.setattr(regmix, "prepare_domain_data", _no_data)
+    assert main(["regmix", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_base_will_not_replace_the_regmix_sweep_it_reads(tmp_path, monkeypatch, capsys):
+    """`pretrain-base --out runs/regmix --overwrite --mixture regmix --regmix-dir runs/regmix` replaced the sweep
+    folder (proxies.jsonl: every proxy trained) with the new model; an --out above it deleted it too. Now refused
+    before any work, the sweep untouched."""
+    from lorakit.cli import main
+    from lorakit.pretrain import domains
+
+    sweep = tmp_path / "runs" / "regmix"
+    sweep.mkdir(parents=True)
+    files = {"regmix.json": '{"mixture": {"code": 0.5, "tasks": 0.5}}', "proxies.jsonl": "{}\n", "sweep.json": "{}"}
+    for name, text in files.items():
+        (sweep / name).write_text(text)
+    monkeypatch.setattr(domains, "prepare_domain_data", _no_data)
+    for out in (sweep, tmp_path / "runs"):
+        assert main(["pretrain-base", "--out", str(out), "--overwrite", "--mixture", "regmix", "--regmix-dir",
+                     str(sweep)]) == 2
+        assert f"--out {out} holds the input {sweep / 'regmix.json'}" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in sweep.iterdir()} == files
+
+
+def test_a_top_k_above_n_search_is_refused(capsys, tmp_path):
+    """--top-k above --n-search averaged every candidate (argsort(...)[:top_k] took them all), so regmix.json held
+    the mean of Dirichlet(natural) samples, about the natural mixture, whatever the regression predicted."""
+    from lorakit.cli import main
+
+    with pytest.raises(ConfigError, match="top_k=200 exceeds n_search=100"):
+        RegMixConfig(top_k=200, n_search=100)
+    RegMixConfig(top_k=100, n_search=100)  # equal: every candidate, asked for explicitly
+    assert main(["regmix", "--out", str(tmp_path / "out"), "--top-k", "2000", "--n-search", "1000"]) == 2
+    assert "--top-k 2000 exceeds --n-search 1000" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # ~30 s: a child process builds the sweep's data and trains its first proxy
+def test_ctrl_c_keeps_the_finished_proxies_and_says_how_to_resume(tmp_path):
+    """Ctrl-C in `lorakit regmix` printed a KeyboardInterrupt traceback; now exit 130 with the finished proxies
+    counted (they stay in proxies.jsonl, which a rerun resumes from)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    flags = ["--n-proxies", "8", "--steps", "400", "--domain-scale", "0.01", "--eval-blocks", "4", "--n-search",
+             "1000", "--top-k", "16", "--vocab-size", "400", "--batch-size", "4", "--seq-len", "32"]
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", "regmix", "--out", str(out), *flags],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    proxies = out / "proxies.jsonl"
+    deadline = time.monotonic() + 240
+    while not (proxies.exists() and proxies.stat().st_size) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130 and "Traceback" not in err, err
+    done = len(regmix.read_proxies(proxies))
+    assert done >= 1
+    assert err.strip().splitlines()[-1] == (
+        f"lorakit regmix: interrupted; {done} finished prox{'y' if done == 1 else 'ies'} in {proxies} (the one in "
+        "training is dropped): run the same command again to resume the sweep")
+
+
+def test_a_resumed_sweep_whose_last_record_lacks_its_newline_keeps_every_record(tmp_path):
+    """proxies.jsonl ending in a complete record without its newline (saved by an editor or a tool that strips it):
+    the next proxy's record was appended to the same line, and the next read refused that line, which held two
+    trained proxies ('delete that line'). Two real tiny proxies, one per shard."""
+    config = RegMixConfig(domains=("docs", "tasks"), n_proxies=4, test_every=5, domain_scale=0.003, vocab_size=300,
+                          hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seq_len=16,
+                          batch_size=4, steps=2, eval_blocks=4, n_search=500, top_k=8,
+                          sampling=MixtureSampling(sample_multiplier=20, minimum=1e-2))
+    regmix.run_sweep(config, tmp_path, log=lambda s: None, shard=(0, 2))  # proxies 0 and 2
+    path = tmp_path / "proxies.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))
+    regmix.run_sweep(config, tmp_path, log=lambda s: None, shard=(1, 2))  # proxies 1 and 3, appended
+    assert sorted(r["index"] for r in regmix.read_proxies(path)) == [0, 1, 2, 3]

@@ -80,3 +80,23 @@ def test_group_size_none_which_its_errors_suggest_is_a_value_the_flag_takes(caps
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "eight"])
     assert "argument --group-size: must be an integer or none, got 'eight'" in capsys.readouterr().err
+
+
+def test_a_cut_off_weights_file_is_a_one_line_error(tmp_path, capsys):
+    """A model folder whose model.safetensors is cut off (a copy or download stopped midway): transformers raises
+    safetensors' SafetensorError, which the loader did not catch — a traceback from quantize (and train, eval,
+    merge, which share the loader). Now: ``cannot load model`` with safetensors' reason, exit 2, nothing written."""
+    import shutil
+
+    from lorakit.assets import SMALL_BASE_MODEL_PATH
+
+    model = tmp_path / "model"
+    shutil.copytree(SMALL_BASE_MODEL_PATH, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["quantize", "--method", "rtn", "--model", str(model), "--eval-rows", "1", "--seq-len", "16",
+                 "--num-threads", "1", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"lorakit quantize: error: cannot load model {str(model)!r}: Error while deserializing header"), err
+    assert not (tmp_path / "out").exists()

@@ -237,7 +237,12 @@ def prepare_domain_data(domains: Sequence[str], seq_len: int, vocab_size: int, n
                                 model_max_length=model_max_length)
     train, held = {}, {}
     for i, name in enumerate(domains):
-        blocks = pack_corpus(Corpus(docs[name], 0, 0), tokenizer, seq_len, seed + i)
+        try:
+            blocks = pack_corpus(Corpus(docs[name], 0, 0), tokenizer, seq_len, seed + i)
+        except ConfigError as e:  # pack_corpus's advice (stdlib_chars) is for the plain corpus, which is not read here
+            raise ConfigError(f"Domain {name!r} at scale {scale:g} is too small: {str(e).split(';')[0].replace('The corpus gives', 'it gives')}. Raise the "
+                              "domains' scale (pretrain-base --mixture-scale, regmix --domain-scale) or lower "
+                              "seq_len.") from None
         k = int(len(blocks) * n_eval) if isinstance(n_eval, float) else min(n_eval, len(blocks) // 2)
         held[name], train[name] = blocks[:k], blocks[k:]  # pack_corpus already shuffled the documents
         log(f"domain {name}: {len(docs[name])} documents, {blocks.numel()} tokens, {k} eval blocks")

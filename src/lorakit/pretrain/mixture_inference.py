@@ -75,10 +75,19 @@ def load_bpe(path: str | Path) -> BPETokenizer:
                           "merge list.")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ConfigError(f"{file} uses subword prefixes/suffixes, which this replay does not model.")
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    raw = model.get("merges", [])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) if isinstance(m, list) else (m,)
+              for m in (raw if isinstance(raw, list) else [raw])]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(isinstance(x, str) and x for x in m)), None)
+    if bad is not None:  # each merge is "left right" or ["left", "right"]
+        raise ConfigError(f"{file} is not a BPE tokenizer.json: merge {bad} is {raw[bad] if isinstance(raw, list) else raw!r}, "
+                          "not a pair of tokens ('left right' or [\"left\", \"right\"]).")
     if not merges:
         raise ConfigError(f"{file} has an empty merge list.")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library's own parse error (a bare Exception): vocab, normalizer, ...
+        raise ConfigError(f"{file} is not a tokenizer.json the tokenizers library can load ({e}).") from None
     normalizer, pre = tok.normalizer, tok.pre_tokenizer
 
     def pretokenize(text: str) -> list[str]:
@@ -299,7 +308,8 @@ def build_parser() -> CommandParser:
         "(Hayase et al., arXiv 2407.16607)."))
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a folder with one")
     parser.add_argument("--category", action="append", default=[], metavar="NAME=FILE",
-                        help="sample text of one category (repeat); a FILE may be a folder of .txt/.py files")
+                        help="sample text of one category (repeat); a FILE may be a folder, whose .txt, .py, .md and .rst "
+                             "files (in every subfolder) are read")
     parser.add_argument("--domains", default="", metavar="NAMES",
                         help="use lorakit's pretraining domains as categories, e.g. code,docstrings,docs,tasks")
     parser.add_argument("--sample-chars", type=int, default=300_000, help="characters per domain with --domains")
@@ -363,9 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 texts[n] = domain_documents([n], scale.get(n, 1.0), seed=1)[n]
         if len(texts) < 2:
             raise ConfigError("Give at least two categories (--category NAME=FILE or --domains a,b).")
-        result = infer_from_texts(tokenizer, texts, args.merges)
+        # at most the tokenizer's merges: the shortfall was said above (infer_from_texts would warn a second time)
+        result = infer_from_texts(tokenizer, texts, min(args.merges, len(tokenizer.merges)))
     except LorakitError as err:  # ConfigError and the output check's
         return parser.fail(err)
+    except KeyboardInterrupt:  # Ctrl-C: nothing is written before the result, so nothing is half-written
+        print(f"\n{parser.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     report = {"tokenizer": tokenizer.name, **result.to_dict()}
     print(json.dumps(report, indent=2))  # first: a failing --out loses nothing
     if args.out:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ import torch
 
 from lorakit.cli_parser import CommandParser, DefaultsFormatter, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
-from lorakit.core.errors import ConfigError, comma_items, did_you_mean
+from lorakit.core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 from lorakit.io.files import atomic_write_json
 from lorakit.pretrain.domains import (
     DOMAINS, DomainData, check_domain, prepare_domain_data, sample_mixture_blocks, uniform_weights,
@@ -150,6 +151,10 @@ class RegMixConfig:
         for name in ("n_proxies", "test_every", "steps", "batch_size", "seq_len", "eval_blocks", "top_k", "n_search"):
             if getattr(self, name) <= 0:
                 raise field_error(self, name, f" must be > 0, got {getattr(self, name)}.")
+        if self.top_k > self.n_search:  # argsort(...)[:top_k] took all: the mean of every sample, not the best ones
+            raise field_error(self, "top_k", f"={self.top_k} exceeds n_search={self.n_search}: the result would "
+                              "be the mean of every candidate mixture, not of the best ones; lower top_k or raise "
+                              "n_search.")
         check_positive(self, "lr", "domain_scale", finite=True)
         check_non_negative(self, "warmup_steps")
         fit = self.n_proxies - self.n_proxies // self.test_every  # every test_every-th proxy is held out
@@ -161,6 +166,7 @@ class RegMixConfig:
                 f"fit the regression (one in test_every is held out); the LightGBM fit needs at least "
                 f"{MIN_FIT_PROXIES}: " + (f"raise n_proxies to {enough} or more." if enough else
                                           "raise test_every (1 holds every proxy out)."))
+        self.pretrain_config()  # the proxy's shape and vocabulary: refused now, not after the domains' data is built
         if self.target != "mean" and self.target not in self.domains:
             options = ["mean", *self.domains]
             raise ConfigError(f"RegMix target {self.target!r} is neither 'mean' nor a domain in the sweep "
@@ -270,6 +276,9 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     records = read_proxies(path) if path.exists() else []
     check_resumable(out, config, prior, records, mixtures)
     atomic_write_json(out / "sweep.json", {"config": asdict(config), "natural": prior})  # a kill leaves the old one
+    if records and not path.read_bytes().endswith(b"\n"):  # a last record without its newline (an editor, a copy):
+        with path.open("a") as f:  # the next record would join its line, and both read as one invalid line
+            f.write("\n")
     done = {r["index"] for r in records}
     for index, row in enumerate(mixtures):
         if index in done or index % shard[1] != shard[0]:
@@ -444,7 +453,17 @@ def load_regmix_mixture(regmix_dir: str | Path) -> dict[str, float]:
     if not path.exists():
         raise ConfigError(f"No RegMix result at {path}; run `lorakit regmix --out {regmix_dir}` first "
                           "(it trains the proxy models and writes regmix.json).")
-    return json.loads(path.read_text())["mixture"]
+    try:
+        mixture = json.loads(path.read_text(encoding="utf-8")).get("mixture")
+    except (ValueError, AttributeError, OSError) as e:  # not JSON, not an object, unreadable
+        why = getattr(e, "strerror", None) or (str(e) if not isinstance(e, AttributeError) else "not a JSON object")
+        raise ConfigError(f"{path} is not a RegMix result ({why}); run `lorakit regmix --out {regmix_dir} "
+                          "--fit-only` to write it again from the sweep's proxies.") from None
+    if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                for w in mixture.values()):
+        raise ConfigError(f"{path} has no 'mixture' object of domain -> weight numbers (got {mixture!r}); run "
+                          f"`lorakit regmix --out {regmix_dir} --fit-only` to write it again from the sweep's proxies.")
+    return mixture
 
 
 # --help text of each sweep flag (its default is RegMixConfig's, shown by the formatter)
@@ -491,8 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         values["domains"] = tuple(comma_items(values["domains"], "--domains", "domain names"))
         return _run(args, RegMixConfig(**values))
-    except ConfigError as err:  # a flag, a resumed folder's other config, too few finished proxies to fit, ...
+    except LorakitError as err:  # a flag, a resumed folder's other config, too few finished proxies to fit, ...
         return parser.fail(err)  # the sweep's records stay
+    except KeyboardInterrupt:  # Ctrl-C: the finished proxies are on disk, the one in training is dropped
+        path = args.out / "proxies.jsonl"
+        done = sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+        print(f"\n{parser.prog}: interrupted; {done} finished prox{'y' if done == 1 else 'ies'} in {path} "
+              "(the one in training is dropped): run the same command again to resume the sweep", file=sys.stderr)
+        return 130
 
 
 def _run(args, config: "RegMixConfig") -> int:

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,13 @@ class PretrainConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{FIELD} ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).",
                               field="hidden_size")
+        if (self.hidden_size // self.num_heads) % 2:  # transformers' RoPE raised it after the corpus was built
+            raise ConfigError(f"{FIELD} ({self.hidden_size}) / num_heads ({self.num_heads}) = "
+                              f"{self.hidden_size // self.num_heads} per head; rotary embeddings need an even head "
+                              "width: change hidden_size or num_heads.", field="hidden_size")
+        if self.seq_len < 2:  # one token per block predicts nothing: every loss was NaN and a NaN model was saved
+            raise ConfigError(f"{FIELD} must be >= 2 (a block's first token has nothing before it to predict it "
+                              f"from), got {self.seq_len}.", field="seq_len")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{FIELD} ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).",
                               field="num_heads")
@@ -221,7 +229,13 @@ def load_pretrained_tokenizer(folder: str | Path, model_max_length: int) -> PreT
     """The tokenizer saved in ``folder`` (its ``tokenizer.json``), wrapped as ``train_tokenizer`` wraps a new one."""
     from tokenizers import Tokenizer
 
-    return wrap_tokenizer(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")), model_max_length)
+    file = Path(folder) / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library's parse error is a bare Exception
+        raise ConfigError(f"{FIELD} {folder}: {file} cannot be loaded ({e}); give a model folder with a valid "
+                          f"tokenizer.json, or leave {FIELD} empty to train one.", field="tokenizer") from None
+    return wrap_tokenizer(tokenizer, model_max_length)
 
 
 def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -293,6 +307,10 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     position: ``step`` (steps done), ``permutation`` (N,) and ``cursor`` (the data order and place in it),
     ``losses`` and ``curve``; ``resume`` (such a position, with model, optimizer, scheduler and ``generator``
     already restored) continues from there."""
+    if len(train_blocks) < config.batch_size:  # a batch took every block, and tokens_seen / tok/s counted batch_size
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(train_blocks)} training blocks of the "
+                          f"corpus ({config.seq_len} tokens each); lower batch_size or give more text (stdlib_chars).",
+                          field="batch_size")
     window_start = time.perf_counter()
     if resume is None:
         losses, curve, start = [], [], 0
@@ -379,9 +397,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                              generator: torch.Generator, config: PretrainConfig) -> dict:
     """Restore what ``save_pretrain_checkpoint`` wrote, in place; returns the loop position for ``train_steps``
-    plus ``train_seconds`` and ``train_cpu_seconds``. ConfigError when the checkpoint was made with another config."""
+    plus ``train_seconds`` and ``train_cpu_seconds``. ConfigError when the checkpoint was made with another config
+    or cannot be read (a file cut off or edited: saves are atomic, so not by a killed run)."""
+    try:
+        return _load_pretrain_checkpoint(folder, model, optimizer, scheduler, generator, config)
+    except (LorakitError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        why = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"The checkpoint {folder} cannot be read ({why}); delete the folder to start over.") from None
+
+
+def _load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                              generator: torch.Generator, config: PretrainConfig) -> dict:
     record = read_json(folder / "state.json")
-    if record.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        record = record if isinstance(record, dict) else {}
         raise ConfigError(f"{folder / 'state.json'} has format {record.get('format')!r}, not {CHECKPOINT_FORMAT!r}; "
                           "delete the folder to start over.")
     now = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -482,7 +513,8 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
             "first_loss": round(losses[0], 4),
             "final_loss": round(sum(final) / len(final), 4),
             "eval_loss": None if eval_loss is None else round(eval_loss, 4),
-            **({"eval_loss_per_domain": {k: round(v, 4) for k, v in eval_losses.items()}} if config.mixture else {}),
+            **({"eval_loss_per_domain": {k: None if v is None else round(v, 4) for k, v in eval_losses.items()}}
+               if config.mixture else {}),  # None: the domain had no held-out block (eval_fraction 0, or too small)
             "n_params": n_params,
             "tokens_seen": config.steps * config.batch_size * config.seq_len,
             **({"resumed_from_step": resume["step"]} if resume else {}),
@@ -563,6 +595,15 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(corpus=corpus, **{name: values[name] for name in train_fields})
 
 
+def _checkpoint_step(state: Path) -> int | None:
+    """The step of the checkpoint whose ``state.json`` is ``state``; None when there is none (or it is unreadable)."""
+    try:
+        step = json.loads(state.read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -572,14 +613,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.overwrite and Path(args.out).resolve().parent == bundled and Path(args.out).exists():
         return parser.fail(f"--out {args.out} is a base model bundled with lorakit (the default --out); pass "
                            f"--overwrite to rebuild it, or --out DIR for a new base")
+    # the files this run reads: an --out holding one would be deleted with it (--out runs/regmix --overwrite with
+    # --regmix-dir runs/regmix replaced the sweep's proxies, hours of training, with the new model)
+    reads = [args.tokenizer or None, Path(args.regmix_dir) / "regmix.json" if args.regmix_dir else None]
     try:  # as every lorakit command's output: a non-empty --out is replaced (whole) only with --overwrite
-        check_output_dir(args.out, "--out", overwrite=args.overwrite)
+        check_output_dir(args.out, "--out", overwrite=args.overwrite, reads=reads)
     except LorakitError as err:
         return parser.fail(err)
     try:
         config = config_from_args(args)
         info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
-    except ConfigError as err:  # the flags, or found while preparing the data (e.g. a regmix.json's domains)
+    except LorakitError as err:  # the flags, or found while preparing the data (a regmix.json, a checkpoint, ...)
         return parser.fail(err)
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
+        state = checkpoint_dir(args.out) / "state.json"
+        step = _checkpoint_step(state) if args.checkpoint_every else None
+        kept = (f"the checkpoint of step {step} in {state.parent} is kept: run the same command again to resume"
+                if step is not None else "nothing was saved (--checkpoint-every N makes a run resumable)")
+        print(f"\n{parser.prog}: interrupted; {kept}", file=sys.stderr)
+        return 130
     print(json.dumps({k: info[k] for k in ("steps", "final_loss", "eval_loss", "n_params", "wall_time_s")}))
     return 0
