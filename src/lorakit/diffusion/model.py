@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import FIELD, ConfigError, LorakitError, did_you_mean
+from ..core.errors import FIELD, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from ..io.files import atomic_write_json, write_dir_atomically
+from ..io.files import TensorFile, atomic_write_json, read_json, write_dir_atomically
 from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10
@@ -175,20 +175,36 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
 
 
 def check_base(base_dir: str | os.PathLike) -> Path:
-    """``base_dir`` when it is a :func:`train_base` folder (has ``unet/``); FileNotFoundError saying how to build it."""
+    """``base_dir`` when it is a whole :func:`train_base` folder: ``unet/config.json`` and
+    ``scheduler/scheduler_config.json`` JSON objects, ``unet/diffusion_pytorch_model.safetensors`` a safetensors
+    file whose header fits. FileNotFoundError (no ``unet/``) or LorakitError naming the damaged file, both saying
+    how to rebuild it."""
     base = Path(base_dir)
+    rebuild = f"build it with `lorakit diffusion train-base --out {base}`"
     if not (base / "unet").is_dir():
-        raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
+        raise FileNotFoundError(f"{base} has no unet/ folder: {rebuild}")
+    try:
+        read_json(base / "unet" / "config.json")
+        TensorFile(base / "unet" / "diffusion_pytorch_model.safetensors")
+        read_json(base / "scheduler" / "scheduler_config.json")
+    except AdapterLoadError as error:
+        raise LorakitError(f"base {base}: {error}; re{rebuild}") from None
     return base
 
 
 def load_base(base_dir: str | os.PathLike) -> tuple[nn.Module, object]:
-    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError."""
+    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError, and
+    LorakitError for a damaged folder (:func:`check_base`) or one diffusers cannot build a UNet from."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     base = check_base(base_dir)
-    unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
-    return unet, DDPMScheduler.from_pretrained(str(base / "scheduler"))
+    try:
+        unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
+        scheduler = DDPMScheduler.from_pretrained(str(base / "scheduler"))
+    except (OSError, ValueError, RuntimeError) as error:  # diffusers' own checks: weights that fit no config
+        raise LorakitError(f"base {base}: {type(error).__name__}: {error}; rebuild it with `lorakit diffusion "
+                           f"train-base --out {base}`") from None
+    return unet, scheduler
 
 
 @dataclass
