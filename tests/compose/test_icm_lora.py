@@ -260,3 +260,22 @@ def test_icm_lora_cli_overwrite_replaces_the_output_folder_whole(generator, tmp_
     assert main(["generate-adapter", "--task", "rotate", "--generator", str(generator),
                  "--output", str(Path(generator).parent), "--overwrite"]) == 2
     assert "holds the input" in capsys.readouterr().err and Path(generator).is_dir()
+
+
+def test_icm_lora_unseen_task_on_a_base_of_another_width_is_named(generator, tmp_path, capsys):
+    """The generator's collection is on ``bundled`` (hidden 256); ``--model bundled-small`` (hidden 192) reads the
+    unseen task into a 192-value vector, which was a RuntimeError traceback (mat1 and mat2 shapes) in the CVAE."""
+    out = tmp_path / "g"
+    code = main(["generate-adapter", "--task", "rotate3", "--generator", str(generator), "--output", str(out),
+                 "--model", "bundled-small"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "has 192 values" in err and "task vectors of 256" in err and "--model" in err
+    assert not out.exists()
+
+
+def test_icm_lora_reconstruct_with_an_unknown_task_names_the_tasks(generator, collection):
+    gen = IcmLoraGenerator.load(generator)
+    samples, _ = read_collection(collection)
+    with pytest.raises(AdapterError, match=r"no task 'rotate3' .*'rotate', 'rotate2'.*Did you mean"):
+        gen.reconstruct(samples[0].tensors, "rotate3")

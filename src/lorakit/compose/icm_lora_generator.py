@@ -242,6 +242,9 @@ class IcmLoraGenerator:
     @torch.no_grad()
     def reconstruct(self, tensors: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
         """Encode an adapter with its task's condition, decode the posterior mean, undo its own normalisation."""
+        if task not in self.conditions:
+            raise AdapterError(f"the generator has no task {task!r} (its tasks: {sorted(self.conditions)})."
+                               f"{did_you_mean(task, self.conditions)}")
         self.cvae.eval()
         stats = tensor_stats(tensors, self.layout)
         x = normalize(flatten_tensors(tensors, self.layout), self.layout, *stats)[None]
@@ -414,6 +417,11 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
             get_task(task)  # unknown name: ValueError with near matches
         model, tokenizer = _base_model(gen.adapter_config, model, tokenizer)
         condition, stats = task_conditions([task], model, tokenizer, gen.config)[task], gen.stats[ANY_TASK]
+        if condition.shape[-1] != gen.cvae.condition_dim:  # another base: its hidden size cannot condition the CVAE
+            base = gen.adapter_config.get("base_model_name_or_path") or "bundled"
+            raise AdapterError(f"the task vector of {task!r} from this model has {condition.shape[-1]} values, but the "
+                               f"generator was trained on task vectors of {gen.cvae.condition_dim} (the hidden size "
+                               f"of the collection's base {base!r}); generate with that base (--model {base}).")
     tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
