@@ -340,3 +340,19 @@ def test_a_transfer_that_fails_leaves_the_source_model_as_it_was(tokenizer, real
     assert lk.core.model.adapter_names(source) == ["default"] and adapter_state(source).active == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(source(input_ids=ids).logits, before, atol=0, rtol=0)
+
+
+def test_cli_too_few_real_examples_fail_before_the_models_load(tmp_path, capsys, tokenizer):
+    """``--real-examples 2`` under ``--n-seeds 3`` was found only after both models loaded (and after any error
+    loading them); the target folder here holds a config.json but no weights, so only the first check can pass."""
+    from lorakit.cli import main
+
+    model = _source(tokenizer)
+    save_adapter(model, tmp_path / "src")
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / "config.json").write_text("{}")
+    code = main(["transfer", "--adapter", str(tmp_path / "src"), "--target-model", str(tmp_path / "T"),
+                 "--data", "reverse", "--real-examples", "2", "--n-seeds", "3", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs at least --n-seeds 3 real examples" in err and "got 2" in err, err
+    assert not (tmp_path / "out").exists()
