@@ -279,3 +279,13 @@ def test_icm_lora_reconstruct_with_an_unknown_task_names_the_tasks(generator, co
     samples, _ = read_collection(collection)
     with pytest.raises(AdapterError, match=r"no task 'rotate3' .*'rotate', 'rotate2'.*Did you mean"):
         gen.reconstruct(samples[0].tensors, "rotate3")
+
+
+def test_icm_lora_cli_mistyped_subcommand_is_named(tmp_path, capsys):
+    """``generate-adapter trian --adapters ...`` said ``--task, --generator`` were required and suggested
+    ``--task`` for ``--adapters``; the typo itself was never named."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate-adapter", "trian", "--adapters", str(tmp_path), "--output", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown subcommand 'trian'" in err and "Did you mean: train?" in err
+    assert not (tmp_path / "g").exists()
