@@ -289,3 +289,26 @@ def test_icm_lora_cli_mistyped_subcommand_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "unknown subcommand 'trian'" in err and "Did you mean: train?" in err
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("damage", ["no_config_section", "layout_cut", "condition_dim_string"])
+def test_icm_lora_damaged_generator_config_names_the_file(generator, tmp_path, capsys, damage):
+    """A generator whose icm_lora_config.json lost a section was a KeyError traceback; one whose layout lost a
+    tensor loaded and then failed in generation with a RuntimeError (repeats size) traceback."""
+    import shutil
+
+    gen = tmp_path / "gen"
+    shutil.copytree(generator, gen)
+    meta = json.loads((gen / "icm_lora_config.json").read_text())
+    if damage == "no_config_section":
+        del meta["config"]
+    elif damage == "layout_cut":  # the last two tensors as one of the same total size: the CVAE still loads
+        (key, a), (_, b) = meta["layout"][-2:]
+        meta["layout"] = meta["layout"][:-2] + [[key, [math.prod(a) + math.prod(b)]]]
+    else:
+        meta["condition_dim"] = "wide"
+    (gen / "icm_lora_config.json").write_text(json.dumps(meta))
+    code = main(["generate-adapter", "--task", "rotate", "--generator", str(gen), "--output", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and str(gen / "icm_lora") in err, err
+    assert not (tmp_path / "a").exists()

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
-from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, LorakitError, did_you_mean
 from ..core.inits import changed_base_error
 from ..io.files import load_tensors, read_json, save_tensors_and_json
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path, write_adapter_files
@@ -278,18 +278,36 @@ class IcmLoraGenerator:
         meta = read_json(directory / GENERATOR_CONFIG)
         if meta.get("method") != "icm_lora":
             raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not an ICM-LoRA generator config")
-        config = IcmLoraConfig(**{f.name: meta["config"][f.name] for f in fields(IcmLoraConfig) if f.name in meta["config"]})
-        layout = AdapterLayout(tuple((k, tuple(s)) for k, s in meta["layout"]))
+        try:  # a config from another writer or hand-edited: name the file, not a KeyError deep in here
+            config = IcmLoraConfig(**{f.name: meta["config"][f.name] for f in fields(IcmLoraConfig)
+                                      if f.name in meta["config"]})
+            layout = AdapterLayout(tuple((str(k), tuple(int(n) for n in s)) for k, s in meta["layout"]))
+            condition_dim, tasks, adapter_config = int(meta["condition_dim"]), list(meta["tasks"]), meta["adapter_config"]
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, LorakitError):
+                raise
+            raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not a whole ICM-LoRA generator config "
+                                   f"({type(e).__name__}: {e}); write it again with `lorakit generate-adapter train`"
+                                   ) from None
         tensors = load_tensors(directory / GENERATOR_WEIGHTS)
-        cvae = LoraCvae(config.cvae, layout.length, int(meta["condition_dim"]))
+        cvae = LoraCvae(config.cvae, layout.length, condition_dim)
         try:
             cvae.load_state_dict({k.removeprefix("cvae."): v for k, v in tensors.items() if k.startswith("cvae.")})
-            conditions = {t: tensors[f"condition.{t}"] for t in meta["tasks"]}
-            stats = {t: (tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"]) for t in [*meta["tasks"], ANY_TASK]}
+            conditions = {t: tensors[f"condition.{t}"] for t in tasks}
+            stats = {t: (tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"]) for t in [*tasks, ANY_TASK]}
         except (KeyError, RuntimeError) as e:
             raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: {e}") from None
+        for t, (mean, std) in stats.items():  # one mean and std per layout tensor, else generation cannot undo them
+            if mean.shape != (len(layout.entries),) or std.shape != mean.shape:
+                raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: stats of task "
+                                       f"{t!r} have {tuple(mean.shape)} values, the layout has {len(layout.entries)} "
+                                       "tensors")
+        for t, c in conditions.items():
+            if c.shape != (condition_dim,):
+                raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: the task vector "
+                                       f"of {t!r} has shape {tuple(c.shape)}, condition_dim is {condition_dim}")
         cvae.eval()
-        return cls(cvae, layout, meta["adapter_config"], conditions, stats, config, meta.get("history", []))
+        return cls(cvae, layout, adapter_config, conditions, stats, config, meta.get("history", []))
 
 
 def find_generators(folder: str | os.PathLike = ".", depth: int = 2) -> list[str]:
