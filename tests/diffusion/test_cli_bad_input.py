@@ -158,3 +158,20 @@ def test_ctrl_c_is_reported_in_one_line_and_leaves_no_half_written_base(tmp_path
     err = capsys.readouterr().err
     assert code == 130 and "lorakit diffusion train-base: interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,args,says", [
+    (["train-classifier"], ["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["train-classifier"], ["--steps", "-3"], "--steps must be a positive integer, got -3"),
+    (["train-base"], ["--lr", "-1"], "--lr must be > 0 and finite, got -1.0"),
+    (["train-base"], ["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+    (["train-base"], ["--size", "9"], "--size 9 must divide by 2"),
+])
+def test_training_settings_are_checked_and_named_by_their_flags(tmp_path, capsys, command, args, says):
+    """``train-classifier --steps 0`` (or -3) saved an untrained network as the metric; a negative or NaN --lr was
+    torch's "Invalid learning rate" after the data loaded; --size was worded as sample_size."""
+    out = tmp_path / "out"
+    code = main(["diffusion", *command, "--out", str(out), *args])
+    line = _one_line_error(capsys.readouterr().err, f"lorakit diffusion {command[0]}")
+    assert code == 2 and says in line, line
+    assert not out.exists()

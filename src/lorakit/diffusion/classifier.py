@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import AdapterLoadError, ConfigError, LorakitError
+from ..core.errors import FIELD, AdapterLoadError, ConfigError, LorakitError
 from ..io.files import load_tensors, read_json, save_tensors_and_json
 from .data import apply_styles, load_digit_images
 
@@ -64,7 +64,11 @@ def _styled_set(images: torch.Tensor, labels: torch.Tensor, styles: tuple[str, .
 def train_classifier(out_dir: str | os.PathLike | None = None, *, size: int = 16, steps: int = 600,
                      batch_size: int = 128, seed: int = 0) -> tuple[ConceptClassifier, dict]:
     """Train on 80% of the digits in all style combinations; returns (classifier, held-out accuracies) and, with
-    ``out_dir``, saves ``classifier.safetensors`` + ``classifier.json`` there."""
+    ``out_dir``, saves ``classifier.safetensors`` + ``classifier.json`` there. ConfigError for ``steps`` or
+    ``batch_size`` below 1 (0 steps saved an untrained network as the metric)."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{FIELD} must be a positive integer, got {value!r}", field=name)
     images, labels = load_digit_images(size)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(images), generator=g)

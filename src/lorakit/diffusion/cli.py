@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
                            "digits, concept LoRAs, and multi-LoRA composition")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt)
+    b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt,
+                       field_flags={"sample_size": "--size"})
     b.add_argument("--out", default=f"{DEFAULT_DIR}/base")
     b.add_argument("--size", type=int, default=16, help="image side (the 8×8 digits upscaled)")
     b.add_argument("--steps", type=int, default=1000)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import check_positive
 from ..core.errors import FIELD, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
@@ -116,6 +117,7 @@ class TrainSpec:
                 raise ConfigError(f"{FIELD} must be positive, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.p_uncond < 1.0:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.p_uncond}", field="p_uncond")
+        check_positive(self, "lr", finite=True)  # torch's "Invalid learning rate" came after the data and the UNet
 
 
 def _diffusion_loss(unet, scheduler, x0, labels, generator) -> torch.Tensor:
