@@ -1100,6 +1100,11 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         inputs = [a.split("=", 1)[-1] for a in args.adapters] if training else [args.generator]
+        for given in inputs:  # a generator is no adapter, nor a collection a generator: --overwrite would lose it
+            if Path(given).exists() and Path(given).resolve() == Path(args.output).resolve():
+                what = "an adapter of the collection" if training else "the --generator folder"
+                raise LorakitError(f"--output {args.output} is {what}; the {'generator' if training else 'adapter'} "
+                                   f"would replace it. Choose another folder.")
         check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*inputs, args.model])
         if args.model is not None:
             from .hub import check_model

@@ -312,3 +312,22 @@ def test_icm_lora_damaged_generator_config_names_the_file(generator, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and str(gen / "icm_lora") in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_icm_lora_cli_output_that_is_an_input_is_refused(generator, collection, tmp_path, capsys):
+    """``--output`` = ``--generator`` with --overwrite replaced the generator by the adapter it generated (and
+    ``train --output`` = a collection folder replaced that adapter by the generator): both inputs were lost."""
+    import shutil
+
+    gen = tmp_path / "gen"
+    shutil.copytree(generator, gen)
+    code = main(["generate-adapter", "--task", "rotate", "--generator", str(gen), "--output", str(gen),
+                 "--overwrite"])
+    assert code == 2 and f"--output {gen} is the --generator folder" in capsys.readouterr().err
+    assert (gen / "icm_lora_config.json").is_file() and not (gen / "adapter_config.json").exists()
+    member = tmp_path / "member"
+    shutil.copytree(collection[0], member)
+    code = main(["generate-adapter", "train", "--adapters", str(member), *collection[1:], "--output", str(member),
+                 "--overwrite", "--epochs", "1", "--quiet"])
+    assert code == 2 and "is an adapter of the collection" in capsys.readouterr().err
+    assert (member / "adapter_config.json").is_file() and not (member / "icm_lora_config.json").exists()
