@@ -177,35 +177,33 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
 
 
 def check_base(base_dir: str | os.PathLike) -> Path:
-    """``base_dir`` when it is a whole :func:`train_base` folder: ``unet/config.json`` and
-    ``scheduler/scheduler_config.json`` JSON objects, ``unet/diffusion_pytorch_model.safetensors`` a safetensors
-    file whose header fits. FileNotFoundError (no ``unet/``) or LorakitError naming the damaged file, both saying
-    how to rebuild it."""
+    """``base_dir`` when it is a :func:`train_base` folder (has ``unet/``); FileNotFoundError saying how to build it.
+    A cheap check, made before the LoRA folders are read; :func:`load_base` checks the files inside."""
     base = Path(base_dir)
-    rebuild = f"build it with `lorakit diffusion train-base --out {base}`"
     if not (base / "unet").is_dir():
-        raise FileNotFoundError(f"{base} has no unet/ folder: {rebuild}")
-    try:
-        read_json(base / "unet" / "config.json")
-        TensorFile(base / "unet" / "diffusion_pytorch_model.safetensors")
-        read_json(base / "scheduler" / "scheduler_config.json")
-    except AdapterLoadError as error:
-        raise LorakitError(f"base {base}: {error}; re{rebuild}") from None
+        raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
     return base
 
 
 def load_base(base_dir: str | os.PathLike) -> tuple[nn.Module, object]:
-    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError, and
-    LorakitError for a damaged folder (:func:`check_base`) or one diffusers cannot build a UNet from."""
+    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError (no
+    ``unet/``) and LorakitError naming a damaged file (``unet/config.json``, ``unet/diffusion_pytorch_model.safetensors``,
+    ``scheduler/scheduler_config.json``) or weights diffusers cannot build the UNet from, saying how to rebuild."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     base = check_base(base_dir)
+    rebuild = f"rebuild it with `lorakit diffusion train-base --out {base}`"
+    try:  # named here: diffusers reports these as OSError tracebacks
+        read_json(base / "unet" / "config.json")
+        TensorFile(base / "unet" / "diffusion_pytorch_model.safetensors")
+        read_json(base / "scheduler" / "scheduler_config.json")
+    except AdapterLoadError as error:
+        raise LorakitError(f"base {base}: {error}; {rebuild}") from None
     try:
         unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
         scheduler = DDPMScheduler.from_pretrained(str(base / "scheduler"))
     except (OSError, ValueError, RuntimeError) as error:  # diffusers' own checks: weights that fit no config
-        raise LorakitError(f"base {base}: {type(error).__name__}: {error}; rebuild it with `lorakit diffusion "
-                           f"train-base --out {base}`") from None
+        raise LorakitError(f"base {base}: {type(error).__name__}: {error}; {rebuild}") from None
     return unet, scheduler
 
 
