@@ -222,8 +222,9 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     set_adapter(source, adapter_name)
     answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
     examples = [Example(p, a) for p, a in zip(kept, answers)]
+    # the source's config, minus its base: the saved file names the target (PEFT's AutoPeftModel loads that base)
     fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],
-                                                         inference_mode=False)
+                                                         inference_mode=False, base_model_name_or_path=None)
     add_adapter(target, fresh, adapter_name)
     set_adapter(target, adapter_name)
     if config.distill == "completions":
