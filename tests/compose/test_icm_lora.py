@@ -331,3 +331,18 @@ def test_icm_lora_cli_output_that_is_an_input_is_refused(generator, collection, 
                  "--overwrite", "--epochs", "1", "--quiet"])
     assert code == 2 and "is an adapter of the collection" in capsys.readouterr().err
     assert (member / "adapter_config.json").is_file() and not (member / "icm_lora_config.json").exists()
+
+
+def test_icm_lora_collection_with_an_adapter_given_twice_is_refused(collection, tmp_path):
+    """The same folder twice (or a run folder and one of its checkpoints) trained the CVAE on duplicated samples,
+    silently weighing that adapter double."""
+    with pytest.raises(AdapterError, match="in the collection twice"):
+        read_collection([collection[0], collection[1], collection[0] + "/"])
+    run = tmp_path / "run"
+    import shutil
+
+    for step in (1, 2):
+        shutil.copytree(collection[step - 1], run / f"checkpoint-{step}")
+    with pytest.raises(AdapterError, match="checkpoint-2 is in the collection twice"):
+        read_collection([str(run), f"rotate={run / 'checkpoint-2'}"])
+    assert len(read_collection([str(run), *collection[2:]])[0]) == 4

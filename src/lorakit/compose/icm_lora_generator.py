@@ -119,14 +119,20 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
     first adapter's ``adapter_config.json``.
 
     Every adapter must have the same tensor keys and shapes and the same ``SHARED_FIELDS``: AdapterError names
-    the tensor (or field) and both folders otherwise.
+    the tensor (or field) and both folders otherwise, and a folder reached twice (the same run given twice, or a run
+    and one of its checkpoints).
     """
     samples: list[AdapterSample] = []
     ref_config: dict[str, Any] | None = None
+    seen: dict[Path, str] = {}
     for spec in specs:
         text = os.fspath(spec)
         task, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
         for folder in _adapter_folders(Path(path)):
+            if folder.resolve() in seen:  # counted twice, its checkpoints would weigh double in the CVAE's loss
+                raise AdapterError(f"{folder} is in the collection twice (from {seen[folder.resolve()]!r} and "
+                                   f"{text!r}); give each adapter or run folder once")
+            seen[folder.resolve()] = text
             config = read_json(folder / CONFIG_NAME)
             _check_plain_lora(folder, config)
             tensors = load_tensors(weights_path(folder))
