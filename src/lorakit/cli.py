@@ -27,7 +27,7 @@ from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
                          positive_int, seed_arg)
-from .core.errors import ConfigError, LorakitError, comma_items
+from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
@@ -1093,10 +1093,18 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
         p.add_argument("--generator", required=True, help="folder written by `lorakit generate-adapter train`")
         p.add_argument("--seed", type=seed_arg, default=0, help="seed of the latent sample")
         p.add_argument("--temperature", type=float, default=1.0, help="z = temperature * N(0, I); 0 = the prior mean")
+    if argv[:1] and not training and not argv[0].startswith("-"):  # `generate-adapter trian ...`: name the typo
+        p.error(f"unknown subcommand {argv[0]!r}: `lorakit generate-adapter train ...` trains a generator, "
+                f"`lorakit generate-adapter --task ...` (no subcommand) generates an adapter.{did_you_mean(argv[0], ['train'])}")
     args = p.parse_args(argv[1:] if training else argv)
     with ErrorsReported(p, also=(ValueError, FileNotFoundError)) as run:
         _set_threads(args)
         inputs = [a.split("=", 1)[-1] for a in args.adapters] if training else [args.generator]
+        for given in inputs:  # a generator is no adapter, nor a collection a generator: --overwrite would lose it
+            if Path(given).exists() and Path(given).resolve() == Path(args.output).resolve():
+                what = "an adapter of the collection" if training else "the --generator folder"
+                raise LorakitError(f"--output {args.output} is {what}; the {'generator' if training else 'adapter'} "
+                                   f"would replace it. Choose another folder.")
         check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*inputs, args.model])
         if args.model is not None:
             from .hub import check_model

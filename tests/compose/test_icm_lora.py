@@ -260,3 +260,89 @@ def test_icm_lora_cli_overwrite_replaces_the_output_folder_whole(generator, tmp_
     assert main(["generate-adapter", "--task", "rotate", "--generator", str(generator),
                  "--output", str(Path(generator).parent), "--overwrite"]) == 2
     assert "holds the input" in capsys.readouterr().err and Path(generator).is_dir()
+
+
+def test_icm_lora_unseen_task_on_a_base_of_another_width_is_named(generator, tmp_path, capsys):
+    """The generator's collection is on ``bundled`` (hidden 256); ``--model bundled-small`` (hidden 192) reads the
+    unseen task into a 192-value vector, which was a RuntimeError traceback (mat1 and mat2 shapes) in the CVAE."""
+    out = tmp_path / "g"
+    code = main(["generate-adapter", "--task", "rotate3", "--generator", str(generator), "--output", str(out),
+                 "--model", "bundled-small"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "has 192 values" in err and "task vectors of 256" in err and "--model" in err
+    assert not out.exists()
+
+
+def test_icm_lora_reconstruct_with_an_unknown_task_names_the_tasks(generator, collection):
+    gen = IcmLoraGenerator.load(generator)
+    samples, _ = read_collection(collection)
+    with pytest.raises(AdapterError, match=r"no task 'rotate3' .*'rotate', 'rotate2'.*Did you mean"):
+        gen.reconstruct(samples[0].tensors, "rotate3")
+
+
+def test_icm_lora_cli_mistyped_subcommand_is_named(tmp_path, capsys):
+    """``generate-adapter trian --adapters ...`` said ``--task, --generator`` were required and suggested
+    ``--task`` for ``--adapters``; the typo itself was never named."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate-adapter", "trian", "--adapters", str(tmp_path), "--output", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown subcommand 'trian'" in err and "Did you mean: train?" in err
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("damage", ["no_config_section", "layout_cut", "condition_dim_string"])
+def test_icm_lora_damaged_generator_config_names_the_file(generator, tmp_path, capsys, damage):
+    """A generator whose icm_lora_config.json lost a section was a KeyError traceback; one whose layout lost a
+    tensor loaded and then failed in generation with a RuntimeError (repeats size) traceback."""
+    import shutil
+
+    gen = tmp_path / "gen"
+    shutil.copytree(generator, gen)
+    meta = json.loads((gen / "icm_lora_config.json").read_text())
+    if damage == "no_config_section":
+        del meta["config"]
+    elif damage == "layout_cut":  # the last two tensors as one of the same total size: the CVAE still loads
+        (key, a), (_, b) = meta["layout"][-2:]
+        meta["layout"] = meta["layout"][:-2] + [[key, [math.prod(a) + math.prod(b)]]]
+    else:
+        meta["condition_dim"] = "wide"
+    (gen / "icm_lora_config.json").write_text(json.dumps(meta))
+    code = main(["generate-adapter", "--task", "rotate", "--generator", str(gen), "--output", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and str(gen / "icm_lora") in err, err
+    assert not (tmp_path / "a").exists()
+
+
+def test_icm_lora_cli_output_that_is_an_input_is_refused(generator, collection, tmp_path, capsys):
+    """``--output`` = ``--generator`` with --overwrite replaced the generator by the adapter it generated (and
+    ``train --output`` = a collection folder replaced that adapter by the generator): both inputs were lost."""
+    import shutil
+
+    gen = tmp_path / "gen"
+    shutil.copytree(generator, gen)
+    code = main(["generate-adapter", "--task", "rotate", "--generator", str(gen), "--output", str(gen),
+                 "--overwrite"])
+    assert code == 2 and f"--output {gen} is the --generator folder" in capsys.readouterr().err
+    assert (gen / "icm_lora_config.json").is_file() and not (gen / "adapter_config.json").exists()
+    member = tmp_path / "member"
+    shutil.copytree(collection[0], member)
+    code = main(["generate-adapter", "train", "--adapters", str(member), *collection[1:], "--output", str(member),
+                 "--overwrite", "--epochs", "1", "--quiet"])
+    assert code == 2 and "is an adapter of the collection" in capsys.readouterr().err
+    assert (member / "adapter_config.json").is_file() and not (member / "icm_lora_config.json").exists()
+
+
+def test_icm_lora_collection_with_an_adapter_given_twice_is_refused(collection, tmp_path):
+    """The same folder twice (or a run folder and one of its checkpoints) trained the CVAE on duplicated samples,
+    silently weighing that adapter double."""
+    with pytest.raises(AdapterError, match="in the collection twice"):
+        read_collection([collection[0], collection[1], collection[0] + "/"])
+    run = tmp_path / "run"
+    import shutil
+
+    for step in (1, 2):
+        shutil.copytree(collection[step - 1], run / f"checkpoint-{step}")
+    with pytest.raises(AdapterError, match="checkpoint-2 is in the collection twice"):
+        read_collection([str(run), f"rotate={run / 'checkpoint-2'}"])
+    assert len(read_collection([str(run), *collection[2:]])[0]) == 4

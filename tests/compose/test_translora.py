@@ -340,3 +340,42 @@ def test_a_transfer_that_fails_leaves_the_source_model_as_it_was(tokenizer, real
     assert lk.core.model.adapter_names(source) == ["default"] and adapter_state(source).active == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(source(input_ids=ids).logits, before, atol=0, rtol=0)
+
+
+def test_cli_too_few_real_examples_fail_before_the_models_load(tmp_path, capsys, tokenizer):
+    """``--real-examples 2`` under ``--n-seeds 3`` was found only after both models loaded (and after any error
+    loading them); the target folder here holds a config.json but no weights, so only the first check can pass."""
+    from lorakit.cli import main
+
+    model = _source(tokenizer)
+    save_adapter(model, tmp_path / "src")
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / "config.json").write_text("{}")
+    code = main(["transfer", "--adapter", str(tmp_path / "src"), "--target-model", str(tmp_path / "T"),
+                 "--data", "reverse", "--real-examples", "2", "--n-seeds", "3", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs at least --n-seeds 3 real examples" in err and "got 2" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_transferred_adapter_names_the_target_base(tmp_path, tokenizer, capsys):
+    """The transferred adapter's adapter_config.json said base_model_name_or_path = the *source* base (copied with
+    the source adapter's config), so PEFT's AutoPeftModel and lorakit's defaults loaded the wrong base for it."""
+    from lorakit.cli import main
+
+    source = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id)
+    source.save_pretrained(tmp_path / "S")
+    tokenizer.save_pretrained(tmp_path / "S")
+    _target(tokenizer).save_pretrained(tmp_path / "T")
+    tokenizer.save_pretrained(tmp_path / "T")
+    source = tiny_llama_for(tokenizer, seed=0, pad_token_id=tokenizer.pad_token_id)
+    source.name_or_path = str(tmp_path / "S")
+    add_adapter(source, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    save_adapter(source, tmp_path / "A")
+    assert json.loads((tmp_path / "A" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "S")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    assert main(["transfer", "--adapter", str(tmp_path / "A"), "--source-model", str(tmp_path / "S"),
+                 "--target-model", str(tmp_path / "T"), "--data", "reverse", "--real-examples", "6",
+                 "--output", str(tmp_path / "out"), *flags]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "T")

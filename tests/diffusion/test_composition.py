@@ -342,3 +342,15 @@ def test_nan_weights_and_guidance_are_refused(unet):
     with pytest.raises(ConfigError, match="guidance_scale must be a finite number"):
         compose_images(unet, _sched(), ["a"], "composite", num_images=1, num_inference_steps=1,
                        guidance_scale=float("nan"))
+
+
+def test_benchmark_readme_states_the_cmlora_weights_the_code_uses():
+    """benchmarks/diffusion/README.md explained CMLoRA's result with "weight 1.5 vs 0.5 for K = 2"; the official
+    weights (pipeline_offline.py l.1088-1091, dominant_weights) are 1.2 and 0.8."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "benchmarks" / "diffusion" / "README.md").read_text()
+    stated = re.search(r"weight ([\d.]+) vs ([\d.]+) for K = 2", text)
+    assert stated is not None
+    assert (float(stated.group(1)), float(stated.group(2))) == pytest.approx(dominant_weights(2))

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
-from ..core.errors import AdapterError, AdapterLoadError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, LorakitError, did_you_mean
 from ..core.inits import changed_base_error
 from ..io.files import load_tensors, read_json, save_tensors_and_json
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path, write_adapter_files
@@ -119,14 +119,20 @@ def read_collection(specs: Sequence[str | os.PathLike]) -> tuple[list[AdapterSam
     first adapter's ``adapter_config.json``.
 
     Every adapter must have the same tensor keys and shapes and the same ``SHARED_FIELDS``: AdapterError names
-    the tensor (or field) and both folders otherwise.
+    the tensor (or field) and both folders otherwise, and a folder reached twice (the same run given twice, or a run
+    and one of its checkpoints).
     """
     samples: list[AdapterSample] = []
     ref_config: dict[str, Any] | None = None
+    seen: dict[Path, str] = {}
     for spec in specs:
         text = os.fspath(spec)
         task, _, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
         for folder in _adapter_folders(Path(path)):
+            if folder.resolve() in seen:  # counted twice, its checkpoints would weigh double in the CVAE's loss
+                raise AdapterError(f"{folder} is in the collection twice (from {seen[folder.resolve()]!r} and "
+                                   f"{text!r}); give each adapter or run folder once")
+            seen[folder.resolve()] = text
             config = read_json(folder / CONFIG_NAME)
             _check_plain_lora(folder, config)
             tensors = load_tensors(weights_path(folder))
@@ -242,6 +248,9 @@ class IcmLoraGenerator:
     @torch.no_grad()
     def reconstruct(self, tensors: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
         """Encode an adapter with its task's condition, decode the posterior mean, undo its own normalisation."""
+        if task not in self.conditions:
+            raise AdapterError(f"the generator has no task {task!r} (its tasks: {sorted(self.conditions)})."
+                               f"{did_you_mean(task, self.conditions)}")
         self.cvae.eval()
         stats = tensor_stats(tensors, self.layout)
         x = normalize(flatten_tensors(tensors, self.layout), self.layout, *stats)[None]
@@ -275,18 +284,36 @@ class IcmLoraGenerator:
         meta = read_json(directory / GENERATOR_CONFIG)
         if meta.get("method") != "icm_lora":
             raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not an ICM-LoRA generator config")
-        config = IcmLoraConfig(**{f.name: meta["config"][f.name] for f in fields(IcmLoraConfig) if f.name in meta["config"]})
-        layout = AdapterLayout(tuple((k, tuple(s)) for k, s in meta["layout"]))
+        try:  # a config from another writer or hand-edited: name the file, not a KeyError deep in here
+            config = IcmLoraConfig(**{f.name: meta["config"][f.name] for f in fields(IcmLoraConfig)
+                                      if f.name in meta["config"]})
+            layout = AdapterLayout(tuple((str(k), tuple(int(n) for n in s)) for k, s in meta["layout"]))
+            condition_dim, tasks, adapter_config = int(meta["condition_dim"]), list(meta["tasks"]), meta["adapter_config"]
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, LorakitError):
+                raise
+            raise AdapterLoadError(f"{directory / GENERATOR_CONFIG} is not a whole ICM-LoRA generator config "
+                                   f"({type(e).__name__}: {e}); write it again with `lorakit generate-adapter train`"
+                                   ) from None
         tensors = load_tensors(directory / GENERATOR_WEIGHTS)
-        cvae = LoraCvae(config.cvae, layout.length, int(meta["condition_dim"]))
+        cvae = LoraCvae(config.cvae, layout.length, condition_dim)
         try:
             cvae.load_state_dict({k.removeprefix("cvae."): v for k, v in tensors.items() if k.startswith("cvae.")})
-            conditions = {t: tensors[f"condition.{t}"] for t in meta["tasks"]}
-            stats = {t: (tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"]) for t in [*meta["tasks"], ANY_TASK]}
+            conditions = {t: tensors[f"condition.{t}"] for t in tasks}
+            stats = {t: (tensors[f"stats.{t}.mean"], tensors[f"stats.{t}.std"]) for t in [*tasks, ANY_TASK]}
         except (KeyError, RuntimeError) as e:
             raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: {e}") from None
+        for t, (mean, std) in stats.items():  # one mean and std per layout tensor, else generation cannot undo them
+            if mean.shape != (len(layout.entries),) or std.shape != mean.shape:
+                raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: stats of task "
+                                       f"{t!r} have {tuple(mean.shape)} values, the layout has {len(layout.entries)} "
+                                       "tensors")
+        for t, c in conditions.items():
+            if c.shape != (condition_dim,):
+                raise AdapterLoadError(f"{directory / GENERATOR_WEIGHTS} does not match its config: the task vector "
+                                       f"of {t!r} has shape {tuple(c.shape)}, condition_dim is {condition_dim}")
         cvae.eval()
-        return cls(cvae, layout, meta["adapter_config"], conditions, stats, config, meta.get("history", []))
+        return cls(cvae, layout, adapter_config, conditions, stats, config, meta.get("history", []))
 
 
 def find_generators(folder: str | os.PathLike = ".", depth: int = 2) -> list[str]:
@@ -414,6 +441,11 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
             get_task(task)  # unknown name: ValueError with near matches
         model, tokenizer = _base_model(gen.adapter_config, model, tokenizer)
         condition, stats = task_conditions([task], model, tokenizer, gen.config)[task], gen.stats[ANY_TASK]
+        if condition.shape[-1] != gen.cvae.condition_dim:  # another base: its hidden size cannot condition the CVAE
+            base = gen.adapter_config.get("base_model_name_or_path") or "bundled"
+            raise AdapterError(f"the task vector of {task!r} from this model has {condition.shape[-1]} values, but the "
+                               f"generator was trained on task vectors of {gen.cvae.condition_dim} (the hidden size "
+                               f"of the collection's base {base!r}); generate with that base (--model {base}).")
     tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -200,9 +200,7 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
 
     config = config or TransLoraConfig()
     real_examples = list(real_examples)
-    if len(real_examples) < config.n_seeds:
-        raise LorakitError(f"Trans-LoRA needs at least n_seeds={config.n_seeds} real examples (the few-shot seeds), "
-                           f"got {len(real_examples)}.")
+    _check_real_examples(real_examples, config)
     if adapter_name not in adapter_names(source):
         raise LorakitError(f"the source model has no adapter {adapter_name!r} (it has {adapter_names(source)}).")
     if config.distill == "logits":
@@ -224,8 +222,9 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
     set_adapter(source, adapter_name)
     answers = generate_completions(source, source_tokenizer, kept, max_new_tokens=config.max_new_tokens)
     examples = [Example(p, a) for p, a in zip(kept, answers)]
+    # the source's config, minus its base: the saved file names the target (PEFT's AutoPeftModel loads that base)
     fresh = target_adapter_config or dataclasses.replace(adapter_state(source).configs[adapter_name],
-                                                         inference_mode=False)
+                                                         inference_mode=False, base_model_name_or_path=None)
     add_adapter(target, fresh, adapter_name)
     set_adapter(target, adapter_name)
     if config.distill == "completions":
@@ -238,6 +237,12 @@ def transfer_models(source: nn.Module, source_tokenizer: Any, target: nn.Module,
         summary = _distill_logits(source, target, target_tokenizer, examples, config)
     return TransferResult(None, examples, candidates=sampled, kept=len(kept), rounds=rounds, discriminator=stats,
                           train=summary)
+
+
+def _check_real_examples(real_examples: Sequence[Example], config: TransLoraConfig) -> None:
+    if len(real_examples) < config.n_seeds:
+        raise LorakitError(f"Trans-LoRA needs at least n_seeds={config.n_seeds} real examples (the few-shot seeds), "
+                           f"got {len(real_examples)}.")
 
 
 def _synthesize_scored(source: nn.Module, source_tokenizer: Any, target: nn.Module, target_tokenizer: Any,
@@ -297,6 +302,8 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
     from ..io.files import write_dir_atomically
 
     check_inputs(adapter, source_model, target_model)
+    real_examples = list(real_examples)
+    _check_real_examples(real_examples, config or TransLoraConfig())  # before either model loads
     source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)
     target, target_tokenizer = load_model_and_tokenizer(target_model, device=device)
     load_adapter(source, adapter)

@@ -5,7 +5,8 @@ reads that digit, concept 2 = it detects that style, "both" = both in the same i
 composite, cmlora, plus each LoRA alone as references.
 Task B (two digits side by side, the LoRA-Composer setting): two digit LoRAs on a 16×32 canvas, left box and right
 box; concept 1 / 2 = the left / right half is read as its digit. Rows: composite, merge and composer.
-Writes ``README.md`` (tables, command, settings), ``results.json`` and sample grids (PNG) into ``out``.
+Writes ``results.json`` (settings, both tables, timings), ``tables.md`` (the tables as markdown, for
+``benchmarks/diffusion/README.md``) and the sample grids (PNG) into ``out``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ Trained on 80% of the images; :func:`train_classifier` reports accuracies on the
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
-from ..io.files import save_tensors_and_json
+from ..core.errors import FIELD, AdapterLoadError, ConfigError, LorakitError
+from ..io.files import load_tensors, read_json, save_tensors_and_json
 from .data import apply_styles, load_digit_images
 
 CLASSIFIER_STYLES = ("thick", "inverted")
@@ -65,7 +64,11 @@ def _styled_set(images: torch.Tensor, labels: torch.Tensor, styles: tuple[str, .
 def train_classifier(out_dir: str | os.PathLike | None = None, *, size: int = 16, steps: int = 600,
                      batch_size: int = 128, seed: int = 0) -> tuple[ConceptClassifier, dict]:
     """Train on 80% of the digits in all style combinations; returns (classifier, held-out accuracies) and, with
-    ``out_dir``, saves ``classifier.safetensors`` + ``classifier.json`` there."""
+    ``out_dir``, saves ``classifier.safetensors`` + ``classifier.json`` there. ConfigError for ``steps`` or
+    ``batch_size`` below 1 (0 steps saved an untrained network as the metric)."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{FIELD} must be a positive integer, got {value!r}", field=name)
     images, labels = load_digit_images(size)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(images), generator=g)
@@ -96,15 +99,27 @@ def train_classifier(out_dir: str | os.PathLike | None = None, *, size: int = 16
 
 
 def load_classifier(folder: str | os.PathLike) -> ConceptClassifier:
-    """A classifier saved by :func:`train_classifier` (safetensors only). Raises FileNotFoundError."""
-    from safetensors.torch import load_file
-
+    """A classifier saved by :func:`train_classifier` (safetensors only). Raises FileNotFoundError (no
+    ``classifier.safetensors``) and LorakitError naming the file that is damaged or holds another network."""
     path = Path(folder) / "classifier.safetensors"
+    retrain = f"retrain it with `lorakit diffusion train-classifier --out {folder}`"
     if not path.is_file():
         raise FileNotFoundError(f"no classifier at {path}; train it with `lorakit diffusion train-classifier`")
-    meta = json.loads((Path(folder) / "classifier.json").read_text())
-    model = ConceptClassifier(tuple(meta["styles"]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        meta = read_json(Path(folder) / "classifier.json")
+        tensors = load_tensors(path)
+    except AdapterLoadError as error:
+        raise LorakitError(f"classifier {folder}: {error}; {retrain}") from None
+    styles = meta.get("styles")
+    if not isinstance(styles, list) or not all(isinstance(s, str) for s in styles):
+        raise LorakitError(f"classifier {folder}: {Path(folder) / 'classifier.json'} has no \"styles\" list; {retrain}")
+    model = ConceptClassifier(tuple(styles))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:  # missing / unexpected keys or shapes: weights of another network
+        first = str(error).strip().splitlines()[1:2] or [str(error)]
+        raise LorakitError(f"classifier {folder}: {path} does not hold the concept classifier's weights "
+                           f"({first[0].strip()}); {retrain}") from None
     return model.eval()
 
 

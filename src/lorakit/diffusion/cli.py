@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -105,6 +106,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
     check_base(args.base)
     for folder in args.lora:  # a bad folder or weights file fails before the base loads
         check_adapter_folder(folder)
+    classifier = None
+    if args.classifier:  # a bad classifier fails now, not after the images are sampled and written
+        from .classifier import load_classifier
+        classifier = load_classifier(args.classifier)
     unet, train_sched = load_base(args.base)
     names = load_loras(unet, args.lora)
     fields = {"lora_scale": args.lora_scale, **_parse_set(args.set)}
@@ -123,10 +128,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
                             height=args.height, width=args.width)
     path = _grid_png(images, args.out, nrow=min(8, args.num_images))
     print(f"{args.method} of {names}: {len(images)} images -> {path}")
-    if args.classifier:
-        from .classifier import concept_rates, load_classifier
+    if classifier is not None:
+        from .classifier import concept_rates
 
-        rates = concept_rates(load_classifier(args.classifier), images, names)
+        rates = concept_rates(classifier, images, names)
         print("concept rates: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items()))
     return 0
 
@@ -138,7 +143,7 @@ def compose_parser(prog: str = "lorakit compose-image") -> argparse.ArgumentPars
 
     methods = [c.name for c in list_compositions()]
     p = CommandParser(prog=prog, description="compose several LoRAs while sampling images (training-free)",
-                      formatter_class=DefaultsFormatter)
+                      formatter_class=DefaultsFormatter, field_flags={"num_inference_steps": "--steps"})
     p.add_argument("--base", default=f"{DEFAULT_DIR}/base", help="folder written by `lorakit diffusion train-base`")
     p.add_argument("--lora", action="append", required=True, help="a LoRA folder (repeat; PEFT or lorakit format)")
     p.add_argument("--method", default="composite", choices=methods, help="composition method")
@@ -183,6 +188,9 @@ def _cmd_train_loras(args) -> int:
     from .model import LoraSpec, TrainSpec, concepts_by_name, default_concepts, load_base, train_concept_loras
 
     concepts = concepts_by_name(args.concepts) if args.concepts else default_concepts()  # before the base loads
+    if Path(args.out).resolve() == Path(args.base).resolve():  # --overwrite would replace the base with its LoRAs
+        raise LorakitError(f"--out {args.out} is the --base folder; the LoRAs would replace the base they need. "
+                           f"Choose another folder, e.g. {Path(args.base).parent / 'loras'}.")
     check_output_dir(args.out, "--out", overwrite=args.overwrite, reads=[args.base])
     unet, sched = load_base(args.base)
     summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
@@ -215,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="lorakit diffusion", description="a small diffusion model on the bundled "
                            "digits, concept LoRAs, and multi-LoRA composition")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt)
+    b = sub.add_parser("train-base", help="train the class-conditioned UNet2DModel", formatter_class=fmt,
+                       field_flags={"sample_size": "--size"})
     b.add_argument("--out", default=f"{DEFAULT_DIR}/base")
     b.add_argument("--size", type=int, default=16, help="image side (the 8×8 digits upscaled)")
     b.add_argument("--steps", type=int, default=1000)
@@ -244,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=seed_arg, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in --out")
     c.set_defaults(func=_cmd_train_classifier)
-    be = sub.add_parser("bench", help="every method on digit×style and two-digit layouts; writes README.md + PNGs",
+    be = sub.add_parser("bench", help="every method on digit×style and two-digit layouts; writes results.json, tables.md and PNGs",
                         formatter_class=fmt)
     be.add_argument("--run-dir", default=DEFAULT_DIR, help="holds base/, loras/, classifier/")
-    be.add_argument("--out", default="benchmarks/diffusion")
+    be.add_argument("--out", default="benchmarks/diffusion", help="folder for results.json, tables.md and the "
+                    "sample grids")
     be.add_argument("--quick", action="store_true", help="fewer pairs and images (a smoke run)")
     be.set_defaults(func=_cmd_bench)
     return parser
@@ -259,6 +269,9 @@ def _guarded(parser: CommandParser, argv: Sequence[str]) -> int:
         return args.func(args)
     except (LorakitError, ValueError, FileNotFoundError) as e:
         return parser.chosen(args).fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: one line and status 130, as every lorakit command (outputs are atomic)
+        print(f"\n{parser.chosen(args).prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str]) -> int:

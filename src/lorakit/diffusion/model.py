@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import FIELD, ConfigError, LorakitError, did_you_mean
+from ..core.config import check_positive
+from ..core.errors import FIELD, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.model import add_adapter, adapter_parameters, set_adapter
 from ..core.routing import routing
 from ..io.peft_format import load_adapter, save_adapter
 from ..methods.lora import LoraConfig
-from ..io.files import atomic_write_json, write_dir_atomically
+from ..io.files import TensorFile, atomic_write_json, read_json, write_dir_atomically
 from .data import STYLES, apply_styles, check_style, load_digit_images
 
 NUM_DIGITS = 10
@@ -116,6 +117,7 @@ class TrainSpec:
                 raise ConfigError(f"{FIELD} must be positive, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.p_uncond < 1.0:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.p_uncond}", field="p_uncond")
+        check_positive(self, "lr", finite=True)  # torch's "Invalid learning rate" came after the data and the UNet
 
 
 def _diffusion_loss(unet, scheduler, x0, labels, generator) -> torch.Tensor:
@@ -175,7 +177,8 @@ def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: 
 
 
 def check_base(base_dir: str | os.PathLike) -> Path:
-    """``base_dir`` when it is a :func:`train_base` folder (has ``unet/``); FileNotFoundError saying how to build it."""
+    """``base_dir`` when it is a :func:`train_base` folder (has ``unet/``); FileNotFoundError saying how to build it.
+    A cheap check, made before the LoRA folders are read; :func:`load_base` checks the files inside."""
     base = Path(base_dir)
     if not (base / "unet").is_dir():
         raise FileNotFoundError(f"{base} has no unet/ folder: build it with `lorakit diffusion train-base --out {base}`")
@@ -183,12 +186,25 @@ def check_base(base_dir: str | os.PathLike) -> Path:
 
 
 def load_base(base_dir: str | os.PathLike) -> tuple[nn.Module, object]:
-    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError."""
+    """(UNet2DModel in eval mode, DDPM scheduler) from a :func:`train_base` folder. Raises FileNotFoundError (no
+    ``unet/``) and LorakitError naming a damaged file (``unet/config.json``, ``unet/diffusion_pytorch_model.safetensors``,
+    ``scheduler/scheduler_config.json``) or weights diffusers cannot build the UNet from, saying how to rebuild."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     base = check_base(base_dir)
-    unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
-    return unet, DDPMScheduler.from_pretrained(str(base / "scheduler"))
+    rebuild = f"rebuild it with `lorakit diffusion train-base --out {base}`"
+    try:  # named here: diffusers reports these as OSError tracebacks
+        read_json(base / "unet" / "config.json")
+        TensorFile(base / "unet" / "diffusion_pytorch_model.safetensors")
+        read_json(base / "scheduler" / "scheduler_config.json")
+    except AdapterLoadError as error:
+        raise LorakitError(f"base {base}: {error}; {rebuild}") from None
+    try:
+        unet = UNet2DModel.from_pretrained(str(base / "unet"), use_safetensors=True).eval()
+        scheduler = DDPMScheduler.from_pretrained(str(base / "scheduler"))
+    except (OSError, ValueError, RuntimeError) as error:  # diffusers' own checks: weights that fit no config
+        raise LorakitError(f"base {base}: {type(error).__name__}: {error}; {rebuild}") from None
+    return unet, scheduler
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.config import check_field_types
 from ..core.errors import FIELD, ConfigError, did_you_mean
 from ..core.model import adapter_layers, adapter_state, check_adapter, merged_adapters
 from ..core.routing import routing
@@ -41,8 +42,9 @@ class CompositionConfig:
     lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.lora_scale > 0:
-            raise ConfigError(f"{FIELD} must be > 0, got {self.lora_scale}", field="lora_scale")
+        check_field_types(self)  # a `--set key=value` of the wrong type is named here, not a TypeError later
+        if not (self.lora_scale > 0 and math.isfinite(self.lora_scale)):  # inf made every image NaN
+            raise ConfigError(f"{FIELD} must be a finite number > 0, got {self.lora_scale}", field="lora_scale")
 
 
 @dataclass
@@ -207,8 +209,9 @@ def compose_images(unet: nn.Module, scheduler: Any, loras: Sequence[str], method
         raise ConfigError(f"{type(config).__name__} is not a registered composition config")
     loras = list(loras)
     _check_loras(unet, loras)
-    if num_images <= 0 or num_inference_steps <= 0:
-        raise ConfigError(f"num_images and num_inference_steps must be positive, got {num_images}, {num_inference_steps}")
+    for name, value in (("num_images", num_images), ("num_inference_steps", num_inference_steps)):
+        if value <= 0:
+            raise ConfigError(f"{FIELD} must be positive, got {value}", field=name)
     if not math.isfinite(guidance_scale):  # NaN > 1 is False: guidance was silently off
         raise ConfigError(f"guidance_scale must be a finite number (> 1 to use guidance), got {guidance_scale}")
     label = NULL_CLASS if class_label is None else int(class_label)
