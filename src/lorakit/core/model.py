@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
+from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -342,8 +342,10 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
                                       f"Loaded: {list(state.configs)}")
     for path, layer in adapter_layers(model):
         here = [n for n in names if n in layer.adapters]
-        for i, first in enumerate(here):
-            for second in here[i + 1:]:
+        # (only deltas that define a conflict are asked, so plain adapters cost no pairwise loop)
+        asking = [n for n in here if type(layer.adapters[n]).conflict is not Delta.conflict] if len(here) > 1 else []
+        for first in asking:
+            for second in (n for n in here if n != first):
                 why = layer.adapters[first].conflict(layer.adapters[second])
                 if why is not None:
                     raise AdapterError(f"adapters {first!r} and {second!r} cannot be active together at {path!r}: "
