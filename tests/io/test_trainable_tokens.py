@@ -502,3 +502,26 @@ def test_max_norm_embedding_renorms_the_rows_as_peft(tmp_path):
         unscaled.emb.max_norm = None
         unscaled.emb.weight[[3, 5, 9]] = rows
     assert (unscaled(ids) - expected).abs().max() > 1e-2
+
+
+def test_padding_row_gets_no_gradient_as_in_peft(tmp_path):
+    """PEFT looks the rows up with ``F.embedding(x, W', padding_idx=...)`` (layer.py line 251), so a trained row at
+    the embedding's ``padding_idx`` gets no gradient (the other rows do); the same here. (Was: it trained.)"""
+    def padded_llama():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, pad_token_id=0)
+        return LlamaForCausalLM(cfg)
+
+    ids = torch.tensor([[0, 3, 5, 0, 7, 3], [1, 0, 3, 9, 5, 2]])
+    peft_model = get_peft_model(padded_llama(), PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                               trainable_token_indices=[0, 3, 5]))
+    assert peft_model.base_model.model.model.embed_tokens.token_adapter.base_layer.padding_idx == 0
+    peft_model.save_pretrained(tmp_path)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    theirs = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n).grad
+    model = lk.load_adapter(padded_llama(), tmp_path, is_trainable=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ours = model.model.embed_tokens.adapters["default"].values.grad
+    assert torch.equal(theirs[0], torch.zeros(32)) and theirs[1:].abs().amin(dim=1).gt(0).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

@@ -97,6 +97,9 @@ class TokenRows(Delta):
             pos = torch.searchsorted(self.sorted_index, x).clamp_max(len(self.token_indices) - 1)  # (...,)
             hit = self.sorted_index[pos] == x  # (...,): the token is one of the trained rows
             rows = self.values.to(base_out.dtype)[self.sorted_row[pos]]  # (..., dim)
+            pad = getattr(base_layer, "padding_idx", None)
+            if pad is not None and pad in self.token_indices:  # PEFT's F.embedding(padding_idx=...): no gradient there
+                rows = torch.where((x == pad).unsqueeze(-1), rows.detach(), rows)
             max_norm = getattr(base_layer, "max_norm", None)
             if max_norm is not None:
                 rows = _renormed(rows, max_norm, base_layer.norm_type)
