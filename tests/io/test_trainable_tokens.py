@@ -395,3 +395,133 @@ def test_inits_set_the_lora_factors_and_leave_the_token_rows(init, token_ids, tm
     lk.load_adapter(loaded, tmp_path / "a", "a")
     lk.set_adapter(loaded, "a")
     torch.testing.assert_close(_logits(loaded, token_ids), _logits(model, token_ids), rtol=0, atol=1e-6)
+
+
+def test_overlapping_token_rows_cannot_be_active_together(token_ids):
+    """PEFT's TrainableTokens refuses adapters with overlapping indices active together (layer.py 0.21.2,
+    ``_check_overlapping_tokens`` line 162, from ``forward_adapters`` line 240) and replaces disjoint ones each in
+    its rows. lorakit refuses at ``set_adapter`` (nothing changes), naming both adapters and the shared indices; the
+    disjoint pair gives PEFT's logits. (Was: both active, a shared row came out as v1 + v2 − E.)"""
+    from peft import TrainableTokensConfig
+
+    from lorakit.core.errors import AdapterError
+
+    spec = {"a": [3, 5], "b": [5, 9, 90], "c": [7, 1]}
+    peft_model = get_peft_model(tiny_llama(), TrainableTokensConfig(token_indices=spec["a"]), adapter_name="a")
+    for name in ("b", "c"):
+        peft_model.add_adapter(name, TrainableTokensConfig(token_indices=spec[name]))
+    _perturb([p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n], 6)
+    peft_model.base_model.set_adapter(["a", "c"])
+    expected = _logits(peft_model.eval(), token_ids)
+    peft_model.base_model.set_adapter(["a", "b"])
+    with pytest.raises(ValueError, match="Token indices of adapter b are already defined"):
+        _logits(peft_model, token_ids)
+
+    model = tiny_llama()
+    base = _logits(model, token_ids)
+    for name, indices in spec.items():  # (LoRA's B = 0: only the rows act)
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices), name)
+        layer = model.model.embed_tokens
+        with torch.no_grad():
+            layer.adapters[name].values.copy_(
+                peft_model.base_model.model.model.embed_tokens.trainable_tokens_delta[name])
+    lk.set_adapter(model, ["a", "c"])
+    got = _logits(model, token_ids)
+    assert (expected - base).abs().max() > 1e-2 and (got - expected).abs().max() <= 1e-5
+    with pytest.raises(AdapterError, match=r"adapters 'a' and 'b' cannot be active together at "
+                                           r"'model.embed_tokens': they both replace token rows \[5\]"):
+        lk.set_adapter(model, ["a", "b"])
+    assert layer.active == ["a", "c"] and torch.equal(_logits(model, token_ids), got)  # nothing changed
+    lk.set_adapter(model, ["c", "b"])  # disjoint: allowed
+
+
+def test_vocabulary_resized_under_the_rows(token_ids):
+    """Rows find their token by the indices, not by a table sized to the vocabulary when attached: after the wrapped
+    embedding is resized (transformers' own resizing, ``_get_resized_embeddings``), new token ids look up the new
+    rows and the trained rows stay replaced, as PEFT's ``W.index_copy`` on the live weight (layer.py line 225).
+    ``model.resize_token_embeddings`` itself refuses the wrapped embedding (transformers' TypeError, nothing
+    changed), in PEFT as here: resize before adding the adapter, or the base layer as below.
+    (Was: an IndexError inside the forward for an id at or above the old vocabulary size.)"""
+    import copy
+
+    model = tiny_llama()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=[3, 5, 90]))
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 7)
+    with pytest.raises(TypeError, match="AdapterLayer"):
+        model.resize_token_embeddings(100)
+    layer = model.model.embed_tokens
+    assert layer.base_layer.num_embeddings == 96
+    torch.manual_seed(3)
+    layer.base_layer = model._get_resized_embeddings(layer.base_layer, 100, mean_resizing=False)
+    ids = token_ids.clone()
+    ids[:, 1] = torch.tensor([96, 97, 99])
+
+    reference = tiny_llama()  # the same base with the resized embedding and the rows written in (PEFT's W')
+    reference.model.embed_tokens = copy.deepcopy(layer.base_layer)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight[[3, 5, 90]] = layer.adapters["default"].values
+    got = _logits(model, ids)
+    assert (got - _logits(reference, ids)).abs().max() <= 1e-5
+
+
+class _MaxNormModel(torch.nn.Module):
+    """An embedding that renormalises the rows it looks up (``max_norm``), then a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8, max_norm=1.0)
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(self.emb(x))
+
+
+def test_max_norm_embedding_renorms_the_rows_as_peft(tmp_path):
+    """PEFT looks the rows up with ``F.embedding(x, W', max_norm=...)`` (layer.py line 251): a trained row longer than
+    ``max_norm`` is scaled to it (in place, under no_grad, so the gradient reaches the row unscaled). lorakit gives
+    PEFT's outputs and row gradients. (Was: the rows went out unscaled.)"""
+    ids = torch.tensor([[3, 5, 1, 7, 3], [2, 5, 0, 9, 4]])
+    peft_model = get_peft_model(_MaxNormModel(), PeftLoraConfig(r=2, target_modules=["lin"], init_lora_weights=False,
+                                                                trainable_token_indices={"emb": [3, 5, 9]}))
+    rows = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n)
+    with torch.no_grad():
+        rows.mul_(torch.tensor([[5.0], [0.5], [3.0]]) / rows.norm(dim=1, keepdim=True))  # norms 5, 0.5, 3
+    peft_model.save_pretrained(tmp_path)
+    expected = peft_model(ids)
+    expected.square().sum().backward()
+
+    model = lk.load_adapter(_MaxNormModel(), tmp_path, is_trainable=True)
+    got = model(ids)
+    got.square().sum().backward()
+    ours = model.emb.adapters["default"].token_adapter.trainable_tokens_delta
+    assert (got - expected).abs().max() <= 1e-5
+    torch.testing.assert_close(ours.grad, rows.grad, rtol=1e-5, atol=1e-6)
+    unscaled = _MaxNormModel()  # the rows must matter: without the renorm the outputs differ
+    with torch.no_grad():
+        unscaled.emb.max_norm = None
+        unscaled.emb.weight[[3, 5, 9]] = rows
+    assert (unscaled(ids) - expected).abs().max() > 1e-2
+
+
+def test_padding_row_gets_no_gradient_as_in_peft(tmp_path):
+    """PEFT looks the rows up with ``F.embedding(x, W', padding_idx=...)`` (layer.py line 251), so a trained row at
+    the embedding's ``padding_idx`` gets no gradient (the other rows do); the same here. (Was: it trained.)"""
+    def padded_llama():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, pad_token_id=0)
+        return LlamaForCausalLM(cfg)
+
+    ids = torch.tensor([[0, 3, 5, 0, 7, 3], [1, 0, 3, 9, 5, 2]])
+    peft_model = get_peft_model(padded_llama(), PeftLoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False,
+                                                               trainable_token_indices=[0, 3, 5]))
+    assert peft_model.base_model.model.model.embed_tokens.token_adapter.base_layer.padding_idx == 0
+    peft_model.save_pretrained(tmp_path)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    theirs = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n).grad
+    model = lk.load_adapter(padded_llama(), tmp_path, is_trainable=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ours = model.model.embed_tokens.adapters["default"].values.grad
+    assert torch.equal(theirs[0], torch.zeros(32)) and theirs[1:].abs().amin(dim=1).gt(0).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

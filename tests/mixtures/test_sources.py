@@ -38,3 +38,15 @@ def test_a_source_of_another_base_is_named_by_its_folder(tmp_path):
     with pytest.raises(lk.AdapterLoadError, match=rf"source adapter {tmp_path / 'wide'} \(module "
                                                   r"'model.layers.0.self_attn.q_proj'\): LoRA factors"):
         lk.add_adapter(tiny_llama(), config)
+
+
+def test_a_source_with_trainable_token_rows_is_refused_by_name(tmp_path):
+    """A LoRA folder with trainable token rows (``trainable_token_indices``) as a mixture expert: the error says token
+    rows are not supported in an expert and names the folder and the tensor. (Was: "is not a linear-layer LoRA
+    factor ... (no embeddings, DoRA, biases)", though the rows are no embedding LoRA.)"""
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3]))
+    lk.save_adapter(model, tmp_path / "tokens")
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    with pytest.raises(lk.ConfigError, match=rf"source adapter {tmp_path / 'tokens'}: tensor '{key}' holds "
+                                             r"trainable token rows .*which a mixture expert does not support"):
+        read_lora_source(tmp_path / "tokens")

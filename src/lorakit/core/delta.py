@@ -297,6 +297,11 @@ class Delta(nn.Module):
         return (f"is input-dependent ({type(self).__name__}) and cannot be merged into the base weights; export or "
                 f"serve it unmerged")
 
+    def conflict(self, other: "Delta") -> str | None:
+        """Why this delta cannot be active together with ``other`` on the same layer (completing "adapters A and B
+        ..."), None if it can (default: deltas add up)."""
+        return None
+
     def merge_terms(self, base_weight: torch.Tensor) -> MergeTerms:
         """Terms for merging into the (unmerged, float32, (out, in)) base weight; may cache what unmerge needs."""
         return MergeTerms(weight=self.delta_weight().float(), bias=self.delta_bias())

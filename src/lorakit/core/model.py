@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, LayerInfo, describe_kinds, describe_layer
+from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer
 from .errors import AdapterError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -332,13 +332,24 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Activate one adapter or several (their deltas add up). Active adapters are trainable, except the
     parameters their deltas freeze (``Delta.frozen_names``) and adapters loaded for inference.
-    Raises AdapterError for an unknown name (with near matches)."""
+    Raises AdapterError for an unknown name (with near matches) and for adapters that cannot be active together
+    on a layer (``Delta.conflict``: token rows with overlapping indices), before anything changes."""
     names = [names] if isinstance(names, str) else list(names)
     state = adapter_state(model)
     for n in names:
         if n not in state.configs:
             raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} "
                                       f"Loaded: {list(state.configs)}")
+    for path, layer in adapter_layers(model):
+        here = [n for n in names if n in layer.adapters]
+        # (only deltas that define a conflict are asked, so plain adapters cost no pairwise loop)
+        asking = [n for n in here if type(layer.adapters[n]).conflict is not Delta.conflict] if len(here) > 1 else []
+        for first in asking:
+            for second in (n for n in here if n != first):
+                why = layer.adapters[first].conflict(layer.adapters[second])
+                if why is not None:
+                    raise AdapterError(f"adapters {first!r} and {second!r} cannot be active together at {path!r}: "
+                                       f"they {why}.")
     merged = merged_adapters(model)
     leaving = [n for n in merged if n not in names]
     if leaving:

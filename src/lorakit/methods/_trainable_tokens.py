@@ -68,7 +68,6 @@ class TokenRows(Delta):
         super().__init__(info)
         self.token_indices = list(indices)
         self._leader = [leader] if leader is not None else []  # a list: not a submodule, so not saved twice
-        vocab = info.in_features if info.kind == "embedding" else info.out_features
         # on the CPU whatever device context builds this (a loader sizes deltas under torch.device("meta"))
         index = torch.tensor(self.token_indices, dtype=torch.long, device="cpu")
         if leader is None:
@@ -76,10 +75,12 @@ class TokenRows(Delta):
                 weight = token_major_weight(base_layer, info)
                 rows = weight[index.to(weight.device)]
             self.token_adapter = _TokenValues(rows.detach().clone())  # init = the base rows: no-op until trained
-        slot = torch.full((vocab,), -1, dtype=torch.long, device="cpu")
-        slot[index] = torch.arange(len(index), device="cpu")
+        # Tokens find their row by binary search in the sorted indices, not in a table sized to the vocabulary, so
+        # a vocabulary resized after attaching (its new ids above the table) needs nothing rebuilt here.
+        order = index.argsort()
         self.register_buffer("index", index, persistent=False)  # (k,)
-        self.register_buffer("slot", slot, persistent=False)  # (vocab,): row of ``values`` per token, -1 if none
+        self.register_buffer("sorted_index", index[order], persistent=False)  # (k,)
+        self.register_buffer("sorted_row", order, persistent=False)  # (k,): row of ``values`` per sorted index
 
     @property
     def values(self) -> torch.Tensor:
@@ -93,12 +94,19 @@ class TokenRows(Delta):
         # this is the only one), so the result equals PEFT's F.embedding(ids, W') bit for bit.
         alone = acc is base_out
         if self.info.kind == "embedding":
-            slot = self.slot[x]  # (...,)
-            rows = self.values.to(base_out.dtype)[slot.clamp_min(0)]  # (..., dim)
+            pos = torch.searchsorted(self.sorted_index, x).clamp_max(len(self.token_indices) - 1)  # (...,)
+            hit = self.sorted_index[pos] == x  # (...,): the token is one of the trained rows
+            rows = self.values.to(base_out.dtype)[self.sorted_row[pos]]  # (..., dim)
+            pad = getattr(base_layer, "padding_idx", None)
+            if pad is not None and pad in self.token_indices:  # PEFT's F.embedding(padding_idx=...): no gradient there
+                rows = torch.where((x == pad).unsqueeze(-1), rows.detach(), rows)
+            max_norm = getattr(base_layer, "max_norm", None)
+            if max_norm is not None:
+                rows = _renormed(rows, max_norm, base_layer.norm_type)
             embed_scale = getattr(base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
             if isinstance(embed_scale, torch.Tensor):
                 rows = rows * embed_scale.to(rows.dtype)
-            return torch.where((slot >= 0).unsqueeze(-1), rows if alone else rows + (acc - base_out), acc)
+            return torch.where(hit.unsqueeze(-1), rows if alone else rows + (acc - base_out), acc)
         # A head: only the k columns are computed (PEFT's F.linear(x, W') copies the whole (vocab, dim) weight)
         bias = getattr(base_layer, "bias", None)
         logits = F.linear(x.to(base_out.dtype), self.values.to(base_out.dtype),
@@ -131,8 +139,32 @@ class TokenRows(Delta):
     def unmerge_terms(self) -> MergeTerms:
         return self.merge_terms(torch.empty(0))
 
+    def conflict(self, other: Delta) -> str | None:
+        """PEFT refuses token-row adapters with overlapping indices active together (peft/tuners/trainable_tokens/
+        layer.py 0.21.2, ``_check_overlapping_tokens``, called by ``forward_adapters`` and ``merge``): one row
+        cannot be replaced by two values, and their sum is no replacement."""
+        if not isinstance(other, TokenRows):
+            return None
+        shared = sorted(set(self.token_indices) & set(other.token_indices))
+        if not shared:
+            return None
+        more = f" (and {len(shared) - 10} more)" if len(shared) > 10 else ""
+        return (f"both replace token rows {shared[:10]}{more}: one row cannot take two values (PEFT refuses "
+                f"overlapping trainable_token_indices too); activate one of them, or give them disjoint indices")
+
     def extra_repr(self) -> str:
         return f"tokens={len(self.token_indices)}{', tied' if self._leader else ''}"
+
+
+def _renormed(rows: torch.Tensor, max_norm: float, norm_type: float) -> torch.Tensor:
+    """Rows (..., dim) as an ``nn.Embedding(max_norm=...)`` looks them up: a row whose ``norm_type``-norm exceeds
+    ``max_norm`` is scaled to it (torch's ``embedding_renorm_``: × max_norm / (norm + 1e-7)). PEFT renorms the
+    replaced rows so (``F.embedding(x, W', max_norm=...)`` in ``forward_adapters``), in place under no_grad: the
+    scaling is no part of the gradient, so here neither (the value scaled, the gradient straight through)."""
+    with torch.no_grad():
+        norm = rows.float().norm(p=norm_type, dim=-1, keepdim=True)  # (..., 1)
+        scale = torch.where(norm > max_norm, max_norm / (norm + 1e-7), torch.ones_like(norm)).to(rows.dtype)
+    return rows + (rows * scale - rows).detach()
 
 
 def _embedding_like(model: nn.Module) -> dict[str, nn.Module]:

@@ -75,6 +75,10 @@ def _read_lora_source(directory: str, stamps: tuple) -> LoraSource:
                 found.setdefault(short[: -len(suffix)], [None, None])[slot] = key
                 break
         else:
+            if key.endswith(".trainable_tokens_delta"):
+                raise ConfigError(f"{where}: tensor {key!r} holds trainable token rows (trainable_token_indices), "
+                                  "which a mixture expert does not support (an expert is a plain LoRA on linear "
+                                  "layers): use an adapter trained without trainable_token_indices.")
             raise ConfigError(f"{where}: tensor {key!r} is not a linear-layer LoRA factor (lora_A / lora_B "
                               "weight); mixtures of existing adapters embed plain LoRA on linear layers only (no embeddings, "
                               "DoRA, biases).")

@@ -78,3 +78,27 @@ def test_allora_rejects_scaled_or_dropout_lora(kw, match):
                                                                            "target_modules": ["0"], **kw}))
     with pytest.raises(lk.ConfigError, match=match):
         make_optimizer(model, "default", TrainConfig(procedure="allora"))
+
+
+def test_allora_scales_the_lora_factors_and_trains_token_rows_plainly(make_model):
+    """Trainable token rows beside LoRA (``Delta.extra``) are no ``BA``: ALLoRA scales only the factors' gradients
+    and the rows get the plain gradient (the one flowing on to the input is unscaled, so the same as without
+    ALLoRA), as LoRA+ keeps them in its plain group. (Was: refused as "needs plain LoRA on linear layers ... leave
+    embeddings untargeted", though no embedding was targeted.)"""
+    ids = torch.arange(3, 27).reshape(2, 12)  # tokens 3 and 5 occur
+    kw = {"lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "trainable_token_indices": [3, 5]}
+    grads = {}
+    for name in ("plain", "allora"):
+        model = make_model(lk.LoraConfig(r=4, **kw))
+        if name == "allora":
+            config = TrainConfig(procedure="allora", procedure_args={"eta": 2.0})
+            make_optimizer(model, "default", config, procedure=get_procedure("allora").build(config))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    rows = [n for n in grads["plain"] if "trainable_tokens_delta" in n]
+    assert len(rows) == 1 and grads["plain"][rows[0]].abs().max() > 0
+    torch.testing.assert_close(grads["allora"][rows[0]], grads["plain"][rows[0]], rtol=1e-5, atol=1e-7)
+    b = [n for n in grads["plain"] if "lora_B" in n]
+    # B = 0 at the start: every row's c = 1 / √(0 + 1/η²) = η = 2 (the paper's rate for a zero-norm row)
+    for n in b:
+        torch.testing.assert_close(grads["allora"][n], 2.0 * grads["plain"][n], rtol=1e-5, atol=1e-7)

@@ -79,3 +79,31 @@ def test_ggpo_one_forward_per_micro_batch_and_exact_resume(make_model, tokenizer
 def test_ggpo_config_errors():
     with pytest.raises(lk.ConfigError, match="ggpo_sigma"):
         TrainConfig(procedure="ggpo", procedure_args={"ggpo_sigma": -1.0})
+
+
+def test_ggpo_perturbs_the_lora_factors_and_trains_token_rows_plainly(make_model):
+    """Trainable token rows beside LoRA (``Delta.extra``) get no perturbation (they are no ``B A``) and train as
+    without the procedure: no hook, no norms, the plain gradient at the first step (no perturbation until the
+    norms exist). (Was: refused as "needs plain LoRA on linear layers; 'model.embed_tokens' has TokenRows".)"""
+    from lorakit.core.model import adapter_layers
+
+    ids = torch.arange(3, 27).reshape(2, 12)  # tokens 3 and 5 occur
+    kw = {"target_modules": ["q_proj", "v_proj"], "trainable_token_indices": [3, 5]}
+    plain = make_model(lk.LoraConfig(r=4, **kw))
+    plain(input_ids=ids, labels=ids).loss.backward()
+    model = make_model(lk.LoraConfig(r=4, **kw))
+    config = TrainConfig(procedure="ggpo")
+    procedure = get_procedure("ggpo").build(config)
+    optimizer, _ = make_optimizer(model, "default", config, procedure=procedure)
+    layers = dict(adapter_layers(model))
+    assert sorted(procedure.deltas) == sorted(p for p in layers if p.endswith(("q_proj", "v_proj")))
+    rows = layers["model.embed_tokens"].adapters["default"].token_adapter.trainable_tokens_delta
+    assert any(rows is p for g in optimizer.param_groups for p in g["params"])
+    assert not layers["model.embed_tokens"].adapters["default"]._forward_hooks
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(rows.grad, plain.model.embed_tokens.adapters["default"].values.grad)
+    procedure.on_gradients(model, "default", 0)
+    assert "model.embed_tokens" not in procedure.grad_norm and len(procedure.grad_norm) == len(procedure.deltas)
+    before = rows.detach().clone()
+    optimizer.step()
+    assert not torch.equal(rows.detach(), before)  # the rows trained

@@ -14,7 +14,8 @@ How: a forward hook on each LoRA linear delta recomputes its output as ``y_p + (
 ``y_p = B A stop_grad(x)`` carrying the row-scaled gradient to A and B and ``y_x = stop_grad(B) stop_grad(A) x``
 the unscaled one to ``x``; the value is the delta's own. ``c_i`` is computed from the weights at forward time.
 Composes with plain LoRA on linear layers (``lora_alpha == r`` so that s = 1, ``lora_dropout = 0``, no
-``lora_bias``, no DoRA); any other delta is a ConfigError at optimizer construction.
+``lora_bias``, no DoRA); any other delta is a ConfigError at optimizer construction. Trainable token rows
+(``trainable_token_indices``) beside the LoRA factors train unscaled: the paper's rule is about ``BA``'s rows.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class Allora(Procedure):
         self._hooks: list[Any] = []
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # (trainable token rows, ``Delta.extra``, are no LoRA factor: they train at the plain rate, as in LoRA+)
         deltas = [(path, layer.adapters[adapter_name]) for path, layer in adapter_layers(model)
-                  if adapter_name in layer.adapters]
+                  if adapter_name in layer.adapters and not layer.adapters[adapter_name].extra]
         for path, delta in deltas:
             _check(path, delta)
         offset = 1.0 / self.config.eta ** 2

@@ -19,7 +19,8 @@ B A unscaled; with the usual s the two differ only by s). As in kohya (``train_n
 step's gradients were taken at, and no perturbation is added until they exist (from the second step on). kohya
 reads the gradients after its clipping (``max_grad_norm``); lorakit's procedures see them before the loop clips,
 so ‖∇ΔW‖ is the unclipped norm (the same whenever clipping does not trigger). ε is drawn from torch's RNG, which lorakit's checkpoints save; the norms are
-the procedure's checkpointed state, so resume is exact.
+the procedure's checkpointed state, so resume is exact. Trainable token rows (``trainable_token_indices``) beside
+the LoRA factors get no perturbation (they are no ``B A``) and train as without the procedure.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Ggpo(Procedure):
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for path, layer in adapter_layers(model):
             delta = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
-            if delta is None:
+            if delta is None or delta.extra:  # (trainable token rows: no LoRA factor to perturb, trained plainly)
                 continue
             if type(delta) is not LoraLinear:
                 raise ConfigError(f"LoRA-GGPO needs plain LoRA on linear layers; {path!r} has {type(delta).__name__}.")
