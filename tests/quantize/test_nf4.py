@@ -447,3 +447,81 @@ def test_the_bitsandbytes_workaround_is_a_no_op_when_bitsandbytes_is_right():
     finally:
         nf4._CPU_FIX.clear()
         nf4._CPU_FIX.update(saved)
+
+
+# --- models quantized by transformers outside lorakit ----------------------------------------------------------------
+# Was: lorakit ran its bitsandbytes check only from its own 4-bit calls (quantize_model, load with quantize=,
+# dequantize_weight). A model loaded in 4 bit by transformers with an adapter attached by add_adapter / load_adapter /
+# serving kept bitsandbytes' faulty CPU kernel, so its forward used wrong weights wherever in_features is not a
+# multiple of 64. The check is process-wide, so each entry point runs in a fresh interpreter that imports only
+# transformers and lorakit's public API.
+_OUTSIDE = r"""
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+import lorakit as lk
+base, adapter, entry, out = sys.argv[1:]
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                         bnb_4bit_compute_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map="cpu")
+assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+model.train()  # bitsandbytes repacks 4-bit weights on an eval forward on some CPUs: not what is tested here
+with torch.no_grad():
+    if entry == "add_adapter":
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear"))  # B = 0: the base's logits
+        logits = model(input_ids=ids).logits
+    elif entry == "load_adapter":
+        logits = lk.load_adapter(model, adapter)(input_ids=ids).logits
+    else:
+        from lorakit.serving import bank_routing, load_adapters
+        load_adapters(model, {"a": adapter})
+        with bank_routing(model, ["a", "a"]):
+            logits = model(input_ids=ids).logits
+save_file({"logits": logits.contiguous()}, out)
+"""
+
+
+def _odd_width_llama(seed=4):
+    """hidden 32 and intermediate 96: every linear layer's in_features is a multiple of 16 but not of 64, the
+    widths bitsandbytes 0.50.2's CPU kernel misread."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("entry", ["add_adapter",  # one fresh interpreter per entry point (~10 s each)
+                                   pytest.param("load_adapter", marks=pytest.mark.slow),
+                                   pytest.param("serving", marks=pytest.mark.slow)])
+def test_an_adapter_on_a_model_transformers_quantized_uses_the_nf4_round_trip(tmp_path, entry):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = _odd_width_llama()
+    base.save_pretrained(tmp_path / "base")
+    lk.save_adapter(lk.add_adapter(copy.deepcopy(base), lk.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
+                                                                         init_lora_weights=False)), tmp_path / "adapter")
+    script = tmp_path / "outside.py"
+    script.write_text(_OUTSIDE)
+    src = os.path.dirname(os.path.dirname(lk.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"), entry,
+                    str(tmp_path / "logits.safetensors")], env=env, check=True, timeout=300)
+    got = load_file(tmp_path / "logits.safetensors")["logits"]
+    # the reference: the dense model with every quantized weight replaced by its paper round trip (lm_head stays)
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if type(module) is torch.nn.Linear and name != "lm_head":
+                module.weight.copy_(_nf4_reference(module.weight)[1])
+    if entry != "add_adapter":
+        reference = lk.load_adapter(reference, tmp_path / "adapter")
+    with torch.no_grad():
+        want = reference(input_ids=_ids()).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
