@@ -193,6 +193,12 @@ def test_cli_train_and_merge_with_quantize(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert getattr(merged.config, "quantization_config", None) is None
+    # the merged model transformers loads gives the logits of the trained adapter on the 4-bit base in lorakit
+    q4 = lk.load_adapter(load_model_and_tokenizer(None, quantize="nf4")[0], out / "adapter")
+    ids = _ids()
+    with torch.no_grad():
+        want = q4(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "lora_ga", "corda"])
@@ -525,3 +531,45 @@ def test_an_adapter_on_a_model_transformers_quantized_uses_the_nf4_round_trip(tm
     with torch.no_grad():
         want = reference(input_ids=_ids()).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# --- 4-bit models lorakit writes, read back by plain transformers ---------------------------------------------------
+@pytest.mark.parametrize("config", [QuantizeConfig(), QuantizeConfig(double_quant=False, compute_dtype="bfloat16")],
+                         ids=["double_quant", "bf16"])
+@pytest.mark.parametrize("adapted", [False, True], ids=["base", "with_adapter"])
+def test_a_model_quantize_model_made_saves_and_loads_in_transformers(tmp_path, config, adapted):
+    """Was: quantize_model left ``config.quantization_config`` unset, so ``save_pretrained`` wrote the packed codes
+    under a plain config and ``from_pretrained`` refused them ("size mismatch ... ckpt: torch.Size([1536, 1]) vs
+    model: torch.Size([96, 32])"). Now transformers rebuilds the same 4-bit layers (codes and constants equal) and
+    the same logits; a model with an adapter attached (what HF Trainer's checkpoints save) loads as its base."""
+    model = quantize_model(_odd_width_llama(), config)
+    if adapted:
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "q4")
+    saved = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
+    assert saved["load_in_4bit"] and saved["bnb_4bit_use_double_quant"] == config.double_quant
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    base = lk.unload(model) if adapted else model
+    ours, theirs = base.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and any(k.endswith("quant_map") for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(loaded.lm_head) is torch.nn.Linear
+    ids = _ids()
+    base.train(), loaded.train()  # bitsandbytes repacks on an eval forward on some CPUs (test above)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_skipped_modules_stay_full_precision_after_a_transformers_load(tmp_path):
+    """``skip_modules`` (here the MLPs too) are named in the saved quantization_config: transformers would otherwise
+    quantize them on load and find dense weights where it expects codes."""
+    model = quantize_model(_odd_width_llama(), QuantizeConfig(skip_modules=("lm_head", "down_proj")))
+    model.save_pretrained(tmp_path / "q4")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    assert type(loaded.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "Linear4bit"
+    ids = _ids()
+    model.train(), loaded.train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
