@@ -573,3 +573,22 @@ def test_skipped_modules_stay_full_precision_after_a_transformers_load(tmp_path)
     model.train(), loaded.train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_saved_4bit_checkpoint_loads_in_lorakit_without_quantize(tmp_path, avx512_bf16_cpu):
+    """A folder saved in 4 bit (its config.json names the quantization) loads in 4 bit through
+    ``load_model_and_tokenizer`` / ``--model`` without ``quantize=``. Was: it kept bitsandbytes' CPU repacking, so
+    ``lorakit eval --model FOLDER`` on the bundled base raised "N must be divisible by block_n" on such a CPU."""
+    model, tokenizer = load_model_and_tokenizer(None)
+    quantize_model(model, "nf4")
+    model.save_pretrained(tmp_path / "q4")
+    tokenizer.save_pretrained(tmp_path / "q4")
+    ids = _ids()
+    model.train()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    loaded, _ = load_model_and_tokenizer(tmp_path / "q4")
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit" and not loaded.training
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
