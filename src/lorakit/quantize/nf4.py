@@ -33,6 +33,11 @@ so every CPU path (``dequantize_4bit``, the training and eval forwards of ``Line
 the NF4 round trip. The first time lorakit touches bitsandbytes it checks that kernel against the paper's
 definition and, only where it is wrong, registers a CPU kernel that runs bitsandbytes' own native code on the
 flattened weight (see ``_check_cpu_dequantize``). Codes and constants, and so the files, are bitsandbytes' own.
+The check and the QLoRA layout also reach models transformers quantized outside lorakit: the core runs
+:func:`prepare_4bit_host` on every layer an adapter is planned on, attached to or served on.
+
+Files: :func:`quantize_model` records the quantization in ``model.config.quantization_config`` as transformers'
+loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrained`` reads back into the same layers.
 """
 
 from __future__ import annotations
@@ -200,7 +205,9 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
     layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
     device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
-    constants). Call before ``add_adapter`` (LorakitError after it, and without bitsandbytes)."""
+    constants). A transformers model gets ``config.quantization_config`` as that loading sets it, so its
+    ``save_pretrained`` folder loads back in 4 bit with plain ``from_pretrained``. Call before ``add_adapter``
+    (LorakitError after it, and without bitsandbytes)."""
     from ..core.layer import AdapterLayer
 
     config = QuantizeConfig.of(config)
