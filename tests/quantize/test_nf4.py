@@ -455,6 +455,32 @@ def test_the_bitsandbytes_workaround_is_a_no_op_when_bitsandbytes_is_right():
         nf4._CPU_FIX.update(saved)
 
 
+
+def test_the_bitsandbytes_check_probes_on_cpu_under_a_meta_device_context():
+    """The first 4-bit layer lorakit describes may be met while a loader plans an adapter's shapes under
+    ``torch.device("meta")`` (an FFN-expert method builds its deltas there): the probe's tensors then came out on
+    the meta device, the probe failed, and the check registered its kernel and warned that it did not help. It runs
+    on CPU whatever the default device; here on a bitsandbytes already right (this process's fix), so nothing is
+    registered and nothing is said."""
+    import warnings
+
+    import bitsandbytes.functional as F
+
+    from lorakit.quantize import nf4
+
+    nf4._bnb()
+    saved = dict(nf4._CPU_FIX)
+    try:
+        nf4._CPU_FIX.clear()
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("error")
+            nf4._check_cpu_dequantize(F)
+        assert nf4._CPU_FIX == {"checked": True}
+    finally:
+        nf4._CPU_FIX.clear()
+        nf4._CPU_FIX.update(saved)
+
+
 # --- models quantized by transformers outside lorakit ----------------------------------------------------------------
 # Was: lorakit ran its bitsandbytes check only from its own 4-bit calls (quantize_model, load with quantize=,
 # dequantize_weight). A model loaded in 4 bit by transformers with an adapter attached by add_adapter / load_adapter /

@@ -129,6 +129,11 @@ def _check_cpu_dequantize(F) -> None:
     if "checked" in _CPU_FIX:
         return
     _CPU_FIX["checked"] = True
+    with torch.device("cpu"):  # the first call may come under a meta-device context (adapters planned as shapes)
+        _install_cpu_fix(F)
+
+
+def _install_cpu_fix(F) -> None:
     if _cpu_dequantize_is_right(F):
         return
     import warnings
