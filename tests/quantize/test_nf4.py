@@ -457,11 +457,11 @@ def test_the_bitsandbytes_workaround_is_a_no_op_when_bitsandbytes_is_right():
 
 
 def test_the_bitsandbytes_check_probes_on_cpu_under_a_meta_device_context():
-    """The first 4-bit layer lorakit describes may be met while a loader plans an adapter's shapes under
-    ``torch.device("meta")`` (an FFN-expert method builds its deltas there): the probe's tensors then came out on
-    the meta device, the probe failed, and the check registered its kernel and warned that it did not help. It runs
-    on CPU whatever the default device; here on a bitsandbytes already right (this process's fix), so nothing is
-    registered and nothing is said."""
+    """``describe_layer`` (which now runs the check) may be called under ``torch.device("meta")``: ``planned_shapes``
+    builds deltas there and a build may describe layers (FFN experts). Was: the probe's tensors came out on the
+    meta device and it raised "Tensor on device meta is not on the expected device cpu!". It runs on CPU whatever
+    the default device; here on a bitsandbytes already right (this process's fix), so nothing is registered and
+    nothing is said."""
     import warnings
 
     import bitsandbytes.functional as F
