@@ -189,12 +189,15 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
         lm = auto.from_pretrained(path, dtype=dtype, local_files_only=_offline(), **extra)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a cut-off or corrupt weights file
         raise _load_error(path, e) from None
-    if quantize is not None:
-        from .quantize import keep_qlora_layout
+    from .quantize import keep_qlora_layout
 
+    if quantize is not None:
         lm.lorakit_quantize = config
         return keep_qlora_layout(lm).eval(), tokenizer
-    return lm.to(device).eval(), tokenizer
+    # a checkpoint saved in 4 bit (its config.json has a quantization_config) loads in 4 bit without quantize=:
+    # it gets the QLoRA layout and bitsandbytes check too (was: its first eval forward on a CPU with AVX512-BF16
+    # raised bitsandbytes' "N must be divisible by block_n" for the bundled base's 688-wide layers)
+    return keep_qlora_layout(lm.to(device)).eval(), tokenizer
 
 
 def load_model_for_merge(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):

@@ -193,6 +193,12 @@ def test_cli_train_and_merge_with_quantize(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert getattr(merged.config, "quantization_config", None) is None
+    # the merged model transformers loads gives the logits of the trained adapter on the 4-bit base in lorakit
+    q4 = lk.load_adapter(load_model_and_tokenizer(None, quantize="nf4")[0], out / "adapter")
+    ids = _ids()
+    with torch.no_grad():
+        want = q4(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "lora_ga", "corda"])
@@ -447,3 +453,168 @@ def test_the_bitsandbytes_workaround_is_a_no_op_when_bitsandbytes_is_right():
     finally:
         nf4._CPU_FIX.clear()
         nf4._CPU_FIX.update(saved)
+
+
+
+def test_the_bitsandbytes_check_probes_on_cpu_under_a_meta_device_context():
+    """``describe_layer`` (which now runs the check) may be called under ``torch.device("meta")``: ``planned_shapes``
+    builds deltas there and a build may describe layers (FFN experts). Was: the probe's tensors came out on the
+    meta device and it raised "Tensor on device meta is not on the expected device cpu!". It runs on CPU whatever
+    the default device; here on a bitsandbytes already right (this process's fix), so nothing is registered and
+    nothing is said."""
+    import warnings
+
+    import bitsandbytes.functional as F
+
+    from lorakit.quantize import nf4
+
+    nf4._bnb()
+    saved = dict(nf4._CPU_FIX)
+    try:
+        nf4._CPU_FIX.clear()
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("error")
+            nf4._check_cpu_dequantize(F)
+        assert nf4._CPU_FIX == {"checked": True}
+    finally:
+        nf4._CPU_FIX.clear()
+        nf4._CPU_FIX.update(saved)
+
+
+# --- models quantized by transformers outside lorakit ----------------------------------------------------------------
+# Was: lorakit ran its bitsandbytes check only from its own 4-bit calls (quantize_model, load with quantize=,
+# dequantize_weight). A model loaded in 4 bit by transformers with an adapter attached by add_adapter / load_adapter /
+# serving kept bitsandbytes' faulty CPU kernel, so its forward used wrong weights wherever in_features is not a
+# multiple of 64. The check is process-wide, so each entry point runs in a fresh interpreter that imports only
+# transformers and lorakit's public API.
+_OUTSIDE = r"""
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+import lorakit as lk
+base, adapter, entry, out = sys.argv[1:]
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                         bnb_4bit_compute_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb, device_map="cpu")
+assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+model.train()  # bitsandbytes repacks 4-bit weights on an eval forward on some CPUs: not what is tested here
+with torch.no_grad():
+    if entry == "add_adapter":
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear"))  # B = 0: the base's logits
+        logits = model(input_ids=ids).logits
+    elif entry == "load_adapter":
+        logits = lk.load_adapter(model, adapter)(input_ids=ids).logits
+    else:
+        from lorakit.serving import bank_routing, load_adapters
+        load_adapters(model, {"a": adapter})
+        with bank_routing(model, ["a", "a"]):
+            logits = model(input_ids=ids).logits
+save_file({"logits": logits.contiguous()}, out)
+"""
+
+
+def _odd_width_llama(seed=4):
+    """hidden 32 and intermediate 96: every linear layer's in_features is a multiple of 16 but not of 64, the
+    widths bitsandbytes 0.50.2's CPU kernel misread."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("entry", ["add_adapter",  # one fresh interpreter per entry point (~10 s each)
+                                   pytest.param("load_adapter", marks=pytest.mark.slow),
+                                   pytest.param("serving", marks=pytest.mark.slow)])
+def test_an_adapter_on_a_model_transformers_quantized_uses_the_nf4_round_trip(tmp_path, entry):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = _odd_width_llama()
+    base.save_pretrained(tmp_path / "base")
+    lk.save_adapter(lk.add_adapter(copy.deepcopy(base), lk.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
+                                                                         init_lora_weights=False)), tmp_path / "adapter")
+    script = tmp_path / "outside.py"
+    script.write_text(_OUTSIDE)
+    src = os.path.dirname(os.path.dirname(lk.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"), entry,
+                    str(tmp_path / "logits.safetensors")], env=env, check=True, timeout=300)
+    got = load_file(tmp_path / "logits.safetensors")["logits"]
+    # the reference: the dense model with every quantized weight replaced by its paper round trip (lm_head stays)
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if type(module) is torch.nn.Linear and name != "lm_head":
+                module.weight.copy_(_nf4_reference(module.weight)[1])
+    if entry != "add_adapter":
+        reference = lk.load_adapter(reference, tmp_path / "adapter")
+    with torch.no_grad():
+        want = reference(input_ids=_ids()).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# --- 4-bit models lorakit writes, read back by plain transformers ---------------------------------------------------
+@pytest.mark.parametrize("config", [QuantizeConfig(), QuantizeConfig(double_quant=False, compute_dtype="bfloat16")],
+                         ids=["double_quant", "bf16"])
+@pytest.mark.parametrize("adapted", [False, True], ids=["base", "with_adapter"])
+def test_a_model_quantize_model_made_saves_and_loads_in_transformers(tmp_path, config, adapted):
+    """Was: quantize_model left ``config.quantization_config`` unset, so ``save_pretrained`` wrote the packed codes
+    under a plain config and ``from_pretrained`` refused them ("size mismatch ... ckpt: torch.Size([1536, 1]) vs
+    model: torch.Size([96, 32])"). Now transformers rebuilds the same 4-bit layers (codes and constants equal) and
+    the same logits; a model with an adapter attached (what HF Trainer's checkpoints save) loads as its base."""
+    model = quantize_model(_odd_width_llama(), config)
+    if adapted:
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "q4")
+    saved = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
+    assert saved["load_in_4bit"] and saved["bnb_4bit_use_double_quant"] == config.double_quant
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    base = lk.unload(model) if adapted else model
+    ours, theirs = base.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and any(k.endswith("quant_map") for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(loaded.lm_head) is torch.nn.Linear
+    ids = _ids()
+    base.train(), loaded.train()  # bitsandbytes repacks on an eval forward on some CPUs (test above)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_skipped_modules_stay_full_precision_after_a_transformers_load(tmp_path):
+    """``skip_modules`` (here the MLPs too) are named in the saved quantization_config: transformers would otherwise
+    quantize them on load and find dense weights where it expects codes."""
+    model = quantize_model(_odd_width_llama(), QuantizeConfig(skip_modules=("lm_head", "down_proj")))
+    model.save_pretrained(tmp_path / "q4")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    assert type(loaded.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "Linear4bit"
+    ids = _ids()
+    model.train(), loaded.train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_saved_4bit_checkpoint_loads_in_lorakit_without_quantize(tmp_path, avx512_bf16_cpu):
+    """A folder saved in 4 bit (its config.json names the quantization) loads in 4 bit through
+    ``load_model_and_tokenizer`` / ``--model`` without ``quantize=``. Was: it kept bitsandbytes' CPU repacking, so
+    ``lorakit eval --model FOLDER`` on the bundled base raised "N must be divisible by block_n" on such a CPU."""
+    model, tokenizer = load_model_and_tokenizer(None)
+    quantize_model(model, "nf4")
+    model.save_pretrained(tmp_path / "q4")
+    tokenizer.save_pretrained(tmp_path / "q4")
+    ids = _ids()
+    model.train()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    loaded, _ = load_model_and_tokenizer(tmp_path / "q4")
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit" and not loaded.training
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

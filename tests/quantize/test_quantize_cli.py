@@ -2,9 +2,11 @@
 
 import json
 
-from transformers import AutoModelForCausalLM
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.cli import main
+from lorakit.quantize import perplexity, task_token_rows
 
 
 def test_quantize_rtn_writes_a_loadable_model(tmp_path, capsys):
@@ -17,6 +19,9 @@ def test_quantize_rtn_writes_a_loadable_model(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(out)
     w = model.model.layers[0].mlp.down_proj.weight
     assert len(w[0].unique()) <= 16  # a 4-bit grid per output channel
+    # the written model is the one measured: its perplexity in plain transformers is the one lorakit printed
+    rows = task_token_rows(AutoTokenizer.from_pretrained(out), "test", 2, 32)
+    assert perplexity(model, rows) == pytest.approx(summary["perplexity_after"], rel=1e-5)
 
 
 def test_quantize_cbq_runs_and_options_are_checked(tmp_path, capsys):

@@ -202,6 +202,28 @@ def test_trainer_resume_from_checkpoint_continues_exactly(method, make_model, tr
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_a_trainer_checkpoint_on_a_4bit_base_loads_in_plain_transformers(make_model, trainer_with_checkpoints,
+                                                                         tmp_path):
+    """QLoRA under Trainer on a base ``lorakit.quantize.quantize_model`` made: the checkpoint's model.safetensors
+    (base under the host's names) + config.json load in plain transformers, which attaches the adapter the callback
+    saved beside them through its PEFT integration, and give the trained model's logits. Was: config.json lacked
+    ``quantization_config``, so transformers read the packed 4-bit codes as dense weights and refused them."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quantize import quantize_model
+
+    model = quantize_model(lorakit.unload(make_model()), "nf4")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = trainer_with_checkpoints(model, tmp_path, max_steps=2, save_steps=2)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2", device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.cpu().train(), loaded.train()  # train mode: bitsandbytes repacks 4-bit weights on eval forwards on some CPUs
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
 class _FailAtStep2(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:

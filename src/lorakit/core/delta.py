@@ -93,7 +93,10 @@ def register_layer_kind(describe) -> None:
 
 
 def describe_layer(module: nn.Module) -> LayerInfo | None:
-    """LayerInfo for a supported base layer, else None."""
+    """LayerInfo for a supported base layer, else None. Runs the registered host preparers on ``module`` first
+    (:func:`register_host_preparer`): every path that adapts, wraps, initialises or serves a layer describes it."""
+    for prepare in _HOST_PREPARERS:
+        prepare(module)
     info = _describe_builtin(module)
     if info is None:
         for describe in _KIND_DESCRIBERS:
@@ -117,6 +120,20 @@ def _describe_builtin(module: nn.Module) -> LayerInfo | None:
                         dilation=tuple(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
         return LayerInfo("conv", module.in_channels, module.out_channels, False, spec)
     return None
+
+
+# Layer kinds that need a one-time setup before lorakit runs them register ``prepare(module) -> None`` here; it must
+# be cheap, do nothing for modules that hold no layer of its kind, and look inside the module (a described module
+# may be a block: FFN mixtures, gamma-MoD). bitsandbytes 4-bit layers (lorakit.quantize) use it
+# so that a model quantized by transformers outside lorakit gets the CPU dequantization check and the QLoRA layout
+# the moment an adapter meets one of its layers (lorakit.quantize.nf4.prepare_4bit_host).
+_HOST_PREPARERS: list = []
+
+
+def register_host_preparer(prepare) -> None:
+    """Add ``prepare(module) -> None``, run by :func:`describe_layer` on every layer it describes (once per call)."""
+    if prepare not in _HOST_PREPARERS:
+        _HOST_PREPARERS.append(prepare)
 
 
 def describe_kinds(kinds: Iterable[str]) -> str:

@@ -33,16 +33,22 @@ so every CPU path (``dequantize_4bit``, the training and eval forwards of ``Line
 the NF4 round trip. The first time lorakit touches bitsandbytes it checks that kernel against the paper's
 definition and, only where it is wrong, registers a CPU kernel that runs bitsandbytes' own native code on the
 flattened weight (see ``_check_cpu_dequantize``). Codes and constants, and so the files, are bitsandbytes' own.
+The check and the QLoRA layout also reach models transformers quantized outside lorakit: the core runs
+:func:`prepare_4bit_host` on every layer an adapter is planned on, attached to or served on.
+
+Files: :func:`quantize_model` records the quantization in ``model.config.quantization_config`` as transformers'
+loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrained`` reads back into the same layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from ..core.delta import register_dequantizer
+from ..core.delta import register_dequantizer, register_host_preparer
 from ..core.config import field_error
 from ..core.errors import ConfigError, LorakitError, did_you_mean
 
@@ -123,6 +129,11 @@ def _check_cpu_dequantize(F) -> None:
     if "checked" in _CPU_FIX:
         return
     _CPU_FIX["checked"] = True
+    with torch.device("cpu"):  # the first call may come under a meta-device context (adapters planned as shapes)
+        _install_cpu_fix(F)
+
+
+def _install_cpu_fix(F) -> None:
     if _cpu_dequantize_is_right(F):
         return
     import warnings
@@ -183,8 +194,6 @@ class QuantizeConfig:
 
 def is_4bit(module: nn.Module) -> bool:
     """True for a bitsandbytes 4-bit linear layer (without importing bitsandbytes when it is not loaded)."""
-    import sys
-
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
@@ -201,7 +210,9 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
     layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
     device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
-    constants). Call before ``add_adapter`` (LorakitError after it, and without bitsandbytes)."""
+    constants). A transformers model gets ``config.quantization_config`` as that loading sets it, so its
+    ``save_pretrained`` folder loads back in 4 bit with plain ``from_pretrained``. Call before ``add_adapter``
+    (LorakitError after it, and without bitsandbytes)."""
     from ..core.layer import AdapterLayer
 
     config = QuantizeConfig.of(config)
@@ -224,7 +235,25 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q.train(child.training))
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
+    _record_for_transformers(model, config)
     return keep_qlora_layout(model)
+
+
+def _record_for_transformers(model: nn.Module, config: QuantizeConfig) -> None:
+    """Set ``model.config.quantization_config`` (a transformers model) as ``from_pretrained(quantization_config=
+    ...)`` does, so ``save_pretrained`` writes it and ``from_pretrained`` rebuilds these 4-bit layers from the saved
+    codes (was: no quantization_config, so transformers read the packed (n/2, 1) uint8 codes as dense weights and
+    refused the size mismatch). The linear layers left in full precision are named in ``llm_int8_skip_modules``,
+    as transformers would otherwise quantize them on load (its default skips only the output head; it converts
+    Conv1D too, which this function does not)."""
+    from transformers import PretrainedConfig
+    from transformers.pytorch_utils import Conv1D
+
+    host = getattr(model, "config", None)
+    if not isinstance(host, PretrainedConfig) or not any(is_4bit(m) for m in model.modules()):
+        return
+    kept = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D))
+    host.quantization_config = replace(config, skip_modules=kept).to_transformers()
 
 
 def keep_qlora_layout(model: nn.Module) -> nn.Module:
@@ -235,13 +264,27 @@ def keep_qlora_layout(model: nn.Module) -> nn.Module:
     on CUDA, and the one ``dequantize_weight`` reads; without it an eval forward of the bundled base (intermediate
     688, not a multiple of 32) raised bitsandbytes' "N must be divisible by block_n" on such a CPU. Also runs
     lorakit's check of bitsandbytes' CPU dequantization (module docstring), for models quantized elsewhere."""
-    if any(is_4bit(m) for m in model.modules()):
-        _bnb()  # the CPU dequantization check, for models bitsandbytes quantized outside lorakit
-    for module in model.modules():
-        if is_4bit(module):
-            module.support_avx512bf16_for_cpu = False
-            _unpack(module)
+    prepare_4bit_host(model)
     return model
+
+
+def prepare_4bit_host(module: nn.Module) -> None:
+    """Run lorakit's bitsandbytes CPU dequantization check (module docstring) and keep the QLoRA layout
+    (:func:`keep_qlora_layout`) for every 4-bit layer in ``module`` (itself included); nothing when it holds none.
+    Registered with the core (``register_host_preparer``): ``describe_layer`` runs it on each layer an adapter is
+    planned, attached, initialised or served on, so a model quantized by transformers outside lorakit gets the
+    fix before its first forward with a lorakit adapter (``add_adapter``, ``load_adapter``, HF Trainer, serving)."""
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist before bitsandbytes is imported
+        return
+    layers = [m for m in module.modules() if is_4bit(m)]
+    if layers:
+        _bnb()
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        _unpack(layer)
+
+
+register_host_preparer(prepare_4bit_host)
 
 
 def _unpack(module: nn.Module) -> None:

@@ -180,6 +180,12 @@ def test_loraprune_on_a_4bit_base(tokenizer, reverse_train, tmp_path):
     train(model, tokenizer, reverse_train[:8], config, progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned_model")
     assert loaded.config.intermediate_size == 32 and getattr(loaded.config, "quantization_config", None) is None
+    # the smaller model transformers loads is the masked 4-bit model + adapter lorakit trained (same logits)
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("config", [lk.get_method("nola").config_cls(r=2, target_modules=ALL),
