@@ -143,8 +143,8 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, prefix
         elif hint in (int, float, str):
             kwargs = dict(type=hint, default=None, help=help_text)
         elif typing.get_origin(hint) is dict or any(typing.get_origin(a) is dict for a in args):
-            kwargs = dict(type=json_arg, default=None, metavar="JSON",
-                          help=f"{text}; a JSON object {tail}".strip("; "))
+            shape = "a JSON list or object" if any(typing.get_origin(a) is list for a in args) else "a JSON object"
+            kwargs = dict(type=json_arg, default=None, metavar="JSON", help=f"{text}; {shape} {tail}".strip("; "))
         elif any(typing.get_origin(a) is list for a in args) or typing.get_origin(hint) is list:
             kwargs = dict(nargs="+", default=None, metavar="X", help=help_text)
         else:  # unions like bool | str, int | None
@@ -215,6 +215,9 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
         if value is None:
             continue
         hint_args = typing.get_args(hints[f.name])
+        if any(typing.get_origin(h) is dict for h in (hints[f.name], *hint_args)):
+            kwargs[f.name] = value  # a JSON flag (json_arg): its values are typed already, the config checks them
+            continue
         number_lists = [h for h in hint_args if typing.get_origin(h) is list and str not in typing.get_args(h)]
         if isinstance(value, list) and any(typing.get_origin(h) is list for h in (hints[f.name], *hint_args)):
             value = _comma_words(value, flag(f.name))

@@ -54,6 +54,9 @@ CASES = {  # model factory, LoRA targets, trainable_token_indices
     "tied-llama-list": (tied_llama, LLAMA, [3, 5, 90]),
     "gpt2-tied-dict": (tiny_gpt2, ["c_attn"], {"wte": [3, 5], "lm_head": [3, 5]}),
     "gemma3-scaled-tied": (tiny_gemma3, ["q_proj", "v_proj"], [3, 5, 90]),
+    # PEFT ties a head to the embedding only when the embedding is named: alone, the head's logits change, the input
+    # rows stay the base's (peft/utils/other.py, should_apply_tying)
+    "tied-llama-head-only": (tied_llama, LLAMA, {"lm_head": [5, 9]}),
 }
 
 
@@ -213,6 +216,12 @@ def test_cli_flag_trains_token_rows(tmp_path):
     ("[3, 3]", "--trainable-token-indices: index 3 appears twice"),
     ('{"embed_tokens": [3, 99999]}', "--trainable-token-indices: index 99999 is out of range for 'model.embed_tokens' "
                                      "(vocabulary size 4096"),
+    # the JSON's own types are checked, as LoraConfig checks them (not read as command-line words: 3.0 -> 3)
+    ("[3.0]", "--trainable-token-indices must be list[int] | dict[str, list[int]] | None, got [3.0]"),
+    ('["3"]', "--trainable-token-indices must be list[int]"),
+    ("[true]", "--trainable-token-indices must be list[int]"),
+    ("[[3]]", "--trainable-token-indices must be list[int]"),
+    ("{}", "--trainable-token-indices is empty"),
 ])
 def test_cli_flag_errors_name_the_flag(value, message, tmp_path, capsys):
     from lorakit.cli import main
@@ -222,11 +231,25 @@ def test_cli_flag_errors_name_the_flag(value, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_head_named_without_its_tied_embedding_merges_into_its_own_copy(token_ids):
+    model = tied_llama()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices={"lm_head": [5, 9]}))
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 2)
+    expected = _logits(model, token_ids)
+    with pytest.warns(UserWarning, match="merging unties them"):
+        plain = lk.merge_and_unload(model)
+    assert (_logits(plain, token_ids) - expected).abs().max() <= 1e-5
+    assert torch.equal(plain.model.embed_tokens.weight, embedding)  # the input rows stay the base's
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
+
+
 @pytest.mark.parametrize("indices,message", [
     ([3, 5, 3], "index 3 appears twice"),
     ({"embed_tokens": [1, 1]}, r"\['embed_tokens'\]: index 1 appears twice"),
     ([-1], "index -1 is negative"),
     ([], "is empty"),
+    ({}, "is empty"),
 ])
 def test_bad_indices_without_a_model(indices, message):
     with pytest.raises(ConfigError, match=message):

@@ -13,7 +13,8 @@ embed_tokens.weight``) follows the same rows, as PEFT's tied TrainableTokensWrap
 ``h · V[j]ᵀ`` (+ the head's bias, which output heads lack; PEFT's unmerged ``F.linear(x, W')`` drops it, its
 merge keeps it: lorakit keeps it in both). In lorakit both are
 deltas on their host layer (``TokenRows``), the head's holding no tensor of its own; merging writes ``V`` into the
-weight, and since the tied twins need the same rows the tie is kept.
+weight, and since the tied twins need the same rows the tie is kept. A tied head named without its embedding
+changes only its logits, as PEFT ties only to a wrapped input embedding; merging gives it a private weight.
 
 Files (PEFT's keys): ``<embedding path>.token_adapter.trainable_tokens_delta`` (k, dim); the indices are in the
 config; a tied head saves nothing.
@@ -224,8 +225,8 @@ def _resolve(model: nn.Module, spec: list[int] | dict[str, list[int]], host: Map
 def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *, lora_targets: list[str],
                     modules_to_save: list[str] | None) -> dict[str, tuple[nn.Module, LayerInfo, Delta]]:
     """The :class:`TokenRows` deltas ``spec`` (``LoraConfig.trainable_token_indices``) asks for on ``model``:
-    ``{path: (base layer, LayerInfo, delta)}``, nothing attached. Modules sharing an embedding's weight (a tied
-    lm_head) get a delta following its rows, as PEFT ties them. Raises TargetError (a key that names no module or
+    ``{path: (base layer, LayerInfo, delta)}``, nothing attached. Modules sharing a named embedding's weight (a
+    tied lm_head) get a delta following its rows, as PEFT ties them; a tied head named alone gets rows of its own. Raises TargetError (a key that names no module or
     no embedding; a module also in target_modules or modules_to_save) and ConfigError (an index outside the
     vocabulary; tied twins given different indices)."""
     host = dict(iter_host_modules(model))
@@ -240,11 +241,18 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
                               f"(model.resize_token_embeddings(len(tokenizer))).", field=FIELD)
     twins = tied_parameters(model)
     followers: dict[str, str] = {}  # twin path -> the path whose rows it follows
+    untied_heads: list[str] = []  # a head named without its tied embedding: its own rows, merged into its own copy
     # embeddings lead (they hold the rows, as PEFT's input embedding does), whatever order the keys come in
     for path in sorted(wanted, key=lambda p: not isinstance(host[p], nn.Embedding)):
         if path in followers:
             continue
         names = twins.get(id(host[path].weight), [])
+        if not isinstance(host[path], nn.Embedding):
+            # PEFT ties only to a wrapped input embedding: a head named alone changes its logits, not the input
+            # rows of the embedding it shares a weight with (peft/utils/other.py, ``should_apply_tying``)
+            if len(names) > 1:
+                untied_heads.append(path)
+            continue
         for twin in (n.rpartition(".")[0] for n in names):
             if twin == path or describe_layer(host[twin]) is None:
                 continue
@@ -266,6 +274,8 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
     for path, indices in wanted.items():
         info = describe_layer(host[path])
         out[path] = (host[path], info, TokenRows(info, indices, host[path]))
+        if path in untied_heads:
+            out[path][2].keeps_tied_weights = False  # merging writes the rows into a private copy of the weight
     for twin, path in followers.items():
         info = describe_layer(host[twin])
         leader = out[path][2]
@@ -277,6 +287,9 @@ def check_token_indices(spec: list[int] | dict[str, list[int]] | None) -> None:
     """ConfigError for an empty list, a negative index or a repeated one (what the model is not needed for)."""
     if spec is None:
         return
+    if isinstance(spec, Mapping) and not spec:
+        raise ConfigError(f"{MARK} is empty, so it trains nothing: give {{module name: [indices]}} or leave it unset.",
+                          field=FIELD)
     lists = spec.items() if isinstance(spec, Mapping) else [(None, spec)]
     for key, indices in lists:
         where = MARK if key is None else f"{MARK}[{key!r}]"
