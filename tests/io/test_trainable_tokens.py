@@ -57,6 +57,8 @@ CASES = {  # model factory, LoRA targets, trainable_token_indices
     # PEFT ties a head to the embedding only when the embedding is named: alone, the head's logits change, the input
     # rows stay the base's (peft/utils/other.py, should_apply_tying)
     "tied-llama-head-only": (tied_llama, LLAMA, {"lm_head": [5, 9]}),
+    # tied twins given different indices: PEFT (without ensure_weight_tying) wraps each with its own rows
+    "gpt2-tied-different-indices": (tiny_gpt2, ["c_attn"], {"wte": [3, 5], "lm_head": [5, 9]}),
 }
 
 
@@ -231,16 +233,20 @@ def test_cli_flag_errors_name_the_flag(value, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_head_named_without_its_tied_embedding_merges_into_its_own_copy(token_ids):
+@pytest.mark.parametrize("indices", [{"lm_head": [5, 9]}, {"embed_tokens": [3, 5], "lm_head": [5, 9]}],
+                         ids=["head-alone", "different-indices"])
+def test_tied_twins_with_rows_of_their_own_merge_into_their_own_copies(indices, token_ids):
     model = tied_llama()
     embedding = model.model.embed_tokens.weight.detach().clone()
-    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices={"lm_head": [5, 9]}))
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=LLAMA, trainable_token_indices=indices))
     _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 2)
     expected = _logits(model, token_ids)
+    if "embed_tokens" in indices:
+        embedding[[3, 5]] = model.model.embed_tokens.adapters["default"].values.detach()
     with pytest.warns(UserWarning, match="merging unties them"):
         plain = lk.merge_and_unload(model)
     assert (_logits(plain, token_ids) - expected).abs().max() <= 1e-5
-    assert torch.equal(plain.model.embed_tokens.weight, embedding)  # the input rows stay the base's
+    assert torch.equal(plain.model.embed_tokens.weight, embedding)  # rows 5, 9 of the head never reach the input embedding
     assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
 
 
@@ -277,12 +283,6 @@ def test_dict_key_matching_nothing_lists_near_matches():
 def test_module_both_lora_target_and_token_rows_is_refused():
     with pytest.raises(TargetError, match="'lm_head' is in target_modules.*tied twin of 'model.embed_tokens'"):
         lk.add_adapter(tied_llama(), lk.LoraConfig(target_modules=["q_proj", "lm_head"], trainable_token_indices=[1]))
-
-
-def test_tied_twins_with_different_indices_are_refused():
-    with pytest.raises(ConfigError, match="share one weight.*different indices"):
-        lk.add_adapter(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"],
-                                                  trainable_token_indices={"wte": [1, 2], "lm_head": [2, 3]}))
 
 
 def test_banks_and_adapter_merges_refuse_token_rows(tmp_path):

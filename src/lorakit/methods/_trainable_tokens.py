@@ -226,9 +226,10 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
                     modules_to_save: list[str] | None) -> dict[str, tuple[nn.Module, LayerInfo, Delta]]:
     """The :class:`TokenRows` deltas ``spec`` (``LoraConfig.trainable_token_indices``) asks for on ``model``:
     ``{path: (base layer, LayerInfo, delta)}``, nothing attached. Modules sharing a named embedding's weight (a
-    tied lm_head) get a delta following its rows, as PEFT ties them; a tied head named alone gets rows of its own. Raises TargetError (a key that names no module or
-    no embedding; a module also in target_modules or modules_to_save) and ConfigError (an index outside the
-    vocabulary; tied twins given different indices)."""
+    tied lm_head) get a delta following its rows, as PEFT ties them; a tied head named alone, or tied twins given
+    different indices, get rows of their own (PEFT without ``ensure_weight_tying``). Raises TargetError (a key that
+    names no module or no embedding; a module also in target_modules or modules_to_save) and ConfigError (an index
+    outside the vocabulary)."""
     host = dict(iter_host_modules(model))
     wanted = _resolve(model, spec, host)
     for path, indices in wanted.items():
@@ -241,7 +242,8 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
                               f"(model.resize_token_embeddings(len(tokenizer))).", field=FIELD)
     twins = tied_parameters(model)
     followers: dict[str, str] = {}  # twin path -> the path whose rows it follows
-    untied_heads: list[str] = []  # a head named without its tied embedding: its own rows, merged into its own copy
+    untied_heads: list[str] = []  # tied twins with rows of their own (a head alone; twins given other indices): each
+    #                               merges into its own copy of the weight
     # embeddings lead (they hold the rows, as PEFT's input embedding does), whatever order the keys come in
     for path in sorted(wanted, key=lambda p: not isinstance(host[p], nn.Embedding)):
         if path in followers:
@@ -257,9 +259,8 @@ def plan_token_rows(model: nn.Module, spec: list[int] | dict[str, list[int]], *,
             if twin == path or describe_layer(host[twin]) is None:
                 continue
             if twin in wanted and wanted[twin] != wanted[path]:
-                raise ConfigError(f"{MARK}: {path!r} and {twin!r} share one weight (tied word embeddings) but get "
-                                  f"different indices ({wanted[path]} and {wanted[twin]}); give both the same "
-                                  f"indices, or name only {path!r} (the tied module follows it).", field=FIELD)
+                untied_heads.append(path)  # PEFT's default (ensure_weight_tying=False): no tying, each its own rows
+                continue
             followers[twin] = path
             wanted.pop(twin, None)
     for path in [*wanted, *followers]:
