@@ -83,7 +83,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
-from .engine import Engine, EngineBusyError, Event, Request
+from .engine import Engine, EngineBusyError, EngineStopError, Event, Request
 from .multi import REGISTRY_ATTR
 from .sampling import SamplingParams
 
@@ -304,7 +304,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
     async def lifespan(app):
         engine.start()
         yield
-        engine.shutdown()
+        try:
+            engine.shutdown()
+        except EngineStopError as e:  # the app stops anyway; the loop ends with the step or call it is in
+            logging.getLogger("lorakit.serving").warning("%s", e)
         if engine.store is not None:
             engine.store.close()
 
