@@ -16,7 +16,7 @@ from lk_models import tiny_llama
 from lorakit.core.errors import AdapterError, AdapterLoadError, UnknownAdapterError
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import bank_routing, load_adapters
-from lorakit.serving.engine import Engine, EngineBusyError, RequestError
+from lorakit.serving.engine import Engine, EngineBusyError, EngineStopError, RequestError
 from lorakit.serving.sampling import SamplingParams
 from lorakit.serving.store import AdapterStore, confine
 
@@ -509,4 +509,43 @@ def test_a_call_the_engine_has_not_started_in_time_is_cancelled_and_never_runs()
                 waiting.result(60)
         assert ran == ["after"]
     finally:
+        engine.shutdown()
+
+
+def test_a_shutdown_that_times_out_keeps_its_loop_and_start_refuses_a_second_one():
+    """``shutdown(timeout)`` while the engine thread is held in a call past the timeout: EngineStopError, and the
+    engine keeps the thread, so ``start()`` refuses with EngineStopError instead of running a second loop over the
+    same requests and KV cache (was: shutdown forgot the thread silently and start ran two loops at once). Once the
+    call ends the loop stops; shutdown again succeeds and start runs one loop that serves requests as before."""
+    model = tiny_llama()
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4).start()
+    first = engine._thread
+    gate, held = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        return gate.wait(60)
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(engine.call, hold)
+            assert held.wait(30)
+            with pytest.raises(EngineStopError, match="did not stop"):
+                engine.shutdown(timeout=0.1)
+            assert engine._thread is first and first.is_alive()
+            with pytest.raises(EngineStopError, match="still running"):
+                engine.start()
+            loops = [t for t in threading.enumerate() if t.name == "lorakit-engine"]
+            assert loops == [first]
+            gate.set()
+            assert holding.result(60) is True  # the held call itself finished, with its result
+        engine.shutdown()
+        assert not first.is_alive() and engine._thread is None
+        engine.start()
+        assert engine._thread is not first and engine._thread.is_alive()
+        [req] = engine.generate([[4, 5, 6]], [None], SamplingParams(max_tokens=3))
+        with torch.no_grad():  # the base alone (no adapter banked): HF generate, greedy, cut after EOS
+            ref = model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, do_sample=False)[0, 3:].tolist()
+        assert req.error is None and req.output_ids == (ref[: ref.index(EOS) + 1] if EOS in ref else ref)
+    finally:
+        gate.set()
         engine.shutdown()

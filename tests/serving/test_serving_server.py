@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import logging
 import shutil
 import threading
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from lorakit.core.errors import AdapterConflictError
 from lorakit.hub import load_model_and_tokenizer
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import load_adapters
@@ -908,3 +910,37 @@ def test_a_load_refused_for_the_servers_byte_cap_leaves_nothing_registered(setup
             assert _post(s, "/v1/completions", {"model": "big", "prompt": "x", "max_tokens": 1}).status_code == 404
     finally:
         server.stop()
+
+
+def test_register_dir_leaves_a_name_whose_http_load_is_in_flight_to_that_load(setup, caplog):
+    """While POST /v1/load_lora_adapter of a name waits for the engine thread (its in-flight mark set), a
+    ``register_dir`` scanning a folder of that name does not take it: with on_error="skip" the folder is skipped with
+    a warning and nothing is recorded (neither served nor failed); with "raise", AdapterConflictError. The load the
+    client asked for first then answers 200 and serves its own folder (was: register_dir took the name, and the load
+    got a 409 "already loaded" for a name nobody had loaded before it)."""
+    s, store = setup, setup["store"]
+    root = s["root"]
+    shutil.copytree(s["spare"] / "late", root / "claimed")
+    shutil.copytree(s["spare"] / "late", root / "scan" / "claimed")
+    body = {"lora_name": "claimed", "lora_path": str(root / "claimed")}
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            with engine_held(s["engine"]):
+                first = pool.submit(_post, s, "/v1/load_lora_adapter", body)
+                _in_flight(store, "claimed")
+                with caplog.at_level(logging.WARNING, logger="lorakit.serving"):
+                    assert store.register_dir(root / "scan", on_error="skip") == []
+                assert any("claimed" in r.getMessage() and "being loaded" in r.getMessage() for r in caplog.records)
+                assert "claimed" not in store.paths and "claimed" not in store.failed
+                with pytest.raises(AdapterConflictError, match="'claimed' is being loaded"):
+                    store.register_dir(root / "scan", on_error="raise")
+                with pytest.raises(AdapterConflictError, match="'claimed' is being loaded"):
+                    store.register("claimed", root / "scan" / "claimed")
+                assert "claimed" not in store.paths and "claimed" not in store.failed
+            assert first.result().status_code == 200, first.result().text
+        assert store.paths["claimed"].resolve() == (root / "claimed").resolve() and "claimed" not in store.failed
+        assert "claimed" in {m.id for m in s["client"].models.list()}
+    finally:
+        _post(s, "/v1/unload_lora_adapter", {"lora_name": "claimed"})
+        shutil.rmtree(root / "claimed")
+        shutil.rmtree(root / "scan")

@@ -81,6 +81,13 @@ class RequestError(LorakitError, ValueError):
     """A request the engine cannot take (too long for the model or the cache, empty prompt, bad adapter)."""
 
 
+class EngineStopError(LorakitError, RuntimeError):
+    """The engine's loop did not stop within :meth:`Engine.shutdown`'s timeout (a step or an ``Engine.call`` still
+    running on its thread). The loop stops once that ends; until then :meth:`Engine.start` refuses with this error
+    (two loops would step the same batch, KV cache and banks at once) and :meth:`Engine.shutdown` may be called again
+    to wait longer."""
+
+
 class EngineBusyError(LorakitError):
     """A call queued for the engine thread (:meth:`Engine.call`) that was cancelled before it started: the engine did
     not get to it within its ``start_timeout``, or shut down first. It did not run; retrying it is safe. A server
@@ -322,7 +329,7 @@ class Engine:
         it), so a caller is never told "not run" for a call that then runs, nor left without the result of one that
         started (was: ``timeout``, after which the call raised TimeoutError and still ran later). Calls queued when
         the engine shuts down are cancelled the same way (EngineBusyError)."""
-        if self._thread is None or threading.current_thread() is self._thread:
+        if not self._looping() or threading.current_thread() is self._thread:
             return fn()
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
@@ -372,26 +379,52 @@ class Engine:
                 for r in reqs:
                     self.abort(r.request_id)
                 aborted = True
-            if self._thread is None:
+            if not self._looping():
                 self.step()
             else:
                 reqs[0].done.wait(0.05)
         return reqs
 
     def start(self) -> "Engine":
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-            self._thread.start()
+        """Run the engine loop on a background thread (``lorakit-engine``); returns the engine. A no-op while the loop
+        runs. Raises EngineStopError while a loop that :meth:`shutdown` told to stop is still running (its step or
+        call has not ended): a second loop would run over the same requests, KV cache and banks at once."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            if not self._stop:
+                return self
+            raise EngineStopError("the engine's previous loop was told to stop but is still running (a step or an "
+                                  "Engine.call has not ended); call shutdown() again to wait for it, then start()")
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
         return self
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine loop and wait up to ``timeout`` seconds for it to end. Calls still queued are cancelled
+        (their callers get EngineBusyError); requests and aborts stay queued for a later :meth:`start`.
+
+        Raises EngineStopError when the loop is still running after ``timeout`` (a step or a call that has not ended):
+        it stops once that ends, and the engine keeps the thread (was: forgot it, so a later ``start()`` ran a second
+        loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again."""
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        # calls still queued would wait for a thread that is gone: cancelled (their callers get EngineBusyError)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=timeout)
+        self._cancel_calls()
+        if thread is not None and thread.is_alive():
+            raise EngineStopError(f"the engine loop did not stop within {timeout:g} s (a step or an Engine.call on "
+                                  f"its thread has not ended); it stops when that ends: call shutdown() again to "
+                                  f"wait for it")
+        self._thread = None
+
+    def _looping(self) -> bool:
+        """Whether a loop thread runs (one a timed-out shutdown left behind counts until it has ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _cancel_calls(self) -> None:
+        """Cancel the calls queued in the inbox (their callers get EngineBusyError); requests and aborts stay."""
         kept = []
         while True:
             try:
@@ -426,6 +459,7 @@ class Engine:
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+        self._cancel_calls()  # queued while a shutdown that timed out waited: their callers would wait for no one
 
     def step(self) -> bool:
         """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done."""

@@ -83,7 +83,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("lorakit's server needs the 'serve' extra: pip install 'lorakit[serve]'") from e
 from ..core.layer import BASE_NAME
-from .engine import Engine, EngineBusyError, Event, Request
+from .engine import Engine, EngineBusyError, EngineStopError, Event, Request
 from .multi import REGISTRY_ATTR
 from .sampling import SamplingParams
 
@@ -304,7 +304,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
     async def lifespan(app):
         engine.start()
         yield
-        engine.shutdown()
+        try:
+            engine.shutdown()
+        except EngineStopError as e:  # the app stops anyway; the loop ends with the step or call it is in
+            logging.getLogger("lorakit.serving").warning("%s", e)
         if engine.store is not None:
             engine.store.close()
 
@@ -699,8 +702,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
                                  f"the base model); choose another lora_name")
         store = need_store()
 
-        def load():
-            store.register(name, path)
+        def load(mark):
+            store.register(name, path, load=mark)  # its own register: the mark lets it past
             try:
                 store.ensure_resident(name)  # reads and checks every tensor now (a bad file: unregistered, recorded)
             except BaseException:
@@ -712,8 +715,8 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         try:
             # the name's state is checked and marked here, under the store's lock: a conflicting load or unload (this
             # one or a later one) is answered at once, not after the engine thread gets to it
-            with store.loading(name):
-                await on_engine_thread(load)
+            with store.loading(name) as mark:
+                await on_engine_thread(lambda: load(mark))
         except AdapterConflictError as e:  # the name's state (loaded, being loaded or unloaded): nothing recorded
             raise refuse(e) from None
         except EngineBusyError as e:  # never started: nothing registered, the name's earlier record (if any) kept

@@ -325,6 +325,7 @@ class AdapterStore:
         self._pins: Counter[str] = Counter()
         self._doomed: set[str] = set()  # unregistered while pinned: evict when released
         self._loading: set[str] = set()  # names a load is in flight for (:meth:`loading`, banking directly)
+        self._load_marks: dict[str, object] = {}  # name -> the mark :meth:`loading` yielded (its load's register)
         self._unloading: set[str] = set()  # names an unload is in flight for (:meth:`unloading`)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
@@ -349,14 +350,17 @@ class AdapterStore:
         self.warnings: dict[str, str] = {}
 
     # -- registration (any thread) -------------------------------------------------------------------------
-    def register(self, name: str, path: str | os.PathLike, *, confined: bool = True) -> Path:
+    def register(self, name: str, path: str | os.PathLike, *, confined: bool = True, load: object = None) -> Path:
         """Make ``name`` servable from folder ``path``; the config is read and checked now, weights on first use.
 
-        Raises AdapterError / AdapterLoadError / ConfigError naming what is wrong, AdapterConflictError for a name
-        that is registered or being unregistered (:meth:`unregister` while running requests hold it). Success clears a
+        ``load``: the mark :meth:`loading` yielded for ``name``, when this register is that load's own (a server's
+        load). Raises AdapterError / AdapterLoadError / ConfigError naming what is wrong, AdapterConflictError for a
+        name that is registered, being unregistered (:meth:`unregister` while running requests hold it) or whose load is
+        in flight (:meth:`loading` without ``load`` its mark, banking directly): the name belongs to the load that
+        marked it first (was: a concurrent :meth:`register_dir` took it, and that load then got a 409). Success clears a
         failure recorded for ``name`` (:attr:`failed`); a failure updates one (so requests read the latest reason)."""
         try:
-            folder = self._register(name, path, confined)
+            folder = self._register(name, path, confined, load)
         except AdapterConflictError:  # the name's state, not its folder: nothing to record
             raise
         except LorakitError as e:
@@ -378,7 +382,8 @@ class AdapterStore:
         that is loaded (registered or banked directly), whose load is in flight, or that is being unloaded
         (:meth:`unloading`, or unregistered while running requests hold it). While marked, a second load of ``name``,
         an unload of it and banking it directly are refused the same way instead of racing it (which would win would
-        depend on the order the engine thread happens to run them in)."""
+        depend on the order the engine thread happens to run them in), and so is a :meth:`register` of it (by
+        :meth:`register_dir` too) other than the load's own: it passes the yielded mark (``register(..., load=mark)``)."""
         with self._lock:
             if name in self._loading:
                 raise AdapterConflictError(f"adapter {name!r} is being loaded by another request; retry after that "
@@ -387,11 +392,13 @@ class AdapterStore:
             if name in self.paths or name in self.banked:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
             self._loading.add(name)
+            mark = self._load_marks[name] = object()
         try:
-            yield
+            yield mark
         finally:
             with self._lock:
                 self._loading.discard(name)
+                self._load_marks.pop(name, None)
 
     @contextlib.contextmanager
     def unloading(self, name: str):
@@ -428,9 +435,18 @@ class AdapterStore:
         self.failed[name] = reason
         self.failed_folders[name] = Path(folder).absolute()
 
-    def _register(self, name: str, path: str | os.PathLike, confined: bool) -> Path:
+    def _refuse_loading(self, name: str, load: object) -> None:
+        """AdapterConflictError for a name whose load is in flight, unless ``load`` is that load's mark
+        (:meth:`loading`). Called with the lock held."""
+        if name in self._loading and (load is None or self._load_marks.get(name) is not load):
+            raise AdapterConflictError(f"adapter {name!r} is being loaded by another request; retry after that load "
+                                       f"finishes")
+
+    def _register(self, name: str, path: str | os.PathLike, confined: bool, load: object = None) -> Path:
         if not isinstance(name, str) or not name or name == BASE_NAME or len(name) > 256:
             raise AdapterError(f"invalid adapter name {name!r}")
+        with self._lock:  # at once, before reading the folder (checked again below, where the name is taken)
+            self._refuse_loading(name, load)
         if name == self.base_name:
             raise AdapterError(f"adapter name {name!r} is the base model's name (requests for it are answered by the "
                                f"base model); rename the adapter's folder")
@@ -471,6 +487,7 @@ class AdapterStore:
             if name in self.paths or name in self.banked:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first")
             self._refuse_unloading(name)
+            self._refuse_loading(name, load)
             self.paths[name] = folder
             self.configs[name] = config
             if mismatch is not None:
@@ -499,10 +516,11 @@ class AdapterStore:
         ``on_error``: ``"raise"`` (the first folder that fails to register raises, as a caller that wrote the folders
         itself wants) or ``"skip"`` (it is left out, its reason recorded in :attr:`failed` and logged as a warning
         naming the folder; the others register). A bad ``root`` itself raises AdapterError either way. A folder whose
-        name is busy (AdapterConflictError: being unloaded while running requests hold it, or loaded meanwhile by
-        another thread) is no fault of the folder: with "skip" it is left out with a warning and nothing recorded
-        (was: recorded as failed, so requests for the name got a 400 telling them to fix a folder that is fine, and
-        the record outlived the unload); registering the root again once the unload is done serves it."""
+        name is busy (AdapterConflictError: being unloaded while running requests hold it, loaded meanwhile by another
+        thread, or its load in flight: :meth:`loading`, the name belongs to that load) is no fault of the folder:
+        with "skip" it is left out with a warning and nothing recorded (was: recorded as failed, so requests for the
+        name got a 400 telling them to fix a folder that is fine, and the record outlived the unload); registering the
+        root again once the unload is done serves it. With "raise", AdapterConflictError."""
         if on_error not in ("raise", "skip"):
             raise AdapterError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         found = []
