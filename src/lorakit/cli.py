@@ -28,25 +28,13 @@ from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
                          positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
+from .core.threads import default_num_threads
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
 
 
 # -- helpers shared by the commands ------------------------------------------------------------------------
-def default_num_threads() -> int:
-    """OMP_NUM_THREADS when set; else half the CPUs this process may use (1 to 8).
-
-    torch's default (every core) collapses when another job shares the machine (its threads spin waiting for
-    each other: 20-50x slower); half the cores loses little on an idle machine and degrades gracefully.
-    """
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores // 2, 8))
-
-
 def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "num_threads", None) is not None:
         import torch
