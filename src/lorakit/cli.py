@@ -1147,7 +1147,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
     before and after, and with ``--output`` writes the quantized model (weights on the b-bit grid, stored in the
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
-    from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
+    from .quantize import QUANTIZERS, check_group_size, perplexity, quantize_weights, task_token_rows
 
     p = CommandParser(prog="lorakit quantize", formatter_class=_Formatter, description=(
         "Quantize a model's weights after training (weights in --bits bits, activations in 16): round-to-nearest (rtn) or CBQ (arXiv:2312.07950), "
@@ -1192,6 +1192,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         from .io.files import write_dir_atomically
 
         model, tokenizer = load_model_and_tokenizer(args.model)
+        check_group_size(model, QuantSpec(args.bits, args.group_size))  # before the perplexity, not after it
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and args.seq_len > limit:
             raise LorakitError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions "
