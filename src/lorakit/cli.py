@@ -28,25 +28,13 @@ from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
                          positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
+from .core.threads import default_num_threads
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
 
 
 # -- helpers shared by the commands ------------------------------------------------------------------------
-def default_num_threads() -> int:
-    """OMP_NUM_THREADS when set; else half the CPUs this process may use (1 to 8).
-
-    torch's default (every core) collapses when another job shares the machine (its threads spin waiting for
-    each other: 20-50x slower); half the cores loses little on an idle machine and degrades gracefully.
-    """
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores // 2, 8))
-
-
 def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "num_threads", None) is not None:
         import torch
@@ -1159,7 +1147,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
     transformer blocks, calibrated on the bundled tasks' train split; prints the perplexity on their test split
     before and after, and with ``--output`` writes the quantized model (weights on the b-bit grid, stored in the
     model's dtype). Its own parser: ``--method`` here names a quantizer, not an adapter method."""
-    from .quantize import QUANTIZERS, perplexity, quantize_weights, task_token_rows
+    from .quantize import QUANTIZERS, check_group_size, perplexity, quantize_weights, task_token_rows
 
     p = CommandParser(prog="lorakit quantize", formatter_class=_Formatter, description=(
         "Quantize a model's weights after training (weights in --bits bits, activations in 16): round-to-nearest (rtn) or CBQ (arXiv:2312.07950), "
@@ -1204,6 +1192,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
         from .io.files import write_dir_atomically
 
         model, tokenizer = load_model_and_tokenizer(args.model)
+        check_group_size(model, QuantSpec(args.bits, args.group_size))  # before the perplexity, not after it
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and args.seq_len > limit:
             raise LorakitError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions "

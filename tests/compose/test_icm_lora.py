@@ -235,6 +235,19 @@ def test_icm_lora_unknown_task_names_near_matches(generator, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_icm_lora_cli_train_names_an_unknown_task_before_the_model_loads(collection, tmp_path, capsys, monkeypatch):
+    """Was: a typo in TASK=DIR was found only after the base model loaded, when its task vector was computed."""
+    import lorakit.compose.icm_lora_generator as icm
+
+    loaded = []
+    monkeypatch.setattr(icm, "_base_model", lambda *a: loaded.append(a) or pytest.fail("the base model loaded"))
+    assert main(["generate-adapter", "train", "--adapters", f"rotat3={collection[0]}", *collection[1:],
+                 "--output", str(tmp_path / "g"), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'rotat3'. Did you mean rotate3" in err and f"adapter {collection[0]}" in err, err
+    assert loaded == [] and not (tmp_path / "g").exists()
+
+
 def test_icm_lora_cli_train_and_generate(collection, tmp_path, capsys):
     gen = tmp_path / "gen"
     assert main(["generate-adapter", "train", "--adapters", *collection, "--output", str(gen), "--epochs", "1",

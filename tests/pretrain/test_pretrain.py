@@ -168,7 +168,8 @@ def test_config_errors_say_what_to_change(overrides, match):
     ({"grad_clip": 0.0}, "PretrainConfig.grad_clip must be > 0 and finite"),  # was: every gradient clipped to 0
     ({"grad_clip": float("nan")}, "PretrainConfig.grad_clip must be > 0 and finite"),  # was: a NaN model saved
     ({"warmup_steps": -1}, "PretrainConfig.warmup_steps must be >= 0"),
-    ({"num_threads": -2}, "PretrainConfig.num_threads must be >= 0 (0: all cores)"),  # was: torch's RuntimeError
+    ({"num_threads": -2},  # was: torch's RuntimeError
+     "PretrainConfig.num_threads must be >= 0 (0: OMP_NUM_THREADS if set, else half the CPUs)"),
     ({"mixture_scale": 0.5}, "mixture_scale 0.5 is read only with a mixture"),  # was: silently ignored
     ({"regmix_dir": "runs/regmix"}, "regmix_dir 'runs/regmix' is read only with mixture='regmix'"),  # likewise
     ({"mixture": "natural", "mixture_scale": float("inf")}, "PretrainConfig.mixture_scale must be > 0 and finite"),
@@ -325,6 +326,33 @@ def test_interrupted_pretrain_resumes_to_the_uninterrupted_model(tmp_path):
     a = load_file(tmp_path / "full" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_allows_other_log_and_checkpoint_cadence(tmp_path):
+    """--log-every and --checkpoint-every change no step: a resume with them changed was refused as 'other
+    settings'. The resumed weights must equal an uninterrupted run's; --checkpoint-every 0 still resumes."""
+    from safetensors.torch import load_file
+
+    full = pretrain_base(tiny_config(steps=6), tmp_path / "full", log=lambda line: None)
+    with pytest.raises(_Stop):  # checkpoint of step 2 written, stopped at step 3's log line
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2, log_every=3), tmp_path / "cut", log=_stop_at(3))
+    lines = []
+    resumed = pretrain_base(tiny_config(steps=6, checkpoint_every=0, log_every=2), tmp_path / "cut",
+                            log=lines.append)
+    assert resumed["resumed_from_step"] == 2 and any("at step 2/6" in line for line in lines)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["eval_loss"] == full["eval_loss"]
+
+
+def test_num_threads_0_follows_omp_num_threads_as_every_command(tmp_path, monkeypatch):
+    """--num-threads 0 took every core and ignored OMP_NUM_THREADS, unlike every other command's default."""
+    from lorakit.cli import default_num_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    info = pretrain_base(tiny_config(steps=1, num_threads=0), tmp_path / "m", log=lambda line: None)
+    assert info["num_threads"] == 1 == default_num_threads()
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):

@@ -265,10 +265,34 @@ def test_fit_only_names_a_missing_or_malformed_sweep_file(tmp_path, capsys):
     assert "Traceback" not in err and f"{tmp_path / 'sweep.json'} is not a readable sweep record" in err, err
     defaults = json.loads(json.dumps(asdict(RegMixConfig())))  # the sweep the command's default flags describe
     (tmp_path / "sweep.json").write_text(json.dumps({"config": defaults, "natural": natural}))
+    domains = defaults["domains"]  # the records of such a sweep name each of its domains
+    records = [{**r, "weights": {d: 1 / len(domains) for d in domains}, "losses": {d: 4.0 for d in domains}}
+               for r in records]
     _write_records(tmp_path / "proxies.jsonl", records[:1] + ["not a record"] + records[1:])
     assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{tmp_path / 'proxies.jsonl'}:2: not a proxy record" in err, err
+
+
+def test_fit_only_names_the_line_and_domain_a_hand_edited_record_lacks(tmp_path, capsys):
+    """Was: `regmix --fit-only` on a proxies.jsonl record without one of the domains ended in a KeyError."""
+    import json
+    from dataclasses import asdict
+
+    from lorakit.cli import main
+
+    config = RegMixConfig()  # what the command's default flags describe
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": json.loads(json.dumps(asdict(config))),
+                                                     "natural": {d: 1 / len(config.domains) for d in config.domains}}))
+    records = [{"index": i, "split": "train", "weights": {d: 1 / len(config.domains) for d in config.domains},
+                "losses": {d: 4.0 + i for d in config.domains}} for i in range(3)]
+    dropped = config.domains[-1]
+    del records[1]["losses"][dropped]
+    _write_records(tmp_path / "proxies.jsonl", records)
+    assert main(["regmix", "--out", str(tmp_path), "--fit-only"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err, err
+    assert f"{tmp_path / 'proxies.jsonl'}:2: not a proxy record (no domain {dropped!r} in 'losses')" in err, err
 
 
 def test_a_bad_proxy_line_is_named_with_what_to_do_before_the_data_is_built(tmp_path, monkeypatch, capsys):

@@ -87,6 +87,26 @@ def test_group_size_none_which_its_errors_suggest_is_a_value_the_flag_takes(caps
     assert "argument --group-size: must be an integer or none, got 'eight'" in capsys.readouterr().err
 
 
+def test_a_group_size_that_divides_no_layer_is_refused_before_any_perplexity(capsys, monkeypatch):
+    """Was: found only when the first layer was quantized, after the model loaded and the perplexity before ran."""
+    from transformers import AutoConfig
+
+    import lorakit.quantize
+    from lorakit.assets import BASE_MODEL_PATH
+
+    hidden = AutoConfig.from_pretrained(BASE_MODEL_PATH).hidden_size  # q_proj's in_features
+    assert hidden % 7
+    measured = []
+    real = lorakit.quantize.perplexity
+    monkeypatch.setattr(lorakit.quantize, "perplexity", lambda *a, **k: measured.append(1) or real(*a, **k))
+    for method in ("rtn", "cbq"):
+        assert main(["quantize", "--method", method, "--group-size", "7", "--eval-rows", "1", "--seq-len", "8",
+                     "--num-threads", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"does not divide the {hidden} input columns of block 0 self_attn.q_proj" in err, err
+        assert measured == []
+
+
 def test_a_cut_off_weights_file_is_a_one_line_error(tmp_path, capsys):
     """A model folder whose model.safetensors is cut off (a copy or download stopped midway): transformers raises
     safetensors' SafetensorError, which the loader did not catch — a traceback from quantize (and train, eval,

@@ -406,14 +406,29 @@ def _base_model(adapter_config: dict[str, Any], model: Any, tokenizer: Any):
     return load_model_and_tokenizer(adapter_config.get("base_model_name_or_path"))
 
 
+def _check_task_names(samples: Sequence[AdapterSample]) -> None:
+    """ValueError (with near matches) for the first sample whose task is neither a built-in task nor a path."""
+    from ..data import looks_like_path
+    from ..data.tasks import get_task
+
+    for sample in samples:
+        if not looks_like_path(sample.task):
+            try:
+                get_task(sample.task)
+            except ValueError as err:
+                raise ValueError(f"{err} (the task of adapter {sample.source})") from None
+
+
 def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig | None = None, *,
                    model: Any = None, tokenizer: Any = None,
                    log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
     """Read a collection (see :func:`read_collection`), compute each task's in-context vector on the base model
     (``model``/``tokenizer``, or ``model`` a folder / hub id loaded once the collection has been read; default:
-    the collection's ``base_model_name_or_path``) and train the CVAE."""
+    the collection's ``base_model_name_or_path``) and train the CVAE. Raises ValueError (with near matches) for a
+    task that is neither a built-in task nor a JSONL path, before any model loads."""
     config = config or IcmLoraConfig()
     samples, adapter_config = read_collection(adapters)
+    _check_task_names(samples)  # before the base model loads
     model, tokenizer = _base_model(adapter_config, model, tokenizer)
     conditions = task_conditions(sorted({s.task for s in samples}), model, tokenizer, config)
     return train_generator(samples, adapter_config, conditions, config, log)

@@ -210,10 +210,11 @@ def train_proxy(data: DomainData, weights: Mapping[str, float], config: RegMixCo
     return {name: evaluate_loss(model, held, pconfig) for name, held in data.eval.items()}
 
 
-def read_proxies(path: Path) -> list[dict]:
+def read_proxies(path: Path, domains: Sequence[str] = ()) -> list[dict]:
     """The finished proxies' records in ``path`` (``proxies.jsonl``, one JSON object per line: ``index``, ``split``,
     ``weights``, ``losses``, ``seconds``); blank lines are skipped. ConfigError naming the file and line for a line
-    that is not such a record (cut off by a full disk or a crash, or edited), saying what to do."""
+    that is not such a record (cut off by a full disk or a crash, or edited), or whose ``weights`` or ``losses``
+    lack one of ``domains``, saying what to do."""
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -233,6 +234,11 @@ def read_proxies(path: Path) -> list[dict]:
                 why = f"'index' is not an integer: {record['index']!r}"
             elif not isinstance(record["weights"], dict) or not isinstance(record["losses"], dict):
                 why = "'weights' and 'losses' must be objects"
+            else:  # the fit reads every domain of both (a hand-edited record ended in a KeyError there)
+                lacking = [f"domain {d!r} in {key!r}" for key in ("weights", "losses") for d in domains
+                           if d not in record[key]]
+                if lacking:
+                    why = f"no {', '.join(lacking)}"
         if why is not None:
             raise ConfigError(f"{path}:{number}: not a proxy record ({why}); delete that line (its proxy trains "
                               "again when the sweep is resumed) or start a new --out folder.")
@@ -273,7 +279,7 @@ def run_sweep(config: RegMixConfig, out_dir: str | Path, log: Callable[[str], No
     prior = data.natural()
     mixtures = sample_mixtures([prior[d] for d in config.domains], config.n_proxies, config.sampling)
     path = out / "proxies.jsonl"
-    records = read_proxies(path) if path.exists() else []
+    records = read_proxies(path, config.domains) if path.exists() else []
     check_resumable(out, config, prior, records, mixtures)
     atomic_write_json(out / "sweep.json", {"config": asdict(config), "natural": prior})  # a kill leaves the old one
     if records and not path.read_bytes().endswith(b"\n"):  # a last record without its newline (an editor, a copy):
@@ -528,7 +534,7 @@ def _run(args, config: "RegMixConfig") -> int:
             raise ConfigError(f"no proxies at {path}; run without --fit-only first.")
         natural = read_sweep(args.out)["natural"]
         check_saved_config(args.out, config)  # the fit reads the flags' domains: those of the sweep, or an error
-        records = read_proxies(path)
+        records = read_proxies(path, config.domains)
     else:
         try:
             shard = tuple(int(x) for x in args.shard.split("/"))
@@ -539,7 +545,7 @@ def _run(args, config: "RegMixConfig") -> int:
         if shard[1] > 1:
             print(f"shard {args.shard} done; fit with --fit-only once every shard has finished.")
             return 0
-        records = read_proxies(args.out / "proxies.jsonl")
+        records = read_proxies(args.out / "proxies.jsonl", config.domains)
         natural = read_sweep(args.out)["natural"]
     summary = fit_and_search(records, config, natural)
     atomic_write_json(args.out / "regmix.json", summary)

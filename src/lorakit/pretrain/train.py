@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -35,6 +34,7 @@ from lorakit.assets import BASE_MODEL_PATH
 from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
+from lorakit.core.threads import default_num_threads
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -119,10 +119,11 @@ class PretrainConfig:
                                                         "CPU matmuls)"})
     eval_fraction: float = field(default=0.02, metadata={"help": "share of the corpus held out for the eval loss"})
     seed: int = field(default=0, metadata={"help": "seed of the model and the data order"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: as every lorakit command's "
+                             "default, OMP_NUM_THREADS if set, else half the CPUs (1 to 8) (default: 0)"})
     log_every: int = field(default=25, metadata={"help": "steps between log lines"})
     checkpoint_every: int = field(default=0, metadata={"help": "save the loop's state every N steps to "
-                                  "OUT.checkpoint/, which the same command resumes from (0: never)"})
+                                  "OUT.checkpoint/, which the same command resumes from, this and --log-every may change on resume (0: never)"})
 
     def __post_init__(self) -> None:
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
@@ -183,7 +184,7 @@ class PretrainConfig:
         check_positive(self, "lr", "grad_clip", finite=True)
         check_non_negative(self, "weight_decay", finite=True)
         check_non_negative(self, "warmup_steps")
-        check_non_negative(self, "num_threads", note=" (0: all cores)")
+        check_non_negative(self, "num_threads", note=" (0: OMP_NUM_THREADS if set, else half the CPUs)")
         if not 0.0 <= self.eval_fraction < 0.5:
             raise ConfigError(f"{FIELD} must be in [0, 0.5), got {self.eval_fraction}.",
                               field="eval_fraction")
@@ -347,6 +348,9 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 
 CHECKPOINT_FORMAT = "lorakit-pretrain-checkpoint/1"
+# How often the loop logs and saves: a run may be resumed with these changed, as they leave the weights alone
+# (log_every sets the loss curve's points and the final_loss window of pretrain_info.json, not a step).
+CADENCE_FIELDS = frozenset({"log_every", "checkpoint_every"})
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -416,10 +420,10 @@ def _load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: t
         raise ConfigError(f"{folder / 'state.json'} has format {record.get('format')!r}, not {CHECKPOINT_FORMAT!r}; "
                           "delete the folder to start over.")
     now = json.loads(json.dumps(dataclasses.asdict(config)))
-    if record["config"] != now:
-        before, after = _flatten(record["config"]), _flatten(now)
-        diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-                if before.get(k) != after.get(k)]
+    before, after = _flatten(record["config"]), _flatten(now)
+    diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if k not in CADENCE_FIELDS and before.get(k) != after.get(k)]
+    if diff:
         raise ConfigError(f"The checkpoint {folder} was made with other settings ({'; '.join(diff)}); rerun with the "
                           "same options to resume, or delete the folder to start over.")
     tensors = load_tensors(folder / "state.safetensors")
@@ -452,7 +456,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
     """
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.num_threads or default_num_threads())
     try:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -485,7 +489,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
 
         model.train()
         ckpt, resume, done_seconds, done_cpu = checkpoint_dir(out_dir), None, 0.0, 0.0
-        if config.checkpoint_every and (ckpt / "state.json").is_file():
+        if (ckpt / "state.json").is_file():  # also with --checkpoint-every 0 now: the saved steps are not lost
             resume = load_pretrain_checkpoint(ckpt, model, optimizer, scheduler, generator, config)
             done_seconds, done_cpu = resume["train_seconds"], resume["train_cpu_seconds"]
             log(f"resumed from {ckpt} at step {resume['step']}/{config.steps}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, did_you_mean
 from .cbq import CBQConfig, LoraRounding, cfp_threshold, quantize_cbq, reconstruction_error, rectified_sigmoid
-from .model import decoder_blocks, next_token_kl, perplexity, quantize_rtn, task_token_rows
+from .model import check_group_size, decoder_blocks, next_token_kl, perplexity, quantize_rtn, task_token_rows
 from .nf4 import (COMPUTE_DTYPES, QUANT_TYPES, QuantizeConfig, dequantize_model, dequantize_weight, is_4bit,
                   keep_qlora_layout, quantize_model, quantized_bytes)
 from .uniform import QuantSpec, dequantize, minmax_params, rtn, rtn_codes
@@ -54,5 +54,5 @@ def quantize_weights(model: nn.Module, method: str, calib_ids: torch.Tensor | No
 
 __all__ = ["QUANTIZERS", "quantize_weights", "COMPUTE_DTYPES", "QUANT_TYPES", "QuantizeConfig", "quantize_model",
            "dequantize_model", "dequantize_weight", "is_4bit", "keep_qlora_layout", "quantized_bytes", "CBQConfig", "LoraRounding", "cfp_threshold", "quantize_cbq",
-           "reconstruction_error", "rectified_sigmoid", "decoder_blocks", "next_token_kl", "perplexity", "quantize_rtn",
+           "reconstruction_error", "rectified_sigmoid", "check_group_size", "decoder_blocks", "next_token_kl", "perplexity", "quantize_rtn",
            "task_token_rows", "QuantSpec", "dequantize", "minmax_params", "rtn", "rtn_codes"]

@@ -88,6 +88,17 @@ def slice_kwargs(kwargs: dict[str, Any], rows: torch.Tensor | slice, n: int) -> 
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def check_group_size(model: nn.Module, spec: QuantSpec) -> None:
+    """ConfigError naming the first block linear (``block i name``) whose input columns ``spec.group_size`` does
+    not divide, with its in_features: from the shapes alone (meta tensors), before any data or perplexity work."""
+    if spec.group_size is None:
+        return
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, layer, fan_in_fan_out in block_linears(block):
+            shape = oriented(layer.weight, fan_in_fan_out).shape
+            spec.grouped(torch.empty(shape, device="meta"), f"block {i} {name}")
+
+
 def quantize_rtn(model: nn.Module, spec: QuantSpec) -> dict[str, Any]:
     """Round every linear weight of every block to nearest, in place. Returns a summary."""
     count = 0
