@@ -240,6 +240,82 @@ def _adapter_base_mismatch(adapter: str | None, args) -> str | None:
     return trained_base_mismatch(adapter, quantize, _quantize_config(args).double_quant if quantize else None)
 
 
+def _recorded_bases(adapters: Sequence[str]) -> dict[str, str]:
+    """adapter folder -> the base model its adapter_config.json records (``base_model_name_or_path``, a bundled base
+    by its name); folders that record none, or cannot be read (their loader reports that), are left out."""
+    from .hub import bundled_name
+    from .io.peft_format import read_adapter_config
+
+    recorded = {}
+    for adapter in adapters:
+        try:
+            base = read_adapter_config(adapter).base_model_name_or_path
+        except (LorakitError, OSError):
+            continue
+        if base:
+            recorded[str(adapter)] = bundled_name(base) or base
+    return recorded
+
+
+def _adapters_base(args, adapters: Sequence[str], what: str = "adapters") -> None:
+    """Without --model: the base model the adapters were trained on (what PEFT's AutoPeftModel loads), when it
+    loads here without a download (a bundled name, a local folder, a cached hub id: hub.check_model), said on
+    stderr; the bundled model only when no adapter records a base. LorakitError naming --model when the recorded
+    base is not here, or when the adapters record different bases (``what`` names them in that message). The base
+    chosen is said by :func:`_say_base`, when it loads: after the other checks, whose errors come first."""
+    if args.model is not None:
+        return
+    from .hub import check_model, same_model
+
+    recorded = _recorded_bases(adapters)
+    if not recorded:
+        return
+    (first, base), *rest = recorded.items()
+    other = next(((a, b) for a, b in rest if not same_model(b, base)), None)
+    if other is not None:
+        raise LorakitError(f"the {what} were trained on different base models: {first!r} on {base!r} and "
+                           f"{other[0]!r} on {other[1]!r} (their adapter_config.json's base_model_name_or_path); "
+                           "pass --model to choose the base they all load onto")
+    try:
+        check_model(base, flag="its base_model_name_or_path")
+    except LorakitError as e:
+        raise LorakitError(f"{first} was trained on {base!r}, which cannot be loaded here: {e}. Pass --model with a "
+                           "local copy of that base (or the model to use instead).") from None
+    args.model = base
+    args.base_note = f"base model: {base} (recorded in {first}/adapter_config.json; --model chooses another)"
+
+
+def _say_base(args) -> None:
+    """The base :func:`_adapters_base` chose in place of --model, said on stderr once, as it loads."""
+    note = getattr(args, "base_note", None)
+    if note:
+        print(note, file=sys.stderr)
+        args.base_note = None
+
+
+def _load_adapter_on(model, args) -> None:
+    """``load_adapter(model, args.adapter)``; a --model other than the base the adapter records is warned about
+    (PEFT warns the same way), and a load that fails on it (tensors missing, shapes that do not fit) names that
+    base."""
+    from . import load_adapter
+    from .core.errors import AdapterLoadError
+    from .hub import same_model
+
+    recorded = _recorded_bases([args.adapter]).get(str(args.adapter))
+    used = args.model or "bundled"
+    other = recorded is not None and not same_model(recorded, used)
+    if other:
+        print(f"warning: {args.adapter} was trained on {recorded!r} (its base_model_name_or_path), this run loads it "
+              f"onto --model {used}", file=sys.stderr)
+    try:
+        load_adapter(model, args.adapter, config_overrides=_overrides(args))
+    except AdapterLoadError as e:
+        if not other:
+            raise
+        raise AdapterLoadError(f"{e} ({args.adapter} was trained on {recorded!r}, not on {used!r}: leave --model out "
+                               f"to use its base, or pass --model {recorded})") from None
+
+
 LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
@@ -260,7 +336,6 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
     a Whisper; hub.load_model_for_merge), whose tokenizer may be None; ``labels``: a SEQ_CLS adapter's label names
     (the classifier is built with that head)."""
-    from . import load_adapter
     from .hub import load_model_and_tokenizer, load_model_for_merge
 
     _quantize_config(args)  # --compute-dtype without --quantize: before the model loads
@@ -270,7 +345,9 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
               "base it was trained on.", file=sys.stderr)
     if getattr(args, "rank", None) is not None and not getattr(args, "adapter", None):  # before the model loads
         raise LorakitError("--rank needs --adapter (it picks the rank of a nested-rank adapter such as DyLoRA)")
-    overrides = _overrides(args) if getattr(args, "adapter", None) else None  # before the model loads
+    if getattr(args, "adapter", None):
+        _overrides(args)  # before the model loads
+    _say_base(args)
     if labels is not None:  # a SEQ_CLS adapter: the classifier with its head
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
                                                     labels=labels)
@@ -279,7 +356,7 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
     if getattr(args, "adapter", None):
-        load_adapter(model, args.adapter, config_overrides=overrides)
+        _load_adapter_on(model, args)
         _load_trained_base_params(model, Path(args.adapter))
     return model, tokenizer
 
@@ -724,6 +801,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .io.peft_format import check_adapter_folder
         args.adapter = _adapter_of_run(args.adapter, "evaluating")
         adapter_config = check_adapter_folder(args.adapter)  # a bad folder or weights file fails before the model loads
+        _adapters_base(args, [args.adapter])
     tokenizer = load_tokenizer(args.model)
     examples = _load_examples(args.data, "test", args.eval_examples, TASK_EVAL_EXAMPLES, args.seed, tokenizer)
     if args.mode_token:
@@ -785,6 +863,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .io.peft_format import check_adapter_folder
         args.adapter = _adapter_of_run(args.adapter, "generating with", file=sys.stderr)
         check_adapter_folder(args.adapter)  # a bad adapter folder or weights file fails before the model loads
+        _adapters_base(args, [args.adapter])
     prompts, tasks = _read_prompts(args)
     if not prompts:
         raise LorakitError("no prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line")
@@ -972,6 +1051,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     args.adapter = _adapter_of_run(args.adapter, "merging")
     _mergeable_or_raise(get_method(check_adapter_folder(args.adapter)))
+    _adapters_base(args, [args.adapter])
     _quantize_config(args)  # --compute-dtype without --quantize: refused first, as before
     mismatch = _adapter_base_mismatch(args.adapter, args)
     if mismatch:  # a merged model is kept and shipped: it must be the model that was trained
@@ -1015,7 +1095,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     p.add_argument("--output", required=True, help="folder for the merged adapter")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output folder (whole: nothing of the old one is left beside the result)")
-    _common_model(p)
+    _common_model(p, "the sources' base, else the bundled model")
     for flag, kind, text in (("density", float, "fraction kept (ties, dare, della, breadcrumbs, magnitude_prune)"),
                              ("svd-rank", int, "rank of svd / *_svd results; k for lego"),
                              ("majority-sign-method", str, "total | frequency"), ("rescale", str, "density | l1 | none"),
@@ -1032,9 +1112,12 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
     with ErrorsReported(p) as run:
         _set_threads(args)
         args.sources = [_adapter_of_run(source, "merging") for source in args.sources]
+        _adapters_base(args, args.sources, what="sources")
         check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[*args.sources, args.model])
-        # --model loads only after the sources and options are checked
+        # --model loads only after the sources and options are checked (and the base is said after: merge_adapters
+        # checks every source first, and those errors come first)
         merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
+        _say_base(args)
         # every source is read before this; the folder is replaced whole (an --output that was a source included)
         out = write_dir_atomically(args.output, merged.save)
         print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
@@ -1220,7 +1303,7 @@ def cmd_quantize(argv: Sequence[str]) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a plain PEFT LoRA for an adapter: identity for PEFT LoRA / rsLoRA / DoRA (for the untouched base), the
     method's to_lora hook otherwise; a method with neither (mixtures, RandLoRA, MiSS) is refused."""
-    from . import get_method, load_adapter, save_adapter
+    from . import get_method, save_adapter
     from .hub import load_model_and_tokenizer
     from .io.peft_format import check_adapter_folder
     from .io.files import write_dir_atomically
@@ -1234,10 +1317,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                    if method.peft_type is not None else "")
         raise LorakitError(f"method {method.name!r} has no exact plain-LoRA form, so there is nothing to export"
                            f"{already}; use the adapter as it is with lorakit (generate / eval / merge)")
+    _adapters_base(args, [args.adapter])
     out = check_output_dir(args.output, "--output", overwrite=args.overwrite, reads=[args.adapter, args.model])
-    overrides = _overrides(args)
+    _overrides(args)  # before the model loads
+    _say_base(args)
     model, _ = load_model_and_tokenizer(args.model)
-    load_adapter(model, args.adapter, config_overrides=overrides)
+    _load_adapter_on(model, args)
 
     def write(folder: Path) -> None:
         if method.peft_type is not None:  # for the untouched base when an init changed it (PiSSA, OLoRA): rank 2r
@@ -1254,8 +1339,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from .io.peft_format import run_adapter
     from .serving.server import ServerLimits, serve
+    from .serving.store import adapter_folders
 
+    folders = [run_adapter(d) or d for root in args.adapters for d in adapter_folders(root)]
+    _adapters_base(args, [str(f) for f in folders])
+    _say_base(args)
     serve(args.model, args.adapters, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"), max_loras=args.max_loras,
           max_cpu_loras=args.max_cpu_loras, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
@@ -1354,8 +1444,13 @@ def _add_quantize(p: argparse.ArgumentParser, what: str) -> None:
                    help="quantize the 4-bit blocks' constants too (QLoRA's double quantization) (default: on)")
 
 
-def _common_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model folder or cached hub id (default: the bundled model); "
+ADAPTER_BASE_DEFAULT = "the adapter's base, else the bundled model"
+
+
+def _common_model(p: argparse.ArgumentParser, default: str = "the bundled model") -> None:
+    """--model and --num-threads; ``default``: what an absent --model loads (commands that take adapters load the
+    base their adapter_config.json records: ``ADAPTER_BASE_DEFAULT``)."""
+    p.add_argument("--model", default=None, help=f"HF model folder or cached hub id (default: {default}); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
     p.add_argument("--num-threads", type=int, default=default_num_threads(),
                    help="CPU threads for torch; lower it when other jobs share the machine (default: OMP_NUM_THREADS "
@@ -1488,7 +1583,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
 
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="exact-match evaluation on built-in task(s) or a JSONL file", formatter_class=_Formatter)
-    _common_model(e)
+    _common_model(e, ADAPTER_BASE_DEFAULT)
     _add_quantize(e, "evaluate on it (use the settings the adapter was trained with)")
     e.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder evaluates its "
                    "adapter/); default: the base model alone")
@@ -1510,7 +1605,7 @@ def _add_eval(sub) -> None:
 
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
-    _common_model(g)
+    _common_model(g, ADAPTER_BASE_DEFAULT)
     _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder uses its adapter/)")
     g.add_argument("--prompt", action="append",
@@ -1548,7 +1643,7 @@ def _add_inspect(sub) -> None:
 
 def _add_merge(sub) -> None:
     mg = sub.add_parser("merge", help="merge an adapter into its base and write a full HF model", formatter_class=_Formatter)
-    _common_model(mg)
+    _common_model(mg, ADAPTER_BASE_DEFAULT)
     mg.add_argument("--adapter", required=True, help="adapter folder; a training run folder (train --output) merges "
                     "its adapter/")
     mg.add_argument("--output", required=True, help="folder for the merged model")
@@ -1560,7 +1655,7 @@ def _add_merge(sub) -> None:
 
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write an adapter as a plain PEFT LoRA", formatter_class=_Formatter)
-    _common_model(x)
+    _common_model(x, ADAPTER_BASE_DEFAULT)
     x.add_argument("adapter", help="adapter folder; a training run folder (train --output) exports its adapter/")
     x.add_argument("--output", required=True, help="folder for the PEFT LoRA")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
@@ -1571,7 +1666,7 @@ def _add_export(sub) -> None:
 def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible server: the base model and many adapters in one batch",
                         formatter_class=_Formatter)
-    _common_model(sv)
+    _common_model(sv, "the adapters' base, else the bundled model")
     sv.add_argument("--adapters", action="append", default=[],
                     help="folder holding adapter folders (repeatable); served by folder name, and the only roots "
                          "/v1/load_lora_adapter may load from. A name belongs to the first root that has it: a later "

@@ -39,7 +39,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
                            "in your Hugging Face cache, or leave --model out for the bundled one.")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise LorakitError(f"{path} is an adapter folder, not a model: pass it as --adapter (and its base model as "
-                           "--model, or leave --model out for the bundled one).")
+                           "--model, or leave --model out for the base the adapter records).")
     return str(model)
 
 
