@@ -31,7 +31,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -166,7 +166,15 @@ class RegMixConfig:
                 f"fit the regression (one in test_every is held out); the LightGBM fit needs at least "
                 f"{MIN_FIT_PROXIES}: " + (f"raise n_proxies to {enough} or more." if enough else
                                           "raise test_every (1 holds every proxy out)."))
-        self.pretrain_config()  # the proxy's shape and vocabulary: refused now, not after the domains' data is built
+        try:  # the proxy's shape and vocabulary: refused now, not after the domains' data is built
+            self.pretrain_config()
+        except ConfigError as e:  # named as this config's field (the user set RegMixConfig's, not PretrainConfig's)
+            orig = (e.field or "").rsplit(".", 1)[-1]
+            name = {"max_position_embeddings": "seq_len"}.get(orig, orig)
+            if name not in {f.name for f in fields(self)}:
+                raise
+            raise ConfigError(str(e).replace(f"PretrainConfig.{orig}", f"RegMixConfig.{name}"),
+                              field=f"RegMixConfig.{name}") from None
         if self.target != "mean" and self.target not in self.domains:
             options = ["mean", *self.domains]
             raise ConfigError(f"RegMix target {self.target!r} is neither 'mean' nor a domain in the sweep "
