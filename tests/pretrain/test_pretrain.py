@@ -191,6 +191,29 @@ def test_cli_refuses_a_bad_lr_by_its_flag_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "base").exists()
 
 
+def test_ctrl_c_names_the_checkpoint_a_run_without_checkpoint_every_resumes_from(tmp_path, capsys, monkeypatch):
+    """A run without --checkpoint-every resumes from a checkpoint an earlier run left (``pretrain_base``), and that
+    checkpoint stays until the model is saved: Ctrl-C must name it as kept, not say "nothing was saved" (which told
+    the user the steps were lost and how to avoid it, while rerunning the same command resumes them)."""
+    from lorakit.cli import main
+    from lorakit.pretrain import train
+    from lorakit.pretrain.train import checkpoint_dir
+
+    out = tmp_path / "base"
+    state = checkpoint_dir(out) / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"format": train.CHECKPOINT_FORMAT, "step": 7}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "pretrain_base", interrupted)
+    assert main(["pretrain-base", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lorakit pretrain-base: interrupted; the checkpoint of step 7 in {state.parent} is kept: run the same "
+        f"command again to resume")
+
+
 def test_corpus_config_errors():
     with pytest.raises(ConfigError, match="task_fraction"):
         CorpusConfig(task_fraction=1.0)

@@ -549,3 +549,34 @@ def test_a_shutdown_that_times_out_keeps_its_loop_and_start_refuses_a_second_one
     finally:
         gate.set()
         engine.shutdown()
+
+
+def test_a_call_queued_after_the_loop_ended_is_cancelled_not_left_waiting():
+    """``Engine.call`` sees the loop running, and the loop then ends (a shutdown) before the call reaches the inbox:
+    no thread will take it. The caller gets EngineBusyError and ``fn`` does not run (was: with no ``start_timeout``
+    it waited on the future forever). The race is forced by doing the shutdown inside the inbox's ``put``."""
+    import queue
+
+    class ShutdownFirst(queue.SimpleQueue):
+        def put(self, item, *args, **kwargs):
+            if item[0] == "call":
+                engine.shutdown()  # the loop ends (and cancels what it finds queued) before this call is queued
+            super().put(item, *args, **kwargs)
+
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
+    engine._inbox = ShutdownFirst()
+    engine.start()
+    ran, outcome = [], []
+
+    def caller():
+        try:
+            outcome.append(engine.call(lambda: ran.append("late")))
+        except EngineBusyError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=caller, daemon=True)  # daemon: on the old code it never returns
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "Engine.call waited forever for a loop that had ended"
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineBusyError) and "shut down" in str(outcome[0])
+    assert ran == [] and engine._thread is None

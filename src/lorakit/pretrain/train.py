@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return parser.fail(err)
     except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
         state = checkpoint_dir(args.out) / "state.json"
-        step = _checkpoint_step(state) if args.checkpoint_every else None
+        step = _checkpoint_step(state)  # (an earlier run's too: it resumes with --checkpoint-every 0 as well)
         kept = (f"the checkpoint of step {step} in {state.parent} is kept: run the same command again to resume"
                 if step is not None else "nothing was saved (--checkpoint-every N makes a run resumable)")
         print(f"\n{parser.prog}: interrupted; {kept}", file=sys.stderr)

@@ -334,9 +334,21 @@ class Engine:
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         self._wake.set()
+        deadline = None if start_timeout is None else time.monotonic() + start_timeout
         try:
-            return fut.result(start_timeout)
-        except FutureTimeout:
+            while True:
+                # in slices, because the loop may have ended between the check above and the put (its last cancel
+                # came first): then no thread will ever take the call, and waiting on it would never return
+                left = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+                try:
+                    return fut.result(left)
+                except FutureTimeout:
+                    if fut.done():  # fn's own TimeoutError, not the wait's
+                        return fut.result()
+                    if not self._looping() and fut.cancel():
+                        raise CancelledError from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
             if fut.cancel():  # still queued: the engine thread will skip it
                 raise EngineBusyError(f"the engine did not get to this call within {start_timeout:g} s (busy with "
                                       f"earlier work); it was cancelled and did not run: retry it") from None
