@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 from typing import Iterator
 
 import pytest
@@ -20,6 +21,25 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_kept(request) -> Iterator[None]:
+    """A test, or the code it runs (its fixtures included), that leaves another SIGINT handler installed errors here
+    by name, and the handler it found is put back: a leaked handler swallows a later in-process SIGINT (a test's,
+    or a notebook user's Ctrl-C after calling lorakit).
+
+    The baseline is whatever the session started with. A suite started in the background (``cmd &`` in a shell
+    without job control, nohup) starts with SIGINT ignored (SIG_IGN, inherited), so Python installs no
+    KeyboardInterrupt handler and an in-process SIGINT reaches nothing there, leak or not: a test that needs a
+    real Ctrl-C sends it to a child process whose SIGINT it resets to SIG_DFL."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after != before:
+        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
+        pytest.fail(f"{request.node.nodeid} left SIGINT handled by {after!r} (it was {before!r}); restore the "
+                    "handler on every exit path", pytrace=False)
 
 
 @pytest.fixture

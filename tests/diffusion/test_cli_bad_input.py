@@ -146,8 +146,10 @@ def test_ctrl_c_is_reported_in_one_line_and_leaves_no_half_written_base(tmp_path
     """A real SIGINT (Ctrl-C) in ``lorakit diffusion train-base``: was a KeyboardInterrupt traceback; now
     ``interrupted``, exit status 130 as every lorakit command, and no --out folder or temp folder left.
 
-    A child process with the default SIGINT handler (as a terminal's): sent in-process, the signal met whatever
-    handler an earlier test of the session had left, and the 10^6-step run never stopped."""
+    A child process with SIGINT reset to SIG_DFL (as a terminal's): sent in-process, the signal reached nothing when
+    the suite itself was started in the background (``pytest &``, nohup: SIGINT ignored, so Python installs no
+    KeyboardInterrupt handler), and the 10^6-step run never stopped. No test leaves a handler behind (the
+    ``sigint_handler_kept`` check in tests/conftest.py fails one that does)."""
     import subprocess
     import sys
 

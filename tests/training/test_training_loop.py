@@ -430,3 +430,37 @@ def test_resume_with_another_seed_warns(make_model, tokenizer, reverse_train, tm
         warnings.filterwarnings("error", message="resuming .* with another seed")
         train(make_model(), tokenizer, reverse_train, config(seed=1, resume_from=str(tmp_path / "run" / "checkpoint-1")),
               progress=False)
+
+
+@pytest.mark.parametrize("ending", ["returns", "raises", "one_ctrl_c", "two_ctrl_c"])
+def test_sigint_handler_is_restored_on_every_exit(make_model, tokenizer, reverse_train, tmp_path, ending) -> None:
+    """With an ``output_dir`` the loop installs its own SIGINT handler (first Ctrl-C: finish the step, checkpoint,
+    TrainingInterrupted; second: KeyboardInterrupt). A Python-API caller (a notebook, a script) gets theirs back
+    however ``train`` ends; a leaked handler would swallow their next Ctrl-C. The signals are real
+    (``signal.raise_signal``), sent from a log callback during step 1."""
+    import signal
+
+    from lorakit.training import TrainingInterrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    sends = {"returns": 0, "raises": 0, "one_ctrl_c": 1, "two_ctrl_c": 2}[ending]
+
+    def at_step_one(record):
+        if record["step"] == 1:
+            assert signal.getsignal(signal.SIGINT) != before  # the loop's handler is in place
+            for _ in range(sends):
+                signal.raise_signal(signal.SIGINT)
+            if ending == "raises":
+                raise Stop
+
+    expected = {"returns": None, "raises": Stop, "one_ctrl_c": TrainingInterrupted,
+                "two_ctrl_c": KeyboardInterrupt}[ending]
+    config = TrainConfig(steps=3, batch_size=2, log_every=1, output_dir=str(tmp_path), device="cpu")
+    if expected is None:
+        assert train(make_model(), tokenizer, reverse_train, config, progress=False, on_log=[at_step_one]).steps == 3
+    else:
+        with pytest.raises(expected) as caught:
+            train(make_model(), tokenizer, reverse_train, config, progress=False, on_log=[at_step_one])
+        if ending == "one_ctrl_c":
+            assert caught.value.step == 1 and Path(caught.value.checkpoint).name == "checkpoint-1"
+    assert signal.getsignal(signal.SIGINT) == before
