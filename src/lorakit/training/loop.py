@@ -100,8 +100,8 @@ class _StopOnInterrupt:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        if self.enabled:  # None: a handler installed from C, which Python cannot put back: the default instead
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
 
 
 @dataclass
