@@ -68,6 +68,7 @@ class TokenRows(Delta):
     def __init__(self, info: LayerInfo, indices: list[int], base_layer: nn.Module, leader: "TokenRows | None" = None):
         super().__init__(info)
         self.token_indices = list(indices)
+        self._token_set = frozenset(self.token_indices)  # membership per forward (the padding row) without a list scan
         self._leader = [leader] if leader is not None else []  # a list: not a submodule, so not saved twice
         # on the CPU whatever device context builds this (a loader sizes deltas under torch.device("meta"))
         index = torch.tensor(self.token_indices, dtype=torch.long, device="cpu")
@@ -99,7 +100,7 @@ class TokenRows(Delta):
             hit = self.sorted_index[pos] == x  # (...,): the token is one of the trained rows
             rows = self.values.to(base_out.dtype)[self.sorted_row[pos]]  # (..., dim)
             pad = getattr(base_layer, "padding_idx", None)
-            if pad is not None and pad in self.token_indices:  # PEFT's F.embedding(padding_idx=...): no gradient there
+            if pad is not None and pad in self._token_set:  # PEFT's F.embedding(padding_idx=...): no gradient there
                 rows = torch.where((x == pad).unsqueeze(-1), rows.detach(), rows)
             max_norm = getattr(base_layer, "max_norm", None)
             if max_norm is not None:
