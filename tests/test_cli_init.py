@@ -197,6 +197,10 @@ def test_train_with_loftq_through_either_init_option(tmp_path, capsys):
     (["--init-lora-weights", "loftq", "--loftq-config", '{"loftq_bits": 2}'],
      "--loftq-config['loftq_bits']=2: LoftQ quantizes to 4 bits (NF4) or 8 bits (int8)"),
     (["--loftq-config", '{"loftq_bits": 4}'], "sets LoftQ, but --init-lora-weights True; set --init-lora-weights loftq"),
+    (["--init", "loftq", "--init-options", '{"loftq_bits": 2}'],  # the flag typed, not --loftq-config
+     "--init-options['loftq_bits']=2: LoftQ quantizes to 4 bits (NF4) or 8 bits (int8)"),
+    (["--init-lora-weights", "loftq", "--init-options", '{"loftq_iter": 0}'],
+     "--init-options['loftq_iter']=0 must be an integer >= 1"),
 ])
 def test_loftq_settings_are_checked_before_loading(flags, says, capsys, monkeypatch):
     _no_model_load(monkeypatch)

@@ -146,7 +146,7 @@ def _check_init_options(args, adapter_config) -> None:
                               "(lorakit train --help lists them).")
         return
     init = check_init_config(spec, adapter_config)
-    init.check_options(args.init_options)
+    init.check_options(args.init_options, adapter_config.with_init(spec))
     if init.changes_base and getattr(args, "quantize", None):
         raise ConfigError(f"--init {spec} changes the base weights, which --quantize {args.quantize} stores in 4 bit; "
                           "initialise on the full-precision base (no --quantize; loftq quantizes it itself), or use an "

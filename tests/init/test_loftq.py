@@ -257,7 +257,7 @@ def _unchanged(model, before):
 def test_modules_it_cannot_handle_are_refused_with_the_model_unchanged():
     before = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
     model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
-    with pytest.raises(lk.AdapterError, match=r"'model.embed_tokens' is a embedding layer; LoftQ quantizes linear"):
+    with pytest.raises(lk.AdapterError, match=r"'model.embed_tokens' is an embedding layer; LoftQ quantizes linear"):
         lk.init_adapter(model, "default", init="loftq")
     _unchanged(model, before)
     model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=40, target_modules=["q_proj"]))

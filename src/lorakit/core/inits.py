@@ -61,6 +61,10 @@ class Init:
     can), from the config alone, so that :func:`check_init_config` refuses a mismatch (LoRA-SB on a plain LoRA)
     before any model loads or any data pass runs.
 
+    ``configure(config, options) -> config`` (optional): the adapter config with the init's options written into it
+    (LoftQ: ``loftq_bits`` / ``loftq_iter`` into ``loftq_config``), raising ConfigError for a value the config
+    refuses. Needs no model, so :meth:`check_options` given the config checks the values before any model loads.
+
     ``base_low_rank``: what it changes in the base is low rank (:class:`BaseEdit`), so the adapter can be written
     as a LoRA for the untouched base (``save_adapter(..., original_base=True)``, ``lorakit export``). False for an
     init that replaces the weights (LoftQ: :class:`BaseSwap`).
@@ -79,6 +83,7 @@ class Init:
     rewrites: tuple[str, ...] = ()
     random_pattern: str = ""
     base_low_rank: bool = True
+    configure: Callable[[Any, Mapping[str, Any]], Any] | None = None
 
     def reruns_exactly(self, spec: Any) -> bool:
         """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
@@ -94,13 +99,16 @@ class Init:
         params = inspect.signature(self.run).parameters.values()
         return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "estimate"]
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        """ConfigError naming an option this init does not take (with near matches), before anything runs."""
+    def check_options(self, options: Mapping[str, Any], config: Any = None) -> None:
+        """ConfigError naming an option this init does not take (with near matches), before anything runs; given the
+        adapter ``config`` (with this init), also a value it refuses (``configure``)."""
         known = self.option_names()
         for key in options:
             if key not in known:
                 takes = f"Options: {', '.join(known)}." if known else "It takes no options."
                 raise ConfigError(f"unknown option {key!r} for init {self.name!r}.{did_you_mean(key, known)} {takes}")
+        if config is not None and self.configure is not None:
+            self.configure(config, options)
 
 
 @dataclass
@@ -270,7 +278,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
         found = check_init_config(spec, config)
     options = {**init_options(model, adapter_name), **options}
     try:
-        found.check_options({k: v for k, v in options.items() if k != "estimate"})
+        found.check_options({k: v for k, v in options.items() if k != "estimate"}, config)
     except ConfigError:
         state.configs[adapter_name] = before
         raise

@@ -33,13 +33,13 @@ replaced weights are recorded whole (``core.inits.BaseSwap``: one copy of each a
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..core.delta import oriented_weight
-from ..core.errors import AdapterError
+from ..core.errors import AdapterError, ConfigError
 from ..core.inits import BaseSwap, register_init
 from ..core.model import adapter_layers, adapter_state
 from ..quantize.nf4 import quantize_dequantize
@@ -61,6 +61,20 @@ def loftq_factors(weight: torch.Tensor, r: int, scaling: float, bits: int, steps
     return Q, A, B
 
 
+def configure_loftq(config: Any, options: Mapping[str, Any]) -> Any:
+    """``config`` (a LoRA config with init "loftq") with the init options ``loftq_bits`` / ``loftq_iter`` (None: not
+    given) written into its ``loftq_config``. ConfigError for a value PEFT refuses, worded as the init options the
+    user gave (``init_options['loftq_bits']=2: ...``; a command line says ``--init-options``), not as the config
+    field they did not type."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return replace(config, loftq_config={**config.loftq_config, **given})
+    except ConfigError as e:
+        if not given or e.field is None:
+            raise
+        raise ConfigError(e.args[0], field="init_options") from None
+
+
 def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, loftq_bits: int | None = None,
               loftq_iter: int | None = None) -> dict[str, BaseSwap]:
     """LoftQ on every linear layer of ``adapter_name``: base weight <- Q, adapter <- (A, B); returns the swaps.
@@ -71,12 +85,12 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
     NaN/inf; all checked before any module is written (the model is then unchanged). A failure while writing (out of
     memory in a later module's SVD) puts back what was written, base weights and adapter tensors."""
     state = adapter_state(model)
-    given = {k: v for k, v in (("loftq_bits", loftq_bits), ("loftq_iter", loftq_iter)) if v is not None}
-    config = replace(state.configs[adapter_name], loftq_config={**state.configs[adapter_name].loftq_config, **given})
+    config = configure_loftq(state.configs[adapter_name], {"loftq_bits": loftq_bits, "loftq_iter": loftq_iter})
     targets = []
     for path, layer, delta in method_layers(model, adapter_name):
         if layer.info.kind != "linear":
-            raise AdapterError(f"init {spec!r}: module {path!r} is a {layer.info.kind} layer; LoftQ quantizes linear "
+            kind = {"embedding": "an embedding", "conv": "a convolution"}.get(layer.info.kind, f"a {layer.info.kind}")
+            raise AdapterError(f"init {spec!r}: module {path!r} is {kind} layer; LoftQ quantizes linear "
                                "weights only (PEFT's embedding / convolution LoftQ fails). Leave it out of "
                                "target_modules (exclude_modules) or use another init (model left unchanged).")
         units = writable_units(delta, path, spec)
@@ -116,6 +130,7 @@ def run_loftq(model: nn.Module, adapter_name: str, batches: Any, spec: str, *, l
 
 register_init(
     "loftq", run=run_loftq, changes_base=True, rerun_on_load=True, base_low_rank=False, fits=lora_style,
+    configure=configure_loftq,
     description="Base = its NF4 / int8 quantization Q, adapter = rank-r SVD of W − Q, alternated loftq_iter times "
                 "(Q + s·BA ≈ W).",
     paper="Li et al. 2023, arXiv:2310.08659",
