@@ -81,6 +81,21 @@ def test_bench_init_quick_compares_inits_and_peft_cost(tmp_path):
     assert (tmp_path / "init.png").stat().st_size > 1000 and "| lora_ga | lora |" in (tmp_path / "init.md").read_text()
 
 
+def test_bench_init_quick_loftq_against_qlora_on_the_same_nf4_base(tmp_path):
+    """LoftQ is compared with QLoRA (LoRA's default init on the NF4 base, without double quantization: LoftQ's own
+    quantizer), as the paper does (arXiv:2310.08659 §4: "QLoRA" rows): at loftq_iter = 1 both bases are q_N(W), so
+    the rows differ only in the adapter's start; a full-precision LoRA baseline would mix in the quantization."""
+    torch.set_num_threads(1)
+    assert main(["init", "--quick", "--only", "convergence", "--methods", "qlora", "loftq", "--output",
+                 str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "init.json").read_text())
+    table = {r["contender"]: r for r in result["convergence"]["table"]}
+    assert set(table) == {"qlora", "loftq"} and table["loftq"]["baseline"] == "qlora"
+    assert table["qlora"]["trainable_params"] == table["loftq"]["trainable_params"]  # equal rank
+    assert table["loftq"]["delta_loss_all_steps"] is not None  # paired with the QLoRA run of its seed
+    assert "| loftq | qlora |" in (tmp_path / "init.md").read_text()
+
+
 @pytest.mark.slow  # launches 2 processes that load the bundled model twice each: minutes on a small machine
 def test_bench_perf_ddp_row_times_two_processes_against_one(tmp_path):
     assert main(["perf", "--quick", "--only", "ddp", "--device", "cpu", "--output", str(tmp_path)]) == 0

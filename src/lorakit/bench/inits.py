@@ -1,5 +1,5 @@
 """``lorakit bench init``: each registered init against the default init at equal rank, on the bundled model
-(loss and exact match over the first K steps, per seed), and the cost of running an init side by side with PEFT
+(loss and exact match over the first K steps, per seed; LoftQ against QLoRA on the same NF4 base, ``NF4_BASE``), and the cost of running an init side by side with PEFT
 (wall time and peak memory of LoRA-GA, EVA and PiSSA on a random 8-layer, 512-hidden Llama).
 
 Cost is measured in one child process per (init, library, repeat), the repeats interleaved so machine noise hits
@@ -43,7 +43,13 @@ CONTENDERS: dict[str, tuple[str, dict, str | None, str]] = {
     "lora_sb": ("lora_xs", {}, "lora_sb", "lora_xs"),
     "slora": ("slora", {}, None, "slora"),
     "slora+nlora": ("slora", {}, "nlora", "slora"),
+    "qlora": ("lora", {}, None, "qlora"),
+    "loftq": ("lora", {}, "loftq", "qlora"),
 }
+# contenders trained on the NF4 base (QLoRA), without double quantization: LoftQ's own quantizer (init/loftq.py), so
+# at loftq_iter = 1 LoftQ's base and QLoRA's are the same q_N(W) and the two rows differ only in the adapter's start
+# (the paper's comparison, arXiv:2310.08659 §4); LoftQ quantizes its base itself
+NF4_BASE = ("qlora",)
 
 
 @dataclass
@@ -149,6 +155,10 @@ def run_convergence(profile: InitProfile, progress: bool = False, after_each=Non
                 continue
             method, kwargs, init, _ = CONTENDERS[name]
             model = copy.deepcopy(base)
+            if name in NF4_BASE:
+                from ..quantize import QuantizeConfig, quantize_model
+
+                model = quantize_model(model, QuantizeConfig(double_quant=False))
             torch.manual_seed(seed)
             warmup = max(1, round(0.1 * profile.steps))
             set_bench_init_options(model, init, lr=lr, warmup_steps=warmup)
@@ -390,7 +400,8 @@ def inits_markdown(result: dict) -> str:
     lines = [f"Bundled model, tasks `{p['tasks']}`, {p['steps']} steps × batch {p['batch_size']}, lr {p['lr']} "
              f"unless the row says (NAME@LR), cosine, 10% warmup, r={p['r']} all-linear, data-driven inits on "
              f"{p['init_batches']} batches, seeds {list(p['seeds'])}; exact match on {p['eval_examples']} test "
-             "examples per task.", "",
+             "examples per task. qlora: LoRA on the NF4 base (no double quantization); loftq quantizes the base "
+             "itself, to the same NF4 values at loftq_iter = 1.", "",
              "| init | vs | lr | seeds | trainable params | loss step 1 | loss at K/4 | final loss (last 5) | "
              "Δ loss vs baseline, steps 1..K/4 (paired by seed) | Δ loss vs baseline, all K steps | "
              "exact match at K (mean ± sd) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
