@@ -601,7 +601,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     torch.manual_seed(args.seed)
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if args.loram_ratio is not None:
-        model, tokenizer, plan = _loram_base(args)
+        model, tokenizer, plan = _loram_base(args, save=ctx.is_main)
     elif classify:  # one head output per label of the training data (sorted names)
         from .data.classification import label_names
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
@@ -653,7 +653,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         _print_metrics("after, pruned base", after)
         after = _loram_recover(args, plan, Path(result.adapter_dir), eval_examples)
         print(f"recovered adapter (for the full model) in {result.adapter_dir}; the pruned model's in "
-              f"{Path(result.adapter_dir).with_name('adapter_pruned')}")
+              f"{Path(result.adapter_dir).with_name('adapter_pruned')} (its base: {out / LORAM_BASE})")
     if (out / "pruned_model" / "config.json").is_file():  # a pruning procedure's smaller model: make it loadable
         from .io.files import write_dir_atomically
 
@@ -705,9 +705,15 @@ def _align_config(args):
                        warmup_steps=min(20, max(args.loram_align_steps, 0) // 10), seed=args.seed)
 
 
-def _loram_base(args):
-    """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan)."""
+LORAM_BASE = "pruned_base"  # a LoRAM run's pruned (and aligned) base, the one adapter_pruned/ fits
+
+
+def _loram_base(args, save: bool = True):
+    """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan).
+    ``save``: write it, before any 4-bit quantization, with its tokenizer as ``--output``/pruned_base, and name it so
+    that the adapters trained on it record it as their base (eval / generate / PEFT load them without --model)."""
     from .hub import load_model_and_tokenizer
+    from .io.files import write_dir_atomically
     from .prune.loram import LoramConfig, loram_prune, plan_summary
 
     full, tokenizer = load_model_and_tokenizer(args.model)
@@ -719,6 +725,10 @@ def _loram_base(args):
         aligned = align_pruned(model, tokenizer, _align_config(args), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
               f"pruned base {aligned['eval_loss_before']:.3f} -> {aligned['eval_loss_after']:.3f} nats/token")
+    folder = (Path(args.output) / LORAM_BASE).resolve()
+    if save:
+        write_dir_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    model.name_or_path = model.config._name_or_path = str(folder)  # noqa: SLF001 (what save_adapter records)
     if args.quantize:
         from .quantize import quantize_model
         quantize_model(model, _quantize_config(args))
@@ -741,9 +751,9 @@ def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
     if pruned_dir.exists():
         shutil.rmtree(pruned_dir)
     adapter_dir.rename(pruned_dir)
-    recover_adapter(pruned_dir, plan, adapter_dir)
-    plan.save(adapter_dir.with_name("loram_plan"))
     full, tokenizer = load_model_and_tokenizer(args.model)
+    recover_adapter(pruned_dir, plan, adapter_dir, base_model_name_or_path=full.name_or_path)
+    plan.save(adapter_dir.with_name("loram_plan"))
     load_adapter(full, adapter_dir)
     metrics = evaluate_examples(full, tokenizer, eval_examples, batch_size=args.eval_batch_size, progress=not args.quiet)
     return metrics

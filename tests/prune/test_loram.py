@@ -181,6 +181,36 @@ def test_cli_trains_small_and_writes_the_recovered_adapter(tmp_path, capsys, qua
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
 
 
+def test_cli_pruned_adapter_records_the_pruned_base_and_evaluates_without_model(tmp_path, capsys):
+    """adapter_pruned/ fits the pruned base, not the full one its config recorded: ``lorakit eval`` of it without
+    --model loaded the full base and failed on the first shape. The run writes the pruned base (pruned_base/, a
+    transformers model with its tokenizer) and the pruned adapter records it; the recovered adapter records the full
+    base. The saved base is the one training used: its output with the adapter equals the same prune of the bundled
+    model's (LoRAM-Rand, seed 0) with the same adapter."""
+    import json
+
+    from lorakit.cli import main
+    from lorakit.hub import bundled_name, load_model_and_tokenizer
+
+    out = tmp_path / "run"
+    assert main(["train", "--loram-ratio", "0.5", "--data", "reverse", "--steps", "2", "--batch-size", "2",
+                 "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet", "--r", "2"]) == 0
+    recorded = {name: json.loads((out / name / "adapter_config.json").read_text())["base_model_name_or_path"]
+                for name in ("adapter_pruned", "adapter")}
+    assert recorded["adapter_pruned"] == str((out / "pruned_base").resolve())
+    assert bundled_name(recorded["adapter"]) == "bundled"
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out / "adapter_pruned"), "--data", "reverse", "--eval-examples", "2"]) == 0
+    assert f"base model: {out / 'pruned_base'}" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(out / "adapter_pruned"), "--prompt", "abc", "--max-new-tokens", "2"]) == 0
+    saved = lk.load_adapter(load_model_and_tokenizer(str(out / "pruned_base"))[0], out / "adapter_pruned")
+    pruned, _ = loram_prune(load_model_and_tokenizer(None)[0], LoramConfig(ratio=0.5, seed=0))
+    pruned = lk.load_adapter(pruned, out / "adapter_pruned")
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(saved.eval()(ids).logits, pruned.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_cli_with_a_base_changing_init_recovers_the_trained_delta(tmp_path, init):
     """PiSSA / OLoRA move W's principal part into the adapter of the *pruned* base. Their files said

@@ -180,10 +180,11 @@ def recover_state_dict(tensors: dict[str, torch.Tensor], plan: PrunePlan, recove
 
 
 def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os.PathLike, *,
-                    recover: str = "zero", seed: int = 0) -> Path:
+                    recover: str = "zero", seed: int = 0, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter folder ``source`` (trained on the pruned model) recovered for the original model to
     ``target`` (same adapter_config.json, PEFT-loadable, the folder's other files copied along), written atomically
-    (a folder already at ``target`` is replaced). Returns ``target``.
+    (a folder already at ``target`` is replaced). ``base_model_name_or_path``: the original model, recorded in the
+    target's config in place of the pruned base ``source`` records (None: kept as it is). Returns ``target``.
 
     Raises AdapterError for an adapter whose file is relative to a base its init changed and redoes on load
     (PiSSA, OLoRA: ``init_lora_weights="pissa"``): on the full model that init would factorise other weights.
@@ -197,6 +198,8 @@ def recover_adapter(source: str | os.PathLike, plan: PrunePlan, target: str | os
                            "pruned model's adapter with save_adapter(model, dir, original_base=True) (a plain LoRA "
                            "for the untouched pruned base) and recover that.")
     recovered = recover_state_dict(load_tensors(weights_path(source)), plan, recover, seed)
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
 
     def write(folder: Path) -> None:
         for extra in source.iterdir():  # what else the folder holds (task_index.json, ...) goes along unchanged
