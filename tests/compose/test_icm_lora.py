@@ -229,10 +229,14 @@ def test_icm_lora_temperature_must_be_finite_and_non_negative(generator, tmp_pat
     assert not (tmp_path / "t").exists()
 
 
-def test_icm_lora_unknown_task_names_near_matches(generator, tmp_path):
-    with pytest.raises(ValueError, match="Did you mean rotate3"):
+def test_icm_lora_unknown_task_names_near_matches(generator, collection, tmp_path):
+    """A mistyped task is lorakit's ConfigError (was: a plain ValueError) with core's near-match hint, in
+    generate_adapter and in train_icm_lora (before any model loads: none is given here)."""
+    with pytest.raises(lk.ConfigError, match="Did you mean: rotate3"):
         generate_adapter(generator, "rotat3", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(lk.ConfigError, match=rf"unknown task 'revers'. Did you mean: reverse\?.*adapter {collection[0]}"):
+        train_icm_lora([f"revers={collection[0]}", *collection[1:]])
 
 
 def test_icm_lora_cli_train_names_an_unknown_task_before_the_model_loads(collection, tmp_path, capsys, monkeypatch):
@@ -244,7 +248,8 @@ def test_icm_lora_cli_train_names_an_unknown_task_before_the_model_loads(collect
     assert main(["generate-adapter", "train", "--adapters", f"rotat3={collection[0]}", *collection[1:],
                  "--output", str(tmp_path / "g"), "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "unknown task 'rotat3'. Did you mean rotate3" in err and f"adapter {collection[0]}" in err, err
+    assert "unknown task 'rotat3'. Did you mean: rotate3" in err and f"adapter {collection[0]}" in err, err
+    assert "Traceback" not in err
     assert loaded == [] and not (tmp_path / "g").exists()
 
 

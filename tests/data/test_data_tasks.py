@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.core.errors import ConfigError
 from lorakit.data import TASKS, Example, get_task, list_tasks, load_examples, pretraining_texts
 from lorakit.data.tasks import SPLITS, is_held_out, numeric_match, stdlib_function_facts
 
@@ -200,5 +201,5 @@ def test_rotate_family_rotates_by_k_and_stays_out_of_the_registry():
     assert all(e.task == "rotate3" for e in ex)
     with pytest.raises(ValueError, match="offset k"):
         rotate_task(0)
-    with pytest.raises(ValueError, match="Did you mean rotate3"):
+    with pytest.raises(ConfigError, match="Did you mean: rotate3"):
         get_task("rotat3")

@@ -186,7 +186,7 @@ def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
     # an embedding's LoRA has lora_embedding_A/B, not linear lora_A/lora_B: was an AttributeError in the ServerApp
     (["--target-modules", "q_proj,embed_tokens"], "'model.embed_tokens' (Embedding) gets a LoraEmbedding. Leave it "
                                                   "out of --target-modules"),
-    (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean reverse?"),
+    (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean: reverse?"),
     (["--eval-data", "missing.jsonl"], "--eval-data 'missing.jsonl' is not a file"),
     (["--round-timeout", "0"], "--round-timeout must be > 0"),
     (["--straggler-delay", "-5"], "--straggler-delay must be >= 0"),

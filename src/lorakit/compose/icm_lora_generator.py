@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
-from ..core.errors import AdapterError, AdapterLoadError, LorakitError, did_you_mean
+from ..core.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
 from ..core.inits import changed_base_error
 from ..io.files import load_tensors, read_json, save_tensors_and_json
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path, write_adapter_files
@@ -407,7 +407,7 @@ def _base_model(adapter_config: dict[str, Any], model: Any, tokenizer: Any):
 
 
 def _check_task_names(samples: Sequence[AdapterSample]) -> None:
-    """ValueError (with near matches) for the first sample whose task is neither a built-in task nor a path."""
+    """ConfigError (with near matches) for the first sample whose task is neither a built-in task nor a path."""
     from ..data import looks_like_path
     from ..data.tasks import get_task
 
@@ -415,8 +415,8 @@ def _check_task_names(samples: Sequence[AdapterSample]) -> None:
         if not looks_like_path(sample.task):
             try:
                 get_task(sample.task)
-            except ValueError as err:
-                raise ValueError(f"{err} (the task of adapter {sample.source})") from None
+            except ConfigError as err:
+                raise ConfigError(f"{err} (the task of adapter {sample.source})") from None
 
 
 def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig | None = None, *,
@@ -424,7 +424,7 @@ def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig 
                    log: Callable[[dict[str, float]], None] | None = None) -> IcmLoraGenerator:
     """Read a collection (see :func:`read_collection`), compute each task's in-context vector on the base model
     (``model``/``tokenizer``, or ``model`` a folder / hub id loaded once the collection has been read; default:
-    the collection's ``base_model_name_or_path``) and train the CVAE. Raises ValueError (with near matches) for a
+    the collection's ``base_model_name_or_path``) and train the CVAE. Raises ConfigError (with near matches) for a
     task that is neither a built-in task nor a JSONL path, before any model loads."""
     config = config or IcmLoraConfig()
     samples, adapter_config = read_collection(adapters)
@@ -440,8 +440,9 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
 
     A task of the collection uses its stored vector and stats; another task gets its vector from the base model
     reading its examples in context and the collection-wide stats; only then is a base model needed (``model``/
-    ``tokenizer``, or ``model`` a folder / hub id, default the collection's base). Raises ValueError (unknown task,
-    with near matches) and AdapterLoadError (a bad generator folder) before any model loads.
+    ``tokenizer``, or ``model`` a folder / hub id, default the collection's base). Raises ConfigError (unknown task,
+    with near matches), ValueError (temperature) and AdapterLoadError (a bad generator folder) before any model
+    loads.
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (z = temperature · N(0, I)), got {temperature}")

@@ -20,7 +20,6 @@ the string tasks needlessly hard for a tiny model.
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import random
 import string
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.core.errors import ConfigError, did_you_mean
 from lorakit.data.example import Example
 
 SPLITS = ("train", "test", "pretrain")
@@ -386,16 +386,14 @@ def find_task(name: str) -> Task | None:
 def get_task(name: str) -> Task:
     """A built-in task by name, including family members such as "rotate3".
 
-    Raises ValueError naming the closest task names when `name` is unknown.
+    Raises ConfigError (a ValueError) naming the closest task names when `name` is unknown.
     """
     task = find_task(name)
     if task is not None:
         return task
     family = [f"rotate{k}" for k in range(2, MAX_ROTATE_OFFSET + 1)]
-    close = difflib.get_close_matches(name, [*TASKS, *family], n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown task {name!r}.{hint} Available: {', '.join(list_tasks())}, "
-                     f"{ROTATE_FAMILY} for k in 2..{MAX_ROTATE_OFFSET}") from None
+    raise ConfigError(f"unknown task {name!r}.{did_you_mean(name, [*TASKS, *family])} Available: "
+                      f"{', '.join(list_tasks())}, {ROTATE_FAMILY} for k in 2..{MAX_ROTATE_OFFSET}") from None
 
 
 def pretraining_texts(n_per_task: int, seed: int = 0) -> list[str]:
