@@ -135,6 +135,14 @@ def test_an_infinite_lora_scale_is_refused(run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_region_inside_one_pixel_is_named_not_dropped(run, tmp_path, capsys):
+    """A --region box covering no whole pixel of the 8×8 image left its LoRA out of the image without a word."""
+    code, out = _compose(run, tmp_path, "--method", "composer", "--region", "0,0,1,0.5", "--region", "0.3,0.6,0.35,0.7")
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and "region 1 (0.3, 0.6, 0.35, 0.7) of LoRA" in line and "covers no pixel of the 8×8" in line
+    assert not out.exists()
+
+
 def test_zero_steps_names_the_steps_flag(run, tmp_path, capsys):
     code, _ = _compose(run, tmp_path, "--steps", "0")
     line = _one_line_error(capsys.readouterr().err)

@@ -314,6 +314,43 @@ def test_region_self_attention_without_other_regions_is_the_default_processor(un
     assert (isolated - ref).abs().max() > 1e-4
 
 
+@torch.no_grad()
+def test_composer_a_region_that_covers_no_pixel_is_named_not_dropped(unet):
+    """Boxes are rounded inward to whole pixels (ceil start, floor end, as the official ``replace_latents``): a box
+    inside one pixel covered nothing, so its LoRA was silently left out of the image. Now a ConfigError names the
+    region, its LoRA and its size, before any forward pass; the attention processors are put back."""
+    from diffusers.models.attention_processor import Attention
+
+    before = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+    tiny = make_config("composer", regions=[(0.0, 0.0, 1.0, 0.5), (0.3, 0.6, 0.35, 0.7)])  # 0.4 × 0.8 of a pixel
+    with pytest.raises(ConfigError, match=r"region 1 \(0.3, 0.6, 0.35, 0.7\) of LoRA 'b' covers no pixel of the "
+                                          r"8×8 image \(0.4×0.8 pixels\)"):
+        compose_images(unet, _sched(), ["a", "b"], tiny, num_images=1, num_inference_steps=1)
+    assert [m.processor for m in unet.modules() if isinstance(m, Attention)] == before
+
+
+@torch.no_grad()
+def test_region_self_attention_warns_for_a_region_gone_at_a_coarser_map(unet):
+    """A box of 2×2 pixels at 8×8 is 1×1 at a 4×4 feature map but straddles four positions, so rounded inward it
+    covers none: its isolation is lost there, said once per map size (the LoRA itself still applies at the image's
+    resolution)."""
+    import warnings
+
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    attn = next(m for m in unet.modules() if isinstance(m, Attention))
+    channels = attn.to_q.base_layer.in_features if hasattr(attn.to_q, "base_layer") else attn.to_q.in_features
+    processor = RegionSelfAttention([(0.0, 0.5, 1.0, 1.0), (0.125, 0.125, 0.375, 0.375)], AttnProcessor2_0())
+    with disable_adapters(unet):
+        with pytest.warns(UserWarning, match=r"region 1 \(0.125, 0.125, 0.375, 0.375\) covers no position of the "
+                                             r"4×4 self-attention map \(1×1 positions\)"):
+            processor(attn, torch.randn(1, channels, 4, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            processor(attn, torch.randn(1, channels, 4, 4))  # once per map size
+            processor(attn, torch.randn(1, channels, 8, 8))  # 2×2 positions at 8×8: no warning
+
+
 def test_bad_input_is_named(unet):
     with pytest.raises(ConfigError, match="cmlora"):
         make_config("cmlor")

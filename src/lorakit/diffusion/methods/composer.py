@@ -25,6 +25,7 @@ l.33-160), latent re-initialisation, which places each region's latent where its
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,17 @@ def region_masks(boxes: list[tuple[float, float, float, float]], height: int, wi
         t, l, b, r = _pixel_box(box, height, width)
         masks[i, t:b, l:r] = 1.0
     return masks
+
+
+def uncovered(boxes: list[tuple[float, float, float, float]], height: int, width: int) -> dict[int, str]:
+    """The boxes that cover no position of a ``height`` × ``width`` grid (boxes are rounded inward to whole
+    positions, :func:`_pixel_box`): index -> their extent there before rounding, ``"0.4×0.8"``."""
+    found = {}
+    for i, box in enumerate(boxes):
+        t, l, b, r = _pixel_box(box, height, width)
+        if b <= t or r <= l:
+            found[i] = f"{(box[2] - box[0]) * height:.3g}×{(box[3] - box[1]) * width:.3g}"
+    return found
 
 
 def isolation_bias(boxes: list[tuple[float, float, float, float]], height: int, width: int) -> torch.Tensor:
@@ -68,6 +80,11 @@ class RegionSelfAttention:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         b, _, h, w = hidden_states.shape
         if (h, w) not in self._bias:
+            for i, extent in (uncovered(self.boxes, h, w) if len(self.boxes) > 1 else {}).items():
+                warnings.warn(f"composer: region {i} {self.boxes[i]} covers no position of the {h}×{w} self-attention "
+                              f"map ({extent} positions), so it is not isolated from the other regions at that "
+                              "resolution (boxes are rounded inward to whole positions, as the official code).",
+                              stacklevel=2)
             self._bias[(h, w)] = isolation_bias(self.boxes, h, w)
         mask = self._bias[(h, w)].to(hidden_states.dtype).expand(b, h * w, h * w)
         return self.inner(attn, hidden_states, None, mask, temb, **kwargs)
@@ -112,6 +129,14 @@ class LoraComposer:
                 m.set_processor(isolated)
 
     def noise(self, run: Run, step: int, t, x):
+        height, width = x.shape[-2:]
+        gone = uncovered(self.config.regions, height, width)
+        if gone:  # before any forward: that LoRA would be left out of the image without a word
+            i, extent = next(iter(gone.items()))
+            raise ConfigError(f"composer: region {i} {self.config.regions[i]} of LoRA {run.loras[i]!r} covers no pixel "
+                              f"of the {height}×{width} image ({extent} pixels), so that LoRA would be left out. Make "
+                              "the box cover at least one whole pixel (it is rounded inward: start up, end down), or "
+                              "sample a larger image.", field="regions")
         preds = run.predict(x, t, [None, *run.loras])  # (1 + K, N, C, H, W): base, then each LoRA
         masks = region_masks(self.config.regions, x.shape[-2], x.shape[-1]).to(x.dtype)[:, None, None]  # (K,1,1,H,W)
         count = masks.sum(dim=0)
