@@ -136,6 +136,18 @@ def register_host_preparer(prepare) -> None:
         _HOST_PREPARERS.append(prepare)
 
 
+def embedding_scaled(out: torch.Tensor, embed_scale) -> torch.Tensor:
+    """``out`` (..., dim) times a scaled embedding's output scale ``embed_scale`` (the layer's attribute: Gemma's
+    0-d tensor, BioGPT's / BART's Python float), as the layer's own forward multiplies its lookup; ``out`` as it is
+    for None. Adapter outputs on such a layer are scaled so too (PEFT's ``_get_embed_scale`` takes both kinds,
+    peft/tuners/tuners_utils.py 0.21.2)."""
+    if isinstance(embed_scale, torch.Tensor):
+        return out * embed_scale.to(out.dtype)
+    if isinstance(embed_scale, (int, float)) and not isinstance(embed_scale, bool):
+        return out * embed_scale
+    return out
+
+
 def describe_kinds(kinds: Iterable[str]) -> str:
     """The layer types a method with these ``layer_kinds`` adapts, e.g. "nn.Linear, transformers Conv1D"."""
     return "; ".join(KIND_LAYERS.get(k, f"{k} blocks") for k in kinds)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import LayerInfo
+from ..core.delta import LayerInfo, embedding_scaled
 from ..core.errors import AdapterError
 from ..core.routing import rows_for_batch
 
@@ -516,8 +516,7 @@ class LoraEmbeddingBank(LoraBank):
             h = h * w.view(batch, 1, k, 1)
         Bg = self.B[:, :ru].index_select(0, plan.slots.reshape(-1)).view(batch, k * ru, -1)
         y = torch.bmm(h.reshape(batch, ids.shape[1], k * ru), Bg)
-        if isinstance(self.embed_scale, torch.Tensor):
-            y = y * self.embed_scale.to(y.dtype)
+        y = embedding_scaled(y, self.embed_scale)
         return y.reshape(base_out.shape).to(base_out.dtype)
 
 
