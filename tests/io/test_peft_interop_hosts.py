@@ -241,5 +241,8 @@ def test_lora_on_a_float_scaled_embedding_identical_to_peft(ids, tmp_path):
     """PEFT scales the embedding LoRA's output by the layer's embed_scale, a float one too (peft/tuners/lora/
     layer.py 0.21.2 Embedding.forward line 1458, ``_get_embed_scale`` peft/tuners/tuners_utils.py:1922-1924). Was:
     lorakit scaled only by a tensor embed_scale (Gemma), so BioGPT's embedding LoRA came out sqrt(32) times too
-    small."""
+    small. On half-precision bases bit for bit: the float scale is rounded to the weight's dtype, as PEFT's."""
     _both_ways(tiny_biogpt, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), ids, tmp_path)
+    for dtype in (torch.bfloat16, torch.float16):
+        _both_ways(tiny_biogpt, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), ids,
+                   tmp_path / str(dtype), atol=0, dtype=dtype)

@@ -380,7 +380,8 @@ class LoraEmbedding(Delta):
                               max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
                               scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse)
         out = (after_a @ self.lora_embedding_B.T) * self.scaling
-        return embedding_scaled(out, getattr(base_layer, "embed_scale", None))  # Gemma's, BioGPT's scaled embeddings
+        # Gemma's, BioGPT's scaled embeddings
+        return embedding_scaled(out, getattr(base_layer, "embed_scale", None), base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.lora_out(x, base_layer).to(base_out.dtype)
