@@ -492,22 +492,29 @@ def test_resuming_eva_under_a_procedure_is_refused_with_the_resume_advice_and_th
     _assert_close_all(advised.state_dict(), straight.state_dict(), atol=1e-6, rtol=0)
 
 
-def _reshard_one_tensor_per_file(checkpoint, record_last: bool) -> list[str]:
+def _reshard_apart(checkpoint, record_last: bool) -> list[str]:
     """Rewrite a checkpoint's model.safetensors as a sharded checkpoint (the form save_pretrained gives a model above
-    its max_shard_size, 50GB under Trainer), one tensor per shard: each init-record tensor apart from the others and
-    from the adapter tensors. Returns the shard files with the records' last (or first)."""
+    its max_shard_size, 50GB under Trainer): each init-record tensor and each adapter tensor in a shard of its own,
+    apart from the others, the frozen base's tensors together in one shard (transformers' ``load_sharded_checkpoint``
+    runs ``gc.collect()`` after every shard, seconds each in a large test process). Returns the shard files with the
+    records' last (or first)."""
     import json
 
     from safetensors.torch import save_file
 
     tensors = load_file(checkpoint / "model.safetensors")
     (checkpoint / "model.safetensors").unlink()
-    keys = sorted(tensors, key=lambda k: k.startswith("lorakit_init.") == record_last)
-    files = {k: f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors" for i, k in enumerate(keys)}
-    for k, f in files.items():
-        save_file({k: tensors[k].contiguous()}, checkpoint / f, metadata={"format": "pt"})
-    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
-    return [files[k] for k in keys]
+    base = sorted(k for k in tensors if "lora_" not in k and not k.startswith("lorakit_init."))
+    apart = sorted((k for k in tensors if k not in base), key=lambda k: k.startswith("lorakit_init.") == record_last)
+    assert base and any("lora_" in k for k in apart) and any(k.startswith("lorakit_init.") for k in apart)
+    groups = [[k] for k in apart]
+    groups.insert(0 if record_last else len(groups), base)
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, keys in zip(names, groups):
+        save_file({k: tensors[k].contiguous() for k in keys}, checkpoint / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, keys in zip(names, groups) for k in keys}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return names
 
 
 # ~20 s each: records loading last with EVA (the order that failed before) runs in CI, the other three under -m slow
@@ -535,7 +542,7 @@ def test_resuming_a_sharded_checkpoint_restores_the_init_record_whatever_order_t
                                         init_lora_weights="corda"))
 
     straight = trainer_with_checkpoints(model(), tmp_path / "a", max_steps=2, save_steps=1)
-    order = _reshard_one_tensor_per_file(tmp_path / "a" / "checkpoint-1", record_last)
+    order = _reshard_apart(tmp_path / "a" / "checkpoint-1", record_last)
     def pinned_set(items=()):
         items = list(items)
         if items and all(i in order for i in items):  # the shard list: in the pinned order (deduplicated)
