@@ -249,23 +249,23 @@ def test_bad_options_say_what_to_change(tokenizer):
         make_optimizer(_model(tokenizer), "default", config, procedure=get_procedure("longlora").build(config))
 
 
-def test_cli_eval_loads_the_trained_embeddings_and_norms(tmp_path):
+def test_cli_eval_loads_the_trained_embeddings_and_norms(tmp_path, capsys):
     """`lorakit eval --adapter RUN/adapter` loads RUN/trainable_params.safetensors too: the same score as the
-    training run's own final evaluation (without it the adapter scored differently; found by a break test)."""
+    training run's own final evaluation (without it the adapter scored differently; found by a break test). The CLI
+    runs in-process (tests/test_cli.py::test_console_script_runs covers the console script)."""
     import json
-    import subprocess
-    import sys
+
+    from lorakit.cli import main
 
     run = tmp_path / "run"
     common = ["--data", "reverse", "--eval-examples", "8"]
-    subprocess.run([sys.executable, "-m", "lorakit", "train", "--procedure", "longlora", "--steps", "3", "--lr", "0.01",
-                    "--batch-size", "4", "--train-examples", "32", "--max-length", "64", "--output", str(run),
-                    "--quiet", *common],
-                   check=True, capture_output=True, text=True)
+    assert main(["train", "--procedure", "longlora", "--steps", "3", "--lr", "0.01", "--batch-size", "4",
+                 "--train-examples", "32", "--max-length", "64", "--output", str(run), "--quiet", *common]) == 0
+    capsys.readouterr()
     assert (run / "trainable_params.safetensors").is_file()
     after = json.loads((run / "summary.json").read_text())
     assert after["procedure"] == "longlora"
-    out = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--adapter", str(run / "adapter"), *common],
-                         check=True, capture_output=True, text=True)
-    assert "base tensors trained with the adapter" in out.stderr
-    assert f"{after['after']['exact_match']:.3f}" in out.stdout, (out.stdout, after["after"])
+    assert main(["eval", "--adapter", str(run / "adapter"), *common]) == 0
+    out = capsys.readouterr()
+    assert "base tensors trained with the adapter" in out.err
+    assert f"{after['after']['exact_match']:.3f}" in out.out, (out.out, after["after"])
