@@ -231,7 +231,8 @@ def test_cli_flag_trains_token_rows(tmp_path):
 
     out = tmp_path / "run"
     assert main(["train", "--data", "reverse", "--steps", "2", "--batch-size", "2", "--train-examples", "4",
-                 "--r", "2", "--trainable-token-indices", "[3, 5]", "--output", str(out), "--quiet"]) == 0
+                 "--eval-examples", "2", "--r", "2", "--trainable-token-indices", "[3, 5]", "--output", str(out),
+                 "--quiet"]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == [3, 5]
     keys = [k for k in load_file(out / "adapter" / "adapter_model.safetensors") if "trainable_tokens_delta" in k]
