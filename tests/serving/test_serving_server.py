@@ -239,12 +239,14 @@ def test_server_disconnect_frees_slot_and_metrics(setup):
 
 @pytest.mark.parametrize("extra", [[], ["--cuda-graphs"]], ids=["eager", "cuda_graphs"])
 def test_cli_serve_starts_and_answers(setup, tmp_path, extra, sh):
-    """``lorakit serve`` as a user runs it: the bundled model, an adapters folder, a completion over HTTP; also with
-    ``--cuda-graphs`` (on the CPU its static decode step runs eagerly: the same greedy text)."""
+    """``lorakit serve`` as a user runs it (``python -m lorakit.cli``, the one serving test that starts it so; the
+    others fork it from a process that has imported lorakit): the bundled model, an adapters folder, a completion
+    over HTTP; also with ``--cuda-graphs`` (on the CPU its static decode step runs eagerly: the same greedy text)."""
     import os
 
     proc, url = sh.start_cli_server(["--adapters", str(setup["root"]), "--max-loras", "2", "--kv-cache-mb", "8",
-                                     *extra], tmp_path / "stderr.txt", env={**os.environ, "LORAKIT_API_KEY": KEY})
+                                     *extra], tmp_path / "stderr.txt", env={**os.environ, "LORAKIT_API_KEY": KEY},
+                                    forked=bool(extra))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         r = client.completions.create(model="ad1", prompt=PROMPTS[0], max_tokens=6, temperature=0)
