@@ -46,15 +46,15 @@ def test_the_set_is_replaced_with_the_usual_file_mode(tmp_path):
 # -- a save killed mid-write ---------------------------------------------------------------------------------
 def _killed_in(code: str, tmp_path) -> None:
     """Run ``code`` in a Python process that SIGKILLs itself at its first fsync (a temp file then exists, written
-    but not renamed): what a save killed between its writes leaves on disk, with no cleanup run."""
+    but not renamed): what a save killed between its writes leaves on disk, with no cleanup run. The process is
+    forked from one that has imported lorakit (``lk_forked``)."""
     import signal
-    import subprocess
-    import sys
+
+    from lk_forked import run_code
 
     script = ("import os, signal\nos.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n" + code)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    status, err = run_code(script, tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert status == -signal.SIGKILL, err
 
 
 def test_a_save_killed_mid_write_leaves_temps_the_next_save_removes_and_loads_ignore(tmp_path):
@@ -170,8 +170,7 @@ def test_windows_path_a_concurrent_save_keeps_the_running_ones_temp_and_both_com
 def test_windows_path_a_folder_being_written_is_locked_through_a_file_beside_it(tmp_path, monkeypatch):
     """On Windows a folder cannot be opened as a descriptor: the running folder save locks ``.<name>.tmp-*.lock``
     beside it. Another save of the same folder meanwhile keeps both; a killed save's pair is removed by the next."""
-    import subprocess
-    import sys
+    from lk_forked import run_code
 
     monkeypatch.setattr(files, "_WINDOWS", True)
     root = tmp_path / "adapters"
@@ -194,9 +193,8 @@ def test_windows_path_a_folder_being_written_is_locked_through_a_file_beside_it(
     script = ("import os, signal\nos.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
               "from lorakit.io import files\nfiles._WINDOWS = True\n"
               "files.write_dir_atomically('adapters/b', lambda t: files.atomic_write_bytes(t / 'w.bin', b'y'))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode < 0, done.stderr
+    status, err = run_code(script, tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # forked: lk_forked
+    assert status < 0, err
     left = sorted(p.name for p in root.iterdir() if p.name != "b")
     assert len(left) == 2 and left[1] == left[0] + ".lock" and all(files.is_temp_name(n) for n in left), left
     files.write_dir_atomically(root / "b", lambda t: (t / "adapter_config.json").write_text("{}"))

@@ -103,7 +103,7 @@ class LiveServer:
 def start_cli_server(args: list[str], stderr_path: Path, env: dict | None = None, timeout: float = 120.0,
                      forked: bool = True):
     """``lorakit serve ARGS --port P`` in a process of its own on a free port, once /health answers: (process, base
-    url). ``forked``: a child of a forkserver that has imported lorakit once (``lk_cli_child``: seconds saved per
+    url). ``forked``: a child of a forkserver that has imported lorakit once (``lk_forked``: seconds saved per
     server); else ``python -m lorakit.cli`` as a user starts it. ``env``: its environment (default: this one's). Its
     stderr goes to ``stderr_path``; a process that exits or does not come up in ``timeout`` seconds fails the test
     with the end of that file."""
@@ -117,9 +117,9 @@ def start_cli_server(args: list[str], stderr_path: Path, env: dict | None = None
         port = sock.getsockname()[1]
     argv = ["serve", *args, "--port", str(port)]
     if forked:
-        from lk_cli_child import Child
+        from lk_forked import Child
 
-        proc = Child(argv, dict(os.environ if env is None else env), os.devnull, str(stderr_path))
+        proc = Child.cli(argv, dict(os.environ if env is None else env), os.devnull, str(stderr_path))
     else:
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *argv], env=env, stdout=subprocess.DEVNULL,
