@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -158,7 +159,8 @@ class QuantizeConfig:
     - ``double_quant``: quantize the per-block absmax constants too (QLoRA §3, ≈0.37 bit/parameter saved).
     - ``compute_dtype``: dtype of the dequantized matmul, ``"float32"``, ``"bfloat16"`` (the paper's) or
       ``"float16"``. float32 is the default here because CPUs without bf16 units run it faster.
-    - ``skip_modules``: module names (suffixes) kept in full precision; None = the output head, as transformers.
+    - ``skip_modules``: transformers' ``llm_int8_skip_modules``: patterns of the modules kept in full precision,
+      matched as transformers matches them (:func:`skips_module`); None = the output head.
 
     Raises ConfigError for an unknown quant type or compute dtype.
     """
@@ -198,9 +200,25 @@ def is_4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def skips_module(path: str, skip_modules: Sequence[str]) -> bool:
+    """Whether ``skip_modules`` (``llm_int8_skip_modules``) keeps the module at ``path`` (and so every linear layer
+    under it) in full precision, by transformers' own rule, the one its ``from_pretrained(quantization_config=...)``
+    applies to a saved config: ``transformers.quantizers.quantizers_utils.should_convert_module`` (transformers 5:
+    a pattern matching the path from its start up to a module boundary, as a regular expression, or a plain string
+    suffix of the path; ``"model.layers.1"`` keeps layer 1, not 11; ``"p_proj"`` keeps ``up_proj``). Transformers
+    without it (4.x) matched in ``integrations/bitsandbytes.py`` ``_replace_with_bnb_linear``: the module's own
+    name, the whole path, or a pattern followed by a dot anywhere in it."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        own = path.rpartition(".")[2]
+        return any(own == key or path == key or key + "." in path for key in skip_modules)
+    return not should_convert_module(path, list(skip_modules))
+
+
 def _skipped(model: nn.Module, config: QuantizeConfig) -> set[int]:
     if config.skip_modules is not None:
-        return {id(m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in config.skip_modules)}
+        return {id(m) for n, m in model.named_modules() if skips_module(n, config.skip_modules)}
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return {id(head)} if head is not None else set()
