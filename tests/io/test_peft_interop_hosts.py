@@ -222,3 +222,27 @@ def test_a_peft_file_with_an_empty_layers_to_transform_adapts_every_layer(ids, t
     model = lk.load_adapter(tiny_llama(), tmp_path)
     assert len(list(lk.core.model.adapter_layers(model))) == 2
     assert (_out(model, ids) - expected).abs().max() <= 1e-5
+
+
+def tiny_biogpt(seed: int = 0, dtype=torch.float32):
+    """BioGPT: its embedding multiplies its lookup by a Python float ``embed_scale`` (sqrt(hidden); BART-family
+    ``*ScaledWordEmbedding`` with scale_embedding too)."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BioGptConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=96, max_position_embeddings=64)
+    model = BioGptForCausalLM(cfg).to(dtype).eval()
+    assert isinstance(model.biogpt.embed_tokens.embed_scale, float)
+    return model
+
+
+def test_lora_on_a_float_scaled_embedding_identical_to_peft(ids, tmp_path):
+    """PEFT scales the embedding LoRA's output by the layer's embed_scale, a float one too (peft/tuners/lora/
+    layer.py 0.21.2 Embedding.forward line 1458, ``_get_embed_scale`` peft/tuners/tuners_utils.py:1922-1924). Was:
+    lorakit scaled only by a tensor embed_scale (Gemma), so BioGPT's embedding LoRA came out sqrt(32) times too
+    small. On half-precision bases bit for bit: the float scale is rounded to the weight's dtype, as PEFT's."""
+    _both_ways(tiny_biogpt, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), ids, tmp_path)
+    for dtype in (torch.bfloat16, torch.float16):
+        _both_ways(tiny_biogpt, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), ids,
+                   tmp_path / str(dtype), atol=0, dtype=dtype)

@@ -46,6 +46,20 @@ def tiny_gemma3(seed: int = 0):
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def tiny_biogpt(seed: int = 0):
+    """BioGPT: its embedding scales its output by a float ``embed_scale`` (sqrt(hidden), scale_embedding=True by
+    default; BART-family ``*ScaledWordEmbedding`` with scale_embedding too), which PEFT's ``_get_embed_scale``
+    applies as a scalar (peft/tuners/tuners_utils.py 0.21.2, lines 1922-1924)."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BioGptConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=96, max_position_embeddings=64)
+    model = BioGptForCausalLM(cfg).eval()
+    assert isinstance(model.biogpt.embed_tokens.embed_scale, float)
+    return model
+
+
 LLAMA = ["q_proj", "v_proj", "down_proj"]
 CASES = {  # model factory, LoRA targets, trainable_token_indices
     "llama-list": (tiny_llama, LLAMA, [3, 5, 90]),
@@ -54,6 +68,7 @@ CASES = {  # model factory, LoRA targets, trainable_token_indices
     "tied-llama-list": (tied_llama, LLAMA, [3, 5, 90]),
     "gpt2-tied-dict": (tiny_gpt2, ["c_attn"], {"wte": [3, 5], "lm_head": [3, 5]}),
     "gemma3-scaled-tied": (tiny_gemma3, ["q_proj", "v_proj"], [3, 5, 90]),
+    "biogpt-float-scale": (tiny_biogpt, ["q_proj", "v_proj"], [3, 5, 90]),
     # PEFT ties a head to the embedding only when the embedding is named: alone, the head's logits change, the input
     # rows stay the base's (peft/utils/other.py, should_apply_tying)
     "tied-llama-head-only": (tied_llama, LLAMA, {"lm_head": [5, 9]}),
@@ -127,6 +142,15 @@ def test_file_holds_peft_keys_and_a_tied_head_saves_nothing(tmp_path):
     assert tokens == {KEY: (3, 32)}
     # untrained rows are the base rows (PEFT's init, layer.py line 145), so the adapter starts as a no-op for them
     assert torch.equal(tensors[KEY], tied_llama().model.embed_tokens.weight[[3, 5, 90]])
+
+
+def test_untrained_rows_leave_a_float_scaled_embedding_unchanged(token_ids):
+    """An embedding whose ``embed_scale`` is a Python float (BioGPT, BART with scale_embedding). Was: only a tensor
+    scale was applied, so the untrained rows came out unscaled and the logits moved by 0.2 at init."""
+    model = tiny_biogpt()
+    base = _logits(model, token_ids)
+    lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 90]))
+    assert (_logits(model, token_ids) - base).abs().max() <= 1e-6
 
 
 def test_untrained_rows_leave_the_base_unchanged(token_ids):

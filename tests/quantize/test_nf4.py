@@ -620,6 +620,73 @@ def test_a_saved_4bit_checkpoint_loads_in_lorakit_without_quantize(tmp_path, avx
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+# --- the check's first run: default dtype and a second thread ---------------------------------------------------------
+# Each runs in a fresh interpreter: the check runs once per process and this one has run it already.
+def _fresh_interpreter(code: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    src = os.path.dirname(os.path.dirname(lk.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_check_works_when_the_default_dtype_is_bfloat16():
+    """``torch.set_default_dtype(torch.bfloat16)`` (common in LLM scripts) before lorakit's first 4-bit call. Was:
+    the probe's NF4 table came out in bfloat16 (bitsandbytes' get_4bit_type follows the default dtype), so no kernel
+    matched it: lorakit warned that its workaround failed, removed it, and the faulty kernel stayed for the whole
+    process. The reference here is the paper's table (NF4 above) on bitsandbytes' codes."""
+    out = _fresh_interpreter(f"""
+import warnings, torch
+torch.set_default_dtype(torch.bfloat16)
+from lorakit.quantize import quantize_model
+with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*lorakit's workaround")
+    quantize_model(torch.nn.Sequential(torch.nn.Linear(96, 2), torch.nn.Linear(2, 2)))
+torch.set_default_dtype(torch.float32)
+import bitsandbytes.functional as F
+NF4 = torch.tensor({NF4.tolist()})
+w = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 0xF], dim=1).reshape(-1).long()
+want = (NF4[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(4, 96)
+print(float((F.dequantize_4bit(packed, state) - want).abs().max()))
+""")
+    assert float(out.split()[-1]) == 0.0
+
+
+@pytest.mark.slow  # a fresh interpreter and a 5 s hold
+def test_a_second_thread_waits_for_the_check_instead_of_using_the_faulty_kernel():
+    """Two threads reach bitsandbytes for the first time together (adapters added to models in worker threads,
+    serving loads). Was: the first marked the check done before probing, so the second went on with bitsandbytes'
+    faulty kernel while the first was still installing the fix. The first thread is held inside the check (up to
+    5 s) until the second has returned from its own call; the second must come back with the kernel checked."""
+    out = _fresh_interpreter("""
+import threading
+import bitsandbytes.functional as F
+from lorakit.quantize import nf4
+inside, second_returned = threading.Event(), threading.Event()
+install = nf4._install_cpu_fix
+def held_install(functional):
+    inside.set()
+    second_returned.wait(5)
+    install(functional)
+nf4._install_cpu_fix = held_install
+first = threading.Thread(target=nf4._bnb)
+first.start()
+inside.wait(60)
+nf4._bnb()
+right = nf4._cpu_dequantize_is_right(F)
+second_returned.set()
+first.join()
+print(right)
+""")
+    assert out.split()[-1] == "True"
+
+
 @pytest.fixture(scope="module")
 def twelve_layers(tmp_path_factory):
     """A tiny llama with 12 layers, so that "layers.1" patterns can wrongly reach "layers.10" and "layers.11"."""

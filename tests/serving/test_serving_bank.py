@@ -303,3 +303,32 @@ def test_routing_reinstalls_banks_after_delete_adapter_unwraps_layers(sh, tmp_pa
         base = served(input_ids=x).logits
     assert torch.equal(after, before)
     assert not torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
+
+
+def test_banked_embedding_lora_on_a_float_scaled_embedding(tmp_path):
+    """BioGPT's embedding scales its lookup by a Python float: a banked embedding LoRA is scaled so too, as PEFT
+    scales it (peft/tuners/lora/layer.py 0.21.2 Embedding.forward, ``_get_embed_scale``). The reference is PEFT's
+    model on the row with the adapter and the base on the row without. Was: the bank applied only a tensor scale
+    (Gemma's), so that row's embedding LoRA came out sqrt(32) times too small."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    def biogpt():
+        torch.manual_seed(0)
+        return BioGptForCausalLM(BioGptConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, vocab_size=96, max_position_embeddings=64)).eval()
+
+    peft_model = get_peft_model(biogpt(), PeftLoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                         init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "emb")
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids[:1]).logits
+        base = biogpt()(input_ids=ids[1:]).logits
+        served = biogpt()
+        load_adapters(served, {"emb": tmp_path / "emb"})
+        with bank_routing(served, ["emb", None]):
+            got = served(input_ids=ids).logits
+    torch.testing.assert_close(got[1:], base, rtol=0, atol=TOL)
+    torch.testing.assert_close(got[:1], want, rtol=0, atol=TOL)

@@ -136,6 +136,22 @@ def register_host_preparer(prepare) -> None:
         _HOST_PREPARERS.append(prepare)
 
 
+def embedding_scaled(out: torch.Tensor, embed_scale, weight_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out`` (..., dim) times a scaled embedding's output scale ``embed_scale`` (the layer's attribute: Gemma's
+    0-d tensor, BioGPT's / BART's Python float); ``out`` as it is for None. Adapter outputs on such a layer are
+    scaled so too (PEFT's ``_get_embed_scale`` takes both kinds, peft/tuners/tuners_utils.py 0.21.2 lines
+    1916-1929). ``weight_dtype``: a float scale is first rounded to it, as PEFT makes it a tensor of the base
+    weight's dtype (a LoRA delta then matches PEFT's bit for bit on half-precision bases); None: multiplied as the
+    layer's own forward does (trainable token rows, which replace the layer's output rows)."""
+    if isinstance(embed_scale, torch.Tensor):
+        return out * embed_scale.to(out.dtype)
+    if isinstance(embed_scale, (int, float)) and not isinstance(embed_scale, bool):
+        if weight_dtype is None:
+            return out * embed_scale
+        return out * torch.tensor(embed_scale, dtype=weight_dtype, device=out.device).to(out.dtype)
+    return out
+
+
 def describe_kinds(kinds: Iterable[str]) -> str:
     """The layer types a method with these ``layer_kinds`` adapts, e.g. "nn.Linear, transformers Conv1D"."""
     return "; ".join(KIND_LAYERS.get(k, f"{k} blocks") for k in kinds)

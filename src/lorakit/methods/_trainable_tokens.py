@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import Delta, LayerInfo, MergeTerms, describe_layer, is_quantized, oriented_weight
+from ..core.delta import (Delta, LayerInfo, MergeTerms, describe_layer, embedding_scaled, is_quantized,
+                          oriented_weight)
 from ..core.errors import FIELD as MARK
 from ..core.errors import ConfigError, TargetError, near_matches
 from ..core.layer import AdapterLayer
@@ -113,9 +114,7 @@ class TokenRows(Delta):
                                max_norm=getattr(base_layer, "max_norm", None),
                                norm_type=getattr(base_layer, "norm_type", 2.0),
                                scale_grad_by_freq=getattr(base_layer, "scale_grad_by_freq", False))  # (..., dim)
-            embed_scale = getattr(base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
-            if isinstance(embed_scale, torch.Tensor):
-                rows = rows * embed_scale.to(rows.dtype)
+            rows = embedding_scaled(rows, getattr(base_layer, "embed_scale", None))  # Gemma's, BioGPT's scale
             return torch.where(hit.unsqueeze(-1), rows if alone else rows + (acc - base_out), acc)
         # A head: only the k columns are computed (PEFT's F.linear(x, W') copies the whole (vocab, dim) weight)
         bias = getattr(base_layer, "bias", None)

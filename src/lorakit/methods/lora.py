@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ANY_VALUE, AdapterConfig, check_positive_ints, field_error
-from ..core.delta import Delta, LayerInfo, MergeTerms, RankUnits, building_for_file, oriented_weight
+from ..core.delta import (Delta, LayerInfo, MergeTerms, RankUnits, building_for_file, embedding_scaled,
+                          oriented_weight)
 from ..core.errors import AdapterError, ConfigError, TargetError, did_you_mean
 from ..core.inits import BaseEdit, find_init, list_inits
 from ..core.registry import register_method
@@ -379,8 +380,8 @@ class LoraEmbedding(Delta):
                               max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
                               scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse)
         out = (after_a @ self.lora_embedding_B.T) * self.scaling
-        embed_scale = getattr(base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
-        return out * embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else out
+        # Gemma's, BioGPT's scaled embeddings
+        return embedding_scaled(out, getattr(base_layer, "embed_scale", None), base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.lora_out(x, base_layer).to(base_out.dtype)

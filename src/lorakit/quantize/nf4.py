@@ -43,6 +43,7 @@ loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrain
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -80,17 +81,28 @@ def _bnb():
 # same native bitsandbytes function on the flattened weight (m = 1). It is installed only when a probe against the
 # paper's definition finds the installed bitsandbytes wrong, so it is a no-op once bitsandbytes is fixed.
 _CPU_FIX: dict[str, object] = {}
+_CPU_FIX_LOCK = threading.Lock()  # a second first caller waits for the check instead of using the faulty kernel
 _NATIVE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# QLoRA (arXiv:2305.14314) Appendix E: the 16 NF4 values (quantiles of N(0, 1) scaled to [-1, 1], exact zero)
+_NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+               0.7229568362236023, 1.0)
 
 
 def _cpu_dequantize_is_right(F) -> bool:
     """Whether ``F.dequantize_4bit`` on CPU follows QLoRA's flat blocks of 64 for a (2, 96) weight, whose second
     block spans both rows: value = NF4[code] · absmax(block), codes two per byte, high nibble first."""
-    weight = torch.randn(2, 96, generator=torch.Generator().manual_seed(0))
+    # float32 throughout, whatever torch's default dtype (get_4bit_type follows it: under bfloat16 its table is
+    # rounded and no kernel matches it), so the NF4 values are QLoRA's Appendix E table written out
+    weight = torch.randn(2, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
     flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
-    expected = (F.get_4bit_type("nf4", device="cpu")[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(2, 96)
+    nf4 = torch.tensor(_NF4_VALUES, dtype=torch.float32)
+    expected = (nf4[codes].view(-1, 64) * state.absmax.float().view(-1, 1)).view(2, 96)
     return torch.equal(F.dequantize_4bit(packed, state).float(), expected)
 
 
@@ -129,9 +141,14 @@ def _check_cpu_dequantize(F) -> None:
     the codes and constants are bitsandbytes' own, only how they are read back differs."""
     if "checked" in _CPU_FIX:
         return
-    _CPU_FIX["checked"] = True
-    with torch.device("cpu"):  # the first call may come under a meta-device context (adapters planned as shapes)
-        _install_cpu_fix(F)
+    with _CPU_FIX_LOCK:  # marked checked only once the kernel is: other threads wait here until then
+        if "checked" in _CPU_FIX:
+            return
+        try:
+            with torch.device("cpu"):  # the first call may come under a meta-device context (adapters as shapes)
+                _install_cpu_fix(F)
+        finally:
+            _CPU_FIX["checked"] = True
 
 
 def _install_cpu_fix(F) -> None:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import LayerInfo
+from ..core.delta import LayerInfo, embedding_scaled
 from ..core.errors import AdapterError
 from ..core.routing import rows_for_batch
 
@@ -495,6 +495,7 @@ class LoraEmbeddingBank(LoraBank):
                                "(the lookup would renormalise the base table); exclude the embedding from target_modules")
         super().__init__(info, dtype=dtype, device=device)
         self.embed_scale = getattr(base_layer, "embed_scale", None)
+        self.embed_weight_dtype = base_layer.weight.dtype  # a float scale is rounded to it, as in LoraEmbedding
 
     def add_into(self, x: torch.Tensor, base_out: torch.Tensor, ctx) -> torch.Tensor:
         y = self.forward(x, base_out, ctx)
@@ -516,8 +517,7 @@ class LoraEmbeddingBank(LoraBank):
             h = h * w.view(batch, 1, k, 1)
         Bg = self.B[:, :ru].index_select(0, plan.slots.reshape(-1)).view(batch, k * ru, -1)
         y = torch.bmm(h.reshape(batch, ids.shape[1], k * ru), Bg)
-        if isinstance(self.embed_scale, torch.Tensor):
-            y = y * self.embed_scale.to(y.dtype)
+        y = embedding_scaled(y, self.embed_scale, self.embed_weight_dtype)
         return y.reshape(base_out.shape).to(base_out.dtype)
 
 
