@@ -28,7 +28,7 @@ from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
                          positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
-from .core.threads import default_num_threads
+from .core.threads import NUM_THREADS_HELP, default_num_threads, resolve_num_threads
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
@@ -39,9 +39,7 @@ def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "num_threads", None) is not None:
         import torch
 
-        if args.num_threads < 1:
-            raise LorakitError(f"--num-threads must be >= 1, got {args.num_threads}")
-        torch.set_num_threads(args.num_threads)
+        torch.set_num_threads(resolve_num_threads(args.num_threads))
 
 
 def _print_metrics(label: str, metrics: dict) -> None:
@@ -1463,8 +1461,8 @@ def _common_model(p: argparse.ArgumentParser, default: str = "the bundled model"
     p.add_argument("--model", default=None, help=f"HF model folder or cached hub id (default: {default}); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
     p.add_argument("--num-threads", type=int, default=default_num_threads(),
-                   help="CPU threads for torch; lower it when other jobs share the machine (default: OMP_NUM_THREADS "
-                        "if set, else half the CPUs, here %(default)s)")
+                   help=f"CPU threads for torch; lower it when other jobs share the machine ({NUM_THREADS_HELP}; "
+                        "default: that, here %(default)s)")
 
 
 # -- training procedures: --procedure NAME and that procedure's options -----------------------------------

@@ -34,7 +34,7 @@ from lorakit.assets import BASE_MODEL_PATH
 from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
-from lorakit.core.threads import default_num_threads
+from lorakit.core.threads import resolve_num_threads
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -471,7 +471,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
     """
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads or default_num_threads())
+    torch.set_num_threads(resolve_num_threads(config.num_threads))
     try:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
