@@ -187,3 +187,55 @@ def test_a_resumed_run_with_client_sampling_samples_and_ends_as_the_uninterrupte
     a = load_tensors(Path(straight["adapter"]) / "adapter_model.safetensors")
     b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # ~60-120 s: a child process starts Ray and Flower and runs rounds until it is interrupted
+def test_ctrl_c_stops_the_run_at_once_and_keeps_the_last_completed_round(tiny_model_dir, tmp_path):
+    """A real Ctrl-C (SIGINT to the process group, as a terminal sends it, so the Ray workers get it too) during
+    ``lorakit federate``. Was: Flower's simulation stopped its clients but not the ServerApp thread, so the process
+    printed "interrupted" and went on: every remaining round waited out --round-timeout, was checkpointed as
+    completed with 0 of 2 updates (a resume then skipped it) and the adapter was written, then the process died of
+    a segmentation fault (status 139); Flower also logged each dying client's traceback. Now: status 130 within
+    seconds, no traceback, the checkpoint holds exactly the rounds that completed (every one with both updates), no
+    adapter, and the printed round is the checkpoint's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorakit.federated.checkpoint import read_round
+
+    out = tmp_path / "run"
+    argv = ["federate", "--model", tiny_model_dir, "--data", "reverse,sort", "--clients", "2", "--rounds", "50",
+            "--local-steps", "2", "--batch-size", "4", "--r", "2", "--train-examples", "16", "--eval-examples", "4",
+            "--target-modules", "q_proj,o_proj", "--backend-cpus", "2", "--output", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        state = out / "checkpoint" / "server_state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and child.poll() is None and not state.is_file():
+            time.sleep(0.2)
+        assert state.is_file(), child.communicate()[1]
+        os.killpg(child.pid, signal.SIGINT)
+        err = child.communicate(timeout=120)[1]  # the old code waited out --round-timeout (600 s) per round
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "lorakit federate: interrupted" in err, err
+    record = json.loads(state.read_text())
+    done = record["round"]
+    assert 1 <= done < 50 and f"round {done} of 50 is checkpointed" in err, err
+    assert [(r["round"], r["accepted"]) for r in record["history"]] == [(t, 2) for t in range(1, done + 1)]
+    assert not (out / "adapter").exists() and not (out / "federated.json").exists()
+    from lorakit.federated import FederatedConfig
+
+    config = FederatedConfig(model=tiny_model_dir, data="reverse,sort", clients=2, rounds=50, local_steps=2,
+                             batch_size=4, r=2, train_examples=16, eval_examples=4, target_modules=["q_proj", "o_proj"])
+    assert read_round(out, config)["round"] == done  # the kept state resumes
+
