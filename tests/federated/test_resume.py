@@ -239,3 +239,55 @@ def test_ctrl_c_stops_the_run_at_once_and_keeps_the_last_completed_round(tiny_mo
                              batch_size=4, r=2, train_examples=16, eval_examples=4, target_modules=["q_proj", "o_proj"])
     assert read_round(out, config)["round"] == done  # the kept state resumes
 
+
+def _damage_json(**changes):
+    def damage(folder: Path) -> None:
+        record = json.loads((folder / "server_state.json").read_text())
+        record.update(changes)
+        (folder / "server_state.json").write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+    return damage
+
+
+def _truncate(folder: Path) -> None:
+    blob = (folder / "server_state.safetensors").read_bytes()
+    (folder / "server_state.safetensors").write_bytes(blob[: len(blob) // 2])
+
+
+def _int_tensor(folder: Path) -> None:
+    from lorakit.io.files import save_tensors
+
+    state = load_tensors(folder / "server_state.safetensors")
+    save_tensors(folder / "server_state.safetensors", {k: v.to(torch.int64) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("damage,says", [
+    (_damage_json(history=None), "server_state.json is damaged ('history' is NoneType, expected a JSON list)"),
+    (_damage_json(config=None), "server_state.json is damaged ('config' is NoneType, expected a JSON object)"),
+    (_damage_json(round="1"), "server_state.json is damaged ('round' is '1', not a completed round"),
+    (_damage_json(round=-3), "server_state.json is damaged ('round' is -3, not a completed round"),
+    (_damage_json(round=2), "'history' has rounds [1], expected one record per round 1..2"),
+    (_damage_json(dp_history={"0": [[1.0, 0.5]]}), "'dp_history' of client '0' is not a list of"),
+    (_truncate, "server_state.safetensors is not a valid safetensors file"),
+    (_int_tensor, "server_state.safetensors holds non-floating-point tensors"),
+])
+def test_a_damaged_checkpoint_is_refused_before_flower_starts(damage, says, tiny_model_dir, tiny_config, tmp_path,
+                                                              capsys, monkeypatch):
+    """Was: a server_state.json without 'history' / 'config' / 'evaluation', or with a string round, was a KeyError or
+    TypeError traceback (some inside Flower's ServerApp thread, after Ray's start-up), a negative round was resumed
+    (rounds -2..2 ran), a truncated server_state.safetensors failed only inside the simulation, and integer tensors
+    were cast and resumed. Now each is a one-line error naming the file, before Flower starts."""
+    import flwr.simulation
+
+    from lorakit.cli import main
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("fedit", rounds=3, evaluate=False)
+    save_round(tmp_path / "run" / "checkpoint", _core_after_one_round(config), 1, [])
+    damage(tmp_path / "run" / "checkpoint")
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    code = main(["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "3",
+                 "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples",
+                 "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
+                 "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
