@@ -1364,7 +1364,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
         from .federated.checkpoint import STATE_JSON
 
         args.output = str(resume.parent if (resume / STATE_JSON).is_file() else resume) if resume else "runs/federated"
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, allow_existing=resume is not None)
+    from .federated.checkpoint import resumes_in_place
+
+    # a run resumed into another folder writes there as a fresh run does: a non-empty one needs --overwrite
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite,
+                           allow_existing=resumes_in_place(args.output, resume))
 
     def split(text, kind, flag):
         """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""

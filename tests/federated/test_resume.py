@@ -291,3 +291,52 @@ def test_a_damaged_checkpoint_is_refused_before_flower_starts(damage, says, tiny
                  "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_run_resumed_into_another_folder_treats_it_as_a_fresh_output(tiny_model_dir, tiny_config, tmp_path, capsys,
+                                                                        monkeypatch):
+    """--resume-from A --output B. Was: B was allowed to be non-empty without --overwrite (the check let every
+    resumed run write into an existing folder), and B's older results stayed: a resumed run with nothing left to run
+    wrote its adapter beside another run's checkpoint/, which a later `--resume-from B` would have continued. And
+    `--output A/checkpoint` wrote a checkpoint/checkpoint into the folder it resumed from. Now B is checked as a fresh
+    run's output and cleared of an older run's results; an output holding the resumed checkpoint elsewhere than as
+    its checkpoint/ is refused; resuming in place is unchanged."""
+    import flwr.simulation
+
+    from lorakit.cli import main
+    from lorakit.federated.apps import make_server_app
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("fedit", rounds=1, evaluate=False)
+    core = _core_after_one_round(config)
+    save_round(tmp_path / "a" / "checkpoint", core, 1, [])
+    other = tmp_path / "b"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "checkpoint" / "server_state.json").write_text('{"format": "lorakit-federated-state/1", "round": 7}')
+    (other / "federated.json").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    args = ["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "1",
+            "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples", "16",
+            "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20", "--no-evaluate",
+            "--quiet", "--resume-from", str(tmp_path / "a")]
+    assert main([*args, "--output", str(other)]) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "a" / "checkpoint"), "--overwrite"]) == 2
+    assert "holds the checkpoint --resume-from" in capsys.readouterr().err
+    assert (tmp_path / "a" / "checkpoint" / "server_state.json").is_file()
+
+    def context():
+        from flwr.app import Context, RecordDict
+
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+    # with --overwrite (the check passed): the run had completed its rounds, so only the adapter is written, and
+    # nothing of the other run stays beside it; the checkpoint resumed from is untouched (grid: none needed)
+    make_server_app(config, {}, output=other, resume_from=tmp_path / "a")(None, context())
+    assert sorted(p.name for p in other.iterdir()) == ["adapter", "notes.txt"]
+    assert json.loads((tmp_path / "a" / "checkpoint" / "server_state.json").read_text())["round"] == 1
+    # resuming in place keeps the run's folder as it is
+    make_server_app(config, {}, output=tmp_path / "a", resume_from=tmp_path / "a")(None, context())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter", "checkpoint"]

@@ -33,7 +33,7 @@ from ..core.errors import ConfigError, comma_items
 from ..core.targeting import targets_from_text
 from ..io.files import atomic_write_json, remove_dir_atomically
 from .base import FederatedConfig, pack, sample_clients, unpack
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, resumes_in_place
 from .client import client_round
 from .server import ServerCore
 
@@ -325,9 +325,9 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
                 check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
                 resume = folder if resuming else None
         settings = config or config_from_run_config(run_config)  # a bad setting fails before anything is removed
-        if folder is not None and resume is None:
-            # a fresh run (--overwrite): none of an older run's results stays to be taken for this run's, nor its
-            # checkpoint to be resumed into this one, even when this run stops early
+        if folder is not None and not resumes_in_place(folder, resume):
+            # a fresh run (--overwrite), or one resumed into another folder: none of an older run's results stays to
+            # be taken for this run's, nor its checkpoint to be resumed into this one, even when this run stops early
             remove_dir_atomically(folder / CHECKPOINT)
             remove_dir_atomically(folder / "adapter")
             (folder / "federated.json").unlink(missing_ok=True)

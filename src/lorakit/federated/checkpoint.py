@@ -45,6 +45,24 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     return path if (path / STATE_JSON).is_file() else path / CHECKPOINT
 
 
+def resumes_in_place(output: str | os.PathLike, resume_from: str | os.PathLike | None) -> bool:
+    """Whether a run resuming from ``resume_from`` continues in ``output`` itself (``output/checkpoint`` is the
+    checkpoint it resumes from): then ``output``'s results are that run's and stay. False for a fresh run, or one
+    resumed into another folder, which is then a fresh output (``--overwrite`` for a non-empty one; an older run's
+    results there are removed). LorakitError when ``output`` holds the checkpoint resumed from anywhere else (it is
+    ``output`` itself, or under its ``adapter/``): this run would write over its own input."""
+    if resume_from is None:
+        return False
+    source, out = checkpoint_dir(resume_from).resolve(), Path(output).resolve()
+    if (out / CHECKPOINT).resolve() == source:
+        return True
+    if source == out or out in source.parents:
+        raise LorakitError(f"--output {output} holds the checkpoint --resume-from {resume_from} continues ({source}), "
+                           f"and not as its {CHECKPOINT}/; the run would write over it. Give the run's own folder "
+                           "(the default) or a new one")
+    return False
+
+
 def save_round(directory: str | os.PathLike, core, server_round: int, evaluation: list[dict[str, Any]]) -> Path:
     """Write ``core``'s state after ``server_round`` (a :class:`~lorakit.federated.server.ServerCore`) and the
     evaluations so far into ``directory`` (atomically replacing it). Returns the folder."""
