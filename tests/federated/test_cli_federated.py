@@ -87,10 +87,21 @@ def test_bench_federated_quick(tmp_path):
     (["--dp-noise-multiplier", "1", "--dp-delta", "1.5"], "--dp-delta must be in (0, 1), got 1.5"),
     (["--dp-noise-multiplier", "1", "--dp-delta", "0"], "--dp-delta must be in (0, 1), got 0.0"),
     # Dirichlet(α) needs α > 0: was an IndexError 'pop from empty list' after the model loaded
-    (["--partition", "skew", "--skew-alpha", "0"], "--skew-alpha must be > 0, got 0.0"),
+    (["--partition", "skew", "--skew-alpha", "0"], "--skew-alpha must be > 0 and finite, got 0.0"),
     # model-free settings: refused before Flower / Ray start (was: after about a minute of start-up)
-    (["--lora-alpha", "0"], "--lora-alpha must be > 0, got 0.0"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0 and finite, got 0.0"),
+    (["--lr", "0"], "--lr must be > 0 and finite, got 0.0"),
+    # infinite values. Was: DP noise σ = inf (or σ·C with --dp-max-grad-norm inf) made every client's update NaN, all
+    # rejected in every round (and no ε reported); --lr inf failed in every client (TrainConfig); LoRA-FAIR's
+    # --fair-lr / --fair-lambda inf made the server's ΔB, so the global adapter and eval loss, NaN; a straggler's
+    # sleep(inf) was an OverflowError in the client
+    (["--dp-noise-multiplier", "inf"], "--dp-noise-multiplier must be >= 0 and finite, got inf"),
+    (["--dp-noise-multiplier", "1", "--dp-max-grad-norm", "inf"], "--dp-max-grad-norm must be > 0 and finite, got inf"),
+    (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
+    (["--strategy", "lora_fair", "--fair-lr", "inf"], "--fair-lr must be > 0 and finite, got inf"),
+    (["--strategy", "lora_fair", "--fair-lambda", "inf"], "--fair-lambda must be >= 0 and finite"),
+    (["--stragglers", "1", "--straggler-delay", "inf"], "--straggler-delay must be >= 0 and finite, got inf"),
+    (["--dp-noise-multiplier", "nan"], "--dp-noise-multiplier must be >= 0 and finite, got nan"),
 ])
 def test_federate_refuses_bad_settings_before_starting(argv, says, tmp_path, capsys, monkeypatch):
     import lorakit.federated.simulate
