@@ -199,6 +199,8 @@ def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
                                                   "out of --target-modules"),
     (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean reverse?"),
     (["--eval-data", "missing.jsonl"], "--eval-data 'missing.jsonl' is not a file"),
+    # was: read only by the ServerApp, after Ray's start-up
+    (["--eval-data", "EMPTY"], "empty.jsonl: no examples (the file is empty or has only blank lines)"),
     (["--round-timeout", "0"], "--round-timeout must be > 0"),
     (["--straggler-delay", "-5"], "--straggler-delay must be >= 0"),
     (["--backend-cpus", "-2"], "--backend-cpus: must be a positive integer"),
@@ -211,6 +213,8 @@ def test_federate_refuses_what_would_fail_inside_the_simulation(argv, says, tiny
     import lorakit.federated.simulate
 
     monkeypatch.setattr(lorakit.federated.simulate, "federate", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    argv = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else a for a in argv]
     try:
         code = main(["federate", "--model", tiny_model_dir, "--data", "reverse,sort", *argv,
                      "--output", str(tmp_path / "o")])
