@@ -255,3 +255,18 @@ def test_run_config_switches_refuse_a_quoted_false(key):
     with pytest.raises(lk.ConfigError, match=f"run config '{key}': 'false' is not true or false"):
         output_options({"output": "o", key: "false"})
     assert output_options({"output": "o", key: True})[1 if key == "overwrite" else 2] is True
+
+
+@pytest.mark.parametrize("flag", ["--method", "--procedure"])
+def test_federate_has_no_method_flag_and_says_so(flag, tmp_path, capsys):
+    """Was: `lorakit federate --method dora` (or --procedure) was looked up as train's method, "unknown method 'dora'.
+    Registered methods: ..." — a list federate has no use for — while `--method lora` was an unrecognized argument."""
+    for value in ("dora", "lora", "galore"):
+        try:
+            code = main(["federate", flag, value, "--output", str(tmp_path / "o")])
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"lorakit federate: error: unrecognized arguments: {flag} {value}" in err, err
+        assert "unknown method" not in err and "unknown procedure" not in err
