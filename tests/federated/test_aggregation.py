@@ -23,7 +23,8 @@ def test_flora_stacking_is_exact_mean_of_client_deltas():
     (unchanged since c40814c; lines as at 7bea158), stacking=True, heter=True: p_k = normalize(n_k, p=1) (lines 10-13);
     the first client's A times p_k (64-67), every later A_k times p_k concatenated on dim 0 (74-78), B_k concatenated
     unscaled on dim 1 (84-87); main.py keeps the clients' s = α/r = 2 on the stacked adapter (lora_alpha=2·r_k, lines
-    258/272). So B_stack A_stack = Σ_k p_k s_k B_k A_k; lorakit folds s_k into B (same product), heterogeneous ranks."""
+    258/272). So B_stack A_stack = Σ_k p_k s_k B_k A_k; lorakit folds s_k into B (same product), heterogeneous
+    ranks."""
     ranks, scalings = [8, 4, 2], [2.0, 2.0, 0.5]
     updates = client_updates(ranks)
     weights = [0.5, 0.3, 0.2]

@@ -260,7 +260,8 @@ def test_run_config_switches_refuse_a_quoted_false(key):
 @pytest.mark.parametrize("flag", ["--method", "--procedure"])
 def test_federate_has_no_method_flag_and_says_so(flag, tmp_path, capsys):
     """Was: `lorakit federate --method dora` (or --procedure) was looked up as train's method, "unknown method 'dora'.
-    Registered methods: ..." — a list federate has no use for — while `--method lora` was an unrecognized argument."""
+    Registered methods: ..." — a list federate has no use for — while `--method lora` was an unrecognized
+    argument."""
     for value in ("dora", "lora", "galore"):
         try:
             code = main(["federate", flag, value, "--output", str(tmp_path / "o")])

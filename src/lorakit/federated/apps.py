@@ -299,7 +299,8 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
     the result to ``<output>/federated.json``. A run config's ``output`` is checked as ``lorakit federate`` checks
     ``--output`` (``lorakit.cli.check_output_dir``): an existing non-empty folder needs ``overwrite = true``, or
     ``resume = true`` (continue from its checkpoint). ``resume_from``: a run's output or checkpoint folder to
-    continue from (``lorakit federate --resume-from``). ``control``: lets the caller stop the run (:class:`RunControl`)."""
+    continue from (``lorakit federate --resume-from``). ``control``: lets the caller stop the run
+    (:class:`RunControl`)."""
     app = ServerApp()
 
     @app.main()

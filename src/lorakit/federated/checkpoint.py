@@ -130,10 +130,12 @@ def _record_damage(record: dict[str, Any]) -> str | None:
         return f"'round' is {done!r}, not a completed round (a whole number >= 1)"
     for key, kind in (("config", dict), ("history", list), ("evaluation", list), ("dp_history", dict)):
         if not isinstance(record.get(key, {} if key == "dp_history" else None), kind):
-            return f"'{key}' is {type(record.get(key)).__name__}, expected a JSON {'object' if kind is dict else 'list'}"
+            expected = "object" if kind is dict else "list"
+            return f"'{key}' is {type(record.get(key)).__name__}, expected a JSON {expected}"
     rounds = [h.get("round") if isinstance(h, dict) else None for h in record["history"]]
     if rounds != list(range(1, done + 1)):
-        return f"'history' has rounds {rounds[:5]}{'…' if len(rounds) > 5 else ''}, expected one record per round 1..{done}"
+        more = '…' if len(rounds) > 5 else ''
+        return f"'history' has rounds {rounds[:5]}{more}, expected one record per round 1..{done}"
     if not all(isinstance(e, dict) and _whole(e.get("round")) for e in record["evaluation"]):
         return "'evaluation' holds a record without a whole 'round'"
     for client, steps in record.get("dp_history", {}).items():

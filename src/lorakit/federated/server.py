@@ -73,7 +73,8 @@ class ServerCore:
                 # the client released its noised update whatever the server does with it: a rejected update (NaN,
                 # a duplicate, ...) spends privacy too (was: only accepted ones were composed, understating ε)
                 try:
-                    spent = (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]), int(metrics["dp-steps"]))
+                    spent = (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]),
+                             int(metrics["dp-steps"]))
                 except (KeyError, TypeError, ValueError):
                     reason = reason or (f"DP metrics dp-sample-rate {metrics.get('dp-sample-rate')!r}, dp-steps "
                                         f"{metrics.get('dp-steps')!r} are not numbers")

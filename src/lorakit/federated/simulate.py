@@ -55,8 +55,8 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
         logging.getLogger("flwr").setLevel(logging.WARNING)
     with _stop_on_interrupt(control.stop):
         try:
-            run_simulation(server_app=make_server_app(config, sink, output, resume_from, control), client_app=client_app,
-                           num_supernodes=config.clients,
+            run_simulation(server_app=make_server_app(config, sink, output, resume_from, control),
+                           client_app=client_app, num_supernodes=config.clients,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                                            "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                          "logging_level": "error", "log_to_driver": not quiet}})
