@@ -271,3 +271,24 @@ def test_federate_has_no_method_flag_and_says_so(flag, tmp_path, capsys):
         assert code == 2, err
         assert f"lorakit federate: error: unrecognized arguments: {flag} {value}" in err, err
         assert "unknown method" not in err and "unknown procedure" not in err
+
+
+@pytest.mark.parametrize("written,meant", [("FLoRA", "flora"), ("LoRA-FAIR", "lora_fair"), ("FedIT", "fedit"),
+                                           ("FFA-LoRA", "ffa")])
+def test_a_strategy_written_as_its_paper_names_it_gets_a_near_match(written, meant, tmp_path, capsys):
+    """README and docs name the strategies as their papers do (FedIT, FFA-LoRA, FLoRA, LoRA-FAIR). Was: `--strategy
+    FLoRA` (or `strategy = "LoRA-FAIR"` in a Flower run config) listed the choices with no near match."""
+    import re
+
+    from lorakit.core.errors import ConfigError
+    from lorakit.federated.apps import config_from_run_config
+
+    try:
+        code = main(["federate", "--strategy", written, "--output", str(tmp_path / "o")])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    hint = rf"Did you mean: ([a-z_]+, )*{meant}\b"  # FFA-LoRA: "flora, ffa"
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(hint, err), err
+    with pytest.raises(ConfigError, match=hint):
+        config_from_run_config({"strategy": written})
