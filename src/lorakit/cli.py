@@ -1374,7 +1374,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
         from .federated.checkpoint import STATE_JSON
 
         args.output = str(resume.parent if (resume / STATE_JSON).is_file() else resume) if resume else "runs/federated"
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, allow_existing=resume is not None)
+    from .federated.checkpoint import resumes_in_place
+
+    # a run resumed into another folder writes there as a fresh run does: a non-empty one needs --overwrite
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite,
+                           allow_existing=resumes_in_place(args.output, resume))
 
     def split(text, kind, flag):
         """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""
@@ -1875,9 +1879,12 @@ def _run(argv: list[str]) -> int:
     with ErrorsReported(CommandParser(prog="lorakit train" if argv[:1] == ["train"] else "lorakit"),
                         also=(ValueError, FileNotFoundError), resume=lambda ckpt: _resume_command(argv, ckpt)) as run:
         from . import get_method
-        method_name = _method_from_argv(argv)
+        # --method / --procedure are train's (its flags depend on them); another command given them says it has no
+        # such flag (was: `lorakit federate --method dora` answered "unknown method 'dora'" with train's method list)
+        training = argv[:1] == ["train"]
+        method_name = _method_from_argv(argv) if training else DEFAULT_METHOD
         get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
-        procedure_name = _method_from_argv(argv, "--procedure", None)
+        procedure_name = _method_from_argv(argv, "--procedure", None) if training else None
         if procedure_name is not None:
             from .training.procedures import get_procedure
             get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure
