@@ -193,7 +193,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("submit", req) | ("abort", id) | ("call", fn, fut)
+        # ("submit", req) | ("abort", id) | ("call", fn, fut), in the order posted; only the stepping thread takes
+        # items out (a shutdown cancels calls through ``_calls`` and leaves the inbox as it is)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: set[Future] = set()  # futures of the Engine.call items posted and not yet answered
+        self._calls_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -332,6 +336,8 @@ class Engine:
         if not self._looping() or threading.current_thread() is self._thread:
             return fn()
         fut: Future = Future()
+        with self._calls_lock:  # known before it is posted: a shutdown from now on cancels it
+            self._calls.add(fut)
         self._inbox.put(("call", fn, fut))
         self._wake.set()
         deadline = None if start_timeout is None else time.monotonic() + start_timeout
@@ -355,6 +361,9 @@ class Engine:
             return fut.result()  # started meanwhile: its outcome, however long it takes
         except CancelledError:
             raise EngineBusyError("the engine shut down before running this call; it did not run") from None
+        finally:
+            with self._calls_lock:
+                self._calls.discard(fut)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -436,19 +445,15 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def _cancel_calls(self) -> None:
-        """Cancel the calls queued in the inbox (their callers get EngineBusyError); requests and aborts stay."""
-        kept = []
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] == "call":
-                item[2].cancel()
-            else:
-                kept.append(item)
-        for item in kept:  # requests and aborts stay for a restarted loop
-            self._inbox.put(item)
+        """Cancel the calls posted that the engine thread has not started (their callers get EngineBusyError; the
+        thread skips their inbox items, :meth:`_drain_inbox`); a call running goes on. The inbox itself is left as it
+        is, so requests and aborts stay, in the order posted, for the loop still running or a restarted one (was: it
+        was emptied and its requests and aborts put back; an abort posted meanwhile landed before its request, found
+        nothing to abort, and the request then ran to its end)."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for fut in calls:
+            fut.cancel()  # (False for a call started or answered: its caller gets its outcome)
 
     @property
     def num_running(self) -> int:

@@ -330,6 +330,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
+        self._closed = False  # :meth:`close`: no more background reads
         self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
         self.tasks: dict[str, dict[str, int]] = {}  # attached name -> task -> routing key id
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
@@ -709,8 +710,11 @@ class AdapterStore:
         return self._read_host(name)[0]
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Read these adapters' weights into the host cache in the background (disk -> host)."""
+        """Read these adapters' weights into the host cache in the background (disk -> host). Does nothing once the
+        store is closed (:meth:`close`): they are read when first needed."""
         with self._lock:
+            if self._closed:
+                return
             for n in names:
                 if n in self.paths and n not in self._host and n not in self._resident and n not in self._pending:
                     fut = self._pool.submit(self._prefetch_one, n)
@@ -937,4 +941,12 @@ class AdapterStore:
         return True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the background reads (:meth:`prefetch`): those queued are dropped, one in progress ends on its own.
+        Everything else keeps working, so closing is safe while an engine still steps on this store (a shutdown that
+        timed out, ``EngineStopError``: its loop ends the step it is in): adapters are then read from disk when first
+        needed (was: that step's prefetch submitted to the closed pool, and the RuntimeError failed every running
+        request). Idempotent."""
+        with self._lock:  # (a prefetch on the engine thread submits under it: never to a closed pool)
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pending.clear()  # (cancelled reads never clear their own entry)

@@ -1,0 +1,154 @@
+"""Ordering between the engine's threads: an abort, a shutdown, a store close or an unload that comes while other work
+is in flight takes effect as if it had come in order. Every race is forced at one point (a call holding the engine
+thread, a hook on the inbox or on a file read), so each test is deterministic; none waits on time."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import queue
+import threading
+
+import pytest
+import torch
+
+from lk_models import tiny_llama
+from lorakit.serving import generate as bank_generate
+from lorakit.serving import load_adapters
+from lorakit.serving.engine import Engine, EngineStopError
+from lorakit.serving.sampling import SamplingParams
+from lorakit.serving.store import AdapterStore
+
+EOS = 2  # LlamaConfig's default eos_token_id (tiny_llama)
+
+
+def _reference(dirs, prompt, spec, max_tokens):
+    """HF ``generate`` (greedy, its own KV cache) on a fresh model with ``dirs`` banked, ``spec`` routed; cut after
+    EOS."""
+    model = tiny_llama()
+    load_adapters(model, dirs)
+    out = bank_generate(model, torch.tensor([prompt]), [spec], max_new_tokens=max_tokens, do_sample=False)
+    ref = out[0, len(prompt):].tolist()
+    return ref[: ref.index(EOS) + 1] if EOS in ref else ref
+
+
+class _Holder:
+    """An ``Engine.call`` that holds the engine thread until ``release()``: the loop is busy, what is submitted
+    meanwhile stays in the inbox, and a shutdown's join times out."""
+
+    def __init__(self, engine: Engine, pool: cf.ThreadPoolExecutor):
+        self.held, self.gate = threading.Event(), threading.Event()
+        self.result = pool.submit(engine.call, self._hold)
+
+    def wait_held(self):
+        assert self.held.wait(30), "the engine thread never took the call"
+
+    def _hold(self):
+        self.held.set()
+        return self.gate.wait(60)
+
+    def release(self):
+        self.gate.set()
+        assert self.result.result(60) is True
+
+
+def test_an_abort_posted_while_a_timed_out_shutdown_cancels_calls_reaches_its_request():
+    """A request queued behind a busy engine thread, then a shutdown whose join times out, and the request's abort
+    posted while that shutdown cancels the queued calls: the request ends "abort" without a token, on the loop that
+    was busy and on a restarted one alike. Was: the shutdown took every item out of the inbox and put the requests
+    and aborts back, so an abort posted in between landed before its request, found nothing to abort, and the
+    request ran to its end (one token on the old loop, the rest on the restarted one). The race is forced by posting
+    the abort from inside the inbox's ``put`` when the shutdown puts a request back; a shutdown that puts nothing back
+    opens no such window, and the abort is posted as soon as it returns."""
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
+    put_back, req = [], None
+
+    class AbortBeforePutBack(queue.SimpleQueue):
+        def put(self, item, *args, **kwargs):
+            if item[0] == "submit" and engine._stop:  # only a shutdown puts a request while stopping
+                put_back.append(item[1].request_id)
+                if len(put_back) == 1:
+                    engine.abort(req.request_id)  # another client's abort, landing in the shutdown's window
+            super().put(item, *args, **kwargs)
+
+    engine._inbox = AbortBeforePutBack()
+    engine.start()
+    with cf.ThreadPoolExecutor(1) as pool:
+        holder = _Holder(engine, pool)
+        holder.wait_held()
+        req = engine.submit([4, 5, 6], None, SamplingParams(max_tokens=6, ignore_eos=True))
+        try:
+            with pytest.raises(EngineStopError, match="did not stop"):
+                engine.shutdown(timeout=0.05)  # the loop is held: the join times out and the calls are cancelled
+            if not put_back:
+                engine.abort(req.request_id)
+        finally:
+            holder.release()
+    engine.shutdown()  # the held loop's step ends; the loop stops
+    engine.start()
+    try:
+        assert req.done.wait(60)
+    finally:
+        engine.shutdown()
+    assert req.finish_reason == "abort" and req.output_ids == [] and req.error is None
+    assert put_back == []  # a shutdown leaves requests and aborts where they are, in their order
+    assert engine.cache.used_blocks == 0 and not engine.requests and not engine.waiting
+
+
+def test_closing_the_store_after_a_timed_out_shutdown_leaves_the_running_loop_serving(ranked_adapters):
+    """``store.close()`` after a shutdown whose join timed out (``lorakit serve``'s lifespan does exactly that: it
+    logs the EngineStopError and closes the store) while the loop is still in a step: the rest of that step runs on a
+    closed store. Its requests go on: the one running is not failed, and after a restart both finish with the tokens
+    HF ``generate`` gives. Was: the step's prefetch for the queued request submitted to the closed prefetch pool,
+    RuntimeError ("cannot schedule new futures after shutdown") escaped the step, and the loop failed every running
+    request with it. After ``close`` adapters are read from disk when first needed, as without prefetching."""
+    root, dirs = ranked_adapters
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register_dir(root)
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4, max_batch=1)
+    calls = threading.Event()
+
+    class Inbox(queue.SimpleQueue):
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if item[0] == "call":
+                calls.set()
+
+    engine._inbox = Inbox()
+    engine.start()
+    first_token, go_on = threading.Event(), threading.Event()
+
+    def on_first(event):  # the engine thread, at the first request's first token
+        if not first_token.is_set():
+            first_token.set()
+            assert go_on.wait(60)
+    first = engine.submit([4, 5, 6], "a0", SamplingParams(max_tokens=8, ignore_eos=True), on_event=on_first)
+    with cf.ThreadPoolExecutor(1) as pool:
+        try:
+            assert first_token.wait(60)  # running, with 7 tokens to go: it holds the one row for the next steps
+            # queued for the next step: a request for another adapter (no row for it: it waits, and the step
+            # prefetches its adapter), then a call that holds the engine thread before that prefetch
+            second = engine.submit([7, 8], "a1", SamplingParams(max_tokens=5, ignore_eos=True))
+            holder = _Holder(engine, pool)
+            assert calls.wait(30)
+        finally:
+            go_on.set()
+        holder.wait_held()
+        try:
+            with pytest.raises(EngineStopError, match="did not stop"):
+                engine.shutdown(timeout=0.05)
+            store.close()
+        finally:
+            holder.release()
+    engine.shutdown()  # the held step has run to its end on the closed store
+    assert first.status == "running" and first.error is None, first.error
+    store.prefetch(["a2", "a3"])  # a closed store reads nothing in the background
+    assert not store._pending and not {"a2", "a3"} & set(store._host)
+    engine.start()
+    try:
+        assert first.done.wait(60) and second.done.wait(60)
+    finally:
+        engine.shutdown()
+    assert first.finish_reason == "length" and first.output_ids == _reference(dirs, [4, 5, 6], "a0", 8)
+    assert second.finish_reason == "length" and second.output_ids == _reference(dirs, [7, 8], "a1", 5)
+    assert engine.cache.used_blocks == 0 and not store._pins
