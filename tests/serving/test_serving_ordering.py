@@ -152,3 +152,46 @@ def test_closing_the_store_after_a_timed_out_shutdown_leaves_the_running_loop_se
     assert first.finish_reason == "length" and first.output_ids == _reference(dirs, [4, 5, 6], "a0", 8)
     assert second.finish_reason == "length" and second.output_ids == _reference(dirs, [7, 8], "a1", 5)
     assert engine.cache.used_blocks == 0 and not store._pins
+
+
+def test_a_prefetch_that_ends_after_its_adapter_is_unloaded_and_loaded_again_caches_nothing(ranked_adapters,
+                                                                                          monkeypatch):
+    """A background read of adapter ``x``'s weights (a prefetch for a queued request) still in progress while ``x`` is
+    unloaded and loaded again from another folder: the read, ending last, must not land in the host cache under the
+    new ``x``; requests for ``x`` get the new folder's weights (the tokens HF ``generate`` gives with them). Was: the
+    read stored the old folder's tensors as ``x``'s and the next load into the banks took them from there: with equal
+    ranks the old adapter answered, here (ranks 5 and 8) the load failed on the shapes and the good new folder was
+    unregistered and recorded as broken. The race is forced by holding the prefetch thread between its file read and
+    its store into the cache."""
+    import lorakit.serving.store as store_module
+
+    root, dirs = ranked_adapters
+    read, go = threading.Event(), threading.Event()
+    load_tensors = store_module.load_tensors
+
+    def held_after_reading(path):
+        tensors = load_tensors(path)
+        if threading.current_thread().name.startswith("lorakit-prefetch") and not read.is_set():
+            read.set()
+            assert go.wait(60)
+        return tensors
+    monkeypatch.setattr(store_module, "load_tensors", held_after_reading)
+    model = tiny_llama()
+    store = AdapterStore(model, [root], max_loras=2)
+    store.register("x", dirs["a1"])
+    engine = Engine(model, store=store, kv_cache_bytes=1 << 20, block_size=4)  # not started: forwards run here
+    store.prefetch(["x"])
+    reading = store._pending["x"]
+    try:
+        assert read.wait(30)  # a1's tensors are read, not yet cached
+        store.unregister("x")  # (on the thread that runs forwards, as the store asks)
+        store.register("x", dirs["a2"])
+    finally:
+        go.set()
+    reading.result(30)
+    prompt, params = [4, 5, 6], SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = _reference({"x": dirs["a2"]}, prompt, "x", 6)
+    assert expected != _reference({"x": dirs["a1"]}, prompt, "x", 6)  # the two folders answer differently
+    [req] = engine.generate([prompt], ["x"], params)
+    assert req.error is None and req.output_ids == expected
+    store.close()

@@ -319,6 +319,9 @@ class AdapterStore:
             self.banked = dict.fromkeys(old.ids)
         object.__setattr__(model, REGISTRY_ATTR, self.registry)
         self.paths: dict[str, Path] = {}  # registered name -> folder
+        # registered name -> a token of that registration: a read of its weights that began under an earlier one (a
+        # prefetch still reading while the name was unloaded and loaded again) is not cached under this one
+        self._registration: dict[str, object] = {}
         self.configs: dict[str, object] = {}  # registered name -> its folder's config as read and checked then
         self._host: OrderedDict[str, tuple[dict, int]] = OrderedDict()  # LRU: name -> (tensors, bytes)
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
@@ -490,6 +493,7 @@ class AdapterStore:
             self._refuse_unloading(name)
             self._refuse_loading(name, load)
             self.paths[name] = folder
+            self._registration[name] = object()
             self.configs[name] = config
             if mismatch is not None:
                 self.warnings[name] = mismatch
@@ -673,13 +677,16 @@ class AdapterStore:
 
     # -- host tier (any thread) ---------------------------------------------------------------------------
     def _read_host(self, name: str) -> tuple[dict, int]:
+        """``name``'s weights (tensors, bytes): from the host cache, else read from its folder and cached, unless the
+        name was unloaded meanwhile (it may be registered again, from another folder, by the time a background read
+        ends: those tensors are not that registration's)."""
         with self._lock:
             hit = self._host.get(name)
             if hit is not None:
                 self._host.move_to_end(name)
                 self.stats["host_hits"] += 1
                 return hit
-            folder = self.paths.get(name)
+            folder, registration = self.paths.get(name), self._registration.get(name)
         if folder is None:
             if name in self.failed:  # a request queued before its adapter failed
                 raise AdapterLoadError(self.failed[name])
@@ -688,7 +695,7 @@ class AdapterStore:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._lock:
             self.stats["disk_loads"] += 1
-            if name in self.paths:
+            if registration is not None and self._registration.get(name) is registration:
                 self._host[name] = (tensors, nbytes)
                 self._host.move_to_end(name)
                 self._trim_host()
@@ -930,6 +937,7 @@ class AdapterStore:
             raise self._unknown(name)
         self.banked.pop(name, None)
         self.paths.pop(name, None)
+        self._registration.pop(name, None)
         self.configs.pop(name, None)
         self.attached.pop(name, None)
         self.tasks.pop(name, None)
