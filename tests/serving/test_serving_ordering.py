@@ -64,7 +64,7 @@ def test_an_abort_posted_while_a_timed_out_shutdown_cancels_calls_reaches_its_re
 
     class AbortBeforePutBack(queue.SimpleQueue):
         def put(self, item, *args, **kwargs):
-            if item[0] == "submit" and engine._stop:  # only a shutdown puts a request while stopping
+            if item[0] == "submit" and engine._stop.is_set():  # only a shutdown puts a request while stopping
                 put_back.append(item[1].request_id)
                 if len(put_back) == 1:
                     engine.abort(req.request_id)  # another client's abort, landing in the shutdown's window
@@ -195,3 +195,64 @@ def test_a_prefetch_that_ends_after_its_adapter_is_unloaded_and_loaded_again_cac
     [req] = engine.generate([prompt], ["x"], params)
     assert req.error is None and req.output_ids == expected
     store.close()
+
+
+def _loops() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lorakit-engine" and t.is_alive()]
+
+
+def _serves(engine: Engine) -> None:
+    """One base-model request through ``engine``'s loop, with HF ``generate``'s greedy tokens."""
+    [req] = engine.generate([[4, 5, 6]], [None], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert req.error is None and req.output_ids == _reference({}, [4, 5, 6], None, 3)
+
+
+def test_a_loop_started_as_a_shutdown_ends_is_kept_and_stopped_by_the_next_shutdown():
+    """A ``start()`` that lands after a shutdown's join has returned, before the shutdown's bookkeeping: the new loop
+    is the engine's (``start`` again is a no-op, the next ``shutdown`` stops it). Was: the shutdown then forgot the
+    thread it found there, so the new loop ran unknown to the engine, ``start`` ran a second loop beside it over the
+    same requests and KV cache, and no shutdown could stop the first. Forced by starting inside the old loop's
+    ``join``."""
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4).start()
+    old = engine._thread
+    join, started = old.join, []
+
+    def join_then_start(timeout=None):
+        join(timeout)
+        if not started:
+            started.append(engine.start()._thread)  # another thread's start, landing as the join returns
+    old.join = join_then_start
+    try:
+        engine.shutdown()
+        [new] = started
+        assert new is not old and engine._thread is new and _loops() == [new]
+        assert engine.start()._thread is new and _loops() == [new]
+        _serves(engine)
+    finally:
+        engine.shutdown()
+    assert _loops() == [] and engine._thread is None
+
+
+def test_a_start_that_lands_inside_a_shutdown_is_not_told_to_stop_by_it():
+    """``shutdown()`` on an engine with no loop and a ``start()`` landing while it runs (after it has looked for a
+    loop to stop): the shutdown returns, the new loop runs and serves. Was: the start cleared the stop flag the
+    shutdown had just set, the shutdown then found the new loop and waited its whole timeout for a loop nobody had
+    told to stop, and raised EngineStopError. Forced by starting inside the shutdown's wake-up of the loop."""
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
+    started = []
+
+    class StartOnWake(threading.Event):
+        def set(self):
+            if not started and threading.current_thread() is threading.main_thread():
+                started.append(engine.start()._thread)  # another thread's start, landing inside the shutdown
+            super().set()
+
+    engine._wake = StartOnWake()
+    try:
+        engine.shutdown(timeout=5)  # (on the old code: EngineStopError after these 5 s)
+        [new] = started
+        assert engine._thread is new and _loops() == [new]
+        _serves(engine)
+    finally:
+        engine.shutdown()
+    assert _loops() == [] and engine._thread is None

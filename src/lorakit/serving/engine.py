@@ -200,7 +200,9 @@ class Engine:
         self._calls_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._stop = threading.Event()  # the stop signal of the loop in ``_thread``: each loop gets its own (start)
+        # start's look for a running loop and its start of one; shutdown's pick of the loop it stops, and forgets
+        self._lifecycle = threading.Lock()
         self._ids = itertools.count()
         # forked: choices that took their prompt's prefill from its first choice (no prefill tokens of their own)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
@@ -409,16 +411,22 @@ class Engine:
     def start(self) -> "Engine":
         """Run the engine loop on a background thread (``lorakit-engine``); returns the engine. A no-op while the loop
         runs. Raises EngineStopError while a loop that :meth:`shutdown` told to stop is still running (its step or
-        call has not ended): a second loop would run over the same requests, KV cache and banks at once."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            if not self._stop:
-                return self
-            raise EngineStopError("the engine's previous loop was told to stop but is still running (a step or an "
-                                  "Engine.call has not ended); call shutdown() again to wait for it, then start()")
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-        self._thread.start()
+        call has not ended): a second loop would run over the same requests, KV cache and banks at once (two starts
+        at once: one starts the loop, the other finds it running)."""
+        with self._lifecycle:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                if not self._stop.is_set():
+                    return self
+                raise EngineStopError("the engine's previous loop was told to stop but is still running (a step or "
+                                      "an Engine.call has not ended); call shutdown() again to wait for it, then "
+                                      "start()")
+            # its own stop signal: a shutdown that picked the previous loop (or none) can neither stop this one by
+            # mistake nor have its stop undone by this start (was: one flag for every loop, cleared here)
+            stop = threading.Event()
+            thread = threading.Thread(target=self._loop, args=(stop,), name="lorakit-engine", daemon=True)
+            self._thread, self._stop = thread, stop
+            thread.start()
         return self
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -427,10 +435,14 @@ class Engine:
 
         Raises EngineStopError when the loop is still running after ``timeout`` (a step or a call that has not ended):
         it stops once that ends, and the engine keeps the thread (was: forgot it, so a later ``start()`` ran a second
-        loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again."""
-        self._stop = True
+        loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again.
+
+        It stops the loop running when it is called; a :meth:`start` that lands while it runs starts a loop of its own,
+        which runs on (was: the shutdown forgot it, or waited its whole timeout for it and raised EngineStopError)."""
+        with self._lifecycle:
+            thread, stop = self._thread, self._stop
+            stop.set()
         self._wake.set()
-        thread = self._thread
         if thread is not None:
             thread.join(timeout=timeout)
         self._cancel_calls()
@@ -438,7 +450,9 @@ class Engine:
             raise EngineStopError(f"the engine loop did not stop within {timeout:g} s (a step or an Engine.call on "
                                   f"its thread has not ended); it stops when that ends: call shutdown() again to "
                                   f"wait for it")
-        self._thread = None
+        with self._lifecycle:
+            if self._thread is thread:  # (not one a start ran meanwhile: that loop is the engine's now)
+                self._thread = None
 
     def _looping(self) -> bool:
         """Whether a loop thread runs (one a timed-out shutdown left behind counts until it has ended)."""
@@ -465,8 +479,8 @@ class Engine:
         return len(self.waiting) + sum(len(r.children) for r in list(self.waiting))
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop:
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 busy = self.step()
             except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
