@@ -256,3 +256,63 @@ def test_a_start_that_lands_inside_a_shutdown_is_not_told_to_stop_by_it():
     finally:
         engine.shutdown()
     assert _loops() == [] and engine._thread is None
+
+
+def test_threads_that_step_an_engine_without_a_loop_take_turns():
+    """``Engine.generate`` on an engine whose loop is not running steps it on the caller's thread; two callers at once
+    (e.g. Self-MoA request threads still waiting when a server's loop has been shut down) take turns, one step at a
+    time, and each gets HF ``generate``'s tokens. Was: both stepped the same running batch and KV cache at once, so
+    the second ran a forward over rows the first was in the middle of. Forced by holding the first caller inside its
+    first forward until the second has got either to a forward of its own or to waiting for its turn (seen on the
+    engine's step lock)."""
+    model = tiny_llama()
+    engine = Engine(model, kv_cache_bytes=1 << 20, block_size=4)
+    paused, go, second_there = threading.Event(), threading.Event(), threading.Event()
+    first_thread, overlaps = [], []
+
+    def hook(module, args):
+        me = threading.current_thread()
+        if not first_thread:
+            first_thread.append(me)
+            paused.set()
+            assert go.wait(60)
+        elif me is not first_thread[0] and not go.is_set():
+            overlaps.append(me.name)  # a forward while the first caller's step is still in its own
+            second_there.set()
+
+    class ObservedLock:  # the engine's step lock, telling when a thread has to wait for it
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if not self.lock.acquire(blocking=False):
+                second_there.set()
+                self.lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    engine._stepping = ObservedLock(engine._stepping)
+    handle = model.register_forward_pre_hook(hook)
+    prompts, out = [[4, 5, 6], [7, 8, 9, 10]], {}
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def generate(i):
+        out[i] = engine.generate([prompts[i]], [None], params)[0]
+    threads = [threading.Thread(target=generate, args=(i,), daemon=True) for i in range(2)]
+    try:
+        threads[0].start()
+        assert paused.wait(30)
+        threads[1].start()
+        assert second_there.wait(30)
+    finally:
+        go.set()
+        handle.remove()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert overlaps == []
+    for i, p in enumerate(prompts):
+        assert out[i].error is None and out[i].output_ids == _reference({}, p, None, 4)
+    assert engine.stats["finished"] == 2 and engine.cache.used_blocks == 0 and not engine.running

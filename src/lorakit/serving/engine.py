@@ -47,7 +47,9 @@ choice prefills alone.
 
 Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`submit_choices`,
 :meth:`abort` and :meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any
-thread.
+thread. Without the background thread, :meth:`generate` steps on its caller's thread; steps (and calls run without the
+loop) of different threads take turns. What one thread posts (a request, then its abort) is handled in that order,
+also across a :meth:`shutdown` and a restart.
 """
 
 from __future__ import annotations
@@ -203,6 +205,9 @@ class Engine:
         self._stop = threading.Event()  # the stop signal of the loop in ``_thread``: each loop gets its own (start)
         # start's look for a running loop and its start of one; shutdown's pick of the loop it stops, and forgets
         self._lifecycle = threading.Lock()
+        # held through each step, by the loop or by a thread stepping without one (generate, an inline Engine.call):
+        # one thread at a time runs forwards over the batch, cache and banks (reentrant: a step's own callbacks)
+        self._stepping = threading.RLock()
         self._ids = itertools.count()
         # forked: choices that took their prompt's prefill from its first choice (no prefill tokens of their own)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
@@ -336,7 +341,8 @@ class Engine:
         started (was: ``timeout``, after which the call raised TimeoutError and still ran later). Calls queued when
         the engine shuts down are cancelled the same way (EngineBusyError)."""
         if not self._looping() or threading.current_thread() is self._thread:
-            return fn()
+            with self._stepping:  # (between steps of a thread stepping without a loop, as between the loop's)
+                return fn()
         fut: Future = Future()
         with self._calls_lock:  # known before it is posted: a shutdown from now on cancels it
             self._calls.add(fut)
@@ -481,19 +487,27 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------------------
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
-                busy = self.step()
-            except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
-                for r in list(self.running):
-                    self._finish(r, "error", error=e)
-                busy = False
+            with self._stepping:
+                try:
+                    busy = self._step()
+                except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
+                    for r in list(self.running):
+                        self._finish(r, "error", error=e)
+                    busy = False
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
         self._cancel_calls()  # queued while a shutdown that timed out waited: their callers would wait for no one
 
     def step(self) -> bool:
-        """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done."""
+        """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done.
+
+        Any thread may step; steps of different threads (the loop's, :meth:`generate`'s without a loop) take turns
+        (was: two callers of ``generate`` stepped the same batch at once)."""
+        with self._stepping:
+            return self._step()
+
+    def _step(self) -> bool:
         had_inbox = self._drain_inbox()
         self._admit()
         if self.store is not None and self.waiting:
