@@ -316,3 +316,70 @@ def test_threads_that_step_an_engine_without_a_loop_take_turns():
     for i, p in enumerate(prompts):
         assert out[i].error is None and out[i].output_ids == _reference({}, p, None, 4)
     assert engine.stats["finished"] == 2 and engine.cache.used_blocks == 0 and not engine.running
+
+
+def test_over_http_an_adapter_loaded_again_while_a_prefetch_of_its_old_folder_ends_answers_from_its_new_one(
+        tmp_path, sh, monkeypatch):
+    """The same race through ``lorakit serve``'s app and the ``openai`` client: a background read of adapter ``x``
+    (the read the engine starts for a queued request; started here by the test) is still in progress while
+    ``/v1/unload_lora_adapter`` and ``/v1/load_lora_adapter`` serve ``x`` from another folder. Once ``x`` has been
+    evicted (``max_loras=1``: a request for another adapter) and is loaded into the banks again, a completion on
+    ``x`` answers with the new folder's weights, as offline ``generate`` with them does. Was: the read cached the old
+    folder's tensors under ``x``, that load took them, failed on the ranks (4 saved, 8 configured), and ``x`` was
+    unregistered as broken: a 400 telling the user to fix a folder that is fine."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    import lorakit.serving.store as store_module
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.server import create_app
+
+    def bundled():
+        return load_model_and_tokenizer()[0]
+    targets = ["q_proj", "v_proj", "down_proj"]
+    root = tmp_path / "adapters"
+    old = sh.make_adapter(root / "x", seed=51, factory=bundled, r=4, target_modules=targets)
+    new = sh.make_adapter(root / "x-new", seed=52, factory=bundled, r=8, target_modules=targets)
+    sh.make_adapter(root / "other", seed=53, factory=bundled, r=4, target_modules=targets)
+    read, go = threading.Event(), threading.Event()
+    load_tensors = store_module.load_tensors
+
+    def held_after_reading(path):
+        tensors = load_tensors(path)
+        if threading.current_thread().name.startswith("lorakit-prefetch") and not read.is_set():
+            read.set()
+            assert go.wait(60)
+        return tensors
+    monkeypatch.setattr(store_module, "load_tensors", held_after_reading)
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [root], max_loras=1)
+    store.register_dir(root)
+    engine = Engine(model, tok, store=store, kv_cache_bytes=4 << 20, max_batch=4)
+    server = sh.LiveServer(create_app(engine, model_name="bundled"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    try:
+        store.prefetch(["x"])
+        reading = store._pending["x"]
+        try:
+            assert read.wait(30)  # the old folder's tensors are read, not yet cached
+            for path, body in [("/v1/unload_lora_adapter", {"lora_name": "x"}),
+                               ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(new)})]:
+                r = httpx.post(server.url + path, json=body, timeout=60)
+                assert r.status_code == 200, r.text
+        finally:
+            go.set()
+        reading.result(30)
+        complete = lambda name: client.completions.create(model=name, prompt="The quick brown fox", max_tokens=6,
+                                                          temperature=0)
+        complete("other")  # evicts x (one resident slot)
+        answer = complete("x")
+    finally:
+        server.stop()
+    reference = bundled()
+    load_adapters(reference, {"x": new})
+    prompt = tok("The quick brown fox")["input_ids"]
+    out = bank_generate(reference, torch.tensor([prompt]), ["x"], max_new_tokens=6, do_sample=False)[0, len(prompt):]
+    ids = out.tolist()
+    ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    assert answer.choices[0].text == tok.decode(ids, skip_special_tokens=True)
+    assert store.paths["x"] == new.resolve() and "x" not in store.failed and old.is_dir()
