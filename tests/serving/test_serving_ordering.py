@@ -233,28 +233,48 @@ def test_a_loop_started_as_a_shutdown_ends_is_kept_and_stopped_by_the_next_shutd
     assert _loops() == [] and engine._thread is None
 
 
-def test_a_start_that_lands_inside_a_shutdown_is_not_told_to_stop_by_it():
+def test_a_start_that_lands_inside_a_shutdown_runs_on_with_the_calls_posted_to_it():
     """``shutdown()`` on an engine with no loop and a ``start()`` landing while it runs (after it has looked for a
-    loop to stop): the shutdown returns, the new loop runs and serves. Was: the start cleared the stop flag the
-    shutdown had just set, the shutdown then found the new loop and waited its whole timeout for a loop nobody had
-    told to stop, and raised EngineStopError. Forced by starting inside the shutdown's wake-up of the loop."""
+    loop to stop), with a call the new loop is running and one posted behind it: the shutdown returns, both calls run
+    on the new loop and it serves. Was: the start cleared the stop flag the shutdown had just set, the shutdown then
+    found the new loop and waited its whole timeout for a loop nobody had told to stop, raised EngineStopError, and
+    cancelled the call waiting for that loop (EngineBusyError: "the engine shut down"). Forced by starting inside the
+    shutdown's wake-up of the loop."""
     engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
-    started = []
+    started, posted, ran = [], threading.Semaphore(0), []
+
+    class Inbox(queue.SimpleQueue):
+        def put(self, item, *args, **kwargs):
+            super().put(item, *args, **kwargs)
+            if item[0] == "call":
+                posted.release()
 
     class StartOnWake(threading.Event):
         def set(self):
             if not started and threading.current_thread() is threading.main_thread():
-                started.append(engine.start()._thread)  # another thread's start, landing inside the shutdown
+                # another thread's start, landing inside the shutdown, and calls other threads post to its loop
+                started.append(engine.start()._thread)
+                holder = _Holder(engine, pool)
+                assert posted.acquire(timeout=30)
+                holder.wait_held()
+                started.append(holder)
+                started.append(pool.submit(engine.call, lambda: ran.append("behind") or 7))
+                assert posted.acquire(timeout=30)  # queued behind the held call
             super().set()
 
-    engine._wake = StartOnWake()
-    try:
-        engine.shutdown(timeout=5)  # (on the old code: EngineStopError after these 5 s)
-        [new] = started
-        assert engine._thread is new and _loops() == [new]
-        _serves(engine)
-    finally:
-        engine.shutdown()
+    engine._inbox, engine._wake = Inbox(), StartOnWake()
+    with cf.ThreadPoolExecutor(2) as pool:
+        try:
+            engine.shutdown(timeout=5)  # (on the old code: EngineStopError after these 5 s)
+            new, holder, behind = started
+            holder.release()
+            assert behind.result(60) == 7 and ran == ["behind"]
+            assert engine._thread is new and _loops() == [new]
+            _serves(engine)
+        finally:
+            if len(started) > 1:
+                started[1].gate.set()
+            engine.shutdown()
     assert _loops() == [] and engine._thread is None
 
 

@@ -444,15 +444,18 @@ class Engine:
         loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again.
 
         It stops the loop running when it is called; a :meth:`start` that lands while it runs starts a loop of its own,
-        which runs on (was: the shutdown forgot it, or waited its whole timeout for it and raised EngineStopError)."""
+        which runs on with the calls posted to it (was: the shutdown forgot it, or waited its whole timeout for it,
+        raised EngineStopError and cancelled its calls)."""
         with self._lifecycle:
             thread, stop = self._thread, self._stop
             stop.set()
         self._wake.set()
         if thread is not None:
             thread.join(timeout=timeout)
-        self._cancel_calls()
         if thread is not None and thread.is_alive():
+            # the calls queued behind its step: now (a loop that ended cancelled them itself; here, with none to
+            # stop, they would be a loop's that a start ran meanwhile)
+            self._cancel_calls()
             raise EngineStopError(f"the engine loop did not stop within {timeout:g} s (a step or an Engine.call on "
                                   f"its thread has not ended); it stops when that ends: call shutdown() again to "
                                   f"wait for it")
