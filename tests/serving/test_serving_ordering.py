@@ -1,6 +1,7 @@
 """Ordering between the engine's threads: an abort, a shutdown, a store close or an unload that comes while other work
 is in flight takes effect as if it had come in order. Every race is forced at one point (a call holding the engine
-thread, a hook on the inbox or on a file read), so each test is deterministic; none waits on time."""
+thread, a hook on the inbox, a lock or a file read), so each test is deterministic: no outcome depends on how long
+anything takes (a shutdown's join times out because the loop is held, not because it is slow)."""
 
 from __future__ import annotations
 
@@ -154,18 +155,11 @@ def test_closing_the_store_after_a_timed_out_shutdown_leaves_the_running_loop_se
     assert engine.cache.used_blocks == 0 and not store._pins
 
 
-def test_a_prefetch_that_ends_after_its_adapter_is_unloaded_and_loaded_again_caches_nothing(ranked_adapters,
-                                                                                          monkeypatch):
-    """A background read of adapter ``x``'s weights (a prefetch for a queued request) still in progress while ``x`` is
-    unloaded and loaded again from another folder: the read, ending last, must not land in the host cache under the
-    new ``x``; requests for ``x`` get the new folder's weights (the tokens HF ``generate`` gives with them). Was: the
-    read stored the old folder's tensors as ``x``'s and the next load into the banks took them from there: with equal
-    ranks the old adapter answered, here (ranks 5 and 8) the load failed on the shapes and the good new folder was
-    unregistered and recorded as broken. The race is forced by holding the prefetch thread between its file read and
-    its store into the cache."""
+def _hold_the_first_background_read(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(read, go): the store's first read of a weights file on its prefetch thread sets ``read`` once the file is read
+    and then waits for ``go`` before handing the tensors back to be cached (the real read, held at that point)."""
     import lorakit.serving.store as store_module
 
-    root, dirs = ranked_adapters
     read, go = threading.Event(), threading.Event()
     load_tensors = store_module.load_tensors
 
@@ -176,6 +170,20 @@ def test_a_prefetch_that_ends_after_its_adapter_is_unloaded_and_loaded_again_cac
             assert go.wait(60)
         return tensors
     monkeypatch.setattr(store_module, "load_tensors", held_after_reading)
+    return read, go
+
+
+def test_a_prefetch_that_ends_after_its_adapter_is_unloaded_and_loaded_again_caches_nothing(ranked_adapters,
+                                                                                          monkeypatch):
+    """A background read of adapter ``x``'s weights (a prefetch for a queued request) still in progress while ``x`` is
+    unloaded and loaded again from another folder: the read, ending last, must not land in the host cache under the
+    new ``x``; requests for ``x`` get the new folder's weights (the tokens HF ``generate`` gives with them). Was: the
+    read stored the old folder's tensors as ``x``'s and the next load into the banks took them from there: with equal
+    ranks the old adapter answered, here (ranks 5 and 8) the load failed on the shapes and the good new folder was
+    unregistered and recorded as broken. The race is forced by holding the prefetch thread between its file read and
+    its store into the cache."""
+    root, dirs = ranked_adapters
+    read, go = _hold_the_first_background_read(monkeypatch)
     model = tiny_llama()
     store = AdapterStore(model, [root], max_loras=2)
     store.register("x", dirs["a1"])
@@ -350,7 +358,6 @@ def test_over_http_an_adapter_loaded_again_while_a_prefetch_of_its_old_folder_en
     openai = pytest.importorskip("openai")
     import httpx
 
-    import lorakit.serving.store as store_module
     from lorakit.hub import load_model_and_tokenizer
     from lorakit.serving.server import create_app
 
@@ -361,16 +368,7 @@ def test_over_http_an_adapter_loaded_again_while_a_prefetch_of_its_old_folder_en
     old = sh.make_adapter(root / "x", seed=51, factory=bundled, r=4, target_modules=targets)
     new = sh.make_adapter(root / "x-new", seed=52, factory=bundled, r=8, target_modules=targets)
     sh.make_adapter(root / "other", seed=53, factory=bundled, r=4, target_modules=targets)
-    read, go = threading.Event(), threading.Event()
-    load_tensors = store_module.load_tensors
-
-    def held_after_reading(path):
-        tensors = load_tensors(path)
-        if threading.current_thread().name.startswith("lorakit-prefetch") and not read.is_set():
-            read.set()
-            assert go.wait(60)
-        return tensors
-    monkeypatch.setattr(store_module, "load_tensors", held_after_reading)
+    read, go = _hold_the_first_background_read(monkeypatch)
     model, tok = load_model_and_tokenizer()
     store = AdapterStore(model, [root], max_loras=1)
     store.register_dir(root)
