@@ -61,11 +61,11 @@ def test_an_abort_posted_while_a_timed_out_shutdown_cancels_calls_reaches_its_re
     the abort from inside the inbox's ``put`` when the shutdown puts a request back; a shutdown that puts nothing back
     opens no such window, and the abort is posted as soon as it returns."""
     engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
-    put_back, req = [], None
+    put_back, req, stopping = [], None, threading.Event()
 
     class AbortBeforePutBack(queue.SimpleQueue):
         def put(self, item, *args, **kwargs):
-            if item[0] == "submit" and engine._stop.is_set():  # only a shutdown puts a request while stopping
+            if item[0] == "submit" and stopping.is_set():  # during the shutdown only it puts a request
                 put_back.append(item[1].request_id)
                 if len(put_back) == 1:
                     engine.abort(req.request_id)  # another client's abort, landing in the shutdown's window
@@ -78,8 +78,10 @@ def test_an_abort_posted_while_a_timed_out_shutdown_cancels_calls_reaches_its_re
         holder.wait_held()
         req = engine.submit([4, 5, 6], None, SamplingParams(max_tokens=6, ignore_eos=True))
         try:
+            stopping.set()
             with pytest.raises(EngineStopError, match="did not stop"):
                 engine.shutdown(timeout=0.05)  # the loop is held: the join times out and the calls are cancelled
+            stopping.clear()
             if not put_back:
                 engine.abort(req.request_id)
         finally:
