@@ -744,11 +744,13 @@ class AdapterStore:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._resident.values())
+        with self._lock:
+            return sum(self._resident.values())
 
     @property
     def host_bytes(self) -> int:
-        return sum(e[1] for e in self._host.values())
+        with self._lock:  # (read by /metrics on a request's thread while the prefetch thread inserts)
+            return sum(e[1] for e in self._host.values())
 
     def ensure_resident(self, spec: RowSpec) -> bool:
         """Load ``spec``'s adapters into the banks, evicting unpinned LRU ones; False when the caps, held by
