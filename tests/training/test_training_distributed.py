@@ -205,6 +205,42 @@ def test_lisa_unfreezes_the_same_blocks_on_every_process(launched, single):
                                    rtol=1e-4)
 
 
+def test_smora_balancing_bias_counts_every_process(launched, single):
+    """SMoRA's bias b_i ← b_i + u·sign(c̄ − c_i) (arXiv:2501.15103; official srmole/layer.py) counts the tokens of a
+    forward's whole micro-batch: 2 processes at batch 2 end with one process's bias and weights at batch 4. Was:
+    each process counted its own rows, the biases drifted apart and the processes routed differently."""
+    out, records = launched
+    run, _ = single
+    model, _ = run("smora", max_length=10)
+    loaded = load_tensors(out / "smora.safetensors")
+    assert records[0]["smora"]["ranks_identical"] and records[1]["smora"]["ranks_identical"]
+    biases = [k for k in loaded if k.endswith("selection_bias")]
+    assert biases and any(loaded[k].abs().sum() > 0 for k in biases)  # the bias moved
+    _close(loaded, model)
+
+
+def test_increlora_allocates_the_same_ranks_on_every_process(launched):
+    """IncreLoRA's importance score comes from each process's own ∂L/∂ΔW; the processes average it, so they grow the
+    same modules (was: different EMAs on each process, so each would grow its own choice of modules)."""
+    _, records = launched
+    assert records[0]["increlora"]["ranks_identical"] and records[1]["increlora"]["ranks_identical"]
+    ranks = [records[r]["increlora"]["ranks"] for r in (0, 1)]
+    assert ranks[0] == ranks[1] and sum(ranks[0].values()) > 2 * len(ranks[0])  # ranks grew past r=2
+
+
+def test_fsdp_saves_the_tensors_a_method_freezes_whole(launched, single):
+    """FFA-LoRA's A is frozen: FSDP must keep it whole like the trained B (was: sharded with the base, so training
+    and the saved adapter.safetensors saw a DTensor)."""
+    out, records = launched
+    run, _ = single
+    model, _ = run("ffa_lora")
+    saved = Path(records[0]["ffa_fsdp"]["adapter_dir"]) / "adapter_model.safetensors"
+    loaded = load_tensors(saved)
+    assert any("lora_A" in k for k in loaded)
+    _close(loaded, model)
+    _close(load_tensors(out / "ffa_fsdp" / "checkpoint-3" / "adapter_model.safetensors"), model)
+
+
 CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
             "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
             "--log-every", "1", "--r", "4", "--quiet"]

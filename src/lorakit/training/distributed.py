@@ -19,8 +19,8 @@ What "the same training" means: ``batch_size`` is per process, so a step's globa
 - task loss: the step's supervised-token count is all-reduced, so the loss is the mean over the global step;
 - gradients: ``ddp`` wraps the model in ``DistributedDataParallel`` (only trainable parameters are in its buckets:
   the frozen base is never synchronized; ``no_sync`` on all but the last micro-batch); ``fsdp`` shards the frozen
-  base with FSDP2 ``fully_shard`` (one unit per decoder block, then the root) while trainable parameters stay
-  whole on every rank (``ignored_params``) and are averaged once per step. Keeping the adapter replicated lets
+  base with FSDP2 ``fully_shard`` (one unit per decoder block, then the root) while trainable parameters and every
+  adapter tensor stay whole on every rank (``ignored_params``); gradients are averaged once per step. Keeping the adapter replicated lets
   every method's hooks, extra losses and saving run on plain tensors; the adapter is a small fraction of the
   weights, the base is what FSDP needs to shard;
 - mixtures: ``core.parallel.gather_rows`` (switched on by the loop) joins every rank's routing records before a balance loss (differentiably), so the
@@ -224,7 +224,7 @@ class Distributed:
             for p in trainable:
                 dist.broadcast(p.data, src=0)
         if self.mode == "fsdp":
-            self._shard(model, set(trainable))
+            self._shard(model, set(trainable) | _adapter_tensors(model))
             self._synced = list(trainable)
             return model
         return self._make_ddp(model)
@@ -292,6 +292,14 @@ class Distributed:
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=keep)
         fully_shard(model, mesh=mesh, ignored_params=keep)
+
+
+def _adapter_tensors(model: nn.Module) -> set[nn.Parameter]:
+    """Every parameter of every adapter, trainable or not: what a method freezes (FFA-LoRA's A, LoRA-XS's SVD
+    factors, a finished MixDA stage) stays whole too, so hooks, merges and the saved file see plain tensors."""
+    from ..core.model import adapter_names, adapter_parameters
+
+    return {p for name in adapter_names(model) for p in adapter_parameters(model, name).values()}
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
