@@ -179,6 +179,20 @@ def main(out: Path, resume: str | None) -> None:
                    train_config(2, distributed="fsdp", save_every=3, output_dir=str(out / "ffa_fsdp")), progress=False)
     records["ffa_fsdp"] = {"adapter_dir": result.adapter_dir}
 
+    # GaLore's per-layer mode steps inside backward, before gradients are averaged: refused on every process
+    from lorakit.core.errors import ConfigError
+    try:
+        train_config(2, procedure="galore")
+        records["galore_per_layer"] = None
+    except ConfigError as error:
+        records["galore_per_layer"] = str(error)
+
+    try:  # LoRAPrune edits base weights whole: FSDP's sharded base is refused by name
+        train_config(2, distributed="fsdp", procedure="loraprune")
+        records["loraprune_fsdp"] = None
+    except ConfigError as error:
+        records["loraprune_fsdp"] = str(error)
+
     (out / f"records-{rank}.json").write_text(json.dumps(records))
     dist.barrier()
 

@@ -241,6 +241,25 @@ def test_fsdp_saves_the_tensors_a_method_freezes_whole(launched, single):
     _close(load_tensors(out / "ffa_fsdp" / "checkpoint-3" / "adapter_model.safetensors"), model)
 
 
+def test_galore_per_layer_is_refused_under_torchrun(launched):
+    """GaLore's per-layer mode (its default) steps each weight in a gradient hook before DDP / FSDP averaged the
+    gradient: refused by name on every process before the model trains (was: DDP's 'Encountered gradient which is
+    undefined ... bug in DDP implementation', and under FSDP processes that silently trained apart)."""
+    _, records = launched
+    for rank in (0, 1):
+        said = records[rank]["galore_per_layer"]
+        assert said is not None and "per_layer=True" in said and "--no-per-layer" in said and "2 processes" in said
+
+
+def test_fsdp_refuses_a_procedure_that_edits_the_base(launched):
+    """LoRAPrune masks and prunes base weights between steps, which FSDP holds as shards on each process: refused
+    before the model loads (was: 'aten.add.Tensor got mixed torch.Tensor and DTensor' at its first pruning step)."""
+    _, records = launched
+    for rank in (0, 1):
+        said = records[rank]["loraprune_fsdp"]
+        assert said is not None and "distributed='fsdp'" in said and "'loraprune'" in said and "'ddp'" in said
+
+
 CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
             "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
             "--log-every", "1", "--r", "4", "--quiet"]
