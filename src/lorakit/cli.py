@@ -1823,7 +1823,8 @@ class ErrorsReported:
       config fields written as ``command``'s flags (``CommandParser.fail``), status 2; an AdapterSaveError
       (the work was done, the adapter could not be written where asked) status 1;
     - Ctrl-C: status 130 (TrainingInterrupted says where its checkpoint is, and ``resume(checkpoint)`` the command
-      that resumes it when given); under a distributed launcher only rank 0 prints it;
+      that resumes it when given); under a distributed launcher only rank 0 prints it, as it alone prints an error
+      of a write it made for every process (the others' RankZeroFailed: status 2, nothing printed);
     - any other exception propagates (a bug shows its traceback).
 
     ``command`` may be replaced inside the block (the chosen subcommand's parser, once the arguments are parsed).
@@ -1839,6 +1840,7 @@ class ErrorsReported:
 
     def __exit__(self, kind, error, traceback) -> bool:
         from .training import AdapterSaveError, TrainingInterrupted
+        from .training.distributed import RankZeroFailed
 
         # Ctrl-C under torchrun reaches every process: rank 0 alone says so (its checkpoint is the run's)
         if isinstance(error, TrainingInterrupted):
@@ -1850,6 +1852,8 @@ class ErrorsReported:
             if _rank_zero():
                 print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
             self.status = 130
+        elif isinstance(error, RankZeroFailed):  # rank 0 says what failed; the others stop quietly
+            self.status = 2
         elif isinstance(error, AdapterSaveError):
             self.status = self.command.fail(error, status=1)
         elif isinstance(error, (LorakitError, *self.also)):

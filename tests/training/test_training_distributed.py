@@ -34,9 +34,10 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = None) -> str:
+def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = None, fails: bool = False) -> str:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free local rendezvous port);
-    fails the test on error, kills the whole process group on timeout. Returns stdout."""
+    fails the test on error (``fails``: unless it fails), kills the whole process group on timeout. Returns stdout
+    (``fails``: stderr)."""
     cmd = [*(launcher or (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")),
            *args]
     process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -47,6 +48,9 @@ def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = 
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"{cmd[:6]} timed out after {timeout}s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    if fails:
+        assert process.returncode != 0, f"{cmd[:6]} succeeded:\n{stdout[-3000:]}"
+        return stderr
     assert process.returncode == 0, f"{cmd[:6]} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return stdout
 
@@ -372,6 +376,20 @@ def test_torchrun_trains_and_evaluates_a_classifier(tmp_path):
     two, one = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("two", "one"))
     assert one["after"]["n"] == 3  # the hold-out (last tenth of 30); _cli_outputs_agree checked the 2-process n
     assert two["after"] == pytest.approx(one["after"]) and two["before"] == pytest.approx(one["before"])
+
+
+@pytest.mark.slow  # ~30 s: two processes import lorakit.cli and torch
+def test_an_existing_output_is_refused_once_under_torchrun(tmp_path):
+    """rank 0 checks --output (before any model loads) and says why it stops; the other process stops too, silently
+    (was: rank 1 repeated it as 'rank 0 failed to write: LorakitError: ...'). What was there is left alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    stderr = torchrun("-m", "lorakit", "--", "train", "--data", "reverse", "--steps", "1", "--output", str(out),
+                      fails=True, timeout=300)
+    assert stderr.count("already exists and is not empty; pass --overwrite") == 1, stderr
+    assert "rank 0 failed to write" not in stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_only_rank_zero_prints_the_interrupt_and_resume_command(monkeypatch, capsys):

@@ -51,6 +51,11 @@ from .config import DISTRIBUTED_MODES as MODES
 
 
 
+class RankZeroFailed(LorakitError):
+    """Raised on every other process when rank 0's write (:meth:`Distributed.on_main`) failed; rank 0 raises (and
+    the CLI prints) the error itself, so the others exit without repeating it."""
+
+
 def env_world() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from the launcher's environment (torchrun, accelerate); (0, 1, 0) without."""
     try:
@@ -196,7 +201,7 @@ class Distributed:
 
     def on_main(self, write: Callable[[], Any]) -> Any:
         """Run ``write`` (a save) on rank 0 only; the others wait for it. Its return value reaches every rank; if it
-        raises, rank 0 raises that error and the others a LorakitError quoting it (none waits forever)."""
+        raises, rank 0 raises that error and the others a :class:`RankZeroFailed` quoting it (none waits forever)."""
         if not self.enabled:
             return write()
         outcome: list[Any] = [None, None]
@@ -210,7 +215,7 @@ class Distributed:
         if error is not None:
             raise error
         if outcome[1] is not None:
-            raise LorakitError(f"rank 0 failed to write: {outcome[1]}")
+            raise RankZeroFailed(f"rank 0 failed to write: {outcome[1]}")
         return outcome[0]
 
     # -- the model ----------------------------------------------------------------------------------------------
