@@ -779,7 +779,9 @@ def _format_note(method) -> str:
 
 
 def _resume_command(argv: Sequence[str], checkpoint: str) -> str:
-    """The user's own command with ``--resume-from CHECKPOINT`` (replacing any earlier one)."""
+    """The user's own command with ``--resume-from CHECKPOINT`` (replacing any earlier one); under a launcher on one
+    machine, started with torchrun and this machine's process count (``LOCAL_WORLD_SIZE``, which torchrun and
+    accelerate launch set)."""
     kept, skip = [], False
     for a in argv:
         if skip:
@@ -788,6 +790,10 @@ def _resume_command(argv: Sequence[str], checkpoint: str) -> str:
             skip = True
         elif not a.startswith("--resume-from="):
             kept.append(a)
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world != "1" and world == local:
+        return shlex.join(["torchrun", "--nproc-per-node", local, "-m", "lorakit", "--", *kept, "--resume-from",
+                           checkpoint])
     return shlex.join(["lorakit", *kept, "--resume-from", checkpoint])
 
 

@@ -409,6 +409,40 @@ def test_only_rank_zero_prints_the_interrupt_and_resume_command(monkeypatch, cap
         assert run.status == 130 and ("interrupted" in capsys.readouterr().err) == says
 
 
+@pytest.mark.slow  # ~1 min: two processes load the bundled model and train until interrupted
+def test_ctrl_c_of_a_torchrun_job_checkpoints_and_says_so_once(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun, which forwards SIGINT to every worker: each finishes the same step, rank
+    0 writes one checkpoint, and the notice, the interruption and a torchrun resume command are printed once (was:
+    every process printed 'interrupt: finishing this step ...', and the resume command was plain 'lorakit train')."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lorakit",
+           "--", *CLI_ARGS[:CLI_ARGS.index("--steps")], "--steps", "100000", "--max-length", "16", "--log-every", "1",
+           "--r", "4", "--quiet", "--batch-size", "1", "--output", str(out)]
+    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or '"loss"' not in (out / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # the terminal's Ctrl-C: torchrun's process group only
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert stderr.count("interrupt: finishing this step") == 1, stderr
+    assert stderr.count("lorakit train: interrupted at step") == 1, stderr
+    step = int(stderr.split("interrupted at step ")[1].split()[0])
+    checkpoint = out / f"checkpoint-{step}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
+    assert f"torchrun --nproc-per-node 2 -m lorakit -- train --data reverse" in stderr
+    assert f"--resume-from {checkpoint}" in stderr
+    assert not list(out.glob(".*tmp*")) and not (out / "adapter").exists()
+
+
 @pytest.mark.slow  # two processes import lorakit.cli and torch
 def test_torchrun_interrupt_message_comes_once(tmp_path):
     torchrun(str(Path(__file__).parent / "interrupt_worker.py"), str(tmp_path), timeout=300)

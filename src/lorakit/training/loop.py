@@ -82,8 +82,9 @@ class _StopOnInterrupt:
     """While active (main thread only), the first SIGINT sets ``requested`` so the loop stops at the end of the
     step in progress, at a state it can checkpoint exactly; a second SIGINT raises KeyboardInterrupt at once."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, speak: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.speak = speak  # under a launcher every process gets the SIGINT; rank 0 alone says so
         self.requested = False
         self._previous: Any = None
 
@@ -91,8 +92,9 @@ class _StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without one)",
-              file=sys.stderr, flush=True)
+        if self.speak:
+            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without one)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "_StopOnInterrupt":
         if self.enabled:
@@ -559,7 +561,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress or not ctx.is_main,
                dynamic_ncols=True)
     train_time, run_tokens, window = 0.0, 0, []
-    stop = _StopOnInterrupt(enabled=output_dir is not None)
+    stop = _StopOnInterrupt(enabled=output_dir is not None, speak=ctx.is_main)
     with stop, rows_gathered(ctx.enabled):
         while step < config.steps:
             step_start = time.perf_counter()
