@@ -193,6 +193,15 @@ def main(out: Path, resume: str | None) -> None:
     except ConfigError as error:
         records["loraprune_fsdp"] = str(error)
 
+    # a process started with another option, or reading another copy of the data: refused on every process
+    for name, options, examples in (("other_lr", {"lr": 1e-2 if rank == 0 else 2e-2}, train_examples),
+                                    ("other_data", {}, train_examples if rank == 0 else train_examples[:-1])):
+        try:
+            train(build(tokenizer, "lora"), tokenizer, examples, train_config(2, steps=1, **options), progress=False)
+            records[name] = None
+        except ConfigError as error:
+            records[name] = str(error)
+
     (out / f"records-{rank}.json").write_text(json.dumps(records))
     dist.barrier()
 

@@ -264,6 +264,18 @@ def test_fsdp_refuses_a_procedure_that_edits_the_base(launched):
         assert said is not None and "distributed='fsdp'" in said and "'loraprune'" in said and "'ddp'" in said
 
 
+def test_processes_that_disagree_on_options_or_data_are_refused(launched):
+    """Every process must run one training: a node started with another --lr, or reading a stale copy of the data
+    (31 examples instead of 32), is refused on every process, naming the setting and each rank's value (was: both
+    trained, on other options or another data stream, without a word)."""
+    _, records = launched
+    for rank in (0, 1):
+        lr, data = records[rank]["other_lr"], records[rank]["other_data"]
+        assert lr is not None and "TrainConfig.lr: rank 0 0.01, rank 1 0.02" in lr, lr
+        assert data is not None and "training data: rank 0 '32 examples" in data and "rank 1 '31 examples" in data, data
+        assert "same command on every process" in data
+
+
 CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
             "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
             "--log-every", "1", "--r", "4", "--quiet"]

@@ -157,6 +157,24 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def check_same(self, settings: dict[str, Any]) -> None:
+        """Raise ConfigError on every process unless all passed equal ``settings`` (what one command line and one
+        data file fix: the training and adapter options, the examples). Every process starts the same command under
+        a launcher; on several machines a node started with other flags or another copy of the data would otherwise
+        train silently on another stream or with other options (or wait forever on a collective). The message names
+        each setting that differs and every process's value."""
+        if not self.enabled:
+            return
+        every = self.gather_objects(settings)
+        keys = sorted({k for s in every for k in s}, key=str)
+        differ = [k for k in keys if any(s.get(k) != every[0].get(k) for s in every[1:])]
+        if differ:
+            said = "; ".join(f"{k}: " + ", ".join(f"rank {r} {s.get(k)!r}" for r, s in enumerate(every))
+                             for k in differ[:6])
+            raise ConfigError(f"the {self.world_size} processes are not running the same training ({said}). Start the "
+                              "same command on every process, with the same data (on several machines: the same "
+                              "files on each).")
+
     @contextlib.contextmanager
     def summed(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
         """Inside the block ``tensors`` hold their sums over ranks (e.g. router statistics being read); the local

@@ -47,7 +47,7 @@ from ..core.model import active_adapters, adapter_names, adapter_state, refresh_
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
 from ..data import Example, save_task_index, stable_seed
-from ..io.files import atomic_write_json
+from ..io.files import atomic_write_json, read_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
                              router_summary)
@@ -477,6 +477,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         "task_names": [n for n, _ in sorted(dataset.task_to_id.items(), key=lambda kv: kv[1])]}
     collate = objective.collator(tokenizer)
     stream = DataStream(len(dataset), config.seed)
+    if ctx.enabled:  # every process must run one training: same options, same examples (a node's stale data copy)
+        ctx.check_same(run_identity(config, adapter_state(model).configs[adapter_name], train_examples, eval_examples))
     eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
 
     def micro_batch(position: int) -> dict[str, torch.Tensor]:
@@ -653,6 +655,29 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
 
         result.adapter_dir = ctx.on_main(save_final)  # rank 0 writes, the others wait for it
     return result
+
+
+def run_identity(config: TrainConfig, adapter_config: Any, train_examples: Sequence[Example],
+                 eval_examples: Sequence[Example] | None) -> dict[str, Any]:
+    """What must be equal on every process of a data-parallel run: the training options (not the ones that may be
+    per process or per machine: device, output folder, checkpoint path, but the step a checkpoint resumes at), the
+    adapter's options, and the training and evaluation examples (count and a digest of their content)."""
+    import hashlib
+
+    def digest(examples: Sequence[Example]) -> str:
+        h = hashlib.sha256()
+        for ex in examples:
+            h.update(repr(ex).encode())
+        return f"{len(examples)} examples, sha256 {h.hexdigest()[:12]}"
+
+    own = {"device", "output_dir", "resume_from"}
+    identity: dict[str, Any] = {f"TrainConfig.{k}": v for k, v in config.to_dict().items() if k not in own}
+    identity.update({f"{type(adapter_config).__name__}.{k}": v for k, v in adapter_config.to_dict().items()})
+    if config.resume_from is not None:
+        identity["checkpoint step"] = read_json(Path(config.resume_from) / "trainer_state.json").get("step")
+    identity["training data"] = digest(train_examples)
+    identity["evaluation data"] = digest(list(eval_examples or [])[: config.eval_examples])
+    return identity
 
 
 def save_or_rescue(target: Path, write: Callable[[Path], None]) -> Path:
