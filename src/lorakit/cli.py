@@ -332,6 +332,23 @@ def _adapter_labels(adapter: str | None) -> list[str] | None:
     return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
 
 
+def _check_classifier_eval(args, adapter_config, labels: list[str], examples) -> None:
+    """A SEQ_CLS adapter's evaluation, before the model loads: every label of the data is one of the head's
+    (``labels``, labels.json), and an adapter that does not save the head is evaluated on a base whose head has
+    those outputs (another base head would be replaced by a random one)."""
+    from .data.classification import label_index
+    from .hub import classifier_labels
+
+    known = {name: i for i, name in enumerate(labels)}
+    for n, ex in enumerate(examples):
+        label_index(known, ex.completion, f"{args.data}: example {n}: ")
+    head = classifier_labels(args.model)
+    if head is not None and len(head) != len(labels) and not getattr(adapter_config, "modules_to_save", None):
+        raise LorakitError(f"{args.adapter} does not save the classification head (no modules_to_save) and has "
+                           f"{len(labels)} labels ({LABELS_FILE}), but {args.model}'s head has {len(head)} outputs: "
+                           "evaluate it on the model it was trained on.")
+
+
 def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None = None):
     """(model with ``--adapter`` loaded, tokenizer); ``any_model``: also a non-causal-LM folder (a diffusers UNet,
     a Whisper; hub.load_model_for_merge), whose tokenizer may be None; ``labels``: a SEQ_CLS adapter's label names
@@ -602,10 +619,14 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args)
-    elif classify:  # one head output per label of the training data (sorted names)
-        from .data.classification import label_names
+    elif classify:  # one head output per label of the training data (sorted names; a classifier's own order)
+        from .data.classification import head_labels, label_names
+        from .hub import classifier_labels
+        labels, note = head_labels(label_names(train_examples), classifier_labels(args.model))
+        if note and ctx.is_main:
+            print(f"note: {args.model}: {note}", file=sys.stderr)
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
-                                                    labels=label_names(train_examples))
+                                                    labels=labels)
         adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
@@ -822,6 +843,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
     labels = _adapter_labels(args.adapter)
+    if labels is not None:  # before the model loads: labels the head lacks, a base head of another size
+        _check_classifier_eval(args, adapter_config, labels, examples)
     model, tokenizer = _load_with_adapter(args, labels=labels)
     if labels is not None:
         from .training.objectives import objective_for

@@ -39,6 +39,29 @@ def label_names(examples: Sequence[Example]) -> list[str]:
     return names
 
 
+def head_labels(data_labels: Sequence[str], checkpoint_labels: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """The head's labels for training, in output order, and a note for the user (None: nothing to say).
+
+    ``checkpoint_labels``: a classifier checkpoint's ``config.id2label`` in order (None for a model without a
+    classification head). A checkpoint that knows every label of the data keeps its head and its order, so each
+    output keeps the meaning it was trained with (the data's names sorted would swap them whenever the checkpoint's
+    order is another). Otherwise the data's labels (``data_labels``, sorted) are used: a checkpoint head with another
+    number of outputs is replaced by a new one, one with as many is trained on under the new names, as transformers
+    does."""
+    data_labels = list(data_labels)
+    if checkpoint_labels is None:
+        return data_labels, None
+    known = list(checkpoint_labels)
+    if set(data_labels) <= set(known):
+        return known, None
+    shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+    if len(known) != len(data_labels):
+        return data_labels, (f"its classification head has {len(known)} outputs ({shown}); the data's "
+                             f"{len(data_labels)} labels {data_labels} get a new head")
+    return data_labels, (f"its classification head's outputs ({shown}) are trained as the data's labels "
+                         f"{data_labels}, in that order")
+
+
 def label_index(label2id: Mapping[str, int], label: str, where: str = "") -> int:
     """The id of ``label``; DataError naming the known labels when it has none."""
     if label not in label2id:
