@@ -29,6 +29,7 @@ from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, dev
                          positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 from .core.threads import default_num_threads
+from .data.classification import LABELS_FILE  # a SEQ_CLS adapter's label names, in head order
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
@@ -316,7 +317,6 @@ def _load_adapter_on(model, args) -> None:
                                f"to use its base, or pass --model {recorded})") from None
 
 
-LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
 def _adapter_labels(adapter: str | None) -> list[str] | None:
@@ -664,10 +664,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir),
                                   rerun_fits=args.loram_ratio is None)
-        if classify:  # `lorakit eval` rebuilds the head from these names
-            from .io.files import atomic_write_json as write_json
-            write_json(Path(result.adapter_dir) / LABELS_FILE, {"labels": [model.config.id2label[i]
-                                                                           for i in range(model.config.num_labels)]})
     extra = {}
     if args.loram_ratio is not None and result.adapter_dir is not None:
         extra = {"after_pruned_model": after}

@@ -209,3 +209,22 @@ def test_cli_classifier_with_another_label_count_gets_a_new_head(tmp_path, capsy
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
     assert main(["eval", "--model", str(folder), "--adapter", str(adapter), "--data", str(held_out)]) == 2
     assert "does not save the classification head" in capsys.readouterr().err
+
+
+def test_checkpoints_of_a_classifier_evaluate_with_their_labels(tmp_path, capsys):
+    """labels.json is written with every checkpoint and by the Python train() too (was: only `lorakit train`'s final
+    adapter had it, so `lorakit eval --adapter run/checkpoint-N`, e.g. of a run stopped with Ctrl-C, was refused)."""
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, model = _classifier_folder(tmp_path, tok, ["pos", "neg"])
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    train(model, tok, examples, TrainConfig(steps=2, batch_size=4, lr=5e-3, save_every=1,
+                                            output_dir=str(tmp_path / "run")), progress=False)
+    for adapter in ("checkpoint-1", "checkpoint-2", "adapter"):
+        assert json.loads((tmp_path / "run" / adapter / "labels.json").read_text()) == {"labels": ["pos", "neg"]}
+    held_out = _jsonl(tmp_path / "held_out.jsonl", examples[:6])
+    expected = evaluate_classification(model, tok, examples[:6], {"pos": 0, "neg": 1})
+    assert main(["eval", "--model", str(folder), "--adapter", str(tmp_path / "run" / "checkpoint-2"), "--data",
+                 str(held_out), "--json", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == pytest.approx(expected)

@@ -22,6 +22,9 @@ from lorakit.data.errors import DataError
 from lorakit.data.example import Example
 
 
+LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names in head order, beside its files: {"labels": [...]}
+
+
 def label_names(examples: Sequence[Example]) -> list[str]:
     """The distinct labels of ``examples``, sorted (label id = position): the mapping does not depend on order.
 

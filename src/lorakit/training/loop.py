@@ -47,6 +47,7 @@ from ..core.model import active_adapters, adapter_names, adapter_state, refresh_
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
 from ..data import Example, save_task_index, stable_seed
+from ..data.classification import LABELS_FILE
 from ..io.files import atomic_write_json, read_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
@@ -303,11 +304,15 @@ def evaluate_adapter(objective: Any, ctx: Any, model: nn.Module, tokenizer: Any,
                                   task_to_id=task_to_id, progress=progress)
 
 
-def write_adapter_dir(model: nn.Module, directory: Path, adapter_name: str, task_to_id: dict[str, int] | None) -> None:
-    """The adapter's files (PEFT format), plus ``task_index.json`` when the data has task keys."""
+def write_adapter_dir(model: nn.Module, directory: Path, adapter_name: str, task_to_id: dict[str, int] | None,
+                      labels: list[str] | None = None) -> None:
+    """The adapter's files (PEFT format), plus ``task_index.json`` when the data has task keys and ``labels.json``
+    (a classifier's label names in head order, which ``lorakit eval`` rebuilds the head from) when ``labels``."""
     save_adapter(model, directory, adapter_name)
     if task_to_id is not None:
         save_task_index(directory, task_to_id)
+    if labels is not None:
+        atomic_write_json(directory / LABELS_FILE, {"labels": labels})
 
 
 def checkpoint_state(config: TrainConfig, adapter_name: str, *, step: int, position: int, num_train_examples: int,
@@ -533,8 +538,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
+    labels = getattr(objective, "labels", None)  # a classifier's: saved with every checkpoint and the adapter
+
     def write_adapter(directory: Path) -> None:
-        write_adapter_dir(model, directory, adapter_name, dataset.task_to_id)
+        write_adapter_dir(model, directory, adapter_name, dataset.task_to_id, labels)
 
     def checkpoint() -> str:
         state = checkpoint_state(config, adapter_name, step=step, position=position, num_train_examples=len(dataset),
