@@ -228,3 +228,14 @@ def test_checkpoints_of_a_classifier_evaluate_with_their_labels(tmp_path, capsys
                  str(held_out), "--json", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{"):]) == pytest.approx(expected)
+
+
+def test_integer_labels_order_the_head_by_number():
+    """Class ids 0..11 give head output i to label i, as a transformers / PEFT user reads a classifier's logits
+    (was: sorted as strings, so output 2 meant label 10)."""
+    from lorakit.data.classification import label_names
+
+    examples = [Example(f"text {i}", str(i % 12)) for i in range(24)]
+    assert label_names(examples) == [str(i) for i in range(12)]
+    assert label_names([Example("a", "-1"), Example("b", "10"), Example("c", "2")]) == ["-1", "2", "10"]
+    assert label_names([Example("a", "10"), Example("b", "9"), Example("c", "x")]) == ["10", "9", "x"]  # not all ids

@@ -27,6 +27,8 @@ LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names in head order, be
 
 def label_names(examples: Sequence[Example]) -> list[str]:
     """The distinct labels of ``examples``, sorted (label id = position): the mapping does not depend on order.
+    Integer labels sort as numbers (0, 1, 2, ..., 10: label ``i`` of class ids 0..k-1 is head output ``i``), others
+    as strings.
 
     Raises DataError for an example without a label (a ``{"text": ...}`` line without ``"label"`` parses as a
     language-modelling example: its text would become its label) and for fewer than two distinct labels (a
@@ -36,6 +38,8 @@ def label_names(examples: Sequence[Example]) -> list[str]:
             raise DataError(f"example {i} has no 'label' field: sequence classification needs "
                             f'{{"text": ..., "label": ...}} on every line (got text {ex.completion[:40]!r} alone)')
     names = sorted({ex.completion for ex in examples})
+    if all(_is_integer(name) for name in names):  # class ids 0..k-1: output i is class i, as transformers users expect
+        names.sort(key=int)
     if len(names) < 2:
         raise DataError(f"sequence classification needs at least 2 distinct labels in the training data, found "
                         f"{names}")
@@ -63,6 +67,10 @@ def head_labels(data_labels: Sequence[str], checkpoint_labels: Sequence[str] | N
                              f"{len(data_labels)} labels {data_labels} get a new head")
     return data_labels, (f"its classification head's outputs ({shown}) are trained as the data's labels "
                          f"{data_labels}, in that order")
+
+
+def _is_integer(name: str) -> bool:
+    return name.lstrip("-").isdigit() and name.lstrip("-").isascii()
 
 
 def label_index(label2id: Mapping[str, int], label: str, where: str = "") -> int:
