@@ -897,6 +897,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = [Example(prompt=p, completion="", task=t) for p, t in zip(prompts, tasks)]
     task_to_id = _task_index(args.adapter, rows, "--task / the JSONL key")
     _require_task_keys(args.adapter, task_to_id, tasks, "prompts (pass --task, or a \"task\" in each JSONL line)")
+    labels = _adapter_labels(args.adapter)
+    if labels is not None:  # a classifier writes no text: each prompt's predicted label, tab-separated
+        from .data.classification import predict_labels
+
+        model, tokenizer = _load_with_adapter(args, labels=labels)
+        label2id = {name: i for i, name in enumerate(labels)}
+        rows = [Example(prompt=ex.prompt, completion=labels[0], task=ex.task) for ex in rows]
+        for p, i in zip(prompts, predict_labels(model, tokenizer, rows, label2id, task_to_id=task_to_id)):
+            print(f"{p}\t{labels[i]}")
+        return 0
     model, tokenizer = _load_with_adapter(args)
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        row_routing=example_routing(rows, task_to_id))
@@ -1629,7 +1639,8 @@ def _add_eval(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
+    g = sub.add_parser("generate", help="greedy generation for prompts (a classifier adapter: their labels)",
+                       formatter_class=_Formatter)
     _common_model(g, ADAPTER_BASE_DEFAULT)
     _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder uses its adapter/)")

@@ -228,6 +228,16 @@ def test_checkpoints_of_a_classifier_evaluate_with_their_labels(tmp_path, capsys
                  str(held_out), "--json", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{"):]) == pytest.approx(expected)
+    # `lorakit generate` with a classifier prints each prompt's label (was: a causal-LM load that refused the
+    # adapter's tensors as 'for a different base model')
+    from lorakit.data.classification import predict_labels
+
+    texts = [ex.prompt for ex in examples[:6]]
+    predicted = predict_labels(model, tok, examples[:6], {"pos": 0, "neg": 1})
+    assert main(["generate", "--model", str(folder), "--adapter", str(tmp_path / "run" / "adapter"),
+                 *[a for t in texts for a in ("--prompt", t)]]) == 0
+    lines = capsys.readouterr().out.splitlines()[-6:]
+    assert lines == [f"{t}\t{['pos', 'neg'][i]}" for t, i in zip(texts, predicted)]
 
 
 def test_integer_labels_order_the_head_by_number():
