@@ -574,6 +574,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = setup(device_for(None), args.distributed)
     if ctx.is_main:
         return _train_command(args, ctx)
+    from transformers.utils import logging as transformers_logging
+
+    # transformers' loading bar and notes go to stderr: said by rank 0 (it loads the same model), not once per process
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         return _train_command(args, ctx)
 
