@@ -332,6 +332,17 @@ def _adapter_labels(adapter: str | None) -> list[str] | None:
     return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
 
 
+def _check_labels(labels: list[str], examples, head: str, which: str) -> None:
+    """DataError naming the first of ``examples`` whose label is not one of ``labels`` (``head``'s outputs)."""
+    from .data.errors import DataError
+
+    known = set(labels)
+    for n, ex in enumerate(examples):
+        if ex.completion not in known:
+            raise DataError(f"{which} example {n} has label {ex.completion!r}, which is not one of {head}'s labels "
+                            f"{labels}")
+
+
 def _check_classifier_eval(args, adapter_config, labels: list[str], examples) -> None:
     """A SEQ_CLS adapter's evaluation, before the model loads: every label of the data is one of the head's
     (``labels``, labels.json), and an adapter that does not save the head is evaluated on a base whose head has
@@ -627,9 +638,16 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     elif classify:  # one head output per label of the training data (sorted names; a classifier's own order)
         from .data.classification import head_labels, label_names
         from .hub import classifier_labels
-        labels, note = head_labels(label_names(train_examples), classifier_labels(args.model))
+        from .io.files import read_json
+        saved = Path(args.resume_from or "") / LABELS_FILE
+        if args.resume_from and saved.is_file():  # the checkpoint's head, in its order
+            labels, note = list(read_json(saved)["labels"]), None
+            _check_labels(labels, train_examples, f"--resume-from {args.resume_from}'s head", "training")
+        else:
+            labels, note = head_labels(label_names(train_examples), classifier_labels(args.model))
         if note and ctx.is_main:
             print(f"note: {args.model}: {note}", file=sys.stderr)
+        _check_labels(labels, eval_examples, "the head", "evaluation")  # before the model loads
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
                                                     labels=labels)
         adapter_config = _classifier_head(model, adapter_config)

@@ -249,3 +249,23 @@ def test_integer_labels_order_the_head_by_number():
     assert label_names(examples) == [str(i) for i in range(12)]
     assert label_names([Example("a", "-1"), Example("b", "10"), Example("c", "2")]) == ["-1", "2", "10"]
     assert label_names([Example("a", "10"), Example("b", "9"), Example("c", "x")]) == ["10", "9", "x"]  # not all ids
+
+
+def test_cli_train_refuses_an_evaluation_label_the_head_lacks_before_loading(tmp_path, capsys, monkeypatch):
+    """An evaluation example (here in the hold-out) whose label the training data lacks: refused by name before the
+    model loads (was: after loading it, at the 'before' evaluation)."""
+    import lorakit.hub
+
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, _ = _classifier_folder(tmp_path, tok, ["neg", "pos"])
+    data = _jsonl(tmp_path / "train.jsonl", [*examples, Example("good plot", "meh")])
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    assert main(["train", *CLS_ARGS, "--model", str(folder), "--data", str(data), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "evaluation example 2 has label 'meh', which is not one of the head's labels ['neg', 'pos']" in \
+        capsys.readouterr().err
