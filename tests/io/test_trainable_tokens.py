@@ -675,3 +675,25 @@ def test_sparse_embedding_gives_the_rows_a_dense_gradient(tmp_path):
     assert reference.emb.weight.grad.is_sparse
     torch.testing.assert_close(model.emb.adapters["default"].values.grad,
                                reference.emb.weight.grad.to_dense()[[3, 5, 9]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_named_adapter_that_is_also_weighted_elsewhere_still_conflicts_on_its_named_row(token_ids):
+    """A row's ``adapter_names`` adapter acts on that row whatever its own ``adapter_weights`` entry says (the forward
+    adds the weighted term on top of the named one): with ``a`` named on row 0 and weighted 0 there, ``b`` weighted
+    on row 0 meets ``a`` on row 0, the overlap ``set_adapter`` refuses (peft/tuners/trainable_tokens/layer.py 0.21.2,
+    ``_check_overlapping_tokens`` line 162). (Was: ``a``'s rows were read from its weights only, so the shared token
+    row came out as v_a + v_b − E without an error.)"""
+    from lorakit.core.errors import AdapterError
+
+    model = tiny_llama()
+    for name, indices in {"a": [3, 5], "b": [5, 9, 90]}.items():
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices), name)
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 8)
+    with pytest.raises(AdapterError, match=r"adapters 'a' and 'b' cannot act together on batch row 0"):
+        with lk.routing(adapter_names=["a", None, None],
+                        adapter_weights={"a": torch.tensor([0.0, 1.0, 0.0]), "b": torch.tensor([1.0, 0.0, 0.0])}):
+            _logits(model, token_ids)
+    with pytest.raises(AdapterError, match=r"adapters 'b' and 'a' cannot act together on batch row 2"):
+        with lk.routing(adapter_names=[None, None, "b"],
+                        adapter_weights={"b": torch.tensor([1.0, 0.0, 0.0]), "a": torch.tensor([0.0, 0.0, 1.0])}):
+            _logits(model, token_ids)

@@ -403,3 +403,41 @@ def test_over_http_an_adapter_loaded_again_while_a_prefetch_of_its_old_folder_en
     ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
     assert answer.choices[0].text == tok.decode(ids, skip_special_tokens=True)
     assert store.paths["x"] == new.resolve() and "x" not in store.failed and old.is_dir()
+
+
+def test_a_call_from_inside_a_step_runs_there_when_a_loop_starts_meanwhile():
+    """A thread stepping an engine without a loop, whose step runs a listener (``on_event``) that calls
+    ``Engine.call``, while a ``start()`` has landed: the call runs at once on that thread (it already has the step's
+    turn, as the loop's own calls do). Was: the call saw the new loop running, posted itself to it and waited, while
+    the loop waited for the step lock that thread held: neither ever went on. Forced by starting the loop inside the
+    listener, before its call."""
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
+    answers, failures = [], []
+
+    def on_event(event):
+        if not answers:
+            engine.start()  # another thread's start, landing inside this thread's step
+            answers.append(engine.call(lambda: 42))
+
+    def step_until_done():
+        try:
+            req = engine.submit([4, 5, 6], None, SamplingParams(max_tokens=3, ignore_eos=True), on_event=on_event)
+            while not req.done.is_set() and not engine._looping():
+                engine.step()
+            assert req.done.wait(60)
+            answers.append(req.output_ids)
+        except BaseException as e:  # noqa: BLE001  (reported on the test's thread)
+            failures.append(e)
+
+    stepper = threading.Thread(target=step_until_done, daemon=True)
+    stepper.start()
+    stepper.join(60)
+    try:
+        assert not stepper.is_alive(), "the call inside the step waited for a loop that waited for that step"
+        assert failures == [] and answers == [42, _reference({}, [4, 5, 6], None, 3)]
+        _serves(engine)
+    finally:
+        try:
+            engine.shutdown(timeout=5)
+        except EngineStopError:
+            pass  # (the old code: the loop still waits for the step lock the stuck thread holds)

@@ -174,12 +174,22 @@ class AdapterLayer(nn.Module):
             why = self.adapters[first].conflict(self.adapters[second])
             if why is None:
                 continue
-            rows = [torch.tensor([n == m for n in names]) if m not in weights else weights[m].detach().cpu() != 0
-                    for m in (first, second)]
+            rows = [self._rows_of(m, names, weights) for m in (first, second)]
             both = (rows[0] & rows[1]).nonzero().flatten()
             if len(both):
                 raise AdapterError(f"adapters {first!r} and {second!r} cannot act together on batch row "
                                    f"{int(both[0])}: they {why}.")
+
+    @staticmethod
+    def _rows_of(name: str, names: list | None, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch,) bool: the rows ``name`` acts on, as its ``adapter_names`` rows or its nonzero weights (a named
+        row takes the adapter whatever its own weight there: the weighted term comes on top)."""
+        rows = torch.zeros(len(next(iter(weights.values()))), dtype=torch.bool)
+        if names is not None:
+            rows |= torch.tensor([n == name for n in names], dtype=torch.bool)
+        if name in weights:
+            rows |= weights[name].detach().cpu() != 0
+        return rows
 
     def _stackable(self, used: list[str]) -> bool:
         deltas = [self.adapters[n] for n in used]

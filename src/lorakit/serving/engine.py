@@ -208,6 +208,7 @@ class Engine:
         # held through each step, by the loop or by a thread stepping without one (generate, an inline Engine.call):
         # one thread at a time runs forwards over the batch, cache and banks (reentrant: a step's own callbacks)
         self._stepping = threading.RLock()
+        self._stepper: int | None = None  # the thread ident holding ``_stepping`` (``_turn``), else None
         self._ids = itertools.count()
         # forked: choices that took their prompt's prefill from its first choice (no prefill tokens of their own)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
@@ -340,8 +341,11 @@ class Engine:
         it), so a caller is never told "not run" for a call that then runs, nor left without the result of one that
         started (was: ``timeout``, after which the call raised TimeoutError and still ran later). Calls queued when
         the engine shuts down are cancelled the same way (EngineBusyError)."""
-        if not self._looping() or threading.current_thread() is self._thread:
-            with self._stepping:  # (between steps of a thread stepping without a loop, as between the loop's)
+        if not self._looping() or threading.current_thread() is self._thread or self._stepper == threading.get_ident():
+            # (between steps of a thread stepping without a loop, as between the loop's; and at once from inside a
+            # step of this thread, e.g. an on_event listener's call: a loop a start ran meanwhile waits for this
+            # step's turn, so posting it there would wait forever)
+            with self._turn():
                 return fn()
         fut: Future = Future()
         with self._calls_lock:  # known before it is posted: a shutdown from now on cancels it
@@ -490,7 +494,7 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------------------
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            with self._stepping:
+            with self._turn():
                 try:
                     busy = self._step()
                 except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
@@ -507,8 +511,18 @@ class Engine:
 
         Any thread may step; steps of different threads (the loop's, :meth:`generate`'s without a loop) take turns
         (was: two callers of ``generate`` stepped the same batch at once)."""
-        with self._stepping:
+        with self._turn():
             return self._step()
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """Hold the step lock, noting this thread as the one stepping (reentrant: a step's own listeners)."""
+        with self._stepping:
+            outer, self._stepper = self._stepper, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._stepper = outer
 
     def _step(self) -> bool:
         had_inbox = self._drain_inbox()
