@@ -387,7 +387,31 @@ def test_num_threads_flag_and_a_contention_safe_default(monkeypatch, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert main(["eval", "--data", "reverse", "--num-threads", "0"]) == 2
+    assert main(["eval", "--data", "reverse", "--num-threads", "-1"]) == 2
+    assert "--num-threads must be >= 0" in capsys.readouterr().err
+
+
+def test_num_threads_0_is_the_default_in_every_command(monkeypatch, capsys):
+    """One rule for ``--num-threads`` and ``pretrain-base``'s ``num_threads``: 0 means the default
+    (lorakit.core.threads.default_num_threads: OMP_NUM_THREADS when set). Was: the CLI refused 0, which
+    ``pretrain-base`` documents as its default."""
+    from lorakit.compose.translora import build_parser
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main(["eval", "--data", "reverse", "--eval-examples", "2", "--num-threads", "0", "--quiet"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for command in (["eval"], ["train"], ["transfer"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        helped = " ".join(capsys.readouterr().out.split())
+        assert "0: OMP_NUM_THREADS if set, else half the CPUs" in helped, command
+    assert build_parser().parse_args(["--adapter", "a", "--target-model", "b", "--data", "c",
+                                      "--output", "d"]).num_threads == 0
 
 
 # -- also: help, metrics log, plot, one final evaluation, inspect | head ---------------------------------------------

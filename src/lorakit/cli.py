@@ -28,7 +28,8 @@ from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
                          positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
-from .core.threads import default_num_threads
+from .core.threads import NUM_THREADS_HELP, default_num_threads, resolve_num_threads
+from .data.classification import LABELS_FILE  # a SEQ_CLS adapter's label names, in head order
 
 DEFAULT_METHOD = "lora"
 TASK_TRAIN_EXAMPLES, TASK_EVAL_EXAMPLES = 2000, 100  # per built-in task; user files are used whole
@@ -39,9 +40,7 @@ def _set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "num_threads", None) is not None:
         import torch
 
-        if args.num_threads < 1:
-            raise LorakitError(f"--num-threads must be >= 1, got {args.num_threads}")
-        torch.set_num_threads(args.num_threads)
+        torch.set_num_threads(resolve_num_threads(args.num_threads))
 
 
 def _print_metrics(label: str, metrics: dict) -> None:
@@ -316,7 +315,6 @@ def _load_adapter_on(model, args) -> None:
                                f"to use its base, or pass --model {recorded})") from None
 
 
-LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names, in head order, written by `lorakit train` beside it
 
 
 def _adapter_labels(adapter: str | None) -> list[str] | None:
@@ -330,6 +328,34 @@ def _adapter_labels(adapter: str | None) -> list[str] | None:
         raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
                            f'names in head order, {{"labels": [...]}}); write it, or load the adapter in Python')
     return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
+
+
+def _check_labels(labels: list[str], examples, head: str, which: str) -> None:
+    """DataError naming the first of ``examples`` whose label is not one of ``labels`` (``head``'s outputs)."""
+    from .data.errors import DataError
+
+    known = set(labels)
+    for n, ex in enumerate(examples):
+        if ex.completion not in known:
+            raise DataError(f"{which} example {n} has label {ex.completion!r}, which is not one of {head}'s labels "
+                            f"{labels}")
+
+
+def _check_classifier_eval(args, adapter_config, labels: list[str], examples) -> None:
+    """A SEQ_CLS adapter's evaluation, before the model loads: every label of the data is one of the head's
+    (``labels``, labels.json), and an adapter that does not save the head is evaluated on a base whose head has
+    those outputs (another base head would be replaced by a random one)."""
+    from .data.classification import label_index
+    from .hub import classifier_labels
+
+    known = {name: i for i, name in enumerate(labels)}
+    for n, ex in enumerate(examples):
+        label_index(known, ex.completion, f"{args.data}: example {n}: ")
+    head = classifier_labels(args.model)
+    if head is not None and len(head) != len(labels) and not getattr(adapter_config, "modules_to_save", None):
+        raise LorakitError(f"{args.adapter} does not save the classification head (no modules_to_save) and has "
+                           f"{len(labels)} labels ({LABELS_FILE}), but {args.model}'s head has {len(head)} outputs: "
+                           "evaluate it on the model it was trained on.")
 
 
 def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None = None):
@@ -557,6 +583,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = setup(device_for(None), args.distributed)
     if ctx.is_main:
         return _train_command(args, ctx)
+    from transformers.utils import logging as transformers_logging
+
+    # transformers' loading bar and notes go to stderr: said by rank 0 (it loads the same model), not once per process
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         return _train_command(args, ctx)
 
@@ -602,10 +633,21 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if args.loram_ratio is not None:
         model, tokenizer, plan = _loram_base(args, save=ctx.is_main)
-    elif classify:  # one head output per label of the training data (sorted names)
-        from .data.classification import label_names
+    elif classify:  # one head output per label of the training data (sorted names; a classifier's own order)
+        from .data.classification import head_labels, label_names
+        from .hub import classifier_labels
+        from .io.files import read_json
+        saved = Path(args.resume_from or "") / LABELS_FILE
+        if args.resume_from and saved.is_file():  # the checkpoint's head, in its order
+            labels, note = list(read_json(saved)["labels"]), None
+            _check_labels(labels, train_examples, f"--resume-from {args.resume_from}'s head", "training")
+        else:
+            labels, note = head_labels(label_names(train_examples), classifier_labels(args.model))
+        if note and ctx.is_main:
+            print(f"note: {args.model}: {note}", file=sys.stderr)
+        _check_labels(labels, eval_examples, "the head", "evaluation")  # before the model loads
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args), task_type="seq-cls",
-                                                    labels=label_names(train_examples))
+                                                    labels=labels)
         adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
@@ -643,10 +685,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     if result.adapter_dir is not None:
         _resave_for_original_base(model, args.adapter_name, Path(result.adapter_dir),
                                   rerun_fits=args.loram_ratio is None)
-        if classify:  # `lorakit eval` rebuilds the head from these names
-            from .io.files import atomic_write_json as write_json
-            write_json(Path(result.adapter_dir) / LABELS_FILE, {"labels": [model.config.id2label[i]
-                                                                           for i in range(model.config.num_labels)]})
     extra = {}
     if args.loram_ratio is not None and result.adapter_dir is not None:
         extra = {"after_pruned_model": after}
@@ -789,7 +827,9 @@ def _format_note(method) -> str:
 
 
 def _resume_command(argv: Sequence[str], checkpoint: str) -> str:
-    """The user's own command with ``--resume-from CHECKPOINT`` (replacing any earlier one)."""
+    """The user's own command with ``--resume-from CHECKPOINT`` (replacing any earlier one); under a launcher on one
+    machine, started with torchrun and this machine's process count (``LOCAL_WORLD_SIZE``, which torchrun and
+    accelerate launch set)."""
     kept, skip = [], False
     for a in argv:
         if skip:
@@ -798,6 +838,10 @@ def _resume_command(argv: Sequence[str], checkpoint: str) -> str:
             skip = True
         elif not a.startswith("--resume-from="):
             kept.append(a)
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world != "1" and world == local:
+        return shlex.join(["torchrun", "--nproc-per-node", local, "-m", "lorakit", "--", *kept, "--resume-from",
+                           checkpoint])
     return shlex.join(["lorakit", *kept, "--resume-from", checkpoint])
 
 
@@ -826,6 +870,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
     labels = _adapter_labels(args.adapter)
+    if labels is not None:  # before the model loads: labels the head lacks, a base head of another size
+        _check_classifier_eval(args, adapter_config, labels, examples)
     model, tokenizer = _load_with_adapter(args, labels=labels)
     if labels is not None:
         from .training.objectives import objective_for
@@ -882,6 +928,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = [Example(prompt=p, completion="", task=t) for p, t in zip(prompts, tasks)]
     task_to_id = _task_index(args.adapter, rows, "--task / the JSONL key")
     _require_task_keys(args.adapter, task_to_id, tasks, "prompts (pass --task, or a \"task\" in each JSONL line)")
+    labels = _adapter_labels(args.adapter)
+    if labels is not None:  # a classifier writes no text: each prompt's predicted label, tab-separated
+        from .data.classification import predict_labels
+
+        model, tokenizer = _load_with_adapter(args, labels=labels)
+        label2id = {name: i for i, name in enumerate(labels)}
+        rows = [Example(prompt=ex.prompt, completion=labels[0], task=ex.task) for ex in rows]
+        for p, i in zip(prompts, predict_labels(model, tokenizer, rows, label2id, task_to_id=task_to_id)):
+            print(f"{p}\t{labels[i]}")
+        return 0
     model, tokenizer = _load_with_adapter(args)
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        row_routing=example_routing(rows, task_to_id))
@@ -1374,7 +1430,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
         from .federated.checkpoint import STATE_JSON
 
         args.output = str(resume.parent if (resume / STATE_JSON).is_file() else resume) if resume else "runs/federated"
-    out = check_output_dir(args.output, "--output", overwrite=args.overwrite, allow_existing=resume is not None)
+    from .federated.checkpoint import resumes_in_place
+
+    # a run resumed into another folder writes there as a fresh run does: a non-empty one needs --overwrite
+    out = check_output_dir(args.output, "--output", overwrite=args.overwrite,
+                           allow_existing=resumes_in_place(args.output, resume))
 
     def split(text, kind, flag):
         """A comma-separated flag value as a list of ``kind``; LorakitError naming the flag for a bad or empty item."""
@@ -1463,8 +1523,8 @@ def _common_model(p: argparse.ArgumentParser, default: str = "the bundled model"
     p.add_argument("--model", default=None, help=f"HF model folder or cached hub id (default: {default}); "
                    "lorakit runs offline, set HF_HUB_OFFLINE=0 to allow downloads")
     p.add_argument("--num-threads", type=int, default=default_num_threads(),
-                   help="CPU threads for torch; lower it when other jobs share the machine (default: OMP_NUM_THREADS "
-                        "if set, else half the CPUs, here %(default)s)")
+                   help=f"CPU threads for torch; lower it when other jobs share the machine ({NUM_THREADS_HELP}; "
+                        "default: that, here %(default)s)")
 
 
 # -- training procedures: --procedure NAME and that procedure's options -----------------------------------
@@ -1614,7 +1674,8 @@ def _add_eval(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="greedy generation for prompts", formatter_class=_Formatter)
+    g = sub.add_parser("generate", help="greedy generation for prompts (a classifier adapter: their labels)",
+                       formatter_class=_Formatter)
     _common_model(g, ADAPTER_BASE_DEFAULT)
     _add_quantize(g, "generate with it")
     g.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT; a training run folder uses its adapter/)")
@@ -1833,7 +1894,8 @@ class ErrorsReported:
       config fields written as ``command``'s flags (``CommandParser.fail``), status 2; an AdapterSaveError
       (the work was done, the adapter could not be written where asked) status 1;
     - Ctrl-C: status 130 (TrainingInterrupted says where its checkpoint is, and ``resume(checkpoint)`` the command
-      that resumes it when given); under a distributed launcher only rank 0 prints it;
+      that resumes it when given); under a distributed launcher only rank 0 prints it, as it alone prints an error
+      of a write it made for every process (the others' RankZeroFailed: status 2, nothing printed);
     - any other exception propagates (a bug shows its traceback).
 
     ``command`` may be replaced inside the block (the chosen subcommand's parser, once the arguments are parsed).
@@ -1849,6 +1911,7 @@ class ErrorsReported:
 
     def __exit__(self, kind, error, traceback) -> bool:
         from .training import AdapterSaveError, TrainingInterrupted
+        from .training.distributed import RankZeroFailed
 
         # Ctrl-C under torchrun reaches every process: rank 0 alone says so (its checkpoint is the run's)
         if isinstance(error, TrainingInterrupted):
@@ -1860,6 +1923,8 @@ class ErrorsReported:
             if _rank_zero():
                 print(f"\n{self.command.prog}: interrupted", file=sys.stderr)
             self.status = 130
+        elif isinstance(error, RankZeroFailed):  # rank 0 says what failed; the others stop quietly
+            self.status = 2
         elif isinstance(error, AdapterSaveError):
             self.status = self.command.fail(error, status=1)
         elif isinstance(error, (LorakitError, *self.also)):
@@ -1875,9 +1940,12 @@ def _run(argv: list[str]) -> int:
     with ErrorsReported(CommandParser(prog="lorakit train" if argv[:1] == ["train"] else "lorakit"),
                         also=(ValueError, FileNotFoundError), resume=lambda ckpt: _resume_command(argv, ckpt)) as run:
         from . import get_method
-        method_name = _method_from_argv(argv)
+        # --method / --procedure are train's (its flags depend on them); another command given them says it has no
+        # such flag (was: `lorakit federate --method dora` answered "unknown method 'dora'" with train's method list)
+        training = argv[:1] == ["train"]
+        method_name = _method_from_argv(argv) if training else DEFAULT_METHOD
         get_method(method_name)  # a clear error for an unknown --method before argparse's generic one
-        procedure_name = _method_from_argv(argv, "--procedure", None)
+        procedure_name = _method_from_argv(argv, "--procedure", None) if training else None
         if procedure_name is not None:
             from .training.procedures import get_procedure
             get_procedure(procedure_name)  # a clear error (with near matches) for an unknown --procedure

@@ -151,14 +151,29 @@ def normalize_task_type(name: str) -> str:
     return key
 
 
+def classifier_labels(model: str | os.PathLike | None) -> list[str] | None:
+    """A ``*ForSequenceClassification`` checkpoint's label names in head-output order (``config.id2label``); None
+    for any other model (a bare encoder, a causal LM), which a seq-cls load gives a new head. None too when the
+    config cannot be read (the load itself then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=_offline())
+    except (OSError, ValueError):
+        return None
+    if not any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
                              device: str | torch.device = "cpu", quantize=None, task_type: str = "causal-lm",
                              labels: list[str] | None = None):
     """(model, tokenizer) for a causal LM: ``None``/``"bundled"``, a local folder, or a hub id already cached.
 
     ``task_type="seq-cls"`` (PEFT's SEQ_CLS) loads ``AutoModelForSequenceClassification`` instead, with one output
-    per name in ``labels`` (``config.id2label`` / ``label2id`` in that order; a head the checkpoint lacks is newly
-    initialised, as transformers does) and the tokenizer's pad id in the config (decoder classifiers pool the
+    per name in ``labels`` (``config.id2label`` / ``label2id`` in that order; a head the checkpoint lacks, or has
+    with another number of outputs, is newly initialised, as transformers does) and the tokenizer's pad id in the config (decoder classifiers pool the
     last non-pad token).
 
     Offline by default (``local_files_only``): an uncached hub id fails at once with a LorakitError instead of
@@ -178,6 +193,9 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
         auto = AutoModelForSequenceClassification
         extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                  "label2id": {name: i for i, name in enumerate(labels)}, "pad_token_id": tokenizer.pad_token_id}
+        head = classifier_labels(path)
+        if head is not None and len(head) != len(labels):  # a classifier checkpoint with another head: a new one
+            extra["ignore_mismatched_sizes"] = True
     if quantize is not None:
         from .quantize import QuantizeConfig
 

@@ -19,8 +19,12 @@ def client_updates(ranks, seed=0):
 
 
 def test_flora_stacking_is_exact_mean_of_client_deltas():
-    """FLoRA (arXiv:2409.05976) stacking equation, official fed_utils/model_aggregation.py (stacking=True: A_k scaled
-    by p_k and concatenated on dim 0, B_k on dim 1): B_stack A_stack = Σ_k p_k s_k B_k A_k, heterogeneous ranks."""
+    """FLoRA (arXiv:2409.05976) stacking equation, official ATP-1010/FederatedLLM fed_utils/model_aggregation.py
+    (unchanged since c40814c; lines as at 7bea158), stacking=True, heter=True: p_k = normalize(n_k, p=1) (lines 10-13);
+    the first client's A times p_k (64-67), every later A_k times p_k concatenated on dim 0 (74-78), B_k concatenated
+    unscaled on dim 1 (84-87); main.py keeps the clients' s = α/r = 2 on the stacked adapter (lora_alpha=2·r_k, lines
+    258/272). So B_stack A_stack = Σ_k p_k s_k B_k A_k; lorakit folds s_k into B (same product), heterogeneous
+    ranks."""
     ranks, scalings = [8, 4, 2], [2.0, 2.0, 0.5]
     updates = client_updates(ranks)
     weights = [0.5, 0.3, 0.2]
@@ -125,10 +129,11 @@ def test_heterogeneous_ranks_need_a_strategy_that_handles_them():
 
 
 def test_fedit_zero_padding_matches_flora_official_aggregation():
-    """FLoRA's official fed_utils/model_aggregation.py, FedAvg(zero_padding=True): each client's A_k (r_k, in) gets
-    ``ZeroPad2d((0, 0, 0, max_lora - r_k))`` (zero rows at the bottom) and B_k (out, r_k) gets
-    ``ZeroPad2d((0, max_lora - r_k, 0, 0))`` (zero columns on the right), both times ``weights_array[k]``, summed.
-    Written out here with explicit zero blocks."""
+    """FLoRA's official fed_utils/model_aggregation.py (ATP-1010/FederatedLLM at 7bea158, lines 94-116),
+    FedAvg(zero_padding=True): each client's A_k (r_k, in) gets ``ZeroPad2d((0, 0, 0, max_lora - r_k))`` (zero rows at
+    the bottom, lines 99-101 / 108-111) and B_k (out, r_k) gets ``ZeroPad2d((0, max_lora - r_k, 0, 0))`` (zero
+    columns on the right, lines 102-104 / 112-116), both times ``weights_array[k]``, summed. Written out here with
+    explicit zero blocks."""
     ranks, weights = [2, 4, 3], [0.5, 0.3, 0.2]
     updates = client_updates(ranks, seed=3)
     r_max = max(ranks)
@@ -147,3 +152,29 @@ def test_fedit_zero_padding_matches_flora_official_aggregation():
     same = client_updates([4, 4], seed=4)
     torch.testing.assert_close(strategy.aggregate(state, same, [0.25, 0.75], [2.0, 2.0])["m.lora_A"],
                                0.25 * same[0]["m.lora_A"] + 0.75 * same[1]["m.lora_A"])
+
+
+def test_fedit_weights_real_client_updates_by_their_example_counts(tiny_config):
+    """FedIT's official aggregation (JayZhang42/FederatedGPT-Shepherd fed_utils/model_aggregation.py at 90d8aa6):
+    weights ``normalize(local_dataset_len, p=1)`` (lines 10-13), then every LoRA tensor, A and B alike, is the
+    weighted sum of the clients' (lines 19-25). (FLoRA's copy of this FedAvg, model_aggregation.py line 122 at
+    7bea158, assigns the sum to a misspelled name, ``weighted_sindgle_weights``, so only the first client would
+    count; lorakit follows Shepherd's.) Two clients of a Dirichlet split hold different numbers of examples."""
+    from lorakit.federated.client import client_round
+    from lorakit.federated.server import ServerCore
+    from lorakit.federated.base import unpack
+
+    config = tiny_config("fedit", partition="skew", skew_alpha=0.3, evaluate=False)
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    updates, counts, replies = [], [], []
+    for client in (0, 1):
+        update, metrics = client_round(config, client, 1, down)
+        updates.append(update)
+        counts.append(metrics["num-examples"])
+        replies.append((client, pack(update), metrics))
+    assert counts[0] != counts[1]
+    core.receive(1, replies, sent=2)
+    for key in updates[0]:
+        expected = (counts[0] * updates[0][key] + counts[1] * updates[1][key]) / (counts[0] + counts[1])
+        torch.testing.assert_close(core.state[key], expected, rtol=1e-6, atol=1e-7)

@@ -87,10 +87,21 @@ def test_bench_federated_quick(tmp_path):
     (["--dp-noise-multiplier", "1", "--dp-delta", "1.5"], "--dp-delta must be in (0, 1), got 1.5"),
     (["--dp-noise-multiplier", "1", "--dp-delta", "0"], "--dp-delta must be in (0, 1), got 0.0"),
     # Dirichlet(α) needs α > 0: was an IndexError 'pop from empty list' after the model loaded
-    (["--partition", "skew", "--skew-alpha", "0"], "--skew-alpha must be > 0, got 0.0"),
+    (["--partition", "skew", "--skew-alpha", "0"], "--skew-alpha must be > 0 and finite, got 0.0"),
     # model-free settings: refused before Flower / Ray start (was: after about a minute of start-up)
-    (["--lora-alpha", "0"], "--lora-alpha must be > 0, got 0.0"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0 and finite, got 0.0"),
+    (["--lr", "0"], "--lr must be > 0 and finite, got 0.0"),
+    # infinite values. Was: DP noise σ = inf (or σ·C with --dp-max-grad-norm inf) made every client's update NaN, all
+    # rejected in every round (and no ε reported); --lr inf failed in every client (TrainConfig); LoRA-FAIR's
+    # --fair-lr / --fair-lambda inf made the server's ΔB, so the global adapter and eval loss, NaN; a straggler's
+    # sleep(inf) was an OverflowError in the client
+    (["--dp-noise-multiplier", "inf"], "--dp-noise-multiplier must be >= 0 and finite, got inf"),
+    (["--dp-noise-multiplier", "1", "--dp-max-grad-norm", "inf"], "--dp-max-grad-norm must be > 0 and finite, got inf"),
+    (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
+    (["--strategy", "lora_fair", "--fair-lr", "inf"], "--fair-lr must be > 0 and finite, got inf"),
+    (["--strategy", "lora_fair", "--fair-lambda", "inf"], "--fair-lambda must be >= 0 and finite"),
+    (["--stragglers", "1", "--straggler-delay", "inf"], "--straggler-delay must be >= 0 and finite, got inf"),
+    (["--dp-noise-multiplier", "nan"], "--dp-noise-multiplier must be >= 0 and finite, got nan"),
 ])
 def test_federate_refuses_bad_settings_before_starting(argv, says, tmp_path, capsys, monkeypatch):
     import lorakit.federated.simulate
@@ -188,6 +199,8 @@ def test_federate_flags_reach_every_setting_a_user_tunes(tmp_path, monkeypatch):
                                                   "out of --target-modules"),
     (["--data", "revers,sort"], "--data: unknown task 'revers'. Did you mean: reverse?"),
     (["--eval-data", "missing.jsonl"], "--eval-data 'missing.jsonl' is not a file"),
+    # was: read only by the ServerApp, after Ray's start-up
+    (["--eval-data", "EMPTY"], "empty.jsonl: no examples (the file is empty or has only blank lines)"),
     (["--round-timeout", "0"], "--round-timeout must be > 0"),
     (["--straggler-delay", "-5"], "--straggler-delay must be >= 0"),
     (["--backend-cpus", "-2"], "--backend-cpus: must be a positive integer"),
@@ -200,6 +213,8 @@ def test_federate_refuses_what_would_fail_inside_the_simulation(argv, says, tiny
     import lorakit.federated.simulate
 
     monkeypatch.setattr(lorakit.federated.simulate, "federate", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    argv = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else a for a in argv]
     try:
         code = main(["federate", "--model", tiny_model_dir, "--data", "reverse,sort", *argv,
                      "--output", str(tmp_path / "o")])
@@ -240,3 +255,40 @@ def test_run_config_switches_refuse_a_quoted_false(key):
     with pytest.raises(lk.ConfigError, match=f"run config '{key}': 'false' is not true or false"):
         output_options({"output": "o", key: "false"})
     assert output_options({"output": "o", key: True})[1 if key == "overwrite" else 2] is True
+
+
+@pytest.mark.parametrize("flag", ["--method", "--procedure"])
+def test_federate_has_no_method_flag_and_says_so(flag, tmp_path, capsys):
+    """Was: `lorakit federate --method dora` (or --procedure) was looked up as train's method, "unknown method 'dora'.
+    Registered methods: ..." — a list federate has no use for — while `--method lora` was an unrecognized
+    argument."""
+    for value in ("dora", "lora", "galore"):
+        try:
+            code = main(["federate", flag, value, "--output", str(tmp_path / "o")])
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"lorakit federate: error: unrecognized arguments: {flag} {value}" in err, err
+        assert "unknown method" not in err and "unknown procedure" not in err
+
+
+@pytest.mark.parametrize("written,meant", [("FLoRA", "flora"), ("LoRA-FAIR", "lora_fair"), ("FedIT", "fedit"),
+                                           ("FFA-LoRA", "ffa")])
+def test_a_strategy_written_as_its_paper_names_it_gets_a_near_match(written, meant, tmp_path, capsys):
+    """README and docs name the strategies as their papers do (FedIT, FFA-LoRA, FLoRA, LoRA-FAIR). Was: `--strategy
+    FLoRA` (or `strategy = "LoRA-FAIR"` in a Flower run config) listed the choices with no near match."""
+    import re
+
+    from lorakit.core.errors import ConfigError
+    from lorakit.federated.apps import config_from_run_config
+
+    try:
+        code = main(["federate", "--strategy", written, "--output", str(tmp_path / "o")])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    hint = rf"Did you mean: ([a-z_]+, )*{meant}\b"  # FFA-LoRA: "flora, ffa"
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(hint, err), err
+    with pytest.raises(ConfigError, match=hint):
+        config_from_run_config({"strategy": written})

@@ -187,3 +187,156 @@ def test_a_resumed_run_with_client_sampling_samples_and_ends_as_the_uninterrupte
     a = load_tensors(Path(straight["adapter"]) / "adapter_model.safetensors")
     b = load_tensors(Path(resumed["adapter"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # ~60-120 s: a child process starts Ray and Flower and runs rounds until it is interrupted
+def test_ctrl_c_stops_the_run_at_once_and_keeps_the_last_completed_round(tiny_model_dir, tmp_path):
+    """A real Ctrl-C (SIGINT to the process group, as a terminal sends it, so the Ray workers get it too) during
+    ``lorakit federate``. Was: Flower's simulation stopped its clients but not the ServerApp thread, so the process
+    printed "interrupted" and went on: every remaining round waited out --round-timeout, was checkpointed as
+    completed with 0 of 2 updates (a resume then skipped it) and the adapter was written, then the process died of
+    a segmentation fault (status 139); Flower also logged each dying client's traceback. Now: status 130 within
+    seconds, no traceback, the checkpoint holds exactly the rounds that completed (every one with both updates), no
+    adapter, and the printed round is the checkpoint's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorakit.federated.checkpoint import read_round
+
+    out = tmp_path / "run"
+    argv = ["federate", "--model", tiny_model_dir, "--data", "reverse,sort", "--clients", "2", "--rounds", "50",
+            "--local-steps", "2", "--batch-size", "4", "--r", "2", "--train-examples", "16", "--eval-examples", "4",
+            "--target-modules", "q_proj,o_proj", "--backend-cpus", "2", "--output", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        state = out / "checkpoint" / "server_state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and child.poll() is None and not state.is_file():
+            time.sleep(0.2)
+        assert state.is_file(), child.communicate()[1]
+        os.killpg(child.pid, signal.SIGINT)
+        err = child.communicate(timeout=120)[1]  # the old code waited out --round-timeout (600 s) per round
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "lorakit federate: interrupted" in err, err
+    record = json.loads(state.read_text())
+    done = record["round"]
+    assert 1 <= done < 50 and f"round {done} of 50 is checkpointed" in err, err
+    assert [(r["round"], r["accepted"]) for r in record["history"]] == [(t, 2) for t in range(1, done + 1)]
+    assert not (out / "adapter").exists() and not (out / "federated.json").exists()
+    from lorakit.federated import FederatedConfig
+
+    config = FederatedConfig(model=tiny_model_dir, data="reverse,sort", clients=2, rounds=50, local_steps=2,
+                             batch_size=4, r=2, train_examples=16, eval_examples=4, target_modules=["q_proj", "o_proj"])
+    assert read_round(out, config)["round"] == done  # the kept state resumes
+
+
+def _damage_json(**changes):
+    def damage(folder: Path) -> None:
+        record = json.loads((folder / "server_state.json").read_text())
+        record.update(changes)
+        (folder / "server_state.json").write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+    return damage
+
+
+def _truncate(folder: Path) -> None:
+    blob = (folder / "server_state.safetensors").read_bytes()
+    (folder / "server_state.safetensors").write_bytes(blob[: len(blob) // 2])
+
+
+def _int_tensor(folder: Path) -> None:
+    from lorakit.io.files import save_tensors
+
+    state = load_tensors(folder / "server_state.safetensors")
+    save_tensors(folder / "server_state.safetensors", {k: v.to(torch.int64) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("damage,says", [
+    (_damage_json(history=None), "server_state.json is damaged ('history' is NoneType, expected a JSON list)"),
+    (_damage_json(config=None), "server_state.json is damaged ('config' is NoneType, expected a JSON object)"),
+    (_damage_json(round="1"), "server_state.json is damaged ('round' is '1', not a completed round"),
+    (_damage_json(round=-3), "server_state.json is damaged ('round' is -3, not a completed round"),
+    (_damage_json(round=2), "'history' has rounds [1], expected one record per round 1..2"),
+    (_damage_json(dp_history={"0": [[1.0, 0.5]]}), "'dp_history' of client '0' is not a list of"),
+    (_truncate, "server_state.safetensors is not a valid safetensors file"),
+    (_int_tensor, "server_state.safetensors holds non-floating-point tensors"),
+])
+def test_a_damaged_checkpoint_is_refused_before_flower_starts(damage, says, tiny_model_dir, tiny_config, tmp_path,
+                                                              capsys, monkeypatch):
+    """Was: a server_state.json without 'history' / 'config' / 'evaluation', or with a string round, was a KeyError or
+    TypeError traceback (some inside Flower's ServerApp thread, after Ray's start-up), a negative round was resumed
+    (rounds -2..2 ran), a truncated server_state.safetensors failed only inside the simulation, and integer tensors
+    were cast and resumed. Now each is a one-line error naming the file, before Flower starts."""
+    import flwr.simulation
+
+    from lorakit.cli import main
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("fedit", rounds=3, evaluate=False)
+    save_round(tmp_path / "run" / "checkpoint", _core_after_one_round(config), 1, [])
+    damage(tmp_path / "run" / "checkpoint")
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    code = main(["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "3",
+                 "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples",
+                 "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
+                 "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_run_resumed_into_another_folder_treats_it_as_a_fresh_output(tiny_model_dir, tiny_config, tmp_path, capsys,
+                                                                        monkeypatch):
+    """--resume-from A --output B. Was: B was allowed to be non-empty without --overwrite (the check let every
+    resumed run write into an existing folder), and B's older results stayed: a resumed run with nothing left to run
+    wrote its adapter beside another run's checkpoint/, which a later `--resume-from B` would have continued. And
+    `--output A/checkpoint` wrote a checkpoint/checkpoint into the folder it resumed from. Now B is checked as a fresh
+    run's output and cleared of an older run's results; an output holding the resumed checkpoint elsewhere than as
+    its checkpoint/ is refused; resuming in place is unchanged."""
+    import flwr.simulation
+
+    from lorakit.cli import main
+    from lorakit.federated.apps import make_server_app
+    from lorakit.federated.checkpoint import save_round
+
+    config = tiny_config("fedit", rounds=1, evaluate=False)
+    core = _core_after_one_round(config)
+    save_round(tmp_path / "a" / "checkpoint", core, 1, [])
+    other = tmp_path / "b"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "checkpoint" / "server_state.json").write_text('{"format": "lorakit-federated-state/1", "round": 7}')
+    (other / "federated.json").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    args = ["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "1",
+            "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples", "16",
+            "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20", "--no-evaluate",
+            "--quiet", "--resume-from", str(tmp_path / "a")]
+    assert main([*args, "--output", str(other)]) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "a" / "checkpoint"), "--overwrite"]) == 2
+    assert "holds the checkpoint --resume-from" in capsys.readouterr().err
+    assert (tmp_path / "a" / "checkpoint" / "server_state.json").is_file()
+
+    def context():
+        from flwr.app import Context, RecordDict
+
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+    # with --overwrite (the check passed): the run had completed its rounds, so only the adapter is written, and
+    # nothing of the other run stays beside it; the checkpoint resumed from is untouched (grid: none needed)
+    make_server_app(config, {}, output=other, resume_from=tmp_path / "a")(None, context())
+    assert sorted(p.name for p in other.iterdir()) == ["adapter", "notes.txt"]
+    assert json.loads((tmp_path / "a" / "checkpoint" / "server_state.json").read_text())["round"] == 1
+    # resuming in place keeps the run's folder as it is
+    make_server_app(config, {}, output=tmp_path / "a", resume_from=tmp_path / "a")(None, context())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter", "checkpoint"]

@@ -200,3 +200,38 @@ def test_the_global_adapter_is_saved_as_a_peft_lora_of_the_global_model(strategy
         assert ServerCore(config).save_adapter(tmp_path / "none") is None
     result = federate_in_process(config, adapter_dir=tmp_path / "run" / "adapter")
     assert result["adapter"] == str(tmp_path / "run" / "adapter")
+
+
+def test_dp_epsilon_counts_the_updates_the_server_rejected(tiny_config):
+    """A DP client's privacy is spent when it releases its noised update, whatever the server then does with it.
+    Was: only accepted updates entered the RDP accounting, so a client whose update was rejected (here NaN, as a
+    diverged client's) spent no ε: its two released rounds were reported as one. Reference: Opacus' RDP analysis
+    (opacus/accountants/analysis/rdp.py compute_rdp, get_privacy_spent; the accountant dp_epsilon wraps) composed
+    over every (σ, q, steps) the client reported."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    config = tiny_config("ffa", dp_noise_multiplier=1.0, dp_max_grad_norm=0.5)
+    core = ServerCore(config)
+    down = unpack(core.downlink_bytes())
+    released = {0: [], 1: []}
+    replies = []
+    for client in (0, 1):
+        update, metrics = client_round(config, client, 1, down, core.a_checksum)
+        released[client].append((1.0, metrics["dp-sample-rate"], metrics["dp-steps"]))
+        if client == 1:
+            update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
+        replies.append((client, pack(update), metrics))
+    first = core.receive(1, replies, sent=2)
+    assert first["accepted"] == 1 and [r["client"] for r in first["rejected"]] == [1]
+    update, metrics = client_round(config, 1, 2, unpack(core.downlink_bytes()), core.a_checksum)
+    released[1].append((1.0, metrics["dp-sample-rate"], metrics["dp-steps"]))
+    second = core.receive(2, [(1, pack(update), metrics)], sent=2)  # client 0 did not reply this round
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+    def epsilon(history):
+        rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+        return get_privacy_spent(orders=orders, rdp=rdp, delta=config.dp_delta)[0]
+
+    assert first["epsilon"] == pytest.approx(max(epsilon(released[0]), epsilon(released[1][:1])), rel=1e-6)
+    assert second["epsilon"] == pytest.approx(epsilon(released[1]), rel=1e-6)  # client 1: two releases
+    assert second["epsilon"] > first["epsilon"]

@@ -573,3 +573,128 @@ def test_padding_row_gets_no_gradient_as_in_peft(tmp_path):
     ours = model.model.embed_tokens.adapters["default"].values.grad
     assert torch.equal(theirs[0], torch.zeros(32)) and theirs[1:].abs().amin(dim=1).gt(0).all()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_overlapping_token_rows_cannot_meet_on_a_row_of_a_per_row_batch(token_ids):
+    """The per-row path refuses what ``set_adapter`` refuses: two token-row adapters with overlapping indices acting
+    on one row (a row's ``adapter_names`` adapter plus ``adapter_weights``, or two weighted adapters), as PEFT refuses
+    overlapping active adapters (peft/tuners/trainable_tokens/layer.py 0.21.2, ``_check_overlapping_tokens`` line
+    162). One adapter per row (``adapter_names`` alone, PEFT's mixed batch ``_forward_wrapped_mixed_batch`` in
+    peft/utils/other.py) and disjoint rows stay allowed. (Was: the shared row came out as v1 + v2 − E.)"""
+    from lorakit.core.errors import AdapterError
+
+    model = tiny_llama()
+    for name, indices in {"a": [3, 5], "b": [5, 9, 90], "c": [7, 1]}.items():
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices), name)
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 8)
+    lk.set_adapter(model, ["a", "c"])
+    both = _logits(model, token_ids)
+    alone = {}
+    for name in ("a", "b"):
+        lk.set_adapter(model, name)
+        alone[name] = _logits(model, token_ids)
+    one, zero = torch.ones(3), torch.zeros(3)
+    with pytest.raises(AdapterError, match=r"adapters 'a' and 'b' cannot act together on batch row 1: they both "
+                                           r"replace token rows \[5\]"):
+        with lk.routing(adapter_weights={"a": torch.tensor([1.0, 1.0, 0.0]), "b": torch.tensor([0.0, 0.5, 1.0])}):
+            _logits(model, token_ids)
+    with pytest.raises(AdapterError, match=r"adapters 'b' and 'a' cannot act together on batch row 0"):
+        with lk.routing(adapter_names=["b", "a", None], adapter_weights={"a": torch.tensor([1.0, 0.0, 0.0])}):
+            _logits(model, token_ids)
+    with lk.routing(adapter_names=["a", "b", "b"]):  # one adapter per row: PEFT's mixed batch
+        mixed = _logits(model, token_ids)
+    assert (mixed[0] - alone["a"][0]).abs().max() <= 1e-5 and (mixed[1:] - alone["b"][1:]).abs().max() <= 1e-5
+    with lk.routing(adapter_weights={"a": torch.tensor([1.0, 0.0, 0.0]), "b": torch.tensor([0.0, 1.0, 1.0])}):
+        weighted = _logits(model, token_ids)  # overlapping adapters on different rows
+    assert (weighted - mixed).abs().max() <= 1e-5
+    with lk.routing(adapter_weights={"a": one, "c": one, "b": zero}):  # disjoint rows add up, as set_adapter
+        assert (_logits(model, token_ids) - both).abs().max() <= 1e-5
+
+
+class _EmbeddingModel(torch.nn.Module):
+    """An embedding with nn.Embedding's options (``scale_grad_by_freq``, ``sparse``), then a linear layer."""
+
+    def __init__(self, **options):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8, **options)
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(self.emb(x))
+
+
+def test_scale_grad_by_freq_scales_the_row_gradients_as_peft(tmp_path):
+    """PEFT looks the rows up with ``F.embedding(x, W', scale_grad_by_freq=...)`` (layer.py 0.21.2 line 257): a
+    trained row's gradient is divided by how often its token occurs in the batch (token 3 three times, 5 twice
+    here). lorakit gives PEFT's outputs and row gradients. (Was: the summed, unscaled gradient.)"""
+    ids = torch.tensor([[3, 5, 1, 3, 7], [2, 5, 0, 9, 3]])
+    peft_model = get_peft_model(_EmbeddingModel(scale_grad_by_freq=True),
+                                PeftLoraConfig(r=2, target_modules=["lin"], init_lora_weights=False,
+                                               trainable_token_indices={"emb": [3, 5, 9]}))
+    rows = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n)
+    _perturb([rows], 4)
+    peft_model.save_pretrained(tmp_path)
+    expected = peft_model(ids)
+    expected.square().sum().backward()
+
+    model = lk.load_adapter(_EmbeddingModel(scale_grad_by_freq=True), tmp_path, is_trainable=True)
+    got = model(ids)
+    got.square().sum().backward()
+    ours = model.emb.adapters["default"].values
+    assert (got - expected).abs().max() <= 1e-5
+    torch.testing.assert_close(ours.grad, rows.grad, rtol=1e-5, atol=1e-6)
+    unscaled = lk.load_adapter(_EmbeddingModel(), tmp_path, is_trainable=True)  # the option must matter
+    unscaled(ids).square().sum().backward()
+    assert (unscaled.emb.adapters["default"].values.grad[0] - 3 * rows.grad[0]).abs().max() <= 1e-5
+
+
+def test_sparse_embedding_gives_the_rows_a_dense_gradient(tmp_path):
+    """``sparse=True`` makes an embedding's *weight* gradient sparse (torch.nn.Embedding); under the adapter that
+    weight is frozen and the k trained rows are a (k, dim) parameter of their own. PEFT computes the outputs with
+    ``F.embedding(x, W', sparse=True)`` (layer.py line 258), and lorakit gives the same outputs; PEFT's backward then
+    fails (its sparse gradient of ``W'`` cannot pass ``index_copy``), lorakit's rows get the dense form of the
+    gradient a sparse nn.Embedding gives those rows."""
+    ids = torch.tensor([[3, 5, 1, 3, 7], [2, 5, 0, 9, 3]])
+    peft_model = get_peft_model(_EmbeddingModel(sparse=True),  # (LoRA's B = 0: only the rows act)
+                                PeftLoraConfig(r=2, target_modules=["lin"], trainable_token_indices={"emb": [3, 5, 9]}))
+    rows = next(p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n)
+    _perturb([rows], 4)
+    peft_model.save_pretrained(tmp_path)
+    expected = peft_model(ids)
+    with pytest.raises(RuntimeError, match="Sparse"):
+        expected.square().sum().backward()
+
+    model = lk.load_adapter(_EmbeddingModel(sparse=True), tmp_path, is_trainable=True)
+    got = model(ids)
+    got.square().sum().backward()
+    assert (got - expected).abs().max() <= 1e-5
+    reference = _EmbeddingModel(sparse=True)  # a plain sparse embedding holding the trained rows, fully trainable
+    with torch.no_grad():
+        reference.emb.weight[[3, 5, 9]] = rows
+    reference(ids).square().sum().backward()
+    assert reference.emb.weight.grad.is_sparse
+    torch.testing.assert_close(model.emb.adapters["default"].values.grad,
+                               reference.emb.weight.grad.to_dense()[[3, 5, 9]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_named_adapter_that_is_also_weighted_elsewhere_still_conflicts_on_its_named_row(token_ids):
+    """A row's ``adapter_names`` adapter acts on that row whatever its own ``adapter_weights`` entry says (the forward
+    adds the weighted term on top of the named one): with ``a`` named on row 0 and weighted 0 there, ``b`` weighted
+    on row 0 meets ``a`` on row 0, the overlap ``set_adapter`` refuses (peft/tuners/trainable_tokens/layer.py 0.21.2,
+    ``_check_overlapping_tokens`` line 162). (Was: ``a``'s rows were read from its weights only, so the shared token
+    row came out as v_a + v_b − E without an error.)"""
+    from lorakit.core.errors import AdapterError
+
+    model = tiny_llama()
+    for name, indices in {"a": [3, 5], "b": [5, 9, 90]}.items():
+        lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices), name)
+    _perturb([p for n, p in model.named_parameters() if "trainable_tokens_delta" in n], 8)
+    with pytest.raises(AdapterError, match=r"adapters 'a' and 'b' cannot act together on batch row 0"):
+        with lk.routing(adapter_names=["a", None, None],
+                        adapter_weights={"a": torch.tensor([0.0, 1.0, 0.0]), "b": torch.tensor([1.0, 0.0, 0.0])}):
+            _logits(model, token_ids)
+    with pytest.raises(AdapterError, match=r"adapters 'b' and 'a' cannot act together on batch row 2"):
+        with lk.routing(adapter_names=[None, None, "b"],
+                        adapter_weights={"b": torch.tensor([1.0, 0.0, 0.0]), "a": torch.tensor([0.0, 0.0, 1.0])}):
+            _logits(model, token_ids)

@@ -387,6 +387,33 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
         tiny_config(checkpoint_every=-1)
 
 
+def test_resume_compares_the_threads_used_not_the_option(tmp_path, monkeypatch):
+    """A resume needs the thread count the checkpoint was trained with, as used: torch's CPU kernels split their sums
+    by thread, so the weights differ across counts (measured on the bundled base's size, 4 steps: 1 vs 2, 3 or 4
+    threads differ by up to 6e-4; the tiny model here happens to agree). The same count reached another way resumes
+    to the uninterrupted model (was: refused as 'other settings (num_threads: 0 -> 1)'); another count reached by
+    the same option, 0 with OMP_NUM_THREADS changed, is refused saying why and with what to rerun (was: resumed)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    full = pretrain_base(tiny_config(steps=6), tmp_path / "full", log=lambda line: None)
+    with pytest.raises(_Stop):
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2, num_threads=0), tmp_path / "cut", log=_stop_at(3))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with pytest.raises(ConfigError, match=r"trained with 1 CPU thread\(s\), this run has 2 \(num_threads=0: "
+                                          r"OMP_NUM_THREADS, else half the CPUs\): torch's CPU kernels split their "
+                                          r"sums by thread.*Rerun with num_threads=1 to resume"):
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2, num_threads=0), tmp_path / "cut", log=lambda line: None)
+    with pytest.raises(ConfigError, match=r"this run has 2 \(num_threads=2\)"):
+        pretrain_base(tiny_config(steps=6, checkpoint_every=2, num_threads=2), tmp_path / "cut", log=lambda line: None)
+    resumed = pretrain_base(tiny_config(steps=6, checkpoint_every=2, num_threads=1), tmp_path / "cut",
+                            log=lambda line: None)
+    assert resumed["resumed_from_step"] == 2 and resumed["num_threads"] == 1
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_batch_larger_than_the_corpus_is_refused_before_training(tmp_path):
     """batch_size above the number of training blocks trained every step on all of them while pretrain_info.json
     counted tokens_seen and tok/s at batch_size rows a step (a 100000-row batch of 3577 blocks: 28x too many)."""

@@ -685,3 +685,59 @@ first.join()
 print(right)
 """)
     assert out.split()[-1] == "True"
+
+
+@pytest.fixture(scope="module")
+def twelve_layers(tmp_path_factory):
+    """A tiny llama with 12 layers, so that "layers.1" patterns can wrongly reach "layers.10" and "layers.11"."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("twelve")
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+                     ).save_pretrained(folder)
+    return folder
+
+
+def _full_precision_linears(model) -> set[str]:
+    return {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+
+
+@pytest.mark.parametrize("skip", [
+    ("lm_head", "mlp.down_proj"),  # dotted suffixes
+    ("lm_head", "model.layers.1"),  # a module path from the root: everything under it (layer 1, not 10 or 11)
+    ("lm_head", r"model.layers.1.*"),  # a regular expression (its dots and star reach layers 10 and 11)
+    ("lm_head", "p_proj"),  # a plain string suffix: up_proj
+    ("self_attn", "layers.1"),  # a bare parent name: nothing under it (neither from the root nor a linear's end)
+])
+def test_skip_modules_match_as_transformers_loading_does(twelve_layers, skip):
+    """``QuantizeConfig.skip_modules`` is transformers' ``llm_int8_skip_modules``, matched by its rule
+    (transformers/quantizers/quantizers_utils.py ``should_convert_module``: a pattern matching the module path from
+    its start up to a module boundary, as a regular expression, or a plain string suffix of the path), so
+    ``quantize_model`` keeps in full precision the linear layers ``from_pretrained(quantization_config=...)`` keeps.
+    (Was: only a module named exactly or by a dotted suffix, so a path prefix or a regex quantized what transformers
+    keeps, and a saved model came back from transformers different from the one lorakit trained on.)"""
+    config = QuantizeConfig(skip_modules=skip)
+    theirs = LlamaForCausalLM.from_pretrained(twelve_layers, quantization_config=config.to_transformers(),
+                                              device_map="cpu")
+    ours = quantize_model(LlamaForCausalLM.from_pretrained(twelve_layers), config)
+    kept = _full_precision_linears(theirs)
+    assert kept == _full_precision_linears(ours)
+    assert any(type(m).__name__ == "Linear4bit" for m in ours.modules())
+
+
+def test_skip_modules_under_transformers_4_match_as_it_did(monkeypatch):
+    """Without ``should_convert_module`` (transformers 4.x, allowed by lorakit's floor of 4.45), the patterns match as
+    that transformers' ``_replace_with_bnb_linear`` did (transformers v4.45 integrations/bitsandbytes.py: skipped
+    when ``name in modules_to_not_convert`` or ``key + "." in current_key_name_str or key == current_key_name_str``)."""
+    import sys
+
+    from lorakit.quantize.nf4 import skips_module
+
+    path = "model.layers.11.mlp.up_proj"
+    transformers_5 = [skips_module(path, [key]) for key in ("up_proj", "layers.11", "model.layers.11", "p_proj")]
+    monkeypatch.setitem(sys.modules, "transformers.quantizers.quantizers_utils", None)  # (its import fails)
+    transformers_4 = [skips_module(path, [key]) for key in ("up_proj", "layers.11", "model.layers.11", "p_proj")]
+    assert transformers_5 == [True, False, True, True]
+    assert transformers_4 == [True, True, True, False]

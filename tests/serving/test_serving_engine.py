@@ -502,7 +502,7 @@ def test_a_call_the_engine_has_not_started_in_time_is_cancelled_and_never_runs()
                 while engine._inbox.qsize() < 1:
                     time.sleep(0.01)
                 stopping = pool.submit(engine.shutdown)
-                while not engine._stop:
+                while not engine._stop.is_set():
                     time.sleep(0.01)
             stopping.result(60)
             with pytest.raises(EngineBusyError, match="shut down"):

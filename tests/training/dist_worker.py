@@ -44,6 +44,16 @@ def build(tokenizer, kind: str, layers: int = 2):
     elif kind == "dylora":
         from lorakit.methods.dylora import DyLoraConfig
         config = DyLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.3)
+    elif kind == "smora":  # no dropout: the router sees the same rows as one process's
+        from lorakit.methods.smora import SmoraConfig
+        config = SmoraConfig(r=8, top_k=2, lora_alpha=4, lora_dropout=0.0, bias_update_rate=1e-2,
+                             target_modules=TARGETS)
+    elif kind == "increlora":
+        from lorakit.methods.increlora import IncreLoraConfig
+        config = IncreLoraConfig(r=2, target_rank=4, init_warmup=2, incre_interval=2, top_h=2, target_modules=TARGETS)
+    elif kind == "ffa_lora":  # A frozen at its init
+        from lorakit.methods.ffa_lora import FfaLoraConfig
+        config = FfaLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian")
     else:
         raise ValueError(kind)
     return lorakit.add_adapter(model, config)
@@ -150,6 +160,47 @@ def main(out: Path, resume: str | None) -> None:
     dropout.register_forward_hook(lambda m, i, o: masks.append((o != 0).flatten().tolist()) if m.training else None)
     train(model, tokenizer, train_examples, train_config(2, steps=2, grad_accum=1, max_length=4), progress=False)
     records["dropout_masks"] = masks
+
+    # SMoRA moves its balancing bias by every forward's per-rank token counts: counted over both processes, the bias
+    # stays one (max_length 10: every row is 10 tokens, so the padding positions it counts are one process's too)
+    model = build(tokenizer, "smora")
+    result = train(model, tokenizer, train_examples, train_config(2, max_length=10), progress=False)
+    finish("smora", model, result)
+
+    # IncreLoRA allocates ranks by importance scores read from each process's own gradient
+    model = build(tokenizer, "increlora")
+    result = train(model, tokenizer, train_examples, train_config(2, steps=6), progress=False)
+    from lorakit.methods.increlora import rank_pattern
+    finish("increlora", model, result, ranks=rank_pattern(model, "default"))
+
+    # FSDP with a tensor the method freezes (FFA-LoRA's A): the saved adapter holds it whole
+    model = build(tokenizer, "ffa_lora")
+    result = train(model, tokenizer, train_examples,
+                   train_config(2, distributed="fsdp", save_every=3, output_dir=str(out / "ffa_fsdp")), progress=False)
+    records["ffa_fsdp"] = {"adapter_dir": result.adapter_dir}
+
+    # GaLore's per-layer mode steps inside backward, before gradients are averaged: refused on every process
+    from lorakit.core.errors import ConfigError
+    try:
+        train_config(2, procedure="galore")
+        records["galore_per_layer"] = None
+    except ConfigError as error:
+        records["galore_per_layer"] = str(error)
+
+    try:  # LoRAPrune edits base weights whole: FSDP's sharded base is refused by name
+        train_config(2, distributed="fsdp", procedure="loraprune")
+        records["loraprune_fsdp"] = None
+    except ConfigError as error:
+        records["loraprune_fsdp"] = str(error)
+
+    # a process started with another option, or reading another copy of the data: refused on every process
+    for name, options, examples in (("other_lr", {"lr": 1e-2 if rank == 0 else 2e-2}, train_examples),
+                                    ("other_data", {}, train_examples if rank == 0 else train_examples[:-1])):
+        try:
+            train(build(tokenizer, "lora"), tokenizer, examples, train_config(2, steps=1, **options), progress=False)
+            records[name] = None
+        except ConfigError as error:
+            records[name] = str(error)
 
     (out / f"records-{rank}.json").write_text(json.dumps(records))
     dist.barrier()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +262,13 @@ def test_concurrent_trains_classifiers_as_train_does():
     for group in ([jobs[0]], jobs):
         initial, out = _run(copy.deepcopy(model), tok, group)
         _check_against_train_alone(initial, tok, group, out)
+    # each classifier adapter is saved with its label names in head order, as lorakit.train saves it
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = train_concurrent(copy.deepcopy(model), tok, jobs, output_dir=folder, progress=False)
+        for name, job in out["jobs"].items():
+            assert json.loads((Path(job.adapter_dir) / "labels.json").read_text()) == {"labels": ["neg", "pos"]}, name
 
 
 def test_concurrent_runs_a_whole_model_procedure_alone_as_train_does(make_model, tokenizer, reverse_train):

@@ -34,9 +34,10 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = None) -> str:
+def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = None, fails: bool = False) -> str:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free local rendezvous port);
-    fails the test on error, kills the whole process group on timeout. Returns stdout."""
+    fails the test on error (``fails``: unless it fails), kills the whole process group on timeout. Returns stdout
+    (``fails``: stderr)."""
     cmd = [*(launcher or (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")),
            *args]
     process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -47,6 +48,9 @@ def torchrun(*args: str, timeout: int = 600, launcher: tuple[str, ...] | None = 
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"{cmd[:6]} timed out after {timeout}s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    if fails:
+        assert process.returncode != 0, f"{cmd[:6]} succeeded:\n{stdout[-3000:]}"
+        return stderr
     assert process.returncode == 0, f"{cmd[:6]} failed ({process.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return stdout
 
@@ -205,6 +209,73 @@ def test_lisa_unfreezes_the_same_blocks_on_every_process(launched, single):
                                    rtol=1e-4)
 
 
+def test_smora_balancing_bias_counts_every_process(launched, single):
+    """SMoRA's bias b_i ← b_i + u·sign(c̄ − c_i) (arXiv:2501.15103; official srmole/layer.py) counts the tokens of a
+    forward's whole micro-batch: 2 processes at batch 2 end with one process's bias and weights at batch 4. Was:
+    each process counted its own rows, the biases drifted apart and the processes routed differently."""
+    out, records = launched
+    run, _ = single
+    model, _ = run("smora", max_length=10)
+    loaded = load_tensors(out / "smora.safetensors")
+    assert records[0]["smora"]["ranks_identical"] and records[1]["smora"]["ranks_identical"]
+    biases = [k for k in loaded if k.endswith("selection_bias")]
+    assert biases and any(loaded[k].abs().sum() > 0 for k in biases)  # the bias moved
+    _close(loaded, model)
+
+
+def test_increlora_allocates_the_same_ranks_on_every_process(launched):
+    """IncreLoRA's importance score comes from each process's own ∂L/∂ΔW; the processes average it, so they grow the
+    same modules (was: different EMAs on each process, so each would grow its own choice of modules)."""
+    _, records = launched
+    assert records[0]["increlora"]["ranks_identical"] and records[1]["increlora"]["ranks_identical"]
+    ranks = [records[r]["increlora"]["ranks"] for r in (0, 1)]
+    assert ranks[0] == ranks[1] and sum(ranks[0].values()) > 2 * len(ranks[0])  # ranks grew past r=2
+
+
+def test_fsdp_saves_the_tensors_a_method_freezes_whole(launched, single):
+    """FFA-LoRA's A is frozen: FSDP must keep it whole like the trained B (was: sharded with the base, so training
+    and the saved adapter.safetensors saw a DTensor)."""
+    out, records = launched
+    run, _ = single
+    model, _ = run("ffa_lora")
+    saved = Path(records[0]["ffa_fsdp"]["adapter_dir"]) / "adapter_model.safetensors"
+    loaded = load_tensors(saved)
+    assert any("lora_A" in k for k in loaded)
+    _close(loaded, model)
+    _close(load_tensors(out / "ffa_fsdp" / "checkpoint-3" / "adapter_model.safetensors"), model)
+
+
+def test_galore_per_layer_is_refused_under_torchrun(launched):
+    """GaLore's per-layer mode (its default) steps each weight in a gradient hook before DDP / FSDP averaged the
+    gradient: refused by name on every process before the model trains (was: DDP's 'Encountered gradient which is
+    undefined ... bug in DDP implementation', and under FSDP processes that silently trained apart)."""
+    _, records = launched
+    for rank in (0, 1):
+        said = records[rank]["galore_per_layer"]
+        assert said is not None and "per_layer=True" in said and "--no-per-layer" in said and "2 processes" in said
+
+
+def test_fsdp_refuses_a_procedure_that_edits_the_base(launched):
+    """LoRAPrune masks and prunes base weights between steps, which FSDP holds as shards on each process: refused
+    before the model loads (was: 'aten.add.Tensor got mixed torch.Tensor and DTensor' at its first pruning step)."""
+    _, records = launched
+    for rank in (0, 1):
+        said = records[rank]["loraprune_fsdp"]
+        assert said is not None and "distributed='fsdp'" in said and "'loraprune'" in said and "'ddp'" in said
+
+
+def test_processes_that_disagree_on_options_or_data_are_refused(launched):
+    """Every process must run one training: a node started with another --lr, or reading a stale copy of the data
+    (31 examples instead of 32), is refused on every process, naming the setting and each rank's value (was: both
+    trained, on other options or another data stream, without a word)."""
+    _, records = launched
+    for rank in (0, 1):
+        lr, data = records[rank]["other_lr"], records[rank]["other_data"]
+        assert lr is not None and "TrainConfig.lr: rank 0 0.01, rank 1 0.02" in lr, lr
+        assert data is not None and "training data: rank 0 '32 examples" in data and "rank 1 '31 examples" in data, data
+        assert "same command on every process" in data
+
+
 CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",
             "--max-length", "32", "--warmup-steps", "0", "--lr-schedule", "constant", "--save-every", "2",
             "--log-every", "1", "--r", "4", "--quiet"]
@@ -319,6 +390,20 @@ def test_torchrun_trains_and_evaluates_a_classifier(tmp_path):
     assert two["after"] == pytest.approx(one["after"]) and two["before"] == pytest.approx(one["before"])
 
 
+@pytest.mark.slow  # ~30 s: two processes import lorakit.cli and torch
+def test_an_existing_output_is_refused_once_under_torchrun(tmp_path):
+    """rank 0 checks --output (before any model loads) and says why it stops; the other process stops too, silently
+    (was: rank 1 repeated it as 'rank 0 failed to write: LorakitError: ...'). What was there is left alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    stderr = torchrun("-m", "lorakit", "--", "train", "--data", "reverse", "--steps", "1", "--output", str(out),
+                      fails=True, timeout=300)
+    assert stderr.count("already exists and is not empty; pass --overwrite") == 1, stderr
+    assert "rank 0 failed to write" not in stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
 def test_only_rank_zero_prints_the_interrupt_and_resume_command(monkeypatch, capsys):
     """Ctrl-C reaches every torchrun process: each stops with TrainingInterrupted (status 130), rank 0 alone says so."""
     from lorakit.cli import CommandParser, ErrorsReported
@@ -334,6 +419,41 @@ def test_only_rank_zero_prints_the_interrupt_and_resume_command(monkeypatch, cap
         with ErrorsReported(CommandParser(prog="lorakit train")) as run:
             raise KeyboardInterrupt
         assert run.status == 130 and ("interrupted" in capsys.readouterr().err) == says
+
+
+@pytest.mark.slow  # ~1 min: two processes load the bundled model and train until interrupted
+def test_ctrl_c_of_a_torchrun_job_checkpoints_and_says_so_once(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun, which forwards SIGINT to every worker: each finishes the same step, rank
+    0 writes one checkpoint, and the notice, the interruption and a torchrun resume command are printed once (was:
+    every process printed 'interrupt: finishing this step ...', and the resume command was plain 'lorakit train')."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lorakit",
+           "--", *CLI_ARGS[:CLI_ARGS.index("--steps")], "--steps", "100000", "--max-length", "16", "--log-every", "1",
+           "--r", "4", "--quiet", "--batch-size", "1", "--output", str(out)]
+    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or '"loss"' not in (out / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # the terminal's Ctrl-C: torchrun's process group only
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert stderr.count("interrupt: finishing this step") == 1, stderr
+    assert stderr.count("Loading weights:   0%") <= 1, stderr  # transformers' loading bar: rank 0's alone
+    assert stderr.count("lorakit train: interrupted at step") == 1, stderr
+    step = int(stderr.split("interrupted at step ")[1].split()[0])
+    checkpoint = out / f"checkpoint-{step}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
+    assert f"torchrun --nproc-per-node 2 -m lorakit -- train --data reverse" in stderr
+    assert f"--resume-from {checkpoint}" in stderr
+    assert not list(out.glob(".*tmp*")) and not (out / "adapter").exists()
 
 
 @pytest.mark.slow  # two processes import lorakit.cli and torch

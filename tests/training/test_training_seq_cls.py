@@ -142,3 +142,130 @@ def test_cli_eval_classifies_with_an_adapter_that_leaves_the_head_alone(tmp_path
     printed = capsys.readouterr().out
     metrics = json.loads(printed[printed.index("{"):])
     assert metrics == pytest.approx(expected)
+
+
+def _classifier_folder(tmp_path, tok, labels: list[str], name: str = "classifier"):
+    """A BertForSequenceClassification checkpoint whose head has ``labels`` in that order (config.id2label)."""
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                     num_labels=len(labels), id2label=dict(enumerate(labels)),
+                     label2id={n: i for i, n in enumerate(labels)})
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # a head that reads the data: a clear accuracy, so a swap of its outputs shows
+        model.classifier.weight.normal_(0, 2.0)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name, model
+
+
+def _jsonl(path, examples):
+    path.write_text("".join(json.dumps({"text": ex.prompt, "label": ex.completion}) + "\n" for ex in examples))
+    return path
+
+
+CLS_ARGS = ["--task-type", "seq-cls", "--steps", "1", "--batch-size", "4", "--r", "4", "--target-modules", "query",
+            "value", "--max-length", "32", "--quiet"]
+
+
+def test_cli_train_on_a_classifier_keeps_its_label_order(tmp_path, capsys):
+    """A classifier checkpoint whose id2label is (pos, neg) trains with that order: output 0 still means 'pos' (was:
+    the data's names sorted, (neg, pos), relabelled the trained head's outputs, swapping every prediction)."""
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, model = _classifier_folder(tmp_path, tok, ["pos", "neg"])
+    data = _jsonl(tmp_path / "train.jsonl", examples)
+    expected = evaluate_classification(model, tok, examples[27:], {"pos": 0, "neg": 1}, max_length=32)
+    assert main(["train", *CLS_ARGS, "--model", str(folder), "--data", str(data), "--output",
+                 str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "adapter" / "labels.json").read_text()) == {"labels": ["pos", "neg"]}
+    before = json.loads((tmp_path / "out" / "summary.json").read_text())["before"]
+    assert before == pytest.approx({k: expected[k] for k in before})
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_cli_classifier_with_another_label_count_gets_a_new_head(tmp_path, capsys):
+    """A classifier checkpoint with a 3-way head (A, B, C) trained on data labelled pos / neg: a new 2-way head, said
+    in a note (was: transformers' size-mismatch RuntimeError traceback). Its adapter then evaluates on that same
+    checkpoint with the head it saved; an adapter that saves no head is refused there, before the model loads."""
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, _ = _classifier_folder(tmp_path, tok, ["A", "B", "C"])
+    data = _jsonl(tmp_path / "train.jsonl", examples)
+    assert main(["train", *CLS_ARGS, "--model", str(folder), "--data", str(data), "--output",
+                 str(tmp_path / "out")]) == 0
+    assert "its classification head has 3 outputs (A, B, C); the data's 2 labels ['neg', 'pos'] get a new head" in \
+        capsys.readouterr().err
+    adapter = tmp_path / "out" / "adapter"
+    assert load_file(adapter / "adapter_model.safetensors")["base_model.model.classifier.weight"].shape == (2, 32)
+    held_out = _jsonl(tmp_path / "held_out.jsonl", examples[27:])
+    assert main(["eval", "--model", str(folder), "--adapter", str(adapter), "--data", str(held_out), "--json",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    after = json.loads((tmp_path / "out" / "summary.json").read_text())["after"]
+    assert json.loads(printed[printed.index("{"):]) == pytest.approx({k: after[k] for k in ("accuracy", "f1", "mcc",
+                                                                                               "exact_match", "n")})
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    assert main(["eval", "--model", str(folder), "--adapter", str(adapter), "--data", str(held_out)]) == 2
+    assert "does not save the classification head" in capsys.readouterr().err
+
+
+def test_checkpoints_of_a_classifier_evaluate_with_their_labels(tmp_path, capsys):
+    """labels.json is written with every checkpoint and by the Python train() too (was: only `lorakit train`'s final
+    adapter had it, so `lorakit eval --adapter run/checkpoint-N`, e.g. of a run stopped with Ctrl-C, was refused)."""
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, model = _classifier_folder(tmp_path, tok, ["pos", "neg"])
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    train(model, tok, examples, TrainConfig(steps=2, batch_size=4, lr=5e-3, save_every=1,
+                                            output_dir=str(tmp_path / "run")), progress=False)
+    for adapter in ("checkpoint-1", "checkpoint-2", "adapter"):
+        assert json.loads((tmp_path / "run" / adapter / "labels.json").read_text()) == {"labels": ["pos", "neg"]}
+    held_out = _jsonl(tmp_path / "held_out.jsonl", examples[:6])
+    expected = evaluate_classification(model, tok, examples[:6], {"pos": 0, "neg": 1})
+    assert main(["eval", "--model", str(folder), "--adapter", str(tmp_path / "run" / "checkpoint-2"), "--data",
+                 str(held_out), "--json", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == pytest.approx(expected)
+    # `lorakit generate` with a classifier prints each prompt's label (was: a causal-LM load that refused the
+    # adapter's tensors as 'for a different base model')
+    from lorakit.data.classification import predict_labels
+
+    texts = [ex.prompt for ex in examples[:6]]
+    predicted = predict_labels(model, tok, examples[:6], {"pos": 0, "neg": 1})
+    assert main(["generate", "--model", str(folder), "--adapter", str(tmp_path / "run" / "adapter"),
+                 *[a for t in texts for a in ("--prompt", t)]]) == 0
+    lines = capsys.readouterr().out.splitlines()[-6:]
+    assert lines == [f"{t}\t{['pos', 'neg'][i]}" for t, i in zip(texts, predicted)]
+
+
+def test_integer_labels_order_the_head_by_number():
+    """Class ids 0..11 give head output i to label i, as a transformers / PEFT user reads a classifier's logits
+    (was: sorted as strings, so output 2 meant label 10)."""
+    from lorakit.data.classification import label_names
+
+    examples = [Example(f"text {i}", str(i % 12)) for i in range(24)]
+    assert label_names(examples) == [str(i) for i in range(12)]
+    assert label_names([Example("a", "-1"), Example("b", "10"), Example("c", "2")]) == ["-1", "2", "10"]
+    assert label_names([Example("a", "10"), Example("b", "9"), Example("c", "x")]) == ["10", "9", "x"]  # not all ids
+
+
+def test_cli_train_refuses_an_evaluation_label_the_head_lacks_before_loading(tmp_path, capsys, monkeypatch):
+    """An evaluation example (here in the hold-out) whose label the training data lacks: refused by name before the
+    model loads (was: after loading it, at the 'before' evaluation)."""
+    import lorakit.hub
+
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, _ = _classifier_folder(tmp_path, tok, ["neg", "pos"])
+    data = _jsonl(tmp_path / "train.jsonl", [*examples, Example("good plot", "meh")])
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", no_load)
+    assert main(["train", *CLS_ARGS, "--model", str(folder), "--data", str(data), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "evaluation example 2 has label 'meh', which is not one of the head's labels ['neg', 'pos']" in \
+        capsys.readouterr().err

@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 
 from ..cli_parser import CommandParser
+from ..core.errors import ConfigError
+from ..core.threads import NUM_THREADS_HELP, resolve_num_threads
 
 COLUMNS = ("source_base", "source_lora", "target_base", "target_lora_real", "target_lora_translora")
 
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=Path("runs/bench/translora"))
     p.add_argument("--quick", action="store_true", help="tiny smoke profile")
-    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--num-threads", type=int, default=0, help=f"torch CPU threads ({NUM_THREADS_HELP}; default: 0)")
     p.add_argument("--rescore", action="store_true", help="only re-evaluate the adapters a run saved in --output "
                    "(exact match and letter accuracy)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_DIR",
@@ -226,8 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None)
     args = p.parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    try:
+        torch.set_num_threads(resolve_num_threads(args.num_threads))
+    except ConfigError as error:
+        p.error(str(error))
     given = {f.name: tuple(v) if isinstance(v, list) else v for f in dataclasses.fields(Profile)
              if (v := getattr(args, f.name)) is not None}
     profile = dataclasses.replace(QUICK if args.quick else Profile(), **given)

@@ -49,6 +49,7 @@ from torch import nn
 
 from ..core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
 from ..core.errors import LorakitError, did_you_mean
+from ..core.threads import NUM_THREADS_HELP
 from ..core.model import adapter_names, adapter_state, add_adapter, delete_adapter, disable_adapters, set_adapter
 from ..data.evaluate import generate_completions
 from ..data.example import Example
@@ -347,7 +348,7 @@ def build_parser():
     p.add_argument("--real-examples", type=int, default=100, help="how many of --data (task train split)")
     p.add_argument("--output", required=True, help="folder for the new adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--num-threads", type=int, default=0, help=f"torch CPU threads ({NUM_THREADS_HELP}; default: 0)")
     defaults = TransLoraConfig()
     unset = {"separator": "ends each few-shot example; \\n for a newline (default: the tokenizer's EOS + BOS)",
              "prompt_end": "where a sampled example's prompt ends (default: the longest common suffix of the seed "

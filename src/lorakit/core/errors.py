@@ -87,6 +87,11 @@ def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         # Dotted module paths: compare last components too, so "q_prj" still finds "...self_attn.q_proj".
         tails = {c.rsplit(".", 1)[-1]: c for c in cands}
         found = [tails[t] for t in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=n, cutoff=0.5)]
+    if not found:
+        # A name as papers write it: "FLoRA" / "LoRA-FAIR" for flora / lora_fair (case and '-' vs '_' aside)
+        folded = {c.lower().replace("-", "_"): c for c in cands}
+        found = [folded[f] for f in difflib.get_close_matches(name.lower().replace("-", "_"), list(folded), n=n,
+                                                              cutoff=0.5)]
     return found
 
 

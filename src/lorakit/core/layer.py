@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .delta import LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
+from .delta import Delta, LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
 from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, routing, rows_for_batch, rows_routing
 
@@ -142,21 +142,54 @@ class AdapterLayer(nn.Module):
         if self.known is not None:  # (the model's pre-hook checked already; this guards a submodule called alone)
             check_adapter_names(ctx, self.known)
         batch, out = x.shape[0], base_out
-        if ctx.adapter_names is not None:
-            names = rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
+        names = None if ctx.adapter_names is None else rows_for_batch(list(ctx.adapter_names), batch, "adapter_names")
+        weights = {name: rows_for_batch(torch.as_tensor(w).reshape(-1), batch, f"adapter_weights[{name!r}]")
+                   for name, w in (ctx.adapter_weights or {}).items() if name in self.adapters}
+        if weights:
+            self._check_row_conflicts(names, weights)
+        if names is not None:
             used = sorted({n for n in names if n is not None and n != BASE_NAME and n in self.adapters})
             if used and self._stackable(used):
                 out = self._stacked_rows(x, out, names, used, ctx)
             elif used:
                 out = self._looped_rows(x, base_out, out, names, used, ctx)
-        if ctx.adapter_weights is not None:
-            for name, w in ctx.adapter_weights.items():
-                if name not in self.adapters:
-                    continue
-                w = rows_for_batch(torch.as_tensor(w).reshape(-1), batch, f"adapter_weights[{name!r}]")
-                w = w.to(device=base_out.device, dtype=base_out.dtype).reshape(-1, *([1] * (base_out.dim() - 1)))
-                out = out + w * self.adapters[name](x, base_out, self.base_layer)
+        for name, w in weights.items():
+            w = w.to(device=base_out.device, dtype=base_out.dtype).reshape(-1, *([1] * (base_out.dim() - 1)))
+            out = out + w * self.adapters[name](x, base_out, self.base_layer)
         return out
+
+    def _check_row_conflicts(self, names: list | None, weights: dict[str, torch.Tensor]) -> None:
+        """AdapterError when two adapters that cannot be active together (``Delta.conflict``: token rows with
+        overlapping indices, as ``set_adapter`` refuses) act on one row: a row's ``adapter_names`` adapter and a
+        weighted one, or two weighted ones, each with a nonzero weight there. Rows are read only for such a pair."""
+        asking = {n for n in [*weights, *(names or [])]
+                  if n in self.adapters and type(self.adapters[n]).conflict is not Delta.conflict}
+        if len(asking) < 2:
+            return
+        named = list(dict.fromkeys(n for n in names or [] if n in asking))  # (in row order)
+        pairs = [(m, n) for m in named for n in weights if n in asking and n != m]
+        weighted = [n for n in weights if n in asking]
+        pairs += [(m, n) for i, m in enumerate(weighted) for n in weighted[i + 1:]]
+        for first, second in pairs:
+            why = self.adapters[first].conflict(self.adapters[second])
+            if why is None:
+                continue
+            rows = [self._rows_of(m, names, weights) for m in (first, second)]
+            both = (rows[0] & rows[1]).nonzero().flatten()
+            if len(both):
+                raise AdapterError(f"adapters {first!r} and {second!r} cannot act together on batch row "
+                                   f"{int(both[0])}: they {why}.")
+
+    @staticmethod
+    def _rows_of(name: str, names: list | None, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch,) bool: the rows ``name`` acts on, as its ``adapter_names`` rows or its nonzero weights (a named
+        row takes the adapter whatever its own weight there: the weighted term comes on top)."""
+        rows = torch.zeros(len(next(iter(weights.values()))), dtype=torch.bool)
+        if names is not None:
+            rows |= torch.tensor([n == name for n in names], dtype=torch.bool)
+        if name in weights:
+            rows |= weights[name].detach().cpu() != 0
+        return rows
 
     def _stackable(self, used: list[str]) -> bool:
         deltas = [self.adapters[n] for n in used]

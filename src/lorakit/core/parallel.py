@@ -1,8 +1,9 @@
 """Across-process joins that adapter code needs inside a data-parallel training run (training.distributed).
 
-Lower layers (mixtures' balance losses) call :func:`gather_rows`; it joins rows across processes only while a
-distributed training run has switched it on (:func:`rows_gathered`), and is the identity everywhere else, so a
-forward outside training (evaluation, serving, a test) never waits on another process.
+Lower layers call :func:`gather_rows` (mixtures' balance losses) and :func:`sum_across` (counts a method updates
+state from, e.g. SMoRA's per-rank token counts); both join across processes only while a distributed training
+run has switched them on (:func:`rows_gathered`), and are the identity everywhere else, so a forward outside
+training (evaluation, serving, a test) never waits on another process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ _GATHER: ContextVar[bool] = ContextVar("lorakit_gather_rows", default=False)
 
 @contextlib.contextmanager
 def rows_gathered(enabled: bool = True) -> Iterator[None]:
-    """Inside the block (the training loop's, in every process at once) :func:`gather_rows` joins across processes."""
+    """Inside the block (the training loop's, in every process at once) :func:`gather_rows` and :func:`sum_across`
+    join across processes."""
     token = _GATHER.set(enabled and dist.is_initialized() and dist.get_world_size() > 1)
     try:
         yield
@@ -60,3 +62,14 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def sum_across(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """``tensor`` summed (``average``: averaged) over every process, a new tensor without gradient, inside
+    :func:`rows_gathered`; the tensor itself outside. For statistics that must describe the global micro-batch,
+    so that every process updates the same state (one process at batch N·b counts all N·b rows)."""
+    if not _GATHER.get():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size() if average else total

@@ -22,8 +22,13 @@ from lorakit.data.errors import DataError
 from lorakit.data.example import Example
 
 
+LABELS_FILE = "labels.json"  # a SEQ_CLS adapter's label names in head order, beside its files: {"labels": [...]}
+
+
 def label_names(examples: Sequence[Example]) -> list[str]:
     """The distinct labels of ``examples``, sorted (label id = position): the mapping does not depend on order.
+    Integer labels sort as numbers (0, 1, 2, ..., 10: label ``i`` of class ids 0..k-1 is head output ``i``), others
+    as strings.
 
     Raises DataError for an example without a label (a ``{"text": ...}`` line without ``"label"`` parses as a
     language-modelling example: its text would become its label) and for fewer than two distinct labels (a
@@ -33,10 +38,39 @@ def label_names(examples: Sequence[Example]) -> list[str]:
             raise DataError(f"example {i} has no 'label' field: sequence classification needs "
                             f'{{"text": ..., "label": ...}} on every line (got text {ex.completion[:40]!r} alone)')
     names = sorted({ex.completion for ex in examples})
+    if all(_is_integer(name) for name in names):  # class ids 0..k-1: output i is class i, as transformers users expect
+        names.sort(key=int)
     if len(names) < 2:
         raise DataError(f"sequence classification needs at least 2 distinct labels in the training data, found "
                         f"{names}")
     return names
+
+
+def head_labels(data_labels: Sequence[str], checkpoint_labels: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """The head's labels for training, in output order, and a note for the user (None: nothing to say).
+
+    ``checkpoint_labels``: a classifier checkpoint's ``config.id2label`` in order (None for a model without a
+    classification head). A checkpoint that knows every label of the data keeps its head and its order, so each
+    output keeps the meaning it was trained with (the data's names sorted would swap them whenever the checkpoint's
+    order is another). Otherwise the data's labels (``data_labels``, sorted) are used: a checkpoint head with another
+    number of outputs is replaced by a new one, one with as many is trained on under the new names, as transformers
+    does."""
+    data_labels = list(data_labels)
+    if checkpoint_labels is None:
+        return data_labels, None
+    known = list(checkpoint_labels)
+    if set(data_labels) <= set(known):
+        return known, None
+    shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+    if len(known) != len(data_labels):
+        return data_labels, (f"its classification head has {len(known)} outputs ({shown}); the data's "
+                             f"{len(data_labels)} labels {data_labels} get a new head")
+    return data_labels, (f"its classification head's outputs ({shown}) are trained as the data's labels "
+                         f"{data_labels}, in that order")
+
+
+def _is_integer(name: str) -> bool:
+    return name.lstrip("-").isdigit() and name.lstrip("-").isascii()
 
 
 def label_index(label2id: Mapping[str, int], label: str, where: str = "") -> int:

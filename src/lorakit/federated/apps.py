@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,7 +33,7 @@ from ..core.errors import ConfigError, comma_items
 from ..core.targeting import targets_from_text
 from ..io.files import atomic_write_json, remove_dir_atomically
 from .base import FederatedConfig, pack, sample_clients, unpack
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, resumes_in_place
 from .client import client_round
 from .server import ServerCore
 
@@ -100,6 +103,59 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # -- server ---------------------------------------------------------------------------------------------
+class RunStopped(Exception):
+    """The process running the simulation was interrupted (Ctrl-C): the ServerApp ends where it is, without
+    recording or checkpointing the round in progress."""
+
+
+@dataclass
+class RunControl:
+    """How ``simulate.federate`` stops the ServerApp it runs in a thread of its own. Flower's simulation ends its
+    clients on Ctrl-C but not that thread, which went on waiting out every remaining round's timeout and then
+    checkpointed each as completed with no update (a resumed run skipped them) and wrote the adapter.
+    ``stop``: set by the interrupted process; ``started`` / ``finished``: set by the ServerApp."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("the run was interrupted")
+
+
+class StoppableGrid:
+    """``grid`` (a Flower Grid) whose waits end as soon as ``control.stop`` is set (RunStopped): ``send_and_receive``
+    polls for replies the way Flower's grids do, but checks the stop every ``poll_s`` seconds, and a stopped run
+    never returns a round's replies (a round cut short would be aggregated and checkpointed as complete)."""
+
+    def __init__(self, grid: Grid, control: RunControl, poll_s: float = 0.1):
+        self._grid, self._control, self._poll_s = grid, control, poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._control.check()  # Flower's sample_nodes waits in a loop on it until enough nodes connect
+        return self._grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self._control.check()
+        waiting = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            got = list(self._grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            self._control.stop.wait(self._poll_s)
+            self._control.check()
+        self._control.check()
+        return replies
+
+
 class FlowerLoraStrategy(FedAvg):
     """FedAvg's round loop with lorakit's client sampling and aggregation.
 
@@ -112,12 +168,12 @@ class FlowerLoraStrategy(FedAvg):
     ``done``: rounds a resumed run has already completed; Flower's loop counts from 1 again, and round ``t`` of
     it is the run's round ``done + t`` (sent to clients, seeding their sampling and training, and recorded)."""
 
-    def __init__(self, core: ServerCore, done: int = 0):
+    def __init__(self, core: ServerCore, done: int = 0, control: RunControl | None = None):
         config = core.config
         sampled = max(config.min_clients, int(config.clients * config.fraction))
         super().__init__(fraction_train=config.fraction, fraction_evaluate=0.0, min_train_nodes=min(sampled, config.clients),
                          min_available_nodes=config.clients, weighted_by_key="num-examples")
-        self.core, self.done = core, done
+        self.core, self.done, self.control = core, done, control
         self.sent: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}  # node id -> partition-id, as each node answered
 
@@ -162,6 +218,8 @@ class FlowerLoraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.done
+        if self.control is not None:  # interrupted while the replies came in: the round did not complete
+            self.control.check()
         good, failures = [], []
         for msg in replies:
             if msg.has_error():
@@ -182,21 +240,27 @@ class FlowerLoraStrategy(FedAvg):
 
 
 def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = None,
-               checkpoint: Path | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+               checkpoint: Path | None = None, resume_from: Path | None = None,
+               control: RunControl | None = None) -> dict[str, Any]:
     """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``, and
     with ``adapter_dir`` writes the final global model there as a PEFT LoRA (``ServerCore.save_adapter``; its path
     under ``"adapter"``; with no global adapter, FLoRA before an accepted round, None and an older one is removed).
 
     ``checkpoint``: the folder written after every round (``federated.checkpoint.save_round``); ``resume_from``: a
     run's output or checkpoint folder to continue from (its config must equal ``config``, but for ``rounds``), which
-    skips the rounds it completed."""
+    skips the rounds it completed. ``control``: once its ``stop`` is set, RunStopped at the next wait or round end;
+    the checkpoint stays that of the last completed round, and no adapter is written."""
     from .checkpoint import end_round, start_run
 
     core, evaluation, done = start_run(config, resume_from)
-    strategy = FlowerLoraStrategy(core, done)
+    strategy = FlowerLoraStrategy(core, done, control)
+    if control is not None:
+        grid = StoppableGrid(grid, control)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls it before round 1 (0) and after every round: evaluate, then checkpoint the round."""
+        if control is not None:
+            control.check()
         if server_round == 0 and done:
             return None  # the checkpoint's evaluations hold round `done`'s
         metrics = end_round(core, server_round + done, evaluation, checkpoint)
@@ -205,6 +269,8 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
     if done < config.rounds:
         strategy.start(grid=grid, initial_arrays=blob_record(core.downlink_bytes(), "state"),
                        num_rounds=config.rounds - done, timeout=config.round_timeout_s, evaluate_fn=after_round)
+    if control is not None:
+        control.check()
     return core.run_result(evaluation, adapter_dir)
 
 
@@ -224,7 +290,8 @@ def _switch(run_config: dict[str, Any], key: str) -> bool:
 
 
 def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None,
-                    output: str | Path | None = None, resume_from: str | Path | None = None) -> ServerApp:
+                    output: str | Path | None = None, resume_from: str | Path | None = None,
+                    control: RunControl | None = None) -> ServerApp:
     """A ServerApp running ``config`` (None: read it from the Flower run config); the result goes into ``sink``.
 
     With an output folder (``output``, else the run config's ``output``) the server checkpoints every round to
@@ -232,11 +299,22 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
     the result to ``<output>/federated.json``. A run config's ``output`` is checked as ``lorakit federate`` checks
     ``--output`` (``lorakit.cli.check_output_dir``): an existing non-empty folder needs ``overwrite = true``, or
     ``resume = true`` (continue from its checkpoint). ``resume_from``: a run's output or checkpoint folder to
-    continue from (``lorakit federate --resume-from``)."""
+    continue from (``lorakit federate --resume-from``). ``control``: lets the caller stop the run
+    (:class:`RunControl`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if control is None:
+            return run(grid, context)
+        control.started.set()
+        try:
+            control.check()
+            return run(grid, context)
+        finally:
+            control.finished.set()
+
+    def run(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         resume = Path(str(resume_from)) if resume_from else None
         folder = Path(str(output)) if output else None
@@ -247,16 +325,16 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
 
                 check_output_dir(folder, "output (Flower run config)", overwrite=overwrite, allow_existing=resuming)
                 resume = folder if resuming else None
-        run = config or config_from_run_config(run_config)  # a bad setting fails before anything is removed
-        if folder is not None and resume is None:
-            # a fresh run (--overwrite): none of an older run's results stays to be taken for this run's, nor its
-            # checkpoint to be resumed into this one, even when this run stops early
+        settings = config or config_from_run_config(run_config)  # a bad setting fails before anything is removed
+        if folder is not None and not resumes_in_place(folder, resume):
+            # a fresh run (--overwrite), or one resumed into another folder: none of an older run's results stays to
+            # be taken for this run's, nor its checkpoint to be resumed into this one, even when this run stops early
             remove_dir_atomically(folder / CHECKPOINT)
             remove_dir_atomically(folder / "adapter")
             (folder / "federated.json").unlink(missing_ok=True)
-        result = run_server(grid, run,
+        result = run_server(grid, settings,
                             adapter_dir=folder / "adapter" if folder else None,
-                            checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume)
+                            checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume, control=control)
         if sink is not None:
             sink.update(result)
         if run_config.get("output"):

@@ -136,17 +136,19 @@ class FederatedConfig:
         if self.min_clients > self.clients:  # Flower would wait for nodes that never come
             raise field_error(self, "min_clients", f"={self.min_clients} is more than FederatedConfig.clients="
                                                    f"{self.clients}; sample at most every client")
-        check_positive(self, "lr", "skew_alpha", "fair_lr", "lora_alpha")  # (lora_alpha None: 2·r)
-        check_non_negative(self, "fair_lambda", note=" (LoRA-FAIR's penalty weight)")
+        # inf: lr and lora_alpha failed in every client, fair_lr / fair_lambda made the global adapter NaN
+        check_positive(self, "lr", "skew_alpha", "fair_lr", "lora_alpha", finite=True)  # (lora_alpha None: 2·r)
+        check_non_negative(self, "fair_lambda", note=" (LoRA-FAIR's penalty weight)", finite=True)
         for name in ("fair_steps", "max_length"):
             if getattr(self, name) < 1:
                 raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
         # (ε, δ)-DP: δ is a probability of failure; 1 or more makes ε meaningless
         check_range(self, "dp_delta", 0, 1, low_open=True, high_open=True)
-        check_non_negative(self, "dp_noise_multiplier")
-        check_positive(self, "dp_max_grad_norm")
+        # infinite noise (σ, or σ·C with C = inf) made every DP update NaN: all rejected, every round
+        check_non_negative(self, "dp_noise_multiplier", finite=True)
+        check_positive(self, "dp_max_grad_norm", finite=True)
         check_positive(self, "round_timeout_s", note=" (the seconds the server waits for a round's replies)")
-        check_non_negative(self, "straggler_delay_s")
+        check_non_negative(self, "straggler_delay_s", finite=True)  # time.sleep(inf) is an OverflowError
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise field_error(self, "device", f" must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         bad = [c for c in self.stragglers if not 0 <= c < self.clients]

@@ -45,6 +45,24 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     return path if (path / STATE_JSON).is_file() else path / CHECKPOINT
 
 
+def resumes_in_place(output: str | os.PathLike, resume_from: str | os.PathLike | None) -> bool:
+    """Whether a run resuming from ``resume_from`` continues in ``output`` itself (``output/checkpoint`` is the
+    checkpoint it resumes from): then ``output``'s results are that run's and stay. False for a fresh run, or one
+    resumed into another folder, which is then a fresh output (``--overwrite`` for a non-empty one; an older run's
+    results there are removed). LorakitError when ``output`` holds the checkpoint resumed from anywhere else (it is
+    ``output`` itself, or under its ``adapter/``): this run would write over its own input."""
+    if resume_from is None:
+        return False
+    source, out = checkpoint_dir(resume_from).resolve(), Path(output).resolve()
+    if (out / CHECKPOINT).resolve() == source:
+        return True
+    if source == out or out in source.parents:
+        raise LorakitError(f"--output {output} holds the checkpoint --resume-from {resume_from} continues ({source}), "
+                           f"and not as its {CHECKPOINT}/; the run would write over it. Give the run's own folder "
+                           "(the default) or a new one")
+    return False
+
+
 def save_round(directory: str | os.PathLike, core, server_round: int, evaluation: list[dict[str, Any]]) -> Path:
     """Write ``core``'s state after ``server_round`` (a :class:`~lorakit.federated.server.ServerCore`) and the
     evaluations so far into ``directory`` (atomically replacing it). Returns the folder."""
@@ -68,8 +86,11 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
     """The checkpoint record of ``path`` (a run's output folder or its ``checkpoint/``), checked against ``config``
-    (a FederatedConfig). Raises LorakitError when there is none, it is of another format, it was written by a run
-    with other settings (naming every differing field), or it is past ``config.rounds``."""
+    (a FederatedConfig). Raises LorakitError when there is none, it is of another format, either file is damaged
+    (JSON fields missing or of the wrong type, tensors unreadable, truncated, non-finite or not floating point), it
+    was written by a run with other settings (naming every differing field), or it is past ``config.rounds``. All
+    of it before Flower starts (``simulate.federate`` calls it up front): a damaged file failed in the ServerApp's
+    thread, or as a KeyError / TypeError traceback."""
     directory = checkpoint_dir(path)
     if not (directory / STATE_JSON).is_file():
         raise LorakitError(f"--resume-from {path}: no federated checkpoint there ({directory / STATE_JSON} is missing; "
@@ -78,6 +99,15 @@ def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
     if record.get("format") != FORMAT:
         raise LorakitError(f"--resume-from {path}: {directory / STATE_JSON} has format {record.get('format')!r}, "
                            f"expected {FORMAT!r}")
+    damage = _record_damage(record)
+    if damage:
+        raise LorakitError(f"--resume-from {path}: {directory / STATE_JSON} is damaged ({damage}); it cannot be "
+                           "resumed. Start the run again (--overwrite)")
+    tensors = load_tensors(directory / STATE_TENSORS)  # AdapterLoadError naming the file: missing, truncated, NaN
+    odd = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if odd:
+        raise LorakitError(f"--resume-from {path}: {directory / STATE_TENSORS} holds non-floating-point tensors "
+                           f"{odd[:3]}; it is not a federated server state")
     diff = config_differences(record["config"], config.to_dict())
     if diff:
         raise LorakitError(f"--resume-from {path} was run with other settings ({'; '.join(diff)}); resume with the "
@@ -87,6 +117,35 @@ def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
                            f"{config.rounds}; give --rounds {record['round']} or more")
     record["directory"] = str(directory)
     return record
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_damage(record: dict[str, Any]) -> str | None:
+    """What is wrong with a ``server_state.json`` record as :func:`save_round` writes it, or None."""
+    done = record.get("round")
+    if not _whole(done) or done < 1:
+        return f"'round' is {done!r}, not a completed round (a whole number >= 1)"
+    for key, kind in (("config", dict), ("history", list), ("evaluation", list), ("dp_history", dict)):
+        if not isinstance(record.get(key, {} if key == "dp_history" else None), kind):
+            expected = "object" if kind is dict else "list"
+            return f"'{key}' is {type(record.get(key)).__name__}, expected a JSON {expected}"
+    rounds = [h.get("round") if isinstance(h, dict) else None for h in record["history"]]
+    if rounds != list(range(1, done + 1)):
+        more = '…' if len(rounds) > 5 else ''
+        return f"'history' has rounds {rounds[:5]}{more}, expected one record per round 1..{done}"
+    if not all(isinstance(e, dict) and _whole(e.get("round")) for e in record["evaluation"]):
+        return "'evaluation' holds a record without a whole 'round'"
+    for client, steps in record.get("dp_history", {}).items():
+        if not (client.isdigit() and isinstance(steps, list) and all(
+                isinstance(h, list) and len(h) == 3 and all(isinstance(v, (int, float)) for v in h) for h in steps)):
+            return f"'dp_history' of client {client!r} is not a list of [noise multiplier, sample rate, steps]"
+    checksum = record.get("a_checksum")
+    if checksum is not None and (isinstance(checksum, bool) or not isinstance(checksum, (int, float))):
+        return f"'a_checksum' is {checksum!r}, not a number"
+    return None
 
 
 def restore_round(core, record: dict[str, Any]) -> None:

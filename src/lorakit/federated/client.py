@@ -48,13 +48,17 @@ def check_model(config: FederatedConfig) -> None:
     """Load the base model (cached: the server in this process reuses it) and attach the strategy's adapter to a
     copy, so a model that does not load or ``target_modules`` that match no module fail before Flower and Ray
     start, with lorakit's error (was: the ServerApp failed inside the simulation, which ended without a result).
-    Each client's partition is checked by the adapter config (``AdapterConfig.check_examples``) the same way."""
+    Each client's partition is checked by the adapter config (``AdapterConfig.check_examples``) the same way, and
+    the server's evaluation examples are read (an empty ``eval_data`` file failed in the ServerApp, after Ray's
+    start-up)."""
     strategy = get_strategy(config)
     model, tokenizer = fresh_model(config)
     attach(model, config, strategy, config.max_rank(), config.alpha_of(0), 0)
     lora_factors(model)  # every target a linear layer's LoRA
     for client, examples in enumerate(client_partitions(config, tokenizer)):
         check_client_examples(model, client, examples)
+    if config.evaluate:
+        eval_examples(config, tokenizer)
 
 
 def adapter_seed(config: FederatedConfig, strategy: LoraStrategy, server_round: int, client: int) -> int:

@@ -7,14 +7,15 @@ The baseline every federated LoRA engine ships (Flower's FlowerTune, OpenFedLLM)
 its aggregation error ``‖s·B̄Ā − Σ p_k s B_k A_k‖``. Clients continue from (Ā, B̄) each round.
 
 Heterogeneous ranks (``client_ranks``) by zero-padding, FLoRA's FedIT baseline for heterogeneous clients
-(official ``fed_utils/model_aggregation.py``, ``zero_padding=True``: ``ZeroPad2d`` pads A_k (r_k, in) with rows and
-B_k (out, r_k) with columns up to r_max = max_k r_k, then the padded factors are summed with weights p_k — the
-padded rows get no renormalisation). The global state has rank r_max; a rank-r_k client continues from its
-leading block ``Ā[:r_k], B̄[:, :r_k]`` (the truncation of HetLoRA, Cho et al. 2024, arXiv:2401.06432 — the
-official FLoRA script instead merges the padded mean into the base and restarts clients, which cannot be run
-as published: its zero-padding path builds an adapter of rank ``lora_r · num_clients`` for weights of rank
-r_max). Averaging factors presumes one scaling s = α/r for every client, so heterogeneous ranks need α ∝ r
-(``lora_alpha`` unset: α = 2r).
+(official ATP-1010/FederatedLLM ``fed_utils/model_aggregation.py``, ``zero_padding=True``, lines 94-116 at 7bea158:
+``ZeroPad2d`` pads A_k (r_k, in) with rows and B_k (out, r_k) with columns up to r_max = max_k r_k, then the padded
+factors are summed with weights p_k — the padded rows get no renormalisation). The global state has rank r_max; a
+rank-r_k client continues from its leading block ``Ā[:r_k], B̄[:, :r_k]`` (the truncation of HetLoRA, Cho et al.
+2024, arXiv:2401.06432). The official script's zero-padding path cannot be run as published, so it fixes no client
+start: at 7bea158 its global model gets no LoRA (``main.py`` 200-222: ``get_peft_model`` only without zero-padding)
+yet receives the padded factors through ``set_peft_model_state_dict``; earlier versions (0912cd3) ran it under
+stacking, with a stacked adapter of rank ``lora_r · num_clients`` for weights of rank r_max. Averaging factors
+presumes one scaling s = α/r for every client, so heterogeneous ranks need α ∝ r (``lora_alpha`` unset: α = 2r).
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ def partition(examples: Sequence[Example], clients: int, scheme: str = "iid", al
             ks = sorted(set(ks))
             for i, ex in enumerate(by_task[task]):
                 parts[ks[i % len(ks)]].append(ex)
+            if len(by_task[task]) < len(ks):  # was: an empty client, failing in every round (batch size 0)
+                raise ConfigError(f"partition 'task': task {task!r} has {len(by_task[task])} training example(s) for "
+                                  f"the {len(ks)} clients {ks} that share it (each needs at least one); give more "
+                                  "examples of it, fewer clients, or partition 'iid' / 'skew'")
     elif scheme == "skew":
         draw = np.random.default_rng(stable_seed("lorakit-federated-dirichlet", seed))
         for task in tasks:

@@ -69,6 +69,17 @@ class ServerCore:
                 update, reason = {}, f"not safetensors bytes ({type(error).__name__}: {error})"
             if reason is None and not 0 <= client < self.config.clients:
                 reason = f"unknown client id {client}"
+            if 0 <= client < self.config.clients and "dp-steps" in metrics:
+                # the client released its noised update whatever the server does with it: a rejected update (NaN,
+                # a duplicate, ...) spends privacy too (was: only accepted ones were composed, understating ε)
+                try:
+                    spent = (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]),
+                             int(metrics["dp-steps"]))
+                except (KeyError, TypeError, ValueError):
+                    reason = reason or (f"DP metrics dp-sample-rate {metrics.get('dp-sample-rate')!r}, dp-steps "
+                                        f"{metrics.get('dp-steps')!r} are not numbers")
+                else:
+                    self.dp_history.setdefault(client, []).append(spent)
             if reason is None and client in clients:  # it would count twice in the average (and in DP accounting)
                 reason = (f"a second reply from client {client} this round (two SuperNodes with the same "
                           f"partition-id?); the first one is kept")
@@ -88,9 +99,6 @@ class ServerCore:
             scales.append(self.config.alpha_of(client) / self.config.rank_of(client))
             losses.append(float(metrics.get("train-loss", float("nan"))))
             up.append(len(blob))
-            if "dp-steps" in metrics:
-                self.dp_history.setdefault(client, []).append(
-                    (self.config.dp_noise_multiplier, float(metrics["dp-sample-rate"]), int(metrics["dp-steps"])))
         for failure in failures:
             log.warning("round %d: a client failed: %s", server_round, failure)
         if sent > len(replies) + len(failures):

@@ -13,9 +13,12 @@ docs/federated.md); this in-process simulation stays on ``run_simulation`` until
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import signal
+import threading
+from typing import Any, Iterator
 
 from .base import FederatedConfig
 
@@ -26,7 +29,10 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     with ``output`` the server checkpoints every round to ``<output>/checkpoint`` and writes the final global adapter
     to ``<output>/adapter`` (a PEFT LoRA; ``"adapter"`` in the result). ``resume_from`` (a run's output or its
     checkpoint folder) continues that run after its last completed round; LorakitError, before Flower starts, when
-    it holds no checkpoint or one of a run with other settings (naming them)."""
+    it holds no checkpoint or one of a run with other settings (naming them).
+
+    Ctrl-C (KeyboardInterrupt) stops the ServerApp too, before it re-raises: the round in progress is dropped, the
+    checkpoint stays that of the last completed round and no adapter is written (``apps.RunControl``)."""
     try:
         from flwr.simulation import run_simulation
     except ImportError as error:
@@ -34,7 +40,7 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
 
         raise LorakitError(f"federated runs need Flower and Opacus: pip install 'lorakit[federated]' ({error})") from None
 
-    from .apps import client_app, make_server_app
+    from .apps import RunControl, client_app, make_server_app
 
     if resume_from is not None:
         from .checkpoint import read_round
@@ -44,15 +50,50 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     cpus = backend_cpus or max(1, min(config.clients, (os.cpu_count() or 2) // 2))
     gpus = 0.0 if config.device == "cpu" else 1.0 / cpus  # clients training at once share the GPU
     sink: dict[str, Any] = {}
+    control = RunControl()
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=make_server_app(config, sink, output, resume_from), client_app=client_app, num_supernodes=config.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                                                 "logging_level": "error", "log_to_driver": not quiet}})
+    with _stop_on_interrupt(control.stop):
+        try:
+            run_simulation(server_app=make_server_app(config, sink, output, resume_from, control),
+                           client_app=client_app, num_supernodes=config.clients,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                                           "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                         "logging_level": "error", "log_to_driver": not quiet}})
+        except KeyboardInterrupt:
+            control.stop.set()
+            if control.started.is_set():
+                control.finished.wait()  # the ServerApp leaves at its next wait; a second Ctrl-C stops waiting
+            raise
     if not sink:
         raise RuntimeError("the Flower simulation ended without a result (see the log above for the ServerApp error)")
     return sink
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
+    """While active, SIGINT sets ``stop`` the moment it arrives (the ServerApp thread then records no further
+    round), then raises KeyboardInterrupt as Python's default handler does (only in the main thread, over that
+    default handler: a caller's own handler stays). Once ``stop`` is set, Flower's log records are dropped: a
+    Ctrl-C reaches the Ray workers too, and Flower logged each dying client's traceback."""
+    flwr_log = logging.getLogger("flwr")
+    quiet_when_stopped = lambda record: not stop.is_set()  # noqa: E731
+    flwr_log.addFilter(quiet_when_stopped)
+    handle_sigint = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.default_int_handler(signum, frame)
+
+    if handle_sigint:
+        signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        if handle_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        flwr_log.removeFilter(quiet_when_stopped)
 
 
 def federate_in_process(config: FederatedConfig, keep_updates: bool = False,

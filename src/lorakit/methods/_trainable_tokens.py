@@ -8,11 +8,12 @@ initialised to ``E[I]`` so that an untrained adapter is the base:
     E'[t] = V[j] if t = i_j else E[t]          embedding output for token t: E'[t] (× the layer's embed_scale)
 
 A row *replacement*, not an addition: PEFT writes V into the weight (``index_copy``), so a re-initialised new
-token row does not leak into the result. An output head tied to the embedding (``lm_head.weight is
+token row does not leak into the result. The rows are looked up with the embedding's own options, as PEFT's
+``F.embedding(x, W', ...)``: padding_idx, max_norm, scale_grad_by_freq (``sparse`` concerns the frozen weight's
+gradient; the rows get a dense one). An output head tied to the embedding (``lm_head.weight is
 embed_tokens.weight``) follows the same rows, as PEFT's tied TrainableTokensWrapper: logits for ``i_j`` are
 ``h · V[j]ᵀ`` (+ the head's bias, which output heads lack; PEFT's unmerged ``F.linear(x, W')`` drops it, its
-merge keeps it: lorakit keeps it in both). In lorakit both are
-deltas on their host layer (``TokenRows``), the head's holding no tensor of its own; merging writes ``V`` into the
+merge keeps it: lorakit keeps it in both). In lorakit both are deltas on their host layer (``TokenRows``), the head's holding no tensor of its own; merging writes ``V`` into the
 weight, and since the tied twins need the same rows the tie is kept. A tied head named without its embedding
 changes only its logits, as PEFT ties only to a wrapped input embedding; merging gives it a private weight.
 
@@ -69,7 +70,7 @@ class TokenRows(Delta):
     def __init__(self, info: LayerInfo, indices: list[int], base_layer: nn.Module, leader: "TokenRows | None" = None):
         super().__init__(info)
         self.token_indices = list(indices)
-        self._token_set = frozenset(self.token_indices)  # membership per forward (the padding row) without a list scan
+        self._local_row = {t: j for j, t in enumerate(self.token_indices)}  # token -> its row of ``values``
         self._leader = [leader] if leader is not None else []  # a list: not a submodule, so not saved twice
         # on the CPU whatever device context builds this (a loader sizes deltas under torch.device("meta"))
         index = torch.tensor(self.token_indices, dtype=torch.long, device="cpu")
@@ -97,15 +98,22 @@ class TokenRows(Delta):
         # this is the only one), so the result equals PEFT's F.embedding(ids, W') bit for bit.
         alone = acc is base_out
         if self.info.kind == "embedding":
-            pos = torch.searchsorted(self.sorted_index, x).clamp_max(len(self.token_indices) - 1)  # (...,)
+            k = len(self.token_indices)
+            pos = torch.searchsorted(self.sorted_index, x).clamp_max(k - 1)  # (...,)
             hit = self.sorted_index[pos] == x  # (...,): the token is one of the trained rows
-            rows = self.values.to(base_out.dtype)[self.sorted_row[pos]]  # (..., dim)
+            local = torch.where(hit, self.sorted_row[pos], k)  # (...,): its row of ``values``; k: no trained row
+            values = self.values.to(base_out.dtype)  # (k, dim)
+            table = torch.cat([values, values.new_zeros(1, values.shape[1])])  # (k + 1, dim): row k for the rest
+            # The embedding's own lookup options on the trained rows, as PEFT's F.embedding(x, W', ...) applies them
+            # (forward_adapters): no gradient at the padding row; rows renormed to max_norm (in place on this copy,
+            # under no_grad, so the gradient passes unscaled); each row's gradient divided by its token's count in
+            # the batch (scale_grad_by_freq: the counts of ``local`` are those of the tokens). ``sparse`` is for
+            # the embedding's weight, which is frozen here: the (k, dim) rows get a dense gradient.
             pad = getattr(base_layer, "padding_idx", None)
-            if pad is not None and pad in self._token_set:  # PEFT's F.embedding(padding_idx=...): no gradient there
-                rows = torch.where((x == pad).unsqueeze(-1), rows.detach(), rows)
-            max_norm = getattr(base_layer, "max_norm", None)
-            if max_norm is not None:
-                rows = _renormed(rows, max_norm, base_layer.norm_type)
+            rows = F.embedding(local, table, padding_idx=self._local_row.get(pad),
+                               max_norm=getattr(base_layer, "max_norm", None),
+                               norm_type=getattr(base_layer, "norm_type", 2.0),
+                               scale_grad_by_freq=getattr(base_layer, "scale_grad_by_freq", False))  # (..., dim)
             rows = embedding_scaled(rows, getattr(base_layer, "embed_scale", None))  # Gemma's, BioGPT's scale
             return torch.where(hit.unsqueeze(-1), rows if alone else rows + (acc - base_out), acc)
         # A head: only the k columns are computed (PEFT's F.linear(x, W') copies the whole (vocab, dim) weight)
@@ -151,21 +159,11 @@ class TokenRows(Delta):
             return None
         more = f" (and {len(shared) - 10} more)" if len(shared) > 10 else ""
         return (f"both replace token rows {shared[:10]}{more}: one row cannot take two values (PEFT refuses "
-                f"overlapping trainable_token_indices too); activate one of them, or give them disjoint indices")
+                f"overlapping trainable_token_indices too); use one of them at a time, or give them disjoint "
+                f"indices")
 
     def extra_repr(self) -> str:
         return f"tokens={len(self.token_indices)}{', tied' if self._leader else ''}"
-
-
-def _renormed(rows: torch.Tensor, max_norm: float, norm_type: float) -> torch.Tensor:
-    """Rows (..., dim) as an ``nn.Embedding(max_norm=...)`` looks them up: a row whose ``norm_type``-norm exceeds
-    ``max_norm`` is scaled to it (torch's ``embedding_renorm_``: × max_norm / (norm + 1e-7)). PEFT renorms the
-    replaced rows so (``F.embedding(x, W', max_norm=...)`` in ``forward_adapters``), in place under no_grad: the
-    scaling is no part of the gradient, so here neither (the value scaled, the gradient straight through)."""
-    with torch.no_grad():
-        norm = rows.float().norm(p=norm_type, dim=-1, keepdim=True)  # (..., 1)
-        scale = torch.where(norm > max_norm, max_norm / (norm + 1e-7), torch.ones_like(norm)).to(rows.dtype)
-    return rows + (rows * scale - rows).detach()
 
 
 def _embedding_like(model: nn.Module) -> dict[str, nn.Module]:

@@ -57,6 +57,7 @@ from ..core.config import (AdapterConfig, check_non_negative, check_positive_int
                            check_range, field_error)
 from ..core.delta import Delta, LayerInfo, RankUnits
 from ..core.model import adapter_layers, adapter_state
+from ..core.parallel import sum_across
 from ..core.registry import register_method
 from ._plain import export_plain_lora
 
@@ -269,7 +270,10 @@ def increlora_on_step(model: nn.Module, name: str, step: int, total_steps: int) 
     if not deltas or deltas[0]._state()[1]:
         return False
     # update_ipt for every module at once: EMA of sensitivity, then of uncertainty around the updated EMA
-    ipt, unc, score = ([d.exp_avg_ipt for d in deltas], [d.exp_avg_unc for d in deltas], [d.score for d in deltas])
+    # A data-parallel run averages the processes' scores (each read its own ∂L/∂P, and Σ|P ⊙ ∂L/∂P| does not add
+    # up over processes), so every process allocates the same ranks.
+    score = list(sum_across(torch.stack([d.score for d in deltas]), average=True).unbind())
+    ipt, unc = [d.exp_avg_ipt for d in deltas], [d.exp_avg_unc for d in deltas]
     torch._foreach_mul_(ipt, config.beta1)
     torch._foreach_add_(ipt, score, alpha=1 - config.beta1)
     spread = torch._foreach_sub(score, ipt)

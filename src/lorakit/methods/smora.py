@@ -41,6 +41,7 @@ from torch import nn
 from ..core.checkpointing import recomputing
 from ..core.config import AdapterConfig, check_non_negative, check_positive_ints, field_error
 from ..core.delta import LayerInfo
+from ..core.parallel import sum_across
 from ..core.registry import register_method
 from ..mixtures.base import MixtureDelta
 from ..mixtures.experts import rank_block_delta
@@ -97,8 +98,9 @@ class SmoraRouter(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, selected: torch.Tensor, rate: float) -> None:
-        """``b_i ← b_i + u·sign(c̄ − c_i)`` from this forward's per-rank token counts ``c``."""
-        counts = selected.sum(0, dtype=torch.float32)  # (R,)
+        """``b_i ← b_i + u·sign(c̄ − c_i)`` from this forward's per-rank token counts ``c``; in a data-parallel run
+        ``c`` counts every process's tokens (``core.parallel.sum_across``), so the bias stays the same everywhere."""
+        counts = sum_across(selected.sum(0, dtype=torch.float32))  # (R,)
         self.bias_before_update = self.selection_bias.clone()
         self.selection_bias += (rate * torch.sign(counts.mean() - counts)).to(self.selection_bias.dtype)
 

@@ -34,7 +34,7 @@ from lorakit.assets import BASE_MODEL_PATH
 from lorakit.cli_parser import CommandParser, check_output_dir, seed_arg
 from lorakit.core.config import check_non_negative, check_positive, field_error
 from lorakit.core.errors import FIELD, ConfigError, LorakitError, did_you_mean
-from lorakit.core.threads import default_num_threads
+from lorakit.core.threads import resolve_num_threads
 from lorakit.io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
 from lorakit.pretrain.corpus import Corpus, CorpusConfig, TaskTextsFn, build_corpus
 from lorakit.pretrain.domains import mixture_training_data, parse_mixture
@@ -120,7 +120,8 @@ class PretrainConfig:
     eval_fraction: float = field(default=0.02, metadata={"help": "share of the corpus held out for the eval loss"})
     seed: int = field(default=0, metadata={"help": "seed of the model and the data order"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: as every lorakit command's "
-                             "default, OMP_NUM_THREADS if set, else half the CPUs (1 to 8) (default: 0)"})
+                             "default, OMP_NUM_THREADS if set, else half the CPUs (1 to 8); a resume needs the same "
+                             "count, as the weights differ across counts (default: 0)"})
     log_every: int = field(default=25, metadata={"help": "steps between log lines"})
     checkpoint_every: int = field(default=0, metadata={"help": "save the loop's state every N steps to "
                                   "OUT.checkpoint/, which the same command resumes from, this and --log-every may change on resume (0: never)"})
@@ -351,6 +352,11 @@ CHECKPOINT_FORMAT = "lorakit-pretrain-checkpoint/1"
 # How often the loop logs and saves: a run may be resumed with these changed, as they leave the weights alone
 # (log_every sets the loss curve's points and the final_loss window of pretrain_info.json, not a step).
 CADENCE_FIELDS = frozenset({"log_every", "checkpoint_every"})
+# The thread count is compared as used (``threads`` in state.json), not as asked: num_threads 0 means
+# OMP_NUM_THREADS or half the CPUs, so the same option may give another count, and another option the same one.
+# Another count is refused: torch's CPU kernels split their sums (matmuls, reductions) by thread, so the weights are
+# not bit-identical across counts (the bundled base's size, 4 steps: 1 vs 2, 3 or 4 threads differ by up to 6e-4).
+THREADS_FIELD = "num_threads"
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -381,7 +387,8 @@ def save_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: to
     schedule = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     record = {"format": CHECKPOINT_FORMAT, "step": position["step"], "cursor": position["cursor"],
               "losses": position["losses"], "curve": position["curve"], "scheduler": schedule,
-              "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "config": json.loads(json.dumps(dataclasses.asdict(config)))}
+              "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+              "threads": torch.get_num_threads(), "config": json.loads(json.dumps(dataclasses.asdict(config)))}
 
     def write(tmp: Path) -> None:
         save_tensors(tmp / "state.safetensors", tensors)
@@ -422,10 +429,18 @@ def _load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: t
     now = json.loads(json.dumps(dataclasses.asdict(config)))
     before, after = _flatten(record["config"]), _flatten(now)
     diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-            if k not in CADENCE_FIELDS and before.get(k) != after.get(k)]
+            if k not in CADENCE_FIELDS | {THREADS_FIELD} and before.get(k) != after.get(k)]
     if diff:
         raise ConfigError(f"The checkpoint {folder} was made with other settings ({'; '.join(diff)}); rerun with the "
                           "same options to resume, or delete the folder to start over.")
+    threads = record.get("threads", before.get(THREADS_FIELD) or None)  # (older checkpoints: the option, if not 0)
+    if threads is not None and threads != torch.get_num_threads():
+        raise ConfigError(f"The checkpoint {folder} was trained with {threads} CPU thread(s), this run has "
+                          f"{torch.get_num_threads()} ({FIELD}={config.num_threads}"
+                          f"{': OMP_NUM_THREADS, else half the CPUs' if not config.num_threads else ''}): torch's CPU "
+                          f"kernels split their sums by thread, so the resumed model would differ from the one an "
+                          f"uninterrupted run gives. Rerun with {FIELD}={threads} to resume, or delete the folder to "
+                          f"start over.", field=THREADS_FIELD)
     tensors = load_tensors(folder / "state.safetensors")
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -456,7 +471,7 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
     """
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads or default_num_threads())
+    torch.set_num_threads(resolve_num_threads(config.num_threads))
     try:
         random.seed(config.seed)
         torch.manual_seed(config.seed)

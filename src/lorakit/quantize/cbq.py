@@ -50,6 +50,13 @@ the paper's equations. Choices the text leaves open, made here:
   scaling (for W4A4 / W4A8) has nothing to act on and is not provided.
 - The full-precision targets come from copies of the window's blocks taken before quantization (memory: one
   window of blocks).
+- A window keeps its last step's rounding, made hard, even where its calibration error ends a little above the
+  round-to-nearest start (``error_end`` > ``error_start`` in the summary): the paper (§3.2-3.3) optimises each
+  window and then fixes the rounding, with no pick of the best step or fallback to RTN, as the AdaRound
+  reconstruction it builds on does (BRECQ's official code, yhhhli/BRECQ quant/block_recon.py lines 77-102 at
+  2cbdc7e: the iterations, then ``soft_targets = False`` on the final rounding). β's annealing and L_com aim the
+  last step at the hard rounding; an earlier step is not a finished one, and a block shared with the next window
+  is optimised further there.
 """
 
 from __future__ import annotations

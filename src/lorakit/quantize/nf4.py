@@ -42,9 +42,11 @@ loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrain
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -175,9 +177,14 @@ class QuantizeConfig:
     - ``double_quant``: quantize the per-block absmax constants too (QLoRA §3, ≈0.37 bit/parameter saved).
     - ``compute_dtype``: dtype of the dequantized matmul, ``"float32"``, ``"bfloat16"`` (the paper's) or
       ``"float16"``. float32 is the default here because CPUs without bf16 units run it faster.
-    - ``skip_modules``: module names (suffixes) kept in full precision; None = the output head, as transformers.
+    - ``skip_modules``: transformers' ``llm_int8_skip_modules``: patterns (strings, regular expressions) of the
+      modules kept in full precision, matched as transformers matches them (:func:`skips_module`); a list is taken
+      as the tuple. None = transformers' default for the model (:func:`skip_patterns`): its tied-weight modules,
+      the module of its last parameter (a classification head) and its output embedding. A transformers model's
+      ``_keep_in_fp32_modules`` are kept in full precision either way, as transformers keeps them.
 
-    Raises ConfigError for an unknown quant type or compute dtype.
+    Raises ConfigError for an unknown quant type or compute dtype, and for ``skip_modules`` that is not a list of
+    strings or holds an entry that is not a regular expression (naming the entry).
     """
 
     quant_type: str = "nf4"
@@ -192,6 +199,24 @@ class QuantizeConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise field_error(self, "compute_dtype", f"={self.compute_dtype!r}: choose one of {tuple(COMPUTE_DTYPES)}."
                                                     f"{did_you_mean(self.compute_dtype, COMPUTE_DTYPES)}")
+        if self.skip_modules is not None:
+            self._check_skip_modules()
+
+    def _check_skip_modules(self) -> None:
+        if not isinstance(self.skip_modules, (list, tuple)):
+            raise field_error(self, "skip_modules", f"={self.skip_modules!r}: give a list of module name patterns "
+                                                   "(strings), e.g. ('lm_head',), or None for transformers' default.")
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))  # a list from a JSON/YAML config
+        for key in self.skip_modules:
+            if not isinstance(key, str):
+                raise field_error(self, "skip_modules", f": the entry {key!r} is a {type(key).__name__}, not a "
+                                                       "string; each entry is a module name pattern, e.g. 'lm_head'.")
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise field_error(self, "skip_modules", f": the entry {key!r} is not a regular expression ({error}); "
+                                                       "transformers matches each entry as one (write a literal "
+                                                       "character such as ( with a backslash before it).") from None
 
     @classmethod
     def of(cls, value: "QuantizeConfig | str") -> "QuantizeConfig":
@@ -215,17 +240,59 @@ def is_4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
-def _skipped(model: nn.Module, config: QuantizeConfig) -> set[int]:
-    if config.skip_modules is not None:
-        return {id(m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in config.skip_modules)}
+def skips_module(path: str, skip_modules: Sequence[str]) -> bool:
+    """Whether ``skip_modules`` (``llm_int8_skip_modules``) keeps the module at ``path`` (and so every linear layer
+    under it) in full precision, by transformers' own rule, the one its ``from_pretrained(quantization_config=...)``
+    applies to a saved config: ``transformers.quantizers.quantizers_utils.should_convert_module`` (transformers 5:
+    a pattern matching the path from its start up to a module boundary, as a regular expression, or a plain string
+    suffix of the path; ``"model.layers.1"`` keeps layer 1, not 11; ``"p_proj"`` keeps ``up_proj``). Transformers
+    without it (4.x) matched in ``integrations/bitsandbytes.py`` ``_replace_with_bnb_linear``: the module's own
+    name, the whole path, or a pattern followed by a dot anywhere in it."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        own = path.rpartition(".")[2]
+        return any(own == key or path == key or key + "." in path for key in skip_modules)
+    return not should_convert_module(path, list(skip_modules))
+
+
+def skip_patterns(model: nn.Module, skip_modules: Sequence[str] | None = None) -> list[str] | None:
+    """The patterns (for :func:`skips_module`) of the modules transformers' bitsandbytes loading keeps in full
+    precision for ``model`` given ``llm_int8_skip_modules=skip_modules``, as
+    ``transformers.quantizers.base.HfQuantizer.get_modules_to_not_convert`` builds them (transformers 5;
+    ``quantizer_bnb_4bit.py`` in 4.x): ``skip_modules``, or when None transformers' ``get_keys_to_not_convert(model)``
+    (its tied-weight modules, the module of its last parameter, its output embedding), then the model's
+    ``_keep_in_fp32_modules`` in both cases. None for a model that is not a transformers ``PreTrainedModel``."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    if skip_modules is None:
+        try:
+            from transformers.quantizers.base import get_keys_to_not_convert
+        except ImportError:  # transformers 4.x
+            from transformers.integrations import get_keys_to_not_convert
+        patterns = sorted(get_keys_to_not_convert(model))
+    else:
+        patterns = list(skip_modules)
+    return patterns + sorted(set(getattr(model, "_keep_in_fp32_modules", None) or ()) - set(patterns))
+
+
+def _skipped(model: nn.Module, config: QuantizeConfig, patterns: list[str] | None) -> set[int]:
+    if patterns is None and config.skip_modules is not None:  # a model outside transformers
+        patterns = list(config.skip_modules)
+    if patterns is not None:
+        return {id(m) for n, m in model.named_modules() if skips_module(n, patterns)}
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return {id(head)} if head is not None else set()
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (but the output head / ``skip_modules``) by a bitsandbytes 4-bit
-    layer holding the same weight quantized, in place; returns ``model``. Quantization happens on the weight's
+    """Replace every ``nn.Linear`` of ``model`` by a bitsandbytes 4-bit layer holding the same weight quantized, in
+    place, but those transformers' loading keeps in full precision (``skip_modules``, by default transformers'
+    choice for the model: :func:`skip_patterns`; a model outside transformers keeps its output embedding, if it
+    names one, or the layers ``skip_modules`` matches); returns ``model``. Quantization happens on the weight's
     device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
     constants). A transformers model gets ``config.quantization_config`` as that loading sets it, so its
     ``save_pretrained`` folder loads back in 4 bit with plain ``from_pretrained``. Call before ``add_adapter``
@@ -237,7 +304,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
         raise LorakitError("quantize_model before add_adapter: this model has adapters, whose own layers would be "
                            "quantized too")
     bnb = _bnb()
-    skip = _skipped(model, config)
+    patterns = skip_patterns(model, config.skip_modules)
+    skip = _skipped(model, config, patterns)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or id(child) in skip:
@@ -252,25 +320,39 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, q.train(child.training))
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
-    _record_for_transformers(model, config)
+    _record_for_transformers(model, config, patterns or [])
     return keep_qlora_layout(model)
 
 
-def _record_for_transformers(model: nn.Module, config: QuantizeConfig) -> None:
+def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns: list[str]) -> None:
     """Set ``model.config.quantization_config`` (a transformers model) as ``from_pretrained(quantization_config=
     ...)`` does, so ``save_pretrained`` writes it and ``from_pretrained`` rebuilds these 4-bit layers from the saved
     codes (was: no quantization_config, so transformers read the packed (n/2, 1) uint8 codes as dense weights and
-    refused the size mismatch). The linear layers left in full precision are named in ``llm_int8_skip_modules``,
-    as transformers would otherwise quantize them on load (its default skips only the output head; it converts
-    Conv1D too, which this function does not)."""
+    refused the size mismatch). Its ``llm_int8_skip_modules`` keeps exactly the linear layers left in full
+    precision when transformers reads it back with its own rule (:func:`skips_module`, to which it adds
+    ``_keep_in_fp32_modules``): ``patterns`` (those :func:`quantize_model` applied), then each other layer left in
+    full precision (a ``Conv1D``, which transformers converts and this module does not) by its path, written as an
+    anchored regular expression (``re.escape(path) + "$"``) where the plain path would also reach a 4-bit layer
+    (as a suffix: ``classifier`` reaches ``pre_classifier``). Was: every kept path plain, so such a path made
+    transformers load a 4-bit layer's codes into a full-precision one."""
     from transformers import PretrainedConfig
     from transformers.pytorch_utils import Conv1D
 
     host = getattr(model, "config", None)
     if not isinstance(host, PretrainedConfig) or not any(is_4bit(m) for m in model.modules()):
         return
-    kept = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D))
-    host.quantization_config = replace(config, skip_modules=kept).to_transformers()
+    quantized = [n for n, m in model.named_modules() if is_4bit(m)]
+    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)]
+    always = list(getattr(model, "_keep_in_fp32_modules", None) or ())  # transformers adds these on every load
+
+    def exact(path: str) -> str:
+        return re.escape(path) + "$" if any(skips_module(n, [path]) for n in quantized) else path
+
+    saved = list(patterns)
+    saved += [exact(n) for n in kept if not skips_module(n, saved + always)]
+    if any(skips_module(n, saved + always) for n in quantized):  # a model that came partly 4-bit already
+        saved = [exact(n) for n in kept]
+    host.quantization_config = replace(config, skip_modules=tuple(saved)).to_transformers()
 
 
 def keep_qlora_layout(model: nn.Module) -> nn.Module:

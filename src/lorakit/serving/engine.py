@@ -47,7 +47,9 @@ choice prefills alone.
 
 Threading: :meth:`start` runs :meth:`step` in a background thread; :meth:`submit`, :meth:`submit_choices`,
 :meth:`abort` and :meth:`call` (run a function on the engine thread, e.g. to load an adapter) are safe from any
-thread.
+thread. Without the background thread, :meth:`generate` steps on its caller's thread; steps (and calls run without the
+loop) of different threads take turns. What one thread posts (a request, then its abort) is handled in that order,
+also across a :meth:`shutdown` and a restart.
 """
 
 from __future__ import annotations
@@ -193,10 +195,20 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("submit", req) | ("abort", id) | ("call", fn, fut)
+        # ("submit", req) | ("abort", id) | ("call", fn, fut), in the order posted; only the stepping thread takes
+        # items out (a shutdown cancels calls through ``_calls`` and leaves the inbox as it is)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: set[Future] = set()  # futures of the Engine.call items posted and not yet answered
+        self._calls_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._stop = threading.Event()  # the stop signal of the loop in ``_thread``: each loop gets its own (start)
+        # start's look for a running loop and its start of one; shutdown's pick of the loop it stops, and forgets
+        self._lifecycle = threading.Lock()
+        # held through each step, by the loop or by a thread stepping without one (generate, an inline Engine.call):
+        # one thread at a time runs forwards over the batch, cache and banks (reentrant: a step's own callbacks)
+        self._stepping = threading.RLock()
+        self._stepper: int | None = None  # the thread ident holding ``_stepping`` (``_turn``), else None
         self._ids = itertools.count()
         # forked: choices that took their prompt's prefill from its first choice (no prefill tokens of their own)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
@@ -329,9 +341,15 @@ class Engine:
         it), so a caller is never told "not run" for a call that then runs, nor left without the result of one that
         started (was: ``timeout``, after which the call raised TimeoutError and still ran later). Calls queued when
         the engine shuts down are cancelled the same way (EngineBusyError)."""
-        if not self._looping() or threading.current_thread() is self._thread:
-            return fn()
+        if not self._looping() or threading.current_thread() is self._thread or self._stepper == threading.get_ident():
+            # (between steps of a thread stepping without a loop, as between the loop's; and at once from inside a
+            # step of this thread, e.g. an on_event listener's call: a loop a start ran meanwhile waits for this
+            # step's turn, so posting it there would wait forever)
+            with self._turn():
+                return fn()
         fut: Future = Future()
+        with self._calls_lock:  # known before it is posted: a shutdown from now on cancels it
+            self._calls.add(fut)
         self._inbox.put(("call", fn, fut))
         self._wake.set()
         deadline = None if start_timeout is None else time.monotonic() + start_timeout
@@ -355,6 +373,9 @@ class Engine:
             return fut.result()  # started meanwhile: its outcome, however long it takes
         except CancelledError:
             raise EngineBusyError("the engine shut down before running this call; it did not run") from None
+        finally:
+            with self._calls_lock:
+                self._calls.discard(fut)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -400,16 +421,22 @@ class Engine:
     def start(self) -> "Engine":
         """Run the engine loop on a background thread (``lorakit-engine``); returns the engine. A no-op while the loop
         runs. Raises EngineStopError while a loop that :meth:`shutdown` told to stop is still running (its step or
-        call has not ended): a second loop would run over the same requests, KV cache and banks at once."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            if not self._stop:
-                return self
-            raise EngineStopError("the engine's previous loop was told to stop but is still running (a step or an "
-                                  "Engine.call has not ended); call shutdown() again to wait for it, then start()")
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-        self._thread.start()
+        call has not ended): a second loop would run over the same requests, KV cache and banks at once (two starts
+        at once: one starts the loop, the other finds it running)."""
+        with self._lifecycle:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                if not self._stop.is_set():
+                    return self
+                raise EngineStopError("the engine's previous loop was told to stop but is still running (a step or "
+                                      "an Engine.call has not ended); call shutdown() again to wait for it, then "
+                                      "start()")
+            # its own stop signal: a shutdown that picked the previous loop (or none) can neither stop this one by
+            # mistake nor have its stop undone by this start (was: one flag for every loop, cleared here)
+            stop = threading.Event()
+            thread = threading.Thread(target=self._loop, args=(stop,), name="lorakit-engine", daemon=True)
+            self._thread, self._stop = thread, stop
+            thread.start()
         return self
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -418,37 +445,42 @@ class Engine:
 
         Raises EngineStopError when the loop is still running after ``timeout`` (a step or a call that has not ended):
         it stops once that ends, and the engine keeps the thread (was: forgot it, so a later ``start()`` ran a second
-        loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again."""
-        self._stop = True
+        loop beside it); :meth:`start` refuses until it has ended, and ``shutdown`` again waits again.
+
+        It stops the loop running when it is called; a :meth:`start` that lands while it runs starts a loop of its own,
+        which runs on with the calls posted to it (was: the shutdown forgot it, or waited its whole timeout for it,
+        raised EngineStopError and cancelled its calls)."""
+        with self._lifecycle:
+            thread, stop = self._thread, self._stop
+            stop.set()
         self._wake.set()
-        thread = self._thread
         if thread is not None:
             thread.join(timeout=timeout)
-        self._cancel_calls()
         if thread is not None and thread.is_alive():
+            # the calls queued behind its step: now (a loop that ended cancelled them itself; here, with none to
+            # stop, they would be a loop's that a start ran meanwhile)
+            self._cancel_calls()
             raise EngineStopError(f"the engine loop did not stop within {timeout:g} s (a step or an Engine.call on "
                                   f"its thread has not ended); it stops when that ends: call shutdown() again to "
                                   f"wait for it")
-        self._thread = None
+        with self._lifecycle:
+            if self._thread is thread:  # (not one a start ran meanwhile: that loop is the engine's now)
+                self._thread = None
 
     def _looping(self) -> bool:
         """Whether a loop thread runs (one a timed-out shutdown left behind counts until it has ended)."""
         return self._thread is not None and self._thread.is_alive()
 
     def _cancel_calls(self) -> None:
-        """Cancel the calls queued in the inbox (their callers get EngineBusyError); requests and aborts stay."""
-        kept = []
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] == "call":
-                item[2].cancel()
-            else:
-                kept.append(item)
-        for item in kept:  # requests and aborts stay for a restarted loop
-            self._inbox.put(item)
+        """Cancel the calls posted that the engine thread has not started (their callers get EngineBusyError; the
+        thread skips their inbox items, :meth:`_drain_inbox`); a call running goes on. The inbox itself is left as it
+        is, so requests and aborts stay, in the order posted, for the loop still running or a restarted one (was: it
+        was emptied and its requests and aborts put back; an abort posted meanwhile landed before its request, found
+        nothing to abort, and the request then ran to its end)."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for fut in calls:
+            fut.cancel()  # (False for a call started or answered: its caller gets its outcome)
 
     @property
     def num_running(self) -> int:
@@ -460,21 +492,39 @@ class Engine:
         return len(self.waiting) + sum(len(r.children) for r in list(self.waiting))
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                busy = self.step()
-            except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
-                for r in list(self.running):
-                    self._finish(r, "error", error=e)
-                busy = False
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._turn():
+                try:
+                    busy = self._step()
+                except Exception as e:  # noqa: BLE001  (a failing forward fails its rows, never the engine)
+                    for r in list(self.running):
+                        self._finish(r, "error", error=e)
+                    busy = False
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
         self._cancel_calls()  # queued while a shutdown that timed out waited: their callers would wait for no one
 
     def step(self) -> bool:
-        """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done."""
+        """One iteration: handle the inbox, admit, prefill, decode. Returns whether any work was done.
+
+        Any thread may step; steps of different threads (the loop's, :meth:`generate`'s without a loop) take turns
+        (was: two callers of ``generate`` stepped the same batch at once)."""
+        with self._turn():
+            return self._step()
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """Hold the step lock, noting this thread as the one stepping (reentrant: a step's own listeners)."""
+        with self._stepping:
+            outer, self._stepper = self._stepper, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._stepper = outer
+
+    def _step(self) -> bool:
         had_inbox = self._drain_inbox()
         self._admit()
         if self.store is not None and self.waiting:

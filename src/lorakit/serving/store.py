@@ -319,6 +319,9 @@ class AdapterStore:
             self.banked = dict.fromkeys(old.ids)
         object.__setattr__(model, REGISTRY_ATTR, self.registry)
         self.paths: dict[str, Path] = {}  # registered name -> folder
+        # registered name -> a token of that registration: a read of its weights that began under an earlier one (a
+        # prefetch still reading while the name was unloaded and loaded again) is not cached under this one
+        self._registration: dict[str, object] = {}
         self.configs: dict[str, object] = {}  # registered name -> its folder's config as read and checked then
         self._host: OrderedDict[str, tuple[dict, int]] = OrderedDict()  # LRU: name -> (tensors, bytes)
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU: name -> bytes
@@ -330,6 +333,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-prefetch")
         self._pending: dict[str, Future] = {}
+        self._closed = False  # :meth:`close`: no more background reads
         self.attached: dict[str, object] = {}  # name -> config of adapters served attached (not banked)
         self.tasks: dict[str, dict[str, int]] = {}  # attached name -> task -> routing key id
         self.stats = Counter()  # disk_loads, resident_loads, evictions, host_hits
@@ -489,6 +493,7 @@ class AdapterStore:
             self._refuse_unloading(name)
             self._refuse_loading(name, load)
             self.paths[name] = folder
+            self._registration[name] = object()
             self.configs[name] = config
             if mismatch is not None:
                 self.warnings[name] = mismatch
@@ -672,13 +677,16 @@ class AdapterStore:
 
     # -- host tier (any thread) ---------------------------------------------------------------------------
     def _read_host(self, name: str) -> tuple[dict, int]:
+        """``name``'s weights (tensors, bytes): from the host cache, else read from its folder and cached, unless the
+        name was unloaded meanwhile (it may be registered again, from another folder, by the time a background read
+        ends: those tensors are not that registration's)."""
         with self._lock:
             hit = self._host.get(name)
             if hit is not None:
                 self._host.move_to_end(name)
                 self.stats["host_hits"] += 1
                 return hit
-            folder = self.paths.get(name)
+            folder, registration = self.paths.get(name), self._registration.get(name)
         if folder is None:
             if name in self.failed:  # a request queued before its adapter failed
                 raise AdapterLoadError(self.failed[name])
@@ -687,7 +695,7 @@ class AdapterStore:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._lock:
             self.stats["disk_loads"] += 1
-            if name in self.paths:
+            if registration is not None and self._registration.get(name) is registration:
                 self._host[name] = (tensors, nbytes)
                 self._host.move_to_end(name)
                 self._trim_host()
@@ -709,8 +717,11 @@ class AdapterStore:
         return self._read_host(name)[0]
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Read these adapters' weights into the host cache in the background (disk -> host)."""
+        """Read these adapters' weights into the host cache in the background (disk -> host). Does nothing once the
+        store is closed (:meth:`close`): they are read when first needed."""
         with self._lock:
+            if self._closed:
+                return
             for n in names:
                 if n in self.paths and n not in self._host and n not in self._resident and n not in self._pending:
                     fut = self._pool.submit(self._prefetch_one, n)
@@ -733,11 +744,13 @@ class AdapterStore:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._resident.values())
+        with self._lock:
+            return sum(self._resident.values())
 
     @property
     def host_bytes(self) -> int:
-        return sum(e[1] for e in self._host.values())
+        with self._lock:  # (read by /metrics on a request's thread while the prefetch thread inserts)
+            return sum(e[1] for e in self._host.values())
 
     def ensure_resident(self, spec: RowSpec) -> bool:
         """Load ``spec``'s adapters into the banks, evicting unpinned LRU ones; False when the caps, held by
@@ -926,6 +939,7 @@ class AdapterStore:
             raise self._unknown(name)
         self.banked.pop(name, None)
         self.paths.pop(name, None)
+        self._registration.pop(name, None)
         self.configs.pop(name, None)
         self.attached.pop(name, None)
         self.tasks.pop(name, None)
@@ -937,4 +951,12 @@ class AdapterStore:
         return True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the background reads (:meth:`prefetch`): those queued are dropped, one in progress ends on its own.
+        Everything else keeps working, so closing is safe while an engine still steps on this store (a shutdown that
+        timed out, ``EngineStopError``: its loop ends the step it is in): adapters are then read from disk when first
+        needed (was: that step's prefetch submitted to the closed pool, and the RuntimeError failed every running
+        request). Idempotent."""
+        with self._lock:  # (a prefetch on the engine thread submits under it: never to a closed pool)
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pending.clear()  # (cancelled reads never clear their own entry)

@@ -273,6 +273,7 @@ class _JobRun:
         if not examples:
             raise ValueError(f"job {self.name!r} has no training examples")
         self.dataset = objective.dataset(examples, tokenizer, c.max_length)
+        self.labels = getattr(objective, "labels", None)  # a classifier's label names, saved as labels.json
         self.collate = objective.collator(tokenizer)
         self.stream = DataStream(len(self.dataset), c.seed)
         self.position, self.step, self.result = 0, 0, JobResult(self.name)
@@ -303,7 +304,7 @@ class _JobRun:
             callback(record)
 
     def write_adapter(self, model, directory: Path) -> None:
-        write_adapter_dir(model, directory, self.name, self.dataset.task_to_id)
+        write_adapter_dir(model, directory, self.name, self.dataset.task_to_id, self.labels)
 
     def evaluate(self, model, tokenizer, objective, device, names: Sequence[str]) -> None:
         """Evaluate the job's adapter alone (as lorakit.train does: only it active), record and report it."""

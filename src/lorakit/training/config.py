@@ -109,6 +109,13 @@ class TrainConfig:
             except ConfigError as e:
                 raise field_error(self, "procedure", f": {e}") from None
             info.config_from(self.procedure_args).check_run(self)  # a bad field, or one this run cannot use, fails here
+            if self.distributed == "fsdp" and not info.cls.fsdp_compatible:
+                from .distributed import env_world
+
+                if env_world()[1] > 1:
+                    raise field_error(self, "distributed", f"='fsdp' shards the frozen base across the processes, and "
+                                      f"procedure {self.procedure!r} reads and edits base weights whole between steps; "
+                                      "use distributed='ddp' (lorakit train --distributed ddp, the default).")
         elif self.procedure_args:
             raise field_error(self, "procedure_args", f"={self.procedure_args!r} given without a procedure; set "
                                                       "procedure (see lorakit.training.list_procedures()).")

@@ -19,8 +19,8 @@ What "the same training" means: ``batch_size`` is per process, so a step's globa
 - task loss: the step's supervised-token count is all-reduced, so the loss is the mean over the global step;
 - gradients: ``ddp`` wraps the model in ``DistributedDataParallel`` (only trainable parameters are in its buckets:
   the frozen base is never synchronized; ``no_sync`` on all but the last micro-batch); ``fsdp`` shards the frozen
-  base with FSDP2 ``fully_shard`` (one unit per decoder block, then the root) while trainable parameters stay
-  whole on every rank (``ignored_params``) and are averaged once per step. Keeping the adapter replicated lets
+  base with FSDP2 ``fully_shard`` (one unit per decoder block, then the root) while trainable parameters and every
+  adapter tensor stay whole on every rank (``ignored_params``); gradients are averaged once per step. Keeping the adapter replicated lets
   every method's hooks, extra losses and saving run on plain tensors; the adapter is a small fraction of the
   weights, the base is what FSDP needs to shard;
 - mixtures: ``core.parallel.gather_rows`` (switched on by the loop) joins every rank's routing records before a balance loss (differentiably), so the
@@ -49,6 +49,11 @@ from torch import nn
 from ..core.errors import ConfigError, LorakitError
 from .config import DISTRIBUTED_MODES as MODES
 
+
+
+class RankZeroFailed(LorakitError):
+    """Raised on every other process when rank 0's write (:meth:`Distributed.on_main`) failed; rank 0 raises (and
+    the CLI prints) the error itself, so the others exit without repeating it."""
 
 
 def env_world() -> tuple[int, int, int]:
@@ -152,6 +157,24 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def check_same(self, settings: dict[str, Any]) -> None:
+        """Raise ConfigError on every process unless all passed equal ``settings`` (what one command line and one
+        data file fix: the training and adapter options, the examples). Every process starts the same command under
+        a launcher; on several machines a node started with other flags or another copy of the data would otherwise
+        train silently on another stream or with other options (or wait forever on a collective). The message names
+        each setting that differs and every process's value."""
+        if not self.enabled:
+            return
+        every = self.gather_objects(settings)
+        keys = sorted({k for s in every for k in s}, key=str)
+        differ = [k for k in keys if any(s.get(k) != every[0].get(k) for s in every[1:])]
+        if differ:
+            said = "; ".join(f"{k}: " + ", ".join(f"rank {r} {s.get(k)!r}" for r, s in enumerate(every))
+                             for k in differ[:6])
+            raise ConfigError(f"the {self.world_size} processes are not running the same training ({said}). Start the "
+                              "same command on every process, with the same data (on several machines: the same "
+                              "files on each).")
+
     @contextlib.contextmanager
     def summed(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
         """Inside the block ``tensors`` hold their sums over ranks (e.g. router statistics being read); the local
@@ -196,7 +219,7 @@ class Distributed:
 
     def on_main(self, write: Callable[[], Any]) -> Any:
         """Run ``write`` (a save) on rank 0 only; the others wait for it. Its return value reaches every rank; if it
-        raises, rank 0 raises that error and the others a LorakitError quoting it (none waits forever)."""
+        raises, rank 0 raises that error and the others a :class:`RankZeroFailed` quoting it (none waits forever)."""
         if not self.enabled:
             return write()
         outcome: list[Any] = [None, None]
@@ -210,7 +233,7 @@ class Distributed:
         if error is not None:
             raise error
         if outcome[1] is not None:
-            raise LorakitError(f"rank 0 failed to write: {outcome[1]}")
+            raise RankZeroFailed(f"rank 0 failed to write: {outcome[1]}")
         return outcome[0]
 
     # -- the model ----------------------------------------------------------------------------------------------
@@ -224,7 +247,7 @@ class Distributed:
             for p in trainable:
                 dist.broadcast(p.data, src=0)
         if self.mode == "fsdp":
-            self._shard(model, set(trainable))
+            self._shard(model, set(trainable) | _adapter_tensors(model))
             self._synced = list(trainable)
             return model
         return self._make_ddp(model)
@@ -292,6 +315,14 @@ class Distributed:
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=keep)
         fully_shard(model, mesh=mesh, ignored_params=keep)
+
+
+def _adapter_tensors(model: nn.Module) -> set[nn.Parameter]:
+    """Every parameter of every adapter, trainable or not: what a method freezes (FFA-LoRA's A, LoRA-XS's SVD
+    factors, a finished MixDA stage) stays whole too, so hooks, merges and the saved file see plain tensors."""
+    from ..core.model import adapter_names, adapter_parameters
+
+    return {p for name in adapter_names(model) for p in adapter_parameters(model, name).values()}
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

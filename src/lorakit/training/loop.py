@@ -47,7 +47,8 @@ from ..core.model import active_adapters, adapter_names, adapter_state, refresh_
 from ..core.parallel import rows_gathered
 from ..core.registry import Method, get_method
 from ..data import Example, save_task_index, stable_seed
-from ..io.files import atomic_write_json
+from ..data.classification import LABELS_FILE
+from ..io.files import atomic_write_json, read_json
 from ..io.peft_format import save_adapter
 from ..mixtures.base import (reset_router_stats, router_stat_buffers, router_stats, router_stats_paused,
                              router_summary)
@@ -82,8 +83,9 @@ class _StopOnInterrupt:
     """While active (main thread only), the first SIGINT sets ``requested`` so the loop stops at the end of the
     step in progress, at a state it can checkpoint exactly; a second SIGINT raises KeyboardInterrupt at once."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, speak: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.speak = speak  # under a launcher every process gets the SIGINT; rank 0 alone says so
         self.requested = False
         self._previous: Any = None
 
@@ -91,8 +93,9 @@ class _StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without one)",
-              file=sys.stderr, flush=True)
+        if self.speak:
+            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort without one)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "_StopOnInterrupt":
         if self.enabled:
@@ -301,11 +304,15 @@ def evaluate_adapter(objective: Any, ctx: Any, model: nn.Module, tokenizer: Any,
                                   task_to_id=task_to_id, progress=progress)
 
 
-def write_adapter_dir(model: nn.Module, directory: Path, adapter_name: str, task_to_id: dict[str, int] | None) -> None:
-    """The adapter's files (PEFT format), plus ``task_index.json`` when the data has task keys."""
+def write_adapter_dir(model: nn.Module, directory: Path, adapter_name: str, task_to_id: dict[str, int] | None,
+                      labels: list[str] | None = None) -> None:
+    """The adapter's files (PEFT format), plus ``task_index.json`` when the data has task keys and ``labels.json``
+    (a classifier's label names in head order, which ``lorakit eval`` rebuilds the head from) when ``labels``."""
     save_adapter(model, directory, adapter_name)
     if task_to_id is not None:
         save_task_index(directory, task_to_id)
+    if labels is not None:
+        atomic_write_json(directory / LABELS_FILE, {"labels": labels})
 
 
 def checkpoint_state(config: TrainConfig, adapter_name: str, *, step: int, position: int, num_train_examples: int,
@@ -475,6 +482,8 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         "task_names": [n for n, _ in sorted(dataset.task_to_id.items(), key=lambda kv: kv[1])]}
     collate = objective.collator(tokenizer)
     stream = DataStream(len(dataset), config.seed)
+    if ctx.enabled:  # every process must run one training: same options, same examples (a node's stale data copy)
+        ctx.check_same(run_identity(config, adapter_state(model).configs[adapter_name], train_examples, eval_examples))
     eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
 
     def micro_batch(position: int) -> dict[str, torch.Tensor]:
@@ -529,8 +538,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         eval_history.append({"step": step, **metrics})
         emit({"step": step, "eval": metrics})
 
+    labels = getattr(objective, "labels", None)  # a classifier's: saved with every checkpoint and the adapter
+
     def write_adapter(directory: Path) -> None:
-        write_adapter_dir(model, directory, adapter_name, dataset.task_to_id)
+        write_adapter_dir(model, directory, adapter_name, dataset.task_to_id, labels)
 
     def checkpoint() -> str:
         state = checkpoint_state(config, adapter_name, step=step, position=position, num_train_examples=len(dataset),
@@ -559,7 +570,7 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress or not ctx.is_main,
                dynamic_ncols=True)
     train_time, run_tokens, window = 0.0, 0, []
-    stop = _StopOnInterrupt(enabled=output_dir is not None)
+    stop = _StopOnInterrupt(enabled=output_dir is not None, speak=ctx.is_main)
     with stop, rows_gathered(ctx.enabled):
         while step < config.steps:
             step_start = time.perf_counter()
@@ -651,6 +662,29 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
 
         result.adapter_dir = ctx.on_main(save_final)  # rank 0 writes, the others wait for it
     return result
+
+
+def run_identity(config: TrainConfig, adapter_config: Any, train_examples: Sequence[Example],
+                 eval_examples: Sequence[Example] | None) -> dict[str, Any]:
+    """What must be equal on every process of a data-parallel run: the training options (not the ones that may be
+    per process or per machine: device, output folder, checkpoint path, but the step a checkpoint resumes at), the
+    adapter's options, and the training and evaluation examples (count and a digest of their content)."""
+    import hashlib
+
+    def digest(examples: Sequence[Example]) -> str:
+        h = hashlib.sha256()
+        for ex in examples:
+            h.update(repr(ex).encode())
+        return f"{len(examples)} examples, sha256 {h.hexdigest()[:12]}"
+
+    own = {"device", "output_dir", "resume_from"}
+    identity: dict[str, Any] = {f"TrainConfig.{k}": v for k, v in config.to_dict().items() if k not in own}
+    identity.update({f"{type(adapter_config).__name__}.{k}": v for k, v in adapter_config.to_dict().items()})
+    if config.resume_from is not None:
+        identity["checkpoint step"] = read_json(Path(config.resume_from) / "trainer_state.json").get("step")
+    identity["training data"] = digest(train_examples)
+    identity["evaluation data"] = digest(list(eval_examples or [])[: config.eval_examples])
+    return identity
 
 
 def save_or_rescue(target: Path, write: Callable[[Path], None]) -> Path:

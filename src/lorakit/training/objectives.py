@@ -89,6 +89,11 @@ class SequenceClassification:
         self.label2id = dict(label2id)
         self.max_length = max_length
 
+    @property
+    def labels(self) -> list[str]:
+        """The label names in head-output order (what ``labels.json`` beside a saved adapter holds)."""
+        return [name for name, _ in sorted(self.label2id.items(), key=lambda kv: kv[1])]
+
     def dataset(self, examples, tokenizer, max_length, task_to_id=None) -> TokenizedDataset:
         self.max_length = max_length
         return TokenizedDataset(examples, tokenizer, max_length=max_length, task_to_id=task_to_id,

@@ -29,6 +29,9 @@ A procedure that needs held-out data (Flexora's validation split) returns a coun
 training data (they are not trained on) and calls ``set_validation(batch_of, n)``, where ``batch_of(indices)``
 collates held-out examples ``indices`` (0 ≤ i < n) into a batch on the run's device.
 
+``fsdp_compatible`` (class attribute, default True): False for a procedure that reads or edits frozen base weights
+outside the forward (LoRAPrune), so that ``distributed="fsdp"`` under a launcher is refused before the model loads.
+
 ``shares_batch`` (class attribute, default False) declares that the procedure touches only its own adapter's
 parameters, gradients and per-delta forwards (hooks on its adapter's deltas see only its rows), so
 ``train_concurrent`` may train its job beside other jobs in one batch; a procedure that hooks the whole model,
@@ -75,6 +78,9 @@ class Procedure:
     """A training procedure for one run. The base class is the plain loop: AdamW, no hooks, no state."""
 
     shares_batch: ClassVar[bool] = False  # True: safe beside other jobs in train_concurrent's batch (see above)
+    # False: reads or writes frozen base weights as whole tensors between forwards (LoRAPrune's pruning), which a
+    # base FSDP has sharded across processes does not allow; TrainConfig refuses distributed="fsdp" under a launcher.
+    fsdp_compatible: ClassVar[bool] = True
 
     def __init__(self, config: ProcedureConfig, train_config: "TrainConfig") -> None:
         self.config = config

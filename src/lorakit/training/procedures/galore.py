@@ -85,6 +85,16 @@ class GaLoreConfig(ProcedureConfig):
         for name in ("beta1", "beta2"):
             check_range(self, name, 0, 1, high_open=True)
 
+    def check_run(self, train_config) -> None:
+        from ..distributed import env_world
+
+        world = env_world()[1]
+        if self.per_layer and world > 1:
+            raise field_error(self, "per_layer", f"=True steps each weight inside its gradient hook, during backward, "
+                                                 f"before data parallelism has averaged the gradient over the {world} "
+                                                 "processes (WORLD_SIZE): they would train apart. Set per_layer=False "
+                                                 "(lorakit train --no-per-layer) under torchrun / accelerate launch.")
+
 
 def _right_side(shape: torch.Size, proj_type: str) -> bool:
     """True when the projection multiplies from the right (G Pᵀ, P of shape (r, n))."""

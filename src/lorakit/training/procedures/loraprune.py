@@ -138,6 +138,7 @@ def _group_scores(block: Block, name: str, s: torch.Tensor) -> torch.Tensor:
 
 class LoraPrune(Procedure):
     config: LoraPruneConfig
+    fsdp_compatible = False  # masks and prunes the base weights themselves
 
     def __init__(self, config: LoraPruneConfig, train_config) -> None:
         super().__init__(config, train_config)
