@@ -114,3 +114,19 @@ def test_merge_adapters_cli_a_non_finite_weight_is_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and "--weights" in err and "finite" in err, err
         assert not (tmp_path / bad).exists()
+
+
+def test_merge_adapters_cli_a_missing_factor_is_named_not_called_another_base(tmp_path, capsys):
+    """Was: a source whose safetensors lacks one module's lora_B was refused as 'trained on different base models'
+    ('bundled' and 'bundled'), since its sizes for that module had no 'out'; the missing tensor is what to name."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors = load_file(b / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != key}, b / "adapter_model.safetensors")
+    capsys.readouterr()  # the loading bars above
+    assert main(["merge-adapters", str(a), str(b), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "different base models" not in err and "missing" in err and key in err, err
+    assert not (tmp_path / "o").exists()

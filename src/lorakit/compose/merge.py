@@ -188,7 +188,7 @@ def _base_name(source) -> str | None:
     return bundled_name(base) or base
 
 
-def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
+def _module_sizes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """Per adapted module of a saved LoRA, the sizes its factors take from the base: lora_A (r, in, ...) -> in, ...;
     lora_B (out, r, ...) -> out, ... (the rank, which sources may choose freely, left out). Read from the
     safetensors header only; {} for another method's adapter (refused later, by name) or a missing or unreadable
@@ -210,7 +210,7 @@ def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
             path, factor = match.groups()
             part = shape[1:] if factor == "A" else (shape[0], *shape[2:])
             sizes[path] = sizes.get(path, ()) + ((("in" if factor == "A" else "out"), part),)
-    return {path: tuple(sorted(parts)) for path, parts in sizes.items()}
+    return {path: dict(parts) for path, parts in sizes.items()}
 
 
 def _check_one_base(sources) -> None:
@@ -223,15 +223,16 @@ def _check_one_base(sources) -> None:
             continue
         for path, sizes in _module_sizes(Path(src)).items():
             first, first_sizes = seen.setdefault(path, (str(src), sizes))
-            if sizes != first_sizes:
+            # a factor only one of them holds is a damaged file, not another base: the loader names the missing tensor
+            if any(first_sizes[kind] != dims for kind, dims in sizes.items() if kind in first_sizes):
                 raise AdapterError(
                     f"the sources were trained on different base models: {first!r} on {_base_name(first)!r} and "
                     f"{str(src)!r} on {_base_name(src)!r} (module {path!r}: {_sizes_text(first_sizes)} in the first, "
                     f"{_sizes_text(sizes)} in the second). Merge adapters of one base model.")
 
 
-def _sizes_text(sizes: tuple) -> str:
-    return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sizes)
+def _sizes_text(sizes: dict) -> str:
+    return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sorted(sizes.items()))
 
 
 def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], dict[str, dict[str, BaseEdit]]]:
