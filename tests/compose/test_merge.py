@@ -333,7 +333,7 @@ def test_cli_option_outside_its_domain_is_an_error_naming_the_flag(sources, tmp_
     from lorakit.cli import main
 
     assert main(["merge-adapters", str(sources["plain"]), "--lambda", "nan", "--output", str(tmp_path / "m")]) == 2
-    assert "--lambda must be a finite number, got nan" in capsys.readouterr().err
+    assert "--lambda must be a finite, non-zero number, got nan" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 

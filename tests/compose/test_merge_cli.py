@@ -130,3 +130,19 @@ def test_merge_adapters_cli_a_missing_factor_is_named_not_called_another_base(tm
     err = capsys.readouterr().err
     assert "different base models" not in err and "missing" in err and key in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_adapters_cli_all_zero_weights_or_lambda_are_refused(tmp_path, capsys):
+    """Was: --weights 0 0 (or --lambda 0) wrote an all-zero adapter with exit 0, where --density 0, which does the
+    same, is refused; every method's result is then 0 (mergekit generalized_task_arithmetic.py:124 multiplies each
+    delta by its weight, :144 the sum by lambda)."""
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    for extra, says in ((["--weights", "0", "0"], "--weights are all 0"),
+                        (["--weights", "0", "0", "--method", "ties"], "--weights are all 0"),
+                        (["--lambda", "0", "--method", "ties"], "--lambda must be a finite, non-zero number, got 0.0")):
+        assert main(["merge-adapters", str(a), str(b), *extra, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "all-zero adapter" in err, err
+    assert not (tmp_path / "o").exists()
+    # one zero weight among others is a choice (that source drops out), not an error
+    assert main(["merge-adapters", str(a), str(b), "--weights", "0", "1", "--output", str(tmp_path / "o")]) == 0

@@ -96,6 +96,9 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
     if not all(math.isfinite(w) for w in weights):  # (a NaN/inf delta: the SVD methods' LinAlgError, or NaN weights)
         raise ConfigError(f"{FIELD} must be finite numbers, got {weights}", field="weights")
+    if not any(weights):  # as density 0: every method would write an all-zero adapter
+        raise ConfigError(f"{FIELD} are all 0, so the merge would be an all-zero adapter; give at least one source a "
+                          f"non-zero weight.", field="weights")
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)

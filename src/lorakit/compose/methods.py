@@ -150,8 +150,10 @@ class MergeOptions:
                               field="normalize")
         # NaN/inf reach the SVD as a LinAlgError; a negative gamma kept no entry (an all-zero adapter, silently) and a
         # negative epsilon inverts DELLA (larger entries dropped more often)
-        if not math.isfinite(self.lambda_):
-            raise ConfigError(f"{FIELD} must be a finite number, got {self.lambda_}.", field="lambda_")
+        if not math.isfinite(self.lambda_) or self.lambda_ == 0:
+            why = "it scales the merged delta, so 0 would write an all-zero adapter" if self.lambda_ == 0 else ""
+            raise ConfigError(f"{FIELD} must be a finite, non-zero number, got {self.lambda_}{': ' + why if why else ''}.",
+                              field="lambda_")
         if not 0.0 <= self.epsilon < 1.0:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.epsilon}: DELLA keeps entries with probabilities "
                               f"density ± epsilon, the larger entries the more often.", field="epsilon")
