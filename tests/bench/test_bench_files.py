@@ -27,8 +27,9 @@ def _figure_that_fails_while_drawing():
 
 
 def test_an_interrupted_plot_leaves_the_previous_plot_whole(tmp_path):
-    """Was: every bench plot was ``fig.savefig(path)``, which truncates ``path`` before drawing: a run stopped while
-    plotting left an empty merge.png where the last run's plot was."""
+    """A plot stopped mid-save leaves the previous file as it was and no temporary beside it (matplotlib's own
+    ``savefig(path)`` draws first, then truncates and writes ``path`` in place: a stop in that write left a torn
+    image, which the source scan below keeps out of the bench modules)."""
     import matplotlib.pyplot as plt
 
     from lorakit.bench import save_figure
