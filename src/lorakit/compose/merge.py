@@ -89,9 +89,17 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     Raises ConfigError (unknown method/option, bad weights, DoRA with a sparsifying method, conflicting
     modules_to_save) and AdapterError / AdapterLoadError for unusable sources.
     """
+    if isinstance(sources, (str, bytes, os.PathLike)):  # (a str is a sequence: its characters read as sources)
+        raise ConfigError(f"sources must be a list of adapter folders or adapter names, got the single {sources!r}; "
+                          f"pass [{str(sources)!r}].")
     if not sources:
         raise ConfigError("merge_adapters needs at least one source adapter.")
-    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if weights is not None and (isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")):
+        raise ConfigError(f"{FIELD} must be a list of numbers, one per source, got {weights!r}.", field="weights")
+    try:
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{FIELD} must be numbers, one per source, got {weights!r} ({e}).", field="weights") from e
     if len(weights) != len(sources):
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
     if not all(math.isfinite(w) for w in weights):  # (a NaN/inf delta: the SVD methods' LinAlgError, or NaN weights)
