@@ -146,3 +146,15 @@ def test_merge_adapters_cli_all_zero_weights_or_lambda_are_refused(tmp_path, cap
     assert not (tmp_path / "o").exists()
     # one zero weight among others is a choice (that source drops out), not an error
     assert main(["merge-adapters", str(a), str(b), "--weights", "0", "1", "--output", str(tmp_path / "o")]) == 0
+
+
+def test_merge_adapters_cli_a_mistyped_choice_lists_its_near_match(tmp_path, capsys):
+    """Was: --reweighting dul, --rescale L1 and --majority-sign-method Total listed the choices but no near match."""
+    a = _bundled_adapter(tmp_path / "a", 0)
+    for extra, says in ((["--method", "lego", "--reweighting", "dul"], "Did you mean: dual"),
+                        (["--method", "dare_ties", "--rescale", "L1"], "Did you mean: l1"),
+                        (["--method", "ties", "--majority-sign-method", "Total"], "Did you mean: total")):
+        assert main(["merge-adapters", str(a), str(a), *extra, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -164,11 +164,13 @@ class MergeOptions:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.rank_tolerance}: singular values below it times "
                               f"the largest are cut.", field="rank_tolerance")
         if self.majority_sign_method not in ("total", "frequency"):
-            raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}.",
+            raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}."
+                              f"{did_you_mean(self.majority_sign_method, ('total', 'frequency'))}",
                               field="majority_sign_method")
         if self.rescale not in (None, "density", "l1", "none"):
             raise ConfigError(f"{FIELD} must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got "
-                              f"{self.rescale!r}.", field="rescale")
+                              f"{self.rescale!r}.{did_you_mean(self.rescale, ('density', 'l1', 'none'))}",
+                              field="rescale")
         if not 0.0 < self.select_topk <= 1.0:
             why = ("0 selects no entry, so the merge would be an all-zero adapter" if self.select_topk <= 0 else
                    "it is the fraction of entries selected, 1 selects them all")
