@@ -348,7 +348,7 @@ def test_cli_option_outside_its_domain_is_an_error_naming_the_flag(sources, tmp_
     from lorakit.cli import main
 
     assert main(["merge-adapters", str(sources["plain"]), "--lambda", "nan", "--output", str(tmp_path / "m")]) == 2
-    assert "--lambda must be a finite number, got nan" in capsys.readouterr().err
+    assert "--lambda must be a finite, non-zero number, got nan" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 
@@ -520,3 +520,16 @@ def test_a_folder_source_that_refactorises_is_refused_beside_a_base_changing_ada
     make_adapter(tiny_llama, tmp_path / "plain", seed=3, r=2, target_modules=["q_proj"])
     merged = merge_adapters(["mine", str(tmp_path / "plain")], model=model)  # no init re-run on load: fine
     assert merged.config.r > 0
+
+
+def test_a_single_path_or_a_string_of_weights_is_refused_not_split_into_characters(sources):
+    """Was: merge_adapters("runs/a/adapter") read each character as a source ("source 'r' does not exist"),
+    weights="11" merged with weights [1, 1], and a Path source or a scalar weight ended in a TypeError."""
+    path = sources["plain"]
+    for single in (str(path), path):
+        with pytest.raises(ConfigError, match=r"sources must be a list .* got the single .*; pass \["):
+            merge_adapters(single)
+    for bad in ("11", 0.5, ["1", "x"]):
+        with pytest.raises(ConfigError, match=r"^weights must be") as err:
+            merge_adapters([path, path], bad)
+        assert err.value.field == "weights"

@@ -114,3 +114,47 @@ def test_merge_adapters_cli_a_non_finite_weight_is_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and "--weights" in err and "finite" in err, err
         assert not (tmp_path / bad).exists()
+
+
+def test_merge_adapters_cli_a_missing_factor_is_named_not_called_another_base(tmp_path, capsys):
+    """Was: a source whose safetensors lacks one module's lora_B was refused as 'trained on different base models'
+    ('bundled' and 'bundled'), since its sizes for that module had no 'out'; the missing tensor is what to name."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors = load_file(b / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != key}, b / "adapter_model.safetensors")
+    capsys.readouterr()  # the loading bars above
+    assert main(["merge-adapters", str(a), str(b), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "different base models" not in err and "missing" in err and key in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_adapters_cli_all_zero_weights_or_lambda_are_refused(tmp_path, capsys):
+    """Was: --weights 0 0 (or --lambda 0) wrote an all-zero adapter with exit 0, where --density 0, which does the
+    same, is refused; every method's result is then 0 (mergekit generalized_task_arithmetic.py:124 multiplies each
+    delta by its weight, :144 the sum by lambda)."""
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    for extra, says in ((["--weights", "0", "0"], "--weights are all 0"),
+                        (["--weights", "0", "0", "--method", "ties"], "--weights are all 0"),
+                        (["--lambda", "0", "--method", "ties"], "--lambda must be a finite, non-zero number, got 0.0")):
+        assert main(["merge-adapters", str(a), str(b), *extra, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "all-zero adapter" in err, err
+    assert not (tmp_path / "o").exists()
+    # one zero weight among others is a choice (that source drops out), not an error
+    assert main(["merge-adapters", str(a), str(b), "--weights", "0", "1", "--output", str(tmp_path / "o")]) == 0
+
+
+def test_merge_adapters_cli_a_mistyped_choice_lists_its_near_match(tmp_path, capsys):
+    """Was: --reweighting dul, --rescale L1 and --majority-sign-method Total listed the choices but no near match."""
+    a = _bundled_adapter(tmp_path / "a", 0)
+    for extra, says in ((["--method", "lego", "--reweighting", "dul"], "Did you mean: dual"),
+                        (["--method", "dare_ties", "--rescale", "L1"], "Did you mean: l1"),
+                        (["--method", "ties", "--majority-sign-method", "Total"], "Did you mean: total")):
+        assert main(["merge-adapters", str(a), str(a), *extra, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -52,3 +52,14 @@ def test_a_pickled_error_is_still_caught_as_its_bases():
     back = pickle.loads(pickle.dumps(UnknownMethodError("unknown method 'x'")))
     with pytest.raises(KeyError):
         raise back
+
+
+def test_near_matches_ignore_case():
+    """Was: `--method TIES` listed no near match (difflib scores 'TIES' against 'ties' 0)."""
+    from lorakit.compose.methods import get_merge_method
+    from lorakit.core.errors import ConfigError, near_matches
+
+    assert near_matches("TIES", ["ties", "dare_ties", "linear"])[0] == "ties"
+    assert set(near_matches("DARE", ["dare_ties", "dare_linear", "sce"])) == {"dare_ties", "dare_linear"}
+    with pytest.raises(ConfigError, match="Did you mean: ties"):
+        get_merge_method("TIES")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.files import atomic_write_bytes
 from .perf import EXTRA_ROWS, QUICK_ONLY_WHEN_NAMED
 from .timing import ratio
 
@@ -48,7 +49,7 @@ def _worker(rank: int, port: int, profile, device: str, repeats: int, out: str) 
     torch.set_num_threads(1)
     times = [_run(profile.batch, profile, f"cuda:{rank}" if device == "cuda" else "cpu") for _ in range(repeats)]
     if rank == 0:
-        Path(out).write_text(" ".join(map(str, times)))
+        atomic_write_bytes(out, " ".join(map(str, times)).encode())
     torch.distributed.destroy_process_group()
 
 

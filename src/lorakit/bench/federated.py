@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import save_figure
+
 
 @dataclass
 class FederatedProfile:
@@ -194,6 +196,6 @@ def plot_federated(result: dict, out: Path) -> Path:
     fig.suptitle("Federated LoRA strategies: global model per round")
     fig.tight_layout()
     path = out / "federated.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

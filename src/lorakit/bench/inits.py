@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import save_figure
 from ..core.errors import check_names, did_you_mean
 
 # contender -> (method, method kwargs, init or None, the baseline it is compared with at equal rank)
@@ -472,6 +473,6 @@ def plot_inits(result: dict, out: Path) -> Path:
     fig.suptitle("Initialisations vs their default init at equal rank (dashed: baselines)")
     fig.tight_layout()
     path = out / "init.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from . import save_figure
+from ..io.files import atomic_write_bytes
 from .mixtures import _score, _train_config
 
 MERGES: dict[str, tuple[str, dict]] = {  # row -> (method, options); weights 1/N unless the row says otherwise
@@ -222,7 +224,7 @@ def run_merge(profile: MergeProfile, partial: Path | None = None, workdir: str |
 
     def save():
         if partial is not None:
-            partial.write_text(json.dumps(result, indent=1, default=str))
+            atomic_write_bytes(partial, json.dumps(result, indent=1, default=str).encode())
 
     base, tokenizer = load_model_and_tokenizer(None)
     result["before"] = _score(base, tokenizer, load_examples(profile.tasks, "test", n=profile.eval_examples, seed=1234))
@@ -369,6 +371,6 @@ def plot_merge(result: dict, out: Path) -> list[Path]:
     ax.set_title("lorakit bench merge: per-task adapters merged (gray: references, orange: LoRA-LEGO)")
     fig.tight_layout()
     path = out / "merge.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]

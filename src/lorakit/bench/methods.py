@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import save_figure
 from ..core.errors import LorakitError
 
 
@@ -322,7 +323,7 @@ def plot_methods(result: dict, out_dir: Path) -> list[Path]:
     ax.legend(loc="lower right")
     fig.tight_layout()
     bar = out_dir / "methods_exact_match.png"
-    fig.savefig(bar, dpi=110)
+    save_figure(fig, bar, dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -334,7 +335,7 @@ def plot_methods(result: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("exact match")
     fig.tight_layout()
     scatter = out_dir / "methods_params.png"
-    fig.savefig(scatter, dpi=110)
+    save_figure(fig, scatter, dpi=110)
     plt.close(fig)
     return [bar, scatter]
 

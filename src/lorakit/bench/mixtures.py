@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from . import save_figure
+
 
 @dataclass
 class MixturesProfile:
@@ -338,6 +340,6 @@ def plot_mixtures(result: dict, out_dir: Path) -> Path:
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     path = out_dir / "mixtures.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import save_figure
+
 
 @dataclass
 class ReparamProfile:
@@ -194,6 +196,6 @@ def plot_reparam(result: dict, out_dir: Path) -> list[Path]:
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "reparam_params.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return [path]

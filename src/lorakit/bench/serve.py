@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import save_figure
 from .serving import bench_model, write_random_adapters
 
 
@@ -461,7 +462,7 @@ def plot_serve(result: dict, out: Path) -> list[Path]:
         fig.suptitle(f"lorakit bench serve — {model_name}")
         fig.tight_layout()
         path = out / f"serve_{model_name}.png"
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

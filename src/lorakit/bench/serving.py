@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from ..cli_parser import CommandParser
 from ..core.errors import ConfigError
+from ..io.files import atomic_write_bytes
 from .perf import EXTRA_ROWS
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,7 +90,7 @@ def write_random_adapters(model, root: Path, n: int, *, r: int = 16, alpha: floa
             tensors[f"base_model.model.{k}.lora_A.weight"] = (A * factor).contiguous()
             tensors[f"base_model.model.{k}.lora_B.weight"] = (B * factor + bump).contiguous()
         save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (d / "adapter_config.json").write_text(json.dumps(config))
+        atomic_write_bytes(d / "adapter_config.json", json.dumps(config).encode())
         dirs[f"a{a}"] = d
     return dirs
 
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         if profile:
             print(profile)
         if args.out:
-            Path(args.out).write_text(text)
+            atomic_write_bytes(args.out, text.encode())
         return
     res = run_serving_bench(tuple(args.ns), threads=args.threads, repeats=args.repeats or 5, load_n=args.load_n,
                             peft=not args.no_peft, peft_max_n=args.peft_max_n, log=lambda s: print(s, flush=True),
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(res, indent=2, default=str)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_bytes(args.out, text.encode())
 
 
 def serving_perf_rows(profile, device) -> list[dict]:

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from . import save_figure
+
 # SoRA runs its sparsifying-schedule variant: at the default ξ = 1e-3, 100 steps shrink N(0, 1) gates by only
 # ~0.1, so almost no rank would be pruned in a run this short.
 BENCH_VARIANT = {"sora": "sora_schedule", "increlora": "increlora_short"}
@@ -283,7 +285,7 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / "variants_dylora_ranks.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     if result["sora_ranks"]:
         fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(result["sora_ranks"][0]["ranks"])), 3.5))
@@ -297,7 +299,7 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / "variants_sora_ranks.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     history = result.get("increlora_history") or []
     if history:
@@ -312,7 +314,7 @@ def plot_variants(result: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"IncreLoRA: rank per module over training ({len(modules)} modules, seed {seed})")
         fig.tight_layout()
         paths.append(out_dir / "variants_increlora_ranks.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths
 

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, did_you_mean
 from .methods import LowRank, MergeMethod, MergeOptions, ModuleTerms, register_merge_method
 
 REWEIGHTINGS = ("dual", "parameter", "output", "none")
@@ -64,7 +64,8 @@ def lego_merge(terms: ModuleTerms, opts: MergeOptions, gen) -> LowRank:
     """One module: pool MSUs, k-means into k = ``svd_rank`` (default: largest source rank) centroids, reweight."""
     reweighting = opts.extra.get("reweighting", "dual")
     if reweighting not in REWEIGHTINGS:
-        raise ConfigError(f"LoRA-LEGO reweighting must be one of {REWEIGHTINGS}, got {reweighting!r}.")
+        raise ConfigError(f"LoRA-LEGO reweighting must be one of {REWEIGHTINGS}, got {reweighting!r}."
+                          f"{did_you_mean(str(reweighting), REWEIGHTINGS)}")
     ranks = [a.shape[0] for a in terms.A]
     ua, ub = canonical_units(terms)
     R = ua.shape[0]

@@ -89,13 +89,24 @@ def merge_adapters(sources: Sequence[str | os.PathLike], weights: Sequence[float
     Raises ConfigError (unknown method/option, bad weights, DoRA with a sparsifying method, conflicting
     modules_to_save) and AdapterError / AdapterLoadError for unusable sources.
     """
+    if isinstance(sources, (str, bytes, os.PathLike)):  # (a str is a sequence: its characters read as sources)
+        raise ConfigError(f"sources must be a list of adapter folders or adapter names, got the single {sources!r}; "
+                          f"pass [{str(sources)!r}].")
     if not sources:
         raise ConfigError("merge_adapters needs at least one source adapter.")
-    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if weights is not None and (isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")):
+        raise ConfigError(f"{FIELD} must be a list of numbers, one per source, got {weights!r}.", field="weights")
+    try:
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{FIELD} must be numbers, one per source, got {weights!r} ({e}).", field="weights") from e
     if len(weights) != len(sources):
         raise ConfigError(f"got {len(weights)} weights for {len(sources)} sources; give one weight per source.")
     if not all(math.isfinite(w) for w in weights):  # (a NaN/inf delta: the SVD methods' LinAlgError, or NaN weights)
         raise ConfigError(f"{FIELD} must be finite numbers, got {weights}", field="weights")
+    if not any(weights):  # as density 0: every method would write an all-zero adapter
+        raise ConfigError(f"{FIELD} are all 0, so the merge would be an all-zero adapter; give at least one source a "
+                          f"non-zero weight.", field="weights")
     if saved_modules not in SAVED_MODULE_RULES:
         raise ConfigError(f"saved_modules must be one of {SAVED_MODULE_RULES}, got {saved_modules!r}.")
     merge_method, truncate = get_merge_method(method)
@@ -188,7 +199,7 @@ def _base_name(source) -> str | None:
     return bundled_name(base) or base
 
 
-def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
+def _module_sizes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """Per adapted module of a saved LoRA, the sizes its factors take from the base: lora_A (r, in, ...) -> in, ...;
     lora_B (out, r, ...) -> out, ... (the rank, which sources may choose freely, left out). Read from the
     safetensors header only; {} for another method's adapter (refused later, by name) or a missing or unreadable
@@ -210,7 +221,7 @@ def _module_sizes(folder: Path) -> dict[str, tuple[int, ...]]:
             path, factor = match.groups()
             part = shape[1:] if factor == "A" else (shape[0], *shape[2:])
             sizes[path] = sizes.get(path, ()) + ((("in" if factor == "A" else "out"), part),)
-    return {path: tuple(sorted(parts)) for path, parts in sizes.items()}
+    return {path: dict(parts) for path, parts in sizes.items()}
 
 
 def _check_one_base(sources) -> None:
@@ -223,15 +234,16 @@ def _check_one_base(sources) -> None:
             continue
         for path, sizes in _module_sizes(Path(src)).items():
             first, first_sizes = seen.setdefault(path, (str(src), sizes))
-            if sizes != first_sizes:
+            # a factor only one of them holds is a damaged file, not another base: the loader names the missing tensor
+            if any(first_sizes[kind] != dims for kind, dims in sizes.items() if kind in first_sizes):
                 raise AdapterError(
                     f"the sources were trained on different base models: {first!r} on {_base_name(first)!r} and "
                     f"{str(src)!r} on {_base_name(src)!r} (module {path!r}: {_sizes_text(first_sizes)} in the first, "
                     f"{_sizes_text(sizes)} in the second). Merge adapters of one base model.")
 
 
-def _sizes_text(sizes: tuple) -> str:
-    return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sizes)
+def _sizes_text(sizes: dict) -> str:
+    return ", ".join(f"{kind} {'x'.join(map(str, dims))}" for kind, dims in sorted(sizes.items()))
 
 
 def _attach_sources(model: nn.Module, sources) -> tuple[list[str], list[str], dict[str, dict[str, BaseEdit]]]:

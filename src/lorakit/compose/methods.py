@@ -150,8 +150,10 @@ class MergeOptions:
                               field="normalize")
         # NaN/inf reach the SVD as a LinAlgError; a negative gamma kept no entry (an all-zero adapter, silently) and a
         # negative epsilon inverts DELLA (larger entries dropped more often)
-        if not math.isfinite(self.lambda_):
-            raise ConfigError(f"{FIELD} must be a finite number, got {self.lambda_}.", field="lambda_")
+        if not math.isfinite(self.lambda_) or self.lambda_ == 0:
+            why = "it scales the merged delta, so 0 would write an all-zero adapter" if self.lambda_ == 0 else ""
+            raise ConfigError(f"{FIELD} must be a finite, non-zero number, got {self.lambda_}{': ' + why if why else ''}.",
+                              field="lambda_")
         if not 0.0 <= self.epsilon < 1.0:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.epsilon}: DELLA keeps entries with probabilities "
                               f"density ± epsilon, the larger entries the more often.", field="epsilon")
@@ -162,11 +164,13 @@ class MergeOptions:
             raise ConfigError(f"{FIELD} must be in [0, 1), got {self.rank_tolerance}: singular values below it times "
                               f"the largest are cut.", field="rank_tolerance")
         if self.majority_sign_method not in ("total", "frequency"):
-            raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}.",
+            raise ConfigError(f"{FIELD} must be 'total' or 'frequency', got {self.majority_sign_method!r}."
+                              f"{did_you_mean(self.majority_sign_method, ('total', 'frequency'))}",
                               field="majority_sign_method")
         if self.rescale not in (None, "density", "l1", "none"):
             raise ConfigError(f"{FIELD} must be 'density' (paper/PEFT), 'l1' (mergekit) or 'none', got "
-                              f"{self.rescale!r}.", field="rescale")
+                              f"{self.rescale!r}.{did_you_mean(self.rescale, ('density', 'l1', 'none'))}",
+                              field="rescale")
         if not 0.0 < self.select_topk <= 1.0:
             why = ("0 selects no entry, so the merge would be an all-zero adapter" if self.select_topk <= 0 else
                    "it is the fraction of entries selected, 1 selects them all")
