@@ -204,3 +204,15 @@ def test_add_adapter_leaves_no_adapter_when_its_init_fails():
         lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=TARGETS), init="pissa")
     assert lk.adapter_names(model) == []
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), init="pissa")  # the retry works
+
+
+@pytest.mark.parametrize("typo, hint", [("Gaussian", "gaussian"), ("gausian", "gaussian"), ("orthogonl", "orthogonal"),
+                                        ("pisa", "pissa")])
+def test_misspelt_init_lora_weights_lists_the_builtin_values_near_it(typo, hint):
+    # PEFT's LoraConfig.init_lora_weights takes "gaussian" / "orthogonal" (peft/tuners/lora/config.py: the Literal of
+    # init_lora_weights); a typo of one must name it, as a typo of a registered init names that init
+    from peft import LoraConfig as PeftLoraConfig
+
+    PeftLoraConfig(r=4, init_lora_weights=hint)  # the value the hint names is one PEFT takes
+    with pytest.raises(lk.ConfigError, match=f"Did you mean: [^?]*\\b{hint}\\b"):
+        lk.LoraConfig(r=4, init_lora_weights=typo)
