@@ -4,6 +4,8 @@ AdapterError naming the init or the module, and the model (adapter tensors, base
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -216,3 +218,24 @@ def test_misspelt_init_lora_weights_lists_the_builtin_values_near_it(typo, hint)
     PeftLoraConfig(r=4, init_lora_weights=hint)  # the value the hint names is one PEFT takes
     with pytest.raises(lk.ConfigError, match=f"Did you mean: [^?]*\\b{hint}\\b"):
         lk.LoraConfig(r=4, init_lora_weights=typo)
+
+
+@pytest.mark.parametrize("init, option, value, expected", [
+    ("eva", "rho", "2", "float"), ("eva", "tau", [0.9], "float"), ("eva", "whiten", "yes", "bool"),
+    ("lora_ga", "stable_gamma", "16", "float"), ("loftq", "loftq_iter", 1.5, "int"), ("loftq", "loftq_bits", True, "int"),
+])
+def test_init_options_of_the_wrong_type_are_config_errors_naming_the_option(init, option, value, expected):
+    # the types PEFT gives these options: EvaConfig.rho / tau: float, whiten: bool; LoftQConfig.loftq_bits / loftq_iter:
+    # int (peft/tuners/lora/config.py); lorakit's run_* signatures carry the same annotations
+    import dataclasses
+
+    from peft.tuners.lora.config import EvaConfig, LoftQConfig
+
+    peft_fields = {f.name: str(f.type) for c in (EvaConfig, LoftQConfig) for f in dataclasses.fields(c)}
+    if option in peft_fields:
+        assert expected in peft_fields[option]
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    before = _snapshot(model)
+    with pytest.raises(lk.ConfigError, match=f"option '{option}' of init '{init}' must be {expected}.*got {re.escape(repr(value))}"):
+        lk.init_adapter(model, "default", _batches(4), init=init, **{option: value})
+    _assert_unchanged(model, before)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
+from .config import _type_name, _type_ok
 from .errors import AdapterError, ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -107,8 +108,25 @@ class Init:
             if key not in known:
                 takes = f"Options: {', '.join(known)}." if known else "It takes no options."
                 raise ConfigError(f"unknown option {key!r} for init {self.name!r}.{did_you_mean(key, known)} {takes}")
+        for key, value in options.items():
+            hint = self.option_hint(key)
+            if hint is not None and not _type_ok(value, hint):
+                raise ConfigError(f"option {key!r} of init {self.name!r} must be {_type_name(hint)}, got {value!r} "
+                                  f"({type(value).__name__}).")
         if config is not None and self.configure is not None:
             self.configure(config, options)
+
+    def option_hint(self, key: str) -> Any:
+        """The type annotation of option ``key`` of ``run`` (None: not annotated, or not evaluable here)."""
+        annotation = inspect.signature(self.run).parameters[key].annotation
+        if annotation is inspect.Parameter.empty:
+            return None
+        if not isinstance(annotation, str):
+            return annotation
+        try:  # the init's module writes its annotations as strings (``from __future__ import annotations``)
+            return eval(annotation, getattr(self.run, "__globals__", {}))  # noqa: S307 - our own source's annotation
+        except Exception:
+            return None
 
 
 @dataclass
