@@ -66,6 +66,8 @@ class Init:
     (LoftQ: ``loftq_bits`` / ``loftq_iter`` into ``loftq_config``), raising ConfigError for a value the config
     refuses. Needs no model, so :meth:`check_options` given the config checks the values before any model loads.
 
+    ``spelling``: the other forms ``pattern`` accepts, as error messages list them (``"pissa_niter_K"``).
+
     ``base_low_rank``: what it changes in the base is low rank (:class:`BaseEdit`), so the adapter can be written
     as a LoRA for the untouched base (``save_adapter(..., original_base=True)``, ``lorakit export``). False for an
     init that replaces the weights (LoftQ: :class:`BaseSwap`).
@@ -85,6 +87,12 @@ class Init:
     random_pattern: str = ""
     base_low_rank: bool = True
     configure: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    spelling: str = ""
+
+    @property
+    def spellings(self) -> str:
+        """How error messages list it: the name, and ``spelling`` (the other forms ``pattern`` accepts) after it."""
+        return f"{self.name} / {self.spelling}" if self.spelling else self.name
 
     def reruns_exactly(self, spec: Any) -> bool:
         """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
@@ -229,7 +237,7 @@ def get_init(spec: str) -> Init:
     init = find_init(spec)
     if init is None:
         raise ConfigError(f"unknown init {spec!r}.{did_you_mean(str(spec), _INITS)} Registered inits: "
-                          f"{', '.join(sorted(_INITS)) or 'none'}.")
+                          f"{', '.join(_INITS[k].spellings for k in sorted(_INITS)) or 'none'}.")
     return init
 
 
