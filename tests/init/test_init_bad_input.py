@@ -239,3 +239,20 @@ def test_init_options_of_the_wrong_type_are_config_errors_naming_the_option(init
     with pytest.raises(lk.ConfigError, match=f"option '{option}' of init '{init}' must be {expected}.*got {re.escape(repr(value))}"):
         lk.init_adapter(model, "default", _batches(4), init=init, **{option: value})
     _assert_unchanged(model, before)
+
+
+def test_a_gradient_init_on_a_4bit_base_names_the_module_and_attaches_nothing():
+    # LoRA-SB needs dL/dW of each full weight (arXiv:2411.19557, eq. for the first full-FT step); 4-bit codes
+    # (uint8) cannot take a gradient: a clear error naming the module, not torch's RuntimeError mid-pass
+    from lorakit.quantize.nf4 import quantize_model
+
+    model = quantize_model(tiny_llama(), "nf4")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = lk.get_method("lora_xs").config_cls(r=4, target_modules=TARGETS)
+    with pytest.raises(lk.AdapterError, match=r"init 'lora_sb' needs the gradient .* module 'model\.layers\.0\.self_attn"
+                                              r"\.q_proj' stores its weight as torch\.uint8 codes"):
+        lk.add_adapter(model, config, init="lora_sb", init_batches=_batches(2))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]) and p.requires_grad == flags[n] and p.grad is None
