@@ -206,3 +206,23 @@ def test_loftq_settings_are_checked_before_loading(flags, says, capsys, monkeypa
     _no_model_load(monkeypatch)
     assert main(["train", *flags, *COMMON]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,says", [
+    # PEFT has one field for both (LoraConfig.init_lora_weights, peft/tuners/lora/config.py): "gaussian" and
+    # "pissa" cannot both hold, so neither may be dropped silently
+    (["--init", "pissa", "--init-lora-weights", "gaussian"],
+     "--init pissa replaces --init-lora-weights gaussian (both set how A and B start); give one of them."),
+    (["--init", "eva", "--init-lora-weights", "false"], "--init eva replaces --init-lora-weights False"),
+    # a value of init_lora_weights typed to --init names the flag that takes it
+    (["--init", "gaussian"], "'gaussian' is no registered init (--init runs those) but a value of the method's own "
+                             "--init-lora-weights; use --init-lora-weights gaussian."),
+    (["--init", "orthogonal"], "use --init-lora-weights orthogonal."),
+])
+def test_init_beside_the_methods_own_init_value_is_refused_before_loading(flags, says, capsys, monkeypatch):
+    from peft import LoraConfig as PeftLoraConfig
+
+    PeftLoraConfig(r=4, init_lora_weights="gaussian")  # the value is PEFT's (init_lora_weights), not an init name
+    _no_model_load(monkeypatch)
+    assert main(["train", *flags, *COMMON]) == 2
+    assert says in capsys.readouterr().err

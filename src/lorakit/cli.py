@@ -138,6 +138,14 @@ def _check_init_options(args, adapter_config) -> None:
                      None)  # the method's init field (LoRA's init_lora_weights, B·M·A's init_weights): its flag
         given = f"{flag_for(field)} {named}" if field else f"the method's own init option ({named})"
         raise ConfigError(f"--init {args.init} and {given} name two inits; give one of them.")
+    if args.init is not None and named is None:
+        # the method's own init typed beside --init (--init-lora-weights gaussian / True): --init would replace it
+        chosen = adapter_config.with_init(args.init)
+        for f in dataclasses.fields(adapter_config):
+            typed = getattr(args, f.name, None)
+            if typed is not None and getattr(chosen, f.name) != getattr(adapter_config, f.name):
+                raise ConfigError(f"--init {args.init} replaces {flag_for(f.name)} {typed} (both set how A and B "
+                                  f"start); give one of them.")
     spec = args.init if args.init is not None else named
     if spec is None:
         if args.init_options:
@@ -419,6 +427,19 @@ def _overrides(args) -> dict | None:
 
 
 # -- train --------------------------------------------------------------------------------------------------
+def _check_own_init_value(config_cls, spec: str) -> None:
+    """ConfigError pointing to the method's own init flag when ``spec`` (given to --init) is no registered init but
+    a value that flag takes (LoRA's --init-lora-weights gaussian / orthogonal, PEFT's init_lora_weights values)."""
+    try:
+        own = config_cls().with_init(spec)
+    except Exception:  # no such value, or a method without an init field (or one that needs arguments)
+        return
+    field = next((f.name for f in dataclasses.fields(own) if getattr(own, f.name) == spec), None)
+    if field is not None:
+        raise ConfigError(f"--init {spec}: {spec!r} is no registered init (--init runs those) but a value of the "
+                          f"method's own {flag_for(field)}; use {flag_for(field)} {spec}.")
+
+
 def _train_configs(args: argparse.Namespace, ctx=None):
     """Method, adapter config, TrainConfig and output folder, all validated without a model. Under torchrun
     (``ctx``, a ``training.distributed.Distributed``) rank 0 checks the output folder (removing a killed save's
@@ -431,7 +452,9 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     normalize_task_type(args.task_type)  # an unknown name fails now, before any data or model is loaded
     method = get_method(args.method)
     if args.init is not None:
-        from .core.inits import get_init
+        from .core.inits import find_init, get_init
+        if find_init(args.init) is None:
+            _check_own_init_value(method.config_cls, args.init)
         get_init(args.init)  # an unknown name fails now (with near matches), not after loading the model
     # "all-linear" unless the method has its own default targets (MixLoRA / MoLE: attention + the FFN blocks).
     targets = {} if method.config_cls.has_own_targets() else {"target_modules": "all-linear"}

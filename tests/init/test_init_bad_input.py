@@ -4,6 +4,8 @@ AdapterError naming the init or the module, and the model (adapter tensors, base
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -204,3 +206,53 @@ def test_add_adapter_leaves_no_adapter_when_its_init_fails():
         lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=TARGETS), init="pissa")
     assert lk.adapter_names(model) == []
     lk.add_adapter(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), init="pissa")  # the retry works
+
+
+@pytest.mark.parametrize("typo, hint", [("Gaussian", "gaussian"), ("gausian", "gaussian"), ("orthogonl", "orthogonal"),
+                                        ("pisa", "pissa")])
+def test_misspelt_init_lora_weights_lists_the_builtin_values_near_it(typo, hint):
+    # PEFT's LoraConfig.init_lora_weights takes "gaussian" / "orthogonal" (peft/tuners/lora/config.py: the Literal of
+    # init_lora_weights); a typo of one must name it, as a typo of a registered init names that init
+    from peft import LoraConfig as PeftLoraConfig
+
+    PeftLoraConfig(r=4, init_lora_weights=hint)  # the value the hint names is one PEFT takes
+    with pytest.raises(lk.ConfigError, match=f"Did you mean: [^?]*\\b{hint}\\b"):
+        lk.LoraConfig(r=4, init_lora_weights=typo)
+
+
+@pytest.mark.parametrize("init, option, value, expected", [
+    ("eva", "rho", "2", "float"), ("eva", "tau", [0.9], "float"), ("eva", "whiten", "yes", "bool"),
+    ("lora_ga", "stable_gamma", "16", "float"), ("loftq", "loftq_iter", 1.5, "int"), ("loftq", "loftq_bits", True, "int"),
+])
+def test_init_options_of_the_wrong_type_are_config_errors_naming_the_option(init, option, value, expected):
+    # the types PEFT gives these options: EvaConfig.rho / tau: float, whiten: bool; LoftQConfig.loftq_bits / loftq_iter:
+    # int (peft/tuners/lora/config.py); lorakit's run_* signatures carry the same annotations
+    import dataclasses
+
+    from peft.tuners.lora.config import EvaConfig, LoftQConfig
+
+    peft_fields = {f.name: str(f.type) for c in (EvaConfig, LoftQConfig) for f in dataclasses.fields(c)}
+    if option in peft_fields:
+        assert expected in peft_fields[option]
+    model = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    before = _snapshot(model)
+    with pytest.raises(lk.ConfigError, match=f"option '{option}' of init '{init}' must be {expected}.*got {re.escape(repr(value))}"):
+        lk.init_adapter(model, "default", _batches(4), init=init, **{option: value})
+    _assert_unchanged(model, before)
+
+
+def test_a_gradient_init_on_a_4bit_base_names_the_module_and_attaches_nothing():
+    # LoRA-SB needs dL/dW of each full weight (arXiv:2411.19557, eq. for the first full-FT step); 4-bit codes
+    # (uint8) cannot take a gradient: a clear error naming the module, not torch's RuntimeError mid-pass
+    from lorakit.quantize.nf4 import quantize_model
+
+    model = quantize_model(tiny_llama(), "nf4")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = lk.get_method("lora_xs").config_cls(r=4, target_modules=TARGETS)
+    with pytest.raises(lk.AdapterError, match=r"init 'lora_sb' needs the gradient .* module 'model\.layers\.0\.self_attn"
+                                              r"\.q_proj' stores its weight as torch\.uint8 codes"):
+        lk.add_adapter(model, config, init="lora_sb", init_batches=_batches(2))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]) and p.requires_grad == flags[n] and p.grad is None

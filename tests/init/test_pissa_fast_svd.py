@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.core.inits import get_init
 
 from lk_models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("niter", [2, 4])
+@pytest.mark.parametrize("niter", ["0", "2", "04"])  # "04": PEFT reads K with int() (layer.py pissa_init)
 def test_pissa_niter_matches_peft_and_converts_for_the_original_base(niter, seeded_svd, ids, tmp_path):
     init = f"pissa_niter_{niter}"
     ours = lk.add_adapter(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init))
@@ -81,3 +82,14 @@ def test_an_exact_pissa_file_loads_without_the_warning(ids, tmp_path):
         model = lk.load_adapter(tiny_llama(), tmp_path / "p")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["pissa_niter4", "pissa_niter_", "pissa-niter-4", "pissa_niter_x"])
+def test_a_misspelt_pissa_niter_lists_the_form_it_takes(spec):
+    # PEFT's pissa_init (peft/tuners/lora/layer.py) refuses these too: no "_niter_" split or int() fails
+    with pytest.raises((ValueError, KeyError)):
+        peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=spec))
+    with pytest.raises(lk.ConfigError, match=r"pissa / pissa_niter_K \(K >= 0 digits, e\.g\. pissa_niter_4\)"):
+        lk.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=spec)
+    with pytest.raises(lk.ConfigError, match=r"Registered inits: .*pissa / pissa_niter_K"):
+        get_init(spec)  # what `lorakit train --init NAME` checks first

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
+from .config import _type_name, _type_ok
 from .errors import AdapterError, ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class Init:
     (LoftQ: ``loftq_bits`` / ``loftq_iter`` into ``loftq_config``), raising ConfigError for a value the config
     refuses. Needs no model, so :meth:`check_options` given the config checks the values before any model loads.
 
+    ``spelling``: the other forms ``pattern`` accepts, as error messages list them (``"pissa_niter_K"``).
+
     ``base_low_rank``: what it changes in the base is low rank (:class:`BaseEdit`), so the adapter can be written
     as a LoRA for the untouched base (``save_adapter(..., original_base=True)``, ``lorakit export``). False for an
     init that replaces the weights (LoftQ: :class:`BaseSwap`).
@@ -84,6 +87,12 @@ class Init:
     random_pattern: str = ""
     base_low_rank: bool = True
     configure: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    spelling: str = ""
+
+    @property
+    def spellings(self) -> str:
+        """How error messages list it: the name, and ``spelling`` (the other forms ``pattern`` accepts) after it."""
+        return f"{self.name} / {self.spelling}" if self.spelling else self.name
 
     def reruns_exactly(self, spec: Any) -> bool:
         """True when loading a file whose config names ``spec`` can redo this init exactly (``rerun_on_load``, and
@@ -107,8 +116,25 @@ class Init:
             if key not in known:
                 takes = f"Options: {', '.join(known)}." if known else "It takes no options."
                 raise ConfigError(f"unknown option {key!r} for init {self.name!r}.{did_you_mean(key, known)} {takes}")
+        for key, value in options.items():
+            hint = self.option_hint(key)
+            if hint is not None and not _type_ok(value, hint):
+                raise ConfigError(f"option {key!r} of init {self.name!r} must be {_type_name(hint)}, got {value!r} "
+                                  f"({type(value).__name__}).")
         if config is not None and self.configure is not None:
             self.configure(config, options)
+
+    def option_hint(self, key: str) -> Any:
+        """The type annotation of option ``key`` of ``run`` (None: not annotated, or not evaluable here)."""
+        annotation = inspect.signature(self.run).parameters[key].annotation
+        if annotation is inspect.Parameter.empty:
+            return None
+        if not isinstance(annotation, str):
+            return annotation
+        try:  # the init's module writes its annotations as strings (``from __future__ import annotations``)
+            return eval(annotation, getattr(self.run, "__globals__", {}))  # noqa: S307 - our own source's annotation
+        except Exception:
+            return None
 
 
 @dataclass
@@ -211,7 +237,7 @@ def get_init(spec: str) -> Init:
     init = find_init(spec)
     if init is None:
         raise ConfigError(f"unknown init {spec!r}.{did_you_mean(str(spec), _INITS)} Registered inits: "
-                          f"{', '.join(sorted(_INITS)) or 'none'}.")
+                          f"{', '.join(_INITS[k].spellings for k in sorted(_INITS)) or 'none'}.")
     return init
 
 

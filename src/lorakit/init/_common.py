@@ -146,8 +146,14 @@ def weight_gradients(model: nn.Module, targets: Sequence[Target | BaseTarget], b
     drops it, so no other parameter ever holds a gradient and each module holds one running sum. Everything
     (``requires_grad``, ``.grad``, train/eval mode) is restored afterwards, also on error.
     ``per_sample``: scale each batch's loss by 1/batch size first (LoRA-SB's ``outputs.loss / samples``).
+    AdapterError naming the first target whose stored weight is not floating point (4-bit codes take no gradient).
     """
     weights = {t.path: t.base.weight for t in targets}
+    for path, w in weights.items():  # before anything is touched: the model stays as it was
+        if not w.dtype.is_floating_point:
+            raise AdapterError(f"init {init!r} needs the gradient of each base weight, but module {path!r} stores its "
+                               f"weight as {w.dtype} codes (a quantised base, e.g. 4-bit NF4), which take no gradient; "
+                               "run the init on the full-precision base, then quantise it.")
     acc: dict[str, torch.Tensor] = {}
 
     def hook_for(path: str) -> Callable[[torch.Tensor], None]:

@@ -94,7 +94,7 @@ def run_olora(model: nn.Module, adapter_name: str, batches: Any, spec: str) -> d
 
 register_init(
     "pissa", run=run_pissa, pattern=r"pissa(_niter_[0-9]+)?", changes_base=True, rerun_on_load=True,
-    random_pattern=r"pissa_niter_[0-9]+", fits=lora_style,
+    random_pattern=r"pissa_niter_[0-9]+", fits=lora_style, spelling="pissa_niter_K (K >= 0 digits, e.g. pissa_niter_4)",
     description="Adapter = the top-r singular part of W, base = the residual (pissa_niter_K: randomised SVD).",
     paper="Meng et al. 2024, arXiv:2404.02948",
 )

@@ -121,8 +121,8 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights not in INIT_CHOICES and find_init(self.init_lora_weights) is None:
             names = [i.name for i in list_inits()]
             raise field_error(self, "init_lora_weights", f"={self.init_lora_weights!r} is not supported; choose one "
-                              f"of {INIT_CHOICES} or a registered init ({', '.join(names)})."
-                              f"{did_you_mean(str(self.init_lora_weights), names)}")
+                              f"of {INIT_CHOICES} or a registered init ({', '.join(i.spellings for i in list_inits())})."
+                              f"{did_you_mean(str(self.init_lora_weights), [str(c) for c in INIT_CHOICES] + names)}")
         if self.init_lora_weights == "orthogonal":
             odd = [f"r={self.r}"] if self.r % 2 else []
             odd += [f"rank_pattern[{k!r}]={v}" for k, v in self.rank_pattern.items() if v % 2]

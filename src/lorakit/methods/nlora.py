@@ -61,7 +61,7 @@ class MiddleConfig(AdapterConfig):
         if self.init_weights is not None and find_init(self.init_weights) is None:
             names = [i.name for i in list_inits()]
             raise field_error(self, "init_weights", f"={self.init_weights!r} is not a registered init "
-                              f"({', '.join(names)}).{did_you_mean(str(self.init_weights), names)}")
+                              f"({', '.join(i.spellings for i in list_inits())}).{did_you_mean(str(self.init_weights), names)}")
 
     def requested_init(self) -> str | None:
         return self.init_weights
