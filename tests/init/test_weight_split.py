@@ -267,3 +267,27 @@ def test_a_nan_base_weight_names_the_module_and_leaves_the_model(init):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[n], atol=0, rtol=0, equal_nan=True)
     assert "default" not in model.lorakit.inits
+
+
+def test_a_dora_adapter_is_not_rewritten_for_the_original_base_as_peft_would(tmp_path, ids):
+    """PEFT's conversion (peft/tuners/lora/model.py ``subtract_mutated_init``) rewrites only lora_A/lora_B as
+    [A | A0], [B | -B0] and keeps DoRA's magnitude, which was taken from the *changed* base: on the untouched base
+    its file does not give the trained model. lorakit refuses the export instead, saying why, and saves nothing."""
+    ref = _peft("pissa", use_dora=True)
+    ref.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial adapter first
+    ref.save_pretrained(tmp_path / "peft_init")
+    ref.peft_config["default"].init_lora_weights = "pissa"
+    _train_like(_lora_params(ref))
+    with torch.no_grad():
+        trained = ref(input_ids=ids).logits
+    ref.save_pretrained(tmp_path / "peft_lora", path_initial_model_for_weight_conversion=tmp_path / "peft_init")
+    converted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft_lora")
+    with torch.no_grad():
+        gap = (converted(input_ids=ids).logits - trained).abs().max().item()
+    assert gap > 1e-3, gap  # PEFT's converted DoRA file is not the trained model
+
+    ours = _lk("pissa", use_dora=True)
+    _train_like(_lora_params(ours))
+    with pytest.raises(lk.AdapterError, match="magnitude is relative to the changed base"):
+        lk.save_adapter(ours, tmp_path / "ours", original_base=True)
+    assert not (tmp_path / "ours").exists()
