@@ -75,6 +75,19 @@ def _save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper
             yield host_path(name), module
 
 
+def _walk(model: nn.Module) -> tuple[list[tuple[str, AdapterLayer]], list[tuple[str, ModulesToSaveWrapper]]]:
+    """``(adapter_layers(model), _save_wrappers(model))`` as lists, from one pass over the model's modules. A public
+    call walks the model once with this and hands the lists to its helpers (each walk visits every delta's
+    submodules too, so re-walking per helper made one call cost several walks); nothing is kept between calls."""
+    layers, wrappers = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            layers.append((host_path(name), module))
+        elif isinstance(module, ModulesToSaveWrapper):
+            wrappers.append((host_path(name), module))
+    return layers, wrappers
+
+
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     module = model
     for part in path.split(".") if path else []:
@@ -340,7 +353,14 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         if n not in state.configs:
             raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} "
                                       f"Loaded: {list(state.configs)}")
-    for path, layer in adapter_layers(model):
+    _set_active(model, names, *_walk(model))
+
+
+def _set_active(model: nn.Module, names: list[str], layers: list[tuple[str, AdapterLayer]],
+                wrappers: list[tuple[str, ModulesToSaveWrapper]]) -> None:
+    """``set_adapter`` on the (checked) ``names``, given the model's current adapted layers and save wrappers."""
+    state = adapter_state(model)
+    for path, layer in layers:
         here = [n for n in names if n in layer.adapters]
         # (only deltas that define a conflict are asked, so plain adapters cost no pairwise loop)
         asking = [n for n in here if type(layer.adapters[n]).conflict is not Delta.conflict] if len(here) > 1 else []
@@ -350,19 +370,20 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
                 if why is not None:
                     raise AdapterError(f"adapters {first!r} and {second!r} cannot be active together at {path!r}: "
                                        f"they {why}.")
-    merged = merged_adapters(model)
+    merged = _merged_names(layers)
     leaving = [n for n in merged if n not in names]
     if leaving:
         warnings.warn(f"adapters {merged} are merged into the base weights; unmerging them before activating "
                       f"{names} (as PEFT does), so that the model computes base + {' + '.join(names) or 'nothing'}",
-                      stacklevel=2)
-        unmerge_adapter(model)
+                      stacklevel=3)
+        for _, layer in layers:
+            layer.unmerge()
     state.active = names
-    for _, layer in adapter_layers(model):
+    for _, layer in layers:
         layer.active = [n for n in names if n in layer.adapters]
-    for _, wrapper in _save_wrappers(model):
+    for _, wrapper in wrappers:
         wrapper.active = [n for n in names if n in wrapper.copies]
-    refresh_trainable(model)
+    _refresh_trainable(state, layers, wrappers)
 
 
 def refresh_trainable(model: nn.Module) -> None:
@@ -374,8 +395,12 @@ def refresh_trainable(model: nn.Module) -> None:
     freezing). Base parameters are not touched. Raises AdapterError when a delta names a frozen parameter it
     does not have.
     """
-    state = adapter_state(model)
-    for path, layer in adapter_layers(model):
+    _refresh_trainable(adapter_state(model), *_walk(model))
+
+
+def _refresh_trainable(state: AdapterState, layers: list[tuple[str, AdapterLayer]],
+                       wrappers: list[tuple[str, ModulesToSaveWrapper]]) -> None:
+    for path, layer in layers:
         for n, delta in layer.adapters.items():
             on = n in state.active and not state.configs[n].inference_mode
             frozen = set(delta.frozen_names())
@@ -386,7 +411,7 @@ def refresh_trainable(model: nn.Module) -> None:
                                    f"{sorted(unknown)}; its parameters are {sorted(params)}")
             for pname, p in params.items():
                 p.requires_grad_(on and pname not in frozen)
-    for _, wrapper in _save_wrappers(model):
+    for _, wrapper in wrappers:
         for n, c in wrapper.copies.items():
             for p in c.parameters():
                 p.requires_grad_(n in state.active and not state.configs[n].inference_mode)
@@ -398,8 +423,12 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def merged_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters merged into at least one layer's base weights, in merge order."""
+    return _merged_names(adapter_layers(model))
+
+
+def _merged_names(layers) -> list[str]:
     out: list[str] = []
-    for _, layer in adapter_layers(model):
+    for _, layer in layers:
         out += [n for n in layer.merged if n not in out]
     return out
 
@@ -435,22 +464,25 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.configs:
         raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, state.configs)} "
                                   f"Loaded: {list(state.configs)}")
-    for path, layer in list(adapter_layers(model)):
+    layers, wrappers = _walk(model)
+    for path, layer in layers:
         if name in layer.merged:
             raise AdapterError(f"adapter {name!r} is merged into {path!r}; unmerge_adapter before deleting it")
-    restore_base(model, name)  # an init that moved part of the base into the adapter gives it back
-    for path, layer in list(adapter_layers(model)):
+    restore_base(model, name)  # an init that moved part of the base into the adapter gives it back (weights only)
+    for path, layer in layers:
         if name in layer.adapters:
             del layer.adapters[name]
         if len(layer.adapters) == 0:
             parent, attr = _get_parent(model, path)
             setattr(parent, attr, layer.base_layer)
-    for path, wrapper in list(_save_wrappers(model)):
+    for path, wrapper in wrappers:
         if name in wrapper.copies:
             del wrapper.copies[name]
         if len(wrapper.copies) == 0:
             parent, attr = _get_parent(model, path)
             setattr(parent, attr, wrapper.original_module)
+    layers = [(path, layer) for path, layer in layers if len(layer.adapters)]  # those still in the model
+    wrappers = [(path, wrapper) for path, wrapper in wrappers if len(wrapper.copies)]
     config = state.configs.pop(name)
     _teardown(model, config, name)
     if not state.configs and state.hook_id is not None:
@@ -462,7 +494,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         warnings.warn(f"adapter {name!r} was active and is deleted; the active adapter is now {remaining[0]!r} "
                       "(the first remaining by name, as PEFT chooses). Call set_adapter to choose another.",
                       stacklevel=2)
-    set_adapter(model, remaining) if remaining else _set_no_active(model)
+    if remaining:
+        _set_active(model, remaining, layers, wrappers)  # names known: each is in state.configs
+    else:
+        _set_no_active(model, layers, wrappers)
 
 
 def discard_adapter(model: nn.Module, name: str) -> None:
@@ -474,12 +509,13 @@ def discard_adapter(model: nn.Module, name: str) -> None:
     delete_adapter(model, name)
 
 
-def _set_no_active(model: nn.Module) -> None:
+def _set_no_active(model: nn.Module, layers: list[tuple[str, AdapterLayer]],
+                   wrappers: list[tuple[str, ModulesToSaveWrapper]]) -> None:
     state = adapter_state(model)
     state.active = []
-    for _, layer in adapter_layers(model):
+    for _, layer in layers:
         layer.active = []
-    for _, w in _save_wrappers(model):
+    for _, w in wrappers:
         w.active = []
 
 
@@ -490,9 +526,9 @@ class _MergeRecord:
     kept: bool
 
 
-def _merge_records(model: nn.Module) -> list[_MergeRecord]:
+def _merge_records(model: nn.Module, layers=None) -> list[_MergeRecord]:
     return [_MergeRecord(layer, list(layer.merged), layer._original is not None)
-            for _, layer in adapter_layers(model) if layer.merged]
+            for _, layer in (adapter_layers(model) if layers is None else layers) if layer.merged]
 
 
 def _restore_merges(model: nn.Module, records: list[_MergeRecord]) -> None:
@@ -502,11 +538,11 @@ def _restore_merges(model: nn.Module, records: list[_MergeRecord]) -> None:
         r = wanted.get(id(layer))
         if r is None or layer.merged != r.names:
             layer.unmerge()
-    twins = tied_parameters(model)
-    for r in records:
-        if r.layer.merged != r.names:
-            shared = id(getattr(r.layer.base_layer, "weight", None)) in twins
-            r.layer.merge(r.names, keep_original=r.kept, untie=shared and _unties(r.layer, r.names))
+    again = [r for r in records if r.layer.merged != r.names]
+    twins = tied_parameters(model) if again else {}  # a walk over every parameter: only when something re-merges
+    for r in again:
+        shared = id(getattr(r.layer.base_layer, "weight", None)) in twins
+        r.layer.merge(r.names, keep_original=r.kept, untie=shared and _unties(r.layer, r.names))
 
 
 def _unties(layer: AdapterLayer, names: list[str]) -> bool:
@@ -518,7 +554,15 @@ def _unties(layer: AdapterLayer, names: list[str]) -> bool:
 @contextlib.contextmanager
 def temporarily_unmerged(model: nn.Module) -> Iterator[None]:
     """Unmerge every merged adapter inside the block and merge exactly the same ones back after it."""
-    records = _merge_records(model)
+    with _unmerged(model, None):
+        yield
+
+
+@contextlib.contextmanager
+def _unmerged(model: nn.Module, layers: list[tuple[str, AdapterLayer]] | None) -> Iterator[None]:
+    """``temporarily_unmerged`` given the model's adapted layers now (None: walk the model for them). The exit
+    walks the model again: the block may have added or merged layers."""
+    records = _merge_records(model, layers)
     try:
         for r in records:
             r.layer.unmerge()  # exact when merged with keep_original, else up to rounding
@@ -536,16 +580,18 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     disabled too.
     """
     state = adapter_state(model)
-    flags = {id(m): m.disabled for _, m in list(adapter_layers(model)) + list(_save_wrappers(model))}
+    layers, wrappers = _walk(model)
+    flags = {id(m): m.disabled for _, m in layers + wrappers}
     state.disabled += 1
     try:
-        with temporarily_unmerged(model):
-            for _, m in list(adapter_layers(model)) + list(_save_wrappers(model)):
+        with _unmerged(model, layers):
+            for _, m in layers + wrappers:
                 m.disabled = True
             yield
     finally:
         state.disabled -= 1
-        for _, m in list(adapter_layers(model)) + list(_save_wrappers(model)):
+        layers, wrappers = _walk(model)  # the block may have added layers
+        for _, m in layers + wrappers:
             m.disabled = flags.get(id(m), state.disabled > 0)
 
 
