@@ -222,3 +222,39 @@ def test_adapter_name_that_is_a_module_attribute_is_refused_before_anything_chan
             lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), name=bad)
     assert not list(lk.core.model.adapter_layers(model))
     lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), name="eval_adapter")
+
+
+def _wrapped_state(model):
+    """Every lorakit wrapper's (path, type, active) and every parameter's requires_grad, by name."""
+    from lorakit.core.layer import AdapterLayer, ModulesToSaveWrapper
+
+    wrappers = [(n, type(m).__name__, list(m.active)) for n, m in model.named_modules()
+                if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+    return wrappers, {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("deleted, kept_active", [("a", ["b"]), ("b", ["a", "c"])])
+def test_delete_leaves_the_state_that_adding_the_survivors_alone_gives(ids, deleted, kept_active):
+    """Deleting one of three adapters with different targets and modules_to_save: the wrappers left, their active
+    lists, every parameter's requires_grad and the logits equal those of a fresh base given only the survivors
+    (same seeds), activated the same way. (delete_adapter hands its one walk of the model to the activation.)"""
+    specs = {"a": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+             "b": dict(target_modules=["v_proj", "down_proj"]),
+             "c": dict(target_modules=["o_proj"], inference_mode=True)}
+
+    def build(names):
+        model = tiny_llama()
+        for name in names:
+            torch.manual_seed(ord(name))
+            lk.add_adapter(model, lk.LoraConfig(r=2, init_lora_weights=False, **specs[name]), name)
+        return model
+
+    model = build("abc")
+    lk.set_adapter(model, [n for n in "abc" if n != "b"] if deleted == "b" else ["a", "b"])
+    lk.delete_adapter(model, deleted)
+    survivors = build([n for n in "abc" if n != deleted])
+    lk.set_adapter(survivors, kept_active)
+    assert lk.core.model.adapter_state(model).active == kept_active
+    assert _wrapped_state(model) == _wrapped_state(survivors)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, survivors(input_ids=ids).logits)
