@@ -99,3 +99,15 @@ def test_merging_a_qlora_adapter_without_its_4bit_base_is_refused_and_eval_warns
     assert main(["merge", "--quantize", "nf4", "--adapter", str(run / "adapter"), "--output",
                  str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_loram_run_refused_at_the_length_check_writes_no_pruned_base(tmp_path, capsys):
+    """--max-length beyond the model's positions fails before training: the output folder gets no pruned_base
+    (it was written before the check, so the failed run left OUTPUT non-empty and a rerun was refused)."""
+    run = tmp_path / "run"
+    code = main(["train", "--loram-ratio", "0.5", "--max-length", "4096", "--steps", "1", "--train-examples", "4",
+                 "--eval-examples", "2", "--quiet", "--num-threads", "1", "--output", str(run)])
+    assert code == 2
+    assert "exceeds the model's 256 positions" in capsys.readouterr().err
+    assert not (run / "pruned_base").exists()
+    assert not run.exists() or not any(run.iterdir())

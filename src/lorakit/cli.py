@@ -655,7 +655,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     torch.manual_seed(args.seed)
     classify = normalize_task_type(args.task_type) == "seq-cls"
     if args.loram_ratio is not None:
-        model, tokenizer, plan = _loram_base(args, save=ctx.is_main)
+        model, tokenizer, plan = _loram_base(args, ctx, lambda m, t: _check_lengths(m, t, train_examples,
+                                                                                   args.max_length, ctx))
     elif classify:  # one head output per label of the training data (sorted names; a classifier's own order)
         from .data.classification import head_labels, label_names
         from .hub import classifier_labels
@@ -664,6 +665,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         if args.resume_from and saved.is_file():  # the checkpoint's head, in its order
             labels, note = list(read_json(saved)["labels"]), None
             _check_labels(labels, train_examples, f"--resume-from {args.resume_from}'s head", "training")
+        elif args.resume_from:  # a checkpoint of an older lorakit, without labels.json: its head is in string order
+            labels, note = sorted(label_names(train_examples)), None
         else:
             labels, note = head_labels(label_names(train_examples), classifier_labels(args.model))
         if note and ctx.is_main:
@@ -674,7 +677,8 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
         adapter_config = _classifier_head(model, adapter_config)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, quantize=_quantize_config(args))
-    _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
+    if args.loram_ratio is None:  # (LoRAM: checked on the pruned base, before it is written)
+        _check_lengths(model, tokenizer, train_examples, args.max_length, ctx)
     if args.init is None:
         _add_with_init(model, adapter_config, args)  # target errors now, before any evaluation
     print(f"model: {args.model or 'bundled'}{f' ({args.quantize} 4-bit base)' if args.quantize else ''} | "
@@ -769,10 +773,13 @@ def _align_config(args):
 LORAM_BASE = "pruned_base"  # a LoRAM run's pruned (and aligned) base, the one adapter_pruned/ fits
 
 
-def _loram_base(args, save: bool = True):
+def _loram_base(args, ctx, check: Callable[[Any, Any], None]):
     """LoRAM: the base pruned by --loram-ratio (then quantized with --quantize: QLoRAM); (model, tokenizer, plan).
-    ``save``: write it, before any 4-bit quantization, with its tokenizer as ``--output``/pruned_base, and name it so
-    that the adapters trained on it record it as their base (eval / generate / PEFT load them without --model)."""
+    ``check(model, tokenizer)`` (the length check) runs on the pruned base before its alignment and before anything
+    is written, so a run it refuses leaves ``--output`` as it was. Then rank 0 (``ctx.on_main``: its failure stops
+    every process) writes the base, before any 4-bit quantization, with its tokenizer as ``--output``/pruned_base,
+    named so that the adapters trained on it record it as their base (eval / generate / PEFT load them without
+    --model)."""
     from .hub import load_model_and_tokenizer
     from .io.files import write_dir_atomically
     from .prune.loram import LoramConfig, loram_prune, plan_summary
@@ -781,14 +788,15 @@ def _loram_base(args, save: bool = True):
     model, plan = loram_prune(full, LoramConfig(ratio=args.loram_ratio, criterion=args.loram_criterion, seed=args.seed))
     summary = plan_summary(plan, full, model)
     del full  # training holds only the pruned base
+    check(model, tokenizer)
     if args.loram_align_steps:
         from .pretrain.loram_align import align_pruned
         aligned = align_pruned(model, tokenizer, _align_config(args), log=lambda line: None if args.quiet else print(line))
         print(f"LoRAM alignment: {aligned['tokens']:,} tokens in {aligned['seconds']:.0f}s; held-out LM loss of the "
               f"pruned base {aligned['eval_loss_before']:.3f} -> {aligned['eval_loss_after']:.3f} nats/token")
     folder = (Path(args.output) / LORAM_BASE).resolve()
-    if save:
-        write_dir_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    ctx.on_main(lambda: write_dir_atomically(folder, lambda tmp: (model.save_pretrained(tmp),
+                                                                  tokenizer.save_pretrained(tmp))))
     model.name_or_path = model.config._name_or_path = str(folder)  # noqa: SLF001 (what save_adapter records)
     if args.quantize:
         from .quantize import quantize_model

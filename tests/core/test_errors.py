@@ -63,3 +63,13 @@ def test_near_matches_ignore_case():
     assert set(near_matches("DARE", ["dare_ties", "dare_linear", "sce"])) == {"dare_ties", "dare_linear"}
     with pytest.raises(ConfigError, match="Did you mean: ties"):
         get_merge_method("TIES")
+
+
+def test_near_matches_keep_candidates_that_differ_only_in_case():
+    """Candidates equal but for case (state-dict keys, label names) are all listed, the one written like ``name``
+    first (was: only the first in sorted order, so 'lm_heads' suggested 'LM_HEAD' and never 'lm_head')."""
+    from lorakit.core.errors import near_matches
+
+    assert near_matches("lm_heads", ["lm_head", "LM_HEAD"]) == ["lm_head", "LM_HEAD"]
+    assert near_matches("Pos", ["POS", "pos", "neg"]) == ["pos", "POS"]
+    assert near_matches("TIES", ["ties", "dare_ties"]) == ["ties", "dare_ties"]

@@ -274,6 +274,9 @@ def test_processes_that_disagree_on_options_or_data_are_refused(launched):
         assert lr is not None and "TrainConfig.lr: rank 0 0.01, rank 1 0.02" in lr, lr
         assert data is not None and "training data: rank 0 '32 examples" in data and "rank 1 '31 examples" in data, data
         assert "same command on every process" in data
+        empty = records[rank]["empty_data"]
+        assert empty is not None and "training data: rank 0 '32 examples" in empty and "rank 1 '0 examples" in empty, \
+            empty
 
 
 CLI_ARGS = ["train", "--data", "reverse", "--train-examples", "24", "--eval-examples", "3", "--steps", "2",

@@ -269,3 +269,26 @@ def test_cli_train_refuses_an_evaluation_label_the_head_lacks_before_loading(tmp
                  str(tmp_path / "out")]) == 2
     assert "evaluation example 2 has label 'meh', which is not one of the head's labels ['neg', 'pos']" in \
         capsys.readouterr().err
+
+
+def test_cli_resumes_a_checkpoint_without_labels_json_in_the_string_order_it_was_trained_in(tmp_path, capsys):
+    """A checkpoint written before labels.json was saved with checkpoints (older lorakit) trained its head in the
+    labels' string order ('1', '10', '11', '2', ...): resuming it keeps that order (was: the new numeric order,
+    so its head's trained outputs were read as other classes, silently)."""
+    examples = [Example(ex.prompt, str(i % 12)) for i, ex in enumerate(_examples(36))]
+    tok = word_level_tokenizer(examples)
+    folder = tmp_path / "encoder"
+    _tiny_classifier(tok).bert.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = _jsonl(tmp_path / "train.jsonl", examples)
+    common = [*CLS_ARGS[:2], *CLS_ARGS[4:], "--model", str(folder), "--data", str(data),
+              "--save-every", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", *common, "--steps", "1", "--output", str(first)]) == 0
+    string_order = sorted(str(i) for i in range(12))
+    assert json.loads((first / "checkpoint-1" / "labels.json").read_text()) == {"labels": [str(i) for i in range(12)]}
+    # as an older lorakit wrote it: no labels.json, the head in string order
+    (first / "checkpoint-1" / "labels.json").unlink()
+    assert main(["train", *common, "--steps", "2", "--output", str(second), "--resume-from",
+                 str(first / "checkpoint-1")]) == 0
+    assert json.loads((second / "adapter" / "labels.json").read_text()) == {"labels": string_order}

@@ -82,12 +82,18 @@ def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     value being reported: a torch dtype, an int, None) is compared as its ``str``, so the hint never raises."""
     name = name if isinstance(name, str) else str(name)
     cands = sorted(set(candidates))
-    # compared lower-cased: difflib scores "TIES" against "ties" 0, so a capitalised name would list nothing
-    lowered: dict[str, str] = {}
+    # compared lower-cased: difflib scores "TIES" against "ties" 0, so a capitalised name would list nothing;
+    # candidates equal but for case are all kept, the one written most like ``name`` first
+    lowered: dict[str, list[str]] = {}
     for c in cands:
-        lowered.setdefault(c.lower(), c)
-    close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)]
-    found = list(dict.fromkeys([c for c in cands if c.lower() == name.lower()] + close))[:n]
+        lowered.setdefault(c.lower(), []).append(c)
+
+    def spelled_like_name(group: list[str]) -> list[str]:
+        return sorted(group, key=lambda c: -difflib.SequenceMatcher(None, name, c).ratio())
+
+    close = [c for low in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
+             for c in spelled_like_name(lowered[low])]
+    found = list(dict.fromkeys(spelled_like_name(lowered.get(name.lower(), [])) + close))[:n]
     if not found:
         # Dotted module paths: compare last components too, so "q_prj" still finds "...self_attn.q_proj".
         tails = {c.rsplit(".", 1)[-1]: c for c in cands}

@@ -460,14 +460,17 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
     if adapter_name not in active_adapters(model):
         raise AdapterError(f"adapter {adapter_name!r} is not active (active: {active_adapters(model)}); call "
                            f"lorakit.set_adapter(model, {adapter_name!r}) so that it trains.")
+    device = device_for(config.device)
+    ctx = setup(device, config.distributed)  # world size 1 (every call a no-op) unless started by torchrun / accelerate
+    if ctx.enabled:  # every process must run one training: same options, same examples (a node's stale data copy);
+        # compared before any check of the data, so a process whose copy fails one never leaves the others waiting
+        ctx.check_same(run_identity(config, adapter_state(model).configs[adapter_name], train_examples, eval_examples))
     if not train_examples:
         raise ValueError("no training examples")
     if config.eval_every and not eval_examples:
         raise ValueError(f"TrainConfig.eval_every={config.eval_every} but no eval_examples were given to train().")
     method = get_method(adapter_state(model).configs[adapter_name])
     adapter_state(model).configs[adapter_name].check_examples(train_examples)
-    device = device_for(config.device)
-    ctx = setup(device, config.distributed)  # world size 1 (every call a no-op) unless started by torchrun / accelerate
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -482,8 +485,6 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         "task_names": [n for n, _ in sorted(dataset.task_to_id.items(), key=lambda kv: kv[1])]}
     collate = objective.collator(tokenizer)
     stream = DataStream(len(dataset), config.seed)
-    if ctx.enabled:  # every process must run one training: same options, same examples (a node's stale data copy)
-        ctx.check_same(run_identity(config, adapter_state(model).configs[adapter_name], train_examples, eval_examples))
     eval_set = list(eval_examples)[: config.eval_examples] if eval_examples else []
 
     def micro_batch(position: int) -> dict[str, torch.Tensor]:
