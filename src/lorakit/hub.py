@@ -173,8 +173,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
 
     ``task_type="seq-cls"`` (PEFT's SEQ_CLS) loads ``AutoModelForSequenceClassification`` instead, with one output
     per name in ``labels`` (``config.id2label`` / ``label2id`` in that order; a head the checkpoint lacks, or has
-    with another number of outputs, is newly initialised, as transformers does) and the tokenizer's pad id in the config (decoder classifiers pool the
-    last non-pad token).
+    with another number of outputs, is newly initialised, as transformers does) and the tokenizer's pad id in the
+    config (decoder classifiers pool the last non-pad token).
 
     Offline by default (``local_files_only``): an uncached hub id fails at once with a LorakitError instead of
     retrying the network; ``HF_HUB_OFFLINE=0`` allows downloads. ``quantize`` (``"nf4"`` or a

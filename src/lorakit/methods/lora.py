@@ -473,8 +473,8 @@ def lora_to_original_base(config: LoraConfig, file_config: dict[str, Any], tenso
                            "loading it redoes the init on the original base (deterministically), as PEFT does.")
     if config.use_dora:
         raise AdapterError("a DoRA adapter cannot be rewritten for the original base: its magnitude is relative to "
-                           "the changed base weight (PEFT's subtract_mutated_init converts it anyway, keeping that magnitude, "
-                           "which does not give the trained model on the original base).")
+                           "the changed base weight (PEFT's subtract_mutated_init converts it anyway, keeping that "
+                           "magnitude, which does not give the trained model on the original base).")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise AdapterError("rank_pattern/alpha_pattern with use_rslora cannot keep their scalings when the rank "
                            "doubles (as in PEFT); save the adapter as is.")
