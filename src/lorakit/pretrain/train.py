@@ -617,8 +617,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def _checkpoint_step(state: Path) -> int | None:
     """The step of the checkpoint whose ``state.json`` is ``state``; None when there is none (or it is unreadable)."""
     try:
-        step = json.loads(state.read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
+        step = read_json(state).get("step")  # as _load_pretrain_checkpoint reads it
+    except (LorakitError, OSError):  # missing, not JSON, not an object (read_json), unreadable
         return None
     return step if isinstance(step, int) else None
 
