@@ -353,12 +353,9 @@ def _check_classifier_eval(args, adapter_config, labels: list[str], examples) ->
     """A SEQ_CLS adapter's evaluation, before the model loads: every label of the data is one of the head's
     (``labels``, labels.json), and an adapter that does not save the head is evaluated on a base whose head has
     those outputs (another base head would be replaced by a random one)."""
-    from .data.classification import label_index
     from .hub import classifier_labels
 
-    known = {name: i for i, name in enumerate(labels)}
-    for n, ex in enumerate(examples):
-        label_index(known, ex.completion, f"{args.data}: example {n}: ")
+    _check_labels(labels, examples, f"{args.adapter}", f"{args.data}:")
     head = classifier_labels(args.model)
     if head is not None and len(head) != len(labels) and not getattr(adapter_config, "modules_to_save", None):
         raise LorakitError(f"{args.adapter} does not save the classification head (no modules_to_save) and has "

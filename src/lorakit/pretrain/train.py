@@ -421,9 +421,8 @@ def load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: to
 
 def _load_pretrain_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                               generator: torch.Generator, config: PretrainConfig) -> dict:
-    record = read_json(folder / "state.json")
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        record = record if isinstance(record, dict) else {}
+    record = read_json(folder / "state.json")  # a JSON object (read_json refuses anything else)
+    if record.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{folder / 'state.json'} has format {record.get('format')!r}, not {CHECKPOINT_FORMAT!r}; "
                           "delete the folder to start over.")
     now = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -617,8 +616,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def _checkpoint_step(state: Path) -> int | None:
     """The step of the checkpoint whose ``state.json`` is ``state``; None when there is none (or it is unreadable)."""
     try:
-        step = json.loads(state.read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
+        step = read_json(state).get("step")  # as _load_pretrain_checkpoint reads it
+    except (LorakitError, OSError):  # missing, not JSON, not an object (read_json), unreadable
         return None
     return step if isinstance(step, int) else None
 
