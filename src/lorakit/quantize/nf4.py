@@ -339,9 +339,9 @@ def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns:
     from transformers.pytorch_utils import Conv1D
 
     host = getattr(model, "config", None)
-    if not isinstance(host, PretrainedConfig) or not any(is_4bit(m) for m in model.modules()):
-        return
     quantized = [n for n, m in model.named_modules() if is_4bit(m)]
+    if not isinstance(host, PretrainedConfig) or not quantized:
+        return
     kept = [n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)]
     always = list(getattr(model, "_keep_in_fp32_modules", None) or ())  # transformers adds these on every load
 
