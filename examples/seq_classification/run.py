@@ -135,14 +135,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from lorakit.cli_parser import CommandParser, DefaultsFormatter, positive_int, seed_arg
+    from lorakit.cli_parser import CommandParser, DefaultsFormatter, max_length_arg, positive_int, seed_arg
 
     parser = CommandParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     parser.add_argument("--model", default=None, help="encoder folder (default: all-MiniLM-L6-v2 from its package)")
     parser.add_argument("--out", default="runs/seq_classification", help="output folder")
     parser.add_argument("--steps", type=positive_int, default=150, help="optimizer steps for LoRA and full fine-tuning")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per optimizer step")
-    parser.add_argument("--max-length", type=positive_int, default=48, help="tokens per text (longer ones are cut)")
+    parser.add_argument("--max-length", type=max_length_arg, default=48, help="tokens per text (longer ones are cut)")
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning learning rate")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .cli_options import add_config_options, config_from_args
 from .cli_options import flag as flag_for
 from .cli_parser import (CommandParser, DefaultsFormatter, check_output_dir, device_arg, int_or_none, json_arg,
-                         positive_int, seed_arg)
+                         max_length_arg, positive_int, seed_arg)
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 from .core.threads import NUM_THREADS_HELP, default_num_threads, resolve_num_threads
 from .data.classification import LABELS_FILE  # a SEQ_CLS adapter's label names, in head order
@@ -1653,7 +1653,7 @@ def _add_train(sub, method_name: str, procedure_name: str | None = None) -> None
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only on Ctrl-C)")
     t.add_argument("--resume-from", default=None, help="checkpoint folder (output/checkpoint-N) to resume from")
-    t.add_argument("--max-length", type=int, default=128,
+    t.add_argument("--max-length", type=max_length_arg, default=128,
                    help="tokens per training example; longer ones lose prompt tokens from the left")
     t.add_argument("--train-examples", type=positive_int, default=None,
                    help=f"examples per built-in task (default {TASK_TRAIN_EXAMPLES}); for a file, use only its first N "
@@ -1832,7 +1832,7 @@ def _add_federate(sub) -> None:
     f.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     f.add_argument("--batch-size", type=int, default=8, help="examples per local step")
     f.add_argument("--lr", type=float, default=3e-3, help="client learning rate (AdamW)")
-    f.add_argument("--max-length", type=int, default=FederatedConfig.max_length, help="tokens per training example")
+    f.add_argument("--max-length", type=max_length_arg, default=FederatedConfig.max_length, help="tokens per training example")
     f.add_argument("--fair-lambda", type=float, default=FederatedConfig.fair_lambda, help="lora_fair: weight λ of the server's ‖ΔB‖² penalty")
     f.add_argument("--fair-lr", type=float, default=FederatedConfig.fair_lr, help="lora_fair: the server's SGD learning rate for ΔB")
     f.add_argument("--fair-steps", type=int, default=FederatedConfig.fair_steps, help="lora_fair: the server's SGD steps for ΔB at most")

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .core.config import MIN_LENGTH
 from .core.errors import ConfigError, LorakitError, comma_items, did_you_mean
 
 
@@ -214,6 +215,13 @@ def positive_int(text: str) -> int:
     """``type=`` for a count a command reads itself (rows per batch, examples): an int >= 1, else argparse's usage
     error naming the flag (``argument --eval-batch-size: must be a positive integer, got 0``) before any model loads."""
     return _int_at_least(text, 1, "a positive integer")
+
+
+def max_length_arg(text: str) -> int:
+    """``type=`` for ``--max-length`` (tokens per training example): an int >= ``core.config.MIN_LENGTH`` (2), else
+    argparse's usage error naming the flag, before any model loads. One token trained nothing: a causal LM predicts
+    each token from the ones before it (``--max-length 1`` ran to the end with loss 0)."""
+    return _int_at_least(text, MIN_LENGTH, f"an integer >= {MIN_LENGTH} (a token to predict from and one to predict)")
 
 
 def int_or_none(text: str) -> int | None:

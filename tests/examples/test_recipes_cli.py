@@ -52,7 +52,7 @@ BAD = [  # recipe, a count below its minimum; each used to fail only after work,
     ("controllable_generation", ["--max-new-tokens", "0"], "positive integer"),  # was: transformers' ValueError
     ("controllable_generation", ["--shots", "-1"], "integer >= 0"),  # was: prompts of "-", a table written
     ("seq_classification", ["--limit", "0"], "positive integer"),
-    ("seq_classification", ["--max-length", "0"], "positive integer"),
+    ("seq_classification", ["--max-length", "1"], "integer >= 2 (a token to predict from and one to predict)"),
     ("small_data_speech", ["--sizes", "8", "0"], "positive integer"),
     ("small_data_speech", ["--test", "0"], "positive integer"),
     ("fewshot_vs_qlora", ["--seed", "-1"], "integer >= 0"),

@@ -77,6 +77,23 @@ def check_positive_ints(config: Any, *names: str, optional: bool = False) -> Non
                                             f"got {value!r}.")
 
 
+# the fewest tokens per example that train anything: a causal LM predicts token t+1 from tokens 1..t, so an example
+# cut to one token (BOS, or the completion's first) has no token to predict: its loss was 0 and nothing was learned
+MIN_LENGTH = 2
+
+
+def check_max_length(config: Any, name: str = "max_length") -> None:
+    """ConfigError naming ``<Class>.<name>`` (a command line words it as its flag, ``--max-length``) when the
+    tokens-per-example budget of ``config`` is below :data:`MIN_LENGTH`: ``max_length=1`` cut every example to one
+    token, and a run trained on nothing, with loss 0 and no word. Non-integers are left to the type checks."""
+    value = getattr(config, name)
+    if isinstance(value, int) and not isinstance(value, bool) and value < MIN_LENGTH:
+        raise field_error(config, name, f" must be >= {MIN_LENGTH}, got {value}: every example is cut to {value} "
+                                        "token(s), and a causal LM predicts each token from the ones before it, so "
+                                        "nothing would be trained (loss 0). Give room for the prompt and the "
+                                        "completion, e.g. 128.")
+
+
 def check_non_negative(config: Any, *names: str, note: str = "", finite: bool = False) -> None:
     """ConfigError ``"<Class>.<name> must be >= 0<note>, got <value>."`` (field: ``"<Class>.<name>"``) for the first
     field of ``names`` below 0 (None is skipped: an unset optional value; NaN fails; with ``finite``, inf too)."""

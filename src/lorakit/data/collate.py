@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import Dataset
 
+from lorakit.core.config import MIN_LENGTH
 from lorakit.data.example import Example
 
 IGNORE_INDEX = -100
@@ -51,8 +52,8 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int | None = 
     prompt_ids = encode_prompt(tokenizer, example.prompt)
     completion_ids = encode_completion(tokenizer, example.completion)
     if max_length is not None:
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if max_length < MIN_LENGTH:  # (a one-token item has nothing to predict)
+            raise ValueError(f"max_length must be >= {MIN_LENGTH}, got {max_length}")
         excess = len(prompt_ids) + len(completion_ids) - max_length
         if excess > 0:
             keep_bos = int(bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id)

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..core.config import check_non_negative, check_positive, check_range, field_error
+from ..core.config import check_max_length, check_non_negative, check_positive, check_range, field_error
 from ..core.errors import FIELD, ConfigError, comma_items, did_you_mean
 from ..core.model import adapter_layers
 from ..data import looks_like_path, stable_seed
@@ -99,7 +99,7 @@ class FederatedConfig:
             raise ConfigError(f"unknown federated strategy {self.strategy!r}.{did_you_mean(self.strategy, STRATEGIES)} "
                               f"Choose one of {sorted(STRATEGIES)}", field="FederatedConfig.strategy")
         counts = ("clients", "rounds", "r", "local_steps", "batch_size", "train_examples", "min_clients")
-        for name in (*counts, "eval_examples", "seed", "fair_steps", "client_ranks", "stragglers"):
+        for name in (*counts, "eval_examples", "seed", "fair_steps", "max_length", "client_ranks", "stragglers"):
             value = getattr(self, name)  # a JSON / run-config 8.5 would be cut to 8 (or fail deep inside a round)
             items = value if isinstance(value, list) else [value]
             if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in items):
@@ -139,9 +139,9 @@ class FederatedConfig:
         # inf: lr and lora_alpha failed in every client, fair_lr / fair_lambda made the global adapter NaN
         check_positive(self, "lr", "skew_alpha", "fair_lr", "lora_alpha", finite=True)  # (lora_alpha None: 2·r)
         check_non_negative(self, "fair_lambda", note=" (LoRA-FAIR's penalty weight)", finite=True)
-        for name in ("fair_steps", "max_length"):
-            if getattr(self, name) < 1:
-                raise field_error(self, name, f" must be >= 1, got {getattr(self, name)}")
+        if self.fair_steps < 1:
+            raise field_error(self, "fair_steps", f" must be >= 1, got {self.fair_steps}")
+        check_max_length(self)  # (was >= 1: max_length=1 trained every client on nothing, silently)
         # (ε, δ)-DP: δ is a probability of failure; 1 or more makes ε meaningless
         check_range(self, "dp_delta", 0, 1, low_open=True, high_open=True)
         # infinite noise (σ, or σ·C with C = inf) made every DP update NaN: all rejected, every round

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import (check_field_types, check_non_negative, check_positive, check_positive_ints, check_range,
-                           field_error)
+from ..core.config import (check_field_types, check_max_length, check_non_negative, check_positive, check_positive_ints,
+                           check_range, field_error)
 from ..core.errors import ConfigError, did_you_mean
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -80,6 +80,7 @@ class TrainConfig:
                 setattr(self, name, os.fspath(value))
         check_field_types(self)
         check_positive_ints(self, "steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_examples")
+        check_max_length(self)
         check_non_negative(self, "warmup_steps", "eval_every", "save_every", "init_batches", note=" (0 turns it off)")
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed (torch's takes one)
         check_positive(self, "lr", finite=True)  # an infinite step turns every weight to inf / NaN at step 1
