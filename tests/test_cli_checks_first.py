@@ -300,6 +300,28 @@ def test_an_output_folder_holding_the_input_is_refused(command, tmp_path, capsys
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl"]
 
 
+@pytest.mark.parametrize("command", ["export", "merge", "merge-adapters", "transfer"])
+@pytest.mark.parametrize("where", ["is", "inside"])
+def test_an_output_folder_that_is_or_lies_inside_an_input_is_refused(command, where, tmp_path, capsys, no_model_load):
+    """Was: `lorakit merge-adapters a b --output b --overwrite` replaced source b with the merge (the input lost), and
+    `--output a/merged` nested the result into source a (which then held an adapter not its own). Both refused before
+    anything loads, for every command that replaces --output whole; the inputs are left byte for byte."""
+    from safetensors.torch import save
+
+    weights = save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)})
+    a, b = _adapter(tmp_path / "a", weights), _adapter(tmp_path / "b", weights)
+    before = {p: p.read_bytes() for p in (*a.iterdir(), *b.iterdir())}
+    out = b if where == "is" else b / "merged"
+    argv = {"export": ["export", str(b)], "merge": ["merge", "--adapter", str(b)],
+            "merge-adapters": ["merge-adapters", str(a), str(b)],
+            "transfer": ["transfer", "--adapter", str(b), "--target-model", "bundled-small", "--data", "reverse"]}
+    assert main([*argv[command], "--output", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    says = "is the input" if where == "is" else "lies inside the input"
+    assert f"--output {out} {says} {b}" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in (*a.iterdir(), *b.iterdir())} == before
+
+
 @pytest.mark.parametrize("method,flags,says", [
     ("routed_lora", ["--num-experts", "2", "--expert-r", "2", "2", "--data", "reverse,rotate,sort"],
      "['sort'] would reach no expert"),

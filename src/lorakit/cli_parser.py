@@ -74,8 +74,10 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     non-empty folder without ``overwrite`` (unless ``allow_existing``, e.g. resuming into it) is a LorakitError.
     ``reads``: the files and folders the command reads (its adapter, model, sources); an output folder that holds one
     of them is an error too, since the output replaces the folder whole (``lorakit export runs/a/adapter --output
-    runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). The output *being* an input stays
-    allowed: it is read before it is replaced. Leftover temporary files of a killed save are removed, unless
+    runs/a --overwrite`` deleted the run's adapter, checkpoints and metrics). So is an output that is an input
+    folder (``lorakit merge-adapters a b --output b --overwrite`` replaced source ``b`` with the merge: a lost input)
+    or lies inside one (``--output a/merged`` nested a new folder into source ``a``, which then held an adapter that
+    was not its own). Leftover temporary files of a killed save are removed, unless
     ``clean_leftovers`` is False (a folder other runs may be writing into at the same time, such as the benches'
     shared ``runs/bench``: their temp files in flight look the same).
     """
@@ -83,9 +85,17 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     if _file_in_the_way(out) == out:  # under a file: _check_writable says so, below
         raise LorakitError(f"{flag} {out} is an existing file; give a folder path")
     for given in reads:
-        if given is not None and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
+        if given is None or not Path(given).exists():
+            continue
+        source, target = Path(given).resolve(), out.resolve()
+        if target in source.parents:
             raise LorakitError(f"{flag} {out} holds the input {given}, and this command replaces {out} whole (the input "
                                "with it); choose another folder, e.g. a new one beside it")
+        if source.is_dir() and (target == source or source in target.parents):
+            where = "is the input" if target == source else "lies inside the input"
+            raise LorakitError(f"{flag} {out} {where} {given}; writing there would "
+                               f"{'replace that input' if target == source else 'nest the output into that input'}. "
+                               "Choose a folder outside every input, e.g. a new one beside it")
     _check_writable(out, flag, "folder")
     if out.is_dir():
         if clean_leftovers:
