@@ -325,17 +325,32 @@ def _load_adapter_on(model, args) -> None:
 
 
 
-def _adapter_labels(adapter: str | None) -> list[str] | None:
-    """The label names of a SEQ_CLS adapter folder (None for any other adapter); LorakitError when they are missing."""
+def _adapter_labels(adapter: str | None, model: str | None) -> list[str] | None:
+    """The label names of a SEQ_CLS adapter folder in head-output order (None for any other adapter): its
+    ``labels.json`` (lorakit writes it), else the ``id2label`` of a ``config.json`` in the folder, else that of the
+    base ``model`` when it is a ``*ForSequenceClassification`` checkpoint (a PEFT SEQ_CLS adapter saves neither
+    labels nor config; its base's head names them), in id order, said on stderr. LorakitError naming the file to
+    write when none of them has the names."""
+    from .data.classification import config_labels
+    from .hub import classifier_labels
     from .io.files import read_json
     from .io.peft_format import file_task_type
 
     if not adapter or file_task_type(read_json(Path(adapter) / "adapter_config.json")) != "SEQ_CLS":
         return None
-    if not (Path(adapter) / LABELS_FILE).is_file():
-        raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE} (the label "
-                           f'names in head order, {{"labels": [...]}}); write it, or load the adapter in Python')
-    return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
+    if (Path(adapter) / LABELS_FILE).is_file():
+        return list(read_json(Path(adapter) / LABELS_FILE)["labels"])
+    config = Path(adapter) / "config.json"
+    for labels, source in ((config_labels(read_json(config)) if config.is_file() else None, config),
+                           (classifier_labels(model), f"the base {model or 'bundled'}'s config.json")):
+        if labels:
+            print(f"note: {adapter} has no {LABELS_FILE}; its labels {labels} are the id2label of {source}, in id "
+                  "order", file=sys.stderr)
+            return labels
+    raise LorakitError(f"{adapter} is a sequence-classification (SEQ_CLS) adapter without {LABELS_FILE}, and neither "
+                       f"a config.json beside it nor the base {model or 'bundled'} (not a *ForSequenceClassification "
+                       f"checkpoint) names its labels (id2label). Write {Path(adapter) / LABELS_FILE} as "
+                       '{"labels": ["first", "second", ...]}: the label names in head-output order')
 
 
 def _check_labels(labels: list[str], examples, head: str, which: str) -> None:
@@ -897,7 +912,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         adapter_config.check_examples(examples)
     _require_task_keys(args.adapter, task_to_id, [ex.task for ex in examples],
                        f"rows of {args.data} (add a \"task\" field to each JSONL line)")
-    labels = _adapter_labels(args.adapter)
+    labels = _adapter_labels(args.adapter, args.model)
     if labels is not None:  # before the model loads: labels the head lacks, a base head of another size
         _check_classifier_eval(args, adapter_config, labels, examples)
     model, tokenizer = _load_with_adapter(args, labels=labels)
@@ -956,7 +971,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = [Example(prompt=p, completion="", task=t) for p, t in zip(prompts, tasks)]
     task_to_id = _task_index(args.adapter, rows, "--task / the JSONL key")
     _require_task_keys(args.adapter, task_to_id, tasks, "prompts (pass --task, or a \"task\" in each JSONL line)")
-    labels = _adapter_labels(args.adapter)
+    labels = _adapter_labels(args.adapter, args.model)
     if labels is not None:  # a classifier writes no text: each prompt's predicted label, tab-separated
         from .data.classification import predict_labels
 
@@ -1212,7 +1227,7 @@ def cmd_merge_adapters(argv: Sequence[str]) -> int:
         # checks every source first, and those errors come first)
         merged = merge_adapters(args.sources, args.weights, args.method, model=args.model, **opts)
         _say_base(args)
-        # every source is read before this; the folder is replaced whole (an --output that was a source included)
+        # the folder is replaced whole (check_output_dir refused one that is, holds or lies inside a source)
         out = write_dir_atomically(args.output, merged.save)
         print(f"merged {len(args.sources)} adapters ({args.method}) into {out}")
     return run.status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -154,16 +155,32 @@ def normalize_task_type(name: str) -> str:
 def classifier_labels(model: str | os.PathLike | None) -> list[str] | None:
     """A ``*ForSequenceClassification`` checkpoint's label names in head-output order (``config.id2label``); None
     for any other model (a bare encoder, a causal LM), which a seq-cls load gives a new head. None too when the
-    config cannot be read (the load itself then says why)."""
+    config cannot be read (the load itself then says why).
+
+    Read once per config file and process: a classifier's eval, train or generate asks it before the model loads
+    (labels to check, a head to compare) and :func:`load_model_and_tokenizer` again (each read built an AutoConfig).
+    A local ``config.json`` rewritten since (its size or modification time) is read again."""
+    path = resolve_model_path(model)
+    try:
+        stat = (Path(path) / "config.json").stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:  # a hub id (its cached snapshot does not change), or no config: the load says why
+        stamp = None
+    labels = _classifier_labels(path, stamp, _offline())
+    return None if labels is None else list(labels)
+
+
+@functools.lru_cache(maxsize=32)
+def _classifier_labels(path: str, stamp: tuple[int, int] | None, offline: bool) -> tuple[str, ...] | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=_offline())
+        config = AutoConfig.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError):
         return None
     if not any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
         return None
-    return [str(config.id2label[i]) for i in range(config.num_labels)]
+    return tuple(str(config.id2label[i]) for i in range(config.num_labels))
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,

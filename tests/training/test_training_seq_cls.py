@@ -292,3 +292,68 @@ def test_cli_resumes_a_checkpoint_without_labels_json_in_the_string_order_it_was
     assert main(["train", *common, "--steps", "2", "--output", str(second), "--resume-from",
                  str(first / "checkpoint-1")]) == 0
     assert json.loads((second / "adapter" / "labels.json").read_text()) == {"labels": string_order}
+
+
+def test_cli_eval_takes_a_peft_seq_cls_adapters_labels_from_id2label(tmp_path, capsys):
+    """A SEQ_CLS adapter saved by real PEFT has no labels.json (PEFT writes adapter_config.json and the weights only).
+    Was: `lorakit eval` refused it until a labels.json was written by hand. Now the labels are the id2label of a
+    config.json beside the adapter, else of the base classifier's config, in id order (here "pos" before "neg": not
+    the names' sorted order); the scores equal those of PEFT's own model. With neither, the error names the file."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    examples = _examples(30)
+    tok = word_level_tokenizer(examples)
+    folder, _ = _classifier_folder(tmp_path, tok, ["pos", "neg"])
+    peft_model = get_peft_model(BertForSequenceClassification.from_pretrained(folder),
+                                PeftLoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                                               init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert not (tmp_path / "peft" / "labels.json").exists()
+    expected = evaluate_classification(peft_model.eval(), tok, examples, {"pos": 0, "neg": 1})
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.prompt, "label": ex.completion}) + "\n" for ex in examples))
+
+    def evaluate(model) -> tuple[int, dict | None, str]:
+        code = main(["eval", "--model", str(model), "--adapter", str(tmp_path / "peft"), "--data", str(data),
+                     "--json", "--quiet"])
+        out, err = capsys.readouterr()
+        return code, json.loads(out[out.index("{"):]) if code == 0 else None, err
+
+    code, metrics, err = evaluate(folder)
+    assert code == 0 and metrics == pytest.approx(expected)
+    assert "its labels ['pos', 'neg'] are the id2label of the base" in err
+
+    encoder = tmp_path / "encoder"  # a bare encoder (no classifier config): nothing names the head's outputs
+    from transformers import BertModel
+
+    BertModel(BertForSequenceClassification.from_pretrained(folder).config).save_pretrained(encoder)
+    tok.save_pretrained(encoder)
+    code, _, err = evaluate(encoder)
+    assert code == 2 and f"Write {tmp_path / 'peft' / 'labels.json'} as" in err and "Traceback" not in err, err
+    # a config.json saved beside the adapter names them (JSON keys are strings)
+    (tmp_path / "peft" / "config.json").write_text(json.dumps({"id2label": {"1": "neg", "0": "pos"}}))
+    code, metrics, err = evaluate(folder)
+    assert code == 0 and metrics == pytest.approx(expected) and "id2label of " + str(tmp_path / "peft") in err
+
+
+def test_a_classifiers_labels_are_read_once_per_config_file(tmp_path, monkeypatch):
+    """eval / train / generate of a classifier asked hub.classifier_labels before the model loaded and
+    load_model_and_tokenizer asked it again: two AutoConfig builds of one file (2-8 ms each here). Now one per
+    config.json state; a rewritten config.json is read again."""
+    import transformers
+
+    from lorakit.hub import classifier_labels
+
+    tok = word_level_tokenizer(_examples())
+    folder, _ = _classifier_folder(tmp_path, tok, ["pos", "neg"])
+    reads = []
+    real = transformers.AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: reads.append(path) or real(cls, path, **kw)))
+    assert classifier_labels(folder) == classifier_labels(str(folder)) == ["pos", "neg"]
+    assert len(reads) == 1
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "negative", "1": "positive"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert classifier_labels(folder) == ["negative", "positive"] and len(reads) == 2

@@ -46,6 +46,19 @@ def label_names(examples: Sequence[Example]) -> list[str]:
     return names
 
 
+def config_labels(config: Mapping) -> list[str] | None:
+    """The label names of a model ``config.json`` (a dict) in head-output order: ``id2label`` sorted by id (JSON keys
+    are strings: ``{"0": "neg", "1": "pos"}``); None without one, or when its ids are not 0..n-1."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, Mapping) or not id2label:
+        return None
+    try:
+        ids = {int(i): str(name) for i, name in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    return [ids[i] for i in range(len(ids))] if sorted(ids) == list(range(len(ids))) else None
+
+
 def head_labels(data_labels: Sequence[str], checkpoint_labels: Sequence[str] | None) -> tuple[list[str], str | None]:
     """The head's labels for training, in output order, and a note for the user (None: nothing to say).
 
