@@ -240,6 +240,20 @@ def test_ctrl_c_stops_the_run_at_once_and_keeps_the_last_completed_round(tiny_mo
     assert read_round(out, config)["round"] == done  # the kept state resumes
 
 
+def _resume_without_flower(tiny_model_dir, run, monkeypatch) -> int:
+    """`lorakit federate --resume-from run` with tiny_config("fedit", rounds=3, evaluate=False)'s settings; the test
+    fails if Flower's simulation starts."""
+    import flwr.simulation
+
+    from lorakit.cli import main
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    return main(["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "3",
+                 "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples",
+                 "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
+                 "--no-evaluate", "--quiet", "--resume-from", str(run)])
+
+
 def _damage_json(**changes):
     def damage(folder: Path) -> None:
         record = json.loads((folder / "server_state.json").read_text())
@@ -276,19 +290,12 @@ def test_a_damaged_checkpoint_is_refused_before_flower_starts(damage, says, tiny
     TypeError traceback (some inside Flower's ServerApp thread, after Ray's start-up), a negative round was resumed
     (rounds -2..2 ran), a truncated server_state.safetensors failed only inside the simulation, and integer tensors
     were cast and resumed. Now each is a one-line error naming the file, before Flower starts."""
-    import flwr.simulation
-
-    from lorakit.cli import main
     from lorakit.federated.checkpoint import save_round
 
     config = tiny_config("fedit", rounds=3, evaluate=False)
     save_round(tmp_path / "run" / "checkpoint", _core_after_one_round(config), 1, [])
     damage(tmp_path / "run" / "checkpoint")
-    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("Flower started"))
-    code = main(["federate", "--model", tiny_model_dir, "--strategy", "fedit", "--clients", "2", "--rounds", "3",
-                 "--local-steps", "2", "--batch-size", "4", "--r", "2", "--data", "reverse,sort", "--train-examples",
-                 "16", "--eval-examples", "4", "--target-modules", "q_proj,o_proj", "--fair-steps", "20",
-                 "--no-evaluate", "--quiet", "--resume-from", str(tmp_path / "run")])
+    code = _resume_without_flower(tiny_model_dir, tmp_path / "run", monkeypatch)
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, err
 
@@ -340,3 +347,38 @@ def test_a_run_resumed_into_another_folder_treats_it_as_a_fresh_output(tiny_mode
     # resuming in place keeps the run's folder as it is
     make_server_app(config, {}, output=tmp_path / "a", resume_from=tmp_path / "a")(None, context())
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter", "checkpoint"]
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_flower_starts(tiny_model_dir, tiny_config, tmp_path,
+                                                                       capsys, monkeypatch):
+    """Was: a checkpoint whose tensors do not fit this run's model (same settings, another model in the folder, or an
+    edited file) passed the up-front check and was refused only in the ServerApp, after Ray started. Now the server
+    state is built and checked before Flower starts, naming the tensor."""
+    from lorakit.federated.checkpoint import save_round
+    from lorakit.io.files import save_tensors
+
+    config = tiny_config("fedit", rounds=3, evaluate=False)
+    folder = tmp_path / "run" / "checkpoint"
+    save_round(folder, _core_after_one_round(config), 1, [])
+    state = load_tensors(folder / "server_state.safetensors")
+    key = sorted(k for k in state if k.endswith(".lora_A"))[0]
+    state[key] = state[key][:1]  # rank 1 where the run has rank 2
+    save_tensors(folder / "server_state.safetensors", state)
+    code = _resume_without_flower(tiny_model_dir, tmp_path / "run", monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and f"{key} has shape (1, " in err and "another model or rank?" in err and "Traceback" not in err
+
+
+def test_resume_reads_the_checkpoint_tensors_once(tiny_config, tmp_path, monkeypatch):
+    """read_round loaded server_state.safetensors, then restore_round loaded it again (and ``federate`` ran
+    read_round up front, then the ServerApp read and restored it: three reads per resume). Now once."""
+    import lorakit.federated.checkpoint as checkpoint
+
+    config = tiny_config("fedit", evaluate=False)
+    saved = _core_after_one_round(config)
+    checkpoint.save_round(tmp_path / "checkpoint", saved, 1, [])
+    reads = []
+    monkeypatch.setattr(checkpoint, "load_tensors", lambda path: reads.append(path) or load_tensors(path))
+    core, evaluation, done = checkpoint.start_run(config, tmp_path)
+    assert len(reads) == 1 and done == 1
+    assert all(torch.equal(core.state[k], saved.state[k]) for k in saved.state)

@@ -148,15 +148,17 @@ def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config
     strategy = FlowerLoraStrategy(core)
     good, metrics = client_round(config, 0, 1, unpack(core.downlink_bytes()))
     nan = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
-    sent = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+    sent = {node: Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                          message_type="train") for node in (7, 8, 9, 10)}
 
-    def reply(update, client):
+    def reply(update, client, node):
         return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
-                                           "metrics": MetricRecord({**metrics, "client": client})}), reply_to=sent)
+                                           "metrics": MetricRecord({**metrics, "client": client})}), reply_to=sent[node])
 
-    replies = [reply(good, 0), reply(nan, 1), Message(Error(code=0, reason="client crashed"), reply_to=sent),
-               Message(content=RecordDict({"metrics": MetricRecord({"client": 2})}), reply_to=sent)]
+    replies = [reply(good, 0, 7), reply(nan, 1, 8), Message(Error(code=0, reason="client crashed"), reply_to=sent[9]),
+               Message(content=RecordDict({"metrics": MetricRecord({"client": 2})}), reply_to=sent[10])]
     strategy.sent[1] = 4
+    strategy.trains = {1: {7: 0, 8: 1, 9: 2, 10: 2}}  # round -> node id -> the partition-id configure_train sent it
     with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
         arrays, agg = strategy.aggregate_train(1, replies)
     record = core.history[-1]
@@ -166,6 +168,41 @@ def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config
     for k, v in good.items():
         torch.testing.assert_close(state[k], v)
     assert "NaN" in caplog.text and "client crashed" in caplog.text
+
+
+def test_a_reply_claiming_another_clients_id_is_refused(tiny_config, flower_task, caplog):
+    """Was: the server took each reply's client id from the reply's own metrics, so a node sent client 1's training
+    could report "client": 0 and be aggregated (and DP-accounted) as client 0, whose real update then counted as a
+    duplicate. Now the id is the one the server sent to the replying node (Flower's ``src_node_id``, which the
+    SuperLink checks against the instruction's ``dst_node_id``); a claim that differs is refused."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from lorakit.federated.apps import FlowerLoraStrategy, blob_record
+
+    config = tiny_config("fedit")
+    core = ServerCore(config)
+    strategy = FlowerLoraStrategy(core)
+    down = unpack(core.downlink_bytes())
+    updates = {client: client_round(config, client, 1, down) for client in (0, 1)}
+    sent = {node: Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                          message_type="train") for node in (21, 22)}
+    strategy.sent[1], strategy.trains = 2, {1: {21: 0, 22: 1}}  # as configure_train sent round 1
+
+    def reply(node, claimed, client):
+        update, metrics = updates[client]
+        return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
+                                           "metrics": MetricRecord({**metrics, "client": claimed})}), reply_to=sent[node])
+
+    # node 22 (sent client 1) answers first, as client 0: it must not take client 0's place
+    with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
+        arrays, _ = strategy.aggregate_train(1, [reply(22, 0, 1), reply(21, 0, 0)])
+    record = core.history[-1]
+    assert record["clients"] == [0] and not record["rejected"]
+    assert record["failures"] == ["node 22: says it is client 0, but it was sent client 1's training; refused"]
+    state = unpack(arrays["state"].data)
+    for k, v in updates[0][0].items():
+        torch.testing.assert_close(state[k], v)
+    assert "says it is client 0" in caplog.text
 
 
 @pytest.mark.parametrize("strategy", list_strategies())

@@ -165,6 +165,11 @@ class FlowerLoraStrategy(FedAvg):
     every run, so neither a rerun nor a resumed run trained the same clients. Each node is asked its partition-id
     once (a QUERY message, ``client_app``'s ``partition``).
 
+    A reply's client is the partition-id this server sent to the node it came from (``metadata.src_node_id``, which
+    Flower's SuperLink checks against the instruction's ``dst_node_id``), not the id the reply says: a reply that
+    says another (a node claiming another client's place in the average and the DP accounting) is refused, listed
+    in the round's ``failures``.
+
     ``done``: rounds a resumed run has already completed; Flower's loop counts from 1 again, and round ``t`` of
     it is the run's round ``done + t`` (sent to clients, seeding their sampling and training, and recorded)."""
 
@@ -176,6 +181,7 @@ class FlowerLoraStrategy(FedAvg):
         self.core, self.done, self.control = core, done, control
         self.sent: dict[int, int] = {}
         self.partition_of: dict[int, int] = {}  # node id -> partition-id, as each node answered
+        self.trains: dict[int, dict[int, int]] = {}  # round -> {node id: the partition-id it was sent to train}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.done
@@ -192,6 +198,7 @@ class FlowerLoraStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: blob_record(self.core.downlink_bytes(), "state"),
                              self.configrecord_key: config})
         self.sent[server_round] = len(sampled)
+        self.trains[server_round] = {nodes[p]: p for p in sampled if p in nodes}
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nodes[p])
                 for p in sampled if p in nodes]
 
@@ -221,18 +228,28 @@ class FlowerLoraStrategy(FedAvg):
         if self.control is not None:  # interrupted while the replies came in: the round did not complete
             self.control.check()
         good, failures = [], []
+        trained = self.trains.pop(server_round, {})
         for msg in replies:
+            node = msg.metadata.src_node_id  # set by Flower from the connection the reply came on, not by the client
             if msg.has_error():
-                failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                failures.append(f"node {node}: {msg.error.reason}")
                 continue
+            client = trained.get(node)
             try:
                 metrics = dict(msg.content["metrics"])
                 blob = msg.content["arrays"]["update"].data
-                client = int(metrics["client"])
+                claimed = int(metrics["client"])
             except (KeyError, TypeError, ValueError) as error:
-                failures.append(f"node {msg.metadata.src_node_id}: malformed reply ({error!r})")
+                failures.append(f"node {node}: malformed reply ({error!r})")
                 continue
-            good.append((client, blob, metrics))
+            if client is None:
+                failures.append(f"node {node}: a reply from a node that was sent no training this round (it says "
+                                f"client {claimed}); refused")
+            elif claimed != client:  # the client id is the server's, from the node it sent client `client` to
+                failures.append(f"node {node}: says it is client {claimed}, but it was sent client {client}'s "
+                                "training; refused")
+            else:
+                good.append((client, blob, metrics))
         record = self.core.receive(server_round, good, failures, sent=self.sent.get(server_round, len(good)))
         metrics = {k: float(v) for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
@@ -241,7 +258,7 @@ class FlowerLoraStrategy(FedAvg):
 
 def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = None,
                checkpoint: Path | None = None, resume_from: Path | None = None,
-               control: RunControl | None = None) -> dict[str, Any]:
+               control: RunControl | None = None, start: tuple | None = None) -> dict[str, Any]:
     """Run ``config.rounds`` rounds on ``grid``; returns ``{"config", "rounds": [...], "evaluation": [...]}``, and
     with ``adapter_dir`` writes the final global model there as a PEFT LoRA (``ServerCore.save_adapter``; its path
     under ``"adapter"``; with no global adapter, FLoRA before an accepted round, None and an older one is removed).
@@ -249,10 +266,12 @@ def run_server(grid: Grid, config: FederatedConfig, adapter_dir: Path | None = N
     ``checkpoint``: the folder written after every round (``federated.checkpoint.save_round``); ``resume_from``: a
     run's output or checkpoint folder to continue from (its config must equal ``config``, but for ``rounds``), which
     skips the rounds it completed. ``control``: once its ``stop`` is set, RunStopped at the next wait or round end;
-    the checkpoint stays that of the last completed round, and no adapter is written."""
+    the checkpoint stays that of the last completed round, and no adapter is written. ``start``: ``(core, evaluation,
+    done)`` as ``checkpoint.start_run(config, resume_from)`` gives it, built by the caller before Flower started
+    (None: built here)."""
     from .checkpoint import end_round, start_run
 
-    core, evaluation, done = start_run(config, resume_from)
+    core, evaluation, done = start if start is not None else start_run(config, resume_from)
     strategy = FlowerLoraStrategy(core, done, control)
     if control is not None:
         grid = StoppableGrid(grid, control)
@@ -291,7 +310,7 @@ def _switch(run_config: dict[str, Any], key: str) -> bool:
 
 def make_server_app(config: FederatedConfig | None = None, sink: dict | None = None,
                     output: str | Path | None = None, resume_from: str | Path | None = None,
-                    control: RunControl | None = None) -> ServerApp:
+                    control: RunControl | None = None, start: tuple | None = None) -> ServerApp:
     """A ServerApp running ``config`` (None: read it from the Flower run config); the result goes into ``sink``.
 
     With an output folder (``output``, else the run config's ``output``) the server checkpoints every round to
@@ -300,7 +319,7 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
     ``--output`` (``lorakit.cli.check_output_dir``): an existing non-empty folder needs ``overwrite = true``, or
     ``resume = true`` (continue from its checkpoint). ``resume_from``: a run's output or checkpoint folder to
     continue from (``lorakit federate --resume-from``). ``control``: lets the caller stop the run
-    (:class:`RunControl`)."""
+    (:class:`RunControl`). ``start``: the run's server already built (see :func:`run_server`)."""
     app = ServerApp()
 
     @app.main()
@@ -334,7 +353,8 @@ def make_server_app(config: FederatedConfig | None = None, sink: dict | None = N
             (folder / "federated.json").unlink(missing_ok=True)
         result = run_server(grid, settings,
                             adapter_dir=folder / "adapter" if folder else None,
-                            checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume, control=control)
+                            checkpoint=folder / CHECKPOINT if folder else None, resume_from=resume, control=control,
+                            start=start)
         if sink is not None:
             sink.update(result)
         if run_config.get("output"):

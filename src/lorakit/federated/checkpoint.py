@@ -86,7 +86,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
     """The checkpoint record of ``path`` (a run's output folder or its ``checkpoint/``), checked against ``config``
-    (a FederatedConfig). Raises LorakitError when there is none, it is of another format, either file is damaged
+    (a FederatedConfig), with its tensors under ``"state"`` and its folder under ``"directory"``. Raises LorakitError when there is none, it is of another format, either file is damaged
     (JSON fields missing or of the wrong type, tensors unreadable, truncated, non-finite or not floating point), it
     was written by a run with other settings (naming every differing field), or it is past ``config.rounds``. All
     of it before Flower starts (``simulate.federate`` calls it up front): a damaged file failed in the ServerApp's
@@ -116,6 +116,7 @@ def read_round(path: str | os.PathLike, config) -> dict[str, Any]:
         raise LorakitError(f"--resume-from {path} has completed {record['round']} rounds, more than --rounds "
                            f"{config.rounds}; give --rounds {record['round']} or more")
     record["directory"] = str(directory)
+    record["state"] = tensors  # restore_round takes them from here: the file is read once per resume
     return record
 
 
@@ -152,7 +153,7 @@ def restore_round(core, record: dict[str, Any]) -> None:
     """Put a checkpoint's state and history (``read_round``'s record) into a freshly built ServerCore of the same
     config. Raises LorakitError when its tensors do not fit this server's (another model or targets)."""
     directory = Path(record["directory"])
-    state = load_tensors(directory / STATE_TENSORS)
+    state = record["state"]
     if set(state) != set(core.state):
         extra, missing = sorted(set(state) - set(core.state)), sorted(set(core.state) - set(state))
         raise LorakitError(f"--resume-from {directory}: its global state names other tensors than this run's "
@@ -176,7 +177,9 @@ def restore_round(core, record: dict[str, Any]) -> None:
 def start_run(config, resume_from: str | os.PathLike | None = None) -> tuple[Any, list[dict[str, Any]], int]:
     """``(core, evaluation, done)`` to run ``config`` from: a fresh :class:`~lorakit.federated.server.ServerCore`,
     or one holding ``resume_from``'s checkpoint (``read_round``'s errors), its evaluations so far and the number
-    of rounds it completed."""
+    of rounds it completed. ``simulate.federate`` calls it before Flower starts (a checkpoint whose tensors do not
+    fit this run's model is refused there, not in the ServerApp after Ray's start-up) and hands the result to the
+    ServerApp (``apps.run_server``'s ``start``)."""
     from .server import ServerCore
 
     record = read_round(resume_from, config) if resume_from is not None else None

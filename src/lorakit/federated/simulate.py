@@ -29,7 +29,8 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
     with ``output`` the server checkpoints every round to ``<output>/checkpoint`` and writes the final global adapter
     to ``<output>/adapter`` (a PEFT LoRA; ``"adapter"`` in the result). ``resume_from`` (a run's output or its
     checkpoint folder) continues that run after its last completed round; LorakitError, before Flower starts, when
-    it holds no checkpoint or one of a run with other settings (naming them).
+    it holds no checkpoint, a damaged one, one of a run with other settings (naming them) or one whose tensors do not
+    fit this run's model (naming the tensor).
 
     Ctrl-C (KeyboardInterrupt) stops the ServerApp too, before it re-raises: the round in progress is dropped, the
     checkpoint stays that of the last completed round and no adapter is written (``apps.RunControl``)."""
@@ -42,10 +43,13 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
 
     from .apps import RunControl, client_app, make_server_app
 
+    start = None
     if resume_from is not None:
-        from .checkpoint import read_round
+        from .checkpoint import start_run
 
-        read_round(resume_from, config)  # its errors here, not inside the ServerApp's thread (Flower logs them)
+        # its errors here, not inside the ServerApp's thread after Ray's start-up (Flower logs them): no checkpoint,
+        # a damaged one, other settings, and tensors that do not fit this run's model (needs the server's model)
+        start = start_run(config, resume_from)
 
     cpus = backend_cpus or max(1, min(config.clients, (os.cpu_count() or 2) // 2))
     gpus = 0.0 if config.device == "cpu" else 1.0 / cpus  # clients training at once share the GPU
@@ -55,7 +59,7 @@ def federate(config: FederatedConfig, backend_cpus: int | None = None, quiet: bo
         logging.getLogger("flwr").setLevel(logging.WARNING)
     with _stop_on_interrupt(control.stop):
         try:
-            run_simulation(server_app=make_server_app(config, sink, output, resume_from, control),
+            run_simulation(server_app=make_server_app(config, sink, output, resume_from, control, start),
                            client_app=client_app, num_supernodes=config.clients,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                                            "init_args": {"num_cpus": cpus, "include_dashboard": False,
