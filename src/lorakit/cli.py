@@ -476,8 +476,12 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     )
     if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
         from .training.procedures import get_procedure
-        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config,
-                                                            normalize_task_type(args.task_type))
+        procedure = get_procedure(train_config.procedure)
+        procedure.check_adapter(train_config.procedure_args or {}, adapter_config, normalize_task_type(args.task_type))
+        if args.quantize and not procedure.cls.quantized_base_ok:
+            raise ConfigError(f"--procedure {procedure.name} trains base weights in full, which --quantize "
+                              f"{args.quantize} stores in 4 bit with no gradient; drop --quantize, or train the "
+                              "4-bit base with a procedure that trains the adapter alone.")
     if args.resume_from:
         typed = getattr(args, "_renamed_flags_given", {})  # a renamed field's spelling as typed (old or new)
         given = {f.name: typed.get(f.name, flag_for(f.name)) for f in dataclasses.fields(method.config_cls)
@@ -613,6 +617,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace, ctx) -> int:
+    out = Path(args.output)
+    existed, fresh = out.is_dir(), not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    method, adapter_config, config = _train_configs(args, ctx)
+    with _removed_if_unfinished(out, fresh and ctx.is_main, keep_folder=existed):
+        return _train_run(args, ctx, method, adapter_config, config)
+
+
+@contextlib.contextmanager
+def _removed_if_unfinished(out: Path, fresh: bool, keep_folder: bool):
+    """Empty ``out`` (remove it, unless ``keep_folder``: it was there, empty, before) when the run that found it
+    ``fresh`` (absent or empty) fails before it wrote a checkpoint or an adapter.
+
+    What the run writes before its first step (base.json, the step-0 record of metrics.jsonl) would otherwise stay,
+    so that an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a 6-block
+    model) left a folder the same command, corrected, refused without --overwrite. A folder that held anything
+    before the run, or that has a checkpoint (Ctrl-C writes one), is left as it is."""
+    try:
+        yield
+    except BaseException:
+        if fresh and out.is_dir() and not any(out.glob("checkpoint-*")) and not (out / "adapter").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            if keep_folder:
+                out.mkdir(exist_ok=True)
+        raise
+
+
+def _train_run(args: argparse.Namespace, ctx, method, adapter_config, config) -> int:
     import torch
 
     from . import add_adapter, disable_adapters, print_trainable_parameters
@@ -622,7 +653,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     from .training.objectives import objective_for
     from .training.plot import plot_metrics
 
-    method, adapter_config, config = _train_configs(args, ctx)
     tokenizer = load_tokenizer(args.model)
     train_examples = _load_examples(args.data, "train", args.train_examples, TASK_TRAIN_EXAMPLES, args.seed, tokenizer)
     if args.eval_data:

@@ -81,6 +81,10 @@ class Procedure:
     # False: reads or writes frozen base weights as whole tensors between forwards (LoRAPrune's pruning), which a
     # base FSDP has sharded across processes does not allow; TrainConfig refuses distributed="fsdp" under a launcher.
     fsdp_compatible: ClassVar[bool] = True
+    # False: trains base weights in full (GaLore's target matrices, LISA's blocks), which a 4-bit base (``lorakit
+    # train --quantize``) holds as packed integers that take no gradient; the command refuses the pair before any
+    # model loads, and ``float_base_params`` says so in the Python API.
+    quantized_base_ok: ClassVar[bool] = True
 
     def __init__(self, config: ProcedureConfig, train_config: "TrainConfig") -> None:
         self.config = config
@@ -124,6 +128,18 @@ class Procedure:
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         return None
+
+
+def float_base_params(model: nn.Module, params: list[nn.Parameter], procedure: str) -> list[nn.Parameter]:
+    """``params`` (base parameters a procedure trains in full), or ConfigError naming the first that is not floating
+    point: a quantized base's packed weight (bitsandbytes' uint8), which ``requires_grad_`` refuses with a bare
+    RuntimeError."""
+    wanted = {id(p) for p in params if not p.is_floating_point()}
+    if wanted:
+        name, p = next((n, p) for n, p in model.named_parameters() if id(p) in wanted)
+        raise ConfigError(f"{procedure} trains base weights in full, and {name} is stored as {p.dtype} (a quantized "
+                          "base), which cannot be trained; load the base in full precision (no --quantize).")
+    return params
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ...core.config import check_positive, check_positive_ints, check_range, field_error
+from ...core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
 from ...core.errors import did_you_mean
 from ...core.model import adapter_layers
-from .base import Procedure, ProcedureConfig, register_procedure
+from .base import Procedure, ProcedureConfig, float_base_params, register_procedure
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -84,6 +84,7 @@ class GaLoreConfig(ProcedureConfig):
                                                             "['attn', 'mlp'].")
         for name in ("beta1", "beta2"):
             check_range(self, name, 0, 1, high_open=True)
+        check_non_negative(self, "eps", finite=True)  # a negative eps can zero Adam's denominator (torch refuses it)
 
     def check_run(self, train_config) -> None:
         from ..distributed import env_world
@@ -158,6 +159,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 class GaLore(Procedure):
     config: GaLoreConfig
+    quantized_base_ok = False
 
     def __init__(self, config: GaLoreConfig, train_config) -> None:
         super().__init__(config, train_config)
@@ -182,7 +184,7 @@ class GaLore(Procedure):
         taken = {id(p) for g in groups for p in g["params"]} | set(targets)
         others = [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in taken] \
             if self.config.train_other_params else []
-        for p in [*targets.values(), *others]:
+        for p in float_base_params(model, [*targets.values(), *others], "GaLore"):
             p.requires_grad_(True)
         out = [g for g in groups if g["params"]]
         if others:

@@ -34,7 +34,7 @@ from ...core.config import check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...data import stable_seed
-from .base import Procedure, ProcedureConfig, register_procedure
+from .base import Procedure, ProcedureConfig, float_base_params, register_procedure
 
 
 @dataclass
@@ -55,6 +55,7 @@ class LisaConfig(ProcedureConfig):
 
 class Lisa(Procedure):
     config: LisaConfig
+    quantized_base_ok = False
 
     def __init__(self, config: LisaConfig, train_config) -> None:
         super().__init__(config, train_config)
@@ -92,9 +93,9 @@ class Lisa(Procedure):
         taken = {id(p) for g in groups for p in g["params"]}
         in_blocks = {id(p) for block in self.blocks for p in block}
         always = [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in taken | in_blocks]
-        for p in always:
+        body = float_base_params(model, [p for block in self.blocks for p in block], "LISA")
+        for p in float_base_params(model, always, "LISA"):
             p.requires_grad_(True)
-        body = [p for block in self.blocks for p in block]
         extra = {"lr": self.train_config.lr, "weight_decay": self.train_config.weight_decay}
         self._activate(0)
         return [g for g in groups if g["params"]] + [{"params": always, **extra}, {"params": body, **extra}]
