@@ -393,9 +393,9 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
 
 
 def _load_trained_base_params(model, adapter: Path) -> None:
-    """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms,
-    ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into ``model`` too:
-    without them the adapter scores differently than it did in training."""
+    """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms, LISA's blocks,
+    GaLore's matrices; ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into
+    ``model`` too: without them the adapter scores differently than it did in training."""
     from .training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
 
     for folder in (adapter, adapter.parent):
@@ -756,7 +756,7 @@ def _train_run(args: argparse.Namespace, ctx, method, adapter_config, config) ->
 
         write_dir_atomically(out / "pruned_model", with_tokenizer)
         print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
-    if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA)
+    if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA, LISA, GaLore)
         print(f"base tensors trained with the adapter in {out / 'trainable_params.safetensors'} (eval, generate "
               f"and merge load them with --adapter {result.adapter_dir})")
     _print_metrics("after ", after)

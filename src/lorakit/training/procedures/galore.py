@@ -27,7 +27,8 @@ held at once. As in the official code, such gradients are not clipped (global cl
 
 Composition: the run's adapter keeps training (plain Adam rule above) unless ``train_adapter=False``; GaLore
 alone is "a zero-initialised LoRA with ``train_adapter=False``". The trained base weights are in the loop's
-checkpoints (``param.<name>``); the final ``adapter`` folder holds only the adapter.
+checkpoints (``param.<name>``) and, at the end of a run with an ``output_dir``, in ``trainable_params.safetensors``
+beside the adapter (``lorakit eval`` / ``generate`` / ``merge`` load them with it).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 from ...core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
 from ...core.errors import did_you_mean
 from ...core.model import adapter_layers
-from .base import Procedure, ProcedureConfig, float_base_params, register_procedure
+from .base import Procedure, ProcedureConfig, float_base_params, register_procedure, save_trained_base
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -165,6 +166,7 @@ class GaLore(Procedure):
         super().__init__(config, train_config)
         self._hooks: list[Any] = []
         self._calls: dict[int, int] = {}
+        self.trained_base: list[nn.Parameter] = []  # base parameters it trains in full (saved by finish)
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.adapters.parameters()}
@@ -184,7 +186,8 @@ class GaLore(Procedure):
         taken = {id(p) for g in groups for p in g["params"]} | set(targets)
         others = [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in taken] \
             if self.config.train_other_params else []
-        for p in float_base_params(model, [*targets.values(), *others], "GaLore"):
+        self.trained_base = float_base_params(model, [*targets.values(), *others], "GaLore")
+        for p in self.trained_base:
             p.requires_grad_(True)
         out = [g for g in groups if g["params"]]
         if others:
@@ -223,6 +226,7 @@ class GaLore(Procedure):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        save_trained_base(model, self.trained_base, self.train_config)  # the matrices (and others) it trained
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._calls.clear()
