@@ -82,3 +82,18 @@ def test_a_failed_resume_into_a_used_folder_keeps_what_was_there(tmp_path, capsy
     status = _status(["train", *SMALL, "--steps", "3", "--procedure", "lisa", "--lisa-activated-layers", "100",
                       "--resume-from", str(out / "checkpoint-1"), "--output", str(out)])
     assert status != 0 and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_lisa_run_keeps_its_trained_blocks_for_eval_and_export_says_a_peft_lora_cannot_hold_them(tmp_path, capsys):
+    """Was: `lorakit train --procedure lisa` wrote the adapter alone; `lorakit eval` on the run then scored the
+    untouched base (here: an adapter with B = 0, --no-train-adapter), not the model the run trained and reported."""
+    run = tmp_path / "run"
+    assert _status(["train", "--procedure", "lisa", "--no-train-adapter", "--lisa-activated-layers", "1", *SMALL,
+                    "--output", str(run)]) == 0
+    assert (run / "trainable_params.safetensors").is_file()
+    capsys.readouterr()
+    assert _status(["eval", "--adapter", str(run), "--data", "reverse", "--eval-examples", "2", "--quiet"]) == 0
+    assert f"base tensors trained with the adapter from {run / 'trainable_params.safetensors'}" in capsys.readouterr().err
+    assert _status(["export", str(run), "--output", str(tmp_path / "peft")]) == 0
+    err = capsys.readouterr().err
+    assert "the run also trained base tensors" in err and "`lorakit merge` writes the whole trained model" in err, err

@@ -1458,6 +1458,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     write_dir_atomically(out, write)
     print(f"exported PEFT LoRA adapter to {out}")
+    from .training.procedures.base import TRAINABLE_PARAMS_FILE
+    trained = [f / TRAINABLE_PARAMS_FILE for f in (Path(args.adapter), Path(args.adapter).parent)
+               if (f / TRAINABLE_PARAMS_FILE).is_file()]
+    if trained:  # LongLoRA / LISA / GaLore: the run's model is the adapter on a base whose tensors it also trained
+        print(f"warning: the run also trained base tensors ({trained[0]}), which a PEFT LoRA cannot hold: {out} on the "
+              "original base is not the trained model; `lorakit merge` writes the whole trained model", file=sys.stderr)
     return 0
 
 
