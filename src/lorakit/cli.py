@@ -628,16 +628,20 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
 @contextlib.contextmanager
 def _removed_if_unfinished(out: Path, fresh: bool, keep_folder: bool):
     """Empty ``out`` (remove it, unless ``keep_folder``: it was there, empty, before) when the run that found it
-    ``fresh`` (absent or empty) fails before it wrote a checkpoint or an adapter.
+    ``fresh`` (absent or empty) fails before it trained a logged step or wrote a checkpoint or an adapter.
 
     What the run writes before its first step (base.json, the step-0 record of metrics.jsonl) would otherwise stay,
     so that an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a 6-block
     model) left a folder the same command, corrected, refused without --overwrite. A folder that held anything
-    before the run, or that has a checkpoint (Ctrl-C writes one), is left as it is."""
+    before the run, that has a checkpoint (Ctrl-C writes one) or logged training steps (a failure late in a run
+    keeps its loss curve), or a run stopped by Ctrl-C, is left as it is."""
     try:
         yield
-    except BaseException:
-        if fresh and out.is_dir() and not any(out.glob("checkpoint-*")) and not (out / "adapter").exists():
+    except Exception:
+        log = out / "metrics.jsonl"
+        trained = log.is_file() and '"loss"' in log.read_text(errors="replace")
+        if fresh and out.is_dir() and not trained and not any(out.glob("checkpoint-*")) \
+                and not (out / "adapter").exists():
             shutil.rmtree(out, ignore_errors=True)
             if keep_folder:
                 out.mkdir(exist_ok=True)
