@@ -408,9 +408,9 @@ def _load_with_adapter(args, any_model: bool = False, labels: list[str] | None =
 
 
 def _load_trained_base_params(model, adapter: Path) -> None:
-    """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms,
-    ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into ``model`` too:
-    without them the adapter scores differently than it did in training."""
+    """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms, LISA's blocks,
+    GaLore's matrices; ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into
+    ``model`` too: without them the adapter scores differently than it did in training."""
     from .training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
 
     for folder in (adapter, adapter.parent):
@@ -489,10 +489,15 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         init_batches=args.init_batches, distributed=args.distributed,
         gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
+    adapter_config.check_steps(train_config.steps)  # a schedule the run ends before (IncreLoRA's first growth)
     if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
         from .training.procedures import get_procedure
-        get_procedure(train_config.procedure).check_adapter(train_config.procedure_args or {}, adapter_config,
-                                                            normalize_task_type(args.task_type))
+        procedure = get_procedure(train_config.procedure)
+        procedure.check_adapter(train_config.procedure_args or {}, adapter_config, normalize_task_type(args.task_type))
+        if args.quantize and not procedure.cls.quantized_base_ok:
+            raise ConfigError(f"--procedure {procedure.name} trains base weights in full, which --quantize "
+                              f"{args.quantize} stores in 4 bit with no gradient; drop --quantize, or train the "
+                              "4-bit base with a procedure that trains the adapter alone.")
     if args.resume_from:
         typed = getattr(args, "_renamed_flags_given", {})  # a renamed field's spelling as typed (old or new)
         given = {f.name: typed.get(f.name, flag_for(f.name)) for f in dataclasses.fields(method.config_cls)
@@ -628,6 +633,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace, ctx) -> int:
+    out = Path(args.output)
+    existed, fresh = out.is_dir(), not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    method, adapter_config, config = _train_configs(args, ctx)
+    with _removed_if_unfinished(out, fresh and ctx.is_main, keep_folder=existed):
+        return _train_run(args, ctx, method, adapter_config, config)
+
+
+@contextlib.contextmanager
+def _removed_if_unfinished(out: Path, fresh: bool, keep_folder: bool):
+    """Empty ``out`` (remove it, unless ``keep_folder``: it was there, empty, before) when the run that found it
+    ``fresh`` (absent or empty) fails before it trained a logged step or wrote a checkpoint or an adapter.
+
+    What the run writes before its first step (base.json, the step-0 record of metrics.jsonl) would otherwise stay,
+    so that an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a 6-block
+    model) left a folder the same command, corrected, refused without --overwrite. A folder that held anything
+    before the run, that has a checkpoint (Ctrl-C writes one) or logged training steps (a failure late in a run
+    keeps its loss curve), or a run stopped by Ctrl-C, is left as it is."""
+    try:
+        yield
+    except Exception:
+        log = out / "metrics.jsonl"
+        trained = log.is_file() and '"loss"' in log.read_text(errors="replace")
+        if fresh and out.is_dir() and not trained and not any(out.glob("checkpoint-*")) \
+                and not (out / "adapter").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            if keep_folder:
+                out.mkdir(exist_ok=True)
+        raise
+
+
+def _train_run(args: argparse.Namespace, ctx, method, adapter_config, config) -> int:
     import torch
 
     from . import add_adapter, disable_adapters, print_trainable_parameters
@@ -637,7 +673,6 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
     from .training.objectives import objective_for
     from .training.plot import plot_metrics
 
-    method, adapter_config, config = _train_configs(args, ctx)
     tokenizer = load_tokenizer(args.model)
     train_examples = _load_examples(args.data, "train", args.train_examples, TASK_TRAIN_EXAMPLES, args.seed, tokenizer)
     if args.eval_data:
@@ -740,7 +775,7 @@ def _train_command(args: argparse.Namespace, ctx) -> int:
 
         write_dir_atomically(out / "pruned_model", with_tokenizer)
         print(f"pruned model saved to {out / 'pruned_model'} (use it as --model)")
-    if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA)
+    if (out / "trainable_params.safetensors").is_file():  # base tensors trained in full (LongLoRA, LISA, GaLore)
         print(f"base tensors trained with the adapter in {out / 'trainable_params.safetensors'} (eval, generate "
               f"and merge load them with --adapter {result.adapter_dir})")
     _print_metrics("after ", after)
@@ -1442,6 +1477,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     write_dir_atomically(out, write)
     print(f"exported PEFT LoRA adapter to {out}")
+    from .training.procedures.base import TRAINABLE_PARAMS_FILE
+    trained = [f / TRAINABLE_PARAMS_FILE for f in (Path(args.adapter), Path(args.adapter).parent)
+               if (f / TRAINABLE_PARAMS_FILE).is_file()]
+    if trained:  # LongLoRA / LISA / GaLore: the run's model is the adapter on a base whose tensors it also trained
+        print(f"warning: the run also trained base tensors ({trained[0]}), which a PEFT LoRA cannot hold: {out} on the "
+              "original base is not the trained model; `lorakit merge` writes the whole trained model", file=sys.stderr)
     return 0
 
 

@@ -29,9 +29,9 @@ def _dylora(seed=0, **kw):
 
 
 def _official_delta(x, A, B, alpha, r_max, b):
-    """DyLoRA/loralib/DyLoRA.py ``dynamic.forward`` (lines 47-60) with current_rank = b-1: each of A (as
+    """DyLoRA/loralib/DyLoRA.py ``dynamic.forward`` (lines 46-62, commit bb44348) with current_rank = b-1: each of A (as
     lora_A.T) and B is cut to its first b rank columns and scaled by sqrt(r_max / b); layers.py Linear.forward
-    (line ~160) then computes ``dropout(x) @ lora_A.T @ lora_B.T * scaling``, scaling = lora_alpha / r_max."""
+    (lines 174-182) then computes ``dropout(x) @ lora_A.T @ lora_B.T * scaling``, scaling = lora_alpha / r_max."""
     a = (A.T[:, :b] * math.sqrt(r_max / b)).T
     bb = B[:, :b] * math.sqrt(r_max / b)
     return x @ a.T @ bb.T * (alpha / r_max)
@@ -135,3 +135,47 @@ def test_dylora_cli_train_eval_export_at_rank(tmp_path, capsys):
     assert "exact match" in capsys.readouterr().out
     assert main(["export", str(out / "adapter"), "--output", str(tmp_path / "x"), "--rank", "2"]) == 0
     assert '"r": 2' in (tmp_path / "x" / "adapter_config.json").read_text()
+
+
+class _OfficialDynamic(torch.nn.Module):
+    """A replay of huawei-noah/Efficient-NLP ``DyLoRA/loralib/DyLoRA.py`` class ``dynamic`` (commit bb44348):
+    ``forward`` (lines 46-62) in training mode: frozen (lines 48-56) detaches the first ``rank`` columns and keeps
+    column ``rank`` trainable; unfrozen (line 58) keeps columns ``:rank+1``; both scale by sqrt(maximum_rank / (rank+1))."""
+
+    def __init__(self, maximum_rank: int, rank: int, frozen: bool):
+        super().__init__()
+        self.maximum_rank, self.rank, self.frozen = maximum_rank, rank, frozen
+
+    def forward(self, inputs):
+        factor = math.sqrt(self.maximum_rank / (self.rank + 1))
+        if self.frozen:
+            kept = torch.cat([inputs[:, :self.rank].detach(), inputs[:, self.rank].unsqueeze(-1)], dim=-1)
+            return kept * factor
+        return inputs[:, :self.rank + 1] * factor
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_dylora_gradients_match_the_official_dynamic_module(b, frozen):
+    """The update, not only the forward: gradients of A and B for one loss through ours and through the official
+    ``Linear.forward`` (``DyLoRA/loralib/layers.py`` lines 174-182: ``lora_A = nd_lora_A(lora_A.T).T``,
+    ``lora_B = nd_lora_B(lora_B)``, ``x @ lora_A.T @ lora_B.T * scaling`` with scaling = lora_alpha / r, line 124),
+    ``set_rank(b - 1, frozen)`` (lines 139-141: the official rank index is b - 1)."""
+    model = _dylora(seed=1, frozen_lower_ranks=frozen)
+    _, layer = next(iter(adapter_layers(model)))
+    d = layer.adapters["default"].train()
+    d.train_rank.fill_(b)
+    x = torch.randn(6, d.info.in_features, generator=torch.Generator().manual_seed(2))
+    target = torch.randn(6, d.info.out_features, generator=torch.Generator().manual_seed(3))
+
+    A = d.lora_A.weight.detach().clone().requires_grad_(True)  # official lora_A (r, in)
+    B = d.lora_B.weight.detach().clone().requires_grad_(True)  # official lora_B (out, r)
+    nd_A, nd_B = _OfficialDynamic(R, b - 1, frozen), _OfficialDynamic(R, b - 1, frozen)
+    official = x @ nd_A(A.T).T.T @ nd_B(B).T * (ALPHA / R)
+    ((official - target) ** 2).sum().backward()
+
+    ours = d(x, torch.zeros(6, d.info.out_features), layer.base_layer)
+    ((ours - target) ** 2).sum().backward()
+    torch.testing.assert_close(ours, official.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d.lora_A.weight.grad, A.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d.lora_B.weight.grad, B.grad, atol=1e-6, rtol=1e-5)

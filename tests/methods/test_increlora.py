@@ -208,3 +208,41 @@ def test_increlora_no_orth_penalty_at_zero_weight():
     NLU/src/transformers/trainer.py:1527): the term is an exact 0 outside the graph."""
     loss = increlora_extra_loss(_model(reg_orth=0.0), "default")
     assert float(loss) == 0.0 and not loss.requires_grad
+
+
+@pytest.mark.parametrize("warmup,interval,steps,first", [(1000, 1000, 200, 2000), (2, 2, 3, 4), (0, 5, 4, 5)])
+def test_increlora_a_run_that_ends_before_the_first_growth_is_refused(warmup, interval, steps, first, capsys,
+                                                                      monkeypatch, tmp_path):
+    """Was: `lorakit train --method increlora` (init_warmup = incre_interval = 1000, --steps 200) trained a fixed
+    rank-1 LoRA and called it IncreLoRA. Growth comes at the first step > init_warmup that is a multiple of
+    incre_interval (official RankAllocator.update_and_increase); a run shorter than that is refused before the model
+    loads, and the Python loop warns."""
+    import lorakit.hub
+    from lorakit.cli import main
+
+    config = IncreLoraConfig(init_warmup=warmup, incre_interval=interval)
+    with pytest.raises(lk.ConfigError, match=f"first rank growth would come at step {first}, after the run's {steps} "):
+        config.check_steps(steps)
+    config.check_steps(first)  # the growth step itself is in the run
+    IncreLoraConfig(r=4, target_rank=4, init_warmup=warmup, incre_interval=interval).check_steps(steps)  # no growth
+
+    monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+    status = main(["train", "--method", "increlora", "--init-warmup", str(warmup), "--incre-interval", str(interval),
+                   "--steps", str(steps), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--init-warmup {warmup} with --incre-interval {interval}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_increlora_the_python_loop_warns_about_a_run_shorter_than_the_first_growth():
+    from lorakit.data import load_examples
+    from lorakit.training import TrainConfig, train
+
+    from lk_models import tiny_llama_for, word_level_tokenizer
+
+    examples = load_examples("reverse", "train", n=4, seed=0)
+    tokenizer = word_level_tokenizer(examples)
+    model = tiny_llama_for(tokenizer)
+    lk.add_adapter(model, IncreLoraConfig(target_modules=TARGETS, r=2, target_rank=4, init_warmup=4, incre_interval=2))
+    with pytest.warns(UserWarning, match="first rank growth would come at step 6, after the run's 2 steps"):
+        train(model, tokenizer, examples, TrainConfig(steps=2, batch_size=2, device="cpu"), progress=False)

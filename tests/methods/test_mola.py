@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -141,3 +142,14 @@ def test_router_and_experts_initialised_as_official():
         bound = 1 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5): U(-1/√in, 1/√in)  (mola_lora_hacked.py:741)
         assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
         assert d.router.gate.bias is None and (d.lora_B == 0).all()
+
+
+def test_an_allocation_with_more_groups_than_layers_is_refused_naming_num_experts():
+    """Was: num_experts="2-4-6" on tiny_llama's 2 layers added an adapter whose third group (6 experts) went to no
+    layer: the allocation the user typed was silently not the one trained."""
+    model = tiny_llama()
+    with pytest.raises(lk.ConfigError, match=r"num_experts='2-4-6' allocates experts over 3 groups of layers, but the "
+                                             r"model has 2 decoder layers; give at most 2 counts") as e:
+        lk.add_adapter(model, MolaConfig(num_experts="2-4-6", top_k=1, target_modules=["q_proj"]))
+    assert e.value.field == "MolaConfig.num_experts" and not lk.adapter_names(model)
+    lk.add_adapter(model, MolaConfig(num_experts="2-4", top_k=1, target_modules=["q_proj"]))

@@ -30,7 +30,7 @@ def _nudged(model, seed=0):
 
 
 def _official_generate(coefficients, out_dim, in_dim, seed):
-    """UCDvision/NOLA gpt/src/model_nola.py, GenerateParams.forward (lines 76-92): seed, W = zeros(num_basis, out,
+    """UCDvision/NOLA gpt/src/model_nola.py, GenerateParams.forward (lines 81-98, commit 03c7027): seed, W = zeros(num_basis, out,
     in), nn.init.uniform_(W, -1, 1), W *= 1/sqrt(num_basis), Out = einsum('b,boi->oi', coefficients, W). The
     official seeds the global CPU generator (torch.manual_seed), which draws the same stream as a seeded Generator."""
     torch.manual_seed(seed)
@@ -102,3 +102,40 @@ def test_nola_exports_to_peft(ids, tmp_path):
 def test_nola_config_errors():
     with pytest.raises(lk.ConfigError, match="num_basis_A"):
         NolaConfig(num_basis_A=0)
+
+
+def _official_coefficient_grad(grad_output, num_basis, out_dim, in_dim, seed):
+    """UCDvision/NOLA ``gpt/src/model_nola.py`` (commit 03c7027) ``GenerateParams.backward`` (lines 101-118): the
+    coefficients' gradient regenerated from the seed, W = uniform_(-1, 1) / sqrt(num_basis) (lines 110-113),
+    ``einsum('d,dl->l', grad_output.flatten(), W.permute(1, 2, 0).reshape(-1, num_basis))`` (lines 114-115)."""
+    torch.manual_seed(seed)
+    W = torch.zeros(num_basis, out_dim, in_dim)
+    nn.init.uniform_(W, a=-1.0, b=1.0)
+    W = W * (1.0 / math.sqrt(num_basis))
+    return torch.einsum("d,dl->l", grad_output.flatten(), W.permute(1, 2, 0).reshape(-1, num_basis))
+
+
+def test_nola_coefficient_gradients_match_the_official_backward():
+    """The update: the official code trains α, β through its own autograd.Function, whose backward is written out by
+    hand; ours is torch's autograd through the stored bases. Gradients of one loss must agree. The factor gradients
+    the official backward receives: LoRA.forward (lines 197-198) = lora_B(lora_A(x)) * alpha / rank, each lora_X a
+    NOLALinear computing ``x @ (generate_params(...) + weight).t()`` (lines 142-147)."""
+    cfg = NolaConfig(r=4, lora_alpha=8, num_basis_A=16, num_basis_B=12, projection_seed=5, target_modules=["q_proj"])
+    model = _nudged(lk.add_adapter(tiny_llama(), cfg), seed=4)
+    path, layer = next(iter(adapter_layers(model)))
+    d, seed = layer.adapters["default"], module_seed(5, path)
+    x = torch.randn(6, layer.info.in_features, generator=torch.Generator().manual_seed(6))
+    target = torch.randn(6, layer.info.out_features, generator=torch.Generator().manual_seed(7))
+
+    ours = d(x, torch.zeros(6, layer.info.out_features), None)
+    ((ours - target) ** 2).sum().backward()
+
+    A = d.lora_A().detach().requires_grad_(True)  # (r, in): generate_params(α) + Kaiming A0
+    B = d.lora_B().detach().requires_grad_(True)  # (out, r): generate_params(β) + zero weight
+    official = (x @ A.t()) @ B.t() * (8 / 4)
+    ((official - target) ** 2).sum().backward()
+    torch.testing.assert_close(ours, official.detach(), atol=1e-5, rtol=1e-5)
+    grad_alpha = _official_coefficient_grad(A.grad, 16, 4, layer.info.in_features, seed)
+    grad_beta = _official_coefficient_grad(B.grad, 12, layer.info.out_features, 4, seed + 1)
+    torch.testing.assert_close(d.nola_alpha.grad, grad_alpha, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d.nola_beta.grad, grad_beta, atol=1e-5, rtol=1e-5)

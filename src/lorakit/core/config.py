@@ -262,6 +262,12 @@ class AdapterConfig(metaclass=_PeftKeywords):
         ConfigError saying what to change where the data would train nothing or fail mid-run (keyed methods whose
         tasks have no expert, a routed method's missing per-example vectors); the default takes any examples."""
 
+    def check_steps(self, steps: int) -> None:
+        """Check the config's step schedules against a run of ``steps`` optimizer steps (the total, when resuming):
+        ConfigError naming the field where one would never act, leaving the method something else (IncreLoRA's first
+        rank growth after the last step: a fixed-rank LoRA). ``lorakit train`` calls it before any model loads; the
+        training loop warns with its message (a short Python run may mean it). The default has no schedule."""
+
     def for_module(self, module_name: str) -> "AdapterConfig":
         """The config as it applies to one module (methods with per-module patterns override this)."""
         return self

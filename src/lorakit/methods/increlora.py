@@ -104,6 +104,16 @@ class IncreLoraConfig(AdapterConfig):
             raise field_error(self, "max_rank", f"={self.max_rank} must hold r + incre_rank_num = "
                                                 f"{self.r + self.incre_rank_num} units (or 0 for automatic).")
 
+    def check_steps(self, steps: int) -> None:
+        # growth comes at the first step that is past init_warmup and a multiple of incre_interval (update_and_increase)
+        first = (self.init_warmup // self.incre_interval + 1) * self.incre_interval
+        if self.target_rank > self.r and first > steps:
+            raise field_error(self, "init_warmup", f"={self.init_warmup} with incre_interval={self.incre_interval}: "
+                                                   f"the first rank growth would come at step {first}, after the run's "
+                                                   f"{steps} steps, so every module would keep rank r={self.r} (never "
+                                                   f"target_rank={self.target_rank}); lower init_warmup and "
+                                                   "incre_interval, or train more steps.")
+
     def capacity(self) -> int:
         """Units stored per module: ``max_rank`` if set, else r + twice the average growth (target_rank − r) +
         the reserves, i.e. a module may end at up to about twice the average final rank."""

@@ -128,7 +128,15 @@ def build_mola(base_layer: nn.Module, info: LayerInfo, config: MolaConfig, path:
 
 
 def prepare_mola(model: nn.Module, config: MolaConfig) -> MolaConfig:
-    return config if config.num_layers else replace(config, num_layers=count_layers(model, config.layers_pattern))
+    if config.num_layers:  # a loaded file's (or a user's) count: the allocation it was trained with stands
+        return config
+    num_layers = count_layers(model, config.layers_pattern)
+    groups = len(parse_allocation(config.num_experts))
+    if groups > num_layers:  # groups past the last layer would get no layer (their expert counts silently unused)
+        raise field_error(config, "num_experts", f"={config.num_experts!r} allocates experts over {groups} groups of "
+                                                 f"layers, but the model has {num_layers} decoder layers; give at "
+                                                 f"most {num_layers} counts.")
+    return replace(config, num_layers=num_layers)
 
 
 def mola_extra_loss(model: nn.Module, name: str) -> torch.Tensor:

@@ -471,6 +471,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         raise ValueError(f"TrainConfig.eval_every={config.eval_every} but no eval_examples were given to train().")
     method = get_method(adapter_state(model).configs[adapter_name])
     adapter_state(model).configs[adapter_name].check_examples(train_examples)
+    try:
+        adapter_state(model).configs[adapter_name].check_steps(config.steps)
+    except ConfigError as e:  # a schedule this run is too short for (lorakit train refuses it before loading)
+        warnings.warn(str(e), stacklevel=3)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -122,3 +122,15 @@ def test_bad_input_says_what_to_change(tokenizer, reverse_train):
     mixlora = lk.add_adapter(tiny_llama_for(tokenizer), lk.get_method("mixlora").config_cls())
     with pytest.raises(ConfigError, match="no such lora_A module"):
         make_optimizer(mixlora, "default", config, procedure=get_procedure("flexora").build(config))
+
+
+def test_a_method_whose_forward_never_calls_lora_a_is_named(tokenizer, reverse_train):
+    """Was: DyLoRA (its forward slices lora_A's weight to the sampled rank instead of calling the module) trained
+    one step and then failed in the validation step with torch's "The differentiated Tensor at index 0 appears to
+    not have been used in the graph": the hooks weighting each layer never ran, so α had no gradient."""
+    model = lk.add_adapter(tiny_llama_for(tokenizer), lk.get_method("dylora").config_cls(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"forward at 'model\.layers\.0\.self_attn\.q_proj' \(DyLoraLinear\) never "
+                                          r"calls .*use it with method lora"):
+        train(model, tokenizer, reverse_train[:12], TrainConfig(steps=2, batch_size=2, procedure="flexora",
+                                                                procedure_args={"val_size": 4, "val_batches": 1},
+                                                                device="cpu"), progress=False)

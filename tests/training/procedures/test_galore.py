@@ -122,3 +122,13 @@ def test_galore_config_errors():
     with pytest.raises(lk.ConfigError, match="no nn.Linear") as e:
         make_optimizer(_model(), "default", _config(optim_target_modules=["nothing"]))
     assert e.value.field == "GaLoreConfig.optim_target_modules"  # worded as --optim-target-modules on a command line
+
+
+@pytest.mark.parametrize("eps", [-1e-8, float("nan"), float("inf")])
+def test_galore_refuses_an_eps_adam_refuses(eps):
+    """Was: --eps -1 trained (a denominator sqrt(v) + eps that can cross zero); torch.optim.AdamW and galore-torch's
+    AdamW both raise "Invalid epsilon value" for eps < 0."""
+    with pytest.raises(lk.ConfigError, match="GaLoreConfig.eps") as e:
+        GaLoreConfig(eps=eps)
+    assert e.value.field == "GaLoreConfig.eps"
+    GaLoreConfig(eps=0.0)  # allowed, as torch allows it

@@ -141,3 +141,34 @@ def test_cli_lists_and_uses_procedure_options(capsys, tmp_path):
     assert "--procedure" in out and "--loraplus-lr-ratio" in out and "--loraplus-lr-embedding" in out
     assert main(["train", "--procedure", "loraplsu"]) == 2
     assert "did you mean" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("procedure,args", [
+    ("lisa", {"lisa_activated_layers": 1, "lisa_interval_steps": 2, "train_adapter": False}),
+    ("galore", {"rank": 2, "update_proj_gap": 2, "train_adapter": False}),
+])
+def test_base_weights_a_procedure_trains_in_full_are_saved_with_the_adapter(procedure, args, make_model, tokenizer,
+                                                                             reverse_train, tmp_path):
+    """Was: LISA and GaLore trained base weights in full, the run's evaluation scored that model, and the output
+    held only the adapter (here still B = 0, since train_adapter=False): `lorakit eval` on the run evaluated the
+    untouched base. The trained tensors now go to trainable_params.safetensors (as LongLoRA's), and a fresh base
+    with the adapter and that file is the trained model."""
+    import lorakit as lk
+    from lorakit.training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
+
+    model = make_model()
+    train(model, tokenizer, reverse_train[:16], TrainConfig(steps=4, batch_size=4, lr=1e-2, procedure=procedure,
+                                                             procedure_args=args, output_dir=str(tmp_path),
+                                                             device="cpu"), progress=False)
+    assert (tmp_path / TRAINABLE_PARAMS_FILE).is_file()
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    fresh = make_model()
+    with torch.no_grad():
+        untouched = fresh(input_ids=ids).logits
+        lk.delete_adapter(fresh, "default")
+        lk.load_adapter(fresh, str(tmp_path / "adapter"))
+        load_trainable_params(fresh, tmp_path)
+        model.eval()
+        trained = model(input_ids=ids).logits
+        assert (trained - untouched).abs().max() > 1e-3  # the run changed the model
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained, atol=1e-6, rtol=1e-6)

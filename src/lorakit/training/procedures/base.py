@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
@@ -81,6 +82,10 @@ class Procedure:
     # False: reads or writes frozen base weights as whole tensors between forwards (LoRAPrune's pruning), which a
     # base FSDP has sharded across processes does not allow; TrainConfig refuses distributed="fsdp" under a launcher.
     fsdp_compatible: ClassVar[bool] = True
+    # False: trains base weights in full (GaLore's target matrices, LISA's blocks), which a 4-bit base (``lorakit
+    # train --quantize``) holds as packed integers that take no gradient; the command refuses the pair before any
+    # model loads, and ``float_base_params`` says so in the Python API.
+    quantized_base_ok: ClassVar[bool] = True
 
     def __init__(self, config: ProcedureConfig, train_config: "TrainConfig") -> None:
         self.config = config
@@ -124,6 +129,43 @@ class Procedure:
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         return None
+
+
+# Base tensors a procedure trained in full, written beside the run's adapter (host parameter names): LongLoRA's
+# embeddings and norms, LISA's blocks, GaLore's matrices. ``longlora.load_trainable_params`` puts them into a fresh
+# base; ``lorakit eval`` / ``generate`` / ``merge`` do so for an adapter whose run folder holds the file.
+TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
+
+
+def save_trained_base(model: nn.Module, params: list[nn.Parameter], train_config: "TrainConfig",
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``params`` (base parameters of ``model`` the run trained in full) to ``TRAINABLE_PARAMS_FILE`` in the
+    run's ``output_dir`` (nothing without one; process 0 alone under a launcher). Without it the saved adapter alone scores differently than the run's
+    own evaluation did: the trained base weights would be lost with the process."""
+    from ...core.model import host_path
+    from ...io.files import save_tensors
+
+    from ..distributed import env_world
+
+    if train_config.output_dir is None or not params or env_world()[0] != 0:  # one process writes
+        return
+    wanted = {id(p) for p in params}
+    tensors = {host_path(n): p.detach() for n, p in model.named_parameters() if id(p) in wanted}
+    out = Path(train_config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / TRAINABLE_PARAMS_FILE, tensors, metadata=metadata)
+
+
+def float_base_params(model: nn.Module, params: list[nn.Parameter], procedure: str) -> list[nn.Parameter]:
+    """``params`` (base parameters a procedure trains in full), or ConfigError naming the first that is not floating
+    point: a quantized base's packed weight (bitsandbytes' uint8), which ``requires_grad_`` refuses with a bare
+    RuntimeError."""
+    wanted = {id(p) for p in params if not p.is_floating_point()}
+    if wanted:
+        name, p = next((n, p) for n, p in model.named_parameters() if id(p) in wanted)
+        raise ConfigError(f"{procedure} trains base weights in full, and {name} is stored as {p.dtype} (a quantized "
+                          "base), which cannot be trained; load the base in full precision (no --quantize).")
+    return params
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class Flexora(Procedure):
         self._hooks: list[Any] = []
         self._batch_of: Callable[[list[int]], dict[str, torch.Tensor]] | None = None
         self._n_val = 0
+        self._unfired: dict[int, str] = {}  # id(lora_A module) -> its delta, until its hook first runs
 
     # -- data and hooks -------------------------------------------------------------------------------
     def validation_split(self, n_train: int) -> int:
@@ -120,6 +121,7 @@ class Flexora(Procedure):
                                   f"({type(delta).__name__}) has "
                                   f"{'no layer index' if index is None else 'no such lora_A module'}.")
             found.append((index, lora_a))
+            self._unfired[id(lora_a)] = f"{host_path(name)!r} ({type(delta).__name__})"
         if not found:
             raise ConfigError(f"Flexora found no layer of adapter {adapter_name!r} to weight.")
         self.layers = sorted({i for i, _ in found})
@@ -135,6 +137,7 @@ class Flexora(Procedure):
     def _scale_input(self, k: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             assert self._weights is not None
+            self._unfired.pop(id(module), None)
             return (args[0] * self._weights[k].to(args[0].dtype),) + tuple(args[1:])
         return hook
 
@@ -148,6 +151,11 @@ class Flexora(Procedure):
             raise ConfigError("Flexora needs held-out validation batches: train with lorakit.train (it holds out "
                               "val_size examples), or call procedure.set_validation(batch_of, n) first.")
         assert self.hyper_optimizer is not None
+        if self._unfired:  # the step's forward never called them: weighting their input weights nothing
+            raise ConfigError(f"Flexora weights each layer's LoRA path through a hook on its lora_A module, which the "
+                              f"adapter's forward at {next(iter(self._unfired.values()))} never calls (it reads the "
+                              "factors' weights directly, e.g. DyLoRA's rank slices); Flexora cannot weight this "
+                              "method's layers: use it with method lora.")
         was_training = model.training
         model.eval()
         self._set_weights(detach=False)

@@ -27,7 +27,8 @@ held at once. As in the official code, such gradients are not clipped (global cl
 
 Composition: the run's adapter keeps training (plain Adam rule above) unless ``train_adapter=False``; GaLore
 alone is "a zero-initialised LoRA with ``train_adapter=False``". The trained base weights are in the loop's
-checkpoints (``param.<name>``); the final ``adapter`` folder holds only the adapter.
+checkpoints (``param.<name>``) and, at the end of a run with an ``output_dir``, in ``trainable_params.safetensors``
+beside the adapter (``lorakit eval`` / ``generate`` / ``merge`` load them with it).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ...core.config import check_positive, check_positive_ints, check_range, field_error
+from ...core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
 from ...core.errors import did_you_mean
 from ...core.model import adapter_layers
-from .base import Procedure, ProcedureConfig, register_procedure
+from .base import Procedure, ProcedureConfig, float_base_params, register_procedure, save_trained_base
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -84,6 +85,7 @@ class GaLoreConfig(ProcedureConfig):
                                                             "['attn', 'mlp'].")
         for name in ("beta1", "beta2"):
             check_range(self, name, 0, 1, high_open=True)
+        check_non_negative(self, "eps", finite=True)  # a negative eps can zero Adam's denominator (torch refuses it)
 
     def check_run(self, train_config) -> None:
         from ..distributed import env_world
@@ -158,11 +160,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 class GaLore(Procedure):
     config: GaLoreConfig
+    quantized_base_ok = False
 
     def __init__(self, config: GaLoreConfig, train_config) -> None:
         super().__init__(config, train_config)
         self._hooks: list[Any] = []
         self._calls: dict[int, int] = {}
+        self.trained_base: list[nn.Parameter] = []  # base parameters it trains in full (saved by finish)
 
     def param_groups(self, model: nn.Module, adapter_name: str, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.adapters.parameters()}
@@ -182,7 +186,8 @@ class GaLore(Procedure):
         taken = {id(p) for g in groups for p in g["params"]} | set(targets)
         others = [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in taken] \
             if self.config.train_other_params else []
-        for p in [*targets.values(), *others]:
+        self.trained_base = float_base_params(model, [*targets.values(), *others], "GaLore")
+        for p in self.trained_base:
             p.requires_grad_(True)
         out = [g for g in groups if g["params"]]
         if others:
@@ -221,6 +226,7 @@ class GaLore(Procedure):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        save_trained_base(model, self.trained_base, self.train_config)  # the matrices (and others) it trained
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._calls.clear()

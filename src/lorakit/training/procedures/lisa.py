@@ -18,8 +18,9 @@ The draw for interval ``i = step // K`` comes from a generator seeded with (run 
 RNG, so the choice is reproducible from the seed and a resumed run draws the same blocks. The decoder blocks
 are the model's longest ``nn.ModuleList`` (``model.layers``, ``transformer.h``) unless ``layers_attribute``
 names one. The run's adapter (if ``train_adapter``) keeps training throughout; adapter parameters inside blocks
-are not frozen with them. The trained weights are in the loop's checkpoints (``param.<name>``); the final
-``adapter`` folder holds only the adapter.
+are not frozen with them. The trained weights are in the loop's checkpoints (``param.<name>``) and, at the end of a
+run with an ``output_dir``, in ``trainable_params.safetensors`` beside the adapter (``lorakit eval`` / ``generate`` /
+``merge`` load them with it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ...core.config import check_positive_ints
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...data import stable_seed
-from .base import Procedure, ProcedureConfig, register_procedure
+from .base import Procedure, ProcedureConfig, float_base_params, register_procedure, save_trained_base
 
 
 @dataclass
@@ -55,12 +56,14 @@ class LisaConfig(ProcedureConfig):
 
 class Lisa(Procedure):
     config: LisaConfig
+    quantized_base_ok = False
 
     def __init__(self, config: LisaConfig, train_config) -> None:
         super().__init__(config, train_config)
         self.blocks: list[list[nn.Parameter]] = []
         self.active: list[int] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.trained_base: list[nn.Parameter] = []  # every base parameter it may train (saved by finish)
 
     def _find_blocks(self, model: nn.Module) -> nn.ModuleList:
         if self.config.layers_attribute:
@@ -92,9 +95,10 @@ class Lisa(Procedure):
         taken = {id(p) for g in groups for p in g["params"]}
         in_blocks = {id(p) for block in self.blocks for p in block}
         always = [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in taken | in_blocks]
-        for p in always:
+        body = float_base_params(model, [p for block in self.blocks for p in block], "LISA")
+        for p in float_base_params(model, always, "LISA"):
             p.requires_grad_(True)
-        body = [p for block in self.blocks for p in block]
+        self.trained_base = always + body
         extra = {"lr": self.train_config.lr, "weight_decay": self.train_config.weight_decay}
         self._activate(0)
         return [g for g in groups if g["params"]] + [{"params": always, **extra}, {"params": body, **extra}]
@@ -124,6 +128,9 @@ class Lisa(Procedure):
             self._activate(step // self.config.lisa_interval_steps)
             return True
         return False
+
+    def finish(self, model: nn.Module, adapter_name: str) -> None:
+        save_trained_base(model, self.trained_base, self.train_config)  # blocks, embeddings, head: trained in full
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"active": torch.tensor(self.active, dtype=torch.int64)}

@@ -53,8 +53,8 @@ from torch import nn
 from ...core.config import check_range
 from ...core.errors import ConfigError, comma_items, did_you_mean
 from ...core.model import adapter_layers, host_path
-from ...io.files import load_tensors, save_tensors
-from .base import Procedure, ProcedureConfig, register_procedure
+from ...io.files import load_tensors
+from .base import TRAINABLE_PARAMS_FILE, Procedure, ProcedureConfig, register_procedure, save_trained_base
 
 ATTN_IMPLEMENTATION = "lorakit_s2"
 # group_size_ratio per model config (id), set by the procedure while S²-Attn is on for that model.
@@ -193,12 +193,11 @@ def apply_rope_linear_scaling(model: nn.Module, max_length: int) -> float:
     return factor
 
 
-TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
 
 
 def load_trainable_params(model: nn.Module, path: str | Path) -> list[str]:
-    """Copy a LongLoRA run's ``trainable_params.safetensors`` (embeddings, norms) into ``model`` and apply its
-    RoPE scaling. Returns the names loaded. ConfigError names a tensor the model lacks or whose shape differs."""
+    """Copy a run's ``trainable_params.safetensors`` (base tensors trained in full: LongLoRA's embeddings and norms,
+    LISA's and GaLore's weights) into ``model`` and apply its RoPE scaling (LongLoRA's; none in the others). Returns the names loaded. ConfigError names a tensor the model lacks or whose shape differs."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -299,9 +298,8 @@ class LongLora(Procedure):
 
     def finish(self, model: nn.Module, adapter_name: str) -> None:
         if self.full_params and self.train_config.output_dir is not None:
-            Path(self.train_config.output_dir).mkdir(parents=True, exist_ok=True)
-            save_tensors(Path(self.train_config.output_dir) / TRAINABLE_PARAMS_FILE, self.full_params,
-                         metadata={"rope_scaling_factor": repr(self.rope_factor)})
+            save_trained_base(model, list(self.full_params.values()), self.train_config,
+                              metadata={"rope_scaling_factor": repr(self.rope_factor)})
         for m in model.modules():
             if hasattr(m, "config"):
                 _RATIOS.pop(id(m.config), None)
