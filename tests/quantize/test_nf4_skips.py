@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel
 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from lorakit.core.errors import ConfigError  # noqa: E402
+from lorakit.core.errors import ConfigError, LorakitError  # noqa: E402
 from lorakit.quantize import QuantizeConfig, is_4bit, quantize_model  # noqa: E402
 
 from lk_models import tiny_gpt2, tiny_t5  # noqa: E402
@@ -149,3 +149,18 @@ def test_a_model_that_came_partly_4bit_saves_each_kept_layer_exactly(tmp_path):
     loaded = auto.from_pretrained(tmp_path / "q4", device_map="cpu")
     assert loaded.config.quantization_config.llm_int8_skip_modules == ["classifier$"]
     assert _four_bit(loaded) == _four_bit(model) and _full_precision(loaded) == {"classifier"}
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_unchanged():
+    """Was: ``quantize_model`` returned such a model unchanged but marked as a 4-bit base (``lorakit_quantize``),
+    so it trained in full precision under a 4-bit label. transformers' own loading warns that no linear modules
+    were found (transformers/integrations/bitsandbytes.py ``replace_with_bnb_linear``)."""
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(LorakitError, match="holds no nn.Linear or transformers Conv1D layer"):
+        quantize_model(convs, "nf4")
+    assert not hasattr(convs, "lorakit_quantize")
+    model, _ = _build("llama")
+    with pytest.raises(LorakitError, match="every linear layer of LlamaForCausalLM is kept in full precision"):
+        quantize_model(model, QuantizeConfig(skip_modules=("model", "lm_head")))
+    assert not _four_bit(model) and not hasattr(model, "lorakit_quantize")
+    assert getattr(model.config, "quantization_config", None) is None

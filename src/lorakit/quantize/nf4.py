@@ -322,6 +322,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     bnb = _bnb()
     patterns = skip_patterns(model, config.skip_modules)
     skip = _skipped(model, config, patterns)
+    _check_something_to_quantize(model, skip)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             weight = _linear_weight(child)
@@ -340,6 +341,24 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
     _record_for_transformers(model, config, patterns or [])
     return keep_qlora_layout(model)
+
+
+def _check_something_to_quantize(model: nn.Module, skip: set[int]) -> None:
+    """LorakitError, before anything changes, when ``quantize_model`` would leave ``model`` without any 4-bit layer:
+    it holds no layer transformers' loading converts (``nn.Linear``, ``Conv1D``), or the kept layers are all of
+    them. Was: the model came back unchanged but marked as a 4-bit base (the CLI summary said so, and its training
+    ran in full precision). A model that holds 4-bit layers already passes (nothing left to convert is fine)."""
+    if any(is_4bit(m) for m in model.modules()):
+        return
+    layers = [n for n, m in model.named_modules() if _linear_weight(m) is not None]
+    if not layers:
+        raise LorakitError(f"quantize_model: {type(model).__name__} holds no nn.Linear or transformers Conv1D layer, "
+                           "the layers a 4-bit base stores in 4 bit (as transformers' bitsandbytes loading); "
+                           "there is nothing to quantize.")
+    if all(id(m) in skip for n, m in model.named_modules() if _linear_weight(m) is not None):
+        raise LorakitError(f"quantize_model: every linear layer of {type(model).__name__} is kept in full precision "
+                           f"({', '.join(layers[:5])}{', ...' if len(layers) > 5 else ''}), so no layer would be 4-bit; "
+                           "give skip_modules patterns that leave some layers to quantize.")
 
 
 def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns: list[str]) -> None:
