@@ -620,6 +620,46 @@ def test_a_saved_4bit_checkpoint_loads_in_lorakit_without_quantize(tmp_path, avx
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def _edit_quantization(q: dict, edit: str) -> dict | None:
+    if edit == "deleted":
+        return None
+    return {**q, **{"quant_method": {"quant_method": "gptq"},
+                    "8bit": {"load_in_4bit": False, "load_in_8bit": True, "_load_in_4bit": False, "_load_in_8bit": True},
+                    "no_skips": {"llm_int8_skip_modules": []},
+                    "more_skips": {"llm_int8_skip_modules": [*q["llm_int8_skip_modules"], "model.layers.0"]},
+                    "compute_dtype": {"bnb_4bit_compute_dtype": "bfloat16"}}[edit]}
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("deleted", "hold bitsandbytes 4-bit codes (42 layers, e.g. model.layers.0.mlp.down_proj) but its config.json "
+                "has no quantization_config"),  # was: transformers' size-mismatch RuntimeError
+    ("quant_method", "says quant_method='gptq', not 'bitsandbytes'"),
+    ("8bit", "loads 8-bit layers (load_in_4bit=False, load_in_8bit=True)"),  # was: AttributeError 'CB' on a forward
+    ("no_skips", "makes transformers load layer lm_head as 4-bit, but the weights file holds a full-precision "
+                 "weight for it"),  # was: a bare AssertionError in bitsandbytes on the first forward
+    ("more_skips", "makes transformers load layer model.layers.0.mlp.down_proj in full precision, but the weights "
+                   "file holds 4-bit codes for it"),  # was: transformers' size-mismatch RuntimeError
+    ("compute_dtype", None),  # a setting the codes do not depend on: loads
+])
+def test_a_4bit_folder_whose_quantization_config_was_edited_is_one_clear_error(tmp_path, edit, says):
+    from lorakit.core.errors import LorakitError
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    quantize_model(model, "nf4").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edited = _edit_quantization(config.pop("quantization_config"), edit)
+    (tmp_path / "config.json").write_text(json.dumps(config if edited is None else {**config,
+                                                                                    "quantization_config": edited}))
+    if says is None:
+        loaded, _ = load_model_and_tokenizer(tmp_path)
+        assert loaded.model.layers[0].mlp.down_proj.compute_dtype == torch.bfloat16
+        return
+    with pytest.raises(LorakitError) as error:
+        load_model_and_tokenizer(tmp_path)
+    assert says in str(error.value) and "edited by hand" in str(error.value)
+
+
 # --- the check's first run: default dtype and a second thread ---------------------------------------------------------
 # Each runs in a fresh interpreter: the check runs once per process and this one has run it already.
 def _fresh_interpreter(code: str) -> str:

@@ -42,10 +42,12 @@ loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrain
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -389,6 +391,82 @@ def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns:
     if any(skips_module(n, saved + always) for n in quantized):  # a model that came partly 4-bit already
         saved = [exact(n) for n in kept]
     host.quantization_config = replace(config, skip_modules=tuple(saved)).to_transformers()
+
+
+def check_saved_quantization(folder: str | os.PathLike) -> None:
+    """Before transformers loads the model folder ``folder``: that its ``config.json``'s ``quantization_config``
+    describes the bitsandbytes layers its safetensors files hold. Reads only the files' headers and builds the
+    model on the meta device. Folders without bitsandbytes codes pass (transformers quantizes those on load).
+
+    The 4-bit layers of a file are those with ``<path>.weight.quant_state.bitsandbytes__<type>`` keys (8-bit:
+    ``<path>.weight.SCB``); transformers converts the ``nn.Linear`` / ``Conv1D`` layers its skip rule leaves
+    (:func:`skip_patterns`, :func:`skips_module`). Raises LorakitError naming the first layer and both sides where
+    they differ — a config edited by hand: deleted (transformers' size-mismatch RuntimeError), another
+    ``quant_method`` or 8 bit for 4-bit codes (a forward raised AttributeError ``CB``), or ``llm_int8_skip_modules``
+    that keep a 4-bit layer in full precision (size mismatch) or convert a full-precision one (its dense weight
+    loaded into a 4-bit layer: the first forward raised a bare AssertionError in bitsandbytes)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    keys: list[str] = []
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                keys += list(handle.keys())
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, SafetensorError):
+        return  # unreadable files: the load that follows reports them
+    four = {k.split(".weight.quant_state.")[0]: k.rpartition("__")[2] for k in keys
+            if ".weight.quant_state.bitsandbytes__" in k}
+    eight = {k.removesuffix(".weight.SCB") for k in keys if k.endswith(".weight.SCB")}
+    if not four and not eight:
+        return
+    saved = {**dict.fromkeys(four, "4-bit"), **dict.fromkeys(eight, "8-bit")}
+    example = next(iter(saved))
+    held = f"{folder}'s weights hold bitsandbytes {saved[example]} codes ({len(saved)} layers, e.g. {example})"
+    fix = ("config.json was edited by hand or comes from another save: restore the quantization_config the model "
+           "was saved with (save_pretrained writes it).")
+    q = raw.get("quantization_config")
+    if not isinstance(q, dict):
+        raise LorakitError(f"{held} but its config.json has no quantization_config; {fix}")
+    if q.get("quant_method") != "bitsandbytes":
+        raise LorakitError(f"{held} but config.json's quantization_config says quant_method="
+                           f"{q.get('quant_method')!r}, not 'bitsandbytes'; {fix}")
+    bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else None
+    if bits != saved[example] or (four and eight):
+        raise LorakitError(f"{held} but config.json's quantization_config loads "
+                           f"{bits or 'neither 4 nor 8 bit'} layers (load_in_4bit={q.get('load_in_4bit')!r}, "
+                           f"load_in_8bit={q.get('load_in_8bit')!r}); {fix}")
+    model = _meta_model(raw, folder)
+    if model is None:
+        return
+    skip = q.get("llm_int8_skip_modules")
+    patterns = skip_patterns(model, skip if isinstance(skip, list) else None) or []
+    converted = {n for n, m in model.named_modules() if _linear_weight(m) is not None and not skips_module(n, patterns)}
+    for path in sorted(converted ^ set(saved)):
+        says = f"as {bits}" if path in converted else "in full precision"
+        has = f"{saved[path]} codes" if path in saved else "a full-precision weight"
+        raise LorakitError(f"{folder}: config.json's quantization_config (llm_int8_skip_modules={skip!r}) makes "
+                           f"transformers load layer {path} {says}, but the weights file holds {has} for it; {fix}")
+
+
+def _meta_model(raw: dict, folder: Path) -> nn.Module | None:
+    """The transformers model ``config.json`` (``raw``) names, built on the meta device (no memory), or None when
+    transformers has no such class (the load that follows reports it)."""
+    import transformers
+
+    architectures = raw.get("architectures") or [None]
+    cls = getattr(transformers, str(architectures[0]), None)
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return cls(config)
+    except Exception:  # a config this transformers cannot build: the load that follows reports it
+        return None
 
 
 def keep_qlora_layout(model: nn.Module) -> nn.Module:
