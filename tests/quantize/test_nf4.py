@@ -88,6 +88,12 @@ def test_qlora_forward_and_gradients_match_peft_bnb(saved_base):
     lk.add_adapter(ours, lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     theirs = peft.get_peft_model(_peft_base(saved_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    _assert_same_logits_and_gradients(ours, theirs, 14 * 2)
+
+
+def _assert_same_logits_and_gradients(ours, theirs, n_tensors):
+    """lorakit model ``ours`` and PEFT model ``theirs`` (given ours' adapter tensors here): the same training-mode
+    logits and the same gradients of the ``n_tensors`` adapter tensors."""
     peft.set_peft_model_state_dict(theirs, lk.adapter_state_dict(ours))
     ids = _ids()
     ours.train(), theirs.train()
@@ -97,7 +103,7 @@ def test_qlora_forward_and_gradients_match_peft_bnb(saved_base):
     g_ours = {k.replace(".adapters.default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
     g_theirs = {k.removeprefix("base_model.model.").replace(".default", ""): p.grad
                 for k, p in theirs.named_parameters() if p.requires_grad}
-    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 14 * 2
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == n_tensors
     for k in g_ours:
         torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
 
@@ -883,15 +889,4 @@ def test_gpt2_qlora_matches_peft_bnb_in_outputs_and_gradients(tmp_path):
                                                              device_map="cpu"))
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     assert type(theirs.base_model.model.transformer.h[0].attn.c_attn).__module__ == "peft.tuners.lora.bnb"
-    peft.set_peft_model_state_dict(theirs, lk.adapter_state_dict(ours))
-    ids = _ids()
-    ours.train(), theirs.train()
-    lo, lt = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    torch.testing.assert_close(lo.logits, lt.logits, rtol=0, atol=1e-5)
-    lo.loss.backward(), lt.loss.backward()
-    g_ours = {k.replace(".adapters.default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
-    g_theirs = {k.removeprefix("base_model.model.").replace(".default", ""): p.grad
-                for k, p in theirs.named_parameters() if p.requires_grad}
-    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 2 * 4 * 2
-    for k in g_ours:
-        torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
+    _assert_same_logits_and_gradients(ours, theirs, 2 * 4 * 2)
