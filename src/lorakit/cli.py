@@ -825,8 +825,8 @@ def _loram_base(args, ctx, check: Callable[[Any, Any], None]):
     ``check(model, tokenizer)`` (the length check) runs on the pruned base before its alignment and before anything
     is written, so a run it refuses leaves ``--output`` as it was. Then rank 0 (``ctx.on_main``: its failure stops
     every process) writes the base, before any 4-bit quantization, with its tokenizer as ``--output``/pruned_base,
-    named so that the adapters trained on it record it as their base (eval / generate / PEFT load them without
-    --model)."""
+    named so that the adapters trained on it record it as their base (eval / generate load them without --model;
+    :func:`_record_pruned_base_relative` makes that record relative to the run folder at the end)."""
     from .hub import load_model_and_tokenizer
     from .io.files import write_dir_atomically
     from .prune.loram import LoramConfig, loram_prune, plan_summary
@@ -867,12 +867,30 @@ def _loram_recover(args, plan, adapter_dir: Path, eval_examples) -> dict:
     if pruned_dir.exists():
         shutil.rmtree(pruned_dir)
     adapter_dir.rename(pruned_dir)
+    _record_pruned_base_relative(Path(args.output), [pruned_dir, *Path(args.output).glob("checkpoint-*")])
     full, tokenizer = load_model_and_tokenizer(args.model)
     recover_adapter(pruned_dir, plan, adapter_dir, base_model_name_or_path=full.name_or_path)
     plan.save(adapter_dir.with_name("loram_plan"))
     load_adapter(full, adapter_dir)
     metrics = evaluate_examples(full, tokenizer, eval_examples, batch_size=args.eval_batch_size, progress=not args.quiet)
     return metrics
+
+
+def _record_pruned_base_relative(out: Path, adapters: Sequence[Path]) -> None:
+    """The adapters of a LoRAM run trained on ``out``/pruned_base record it relative to their folder
+    (``../pruned_base``, :func:`lorakit.io.peft_format.relative_base`), so the run folder still loads after it is
+    moved or copied. Was: the absolute path, so a moved run's ``adapter_pruned`` named a base that was gone."""
+    from .io.files import atomic_write_json, read_json
+    from .io.peft_format import CONFIG_NAME, relative_base
+
+    base = (out / LORAM_BASE).resolve()
+    for folder in adapters:
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            continue
+        config = read_json(path)
+        if config.get("base_model_name_or_path") == str(base):
+            atomic_write_json(path, {**config, "base_model_name_or_path": relative_base(base, folder)})
 
 
 def _check_lengths(model, tokenizer, examples, max_length: int, ctx=None) -> None:

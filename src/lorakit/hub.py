@@ -218,6 +218,10 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: t
 
         config = QuantizeConfig.of(quantize)
         extra.update(quantization_config=config.to_transformers(), device_map={"": str(torch.device(device))})
+    elif Path(path).is_dir():
+        from .quantize.nf4 import check_saved_quantization
+
+        check_saved_quantization(path)  # a 4-bit folder whose quantization_config was edited: one clear error
     from safetensors import SafetensorError
 
     try:

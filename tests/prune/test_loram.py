@@ -10,6 +10,9 @@ lines on our PrunePlan's complement.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import peft
 import pytest
 import torch
@@ -197,11 +200,11 @@ def test_cli_pruned_adapter_records_the_pruned_base_and_evaluates_without_model(
                  "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet", "--r", "2"]) == 0
     recorded = {name: json.loads((out / name / "adapter_config.json").read_text())["base_model_name_or_path"]
                 for name in ("adapter_pruned", "adapter")}
-    assert recorded["adapter_pruned"] == str((out / "pruned_base").resolve())
+    assert recorded["adapter_pruned"] == "../pruned_base"  # beside it in the run folder (next test: moving it)
     assert bundled_name(recorded["adapter"]) == "bundled"
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out / "adapter_pruned"), "--data", "reverse", "--eval-examples", "2"]) == 0
-    assert f"base model: {out / 'pruned_base'}" in capsys.readouterr().err
+    assert f"base model: {(out / 'pruned_base').resolve()}" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(out / "adapter_pruned"), "--prompt", "abc", "--max-new-tokens", "2"]) == 0
     saved = lk.load_adapter(load_model_and_tokenizer(str(out / "pruned_base"))[0], out / "adapter_pruned")
     pruned, _ = loram_prune(load_model_and_tokenizer(None)[0], LoramConfig(ratio=0.5, seed=0))
@@ -209,6 +212,35 @@ def test_cli_pruned_adapter_records_the_pruned_base_and_evaluates_without_model(
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         torch.testing.assert_close(saved.eval()(ids).logits, pruned.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("move", [shutil.move, shutil.copytree], ids=["moved", "copied"])
+def test_a_moved_or_copied_loram_run_still_loads_its_pruned_base(tmp_path, capsys, move):
+    """adapter_pruned/ and the checkpoints record their base as ``../pruned_base``: after the run folder is moved
+    (or copied and the original deleted) ``lorakit eval`` finds the base beside them. Was: the absolute path of the
+    original run folder, so a moved run failed with "... was trained on '/old/run/pruned_base', which cannot be
+    loaded here". A folder an older lorakit wrote (absolute path, nothing moved) still loads."""
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--loram-ratio", "0.5", "--data", "reverse", "--steps", "2", "--save-every", "1",
+                 "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2", "--output", str(out), "--quiet",
+                 "--r", "2"]) == 0
+    for folder in ("adapter_pruned", "checkpoint-1"):
+        assert json.loads((out / folder / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            "../pruned_base"
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    move(str(out), str(moved))
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in ("adapter_pruned", "checkpoint-1"):
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(moved / folder), "--data", "reverse", "--eval-examples", "2"]) == 0
+        assert f"base model: {(moved / 'pruned_base').resolve()}" in capsys.readouterr().err
+    config_file = moved / "adapter_pruned" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": str((moved / "pruned_base").resolve())}))
+    assert main(["eval", "--adapter", str(moved / "adapter_pruned"), "--data", "reverse", "--eval-examples", "2"]) == 0
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -88,6 +88,12 @@ def test_qlora_forward_and_gradients_match_peft_bnb(saved_base):
     lk.add_adapter(ours, lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     theirs = peft.get_peft_model(_peft_base(saved_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    _assert_same_logits_and_gradients(ours, theirs, 14 * 2)
+
+
+def _assert_same_logits_and_gradients(ours, theirs, n_tensors):
+    """lorakit model ``ours`` and PEFT model ``theirs`` (given ours' adapter tensors here): the same training-mode
+    logits and the same gradients of the ``n_tensors`` adapter tensors."""
     peft.set_peft_model_state_dict(theirs, lk.adapter_state_dict(ours))
     ids = _ids()
     ours.train(), theirs.train()
@@ -97,7 +103,7 @@ def test_qlora_forward_and_gradients_match_peft_bnb(saved_base):
     g_ours = {k.replace(".adapters.default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
     g_theirs = {k.removeprefix("base_model.model.").replace(".default", ""): p.grad
                 for k, p in theirs.named_parameters() if p.requires_grad}
-    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 14 * 2
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == n_tensors
     for k in g_ours:
         torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
 
@@ -620,6 +626,46 @@ def test_a_saved_4bit_checkpoint_loads_in_lorakit_without_quantize(tmp_path, avx
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def _edit_quantization(q: dict, edit: str) -> dict | None:
+    if edit == "deleted":
+        return None
+    return {**q, **{"quant_method": {"quant_method": "gptq"},
+                    "8bit": {"load_in_4bit": False, "load_in_8bit": True, "_load_in_4bit": False, "_load_in_8bit": True},
+                    "no_skips": {"llm_int8_skip_modules": []},
+                    "more_skips": {"llm_int8_skip_modules": [*q["llm_int8_skip_modules"], "model.layers.0"]},
+                    "compute_dtype": {"bnb_4bit_compute_dtype": "bfloat16"}}[edit]}
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("deleted", "hold bitsandbytes 4-bit codes (42 layers, e.g. model.layers.0.mlp.down_proj) but its config.json "
+                "has no quantization_config"),  # was: transformers' size-mismatch RuntimeError
+    ("quant_method", "says quant_method='gptq', not 'bitsandbytes'"),
+    ("8bit", "loads 8-bit layers (load_in_4bit=False, load_in_8bit=True)"),  # was: AttributeError 'CB' on a forward
+    ("no_skips", "makes transformers load layer lm_head as 4-bit, but the weights file holds a full-precision "
+                 "weight for it"),  # was: a bare AssertionError in bitsandbytes on the first forward
+    ("more_skips", "makes transformers load layer model.layers.0.mlp.down_proj in full precision, but the weights "
+                   "file holds 4-bit codes for it"),  # was: transformers' size-mismatch RuntimeError
+    ("compute_dtype", None),  # a setting the codes do not depend on: loads
+])
+def test_a_4bit_folder_whose_quantization_config_was_edited_is_one_clear_error(tmp_path, edit, says):
+    from lorakit.core.errors import LorakitError
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    quantize_model(model, "nf4").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edited = _edit_quantization(config.pop("quantization_config"), edit)
+    (tmp_path / "config.json").write_text(json.dumps(config if edited is None else {**config,
+                                                                                    "quantization_config": edited}))
+    if says is None:
+        loaded, _ = load_model_and_tokenizer(tmp_path)
+        assert loaded.model.layers[0].mlp.down_proj.compute_dtype == torch.bfloat16
+        return
+    with pytest.raises(LorakitError) as error:
+        load_model_and_tokenizer(tmp_path)
+    assert says in str(error.value) and "edited by hand" in str(error.value)
+
+
 # --- the check's first run: default dtype and a second thread ---------------------------------------------------------
 # Each runs in a fresh interpreter: the check runs once per process and this one has run it already.
 def _fresh_interpreter(code: str) -> str:
@@ -741,3 +787,106 @@ def test_skip_modules_under_transformers_4_match_as_it_did(monkeypatch):
     transformers_4 = [skips_module(path, [key]) for key in ("up_proj", "layers.11", "model.layers.11", "p_proj")]
     assert transformers_5 == [True, False, True, True]
     assert transformers_4 == [True, True, True, False]
+
+
+# --- GPT-2's Conv1D layers ----------------------------------------------------------------------------------------
+# transformers' bitsandbytes loading converts every GPT-2 Conv1D too (transformers 5.24
+# integrations/bitsandbytes.py line 189, ``isinstance(module, Conv1D) or type(module) is nn.Linear``), quantizing the
+# (out, in) transpose of its (in, out) weight (lines 52-55). Was: quantize_model converted nn.Linear only, so a GPT-2
+# "4-bit base" kept every block weight in full precision.
+def _gpt2_nf4_reference(model):
+    """A copy of the dense GPT-2 ``model`` with each block Conv1D weight (in, out) replaced by QLoRA's round trip of
+    its (out, in) transpose (the paper's blocks of 64, no double quantization): the weights a 4-bit base computes
+    with. A Conv1D computes ``x @ W + b``."""
+    from transformers.pytorch_utils import Conv1D
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, Conv1D):
+                module.weight.copy_(_nf4_reference(module.weight.T)[1].T)
+    return reference
+
+
+def test_gpt2_conv1d_layers_are_quantized_as_transformers_loads_them(tmp_path):
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+
+    from lk_models import tiny_gpt2
+
+    dense = tiny_gpt2(seed=2)
+    dense.save_pretrained(tmp_path)
+    config = QuantizeConfig(double_quant=False)
+    ours = quantize_model(GPT2LMHeadModel.from_pretrained(tmp_path), config)
+    theirs = keep_qlora_layout(GPT2LMHeadModel.from_pretrained(
+        tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+            bnb_4bit_compute_dtype=torch.float32)))
+    assert type(ours.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = _ids()
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits
+        torch.testing.assert_close(got, _gpt2_nf4_reference(dense)(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_lora_on_a_quantized_conv1d_equals_lora_on_the_dequantized_conv1d(tmp_path):
+    """A QLoRA adapter on GPT-2's 4-bit Conv1D layers computes what the same adapter computes, under real PEFT, on
+    the dense GPT-2 holding the NF4 round-trip weights (PEFT's Conv1D LoRA, fan_in_fan_out); ``dequantize_model``
+    gives those Conv1D layers back (weights (in, out)), and the merged model saves and loads as a plain GPT-2 with
+    the same logits. Was: a dequantized layer became an nn.Linear, whose (out, in) weight a GPT-2 checkpoint cannot
+    hold (c_attn refused the shape on load, the square c_proj would load transposed)."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from lk_models import tiny_gpt2
+
+    dense = tiny_gpt2(seed=2)
+    targets = ["c_attn", "c_proj", "c_fc"]
+    for use_dora in (False, True):
+        model = lk.add_adapter(quantize_model(copy.deepcopy(dense), QuantizeConfig(double_quant=False)),
+                               lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                             use_dora=use_dora))
+        assert type(model.transformer.h[1].mlp.c_proj.base_layer).__name__ == "Linear4bit"
+        folder = tmp_path / f"adapter-dora{use_dora}"
+        lk.save_adapter(model, folder)
+        ids = _ids()
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        reference = _gpt2_nf4_reference(dense)
+        weights = {k: v.clone() for k, v in reference.state_dict().items()}
+        with torch.no_grad():
+            want = peft.PeftModel.from_pretrained(reference, folder)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+        dequantize_model(model)
+        layer = model.transformer.h[0].attn.c_attn
+        assert isinstance(layer.base_layer, Conv1D) and layer.base_layer.weight.shape == (32, 96)
+        torch.testing.assert_close(layer.base_layer.weight, weights["transformer.h.0.attn.c_attn.weight"],
+                                   rtol=0, atol=1e-6)
+        merged = lk.merge_and_unload(model)
+        merged.save_pretrained(tmp_path / f"merged-dora{use_dora}")
+        loaded = GPT2LMHeadModel.from_pretrained(tmp_path / f"merged-dora{use_dora}")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=1e-4)
+
+
+def test_gpt2_qlora_matches_peft_bnb_in_outputs_and_gradients(tmp_path):
+    """lorakit LoRA on lorakit's 4-bit GPT-2 against PEFT's bitsandbytes LoRA on transformers' 4-bit GPT-2 (the same
+    codes, previous test): same logits and the same adapter gradients."""
+    from transformers import GPT2LMHeadModel
+
+    from lk_models import tiny_gpt2
+
+    dense = tiny_gpt2(seed=2)
+    dense.config.update({"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0})  # train-mode forwards compared
+    dense.save_pretrained(tmp_path)
+    config = QuantizeConfig()
+    targets = ["c_attn", "c_proj", "c_fc"]
+    ours = lk.add_adapter(quantize_model(GPT2LMHeadModel.from_pretrained(tmp_path), config),
+                          lk.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    base = keep_qlora_layout(GPT2LMHeadModel.from_pretrained(tmp_path, quantization_config=config.to_transformers(),
+                                                             device_map="cpu"))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    assert type(theirs.base_model.model.transformer.h[0].attn.c_attn).__module__ == "peft.tuners.lora.bnb"
+    _assert_same_logits_and_gradients(ours, theirs, 2 * 4 * 2)

@@ -9,13 +9,15 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,  # noqa: E402
-                          BitsAndBytesConfig, DistilBertConfig, DistilBertForSequenceClassification, LlamaConfig,
-                          LlamaForCausalLM, LlamaForSequenceClassification)
+                          BitsAndBytesConfig, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
-from lorakit.core.errors import ConfigError  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from lorakit.core.errors import ConfigError, LorakitError  # noqa: E402
 from lorakit.quantize import QuantizeConfig, is_4bit, quantize_model  # noqa: E402
 
-from lk_models import tiny_t5  # noqa: E402
+from lk_models import tiny_gpt2, tiny_t5  # noqa: E402
 
 
 def _llama_config(**extra) -> LlamaConfig:
@@ -42,11 +44,19 @@ def _build(kind: str):
         return (DistilBertForSequenceClassification(DistilBertConfig(
             dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=96, max_position_embeddings=64, num_labels=3)),
             AutoModelForSequenceClassification)
+    if kind == "gpt2":  # Conv1D layers (weight stored (in, out)), lm_head tied to the input embedding
+        return tiny_gpt2(), AutoModelForCausalLM
+    if kind == "gpt2-seq-cls":  # Conv1D blocks and an nn.Linear `score` head
+        return (GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64,
+                                                         num_labels=3, pad_token_id=0)),
+                AutoModelForSequenceClassification)
     raise AssertionError(kind)
 
 
 def _full_precision(model) -> set[str]:
-    return {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    """Paths of the layers transformers' bitsandbytes loading would convert but that stay full precision:
+    ``nn.Linear`` and GPT-2 ``Conv1D`` (transformers/integrations/bitsandbytes.py line 189)."""
+    return {n for n, m in model.named_modules() if type(m) is torch.nn.Linear or isinstance(m, Conv1D)}
 
 
 def _four_bit(model) -> set[str]:
@@ -61,6 +71,9 @@ def _four_bit(model) -> set[str]:
     ("t5", ("lm_head",)),  # transformers adds _keep_in_fp32_modules to the patterns given too
     ("distilbert-seq-cls", None),  # its last parameter is classifier.bias: a key that names no module, so
                                    # transformers keeps nothing, classifier included
+    ("gpt2", None),  # was: every Conv1D kept in full precision (transformers quantizes them)
+    ("gpt2", ("lm_head", "attn.c_proj")),  # a skipped Conv1D stays a Conv1D
+    ("gpt2-seq-cls", None),
 ])
 def test_kept_layers_equal_transformers_loading(tmp_path, kind, skip):
     """The linear layers ``quantize_model`` keeps in full precision are those transformers' bitsandbytes loading keeps
@@ -86,6 +99,9 @@ def test_kept_layers_equal_transformers_loading(tmp_path, kind, skip):
     ("t5", None),  # was: the folder did not load (transformers kept `wo` in full precision, found 4-bit codes)
     ("distilbert-seq-cls", ("classifier$",)),  # was: saved as `classifier`, which transformers also reads as a
     ("distilbert-seq-cls", None),               # suffix of `pre_classifier`, a layer lorakit had quantized
+    ("gpt2", None),  # Conv1D codes saved from the transposed weight, as transformers saves them
+    ("gpt2", ("lm_head", "attn.c_proj")),
+    ("gpt2-seq-cls", None),
 ])
 def test_a_saved_folder_loads_back_with_the_same_layers_quantized(tmp_path, kind, skip):
     """``save_pretrained`` after ``quantize_model`` writes an ``llm_int8_skip_modules`` that plain transformers
@@ -133,3 +149,18 @@ def test_a_model_that_came_partly_4bit_saves_each_kept_layer_exactly(tmp_path):
     loaded = auto.from_pretrained(tmp_path / "q4", device_map="cpu")
     assert loaded.config.quantization_config.llm_int8_skip_modules == ["classifier$"]
     assert _four_bit(loaded) == _four_bit(model) and _full_precision(loaded) == {"classifier"}
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_unchanged():
+    """Was: ``quantize_model`` returned such a model unchanged but marked as a 4-bit base (``lorakit_quantize``),
+    so it trained in full precision under a 4-bit label. transformers' own loading warns that no linear modules
+    were found (transformers/integrations/bitsandbytes.py ``replace_with_bnb_linear``)."""
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(LorakitError, match="holds no nn.Linear or transformers Conv1D layer"):
+        quantize_model(convs, "nf4")
+    assert not hasattr(convs, "lorakit_quantize")
+    model, _ = _build("llama")
+    with pytest.raises(LorakitError, match="every linear layer of LlamaForCausalLM is kept in full precision"):
+        quantize_model(model, QuantizeConfig(skip_modules=("model", "lm_head")))
+    assert not _four_bit(model) and not hasattr(model, "lorakit_quantize")
+    assert getattr(model.config, "quantization_config", None) is None

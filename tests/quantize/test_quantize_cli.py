@@ -125,3 +125,26 @@ def test_a_cut_off_weights_file_is_a_one_line_error(tmp_path, capsys):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         f"lorakit quantize: error: cannot load model {str(model)!r}: Error while deserializing header"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_4bit_model_folder_is_refused_before_any_perplexity(tmp_path, capsys, monkeypatch):
+    """``lorakit quantize --model`` a 4-bit folder (``quantize_model`` + ``save_pretrained``, which loads back in 4
+    bit) rewrote its packed codes as weights; now it is refused, naming the layer, before the perplexity runs."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    import lorakit.quantize
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.quantize import quantize_model
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    quantize_model(model, "nf4").save_pretrained(tmp_path / "q4")
+    tokenizer.save_pretrained(tmp_path / "q4")
+
+    def no_perplexity(*args, **kwargs):
+        raise AssertionError("the perplexity ran before the model was checked")
+
+    monkeypatch.setattr(lorakit.quantize, "perplexity", no_perplexity)
+    for method in ("rtn", "cbq"):
+        assert main(["quantize", "--method", method, "--model", str(tmp_path / "q4"), "--num-threads", "1"]) == 2
+        assert "is a Linear4bit holding torch.uint8 codes: the model is quantized already" in capsys.readouterr().err

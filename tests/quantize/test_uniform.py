@@ -68,3 +68,34 @@ def test_quantize_weights_unknown_names():
         quantize_weights(tiny_llama(), "cbqq")
     with pytest.raises(ConfigError, match="Did you mean: window"):
         quantize_weights(tiny_llama(), "cbq", torch.zeros(1, 4, dtype=torch.long), windw=3)
+
+
+@pytest.mark.parametrize("method", ["rtn", "cbq"])
+def test_a_4bit_model_is_refused_and_left_unchanged(method):
+    """Was: RTN and CBQ took a bitsandbytes 4-bit layer (an nn.Linear subclass) for a weight and rewrote its packed
+    NF4 codes in place: the model's outputs changed and the summary said 14 layers were quantized."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.core.errors import LorakitError
+    from lorakit.quantize import quantize_model
+
+    model = quantize_model(tiny_llama(), "nf4")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LorakitError, match="block 0 self_attn.q_proj is a Linear4bit .* quantized already"):
+        quantize_weights(model, method, torch.randint(0, 96, (2, 8)), bits=4, **({"steps": 1} if method == "cbq" else {}))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_blocks_without_linear_layers_are_refused():
+    """A model whose blocks hold no linear layer (here Llama's projections replaced by identities) was "quantized"
+    with a summary of 0 layers."""
+    from lorakit.core.errors import LorakitError
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Identity()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(layer.self_attn, name, torch.nn.Identity())
+    for method in ("rtn", "cbq"):
+        with pytest.raises(LorakitError, match="blocks hold no nn.Linear or Conv1D layer"):
+            quantize_weights(model, method, torch.randint(0, 96, (2, 8)), bits=4,
+                             **({"steps": 1} if method == "cbq" else {}))

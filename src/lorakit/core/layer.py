@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .delta import Delta, LayerInfo, MergeTerms, is_quantized, orient, oriented_weight, stored_layout
+from .delta import Delta, LayerInfo, MergeTerms, describe_layer, is_quantized, orient, oriented_weight, stored_layout
 from .errors import AdapterError
 from .routing import BASE_NAME, check_adapter_names, current_routing, routing, rows_for_batch, rows_routing
 
@@ -438,6 +438,24 @@ class AdapterLayer(nn.Module):
             self._write(base_w, base_b)
         self.merged.clear()
         self._replaced.clear()
+
+    def swap_base(self, base_layer: nn.Module) -> None:
+        """Put ``base_layer`` in place of the base layer, holding the same (out, in) weight in another storage (a
+        dequantized 4-bit layer: a GPT-2 ``Conv1D`` stores it (in, out)); this layer's and its deltas'
+        :class:`LayerInfo` follow the new storage, so merging and the weight-reading deltas (DoRA) orient it
+        right. Raises AdapterError while adapters are merged, or for a layer of another kind or shape."""
+        info = describe_layer(base_layer)
+        if info is None or (info.kind, info.in_features, info.out_features) != (
+                self.info.kind, self.info.in_features, self.info.out_features):
+            raise AdapterError(f"{type(base_layer).__name__} cannot replace the {self.info.kind} base layer "
+                               f"({self.info.in_features} -> {self.info.out_features}) of this adapter layer")
+        if self.merged:
+            raise AdapterError(f"adapters {self.merged} are merged into this base layer: unmerge them first")
+        self.base_layer = base_layer
+        self.info = info
+        for delta in self.adapters.values():
+            if getattr(delta, "info", None) is not None:
+                delta.info = info
 
     def extra_repr(self) -> str:
         return f"kind={self.info.kind}, active={self.active}, merged={self.merged}"

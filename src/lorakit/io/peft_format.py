@@ -244,7 +244,7 @@ def read_adapter_config(directory: str | os.PathLike):
             raise AdapterLoadError(f"missing config file {path}; {directory} holds adapter folders: "
                                    f"{', '.join(inside)} (PEFT saves an adapter not named 'default' in a subfolder "
                                    f"named after it); give one of them")
-    raw = read_json(path)
+    raw = _base_beside(read_json(path), directory)
     try:
         method = method_for_file(raw, source=str(path))
         raw = _without_untrained_bias(raw, method.config_cls, directory, path)
@@ -252,6 +252,29 @@ def read_adapter_config(directory: str | os.PathLike):
     except (ConfigError, UnknownMethodError) as e:
         message = str(e)  # named by its file, so a command reading several adapters says which one is wrong
         raise AdapterLoadError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def relative_base(base: str | os.PathLike, adapter: str | os.PathLike) -> str:
+    """``base`` (a model folder) as the path to record in the adapter folder ``adapter``'s config: relative to the
+    adapter folder and starting with ``./`` or ``../`` (e.g. ``../pruned_base``), so that the two folders move and
+    copy together. lorakit reads such a path against the adapter folder (:func:`read_adapter_config`); PEFT's
+    ``AutoPeftModel`` reads ``base_model_name_or_path`` against the working directory."""
+    relative = Path(os.path.relpath(Path(base).resolve(), Path(adapter).resolve())).as_posix()
+    return relative if relative.startswith("../") else f"./{relative}"
+
+
+def _base_beside(raw: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``raw`` with a ``base_model_name_or_path`` written relative to the adapter folder (``./`` or ``../``, as
+    :func:`relative_base` writes it, which no hub id starts with) made the absolute path of that folder, when a
+    model folder is there; other values (hub ids, bundled names, absolute paths as older runs recorded them, a
+    relative path with nothing beside the adapter) are kept as written."""
+    base = raw.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.startswith(("./", "../")):
+        return raw
+    beside = directory / base
+    if not (beside / "config.json").is_file():
+        return raw
+    return {**raw, "base_model_name_or_path": str(beside.resolve())}
 
 
 def _without_untrained_bias(raw: dict[str, Any], config_cls: type, directory: Path, path: Path) -> dict[str, Any]:

@@ -72,7 +72,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.config import check_non_negative, check_positive, check_positive_ints, check_range, field_error
-from .model import block_inputs, block_linears, block_output, check_token_rows, decoder_blocks, oriented, slice_kwargs
+from .model import (block_inputs, block_linears, block_output, check_quantizable, check_token_rows, decoder_blocks,
+                    oriented, slice_kwargs)
 from .uniform import QuantSpec, minmax_params, rtn
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (arXiv:2004.10568, eq. 23)
@@ -255,8 +256,10 @@ def quantize_cbq(model: nn.Module, calib_ids: torch.Tensor, config: CBQConfig | 
     """Quantize every linear layer of every block of ``model`` in place with CBQ, calibrating on ``calib_ids``
     (N, T) token rows. Returns a summary with, per window, the reconstruction error E of its hard-rounded
     weights at the start (round-to-nearest, after CFP's truncation when on) and at the end of the optimisation,
-    and the first / last training loss."""
+    and the first / last training loss. Raises LorakitError before any change for calibration rows that are not
+    (N, T) token ids, and for blocks without linears or already quantized (``check_quantizable``)."""
     check_token_rows(calib_ids, "CBQ calibration rows (calib_ids)")
+    check_quantizable(model)
     config = config or CBQConfig()
     spec = config.spec
     torch.manual_seed(config.seed)

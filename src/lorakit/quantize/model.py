@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..core.delta import Conv1D
+from ..core.delta import Conv1D, is_quantized
 from ..core.errors import LorakitError
 from .uniform import QuantSpec, rtn
 
@@ -34,6 +34,26 @@ def block_linears(block: nn.Module) -> list[tuple[str, nn.Module, bool]]:
         elif Conv1D and isinstance(m, Conv1D):
             out.append((name, m, True))
     return out
+
+
+def check_quantizable(model: nn.Module) -> int:
+    """The number of block linears RTN / CBQ would quantize in ``model``, checked before anything changes.
+    Raises LorakitError when the blocks hold none, or when one is quantized already (integer codes: a bitsandbytes
+    4-bit layer of ``quantize_model`` or a 4-bit checkpoint), whose packed codes these quantizers would rewrite as
+    if they were weights (was: silently, the model's outputs changed and the summary counted the layers as
+    quantized). The message names the first such layer (``block i name``)."""
+    count = 0
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, layer, _ in block_linears(block):
+            if is_quantized(layer):
+                raise LorakitError(f"block {i} {name} is a {type(layer).__name__} holding {layer.weight.dtype} codes: "
+                                   "the model is quantized already. RTN and CBQ quantize full-precision weights: "
+                                   "load the full-precision model (or lorakit.quantize.dequantize_model(model)) first.")
+            count += 1
+    if not count:
+        raise LorakitError(f"{type(model).__name__}'s transformer blocks hold no nn.Linear or Conv1D layer: there is "
+                           "nothing for RTN / CBQ to quantize.")
+    return count
 
 
 def oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -91,6 +111,7 @@ def slice_kwargs(kwargs: dict[str, Any], rows: torch.Tensor | slice, n: int) -> 
 def check_group_size(model: nn.Module, spec: QuantSpec) -> None:
     """ConfigError naming the first block linear (``block i name``) whose input columns ``spec.group_size`` does
     not divide, with its in_features: from the shapes alone (meta tensors), before any data or perplexity work."""
+    check_quantizable(model)
     if spec.group_size is None:
         return
     for i, block in enumerate(decoder_blocks(model)):
@@ -100,7 +121,9 @@ def check_group_size(model: nn.Module, spec: QuantSpec) -> None:
 
 
 def quantize_rtn(model: nn.Module, spec: QuantSpec) -> dict[str, Any]:
-    """Round every linear weight of every block to nearest, in place. Returns a summary."""
+    """Round every linear weight of every block to nearest, in place. Returns a summary. Raises LorakitError
+    before any change for blocks without linears or already quantized (:func:`check_quantizable`)."""
+    check_quantizable(model)
     count = 0
     with torch.no_grad():
         for i, block in enumerate(decoder_blocks(model)):

@@ -42,16 +42,18 @@ loading does, so ``save_pretrained`` writes a 4-bit folder plain ``from_pretrain
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..core.delta import register_dequantizer, register_host_preparer
+from ..core.delta import Conv1D, register_dequantizer, register_host_preparer
 from ..core.config import field_error
 from ..core.errors import ConfigError, LorakitError, did_you_mean
 
@@ -288,13 +290,29 @@ def _skipped(model: nn.Module, config: QuantizeConfig, patterns: list[str] | Non
     return {id(head)} if head is not None else set()
 
 
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of a layer transformers' bitsandbytes loading converts, else None: an exact
+    ``nn.Linear``, or a GPT-2 ``Conv1D`` (stored (in, out), read transposed), as
+    ``transformers/integrations/bitsandbytes.py`` ``replace_with_bnb_linear`` chooses them (transformers 5.24,
+    line 189: ``isinstance(module, Conv1D) or type(module) is nn.Linear``) and ``Bnb4bitQuantize`` quantizes them
+    (lines 52-55: a Conv1D's value ``.T``)."""
+    if type(module) is nn.Linear:
+        return module.weight.data
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.data.T  # (in, out) -> (out, in)
+    return None
+
+
 def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a bitsandbytes 4-bit layer holding the same weight quantized, in
-    place, but those transformers' loading keeps in full precision (``skip_modules``, by default transformers'
-    choice for the model: :func:`skip_patterns`; a model outside transformers keeps its output embedding, if it
-    names one, or the layers ``skip_modules`` matches); returns ``model``. Quantization happens on the weight's
-    device (CPU or CUDA), exactly as transformers' ``BitsAndBytesConfig`` loading does it (same codes, same
-    constants). A transformers model gets ``config.quantization_config`` as that loading sets it, so its
+    """Replace every ``nn.Linear`` and GPT-2 ``Conv1D`` of ``model`` by a bitsandbytes 4-bit layer holding the same
+    weight quantized (a Conv1D's as the (out, in) transpose of its (in, out) storage, so the layer still computes
+    ``x @ W + b``), in place, but those transformers' loading keeps in full precision (``skip_modules``, by default
+    transformers' choice for the model: :func:`skip_patterns`; a model outside transformers keeps its output
+    embedding, if it names one, or the layers ``skip_modules`` matches); returns ``model``. The layers converted
+    are those transformers' ``BitsAndBytesConfig`` loading converts (:func:`_linear_weight`), quantized on the
+    weight's device (CPU or CUDA) exactly as that loading does it (same codes, same constants); a converted
+    Conv1D's 4-bit layer records ``source_cls`` as transformers' does, so :func:`dequantize_model` gives a Conv1D
+    back. A transformers model gets ``config.quantization_config`` as that loading sets it, so its
     ``save_pretrained`` folder loads back in 4 bit with plain ``from_pretrained``. Call before ``add_adapter``
     (LorakitError after it, and without bitsandbytes)."""
     from ..core.layer import AdapterLayer
@@ -306,22 +324,43 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | str = "nf4") -> nn
     bnb = _bnb()
     patterns = skip_patterns(model, config.skip_modules)
     skip = _skipped(model, config, patterns)
+    _check_something_to_quantize(model, skip)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or id(child) in skip:
+            weight = _linear_weight(child)
+            if weight is None or id(child) in skip:
                 continue
-            device = child.weight.device
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+            out_features, in_features = weight.shape
+            q = bnb.nn.Linear4bit(in_features, out_features, bias=child.bias is not None,
                                   compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                                   compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=config.double_quant,
-                                         quant_type=config.quant_type, module=q).to(device)  # .to quantizes
+            q.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, compress_statistics=config.double_quant,
+                                         quant_type=config.quant_type, module=q).to(weight.device)  # .to quantizes
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            q.source_cls = type(child)  # as transformers' replace_with_bnb_linear: what dequantize_model rebuilds
             setattr(parent, name, q.train(child.training))
     model.lorakit_quantize = config  # read by dequantize_model and the CLI summary
     _record_for_transformers(model, config, patterns or [])
     return keep_qlora_layout(model)
+
+
+def _check_something_to_quantize(model: nn.Module, skip: set[int]) -> None:
+    """LorakitError, before anything changes, when ``quantize_model`` would leave ``model`` without any 4-bit layer:
+    it holds no layer transformers' loading converts (``nn.Linear``, ``Conv1D``), or the kept layers are all of
+    them. Was: the model came back unchanged but marked as a 4-bit base (the CLI summary said so, and its training
+    ran in full precision). A model that holds 4-bit layers already passes (nothing left to convert is fine)."""
+    if any(is_4bit(m) for m in model.modules()):
+        return
+    layers = [n for n, m in model.named_modules() if _linear_weight(m) is not None]
+    if not layers:
+        raise LorakitError(f"quantize_model: {type(model).__name__} holds no nn.Linear or transformers Conv1D layer, "
+                           "the layers a 4-bit base stores in 4 bit (as transformers' bitsandbytes loading); "
+                           "there is nothing to quantize.")
+    if all(id(m) in skip for n, m in model.named_modules() if _linear_weight(m) is not None):
+        raise LorakitError(f"quantize_model: every linear layer of {type(model).__name__} is kept in full precision "
+                           f"({', '.join(layers[:5])}{', ...' if len(layers) > 5 else ''}), so no layer would be 4-bit; "
+                           "give skip_modules patterns that leave some layers to quantize.")
 
 
 def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns: list[str]) -> None:
@@ -331,18 +370,17 @@ def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns:
     refused the size mismatch). Its ``llm_int8_skip_modules`` keeps exactly the linear layers left in full
     precision when transformers reads it back with its own rule (:func:`skips_module`, to which it adds
     ``_keep_in_fp32_modules``): ``patterns`` (those :func:`quantize_model` applied), then each other layer left in
-    full precision (a ``Conv1D``, which transformers converts and this module does not) by its path, written as an
+    full precision (one a model that came partly 4-bit keeps under other patterns) by its path, written as an
     anchored regular expression (``re.escape(path) + "$"``) where the plain path would also reach a 4-bit layer
     (as a suffix: ``classifier`` reaches ``pre_classifier``). Was: every kept path plain, so such a path made
     transformers load a 4-bit layer's codes into a full-precision one."""
     from transformers import PretrainedConfig
-    from transformers.pytorch_utils import Conv1D
 
     host = getattr(model, "config", None)
     quantized = [n for n, m in model.named_modules() if is_4bit(m)]
     if not isinstance(host, PretrainedConfig) or not quantized:
         return
-    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)]
+    kept = [n for n, m in model.named_modules() if _linear_weight(m) is not None]
     always = list(getattr(model, "_keep_in_fp32_modules", None) or ())  # transformers adds these on every load
 
     def exact(path: str) -> str:
@@ -353,6 +391,82 @@ def _record_for_transformers(model: nn.Module, config: QuantizeConfig, patterns:
     if any(skips_module(n, saved + always) for n in quantized):  # a model that came partly 4-bit already
         saved = [exact(n) for n in kept]
     host.quantization_config = replace(config, skip_modules=tuple(saved)).to_transformers()
+
+
+def check_saved_quantization(folder: str | os.PathLike) -> None:
+    """Before transformers loads the model folder ``folder``: that its ``config.json``'s ``quantization_config``
+    describes the bitsandbytes layers its safetensors files hold. Reads only the files' headers and builds the
+    model on the meta device. Folders without bitsandbytes codes pass (transformers quantizes those on load).
+
+    The 4-bit layers of a file are those with ``<path>.weight.quant_state.bitsandbytes__<type>`` keys (8-bit:
+    ``<path>.weight.SCB``); transformers converts the ``nn.Linear`` / ``Conv1D`` layers its skip rule leaves
+    (:func:`skip_patterns`, :func:`skips_module`). Raises LorakitError naming the first layer and both sides where
+    they differ — a config edited by hand: deleted (transformers' size-mismatch RuntimeError), another
+    ``quant_method`` or 8 bit for 4-bit codes (a forward raised AttributeError ``CB``), or ``llm_int8_skip_modules``
+    that keep a 4-bit layer in full precision (size mismatch) or convert a full-precision one (its dense weight
+    loaded into a 4-bit layer: the first forward raised a bare AssertionError in bitsandbytes)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    keys: list[str] = []
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                keys += list(handle.keys())
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, SafetensorError):
+        return  # unreadable files: the load that follows reports them
+    four = {k.split(".weight.quant_state.")[0]: k.rpartition("__")[2] for k in keys
+            if ".weight.quant_state.bitsandbytes__" in k}
+    eight = {k.removesuffix(".weight.SCB") for k in keys if k.endswith(".weight.SCB")}
+    if not four and not eight:
+        return
+    saved = {**dict.fromkeys(four, "4-bit"), **dict.fromkeys(eight, "8-bit")}
+    example = next(iter(saved))
+    held = f"{folder}'s weights hold bitsandbytes {saved[example]} codes ({len(saved)} layers, e.g. {example})"
+    fix = ("config.json was edited by hand or comes from another save: restore the quantization_config the model "
+           "was saved with (save_pretrained writes it).")
+    q = raw.get("quantization_config")
+    if not isinstance(q, dict):
+        raise LorakitError(f"{held} but its config.json has no quantization_config; {fix}")
+    if q.get("quant_method") != "bitsandbytes":
+        raise LorakitError(f"{held} but config.json's quantization_config says quant_method="
+                           f"{q.get('quant_method')!r}, not 'bitsandbytes'; {fix}")
+    bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else None
+    if bits != saved[example] or (four and eight):
+        raise LorakitError(f"{held} but config.json's quantization_config loads "
+                           f"{bits or 'neither 4 nor 8 bit'} layers (load_in_4bit={q.get('load_in_4bit')!r}, "
+                           f"load_in_8bit={q.get('load_in_8bit')!r}); {fix}")
+    model = _meta_model(raw, folder)
+    if model is None:
+        return
+    skip = q.get("llm_int8_skip_modules")
+    patterns = skip_patterns(model, skip if isinstance(skip, list) else None) or []
+    converted = {n for n, m in model.named_modules() if _linear_weight(m) is not None and not skips_module(n, patterns)}
+    for path in sorted(converted ^ set(saved)):
+        says = f"as {bits}" if path in converted else "in full precision"
+        has = f"{saved[path]} codes" if path in saved else "a full-precision weight"
+        raise LorakitError(f"{folder}: config.json's quantization_config (llm_int8_skip_modules={skip!r}) makes "
+                           f"transformers load layer {path} {says}, but the weights file holds {has} for it; {fix}")
+
+
+def _meta_model(raw: dict, folder: Path) -> nn.Module | None:
+    """The transformers model ``config.json`` (``raw``) names, built on the meta device (no memory), or None when
+    transformers has no such class (the load that follows reports it)."""
+    import transformers
+
+    architectures = raw.get("architectures") or [None]
+    cls = getattr(transformers, str(architectures[0]), None)
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return cls(config)
+    except Exception:  # a config this transformers cannot build: the load that follows reports it
+        return None
 
 
 def keep_qlora_layout(model: nn.Module) -> nn.Module:
@@ -437,22 +551,41 @@ def quantize_dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return F.int8_vectorwise_dequant(codes, row_absmax).float().reshape(w.shape)
 
 
+def _full_precision_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The full-precision layer a 4-bit ``layer`` stands for, holding its dequantized weight in ``dtype``: a GPT-2
+    ``Conv1D`` (weight stored (in, out), the transpose) where it was one (``source_cls``, set by
+    :func:`quantize_model` and by transformers' loading), else an ``nn.Linear``."""
+    weight = dequantize_weight(layer)  # (out, in) float32
+    source = getattr(layer, "source_cls", None)
+    if Conv1D and isinstance(source, type) and issubclass(source, Conv1D):
+        full = Conv1D(layer.out_features, layer.in_features)  # Conv1D(nf=out, nx=in): weight (in, out), a bias
+        weight = weight.T
+    else:
+        full = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    full.to(device=layer.weight.device, dtype=dtype)
+    with torch.no_grad():
+        full.weight.copy_(weight)
+        if layer.bias is not None:
+            full.bias.copy_(layer.bias)
+    return full
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every 4-bit layer (also those under adapters) by an ``nn.Linear`` holding its dequantized weight
-    in ``dtype``, in place, and drop the quantization settings from ``model.config``; returns ``model``. After this
+    """Replace every 4-bit layer (also those under adapters) by the full-precision layer it stands for (an
+    ``nn.Linear``, or the GPT-2 ``Conv1D`` it was quantized from) holding its dequantized weight in ``dtype``, in
+    place, and drop the quantization settings from ``model.config``; returns ``model``. After this
     ``merge_and_unload`` folds adapters in and ``save_pretrained`` writes a normal full-precision model."""
+    from ..core.layer import AdapterLayer
+
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not is_4bit(child):
                 continue
-            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                               device=child.weight.device, dtype=dtype)
-            with torch.no_grad():
-                linear.weight.copy_(dequantize_weight(child))
-                if child.bias is not None:
-                    linear.bias.copy_(child.bias)
-            linear.requires_grad_(False)
-            setattr(parent, name, linear.train(child.training))
+            linear = _full_precision_layer(child, dtype).requires_grad_(False).train(child.training)
+            if isinstance(parent, AdapterLayer) and name == "base_layer":
+                parent.swap_base(linear)  # a Conv1D base stores (in, out): the adapter layer's orientation follows
+            else:
+                setattr(parent, name, linear)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
