@@ -15,7 +15,7 @@ import torch
 from lk_models import tiny_llama
 from lorakit.serving import generate as bank_generate
 from lorakit.serving import load_adapters
-from lorakit.serving.engine import Engine, EngineStopError
+from lorakit.serving.engine import Engine, EngineStopError, EngineThreadError
 from lorakit.serving.sampling import SamplingParams
 from lorakit.serving.store import AdapterStore
 
@@ -441,3 +441,43 @@ def test_a_call_from_inside_a_step_runs_there_when_a_loop_starts_meanwhile():
             engine.shutdown(timeout=5)
         except EngineStopError:
             pass  # (the old code: the loop still waits for the step lock the stuck thread holds)
+
+
+@pytest.mark.parametrize("looping", [True, False], ids=["loop", "stepping_thread"])
+@pytest.mark.parametrize("what", ["generate", "generate_choices", "shutdown"])
+def test_blocking_engine_methods_called_from_inside_a_step_raise_at_once(looping, what):
+    """``generate`` / ``generate_choices`` / ``shutdown`` from an ``on_event`` listener, i.e. from inside one of the
+    engine's steps (the loop thread, or a thread stepping without a loop): EngineThreadError at once, nothing queued
+    or stopped, and the engine serves on. Was: with the loop, ``generate`` waited forever for steps that only the
+    waiting thread could run, and ``shutdown`` failed joining its own thread ("cannot join current thread") after
+    telling the loop to stop; without one, ``generate`` ran a step inside the step. The outer request's end is the
+    gate: it ends only once the listener has returned."""
+    engine = Engine(tiny_llama(), kv_cache_bytes=1 << 20, block_size=4)
+    seen: list[BaseException | None] = []
+    inner = {"generate": lambda: engine.generate([[7, 8]], params=SamplingParams(max_tokens=2)),
+             "generate_choices": lambda: engine.generate_choices([7, 8], None, [SamplingParams(max_tokens=2)] * 2),
+             "shutdown": lambda: engine.shutdown(timeout=5)}[what]
+
+    def on_event(event):
+        if not seen:
+            try:
+                inner()
+                seen.append(None)
+            except BaseException as e:  # noqa: BLE001  (asserted on the test's thread)
+                seen.append(e)
+
+    if looping:
+        engine.start()
+    try:
+        req = engine.submit([4, 5, 6], None, SamplingParams(max_tokens=3, ignore_eos=True), on_event=on_event)
+        if not looping:  # a thread of its own steps it (generate's wait without a loop)
+            threading.Thread(target=engine._wait, args=([req], None), daemon=True).start()
+        assert req.done.wait(60), f"{what}() inside a step never returned"
+        assert len(seen) == 1 and isinstance(seen[0], EngineThreadError), seen
+        assert what in str(seen[0]) and "inside an engine step" in str(seen[0])
+        assert req.finish_reason == "length" and req.output_ids == _reference({}, [4, 5, 6], None, 3)
+        assert not engine.waiting and not engine.running and engine.cache.used_blocks == 0  # nothing queued
+        assert engine._looping() == looping  # shutdown refused: the loop runs on
+        _serves(engine)
+    finally:
+        engine.shutdown(timeout=5)

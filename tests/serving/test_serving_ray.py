@@ -242,3 +242,27 @@ def test_a_bad_root_fails_the_deployment_before_any_replica_starts(tmp_path):
 
     with pytest.raises(AdapterError, match=f"adapters '{tmp_path / 'nope'}' does not exist"):
         deployment(None, [str(tmp_path / "nope")])
+
+
+def test_a_replica_shut_down_by_ray_serve_stops_its_engine_and_closes_its_store(tmp_path):
+    """Ray Serve calls a deployment's ``__del__`` when it shuts a replica down (ray/serve/_private/replica.py,
+    ``call_destructor``); the replica's engine loop then stops and its store's prefetch pool closes. Was: no
+    ``__del__``, so the engine thread stepped on until the process was killed. The replica's state is built here as
+    its constructor builds it (a real engine and store on the bundled model; the constructor itself needs a running
+    Ray Serve replica context); a second call, and one on a replica whose constructor failed early, do nothing."""
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.engine import Engine
+    from lorakit.serving.ray_serve import LorakitReplica
+    from lorakit.serving.sampling import SamplingParams
+    from lorakit.serving.store import AdapterStore
+
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [tmp_path])
+    replica = object.__new__(LorakitReplica)
+    replica.engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20).start()
+    [req] = replica.engine.generate(["def add(a, b):"], params=SamplingParams(max_tokens=2, temperature=0))
+    assert req.finish_reason == "length" and replica.engine._looping()
+    replica.__del__()
+    assert not replica.engine._looping() and store._closed
+    replica.__del__()
+    object.__new__(LorakitReplica).__del__()

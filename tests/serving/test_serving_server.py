@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import contextlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -268,7 +269,8 @@ def test_http_error_pickles_with_its_status_and_type():
 
 def test_server_refuses_malformed_fields_with_openai_errors(setup):
     """Every malformed field is a 4xx in OpenAI's error shape before anything runs (was: a non-integer or huge seed a
-    plain-text 500; stream_options "x" a stream cut off mid-way; "stream": "yes" streamed; a mix weight beyond
+    plain-text 500; a string or boolean temperature / top_p read as a number or refused without the field's name;
+    stream_options "x" a stream cut off mid-way; "stream": "yes" streamed; a mix weight beyond
     float32 a 500; NaN/Infinity, which are not JSON (RFC 8259), accepted). Fields OpenAI defines that change the
     answer and this server lacks (echo, logprobs, best_of, penalties, tools, response_format) are refused, not
     silently ignored; their defaults and nulls are accepted (OpenAI: null = the default)."""
@@ -285,6 +287,12 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
         ({**ok, "echo": True}, 400, "'echo' is not supported"), ({**ok, "logprobs": 3}, 400, "'logprobs'"),
         ({**ok, "best_of": 2}, 400, "'best_of'"), ({**ok, "presence_penalty": 0.5}, 400, "'presence_penalty'"),
         ({**ok, "model": "bundled", "adapters": {"ad0": 1e308}}, 400, "float32"),
+        # named, and no string or boolean read as a number (was: "could not convert string to float: 'hot'", and
+        # "temperature": true sampled at temperature 1)
+        ({**ok, "temperature": "hot"}, 400, "temperature must be a number"),
+        ({**ok, "temperature": "0.5"}, 400, "temperature must be a number"),
+        ({**ok, "temperature": True}, 400, "temperature must be a number"),
+        ({**ok, "top_p": "a"}, 400, "top_p must be a number"), ({**ok, "top_p": False}, 400, "top_p must be a number"),
     ]
     for body, status, message in bad:
         r = _post(s, "/v1/completions", body)
@@ -946,3 +954,97 @@ def test_register_dir_leaves_a_name_whose_http_load_is_in_flight_to_that_load(se
         _post(s, "/v1/unload_lora_adapter", {"lora_name": "claimed"})
         shutil.rmtree(root / "claimed")
         shutil.rmtree(root / "scan")
+
+
+HELD_SERVE = """
+import os, sys, time
+from lorakit.serving.engine import Engine
+step = Engine._step
+
+def held(self):  # once CHOICES choices have tokens, hold the engine thread between steps while the file exists
+    busy = step(self)
+    while os.path.exists(HOLD) and sum(1 for r in self.running if r.output_ids) >= CHOICES:
+        time.sleep(0.01)
+    return busy
+Engine._step = held
+from lorakit.cli import main
+sys.exit(main(ARGV))
+"""
+
+
+def test_cli_serve_second_ctrl_c_with_requests_in_flight_exits_cleanly(setup, tmp_path):
+    """``lorakit serve`` stopped with Ctrl-C twice (uvicorn's forced exit) while streams run: the server exits with
+    no traceback, the engine loop stopped and the store closed by the app's shutdown; each running stream ends with
+    OpenAI's error event saying the server is shutting down (a request not started would get a 503). Was: uvicorn
+    skipped the app's shutdown on a forced exit and cancelled the requests, which logged a CancelledError traceback
+    per request and cut the streams off; the engine thread, still stepping, took the interpreter down at exit
+    ("terminate called without an active exception", status 134). The CLI runs in a forked child whose engine
+    thread holds between steps while a file exists, once all four choices have tokens (the gate: the streams stay
+    in flight); the
+    first Ctrl-C comes once both streams have their first chunk, the second once the server says it waits for
+    connections, and the file is removed after it (the held step ends, as a long step would)."""
+    import signal
+    import socket
+
+    from lk_forked import Child, _run_code
+
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["serve", "--adapters", str(setup["root"]), "--max-loras", "2", "--kv-cache-mb", "8", "--port", str(port)]
+    err = tmp_path / "stderr.txt"
+    code = f"HOLD = {str(hold)!r}\nARGV = {argv!r}\nCHOICES = 4\n" + HELD_SERVE  # 2 streams x n=2
+    proc = Child(_run_code, (code, dict(os.environ), os.devnull, str(err), str(tmp_path)))
+    url = f"http://127.0.0.1:{port}"
+    streamed, first = [], threading.Semaphore(0)
+
+    def stream():
+        body = {"model": "ad1", "prompt": "Hi", "max_tokens": 50, "n": 2, "stream": True, "ignore_eos": True}
+        lines, seen = [], False
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and not seen:
+                    seen = True
+                    first.release()
+                if line:
+                    lines.append(line)
+        streamed.append((r.status_code, lines[-1]))
+
+    clients = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+    try:
+        while True:
+            assert proc.poll() is None, err.read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        for c in clients:
+            c.start()
+        for _ in clients:
+            assert first.acquire(timeout=300)
+        os.kill(proc.process.pid, signal.SIGINT)
+        while "Waiting for connections to close" not in err.read_text():
+            assert proc.poll() is None, err.read_text()[-2000:]
+            time.sleep(0.05)
+        os.kill(proc.process.pid, signal.SIGINT)
+        for c in clients:
+            c.join(120)
+        hold.unlink()
+        status = proc.wait(timeout=120)
+    finally:
+        hold.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.process.kill()
+            proc.wait(timeout=30)
+    text = err.read_text()
+    assert status in (0, 130), text[-3000:]  # 130: SIGINT re-raised where the terminal's handler is in place
+    assert "Traceback" not in text and "terminate called" not in text and "Application shutdown complete" in text, \
+        text[-3000:]
+    assert len(streamed) == 2
+    for code, last in streamed:
+        assert code == 200 and last.startswith("data: {"), last
+        error = json.loads(last[len("data: "):])["error"]
+        assert error["code"] == 503 and error["type"] == "server_error" and "shutting down" in error["message"]

@@ -10,14 +10,14 @@
 """
 
 from .bank import WEIGHTS_KEY, LoraBank, LoraEmbeddingBank, register_kernel
-from .engine import Engine, EngineBusyError, EngineStopError, Event, Request, RequestError
+from .engine import Engine, EngineBusyError, EngineStopError, EngineThreadError, Event, Request, RequestError
 from .multi import AdapterRegistry, bank_adapters, bank_routing, generate, load_adapters, registry_of
 from .sampling import SamplingParams
 from .store import AdapterStore
 
 __all__ = ["WEIGHTS_KEY", "LoraBank", "LoraEmbeddingBank", "register_kernel", "AdapterRegistry", "bank_adapters",
            "bank_routing", "generate", "load_adapters", "registry_of", "Engine", "EngineBusyError", "EngineStopError",
-           "Event", "Request", "RequestError", "SamplingParams", "AdapterStore"]
+           "EngineThreadError", "Event", "Request", "RequestError", "SamplingParams", "AdapterStore"]
 
 
 def _register_default_kernels() -> None:

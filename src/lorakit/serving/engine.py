@@ -90,6 +90,15 @@ class EngineStopError(LorakitError, RuntimeError):
     to wait longer."""
 
 
+class EngineThreadError(LorakitError, RuntimeError):
+    """A blocking engine method called from inside one of the engine's own steps (an ``on_event`` listener, a
+    function run by :meth:`Engine.call`, the loop thread itself): :meth:`Engine.generate` /
+    :meth:`Engine.generate_choices` would wait for steps that only this thread can run, and :meth:`Engine.shutdown`
+    would wait for the loop to end while the loop waits for this call. Raised at once, before anything is queued or
+    stopped; submit with :meth:`Engine.submit` (and an ``on_event`` listener) there, or call these from another
+    thread."""
+
+
 class EngineBusyError(LorakitError):
     """A call queued for the engine thread (:meth:`Engine.call`) that was cancelled before it started: the engine did
     not get to it within its ``start_timeout``, or shut down first. It did not run; retrying it is safe. A server
@@ -384,7 +393,10 @@ class Engine:
         thread runs). ``cancel``: once set, the requests not finished are aborted (finish_reason "abort").
 
         All or nothing at submission: a prompt that ``submit`` refuses (unknown adapter, bad sampling parameters …)
-        aborts the ones already queued before its error propagates, so none of them runs on without a caller."""
+        aborts the ones already queued before its error propagates, so none of them runs on without a caller.
+        EngineThreadError, before anything is queued, when called from inside an engine step (an ``on_event``
+        listener, an :meth:`call` function, the loop thread): its wait would be for steps only this thread runs."""
+        self._refuse_inside_step("generate")
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
@@ -402,7 +414,17 @@ class Engine:
                          task: str | None = None, cancel: threading.Event | None = None) -> list[Request]:
         """:meth:`submit_choices` (one shared prefill for ``len(params)`` choices of ``prompt``), then wait for all
         as :meth:`generate` does."""
+        self._refuse_inside_step("generate_choices")
         return self._wait(self.submit_choices(prompt, adapter, params, task=task), cancel)
+
+    def _refuse_inside_step(self, what: str) -> None:
+        """EngineThreadError when this thread is inside one of the engine's steps (the loop thread, or a thread
+        stepping without the loop: a listener or an :meth:`call` function runs there)."""
+        if threading.current_thread() is self._thread or self._stepper == threading.get_ident():
+            raise EngineThreadError(f"Engine.{what}() was called from inside an engine step (an on_event listener, an "
+                                    f"Engine.call function or the engine thread): it would wait for steps only this "
+                                    f"thread runs, a deadlock; submit with Engine.submit there, or call {what}() "
+                                    f"from another thread")
 
     def _wait(self, reqs: list[Request], cancel: threading.Event | None) -> list[Request]:
         """Until every request is done (stepping here unless the background thread runs); ``cancel`` aborts them."""
@@ -449,7 +471,13 @@ class Engine:
 
         It stops the loop running when it is called; a :meth:`start` that lands while it runs starts a loop of its own,
         which runs on with the calls posted to it (was: the shutdown forgot it, or waited its whole timeout for it,
-        raised EngineStopError and cancelled its calls)."""
+        raised EngineStopError and cancelled its calls).
+
+        EngineThreadError, at once and with nothing stopped, when called from inside an engine step (the loop
+        thread, an ``on_event`` listener, an :meth:`call` function): the loop would wait for this call to return
+        while this call waited for the loop to end (was: the loop's own thread failed on joining itself, a listener
+        of a thread stepping without the loop waited out the whole timeout)."""
+        self._refuse_inside_step("shutdown")
         with self._lifecycle:
             thread, stop = self._thread, self._stop
             stop.set()

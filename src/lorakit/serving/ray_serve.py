@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, Sequence
 
 from ray import serve
 
 from ..core.errors import LorakitError
+from .engine import EngineStopError
 from .server import HTTPError, create_app, error_response, served_name
 
 REPLICA_HEADER = "x-lorakit-replica"
@@ -100,6 +102,21 @@ class LorakitReplica:
             return await self._load_adapter(name)
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_loras)(load)
+
+    def __del__(self):
+        """Stop this replica's engine loop and close its adapter store (the prefetch thread) when Ray Serve shuts the
+        replica down: Ray Serve calls the deployment's ``__del__`` then (ray/serve/_private/replica.py,
+        ``call_destructor``, ray 2.55). Was: no ``__del__``, so the engine thread went on stepping until the process
+        was killed. Safe on a replica whose constructor did not finish, and a second time."""
+        engine = self.__dict__.get("engine")
+        if engine is None:
+            return
+        try:
+            engine.shutdown()
+        except EngineStopError as e:  # the loop ends with the step or call it is in
+            logging.getLogger("lorakit.serving").warning("%s", e)
+        if engine.store is not None:
+            engine.store.close()
 
     async def _load_adapter(self, name: str) -> _Resident:
         """Make ``name`` resident in this replica's banks (Ray calls this once per adapter while it is cached).

@@ -281,7 +281,40 @@ class _Guard:
                                               f"{self.max_body_bytes} bytes")
             if refused is not None:
                 return await refused(scope, receive, send)
+            return await _answer_when_cancelled(self.app, scope, receive, send)
         await self.app(scope, receive, send)
+
+
+SHUTTING_DOWN = "the server is shutting down; this request was stopped (retry it once the server is back)"
+
+
+async def _answer_when_cancelled(app, scope, receive, send) -> None:
+    """Run ``app`` on one HTTP request; if its task is cancelled (the server's forced exit: a second Ctrl-C, or
+    uvicorn's graceful-shutdown timeout, cancels the requests still running), answer it as an error instead of
+    letting the cancellation reach uvicorn, which logged a traceback per request ("Exception in ASGI application")
+    and cut the connection: a 503 in OpenAI's error shape when the response has not started, else (a stream) a last
+    ``data: {"error": ...}`` event, as the server reports a mid-stream error. The app's own cleanup (aborting the
+    request's engine work) has run by then. A client's disconnect never gets here: Starlette absorbs it."""
+    started, done = False, False
+
+    async def watched(message):
+        nonlocal started, done
+        if message["type"] == "http.response.start":
+            started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            done = True
+        await send(message)
+    try:
+        await app(scope, receive, watched)
+    except asyncio.CancelledError:
+        if done:
+            return
+        if not started:
+            await error_response(503, SHUTTING_DOWN, "server_error")(scope, receive, send)
+            return
+        event = _sse({"error": {"message": SHUTTING_DOWN, "type": "server_error", "code": 503}})
+        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
@@ -389,6 +422,10 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
             raise HTTPError(400, f"top_k must be an integer (0 or -1 = off), got {top_k!r}")
         temperature = body.get("temperature")
+        for name in ("temperature", "top_p"):  # (a string "0.5" or true would reach float() and read as a number)
+            value = body.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise HTTPError(400, f"{name} must be a number or null, got {value!r}")
         stop = body.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
@@ -824,4 +861,35 @@ def serve(model_path: str | None = None, adapters: list[str] | None = None, *, h
     engine = Engine(model, tokenizer, store=store, kv_cache_bytes=kv_cache_mb << 20, max_batch=max_batch,
                     cuda_graphs=cuda_graphs)
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    try:
+        _server_class()(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    finally:  # (the lifespan did this unless the server never got that far: both are no-ops the second time)
+        try:
+            engine.shutdown()
+        except EngineStopError as e:
+            log.warning("%s", e)
+        store.close()
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose forced exit (a second Ctrl-C while requests run) still stops the app cleanly: the
+        requests still running are cancelled and answered (:func:`_answer_when_cancelled`), then the app's shutdown
+        runs (the engine loop stops, the adapter store closes). uvicorn skips the app's shutdown on a forced exit, so
+        the engine thread was still stepping when the interpreter exited: "terminate called without an active
+        exception", exit status 134, after a traceback per request."""
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            if not self.force_exit:
+                return
+            tasks = list(self.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            lifespan = self.lifespan
+            if getattr(lifespan, "shutdown_event", None) is not None and not lifespan.shutdown_event.is_set():
+                await lifespan.shutdown()
+    return Server
