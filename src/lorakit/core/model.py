@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
 from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer
-from .errors import AdapterError, TargetError, UnknownAdapterError, did_you_mean
+from .errors import AdapterError, ConfigError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
@@ -55,6 +55,29 @@ def check_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_state(model).configs
     if name not in configs:
         raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
+
+
+def adapter_list(model: nn.Module, names: str | Iterable[str], what: str) -> list[str]:
+    """``names`` (one adapter name, or a list / tuple of names) as a list of adapters of ``model``, checked before
+    anything changes: an entry that is not a str, or one named twice (its delta would be added twice: twice the
+    update), is an AdapterError, an unknown name an UnknownAdapterError with near matches. ``what`` names the call
+    in the message (``"set_adapter"``). A string is one name, never its characters."""
+    if isinstance(names, str):
+        names = [names]
+    elif not isinstance(names, (list, tuple)):
+        raise AdapterError(f"{what} takes an adapter name or a list of names, got {names!r} "
+                           f"({type(names).__name__}). Loaded: {adapter_names(model)}")
+    names = list(names)
+    for n in names:
+        if not isinstance(n, str):
+            raise AdapterError(f"{what}: adapter names are strings, got {n!r} ({type(n).__name__}) in {names!r}. "
+                               f"Loaded: {adapter_names(model)}")
+        check_adapter(model, n)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdapterError(f"{what}: {repeated} named more than once in {names!r}; each adapter counts once (name "
+                           f"it once; to scale an adapter use lorakit.merge_adapters with weights).")
+    return names
 
 
 def host_path(real_path: str) -> str:
@@ -202,10 +225,18 @@ def planned_shapes(model: nn.Module, config: AdapterConfig, name: str, trained: 
     return config, deltas, saved
 
 
+def _check_config(config: AdapterConfig) -> None:
+    """ConfigError unless ``config`` is an adapter config (a dict of PEFT's fields says how to make one)."""
+    if not isinstance(config, AdapterConfig):
+        hint = (" (a dict of fields: lorakit.LoraConfig(**fields), or lorakit.get_method(name).config_cls(**fields))"
+                if isinstance(config, Mapping) else "")
+        raise ConfigError(f"config must be an AdapterConfig such as lorakit.LoraConfig(r=16), got "
+                          f"{type(config).__name__}{hint}")
+
+
 def _check_new(model: nn.Module, config: AdapterConfig, name: str) -> None:
     _check_name(name)
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig (e.g. lorakit.LoraConfig), got {type(config).__name__}")
+    _check_config(config)
     if name in adapter_state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
 
@@ -317,6 +348,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     (``Init.estimate``, e.g. LoRA-GA's gradients) runs that pass first, before the adapter's tensors exist (as
     PEFT's ``preprocess_loraga`` before ``get_peft_model``); if the pass or the init fails, nothing is attached.
     """
+    _check_config(config)
     if init is not None:
         config = config.with_init(init)
     spec = config.requested_init()
@@ -345,15 +377,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Activate one adapter or several (their deltas add up). Active adapters are trainable, except the
     parameters their deltas freeze (``Delta.frozen_names``) and adapters loaded for inference.
-    Raises AdapterError for an unknown name (with near matches) and for adapters that cannot be active together
-    on a layer (``Delta.conflict``: token rows with overlapping indices), before anything changes."""
-    names = [names] if isinstance(names, str) else list(names)
-    state = adapter_state(model)
-    for n in names:
-        if n not in state.configs:
-            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} "
-                                      f"Loaded: {list(state.configs)}")
-    _set_active(model, names, *_walk(model))
+    Raises AdapterError for an unknown name (with near matches), a name given twice or one that is not a string, and
+    for adapters that cannot be active together on a layer (``Delta.conflict``: token rows with overlapping
+    indices), before anything changes. ``[]`` activates none (the base model)."""
+    _set_active(model, adapter_list(model, names, "set_adapter"), *_walk(model))
 
 
 def _set_active(model: nn.Module, names: list[str], layers: list[tuple[str, AdapterLayer]],
@@ -595,8 +622,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             m.disabled = flags.get(id(m), state.disabled > 0)
 
 
-def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_original: bool | None = None) -> None:
-    """Fold the given (default: active) adapters into the base weights; forward skips them while merged.
+def merge_adapter(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool | None = None) -> None:
+    """Fold the given (one name or a list; default: the active) adapters into the base weights; forward skips them
+    while merged. Merging an adapter that is merged already leaves it as it is (as PEFT, which warns). Raises
+    AdapterError as :func:`set_adapter` does for the names (unknown, repeated, not a string), and for an adapter a
+    layer cannot merge, before any layer changes.
 
     Unmerging subtracts the same terms again (exact up to float rounding, ~1e-7 relative in fp32, like PEFT).
     ``keep_original=True`` keeps a copy of each merged layer's base weights so that ``unmerge_adapter``
@@ -604,10 +634,7 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     float16/bfloat16 bases only, where arithmetic unmerging would visibly damage the base weights.
     """
     state = adapter_state(model)
-    names = list(state.active) if names is None else names
-    for n in names:
-        if n not in state.configs:
-            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
+    names = list(state.active) if names is None else adapter_list(model, names, "merge_adapter")
     for _, layer in adapter_layers(model):  # all or nothing: refuse before any layer changes
         layer.check_merge(names)
     twins = tied_parameters(model)
@@ -640,15 +667,16 @@ def _teardown(model: nn.Module, config: AdapterConfig, name: str) -> None:
         method.teardown(model, name)
 
 
-def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """Merge the (active) adapters and return the plain host model, with no lorakit layer left.
+def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Merge the given (one name or a list; default: the active) adapters and return the plain host model, with no
+    lorakit layer left; the other adapters are dropped unmerged.
 
     A modules_to_save module keeps the copy of the one merged adapter that has one. Raises AdapterError (before
     changing anything) when several of ``names`` have their own copy of the same module: no single module is
     then right for all of them.
     """
     state = adapter_state(model)
-    names = list(state.active) if names is None else list(names)
+    names = list(state.active) if names is None else adapter_list(model, names, "merge_and_unload")
     keep: dict[int, str] = {}
     for path, wrapper in _save_wrappers(model):
         owners = [n for n in names if n in wrapper.copies]
