@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from .config import _type_name, _type_ok
+from .config import _type_name, _type_ok, plain_scalars
 from .errors import AdapterError, ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ def init_pending(model: "nn.Module", adapter_name: str) -> bool:
 def set_init_options(model: "nn.Module", adapter_name: str, **options: Any) -> None:
     """Options for adapter ``adapter_name``'s init whenever it runs later (e.g. a data-driven init the training
     loop runs on its first batches): ``init_adapter`` uses them under the options it is given itself."""
-    _OPTIONS.setdefault(model, {})[adapter_name] = dict(options)
+    _OPTIONS.setdefault(model, {})[adapter_name] = {k: plain_scalars(v) for k, v in options.items()}
 
 
 def init_options(model: "nn.Module", adapter_name: str) -> dict[str, Any]:
@@ -281,7 +281,8 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     ``init``: a registered init's name (a PEFT ``init_lora_weights`` value for LoRA); None = the one the
     adapter's config names. Naming one also writes it into the config (``config.with_init``), so the saved file
     says how it was initialised. ``batches``: model-input dicts (``input_ids``, ``attention_mask`` …) for
-    data-driven inits, e.g. a few batches of the training data. ``options`` go to the init.
+    data-driven inits, e.g. a few batches of the training data. ``options`` go to the init (NumPy scalars as the
+    Python numbers they hold).
 
     Running an init again first restores the base it changed before. Returns the :class:`InitRecord` (also kept
     on the model). Raises AdapterError (unknown adapter, merged adapter, missing batches) and ConfigError
@@ -302,7 +303,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
             raise AdapterError(f"adapter {adapter_name!r}'s config names no init; pass init=NAME "
                                f"(registered: {', '.join(sorted(_INITS))}).")
         found = check_init_config(spec, config)
-    options = {**init_options(model, adapter_name), **options}
+    options = {**init_options(model, adapter_name), **{k: plain_scalars(v) for k, v in options.items()}}
     try:
         found.check_options({k: v for k, v in options.items() if k != "estimate"}, config)
     except ConfigError:
