@@ -16,6 +16,7 @@ An init is chosen by name: by the config (for LoRA, PEFT's ``init_lora_weights``
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import weakref
@@ -220,10 +221,33 @@ def changed_base_error(where: str, spec: Any, use: str) -> str | None:
             f"save_adapter(..., original_base=True) where it was trained), then use DIR.")
 
 
+def own_init_field(config: Any, spec: Any) -> str | None:
+    """The field of ``config`` (an ``AdapterConfig``) that takes ``spec`` as a value of the method's own start, when
+    ``spec`` is no registered init: ``"init_lora_weights"`` for LoRA's ``"gaussian"`` / ``"orthogonal"`` / ``"mica"``
+    (PEFT's ``init_lora_weights`` values that set A and B without an init of lorakit's). None otherwise."""
+    if not isinstance(spec, str) or find_init(spec) is not None:
+        return None
+    try:
+        own = config.with_init(spec)
+    except Exception:  # noqa: BLE001  (no such value, or a method without an init field)
+        return None
+    return next((f.name for f in dataclasses.fields(own) if getattr(own, f.name) == spec), None)
+
+
 def check_init_config(spec: str, config: Any) -> Init:
     """The init ``spec`` names, after checking that ``config`` (an ``AdapterConfig``) can take it: its method has
     a field that selects an init (``config.with_init``) and the init works on that method's adapters
-    (``Init.fits``). Needs no model: front ends call it before loading one. Raises ConfigError naming both."""
+    (``Init.fits``). Needs no model: front ends call it before loading one. Raises ConfigError naming both; for a
+    value of the method's own start (``"gaussian"``: :func:`own_init_field`) or a non-string, naming the config
+    field that takes it (``init=`` / ``--init`` run registered inits only, as :func:`list_inits` lists them)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"init={spec!r}: init names a registered init, as a string ({_registered()}); a method's "
+                          f"own start is a value of its config (LoRA's LoraConfig(init_lora_weights={spec!r})).")
+    field = own_init_field(config, spec)
+    if field is not None:
+        cls = type(config).__name__
+        raise ConfigError(f"init={spec!r}: {spec!r} is no registered init (init= runs those: {_registered()}) but a "
+                          f"value of {cls}.{field}; set it there: {cls}(..., {field}={spec!r}).")
     init = get_init(spec)
     config = config.with_init(spec)  # ConfigError for a method without an init field
     reason = init.fits(config) if init.fits is not None else None
@@ -237,8 +261,12 @@ def get_init(spec: str) -> Init:
     init = find_init(spec)
     if init is None:
         raise ConfigError(f"unknown init {spec!r}.{did_you_mean(str(spec), _INITS)} Registered inits: "
-                          f"{', '.join(_INITS[k].spellings for k in sorted(_INITS)) or 'none'}.")
+                          f"{_registered()}.")
     return init
+
+
+def _registered() -> str:
+    return ", ".join(_INITS[k].spellings for k in sorted(_INITS)) or "none"
 
 
 def list_inits() -> list[Init]:

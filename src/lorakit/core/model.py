@@ -342,7 +342,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     inactive (``set_adapter`` switches). Nothing is attached if any target fails.
 
     ``init`` names a registered init (``lorakit.list_inits()``; for LoRA the same as setting PEFT's
-    ``init_lora_weights``, e.g. ``"pissa"``), run right after attaching (see ``lorakit.init_adapter``). A
+    ``init_lora_weights``, e.g. ``"pissa"``; a value of the method's own start such as ``"gaussian"`` or True is a
+    ConfigError naming the config field that takes it, as ``lorakit train --init`` refuses it), run right after
+    attaching (see ``lorakit.init_adapter``). A
     data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
     ``lorakit.training.train`` runs it on its first batches. An init with a data pass on the base model alone
     (``Init.estimate``, e.g. LoRA-GA's gradients) runs that pass first, before the adapter's tensors exist (as
@@ -350,6 +352,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     """
     _check_config(config)
     if init is not None:
+        check_init_config(init, config)  # a registered init ("gaussian" is LoraConfig's own: said so, not applied)
         config = config.with_init(init)
     spec = config.requested_init()
     wanted = None if spec is None else check_init_config(spec, config)  # before any target or data pass
