@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer
+from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer, values_from_file
 from .errors import AdapterError, ConfigError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -209,20 +209,112 @@ def planned_shapes(model: nn.Module, config: AdapterConfig, name: str, trained: 
     sizes (an edited ``r=100000000``) reach memory. Raises what planning raises (AdapterError for the name,
     TargetError, ConfigError), and whatever a method's build raises on the meta device."""
     _check_new(model, config, name)
-    method = get_method(config)
     with temporarily_unmerged(model):
-        config, targets = _targets(model, config, method, strict=False)
-        with torch.device("meta"):
-            deltas = {path: {key: tuple(value.shape) for key, value in
-                             method.build(base, info, config.for_module(path), path=path).state_dict().items()}
-                      for path, base, info in targets}
-            extra = config.extra_deltas(model, [path for path, _, _ in targets])
-            deltas.update({path: {key: tuple(value.shape) for key, value in delta.state_dict().items()}
-                           for path, (_, _, delta) in extra.items()})
+        meta = meta_plan(model, config, name, trained)
+    return meta.config, meta.delta_shapes(), meta.saved_shapes(model)
+
+
+@dataclass
+class MetaPlan:
+    """An adapter for a file, built on the meta device (nothing allocated): ``deltas[path] = (base_layer, info,
+    delta)`` as in :class:`AdapterPlan`, ``saved``: the modules_to_save paths the file holds. Its shapes are checked
+    against the file first; :func:`materialise` then makes the adapter from it and the file's values, without
+    building it again."""
+
+    name: str
+    config: AdapterConfig  # after the method's prepare
+    deltas: dict[str, tuple[nn.Module, LayerInfo, nn.Module]]
+    saved: list[str]
+
+    def delta_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {path: {key: tuple(value.shape) for key, value in delta.state_dict().items()}
+                for path, (_, _, delta) in self.deltas.items()}
+
+    def saved_shapes(self, model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+        host = dict(iter_host_modules(model))
+        return {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
+                for path in self.saved}
+
+
+def meta_plan(model: nn.Module, config: AdapterConfig, name: str, trained: set[str]) -> MetaPlan:
+    """Every delta ``config`` asks for on ``model``, built on the meta device from a file's point of view
+    (``trained``: the module paths the file holds; names read leniently, deltas built under
+    :func:`~lorakit.core.delta.values_from_file`). The caller has checked the name (``_check_new``) and unmerged
+    the model (``temporarily_unmerged``). Raises what planning raises (TargetError, ConfigError)."""
+    method = get_method(config)
+    config, targets = _targets(model, config, method, strict=False)
+    with torch.device("meta"), values_from_file():
+        deltas = {path: (base, info, method.build(base, info, config.for_module(path), path=path))
+                  for path, base, info in targets}
+        deltas.update(config.extra_deltas(model, [path for path, _, _ in targets]))
+    saved = [path for path in select_modules_to_save(model, config, strict=False) if path in trained]
+    return MetaPlan(name=name, config=config, deltas=deltas, saved=saved)
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def _tensors_only_registered(delta: nn.Module) -> bool:
+    """Whether every tensor of ``delta`` is a registered parameter or buffer under one name (so replacing those
+    replaces all of its state): no tensor in another attribute (a shared group's dict, a cached projection), none
+    registered twice (a tie)."""
+    for module in delta.modules():
+        hidden = {k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+        if _holds_tensor(hidden):
+            return False
+    named = list(delta.named_parameters(remove_duplicate=False)) + list(delta.named_buffers(remove_duplicate=False))
+    return len({id(t) for _, t in named}) == len(named)
+
+
+def materialise(model: nn.Module, meta: MetaPlan, given: Mapping[str, torch.Tensor], *,
+                autocast_adapter_dtype: bool = True) -> AdapterPlan | None:
+    """The :class:`AdapterPlan` of ``meta`` with every delta tensor a copy of the file's value ``given[path.key]``
+    (placed as ``plan_adapter`` places it: the base layer's device, dtype ``adapter_placement``), or None when some
+    delta has state the file does not give (a buffer it leaves out, a tensor a method regenerates, one held outside
+    the registered parameters, a prepared config holding tensors): the caller then builds the adapter for real. So
+    a file's adapter is built once (on the meta device, for the shape checks) instead of twice."""
+    if _holds_tensor(vars(meta.config)):
+        return None
+    for path, (_, _, delta) in meta.deltas.items():
+        names = [k for k, _ in delta.named_parameters()] + [k for k, _ in delta.named_buffers()]
+        if not _tensors_only_registered(delta) or any(f"{path}.{k}" not in given for k in names):
+            return None
+    _warn_tied_targets(model, meta.deltas)
+    built = {}
+    for path, (base, info, delta) in meta.deltas.items():
+        device, dtype = adapter_placement(base, autocast_adapter_dtype)
+        for prefix, module in delta.named_modules():
+            for table in (module._parameters, module._buffers):
+                for key, old in list(table.items()):
+                    if old is None:
+                        continue
+                    value = given[".".join(filter(None, (path, prefix, key)))]
+                    value = value.to(device=device, dtype=dtype if old.is_floating_point() else old.dtype, copy=True)
+                    table[key] = (nn.Parameter(value, requires_grad=old.requires_grad)
+                                  if isinstance(old, nn.Parameter) else value)
+        built[path] = (base, info, delta)
     host = dict(iter_host_modules(model))
-    saved = {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
-             for path in select_modules_to_save(model, config, strict=False) if path in trained}
-    return config, deltas, saved
+    saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in meta.saved}
+    return AdapterPlan(name=meta.name, config=meta.config, deltas=built, saved=saved)
+
+
+def _warn_tied_targets(model: nn.Module, deltas: Mapping[str, tuple[nn.Module, Any, Any]]) -> None:
+    """Warn for each target whose weight another module shares (tied embeddings): training changes only it."""
+    twins = tied_parameters(model)
+    for path, (base, _, _) in deltas.items():
+        shared = twins.get(id(getattr(base, "weight", None)), [])
+        others = [n for n in shared if n.rpartition(".")[0] != path]
+        if others:
+            warnings.warn(f"target {path!r} shares its weight with {others} (tied weights): training changes only "
+                          f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
+                          stacklevel=5)
 
 
 def _check_config(config: AdapterConfig) -> None:
@@ -262,15 +354,9 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
     method = get_method(config)
     config, targets = _targets(model, config, method, strict=trained is None)
     host = dict(iter_host_modules(model))
-    twins = tied_parameters(model)
+    _warn_tied_targets(model, {path: (base, info, None) for path, base, info in targets})
     built = {}
     for path, base, info in targets:
-        shared = twins.get(id(getattr(base, "weight", None)), [])
-        others = [n for n in shared if n.rpartition(".")[0] != path]
-        if others:
-            warnings.warn(f"target {path!r} shares its weight with {others} (tied weights): training changes only "
-                          f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
-                          stacklevel=4)
         delta = method.build(base, info, config.for_module(path), path=path)
         device, dtype = adapter_placement(base, autocast_adapter_dtype)
         delta.to(device=device, dtype=dtype)

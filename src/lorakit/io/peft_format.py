@@ -23,8 +23,8 @@ from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetEr
 from ..core.delta import values_from_file
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
-from ..core.model import (adapter_layers, adapter_state, attach_plan, discard_adapter, host_path, plan_adapter,
-                          planned_shapes, temporarily_unmerged)
+from ..core.model import (_check_new, adapter_layers, adapter_state, attach_plan, discard_adapter, host_path,
+                          materialise, meta_plan, plan_adapter, temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
 from .files import TensorFile, is_temp_name, read_json, save_tensors_and_json
 
@@ -501,32 +501,38 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
 
 def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
     """Check the file's ``tensors`` against what ``config`` builds on ``model`` (keys, shapes, base weights), then,
-    with ``copy``, build the plan and copy them in: ``(plan, given tensors by key)``. The checks use the shapes of
-    deltas built on the meta device (``planned_shapes``), so a config whose sizes do not fit its file (an edited
-    huge r) fails naming a tensor before anything of its size is allocated; without ``copy`` nothing is built
+    with ``copy``, make the plan with the file's values: ``(plan, given tensors by key)``. The caller has unmerged
+    the model (``temporarily_unmerged``). The adapter is built once, on the meta device (``meta_plan``), so a config
+    whose sizes do not fit its file (an edited huge r) fails naming a tensor before anything of its size is
+    allocated; the checked plan is then made from it and the file's values (``materialise``), or, for a method with
+    state the file does not give, built for real and the file's values copied in. Without ``copy`` nothing is made
     (plan None). Every registered method builds on the meta device (tests/core/test_contract.py checks the shapes
     against the real build): whatever else a meta build raises is a bug in the method, and is raised as it is
     (no fallback to a real build, which would allocate before the checks)."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
     trained = trained_modules(tensors)
+    _check_new(model, config, name)
     try:
-        prepared, deltas, saved = planned_shapes(model, config, name, trained)
+        meta = meta_plan(model, config, name, trained)
     except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
+    deltas, saved = meta.delta_shapes(), meta.saved_shapes(model)
     expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
                 for k, shape in keys.items()}
-    given = _checked_tensors(model, directory, prepared, tensors, expected, deltas)
+    given = _checked_tensors(model, directory, meta.config, tensors, expected, deltas)
     if not copy:
         return None, given
-    # every check passed: now the deltas are built for real
-    with values_from_file():  # the checked file's tensors are copied in below
-        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
-    # All checks passed: copy into the (still detached) deltas, then attach.
+    # every check passed: now the adapter is made
+    plan = materialise(model, meta, given, autocast_adapter_dtype=autocast_adapter_dtype)
+    if plan is None:
+        with values_from_file():  # the checked file's tensors are copied in below
+            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+        with torch.no_grad():
+            for path, (_, _, delta) in plan.deltas.items():
+                _copy_into(delta, path, given)
     with torch.no_grad():
-        for path, (_, _, delta) in plan.deltas.items():
-            _copy_into(delta, path, given)
         for path, module in plan.saved.items():
             _copy_into(module, path, given)
     return plan, given
