@@ -79,3 +79,27 @@ def test_add_adapter_with_a_dict_config_says_how_to_make_one():
     with pytest.raises(lk.ConfigError, match=r"AdapterConfig.*dict.*LoraConfig\(\*\*fields\)"):
         lk.add_adapter(m, {"r": 4})  # before: AttributeError 'dict' object has no attribute 'requested_init'
     assert lk.adapter_names(m) == []
+
+
+def test_merge_inside_disable_adapters_is_refused(model, ids):
+    """The block runs the base model: a merge inside it ran the adapter there (and the block's end quietly unmerged
+    it again). PEFT unmerges at the block's first forward instead (peft/tuners/lora/layer.py ``Linear.forward``)."""
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=ids).logits
+    with lk.disable_adapters(model):
+        with pytest.raises(lk.AdapterError, match="inside a disable_adapters block"):
+            lk.merge_adapter(model)
+        with pytest.raises(lk.AdapterError, match="inside a disable_adapters block"):
+            lk.merge_and_unload(model)
+        torch.testing.assert_close(_out(model, ids), base, rtol=0, atol=1e-6)
+    assert merged_adapters(model) == [] and lk.adapter_names(model) == ["math", "sql"]
+    lk.merge_adapter(model)  # after the block: fine
+    assert merged_adapters(model) == ["math"]
+
+
+def test_routing_adapter_names_as_one_string_is_refused(model, ids):
+    with pytest.raises(TypeError, match=r"got the string 'math'; write adapter_names=\['math'\]"):
+        with lk.routing(adapter_names="math"):  # before: its characters, "entry 'a' is not an adapter"
+            _out(model, ids)
+    with lk.routing(adapter_names=["math"]):  # one entry: every row's
+        torch.testing.assert_close(_out(model, ids), _out(model, ids), rtol=0, atol=0)

@@ -714,8 +714,9 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def merge_adapter(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool | None = None) -> None:
     """Fold the given (one name or a list; default: the active) adapters into the base weights; forward skips them
     while merged. Merging an adapter that is merged already leaves it as it is (as PEFT, which warns). Raises
-    AdapterError as :func:`set_adapter` does for the names (unknown, repeated, not a string), and for an adapter a
-    layer cannot merge, before any layer changes.
+    AdapterError as :func:`set_adapter` does for the names (unknown, repeated, not a string), for an adapter a
+    layer cannot merge, and inside a :func:`disable_adapters` block (which runs the base model), before any layer
+    changes.
 
     Unmerging subtracts the same terms again (exact up to float rounding, ~1e-7 relative in fp32, like PEFT).
     ``keep_original=True`` keeps a copy of each merged layer's base weights so that ``unmerge_adapter``
@@ -724,6 +725,10 @@ def merge_adapter(model: nn.Module, names: str | list[str] | None = None, *, kee
     """
     state = adapter_state(model)
     names = list(state.active) if names is None else adapter_list(model, names, "merge_adapter")
+    if state.disabled and names:
+        raise AdapterError(f"merge_adapter({names}) inside a disable_adapters block: the block runs the base model, "
+                           f"which a merge would change (and the block's end unmerges what it did not find merged); "
+                           f"merge after the block.")
     for _, layer in adapter_layers(model):  # all or nothing: refuse before any layer changes
         layer.check_merge(names)
     twins = tied_parameters(model)

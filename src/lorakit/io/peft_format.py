@@ -165,9 +165,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     ``original_base=True`` instead writes an adapter that works on the *original, untouched* base, folding in
     what the init took from it (PEFT's ``path_initial_model_for_weight_conversion``: for LoRA a rank-2r LoRA,
     ``ΔW' = ΔW + (W_res − W_orig)``). Raises AdapterError when the method cannot express that
-    (``Method.to_original_base`` missing).
+    (``Method.to_original_base`` missing), and for a ``directory`` that is not a path or lies at or under a file,
+    before anything is written.
     """
-    directory = Path(directory)
+    directory = _folder(directory, "save_adapter", AdapterError)
     tensors = adapter_state_dict(model, name)
     config = config_file_dict(model, name)
     edits = base_edits(model, name)
@@ -195,11 +196,24 @@ def write_adapter_files(directory: str | os.PathLike, tensors: Mapping[str, torc
                         extra_json: Mapping[str | os.PathLike, Any] | None = None) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ ``extra_json`` files) into ``directory`` as one
     set (:func:`~lorakit.io.files.save_tensors_and_json`), the config also in the tensors' metadata
-    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load."""
-    directory = Path(directory)
+    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load. AdapterError, before anything is
+    written, when ``directory`` or a folder above it is a file."""
+    directory = _folder(directory, "save_adapter", AdapterError)
+    above = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise AdapterError(f"cannot save an adapter into {directory}: {above} is a file, and an adapter is a folder "
+                           f"({CONFIG_NAME} + {WEIGHTS_NAME}); give a folder path")
     metadata = {"format": "pt", "lorakit_version": __version__, SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
     save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config, **(extra_json or {})},
                           metadata=metadata)
+
+
+def _folder(directory: Any, what: str, error: type[Exception]) -> Path:
+    """``directory`` as a Path; ``error`` naming ``what`` takes it when it is no path (an int, None, a model)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise error(f"{what} takes an adapter folder's path (str or os.PathLike), got {directory!r:.80} "
+                    f"({type(directory).__name__})")
+    return Path(directory)
 
 
 def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
@@ -225,7 +239,7 @@ def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
 def read_adapter_config(directory: str | os.PathLike):
     """Parse and validate a saved adapter's config (lorakit or PEFT). A training run folder (``lorakit train
     --output``, holding ``adapter/``) is named as one, with the adapter folder inside it."""
-    directory = Path(directory)
+    directory = _folder(directory, "read_adapter_config", AdapterLoadError)
     if not directory.is_dir():
         if directory.exists():
             raise AdapterLoadError(f"{directory} is a file, not an adapter folder (a folder holding {CONFIG_NAME} and "
@@ -375,7 +389,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     to the changed base: that init runs again on this model's base (``Init.rerun_on_load``) before the saved
     tensors are copied in. A data-driven init is not re-run (the file holds its result).
     """
-    directory = Path(directory)
+    directory = _folder(directory, "load_adapter", AdapterLoadError)
     config = read_adapter_config(directory)
     if config_overrides:
         config = override_config(config, config_overrides, source=str(directory))
@@ -511,7 +525,10 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     (no fallback to a real build, which would allocate before the checks)."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
-    trained = trained_modules(tensors)
+    try:
+        trained = trained_modules(tensors)
+    except AdapterLoadError as e:  # a key outside PEFT's layout: name the file it is in
+        raise AdapterLoadError(f"{Path(directory) / WEIGHTS_NAME}: {e}") from None
     _check_new(model, config, name)
     try:
         meta = meta_plan(model, config, name, trained)
@@ -522,6 +539,7 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
                 for k, shape in keys.items()}
     given = _checked_tensors(model, directory, meta.config, tensors, expected, deltas)
+    _check_dtypes(directory, meta, given)
     if not copy:
         return None, given
     # every check passed: now the adapter is made
@@ -536,6 +554,19 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
         for path, module in plan.saved.items():
             _copy_into(module, path, given)
     return plan, given
+
+
+def _check_dtypes(directory: Path, meta, given: Mapping[str, torch.Tensor]) -> None:
+    """AdapterLoadError naming the first file tensor that is not floating point where the adapter's tensor is (an
+    int or bool ``lora_A``: a damaged or hand-made file; casting it would load rounded garbage without a word).
+    Half precision and bfloat16 files are fine (cast to the adapter's dtype, as PEFT does)."""
+    for path, (_, _, delta) in meta.deltas.items():
+        for key, planned in delta.state_dict().items():
+            value = given.get(f"{path}.{key}")
+            if value is not None and planned.is_floating_point() and not value.is_floating_point():
+                raise AdapterLoadError(f"{directory}: tensor {PREFIX + path + '.' + key!r} has dtype {value.dtype}; an "
+                                       f"adapter's weights are floating point (float32, float16 or bfloat16). The "
+                                       f"file is damaged or was not written as an adapter.")
 
 
 def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas
