@@ -103,3 +103,11 @@ def test_routing_adapter_names_as_one_string_is_refused(model, ids):
             _out(model, ids)
     with lk.routing(adapter_names=["math"]):  # one entry: every row's
         torch.testing.assert_close(_out(model, ids), _out(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", [lambda m: lk.add_adapter(m, _cfg()), lambda m: lk.set_adapter(m, "math"),
+                                  lambda m: lk.disable_adapters(m).__enter__(), lambda m: lk.adapter_names(m)])
+def test_a_model_name_given_as_the_model_says_to_load_it(call):
+    with pytest.raises(lk.AdapterError, match=r"model must be a torch.nn.Module, got str \(load it first, e.g. "
+                                              r"AutoModelForCausalLM.from_pretrained\('gpt2'\)\)"):
+        call("gpt2")  # before: AttributeError: 'str' object has no attribute 'lorakit'

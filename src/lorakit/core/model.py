@@ -39,6 +39,12 @@ class AdapterState:
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
+    """The :class:`AdapterState` kept on ``model`` (made on first use). AdapterError when ``model`` is not a
+    torch module (a model's name or path given where the loaded model goes)."""
+    if not isinstance(model, nn.Module):
+        hint = (f" (load it first, e.g. AutoModelForCausalLM.from_pretrained({model!r}))"
+                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+        raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         state = AdapterState()
