@@ -73,3 +73,11 @@ def test_a_path_that_is_no_path_is_named(adapter, path):
     with pytest.raises(lk.AdapterLoadError, match=rf"load_adapter takes an adapter folder.s path .*got {given}"):
         lk.load_adapter(model, path, "b")
     assert lk.adapter_names(model) == ["default"]
+
+
+def test_a_shape_error_from_config_overrides_names_them_not_the_file(adapter):
+    _, folder = adapter
+    model = tiny_llama()
+    with pytest.raises(lk.AdapterLoadError, match=r"config_overrides sets r=8, but the tensors were saved with r=4"):
+        lk.load_adapter(model, folder, config_overrides={"r": 8})  # before: "adapter_config.json has r=8"
+    assert lk.adapter_names(model) == []

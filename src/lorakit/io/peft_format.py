@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -406,7 +406,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     warn_config_changed(directory, file)
     tensors = file.read_all()
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
-        plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
+        plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype,
+                                    overridden=set(config_overrides or ()))
     _refuse_meta(directory, plan)
     attach_plan(model, plan)
     if init is not None and init.rerun_on_load:
@@ -513,7 +514,8 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
     return fits
 
 
-def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
+def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True,
+                  overridden: Collection[str] = ()):
     """Check the file's ``tensors`` against what ``config`` builds on ``model`` (keys, shapes, base weights), then,
     with ``copy``, make the plan with the file's values: ``(plan, given tensors by key)``. The caller has unmerged
     the model (``temporarily_unmerged``). The adapter is built once, on the meta device (``meta_plan``), so a config
@@ -522,7 +524,8 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     state the file does not give, built for real and the file's values copied in. Without ``copy`` nothing is made
     (plan None). Every registered method builds on the meta device (tests/core/test_contract.py checks the shapes
     against the real build): whatever else a meta build raises is a bug in the method, and is raised as it is
-    (no fallback to a real build, which would allocate before the checks)."""
+    (no fallback to a real build, which would allocate before the checks). ``overridden``: the fields
+    ``config_overrides`` set, which a shape error names as such rather than as the file's."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
     try:
@@ -538,7 +541,7 @@ def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtyp
     deltas, saved = meta.delta_shapes(), meta.saved_shapes(model)
     expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
                 for k, shape in keys.items()}
-    given = _checked_tensors(model, directory, meta.config, tensors, expected, deltas)
+    given = _checked_tensors(model, directory, meta.config, tensors, expected, deltas, overridden)
     _check_dtypes(directory, meta, given)
     if not copy:
         return None, given
@@ -569,8 +572,8 @@ def _check_dtypes(directory: Path, meta, given: Mapping[str, torch.Tensor]) -> N
                                        f"file is damaged or was not written as an adapter.")
 
 
-def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas
-                     ) -> dict[str, torch.Tensor]:
+def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas,
+                     overridden: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The file's adapter tensors by key (prefix stripped), after checking them against ``expected`` (key -> shape
     of what ``config`` builds; ``deltas``: the adapted module paths): none unexpected, none missing, every shape
     right, base-model weights equal to the model's. Raises AdapterLoadError naming the tensor."""
@@ -621,24 +624,31 @@ def _checked_tensors(model, directory, config, tensors, expected: dict[str, tupl
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
             f"{', '.join(PREFIX + k for k in missing[:5])}"
         )
-    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas)
+    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas,
+                  overridden)
     return given
 
 
 def _check_shapes(model: nn.Module, directory: Path, config, given: dict[str, tuple[int, ...]],
-                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str]) -> None:
+                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str], overridden: Collection[str] = ()
+                  ) -> None:
     """AdapterLoadError naming the first file tensor (``given``: key without the prefix -> shape) whose shape is not
     the one ``expected`` holds for it, with the config field values that would fit (``_fields_that_fit``; ``deltas``:
-    the adapted module paths)."""
+    the adapted module paths; ``overridden``: fields a caller's ``config_overrides`` set, named as such)."""
     for k, shape in given.items():
         want = expected.get(k)
         if want is None or shape == want:
             continue
         path = next((p for p in deltas if k.startswith(p + ".")), None)
         fits = [] if path is None else _fields_that_fit(model, config, path, k[len(path) + 1:], shape)
-        now = ", ".join(f"{f.split('=')[0]}={getattr(config, f.split('=')[0])}" for f in fits)
-        why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
-               "was edited, or belongs to another adapter)" if fits else "")
+        names = [f.split("=")[0] for f in fits]
+        now = ", ".join(f"{n}={getattr(config, n)}" for n in names)
+        if any(n in overridden for n in names):
+            why = (f": config_overrides sets {now}, but the tensors were saved with {' or '.join(fits)} (leave it "
+                   "out of config_overrides)")
+        else:
+            why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
+                   "was edited, or belongs to another adapter)" if fits else "")
         raise AdapterLoadError(
             f"{directory}: tensor {PREFIX + k!r} has shape {shape} but this model and config "
             f"(r / rank_pattern, module size) expect {want}{why}."
