@@ -442,11 +442,13 @@ def _overrides(args) -> dict | None:
 def _check_own_init_value(config_cls, spec: str) -> None:
     """ConfigError pointing to the method's own init flag when ``spec`` (given to --init) is no registered init but
     a value that flag takes (LoRA's --init-lora-weights gaussian / orthogonal, PEFT's init_lora_weights values)."""
+    from .core.inits import own_init_field
+
     try:
-        own = config_cls().with_init(spec)
-    except Exception:  # no such value, or a method without an init field (or one that needs arguments)
+        config = config_cls()
+    except Exception:  # noqa: BLE001  (a config that needs arguments)
         return
-    field = next((f.name for f in dataclasses.fields(own) if getattr(own, f.name) == spec), None)
+    field = own_init_field(config, spec)
     if field is not None:
         raise ConfigError(f"--init {spec}: {spec!r} is no registered init (--init runs those) but a value of the "
                           f"method's own {flag_for(field)}; use {flag_for(field)} {spec}.")

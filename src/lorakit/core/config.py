@@ -49,6 +49,24 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def plain_scalars(value: Any) -> Any:
+    """``value`` with every NumPy scalar (``np.int64(4)``, ``np.float32(0.5)``, ``np.bool_(True)``: a number read from
+    an array, a sweep grid or a pandas frame) turned into the Python ``int`` / ``float`` / ``bool`` it holds
+    (``.item()``), also inside lists, tuples and dicts; anything else is returned as it is (the same object when
+    nothing changed). Such a scalar is a plain number to the user (PEFT's configs take them), and as a Python number
+    it passes the type checks and saves to JSON (``json.dumps`` refuses ``np.float32``)."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [plain_scalars(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        pairs = {plain_scalars(k): plain_scalars(v) for k, v in value.items()}
+        same = all(a is b for a, b in zip(pairs, value)) and all(pairs[k] is value[k] for k in value if k in pairs)
+        return value if same and len(pairs) == len(value) else type(value)(pairs)
+    return value
+
+
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
@@ -143,7 +161,8 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 def check_field_types(config: Any) -> None:
     """Check every field of dataclass ``config`` against its type annotation (the one validator of lorakit's
-    configs: adapter, training, procedure). Tuples become lists, so configs stay JSON as they are.
+    configs: adapter, training, procedure). Tuples become lists and NumPy scalars Python numbers
+    (:func:`plain_scalars`), so configs stay JSON as they are.
 
     Raises ConfigError naming the class, the field, the expected type and the value given (``field``:
     ``"<Class>.<name>"``, as data for a command line to word as its flag).
@@ -151,6 +170,10 @@ def check_field_types(config: Any) -> None:
     hints = _type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        plain = plain_scalars(value)
+        if plain is not value:
+            value = plain
+            setattr(config, f.name, value)
         if not _type_ok(value, hints[f.name]):
             raise ConfigError(f"{FIELD} must be {_type_name(hints[f.name])}, got {value!r} ({type(value).__name__}).",
                               field=f"{type(config).__name__}.{f.name}")

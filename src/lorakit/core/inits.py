@@ -16,6 +16,7 @@ An init is chosen by name: by the config (for LoRA, PEFT's ``init_lora_weights``
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import weakref
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from .config import _type_name, _type_ok
+from .config import _type_name, _type_ok, plain_scalars
 from .errors import AdapterError, ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -220,10 +221,33 @@ def changed_base_error(where: str, spec: Any, use: str) -> str | None:
             f"save_adapter(..., original_base=True) where it was trained), then use DIR.")
 
 
+def own_init_field(config: Any, spec: Any) -> str | None:
+    """The field of ``config`` (an ``AdapterConfig``) that takes ``spec`` as a value of the method's own start, when
+    ``spec`` is no registered init: ``"init_lora_weights"`` for LoRA's ``"gaussian"`` / ``"orthogonal"`` / ``"mica"``
+    (PEFT's ``init_lora_weights`` values that set A and B without an init of lorakit's). None otherwise."""
+    if not isinstance(spec, str) or find_init(spec) is not None:
+        return None
+    try:
+        own = config.with_init(spec)
+    except Exception:  # noqa: BLE001  (no such value, or a method without an init field)
+        return None
+    return next((f.name for f in dataclasses.fields(own) if getattr(own, f.name) == spec), None)
+
+
 def check_init_config(spec: str, config: Any) -> Init:
     """The init ``spec`` names, after checking that ``config`` (an ``AdapterConfig``) can take it: its method has
     a field that selects an init (``config.with_init``) and the init works on that method's adapters
-    (``Init.fits``). Needs no model: front ends call it before loading one. Raises ConfigError naming both."""
+    (``Init.fits``). Needs no model: front ends call it before loading one. Raises ConfigError naming both; for a
+    value of the method's own start (``"gaussian"``: :func:`own_init_field`) or a non-string, naming the config
+    field that takes it (``init=`` / ``--init`` run registered inits only, as :func:`list_inits` lists them)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"init={spec!r}: init names a registered init, as a string ({_registered()}); a method's "
+                          f"own start is a value of its config (LoRA's LoraConfig(init_lora_weights={spec!r})).")
+    field = own_init_field(config, spec)
+    if field is not None:
+        cls = type(config).__name__
+        raise ConfigError(f"init={spec!r}: {spec!r} is no registered init (init= runs those: {_registered()}) but a "
+                          f"value of {cls}.{field}; set it there: {cls}(..., {field}={spec!r}).")
     init = get_init(spec)
     config = config.with_init(spec)  # ConfigError for a method without an init field
     reason = init.fits(config) if init.fits is not None else None
@@ -237,8 +261,12 @@ def get_init(spec: str) -> Init:
     init = find_init(spec)
     if init is None:
         raise ConfigError(f"unknown init {spec!r}.{did_you_mean(str(spec), _INITS)} Registered inits: "
-                          f"{', '.join(_INITS[k].spellings for k in sorted(_INITS)) or 'none'}.")
+                          f"{_registered()}.")
     return init
+
+
+def _registered() -> str:
+    return ", ".join(_INITS[k].spellings for k in sorted(_INITS)) or "none"
 
 
 def list_inits() -> list[Init]:
@@ -266,7 +294,7 @@ def init_pending(model: "nn.Module", adapter_name: str) -> bool:
 def set_init_options(model: "nn.Module", adapter_name: str, **options: Any) -> None:
     """Options for adapter ``adapter_name``'s init whenever it runs later (e.g. a data-driven init the training
     loop runs on its first batches): ``init_adapter`` uses them under the options it is given itself."""
-    _OPTIONS.setdefault(model, {})[adapter_name] = dict(options)
+    _OPTIONS.setdefault(model, {})[adapter_name] = {k: plain_scalars(v) for k, v in options.items()}
 
 
 def init_options(model: "nn.Module", adapter_name: str) -> dict[str, Any]:
@@ -281,7 +309,8 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
     ``init``: a registered init's name (a PEFT ``init_lora_weights`` value for LoRA); None = the one the
     adapter's config names. Naming one also writes it into the config (``config.with_init``), so the saved file
     says how it was initialised. ``batches``: model-input dicts (``input_ids``, ``attention_mask`` …) for
-    data-driven inits, e.g. a few batches of the training data. ``options`` go to the init.
+    data-driven inits, e.g. a few batches of the training data. ``options`` go to the init (NumPy scalars as the
+    Python numbers they hold).
 
     Running an init again first restores the base it changed before. Returns the :class:`InitRecord` (also kept
     on the model). Raises AdapterError (unknown adapter, merged adapter, missing batches) and ConfigError
@@ -302,7 +331,7 @@ def init_adapter(model: "nn.Module", adapter_name: str = "default", batches: Ite
             raise AdapterError(f"adapter {adapter_name!r}'s config names no init; pass init=NAME "
                                f"(registered: {', '.join(sorted(_INITS))}).")
         found = check_init_config(spec, config)
-    options = {**init_options(model, adapter_name), **options}
+    options = {**init_options(model, adapter_name), **{k: plain_scalars(v) for k, v in options.items()}}
     try:
         found.check_options({k: v for k, v in options.items() if k != "estimate"}, config)
     except ConfigError:

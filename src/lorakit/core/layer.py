@@ -378,7 +378,7 @@ class AdapterLayer(nn.Module):
         ``unmerge`` restores them bit for bit (otherwise unmerging is arithmetic, exact up to rounding);
         None = keep only for half-precision weights, where arithmetic unmerging visibly damages the base.
         ``untie=True`` (the weight is shared with another module) merges into a private copy of the weight."""
-        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        todo = [n for n in dict.fromkeys(names) if n in self.adapters and n not in self.merged]  # each once
         if not todo:
             return
         self.check_merge(todo)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer
-from .errors import AdapterError, TargetError, UnknownAdapterError, did_you_mean
+from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer, values_from_file
+from .errors import AdapterError, ConfigError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
@@ -39,6 +39,12 @@ class AdapterState:
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
+    """The :class:`AdapterState` kept on ``model`` (made on first use). AdapterError when ``model`` is not a
+    torch module (a model's name or path given where the loaded model goes)."""
+    if not isinstance(model, nn.Module):
+        hint = (f" (load it first, e.g. AutoModelForCausalLM.from_pretrained({model!r}))"
+                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+        raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         state = AdapterState()
@@ -55,6 +61,29 @@ def check_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_state(model).configs
     if name not in configs:
         raise UnknownAdapterError(f"unknown adapter {name!r}.{did_you_mean(name, configs)} Loaded: {list(configs)}")
+
+
+def adapter_list(model: nn.Module, names: str | Iterable[str], what: str) -> list[str]:
+    """``names`` (one adapter name, or a list / tuple of names) as a list of adapters of ``model``, checked before
+    anything changes: an entry that is not a str, or one named twice (its delta would be added twice: twice the
+    update), is an AdapterError, an unknown name an UnknownAdapterError with near matches. ``what`` names the call
+    in the message (``"set_adapter"``). A string is one name, never its characters."""
+    if isinstance(names, str):
+        names = [names]
+    elif not isinstance(names, (list, tuple)):
+        raise AdapterError(f"{what} takes an adapter name or a list of names, got {names!r} "
+                           f"({type(names).__name__}). Loaded: {adapter_names(model)}")
+    names = list(names)
+    for n in names:
+        if not isinstance(n, str):
+            raise AdapterError(f"{what}: adapter names are strings, got {n!r} ({type(n).__name__}) in {names!r}. "
+                               f"Loaded: {adapter_names(model)}")
+        check_adapter(model, n)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdapterError(f"{what}: {repeated} named more than once in {names!r}; each adapter counts once (name "
+                           f"it once; to scale an adapter use lorakit.merge_adapters with weights).")
+    return names
 
 
 def host_path(real_path: str) -> str:
@@ -186,26 +215,126 @@ def planned_shapes(model: nn.Module, config: AdapterConfig, name: str, trained: 
     sizes (an edited ``r=100000000``) reach memory. Raises what planning raises (AdapterError for the name,
     TargetError, ConfigError), and whatever a method's build raises on the meta device."""
     _check_new(model, config, name)
-    method = get_method(config)
     with temporarily_unmerged(model):
-        config, targets = _targets(model, config, method, strict=False)
-        with torch.device("meta"):
-            deltas = {path: {key: tuple(value.shape) for key, value in
-                             method.build(base, info, config.for_module(path), path=path).state_dict().items()}
-                      for path, base, info in targets}
-            extra = config.extra_deltas(model, [path for path, _, _ in targets])
-            deltas.update({path: {key: tuple(value.shape) for key, value in delta.state_dict().items()}
-                           for path, (_, _, delta) in extra.items()})
+        meta = meta_plan(model, config, name, trained)
+    return meta.config, meta.delta_shapes(), meta.saved_shapes(model)
+
+
+@dataclass
+class MetaPlan:
+    """An adapter for a file, built on the meta device (nothing allocated): ``deltas[path] = (base_layer, info,
+    delta)`` as in :class:`AdapterPlan`, ``saved``: the modules_to_save paths the file holds. Its shapes are checked
+    against the file first; :func:`materialise` then makes the adapter from it and the file's values, without
+    building it again."""
+
+    name: str
+    config: AdapterConfig  # after the method's prepare
+    deltas: dict[str, tuple[nn.Module, LayerInfo, nn.Module]]
+    saved: list[str]
+
+    def delta_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {path: {key: tuple(value.shape) for key, value in delta.state_dict().items()}
+                for path, (_, _, delta) in self.deltas.items()}
+
+    def saved_shapes(self, model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+        host = dict(iter_host_modules(model))
+        return {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
+                for path in self.saved}
+
+
+def meta_plan(model: nn.Module, config: AdapterConfig, name: str, trained: set[str]) -> MetaPlan:
+    """Every delta ``config`` asks for on ``model``, built on the meta device from a file's point of view
+    (``trained``: the module paths the file holds; names read leniently, deltas built under
+    :func:`~lorakit.core.delta.values_from_file`). The caller has checked the name (``_check_new``) and unmerged
+    the model (``temporarily_unmerged``). Raises what planning raises (TargetError, ConfigError)."""
+    method = get_method(config)
+    config, targets = _targets(model, config, method, strict=False)
+    with torch.device("meta"), values_from_file():
+        deltas = {path: (base, info, method.build(base, info, config.for_module(path), path=path))
+                  for path, base, info in targets}
+        deltas.update(config.extra_deltas(model, [path for path, _, _ in targets]))
+    saved = [path for path in select_modules_to_save(model, config, strict=False) if path in trained]
+    return MetaPlan(name=name, config=config, deltas=deltas, saved=saved)
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def _tensors_only_registered(delta: nn.Module) -> bool:
+    """Whether every tensor of ``delta`` is a registered parameter or buffer under one name (so replacing those
+    replaces all of its state): no tensor in another attribute (a shared group's dict, a cached projection), none
+    registered twice (a tie)."""
+    for module in delta.modules():
+        hidden = {k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+        if _holds_tensor(hidden):
+            return False
+    named = list(delta.named_parameters(remove_duplicate=False)) + list(delta.named_buffers(remove_duplicate=False))
+    return len({id(t) for _, t in named}) == len(named)
+
+
+def materialise(model: nn.Module, meta: MetaPlan, given: Mapping[str, torch.Tensor], *,
+                autocast_adapter_dtype: bool = True) -> AdapterPlan | None:
+    """The :class:`AdapterPlan` of ``meta`` with every delta tensor a copy of the file's value ``given[path.key]``
+    (placed as ``plan_adapter`` places it: the base layer's device, dtype ``adapter_placement``), or None when some
+    delta has state the file does not give (a buffer it leaves out, a tensor a method regenerates, one held outside
+    the registered parameters, a prepared config holding tensors): the caller then builds the adapter for real. So
+    a file's adapter is built once (on the meta device, for the shape checks) instead of twice."""
+    if _holds_tensor(vars(meta.config)):
+        return None
+    for path, (_, _, delta) in meta.deltas.items():
+        names = [k for k, _ in delta.named_parameters()] + [k for k, _ in delta.named_buffers()]
+        if not _tensors_only_registered(delta) or any(f"{path}.{k}" not in given for k in names):
+            return None
+    _warn_tied_targets(model, meta.deltas)
+    built = {}
+    for path, (base, info, delta) in meta.deltas.items():
+        device, dtype = adapter_placement(base, autocast_adapter_dtype)
+        for prefix, module in delta.named_modules():
+            for table in (module._parameters, module._buffers):
+                for key, old in list(table.items()):
+                    if old is None:
+                        continue
+                    value = given[".".join(filter(None, (path, prefix, key)))]
+                    value = value.to(device=device, dtype=dtype if old.is_floating_point() else old.dtype, copy=True)
+                    table[key] = (nn.Parameter(value, requires_grad=old.requires_grad)
+                                  if isinstance(old, nn.Parameter) else value)
+        built[path] = (base, info, delta)
     host = dict(iter_host_modules(model))
-    saved = {path: {key: tuple(value.shape) for key, value in host[path].state_dict().items()}
-             for path in select_modules_to_save(model, config, strict=False) if path in trained}
-    return config, deltas, saved
+    saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in meta.saved}
+    return AdapterPlan(name=meta.name, config=meta.config, deltas=built, saved=saved)
+
+
+def _warn_tied_targets(model: nn.Module, deltas: Mapping[str, tuple[nn.Module, Any, Any]]) -> None:
+    """Warn for each target whose weight another module shares (tied embeddings): training changes only it."""
+    twins = tied_parameters(model)
+    for path, (base, _, _) in deltas.items():
+        shared = twins.get(id(getattr(base, "weight", None)), [])
+        others = [n for n in shared if n.rpartition(".")[0] != path]
+        if others:
+            warnings.warn(f"target {path!r} shares its weight with {others} (tied weights): training changes only "
+                          f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
+                          stacklevel=5)
+
+
+def _check_config(config: AdapterConfig) -> None:
+    """ConfigError unless ``config`` is an adapter config (a dict of PEFT's fields says how to make one)."""
+    if not isinstance(config, AdapterConfig):
+        hint = (" (a dict of fields: lorakit.LoraConfig(**fields), or lorakit.get_method(name).config_cls(**fields))"
+                if isinstance(config, Mapping) else "")
+        raise ConfigError(f"config must be an AdapterConfig such as lorakit.LoraConfig(r=16), got "
+                          f"{type(config).__name__}{hint}")
 
 
 def _check_new(model: nn.Module, config: AdapterConfig, name: str) -> None:
     _check_name(name)
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig (e.g. lorakit.LoraConfig), got {type(config).__name__}")
+    _check_config(config)
     if name in adapter_state(model).configs:
         raise AdapterError(f"adapter {name!r} already exists; delete_adapter it first or pick another name")
 
@@ -231,15 +360,9 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
     method = get_method(config)
     config, targets = _targets(model, config, method, strict=trained is None)
     host = dict(iter_host_modules(model))
-    twins = tied_parameters(model)
+    _warn_tied_targets(model, {path: (base, info, None) for path, base, info in targets})
     built = {}
     for path, base, info in targets:
-        shared = twins.get(id(getattr(base, "weight", None)), [])
-        others = [n for n in shared if n.rpartition(".")[0] != path]
-        if others:
-            warnings.warn(f"target {path!r} shares its weight with {others} (tied weights): training changes only "
-                          f"{path!r}, and merging will untie them (the merged {path!r} gets its own weight)",
-                          stacklevel=4)
         delta = method.build(base, info, config.for_module(path), path=path)
         device, dtype = adapter_placement(base, autocast_adapter_dtype)
         delta.to(device=device, dtype=dtype)
@@ -311,13 +434,17 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     inactive (``set_adapter`` switches). Nothing is attached if any target fails.
 
     ``init`` names a registered init (``lorakit.list_inits()``; for LoRA the same as setting PEFT's
-    ``init_lora_weights``, e.g. ``"pissa"``), run right after attaching (see ``lorakit.init_adapter``). A
+    ``init_lora_weights``, e.g. ``"pissa"``; a value of the method's own start such as ``"gaussian"`` or True is a
+    ConfigError naming the config field that takes it, as ``lorakit train --init`` refuses it), run right after
+    attaching (see ``lorakit.init_adapter``). A
     data-driven init runs on ``init_batches`` (model-input dicts) when given; without them it stays pending and
     ``lorakit.training.train`` runs it on its first batches. An init with a data pass on the base model alone
     (``Init.estimate``, e.g. LoRA-GA's gradients) runs that pass first, before the adapter's tensors exist (as
     PEFT's ``preprocess_loraga`` before ``get_peft_model``); if the pass or the init fails, nothing is attached.
     """
+    _check_config(config)
     if init is not None:
+        check_init_config(init, config)  # a registered init ("gaussian" is LoraConfig's own: said so, not applied)
         config = config.with_init(init)
     spec = config.requested_init()
     wanted = None if spec is None else check_init_config(spec, config)  # before any target or data pass
@@ -345,15 +472,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Activate one adapter or several (their deltas add up). Active adapters are trainable, except the
     parameters their deltas freeze (``Delta.frozen_names``) and adapters loaded for inference.
-    Raises AdapterError for an unknown name (with near matches) and for adapters that cannot be active together
-    on a layer (``Delta.conflict``: token rows with overlapping indices), before anything changes."""
-    names = [names] if isinstance(names, str) else list(names)
-    state = adapter_state(model)
-    for n in names:
-        if n not in state.configs:
-            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)} "
-                                      f"Loaded: {list(state.configs)}")
-    _set_active(model, names, *_walk(model))
+    Raises AdapterError for an unknown name (with near matches), a name given twice or one that is not a string, and
+    for adapters that cannot be active together on a layer (``Delta.conflict``: token rows with overlapping
+    indices), before anything changes. ``[]`` activates none (the base model)."""
+    _set_active(model, adapter_list(model, names, "set_adapter"), *_walk(model))
 
 
 def _set_active(model: nn.Module, names: list[str], layers: list[tuple[str, AdapterLayer]],
@@ -595,8 +717,12 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             m.disabled = flags.get(id(m), state.disabled > 0)
 
 
-def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_original: bool | None = None) -> None:
-    """Fold the given (default: active) adapters into the base weights; forward skips them while merged.
+def merge_adapter(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool | None = None) -> None:
+    """Fold the given (one name or a list; default: the active) adapters into the base weights; forward skips them
+    while merged. Merging an adapter that is merged already leaves it as it is (as PEFT, which warns). Raises
+    AdapterError as :func:`set_adapter` does for the names (unknown, repeated, not a string), for an adapter a
+    layer cannot merge, and inside a :func:`disable_adapters` block (which runs the base model), before any layer
+    changes.
 
     Unmerging subtracts the same terms again (exact up to float rounding, ~1e-7 relative in fp32, like PEFT).
     ``keep_original=True`` keeps a copy of each merged layer's base weights so that ``unmerge_adapter``
@@ -604,10 +730,11 @@ def merge_adapter(model: nn.Module, names: list[str] | None = None, *, keep_orig
     float16/bfloat16 bases only, where arithmetic unmerging would visibly damage the base weights.
     """
     state = adapter_state(model)
-    names = list(state.active) if names is None else names
-    for n in names:
-        if n not in state.configs:
-            raise UnknownAdapterError(f"unknown adapter {n!r}.{did_you_mean(n, state.configs)}")
+    names = list(state.active) if names is None else adapter_list(model, names, "merge_adapter")
+    if state.disabled and names:
+        raise AdapterError(f"merge_adapter({names}) inside a disable_adapters block: the block runs the base model, "
+                           f"which a merge would change (and the block's end unmerges what it did not find merged); "
+                           f"merge after the block.")
     for _, layer in adapter_layers(model):  # all or nothing: refuse before any layer changes
         layer.check_merge(names)
     twins = tied_parameters(model)
@@ -640,15 +767,16 @@ def _teardown(model: nn.Module, config: AdapterConfig, name: str) -> None:
         method.teardown(model, name)
 
 
-def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """Merge the (active) adapters and return the plain host model, with no lorakit layer left.
+def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Merge the given (one name or a list; default: the active) adapters and return the plain host model, with no
+    lorakit layer left; the other adapters are dropped unmerged.
 
     A modules_to_save module keeps the copy of the one merged adapter that has one. Raises AdapterError (before
     changing anything) when several of ``names`` have their own copy of the same module: no single module is
     then right for all of them.
     """
     state = adapter_state(model)
-    names = list(state.active) if names is None else list(names)
+    names = list(state.active) if names is None else adapter_list(model, names, "merge_and_unload")
     keep: dict[int, str] = {}
     for path, wrapper in _save_wrappers(model):
         owners = [n for n in names if n in wrapper.copies]

@@ -24,8 +24,10 @@ class Method:
 
     ``build(base_layer, info, config, path=module_path)`` returns the :class:`~lorakit.core.delta.Delta` for one adapted
     layer. It must also run under ``torch.device("meta")``, reading back no values of the tensors it makes (they hold
-    none there): a loader sizes every delta on the meta device before it builds one for real
-    (``core.model.planned_shapes``). Optional hooks (each takes the model and adapter name first):
+    none there): a loader builds every delta on the meta device and checks the file against it before anything is
+    allocated (``core.model.meta_plan``), then gives that build the file's values (``core.model.materialise``), or,
+    where the delta holds tensors the file does not give (unregistered, non-persistent), builds it again for real.
+    Optional hooks (each takes the model and adapter name first):
 
     - ``init(model, name, batches)``: data-driven initialisation before step 0;
     - ``on_step(model, name, step, total_steps)``: per-step procedure (schedules, freezing, projections); returns

@@ -97,6 +97,10 @@ def routing(**info: Any) -> Iterator[Routing]:
     unknown = set(info) - set(Routing.__dataclass_fields__)
     if unknown:
         raise TypeError(f"routing() got unknown fields {sorted(unknown)}; known: {sorted(Routing.__dataclass_fields__)}")
+    if isinstance(info.get("adapter_names"), str):
+        raise TypeError(f"routing(adapter_names=...) takes one entry per batch row (a list), got the string "
+                        f"{info['adapter_names']!r}; write adapter_names=[{info['adapter_names']!r}] (one entry is "
+                        f"every row's) or set_adapter({info['adapter_names']!r}) for the whole batch")
     for name in ("row_extras", "token_extras"):
         if isinstance(info.get(name), str):
             raise TypeError(f"routing({name}=...) takes a collection of extras' names, got the string "

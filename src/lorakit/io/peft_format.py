@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -23,8 +23,8 @@ from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetEr
 from ..core.delta import values_from_file
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
-from ..core.model import (adapter_layers, adapter_state, attach_plan, discard_adapter, host_path, plan_adapter,
-                          planned_shapes, temporarily_unmerged)
+from ..core.model import (_check_new, adapter_layers, adapter_state, attach_plan, discard_adapter, host_path,
+                          materialise, meta_plan, plan_adapter, temporarily_unmerged)
 from ..core.registry import get_method, method_for_file
 from .files import TensorFile, is_temp_name, read_json, save_tensors_and_json
 
@@ -165,9 +165,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     ``original_base=True`` instead writes an adapter that works on the *original, untouched* base, folding in
     what the init took from it (PEFT's ``path_initial_model_for_weight_conversion``: for LoRA a rank-2r LoRA,
     ``ΔW' = ΔW + (W_res − W_orig)``). Raises AdapterError when the method cannot express that
-    (``Method.to_original_base`` missing).
+    (``Method.to_original_base`` missing), and for a ``directory`` that is not a path or lies at or under a file,
+    before anything is written.
     """
-    directory = Path(directory)
+    directory = _folder(directory, "save_adapter", AdapterError)
     tensors = adapter_state_dict(model, name)
     config = config_file_dict(model, name)
     edits = base_edits(model, name)
@@ -195,11 +196,24 @@ def write_adapter_files(directory: str | os.PathLike, tensors: Mapping[str, torc
                         extra_json: Mapping[str | os.PathLike, Any] | None = None) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ ``extra_json`` files) into ``directory`` as one
     set (:func:`~lorakit.io.files.save_tensors_and_json`), the config also in the tensors' metadata
-    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load."""
-    directory = Path(directory)
+    (``SAVED_CONFIG_KEY``), which :func:`warn_config_changed` compares on load. AdapterError, before anything is
+    written, when ``directory`` or a folder above it is a file."""
+    directory = _folder(directory, "save_adapter", AdapterError)
+    above = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise AdapterError(f"cannot save an adapter into {directory}: {above} is a file, and an adapter is a folder "
+                           f"({CONFIG_NAME} + {WEIGHTS_NAME}); give a folder path")
     metadata = {"format": "pt", "lorakit_version": __version__, SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
     save_tensors_and_json(directory / WEIGHTS_NAME, tensors, {directory / CONFIG_NAME: config, **(extra_json or {})},
                           metadata=metadata)
+
+
+def _folder(directory: Any, what: str, error: type[Exception]) -> Path:
+    """``directory`` as a Path; ``error`` naming ``what`` takes it when it is no path (an int, None, a model)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise error(f"{what} takes an adapter folder's path (str or os.PathLike), got {directory!r:.80} "
+                    f"({type(directory).__name__})")
+    return Path(directory)
 
 
 def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
@@ -225,7 +239,7 @@ def warn_config_changed(directory: str | os.PathLike, file: TensorFile) -> None:
 def read_adapter_config(directory: str | os.PathLike):
     """Parse and validate a saved adapter's config (lorakit or PEFT). A training run folder (``lorakit train
     --output``, holding ``adapter/``) is named as one, with the adapter folder inside it."""
-    directory = Path(directory)
+    directory = _folder(directory, "read_adapter_config", AdapterLoadError)
     if not directory.is_dir():
         if directory.exists():
             raise AdapterLoadError(f"{directory} is a file, not an adapter folder (a folder holding {CONFIG_NAME} and "
@@ -398,7 +412,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     to the changed base: that init runs again on this model's base (``Init.rerun_on_load``) before the saved
     tensors are copied in. A data-driven init is not re-run (the file holds its result).
     """
-    directory = Path(directory)
+    directory = _folder(directory, "load_adapter", AdapterLoadError)
     config = read_adapter_config(directory)
     if config_overrides:
         config = override_config(config, config_overrides, source=str(directory))
@@ -415,7 +429,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     warn_config_changed(directory, file)
     tensors = file.read_all()
     with temporarily_unmerged(model):  # checks compare base weights: those of the base, not of a merged adapter
-        plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype)
+        plan, given = _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype,
+                                    overridden=set(config_overrides or ()))
     _refuse_meta(directory, plan)
     attach_plan(model, plan)
     if init is not None and init.rerun_on_load:
@@ -522,41 +537,66 @@ def _fields_that_fit(model: nn.Module, config, path: str, key: str, shape: tuple
     return fits
 
 
-def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True):
+def _checked_plan(model, directory, config, tensors, name, autocast_adapter_dtype, copy: bool = True,
+                  overridden: Collection[str] = ()):
     """Check the file's ``tensors`` against what ``config`` builds on ``model`` (keys, shapes, base weights), then,
-    with ``copy``, build the plan and copy them in: ``(plan, given tensors by key)``. The checks use the shapes of
-    deltas built on the meta device (``planned_shapes``), so a config whose sizes do not fit its file (an edited
-    huge r) fails naming a tensor before anything of its size is allocated; without ``copy`` nothing is built
+    with ``copy``, make the plan with the file's values: ``(plan, given tensors by key)``. The caller has unmerged
+    the model (``temporarily_unmerged``). The adapter is built once, on the meta device (``meta_plan``), so a config
+    whose sizes do not fit its file (an edited huge r) fails naming a tensor before anything of its size is
+    allocated; the checked plan is then made from it and the file's values (``materialise``), or, for a method with
+    state the file does not give, built for real and the file's values copied in. Without ``copy`` nothing is made
     (plan None). Every registered method builds on the meta device (tests/core/test_contract.py checks the shapes
     against the real build): whatever else a meta build raises is a bug in the method, and is raised as it is
-    (no fallback to a real build, which would allocate before the checks)."""
+    (no fallback to a real build, which would allocate before the checks). ``overridden``: the fields
+    ``config_overrides`` set, which a shape error names as such rather than as the file's."""
     regenerated = get_method(config).regenerated_keys  # tensors the method rebuilds from its seed (RandLoRA's bases)
     tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in regenerated}
-    trained = trained_modules(tensors)
     try:
-        prepared, deltas, saved = planned_shapes(model, config, name, trained)
+        trained = trained_modules(tensors)
+    except AdapterLoadError as e:  # a key outside PEFT's layout: name the file it is in
+        raise AdapterLoadError(f"{Path(directory) / WEIGHTS_NAME}: {e}") from None
+    _check_new(model, config, name)
+    try:
+        meta = meta_plan(model, config, name, trained)
     except (ConfigError, TargetError) as e:  # the config's own checks against this model (a method's prepare, its
         # targets): the same error, naming the folder it came from as every other load error does
         raise type(e)(f"{directory}: {e.args[0]}", field=e.field) from None
+    deltas, saved = meta.delta_shapes(), meta.saved_shapes(model)
     expected = {f"{path}.{k}": shape for group in (deltas, saved) for path, keys in group.items()
                 for k, shape in keys.items()}
-    given = _checked_tensors(model, directory, prepared, tensors, expected, deltas)
+    given = _checked_tensors(model, directory, meta.config, tensors, expected, deltas, overridden)
+    _check_dtypes(directory, meta, given)
     if not copy:
         return None, given
-    # every check passed: now the deltas are built for real
-    with values_from_file():  # the checked file's tensors are copied in below
-        plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
-    # All checks passed: copy into the (still detached) deltas, then attach.
+    # every check passed: now the adapter is made
+    plan = materialise(model, meta, given, autocast_adapter_dtype=autocast_adapter_dtype)
+    if plan is None:
+        with values_from_file():  # the checked file's tensors are copied in below
+            plan = plan_adapter(model, config, name, autocast_adapter_dtype=autocast_adapter_dtype, trained=trained)
+        with torch.no_grad():
+            for path, (_, _, delta) in plan.deltas.items():
+                _copy_into(delta, path, given)
     with torch.no_grad():
-        for path, (_, _, delta) in plan.deltas.items():
-            _copy_into(delta, path, given)
         for path, module in plan.saved.items():
             _copy_into(module, path, given)
     return plan, given
 
 
-def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas
-                     ) -> dict[str, torch.Tensor]:
+def _check_dtypes(directory: Path, meta, given: Mapping[str, torch.Tensor]) -> None:
+    """AdapterLoadError naming the first file tensor that is not floating point where the adapter's tensor is (an
+    int or bool ``lora_A``: a damaged or hand-made file; casting it would load rounded garbage without a word).
+    Half precision and bfloat16 files are fine (cast to the adapter's dtype, as PEFT does)."""
+    for path, (_, _, delta) in meta.deltas.items():
+        for key, planned in delta.state_dict().items():
+            value = given.get(f"{path}.{key}")
+            if value is not None and planned.is_floating_point() and not value.is_floating_point():
+                raise AdapterLoadError(f"{directory}: tensor {PREFIX + path + '.' + key!r} has dtype {value.dtype}; an "
+                                       f"adapter's weights are floating point (float32, float16 or bfloat16). The "
+                                       f"file is damaged or was not written as an adapter.")
+
+
+def _checked_tensors(model, directory, config, tensors, expected: dict[str, tuple[int, ...]], deltas,
+                     overridden: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The file's adapter tensors by key (prefix stripped), after checking them against ``expected`` (key -> shape
     of what ``config`` builds; ``deltas``: the adapted module paths): none unexpected, none missing, every shape
     right, base-model weights equal to the model's. Raises AdapterLoadError naming the tensor."""
@@ -607,24 +647,31 @@ def _checked_tensors(model, directory, config, tensors, expected: dict[str, tupl
             f"{directory}: {len(missing)} tensor(s) the config requires are missing from {WEIGHTS_NAME}, e.g. "
             f"{', '.join(PREFIX + k for k in missing[:5])}"
         )
-    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas)
+    _check_shapes(model, directory, config, {k: tuple(v.shape) for k, v in given.items()}, expected, deltas,
+                  overridden)
     return given
 
 
 def _check_shapes(model: nn.Module, directory: Path, config, given: dict[str, tuple[int, ...]],
-                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str]) -> None:
+                  expected: dict[str, tuple[int, ...]], deltas: Iterable[str], overridden: Collection[str] = ()
+                  ) -> None:
     """AdapterLoadError naming the first file tensor (``given``: key without the prefix -> shape) whose shape is not
     the one ``expected`` holds for it, with the config field values that would fit (``_fields_that_fit``; ``deltas``:
-    the adapted module paths)."""
+    the adapted module paths; ``overridden``: fields a caller's ``config_overrides`` set, named as such)."""
     for k, shape in given.items():
         want = expected.get(k)
         if want is None or shape == want:
             continue
         path = next((p for p in deltas if k.startswith(p + ".")), None)
         fits = [] if path is None else _fields_that_fit(model, config, path, k[len(path) + 1:], shape)
-        now = ", ".join(f"{f.split('=')[0]}={getattr(config, f.split('=')[0])}" for f in fits)
-        why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
-               "was edited, or belongs to another adapter)" if fits else "")
+        names = [f.split("=")[0] for f in fits]
+        now = ", ".join(f"{n}={getattr(config, n)}" for n in names)
+        if any(n in overridden for n in names):
+            why = (f": config_overrides sets {now}, but the tensors were saved with {' or '.join(fits)} (leave it "
+                   "out of config_overrides)")
+        else:
+            why = (f": {CONFIG_NAME} has {now}, but the tensors were saved with {' or '.join(fits)} (the config "
+                   "was edited, or belongs to another adapter)" if fits else "")
         raise AdapterLoadError(
             f"{directory}: tensor {PREFIX + k!r} has shape {shape} but this model and config "
             f"(r / rank_pattern, module size) expect {want}{why}."
