@@ -83,3 +83,27 @@ def test_seeded_sampling_equals_transformers_on_the_peft_merged_model(tokenizer,
     ours = tl.sample_candidates(model, tokenizer, seeds, 5, config, random.Random(3))
     reference = tl.sample_candidates(merged, tokenizer, seeds, 5, config, random.Random(3))
     assert ours == reference and ours[0]
+
+
+def test_an_encoder_decoder_checks_prompt_and_new_tokens_against_their_own_positions(tokenizer, tmp_path):
+    """Was: prompt + new tokens checked against one limit, as for a decoder-only model, so BART (64 learned
+    positions in the encoder and 64 in the decoder) was refused a 40-token prompt with 30 new tokens."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from lorakit.data import DataError
+
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)).eval()
+    prompt = " ".join(["ab"] * 60)
+    n = len(encode_prompt(tokenizer, prompt))
+    assert 32 < n <= 64
+    out = generate_completions(bart, tokenizer, [prompt], max_new_tokens=30)
+    assert len(out) == 1
+    with pytest.raises(DataError, match="exceed the decoder's 64 positions"):
+        generate_completions(bart, tokenizer, [prompt], max_new_tokens=64)
+    with pytest.raises(DataError, match="the encoder reads at most 64"):
+        generate_completions(bart, tokenizer, [prompt * 3], max_new_tokens=4)

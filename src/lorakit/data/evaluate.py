@@ -119,9 +119,20 @@ def generate_completions(
 
 
 def check_prompt_lengths(model: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """DataError naming the first prompt whose tokens + `max_new_tokens` exceed the model's position limit."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """DataError naming the first prompt whose tokens + `max_new_tokens` exceed the model's position limit (an
+    encoder-decoder: the prompt the encoder's, the new tokens + the decoder start token the decoder's)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
+        return
+    if getattr(config, "is_encoder_decoder", False):  # the encoder reads the prompt, the decoder the new tokens
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise DataError(f"prompt {i + 1} is {len(ids)} tokens; the encoder reads at most {limit} "
+                                f"(max_position_embeddings). Shorten the prompt to at most {limit} tokens.")
+        if max_new_tokens + 1 > limit:  # + the decoder start token
+            raise DataError(f"{max_new_tokens} new tokens and the decoder start token exceed the decoder's {limit} "
+                            f"positions (max_position_embeddings). Generate at most {limit - 1} new tokens.")
         return
     for i, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > limit:
