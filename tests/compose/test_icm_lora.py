@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,14 @@ def test_icm_lora_collection_task_from_spec_or_error(base, tmp_path):
         read_collection([bare])
     samples, config = read_collection([f"rotate4={bare}"])
     assert samples[0].task == "rotate4" and config["r"] == 2
+
+
+def test_icm_lora_collection_with_a_mistyped_folder_lists_the_near_ones(collection):
+    """Was "runs/c/rotat2: no adapter here (no adapter_config.json, ...)": a folder that does not exist at all was
+    described as an empty one, with no word of the folder one letter off beside it."""
+    mistyped = collection[0].replace("rotate-0", "rotat-0")
+    with pytest.raises(lk.AdapterLoadError, match=re.escape(f"{mistyped} does not exist. Did you mean: {collection[0]}")):
+        read_collection([mistyped, collection[2]])
 
 
 def test_icm_lora_collection_of_another_method_or_dora_is_refused(base, collection, tmp_path):

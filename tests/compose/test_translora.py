@@ -190,6 +190,11 @@ def test_mismatched_tokenizers_error_for_logit_distillation(tokenizer, real):
     ({"n_seeds": 0}, "n_seeds"),
     ({"top_p": 0.0}, "top_p"),
     ({"separator": ""}, "separator"),
+    # inf passed `> 0`: the transfer sampled NaN probabilities (or trained to NaN weights) minutes later
+    ({"temperature": float("inf")}, "temperature must be > 0 and finite"),
+    ({"kd_temperature": float("inf")}, "kd_temperature"),
+    ({"lr": float("inf")}, r"\.lr must"),
+    ({"disc_lr": float("inf")}, "disc_lr"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

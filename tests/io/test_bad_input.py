@@ -185,6 +185,17 @@ def test_missing_files(saved, model_with_adapter, tmp_path):
     _load_fails(model_with_adapter, saved, "missing config file")
 
 
+def test_a_mistyped_adapter_folder_lists_the_near_folders(saved, model_with_adapter, tmp_path):
+    """Was only "does not exist": the folder beside it, one letter off, went unnamed."""
+    (tmp_path / "runs" / "rotate" / "adapter").mkdir(parents=True)
+    (tmp_path / "runs" / "rotate2").mkdir()
+    (tmp_path / "runs" / "sort").mkdir()
+    _load_fails(model_with_adapter, tmp_path / "runs" / "rotat" / "adapter",
+                re.escape(f"does not exist. Did you mean: {tmp_path / 'runs' / 'rotate' / 'adapter'}, "
+                          f"{tmp_path / 'runs' / 'rotate2' / 'adapter'}?"))
+    _load_fails(model_with_adapter, tmp_path / "xyz" / "qqq", r"does not exist\.$")  # nothing near: no hint
+
+
 def test_a_peft_folder_of_named_adapters_names_them(model_with_adapter, tmp_path):
     """PEFT's save_pretrained writes an adapter that is not named "default" into a subfolder named after it; the
     parent folder was refused only as 'missing config file'."""

@@ -519,6 +519,9 @@ def test_config_errors():
         GammaModConfig(dense_first_layers=-1)
     with pytest.raises(ConfigError, match=r"mod_layers=\[3, 3\] names block\(s\) \[3\] more than once"):
         GammaModConfig(mod_layers=[3, 3])
+    # was accepted: no MoD block, a plain LoRA whose router never trains (a saved [] loaded the same way)
+    with pytest.raises(ConfigError, match=r"mod_layers=\[\] converts no block.*leave it None"):
+        GammaModConfig(mod_layers=[])
     with pytest.raises(ConfigError, match="blocks this model lacks"):
         lk.add_adapter(tiny_llama(), GammaModConfig(target_modules=["q_proj"], mod_layers=[5]))
     # more blocks asked of ARank than the bounds leave: refused when the adapter is added (the CLI then stops before

@@ -24,6 +24,8 @@ def test_parse_named_and_explicit_mixtures():
     ("code=nan,tasks=1", r"weight of 'code' is nan"),
     ("code=x,tasks=1", r"'x' for 'code' is not a number"),
     ("code=0.5,code=0.5", r"appears twice"),
+    # was "Mixture weight '' for 'code:0.5' is not a number": the item has no '=' at all
+    ("code:0.5,tasks=0.5", r"Mixture item 'code:0\.5' is not domain=weight .*code=0\.4"),
     ("unifrom", r"Unknown mixture 'unifrom'.*Did you mean: uniform"),
 ])
 def test_bad_mixtures_are_named(text, message):

@@ -38,7 +38,8 @@ from torch import nn
 
 from .. import __version__
 from ..core.config import check_non_negative, check_positive, check_positive_ints
-from ..core.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean
+from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, LorakitError, did_you_mean,
+                           did_you_mean_path)
 from ..core.inits import changed_base_error
 from ..io.files import load_tensors, read_json, save_tensors_and_json
 from ..io.peft_format import CONFIG_NAME, WEIGHTS_NAME, weights_path, write_adapter_files
@@ -98,6 +99,8 @@ def _adapter_folders(folder: Path) -> list[Path]:
         return checkpoints
     if (folder / "adapter" / CONFIG_NAME).is_file():
         return [folder / "adapter"]
+    if not folder.exists():
+        raise AdapterLoadError(f"{folder} does not exist.{did_you_mean_path(folder)}")
     raise AdapterLoadError(f"{folder}: no adapter here (no {CONFIG_NAME}, no checkpoint-*/ or adapter/ folder)")
 
 

@@ -108,7 +108,7 @@ class TransLoraConfig:
             if value not in choices:
                 raise field_error(self, name, f"={value!r} is not one of {choices}.{did_you_mean(str(value), choices)}")
         check_range(self, "threshold", 0, 1, high_open=True, note=" (keep when P(real) > threshold)")
-        check_positive(self, "temperature", "kd_temperature", "lr", "disc_lr")
+        check_positive(self, "temperature", "kd_temperature", "lr", "disc_lr", finite=True)  # inf: NaN sampling, NaN weights
         check_range(self, "top_p", 0, 1, low_open=True)
         if self.separator is not None and not self.separator:
             raise field_error(self, "separator", " must be a non-empty string (it ends each few-shot example) or None "

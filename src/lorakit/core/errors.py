@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -109,6 +111,26 @@ def near_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     found = near_matches(name, candidates)
     return f" Did you mean: {', '.join(found)}?" if found else ""
+
+
+def did_you_mean_path(path: str | os.PathLike) -> str:
+    """``" Did you mean: P1, P2?"`` for a ``path`` that does not exist: its first missing component replaced by the
+    near matches among the entries of the folder that does exist (``runs/c/rotat/adapter`` ->
+    ``runs/c/rotate/adapter``); ``""`` when none is near or ``path`` exists."""
+    path = Path(path)
+    parts = path.parts
+    for i in range(len(parts)):
+        here = Path(*parts[: i + 1])
+        if not here.exists():
+            parent = Path(*parts[:i]) if i else Path(".")
+            try:
+                siblings = [entry.name for entry in parent.iterdir()]
+            except OSError:  # unreadable: no hint rather than another error
+                return ""
+            found = [os.path.join(parent, name, *parts[i + 1:]) if i else os.path.join(name, *parts[1:])
+                     for name in near_matches(parts[i], siblings)]
+            return f" Did you mean: {', '.join(found)}?" if found else ""
+    return ""
 
 
 def comma_items(text: str, what: str, noun: str = "names", *, field: str | None = None,

@@ -65,7 +65,10 @@ def generate_completions(
 
     Batches are left-padded by hand (pad ids, attention mask 0) rather than through
     `tokenizer.padding_side`, so the tokenizer is never mutated and the prompt ids are exactly the
-    ones training used (`encode_prompt`). Prompts are sorted by length to keep padding small.
+    ones training used (`encode_prompt`). Prompts are sorted by length to keep padding small. An
+    encoder-decoder model (``config.is_encoder_decoder``, e.g. T5) reads the prompt in its encoder and returns
+    only decoder tokens; its completion is those after the decoder start token.
+    Raises DataError for a prompt whose tokens + ``max_new_tokens`` pass the model's positions.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -75,6 +78,7 @@ def generate_completions(
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     check_prompt_lengths(model, encoded, max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
@@ -103,7 +107,7 @@ def generate_completions(
                     **(generate_kwargs or {}),
                 )
             for r, i in enumerate(rows):
-                new = generated[r, width:].tolist()
+                new = generated[r, 1 if encoder_decoder else width:].tolist()
                 if eos is not None and eos in new:
                     new = new[: new.index(eos)]
                 outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
@@ -115,9 +119,20 @@ def generate_completions(
 
 
 def check_prompt_lengths(model: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """DataError naming the first prompt whose tokens + `max_new_tokens` exceed the model's position limit."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """DataError naming the first prompt whose tokens + `max_new_tokens` exceed the model's position limit (an
+    encoder-decoder: the prompt the encoder's, the new tokens + the decoder start token the decoder's)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
+        return
+    if getattr(config, "is_encoder_decoder", False):  # the encoder reads the prompt, the decoder the new tokens
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise DataError(f"prompt {i + 1} is {len(ids)} tokens; the encoder reads at most {limit} "
+                                f"(max_position_embeddings). Shorten the prompt to at most {limit} tokens.")
+        if max_new_tokens + 1 > limit:  # + the decoder start token
+            raise DataError(f"{max_new_tokens} new tokens and the decoder start token exceed the decoder's {limit} "
+                            f"positions (max_position_embeddings). Generate at most {limit - 1} new tokens.")
         return
     for i, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > limit:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._version import __version__
 from ..core.errors import (AdapterError, AdapterLoadError, ConfigError, TargetError, UnknownAdapterError,
-                           UnknownMethodError, did_you_mean, near_matches)
+                           UnknownMethodError, did_you_mean, did_you_mean_path, near_matches)
 from ..core.delta import values_from_file
 from ..core.layer import AdapterLayer, ModulesToSaveWrapper
 from ..core.inits import InitRecord, base_edits, find_init, init_adapter
@@ -244,7 +244,7 @@ def read_adapter_config(directory: str | os.PathLike):
         if directory.exists():
             raise AdapterLoadError(f"{directory} is a file, not an adapter folder (a folder holding {CONFIG_NAME} and "
                                    "adapter_model.safetensors)")
-        raise AdapterLoadError(f"adapter folder {directory} does not exist")
+        raise AdapterLoadError(f"adapter folder {directory} does not exist.{did_you_mean_path(directory)}")
     path = directory / CONFIG_NAME
     inner = run_adapter(directory)
     if inner is not None:

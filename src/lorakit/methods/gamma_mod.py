@@ -129,7 +129,7 @@ class GammaModConfig(AdapterConfig):
       every decoded token is processed). Used with ``inference_threshold`` only.
     - ``router_aux_loss_coef``: weight of the router's cross-entropy loss.
 
-    Raises ConfigError for values out of range and for a block named twice in ``mod_layers``.
+    Raises ConfigError for values out of range, an empty ``mod_layers`` and a block named twice in it.
     """
 
     target_modules: list[str] | str | None = None
@@ -151,6 +151,9 @@ class GammaModConfig(AdapterConfig):
         check_positive_ints(self, "r")
         check_range(self, "capacity_factor", 0, 1, low_open=True)
         check_positive_ints(self, "num_mod_layers", optional=True)
+        if self.mod_layers is not None and not len(self.mod_layers):  # no MoD block: a plain LoRA with an idle router
+            raise field_error(self, "mod_layers", "=[] converts no block; name at least one block, or leave it None "
+                                                  "for ARank's choice.")
         if self.mod_layers is not None and any(i < 0 for i in self.mod_layers):
             raise field_error(self, "mod_layers", f" must be non-negative block indices, got {self.mod_layers}.")
         if self.mod_layers is not None and len(set(self.mod_layers)) != len(self.mod_layers):

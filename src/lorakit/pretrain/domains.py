@@ -147,6 +147,8 @@ def parse_mixture(text: str) -> str | dict[str, float]:
     for part in comma_items(text, "", "domain=weight pairs", field="mixture"):
         name, sep, value = part.partition("=")
         name = name.strip()
+        if not sep:  # `code:0.4` read as a domain named "code:0.4" with the weight '' was reported as a bad number
+            raise ConfigError(f"Mixture item {part!r} is not domain=weight (in {text!r}); write e.g. code=0.4.")
         if name in weights:
             raise ConfigError(f"Domain {name!r} appears twice in mixture {text!r}.")
         try:
