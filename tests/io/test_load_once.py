@@ -14,6 +14,7 @@ import torch
 
 import lorakit as lk
 from lk_models import tiny_llama
+from lorakit.core.delta import Delta
 from lorakit.core.model import adapter_layers, adapter_state, merged_adapters
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -90,3 +91,58 @@ def test_load_beside_a_merged_adapter_unmerges_once_and_merges_back(saved, ids, 
     lk.set_adapter(model, "b")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+
+
+
+class _HiddenProjection(Delta):
+    """A delta B·P·x whose frozen projection P (r, in) is regenerated at build (a fixed pattern, as a seed would give)
+    and held outside the registered submodules, so the file has only B (out, r). Test-only."""
+
+    mergeable = False
+
+    def __init__(self, info, r):
+        super().__init__(info)
+        projection = torch.nn.Linear(info.in_features, r, bias=False)
+        with torch.no_grad():
+            projection.weight.copy_(torch.linspace(-1, 1, r * info.in_features).reshape(r, info.in_features))
+        object.__setattr__(self, "projection", projection)  # not a submodule: never saved, never trained
+        self.lora_B = torch.nn.Parameter(torch.zeros(info.out_features, r))
+
+    def forward(self, x, base_out, base_layer):
+        return (self.projection(x.to(self.lora_B.dtype)) @ self.lora_B.T).to(base_out.dtype)
+
+
+@dataclasses.dataclass
+class _HiddenProjectionConfig(lk.LoraConfig):
+    """LoRA's fields, for the test-only method "test_hidden_projection"."""
+
+
+@pytest.fixture
+def hidden_projection_method():
+    from lorakit.core import registry
+
+    lk.register_method("test_hidden_projection", config=_HiddenProjectionConfig, layer_kinds=("linear",),
+                       build=lambda base, info, config, path="": _HiddenProjection(info, config.r),
+                       description="B times a frozen projection kept outside the registered modules (test-only)")
+    try:
+        yield _HiddenProjectionConfig
+    finally:  # keep the method out of the registry-driven test matrices
+        registry._METHODS.pop("test_hidden_projection", None)
+
+
+def test_a_delta_holding_an_unregistered_module_is_built_for_real(hidden_projection_method, tmp_path, ids):
+    """The single build gives values to registered tensors only; a module held in a plain attribute would stay on the
+    meta device (forward: "Tensor on device meta is not on the expected device"), so such a delta is built again."""
+    model = tiny_llama()
+    lk.add_adapter(model, hidden_projection_method(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for p in lk.core.model.adapter_parameters(model, "default").values():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        want = model(input_ids=ids).logits
+    lk.save_adapter(model, tmp_path / "a")
+    fresh = tiny_llama()
+    lk.load_adapter(fresh, tmp_path / "a")
+    for _, layer in adapter_layers(fresh):
+        assert not layer.adapters["default"].projection.weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=0, atol=1e-6)

@@ -258,8 +258,13 @@ def meta_plan(model: nn.Module, config: AdapterConfig, name: str, trained: set[s
 
 
 def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` holds a tensor, also inside a module kept outside the registered submodules (a frozen
+    projection held by ``object.__setattr__``, a router shared through the config): built on the meta device,
+    such a module would keep meta tensors, since :func:`materialise` gives values to registered tensors only."""
     if isinstance(value, torch.Tensor):
         return True
+    if isinstance(value, nn.Module):
+        return any(True for _ in value.parameters()) or any(True for _ in value.buffers())
     if isinstance(value, Mapping):
         return any(_holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple, set)):
