@@ -266,3 +266,32 @@ def test_a_replica_shut_down_by_ray_serve_stops_its_engine_and_closes_its_store(
     assert not replica.engine._looping() and store._closed
     replica.__del__()
     object.__new__(LorakitReplica).__del__()
+
+
+def test_a_replica_collected_on_its_engine_thread_stops_the_engine_without_raising(tmp_path):
+    """A destructor that raises only prints "Exception ignored in ..." with a traceback. The last reference to a
+    replica can drop on its engine's own thread (inside a function the engine runs for it), where
+    ``Engine.shutdown`` refuses to wait for the loop it is running in (EngineThreadError): the replica's ``__del__``
+    then still stops the loop (right after that step) and closes the store, and raises nothing."""
+    import threading
+
+    from lorakit.hub import load_model_and_tokenizer
+    from lorakit.serving.engine import Engine
+    from lorakit.serving.ray_serve import LorakitReplica
+    from lorakit.serving.store import AdapterStore
+
+    model, tok = load_model_and_tokenizer()
+    store = AdapterStore(model, [tmp_path])
+    replica = object.__new__(LorakitReplica)
+    replica.engine = engine = Engine(model, tok, store=store, kv_cache_bytes=1 << 20).start()
+    raised = []
+    hook, threading.excepthook = threading.excepthook, lambda args: raised.append(args.exc_value)
+    try:
+        engine.call(replica.__del__)  # the engine thread runs the destructor; call() re-raises what it raises
+        for _ in range(500):
+            if not engine._looping():
+                break
+            time.sleep(0.01)
+    finally:
+        threading.excepthook = hook
+    assert not engine._looping() and store._closed and not raised

@@ -49,14 +49,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from typing import Any, Sequence
 
 from ray import serve
 
 from ..core.errors import LorakitError
-from .engine import EngineStopError
+from .engine import EngineThreadError
 from .server import HTTPError, create_app, error_response, served_name
 
+_log = logging.getLogger("lorakit.serving")
 REPLICA_HEADER = "x-lorakit-replica"
 RUNTIME_LOADS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 RELOAD = "deploy again (serve.run): replicas register their adapter folders when they start"
@@ -69,6 +71,14 @@ class _Resident:
 
     def __init__(self, name: str):
         self.name = name
+
+
+def _shutdown_quietly(engine) -> None:
+    """``engine.shutdown()`` from a helper thread; its EngineStopError (a step still running) is logged."""
+    try:
+        engine.shutdown()
+    except Exception as e:  # noqa: BLE001 (a daemon thread's exception is only printed)
+        _log.warning("stopping the replica's engine: %s", e)
 
 
 class LorakitReplica:
@@ -107,16 +117,23 @@ class LorakitReplica:
         """Stop this replica's engine loop and close its adapter store (the prefetch thread) when Ray Serve shuts the
         replica down: Ray Serve calls the deployment's ``__del__`` then (ray/serve/_private/replica.py,
         ``call_destructor``, ray 2.55). Was: no ``__del__``, so the engine thread went on stepping until the process
-        was killed. Safe on a replica whose constructor did not finish, and a second time."""
+        was killed. Safe on a replica whose constructor did not finish, and a second time. Never raises (a
+        destructor's exception is only printed): collected on the engine's own thread (the last reference held by a
+        call it runs), where a shutdown cannot wait for the loop, it asks a helper thread to stop it; whatever else
+        goes wrong is logged."""
         engine = self.__dict__.get("engine")
         if engine is None:
             return
         try:
-            engine.shutdown()
-        except EngineStopError as e:  # the loop ends with the step or call it is in
-            logging.getLogger("lorakit.serving").warning("%s", e)
-        if engine.store is not None:
-            engine.store.close()
+            try:
+                engine.shutdown()
+            except EngineThreadError:  # the loop ends after the step this runs in
+                threading.Thread(target=_shutdown_quietly, args=(engine,), name="lorakit-replica-stop",
+                                 daemon=True).start()
+            if engine.store is not None:
+                engine.store.close()
+        except Exception as e:  # noqa: BLE001 (a destructor: report, never raise)
+            _log.warning("stopping the replica's engine: %s", e)
 
     async def _load_adapter(self, name: str) -> _Resident:
         """Make ``name`` resident in this replica's banks (Ray calls this once per adapter while it is cached).
