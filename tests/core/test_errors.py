@@ -73,3 +73,19 @@ def test_near_matches_keep_candidates_that_differ_only_in_case():
     assert near_matches("lm_heads", ["lm_head", "LM_HEAD"]) == ["lm_head", "LM_HEAD"]
     assert near_matches("Pos", ["POS", "pos", "neg"]) == ["pos", "POS"]
     assert near_matches("TIES", ["ties", "dare_ties"]) == ["ties", "dare_ties"]
+
+
+def test_did_you_mean_path_is_cheap_and_never_raises(tmp_path, monkeypatch):
+    """The hint decorates an error, so it must not raise one of its own (was: OSError "File name too long" for a long
+    component) nor take seconds: difflib over every entry of a folder of 100k runs took ~20 s, so a folder of more
+    than PATH_HINT_ENTRIES entries gets no hint (capped here to keep the test small)."""
+    from lorakit.core import errors
+
+    for name in ("rotate", "reverse", "sort"):
+        (tmp_path / name).mkdir()
+    assert errors.did_you_mean_path(tmp_path / "rotat" / "adapter") == \
+        f" Did you mean: {tmp_path / 'rotate' / 'adapter'}?"
+    assert errors.did_you_mean_path(tmp_path / ("x" * 300) / "adapter") == ""
+    assert errors.did_you_mean_path(tmp_path / "sort" / "x" / "y") == ""  # nothing near "x" in an empty folder
+    monkeypatch.setattr(errors, "PATH_HINT_ENTRIES", 2)
+    assert errors.did_you_mean_path(tmp_path / "rotat" / "adapter") == ""

@@ -5,6 +5,7 @@ answered with 4xx; client disconnects free their KV blocks; no block leaks at th
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import json
@@ -1048,3 +1049,46 @@ def test_cli_serve_second_ctrl_c_with_requests_in_flight_exits_cleanly(setup, tm
         assert code == 200 and last.startswith("data: {"), last
         error = json.loads(last[len("data: "):])["error"]
         assert error["code"] == 503 and error["type"] == "server_error" and "shutting down" in error["message"]
+
+
+def test_a_cancelled_stream_whose_client_stopped_reading_does_not_hold_up_the_exit(monkeypatch):
+    """The answer to a request cancelled by a forced exit goes to its client; one that stopped reading holds that send
+    in flow control (uvicorn's ``flow.drain()``) for ever. The answer waits at most CANCELLED_ANSWER_SECONDS (was: the
+    forced exit waited on it without end, so a second Ctrl-C could hang the server). A non-stream response that had
+    started is ended without an SSE event in its body. ASGI callables on a real event loop, no server."""
+    from lorakit.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "CANCELLED_ANSWER_SECONDS", 0.2)
+
+    def app_with(content_type: bytes):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
+            await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+            await asyncio.Event().wait()  # a stream still running when the forced exit cancels it
+        return app
+
+    async def run(content_type: bytes, client_reads: bool):
+        sent, reading = [], asyncio.Event()
+
+        async def send(message):
+            if len(sent) >= 2 and not client_reads:
+                await reading.wait()  # flow control: the client's buffer is full
+            sent.append(message)
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(server_module._answer_when_cancelled(app_with(content_type), {"type": "http"},
+                                                                          receive, send))
+        while len(sent) < 2:
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait_for(task, 30)  # (old code: never done while the client does not read)
+        return sent[2:]
+
+    assert asyncio.run(run(b"text/event-stream", client_reads=False)) == []
+    tail = asyncio.run(run(b"text/event-stream", client_reads=True))
+    assert json.loads(tail[0]["body"].decode().removeprefix("data: "))["error"]["code"] == 503
+    assert tail[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert asyncio.run(run(b"application/json", client_reads=True)) == [
+        {"type": "http.response.body", "body": b"", "more_body": False}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -113,23 +114,30 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f" Did you mean: {', '.join(found)}?" if found else ""
 
 
+PATH_HINT_ENTRIES = 2000  # folders with more entries get no path hint: difflib over 100k names takes ~20 s
+
+
 def did_you_mean_path(path: str | os.PathLike) -> str:
     """``" Did you mean: P1, P2?"`` for a ``path`` that does not exist: its first missing component replaced by the
     near matches among the entries of the folder that does exist (``runs/c/rotat/adapter`` ->
-    ``runs/c/rotate/adapter``); ``""`` when none is near or ``path`` exists."""
-    path = Path(path)
-    parts = path.parts
-    for i in range(len(parts)):
-        here = Path(*parts[: i + 1])
-        if not here.exists():
+    ``runs/c/rotate/adapter``); ``""`` when none is near, ``path`` exists, or the hint cannot be had cheaply and
+    safely: a folder of more than ``PATH_HINT_ENTRIES`` entries (matching them all costs seconds), a component
+    that cannot be looked up (no permission, a name too long, a NUL byte). Never raises: it decorates an error."""
+    try:
+        parts = Path(path).parts
+        for i in range(len(parts)):
+            if Path(*parts[: i + 1]).exists():
+                continue
             parent = Path(*parts[:i]) if i else Path(".")
-            try:
-                siblings = [entry.name for entry in parent.iterdir()]
-            except OSError:  # unreadable: no hint rather than another error
+            with os.scandir(parent) as entries:
+                siblings = [entry.name for entry in itertools.islice(entries, PATH_HINT_ENTRIES + 1)]
+            if len(siblings) > PATH_HINT_ENTRIES:
                 return ""
             found = [os.path.join(parent, name, *parts[i + 1:]) if i else os.path.join(name, *parts[1:])
                      for name in near_matches(parts[i], siblings)]
             return f" Did you mean: {', '.join(found)}?" if found else ""
+    except (OSError, ValueError):  # unreadable or unnamable: no hint rather than another error
+        return ""
     return ""
 
 

@@ -286,21 +286,26 @@ class _Guard:
 
 
 SHUTTING_DOWN = "the server is shutting down; this request was stopped (retry it once the server is back)"
+CANCELLED_ANSWER_SECONDS = 2.0  # how long the answer to a cancelled request may wait on its client (flow control)
 
 
 async def _answer_when_cancelled(app, scope, receive, send) -> None:
     """Run ``app`` on one HTTP request; if its task is cancelled (the server's forced exit: a second Ctrl-C, or
     uvicorn's graceful-shutdown timeout, cancels the requests still running), answer it as an error instead of
     letting the cancellation reach uvicorn, which logged a traceback per request ("Exception in ASGI application")
-    and cut the connection: a 503 in OpenAI's error shape when the response has not started, else (a stream) a last
-    ``data: {"error": ...}`` event, as the server reports a mid-stream error. The app's own cleanup (aborting the
-    request's engine work) has run by then. A client's disconnect never gets here: Starlette absorbs it."""
-    started, done = False, False
+    and cut the connection: a 503 in OpenAI's error shape when the response has not started, else, for a stream, a
+    last ``data: {"error": ...}`` event, as the server reports a mid-stream error (any other started response is
+    just ended). The app's own cleanup (aborting the request's engine work) has run by then. That answer waits at
+    most ``CANCELLED_ANSWER_SECONDS`` for the client (one that stopped reading holds a send in flow control), so it
+    never holds up the exit. A client's disconnect never gets here: Starlette absorbs it."""
+    started, done, stream = False, False, False
 
     async def watched(message):
-        nonlocal started, done
+        nonlocal started, done, stream
         if message["type"] == "http.response.start":
             started = True
+            stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                         for k, v in message.get("headers", ()))
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             done = True
         await send(message)
@@ -309,12 +314,20 @@ async def _answer_when_cancelled(app, scope, receive, send) -> None:
     except asyncio.CancelledError:
         if done:
             return
-        if not started:
-            await error_response(503, SHUTTING_DOWN, "server_error")(scope, receive, send)
-            return
+        try:
+            await asyncio.wait_for(_answer_cancelled(started, stream, scope, receive, send), CANCELLED_ANSWER_SECONDS)
+        except (asyncio.TimeoutError, OSError):  # the client is not reading, or gone: the connection closes anyway
+            pass
+
+
+async def _answer_cancelled(started: bool, stream: bool, scope, receive, send) -> None:
+    if not started:
+        await error_response(503, SHUTTING_DOWN, "server_error")(scope, receive, send)
+        return
+    if stream:
         event = _sse({"error": {"message": SHUTTING_DOWN, "type": "server_error", "code": 503}})
         await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None = None,
@@ -888,7 +901,8 @@ def _server_class():
             tasks = list(self.server_state.tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:  # each answers within CANCELLED_ANSWER_SECONDS; one that ignores its cancellation is left
+                await asyncio.wait(tasks, timeout=2 * CANCELLED_ANSWER_SECONDS)
             lifespan = self.lifespan
             if getattr(lifespan, "shutdown_event", None) is not None and not lifespan.shutdown_event.is_set():
                 await lifespan.shutdown()
