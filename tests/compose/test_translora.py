@@ -384,3 +384,26 @@ def test_cli_transferred_adapter_names_the_target_base(tmp_path, tokenizer, caps
                  "--output", str(tmp_path / "out"), *flags]) == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "T")
+
+
+def test_candidates_of_an_encoder_decoder_are_its_decoder_tokens(tokenizer, real, monkeypatch):
+    """An encoder-decoder (T5) returns only decoder tokens from ``generate`` (transformers' GenerationMixin), its
+    sample after the decoder start token; the few-shot context is the encoder's. Was: the first ``width`` (context
+    length) columns were cut as for a decoder-only model, so every sample was empty or lost its start. Reference: the
+    recorded ``generate`` output decoded from column 1; the cut into prompts is bypassed to see every sample."""
+    from lk_models import tiny_t5
+
+    model = tiny_t5(seed=0)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.decoder_start_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    generated = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: generated.append(generate(**kw)) or generated[-1])
+    monkeypatch.setattr(tl, "cut_candidate", lambda text, separator, prompt_end: text)
+    config = TransLoraConfig(max_new_tokens=6)
+    texts, sampled = tl.sample_candidates(model, tokenizer, real[:3], 2, config, random.Random(0))
+    [out] = generated
+    assert sampled == 2 and out.shape[1] <= config.max_new_tokens + 1
+    assert texts == tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    assert any(texts)

@@ -580,3 +580,16 @@ def test_a_call_queued_after_the_loop_ended_is_cancelled_not_left_waiting():
     assert not thread.is_alive(), "Engine.call waited forever for a loop that had ended"
     assert len(outcome) == 1 and isinstance(outcome[0], EngineBusyError) and "shut down" in str(outcome[0])
     assert ran == [] and engine._thread is None
+
+
+def test_engine_refuses_an_encoder_decoder_at_construction():
+    """The engine's paged prefill feeds one decoder stack; an encoder-decoder (T5) is refused when the engine is made,
+    naming what to use instead (was: accepted, then its first request failed with transformers' "You must specify
+    exactly one of input_ids or inputs_embeds")."""
+    from lk_models import tiny_t5
+
+    from lorakit.core.errors import ConfigError
+    from lorakit.serving.engine import Engine
+
+    with pytest.raises(ConfigError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        Engine(tiny_t5(), None, kv_cache_bytes=1 << 20)

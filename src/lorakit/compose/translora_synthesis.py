@@ -16,6 +16,7 @@ from torch import nn
 from ..core.errors import ConfigError, LorakitError
 from ..core.model import add_adapter, disable_adapters, set_adapter
 from ..data.collate import encode_prompt
+from ..data.evaluate import completion_ids
 from ..data.example import Example
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def sample_candidates(model: nn.Module, tokenizer: Any, seeds: Sequence[Example]
                              max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     finally:
         model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion_ids(model, out, width), skip_special_tokens=True)
     cut = (cut_candidate(t, separator, prompt_end) for t in texts)
     return [c for c in cut if c is not None], n
 

@@ -78,7 +78,6 @@ def generate_completions(
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     check_prompt_lengths(model, encoded, max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
@@ -107,7 +106,7 @@ def generate_completions(
                     **(generate_kwargs or {}),
                 )
             for r, i in enumerate(rows):
-                new = generated[r, 1 if encoder_decoder else width:].tolist()
+                new = completion_ids(model, generated, width)[r].tolist()
                 if eos is not None and eos in new:
                     new = new[: new.index(eos)]
                 outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
@@ -116,6 +115,16 @@ def generate_completions(
         bar.close()
         model.train(was_training)
     return outputs
+
+
+def completion_ids(model: Any, generated: torch.Tensor, width: int) -> torch.Tensor:
+    """The new tokens of ``model.generate``'s output ``generated`` (batch, length) for prompts left-padded to ``width``
+    columns: (batch, length - width) after the prompt for a decoder-only model; for an encoder-decoder
+    (``config.is_encoder_decoder``, e.g. T5), which returns only decoder tokens, (batch, length - 1) after the decoder
+    start token (transformers' ``GenerationMixin.generate``: "only the decoder outputs" for encoder-decoder models)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return generated[:, 1:]
+    return generated[:, width:]
 
 
 def check_prompt_lengths(model: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:

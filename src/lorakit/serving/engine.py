@@ -68,7 +68,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import LorakitError, UnknownAdapterError
+from ..core.errors import ConfigError, LorakitError, UnknownAdapterError
 from .graphs import DecodeGraphs
 from .kv_cache import PagedBatch, PagedKVCache, paged_batch, use_paged_attention
 from .multi import REGISTRY_ATTR, RowSpec
@@ -188,6 +188,12 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, store: AdapterStore | None = None,
                  kv_cache_bytes: int = 64 << 20, block_size: int = 16, max_batch: int = 32,
                  max_prefill_tokens: int = 2048, cuda_graphs: bool = False):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # (its paged KV cache and prefill feed ``input_ids`` to one decoder stack: an encoder-decoder failed on
+            # its first request, a ValueError from the model, "You must specify exactly one of input_ids ...")
+            raise ConfigError(f"the serving engine runs decoder-only models; {type(model).__name__} is an "
+                              f"encoder-decoder (config.is_encoder_decoder). Generate with its own model.generate, "
+                              f"or lorakit.data.generate_completions (lorakit eval), instead.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
