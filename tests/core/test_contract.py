@@ -216,3 +216,29 @@ def test_planned_shapes_on_the_meta_device_are_the_built_shapes(method_name, var
     built = plan_adapter(model, config, "default").deltas
     assert planned == {path: {k: tuple(v.shape) for k, v in delta.state_dict().items()}
                        for path, (_, _, delta) in built.items()}
+
+
+@pytest.mark.parametrize("method_name,variant", [pytest.param(*v, id=f"method={v[0]}-{v[1]}")
+                                                 for v in sorted({c.values[:2] for c in _cases()
+                                                                  if c.values[2] == "linear"})])
+def test_load_beside_a_merged_adapter_on_bf16_gives_the_saved_output(method_name, variant, ids, tmp_path):
+    """``load_adapter`` builds each delta once on the meta device and gives it the file's values, or builds it for
+    real when it holds state the file does not give; either way the loaded adapter's output is the saving model's.
+    Here on a bf16 base that already has a merged LoRA (the load unmerges it, builds, merges it back): the loaded
+    adapter, alone active, matches the saving model exactly (both run the same float32 adapter on the same base)."""
+    method = lk.get_method(method_name)
+    _ROUTING.clear()
+    if method.example_routing is not None:
+        _ROUTING.update(method.example_routing(ids))
+    model = tiny_llama(dtype=torch.bfloat16)
+    lk.add_adapter(model, _config(method_name, variant, "linear"))
+    _perturb(model, "default", 0)
+    want = _out(model, ids)
+    lk.save_adapter(model, tmp_path / "a")
+    fresh = tiny_llama(dtype=torch.bfloat16)
+    lk.add_adapter(fresh, lk.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False), "m")
+    lk.merge_adapter(fresh)
+    lk.load_adapter(fresh, tmp_path / "a")
+    lk.unmerge_adapter(fresh)
+    lk.set_adapter(fresh, "default")
+    torch.testing.assert_close(_out(fresh, ids), want, atol=0, rtol=0)
