@@ -634,32 +634,63 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_command(args: argparse.Namespace, ctx) -> int:
     out = Path(args.output)
-    existed, fresh = out.is_dir(), not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    fresh = not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    made = _missing_folders(out)  # the folders the run creates (deepest first): the only ones a failure may remove
     method, adapter_config, config = _train_configs(args, ctx)
-    with _removed_if_unfinished(out, fresh and ctx.is_main, keep_folder=existed):
+    with _removed_if_unfinished(out, fresh and ctx.is_main, made):
         return _train_run(args, ctx, method, adapter_config, config)
 
 
-@contextlib.contextmanager
-def _removed_if_unfinished(out: Path, fresh: bool, keep_folder: bool):
-    """Empty ``out`` (remove it, unless ``keep_folder``: it was there, empty, before) when the run that found it
-    ``fresh`` (absent or empty) fails before it trained a logged step or wrote a checkpoint or an adapter.
+# What ``lorakit train`` writes in --output before its first training step: the base record, the step-0 record of
+# metrics.jsonl, a LoRAM run's pruned base. A run that fails before its first step removes these and nothing else.
+def _setup_entries() -> tuple[str, ...]:
+    from .io.peft_format import BASE_FILE
 
-    What the run writes before its first step (base.json, the step-0 record of metrics.jsonl) would otherwise stay,
-    so that an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a 6-block
-    model) left a folder the same command, corrected, refused without --overwrite. A folder that held anything
-    before the run, that has a checkpoint (Ctrl-C writes one) or logged training steps (a failure late in a run
-    keeps its loss curve), or a run stopped by Ctrl-C, is left as it is."""
+    return ("metrics.jsonl", BASE_FILE, LORAM_BASE)
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet (the run's mkdir creates them), deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_if_unfinished(out: Path, fresh: bool, made: Sequence[Path]):
+    """Undo a run's setup when the run, which found ``out`` ``fresh`` (absent or empty), fails before it trained a
+    logged step or wrote a checkpoint or an adapter: the files it writes before its first step (:func:`_setup_entries`)
+    are removed, then the folders in ``made`` (those it created, deepest first) while they are empty.
+
+    Without this, an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a
+    6-block model) left base.json and metrics.jsonl, a folder the same command, corrected, refused without
+    --overwrite. Nothing else is touched: a file another process or the user put in the folder meanwhile stays (and
+    keeps the folder), a folder that existed before (``--output .``, a symlink to a folder, a mount point) keeps its
+    inode and permissions, and a folder that held anything before the run, that has a checkpoint (Ctrl-C writes
+    one) or logged training steps (a failure late in a run keeps its loss curve), or a run stopped by Ctrl-C, is
+    left as it is. Was: ``shutil.rmtree(out)``, which also deleted files written into the folder during the run and
+    re-created a pre-existing folder (a new inode: the cwd of ``--output .`` was gone)."""
     try:
         yield
     except Exception:
         log = out / "metrics.jsonl"
         trained = log.is_file() and '"loss"' in log.read_text(errors="replace")
         if fresh and out.is_dir() and not trained and not any(out.glob("checkpoint-*")) \
-                and not (out / "adapter").exists():
-            shutil.rmtree(out, ignore_errors=True)
-            if keep_folder:
-                out.mkdir(exist_ok=True)
+                and not os.path.lexists(out / "adapter"):
+            for name in _setup_entries():
+                entry = out / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif os.path.lexists(entry):
+                    entry.unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()  # only while empty
+                except OSError:
+                    break
         raise
 
 
