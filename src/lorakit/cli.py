@@ -411,14 +411,13 @@ def _load_trained_base_params(model, adapter: Path) -> None:
     """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms, LISA's blocks,
     GaLore's matrices; ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into
     ``model`` too: without them the adapter scores differently than it did in training."""
-    from .training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
+    from .io.peft_format import trained_base_file
+    from .training.procedures.longlora import load_trainable_params
 
-    for folder in (adapter, adapter.parent):
-        if (folder / TRAINABLE_PARAMS_FILE).is_file():
-            names = load_trainable_params(model, folder / TRAINABLE_PARAMS_FILE)
-            print(f"loaded {len(names)} base tensors trained with the adapter from {folder / TRAINABLE_PARAMS_FILE}",
-                  file=sys.stderr)
-            return
+    found = trained_base_file(adapter)
+    if found is not None:
+        names = load_trainable_params(model, found)
+        print(f"loaded {len(names)} base tensors trained with the adapter from {found}", file=sys.stderr)
 
 
 def _overrides(args) -> dict | None:
@@ -1526,11 +1525,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     write_dir_atomically(out, write)
     print(f"exported PEFT LoRA adapter to {out}")
-    from .training.procedures.base import TRAINABLE_PARAMS_FILE
-    trained = [f / TRAINABLE_PARAMS_FILE for f in (Path(args.adapter), Path(args.adapter).parent)
-               if (f / TRAINABLE_PARAMS_FILE).is_file()]
+    from .io.peft_format import trained_base_file
+    trained = trained_base_file(args.adapter)
     if trained:  # LongLoRA / LISA / GaLore: the run's model is the adapter on a base whose tensors it also trained
-        print(f"warning: the run also trained base tensors ({trained[0]}), which a PEFT LoRA cannot hold: {out} on the "
+        print(f"warning: the run also trained base tensors ({trained}), which a PEFT LoRA cannot hold: {out} on the "
               "original base is not the trained model; `lorakit merge` writes the whole trained model", file=sys.stderr)
     return 0
 
