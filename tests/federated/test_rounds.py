@@ -198,7 +198,8 @@ def test_a_reply_claiming_another_clients_id_is_refused(tiny_config, flower_task
         arrays, _ = strategy.aggregate_train(1, [reply(22, 0, 1), reply(21, 0, 0)])
     record = core.history[-1]
     assert record["clients"] == [0] and not record["rejected"]
-    assert record["failures"] == ["node 22: says it is client 0, but it was sent client 1's training; refused"]
+    assert record["failures"] == ["node 22: says it is client 0, but it was sent client 1's training; refused (it "
+                                  "is asked its partition-id again next round)"]
     state = unpack(arrays["state"].data)
     for k, v in updates[0][0].items():
         torch.testing.assert_close(state[k], v)
@@ -272,3 +273,33 @@ def test_dp_epsilon_counts_the_updates_the_server_rejected(tiny_config):
     assert first["epsilon"] == pytest.approx(max(epsilon(released[0]), epsilon(released[1][:1])), rel=1e-6)
     assert second["epsilon"] == pytest.approx(epsilon(released[1]), rel=1e-6)  # client 1: two releases
     assert second["epsilon"] > first["epsilon"]
+
+
+def test_a_node_whose_partition_id_changed_is_asked_again_not_refused_every_round(tiny_config, flower_task):
+    """A SuperNode restarted under the same node id with another partition-id (its operator moved it to client 2)
+    replies as client 2 to the training the server sent for its cached partition-id 1: refused that round, as any
+    claim that differs. Was: the cached answer stayed, so the node was sent client 1's training and refused every
+    round after. Now the refusal drops the cache entry: the node is asked its partition-id again (configure_train's
+    QUERY), and the nodes that answered as expected keep theirs."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from lorakit.federated.apps import FlowerLoraStrategy, blob_record
+
+    config = tiny_config("fedit")
+    core = ServerCore(config)
+    strategy = FlowerLoraStrategy(core)
+    down = unpack(core.downlink_bytes())
+    updates = {client: client_round(config, client, 1, down) for client in (0, 1)}
+    sent = {node: Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                          message_type="train") for node in (21, 22)}
+    strategy.partition_of = {21: 0, 22: 1}  # as the nodes answered the first QUERY
+    strategy.sent[1], strategy.trains = 2, {1: {21: 0, 22: 1}}
+
+    def reply(node, client, claimed):
+        update, metrics = updates[client]
+        return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
+                                           "metrics": MetricRecord({**metrics, "client": claimed})}), reply_to=sent[node])
+
+    strategy.aggregate_train(1, [reply(21, 0, 0), reply(22, 1, 2)])  # (the refused update's values do not matter)
+    assert core.history[-1]["clients"] == [0] and "node 22: says it is client 2" in core.history[-1]["failures"][0]
+    assert strategy.partition_of == {21: 0}  # node 22 is asked again before the next round
