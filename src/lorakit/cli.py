@@ -411,12 +411,13 @@ def _load_trained_base_params(model, adapter: Path) -> None:
     """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms, LISA's blocks,
     GaLore's matrices; ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into
     ``model`` too: without them the adapter scores differently than it did in training."""
-    from .io.peft_format import trained_base_file
-    from .training.procedures.longlora import load_trainable_params
+    from .io.peft_format import CHECKPOINT_TENSORS, trained_base_file
+    from .training.procedures.longlora import load_checkpoint_params, load_trainable_params
 
     found = trained_base_file(adapter)
-    if found is not None:
-        names = load_trainable_params(model, found)
+    if found is not None:  # a checkpoint's own tensors at its step, else the run's trainable_params.safetensors
+        names = load_checkpoint_params(model, found.parent) if found.name == CHECKPOINT_TENSORS else \
+            load_trainable_params(model, found)
         print(f"loaded {len(names)} base tensors trained with the adapter from {found}", file=sys.stderr)
 
 

@@ -317,10 +317,26 @@ def run_adapter(directory: str | os.PathLike) -> Path | None:
 TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
 
 
+# A training checkpoint's state (``lorakit.training.checkpoint``): base tensors it trained are ``param.<name>`` there.
+CHECKPOINT_TENSORS = "trainer_state.safetensors"
+
+
 def trained_base_file(adapter: str | os.PathLike) -> Path | None:
-    """The ``TRAINABLE_PARAMS_FILE`` that goes with the adapter folder ``adapter``: in it, or in the run folder above
-    it (``RUN/adapter``); None when neither holds one. The adapter alone, on the untouched base, is then not the
-    model the run trained: eval / generate / merge load the file with it, a server refuses it."""
+    """The file of base tensors trained in full that goes with the adapter folder ``adapter``, None when there is
+    none: for a training checkpoint (``checkpoint-<step>``), its ``CHECKPOINT_TENSORS`` when that holds base
+    parameters (``param.<name>``: the tensors as they were at its step; the run folder's file is the run's end),
+    else the ``TRAINABLE_PARAMS_FILE`` in ``adapter`` or in the run folder above it (``RUN/adapter``). The adapter
+    alone, on the untouched base, is then not the model the run trained: eval / generate / merge load the file with
+    it, a server refuses it."""
+    state = Path(adapter) / CHECKPOINT_TENSORS
+    if state.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(state), framework="pt") as f:
+                return state if any(k.startswith("param.") for k in f.keys()) else None
+        except Exception:  # damaged: the checkpoint's own loaders name it; nothing known to have been trained
+            return None
     for folder in (Path(adapter), Path(adapter).parent):
         if (folder / TRAINABLE_PARAMS_FILE).is_file():
             return folder / TRAINABLE_PARAMS_FILE
