@@ -152,3 +152,26 @@ def test_a_failed_run_removes_the_parent_folders_it_created(tmp_path, capsys):
     assert _status(_failing_lisa(tmp_path / "new" / "a" / "run")) == 2
     assert list(tmp_path.iterdir()) == []
     capsys.readouterr()
+
+
+def test_a_run_that_would_replace_its_own_input_is_refused_before_the_model_loads(tmp_path, capsys):
+    """Was: `lorakit train --method xlora --adapter-paths runs/a/adapter ... --output runs/a --overwrite` read the
+    source LoRA, then replaced runs/a/adapter with the X-LoRA adapter: the input was lost. Refused now, naming it,
+    with the source left byte for byte; an input the run does not replace (a data file kept in the run folder)
+    stays allowed."""
+    import json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert _status(["train", *SMALL, "--output", str(run)]) == 0
+    source = {p: p.read_bytes() for p in (a / "adapter").iterdir()}
+    capsys.readouterr()
+    argv = ["train", "--method", "xlora", "--adapter-paths", str(a / "adapter"), str(b / "adapter"), *SMALL,
+            "--output", str(a), "--overwrite"]
+    assert _status(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output {a} holds the input {a / 'adapter'} in adapter, which this run replaces" in err, err
+    assert {p: p.read_bytes() for p in (a / "adapter").iterdir()} == source
+    rows = [{"prompt": f"say {w}", "completion": w} for w in ("yes", "no", "maybe", "ok")]
+    (b / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _status(["train", *SMALL, "--data", str(b / "rows.jsonl"), "--output", str(b), "--overwrite"]) == 0

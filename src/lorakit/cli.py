@@ -480,6 +480,11 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     resuming_inside = resume is not None and out.resolve() in resume.parents
     check = lambda: check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)  # noqa: E731
     check() if ctx is None else ctx.on_main(check)
+    replaces = ["adapter", "trainable_params.safetensors", "checkpoint-*",  # what the run writes whole in --output
+                *(["adapter_pruned", LORAM_BASE] if args.loram_ratio is not None else []),
+                *(["pruned_model"] if args.procedure == "loraprune" else [])]
+    _refuse_replaced_inputs(out, [args.model, args.data, args.eval_data,
+                                  *(getattr(adapter_config, "adapter_paths", None) or [])], replaces)
     train_config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
@@ -630,6 +635,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     transformers_logging.set_verbosity_error()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         return _train_command(args, ctx)
+
+
+def _refuse_replaced_inputs(out: Path, inputs: Sequence[str | None], replaces: Sequence[str]) -> None:
+    """LorakitError, before any model loads, when one of ``inputs`` (the run's --model, --data, --eval-data, a
+    mixture's --adapter-paths) is or lies inside an entry of ``out`` that the run replaces whole (``replaces``:
+    names or ``fnmatch`` patterns, e.g. ``adapter``, ``checkpoint-*``). Was: ``lorakit train --method xlora
+    --adapter-paths runs/a/adapter ... --output runs/a --overwrite`` read the source LoRA, then replaced
+    runs/a/adapter with the X-LoRA: the input was lost. Other files of the folder (a data file kept in the run
+    folder) stay allowed, since the run does not replace them."""
+    import fnmatch
+
+    target = out.resolve()
+    for given in inputs:
+        if not given or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if target not in source.parents:
+            continue
+        entry = source.relative_to(target).parts[0]
+        if any(fnmatch.fnmatchcase(entry, pattern) for pattern in replaces):
+            raise LorakitError(f"--output {out} holds the input {given} in {entry}, which this run replaces; choose "
+                               "another --output, or move the input out of it first")
 
 
 def _train_command(args: argparse.Namespace, ctx) -> int:
