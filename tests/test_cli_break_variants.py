@@ -97,3 +97,81 @@ def test_a_lisa_run_keeps_its_trained_blocks_for_eval_and_export_says_a_peft_lor
     assert _status(["export", str(run), "--output", str(tmp_path / "peft")]) == 0
     err = capsys.readouterr().err
     assert "the run also trained base tensors" in err and "`lorakit merge` writes the whole trained model" in err, err
+
+
+def _failing_lisa(out) -> list[str]:
+    return ["train", "--procedure", "lisa", "--lisa-interval-steps", "1", "--lisa-activated-layers", "100", *SMALL,
+            "--output", str(out)]
+
+
+def test_a_failed_run_removes_only_what_it_wrote_not_a_file_put_in_its_folder_meanwhile(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Was: the failed run's cleanup was shutil.rmtree(--output), so a file another process or the user wrote into
+    the (fresh) folder while the run set up was deleted with it. Now only the run's own setup files go; the other
+    file stays, and so does the folder holding it. The other writer is simulated by writing the file just before
+    the real run starts (after the folder was found empty)."""
+    import lorakit.cli
+
+    out = tmp_path / "run"
+    real = lorakit.cli._train_run
+
+    def with_a_neighbour(args, *rest):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "notes.txt").write_text("mine")
+        return real(args, *rest)
+
+    monkeypatch.setattr(lorakit.cli, "_train_run", with_a_neighbour)
+    assert _status(_failing_lisa(out)) == 2
+    assert "exceeds the model's" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_run_into_the_current_folder_or_a_symlink_keeps_that_folder_itself(tmp_path, capsys, monkeypatch):
+    """Was: `--output .` (or the cwd's absolute path) in an empty folder was removed with rmtree and made again: a
+    new inode with default permissions, and the shell's cwd a deleted folder; an --output that is a symlink to an
+    empty folder kept the run's base.json and metrics.jsonl (rmtree refuses a symlink, errors ignored), so the
+    corrected command was refused. Now the run's files go and the folder stays the same folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    here.chmod(0o750)
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert _status(_failing_lisa(".")) == 2
+    assert here.stat().st_ino == inode and here.stat().st_mode & 0o777 == 0o750 and not any(here.iterdir())
+    assert _status(_failing_lisa(here)) == 2
+    assert here.stat().st_ino == inode and not any(here.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(here, target_is_directory=True)
+    assert _status(_failing_lisa(link)) == 2
+    assert link.is_symlink() and not any(here.iterdir())
+    capsys.readouterr()
+
+
+def test_a_failed_run_removes_the_parent_folders_it_created(tmp_path, capsys):
+    """`--output new/a/run` made new/ and new/a/ too; a failed setup removes them (empty), not only run/."""
+    assert _status(_failing_lisa(tmp_path / "new" / "a" / "run")) == 2
+    assert list(tmp_path.iterdir()) == []
+    capsys.readouterr()
+
+
+def test_a_run_that_would_replace_its_own_input_is_refused_before_the_model_loads(tmp_path, capsys):
+    """Was: `lorakit train --method xlora --adapter-paths runs/a/adapter ... --output runs/a --overwrite` read the
+    source LoRA, then replaced runs/a/adapter with the X-LoRA adapter: the input was lost. Refused now, naming it,
+    with the source left byte for byte; an input the run does not replace (a data file kept in the run folder)
+    stays allowed."""
+    import json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert _status(["train", *SMALL, "--output", str(run)]) == 0
+    source = {p: p.read_bytes() for p in (a / "adapter").iterdir()}
+    capsys.readouterr()
+    argv = ["train", "--method", "xlora", "--adapter-paths", str(a / "adapter"), str(b / "adapter"), *SMALL,
+            "--output", str(a), "--overwrite"]
+    assert _status(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output {a} holds the input {a / 'adapter'} in adapter, which this run replaces" in err, err
+    assert {p: p.read_bytes() for p in (a / "adapter").iterdir()} == source
+    rows = [{"prompt": f"say {w}", "completion": w} for w in ("yes", "no", "maybe", "ok")]
+    (b / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _status(["train", *SMALL, "--data", str(b / "rows.jsonl"), "--output", str(b), "--overwrite"]) == 0

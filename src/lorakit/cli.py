@@ -411,14 +411,14 @@ def _load_trained_base_params(model, adapter: Path) -> None:
     """Base tensors a run trained in full next to its adapter (LongLoRA's embeddings and norms, LISA's blocks,
     GaLore's matrices; ``trainable_params.safetensors`` in the adapter folder or the run folder above it) go into
     ``model`` too: without them the adapter scores differently than it did in training."""
-    from .training.procedures.longlora import TRAINABLE_PARAMS_FILE, load_trainable_params
+    from .io.peft_format import CHECKPOINT_TENSORS, trained_base_file
+    from .training.procedures.longlora import load_checkpoint_params, load_trainable_params
 
-    for folder in (adapter, adapter.parent):
-        if (folder / TRAINABLE_PARAMS_FILE).is_file():
-            names = load_trainable_params(model, folder / TRAINABLE_PARAMS_FILE)
-            print(f"loaded {len(names)} base tensors trained with the adapter from {folder / TRAINABLE_PARAMS_FILE}",
-                  file=sys.stderr)
-            return
+    found = trained_base_file(adapter)
+    if found is not None:  # a checkpoint's own tensors at its step, else the run's trainable_params.safetensors
+        names = load_checkpoint_params(model, found.parent) if found.name == CHECKPOINT_TENSORS else \
+            load_trainable_params(model, found)
+        print(f"loaded {len(names)} base tensors trained with the adapter from {found}", file=sys.stderr)
 
 
 def _overrides(args) -> dict | None:
@@ -482,6 +482,11 @@ def _train_configs(args: argparse.Namespace, ctx=None):
     resuming_inside = resume is not None and out.resolve() in resume.parents
     check = lambda: check_output_dir(out, "--output", overwrite=args.overwrite, allow_existing=resuming_inside)  # noqa: E731
     check() if ctx is None else ctx.on_main(check)
+    replaces = ["adapter", "trainable_params.safetensors", "checkpoint-*",  # what the run writes whole in --output
+                *(["adapter_pruned", LORAM_BASE] if args.loram_ratio is not None else []),
+                *(["pruned_model"] if args.procedure == "loraprune" else [])]
+    _refuse_replaced_inputs(out, [args.model, args.data, args.eval_data,
+                                  *(getattr(adapter_config, "adapter_paths", None) or [])], replaces)
     train_config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps or 0,
@@ -634,34 +639,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_command(args, ctx)
 
 
+def _refuse_replaced_inputs(out: Path, inputs: Sequence[str | None], replaces: Sequence[str]) -> None:
+    """LorakitError, before any model loads, when one of ``inputs`` (the run's --model, --data, --eval-data, a
+    mixture's --adapter-paths) is or lies inside an entry of ``out`` that the run replaces whole (``replaces``:
+    names or ``fnmatch`` patterns, e.g. ``adapter``, ``checkpoint-*``). Was: ``lorakit train --method xlora
+    --adapter-paths runs/a/adapter ... --output runs/a --overwrite`` read the source LoRA, then replaced
+    runs/a/adapter with the X-LoRA: the input was lost. Other files of the folder (a data file kept in the run
+    folder) stay allowed, since the run does not replace them."""
+    import fnmatch
+
+    target = out.resolve()
+    for given in inputs:
+        if not given or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if target not in source.parents:
+            continue
+        entry = source.relative_to(target).parts[0]
+        if any(fnmatch.fnmatchcase(entry, pattern) for pattern in replaces):
+            raise LorakitError(f"--output {out} holds the input {given} in {entry}, which this run replaces; choose "
+                               "another --output, or move the input out of it first")
+
+
 def _train_command(args: argparse.Namespace, ctx) -> int:
     out = Path(args.output)
-    existed, fresh = out.is_dir(), not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    fresh = not (out.is_dir() and any(out.iterdir()))  # before the checks clean temp files
+    made = _missing_folders(out)  # the folders the run creates (deepest first): the only ones a failure may remove
     method, adapter_config, config = _train_configs(args, ctx)
-    with _removed_if_unfinished(out, fresh and ctx.is_main, keep_folder=existed):
+    with _removed_if_unfinished(out, fresh and ctx.is_main, made):
         return _train_run(args, ctx, method, adapter_config, config)
 
 
-@contextlib.contextmanager
-def _removed_if_unfinished(out: Path, fresh: bool, keep_folder: bool):
-    """Empty ``out`` (remove it, unless ``keep_folder``: it was there, empty, before) when the run that found it
-    ``fresh`` (absent or empty) fails before it trained a logged step or wrote a checkpoint or an adapter.
+# What ``lorakit train`` writes in --output before its first training step: the base record, the step-0 record of
+# metrics.jsonl, a LoRAM run's pruned base. A run that fails before its first step removes these and nothing else.
+def _setup_entries() -> tuple[str, ...]:
+    from .io.peft_format import BASE_FILE
 
-    What the run writes before its first step (base.json, the step-0 record of metrics.jsonl) would otherwise stay,
-    so that an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a 6-block
-    model) left a folder the same command, corrected, refused without --overwrite. A folder that held anything
-    before the run, that has a checkpoint (Ctrl-C writes one) or logged training steps (a failure late in a run
-    keeps its loss curve), or a run stopped by Ctrl-C, is left as it is."""
+    return ("metrics.jsonl", BASE_FILE, LORAM_BASE)
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet (the run's mkdir creates them), deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_if_unfinished(out: Path, fresh: bool, made: Sequence[Path]):
+    """Undo a run's setup when the run, which found ``out`` ``fresh`` (absent or empty), fails before it trained a
+    logged step or wrote a checkpoint or an adapter: the files it writes before its first step (:func:`_setup_entries`)
+    are removed, then the folders in ``made`` (those it created, deepest first) while they are empty.
+
+    Without this, an error the loop raises while it sets up (``--procedure lisa --lisa-activated-layers 100`` on a
+    6-block model) left base.json and metrics.jsonl, a folder the same command, corrected, refused without
+    --overwrite. Nothing else is touched: a file another process or the user put in the folder meanwhile stays (and
+    keeps the folder), a folder that existed before (``--output .``, a symlink to a folder, a mount point) keeps its
+    inode and permissions, and a folder that held anything before the run, that has a checkpoint (Ctrl-C writes
+    one) or logged training steps (a failure late in a run keeps its loss curve), or a run stopped by Ctrl-C, is
+    left as it is. Was: ``shutil.rmtree(out)``, which also deleted files written into the folder during the run and
+    re-created a pre-existing folder (a new inode: the cwd of ``--output .`` was gone)."""
     try:
         yield
     except Exception:
         log = out / "metrics.jsonl"
         trained = log.is_file() and '"loss"' in log.read_text(errors="replace")
         if fresh and out.is_dir() and not trained and not any(out.glob("checkpoint-*")) \
-                and not (out / "adapter").exists():
-            shutil.rmtree(out, ignore_errors=True)
-            if keep_folder:
-                out.mkdir(exist_ok=True)
+                and not os.path.lexists(out / "adapter"):
+            for name in _setup_entries():
+                entry = out / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif os.path.lexists(entry):
+                    entry.unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()  # only while empty
+                except OSError:
+                    break
         raise
 
 
@@ -1497,11 +1555,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     write_dir_atomically(out, write)
     print(f"exported PEFT LoRA adapter to {out}")
-    from .training.procedures.base import TRAINABLE_PARAMS_FILE
-    trained = [f / TRAINABLE_PARAMS_FILE for f in (Path(args.adapter), Path(args.adapter).parent)
-               if (f / TRAINABLE_PARAMS_FILE).is_file()]
+    from .io.peft_format import trained_base_file
+    trained = trained_base_file(args.adapter)
     if trained:  # LongLoRA / LISA / GaLore: the run's model is the adapter on a base whose tensors it also trained
-        print(f"warning: the run also trained base tensors ({trained[0]}), which a PEFT LoRA cannot hold: {out} on the "
+        print(f"warning: the run also trained base tensors ({trained}), which a PEFT LoRA cannot hold: {out} on the "
               "original base is not the trained model; `lorakit merge` writes the whole trained model", file=sys.stderr)
     return 0
 

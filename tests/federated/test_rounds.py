@@ -170,11 +170,10 @@ def test_flower_strategy_rejects_bad_replies_and_aggregates_the_rest(tiny_config
     assert "NaN" in caplog.text and "client crashed" in caplog.text
 
 
-def test_a_reply_claiming_another_clients_id_is_refused(tiny_config, flower_task, caplog):
-    """Was: the server took each reply's client id from the reply's own metrics, so a node sent client 1's training
-    could report "client": 0 and be aggregated (and DP-accounted) as client 0, whose real update then counted as a
-    duplicate. Now the id is the one the server sent to the replying node (Flower's ``src_node_id``, which the
-    SuperLink checks against the instruction's ``dst_node_id``); a claim that differs is refused."""
+def _round_one_sent_to_nodes_21_and_22(tiny_config):
+    """A fedit server whose round 1 sent client 0's training to Flower node 21 and client 1's to node 22 (as
+    configure_train records it), the two clients' real updates, and ``reply(node, claimed, client)``: node's reply
+    carrying ``client``'s update and saying it is client ``claimed``."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     from lorakit.federated.apps import FlowerLoraStrategy, blob_record
@@ -186,19 +185,30 @@ def test_a_reply_claiming_another_clients_id_is_refused(tiny_config, flower_task
     updates = {client: client_round(config, client, 1, down) for client in (0, 1)}
     sent = {node: Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                           message_type="train") for node in (21, 22)}
-    strategy.sent[1], strategy.trains = 2, {1: {21: 0, 22: 1}}  # as configure_train sent round 1
+    strategy.sent[1], strategy.trains = 2, {1: {21: 0, 22: 1}}
 
     def reply(node, claimed, client):
         update, metrics = updates[client]
         return Message(content=RecordDict({"arrays": blob_record(pack(update), "update"),
                                            "metrics": MetricRecord({**metrics, "client": claimed})}), reply_to=sent[node])
 
+    return core, strategy, updates, reply
+
+
+def test_a_reply_claiming_another_clients_id_is_refused(tiny_config, flower_task, caplog):
+    """Was: the server took each reply's client id from the reply's own metrics, so a node sent client 1's training
+    could report "client": 0 and be aggregated (and DP-accounted) as client 0, whose real update then counted as a
+    duplicate. Now the id is the one the server sent to the replying node (Flower's ``src_node_id``, which the
+    SuperLink checks against the instruction's ``dst_node_id``); a claim that differs is refused."""
+    core, strategy, updates, reply = _round_one_sent_to_nodes_21_and_22(tiny_config)
+
     # node 22 (sent client 1) answers first, as client 0: it must not take client 0's place
     with caplog.at_level(logging.WARNING, logger="lorakit.federated"):
         arrays, _ = strategy.aggregate_train(1, [reply(22, 0, 1), reply(21, 0, 0)])
     record = core.history[-1]
     assert record["clients"] == [0] and not record["rejected"]
-    assert record["failures"] == ["node 22: says it is client 0, but it was sent client 1's training; refused"]
+    assert record["failures"] == ["node 22: says it is client 0, but it was sent client 1's training; refused (it "
+                                  "is asked its partition-id again next round)"]
     state = unpack(arrays["state"].data)
     for k, v in updates[0][0].items():
         torch.testing.assert_close(state[k], v)
@@ -272,3 +282,16 @@ def test_dp_epsilon_counts_the_updates_the_server_rejected(tiny_config):
     assert first["epsilon"] == pytest.approx(max(epsilon(released[0]), epsilon(released[1][:1])), rel=1e-6)
     assert second["epsilon"] == pytest.approx(epsilon(released[1]), rel=1e-6)  # client 1: two releases
     assert second["epsilon"] > first["epsilon"]
+
+
+def test_a_node_whose_partition_id_changed_is_asked_again_not_refused_every_round(tiny_config, flower_task):
+    """A SuperNode restarted under the same node id with another partition-id (its operator moved it to client 2)
+    replies as client 2 to the training the server sent for its cached partition-id 1: refused that round, as any
+    claim that differs. Was: the cached answer stayed, so the node was sent client 1's training and refused every
+    round after. Now the refusal drops the cache entry: the node is asked its partition-id again (configure_train's
+    QUERY), and the nodes that answered as expected keep theirs."""
+    core, strategy, _, reply = _round_one_sent_to_nodes_21_and_22(tiny_config)
+    strategy.partition_of = {21: 0, 22: 1}  # as the nodes answered the first QUERY
+    strategy.aggregate_train(1, [reply(21, 0, 0), reply(22, 2, 1)])  # (the refused update's values do not matter)
+    assert core.history[-1]["clients"] == [0] and "node 22: says it is client 2" in core.history[-1]["failures"][0]
+    assert strategy.partition_of == {21: 0}  # node 22 is asked again before the next round

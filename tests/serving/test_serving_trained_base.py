@@ -94,3 +94,35 @@ def test_store_on_a_4bit_base_refuses_a_full_precision_adapter(tmp_path, sh):
         store.check("checkpoint-2")
     with pytest.raises(AdapterLoadError, match="--double-quant: trained False, this server True"):
         AdapterStore(load_model_and_tokenizer(quantize="nf4")[0], [qlora]).register_dir(qlora)
+
+
+def test_an_adapter_whose_run_trained_base_weights_is_refused_not_served_on_the_untouched_base(tmp_path, capsys):
+    """Was: a LISA run (its blocks trained in full, kept in trainable_params.safetensors) registered and was served
+    as its adapter on the untouched base (here an adapter with B = 0, --no-train-adapter: the base's answers), so
+    the server answered as the model the run did not train. The store refuses it, naming the file and `lorakit
+    merge`; load_adapters (the banks) too; and a checkpoint of such a run while it is still going (no
+    trainable_params.safetensors yet: the checkpoint's own state holds the trained blocks). A plain run and its
+    checkpoint are served."""
+    from lorakit.cli import main
+    from lorakit.core.errors import AdapterError, AdapterLoadError
+    from lorakit.serving import load_adapters
+    from lorakit.serving.store import AdapterStore
+
+    small = ["--steps", "2", "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2", "--quiet"]
+    lisa, plain = tmp_path / "lisa", tmp_path / "plain"
+    assert main(["train", "--procedure", "lisa", "--no-train-adapter", "--lisa-activated-layers", "1", *small,
+                 "--save-every", "1", "--output", str(lisa)]) == 0
+    assert main(["train", *small, "--save-every", "1", "--output", str(plain)]) == 0
+    capsys.readouterr()
+    store = AdapterStore(load_model_and_tokenizer()[0], [tmp_path])
+    with pytest.raises(AdapterLoadError, match=r"its run also trained base tensors in full \(.*lisa/trainable_params"
+                                               r"\.safetensors: .*lorakit merge --adapter"):
+        store.register("lisa", lisa)
+    with pytest.raises(AdapterError, match="its run also trained base tensors in full"):
+        load_adapters(load_model_and_tokenizer()[0], {"lisa": lisa / "adapter"})
+    (lisa / "trainable_params.safetensors").unlink()  # as while the run is still going: the checkpoint's state says it
+    with pytest.raises(AdapterLoadError, match=r"its run also trained base tensors in full \(.*lisa/checkpoint-1/"
+                                               r"trainer_state\.safetensors: "):
+        store.register("lisa-1", lisa / "checkpoint-1")
+    assert store.register("plain-1", plain / "checkpoint-1") == plain / "checkpoint-1"
+    assert store.register("plain", plain) == plain / "adapter" and sorted(store.names()) == ["plain", "plain-1"]

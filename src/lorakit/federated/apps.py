@@ -168,7 +168,8 @@ class FlowerLoraStrategy(FedAvg):
     A reply's client is the partition-id this server sent to the node it came from (``metadata.src_node_id``, which
     Flower's SuperLink checks against the instruction's ``dst_node_id``), not the id the reply says: a reply that
     says another (a node claiming another client's place in the average and the DP accounting) is refused, listed
-    in the round's ``failures``.
+    in the round's ``failures``, and that node is asked its partition-id again before the next round (a SuperNode
+    restarted under its node id with another partition-id then trains as the client it now is).
 
     ``done``: rounds a resumed run has already completed; Flower's loop counts from 1 again, and round ``t`` of
     it is the run's round ``done + t`` (sent to clients, seeding their sampling and training, and recorded)."""
@@ -247,7 +248,10 @@ class FlowerLoraStrategy(FedAvg):
                                 f"client {claimed}); refused")
             elif claimed != client:  # the client id is the server's, from the node it sent client `client` to
                 failures.append(f"node {node}: says it is client {claimed}, but it was sent client {client}'s "
-                                "training; refused")
+                                "training; refused (it is asked its partition-id again next round)")
+                # a SuperNode restarted under the same node id with another partition-id answered the first QUERY
+                # with its old one: asked again, it trains as the client it now is, not refused every round
+                self.partition_of.pop(node, None)
             else:
                 good.append((client, blob, metrics))
         record = self.core.receive(server_round, good, failures, sent=self.sent.get(server_round, len(good)))

@@ -326,6 +326,50 @@ def run_adapter(directory: str | os.PathLike) -> Path | None:
     return None
 
 
+# Base tensors a training procedure trained in full (LongLoRA's embeddings and norms, LISA's blocks, GaLore's
+# matrices), which ``lorakit train`` writes beside the run's adapter (host parameter names).
+TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
+
+
+# A training checkpoint's state (``lorakit.training.checkpoint``): base tensors it trained are ``param.<name>`` there.
+CHECKPOINT_TENSORS = "trainer_state.safetensors"
+
+
+def trained_base_file(adapter: str | os.PathLike) -> Path | None:
+    """The file of base tensors trained in full that goes with the adapter folder ``adapter``, None when there is
+    none: for a training checkpoint (``checkpoint-<step>``), its ``CHECKPOINT_TENSORS`` when that holds base
+    parameters (``param.<name>``: the tensors as they were at its step; the run folder's file is the run's end),
+    else the ``TRAINABLE_PARAMS_FILE`` in ``adapter`` or in the run folder above it (``RUN/adapter``). The adapter
+    alone, on the untouched base, is then not the model the run trained: eval / generate / merge load the file with
+    it, a server refuses it."""
+    state = Path(adapter) / CHECKPOINT_TENSORS
+    if state.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(state), framework="pt") as f:
+                return state if any(k.startswith("param.") for k in f.keys()) else None
+        except Exception:  # damaged: the checkpoint's own loaders name it; nothing known to have been trained
+            return None
+    for folder in (Path(adapter), Path(adapter).parent):
+        if (folder / TRAINABLE_PARAMS_FILE).is_file():
+            return folder / TRAINABLE_PARAMS_FILE
+    return None
+
+
+def trained_base_error(adapter: str | os.PathLike, where: str) -> str | None:
+    """Why ``where`` (a server, a bank shared by many adapters) cannot serve ``adapter``: its run also trained base
+    tensors (:func:`trained_base_file`), which an adapter on a shared, untouched base cannot carry; None when it
+    trained none."""
+    found = trained_base_file(adapter)
+    if found is None:
+        return None
+    return (f"{adapter}: its run also trained base tensors in full ({found}: LongLoRA / LISA / GaLore), which "
+            f"{where} cannot apply (its adapters share the untouched base), so its answers would not be the trained "
+            f"model's. Serve the trained model instead: `lorakit merge --adapter {adapter} --output DIR`, then "
+            f"serve DIR as --model")
+
+
 BASE_FILE = "base.json"  # in a training run folder: the base's flags beyond --model (4 bit, LoRAM), as trained on
 
 

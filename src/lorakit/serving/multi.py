@@ -38,7 +38,7 @@ from ..core.routing import current_routing, routing
 from ..core.targeting import iter_host_modules, select_modules_to_save, select_targets
 from ..io.files import TensorFile, load_tensors
 from ..io.peft_format import (PREFIX, meta_tensors_message, read_adapter_config, refuse_meta_tensors,
-                              warn_config_changed, weights_path)
+                              trained_base_error, warn_config_changed, weights_path)
 from ..methods.lora import DoraEmbedding, DoraLinear, LoraConfig, LoraEmbedding, LoraLinear
 from .bank import WEIGHTS_KEY, LoraBank, bank_for, bump_storage_epoch
 
@@ -217,6 +217,9 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {name!r} is already banked; pass overwrite=True or remove it first")
             directory = Path(directory)
             config = self._read_config(name, directory)
+            trained = trained_base_error(directory, "a bank")
+            if trained:
+                raise AdapterError(trained)
             _check_bankable_config(config, directory, files=True)
             key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
                               config.layers_pattern], sort_keys=True, default=str)

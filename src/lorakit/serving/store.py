@@ -70,8 +70,8 @@ from torch import nn
 from ..core.errors import (FIELD, AdapterConflictError, AdapterError, AdapterLoadError, LorakitError,
                            UnknownAdapterError, did_you_mean)
 from ..core.layer import BASE_NAME, AdapterLayer
-from ..io.peft_format import (CONFIG_NAME, _name_or_path, read_adapter_config, run_adapter, trained_base_mismatch,
-                               weights_path)
+from ..io.peft_format import (CONFIG_NAME, _name_or_path, read_adapter_config, run_adapter, trained_base_error,
+                              trained_base_mismatch, weights_path)
 from ..io.files import is_temp_name, load_tensors
 from .multi import REGISTRY_ATTR, AdapterRegistry, RowSpec, _check_bankable_config
 
@@ -469,6 +469,9 @@ class AdapterStore:
             raise AdapterLoadError(f"{mismatch}; its answers here would not be the trained model's: serve it on the "
                                    f"base it was trained on (lorakit serve with that run's --quantize / "
                                    f"--double-quant flags)")
+        trained = trained_base_error(folder, "this server")
+        if trained:  # it would load and answer with the untouched base's blocks, not the run's trained ones
+            raise AdapterLoadError(trained)
         try:
             _check_bankable_config(config, folder)
             attached = None

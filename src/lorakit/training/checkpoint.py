@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..io.files import atomic_write_json, load_tensors, read_json, save_tensors, write_dir_atomically
-from ..io.peft_format import WEIGHTS_NAME, adapter_state_dict, save_adapter
+from ..io.peft_format import CHECKPOINT_TENSORS, WEIGHTS_NAME, adapter_state_dict, save_adapter
 
-STATE_TENSORS = "trainer_state.safetensors"
+STATE_TENSORS = CHECKPOINT_TENSORS  # (io.peft_format names it for the readers of an adapter folder)
 STATE_JSON = "trainer_state.json"
 FORMAT = "lorakit-trainer-state/1"
 

@@ -172,3 +172,37 @@ def test_base_weights_a_procedure_trains_in_full_are_saved_with_the_adapter(proc
         trained = model(input_ids=ids).logits
         assert (trained - untouched).abs().max() > 1e-3  # the run changed the model
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("procedure,args", [
+    ("lisa", {"lisa_activated_layers": 1, "lisa_interval_steps": 1, "train_adapter": False}),
+    ("galore", {"rank": 2, "update_proj_gap": 1, "train_adapter": False}),
+])
+def test_a_checkpoint_is_evaluated_with_the_base_weights_of_its_own_step(procedure, args, make_model, tokenizer,
+                                                                         reverse_train, tmp_path):
+    """Was: `lorakit eval --adapter RUN/checkpoint-1` of a LISA / GaLore run loaded RUN/trainable_params.safetensors,
+    the base weights of the run's end (step 2), with the adapter of step 1 (or the untouched base while the run had
+    not ended): a model that never existed. Now a checkpoint brings its own (``param.<name>`` of its trainer
+    state): a fresh base with checkpoint-1 is the model of a run stopped after 1 step (same seed and constant lr,
+    so its first step is the same step)."""
+    import lorakit as lk
+    from lorakit.cli import _load_trained_base_params
+
+    def run(steps, out):
+        model = make_model()
+        train(model, tokenizer, reverse_train[:16], TrainConfig(
+            steps=steps, batch_size=4, lr=1e-2, lr_schedule="constant", procedure=procedure, procedure_args=args,
+            save_every=1, output_dir=str(out), device="cpu"), progress=False)
+        return model.eval()
+
+    run(2, tmp_path / "two")
+    one = run(1, tmp_path / "one")
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    fresh = make_model()
+    with torch.no_grad():
+        want = one(input_ids=ids).logits
+        assert (want - fresh(input_ids=ids).logits).abs().max() > 1e-3  # the step changed the model
+        lk.delete_adapter(fresh, "default")
+        lk.load_adapter(fresh, str(tmp_path / "two" / "checkpoint-1"))
+        _load_trained_base_params(fresh, tmp_path / "two" / "checkpoint-1")
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)

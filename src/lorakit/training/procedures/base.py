@@ -55,6 +55,7 @@ from torch import nn
 
 from ...core.config import check_field_types
 from ...core.errors import ConfigError, did_you_mean
+from ...io.peft_format import TRAINABLE_PARAMS_FILE
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -131,10 +132,9 @@ class Procedure:
         return None
 
 
-# Base tensors a procedure trained in full, written beside the run's adapter (host parameter names): LongLoRA's
-# embeddings and norms, LISA's blocks, GaLore's matrices. ``longlora.load_trainable_params`` puts them into a fresh
-# base; ``lorakit eval`` / ``generate`` / ``merge`` do so for an adapter whose run folder holds the file.
-TRAINABLE_PARAMS_FILE = "trainable_params.safetensors"
+# TRAINABLE_PARAMS_FILE (io.peft_format, where readers find it): the base tensors a procedure trained in full, written
+# beside the run's adapter. ``longlora.load_trainable_params`` puts them into a fresh base; ``lorakit eval`` /
+# ``generate`` / ``merge`` do so for an adapter whose run folder holds the file; a server refuses such an adapter.
 
 
 def save_trained_base(model: nn.Module, params: list[nn.Parameter], train_config: "TrainConfig",

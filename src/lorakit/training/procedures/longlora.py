@@ -206,6 +206,34 @@ def load_trainable_params(model: nn.Module, path: str | Path) -> list[str]:
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         factor = float((f.metadata() or {}).get("rope_scaling_factor", "1.0"))
+    return _copy_base_params(model, tensors, path,
+                             lambda: apply_rope_linear_scaling(model, int(factor * model.config.max_position_embeddings))
+                             if factor > 1.0 else None)
+
+
+def load_checkpoint_params(model: nn.Module, directory: str | Path) -> list[str]:
+    """Copy the base tensors a training checkpoint (``checkpoint-<step>``) holds beside its adapter, as they were
+    at its step, into ``model``: the trainable parameters its adapter file does not hold (``param.<name>`` of
+    ``trainer_state.safetensors``; LongLoRA's embeddings and norms, LISA's blocks, GaLore's matrices), with
+    LongLoRA's RoPE scaling for the run's ``max_length`` (its ``trainer_state.json``). Returns the names loaded
+    (none for a run that trained its adapter alone). ConfigError as :func:`load_trainable_params`. The run folder's
+    ``trainable_params.safetensors`` holds the tensors of the run's end, not of this step."""
+    from ...io.files import read_json
+    from ..checkpoint import STATE_JSON, STATE_TENSORS
+
+    directory = Path(directory)
+    tensors = {k[len("param."):]: v for k, v in load_tensors(directory / STATE_TENSORS).items()
+               if k.startswith("param.")}
+    config = read_json(directory / STATE_JSON).get("config") or {}
+    longlora = config.get("procedure") == "longlora" and isinstance(config.get("max_length"), int)
+    return _copy_base_params(model, {host_path(n): t for n, t in tensors.items()}, directory / STATE_TENSORS,
+                             lambda: apply_rope_linear_scaling(model, config["max_length"]) if longlora else None)
+
+
+def _copy_base_params(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, rescale) -> list[str]:
+    """Check ``tensors`` (host names) against ``model``'s parameters (ConfigError naming the first missing or
+    misshaped one, from ``path``), call ``rescale()`` (the RoPE scaling they were trained under), then copy them in.
+    Returns their sorted names."""
     params = {host_path(n): p for n, p in model.named_parameters()}
     for name, tensor in tensors.items():
         if name not in params:
@@ -214,8 +242,8 @@ def load_trainable_params(model: nn.Module, path: str | Path) -> list[str]:
         if params[name].shape != tensor.shape:
             raise ConfigError(f"{path}: {name!r} has shape {tuple(tensor.shape)}, the model's is "
                               f"{tuple(params[name].shape)}; load the base model the run trained.")
-    if factor > 1.0:
-        apply_rope_linear_scaling(model, int(factor * model.config.max_position_embeddings))
+    if tensors:
+        rescale()
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
