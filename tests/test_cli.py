@@ -155,6 +155,18 @@ def test_console_script_runs():
     assert result.returncode == 0 and "lora" in result.stdout
 
 
+def test_version_flag_prints_the_installed_version(capsys):
+    """`lorakit --version` prints the version pip installed (was: "unrecognized arguments", status 2)."""
+    from importlib.metadata import version
+
+    from lorakit.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lorakit {version('lorakit')}"
+
+
 def test_train_keeps_a_methods_own_default_targets(tmp_path, capsys):
     """``--method mixlora`` trains MixLoRA's experts on the FFN blocks (its default targets), not a plain LoRA on
     all linear layers, and reports how its router spread the tokens."""

@@ -1992,6 +1992,8 @@ def _add_federate(sub) -> None:
 
 def build_parser(method_name: str = DEFAULT_METHOD, procedure_name: str | None = None) -> argparse.ArgumentParser:
     parser = CommandParser(prog="lorakit", description="Low-rank adaptation toolkit (PEFT-compatible).")
+    from ._version import __version__
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub, method_name, procedure_name)
     _add_eval(sub)
