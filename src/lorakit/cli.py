@@ -492,6 +492,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
     adapter_config.check_steps(train_config.steps)  # a schedule the run ends before (IncreLoRA's first growth)
+    train_config.check_steps()  # --save-every / --eval-every / a procedure's interval past --steps
     if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
         from .training.procedures import get_procedure
         procedure = get_procedure(train_config.procedure)
