@@ -1359,9 +1359,8 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
             out = write_dir_atomically(args.output, gen.save)
             print(f"ICM-LoRA generator for {', '.join(sorted(gen.conditions))} written to {out}")
         else:
-            out = write_dir_atomically(args.output, lambda folder: generate_adapter(
-                args.generator, args.task, folder, seed=args.seed, temperature=args.temperature, model=model,
-                tokenizer=tokenizer))
+            out = generate_adapter(args.generator, args.task, args.output, seed=args.seed, temperature=args.temperature,
+                                   model=model, tokenizer=tokenizer, overwrite=args.overwrite)  # atomic, whole
             print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
     return run.status
 
@@ -1385,7 +1384,8 @@ def cmd_transfer(argv: Sequence[str]) -> int:
             args.adapter, args.source_model, args.target_model, args.data])
         check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
-        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
+        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config,
+                          overwrite=args.overwrite)
         print(json.dumps(result.summary()))
     return run.status
 
