@@ -580,3 +580,14 @@ def test_a_call_queued_after_the_loop_ended_is_cancelled_not_left_waiting():
     assert not thread.is_alive(), "Engine.call waited forever for a loop that had ended"
     assert len(outcome) == 1 and isinstance(outcome[0], EngineBusyError) and "shut down" in str(outcome[0])
     assert ran == [] and engine._thread is None
+
+
+def test_sampling_params_refuse_an_empty_stop_string():
+    """An empty stop sequence never matches; it was dropped silently (so ``stop=[""]`` ran to max_tokens)."""
+    from lorakit.core.errors import ConfigError
+
+    for stop in ("", ("\n", "")):
+        with pytest.raises(ConfigError, match="stop holds an empty string") as e:
+            SamplingParams(stop=stop)
+        assert e.value.field == "stop"
+    assert SamplingParams(stop="\n").stop == ("\n",) and SamplingParams(stop=()).stop == ()
