@@ -243,9 +243,11 @@ def test_resume_messages_name_a_prefixed_procedure_flag(tmp_path, capsys):
     "--rank: checkpoint 2, this run 3", naming the method's flag."""
     out = tmp_path / "run"
     tiny = RESUMABLE
+    # --update-proj-gap 1: the default 200 would never refresh the projection in 2 steps (refused)
     assert main(["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--rank", "2",
-                 "--galore-rank", "2", "--output", str(out), *tiny]) == 0
-    base = ["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--output", str(out), "--model",
+                 "--galore-rank", "2", "--update-proj-gap", "1", "--output", str(out), *tiny]) == 0
+    base = ["train", "--method", "dylora", "--procedure", "galore", "--update-proj-gap", "1", "--r", "4",
+            "--output", str(out), "--model",
             "/nonexistent/model", "--resume-from", str(out / "checkpoint-1"), "--steps", "3"]
     assert main([*base, "--rank", "2", "--galore-rank", "3"]) == 2
     err = capsys.readouterr().err
