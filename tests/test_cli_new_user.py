@@ -243,9 +243,11 @@ def test_resume_messages_name_a_prefixed_procedure_flag(tmp_path, capsys):
     "--rank: checkpoint 2, this run 3", naming the method's flag."""
     out = tmp_path / "run"
     tiny = RESUMABLE
+    # --update-proj-gap 1: the default 200 would never refresh the projection in 2 steps (refused)
     assert main(["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--rank", "2",
-                 "--galore-rank", "2", "--output", str(out), *tiny]) == 0
-    base = ["train", "--method", "dylora", "--procedure", "galore", "--r", "4", "--output", str(out), "--model",
+                 "--galore-rank", "2", "--update-proj-gap", "1", "--output", str(out), *tiny]) == 0
+    base = ["train", "--method", "dylora", "--procedure", "galore", "--update-proj-gap", "1", "--r", "4",
+            "--output", str(out), "--model",
             "/nonexistent/model", "--resume-from", str(out / "checkpoint-1"), "--steps", "3"]
     assert main([*base, "--rank", "2", "--galore-rank", "3"]) == 2
     err = capsys.readouterr().err
@@ -499,3 +501,13 @@ def test_export_refuses_a_peft_format_that_is_not_lora(method, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"method {method!r} has no exact plain-LoRA form" in err and f"already PEFT's {method.upper()}" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_with_a_rank_far_beyond_the_layers_says_so(tmp_path, capsys):
+    """``lorakit train --r 100000`` was killed for memory with no message; now a one-line error naming --r, the
+    layer's shape and the counts (core.model.MAX_ADAPTER_TO_BASE), and no output folder."""
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--r", "100000", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--r 100000 asks for" in err and "in_features=" in err and "base model's" in err, err
+    assert "Lower --r: a full-rank update of that module needs r = min(in_features, out_features)" in err, err

@@ -497,6 +497,7 @@ def _train_configs(args: argparse.Namespace, ctx=None):
         gradient_checkpointing=args.gradient_checkpointing, **_procedure_settings(args),
     )
     adapter_config.check_steps(train_config.steps)  # a schedule the run ends before (IncreLoRA's first growth)
+    train_config.check_steps()  # --save-every / --eval-every / a procedure's interval past --steps
     if train_config.procedure is not None:  # e.g. ALLoRA on a DoRA adapter: refused now, not after the model loads
         from .training.procedures import get_procedure
         procedure = get_procedure(train_config.procedure)
@@ -1416,9 +1417,8 @@ def cmd_generate_adapter(argv: Sequence[str]) -> int:
             out = write_dir_atomically(args.output, gen.save)
             print(f"ICM-LoRA generator for {', '.join(sorted(gen.conditions))} written to {out}")
         else:
-            out = write_dir_atomically(args.output, lambda folder: generate_adapter(
-                args.generator, args.task, folder, seed=args.seed, temperature=args.temperature, model=model,
-                tokenizer=tokenizer))
+            out = generate_adapter(args.generator, args.task, args.output, seed=args.seed, temperature=args.temperature,
+                                   model=model, tokenizer=tokenizer, overwrite=args.overwrite)  # atomic, whole
             print(f"generated LoRA for {args.task} written to {out} (PEFT format)")
     return run.status
 
@@ -1442,7 +1442,8 @@ def cmd_transfer(argv: Sequence[str]) -> int:
             args.adapter, args.source_model, args.target_model, args.data])
         check_inputs(args.adapter, args.source_model, args.target_model)  # before the source tokenizer and data
         real = load_examples(args.data, "train", args.real_examples, config.seed, load_tokenizer(args.source_model))
-        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config)
+        result = transfer(args.adapter, args.source_model, args.target_model, real, args.output, config,
+                          overwrite=args.overwrite)
         print(json.dumps(result.summary()))
     return run.status
 

@@ -67,7 +67,8 @@ def _clean_leftovers(folder: Path) -> None:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, allow_existing: bool = False,
-                     reads: Sequence[str | os.PathLike | None] = (), clean_leftovers: bool = True) -> Path:
+                     reads: Sequence[str | os.PathLike | None] = (), clean_leftovers: bool = True,
+                     switch: str = "--overwrite") -> Path:
     """Fail now, before any work, if ``path`` cannot become this command's output folder.
 
     A file in the way, a folder (or its nearest existing parent) that cannot be written, or an existing
@@ -79,7 +80,8 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
     or lies inside one (``--output a/merged`` nested a new folder into source ``a``, which then held an adapter that
     was not its own). Leftover temporary files of a killed save are removed, unless
     ``clean_leftovers`` is False (a folder other runs may be writing into at the same time, such as the benches'
-    shared ``runs/bench``: their temp files in flight look the same).
+    shared ``runs/bench``: their temp files in flight look the same). ``switch``: how the message words the way to
+    replace the folder (``overwrite=True`` for a Python function's keyword).
     """
     out = Path(path)
     if _file_in_the_way(out) == out:  # under a file: _check_writable says so, below
@@ -101,7 +103,7 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool, all
         if clean_leftovers:
             _clean_leftovers(out)
         if any(out.iterdir()) and not (overwrite or allow_existing):
-            raise LorakitError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace what "
+            raise LorakitError(f"{flag} {out} already exists and is not empty; pass {switch} to replace what "
                                "this command writes there, or choose a new folder")
     return out
 

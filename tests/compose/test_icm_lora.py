@@ -172,6 +172,22 @@ def test_icm_lora_generated_adapter_loads_in_lorakit_and_peft(base, generator, t
     assert not torch.allclose(ours, plain, atol=1e-4)  # the generated delta is not zero
 
 
+def test_icm_lora_generate_adapter_refuses_an_existing_folder_without_overwrite(base, generator, tmp_path):
+    """The Python function wrote into an existing folder silently (old files left beside the new adapter) while
+    ``lorakit generate-adapter`` refused it without --overwrite: now the same rule, and overwrite=True replaces the
+    folder whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(lk.LorakitError, match=r"output .*out already exists and is not empty; pass overwrite=True"):
+        generate_adapter(generator, "rotate2", out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written, nothing lost
+    with pytest.raises(lk.LorakitError, match="holds the input"):  # the generator's own folder is never replaced
+        generate_adapter(generator, "rotate2", Path(generator).parent, overwrite=True)
+    generate_adapter(generator, "rotate2", out, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "adapter_config.json").is_file()
+
+
 def test_icm_lora_collection_with_other_targets_names_the_tensor(base, collection, tmp_path):
     odd = _adapter(base, tmp_path / "odd", "rotate", 0, targets=("v_proj",))
     with pytest.raises(AdapterError, match=r"tensor '.*q_proj.lora_A.weight' is in .* but not in .*odd"):

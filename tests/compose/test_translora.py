@@ -209,6 +209,21 @@ def test_too_few_real_examples_and_unknown_adapter(tokenizer, real):
                         adapter_name="missing")
 
 
+def test_transfer_refuses_an_existing_output_folder_without_overwrite(tokenizer, real, tmp_path):
+    """``transfer`` replaced a non-empty output folder silently while ``lorakit transfer`` refuses it without
+    --overwrite; now the Python function has the same rule, checked before any model loads."""
+    from lorakit.compose.translora import transfer
+
+    save_adapter(_source(tokenizer), tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(LorakitError, match=r"already exists and is not empty; pass overwrite=True"):
+        transfer(tmp_path / "src", "bundled", "bundled-small", real, out,
+                 TransLoraConfig(**FAST))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
 def test_cli_unknown_adapter_path_is_a_clear_error(tmp_path, capsys):
     from lorakit.cli import main
 

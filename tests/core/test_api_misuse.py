@@ -111,3 +111,26 @@ def test_a_model_name_given_as_the_model_says_to_load_it(call):
     with pytest.raises(lk.AdapterError, match=r"model must be a torch.nn.Module, got str \(load it first, e.g. "
                                               r"AutoModelForCausalLM.from_pretrained\('gpt2'\)\)"):
         call("gpt2")  # before: AttributeError: 'str' object has no attribute 'lorakit'
+
+
+def test_a_rank_far_beyond_the_layers_is_refused_before_any_tensor_exists():
+    """``r=100000`` on every linear layer got the process killed for memory with no message: an adapter of more than
+    MAX_ADAPTER_TO_BASE (10) times the base's parameters is refused, naming the largest layer's shape and count.
+    Expected counts from LoRA's shapes (Hu et al. 2021, arXiv:2106.09685: A is r x in, B is out x r)."""
+    from lorakit.core.model import MAX_ADAPTER_TO_BASE
+
+    model = tiny_llama()
+    base = sum(p.numel() for p in model.parameters())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    per_rank = sum(m.in_features + m.out_features for m in linears.values())
+    widest = max(linears.values(), key=lambda m: m.in_features + m.out_features)
+    r = MAX_ADAPTER_TO_BASE * base // per_rank + 1  # the smallest rank over the limit
+    with pytest.raises(lk.ConfigError, match=r"LoraConfig.r=") as e:
+        lk.add_adapter(model, lk.LoraConfig(r=r, target_modules="all-linear"))
+    text = str(e.value)
+    assert f"{r * per_rank:,} adapter parameters" in text and f"base model's {base:,}" in text, text
+    assert f"in_features={widest.in_features}, out_features={widest.out_features}" in text, text
+    assert f"{r * (widest.in_features + widest.out_features):,}" in text and e.value.field == "LoraConfig.r"
+    assert not lk.adapter_names(model)  # nothing attached
+    lk.add_adapter(model, lk.LoraConfig(r=r - 1, target_modules="all-linear"))  # at the limit: r > min(in, out) is fine
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == (r - 1) * per_rank

@@ -111,11 +111,31 @@ def test_base_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DDPMScheduler, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        train_base(out, spec, TrainSpec(steps=1, batch_size=2, seed=1), log_every=0)
+        train_base(out, spec, TrainSpec(steps=1, batch_size=2, seed=1), log_every=0, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     unet, _ = load_base(out)
     assert json.loads((out / "base.json").read_text())["train"]["seed"] == 0 and unet.config.sample_size == 8
+
+
+def test_python_training_refuses_a_non_empty_out_dir_without_overwrite(trained, tmp_path):
+    """train_base / train_concept_loras replaced a non-empty out_dir silently while their commands refuse one
+    without --overwrite: the same rule now, before any training."""
+    from lorakit.core.errors import LorakitError
+
+    unet, _, _, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    tiny = UNetSpec(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
+    with pytest.raises(LorakitError, match=r"out_dir .*out already exists and is not empty; pass overwrite=True"):
+        train_base(out, tiny, TrainSpec(steps=1, batch_size=2), log_every=0)
+    with pytest.raises(LorakitError, match="pass overwrite=True"):
+        train_concept_loras(unet, build_scheduler(), [ConceptSpec("digit3", digit=3)], out, LoraSpec(r=2),
+                            TrainSpec(steps=1, batch_size=2), log_every=0)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    train_base(out, tiny, TrainSpec(steps=1, batch_size=2), log_every=0, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "base.json").is_file()
 
 
 def test_cli_train_loras_unknown_concept_lists_valid_names(tmp_path, capsys):

@@ -191,6 +191,21 @@ def test_cli_refuses_a_bad_lr_by_its_flag_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "base").exists()
 
 
+def test_a_checkpoint_cadence_past_the_last_step_is_refused_by_the_command_and_warned_in_python(tmp_path, capsys):
+    """--checkpoint-every at or past --steps wrote no checkpoint, silently (the loop saves after every N-th step
+    but the last): the command refuses it naming both flags before any work; pretrain_base warns and trains."""
+    from lorakit.cli import main
+
+    assert main(["pretrain-base", "--out", str(tmp_path / "base"), "--steps", "4", "--checkpoint-every", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint-every 4 with --steps 4" in err and "no checkpoint" in err, err
+    assert not (tmp_path / "base").exists()
+    tiny_config(steps=4, checkpoint_every=3).check_steps()  # a checkpoint after step 3
+    with pytest.warns(UserWarning, match="checkpoint_every=5 with steps=2"):
+        pretrain_base(tiny_config(steps=2, checkpoint_every=5), tmp_path / "m", log=lambda line: None)
+    assert not (tmp_path / "m.checkpoint").exists() and (tmp_path / "m" / "config.json").is_file()
+
+
 def test_ctrl_c_names_the_checkpoint_a_run_without_checkpoint_every_resumes_from(tmp_path, capsys, monkeypatch):
     """A run without --checkpoint-every resumes from a checkpoint an earlier run left (``pretrain_base``), and that
     checkpoint stays until the model is saved: Ctrl-C must name it as kept, not say "nothing was saved" (which told

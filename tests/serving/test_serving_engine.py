@@ -593,3 +593,14 @@ def test_engine_refuses_an_encoder_decoder_at_construction():
 
     with pytest.raises(ConfigError, match="T5ForConditionalGeneration is an encoder-decoder"):
         Engine(tiny_t5(), None, kv_cache_bytes=1 << 20)
+
+
+def test_sampling_params_refuse_an_empty_stop_string():
+    """An empty stop sequence never matches; it was dropped silently (so ``stop=[""]`` ran to max_tokens)."""
+    from lorakit.core.errors import ConfigError
+
+    for stop in ("", ("\n", "")):
+        with pytest.raises(ConfigError, match="stop holds an empty string") as e:
+            SamplingParams(stop=stop)
+        assert e.value.field == "stop"
+    assert SamplingParams(stop="\n").stop == ("\n",) and SamplingParams(stop=()).stop == ()

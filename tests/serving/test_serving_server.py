@@ -294,6 +294,10 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
         ({**ok, "temperature": "0.5"}, 400, "temperature must be a number"),
         ({**ok, "temperature": True}, 400, "temperature must be a number"),
         ({**ok, "top_p": "a"}, 400, "top_p must be a number"), ({**ok, "top_p": False}, 400, "top_p must be a number"),
+        # an empty stop sequence never matches (was: accepted, and the output ran on to max_tokens)
+        ({**ok, "stop": [""]}, 400, "'stop' holds an empty string"),
+        ({**ok, "stop": ["\n", ""]}, 400, "'stop' holds an empty string"),
+        ({**ok, "stop": ""}, 400, "'stop' holds an empty string"),
     ]
     for body, status, message in bad:
         r = _post(s, "/v1/completions", body)
@@ -307,7 +311,8 @@ def test_server_refuses_malformed_fields_with_openai_errors(setup):
         assert r.status_code == 400 and f"'{name}' is not supported" in r.json()["error"]["message"], r.text
     for body in [{**ok, "n": None, "temperature": None, "seed": None, "echo": False, "logprobs": None, "best_of": 1,
                   "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stream": False,
-                  "stream_options": None, "some_future_field": 1}]:
+                  "stream_options": None, "some_future_field": 1},
+                 {**ok, "stop": None}, {**ok, "stop": []}]:
         assert _post(s, "/v1/completions", body).status_code == 200
     for raw in [b'{"model": "ad1", "prompt": "x", "temperature": NaN}',
                 b'{"model": "bundled", "prompt": "x", "adapters": {"ad0": Infinity}}',

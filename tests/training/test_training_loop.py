@@ -182,6 +182,18 @@ def test_train_rejects_misuse(make_model, tokenizer, reverse_train, tmp_path) ->
         train(make_model(), tokenizer, reverse_train[:10], config, progress=False)
 
 
+def test_train_warns_of_a_schedule_past_the_last_step(make_model, tokenizer, reverse_train, tmp_path) -> None:
+    """save_every > steps wrote no checkpoint, silently: TrainConfig.check_steps names it (lorakit train refuses
+    it), and train warns with that message, as it does for an adapter's schedule, then trains."""
+    config = TrainConfig(steps=1, batch_size=2, save_every=3, output_dir=str(tmp_path))
+    with pytest.raises(lorakit.ConfigError, match=r"save_every=3 is more than steps=1"):
+        config.check_steps()
+    TrainConfig(steps=3, save_every=3, eval_every=3, output_dir=str(tmp_path)).check_steps()  # the last step checkpoints / evaluates
+    with pytest.warns(UserWarning, match=r"save_every=3 is more than steps=1: no checkpoint"):
+        result = train(make_model(), tokenizer, reverse_train, config, progress=False)
+    assert result.checkpoints == [] and result.steps == 1
+
+
 
 def test_method_hooks_are_called_and_take_effect(hooked_method, make_model, tokenizer, reverse_train) -> None:
     model = make_model(hooked_method.config(r=4, target_modules=["q_proj", "v_proj"]))

@@ -438,15 +438,23 @@ def train_icm_lora(adapters: Sequence[str | os.PathLike], config: IcmLoraConfig 
 
 
 def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str, output: str | os.PathLike, *,
-                     seed: int = 0, temperature: float = 1.0, model: Any = None, tokenizer: Any = None) -> Path:
-    """Write a PEFT LoRA for ``task`` (a built-in task name or a JSONL path) into ``output``.
+                     seed: int = 0, temperature: float = 1.0, model: Any = None, tokenizer: Any = None,
+                     overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA for ``task`` (a built-in task name or a JSONL path) into ``output``, replacing the folder
+    whole and atomically (``io.files.write_dir_atomically``).
 
     A task of the collection uses its stored vector and stats; another task gets its vector from the base model
     reading its examples in context and the collection-wide stats; only then is a base model needed (``model``/
     ``tokenizer``, or ``model`` a folder / hub id, default the collection's base). Raises ConfigError (unknown task,
-    with near matches), ValueError (temperature) and AdapterLoadError (a bad generator folder) before any model
-    loads.
+    with near matches), ValueError (temperature), AdapterLoadError (a bad generator folder) and LorakitError
+    (``output`` a non-empty folder without ``overwrite=True``, a file, or the generator's own folder, as ``lorakit
+    generate-adapter`` refuses ``--output`` without ``--overwrite``) before any model loads.
     """
+    from ..cli_parser import check_output_dir
+    from ..io.files import write_dir_atomically
+
+    generator_dir = None if isinstance(generator, IcmLoraGenerator) else generator
+    check_output_dir(output, "output", overwrite=overwrite, reads=[generator_dir], switch="overwrite=True")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (z = temperature · N(0, I)), got {temperature}")
     gen = generator if isinstance(generator, IcmLoraGenerator) else IcmLoraGenerator.load(generator)
@@ -466,9 +474,6 @@ def generate_adapter(generator: IcmLoraGenerator | str | os.PathLike, task: str,
                                f"generator was trained on task vectors of {gen.cvae.condition_dim} (the hidden size "
                                f"of the collection's base {base!r}); generate with that base (--model {base}).")
     tensors = gen.generate(condition, stats, n=1, seed=seed, temperature=temperature)[0]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_adapter_files(out, tensors, gen.adapter_config, {
+    return write_dir_atomically(output, lambda out: write_adapter_files(out, tensors, gen.adapter_config, {
         out / "icm_lora_generation.json": {"task": task, "seed": seed, "temperature": temperature,
-                                           "seen_task": task in gen.conditions}})
-    return out
+                                           "seen_task": task in gen.conditions}}))

@@ -287,14 +287,15 @@ def check_inputs(adapter: str | os.PathLike, source_model: str | os.PathLike | N
 
 def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None, target_model: str | os.PathLike | None,
              real_examples: Sequence[Example], output: str | os.PathLike, config: TransLoraConfig | None = None, *,
-             device: str = "cpu") -> TransferResult:
+             device: str = "cpu", overwrite: bool = False) -> TransferResult:
     """Trans-LoRA from files: load ``adapter`` onto ``source_model`` (a model name as ``lorakit.hub`` takes:
     None/"bundled", "bundled-small", a folder or cached hub id), transfer it to ``target_model`` and write the new
     adapter (PEFT layout) plus ``translora.json`` (what was done) to ``output`` atomically.
 
     Raises AdapterLoadError for a missing/invalid adapter folder and LorakitError for a model name that names no
-    model (:func:`check_inputs`, before any model loads), LorakitError for a model that cannot be loaded and for
-    the conditions ``transfer_models`` lists.
+    model (:func:`check_inputs`) or for ``output`` a non-empty folder without ``overwrite=True`` (as ``lorakit
+    transfer`` refuses ``--output`` without ``--overwrite``), a file, or a folder holding the adapter — all before
+    any model loads; LorakitError for a model that cannot be loaded and for the conditions ``transfer_models`` lists.
     """
     import json
 
@@ -302,7 +303,11 @@ def transfer(adapter: str | os.PathLike, source_model: str | os.PathLike | None,
     from ..io.peft_format import load_adapter, save_adapter
     from ..io.files import write_dir_atomically
 
+    from ..cli_parser import check_output_dir
+
     check_inputs(adapter, source_model, target_model)
+    check_output_dir(output, "output", overwrite=overwrite, reads=[adapter, source_model, target_model],
+                     switch="overwrite=True")
     real_examples = list(real_examples)
     _check_real_examples(real_examples, config or TransLoraConfig())  # before either model loads
     source, source_tokenizer = load_model_and_tokenizer(source_model, device=device)

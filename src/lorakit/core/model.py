@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .delta import SUPPORTED_LAYERS, Delta, LayerInfo, describe_kinds, describe_layer, values_from_file
-from .errors import AdapterError, ConfigError, TargetError, UnknownAdapterError, did_you_mean
+from .errors import FIELD, AdapterError, ConfigError, TargetError, UnknownAdapterError, did_you_mean
 from .inits import InitRecord, check_float_base, check_init_config, init_adapter, init_options, restore_base
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .registry import get_method
@@ -366,6 +366,8 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
     config, targets = _targets(model, config, method, strict=trained is None)
     host = dict(iter_host_modules(model))
     _warn_tied_targets(model, {path: (base, info, None) for path, base, info in targets})
+    if trained is None:  # sizes a user typed (a file's tensors were already read: their size is what it is)
+        _check_adapter_size(model, config, targets)
     built = {}
     for path, base, info in targets:
         delta = method.build(base, info, config.for_module(path), path=path)
@@ -380,6 +382,38 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str, autocast_adapter_d
         to_save = [p for p in to_save if p in trained]
     saved = {path: ModulesToSaveWrapper.copy_of(host[path]) for path in to_save}
     return AdapterPlan(name=name, config=config, deltas=built, saved=saved)
+
+
+# A rank-r adapter may hold at most this many times the base model's own parameter count. PEFT accepts
+# r > min(in, out), and a full-rank LoRA on every linear layer is about 2x those layers (r (in + out) against
+# in * out), so 10x leaves room for any rank that still means something, and refuses the r=100000 that got the
+# process killed for memory.
+MAX_ADAPTER_TO_BASE = 10
+
+
+def _check_adapter_size(model: nn.Module, config: AdapterConfig, targets: list[tuple[str, nn.Module, LayerInfo]]
+                        ) -> None:
+    """ConfigError naming ``r``, before any adapter tensor is allocated, when a config's rank ``r`` asks for more
+    than ``MAX_ADAPTER_TO_BASE`` times the base model's parameters, counted as LoRA's factors, A (r x in) and B
+    (out x r), on every target: r * (in_features + out_features) per module (Hu et al. 2021, arXiv:2106.09685).
+    The message names the largest module's shape and count. Not built (a method's build may share tensors across
+    modules or read the base), so methods that share their factors (VeRA) are counted as LoRA is."""
+    r = getattr(config, "r", None)
+    if not isinstance(r, int) or isinstance(r, bool) or not targets:
+        return
+    sizes = {path: (info, r * (info.in_features + info.out_features)) for path, _, info in targets}
+    total = sum(n for _, n in sizes.values())
+    base = sum(p.numel() for p in model.parameters())
+    if total <= MAX_ADAPTER_TO_BASE * base:
+        return
+    path, (info, largest) = max(sizes.items(), key=lambda kv: kv[1][1])
+    full = min(info.in_features, info.out_features)
+    raise ConfigError(f"{FIELD}={r} asks for {total:,} adapter parameters (r * (in_features + out_features) on each "
+                      f"of {len(sizes)} modules), {total / base:,.0f}x the base model's {base:,}; lorakit refuses more "
+                      f"than {MAX_ADAPTER_TO_BASE}x, which would only exhaust memory. Its largest module {path!r} "
+                      f"({info.kind}, in_features={info.in_features}, out_features={info.out_features}) alone gets "
+                      f"{largest:,}. Lower {FIELD}: a full-rank update of that module needs r = min(in_features, "
+                      f"out_features) = {full}.", field=f"{type(config).__name__}.r")
 
 
 def attach_plan(model: nn.Module, plan: AdapterPlan) -> None:

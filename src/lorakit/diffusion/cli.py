@@ -179,7 +179,8 @@ def _cmd_train_base(args) -> int:
 
     check_output_dir(args.out, "--out", overwrite=args.overwrite)
     summary = train_base(args.out, UNetSpec(sample_size=args.size),
-                         TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+                         TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                         overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -194,7 +195,8 @@ def _cmd_train_loras(args) -> int:
     check_output_dir(args.out, "--out", overwrite=args.overwrite, reads=[args.base])
     unet, sched = load_base(args.base)
     summary = train_concept_loras(unet, sched, concepts, args.out, LoraSpec(r=args.r, lora_alpha=args.lora_alpha),
-                                  TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+                                  TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                                  overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "concepts"}, indent=2))
     return 0
 

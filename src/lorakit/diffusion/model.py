@@ -145,11 +145,20 @@ def _cosine_lr(opt, step: int, total: int, base: float) -> None:
         g["lr"] = lr
 
 
+def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """The commands' rule for an output folder, worded for the Python keyword (a non-empty one needs overwrite)."""
+    from ..cli_parser import check_output_dir
+
+    check_output_dir(out_dir, "out_dir", overwrite=overwrite, switch="overwrite=True")
+
+
 def train_base(out_dir: str | os.PathLike, spec: UNetSpec | None = None, train: TrainSpec | None = None,
-               *, log_every: int = 500) -> dict:
+               *, log_every: int = 500, overwrite: bool = False) -> dict:
     """Train the base UNet on the plain digits; writes ``out_dir/unet`` (diffusers, safetensors),
     ``out_dir/scheduler`` and ``out_dir/base.json`` (specs, final loss, seconds) atomically: into a temp folder
-    beside ``out_dir``, renamed over it at the end. Returns that summary."""
+    beside ``out_dir``, renamed over it at the end. Returns that summary. A non-empty ``out_dir`` is a LorakitError
+    before any training unless ``overwrite=True`` (as ``lorakit diffusion train-base`` without ``--overwrite``)."""
+    _check_out_dir(out_dir, overwrite)
     spec, train = spec or UNetSpec(), train or TrainSpec()
     images, labels = load_digit_images(spec.sample_size)
     unet, scheduler = build_unet(spec, seed=train.seed), build_scheduler()
@@ -255,10 +264,14 @@ class LoraSpec:
 
 
 def train_concept_loras(unet: nn.Module, scheduler, concepts: list[ConceptSpec], out_dir: str | os.PathLike,
-                        lora: LoraSpec | None = None, train: TrainSpec | None = None, *, log_every: int = 200) -> dict:
+                        lora: LoraSpec | None = None, train: TrainSpec | None = None, *, log_every: int = 200,
+                        overwrite: bool = False) -> dict:
     """Train one LoRA per concept on the null class, all at once (each batch holds ``train.batch_size`` rows per
     concept, routed per row). Saves each as a PEFT-format folder ``out_dir/<name>`` plus ``out_dir/loras.json``,
-    replacing ``out_dir`` whole and atomically (:func:`~lorakit.io.files.write_dir_atomically`); returns a summary."""
+    replacing ``out_dir`` whole and atomically (:func:`~lorakit.io.files.write_dir_atomically`); returns a summary.
+    A non-empty ``out_dir`` is a LorakitError before any training unless ``overwrite=True`` (as ``lorakit diffusion
+    train-loras`` without ``--overwrite``)."""
+    _check_out_dir(out_dir, overwrite)
     lora, train = lora or LoraSpec(), train or TrainSpec(steps=800, batch_size=16, lr=3e-3)
     names = [c.name for c in concepts]
     if len(set(names)) != len(names):

@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, get_type_hints
@@ -125,6 +126,16 @@ class PretrainConfig:
     log_every: int = field(default=25, metadata={"help": "steps between log lines"})
     checkpoint_every: int = field(default=0, metadata={"help": "save the loop's state every N steps to "
                                   "OUT.checkpoint/, which the same command resumes from, this and --log-every may change on resume (0: never)"})
+
+    def check_steps(self) -> None:
+        """ConfigError naming ``checkpoint_every`` when the run would never checkpoint: the loop saves after every
+        N-th step but the last (``train_steps``), so N >= ``steps`` saves nothing. ``lorakit pretrain-base``
+        refuses it before any data is built; :func:`pretrain_base` warns with the message (as ``lorakit train``'s
+        schedules, ``TrainConfig.check_steps``)."""
+        if self.checkpoint_every and self.checkpoint_every >= self.steps:
+            raise field_error(self, "checkpoint_every", f"={self.checkpoint_every} with steps={self.steps}: the loop "
+                              "saves its state after every checkpoint_every-th step but the last, so this run would "
+                              "write no checkpoint to resume from; lower checkpoint_every below steps, or use 0.")
 
     def __post_init__(self) -> None:
         check_non_negative(self, "seed")  # numpy's and Python's seeding refuse a negative seed
@@ -468,6 +479,10 @@ def pretrain_base(config: PretrainConfig, out_dir: str | Path, *, task_source: T
     ``task_source(n_per_task, seed)`` replaces ``lorakit.data.tasks.pretraining_texts`` as the task half of
     the corpus when given.
     """
+    try:
+        config.check_steps()  # a checkpoint cadence the run ends before (lorakit pretrain-base refuses it)
+    except ConfigError as e:
+        warnings.warn(str(e), stacklevel=2)
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(resolve_num_threads(config.num_threads))
@@ -640,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return parser.fail(err)
     try:
         config = config_from_args(args)
+        config.check_steps()  # --checkpoint-every at or past --steps: refused before any data is built
         info = pretrain_base(config, args.out, log=lambda line: print(line, flush=True))
     except LorakitError as err:  # the flags, or found while preparing the data (a regmix.json, a checkpoint, ...)
         return parser.fail(err)

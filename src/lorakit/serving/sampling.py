@@ -22,7 +22,7 @@ class SamplingParams:
     max_tokens: new tokens at most. temperature: 0 = greedy. top_p in (0, 1]; top_k: 0 = off.
     seed: per-request generator seed, an integer torch.Generator.manual_seed takes (None: nondeterministic).
     stop: strings that end the output (not
-    included in it). ignore_eos: keep going past the end-of-sequence token.
+    included in it); an empty one is a ConfigError (field ``stop``), as no text ends at it. ignore_eos: keep going past the end-of-sequence token.
     """
 
     max_tokens: int = 16
@@ -36,7 +36,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(s for s in (self.stop or ()) if s)
+        self.stop = tuple(self.stop or ())
+        if "" in self.stop:  # no text ends at "": it never matched (was: dropped silently)
+            raise ConfigError(f"{FIELD} holds an empty string, which no text ends at; give stop sequences of at least "
+                              f"one character, got {self.stop!r}", field="stop")
         # field: the request's key (these messages answer an HTTP request as they read)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"{FIELD} must be a positive integer, got {self.max_tokens!r}", field="max_tokens")

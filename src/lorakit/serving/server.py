@@ -439,11 +439,13 @@ def create_app(engine: Engine, *, model_name: str = "base", api_key: str | None 
             value = body.get(name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise HTTPError(400, f"{name} must be a number or null, got {value!r}")
-        stop = body.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
+        stop = body.get("stop")
+        stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
             raise HTTPError(400, "'stop' must be a string or a list of at most 16 strings")
+        if "" in stop:  # no text ends at an empty string: it never matched, and generation ran on to max_tokens
+            raise HTTPError(400, f"'stop' holds an empty string (got {body['stop']!r}); every stop sequence needs at "
+                                 "least one character (omit 'stop' or send [] for none)")
         try:
             # null means the default, as an absent field (OpenAI's temperature: 1)
             return SamplingParams(max_tokens=max_tokens,

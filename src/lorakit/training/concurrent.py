@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Sequence
@@ -213,6 +214,10 @@ def train_concurrent(model: torch.nn.Module, tokenizer: Any, jobs: Sequence[Job]
         if job.config.eval_every and not job.eval_examples:
             raise ValueError(f"job {job.adapter_name!r}: TrainConfig.eval_every={job.config.eval_every} but the job "
                              "has no eval_examples.")
+        try:
+            job.config.check_steps()  # a checkpoint / evaluation / procedure schedule the job's run ends before
+        except ConfigError as e:
+            warnings.warn(f"job {job.adapter_name!r}: {e}", stacklevel=2)
     world = env_world()[1]
     if world > 1:
         raise ConfigError(f"train_concurrent runs in one process, and this is one of {world} (torchrun / accelerate "

@@ -127,6 +127,25 @@ class TrainConfig:
             raise field_error(self, "device", f"={self.device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', "
                                               "or None to pick CUDA when available.")
 
+    def check_steps(self) -> None:
+        """Check the run's schedules against its ``steps`` (the total, when resuming): ConfigError naming the field
+        whose schedule would never act in this run — ``save_every`` > ``steps`` (no checkpoint is ever written),
+        ``eval_every`` > ``steps`` (no evaluation before the end-of-run one that 0 gives too), and the procedure's own
+        (``ProcedureConfig.check_steps``: LISA's redraw, GaLore's projection refresh). ``lorakit train`` calls it
+        before any model loads and refuses; ``train`` / ``train_concurrent`` warn with its message (a short Python
+        run may mean it), as they do for the adapter's ``AdapterConfig.check_steps``."""
+        for name, never in (("save_every", "no checkpoint would ever be written"),
+                            ("eval_every", "no evaluation would come before the one at the end of the run, which "
+                                           "eval_every=0 gives as well")):
+            every = getattr(self, name)
+            if every > self.steps:
+                raise field_error(self, name, f"={every} is more than steps={self.steps}: {never}; lower {name} "
+                                              "or train more steps.")
+        if self.procedure is not None:
+            from .procedures import get_procedure
+
+            get_procedure(self.procedure).config_from(self.procedure_args).check_steps(self.steps)
+
     @property
     def num_warmup_steps(self) -> int:
         return self.warmup_steps or int(self.warmup_ratio * self.steps)

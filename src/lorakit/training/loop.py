@@ -475,6 +475,10 @@ def _train(model: nn.Module, tokenizer: Any, train_examples: Sequence[Example], 
         adapter_state(model).configs[adapter_name].check_steps(config.steps)
     except ConfigError as e:  # a schedule this run is too short for (lorakit train refuses it before loading)
         warnings.warn(str(e), stacklevel=3)
+    try:
+        config.check_steps()  # checkpoints, evaluations, a procedure's schedule the run ends before
+    except ConfigError as e:
+        warnings.warn(str(e), stacklevel=3)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

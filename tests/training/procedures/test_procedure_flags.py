@@ -36,3 +36,20 @@ def test_resume_refuses_another_procedure_or_other_options(tmp_path, capsys):
     assert main(["train", "--procedure", "ggpo", "--ggpo-sigma", "0.5", "--steps", "2", "--output", str(tmp_path / "c"),
                  "--resume-from", str(tmp_path / "g" / "checkpoint-1"), *common]) == 2
     assert "--ggpo-sigma: checkpoint None, this run 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--save-every", "5"], ["--save-every 5", "--steps 2", "no checkpoint"]),
+    (["--eval-every", "3"], ["--eval-every 3", "--steps 2", "no evaluation"]),
+    (["--procedure", "lisa", "--lisa-interval-steps", "2"], ["--lisa-interval-steps 2", "--steps 2", "redraw"]),
+    (["--procedure", "galore", "--update-proj-gap", "9"], ["--update-proj-gap 9", "--steps 2", "never refreshed"]),
+])
+def test_train_refuses_a_schedule_past_the_last_step(flags, words, tmp_path, capsys):
+    """A checkpoint / evaluation / procedure interval the run ends before is refused naming both flags, before any
+    model loads or folder is written (it ran silently without ever checkpointing, evaluating or redrawing)."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", "reverse", "--steps", "2", "--output", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()

@@ -75,6 +75,11 @@ class ProcedureConfig:
         """Checks against the run's settings, made when the ``TrainConfig`` is built (so before any model is
         loaded or step trained): ConfigError naming the field. Default: none."""
 
+    def check_steps(self, steps: int) -> None:
+        """Check the procedure's step schedules against a run of ``steps`` optimizer steps (through
+        ``TrainConfig.check_steps``): ConfigError naming the field whose schedule would never act (``lorakit train``
+        refuses it; the training loop warns). Default: no schedule."""
+
 
 class Procedure:
     """A training procedure for one run. The base class is the plain loop: AdamW, no hooks, no state."""

@@ -87,6 +87,13 @@ class GaLoreConfig(ProcedureConfig):
             check_range(self, name, 0, 1, high_open=True)
         check_non_negative(self, "eps", finite=True)  # a negative eps can zero Adam's denominator (torch refuses it)
 
+    def check_steps(self, steps: int) -> None:
+        # GaLoreAdamW.step_param recomputes P at update t = 0, T, 2T, ... (t counts from 0), so a refresh needs T < steps
+        if self.update_proj_gap >= steps:
+            raise field_error(self, "update_proj_gap", f"={self.update_proj_gap} with steps={steps}: the projection "
+                              "would be computed once, at the first step, and never refreshed from the gradient "
+                              "(GaLore's subspace switching); lower update_proj_gap below steps, or train more steps.")
+
     def check_run(self, train_config) -> None:
         from ..distributed import env_world
 

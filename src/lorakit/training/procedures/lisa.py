@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ...core.config import check_positive_ints
+from ...core.config import check_positive_ints, field_error
 from ...core.errors import ConfigError
 from ...core.model import adapter_layers
 from ...data import stable_seed
@@ -52,6 +52,15 @@ class LisaConfig(ProcedureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "lisa_activated_layers", "lisa_interval_steps")
+
+    def check_steps(self, steps: int) -> None:
+        # the first redraw comes after step lisa_interval_steps (Lisa.on_step), so it trains a step only if it is
+        # before the last one
+        if self.lisa_interval_steps >= steps:
+            raise field_error(self, "lisa_interval_steps", f"={self.lisa_interval_steps} with steps={steps}: the "
+                              "first redraw of the trained blocks would come after the run's last step, so the "
+                              f"{self.lisa_activated_layers} blocks drawn at the start would be the only ones trained; "
+                              "lower lisa_interval_steps below steps, or train more steps.")
 
 
 class Lisa(Procedure):
