@@ -40,7 +40,8 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line_and_status_130():
     module, function = entry.split(":")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(module=module, function=function), "--help"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     try:
         assert proc.stdout.readline() == "importing torch\n"
         proc.send_signal(signal.SIGINT)

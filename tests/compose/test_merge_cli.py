@@ -36,15 +36,28 @@ def test_merge_adapters_cli_unknown_method_is_a_clear_error(tmp_path, capsys):
     assert "Did you mean: dare_linear" in capsys.readouterr().err
 
 
-def test_merge_adapters_overwrite_replaces_the_whole_folder_even_a_source(tmp_path):
-    """--overwrite onto a source folder: the sources are read first, then the folder is replaced whole — no stale
-    file of the old adapter (e.g. a training run's task_index.json) is left beside the merged one."""
+def test_merge_adapters_overwrite_onto_a_source_folder_is_refused_and_the_source_kept(tmp_path, capsys):
+    """--output onto a source folder, even with --overwrite, is refused before anything is written: the source
+    folder keeps every file (was: the folder was replaced by the merge, the source adapter lost)."""
     a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
     (a / "task_index.json").write_text("{}")
-    assert main(["merge-adapters", str(a), str(b), "--method", "cat", "--output", str(a), "--overwrite"]) == 0
-    assert sorted(p.name for p in a.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((a / "adapter_config.json").read_text())["r"] == 4
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    assert main(["merge-adapters", str(a), str(b), "--method", "cat", "--output", str(a), "--overwrite"]) == 2
+    assert "would replace that input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folder left
+
+
+def test_merge_adapters_overwrite_replaces_the_whole_folder(tmp_path):
+    """--overwrite onto a folder holding an older adapter: the folder is replaced whole — no stale file of the old
+    adapter (e.g. a training run's task_index.json) is left beside the merged one."""
+    a, b = _bundled_adapter(tmp_path / "a", 0), _bundled_adapter(tmp_path / "b", 1)
+    out = _bundled_adapter(tmp_path / "out", 2)
+    (out / "task_index.json").write_text("{}")
+    assert main(["merge-adapters", str(a), str(b), "--method", "cat", "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # no temporary folder left
 
 
 def test_merge_adapters_cli_missing_or_file_first_source_is_named(tmp_path, capsys):
