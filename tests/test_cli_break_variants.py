@@ -28,7 +28,9 @@ def test_a_procedure_training_base_weights_refuses_a_4bit_base_before_the_model_
     monkeypatch.setattr(lorakit.hub, "load_model_and_tokenizer",
                         lambda *a, **k: pytest.fail("the base model loaded before the flags were checked"))
     out = tmp_path / "run"
-    assert _status(["train", "--procedure", procedure, "--quantize", "nf4", *SMALL, "--output", str(out)]) == 2
+    schedule = {"galore": ["--update-proj-gap", "1"], "lisa": ["--lisa-interval-steps", "1"]}[procedure]
+    assert _status(["train", "--procedure", procedure, *schedule, "--quantize", "nf4", *SMALL, "--output",
+                    str(out)]) == 2
     err = capsys.readouterr().err
     assert f"--procedure {procedure} trains base weights in full" in err and "--quantize nf4" in err, err
     assert "Traceback" not in err and not out.exists()
@@ -79,7 +81,8 @@ def test_a_failed_resume_into_a_used_folder_keeps_what_was_there(tmp_path, capsy
     out = tmp_path / "run"
     assert _status(["train", *SMALL, "--save-every", "1", "--output", str(out)]) == 0
     before = sorted(p.name for p in out.iterdir())
-    status = _status(["train", *SMALL, "--steps", "3", "--procedure", "lisa", "--lisa-activated-layers", "100",
+    status = _status(["train", *SMALL, "--steps", "3", "--procedure", "lisa", "--lisa-interval-steps", "1",
+                      "--lisa-activated-layers", "100",
                       "--resume-from", str(out / "checkpoint-1"), "--output", str(out)])
     assert status != 0 and sorted(p.name for p in out.iterdir()) == before
 
@@ -88,8 +91,8 @@ def test_a_lisa_run_keeps_its_trained_blocks_for_eval_and_export_says_a_peft_lor
     """Was: `lorakit train --procedure lisa` wrote the adapter alone; `lorakit eval` on the run then scored the
     untouched base (here: an adapter with B = 0, --no-train-adapter), not the model the run trained and reported."""
     run = tmp_path / "run"
-    assert _status(["train", "--procedure", "lisa", "--no-train-adapter", "--lisa-activated-layers", "1", *SMALL,
-                    "--output", str(run)]) == 0
+    assert _status(["train", "--procedure", "lisa", "--lisa-interval-steps", "1", "--no-train-adapter",
+                    "--lisa-activated-layers", "1", *SMALL, "--output", str(run)]) == 0
     assert (run / "trainable_params.safetensors").is_file()
     capsys.readouterr()
     assert _status(["eval", "--adapter", str(run), "--data", "reverse", "--eval-examples", "2", "--quiet"]) == 0

@@ -110,7 +110,8 @@ def test_an_adapter_whose_run_trained_base_weights_is_refused_not_served_on_the_
 
     small = ["--steps", "2", "--batch-size", "2", "--train-examples", "4", "--eval-examples", "2", "--quiet"]
     lisa, plain = tmp_path / "lisa", tmp_path / "plain"
-    assert main(["train", "--procedure", "lisa", "--no-train-adapter", "--lisa-activated-layers", "1", *small,
+    assert main(["train", "--procedure", "lisa", "--lisa-interval-steps", "1", "--no-train-adapter",
+                 "--lisa-activated-layers", "1", *small,
                  "--save-every", "1", "--output", str(lisa)]) == 0
     assert main(["train", *small, "--save-every", "1", "--output", str(plain)]) == 0
     capsys.readouterr()
