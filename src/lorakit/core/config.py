@@ -61,9 +61,9 @@ def plain_scalars(value: Any) -> Any:
         items = [plain_scalars(v) for v in value]
         return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
     if isinstance(value, dict):
-        pairs = {plain_scalars(k): plain_scalars(v) for k, v in value.items()}
-        same = all(a is b for a, b in zip(pairs, value)) and all(pairs[k] is value[k] for k in value if k in pairs)
-        return value if same and len(pairs) == len(value) else type(value)(pairs)
+        pairs = [(plain_scalars(k), plain_scalars(v)) for k, v in value.items()]
+        same = all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, value.items()))
+        return value if same else type(value)(pairs)
     return value
 
 

@@ -352,12 +352,13 @@ def _check_something_to_quantize(model: nn.Module, skip: set[int]) -> None:
     ran in full precision). A model that holds 4-bit layers already passes (nothing left to convert is fine)."""
     if any(is_4bit(m) for m in model.modules()):
         return
-    layers = [n for n, m in model.named_modules() if _linear_weight(m) is not None]
+    candidates = [(n, m) for n, m in model.named_modules() if _linear_weight(m) is not None]
+    layers = [n for n, _ in candidates]
     if not layers:
         raise LorakitError(f"quantize_model: {type(model).__name__} holds no nn.Linear or transformers Conv1D layer, "
                            "the layers a 4-bit base stores in 4 bit (as transformers' bitsandbytes loading); "
                            "there is nothing to quantize.")
-    if all(id(m) in skip for n, m in model.named_modules() if _linear_weight(m) is not None):
+    if all(id(m) in skip for _, m in candidates):
         raise LorakitError(f"quantize_model: every linear layer of {type(model).__name__} is kept in full precision "
                            f"({', '.join(layers[:5])}{', ...' if len(layers) > 5 else ''}), so no layer would be 4-bit; "
                            "give skip_modules patterns that leave some layers to quantize.")
